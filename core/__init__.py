@@ -1,0 +1,67 @@
+"""kservice: register any Python class as a service, start it anywhere, call it by name.
+
+The public API is what this module exports; everything in ``kservice._*``
+modules is private.
+"""
+
+from __future__ import annotations
+
+from ._config import Config, Setting
+from ._context import current_request, idempotent, remaining_time, service
+from ._environment import ServiceEnvironment
+from ._errors import (
+    ConfigError,
+    MethodNotFoundError,
+    PluginError,
+    ServiceCallError,
+    ServiceError,
+    ServiceNotFoundError,
+    ServiceOverloadedError,
+    ServiceTimeoutError,
+    ServiceUnavailableError,
+)
+from ._manager import ServiceManager, ServiceProxy
+from ._messages import ServiceRequest, ServiceResponse
+from ._middleware import ServiceMiddleware
+from ._status import ServiceStatus
+from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext
+from ._transport import Connection, Listener, ServiceAddress, Transport
+from ._plugins import get_plugin_manager, hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseServiceTask",
+    "Config",
+    "ConfigError",
+    "Connection",
+    "Listener",
+    "LocalServiceTask",
+    "MethodNotFoundError",
+    "PluginError",
+    "ServiceAddress",
+    "ServiceCallError",
+    "ServiceEnvironment",
+    "ServiceError",
+    "ServiceFactory",
+    "ServiceManager",
+    "ServiceMiddleware",
+    "ServiceNotFoundError",
+    "ServiceOverloadedError",
+    "ServiceProxy",
+    "ServiceRequest",
+    "ServiceResponse",
+    "ServiceStatus",
+    "ServiceTimeoutError",
+    "ServiceUnavailableError",
+    "Setting",
+    "TaskContext",
+    "Transport",
+    "__version__",
+    "current_request",
+    "get_plugin_manager",
+    "hookimpl",
+    "idempotent",
+    "remaining_time",
+    "service",
+]

@@ -1,0 +1,269 @@
+"""ServiceEnvironment: configuration, the services it holds, and their start and stop."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._config import Config
+from ._errors import ConfigError, ServiceError
+from ._task import BaseServiceTask, ServiceFactory, TaskContext
+
+if TYPE_CHECKING:
+    import os
+
+    from ._manager import ServiceManager
+
+__all__ = ["ServiceEnvironment", "import_service_class"]
+
+
+def import_service_class(path: str) -> type:
+    """The class named by ``'package.module:Class'`` (or ``'package.module.Class'``).
+
+    Raises ConfigError naming the path and what failed.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"service class {path!r} is not an import path like 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"cannot import module {module_name!r} for service class {path!r}: {exc}") from exc
+    found: Any = module
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (service class {path!r})")
+    if not isinstance(found, type):
+        raise ConfigError(f"{path!r} is not a class (got {type(found).__name__})")
+    return found
+
+
+class ServiceEnvironment:
+    """Holds a configuration and the service tasks registered in it.
+
+    ``config`` is a YAML path, a mapping, a Config, or None (the file named by
+    ``KSERVICE_CONFIG``, else defaults). Services declared under ``services:``
+    are registered at construction. ``start()`` starts every task (tasks
+    registered later into a started environment start at once); ``stop()``
+    stops them in reverse order. Use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    ) -> None:
+        self.name = name
+        self.config = Config.load(config)
+        self._tasks: dict[str, BaseServiceTask] = {}
+        self._middlewares: list[Any] = []
+        self._lock = threading.RLock()
+        self._started = False
+        self._managers: weakref.WeakSet[ServiceManager] = weakref.WeakSet()
+        for service_name in self.config.service_names():
+            entry = self.config.service_entry(service_name) or {}
+            if entry.get("enabled", True):
+                self._register_from_config(service_name, entry)
+
+    # ------------------------------------------------------------ registering
+
+    def _register_from_config(self, service_name: str, entry: dict[str, Any]) -> BaseServiceTask:
+        if entry.get("class"):
+            service_class = import_service_class(entry["class"])
+        elif entry.get("entry_point"):
+            service_class = self.load_entry_point_service(entry["entry_point"])
+        else:
+            service_class = self.load_entry_point_service(service_name)
+        factory = ServiceFactory(service_name, service_class, tuple(entry.get("args", ())), dict(entry.get("kwargs", {})))
+        return self.register_service(service_name, factory)
+
+    @staticmethod
+    def available_services() -> dict[str, str]:
+        """Services advertised by installed distributions (``kservice.services``) and plugins: name -> class path."""
+        from ._plugins import registered_services, service_entry_points
+
+        found = {name: ep.value for name, ep in service_entry_points().items()}
+        for name, cls in registered_services().items():
+            found.setdefault(name, f"{cls.__module__}:{cls.__qualname__}")
+        return dict(sorted(found.items()))
+
+    @staticmethod
+    def load_entry_point_service(name: str) -> type:
+        """The class a distribution advertises as service ``name``; ConfigError if none does."""
+        from ._plugins import registered_services, service_entry_points
+
+        eps = service_entry_points()
+        if name in eps:
+            try:
+                loaded = eps[name].load()
+            except Exception as exc:
+                raise ConfigError(f"service entry point {name!r} ({eps[name].value}) failed to load: {exc}") from exc
+            if not isinstance(loaded, type):
+                raise ConfigError(f"service entry point {name!r} ({eps[name].value}) is not a class")
+            return loaded
+        contributed = registered_services()
+        if name in contributed:
+            return contributed[name]
+        known = sorted({*eps, *contributed})
+        raise ConfigError(
+            f"no installed service named {name!r} (entry-point group 'kservice.services'; "
+            f"known: {', '.join(known) or 'none'}); give 'class: package.module:Class' instead"
+        )
+
+    def register_service(self, name: str, service: Any, *args: Any, **kwargs: Any) -> BaseServiceTask:
+        """Register a service under ``name`` and return its task.
+
+        - ``register_service(name, ServiceClass, *args, **kwargs)``: the
+          arguments go to the class's constructor verbatim, whatever their
+          names; the task kind comes from the config (default ``local``).
+        - ``register_service(name, ServiceFactory(...), kind=..., **options)``:
+          keyword arguments are options of this service (``kind``,
+          ``transports``, ``replicas``, ``local={...}``...), as in config.
+        - ``register_service(name, task)``: a ready BaseServiceTask.
+
+        Registering a name twice raises ServiceError. In a started
+        environment the task starts at once.
+        """
+        if isinstance(service, BaseServiceTask):
+            if args or kwargs:
+                raise TypeError("register_service(name, task) takes no further arguments")
+            task = service
+        elif isinstance(service, ServiceFactory):
+            if args:
+                raise TypeError("register_service(name, factory, ...) takes options as keywords only")
+            if service.service_name != name:
+                service = ServiceFactory(name, service.service_class, service.args, service.kwargs)
+            task = self._make_task(service, kwargs)
+        elif isinstance(service, type):
+            task = self._make_task(ServiceFactory(name, service, args, kwargs), {})
+        else:
+            raise TypeError(
+                f"register_service({name!r}, ...) expects a class, a ServiceFactory or a BaseServiceTask, "
+                f"got {type(service).__name__}"
+            )
+        with self._lock:
+            if name in self._tasks:
+                raise ServiceError(f"a service named {name!r} is already registered in environment {self.name!r}")
+            self._tasks[name] = task
+            start_now = self._started
+        if start_now:
+            task.start_service()
+        return task
+
+    def _make_task(self, factory: ServiceFactory, options: dict[str, Any]) -> BaseServiceTask:
+        from ._plugins import task_kinds
+
+        config = self.config
+        if options:
+            entry = {**(config.service_entry(factory.service_name) or {}), **options}
+            entry.pop("class", None)
+            entry.pop("entry_point", None)
+            raw = config.as_dict()
+            raw["services"] = {**raw.get("services", {}), factory.service_name: entry}
+            config = Config.load(raw)
+        kind = config.for_service(factory.service_name)["kind"]
+        kinds = task_kinds()
+        if kind not in kinds:
+            raise ConfigError(
+                f"services.{factory.service_name}.kind: no task kind {kind!r} is registered "
+                f"(registered: {', '.join(sorted(kinds)) or 'none'}); is its plugin installed (e.g. pip install kservice[ray])?"
+            )
+        ctx = TaskContext(self.name, config, tuple(self._middlewares), self)
+        return kinds[kind](factory, ctx)
+
+    def unregister_service(self, name: str, timeout: float | None = None) -> None:
+        """Stop and remove a service; managers forget their route to it."""
+        with self._lock:
+            task = self._tasks.pop(name, None)
+        if task is not None:
+            task.stop_service(timeout)
+            for manager in list(self._managers):
+                manager.forget(name)
+
+    def add_middleware(self, middleware: Any) -> None:
+        """Add a ServiceMiddleware for every service of this environment, after those added before.
+
+        It applies to managers and tasks created afterwards (and to tasks
+        started afterwards): add middleware before starting.
+        """
+        with self._lock:
+            self._middlewares.append(middleware)
+        for manager in list(self._managers):
+            manager._invalidate_routes()
+
+    @property
+    def middlewares(self) -> tuple[Any, ...]:
+        return tuple(self._middlewares)
+
+    # -------------------------------------------------------------- listing
+
+    def get_task(self, name: str) -> BaseServiceTask | None:
+        return self._tasks.get(name)
+
+    def service_names(self) -> list[str]:
+        return list(self._tasks)
+
+    def tasks(self) -> dict[str, BaseServiceTask]:
+        """Registered tasks by service name, in registration order."""
+        return dict(self._tasks)
+
+    def __iter__(self) -> Iterator[BaseServiceTask]:
+        return iter(list(self._tasks.values()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> ServiceEnvironment:
+        """Start every registered task; on a failure, stop those started and re-raise."""
+        started: list[BaseServiceTask] = []
+        with self._lock:
+            try:
+                for task in list(self._tasks.values()):
+                    task.start_service()
+                    started.append(task)
+            except BaseException:
+                for task in reversed(started):
+                    task.stop_service()
+                raise
+            self._started = True
+        from ._plugins import get_plugin_manager
+
+        get_plugin_manager().hook.kservice_environment_started(environment=self)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Close managers bound to this environment, then stop every task in reverse order. Idempotent."""
+        with self._lock:
+            was_started, self._started = self._started, False
+            tasks = list(self._tasks.values())
+        for manager in list(self._managers):
+            manager.close()
+        for task in reversed(tasks):
+            task.stop_service(timeout)
+        if was_started:
+            from ._plugins import get_plugin_manager
+
+            get_plugin_manager().hook.kservice_environment_stopped(environment=self)
+
+    def manager(self) -> ServiceManager:
+        """A new ServiceManager bound to this environment (closed by ``stop()``)."""
+        from ._manager import ServiceManager
+
+        return ServiceManager(self)
+
+    def __enter__(self) -> ServiceEnvironment:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<ServiceEnvironment {self.name!r} services={list(self._tasks)}>"

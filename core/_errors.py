@@ -1,0 +1,230 @@
+"""The error hierarchy every transport raises.
+
+Each error is a :class:`ServiceError` and, where a standard exception means the
+same thing, that standard exception too, so callers can write ``except
+TimeoutError`` or ``except LookupError`` without knowing kservice.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import importlib
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "MethodNotFoundError",
+    "PluginError",
+    "ServiceCallError",
+    "ServiceError",
+    "ServiceNotFoundError",
+    "ServiceOverloadedError",
+    "ServiceTimeoutError",
+    "ServiceUnavailableError",
+]
+
+
+class ServiceError(Exception):
+    """Base class of every error kservice raises on a call."""
+
+
+class ServiceNotFoundError(ServiceError, LookupError):
+    """No service of that name is known to the manager, its environment or any resolver."""
+
+    def __init__(self, service_name: str, known: Iterable[str] = ()) -> None:
+        known_names = sorted(set(known))
+        self.service_name = service_name
+        self.known_services = known_names
+        message = f"no service named {service_name!r}"
+        close = difflib.get_close_matches(service_name, known_names, n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        if known_names:
+            message += f" (known services: {', '.join(known_names)})"
+        else:
+            message += " (no services are registered or running)"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service_name, self.known_services))
+
+
+class MethodNotFoundError(ServiceError, AttributeError):
+    """The service has no public method of that name (names starting with ``_`` are never callable)."""
+
+
+class ServiceTimeoutError(ServiceError, TimeoutError):
+    """The call did not complete before its deadline."""
+
+
+class ServiceUnavailableError(ServiceError):
+    """The service exists but cannot take the call now (stopped, failed, host gone, breaker open).
+
+    The request provably did not run, or its outcome is unknown because the
+    service died; callers may retry when the method is idempotent.
+    """
+
+
+class ServiceOverloadedError(ServiceUnavailableError):
+    """The service's request queue stayed full for ``service.local.queue_timeout``: the request was not accepted."""
+
+
+class ConfigError(ServiceError, ValueError):
+    """A configuration file or value is invalid; the message names the full key path."""
+
+
+class PluginError(ServiceError, RuntimeError):
+    """A plugin failed to load or behaved wrongly (raised in strict mode, warned otherwise)."""
+
+
+class ServiceCallError(ServiceError):
+    """The service method raised.
+
+    ``remote_type`` is the qualified name of the original exception class and
+    ``remote_traceback`` its formatted traceback in the service. When the
+    original class can be imported by the caller the raised object is also an
+    instance of it (``except ValueError`` works across every transport).
+    """
+
+    remote_type: str
+    remote_traceback: str
+    service_name: str
+    method_name: str
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        remote_type: str = "",
+        remote_traceback: str = "",
+        service_name: str = "",
+        method_name: str = "",
+    ) -> None:
+        Exception.__init__(self, message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+        self.service_name = service_name
+        self.method_name = method_name
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_call_error,
+            (
+                str(self),
+                self.remote_type,
+                self.remote_traceback,
+                self.service_name,
+                self.method_name,
+            ),
+        )
+
+
+def _rebuild_call_error(
+    message: str, remote_type: str, remote_traceback: str, service_name: str, method_name: str
+) -> ServiceCallError:
+    return make_call_error(
+        message,
+        remote_type=remote_type,
+        remote_traceback=remote_traceback,
+        service_name=service_name,
+        method_name=method_name,
+    )
+
+
+_call_error_classes: dict[type[BaseException], type[ServiceCallError]] = {}
+_call_error_lock = threading.Lock()
+
+
+def _import_exception_class(qualified_name: str) -> type[BaseException] | None:
+    """The class named ``module.Qualname`` if the caller can import it, else None."""
+    module_name, _, qualname = qualified_name.rpartition(".")
+    if not module_name:
+        found = getattr(builtins, qualified_name, None)
+    else:
+        try:
+            found = importlib.import_module(module_name)
+        except Exception:
+            # Dotted qualnames (nested classes) resolve below; anything else is unknown here.
+            head, _, tail = module_name.rpartition(".")
+            return _import_exception_class(head + "." + tail) if head else None
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
+
+
+def _call_error_class_for(original: type[BaseException]) -> type[ServiceCallError]:
+    """A subclass of both ServiceCallError and ``original``, cached per class."""
+    cls = _call_error_classes.get(original)
+    if cls is not None:
+        return cls
+    with _call_error_lock:
+        cls = _call_error_classes.get(original)
+        if cls is None:
+            try:
+                cls = type(
+                    original.__name__,
+                    (ServiceCallError, original),
+                    {"__module__": "kservice.remote", "__qualname__": original.__name__},
+                )
+            except TypeError:
+                # Incompatible C layouts (rare builtins): the plain error still carries remote_type.
+                cls = ServiceCallError
+            _call_error_classes[original] = cls
+    return cls
+
+
+def make_call_error(
+    message: str,
+    *,
+    remote_type: str,
+    remote_traceback: str = "",
+    service_name: str = "",
+    method_name: str = "",
+    original_class: type[BaseException] | None = None,
+) -> ServiceCallError:
+    """Build the ServiceCallError a caller sees for an exception raised by a service method."""
+    if original_class is None and remote_type:
+        original_class = _import_exception_class(remote_type)
+    cls: type[ServiceCallError] = ServiceCallError
+    if (
+        original_class is not None
+        and issubclass(original_class, Exception)
+        and not issubclass(original_class, ServiceCallError)
+    ):
+        cls = _call_error_class_for(original_class)
+    error = cls.__new__(cls)
+    ServiceCallError.__init__(
+        error,
+        message,
+        remote_type=remote_type,
+        remote_traceback=remote_traceback,
+        service_name=service_name,
+        method_name=method_name,
+    )
+    if remote_traceback:
+        error.add_note(f"remote traceback (service {service_name!r}, method {method_name!r}):\n{remote_traceback}")
+    return error
+
+
+#: Errors the runtime itself raises on the service side, rebuilt by name on the caller side.
+RUNTIME_ERRORS: dict[str, type[ServiceError]] = {
+    cls.__name__: cls
+    for cls in (
+        ServiceError,
+        ServiceNotFoundError,
+        MethodNotFoundError,
+        ServiceTimeoutError,
+        ServiceUnavailableError,
+        ServiceOverloadedError,
+        ConfigError,
+        PluginError,
+    )
+}

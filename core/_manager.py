@@ -1,0 +1,503 @@
+"""ServiceManager: call services by name, synchronously or asynchronously."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+from ._context import _current_request, is_idempotent
+from ._errors import ServiceNotFoundError, ServiceUnavailableError
+from ._messages import ServiceRequest, ServiceResponse, new_request_id
+from ._middleware import MiddlewareChain, MiddlewareError
+from ._transport import Connection, ServiceAddress, timeout_response
+
+if TYPE_CHECKING:
+    from ._environment import ServiceEnvironment
+    from ._status import ServiceStatus
+
+__all__ = ["ServiceManager", "ServiceProxy"]
+
+
+class _Timer:
+    """One thread that runs callbacks at given times: async deadlines and retry delays.
+
+    Completed calls are not removed from the heap one by one (that would cost
+    on every call); the heap is compacted when it has doubled since the last
+    compaction, so it stays proportional to the calls really pending.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._heap: list[tuple[float, int, Callable[[], bool], Callable[[], None]]] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._seq = itertools.count()
+        self._closed = False
+        self._compact_at = 1024
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def schedule(self, when: float, callback: Callable[[], None], pending: Callable[[], bool]) -> None:
+        """Run ``callback()`` at monotonic time ``when`` if ``pending()`` is then still true."""
+        entry = (when, next(self._seq), pending, callback)
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+            if len(self._heap) >= self._compact_at:
+                self._heap = [e for e in self._heap if e[2]()]
+                heapq.heapify(self._heap)
+                self._compact_at = max(1024, 2 * len(self._heap))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                if self._closed:
+                    return
+                _, _, pending, callback = heapq.heappop(self._heap)
+            if pending():
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - a failing callback must not stop the timer
+                    pass
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class _Route:
+    """Everything a call to one service needs, compiled once: connection, chain, policy."""
+
+    __slots__ = (
+        "address",
+        "chain",
+        "connection",
+        "default_timeout",
+        "idempotent",
+        "options",
+        "retry",
+        "service_class",
+        "service_name",
+    )
+
+    def __init__(
+        self,
+        service_name: str,
+        address: ServiceAddress,
+        connection: Connection,
+        chain: MiddlewareChain,
+        retry: Any,
+        options: dict[str, Any],
+        service_class: type | None,
+    ) -> None:
+        self.service_name = service_name
+        self.address = address
+        self.connection = connection
+        self.chain = chain
+        self.retry = retry
+        self.options = options
+        self.default_timeout: float = options["service_call"]["default_timeout"]
+        self.service_class = service_class
+        self.idempotent: dict[str, bool] = {}
+
+    def is_idempotent(self, method_name: str) -> bool:
+        known = self.idempotent.get(method_name)
+        if known is None:
+            known = is_idempotent(self.service_class, method_name, self.options.get("idempotent", ()))
+            self.idempotent[method_name] = known
+        return known
+
+
+class ServiceManager:
+    """Calls services by name.
+
+    Names resolve first in the manager's environment, then through the
+    ``kservice_resolve_service`` hook (the ``mmap`` plugin finds services hosted
+    by other processes on this host). Resolution, the middleware chain and the
+    retry policy are compiled once per service name and rebuilt when plugins
+    change or the service is found gone.
+
+    Errors: ServiceNotFoundError (unknown name), MethodNotFoundError,
+    ServiceTimeoutError (no response by the deadline; a request not started by
+    then never runs, a late response is dropped), ServiceUnavailableError
+    (stopped or dead service), ServiceCallError (the method raised; also an
+    instance of the original exception class where importable).
+    """
+
+    def __init__(self, environment: ServiceEnvironment | None = None, *, config: Any = None) -> None:
+        from ._config import Config
+        from ._plugins import get_plugin_manager, on_plugins_changed
+
+        self.environment = environment
+        self.config = environment.config if environment is not None else Config.load(config)
+        self._pm = get_plugin_manager()
+        self._routes: dict[str, _Route] = {}
+        self._route_lock = threading.Lock()
+        self._timer: _Timer | None = None
+        self._timer_lock = threading.Lock()
+        self._closed = False
+        on_plugins_changed(self._invalidate_routes)
+        if environment is not None:
+            environment._managers.add(self)
+
+    # ---------------------------------------------------------------- routes
+
+    def _invalidate_routes(self) -> None:
+        with self._route_lock:
+            routes, self._routes = self._routes, {}
+        for route in routes.values():
+            route.connection.close()
+
+    def forget(self, service_name: str) -> None:
+        """Drop the compiled route of one service; the next call resolves it again."""
+        with self._route_lock:
+            route = self._routes.pop(service_name, None)
+        if route is not None:
+            route.connection.close()
+
+    def _resolve(self, service_name: str) -> tuple[list[ServiceAddress], type | None]:
+        env = self.environment
+        if env is not None:
+            task = env.get_task(service_name)
+            if task is not None:
+                addresses = task.addresses
+                if not addresses:
+                    raise ServiceUnavailableError(
+                        f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first"
+                    )
+                return addresses, task.service_factory.service_class
+        found = self._pm.hook.kservice_resolve_service(service_name=service_name, manager=self)
+        if found:
+            return list(found), None
+        raise ServiceNotFoundError(service_name, self.known_services())
+
+    def known_services(self) -> list[str]:
+        """Every service name this manager can see: its environment's and the resolvers'."""
+        names = set(self.environment.service_names()) if self.environment is not None else set()
+        for contributed in self._pm.hook.kservice_known_services():
+            names.update(contributed or ())
+        return sorted(names)
+
+    def _route(self, service_name: str) -> _Route:
+        if self._closed:
+            raise ServiceUnavailableError("this ServiceManager is closed")
+        route = self._routes.get(service_name)
+        if route is not None:
+            return route
+        from ._plugins import get_transport
+
+        addresses, service_class = self._resolve(service_name)
+        address = addresses[0]
+        connection = get_transport(address.transport).connect(address)
+        options = self.config.for_service(service_name)
+        contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options)
+        from ._task import _flatten
+
+        middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
+        chain = MiddlewareChain(middlewares, "client")
+        retry = self._pm.hook.kservice_retry_policy(service_name=service_name, options=options)
+        route = _Route(service_name, address, connection, chain, retry, options, service_class)
+        with self._route_lock:
+            existing = self._routes.get(service_name)
+            if existing is not None:
+                connection.close()
+                return existing
+            self._routes[service_name] = route
+        return route
+
+    def get_service_queue(self, service_name: str) -> Connection:
+        """The connection calls to ``service_name`` use (its ``queue_name`` names the request queue)."""
+        return self._route(service_name).connection
+
+    def get_service_status(self, service_name: str) -> ServiceStatus | dict[str, Any]:
+        """Status of a service in this manager's environment, or as its transport reports it."""
+        if self.environment is not None:
+            task = self.environment.get_task(service_name)
+            if task is not None:
+                return task.get_service_status()
+        connection = self._route(service_name).connection
+        status = getattr(connection, "remote_status", None)
+        if status is None:
+            raise ServiceUnavailableError(f"the transport of {service_name!r} cannot report its status")
+        return status()  # type: ignore[no-any-return]
+
+    # ---------------------------------------------------------------- calls
+
+    def _request(
+        self,
+        service_name: str,
+        method: str,
+        args: Any,
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        metadata: dict[str, Any] | None,
+        route: _Route,
+    ) -> ServiceRequest:
+        now = time.time()
+        deadline = now + (route.default_timeout if timeout is None else timeout)
+        parent = _current_request.get()
+        if parent is not None:
+            # Calls made while serving a request inherit its deadline and metadata.
+            if parent.deadline is not None and parent.deadline < deadline:
+                deadline = parent.deadline
+            if parent.metadata:
+                metadata = {**parent.metadata, **(metadata or {})}
+        return ServiceRequest(
+            new_request_id(),
+            service_name,
+            method,
+            args if type(args) is tuple else tuple(args),
+            {} if kwargs is None else kwargs,
+            "",
+            deadline,
+            {} if metadata is None else metadata,
+        )
+
+    def call_service_sync(
+        self,
+        service_name: str,
+        method: str,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """Call ``service_name.method(*args, **kwargs)`` and return its result.
+
+        ``kwargs`` reach the method verbatim (a parameter may be called
+        ``timeout`` or ``method``). ``timeout`` (seconds) defaults to
+        ``service_call.default_timeout``; it bounds the whole call, retries
+        included. Raises the errors listed on the class.
+        """
+        route = self._route(service_name)
+        request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
+        attempt = 0
+        while True:
+            response = self._attempt_sync(route, request)
+            if response.success:
+                return response.result
+            if route.retry is not None:
+                delay = route.retry.should_retry(request, response, attempt, route.is_idempotent(method))
+                if delay is not None and request.deadline is not None and time.time() + delay < request.deadline:
+                    attempt += 1
+                    time.sleep(delay)
+                    route = self._refresh_route(route, response)
+                    continue
+            self._refresh_route(route, response)
+            raise response.to_exception(service_name, method)
+
+    def _attempt_sync(self, route: _Route, request: ServiceRequest) -> ServiceResponse:
+        chain = route.chain
+        if not chain:
+            return route.connection.call(request, request.deadline - time.time())  # type: ignore[operator]
+        try:
+            sent, response, limit = chain.run_before(request)
+        except MiddlewareError as exc:
+            response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
+            return chain.run_after(request, response, exc.index)
+        if response is None:
+            response = route.connection.call(sent, sent.deadline - time.time())  # type: ignore[operator]
+        return chain.run_after(sent, response, limit)
+
+    def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
+        """After an unavailable service, resolve again: it may have moved or restarted."""
+        if not response.success and response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
+            self.forget(route.service_name)
+            try:
+                return self._route(route.service_name)
+            except Exception:  # noqa: BLE001 - the next attempt reports it
+                return route
+        return route
+
+    def call_service_async(
+        self,
+        service_name: str,
+        method: str,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Future[Any]:
+        """Start a call and return a Future of its result; no thread is held per call.
+
+        The future is completed by the transport's response path (or with
+        ServiceTimeoutError at the deadline by the manager's timer thread).
+        Cancelling it before completion drops the response when it arrives.
+        Resolution errors (unknown service) are raised here, not in the future.
+        """
+        route = self._route(service_name)
+        request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
+        future: Future[Any] = Future()
+        _AsyncCall(self, route, request, future).start()
+        return future
+
+    async def acall(
+        self,
+        service_name: str,
+        method: str,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """``await`` form of :meth:`call_service_async` for asyncio code."""
+        return await asyncio.wrap_future(
+            self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
+        )
+
+    def proxy(self, service_name: str, *, timeout: float | None = None) -> ServiceProxy:
+        """An object whose attribute calls are sync calls: ``proxy.get("k")``."""
+        return ServiceProxy(self, service_name, timeout)
+
+    def timer(self) -> _Timer:
+        timer = self._timer
+        if timer is None:
+            with self._timer_lock:
+                if self._timer is None:
+                    self._timer = _Timer(f"kservice-manager-timer-{id(self):x}")
+                timer = self._timer
+        return timer
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close connections and the timer thread; idempotent. Later calls raise ServiceUnavailableError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._invalidate_routes()
+        with self._timer_lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.close()
+        if self.environment is not None:
+            self.environment._managers.discard(self)
+
+    def __enter__(self) -> ServiceManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _AsyncCall:
+    """One asynchronous call: before-hooks, send, retries, after-hooks, completion."""
+
+    __slots__ = ("attempt", "future", "last_response", "limit", "manager", "request", "route", "sent", "timeout")
+
+    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, future: Future[Any]) -> None:
+        self.manager = manager
+        self.route = route
+        self.request = request
+        self.future = future
+        self.attempt = 0
+        self.sent = request
+        self.limit = 0
+        self.timeout = request.deadline - time.time()  # type: ignore[operator]
+        self.last_response: ServiceResponse | None = None
+
+    def start(self) -> None:
+        self.manager.timer().schedule(time.monotonic() + self.timeout, self._timed_out, self._pending)
+        self._send()
+
+    def _pending(self) -> bool:
+        return not self.future.done() and not self.future.running()
+
+    def _send(self) -> None:
+        route = self.route
+        chain = route.chain
+        self.limit = chain.size
+        self.sent = self.request
+        if chain:
+            try:
+                self.sent, response, self.limit = chain.run_before(self.request)
+            except MiddlewareError as exc:
+                self.limit = exc.index
+                self._finish(ServiceResponse.from_exception(self.request.request_id, exc.error, origin="client"))
+                return
+            if response is not None:
+                self._finish(response)
+                return
+        try:
+            route.connection.send(self.sent, self._on_response)
+        except Exception as exc:  # noqa: BLE001 - a transport failing to send fails this call only
+            self._on_response(ServiceResponse.from_exception(self.request.request_id, exc, origin="client"))
+
+    def _on_response(self, response: ServiceResponse) -> None:
+        if self.future.done() or self.future.running():
+            return  # late: the caller already got a timeout or cancelled
+        if not response.success and self.route.retry is not None:
+            delay = self.route.retry.should_retry(
+                self.request, response, self.attempt, self.route.is_idempotent(self.request.method_name)
+            )
+            deadline = self.request.deadline
+            if delay is not None and (deadline is None or time.time() + delay < deadline):
+                self.attempt += 1
+                self.last_response = response
+                self.manager.timer().schedule(time.monotonic() + delay, self._retry, self._pending)
+                return
+        self._finish(response)
+
+    def _retry(self) -> None:
+        if self.last_response is not None:
+            self.route = self.manager._refresh_route(self.route, self.last_response)
+        self._send()
+
+    def _timed_out(self) -> None:
+        self._finish(timeout_response(self.request, self.timeout))
+
+    def _finish(self, response: ServiceResponse) -> None:
+        future = self.future
+        try:
+            # Claims the future: exactly one of response, timeout and cancel wins.
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled by the caller
+        except RuntimeError:
+            return  # another path (response or timeout) completed it first
+        chain = self.route.chain
+        if chain:
+            response = chain.run_after(self.sent, response, self.limit)
+        try:
+            if response.success:
+                future.set_result(response.result)
+            else:
+                future.set_exception(response.to_exception(self.request.service_name, self.request.method_name))
+        except InvalidStateError:
+            pass
+
+
+class ServiceProxy:
+    """Attribute access becomes a sync call: ``manager.proxy("kv").get("a")``."""
+
+    def __init__(self, manager: ServiceManager, service_name: str, timeout: float | None) -> None:
+        self._manager = manager
+        self._service_name = service_name
+        self._timeout = timeout
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        manager, name, timeout = self._manager, self._service_name, self._timeout
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return manager.call_service_sync(name, method, args, kwargs, timeout=timeout)
+
+        call.__name__ = method
+        return call
+
+    def __repr__(self) -> str:
+        return f"<ServiceProxy {self._service_name!r}>"

@@ -1,0 +1,174 @@
+"""The two messages every transport carries: a request and its response."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._errors import (
+    RUNTIME_ERRORS,
+    ServiceCallError,
+    ServiceError,
+    make_call_error,
+)
+
+__all__ = ["ServiceRequest", "ServiceResponse", "new_request_id"]
+
+_request_counter = itertools.count(1)
+_request_prefix = f"{os.getpid():x}-{time.time_ns() & 0xFFFFFF:x}-"
+
+
+def new_request_id() -> str:
+    """A request id unique across processes of this host (pid, start time, counter).
+
+    Cheaper than uuid4 on the per-call path; ``fork`` children reset the prefix.
+    """
+    return _request_prefix + str(next(_request_counter))
+
+
+def _reset_after_fork() -> None:
+    global _request_counter, _request_prefix
+    _request_counter = itertools.count(1)
+    _request_prefix = f"{os.getpid():x}-{time.time_ns() & 0xFFFFFF:x}-"
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+@dataclass(slots=True)
+class ServiceRequest:
+    """One call of ``service_name.method_name(*args, **kwargs)``.
+
+    ``deadline`` is an absolute ``time.time()`` after which the service must
+    not start the work (None: no deadline). ``metadata`` carries cross-cutting
+    context (trace ids, caller identity) and is never passed to the method.
+    ``response_queue_name`` names where a queue-based transport sends the
+    response; in-process calls leave it empty.
+    """
+
+    request_id: str
+    service_name: str
+    method_name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    response_queue_name: str = ""
+    deadline: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (negative once past), None without a deadline."""
+        return None if self.deadline is None else self.deadline - time.time()
+
+
+ErrorOrigin = Literal["", "service", "runtime", "client"]
+
+
+@dataclass(slots=True)
+class ServiceResponse:
+    """The outcome of one request: a result, or an error described by type.
+
+    ``error_origin`` is ``"service"`` when the method raised (the caller gets
+    a :class:`ServiceCallError`) and ``"runtime"`` when kservice refused or
+    failed the call (the caller gets the named kservice error). ``exception``
+    holds the live exception object on transports that do not serialize; it is
+    never sent across processes. ``degraded`` marks a response produced by a
+    fallback instead of the service. ``"client"`` marks an error raised by
+    caller-side middleware, which the caller gets exactly as raised.
+    """
+
+    success: bool
+    result: Any = None
+    error: str | None = None
+    request_id: str = ""
+    error_type: str = ""
+    error_origin: ErrorOrigin = ""
+    remote_traceback: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    degraded: bool = False
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def ok(cls, request_id: str, result: Any) -> ServiceResponse:
+        return cls(True, result, None, request_id)
+
+    @classmethod
+    def from_exception(
+        cls,
+        request_id: str,
+        exc: BaseException,
+        *,
+        origin: ErrorOrigin,
+        with_traceback: bool = True,
+    ) -> ServiceResponse:
+        """Describe ``exc`` so any caller, in any process, can rebuild a typed error."""
+        exc_type = type(exc)
+        if origin == "runtime" or isinstance(exc, ServiceCallError):
+            type_name = exc_type.__name__ if origin == "runtime" else getattr(exc, "remote_type", "")
+        else:
+            module = exc_type.__module__
+            type_name = exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
+        tb = ""
+        if with_traceback and origin == "service":
+            tb = "".join(traceback.format_exception(exc))
+        return cls(
+            False,
+            None,
+            str(exc),
+            request_id,
+            error_type=type_name,
+            error_origin=origin,
+            remote_traceback=tb,
+            exception=exc,
+        )
+
+    def to_exception(self, service_name: str = "", method_name: str = "") -> BaseException:
+        """The typed error a caller raises for this failed response."""
+        if self.error_origin == "client" and self.exception is not None:
+            return self.exception
+        if self.error_origin == "runtime":
+            runtime_cls = RUNTIME_ERRORS.get(self.error_type, ServiceError)
+            if isinstance(self.exception, runtime_cls):
+                return self.exception
+            error = runtime_cls.__new__(runtime_cls)
+            Exception.__init__(error, self.error or self.error_type)
+            return error
+        original = type(self.exception) if self.exception is not None else None
+        if isinstance(self.exception, ServiceCallError):
+            return self.exception
+        call_error = make_call_error(
+            self.error or "",
+            remote_type=self.error_type,
+            remote_traceback=self.remote_traceback,
+            service_name=service_name,
+            method_name=method_name,
+            original_class=original,
+        )
+        if self.exception is not None:
+            call_error.__cause__ = self.exception
+        return call_error
+
+    def unwrap(self, service_name: str = "", method_name: str = "") -> Any:
+        """The result, or raise the typed error."""
+        if self.success:
+            return self.result
+        raise self.to_exception(service_name, method_name)
+
+    def for_wire(self) -> ServiceResponse:
+        """A copy without the live exception object, safe to pickle to another process."""
+        if self.exception is None:
+            return self
+        return ServiceResponse(
+            self.success,
+            self.result,
+            self.error,
+            self.request_id,
+            self.error_type,
+            self.error_origin,
+            self.remote_traceback,
+            self.metadata,
+            self.degraded,
+        )

@@ -1,0 +1,36 @@
+"""A task's status: lifecycle state, health and load."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ServiceStatus"]
+
+TaskState = Literal["created", "starting", "running", "stopping", "stopped", "failed"]
+
+
+@dataclass
+class ServiceStatus:
+    """A snapshot of one task. ``extra`` holds what plugins add (breaker, load, health details)."""
+
+    service_name: str
+    kind: str
+    state: TaskState
+    healthy: bool
+    health_reason: str = ""
+    last_health_check: float | None = None
+    requests_total: int = 0
+    errors_total: int = 0
+    expired_total: int = 0
+    in_flight: int = 0
+    queue_depth: int = 0
+    max_workers: int = 0
+    restarts: int = 0
+    started_at: float | None = None
+    addresses: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)

@@ -1,0 +1,528 @@
+"""Service tasks: one running service instance, its workers, listeners and statistics."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._config import Config
+from ._context import _current_request
+from ._errors import (
+    MethodNotFoundError,
+    ServiceError,
+    ServiceOverloadedError,
+    ServiceUnavailableError,
+)
+from ._messages import ServiceRequest, ServiceResponse
+from ._middleware import MiddlewareChain, MiddlewareError
+from ._status import ServiceStatus, TaskState
+from ._transport import Listener, Reply, timeout_response
+
+if TYPE_CHECKING:
+    from ._environment import ServiceEnvironment
+
+__all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext"]
+
+#: Seconds ``stop_service()`` waits for in-flight calls when given no timeout.
+DEFAULT_STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class ServiceFactory:
+    """How to build one service instance: ``service_class(*args, **kwargs)``.
+
+    Arguments are forwarded verbatim, whatever their names.
+    """
+
+    service_name: str
+    service_class: type
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+    def create(self) -> Any:
+        return self.service_class(*self.args, **(self.kwargs or {}))
+
+    @property
+    def class_path(self) -> str:
+        return f"{self.service_class.__module__}:{self.service_class.__qualname__}"
+
+
+@dataclass
+class TaskContext:
+    """What a task knows about where it runs: the environment's name, config and middleware."""
+
+    environment_name: str = "default"
+    config: Config | None = None
+    middlewares: tuple[Any, ...] = ()
+    environment: ServiceEnvironment | None = field(default=None, repr=False)
+
+    def resolved_config(self) -> Config:
+        if self.config is None:
+            self.config = Config.load(None)
+        return self.config
+
+
+def _call_lifecycle(instance: Any, names: Iterable[str]) -> None:
+    for name in names:
+        method = getattr(instance, name, None)
+        if callable(method):
+            method()
+
+
+class _WorkerPool:
+    """Fixed worker threads fed by a SimpleQueue.
+
+    Written here rather than using ThreadPoolExecutor because the task needs
+    the queue depth, a drain on stop, and a per-call path lighter than
+    ``executor.submit`` (no Future or work-item object per request).
+    """
+
+    def __init__(self, task: BaseServiceTask, size: int) -> None:
+        self._task = task
+        self._queue: SimpleQueue[tuple[ServiceRequest, Reply] | None] = SimpleQueue()
+        self.put = self._queue.put
+        self._threads = [
+            threading.Thread(target=self._work, name=f"kservice-{task.service_name}-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        task = self._task
+        while True:
+            item = get()
+            if item is None:
+                return
+            request, reply = item
+            task._dequeued()
+            reply(task.execute(request))
+
+    def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
+        """Stop the workers after the queued work; returns work still queued at ``deadline``."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        leftovers = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                leftovers.append(item)
+        return leftovers
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return self._threads
+
+
+class BaseServiceTask:
+    """One service instance and everything that serves its calls.
+
+    The task owns the instance (``task.service``), a worker pool of
+    ``service.local.max_workers`` threads (1 for a service declared not
+    thread-safe), the listeners of the transports it is reachable through,
+    and its statistics. Guarantees:
+
+    - a request whose deadline has passed when a worker picks it up is not
+      run; its caller gets ServiceTimeoutError;
+    - a method name starting with ``_`` is refused with MethodNotFoundError
+      and never looked up;
+    - a call to a task that is not running is answered at once with
+      ServiceUnavailableError;
+    - ``stop_service`` stops accepting, lets queued and running calls finish
+      up to its timeout, answers what is left with ServiceUnavailableError,
+      then calls the service's ``cleanup()``/``close()``. It is idempotent.
+    """
+
+    #: the task kind this class implements (config ``services.<name>.kind``)
+    kind: ClassVar[str] = "base"
+    #: transports every task of this class listens on, before configured ones
+    default_transports: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:
+        self.service_factory = service_factory
+        self.service_name = service_factory.service_name
+        self.ctx = ctx if ctx is not None else TaskContext()
+        config = self.ctx.resolved_config()
+        self.options = config.for_service(self.service_name)
+        self.max_workers = self._configured_max_workers(config)
+        self.queue_limit: int = self.options["local"]["request_queue_size"]
+        self.queue_timeout: float = self.options["local"]["queue_timeout"]
+        self.transport_names: tuple[str, ...] = tuple(
+            dict.fromkeys([*self.default_transports, *self.options.get("transports", ())])
+        )
+        self.idempotent_methods: frozenset[str] = frozenset(self.options.get("idempotent", ()))
+        self.restarts = 0
+        self.health_reason = ""
+        self.last_health_check: float | None = None
+        self.started_at: float | None = None
+        self.listeners: list[Listener] = []
+        self._state: TaskState = "created"
+        self._state_lock = threading.RLock()
+        self._service: Any = None
+        self._pool: _WorkerPool | None = None
+        self._methods: dict[str, Callable[..., Any]] = {}
+        self._server_chain = MiddlewareChain((), "server")
+        self._serial_lock = threading.Lock() if self.max_workers == 1 else None
+        # Counters are guarded by one lock: a few ~50 ns acquisitions per call.
+        self._counter_lock = threading.Lock()
+        self._room = threading.Condition(self._counter_lock)
+        self._room_waiters = 0
+        self._queued = 0
+        self._running = 0
+        self._requests_total = 0
+        self._errors_total = 0
+        self._expired_total = 0
+
+    def _configured_max_workers(self, config: Config) -> int:
+        entry = config.service_entry(self.service_name) or {}
+        written: int | None = (entry.get("local") or {}).get("max_workers")
+        if written is not None:
+            return written
+        declared = getattr(self.service_factory.service_class, "__kservice_options__", {}).get("max_workers")
+        return int(declared) if declared else int(self.options["local"]["max_workers"])
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def service(self) -> Any:
+        """The service instance (None before start and after stop)."""
+        return self._service
+
+    @property
+    def state(self) -> TaskState:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Where callers reach this task, one address per transport, best first."""
+        return [listener.address for listener in self.listeners]
+
+    def _announce(self, hook: str, **kwargs: Any) -> None:
+        from ._plugins import get_plugin_manager
+
+        getattr(get_plugin_manager().hook, hook)(**kwargs)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start_service(self) -> None:
+        """Create the instance, call its ``setup()``, start workers and listeners.
+
+        Idempotent while running. On failure the task is ``failed``, anything
+        started is released, and ServiceUnavailableError is raised with the
+        cause chained.
+        """
+        with self._state_lock:
+            if self._state in ("running", "starting"):
+                return
+            self._state = "starting"
+            try:
+                self._start_serving()
+            except Exception as exc:
+                self._state = "failed"
+                self._release(time.monotonic())
+                self._announce("kservice_task_failed", task=self, error=exc)
+                raise ServiceUnavailableError(
+                    f"service {self.service_name!r} failed to start: {type(exc).__name__}: {exc}"
+                ) from exc
+            self.started_at = time.time()
+        self._announce("kservice_task_started", task=self)
+
+    def _start_serving(self) -> None:
+        """Bring the instance, workers and listeners up (subclasses that host elsewhere override)."""
+        from ._plugins import get_transport, on_plugins_changed
+
+        self._service = self.service_factory.create()
+        _call_lifecycle(self._service, ("setup",))
+        self._methods = {}
+        self._compile_server_chain()
+        on_plugins_changed(self._compile_server_chain)
+        self._pool = _WorkerPool(self, self.max_workers)
+        self._state = "running"
+        for name in self.transport_names:
+            self.listeners.append(get_transport(name).listen(self))
+
+    def _compile_server_chain(self) -> None:
+        from ._plugins import get_plugin_manager
+
+        contributed = get_plugin_manager().hook.kservice_middleware(service_name=self.service_name, options=self.options)
+        self._server_chain = MiddlewareChain([*self.ctx.middlewares, *_flatten(contributed)], "server")
+
+    def stop_service(self, timeout: float | None = None) -> None:
+        """Stop accepting calls, drain them (up to ``timeout`` seconds), release everything. Idempotent."""
+        with self._state_lock:
+            if self._state in ("stopped", "stopping"):
+                return
+            if self._state in ("created", "failed"):
+                self._state = "stopped"
+                return
+            self._state = "stopping"
+        self._announce("kservice_task_stopping", task=self)
+        deadline = time.monotonic() + (DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
+        self._release(deadline)
+        with self._state_lock:
+            self._state = "stopped"
+        self._announce("kservice_task_stopped", task=self)
+
+    def _release(self, deadline: float) -> None:
+        """Drain and release workers, listeners and the instance (never raises)."""
+        if self._pool is not None:
+            leftovers = self._pool.shutdown(deadline)
+            self._pool = None
+            for request, reply in leftovers:
+                self._dequeued()
+                reply(self._unavailable(request, "stopped before the request could run"))
+        with self._room:
+            self._room.notify_all()
+        for listener in self.listeners:
+            try:
+                listener.close()
+            except Exception:  # noqa: BLE001 - a failing listener must not stop the others closing
+                pass
+        self.listeners = []
+        if self._service is not None:
+            try:
+                _call_lifecycle(self._service, ("cleanup", "close"))
+            except Exception:  # noqa: BLE001 - the task stops whatever the service's cleanup does
+                pass
+            self._service = None
+
+    def restart_listeners(self) -> int:
+        """Restart listeners that stopped receiving; returns how many (health recovery)."""
+        restarted = 0
+        for listener in self.listeners:
+            if not listener.alive:
+                listener.restart()
+                restarted += 1
+        self.restarts += restarted
+        return restarted
+
+    def rebuild_service(self) -> None:
+        """Replace the instance with a new one (health recovery); calls already running finish on the old one."""
+        old = self._service
+        new = self.service_factory.create()
+        _call_lifecycle(new, ("setup",))
+        self._service = new
+        self._methods = {}
+        self.restarts += 1
+        if old is not None:
+            try:
+                _call_lifecycle(old, ("cleanup", "close"))
+            except Exception:  # noqa: BLE001
+                pass
+
+    # ------------------------------------------------------------- the calls
+
+    def submit(self, request: ServiceRequest, reply: Reply) -> None:
+        """Queue ``request`` for a worker; ``reply`` gets the response exactly once.
+
+        A task that is not running answers at once with ServiceUnavailableError;
+        a full queue waits up to ``service.local.queue_timeout`` (and never past
+        the request's deadline) for room, then answers ServiceOverloadedError.
+        """
+        pool = self._pool
+        if self._state != "running" or pool is None:
+            reply(self._unavailable(request, f"service is {self._state}"))
+            return
+        with self._counter_lock:
+            if self._queued >= self.queue_limit and not self._wait_for_room(request):
+                reply(
+                    ServiceResponse.from_exception(
+                        request.request_id,
+                        ServiceOverloadedError(
+                            f"service {self.service_name!r} is overloaded: {self._queued} requests queued "
+                            f"(service.local.request_queue_size={self.queue_limit})"
+                        ),
+                        origin="runtime",
+                    )
+                )
+                return
+            self._queued += 1
+        pool.put((request, reply))
+
+    def _wait_for_room(self, request: ServiceRequest) -> bool:
+        """Called holding the counter lock with the queue full; True once there is room."""
+        wait_until = time.time() + self.queue_timeout
+        if request.deadline is not None:
+            wait_until = min(wait_until, request.deadline)
+        self._room_waiters += 1
+        try:
+            while self._queued >= self.queue_limit and self._state == "running":
+                remaining = wait_until - time.time()
+                if remaining <= 0:
+                    return False
+                self._room.wait(remaining)
+            return self._state == "running"
+        finally:
+            self._room_waiters -= 1
+
+    def _dequeued(self) -> None:
+        with self._counter_lock:
+            self._queued -= 1
+            if self._room_waiters:
+                self._room.notify()
+
+    def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
+        return ServiceResponse.from_exception(
+            request.request_id,
+            ServiceUnavailableError(f"service {self.service_name!r} is unavailable: {why}"),
+            origin="runtime",
+        )
+
+    def execute(self, request: ServiceRequest) -> ServiceResponse:
+        """Run one request in the calling thread and return its response (never raises).
+
+        Listeners of transports that can run a request where it arrives call
+        this directly; the worker pool calls it for queued requests.
+        """
+        if request.deadline is not None and time.time() > request.deadline:
+            with self._counter_lock:
+                self._expired_total += 1
+                self._requests_total += 1
+                self._errors_total += 1
+            return timeout_response(request, 0.0)
+        with self._counter_lock:
+            self._running += 1
+        serial = self._serial_lock
+        if serial is not None:
+            serial.acquire()
+        token = _current_request.set(request)
+        chain = self._server_chain
+        limit = chain.size
+        try:
+            response: ServiceResponse | None = None
+            if chain:
+                request, response, limit = chain.run_before(request)
+            if response is None:
+                if request.method_name[:1] in ("_", ""):
+                    raise self._method_not_found(request.method_name)
+                response = ServiceResponse(True, self.handle_request(request), None, request.request_id)
+        except MethodNotFoundError as exc:
+            response = ServiceResponse.from_exception(request.request_id, exc, origin="runtime")
+        except MiddlewareError as exc:
+            limit = exc.index
+            response = ServiceResponse.from_exception(request.request_id, exc.error, origin="service")
+        except Exception as exc:
+            response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        finally:
+            _current_request.reset(token)
+            if serial is not None:
+                serial.release()
+        if chain:
+            response = chain.run_after(request, response, limit)
+        with self._counter_lock:
+            self._running -= 1
+            self._requests_total += 1
+            if not response.success:
+                self._errors_total += 1
+        return response
+
+    def handle_request(self, request: ServiceRequest) -> Any:
+        """Turn a request into a result: call the named public method. Subclasses may override.
+
+        Raises MethodNotFoundError for unknown or private names; whatever the
+        method raises reaches the caller as ServiceCallError.
+        """
+        method = self._methods.get(request.method_name)
+        if method is None:
+            method = self._resolve_method(request.method_name)
+        return method(*request.args, **request.kwargs)
+
+    def _resolve_method(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise self._method_not_found(name)
+        method = getattr(self._service, name, None)
+        if method is None or not callable(method):
+            raise self._method_not_found(name)
+        self._methods[name] = method
+        return method  # type: ignore[no-any-return]
+
+    def public_methods(self) -> list[str]:
+        """Names of the callable public methods of the service."""
+        cls = self.service_factory.service_class
+        return sorted(
+            name
+            for name, member in inspect.getmembers(cls)
+            if not name.startswith("_") and callable(member) and not isinstance(member, type)
+        )
+
+    def _method_not_found(self, name: str) -> MethodNotFoundError:
+        public = self.public_methods()
+        if name.startswith("_"):
+            why = "names starting with '_' are private and never callable"
+        else:
+            why = "no such public method"
+        message = f"service {self.service_name!r} has no callable method {name!r} ({why})"
+        close = difflib.get_close_matches(name.lstrip("_"), public, n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        message += f" (public methods: {', '.join(public) or 'none'})"
+        return MethodNotFoundError(message)
+
+    # ----------------------------------------------------------------- status
+
+    def get_service_status(self) -> ServiceStatus:
+        """A snapshot of state, health and load; plugins add to ``extra``."""
+        with self._counter_lock:
+            counts = (self._requests_total, self._errors_total, self._expired_total, self._running, self._queued)
+        listeners_alive = all(listener.alive for listener in self.listeners)
+        reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
+        status = ServiceStatus(
+            service_name=self.service_name,
+            kind=self.kind,
+            state=self._state,
+            healthy=self._state == "running" and not reason,
+            health_reason=reason if self._state == "running" else f"task is {self._state}",
+            last_health_check=self.last_health_check,
+            requests_total=counts[0],
+            errors_total=counts[1],
+            expired_total=counts[2],
+            in_flight=counts[3],
+            queue_depth=counts[4],
+            max_workers=self.max_workers,
+            restarts=self.restarts,
+            started_at=self.started_at,
+            addresses=[f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses],
+        )
+        from ._plugins import get_plugin_manager
+
+        get_plugin_manager().hook.kservice_task_status(task=self, status=status)
+        return status
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.service_name!r} {self._state}>"
+
+
+class LocalServiceTask(BaseServiceTask):
+    """A task whose instance runs in this process; in-process callers reach it over ``inproc``.
+
+    Add ``transports: [mmap]`` to its configuration to make it reachable from
+    other processes too.
+    """
+
+    kind: ClassVar[str] = "local"
+    default_transports: ClassVar[tuple[str, ...]] = ("inproc",)
+
+
+def _flatten(results: Iterable[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for item in results:
+        if item is None:
+            continue
+        if isinstance(item, (list, tuple)):
+            flat.extend(x for x in item if x is not None)
+        else:
+            flat.append(item)
+    return flat

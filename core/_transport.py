@@ -1,0 +1,122 @@
+"""The transport contract: how a request reaches a task and its response comes back.
+
+A transport has a server side (``listen``: make a task reachable) and a client
+side (``connect``: a :class:`Connection` to a reachable task). The core never
+names a concrete transport; transports arrive through the
+``kservice_register_transports`` hook.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ServiceTimeoutError
+from ._messages import ServiceRequest, ServiceResponse
+
+if TYPE_CHECKING:
+    from ._task import BaseServiceTask
+
+__all__ = ["Connection", "Listener", "ServiceAddress", "Transport"]
+
+Reply = Callable[[ServiceResponse], None]
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    """Where one service instance can be reached through one transport.
+
+    ``target`` is transport-specific: the task object (``inproc``), the
+    request-queue name (``mmap``), actor names (``ray``). ``info`` holds what
+    listings show (pid, host, start time).
+    """
+
+    transport: str
+    service_name: str
+    target: Any
+    instance: str = ""
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+class Connection(ABC):
+    """A caller's channel to one service.
+
+    ``send`` guarantees ``reply`` is called exactly once per request, from any
+    thread, unless the connection is closed first (then pending requests are
+    answered with ServiceUnavailableError). A reply that arrives after the
+    caller gave up is dropped by the caller.
+    """
+
+    #: the name of the queue requests go to, when the transport has one
+    queue_name: str = ""
+
+    @abstractmethod
+    def send(self, request: ServiceRequest, reply: Reply) -> None:
+        """Hand ``request`` to the service; never blocks longer than the request's deadline."""
+
+    def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
+        """Send and wait for the response in this thread.
+
+        Returns a failed response carrying ServiceTimeoutError when ``timeout``
+        passes first; the service will not start a request past its deadline.
+        Transports override this when they can answer without a thread hand-off.
+        """
+        future: Future[ServiceResponse] = Future()
+        self.send(request, future.set_result)
+        try:
+            return future.result(timeout if timeout > 0 else 0)
+        except FutureTimeoutError:
+            return timeout_response(request, timeout)
+
+    def close(self) -> None:
+        """Release the connection; idempotent."""
+
+
+def timeout_response(request: ServiceRequest, timeout: float) -> ServiceResponse:
+    """The failed response a caller sees when ``request`` is not answered within ``timeout``."""
+    error = ServiceTimeoutError(
+        f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s"
+    )
+    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+
+
+class Listener(ABC):
+    """A task made reachable through one transport."""
+
+    address: ServiceAddress
+
+    @property
+    def alive(self) -> bool:
+        """Whether the listener still receives requests (health checks read this)."""
+        return True
+
+    def restart(self) -> None:
+        """Start receiving again after a failure (health recovery calls this)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving and release resources; idempotent."""
+
+
+class Transport(ABC):
+    """A way to carry calls: one instance per process, registered by a plugin."""
+
+    #: the name services and addresses use for this transport
+    name: str = ""
+    #: whether callers in other processes can use it (listings prefer local ones in-process)
+    crosses_processes: bool = True
+
+    @abstractmethod
+    def listen(self, task: BaseServiceTask) -> Listener:
+        """Make ``task`` reachable; called by the task when it starts."""
+
+    @abstractmethod
+    def connect(self, address: ServiceAddress) -> Connection:
+        """A connection to the service at ``address``; ServiceUnavailableError if it cannot be reached."""
+
+    def close(self) -> None:
+        """Release process-wide resources (response queues, pools); idempotent."""

@@ -1,0 +1,184 @@
+"""Every hook kservice calls, grouped by when it is called.
+
+Plugins implement these with ``@kservice.hookimpl`` and are found through the
+``kservice`` entry-point group (built-in plugins load the same way). No hook is
+called on the per-call path: the manager and each task call the chain hooks
+once per service, compile the result, and compile again only when a plugin is
+registered or unregistered.
+
+Hooks whose docstring says *first result* stop at the first implementation
+returning something other than None; the others collect every non-None result,
+last-registered plugin first (pluggy's order; ``tryfirst``/``trylast`` adjust).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from ._environment import ServiceEnvironment
+    from ._manager import ServiceManager
+    from ._middleware import ServiceMiddleware
+    from ._status import ServiceStatus
+    from ._task import BaseServiceTask, ServiceFactory, TaskContext
+    from ._transport import ServiceAddress, Transport
+
+hookspec = pluggy.HookspecMarker("kservice")
+
+# --------------------------------------------------------------------------
+# 1. Contributions: called once per plugin-set, results cached.
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def kservice_register_transports(register: Callable[[Transport], None]) -> None:
+    """Contribute transports by calling ``register(transport)``.
+
+    A transport carries requests from callers to a task and responses back
+    (``inproc``, ``mmap``, ``ray``). Registering two transports with one name
+    is a PluginError naming both plugins.
+    """
+
+
+@hookspec
+def kservice_register_task_kinds(
+    register: Callable[[str, Callable[[ServiceFactory, TaskContext], BaseServiceTask]], None],
+) -> None:
+    """Contribute task kinds by calling ``register(kind, make_task)``.
+
+    ``make_task(factory, ctx)`` returns an unstarted BaseServiceTask; the
+    environment picks the kind from the service's ``kind`` option
+    (``local``, ``process``, ``ray``, ...).
+    """
+
+
+@hookspec
+def kservice_register_services(register: Callable[[str, type], None]) -> None:
+    """Contribute service classes by calling ``register(name, service_class)``.
+
+    The ``kservice.services`` entry-point group is the usual way for a
+    distribution to advertise services; this hook is for plugins that compute
+    them.
+    """
+
+
+@hookspec
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    """Contribute configuration keys by calling ``register(section_path, {key: Setting})``.
+
+    Keys join validation, ``kservice config show`` and the configuration
+    reference. A section at the top level (not ``service`` or ``services``)
+    can also be overridden per service under ``services.<name>.<section>``.
+    """
+
+
+@hookspec
+def kservice_register_commands(cli: click.Group) -> None:
+    """Add sub-commands to the ``kservice`` command-line tool."""
+
+
+# --------------------------------------------------------------------------
+# 2. Resolving a service name (on a manager's first call to a name, and after
+#    a call finds the service gone).
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def kservice_resolve_service(service_name: str, manager: ServiceManager) -> list[ServiceAddress] | None:
+    """Addresses of a running service the manager's own environment does not hold. First result.
+
+    Called only after the environment was consulted. Return None when this
+    plugin does not know the name; an empty list is not allowed.
+    """
+
+
+@hookspec
+def kservice_known_services() -> list[str]:
+    """Names of services this plugin can resolve (for listings and "did you mean" hints)."""
+
+
+# --------------------------------------------------------------------------
+# 3. The client call chain (compiled once per manager and service).
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | list[ServiceMiddleware] | None:
+    """Middleware for one service, used on both sides of a call.
+
+    Its ``before_call``/``after_call`` run in the caller's process (client
+    chain); its ``before_handle``/``after_handle`` run in the service's process
+    around the method (server chain). ``options`` is the service's effective
+    configuration (``Config.for_service``). Return None to stay out of this
+    service's chain.
+    """
+
+
+@hookspec(firstresult=True)
+def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> Any | None:
+    """The retry policy of one service's calls. First result.
+
+    The policy is an object with ``should_retry(request, response, attempt,
+    idempotent) -> float | None``: the delay in seconds before the next attempt,
+    or None to give up. It is asked only after a failed attempt. Return None
+    from the hook for no retries.
+    """
+
+
+# --------------------------------------------------------------------------
+# 4. Task lifecycle announcements (never on the per-call path).
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def kservice_task_started(task: BaseServiceTask) -> None:
+    """A task has started and serves calls."""
+
+
+@hookspec
+def kservice_task_stopping(task: BaseServiceTask) -> None:
+    """A task is about to stop: it no longer accepts calls and drains those in flight."""
+
+
+@hookspec
+def kservice_task_stopped(task: BaseServiceTask) -> None:
+    """A task has stopped; its resources are released."""
+
+
+@hookspec
+def kservice_task_failed(task: BaseServiceTask, error: BaseException) -> None:
+    """A task failed to start, or its service or listener died while running."""
+
+
+@hookspec
+def kservice_environment_started(environment: ServiceEnvironment) -> None:
+    """An environment has started every task it holds."""
+
+
+@hookspec
+def kservice_environment_stopped(environment: ServiceEnvironment) -> None:
+    """An environment has stopped every task it holds."""
+
+
+# --------------------------------------------------------------------------
+# 5. Health and status.
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def kservice_health_checks(task: BaseServiceTask) -> list[Callable[[BaseServiceTask], str | None]] | None:
+    """Extra health checks for one task, each returning None when healthy or a reason string.
+
+    The health plugin runs them with the built-in checks on its schedule; a
+    check that raises or exceeds the configured timeout counts as a failure.
+    """
+
+
+@hookspec
+def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
+    """Add plugin state to a task's status (``status.extra``): breaker state, load, health."""

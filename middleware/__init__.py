@@ -1,0 +1,1 @@
+"""Built-in ServiceMiddleware plugins, each registered through the ``kservice`` entry-point group."""
