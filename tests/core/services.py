@@ -1,0 +1,103 @@
+"""Service classes the core tests register (importable by path from config and child processes)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import kservice
+
+
+class KeyValue:
+    """A small thread-safe key-value store."""
+
+    def __init__(self, initial: dict[str, Any] | None = None, *, prefix: str = "") -> None:
+        self._data = dict(initial or {})
+        self._lock = threading.Lock()
+        self.prefix = prefix
+        self.setup_called = False
+        self.cleaned_up = False
+
+    def setup(self) -> None:
+        self.setup_called = True
+
+    def cleanup(self) -> None:
+        self.cleaned_up = True
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[self.prefix + key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self._data.get(self.prefix + key, default)
+
+    def require(self, key: str) -> Any:
+        with self._lock:
+            return self._data[self.prefix + key]
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._data)
+
+    def reserved_names(self, timeout: float = 0.0, method: str = "", service_name: str = "") -> dict[str, Any]:
+        """Parameters named like call options must reach the method verbatim."""
+        return {"timeout": timeout, "method": method, "service_name": service_name}
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def remaining(self) -> float | None:
+        return kservice.remaining_time()
+
+    def unpicklable_result(self) -> Any:
+        return threading.Lock()
+
+    def _secret(self) -> str:
+        raise AssertionError("a private method must never run")
+
+
+class Recorder:
+    """Records what ran, in order, for concurrency and drain tests."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+
+    def work(self, tag: str, seconds: float = 0.0) -> str:
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.events.append(f"start {tag}")
+        time.sleep(seconds)
+        with self.lock:
+            self.active -= 1
+            self.events.append(f"end {tag}")
+        return tag
+
+
+@kservice.service(thread_safe=False)
+class NotThreadSafe(Recorder):
+    """Declared not thread-safe: one request at a time."""
+
+
+class FailsToStart:
+    def setup(self) -> None:
+        raise RuntimeError("database unreachable")
+
+
+class ClosesOnStop:
+    closed: list[str] = []
+
+    def close(self) -> None:
+        ClosesOnStop.closed.append("closed")
+
+    def ping(self) -> str:
+        return "pong"
