@@ -116,6 +116,10 @@ class _WorkerPool:
             item = self._queue.get_nowait()
             if item is not None:
                 leftovers.append(item)
+        # Draining took the stop markers too: workers still busy need theirs back to exit.
+        for thread in self._threads:
+            if thread.is_alive():
+                self._queue.put(None)
         return leftovers
 
     @property

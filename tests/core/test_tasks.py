@@ -1,0 +1,188 @@
+"""Service tasks: lifecycle, worker pool, drain, status, request handling."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kservice import (
+    BaseServiceTask,
+    LocalServiceTask,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceOverloadedError,
+    ServiceRequest,
+    ServiceStatus,
+    ServiceUnavailableError,
+)
+from tests.core.services import ClosesOnStop, FailsToStart, KeyValue, NotThreadSafe, Recorder
+
+
+def test_lifecycle_states_and_setup_cleanup() -> None:
+    task = LocalServiceTask(ServiceFactory("kv", KeyValue))
+    assert task.get_service_status().state == "created"
+    assert task.service is None
+    task.start_service()
+    instance = task.service
+    assert instance.setup_called
+    status = task.get_service_status()
+    assert isinstance(status, ServiceStatus)
+    assert (status.state, status.healthy) == ("running", True)
+    assert status.to_dict()["service_name"] == "kv"
+    task.start_service()  # idempotent
+    task.stop_service()
+    assert instance.cleaned_up
+    assert task.get_service_status().state == "stopped"
+    assert not task.get_service_status().healthy
+    task.stop_service()  # idempotent
+    assert task.get_service_status().state == "stopped"
+
+
+def test_close_is_called_on_stop() -> None:
+    ClosesOnStop.closed.clear()
+    task = LocalServiceTask(ServiceFactory("c", ClosesOnStop))
+    task.start_service()
+    task.stop_service()
+    assert ClosesOnStop.closed == ["closed"]
+
+
+def test_failing_setup_fails_the_task_with_a_clear_error() -> None:
+    task = LocalServiceTask(ServiceFactory("db", FailsToStart))
+    with pytest.raises(ServiceUnavailableError, match="failed to start: RuntimeError: database unreachable"):
+        task.start_service()
+    assert task.get_service_status().state == "failed"
+    task.stop_service()
+
+
+def test_a_slow_method_does_not_stall_other_callers() -> None:
+    with ServiceEnvironment("t") as env:
+        task = env.register_service("rec", Recorder)
+        with ServiceManager(env) as manager:
+            slow = manager.call_service_async("rec", "work", ("slow", 1.0))
+            started = time.monotonic()
+            assert manager.call_service_sync("rec", "work", ("fast",)) == "fast"
+            assert time.monotonic() - started < 0.5
+            assert slow.result(timeout=5) == "slow"
+        assert task.service.max_active == 2
+
+
+def test_not_thread_safe_service_runs_one_request_at_a_time() -> None:
+    with ServiceEnvironment("t") as env:
+        task = env.register_service("rec", NotThreadSafe)
+        assert task.max_workers == 1
+        with ServiceManager(env) as manager:
+            futures = [manager.call_service_async("rec", "work", (str(i), 0.01)) for i in range(20)]
+            assert [f.result(timeout=10) for f in futures] == [str(i) for i in range(20)]
+        assert task.service.max_active == 1
+
+
+def test_max_workers_from_config_bounds_concurrency() -> None:
+    config = {"services": {"rec": {"class": "tests.core.services:Recorder", "local": {"max_workers": 3}}}}
+    with ServiceEnvironment("t", config) as env:
+        task = env.get_task("rec")
+        assert task.max_workers == 3
+        with ServiceManager(env) as manager:
+            futures = [manager.call_service_async("rec", "work", (str(i), 0.05)) for i in range(12)]
+            [f.result(timeout=10) for f in futures]
+        assert task.service.max_active == 3
+
+
+def test_stop_drains_in_flight_and_queued_calls() -> None:
+    env = ServiceEnvironment("t", {"service": {"local": {"max_workers": 1}}})
+    task = env.register_service("rec", Recorder)
+    env.start()
+    manager = ServiceManager(env)
+    futures = [manager.call_service_async("rec", "work", (str(i), 0.1)) for i in range(3)]
+    time.sleep(0.05)
+    task.stop_service(timeout=5)
+    assert [f.result(timeout=1) for f in futures] == ["0", "1", "2"]
+    env.stop()
+
+
+def test_stop_timeout_answers_leftover_calls_with_unavailable() -> None:
+    env = ServiceEnvironment("t", {"service": {"local": {"max_workers": 1}}})
+    task = env.register_service("rec", Recorder)
+    env.start()
+    manager = ServiceManager(env)
+    running = manager.call_service_async("rec", "work", ("running", 0.5))
+    queued = manager.call_service_async("rec", "work", ("queued", 0.5))
+    time.sleep(0.05)
+    task.stop_service(timeout=0.1)
+    with pytest.raises(ServiceUnavailableError):
+        queued.result(timeout=2)
+    assert running.result(timeout=2) == "running"
+    env.stop()
+
+
+def test_full_request_queue_is_overloaded_after_queue_timeout() -> None:
+    config = {"service": {"local": {"max_workers": 1, "request_queue_size": 2, "queue_timeout": 0.2}}}
+    with ServiceEnvironment("t", config) as env:
+        env.register_service("rec", Recorder)
+        with ServiceManager(env) as manager:
+            running = manager.call_service_async("rec", "work", ("r", 1.0))
+            time.sleep(0.05)
+            queued = [manager.call_service_async("rec", "work", (f"q{i}", 0.0)) for i in range(2)]
+            started = time.monotonic()
+            overloaded = manager.call_service_async("rec", "work", ("x",))
+            with pytest.raises(ServiceOverloadedError, match="request_queue_size=2"):
+                overloaded.result(timeout=5)
+            assert 0.15 < time.monotonic() - started < 0.9
+            assert running.result(timeout=5) == "r"
+            assert [f.result(timeout=5) for f in queued] == ["q0", "q1"]
+            assert manager.call_service_sync("rec", "work", ("next",)) == "next"
+
+
+def test_status_counts_requests_errors_in_flight_and_queue_depth() -> None:
+    with ServiceEnvironment("t", {"service": {"local": {"max_workers": 1}}}) as env:
+        task = env.register_service("kv", KeyValue)
+        with ServiceManager(env) as manager:
+            manager.call_service_sync("kv", "put", ("a", 1))
+            with pytest.raises(ValueError):
+                manager.call_service_sync("kv", "fail", ("x",))
+            slow = manager.call_service_async("kv", "sleep", (0.3,))
+            queued = manager.call_service_async("kv", "get", ("a",))
+            time.sleep(0.1)
+            status = task.get_service_status()
+            assert (status.in_flight, status.queue_depth) == (1, 1)
+            slow.result(timeout=5), queued.result(timeout=5)
+        status = task.get_service_status()
+        assert (status.requests_total, status.errors_total, status.in_flight, status.queue_depth) == (4, 1, 0, 0)
+        assert status.max_workers == 1 and status.started_at is not None
+
+
+class Doubler(BaseServiceTask):
+    """A task that changes how a request becomes a result."""
+
+    default_transports = ("inproc",)
+
+    def handle_request(self, request: ServiceRequest) -> object:
+        return ("handled", request.method_name, super().handle_request(request))
+
+
+def test_subclass_can_override_handle_request() -> None:
+    with ServiceEnvironment("t") as env:
+        env.register_service("kv", Doubler(ServiceFactory("kv", KeyValue, ({"a": 1},))))
+        with ServiceManager(env) as manager:
+            assert manager.call_service_sync("kv", "get", ("a",)) == ("handled", "get", 1)
+
+
+def test_execute_runs_in_the_calling_thread() -> None:
+    task = LocalServiceTask(ServiceFactory("kv", KeyValue))
+    task.start_service()
+    seen: list[str] = []
+
+    class Probe:
+        def where(self) -> str:
+            seen.append(threading.current_thread().name)
+            return "ok"
+
+    task2 = LocalServiceTask(ServiceFactory("probe", Probe))
+    task2.start_service()
+    response = task2.execute(ServiceRequest("1", "probe", "where"))
+    assert response.success and response.result == "ok"
+    assert seen == [threading.current_thread().name]
+    task.stop_service()
+    task2.stop_service()
