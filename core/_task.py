@@ -327,6 +327,29 @@ class BaseServiceTask:
             except Exception:  # noqa: BLE001
                 pass
 
+    def recover(self, reason: str) -> str:
+        """Bring an unhealthy task back; returns what was done (health recovery calls this).
+
+        The default restarts listeners that stopped receiving and, when every
+        listener was alive, replaces the service instance. Each restart is
+        counted in ``restarts``. A task that is not running is left alone.
+        Raises what the listener restart or the new instance's construction
+        raised; the task then keeps its current instance. Task kinds that host
+        the instance elsewhere override this (a process task respawns its
+        child, a Ray task replaces a replica). ``reason`` says why recovery
+        was asked for (for overrides that log or report it).
+        """
+        # Held so that a concurrent stop_service cannot release the instance
+        # while a new one is being installed (it would leak the new one).
+        with self._state_lock:
+            if self._state != "running":
+                return f"nothing: task is {self._state}"
+            restarted = self.restart_listeners()
+            if restarted:
+                return f"restarted {restarted} listener(s)"
+            self.rebuild_service()
+            return "rebuilt the service instance"
+
     # ------------------------------------------------------------- the calls
 
     def submit(self, request: ServiceRequest, reply: Reply) -> None:
