@@ -228,6 +228,11 @@ class Config:
             origin = f"{env_path} (from {CONFIG_ENV_VAR})"
         if isinstance(source, Mapping):
             raw = source
+        elif not isinstance(source, (str, os.PathLike)):
+            raise ConfigError(
+                f"config must be a YAML file path, a mapping or a Config, got {type(source).__name__}: "
+                "the top level must be a mapping"
+            )
         else:
             path = Path(source)
             origin = origin if origin != "<dict>" else str(path)
