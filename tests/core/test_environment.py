@@ -1,0 +1,109 @@
+"""ServiceEnvironment: registering services every way, entry-point services, start/stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kservice import (
+    ConfigError,
+    LocalServiceTask,
+    ServiceEnvironment,
+    ServiceError,
+    ServiceFactory,
+    ServiceManager,
+)
+from tests.core.conftest import make_distribution, run_python
+from tests.core.services import KeyValue
+
+
+def test_register_class_forwards_constructor_arguments_verbatim() -> None:
+    class Odd:
+        def __init__(self, name: str, *, kind: str, timeout: int, service_name: str) -> None:
+            self.seen = (name, kind, timeout, service_name)
+
+        def seen_args(self) -> tuple[str, str, int, str]:
+            return self.seen
+
+    env = ServiceEnvironment("e")
+    task = env.register_service("odd", Odd, "n", kind="k", timeout=3, service_name="s")
+    assert isinstance(task, LocalServiceTask)
+    with env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("odd", "seen_args") == ("n", "k", 3, "s")
+
+
+def test_register_factory_with_options_and_ready_task() -> None:
+    env = ServiceEnvironment("e")
+    task = env.register_service("kv", ServiceFactory("kv", KeyValue), local={"max_workers": 2})
+    assert task.max_workers == 2
+    ready = LocalServiceTask(ServiceFactory("kv2", KeyValue, ({"z": 26},)))
+    assert env.register_service("kv2", ready) is ready
+    with pytest.raises(ServiceError, match="already registered"):
+        env.register_service("kv", KeyValue)
+    with pytest.raises(TypeError, match="expects a class"):
+        env.register_service("x", 42)
+    with pytest.raises(ConfigError, match="unknown config key 'services.kv3.colour'"):
+        env.register_service("kv3", ServiceFactory("kv3", KeyValue), colour="red")
+    with env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("kv2", "get", ("z",)) == 26
+        assert [t.state for t in env] == ["running", "running"]
+    assert [t.state for t in env] == ["stopped", "stopped"]
+
+
+def test_registering_into_a_started_environment_starts_the_task() -> None:
+    with ServiceEnvironment("e") as env:
+        task = env.register_service("kv", KeyValue)
+        assert task.running
+        env.unregister_service("kv")
+        assert task.state == "stopped" and "kv" not in env
+
+
+def test_stop_is_idempotent_and_closes_bound_managers() -> None:
+    env = ServiceEnvironment("e")
+    env.register_service("kv", KeyValue)
+    env.start()
+    manager = env.manager()
+    assert manager.call_service_sync("kv", "get", ("a",)) is None
+    env.stop()
+    env.stop()
+    assert manager._closed
+
+
+def test_failed_start_stops_the_tasks_already_started() -> None:
+    env = ServiceEnvironment("e")
+    first = env.register_service("kv", KeyValue)
+    from tests.core.services import FailsToStart
+
+    env.register_service("db", FailsToStart)
+    with pytest.raises(ServiceError, match="database unreachable"):
+        env.start()
+    assert first.state == "stopped"
+
+
+def test_services_from_entry_points_are_listed_and_registered_by_name(tmp_path: Path) -> None:
+    site = make_distribution(
+        tmp_path,
+        "acme_services",
+        {"kservice.services": {"greeter": "acme_greeter:Greeter"}},
+        {"acme_greeter": "class Greeter:\n    def hello(self, who):\n        return f'hello {who}'\n"},
+    )
+    result = run_python(
+        """
+        import kservice
+        print(kservice.ServiceEnvironment.available_services()["greeter"])
+        env = kservice.ServiceEnvironment("e", {"services": {"greeter": {}, "g2": {"entry_point": "greeter"}}})
+        with env, kservice.ServiceManager(env) as m:
+            print(m.call_service_sync("greeter", "hello", ("ada",)), m.call_service_sync("g2", "hello", ("bob",)))
+        try:
+            kservice.ServiceEnvironment("e", {"services": {"nope": {}}})
+        except kservice.ConfigError as e:
+            print("error:", e)
+        """,
+        site=site,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "acme_greeter:Greeter"
+    assert lines[1] == "hello ada hello bob"
+    assert "no installed service named 'nope'" in lines[2] and "greeter" in lines[2]

@@ -1,0 +1,174 @@
+"""The plugin system: entry-point loading, broken plugins, strict mode, disabling, compiled chains."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pluggy
+import pytest
+
+import kservice
+from kservice import ServiceEnvironment, ServiceManager, ServiceMiddleware, ServiceRequest, hookimpl
+from kservice import hookspecs
+from kservice._plugins import get_plugin_manager, plugin_infos
+from tests.core.conftest import REPO, make_distribution, run_python
+from tests.core.services import KeyValue
+
+GOOD_PLUGIN = """
+import kservice
+
+class Tag(kservice.ServiceMiddleware):
+    def after_call(self, response, request):
+        if response.success:
+            response.result = ("tagged", response.result)
+
+@kservice.hookimpl
+def kservice_middleware(service_name, options):
+    return Tag()
+"""
+
+
+def _site(tmp_path: Path) -> Path:
+    return make_distribution(
+        tmp_path,
+        "acme_plugins",
+        {"kservice": {"acme_good": "acme_good", "acme_broken": "acme_broken"}},
+        {"acme_good": GOOD_PLUGIN, "acme_broken": "raise ImportError('needs libfoo')\n"},
+    )
+
+
+CALL = """
+import kservice
+env = kservice.ServiceEnvironment("p")
+env.register_service("kv", dict)
+with env, kservice.ServiceManager(env) as m:
+    print(m.call_service_sync("kv", "get", ("x", 1)))
+"""
+
+
+def test_broken_plugin_warns_by_name_and_the_rest_load(tmp_path: Path) -> None:
+    result = run_python(CALL, site=_site(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "('tagged', 1)" in result.stdout
+    assert "kservice plugin 'acme_broken' (acme_broken) failed to load: ImportError: needs libfoo" in result.stderr
+
+
+def test_strict_mode_turns_a_broken_plugin_into_an_error(tmp_path: Path) -> None:
+    result = run_python(CALL, site=_site(tmp_path), env={"KSERVICE_STRICT_PLUGINS": "1"})
+    assert result.returncode != 0
+    assert "PluginError" in result.stderr and "acme_broken" in result.stderr
+
+
+def test_disabled_plugins_are_not_loaded(tmp_path: Path) -> None:
+    result = run_python(CALL, site=_site(tmp_path), env={"KSERVICE_DISABLE_PLUGINS": "acme_good, acme_broken"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    assert "acme_broken" not in result.stderr
+
+
+def test_disabling_the_inproc_transport_gives_a_clear_error() -> None:
+    result = run_python(CALL, env={"KSERVICE_DISABLE_PLUGINS": "inproc"})
+    assert result.returncode != 0
+    assert "no task kind 'local' is registered" in result.stderr
+
+
+def test_plugin_infos_name_origin_and_hooks() -> None:
+    infos = {info.name: info for info in plugin_infos()}
+    assert infos["inproc"].origin.startswith("entry point of kservice")
+    assert "kservice_register_transports" in infos["inproc"].hooks
+
+
+class CountingPlugin:
+    """Counts hook calls so tests can prove the per-call path makes none."""
+
+    def __init__(self) -> None:
+        self.middleware_calls = 0
+
+    @hookimpl
+    def kservice_middleware(self, service_name: str, options: dict) -> ServiceMiddleware:  # type: ignore[type-arg]
+        self.middleware_calls += 1
+        plugin = self
+
+        class Mark(ServiceMiddleware):
+            def before_call(self, request: ServiceRequest) -> None:
+                request.metadata["seen_by"] = id(plugin)
+
+        return Mark()
+
+
+def test_chains_compile_once_and_rebuild_when_plugins_change() -> None:
+    pm = get_plugin_manager()
+    counting = CountingPlugin()
+    with ServiceEnvironment("p") as env:
+        env.register_service("kv", KeyValue)
+        with ServiceManager(env) as manager:
+            pm.register(counting, name="counting")
+            try:
+                for _ in range(50):
+                    manager.call_service_sync("kv", "get", ("a",))
+                # One for the manager's route, one for the task's server chain: none per call.
+                assert counting.middleware_calls == 2
+                second = CountingPlugin()
+                pm.register(second, name="counting2")
+                manager.call_service_sync("kv", "get", ("a",))
+                assert second.middleware_calls == 2
+            finally:
+                pm.unregister(name="counting")
+                pm.unregister(name="counting2")
+            calls_before = counting.middleware_calls
+            manager.call_service_sync("kv", "get", ("a",))
+            assert counting.middleware_calls == calls_before  # unregistered: out of the chain
+
+
+def test_every_hook_is_documented_and_has_a_caller_or_test() -> None:
+    specs = [name for name in dir(hookspecs) if name.startswith("kservice_")]
+    assert len(specs) >= 15
+    sources = "\n".join(p.read_text() for p in (REPO / "core").glob("*.py"))
+    sources += "\n".join(p.read_text() for p in (REPO / "plugins").rglob("*.py"))
+    sources += "\n".join(p.read_text() for p in (REPO / "middleware").rglob("*.py"))
+    for name in specs:
+        assert getattr(hookspecs, name).__doc__, f"hook {name} has no docstring"
+        assert sources.count(name) >= 2, f"hook {name} is neither called nor implemented anywhere"
+
+
+def test_core_imports_nothing_from_plugins_or_middleware() -> None:
+    for path in (REPO / "core").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                assert not name.startswith(("kservice.plugins", "kservice.middleware", "plugins", "middleware")), (
+                    f"{path.name} imports {name}: the core must not depend on plugins"
+                )
+
+
+def test_public_api_is_exported_at_the_root() -> None:
+    assert sorted(kservice.__all__) == kservice.__all__ or set(kservice.__all__) == set(dir(kservice)) & set(kservice.__all__)
+    for name in kservice.__all__:
+        assert hasattr(kservice, name), name
+    assert isinstance(kservice.hookimpl, pluggy.HookimplMarker)
+    assert Path(kservice.__file__).parent == REPO / "core"
+    import kservice.middleware
+    import kservice.plugins
+
+    assert Path(kservice.plugins.__file__).parent == REPO / "plugins"
+    assert Path(kservice.middleware.__file__).parent == REPO / "middleware"
+
+
+@pytest.mark.parametrize("name", ["ServiceNotFoundError", "MethodNotFoundError", "ServiceTimeoutError", "ServiceOverloadedError", "ConfigError"])
+def test_error_hierarchy(name: str) -> None:
+    cls = getattr(kservice, name)
+    assert issubclass(cls, kservice.ServiceError)
+    expected = {
+        "ServiceNotFoundError": LookupError,
+        "MethodNotFoundError": AttributeError,
+        "ServiceTimeoutError": TimeoutError,
+        "ServiceOverloadedError": kservice.ServiceUnavailableError,
+        "ConfigError": ValueError,
+    }[name]
+    assert issubclass(cls, expected)
