@@ -1,34 +1,64 @@
 """The ``kservice`` command-line tool.
 
 Every command prints one actionable line on stderr and exits non-zero for a
-user error (bad arguments, unknown service, malformed config): no tracebacks.
-Plugins add commands through the ``kservice_register_commands`` hook.
+user error (bad arguments, unknown or unreachable service, malformed config):
+no tracebacks. Usage errors exit with status 2, every other error with 1.
+Plugins add commands through the ``kservice_register_commands`` hook (the
+``mmap`` plugin adds ``serve``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
-from typing import Any
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ._config import Config
-from ._errors import ServiceError
+from ._errors import ServiceError, ServiceNotFoundError
 from ._plugins import get_plugin_manager, plugin_infos
 
-__all__ = ["cli", "main"]
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ._manager import ServiceManager
+
+__all__ = [
+    "cli",
+    "config_reference",
+    "main",
+    "running_services",
+    "status_rows",
+    "status_table",
+]
+
+_CONFIG_OPTION_HELP = "YAML config file (default: the file named by KSERVICE_CONFIG, else built-in defaults)."
 
 
 class _Group(click.Group):
-    """Turns kservice errors into one line on stderr and exit status 1."""
+    """Turns kservice errors raised by sub-commands into one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ServiceError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            _fail(str(exc))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _fail(message: str, status: int = 1) -> None:
+    """Print ``error: message`` as one line on stderr and exit with ``status``."""
+    click.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(status)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,40 +68,144 @@ def cli() -> None:
 
     \b
     Example:
-      kservice plugins
-      kservice call kv get '["key"]'
+      kservice serve myapp.kv:KV --name kv &     # host a service (mmap plugin)
+      kservice call kv get '["greeting"]'        # call it from another process
+      kservice status --watch                    # watch every running service
     """
 
 
+# --------------------------------------------------------------------------
+# plugins, services
+# --------------------------------------------------------------------------
+
+
 @cli.command("plugins")
-def plugins_command() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of tab-separated lines.")
+def plugins_command(as_json: bool) -> None:
     """List loaded plugins: name, where each came from, the hooks it implements.
 
     \b
     Example:
+      kservice plugins
       KSERVICE_DISABLE_PLUGINS=mmap kservice plugins
     """
-    for info in plugin_infos():
+    infos = plugin_infos()
+    if as_json:
+        click.echo(json.dumps([{"name": i.name, "origin": i.origin, "hooks": list(i.hooks)} for i in infos], indent=2))
+        return
+    for info in infos:
         click.echo(f"{info.name}\t{info.origin}\t{', '.join(info.hooks)}")
 
 
+def running_services() -> list[dict[str, Any]]:
+    """Every service a plugin reports as running on this host, one dict per name, sorted by name.
+
+    Comes from the ``kservice_running_services`` hook; plugins that only
+    implement ``kservice_known_services`` contribute their names with
+    ``transport`` set to ``"?"``. A name reported twice keeps the first report.
+    """
+    hook = get_plugin_manager().hook
+    found: dict[str, dict[str, Any]] = {}
+    for contributed in hook.kservice_running_services():
+        for record in contributed or ():
+            name = str(record.get("name", ""))
+            if name and name not in found:
+                found[name] = dict(record)
+    for names in hook.kservice_known_services():
+        for name in names or ():
+            found.setdefault(str(name), {"name": str(name), "transport": "?"})
+    return [found[name] for name in sorted(found)]
+
+
+def _age(started_at: Any) -> str:
+    if not isinstance(started_at, (int, float)) or started_at <= 0:
+        return "-"
+    seconds = max(0.0, time.time() - float(started_at))
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
 @cli.command("services")
-@click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
-def services_command(config_path: str | None) -> None:
-    """List services advertised by installed distributions and declared in config.
+@click.option("--running", is_flag=True, help="List services running on this host instead of installed ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of tab-separated lines.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
+def services_command(running: bool, as_json: bool, config_path: str | None) -> None:
+    """List services: installed and configured ones, or with --running those live on this host.
+
+    Without --running each line is NAME, CLASS and where it is declared (an
+    installed distribution's entry point, or the config file). With --running
+    each line is NAME, TRANSPORT, PID, ADDRESS and uptime.
 
     \b
     Example:
       kservice services -c services.yaml
+      kservice services --running
     """
+    if running:
+        records = running_services()
+        if as_json:
+            click.echo(json.dumps(records, indent=2, default=repr))
+            return
+        if not records:
+            click.echo("no running services (start one with: kservice serve package.module:Class --name NAME)", err=True)
+            return
+        for record in records:
+            fields = (
+                record["name"],
+                record.get("transport", "?"),
+                record.get("pid", "-"),
+                record.get("address") or record.get("queue") or "-",
+                _age(record.get("started_at")),
+            )
+            click.echo("\t".join(str(f) for f in fields))
+        return
+
     from ._environment import ServiceEnvironment
 
     config = Config.load(config_path)
-    for name, path in ServiceEnvironment.available_services().items():
-        click.echo(f"{name}\t{path}\tentry point")
+    rows: list[dict[str, str]] = [
+        {"name": name, "class": path, "source": "entry point"} for name, path in ServiceEnvironment.available_services().items()
+    ]
     for name in config.service_names():
         entry = config.service_entry(name) or {}
-        click.echo(f"{name}\t{entry.get('class') or entry.get('entry_point') or name}\tconfig ({config.source})")
+        target = entry.get("class") or entry.get("entry_point") or name
+        rows.append({"name": name, "class": str(target), "source": f"config {config.source}", "kind": entry.get("kind", "local")})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}\t{row['class']}\t{row['source']}")
+
+
+# --------------------------------------------------------------------------
+# call
+# --------------------------------------------------------------------------
+
+
+def _parse_json(text: str, hint: str, expected: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}", param_hint=hint) from None
+    if not isinstance(value, expected):
+        example = "'[1, \"a\"]'" if expected is list else "'{\"key\": 1}'"
+        raise click.BadParameter(f"must be a JSON {'array' if expected is list else 'object'}, e.g. {example}", param_hint=hint)
+    return value
+
+
+def _percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of already sorted values (NaN when empty)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _json_result(result: Any) -> str:
+    return json.dumps(result, default=repr)
 
 
 @cli.command("call")
@@ -79,45 +213,642 @@ def services_command(config_path: str | None) -> None:
 @click.argument("method")
 @click.argument("args_json", required=False, default="[]")
 @click.option("--kwargs", "kwargs_json", default="{}", help="JSON object of keyword arguments.")
-@click.option("--timeout", type=float, default=None, help="Seconds before ServiceTimeoutError.")
-@click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds before ServiceTimeoutError (default: service_call.default_timeout).")
+@click.option(
+    "--async",
+    "concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Make N concurrent asynchronous calls and print a summary (count, failures, calls/s, latency percentiles).",
+)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
 def call_command(
-    service: str, method: str, args_json: str, kwargs_json: str, timeout: float | None, config_path: str | None
+    service: str,
+    method: str,
+    args_json: str,
+    kwargs_json: str,
+    timeout: float | None,
+    concurrency: int | None,
+    config_path: str | None,
 ) -> None:
     """Call SERVICE.METHOD with a JSON array of arguments and print the JSON result.
+
+    The service must be reachable from this process: hosted on this host (see
+    'kservice services --running') or resolvable by an installed plugin.
+    Results that are not JSON are printed as their repr.
 
     \b
     Example:
       kservice call kv put '["greeting", "hello"]'
       kservice call kv get '["greeting"]' --timeout 2
+      kservice call kv get --kwargs '{"key": "greeting"}'
+      kservice call kv get '["greeting"]' --async 1000
     """
     from ._manager import ServiceManager
 
-    try:
-        args = json.loads(args_json)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="ARGS_JSON") from None
-    if not isinstance(args, list):
-        raise click.BadParameter("must be a JSON array, e.g. '[1, \"a\"]'", param_hint="ARGS_JSON")
-    try:
-        kwargs = json.loads(kwargs_json)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--kwargs") from None
-    if not isinstance(kwargs, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--kwargs")
+    args = _parse_json(args_json, "ARGS_JSON", list)
+    kwargs = _parse_json(kwargs_json, "--kwargs", dict)
     with ServiceManager(config=Config.load(config_path)) as manager:
-        result = manager.call_service_sync(service, method, tuple(args), kwargs, timeout=timeout)
-    click.echo(json.dumps(result, default=repr))
+        if concurrency is None:
+            result = manager.call_service_sync(service, method, tuple(args), kwargs, timeout=timeout)
+            click.echo(_json_result(result))
+            return
+        _call_concurrently(manager, service, method, tuple(args), kwargs, timeout, concurrency)
+
+
+def _call_concurrently(
+    manager: ServiceManager,
+    service: str,
+    method: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    count: int,
+) -> None:
+    """Start ``count`` asynchronous calls at once, wait for all, print a summary; exit 1 if any failed."""
+    # Resolve once first: an unknown service is one clear error, not N failed futures.
+    manager.get_service_queue(service)
+    latencies: list[float] = [math.nan] * count
+    futures: list[Future[Any]] = []
+    started = time.perf_counter()
+    for index in range(count):
+        sent = time.perf_counter()
+        future = manager.call_service_async(service, method, args, dict(kwargs), timeout=timeout)
+
+        def record(_: Future[Any], index: int = index, sent: float = sent) -> None:
+            latencies[index] = time.perf_counter() - sent
+
+        future.add_done_callback(record)
+        futures.append(future)
+    wait(futures)
+    elapsed = time.perf_counter() - started
+    failures: dict[str, int] = {}
+    first_error: BaseException | None = None
+    first_result: Any = None
+    ok = 0
+    for future in futures:
+        error = future.exception()
+        if error is None:
+            if ok == 0:
+                first_result = future.result()
+            ok += 1
+        else:
+            first_error = first_error or error
+            failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
+    done = sorted(x for x in latencies if not math.isnan(x))
+    click.echo(
+        f"{count} calls to {service}.{method}, all started at once: {ok} ok, {count - ok} failed "
+        f"in {elapsed:.3f} s ({count / elapsed:,.0f} calls/s)"
+    )
+    click.echo(
+        "latency ms: "
+        + "  ".join(f"{label} {_percentile(done, q) * 1e3:.3f}" for label, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)))
+    )
+    if ok:
+        click.echo(f"first result: {_json_result(first_result)}")
+    if failures:
+        click.echo("failures: " + ", ".join(f"{n} {name}" for name, n in sorted(failures.items())))
+        _fail(f"{count - ok} of {count} calls failed; first: {type(first_error).__name__}: {first_error}")
+
+
+# --------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------
+
+
+def _status_dict(status: Any) -> dict[str, Any]:
+    """A status as a dict: a ServiceStatus, a transport's dict of its fields, or an error row."""
+    if isinstance(status, dict):
+        return dict(status)
+    to_dict = getattr(status, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    return {"error": f"the service answered the status request with {type(status).__name__} {status!r}"}
+
+
+def _replicas(extra: dict[str, Any]) -> str:
+    value = extra.get("replicas")
+    if value is None:
+        return "1"
+    if isinstance(value, dict):
+        alive = value.get("alive", value.get("running"))
+        total = value.get("total", value.get("desired"))
+        if alive is not None and total is not None:
+            return f"{alive}/{total}"
+        return str(len(value))
+    if isinstance(value, (list, tuple)):
+        alive = sum(1 for r in value if not isinstance(r, dict) or r.get("alive", r.get("state", "alive")) in (True, "alive", "running"))
+        return f"{alive}/{len(value)}"
+    return str(value)
+
+
+def _latency_ms(extra: dict[str, Any], quantile: str) -> float | None:
+    """A latency percentile in milliseconds from whatever shape a metrics plugin used."""
+    for key in (f"latency_{quantile}_ms", f"{quantile}_ms"):
+        if isinstance(extra.get(key), (int, float)):
+            return float(extra[key])
+    for key in (f"latency_{quantile}_s", f"latency_{quantile}", f"{quantile}_s"):
+        if isinstance(extra.get(key), (int, float)):
+            return float(extra[key]) * 1e3
+    for container in ("latency", "latency_ms", "metrics"):
+        nested = extra.get(container)
+        if isinstance(nested, dict):
+            found = _latency_ms(nested, quantile)
+            if found is not None:
+                return found
+            if isinstance(nested.get(quantile), (int, float)):
+                value = float(nested[quantile])
+                return value if container == "latency_ms" else value * 1e3
+    return None
+
+
+def _breaker(extra: dict[str, Any]) -> str:
+    value = extra.get("breaker", extra.get("circuit_breaker"))
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return str(value.get("state", "?"))
+    return str(value)
+
+
+#: extra keys shown in their own columns, not repeated under "details"
+_SHOWN_EXTRA = {"replicas", "breaker", "circuit_breaker", "latency", "latency_ms", "calls_per_second"}
+
+
+def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] | None = None) -> list[dict[str, Any]]:
+    """Flatten ServiceStatus objects (or their dicts) into table rows.
+
+    ``previous`` maps a service name to ``(time.monotonic(), requests_total)``
+    of the last sample; it is updated in place and gives ``calls_per_second``
+    (without a previous sample the rate is averaged since the task started).
+    Status dicts carrying an ``error`` key become rows that show it.
+    """
+    now_mono, now_wall = time.monotonic(), time.time()
+    rows: list[dict[str, Any]] = []
+    for status in statuses:
+        data = _status_dict(status)
+        name = str(data.get("service_name", data.get("name", "?")))
+        extra = dict(data.get("extra") or {})
+        if "error" in data:
+            rows.append({"service": name, "kind": data.get("kind", "?"), "state": "unreachable", "health": data["error"], "extra": {}})
+            continue
+        total = int(data.get("requests_total") or 0)
+        rate: float | None = extra.get("calls_per_second") if isinstance(extra.get("calls_per_second"), (int, float)) else None
+        if rate is None and previous is not None and name in previous:
+            then, before = previous[name]
+            rate = (total - before) / max(now_mono - then, 1e-6) if total >= before else None
+        elif rate is None and data.get("started_at"):
+            rate = total / max(now_wall - float(data["started_at"]), 1e-6)
+        if previous is not None:
+            previous[name] = (now_mono, total)
+        healthy = bool(data.get("healthy"))
+        rows.append(
+            {
+                "service": name,
+                "kind": data.get("kind", "?"),
+                "state": data.get("state", "?"),
+                "health": "ok" if healthy else (data.get("health_reason") or "unhealthy"),
+                "replicas": _replicas(extra),
+                "in_flight": int(data.get("in_flight") or 0),
+                "queue_depth": int(data.get("queue_depth") or 0),
+                "requests_total": total,
+                "errors_total": int(data.get("errors_total") or 0),
+                "calls_per_second": rate,
+                "p50_ms": _latency_ms(extra, "p50"),
+                "p99_ms": _latency_ms(extra, "p99"),
+                "breaker": _breaker(extra),
+                "extra": {k: v for k, v in extra.items() if k not in _SHOWN_EXTRA and not k.startswith(("latency_", "p50", "p99"))},
+            }
+        )
+    return rows
+
+
+def _fmt_number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
+
+
+def _fmt_extra(extra: dict[str, Any]) -> str:
+    parts = []
+    for key, value in sorted(extra.items()):
+        shown = value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value, default=repr, separators=(",", ":"))
+        parts.append(f"{key}={shown}")
+    text = " ".join(parts)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def status_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> Table:
+    """A rich Table of :func:`status_rows` rows: one line per service."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column, justify in (
+        ("service", "left"),
+        ("kind", "left"),
+        ("state", "left"),
+        ("health", "left"),
+        ("replicas", "right"),
+        ("in-flight", "right"),
+        ("queue", "right"),
+        ("calls", "right"),
+        ("errors", "right"),
+        ("calls/s", "right"),
+        ("p50 ms", "right"),
+        ("p99 ms", "right"),
+        ("breaker", "left"),
+        ("details", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        if row["state"] == "unreachable":
+            table.add_row(row["service"], str(row["kind"]), "[red]unreachable[/]", _one_line(str(row["health"]))[:60], *["-"] * 10)
+            continue
+        state_style = {"running": "green", "failed": "red", "stopping": "yellow", "starting": "yellow"}.get(str(row["state"]), "")
+        health_style = "green" if row["health"] == "ok" else "red"
+        breaker_style = {"closed": "green", "open": "red", "half_open": "yellow", "half-open": "yellow"}.get(row["breaker"], "")
+        table.add_row(
+            row["service"],
+            str(row["kind"]),
+            f"[{state_style}]{row['state']}[/]" if state_style else str(row["state"]),
+            f"[{health_style}]{_one_line(str(row['health']))[:60]}[/]",
+            row["replicas"],
+            str(row["in_flight"]),
+            str(row["queue_depth"]),
+            f"{row['requests_total']:,}",
+            f"{row['errors_total']:,}",
+            _fmt_number(row["calls_per_second"]),
+            _fmt_number(row["p50_ms"], 3),
+            _fmt_number(row["p99_ms"], 3),
+            f"[{breaker_style}]{row['breaker']}[/]" if breaker_style else row["breaker"],
+            _fmt_extra(row["extra"]),
+        )
+    return table
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # A pipe gets a wide fixed width so tables are not squeezed into 80 columns.
+    return Console(file=stream, width=None if stream.isatty() else 220, soft_wrap=False)
+
+
+def _collect_statuses(manager: ServiceManager, names: Sequence[str], explicit: bool) -> list[Any]:
+    """Each named service's status; unreachable ones become ``{"error": ...}`` (or raise when named explicitly)."""
+    statuses: list[Any] = []
+    for name in names:
+        try:
+            status = _status_dict(manager.get_service_status(name))
+            status.setdefault("service_name", name)
+            statuses.append(status)
+        except ServiceError as exc:
+            if explicit:
+                raise
+            # A host that just stopped may still be listed: show why instead of failing the listing.
+            manager.forget(name)
+            statuses.append({"service_name": name, "kind": "?", "error": f"{type(exc).__name__}: {exc}"})
+    return statuses
+
+
+@cli.command("status")
+@click.argument("services", nargs=-1)
+@click.option("--watch", is_flag=True, help="Keep the table on screen and refresh it until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch, stop after this many refreshes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of rows instead of a table.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
+def status_command(
+    services: tuple[str, ...], watch: bool, interval: float, count: int | None, as_json: bool, config_path: str | None
+) -> None:
+    """Show state, health, replicas, load, calls/s, latency and breaker state of running services.
+
+    Without SERVICES it shows every service running on this host (see
+    'kservice services --running'). Columns a plugin does not provide show
+    '-'; other plugin fields appear under 'details'. Without --watch, calls/s
+    is averaged since each service started; with --watch it is the rate over
+    the last interval.
+
+    \b
+    Example:
+      kservice status
+      kservice status kv --json
+      kservice status --watch --interval 0.5
+    """
+    from ._manager import ServiceManager
+
+    if as_json and watch:
+        raise click.UsageError("--json and --watch cannot be combined")
+    with ServiceManager(config=Config.load(config_path)) as manager:
+        explicit = bool(services)
+
+        def names() -> list[str]:
+            return list(services) if explicit else [r["name"] for r in running_services()]
+
+        previous: dict[str, tuple[float, int]] = {}
+        if not watch:
+            listed = names()
+            if not listed:
+                click.echo("no running services (start one with: kservice serve package.module:Class --name NAME)", err=True)
+                return
+            rows = status_rows(_collect_statuses(manager, listed, explicit))
+            if as_json:
+                click.echo(json.dumps(rows, indent=2, default=repr))
+            else:
+                _console().print(status_table(rows))
+            return
+
+        from rich.live import Live
+
+        def render() -> Table:
+            rows = status_rows(_collect_statuses(manager, names(), explicit), previous)
+            stamp = time.strftime("%H:%M:%S")
+            return status_table(rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)")
+
+        refreshes = 0
+        try:
+            with Live(render(), console=_console(), auto_refresh=False, transient=False) as live:
+                refreshes = 1
+                while count is None or refreshes < count:
+                    time.sleep(interval)
+                    live.update(render(), refresh=True)
+                    refreshes += 1
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends: not an error
+
+
+# --------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------
+
+
+@cli.command("bench")
+@click.option("--quick", is_flag=True, help="Fewer calls per transport (a rough figure in a few seconds).")
+@click.option("--calls", type=click.IntRange(min=10), default=None, help="Sync round trips per transport (default 3000, 300 with --quick).")
+@click.option("--payload", type=click.IntRange(min=0), default=90, show_default=True, help="Approximate bytes per request argument.")
+@click.option(
+    "--transports",
+    "only",
+    default=None,
+    metavar="A,B",
+    help="Comma-separated subset of: inproc, mmap, ray, threadpool, mp-queue, mp-pipe.",
+)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None, help="Also draw latency distributions to this PNG file (needs kservice[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON instead of a table.")
+def bench_command(quick: bool, calls: int | None, payload: int, only: str | None, plot_path: str | None, as_json: bool) -> None:
+    """Measure kservice's transports beside stdlib baselines, in one run, on this machine.
+
+    Rows: inproc (same process), mmap (a 'process' task in a child process),
+    ray (a Ray actor, when Ray is installed), and the baselines
+    ThreadPoolExecutor, multiprocessing.Queue and multiprocessing.Pipe pairs.
+    Each row gives sync round-trip latency percentiles and pipelined calls/s.
+
+    \b
+    Example:
+      kservice bench --quick
+      kservice bench --transports inproc,mmap,mp-pipe --plot latency.png
+    """
+    from . import _bench
+
+    if plot_path is not None:
+        _bench.require_matplotlib()
+    selected = _bench.select(only.split(",") if only else None)
+    settings = _bench.BenchSettings.make(quick=quick, calls=calls, payload=payload)
+    results = _bench.run(selected, settings, console=_console(stderr=True))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        _console().print(_bench.results_table(results, settings))
+    if plot_path is not None:
+        _bench.plot(results, plot_path, settings)
+        click.echo(f"latency plot written to {plot_path}", err=True)
+
+
+# --------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------
+
+
+@cli.group("config", cls=_Group)
+def config_group() -> None:
+    """Check a configuration file, show the effective configuration, print the reference.
+
+    \b
+    Example:
+      kservice config check services.yaml
+      kservice config show -c services.yaml
+      kservice config reference > docs/configuration.md
+    """
+
+
+@config_group.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check_command(path: str) -> None:
+    """Validate PATH against the schema of the core and every installed plugin.
+
+    Prints 'ok' and the services it declares; an invalid file is one error
+    line naming the key path (and the closest valid key) with exit status 1.
+
+    \b
+    Example:
+      kservice config check services.yaml
+    """
+    config = Config.load(path)
+    names = config.service_names()
+    described = ", ".join(f"{n} ({(config.service_entry(n) or {}).get('kind', 'local')})" for n in names) or "none"
+    click.echo(f"ok: {path} is valid; services: {described}")
+
+
+@config_group.command("show")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
+def config_show_command(config_path: str | None) -> None:
+    """Print the effective configuration as YAML: the file's values with every default filled in.
+
+    \b
+    Example:
+      kservice config show
+      kservice config show -c services.yaml > effective.yaml
+    """
+    import yaml
+
+    config = Config.load(config_path)
+    click.echo(f"# effective configuration from {config.source}")
+    click.echo(yaml.safe_dump(config.as_dict(), sort_keys=False, default_flow_style=False).rstrip())
+
+
+@config_group.command("reference")
+def config_reference_command() -> None:
+    """Print the configuration reference (Markdown) generated from the schema of the core and installed plugins.
+
+    docs/configuration.md is this output; a test keeps the two identical.
+
+    \b
+    Example:
+      kservice config reference > docs/configuration.md
+    """
+    click.echo(config_reference(), nl=False)
+
+
+def _yaml_inline(value: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _setting_rows(schema: dict[str, Any], prefix: str) -> list[str]:
+    from ._config import Setting
+
+    lines = []
+    for key, value in schema.items():
+        if not isinstance(value, Setting):
+            continue
+        notes = []
+        choices = value.choices
+        if callable(choices):
+            notes.append("one of the names installed plugins register")
+        elif choices:
+            notes.append("one of " + ", ".join(f"`{_yaml_inline(c)}`" for c in choices))
+        if value.minimum is not None:
+            notes.append(f"at least {value.minimum:g}")
+        doc = value.doc.rstrip(".") + (f" ({'; '.join(notes)})." if notes else ".")
+        doc = doc.replace("|", r"\|")
+        lines.append(f"| `{prefix}{key}` | {value.type_names()} | `{_yaml_inline(value.default)}` | {doc} |")
+    return lines
+
+
+def _sections(schema: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(dotted section path, section) for every section holding settings, depth first."""
+    from ._config import Setting
+
+    found: list[tuple[str, dict[str, Any]]] = []
+    if any(isinstance(v, Setting) for v in schema.values()):
+        found.append((prefix.rstrip("."), schema))
+    for key, value in schema.items():
+        if isinstance(value, dict):
+            found.extend(_sections(value, f"{prefix}{key}."))
+    return found
+
+
+def config_reference() -> str:
+    """The configuration reference in Markdown, from the schema of the core and every installed plugin.
+
+    Deterministic for a given set of installed plugins: ``docs/configuration.md``
+    is this text, regenerated by ``kservice config reference``.
+    """
+    import yaml
+
+    from ._config import core_schema, defaults_of, merge_schema, service_entry_schema
+    from ._plugins import _collect_registrations, config_schema
+
+    schema = config_schema()
+    owners: dict[str, str] = {}
+    for plugin_name, (path, addition) in _collect_registrations("kservice_config_schema"):
+        probe: dict[str, Any] = {}
+        merge_schema(probe, path, addition)
+        for section, _ in _sections(probe):
+            owners.setdefault(section, plugin_name)
+    core_sections = {section for section, _ in _sections(core_schema())}
+
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `kservice config reference` from the schema of the core and the built-in plugins;",
+        "     do not edit by hand (tests/docs/test_configuration_reference.py keeps it in sync). -->",
+        "",
+        "kservice reads one YAML file: the `-c FILE` option of the command-line tool, the `config=`",
+        "argument of `ServiceEnvironment` and `ServiceManager` (a path, a dict or a `Config`), or the",
+        "file named by the `KSERVICE_CONFIG` environment variable. Every key is optional; a missing key",
+        "takes the default below. An unknown key or a value of the wrong type is a `ConfigError` naming",
+        "the full key path and the closest valid key. Check a file with `kservice config check FILE`",
+        "and print the effective configuration with `kservice config show -c FILE`.",
+        "",
+        "Plugins add their own sections (their keys are listed here for the built-in plugins, and by",
+        "`kservice config reference` for whatever is installed). Every top-level section other than",
+        "`service`, `services` and `plugins` (and `service.local`, `service.ray`) can be overridden per",
+        "service under `services.<name>.<section>`; keys not overridden keep their global value.",
+        "",
+    ]
+    for section, settings in _sections(schema):
+        origin = "the core" if section in core_sections else f"plugin `{owners.get(section, '?')}`"
+        out += [f"## `{section}`", "", f"Declared by {origin}.", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += _setting_rows(settings, f"{section}.")
+        out.append("")
+    out += [
+        "## `services.<name>`",
+        "",
+        "One entry per service the environment registers at construction. An entry may be just an",
+        "import path (`kv: myapp.kv:KV`). Besides the keys below, an entry may hold any overridable",
+        "section (`local`, `ray`, `service_call`, plugin sections) with the keys to change for this",
+        "service only.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        *_setting_rows(service_entry_schema(), ""),
+        "",
+        "## Every default",
+        "",
+        "`kservice config show` with no file prints this (plus a comment line naming the source):",
+        "",
+        "```yaml",
+        yaml.safe_dump(defaults_of(schema) | {"services": {}}, sort_keys=False, default_flow_style=False).rstrip(),
+        "```",
+        "",
+        "## Example",
+        "",
+        "```yaml",
+        "service_call:",
+        "  default_timeout: 10",
+        "services:",
+        "  kv:",
+        "    class: myapp.kv:KV",
+        "    kind: process        # host it in a child process, reachable over shared memory",
+        "    service_call:",
+        "      default_timeout: 2 # calls to kv time out sooner than the others",
+        "  text:",
+        "    class: myapp.text:Text",
+        "    kind: local",
+        "    local:",
+        "      max_workers: 4",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    command = exc.ctx.command_path if exc.ctx is not None else "kservice"
+    return f"{exc.format_message()} (see '{command} --help')"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``kservice`` console script."""
+    """Entry point of the ``kservice`` console script.
+
+    Exit status: 0 on success, 1 for a failed call or an invalid config or
+    service, 2 for a usage error, 130 when interrupted.
+    """
     try:
         get_plugin_manager().hook.kservice_register_commands(cli=cli)
     except ServiceError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    cli.main(args=argv, prog_name="kservice")
+        _fail(str(exc))
+    try:
+        status = cli.main(args=argv, prog_name="kservice", standalone_mode=False)
+    except click.UsageError as exc:
+        _fail(_usage_line(exc), 2)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code or 1)
+    except ServiceError as exc:  # raised by commands registered outside the _Group
+        _fail(str(exc))
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)  # `kservice ... | head` closing the pipe early is not an error
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

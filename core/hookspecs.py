@@ -102,6 +102,19 @@ def kservice_known_services() -> list[str]:
     """Names of services this plugin can resolve (for listings and "did you mean" hints)."""
 
 
+@hookspec
+def kservice_running_services() -> list[dict[str, Any]]:
+    """Services hosted by live processes that this plugin can reach, one dict per service.
+
+    Each dict has at least ``name`` (what callers pass to the manager) and
+    ``transport``; it may add ``pid``, ``address`` (queue or actor name),
+    ``kind``, ``host`` and ``started_at`` (``time.time()``). ``kservice
+    services --running`` lists them and ``kservice status`` asks each for its
+    status. Return an empty list when nothing runs; records of dead hosts must
+    not be returned.
+    """
+
+
 # --------------------------------------------------------------------------
 # 3. The client call chain (compiled once per manager and service).
 # --------------------------------------------------------------------------
