@@ -1,0 +1,364 @@
+"""The ``breaker`` plugin: a circuit breaker per service, in the caller's process.
+
+States:
+
+- ``closed``: calls go through; failures are counted. The breaker opens after
+  ``failure_threshold`` consecutive failures, or, when ``failure_rate`` is
+  set, when at least ``minimum_calls`` calls in the last ``window`` seconds
+  failed at that rate or more.
+- ``open``: calls fail at once with :class:`CircuitOpenError` (a
+  ServiceUnavailableError) without reaching the service. The rejection is
+  marked ``metadata["kservice.retryable"] = False`` so retries never hammer
+  an open breaker.
+- ``half_open``: after ``cooldown`` seconds, ``half_open_probes`` calls are let
+  through as probes; when all of them succeed the breaker closes, the first
+  failing probe re-opens it (and the cool-down starts again). Other calls are
+  rejected while probes are out. A probe whose outcome never comes back (a
+  cancelled async call) is given up after another ``cooldown``.
+
+What counts as a failure: runtime unavailability (ServiceUnavailableError,
+ServiceOverloadedError) and timeouts (ServiceTimeoutError). An exception
+raised by the method itself (a KeyError) means the service answered: it counts
+as a success unless ``count_service_errors`` is true. MethodNotFoundError and
+errors raised by caller-side middleware never count.
+
+Breakers live in the caller's process, one per service name (keyed by
+``(service_name, instance)``, with ``instance`` empty today so per-replica
+breakers can be added), shared by every manager of that process that calls it
+with the same settings. Their state is in :func:`breaker_status` and in the
+``extra["breaker"]`` of the status of tasks in this process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
+
+from kservice import (
+    BaseServiceTask,
+    ServiceMiddleware,
+    ServiceRequest,
+    ServiceResponse,
+    ServiceStatus,
+    ServiceUnavailableError,
+    Setting,
+    hookimpl,
+)
+
+__all__ = [
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "breaker_state",
+    "breaker_status",
+    "reset_breaker",
+]
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+#: Runtime errors that say the service could not serve: these trip the breaker.
+FAILURE_TYPES = frozenset({"ServiceUnavailableError", "ServiceOverloadedError", "ServiceTimeoutError"})
+
+_CLOSED: BreakerState = "closed"
+_OPEN: BreakerState = "open"
+_HALF_OPEN: BreakerState = "half_open"
+#: Sub-windows of the failure-rate window: the rate is exact to one bucket's width.
+_BUCKETS = 10
+
+
+class CircuitOpenError(ServiceUnavailableError):
+    """The service's circuit breaker is open: the call was refused without reaching the service.
+
+    ``retry_after`` is the number of seconds until the breaker lets a probe through.
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitBreaker(ServiceMiddleware):
+    """The breaker of one service; also the middleware that applies it.
+
+    ``settings`` is the effective ``breaker`` section. ``clock`` returns
+    monotonic seconds (tests drive it). Thread-safe: state changes happen
+    under a lock; the closed-state success path takes no lock.
+    """
+
+    def __init__(
+        self,
+        service_name: str,
+        settings: dict[str, Any],
+        *,
+        instance: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service_name = service_name
+        self.instance = instance
+        self.settings = dict(settings)
+        self.failure_threshold: int = settings["failure_threshold"]
+        self.failure_rate: float | None = settings["failure_rate"]
+        self.minimum_calls: int = settings["minimum_calls"]
+        self.window: float = settings["window"]
+        self.cooldown: float = settings["cooldown"]
+        self.half_open_probes: int = settings["half_open_probes"]
+        self.count_service_errors: bool = settings["count_service_errors"]
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.state: BreakerState = _CLOSED
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._probes_out: set[str] = set()
+        self._probes_ok = 0
+        self._probes_started_at = 0.0
+        self.opened_total = 0
+        self.rejected_total = 0
+        self.last_failure = ""
+        # Failure-rate window: ring of (calls, failures) per bucket, only when failure_rate is set.
+        self._bucket_width = self.window / _BUCKETS
+        self._calls = [0] * _BUCKETS
+        self._fails = [0] * _BUCKETS
+        self._bucket_epoch = [0] * _BUCKETS
+
+    # ------------------------------------------------------------ middleware
+
+    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:  # type: ignore[override]
+        if self.state is _CLOSED:
+            return None
+        return self._admit(request)
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
+        if self.state is _CLOSED and response.success and self.failure_rate is None:
+            # The common case: one attribute store, no lock.
+            self._consecutive = 0
+            return
+        self.record(self._is_failure(response), request.request_id, response)
+
+    # ----------------------------------------------------------------- logic
+
+    def _is_failure(self, response: ServiceResponse) -> bool:
+        if response.success:
+            return False
+        origin = response.error_origin
+        if origin == "runtime":
+            return response.error_type in FAILURE_TYPES
+        return origin == "service" and self.count_service_errors
+
+    def _admit(self, request: ServiceRequest) -> ServiceResponse | None:
+        """Open or half-open: let a probe through, or answer with a fail-fast rejection."""
+        with self._lock:
+            now = self._clock()
+            if self.state is _OPEN and now - self._opened_at >= self.cooldown:
+                self.state = _HALF_OPEN
+                self._probes_out.clear()
+                self._probes_ok = 0
+                self._probes_started_at = now
+            if self.state is _HALF_OPEN:
+                if self._probes_out and now - self._probes_started_at >= self.cooldown:
+                    # A probe's outcome never came back (a cancelled call): give up on it.
+                    self._probes_out.clear()
+                    self._probes_started_at = now
+                if len(self._probes_out) + self._probes_ok < self.half_open_probes:
+                    self._probes_out.add(request.request_id)
+                    return None
+            elif self.state is _CLOSED:
+                return None
+            self.rejected_total += 1
+            retry_after = max(0.0, self.cooldown - (now - self._opened_at)) if self.state is _OPEN else 0.0
+        return self._rejection(request, retry_after)
+
+    def _rejection(self, request: ServiceRequest, retry_after: float) -> ServiceResponse:
+        error = CircuitOpenError(
+            f"circuit breaker of service {self.service_name!r} is {self.state} "
+            f"(last failure: {self.last_failure or 'unknown'}); failing fast, next probe in {retry_after:.3f}s",
+            retry_after,
+        )
+        return ServiceResponse(
+            False,
+            None,
+            str(error),
+            request.request_id,
+            error_type="CircuitOpenError",
+            error_origin="runtime",
+            metadata={"kservice.retryable": False, "kservice.circuit_open": True},
+            exception=error,
+        )
+
+    def record(self, failed: bool, request_id: str = "", response: ServiceResponse | None = None) -> None:
+        """Count one outcome; may open, close or re-open the breaker."""
+        with self._lock:
+            now = self._clock()
+            if failed and response is not None:
+                self.last_failure = f"{response.error_type}: {response.error}"
+            if self.state is _HALF_OPEN:
+                if request_id not in self._probes_out:
+                    return  # a call admitted before the breaker opened: not a probe
+                self._probes_out.discard(request_id)
+                if failed:
+                    self._open(now)
+                else:
+                    self._probes_ok += 1
+                    if self._probes_ok >= self.half_open_probes:
+                        self._close()
+                return
+            if self.state is _OPEN:
+                return  # late outcomes of calls admitted before it opened
+            if self.failure_rate is not None:
+                self._count_in_window(now, failed)
+                if failed and self._rate_exceeded(now):
+                    self._open(now)
+                    return
+            if failed:
+                self._consecutive += 1
+                if self._consecutive >= self.failure_threshold:
+                    self._open(now)
+            else:
+                self._consecutive = 0
+
+    def _bucket(self, now: float) -> tuple[int, int]:
+        epoch = int(now / self._bucket_width)
+        return epoch % _BUCKETS, epoch
+
+    def _count_in_window(self, now: float, failed: bool) -> None:
+        index, epoch = self._bucket(now)
+        if self._bucket_epoch[index] != epoch:
+            self._bucket_epoch[index] = epoch
+            self._calls[index] = 0
+            self._fails[index] = 0
+        self._calls[index] += 1
+        if failed:
+            self._fails[index] += 1
+
+    def _window_counts(self, now: float) -> tuple[int, int]:
+        _, epoch = self._bucket(now)
+        calls = fails = 0
+        for i in range(_BUCKETS):
+            if epoch - self._bucket_epoch[i] < _BUCKETS:
+                calls += self._calls[i]
+                fails += self._fails[i]
+        return calls, fails
+
+    def _rate_exceeded(self, now: float) -> bool:
+        calls, fails = self._window_counts(now)
+        return calls >= self.minimum_calls and fails >= self.failure_rate * calls  # type: ignore[operator]
+
+    def _open(self, now: float) -> None:
+        self.state = _OPEN
+        self._opened_at = now
+        self._probes_out.clear()
+        self._probes_ok = 0
+        self.opened_total += 1
+
+    def _close(self) -> None:
+        self.state = _CLOSED
+        self._consecutive = 0
+        self._calls = [0] * _BUCKETS
+        self._fails = [0] * _BUCKETS
+        self._bucket_epoch = [0] * _BUCKETS
+
+    def reset(self) -> None:
+        """Close the breaker and forget every count (operators' override)."""
+        with self._lock:
+            self._close()
+            self._probes_out.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready view: state, counts, seconds until the next probe."""
+        with self._lock:
+            now = self._clock()
+            calls, fails = self._window_counts(now) if self.failure_rate is not None else (0, 0)
+            return {
+                "state": self.state,
+                "consecutive_failures": self._consecutive,
+                "window_calls": calls,
+                "window_failures": fails,
+                "opened_total": self.opened_total,
+                "rejected_total": self.rejected_total,
+                "retry_after": max(0.0, self.cooldown - (now - self._opened_at)) if self.state is _OPEN else 0.0,
+                "last_failure": self.last_failure,
+            }
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.service_name!r} {self.state}>"
+
+
+# ------------------------------------------------------------------ registry
+
+_breakers: weakref.WeakValueDictionary[tuple[str, str], CircuitBreaker] = weakref.WeakValueDictionary()
+_breakers_lock = threading.Lock()
+
+
+def _breaker_for(service_name: str, settings: dict[str, Any], instance: str = "") -> CircuitBreaker:
+    """The process's breaker of a service; a new one when its settings changed."""
+    key = (service_name, instance)
+    with _breakers_lock:
+        breaker = _breakers.get(key)
+        if breaker is None or breaker.settings != settings:
+            breaker = CircuitBreaker(service_name, settings, instance=instance)
+            _breakers[key] = breaker
+        return breaker
+
+
+def breaker_status(service_name: str | None = None) -> dict[str, dict[str, Any]]:
+    """Snapshots of the breakers in this process by service name (one service, or all)."""
+    with _breakers_lock:
+        items = [(key, b) for key, b in _breakers.items() if service_name is None or key[0] == service_name]
+    return {(name if not instance else f"{name}/{instance}"): b.snapshot() for (name, instance), b in sorted(items)}
+
+
+def breaker_state(service_name: str) -> BreakerState | None:
+    """``closed``, ``open`` or ``half_open``; None when no call to it has built a breaker in this process."""
+    breaker = _breakers.get((service_name, ""))
+    return None if breaker is None else breaker.snapshot()["state"]
+
+
+def reset_breaker(service_name: str) -> bool:
+    """Close a service's breaker now; False when it has none in this process."""
+    breaker = _breakers.get((service_name, ""))
+    if breaker is None:
+        return False
+    breaker.reset()
+    return True
+
+
+# --------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    register(
+        "breaker",
+        {
+            "enabled": Setting((bool,), True, "Whether calls to the service go through a circuit breaker."),
+            "failure_threshold": Setting((int,), 5, "Consecutive failures that open the breaker.", minimum=1),
+            "failure_rate": Setting(
+                (float,), None, "Open when this fraction of calls in the window failed (null: off).", nullable=True, minimum=0
+            ),
+            "minimum_calls": Setting((int,), 20, "Calls the window needs before failure_rate applies.", minimum=1),
+            "window": Setting((float,), 10.0, "Seconds of history failure_rate looks at.", minimum=0.001),
+            "cooldown": Setting((float,), 5.0, "Seconds an open breaker fails fast before letting probes through.", minimum=0),
+            "half_open_probes": Setting((int,), 1, "Probe calls that must all succeed to close the breaker.", minimum=1),
+            "count_service_errors": Setting(
+                (bool,), False, "Count exceptions raised by the method itself as failures (default: only runtime failures)."
+            ),
+        },
+    )
+
+
+@hookimpl(trylast=True)
+def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | None:
+    # trylast: the breaker is the innermost policy, so fallback and cache (tryfirst) wrap it:
+    # the fallback's after_call sees the breaker's rejection, and cache hits never count as probes.
+    settings = options.get("breaker")
+    if not settings or not settings["enabled"]:
+        return None
+    return _breaker_for(service_name, settings)
+
+
+@hookimpl
+def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
+    breaker = _breakers.get((task.service_name, ""))
+    if breaker is not None:
+        status.extra["breaker"] = breaker.snapshot()

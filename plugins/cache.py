@@ -1,0 +1,202 @@
+"""The ``cache`` plugin: answer repeated calls of pure or idempotent methods from a TTL cache.
+
+Off by default (``cache.enabled: false``); turn it on globally or per service
+(``services.<name>.cache.enabled: true``). Which methods are cached:
+
+- the names in ``cache.methods`` (declaring them pure for caching), or, when
+  that list is empty,
+- the methods declared idempotent: the service's ``idempotent:`` config list,
+  and ``@kservice.idempotent`` / ``idempotent_methods`` on the class when the
+  class is known in the caller's process (the service's task runs here).
+
+Methods in ``cache.exclude`` are never cached. The key is ``(method, args,
+kwargs)`` with argument types (so ``f(1)`` and ``f(True)`` do not share an
+entry); a call whose arguments are unhashable bypasses the cache. Only
+successful, non-degraded responses are stored; errors never are. A hit is a
+response with ``metadata["kservice.cache"] = "hit"``; the result object is
+shared between hits (as in-process calls share results: do not mutate it).
+
+One ``cachetools.TTLCache`` per service and process (``ttl`` seconds,
+``maxsize`` entries, least recently used evicted first), guarded by a lock
+because TTLCache is not thread-safe. Ordering: ``tryfirst``, outside the
+breaker, so a hit is served even while the breaker is open and never counts
+as a breaker probe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import cachetools
+
+from kservice import BaseServiceTask, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+
+__all__ = ["ResultCache", "cache_info", "clear_cache"]
+
+class ResultCache(ServiceMiddleware):
+    """The result cache of one service and the middleware that uses it.
+
+    ``cacheable(method_name) -> bool`` is decided once per method name.
+    ``clock`` returns seconds for the TTL (tests drive it).
+    """
+
+    def __init__(
+        self,
+        service_name: str,
+        settings: dict[str, Any],
+        cacheable: Callable[[str], bool],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service_name = service_name
+        self.settings = dict(settings)
+        #: what the cache was built from; a route with other settings gets a new cache
+        self.identity: Any = None
+        self._cacheable = cacheable
+        self._decided: dict[str, bool] = {}
+        self._cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
+            maxsize=settings["maxsize"], ttl=settings["ttl"], timer=clock
+        )
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _key(self, request: ServiceRequest) -> Hashable | None:
+        method = request.method_name
+        decided = self._decided.get(method)
+        if decided is None:
+            decided = self._decided[method] = self._cacheable(method)
+        if not decided:
+            return None
+        args, kwargs = request.args, request.kwargs
+        key: tuple[Any, ...] = (
+            method,
+            args,
+            tuple(map(type, args)),
+            tuple(sorted((k, type(v), v) for k, v in kwargs.items())) if kwargs else (),
+        )
+        try:
+            hash(key)
+        except TypeError:
+            return None  # unhashable arguments: bypass, never fail the call
+        return key
+
+    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:  # type: ignore[override]
+        key = self._key(request)
+        if key is None:
+            return None
+        with self._lock:
+            result = self._cache.get(key, _MISS)
+        if result is _MISS:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return ServiceResponse(True, result[0], None, request.request_id, metadata={"kservice.cache": "hit"})
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
+        if not response.success or response.degraded:
+            return
+        key = self._key(request)
+        if key is None:
+            return
+        with self._lock:
+            # Wrapped in a tuple so a cached None is told apart from a miss.
+            self._cache[key] = (response.result,)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            size = len(self._cache)
+        return {"hits": self.hits, "misses": self.misses, "size": size, **self.settings}
+
+
+_MISS = object()
+
+# --------------------------------------------------------------- registries
+
+_caches: weakref.WeakValueDictionary[str, ResultCache] = weakref.WeakValueDictionary()
+_classes: weakref.WeakValueDictionary[str, type] = weakref.WeakValueDictionary()
+_lock = threading.Lock()
+
+
+def clear_cache(service_name: str | None = None) -> None:
+    """Drop cached results of one service, or of every service in this process."""
+    with _lock:
+        caches = [c for name, c in _caches.items() if service_name is None or name == service_name]
+    for cache in caches:
+        cache.clear()
+
+
+def cache_info(service_name: str) -> dict[str, Any] | None:
+    """Hits, misses and size of a service's cache in this process; None without one."""
+    cache = _caches.get(service_name)
+    return None if cache is None else cache.info()
+
+
+def _cacheable_methods(service_name: str, options: dict[str, Any]) -> Callable[[str], bool]:
+    settings = options["cache"]
+    listed = frozenset(settings["methods"])
+    excluded = frozenset(settings["exclude"])
+    configured_idempotent = frozenset(options.get("idempotent", ()))
+    service_class = _classes.get(service_name)
+
+    def cacheable(method: str) -> bool:
+        if method in excluded:
+            return False
+        if listed:
+            return method in listed
+        if method in configured_idempotent:
+            return True
+        if service_class is None:
+            return False
+        if method in getattr(service_class, "__kservice_options__", {}).get("idempotent_methods", ()):
+            return True
+        return bool(getattr(getattr(service_class, method, None), "__kservice_idempotent__", False))
+
+    return cacheable
+
+
+# --------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    register(
+        "cache",
+        {
+            "enabled": Setting((bool,), False, "Whether results of the service's cacheable methods are cached."),
+            "ttl": Setting((float,), 60.0, "Seconds a cached result is served.", minimum=0.000001),
+            "maxsize": Setting((int,), 1024, "Cached results kept per service (least recently used evicted).", minimum=1),
+            "methods": Setting((list,), [], "Methods to cache; empty: the methods declared idempotent."),
+            "exclude": Setting((list,), [], "Methods never cached."),
+        },
+    )
+
+
+@hookimpl
+def kservice_task_started(task: BaseServiceTask) -> None:
+    # Callers in the hosting process learn the class, and so its @kservice.idempotent methods.
+    _classes[task.service_name] = task.service_factory.service_class
+
+
+@hookimpl(tryfirst=True)
+def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | None:
+    # tryfirst: outside the breaker (trylast), so hits skip it and never act as probes.
+    settings = options.get("cache")
+    if not settings or not settings["enabled"]:
+        return None
+    identity = (sorted(settings.items(), key=repr), sorted(options.get("idempotent", ())), _classes.get(service_name))
+    with _lock:
+        cache = _caches.get(service_name)
+        if cache is None or cache.identity != identity:
+            cache = ResultCache(service_name, settings, _cacheable_methods(service_name, options))
+            cache.identity = identity
+            _caches[service_name] = cache
+    return cache
