@@ -1,0 +1,107 @@
+"""The ``mmap`` plugin: services in other processes of this host, reached by name over shared memory.
+
+Contributes the ``mmap`` transport, the ``process`` task kind (a service hosted
+in a child process), discovery of services hosted by ``kservice serve`` (the
+``kservice_resolve_service`` hook), the ``mmap`` configuration section and the
+``kservice serve`` and ``kservice cleanup`` commands. See docs/mmap.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kservice import BaseServiceTask, ServiceAddress, Setting, Transport, hookimpl
+
+from .host import ProcessServiceTask, reclaim
+from .registry import ServiceNameTaken, lookup, running_services
+from .transport import MmapConnection, MmapListener, MmapTransport
+
+if TYPE_CHECKING:
+    import click
+    from kservice import ServiceManager
+
+__all__ = [
+    "MmapConnection",
+    "MmapListener",
+    "MmapTransport",
+    "ProcessServiceTask",
+    "ServiceNameTaken",
+    "reclaim",
+    "running_services",
+]
+
+_transport = MmapTransport()
+
+
+@hookimpl
+def kservice_register_transports(register: Callable[[Transport], None]) -> None:
+    register(_transport)
+
+
+@hookimpl
+def kservice_register_task_kinds(register: Callable[..., None]) -> None:
+    register("process", ProcessServiceTask)
+
+
+@hookimpl
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    register(
+        "mmap",
+        {
+            "request_queue_capacity": Setting(
+                (int,), 4 << 20, "Bytes of a service's request ring (mmap transport).", minimum=4096
+            ),
+            "inline_limit": Setting(
+                (float,),
+                0.0002,
+                "Seconds under which a method observed fast runs in the mmap listener thread instead of the "
+                "worker pool (saves a thread wake-up per call); 0 sends every call to the pool.",
+                minimum=0,
+            ),
+            "publish": Setting(
+                (bool,),
+                None,
+                "Whether the service's name is published in the per-user registry so any process can call it "
+                "(default: yes for 'kservice serve' and local tasks, no for 'process' tasks).",
+                nullable=True,
+            ),
+            "start_timeout": Setting(
+                (float,), 60.0, "Seconds a 'process' task waits for its child to be ready.", minimum=0
+            ),
+        },
+    )
+
+
+@hookimpl
+def kservice_resolve_service(service_name: str, manager: ServiceManager) -> list[ServiceAddress] | None:
+    record = lookup(service_name)
+    if record is None:
+        return None
+    return [ServiceAddress("mmap", service_name, record["queue"], instance=record["queue"], info=record)]
+
+
+@hookimpl
+def kservice_known_services() -> list[str]:
+    return [record["name"] for record in running_services()]
+
+
+@hookimpl
+def kservice_task_stopping(task: BaseServiceTask) -> None:
+    # Refuse new calls at once (callers see ServiceUnavailableError and re-resolve)
+    # while the task drains the calls it already accepted.
+    for listener in task.listeners:
+        if isinstance(listener, MmapListener):
+            listener.stop_accepting()
+
+
+@hookimpl
+def kservice_register_commands(cli: click.Group) -> None:
+    from .host import cleanup_command, serve_command
+
+    cli.add_command(serve_command)
+    cli.add_command(cleanup_command)
+    # Every kservice command starts here: reclaim what dead processes left behind.
+    with contextlib.suppress(Exception):
+        reclaim()

@@ -1,0 +1,465 @@
+"""Hosting services in their own process: ``kservice serve`` and the ``process`` task kind.
+
+``kservice serve [-c config.yaml] [SERVICE ...]`` hosts services in this
+process, each a LocalServiceTask listening on ``inproc`` and ``mmap`` and
+published by name in the per-user registry, and prints one line per service
+when it is ready (``serving kv on mmap queue svc.kv.1234.ab12cd (pid 1234)``).
+SIGTERM or SIGINT stops accepting calls, lets those in flight finish, unlinks
+the queues and exits 0; a second SIGINT/SIGTERM exits at once (status 130).
+
+The ``process`` task kind starts ``python -m kservice.plugins.mmap.host`` (a
+fresh interpreter, never a fork) hosting one service; the task's start returns
+once the child serves, or raises ServiceUnavailableError with the tail of the
+child's stderr. Its stop sends SIGTERM, waits for the drain, then kills. The
+child also stops when its parent dies (it watches its stdin for EOF).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import IO, Any, ClassVar
+
+import click
+from kservice import (
+    BaseServiceTask,
+    Config,
+    ConfigError,
+    LocalServiceTask,
+    ServiceAddress,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceStatus,
+    ServiceUnavailableError,
+    TaskContext,
+)
+from kservice import Listener as _Listener
+
+from . import codec, registry
+from .ring import reclaim_stale_queues
+
+__all__ = ["ProcessServiceTask", "cleanup_command", "reclaim", "serve", "serve_command"]
+
+#: Seconds a stopping host gives calls in flight before answering the rest unavailable.
+DRAIN_TIMEOUT = 30.0
+_LENGTH = struct.Struct("<Q")
+
+
+def reclaim() -> dict[str, list[str]]:
+    """Remove what dead processes left: request/response rings, registry records, out-of-band segments."""
+    return {
+        "queues": reclaim_stale_queues(),
+        "records": registry.reclaim_records(),
+        "segments": codec.reclaim_segments(registry.process_alive),
+    }
+
+
+# =========================================================================== serving
+
+
+def _with_mmap(entry: dict[str, Any]) -> dict[str, Any]:
+    entry = dict(entry)
+    entry["kind"] = "local"
+    entry["transports"] = list(dict.fromkeys([*entry.get("transports", []), "mmap"]))
+    return entry
+
+
+def _service_entries(config: Config, services: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ``services:`` entries to host: the named ones (config names, entry points, import paths) or all."""
+    declared = {name: config.service_entry(name) or {} for name in config.service_names()}
+    if not services:
+        if not declared:
+            raise ConfigError("nothing to serve: name services on the command line or declare them under 'services:'")
+        return {name: _with_mmap(entry) for name, entry in declared.items()}
+    chosen: dict[str, dict[str, Any]] = {}
+    for spec in services:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        if ":" in path:
+            chosen[name or path.rpartition(":")[2]] = _with_mmap({"class": path})
+        elif path in declared:
+            chosen[name or path] = _with_mmap(declared[path])
+        else:
+            ServiceEnvironment.load_entry_point_service(path)  # ConfigError naming the known ones
+            chosen[name or path] = _with_mmap({"entry_point": path})
+    return chosen
+
+
+def serve(
+    config: str | os.PathLike[str] | dict[str, Any] | None,
+    services: Sequence[str] = (),
+    *,
+    out: IO[str] | None = None,
+    stop: threading.Event | None = None,
+    drain_timeout: float = DRAIN_TIMEOUT,
+) -> int:
+    """Host services until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status.
+
+    Raises ConfigError for an unknown service or a bad config, ServiceError
+    (ServiceNameTaken) when another live host serves one of the names.
+    """
+    out = out or sys.stdout
+    reclaim()
+    loaded = Config.load(config)
+    raw = loaded.as_dict()
+    raw["services"] = _service_entries(loaded, services)
+    environment = ServiceEnvironment("serve", raw)
+    stop = stop or threading.Event()
+    restore = _install_signal_handlers(stop, environment)
+    try:
+        environment.start()
+        for task in environment:
+            queue = next((a.target for a in task.addresses if a.transport == "mmap"), "?")
+            print(f"serving {task.service_name} on mmap queue {queue} (pid {os.getpid()})", file=out, flush=True)
+        stop.wait()
+    finally:
+        environment.stop(drain_timeout)
+        restore()
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironment) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            # Second signal: leave now, removing at least the request queues.
+            for task in environment:
+                for listener in task.listeners:
+                    queue = getattr(listener, "queue", None)
+                    if queue is not None:
+                        with contextlib.suppress(Exception):
+                            queue.unlink()
+            os._exit(130)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+@click.command("serve")
+@click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
+@click.option("--drain-timeout", type=float, default=DRAIN_TIMEOUT, show_default=True, help="Seconds calls in flight get on stop.")
+@click.argument("services", nargs=-1)
+def serve_command(config_path: str | None, drain_timeout: float, services: tuple[str, ...]) -> None:
+    """Host services so any process of this user on this host can call them by name.
+
+    SERVICE is a name declared under 'services:' in the config, a name in the
+    'kservice.services' entry-point group, or an import path
+    [NAME=]package.module:Class. With no SERVICE, every configured service is
+    hosted. Stop with Ctrl-C or SIGTERM (calls in flight finish first).
+
+    \b
+    Example:
+      kservice serve kv=myapp.services:KeyValue
+      kservice serve -c services.yaml
+    """
+    sys.exit(serve(config_path, services, drain_timeout=drain_timeout))
+
+
+@click.command("cleanup")
+def cleanup_command() -> None:
+    """Remove queues, registry records and segments left by dead processes (it also runs on every command).
+
+    \b
+    Example:
+      kservice cleanup
+    """
+    removed = reclaim()
+    for kind, names in removed.items():
+        for name in names:
+            click.echo(f"removed {kind[:-1]} {name}")
+
+
+# =========================================================================== the process task kind
+
+
+class _ChildListener(_Listener):
+    """The child's mmap address, seen from the parent."""
+
+    def __init__(self, address: ServiceAddress, process: subprocess.Popen[bytes]) -> None:
+        self.address = address
+        self._process = process
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessServiceTask(BaseServiceTask):
+    """A service hosted in a child process (a fresh interpreter) and reached over ``mmap``.
+
+    Status comes from the child. The service class, its constructor
+    arguments and the configuration must be picklable, and the class
+    importable in the child (the parent's ``sys.path`` is passed on).
+    """
+
+    kind: ClassVar[str] = "process"
+    default_transports: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:
+        super().__init__(service_factory, ctx)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._connection: Any = None
+        self._stderr: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def _child_config(self) -> dict[str, Any]:
+        raw = self.ctx.resolved_config().as_dict()
+        entry = dict(raw.get("services", {}).get(self.service_name) or {})
+        entry.pop("class", None)
+        entry.pop("entry_point", None)
+        entry = _with_mmap(entry)
+        mmap_options = dict(entry.get("mmap") or {})
+        if mmap_options.get("publish") is None:
+            mmap_options["publish"] = False  # private to this environment unless configured otherwise
+        entry["mmap"] = mmap_options
+        raw["services"] = {self.service_name: entry}
+        return raw
+
+    def _start_serving(self) -> None:
+        # sys.path first, on its own: unpickling the factory imports the service class.
+        path = json.dumps(list(sys.path)).encode()
+        payload = pickle.dumps(
+            {"factory": self.service_factory, "config": self._child_config(), "environment": self.ctx.environment_name},
+            protocol=5,
+        )
+        spec = _LENGTH.pack(len(path)) + path + _LENGTH.pack(len(payload)) + payload
+        timeout = float((self.options.get("mmap") or {}).get("start_timeout", 60.0))
+        self._stderr = tempfile.TemporaryFile(prefix="kservice-host-")
+        passed = os.dup(sys.stderr.fileno()) if _has_fileno(sys.stderr) else os.open(os.devnull, os.O_WRONLY)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "kservice.plugins.mmap.host", "--child", str(passed)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                pass_fds=(passed,),
+                close_fds=True,
+            )
+        finally:
+            os.close(passed)
+        process = self._process
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            process.stdin.write(spec)
+            process.stdin.flush()
+        except OSError:
+            pass  # the child died at once: reported below with its stderr
+        ready = self._wait_ready(process, timeout)
+        process.stdout.close()
+        address = ServiceAddress(
+            "mmap",
+            self.service_name,
+            ready["queue"],
+            instance=ready["queue"],
+            info={"pid": process.pid, "queue_timeout": ready["queue_timeout"]},
+        )
+        self.listeners = [_ChildListener(address, process)]
+        self._state = "running"
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+        assert process.stdout is not None
+        deadline = time.monotonic() + timeout
+        buffered = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while b"\n" not in buffered:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServiceUnavailableError(
+                        f"the process hosting {self.service_name!r} was not ready within {timeout:.0f}s "
+                        f"(mmap.start_timeout){self._stderr_tail()}"
+                    )
+                if not selector.select(min(remaining, 0.5)):
+                    continue
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    process.wait(5)
+                    raise ServiceUnavailableError(
+                        f"the process hosting {self.service_name!r} exited with status {process.returncode} "
+                        f"before serving{self._stderr_tail()}"
+                    )
+                buffered += chunk
+        line = buffered.split(b"\n", 1)[0].decode(errors="replace")
+        kind, _, payload = line.partition(" ")
+        if kind != "ready":
+            raise ServiceUnavailableError(f"the process hosting {self.service_name!r} failed: {payload}{self._stderr_tail()}")
+        return json.loads(payload)  # type: ignore[no-any-return]
+
+    def _stderr_tail(self, limit: int = 4000) -> str:
+        if self._stderr is None:
+            return ""
+        with contextlib.suppress(OSError):
+            self._stderr.seek(0, os.SEEK_END)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - limit))
+            text = self._stderr.read().decode(errors="replace").strip()
+            if text:
+                return f"; its stderr ends with:\n{text}"
+        return ""
+
+    def _release(self, deadline: float) -> None:
+        process, self._process = self._process, None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(max(0.5, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        self.listeners = []
+
+    def rebuild_service(self) -> None:
+        """Replace the child process with a new one (health recovery)."""
+        with self._state_lock:
+            self._release(time.monotonic() + 5.0)
+            self._start_serving()
+            self.restarts += 1
+
+    def get_service_status(self) -> ServiceStatus:
+        """The child's own status (kind ``process``, its pid in ``extra``); the local view if it cannot answer."""
+        if self._state == "running" and self.listeners:
+            try:
+                if self._connection is None:
+                    from .transport import MmapConnection
+
+                    self._connection = MmapConnection(self.listeners[0].address)
+                remote = self._connection.remote_status(5.0)
+            except ServiceUnavailableError as exc:
+                status = super().get_service_status()
+                status.healthy = False
+                status.health_reason = str(exc)
+                return status
+            fields = {k: v for k, v in remote.items() if k in ServiceStatus.__dataclass_fields__}
+            status = ServiceStatus(**fields)
+            status.kind = self.kind
+            status.restarts += self.restarts
+            status.extra["pid"] = remote.get("pid")
+            from kservice import get_plugin_manager
+
+            get_plugin_manager().hook.kservice_task_status(task=self, status=status)
+            return status
+        return super().get_service_status()
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+# =========================================================================== the child
+
+
+def _read_blob(stream: IO[bytes]) -> bytes:
+    header = stream.read(_LENGTH.size)
+    if len(header) != _LENGTH.size:
+        raise EOFError("the parent closed the pipe before sending the service")
+    (length,) = _LENGTH.unpack(header)
+    return stream.read(length)
+
+
+def _child_main(output_fd: int) -> int:
+    """Host one service for a ProcessServiceTask; the spec arrives on stdin."""
+    stdin = sys.stdin.buffer
+    stop = threading.Event()
+    try:
+        for entry in json.loads(_read_blob(stdin)):
+            if entry not in sys.path:
+                sys.path.append(entry)
+        loaded = pickle.loads(_read_blob(stdin))
+        factory: ServiceFactory = loaded["factory"]
+        config = Config.load(loaded["config"])
+        task = LocalServiceTask(factory, TaskContext(loaded["environment"], config))
+        task.start_service()
+    except BaseException as exc:  # reported to the parent, which raises it
+        traceback.print_exc()
+        sys.stderr.flush()
+        message = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        print(f"failed {message}", flush=True)
+        return 1
+    address = next(a for a in task.addresses if a.transport == "mmap")
+    restore = _child_signals(stop)
+    print(f"ready {json.dumps({'queue': address.target, 'queue_timeout': task.queue_timeout})}", flush=True)
+    # From now on our output goes to the parent's stderr; the pipe is closed by the parent.
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.close(output_fd)
+
+    def watch_parent() -> None:
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader aborts interpreter exit.
+        with contextlib.suppress(OSError):
+            while os.read(0, 65536):
+                pass
+        stop.set()  # EOF: the parent closed the pipe or died
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    try:
+        stop.wait()
+    finally:
+        task.stop_service(DRAIN_TIMEOUT)
+        restore()
+    return 0
+
+
+def _child_signals(stop: threading.Event) -> Any:
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(130)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kservice.plugins.mmap.host --child FD`` (used by the process task kind)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 2 and args[0] == "--child":
+        return _child_main(int(args[1]))
+    print("usage: python -m kservice.plugins.mmap.host --child FD (use 'kservice serve' to host services)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

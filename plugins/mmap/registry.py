@@ -1,0 +1,257 @@
+"""Discovery: which services run on this host, and at which request queue.
+
+One JSON record per served name in a per-user directory beside the queue
+directory (``/dev/shm/kservice-<uid>-services/``, mode 0700; the variable
+``KSERVICE_REGISTRY_DIR`` overrides it). Record files are 0600 and hold the
+service name, request-queue name, host pid and the pid's start time (so a
+recycled pid is not mistaken for the host), transport, start time, host name
+and the service's queue timeout.
+
+A name has at most one live host on a host machine: :func:`publish` refuses a
+second live claimant with :class:`ServiceNameTaken` (the first keeps serving),
+and replaces a record whose host died. Lookups ignore and remove records of
+dead hosts. Records and directories owned by another user are never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import psutil
+from kservice import ServiceError
+
+from .ring import queue_directory
+
+__all__ = [
+    "ServiceNameTaken",
+    "lookup",
+    "process_alive",
+    "process_start_time",
+    "publish",
+    "reclaim_records",
+    "registry_directory",
+    "running_services",
+    "withdraw",
+]
+
+_SUFFIX = ".json"
+
+
+class ServiceNameTaken(ServiceError):
+    """Another live process on this host already serves that name."""
+
+
+def process_start_time(pid: int) -> float:
+    """The start time of ``pid`` (0.0 when it does not exist)."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return 0.0
+
+
+def process_alive(pid: int, start_time: float = 0.0) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, when ``start_time`` is given, is the same process."""
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        return not start_time or abs(proc.create_time() - start_time) < 0.5
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return True  # exists but not inspectable: assume alive rather than steal its name
+
+
+def registry_directory() -> Path:
+    """The per-user registry directory (created 0700); PermissionError if it is not private to this user."""
+    override = os.environ.get("KSERVICE_REGISTRY_DIR")
+    if override:
+        directory = Path(override)
+    else:
+        queues = queue_directory()
+        directory = queues.with_name(queues.name + "-services")
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(directory, 0o700)
+    st = os.lstat(directory)
+    uid = os.getuid()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(
+            f"service registry {directory} must be a directory owned by uid {uid} with mode 0700 "
+            f"(found uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); refusing it"
+        )
+    return directory
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _path(directory: Path, name: str) -> Path:
+    return directory / (quote(name, safe="") + _SUFFIX)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """A record, or None when it is missing, unreadable, not ours or not a record."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            record = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or not isinstance(record.get("queue"), str):
+        return None
+    return record
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    return process_alive(record["pid"], float(record.get("pid_start") or 0.0))
+
+
+def publish(name: str, queue: str, **extra: Any) -> dict[str, Any]:
+    """Record that this process serves ``name`` on request queue ``queue``; returns the record.
+
+    Raises ServiceNameTaken, naming the other host's pid, when a live process
+    already serves ``name``. A dead host's record is replaced.
+    """
+    pid = os.getpid()
+    record = {
+        "name": name,
+        "queue": queue,
+        "pid": pid,
+        "pid_start": process_start_time(pid),
+        "transport": "mmap",
+        "started_at": time.time(),
+        "host": socket.gethostname(),
+        **extra,
+    }
+    directory = registry_directory()
+    path = _path(directory, name)
+    tmp = directory / f".tmp-{pid}-{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        with _locked(directory):
+            existing = _read(path)
+            if existing is not None and _alive(existing):
+                raise ServiceNameTaken(
+                    f"service {name!r} is already served on this host by pid {existing['pid']} "
+                    f"(queue {existing['queue']}); stop that host first or serve this one under another name"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale or unreadable: its host is gone
+            # link() publishes the complete file atomically (readers never see a partial record).
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return record
+
+
+def withdraw(name: str, queue: str) -> None:
+    """Remove this process's record of ``name`` (only if it still names ``queue``)."""
+    with contextlib.suppress(OSError):
+        directory = registry_directory()
+        with _locked(directory):
+            path = _path(directory, name)
+            record = _read(path)
+            if record is not None and record["queue"] == queue and record["pid"] == os.getpid():
+                os.unlink(path)
+
+
+def lookup(name: str) -> dict[str, Any] | None:
+    """The live record of ``name``, or None; a dead host's record is removed."""
+    try:
+        directory = registry_directory()
+    except OSError:
+        return None
+    path = _path(directory, name)
+    record = _read(path)
+    if record is None:
+        return None
+    if _alive(record):
+        return record
+    _remove_if_stale(directory, path)
+    return None
+
+
+def _remove_if_stale(directory: Path, path: Path) -> bool:
+    with _locked(directory):
+        record = _read(path)  # read again under the lock: a new host may have taken the name
+        if record is not None and not _alive(record):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return True
+    return False
+
+
+def running_services() -> list[dict[str, Any]]:
+    """Records of every live service of this user on this host, by name."""
+    try:
+        directory = registry_directory()
+    except OSError:
+        return []
+    found = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.startswith(".") or not entry.name.endswith(_SUFFIX):
+            continue
+        record = _read(Path(entry.path))
+        if record is None:
+            continue
+        if _alive(record):
+            found.append(record)
+        else:
+            _remove_if_stale(directory, Path(entry.path))
+    return found
+
+
+def reclaim_records() -> list[str]:
+    """Remove records of dead hosts and temporary files of dead writers; returns the names removed."""
+    removed: list[str] = []
+    try:
+        directory = registry_directory()
+    except OSError:
+        return removed
+    for entry in os.scandir(directory):
+        if entry.name.startswith(".tmp-"):
+            pid = entry.name.split("-")[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            continue
+        if entry.name.endswith(_SUFFIX):
+            record = _read(Path(entry.path))
+            if record is not None and _remove_if_stale(directory, Path(entry.path)):
+                removed.append(unquote(entry.name[: -len(_SUFFIX)]))
+    return sorted(removed)
+

@@ -1,0 +1,771 @@
+"""The ``mmap`` transport: calls between processes of one host through shared-memory rings.
+
+Server side (:class:`MmapListener`): each task gets a request ring named after
+the service, the host pid and a random token. One listener thread drains it
+in batches (``get_many``) and decides, per request, where it runs:
+
+- *inline*, in the listener thread, when the method has been observed to take
+  less than ``mmap.inline_limit`` seconds and nothing this listener handed to
+  the worker pool is still running on a one-at-a-time service. This costs no
+  thread wake-up (~20-40 µs saved per call).
+- on the task's worker pool otherwise: unknown methods (their first call),
+  methods observed slow, and everything while a serial service is busy.
+
+A method that overruns the limit while running inline is moved to the pool
+from its next call on, so one slow method stalls the listener at most once
+until its measured cost decays below the limit again (pool runs keep feeding
+the estimate). A task declared not thread-safe still runs one request at a
+time: both paths go through ``task.execute``, which holds its serial lock.
+
+Client side (:class:`MmapConnection`): a synchronous ``call`` puts the request
+and waits on the calling thread's own response ring (created on the thread's
+first call, reused, closed at thread exit, when the last connection of the
+process closes, at process exit, or after an idle minute), so no other thread
+is woken. ``send`` (async) uses one per-process response ring drained by one
+dispatcher thread, ``kservice-mmap-responses``, which completes the replies.
+While waiting, callers check every half second that the service's host is
+alive: a host killed mid-call yields ServiceUnavailableError within about a
+second, not a hang until the timeout.
+
+Errors: an argument that cannot be pickled is a ``TypeError`` raised to the
+caller (nothing is sent); a result that cannot be pickled reaches the caller
+as a ServiceCallError naming the problem; a full request ring makes the caller
+wait up to the service's ``local.queue_timeout`` (never past the deadline),
+then ServiceOverloadedError; a record that cannot be decoded is logged with
+its request id when known and skipped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from kservice import (
+    BaseServiceTask,
+    Connection,
+    Listener,
+    ServiceAddress,
+    ServiceOverloadedError,
+    ServiceRequest,
+    ServiceResponse,
+    ServiceTimeoutError,
+    ServiceUnavailableError,
+    Transport,
+)
+
+from . import codec, registry
+from .ring import (
+    QueueClosed,
+    QueueEmpty,
+    QueueError,
+    QueueFull,
+    QueueLayoutError,
+    ShmQueue,
+    attach_queue,
+    create_queue,
+)
+
+__all__ = ["MmapConnection", "MmapListener", "MmapTransport"]
+
+log = logging.getLogger("kservice.mmap")
+
+#: Seconds between liveness checks of the host while a caller waits.
+LIVENESS_INTERVAL = 0.5
+#: Data capacity of a calling thread's response ring, and of the process's async one.
+SYNC_RESPONSE_CAPACITY = 1 << 20
+ASYNC_RESPONSE_CAPACITY = 8 << 20
+#: A thread ring unused this long is closed by the next sweep.
+IDLE_RING_SECONDS = 60.0
+#: Longest a server waits for room in a caller's response ring before dropping the response.
+RESPONSE_PUT_TIMEOUT = 2.0
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "request_queue_capacity": 4 << 20,
+    "inline_limit": 0.0002,
+    "publish": None,
+    "start_timeout": 60.0,
+}
+
+_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _inline_limit(queue: ShmQueue) -> int:
+    """Records larger than this travel through a segment, so one record never hogs a ring."""
+    return queue.max_record // 4  # type: ignore[no-any-return]
+
+
+def _runtime_error(request_id: str, error: BaseException) -> ServiceResponse:
+    return ServiceResponse.from_exception(request_id, error, origin="runtime").for_wire()
+
+
+def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
+    error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s")
+    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+
+
+_status_ids = itertools.count(1)
+
+
+# =========================================================================== server side
+
+
+class MmapListener(Listener):
+    """Makes one task reachable through its request ring (see the module docstring)."""
+
+    def __init__(self, task: BaseServiceTask) -> None:
+        self._task = task
+        options = {**DEFAULT_OPTIONS, **(task.options.get("mmap") or {})}
+        self._limit = float(options["inline_limit"])
+        self._concurrent = task.max_workers > 1
+        name = f"svc.{_SAFE.sub('_', task.service_name)[:80]}.{os.getpid()}.{secrets.token_hex(3)}"
+        self.queue = create_queue(name, int(options["request_queue_capacity"]))
+        self._published = bool(options["publish"] is None or options["publish"])
+        info = {
+            "pid": os.getpid(),
+            "queue_timeout": task.queue_timeout,
+            "started_at": time.time(),
+            "class": task.service_factory.class_path,
+        }
+        self.address = ServiceAddress("mmap", task.service_name, name, instance=name, info=info)
+        try:
+            if self._published:
+                registry.publish(task.service_name, name, queue_timeout=task.queue_timeout, instance=name, cls=info["class"])
+        except BaseException:
+            self.queue.close()
+            self.queue.unlink()
+            raise
+        self._cost: dict[str, float] = {}
+        self._outstanding = 0
+        self._outstanding_lock = threading.Lock()
+        self._responders: dict[str, ShmQueue] = {}
+        self._responders_lock = threading.Lock()
+        self._closed = False
+        self._accepting = True
+        self._thread = threading.Thread(target=self._serve, name=f"kservice-mmap-{task.service_name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def restart(self) -> None:
+        if not self._closed and not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name=self._thread.name, daemon=True)
+            self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (callers get ServiceUnavailableError at once) and unpublish; idempotent.
+
+        Requests already in the ring are still answered.
+        """
+        if not self._accepting:
+            return
+        self._accepting = False
+        if self._published:
+            registry.withdraw(self._task.service_name, self.queue.name)
+        with contextlib.suppress(QueueError):
+            self.queue.mark_closed()
+
+    def close(self) -> None:
+        """Stop accepting, answer what is left with ServiceUnavailableError, unlink the ring; idempotent."""
+        if self._closed:
+            return
+        self.stop_accepting()
+        self._thread.join(10.0)
+        self._closed = True
+        while True:
+            try:
+                records = self.queue.get_many(256, 0)
+            except QueueError:
+                break
+            for record in records:
+                self._refuse(record, "the service stopped before the request could run")
+        self.queue.close()
+        self.queue.unlink()
+        with self._responders_lock:
+            self._responders.clear()
+
+    # -------------------------------------------------------------- serving
+
+    def _serve(self) -> None:
+        get_many = self.queue.get_many
+        handle = self._handle
+        while True:
+            try:
+                records = get_many(64, None)
+            except QueueClosed:
+                return
+            except QueueError as exc:  # QueueCorrupted: the ring dropped bad bytes and carries on
+                log.warning("mmap listener of %r: %s", self._task.service_name, exc)
+                continue
+            except Exception:  # keep serving whatever happens
+                log.exception("mmap listener of %r: receiving failed", self._task.service_name)
+                if self._closed:
+                    return
+                time.sleep(0.01)
+                continue
+            for record in records:
+                try:
+                    handle(record)
+                except Exception:  # one bad request must not stop the listener
+                    log.exception("mmap listener of %r: handling a request failed", self._task.service_name)
+
+    def _decode(self, record: bytes) -> tuple[Any, ...] | None:
+        try:
+            message = codec.decode(record)
+            if type(message[0]) is not int:
+                raise codec.DecodeError("a response record arrived on a request queue")
+            return message
+        except codec.DecodeError as exc:
+            log.warning(
+                "mmap listener of %r: skipped an undecodable record (request id %s): %s",
+                self._task.service_name,
+                exc.request_id or "unknown",
+                exc,
+            )
+            return None
+
+    def _handle(self, record: bytes) -> None:
+        message = self._decode(record)
+        if message is None:
+            return
+        try:
+            request = codec.request_from_message(message)
+        except codec.DecodeError as exc:
+            log.warning("mmap listener of %r: skipped request %s: %s", self._task.service_name, exc.request_id, exc)
+            return
+        if message[0] == codec.KIND_STATUS:
+            self._reply_status(request)
+            return
+        task = self._task
+        name = request.method_name
+        if name[:1] == "_" or not name:
+            # Refused by the task before any lookup; cheap enough to answer here.
+            self._reply(request, task.execute(request))
+            return
+        cost = self._cost.get(name)
+        if (
+            cost is not None
+            and cost < self._limit
+            and task.running
+            and (self._concurrent or not self._outstanding)
+        ):
+            started = time.perf_counter()
+            response = task.execute(request)
+            self._observe(name, time.perf_counter() - started)
+            self._reply(request, response)
+            return
+        with self._outstanding_lock:
+            self._outstanding += 1
+        submitted = time.perf_counter()
+
+        def reply(response: ServiceResponse) -> None:
+            # Includes the wait in the pool's queue: an upper bound of the method's cost.
+            self._observe(name, time.perf_counter() - submitted)
+            with self._outstanding_lock:
+                self._outstanding -= 1
+            self._reply(request, response)
+
+        task.submit(request, reply)
+
+    def _observe(self, name: str, seconds: float) -> None:
+        previous = self._cost.get(name)
+        if previous is None or seconds > self._limit:
+            # Pessimistic on a slow run: the next calls go to the pool at once.
+            self._cost[name] = seconds if previous is None else max(seconds, previous)
+        else:
+            self._cost[name] = previous * 0.75 + seconds * 0.25
+
+    def _reply_status(self, request: ServiceRequest) -> None:
+        try:
+            status = self._task.get_service_status().to_dict()
+            status["pid"] = os.getpid()
+            response = ServiceResponse.ok(request.request_id, status)
+        except Exception as exc:  # the caller gets the error instead
+            response = _runtime_error(request.request_id, ServiceUnavailableError(f"status failed: {exc}"))
+        self._reply(request, response)
+
+    def _refuse(self, record: bytes, why: str) -> None:
+        try:
+            message = codec.decode(record)
+            request = codec.request_from_message(message)
+        except Exception:  # undecodable: decode() already unlinked its segment
+            return
+        error = ServiceUnavailableError(f"service {self._task.service_name!r} is unavailable: {why}")
+        self._reply(request, _runtime_error(request.request_id, error))
+
+    # -------------------------------------------------------------- replying
+
+    def _responder(self, name: str) -> ShmQueue | None:
+        queue = self._responders.get(name)
+        if queue is not None:
+            return queue
+        with self._responders_lock:
+            queue = self._responders.get(name)
+            if queue is None:
+                try:
+                    queue = attach_queue(name)
+                except (OSError, QueueError, ValueError) as exc:
+                    log.info("mmap listener of %r: caller's response queue %s is gone: %s", self._task.service_name, name, exc)
+                    return None
+                if len(self._responders) >= 1024:
+                    # Handles are dropped, not closed: a worker may still be writing through one.
+                    self._responders.clear()
+                self._responders[name] = queue
+        return queue
+
+    def _reply(self, request: ServiceRequest, response: ServiceResponse) -> None:
+        """Send ``response`` to the caller's ring; a gone or stuck caller loses it (logged)."""
+        name = request.response_queue_name
+        queue = self._responder(name) if name else None
+        if queue is None:
+            return
+        response = response.for_wire()
+        try:
+            record, segment = codec.encode_response(response, queue.owner_pid, _inline_limit(queue))
+        except Exception as exc:  # the result (or error) cannot be pickled
+            record, segment = codec.encode_response(_unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30)
+        try:
+            queue.put(record, RESPONSE_PUT_TIMEOUT)
+        except (QueueError, ValueError) as exc:
+            codec.unlink_segment(segment)
+            with self._responders_lock:
+                if self._responders.get(name) is queue:
+                    del self._responders[name]
+            log.info(
+                "mmap listener of %r: dropped the response to %s (caller's queue %s: %s)",
+                self._task.service_name,
+                request.request_id,
+                name,
+                exc,
+            )
+
+
+def _unpicklable_result(request: ServiceRequest, response: ServiceResponse, exc: BaseException) -> ServiceResponse:
+    what = "result" if response.success else "error"
+    error = TypeError(
+        f"the {what} of {request.service_name}.{request.method_name} cannot be sent back to the caller: "
+        f"it is not picklable ({type(exc).__name__}: {exc})"
+    )
+    failed = ServiceResponse.from_exception(request.request_id, error, origin="service", with_traceback=False)
+    return failed.for_wire()
+
+
+# =========================================================================== client side
+
+
+class _ThreadRing:
+    """A calling thread's own response ring."""
+
+    __slots__ = ("busy", "closed", "last_used", "queue")
+
+    def __init__(self, queue: ShmQueue) -> None:
+        self.queue = queue
+        self.busy = False
+        self.closed = False
+        self.last_used = time.monotonic()
+
+
+class _Pending:
+    """An async request waiting for its response."""
+
+    __slots__ = ("connection", "deadline", "reply")
+
+    def __init__(self, reply: Callable[[ServiceResponse], None], connection: MmapConnection, deadline: float) -> None:
+        self.reply = reply
+        self.connection = connection
+        self.deadline = deadline
+
+
+class _ClientRings:
+    """This process's response rings: one per calling thread, one for async calls."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._rings: list[_ThreadRing] = []
+        self._connections = 0
+        self._async_queue: ShmQueue | None = None
+        self._dispatcher: threading.Thread | None = None
+        self.pending: dict[str, _Pending] = {}
+
+    # ---------------------------------------------------------- thread rings
+
+    def acquire(self) -> _ThreadRing:
+        """The calling thread's ring, marked busy (creates it on first use)."""
+        ring: _ThreadRing | None = getattr(self._local, "ring", None)
+        if ring is not None:
+            with self._lock:
+                if not ring.closed:
+                    ring.busy = True
+                    return ring
+        queue = create_queue(f"rsp.{os.getpid()}.{threading.get_ident() & 0xFFFFFFFF:x}.{secrets.token_hex(3)}", SYNC_RESPONSE_CAPACITY)
+        ring = _ThreadRing(queue)
+        ring.busy = True
+        # The sentinel dies with the thread's locals, closing the ring when the thread exits.
+        sentinel = _Sentinel()
+        weakref.finalize(sentinel, self._release_ring, ring)
+        self._local.ring = ring
+        self._local.sentinel = sentinel
+        with self._lock:
+            self._rings.append(ring)
+            self._sweep_locked(idle_only=True)
+        return ring
+
+    def _release_ring(self, ring: _ThreadRing) -> None:
+        with self._lock:
+            self._close_ring_locked(ring)
+            with contextlib.suppress(ValueError):
+                self._rings.remove(ring)
+
+    @staticmethod
+    def _close_ring_locked(ring: _ThreadRing) -> None:
+        if ring.closed:
+            return
+        ring.closed = True
+        with contextlib.suppress(Exception):
+            ring.queue.unlink()
+            ring.queue.close()
+
+    def _sweep_locked(self, idle_only: bool) -> None:
+        now = time.monotonic()
+        keep = []
+        for ring in self._rings:
+            if not ring.busy and (not idle_only or now - ring.last_used > IDLE_RING_SECONDS):
+                self._close_ring_locked(ring)
+            if not ring.closed:
+                keep.append(ring)
+        self._rings = keep
+
+    # ------------------------------------------------------------ connections
+
+    def connection_opened(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def connection_closed(self) -> None:
+        with self._lock:
+            self._connections -= 1
+            last = self._connections <= 0
+            if last:
+                self._connections = 0
+                self._sweep_locked(idle_only=False)
+        if last:
+            self.stop_dispatcher()
+
+    # ------------------------------------------------------------- async ring
+
+    def async_queue(self) -> ShmQueue:
+        queue = self._async_queue
+        if queue is not None:
+            return queue
+        with self._lock:
+            if self._async_queue is None:
+                queue = create_queue(f"rsp.{os.getpid()}.async.{secrets.token_hex(3)}", ASYNC_RESPONSE_CAPACITY)
+                thread = threading.Thread(target=self._dispatch, args=(queue,), name="kservice-mmap-responses", daemon=True)
+                self._async_queue, self._dispatcher = queue, thread
+                thread.start()
+            return self._async_queue
+
+    def stop_dispatcher(self) -> None:
+        with self._lock:
+            queue, thread = self._async_queue, self._dispatcher
+            self._async_queue = self._dispatcher = None
+        if queue is None or thread is None:
+            return
+        with contextlib.suppress(QueueError):
+            queue.mark_closed()
+        if thread is not threading.current_thread():
+            thread.join(5.0)
+        self._fail_pending(lambda p: True, "the connection was closed before the response arrived")
+        with contextlib.suppress(Exception):
+            queue.unlink()
+            queue.close()
+
+    def _dispatch(self, queue: ShmQueue) -> None:
+        pending = self.pending
+        next_check = time.monotonic() + LIVENESS_INTERVAL
+        while True:
+            try:
+                records = queue.get_many(256, LIVENESS_INTERVAL)
+            except QueueEmpty:
+                records = []
+            except QueueClosed:
+                return
+            except QueueError as exc:
+                log.warning("mmap async responses: %s", exc)
+                records = []
+            for record in records:
+                try:
+                    message = codec.decode(record)
+                except codec.DecodeError as exc:
+                    log.warning("mmap async responses: skipped an undecodable response: %s", exc)
+                    continue
+                entry = pending.pop(message[0], None)
+                if entry is None:
+                    continue  # its caller already gave up
+                try:
+                    entry.reply(codec.response_from_message(message))
+                except Exception:  # a failing callback must not stop the dispatcher
+                    log.exception("mmap async responses: completing %s failed", message[0])
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + LIVENESS_INTERVAL
+                self._check_pending()
+
+    def _check_pending(self) -> None:
+        """Answer requests whose host died, and forget those long past their deadline."""
+        if not self.pending:
+            return
+        now = time.time()
+        dead: set[int] = set()
+        checked: set[int] = set()
+        for entry in list(self.pending.values()):
+            conn = entry.connection
+            if id(conn) not in checked:
+                checked.add(id(conn))
+                if not conn.host_alive():
+                    dead.add(id(conn))
+        if dead:
+            self._fail_pending(lambda p: id(p.connection) in dead, "its host process died")
+        # The manager's timer already answered these callers; drop them so the table stays small.
+        for request_id, entry in list(self.pending.items()):
+            if entry.deadline + 5.0 < now:
+                self.pending.pop(request_id, None)
+
+    def _fail_pending(self, which: Callable[[_Pending], bool], why: str) -> None:
+        for request_id, entry in list(self.pending.items()):
+            if which(entry) and self.pending.pop(request_id, None) is not None:
+                with contextlib.suppress(Exception):
+                    entry.reply(_runtime_error(request_id, ServiceUnavailableError(f"service unavailable: {why}")))
+
+    # -------------------------------------------------------------- process
+
+    def shutdown(self) -> None:
+        """Close and unlink every ring of this process (at exit)."""
+        self.stop_dispatcher()
+        with self._lock:
+            for ring in self._rings:
+                self._close_ring_locked(ring)
+            self._rings = []
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's rings belong to the parent; start afresh."""
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._rings = []
+        self._connections = 0
+        self._async_queue = None
+        self._dispatcher = None
+        self.pending = {}
+
+
+class _Sentinel:
+    __slots__ = ("__weakref__",)
+
+
+_client = _ClientRings()
+atexit.register(_client.shutdown)
+os.register_at_fork(after_in_child=_client.forget_after_fork)
+
+
+class MmapConnection(Connection):
+    """A caller's channel to one service's request ring."""
+
+    def __init__(self, address: ServiceAddress) -> None:
+        self.queue_name = str(address.target)
+        self._service_name = address.service_name
+        try:
+            ring = attach_queue(self.queue_name)
+        except FileNotFoundError:
+            raise ServiceUnavailableError(
+                f"service {address.service_name!r} is not reachable: its request queue {self.queue_name} "
+                "does not exist (the host stopped?)"
+            ) from None
+        except QueueLayoutError as exc:
+            raise ServiceUnavailableError(
+                f"service {address.service_name!r} cannot be reached: its request queue was made by an "
+                f"incompatible kservice version ({exc}); run the same kservice version on both sides"
+            ) from exc
+        except (PermissionError, ValueError) as exc:
+            raise ServiceUnavailableError(f"service {address.service_name!r} cannot be reached: {exc}") from exc
+        if not ring.owner_alive:
+            ring.close()
+            raise ServiceUnavailableError(
+                f"service {address.service_name!r} is not reachable: its host (pid {ring.owner_pid}) is gone"
+            )
+        self._ring: ShmQueue | None = ring
+        self._owner_pid = ring.owner_pid
+        self._inline_limit = _inline_limit(ring)
+        self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
+        _client.connection_opened()
+
+    def host_alive(self) -> bool:
+        ring = self._ring
+        return ring is not None and ring.owner_alive  # type: ignore[no-any-return]
+
+    def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
+        return _runtime_error(
+            request.request_id, ServiceUnavailableError(f"service {self._service_name!r} is unavailable: {why}")
+        )
+
+    def _put(self, ring: ShmQueue, request: ServiceRequest, record: bytes, segment: str | None) -> ServiceResponse | None:
+        """Queue one record; a failed response when it could not be queued (its segment unlinked)."""
+        remaining = request.remaining()
+        wait = self._queue_timeout if remaining is None else min(self._queue_timeout, remaining)
+        try:
+            ring.put(record, wait if wait > 0 else 0)
+            return None
+        except QueueFull:
+            codec.unlink_segment(segment)
+            return _runtime_error(
+                request.request_id,
+                ServiceOverloadedError(
+                    f"service {self._service_name!r} is overloaded: its request queue stayed full for "
+                    f"{max(wait, 0):.3f}s (service.local.queue_timeout={self._queue_timeout})"
+                ),
+            )
+        except QueueClosed:
+            codec.unlink_segment(segment)
+            return self._unavailable(request, "it is stopping or its host is gone")
+        except BaseException:
+            codec.unlink_segment(segment)
+            raise
+
+    def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
+        try:
+            return codec.encode_request(request, response_queue, self._owner_pid, self._inline_limit)
+        except Exception as exc:  # whatever pickling raises
+            error = TypeError(
+                f"cannot call {request.service_name}.{request.method_name} in another process: its arguments "
+                f"are not picklable ({type(exc).__name__}: {exc}); nothing was sent"
+            )
+            error.__cause__ = exc
+            return ServiceResponse.from_exception(request.request_id, error, origin="client")
+
+    def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
+        """Send and wait on this thread's own response ring (no thread hand-off).
+
+        Returns a failed response: ServiceTimeoutError when ``timeout`` passes,
+        ServiceUnavailableError when the host dies or stops, ServiceOverloadedError
+        when the request ring stays full; a client-side TypeError for arguments
+        that cannot be pickled.
+        """
+        ring = self._ring
+        if ring is None:
+            return self._unavailable(request, "the connection is closed")
+        holder = _client.acquire()
+        try:
+            queue = holder.queue
+            encoded = self._encode(request, queue.name)
+            if type(encoded) is not tuple:
+                return encoded  # type: ignore[return-value]
+            failed = self._put(ring, request, *encoded)
+            if failed is not None:
+                return failed
+            return self._wait(ring, queue, request, timeout)
+        finally:
+            holder.last_used = time.monotonic()
+            holder.busy = False
+
+    def _wait(self, ring: ShmQueue, queue: ShmQueue, request: ServiceRequest, timeout: float) -> ServiceResponse:
+        monotonic = time.monotonic
+        end = monotonic() + timeout
+        request_id = request.request_id
+        get = queue.get
+        while True:
+            remaining = end - monotonic()
+            if remaining <= 0:
+                return _timed_out(request, timeout)
+            try:
+                record = get(remaining if remaining < LIVENESS_INTERVAL else LIVENESS_INTERVAL)
+            except QueueEmpty:
+                if not ring.owner_alive:
+                    return self._unavailable(request, f"its host process (pid {ring.owner_pid}) died during the call")
+                continue
+            except QueueError as exc:  # corrupted response ring: it dropped the bad bytes
+                log.warning("mmap response queue %s: %s", queue.name, exc)
+                continue
+            try:
+                message = codec.decode(record)
+            except codec.DecodeError as exc:
+                log.warning("mmap response queue %s: skipped an undecodable response: %s", queue.name, exc)
+                continue
+            if message[0] == request_id:
+                return codec.response_from_message(message)
+            # A late response of an earlier call of this thread that timed out: drop it.
+
+    def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
+        """Queue ``request``; the dispatcher thread calls ``reply`` exactly once."""
+        ring = self._ring
+        if ring is None:
+            reply(self._unavailable(request, "the connection is closed"))
+            return
+        queue = _client.async_queue()
+        encoded = self._encode(request, queue.name)
+        if type(encoded) is not tuple:
+            reply(encoded)  # type: ignore[arg-type]
+            return
+        deadline = request.deadline if request.deadline is not None else time.time() + 3600.0
+        pending = _client.pending
+        pending[request.request_id] = _Pending(reply, self, deadline)
+        failed = self._put(ring, request, *encoded)
+        if failed is not None and pending.pop(request.request_id, None) is not None:
+            reply(failed)
+
+    def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
+
+        Raises ServiceUnavailableError when the host does not answer within ``timeout``.
+        """
+        ring = self._ring
+        if ring is None:
+            raise ServiceUnavailableError(f"the connection to {self._service_name!r} is closed")
+        request_id = f"{os.getpid():x}-status-{next(_status_ids)}"
+        request = ServiceRequest(request_id, self._service_name, "", deadline=time.time() + timeout)
+        holder = _client.acquire()
+        try:
+            record = codec.encode_status_request(request.request_id, self._service_name, holder.queue.name, request.deadline)  # type: ignore[arg-type]
+            failed = self._put(ring, request, record, None)
+            response = failed or self._wait(ring, holder.queue, request, timeout)
+        finally:
+            holder.busy = False
+        if not response.success:
+            raise ServiceUnavailableError(f"cannot get the status of {self._service_name!r}: {response.error}")
+        return response.result  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Release the connection; idempotent. The ring handle is unmapped once no call uses it."""
+        if self._ring is None:
+            return
+        # Dropped, not closed: a thread still inside call() holds its own reference.
+        self._ring = None
+        _client.connection_closed()
+
+
+class MmapTransport(Transport):
+    """Calls to services in other processes of this host, by request-queue name."""
+
+    name = "mmap"
+    crosses_processes = True
+
+    def listen(self, task: BaseServiceTask) -> Listener:
+        return MmapListener(task)
+
+    def connect(self, address: ServiceAddress) -> Connection:
+        return MmapConnection(address)
+
+    def close(self) -> None:
+        _client.shutdown()

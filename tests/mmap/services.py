@@ -1,0 +1,163 @@
+"""Service classes for the mmap tests, importable by child processes (``tests.mmap.services``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kservice import service
+
+
+class KV:
+    """A small thread-safe key-value store."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self._data: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[self.prefix + key] = value
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            return self._data[self.prefix + key]  # KeyError when missing
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def size(self, value: Any) -> int:
+        return len(value)
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def unpicklable(self) -> Any:
+        return threading.Lock()
+
+    def make_bytes(self, n: int) -> bytes:
+        return b"\x07" * n
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+
+class Broken:
+    """A service whose constructor raises."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("constructor exploded on purpose")
+
+
+@service(thread_safe=False)
+class Serial:
+    """Not thread-safe: runs one request at a time; records overlapping calls."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.max_active = 0
+
+    def work(self, seconds: float) -> int:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        time.sleep(seconds)
+        self.active -= 1
+        return self.max_active
+
+    def block(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+# --------------------------------------------------------------------------- helpers for the tests
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for child Python processes: this one, plus the repository root on sys.path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def unique(name: str) -> str:
+    """A service name no other test (or concurrent test run) uses."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+class Host:
+    """A ``kservice serve`` subprocess."""
+
+    def __init__(self, *specs: str, extra_args: tuple[str, ...] = ()) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kservice.cli", "serve", *extra_args, *specs],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            text=True,
+        )
+        self.lines: list[str] = []
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, count: int = 1, timeout: float = 30.0) -> list[str]:
+        """Read stdout until ``count`` "serving ..." lines; raises with stderr if the host exits first."""
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while sum(line.startswith("serving ") for line in self.lines) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"host not ready: {self.lines}")
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"host exited ({self.process.wait()}): {self.stderr()}")
+            self.lines.append(line.strip())
+        return self.lines
+
+    def stderr(self) -> str:
+        assert self.process.stderr is not None
+        with contextlib.suppress(Exception):
+            self.process.wait(10)
+        return self.process.stderr.read()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+        finally:
+            for stream in (self.process.stdout, self.process.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@contextlib.contextmanager
+def hosting(*specs: str, ready: int = 1) -> Iterator[Host]:
+    host = Host(*specs)
+    try:
+        host.wait_ready(ready)
+        yield host
+    finally:
+        host.stop()
