@@ -7,6 +7,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
@@ -25,43 +26,72 @@ __all__ = ["ServiceManager", "ServiceProxy"]
 
 
 class _Timer:
-    """One thread that runs callbacks at given times: async deadlines and retry delays.
+    """One thread per manager that fires async-call deadlines and retry delays.
 
-    Completed calls are not removed from the heap one by one (that would cost
-    on every call); the heap is compacted when it has doubled since the last
-    compaction, so it stays proportional to the calls really pending.
+    Deadlines cost one ``deque.append`` per call: calls sharing a timeout
+    expire in the order they were made, so each distinct timeout gets a FIFO
+    whose head is always the next to expire, and finished calls are popped from
+    the heads as the thread passes. Retry delays (rare) go through a heap.
     """
 
+    #: while calls are pending the thread wakes at least this often to drop finished ones
+    TICK = 0.05
+
     def __init__(self, name: str) -> None:
-        self._heap: list[tuple[float, int, Callable[[], bool], Callable[[], None]]] = []
+        self._fifos: dict[float, deque[tuple[float, _AsyncCall]]] = {}
+        self._delayed: list[tuple[float, int, Callable[[], None]]] = []
         self._cond = threading.Condition(threading.Lock())
         self._seq = itertools.count()
         self._closed = False
-        self._compact_at = 1024
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def schedule(self, when: float, callback: Callable[[], None], pending: Callable[[], bool]) -> None:
-        """Run ``callback()`` at monotonic time ``when`` if ``pending()`` is then still true."""
-        entry = (when, next(self._seq), pending, callback)
-        with self._cond:
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
+    def expire_at(self, timeout: float, when: float, call: _AsyncCall) -> None:
+        """Call ``call.expire()`` at monotonic ``when`` unless the call has finished by then."""
+        fifo = self._fifos.get(timeout)
+        if fifo is None:
+            with self._cond:
+                fifo = self._fifos.setdefault(timeout, deque())
+        was_empty = not fifo
+        fifo.append((when, call))
+        if was_empty:
+            with self._cond:
                 self._cond.notify()
-            if len(self._heap) >= self._compact_at:
-                self._heap = [e for e in self._heap if e[2]()]
-                heapq.heapify(self._heap)
-                self._compact_at = max(1024, 2 * len(self._heap))
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` in the timer thread after ``delay`` seconds."""
+        with self._cond:
+            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), callback))
+            self._cond.notify()
 
     def _run(self) -> None:
         while True:
+            due: list[Callable[[], None]] = []
             with self._cond:
-                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
                 if self._closed:
                     return
-                _, _, pending, callback = heapq.heappop(self._heap)
-            if pending():
+                now = time.monotonic()
+                next_wake: float | None = None
+                for fifo in list(self._fifos.values()):
+                    while fifo:
+                        when, call = fifo[0]
+                        if call.finished():
+                            fifo.popleft()
+                        elif when <= now:
+                            fifo.popleft()
+                            due.append(call.expire)
+                        else:
+                            next_wake = min(when, next_wake if next_wake is not None else when, now + self.TICK)
+                            break
+                while self._delayed and self._delayed[0][0] <= now:
+                    due.append(heapq.heappop(self._delayed)[2])
+                if self._delayed:
+                    head = self._delayed[0][0]
+                    next_wake = head if next_wake is None else min(next_wake, head)
+                if not due:
+                    self._cond.wait(None if next_wake is None else max(0.0, next_wake - now))
+                    continue
+            for callback in due:
                 try:
                     callback()
                 except Exception:  # noqa: BLE001 - a failing callback must not stop the timer
@@ -70,7 +100,8 @@ class _Timer:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._heap.clear()
+            self._fifos.clear()
+            self._delayed.clear()
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -411,11 +442,15 @@ class _AsyncCall:
         self.last_response: ServiceResponse | None = None
 
     def start(self) -> None:
-        self.manager.timer().schedule(time.monotonic() + self.timeout, self._timed_out, self._pending)
+        self.manager.timer().expire_at(round(self.timeout, 3), time.monotonic() + self.timeout, self)
         self._send()
 
-    def _pending(self) -> bool:
-        return not self.future.done() and not self.future.running()
+    def finished(self) -> bool:
+        """Whether the caller has its outcome (or gave up): no further reply matters."""
+        return self.future._state != "PENDING"  # read without the future's lock: a stale answer only delays a prune
+
+    def expire(self) -> None:
+        self._finish(timeout_response(self.request, self.timeout))
 
     def _send(self) -> None:
         route = self.route
@@ -438,7 +473,7 @@ class _AsyncCall:
             self._on_response(ServiceResponse.from_exception(self.request.request_id, exc, origin="client"))
 
     def _on_response(self, response: ServiceResponse) -> None:
-        if self.future.done() or self.future.running():
+        if self.future._state != "PENDING":
             return  # late: the caller already got a timeout or cancelled
         if not response.success and self.route.retry is not None:
             delay = self.route.retry.should_retry(
@@ -448,17 +483,16 @@ class _AsyncCall:
             if delay is not None and (deadline is None or time.time() + delay < deadline):
                 self.attempt += 1
                 self.last_response = response
-                self.manager.timer().schedule(time.monotonic() + delay, self._retry, self._pending)
+                self.manager.timer().call_later(delay, self._retry)
                 return
         self._finish(response)
 
     def _retry(self) -> None:
+        if self.finished():
+            return
         if self.last_response is not None:
             self.route = self.manager._refresh_route(self.route, self.last_response)
         self._send()
-
-    def _timed_out(self) -> None:
-        self._finish(timeout_response(self.request, self.timeout))
 
     def _finish(self, response: ServiceResponse) -> None:
         future = self.future

@@ -185,6 +185,9 @@ class BaseServiceTask:
         self._requests_total = 0
         self._errors_total = 0
         self._expired_total = 0
+        from ._plugins import on_plugins_changed
+
+        on_plugins_changed(self._plugins_changed)
 
     def _configured_max_workers(self, config: Config) -> int:
         entry = config.service_entry(self.service_name) or {}
@@ -246,17 +249,20 @@ class BaseServiceTask:
 
     def _start_serving(self) -> None:
         """Bring the instance, workers and listeners up (subclasses that host elsewhere override)."""
-        from ._plugins import get_transport, on_plugins_changed
+        from ._plugins import get_transport
 
         self._service = self.service_factory.create()
         _call_lifecycle(self._service, ("setup",))
         self._methods = {}
         self._compile_server_chain()
-        on_plugins_changed(self._compile_server_chain)
         self._pool = _WorkerPool(self, self.max_workers)
         self._state = "running"
         for name in self.transport_names:
             self.listeners.append(get_transport(name).listen(self))
+
+    def _plugins_changed(self) -> None:
+        if self._state in ("starting", "running"):
+            self._compile_server_chain()
 
     def _compile_server_chain(self) -> None:
         from ._plugins import get_plugin_manager
