@@ -1,0 +1,167 @@
+"""pytest fixtures for testing your own services with kservice.
+
+Installed with kservice and loaded by pytest automatically (entry point
+``pytest11``: ``kservice = "kservice.testing"``). Test a service in three
+lines::
+
+    def test_kv(kservice_service):
+        kv = kservice_service(KV, kind="process")   # hosted in a child process, over mmap
+        assert kv.get("a") is None
+
+Fixtures (function scope unless noted):
+
+``kservice_config``
+    The configuration of the test's environment: None (defaults) unless you
+    override the fixture in a conftest or test module to return a dict or a
+    YAML path.
+``kservice_environment``
+    A started :class:`kservice.ServiceEnvironment` using ``kservice_config``;
+    stopped after the test, with every service, child process and shared-memory
+    queue it started.
+``kservice_manager``
+    A :class:`kservice.ServiceManager` bound to that environment.
+``kservice_service``
+    ``kservice_service(ServiceClass, *args, name=None, kind="local",
+    timeout=None, kwargs=None, **options)`` registers and starts a service in
+    the environment and returns a :class:`kservice.ServiceProxy` whose method
+    calls are synchronous calls through the manager. ``args``/``kwargs`` go to
+    the class's constructor; ``options`` are the service's options as in
+    config (``replicas=2``, ``local={"max_workers": 1}``...). ``kind`` is
+    ``"local"`` (this process), ``"process"`` (a child process over shared
+    memory) or ``"ray"`` (Ray actors; the test is skipped, saying why, when Ray
+    is not installed).
+``kservice_ray`` (session scope)
+    Makes sure Ray runs for the session (started once, stopped at the end if
+    this fixture started it). Requested automatically for ``kind="ray"``.
+
+Guarantees: a service that fails to start fails the test with the service's
+own error; teardown stops every service the test started even when the test
+fails, and the environment's child processes are gone when teardown returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from . import ServiceEnvironment, ServiceManager, ServiceProxy
+
+__all__ = [
+    "ServiceStarter",
+    "kservice_config",
+    "kservice_environment",
+    "kservice_manager",
+    "kservice_ray",
+    "kservice_service",
+]
+
+RAY_MISSING = "Ray is not installed (pip install 'kservice[ray]'); kind='ray' services cannot run"
+
+_environment_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def kservice_config() -> Any:
+    """The test environment's configuration: override this fixture to return a dict or a YAML path."""
+    return None
+
+
+@pytest.fixture
+def kservice_environment(kservice_config: Any, request: pytest.FixtureRequest) -> Iterator[ServiceEnvironment]:
+    """A started ServiceEnvironment for one test, stopped (with everything it started) afterwards."""
+    from . import ServiceEnvironment
+
+    # Readable in `kservice status` and in error messages: which test owns the environment.
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60].strip("-") or "test"
+    environment = ServiceEnvironment(f"pytest-{label}-{next(_environment_numbers)}", kservice_config)
+    environment.start()
+    try:
+        yield environment
+    finally:
+        environment.stop()
+
+
+@pytest.fixture
+def kservice_manager(kservice_environment: ServiceEnvironment) -> Iterator[ServiceManager]:
+    """A ServiceManager bound to ``kservice_environment`` (closed after the test)."""
+    manager = kservice_environment.manager()
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+@pytest.fixture(scope="session")
+def kservice_ray() -> Iterator[Any]:
+    """The ``ray`` module with Ray running for this session; skips the test when Ray is not installed.
+
+    Ray is started once (``ray.init`` takes seconds) and shut down at the end
+    of the session only if this fixture started it.
+    """
+    try:
+        import ray
+    except ImportError:
+        pytest.skip(RAY_MISSING)
+    started = False
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class ServiceStarter:
+    """The callable the ``kservice_service`` fixture returns."""
+
+    def __init__(self, environment: ServiceEnvironment, manager: ServiceManager, request: pytest.FixtureRequest) -> None:
+        self.environment = environment
+        self.manager = manager
+        self._request = request
+
+    def __call__(
+        self,
+        service_class: type,
+        *args: Any,
+        name: str | None = None,
+        kind: str = "local",
+        timeout: float | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> ServiceProxy:
+        """Start ``service_class(*args, **kwargs)`` as a service of ``kind`` and return a proxy to it.
+
+        ``name`` defaults to the class name (with a numeric suffix when the
+        test starts the same class twice). ``timeout`` applies to every call
+        made through the proxy. Raises the service's start error
+        (ServiceUnavailableError, ConfigError) when it cannot start.
+        """
+        from . import ServiceFactory
+
+        if kind == "ray":
+            self._request.getfixturevalue("kservice_ray")  # skips when Ray is not installed
+        service_name = name or self._free_name(service_class.__name__)
+        factory = ServiceFactory(service_name, service_class, tuple(args), dict(kwargs or {}))
+        self.environment.register_service(service_name, factory, kind=kind, **options)
+        return self.manager.proxy(service_name, timeout=timeout)
+
+    def _free_name(self, base: str) -> str:
+        taken = set(self.environment.service_names())
+        if base not in taken:
+            return base
+        return next(f"{base}-{n}" for n in itertools.count(2) if f"{base}-{n}" not in taken)
+
+
+@pytest.fixture
+def kservice_service(
+    kservice_environment: ServiceEnvironment, kservice_manager: ServiceManager, request: pytest.FixtureRequest
+) -> ServiceStarter:
+    """Start services for this test: ``kv = kservice_service(KV, kind="process"); kv.get("a")``."""
+    return ServiceStarter(kservice_environment, kservice_manager, request)
