@@ -1,0 +1,169 @@
+"""Structured call logging: one ``logging`` record per call on logger ``kservice.calls``.
+
+Off by default (``call_log.enabled: true`` turns it on, globally or per
+service). Each record carries, as ``extra=`` attributes a formatter or a JSON
+handler can read: ``service``, ``method``, ``request_id``, ``duration_ms``,
+``outcome`` (``ok``, ``error`` or ``degraded``), ``error_type`` (empty on
+success) and ``side`` (``client`` or ``server``). Argument values are never
+logged unless ``call_log.log_arguments: true``; they then appear, each
+``repr`` cut to ``call_log.max_argument_chars``, as ``call_args`` and
+``call_kwargs`` (``args`` is a reserved LogRecord attribute).
+
+A logging handler that fails does not fail the call: ``logging`` reports
+handler errors itself (``logging.raiseExceptions``) and the record is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+
+__all__ = ["LOGGER_NAME", "CallLogMiddleware"]
+
+LOGGER_NAME = "kservice.calls"
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: A start time older than this is dropped (a cancelled async call never reaches after_call).
+_STALE_START = 3600.0
+
+
+def _schema() -> dict[str, Setting]:
+    return {
+        "enabled": Setting((bool,), False, "Log one structured record per call on logger 'kservice.calls'."),
+        "side": Setting(
+            (str,),
+            "server",
+            "Where calls are logged: 'server' (the service's process, an access log), 'client' (the caller's), or 'both'.",
+            choices=("server", "client", "both"),
+        ),
+        "level": Setting((str,), "INFO", "Level of records for calls that succeeded.", choices=_LEVELS),
+        "error_level": Setting((str,), "WARNING", "Level of records for calls that failed.", choices=_LEVELS),
+        "log_arguments": Setting(
+            (bool,), False, "Add the call's argument values (repr, truncated) as call_args/call_kwargs. May log secrets."
+        ),
+        "max_argument_chars": Setting((int,), 200, "Longest repr kept of each argument value.", minimum=8),
+    }
+
+
+def _short(value: Any, limit: int) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not fail the call
+        text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class CallLogMiddleware(ServiceMiddleware):
+    """Logs each call of one service on one side; built by the plugin from the ``call_log`` section."""
+
+    def __init__(
+        self,
+        side: str,
+        *,
+        level: int = logging.INFO,
+        error_level: int = logging.WARNING,
+        log_arguments: bool = False,
+        max_argument_chars: int = 200,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.side = side
+        self.level = level
+        self.error_level = error_level
+        self.log_arguments = log_arguments
+        self.max_argument_chars = max_argument_chars
+        self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
+        self.clock = clock
+        self._started: dict[str, float] = {}
+        self._sweep_at = 4096
+        if side == "client":
+            self.before_call = self._start  # type: ignore[method-assign]
+            self.after_call = self._log  # type: ignore[method-assign]
+        else:
+            self.before_handle = self._start  # type: ignore[method-assign]
+            self.after_handle = self._log  # type: ignore[method-assign]
+
+    def _start(self, request: ServiceRequest) -> None:
+        started = self._started
+        started[request.request_id] = self.clock()
+        if len(started) > self._sweep_at:
+            now = self.clock()
+            for key, start in list(started.items()):
+                if now - start > _STALE_START:
+                    started.pop(key, None)
+            self._sweep_at = max(4096, 2 * len(started))
+
+    def _log(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        start = self._started.pop(request.request_id, None)
+        duration_ms = (self.clock() - start) * 1e3 if start is not None else -1.0
+        if response.success:
+            outcome = "degraded" if response.degraded else "ok"
+            level = self.level
+        else:
+            outcome = "error"
+            level = self.error_level
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return
+        extra: dict[str, Any] = {
+            "service": request.service_name,
+            "method": request.method_name,
+            "request_id": request.request_id,
+            "duration_ms": duration_ms,
+            "outcome": outcome,
+            "error_type": "" if response.success else response.error_type,
+            "side": self.side,
+        }
+        if self.log_arguments:
+            limit = self.max_argument_chars
+            extra["call_args"] = [_short(a, limit) for a in request.args]
+            extra["call_kwargs"] = {k: _short(v, limit) for k, v in request.kwargs.items()}
+        if response.success:
+            logger.log(level, "%s.%s %s in %.3f ms", request.service_name, request.method_name, outcome, duration_ms, extra=extra)
+        else:
+            logger.log(
+                level,
+                "%s.%s %s in %.3f ms: %s: %s",
+                request.service_name,
+                request.method_name,
+                outcome,
+                duration_ms,
+                response.error_type,
+                response.error,
+                extra=extra,
+            )
+
+    def __repr__(self) -> str:
+        return f"<CallLogMiddleware side={self.side}>"
+
+
+# The class-level hooks stay the base class's no-ops: _overridden() then sees
+# only the side chosen in __init__ (an instance attribute), so the other side's
+# chain does not include this middleware at all.
+
+
+@hookimpl
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    register("call_log", _schema())
+
+
+@hookimpl(trylast=True)
+def kservice_middleware(service_name: str, options: dict[str, Any]) -> list[ServiceMiddleware] | None:
+    """Innermost of the built-in middleware (trylast): it logs what the service and the inner chain produced."""
+    section = options.get("call_log") or {}
+    if not section.get("enabled", False):
+        return None
+    sides = ("client", "server") if section.get("side", "server") == "both" else (section.get("side", "server"),)
+    return [
+        CallLogMiddleware(
+            side,
+            level=logging.getLevelName(section.get("level", "INFO")),
+            error_level=logging.getLevelName(section.get("error_level", "WARNING")),
+            log_arguments=bool(section.get("log_arguments", False)),
+            max_argument_chars=int(section.get("max_argument_chars", 200)),
+        )
+        for side in sides
+    ]

@@ -1,0 +1,215 @@
+"""Distributed tracing through the OpenTelemetry API.
+
+With ``opentelemetry-api`` installed (``pip install kservice[tracing]``) and a
+tracer provider configured by the application (the SDK, or any other
+implementation), every call gets:
+
+- a ``CLIENT`` span from ``before_call`` to ``after_call`` in the caller's
+  process, one per attempt, child of whatever span is current there;
+- a ``SERVER`` span from ``before_handle`` to ``after_handle`` around the
+  method, in the service's process, child of the client span, and current
+  while the method runs, so calls the method makes are its children;
+- the trace context carried in ``request.metadata`` as W3C ``traceparent``
+  (and ``tracestate``/``baggage``) through the global propagator, so a trace
+  crosses processes and Ray actors with any transport that carries metadata.
+
+Spans are named ``<service>/<method>`` with ``rpc.system=kservice``,
+``rpc.service``, ``rpc.method`` and ``kservice.request_id``; a failed call
+sets the span status to ERROR and ``error.type``; a fallback answer sets
+``kservice.degraded``.
+
+Without opentelemetry the plugin stays out of every chain. With the API but
+no provider configured yet, each hook costs a clock read: the provider is
+looked up again at most once a second (the API's lookup reads the
+environment, ~1.5 µs, too much for every call), and used for good once an
+application sets one (the API allows setting it only once).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, __version__, hookimpl
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+except ImportError:  # the plugin then contributes no middleware
+    trace = None  # type: ignore[assignment]
+
+__all__ = ["ClientTracing", "ServerTracing", "available"]
+
+#: Seconds between looks for a tracer provider while none is configured.
+_PROVIDER_RECHECK = 1.0
+#: A span started this long ago without its after-hook is dropped (its async call was cancelled).
+_STALE_START = 3600.0
+
+
+def available() -> bool:
+    """Whether the OpenTelemetry API can be imported in this process."""
+    return trace is not None
+
+
+def _schema() -> dict[str, Setting]:
+    return {
+        "enabled": Setting(
+            (bool,),
+            None,
+            "Trace calls; null (the default) means: when opentelemetry-api is installed.",
+            nullable=True,
+        ),
+        "client": Setting((bool,), True, "Start a CLIENT span per call attempt in the caller's process."),
+        "server": Setting((bool,), True, "Start a SERVER span around the method in the service's process."),
+    }
+
+
+class _Tracer:
+    """The process's tracer once a real provider is configured (shared by every tracing middleware)."""
+
+    def __init__(self) -> None:
+        self.tracer: Any = None
+        self.next_check = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        """The tracer, or None while the application has configured no provider."""
+        tracer = self.tracer
+        if tracer is not None:
+            return tracer
+        now = time.monotonic()
+        if now < self.next_check:
+            return None
+        with self._lock:
+            self.next_check = now + _PROVIDER_RECHECK
+            provider = trace.get_tracer_provider()
+            if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+                self.tracer = provider.get_tracer("kservice", __version__)
+        return self.tracer
+
+
+_tracer = _Tracer()
+
+
+def _attributes(request: ServiceRequest) -> dict[str, Any]:
+    return {
+        "rpc.system": "kservice",
+        "rpc.service": request.service_name,
+        "rpc.method": request.method_name,
+        "kservice.request_id": request.request_id,
+    }
+
+
+def _finish_span(span: Any, response: ServiceResponse) -> None:
+    if not response.success:
+        span.set_attribute("error.type", response.error_type or "unknown")
+        span.set_status(Status(StatusCode.ERROR, response.error or response.error_type))
+    elif response.degraded:
+        span.set_attribute("kservice.degraded", True)
+    span.end()
+
+
+class _Spans(ServiceMiddleware):
+    def __init__(self) -> None:
+        # Live spans by request id: the request crosses processes and must not carry them.
+        self._active: dict[str, tuple[float, Any, Any]] = {}
+        self._sweep_at = 4096
+
+    def _remember(self, request_id: str, span: Any, token: Any) -> None:
+        active = self._active
+        active[request_id] = (time.monotonic(), span, token)
+        if len(active) > self._sweep_at:
+            now = time.monotonic()
+            for key, (started, *_rest) in list(active.items()):
+                if now - started > _STALE_START:
+                    active.pop(key, None)
+            self._sweep_at = max(4096, 2 * len(active))
+
+
+class ClientTracing(_Spans):
+    """A CLIENT span per call attempt; injects its context into the request's metadata."""
+
+    def before_call(self, request: ServiceRequest) -> None:
+        tracer = _tracer.get()
+        if tracer is None:
+            return
+        span = tracer.start_span(
+            f"{request.service_name}/{request.method_name}", kind=SpanKind.CLIENT, attributes=_attributes(request)
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        # A new dict: the metadata dict may be the caller's own object.
+        request.metadata = {**request.metadata, **carrier}
+        self._remember(request.request_id, span, None)
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        entry = self._active.pop(request.request_id, None)
+        if entry is not None:
+            _finish_span(entry[1], response)
+
+
+class ServerTracing(_Spans):
+    """A SERVER span around the method, child of the caller's span, current while the method runs."""
+
+    def before_handle(self, request: ServiceRequest) -> None:
+        tracer = _tracer.get()
+        if tracer is None:
+            return
+        parent = propagate.extract(request.metadata) if request.metadata else None
+        span = tracer.start_span(
+            f"{request.service_name}/{request.method_name}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=_attributes(request),
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        self._remember(request.request_id, span, token)
+
+    def after_handle(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        entry = self._active.pop(request.request_id, None)
+        if entry is None:
+            return
+        _, span, token = entry
+        try:
+            _finish_span(span, response)
+        finally:
+            # Same worker thread as before_handle: the token belongs to this context.
+            otel_context.detach(token)
+
+
+_warned = False
+
+
+@hookimpl
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    register("tracing", _schema())
+
+
+@hookimpl(tryfirst=True)
+def kservice_middleware(service_name: str, options: dict[str, Any]) -> list[ServiceMiddleware] | None:
+    """Outermost of the built-in middleware (tryfirst): its spans cover everything the others do."""
+    global _warned
+    section = options.get("tracing") or {}
+    enabled = section.get("enabled")
+    if enabled is False:
+        return None
+    if trace is None:
+        if enabled and not _warned:
+            _warned = True
+            warnings.warn(
+                "tracing.enabled is true but opentelemetry-api is not installed: calls are not traced "
+                "(pip install 'kservice[tracing]')",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+    chosen: list[ServiceMiddleware] = []
+    if section.get("client", True):
+        chosen.append(ClientTracing())
+    if section.get("server", True):
+        chosen.append(ServerTracing())
+    return chosen or None
