@@ -17,6 +17,7 @@ from ._errors import (
     ServiceError,
     ServiceNotFoundError,
     ServiceOverloadedError,
+    ServiceStoppedError,
     ServiceTimeoutError,
     ServiceUnavailableError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "ServiceRequest",
     "ServiceResponse",
     "ServiceStatus",
+    "ServiceStoppedError",
     "ServiceTimeoutError",
     "ServiceUnavailableError",
     "Setting",

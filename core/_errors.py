@@ -22,6 +22,7 @@ __all__ = [
     "ServiceError",
     "ServiceNotFoundError",
     "ServiceOverloadedError",
+    "ServiceStoppedError",
     "ServiceTimeoutError",
     "ServiceUnavailableError",
 ]
@@ -66,6 +67,10 @@ class ServiceUnavailableError(ServiceError):
     The request provably did not run, or its outcome is unknown because the
     service died; callers may retry when the method is idempotent.
     """
+
+
+class ServiceStoppedError(ServiceUnavailableError):
+    """The service was stopped by its owner (or failed to start): retrying will not bring it back."""
 
 
 class ServiceOverloadedError(ServiceUnavailableError):
@@ -224,6 +229,7 @@ RUNTIME_ERRORS: dict[str, type[ServiceError]] = {
         ServiceTimeoutError,
         ServiceUnavailableError,
         ServiceOverloadedError,
+        ServiceStoppedError,
         ConfigError,
         PluginError,
     )

@@ -17,6 +17,7 @@ from ._errors import (
     MethodNotFoundError,
     ServiceError,
     ServiceOverloadedError,
+    ServiceStoppedError,
     ServiceUnavailableError,
 )
 from ._messages import ServiceRequest, ServiceResponse
@@ -367,7 +368,17 @@ class BaseServiceTask:
         """
         pool = self._pool
         if self._state != "running" or pool is None:
-            reply(self._unavailable(request, f"service is {self._state}"))
+            if self._state in ("stopped", "failed", "created"):
+                # A deliberate state: the caller learns at once, and retry policies leave it alone.
+                reply(
+                    ServiceResponse.from_exception(
+                        request.request_id,
+                        ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
+                        origin="runtime",
+                    )
+                )
+            else:
+                reply(self._unavailable(request, f"service is {self._state}"))
             return
         with self._counter_lock:
             if self._queued >= self.queue_limit and not self._wait_for_room(request):

@@ -118,7 +118,10 @@ def test_stop_timeout_answers_leftover_calls_with_unavailable() -> None:
 
 
 def test_full_request_queue_is_overloaded_after_queue_timeout() -> None:
-    config = {"service": {"local": {"max_workers": 1, "request_queue_size": 2, "queue_timeout": 0.2}}}
+    config = {
+        "service": {"local": {"max_workers": 1, "request_queue_size": 2, "queue_timeout": 0.2}},
+        "service_call": {"max_retries": 0},  # an overloaded call would otherwise be retried
+    }
     with ServiceEnvironment("t", config) as env:
         env.register_service("rec", Recorder)
         with ServiceManager(env) as manager:
