@@ -1,0 +1,1196 @@
+"""The ``ray`` transport: services hosted in Ray actors, one named actor per replica.
+
+A service of kind ``ray`` runs as ``replicas`` Ray actors. Each actor hosts the
+service instance in a :class:`BaseServiceTask` core, so deadlines, refusal of
+private methods, server-side middleware and statistics behave exactly as in a
+local task. Callers reach the actors through Ray's own actor calls (one
+``ObjectRef`` per call, completed by a callback: no thread per call and no
+relay actor); a pluggable balancer spreads calls over the live replicas.
+
+Actors are named ``kservice:<service>:<deployment>:<index>`` in the Ray
+namespace ``service.ray.namespace``. ``<deployment>`` is unique per start, so
+a task only ever talks to the actors it created; another driver connected to
+the same cluster finds a running service by its name through
+``ServiceManager`` (the ``kservice_resolve_service`` hook).
+
+Ray is imported lazily: this module imports (and ``kservice plugins`` lists
+it) without Ray installed; asking for a ``ray`` service then raises a
+ConfigError naming the extra, ``pip install 'kservice[ray]'``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, ClassVar, Protocol
+
+from kservice import (
+    BaseServiceTask,
+    Config,
+    ConfigError,
+    Connection,
+    Listener,
+    ServiceAddress,
+    ServiceError,
+    ServiceFactory,
+    ServiceRequest,
+    ServiceResponse,
+    ServiceStatus,
+    ServiceTimeoutError,
+    ServiceUnavailableError,
+    Setting,
+    TaskContext,
+    Transport,
+    get_plugin_manager,
+    hookimpl,
+)
+
+__all__ = [
+    "ACTOR_PREFIX",
+    "RAY_EXTRA_HINT",
+    "PowerOfTwoChoices",
+    "RayConnection",
+    "RayServiceTask",
+    "RayTransport",
+    "ReplicaBalancer",
+    "ReplicaView",
+    "RoundRobin",
+    "balancer_names",
+    "register_balancer",
+]
+
+#: what to install when Ray is missing
+RAY_EXTRA_HINT = "pip install 'kservice[ray]'"
+#: every replica actor's name starts with this
+ACTOR_PREFIX = "kservice:"
+#: Ray concurrency group for status, readiness and shutdown calls, so they are
+#: answered even when every request slot of the replica is busy
+_CONTROL_GROUP = "kservice-control"
+
+
+def _ray() -> ModuleType:
+    """The ``ray`` module; ConfigError naming the extra when it is not installed."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"services of kind 'ray' need Ray, which is not installed: {RAY_EXTRA_HINT}") from exc
+    return ray
+
+
+def _ray_if_running() -> ModuleType | None:
+    """The ``ray`` module when this process has already connected to a cluster, else None (never imports Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not hasattr(ray, "is_initialized") or not ray.is_initialized():
+        return None
+    return ray
+
+
+# ---------------------------------------------------------------------------
+# Replica selection
+# ---------------------------------------------------------------------------
+
+
+class ReplicaView(Protocol):
+    """What a balancer may read of a replica."""
+
+    #: position of the replica in its deployment (stable across restarts)
+    index: int
+    #: calls this process has sent to the replica and not yet seen answered
+    in_flight: int
+
+
+class ReplicaBalancer(Protocol):
+    """Chooses the replica of each call among the live ones.
+
+    ``pick`` runs on every call, in the caller's thread, and must be cheap;
+    ``live`` is never empty. One balancer object serves one service in one
+    process (it may keep state, e.g. a counter).
+    """
+
+    def pick(self, live: Sequence[Any]) -> Any: ...
+
+
+class PowerOfTwoChoices:
+    """Two live replicas at random, the one with fewer calls in flight from this process wins."""
+
+    def pick(self, live: Sequence[Any]) -> Any:
+        count = len(live)
+        if count == 1:
+            return live[0]
+        first = random.randrange(count)
+        second = random.randrange(count - 1)
+        if second >= first:
+            second += 1
+        a, b = live[first], live[second]
+        return a if a.in_flight <= b.in_flight else b
+
+
+class RoundRobin:
+    """Each live replica in turn."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def pick(self, live: Sequence[Any]) -> Any:
+        return live[next(self._next) % len(live)]
+
+
+_balancers: dict[str, Callable[[], ReplicaBalancer]] = {
+    "power_of_two": PowerOfTwoChoices,
+    "round_robin": RoundRobin,
+}
+
+
+def register_balancer(name: str, factory: Callable[[], ReplicaBalancer]) -> None:
+    """Make a replica-selection policy selectable as ``service.ray.balancer: <name>``.
+
+    Plugins call this when imported. Registering a taken name with another
+    factory raises ValueError.
+    """
+    existing = _balancers.get(name)
+    if existing is not None and existing is not factory:
+        raise ValueError(f"a replica balancer named {name!r} is already registered ({existing!r})")
+    _balancers[name] = factory
+
+
+def balancer_names() -> tuple[str, ...]:
+    """Names accepted by ``service.ray.balancer``."""
+    return tuple(sorted(_balancers))
+
+
+def _make_balancer(name: str) -> ReplicaBalancer:
+    factory = _balancers.get(name)
+    if factory is None:
+        raise ConfigError(f"service.ray.balancer: {name!r} is not one of {', '.join(map(repr, balancer_names()))}")
+    return factory()
+
+
+# ---------------------------------------------------------------------------
+# Inside the actor
+# ---------------------------------------------------------------------------
+
+
+class _HostedTask(BaseServiceTask):
+    """The service inside one replica actor: the core's request handling, no listeners.
+
+    Requests run in the actor's own threads (Ray's ``max_concurrency``) by
+    calling :meth:`execute`, so the worker pool is reduced to one idle thread.
+    """
+
+    kind: ClassVar[str] = "ray-replica"
+    default_transports: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext) -> None:
+        super().__init__(service_factory, ctx)
+        self.transport_names = ()
+
+    def _start_serving(self) -> None:
+        workers, self.max_workers = self.max_workers, 1
+        try:
+            super()._start_serving()
+        finally:
+            self.max_workers = workers
+
+
+class _ReplicaHost:
+    """The body of a replica actor (made a Ray actor class by :func:`_actor_class`).
+
+    The constructor never raises: a service constructor that fails is reported
+    by :meth:`ready`, so ``start_service`` can raise the original typed error
+    instead of Ray's "actor died" message.
+    """
+
+    def __init__(
+        self,
+        factory: ServiceFactory,
+        config_data: dict[str, Any],
+        middlewares: tuple[Any, ...],
+        environment_name: str,
+        actor_name: str,
+    ) -> None:
+        self.actor_name = actor_name
+        self.failure: ServiceResponse | None = None
+        self.task: _HostedTask | None = None
+        try:
+            ctx = TaskContext(environment_name, Config.load(config_data), middlewares)
+            task = _HostedTask(factory, ctx)
+            task.start_service()
+            self.task = task
+        except Exception as exc:  # noqa: BLE001 - reported by ready() with its type
+            cause = exc.__cause__ if isinstance(exc, ServiceUnavailableError) and exc.__cause__ is not None else exc
+            self.failure = ServiceResponse.from_exception("", cause, origin="service").for_wire()
+
+    def handle(self, request: ServiceRequest) -> ServiceResponse:
+        task = self.task
+        if task is None or not task.running:
+            state = "failed" if task is None else task.state
+            return ServiceResponse.from_exception(
+                request.request_id,
+                ServiceUnavailableError(f"replica {self.actor_name} of service {request.service_name!r} is {state}"),
+                origin="runtime",
+            )
+        return task.execute(request).for_wire()
+
+    def ready(self) -> ServiceResponse:
+        if self.failure is not None:
+            return self.failure
+        return ServiceResponse.ok("", self._info())
+
+    def _info(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "actor": self.actor_name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        task = self.task
+        if task is None:
+            return {"idempotent": [], "class": "", **self._info()}
+        return {
+            "idempotent": sorted(_idempotent_methods(task.service_factory.service_class, task.options)),
+            "class": task.service_factory.class_path,
+            **self._info(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        task = self.task
+        if task is None:
+            return {"state": "failed", "healthy": False, "health_reason": self.failure.error if self.failure else ""}
+        return task.get_service_status().to_dict()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the hosted task after the calls it is running finish (up to ``timeout`` seconds)."""
+        task = self.task
+        if task is None:
+            return
+        deadline = time.monotonic() + timeout
+        task.stop_service(timeout)
+        # Requests run in Ray's threads, not in the task's pool: wait for them here.
+        while task.get_service_status().in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+_actor_class_cache: Any = None
+_actor_class_lock = threading.Lock()
+
+
+def _actor_class() -> Any:
+    """``ray.remote`` of :class:`_ReplicaHost`, built once per process."""
+    global _actor_class_cache
+    if _actor_class_cache is None:
+        with _actor_class_lock:
+            if _actor_class_cache is None:
+                ray = _ray()
+                _actor_class_cache = ray.remote(concurrency_groups={_CONTROL_GROUP: 2})(_ReplicaHost)
+    return _actor_class_cache
+
+
+def _idempotent_methods(service_class: type | None, options: dict[str, Any]) -> set[str]:
+    """Methods declared safe to run twice: ``idempotent:`` config, ``@service(idempotent_methods=)``, ``@idempotent``."""
+    names = set(options.get("idempotent", ()))
+    if service_class is None:
+        return names
+    names.update(getattr(service_class, "__kservice_options__", {}).get("idempotent_methods", ()))
+    for name in dir(service_class):
+        if not name.startswith("_") and getattr(getattr(service_class, name, None), "__kservice_idempotent__", False):
+            names.add(name)
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Caller side: replicas, errors
+# ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Replica:
+    """One replica actor as callers in this process see it."""
+
+    index: int
+    name: str
+    handle: Any
+    #: the bound ``handle`` method, and its variant that Ray retries across restarts
+    send_once: Any = None
+    send_retrying: Any = None
+    in_flight: int = 0
+    #: False after a Ray failure until a readiness probe succeeds
+    up: bool = True
+    #: True once Ray reports the actor dead for good (restarts exhausted, killed)
+    dead: bool = False
+    last_error: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    probing: bool = False
+
+
+def _unavailable(request: ServiceRequest, message: str) -> ServiceResponse:
+    return ServiceResponse.from_exception(request.request_id, ServiceUnavailableError(message), origin="runtime")
+
+
+def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
+    error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s")
+    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class _ReplicaSet:
+    """The replicas of one deployment, the balancer over them, and failure tracking.
+
+    ``live`` is rebuilt (copy on write) whenever a replica goes down, comes
+    back, or the set changes, so the per-call path reads it without a lock.
+    A replica that fails a call with a Ray actor error leaves ``live`` and is
+    probed with a readiness call that Ray holds until the actor has restarted:
+    success brings it back, a final "actor died" marks it dead.
+    """
+
+    def __init__(
+        self,
+        service_name: str,
+        namespace: str,
+        deployment: str,
+        balancer: ReplicaBalancer,
+        max_task_retries: int,
+        idempotent: frozenset[str],
+    ) -> None:
+        self.service_name = service_name
+        self.namespace = namespace
+        self.deployment = deployment
+        self.balancer = balancer
+        self.max_task_retries = max_task_retries
+        self.idempotent = idempotent
+        self.replicas: dict[int, _Replica] = {}
+        self.live: tuple[_Replica, ...] = ()
+        #: set when the owner stopped the service: every call is answered with it
+        self.closed_reason = ""
+        self._lock = threading.Lock()
+        #: called (without the lock) when membership should be re-read (remote callers)
+        self.on_all_down: Callable[[], None] | None = None
+
+    # membership ----------------------------------------------------------
+
+    def add(self, index: int, name: str, handle: Any, info: dict[str, Any] | None = None) -> _Replica:
+        replica = _Replica(index, name, handle, info=dict(info or {}))
+        replica.send_once = handle.handle
+        # Ray re-runs these on the restarted actor; only idempotent methods use them.
+        replica.send_retrying = handle.handle.options(max_task_retries=self.max_task_retries)
+        with self._lock:
+            self.replicas[index] = replica
+            self._rebuild()
+        return replica
+
+    def remove(self, index: int) -> _Replica | None:
+        with self._lock:
+            replica = self.replicas.pop(index, None)
+            self._rebuild()
+        return replica
+
+    def _rebuild(self) -> None:
+        self.live = tuple(r for _, r in sorted(self.replicas.items()) if r.up and not r.dead)
+
+    def close(self, reason: str) -> None:
+        with self._lock:
+            self.closed_reason = reason
+            self.live = ()
+
+    # the per-call path ---------------------------------------------------
+
+    def pick(self, idempotent: bool) -> _Replica | None:
+        live = self.live
+        if live:
+            return self.balancer.pick(live)  # type: ignore[no-any-return]
+        if idempotent and not self.closed_reason:
+            # Ray holds retried calls until a restarting actor is back.
+            restarting = [r for r in self.replicas.values() if not r.dead]
+            if restarting:
+                return restarting[0]
+        return None
+
+    def no_replica(self, request: ServiceRequest) -> ServiceResponse:
+        if self.closed_reason:
+            return _unavailable(request, f"service {self.service_name!r} is unavailable: {self.closed_reason}")
+        states = ", ".join(
+            f"{r.name} {'dead' if r.dead else 'restarting'}" + (f" ({r.last_error})" if r.last_error else "")
+            for _, r in sorted(self.replicas.items())
+        )
+        if self.on_all_down is not None:
+            self.on_all_down()
+        return _unavailable(
+            request, f"service {self.service_name!r} has no live replica ({states or 'no replicas'}); retry later"
+        )
+
+    def started(self, replica: _Replica) -> None:
+        with self._lock:
+            replica.in_flight += 1
+
+    def finished(self, replica: _Replica) -> None:
+        with self._lock:
+            replica.in_flight -= 1
+
+    # failures ------------------------------------------------------------
+
+    def translate(self, request: ServiceRequest, replica: _Replica, exc: BaseException) -> ServiceResponse:
+        """The response a caller gets for a Ray-level failure of ``request`` sent to ``replica``."""
+        ray = sys.modules["ray"]
+        exceptions = ray.exceptions
+        what = f"{request.service_name}.{request.method_name}"
+        if isinstance(exc, exceptions.GetTimeoutError):
+            return _timed_out(request, 0.0)
+        if isinstance(exc, exceptions.TaskCancelledError):
+            remaining = request.remaining()
+            if remaining is not None and remaining <= 0:
+                return _timed_out(request, 0.0)
+            return _unavailable(request, f"call {what} was cancelled on replica {replica.name}")
+        if isinstance(exc, exceptions.RayActorError):
+            self.mark_down(replica, exc)
+            return _unavailable(
+                request,
+                f"replica {replica.name} of service {self.service_name!r} failed during call {what} "
+                f"({_first_line(exc)}); the call may or may not have run (declare the method idempotent "
+                "to have it retried on a restarted replica)",
+            )
+        if isinstance(exc, exceptions.RayTaskError):
+            # The replica's handler never raises, so this is Ray failing to store or read the result.
+            cause = getattr(exc, "cause", None) or exc
+            response = ServiceResponse.from_exception(request.request_id, cause, origin="service")
+            response.error = f"the result of {what} could not be returned through Ray: {_first_line(cause)}"
+            return response.for_wire()
+        return _unavailable(request, f"call {what} to replica {replica.name} failed in Ray: {_first_line(exc)}")
+
+    def mark_down(self, replica: _Replica, exc: BaseException) -> None:
+        """Take ``replica`` out of rotation and probe it until it is back or known dead."""
+        with self._lock:
+            replica.last_error = _first_line(exc)
+            replica.up = False
+            self._rebuild()
+            if replica.probing or replica.dead or self.closed_reason:
+                return
+            replica.probing = True
+        try:
+            probe = replica.handle.ready.options(max_task_retries=-1, concurrency_group=_CONTROL_GROUP).remote()
+        except Exception as probe_error:  # noqa: BLE001 - a handle that cannot even submit is dead
+            self._probed(replica, probe_error)
+            return
+        probe.future().add_done_callback(lambda done: self._probed(replica, _probe_error(done)))
+
+    def _probed(self, replica: _Replica, error: BaseException | None) -> None:
+        """A probe answered: ``error`` None brings the replica back, anything else marks it dead."""
+        with self._lock:
+            replica.probing = False
+            if self.replicas.get(replica.index) is not replica:
+                return
+            if error is None:
+                replica.up = True
+                replica.last_error = ""
+            else:
+                replica.dead = True
+                replica.last_error = _first_line(error)
+            self._rebuild()
+
+    def snapshot(self) -> list[_Replica]:
+        with self._lock:
+            return [r for _, r in sorted(self.replicas.items())]
+
+
+def _probe_error(done: Any) -> BaseException | None:
+    """What a finished readiness probe says: None when the replica serves again."""
+    error: BaseException | None = done.exception()
+    if error is not None:
+        return error
+    answer = done.result()
+    if isinstance(answer, ServiceResponse) and not answer.success:
+        # Restarted, but its constructor raised this time.
+        return RuntimeError(answer.error or "the service constructor failed on restart")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Connections
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DeploymentRef:
+    """A deployment found by name in the cluster (another driver's service)."""
+
+    namespace: str
+    service_name: str
+    deployment: str
+    actor_names: tuple[str, ...]
+    membership_refresh: float
+    balancer: str
+    max_task_retries: int
+
+
+class RayConnection(Connection):
+    """Calls one ray service's replicas through Ray's actor calls.
+
+    ``send`` submits ``replica.handle(request)`` and completes ``reply`` from
+    the ObjectRef's completion callback (no thread per call). ``call`` waits
+    with ``ray.get(ref, timeout=...)`` and cancels the remote task on timeout
+    (Ray drops it if it is still queued; a running method is not interrupted).
+    Ray failures become ServiceUnavailableError (replica died, node lost) or
+    ServiceTimeoutError; idempotent methods are re-run by Ray on a restarted
+    replica and, if their replica is dead for good, sent once to another live
+    replica. ``reply`` is called exactly once per ``send``.
+    """
+
+    def __init__(self, replicas: _ReplicaSet, *, refresh: Callable[[], None] | None = None, refresh_every: float = 0.0) -> None:
+        self.replicas = replicas
+        self.queue_name = f"ray:{replicas.namespace}/{ACTOR_PREFIX}{replicas.service_name}:{replicas.deployment}"
+        self._ray = sys.modules["ray"]
+        self._refresh = refresh
+        self._refresh_every = refresh_every
+        self._refresh_at = time.monotonic() + refresh_every if refresh is not None and refresh_every > 0 else float("inf")
+        self._closed = False
+
+    def _maybe_refresh(self) -> None:
+        # Remote callers re-read membership now and then so a scale change by the owner reaches them.
+        if time.monotonic() >= self._refresh_at and self._refresh is not None:
+            self._refresh_at = time.monotonic() + self._refresh_every
+            try:
+                self._refresh()
+            except Exception:  # noqa: BLE001 - keep the replicas known so far
+                pass
+
+    def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
+        self._send(request, reply, 0)
+
+    def _send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None], failovers: int) -> None:
+        if self._closed:
+            reply(_unavailable(request, "the connection to this service was closed"))
+            return
+        self._maybe_refresh()
+        replicas = self.replicas
+        idempotent = request.method_name in replicas.idempotent
+        replica = replicas.pick(idempotent)
+        if replica is None:
+            reply(replicas.no_replica(request))
+            return
+        try:
+            ref = (replica.send_retrying if idempotent else replica.send_once).remote(request)
+        except Exception as exc:  # noqa: BLE001 - pickling the request failed: this call only
+            reply(_send_failure(request, exc))
+            return
+        replicas.started(replica)
+
+        def done(future: Any) -> None:
+            replicas.finished(replica)
+            try:
+                response = future.result()
+            except BaseException as exc:  # noqa: BLE001 - every Ray failure becomes a typed response
+                response = replicas.translate(request, replica, exc)
+                if self._should_fail_over(request, replica, idempotent, failovers):
+                    self._send(request, reply, failovers + 1)
+                    return
+            reply(response)
+
+        ref.future().add_done_callback(done)
+
+    def _should_fail_over(self, request: ServiceRequest, replica: _Replica, idempotent: bool, failovers: int) -> bool:
+        remaining = request.remaining()
+        # Ray already re-ran it on the restarted replica as often as allowed; another replica may still serve.
+        return (
+            idempotent
+            and failovers < len(self.replicas.replicas)
+            and (remaining is None or remaining > 0)
+            and bool(self.replicas.live)
+        )
+
+    def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
+        ray = self._ray
+        failovers = 0
+        while True:
+            if self._closed:
+                return _unavailable(request, "the connection to this service was closed")
+            self._maybe_refresh()
+            replicas = self.replicas
+            idempotent = request.method_name in replicas.idempotent
+            replica = replicas.pick(idempotent)
+            if replica is None:
+                return replicas.no_replica(request)
+            try:
+                ref = (replica.send_retrying if idempotent else replica.send_once).remote(request)
+            except Exception as exc:  # noqa: BLE001 - pickling the request failed: this call only
+                return _send_failure(request, exc)
+            replicas.started(replica)
+            try:
+                return ray.get(ref, timeout=max(timeout, 0.0))  # type: ignore[no-any-return]
+            except ray.exceptions.GetTimeoutError:
+                # Drops the task if it is still queued on the replica; Ray does not interrupt a running one.
+                ray.cancel(ref)
+                return _timed_out(request, timeout)
+            except Exception as exc:  # noqa: BLE001 - every Ray failure becomes a typed response
+                response = replicas.translate(request, replica, exc)
+                if not self._should_fail_over(request, replica, idempotent, failovers):
+                    return response
+                failovers += 1
+                timeout = request.remaining() or 0.0
+            finally:
+                replicas.finished(replica)
+
+    def remote_status(self) -> dict[str, Any]:
+        """The service's status as its replicas report it (for callers outside the owning environment)."""
+        return _aggregate_status(self.replicas, "running" if self.replicas.live else "failed", "ray").to_dict()
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _send_failure(request: ServiceRequest, exc: BaseException) -> ServiceResponse:
+    """A call whose request Ray could not serialize: the caller gets a TypeError saying which call and why."""
+    error = TypeError(
+        f"cannot send call {request.service_name}.{request.method_name} through Ray: its arguments cannot be "
+        f"serialized ({_first_line(exc)}); pass picklable values"
+    )
+    error.__cause__ = exc
+    return ServiceResponse.from_exception(request.request_id, error, origin="client")
+
+
+class _RayListener(Listener):
+    def __init__(self, task: RayServiceTask) -> None:
+        replicas = task.replica_set
+        assert replicas is not None
+        self._replicas = replicas
+        self.address = ServiceAddress(
+            "ray",
+            task.service_name,
+            replicas,
+            instance=replicas.deployment,
+            info={"namespace": replicas.namespace, "deployment": replicas.deployment},
+        )
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._replicas.live)
+
+    def close(self) -> None:
+        pass
+
+
+class RayTransport(Transport):
+    """Connects callers to ray services: those this process owns, and those found by name in the cluster."""
+
+    name = "ray"
+    crosses_processes = True
+
+    def listen(self, task: BaseServiceTask) -> Listener:
+        if not isinstance(task, RayServiceTask):
+            raise ConfigError(
+                f"service {task.service_name!r}: the 'ray' transport serves only tasks of kind 'ray' "
+                f"(this one is {task.kind!r}); set 'kind: ray' instead of listing 'ray' in transports"
+            )
+        return _RayListener(task)
+
+    def connect(self, address: ServiceAddress) -> Connection:
+        target = address.target
+        if isinstance(target, _ReplicaSet):
+            return RayConnection(target)
+        if isinstance(target, _DeploymentRef):
+            return _connect_deployment(target)
+        raise ServiceUnavailableError(f"not a ray service address: {address!r}")
+
+
+def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
+    """A connection to a deployment another driver started, membership re-read every ``membership_refresh`` s."""
+    ray = _ray()
+    replicas = _ReplicaSet(ref.service_name, ref.namespace, ref.deployment, _make_balancer(ref.balancer), ref.max_task_retries, frozenset())
+
+    def refresh() -> None:
+        names = _deployments(ray, ref.namespace).get(ref.service_name, {}).get(ref.deployment, {})
+        known = {r.index for r in replicas.snapshot()}
+        for index, name in names.items():
+            if index not in known:
+                try:
+                    replicas.add(index, name, ray.get_actor(name, namespace=ref.namespace))
+                except ValueError:
+                    continue  # gone between listing and lookup
+        for index in known - set(names):
+            replicas.remove(index)
+
+    for name in ref.actor_names:
+        index = int(name.rsplit(":", 1)[1])
+        try:
+            replicas.add(index, name, ray.get_actor(name, namespace=ref.namespace))
+        except ValueError:
+            continue
+    if not replicas.replicas:
+        raise ServiceUnavailableError(f"ray service {ref.service_name!r} has no replica left in namespace {ref.namespace!r}")
+    described: dict[str, Any] = {}
+    for replica in replicas.snapshot():
+        try:
+            described = ray.get(replica.handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30)
+            break
+        except Exception:  # noqa: BLE001 - try the next replica
+            continue
+    replicas.idempotent = frozenset(described.get("idempotent", ()))
+    connection = RayConnection(replicas, refresh=refresh, refresh_every=ref.membership_refresh)
+    replicas.on_all_down = refresh
+    return connection
+
+
+# ---------------------------------------------------------------------------
+# Finding deployments in the cluster
+# ---------------------------------------------------------------------------
+
+
+def _deployments(ray: ModuleType, namespace: str | None) -> dict[str, dict[str, dict[int, str]]]:
+    """Live replica actors by service, deployment and index (``namespace`` None: every namespace)."""
+    found: dict[str, dict[str, dict[int, str]]] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name, actor_namespace = entry["name"], entry["namespace"]
+        if not name.startswith(ACTOR_PREFIX) or (namespace is not None and actor_namespace != namespace):
+            continue
+        try:
+            head, deployment, index = name.rsplit(":", 2)
+            found.setdefault(head[len(ACTOR_PREFIX) :], {}).setdefault(deployment, {})[int(index)] = name
+        except ValueError:
+            continue
+    return found
+
+
+def _newest_deployment(deployments: dict[str, dict[int, str]]) -> str | None:
+    # Deployment ids start with the start time in hex, so the newest sorts last.
+    return max(deployments, default=None)
+
+
+def _new_deployment_id() -> str:
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(3)}"
+
+
+# ---------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------
+
+
+class RayServiceTask(BaseServiceTask):
+    """A service whose instance lives in Ray actors, one per replica.
+
+    ``start_service`` connects to Ray when this process has not (``ray.init``
+    with ``service.ray.address`` and ``service.ray.namespace``; a configured
+    address that does not answer is a quick error, not a hang), creates
+    ``replicas`` named actors with the ``service.ray`` options and waits up to
+    ``service.ray.start_timeout`` until every one has built its instance: a
+    constructor that raises fails ``start_service`` with that error, the task
+    is ``failed`` and the actors are killed. Starting a service whose name
+    already runs in the namespace is refused (stop the other one first).
+
+    ``stop_service`` drains and kills every replica, detached ones included.
+    ``scale(n)`` changes the replica count while running; callers in this
+    process see the change at once, callers in other drivers within
+    ``service.ray.membership_refresh`` seconds.
+    """
+
+    kind: ClassVar[str] = "ray"
+    default_transports: ClassVar[tuple[str, ...]] = ("ray",)
+
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None, *, replicas: int | None = None) -> None:
+        _ray()
+        super().__init__(service_factory, ctx)
+        self.transport_names = ("ray",)
+        ray_options: dict[str, Any] = self.options["ray"]
+        self.ray_options = ray_options
+        self.namespace: str = ray_options["namespace"]
+        self.replica_count: int = int(replicas if replicas is not None else self.options.get("replicas", 1))
+        if self.replica_count < 1:
+            raise ConfigError(f"services.{self.service_name}.replicas: {self.replica_count} is below the minimum 1")
+        _make_balancer(ray_options["balancer"])  # unknown names fail at construction, listing the known ones
+        if ray_options["max_concurrency"] is not None:
+            self.max_workers = int(ray_options["max_concurrency"])
+        self.deployment = ""
+        self.replica_set: _ReplicaSet | None = None
+        self._next_index = 0
+        self._scale_lock = threading.Lock()
+
+    # -------------------------------------------------------------- starting
+
+    def _start_serving(self) -> None:
+        ray = _ray()
+        _ensure_ray(ray, self.ray_options)
+        existing = _deployments(ray, self.namespace).get(self.service_name)
+        if existing:
+            deployment = _newest_deployment(existing)
+            raise ServiceError(
+                f"service {self.service_name!r} already runs in Ray namespace {self.namespace!r} "
+                f"(deployment {deployment}, actors {sorted(existing[deployment].values())}); stop it first "
+                f"(RayServiceTask.attach({self.service_name!r}, namespace={self.namespace!r}).stop_service()) "
+                "or set another service.ray.namespace"
+            )
+        self.deployment = _new_deployment_id()
+        klass = self.service_factory.service_class
+        self.replica_set = _ReplicaSet(
+            self.service_name,
+            self.namespace,
+            self.deployment,
+            _make_balancer(self.ray_options["balancer"]),
+            int(self.ray_options["max_task_retries"]),
+            frozenset(_idempotent_methods(klass, self.options)),
+        )
+        self._add_replicas(self.replica_count)
+        self._state = "running"
+        self.listeners.append(_transport.listen(self))
+
+    def _actor_options(self, name: str) -> dict[str, Any]:
+        opts = self.ray_options
+        resources = dict(opts["resources"] or {})
+        # Ray takes CPU and GPU as their own options, not as custom resources.
+        num_cpus = resources.pop("CPU", opts["num_cpus"])
+        num_gpus = resources.pop("GPU", opts["num_gpus"])
+        options: dict[str, Any] = {
+            "name": name,
+            "namespace": self.namespace,
+            "lifetime": opts["lifetime"],
+            "max_restarts": opts["max_restarts"],
+            # At most once by default; idempotent methods ask Ray for retries per call.
+            "max_task_retries": 0,
+            "max_concurrency": self.max_workers,
+        }
+        if resources:
+            options["resources"] = resources
+        if num_cpus is not None:
+            options["num_cpus"] = num_cpus
+        if num_gpus is not None:
+            options["num_gpus"] = num_gpus
+        if opts["runtime_env"]:
+            options["runtime_env"] = opts["runtime_env"]
+        return options
+
+    def _add_replicas(self, count: int) -> None:
+        """Create ``count`` replicas and add them once every one is ready; on failure kill them and raise."""
+        ray = _ray()
+        replicas = self.replica_set
+        assert replicas is not None
+        actor_class = _actor_class()
+        config_data = self.ctx.resolved_config().as_dict()
+        created: list[tuple[int, str, Any]] = []
+        try:
+            for _ in range(count):
+                index = self._next_index
+                self._next_index += 1
+                name = f"{ACTOR_PREFIX}{self.service_name}:{self.deployment}:{index}"
+                handle = actor_class.options(**self._actor_options(name)).remote(
+                    self.service_factory, config_data, tuple(self.ctx.middlewares), self.ctx.environment_name, name
+                )
+                created.append((index, name, handle))
+            readiness = [h.ready.options(concurrency_group=_CONTROL_GROUP).remote() for _, _, h in created]
+            timeout = float(self.ray_options["start_timeout"])
+            try:
+                answers: list[ServiceResponse] = ray.get(readiness, timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise ServiceUnavailableError(
+                    f"replicas of {self.service_name!r} were not ready within service.ray.start_timeout={timeout}s: "
+                    f"Ray could not place them (each asks for resources={self.ray_options['resources']!r}, "
+                    f"num_cpus={self.ray_options['num_cpus']!r}; the cluster has {ray.cluster_resources()}) "
+                    "or their constructor is slow"
+                ) from None
+            for (_, name, _), answer in zip(created, answers):
+                if not answer.success:
+                    raise answer.to_exception(self.service_name, "__init__")
+        except BaseException:
+            for _, _, handle in created:
+                _kill(ray, handle)
+            raise
+        for (index, name, handle), answer in zip(created, answers):
+            replicas.add(index, name, handle, answer.result)
+
+    @classmethod
+    def attach(
+        cls, service_name: str, *, namespace: str | None = None, config: Any = None, ctx: TaskContext | None = None
+    ) -> RayServiceTask:
+        """A running task controlling a deployment another driver started (``stop_service`` kills it).
+
+        Raises ServiceNotFoundError-like ServiceUnavailableError when no
+        replica of ``service_name`` runs in the namespace.
+        """
+        ray = _ray()
+        if not ray.is_initialized():
+            raise ServiceUnavailableError("RayServiceTask.attach needs a Ray connection: call ray.init(address=...) first")
+        if ctx is None:
+            ctx = TaskContext(config=Config.load(config))
+        factory = ServiceFactory(service_name, object)
+        task = cls(factory, ctx)
+        if namespace is not None:
+            task.namespace = namespace
+        existing = _deployments(ray, task.namespace).get(service_name)
+        if not existing:
+            raise ServiceUnavailableError(f"no replica of ray service {service_name!r} runs in namespace {task.namespace!r}")
+        deployment = _newest_deployment(existing)
+        assert deployment is not None
+        task.deployment = deployment
+        task.replica_set = _ReplicaSet(
+            service_name, task.namespace, deployment, _make_balancer(task.ray_options["balancer"]),
+            int(task.ray_options["max_task_retries"]), frozenset(),
+        )
+        for index, name in sorted(existing[deployment].items()):
+            task.replica_set.add(index, name, ray.get_actor(name, namespace=task.namespace))
+        task._next_index = max(existing[deployment]) + 1
+        task.replica_count = len(existing[deployment])
+        described = ray.get(task.replica_set.snapshot()[0].handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30)
+        task.replica_set.idempotent = frozenset(described.get("idempotent", ()))
+        task._state = "running"
+        task.started_at = time.time()
+        task.listeners.append(_transport.listen(task))
+        return task
+
+    # -------------------------------------------------------------- scaling
+
+    def scale(self, replicas: int, timeout: float | None = None) -> None:
+        """Run ``replicas`` replicas from now on (at least 1).
+
+        Growing waits until the new replicas are ready (ServiceUnavailableError
+        and no change if they fail). Shrinking takes the highest-numbered
+        replicas out of rotation at once, lets their running calls finish (up
+        to ``timeout`` seconds, default ``service.ray.start_timeout``) and
+        kills them.
+        """
+        if replicas < 1:
+            raise ValueError(f"a ray service needs at least 1 replica, got {replicas}")
+        if not self.running or self.replica_set is None:
+            raise ServiceUnavailableError(f"service {self.service_name!r} is {self.state}; start it before scaling")
+        with self._scale_lock:
+            current = self.replica_set.snapshot()
+            if replicas > len(current):
+                self._add_replicas(replicas - len(current))
+            elif replicas < len(current):
+                leaving = current[replicas:]
+                for replica in leaving:
+                    self.replica_set.remove(replica.index)
+                self._retire(leaving, self.ray_options["start_timeout"] if timeout is None else timeout)
+            self.replica_count = replicas
+
+    set_replicas = scale
+
+    def _retire(self, leaving: Sequence[_Replica], timeout: float) -> None:
+        """Drain (up to ``timeout`` seconds) and kill replicas already out of rotation."""
+        if not leaving:
+            return
+        ray = _ray()
+        drains = [
+            r.handle.shutdown.options(concurrency_group=_CONTROL_GROUP).remote(timeout) for r in leaving if not r.dead
+        ]
+        if drains:
+            ray.wait(drains, num_returns=len(drains), timeout=timeout + 1.0)
+        for replica in leaving:
+            _kill(ray, replica.handle)
+
+    # -------------------------------------------------------------- stopping
+
+    def _release(self, deadline: float) -> None:
+        replicas = self.replica_set
+        if replicas is not None:
+            replicas.close(f"service {self.service_name!r} is stopped")
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                self._retire(replicas.snapshot(), max(0.0, deadline - time.monotonic()))
+        super()._release(deadline)
+
+    # ---------------------------------------------------------------- status
+
+    def get_service_status(self) -> ServiceStatus:
+        """State, load and health summed over replicas; ``extra['replicas']`` has one entry per replica.
+
+        Replicas are asked with a control call answered even when every request
+        slot is busy; one that does not answer within 5 s is reported unhealthy.
+        """
+        if self.replica_set is None or not self.running:
+            status = ServiceStatus(self.service_name, self.kind, self.state, False, f"task is {self.state}", max_workers=self.max_workers)
+        else:
+            status = _aggregate_status(self.replica_set, self.state, self.kind)
+        status.started_at = self.started_at
+        status.restarts = self.restarts + status.restarts
+        status.extra["ray"] = {
+            "namespace": self.namespace,
+            "deployment": self.deployment,
+            "lifetime": self.ray_options["lifetime"],
+            "balancer": self.ray_options["balancer"],
+            "replicas": self.replica_count,
+        }
+        get_plugin_manager().hook.kservice_task_status(task=self, status=status)
+        return status
+
+
+def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceStatus:
+    ray = _ray()
+    members = replicas.snapshot()
+    asks = []
+    for replica in members:
+        try:
+            asks.append(replica.handle.status.options(concurrency_group=_CONTROL_GROUP).remote())
+        except Exception:  # noqa: BLE001
+            asks.append(None)
+    status = ServiceStatus(replicas.service_name, kind, state, True)
+    reasons = []
+    for replica, ask in zip(members, asks):
+        entry: dict[str, Any] = {"index": replica.index, "actor": replica.name, **replica.info, "client_in_flight": replica.in_flight}
+        try:
+            if ask is None:
+                raise RuntimeError("cannot reach the actor")
+            remote = ray.get(ask, timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot answer is unhealthy, not an error
+            entry.update(state="dead" if replica.dead else "unreachable", healthy=False, health_reason=_first_line(exc))
+            reasons.append(f"{replica.name}: {entry['health_reason']}")
+            status.extra.setdefault("replicas", []).append(entry)
+            continue
+        entry.update(
+            state=remote.get("state"),
+            healthy=bool(remote.get("healthy")) and replica.up,
+            health_reason=remote.get("health_reason", "") or replica.last_error,
+            requests_total=remote.get("requests_total", 0),
+            in_flight=remote.get("in_flight", 0),
+        )
+        if not entry["healthy"]:
+            reasons.append(f"{replica.name}: {entry['health_reason'] or 'down'}")
+        for key in ("requests_total", "errors_total", "expired_total", "in_flight", "queue_depth", "restarts"):
+            setattr(status, key, getattr(status, key) + int(remote.get(key, 0) or 0))
+        status.max_workers = max(status.max_workers, int(remote.get("max_workers", 0) or 0))
+        status.extra.setdefault("replicas", []).append(entry)
+    status.extra.setdefault("replicas", [])
+    status.healthy = state == "running" and not reasons and bool(members)
+    status.health_reason = "; ".join(reasons) if state == "running" else f"task is {state}"
+    status.addresses = [f"ray:{replicas.namespace}/{r.name}" for r in members]
+    return status
+
+
+def _kill(ray: ModuleType, handle: Any) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+def _ensure_ray(ray: ModuleType, options: dict[str, Any]) -> None:
+    """Connect this process to Ray unless it already is (``ray.init`` with the configured address and namespace).
+
+    A ``host:port`` address (configured or in ``RAY_ADDRESS``) is first
+    checked with a TCP connection bounded by ``service.ray.connect_timeout``,
+    because ``ray.init`` keeps retrying an unreachable address for minutes.
+    """
+    if ray.is_initialized():
+        return
+    address = options.get("address") or os.environ.get("RAY_ADDRESS") or None
+    if address and address not in ("auto", "local") and "://" not in address:
+        host, _, port = address.rpartition(":")
+        timeout = float(options["connect_timeout"])
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        except (OSError, ValueError) as exc:
+            raise ServiceUnavailableError(
+                f"cannot reach the Ray cluster at {address!r} (service.ray.address or RAY_ADDRESS): {exc}; "
+                "start one with 'ray start --head' or fix the address"
+            ) from None
+    try:
+        ray.init(address=address, namespace=options["namespace"])
+    except Exception as exc:
+        raise ServiceUnavailableError(f"cannot connect to Ray (address {address!r}): {_first_line(exc)}") from exc
+
+
+# ---------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------
+
+
+_transport = RayTransport()
+
+
+def _make_task(factory: ServiceFactory, ctx: TaskContext) -> BaseServiceTask:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"services.{factory.service_name}.kind: 'ray' needs Ray, which is not installed: {RAY_EXTRA_HINT}"
+        ) from None
+    return RayServiceTask(factory, ctx)
+
+
+@hookimpl
+def kservice_register_transports(register: Callable[[Transport], None]) -> None:
+    register(_transport)
+
+
+@hookimpl
+def kservice_register_task_kinds(register: Callable[..., None]) -> None:
+    register("ray", _make_task)
+
+
+@hookimpl
+def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
+    register(
+        "service.ray",
+        {
+            "namespace": Setting((str,), "kservice", "Ray namespace of the replica actors (and of ray.init when kservice connects)."),
+            "address": Setting(
+                (str,),
+                None,
+                "Cluster address for ray.init when this process is not connected yet (None: RAY_ADDRESS, else a local Ray).",
+                nullable=True,
+            ),
+            "connect_timeout": Setting((float,), 10.0, "Seconds to wait for a configured address to answer before failing.", minimum=0),
+            "max_concurrency": Setting(
+                (int,), None, "Calls one replica runs at once (None: service.local.max_workers).", nullable=True, minimum=1
+            ),
+            "max_task_retries": Setting(
+                (int,),
+                3,
+                "Times Ray re-runs a call of an idempotent method on a restarted replica (-1: unlimited). "
+                "Other methods run at most once.",
+                minimum=-1,
+            ),
+            "num_cpus": Setting((float,), None, "CPUs each replica reserves (None: Ray's actor default).", nullable=True, minimum=0),
+            "num_gpus": Setting((float,), None, "GPUs each replica reserves.", nullable=True, minimum=0),
+            "runtime_env": Setting((dict,), None, "Ray runtime_env of the replica actors.", nullable=True),
+            "balancer": Setting(
+                (str,), "power_of_two", "How calls choose a replica (register_balancer adds more).", choices=balancer_names
+            ),
+            "start_timeout": Setting(
+                (float,), 120.0, "Seconds start_service and scale wait for replicas to be placed and built.", minimum=0
+            ),
+            "membership_refresh": Setting(
+                (float,), 5.0, "Seconds between re-reads of the replica list by callers in other drivers.", minimum=0
+            ),
+        },
+    )
+
+
+@hookimpl
+def kservice_resolve_service(service_name: str, manager: Any) -> list[ServiceAddress] | None:
+    ray = _ray_if_running()
+    if ray is None:
+        return None
+    options = manager.config.for_service(service_name)["ray"]
+    namespace = options["namespace"]
+    deployments = _deployments(ray, namespace).get(service_name)
+    if not deployments:
+        return None
+    deployment = _newest_deployment(deployments)
+    assert deployment is not None
+    names = tuple(name for _, name in sorted(deployments[deployment].items()))
+    target = _DeploymentRef(
+        namespace, service_name, deployment, names, float(options["membership_refresh"]), options["balancer"], int(options["max_task_retries"])
+    )
+    return [ServiceAddress("ray", service_name, target, instance=deployment, info={"namespace": namespace, "actors": list(names)})]
+
+
+@hookimpl
+def kservice_known_services() -> list[str]:
+    ray = _ray_if_running()
+    if ray is None:
+        return []
+    try:
+        return sorted(_deployments(ray, None))
+    except Exception:  # noqa: BLE001 - listings must not fail because the cluster is unreachable
+        return []
