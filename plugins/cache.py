@@ -32,7 +32,6 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import cachetools
-
 from kservice import BaseServiceTask, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
 
 __all__ = ["ResultCache", "cache_info", "clear_cache"]

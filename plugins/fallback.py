@@ -214,7 +214,7 @@ class FallbackMiddleware(ServiceMiddleware):
         error = response.to_exception(self.service_name, method)
         try:
             value = declared.answer(request, error)
-        except Exception as exc:  # noqa: BLE001 - the caller gets the service's error, not the handler's
+        except Exception as exc:
             error.add_note(f"the fallback of {self.service_name}.{method} raised too: {type(exc).__name__}: {exc}")
             return ServiceResponse.from_exception(request.request_id, error, origin="client")
         with _lock:

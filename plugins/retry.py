@@ -3,14 +3,18 @@
 A call is retried only when that is safe:
 
 - the request provably never ran: the runtime answered ServiceUnavailableError
-  (stopped, dead or moved service), ServiceOverloadedError (the queue did not
-  accept it) or ServiceNotFoundError (a resolver lost the name between
-  attempts), or
+  (dead, restarting or moved service), ServiceNotFoundError (a resolver lost
+  the name between attempts) or, with ``service_call.retry_overloaded: true``,
+  ServiceOverloadedError (the queue did not accept it; off by default because
+  the runtime has already waited ``service.local.queue_timeout`` for room,
+  and retrying at a second layer adds load when the service asks for less), or
 - the method is declared idempotent (``@kservice.idempotent``, the class's
   ``idempotent_methods`` or the service's ``idempotent:`` config list): then
   any failure is retried, a method's own exception included.
 
-Never retried: a response a middleware marked ``metadata["kservice.retryable"]
+Never retried: ServiceUnavailableError from a task of the caller's own
+process that was stopped on purpose (``stop_service``; it will not come back
+by itself, so the call fails at once), a response a middleware marked ``metadata["kservice.retryable"]
 = False`` (the breaker's fail-fast rejections), errors raised by caller-side
 middleware, MethodNotFoundError. The core never sleeps past the call's
 deadline, and the policy gives up before that too.
@@ -42,16 +46,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import tenacity
-
-from kservice import ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+from kservice import BaseServiceTask, ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
 
 __all__ = [
     "DefaultRetryPolicy",
     "NeverRetry",
     "RetryBudget",
     "RetryPolicy",
-    "register_retry_policy",
     "give_up",
+    "register_retry_policy",
     "retry_policy_names",
 ]
 
@@ -148,6 +151,7 @@ class DefaultRetryPolicy:
 
     def __init__(self, settings: dict[str, Any], budget: RetryBudget | None = None) -> None:
         self.max_retries: int = settings["max_retries"]
+        self.retry_overloaded: bool = settings.get("retry_overloaded", False)
         self._wait = tenacity.wait_exponential(
             multiplier=settings["retry_interval"],
             exp_base=settings["retry_backoff"],
@@ -158,14 +162,19 @@ class DefaultRetryPolicy:
             self._wait = self._wait + tenacity.wait_random(0, jitter)
         self.budget = budget
 
-    def retryable(self, response: ServiceResponse, idempotent: bool) -> bool:
+    def retryable(self, response: ServiceResponse, idempotent: bool, service_name: str = "") -> bool:
         """Whether this failure may be re-sent at all (before counting attempts, time and budget)."""
         if response.metadata.get("kservice.retryable") is False:
             return False
         origin = response.error_origin
         if origin == "runtime":
             if response.error_type in SAFE_RUNTIME_ERRORS:
-                return True
+                if response.error_type == "ServiceOverloadedError":
+                    # The runtime already waited service.local.queue_timeout for room: that wait was
+                    # the retry. Retrying at a second layer adds load exactly when the service asks for less.
+                    return self.retry_overloaded
+                # A task of this process stopped on purpose will not come back by itself: fail at once.
+                return not (response.error_type == "ServiceUnavailableError" and stopped_here(service_name))
             if response.error_type in NEVER_RETRIED:
                 return False
             return idempotent
@@ -181,7 +190,7 @@ class DefaultRetryPolicy:
     def should_retry(
         self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
     ) -> float | None:
-        if not self.retryable(response, idempotent):
+        if not self.retryable(response, idempotent, request.service_name):
             return give_up(request, response, attempt, "the error is not safe to retry")
         if attempt >= self.max_retries:
             return give_up(request, response, attempt, f"service_call.max_retries={self.max_retries} reached")
@@ -251,6 +260,28 @@ def retry_policy_names() -> tuple[str, ...]:
     return tuple(sorted(_policies))
 
 
+# ------------------------------------------------- tasks stopped on purpose
+
+_stopped: dict[str, weakref.ReferenceType[BaseServiceTask]] = {}
+
+
+def stopped_here(service_name: str) -> bool:
+    """Whether the service's task in this process was stopped with ``stop_service`` and not restarted."""
+    ref = _stopped.get(service_name)
+    task = ref() if ref is not None else None
+    return task is not None and task.state in ("stopping", "stopped")
+
+
+@hookimpl
+def kservice_task_stopping(task: BaseServiceTask) -> None:
+    _stopped[task.service_name] = weakref.ref(task)
+
+
+@hookimpl
+def kservice_task_started(task: BaseServiceTask) -> None:
+    _stopped.pop(task.service_name, None)
+
+
 # ------------------------------------------------------------------- budgets
 
 _budgets: weakref.WeakValueDictionary[tuple[Any, ...], RetryBudget] = weakref.WeakValueDictionary()
@@ -297,6 +328,11 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
             "retry_backoff": Setting((float,), 2.0, "Each retry waits this many times longer than the previous one.", minimum=1),
             "retry_max_interval": Setting((float,), 30.0, "Cap in seconds on the delay between retries (before jitter).", minimum=0),
             "retry_jitter": Setting((float,), 0.1, "Up to this many seconds of random delay added to each retry.", minimum=0),
+            "retry_overloaded": Setting(
+                (bool,),
+                False,
+                "Retry ServiceOverloadedError too (off: the runtime already waited service.local.queue_timeout for room).",
+            ),
             "retry_budget_ratio": Setting(
                 (float,), 0.2, "Retries per service may add at most this fraction of its calls.", minimum=0
             ),
