@@ -428,7 +428,7 @@ class ServiceManager:
 class _AsyncCall:
     """One asynchronous call: before-hooks, send, retries, after-hooks, completion."""
 
-    __slots__ = ("attempt", "future", "last_response", "limit", "manager", "request", "route", "sent", "timeout")
+    __slots__ = ("attempt", "claim", "future", "last_response", "limit", "manager", "request", "route", "sent", "timeout")
 
     def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, future: Future[Any]) -> None:
         self.manager = manager
@@ -440,6 +440,8 @@ class _AsyncCall:
         self.limit = 0
         self.timeout = request.deadline - time.time()  # type: ignore[operator]
         self.last_response: ServiceResponse | None = None
+        # Acquired once by whichever of response and timeout completes the call first.
+        self.claim = threading.Lock()
 
     def start(self) -> None:
         self.manager.timer().expire_at(round(self.timeout, 3), time.monotonic() + self.timeout, self)
@@ -495,13 +497,11 @@ class _AsyncCall:
         self._send()
 
     def _finish(self, response: ServiceResponse) -> None:
+        if not self.claim.acquire(False):
+            return  # the response and the timeout raced: the other one completed the call
         future = self.future
-        try:
-            # Claims the future: exactly one of response, timeout and cancel wins.
-            if not future.set_running_or_notify_cancel():
-                return  # cancelled by the caller
-        except RuntimeError:
-            return  # another path (response or timeout) completed it first
+        if future._state != "PENDING":
+            return  # cancelled by the caller
         chain = self.route.chain
         if chain:
             response = chain.run_after(self.sent, response, self.limit)
@@ -511,7 +511,7 @@ class _AsyncCall:
             else:
                 future.set_exception(response.to_exception(self.request.service_name, self.request.method_name))
         except InvalidStateError:
-            pass
+            pass  # cancelled by the caller while the after-hooks ran
 
 
 class ServiceProxy:

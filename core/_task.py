@@ -103,8 +103,7 @@ class _WorkerPool:
             if item is None:
                 return
             request, reply = item
-            task._dequeued()
-            reply(task.execute(request))
+            reply(task.execute(request, from_queue=True))
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
@@ -425,20 +424,27 @@ class BaseServiceTask:
             origin="runtime",
         )
 
-    def execute(self, request: ServiceRequest) -> ServiceResponse:
+    def execute(self, request: ServiceRequest, *, from_queue: bool = False) -> ServiceResponse:
         """Run one request in the calling thread and return its response (never raises).
 
         Listeners of transports that can run a request where it arrives call
-        this directly; the worker pool calls it for queued requests.
+        this directly; the worker pool calls it for queued requests
+        (``from_queue``, so the queue depth is updated under the same lock).
         """
-        if request.deadline is not None and time.time() > request.deadline:
-            with self._counter_lock:
+        expired = request.deadline is not None and time.time() > request.deadline
+        with self._counter_lock:
+            if from_queue:
+                self._queued -= 1
+                if self._room_waiters:
+                    self._room.notify()
+            if expired:
                 self._expired_total += 1
                 self._requests_total += 1
                 self._errors_total += 1
+            else:
+                self._running += 1
+        if expired:
             return timeout_response(request, 0.0)
-        with self._counter_lock:
-            self._running += 1
         serial = self._serial_lock
         if serial is not None:
             serial.acquire()

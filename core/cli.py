@@ -328,39 +328,50 @@ def _status_dict(status: Any) -> dict[str, Any]:
 
 
 def _replicas(extra: dict[str, Any]) -> str:
+    """``alive/total`` from a per-replica list (the ray plugin), the count as given, else 1."""
     value = extra.get("replicas")
     if value is None:
         return "1"
     if isinstance(value, dict):
         alive = value.get("alive", value.get("running"))
         total = value.get("total", value.get("desired"))
-        if alive is not None and total is not None:
-            return f"{alive}/{total}"
-        return str(len(value))
+        return f"{alive}/{total}" if alive is not None and total is not None else str(len(value))
     if isinstance(value, (list, tuple)):
-        alive = sum(1 for r in value if not isinstance(r, dict) or r.get("alive", r.get("state", "alive")) in (True, "alive", "running"))
-        return f"{alive}/{len(value)}"
+
+        def up(replica: Any) -> bool:
+            if not isinstance(replica, dict):
+                return True
+            if "healthy" in replica:
+                return bool(replica["healthy"])
+            return replica.get("state", "running") in ("running", "alive")
+
+        return f"{sum(1 for r in value if up(r))}/{len(value)}"
     return str(value)
 
 
-def _latency_ms(extra: dict[str, Any], quantile: str) -> float | None:
-    """A latency percentile in milliseconds from whatever shape a metrics plugin used."""
-    for key in (f"latency_{quantile}_ms", f"{quantile}_ms"):
-        if isinstance(extra.get(key), (int, float)):
-            return float(extra[key])
-    for key in (f"latency_{quantile}_s", f"latency_{quantile}", f"{quantile}_s"):
-        if isinstance(extra.get(key), (int, float)):
-            return float(extra[key]) * 1e3
-    for container in ("latency", "latency_ms", "metrics"):
-        nested = extra.get(container)
-        if isinstance(nested, dict):
-            found = _latency_ms(nested, quantile)
-            if found is not None:
-                return found
-            if isinstance(nested.get(quantile), (int, float)):
-                value = float(nested[quantile])
-                return value if container == "latency_ms" else value * 1e3
+def _number(container: Any, *keys: str) -> float | None:
+    """The first of ``keys`` holding a number in ``container`` (a dict), else None."""
+    if not isinstance(container, dict):
+        return None
+    for key in keys:
+        value = container.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     return None
+
+
+def _latency_ms(extra: dict[str, Any], quantile: str) -> float | None:
+    """A latency percentile in milliseconds: ``extra['load']`` (the metrics plugin) or top-level keys."""
+    for container in (extra.get("load"), extra.get("latency"), extra):
+        found = _number(container, f"{quantile}_ms", f"latency_{quantile}_ms")
+        if found is not None:
+            return found
+    return None
+
+
+def _calls_per_second(extra: dict[str, Any]) -> float | None:
+    found = _number(extra.get("load"), "calls_per_s", "calls_per_second")
+    return found if found is not None else _number(extra, "calls_per_s", "calls_per_second")
 
 
 def _breaker(extra: dict[str, Any]) -> str:
@@ -372,8 +383,21 @@ def _breaker(extra: dict[str, Any]) -> str:
     return str(value)
 
 
-#: extra keys shown in their own columns, not repeated under "details"
-_SHOWN_EXTRA = {"replicas", "breaker", "circuit_breaker", "latency", "latency_ms", "calls_per_second"}
+def _details(extra: dict[str, Any]) -> dict[str, Any]:
+    """What a plugin added that has no column of its own, kept short: scalars as they are, a few summaries."""
+    shown: dict[str, Any] = {}
+    for key, value in extra.items():
+        if key in ("replicas", "breaker", "circuit_breaker", "load", "latency"):
+            continue
+        if key == "health" and isinstance(value, dict):
+            if value.get("monitored"):
+                shown["monitor"] = value.get("state", "?")
+            continue
+        if key == "ray" and isinstance(value, dict):
+            shown["namespace"] = value.get("namespace")
+            continue
+        shown[key] = value
+    return shown
 
 
 def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] | None = None) -> list[dict[str, Any]]:
@@ -381,7 +405,8 @@ def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] 
 
     ``previous`` maps a service name to ``(time.monotonic(), requests_total)``
     of the last sample; it is updated in place and gives ``calls_per_second``
-    (without a previous sample the rate is averaged since the task started).
+    over the interval since. Without a previous sample the rate is the
+    metrics plugin's (``extra['load']``), else the average since the task started.
     Status dicts carrying an ``error`` key become rows that show it.
     """
     now_mono, now_wall = time.monotonic(), time.time()
@@ -394,11 +419,14 @@ def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] 
             rows.append({"service": name, "kind": data.get("kind", "?"), "state": "unreachable", "health": data["error"], "extra": {}})
             continue
         total = int(data.get("requests_total") or 0)
-        rate: float | None = extra.get("calls_per_second") if isinstance(extra.get("calls_per_second"), (int, float)) else None
-        if rate is None and previous is not None and name in previous:
+        # Watching: the rate over the last interval. Otherwise the metrics plugin's window, else since start.
+        rate: float | None = None
+        if previous is not None and name in previous and total >= previous[name][1]:
             then, before = previous[name]
-            rate = (total - before) / max(now_mono - then, 1e-6) if total >= before else None
-        elif rate is None and data.get("started_at"):
+            rate = (total - before) / max(now_mono - then, 1e-6)
+        if rate is None:
+            rate = _calls_per_second(extra)
+        if rate is None and data.get("started_at"):
             rate = total / max(now_wall - float(data["started_at"]), 1e-6)
         if previous is not None:
             previous[name] = (now_mono, total)
@@ -418,7 +446,7 @@ def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] 
                 "p50_ms": _latency_ms(extra, "p50"),
                 "p99_ms": _latency_ms(extra, "p99"),
                 "breaker": _breaker(extra),
-                "extra": {k: v for k, v in extra.items() if k not in _SHOWN_EXTRA and not k.startswith(("latency_", "p50", "p99"))},
+                "extra": _details(extra),
             }
         )
     return rows
