@@ -88,23 +88,36 @@ def _schema() -> dict[str, Setting]:
 
 
 class _MethodStats:
-    """Cumulative counts of one method (mutated only under its recorder's lock)."""
+    """Cumulative counts of one method in one shard (written by one thread only).
 
-    __slots__ = ("buckets", "calls", "degraded", "errors", "seconds")
+    The call count is the sum of the buckets, so a call costs one increment less.
+    """
+
+    __slots__ = ("buckets", "degraded", "errors", "seconds")
 
     def __init__(self) -> None:
-        self.calls = 0
         self.degraded = 0
         self.seconds = 0.0
         self.errors: dict[str, int] = {}
         self.buckets = [0] * _NBUCKETS
 
+    @property
+    def calls(self) -> int:
+        return sum(self.buckets)
+
     def copy(self) -> _MethodStats:
         other = _MethodStats()
-        other.calls, other.degraded, other.seconds = self.calls, self.degraded, self.seconds
+        other.degraded, other.seconds = self.degraded, self.seconds
         other.errors = dict(self.errors)
         other.buckets = list(self.buckets)
         return other
+
+    def add(self, part: _MethodStats) -> None:
+        self.degraded += part.degraded
+        self.seconds += part.seconds
+        for key, value in list(part.errors.items()):
+            self.errors[key] = self.errors.get(key, 0) + value
+        self.buckets = [a + b for a, b in zip(self.buckets, part.buckets)]
 
 
 def _percentile(buckets: list[int], total: int, q: float) -> float:
@@ -125,27 +138,23 @@ def _percentile(buckets: list[int], total: int, q: float) -> float:
 
 
 def _summary(stats: _MethodStats) -> dict[str, Any]:
+    calls = stats.calls
     return {
-        "calls": stats.calls,
+        "calls": calls,
         "errors": sum(stats.errors.values()),
         "errors_by_type": dict(stats.errors),
         "degraded": stats.degraded,
         "latency_sum_s": stats.seconds,
-        "latency_p50_ms": _percentile(stats.buckets, stats.calls, 0.50) * 1e3,
-        "latency_p90_ms": _percentile(stats.buckets, stats.calls, 0.90) * 1e3,
-        "latency_p99_ms": _percentile(stats.buckets, stats.calls, 0.99) * 1e3,
+        "latency_p50_ms": _percentile(stats.buckets, calls, 0.50) * 1e3,
+        "latency_p90_ms": _percentile(stats.buckets, calls, 0.90) * 1e3,
+        "latency_p99_ms": _percentile(stats.buckets, calls, 0.99) * 1e3,
     }
 
 
 def _merge(parts: Iterable[_MethodStats]) -> _MethodStats:
     total = _MethodStats()
     for part in parts:
-        total.calls += part.calls
-        total.degraded += part.degraded
-        total.seconds += part.seconds
-        for key, value in part.errors.items():
-            total.errors[key] = total.errors.get(key, 0) + value
-        total.buckets = [a + b for a, b in zip(total.buckets, part.buckets)]
+        total.add(part)
     return total
 
 
@@ -153,7 +162,6 @@ def _minus(now: _MethodStats, then: _MethodStats | None) -> _MethodStats:
     if then is None:
         return now
     delta = _MethodStats()
-    delta.calls = now.calls - then.calls
     delta.degraded = now.degraded - then.degraded
     delta.seconds = now.seconds - then.seconds
     delta.errors = {k: v - then.errors.get(k, 0) for k, v in now.errors.items() if v - then.errors.get(k, 0)}
@@ -161,13 +169,19 @@ def _minus(now: _MethodStats, then: _MethodStats | None) -> _MethodStats:
     return delta
 
 
+_Shard = dict[str, _MethodStats]
+
+
 class ServiceRecorder:
     """Counts and latencies of one service on one side, in this process.
 
-    ``record`` is the only per-call work; everything else (percentiles,
-    windows, Prometheus) is computed when read. Thread-safe. ``clock`` is a
-    monotonic clock in seconds (``time.perf_counter``); tests pass their own
-    to drive the load window.
+    Recording is the only per-call work and takes no lock: each thread counts
+    into its own shard (a ``threading.local``), and readers add the shards up
+    (a thread's shard is folded into the totals when the thread has ended).
+    Readers may miss a call recorded while they read; no call is ever lost.
+    Everything else (percentiles, windows, Prometheus) is computed when read.
+    ``clock`` is a monotonic clock in seconds (``time.perf_counter``); tests
+    pass their own to drive the load window.
     """
 
     def __init__(self, side: str, service_name: str, *, window: float = 60.0, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -175,41 +189,90 @@ class ServiceRecorder:
         self.service_name = service_name
         self.window = window
         self.clock = clock
-        self.lock = threading.Lock()
-        self.methods: dict[str, _MethodStats] = {}
+        self.tls = threading.local()
+        self.lock = threading.Lock()  # guards the shard list, the retired totals and the marks
+        self._shards: list[tuple[weakref.ref[threading.Thread], _Shard]] = []
+        self._retired: _Shard = {}
         self._step = window / _MARKS
-        self._marks: deque[tuple[float, dict[str, _MethodStats]]] = deque()
+        self._marks: deque[tuple[float, _Shard]] = deque()
         self.next_mark = 0.0
         self._mark(clock())
 
-    def record(self, method: str, seconds: float, error_type: str, degraded: bool, now: float) -> None:
-        """Count one call of ``method`` that took ``seconds`` and ended at clock time ``now``."""
+    def shard(self) -> _Shard:
+        """This thread's shard (created on its first call)."""
+        try:
+            return self.tls.shard  # type: ignore[no-any-return]
+        except AttributeError:
+            shard: _Shard = {}
+            with self.lock:
+                self._shards.append((weakref.ref(threading.current_thread()), shard))
+            self.tls.shard = shard
+            return shard
+
+    def record(self, method: str, seconds: float, error_type: str = "", degraded: bool = False, now: float | None = None) -> None:
+        """Count one call of ``method`` that took ``seconds`` (and ended at clock time ``now``)."""
+        shard = self.shard()
+        stats = shard.get(method)
+        if stats is None:
+            stats = shard[method] = _MethodStats()
+        stats.seconds += seconds
+        stats.buckets[bisect_right(BUCKET_BOUNDS, seconds)] += 1
+        if error_type:
+            stats.errors[error_type] = stats.errors.get(error_type, 0) + 1
+        if degraded:
+            stats.degraded += 1
+        if now is None:
+            now = self.clock()
+        if now >= self.next_mark:
+            self.mark(now)
+
+    def mark(self, now: float) -> None:
+        """Remember the cumulative counts at clock time ``now`` (the load window's steps)."""
         with self.lock:
-            stats = self.methods.get(method)
-            if stats is None:
-                stats = self.methods[method] = _MethodStats()
-            stats.calls += 1
-            stats.seconds += seconds
-            stats.buckets[bisect_right(BUCKET_BOUNDS, seconds)] += 1
-            if error_type:
-                stats.errors[error_type] = stats.errors.get(error_type, 0) + 1
-            if degraded:
-                stats.degraded += 1
             if now >= self.next_mark:
                 self._mark(now)
 
     def _mark(self, now: float) -> None:
-        """Remember the cumulative counts at ``now`` (called holding the lock, or from __init__)."""
-        self._marks.append((now, {name: stats.copy() for name, stats in self.methods.items()}))
+        self._marks.append((now, self._cumulative()))
         # Keep one mark at least a window old: it is the baseline of the window.
         while len(self._marks) > 1 and self._marks[1][0] <= now - self.window:
             self._marks.popleft()
         self.next_mark = now + self._step
 
+    def _cumulative(self) -> _Shard:
+        """The sum of every shard (holding the lock)."""
+        live = []
+        for ref, shard in self._shards:
+            if ref() is None or not ref().is_alive():  # type: ignore[union-attr]
+                # The thread has ended: nobody writes this shard any more.
+                for method, stats in shard.items():
+                    self._retired.setdefault(method, _MethodStats()).add(stats)
+            else:
+                live.append((ref, shard))
+        self._shards = live
+        total = {method: stats.copy() for method, stats in self._retired.items()}
+        for _, shard in live:
+            for method, stats in list(shard.items()):
+                into = total.get(method)
+                if into is None:
+                    total[method] = stats.copy()
+                else:
+                    into.add(stats)
+        return total
+
     def cumulative(self) -> dict[str, _MethodStats]:
-        """A consistent copy of every method's cumulative counts."""
+        """Every method's cumulative counts."""
         with self.lock:
-            return {name: stats.copy() for name, stats in self.methods.items()}
+            return self._cumulative()
+
+    def clear(self) -> None:
+        """Forget everything recorded (a call recorded meanwhile may survive)."""
+        with self.lock:
+            for _, shard in self._shards:
+                shard.clear()
+            self._retired.clear()
+            self._marks.clear()
+            self._mark(self.clock())
 
     def summary(self) -> dict[str, Any]:
         """Cumulative totals of the service and of each method (see :func:`snapshot`)."""
@@ -219,24 +282,29 @@ class ServiceRecorder:
         return out
 
     def load(self) -> dict[str, Any]:
-        """Calls/s, error rate and latency percentiles over the last window, per service and method."""
+        """Calls/s, errors/s and latency percentiles over the last window, per service and method.
+
+        The window slides in steps of a sixth of its length: it covers between
+        ``window`` and ``window`` plus one step (``window_s`` says how much).
+        """
         with self.lock:
             now = self.clock()
             if now >= self.next_mark:
                 self._mark(now)
             since, baseline = self._marks[0]
-            current = {name: stats.copy() for name, stats in self.methods.items()}
+            current = self._marks[-1][1] if self._marks[-1][0] == now else self._cumulative()
         elapsed = max(now - since, 1e-9)
         deltas = {name: _minus(stats, baseline.get(name)) for name, stats in current.items()}
 
         def rates(delta: _MethodStats) -> dict[str, Any]:
+            calls = delta.calls
             return {
-                "calls": delta.calls,
-                "calls_per_s": delta.calls / elapsed,
+                "calls": calls,
+                "calls_per_s": calls / elapsed,
                 "errors_per_s": sum(delta.errors.values()) / elapsed,
-                "p50_ms": _percentile(delta.buckets, delta.calls, 0.50) * 1e3,
-                "p90_ms": _percentile(delta.buckets, delta.calls, 0.90) * 1e3,
-                "p99_ms": _percentile(delta.buckets, delta.calls, 0.99) * 1e3,
+                "p50_ms": _percentile(delta.buckets, calls, 0.50) * 1e3,
+                "p90_ms": _percentile(delta.buckets, calls, 0.90) * 1e3,
+                "p99_ms": _percentile(delta.buckets, calls, 0.99) * 1e3,
             }
 
         out = rates(_merge(deltas.values()))
@@ -260,18 +328,12 @@ def _recorder(side: str, service_name: str, window: float) -> ServiceRecorder:
     return found
 
 
-def _sweep(started: dict[str, float], now: float) -> None:
-    """Forget start times of calls that can no longer finish (cancelled async calls)."""
-    for key, start in list(started.items()):
-        if now - start > _STALE_START:
-            started.pop(key, None)
-
-
 class _Timed(ServiceMiddleware):
-    """Shared shape of both sides: start time by request id, one ``record`` at the end."""
+    """Shared shape of both sides: start time by request id, one record at the end."""
 
     def __init__(self, recorder: ServiceRecorder) -> None:
         self.recorder = recorder
+        self._clock = recorder.clock
         # Keyed by request id rather than kept on the request: the request is
         # the caller's object (and crosses processes), and for async calls
         # the after-hook runs in another thread than the before-hook.
@@ -280,27 +342,49 @@ class _Timed(ServiceMiddleware):
 
     def _start(self, request: ServiceRequest) -> None:
         started = self._started
-        started[request.request_id] = self.recorder.clock()
+        started[request.request_id] = self._clock()
         if len(started) > self._sweep_at:
-            _sweep(started, self.recorder.clock())
-            self._sweep_at = max(4096, 2 * len(started))
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget start times of calls that can no longer finish (cancelled async calls)."""
+        now = self._clock()
+        for key, start in list(self._started.items()):
+            if now - start > _STALE_START:
+                self._started.pop(key, None)
+        self._sweep_at = max(4096, 2 * len(self._started))
 
     def _finish(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        # ServiceRecorder.record, inlined: this is the per-call path.
         start = self._started.pop(request.request_id, None)
         if start is None:
             return
+        now = self._clock()
         recorder = self.recorder
-        now = recorder.clock()
-        recorder.record(
-            request.method_name, now - start, "" if response.success else (response.error_type or "unknown"), response.degraded, now
-        )
+        try:
+            shard = recorder.tls.shard
+        except AttributeError:
+            shard = recorder.shard()
+        stats = shard.get(request.method_name)
+        if stats is None:
+            stats = shard[request.method_name] = _MethodStats()
+        seconds = now - start
+        stats.seconds += seconds
+        stats.buckets[bisect_right(BUCKET_BOUNDS, seconds)] += 1
+        if not response.success:
+            error_type = response.error_type or "unknown"
+            stats.errors[error_type] = stats.errors.get(error_type, 0) + 1
+        if response.degraded:
+            stats.degraded += 1
+        if now >= recorder.next_mark:
+            recorder.mark(now)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.recorder.service_name!r}>"
 
 
 class ClientMetrics(_Timed):
-    """The caller's side: the time from ``before_call`` to ``after_call``, retries counted per attempt."""
+    """The caller's side: the time from ``before_call`` to ``after_call``, each attempt counted."""
 
     def before_call(self, request: ServiceRequest) -> None:
         self._start(request)
@@ -345,13 +429,11 @@ def load(service_name: str) -> dict[str, Any] | None:
 
 
 def reset() -> None:
-    """Forget everything recorded (middleware compiled earlier keeps recording into fresh recorders only after the chain is rebuilt)."""
+    """Forget everything recorded in this process (tests, or after a configuration change)."""
     with _recorders_lock:
-        for recorder in _recorders.values():
-            with recorder.lock:
-                recorder.methods.clear()
-                recorder._marks.clear()
-                recorder._mark(recorder.clock())
+        recorders = list(_recorders.values())
+    for recorder in recorders:
+        recorder.clear()
 
 
 _tasks: weakref.WeakSet[BaseServiceTask] = weakref.WeakSet()
@@ -388,7 +470,7 @@ class _Collector:
                     running += sum(stats.buckets[cursor : index + 1])
                     cursor = index + 1
                     buckets.append((repr(BUCKET_BOUNDS[index]), running))
-                buckets.append(("+Inf", stats.calls))
+                buckets.append(("+Inf", running + sum(stats.buckets[cursor:])))
                 latency.add_metric(values, buckets, stats.seconds)
         yield from (calls, errors, degraded, latency)
         in_flight = GaugeMetricFamily("kservice_in_flight", "Calls running in a task of this process.", labels=["service"])

@@ -1,0 +1,57 @@
+"""Helpers for the observability tests: polling, fresh interpreters, runtime plugins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import kservice
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+    """Poll ``predicate()`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (a fresh plugin manager) from the repository root."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")])
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environ, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.fixture
+def register_plugin() -> Iterator[Callable[[Any, str], None]]:
+    """Register plugin objects for one test; they are unregistered afterwards."""
+    pm = kservice.get_plugin_manager()
+    names: list[str] = []
+
+    def register(plugin: Any, name: str) -> None:
+        pm.register(plugin, name=name)
+        names.append(name)
+
+    yield register
+    for name in reversed(names):
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
