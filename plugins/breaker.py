@@ -17,7 +17,9 @@ States:
   cancelled async call) is given up after another ``cooldown``.
 
 What counts as a failure: runtime unavailability (ServiceUnavailableError,
-ServiceOverloadedError) and timeouts (ServiceTimeoutError). An exception
+ServiceOverloadedError) and timeouts (ServiceTimeoutError). ServiceStoppedError
+does not: a service stopped on purpose already answers at once, and counting
+it would keep the breaker open for a cool-down after the service is restarted. An exception
 raised by the method itself (a KeyError) means the service answered: it counts
 as a success unless ``count_service_errors`` is true. MethodNotFoundError and
 errors raised by caller-side middleware never count.

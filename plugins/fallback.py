@@ -4,7 +4,7 @@ A fallback is a value, or a callable ``handler(request, error) -> value``. It
 answers a call whose final response failed for a reason it covers (``on``):
 
 - ``circuit_open``: the breaker refused the call (CircuitOpenError);
-- ``unavailable``: ServiceUnavailableError / ServiceOverloadedError from the runtime;
+- ``unavailable``: ServiceUnavailableError, ServiceOverloadedError or ServiceStoppedError from the runtime;
 - ``timeout``: ServiceTimeoutError (the deadline passed);
 - ``error``: the method itself raised (off by default: a bug should be seen).
 
@@ -189,7 +189,7 @@ class FallbackMiddleware(ServiceMiddleware):
             kind = response.error_type
             if kind == "CircuitOpenError":
                 reason = "circuit_open"
-            elif kind in ("ServiceUnavailableError", "ServiceOverloadedError"):
+            elif kind in ("ServiceUnavailableError", "ServiceOverloadedError", "ServiceStoppedError"):
                 reason = "unavailable"
             elif kind == "ServiceTimeoutError":
                 reason = "timeout"

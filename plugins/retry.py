@@ -12,9 +12,8 @@ A call is retried only when that is safe:
   ``idempotent_methods`` or the service's ``idempotent:`` config list): then
   any failure is retried, a method's own exception included.
 
-Never retried: ServiceUnavailableError from a task of the caller's own
-process that was stopped on purpose (``stop_service``; it will not come back
-by itself, so the call fails at once), a response a middleware marked ``metadata["kservice.retryable"]
+Never retried: ServiceStoppedError (a service stopped on purpose will not come
+back by itself, so the call fails at once), a response a middleware marked ``metadata["kservice.retryable"]
 = False`` (the breaker's fail-fast rejections), errors raised by caller-side
 middleware, MethodNotFoundError. The core never sleeps past the call's
 deadline, and the policy gives up before that too.
@@ -46,7 +45,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import tenacity
-from kservice import BaseServiceTask, ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+from kservice import ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
 
 __all__ = [
     "DefaultRetryPolicy",
@@ -61,7 +60,7 @@ __all__ = [
 #: Runtime errors that prove the request never ran, so any method may be re-sent.
 SAFE_RUNTIME_ERRORS = frozenset({"ServiceUnavailableError", "ServiceOverloadedError", "ServiceNotFoundError"})
 #: Runtime errors no retry can fix (the caller asked for something that does not exist).
-NEVER_RETRIED = frozenset({"MethodNotFoundError", "ConfigError"})
+NEVER_RETRIED = frozenset({"MethodNotFoundError", "ConfigError", "ServiceStoppedError"})
 
 
 class RetryPolicy(Protocol):
@@ -162,7 +161,7 @@ class DefaultRetryPolicy:
             self._wait = self._wait + tenacity.wait_random(0, jitter)
         self.budget = budget
 
-    def retryable(self, response: ServiceResponse, idempotent: bool, service_name: str = "") -> bool:
+    def retryable(self, response: ServiceResponse, idempotent: bool) -> bool:
         """Whether this failure may be re-sent at all (before counting attempts, time and budget)."""
         if response.metadata.get("kservice.retryable") is False:
             return False
@@ -173,8 +172,7 @@ class DefaultRetryPolicy:
                     # The runtime already waited service.local.queue_timeout for room: that wait was
                     # the retry. Retrying at a second layer adds load exactly when the service asks for less.
                     return self.retry_overloaded
-                # A task of this process stopped on purpose will not come back by itself: fail at once.
-                return not (response.error_type == "ServiceUnavailableError" and stopped_here(service_name))
+                return True
             if response.error_type in NEVER_RETRIED:
                 return False
             return idempotent
@@ -190,7 +188,7 @@ class DefaultRetryPolicy:
     def should_retry(
         self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
     ) -> float | None:
-        if not self.retryable(response, idempotent, request.service_name):
+        if not self.retryable(response, idempotent):
             return give_up(request, response, attempt, "the error is not safe to retry")
         if attempt >= self.max_retries:
             return give_up(request, response, attempt, f"service_call.max_retries={self.max_retries} reached")
@@ -258,28 +256,6 @@ def register_retry_policy(
 def retry_policy_names() -> tuple[str, ...]:
     """Names ``service_call.retry_policy`` accepts, sorted."""
     return tuple(sorted(_policies))
-
-
-# ------------------------------------------------- tasks stopped on purpose
-
-_stopped: dict[str, weakref.ReferenceType[BaseServiceTask]] = {}
-
-
-def stopped_here(service_name: str) -> bool:
-    """Whether the service's task in this process was stopped with ``stop_service`` and not restarted."""
-    ref = _stopped.get(service_name)
-    task = ref() if ref is not None else None
-    return task is not None and task.state in ("stopping", "stopped")
-
-
-@hookimpl
-def kservice_task_stopping(task: BaseServiceTask) -> None:
-    _stopped[task.service_name] = weakref.ref(task)
-
-
-@hookimpl
-def kservice_task_started(task: BaseServiceTask) -> None:
-    _stopped.pop(task.service_name, None)
 
 
 # ------------------------------------------------------------------- budgets

@@ -1,0 +1,50 @@
+"""Fixtures for the call-policy tests: the example plugin distribution, and subprocess helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
+EXAMPLE_DIST = "kservice-example-policies"
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Pip-install the example plugin distribution into this interpreter's environment for the session."""
+    # Build from a copy so the source tree gets no build/ or *.egg-info litter.
+    source = tmp_path_factory.mktemp("example") / "example_plugin"
+    shutil.copytree(EXAMPLE, source)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", str(source)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        yield EXAMPLE_DIST
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", EXAMPLE_DIST], capture_output=True, timeout=300)
+
+
+def run_script(code: str, *, env: dict[str, str] | None = None, timeout: float = 90) -> Any:
+    """Run ``code`` in a fresh interpreter (a fresh plugin manager); returns the JSON it prints last."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")])
+    environ.update(env or {})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environ, timeout=timeout
+    )
+    assert done.returncode == 0, f"script failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
