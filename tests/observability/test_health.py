@@ -162,7 +162,7 @@ def test_stuck_worker_pool_is_unhealthy() -> None:
 def test_queue_depth_over_limit_is_unhealthy_and_clears() -> None:
     release = threading.Event()
     config = {
-        "health": {**FAST, "max_queue_depth": 1, "max_restarts": 0, "failure_threshold": 5},
+        "health": {**FAST, "max_queue_depth": 1, "max_restarts": 0, "failure_threshold": 1000},
         "services": {"one": {"class": "tests.observability.services:Echo", "local": {"max_workers": 1}}},
     }
     try:

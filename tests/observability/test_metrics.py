@@ -1,0 +1,246 @@
+"""Metrics and load: counters, latency histograms, Prometheus text, status load, configuration."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+import kservice
+from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, hookimpl
+from kservice.middleware import metrics
+from kservice.middleware.metrics import ClientMetrics, ServerMetrics, ServiceRecorder
+from tests.observability.conftest import wait_for
+from tests.observability.services import Echo
+
+NO_HEALTH = {"health": {"enabled": False}}
+
+
+@pytest.fixture(autouse=True)
+def fresh_metrics() -> Iterator[None]:
+    metrics.reset()
+    yield
+    metrics.reset()
+
+
+def methods(side: str, service: str) -> dict[str, Any]:
+    return metrics.snapshot()[side][service]["methods"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(30)
+def test_calls_and_errors_are_counted_per_method_on_both_sides() -> None:
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        for i in range(5):
+            assert manager.call_service_sync("echo", "echo", (i,)) == i
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                manager.call_service_sync("echo", "fail")
+        with pytest.raises(kservice.MethodNotFoundError):
+            manager.call_service_sync("echo", "nope")
+        for side in ("client", "server"):
+            got = methods(side, "echo")
+            assert got["echo"]["calls"] == 5 and got["echo"]["errors"] == 0
+            assert got["fail"]["calls"] == 2 and got["fail"]["errors_by_type"] == {"ValueError": 2}
+            assert got["nope"]["errors_by_type"] == {"MethodNotFoundError": 1}
+            total = metrics.snapshot()[side]["echo"]
+            assert total["calls"] == 8 and total["errors"] == 3
+
+
+@pytest.mark.timeout(30)
+def test_async_calls_are_counted_when_they_complete() -> None:
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        futures = [manager.call_service_async("echo", "echo", (i,)) for i in range(20)]
+        assert [f.result(5) for f in futures] == list(range(20))
+        wait_for(lambda: methods("client", "echo")["echo"]["calls"] == 20, what="20 client records")
+        assert methods("server", "echo")["echo"]["calls"] == 20
+
+
+@pytest.mark.timeout(30)
+def test_latency_percentiles_follow_the_method_duration() -> None:
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        for _ in range(5):
+            manager.call_service_sync("echo", "sleep", (0.02,))
+        for side in ("client", "server"):
+            got = methods(side, "echo")["sleep"]
+            assert 19.0 <= got["latency_p50_ms"] <= 40.0, got
+            assert got["latency_p50_ms"] <= got["latency_p90_ms"] <= got["latency_p99_ms"]
+            assert got["latency_sum_s"] >= 0.1
+
+
+def test_percentiles_of_a_recorder_interpolate_within_buckets() -> None:
+    recorder = ServiceRecorder("server", "direct", clock=lambda: 0.0)
+    for value in [0.001] * 90 + [0.1] * 10:
+        recorder.record("m", value, now=0.0)
+    summary = recorder.summary()["methods"]["m"]
+    assert summary["calls"] == 100
+    assert summary["latency_p50_ms"] == pytest.approx(1.0, rel=0.25)
+    assert summary["latency_p99_ms"] == pytest.approx(100.0, rel=0.25)
+
+
+def test_load_window_slides_with_the_clock() -> None:
+    now = [0.0]
+    recorder = ServiceRecorder("server", "windowed", window=60.0, clock=lambda: now[0])
+    for _ in range(120):
+        recorder.record("get", 0.002, now=now[0])
+    now[0] = 30.0
+    load = recorder.load()
+    assert load["calls"] == 120 and load["calls_per_s"] == pytest.approx(4.0)
+    assert load["methods"]["get"]["p50_ms"] == pytest.approx(2.0, rel=0.25)
+    # Two windows later nothing was called: the rate falls to zero, the totals stay.
+    now[0] = 200.0
+    recorder.load()
+    now[0] = 261.0
+    load = recorder.load()
+    assert load["calls"] == 0 and load["calls_per_s"] == 0.0 and load["methods"] == {}
+    assert recorder.summary()["calls"] == 120
+
+
+@pytest.mark.timeout(30)
+def test_status_reports_load_with_in_flight_calls() -> None:
+    release = threading.Event()
+    try:
+        with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+            task = env.register_service("echo", Echo)
+            manager = env.manager()
+            for i in range(10):
+                manager.call_service_sync("echo", "echo", (i,))
+            blocked = manager.call_service_async("echo", "wait", (release,))
+            load = wait_for(lambda: (s := task.get_service_status().extra["load"])["in_flight"] == 1 and s, what="in flight")
+            assert load["queue_depth"] == 0
+            assert load["calls"] == 10 and load["calls_per_s"] > 0
+            assert set(load["methods"]) == {"echo"}
+            assert {"p50_ms", "p90_ms", "p99_ms", "calls_per_s"} <= set(load["methods"]["echo"])
+            assert manager.get_service_status("echo").extra["load"]["calls"] == 10  # type: ignore[union-attr]
+            release.set()
+            assert blocked.result(5) is True
+    finally:
+        release.set()
+
+
+@pytest.mark.timeout(30)
+def test_degraded_responses_are_counted(register_plugin: Callable[[Any, str], None]) -> None:
+    class Fallback(ServiceMiddleware):
+        def before_call(self, request: ServiceRequest) -> ServiceResponse | None:
+            if request.method_name == "fail":
+                return ServiceResponse(True, "fallback", None, request.request_id, degraded=True)
+            return None
+
+    class Plugin:
+        @hookimpl(trylast=True)
+        def kservice_middleware(self, service_name: str, options: dict[str, Any]) -> ServiceMiddleware:
+            return Fallback()
+
+    register_plugin(Plugin(), "test-fallback")
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        assert manager.call_service_sync("echo", "fail") == "fallback"
+        got = methods("client", "echo")["fail"]
+        assert got["degraded"] == 1 and got["calls"] == 1 and got["errors"] == 0
+        assert "fail" not in metrics.snapshot()["server"].get("echo", {}).get("methods", {})
+
+
+@pytest.mark.timeout(30)
+def test_prometheus_text_on_a_dedicated_registry() -> None:
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        for i in range(3):
+            manager.call_service_sync("echo", "echo", (i,))
+        with pytest.raises(ValueError):
+            manager.call_service_sync("echo", "fail")
+        text = metrics.prometheus_text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    key = (("method", "echo"), ("service", "echo"), ("side", "server"))
+    assert samples[("kservice_calls_total", key)] == 3
+    assert samples[("kservice_call_duration_seconds_count", key)] == 3
+    assert samples[("kservice_call_duration_seconds_bucket", (("le", "+Inf"), *key))] == 3
+    error_key = (("error_type", "ValueError"), ("method", "fail"), ("service", "echo"), ("side", "client"))
+    assert samples[("kservice_call_errors_total", error_key)] == 1
+    assert families["kservice_call_duration_seconds"].type == "histogram"
+    assert "kservice_in_flight" in families and "kservice_queue_depth" in families
+    # The application's global registry is left alone.
+    assert not any(m.name.startswith("kservice") for m in REGISTRY.collect())
+    assert metrics.registry() is not REGISTRY
+
+
+@pytest.mark.timeout(30)
+def test_metrics_disabled_by_config_is_not_in_any_chain() -> None:
+    config = {
+        **NO_HEALTH,
+        "metrics": {"server": False},
+        "services": {"quiet": {"class": "tests.observability.services:Echo", "metrics": {"enabled": False}}},
+    }
+    with kservice.ServiceEnvironment("m", config) as env:
+        loud = env.register_service("loud", Echo)
+        manager = env.manager()
+        manager.call_service_sync("quiet", "echo", (1,))
+        manager.call_service_sync("loud", "echo", (1,))
+        quiet_task = env.get_task("quiet")
+        assert quiet_task is not None
+        for chain_owner in (quiet_task._server_chain, manager._route("quiet").chain):
+            assert not any(isinstance(m, (ClientMetrics, ServerMetrics)) for m in chain_owner.middlewares)
+        assert any(isinstance(m, ClientMetrics) for m in manager._route("loud").chain.middlewares)
+        assert not any(isinstance(m, ServerMetrics) for m in loud._server_chain.middlewares)
+        snap = metrics.snapshot()
+        assert "quiet" not in snap["client"] or snap["client"]["quiet"]["calls"] == 0
+        assert snap["client"]["loud"]["calls"] == 1
+        assert "loud" not in snap["server"] or snap["server"]["loud"]["calls"] == 0
+        # Without server-side metrics the load still has what the task knows.
+        load = loud.get_service_status().extra["load"]
+        assert load["in_flight"] == 0 and load["calls_per_s"] is None
+
+
+class Exploding(ServiceMiddleware):
+    """Raises from the server-side hooks for the methods named in ``where``."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, str] = {}
+
+    def before_handle(self, request: ServiceRequest) -> None:
+        if self.where.get(request.method_name) == "before":
+            raise KeyError("before_handle exploded")
+
+    def after_handle(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        if self.where.get(request.method_name) == "after":
+            raise LookupError("after_handle exploded")
+
+
+@pytest.mark.timeout(30)
+def test_server_middleware_that_raises_gives_a_typed_error_and_service_keeps_serving(
+    register_plugin: Callable[[Any, str], None],
+) -> None:
+    exploding = Exploding()
+
+    class Plugin:
+        @hookimpl(trylast=True)
+        def kservice_middleware(self, service_name: str, options: dict[str, Any]) -> ServiceMiddleware:
+            return exploding
+
+    register_plugin(Plugin(), "test-exploding")
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        exploding.where = {"echo": "before"}
+        with pytest.raises(KeyError, match="before_handle exploded") as before:
+            manager.call_service_sync("echo", "echo", (1,))
+        assert isinstance(before.value, kservice.ServiceCallError)
+        exploding.where = {"echo": "after"}
+        with pytest.raises(LookupError, match="after_handle exploded") as after:
+            manager.call_service_sync("echo", "echo", (1,))
+        assert isinstance(after.value, kservice.ServiceCallError)
+        exploding.where = {}
+        assert manager.call_service_sync("echo", "echo", (2,)) == 2
+        got = methods("server", "echo")["echo"]
+        assert got["calls"] == 3 and got["errors_by_type"] == {"KeyError": 1, "LookupError": 1}
