@@ -265,6 +265,14 @@ class _ReplicaHost:
             **self._info(),
         }
 
+    def check_health(self) -> Any:
+        """The service's own ``check_health()`` outcome (None when it defines none)."""
+        task = self.task
+        if task is None:
+            return f"the service failed to build: {self.failure.error if self.failure else 'unknown error'}"
+        method = getattr(task.service, "check_health", None)
+        return method() if callable(method) else None
+
     def status(self) -> dict[str, Any]:
         task = self.task
         if task is None:
@@ -877,6 +885,7 @@ class RayServiceTask(BaseServiceTask):
         assert replicas is not None
         actor_class = _actor_class()
         config_data = self.ctx.resolved_config().as_dict()
+        middlewares = self._middlewares()
         created: list[tuple[int, str, Any]] = []
         try:
             for _ in range(count):
@@ -884,7 +893,7 @@ class RayServiceTask(BaseServiceTask):
                 self._next_index += 1
                 name = f"{ACTOR_PREFIX}{self.service_name}:{self.deployment}:{index}"
                 handle = actor_class.options(**self._actor_options(name)).remote(
-                    self.service_factory, config_data, tuple(self.ctx.middlewares), self.ctx.environment_name, name
+                    self.service_factory, config_data, middlewares, self.ctx.environment_name, name
                 )
                 created.append((index, name, handle))
             readiness = [h.ready.options(concurrency_group=_CONTROL_GROUP).remote() for _, _, h in created]
@@ -907,6 +916,15 @@ class RayServiceTask(BaseServiceTask):
             raise
         for (index, name, handle), answer in zip(created, answers):
             replicas.add(index, name, handle, answer.result)
+
+    def _middlewares(self) -> tuple[Any, ...]:
+        """The environment's middleware as of now (added before this start), after the context's own."""
+        chosen = list(self.ctx.middlewares)
+        environment = self.ctx.environment
+        for middleware in environment.middlewares if environment is not None else ():
+            if not any(middleware is known for known in chosen):
+                chosen.append(middleware)
+        return tuple(chosen)
 
     @classmethod
     def attach(
@@ -988,6 +1006,54 @@ class RayServiceTask(BaseServiceTask):
         for replica in leaving:
             _kill(ray, replica.handle)
 
+    # -------------------------------------------------------------- health
+
+    def _unhealthy_replicas(self) -> list[tuple[_Replica, str]]:
+        """Replicas that are dead, down, unreachable, or whose service's ``check_health()`` fails."""
+        ray = _ray()
+        if self.replica_set is None:
+            return []
+        unhealthy: list[tuple[_Replica, str]] = []
+        asks: list[tuple[_Replica, Any]] = []
+        for replica in self.replica_set.snapshot():
+            if replica.dead or not replica.up:
+                unhealthy.append((replica, f"{replica.name} is {'dead' if replica.dead else 'down'} ({replica.last_error})"))
+            else:
+                asks.append((replica, replica.handle.check_health.options(concurrency_group=_CONTROL_GROUP).remote()))
+        for replica, ask in asks:
+            try:
+                outcome = ray.get(ask, timeout=5.0)
+            except Exception as exc:  # noqa: BLE001 - a replica that cannot answer is unhealthy
+                unhealthy.append((replica, f"{replica.name} did not answer its health check: {_first_line(exc)}"))
+                continue
+            if isinstance(outcome, str) or (outcome is not None and not outcome):
+                unhealthy.append((replica, f"{replica.name}: check_health() returned {outcome!r}"))
+        return unhealthy
+
+    def check_service_health(self) -> str | None:
+        """None when every replica serves and passes its service's ``check_health()``, else the reasons."""
+        return "; ".join(reason for _, reason in self._unhealthy_replicas()) or None
+
+    def recover(self, reason: str) -> str:
+        """Replace the replicas that are dead, down or failing their health check with new ones.
+
+        Returns what was done. Raises what creating the new replicas raised
+        (the broken ones are then already gone and the service runs with fewer).
+        """
+        with self._state_lock:
+            if self._state != "running" or self.replica_set is None:
+                return f"nothing: task is {self._state}"
+            with self._scale_lock:
+                broken = [replica for replica, _ in self._unhealthy_replicas()]
+                if not broken:
+                    return "nothing: every replica serves"
+                for replica in broken:
+                    self.replica_set.remove(replica.index)
+                self._retire(broken, 0.0)
+                self.restarts += len(broken)
+                self._add_replicas(len(broken))
+                return f"replaced replica(s) {', '.join(r.name for r in broken)}"
+
     # -------------------------------------------------------------- stopping
 
     def _release(self, deadline: float) -> None:
@@ -1012,6 +1078,8 @@ class RayServiceTask(BaseServiceTask):
         else:
             status = _aggregate_status(self.replica_set, self.state, self.kind)
         status.started_at = self.started_at
+        # Calls each replica runs at once (Ray's max_concurrency), not the replica's idle pool.
+        status.max_workers = self.max_workers
         status.restarts = self.restarts + status.restarts
         status.extra["ray"] = {
             "namespace": self.namespace,

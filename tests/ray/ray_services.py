@@ -1,0 +1,93 @@
+"""Service classes the Ray tests host in replica actors (imported by module name inside Ray's workers)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import kservice
+
+
+class EchoService:
+    """Echoes, reports where it runs, raises on request, and sleeps on request."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def echo(self, value: Any) -> Any:
+        with self._lock:
+            self.calls += 1
+        return value if not self.prefix else f"{self.prefix}{value}"
+
+    def where(self) -> dict[str, Any]:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "actor": ray.get_runtime_context().get_actor_name()}
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def timeout(self, method: str) -> str:
+        """Parameters named like call options reach the method."""
+        return method
+
+    def _secret(self) -> str:
+        return "private"
+
+
+class BrokenService:
+    """A service whose constructor raises."""
+
+    def __init__(self) -> None:
+        raise ValueError("cannot build BrokenService: missing setting 'dsn'")
+
+    def ping(self) -> str:
+        return "pong"
+
+
+class LedgerService:
+    """Appends one line per execution to a file, so tests count how often each call really ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def record(self, token: str, seconds: float = 0.0) -> str:
+        with open(self.path, "a", encoding="utf-8") as ledger:
+            ledger.write(f"{token}\n")
+        if seconds:
+            time.sleep(seconds)
+        return token
+
+    @kservice.idempotent
+    def record_idempotent(self, token: str, seconds: float = 0.0) -> str:
+        return self.record(token, seconds)
+
+    def where(self) -> dict[str, Any]:
+        import ray
+
+        return {"pid": os.getpid(), "actor": ray.get_runtime_context().get_actor_name()}
+
+
+class ShoutMiddleware(kservice.ServiceMiddleware):
+    """Server-side middleware: upper-cases string arguments of calls whose metadata asks for it."""
+
+    def before_handle(self, request: kservice.ServiceRequest) -> kservice.ServiceRequest | None:
+        if request.metadata.get("shout"):
+            request.args = tuple(a.upper() if isinstance(a, str) else a for a in request.args)
+            return request
+        return None
+
+
+class FirstReplica:
+    """A replica balancer that always picks the lowest-numbered live replica."""
+
+    def pick(self, live: Any) -> Any:
+        return min(live, key=lambda replica: replica.index)

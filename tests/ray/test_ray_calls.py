@@ -1,0 +1,170 @@
+"""Calls to a running ray service: results, typed errors, bad input, middleware, status, timeouts."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from ray_services import EchoService, ShoutMiddleware
+
+from kservice import (
+    Config,
+    MethodNotFoundError,
+    ServiceCallError,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceTimeoutError,
+)
+from kservice.plugins.ray import RayServiceTask
+
+
+def quiet_config(services: dict[str, Any]) -> dict[str, Any]:
+    """Config for services shared by a module's tests: no periodic health rounds spawning threads mid-test."""
+    config: dict[str, Any] = {"services": services}
+    if "health" in Config.load(None).schema:
+        config["health"] = {"enabled": False}
+    return config
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
+    environment = ServiceEnvironment(
+        "ray-calls",
+        quiet_config(
+            {
+                "echo": {"class": "ray_services:EchoService", "kind": "ray", "ray": {"max_concurrency": 4}},
+                "slow": {"class": "ray_services:EchoService", "kind": "ray", "ray": {"max_concurrency": 1}},
+            }
+        ),
+    )
+    environment.add_middleware(ShoutMiddleware())
+    environment.start()
+    try:
+        yield environment
+    finally:
+        environment.stop()
+
+
+@pytest.fixture
+def manager(env: ServiceEnvironment) -> Iterator[ServiceManager]:
+    with ServiceManager(env) as created:
+        yield created
+
+
+@pytest.mark.timeout(60)
+def test_calls_run_in_a_named_replica_actor(env: ServiceEnvironment, manager: ServiceManager) -> None:
+    task = env.get_task("echo")
+    assert isinstance(task, RayServiceTask) and task.kind == "ray"
+    where = manager.call_service_sync("echo", "where")
+    assert where["pid"] != os.getpid()
+    assert where["actor"].startswith(f"kservice:echo:{task.deployment}:")
+    assert manager.call_service_sync("echo", "echo", ({"a": [1, 2]},)) == {"a": [1, 2]}
+    futures = [manager.call_service_async("echo", "echo", (i,)) for i in range(50)]
+    assert [f.result(30) for f in futures] == list(range(50))
+
+
+@pytest.mark.timeout(60)
+def test_keyword_arguments_named_like_call_options_reach_the_method(manager: ServiceManager) -> None:
+    assert manager.call_service_sync("echo", "timeout", kwargs={"method": "m"}, timeout=20) == "m"
+
+
+@pytest.mark.timeout(60)
+def test_method_error_arrives_typed_and_the_service_keeps_serving(manager: ServiceManager) -> None:
+    with pytest.raises(ValueError, match="bad input 42") as caught:
+        manager.call_service_sync("echo", "fail", ("bad input 42",))
+    assert isinstance(caught.value, ServiceCallError)
+    assert caught.value.remote_type == "ValueError"
+    assert "raise ValueError(message)" in caught.value.remote_traceback
+    future = manager.call_service_async("echo", "fail", ("async bad",))
+    with pytest.raises(ValueError, match="async bad"):
+        future.result(20)
+    assert manager.call_service_sync("echo", "echo", ("still here",)) == "still here"
+
+
+@pytest.mark.timeout(60)
+def test_private_and_unknown_methods_are_refused(manager: ServiceManager) -> None:
+    with pytest.raises(MethodNotFoundError, match="private"):
+        manager.call_service_sync("echo", "_secret")
+    with pytest.raises(MethodNotFoundError, match="did you mean 'echo'"):
+        manager.call_service_sync("echo", "ecko")
+    assert manager.call_service_sync("echo", "echo", (1,)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_unpicklable_argument_is_a_clear_error_and_the_service_keeps_serving(manager: ServiceManager) -> None:
+    with pytest.raises(TypeError, match=r"cannot send call echo\.echo through Ray.*pass picklable values"):
+        manager.call_service_sync("echo", "echo", (threading.Lock(),))
+    future = manager.call_service_async("echo", "echo", (threading.Lock(),))
+    with pytest.raises(TypeError, match="cannot be serialized"):
+        future.result(20)
+    assert manager.call_service_sync("echo", "echo", ("next",)) == "next"
+
+
+@pytest.mark.timeout(60)
+def test_server_middleware_runs_inside_the_replica(manager: ServiceManager) -> None:
+    assert manager.call_service_sync("echo", "echo", ("quiet",)) == "quiet"
+    assert manager.call_service_sync("echo", "echo", ("loud",), metadata={"shout": True}) == "LOUD"
+
+
+@pytest.mark.timeout(60)
+def test_status_sums_the_replicas_and_names_them(env: ServiceEnvironment, manager: ServiceManager) -> None:
+    before = env.get_task("echo").get_service_status()
+    for i in range(5):
+        manager.call_service_sync("echo", "echo", (i,))
+    status = env.get_task("echo").get_service_status()
+    assert status.state == "running" and status.healthy
+    assert status.requests_total == before.requests_total + 5
+    (replica,) = status.extra["replicas"]
+    assert replica["healthy"] and replica["actor"].startswith("kservice:echo:")
+    assert replica["requests_total"] == status.requests_total
+    assert status.extra["ray"]["namespace"] == "kservice"
+    assert status.max_workers == 4
+
+
+@pytest.mark.timeout(60)
+def test_timeout_shorter_than_the_method_cancels_the_queued_remote_task(
+    env: ServiceEnvironment, manager: ServiceManager
+) -> None:
+    task = env.get_task("slow")
+    before = task.get_service_status()
+    # The replica runs one call at a time: the second call waits in Ray's queue behind the first.
+    first = manager.call_service_async("slow", "sleep", (1.5,), timeout=20)
+    time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(ServiceTimeoutError, match="timed out after 0.300s"):
+        manager.call_service_sync("slow", "sleep", (0.0,), timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    assert first.result(20) == 1.5
+    after = task.get_service_status()
+    # Cancelled in Ray's queue: it never reached the service (not even to be refused as expired).
+    assert after.requests_total == before.requests_total + 1
+    assert after.expired_total == before.expired_total
+
+
+@pytest.mark.timeout(60)
+def test_async_timeout_is_a_service_timeout_error(manager: ServiceManager) -> None:
+    started = time.monotonic()
+    with pytest.raises(ServiceTimeoutError):
+        manager.call_service_async("echo", "sleep", (3.0,), timeout=0.3).result(20)
+    assert time.monotonic() - started < 2.0
+    assert manager.call_service_sync("echo", "echo", ("after",)) == "after"
+
+
+@pytest.mark.timeout(60)
+def test_register_service_with_a_factory_and_options(ray_cluster: Any) -> None:
+    with ServiceEnvironment("ray-factory", quiet_config({})) as environment:
+        task = environment.register_service("prefixed", ServiceFactory("prefixed", EchoService, ("p-",)), kind="ray", replicas=2)
+        assert isinstance(task, RayServiceTask) and task.replica_count == 2
+        with environment.manager() as manager:
+            assert manager.call_service_sync("prefixed", "echo", ("x",)) == "p-x"
+        assert len(task.get_service_status().extra["replicas"]) == 2
+        names = [r["actor"] for r in task.get_service_status().extra["replicas"]]
+    for name in names:
+        with pytest.raises(ValueError):
+            ray.get_actor(name, namespace="kservice")
