@@ -173,6 +173,7 @@ def _write_segment(views: list[memoryview], receiver_pid: int) -> str:
             while written < length:
                 written += os.pwrite(fd, view[written:], offset + written)
             offset += (length + _ALIGN - 1) // _ALIGN * _ALIGN
+        os.ftruncate(fd, offset)  # the reader maps whole aligned slots
     except BaseException:
         os.close(fd)
         unlink_segment(name)

@@ -1,0 +1,226 @@
+"""``kservice serve`` hosts, discovery through the registry, and crash safety, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from kservice import ServiceManager, ServiceNotFoundError, ServiceUnavailableError
+from kservice.plugins.mmap import reclaim, registry, running_services
+from kservice.plugins.mmap.ring import queue_directory
+
+from .services import Host, child_env, hosting, unique
+
+pytestmark = pytest.mark.timeout(90)
+
+NO_RETRIES = {"service_call": {"max_retries": 0}}
+
+
+def _files_of(pid: int) -> list[str]:
+    """Queue, segment and registry files that name ``pid``."""
+    found = [p.name for p in queue_directory().iterdir() if f".{pid}." in p.name or f"-{pid}-" in p.name]
+    for path in registry.registry_directory().iterdir():
+        try:
+            if json.loads(path.read_text()).get("pid") == pid:
+                found.append(path.name)
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def _run_client(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=child_env(), timeout=timeout
+    )
+
+
+def test_serve_is_found_by_name_from_another_process() -> None:
+    name = unique("kv")
+    with hosting(f"{name}=tests.mmap.services:KV") as host:
+        assert f"serving {name} on mmap queue svc." in host.lines[0]
+        client = _run_client(
+            f"""
+            import os
+            from kservice import ServiceManager
+            with ServiceManager() as m:
+                m.call_service_sync({name!r}, "put", ("k", "v"))
+                print(m.call_service_sync({name!r}, "get", ("k",)), m.call_service_sync({name!r}, "pid"), os.getpid())
+            """
+        )
+        assert client.returncode == 0, client.stderr
+        value, served_by, client_pid = client.stdout.split()
+        assert value == "v" and int(served_by) == host.pid and int(client_pid) != host.pid
+        assert name in ServiceManager().known_services()
+        assert any(r["name"] == name and r["pid"] == host.pid for r in running_services())
+        # the CLI sees it too
+        listed = subprocess.run(
+            [sys.executable, "-m", "kservice.cli", "call", name, "get", '["k"]'], capture_output=True, text=True, env=child_env()
+        )
+        assert listed.stdout.strip() == '"v"', listed.stderr
+
+
+def test_second_host_of_one_name_is_refused() -> None:
+    name = unique("kv")
+    with hosting(f"{name}=tests.mmap.services:KV") as first:
+        second = Host(f"{name}=tests.mmap.services:KV")
+        assert second.process.wait(30) == 1
+        err = second.stderr()
+        second.stop()
+        assert f"already served on this host by pid {first.pid}" in err
+        with ServiceManager() as manager:
+            assert manager.call_service_sync(name, "pid") == first.pid
+
+
+def test_stale_registry_record_is_ignored_and_removed() -> None:
+    name = unique("stale")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = registry.registry_directory() / f"{name}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"name": name, "queue": f"svc.{name}.{dead.pid}.000000", "pid": dead.pid}, f)
+    with ServiceManager() as manager, pytest.raises(ServiceNotFoundError):
+        manager.call_service_sync(name, "get", ("a",))
+    assert not path.exists()
+    # and a new host can take the name
+    with hosting(f"{name}=tests.mmap.services:KV") as host, ServiceManager() as manager:
+        assert manager.call_service_sync(name, "pid") == host.pid
+
+
+def test_janitor_reclaims_what_a_killed_host_left() -> None:
+    name = unique("killed")
+    host = Host(f"{name}=tests.mmap.services:KV")
+    host.wait_ready()
+    with ServiceManager() as manager:
+        assert manager.call_service_sync(name, "make_bytes", (1 << 20,)) == b"\x07" * (1 << 20)
+    # a segment addressed to the host that it will never read
+    segment = queue_directory() / f"oob-{os.getpid()}-{host.pid}-0123456789abcdef.seg"
+    fd = os.open(segment, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    host.process.kill()
+    host.stop()
+    assert _files_of(host.pid)
+    removed = reclaim()
+    assert any(name == r for r in removed["records"])
+    assert any(str(host.pid) in q for q in removed["queues"])
+    assert segment.name in removed["segments"]
+    assert not _files_of(host.pid)
+
+
+def test_host_killed_mid_call_is_unavailable_fast() -> None:
+    name = unique("victim")
+    host = Host(f"{name}=tests.mmap.services:KV")
+    try:
+        host.wait_ready()
+        with ServiceManager(config=NO_RETRIES) as manager:
+            manager.call_service_sync(name, "echo", (1,))
+            threading.Timer(0.3, host.process.kill).start()
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailableError, match="died"):
+                manager.call_service_sync(name, "sleep", (20,), timeout=30)
+            assert time.monotonic() - started < 2.5
+    finally:
+        host.stop()
+        reclaim()
+
+
+def test_async_calls_to_a_killed_host_are_unavailable_fast() -> None:
+    name = unique("victim")
+    host = Host(f"{name}=tests.mmap.services:KV")
+    try:
+        host.wait_ready()
+        with ServiceManager(config=NO_RETRIES) as manager:
+            futures = [manager.call_service_async(name, "sleep", (20,), timeout=30) for _ in range(3)]
+            time.sleep(0.3)
+            host.process.kill()
+            started = time.monotonic()
+            for future in futures:
+                with pytest.raises(ServiceUnavailableError):
+                    future.result(10)
+            assert time.monotonic() - started < 2.5
+    finally:
+        host.stop()
+        reclaim()
+
+
+def test_client_killed_mid_call_leaves_the_service_serving() -> None:
+    name = unique("survivor")
+    with hosting(f"{name}=tests.mmap.services:KV") as host:
+        client = subprocess.Popen(
+            [sys.executable, "-c", f"from kservice import ServiceManager; ServiceManager().call_service_sync({name!r}, 'sleep', (1.0,))"],
+            env=child_env(),
+        )
+        time.sleep(0.5)  # the call is running in the host
+        client.kill()
+        client.wait()
+        with ServiceManager() as manager:
+            assert manager.call_service_sync(name, "add", (2, 2)) == 4
+            time.sleep(1.0)  # the dead client's response has been dropped
+            assert manager.call_service_sync(name, "add", (3, 3)) == 6
+        removed = reclaim()
+        assert any(str(client.pid) in q for q in removed["queues"])
+        assert host.process.poll() is None
+
+
+def test_sigterm_drains_in_flight_calls_then_exits_cleanly() -> None:
+    name = unique("drain")
+    host = Host(f"{name}=tests.mmap.services:KV")
+    host.wait_ready()
+    with ServiceManager(config=NO_RETRIES) as manager:
+        manager.call_service_sync(name, "echo", (1,))
+        slow = manager.call_service_async(name, "sleep", (1.0,), timeout=10)
+        time.sleep(0.3)
+        host.process.send_signal(signal.SIGTERM)
+        assert slow.result(10) == 1.0
+        assert host.process.wait(10) == 0
+        with pytest.raises((ServiceUnavailableError, ServiceNotFoundError)):
+            manager.call_service_sync(name, "echo", (2,), timeout=5)
+    host.stop()
+    assert not _files_of(host.pid)
+
+
+def test_process_task_child_stops_when_its_parent_dies() -> None:
+    script = """
+        import os, sys, time
+        from kservice import ServiceEnvironment, ServiceFactory
+        from tests.mmap.services import KV
+        env = ServiceEnvironment("orphan")
+        env.register_service("kv", ServiceFactory("kv", KV), kind="process")
+        env.start()
+        print(env.get_task("kv").pid, flush=True)
+        time.sleep(60)
+    """
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True, env=child_env())
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    psutil.Process(child).wait(10)  # it noticed EOF on its stdin and drained
+    assert not _files_of(child)
+    reclaim()
+
+
+@pytest.mark.slow
+def test_idle_host_with_20_services_uses_under_one_percent_of_a_core() -> None:
+    specs = [f"{unique('idle')}=tests.mmap.services:KV" for _ in range(20)]
+    with hosting(*specs, ready=20) as host, ServiceManager() as manager:
+        for spec in specs:
+            manager.call_service_sync(spec.split("=")[0], "echo", (1,))
+        time.sleep(0.5)  # let spinning listeners settle into sleep
+        process = psutil.Process(host.pid)
+        before = process.cpu_times()
+        time.sleep(3.0)
+        after = process.cpu_times()
+        used = (after.user + after.system) - (before.user + before.system)
+        assert used / 3.0 < 0.01, f"idle host used {used / 3.0:.2%} of a core"
+

@@ -1,0 +1,264 @@
+"""The mmap transport, black box: a service in a child process (``kind="process"``) called over shared memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kservice import (
+    MethodNotFoundError,
+    ServiceCallError,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceOverloadedError,
+    ServiceStatus,
+    ServiceUnavailableError,
+)
+from kservice.plugins.mmap import codec
+from kservice.plugins.mmap.ring import LAYOUT_VERSION, attach_queue, create_queue, queue_directory
+
+from .services import KV, Broken, Serial, unique
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Overload must reach the caller, not be retried away by a retry plugin.
+NO_RETRIES = {"service_call": {"max_retries": 0}}
+
+
+@pytest.fixture
+def kv_env() -> Iterator[tuple[ServiceEnvironment, ServiceManager]]:
+    env = ServiceEnvironment("mmap-tests")
+    env.register_service("kv", ServiceFactory("kv", KV), kind="process")
+    with env:
+        yield env, env.manager()
+
+
+def test_round_trip_runs_in_the_child_process(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    env, manager = kv_env
+    manager.call_service_sync("kv", "put", ("a", [1, 2, 3]))
+    assert manager.call_service_sync("kv", "get", ("a",)) == [1, 2, 3]
+    child = manager.call_service_sync("kv", "pid")
+    assert child != os.getpid()
+    assert child == env.get_task("kv").pid  # type: ignore[union-attr]
+    assert manager.get_service_queue("kv").queue_name.startswith("svc.kv.")
+    # kwargs named like call options reach the method
+    assert manager.call_service_sync("kv", "add", (), {"a": 2, "b": 3}) == 5
+
+
+def test_async_calls_are_completed_by_the_dispatcher(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    _, manager = kv_env
+    futures = [manager.call_service_async("kv", "add", (i, 1)) for i in range(500)]
+    assert [f.result(10) for f in futures] == [i + 1 for i in range(500)]
+    assert "kservice-mmap-responses" in {t.name for t in threading.enumerate()}
+
+
+def test_remote_errors_keep_their_types(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    _, manager = kv_env
+    with pytest.raises(KeyError) as info:
+        manager.call_service_sync("kv", "get", ("missing",))
+    assert isinstance(info.value, ServiceCallError)
+    assert "missing" in str(info.value)
+    assert "Traceback" in info.value.remote_traceback
+    with pytest.raises(MethodNotFoundError, match="did you mean 'get'"):
+        manager.call_service_sync("kv", "gett", ("a",))
+    with pytest.raises(MethodNotFoundError, match="private"):
+        manager.call_service_sync("kv", "__init__")
+    with pytest.raises(TypeError):
+        manager.call_service_sync("kv", "add", (1, 2, 3))
+    with pytest.raises(ValueError, match="boom"):
+        manager.call_service_sync("kv", "fail", ("boom",))
+    # and the service keeps serving
+    assert manager.call_service_sync("kv", "add", (1, 2)) == 3
+
+
+def test_unpicklable_argument_is_a_clear_error_and_nothing_is_sent(
+    kv_env: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
+    _, manager = kv_env
+    before = manager.get_service_status("kv").requests_total  # type: ignore[union-attr]
+    with pytest.raises(TypeError, match="not picklable.*nothing was sent"):
+        manager.call_service_sync("kv", "echo", (threading.Lock(),))
+    with pytest.raises(TypeError, match="not picklable"):
+        manager.call_service_async("kv", "echo", (lambda: 1,)).result(10)
+    after = manager.get_service_status("kv").requests_total  # type: ignore[union-attr]
+    assert after == before
+    assert manager.call_service_sync("kv", "echo", ("fine",)) == "fine"
+
+
+def test_unpicklable_result_is_a_service_call_error(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    _, manager = kv_env
+    with pytest.raises(ServiceCallError, match="cannot be sent back.*not picklable"):
+        manager.call_service_sync("kv", "unpicklable")
+    assert manager.call_service_sync("kv", "echo", (1,)) == 1
+
+
+def test_every_record_size_up_to_beyond_the_ring_capacity(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    _, manager = kv_env
+    capacity = attach_queue(manager.get_service_queue("kv").queue_name).capacity
+    sizes = [0, 1, 7, 8, 4089, 65536, codec.OUT_OF_BAND_THRESHOLD - 1, codec.OUT_OF_BAND_THRESHOLD, capacity // 4 + 1,
+             capacity - 8, capacity, capacity + 1, 2 * capacity]
+    for size in sizes:
+        payload = os.urandom(size)
+        assert manager.call_service_sync("kv", "size", (payload,)) == size
+        assert manager.call_service_sync("kv", "echo", (payload,)) == payload
+        assert manager.call_service_sync("kv", "echo", (bytearray(payload),)) == bytearray(payload)
+        # a big pickle of many small objects travels whole in a segment
+        nested = [payload[i : i + 100] for i in range(0, size, 100)]
+        assert manager.call_service_sync("kv", "echo", (nested,)) == nested
+    assert not [p for p in queue_directory().iterdir() if p.name.startswith("oob-")]
+
+
+def test_numpy_arrays_travel_out_of_band_without_copies(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    np = pytest.importorskip("numpy")
+    _, manager = kv_env
+    array = np.arange(1 << 20, dtype=np.float64)  # 8 MiB
+    back = manager.call_service_sync("kv", "echo", (array,))
+    assert (back == array).all()
+    back[0] = 42.0  # writable (copy-on-write mapping), the file is gone
+    assert not [p for p in queue_directory().iterdir() if p.name.startswith("oob-")]
+
+
+def test_status_comes_from_the_child(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    env, manager = kv_env
+    manager.call_service_sync("kv", "echo", (1,))
+    status = manager.get_service_status("kv")
+    assert isinstance(status, ServiceStatus)
+    assert status.kind == "process" and status.state == "running"
+    assert status.extra["pid"] == env.get_task("kv").pid  # type: ignore[union-attr]
+    assert status.requests_total >= 1
+    # The connection reports it too, for managers outside the environment.
+    remote = manager.get_service_queue("kv").remote_status()  # type: ignore[attr-defined]
+    assert remote["pid"] == status.extra["pid"]
+
+
+def test_failed_child_start_reports_its_stderr() -> None:
+    env = ServiceEnvironment("broken")
+    env.register_service("broken", ServiceFactory("broken", Broken), kind="process")
+    with pytest.raises(ServiceUnavailableError, match="constructor exploded on purpose"):
+        env.start()
+    env.stop()
+
+
+def test_not_thread_safe_service_runs_one_request_at_a_time() -> None:
+    env = ServiceEnvironment("serial")
+    env.register_service("serial", ServiceFactory("serial", Serial), kind="process")
+    with env:
+        manager = env.manager()
+        for _ in range(5):  # teach the listener that work() is fast, so some calls run inline
+            manager.call_service_sync("serial", "work", (0.0,))
+        futures = [manager.call_service_async("serial", "work", (0.002 if i % 3 else 0.0,)) for i in range(60)]
+        assert max(f.result(20) for f in futures) == 1
+
+
+def test_full_queue_is_overloaded_after_queue_timeout() -> None:
+    env = ServiceEnvironment("full", NO_RETRIES)
+    env.register_service(
+        "blocked", ServiceFactory("blocked", Serial), kind="process", local={"request_queue_size": 1, "queue_timeout": 0.3}
+    )
+    with env:
+        manager = env.manager()
+        running = [manager.call_service_async("blocked", "block", (1.5,)) for _ in range(2)]
+        time.sleep(0.2)  # one runs, one fills the task's queue
+        started = time.monotonic()
+        with pytest.raises(ServiceOverloadedError):
+            manager.call_service_sync("blocked", "block", (0.0,), timeout=5)
+        waited = time.monotonic() - started
+        assert 0.25 < waited < 1.4
+        assert [f.result(10) for f in running] == [1.5, 1.5]
+        assert manager.call_service_sync("blocked", "block", (0.0,)) == 0.0
+
+
+def test_full_request_ring_is_overloaded_after_queue_timeout() -> None:
+    name = unique("ring")
+    env = ServiceEnvironment("ring-full", NO_RETRIES)
+    env.register_service(
+        name, ServiceFactory(name, KV), kind="process", local={"queue_timeout": 0.3}, mmap={"request_queue_capacity": 4096}
+    )
+    with env:
+        manager = env.manager()
+        queue = manager.get_service_queue(name).queue_name
+        # Fill the service's ring with records it does not read yet: a paused child.
+        child = env.get_task(name).pid  # type: ignore[union-attr]
+        os.kill(child, 19)  # SIGSTOP
+        try:
+            ring = attach_queue(queue)
+            filler = codec.encode_status_request("filler", name, "nowhere", time.time() + 60)
+            while True:
+                try:
+                    ring.put_nowait(filler)
+                except Exception:
+                    break
+            started = time.monotonic()
+            with pytest.raises(ServiceOverloadedError, match="queue_timeout=0.3"):
+                manager.call_service_sync(name, "echo", (1,), timeout=5)
+            assert 0.25 < time.monotonic() - started < 1.5
+            ring.close()
+        finally:
+            os.kill(child, 18)  # SIGCONT
+        assert manager.call_service_sync(name, "echo", (2,)) == 2
+
+
+@pytest.fixture(scope="module")
+def garbage_target() -> Iterator[tuple[ServiceEnvironment, ServiceManager, str]]:
+    env = ServiceEnvironment("garbage")
+    name = unique("garbage")
+    env.register_service(name, ServiceFactory(name, KV), transports=["mmap"])
+    env.start()
+    try:
+        yield env, env.manager(), name
+    finally:
+        env.stop()
+
+
+@pytest.mark.allow_leaks  # the module-scoped service outlives each example
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(max_size=300) | st.just(b"O" + b"\x00" * 40) | st.just(pickle.dumps(("not", "a", "request"))))
+def test_garbage_records_are_reported_and_skipped(
+    garbage_target: tuple[ServiceEnvironment, ServiceManager, str], garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    env, manager, name = garbage_target
+    queue = next(a.target for a in env.get_task(name).addresses if a.transport == "mmap")  # type: ignore[union-attr]
+    ring = attach_queue(queue)
+    with caplog.at_level(logging.WARNING, logger="kservice.mmap"):
+        ring.put(garbage)
+        with ServiceManager() as outsider:  # over mmap, found through the registry
+            assert outsider.call_service_sync(name, "echo", (garbage,), timeout=5) == garbage
+    ring.close()
+    assert any("skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_wrong_layout_version_is_a_clear_error() -> None:
+    name = unique("old")
+    ring = create_queue(f"svc.{name}", 4096)
+    try:
+        with open(ring.path, "r+b") as f:
+            f.seek(8)
+            f.write((LAYOUT_VERSION + 1).to_bytes(4, "little"))
+        from kservice import ServiceAddress
+
+        from kservice.plugins.mmap import MmapTransport
+
+        with pytest.raises(ServiceUnavailableError, match="incompatible kservice version.*layout version"):
+            MmapTransport().connect(ServiceAddress("mmap", name, ring.name))
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def test_in_process_listener_serves_other_processes_and_refuses_private_names() -> None:
+    name = unique("local")
+    env = ServiceEnvironment("local", {"services": {name: {"class": "tests.mmap.services:KV", "transports": ["mmap"]}}})
+    with env:
+        with ServiceManager() as outsider:  # no environment: found through the registry
+            assert outsider.call_service_sync(name, "add", (1, 1)) == 2
+            with pytest.raises(MethodNotFoundError, match="private"):
+                outsider.call_service_sync(name, "_data")
