@@ -1,0 +1,249 @@
+"""The breaker plugin: opening, failing fast, half-open probes, what counts, status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import kservice
+from kservice import ServiceEnvironment, ServiceRequest, ServiceResponse
+from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
+from tests.policies.services import Flaky
+
+
+def settings(**over: Any) -> dict[str, Any]:
+    return {**kservice.Config.load({}).get("breaker"), **over}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+_ids = iter(range(1_000_000))
+
+
+def req() -> ServiceRequest:
+    return ServiceRequest(f"r{next(_ids)}", "svc", "m")
+
+
+OK = ServiceResponse(True, 1)
+DOWN = ServiceResponse(False, None, "down", error_type="ServiceUnavailableError", error_origin="runtime")
+TIMEOUT = ServiceResponse(False, None, "late", error_type="ServiceTimeoutError", error_origin="runtime")
+RAISED = ServiceResponse(False, None, "k", error_type="KeyError", error_origin="service")
+
+
+def call(breaker: CircuitBreaker, outcome: ServiceResponse) -> ServiceResponse:
+    """One call through the breaker as the chain runs it: before, (service), after."""
+    request = req()
+    rejected = breaker.before_call(request)
+    if rejected is not None:
+        return rejected
+    breaker.after_call(outcome, request)
+    return outcome
+
+
+# ------------------------------------------------------------------ unit
+
+
+@pytest.mark.timeout(10)
+def test_consecutive_failures_open_and_a_success_resets_the_count() -> None:
+    breaker = CircuitBreaker("svc", settings(failure_threshold=3), clock=Clock())
+    for outcome in (DOWN, DOWN, OK, DOWN, DOWN):
+        call(breaker, outcome)
+    assert breaker.state == "closed"
+    call(breaker, TIMEOUT)
+    assert breaker.state == "open"
+    rejected = call(breaker, OK)
+    assert rejected.error_type == "CircuitOpenError" and isinstance(rejected.exception, CircuitOpenError)
+    assert isinstance(rejected.exception, kservice.ServiceUnavailableError)
+    assert rejected.metadata["kservice.retryable"] is False
+
+
+@pytest.mark.timeout(10)
+def test_half_open_probe_closes_on_success_and_reopens_on_failure() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", settings(failure_threshold=1, cooldown=5.0, half_open_probes=2), clock=clock)
+    call(breaker, DOWN)
+    assert breaker.state == "open"
+    clock.now += 4.9
+    assert call(breaker, OK).error_type == "CircuitOpenError"  # still cooling down
+    clock.now += 0.2
+    first, second = req(), req()
+    assert breaker.before_call(first) is None and breaker.before_call(second) is None  # two probes out
+    assert breaker.state == "half_open"
+    assert breaker.before_call(req()) is not None  # a third call is not a probe: rejected
+    breaker.after_call(OK, first)
+    assert breaker.state == "half_open"  # one of two probes succeeded
+    breaker.after_call(OK, second)
+    assert breaker.state == "closed"
+    call(breaker, DOWN)
+    clock.now += 5.0
+    probe = req()
+    assert breaker.before_call(probe) is None
+    breaker.after_call(TIMEOUT, probe)
+    assert breaker.state == "open"
+    assert breaker.snapshot()["retry_after"] == pytest.approx(5.0)  # the cool-down starts again
+    assert breaker.snapshot()["opened_total"] == 3
+
+
+@pytest.mark.timeout(10)
+def test_a_lost_probe_is_given_up_after_another_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", settings(failure_threshold=1, cooldown=1.0), clock=clock)
+    call(breaker, DOWN)
+    clock.now += 1.0
+    assert breaker.before_call(req()) is None  # the probe's outcome never comes back (cancelled)
+    assert breaker.before_call(req()) is not None
+    clock.now += 1.0
+    assert breaker.before_call(req()) is None  # a new probe
+
+
+@pytest.mark.timeout(10)
+def test_late_outcomes_of_calls_admitted_before_opening_are_ignored() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", settings(failure_threshold=1, cooldown=1.0), clock=clock)
+    early = req()
+    assert breaker.before_call(early) is None
+    call(breaker, DOWN)
+    clock.now += 1.0
+    probe = req()
+    assert breaker.before_call(probe) is None
+    breaker.after_call(OK, early)  # not the probe: does not close it
+    assert breaker.state == "half_open"
+    breaker.after_call(OK, probe)
+    assert breaker.state == "closed"
+
+
+@pytest.mark.timeout(10)
+def test_failure_rate_over_a_window_needs_minimum_calls() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(
+        "svc", settings(failure_threshold=1000, failure_rate=0.5, minimum_calls=10, window=10.0), clock=clock
+    )
+    for _ in range(4):
+        call(breaker, DOWN)
+        call(breaker, OK)
+    assert breaker.state == "closed"  # 50% but only 8 calls
+    call(breaker, OK)
+    call(breaker, DOWN)
+    assert breaker.state == "open"  # 5 of 10
+    breaker.reset()
+    for _ in range(9):
+        call(breaker, DOWN)
+    clock.now += 11.0  # the window slid past them
+    call(breaker, DOWN)
+    assert breaker.state == "closed"
+
+
+@pytest.mark.timeout(10)
+def test_service_errors_count_only_when_configured() -> None:
+    quiet = CircuitBreaker("svc", settings(failure_threshold=2), clock=Clock())
+    for _ in range(5):
+        call(quiet, RAISED)
+    assert quiet.state == "closed"
+    counting = CircuitBreaker("svc", settings(failure_threshold=2, count_service_errors=True), clock=Clock())
+    call(counting, RAISED)
+    call(counting, RAISED)
+    assert counting.state == "open"
+
+
+# ------------------------------------------------------------ integration
+
+
+@pytest.mark.timeout(30)
+def test_a_flapping_service_opens_and_closes_the_breaker_as_specified() -> None:
+    config = {
+        "service_call": {"max_retries": 0},
+        "breaker": {"failure_threshold": 3, "cooldown": 0.2, "count_service_errors": True},
+    }
+    with ServiceEnvironment("t", config) as env:
+        flaky = env.register_service("flaky", Flaky).service
+        with env.manager() as manager:
+            assert manager.call_service_sync("flaky", "toggle") == "up"
+            assert breaker_state("flaky") == "closed"
+            flaky.failing = True
+            for _ in range(3):
+                with pytest.raises(ConnectionError):
+                    manager.call_service_sync("flaky", "toggle")
+            assert breaker_state("flaky") == "open"
+            ran = flaky.calls["toggle"]
+            started = time.monotonic()
+            for _ in range(100):
+                with pytest.raises(CircuitOpenError):
+                    manager.call_service_sync("flaky", "toggle")
+            assert time.monotonic() - started < 0.19  # failed fast, well inside the cool-down
+            assert flaky.calls["toggle"] == ran  # the service never saw them
+            # Cool-down over, service still failing: the probe re-opens it.
+            time.sleep(0.25)
+            with pytest.raises(ConnectionError):
+                manager.call_service_sync("flaky", "toggle")
+            assert breaker_state("flaky") == "open"
+            with pytest.raises(CircuitOpenError):
+                manager.call_service_sync("flaky", "toggle")
+            # Service recovers: after the cool-down the probe closes it.
+            flaky.failing = False
+            time.sleep(0.25)
+            assert manager.call_service_sync("flaky", "toggle") == "up"
+            assert breaker_state("flaky") == "closed"
+            assert manager.call_service_sync("flaky", "toggle") == "up"
+            status = env.get_task("flaky").get_service_status()
+            assert status.extra["breaker"]["opened_total"] == 2
+            assert status.extra["breaker"]["rejected_total"] == 101
+            assert breaker_status("flaky")["flaky"]["state"] == "closed"
+
+
+@pytest.mark.timeout(30)
+def test_timeouts_count_by_default_method_errors_do_not() -> None:
+    config = {"service_call": {"max_retries": 0}, "breaker": {"failure_threshold": 2, "cooldown": 30}}
+    with ServiceEnvironment("t", config) as env:
+        env.register_service("flaky", Flaky)
+        with env.manager() as manager:
+            for _ in range(5):
+                with pytest.raises(KeyError):
+                    manager.call_service_sync("flaky", "key_error")
+            assert breaker_state("flaky") == "closed"
+            for _ in range(2):
+                with pytest.raises(kservice.ServiceTimeoutError):
+                    manager.call_service_sync("flaky", "sleep", (0.2,), timeout=0.02)
+            assert breaker_state("flaky") == "open"
+            future = manager.call_service_async("flaky", "ok", (1,))
+            with pytest.raises(CircuitOpenError):
+                future.result(timeout=2)
+            assert reset_breaker("flaky") and breaker_state("flaky") == "closed"
+            assert manager.call_service_sync("flaky", "ok", (1,)) == 1
+
+
+@pytest.mark.timeout(30)
+def test_retries_do_not_hammer_an_open_breaker() -> None:
+    config = {
+        "service_call": {"max_retries": 10, "retry_interval": 0.0, "retry_jitter": 0.0},
+        "breaker": {"failure_threshold": 2, "cooldown": 30, "count_service_errors": True},
+    }
+    with ServiceEnvironment("t", config) as env:
+        env.register_service("flaky", Flaky)
+        with env.manager() as manager:
+            with pytest.raises(CircuitOpenError) as caught:
+                manager.call_service_sync("flaky", "fail_idempotent")
+            assert env.get_task("flaky").service.calls["fail_idempotent"] == 2  # then the breaker stopped it
+            assert caught.value.attempts == 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(30)
+def test_a_service_can_turn_its_breaker_off() -> None:
+    config = {
+        "service_call": {"max_retries": 0},
+        "breaker": {"failure_threshold": 1, "count_service_errors": True},
+        "services": {"flaky": {"class": "tests.policies.services:Flaky", "breaker": {"enabled": False}}},
+    }
+    with ServiceEnvironment("t", config) as env, env.manager() as manager:
+        for _ in range(3):
+            with pytest.raises(ConnectionError):
+                manager.call_service_sync("flaky", "fail")
+        assert not any(isinstance(m, CircuitBreaker) for m in manager._route("flaky").chain.middlewares)
+        assert "breaker" not in env.get_task("flaky").get_service_status().extra

@@ -1,0 +1,137 @@
+"""The fallback plugin: declared answers for open breakers, unavailable and timed-out services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import kservice
+from kservice import ServiceEnvironment, ServiceRequest, ServiceResponse
+from kservice.plugins import fallback as fb
+from tests.policies.services import Flaky
+
+FLAKY = "tests.policies.services:Flaky"
+
+
+class Seen(kservice.ServiceMiddleware):
+    """An environment middleware (outermost): records the response the caller gets."""
+
+    def __init__(self) -> None:
+        self.responses: list[ServiceResponse] = []
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        self.responses.append(response)
+
+
+@pytest.mark.timeout(30)
+def test_config_fallback_answers_when_the_breaker_is_open_and_is_marked_degraded() -> None:
+    config = {
+        "service_call": {"max_retries": 0},
+        "breaker": {"failure_threshold": 2, "cooldown": 30, "count_service_errors": True},
+        "services": {"flaky": {"class": FLAKY, "fallback": {"methods": {"toggle": {"value": "cached-answer"}}}}},
+    }
+    seen = Seen()
+    env = ServiceEnvironment("t", config)
+    env.add_middleware(seen)
+    with env, env.manager() as manager:
+        flaky = env.get_task("flaky").service
+        flaky.failing = True
+        before = fb.degraded_counts().get(("flaky", "toggle"), 0)
+        for _ in range(2):
+            with pytest.raises(ConnectionError):  # method errors are not covered by default
+                manager.call_service_sync("flaky", "toggle")
+        assert manager.call_service_sync("flaky", "toggle") == "cached-answer"  # breaker open -> fallback
+        assert flaky.calls["toggle"] == 2
+        last = seen.responses[-1]
+        assert last.degraded and last.metadata["kservice.degraded"] is True
+        assert last.metadata["kservice.fallback"] == "circuit_open"
+        assert fb.degraded_counts()[("flaky", "toggle")] == before + 1
+        with pytest.raises(kservice.ServiceUnavailableError):  # no fallback declared for this method
+            manager.call_service_sync("flaky", "ok")
+
+
+@pytest.mark.timeout(30)
+def test_decorator_fallback_answers_a_timeout_sync_and_async() -> None:
+    with ServiceEnvironment("t", {"service_call": {"max_retries": 0}}) as env:
+        flaky = env.register_service("flaky", Flaky).service
+        with env.manager() as manager:
+            assert manager.call_service_sync("flaky", "recommend", ("ann",)) == {"items": ["ann"], "source": "service"}
+            flaky.failing = True  # recommend now takes 0.3 s
+            answer = manager.call_service_sync("flaky", "recommend", ("ann",), timeout=0.05)
+            assert answer == {"items": [], "source": "decorator"}
+            answer["items"].append("mutated")  # values are copied per call
+            future = manager.call_service_async("flaky", "recommend", ("bob",), timeout=0.05)
+            assert future.result(timeout=2) == {"items": [], "source": "decorator"}
+
+
+@pytest.mark.timeout(30)
+def test_caller_registered_handler_gets_the_request_and_the_error() -> None:
+    got: list[Any] = []
+
+    def handler(request: ServiceRequest, error: BaseException) -> str:
+        got.append((request.method_name, request.args, type(error).__name__))
+        return f"fallback for {request.args[0]}"
+
+    fb.register_fallback("flaky", "ok", handler=handler)
+    try:
+        with ServiceEnvironment("t", {"service_call": {"max_retries": 0}}) as env:
+            task = env.register_service("flaky", Flaky)
+            with env.manager() as manager:
+                assert manager.call_service_sync("flaky", "ok", ("x",)) == "x"
+                task._state = "starting"  # unavailable
+                assert manager.call_service_sync("flaky", "ok", ("y",)) == "fallback for y"
+                task.stop_service()  # stopped on purpose is covered as 'unavailable' too
+                assert manager.call_service_sync("flaky", "ok", ("z",)) == "fallback for z"
+        assert got == [("ok", ("y",), "ServiceUnavailableError"), ("ok", ("z",), "ServiceStoppedError")]
+    finally:
+        assert fb.unregister_fallback("flaky", "ok")
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_handler_gives_the_original_error_with_a_note() -> None:
+    def broken(request: ServiceRequest, error: BaseException) -> None:
+        raise RuntimeError("handler bug")
+
+    fb.register_fallback("flaky", "sleep", handler=broken)
+    try:
+        with ServiceEnvironment("t", {"service_call": {"max_retries": 0}}) as env:
+            env.register_service("flaky", Flaky)
+            with env.manager() as manager:
+                with pytest.raises(kservice.ServiceTimeoutError) as caught:
+                    manager.call_service_sync("flaky", "sleep", (0.2,), timeout=0.02)
+                assert any("handler bug" in note for note in caught.value.__notes__)
+                assert manager.call_service_sync("flaky", "ok", (1,)) == 1  # still serving
+    finally:
+        fb.unregister_fallback("flaky", "sleep")
+
+
+@pytest.mark.timeout(30)
+def test_on_error_covers_method_exceptions_and_disabled_means_no_middleware() -> None:
+    config = {
+        "service_call": {"max_retries": 0},
+        "services": {
+            "a": {"class": FLAKY, "fallback": {"on": ["error"], "methods": {"key_error": {"value": 0}}}},
+            "b": {"class": FLAKY, "fallback": {"enabled": False, "methods": {"key_error": {"value": 0}}}},
+        },
+    }
+    with ServiceEnvironment("t", config) as env, env.manager() as manager:
+        assert manager.call_service_sync("a", "key_error") == 0
+        with pytest.raises(KeyError):
+            manager.call_service_sync("b", "key_error")
+        assert not any(isinstance(m, fb.FallbackMiddleware) for m in manager._route("b").chain.middlewares)
+
+
+@pytest.mark.timeout(30)
+def test_bad_fallback_config_is_a_clear_error_and_bad_declarations_are_refused() -> None:
+    config = {"services": {"flaky": {"class": FLAKY, "fallback": {"methods": {"ok": "plain"}}}}}
+    env = ServiceEnvironment("t", config)
+    # Checked when the service's chains are compiled: the task refuses to start, naming the key.
+    with pytest.raises(kservice.ServiceUnavailableError, match=r"services.flaky.fallback.methods.ok: expected a mapping with exactly one key 'value'") as caught:
+        env.start()
+    assert isinstance(caught.value.__cause__, kservice.ConfigError)
+    env.stop()
+    with pytest.raises(TypeError, match="exactly one of value"):
+        fb.register_fallback("x", "y")
+    with pytest.raises(TypeError, match="exactly one of value"):
+        fb.fallback(1, handler=lambda r, e: 2)
