@@ -1,0 +1,1022 @@
+"""A named, multi-producer / single-consumer ring of byte records in shared memory.
+
+This is the low-level queue under the ``mmap`` transport.  It knows nothing about
+services: it moves length-prefixed byte strings between processes of the same
+user, with blocking and non-blocking forms, precise timeouts, and survival of
+producers killed at any instruction.
+
+Where queues live
+-----------------
+Each queue is one file ``<name>.q`` in the per-user directory
+:func:`queue_directory` (``/dev/shm/kservice-<uid>/``, mode 0700, owner checked on
+every use; the environment variable ``KSERVICE_QUEUE_DIR`` overrides the path,
+which tests use for isolation).  Files are created 0600 and a file owned by
+another user, or readable by group/others, is refused with ``PermissionError``
+before it is mapped.  Names are letters, digits and ``._-`` (not starting with a
+dot), at most 200 characters.
+
+The *owner* of a queue is its consumer.  Its pid and its kernel start time
+(``/proc/<pid>/stat`` field 22, so a recycled pid is not mistaken for the owner)
+are stored in the header.  Service queues also carry the owner pid in their
+name, but only the header is authoritative: :func:`reclaim_stale_queues` and
+``create_queue(create=True)`` remove a segment when the process recorded in its
+header is gone (or is a zombie).  Creation builds the complete segment under a
+temporary name and renames it into place while holding an ``flock`` on the
+directory, so an attacher never sees a half-initialised queue and two creators
+or a creator and the janitor never race on the same name.  A name always means
+the same queue or fails loudly: there is no anonymous fallback, and a pickled
+handle carries only the name, so unpickling attaches to that same file.
+
+Layout
+------
+A 4096-byte header followed by ``capacity`` bytes of ring data.  Header words
+(native byte order, naturally aligned; offsets are the ``_OFF_*`` constants)::
+
+    0    magic b"KSVRING\\0", layout version, header size
+    16   capacity, max record size, owner pid, owner start time, creation time
+    64   closed flag, lock recoveries counter
+    128  tail (committed write position, u64), records put (u64),
+         data_seq (futex word the consumer sleeps on), consumer_asleep flag
+    192  head (read position, u64), records got (u64),
+         space_seq (futex word full-queue producers sleep on), space_waiters flag
+    256  process-shared robust pthread mutex (producers' lock)
+
+``head`` and ``tail`` are free-running byte counters (``tail - head`` bytes are
+in use; positions are taken modulo ``capacity``).  A record is an 8-byte frame
+header (u32 length, u32 check word derived from the length and the record's
+position) followed by the payload, padded to 8 bytes.  Payloads may wrap around
+the end of the ring; frame headers never do (everything is 8-aligned).  The
+largest record is ``capacity - 8`` bytes (one record may fill the whole ring);
+anything larger raises :class:`RecordTooLarge` at once, naming the limit, so a
+huge record can never wedge the queue; the transport carries such payloads out
+of band.  Empty records are allowed.
+
+Publishing and crash safety
+---------------------------
+Producers serialise on the robust mutex.  Under it a producer reads ``head`` and
+``tail``, writes the frame header and payload into free space, and only then
+publishes the record by storing the new ``tail`` (one aligned 8-byte store).  A
+producer killed before that store leaves bytes beyond ``tail`` that nobody will
+ever read; killed after it, it has published a complete record.  Either way the
+next locker gets ``EOWNERDEAD`` from the kernel's robust-futex list, finds the
+ring consistent by construction (nothing to roll back: the dead producer's
+partial record is simply overwritten), calls ``pthread_mutex_consistent`` and
+carries on.  No lock is ever held while waiting.
+
+The consumer does not take the lock to read.  It loads ``tail``, copies the
+record out, then stores the new ``head``.  Memory ordering relies on x86-64 TSO:
+stores become visible in program order and loads are not reordered with older
+loads, so a consumer that sees the new ``tail`` also sees the record bytes
+written before it, and a producer that sees the new ``head`` knows the consumer
+has finished copying the bytes it is about to overwrite.  Shared words are read
+and written through ``memoryview`` casts of the mapping (``"Q"``/``"I"``), whose
+item access copies one naturally aligned native word: a single ``mov``, so it
+cannot tear.  ``struct.pack_into`` is never used on shared words because it
+zero-fills its target before writing (a concurrent reader could see 0).
+Store-then-load orderings (the
+Dekker patterns of the sleep protocols below) are made safe by taking the mutex
+or by :func:`full_barrier` (a locked instruction); the futex system call and the
+mutex operations are full barriers too.
+
+Waiting
+-------
+A waiting consumer first spins for an adaptive budget (at most 50 µs with two or
+more usable CPUs, 20 µs with one), re-reading ``tail`` and calling
+``sched_yield()`` every few checks, which releases the GIL for the process's
+other threads and hands the CPU to the producer when both share one core.  The
+budget doubles when a wait would have been served within the maximum spin and
+halves when it would not, so an idle consumer soon spins only briefly.  Then it
+sleeps: under the mutex it re-checks for data, reads ``data_seq`` and sets
+``consumer_asleep``; it releases the mutex and ``FUTEX_WAIT``\\ s on ``data_seq``
+with the remaining timeout (at most one second per wait, so liveness and
+signals are re-checked).  A producer reads ``consumer_asleep`` under the same
+mutex right after publishing; only when it is set does it clear it, bump
+``data_seq`` and, after unlocking, make the ``FUTEX_WAKE`` system call.  Because
+both sides touch the flag under the mutex and the consumer waits on the value
+it read there, a wake-up cannot be lost; a producer pays for a system call only
+when the consumer really sleeps.
+
+A producer facing a full ring sets ``space_waiters`` under the mutex (reading
+``space_seq``), unlocks (a full barrier), re-checks the free space, and
+``FUTEX_WAIT``\\ s on ``space_seq``.  After advancing ``head`` the consumer issues
+a full barrier and reads ``space_waiters``; only when set does it take the
+mutex, clear it, bump ``space_seq`` and wake the producers.  Sleeping producers
+check that the owner (consumer) is still alive whenever a wait slice (0.25 s)
+passes without progress, and raise :class:`QueueClosed` when it is gone, so a
+producer of a dead consumer gives up within about half a second.
+
+Corruption
+----------
+Every frame header is checked (length within the committed bytes, check word
+matching length and position).  On a mismatch the consumer cannot find the next
+record boundary, so it discards everything committed so far (sets ``head`` to
+``tail``), wakes blocked producers and raises :class:`QueueCorrupted` saying how
+many bytes were dropped.  The queue stays usable: records put afterwards are
+received normally.  Payload bytes are not checksummed; decoding failures of a
+payload are reported by the layer that decodes it.  A header with the wrong
+magic, version, size or geometry raises :class:`QueueLayoutError` on attach.
+
+Threads
+-------
+A handle may be shared by threads: producers serialise on the mutex and the
+consumer side of one handle is guarded by a per-handle lock.  There must be only
+one consuming *handle* per queue (the owner's).  Do not ``close()`` a handle
+while other threads are still using it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import re
+import secrets
+import stat
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from . import _futex
+except ImportError:  # loaded standalone, by file path
+    import importlib.util as _ilu
+    import sys as _sys
+
+    _futex = _sys.modules.get("_kservice_ring_futex")
+    if _futex is None:
+        _spec = _ilu.spec_from_file_location("_kservice_ring_futex", Path(__file__).with_name("_futex.py"))
+        _futex = _ilu.module_from_spec(_spec)
+        _sys.modules["_kservice_ring_futex"] = _futex
+        _spec.loader.exec_module(_futex)
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "QueueClosed",
+    "QueueCorrupted",
+    "QueueEmpty",
+    "QueueError",
+    "QueueFull",
+    "QueueLayoutError",
+    "RecordTooLarge",
+    "ShmQueue",
+    "attach_queue",
+    "create_queue",
+    "queue_directory",
+    "reclaim_stale_queues",
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class QueueError(Exception):
+    """Base class of every error the ring raises."""
+
+
+class QueueFull(QueueError):
+    """``put`` could not store the record before its timeout."""
+
+
+class QueueEmpty(QueueError):
+    """``get`` found no record before its timeout."""
+
+
+class QueueClosed(QueueError):
+    """The queue no longer serves: marked closed, its owner died, or the handle is closed."""
+
+
+class QueueLayoutError(QueueError, ValueError):
+    """The file is not a queue of this layout (wrong magic, version or geometry)."""
+
+
+class RecordTooLarge(QueueError, ValueError):
+    """The record can never fit in this ring; carry it out of band."""
+
+
+class QueueCorrupted(QueueError):
+    """The consumer met an undecodable frame; committed data was dropped, the queue still works."""
+
+
+# --------------------------------------------------------------------------- layout
+
+MAGIC = b"KSVRING\x00"
+LAYOUT_VERSION = 1
+HEADER_SIZE = 4096
+FRAME = 8  # u32 length + u32 check word
+MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 40
+MAX_NAME = 200
+SUFFIX = ".q"
+_TMP_PREFIX = ".tmp-"
+_CHECK_KEY = 0x5A5AA5A5
+_M32 = 0xFFFFFFFF
+
+_OFF_CLOSED = 64
+_OFF_RECOVERIES = 68  # u32: times a producer's death was recovered from
+_OFF_TAIL = 128  # u64 tail, u64 records put
+_OFF_DATA_SEQ = 144  # u32 futex word
+_OFF_ASLEEP = 148  # u32 flag
+_OFF_HEAD = 192  # u64 head, u64 records got
+_OFF_SPACE_SEQ = 208  # u32 futex word
+_OFF_SPACE_WAITERS = 212  # u32 flag
+_OFF_MUTEX = 256
+
+# Indices of the shared words in the handle's u64 / u32 views of the mapping.
+_TAIL, _PUT = _OFF_TAIL >> 3, (_OFF_TAIL >> 3) + 1
+_HEAD, _GOT = _OFF_HEAD >> 3, (_OFF_HEAD >> 3) + 1
+_CLOSED = _OFF_CLOSED >> 2
+_RECOVERIES = _OFF_RECOVERIES >> 2
+_DATA_SEQ, _ASLEEP = _OFF_DATA_SEQ >> 2, _OFF_ASLEEP >> 2
+_SPACE_SEQ, _SPACE_WAITERS = _OFF_SPACE_SEQ >> 2, _OFF_SPACE_WAITERS >> 2
+_DATA_WORD32 = HEADER_SIZE >> 2
+
+# Static part of the header (written once, before the file gets its name):
+# magic, version, header size, capacity, max record, owner pid, owner start
+# time, creation time.  Native alignment gives offsets 0, 8, 12, 16, 24, 32,
+# 40, 48.
+_STATIC = struct.Struct("@8sIIQQQQd")
+assert _STATIC.size == 56
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
+
+_EMPTY: Any = object()
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
+        raise ValueError(
+            f"invalid queue name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', "
+            "not starting with '.'"
+        )
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of ``pid``, or None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return ("?", 0)
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):  # pragma: no cover
+        return ("?", 0)
+
+
+def _pid_alive(pid: int, start_time: int = 0) -> bool:
+    """Is ``pid`` a live (non-zombie) process, the same one that had ``start_time``?"""
+    if pid <= 0:
+        return False
+    info = _proc_stat(pid)
+    if info is None:
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # pragma: no cover - no procfs
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    state, started = info
+    if state in ("Z", "X", "x"):
+        return False
+    if start_time and started and started != start_time:
+        return False  # the pid was recycled
+    return True
+
+
+def _start_time(pid: int) -> int:
+    info = _proc_stat(pid)
+    return info[1] if info else 0
+
+
+# --------------------------------------------------------------------------- directory
+
+
+def queue_directory() -> Path:
+    """The per-user directory holding queue segments (created 0700 on first use).
+
+    Raises ``PermissionError`` when it exists but is not a real directory owned
+    by this user with mode 0700.
+    """
+    uid = os.getuid()
+    override = os.environ.get("KSERVICE_QUEUE_DIR")
+    if override:
+        d = Path(override)
+    else:
+        root = Path("/dev/shm")
+        if not root.is_dir():  # pragma: no cover - no tmpfs
+            root = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+        d = root / f"kservice-{uid}"
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(d, 0o700)  # whatever the umask
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"queue directory {d} is not a directory (a symlink or file is in the way); refusing it")
+    if st.st_uid != uid:
+        raise PermissionError(f"queue directory {d} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(
+            f"queue directory {d} has mode {stat.S_IMODE(st.st_mode):04o}; expected 0700; refusing it"
+        )
+    return d
+
+
+@contextlib.contextmanager
+def _dir_lock(d: Path):
+    """Exclusive ``flock`` on the directory itself: serialises create/reclaim/unlink."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_file(fd: int, path: Path) -> os.stat_result:
+    st = os.fstat(fd)
+    uid = os.getuid()
+    if st.st_uid != uid:
+        raise PermissionError(f"queue file {path} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it")
+    if not stat.S_ISREG(st.st_mode):
+        raise QueueLayoutError(f"{path} is not a regular file; not a kservice queue")
+    if st.st_mode & 0o077:
+        raise PermissionError(
+            f"queue file {path} has mode {stat.S_IMODE(st.st_mode):04o} (accessible to other users); expected 0600"
+        )
+    return st
+
+
+def _parse_static(buf: bytes | mmap.mmap, path: Path, size: int) -> tuple[int, int, int, int, int]:
+    """Validate the static header; return (capacity, max_record, owner_pid, owner_start, header_size)."""
+    if size < _STATIC.size:
+        raise QueueLayoutError(f"{path} is not a kservice queue: {size} bytes, too small for a header")
+    magic, version, hsize, cap, max_record, pid, start, _created = _STATIC.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise QueueLayoutError(f"{path} is not a kservice queue: magic {magic!r}, expected {MAGIC!r}")
+    if version != LAYOUT_VERSION:
+        raise QueueLayoutError(
+            f"{path} has queue layout version {version}, this code reads version {LAYOUT_VERSION}"
+        )
+    if hsize != HEADER_SIZE:
+        raise QueueLayoutError(f"{path}: header size {hsize}, expected {HEADER_SIZE}")
+    if cap < MIN_CAPACITY or cap % FRAME or cap > MAX_CAPACITY or max_record != cap - FRAME:
+        raise QueueLayoutError(f"{path}: inconsistent geometry (capacity {cap}, max record {max_record})")
+    if size != HEADER_SIZE + cap:
+        raise QueueLayoutError(f"{path}: file is {size} bytes, expected {HEADER_SIZE + cap} for capacity {cap}")
+    return cap, max_record, pid, start, hsize
+
+
+def _peek_owner(path: Path) -> tuple[int, int] | None:
+    """(owner pid, owner start time) from a segment's header, or None if it is not a (readable) queue."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = _check_file(fd, path)
+        head = os.pread(fd, _STATIC.size, 0)
+        _cap, _mr, pid, start, _h = _parse_static(head.ljust(_STATIC.size, b"\0"), path, st.st_size)
+        return pid, start
+    except (QueueError, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+class ShmQueue:
+    """A handle on one named shared-memory queue (see the module docstring)."""
+
+    name: str
+    capacity: int
+    owner_pid: int
+
+    # -- construction ---------------------------------------------------------
+
+    def _setup(self, name: str, path: Path, mm: mmap.mmap, st: os.stat_result) -> None:
+        cap, max_record, pid, start, _h = _parse_static(mm, path, len(mm))
+        self.name = name
+        self.path = path
+        self.capacity = cap
+        self.max_record = max_record
+        self.owner_pid = pid
+        self._owner_start = start
+        self._ident = (st.st_dev, st.st_ino)
+        self._mm = mm
+        # Typed views of the whole mapping.  Item access on them is one aligned
+        # load or store of the native word (struct.pack_into is NOT used for
+        # shared words: it zero-fills its target before writing, so a concurrent
+        # reader could see 0).  The views also pin the mapping: mmap.close()
+        # refuses while they exist.
+        self._w64 = memoryview(mm).cast("Q")
+        self._w32 = memoryview(mm).cast("I")
+        self._anchor = ctypes_c_char.from_buffer(mm)
+        base = ctypes_addressof(self._anchor)
+        self._lock_addr = base + _OFF_MUTEX
+        self._lock_arg = _futex.pointer_arg(self._lock_addr)
+        self._data_seq_addr = base + _OFF_DATA_SEQ
+        self._space_seq_addr = base + _OFF_SPACE_SEQ
+        self._closed = False
+        self._rlock = threading.Lock()  # consumer side of this handle
+        self._sleepers = 0
+        ncpu = _usable_cpus()
+        self._spin_max = 50e-6 if ncpu >= 2 else 20e-6
+        self._spin = self._spin_max
+        self._spin_checks = 16 if ncpu >= 2 else 1
+
+    @classmethod
+    def _attach(cls, name: str) -> ShmQueue:
+        self = cls.__new__(cls)
+        self._attach_into(name)
+        return self
+
+    def _attach_into(self, name: str) -> None:
+        _check_name(name)
+        path = queue_directory() / (name + SUFFIX)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"no queue named {name!r} (no file {path})", str(path)) from None
+        try:
+            st = _check_file(fd, path)
+            if st.st_size < HEADER_SIZE:
+                raise QueueLayoutError(f"{path} is not a kservice queue: {st.st_size} bytes, smaller than a header")
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        try:
+            self._setup(name, path, mm, st)
+        except BaseException:
+            self._release_views()
+            mm.close()
+            raise
+
+    # -- pickling: the name only ---------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._attach_into(state["name"])
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.qsize()} records"
+        return f"<ShmQueue {self.name!r} capacity={self.capacity} owner={self.owner_pid} {state}>"
+
+    def __enter__(self) -> ShmQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- locking --------------------------------------------------------------
+
+    def _lock(self, deadline: float | None) -> None:
+        rc = _trylock(self._lock_arg)
+        if rc:
+            self._lock_slow(rc, deadline)
+
+    def _lock_slow(self, rc: int, deadline: float | None) -> None:
+        if rc == errno.EBUSY:
+            rc = _futex.mutex_lock(self._lock_addr, deadline)
+            if rc == 0:
+                return
+        if rc == errno.EOWNERDEAD:
+            # The previous holder died inside its critical section.  Nothing it
+            # did there is visible before its final tail store, so the ring is
+            # consistent as it stands: declare the lock consistent and go on.
+            _futex.mutex_consistent(self._lock_addr)
+            self._w32[_RECOVERIES] = (self._w32[_RECOVERIES] + 1) & _M32
+            return
+        if rc == errno.ETIMEDOUT:
+            raise QueueFull(f"queue {self.name!r}: timed out waiting for the producers' lock")
+        if rc == errno.ENOTRECOVERABLE:
+            raise QueueError(f"queue {self.name!r}: its lock is unrecoverable; recreate the queue")
+        raise OSError(rc, f"queue {self.name!r}: locking failed: {os.strerror(rc)}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueClosed(f"queue handle {self.name!r} is closed")
+
+    # -- producer side --------------------------------------------------------
+
+    def put(self, item: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Append one record; wait while the ring is full (``timeout=0``: never).
+
+        Raises :class:`QueueFull` on timeout, :class:`QueueClosed` when the queue is
+        marked closed or its owner died while we waited, :class:`RecordTooLarge`
+        when the record can never fit.
+        """
+        if item.__class__ is not bytes and item.__class__ is not bytearray:
+            item = memoryview(item).cast("B")
+        n = len(item)
+        if n > self.max_record:
+            raise RecordTooLarge(
+                f"record of {n} bytes exceeds the limit of {self.max_record} bytes of queue {self.name!r} "
+                f"(capacity {self.capacity}); carry it out of band"
+            )
+        if self._closed:
+            self._check_open()
+        need = FRAME + ((n + 7) & ~7)
+        mm = self._mm
+        w64 = self._w64
+        w32 = self._w32
+        lock_arg = self._lock_arg
+        cap = self.capacity
+        deadline = None
+        wake = False
+        while True:
+            rc = _trylock(lock_arg)
+            if rc:
+                self._lock_slow(rc, deadline)
+            try:
+                if w32[_CLOSED]:
+                    raise QueueClosed(f"queue {self.name!r} is closed")
+                tail = w64[_TAIL]
+                if cap - (tail - w64[_HEAD]) >= need:
+                    pos = tail % cap
+                    i = _DATA_WORD32 + (pos >> 2)
+                    w32[i] = n
+                    w32[i + 1] = (n ^ _CHECK_KEY ^ (tail >> 3)) & _M32
+                    p = pos + FRAME
+                    if p >= cap:
+                        p -= cap
+                    end = p + n
+                    if end <= cap:
+                        mm[HEADER_SIZE + p : HEADER_SIZE + end] = item
+                    else:
+                        k = cap - p
+                        mv = memoryview(item)
+                        mm[HEADER_SIZE + p : HEADER_SIZE + cap] = mv[:k]
+                        mm[HEADER_SIZE : HEADER_SIZE + end - cap] = mv[k:]
+                    w64[_PUT] += 1
+                    w64[_TAIL] = tail + need  # publish
+                    if w32[_ASLEEP]:
+                        w32[_ASLEEP] = 0
+                        w32[_DATA_SEQ] = (w32[_DATA_SEQ] + 1) & _M32
+                        wake = True
+                    break
+                if timeout is not None and timeout <= 0:
+                    raise QueueFull(f"queue {self.name!r} is full")
+                # Register as a sleeping producer (under the lock, see docstring).
+                seq = w32[_SPACE_SEQ]
+                w32[_SPACE_WAITERS] = 1
+            finally:
+                _unlock(lock_arg)
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
+            self._wait_for_space(tail, need, seq, deadline)
+        if wake:
+            _futex_wake(self._data_seq_addr)
+
+    def put_nowait(self, item: bytes | bytearray | memoryview) -> None:
+        """``put(item, timeout=0)``."""
+        self.put(item, 0)
+
+    def _wait_for_space(self, tail: int, need: int, seq: int, deadline: float | None) -> None:
+        # The unlock was a full barrier: our space_waiters store is visible
+        # before this re-read of head (the consumer does store head / barrier /
+        # load space_waiters).
+        if self.capacity - (tail - self._w64[_HEAD]) >= need:
+            return
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise QueueFull(f"queue {self.name!r} is still full after the timeout")
+        slice_ = 0.25 if deadline is None else min(0.25, deadline - now)
+        rc = _futex.futex_wait(self._space_seq_addr, seq, slice_)
+        if rc == errno.ETIMEDOUT and not self.owner_alive:
+            raise QueueClosed(f"queue {self.name!r}: its owner (pid {self.owner_pid}) is gone")
+        if self._w32[_CLOSED]:
+            raise QueueClosed(f"queue {self.name!r} is closed")
+
+    # -- consumer side --------------------------------------------------------
+
+    def _pop(self, max_items: int) -> Any:
+        """Up to ``max_items`` records (one bytes for max_items == 0, else a list), or _EMPTY.
+
+        Caller holds self._rlock.
+        """
+        w64 = self._w64
+        head = w64[_HEAD]
+        tail = w64[_TAIL]
+        if head == tail:
+            return _EMPTY
+        cap = self.capacity
+        mm = self._mm
+        w32 = self._w32
+        used = tail - head
+        if used < 0 or used > cap or used % FRAME:
+            self._reset(head, f"counters out of range (head {head}, tail {tail}, capacity {cap})")
+        out = [] if max_items else None
+        got = 0
+        while True:
+            pos = head % cap
+            i = _DATA_WORD32 + (pos >> 2)
+            n = w32[i]
+            check = w32[i + 1]
+            size = FRAME + ((n + 7) & ~7)
+            if check != (n ^ _CHECK_KEY ^ (head >> 3)) & _M32 or size > tail - head:
+                if got:  # deliver the good records first; report on the next call
+                    break
+                self._reset(head, f"undecodable frame at position {head} (length {n}, check word {check:#010x})")
+            p = pos + FRAME
+            if p >= cap:
+                p -= cap
+            end = p + n
+            if end <= cap:
+                rec = mm[HEADER_SIZE + p : HEADER_SIZE + end]
+            else:
+                rec = mm[HEADER_SIZE + p : HEADER_SIZE + cap] + mm[HEADER_SIZE : HEADER_SIZE + end - cap]
+            head += size
+            got += 1
+            if out is None:
+                break
+            out.append(rec)
+            if got >= max_items or head == tail:
+                break
+        w64[_GOT] += got
+        w64[_HEAD] = head  # release the space
+        _spin_trylock(_FENCE)  # full barrier: head store before space_waiters load
+        if w32[_SPACE_WAITERS]:
+            self._wake_producers()
+        return rec if out is None else out
+
+    def _wake_producers(self) -> None:
+        w32 = self._w32
+        self._lock(None)
+        try:
+            w32[_SPACE_WAITERS] = 0
+            w32[_SPACE_SEQ] = (w32[_SPACE_SEQ] + 1) & _M32
+        finally:
+            _unlock(self._lock_arg)
+        _futex_wake(self._space_seq_addr)
+
+    def _reset(self, head: int, what: str) -> None:
+        """Drop every committed record (framing is lost) and raise QueueCorrupted."""
+        w64 = self._w64
+        self._lock(None)
+        try:
+            tail = w64[_TAIL]
+            if tail % FRAME:  # even the tail is garbage: restart the ring
+                tail = 0
+                w64[_TAIL] = 0
+            w64[_GOT] = w64[_PUT]
+            w64[_HEAD] = tail
+            self._w32[_SPACE_WAITERS] = 0
+            self._w32[_SPACE_SEQ] = (self._w32[_SPACE_SEQ] + 1) & _M32
+        finally:
+            _unlock(self._lock_arg)
+        _futex_wake(self._space_seq_addr)
+        dropped = f"{tail - head} bytes" if 0 <= tail - head <= self.capacity else "all"
+        raise QueueCorrupted(
+            f"queue {self.name!r} is corrupted: {what}; dropped {dropped} of committed records, "
+            "the queue remains usable"
+        )
+
+    def get(self, timeout: float | None = None) -> bytes:
+        """Remove and return the oldest record, waiting up to ``timeout`` seconds (None: forever).
+
+        Raises :class:`QueueEmpty` on timeout, :class:`QueueClosed` when the queue
+        is marked closed and empty, :class:`QueueCorrupted` (see module docstring).
+        """
+        if self._closed:
+            self._check_open()
+        with self._rlock:
+            rec = self._pop(0)
+        if rec is not _EMPTY:
+            return rec
+        return self._wait_and_pop(0, timeout)
+
+    def get_nowait(self) -> bytes:
+        """``get(timeout=0)``."""
+        return self.get(0)
+
+    def get_many(self, max_items: int = 64, timeout: float | None = None) -> list[bytes]:
+        """Wait like :meth:`get` for at least one record, then return up to ``max_items`` at once."""
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        if self._closed:
+            self._check_open()
+        with self._rlock:
+            recs = self._pop(max_items)
+        if recs is not _EMPTY:
+            return recs
+        return self._wait_and_pop(max_items, timeout)
+
+    def _wait_and_pop(self, max_items: int, timeout: float | None) -> Any:
+        w64 = self._w64
+        w32 = self._w32
+        if timeout is not None and timeout <= 0:
+            if w32[_CLOSED]:
+                raise QueueClosed(f"queue {self.name!r} is closed")
+            raise QueueEmpty(f"queue {self.name!r} is empty")
+        monotonic = time.monotonic
+        start = monotonic()
+        deadline = None if timeout is None else start + timeout
+        rlock = self._rlock
+
+        # Phase 1: spin for the adaptive budget, yielding the CPU (and the GIL)
+        # every few checks.
+        budget = self._spin
+        if budget > 0:
+            spin_end = start + budget
+            if deadline is not None and deadline < spin_end:
+                spin_end = deadline
+            head = w64[_HEAD]
+            checks = range(self._spin_checks)
+            yield_ = os.sched_yield
+            while True:
+                for _ in checks:
+                    if w64[_TAIL] != head:
+                        break
+                else:
+                    if monotonic() < spin_end:
+                        yield_()
+                        continue
+                    break
+                with rlock:
+                    got = self._pop(max_items)
+                if got is not _EMPTY:
+                    return got
+                head = w64[_HEAD]
+
+        # Phase 2: announce sleep under the lock, then futex-wait on data_seq.
+        lock_arg = self._lock_arg
+        while True:
+            with rlock:
+                got = self._pop(max_items)
+                if got is _EMPTY:
+                    self._lock(None)
+                    try:
+                        if w64[_TAIL] != w64[_HEAD]:
+                            seq = None  # arrived meanwhile: loop and pop it
+                        elif w32[_CLOSED]:
+                            raise QueueClosed(f"queue {self.name!r} is closed")
+                        else:
+                            seq = w32[_DATA_SEQ]
+                            w32[_ASLEEP] = 1
+                            self._sleepers += 1
+                            # Belt and braces for the space_waiters protocol:
+                            # whoever is registered gets woken under the lock's
+                            # ordering before we sleep.
+                            waiters = w32[_SPACE_WAITERS]
+                    finally:
+                        _unlock(lock_arg)
+                    if seq is None:
+                        continue
+                    if waiters:
+                        self._wake_producers()
+            if got is not _EMPTY:
+                self._adapt(monotonic() - start)
+                return got
+            try:
+                if deadline is None:
+                    _futex.futex_wait(self._data_seq_addr, seq, 1.0)
+                else:
+                    remaining = deadline - monotonic()
+                    if remaining > 0:
+                        _futex.futex_wait(self._data_seq_addr, seq, min(remaining, 1.0))
+            finally:
+                with rlock:
+                    self._sleepers -= 1
+                    if not self._sleepers and not self._closed:
+                        w32[_ASLEEP] = 0  # spare producers a needless wake-up call
+            if self._closed:
+                self._check_open()
+            with rlock:
+                got = self._pop(max_items)
+            if got is not _EMPTY:
+                self._adapt(monotonic() - start)
+                return got
+            if deadline is not None and monotonic() >= deadline:
+                if w32[_CLOSED]:
+                    raise QueueClosed(f"queue {self.name!r} is closed")
+                self._spin = max(self._spin * 0.5, 2e-6)
+                raise QueueEmpty(f"queue {self.name!r} is still empty after {timeout} s")
+
+    def _adapt(self, waited: float) -> None:
+        """Grow the spin budget when a wait would have fitted in it, shrink it otherwise."""
+        if waited <= self._spin_max:
+            self._spin = min(self._spin_max, max(self._spin * 2, waited * 1.5))
+        else:
+            self._spin = max(self._spin * 0.5, 2e-6)
+
+    # -- state ----------------------------------------------------------------
+
+    def qsize(self) -> int:
+        """Number of records currently in the queue (a snapshot)."""
+        self._check_open()
+        return max(0, self._w64[_PUT] - self._w64[_GOT])
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether the queue was marked closed (by its owner)."""
+        self._check_open()
+        return bool(self._w32[_CLOSED])
+
+    @property
+    def lock_recoveries(self) -> int:
+        """How many times a locker found the lock's previous holder dead and recovered."""
+        self._check_open()
+        return self._w32[_RECOVERIES]
+
+    @property
+    def owner_alive(self) -> bool:
+        """Is the owner (consumer) process alive, and still the same process?"""
+        return _pid_alive(self.owner_pid, self._owner_start)
+
+    def mark_closed(self) -> None:
+        """Stop serving: later puts raise QueueClosed; every blocked waiter wakes up."""
+        self._check_open()
+        w32 = self._w32
+        self._lock(None)
+        try:
+            w32[_CLOSED] = 1
+            w32[_ASLEEP] = 0
+            w32[_DATA_SEQ] = (w32[_DATA_SEQ] + 1) & _M32
+            w32[_SPACE_WAITERS] = 0
+            w32[_SPACE_SEQ] = (w32[_SPACE_SEQ] + 1) & _M32
+        finally:
+            _unlock(self._lock_arg)
+        _futex_wake(self._data_seq_addr)
+        _futex_wake(self._space_seq_addr)
+
+    def _release_views(self) -> None:
+        for attr in ("_w64", "_w32"):
+            view = self.__dict__.pop(attr, None)
+            if view is not None:
+                view.release()
+        self.__dict__.pop("_anchor", None)
+
+    def close(self) -> None:
+        """Unmap this handle (idempotent).  The queue itself lives on until unlinked."""
+        if self.__dict__.get("_closed", True):
+            return
+        self._closed = True
+        self._release_views()
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            mm.close()
+
+    def unlink(self) -> None:
+        """Remove the queue's name (idempotent).  Attached handles keep working until closed.
+
+        Only the file this handle maps is removed, never a newer queue that took
+        over the name.
+        """
+        d = self.path.parent
+        with _dir_lock(d):
+            try:
+                st = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+
+
+# Hot-path bindings.
+import ctypes as _ctypes  # noqa: E402
+
+ctypes_c_char = _ctypes.c_char
+ctypes_addressof = _ctypes.addressof
+_trylock = _futex.fast_trylock
+_unlock = _futex.fast_unlock
+_spin_trylock = _futex.fast_spin_trylock
+_FENCE = _futex.FENCE_ARG
+_futex_wake = _futex.futex_wake
+
+
+# --------------------------------------------------------------------------- module functions
+
+
+def create_queue(
+    name: str, capacity: int = 1 << 20, *, create: bool = True, owner_pid: int | None = None
+) -> ShmQueue:
+    """Create the named queue (``create=True``) or attach to it (``create=False``).
+
+    ``capacity`` is the size of the ring's data area in bytes, rounded up to a
+    multiple of 4096 (minimum 4096).  ``owner_pid`` is the consumer process,
+    by default the caller.  Creating fails with ``FileExistsError`` when a queue
+    of that name exists and its owner lives; a stale one (owner gone) is
+    replaced.  Attaching fails with ``FileNotFoundError`` when there is none.
+    """
+    _check_name(name)
+    if not create:
+        return ShmQueue._attach(name)
+    capacity = int(capacity)
+    if capacity < 1 or capacity > MAX_CAPACITY:
+        raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY} bytes, not {capacity}")
+    capacity = max(MIN_CAPACITY, (capacity + 4095) // 4096 * 4096)
+    owner = os.getpid() if owner_pid is None else int(owner_pid)
+    d = queue_directory()
+    path = d / (name + SUFFIX)
+    with _dir_lock(d):
+        if os.path.lexists(path):
+            info = _peek_owner(path)
+            if info is None:
+                raise FileExistsError(
+                    errno.EEXIST, f"{path} exists and is not a usable queue; remove it or choose another name", str(path)
+                )
+            if _pid_alive(*info):
+                raise FileExistsError(
+                    errno.EEXIST, f"queue {name!r} already exists and its owner (pid {info[0]}) is alive", str(path)
+                )
+            os.unlink(path)  # stale: its owner is gone
+        tmp = d / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, HEADER_SIZE + capacity)
+            mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                _STATIC.pack_into(
+                    mm, 0, MAGIC, LAYOUT_VERSION, HEADER_SIZE, capacity, capacity - FRAME,
+                    owner, _start_time(owner), time.time(),
+                )
+                anchor = _ctypes.c_char.from_buffer(mm)
+                try:
+                    _futex.mutex_init(_ctypes.addressof(anchor) + _OFF_MUTEX)
+                finally:
+                    del anchor
+                st = os.fstat(fd)
+                os.rename(tmp, path)
+            except BaseException:
+                mm.close()
+                raise
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+    q = ShmQueue.__new__(ShmQueue)
+    try:
+        q._setup(name, path, mm, st)
+    except BaseException:
+        q._release_views()
+        mm.close()
+        raise
+    return q
+
+
+def attach_queue(name: str) -> ShmQueue:
+    """Attach to an existing named queue (``FileNotFoundError`` if there is none)."""
+    return create_queue(name, create=False)
+
+
+def reclaim_stale_queues() -> list[str]:
+    """Unlink every segment whose owner process is gone; return the queue names removed.
+
+    Also removes temporary files left by a process killed while creating a
+    queue.  Files that are not queues, or belong to other users, are left alone.
+    """
+    d = queue_directory()
+    removed: list[str] = []
+    with _dir_lock(d):
+        for entry in os.scandir(d):
+            fname = entry.name
+            if fname.startswith(_TMP_PREFIX):
+                pid_s = fname[len(_TMP_PREFIX) :].split("-", 1)[0]
+                if pid_s.isdigit() and not _pid_alive(int(pid_s)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                continue
+            if not fname.endswith(SUFFIX) or fname.startswith("."):
+                continue
+            info = _peek_owner(Path(entry.path))
+            if info is None or _pid_alive(*info):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            removed.append(fname[: -len(SUFFIX)])
+    return sorted(removed)
