@@ -174,7 +174,7 @@ class BaseServiceTask:
         self._service: Any = None
         self._pool: _WorkerPool | None = None
         self._methods: dict[str, Callable[..., Any]] = {}
-        self._server_chain = MiddlewareChain((), "server")
+        self._server_chain: MiddlewareChain | None = None
         self._serial_lock = threading.Lock() if self.max_workers == 1 else None
         # Counters are guarded by one lock: a few ~50 ns acquisitions per call.
         self._counter_lock = threading.Lock()
@@ -268,7 +268,8 @@ class BaseServiceTask:
         from ._plugins import get_plugin_manager
 
         contributed = get_plugin_manager().hook.kservice_middleware(service_name=self.service_name, options=self.options)
-        self._server_chain = MiddlewareChain([*self.ctx.middlewares, *_flatten(contributed)], "server")
+        chain = MiddlewareChain([*self.ctx.middlewares, *_flatten(contributed)], "server")
+        self._server_chain = chain if chain else None
 
     def stop_service(self, timeout: float | None = None) -> None:
         """Stop accepting calls, drain them (up to ``timeout`` seconds), release everything. Idempotent."""
@@ -450,10 +451,10 @@ class BaseServiceTask:
             serial.acquire()
         token = _current_request.set(request)
         chain = self._server_chain
-        limit = chain.size
+        limit = 0
         try:
             response: ServiceResponse | None = None
-            if chain:
+            if chain is not None:
                 request, response, limit = chain.run_before(request)
             if response is None:
                 if request.method_name[:1] in ("_", ""):
@@ -470,7 +471,7 @@ class BaseServiceTask:
             _current_request.reset(token)
             if serial is not None:
                 serial.release()
-        if chain:
+        if chain is not None:
             response = chain.run_after(request, response, limit)
         with self._counter_lock:
             self._running -= 1
