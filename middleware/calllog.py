@@ -7,10 +7,13 @@ handler can read: ``service``, ``method``, ``request_id``, ``duration_ms``,
 success) and ``side`` (``client`` or ``server``). Argument values are never
 logged unless ``call_log.log_arguments: true``; they then appear, each
 ``repr`` cut to ``call_log.max_argument_chars``, as ``call_args`` and
-``call_kwargs`` (``args`` is a reserved LogRecord attribute).
+``call_kwargs`` (``args`` is a reserved LogRecord attribute), and the
+message of a failed call's error is added to the log message (error messages
+often quote argument values, so they are left out by default; ``error_type``
+is always there).
 
-A logging handler that fails does not fail the call: ``logging`` reports
-handler errors itself (``logging.raiseExceptions``) and the record is lost.
+A logging handler that raises does not fail the call: the record is lost and
+counted in the middleware's ``dropped`` attribute.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class CallLogMiddleware(ServiceMiddleware):
         self.clock = clock
         self._started: dict[str, float] = {}
         self._sweep_at = 4096
+        #: records lost because a logging handler raised
+        self.dropped = 0
         if side == "client":
             self.before_call = self._start  # type: ignore[method-assign]
             self.after_call = self._log  # type: ignore[method-assign]
@@ -121,20 +126,24 @@ class CallLogMiddleware(ServiceMiddleware):
             limit = self.max_argument_chars
             extra["call_args"] = [_short(a, limit) for a in request.args]
             extra["call_kwargs"] = {k: _short(v, limit) for k, v in request.kwargs.items()}
-        if response.success:
-            logger.log(level, "%s.%s %s in %.3f ms", request.service_name, request.method_name, outcome, duration_ms, extra=extra)
-        else:
-            logger.log(
-                level,
-                "%s.%s %s in %.3f ms: %s: %s",
-                request.service_name,
-                request.method_name,
-                outcome,
-                duration_ms,
-                response.error_type,
-                response.error,
-                extra=extra,
-            )
+        try:
+            if response.success or not self.log_arguments:
+                logger.log(level, "%s.%s %s in %.3f ms", request.service_name, request.method_name, outcome, duration_ms, extra=extra)
+            else:
+                # Error messages often quote argument values: shown only when those may be logged.
+                logger.log(
+                    level,
+                    "%s.%s %s in %.3f ms: %s: %s",
+                    request.service_name,
+                    request.method_name,
+                    outcome,
+                    duration_ms,
+                    response.error_type,
+                    response.error,
+                    extra=extra,
+                )
+        except Exception:  # noqa: BLE001 - a broken handler must not turn a served call into an error
+            self.dropped += 1
 
     def __repr__(self) -> str:
         return f"<CallLogMiddleware side={self.side}>"
