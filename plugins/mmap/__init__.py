@@ -88,6 +88,23 @@ def kservice_known_services() -> list[str]:
 
 
 @hookimpl
+def kservice_running_services() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": record["name"],
+            "transport": "mmap",
+            "pid": record["pid"],
+            "address": record["queue"],
+            "kind": "local",
+            "host": record.get("host", ""),
+            "started_at": record.get("started_at"),
+            "class": record.get("cls", ""),
+        }
+        for record in running_services()
+    ]
+
+
+@hookimpl
 def kservice_task_stopping(task: BaseServiceTask) -> None:
     # Refuse new calls at once (callers see ServiceUnavailableError and re-resolve)
     # while the task drains the calls it already accepted.

@@ -224,3 +224,13 @@ def test_idle_host_with_20_services_uses_under_one_percent_of_a_core() -> None:
         used = (after.user + after.system) - (before.user + before.system)
         assert used / 3.0 < 0.01, f"idle host used {used / 3.0:.2%} of a core"
 
+
+
+def test_cli_lists_running_hosted_services() -> None:
+    name = unique("listed")
+    with hosting(f"{name}=tests.mmap.services:KV") as host:
+        listed = subprocess.run(
+            [sys.executable, "-m", "kservice.cli", "services", "--running", "--json"], capture_output=True, text=True, env=child_env()
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert f'"{name}"' in listed.stdout and str(host.pid) in listed.stdout

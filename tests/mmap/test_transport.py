@@ -262,3 +262,28 @@ def test_in_process_listener_serves_other_processes_and_refuses_private_names() 
             assert outsider.call_service_sync(name, "add", (1, 1)) == 2
             with pytest.raises(MethodNotFoundError, match="private"):
                 outsider.call_service_sync(name, "_data")
+
+
+def test_disabling_the_plugin_leaves_the_rest_working() -> None:
+    import subprocess
+    import sys
+
+    from .services import child_env
+
+    code = (
+        "from kservice import ServiceEnvironment, ServiceFactory, ConfigError\n"
+        "from tests.mmap.services import KV\n"
+        "env = ServiceEnvironment('x')\n"
+        "env.register_service('kv', KV)\n"
+        "with env:\n"
+        "    print(env.manager().call_service_sync('kv', 'add', (1, 2)))\n"
+        "try:\n"
+        "    env.register_service('p', ServiceFactory('p', KV), kind='process')\n"
+        "except ConfigError as exc:\n"
+        "    print('no process kind' if 'process' in str(exc) else exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**child_env(), "KSERVICE_DISABLE_PLUGINS": "mmap"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "no", "process", "kind"]
