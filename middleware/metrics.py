@@ -558,7 +558,9 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
     A task hosted elsewhere brings its host's ``load`` in its status; it is
     kept unless this process itself records the service's server side.
     """
-    found = load(task.service_name)
+    section = (getattr(task, "options", None) or {}).get("metrics") or {}
+    recorded_here = section.get("enabled", True) and section.get("server", True)
+    found = load(task.service_name) if recorded_here else None
     if found is None and "load" in status.extra:
         return
     entry: dict[str, Any] = {"in_flight": status.in_flight, "queue_depth": status.queue_depth}

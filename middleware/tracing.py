@@ -22,7 +22,8 @@ Without opentelemetry the plugin stays out of every chain. With the API but
 no provider configured yet, each hook costs a clock read: the provider is
 looked up again at most once a second (the API's lookup reads the
 environment, ~1.5 µs, too much for every call), and used for good once an
-application sets one (the API allows setting it only once).
+application sets one (the API allows setting it only once). Call
+:func:`refresh` after setting a provider to trace the very next call.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ try:
 except ImportError:  # the plugin then contributes no middleware
     trace = None  # type: ignore[assignment]
 
-__all__ = ["ClientTracing", "ServerTracing", "available"]
+__all__ = ["ClientTracing", "ServerTracing", "available", "refresh"]
 
 #: Seconds between looks for a tracer provider while none is configured.
 _PROVIDER_RECHECK = 1.0
@@ -93,6 +94,17 @@ class _Tracer:
 
 
 _tracer = _Tracer()
+
+
+def refresh() -> bool:
+    """Look for the application's tracer provider now; True when calls are traced from here on.
+
+    Without it, a provider set after the first calls is picked up within a second.
+    """
+    if trace is None:
+        return False
+    _tracer.next_check = 0.0
+    return _tracer.get() is not None
 
 
 def _attributes(request: ServiceRequest) -> dict[str, Any]:

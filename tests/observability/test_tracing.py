@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import kservice
+from kservice.middleware import tracing
 from kservice.middleware.tracing import ClientTracing, ServerTracing
 from tests.observability.services import Echo, Nested
 
@@ -46,6 +47,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
         provider.add_span_processor(_switch)
         trace.set_tracer_provider(provider)
     assert trace.get_tracer_provider() is provider, "another test set a different tracer provider"
+    assert tracing.refresh()
     _exporter.clear()
     _switch.active = True
     yield _exporter
