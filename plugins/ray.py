@@ -212,7 +212,7 @@ class _ReplicaHost:
     def __init__(
         self,
         factory: ServiceFactory,
-        config_data: dict[str, Any],
+        config_data: Config,
         middlewares: tuple[Any, ...],
         environment_name: str,
         actor_name: str,
@@ -884,7 +884,9 @@ class RayServiceTask(BaseServiceTask):
         replicas = self.replica_set
         assert replicas is not None
         actor_class = _actor_class()
-        config_data = self.ctx.resolved_config().as_dict()
+        # The validated Config itself, not its data: revalidating in the replica would reject values that
+        # only the caller's process knows (a balancer registered there, a plugin the replica lacks).
+        config_data = self.ctx.resolved_config()
         middlewares = self._middlewares()
         created: list[tuple[int, str, Any]] = []
         try:
@@ -1005,6 +1007,16 @@ class RayServiceTask(BaseServiceTask):
             ray.wait(drains, num_returns=len(drains), timeout=timeout + 1.0)
         for replica in leaving:
             _kill(ray, replica.handle)
+        # ray.kill returns before the GCS releases the name; wait so a stopped service is really gone.
+        namespace = self.namespace
+        gone_by = time.monotonic() + 10.0
+        for replica in leaving:
+            while time.monotonic() < gone_by:
+                try:
+                    ray.get_actor(replica.name, namespace=namespace)
+                except ValueError:
+                    break
+                time.sleep(0.02)
 
     # -------------------------------------------------------------- health
 

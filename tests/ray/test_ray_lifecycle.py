@@ -1,0 +1,138 @@
+"""Starting, stopping, placing and configuring ray services."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import ray
+from ray_services import BrokenService, EchoService, FirstReplica
+
+from kservice import ConfigError, ServiceEnvironment, ServiceError, ServiceFactory, ServiceUnavailableError
+from kservice.plugins.ray import ACTOR_PREFIX, RayServiceTask, balancer_names, register_balancer
+
+
+def actors_of(service_name: str) -> list[str]:
+    prefix = f"{ACTOR_PREFIX}{service_name}:"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+@pytest.mark.timeout(90)
+def test_constructor_error_fails_start_service_with_the_original_error() -> None:
+    env = ServiceEnvironment("ray-broken")
+    env.register_service("broken", ServiceFactory("broken", BrokenService), kind="ray", replicas=2)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError, match=r"failed to start: ValueError: .*missing setting 'dsn'") as caught:
+        env.start()
+    assert time.monotonic() - started < 60
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert "BrokenService" in caught.value.__cause__.remote_traceback  # type: ignore[attr-defined]
+    assert env.get_task("broken").state == "failed"
+    assert actors_of("broken") == []
+    env.stop()
+
+
+@pytest.mark.timeout(90)
+def test_stop_service_kills_detached_replicas() -> None:
+    with ServiceEnvironment("ray-detached") as env:
+        task = env.register_service(
+            "detached-echo", ServiceFactory("detached-echo", EchoService), kind="ray", replicas=2, ray={"lifetime": "detached"}
+        )
+        with env.manager() as manager:
+            assert manager.call_service_sync("detached-echo", "echo", (1,)) == 1
+        names = actors_of("detached-echo")
+        assert len(names) == 2
+        task.stop_service()
+        assert task.state == "stopped"
+        for name in names:
+            with pytest.raises(ValueError):
+                ray.get_actor(name, namespace="kservice")
+        with env.manager() as manager, pytest.raises(ServiceUnavailableError):
+            manager.call_service_sync("detached-echo", "echo", (1,))
+
+
+@pytest.mark.timeout(90)
+def test_replica_pinned_by_custom_resource_runs_on_the_other_node(node_ids: dict[str, str]) -> None:
+    driver_node = ray.get_runtime_context().get_node_id()
+    assert driver_node == node_ids["node_a"]
+    with ServiceEnvironment("ray-pinned") as env:
+        env.register_service("pinned", ServiceFactory("pinned", EchoService), kind="ray", ray={"resources": {"node_b": 1}})
+        with env.manager() as manager:
+            where = manager.call_service_sync("pinned", "where")
+            assert where["node_id"] == node_ids["node_b"] != driver_node
+            assert manager.call_service_sync("pinned", "echo", ("across nodes",)) == "across nodes"
+
+
+@pytest.mark.timeout(90)
+def test_a_name_already_running_in_the_namespace_is_refused() -> None:
+    with ServiceEnvironment("ray-first") as first:
+        first.register_service("unique", ServiceFactory("unique", EchoService), kind="ray")
+        second = ServiceEnvironment("ray-second")
+        second.register_service("unique", ServiceFactory("unique", EchoService), kind="ray")
+        with pytest.raises(ServiceUnavailableError, match="already runs in Ray namespace 'kservice'"):
+            second.start()
+        second.stop()
+        # Another namespace is another name space.
+        with ServiceEnvironment("ray-third") as third:
+            third.register_service("unique", ServiceFactory("unique", EchoService), kind="ray", ray={"namespace": "other"})
+            with third.manager() as manager:
+                assert manager.call_service_sync("unique", "echo", (3,)) == 3
+
+
+def test_unknown_balancer_is_a_config_error_listing_the_known_ones() -> None:
+    env = ServiceEnvironment("ray-config")
+    with pytest.raises(ConfigError, match=r"'nearest' is not one of 'power_of_two', 'round_robin'"):
+        env.register_service("b", ServiceFactory("b", EchoService), kind="ray", ray={"balancer": "nearest"})
+    with pytest.raises(ConfigError, match="replicas"):
+        env.register_service("c", ServiceFactory("c", EchoService), kind="ray", replicas=0)
+    assert "round_robin" in balancer_names()
+
+
+@pytest.mark.timeout(90)
+def test_a_registered_balancer_is_selectable_by_config() -> None:
+    register_balancer("first_replica", FirstReplica)
+    with pytest.raises(ValueError, match="already registered"):
+        register_balancer("first_replica", lambda: FirstReplica())
+    with ServiceEnvironment("ray-balancer") as env:
+        env.register_service("first", ServiceFactory("first", EchoService), kind="ray", replicas=2, ray={"balancer": "first_replica"})
+        with env.manager() as manager:
+            actors = {manager.call_service_sync("first", "where")["actor"] for _ in range(10)}
+    assert len(actors) == 1 and actors.pop().endswith(":0")
+
+
+@pytest.mark.timeout(90)
+def test_health_recovery_replaces_a_dead_replica() -> None:
+    with ServiceEnvironment("ray-recover") as env:
+        task = env.register_service(
+            "recovered", ServiceFactory("recovered", EchoService), kind="ray", replicas=2, ray={"max_restarts": 0}
+        )
+        assert isinstance(task, RayServiceTask)
+        with env.manager() as manager:
+            victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
+            ray.kill(victim.handle, no_restart=True)
+            # Calls find out and avoid it; the health check names it.
+            deadline = time.monotonic() + 20
+            while (reason := task.check_service_health()) is None and time.monotonic() < deadline:
+                manager.call_service_sync("recovered", "echo", (0,))
+            assert reason is not None and victim.name in reason
+            assert task.recover("test") == f"replaced replica(s) {victim.name}"
+            assert task.check_service_health() is None
+            assert task.get_service_status().restarts == 1
+            actors = {manager.call_service_sync("recovered", "where")["actor"] for _ in range(20)}
+            assert victim.name not in actors and len(actors) == 2
+
+
+def test_ray_task_class_is_exported_and_registered_as_kind_ray() -> None:
+    from kservice._plugins import task_kinds, transports
+
+    assert "ray" in task_kinds() and "ray" in transports()
+    assert RayServiceTask.kind == "ray" and RayServiceTask.default_transports == ("ray",)
+
+
+def test_duplicate_register_name_is_refused_before_touching_ray() -> None:
+    env = ServiceEnvironment("ray-dup")
+    env.register_service("dup", ServiceFactory("dup", EchoService), kind="ray")
+    with pytest.raises(ServiceError, match="already registered"):
+        env.register_service("dup", ServiceFactory("dup", EchoService), kind="ray")
+    assert actors_of("dup") == []
