@@ -155,19 +155,27 @@ def test_async_calls_to_a_killed_host_are_unavailable_fast() -> None:
 def test_client_killed_mid_call_leaves_the_service_serving() -> None:
     name = unique("survivor")
     with hosting(f"{name}=tests.mmap.services:KV") as host:
-        client = subprocess.Popen(
-            [sys.executable, "-c", f"from kservice import ServiceManager; ServiceManager().call_service_sync({name!r}, 'sleep', (1.0,))"],
-            env=child_env(),
+        code = (
+            "from kservice import ServiceManager\n"
+            "m = ServiceManager()\n"
+            f"m.call_service_sync({name!r}, 'echo', (1,))\n"
+            "print('calling', flush=True)\n"
+            f"m.call_service_sync({name!r}, 'sleep', (1.0,))\n"
         )
-        time.sleep(0.5)  # the call is running in the host
+        client = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "calling"
+        time.sleep(0.3)  # the call is running in the host
+        assert any(f".{client.pid}." in p.name for p in queue_directory().iterdir())  # its response ring
         client.kill()
         client.wait()
+        client.stdout.close()
         with ServiceManager() as manager:
             assert manager.call_service_sync(name, "add", (2, 2)) == 4
             time.sleep(1.0)  # the dead client's response has been dropped
             assert manager.call_service_sync(name, "add", (3, 3)) == 6
-        removed = reclaim()
-        assert any(str(client.pid) in q for q in removed["queues"])
+        reclaim()
+        assert not _files_of(client.pid)
         assert host.process.poll() is None
 
 
