@@ -73,12 +73,13 @@ _BUCKETS = 10
 class CircuitOpenError(ServiceUnavailableError):
     """The service's circuit breaker is open: the call was refused without reaching the service.
 
-    ``retry_after`` is the number of seconds until the breaker lets a probe through.
+    ``probe_at`` is the breaker clock's time (``time.monotonic()`` by default)
+    from which a probe call is let through.
     """
 
-    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+    def __init__(self, message: str, probe_at: float = 0.0) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.probe_at = probe_at
 
 
 class CircuitBreaker(ServiceMiddleware):
@@ -112,6 +113,10 @@ class CircuitBreaker(ServiceMiddleware):
         self.state: BreakerState = _CLOSED
         self._consecutive = 0
         self._opened_at = 0.0
+        self._probe_at = 0.0
+        self._open_message = ""
+        #: closed-state successes need no bookkeeping unless a failure-rate window is kept
+        self._fast = self.failure_rate is None
         self._probes_out: set[str] = set()
         self._probes_ok = 0
         self._probes_started_at = 0.0
@@ -127,12 +132,17 @@ class CircuitBreaker(ServiceMiddleware):
     # ------------------------------------------------------------ middleware
 
     def before_call(self, request: ServiceRequest) -> ServiceResponse | None:  # type: ignore[override]
-        if self.state is _CLOSED:
+        state = self.state
+        if state is _CLOSED:
             return None
+        if state is _OPEN and self._clock() < self._probe_at:
+            # Fail fast without the lock: a stale read only sends this call down the locked path.
+            self.rejected_total += 1  # approximate under races; status only
+            return self._rejection(request)
         return self._admit(request)
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
-        if self.state is _CLOSED and response.success and self.failure_rate is None:
+        if self._fast and response.success and self.state is _CLOSED:
             # The common case: one attribute store, no lock.
             self._consecutive = 0
             return
@@ -168,15 +178,11 @@ class CircuitBreaker(ServiceMiddleware):
             elif self.state is _CLOSED:
                 return None
             self.rejected_total += 1
-            retry_after = max(0.0, self.cooldown - (now - self._opened_at)) if self.state is _OPEN else 0.0
-        return self._rejection(request, retry_after)
+        return self._rejection(request)
 
-    def _rejection(self, request: ServiceRequest, retry_after: float) -> ServiceResponse:
-        error = CircuitOpenError(
-            f"circuit breaker of service {self.service_name!r} is {self.state} "
-            f"(last failure: {self.last_failure or 'unknown'}); failing fast, next probe in {retry_after:.3f}s",
-            retry_after,
-        )
+    def _rejection(self, request: ServiceRequest) -> ServiceResponse:
+        # The message is built when the breaker opens, not per rejected call: this is the flood path.
+        error = CircuitOpenError(self._open_message, self._probe_at)
         return ServiceResponse(
             False,
             None,
@@ -247,8 +253,13 @@ class CircuitBreaker(ServiceMiddleware):
         return calls >= self.minimum_calls and fails >= self.failure_rate * calls  # type: ignore[operator]
 
     def _open(self, now: float) -> None:
-        self.state = _OPEN
         self._opened_at = now
+        self._probe_at = now + self.cooldown
+        self._open_message = (
+            f"circuit breaker of service {self.service_name!r} is open after {self.last_failure or 'failures'}; "
+            f"failing fast without calling it (a probe call goes through {self.cooldown:g}s after it opened)"
+        )
+        self.state = _OPEN
         self._probes_out.clear()
         self._probes_ok = 0
         self.opened_total += 1

@@ -38,6 +38,12 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", EXAMPLE_DIST], capture_output=True, timeout=300)
 
 
+def chain_of(manager: Any, service_name: str) -> tuple[Any, ...]:
+    """The client middlewares a manager compiled for a service (none: the route has no chain)."""
+    chain = manager._route(service_name).chain
+    return tuple(chain.middlewares) if chain else ()
+
+
 def run_script(code: str, *, env: dict[str, str] | None = None, timeout: float = 90) -> Any:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager); returns the JSON it prints last."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}

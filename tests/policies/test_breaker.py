@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
-
 import kservice
+import pytest
 from kservice import ServiceEnvironment, ServiceRequest, ServiceResponse
 from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
+
+from tests.policies.conftest import chain_of
 from tests.policies.services import Flaky
 
 
@@ -239,11 +240,11 @@ def test_a_service_can_turn_its_breaker_off() -> None:
     config = {
         "service_call": {"max_retries": 0},
         "breaker": {"failure_threshold": 1, "count_service_errors": True},
-        "services": {"flaky": {"class": "tests.policies.services:Flaky", "breaker": {"enabled": False}}},
+        "services": {"solo": {"class": "tests.policies.services:Flaky", "breaker": {"enabled": False}}},
     }
     with ServiceEnvironment("t", config) as env, env.manager() as manager:
         for _ in range(3):
             with pytest.raises(ConnectionError):
-                manager.call_service_sync("flaky", "fail")
-        assert not any(isinstance(m, CircuitBreaker) for m in manager._route("flaky").chain.middlewares)
-        assert "breaker" not in env.get_task("flaky").get_service_status().extra
+                manager.call_service_sync("solo", "fail")
+        assert not any(isinstance(m, CircuitBreaker) for m in chain_of(manager, "solo"))
+        assert "breaker" not in env.get_task("solo").get_service_status().extra

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
-
 import kservice
+import pytest
 from kservice import ServiceEnvironment, ServiceRequest, ServiceResponse
 from kservice.plugins.cache import ResultCache, cache_info, clear_cache
+
+from tests.policies.conftest import chain_of
 
 FLAKY = "tests.policies.services:Flaky"
 
@@ -101,7 +102,7 @@ def test_cache_is_off_by_default_and_costs_nothing_then() -> None:
         manager.call_service_sync("flaky", "square", (2,))
         manager.call_service_sync("flaky", "square", (2,))
         assert env.get_task("flaky").service.calls["square"] == 2
-        assert not any(isinstance(m, ResultCache) for m in manager._route("flaky").chain.middlewares)
+        assert not any(isinstance(m, ResultCache) for m in chain_of(manager, "flaky"))
 
 
 @pytest.mark.timeout(30)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import kservice
+import pytest
 from kservice import ServiceEnvironment, ServiceTimeoutError
+
 from tests.policies.services import Flaky, Relay, Sleeper
 
 

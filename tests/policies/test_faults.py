@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import kservice
+import pytest
 from kservice import ServiceEnvironment, ServiceRequest, ServiceResponse
+
 from tests.policies.conftest import run_script
 from tests.policies.services import Flaky
 
