@@ -514,9 +514,10 @@ def registry() -> Any:
 
 def prometheus_text() -> str:
     """Every metric in the Prometheus text exposition format; ImportError without prometheus-client."""
+    collected = registry()  # raises the ImportError naming the extra
     from prometheus_client import generate_latest
 
-    return generate_latest(registry()).decode("utf-8")
+    return generate_latest(collected).decode("utf-8")
 
 
 # ----------------------------------------------------------------------- hooks
