@@ -10,6 +10,7 @@ Plugins add commands through the ``kservice_register_commands`` hook (the
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 import time
@@ -859,6 +860,9 @@ def main(argv: list[str] | None = None) -> None:
     Exit status: 0 on success, 1 for a failed call or an invalid config or
     service, 2 for a usage error, 130 when interrupted.
     """
+    # Like other application servers, resolve 'module:Class' paths from the working directory too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         get_plugin_manager().hook.kservice_register_commands(cli=cli)
     except ServiceError as exc:

@@ -1,0 +1,77 @@
+"""Driving the real ``kservice`` console script in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KSERVICE = str(Path(sys.executable).with_name("kservice"))
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: sample services importable, no inherited kservice settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: str | Path | None = None) -> Result:
+    """Run ``kservice ARGS...`` (the installed console script) and capture its output."""
+    done = subprocess.run(
+        [KSERVICE, *args], capture_output=True, text=True, env=env or cli_env(), timeout=timeout, cwd=cwd
+    )
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def assert_user_error(result: Result, *fragments: str, status: int | None = None) -> None:
+    """One actionable line on stderr, no traceback, a non-zero exit status."""
+    assert result.returncode != 0, result
+    if status is not None:
+        assert result.returncode == status, result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    line = result.stderr_lines[0]
+    assert line.startswith("error: "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll ``predicate()`` until it returns something truthy; returns it (or the last falsy value)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(interval)
+
+
+def run_many(commands: Sequence[Sequence[str]], env: dict[str, str] | None = None, timeout: float = 60) -> list[Result]:
+    """Run several CLI invocations concurrently (they are independent); results in order."""
+    processes = [
+        subprocess.Popen([KSERVICE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env())
+        for cmd in commands
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append(Result(process.returncode, out, err))
+    return results

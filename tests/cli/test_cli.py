@@ -1,0 +1,326 @@
+"""Every ``kservice`` command through the installed console script, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import Served
+from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_many
+
+COMMANDS = [
+    ("plugins",),
+    ("services",),
+    ("call",),
+    ("status",),
+    ("bench",),
+    ("config",),
+    ("config", "check"),
+    ("config", "show"),
+    ("config", "reference"),
+    ("serve",),
+]
+
+
+@pytest.mark.timeout(60)
+def test_every_command_has_help_with_an_example() -> None:
+    results = run_many([[*command, "--help"] for command in [(), *COMMANDS]])
+    for command, result in zip([(), *COMMANDS], results, strict=True):
+        assert result.returncode == 0, (command, result)
+        assert "Example:" in result.stdout, (command, result.stdout)
+        assert "kservice " in result.stdout.split("Example:", 1)[1], command
+
+
+@pytest.mark.timeout(60)
+def test_plugins_lists_built_in_plugins_and_honours_disable() -> None:
+    listed, as_json = run_many([["plugins"], ["plugins", "--json"]])
+    disabled = run_cli("plugins", env=cli_env(KSERVICE_DISABLE_PLUGINS="mmap"))
+    names = {line.split("\t")[0] for line in listed.stdout.splitlines()}
+    assert {"inproc", "mmap"} <= names
+    assert "kservice_register_transports" in listed.stdout
+    assert {p["name"] for p in json.loads(as_json.stdout)} == names
+    assert "mmap" not in {line.split("\t")[0] for line in disabled.stdout.splitlines()}
+    assert "inproc" in disabled.stdout
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.fixture
+def good_config(tmp_path: Path) -> Path:
+    path = tmp_path / "services.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            service_call:
+              default_timeout: 5
+            services:
+              kv:
+                class: sample_services:KV
+                kind: process
+                service_call:
+                  default_timeout: 2
+            """
+        )
+    )
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_config_check_show_and_reference(good_config: Path, tmp_path: Path) -> None:
+    check, show, defaults, reference = run_many(
+        [
+            ["config", "check", str(good_config)],
+            ["config", "show", "-c", str(good_config)],
+            ["config", "show"],
+            ["config", "reference"],
+        ]
+    )
+    from_env = run_cli("config", "show", env=cli_env(KSERVICE_CONFIG=str(good_config)))
+    assert check.returncode == 0 and check.stdout.startswith("ok:"), check
+    assert "kv (process)" in check.stdout
+
+    effective = yaml.safe_load(show.stdout)
+    assert effective["service_call"]["default_timeout"] == 5.0
+    assert effective["service_call"]["max_retries"] == 3  # a default filled in
+    assert effective["services"]["kv"]["kind"] == "process"
+    assert effective["services"]["kv"]["service_call"] == {"default_timeout": 2.0}
+    assert effective["services"]["kv"]["replicas"] == 1
+
+    assert yaml.safe_load(defaults.stdout)["service_call"]["default_timeout"] == 30.0
+    assert yaml.safe_load(defaults.stdout)["services"] == {}
+    assert yaml.safe_load(from_env.stdout)["service_call"]["default_timeout"] == 5.0
+    assert str(good_config) in from_env.stdout.splitlines()[0]
+
+    assert reference.returncode == 0
+    assert "| `service.local.max_workers` | int | `10` |" in reference.stdout
+    assert "## `mmap`" in reference.stdout  # a plugin's section is included
+
+
+@pytest.mark.timeout(60)
+def test_config_errors_are_one_line(tmp_path: Path) -> None:
+    not_yaml = tmp_path / "broken.yaml"
+    not_yaml.write_text("service_call: [unclosed\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("service_call:\n  default_timout: 3\n")
+    wrong_type = tmp_path / "type.yaml"
+    wrong_type.write_text("service:\n  local:\n    max_workers: many\n")
+    missing = tmp_path / "missing.yaml"
+    results = run_many(
+        [
+            ["config", "check", str(not_yaml)],
+            ["config", "check", str(typo)],
+            ["config", "check", str(wrong_type)],
+            ["config", "check", str(missing)],
+            ["config", "check"],
+            ["config", "show", "-c", str(typo)],
+            ["services", "-c", str(not_yaml)],
+            ["call", "-c", str(typo), "kv", "get"],
+            ["status", "-c", str(wrong_type), "kv"],
+            ["config", "nosuch"],
+        ]
+    )
+    assert_user_error(results[0], "not valid YAML", "line 2", status=1)
+    assert_user_error(results[1], "service_call.default_timout", "did you mean 'service_call.default_timeout'", status=1)
+    assert_user_error(results[2], "service.local.max_workers", "expected int", status=1)
+    assert_user_error(results[3], "cannot read config file", status=1)
+    assert_user_error(results[4], "Missing argument 'PATH'", "kservice config check --help", status=2)
+    assert_user_error(results[5], "default_timout", status=1)
+    assert_user_error(results[6], "not valid YAML", status=1)
+    assert_user_error(results[7], "default_timout", status=1)
+    assert_user_error(results[8], "max_workers", status=1)
+    assert_user_error(results[9], "No such command 'nosuch'", status=2)
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_are_one_line_and_exit_2() -> None:
+    cases = [
+        (["call"], "Missing argument 'SERVICE'"),
+        (["call", "kv"], "Missing argument 'METHOD'"),
+        (["call", "kv", "get", "[1"], "not valid JSON"),
+        (["call", "kv", "get", '{"a": 1}'], "must be a JSON array"),
+        (["call", "kv", "get", "--kwargs", "[]"], "must be a JSON object"),
+        (["call", "kv", "get", "--async", "0"], "--async"),
+        (["call", "kv", "get", "--timeout", "-1"], "--timeout"),
+        (["status", "--watch", "--json"], "cannot be combined"),
+        (["status", "--interval", "x"], "--interval"),
+        (["bench", "--transports", "nope"], "unknown row 'nope'"),
+        (["bench", "--calls", "1"], "--calls"),
+        (["services", "--bogus"], "No such option"),
+        (["nosuch"], "No such command"),
+    ]
+    results = run_many([args for args, _ in cases])
+    for (args, fragment), result in zip(cases, results, strict=True):
+        assert_user_error(result, fragment, status=2)
+        assert "--help" in result.stderr, args
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_service_is_one_line() -> None:
+    call, status, many, served = run_many(
+        [
+            ["call", "no-such-service-here", "get", '["a"]'],
+            ["status", "no-such-service-here"],
+            ["call", "no-such-service-here", "get", "--async", "5"],
+            ["serve", "no-such-entry-point"],
+        ]
+    )
+    assert_user_error(call, "no service named 'no-such-service-here'", status=1)
+    assert_user_error(status, "no service named 'no-such-service-here'", status=1)
+    assert_user_error(many, "no service named 'no-such-service-here'", status=1)
+    assert_user_error(served, "no-such-entry-point", status=1)
+
+
+@pytest.mark.timeout(60)
+def test_bench_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    # A package that shadows matplotlib and fails to import, as if it were not installed.
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = cli_env()
+    env["PYTHONPATH"] = f"{shadow.parent}:{env['PYTHONPATH']}"
+    result = run_cli("bench", "--quick", "--plot", str(tmp_path / "x.png"), env=env)
+    assert_user_error(result, "matplotlib", "kservice[plot]", status=1)
+    assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@pytest.mark.timeout(120)
+def test_bench_measures_transports_beside_baselines_and_plots(tmp_path: Path) -> None:
+    picture = tmp_path / "latency.png"
+    result = run_cli(
+        "bench", "--calls", "40", "--transports", "inproc,mmap,threadpool,mp-queue,mp-pipe", "--json", "--plot", str(picture)
+    )
+    assert result.returncode == 0, result
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert list(rows) == ["inproc", "mmap", "threadpool", "mp-queue", "mp-pipe"]
+    for row in rows.values():
+        assert row["calls"] == 40
+        assert 0 < row["p50_us"] <= row["p99_us"]
+        assert row["pipelined_calls_per_s"] > 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "latency plot written" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bench_table() -> None:
+    result = run_cli("bench", "--quick", "--calls", "20", "--transports", "inproc,threadpool")
+    assert result.returncode == 0, result
+    assert "inproc" in result.stdout and "ThreadPoolExecutor" in result.stdout
+    assert "p99 µs" in result.stdout
+
+
+# --------------------------------------------------------------------------- a running service
+
+
+@pytest.mark.timeout(60)
+def test_services_running_lists_the_served_service(served: Served) -> None:
+    listed, as_json = run_many([["services", "--running"], ["services", "--running", "--json"]])
+    assert listed.returncode == 0
+    assert any(line.split("\t")[0] == served.name for line in listed.stdout.splitlines()), listed.stdout
+    assert served.name in {record["name"] for record in json.loads(as_json.stdout)}
+
+
+@pytest.mark.timeout(60)
+def test_services_lists_configured_services(good_config: Path) -> None:
+    result = run_cli("services", "-c", str(good_config))
+    assert result.returncode == 0, result
+    assert "kv\tsample_services:KV\tconfig " in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_call_round_trips_json(served: Served) -> None:
+    put = run_cli("call", served.name, "put", '["greeting", {"text": "hello", "n": [1, 2]}]')
+    assert put.returncode == 0, put
+    assert put.stdout.strip() == "null"
+    by_args, by_kwargs = run_many(
+        [["call", served.name, "get", '["greeting"]'], ["call", served.name, "get", "--kwargs", '{"key": "greeting"}', "--timeout", "5"]]
+    )
+    assert json.loads(by_args.stdout) == {"text": "hello", "n": [1, 2]}
+    assert json.loads(by_kwargs.stdout) == {"text": "hello", "n": [1, 2]}
+
+
+@pytest.mark.timeout(60)
+def test_call_async_prints_a_summary(served: Served) -> None:
+    result = run_cli("call", served.name, "slow", "[0.01]", "--async", "40")
+    assert result.returncode == 0, result
+    first, latency, first_result = result.stdout.splitlines()
+    assert first.startswith(f"40 calls to {served.name}.slow, all started at once: 40 ok, 0 failed")
+    assert "calls/s" in first
+    assert latency.startswith("latency ms: p50 ")
+    assert first_result == "first result: 0.01"
+
+
+@pytest.mark.timeout(60)
+def test_call_failures_are_one_line(served: Served) -> None:
+    timeout, raised, missing, private, some_failed = run_many(
+        [
+            ["call", served.name, "slow", "[2]", "--timeout", "0.2"],
+            ["call", served.name, "boom"],
+            ["call", served.name, "gett", '["a"]'],
+            ["call", served.name, "_data"],
+            ["call", served.name, "slow", "[1]", "--async", "3", "--timeout", "0.2"],
+        ]
+    )
+    assert_user_error(timeout, "timed out", status=1)
+    assert_user_error(raised, "the boom method always fails", status=1)
+    assert_user_error(missing, "no callable method 'gett'", "did you mean 'get'", status=1)
+    assert_user_error(private, "private", status=1)
+    assert_user_error(some_failed, "3 of 3 calls failed", "ServiceTimeoutError", status=1)
+    assert "failures: 3 ServiceTimeoutError" in some_failed.stdout
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_the_running_service(served: Served) -> None:
+    run_cli("call", served.name, "get", '["x"]')
+    as_json, table = run_many([["status", served.name, "--json"], ["status"]])
+    assert as_json.returncode == 0, as_json
+    (row,) = json.loads(as_json.stdout)
+    assert row["service"] == served.name
+    assert row["state"] == "running"
+    assert row["health"] == "ok"
+    assert row["requests_total"] >= 1
+    assert row["calls_per_second"] is not None
+    assert table.returncode == 0, table
+    assert served.name in table.stdout
+    assert "in-flight" in table.stdout and "breaker" in table.stdout
+
+
+@pytest.mark.timeout(60)
+def test_status_watch_refreshes_until_interrupted(served: Served) -> None:
+    counted = run_cli("status", served.name, "--watch", "--interval", "0.1", "--count", "3")
+    assert counted.returncode == 0, counted
+    assert served.name in counted.stdout and "kservice status at" in counted.stdout
+
+    watching = subprocess.Popen(
+        [KSERVICE, "status", "--watch", "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+    )
+    try:
+        # Let it refresh a few times, then Ctrl-C: the watch ends cleanly with status 0.
+        watching.wait(1.5)
+    except subprocess.TimeoutExpired:
+        pass
+    watching.send_signal(signal.SIGINT)
+    out, err = watching.communicate(timeout=20)
+    assert watching.returncode == 0, (out, err)
+    assert "Traceback" not in err
+    assert served.name in out
+
+
+@pytest.mark.timeout(60)
+def test_cleanup_runs(served: Served) -> None:
+    result = run_cli("cleanup")
+    assert result.returncode == 0, result
+    # A live host's queue is never reclaimed: the service still answers.
+    assert run_cli("call", served.name, "get", '["nothing"]').stdout.strip() == "null"
