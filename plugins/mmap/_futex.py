@@ -36,6 +36,8 @@ __all__ = [
     "full_barrier",
     "futex_wait",
     "futex_wake",
+    "membarrier_global",
+    "membarrier_register",
     "fast_spin_trylock",
     "fast_trylock",
     "fast_unlock",
@@ -58,6 +60,10 @@ if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", 
     )
 
 SYS_futex = 202  # x86-64
+SYS_membarrier = 324  # x86-64
+MEMBARRIER_CMD_QUERY = 0
+MEMBARRIER_CMD_GLOBAL_EXPEDITED = 1 << 1
+MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED = 1 << 2
 FUTEX_WAIT = 0
 FUTEX_WAKE = 1
 CLOCK_MONOTONIC = 1
@@ -139,6 +145,36 @@ FENCE_ARG = ctypes.c_void_p(ctypes.addressof(_fence_word))
 def full_barrier(_f=fast_spin_trylock, _a=FENCE_ARG) -> None:
     """Order all earlier stores before all later loads (x86 ``lock`` prefix)."""
     _f(_a)
+
+
+_membarrier_state: bool | None = None
+
+
+def membarrier_register() -> bool:
+    """Let other processes issue barriers on this one's behalf (``membarrier(2)``).
+
+    After a successful registration, a thread that stores and then loads
+    needs no fence of its own, provided the other side of the protocol calls
+    :func:`membarrier_global` between its own store and load (an asymmetric
+    Dekker fence).  Returns False where the kernel (or a seccomp policy) does
+    not offer ``MEMBARRIER_CMD_GLOBAL_EXPEDITED``; callers then fence both sides.
+    """
+    global _membarrier_state
+    if _membarrier_state is None:
+        ok = False
+        try:
+            cmds = _syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0, None, None, 0)
+            if cmds > 0 and cmds & MEMBARRIER_CMD_GLOBAL_EXPEDITED and cmds & MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED:
+                ok = _syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0, None, None, 0) == 0
+        except OSError:  # pragma: no cover
+            ok = False
+        _membarrier_state = ok
+    return _membarrier_state
+
+
+def membarrier_global() -> bool:
+    """Run a full memory barrier on every thread of every registered process; False if unavailable."""
+    return _syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0, None, None, 0) == 0
 
 
 def futex_wait(addr: int, expected: int, timeout: float) -> int:

@@ -35,16 +35,16 @@ A 4096-byte header followed by ``capacity`` bytes of ring data.  Header words
     0    magic b"KSVRING\\0", layout version, header size
     16   capacity, max record size, owner pid, owner start time, creation time
     64   closed flag, lock recoveries counter
-    128  tail (committed write position, u64), records put (u64),
-         data_seq (futex word the consumer sleeps on), consumer_asleep flag
-    192  head (read position, u64), records got (u64),
-         space_seq (futex word full-queue producers sleep on), space_waiters flag
+    128  tail (committed write position, u64)
+    144  data_seq (futex word the consumer sleeps on), consumer_asleep flag
+    192  head (read position, u64)
+    208  space_seq (futex word full-queue producers sleep on), space_waiters flag
     256  process-shared robust pthread mutex (producers' lock)
 
 ``head`` and ``tail`` are free-running byte counters (``tail - head`` bytes are
 in use; positions are taken modulo ``capacity``).  A record is an 8-byte frame
 header (u32 length, u32 check word derived from the length and the record's
-position) followed by the payload, padded to 8 bytes.  Payloads may wrap around
+position; together one aligned u64 word) followed by the payload, padded to 8 bytes.  Payloads may wrap around
 the end of the ring; frame headers never do (everything is 8-aligned).  The
 largest record is ``capacity - 8`` bytes (one record may fill the whole ring);
 anything larger raises :class:`RecordTooLarge` at once, naming the limit, so a
@@ -87,7 +87,7 @@ other threads and hands the CPU to the producer when both share one core.  The
 budget doubles when a wait would have been served within the maximum spin and
 halves when it would not, so an idle consumer soon spins only briefly.  Then it
 sleeps: under the mutex it re-checks for data, reads ``data_seq`` and sets
-``consumer_asleep``; it releases the mutex and ``FUTEX_WAIT``\\ s on ``data_seq``
+``consumer_asleep``; it releases the mutex and waits (``FUTEX_WAIT``) on ``data_seq``
 with the remaining timeout (at most one second per wait, so liveness and
 signals are re-checked).  A producer reads ``consumer_asleep`` under the same
 mutex right after publishing; only when it is set does it clear it, bump
@@ -97,13 +97,20 @@ it read there, a wake-up cannot be lost; a producer pays for a system call only
 when the consumer really sleeps.
 
 A producer facing a full ring sets ``space_waiters`` under the mutex (reading
-``space_seq``), unlocks (a full barrier), re-checks the free space, and
-``FUTEX_WAIT``\\ s on ``space_seq``.  After advancing ``head`` the consumer issues
-a full barrier and reads ``space_waiters``; only when set does it take the
-mutex, clear it, bump ``space_seq`` and wake the producers.  Sleeping producers
-check that the owner (consumer) is still alive whenever a wait slice (0.25 s)
-passes without progress, and raise :class:`QueueClosed` when it is gone, so a
-producer of a dead consumer gives up within about half a second.
+``space_seq``), unlocks, re-checks the free space, and waits (``FUTEX_WAIT``) on
+``space_seq``.  After advancing ``head`` the consumer reads ``space_waiters``;
+only when set does it take the mutex, clear it, bump ``space_seq`` and wake the
+producers.  That pair is a Dekker pattern (each side stores, then loads what the
+other stored), which needs a full barrier on both sides: the producer's is its
+unlock (a locked instruction) plus a ``membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)``
+call, which executes a barrier on the consumer's behalf, so the consumer's hot
+path needs none (the asymmetric fence of userspace RCU).  Where membarrier is
+unavailable the consumer fences after every head store instead, and producers
+also re-check every 10 ms.  Before sleeping the consumer also wakes any
+registered producer under the mutex.  Sleeping producers check that the owner
+(consumer) is still alive whenever a wait slice (0.25 s) passes without
+progress, and raise :class:`QueueClosed` when it is gone, so a producer of a
+dead consumer gives up within about half a second.
 
 Corruption
 ----------
@@ -218,22 +225,22 @@ _M32 = 0xFFFFFFFF
 
 _OFF_CLOSED = 64
 _OFF_RECOVERIES = 68  # u32: times a producer's death was recovered from
-_OFF_TAIL = 128  # u64 tail, u64 records put
+_OFF_TAIL = 128  # u64
 _OFF_DATA_SEQ = 144  # u32 futex word
 _OFF_ASLEEP = 148  # u32 flag
-_OFF_HEAD = 192  # u64 head, u64 records got
+_OFF_HEAD = 192  # u64
 _OFF_SPACE_SEQ = 208  # u32 futex word
 _OFF_SPACE_WAITERS = 212  # u32 flag
 _OFF_MUTEX = 256
 
 # Indices of the shared words in the handle's u64 / u32 views of the mapping.
-_TAIL, _PUT = _OFF_TAIL >> 3, (_OFF_TAIL >> 3) + 1
-_HEAD, _GOT = _OFF_HEAD >> 3, (_OFF_HEAD >> 3) + 1
+_TAIL = _OFF_TAIL >> 3
+_HEAD = _OFF_HEAD >> 3
 _CLOSED = _OFF_CLOSED >> 2
 _RECOVERIES = _OFF_RECOVERIES >> 2
 _DATA_SEQ, _ASLEEP = _OFF_DATA_SEQ >> 2, _OFF_ASLEEP >> 2
 _SPACE_SEQ, _SPACE_WAITERS = _OFF_SPACE_SEQ >> 2, _OFF_SPACE_WAITERS >> 2
-_DATA_WORD32 = HEADER_SIZE >> 2
+_DATA_WORD64 = HEADER_SIZE >> 3
 
 # Static part of the header (written once, before the file gets its name):
 # magic, version, header size, capacity, max record, owner pid, owner start
@@ -444,6 +451,10 @@ class ShmQueue:
         self._data_seq_addr = base + _OFF_DATA_SEQ
         self._space_seq_addr = base + _OFF_SPACE_SEQ
         self._closed = False
+        self._wake_pending = False
+        # With membarrier(2), producers about to sleep fence on the consumer's
+        # behalf, so the consumer's hot path needs no barrier of its own.
+        self._fence = not _futex.membarrier_register()
         self._rlock = threading.Lock()  # consumer side of this handle
         self._sleepers = 0
         ncpu = _usable_cpus()
@@ -534,7 +545,8 @@ class ShmQueue:
         marked closed or its owner died while we waited, :class:`RecordTooLarge`
         when the record can never fit.
         """
-        if item.__class__ is not bytes and item.__class__ is not bytearray:
+        cls = item.__class__
+        if cls is not bytes and cls is not bytearray:
             item = memoryview(item).cast("B")
         n = len(item)
         if n > self.max_record:
@@ -544,72 +556,125 @@ class ShmQueue:
             )
         if self._closed:
             self._check_open()
-        need = FRAME + ((n + 7) & ~7)
-        mm = self._mm
-        w64 = self._w64
-        w32 = self._w32
+        need = FRAME + ((n + 7) & -8)
+        # Fast path: lock free, room available.  (_put_locked is the same code
+        # for the slow path; it is inlined here to keep the common case lean.)
         lock_arg = self._lock_arg
-        cap = self.capacity
-        deadline = None
-        wake = False
-        while True:
-            rc = _trylock(lock_arg)
-            if rc:
-                self._lock_slow(rc, deadline)
-            try:
-                if w32[_CLOSED]:
-                    raise QueueClosed(f"queue {self.name!r} is closed")
-                tail = w64[_TAIL]
-                if cap - (tail - w64[_HEAD]) >= need:
-                    pos = tail % cap
-                    i = _DATA_WORD32 + (pos >> 2)
-                    w32[i] = n
-                    w32[i + 1] = (n ^ _CHECK_KEY ^ (tail >> 3)) & _M32
-                    p = pos + FRAME
-                    if p >= cap:
-                        p -= cap
-                    end = p + n
-                    if end <= cap:
-                        mm[HEADER_SIZE + p : HEADER_SIZE + end] = item
-                    else:
-                        k = cap - p
-                        mv = memoryview(item)
-                        mm[HEADER_SIZE + p : HEADER_SIZE + cap] = mv[:k]
-                        mm[HEADER_SIZE : HEADER_SIZE + end - cap] = mv[k:]
-                    w64[_PUT] += 1
-                    w64[_TAIL] = tail + need  # publish
-                    if w32[_ASLEEP]:
-                        w32[_ASLEEP] = 0
-                        w32[_DATA_SEQ] = (w32[_DATA_SEQ] + 1) & _M32
-                        wake = True
-                    break
-                if timeout is not None and timeout <= 0:
-                    raise QueueFull(f"queue {self.name!r} is full")
-                # Register as a sleeping producer (under the lock, see docstring).
-                seq = w32[_SPACE_SEQ]
-                w32[_SPACE_WAITERS] = 1
-            finally:
-                _unlock(lock_arg)
-            if deadline is None and timeout is not None:
-                deadline = time.monotonic() + timeout
-            self._wait_for_space(tail, need, seq, deadline)
+        rc = _trylock(lock_arg)
+        if rc:  # busy, or the previous holder died: still ours once this returns
+            self._lock_slow(rc, None if timeout is None else time.monotonic() + timeout)
+        try:
+            w64 = self._w64
+            w32 = self._w32
+            if w32[_CLOSED]:
+                raise QueueClosed(f"queue {self.name!r} is closed")
+            cap = self.capacity
+            tail = w64[_TAIL]
+            if cap - (tail - w64[_HEAD]) < need:
+                full = True
+            else:
+                full = False
+                pos = tail % cap
+                w64[_DATA_WORD64 + (pos >> 3)] = n | ((n ^ _CHECK_KEY ^ (tail >> 3)) & _M32) << 32
+                p = pos + (HEADER_SIZE + FRAME)
+                if p >= HEADER_SIZE + cap:
+                    p -= cap
+                end = p + n
+                if end <= HEADER_SIZE + cap:
+                    self._mm[p:end] = item
+                else:
+                    self._write_wrapped(item, p, end)
+                w64[_TAIL] = tail + need  # publish
+                if w32[_ASLEEP]:
+                    w32[_ASLEEP] = 0
+                    w32[_DATA_SEQ] = (w32[_DATA_SEQ] + 1) & _M32
+                    wake = True
+                else:
+                    wake = False
+        finally:
+            _unlock(lock_arg)
+        if full:
+            return self._put_slow(item, n, need, timeout)
         if wake:
             _futex_wake(self._data_seq_addr)
+
+    def _write_wrapped(self, item: Any, p: int, end: int) -> None:
+        limit = HEADER_SIZE + self.capacity
+        k = limit - p
+        mv = memoryview(item)
+        self._mm[p:limit] = mv[:k]
+        self._mm[HEADER_SIZE : HEADER_SIZE + end - limit] = mv[k:]
+
+    def _put_locked(self, item: Any, n: int, need: int, register: bool) -> int | None:
+        """Under the lock: write the record (None), or report full (-1) / register as waiter (seq)."""
+        w64 = self._w64
+        w32 = self._w32
+        if w32[_CLOSED]:
+            raise QueueClosed(f"queue {self.name!r} is closed")
+        cap = self.capacity
+        tail = w64[_TAIL]
+        if cap - (tail - w64[_HEAD]) < need:
+            if not register:
+                return -1
+            w32[_SPACE_WAITERS] = 1
+            return w32[_SPACE_SEQ]
+        pos = tail % cap
+        w64[_DATA_WORD64 + (pos >> 3)] = n | ((n ^ _CHECK_KEY ^ (tail >> 3)) & _M32) << 32
+        p = pos + (HEADER_SIZE + FRAME)
+        if p >= HEADER_SIZE + cap:
+            p -= cap
+        end = p + n
+        if end <= HEADER_SIZE + cap:
+            self._mm[p:end] = item
+        else:
+            self._write_wrapped(item, p, end)
+        w64[_TAIL] = tail + need  # publish
+        if w32[_ASLEEP]:
+            w32[_ASLEEP] = 0
+            w32[_DATA_SEQ] = (w32[_DATA_SEQ] + 1) & _M32
+            self._wake_pending = True
+        return None
+
+    def _put_slow(self, item: Any, n: int, need: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lock_arg = self._lock_arg
+        while True:
+            self._lock(deadline)
+            self._wake_pending = False
+            try:
+                seq = self._put_locked(item, n, need, timeout is None or timeout > 0)
+                wake = self._wake_pending
+            finally:
+                _unlock(lock_arg)
+            if seq is None:
+                if wake:
+                    _futex_wake(self._data_seq_addr)
+                return
+            if seq < 0:
+                raise QueueFull(f"queue {self.name!r} is full")
+            self._wait_for_space(need, seq, deadline)
 
     def put_nowait(self, item: bytes | bytearray | memoryview) -> None:
         """``put(item, timeout=0)``."""
         self.put(item, 0)
 
-    def _wait_for_space(self, tail: int, need: int, seq: int, deadline: float | None) -> None:
-        # The unlock was a full barrier: our space_waiters store is visible
-        # before this re-read of head (the consumer does store head / barrier /
-        # load space_waiters).
-        if self.capacity - (tail - self._w64[_HEAD]) >= need:
+    def _wait_for_space(self, need: int, seq: int, deadline: float | None) -> None:
+        # Dekker with the consumer (store head; fence; load space_waiters): our
+        # space_waiters store, then a barrier, then this re-read of head.  The
+        # unlock just done is a locked instruction (a full barrier on our side);
+        # when the consumer relies on membarrier instead of its own fence, the
+        # membarrier call below supplies the barrier on its side.
+        w64 = self._w64
+        slice_ = 0.25
+        if not _futex.membarrier_global():
+            slice_ = 0.01  # no asymmetric fence available: re-check often
+        if self.capacity - (w64[_TAIL] - w64[_HEAD]) >= need:
             return
         now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            raise QueueFull(f"queue {self.name!r} is still full after the timeout")
-        slice_ = 0.25 if deadline is None else min(0.25, deadline - now)
+        if deadline is not None:
+            if now >= deadline:
+                raise QueueFull(f"queue {self.name!r} is still full after the timeout")
+            slice_ = min(slice_, deadline - now)
         rc = _futex.futex_wait(self._space_seq_addr, seq, slice_)
         if rc == errno.ETIMEDOUT and not self.owner_alive:
             raise QueueClosed(f"queue {self.name!r}: its owner (pid {self.owner_pid}) is gone")
@@ -630,30 +695,31 @@ class ShmQueue:
             return _EMPTY
         cap = self.capacity
         mm = self._mm
-        w32 = self._w32
         used = tail - head
         if used < 0 or used > cap or used % FRAME:
             self._reset(head, f"counters out of range (head {head}, tail {tail}, capacity {cap})")
         out = [] if max_items else None
         got = 0
+        limit = HEADER_SIZE + cap
         while True:
             pos = head % cap
-            i = _DATA_WORD32 + (pos >> 2)
-            n = w32[i]
-            check = w32[i + 1]
-            size = FRAME + ((n + 7) & ~7)
-            if check != (n ^ _CHECK_KEY ^ (head >> 3)) & _M32 or size > tail - head:
+            word = w64[_DATA_WORD64 + (pos >> 3)]
+            n = word & _M32
+            size = FRAME + ((n + 7) & -8)
+            if word >> 32 != (n ^ _CHECK_KEY ^ (head >> 3)) & _M32 or size > tail - head:
                 if got:  # deliver the good records first; report on the next call
                     break
-                self._reset(head, f"undecodable frame at position {head} (length {n}, check word {check:#010x})")
-            p = pos + FRAME
-            if p >= cap:
+                self._reset(
+                    head, f"undecodable frame at position {head} (length {n}, check word {word >> 32:#010x})"
+                )
+            p = pos + (HEADER_SIZE + FRAME)
+            if p >= limit:
                 p -= cap
             end = p + n
-            if end <= cap:
-                rec = mm[HEADER_SIZE + p : HEADER_SIZE + end]
+            if end <= limit:
+                rec = mm[p:end]
             else:
-                rec = mm[HEADER_SIZE + p : HEADER_SIZE + cap] + mm[HEADER_SIZE : HEADER_SIZE + end - cap]
+                rec = mm[p:limit] + mm[HEADER_SIZE : HEADER_SIZE + end - limit]
             head += size
             got += 1
             if out is None:
@@ -661,10 +727,10 @@ class ShmQueue:
             out.append(rec)
             if got >= max_items or head == tail:
                 break
-        w64[_GOT] += got
         w64[_HEAD] = head  # release the space
-        _spin_trylock(_FENCE)  # full barrier: head store before space_waiters load
-        if w32[_SPACE_WAITERS]:
+        if self._fence:
+            _spin_trylock(_FENCE)  # store head before loading space_waiters
+        if self._w32[_SPACE_WAITERS]:
             self._wake_producers()
         return rec if out is None else out
 
@@ -687,7 +753,6 @@ class ShmQueue:
             if tail % FRAME:  # even the tail is garbage: restart the ring
                 tail = 0
                 w64[_TAIL] = 0
-            w64[_GOT] = w64[_PUT]
             w64[_HEAD] = tail
             self._w32[_SPACE_WAITERS] = 0
             self._w32[_SPACE_SEQ] = (self._w32[_SPACE_SEQ] + 1) & _M32
@@ -708,8 +773,12 @@ class ShmQueue:
         """
         if self._closed:
             self._check_open()
-        with self._rlock:
+        rlock = self._rlock
+        rlock.acquire()
+        try:
             rec = self._pop(0)
+        finally:
+            rlock.release()
         if rec is not _EMPTY:
             return rec
         return self._wait_and_pop(0, timeout)
@@ -831,9 +900,21 @@ class ShmQueue:
     # -- state ----------------------------------------------------------------
 
     def qsize(self) -> int:
-        """Number of records currently in the queue (a snapshot)."""
+        """Number of records in the queue (a snapshot; walks the committed frames)."""
         self._check_open()
-        return max(0, self._w64[_PUT] - self._w64[_GOT])
+        w64 = self._w64
+        cap = self.capacity
+        with self._rlock:
+            head = w64[_HEAD]
+            tail = w64[_TAIL]
+            if not 0 <= tail - head <= cap:
+                return 0
+            count = 0
+            while head < tail:
+                n = w64[_DATA_WORD64 + ((head % cap) >> 3)] & _M32
+                head += FRAME + ((n + 7) & -8)
+                count += 1
+            return count
 
     def empty(self) -> bool:
         return self.qsize() == 0

@@ -1,0 +1,225 @@
+"""Raw floor of the shared-memory ring beside multiprocessing.Pipe and multiprocessing.Queue.
+
+A client process sends a payload to an echo server process and waits for it to
+come back (sync round trip), then keeps a window of requests in flight
+(pipelined).  Payloads are raw bytes (no pickling on the ring and the Pipe;
+``multiprocessing.Queue`` pickles them, as it always does).  All mechanisms are
+measured in the same run, because this kind of machine is noisy.
+
+Run ``python tests/benchmarks/bench_ring.py [--quick]``; the suite calls
+:func:`run`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RING_PATH = HERE.parents[1] / "plugins" / "mmap" / "ring.py"
+WINDOW = 256
+SIZES = (90, 64 * 1024)
+
+
+def load_ring():
+    try:
+        from kservice.plugins.mmap import ring
+
+        return ring
+    except ImportError:
+        pass
+    mod = sys.modules.get("_kservice_ring_standalone")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_kservice_ring_standalone", RING_PATH)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_kservice_ring_standalone"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------- servers (child processes)
+
+
+def ring_server(req_name: str, resp_name: str, ready) -> None:
+    ring = load_ring()
+    req = ring.create_queue(req_name, 1 << 22)
+    resp = ring.attach_queue(resp_name)
+    ready.set()
+    try:
+        while True:
+            for rec in req.get_many(WINDOW):
+                if rec == b"stop":
+                    return
+                resp.put(rec)
+    finally:
+        resp.close()
+        req.unlink()
+        req.close()
+
+
+def pipe_server(conn) -> None:
+    while True:
+        b = conn.recv_bytes()
+        if b == b"stop":
+            return
+        conn.send_bytes(b)
+
+
+def queue_server(qin, qout) -> None:
+    while True:
+        b = qin.get()
+        if b is None:
+            return
+        qout.put(b)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _sync(send, recv, payload: bytes, n: int) -> tuple[float, float]:
+    for _ in range(min(200, n)):
+        send(payload)
+        recv()
+    pc = time.perf_counter
+    times = []
+    for _ in range(n):
+        t = pc()
+        send(payload)
+        recv()
+        times.append(pc() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+
+
+def _pipelined(send, recv_some, payload: bytes, n: int) -> float:
+    sent = received = 0
+    t = time.perf_counter()
+    while received < n:
+        while sent < n and sent - received < WINDOW:
+            send(payload)
+            sent += 1
+        received += recv_some()
+    return n / (time.perf_counter() - t)
+
+
+def _bench_ring(ctx, n: int, n_pipe: int) -> list[dict]:
+    ring = load_ring()
+    tag = uuid.uuid4().hex[:8]
+    resp = ring.create_queue(f"bench-resp-{tag}", 1 << 22)
+    ready = ctx.Event()
+    server = ctx.Process(target=ring_server, args=(f"bench-req-{tag}", resp.name, ready), daemon=True)
+    server.start()
+    if not ready.wait(30):
+        raise RuntimeError("ring echo server did not start")
+    req = ring.attach_queue(f"bench-req-{tag}")
+    rows = []
+    try:
+        for size in SIZES:
+            med, p99 = _sync(req.put, resp.get, b"r" * size, n)
+            row = {"mechanism": "shm ring (spin then futex)", "payload": size, "median_us": med, "p99_us": p99}
+            if size == SIZES[0]:
+                row["pipelined_per_s"] = _pipelined(req.put, lambda: len(resp.get_many(WINDOW)), b"r" * size, n_pipe)
+            rows.append(row)
+        req.put(b"stop")
+        server.join(30)
+    finally:
+        req.close()
+        resp.unlink()
+        resp.close()
+        if server.is_alive():
+            server.kill()
+            server.join()
+    return rows
+
+
+def _bench_pipe(ctx, n: int, n_pipe: int) -> list[dict]:
+    a, b = ctx.Pipe()
+    server = ctx.Process(target=pipe_server, args=(b,), daemon=True)
+    server.start()
+    rows = []
+    try:
+        for size in SIZES:
+            med, p99 = _sync(a.send_bytes, a.recv_bytes, b"p" * size, n)
+            row = {"mechanism": "multiprocessing.Pipe", "payload": size, "median_us": med, "p99_us": p99}
+            if size == SIZES[0]:
+                row["pipelined_per_s"] = _pipelined(a.send_bytes, lambda: (a.recv_bytes(), 1)[1], b"p" * size, n_pipe)
+            rows.append(row)
+        a.send_bytes(b"stop")
+        server.join(30)
+    finally:
+        if server.is_alive():
+            server.kill()
+            server.join()
+        a.close()
+        b.close()
+    return rows
+
+
+def _bench_queue(ctx, n: int, n_pipe: int) -> list[dict]:
+    qin, qout = ctx.Queue(), ctx.Queue()
+    server = ctx.Process(target=queue_server, args=(qin, qout), daemon=True)
+    server.start()
+    rows = []
+    try:
+        for size in SIZES:
+            med, p99 = _sync(qin.put, qout.get, b"q" * size, n)
+            row = {"mechanism": "multiprocessing.Queue pair", "payload": size, "median_us": med, "p99_us": p99}
+            if size == SIZES[0]:
+                row["pipelined_per_s"] = _pipelined(qin.put, lambda: (qout.get(), 1)[1], b"q" * size, n_pipe)
+            rows.append(row)
+        qin.put(None)
+        server.join(30)
+    finally:
+        if server.is_alive():
+            server.kill()
+            server.join()
+        for q in (qin, qout):
+            q.close()
+            q.join_thread()
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Measure every mechanism; one dict per (mechanism, payload).
+
+    Keys: mechanism, payload (bytes), median_us, p99_us, pipelined_per_s (90 B
+    rows only), vs_queue (the Queue pair's median divided by this median).
+    """
+    # Spawned children import this module by name: make sure they can.
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import bench_ring as this  # noqa: PLW0406 - the importable copy for spawned children
+
+    ctx = mp.get_context("spawn")
+    n = 2000 if quick else 5000
+    n_pipe = 5000 if quick else 20000
+    rows = this._bench_ring(ctx, n, n_pipe) + this._bench_pipe(ctx, n, n_pipe) + this._bench_queue(ctx, n, n_pipe)
+    base = {r["payload"]: r["median_us"] for r in rows if r["mechanism"].startswith("multiprocessing.Queue")}
+    for r in rows:
+        r["vs_queue"] = base[r["payload"]] / r["median_us"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| mechanism | payload | sync median µs | sync p99 µs | pipelined msgs/s | median vs Queue pair |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        payload = "90 B" if r["payload"] == 90 else f"{r['payload'] // 1024} KiB"
+        pipe = f"{r['pipelined_per_s'] / 1000:,.0f}k" if "pipelined_per_s" in r else "-"
+        lines.append(
+            f"| {r['mechanism']} | {payload} | {r['median_us']:.1f} | {r['p99_us']:.1f} | {pipe} | {r['vs_queue']:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}")
+    print(format_table(run(quick=quick)))
