@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 KSERVICE = str(Path(sys.executable).with_name("kservice"))
 
@@ -75,3 +77,22 @@ def run_many(commands: Sequence[Sequence[str]], env: dict[str, str] | None = Non
         out, err = process.communicate(timeout=timeout)
         results.append(Result(process.returncode, out, err))
     return results
+
+
+def marked_processes(mark: str, settle: float = 5.0) -> list[int]:
+    """Live processes whose environment carries ``KSERVICE_TEST_MARK=mark`` (children inherit it).
+
+    Polls for up to ``settle`` seconds: a process killed at teardown may take a moment to go.
+    """
+    end = time.monotonic() + settle
+    while True:
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if proc.environ().get("KSERVICE_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc.pid)
+            except (psutil.Error, OSError):
+                continue
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.1)

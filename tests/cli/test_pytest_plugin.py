@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import textwrap
-import time
 import uuid
 
-import psutil
 import pytest
+
+from .helpers import marked_processes
 
 pytest_plugins = ["pytester"]
 
@@ -75,25 +75,6 @@ USER_TESTS = '''
 '''
 
 
-def _marked_processes(mark: str, settle: float = 5.0) -> list[int]:
-    """Live processes whose environment carries ``KSERVICE_TEST_MARK=mark`` (children inherit it).
-
-    Polls for up to ``settle`` seconds: a process killed at teardown may take a moment to go.
-    """
-    end = time.monotonic() + settle
-    while True:
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.environ().get("KSERVICE_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc.pid)
-            except (psutil.Error, OSError):
-                continue
-        if not found or time.monotonic() > end:
-            return found
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def mark(monkeypatch: pytest.MonkeyPatch) -> str:
     """Tags every process the inner pytest run starts, to find any it leaves behind."""
@@ -108,7 +89,7 @@ def test_user_tests_run_on_every_kind_and_clean_up(pytester: pytest.Pytester, ma
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=6)
     result.stdout.fnmatch_lines(["*test_process PASSED*", "*test_ray PASSED*"])
-    assert _marked_processes(mark) == [], "a process started by the tests outlived the test session"
+    assert marked_processes(mark) == [], "a process started by the tests outlived the test session"
 
 
 @pytest.mark.timeout(60)
@@ -142,4 +123,4 @@ def test_a_service_that_fails_to_start_fails_the_test(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*ServiceUnavailableError*no database*"])
-    assert _marked_processes(mark) == []
+    assert marked_processes(mark) == []

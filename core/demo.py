@@ -1,0 +1,347 @@
+"""A tour of kservice in well under a minute: ``python -m kservice.demo`` (``make demo``).
+
+Two services, a key-value store and a text processor, hosted three ways:
+
+- ``kv``: a ``local`` task in this process (the ``inproc`` transport);
+- ``text``: a ``process`` task in a child process (the ``mmap`` transport);
+- ``text-ray``: a ``ray`` task with two replica actors (the ``ray`` transport).
+
+The demo calls them synchronously and asynchronously through one
+ServiceManager, runs a middleware chain around every call (metadata set by the
+caller's middleware is read by the service in the other process), kills a Ray
+replica while calls are in flight and watches it come back, prints the status
+table, and stops everything. It exits 0 only when every step behaved as
+described and nothing is left behind: no child process, no shared-memory
+segment. Without Ray installed it says so and runs the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.rule import Rule
+
+from . import (
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceMiddleware,
+    ServiceRequest,
+    ServiceResponse,
+    current_request,
+    idempotent,
+)
+
+__all__ = ["KeyValueStore", "TextService", "main"]
+
+# A pipe or a log file gets a wide fixed width so the status table is not squeezed into 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+# --------------------------------------------------------------------------
+# the services: ordinary classes, nothing kservice-specific but a decorator
+# --------------------------------------------------------------------------
+
+
+class KeyValueStore:
+    """An in-memory key-value store with a hit counter."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+
+    @idempotent
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            self.hits += 1
+            return self._data.get(key, default)
+
+    @idempotent
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._data)
+
+
+class TextService:
+    """Text processing: word counts, slugs, a summary of who is calling."""
+
+    @idempotent
+    def word_count(self, text: str) -> dict[str, int]:
+        return dict(Counter(re.findall(r"[a-z']+", text.lower())).most_common(3))
+
+    @idempotent
+    def slugify(self, text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+    @idempotent
+    def where(self) -> dict[str, Any]:
+        """The process serving the call, and the tenant the caller's middleware attached."""
+        request = current_request()
+        tenant = request.metadata.get("tenant") if request is not None else None
+        return {"pid": os.getpid(), "tenant": tenant}
+
+    @idempotent
+    def slow_upper(self, text: str, seconds: float = 0.02) -> str:
+        time.sleep(seconds)
+        return text.upper()
+
+
+# --------------------------------------------------------------------------
+# a middleware chain: runs in the caller around every call
+# --------------------------------------------------------------------------
+
+
+class TenantMiddleware(ServiceMiddleware):
+    """Attaches the caller's tenant to every request; services read it with ``current_request()``."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+    def before_call(self, request: ServiceRequest) -> ServiceRequest | None:
+        request.metadata["tenant"] = self.tenant
+        return None
+
+
+class CallCounter(ServiceMiddleware):
+    """Counts calls and failures per service (after-hooks see failures too)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    # Environment middleware travels to Ray replicas (for their server-side hooks): pickle without the lock.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"calls": self.calls, "failures": self.failures}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        with self._lock:
+            self.calls[request.service_name] += 1
+            if not response.success:
+                self.failures[request.service_name] += 1
+
+
+# --------------------------------------------------------------------------
+# the tour
+# --------------------------------------------------------------------------
+
+
+def _step(title: str) -> None:
+    console.print()
+    console.print(Rule(f"[bold]{title}", align="left"))
+
+
+def _ray_module() -> Any | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray
+
+
+def _shm_segments_of(pid: int) -> list[str]:
+    """Shared-memory files of this user that name ``pid`` (queues and out-of-band segments)."""
+    found = []
+    for directory in Path("/dev/shm").glob(f"kservice-{os.getuid()}*"):
+        if directory.is_dir():
+            found += [str(p) for p in directory.iterdir() if re.search(rf"(^|[^0-9]){pid}([^0-9]|$)", p.name)]
+    return found
+
+
+def _async_burst(manager: ServiceManager, service: str, method: str, args: tuple[Any, ...], count: int) -> tuple[int, float]:
+    """``count`` asynchronous calls all in flight at once; returns (successes, seconds)."""
+    started = time.perf_counter()
+    futures = [manager.call_service_async(service, method, args, timeout=30) for _ in range(count)]
+    wait(futures)
+    return sum(1 for f in futures if f.exception() is None), time.perf_counter() - started
+
+
+def _kill_a_replica_under_load(ray: Any, manager: ServiceManager, environment: ServiceEnvironment) -> bool:
+    """Kill one Ray replica while callers keep calling; True when no call failed and both replicas are back."""
+    task = environment.get_task("text-ray")
+    assert task is not None
+    replicas = task.get_service_status().extra.get("replicas", [])
+    victim = replicas[0]["actor"]
+    results: Counter[str] = Counter()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def record(future: Future[Any]) -> None:
+        error = future.exception()
+        with lock:
+            results["ok" if error is None else type(error).__name__] += 1
+
+    def load() -> None:
+        # A steady stream of asynchronous calls, 20 in flight at a time.
+        while not stop.is_set():
+            batch = [manager.call_service_async("text-ray", "slow_upper", ("load",), timeout=30) for _ in range(20)]
+            for future in batch:
+                future.add_done_callback(record)
+            wait(batch)
+
+    caller = threading.Thread(target=load, name="demo-load")
+    caller.start()
+    try:
+        time.sleep(1.0)
+        namespace = task.get_service_status().extra.get("ray", {}).get("namespace", "kservice")
+        console.print(f"  killing replica [bold]{victim}[/] with ray.kill (Ray restarts it: service.ray.max_restarts)")
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=False)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        caller.join()
+    back = _wait_until(lambda: _replicas_up(environment) == 2, timeout=30)
+    console.print(
+        f"  calls during the kill: {results['ok']} ok, {sum(results.values()) - results['ok']} failed"
+        + (f" ({dict((k, v) for k, v in results.items() if k != 'ok')})" if len(results) > 1 else "")
+    )
+    console.print(
+        f"  replicas healthy again: {_replicas_up(environment)}/2"
+        + (f" after {time.monotonic() - killed_at:.1f}s" if back else " (not yet)")
+    )
+    return back and results["ok"] > 0 and sum(results.values()) == results["ok"]
+
+
+def _replicas_up(environment: ServiceEnvironment) -> int:
+    task = environment.get_task("text-ray")
+    if task is None:
+        return 0
+    return sum(1 for r in task.get_service_status().extra.get("replicas", []) if r.get("healthy"))
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def main() -> int:
+    """Run the tour; returns the exit status (0 when every step behaved as described)."""
+    import psutil
+
+    from .cli import status_rows, status_table
+
+    started = time.monotonic()
+    ray = _ray_module()
+    problems: list[str] = []
+    me = psutil.Process()
+    console.print("[bold]kservice demo[/]: a key-value store and a text service, in-process, in a child process and on Ray")
+    if ray is None:
+        console.print("[yellow]Ray is not installed (pip install 'kservice[ray]'): the Ray part is skipped.[/]")
+    else:
+        _step("starting Ray (once per driver: it takes a few seconds)")
+        # A private local instance: never attach to some cluster this machine happens to run.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR", namespace="kservice")
+        console.print(f"  a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+
+    # Explicit config rather than the user's KSERVICE_CONFIG: the demo shows the defaults.
+    environment = ServiceEnvironment("demo", {"service_call": {"default_timeout": 30}})
+    counter = CallCounter()
+    environment.add_middleware(TenantMiddleware("acme"))
+    environment.add_middleware(counter)
+    try:
+        _step("registering and starting the services")
+        environment.register_service("kv", ServiceFactory("kv", KeyValueStore), kind="local")
+        environment.register_service("text", ServiceFactory("text", TextService), kind="process")
+        if ray is not None:
+            environment.register_service("text-ray", ServiceFactory("text-ray", TextService), kind="ray", replicas=2)
+        t0 = time.perf_counter()
+        environment.start()
+        console.print(f"  started {', '.join(environment.service_names())} in {time.perf_counter() - t0:.1f}s")
+        for task in environment:
+            console.print(f"  [bold]{task.service_name:<9}[/] kind {task.kind:<8} reachable at {', '.join(a.transport for a in task.addresses)}")
+        manager = environment.manager()
+
+        _step("synchronous calls: the same API whatever the transport")
+        manager.call_service_sync("kv", "put", ("greeting", "hello, services"))
+        text = manager.call_service_sync("kv", "get", ("greeting",))
+        console.print(f"  kv.get('greeting')            -> {text!r}")
+        targets = ["text", "text-ray"] if ray is not None else ["text"]
+        for name in targets:
+            proxy = manager.proxy(name)
+            console.print(f"  {name}.slugify(...)".ljust(32) + f"-> {proxy.slugify(text)!r}")
+            counted = proxy.word_count("the cat and the hat and the bat")
+            console.print(f"  {name}.word_count(...)".ljust(32) + f"-> {counted}")
+            where = proxy.where()
+            console.print(f"  {name}.where()".ljust(32) + f"-> pid {where['pid']} (this is {os.getpid()}), tenant {where['tenant']!r}")
+            if where["pid"] == os.getpid():
+                problems.append(f"{name} ran in this process")
+            if where["tenant"] != "acme":
+                problems.append(f"{name} did not see the tenant set by the middleware")
+
+        _step("asynchronous calls: 500 in flight at once, no thread per call")
+        for name, method, args in [("kv", "get", ("greeting",)), *[(t, "slugify", ("A B C",)) for t in targets]]:
+            ok, seconds = _async_burst(manager, name, method, args, 500)
+            console.print(f"  {name:<9} 500 calls of {method:<8} {ok} ok in {seconds * 1e3:7.1f} ms ({500 / seconds:>9,.0f} calls/s)")
+            if ok != 500:
+                problems.append(f"{500 - ok} async calls to {name} failed")
+
+        _step("the middleware chain")
+        console.print("  environment middleware, in order: TenantMiddleware (before_call) -> CallCounter (after_call)")
+        console.print("  plus what installed plugins contribute per service (metrics, retry, breaker, ...)")
+        console.print(f"  CallCounter saw: {dict(counter.calls)}; failures: {dict(counter.failures) or 'none'}")
+
+        if ray is not None:
+            _step("a Ray replica killed under load, and recovered")
+            if not _kill_a_replica_under_load(ray, manager, environment):
+                problems.append("the Ray replica kill was not survived cleanly")
+
+        _step("status of every service")
+        console.print(status_table(status_rows(environment.get_task(n).get_service_status() for n in environment.service_names())))  # type: ignore[union-attr]
+    finally:
+        _step("stopping")
+        environment.stop()
+        if ray is not None:
+            ray.shutdown()
+    children = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    deadline = time.monotonic() + 10
+    while children and time.monotonic() < deadline:
+        time.sleep(0.2)
+        children = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    segments = _shm_segments_of(os.getpid())
+    console.print(
+        f"  child processes left: {len(children)}; shared-memory segments left: {len(segments)}"
+        + (f" {segments}" if segments else "")
+    )
+    if children:
+        problems.append(f"child processes left behind: {[p.pid for p in children]}")
+    if segments:
+        problems.append(f"shared-memory segments left behind: {segments}")
+    console.print()
+    if problems:
+        for problem in problems:
+            console.print(f"[red]problem:[/] {problem}")
+        return 1
+    console.print(f"[green]done in {time.monotonic() - started:.1f}s[/]: every step behaved as described.")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run from the importable module, not __main__: child processes and Ray
+    # workers import the service classes by their module's real name.
+    from kservice import demo
+
+    sys.exit(demo.main())

@@ -1,0 +1,46 @@
+"""``python -m kservice.demo`` (the README's first command, ``make demo``) runs the whole tour cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.cli.helpers import cli_env, marked_processes
+
+
+def _segments_naming(pid: int) -> list[str]:
+    found = []
+    for directory in Path("/dev/shm").glob(f"kservice-{os.getuid()}*"):
+        if directory.is_dir():
+            found += [p.name for p in directory.iterdir() if f".{pid}." in p.name or f"-{pid}-" in p.name]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_demo_exits_0_and_leaves_nothing_behind() -> None:
+    mark = uuid.uuid4().hex
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kservice.demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(KSERVICE_TEST_MARK=mark),
+    )
+    out, err = process.communicate(timeout=140)
+    assert process.returncode == 0, out + err
+    # Each step of the tour really happened.
+    assert "text.where()" in out and "tenant 'acme'" in out
+    assert "500 ok" in out
+    assert "calls during the kill:" in out and " 0 failed" in out
+    assert "replicas healthy again: 2/2" in out
+    assert "child processes left: 0; shared-memory segments left: 0" in out
+    assert "every step behaved as described" in out
+    # Checked from outside too: the demo's children (the process host, Ray's daemons) are gone.
+    assert marked_processes(mark) == []
+    assert _segments_naming(process.pid) == []
