@@ -117,7 +117,7 @@ class _MethodStats:
         self.seconds += part.seconds
         for key, value in list(part.errors.items()):
             self.errors[key] = self.errors.get(key, 0) + value
-        self.buckets = [a + b for a, b in zip(self.buckets, part.buckets)]
+        self.buckets = [a + b for a, b in zip(self.buckets, part.buckets, strict=True)]
 
 
 def _percentile(buckets: list[int], total: int, q: float) -> float:
@@ -165,7 +165,7 @@ def _minus(now: _MethodStats, then: _MethodStats | None) -> _MethodStats:
     delta.degraded = now.degraded - then.degraded
     delta.seconds = now.seconds - then.seconds
     delta.errors = {k: v - then.errors.get(k, 0) for k, v in now.errors.items() if v - then.errors.get(k, 0)}
-    delta.buckets = [a - b for a, b in zip(now.buckets, then.buckets)]
+    delta.buckets = [a - b for a, b in zip(now.buckets, then.buckets, strict=True)]
     return delta
 
 
@@ -478,7 +478,7 @@ class _Collector:
         for task in list(_tasks):
             try:
                 status = task.get_service_status()
-            except Exception:  # noqa: BLE001 - a task stopping mid-scrape is skipped, not an error
+            except Exception:
                 continue
             in_flight.add_metric([task.service_name], status.in_flight)
             queued.add_metric([task.service_name], status.queue_depth)
@@ -507,7 +507,7 @@ def registry() -> Any:
                         "(metrics.snapshot() works without it)"
                     ) from exc
                 created = CollectorRegistry(auto_describe=False)
-                created.register(_Collector())  # type: ignore[arg-type]
+                created.register(_Collector())
                 _registry = created
     return _registry
 

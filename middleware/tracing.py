@@ -18,12 +18,18 @@ Spans are named ``<service>/<method>`` with ``rpc.system=kservice``,
 sets the span status to ERROR and ``error.type``; a fallback answer sets
 ``kservice.degraded``.
 
-Without opentelemetry the plugin stays out of every chain. With the API but
-no provider configured yet, each hook costs a clock read: the provider is
-looked up again at most once a second (the API's lookup reads the
-environment, ~1.5 µs, too much for every call), and used for good once an
-application sets one (the API allows setting it only once). Call
-:func:`refresh` after setting a provider to trace the very next call.
+When it is on: ``tracing.enabled: null`` (the default) puts the middleware
+in a service's chains when opentelemetry-api is installed and the
+application has configured a tracer provider by the time the chain is built
+(configure it before starting services and managers, as OpenTelemetry
+recommends); otherwise the plugin stays out of the chain and costs nothing.
+``tracing.enabled: true`` always adds it (when the API is installed), for
+applications that set their provider later: each hook then costs a clock
+read until one is set, since the provider is looked up again at most once a
+second (the API's lookup reads the environment, ~1.5 µs, too much for every
+call); :func:`refresh` looks at once. The API allows setting the provider
+only once, so once found it is used for good. Without opentelemetry the
+plugin stays out of every chain (``enabled: true`` then warns once).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def _schema() -> dict[str, Setting]:
         "enabled": Setting(
             (bool,),
             None,
-            "Trace calls; null (the default) means: when opentelemetry-api is installed.",
+            "Trace calls; null (the default): when opentelemetry-api is installed and a tracer provider is set when the chain is built.",
             nullable=True,
         ),
         "client": Setting((bool,), True, "Start a CLIENT span per call attempt in the caller's process."),
@@ -97,9 +103,11 @@ _tracer = _Tracer()
 
 
 def refresh() -> bool:
-    """Look for the application's tracer provider now; True when calls are traced from here on.
+    """Look for the application's tracer provider now; True when one is set.
 
-    Without it, a provider set after the first calls is picked up within a second.
+    With ``tracing.enabled: true``, calls are traced from the next one on
+    (without it, within a second). Chains built in auto mode before the
+    provider was set stay untraced until they are rebuilt.
     """
     if trace is None:
         return False
@@ -219,6 +227,8 @@ def kservice_middleware(service_name: str, options: dict[str, Any]) -> list[Serv
                 stacklevel=2,
             )
         return None
+    if enabled is None and not refresh():
+        return None  # auto: nothing would record spans, so stay out of the chain
     chosen: list[ServiceMiddleware] = []
     if section.get("client", True):
         chosen.append(ClientTracing())

@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-
 import kservice
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -55,3 +54,15 @@ def register_plugin() -> Iterator[Callable[[Any, str], None]]:
     for name in reversed(names):
         if pm.has_plugin(name):
             pm.unregister(name=name)
+
+
+def server_chain(task: kservice.BaseServiceTask) -> tuple[Any, ...]:
+    """The middleware compiled into a task's server chain (empty chains are None in the core)."""
+    chain = task._server_chain
+    return () if chain is None else tuple(chain.middlewares)
+
+
+def client_chain(manager: kservice.ServiceManager, service_name: str) -> tuple[Any, ...]:
+    """The middleware compiled into a manager's client chain for one service."""
+    chain = manager._route(service_name).chain
+    return () if chain is None else tuple(chain.middlewares)

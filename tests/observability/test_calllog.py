@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import pytest
-
 import kservice
+import pytest
 from kservice.middleware.calllog import LOGGER_NAME, CallLogMiddleware
+
+from tests.observability.conftest import client_chain, server_chain
 from tests.observability.services import Echo
 
 NO_HEALTH = {"health": {"enabled": False}}
@@ -41,8 +42,8 @@ def test_off_by_default(records: list[logging.LogRecord]) -> None:
         task = env.register_service("echo", Echo)
         manager = env.manager()
         manager.call_service_sync("echo", "echo", (1,))
-        assert not any(isinstance(m, CallLogMiddleware) for m in manager._route("echo").chain.middlewares)
-        assert not any(isinstance(m, CallLogMiddleware) for m in task._server_chain.middlewares)
+        assert not any(isinstance(m, CallLogMiddleware) for m in client_chain(manager, "echo"))
+        assert not any(isinstance(m, CallLogMiddleware) for m in server_chain(task))
     assert records == []
 
 
@@ -111,7 +112,7 @@ def test_a_failing_log_handler_does_not_fail_the_call(records: list[logging.LogR
             manager = env.manager()
             assert manager.call_service_sync("echo", "echo", (5,)) == 5
             assert manager.call_service_sync("echo", "echo", (6,)) == 6
-            (log_middleware,) = [m for m in task._server_chain.middlewares if isinstance(m, CallLogMiddleware)]
+            (log_middleware,) = [m for m in server_chain(task) if isinstance(m, CallLogMiddleware)]
             assert log_middleware.dropped == 2
     finally:
         logger.removeHandler(broken)

@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 import kservice
+import pytest
 from kservice import BaseServiceTask, Listener, ServiceAddress, Transport, hookimpl
 from kservice.plugins import health
+
 from tests.observability.conftest import wait_for
 from tests.observability.services import AlwaysSick, Echo, HangingCheck, Poisonable
 

@@ -6,15 +6,15 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pytest
-from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
-
 import kservice
+import pytest
 from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, hookimpl
 from kservice.middleware import metrics
 from kservice.middleware.metrics import ClientMetrics, ServerMetrics, ServiceRecorder
-from tests.observability.conftest import wait_for
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.observability.conftest import client_chain, server_chain, wait_for
 from tests.observability.services import Echo
 
 NO_HEALTH = {"health": {"enabled": False}}
@@ -189,10 +189,10 @@ def test_metrics_disabled_by_config_is_not_in_any_chain() -> None:
         manager.call_service_sync("loud", "echo", (1,))
         quiet_task = env.get_task("quiet")
         assert quiet_task is not None
-        for chain_owner in (quiet_task._server_chain, manager._route("quiet").chain):
-            assert not any(isinstance(m, (ClientMetrics, ServerMetrics)) for m in chain_owner.middlewares)
-        assert any(isinstance(m, ClientMetrics) for m in manager._route("loud").chain.middlewares)
-        assert not any(isinstance(m, ServerMetrics) for m in loud._server_chain.middlewares)
+        for chain in (server_chain(quiet_task), client_chain(manager, "quiet")):
+            assert not any(isinstance(m, (ClientMetrics, ServerMetrics)) for m in chain)
+        assert any(isinstance(m, ClientMetrics) for m in client_chain(manager, "loud"))
+        assert not any(isinstance(m, ServerMetrics) for m in server_chain(loud))
         snap = metrics.snapshot()
         assert "quiet" not in snap["client"] or snap["client"]["quiet"]["calls"] == 0
         assert snap["client"]["loud"]["calls"] == 1

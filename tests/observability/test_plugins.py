@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 import kservice
+import pytest
 from kservice import ConfigError
+
 from tests.observability.conftest import run_python
 
 PLUGINS = ("health", "metrics", "calllog", "tracing")
@@ -18,6 +18,10 @@ PROBE = """
 import json, logging, threading, time
 import kservice
 from tests.observability.services import Echo, Poisonable
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+trace.set_tracer_provider(TracerProvider())  # as an application would, before starting services
 
 records = []
 handler = logging.Handler()
@@ -39,7 +43,7 @@ with kservice.ServiceEnvironment("probe", config) as env:
     while task.restarts == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     status = task.get_service_status()
-    names = [type(m).__name__ for m in manager._route("p").chain.middlewares]
+    names = [type(m).__name__ for m in (manager._route("p").chain.middlewares if manager._route("p").chain else ())]
 try:
     from kservice.middleware import metrics
     calls = metrics.snapshot()["server"].get("p", {}).get("calls", 0)
@@ -57,7 +61,7 @@ print(json.dumps({
 def probe_all(cases: dict[str, dict[str, str]]) -> dict[str, dict]:  # type: ignore[type-arg]
     """Run PROBE once per case, the interpreters side by side (each is a fresh plugin manager)."""
     with ThreadPoolExecutor(len(cases)) as pool:
-        done = dict(zip(cases, pool.map(lambda env: run_python(PROBE, env=env), cases.values())))
+        done = dict(zip(cases, pool.map(lambda env: run_python(PROBE, env=env), cases.values()), strict=True))
     for case, result in done.items():
         assert result.returncode == 0, f"{case}: {result.stderr}"
     return {case: json.loads(result.stdout.strip().splitlines()[-1]) for case, result in done.items()}
@@ -132,7 +136,7 @@ with warnings.catch_warnings(record=True) as quiet:
         env.register_service("echo", Echo)
         manager = env.manager()
         assert manager.call_service_sync("echo", "echo", (1,)) == 1
-        names = [type(m).__name__ for m in manager._route("echo").chain.middlewares]
+        names = [type(m).__name__ for m in (manager._route("echo").chain.middlewares if manager._route("echo").chain else ())]
         assert not any("Tracing" in n for n in names), names
         assert "ClientMetrics" in names
 assert not [w for w in quiet if "tracing" in str(w.message)], "no warning unless tracing is asked for"
@@ -149,7 +153,7 @@ print("warned:", [str(w.message) for w in caught])
 
 
 @pytest.mark.timeout(60)
-def test_tracing_picks_up_a_provider_set_after_the_first_calls() -> None:
+def test_tracing_stays_out_without_provider_and_when_forced_picks_one_up_later() -> None:
     code = """
 import kservice
 from opentelemetry import trace
@@ -159,7 +163,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from kservice.middleware import tracing
 from tests.observability.services import Echo
 exporter = InMemorySpanExporter()
-with kservice.ServiceEnvironment("x", {"health": {"enabled": False}}) as env:
+with kservice.ServiceEnvironment("auto", {"health": {"enabled": False}}) as env:
+    env.register_service("echo", Echo)
+    manager = env.manager()
+    names = [type(m).__name__ for m in (manager._route("echo").chain.middlewares if manager._route("echo").chain else ())]
+    assert not any("Tracing" in n for n in names), "auto mode without a provider: not in the chain"
+with kservice.ServiceEnvironment("x", {"health": {"enabled": False}, "tracing": {"enabled": True}}) as env:
     env.register_service("echo", Echo)
     manager = env.manager()
     manager.call_service_sync("echo", "echo", (1,))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import kservice
 import pytest
+from kservice.middleware import tracing
+from kservice.middleware.tracing import ClientTracing, ServerTracing
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-import kservice
-from kservice.middleware import tracing
-from kservice.middleware.tracing import ClientTracing, ServerTracing
+from tests.observability.conftest import client_chain, server_chain
 from tests.observability.services import Echo, Nested
 
 NO_HEALTH = {"health": {"enabled": False}}
@@ -126,8 +127,8 @@ def test_tracing_disabled_by_config_is_not_in_the_chain(spans: InMemorySpanExpor
         manager.call_service_sync("loud", "echo", (1,))
         quiet = env.get_task("quiet")
         assert quiet is not None
-        assert not any(isinstance(m, (ClientTracing, ServerTracing)) for m in manager._route("quiet").chain.middlewares)
-        assert not any(isinstance(m, (ClientTracing, ServerTracing)) for m in quiet._server_chain.middlewares)
+        assert not any(isinstance(m, (ClientTracing, ServerTracing)) for m in client_chain(manager, "quiet"))
+        assert not any(isinstance(m, (ClientTracing, ServerTracing)) for m in server_chain(quiet))
     assert {span.name for span in spans.get_finished_spans()} == {"loud/echo"}
 
 
@@ -138,7 +139,7 @@ def test_tracing_is_outermost_then_metrics_then_call_log() -> None:
         task = env.register_service("echo", Echo)
         manager = env.manager()
         manager.call_service_sync("echo", "echo", (1,))
-        for chain in (manager._route("echo").chain, task._server_chain):
-            names = [type(m).__name__ for m in chain.middlewares]
+        for chain in (client_chain(manager, "echo"), server_chain(task)):
+            names = [type(m).__name__ for m in chain]
             ours = [n for n in names if n in ("ClientTracing", "ServerTracing", "ClientMetrics", "ServerMetrics", "CallLogMiddleware")]
             assert ours == ["ClientTracing", "ServerTracing", "ClientMetrics", "ServerMetrics", "CallLogMiddleware", "CallLogMiddleware"]
