@@ -45,6 +45,7 @@ from kservice import (
     ServiceRequest,
     ServiceResponse,
     ServiceStatus,
+    ServiceStoppedError,
     ServiceTimeoutError,
     ServiceUnavailableError,
     Setting,
@@ -343,8 +344,15 @@ class _Replica:
     probing: bool = False
 
 
-def _unavailable(request: ServiceRequest, message: str) -> ServiceResponse:
-    return ServiceResponse.from_exception(request.request_id, ServiceUnavailableError(message), origin="runtime")
+#: response metadata key retry policies read: False means re-sending cannot help or is unsafe
+RETRYABLE_KEY = "kservice.retryable"
+
+
+def _unavailable(request: ServiceRequest, message: str, *, retryable: bool = True) -> ServiceResponse:
+    response = ServiceResponse.from_exception(request.request_id, ServiceUnavailableError(message), origin="runtime")
+    if not retryable:
+        response.metadata = {RETRYABLE_KEY: False}
+    return response
 
 
 def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
@@ -431,15 +439,22 @@ class _ReplicaSet:
 
     def no_replica(self, request: ServiceRequest) -> ServiceResponse:
         if self.closed_reason:
-            return _unavailable(request, f"service {self.service_name!r} is unavailable: {self.closed_reason}")
+            return ServiceResponse.from_exception(
+                request.request_id, ServiceStoppedError(f"service {self.service_name!r} is unavailable: {self.closed_reason}"), origin="runtime"
+            )
         states = ", ".join(
             f"{r.name} {'dead' if r.dead else 'restarting'}" + (f" ({r.last_error})" if r.last_error else "")
             for _, r in sorted(self.replicas.items())
         )
         if self.on_all_down is not None:
             self.on_all_down()
+        restarting = any(not r.dead for r in self.replicas.values())
+        # Dead for good (restarts used up): an immediate retry cannot help; health recovery replaces them.
         return _unavailable(
-            request, f"service {self.service_name!r} has no live replica ({states or 'no replicas'}); retry later"
+            request,
+            f"service {self.service_name!r} has no live replica ({states or 'no replicas'})"
+            + ("; retry later" if restarting else ""),
+            retryable=restarting,
         )
 
     def started(self, replica: _Replica) -> None:
@@ -466,11 +481,14 @@ class _ReplicaSet:
             return _unavailable(request, f"call {what} was cancelled on replica {replica.name}")
         if isinstance(exc, exceptions.RayActorError):
             self.mark_down(replica, exc)
+            idempotent = request.method_name in self.idempotent
+            # The call may have run: only an idempotent method may be sent again, by anyone.
             return _unavailable(
                 request,
                 f"replica {replica.name} of service {self.service_name!r} failed during call {what} "
-                f"({_first_line(exc)}); the call may or may not have run (declare the method idempotent "
-                "to have it retried on a restarted replica)",
+                f"({_first_line(exc)}); the call may or may not have run"
+                + ("" if idempotent else " (declare the method idempotent to have it retried on a restarted replica)"),
+                retryable=idempotent,
             )
         if isinstance(exc, exceptions.RayTaskError):
             # The replica's handler never raises, so this is Ray failing to store or read the result.

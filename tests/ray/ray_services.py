@@ -91,3 +91,14 @@ class FirstReplica:
 
     def pick(self, live: Any) -> Any:
         return min(live, key=lambda replica: replica.index)
+
+
+def without_breaker() -> dict[str, Any]:
+    """Service options that turn the caller-side circuit breaker off, when that plugin is installed.
+
+    Fault tests kill replicas on purpose; a service-wide breaker would then
+    reject calls the surviving replica could serve and hide what the ray
+    transport itself does.
+    """
+    schema = kservice.Config.load(None).schema
+    return {"breaker": {"enabled": False}} if "breaker" in schema else {}
