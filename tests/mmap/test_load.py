@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from kservice.plugins.mmap.ring import queue_directory
 
 from .services import child_env, hosting, unique
@@ -62,7 +61,7 @@ def test_four_processes_of_four_threads_each_get_their_own_answers() -> None:
         ]
         results = [client.communicate(timeout=150) for client in clients]
         pids = [client.pid for client in clients]
-    for (out, err), client in zip(results, clients):
+    for (out, err), client in zip(results, clients, strict=True):
         assert client.returncode == 0, err
         answered, errors, sample = out.split(" ", 2)
         assert int(answered) == threads * calls, (out, err)

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kservice import (
     MethodNotFoundError,
     ServiceCallError,
@@ -85,7 +84,7 @@ def test_unpicklable_argument_is_a_clear_error_and_nothing_is_sent(
 ) -> None:
     _, manager = kv_env
     before = manager.get_service_status("kv").requests_total  # type: ignore[union-attr]
-    with pytest.raises(TypeError, match="not picklable.*nothing was sent"):
+    with pytest.raises(TypeError, match=r"not picklable.*nothing was sent"):
         manager.call_service_sync("kv", "echo", (threading.Lock(),))
     with pytest.raises(TypeError, match="not picklable"):
         manager.call_service_async("kv", "echo", (lambda: 1,)).result(10)
@@ -96,7 +95,7 @@ def test_unpicklable_argument_is_a_clear_error_and_nothing_is_sent(
 
 def test_unpicklable_result_is_a_service_call_error(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
     _, manager = kv_env
-    with pytest.raises(ServiceCallError, match="cannot be sent back.*not picklable"):
+    with pytest.raises(ServiceCallError, match=r"cannot be sent back.*not picklable"):
         manager.call_service_sync("kv", "unpicklable")
     assert manager.call_service_sync("kv", "echo", (1,)) == 1
 
@@ -172,7 +171,7 @@ def test_full_queue_is_overloaded_after_queue_timeout() -> None:
         with pytest.raises(ServiceOverloadedError):
             manager.call_service_sync("blocked", "block", (0.0,), timeout=5)
         waited = time.monotonic() - started
-        assert 0.25 < waited < 1.4
+        assert 0.25 < waited < 3.0  # generous: shared, loaded machines
         assert [f.result(10) for f in running] == [1.5, 1.5]
         assert manager.call_service_sync("blocked", "block", (0.0,)) == 0.0
 
@@ -198,9 +197,9 @@ def test_full_request_ring_is_overloaded_after_queue_timeout() -> None:
                 except Exception:
                     break
             started = time.monotonic()
-            with pytest.raises(ServiceOverloadedError, match="queue_timeout=0.3"):
+            with pytest.raises(ServiceOverloadedError, match=r"queue_timeout=0.3"):
                 manager.call_service_sync(name, "echo", (1,), timeout=5)
-            assert 0.25 < time.monotonic() - started < 1.5
+            assert 0.25 < time.monotonic() - started < 3.0  # generous: shared, loaded machines
             ring.close()
         finally:
             os.kill(child, 18)  # SIGCONT
@@ -225,7 +224,7 @@ def garbage_target() -> Iterator[tuple[ServiceEnvironment, ServiceManager, str]]
 def test_garbage_records_are_reported_and_skipped(
     garbage_target: tuple[ServiceEnvironment, ServiceManager, str], garbage: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    env, manager, name = garbage_target
+    env, _, name = garbage_target
     queue = next(a.target for a in env.get_task(name).addresses if a.transport == "mmap")  # type: ignore[union-attr]
     ring = attach_queue(queue)
     with caplog.at_level(logging.WARNING, logger="kservice.mmap"):
@@ -244,10 +243,9 @@ def test_wrong_layout_version_is_a_clear_error() -> None:
             f.seek(8)
             f.write((LAYOUT_VERSION + 1).to_bytes(4, "little"))
         from kservice import ServiceAddress
-
         from kservice.plugins.mmap import MmapTransport
 
-        with pytest.raises(ServiceUnavailableError, match="incompatible kservice version.*layout version"):
+        with pytest.raises(ServiceUnavailableError, match=r"incompatible kservice version.*layout version"):
             MmapTransport().connect(ServiceAddress("mmap", name, ring.name))
     finally:
         ring.close()
