@@ -151,7 +151,7 @@ class DefaultRetryPolicy:
     def __init__(self, settings: dict[str, Any], budget: RetryBudget | None = None) -> None:
         self.max_retries: int = settings["max_retries"]
         self.retry_overloaded: bool = settings.get("retry_overloaded", False)
-        self._wait = tenacity.wait_exponential(
+        self._wait: tenacity.wait.wait_base = tenacity.wait_exponential(
             multiplier=settings["retry_interval"],
             exp_base=settings["retry_backoff"],
             max=settings["retry_max_interval"],
@@ -189,20 +189,24 @@ class DefaultRetryPolicy:
         self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
     ) -> float | None:
         if not self.retryable(response, idempotent):
-            return give_up(request, response, attempt, "the error is not safe to retry")
+            give_up(request, response, attempt, "the error is not safe to retry")
+            return None
         if attempt >= self.max_retries:
-            return give_up(request, response, attempt, f"service_call.max_retries={self.max_retries} reached")
+            give_up(request, response, attempt, f"service_call.max_retries={self.max_retries} reached")
+            return None
         delay = self.delay(attempt)
         deadline = request.deadline
         if deadline is not None and time.time() + delay >= deadline:
-            return give_up(request, response, attempt, "the next retry would start past the call's deadline")
+            give_up(request, response, attempt, "the next retry would start past the call's deadline")
+            return None
         if self.budget is not None and not self.budget.withdraw():
-            return give_up(request, response, attempt, "the service's retry budget is spent")
+            give_up(request, response, attempt, "the service's retry budget is spent")
+            return None
         return delay
 
 
 def give_up(request: ServiceRequest, response: ServiceResponse, attempt: int, why: str) -> None:
-    """Record on the error the caller will get how many attempts were made, then return None.
+    """Record on the error the caller will get how many attempts were made.
 
     After at least one retry, the raised exception (the last attempt's error)
     gets ``attempts`` (attempts made, first included) and a note saying why
@@ -215,7 +219,6 @@ def give_up(request: ServiceRequest, response: ServiceResponse, attempt: int, wh
         error.attempts = attempt + 1  # type: ignore[attr-defined]
         error.add_note(f"kservice: gave up after {attempt + 1} attempts: {why}")
         response.exception = error
-    return None
 
 
 class NeverRetry:

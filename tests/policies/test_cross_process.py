@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import kservice
+import pytest
 from kservice import ServiceEnvironment
 from kservice.plugins.breaker import CircuitOpenError, breaker_state
 
