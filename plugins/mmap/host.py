@@ -7,7 +7,7 @@ when it is ready (``serving kv on mmap queue svc.kv.1234.ab12cd (pid 1234)``).
 SIGTERM or SIGINT stops accepting calls, lets those in flight finish, unlinks
 the queues and exits 0; a second SIGINT/SIGTERM exits at once (status 130).
 
-The ``process`` task kind starts ``python -m kservice.plugins.mmap.host`` (a
+The ``process`` task kind starts a fresh ``python`` running :func:`main` (a
 fresh interpreter, never a fork) hosting one service; the task's start returns
 once the child serves, or raises ServiceUnavailableError with the tail of the
 child's stderr. Its stop sends SIGTERM, waits for the drain, then kills. The
@@ -55,6 +55,7 @@ __all__ = ["ProcessServiceTask", "cleanup_command", "reclaim", "serve", "serve_c
 #: Seconds a stopping host gives calls in flight before answering the rest unavailable.
 DRAIN_TIMEOUT = 30.0
 _LENGTH = struct.Struct("<Q")
+_CHILD_COMMAND = "import sys; from kservice.plugins.mmap.host import main; sys.exit(main())"
 
 
 def reclaim() -> dict[str, list[str]]:
@@ -256,7 +257,8 @@ class ProcessServiceTask(BaseServiceTask):
         passed = os.dup(sys.stderr.fileno()) if _has_fileno(sys.stderr) else os.open(os.devnull, os.O_WRONLY)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "kservice.plugins.mmap.host", "--child", str(passed)],
+                # -c rather than -m: the package imports this module, and runpy would run a second copy.
+                [sys.executable, "-c", _CHILD_COMMAND, "--child", str(passed)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
@@ -453,7 +455,7 @@ def _child_signals(stop: threading.Event) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kservice.plugins.mmap.host --child FD`` (used by the process task kind)."""
+    """``python -c <_CHILD_COMMAND> --child FD`` (used by the process task kind)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--child":
         return _child_main(int(args[1]))
