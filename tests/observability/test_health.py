@@ -303,3 +303,19 @@ def test_manager_reports_the_health_of_a_service() -> None:
         )
         assert status.health_reason.startswith("check_health() returned False")
         assert status.last_health_check is not None
+
+
+@pytest.mark.timeout(30)
+def test_unregistering_the_plugin_stops_the_scheduler() -> None:
+    pm = kservice.get_plugin_manager()
+    with kservice.ServiceEnvironment("h", {"health": FAST}) as env:
+        task = env.register_service("echo", Echo)
+        wait_for(lambda: extra(task)["rounds"] >= 1, what="a round")
+        assert health_threads()
+        pm.unregister(health, name="health")
+        try:
+            wait_for(lambda: not health_threads(), what="the scheduler to stop")
+            assert health.monitored_tasks() == []
+            assert "health" not in task.get_service_status().extra
+        finally:
+            pm.register(health, name="health")
