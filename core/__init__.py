@@ -24,10 +24,10 @@ from ._errors import (
 from ._manager import ServiceManager, ServiceProxy
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import ServiceMiddleware
+from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
 from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext
 from ._transport import Connection, Listener, ServiceAddress, Transport
-from ._plugins import get_plugin_manager, hookimpl
 
 __version__ = "0.1.0"
 

@@ -190,8 +190,12 @@ def _echo(value: bytes) -> bytes:
 
 
 class _ThreadPoolSubject(_Subject):
+    def __init__(self) -> None:
+        self.started = False
+
     def start(self) -> None:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="bench-pool")
+        self.started = True
 
     def round_trip(self, payload: bytes) -> None:
         self.pool.submit(_echo, payload).result()
@@ -202,10 +206,9 @@ class _ThreadPoolSubject(_Subject):
             future.result()
 
     def close(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown()
-            self.pool = None
+        if self.started:
+            self.started = False
+            self.pool.shutdown()
 
 
 def _queue_echo_server(requests: Any, responses: Any) -> None:
@@ -227,12 +230,16 @@ def _pipe_echo_server(end: PipeEnd) -> None:
 
 
 class _QueueSubject(_Subject):
+    def __init__(self) -> None:
+        self.started = False
+
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
         self.requests = context.Queue()
         self.responses = context.Queue()
         self.process = context.Process(target=_queue_echo_server, args=(self.requests, self.responses), daemon=True)
         self.process.start()
+        self.started = True
 
     def round_trip(self, payload: bytes) -> None:
         self.requests.put(payload)
@@ -245,10 +252,10 @@ class _QueueSubject(_Subject):
             self.responses.get()
 
     def close(self) -> None:
-        process = getattr(self, "process", None)
-        if process is None:
+        if not self.started:
             return
-        self.process = None
+        self.started = False
+        process = self.process
         self.requests.put(None)
         process.join(5)
         if process.is_alive():
@@ -263,6 +270,7 @@ class _PipeSubject(_Subject):
     def __init__(self, payload: int) -> None:
         # Requests and responses in flight must fit the pipe's kernel buffer, or both ends block writing.
         self.window = max(1, min(100, (32 << 10) // (payload + 64)))
+        self.started = False
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -270,6 +278,7 @@ class _PipeSubject(_Subject):
         self.process = context.Process(target=_pipe_echo_server, args=(child_end,), daemon=True)
         self.process.start()
         child_end.close()
+        self.started = True
 
     def round_trip(self, payload: bytes) -> None:
         self.end.send(payload)
@@ -286,10 +295,10 @@ class _PipeSubject(_Subject):
             sent += batch
 
     def close(self) -> None:
-        process = getattr(self, "process", None)
-        if process is None:
+        if not self.started:
             return
-        self.process = None
+        self.started = False
+        process = self.process
         try:
             self.end.send(None)
         except OSError:

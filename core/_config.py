@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -160,7 +160,8 @@ def _check_value(path: str, setting: Setting, value: Any) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
-    if setting.minimum is not None and value < setting.minimum:
+    # isinstance() against a tuple of types narrows value to object; it is a number here.
+    if setting.minimum is not None and cast(Any, value) < setting.minimum:
         raise ConfigError(f"{path}: {value!r} is below the minimum {setting.minimum}")
     return value
 

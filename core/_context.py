@@ -64,7 +64,7 @@ def service(
             options["max_workers"] = 1
         if idempotent_methods:
             options["idempotent_methods"] = sorted(idempotent_methods)
-        cls.__kservice_options__ = options
+        cls.__kservice_options__ = options  # type: ignore[attr-defined]
         return cls
 
     return decorate

@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pluggy
 
@@ -29,10 +29,7 @@ if TYPE_CHECKING:
     from ._task import BaseServiceTask, ServiceFactory, TaskContext
     from ._transport import Transport
 
-try:
-    from importlib.metadata import EntryPoint, entry_points
-except ImportError:  # pragma: no cover - Python < 3.10
-    from importlib_metadata import EntryPoint, entry_points  # type: ignore[no-redef,assignment]
+from importlib.metadata import EntryPoint, entry_points  # entry_points(group=...) needs Python >= 3.10
 
 __all__ = [
     "PLUGIN_GROUP",
@@ -54,6 +51,8 @@ STRICT_ENV_VAR = "KSERVICE_STRICT_PLUGINS"
 DISABLE_ENV_VAR = "KSERVICE_DISABLE_PLUGINS"
 
 hookimpl = pluggy.HookimplMarker("kservice")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -95,12 +94,12 @@ class KservicePluginManager(pluggy.PluginManager):
         with self._lock:
             self._listeners.append(ref)
 
-    def derived(self, key: str, compute: Callable[[], Any]) -> Any:
+    def derived(self, key: str, compute: Callable[[], _T]) -> _T:
         """``compute()`` cached until the plugin set changes."""
         with self._lock:
             if key not in self._derived:
                 self._derived[key] = compute()
-            return self._derived[key]
+            return cast(_T, self._derived[key])
 
     def _changed(self) -> None:
         with self._lock:

@@ -15,7 +15,6 @@ from ._config import Config
 from ._context import _current_request
 from ._errors import (
     MethodNotFoundError,
-    ServiceError,
     ServiceOverloadedError,
     ServiceStoppedError,
     ServiceUnavailableError,

@@ -10,8 +10,8 @@ Plugins add commands through the ``kservice_register_commands`` hook (the
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ._config import Config
-from ._errors import ServiceError, ServiceNotFoundError
+from ._errors import ServiceError
 from ._plugins import get_plugin_manager, plugin_infos
 
 if TYPE_CHECKING:

@@ -238,18 +238,29 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return predicate()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the tour; returns the exit status (0 when every step behaved as described)."""
+    import argparse
+
     import psutil
 
     from .cli import status_rows, status_table
 
+    parser = argparse.ArgumentParser(
+        prog="python -m kservice.demo",
+        description="A tour of kservice: two services in-process, in a child process and on Ray.",
+    )
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray part even when Ray is installed")
+    options = parser.parse_args(argv)
+
     started = time.monotonic()
-    ray = _ray_module()
+    ray = None if options.no_ray else _ray_module()
     problems: list[str] = []
     me = psutil.Process()
     console.print("[bold]kservice demo[/]: a key-value store and a text service, in-process, in a child process and on Ray")
-    if ray is None:
+    if options.no_ray:
+        console.print("[yellow]--no-ray: the Ray part is skipped.[/]")
+    elif ray is None:
         console.print("[yellow]Ray is not installed (pip install 'kservice[ray]'): the Ray part is skipped.[/]")
     else:
         _step("starting Ray (once per driver: it takes a few seconds)")
@@ -312,10 +323,11 @@ def main() -> int:
         _step("status of every service")
         console.print(status_table(status_rows(environment.get_task(n).get_service_status() for n in environment.service_names())))  # type: ignore[union-attr]
     finally:
-        _step("stopping")
+        # Stop first, print after: an interrupted or closed terminal must not leave processes behind.
         environment.stop()
         if ray is not None:
             ray.shutdown()
+        _step("stopped")
     children = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     deadline = time.monotonic() + 10
     while children and time.monotonic() < deadline:
@@ -342,6 +354,6 @@ def main() -> int:
 if __name__ == "__main__":
     # Run from the importable module, not __main__: child processes and Ray
     # workers import the service classes by their module's real name.
-    from kservice import demo
+    from . import demo  # `python -m` sets __package__, so this imports kservice.demo
 
     sys.exit(demo.main())

@@ -1,3 +1,5 @@
+# Hook specifications are signatures only: pluggy never runs their bodies.
+# mypy: disable-error-code="empty-body"
 """Every hook kservice calls, grouped by when it is called.
 
 Plugins implement these with ``@kservice.hookimpl`` and are found through the
