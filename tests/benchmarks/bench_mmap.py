@@ -162,6 +162,7 @@ def _idle_cpu(pid: int, seconds: float) -> float:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Measure everything; returns one row per (mechanism, payload)."""
     from kservice import ServiceEnvironment, ServiceFactory
+
     from tests.mmap.services import KV
 
     n = 1500 if quick else 6000

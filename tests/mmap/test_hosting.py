@@ -13,7 +13,6 @@ import time
 
 import psutil
 import pytest
-
 from kservice import ServiceManager, ServiceNotFoundError, ServiceUnavailableError
 from kservice.plugins.mmap import reclaim, registry, running_services
 from kservice.plugins.mmap.ring import queue_directory
