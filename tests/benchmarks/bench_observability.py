@@ -9,8 +9,8 @@ Two tables:
    minimum is the cost without interference);
 2. an in-process sync call end to end, in µs (median and p99 of 5,000 calls,
    median over interleaved rounds), with this module's middleware off, with
-   the defaults (metrics on; tracing in the chain with no provider set), and
-   with call logging on, beside ``ThreadPoolExecutor.submit().result()``
+   the defaults (metrics on both sides; tracing stays out of the chain while
+   no tracer provider is set), and with other switches, beside ``ThreadPoolExecutor.submit().result()``
    (the BASELINES.md row an in-process call that crosses threads compares to).
    Other installed plugins' middleware are in every row alike.
 """
@@ -62,8 +62,8 @@ def hook_costs(quick: bool) -> list[tuple[str, float]]:
         ("empty function (loop overhead)", _best_ns(empty_pair, number, repeat)),
         ("metrics client: before_call + after_call", _best_ns(lambda: (client.before_call(request), client.after_call(response, request)), number, repeat)),
         ("metrics server: before_handle + after_handle", _best_ns(lambda: (server.before_handle(request), server.after_handle(response, request)), number, repeat)),
-        ("tracing client, no provider set", _best_ns(lambda: (client_span.before_call(request), client_span.after_call(response, request)), number, repeat)),
-        ("tracing server, no provider set", _best_ns(lambda: (server_span.before_handle(request), server_span.after_handle(response, request)), number, repeat)),
+        ("tracing client, enabled: true, no provider set", _best_ns(lambda: (client_span.before_call(request), client_span.after_call(response, request)), number, repeat)),
+        ("tracing server, enabled: true, no provider set", _best_ns(lambda: (server_span.before_handle(request), server_span.after_handle(response, request)), number, repeat)),
         ("call log on, level filtered out", _best_ns(lambda: (quiet_log.before_handle(request), quiet_log.after_handle(response, request)), number, repeat)),
         ("call log on, record to a NullHandler", _best_ns(lambda: (loud_log.before_handle(request), loud_log.after_handle(response, request)), number // 4, repeat)),
     ]
@@ -100,9 +100,10 @@ def end_to_end(quick: bool) -> list[tuple[str, float, float]]:
     off = {"metrics": {"enabled": False}, "tracing": {"enabled": False}, "call_log": {"enabled": False}}
     configs = {
         "kservice, observability middleware off": off,
-        "kservice, defaults (metrics; tracing w/o provider)": {},
-        "kservice, metrics only": {"tracing": {"enabled": False}},
-        "kservice, defaults + call log (filtered out)": {"call_log": {"enabled": True}},
+        "kservice, defaults (metrics both sides; no tracer provider)": {},
+        "kservice, metrics server side only": {"metrics": {"client": False}},
+        "kservice, defaults + tracing forced on, no provider": {"tracing": {"enabled": True}},
+        "kservice, defaults + call log (level filtered out)": {"call_log": {"enabled": True}},
     }
     logging.getLogger(calllog.LOGGER_NAME).setLevel(logging.WARNING)
     calls: dict[str, Callable[[], Any]] = {}
