@@ -427,9 +427,15 @@ class ServiceManager:
 
 
 class _AsyncCall:
-    """One asynchronous call: before-hooks, send, retries, after-hooks, completion."""
+    """One asynchronous call: each attempt runs the whole chain, as a sync call does.
 
-    __slots__ = ("attempt", "claim", "future", "last_response", "limit", "manager", "request", "route", "sent", "timeout")
+    An attempt is settled exactly once, by its response or by the deadline,
+    whichever takes the attempt's lock first; after-hooks run for the attempt
+    that settles it, then the retry policy decides between another attempt
+    (after a delay on the manager's timer) and completing the future.
+    """
+
+    __slots__ = ("attempt", "attempt_lock", "future", "limit", "manager", "request", "route", "sent", "timeout")
 
     def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, future: Future[Any]) -> None:
         self.manager = manager
@@ -440,9 +446,7 @@ class _AsyncCall:
         self.sent = request
         self.limit = 0
         self.timeout = request.deadline - time.time()  # type: ignore[operator]
-        self.last_response: ServiceResponse | None = None
-        # Acquired once by whichever of response and timeout completes the call first.
-        self.claim = threading.Lock()
+        self.attempt_lock = threading.Lock()
 
     def start(self, nominal_timeout: float) -> None:
         timer = self.manager.timer()
@@ -458,31 +462,43 @@ class _AsyncCall:
         return self.future._state != "PENDING"  # read without the future's lock: a stale answer only delays a prune
 
     def expire(self) -> None:
-        self._finish(timeout_response(self.request, self.timeout))
+        """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
+        if self.attempt_lock.acquire(False):
+            self._complete(self._after(timeout_response(self.request, self.timeout)))
+        elif not self.finished():
+            # A response is being settled right now and may yet schedule a retry: look again shortly.
+            self.manager.timer().call_later(0.005, self.expire)
 
     def _send(self) -> None:
         route = self.route
         chain = route.chain
         self.sent = self.request
+        lock = self.attempt_lock
         if chain is not None:
             self.limit = chain.size
             try:
                 self.sent, response, self.limit = chain.run_before(self.request)
             except MiddlewareError as exc:
                 self.limit = exc.index
-                self._finish(ServiceResponse.from_exception(self.request.request_id, exc.error, origin="client"))
-                return
+                response = ServiceResponse.from_exception(self.request.request_id, exc.error, origin="client")
             if response is not None:
-                self._finish(response)
+                self._settle(response, lock)
                 return
         try:
-            route.connection.send(self.sent, self._on_response)
-        except Exception as exc:  # noqa: BLE001 - a transport failing to send fails this call only
-            self._on_response(ServiceResponse.from_exception(self.request.request_id, exc, origin="client"))
+            route.connection.send(self.sent, lambda response: self._settle(response, lock))
+        except Exception as exc:  # noqa: BLE001 - a transport failing to send fails this attempt only
+            self._settle(ServiceResponse.from_exception(self.request.request_id, exc, origin="client"), lock)
 
-    def _on_response(self, response: ServiceResponse) -> None:
+    def _after(self, response: ServiceResponse) -> ServiceResponse:
+        chain = self.route.chain
+        return response if chain is None else chain.run_after(self.sent, response, self.limit)
+
+    def _settle(self, response: ServiceResponse, lock: threading.Lock) -> None:
+        if not lock.acquire(False):
+            return  # late: the deadline settled this attempt already
         if self.future._state != "PENDING":
-            return  # late: the caller already got a timeout or cancelled
+            return  # cancelled by the caller
+        response = self._after(response)
         if not response.success and self.route.retry is not None:
             delay = self.route.retry.should_retry(
                 self.request, response, self.attempt, self.route.is_idempotent(self.request.method_name)
@@ -490,34 +506,26 @@ class _AsyncCall:
             deadline = self.request.deadline
             if delay is not None and (deadline is None or time.time() + delay < deadline):
                 self.attempt += 1
-                self.last_response = response
-                self.manager.timer().call_later(delay, self._retry)
+                self.attempt_lock = threading.Lock()
+                self.manager.timer().call_later(delay, lambda: self._retry(response))
                 return
-        self._finish(response)
+        self._complete(response)
 
-    def _retry(self) -> None:
+    def _retry(self, failed: ServiceResponse) -> None:
         if self.finished():
             return
-        if self.last_response is not None:
-            self.route = self.manager._refresh_route(self.route, self.last_response)
+        self.route = self.manager._refresh_route(self.route, failed)
         self._send()
 
-    def _finish(self, response: ServiceResponse) -> None:
-        if not self.claim.acquire(False):
-            return  # the response and the timeout raced: the other one completed the call
+    def _complete(self, response: ServiceResponse) -> None:
         future = self.future
-        if future._state != "PENDING":
-            return  # cancelled by the caller
-        chain = self.route.chain
-        if chain is not None:
-            response = chain.run_after(self.sent, response, self.limit)
         try:
             if response.success:
                 future.set_result(response.result)
             else:
                 future.set_exception(response.to_exception(self.request.service_name, self.request.method_name))
         except InvalidStateError:
-            pass  # cancelled by the caller while the after-hooks ran
+            pass  # cancelled by the caller meanwhile
 
 
 class ServiceProxy:
