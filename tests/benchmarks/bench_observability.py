@@ -138,16 +138,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Measure and print both tables; returns the numbers."""
     hooks = hook_costs(quick)
     print("\nPer-call cost of the hooks alone (ns, min of repeats)")
-    print(f"| {'hooks':<58} | {'ns/call':>8} |")
-    print(f"|{'-' * 60}|{'-' * 10}|")
+    print(f"| {'hooks':<62} | {'ns/call':>8} |")
+    print(f"|{'-' * 64}|{'-' * 10}|")
     for label, ns in hooks:
-        print(f"| {label:<58} | {ns:>8.0f} |")
+        print(f"| {label:<62} | {ns:>8.0f} |")
     e2e = end_to_end(quick)
     print("\nIn-process sync call end to end (µs)")
-    print(f"| {'configuration':<58} | {'median':>8} | {'p99':>8} |")
-    print(f"|{'-' * 60}|{'-' * 10}|{'-' * 10}|")
+    print(f"| {'configuration':<62} | {'median':>8} | {'p99':>8} |")
+    print(f"|{'-' * 64}|{'-' * 10}|{'-' * 10}|")
     for label, median, p99 in e2e:
-        print(f"| {label:<58} | {median:>8.1f} | {p99:>8.1f} |")
+        print(f"| {label:<62} | {median:>8.1f} | {p99:>8.1f} |")
     return {"hooks": hooks, "end_to_end": e2e}
 
 
