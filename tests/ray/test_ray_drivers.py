@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import ray
-
 from kservice import ServiceManager, ServiceNotFoundError, ServiceUnavailableError
 from kservice.plugins.ray import ACTOR_PREFIX, RayServiceTask
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 import ray
-from ray_services import BrokenService, EchoService, FirstReplica
-
 from kservice import ConfigError, ServiceEnvironment, ServiceError, ServiceFactory, ServiceUnavailableError
 from kservice.plugins.ray import ACTOR_PREFIX, RayServiceTask, balancer_names, register_balancer
+from ray_services import BrokenService, EchoService, FirstReplica
 
 
 def actors_of(service_name: str) -> list[str]:
@@ -136,3 +134,18 @@ def test_duplicate_register_name_is_refused_before_touching_ray() -> None:
     with pytest.raises(ServiceError, match="already registered"):
         env.register_service("dup", ServiceFactory("dup", EchoService), kind="ray")
     assert actors_of("dup") == []
+
+
+@pytest.mark.timeout(90)
+def test_a_service_class_the_workers_cannot_import_is_a_clear_start_error(tmp_path: Any, monkeypatch: Any) -> None:
+    (tmp_path / "driver_only_module.py").write_text("class DriverOnly:\n    def ping(self):\n        return 'pong'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import driver_only_module
+
+    env = ServiceEnvironment("ray-unimportable")
+    env.register_service("driver-only", ServiceFactory("driver-only", driver_only_module.DriverOnly), kind="ray")
+    with pytest.raises(ServiceUnavailableError, match=r"driver_only_module:DriverOnly must be importable in Ray's workers"):
+        env.start()
+    assert env.get_task("driver-only").state == "failed"
+    assert actors_of("driver-only") == []
+    env.stop()
