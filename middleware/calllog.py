@@ -54,7 +54,7 @@ def _schema() -> dict[str, Setting]:
 def _short(value: Any, limit: int) -> str:
     try:
         text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not fail the call
+    except Exception as exc:  # a broken __repr__ must not fail the call
         text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -142,7 +142,7 @@ class CallLogMiddleware(ServiceMiddleware):
                     response.error,
                     extra=extra,
                 )
-        except Exception:  # noqa: BLE001 - a broken handler must not turn a served call into an error
+        except Exception:  # a broken handler must not turn a served call into an error
             self.dropped += 1
 
     def __repr__(self) -> str:

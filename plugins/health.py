@@ -206,7 +206,7 @@ class _Pool:
                 fn, args = item
                 try:
                     fn(*args)
-                except Exception:  # noqa: BLE001 - a failing job must not kill the pool thread
+                except Exception:  # a failing job must not kill the pool thread
                     log.exception("kservice health job failed")
             with self._lock:
                 if item is None or self._closed:
@@ -371,11 +371,11 @@ class _Monitor:
                 mon.current_check = name
                 try:
                     reason = check(task)
-                except Exception as exc:  # noqa: BLE001 - a raising check is a failed check
+                except Exception as exc:  # a raising check is a failed check
                     reason = f"health check {name!r} raised {type(exc).__name__}: {exc}"
                 if reason:
                     reasons.append(str(reason))
-        except Exception as exc:  # noqa: BLE001 - e.g. a broken kservice_health_checks hook
+        except Exception as exc:  # e.g. a broken kservice_health_checks hook
             reasons.append(f"health checks could not run: {type(exc).__name__}: {exc}")
         with self._cond:
             if mon.abandoned == job:
@@ -422,7 +422,7 @@ class _Monitor:
         log.warning("recovering service %r (%s)", task.service_name, reason)
         try:
             action = task.recover(reason)
-        except Exception as exc:  # noqa: BLE001 - a failed recovery counts as used and is reported
+        except Exception as exc:  # a failed recovery counts as used and is reported
             action = f"recovery failed: {type(exc).__name__}: {exc}"
             log.error("recovering service %r failed: %s", task.service_name, action)
         with self._cond:
@@ -478,7 +478,7 @@ def check_task(task: BaseServiceTask) -> str | None:
     for name, check in (("listeners", _check_listeners), ("check_health", _check_service)):
         try:
             reason = check(task)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # diagnostics report a raising check as its reason
             reason = f"health check {name!r} raised {type(exc).__name__}: {exc}"
         if reason:
             reasons.append(reason)
