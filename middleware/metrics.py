@@ -478,7 +478,7 @@ class _Collector:
         for task in list(_tasks):
             try:
                 status = task.get_service_status()
-            except Exception:
+            except Exception:  # a task stopping mid-scrape is skipped, not an error
                 continue
             in_flight.add_metric([task.service_name], status.in_flight)
             queued.add_metric([task.service_name], status.queue_depth)
