@@ -349,6 +349,15 @@ class ProcessServiceTask(BaseServiceTask):
             self._stderr = None
         self.listeners = []
 
+    def recover(self, reason: str) -> str:
+        """Health recovery: replace the hosting process (dead, or alive but failing its checks)."""
+        with self._state_lock:
+            if self._state != "running":
+                return f"nothing: task is {self._state}"
+            old_pid = self.pid
+            self.rebuild_service()
+            return f"respawned the hosting process (pid {old_pid} -> {self.pid})"
+
     def rebuild_service(self) -> None:
         """Replace the child process with a new one (health recovery)."""
         with self._state_lock:
