@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,16 @@ def _validate_section(prefix: str, schema: Schema, data: Any, *, fill_defaults: 
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in schema:
+            disabled = _disabled_plugins()
+            if disabled:
+                # A disabled plugin's keys are unknown only because it is not loaded: keep the file valid.
+                warnings.warn(
+                    f"config key {path!r} is not known to any loaded plugin and is ignored "
+                    f"(disabled plugins that may own it: {', '.join(sorted(disabled))})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
             close = difflib.get_close_matches(str(key), list(schema), n=1)
             hint = f"; did you mean {((prefix + '.') if prefix else '') + close[0]!r}?" if close else ""
             valid = ", ".join(sorted(schema))
@@ -184,6 +195,12 @@ def _validate_section(prefix: str, schema: Schema, data: Any, *, fill_defaults: 
         else:
             out[key] = _validate_section(path, spec, value if value is not None else {}, fill_defaults=fill_defaults)
     return out
+
+
+def _disabled_plugins() -> set[str]:
+    from ._plugins import disabled_plugin_names
+
+    return disabled_plugin_names()
 
 
 def _overridable_sections(schema: Schema) -> Schema:

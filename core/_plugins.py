@@ -122,7 +122,8 @@ _manager: KservicePluginManager | None = None
 _manager_lock = threading.Lock()
 
 
-def _disabled_names() -> set[str]:
+def disabled_plugin_names() -> set[str]:
+    """Plugins blocked by ``KSERVICE_DISABLE_PLUGINS``."""
     return {n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()}
 
 
@@ -159,7 +160,7 @@ def get_plugin_manager() -> KservicePluginManager:
     with _manager_lock:
         if _manager is None:
             pm = KservicePluginManager()
-            for name in _disabled_names():
+            for name in disabled_plugin_names():
                 pm.set_blocked(name)
             for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
                 _load_entry_point(pm, ep)

@@ -171,3 +171,26 @@ def test_error_hierarchy(name: str) -> None:
         "ConfigError": ValueError,
     }[name]
     assert issubclass(cls, expected)
+
+
+def test_config_keys_of_a_disabled_plugin_are_ignored_with_a_warning() -> None:
+    result = run_python(
+        """
+        import warnings, kservice
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = kservice.Config.load({"health": {"period": 1.0}, "service_call": {"default_timeout": 2}})
+        print(config.get("service_call.default_timeout"))
+        print([str(w.message) for w in caught if "health" in str(w.message)][0])
+        try:
+            kservice.Config.load({"servce": {}})
+        except kservice.ConfigError as e:
+            print("error")
+        """,
+        env={"KSERVICE_DISABLE_PLUGINS": "health"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "2.0"
+    assert "config key 'health' is not known to any loaded plugin and is ignored" in lines[1]
+    assert "health" in lines[1].split("disabled plugins that may own it:")[1]
