@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from .conftest import Served
-from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_many
+from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
 
 COMMANDS = [
     ("plugins",),
@@ -30,11 +30,15 @@ COMMANDS = [
 
 @pytest.mark.timeout(60)
 def test_every_command_has_help_with_an_example() -> None:
-    results = run_many([[*command, "--help"] for command in [(), *COMMANDS]])
-    for command, result in zip([(), *COMMANDS], results, strict=True):
+    for command in [(), *COMMANDS]:
+        result = run_main(*command, "--help")
         assert result.returncode == 0, (command, result)
         assert "Example:" in result.stdout, (command, result.stdout)
         assert "kservice " in result.stdout.split("Example:", 1)[1], command
+    through_the_script = run_cli("--help")
+    assert through_the_script.returncode == 0 and "Example:" in through_the_script.stdout
+    for command in COMMANDS:
+        assert f"  {command[0]} " in through_the_script.stdout, command
 
 
 @pytest.mark.timeout(60)
@@ -112,20 +116,21 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
     wrong_type = tmp_path / "type.yaml"
     wrong_type.write_text("service:\n  local:\n    max_workers: many\n")
     missing = tmp_path / "missing.yaml"
-    results = run_many(
-        [
-            ["config", "check", str(not_yaml)],
-            ["config", "check", str(typo)],
-            ["config", "check", str(wrong_type)],
-            ["config", "check", str(missing)],
-            ["config", "check"],
-            ["config", "show", "-c", str(typo)],
-            ["services", "-c", str(not_yaml)],
-            ["call", "-c", str(typo), "kv", "get"],
-            ["status", "-c", str(wrong_type), "kv"],
-            ["config", "nosuch"],
-        ]
-    )
+    cases = [
+        ["config", "check", str(not_yaml)],
+        ["config", "check", str(typo)],
+        ["config", "check", str(wrong_type)],
+        ["config", "check", str(missing)],
+        ["config", "check"],
+        ["config", "show", "-c", str(typo)],
+        ["services", "-c", str(not_yaml)],
+        ["call", "-c", str(typo), "kv", "get"],
+        ["status", "-c", str(wrong_type), "kv"],
+        ["config", "nosuch"],
+    ]
+    results = [run_main(*case) for case in cases]
+    # The same through the installed script, for one of them.
+    assert run_cli(*cases[1]) == results[1]
     assert_user_error(results[0], "not valid YAML", "line 2", status=1)
     assert_user_error(results[1], "service_call.default_timout", "did you mean 'service_call.default_timeout'", status=1)
     assert_user_error(results[2], "service.local.max_workers", "expected int", status=1)
@@ -158,22 +163,19 @@ def test_bad_arguments_are_one_line_and_exit_2() -> None:
         (["services", "--bogus"], "No such option"),
         (["nosuch"], "No such command"),
     ]
-    results = run_many([args for args, _ in cases])
-    for (args, fragment), result in zip(cases, results, strict=True):
+    for args, fragment in cases:
+        result = run_main(*args)
         assert_user_error(result, fragment, status=2)
         assert "--help" in result.stderr, args
+    assert run_cli(*cases[0][0]) == run_main(*cases[0][0])  # the installed script says the same
 
 
 @pytest.mark.timeout(60)
 def test_unreachable_service_is_one_line() -> None:
-    call, status, many, served = run_many(
-        [
-            ["call", "no-such-service-here", "get", '["a"]'],
-            ["status", "no-such-service-here"],
-            ["call", "no-such-service-here", "get", "--async", "5"],
-            ["serve", "no-such-entry-point"],
-        ]
-    )
+    call = run_cli("call", "no-such-service-here", "get", '["a"]')
+    status = run_main("status", "no-such-service-here")
+    many = run_main("call", "no-such-service-here", "get", "--async", "5")
+    served = run_main("serve", "no-such-entry-point")
     assert_user_error(call, "no service named 'no-such-service-here'", status=1)
     assert_user_error(status, "no service named 'no-such-service-here'", status=1)
     assert_user_error(many, "no service named 'no-such-service-here'", status=1)
