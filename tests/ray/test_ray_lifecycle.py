@@ -149,3 +149,23 @@ def test_a_service_class_the_workers_cannot_import_is_a_clear_start_error(tmp_pa
     assert env.get_task("driver-only").state == "failed"
     assert actors_of("driver-only") == []
     env.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_task_built_directly_is_found_by_name_and_scale_reaches_remote_callers() -> None:
+    from kservice import ServiceManager
+
+    task = RayServiceTask(ServiceFactory("direct", EchoService, ("d-",)), replicas=1)
+    task.start_service()
+    try:
+        # No environment holds it: the manager resolves the name through the ray plugin, as another driver would.
+        with ServiceManager(config={"service": {"ray": {"membership_refresh": 0.2, "balancer": "round_robin"}}}) as manager:
+            assert manager.call_service_sync("direct", "echo", ("x",)) == "d-x"
+            assert manager.get_service_queue("direct").queue_name.startswith("ray:kservice/kservice:direct:")
+            task.scale(2)
+            time.sleep(0.3)
+            actors = {manager.call_service_sync("direct", "where")["actor"] for _ in range(6)}
+            assert len(actors) == 2
+    finally:
+        task.stop_service()
+    assert actors_of("direct") == []
