@@ -114,6 +114,7 @@ def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
 
 
 _status_ids = itertools.count(1)
+_perf_counter = time.perf_counter
 
 
 # =========================================================================== server side
@@ -151,6 +152,7 @@ class MmapListener(Listener):
         self._responders_lock = threading.Lock()
         self._closed = False
         self._accepting = True
+        _pool_user(1)
         self._thread = threading.Thread(target=self._serve, name=f"kservice-mmap-{task.service_name}", daemon=True)
         self._thread.start()
 
@@ -196,6 +198,7 @@ class MmapListener(Listener):
         self.queue.unlink()
         with self._responders_lock:
             self._responders.clear()
+        _pool_user(-1)
 
     # -------------------------------------------------------------- serving
 
@@ -216,11 +219,22 @@ class MmapListener(Listener):
                     return
                 time.sleep(0.01)
                 continue
+            # Responses of requests run inline here, by caller's ring: a caller with
+            # several requests in this batch gets them back in one record.
+            answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] = {}
             for record in records:
                 try:
-                    handle(record)
+                    handle(record, answered)
                 except Exception:  # one bad request must not stop the listener
                     log.exception("mmap listener of %r: handling a request failed", self._task.service_name)
+            for replies in answered.values():
+                try:
+                    if len(replies) == 1:
+                        self._reply(*replies[0])
+                    else:
+                        self._reply_batch(replies)
+                except Exception:
+                    log.exception("mmap listener of %r: replying failed", self._task.service_name)
 
     def _decode(self, record: bytes) -> tuple[Any, ...] | None:
         try:
@@ -237,7 +251,7 @@ class MmapListener(Listener):
             )
             return None
 
-    def _handle(self, record: bytes) -> None:
+    def _handle(self, record: bytes, answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]]) -> None:
         message = self._decode(record)
         if message is None:
             return
@@ -259,13 +273,21 @@ class MmapListener(Listener):
         if (
             cost is not None
             and cost < self._limit
-            and task.running
+            and task._state == "running"
             and (self._concurrent or not self._outstanding)
         ):
-            started = time.perf_counter()
+            started = _perf_counter()
             response = task.execute(request)
-            self._observe(name, time.perf_counter() - started)
-            self._reply(request, response)
+            seconds = _perf_counter() - started
+            if seconds > self._limit:
+                self._observe(name, seconds)
+            else:
+                self._cost[name] = cost * 0.75 + seconds * 0.25
+            replies = answered.get(request.response_queue_name)
+            if replies is None:
+                answered[request.response_queue_name] = [(request, response)]
+            else:
+                replies.append((request, response))
             return
         with self._outstanding_lock:
             self._outstanding += 1
@@ -353,6 +375,37 @@ class MmapListener(Listener):
             )
 
 
+    def _reply_batch(self, replies: list[tuple[ServiceRequest, ServiceResponse]]) -> None:
+        """Answer several requests of one caller with one record (each alone when they do not fit one)."""
+        name = replies[0][0].response_queue_name
+        queue = self._responder(name) if name else None
+        if queue is None:
+            return
+        try:
+            record = codec.encode_response_batch(
+                [codec.response_message(response.for_wire()) for _, response in replies], _inline_limit(queue)
+            )
+        except Exception:  # big or unpicklable results: each goes its own way
+            record = None
+        if record is None:
+            for request, response in replies:
+                self._reply(request, response)
+            return
+        try:
+            queue.put(record, RESPONSE_PUT_TIMEOUT)
+        except (QueueError, ValueError) as exc:
+            with self._responders_lock:
+                if self._responders.get(name) is queue:
+                    del self._responders[name]
+            log.info(
+                "mmap listener of %r: dropped %d responses (caller's queue %s: %s)",
+                self._task.service_name,
+                len(replies),
+                name,
+                exc,
+            )
+
+
 def _unpicklable_result(request: ServiceRequest, response: ServiceResponse, exc: BaseException) -> ServiceResponse:
     what = "result" if response.success else "error"
     error = TypeError(
@@ -364,6 +417,22 @@ def _unpicklable_result(request: ServiceRequest, response: ServiceResponse, exc:
 
 
 # =========================================================================== client side
+
+
+_users_lock = threading.Lock()
+_users = 0
+
+
+def _pool_user(delta: int) -> None:
+    """Count this process's connections and listeners; the last one out releases the segment pool."""
+    global _users
+    with _users_lock:
+        _users += delta
+        last = _users <= 0
+        if last:
+            _users = 0
+    if last:
+        codec.release_pool()
 
 
 class _ThreadRing:
@@ -495,7 +564,9 @@ class _ClientRings:
             queue.close()
 
     def _dispatch(self, queue: ShmQueue) -> None:
-        pending = self.pending
+        pop = self.pending.pop
+        decode_many = codec.decode_many
+        response_from_message = codec.response_from_message
         next_check = time.monotonic() + LIVENESS_INTERVAL
         while True:
             try:
@@ -509,17 +580,18 @@ class _ClientRings:
                 records = []
             for record in records:
                 try:
-                    message = codec.decode(record)
+                    messages = decode_many(record)
                 except codec.DecodeError as exc:
                     log.warning("mmap async responses: skipped an undecodable response: %s", exc)
                     continue
-                entry = pending.pop(message[0], None)
-                if entry is None:
-                    continue  # its caller already gave up
-                try:
-                    entry.reply(codec.response_from_message(message))
-                except Exception:  # a failing callback must not stop the dispatcher
-                    log.exception("mmap async responses: completing %s failed", message[0])
+                for message in messages:
+                    entry = pop(message[0], None)
+                    if entry is None:
+                        continue  # its caller already gave up
+                    try:
+                        entry.reply(response_from_message(message))
+                    except Exception:  # a failing callback must not stop the dispatcher
+                        log.exception("mmap async responses: completing %s failed", message[0])
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + LIVENESS_INTERVAL
@@ -581,6 +653,15 @@ atexit.register(_client.shutdown)
 os.register_at_fork(after_in_child=_client.forget_after_fork)
 
 
+def _reset_users_after_fork() -> None:
+    global _users, _users_lock
+    _users = 0
+    _users_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_users_after_fork)
+
+
 class MmapConnection(Connection):
     """A caller's channel to one service's request ring."""
 
@@ -611,6 +692,7 @@ class MmapConnection(Connection):
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
         _client.connection_opened()
+        _pool_user(1)
 
     def host_alive(self) -> bool:
         ring = self._ring
@@ -699,13 +781,14 @@ class MmapConnection(Connection):
                 log.warning("mmap response queue %s: %s", queue.name, exc)
                 continue
             try:
-                message = codec.decode(record)
+                messages = codec.decode_many(record)
             except codec.DecodeError as exc:
                 log.warning("mmap response queue %s: skipped an undecodable response: %s", queue.name, exc)
                 continue
-            if message[0] == request_id:
-                return codec.response_from_message(message)
-            # A late response of an earlier call of this thread that timed out: drop it.
+            for message in messages:
+                if message[0] == request_id:
+                    return codec.response_from_message(message)
+            # Late responses of earlier calls of this thread that timed out: dropped.
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
         """Queue ``request``; the dispatcher thread calls ``reply`` exactly once."""
@@ -753,6 +836,7 @@ class MmapConnection(Connection):
         # Dropped, not closed: a thread still inside call() holds its own reference.
         self._ring = None
         _client.connection_closed()
+        _pool_user(-1)
 
 
 class MmapTransport(Transport):
