@@ -363,7 +363,10 @@ def _number(container: Any, *keys: str) -> float | None:
 
 def _latency_ms(extra: dict[str, Any], quantile: str) -> float | None:
     """A latency percentile in milliseconds: ``extra['load']`` (the metrics plugin) or top-level keys."""
-    for container in (extra.get("load"), extra.get("latency"), extra):
+    load = extra.get("load")
+    if isinstance(load, dict) and load.get("calls") == 0:
+        return None  # no call in the metrics window: a percentile would be a made-up 0
+    for container in (load, extra.get("latency"), extra):
         found = _number(container, f"{quantile}_ms", f"latency_{quantile}_ms")
         if found is not None:
             return found

@@ -231,7 +231,10 @@ def test_services_running_lists_the_served_service(served: Served) -> None:
     listed, as_json = run_many([["services", "--running"], ["services", "--running", "--json"]])
     assert listed.returncode == 0
     assert any(line.split("\t")[0] == served.name for line in listed.stdout.splitlines()), listed.stdout
-    assert served.name in {record["name"] for record in json.loads(as_json.stdout)}
+    # The record comes from the mmap plugin's registry through the kservice_running_services hook.
+    (record,) = [r for r in json.loads(as_json.stdout) if r["name"] == served.name]
+    assert record["transport"] == "mmap"
+    assert record["pid"] == served.process.pid
 
 
 @pytest.mark.timeout(60)
