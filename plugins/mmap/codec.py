@@ -603,9 +603,12 @@ atexit.register(_pool.clear)
 os.register_at_fork(after_in_child=_pool.forget_after_fork)
 
 
-def release_pool() -> None:
-    """Unlink this process's pooled segments now (they are recreated on demand)."""
-    _pool.clear()
+def release_pool(wait: float = 1.0) -> None:
+    """Unlink this process's pooled segments now (they are recreated on demand).
+
+    Waits up to ``wait`` seconds for records still being read by live receivers.
+    """
+    _pool.clear(wait)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -887,15 +887,21 @@ class ShmQueue:
             if deadline is not None and monotonic() >= deadline:
                 if w32[_CLOSED]:
                     raise QueueClosed(f"queue {self.name!r} is closed")
-                self._spin = max(self._spin * 0.5, 2e-6)
+                self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
                 raise QueueEmpty(f"queue {self.name!r} is still empty after {timeout} s")
+
+    def set_spin_limit(self, seconds: float) -> None:
+        """Bound the consumer's spin phase (0: sleep at once). For consumers in busy processes:
+        a thread spinning there holds the GIL the process's other threads need."""
+        self._spin_max = max(0.0, float(seconds))
+        self._spin = min(self._spin, self._spin_max)
 
     def _adapt(self, waited: float) -> None:
         """Grow the spin budget when a wait would have fitted in it, shrink it otherwise."""
         if waited <= self._spin_max:
             self._spin = min(self._spin_max, max(self._spin * 2, waited * 1.5))
         else:
-            self._spin = max(self._spin * 0.5, 2e-6)
+            self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
 
     # -- state ----------------------------------------------------------------
 

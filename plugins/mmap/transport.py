@@ -84,6 +84,8 @@ LIVENESS_INTERVAL = 0.5
 #: Data capacity of a calling thread's response ring, and of the process's async one.
 SYNC_RESPONSE_CAPACITY = 1 << 20
 ASYNC_RESPONSE_CAPACITY = 8 << 20
+#: Spin budget of the dispatcher thread's ring (seconds).
+ASYNC_SPIN = 0.0
 #: A thread ring unused this long is closed by the next sweep.
 IDLE_RING_SECONDS = 60.0
 #: Longest a server waits for room in a caller's response ring before dropping the response.
@@ -543,6 +545,8 @@ class _ClientRings:
         with self._lock:
             if self._async_queue is None:
                 queue = create_queue(f"rsp.{os.getpid()}.async.{secrets.token_hex(3)}", ASYNC_RESPONSE_CAPACITY)
+                # Sleep at once: spinning would hold the GIL the threads making the calls need.
+                queue.set_spin_limit(ASYNC_SPIN)
                 thread = threading.Thread(target=self._dispatch, args=(queue,), name="kservice-mmap-responses", daemon=True)
                 self._async_queue, self._dispatcher = queue, thread
                 thread.start()
