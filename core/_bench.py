@@ -16,6 +16,7 @@ Two figures per row:
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import statistics
@@ -176,13 +177,24 @@ class _KserviceSubject(_Subject):
 class _RaySubject(_KserviceSubject):
     def __init__(self) -> None:
         super().__init__("ray")
+        self.ray: Any = None
 
     def start(self) -> None:
         try:
-            import ray  # noqa: F401 - only whether it is installed
+            import ray
         except ImportError:
             raise _Skip("Ray is not installed (pip install 'kservice[ray]')") from None
+        if not ray.is_initialized():
+            # A private local instance: the row measures this machine, not whatever cluster it can reach.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            self.ray = ray
         super().start()
+
+    def close(self) -> None:
+        super().close()
+        if self.ray is not None:
+            self.ray.shutdown()
+            self.ray = None
 
 
 def _echo(value: bytes) -> bytes:

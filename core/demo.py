@@ -17,6 +17,7 @@ segment. Without Ray installed it says so and runs the rest.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _step("starting Ray (once per driver: it takes a few seconds)")
         # A private local instance: never attach to some cluster this machine happens to run.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR", namespace="kservice")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, namespace="kservice")
         console.print(f"  a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
 
     # Explicit config rather than the user's KSERVICE_CONFIG: the demo shows the defaults.

@@ -42,6 +42,7 @@ fails, and the environment's child processes are gone when teardown returns.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -100,8 +101,9 @@ def kservice_manager(kservice_environment: ServiceEnvironment) -> Iterator[Servi
 def kservice_ray() -> Iterator[Any]:
     """The ``ray`` module with Ray running for this session; skips the test when Ray is not installed.
 
-    Ray is started once (``ray.init`` takes seconds) and shut down at the end
-    of the session only if this fixture started it.
+    Ray is started once (``ray.init`` takes seconds): a private local instance,
+    or the cluster named by ``RAY_ADDRESS``. It is shut down at the end of the
+    session only if this fixture started it.
     """
     try:
         import ray
@@ -109,7 +111,9 @@ def kservice_ray() -> Iterator[Any]:
         pytest.skip(RAY_MISSING)
     started = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # A private local Ray unless RAY_ADDRESS names a cluster: tests must not land on whatever runs nearby.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         started = True
     try:
         yield ray
