@@ -357,4 +357,9 @@ if __name__ == "__main__":
     # workers import the service classes by their module's real name.
     from . import demo  # `python -m` sets __package__, so this imports kservice.demo
 
-    sys.exit(demo.main())
+    try:
+        sys.exit(demo.main())
+    except KeyboardInterrupt:
+        # Everything was already stopped by main()'s finally block.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
