@@ -230,6 +230,19 @@ def _replicas_up(environment: ServiceEnvironment) -> int:
     return sum(1 for r in task.get_service_status().extra.get("replicas", []) if r.get("healthy"))
 
 
+def _chain_names(environment: ServiceEnvironment, service_name: str) -> list[str]:
+    """Class names of a service's middleware, in chain order, as its managers compile it."""
+    from . import get_plugin_manager
+
+    contributed = get_plugin_manager().hook.kservice_middleware(
+        service_name=service_name, options=environment.config.for_service(service_name)
+    )
+    chain: list[Any] = list(environment.middlewares)
+    for item in contributed:
+        chain += item if isinstance(item, (list, tuple)) else [item] if item is not None else []
+    return [type(m).__name__ for m in chain]
+
+
 def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -312,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append(f"{500 - ok} async calls to {name} failed")
 
         _step("the middleware chain")
-        console.print("  environment middleware, in order: TenantMiddleware (before_call) -> CallCounter (after_call)")
-        console.print("  plus what installed plugins contribute per service (metrics, retry, breaker, ...)")
+        console.print(f"  middleware of 'text', outermost first: {' -> '.join(_chain_names(environment, 'text'))}")
+        console.print("  (the environment's own first, then what installed plugins contribute; each runs its caller-side")
+        console.print("  hooks in this process and its service-side hooks where the service runs)")
         console.print(f"  CallCounter saw: {dict(counter.calls)}; failures: {dict(counter.failures) or 'none'}")
 
         if ray is not None:
