@@ -69,7 +69,7 @@ def cli() -> None:
 
     \b
     Example:
-      kservice serve myapp.kv:KV --name kv &     # host a service (mmap plugin)
+      kservice serve kv=myapp.kv:KV &            # host a service (mmap plugin)
       kservice call kv get '["greeting"]'        # call it from another process
       kservice status --watch                    # watch every running service
     """
@@ -151,7 +151,7 @@ def services_command(running: bool, as_json: bool, config_path: str | None) -> N
             click.echo(json.dumps(records, indent=2, default=repr))
             return
         if not records:
-            click.echo("no running services (start one with: kservice serve package.module:Class --name NAME)", err=True)
+            click.echo("no running services (start one with: kservice serve NAME=package.module:Class)", err=True)
             return
         for record in records:
             fields = (
@@ -177,6 +177,10 @@ def services_command(running: bool, as_json: bool, config_path: str | None) -> N
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    if not rows:
+        click.echo(
+            "no services installed ('kservice.services' entry points) or configured (-c FILE or KSERVICE_CONFIG)", err=True
+        )
     for row in rows:
         click.echo(f"{row['name']}\t{row['class']}\t{row['source']}")
 
@@ -580,7 +584,7 @@ def status_command(
         if not watch:
             listed = names()
             if not listed:
-                click.echo("no running services (start one with: kservice serve package.module:Class --name NAME)", err=True)
+                click.echo("no running services (start one with: kservice serve NAME=package.module:Class)", err=True)
                 return
             rows = status_rows(_collect_statuses(manager, listed, explicit))
             if as_json:
