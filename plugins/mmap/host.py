@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import traceback
 from collections.abc import Sequence
 from typing import IO, Any, ClassVar
@@ -248,7 +249,12 @@ class ProcessServiceTask(BaseServiceTask):
         # sys.path first, on its own: unpickling the factory imports the service class.
         path = json.dumps(list(sys.path)).encode()
         payload = pickle.dumps(
-            {"factory": self.service_factory, "config": self._child_config(), "environment": self.ctx.environment_name},
+            {
+                "factory": self.service_factory,
+                "config": self._child_config(),
+                "environment": self.ctx.environment_name,
+                "middlewares": self._portable_middlewares(),
+            },
             protocol=5,
         )
         spec = _LENGTH.pack(len(path)) + path + _LENGTH.pack(len(payload)) + payload
@@ -285,6 +291,28 @@ class ProcessServiceTask(BaseServiceTask):
         )
         self.listeners = [_ChildListener(address, process)]
         self._state = "running"
+
+    def _portable_middlewares(self) -> tuple[Any, ...]:
+        """The environment's middleware the child can run its service-side hooks with.
+
+        Middleware that cannot be pickled stays in the parent (its caller-side
+        hooks still run there); a warning names it.
+        """
+        portable = []
+        for middleware in self.ctx.middlewares:
+            try:
+                pickle.dumps(middleware, protocol=5)
+            except Exception as exc:  # noqa: BLE001 - any pickling failure means "stays here"
+                warnings.warn(
+                    f"middleware {type(middleware).__qualname__} cannot be sent to the process hosting "
+                    f"{self.service_name!r} ({type(exc).__name__}: {exc}); its before_handle/after_handle "
+                    "will not run there",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            portable.append(middleware)
+        return tuple(portable)
 
     def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
         assert process.stdout is not None
@@ -336,10 +364,13 @@ class ProcessServiceTask(BaseServiceTask):
             with contextlib.suppress(OSError):
                 process.send_signal(signal.SIGTERM)
             try:
-                process.wait(max(0.5, deadline - time.monotonic()))
+                exit_status = process.wait(max(0.5, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait()
+                exit_status = process.wait()
+            if exit_status != 0:
+                # A child that did not stop cleanly (killed, crashed) could not remove its queues.
+                reclaim()
             for stream in (process.stdin, process.stdout):
                 if stream is not None:
                     with contextlib.suppress(OSError):
@@ -421,7 +452,7 @@ def _child_main(output_fd: int) -> int:
         loaded = pickle.loads(_read_blob(stdin))
         factory: ServiceFactory = loaded["factory"]
         config = Config.load(loaded["config"])
-        task = LocalServiceTask(factory, TaskContext(loaded["environment"], config))
+        task = LocalServiceTask(factory, TaskContext(loaded["environment"], config, tuple(loaded.get("middlewares", ()))))
         task.start_service()
     except BaseException as exc:  # reported to the parent, which raises it
         traceback.print_exc()
