@@ -166,7 +166,10 @@ class ServiceEnvironment:
             entry.pop("entry_point", None)
             raw = config.as_dict()
             raw["services"] = {**raw.get("services", {}), factory.service_name: entry}
-            config = Config.load(raw)
+            # The environment's config gains the options, so its managers see them too (breaker, retry...).
+            config = self.config = Config.load(raw)
+            for manager in list(self._managers):
+                manager.forget(factory.service_name)
         kind = config.for_service(factory.service_name)["kind"]
         kinds = task_kinds()
         if kind not in kinds:
@@ -174,7 +177,7 @@ class ServiceEnvironment:
                 f"services.{factory.service_name}.kind: no task kind {kind!r} is registered "
                 f"(registered: {', '.join(sorted(kinds)) or 'none'}); is its plugin installed (e.g. pip install kservice[ray])?"
             )
-        ctx = TaskContext(self.name, config, tuple(self._middlewares), self)
+        ctx = TaskContext(self.name, config, (), self)
         return kinds[kind](factory, ctx)
 
     def unregister_service(self, name: str, timeout: float | None = None) -> None:
@@ -189,13 +192,17 @@ class ServiceEnvironment:
     def add_middleware(self, middleware: Any) -> None:
         """Add a ServiceMiddleware for every service of this environment, after those added before.
 
-        It applies to managers and tasks created afterwards (and to tasks
-        started afterwards): add middleware before starting.
+        It applies at once to the environment's managers and to its tasks
+        running in this process; a task hosted elsewhere (a ``process`` child,
+        Ray replicas) gets it when it next starts.
         """
         with self._lock:
             self._middlewares.append(middleware)
+            tasks = list(self._tasks.values())
         for manager in list(self._managers):
             manager._invalidate_routes()
+        for task in tasks:
+            task._plugins_changed()
 
     @property
     def middlewares(self) -> tuple[Any, ...]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
+from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import ServiceNotFoundError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse, new_request_id
@@ -167,11 +168,10 @@ class ServiceManager:
     """
 
     def __init__(self, environment: ServiceEnvironment | None = None, *, config: Any = None) -> None:
-        from ._config import Config
         from ._plugins import get_plugin_manager, on_plugins_changed
 
         self.environment = environment
-        self.config = environment.config if environment is not None else Config.load(config)
+        self._config = None if environment is not None else Config.load(config)
         self._pm = get_plugin_manager()
         self._routes: dict[str, _Route] = {}
         self._route_lock = threading.Lock()
@@ -181,6 +181,14 @@ class ServiceManager:
         on_plugins_changed(self._invalidate_routes)
         if environment is not None:
             environment._managers.add(self)
+
+    @property
+    def config(self) -> Config:
+        """The configuration calls follow: the environment's (as it is now), or the manager's own."""
+        if self.environment is not None:
+            return self.environment.config
+        assert self._config is not None
+        return self._config
 
     # ---------------------------------------------------------------- routes
 

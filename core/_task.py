@@ -62,6 +62,13 @@ class TaskContext:
     middlewares: tuple[Any, ...] = ()
     environment: ServiceEnvironment | None = field(default=None, repr=False)
 
+    def current_middlewares(self) -> tuple[Any, ...]:
+        """This context's middleware, then the environment's as of now (each once)."""
+        chosen = list(self.middlewares)
+        if self.environment is not None:
+            chosen.extend(m for m in self.environment.middlewares if not any(m is known for known in chosen))
+        return tuple(chosen)
+
     def resolved_config(self) -> Config:
         if self.config is None:
             self.config = Config.load(None)
@@ -260,6 +267,7 @@ class BaseServiceTask:
             self.listeners.append(get_transport(name).listen(self))
 
     def _plugins_changed(self) -> None:
+        """Recompile the server chain of a running task (plugins or environment middleware changed)."""
         if self._state in ("starting", "running"):
             self._compile_server_chain()
 
@@ -267,7 +275,7 @@ class BaseServiceTask:
         from ._plugins import get_plugin_manager
 
         contributed = get_plugin_manager().hook.kservice_middleware(service_name=self.service_name, options=self.options)
-        chain = MiddlewareChain([*self.ctx.middlewares, *_flatten(contributed)], "server")
+        chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
         self._server_chain = chain if chain else None
 
     def stop_service(self, timeout: float | None = None) -> None:

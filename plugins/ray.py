@@ -984,12 +984,7 @@ class RayServiceTask(BaseServiceTask):
 
     def _middlewares(self) -> tuple[Any, ...]:
         """The environment's middleware as of now (added before this start), after the context's own."""
-        chosen = list(self.ctx.middlewares)
-        environment = self.ctx.environment
-        for middleware in environment.middlewares if environment is not None else ():
-            if not any(middleware is known for known in chosen):
-                chosen.append(middleware)
-        return tuple(chosen)
+        return self.ctx.current_middlewares()
 
     @classmethod
     def attach(

@@ -299,7 +299,7 @@ class ProcessServiceTask(BaseServiceTask):
         hooks still run there); a warning names it.
         """
         portable = []
-        for middleware in self.ctx.middlewares:
+        for middleware in self.ctx.current_middlewares():
             try:
                 pickle.dumps(middleware, protocol=5)
             except Exception as exc:  # noqa: BLE001 - any pickling failure means "stays here"

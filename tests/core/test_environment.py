@@ -107,3 +107,32 @@ def test_services_from_entry_points_are_listed_and_registered_by_name(tmp_path: 
     assert lines[0] == "acme_greeter:Greeter"
     assert lines[1] == "hello ada hello bob"
     assert "no installed service named 'nope'" in lines[2] and "greeter" in lines[2]
+
+
+def test_options_given_at_registration_reach_the_managers() -> None:
+    from kservice import ServiceTimeoutError
+
+    with ServiceEnvironment("e") as env, ServiceManager(env) as manager:
+        env.register_service("kv", ServiceFactory("kv", KeyValue), service_call={"default_timeout": 0.1})
+        with pytest.raises(ServiceTimeoutError, match="0.1"):
+            manager.call_service_sync("kv", "sleep", (1.0,))
+
+
+def test_middleware_added_to_a_running_environment_applies_at_once() -> None:
+    from kservice import ServiceMiddleware
+
+    seen: list[str] = []
+
+    class Both(ServiceMiddleware):
+        def before_call(self, request):  # type: ignore[no-untyped-def]
+            seen.append("client")
+
+        def before_handle(self, request):  # type: ignore[no-untyped-def]
+            seen.append("server")
+
+    with ServiceEnvironment("e") as env, ServiceManager(env) as manager:
+        env.register_service("kv", KeyValue)
+        manager.call_service_sync("kv", "get", ("a",))
+        env.add_middleware(Both())
+        manager.call_service_sync("kv", "get", ("a",))
+    assert seen == ["client", "server"]
