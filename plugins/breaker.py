@@ -153,6 +153,10 @@ class CircuitBreaker(ServiceMiddleware):
     def _is_failure(self, response: ServiceResponse) -> bool:
         if response.success:
             return False
+        if response.metadata.get("kservice.replica_down"):
+            # A transport with replicas (ray) took the failing replica out of rotation and
+            # others serve: isolating it is per-replica breaking; the service is not failing.
+            return False
         origin = response.error_origin
         if origin == "runtime":
             return response.error_type in FAILURE_TYPES

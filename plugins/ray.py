@@ -376,6 +376,8 @@ class _Replica:
 
 #: response metadata key retry policies read: False means re-sending cannot help or is unsafe
 RETRYABLE_KEY = "kservice.retryable"
+#: response metadata key naming a replica taken out of rotation while other replicas still serve
+REPLICA_DOWN_KEY = "kservice.replica_down"
 
 
 def _unavailable(request: ServiceRequest, message: str, *, retryable: bool = True) -> ServiceResponse:
@@ -513,13 +515,20 @@ class _ReplicaSet:
             self.mark_down(replica, exc)
             idempotent = request.method_name in self.idempotent
             # The call may have run: only an idempotent method may be sent again, by anyone.
-            return _unavailable(
+            response = _unavailable(
                 request,
                 f"replica {replica.name} of service {self.service_name!r} failed during call {what} "
                 f"({_first_line(exc)}); the call may or may not have run"
                 + ("" if idempotent else " (declare the method idempotent to have it retried on a restarted replica)"),
                 retryable=idempotent,
             )
+            with self._lock:
+                others_up = any(r.up and r is not replica for r in self.replicas.values())
+            if others_up:
+                # This replica is out of rotation already (a per-replica breaker, in effect): a
+                # service-wide circuit breaker must not open on it while others serve.
+                response.metadata = {**response.metadata, REPLICA_DOWN_KEY: replica.name}
+            return response
         if isinstance(exc, exceptions.RayTaskError):
             # The replica's handler never raises, so this is Ray failing to store or read the result.
             cause = getattr(exc, "cause", None) or exc

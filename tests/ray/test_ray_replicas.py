@@ -16,10 +16,13 @@ from kservice.plugins.ray import RayServiceTask
 from ray_services import EchoService, without_breaker
 
 
-def fault_config(name: str, class_name: str, args: list[Any], *, replicas: int, max_restarts: int) -> dict[str, Any]:
+def fault_config(
+    name: str, class_name: str, args: list[Any], *, replicas: int, max_restarts: int, breaker: bool = False
+) -> dict[str, Any]:
     """An environment config with one ray service (caller-side options live in the environment's config)."""
     entry = {"class": f"ray_services:{class_name}", "args": args, "kind": "ray", "replicas": replicas}
-    return {"services": {name: {**entry, "ray": {"max_restarts": max_restarts}, **without_breaker()}}}
+    extra = {} if breaker else without_breaker()
+    return {"services": {name: {**entry, "ray": {"max_restarts": max_restarts}, **extra}}}
 
 
 def ledger(path: Path) -> collections.Counter[str]:
@@ -94,7 +97,9 @@ def test_power_of_two_choices_prefers_the_idle_replica() -> None:
 @pytest.mark.timeout(120)
 def test_killing_one_of_two_replicas_under_load_loses_no_call_and_runs_none_twice(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-kill", fault_config("ledger", "LedgerService", [str(path)], replicas=2, max_restarts=1)) as env:
+    # The circuit breaker stays on: one replica dying while the other serves must not open it.
+    config = fault_config("ledger", "LedgerService", [str(path)], replicas=2, max_restarts=1, breaker=True)
+    with ServiceEnvironment("ray-kill", config) as env:
         task = env.get_task("ledger")
         assert isinstance(task, RayServiceTask)
         with env.manager() as manager:
@@ -117,6 +122,8 @@ def test_killing_one_of_two_replicas_under_load_loses_no_call_and_runs_none_twic
             assert victim.name in actors and len(actors) == 2
             status = task.get_service_status()
             assert status.healthy and status.restarts >= 0
+            if without_breaker():  # the breaker plugin is installed: it saw the failures and stayed closed
+                assert status.extra["breaker"]["state"] == "closed", status.extra["breaker"]
 
 
 @pytest.mark.timeout(90)
