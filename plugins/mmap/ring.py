@@ -85,7 +85,8 @@ more usable CPUs, 20 µs with one), re-reading ``tail`` and calling
 ``sched_yield()`` every few checks, which releases the GIL for the process's
 other threads and hands the CPU to the producer when both share one core.  The
 budget doubles when a wait would have been served within the maximum spin and
-halves when it would not, so an idle consumer soon spins only briefly.  Then it
+halves after a wait twenty times longer (the queue was idle), so an idle
+consumer soon spins only briefly while a busy pair stays awake.  Then it
 sleeps: under the mutex it re-checks for data, reads ``data_seq`` and sets
 ``consumer_asleep``; it releases the mutex and waits (``FUTEX_WAIT``) on ``data_seq``
 with the remaining timeout (at most one second per wait, so liveness and
@@ -887,7 +888,8 @@ class ShmQueue:
             if deadline is not None and monotonic() >= deadline:
                 if w32[_CLOSED]:
                     raise QueueClosed(f"queue {self.name!r} is closed")
-                self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
+                if timeout is not None and timeout > _IDLE_WAIT_FACTOR * self._spin_max:
+                    self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
                 raise QueueEmpty(f"queue {self.name!r} is still empty after {timeout} s")
 
     def set_spin_limit(self, seconds: float) -> None:
@@ -897,10 +899,18 @@ class ShmQueue:
         self._spin = min(self._spin, self._spin_max)
 
     def _adapt(self, waited: float) -> None:
-        """Grow the spin budget when a wait would have fitted in it, shrink it otherwise."""
+        """Grow the spin budget when a wait would have fitted in it; shrink it only after idle waits.
+
+        A wait a little longer than the budget is usually the partner's own
+        wake-up from sleep (tens of µs): shrinking then would make both sides
+        sleep on every message, each wait would grow longer still, and the
+        pair would lock itself into the slow regime. Only waits far beyond the
+        budget (the queue was idle) shrink it, so an idle consumer still burns
+        almost nothing.
+        """
         if waited <= self._spin_max:
             self._spin = min(self._spin_max, max(self._spin * 2, waited * 1.5))
-        else:
+        elif waited > _IDLE_WAIT_FACTOR * self._spin_max:
             self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
 
     # -- state ----------------------------------------------------------------
@@ -999,6 +1009,8 @@ ctypes_addressof = _ctypes.addressof
 _trylock = _futex.fast_trylock
 _unlock = _futex.fast_unlock
 _spin_trylock = _futex.fast_spin_trylock
+#: A wait this many spin budgets long means the queue was idle (see ``ShmQueue._adapt``).
+_IDLE_WAIT_FACTOR = 20
 _FENCE = _futex.FENCE_ARG
 _futex_wake = _futex.futex_wake
 
