@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,7 @@ from kservice import (
     ServiceUnavailableError,
 )
 from kservice.plugins.mmap import codec
-from kservice.plugins.mmap.ring import LAYOUT_VERSION, attach_queue, create_queue, queue_directory
+from kservice.plugins.mmap.ring import LAYOUT_VERSION, QueueFull, attach_queue, create_queue, queue_directory
 
 from .services import KV, Broken, Serial, unique
 
@@ -187,21 +188,30 @@ def test_full_request_ring_is_overloaded_after_queue_timeout() -> None:
         queue = manager.get_service_queue(name).queue_name
         # Fill the service's ring with records it does not read yet: a paused child.
         child = env.get_task(name).pid  # type: ignore[union-attr]
-        os.kill(child, 19)  # SIGSTOP
+        ring = attach_queue(queue)
+        filler = codec.encode_status_request("filler", name, "nowhere", time.time() + 60)
         try:
-            ring = attach_queue(queue)
-            filler = codec.encode_status_request("filler", name, "nowhere", time.time() + 60)
-            while True:
-                try:
-                    ring.put_nowait(filler)
-                except Exception:
-                    break
+            for _ in range(50):
+                os.kill(child, 19)  # SIGSTOP
+                while psutil.Process(child).status() != psutil.STATUS_STOPPED:
+                    time.sleep(0.001)
+                filled = 0
+                while True:
+                    try:
+                        ring.put_nowait(filler)
+                        filled += 1
+                    except QueueFull:
+                        break
+                if filled and ring.qsize() >= filled:
+                    break  # stopped while not holding the ring's lock: the ring is really full
+                os.kill(child, 18)  # stopped inside a lock section: let it go on and try again
+                time.sleep(0.01)
             started = time.monotonic()
             with pytest.raises(ServiceOverloadedError, match=r"queue_timeout=0.3"):
                 manager.call_service_sync(name, "echo", (1,), timeout=5)
             assert 0.25 < time.monotonic() - started < 3.0  # generous: shared, loaded machines
-            ring.close()
         finally:
+            ring.close()
             os.kill(child, 18)  # SIGCONT
         assert manager.call_service_sync(name, "echo", (2,)) == 2
 
