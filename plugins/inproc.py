@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
 from kservice import (
     BaseServiceTask,
     Connection,

@@ -239,7 +239,7 @@ def _out_of_band(
         token = f"{name}@{seq}"
         head = [_POOL_HEAD.pack(_POOL_TAG, main_in_segment, len(views), len(data), seq)]
         # Our own bytes wrappers are copied by the unpickler itself; anything else gets a private copy.
-        head.extend(_LEN.pack(v.nbytes | (0 if id(b) in trusted else _COPY_BIT)) for b, v in zip(buffers, views))
+        head.extend(_LEN.pack(v.nbytes | (0 if id(b) in trusted else _COPY_BIT)) for b, v in zip(buffers, views, strict=False))
     else:
         name = token = _write_segment(parts, receiver_pid)
         head = [_OOB_HEAD.pack(_OOB_TAG, main_in_segment, len(views), len(data))]
@@ -767,7 +767,7 @@ def discard(record: bytes) -> None:
             unlink_segment(_parse_oob_header(record)[3])
     elif tag == b"P":
         with contextlib.suppress(Exception):
-            _, lengths, main_len, name, _, seq = _parse_oob_header(record)
+            _, _lengths, _main_len, name, _, seq = _parse_oob_header(record)
             _, words = _pool.mapping(name, 0)
             if words[_LEASE] == seq:
                 words[_LEASE] = 0

@@ -28,8 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import IO, Any, ClassVar
 

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_of, interleaved, print_table, throughput  # noqa: E402
-
-import kservice  # noqa: E402
-from kservice import ServiceEnvironment, ServiceManager, ServiceMiddleware, ServiceRequest, ServiceResponse, hookimpl  # noqa: E402
-from kservice._middleware import MiddlewareChain  # noqa: E402
+import kservice
+from _timing import best_of, interleaved, print_table, throughput
+from kservice import ServiceEnvironment, ServiceManager, ServiceMiddleware, ServiceRequest, ServiceResponse, hookimpl
+from kservice._middleware import MiddlewareChain
 
 PAYLOAD = b"x" * 90
 CORE_PLUGINS = {"inproc"}

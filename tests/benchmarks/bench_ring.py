@@ -193,7 +193,7 @@ def run(quick: bool = False) -> list[dict]:
     # Spawned children import this module by name: make sure they can.
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    import bench_ring as this  # noqa: PLW0406 - the importable copy for spawned children
+    import bench_ring as this
 
     ctx = mp.get_context("spawn")
     n = 2000 if quick else 5000
@@ -214,7 +214,7 @@ def format_table(rows: list[dict]) -> str:
         payload = "90 B" if r["payload"] == 90 else f"{r['payload'] // 1024} KiB"
         pipe = f"{r['pipelined_per_s'] / 1000:,.0f}k" if "pipelined_per_s" in r else "-"
         lines.append(
-            f"| {r['mechanism']} | {payload} | {r['median_us']:.1f} | {r['p99_us']:.1f} | {pipe} | {r['vs_queue']:.1f}× |"
+            f"| {r['mechanism']} | {payload} | {r['median_us']:.1f} | {r['p99_us']:.1f} | {pipe} | {r['vs_queue']:.1f}x |"
         )
     return "\n".join(lines)
 

@@ -9,9 +9,9 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import kservice
 import pytest
 
-import kservice
 from tests.core.services import KeyValue
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def run_python(code: str, *, site: Path | None = None, env: dict[str, str] | Non
     """Run ``code`` in a fresh interpreter (a fresh plugin manager), with ``site`` on its path."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
     paths = [str(REPO)] + ([str(site)] if site else [])
-    environ["PYTHONPATH"] = os.pathsep.join(paths + [environ.get("PYTHONPATH", "")])
+    environ["PYTHONPATH"] = os.pathsep.join([*paths, environ.get("PYTHONPATH", "")])
     environ.update(env or {})
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environ, timeout=timeout

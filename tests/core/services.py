@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import kservice
 
@@ -94,7 +94,7 @@ class FailsToStart:
 
 
 class ClosesOnStop:
-    closed: list[str] = []
+    closed: ClassVar[list[str]] = []
 
     def close(self) -> None:
         ClosesOnStop.closed.append("closed")

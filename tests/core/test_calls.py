@@ -7,9 +7,8 @@ import threading
 import time
 from concurrent.futures import Future, wait
 
-import pytest
-
 import kservice
+import pytest
 from kservice import (
     MethodNotFoundError,
     ServiceCallError,
@@ -19,6 +18,7 @@ from kservice import (
     ServiceTimeoutError,
     ServiceUnavailableError,
 )
+
 from tests.core.services import KeyValue, Recorder
 
 
@@ -154,7 +154,7 @@ def test_late_response_is_dropped_and_leaks_nothing(manager: ServiceManager) -> 
 def test_default_timeout_comes_from_config() -> None:
     with ServiceEnvironment("t", {"service_call": {"default_timeout": 0.1}}) as env:
         env.register_service("kv", KeyValue)
-        with ServiceManager(env) as manager, pytest.raises(ServiceTimeoutError, match="0.1"):
+        with ServiceManager(env) as manager, pytest.raises(ServiceTimeoutError, match=r"0\.1"):
             manager.call_service_sync("kv", "sleep", (1.0,))
 
 

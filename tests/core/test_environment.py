@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kservice import (
     ConfigError,
     LocalServiceTask,
@@ -14,6 +13,7 @@ from kservice import (
     ServiceFactory,
     ServiceManager,
 )
+
 from tests.core.conftest import make_distribution, run_python
 from tests.core.services import KeyValue
 
@@ -43,7 +43,7 @@ def test_register_factory_with_options_and_ready_task() -> None:
         env.register_service("kv", KeyValue)
     with pytest.raises(TypeError, match="expects a class"):
         env.register_service("x", 42)
-    with pytest.raises(ConfigError, match="unknown config key 'services.kv3.colour'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'services\.kv3\.colour'"):
         env.register_service("kv3", ServiceFactory("kv3", KeyValue), colour="red")
     with env, ServiceManager(env) as manager:
         assert manager.call_service_sync("kv2", "get", ("z",)) == 26
@@ -114,7 +114,7 @@ def test_options_given_at_registration_reach_the_managers() -> None:
 
     with ServiceEnvironment("e") as env, ServiceManager(env) as manager:
         env.register_service("kv", ServiceFactory("kv", KeyValue), service_call={"default_timeout": 0.1})
-        with pytest.raises(ServiceTimeoutError, match="0.1"):
+        with pytest.raises(ServiceTimeoutError, match=r"0\.1"):
             manager.call_service_sync("kv", "sleep", (1.0,))
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pickle
 
 import pytest
-
-from kservice import ServiceCallError, ServiceNotFoundError, ServiceResponse, ServiceStoppedError, ServiceUnavailableError
+from kservice import (
+    ServiceCallError,
+    ServiceNotFoundError,
+    ServiceResponse,
+    ServiceStoppedError,
+    ServiceUnavailableError,
+)
 from kservice._errors import make_call_error
+
 from tests.core.conftest import run_python
 
 

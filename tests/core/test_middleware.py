@@ -6,7 +6,6 @@ import threading
 from typing import Any
 
 import pytest
-
 from kservice import (
     ServiceEnvironment,
     ServiceManager,
@@ -14,6 +13,7 @@ from kservice import (
     ServiceRequest,
     ServiceResponse,
 )
+
 from tests.core.services import KeyValue
 
 

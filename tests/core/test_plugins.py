@@ -6,13 +6,12 @@ import ast
 import importlib
 from pathlib import Path
 
+import kservice
 import pluggy
 import pytest
-
-import kservice
-from kservice import ServiceEnvironment, ServiceManager, ServiceMiddleware, ServiceRequest, hookimpl
-from kservice import hookspecs
+from kservice import ServiceEnvironment, ServiceManager, ServiceMiddleware, ServiceRequest, hookimpl, hookspecs
 from kservice._plugins import get_plugin_manager, plugin_infos
+
 from tests.core.conftest import REPO, make_distribution, run_python
 from tests.core.services import KeyValue
 

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from kservice import (
     BaseServiceTask,
     LocalServiceTask,
@@ -18,6 +17,7 @@ from kservice import (
     ServiceStatus,
     ServiceUnavailableError,
 )
+
 from tests.core.services import ClosesOnStop, FailsToStart, KeyValue, NotThreadSafe, Recorder
 
 

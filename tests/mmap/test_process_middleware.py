@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+from kservice import (
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceMiddleware,
+    ServiceRequest,
+    ServiceResponse,
+)
 
-from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceMiddleware, ServiceRequest, ServiceResponse
 from tests.core.services import KeyValue
 
 

@@ -7,8 +7,8 @@ import signal
 import time
 
 import pytest
-
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager
+
 from tests.core.services import KeyValue
 
 

@@ -448,7 +448,7 @@ def test_corrupt_length_is_reported_and_the_queue_recovers(q):
     head = q._w64[ring._HEAD]
     off = _data_offset(q, head)
     q._mm[off : off + 4] = struct.pack("=I", 10**6)  # absurd length
-    with pytest.raises(ring.QueueCorrupted, match=r"undecodable frame.*dropped %d bytes" % (tail - head)):
+    with pytest.raises(ring.QueueCorrupted, match=rf"undecodable frame.*dropped {tail - head} bytes"):
         q.get(timeout=1)
     assert q.qsize() == 0
     with pytest.raises(ring.QueueEmpty):
@@ -531,7 +531,7 @@ def test_garbage_magic_and_wrong_version_raise_layout_errors(qdir):
     fd = os.open(qdir / "tiny.q", os.O_CREAT | os.O_WRONLY, 0o600)
     os.write(fd, b"hello")
     os.close(fd)
-    with pytest.raises(ring.QueueLayoutError, match="tiny.q"):
+    with pytest.raises(ring.QueueLayoutError, match=r"tiny\.q"):
         ring.attach_queue("tiny")
     os.unlink(qdir / "tiny.q")
 
@@ -722,7 +722,7 @@ def test_janitor_reclaims_segments_of_killed_owners_only(qdir, procs):
     live = ring.create_queue("live-one")
     try:
         dead = procs.start("owner", f"svc-{uuid.uuid4().hex[:6]}")
-        name = [n[:-2] for n in os.listdir(qdir) if n.startswith("svc-")][0]
+        name = next(n[:-2] for n in os.listdir(qdir) if n.startswith("svc-"))
         procs.kill(dead)
         # a temp file of a creator killed mid-creation is also cleared
         (qdir / f".tmp-{dead.pid}-deadbeef").write_bytes(b"")
@@ -775,7 +775,7 @@ def _round_trips(procs, cpu: str, n: int, size: int = 90) -> list[float]:
     try:
         msg = b"m" * size
         times = []
-        for i in range(n):
+        for _i in range(n):
             t = time.perf_counter()
             req.put(msg)
             assert resp.get(timeout=10) == msg

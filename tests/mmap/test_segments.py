@@ -82,7 +82,7 @@ def test_a_full_pool_falls_back_to_one_shot_segments(qdir: Path) -> None:
 
 
 def test_unqueued_and_discarded_records_give_their_lease_back(qdir: Path) -> None:
-    record, token = _encode(BIG)
+    _record, token = _encode(BIG)
     codec.unlink_segment(token)  # the sender could not queue it
     again, _ = _encode(BIG)
     assert _pool_files(qdir) == [token.partition("@")[0]]
