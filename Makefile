@@ -19,6 +19,7 @@ demo: setup
 	$(PY) -m kservice.demo
 
 test: setup
+	bash scripts/lint.sh
 	$(PY) -m pytest -q
 
 bench: setup
