@@ -143,6 +143,15 @@ class _Route:
         self.service_class = service_class
         self.idempotent: dict[str, bool] = {}
 
+    def retry_delay(self, request: ServiceRequest, response: ServiceResponse, attempt: int) -> float | None:
+        """Seconds before retrying a failed attempt, or None: no policy, the policy gives up, or past the deadline."""
+        if self.retry is None:
+            return None
+        delay: float | None = self.retry.should_retry(request, response, attempt, self.is_idempotent(request.method_name))
+        if delay is None or request.deadline is None or time.time() + delay >= request.deadline:
+            return None
+        return delay
+
     def is_idempotent(self, method_name: str) -> bool:
         known = self.idempotent.get(method_name)
         if known is None:
@@ -328,13 +337,12 @@ class ServiceManager:
             response = self._attempt_sync(route, request)
             if response.success:
                 return response.result
-            if route.retry is not None:
-                delay = route.retry.should_retry(request, response, attempt, route.is_idempotent(method))
-                if delay is not None and request.deadline is not None and time.time() + delay < request.deadline:
-                    attempt += 1
-                    time.sleep(delay)
-                    route = self._refresh_route(route, response)
-                    continue
+            delay = route.retry_delay(request, response, attempt)
+            if delay is not None:
+                attempt += 1
+                time.sleep(delay)
+                route = self._refresh_route(route, response)
+                continue
             self._refresh_route(route, response)
             raise response.to_exception(service_name, method)
 
@@ -507,12 +515,9 @@ class _AsyncCall:
         if self.future._state != "PENDING":
             return  # cancelled by the caller
         response = self._after(response)
-        if not response.success and self.route.retry is not None:
-            delay = self.route.retry.should_retry(
-                self.request, response, self.attempt, self.route.is_idempotent(self.request.method_name)
-            )
-            deadline = self.request.deadline
-            if delay is not None and (deadline is None or time.time() + delay < deadline):
+        if not response.success:
+            delay = self.route.retry_delay(self.request, response, self.attempt)
+            if delay is not None:
                 self.attempt += 1
                 self.attempt_lock = threading.Lock()
                 self.manager.timer().call_later(delay, lambda: self._retry(response))
