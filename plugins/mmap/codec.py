@@ -572,19 +572,29 @@ class _SegmentPool:
         return entry
 
 
-def _map_pooled(name: str, size: int) -> tuple[mmap.mmap, memoryview]:
-    path = os.path.join(queue_directory(), name)
+def _open_owned(name: str, what: str, mode: int, gone: str) -> int:
+    """A descriptor of segment ``name`` if it is a regular file of ours that nobody else can read or write.
+
+    Raises DecodeError otherwise: a segment that is not ours to trust is never
+    unpickled from, and is left to its owner.
+    """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(queue_directory(), name), mode | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise DecodeError(f"pooled segment {name} is gone (its sender exited or the janitor removed it)") from None
+        raise DecodeError(f"{what} {name} is gone ({gone})") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        os.close(fd)
+        raise DecodeError(
+            f"{what} {name} belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; refusing to read it"
+        )
+    return fd
+
+
+def _map_pooled(name: str, size: int) -> tuple[mmap.mmap, memoryview]:
+    fd = _open_owned(name, "pooled segment", os.O_RDWR, "its sender exited or the janitor removed it")
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
-            raise DecodeError(
-                f"pooled segment {name} belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; "
-                "refusing to read it"
-            )
         if st.st_size < _SEG_DATA + size:
             raise DecodeError(f"pooled segment {name} holds {st.st_size} bytes, the record needs {_SEG_DATA + size}")
         mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -641,19 +651,9 @@ def _parse_oob_header(record: bytes) -> tuple[bool, list[int], int, str, int, in
 
 def _open_segment(name: str, size: int) -> mmap.mmap | None:
     """Open, check, unlink and map a segment (copy-on-write). None for an empty one."""
-    path = os.path.join(queue_directory(), name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise DecodeError(f"out-of-band segment {name} is gone (its sender or the janitor removed it)") from None
+    fd = _open_owned(name, "out-of-band segment", os.O_RDONLY, "its sender or the janitor removed it")
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
-            # Not ours to trust: never unpickle from it, and leave it to its owner.
-            raise DecodeError(
-                f"out-of-band segment {name} belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; "
-                "refusing to read it"
-            )
         unlink_segment(name)
         if st.st_size < size:
             raise DecodeError(f"out-of-band segment {name} holds {st.st_size} bytes, the record needs {size}")
