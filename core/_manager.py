@@ -481,6 +481,10 @@ class _AsyncCall:
         """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
         if self.attempt_lock.acquire(False):
             self._complete(self._after(timeout_response(self.request, self.timeout)))
+            try:
+                self.route.connection.cancel(self.sent)
+            except Exception:  # noqa: BLE001 - cancelling is best effort; the caller has its answer
+                pass
         elif not self.finished():
             # A response is being settled right now and may yet schedule a retry: look again shortly.
             self.manager.timer().call_later(0.005, self.expire)

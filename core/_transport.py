@@ -70,7 +70,17 @@ class Connection(ABC):
         try:
             return future.result(timeout if timeout > 0 else 0)
         except FutureTimeoutError:
+            self.cancel(request)
             return timeout_response(request, timeout)
+
+    def cancel(self, request: ServiceRequest) -> None:
+        """Best effort: stop work on ``request``, whose caller timed out (the default does nothing).
+
+        Called after the caller already has its ServiceTimeoutError, from the
+        manager's timer thread; must not block. A service never starts a
+        request past its deadline whatever this does; transports that can
+        interrupt work already sent (Ray's ``ray.cancel``) override it.
+        """
 
     def close(self) -> None:
         """Release the connection; idempotent."""

@@ -607,8 +607,9 @@ class RayConnection(Connection):
 
     ``send`` submits ``replica.handle(request)`` and completes ``reply`` from
     the ObjectRef's completion callback (no thread per call). ``call`` waits
-    with ``ray.get(ref, timeout=...)`` and cancels the remote task on timeout
-    (Ray drops it if it is still queued; a running method is not interrupted).
+    with ``ray.get(ref, timeout=...)`` and cancels the remote task on timeout;
+    an async call whose deadline passes is cancelled through ``cancel`` (Ray
+    drops a task still queued; a running method is not interrupted).
     Ray failures become ServiceUnavailableError (replica died, node lost) or
     ServiceTimeoutError; idempotent methods are re-run by Ray on a restarted
     replica and, if their replica is dead for good, sent once to another live
@@ -623,6 +624,8 @@ class RayConnection(Connection):
         self._refresh_every = refresh_every
         self._refresh_at = time.monotonic() + refresh_every if refresh is not None and refresh_every > 0 else float("inf")
         self._closed = False
+        #: ObjectRefs of async calls not answered yet, by request id (for ``cancel``)
+        self._in_flight: dict[str, Any] = {}
 
     def _maybe_refresh(self) -> None:
         # Remote callers re-read membership now and then so a scale change by the owner reaches them.
@@ -653,8 +656,10 @@ class RayConnection(Connection):
             reply(_send_failure(request, exc))
             return
         replicas.started(replica)
+        self._in_flight[request.request_id] = ref
 
         def done(future: Any) -> None:
+            self._in_flight.pop(request.request_id, None)
             replicas.finished(replica)
             try:
                 response = _from_wire(request, future.result())
@@ -666,6 +671,12 @@ class RayConnection(Connection):
             reply(response)
 
         ref.future().add_done_callback(done)
+
+    def cancel(self, request: ServiceRequest) -> None:
+        """Cancel the remote task of an async call whose caller timed out (``ray.cancel``, best effort)."""
+        ref = self._in_flight.pop(request.request_id, None)
+        if ref is not None:
+            self._ray.cancel(ref)
 
     def _should_fail_over(self, request: ServiceRequest, replica: _Replica, idempotent: bool, failovers: int) -> bool:
         remaining = request.remaining()

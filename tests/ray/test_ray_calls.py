@@ -147,6 +147,23 @@ def test_timeout_shorter_than_the_method_cancels_the_queued_remote_task(
 
 
 @pytest.mark.timeout(60)
+def test_async_timeout_cancels_the_queued_remote_task(env: ServiceEnvironment, manager: ServiceManager) -> None:
+    task = env.get_task("slow")
+    before = task.get_service_status()
+    first = manager.call_service_async("slow", "sleep", (1.5,), timeout=20)
+    time.sleep(0.2)
+    queued = manager.call_service_async("slow", "sleep", (0.0,), timeout=0.3)
+    with pytest.raises(ServiceTimeoutError):
+        queued.result(20)
+    assert first.result(20) == 1.5
+    time.sleep(0.3)
+    after = task.get_service_status()
+    # Cancelled in Ray's queue by the manager's timer: it never reached the service.
+    assert after.requests_total == before.requests_total + 1
+    assert after.expired_total == before.expired_total
+
+
+@pytest.mark.timeout(60)
 def test_async_timeout_is_a_service_timeout_error(manager: ServiceManager) -> None:
     started = time.monotonic()
     with pytest.raises(ServiceTimeoutError):
