@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._context import _current_request, is_idempotent
-from ._errors import ServiceNotFoundError, ServiceUnavailableError
+from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse, new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
+from ._plugins import get_transport
+from ._task import _flatten
 from ._transport import Connection, ServiceAddress, timeout_response
 
 if TYPE_CHECKING:
@@ -221,9 +223,8 @@ class ServiceManager:
             if task is not None:
                 addresses = task.addresses
                 if not addresses:
-                    raise ServiceUnavailableError(
-                        f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first"
-                    )
+                    error = ServiceStoppedError if task.state in ("created", "stopped", "failed") else ServiceUnavailableError
+                    raise error(f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first")
                 return addresses, task.service_factory.service_class
         found = self._pm.hook.kservice_resolve_service(service_name=service_name, manager=self)
         if found:
@@ -243,15 +244,11 @@ class ServiceManager:
         route = self._routes.get(service_name)
         if route is not None:
             return route
-        from ._plugins import get_transport
-
         addresses, service_class = self._resolve(service_name)
         address = addresses[0]
         connection = get_transport(address.transport).connect(address)
         options = self.config.for_service(service_name)
         contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options)
-        from ._task import _flatten
-
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test

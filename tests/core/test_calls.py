@@ -192,3 +192,15 @@ def test_service_method_reads_its_remaining_time(manager: ServiceManager) -> Non
     remaining = manager.call_service_sync("kv", "remaining", timeout=5)
     assert 3 < remaining <= 5
     assert kservice.remaining_time() is None and kservice.current_request() is None
+
+
+def test_calling_a_service_that_was_never_started_fails_at_once() -> None:
+    from kservice import ServiceStoppedError
+
+    env = ServiceEnvironment("t")
+    env.register_service("kv", KeyValue)
+    with ServiceManager(env) as manager:
+        started = time.monotonic()
+        with pytest.raises(ServiceStoppedError, match="start it first"):
+            manager.call_service_sync("kv", "get", ("a",), timeout=10)
+        assert time.monotonic() - started < 1.0
