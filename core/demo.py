@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]Ray is not installed (pip install 'kservice[ray]'): the Ray part is skipped.[/]")
     else:
         _step("starting Ray (once per driver: it takes a few seconds)")
-        # A private local instance: never attach to some cluster this machine happens to run.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, namespace="kservice")
+        # A private local instance unless RAY_ADDRESS names a cluster: never attach to whatever runs nearby.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, namespace="kservice")
         console.print(f"  a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
 
     # Explicit config rather than the user's KSERVICE_CONFIG: the demo shows the defaults.

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}")
+RAY_TEST_DIR = Path(__file__).resolve().parent / "ray"
+#: small object stores and few CPUs: two nodes fit beside the rest of the suite
+RAY_NODE_ARGS: dict[str, Any] = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
 
 
 def _kservice_threads() -> set[str]:
@@ -19,6 +25,16 @@ def _kservice_threads() -> set[str]:
 
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=False)}
+
+
+def _describe(pids: set[int]) -> list[str]:
+    described = []
+    for pid in sorted(pids):
+        try:
+            described.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())[:120]}")
+        except psutil.Error:
+            described.append(f"{pid} (gone)")
+    return described
 
 
 def _segments() -> set[str]:
@@ -52,8 +68,42 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     leaked_children = _settle(lambda: {pid for pid in _children() - children_before if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE})
     leaked_segments = _settle(lambda: _segments() - segments_before)
     assert not leaked_threads, f"test leaked threads: {sorted(leaked_threads)}"
-    assert not leaked_children, f"test leaked child processes: {sorted(leaked_children)}"
+    assert not leaked_children, f"test leaked child processes: {_describe(leaked_children)}"
     assert not leaked_segments, f"test leaked shared-memory segments in {SHM_DIR}: {sorted(leaked_segments)}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """The one Ray of the test session: a head node (resource ``node_a``) and a worker node (``node_b``).
+
+    This process is connected as a driver; tests that start Ray drivers in
+    subprocesses (the demo, the pytest plugin) point them here with
+    ``RAY_ADDRESS`` instead of starting a Ray of their own.
+    """
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'kservice[ray]')")
+    from ray.cluster_utils import Cluster
+
+    # Replica actors import the test services by module name; Ray's workers inherit this from the raylets.
+    paths = [str(RAY_TEST_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if str(RAY_TEST_DIR) not in sys.path:
+        sys.path.insert(0, str(RAY_TEST_DIR))
+    if ray.is_initialized():
+        # Another session fixture started a local Ray; every Ray test of the session shares this cluster instead.
+        ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={**RAY_NODE_ARGS, "resources": {"node_a": 10}, "include_dashboard": False},
+    )
+    cluster.add_node(**RAY_NODE_ARGS, resources={"node_b": 10})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import textwrap
 import uuid
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,13 @@ def mark(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.mark.timeout(90)
-def test_user_tests_run_on_every_kind_and_clean_up(pytester: pytest.Pytester, mark: str) -> None:
+def test_user_tests_run_on_every_kind_and_clean_up(
+    pytester: pytest.Pytester, mark: str, ray_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The inner session's Ray is the outer session's (the suite starts Ray once); its workers
+    # import the user's test module from the inner run's directory.
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), os.environ.get("PYTHONPATH", "")]))
     pytester.makepyfile(test_user_kv=textwrap.dedent(USER_TESTS))
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=6)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,14 +24,15 @@ def _segments_naming(pid: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_demo_exits_0_and_leaves_nothing_behind() -> None:
+def test_demo_exits_0_and_leaves_nothing_behind(ray_cluster: Any) -> None:
     mark = uuid.uuid4().hex
     process = subprocess.Popen(
         [sys.executable, "-m", "kservice.demo"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(KSERVICE_TEST_MARK=mark),
+        # The session's Ray: the suite starts Ray once.
+        env=cli_env(KSERVICE_TEST_MARK=mark, RAY_ADDRESS=ray_cluster.address),
     )
     out, err = process.communicate(timeout=140)
     assert process.returncode == 0, out + err

@@ -78,6 +78,7 @@ def qdir(monkeypatch):
     """A private queue directory per test; afterwards: no files left, no children left."""
     d = Path(f"/dev/shm/kservice-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("KSERVICE_QUEUE_DIR", str(d))
+    children_before = set(_children())  # a session's Ray, say, is not this test's
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(60)
     try:
@@ -91,7 +92,8 @@ def qdir(monkeypatch):
     if d.exists():
         os.rmdir(d)
     assert not leaked, f"test leaked queue files: {leaked}"
-    assert not _children(), f"test leaked child processes: {_children()}"
+    leaked_children = sorted(set(_children()) - children_before)
+    assert not leaked_children, f"test leaked child processes: {leaked_children}"
 
 
 def _alarm(signum, frame):

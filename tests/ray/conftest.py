@@ -9,11 +9,7 @@ counts what a test itself spawns.
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,10 +19,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-#: small object stores and few CPUs: two nodes fit beside the rest of the suite
-NODE_ARGS: dict[str, Any] = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).resolve().parent == HERE:
@@ -34,29 +26,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def ray_cluster() -> Iterator[Cluster]:
-    """A head node (resource ``node_a``) and a worker node (``node_b``), with this process connected as a driver."""
-    # Replica actors import the test services by module name; Ray's workers inherit this from the raylets.
-    paths = [str(HERE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    if ray.is_initialized():
-        # Another session fixture started a local Ray; every Ray test of the session shares this cluster instead.
-        ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={**NODE_ARGS, "resources": {"node_a": 10}, "include_dashboard": False},
-    )
-    cluster.add_node(**NODE_ARGS, resources={"node_b": 10})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+def _ray_for_every_test(ray_cluster: Cluster) -> Cluster:
+    """Every test here runs with the session's cluster (defined in tests/conftest.py) connected."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="session")
