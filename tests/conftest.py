@@ -106,5 +106,14 @@ def ray_cluster() -> Iterator[Any]:
         cluster.shutdown()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the per-user queue and registry directories when the suite left them empty."""
+    for directory in (SHM_DIR, SHM_DIR.with_name(SHM_DIR.name + "-services")):
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # absent, or in use by another kservice process of this user
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_leaks: the test manages long-lived resources (session fixtures) itself")
