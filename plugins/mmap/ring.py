@@ -149,18 +149,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from . import _futex
-except ImportError:  # loaded standalone, by file path
-    import importlib.util as _ilu
-    import sys as _sys
-
-    _futex = _sys.modules.get("_kservice_ring_futex")
-    if _futex is None:
-        _spec = _ilu.spec_from_file_location("_kservice_ring_futex", Path(__file__).with_name("_futex.py"))
-        _futex = _ilu.module_from_spec(_spec)
-        _sys.modules["_kservice_ring_futex"] = _futex
-        _spec.loader.exec_module(_futex)
+from . import _futex
 
 __all__ = [
     "LAYOUT_VERSION",

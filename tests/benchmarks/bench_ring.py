@@ -12,7 +12,6 @@ Run ``python tests/benchmarks/bench_ring.py [--quick]``; the suite calls
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing as mp
 import os
 import sys
@@ -20,33 +19,17 @@ import time
 import uuid
 from pathlib import Path
 
+from kservice.plugins.mmap import ring
+
 HERE = Path(__file__).resolve().parent
-RING_PATH = HERE.parents[1] / "plugins" / "mmap" / "ring.py"
 WINDOW = 256
 SIZES = (90, 64 * 1024)
-
-
-def load_ring():
-    try:
-        from kservice.plugins.mmap import ring
-
-        return ring
-    except ImportError:
-        pass
-    mod = sys.modules.get("_kservice_ring_standalone")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_kservice_ring_standalone", RING_PATH)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["_kservice_ring_standalone"] = mod
-        spec.loader.exec_module(mod)
-    return mod
 
 
 # --------------------------------------------------------------------------- servers (child processes)
 
 
 def ring_server(req_name: str, resp_name: str, ready) -> None:
-    ring = load_ring()
     req = ring.create_queue(req_name, 1 << 22)
     resp = ring.attach_queue(resp_name)
     ready.set()
@@ -108,7 +91,6 @@ def _pipelined(send, recv_some, payload: bytes, n: int) -> float:
 
 
 def _bench_ring(ctx, n: int, n_pipe: int) -> list[dict]:
-    ring = load_ring()
     tag = uuid.uuid4().hex[:8]
     resp = ring.create_queue(f"bench-resp-{tag}", 1 << 22)
     ready = ctx.Event()

@@ -8,33 +8,13 @@ else loaded from the source tree by path.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 import sys
 import time
-from pathlib import Path
 
+from kservice.plugins.mmap import ring
 
-def load_ring():
-    try:
-        from kservice.plugins.mmap import ring  # type: ignore[import-not-found]
-
-        return ring
-    except ImportError:
-        pass
-    mod = sys.modules.get("_kservice_ring_standalone")
-    if mod is not None:
-        return mod
-    path = Path(__file__).resolve().parents[2] / "plugins" / "mmap" / "ring.py"
-    spec = importlib.util.spec_from_file_location("_kservice_ring_standalone", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_kservice_ring_standalone"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ring = load_ring()
 TAG = struct.Struct("<II")  # producer id, sequence number
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import random
@@ -23,26 +22,10 @@ from hypothesis import strategies as st
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_ring_worker.py"
-RING_PATH = HERE.parents[1] / "plugins" / "mmap" / "ring.py"
 
 
-def _load_ring():
-    try:
-        from kservice.plugins.mmap import ring as mod  # type: ignore[import-not-found]
+from kservice.plugins.mmap import ring  # noqa: E402
 
-        return mod
-    except ImportError:
-        pass
-    mod = sys.modules.get("_kservice_ring_standalone")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("_kservice_ring_standalone", RING_PATH)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["_kservice_ring_standalone"] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-ring = _load_ring()
 TAG = struct.Struct("<II")
 
 try:  # pytest-timeout when present; the alarm fixture below otherwise
