@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
+from ._future import CallFuture
 from ._messages import ServiceRequest, ServiceResponse, new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import get_transport
@@ -41,7 +42,7 @@ class _Timer:
     TICK = 0.05
 
     def __init__(self, name: str) -> None:
-        self._fifos: dict[float, deque[tuple[float, _AsyncCall]]] = {}
+        self._fifos: dict[float, deque[_AsyncCall]] = {}
         self._delayed: list[tuple[float, int, Callable[[], None]]] = []
         self._cond = threading.Condition(threading.Lock())
         self._seq = itertools.count()
@@ -49,14 +50,14 @@ class _Timer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def expire_at(self, timeout: float, when: float, call: _AsyncCall) -> None:
-        """Call ``call.expire()`` at monotonic ``when`` unless the call has finished by then."""
+    def expire_at(self, timeout: float, call: _AsyncCall) -> None:
+        """Call ``call.expire()`` at monotonic ``call.expires_at`` unless the call has finished by then."""
         fifo = self._fifos.get(timeout)
         if fifo is None:
             with self._cond:
                 fifo = self._fifos.setdefault(timeout, deque())
         was_empty = not fifo
-        fifo.append((when, call))
+        fifo.append(call)
         if was_empty:
             with self._cond:
                 self._cond.notify()
@@ -77,7 +78,8 @@ class _Timer:
                 next_wake: float | None = None
                 for fifo in list(self._fifos.values()):
                     while fifo:
-                        when, call = fifo[0]
+                        call = fifo[0]
+                        when = call.expires_at
                         if call.finished():
                             fifo.popleft()
                         elif when <= now:
@@ -385,7 +387,7 @@ class ServiceManager:
         """
         route = self._route(service_name)
         request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
-        future: Future[Any] = Future()
+        future: Future[Any] = CallFuture()
         _AsyncCall(self, route, request, future).start(route.default_timeout if timeout is None else timeout)
         return future
 
@@ -448,7 +450,19 @@ class _AsyncCall:
     (after a delay on the manager's timer) and completing the future.
     """
 
-    __slots__ = ("attempt", "attempt_lock", "future", "limit", "manager", "request", "route", "sent", "timeout")
+    __slots__ = (
+        "attempt",
+        "attempt_lock",
+        "expires_at",
+        "first_lock",
+        "future",
+        "limit",
+        "manager",
+        "request",
+        "route",
+        "sent",
+        "timeout",
+    )
 
     def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, future: Future[Any]) -> None:
         self.manager = manager
@@ -459,7 +473,8 @@ class _AsyncCall:
         self.sent = request
         self.limit = 0
         self.timeout = request.deadline - time.time()  # type: ignore[operator]
-        self.attempt_lock = threading.Lock()
+        self.attempt_lock = self.first_lock = threading.Lock()
+        self.expires_at = 0.0
 
     def start(self, nominal_timeout: float) -> None:
         timer = self.manager.timer()
@@ -467,8 +482,13 @@ class _AsyncCall:
             # An inherited, earlier deadline breaks the FIFO order of its timeout: use the heap.
             timer.call_later(self.timeout, self.expire)
         else:
-            timer.expire_at(nominal_timeout, time.monotonic() + self.timeout, self)
+            self.expires_at = time.monotonic() + self.timeout
+            timer.expire_at(nominal_timeout, self)
         self._send()
+
+    def __call__(self, response: ServiceResponse) -> None:
+        """The first attempt's reply callback (later attempts get an :class:`_AttemptReply`)."""
+        self._settle(response, self.first_lock)
 
     def finished(self) -> bool:
         """Whether the caller has its outcome (or gave up): no further reply matters."""
@@ -502,7 +522,8 @@ class _AsyncCall:
                 self._settle(response, lock)
                 return
         try:
-            route.connection.send(self.sent, lambda response: self._settle(response, lock))
+            # The first attempt's reply is the call itself: one object less per call in flight.
+            route.connection.send(self.sent, self if lock is self.first_lock else _AttemptReply(self, lock))
         except Exception as exc:  # noqa: BLE001 - a transport failing to send fails this attempt only
             self._settle(ServiceResponse.from_exception(self.request.request_id, exc, origin="client"), lock)
 
@@ -540,6 +561,19 @@ class _AsyncCall:
                 future.set_exception(response.to_exception(self.request.service_name, self.request.method_name))
         except InvalidStateError:
             pass  # cancelled by the caller meanwhile
+
+
+class _AttemptReply:
+    """The reply callback of one attempt: settles it with the lock of that attempt (one object, not a closure)."""
+
+    __slots__ = ("call", "lock")
+
+    def __init__(self, call: _AsyncCall, lock: threading.Lock) -> None:
+        self.call = call
+        self.lock = lock
+
+    def __call__(self, response: ServiceResponse) -> None:
+        self.call._settle(response, self.lock)
 
 
 class ServiceProxy:

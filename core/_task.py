@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -133,6 +134,11 @@ class _WorkerPool:
         return self._threads
 
 
+def _count(counter: itertools.count[int]) -> int:
+    """The next value of ``counter`` without advancing it (its repr is the only way to read one)."""
+    return int(repr(counter)[6:-1])
+
+
 class BaseServiceTask:
     """One service instance and everything that serves its calls.
 
@@ -182,15 +188,17 @@ class BaseServiceTask:
         self._methods: dict[str, Callable[..., Any]] = {}
         self._server_chain: MiddlewareChain | None = None
         self._serial_lock = threading.Lock() if self.max_workers == 1 else None
-        # Counters are guarded by one lock: a few ~50 ns acquisitions per call.
+        # The queue depth is guarded by a lock (room waiters sleep on it). Per-call
+        # counters are itertools.count objects instead: next() is one atomic C
+        # call (~40 ns), where each lock pair costs ~150 ns on the per-call path.
         self._counter_lock = threading.Lock()
         self._room = threading.Condition(self._counter_lock)
         self._room_waiters = 0
         self._queued = 0
-        self._running = 0
-        self._requests_total = 0
-        self._errors_total = 0
-        self._expired_total = 0
+        self._started = itertools.count()
+        self._finished = itertools.count()
+        self._failed = itertools.count()
+        self._expired = itertools.count()
         from ._plugins import on_plugins_changed
 
         on_plugins_changed(self._plugins_changed)
@@ -439,20 +447,12 @@ class BaseServiceTask:
         this directly; the worker pool calls it for queued requests
         (``from_queue``, so the queue depth is updated under the same lock).
         """
-        expired = request.deadline is not None and time.time() > request.deadline
-        with self._counter_lock:
-            if from_queue:
-                self._queued -= 1
-                if self._room_waiters:
-                    self._room.notify()
-            if expired:
-                self._expired_total += 1
-                self._requests_total += 1
-                self._errors_total += 1
-            else:
-                self._running += 1
-        if expired:
+        if from_queue:
+            self._dequeued()
+        if request.deadline is not None and time.time() > request.deadline:
+            next(self._expired)
             return timeout_response(request, 0.0)
+        next(self._started)
         serial = self._serial_lock
         if serial is not None:
             serial.acquire()
@@ -480,11 +480,9 @@ class BaseServiceTask:
                 serial.release()
         if chain is not None:
             response = chain.run_after(request, response, limit)
-        with self._counter_lock:
-            self._running -= 1
-            self._requests_total += 1
-            if not response.success:
-                self._errors_total += 1
+        next(self._finished)
+        if not response.success:
+            next(self._failed)
         return response
 
     def handle_request(self, request: ServiceRequest) -> Any:
@@ -533,8 +531,10 @@ class BaseServiceTask:
 
     def get_service_status(self) -> ServiceStatus:
         """A snapshot of state, health and load; plugins add to ``extra``."""
-        with self._counter_lock:
-            counts = (self._requests_total, self._errors_total, self._expired_total, self._running, self._queued)
+        # Finished before started: a call between the two reads shows as in flight, never as negative.
+        finished, failed, expired = _count(self._finished), _count(self._failed), _count(self._expired)
+        started = _count(self._started)
+        counts = (finished + expired, failed + expired, expired, started - finished, self._queued)
         listeners_alive = all(listener.alive for listener in self.listeners)
         reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
         status = ServiceStatus(

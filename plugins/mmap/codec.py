@@ -81,6 +81,7 @@ __all__ = [
     "DecodeError",
     "decode",
     "decode_many",
+    "decode_request",
     "discard",
     "encode_request",
     "encode_response",
@@ -204,6 +205,14 @@ def _trusted(*values: Any) -> set[int]:
 # --------------------------------------------------------------------------- encoding
 
 
+class _TooBig(Exception):
+    pass
+
+
+def _refuse_buffer(buffer: pickle.PickleBuffer) -> bool:
+    raise _TooBig
+
+
 def _dumps(
     message: tuple[Any, ...], receiver_pid: int, inline_limit: int, threshold: int, trusted: set[int] | None = None
 ) -> tuple[bytes, str | None]:
@@ -223,6 +232,21 @@ def _dumps(
     if not buffers and len(data) <= inline_limit:
         return data, None
     return _out_of_band(data, buffers, receiver_pid, inline_limit, trusted or set())
+
+
+def _dumps_fast(message: tuple[Any, ...], receiver_pid: int, inline_limit: int, threshold: int) -> tuple[bytes, str | None]:
+    """:func:`_dumps` for a message with no wrapped buffer: the common small call, pickled once.
+
+    Pickling stops at the first out-of-band candidate (a numpy array...) and
+    the message takes the general path, so nothing large is pickled twice.
+    """
+    try:
+        data = _dumps_pickle(message, _PROTOCOL, buffer_callback=_refuse_buffer)
+    except _TooBig:
+        return _dumps(message, receiver_pid, inline_limit, threshold)
+    if len(data) <= inline_limit:
+        return data, None
+    return _dumps(message, receiver_pid, inline_limit, threshold)
 
 
 def _out_of_band(
@@ -296,10 +320,9 @@ def encode_request(
         request.deadline,
         request.metadata,
     )
-    trusted = None
-    if wrapped_args is not args or wrapped_kwargs is not kwargs:
-        trusted = _trusted(wrapped_args, wrapped_kwargs)
-    return _dumps(message, receiver_pid, inline_limit, threshold, trusted)
+    if wrapped_args is args and wrapped_kwargs is kwargs:
+        return _dumps_fast(message, receiver_pid, inline_limit, threshold)
+    return _dumps(message, receiver_pid, inline_limit, threshold, _trusted(wrapped_args, wrapped_kwargs))
 
 
 def encode_status_request(request_id: str, service_name: str, response_queue: str, deadline: float) -> bytes:
@@ -341,15 +364,9 @@ def encode_response(
     message = response_message(response, threshold)
     result = message[1] if len(message) == 2 else message[2]
     trusted = _trusted(result) if type(result) in (_BigBytes, tuple, list) else None
-    return _dumps(message, receiver_pid, inline_limit, threshold, trusted)
-
-
-class _TooBig(Exception):
-    pass
-
-
-def _refuse_buffer(buffer: pickle.PickleBuffer) -> bool:
-    raise _TooBig
+    if trusted:
+        return _dumps(message, receiver_pid, inline_limit, threshold, trusted)
+    return _dumps_fast(message, receiver_pid, inline_limit, threshold)
 
 
 def encode_response_batch(messages: list[tuple[Any, ...]], inline_limit: int) -> bytes | None:
@@ -385,6 +402,15 @@ def request_from_message(message: tuple[Any, ...]) -> ServiceRequest:
             request_id if type(request_id) is str else None,
         )
     return ServiceRequest(request_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata)
+
+
+def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
+    """(kind, request) of a request record; DecodeError (carrying the request id when readable) otherwise."""
+    message = _load(record)
+    if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
+        what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
+        raise DecodeError(f"{what} record arrived on a request queue")
+    return message[0], request_from_message(message)
 
 
 def response_from_message(message: tuple[Any, ...], _response: Any = ServiceResponse) -> ServiceResponse:

@@ -238,31 +238,18 @@ class MmapListener(Listener):
                 except Exception:
                     log.exception("mmap listener of %r: replying failed", self._task.service_name)
 
-    def _decode(self, record: bytes) -> tuple[Any, ...] | None:
+    def _handle(self, record: bytes, answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]]) -> None:
         try:
-            message = codec.decode(record)
-            if type(message[0]) is not int:
-                raise codec.DecodeError("a response record arrived on a request queue")
-            return message
+            kind, request = codec.decode_request(record)
         except codec.DecodeError as exc:
             log.warning(
-                "mmap listener of %r: skipped an undecodable record (request id %s): %s",
+                "mmap listener of %r: skipped an undecodable request (request id %s): %s",
                 self._task.service_name,
                 exc.request_id or "unknown",
                 exc,
             )
-            return None
-
-    def _handle(self, record: bytes, answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]]) -> None:
-        message = self._decode(record)
-        if message is None:
             return
-        try:
-            request = codec.request_from_message(message)
-        except codec.DecodeError as exc:
-            log.warning("mmap listener of %r: skipped request %s: %s", self._task.service_name, exc.request_id, exc)
-            return
-        if message[0] == codec.KIND_STATUS:
+        if kind == codec.KIND_STATUS:
             self._reply_status(request)
             return
         task = self._task
@@ -323,8 +310,7 @@ class MmapListener(Listener):
 
     def _refuse(self, record: bytes, why: str) -> None:
         try:
-            message = codec.decode(record)
-            request = codec.request_from_message(message)
+            _, request = codec.decode_request(record)
         except Exception:  # undecodable: decode() already unlinked its segment
             return
         error = ServiceUnavailableError(f"service {self._task.service_name!r} is unavailable: {why}")

@@ -1,0 +1,112 @@
+"""The Future that ``call_service_async`` returns: a ``concurrent.futures.Future`` built lazily.
+
+A standard Future allocates a ``threading.Condition`` (a Python object, an
+RLock and a deque) and two lists when it is created, and takes the condition
+on every ``set_result``, ``done`` and ``result``. With thousands of calls in
+flight that is most of a call's client-side cost, and the containers it keeps
+alive make the garbage collector's full passes grow with every pending call.
+
+:class:`CallFuture` is a real subclass (``isinstance`` checks,
+``asyncio.wrap_future``, ``concurrent.futures.wait`` and ``as_completed`` all
+work) whose condition and lists are only created when something needs them:
+a thread that waits before the result is there, a done-callback, a waiter of
+``wait()``/``as_completed()``, or ``cancel()``. Completing a future nobody waits
+on, and reading a finished one, take no condition.
+
+Why it is safe: the condition is created under one module lock, and the
+lock-free completion checks, under that same lock, that no condition exists
+yet. So either the completion comes first (state FINISHED is set before any
+waiter can look at it under the condition, and the waiter returns at once) or
+the condition exists and the completion takes the standard path, which
+notifies waiters and runs callbacks. Callbacks and waiters are only ever
+registered under the condition, so the lock-free path has none to run.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from typing import Any, TypeVar
+
+__all__ = ["CallFuture"]
+
+T = TypeVar("T")
+
+_condition_creation = threading.Lock()
+_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+
+
+class CallFuture(Future[T]):
+    """A ``concurrent.futures.Future`` whose condition and lists are created on first need."""
+
+    # Future.__init__ is deliberately not called: it would build the condition eagerly.
+    def __init__(self) -> None:  # pylint: disable=super-init-not-called
+        self._lazy_condition: threading.Condition | None = None
+        self._lazy_waiters: list[Any] | None = None
+        self._lazy_callbacks: list[Any] | None = None
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+
+    # The attributes the base class (and concurrent.futures.wait) use, built on first access.
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        condition = self._lazy_condition
+        if condition is None:
+            with _condition_creation:
+                condition = self._lazy_condition
+                if condition is None:
+                    condition = self._lazy_condition = threading.Condition()
+        return condition
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        waiters = self._lazy_waiters
+        if waiters is None:
+            waiters = self._lazy_waiters = []
+        return waiters
+
+    @property
+    def _done_callbacks(self) -> list[Any]:
+        callbacks = self._lazy_callbacks
+        if callbacks is None:
+            callbacks = self._lazy_callbacks = []
+        return callbacks
+
+    # Fast paths; everything else is the standard implementation.
+
+    def _finish_unobserved(self, result: Any, exception: BaseException | None) -> bool:
+        """Complete without the condition when none exists; False when one does (use the standard path)."""
+        if self._lazy_condition is not None:
+            return False
+        with _condition_creation:
+            if self._lazy_condition is not None:
+                return False
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+        return True
+
+    def set_result(self, result: T) -> None:
+        if not self._finish_unobserved(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._finish_unobserved(None, exception):
+            super().set_exception(exception)
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def result(self, timeout: float | None = None) -> T:
+        if self._state == FINISHED and self._exception is None:
+            return self._result  # type: ignore[no-any-return]
+        # Failures take the standard path, which also breaks the traceback's reference cycle.
+        return super().result(timeout)
+
+    def __repr__(self) -> str:
+        return f"<CallFuture at {id(self):#x} state={self._state.lower()}>"

@@ -1,0 +1,111 @@
+"""CallFuture: a concurrent.futures.Future whose condition is created only when something waits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, InvalidStateError, as_completed, wait
+
+import pytest
+
+from kservice import ServiceEnvironment
+from kservice._future import CallFuture
+
+
+def test_completing_an_unobserved_future_builds_no_condition() -> None:
+    future: CallFuture[int] = CallFuture()
+    future.set_result(3)
+    assert future.done() and future.result() == 3
+    assert future._lazy_condition is None and future._lazy_waiters is None and future._lazy_callbacks is None
+
+
+def test_a_waiting_thread_is_woken_by_the_result() -> None:
+    future: CallFuture[str] = CallFuture()
+    timer = threading.Timer(0.05, future.set_result, ("late",))
+    timer.start()
+    assert future.result(timeout=5) == "late"
+    timer.join()
+    assert future._lazy_condition is not None  # the waiter needed one
+
+
+def test_result_times_out_while_pending() -> None:
+    future: CallFuture[int] = CallFuture()
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.01)
+
+
+def test_exceptions_and_invalid_states_behave_as_the_standard_future() -> None:
+    future: CallFuture[int] = CallFuture()
+    future.set_exception(KeyError("k"))
+    with pytest.raises(KeyError):
+        future.result()
+    assert isinstance(future.exception(), KeyError)
+    with pytest.raises(InvalidStateError):
+        future.set_result(1)
+
+    cancelled: CallFuture[int] = CallFuture()
+    assert cancelled.cancel() and cancelled.cancelled() and cancelled.done()
+    with pytest.raises(CancelledError):
+        cancelled.result()
+    with pytest.raises(InvalidStateError):
+        cancelled.set_result(1)
+
+
+def test_callbacks_wait_as_completed_and_asyncio_work() -> None:
+    futures: list[CallFuture[int]] = [CallFuture() for _ in range(4)]
+    seen: list[int] = []
+    futures[0].add_done_callback(lambda f: seen.append(f.result()))
+    assert isinstance(futures[0], Future)
+
+    def complete() -> None:
+        for index, future in enumerate(futures):
+            future.set_result(index)
+
+    threading.Timer(0.05, complete).start()
+    done, _ = wait(futures[:2], timeout=5, return_when=FIRST_COMPLETED)
+    assert done
+    assert sorted(f.result() for f in as_completed(futures, timeout=5)) == [0, 1, 2, 3]
+    assert seen == [0]
+
+    async def awaited() -> int:
+        future: CallFuture[int] = CallFuture()
+        threading.Timer(0.02, future.set_result, (7,)).start()
+        return await asyncio.wrap_future(future)
+
+    assert asyncio.run(awaited()) == 7
+
+
+def test_completion_racing_with_waiters_never_loses_a_wakeup() -> None:
+    """A completer thread and a waiter thread race on each future; every wait returns its result."""
+    count = 3000
+    futures: list[CallFuture[int]] = [CallFuture() for _ in range(count)]
+    results: list[int] = []
+    start = threading.Barrier(2)
+
+    def complete() -> None:
+        start.wait()
+        for index, future in enumerate(futures):
+            future.set_result(index)
+
+    def collect() -> None:
+        start.wait()
+        results.extend(future.result(timeout=10) for future in futures)
+
+    threads = [threading.Thread(target=complete), threading.Thread(target=collect)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == list(range(count))
+
+
+def test_call_service_async_returns_a_call_future() -> None:
+    class Echo:
+        def echo(self, value: int) -> int:
+            return value
+
+    with ServiceEnvironment("future-test") as environment:
+        environment.register_service("echo", Echo)
+        future = environment.manager().call_service_async("echo", "echo", (5,))
+        assert isinstance(future, CallFuture) and isinstance(future, Future)
+        assert future.result(timeout=10) == 5
