@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_right
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,8 @@ class _MethodStats:
     """Cumulative counts of one method in one shard (written by one thread only).
 
     The call count is the sum of the buckets, so a call costs one increment less.
+    ``errors`` counts by error type; in a shard it is a ``defaultdict(int)``, so
+    counting a failed call is one ``+= 1`` (copies and sums are plain dicts).
     """
 
     __slots__ = ("buckets", "degraded", "errors", "seconds")
@@ -98,7 +100,7 @@ class _MethodStats:
     def __init__(self) -> None:
         self.degraded = 0
         self.seconds = 0.0
-        self.errors: dict[str, int] = {}
+        self.errors: dict[str, int] = defaultdict(int)
         self.buckets = [0] * _NBUCKETS
 
     @property
@@ -334,6 +336,7 @@ class _Timed(ServiceMiddleware):
     def __init__(self, recorder: ServiceRecorder) -> None:
         self.recorder = recorder
         self._clock = recorder.clock
+        self._tls = recorder.tls
         # Keyed by request id rather than kept on the request: the request is
         # the caller's object (and crosses processes), and for async calls
         # the after-hook runs in another thread than the before-hook.
@@ -362,7 +365,7 @@ class _Timed(ServiceMiddleware):
         now = self._clock()
         recorder = self.recorder
         try:
-            shard = recorder.tls.shard
+            shard = self._tls.shard
         except AttributeError:
             shard = recorder.shard()
         stats = shard.get(request.method_name)
@@ -372,8 +375,8 @@ class _Timed(ServiceMiddleware):
         stats.seconds += seconds
         stats.buckets[bisect_right(BUCKET_BOUNDS, seconds)] += 1
         if not response.success:
-            error_type = response.error_type or "unknown"
-            stats.errors[error_type] = stats.errors.get(error_type, 0) + 1
+            # A shard's errors is a defaultdict: one += per failed call (an open breaker's flood).
+            stats.errors[response.error_type or "unknown"] += 1
         if response.degraded:
             stats.degraded += 1
         if now >= recorder.next_mark:
@@ -386,21 +389,17 @@ class _Timed(ServiceMiddleware):
 class ClientMetrics(_Timed):
     """The caller's side: the time from ``before_call`` to ``after_call``, each attempt counted."""
 
-    def before_call(self, request: ServiceRequest) -> None:
-        self._start(request)
-
-    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
-        self._finish(response, request)
+    # The hooks are the shared bodies themselves rather than methods calling them: one Python
+    # frame less per hook, ~0.1 µs per call (and per call an open breaker rejects).
+    before_call = _Timed._start  # type: ignore[assignment]
+    after_call = _Timed._finish  # type: ignore[assignment]
 
 
 class ServerMetrics(_Timed):
     """The service's side: the time from ``before_handle`` to ``after_handle`` in the worker thread."""
 
-    def before_handle(self, request: ServiceRequest) -> None:
-        self._start(request)
-
-    def after_handle(self, response: ServiceResponse, request: ServiceRequest) -> None:
-        self._finish(response, request)
+    before_handle = _Timed._start  # type: ignore[assignment]
+    after_handle = _Timed._finish  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------- reading

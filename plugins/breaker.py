@@ -82,6 +82,22 @@ class CircuitOpenError(ServiceUnavailableError):
         self.probe_at = probe_at
 
 
+#: ``CircuitOpenError.__new__``: exceptions inherit BaseException's, which sets ``args``.
+_new_exception = BaseException.__new__
+
+
+def _circuit_open_error(message: str, probe_at: float) -> CircuitOpenError:
+    """``CircuitOpenError(message, probe_at)`` without the Python-level ``__init__`` call.
+
+    ``BaseException.__new__`` already sets ``args`` to ``(message,)``, which is
+    all ``__init__`` adds besides ``probe_at``; skipping the two Python frames
+    (``__init__`` and ``super().__init__``) saves ~0.25 µs per rejected call.
+    """
+    error = _new_exception(CircuitOpenError, message)
+    error.probe_at = probe_at
+    return error
+
+
 class CircuitBreaker(ServiceMiddleware):
     """The breaker of one service; also the middleware that applies it.
 
@@ -135,10 +151,26 @@ class CircuitBreaker(ServiceMiddleware):
         state = self.state
         if state is _CLOSED:
             return None
-        if state is _OPEN and self._clock() < self._probe_at:
-            # Fail fast without the lock: a stale read only sends this call down the locked path.
+        probe_at = self._probe_at
+        if state is _OPEN and self._clock() < probe_at:
+            # The flood path: fail fast without the lock (a stale read only sends this call down
+            # the locked path), with _rejection and _circuit_open_error inlined (~0.1 µs a call).
             self.rejected_total += 1  # approximate under races; status only
-            return self._rejection(request)
+            message = self._open_message
+            error = _new_exception(CircuitOpenError, message)
+            error.probe_at = probe_at
+            return ServiceResponse(
+                False,
+                None,
+                message,
+                request.request_id,
+                "CircuitOpenError",
+                "runtime",
+                "",
+                {"kservice.retryable": False, "kservice.circuit_open": True},
+                False,
+                error,
+            )
         return self._admit(request)
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
@@ -185,8 +217,13 @@ class CircuitBreaker(ServiceMiddleware):
         return self._rejection(request)
 
     def _rejection(self, request: ServiceRequest) -> ServiceResponse:
-        # The message is built when the breaker opens, not per rejected call: this is the flood path.
-        # Positional arguments and the prepared message: ~0.5 µs less per rejected call.
+        """A fresh fail-fast answer to ``request`` (``before_call`` inlines the same for the open state).
+
+        Each rejection gets its own response and exception: callers raise the
+        exception (a shared one would collect every raiser's traceback) and
+        the retry policy annotates it. What is shared is prepared when the
+        breaker opens: the message, built once per open period.
+        """
         message = self._open_message
         return ServiceResponse(
             False,
@@ -198,7 +235,7 @@ class CircuitBreaker(ServiceMiddleware):
             "",
             {"kservice.retryable": False, "kservice.circuit_open": True},
             False,
-            CircuitOpenError(message, self._probe_at),
+            _circuit_open_error(message, self._probe_at),
         )
 
     def record(self, failed: bool, request_id: str = "", response: ServiceResponse | None = None) -> None:

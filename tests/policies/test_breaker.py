@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import time
+import traceback
 from typing import Any
 
 import kservice
@@ -64,6 +66,29 @@ def test_consecutive_failures_open_and_a_success_resets_the_count() -> None:
     assert rejected.error_type == "CircuitOpenError" and isinstance(rejected.exception, CircuitOpenError)
     assert isinstance(rejected.exception, kservice.ServiceUnavailableError)
     assert rejected.metadata["kservice.retryable"] is False
+
+
+@pytest.mark.timeout(10)
+def test_each_rejection_is_a_complete_circuit_open_error_of_its_own() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", settings(failure_threshold=1, cooldown=5.0), clock=clock)
+    call(breaker, DOWN)
+    request = req()
+    first, second = breaker.before_call(request), breaker.before_call(req())
+    assert first is not None and second is not None
+    assert first.request_id == request.request_id and not first.success
+    assert (first.error_type, first.error_origin) == ("CircuitOpenError", "runtime")
+    error = first.exception
+    assert type(error) is CircuitOpenError and error is not second.exception  # callers may annotate and raise it
+    assert error.args == (first.error,) and str(error) == first.error
+    assert "'svc' is open after ServiceUnavailableError: down" in first.error
+    assert error.probe_at == pytest.approx(105.0)
+    assert first.metadata == {"kservice.retryable": False, "kservice.circuit_open": True}
+    assert first.metadata is not second.metadata
+    restored = pickle.loads(pickle.dumps(error))
+    assert type(restored) is CircuitOpenError and restored.args == error.args and restored.probe_at == error.probe_at
+    assert CircuitOpenError("built by hand", 3.0).probe_at == 3.0 and CircuitOpenError("m").probe_at == 0.0
+    assert breaker.snapshot()["rejected_total"] == 2
 
 
 @pytest.mark.timeout(10)
@@ -197,6 +222,30 @@ def test_a_flapping_service_opens_and_closes_the_breaker_as_specified() -> None:
             assert status.extra["breaker"]["opened_total"] == 2
             assert status.extra["breaker"]["rejected_total"] == 101
             assert breaker_status("flaky")["flaky"]["state"] == "closed"
+
+
+@pytest.mark.timeout(30)
+def test_rejections_are_counted_by_metrics_and_raised_with_their_own_traceback() -> None:
+    from kservice.middleware import metrics
+
+    config = {"service_call": {"max_retries": 3}, "breaker": {"failure_threshold": 1, "cooldown": 30}}
+    with ServiceEnvironment("t", config) as env:
+        env.register_service("rejecting", Flaky)
+        with env.manager() as manager:
+            with pytest.raises(kservice.ServiceTimeoutError):
+                manager.call_service_sync("rejecting", "sleep", (0.2,), timeout=0.02)
+            assert breaker_state("rejecting") == "open"
+            caught = []
+            for _ in range(5):
+                with pytest.raises(CircuitOpenError) as raised:
+                    manager.call_service_sync("rejecting", "ok", (1,))
+                caught.append(raised.value)
+            assert len({id(error) for error in caught}) == 5
+            # A fresh exception per call: its traceback is this raise only, not every earlier one.
+            assert all(len(traceback.extract_tb(error.__traceback__)) == len(traceback.extract_tb(caught[0].__traceback__)) for error in caught)
+            assert not any(hasattr(error, "attempts") for error in caught)  # rejections are not retried
+            client = metrics.snapshot()["client"]["rejecting"]["methods"]["ok"]
+            assert client["calls"] == 5 and client["errors_by_type"] == {"CircuitOpenError": 5}
 
 
 @pytest.mark.timeout(30)
