@@ -188,6 +188,11 @@ class DefaultRetryPolicy:
     def should_retry(
         self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
     ) -> float | None:
+        if response.metadata.get("kservice.retryable") is False:
+            # A middleware's final word (every rejection of an open breaker): nothing to weigh.
+            if attempt:
+                give_up(request, response, attempt, "the error is not safe to retry")
+            return None
         if not self.retryable(response, idempotent):
             give_up(request, response, attempt, "the error is not safe to retry")
             return None

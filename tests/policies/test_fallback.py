@@ -136,3 +136,15 @@ def test_bad_fallback_config_is_a_clear_error_and_bad_declarations_are_refused()
         fb.register_fallback("x", "y")
     with pytest.raises(TypeError, match="exactly one of value"):
         fb.fallback(1, handler=lambda r, e: 2)
+
+
+def test_values_are_copied_per_call_unless_nothing_in_them_can_change() -> None:
+    request = ServiceRequest("r", "svc", "m")
+    error = kservice.ServiceUnavailableError("down")
+    mutable = fb.Fallback({"items": [("a", 1)]})
+    first, second = mutable.answer(request, error), mutable.answer(request, error)
+    assert first == second == {"items": [("a", 1)]} and first is not second and first["items"] is not second["items"]
+    for value in ("degraded", b"x", 0, 1.5, None, True, ("a", (1, None)), frozenset({"a"})):
+        assert fb.Fallback(value).answer(request, error) is value
+    nested = fb.Fallback(("a", ["mutable"]))  # a tuple holding a list is copied
+    assert nested.answer(request, error) is not nested.value
