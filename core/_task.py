@@ -83,6 +83,10 @@ def _call_lifecycle(instance: Any, names: Iterable[str]) -> None:
             method()
 
 
+#: In a worker thread: when (perf_counter) its current request began running, queue wait excluded.
+_current_job = threading.local()
+
+
 class _WorkerPool:
     """Fixed worker threads fed by a SimpleQueue.
 
@@ -105,11 +109,15 @@ class _WorkerPool:
     def _work(self) -> None:
         get = self._queue.get
         task = self._task
+        job = _current_job
+        clock = time.perf_counter
         while True:
             item = get()
             if item is None:
+                job.began = None
                 return
             request, reply = item
+            job.began = clock()
             reply(task.execute(request, from_queue=True))
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
@@ -377,6 +385,10 @@ class BaseServiceTask:
     def submit(self, request: ServiceRequest, reply: Reply) -> None:
         """Queue ``request`` for a worker; ``reply`` gets the response exactly once.
 
+        ``reply`` runs in the worker thread once the request ran (there
+        :meth:`job_seconds` tells how long it took), or in the calling thread
+        when the request is refused.
+
         A task that is not running answers at once with ServiceUnavailableError;
         a full queue waits up to ``service.local.queue_timeout`` (and never past
         the request's deadline) for room, then answers ServiceOverloadedError.
@@ -410,6 +422,16 @@ class BaseServiceTask:
                 return
             self._queued += 1
         pool.put((request, reply))
+
+    @staticmethod
+    def job_seconds() -> float | None:
+        """In a ``submit`` reply callback: how long the request ran, its wait in the queue excluded.
+
+        Reply callbacks run in the worker thread right after the request
+        (listeners use this to learn a method's cost). None outside a worker.
+        """
+        began: float | None = getattr(_current_job, "began", None)
+        return None if began is None else time.perf_counter() - began
 
     def _wait_for_room(self, request: ServiceRequest) -> bool:
         """Called holding the counter lock with the queue full; True once there is room."""

@@ -14,7 +14,7 @@ in batches (``get_many``) and decides, per request, where it runs:
 A method that overruns the limit while running inline is moved to the pool
 from its next call on, so one slow method stalls the listener at most once
 until its measured cost decays below the limit again (pool runs keep feeding
-the estimate). A task declared not thread-safe still runs one request at a
+the estimate with their running time, their wait in the pool's queue excluded). A task declared not thread-safe still runs one request at a
 time: both paths go through ``task.execute``, which holds its serial lock.
 
 Client side (:class:`MmapConnection`): a synchronous ``call`` puts the request
@@ -280,11 +280,13 @@ class MmapListener(Listener):
             return
         with self._outstanding_lock:
             self._outstanding += 1
-        submitted = time.perf_counter()
 
         def reply(response: ServiceResponse) -> None:
-            # Includes the wait in the pool's queue: an upper bound of the method's cost.
-            self._observe(name, time.perf_counter() - submitted)
+            # The run alone, not the wait in the pool's queue: counting waits behind a backlog
+            # would keep a fast method in the pool for as long as the backlog lasts, and so make it last.
+            seconds = task.job_seconds()
+            if seconds is not None:
+                self._observe(name, seconds)
             with self._outstanding_lock:
                 self._outstanding -= 1
             self._reply(request, response)
