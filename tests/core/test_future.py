@@ -7,7 +7,6 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, InvalidStateError, as_completed, wait
 
 import pytest
-
 from kservice import ServiceEnvironment
 from kservice._future import CallFuture
 
