@@ -48,6 +48,9 @@ class KV:
         time.sleep(seconds)
         return seconds
 
+    def thread_name(self) -> str:
+        return threading.current_thread().name
+
     def unpicklable(self) -> Any:
         return threading.Lock()
 

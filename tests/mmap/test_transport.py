@@ -295,3 +295,20 @@ def test_disabling_the_plugin_leaves_the_rest_working() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "no", "process", "kind"]
+
+
+def test_a_fast_method_first_queued_behind_slow_work_still_runs_inline_afterwards() -> None:
+    """The listener learns a method's cost from its run, not from its wait behind a busy pool."""
+    name = unique("backlog")
+    env = ServiceEnvironment(
+        "backlog",
+        {"services": {name: {"class": "tests.mmap.services:KV", "transports": ["mmap"], "local": {"max_workers": 2}}}},
+    )
+    with env, ServiceManager() as outsider:  # through the registry: the mmap listener, not in-process
+        busy = [outsider.call_service_async(name, "sleep", (0.5,)) for _ in range(2)]  # every worker busy
+        time.sleep(0.2)
+        # Its first call runs in the pool, after waiting ~0.3 s behind the sleeps.
+        assert outsider.call_service_sync(name, "thread_name").startswith(f"kservice-{name}-")
+        assert [f.result(10) for f in busy] == [0.5, 0.5]
+        # That wait did not count as its cost: from now on it runs in the listener's own thread.
+        assert outsider.call_service_sync(name, "thread_name") == f"kservice-mmap-{name}"
