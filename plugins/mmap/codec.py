@@ -89,6 +89,7 @@ __all__ = [
     "reclaim_segments",
     "release_pool",
     "request_from_message",
+    "response_for",
     "response_from_message",
     "unlink_segment",
 ]
@@ -361,6 +362,14 @@ def encode_response(
     threshold: int = OUT_OF_BAND_THRESHOLD,
 ) -> tuple[bytes, str | None]:
     """The record carrying ``response``; raises what pickling raises."""
+    if response.success and not response.metadata and not response.degraded:
+        # The common reply, without the general path's calls: a plain result nothing wraps.
+        result = response.result
+        t = type(result)
+        if (t is not tuple and t is not list and t is not _bytes and t is not _bytearray) or (
+            (t is _bytes or t is _bytearray) and len(result) < threshold
+        ):
+            return _dumps_fast((response.request_id, result), receiver_pid, inline_limit, threshold)
     message = response_message(response, threshold)
     result = message[1] if len(message) == 2 else message[2]
     trusted = _trusted(result) if type(result) in (_BigBytes, tuple, list) else None
@@ -406,11 +415,35 @@ def request_from_message(message: tuple[Any, ...]) -> ServiceRequest:
 
 def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     """(kind, request) of a request record; DecodeError (carrying the request id when readable) otherwise."""
-    message = _load(record)
+    if record[:1] == b"\x80":
+        try:
+            message = _loads(record)
+        except Exception as exc:
+            raise DecodeError(f"undecodable record of {len(record)} bytes: {type(exc).__name__}: {exc}") from None
+    else:
+        message = _load(record)
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
         what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
         raise DecodeError(f"{what} record arrived on a request queue")
     return message[0], request_from_message(message)
+
+
+def response_for(record: bytes, request_id: str) -> ServiceResponse | None:
+    """The plain success answering ``request_id`` when ``record`` is exactly that, else None.
+
+    The fast path of a caller waiting for one response; anything else (an
+    error, a batch, out-of-band data, another request's answer, bytes that do
+    not decode) returns None and takes :func:`decode_many`.
+    """
+    if record[:1] != b"\x80":
+        return None
+    try:
+        message = _loads(record)
+    except Exception:
+        return None
+    if type(message) is tuple and len(message) == 2 and message[0] == request_id:
+        return ServiceResponse(True, message[1], None, request_id)
+    return None
 
 
 def response_from_message(message: tuple[Any, ...], _response: Any = ServiceResponse) -> ServiceResponse:
