@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test bench lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py plugins/mmap/_ringfast.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
 	$(PY) -m pip install -q -e '.[ray,dev,plot]'

@@ -239,6 +239,36 @@ _DATA_WORD64 = HEADER_SIZE >> 3
 _STATIC = struct.Struct("@8sIIQQQQd")
 assert _STATIC.size == 56
 
+#: The compiled fast path (``_ringfast``, built from ``_ringfast.c`` when a C
+#: compiler is at hand), or None.  A build whose layout constants differ from the
+#: ones above (a stale build) is ignored, never trusted.
+_RINGFAST_LAYOUT = {
+    "LAYOUT_VERSION": LAYOUT_VERSION, "HEADER_SIZE": HEADER_SIZE, "FRAME": FRAME, "CHECK_KEY": _CHECK_KEY,
+    "OFF_CLOSED": _OFF_CLOSED, "OFF_RECOVERIES": _OFF_RECOVERIES, "OFF_TAIL": _OFF_TAIL,
+    "OFF_DATA_SEQ": _OFF_DATA_SEQ, "OFF_ASLEEP": _OFF_ASLEEP, "OFF_HEAD": _OFF_HEAD,
+    "OFF_SPACE_SEQ": _OFF_SPACE_SEQ, "OFF_SPACE_WAITERS": _OFF_SPACE_WAITERS, "OFF_MUTEX": _OFF_MUTEX,
+}
+
+
+def _load_ringfast() -> Any:
+    try:
+        from . import _ringfast  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if getattr(_ringfast, "LAYOUT", None) != _RINGFAST_LAYOUT:
+        return None
+    return _ringfast
+
+
+_ringfast = _load_ringfast()
+#: Environment variable: set to 1 to make new handles run the pure-Python path.
+PURE_ENV = "KSERVICE_RING_PURE"
+
+
+def _use_ringfast() -> bool:
+    return _ringfast is not None and os.environ.get(PURE_ENV, "") in ("", "0")
+
+
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
 
 _EMPTY: Any = object()
@@ -445,6 +475,9 @@ class ShmQueue:
         # With membarrier(2), producers about to sleep fence on the consumer's
         # behalf, so the consumer's hot path needs no barrier of its own.
         self._fence = not _futex.membarrier_register()
+        # The compiled put/pop, or None: the pure-Python code below then runs.
+        # It pins the mapping like the views do (released in _release_views).
+        self._fast = _ringfast.Ring(mm, cap, self._fence) if _use_ringfast() else None
         self._rlock = threading.Lock()  # consumer side of this handle
         self._sleepers = 0
         ncpu = _usable_cpus()
@@ -535,6 +568,12 @@ class ShmQueue:
         marked closed or its owner died while we waited, :class:`RecordTooLarge`
         when the record can never fit.
         """
+        fast = self._fast
+        if fast is not None and not fast.put(item):
+            return  # published by the compiled path
+        # The pure-Python path: the reference, the fallback, and the slow path
+        # whenever the compiled one declined (lock busy, ring full, queue
+        # closed, record too large, not a buffer) without having written a byte.
         cls = item.__class__
         if cls is not bytes and cls is not bytearray:
             item = memoryview(item).cast("B")
@@ -676,8 +715,23 @@ class ShmQueue:
     def _pop(self, max_items: int) -> Any:
         """Up to ``max_items`` records (one bytes for max_items == 0, else a list), or _EMPTY.
 
-        Caller holds self._rlock.
+        Caller holds self._rlock.  Raises QueueCorrupted as :meth:`_pop_pure` does.
         """
+        fast = self._fast
+        if fast is None:
+            return self._pop_pure(max_items)
+        records, status = fast.pop(max_items)
+        if status:
+            if status == _POP_WAKE:  # the records are ours; producers wait for the space
+                self._wake_producers()
+            elif status == _POP_EMPTY:
+                return _EMPTY
+            else:  # _POP_CORRUPT, nothing consumed: the reference code resets and reports
+                return self._pop_pure(max_items)
+        return records
+
+    def _pop_pure(self, max_items: int) -> Any:
+        """:meth:`_pop` in Python: the reference for ``_ringfast`` and the fallback."""
         w64 = self._w64
         head = w64[_HEAD]
         tail = w64[_TAIL]
@@ -958,6 +1012,10 @@ class ShmQueue:
         _futex_wake(self._space_seq_addr)
 
     def _release_views(self) -> None:
+        fast = self.__dict__.get("_fast")
+        if fast is not None:
+            fast.release()
+        self._fast = None  # from now on put and _pop take the pure-Python path
         for attr in ("_w64", "_w32"):
             view = self.__dict__.pop(attr, None)
             if view is not None:
@@ -1002,6 +1060,8 @@ _spin_trylock = _futex.fast_spin_trylock
 _IDLE_WAIT_FACTOR = 20
 _FENCE = _futex.FENCE_ARG
 _futex_wake = _futex.futex_wake
+_POP_WAKE = 1 if _ringfast is None else _ringfast.POP_WAKE
+_POP_EMPTY = 2 if _ringfast is None else _ringfast.POP_EMPTY
 
 
 # --------------------------------------------------------------------------- module functions
