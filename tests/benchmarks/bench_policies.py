@@ -26,7 +26,11 @@ arm's figure is the median of its round values, and the difference is the
 median of the per-round differences, with its range over five consecutive
 stretches of the run (what a rerun would see; rounds next to each other share
 the machine's load, so a textbook confidence interval would be too narrow).
-Chain rows are means over tight loops, median of interleaved rounds.
+Chain rows and the open-breaker rows run in the calling thread only: each is
+the mean per call of a tight loop, the lowest over interleaved rounds
+(timeit's convention: such code is only ever slowed down by other load, so
+the lowest round is the least disturbed; on a loaded 2-CPU machine medians of
+these rows move by 1.5-2x between runs, their minima by a few percent).
 
 Reading the whole-call rows: each call hands off to a worker thread (inproc)
 or a child process (mmap) and back, 20-60 µs on a 2-CPU machine shared with
@@ -170,7 +174,7 @@ def _arms(arms: dict[str, list[Callable[[], Any]]], block: int, rounds: int) -> 
 
 
 def _loops(subjects: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, float]:
-    """Tight-loop timing: median over interleaved rounds of the mean µs per call of ``n`` calls."""
+    """Tight-loop timing: the lowest over interleaved rounds of the mean µs per call of ``n`` calls."""
     per_round: dict[str, list[float]] = {name: [] for name in subjects}
     perf = time.perf_counter
     for index in range(rounds + 1):
@@ -180,7 +184,7 @@ def _loops(subjects: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[
                 fn()
             if index:  # round 0 warms up
                 per_round[name].append((perf() - start) / n * 1e6)
-    return {name: statistics.median(values) for name, values in per_round.items()}
+    return {name: min(values) for name, values in per_round.items()}
 
 
 def _row(
@@ -432,7 +436,7 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv
     load_before = os.getloadavg()[0]
     results = run(quick=quick)
-    print_table("Call-policy overhead (µs per call; medians, see the module docstring)", results)
+    print_table("Call-policy overhead (µs per call; whole calls: medians, chains: lowest rounds; see the docstring)", results)
     # Whole calls hand off between threads (and processes): on a machine busier than its cores
     # they wait for a CPU, so the load is part of the result.
     print(f"\n{os.cpu_count()} CPUs; 1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
