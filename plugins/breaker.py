@@ -74,8 +74,12 @@ class CircuitOpenError(ServiceUnavailableError):
     """The service's circuit breaker is open: the call was refused without reaching the service.
 
     ``probe_at`` is the breaker clock's time (``time.monotonic()`` by default)
-    from which a probe call is let through.
+    from which a probe call is let through; 0.0 when unknown (a rejection that
+    reached this caller from another process, rebuilt by type name).
     """
+
+    #: the class default covers instances built without ``__init__`` (the core's error rebuilding)
+    probe_at: float = 0.0
 
     def __init__(self, message: str, probe_at: float = 0.0) -> None:
         super().__init__(message)
