@@ -228,21 +228,31 @@ class FallbackMiddleware(ServiceMiddleware):
         reason = self.reason(response)
         if reason is None:
             return None
-        error = response.to_exception(self.service_name, method)
-        try:
-            value = declared.answer(request, error)
-        except Exception as exc:
-            error.add_note(f"the fallback of {self.service_name}.{method} raised too: {type(exc).__name__}: {exc}")
-            return ServiceResponse.from_exception(request.request_id, error, origin="client")
+        if declared.shared:
+            # An immutable value is the answer as it is, and nothing needs the error: the flood path
+            # of an open breaker with a fallback value.
+            value = declared.value
+        else:
+            error = response.to_exception(self.service_name, method)
+            try:
+                value = declared.answer(request, error)
+            except Exception as exc:
+                error.add_note(f"the fallback of {self.service_name}.{method} raised too: {type(exc).__name__}: {exc}")
+                return ServiceResponse.from_exception(request.request_id, error, origin="client")
         with _lock:
             _degraded[(self.service_name, method)] += 1
+        # Positional: a successful response, marked degraded, with the failure's metadata and why.
         return ServiceResponse(
             True,
             value,
             None,
             request.request_id,
-            metadata={**response.metadata, "kservice.degraded": True, "kservice.fallback": reason},
-            degraded=True,
+            "",
+            "",
+            "",
+            {**response.metadata, "kservice.degraded": True, "kservice.fallback": reason},
+            True,
+            None,
         )
 
 
