@@ -2,8 +2,8 @@
 
 Usage: ``python _ring_worker.py ROLE ARGS...``.  Roles print one line
 (``ready ...``) on stdout when they are set up, so the parent can synchronise.
-The ring module is imported as ``kservice.plugins.mmap.ring`` when installed,
-else loaded from the source tree by path.
+The ring module is imported as ``kservice.plugins.mmap.ring``; the environment
+variable ``KSERVICE_RING_PURE=1`` makes a worker run the pure-Python put/pop.
 """
 
 from __future__ import annotations
@@ -112,7 +112,15 @@ def role_die_holding_lock(name: str, scribble: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def role_which_path(name: str) -> None:
+    """Attach to NAME and report which put/pop this process runs ("compiled" or "pure")."""
+    q = ring.attach_queue(name)
+    ready("pure" if q._fast is None else "compiled")
+    q.close()
+
+
 ROLES = {
+    "which_path": role_which_path,
     "unpickle_put": role_unpickle_put,
     "die_holding_lock": role_die_holding_lock,
     "echo": role_echo,

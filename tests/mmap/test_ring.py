@@ -56,6 +56,35 @@ def _children() -> list[int]:
     return out
 
 
+RING_PATHS = ["compiled", "pure"]
+
+
+@pytest.fixture(autouse=True, params=RING_PATHS)
+def ring_path(request, monkeypatch) -> str:
+    """Run every test once with the compiled put/pop and once with the pure-Python code.
+
+    Worker processes take the other path (see ``Procs.start``), so that every
+    cross-process test also checks that the two implementations interoperate.
+    """
+    if request.param == "compiled":
+        if ring._ringfast is None:
+            pytest.skip("the _ringfast extension is not built")
+        monkeypatch.delenv(ring.PURE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ring.PURE_ENV, "1")
+    return request.param
+
+
+def _other_path_env() -> dict[str, str]:
+    """This process's environment, with the ring path the opposite of ours (when both exist)."""
+    env = os.environ.copy()
+    if os.environ.get(ring.PURE_ENV) == "1":
+        env.pop(ring.PURE_ENV, None)
+    else:
+        env[ring.PURE_ENV] = "1"
+    return env
+
+
 @pytest.fixture(autouse=True)
 def qdir(monkeypatch):
     """A private queue directory per test; afterwards: no files left, no children left."""
@@ -95,7 +124,7 @@ class Procs:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=os.environ.copy(),
+            env=_other_path_env(),
         )
         self.procs.append(p)
         if wait_ready:
@@ -135,8 +164,9 @@ def procs():
 
 
 @pytest.fixture
-def q():
+def q(ring_path):
     queue = ring.create_queue(f"q-{os.getpid()}", 1 << 16)
+    assert (queue._fast is None) == (ring_path == "pure")
     yield queue
     queue.unlink()
     queue.close()
@@ -577,6 +607,13 @@ def _check_tagged(records: list[bytes], pad: int = 0) -> dict[int, list[int]]:
         assert r[TAG.size :] == b"p" * pad
         seqs.setdefault(ident, []).append(seq)
     return seqs
+
+
+def test_workers_take_the_other_ring_path(q, procs, ring_path):
+    p = procs.start("which_path", q.name)
+    other = "pure" if ring_path == "compiled" else ("compiled" if ring._ringfast is not None else "pure")
+    assert p.ready_line.split() == ["ready", other]
+    assert p.wait(10) == 0
 
 
 def test_multi_producer_exactly_once_in_order(q, procs):

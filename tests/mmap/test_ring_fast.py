@@ -1,0 +1,274 @@
+"""The compiled put/pop (``_ringfast``) against the pure-Python reference in ring.py.
+
+The two implementations must be interchangeable on one queue: the same bytes
+in shared memory for the same operations, the same records out, the same
+errors.  (test_ring.py runs every ring test with each path, and its worker
+processes with the other path.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import sysconfig
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kservice.plugins.mmap import ring
+
+fast = ring._ringfast
+needs_fast = pytest.mark.skipif(fast is None, reason="the _ringfast extension is not built")
+
+#: Header words that put/pop change, by offset and width; the rest of the header
+#: (static fields, the mutex) is either identical by construction or per-queue.
+SHARED_WORDS = {
+    "closed": (ring._OFF_CLOSED, "I"),
+    "recoveries": (ring._OFF_RECOVERIES, "I"),
+    "tail": (ring._OFF_TAIL, "Q"),
+    "data_seq": (ring._OFF_DATA_SEQ, "I"),
+    "asleep": (ring._OFF_ASLEEP, "I"),
+    "head": (ring._OFF_HEAD, "Q"),
+    "space_seq": (ring._OFF_SPACE_SEQ, "I"),
+    "space_waiters": (ring._OFF_SPACE_WAITERS, "I"),
+}
+
+
+@pytest.fixture(autouse=True)
+def qdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private queue directory per test, removed afterwards (and no queue file may be left)."""
+    d = Path(f"/dev/shm/kservice-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("KSERVICE_QUEUE_DIR", str(d))
+    monkeypatch.delenv(ring.PURE_ENV, raising=False)
+    yield d
+    leaked = sorted(os.listdir(d)) if d.exists() else []
+    for name in leaked:
+        os.unlink(d / name)
+    if d.exists():
+        os.rmdir(d)
+    assert not leaked, f"test leaked queue files: {leaked}"
+
+
+def _create(name: str, capacity: int, *, pure: bool) -> ring.ShmQueue:
+    os.environ[ring.PURE_ENV] = "1" if pure else "0"
+    try:
+        return ring.create_queue(name, capacity)
+    finally:
+        del os.environ[ring.PURE_ENV]
+
+
+def _attach(name: str, *, pure: bool) -> ring.ShmQueue:
+    os.environ[ring.PURE_ENV] = "1" if pure else "0"
+    try:
+        return ring.attach_queue(name)
+    finally:
+        del os.environ[ring.PURE_ENV]
+
+
+def _state(q: ring.ShmQueue) -> tuple[dict[str, int], bytes]:
+    words = {name: struct.unpack_from("=" + fmt, q._mm, off)[0] for name, (off, fmt) in SHARED_WORDS.items()}
+    return words, bytes(q._mm[ring.HEADER_SIZE :])
+
+
+def _drop(*queues: ring.ShmQueue) -> None:
+    for q in queues:
+        q.unlink()
+        q.close()
+
+
+def test_extension_is_built_where_a_compiler_exists() -> None:
+    if fast is None and (shutil.which(sysconfig.get_config_var("CC").split()[0]) or shutil.which("cc")):
+        pytest.fail("a C compiler exists but kservice.plugins.mmap._ringfast was not built (run `make setup`)")
+    if fast is not None:
+        assert fast.LAYOUT == ring._RINGFAST_LAYOUT
+
+
+def test_pure_env_selects_the_python_path() -> None:
+    pure = _create("pure", 4096, pure=True)
+    default = ring.attach_queue("pure")
+    try:
+        assert pure._fast is None
+        assert (default._fast is None) == (fast is None)
+    finally:
+        default.close()
+        _drop(pure)
+
+
+@needs_fast
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.integers(min_value=0, max_value=4096 - 8),  # a put of that many bytes
+            st.just(-1),  # a get
+            st.integers(min_value=2, max_value=9).map(lambda k: -k),  # a get_many(k)
+        ),
+        max_size=120,
+    ),
+    seed=st.integers(min_value=0, max_value=255),
+)
+def test_both_paths_leave_byte_identical_rings(ops: list[int], seed: int, qdir: Path) -> None:
+    compiled = _create("compiled", 4096, pure=False)
+    pure = _create("pure", 4096, pure=True)
+    assert compiled._fast is not None and pure._fast is None
+    try:
+        for i, op in enumerate(ops):
+            if op >= 0:
+                record = bytes((seed + i + j) & 0xFF for j in range(op))
+                outcomes = []
+                for q in (compiled, pure):
+                    try:
+                        q.put_nowait(record if i % 3 else bytearray(record))
+                        outcomes.append("stored")
+                    except ring.QueueFull:
+                        outcomes.append("full")
+                assert outcomes[0] == outcomes[1]
+            else:
+                got = []
+                for q in (compiled, pure):
+                    try:
+                        got.append(q.get_nowait() if op == -1 else q.get_many(-op, timeout=0))
+                    except ring.QueueEmpty:
+                        got.append("empty")
+                assert got[0] == got[1]
+            assert _state(compiled) == _state(pure)
+    finally:
+        _drop(compiled, pure)
+
+
+@needs_fast
+def test_wrap_around_records_are_identical_on_both_paths() -> None:
+    compiled = _create("compiled", 4096, pure=False)
+    pure = _create("pure", 4096, pure=True)
+    try:
+        for q in (compiled, pure):
+            q.put(b"w" * 3000)  # move the counters near the end of the ring
+            q.get()
+        for n in (2000, 0, 1, 4096 - 8 - 2000 - 8 - 8 - 8 - 8):
+            payload = os.urandom(n)
+            compiled.put(payload)
+            pure.put(payload)
+            assert _state(compiled) == _state(pure)
+        assert compiled.get_many(10) == pure.get_many(10)
+        assert _state(compiled) == _state(pure)
+        assert compiled._w64[ring._TAIL] > compiled.capacity  # the test did wrap
+    finally:
+        _drop(compiled, pure)
+
+
+@needs_fast
+@pytest.mark.parametrize("producer_pure", [False, True])
+def test_handles_of_both_paths_share_one_queue(producer_pure: bool) -> None:
+    owner = _create("shared", 4096, pure=not producer_pure)
+    producer = _attach("shared", pure=producer_pure)
+    try:
+        assert (producer._fast is None) is producer_pure and (owner._fast is None) is not producer_pure
+        records = [os.urandom(n) for n in (0, 5, 700, 1500, 1, 2000, 999)]
+        received = []
+        for r in records * 4:  # several laps of the ring
+            producer.put(r)
+            received.append(owner.get())
+        assert received == records * 4
+        for r in records[:4]:
+            producer.put(r)
+        assert owner.get_many(2) == records[:2]
+        assert owner.get_many(10) == records[2:4]
+    finally:
+        producer.close()
+        _drop(owner)
+
+
+@needs_fast
+@pytest.mark.parametrize("pure", [False, True])
+def test_corruption_is_reported_the_same_way(pure: bool) -> None:
+    q = _create("bad", 4096, pure=pure)
+    try:
+        for r in (b"one", b"two", b"three"):
+            q.put(r)
+        head = q._w64[ring._HEAD]
+        second = ring.HEADER_SIZE + head + ring.FRAME + 8
+        q._mm[second : second + 4] = struct.pack("=I", 77)  # the second frame's length
+        assert q.get_many(10) == [b"one"]  # the good record first
+        with pytest.raises(
+            ring.QueueCorrupted, match=rf"undecodable frame at position {head + 16} \(length 77, .*dropped 32 bytes"
+        ):
+            q.get_many(10)
+        q.put(b"fresh")
+        assert q.get() == b"fresh"
+    finally:
+        _drop(q)
+
+
+@needs_fast
+def test_compiled_put_declines_without_writing() -> None:
+    q = _create("declines", 4096, pure=False)
+    ring_object = q._fast
+    try:
+        assert ring_object.put(b"x" * 4089) == fast.PUT_TOO_LARGE
+        assert ring_object.put(12) == fast.PUT_NOT_BUFFER
+        assert ring_object.put(memoryview(b"abcdef")[::2]) == fast.PUT_NOT_BUFFER
+        while ring_object.put(b"f" * 500) == fast.PUT_OK:
+            pass
+        before = _state(q)
+        assert ring_object.put(b"f" * 500) == fast.PUT_FULL
+        assert _state(q) == before
+        q.get_many(100)
+        q.mark_closed()
+        before = _state(q)
+        assert ring_object.put(b"late") == fast.PUT_CLOSED
+        assert _state(q) == before
+        # and the public API still raises what the pure-Python path raises
+        with pytest.raises(ring.QueueClosed):
+            q.put(b"late")
+        with pytest.raises(TypeError):
+            q.put(memoryview(b"abcdef")[::2])
+    finally:
+        _drop(q)
+
+
+@needs_fast
+def test_compiled_put_declines_while_another_thread_holds_the_lock() -> None:
+    q = _create("busy", 4096, pure=False)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        q._lock(None)
+        holding.set()
+        release.wait(10)
+        ring._unlock(q._lock_arg)
+
+    t = threading.Thread(target=hold_lock)
+    t.start()
+    try:
+        assert holding.wait(10)
+        before = _state(q)
+        assert q._fast.put(b"x") == fast.PUT_BUSY
+        assert _state(q) == before
+    finally:
+        release.set()
+        t.join(10)
+    try:
+        q.put(b"x")
+        assert q.get() == b"x"
+    finally:
+        _drop(q)
+
+
+@needs_fast
+def test_released_ring_object_refuses_and_close_unmaps() -> None:
+    q = _create("released", 4096, pure=False)
+    ring_object = q._fast
+    q.unlink()
+    q.close()  # would raise BufferError if the ring object still pinned the mapping
+    assert q._fast is None
+    with pytest.raises(ValueError, match="released"):
+        ring_object.put(b"x")
+    with pytest.raises(ValueError, match="released"):
+        ring_object.pop(0)
+    with pytest.raises(ring.QueueClosed):
+        q.put(b"x")
