@@ -3,8 +3,13 @@
 A client process sends a payload to an echo server process and waits for it to
 come back (sync round trip), then keeps a window of requests in flight
 (pipelined).  Payloads are raw bytes (no pickling on the ring and the Pipe;
-``multiprocessing.Queue`` pickles them, as it always does).  All mechanisms are
-measured in the same run, because this kind of machine is noisy.
+``multiprocessing.Queue`` pickles them, as it always does).  The ring is
+measured twice: with its compiled put/pop (``_ringfast``, when built) and with
+the pure-Python code (``KSERVICE_RING_PURE=1``, client and server alike).  A
+second table gives the interpreter cost of one put plus one get in a single
+process (best of several repeats, the steadiest figure on a noisy machine).
+All mechanisms are measured in the same run, because this kind of machine is
+noisy.
 
 Run ``python tests/benchmarks/bench_ring.py [--quick]``; the suite calls
 :func:`run`.
@@ -12,11 +17,14 @@ Run ``python tests/benchmarks/bench_ring.py [--quick]``; the suite calls
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import sys
 import time
+import timeit
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from kservice.plugins.mmap import ring
@@ -24,6 +32,22 @@ from kservice.plugins.mmap import ring
 HERE = Path(__file__).resolve().parent
 WINDOW = 256
 SIZES = (90, 64 * 1024)
+#: Ring implementations measured: (label, value of KSERVICE_RING_PURE).
+RING_PATHS = (("compiled put/pop", "0"), ("pure Python", "1"))
+
+
+@contextlib.contextmanager
+def _ring_path(pure: str) -> Iterator[None]:
+    """Handles created (and processes spawned) inside use the given ring path."""
+    old = os.environ.get(ring.PURE_ENV)
+    os.environ[ring.PURE_ENV] = pure
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[ring.PURE_ENV]
+        else:
+            os.environ[ring.PURE_ENV] = old
 
 
 # --------------------------------------------------------------------------- servers (child processes)
@@ -90,20 +114,29 @@ def _pipelined(send, recv_some, payload: bytes, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _bench_ring(ctx, n: int, n_pipe: int) -> list[dict]:
+def _bench_ring(ctx, n: int, n_pipe: int, label: str, pure: str) -> list[dict]:
     tag = uuid.uuid4().hex[:8]
-    resp = ring.create_queue(f"bench-resp-{tag}", 1 << 22)
-    ready = ctx.Event()
-    server = ctx.Process(target=ring_server, args=(f"bench-req-{tag}", resp.name, ready), daemon=True)
-    server.start()
-    if not ready.wait(30):
-        raise RuntimeError("ring echo server did not start")
-    req = ring.attach_queue(f"bench-req-{tag}")
+    with _ring_path(pure):
+        resp = ring.create_queue(f"bench-resp-{tag}", 1 << 22)
+        ready = ctx.Event()
+        server = ctx.Process(target=ring_server, args=(f"bench-req-{tag}", resp.name, ready), daemon=True)
+        server.start()
     rows = []
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("ring echo server did not start")
+        with _ring_path(pure):
+            req = ring.attach_queue(f"bench-req-{tag}")
+    except BaseException:
+        server.kill()
+        server.join()
+        resp.unlink()
+        resp.close()
+        raise
     try:
         for size in SIZES:
             med, p99 = _sync(req.put, resp.get, b"r" * size, n)
-            row = {"mechanism": "shm ring (spin then futex)", "payload": size, "median_us": med, "p99_us": p99}
+            row = {"mechanism": f"shm ring, {label}", "payload": size, "median_us": med, "p99_us": p99}
             if size == SIZES[0]:
                 row["pipelined_per_s"] = _pipelined(req.put, lambda: len(resp.get_many(WINDOW)), b"r" * size, n_pipe)
             rows.append(row)
@@ -180,7 +213,12 @@ def run(quick: bool = False) -> list[dict]:
     ctx = mp.get_context("spawn")
     n = 2000 if quick else 5000
     n_pipe = 5000 if quick else 20000
-    rows = this._bench_ring(ctx, n, n_pipe) + this._bench_pipe(ctx, n, n_pipe) + this._bench_queue(ctx, n, n_pipe)
+    rows = []
+    for label, pure in RING_PATHS:
+        if pure == "0" and ring._ringfast is None:
+            continue  # not built here: the pure-Python row stands alone
+        rows += this._bench_ring(ctx, n, n_pipe, label, pure)
+    rows += this._bench_pipe(ctx, n, n_pipe) + this._bench_queue(ctx, n, n_pipe)
     base = {r["payload"]: r["median_us"] for r in rows if r["mechanism"].startswith("multiprocessing.Queue")}
     for r in rows:
         r["vs_queue"] = base[r["payload"]] / r["median_us"]
@@ -201,7 +239,69 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _put_get_cost(q: ring.ShmQueue, payload: bytes, batch: int, number: int, repeat: int) -> float:
+    """µs of one put plus one get (batch 0) or get_many(batch), best of ``repeat`` runs."""
+    put, get, get_many = q.put, q.get, q.get_many
+    if batch:
+
+        def op() -> None:
+            put(payload)
+            get_many(batch)
+    else:
+
+        def op() -> None:
+            put(payload)
+            get()
+
+    return min(timeit.repeat(op, number=number, repeat=repeat)) / number * 1e6
+
+
+def in_process_costs(quick: bool = False) -> list[dict]:
+    """Interpreter cost of ring operations in one process, per path; one dict per (path, payload).
+
+    Keys: path, payload (bytes), put_get_us (put then get), put_get_many_us (put
+    then get_many), each the best of several repeats in microseconds.
+    """
+    number, repeat = (5000, 5) if quick else (20000, 9)
+    tag = uuid.uuid4().hex[:8]
+    rows = []
+    for label, pure in RING_PATHS:
+        if pure == "0" and ring._ringfast is None:
+            continue
+        with _ring_path(pure):
+            q = ring.create_queue(f"bench-cost-{tag}", 1 << 20)
+        try:
+            for size in (90, 4096):
+                rows.append(
+                    {
+                        "path": label,
+                        "payload": size,
+                        "put_get_us": _put_get_cost(q, b"c" * size, 0, number, repeat),
+                        "put_get_many_us": _put_get_cost(q, b"c" * size, 64, number, repeat),
+                    }
+                )
+        finally:
+            q.unlink()
+            q.close()
+    return rows
+
+
+def format_costs(rows: list[dict]) -> str:
+    lines = [
+        "| ring path, one process | payload | put + get µs | put + get_many µs |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        payload = "90 B" if r["payload"] == 90 else f"{r['payload'] // 1024} KiB"
+        lines.append(f"| {r['path']} | {payload} | {r['put_get_us']:.2f} | {r['put_get_many_us']:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}")
+    if ring._ringfast is None:
+        print("(the compiled ring path _ringfast is not built: pure-Python rows only)")
     print(format_table(run(quick=quick)))
+    print()
+    print(format_costs(in_process_costs(quick=quick)))
