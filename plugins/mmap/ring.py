@@ -124,6 +124,21 @@ received normally.  Payload bytes are not checksummed; decoding failures of a
 payload are reported by the layer that decodes it.  A header with the wrong
 magic, version, size or geometry raises :class:`QueueLayoutError` on attach.
 
+Compiled fast path
+------------------
+``put`` and the consumer's pop run compiled code when the optional C extension
+``_ringfast`` (``_ringfast.c`` beside this module) was built at install time;
+otherwise, or when the environment variable ``KSERVICE_RING_PURE=1`` was set when
+the handle was created or attached, they run the Python code of this module,
+which is the reference.  The extension implements exactly the protocol and
+layout above (the same lock and recovery, frame check words, publishing order,
+asleep flag and wake-ups, space waiters and fences), so handles of either kind,
+in any processes, share one queue.  Whenever it meets anything unusual (the
+lock busy, the ring full, the queue closed, an oversized record, a frame that
+does not check) it has changed nothing and the Python code performs the whole
+operation, so waiting, errors and corruption recovery are those described
+here.  A build whose layout constants differ from this module's is ignored.
+
 Threads
 -------
 A handle may be shared by threads: producers serialise on the mutex and the
