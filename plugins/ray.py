@@ -723,7 +723,8 @@ class _RefCompleter:
     under the GIL for every call, handing the GIL back and forth with the
     threads that submit calls; with thousands of calls in flight that, not
     Ray, bounded the call rate. Here one thread asks ``ray.wait`` about the
-    oldest pending refs (at most ``WINDOW``), gathers whatever finishes within
+    oldest pending refs (between ``MIN_WINDOW`` and ``WINDOW`` of them, about
+    twice as many as finished in the previous round), gathers whatever finishes within
     ``BATCH_WAIT`` seconds (returning at once when all of them have), fetches
     the batch with one ``ray.get`` and runs the callbacks.
 
@@ -738,8 +739,10 @@ class _RefCompleter:
     was shut down), every pending callback gets that error.
     """
 
-    #: refs asked about per ``ray.wait``: its cost grows with the count (about 0.4 µs each)
+    #: most refs asked about per ``ray.wait``: its cost grows with the count (about 0.4 µs each)
     WINDOW = 256
+    #: fewest refs asked about per ``ray.wait`` (the window adapts between the two)
+    MIN_WINDOW = 16
     #: seconds to let a batch accumulate while several calls are in flight
     BATCH_WAIT = 0.002
 
@@ -753,6 +756,7 @@ class _RefCompleter:
         self._incoming: list[tuple[Any, Callable[[Any, BaseException | None], None]]] = []
         self._idle = False
         self._running = False
+        self._window = self.MIN_WINDOW
 
     def add(self, ref: Any, callback: Callable[[Any, BaseException | None], None]) -> None:
         with self._lock:
@@ -789,8 +793,11 @@ class _RefCompleter:
 
     def _complete_some(self, pending: dict[Any, Callable[[Any, BaseException | None], None]]) -> None:
         ray = self._ray
-        window = list(itertools.islice(pending, self.WINDOW))
+        window = list(itertools.islice(pending, self._window))
         ready, _ = ray.wait(window, num_returns=len(window), timeout=self.BATCH_WAIT, fetch_local=False)
+        # Ask about twice what finished this time: enough to catch a batch, no more (ray.wait's cost grows
+        # with it); after a round where nothing finished, about as many as allowed, to look past slow calls.
+        self._window = min(self.WINDOW, max(self.MIN_WINDOW, 2 * len(ready))) if ready else self.WINDOW
         if not ready:
             if len(pending) > len(window):
                 for ref in window:

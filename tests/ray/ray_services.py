@@ -42,6 +42,22 @@ class EchoService:
     def _secret(self) -> str:
         return "private"
 
+    def fetch(self, box: tuple[Any, ...]) -> Any:
+        """The value of the ObjectRef inside ``box`` (Ray passes nested refs unresolved)."""
+        import ray
+
+        return ray.get(box[0])
+
+    def adder(self, n: int) -> Any:
+        """A closure: only cloudpickle can send it back."""
+        return lambda x: x + n
+
+    def handle_of_self(self) -> Any:
+        """This replica's own actor handle."""
+        import ray
+
+        return ray.get_runtime_context().current_actor
+
 
 class BrokenService:
     """A service whose constructor raises."""

@@ -1,0 +1,92 @@
+"""How calls travel: plain values as pickled bytes, anything else through Ray's serializer; async completion."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+from kservice import ServiceEnvironment, ServiceManager, ServiceRequest, ServiceResponse
+from kservice.plugins import ray as ray_plugin
+from test_ray_calls import quiet_config
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
+    environment = ServiceEnvironment(
+        "ray-wire",
+        quiet_config({"wire": {"class": "ray_services:EchoService", "kind": "ray", "ray": {"max_concurrency": 4}}}),
+    )
+    environment.start()
+    try:
+        yield environment
+    finally:
+        environment.stop()
+
+
+@pytest.fixture
+def manager(env: ServiceEnvironment) -> Iterator[ServiceManager]:
+    with ServiceManager(env) as created:
+        yield created
+
+
+def test_plain_values_are_packed_and_ray_values_are_left_to_ray(ray_cluster: Any) -> None:
+    envelope = ("id-1", "echo", (b"x" * 90, "s", 1.5, None), {"k": [1, 2]}, 12.5, {"trace": "t"})
+    packed = ray_plugin._pack(envelope)
+    assert isinstance(packed, bytes)
+    assert ray_plugin._from_wire(_request(), packed).result == envelope
+    main_class = type("FromMain", (), {"__module__": "__main__"})
+    refused = [
+        ray.put(1),  # needs Ray's reference counting
+        (main_class(),),  # cloudpickle sends __main__ classes by value
+        main_class,
+        lambda: 1,  # not picklable by the stdlib
+        np.arange(3),  # out-of-band buffer: Ray avoids a copy
+        threading.Lock(),  # not picklable at all: Ray reports it
+    ]
+    for value in refused:
+        assert ray_plugin._pack(value) is None, value
+    # The pickler is reused per thread and stays usable after a refusal.
+    assert ray_plugin._pack("again") is not None
+
+
+def _request() -> ServiceRequest:
+    return ServiceRequest("id-1", "wire", "echo")
+
+
+@pytest.mark.timeout(60)
+def test_values_only_ray_can_carry_still_travel_both_ways(manager: ServiceManager) -> None:
+    # An ObjectRef nested in an argument arrives as a ref the service can resolve.
+    assert manager.call_service_sync("wire", "fetch", ((ray.put("stored"),),)) == "stored"
+    assert manager.call_service_async("wire", "fetch", ((ray.put("async"),),)).result(20) == "async"
+    # A closure comes back through cloudpickle; an actor handle through Ray's own reducer.
+    assert manager.call_service_sync("wire", "adder", (5,))(1) == 6
+    handle = manager.call_service_sync("wire", "handle_of_self")
+    assert ray.get(handle.ready.remote()).success
+    # numpy arrays go through Ray's zero-copy path, both ways.
+    array = np.arange(100_000, dtype=np.int64)
+    assert np.array_equal(manager.call_service_sync("wire", "echo", (array,)), array)
+    # A result that is itself a tuple or a ServiceResponse is returned as is.
+    assert manager.call_service_sync("wire", "echo", ((1, "two"),)) == (1, "two")
+    carried = ServiceResponse(False, None, "not an error of this call", "other-id")
+    assert manager.call_service_sync("wire", "echo", (carried,)) == carried
+
+
+@pytest.mark.timeout(60)
+def test_many_async_calls_complete_each_once_with_their_own_result(manager: ServiceManager) -> None:
+    futures = [manager.call_service_async("wire", "echo", (i,)) for i in range(500)]
+    assert [f.result(30) for f in futures] == list(range(500))
+
+
+@pytest.mark.timeout(60)
+def test_a_long_call_in_flight_does_not_hold_back_the_completion_of_quick_ones(manager: ServiceManager) -> None:
+    slow = [manager.call_service_async("wire", "sleep", (3.0,)) for _ in range(2)]
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert manager.call_service_async("wire", "echo", ("quick",)).result(20) == "quick"
+    assert time.monotonic() - started < 1.0
+    assert [f.result(20) for f in slow] == [3.0, 3.0]
