@@ -155,26 +155,10 @@ class CircuitBreaker(ServiceMiddleware):
         state = self.state
         if state is _CLOSED:
             return None
-        probe_at = self._probe_at
-        if state is _OPEN and self._clock() < probe_at:
-            # The flood path: fail fast without the lock (a stale read only sends this call down
-            # the locked path), with _rejection and _circuit_open_error inlined (~0.1 µs a call).
+        if state is _OPEN and self._clock() < self._probe_at:
+            # The flood path: fail fast without the lock (a stale read only sends this call down the locked path).
             self.rejected_total += 1  # approximate under races; status only
-            message = self._open_message
-            error = _new_exception(CircuitOpenError, message)
-            error.probe_at = probe_at
-            return ServiceResponse(
-                False,
-                None,
-                message,
-                request.request_id,
-                "CircuitOpenError",
-                "runtime",
-                "",
-                {"kservice.retryable": False, "kservice.circuit_open": True},
-                False,
-                error,
-            )
+            return self._rejection(request)
         return self._admit(request)
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
@@ -221,7 +205,7 @@ class CircuitBreaker(ServiceMiddleware):
         return self._rejection(request)
 
     def _rejection(self, request: ServiceRequest) -> ServiceResponse:
-        """A fresh fail-fast answer to ``request`` (``before_call`` inlines the same for the open state).
+        """A fresh fail-fast answer to ``request``.
 
         Each rejection gets its own response and exception: callers raise the
         exception (a shared one would collect every raiser's traceback) and
