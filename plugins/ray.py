@@ -4,8 +4,12 @@ A service of kind ``ray`` runs as ``replicas`` Ray actors. Each actor hosts the
 service instance in a :class:`BaseServiceTask` core, so deadlines, refusal of
 private methods, server-side middleware and statistics behave exactly as in a
 local task. Callers reach the actors through Ray's own actor calls (one
-``ObjectRef`` per call, completed by a callback: no thread per call and no
-relay actor); a pluggable balancer spreads calls over the live replicas.
+``ObjectRef`` per call; async calls are completed in batches by one thread per
+process; no thread per call and no relay actor); a pluggable balancer spreads
+calls over the live replicas. A call's envelope and a plain result travel as
+bytes pickled by the standard library (Ray's cheapest path); values that need
+Ray's own serializer (Ray handles, ``__main__`` classes, numpy buffers,
+closures) go through it unchanged.
 
 Actors are named ``kservice:<service>:<deployment>:<index>`` in the Ray
 namespace ``service.ray.namespace``. ``<deployment>`` is unique per start, so
@@ -860,8 +864,10 @@ class _DeploymentRef:
 class RayConnection(Connection):
     """Calls one ray service's replicas through Ray's actor calls.
 
-    ``send`` submits ``replica.handle(request)`` and completes ``reply`` from
-    the ObjectRef's completion callback (no thread per call). ``call`` waits
+    ``send`` submits ``replica.handle(envelope)`` and hands the ObjectRef to
+    the process's :class:`_RefCompleter`, which calls ``reply`` (no thread per
+    call; up to ``_RefCompleter.BATCH_WAIT`` after the result arrives while
+    other async calls are in flight). ``call`` waits
     with ``ray.get(ref, timeout=...)`` and cancels the remote task on timeout;
     an async call whose deadline passes is cancelled through ``cancel`` (Ray
     drops a task still queued; a running method is not interrupted).
