@@ -51,7 +51,7 @@ class _Timer:
         self._thread.start()
 
     def expire_at(self, timeout: float, call: _AsyncCall) -> None:
-        """Call ``call.expire()`` at monotonic ``call.expires_at`` unless the call has finished by then."""
+        """Call ``call._expire()`` at monotonic ``call._expires_at`` unless the call has finished by then."""
         fifo = self._fifos.get(timeout)
         if fifo is None:
             with self._cond:
@@ -79,12 +79,12 @@ class _Timer:
                 for fifo in list(self._fifos.values()):
                     while fifo:
                         call = fifo[0]
-                        when = call.expires_at
-                        if call.finished():
+                        when = call._expires_at
+                        if call._finished():
                             fifo.popleft()
                         elif when <= now:
                             fifo.popleft()
-                            due.append(call.expire)
+                            due.append(call._expire)
                         else:
                             next_wake = min(when, next_wake if next_wake is not None else when, now + self.TICK)
                             break
@@ -387,9 +387,9 @@ class ServiceManager:
         """
         route = self._route(service_name)
         request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
-        future: Future[Any] = CallFuture()
-        _AsyncCall(self, route, request, future).start(route.default_timeout if timeout is None else timeout)
-        return future
+        call = _AsyncCall(self, route, request)
+        call._start(route.default_timeout if timeout is None else timeout)
+        return call
 
     async def acall(
         self,
@@ -441,124 +441,114 @@ class ServiceManager:
         self.close()
 
 
-class _AsyncCall:
-    """One asynchronous call: each attempt runs the whole chain, as a sync call does.
+class _AsyncCall(CallFuture[Any]):
+    """One asynchronous call, and the Future its caller holds (one object per call in flight).
 
-    An attempt is settled exactly once, by its response or by the deadline,
-    whichever takes the attempt's lock first; after-hooks run for the attempt
-    that settles it, then the retry policy decides between another attempt
-    (after a delay on the manager's timer) and completing the future.
+    Each attempt runs the whole chain, as a sync call does. An attempt is
+    settled exactly once, by its response or by the deadline, whichever takes
+    the attempt's lock first; after-hooks run for the attempt that settles it,
+    then the retry policy decides between another attempt (after a delay on the
+    manager's timer) and completing the future.
+
+    The first attempt's reply callback is the call itself (``__call__``), so a
+    call in flight costs no separate callback object; later attempts get an
+    :class:`_AttemptReply`.
     """
 
-    __slots__ = (
-        "attempt",
-        "attempt_lock",
-        "expires_at",
-        "first_lock",
-        "future",
-        "limit",
-        "manager",
-        "request",
-        "route",
-        "sent",
-        "timeout",
-    )
+    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest) -> None:
+        super().__init__()
+        self._manager = manager
+        self._route = route
+        self._request = request
+        self._attempt = 0
+        self._sent = request
+        self._limit = 0
+        self._timeout: float = request.deadline - time.time()  # type: ignore[operator]
+        self._attempt_lock = self._first_lock = threading.Lock()
+        self._expires_at = 0.0
 
-    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, future: Future[Any]) -> None:
-        self.manager = manager
-        self.route = route
-        self.request = request
-        self.future = future
-        self.attempt = 0
-        self.sent = request
-        self.limit = 0
-        self.timeout = request.deadline - time.time()  # type: ignore[operator]
-        self.attempt_lock = self.first_lock = threading.Lock()
-        self.expires_at = 0.0
-
-    def start(self, nominal_timeout: float) -> None:
-        timer = self.manager.timer()
-        if self.timeout < nominal_timeout - 0.001:
+    def _start(self, nominal_timeout: float) -> None:
+        timer = self._manager.timer()
+        if self._timeout < nominal_timeout - 0.001:
             # An inherited, earlier deadline breaks the FIFO order of its timeout: use the heap.
-            timer.call_later(self.timeout, self.expire)
+            timer.call_later(self._timeout, self._expire)
         else:
-            self.expires_at = time.monotonic() + self.timeout
+            self._expires_at = time.monotonic() + self._timeout
             timer.expire_at(nominal_timeout, self)
         self._send()
 
     def __call__(self, response: ServiceResponse) -> None:
-        """The first attempt's reply callback (later attempts get an :class:`_AttemptReply`)."""
-        self._settle(response, self.first_lock)
+        """The first attempt's reply callback, called by the transport."""
+        self._settle(response, self._first_lock)
 
-    def finished(self) -> bool:
+    def _finished(self) -> bool:
         """Whether the caller has its outcome (or gave up): no further reply matters."""
-        return self.future._state != "PENDING"  # read without the future's lock: a stale answer only delays a prune
+        return self._state != "PENDING"  # read without the future's lock: a stale answer only delays a prune
 
-    def expire(self) -> None:
+    def _expire(self) -> None:
         """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
-        if self.attempt_lock.acquire(False):
-            self._complete(self._after(timeout_response(self.request, self.timeout)))
+        if self._attempt_lock.acquire(False):
+            self._complete(self._after(timeout_response(self._request, self._timeout)))
             try:
-                self.route.connection.cancel(self.sent)
+                self._route.connection.cancel(self._sent)
             except Exception:  # noqa: BLE001 - cancelling is best effort; the caller has its answer
                 pass
-        elif not self.finished():
+        elif not self._finished():
             # A response is being settled right now and may yet schedule a retry: look again shortly.
-            self.manager.timer().call_later(0.005, self.expire)
+            self._manager.timer().call_later(0.005, self._expire)
 
     def _send(self) -> None:
-        route = self.route
+        route = self._route
         chain = route.chain
-        self.sent = self.request
-        lock = self.attempt_lock
+        request = self._request
+        self._sent = request
+        lock = self._attempt_lock
         if chain is not None:
-            self.limit = chain.size
+            self._limit = chain.size
             try:
-                self.sent, response, self.limit = chain.run_before(self.request)
+                self._sent, response, self._limit = chain.run_before(request)
             except MiddlewareError as exc:
-                self.limit = exc.index
-                response = ServiceResponse.from_exception(self.request.request_id, exc.error, origin="client")
+                self._limit = exc.index
+                response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
             if response is not None:
                 self._settle(response, lock)
                 return
         try:
-            # The first attempt's reply is the call itself: one object less per call in flight.
-            route.connection.send(self.sent, self if lock is self.first_lock else _AttemptReply(self, lock))
+            route.connection.send(self._sent, self if lock is self._first_lock else _AttemptReply(self, lock))
         except Exception as exc:  # noqa: BLE001 - a transport failing to send fails this attempt only
-            self._settle(ServiceResponse.from_exception(self.request.request_id, exc, origin="client"), lock)
+            self._settle(ServiceResponse.from_exception(request.request_id, exc, origin="client"), lock)
 
     def _after(self, response: ServiceResponse) -> ServiceResponse:
-        chain = self.route.chain
-        return response if chain is None else chain.run_after(self.sent, response, self.limit)
+        chain = self._route.chain
+        return response if chain is None else chain.run_after(self._sent, response, self._limit)
 
     def _settle(self, response: ServiceResponse, lock: threading.Lock) -> None:
         if not lock.acquire(False):
             return  # late: the deadline settled this attempt already
-        if self.future._state != "PENDING":
+        if self._state != "PENDING":
             return  # cancelled by the caller
         response = self._after(response)
         if not response.success:
-            delay = self.route.retry_delay(self.request, response, self.attempt)
+            delay = self._route.retry_delay(self._request, response, self._attempt)
             if delay is not None:
-                self.attempt += 1
-                self.attempt_lock = threading.Lock()
-                self.manager.timer().call_later(delay, lambda: self._retry(response))
+                self._attempt += 1
+                self._attempt_lock = threading.Lock()
+                self._manager.timer().call_later(delay, lambda: self._retry(response))
                 return
         self._complete(response)
 
     def _retry(self, failed: ServiceResponse) -> None:
-        if self.finished():
+        if self._finished():
             return
-        self.route = self.manager._refresh_route(self.route, failed)
+        self._route = self._manager._refresh_route(self._route, failed)
         self._send()
 
     def _complete(self, response: ServiceResponse) -> None:
-        future = self.future
         try:
             if response.success:
-                future.set_result(response.result)
+                self.set_result(response.result)
             else:
-                future.set_exception(response.to_exception(self.request.service_name, self.request.method_name))
+                self.set_exception(response.to_exception(self._request.service_name, self._request.method_name))
         except InvalidStateError:
             pass  # cancelled by the caller meanwhile
 
