@@ -12,8 +12,12 @@
  * unusual (lock busy, ring full, queue closed, a frame that does not check) the
  * functions return a status *without having changed anything*, and the Python
  * code redoes the whole operation on its own path, which raises, waits or
- * recovers exactly as before.  The GIL is held throughout: the work is a few
- * hundred nanoseconds and never waits.
+ * recovers exactly as before.  The GIL is held throughout put and pop: the work
+ * is a few hundred nanoseconds and never waits.  spin() is the consumer's spin
+ * phase: it releases the GIL and watches the tail word with PAUSE, so a record
+ * is seen within tens of nanoseconds and the process's other threads run
+ * meanwhile; release() waits for spinners to leave before letting go of the
+ * mapping.
  *
  * Memory ordering follows ring.py (x86-64 TSO).  Every shared word is accessed
  * with __atomic builtins, so the compiler neither tears nor reorders them:
@@ -35,9 +39,11 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Layout: see the ring.py module docstring ("Layout"). */
@@ -80,6 +86,8 @@ typedef struct {
     char *base;          /* NULL once released */
     uint64_t capacity;
     int fence;           /* fence between the head store and the space_waiters load */
+    int spinners;        /* threads inside spin() (the GIL released): release() waits for them */
+    int releasing;       /* set by release(): spinners leave at once */
 } RingObject;
 
 #define U32(self, off) ((uint32_t *)((self)->base + (off)))
@@ -137,6 +145,11 @@ static PyObject *
 Ring_release(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->base != NULL) {
+        /* A thread in spin() reads the mapping without the GIL: make it leave, and wait
+         * until it has (it leaves within one loop turn, before it takes the GIL back). */
+        __atomic_store_n(&self->releasing, 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&self->spinners, __ATOMIC_SEQ_CST) != 0)
+            __builtin_ia32_pause();
         self->base = NULL;
         PyBuffer_Release(&self->mapping);
     }
@@ -151,6 +164,52 @@ check_live(RingObject *self)
         return -1;
     }
     return 0;
+}
+
+static inline int64_t
+monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec;
+}
+
+static PyObject *
+Ring_spin(RingObject *self, PyObject *args)
+{
+    unsigned long long head;
+    double seconds;
+    unsigned int yield_every;
+    if (!PyArg_ParseTuple(args, "KdI", &head, &seconds, &yield_every))
+        return NULL;
+    if (check_live(self) < 0)
+        return NULL;
+    const uint64_t *tail = U64(self, OFF_TAIL);
+    if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head)
+        Py_RETURN_TRUE;
+    if (yield_every == 0)
+        yield_every = 1;
+    int arrived = 0;
+    __atomic_add_fetch(&self->spinners, 1, __ATOMIC_SEQ_CST);
+    Py_BEGIN_ALLOW_THREADS
+    const int64_t end = monotonic_ns() + (int64_t)(seconds * 1e9);
+    for (unsigned int turn = 1;; turn++) {
+        if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head) {
+            arrived = 1;
+            break;
+        }
+        if (__atomic_load_n(&self->releasing, __ATOMIC_RELAXED))
+            break;
+        __builtin_ia32_pause();
+        if (turn % yield_every == 0) {
+            if (monotonic_ns() >= end)
+                break;
+            sched_yield();  /* hand the core over when processes outnumber cores */
+        }
+    }
+    __atomic_sub_fetch(&self->spinners, 1, __ATOMIC_SEQ_CST);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(arrived);
 }
 
 static int
@@ -361,6 +420,9 @@ static PyMethodDef Ring_methods[] = {
      "put(item) -> int: publish one record (0), or change nothing and return why not (non-zero)."},
     {"pop", (PyCFunction)Ring_pop, METH_O,
      "pop(max_items) -> (records, status): remove up to max_items records (0: one, unwrapped)."},
+    {"spin", (PyCFunction)Ring_spin, METH_VARARGS,
+     "spin(head, seconds, yield_every) -> bool: wait, without the GIL, until tail moves off head "
+     "(True) or seconds pass (False); sched_yield() every yield_every turns."},
     {"release", (PyCFunction)Ring_release, METH_NOARGS,
      "release(): let go of the mapping (idempotent); later calls raise ValueError."},
     {NULL, NULL, 0, NULL},

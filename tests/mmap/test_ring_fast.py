@@ -13,6 +13,7 @@ import shutil
 import struct
 import sysconfig
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,3 +273,50 @@ def test_released_ring_object_refuses_and_close_unmaps() -> None:
         ring_object.pop(0)
     with pytest.raises(ring.QueueClosed):
         q.put(b"x")
+
+
+@needs_fast
+def test_compiled_spin_sees_a_record_and_lets_other_threads_run() -> None:
+    """spin() returns True when a record lands, False when its time is up; it waits without the GIL."""
+    q = _create("spin", 4096, pure=False)
+    try:
+        head = q._w64[ring._HEAD]
+        began = time.monotonic()
+        assert q._fast.spin(head, 0.02, 256) is False
+        assert time.monotonic() - began >= 0.02
+
+        # Another Python thread makes progress while this one spins (the GIL is released),
+        # and its put ends the spin.
+        counted = []
+
+        def count_then_put() -> None:
+            n = 0
+            stop = time.monotonic() + 0.05
+            while time.monotonic() < stop:
+                n += 1
+            counted.append(n)
+            q.put(b"landed")
+
+        thread = threading.Thread(target=count_then_put)
+        thread.start()
+        assert q._fast.spin(head, 5.0, 256) is True
+        thread.join()
+        assert counted and counted[0] > 1000
+        assert q.get(0) == b"landed"
+    finally:
+        _drop(q)
+
+
+@needs_fast
+def test_closing_a_queue_releases_a_thread_spinning_on_it() -> None:
+    q = _create("spin-close", 4096, pure=False)
+    ring_object = q._fast
+    head = q._w64[ring._HEAD]
+    result: list[bool] = []
+    spinner = threading.Thread(target=lambda: result.append(ring_object.spin(head, 30.0, 256)))
+    spinner.start()
+    time.sleep(0.05)
+    q.unlink()
+    q.close()  # waits for the spinner to leave the mapping before unmapping it
+    spinner.join(5)
+    assert not spinner.is_alive() and result == [False]
