@@ -140,7 +140,7 @@ operation, so waiting, errors and corruption recovery are those described
 here.  A build whose layout constants differ from this module's is ignored.
 The consumer's spin phase runs compiled too: ``spin`` watches ``tail`` with the
 PAUSE instruction and without the GIL (so the process's other threads run while
-it waits), calls ``sched_yield()`` every ``16 × spin checks`` turns and checks
+it waits), calls ``sched_yield()`` every ``16 * spin checks`` turns and checks
 the clock there; a record is seen within tens of nanoseconds instead of after a
 Python loop turn or a ``sched_yield()`` (measured: the bare ring's round trip
 went from ~9 µs to ~2 µs). ``close()`` waits for a spinning thread to leave the
