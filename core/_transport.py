@@ -8,10 +8,9 @@ names a concrete transport; transports arrive through the
 
 from __future__ import annotations
 
+from _thread import allocate_lock as _allocate_lock
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,13 +64,13 @@ class Connection(ABC):
         passes first; the service will not start a request past its deadline.
         Transports override this when they can answer without a thread hand-off.
         """
-        future: Future[ServiceResponse] = Future()
-        self.send(request, future.set_result)
-        try:
-            return future.result(timeout if timeout > 0 else 0)
-        except FutureTimeoutError:
+        waiter = _ReplyWaiter()
+        self.send(request, waiter)
+        response = waiter.wait(timeout)
+        if response is None:
             self.cancel(request)
             return timeout_response(request, timeout)
+        return response
 
     def cancel(self, request: ServiceRequest) -> None:
         """Best effort: stop work on ``request``, whose caller timed out (the default does nothing).
@@ -84,6 +83,34 @@ class Connection(ABC):
 
     def close(self) -> None:
         """Release the connection; idempotent."""
+
+
+class _ReplyWaiter:
+    """One sync call's reply slot: a bare lock the replying thread releases.
+
+    The cheapest hand-off between two threads in CPython (no Condition, no
+    waiter list, no Future): the replier stores the response and releases the
+    lock; the caller's ``acquire`` returns. A reply after the caller gave up
+    only releases a lock nobody waits on.
+    """
+
+    __slots__ = ("_ready", "response")
+
+    def __init__(self) -> None:
+        self.response: ServiceResponse | None = None
+        self._ready = _allocate_lock()
+        self._ready.acquire()
+
+    def __call__(self, response: ServiceResponse) -> None:
+        if self.response is None:
+            self.response = response
+            self._ready.release()
+
+    def wait(self, timeout: float) -> ServiceResponse | None:
+        """The response, or None when ``timeout`` seconds pass first."""
+        if self._ready.acquire(True, timeout if timeout > 0 else 0):
+            return self.response
+        return None
 
 
 def timeout_response(request: ServiceRequest, timeout: float) -> ServiceResponse:
