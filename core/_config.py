@@ -73,6 +73,13 @@ def core_schema() -> Schema:
                 "request_queue_size": _setting(
                     int, 10000, "Requests a task accepts beyond those running before it is overloaded.", minimum=1
                 ),
+                "inline_limit": _setting(
+                    float,
+                    0.0002,
+                    "Seconds under which a method observed fast runs in an in-process sync caller's own thread "
+                    "instead of the worker pool (no thread hand-off; thread-safe services only); 0 sends every call to the pool.",
+                    minimum=0,
+                ),
             },
             "ray": {
                 "resources": _setting(dict, {}, "Ray resources each replica actor asks for, e.g. {CPU: 2}."),

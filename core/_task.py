@@ -117,8 +117,11 @@ class _WorkerPool:
                 job.began = None
                 return
             request, reply = item
-            job.began = clock()
-            reply(task.execute(request, from_queue=True))
+            job.began = began = clock()
+            response = task.execute(request, from_queue=True)
+            ran = clock() - began
+            reply(response)
+            task._learn_cost(request.method_name, ran)
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
@@ -180,6 +183,9 @@ class BaseServiceTask:
         self.max_workers = self._configured_max_workers(config)
         self.queue_limit: int = self.options["local"]["request_queue_size"]
         self.queue_timeout: float = self.options["local"]["queue_timeout"]
+        self.inline_limit: float = self.options["local"]["inline_limit"]
+        # Running time of each method as last observed (smoothed; pessimistic after a slow run).
+        self._method_cost: dict[str, float] = {}
         self.transport_names: tuple[str, ...] = tuple(
             dict.fromkeys([*self.default_transports, *self.options.get("transports", ())])
         )
@@ -432,6 +438,45 @@ class BaseServiceTask:
         """
         began: float | None = getattr(_current_job, "began", None)
         return None if began is None else time.perf_counter() - began
+
+    def run_inline(self, request: ServiceRequest) -> ServiceResponse | None:
+        """Run ``request`` in the calling thread when that is safe and cheap; None: use :meth:`submit`.
+
+        It runs here when the task is running in this process with its worker
+        pool, the service is thread-safe, nothing waits in the pool's queue, and
+        the method was observed to run in under ``service.local.inline_limit``
+        seconds (a method's first call always goes to the pool). That saves the
+        two thread wake-ups of a pooled call (tens of µs) for fast methods.
+        The request goes through :meth:`execute` as on the pool: deadline,
+        middleware, statistics. Unlike a pooled call it cannot be abandoned at
+        its deadline once started: a method that turns slow and overruns the
+        deadline makes the caller wait for it this once (the caller then gets
+        ServiceTimeoutError, as from the pool, and the result is dropped), and
+        its next calls go to the pool.
+        """
+        if self._serial_lock is not None or self._pool is None or self._queued or self._state != "running":
+            return None
+        name = request.method_name
+        cost = self._method_cost.get(name)
+        if cost is None or cost >= self.inline_limit:
+            return None
+        began = time.perf_counter()
+        response = self.execute(request)
+        ran = time.perf_counter() - began
+        self._learn_cost(name, ran)
+        deadline = request.deadline
+        if deadline is not None and ran > self.inline_limit and time.time() > deadline:
+            # It overran its deadline here: the caller gets the timeout it asked for (late, this once).
+            return timeout_response(request, deadline - time.time() + ran)
+        return response
+
+    def _learn_cost(self, name: str, seconds: float) -> None:
+        previous = self._method_cost.get(name)
+        if previous is None or seconds > self.inline_limit:
+            # Pessimistic on a slow run: the next calls go to the pool at once.
+            self._method_cost[name] = seconds if previous is None else max(seconds, previous)
+        else:
+            self._method_cost[name] = previous * 0.75 + seconds * 0.25
 
     def _wait_for_room(self, request: ServiceRequest) -> bool:
         """Called holding the counter lock with the queue full; True once there is room."""

@@ -1,7 +1,9 @@
 """The ``inproc`` transport: calls to a task in this process, with no serialization.
 
 Also contributes the ``local`` task kind (LocalServiceTask). A request is handed
-to the task's worker pool as the very object the caller built; arguments and
+to the task's worker pool as the very object the caller built (a sync call to a
+thread-safe service's method known to be fast runs in the caller's own thread
+instead: ``BaseServiceTask.run_inline``); arguments and
 results are not copied, so a service must not mutate what it is given unless
 the caller expects it.
 """
@@ -40,6 +42,13 @@ class InprocConnection(Connection):
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:  # pragma: no cover
         self._task.submit(request, reply)
+
+    def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
+        """A method known to be fast runs in this thread (``task.run_inline``); others through the pool."""
+        response = self._task.run_inline(request)
+        if response is not None:
+            return response
+        return super().call(request, timeout)
 
 
 class InprocTransport(Transport):
