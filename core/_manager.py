@@ -117,6 +117,7 @@ class _Route:
 
     __slots__ = (
         "address",
+        "admit",
         "chain",
         "connection",
         "default_timeout",
@@ -141,6 +142,8 @@ class _Route:
         self.address = address
         self.connection = connection
         self.chain = chain
+        # A middleware's fast refusal, asked before the request is built (see ServiceMiddleware.admit).
+        self.admit = chain.admit if chain is not None else None
         self.retry = retry
         self.options = options
         self.default_timeout: float = options["service_call"]["default_timeout"]
@@ -330,6 +333,11 @@ class ServiceManager:
         included. Raises the errors listed on the class.
         """
         route = self._route(service_name)
+        admit = route.admit
+        if admit is not None:
+            refusal = admit(service_name, method)
+            if refusal is not None:
+                raise refusal
         request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
         attempt = 0
         while True:
@@ -386,6 +394,13 @@ class ServiceManager:
         Resolution errors (unknown service) are raised here, not in the future.
         """
         route = self._route(service_name)
+        admit = route.admit
+        if admit is not None:
+            refusal = admit(service_name, method)
+            if refusal is not None:
+                refused: Future[Any] = CallFuture()
+                refused.set_exception(refusal)
+                return refused
         request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
         call = _AsyncCall(self, route, request)
         call._start(route.default_timeout if timeout is None else timeout)

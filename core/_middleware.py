@@ -54,6 +54,23 @@ class ServiceMiddleware:
         """In the service's process, after the method returned or raised."""
         return None
 
+    def admit(self, service_name: str, method_name: str) -> BaseException | None:
+        """Fast refusal, in the caller's process, before the request is even built.
+
+        Return an exception to refuse the call: the caller gets it raised (an
+        async call, a failed Future) without a request, a chain or a retry,
+        which makes a refusal cost about a microsecond (an open circuit
+        breaker's flood). The manager only asks when every middleware of the
+        chain that has an ``after_call`` also implements :meth:`on_refused`,
+        so no middleware misses a call it expects to see; otherwise the call
+        takes the normal path and ``before_call`` refuses it there.
+        """
+        return None
+
+    def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
+        """Told, instead of ``after_call``, about a call an :meth:`admit` refused (count it, log it)."""
+        return None
+
 
 def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
     method = getattr(middleware, name, None)
@@ -91,7 +108,7 @@ class MiddlewareError(Exception):
 class MiddlewareChain:
     """One side's hooks of an ordered middleware list, compiled once."""
 
-    __slots__ = ("_afters", "_befores", "_error_origin", "middlewares", "size")
+    __slots__ = ("_afters", "_befores", "_error_origin", "_refused", "admit", "middlewares", "size")
 
     def __init__(self, middlewares: Iterable[Any], side: str) -> None:
         before_name, after_name = ("before_call", "after_call") if side == "client" else ("before_handle", "after_handle")
@@ -110,6 +127,34 @@ class MiddlewareChain:
                 afters.append((index, _as_after_hook(after)))
         self._befores = tuple(befores)
         self._afters = tuple(reversed(afters))
+        # Fast refusal (client side): only when every after-hook's middleware hears of refusals too.
+        admits = [m.admit for m in self.middlewares if _overridden(m, "admit") is not None]
+        refused = [m.on_refused for m in self.middlewares if _overridden(m, "on_refused") is not None]
+        hears = all(_overridden(self.middlewares[index], "on_refused") is not None for index, _ in afters)
+        self._refused = tuple(refused)
+        #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
+        self.admit: Callable[[str, str], BaseException | None] | None = None
+        if side == "client" and admits and hears:
+            self.admit = self._compile_admit(tuple(admits))
+
+    def _compile_admit(
+        self, admits: tuple[Callable[[str, str], BaseException | None], ...]
+    ) -> Callable[[str, str], BaseException | None]:
+        refused = self._refused
+
+        def admit(service_name: str, method_name: str) -> BaseException | None:
+            for check in admits:
+                error = check(service_name, method_name)
+                if error is not None:
+                    for tell in refused:
+                        try:
+                            tell(service_name, method_name, error)
+                        except Exception:  # noqa: BLE001 - a failing listener must not change the refusal
+                            pass
+                    return error
+            return None
+
+        return admit
 
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters)

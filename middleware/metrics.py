@@ -330,6 +330,10 @@ def _recorder(side: str, service_name: str, window: float) -> ServiceRecorder:
     return found
 
 
+#: The latency bucket of a refused call (no time at all).
+_REFUSED_BUCKET = bisect_right(BUCKET_BOUNDS, 0.0)
+
+
 class _Timed(ServiceMiddleware):
     """Shared shape of both sides: start time by request id, one record at the end."""
 
@@ -393,6 +397,21 @@ class ClientMetrics(_Timed):
     # frame less per hook, ~0.1 µs per call (and per call an open breaker rejects).
     before_call = _Timed._start  # type: ignore[assignment]
     after_call = _Timed._finish  # type: ignore[assignment]
+
+    def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
+        """A call a middleware refused before it was sent (an open breaker): one failed call, answered at once."""
+        try:
+            shard = self._tls.shard
+        except AttributeError:
+            shard = self.recorder.shard()
+        stats = shard.get(method_name)
+        if stats is None:
+            stats = shard[method_name] = _MethodStats()
+        stats.buckets[_REFUSED_BUCKET] += 1
+        stats.errors[type(error).__name__] += 1
+        now = self._clock()
+        if now >= self.recorder.next_mark:
+            self.recorder.mark(now)
 
 
 class ServerMetrics(_Timed):

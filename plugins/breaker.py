@@ -161,6 +161,16 @@ class CircuitBreaker(ServiceMiddleware):
             return self._rejection(request)
         return self._admit(request)
 
+    def admit(self, service_name: str, method_name: str) -> BaseException | None:
+        """The open breaker's flood path: refuse before a request is built (no lock; a stale read admits)."""
+        if self.state is _OPEN and self._clock() < self._probe_at:
+            self.rejected_total += 1  # approximate under races; status only
+            return _circuit_open_error(self._open_message, self._probe_at)
+        return None
+
+    def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
+        """A refusal is not an outcome of the service: nothing to record."""
+
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
         if self._fast and response.success and self.state is _CLOSED:
             # The common case: one attribute store, no lock.

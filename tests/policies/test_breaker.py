@@ -301,3 +301,61 @@ def test_a_service_can_turn_its_breaker_off() -> None:
                 manager.call_service_sync("solo", "fail")
         assert not any(isinstance(m, CircuitBreaker) for m in chain_of(manager, "solo"))
         assert "breaker" not in env.get_task("solo").get_service_status().extra
+
+
+def _open(manager: kservice.ServiceManager, name: str) -> None:
+    with pytest.raises(kservice.ServiceTimeoutError):
+        manager.call_service_sync(name, "sleep", (0.2,), timeout=0.02)
+    assert breaker_state(name) == "open"
+
+
+@pytest.mark.timeout(30)
+def test_an_open_breaker_refuses_before_the_request_is_built() -> None:
+    """The flood path: ServiceMiddleware.admit refuses; no request, no chain; metrics still count it."""
+    from kservice.middleware import metrics
+
+    # Flaky declares fallbacks, and a fallback must answer rejections through the chain: off here; so is
+    # tracing, whose client middleware has only after_call (and which another test may have turned on).
+    config = {
+        "service_call": {"max_retries": 2},
+        "breaker": {"failure_threshold": 1, "cooldown": 30},
+        "fallback": {"enabled": False},
+        "tracing": {"enabled": False},
+    }
+    with ServiceEnvironment("t", config) as env:
+        env.register_service("gated", Flaky)
+        with env.manager() as manager:
+            _open(manager, "gated")
+            route = manager._route("gated")
+            assert route.admit is not None
+            counter = next(m for m in route.chain.middlewares if type(m).__name__ == "RetryBudgetCounter")  # type: ignore[union-attr]
+            attempts_before = counter.budget.calls
+            for _ in range(4):
+                with pytest.raises(CircuitOpenError):
+                    manager.call_service_sync("gated", "ok", (1,))
+            with pytest.raises(CircuitOpenError):
+                manager.call_service_async("gated", "ok", (1,)).result(timeout=2)
+            assert counter.budget.calls == attempts_before  # no before_call ran: refused before the chain
+            client = metrics.snapshot()["client"]["gated"]["methods"]["ok"]
+            assert client["calls"] == 5 and client["errors_by_type"] == {"CircuitOpenError": 5}
+            assert breaker_status("gated")["gated"]["rejected_total"] == 5
+
+
+@pytest.mark.timeout(30)
+def test_a_middleware_that_does_not_hear_refusals_still_sees_every_rejected_call() -> None:
+    seen: list[str] = []
+
+    class Audit(kservice.ServiceMiddleware):
+        def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
+            seen.append(response.error_type)
+
+    config = {"service_call": {"max_retries": 0}, "breaker": {"failure_threshold": 1, "cooldown": 30}, "fallback": {"enabled": False}}
+    with ServiceEnvironment("t", config) as env:
+        env.add_middleware(Audit())
+        env.register_service("audited", Flaky)
+        with env.manager() as manager:
+            _open(manager, "audited")
+            assert manager._route("audited").admit is None  # Audit has no on_refused: no fast path
+            with pytest.raises(CircuitOpenError):
+                manager.call_service_sync("audited", "ok", (1,))
+            assert seen[-1] == "CircuitOpenError"
