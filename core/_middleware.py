@@ -144,7 +144,10 @@ class MiddlewareChain:
 
         def admit(service_name: str, method_name: str) -> BaseException | None:
             for check in admits:
-                error = check(service_name, method_name)
+                try:
+                    error = check(service_name, method_name)
+                except Exception:  # noqa: BLE001 - a failing check decides nothing: the chain handles the call
+                    return None
                 if error is not None:
                     for tell in refused:
                         try:
