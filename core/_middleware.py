@@ -12,8 +12,9 @@ response into that error and the remaining after-hooks still run.
 Threads: client hooks run in the calling thread for sync calls; for async
 calls ``before_call`` runs in the calling thread and ``after_call`` in the
 thread that completes the call (a transport's response thread, a worker, or
-the timer thread for timeouts). Server hooks run in the worker thread that runs
-the method, in the service's process.
+the timer thread for timeouts). Server hooks run in the thread that runs the
+method, in the service's process (a worker, a listener, or an in-process
+caller's own thread for a fast method).
 """
 
 from __future__ import annotations
