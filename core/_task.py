@@ -83,10 +83,6 @@ def _call_lifecycle(instance: Any, names: Iterable[str]) -> None:
             method()
 
 
-#: In a worker thread: when (perf_counter) its current request began running, queue wait excluded.
-_current_job = threading.local()
-
-
 class _WorkerPool:
     """Fixed worker threads fed by a SimpleQueue.
 
@@ -109,19 +105,17 @@ class _WorkerPool:
     def _work(self) -> None:
         get = self._queue.get
         task = self._task
-        job = _current_job
         clock = time.perf_counter
         while True:
             item = get()
             if item is None:
-                job.began = None
                 return
             request, reply = item
-            job.began = began = clock()
+            began = clock()
             response = task.execute(request, from_queue=True)
             ran = clock() - began
             reply(response)
-            task._learn_cost(request.method_name, ran)
+            task.observe_cost(request.method_name, ran)
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
@@ -391,9 +385,9 @@ class BaseServiceTask:
     def submit(self, request: ServiceRequest, reply: Reply) -> None:
         """Queue ``request`` for a worker; ``reply`` gets the response exactly once.
 
-        ``reply`` runs in the worker thread once the request ran (there
-        :meth:`job_seconds` tells how long it took), or in the calling thread
-        when the request is refused.
+        ``reply`` runs in the worker thread once the request ran, or in the
+        calling thread when the request is refused. The time the request ran
+        (its wait in the queue excluded) feeds :meth:`method_cost`.
 
         A task that is not running answers at once with ServiceUnavailableError;
         a full queue waits up to ``service.local.queue_timeout`` (and never past
@@ -429,16 +423,6 @@ class BaseServiceTask:
             self._queued += 1
         pool.put((request, reply))
 
-    @staticmethod
-    def job_seconds() -> float | None:
-        """In a ``submit`` reply callback: how long the request ran, its wait in the queue excluded.
-
-        Reply callbacks run in the worker thread right after the request
-        (listeners use this to learn a method's cost). None outside a worker.
-        """
-        began: float | None = getattr(_current_job, "began", None)
-        return None if began is None else time.perf_counter() - began
-
     def run_inline(self, request: ServiceRequest) -> ServiceResponse | None:
         """Run ``request`` in the calling thread when that is safe and cheap; None: use :meth:`submit`.
 
@@ -463,14 +447,24 @@ class BaseServiceTask:
         began = time.perf_counter()
         response = self.execute(request)
         ran = time.perf_counter() - began
-        self._learn_cost(name, ran)
+        self.observe_cost(name, ran)
         deadline = request.deadline
         if deadline is not None and ran > self.inline_limit and time.time() > deadline:
             # It overran its deadline here: the caller gets the timeout it asked for (late, this once).
             return timeout_response(request, deadline - time.time() + ran)
         return response
 
-    def _learn_cost(self, name: str, seconds: float) -> None:
+    def method_cost(self, name: str) -> float | None:
+        """Seconds method ``name`` has been observed to run (smoothed), None before its first run.
+
+        Fed by pool runs (their wait in the queue excluded), by in-place runs
+        of :meth:`run_inline`, and by transports that run requests in place
+        (:meth:`observe_cost`); one slow run raises it at once.
+        """
+        return self._method_cost.get(name)
+
+    def observe_cost(self, name: str, seconds: float) -> None:
+        """Record that method ``name`` just ran for ``seconds`` (see :meth:`method_cost`)."""
         previous = self._method_cost.get(name)
         if previous is None or seconds > self.inline_limit:
             # Pessimistic on a slow run: the next calls go to the pool at once.

@@ -13,8 +13,10 @@ in batches (``get_many``) and decides, per request, where it runs:
 
 A method that overruns the limit while running inline is moved to the pool
 from its next call on, so one slow method stalls the listener at most once
-until its measured cost decays below the limit again (pool runs keep feeding
-the estimate with their running time, their wait in the pool's queue excluded). A task declared not thread-safe still runs one request at a
+until its measured cost decays below the limit again. The cost is the task's
+own estimate (``task.method_cost``), fed by every run: in this listener, in
+the pool (its running time, its wait in the pool's queue excluded) and in
+in-process callers' threads. A task declared not thread-safe still runs one request at a
 time: both paths go through ``task.execute``, which holds its serial lock.
 
 Client side (:class:`MmapConnection`): a synchronous ``call`` puts the request
@@ -147,7 +149,6 @@ class MmapListener(Listener):
             self.queue.close()
             self.queue.unlink()
             raise
-        self._cost: dict[str, float] = {}
         self._outstanding = 0
         self._outstanding_lock = threading.Lock()
         self._responders: dict[str, ShmQueue] = {}
@@ -258,7 +259,7 @@ class MmapListener(Listener):
             # Refused by the task before any lookup; cheap enough to answer here.
             self._reply(request, task.execute(request))
             return
-        cost = self._cost.get(name)
+        cost = task.method_cost(name)
         if (
             cost is not None
             and cost < self._limit
@@ -267,11 +268,7 @@ class MmapListener(Listener):
         ):
             started = _perf_counter()
             response = task.execute(request)
-            seconds = _perf_counter() - started
-            if seconds > self._limit:
-                self._observe(name, seconds)
-            else:
-                self._cost[name] = cost * 0.75 + seconds * 0.25
+            task.observe_cost(name, _perf_counter() - started)
             replies = answered.get(request.response_queue_name)
             if replies is None:
                 answered[request.response_queue_name] = [(request, response)]
@@ -282,24 +279,12 @@ class MmapListener(Listener):
             self._outstanding += 1
 
         def reply(response: ServiceResponse) -> None:
-            # The run alone, not the wait in the pool's queue: counting waits behind a backlog
-            # would keep a fast method in the pool for as long as the backlog lasts, and so make it last.
-            seconds = task.job_seconds()
-            if seconds is not None:
-                self._observe(name, seconds)
+            # The pool feeds task.method_cost with the run alone, not the wait in its queue.
             with self._outstanding_lock:
                 self._outstanding -= 1
             self._reply(request, response)
 
         task.submit(request, reply)
-
-    def _observe(self, name: str, seconds: float) -> None:
-        previous = self._cost.get(name)
-        if previous is None or seconds > self._limit:
-            # Pessimistic on a slow run: the next calls go to the pool at once.
-            self._cost[name] = seconds if previous is None else max(seconds, previous)
-        else:
-            self._cost[name] = previous * 0.75 + seconds * 0.25
 
     def _reply_status(self, request: ServiceRequest) -> None:
         try:
