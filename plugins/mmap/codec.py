@@ -89,7 +89,6 @@ __all__ = [
     "reclaim_segments",
     "release_pool",
     "request_from_message",
-    "response_for",
     "response_from_message",
     "unlink_segment",
 ]
@@ -362,14 +361,6 @@ def encode_response(
     threshold: int = OUT_OF_BAND_THRESHOLD,
 ) -> tuple[bytes, str | None]:
     """The record carrying ``response``; raises what pickling raises."""
-    if response.success and not response.metadata and not response.degraded:
-        # The common reply, without the general path's calls: a plain result nothing wraps.
-        result = response.result
-        t = type(result)
-        if (t is not tuple and t is not list and t is not _bytes and t is not _bytearray) or (
-            (t is _bytes or t is _bytearray) and len(result) < threshold
-        ):
-            return _dumps_fast((response.request_id, result), receiver_pid, inline_limit, threshold)
     message = response_message(response, threshold)
     result = message[1] if len(message) == 2 else message[2]
     trusted = _trusted(result) if type(result) in (_BigBytes, tuple, list) else None
@@ -415,35 +406,11 @@ def request_from_message(message: tuple[Any, ...]) -> ServiceRequest:
 
 def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     """(kind, request) of a request record; DecodeError (carrying the request id when readable) otherwise."""
-    if record[:1] == b"\x80":
-        try:
-            message = _loads(record)
-        except Exception as exc:
-            raise DecodeError(f"undecodable record of {len(record)} bytes: {type(exc).__name__}: {exc}") from None
-    else:
-        message = _load(record)
+    message = _load(record)
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
         what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
         raise DecodeError(f"{what} record arrived on a request queue")
     return message[0], request_from_message(message)
-
-
-def response_for(record: bytes, request_id: str) -> ServiceResponse | None:
-    """The plain success answering ``request_id`` when ``record`` is exactly that, else None.
-
-    The fast path of a caller waiting for one response; anything else (an
-    error, a batch, out-of-band data, another request's answer, bytes that do
-    not decode) returns None and takes :func:`decode_many`.
-    """
-    if record[:1] != b"\x80":
-        return None
-    try:
-        message = _loads(record)
-    except Exception:
-        return None
-    if type(message) is tuple and len(message) == 2 and message[0] == request_id:
-        return ServiceResponse(True, message[1], None, request_id)
-    return None
 
 
 def response_from_message(message: tuple[Any, ...], _response: Any = ServiceResponse) -> ServiceResponse:
@@ -747,14 +714,18 @@ def _decode_pooled(record: bytes) -> Any:
             part = view[offset : offset + size]
             buffers.append(bytearray(part) if n & _COPY_BIT else part)
             offset += (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        try:
-            return _loads(data, buffers=buffers)
-        except Exception as exc:
-            raise DecodeError(f"undecodable out-of-band record ({name}): {type(exc).__name__}: {exc}") from None
+        return _loads_out_of_band(data, buffers, name)
     finally:
         del data, buffers
         view.release()
         words[_LEASE] = 0  # the data is copied out: the sender may reuse the segment
+
+
+def _loads_out_of_band(data: Any, buffers: list[Any], name: str) -> Any:
+    try:
+        return _loads(data, buffers=buffers)
+    except Exception as exc:
+        raise DecodeError(f"undecodable out-of-band record ({name}): {type(exc).__name__}: {exc}") from None
 
 
 def _decode_one_shot(record: bytes) -> Any:
@@ -773,9 +744,7 @@ def _decode_one_shot(record: bytes) -> Any:
         buffers.append(view[offset : offset + n])
         offset += (n + _ALIGN - 1) // _ALIGN * _ALIGN
     try:
-        return _loads(data, buffers=buffers)
-    except Exception as exc:
-        raise DecodeError(f"undecodable out-of-band record ({name}): {type(exc).__name__}: {exc}") from None
+        return _loads_out_of_band(data, buffers, name)
     finally:
         del data, view
 

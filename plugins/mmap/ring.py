@@ -607,47 +607,7 @@ class ShmQueue:
             )
         if self._closed:
             self._check_open()
-        need = FRAME + ((n + 7) & -8)
-        # Fast path: lock free, room available.  (_put_locked is the same code
-        # for the slow path; it is inlined here to keep the common case lean.)
-        lock_arg = self._lock_arg
-        rc = _trylock(lock_arg)
-        if rc:  # busy, or the previous holder died: still ours once this returns
-            self._lock_slow(rc, None if timeout is None else time.monotonic() + timeout)
-        try:
-            w64 = self._w64
-            w32 = self._w32
-            if w32[_CLOSED]:
-                raise QueueClosed(f"queue {self.name!r} is closed")
-            cap = self.capacity
-            tail = w64[_TAIL]
-            if cap - (tail - w64[_HEAD]) < need:
-                full = True
-            else:
-                full = False
-                pos = tail % cap
-                w64[_DATA_WORD64 + (pos >> 3)] = n | ((n ^ _CHECK_KEY ^ (tail >> 3)) & _M32) << 32
-                p = pos + (HEADER_SIZE + FRAME)
-                if p >= HEADER_SIZE + cap:
-                    p -= cap
-                end = p + n
-                if end <= HEADER_SIZE + cap:
-                    self._mm[p:end] = item
-                else:
-                    self._write_wrapped(item, p, end)
-                w64[_TAIL] = tail + need  # publish
-                if w32[_ASLEEP]:
-                    w32[_ASLEEP] = 0
-                    w32[_DATA_SEQ] = (w32[_DATA_SEQ] + 1) & _M32
-                    wake = True
-                else:
-                    wake = False
-        finally:
-            _unlock(lock_arg)
-        if full:
-            return self._put_slow(item, n, need, timeout)
-        if wake:
-            _futex_wake(self._data_seq_addr)
+        self._put_python(item, n, FRAME + ((n + 7) & -8), timeout)
 
     def _write_wrapped(self, item: Any, p: int, end: int) -> None:
         limit = HEADER_SIZE + self.capacity
@@ -686,7 +646,8 @@ class ShmQueue:
             self._wake_pending = True
         return None
 
-    def _put_slow(self, item: Any, n: int, need: int, timeout: float | None) -> None:
+    def _put_python(self, item: Any, n: int, need: int, timeout: float | None) -> None:
+        """Lock, write (or wait for room, registered as a space waiter), unlock, wake the consumer if asleep."""
         deadline = None if timeout is None else time.monotonic() + timeout
         lock_arg = self._lock_arg
         while True:

@@ -326,13 +326,10 @@ class MmapListener(Listener):
     def _reply(self, request: ServiceRequest, response: ServiceResponse) -> None:
         """Send ``response`` to the caller's ring; a gone or stuck caller loses it (logged)."""
         name = request.response_queue_name
-        queue = self._responders.get(name)
+        queue = self._responder(name) if name else None
         if queue is None:
-            queue = self._responder(name) if name else None
-            if queue is None:
-                return
-        if response.exception is not None:
-            response = response.for_wire()
+            return
+        response = response.for_wire()
         try:
             record, segment = codec.encode_response(response, queue.owner_pid, _inline_limit(queue))
         except Exception as exc:  # the result (or error) cannot be pickled
@@ -747,7 +744,6 @@ class MmapConnection(Connection):
         end = monotonic() + timeout
         request_id = request.request_id
         get = queue.get
-        response_for = codec.response_for
         while True:
             remaining = end - monotonic()
             if remaining <= 0:
@@ -761,9 +757,6 @@ class MmapConnection(Connection):
             except QueueError as exc:  # corrupted response ring: it dropped the bad bytes
                 log.warning("mmap response queue %s: %s", queue.name, exc)
                 continue
-            response = response_for(record, request_id)
-            if response is not None:
-                return response
             try:
                 messages = codec.decode_many(record)
             except codec.DecodeError as exc:

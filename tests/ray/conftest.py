@@ -9,9 +9,11 @@ counts what a test itself spawns.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kservice import ServiceEnvironment, ServiceManager
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'kservice[ray]')")
 
@@ -40,3 +42,10 @@ def node_ids(ray_cluster: Cluster) -> dict[str, str]:
             if node["Alive"] and resource in node["Resources"]:
                 found[resource] = node["NodeID"]
     return found
+
+
+@pytest.fixture
+def manager(env: ServiceEnvironment) -> Iterator[ServiceManager]:
+    """A manager of the module's own ``env`` fixture (each module defines the services it needs)."""
+    with ServiceManager(env) as created:
+        yield created

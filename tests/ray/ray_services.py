@@ -118,3 +118,13 @@ def without_breaker() -> dict[str, Any]:
     """
     schema = kservice.Config.load(None).schema
     return {"breaker": {"enabled": False}} if "breaker" in schema else {}
+
+
+def quiet_config(services: dict[str, Any]) -> dict[str, Any]:
+    """Config for services shared by a module's tests: no periodic health rounds spawning threads mid-test."""
+    from kservice import Config
+
+    config: dict[str, Any] = {"services": services}
+    if "health" in Config.load(None).schema:
+        config["health"] = {"enabled": False}
+    return config

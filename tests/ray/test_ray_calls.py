@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import ray
 from kservice import (
-    Config,
     MethodNotFoundError,
     ServiceCallError,
     ServiceEnvironment,
@@ -20,15 +19,7 @@ from kservice import (
     ServiceTimeoutError,
 )
 from kservice.plugins.ray import RayServiceTask
-from ray_services import EchoService, ShoutMiddleware
-
-
-def quiet_config(services: dict[str, Any]) -> dict[str, Any]:
-    """Config for services shared by a module's tests: no periodic health rounds spawning threads mid-test."""
-    config: dict[str, Any] = {"services": services}
-    if "health" in Config.load(None).schema:
-        config["health"] = {"enabled": False}
-    return config
+from ray_services import EchoService, ShoutMiddleware, quiet_config
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +39,6 @@ def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
         yield environment
     finally:
         environment.stop()
-
-
-@pytest.fixture
-def manager(env: ServiceEnvironment) -> Iterator[ServiceManager]:
-    with ServiceManager(env) as created:
-        yield created
 
 
 @pytest.mark.timeout(60)

@@ -12,7 +12,7 @@ import pytest
 import ray
 from kservice import ServiceEnvironment, ServiceManager, ServiceRequest, ServiceResponse
 from kservice.plugins import ray as ray_plugin
-from test_ray_calls import quiet_config
+from ray_services import quiet_config
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,6 @@ def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
         yield environment
     finally:
         environment.stop()
-
-
-@pytest.fixture
-def manager(env: ServiceEnvironment) -> Iterator[ServiceManager]:
-    with ServiceManager(env) as created:
-        yield created
 
 
 def test_plain_values_are_packed_and_ray_values_are_left_to_ray(ray_cluster: Any) -> None:
