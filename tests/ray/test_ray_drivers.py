@@ -78,6 +78,22 @@ sys.meta_path.insert(0, _NoRay())
 """
 
 
+#: A child's script: ask for a ray service (printing the error) and call a local one.
+_RAY_AND_LOCAL_SERVICE = """
+class Echo:
+    def echo(self, x): return x
+env = ServiceEnvironment("{name}")
+try:
+    env.register_service("r", ServiceFactory("r", Echo), kind="ray")
+except ConfigError as exc:
+    print("ERROR", exc)
+env.register_service("local", ServiceFactory("local", Echo))
+with env:
+    with env.manager() as manager:
+        print("LOCAL", manager.call_service_sync("local", "echo", ("ok",)))
+"""
+
+
 @pytest.mark.timeout(60)
 def test_without_ray_installed_a_ray_service_is_a_clear_error_and_local_ones_work() -> None:
     result = run_python(
@@ -88,18 +104,9 @@ from kservice import ConfigError, ServiceEnvironment, ServiceFactory
 from kservice._plugins import plugin_infos
 import kservice.plugins.ray as ray_plugin
 assert "ray" in {info.name for info in plugin_infos()}, "the plugin loads without Ray"
-class Echo:
-    def echo(self, x): return x
-env = ServiceEnvironment("no-ray")
-try:
-    env.register_service("r", ServiceFactory("r", Echo), kind="ray")
-except ConfigError as exc:
-    print("ERROR", exc)
-env.register_service("local", ServiceFactory("local", Echo))
-with env:
-    with env.manager() as manager:
-        print("LOCAL", manager.call_service_sync("local", "echo", ("ok",)))
-assert "ray" not in sys.modules
+"""
+        + _RAY_AND_LOCAL_SERVICE.format(name="no-ray")
+        + """assert "ray" not in sys.modules
 """,
         timeout=50,
     )
@@ -113,18 +120,8 @@ def test_disabling_the_ray_plugin_leaves_the_rest_working() -> None:
     result = run_python(
         """
 from kservice import ConfigError, ServiceEnvironment, ServiceFactory
-class Echo:
-    def echo(self, x): return x
-env = ServiceEnvironment("no-ray-plugin")
-try:
-    env.register_service("r", ServiceFactory("r", Echo), kind="ray")
-except ConfigError as exc:
-    print("ERROR", exc)
-env.register_service("local", ServiceFactory("local", Echo))
-with env:
-    with env.manager() as manager:
-        print("LOCAL", manager.call_service_sync("local", "echo", ("ok",)))
-""",
+"""
+        + _RAY_AND_LOCAL_SERVICE.format(name="no-ray-plugin"),
         timeout=50,
         env={"KSERVICE_DISABLE_PLUGINS": "ray"},
     )
