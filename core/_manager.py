@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ._config import Config
@@ -357,14 +358,15 @@ class ServiceManager:
         chain = route.chain
         if chain is None:
             return route.connection.call(request, request.deadline - time.time())  # type: ignore[operator]
+        began = perf_counter()
         try:
             sent, response, limit = chain.run_before(request)
         except MiddlewareError as exc:
             response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
-            return chain.run_after(request, response, exc.index)
+            return chain.run_after(exc.request, response, exc.index, began)
         if response is None:
             response = route.connection.call(sent, sent.deadline - time.time())  # type: ignore[operator]
-        return chain.run_after(sent, response, limit)
+        return chain.run_after(sent, response, limit, began)
 
     def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
         """After an unavailable service, resolve again: it may have moved or restarted."""
@@ -478,6 +480,7 @@ class _AsyncCall(CallFuture[Any]):
         self._attempt = 0
         self._sent = request
         self._limit = 0
+        self._began = 0.0
         self._timeout: float = request.deadline - time.time()  # type: ignore[operator]
         self._attempt_lock = self._first_lock = threading.Lock()
         self._expires_at = 0.0
@@ -520,10 +523,11 @@ class _AsyncCall(CallFuture[Any]):
         lock = self._attempt_lock
         if chain is not None:
             self._limit = chain.size
+            self._began = perf_counter()
             try:
                 self._sent, response, self._limit = chain.run_before(request)
             except MiddlewareError as exc:
-                self._limit = exc.index
+                self._sent, self._limit = exc.request, exc.index
                 response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
             if response is not None:
                 self._settle(response, lock)
@@ -535,7 +539,7 @@ class _AsyncCall(CallFuture[Any]):
 
     def _after(self, response: ServiceResponse) -> ServiceResponse:
         chain = self._route.chain
-        return response if chain is None else chain.run_after(self._sent, response, self._limit)
+        return response if chain is None else chain.run_after(self._sent, response, self._limit, self._began)
 
     def _settle(self, response: ServiceResponse, lock: threading.Lock) -> None:
         if not lock.acquire(False):

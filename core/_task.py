@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from queue import SimpleQueue
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._config import Config
@@ -113,9 +114,9 @@ class _WorkerPool:
             request, reply = item
             began = clock()
             response = task.execute(request, from_queue=True)
-            ran = clock() - began
+            # Learned before the reply: the caller's next call must find this run's cost.
+            task.observe_cost(request.method_name, clock() - began)
             reply(response)
-            task.observe_cost(request.method_name, ran)
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
@@ -520,9 +521,11 @@ class BaseServiceTask:
         token = _current_request.set(request)
         chain = self._server_chain
         limit = 0
+        began = 0.0
         try:
             response: ServiceResponse | None = None
             if chain is not None:
+                began = perf_counter()
                 request, response, limit = chain.run_before(request)
             if response is None:
                 if request.method_name[:1] in ("_", ""):
@@ -531,7 +534,7 @@ class BaseServiceTask:
         except MethodNotFoundError as exc:
             response = ServiceResponse.from_exception(request.request_id, exc, origin="runtime")
         except MiddlewareError as exc:
-            limit = exc.index
+            request, limit = exc.request, exc.index
             response = ServiceResponse.from_exception(request.request_id, exc.error, origin="service")
         except Exception as exc:
             response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
@@ -540,7 +543,7 @@ class BaseServiceTask:
             if serial is not None:
                 serial.release()
         if chain is not None:
-            response = chain.run_after(request, response, limit)
+            response = chain.run_after(request, response, limit, began)
         next(self._finished)
         if not response.success:
             next(self._failed)

@@ -289,8 +289,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
         def through(c: Any) -> Callable[[], None]:
             def run_chain() -> None:
+                began = time.perf_counter()
                 sent, _, limit = c.run_before(request)
-                c.run_after(sent, response, limit)
+                c.run_after(sent, response, limit, began)
 
             return run_chain
 
@@ -379,8 +380,9 @@ def _open_breaker_rows(n: int, rounds: int) -> list[dict[str, Any]]:
             request = ServiceRequest("1", SERVICE, "echo", (PAYLOAD,), deadline=time.time() + 3600)
 
             def rejected() -> None:
+                began = time.perf_counter()
                 sent, response, limit = chain.run_before(request)
-                chain.run_after(sent, response, limit)  # type: ignore[arg-type]
+                chain.run_after(sent, response, limit, began)  # type: ignore[arg-type]
 
             def flood() -> None:
                 try:

@@ -64,3 +64,39 @@ def test_a_check_that_raises_lets_the_call_through_the_chain() -> None:
         with environment.manager() as manager:
             assert manager.call_service_sync("echo", "echo", (4,)) == 4
             assert gate.before == 1 and not gate.refused
+
+
+class Watcher(kservice.ServiceMiddleware):
+    """Observes outcomes; hears of refusals only when ``hears`` is set."""
+
+    def __init__(self, hears: bool) -> None:
+        self.observed: list[str] = []
+        self.refused: list[str] = []
+        if hears:
+            self.on_refused = lambda service, method, error: self.refused.append(str(error))  # type: ignore[method-assign]
+
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.observed.append("ok" if response.success else response.error or "")
+
+
+@pytest.mark.parametrize("hears", [True, False])
+def test_an_observer_that_does_not_hear_refusals_keeps_every_call_on_the_chain(hears: bool) -> None:
+    gate, watcher = Gate(), Watcher(hears)
+    def refuse_in_chain(request: ServiceRequest) -> None:
+        gate.before += 1
+        if gate.closed:
+            raise ServiceUnavailableError("gate closed")
+
+    gate.before_call = refuse_in_chain  # type: ignore[method-assign]
+    with ServiceEnvironment("admit-observer", NO_POLICIES) as environment:
+        environment.add_middleware(watcher)
+        environment.add_middleware(gate)
+        environment.register_service("echo", Echo)
+        with environment.manager() as manager:
+            gate.closed = True
+            with pytest.raises(ServiceUnavailableError, match="gate closed"):
+                manager.call_service_sync("echo", "echo", (1,))
+    if hears:  # refused by admit: the chain never ran, the observer heard of it
+        assert (gate.before, watcher.observed, watcher.refused) == (0, [], ["gate closed"])
+    else:  # the observer would have missed it: the call went down the chain and was refused there
+        assert (gate.before, watcher.observed, watcher.refused) == (1, ["gate closed"], [])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kservice import (
     ServiceEnvironment,
     ServiceManager,
@@ -152,3 +155,172 @@ def test_middleware_that_overrides_nothing_is_not_in_the_chain() -> None:
     assert not MiddlewareChain([ServiceMiddleware(), object()], "client")
     assert MiddlewareChain([Reject()], "client")
     assert not MiddlewareChain([Reject()], "server")
+
+
+# ------------------------------------------------------------- observers
+
+
+class Observer(ServiceMiddleware):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, float]] = []
+        self.handles: list[tuple[str, Any, float]] = []
+
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.calls.append((request.method_name, response.result if response.success else response.error_type, seconds))
+
+    def observe_handle(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.handles.append((threading.current_thread().name, response.result, seconds))
+
+
+class Times(ServiceMiddleware):
+    """Multiplies an int result in after_call (registered after the observer, so it runs before it)."""
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> ServiceResponse | None:
+        if response.success and isinstance(response.result, int):
+            return ServiceResponse(True, response.result * 10, request_id=response.request_id)
+        return None
+
+
+def test_observers_see_the_final_response_and_the_attempt_duration_on_both_sides() -> None:
+    observer = Observer()
+    with _env(observer, Times()) as env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("kv", "get", ("a",)) == 10
+        assert manager.call_service_async("kv", "sleep", (0.05,)).result(timeout=5) == 0.05
+        with pytest.raises(KeyError):
+            manager.call_service_sync("kv", "require", ("missing",))
+    (get, got, _), (slept, napped, nap_seconds), (require, failed, _) = observer.calls
+    assert (get, got) == ("get", 10)  # after every after-hook: the result the caller got
+    assert (slept, napped) == ("sleep", 0.05) and nap_seconds >= 0.05
+    assert (require, failed) == ("require", "KeyError")
+    assert len(observer.handles) == 3 and observer.handles[0][1] == 1  # the server side sees the method's result
+    assert all(name.startswith("kservice-kv") for name, _, _ in observer.handles[:2])
+    assert observer.handles[1][2] >= 0.05
+
+
+class BrokenObserver(ServiceMiddleware):
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        raise RuntimeError("observer down")
+
+    observe_handle = observe_call
+
+
+def test_an_observer_that_raises_changes_nothing_and_one_not_reached_is_not_told() -> None:
+    inner = Observer()
+    with _env(BrokenObserver(), Answer(), inner) as env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("kv", "get", ("a",)) == 1
+        assert manager.call_service_sync("kv", "get", ("cached",)) == "from middleware"
+    # Answer (registered before it) answered the second call: it never reached the inner observer.
+    assert [(method, result) for method, result, _ in inner.calls] == [("get", 1)]
+    assert len(inner.handles) == 1
+
+
+# ------------------------------------------------ compiled chain vs its specification
+
+_BEFORE_ACTIONS = ("none", "replace", "answer", "raise")
+_AFTER_ACTIONS = ("none", "replace", "raise")
+
+
+class Scripted(ServiceMiddleware):
+    """A middleware whose hooks act as scripted, recording what they saw."""
+
+    def __init__(self, index: int, before: str | None, after: str | None, observe: bool, log: list[Any]) -> None:
+        self.index, self.log = index, log
+        if before is not None:
+            self.before_call = lambda request: self._before(before, request)  # type: ignore[method-assign]
+        if after is not None:
+            self.after_call = lambda response, request: self._after(after, response, request)  # type: ignore[method-assign]
+        if observe:
+            self.observe_call = self._observe  # type: ignore[method-assign]
+
+    def _before(self, action: str, request: ServiceRequest) -> Any:
+        self.log.append(("before", self.index, request.args))
+        if action == "raise":
+            raise ValueError(f"before {self.index}")
+        if action == "answer":
+            return ServiceResponse(True, f"answered by {self.index}", request_id=request.request_id)
+        if action == "replace":
+            return ServiceRequest(request.request_id, request.service_name, request.method_name, (*request.args, self.index))
+        return None
+
+    def _after(self, action: str, response: ServiceResponse, request: ServiceRequest) -> Any:
+        self.log.append(("after", self.index, response.result, response.error, request.args))
+        if action == "raise":
+            raise KeyError(f"after {self.index}")
+        if action == "replace":
+            return ServiceResponse(True, f"{response.result}>{self.index}", request_id=response.request_id)
+        return None
+
+    def _observe(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.log.append(("observe", self.index, response.result, response.error, request.args, seconds >= 0))
+
+
+def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[Any]) -> ServiceResponse:
+    """The chain's documented behaviour, written as plainly as possible."""
+    limit = len(middlewares)
+    response = None
+    for index, middleware in enumerate(middlewares):
+        if "before_call" not in vars(middleware):
+            continue
+        try:
+            outcome = middleware.before_call(request)
+        except Exception as exc:
+            response = ServiceResponse.from_exception(request.request_id, exc, origin="client")
+            limit = index
+            break
+        if isinstance(outcome, ServiceResponse):
+            response, limit = outcome, index
+            break
+        if outcome is not None:
+            request = outcome
+    if response is None:
+        response = ServiceResponse(True, f"served {request.args}", request_id=request.request_id)
+    for index in reversed(range(limit)):
+        middleware = middlewares[index]
+        if "after_call" in vars(middleware):
+            try:
+                outcome = middleware.after_call(response, request)
+            except Exception as exc:
+                outcome = ServiceResponse.from_exception(request.request_id, exc, origin="client")
+            if outcome is not None:
+                response = outcome
+    for index in range(limit):
+        if "observe_call" in vars(middlewares[index]):
+            middlewares[index].observe_call(request, response, 0.0)
+    return response
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from((None, *_BEFORE_ACTIONS)), st.sampled_from((None, *_AFTER_ACTIONS)), st.booleans()),
+        max_size=6,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_the_compiled_chain_behaves_as_specified(script: list[tuple[str | None, str | None, bool]]) -> None:
+    from kservice._middleware import MiddlewareChain, MiddlewareError
+
+    def build(log: list[Any]) -> list[Scripted]:
+        return [Scripted(i, before, after, observe, log) for i, (before, after, observe) in enumerate(script)]
+
+    request = ServiceRequest("r-1", "svc", "m", ("arg",))
+    expected_log: list[Any] = []
+    expected = _specified(build(expected_log), request, expected_log)
+
+    log: list[Any] = []
+    chain = MiddlewareChain(build(log), "client")
+    began = time.perf_counter()
+    try:
+        sent, response, limit = chain.run_before(request)
+    except MiddlewareError as exc:  # as the manager does
+        sent, limit = exc.request, exc.index
+        response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
+    if response is None:
+        response = ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
+    got = chain.run_after(sent, response, limit, began)
+    assert (got.success, got.result, got.error, got.error_type) == (
+        expected.success,
+        expected.result,
+        expected.error,
+        expected.error_type,
+    )
+    assert log == expected_log
