@@ -31,6 +31,7 @@ import pickle
 import random
 import secrets
 import socket
+import struct
 import sys
 import threading
 import time
@@ -262,12 +263,39 @@ class _ReplicaHost:
                 ServiceUnavailableError(f"replica {self.actor_name} of service {service_name!r} is {state}"),
                 origin="runtime",
             ).for_wire()
+        began = time.perf_counter()
         response = task.execute(request)
         if response.success and not response.metadata and not response.degraded:
             packed = _pack(response.result)
-            # A 1-tuple: Ray serializes the result itself (Ray handles, values needing cloudpickle, zero-copy buffers).
-            return packed if packed is not None else (response.result,)
+            if packed is None:
+                # A 1-tuple: Ray serializes the result itself (Ray handles, values needing cloudpickle, zero-copy buffers).
+                return (response.result,)
+            # The run time rides after the pickle (pickle.loads ignores what follows it): callers learn
+            # which methods are fast enough to batch (see RayConnection) at no extra message.
+            return packed + _COST.pack(time.perf_counter() - began)
         return response.for_wire()
+
+    def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:
+        """Run several calls one after the other (a caller's batch, see RayConnection); one answer each, in order.
+
+        Never raises, and no call's outcome can fail another's: a result only
+        Ray can serialize is stored on its own (``ray.put``), so one that
+        cannot be stored at all fails its own call, not the whole batch's reply.
+        """
+        import ray
+
+        answers: list[WireResponse | _Stored] = []
+        for envelope in envelopes:
+            answer = self.handle(envelope)
+            if type(answer) is tuple:
+                try:
+                    answer = _Stored(ray.put(answer[0]))
+                except Exception as exc:
+                    failed = ServiceResponse.from_exception("", exc, origin="service")
+                    failed.error = f"the result could not be returned through Ray: {_first_line(exc)}"
+                    answer = failed.for_wire()
+            answers.append(answer)
+        return answers
 
     def ready(self) -> ServiceResponse:
         if self.failure is not None:
@@ -291,6 +319,7 @@ class _ReplicaHost:
         return {
             "idempotent": sorted(_idempotent_methods(task.service_factory.service_class, task.options)),
             "class": task.service_factory.class_path,
+            "max_concurrency": task.max_workers,
             **self._info(),
         }
 
@@ -320,11 +349,21 @@ class _ReplicaHost:
             time.sleep(0.01)
 
 
+#: the run time (seconds, little-endian double) after the pickle of a plain result
+_COST = struct.Struct("<d")
+
 #: the fields of a request as they travel: (request_id, method_name, args, kwargs, deadline, metadata)
 WireRequest: TypeAlias = tuple[str, str, tuple[Any, ...], dict[str, Any], float | None, dict[str, Any]]
-#: what comes back: bytes (a plain success, pickled by :func:`_pack`), a 1-tuple (a plain success Ray
+#: what comes back: bytes (a plain success, pickled by :func:`_pack`, then its run time), a 1-tuple (a plain success Ray
 #: serialized), or the whole ServiceResponse (failures, and successes carrying metadata or marked degraded)
 WireResponse: TypeAlias = "bytes | tuple[Any] | ServiceResponse"
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A batched call's result that Ray stored on its own (see :meth:`_ReplicaHost.handle_batch`)."""
+
+    ref: Any
 
 
 class _RaySerializationNeeded(Exception):
@@ -495,7 +534,11 @@ class _Replica:
     #: the bound ``handle`` method, and its variant that Ray retries across restarts
     send_once: Any = None
     send_retrying: Any = None
+    #: the bound ``handle_batch`` method (at most once, like ``send_once``)
+    send_batch: Any = None
     in_flight: int = 0
+    #: async calls waiting to leave together in one batch: (request, reply, envelope)
+    outbox: list[tuple[ServiceRequest, Callable[[ServiceResponse], None], bytes]] = field(default_factory=list)
     #: False after a Ray failure until a readiness probe succeeds
     up: bool = True
     #: True once Ray reports the actor dead for good (restarts exhausted, killed)
@@ -504,6 +547,11 @@ class _Replica:
     info: dict[str, Any] = field(default_factory=dict)
     probing: bool = False
 
+
+#: async calls of a method that runs under this many seconds may be batched (see RayConnection)
+BATCH_COST_LIMIT = 0.001
+#: most calls in one batch
+BATCH_MAX = 64
 
 #: response metadata key retry policies read: False means re-sending cannot help or is unsafe
 RETRYABLE_KEY = "kservice.retryable"
@@ -553,7 +601,13 @@ class _ReplicaSet:
         self.balancer = balancer
         self.max_task_retries = max_task_retries
         self.idempotent = idempotent
+        #: async calls to a replica with at least this many of ours in flight may be batched
+        self.batch_after = 8
+        #: each method's run time in the replica (smoothed; one slow run counts at once), from its answers
+        self.method_cost: dict[str, float] = {}
         self.replicas: dict[int, _Replica] = {}
+        #: guards every replica's ``outbox``
+        self.outbox_lock = threading.Lock()
         self.live: tuple[_Replica, ...] = ()
         #: set when the owner stopped the service: every call is answered with it
         self.closed_reason = ""
@@ -566,6 +620,7 @@ class _ReplicaSet:
     def add(self, index: int, name: str, handle: Any, info: dict[str, Any] | None = None) -> _Replica:
         replica = _Replica(index, name, handle, info=dict(info or {}))
         replica.send_once = handle.handle
+        replica.send_batch = handle.handle_batch
         # Ray re-runs these on the restarted actor; only idempotent methods use them.
         replica.send_retrying = handle.handle.options(max_task_retries=self.max_task_retries)
         with self._lock:
@@ -623,6 +678,24 @@ class _ReplicaSet:
     def started(self, replica: _Replica) -> None:
         with self._lock:
             replica.in_flight += 1
+
+    def observe(self, method_name: str, answer: Any) -> None:
+        """Learn ``method_name``'s run time from a plain answer (the trailer :meth:`_ReplicaHost.handle` adds)."""
+        if type(answer) is not bytes or len(answer) <= _COST.size:
+            return
+        seconds = _COST.unpack_from(answer, len(answer) - _COST.size)[0]
+        previous = self.method_cost.get(method_name)
+        if previous is None or seconds > BATCH_COST_LIMIT:
+            self.method_cost[method_name] = seconds if previous is None else max(seconds, previous)
+        else:
+            self.method_cost[method_name] = previous * 0.75 + seconds * 0.25
+
+    def batchable(self, replica: _Replica, method_name: str) -> bool:
+        """Whether an async call of ``method_name`` to ``replica`` should wait in its outbox (see RayConnection)."""
+        if replica.in_flight < self.batch_after:
+            return False
+        cost = self.method_cost.get(method_name)
+        return cost is not None and cost < BATCH_COST_LIMIT
 
     def finished(self, replica: _Replica) -> None:
         with self._lock:
@@ -758,6 +831,7 @@ class _RefCompleter:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: list[tuple[Any, Callable[[Any, BaseException | None], None]]] = []
+        self._soon: list[Callable[[], None]] = []
         self._idle = False
         self._running = False
         self._window = self.MIN_WINDOW
@@ -765,29 +839,48 @@ class _RefCompleter:
     def add(self, ref: Any, callback: Callable[[Any, BaseException | None], None]) -> None:
         with self._lock:
             self._incoming.append((ref, callback))
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name="kservice-ray-completer", daemon=True).start()
-            elif self._idle:
-                self._idle = False
-                self._wake.notify()
+            self._wake_up()
+
+    def call_soon(self, function: Callable[[], None]) -> None:
+        """Run ``function()`` in this thread before its next wait (within ``BATCH_WAIT`` s); exceptions are dropped."""
+        with self._lock:
+            self._soon.append(function)
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        # Holding the lock.
+        if not self._running:
+            self._running = True
+            threading.Thread(target=self._run, name="kservice-ray-completer", daemon=True).start()
+        elif self._idle:
+            self._idle = False
+            self._wake.notify()
 
     def _run(self) -> None:
         # Insertion-ordered: the oldest refs first.
         pending: dict[Any, Callable[[Any, BaseException | None], None]] = {}
         while True:
             with self._lock:
-                if not self._incoming and not pending:
+                if not self._incoming and not pending and not self._soon:
                     self._idle = True
                     self._wake.wait(self.IDLE_EXIT)
                     self._idle = False
-                    if not self._incoming:
+                    if not self._incoming and not self._soon:
                         # No thread lingers in a process that stopped calling.
                         self._running = False
                         return
+                soon, self._soon = self._soon, []
+            for function in soon:
+                try:
+                    function()
+                except Exception:  # noqa: BLE001 - one failing function must not stop the completer
+                    pass
+            with self._lock:
                 incoming, self._incoming = self._incoming, []
             for ref, callback in incoming:
                 pending[ref] = callback
+            if not pending:
+                continue
             try:
                 self._complete_some(pending)
             except Exception as exc:  # noqa: BLE001 - Ray itself failed: nothing pending can complete any more
@@ -875,6 +968,23 @@ class RayConnection(Connection):
     ServiceTimeoutError; idempotent methods are re-run by Ray on a restarted
     replica and, if their replica is dead for good, sent once to another live
     replica. ``reply`` is called exactly once per ``send``.
+
+    Batching: a Ray actor call costs a few hundred µs of CPU across the
+    caller, the raylet and the actor whatever it carries, so pipelined calls
+    of a fast method would spend their time there. An async call of a
+    non-idempotent method that the replica reports running in under
+    ``BATCH_COST_LIMIT`` s (every plain answer carries its run time), sent to a
+    replica that already has ``max_concurrency`` of this process's calls in
+    flight (more would queue in the actor anyway), waits in that replica's
+    outbox instead. The outbox leaves as one ``handle_batch`` call when it
+    holds ``BATCH_MAX`` calls or at the completer's next turn (at most
+    ``_RefCompleter.BATCH_WAIT`` s); the replica runs the calls in order and
+    answers each, so every caller still gets exactly its own outcome, at most
+    once. Sync calls, idempotent methods (Ray retries those per call), slow or
+    not yet observed methods and calls whose arguments only Ray can serialize
+    always travel alone. A batched call whose caller times out is taken out
+    of the outbox if it has not left yet; once sent it runs (Ray cannot
+    cancel one call of a batch) and its answer is dropped.
     """
 
     def __init__(self, replicas: _ReplicaSet, *, refresh: Callable[[], None] | None = None, refresh_every: float = 0.0) -> None:
@@ -911,8 +1021,13 @@ class RayConnection(Connection):
         if replica is None:
             reply(replicas.no_replica(request))
             return
+        envelope = _to_wire(request)
+        if not idempotent and type(envelope) is bytes and replicas.batchable(replica, request.method_name):
+            replicas.started(replica)
+            self._enqueue(replica, request, reply, envelope)
+            return
         try:
-            ref = (replica.send_retrying if idempotent else replica.send_once).remote(_to_wire(request))
+            ref = (replica.send_retrying if idempotent else replica.send_once).remote(envelope)
         except Exception as exc:
             reply(_send_failure(request, exc))
             return
@@ -923,6 +1038,7 @@ class RayConnection(Connection):
             self._in_flight.pop(request.request_id, None)
             replicas.finished(replica)
             if error is None:
+                replicas.observe(request.method_name, answer)
                 response = _from_wire(request, answer)
             else:
                 response = replicas.translate(request, replica, error)
@@ -933,11 +1049,79 @@ class RayConnection(Connection):
 
         _completer().add(ref, done)
 
+    # batches ---------------------------------------------------------------
+
+    def _enqueue(self, replica: _Replica, request: ServiceRequest, reply: Callable[[ServiceResponse], None], envelope: bytes) -> None:
+        """Put an async call in ``replica``'s outbox; it leaves with the others when full or at the completer's next turn."""
+        with self.replicas.outbox_lock:
+            outbox = replica.outbox
+            outbox.append((request, reply, envelope))
+            full = len(outbox) >= BATCH_MAX
+            if full:
+                replica.outbox = []
+            first = len(outbox) == 1
+        if full:
+            self._send_batch(replica, outbox)
+        elif first:
+            _completer().call_soon(lambda: self._flush(replica))
+
+    def _flush(self, replica: _Replica) -> None:
+        with self.replicas.outbox_lock:
+            batch, replica.outbox = replica.outbox, []
+        if batch:
+            self._send_batch(replica, batch)
+
+    def _send_batch(self, replica: _Replica, batch: list[tuple[ServiceRequest, Callable[[ServiceResponse], None], bytes]]) -> None:
+        """Send ``batch`` as one ``handle_batch`` call; each caller gets its own answer (at most once, like ``send_once``)."""
+        replicas = self.replicas
+        try:
+            if self._closed:
+                raise ServiceStoppedError("the connection to this service was closed")
+            ref = replica.send_batch.remote([envelope for _, _, envelope in batch])
+        except Exception as exc:
+            for request, reply, _ in batch:
+                replicas.finished(replica)
+                reply(_unavailable(request, str(exc)) if self._closed else _send_failure(request, exc))
+            return
+
+        def done(answers: Any, error: BaseException | None) -> None:
+            for index, (request, reply, _) in enumerate(batch):
+                replicas.finished(replica)
+                if error is not None:
+                    reply(replicas.translate(request, replica, error))
+                    continue
+                answer = answers[index]
+                if type(answer) is _Stored:
+                    try:
+                        answer = (self._ray.get(answer.ref),)
+                    except Exception as exc:  # noqa: BLE001 - this call's result only
+                        reply(replicas.translate(request, replica, exc))
+                        continue
+                replicas.observe(request.method_name, answer)
+                reply(_from_wire(request, answer))
+
+        _completer().add(ref, done)
+
     def cancel(self, request: ServiceRequest) -> None:
-        """Cancel the remote task of an async call whose caller timed out (``ray.cancel``, best effort)."""
+        """Cancel the remote task of an async call whose caller timed out (``ray.cancel``, best effort).
+
+        A call still waiting in an outbox is taken out and never sent; one
+        already sent in a batch runs (its answer is dropped).
+        """
         ref = self._in_flight.pop(request.request_id, None)
         if ref is not None:
             self._ray.cancel(ref)
+            return
+        replicas = self.replicas
+        with replicas.outbox_lock:
+            for replica in replicas.replicas.values():
+                kept = [item for item in replica.outbox if item[0] is not request]
+                if len(kept) < len(replica.outbox):
+                    replica.outbox = kept
+                    break
+            else:
+                return
+        replicas.finished(replica)
 
     def _should_fail_over(self, request: ServiceRequest, replica: _Replica, idempotent: bool, failovers: int) -> bool:
         remaining = request.remaining()
@@ -967,7 +1151,9 @@ class RayConnection(Connection):
                 return _send_failure(request, exc)
             replicas.started(replica)
             try:
-                return _from_wire(request, ray.get(ref, timeout=max(timeout, 0.0)))
+                answer = ray.get(ref, timeout=max(timeout, 0.0))
+                replicas.observe(request.method_name, answer)
+                return _from_wire(request, answer)
             except ray.exceptions.GetTimeoutError:
                 # Drops the task if it is still queued on the replica; Ray does not interrupt a running one.
                 ray.cancel(ref)
@@ -1076,6 +1262,7 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
         except Exception:
             continue
     replicas.idempotent = frozenset(described.get("idempotent", ()))
+    replicas.batch_after = int(described.get("max_concurrency", replicas.batch_after))
     connection = RayConnection(replicas, refresh=refresh, refresh_every=ref.membership_refresh)
     replicas.on_all_down = refresh
     return connection
@@ -1178,6 +1365,7 @@ class RayServiceTask(BaseServiceTask):
             int(self.ray_options["max_task_retries"]),
             frozenset(_idempotent_methods(klass, self.options)),
         )
+        self.replica_set.batch_after = self.max_workers
         self._add_replicas(self.replica_count)
         self._state = "running"
         self.listeners.append(_transport.listen(self))
@@ -1301,6 +1489,7 @@ class RayServiceTask(BaseServiceTask):
         task.replica_count = len(existing[deployment])
         described = ray.get(task.replica_set.snapshot()[0].handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30)
         task.replica_set.idempotent = frozenset(described.get("idempotent", ()))
+        task.replica_set.batch_after = int(described.get("max_concurrency", task.replica_set.batch_after))
         task._state = "running"
         task.started_at = time.time()
         task.listeners.append(_transport.listen(task))
