@@ -548,11 +548,6 @@ class _Replica:
     probing: bool = False
 
 
-#: async calls of a method that runs under this many seconds may be batched (see RayConnection)
-BATCH_COST_LIMIT = 0.001
-#: most calls in one batch
-BATCH_MAX = 64
-
 #: response metadata key retry policies read: False means re-sending cannot help or is unsafe
 RETRYABLE_KEY = "kservice.retryable"
 #: response metadata key naming a replica taken out of rotation while other replicas still serve
@@ -603,6 +598,9 @@ class _ReplicaSet:
         self.idempotent = idempotent
         #: async calls to a replica with at least this many of ours in flight may be batched
         self.batch_after = 8
+        #: most calls in one batch (0: no batching), and the run time under which a method may be batched
+        self.batch_max = 64
+        self.batch_cost_limit = 0.001
         #: each method's run time in the replica (smoothed; one slow run counts at once), from its answers
         self.method_cost: dict[str, float] = {}
         self.replicas: dict[int, _Replica] = {}
@@ -685,17 +683,17 @@ class _ReplicaSet:
             return
         seconds = _COST.unpack_from(answer, len(answer) - _COST.size)[0]
         previous = self.method_cost.get(method_name)
-        if previous is None or seconds > BATCH_COST_LIMIT:
+        if previous is None or seconds > self.batch_cost_limit:
             self.method_cost[method_name] = seconds if previous is None else max(seconds, previous)
         else:
             self.method_cost[method_name] = previous * 0.75 + seconds * 0.25
 
     def batchable(self, replica: _Replica, method_name: str) -> bool:
         """Whether an async call of ``method_name`` to ``replica`` should wait in its outbox (see RayConnection)."""
-        if replica.in_flight < self.batch_after:
+        if self.batch_max <= 0 or replica.in_flight < self.batch_after:
             return False
         cost = self.method_cost.get(method_name)
-        return cost is not None and cost < BATCH_COST_LIMIT
+        return cost is not None and cost < self.batch_cost_limit
 
     def finished(self, replica: _Replica) -> None:
         with self._lock:
@@ -952,6 +950,8 @@ class _DeploymentRef:
     membership_refresh: float
     balancer: str
     max_task_retries: int
+    batch_max: int
+    batch_cost_limit: float
 
 
 class RayConnection(Connection):
@@ -973,11 +973,11 @@ class RayConnection(Connection):
     caller, the raylet and the actor whatever it carries, so pipelined calls
     of a fast method would spend their time there. An async call of a
     non-idempotent method that the replica reports running in under
-    ``BATCH_COST_LIMIT`` s (every plain answer carries its run time), sent to a
+    ``service.ray.batch_cost_limit`` s (every plain answer carries its run time), sent to a
     replica that already has ``max_concurrency`` of this process's calls in
     flight (more would queue in the actor anyway), waits in that replica's
     outbox instead. The outbox leaves as one ``handle_batch`` call when it
-    holds ``BATCH_MAX`` calls or at the completer's next turn (at most
+    holds ``service.ray.batch_max`` calls or at the completer's next turn (at most
     ``_RefCompleter.BATCH_WAIT`` s); the replica runs the calls in order and
     answers each, so every caller still gets exactly its own outcome, at most
     once. Sync calls, idempotent methods (Ray retries those per call), slow or
@@ -997,6 +997,9 @@ class RayConnection(Connection):
         self._closed = False
         #: ObjectRefs of async calls not answered yet, by request id (for ``cancel``)
         self._in_flight: dict[str, Any] = {}
+        #: ``handle_batch`` calls sent, and the calls they carried
+        self.batches_sent = 0
+        self.batched_calls = 0
 
     def _maybe_refresh(self) -> None:
         # Remote callers re-read membership now and then so a scale change by the owner reaches them.
@@ -1056,7 +1059,7 @@ class RayConnection(Connection):
         with self.replicas.outbox_lock:
             outbox = replica.outbox
             outbox.append((request, reply, envelope))
-            full = len(outbox) >= BATCH_MAX
+            full = len(outbox) >= self.replicas.batch_max
             if full:
                 replica.outbox = []
             first = len(outbox) == 1
@@ -1078,6 +1081,8 @@ class RayConnection(Connection):
             if self._closed:
                 raise ServiceStoppedError("the connection to this service was closed")
             ref = replica.send_batch.remote([envelope for _, _, envelope in batch])
+            self.batches_sent += 1
+            self.batched_calls += len(batch)
         except Exception as exc:
             for request, reply, _ in batch:
                 replicas.finished(replica)
@@ -1233,6 +1238,7 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
     """A connection to a deployment another driver started, membership re-read every ``membership_refresh`` s."""
     ray = _ray()
     replicas = _ReplicaSet(ref.service_name, ref.namespace, ref.deployment, _make_balancer(ref.balancer), ref.max_task_retries, frozenset())
+    replicas.batch_max, replicas.batch_cost_limit = ref.batch_max, ref.batch_cost_limit
 
     def refresh() -> None:
         names = _deployments(ray, ref.namespace).get(ref.service_name, {}).get(ref.deployment, {})
@@ -1366,6 +1372,8 @@ class RayServiceTask(BaseServiceTask):
             frozenset(_idempotent_methods(klass, self.options)),
         )
         self.replica_set.batch_after = self.max_workers
+        self.replica_set.batch_max = int(self.ray_options["batch_max"])
+        self.replica_set.batch_cost_limit = float(self.ray_options["batch_cost_limit"])
         self._add_replicas(self.replica_count)
         self._state = "running"
         self.listeners.append(_transport.listen(self))
@@ -1490,6 +1498,8 @@ class RayServiceTask(BaseServiceTask):
         described = ray.get(task.replica_set.snapshot()[0].handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30)
         task.replica_set.idempotent = frozenset(described.get("idempotent", ()))
         task.replica_set.batch_after = int(described.get("max_concurrency", task.replica_set.batch_after))
+        task.replica_set.batch_max = int(task.ray_options["batch_max"])
+        task.replica_set.batch_cost_limit = float(task.ray_options["batch_cost_limit"])
         task._state = "running"
         task.started_at = time.time()
         task.listeners.append(_transport.listen(task))
@@ -1770,6 +1780,15 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
             "membership_refresh": Setting(
                 (float,), 5.0, "Seconds between re-reads of the replica list by callers in other drivers.", minimum=0
             ),
+            "batch_max": Setting(
+                (int,),
+                64,
+                "Most async calls sent together in one actor call while a replica is busy (0: every call travels alone).",
+                minimum=0,
+            ),
+            "batch_cost_limit": Setting(
+                (float,), 0.001, "Only methods the replica runs in under this many seconds are batched.", minimum=0
+            ),
         },
     )
 
@@ -1788,7 +1807,15 @@ def kservice_resolve_service(service_name: str, manager: Any) -> list[ServiceAdd
     assert deployment is not None
     names = tuple(name for _, name in sorted(deployments[deployment].items()))
     target = _DeploymentRef(
-        namespace, service_name, deployment, names, float(options["membership_refresh"]), options["balancer"], int(options["max_task_retries"])
+        namespace,
+        service_name,
+        deployment,
+        names,
+        float(options["membership_refresh"]),
+        options["balancer"],
+        int(options["max_task_retries"]),
+        int(options["batch_max"]),
+        float(options["batch_cost_limit"]),
     )
     return [ServiceAddress("ray", service_name, target, instance=deployment, info={"namespace": namespace, "actors": list(names)})]
 

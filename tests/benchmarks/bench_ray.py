@@ -12,6 +12,9 @@ Rows (ratio = kservice / baseline):
   bare actor (why the connection's sync path uses ``ray.get``);
 - pipelined: N calls in flight through ``call_service_async`` vs
   ``ray.get([actor.echo.remote(x) for ...])`` (target: calls/s ratio >= 0.9);
+  kservice batches calls of a fast method to a busy replica (see
+  ``RayConnection``), so the same row with batching off shows the cost of
+  one actor call per call;
 - replicas: a method sleeping 10 ms, one call at a time per replica, two
   replicas vs one (target: throughput ratio >= 1.8).
 """
@@ -83,6 +86,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         config: dict[str, Any] = {
             "services": {
                 "echo": {"class": f"{__name__}:BenchEcho", "kind": "ray", "ray": {"max_concurrency": concurrency}},
+                "echo_alone": {
+                    "class": f"{__name__}:BenchEcho",
+                    "kind": "ray",
+                    "ray": {"max_concurrency": concurrency, "batch_max": 0},
+                },
                 "nap1": {"class": f"{__name__}:BenchEcho", "kind": "ray", "replicas": 1, "ray": {"max_concurrency": 1}},
                 "nap2": {"class": f"{__name__}:BenchEcho", "kind": "ray", "replicas": 2, "ray": {"max_concurrency": 1}},
             }
@@ -131,10 +139,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 }
             )
 
-            def kservice_batch() -> None:
-                futures = [manager.call_service_async("echo", "echo", (payload,)) for _ in range(pipelined)]
-                done, _ = wait(futures, timeout=120)
-                assert len(done) == pipelined and all(f.exception() is None for f in done)
+            def pipeline(service: str) -> Callable[[], None]:
+                def batch() -> None:
+                    futures = [manager.call_service_async(service, "echo", (payload,)) for _ in range(pipelined)]
+                    done, _ = wait(futures, timeout=120)
+                    assert len(done) == pipelined and all(f.exception() is None for f in done)
+
+                return batch
+
+            kservice_batch, unbatched_batch = pipeline("echo"), pipeline("echo_alone")
+            manager.call_service_sync("echo_alone", "echo", (payload,))
 
             def bare_batch() -> None:
                 ray.get([bare.echo.remote(payload) for _ in range(pipelined)])
@@ -144,9 +158,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 futures = [bare.echo.remote(payload).future() for _ in range(pipelined)]
                 wait(futures, timeout=120)
 
-            ours_rate = theirs_rate = futures_rate = 0.0
+            ours_rate = theirs_rate = futures_rate = unbatched_rate = 0.0
             for _ in range(3):
                 ours_rate = max(ours_rate, _rate(kservice_batch, pipelined, repeats))
+                unbatched_rate = max(unbatched_rate, _rate(unbatched_batch, pipelined, repeats))
                 theirs_rate = max(theirs_rate, _rate(bare_batch, pipelined, repeats))
                 futures_rate = max(futures_rate, _rate(bare_futures_batch, pipelined, repeats))
             rows.append(
@@ -156,6 +171,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     "kservice": ours_rate,
                     "baseline": theirs_rate,
                     "target": ">= 0.9",
+                }
+            )
+            rows.append(
+                {
+                    "name": "  same, batching off (ray.batch_max: 0): one actor call per call",
+                    "unit": "calls/s",
+                    "kservice": unbatched_rate,
+                    "baseline": theirs_rate,
+                    "target": "info",
                 }
             )
             rows.append(

@@ -52,6 +52,14 @@ class EchoService:
         """A closure: only cloudpickle can send it back."""
         return lambda x: x + n
 
+    def shaped(self, value: int, kind: str = "plain") -> Any:
+        """``value``, or a result only Ray can carry (``closure``), or one nothing can carry (``lock``)."""
+        if kind == "closure":
+            return lambda x: x + value
+        if kind == "lock":
+            return threading.Lock()
+        return value
+
     def handle_of_self(self) -> Any:
         """This replica's own actor handle."""
         import ray

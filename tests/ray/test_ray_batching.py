@@ -1,0 +1,141 @@
+"""Batching: pipelined async calls of a fast method to a busy replica leave together, each answered on its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from kservice import ServiceCallError, ServiceEnvironment, ServiceManager, ServiceTimeoutError, ServiceUnavailableError
+from kservice.plugins.ray import RayConnection
+from ray_services import quiet_config, without_breaker
+
+# One request slot: a call in flight makes the replica busy, so the next async calls of a fast method batch.
+SERVICE = {"class": "ray_services:EchoService", "kind": "ray", "ray": {"max_concurrency": 1}, "idempotent": ["timeout"]}
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
+    unbatched = {**SERVICE, "ray": {"max_concurrency": 1, "batch_max": 0}}
+    environment = ServiceEnvironment("ray-batching", quiet_config({"batched": SERVICE, "unbatched": unbatched}))
+    environment.start()
+    try:
+        yield environment
+    finally:
+        environment.stop()
+
+
+def _connection(manager: ServiceManager, name: str = "batched") -> RayConnection:
+    connection = manager.get_service_queue(name)
+    assert isinstance(connection, RayConnection)
+    return connection
+
+
+def _settled(connection: RayConnection) -> int:
+    """Calls the connection still counts in flight, once the completer caught up (0 when nothing leaked)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        in_flight = sum(replica.in_flight for replica in connection.replicas.snapshot())
+        if in_flight == 0:
+            return 0
+        time.sleep(0.05)
+    return in_flight
+
+
+@pytest.mark.timeout(60)
+def test_pipelined_calls_of_a_fast_method_leave_in_batches_and_each_gets_its_own_answer(manager: ServiceManager) -> None:
+    connection = _connection(manager)
+    assert manager.call_service_sync("batched", "echo", (-1,)) == -1  # the replica reports echo as fast
+    sent_before, calls_before = connection.batches_sent, connection.batched_calls
+    busy = manager.call_service_async("batched", "sleep", (0.5,))
+    futures = [manager.call_service_async("batched", "echo", (i,)) for i in range(400)]
+    assert [f.result(30) for f in futures] == list(range(400))  # no call lost, none answered with another's result
+    assert busy.result(30) == 0.5
+    batches, carried = connection.batches_sent - sent_before, connection.batched_calls - calls_before
+    assert carried >= 300 and batches <= carried // 4, (batches, carried)
+    assert carried <= batches * connection.replicas.batch_max
+    assert _settled(connection) == 0
+
+
+@pytest.mark.timeout(60)
+def test_batch_max_zero_turns_batching_off(manager: ServiceManager) -> None:
+    connection = _connection(manager, "unbatched")
+    manager.call_service_sync("unbatched", "echo", (-1,))
+    busy = manager.call_service_async("unbatched", "sleep", (0.2,))
+    futures = [manager.call_service_async("unbatched", "echo", (i,)) for i in range(100)]
+    assert [f.result(30) for f in futures] == list(range(100))
+    busy.result(30)
+    assert connection.batched_calls == 0
+
+
+@pytest.mark.timeout(60)
+def test_slow_idempotent_and_unobserved_methods_always_travel_alone(manager: ServiceManager) -> None:
+    connection = _connection(manager)
+    manager.call_service_sync("batched", "timeout", ("x",))  # fast, but declared idempotent: Ray retries it per call
+    manager.call_service_sync("batched", "sleep", (0.01,))  # observed slower than the batching limit
+    before = connection.batched_calls
+    busy = manager.call_service_async("batched", "sleep", (0.3,))
+    calls = [manager.call_service_async("batched", "timeout", (f"m{i}",)) for i in range(20)]
+    calls += [manager.call_service_async("batched", "sleep", (0.01,)) for _ in range(5)]
+    calls += [manager.call_service_async("batched", "where") for _ in range(5)]  # never observed yet
+    for future in [busy, *calls]:
+        future.result(30)
+    assert connection.batched_calls == before
+    assert _settled(connection) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_result_ray_cannot_return_fails_only_its_own_call_in_a_batch(manager: ServiceManager) -> None:
+    connection = _connection(manager)
+    manager.call_service_sync("batched", "shaped", (0,))
+    before = connection.batched_calls
+    busy = manager.call_service_async("batched", "sleep", (0.3,))
+    kinds = {10: "lock", 20: "closure"}
+    futures = [manager.call_service_async("batched", "shaped", (i, kinds.get(i, "plain"))) for i in range(40)]
+    busy.result(30)
+    with pytest.raises(ServiceCallError, match="could not be returned through Ray"):
+        futures[10].result(30)
+    assert futures[20].result(30)(1) == 21  # a closure: Ray stored it on its own
+    assert [f.result(30) for i, f in enumerate(futures) if i not in kinds] == [i for i in range(40) if i not in kinds]
+    assert connection.batched_calls - before >= 30
+    assert manager.call_service_sync("batched", "echo", ("still serving",)) == "still serving"
+
+
+@pytest.mark.timeout(60)
+def test_a_batched_call_past_its_deadline_times_out_and_is_not_left_counted(manager: ServiceManager) -> None:
+    connection = _connection(manager)
+    manager.call_service_sync("batched", "echo", (0,))
+    before = connection.batched_calls
+    busy = manager.call_service_async("batched", "sleep", (1.0,))
+    started = time.monotonic()
+    late = manager.call_service_async("batched", "echo", ("late",), timeout=0.3)
+    with pytest.raises(ServiceTimeoutError):
+        late.result(10)
+    assert time.monotonic() - started < 0.9  # at its deadline, not when the replica got to it
+    assert busy.result(30) == 1.0
+    assert connection.batched_calls - before <= 1
+    assert _settled(connection) == 0
+
+
+@pytest.mark.timeout(90)
+def test_killing_the_replica_fails_every_batched_call_quickly(ray_cluster: Any) -> None:
+    config = quiet_config({"doomed": {**SERVICE, "ray": {"max_concurrency": 1, "max_restarts": 0}, **without_breaker()}})
+    config["service_call"] = {"max_retries": 0}
+    with ServiceEnvironment("ray-batch-kill", config) as environment, ServiceManager(environment) as manager:
+        connection = _connection(manager, "doomed")
+        manager.call_service_sync("doomed", "echo", (0,))
+        busy = manager.call_service_async("doomed", "sleep", (30.0,))
+        futures = [manager.call_service_async("doomed", "echo", (i,)) for i in range(100)]
+        deadline = time.monotonic() + 10
+        while connection.batched_calls < 90 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert connection.batched_calls >= 90
+        ray.kill(connection.replicas.snapshot()[0].handle, no_restart=True)
+        started = time.monotonic()
+        for future in [busy, *futures]:
+            with pytest.raises(ServiceUnavailableError):
+                future.result(20)
+        assert time.monotonic() - started < 15
+        assert _settled(connection) == 0
