@@ -74,8 +74,7 @@ _NBUCKETS = len(BUCKET_BOUNDS) + 1
 #: bound below 100 µs is a whole number of steps, so ``_FAST_BUCKET[int(seconds * 1e8)]`` is
 #: ``bisect_right(BUCKET_BOUNDS, seconds)`` (but for the float rounding of a value one bit below a
 #: bound) at about half its cost; most calls are that fast.
-_FAST_STEPS = 10_000
-_FAST_BUCKET: list[int] = [bisect_right(BUCKET_BOUNDS, step / 1e8) for step in range(_FAST_STEPS)]
+_FAST_BUCKET: list[int] = [bisect_right(BUCKET_BOUNDS, step / 1e8) for step in range(10_000)]
 #: Marks per load window: rates and percentiles slide in steps of window / _MARKS.
 _MARKS = 6
 
@@ -358,13 +357,17 @@ class _Timed(ServiceMiddleware):
         if stats is None:
             stats = shard[request.method_name] = _MethodStats()
         stats.seconds += seconds
-        steps = int(seconds * 1e8)
-        stats.buckets[_FAST_BUCKET[steps] if 0 <= steps < _FAST_STEPS else bisect_right(BUCKET_BOUNDS, seconds)] += 1
-        if not response.success:
-            # A shard's errors is a defaultdict: one += per failed call (an open breaker's flood).
-            stats.errors[response.error_type or "unknown"] += 1
-        if response.degraded:
-            stats.degraded += 1
+        try:
+            bucket = _FAST_BUCKET[int(seconds * 1e8)]  # durations are never negative (a monotonic clock)
+        except IndexError:
+            bucket = bisect_right(BUCKET_BOUNDS, seconds)
+        stats.buckets[bucket] += 1
+        if not response.success or response.degraded:
+            if not response.success:
+                # A shard's errors is a defaultdict: one += per failed call (an open breaker's flood).
+                stats.errors[response.error_type or "unknown"] += 1
+            if response.degraded:
+                stats.degraded += 1
         now = self._clock()
         if now >= self.recorder.next_mark:
             self.recorder.mark(now)

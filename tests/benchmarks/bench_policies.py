@@ -240,22 +240,24 @@ def _whole_call_rows(label: str, managers: dict[str, list[tuple[ServiceManager, 
 
 #: The arms of a whole-call comparison: the policies, and no policy twice (the A/A control).
 ARMS: dict[str, dict[str, Any]] = {"none": NONE, "policies": POLICIES, "none again": NONE}
-#: Environments per arm (see :func:`_arms`).
+#: Environments per arm (see :func:`_arms`); a process service varies more from one environment to the next.
 REPLICAS = 3
+PROCESS_REPLICAS = 6
 
 
 @contextmanager
 def _arm_managers(
     started_env: Callable[[str, dict[str, Any], int], tuple[ServiceEnvironment, str]],
+    replicas: int = REPLICAS,
 ) -> Iterator[dict[str, list[tuple[ServiceManager, str]]]]:
-    """REPLICAS environments per arm from ``started_env(arm, config, replica)``, each with its manager.
+    """``replicas`` environments per arm from ``started_env(arm, config, replica)``, each with its manager.
 
     Created round-robin over the arms: whatever depends on creation order
     (thread and process placement, memory layout) is spread over every arm.
     """
     with ExitStack() as stack:
         managers: dict[str, list[tuple[ServiceManager, str]]] = {arm: [] for arm in ARMS}
-        for replica in range(REPLICAS):
+        for replica in range(replicas):
             for arm, config in ARMS.items():
                 env, name = started_env(arm, config, replica)
                 stack.callback(env.stop)
@@ -425,7 +427,7 @@ def _mmap_rows(block: int, rounds: int) -> list[dict[str, Any]]:
         services = {name: {"class": f"{_module()}:Echo", "kind": "process"}}
         return ServiceEnvironment(f"bench-mmap-{name}", _known({**config, "services": services})).start(), name
 
-    with _arm_managers(hosted) as managers:
+    with _arm_managers(hosted, PROCESS_REPLICAS) as managers:
         return _whole_call_rows("mmap sync call to a process service", managers, block, rounds)
 
 
