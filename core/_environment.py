@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._errors import ConfigError, ServiceError
-from ._task import BaseServiceTask, ServiceFactory, TaskContext
+from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class
 
 if TYPE_CHECKING:
     import os
@@ -18,30 +17,6 @@ if TYPE_CHECKING:
     from ._manager import ServiceManager
 
 __all__ = ["ServiceEnvironment", "import_service_class"]
-
-
-def import_service_class(path: str) -> type:
-    """The class named by ``'package.module:Class'`` (or ``'package.module.Class'``).
-
-    Raises ConfigError naming the path and what failed.
-    """
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(f"service class {path!r} is not an import path like 'package.module:Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ConfigError(f"cannot import module {module_name!r} for service class {path!r}: {exc}") from exc
-    found: Any = module
-    for part in attr.split("."):
-        found = getattr(found, part, None)
-        if found is None:
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (service class {path!r})")
-    if not isinstance(found, type):
-        raise ConfigError(f"{path!r} is not a class (got {type(found).__name__})")
-    return found
 
 
 class ServiceEnvironment:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import itertools
 import threading
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ._config import Config
 from ._context import _current_request
 from ._errors import (
+    ConfigError,
     MethodNotFoundError,
     ServiceOverloadedError,
     ServiceStoppedError,
@@ -29,23 +31,59 @@ from ._transport import Listener, Reply, timeout_response
 if TYPE_CHECKING:
     from ._environment import ServiceEnvironment
 
-__all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext"]
+__all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext", "import_service_class"]
 
 #: Seconds ``stop_service()`` waits for in-flight calls when given no timeout.
 DEFAULT_STOP_TIMEOUT = 30.0
+
+
+def import_service_class(path: str) -> type:
+    """The class named by ``'package.module:Class'`` (or ``'package.module.Class'``).
+
+    Raises ConfigError naming the path and what failed.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"service class {path!r} is not an import path like 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"cannot import module {module_name!r} for service class {path!r}: {exc}") from exc
+    found: Any = module
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (service class {path!r})")
+    if not isinstance(found, type):
+        raise ConfigError(f"{path!r} is not a class (got {type(found).__name__})")
+    return found
 
 
 @dataclass
 class ServiceFactory:
     """How to build one service instance: ``service_class(*args, **kwargs)``.
 
-    Arguments are forwarded verbatim, whatever their names.
+    ``service_class`` may also be given as an import path
+    (``'package.module:Class'``), imported here. Arguments are forwarded
+    verbatim, whatever their names. Raises ConfigError at construction for a
+    path that does not import or a ``service_class`` that cannot be called.
     """
 
     service_name: str
     service_class: type
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.service_class, str):
+            self.service_class = import_service_class(self.service_class)
+        elif not callable(self.service_class):
+            raise ConfigError(
+                f"service {self.service_name!r}: service_class must be a class or an import path like "
+                f"'package.module:Class', not {type(self.service_class).__name__} {self.service_class!r}"
+            )
 
     def create(self) -> Any:
         return self.service_class(*self.args, **(self.kwargs or {}))

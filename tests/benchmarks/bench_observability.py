@@ -60,8 +60,8 @@ def hook_costs(quick: bool) -> list[tuple[str, float]]:
 
     rows = [
         ("empty function (loop overhead)", _best_ns(empty_pair, number, repeat)),
-        ("metrics client: before_call + after_call", _best_ns(lambda: (client.before_call(request), client.after_call(response, request)), number, repeat)),
-        ("metrics server: before_handle + after_handle", _best_ns(lambda: (server.before_handle(request), server.after_handle(response, request)), number, repeat)),
+        ("metrics client: observe_call", _best_ns(lambda: client.observe_call(request, response, 2e-6), number, repeat)),
+        ("metrics server: observe_handle", _best_ns(lambda: server.observe_handle(request, response, 2e-6), number, repeat)),
         ("tracing client, enabled: true, no provider set", _best_ns(lambda: (client_span.before_call(request), client_span.after_call(response, request)), number, repeat)),
         ("tracing server, enabled: true, no provider set", _best_ns(lambda: (server_span.before_handle(request), server_span.after_handle(response, request)), number, repeat)),
         ("call log on, level filtered out", _best_ns(lambda: (quiet_log.before_handle(request), quiet_log.after_handle(response, request)), number, repeat)),

@@ -33,6 +33,15 @@ def test_register_class_forwards_constructor_arguments_verbatim() -> None:
         assert manager.call_service_sync("odd", "seen_args") == ("n", "k", 3, "s")
 
 
+def test_a_factory_takes_an_import_path_and_refuses_what_cannot_build_a_service() -> None:
+    factory = ServiceFactory("kv", "tests.core.services:KeyValue", ({"a": 1},))  # type: ignore[arg-type]
+    assert factory.service_class is KeyValue and factory.create().get("a") == 1
+    with pytest.raises(ConfigError, match="cannot import module 'tests.core.nowhere'"):
+        ServiceFactory("kv", "tests.core.nowhere:KeyValue")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a class or an import path"):
+        ServiceFactory("kv", 42)  # type: ignore[arg-type]
+
+
 def test_register_factory_with_options_and_ready_task() -> None:
     env = ServiceEnvironment("e")
     task = env.register_service("kv", ServiceFactory("kv", KeyValue), local={"max_workers": 2})
