@@ -139,7 +139,19 @@ class MiddlewareChain:
     ``time.perf_counter()`` read just before ``run_before``.
     """
 
-    __slots__ = ("_afters", "_befores", "_error_origin", "_observers", "_refused", "admit", "middlewares", "run_after", "run_before", "size")
+    __slots__ = (
+        "_afters",
+        "_befores",
+        "_error_origin",
+        "_observers",
+        "_refused",
+        "admit",
+        "has_before",
+        "middlewares",
+        "run_after",
+        "run_before",
+        "size",
+    )
 
     def __init__(self, middlewares: Iterable[Any], side: str) -> None:
         before_name, after_name, observe_name = (
@@ -172,37 +184,24 @@ class MiddlewareChain:
         self._refused = tuple(refused)
         #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
         self.admit: Callable[[str, str], BaseException | None] | None = None
-        if side == "client" and admits and hears:
-            self.admit = self._compile_admit(tuple(admits))
-        self._compile()
+        #: whether ``run_before`` has any hook to run (callers skip it otherwise)
+        self.has_before = bool(befores)
+        self._compile(tuple(admits) if side == "client" and admits and hears else ())
 
-    def _compile_admit(
-        self, admits: tuple[Callable[[str, str], BaseException | None], ...]
-    ) -> Callable[[str, str], BaseException | None]:
-        refused = self._refused
-
-        def admit(service_name: str, method_name: str) -> BaseException | None:
-            for check in admits:
-                try:
-                    error = check(service_name, method_name)
-                except Exception:  # noqa: BLE001 - a failing check decides nothing: the chain handles the call
-                    return None
-                if error is not None:
-                    for tell in refused:
-                        try:
-                            tell(service_name, method_name, error)
-                        except Exception:  # noqa: BLE001 - a failing listener must not change the refusal
-                            pass
-                    return error
-            return None
-
-        return admit
+    def _refuse(self, service_name: str, method_name: str, error: BaseException) -> BaseException:
+        """Tell every ``on_refused`` listener about a fast refusal; returns ``error``."""
+        for tell in self._refused:
+            try:
+                tell(service_name, method_name, error)
+            except Exception:  # noqa: BLE001 - a failing listener must not change the refusal
+                pass
+        return error
 
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
 
-    def _compile(self) -> None:
-        """Build :meth:`run_before` and :meth:`run_after` as straight-line code for this chain's hooks.
+    def _compile(self, admits: tuple[Callable[[str, str], BaseException | None], ...]) -> None:
+        """Build :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.
 
         The generic loops cost ~40 ns per hook and a call's worth of tuple
         unpacking on every call; a chain is built once per route and task and
@@ -218,7 +217,20 @@ class MiddlewareChain:
             "from_exception": ServiceResponse.from_exception,
             "perf_counter": perf_counter,
             "origin": self._error_origin,
+            "refuse": self._refuse,
         }
+        admit = ["def admit(service_name, method_name):"]
+        for index, check in enumerate(admits):
+            names[f"check_{index}"] = check
+            admit += [
+                "    try:",
+                f"        error = check_{index}(service_name, method_name)",
+                "    except Exception:",  # a failing check decides nothing: the chain handles the call
+                "        return None",
+                "    if error is not None:",
+                "        return refuse(service_name, method_name, error)",
+            ]
+        admit.append("    return None")
         before = ["def run_before(request):"]
         for index, before_hook in self._befores:
             names[f"before_{index}"] = before_hook
@@ -258,6 +270,9 @@ class MiddlewareChain:
                 "            pass",
             ]
         after.append("    return response")
-        exec(compile("\n".join(before + after), f"<kservice middleware chain {self._error_origin}>", "exec"), names)
+        source = "\n".join(before + after + admit)
+        exec(compile(source, f"<kservice middleware chain {self._error_origin}>", "exec"), names)
         self.run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]] = names["run_before"]
         self.run_after: Callable[[ServiceRequest, ServiceResponse, int, float], ServiceResponse] = names["run_after"]
+        if admits:
+            self.admit = names["admit"]

@@ -564,7 +564,10 @@ class BaseServiceTask:
             response: ServiceResponse | None = None
             if chain is not None:
                 began = perf_counter()
-                request, response, limit = chain.run_before(request)
+                if chain.has_before:
+                    request, response, limit = chain.run_before(request)
+                else:
+                    limit = chain.size
             if response is None:
                 if request.method_name[:1] in ("_", ""):
                     raise self._method_not_found(request.method_name)
