@@ -203,13 +203,16 @@ class MiddlewareChain:
     def _compile(self, admits: tuple[Callable[[str, str], BaseException | None], ...]) -> None:
         """Build :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.
 
-        The generic loops cost ~40 ns per hook and a call's worth of tuple
+        Generic loops cost ~40 ns per hook and a call's worth of tuple
         unpacking on every call; a chain is built once per route and task and
-        then runs on every call, so its two functions are generated once with
-        one statement per hook (the technique of ``dataclasses``), each hook a
-        constant of the generated code. Behaviour is exactly the loops' (see
-        the class and module docstrings), which ``tests/core/test_middleware.py``
-        pins for any order and outcome of the hooks.
+        then runs on every call, so its functions are generated once with one
+        statement per hook (the technique of ``dataclasses``), each hook a
+        name bound in the generated code's namespace. ``admit`` (the checks of
+        ``admits``, in order; the first refusal is told to every
+        ``on_refused`` and returned; a check that raises admits the call) is
+        generated only when given checks. The behaviour is the one the class
+        and module docstrings state; ``tests/core/test_middleware.py`` pins it
+        against a plain interpreter for any order and outcome of the hooks.
         """
         names: dict[str, Any] = {
             "MiddlewareError": MiddlewareError,

@@ -306,6 +306,7 @@ class _ReplicaHost:
         import ray
 
         return {
+            "wire": WIRE_VERSION,
             "actor": self.actor_name,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
@@ -351,6 +352,9 @@ class _ReplicaHost:
 
 #: the run time (seconds, little-endian double) after the pickle of a plain result
 _COST = struct.Struct("<d")
+#: what a replica speaks, in its ready/describe answers: 2 adds the run-time trailer and ``handle_batch``
+#: (a deployment started by an older version answers without it, and its calls are never batched)
+WIRE_VERSION = 2
 
 #: the fields of a request as they travel: (request_id, method_name, args, kwargs, deadline, metadata)
 WireRequest: TypeAlias = tuple[str, str, tuple[Any, ...], dict[str, Any], float | None, dict[str, Any]]
@@ -606,6 +610,8 @@ class _ReplicaSet:
         self.replicas: dict[int, _Replica] = {}
         #: guards every replica's ``outbox``
         self.outbox_lock = threading.Lock()
+        #: the replicas' wire version (see WIRE_VERSION); below 2 nothing is observed or batched
+        self.wire = 1
         self.live: tuple[_Replica, ...] = ()
         #: set when the owner stopped the service: every call is answered with it
         self.closed_reason = ""
@@ -618,7 +624,8 @@ class _ReplicaSet:
     def add(self, index: int, name: str, handle: Any, info: dict[str, Any] | None = None) -> _Replica:
         replica = _Replica(index, name, handle, info=dict(info or {}))
         replica.send_once = handle.handle
-        replica.send_batch = handle.handle_batch
+        # None on a replica of an older version (no such method; see WIRE_VERSION).
+        replica.send_batch = getattr(handle, "handle_batch", None)
         # Ray re-runs these on the restarted actor; only idempotent methods use them.
         replica.send_retrying = handle.handle.options(max_task_retries=self.max_task_retries)
         with self._lock:
@@ -679,7 +686,7 @@ class _ReplicaSet:
 
     def observe(self, method_name: str, answer: Any) -> None:
         """Learn ``method_name``'s run time from a plain answer (the trailer :meth:`_ReplicaHost.handle` adds)."""
-        if type(answer) is not bytes or len(answer) <= _COST.size:
+        if type(answer) is not bytes or len(answer) <= _COST.size or self.wire < 2:
             return
         seconds = _COST.unpack_from(answer, len(answer) - _COST.size)[0]
         previous = self.method_cost.get(method_name)
@@ -690,7 +697,7 @@ class _ReplicaSet:
 
     def batchable(self, replica: _Replica, method_name: str) -> bool:
         """Whether an async call of ``method_name`` to ``replica`` should wait in its outbox (see RayConnection)."""
-        if self.batch_max <= 0 or replica.in_flight < self.batch_after:
+        if self.batch_max <= 0 or replica.in_flight < self.batch_after or replica.send_batch is None:
             return False
         cost = self.method_cost.get(method_name)
         return cost is not None and cost < self.batch_cost_limit
@@ -1077,17 +1084,19 @@ class RayConnection(Connection):
     def _send_batch(self, replica: _Replica, batch: list[tuple[ServiceRequest, Callable[[ServiceResponse], None], bytes]]) -> None:
         """Send ``batch`` as one ``handle_batch`` call; each caller gets its own answer (at most once, like ``send_once``)."""
         replicas = self.replicas
-        try:
-            if self._closed:
-                raise ServiceStoppedError("the connection to this service was closed")
-            ref = replica.send_batch.remote([envelope for _, _, envelope in batch])
-            self.batches_sent += 1
-            self.batched_calls += len(batch)
-        except Exception as exc:
+        why = "the connection to this service was closed" if self._closed else ""
+        if not why:
+            try:
+                ref = replica.send_batch.remote([envelope for _, _, envelope in batch])
+            except Exception as exc:  # noqa: BLE001 - every call of the batch gets it
+                why = f"Ray could not send a batch of calls to replica {replica.name}: {_first_line(exc)}"
+        if why:
             for request, reply, _ in batch:
                 replicas.finished(replica)
-                reply(_unavailable(request, str(exc)) if self._closed else _send_failure(request, exc))
+                reply(_unavailable(request, why))
             return
+        self.batches_sent += 1
+        self.batched_calls += len(batch)
 
         def done(answers: Any, error: BaseException | None) -> None:
             for index, (request, reply, _) in enumerate(batch):
@@ -1269,6 +1278,7 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
             continue
     replicas.idempotent = frozenset(described.get("idempotent", ()))
     replicas.batch_after = int(described.get("max_concurrency", replicas.batch_after))
+    replicas.wire = int(described.get("wire", 1))
     connection = RayConnection(replicas, refresh=refresh, refresh_every=ref.membership_refresh)
     replicas.on_all_down = refresh
     return connection
@@ -1372,6 +1382,7 @@ class RayServiceTask(BaseServiceTask):
             frozenset(_idempotent_methods(klass, self.options)),
         )
         self.replica_set.batch_after = self.max_workers
+        self.replica_set.wire = WIRE_VERSION  # replicas of this very code
         self.replica_set.batch_max = int(self.ray_options["batch_max"])
         self.replica_set.batch_cost_limit = float(self.ray_options["batch_cost_limit"])
         self._add_replicas(self.replica_count)
@@ -1497,6 +1508,7 @@ class RayServiceTask(BaseServiceTask):
         task.replica_count = len(existing[deployment])
         described = ray.get(task.replica_set.snapshot()[0].handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30)
         task.replica_set.idempotent = frozenset(described.get("idempotent", ()))
+        task.replica_set.wire = int(described.get("wire", 1))
         task.replica_set.batch_after = int(described.get("max_concurrency", task.replica_set.batch_after))
         task.replica_set.batch_max = int(task.ray_options["batch_max"])
         task.replica_set.batch_cost_limit = float(task.ray_options["batch_cost_limit"])

@@ -149,3 +149,22 @@ def test_killing_the_replica_fails_every_batched_call_quickly(ray_cluster: Any) 
                 future.result(20)
         assert time.monotonic() - started < 15
         assert _settled(connection) == 0
+
+
+@pytest.mark.timeout(60)
+def test_replicas_of_an_older_wire_version_are_never_batched(manager: ServiceManager) -> None:
+    connection = _connection(manager, "unbatched")
+    replicas = connection.replicas
+    batch_max, wire, costs = replicas.batch_max, replicas.wire, dict(replicas.method_cost)
+    replicas.batch_max, replicas.wire = 64, 1  # as if the deployment predated the run-time trailer
+    replicas.method_cost.clear()
+    try:
+        manager.call_service_sync("unbatched", "echo", (0,))
+        assert replicas.method_cost == {}  # the last bytes of an answer are not read as a run time
+        busy = manager.call_service_async("unbatched", "sleep", (0.2,))
+        assert [f.result(30) for f in [manager.call_service_async("unbatched", "echo", (i,)) for i in range(50)]] == list(range(50))
+        busy.result(30)
+        assert connection.batched_calls == 0
+    finally:
+        replicas.batch_max, replicas.wire = batch_max, wire
+        replicas.method_cost.update(costs)
