@@ -38,9 +38,11 @@ ObserveHook = Callable[[ServiceRequest, ServiceResponse, float], None]
 class ServiceMiddleware:
     """Hooks around a call; override only what you need (the rest costs nothing).
 
-    ``before_call``/``after_call`` run in the caller's process,
-    ``before_handle``/``after_handle`` in the service's process. After-hooks
-    may take ``(response)`` as in the seed, or ``(response, request)``.
+    ``before_call``/``after_call``/``observe_call`` run in the caller's
+    process, ``before_handle``/``after_handle``/``observe_handle`` in the
+    service's process. After-hooks may take ``(response)`` as in the seed, or
+    ``(response, request)``. Observers only watch (the final response and the
+    duration); ``admit``/``on_refused`` refuse a call before it is built.
     """
 
     def before_call(self, request: ServiceRequest) -> ServiceRequest | ServiceResponse | None:
