@@ -612,6 +612,9 @@ class _ReplicaSet:
         self.outbox_lock = threading.Lock()
         #: the replicas' wire version (see WIRE_VERSION); below 2 nothing is observed or batched
         self.wire = 1
+        #: ``handle_batch`` calls this process sent, and the calls they carried (under ``outbox_lock``)
+        self.batches_sent = 0
+        self.batched_calls = 0
         self.live: tuple[_Replica, ...] = ()
         #: set when the owner stopped the service: every call is answered with it
         self.closed_reason = ""
@@ -1004,9 +1007,6 @@ class RayConnection(Connection):
         self._closed = False
         #: ObjectRefs of async calls not answered yet, by request id (for ``cancel``)
         self._in_flight: dict[str, Any] = {}
-        #: ``handle_batch`` calls sent, and the calls they carried
-        self.batches_sent = 0
-        self.batched_calls = 0
 
     def _maybe_refresh(self) -> None:
         # Remote callers re-read membership now and then so a scale change by the owner reaches them.
@@ -1095,8 +1095,9 @@ class RayConnection(Connection):
                 replicas.finished(replica)
                 reply(_unavailable(request, why))
             return
-        self.batches_sent += 1
-        self.batched_calls += len(batch)
+        with replicas.outbox_lock:
+            replicas.batches_sent += 1
+            replicas.batched_calls += len(batch)
 
         def done(answers: Any, error: BaseException | None) -> None:
             for index, (request, reply, _) in enumerate(batch):
@@ -1693,6 +1694,11 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
     status.healthy = state == "running" and not reasons and bool(members)
     status.health_reason = "; ".join(reasons) if state == "running" else f"task is {state}"
     status.addresses = [f"ray:{replicas.namespace}/{r.name}" for r in members]
+    status.extra["batching"] = {
+        "batch_max": replicas.batch_max,
+        "batches_sent": replicas.batches_sent,
+        "batched_calls": replicas.batched_calls,
+    }
     return status
 
 

@@ -58,15 +58,17 @@ def _settled(connection: RayConnection) -> int:
 def test_pipelined_calls_of_a_fast_method_leave_in_batches_and_each_gets_its_own_answer(manager: ServiceManager) -> None:
     connection = _connection(manager)
     _known_fast(manager, "batched", "echo", -1)
-    sent_before, calls_before = connection.batches_sent, connection.batched_calls
+    sent_before, calls_before = connection.replicas.batches_sent, connection.replicas.batched_calls
     busy = manager.call_service_async("batched", "sleep", (0.5,))
     futures = [manager.call_service_async("batched", "echo", (i,)) for i in range(400)]
     assert [f.result(30) for f in futures] == list(range(400))  # no call lost, none answered with another's result
     assert busy.result(30) == 0.5
-    batches, carried = connection.batches_sent - sent_before, connection.batched_calls - calls_before
+    batches, carried = connection.replicas.batches_sent - sent_before, connection.replicas.batched_calls - calls_before
     assert carried >= 300 and batches <= carried // 4, (batches, carried)
     assert carried <= batches * connection.replicas.batch_max
     assert _settled(connection) == 0
+    batching = manager.get_service_status("batched").extra["batching"]  # type: ignore[union-attr]
+    assert batching["batched_calls"] >= carried and batching["batch_max"] == 64
 
 
 @pytest.mark.timeout(60)
@@ -77,7 +79,7 @@ def test_batch_max_zero_turns_batching_off(manager: ServiceManager) -> None:
     futures = [manager.call_service_async("unbatched", "echo", (i,)) for i in range(100)]
     assert [f.result(30) for f in futures] == list(range(100))
     busy.result(30)
-    assert connection.batched_calls == 0
+    assert connection.replicas.batched_calls == 0
 
 
 @pytest.mark.timeout(60)
@@ -85,14 +87,14 @@ def test_slow_idempotent_and_unobserved_methods_always_travel_alone(manager: Ser
     connection = _connection(manager)
     _known_fast(manager, "batched", "timeout", "x")  # but declared idempotent: Ray retries it per call
     manager.call_service_sync("batched", "sleep", (0.01,))  # observed slower than the batching limit
-    before = connection.batched_calls
+    before = connection.replicas.batched_calls
     busy = manager.call_service_async("batched", "sleep", (0.3,))
     calls = [manager.call_service_async("batched", "timeout", (f"m{i}",)) for i in range(20)]
     calls += [manager.call_service_async("batched", "sleep", (0.01,)) for _ in range(5)]
     calls += [manager.call_service_async("batched", "where") for _ in range(5)]  # never observed yet
     for future in [busy, *calls]:
         future.result(30)
-    assert connection.batched_calls == before
+    assert connection.replicas.batched_calls == before
     assert _settled(connection) == 0
 
 
@@ -100,7 +102,7 @@ def test_slow_idempotent_and_unobserved_methods_always_travel_alone(manager: Ser
 def test_a_result_ray_cannot_return_fails_only_its_own_call_in_a_batch(manager: ServiceManager) -> None:
     connection = _connection(manager)
     _known_fast(manager, "batched", "shaped", 0)
-    before = connection.batched_calls
+    before = connection.replicas.batched_calls
     busy = manager.call_service_async("batched", "sleep", (0.3,))
     kinds = {10: "lock", 20: "closure"}
     futures = [manager.call_service_async("batched", "shaped", (i, kinds.get(i, "plain"))) for i in range(40)]
@@ -109,7 +111,7 @@ def test_a_result_ray_cannot_return_fails_only_its_own_call_in_a_batch(manager: 
         futures[10].result(30)
     assert futures[20].result(30)(1) == 21  # a closure: Ray stored it on its own
     assert [f.result(30) for i, f in enumerate(futures) if i not in kinds] == [i for i in range(40) if i not in kinds]
-    assert connection.batched_calls - before >= 30
+    assert connection.replicas.batched_calls - before >= 30
     assert manager.call_service_sync("batched", "echo", ("still serving",)) == "still serving"
 
 
@@ -117,7 +119,7 @@ def test_a_result_ray_cannot_return_fails_only_its_own_call_in_a_batch(manager: 
 def test_a_batched_call_past_its_deadline_times_out_and_is_not_left_counted(manager: ServiceManager) -> None:
     connection = _connection(manager)
     _known_fast(manager, "batched", "echo", 0)
-    before = connection.batched_calls
+    before = connection.replicas.batched_calls
     busy = manager.call_service_async("batched", "sleep", (1.0,))
     started = time.monotonic()
     late = manager.call_service_async("batched", "echo", ("late",), timeout=0.3)
@@ -125,7 +127,7 @@ def test_a_batched_call_past_its_deadline_times_out_and_is_not_left_counted(mana
         late.result(10)
     assert time.monotonic() - started < 0.9  # at its deadline, not when the replica got to it
     assert busy.result(30) == 1.0
-    assert connection.batched_calls - before <= 1
+    assert connection.replicas.batched_calls - before <= 1
     assert _settled(connection) == 0
 
 
@@ -139,9 +141,9 @@ def test_killing_the_replica_fails_every_batched_call_quickly(ray_cluster: Any) 
         busy = manager.call_service_async("doomed", "sleep", (30.0,))
         futures = [manager.call_service_async("doomed", "echo", (i,)) for i in range(100)]
         deadline = time.monotonic() + 10
-        while connection.batched_calls < 90 and time.monotonic() < deadline:
+        while connection.replicas.batched_calls < 90 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert connection.batched_calls >= 90
+        assert connection.replicas.batched_calls >= 90
         ray.kill(connection.replicas.snapshot()[0].handle, no_restart=True)
         started = time.monotonic()
         for future in [busy, *futures]:
@@ -164,7 +166,7 @@ def test_replicas_of_an_older_wire_version_are_never_batched(manager: ServiceMan
         busy = manager.call_service_async("unbatched", "sleep", (0.2,))
         assert [f.result(30) for f in [manager.call_service_async("unbatched", "echo", (i,)) for i in range(50)]] == list(range(50))
         busy.result(30)
-        assert connection.batched_calls == 0
+        assert connection.replicas.batched_calls == 0
     finally:
         replicas.batch_max, replicas.wire = batch_max, wire
         replicas.method_cost.update(costs)
