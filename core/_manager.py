@@ -463,7 +463,7 @@ class _AsyncCall(CallFuture[Any]):
 
     Each attempt runs the whole chain, as a sync call does. An attempt is
     settled exactly once, by its response or by the deadline, whichever takes
-    the attempt's lock first; after-hooks run for the attempt that settles it,
+    the attempt's entry in ``_open`` first; after-hooks run for the attempt that settles it,
     then the retry policy decides between another attempt (after a delay on the
     manager's timer) and completing the future.
 
@@ -482,7 +482,10 @@ class _AsyncCall(CallFuture[Any]):
         self._limit = 0
         self._began = 0.0
         self._timeout: float = request.deadline - time.time()  # type: ignore[operator]
-        self._attempt_lock = self._first_lock = threading.Lock()
+        # The attempts not settled yet: settling pops its key, so exactly one of the response and
+        # the deadline wins (dict.pop is atomic). A dict of ints, not a lock per attempt: the
+        # garbage collector does not track it, and thousands of calls in flight make that count.
+        self._open = {0: True}
         self._expires_at = 0.0
 
     def _start(self, nominal_timeout: float) -> None:
@@ -497,7 +500,7 @@ class _AsyncCall(CallFuture[Any]):
 
     def __call__(self, response: ServiceResponse) -> None:
         """The first attempt's reply callback, called by the transport."""
-        self._settle(response, self._first_lock)
+        self._settle(response, 0)
 
     def _finished(self) -> bool:
         """Whether the caller has its outcome (or gave up): no further reply matters."""
@@ -505,7 +508,7 @@ class _AsyncCall(CallFuture[Any]):
 
     def _expire(self) -> None:
         """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
-        if self._attempt_lock.acquire(False):
+        if self._open.pop(self._attempt, None) is not None:
             self._complete(self._after(timeout_response(self._request, self._timeout)))
             try:
                 self._route.connection.cancel(self._sent)
@@ -520,7 +523,7 @@ class _AsyncCall(CallFuture[Any]):
         chain = route.chain
         request = self._request
         self._sent = request
-        lock = self._attempt_lock
+        attempt = self._attempt
         if chain is not None:
             self._limit = chain.size
             self._began = perf_counter()
@@ -530,19 +533,19 @@ class _AsyncCall(CallFuture[Any]):
                 self._sent, self._limit = exc.request, exc.index
                 response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
             if response is not None:
-                self._settle(response, lock)
+                self._settle(response, attempt)
                 return
         try:
-            route.connection.send(self._sent, self if lock is self._first_lock else _AttemptReply(self, lock))
+            route.connection.send(self._sent, self if attempt == 0 else _AttemptReply(self, attempt))
         except Exception as exc:  # noqa: BLE001 - a transport failing to send fails this attempt only
-            self._settle(ServiceResponse.from_exception(request.request_id, exc, origin="client"), lock)
+            self._settle(ServiceResponse.from_exception(request.request_id, exc, origin="client"), attempt)
 
     def _after(self, response: ServiceResponse) -> ServiceResponse:
         chain = self._route.chain
         return response if chain is None else chain.run_after(self._sent, response, self._limit, self._began)
 
-    def _settle(self, response: ServiceResponse, lock: threading.Lock) -> None:
-        if not lock.acquire(False):
+    def _settle(self, response: ServiceResponse, attempt: int) -> None:
+        if self._open.pop(attempt, None) is None:
             return  # late: the deadline settled this attempt already
         if self._state != "PENDING":
             return  # cancelled by the caller
@@ -551,7 +554,7 @@ class _AsyncCall(CallFuture[Any]):
             delay = self._route.retry_delay(self._request, response, self._attempt)
             if delay is not None:
                 self._attempt += 1
-                self._attempt_lock = threading.Lock()
+                self._open[self._attempt] = True
                 self._manager.timer().call_later(delay, lambda: self._retry(response))
                 return
         self._complete(response)
@@ -573,16 +576,16 @@ class _AsyncCall(CallFuture[Any]):
 
 
 class _AttemptReply:
-    """The reply callback of one attempt: settles it with the lock of that attempt (one object, not a closure)."""
+    """The reply callback of a later attempt: settles that attempt (one object, not a closure)."""
 
-    __slots__ = ("call", "lock")
+    __slots__ = ("attempt", "call")
 
-    def __init__(self, call: _AsyncCall, lock: threading.Lock) -> None:
+    def __init__(self, call: _AsyncCall, attempt: int) -> None:
         self.call = call
-        self.lock = lock
+        self.attempt = attempt
 
     def __call__(self, response: ServiceResponse) -> None:
-        self.call._settle(response, self.lock)
+        self.call._settle(response, self.attempt)
 
 
 class ServiceProxy:

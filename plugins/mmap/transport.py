@@ -422,17 +422,6 @@ class _ThreadRing:
         self.last_used = time.monotonic()
 
 
-class _Pending:
-    """An async request waiting for its response."""
-
-    __slots__ = ("connection", "deadline", "reply")
-
-    def __init__(self, reply: Callable[[ServiceResponse], None], connection: MmapConnection, deadline: float) -> None:
-        self.reply = reply
-        self.connection = connection
-        self.deadline = deadline
-
-
 class _ClientRings:
     """This process's response rings: one per calling thread, one for async calls."""
 
@@ -443,7 +432,11 @@ class _ClientRings:
         self._connections = 0
         self._async_queue: ShmQueue | None = None
         self._dispatcher: threading.Thread | None = None
-        self.pending: dict[str, _Pending] = {}
+        # Async requests waiting for their response: the reply, and the connection that sent
+        # it, by request id. Two plain tables rather than an entry object per call: with
+        # thousands of calls in flight, every object the garbage collector tracks costs.
+        self.pending: dict[str, Callable[[ServiceResponse], None]] = {}
+        self.senders: dict[str, MmapConnection] = {}
 
     # ---------------------------------------------------------- thread rings
 
@@ -542,6 +535,7 @@ class _ClientRings:
 
     def _dispatch(self, queue: ShmQueue) -> None:
         pop = self.pending.pop
+        forget = self.senders.pop
         decode_many = codec.decode_many
         response_from_message = codec.response_from_message
         next_check = time.monotonic() + LIVENESS_INTERVAL
@@ -562,11 +556,12 @@ class _ClientRings:
                     log.warning("mmap async responses: skipped an undecodable response: %s", exc)
                     continue
                 for message in messages:
-                    entry = pop(message[0], None)
-                    if entry is None:
+                    reply = pop(message[0], None)
+                    if reply is None:
                         continue  # its caller already gave up
+                    forget(message[0], None)
                     try:
-                        entry.reply(response_from_message(message))
+                        reply(response_from_message(message))
                     except Exception:  # a failing callback must not stop the dispatcher
                         log.exception("mmap async responses: completing %s failed", message[0])
             now = time.monotonic()
@@ -575,30 +570,28 @@ class _ClientRings:
                 self._check_pending()
 
     def _check_pending(self) -> None:
-        """Answer requests whose host died, and forget those long past their deadline."""
-        if not self.pending:
+        """Answer requests whose host died (those whose caller timed out were dropped by ``forget``)."""
+        if not self.senders:
             return
-        now = time.time()
-        dead: set[int] = set()
-        checked: set[int] = set()
-        for entry in list(self.pending.values()):
-            conn = entry.connection
-            if id(conn) not in checked:
-                checked.add(id(conn))
-                if not conn.host_alive():
-                    dead.add(id(conn))
+        connections = {id(conn): conn for conn in list(self.senders.values())}
+        dead = {key for key, conn in connections.items() if not conn.host_alive()}
         if dead:
-            self._fail_pending(lambda p: id(p.connection) in dead, "its host process died")
-        # The manager's timer already answered these callers; drop them so the table stays small.
-        for request_id, entry in list(self.pending.items()):
-            if entry.deadline + 5.0 < now:
-                self.pending.pop(request_id, None)
+            self._fail_pending(lambda conn: id(conn) in dead, "its host process died")
 
-    def _fail_pending(self, which: Callable[[_Pending], bool], why: str) -> None:
-        for request_id, entry in list(self.pending.items()):
-            if which(entry) and self.pending.pop(request_id, None) is not None:
+    def _fail_pending(self, which: Callable[[MmapConnection], bool], why: str) -> None:
+        for request_id, conn in list(self.senders.items()):
+            if not which(conn):
+                continue
+            self.senders.pop(request_id, None)
+            reply = self.pending.pop(request_id, None)
+            if reply is not None:
                 with contextlib.suppress(Exception):
-                    entry.reply(_runtime_error(request_id, ServiceUnavailableError(f"service unavailable: {why}")))
+                    reply(_runtime_error(request_id, ServiceUnavailableError(f"service unavailable: {why}")))
+
+    def forget(self, request_id: str) -> None:
+        """Drop an async request whose caller gave up; its response, if it comes, is ignored."""
+        if self.pending.pop(request_id, None) is not None:
+            self.senders.pop(request_id, None)
 
     # -------------------------------------------------------------- process
 
@@ -619,6 +612,7 @@ class _ClientRings:
         self._async_queue = None
         self._dispatcher = None
         self.pending = {}
+        self.senders = {}
 
 
 class _Sentinel:
@@ -778,12 +772,17 @@ class MmapConnection(Connection):
         if type(encoded) is not tuple:
             reply(encoded)  # type: ignore[arg-type]
             return
-        deadline = request.deadline if request.deadline is not None else time.time() + 3600.0
-        pending = _client.pending
-        pending[request.request_id] = _Pending(reply, self, deadline)
+        request_id = request.request_id
+        _client.pending[request_id] = reply
+        _client.senders[request_id] = self
         failed = self._put(ring, request, *encoded)
-        if failed is not None and pending.pop(request.request_id, None) is not None:
+        if failed is not None and _client.pending.pop(request_id, None) is not None:
+            _client.senders.pop(request_id, None)
             reply(failed)
+
+    def cancel(self, request: ServiceRequest) -> None:
+        """The caller timed out: forget the request (a service never starts work past its deadline)."""
+        _client.forget(request.request_id)
 
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).

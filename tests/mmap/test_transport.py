@@ -312,3 +312,20 @@ def test_a_fast_method_first_queued_behind_slow_work_still_runs_inline_afterward
         assert [f.result(10) for f in busy] == [0.5, 0.5]
         # That wait did not count as its cost: from now on it runs in the listener's own thread.
         assert outsider.call_service_sync(name, "thread_name") == f"kservice-mmap-{name}"
+
+
+def test_an_async_call_that_times_out_is_forgotten_at_its_deadline(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    from kservice import ServiceTimeoutError
+    from kservice.plugins.mmap.transport import _client
+
+    _, manager = kv_env
+    assert manager.call_service_sync("kv", "sleep", (0.0,)) == 0.0
+    late = manager.call_service_async("kv", "sleep", (1.0,), timeout=0.2)
+    with pytest.raises(ServiceTimeoutError):
+        late.result(5)
+    # The service is still sleeping; the call's entry is gone already, not when the late answer comes.
+    deadline = time.monotonic() + 0.5
+    while (_client.pending or _client.senders) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _client.pending and not _client.senders
+    assert manager.call_service_sync("kv", "sleep", (0.0,), timeout=5) == 0.0  # the late answer is ignored
