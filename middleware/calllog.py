@@ -13,13 +13,14 @@ often quote argument values, so they are left out by default; ``error_type``
 is always there).
 
 A logging handler that raises does not fail the call: the record is lost and
-counted in the middleware's ``dropped`` attribute.
+counted in the middleware's ``dropped`` attribute. The middleware is an
+observer (``observe_call``/``observe_handle``): it logs the outcome the side
+finally produced, timed by the chain.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +30,6 @@ __all__ = ["LOGGER_NAME", "CallLogMiddleware"]
 
 LOGGER_NAME = "kservice.calls"
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-#: A start time older than this is dropped (a cancelled async call never reaches after_call).
-_STALE_START = 3600.0
 
 
 def _schema() -> dict[str, Setting]:
@@ -71,7 +70,6 @@ class CallLogMiddleware(ServiceMiddleware):
         log_arguments: bool = False,
         max_argument_chars: int = 200,
         logger: logging.Logger | None = None,
-        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.side = side
         self.level = level
@@ -79,31 +77,16 @@ class CallLogMiddleware(ServiceMiddleware):
         self.log_arguments = log_arguments
         self.max_argument_chars = max_argument_chars
         self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
-        self.clock = clock
-        self._started: dict[str, float] = {}
-        self._sweep_at = 4096
         #: records lost because a logging handler raised
         self.dropped = 0
+        # An observer of one side only: the chain times the call and hands over the final response.
         if side == "client":
-            self.before_call = self._start  # type: ignore[method-assign]
-            self.after_call = self._log  # type: ignore[method-assign]
+            self.observe_call = self._log  # type: ignore[method-assign]
         else:
-            self.before_handle = self._start  # type: ignore[method-assign]
-            self.after_handle = self._log  # type: ignore[method-assign]
+            self.observe_handle = self._log  # type: ignore[method-assign]
 
-    def _start(self, request: ServiceRequest) -> None:
-        started = self._started
-        started[request.request_id] = self.clock()
-        if len(started) > self._sweep_at:
-            now = self.clock()
-            for key, start in list(started.items()):
-                if now - start > _STALE_START:
-                    started.pop(key, None)
-            self._sweep_at = max(4096, 2 * len(started))
-
-    def _log(self, response: ServiceResponse, request: ServiceRequest) -> None:
-        start = self._started.pop(request.request_id, None)
-        duration_ms = (self.clock() - start) * 1e3 if start is not None else -1.0
+    def _log(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        duration_ms = seconds * 1e3
         if response.success:
             outcome = "degraded" if response.degraded else "ok"
             level = self.level
@@ -161,7 +144,7 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 
 @hookimpl(trylast=True)
 def kservice_middleware(service_name: str, options: dict[str, Any]) -> list[ServiceMiddleware] | None:
-    """Innermost of the built-in middleware (trylast): it logs what the service and the inner chain produced."""
+    """Innermost of the built-in middleware (trylast), so it sees every call that reaches the service's side."""
     section = options.get("call_log") or {}
     if not section.get("enabled", False):
         return None
