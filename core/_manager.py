@@ -462,10 +462,10 @@ class _AsyncCall(CallFuture[Any]):
     """One asynchronous call, and the Future its caller holds (one object per call in flight).
 
     Each attempt runs the whole chain, as a sync call does. An attempt is
-    settled exactly once, by its response or by the deadline, whichever takes
-    the attempt's entry in ``_open`` first; after-hooks run for the attempt that settles it,
-    then the retry policy decides between another attempt (after a delay on the
-    manager's timer) and completing the future.
+    settled exactly once, by its response or by the deadline, whichever pops
+    the attempt's entry in ``_open`` first; after-hooks run for the attempt
+    that settles it, then the retry policy decides between another attempt
+    (after a delay on the manager's timer) and completing the future.
 
     The first attempt's reply callback is the call itself (``__call__``), so a
     call in flight costs no separate callback object; later attempts get an
