@@ -321,11 +321,13 @@ def test_an_async_call_that_times_out_is_forgotten_at_its_deadline(kv_env: tuple
     _, manager = kv_env
     assert manager.call_service_sync("kv", "sleep", (0.0,)) == 0.0
     late = manager.call_service_async("kv", "sleep", (1.0,), timeout=0.2)
+    request_id = late._request.request_id  # type: ignore[attr-defined]
+    assert request_id in _client.pending
     with pytest.raises(ServiceTimeoutError):
         late.result(5)
     # The service is still sleeping; the call's entry is gone already, not when the late answer comes.
     deadline = time.monotonic() + 0.5
-    while (_client.pending or _client.senders) and time.monotonic() < deadline:
+    while (request_id in _client.pending or request_id in _client.senders) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not _client.pending and not _client.senders
+    assert request_id not in _client.pending and request_id not in _client.senders
     assert manager.call_service_sync("kv", "sleep", (0.0,), timeout=5) == 0.0  # the late answer is ignored
