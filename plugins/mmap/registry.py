@@ -16,13 +16,11 @@ dead hosts. Records and directories owned by another user are never read.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -30,7 +28,7 @@ from urllib.parse import quote, unquote
 import psutil
 from kservice import ServiceError
 
-from .ring import queue_directory
+from .ring import locked, locked_directory, private_directory, queue_directory
 
 __all__ = [
     "ServiceNameTaken",
@@ -75,37 +73,12 @@ def process_alive(pid: int, start_time: float = 0.0) -> bool:
 
 
 def registry_directory() -> Path:
-    """The per-user registry directory (created 0700); PermissionError if it is not private to this user."""
+    """The per-user registry directory (see :func:`~kservice.plugins.mmap.ring.private_directory`)."""
     override = os.environ.get("KSERVICE_REGISTRY_DIR")
     if override:
-        directory = Path(override)
-    else:
-        queues = queue_directory()
-        directory = queues.with_name(queues.name + "-services")
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    else:
-        os.chmod(directory, 0o700)
-    st = os.lstat(directory)
-    uid = os.getuid()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or stat.S_IMODE(st.st_mode) != 0o700:
-        raise PermissionError(
-            f"service registry {directory} must be a directory owned by uid {uid} with mode 0700 "
-            f"(found uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); refusing it"
-        )
-    return directory
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        return private_directory(Path(override), "service registry")
+    queues = queue_directory()
+    return private_directory(queues.with_name(queues.name + "-services"), "service registry")
 
 
 def _path(directory: Path, name: str) -> Path:
@@ -154,27 +127,26 @@ def publish(name: str, queue: str, **extra: Any) -> dict[str, Any]:
         "host": socket.gethostname(),
         **extra,
     }
-    directory = registry_directory()
-    path = _path(directory, name)
-    tmp = directory / f".tmp-{pid}-{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        with _locked(directory):
-            existing = _read(path)
-            if existing is not None and _alive(existing):
-                raise ServiceNameTaken(
-                    f"service {name!r} is already served on this host by pid {existing['pid']} "
-                    f"(queue {existing['queue']}); stop that host first or serve this one under another name"
-                )
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # stale or unreadable: its host is gone
+    with locked_directory(registry_directory) as directory:
+        path = _path(directory, name)
+        existing = _read(path)
+        if existing is not None and _alive(existing):
+            raise ServiceNameTaken(
+                f"service {name!r} is already served on this host by pid {existing['pid']} "
+                f"(queue {existing['queue']}); stop that host first or serve this one under another name"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale or unreadable: its host is gone
+        tmp = directory / f".tmp-{pid}-{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f)
             # link() publishes the complete file atomically (readers never see a partial record).
             os.link(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return record
 
 
@@ -182,7 +154,7 @@ def withdraw(name: str, queue: str) -> None:
     """Remove this process's record of ``name`` (only if it still names ``queue``)."""
     with contextlib.suppress(OSError):
         directory = registry_directory()
-        with _locked(directory):
+        with locked(directory):
             path = _path(directory, name)
             record = _read(path)
             if record is not None and record["queue"] == queue and record["pid"] == os.getpid():
@@ -206,7 +178,7 @@ def lookup(name: str) -> dict[str, Any] | None:
 
 
 def _remove_if_stale(directory: Path, path: Path) -> bool:
-    with _locked(directory):
+    with locked(directory):
         record = _read(path)  # read again under the lock: a new host may have taken the name
         if record is not None and not _alive(record):
             with contextlib.suppress(FileNotFoundError):

@@ -156,6 +156,7 @@ while other threads are still using it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -168,6 +169,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -362,13 +364,33 @@ def _start_time(pid: int) -> int:
 # --------------------------------------------------------------------------- directory
 
 
-def queue_directory() -> Path:
-    """The per-user directory holding queue segments (created 0700 on first use).
+def private_directory(d: Path, what: str) -> Path:
+    """``d``, created 0700 if missing and checked private to this user; returns it.
 
     Raises ``PermissionError`` when it exists but is not a real directory owned
-    by this user with mode 0700.
+    by this user with mode 0700. Every directory used this way is removed when
+    this process exits if it is empty then (see :func:`_remove_emptied_directories`).
     """
     uid = os.getuid()
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(d, 0o700)  # whatever the umask
+    _used_directories.add(d)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{what} {d} is not a directory (a symlink or file is in the way); refusing it")
+    if st.st_uid != uid:
+        raise PermissionError(f"{what} {d} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(f"{what} {d} has mode {stat.S_IMODE(st.st_mode):04o}; expected 0700; refusing it")
+    return d
+
+
+def queue_directory() -> Path:
+    """The per-user directory holding queue segments (see :func:`private_directory`)."""
     override = os.environ.get("KSERVICE_QUEUE_DIR")
     if override:
         d = Path(override)
@@ -376,34 +398,69 @@ def queue_directory() -> Path:
         root = Path("/dev/shm")
         if not root.is_dir():  # pragma: no cover - no tmpfs
             root = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-        d = root / f"kservice-{uid}"
-    try:
-        os.mkdir(d, 0o700)
-    except FileExistsError:
-        pass
-    else:
-        os.chmod(d, 0o700)  # whatever the umask
-    st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode):
-        raise PermissionError(f"queue directory {d} is not a directory (a symlink or file is in the way); refusing it")
-    if st.st_uid != uid:
-        raise PermissionError(f"queue directory {d} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        raise PermissionError(
-            f"queue directory {d} has mode {stat.S_IMODE(st.st_mode):04o}; expected 0700; refusing it"
-        )
-    return d
+        d = root / f"kservice-{os.getuid()}"
+    return private_directory(d, "queue directory")
 
 
 @contextlib.contextmanager
-def _dir_lock(d: Path):
-    """Exclusive ``flock`` on the directory itself: serialises create/reclaim/unlink."""
+def locked(d: Path) -> Iterator[None]:
+    """Exclusive ``flock`` on directory ``d`` itself; FileNotFoundError when it is gone."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_directory(locate: Callable[[], Path]) -> Iterator[Path]:
+    """Exclusive ``flock`` on the private directory ``locate()`` returns, held for the block; yields it.
+
+    Serialises creating, reclaiming and unlinking files in it. A process
+    leaving removes the directory once it is empty, under this same lock: one
+    removed between ``locate()`` (which makes it) and the lock is made again,
+    so the block always runs in the directory that exists.
+    """
+    while True:
+        d = locate()
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            live = os.lstat(d).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            live = False
+        if live:
+            break
+        os.close(fd)
+    try:
+        yield d
+    finally:
+        os.close(fd)
+
+
+#: Private directories this process used (queues, the service registry).
+_used_directories: set[Path] = set()
+
+
+def _remove_emptied_directories() -> None:
+    """At exit: remove each directory this process used if nothing is left in it.
+
+    Under the directory's lock, so a process creating a file there either went
+    first (the directory is not empty and stays) or makes it again
+    (:func:`locked_directory`). Registered when this module is imported, so it
+    runs after the exit handlers of the modules built on it (rings and segments
+    are unlinked first).
+    """
+    for d in list(_used_directories):
+        with contextlib.suppress(OSError), locked(d):
+            os.rmdir(d)
+
+
+atexit.register(_remove_emptied_directories)
 
 
 def _check_file(fd: int, path: Path) -> os.stat_result:
@@ -1029,14 +1086,13 @@ class ShmQueue:
         Only the file this handle maps is removed, never a newer queue that took
         over the name.
         """
-        d = self.path.parent
-        with _dir_lock(d):
-            try:
+        try:
+            with locked(self.path.parent):
                 st = os.stat(self.path, follow_symlinks=False)
-            except FileNotFoundError:
-                return
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self.path)
+                if (st.st_dev, st.st_ino) == self._ident:
+                    os.unlink(self.path)
+        except FileNotFoundError:
+            return  # the name, or its whole directory, is gone already
 
 
 # Hot-path bindings.
@@ -1077,9 +1133,8 @@ def create_queue(
         raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY} bytes, not {capacity}")
     capacity = max(MIN_CAPACITY, (capacity + 4095) // 4096 * 4096)
     owner = os.getpid() if owner_pid is None else int(owner_pid)
-    d = queue_directory()
-    path = d / (name + SUFFIX)
-    with _dir_lock(d):
+    with locked_directory(queue_directory) as d:
+        path = d / (name + SUFFIX)
         if os.path.lexists(path):
             info = _peek_owner(path)
             if info is None:
@@ -1139,9 +1194,8 @@ def reclaim_stale_queues() -> list[str]:
     Also removes temporary files left by a process killed while creating a
     queue.  Files that are not queues, or belong to other users, are left alone.
     """
-    d = queue_directory()
     removed: list[str] = []
-    with _dir_lock(d):
+    with locked_directory(queue_directory) as d:
         for entry in os.scandir(d):
             fname = entry.name
             if fname.startswith(_TMP_PREFIX):

@@ -828,3 +828,48 @@ def test_two_processes_sharing_one_core(procs):
     finally:
         os.sched_setaffinity(0, old)
     assert statistics.median(times) < 0.002, f"median round trip {statistics.median(times) * 1e6:.0f} us"
+
+
+# ----------------------------------------------------------- the directory itself
+
+_USE_AND_LEAVE = """
+from kservice.plugins.mmap import registry, ring
+q = ring.create_queue("leaving", 4096)
+registry.publish("leaving-svc", "leaving")
+registry.withdraw("leaving-svc", "leaving")
+q.unlink()
+q.close()
+"""
+
+
+def test_a_process_removes_the_directories_it_leaves_empty_and_keeps_those_in_use(qdir: Path) -> None:
+    registry_dir = qdir.with_name(qdir.name + "-registry")
+    env = {**os.environ, "KSERVICE_QUEUE_DIR": str(qdir), "KSERVICE_REGISTRY_DIR": str(registry_dir)}
+    subprocess.run([sys.executable, "-c", _USE_AND_LEAVE], env=env, check=True, timeout=30)
+    assert not qdir.exists() and not registry_dir.exists()  # nothing left in them: gone with the process
+    held = ring.create_queue("held", 4096)  # this process keeps a queue in the directory
+    try:
+        subprocess.run([sys.executable, "-c", _USE_AND_LEAVE], env=env, check=True, timeout=30)
+        assert sorted(os.listdir(qdir)) == ["held" + ring.SUFFIX]
+        assert not registry_dir.exists()
+    finally:
+        held.unlink()
+        held.close()
+
+
+def test_a_directory_removed_before_the_lock_is_made_again(qdir: Path) -> None:
+    calls = 0
+
+    def locate() -> Path:
+        nonlocal calls
+        calls += 1
+        d = ring.queue_directory()
+        if calls == 1:
+            os.rmdir(d)  # an exiting process removed it right after it was made
+        return d
+
+    with ring.locked_directory(locate) as d:
+        assert d == qdir and qdir.is_dir() and calls == 2
+    held = ring.create_queue("after", 4096)
+    held.unlink()
+    held.close()
