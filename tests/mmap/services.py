@@ -101,6 +101,23 @@ def child_env() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def private_queue_dir(monkeypatch: Any, label: str = "test") -> Iterator[Path]:
+    """A queue directory of its own for one test (``KSERVICE_QUEUE_DIR``); afterwards it is
+    removed and the test fails if it left a file in it."""
+    d = Path(f"/dev/shm/kservice-{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("KSERVICE_QUEUE_DIR", str(d))
+    try:
+        yield d
+    finally:
+        left = sorted(os.listdir(d)) if d.exists() else []
+        for name in left:
+            os.unlink(d / name)
+        if d.exists():
+            os.rmdir(d)
+        assert not left, f"test left files in its queue directory: {left}"
+
+
 def unique(name: str) -> str:
     """A service name no other test (or concurrent test run) uses."""
     return f"{name}-{uuid.uuid4().hex[:8]}"

@@ -26,6 +26,8 @@ WORKER = HERE / "_ring_worker.py"
 
 from kservice.plugins.mmap import ring  # noqa: E402
 
+from .services import private_queue_dir  # noqa: E402
+
 TAG = struct.Struct("<II")
 
 try:  # pytest-timeout when present; the alarm fixture below otherwise
@@ -88,22 +90,15 @@ def _other_path_env() -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def qdir(monkeypatch):
     """A private queue directory per test; afterwards: no files left, no children left."""
-    d = Path(f"/dev/shm/kservice-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    monkeypatch.setenv("KSERVICE_QUEUE_DIR", str(d))
     children_before = set(_children())  # a session's Ray, say, is not this test's
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(60)
-    try:
-        yield d
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-    leaked = sorted(os.listdir(d)) if d.exists() else []
-    for name in leaked:
-        os.unlink(d / name)
-    if d.exists():
-        os.rmdir(d)
-    assert not leaked, f"test leaked queue files: {leaked}"
+    with private_queue_dir(monkeypatch) as d:
+        try:
+            yield d
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
     leaked_children = sorted(set(_children()) - children_before)
     assert not leaked_children, f"test leaked child processes: {leaked_children}"
 

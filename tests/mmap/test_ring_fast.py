@@ -14,7 +14,6 @@ import struct
 import sysconfig
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kservice.plugins.mmap import ring
+
+from .services import private_queue_dir
 
 fast = ring._ringfast
 needs_fast = pytest.mark.skipif(fast is None, reason="the _ringfast extension is not built")
@@ -43,16 +44,9 @@ SHARED_WORDS = {
 @pytest.fixture(autouse=True)
 def qdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private queue directory per test, removed afterwards (and no queue file may be left)."""
-    d = Path(f"/dev/shm/kservice-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    monkeypatch.setenv("KSERVICE_QUEUE_DIR", str(d))
     monkeypatch.delenv(ring.PURE_ENV, raising=False)
-    yield d
-    leaked = sorted(os.listdir(d)) if d.exists() else []
-    for name in leaked:
-        os.unlink(d / name)
-    if d.exists():
-        os.rmdir(d)
-    assert not leaked, f"test leaked queue files: {leaked}"
+    with private_queue_dir(monkeypatch) as d:
+        yield d
 
 
 def _create(name: str, capacity: int, *, pure: bool) -> ring.ShmQueue:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pytest
 from kservice import ServiceRequest, ServiceResponse
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.registry import process_alive
+
+from .services import private_queue_dir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,19 +24,12 @@ BIG = os.urandom(codec.OUT_OF_BAND_THRESHOLD + 12345)
 @pytest.fixture
 def qdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private queue directory; the pool is released afterwards and nothing may be left."""
-    d = Path(f"/dev/shm/kservice-test-seg-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    monkeypatch.setenv("KSERVICE_QUEUE_DIR", str(d))
-    codec.release_pool()
-    try:
-        yield d
-    finally:
-        codec.release_pool(wait=0)
-        left = sorted(os.listdir(d)) if d.exists() else []
-        for name in left:
-            os.unlink(d / name)
-        if d.exists():
-            os.rmdir(d)
-        assert not left, f"segments left behind: {left}"
+    with private_queue_dir(monkeypatch, "test-seg") as d:
+        codec.release_pool()
+        try:
+            yield d
+        finally:
+            codec.release_pool(wait=0)
 
 
 def _pool_files(d: Path) -> list[str]:
