@@ -17,7 +17,8 @@ Rows:
   fallback value.
 
 How whole calls are timed: each arm (no policy, policies, no policy again)
-runs in ``REPLICAS`` environments, created round-robin over the arms, because
+runs in ``REPLICAS`` environments (``PROCESS_REPLICAS`` for a process
+service, which varies more), created round-robin over the arms, because
 an environment's own threads, process and memory layout alone can make it a
 microsecond or two faster or slower than its twin. Every round times a block
 of single calls in every environment, in a shuffled order, and keeps each

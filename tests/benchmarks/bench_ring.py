@@ -225,13 +225,17 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
+def _payload_label(size: int) -> str:
+    return "90 B" if size == 90 else f"{size // 1024} KiB"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| mechanism | payload | sync median µs | sync p99 µs | pipelined msgs/s | median vs Queue pair |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        payload = "90 B" if r["payload"] == 90 else f"{r['payload'] // 1024} KiB"
+        payload = _payload_label(r["payload"])
         pipe = f"{r['pipelined_per_s'] / 1000:,.0f}k" if "pipelined_per_s" in r else "-"
         lines.append(
             f"| {r['mechanism']} | {payload} | {r['median_us']:.1f} | {r['p99_us']:.1f} | {pipe} | {r['vs_queue']:.1f}x |"
@@ -292,7 +296,7 @@ def format_costs(rows: list[dict]) -> str:
         "|---|---:|---:|---:|",
     ]
     for r in rows:
-        payload = "90 B" if r["payload"] == 90 else f"{r['payload'] // 1024} KiB"
+        payload = _payload_label(r["payload"])
         lines.append(f"| {r['path']} | {payload} | {r['put_get_us']:.2f} | {r['put_get_many_us']:.2f} |")
     return "\n".join(lines)
 
