@@ -1465,8 +1465,8 @@ class RayServiceTask(BaseServiceTask):
                 if not answer.success:
                     raise answer.to_exception(self.service_name, "__init__")
         except BaseException:
-            for _, _, handle in created:
-                _kill(ray, handle)
+            # Gone for good before the error reaches the caller: a retried start must not find them.
+            _kill_and_wait(ray, [(name, handle) for _, name, handle in created], self.namespace)
             raise
         for (index, name, handle), answer in zip(created, answers, strict=True):
             replicas.add(index, name, handle, answer.result)
@@ -1556,18 +1556,7 @@ class RayServiceTask(BaseServiceTask):
         ]
         if drains:
             ray.wait(drains, num_returns=len(drains), timeout=timeout + 1.0)
-        for replica in leaving:
-            _kill(ray, replica.handle)
-        # ray.kill returns before the GCS releases the name; wait so a stopped service is really gone.
-        namespace = self.namespace
-        gone_by = time.monotonic() + 10.0
-        for replica in leaving:
-            while time.monotonic() < gone_by:
-                try:
-                    ray.get_actor(replica.name, namespace=namespace)
-                except ValueError:
-                    break
-                time.sleep(0.02)
+        _kill_and_wait(ray, [(replica.name, replica.handle) for replica in leaving], self.namespace)
 
     # -------------------------------------------------------------- health
 
@@ -1702,11 +1691,26 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
     return status
 
 
-def _kill(ray: ModuleType, handle: Any) -> None:
-    try:
-        ray.kill(handle, no_restart=True)
-    except Exception:
-        pass
+def _kill_and_wait(ray: ModuleType, actors: Sequence[tuple[str, Any]], namespace: str, timeout: float = 10.0) -> None:
+    """Kill the named actors and wait (up to ``timeout`` s) until their names are released.
+
+    ``ray.kill`` returns before the GCS releases a name: without the wait, a
+    stopped or failed service would still be listed, and a new start under the
+    same name refused.
+    """
+    for _, handle in actors:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+    gone_by = time.monotonic() + timeout
+    for name, _ in actors:
+        while time.monotonic() < gone_by:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break
+            time.sleep(0.02)
 
 
 def _ensure_ray(ray: ModuleType, options: dict[str, Any]) -> None:
