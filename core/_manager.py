@@ -17,7 +17,8 @@ from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
 from ._future import CallFuture
-from ._messages import ServiceRequest, ServiceResponse, new_request_id
+from ._messages import ServiceRequest, ServiceResponse
+from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import get_transport
 from ._task import _flatten
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from ._status import ServiceStatus
 
 __all__ = ["ServiceManager", "ServiceProxy"]
+
+_time = time.time
+_monotonic = time.monotonic
 
 
 class _Timer:
@@ -286,18 +290,16 @@ class ServiceManager:
 
     # ---------------------------------------------------------------- calls
 
+    @staticmethod
     def _request(
-        self,
         service_name: str,
         method: str,
         args: Any,
         kwargs: dict[str, Any] | None,
-        timeout: float | None,
+        timeout: float,
         metadata: dict[str, Any] | None,
-        route: _Route,
     ) -> ServiceRequest:
-        now = time.time()
-        deadline = now + (route.default_timeout if timeout is None else timeout)
+        deadline = _time() + timeout
         parent = _current_request.get()
         if parent is not None:
             # Calls made while serving a request inherit its deadline and metadata.
@@ -306,7 +308,7 @@ class ServiceManager:
             if parent.metadata:
                 metadata = {**parent.metadata, **(metadata or {})}
         return ServiceRequest(
-            new_request_id(),
+            _new_request_id(),
             service_name,
             method,
             args if type(args) is tuple else tuple(args),
@@ -339,7 +341,9 @@ class ServiceManager:
             refusal = admit(service_name, method)
             if refusal is not None:
                 raise refusal
-        request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
+        request = self._request(
+            service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata
+        )
         attempt = 0
         while True:
             response = self._attempt_sync(route, request)
@@ -395,7 +399,9 @@ class ServiceManager:
         Cancelling it before completion drops the response when it arrives.
         Resolution errors (unknown service) are raised here, not in the future.
         """
-        route = self._route(service_name)
+        route = self._routes.get(service_name)
+        if route is None or self._closed:
+            route = self._route(service_name)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
@@ -403,10 +409,8 @@ class ServiceManager:
                 refused: Future[Any] = CallFuture()
                 refused.set_exception(refusal)
                 return refused
-        request = self._request(service_name, method, args, kwargs, timeout, metadata, route)
-        call = _AsyncCall(self, route, request)
-        call._start(route.default_timeout if timeout is None else timeout)
-        return call
+        nominal = route.default_timeout if timeout is None else timeout
+        return _AsyncCall(self, route, self._request(service_name, method, args, kwargs, nominal, metadata), nominal)
 
     async def acall(
         self,
@@ -458,48 +462,65 @@ class ServiceManager:
         self.close()
 
 
+#: What a finished call holds instead of its request (see ``_AsyncCall._complete``).
+_RELEASED = ServiceRequest("", "", "")
+#: Guards the claim of an attempt (``_AsyncCall._claim``): one lock for every call, held for two
+#: bytecodes, rather than an object per call that the garbage collector would have to count.
+_claiming = threading.Lock()
+
+
 class _AsyncCall(CallFuture[Any]):
     """One asynchronous call, and the Future its caller holds (one object per call in flight).
 
     Each attempt runs the whole chain, as a sync call does. An attempt is
-    settled exactly once, by its response or by the deadline, whichever pops
-    the attempt's entry in ``_open`` first; after-hooks run for the attempt
-    that settles it, then the retry policy decides between another attempt
-    (after a delay on the manager's timer) and completing the future.
+    settled exactly once, by its response or by the deadline, whichever
+    claims it first (``_open_attempt`` is the attempt not settled yet, -1 when
+    none is); after-hooks run for the attempt that settles it, then the retry
+    policy decides between another attempt (after a delay on the manager's
+    timer) and completing the future.
 
     The first attempt's reply callback is the call itself (``__call__``), so a
     call in flight costs no separate callback object; later attempts get an
-    :class:`_AttemptReply`.
+    :class:`_AttemptReply`. A finished call drops its request.
     """
 
-    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest) -> None:
-        super().__init__()
+    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, nominal_timeout: float) -> None:
+        """Arm the deadline and send the first attempt; ``nominal_timeout`` is the caller's (or the default) timeout."""
+        CallFuture.__init__(self)
         self._manager = manager
         self._route = route
         self._request = request
         self._attempt = 0
+        self._open_attempt = 0
         self._sent = request
         self._limit = 0
         self._began = 0.0
-        self._timeout: float = request.deadline - time.time()  # type: ignore[operator]
-        # The attempts not settled yet: settling pops its key, so exactly one of the response and
-        # the deadline wins (dict.pop is atomic). A dict of ints, not a lock per attempt: the
-        # garbage collector does not track it, and thousands of calls in flight make that count.
-        self._open = {0: True}
-        self._expires_at = 0.0
-
-    def _start(self, nominal_timeout: float) -> None:
-        timer = self._manager.timer()
-        if self._timeout < nominal_timeout - 0.001:
+        self._timeout = timeout = request.deadline - _time()  # type: ignore[operator]
+        timer = manager._timer or manager.timer()
+        if timeout < nominal_timeout - 0.001:
             # An inherited, earlier deadline breaks the FIFO order of its timeout: use the heap.
-            timer.call_later(self._timeout, self._expire)
+            self._expires_at = 0.0
+            timer.call_later(timeout, self._expire)
         else:
-            self._expires_at = time.monotonic() + self._timeout
+            self._expires_at = _monotonic() + timeout
             timer.expire_at(nominal_timeout, self)
         self._send()
 
+    def _claim(self, attempt: int) -> bool:
+        """Whether ``attempt`` was still open; it is settled by this caller then (exactly one claim wins)."""
+        with _claiming:
+            if self._open_attempt != attempt:
+                return False
+            self._open_attempt = -1
+        return True
+
     def __call__(self, response: ServiceResponse) -> None:
         """The first attempt's reply callback, called by the transport."""
+        if response.success and self._route.chain is None:
+            # The common case in one step: no after-hooks to run, no retry to consider.
+            if self._claim(0):
+                self._complete(response)
+            return
         self._settle(response, 0)
 
     def _finished(self) -> bool:
@@ -508,10 +529,11 @@ class _AsyncCall(CallFuture[Any]):
 
     def _expire(self) -> None:
         """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
-        if self._open.pop(self._attempt, None) is not None:
+        if self._claim(self._attempt):
+            sent = self._sent
             self._complete(self._after(timeout_response(self._request, self._timeout)))
             try:
-                self._route.connection.cancel(self._sent)
+                self._route.connection.cancel(sent)
             except Exception:  # noqa: BLE001 - cancelling is best effort; the caller has its answer
                 pass
         elif not self._finished():
@@ -545,7 +567,7 @@ class _AsyncCall(CallFuture[Any]):
         return response if chain is None else chain.run_after(self._sent, response, self._limit, self._began)
 
     def _settle(self, response: ServiceResponse, attempt: int) -> None:
-        if self._open.pop(attempt, None) is None:
+        if not self._claim(attempt):
             return  # late: the deadline settled this attempt already
         if self._state != "PENDING":
             return  # cancelled by the caller
@@ -554,7 +576,7 @@ class _AsyncCall(CallFuture[Any]):
             delay = self._route.retry_delay(self._request, response, self._attempt)
             if delay is not None:
                 self._attempt += 1
-                self._open[self._attempt] = True
+                self._open_attempt = self._attempt
                 self._manager.timer().call_later(delay, lambda: self._retry(response))
                 return
         self._complete(response)
@@ -573,6 +595,9 @@ class _AsyncCall(CallFuture[Any]):
                 self.set_exception(response.to_exception(self._request.service_name, self._request.method_name))
         except InvalidStateError:
             pass  # cancelled by the caller meanwhile
+        # A finished call no longer needs its request: callers often keep thousands of
+        # finished futures, and each request is one more object for the garbage collector.
+        self._request = self._sent = _RELEASED
 
 
 class _AttemptReply:
