@@ -85,7 +85,7 @@ class _Timer:
                     while fifo:
                         call = fifo[0]
                         when = call._expires_at
-                        if call._finished():
+                        if call._state != "PENDING":  # call._finished(), inline: every call passes here
                             fifo.popleft()
                         elif when <= now:
                             fifo.popleft()
@@ -590,7 +590,8 @@ class _AsyncCall(CallFuture[Any]):
     def _complete(self, response: ServiceResponse) -> None:
         try:
             if response.success:
-                self.set_result(response.result)
+                if not self._finish_unobserved(response.result, None):
+                    Future.set_result(self, response.result)
             else:
                 self.set_exception(response.to_exception(self._request.service_name, self._request.method_name))
         except InvalidStateError:

@@ -307,21 +307,30 @@ def encode_request(
     """The record carrying ``request``; raises what pickling raises (nothing is left behind then)."""
     args = request.args
     kwargs = request.kwargs
-    wrapped_args = _wrap_args(args, threshold)
-    wrapped_kwargs = _wrap_kwargs(kwargs, threshold) if kwargs else kwargs
     message = (
         KIND_CALL,
         request.request_id,
         request.service_name,
         request.method_name,
-        wrapped_args,
-        wrapped_kwargs,
+        args,
+        kwargs,
         response_queue,
         request.deadline,
         request.metadata,
     )
+    # The common call checked inline (every call pays for this path): no keyword arguments and
+    # no large bytes to wrap.
+    for value in args:
+        if (type(value) is _bytes or type(value) is _bytearray) and len(value) >= threshold:
+            break
+    else:
+        if not kwargs:
+            return _dumps_fast(message, receiver_pid, inline_limit, threshold)
+    wrapped_args = _wrap_args(args, threshold)
+    wrapped_kwargs = _wrap_kwargs(kwargs, threshold) if kwargs else kwargs
     if wrapped_args is args and wrapped_kwargs is kwargs:
         return _dumps_fast(message, receiver_pid, inline_limit, threshold)
+    message = (*message[:4], wrapped_args, wrapped_kwargs, *message[6:])
     return _dumps(message, receiver_pid, inline_limit, threshold, _trusted(wrapped_args, wrapped_kwargs))
 
 
@@ -782,7 +791,8 @@ def decode_many(record: bytes) -> list[tuple[Any, ...]]:
     message = _load(record)
     if type(message) is list:
         for m in message:
-            _check(m)
+            if type(m) is not tuple or (len(m) != 2 and len(m) != 9):
+                _check(m)  # raises
         return message
     return [_check(message)]
 

@@ -119,6 +119,7 @@ def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
 
 _status_ids = itertools.count(1)
 _perf_counter = time.perf_counter
+_time = time.time
 
 
 # =========================================================================== server side
@@ -556,14 +557,20 @@ class _ClientRings:
                     log.warning("mmap async responses: skipped an undecodable response: %s", exc)
                     continue
                 for message in messages:
-                    reply = pop(message[0], None)
+                    request_id = message[0]
+                    reply = pop(request_id, None)
                     if reply is None:
                         continue  # its caller already gave up
-                    forget(message[0], None)
+                    forget(request_id, None)
                     try:
-                        reply(response_from_message(message))
+                        # A plain success (two fields) built here: most responses are one.
+                        reply(
+                            ServiceResponse(True, message[1], None, request_id)
+                            if len(message) == 2
+                            else response_from_message(message)
+                        )
                     except Exception:  # a failing callback must not stop the dispatcher
-                        log.exception("mmap async responses: completing %s failed", message[0])
+                        log.exception("mmap async responses: completing %s failed", request_id)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + LIVENESS_INTERVAL
@@ -676,37 +683,48 @@ class MmapConnection(Connection):
 
     def _put(self, ring: ShmQueue, request: ServiceRequest, record: bytes, segment: str | None) -> ServiceResponse | None:
         """Queue one record; a failed response when it could not be queued (its segment unlinked)."""
-        remaining = request.remaining()
-        wait = self._queue_timeout if remaining is None else min(self._queue_timeout, remaining)
+        wait = self._queue_wait(request)
         try:
-            ring.put(record, wait if wait > 0 else 0)
+            ring.put(record, wait)
             return None
-        except QueueFull:
-            codec.unlink_segment(segment)
+        except BaseException as exc:
+            return self._not_queued(request, segment, exc, wait)
+
+    def _queue_wait(self, request: ServiceRequest) -> float:
+        """How long a put may wait for room: the service's queue timeout, never past the deadline."""
+        deadline = request.deadline
+        wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline - _time())
+        return wait if wait > 0 else 0
+
+    def _not_queued(self, request: ServiceRequest, segment: str | None, exc: BaseException, wait: float) -> ServiceResponse:
+        """The failed response of a put that raised ``exc`` (re-raised when it is not the queue's refusal)."""
+        codec.unlink_segment(segment)
+        if isinstance(exc, QueueFull):
             return _runtime_error(
                 request.request_id,
                 ServiceOverloadedError(
                     f"service {self._service_name!r} is overloaded: its request queue stayed full for "
-                    f"{max(wait, 0):.3f}s (service.local.queue_timeout={self._queue_timeout})"
+                    f"{wait:.3f}s (service.local.queue_timeout={self._queue_timeout})"
                 ),
             )
-        except QueueClosed:
-            codec.unlink_segment(segment)
+        if isinstance(exc, QueueClosed):
             return self._unavailable(request, "it is stopping or its host is gone")
-        except BaseException:
-            codec.unlink_segment(segment)
-            raise
+        raise exc
 
     def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
         try:
             return codec.encode_request(request, response_queue, self._owner_pid, self._inline_limit)
         except Exception as exc:  # whatever pickling raises
-            error = TypeError(
-                f"cannot call {request.service_name}.{request.method_name} in another process: its arguments "
-                f"are not picklable ({type(exc).__name__}: {exc}); nothing was sent"
-            )
-            error.__cause__ = exc
-            return ServiceResponse.from_exception(request.request_id, error, origin="client")
+            return self._not_picklable(request, exc)
+
+    @staticmethod
+    def _not_picklable(request: ServiceRequest, exc: Exception) -> ServiceResponse:
+        error = TypeError(
+            f"cannot call {request.service_name}.{request.method_name} in another process: its arguments "
+            f"are not picklable ({type(exc).__name__}: {exc}); nothing was sent"
+        )
+        error.__cause__ = exc
+        return ServiceResponse.from_exception(request.request_id, error, origin="client")
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         """Send and wait on this thread's own response ring (no thread hand-off).
@@ -767,18 +785,26 @@ class MmapConnection(Connection):
         if ring is None:
             reply(self._unavailable(request, "the connection is closed"))
             return
-        queue = _client.async_queue()
-        encoded = self._encode(request, queue.name)
-        if type(encoded) is not tuple:
-            reply(encoded)  # type: ignore[arg-type]
+        queue = _client._async_queue or _client.async_queue()
+        try:
+            record, segment = codec.encode_request(request, queue.name, self._owner_pid, self._inline_limit)
+        except Exception as exc:  # whatever pickling raises
+            reply(self._not_picklable(request, exc))
             return
         request_id = request.request_id
         _client.pending[request_id] = reply
         _client.senders[request_id] = self
-        failed = self._put(ring, request, *encoded)
-        if failed is not None and _client.pending.pop(request_id, None) is not None:
+        # Every pipelined call takes this path: the compiled put first, which needs no timeout.
+        put = ring.compiled_put
+        if put is not None and not put(record):
+            return
+        wait = self._queue_wait(request)
+        try:
+            ring.put(record, wait)
+        except BaseException as exc:
             _client.senders.pop(request_id, None)
-            reply(failed)
+            if _client.pending.pop(request_id, None) is not None:
+                reply(self._not_queued(request, segment, exc, wait))
 
     def cancel(self, request: ServiceRequest) -> None:
         """The caller timed out: forget the request (a service never starts work past its deadline)."""
