@@ -335,7 +335,9 @@ class ServiceManager:
         ``service_call.default_timeout``; it bounds the whole call, retries
         included. Raises the errors listed on the class.
         """
-        route = self._route(service_name)
+        route = self._routes.get(service_name)
+        if route is None or self._closed:
+            route = self._route(service_name)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
@@ -346,7 +348,10 @@ class ServiceManager:
         )
         attempt = 0
         while True:
-            response = self._attempt_sync(route, request)
+            if route.chain is None:  # _attempt_sync's first line, inline: the common call
+                response = route.connection.call(request, request.deadline - _time())  # type: ignore[operator]
+            else:
+                response = self._attempt_sync(route, request)
             if response.success:
                 return response.result
             delay = route.retry_delay(request, response, attempt)

@@ -370,6 +370,18 @@ def encode_response(
     threshold: int = OUT_OF_BAND_THRESHOLD,
 ) -> tuple[bytes, str | None]:
     """The record carrying ``response``; raises what pickling raises."""
+    result = response.result
+    t = type(result)
+    if (
+        response.success
+        and not response.metadata
+        and not response.degraded
+        and ((t is not _bytes and t is not _bytearray) or len(result) < threshold)
+        and t is not tuple
+        and t is not list
+    ):
+        # A plain success with nothing to wrap, the common reply: checked inline.
+        return _dumps_fast((response.request_id, result), receiver_pid, inline_limit, threshold)
     message = response_message(response, threshold)
     result = message[1] if len(message) == 2 else message[2]
     trusted = _trusted(result) if type(result) in (_BigBytes, tuple, list) else None
@@ -415,7 +427,13 @@ def request_from_message(message: tuple[Any, ...]) -> ServiceRequest:
 
 def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     """(kind, request) of a request record; DecodeError (carrying the request id when readable) otherwise."""
-    message = _load(record)
+    try:
+        # An inline record (most are) is loaded here; _load knows the other kinds and words the errors.
+        message = _loads(record) if record[:1] == b"\x80" else _load(record)
+    except DecodeError:
+        raise
+    except Exception:
+        message = _load(record)  # raises the worded DecodeError
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
         what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
         raise DecodeError(f"{what} record arrived on a request queue")

@@ -327,10 +327,11 @@ class MmapListener(Listener):
     def _reply(self, request: ServiceRequest, response: ServiceResponse) -> None:
         """Send ``response`` to the caller's ring; a gone or stuck caller loses it (logged)."""
         name = request.response_queue_name
-        queue = self._responder(name) if name else None
+        queue = self._responders.get(name) or (self._responder(name) if name else None)
         if queue is None:
             return
-        response = response.for_wire()
+        if response.exception is not None:
+            response = response.for_wire()
         try:
             record, segment = codec.encode_response(response, queue.owner_pid, _inline_limit(queue))
         except Exception as exc:  # the result (or error) cannot be pickled
@@ -743,9 +744,11 @@ class MmapConnection(Connection):
             encoded = self._encode(request, queue.name)
             if type(encoded) is not tuple:
                 return encoded  # type: ignore[return-value]
-            failed = self._put(ring, request, *encoded)
-            if failed is not None:
-                return failed
+            put = ring.compiled_put  # as in send: the compiled put first, which needs no timeout
+            if put is None or put(encoded[0]):
+                failed = self._put(ring, request, *encoded)
+                if failed is not None:
+                    return failed
             return self._wait(ring, queue, request, timeout)
         finally:
             holder.last_used = time.monotonic()
@@ -776,6 +779,8 @@ class MmapConnection(Connection):
                 continue
             for message in messages:
                 if message[0] == request_id:
+                    if len(message) == 2:  # a plain success
+                        return ServiceResponse(True, message[1], None, request_id)
                     return codec.response_from_message(message)
             # Late responses of earlier calls of this thread that timed out: dropped.
 
