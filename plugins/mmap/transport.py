@@ -462,6 +462,13 @@ class _ClientRings:
         """The calling thread's ring, marked busy (creates it on first use)."""
         ring: _ThreadRing | None = getattr(self._local, "ring", None)
         if ring is not None:
+            # Without the lock: mark busy, then look at closed. A sweep marks closed, then looks
+            # at busy (see _sweep_locked); bytecodes run one at a time, so one of the two sees
+            # the other's mark, and a ring is never closed under its thread.
+            ring.busy = True
+            if not ring.closed:
+                return ring
+            ring.busy = False
             with self._lock:
                 if not ring.closed:
                     ring.busy = True
@@ -490,6 +497,10 @@ class _ClientRings:
         if ring.closed:
             return
         ring.closed = True
+        _ClientRings._remove_queue(ring)
+
+    @staticmethod
+    def _remove_queue(ring: _ThreadRing) -> None:
         with contextlib.suppress(Exception):
             ring.queue.unlink()
             ring.queue.close()
@@ -498,8 +509,12 @@ class _ClientRings:
         now = time.monotonic()
         keep = []
         for ring in self._rings:
-            if not ring.busy and (not idle_only or now - ring.last_used > IDLE_RING_SECONDS):
-                self._close_ring_locked(ring)
+            if not ring.closed and not ring.busy and (not idle_only or now - ring.last_used > IDLE_RING_SECONDS):
+                ring.closed = True  # first, then busy: the other half of acquire's handshake
+                if ring.busy:
+                    ring.closed = False  # its thread took it meanwhile
+                else:
+                    self._remove_queue(ring)
             if not ring.closed:
                 keep.append(ring)
         self._rings = keep
