@@ -331,3 +331,32 @@ def test_an_async_call_that_times_out_is_forgotten_at_its_deadline(kv_env: tuple
         time.sleep(0.01)
     assert request_id not in _client.pending and request_id not in _client.senders
     assert manager.call_service_sync("kv", "sleep", (0.0,), timeout=5) == 0.0  # the late answer is ignored
+
+
+def test_response_rings_are_swept_when_idle_but_never_while_a_call_waits_on_them(
+    kv_env: tuple[ServiceEnvironment, ServiceManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kservice.plugins.mmap import transport
+
+    _, manager = kv_env
+    assert manager.call_service_sync("kv", "echo", (1,)) == 1
+    mine = transport._client._local.ring
+    monkeypatch.setattr(transport, "IDLE_RING_SECONDS", 0.0)  # every ring not in use is idle enough
+
+    waited: list[float] = []
+    waiting = threading.Thread(target=lambda: waited.append(manager.call_service_sync("kv", "sleep", (0.5,))))
+    waiting.start()
+    time.sleep(0.2)  # its call is in flight, its ring busy
+
+    def first_call() -> None:  # a thread's first call makes its ring, and sweeps the idle ones
+        assert manager.call_service_sync("kv", "echo", (2,)) == 2
+
+    sweepers = [threading.Thread(target=first_call) for _ in range(4)]
+    for thread in sweepers:
+        thread.start()
+    for thread in [*sweepers, waiting]:
+        thread.join(10)
+    assert waited == [0.5]  # the busy ring was left alone: its call got its answer
+    assert mine.closed and not (queue_directory() / f"{mine.queue.name}.q").exists()  # the idle one was removed
+    assert manager.call_service_sync("kv", "echo", (3,)) == 3  # and this thread simply gets a new one
+    assert transport._client._local.ring is not mine
