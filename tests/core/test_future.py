@@ -108,3 +108,25 @@ def test_call_service_async_returns_a_call_future() -> None:
         future = environment.manager().call_service_async("echo", "echo", (5,))
         assert isinstance(future, CallFuture) and isinstance(future, Future)
         assert future.result(timeout=10) == 5
+
+
+def test_finished_calls_keep_one_object_for_the_garbage_collector_each() -> None:
+    """A finished call drops its request: a caller holding thousands of futures holds only them."""
+    import gc
+
+    class Echo:
+        def echo(self, value: object) -> object:
+            return value
+
+    with ServiceEnvironment("future-gc-test") as environment:
+        environment.register_service("echo", Echo)
+        manager = environment.manager()
+        manager.call_service_sync("echo", "echo", (0,))
+        gc.collect()
+        before = len(gc.get_objects())
+        futures = [manager.call_service_async("echo", "echo", ("x",)) for _ in range(2000)]
+        assert all(f.result(10) == "x" for f in futures)
+        gc.collect()
+        held = len(gc.get_objects()) - before
+        # Each future is one tracked object; its request, arguments and metadata are gone.
+        assert 2000 <= held < 2000 + 100, held
