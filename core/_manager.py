@@ -17,7 +17,7 @@ from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
 from ._future import CallFuture
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import get_transport
@@ -131,6 +131,7 @@ class _Route:
         "retry",
         "service_class",
         "service_name",
+        "shares_empty",
     )
 
     def __init__(
@@ -142,6 +143,7 @@ class _Route:
         retry: Any,
         options: dict[str, Any],
         service_class: type | None,
+        copies_requests: bool,
     ) -> None:
         self.service_name = service_name
         self.address = address
@@ -154,6 +156,9 @@ class _Route:
         self.default_timeout: float = options["service_call"]["default_timeout"]
         self.service_class = service_class
         self.idempotent: dict[str, bool] = {}
+        # No code of this process changes such a route's requests: those made without kwargs or
+        # metadata share read-only empty dicts (two dicts fewer per call for the garbage collector).
+        self.shares_empty = chain is None and copies_requests
 
     def retry_delay(self, request: ServiceRequest, response: ServiceResponse, attempt: int) -> float | None:
         """Seconds before retrying a failed attempt, or None: no policy, the policy gives up, or past the deadline."""
@@ -256,14 +261,15 @@ class ServiceManager:
             return route
         addresses, service_class = self._resolve(service_name)
         address = addresses[0]
-        connection = get_transport(address.transport).connect(address)
+        transport = get_transport(address.transport)
+        connection = transport.connect(address)
         options = self.config.for_service(service_name)
         contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options)
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
         retry = self._pm.hook.kservice_retry_policy(service_name=service_name, options=options)
-        route = _Route(service_name, address, connection, chain, retry, options, service_class)
+        route = _Route(service_name, address, connection, chain, retry, options, service_class, transport.crosses_processes)
         with self._route_lock:
             existing = self._routes.get(service_name)
             if existing is not None:
@@ -298,6 +304,7 @@ class ServiceManager:
         kwargs: dict[str, Any] | None,
         timeout: float,
         metadata: dict[str, Any] | None,
+        shares_empty: bool,
     ) -> ServiceRequest:
         deadline = _time() + timeout
         parent = _current_request.get()
@@ -312,10 +319,10 @@ class ServiceManager:
             service_name,
             method,
             args if type(args) is tuple else tuple(args),
-            {} if kwargs is None else kwargs,
+            kwargs if kwargs is not None else NO_KWARGS if shares_empty else {},
             "",
             deadline,
-            {} if metadata is None else metadata,
+            metadata if metadata is not None else NO_METADATA if shares_empty else {},
         )
 
     def call_service_sync(
@@ -344,7 +351,13 @@ class ServiceManager:
             if refusal is not None:
                 raise refusal
         request = self._request(
-            service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata
+            service_name,
+            method,
+            args,
+            kwargs,
+            route.default_timeout if timeout is None else timeout,
+            metadata,
+            route.shares_empty,
         )
         attempt = 0
         while True:
@@ -415,7 +428,8 @@ class ServiceManager:
                 refused.set_exception(refusal)
                 return refused
         nominal = route.default_timeout if timeout is None else timeout
-        return _AsyncCall(self, route, self._request(service_name, method, args, kwargs, nominal, metadata), nominal)
+        request = self._request(service_name, method, args, kwargs, nominal, metadata, route.shares_empty)
+        return _AsyncCall(self, route, request, nominal)
 
     async def acall(
         self,

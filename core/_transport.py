@@ -144,7 +144,10 @@ class Transport(ABC):
 
     #: the name services and addresses use for this transport
     name: str = ""
-    #: whether callers in other processes can use it (listings prefer local ones in-process)
+    #: whether callers in other processes can use it (listings prefer local ones in-process). Such a
+    #: transport gives the service a copy of each request, never the caller's object, and does not
+    #: change the request it sends: requests to it made without kwargs or metadata may share
+    #: read-only empty dicts.
     crosses_processes: bool = True
 
     @abstractmethod

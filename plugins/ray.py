@@ -472,9 +472,17 @@ def _pack(value: Any) -> bytes | None:
         _picklers.pair = pair
 
 
+#: What an empty kwargs / metadata travels as (see _to_wire): plain dicts, never changed.
+_NO_KWARGS: dict[str, Any] = {}
+_NO_METADATA: dict[str, Any] = {}
+
+
 def _to_wire(request: ServiceRequest) -> bytes | WireRequest:
-    # The service name is known to the replica.
-    fields = (request.request_id, request.method_name, request.args, request.kwargs, request.deadline, request.metadata)
+    # The service name is known to the replica. Empty dicts travel as plain ones: a request made
+    # without kwargs or metadata may hold kservice's shared read-only empties (dict subclasses).
+    kwargs = request.kwargs if request.kwargs else _NO_KWARGS
+    metadata = request.metadata if request.metadata else _NO_METADATA
+    fields = (request.request_id, request.method_name, request.args, kwargs, request.deadline, metadata)
     packed = _pack(fields)
     return fields if packed is None else packed
 

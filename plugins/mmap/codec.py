@@ -129,6 +129,10 @@ _loads = pickle.loads
 _dumps_pickle = pickle.dumps
 _tuple = tuple
 _bytes = bytes
+#: What an empty kwargs / metadata travels as: two plain dicts, never changed, only pickled
+#: (two objects, so the receiver does not get one dict for both).
+_NO_KWARGS: dict[str, Any] = {}
+_NO_METADATA: dict[str, Any] = {}
 _bytearray = bytearray
 
 
@@ -307,6 +311,13 @@ def encode_request(
     """The record carrying ``request``; raises what pickling raises (nothing is left behind then)."""
     args = request.args
     kwargs = request.kwargs
+    metadata = request.metadata
+    # The wire carries plain dicts (the receiver checks): a request made without kwargs or
+    # metadata may hold kservice's shared read-only empty ones, which are dict subclasses.
+    if type(kwargs) is not dict:
+        kwargs = dict(kwargs) if kwargs else _NO_KWARGS
+    if type(metadata) is not dict:
+        metadata = dict(metadata) if metadata else _NO_METADATA
     message = (
         KIND_CALL,
         request.request_id,
@@ -316,7 +327,7 @@ def encode_request(
         kwargs,
         response_queue,
         request.deadline,
-        request.metadata,
+        metadata,
     )
     # The common call checked inline (every call pays for this path): no keyword arguments and
     # no large bytes to wrap.

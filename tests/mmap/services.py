@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kservice import service
+from kservice import current_request, service
 
 
 class KV:
@@ -59,6 +59,12 @@ class KV:
 
     def fail(self, message: str) -> None:
         raise ValueError(message)
+
+    def tag(self, key: str) -> list[str]:
+        """Writes ``key`` into the request's metadata (the service's own dict) and returns its keys."""
+        metadata = current_request().metadata
+        metadata[key] = True
+        return sorted(metadata)
 
 
 class Broken:

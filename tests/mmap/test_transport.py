@@ -360,3 +360,69 @@ def test_response_rings_are_swept_when_idle_but_never_while_a_call_waits_on_them
     assert mine.closed and not (queue_directory() / f"{mine.queue.name}.q").exists()  # the idle one was removed
     assert manager.call_service_sync("kv", "echo", (3,)) == 3  # and this thread simply gets a new one
     assert transport._client._local.ring is not mine
+
+
+SHARED_EMPTIES = """
+from kservice import ServiceEnvironment, ServiceFactory
+from kservice._messages import NO_KWARGS, NO_METADATA
+from kservice.demo import TenantMiddleware
+from tests.mmap.services import KV
+
+def made(manager, name):
+    route = manager._route(name)
+    request = manager._request(name, "tag", ("k",), None, 5.0, None, route.shares_empty)
+    return request.kwargs is NO_KWARGS and request.metadata is NO_METADATA
+
+plain = ServiceEnvironment("shared-empties")
+plain.register_service("remote", ServiceFactory("remote", KV), kind="process")
+plain.register_service("local", ServiceFactory("local", KV))
+tenanted = ServiceEnvironment("own-dicts")
+tenanted.add_middleware(TenantMiddleware("acme"))
+tenanted.register_service("remote2", ServiceFactory("remote2", KV), kind="process")
+with plain, tenanted:
+    manager, with_middleware = plain.manager(), tenanted.manager()
+    print(made(manager, "remote"), made(manager, "local"), made(with_middleware, "remote2"))
+    # The service always gets a dict of its own, whatever the caller shared.
+    print(manager.call_service_sync("remote", "tag", ("a",)), manager.call_service_sync("remote", "tag", ("b",)))
+    print(manager.call_service_async("remote", "tag", ("c",)).result(10), manager.call_service_sync("local", "tag", ("d",)))
+    print(with_middleware.call_service_sync("remote2", "tag", ("e",)))
+    print(manager.call_service_sync("remote", "add", (), {"a": 1, "b": 2}))
+"""
+
+
+def test_requests_without_kwargs_or_metadata_share_read_only_empties_only_where_nothing_can_change_them() -> None:
+    """No client middleware, and a transport that copies the request: nothing in the caller can change it."""
+    import subprocess
+    import sys
+
+    from kservice import get_plugin_manager
+
+    optional = [name for name, _ in get_plugin_manager().list_name_plugin() if name not in ("inproc", "mmap")]
+    env = {**os.environ, "KSERVICE_DISABLE_PLUGINS": ",".join(optional)}
+    result = subprocess.run(
+        [sys.executable, "-c", SHARED_EMPTIES], capture_output=True, text=True, env=env, timeout=60, cwd=os.getcwd()
+    )
+    assert result.returncode == 0, result.stderr
+    shares, calls, more, tenanted, keyword = result.stdout.strip().splitlines()
+    # Shared over mmap without middleware; own dicts in-process and where middleware runs.
+    assert shares == "True False False"
+    assert calls == "['a'] ['b']"  # writable in the service, and nothing leaks from one call to the next
+    assert more == "['c'] ['d']"
+    assert tenanted == "['e', 'tenant']"
+    assert keyword == "3"
+
+
+def test_the_shared_empty_dicts_refuse_changes_with_the_fix_and_travel_as_plain_dicts() -> None:
+    import copy
+
+    from kservice._messages import NO_KWARGS, NO_METADATA
+
+    with pytest.raises(TypeError, match=r"request.metadata is a shared, read-only empty dict .*\(request.metadata = \{"):
+        NO_METADATA["trace"] = "x"
+    for change in (lambda d: d.update(a=1), lambda d: d.setdefault("a"), lambda d: d.pop("a"), lambda d: d.clear()):
+        with pytest.raises(TypeError, match=r"request\.kwargs"):
+            change(NO_KWARGS)
+    assert NO_KWARGS == {} and isinstance(NO_METADATA, dict) and {**NO_METADATA, "a": 1} == {"a": 1}
+    for copied in (pickle.loads(pickle.dumps(NO_KWARGS)), copy.copy(NO_METADATA), copy.deepcopy(NO_KWARGS)):
+        assert type(copied) is dict and copied == {}
+        copied["a"] = 1  # a copy is an ordinary dict
