@@ -609,7 +609,7 @@ class _AsyncCall(CallFuture[Any]):
     def _complete(self, response: ServiceResponse) -> None:
         try:
             if response.success:
-                if not self._finish_unobserved(response.result, None):
+                if not self._finish_unobserved(response.result, None):  # CallFuture.set_result, inline
                     Future.set_result(self, response.result)
             else:
                 self.set_exception(response.to_exception(self._request.service_name, self._request.method_name))

@@ -129,11 +129,11 @@ _loads = pickle.loads
 _dumps_pickle = pickle.dumps
 _tuple = tuple
 _bytes = bytes
+_bytearray = bytearray
 #: What an empty kwargs / metadata travels as: two plain dicts, never changed, only pickled
 #: (two objects, so the receiver does not get one dict for both).
 _NO_KWARGS: dict[str, Any] = {}
 _NO_METADATA: dict[str, Any] = {}
-_bytearray = bytearray
 
 
 class DecodeError(ValueError):
