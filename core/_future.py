@@ -34,6 +34,9 @@ __all__ = ["CallFuture"]
 T = TypeVar("T")
 
 _condition_creation = threading.Lock()
+#: The lock under which conditions are created and unobserved futures completed; a subclass
+#: may hold it to decide something and complete in one step (:meth:`CallFuture._finish_locked`).
+future_lock = _condition_creation
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
@@ -82,13 +85,17 @@ class CallFuture(Future[T]):
         if self._lazy_condition is not None:
             return False
         with _condition_creation:
-            if self._lazy_condition is not None:
-                return False
-            if self._state in _DONE:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._exception = exception
-            self._state = FINISHED
+            return self._finish_locked(result, exception)
+
+    def _finish_locked(self, result: Any, exception: BaseException | None) -> bool:
+        """:meth:`_finish_unobserved` for a caller that holds :data:`future_lock` already."""
+        if self._lazy_condition is not None:
+            return False
+        if self._state in _DONE:
+            raise InvalidStateError(f"{self._state}: {self!r}")
+        self._result = result
+        self._exception = exception
+        self._state = FINISHED
         return True
 
     def set_result(self, result: T) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
-from ._future import CallFuture
+from ._future import CallFuture, future_lock
 from ._messages import NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
@@ -483,9 +483,10 @@ class ServiceManager:
 
 #: What a finished call holds instead of its request (see ``_AsyncCall._complete``).
 _RELEASED = ServiceRequest("", "", "")
-#: Guards the claim of an attempt (``_AsyncCall._claim``): one lock for every call, held for two
-#: bytecodes, rather than an object per call that the garbage collector would have to count.
-_claiming = threading.Lock()
+#: Guards the claim of an attempt (``_AsyncCall._claim``): one lock for every call, held for a few
+#: bytecodes, rather than an object per call that the garbage collector would have to count. It is
+#: the futures' own lock, so a first reply can claim its attempt and complete the future at once.
+_claiming = future_lock
 
 
 class _AsyncCall(CallFuture[Any]):
@@ -537,8 +538,18 @@ class _AsyncCall(CallFuture[Any]):
         """The first attempt's reply callback, called by the transport."""
         if response.success and self._route.chain is None:
             # The common case in one step: no after-hooks to run, no retry to consider.
-            if self._claim(0):
-                self._complete(response)
+            with _claiming:
+                if self._open_attempt != 0:
+                    return  # late: the deadline settled the attempt already
+                self._open_attempt = -1
+                try:
+                    finished = self._finish_locked(response.result, None)
+                except InvalidStateError:
+                    finished = True  # cancelled by the caller
+            if finished:
+                self._request = self._sent = _RELEASED
+            else:
+                self._complete(response)  # something waits on the future: the standard path
             return
         self._settle(response, 0)
 

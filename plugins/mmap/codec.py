@@ -350,6 +350,20 @@ def encode_status_request(request_id: str, service_name: str, response_queue: st
     return pickle.dumps((KIND_STATUS, request_id, service_name, "", (), {}, response_queue, deadline, {}), _PROTOCOL)
 
 
+def _is_plain(response: ServiceResponse, threshold: int) -> bool:
+    """Whether ``response`` is a success that travels as (request id, result), with nothing to wrap."""
+    result = response.result
+    t = type(result)
+    return (
+        response.success
+        and not response.metadata
+        and not response.degraded
+        and ((t is not _bytes and t is not _bytearray) or len(result) < threshold)
+        and t is not tuple
+        and t is not list
+    )
+
+
 def response_message(response: ServiceResponse, threshold: int = OUT_OF_BAND_THRESHOLD) -> tuple[Any, ...]:
     """The tuple that carries ``response`` (compact for a plain success)."""
     if response.success:
@@ -381,18 +395,8 @@ def encode_response(
     threshold: int = OUT_OF_BAND_THRESHOLD,
 ) -> tuple[bytes, str | None]:
     """The record carrying ``response``; raises what pickling raises."""
-    result = response.result
-    t = type(result)
-    if (
-        response.success
-        and not response.metadata
-        and not response.degraded
-        and ((t is not _bytes and t is not _bytearray) or len(result) < threshold)
-        and t is not tuple
-        and t is not list
-    ):
-        # A plain success with nothing to wrap, the common reply: checked inline.
-        return _dumps_fast((response.request_id, result), receiver_pid, inline_limit, threshold)
+    if _is_plain(response, threshold):  # the common reply
+        return _dumps_fast((response.request_id, response.result), receiver_pid, inline_limit, threshold)
     message = response_message(response, threshold)
     result = message[1] if len(message) == 2 else message[2]
     trusted = _trusted(result) if type(result) in (_BigBytes, tuple, list) else None
@@ -401,13 +405,16 @@ def encode_response(
     return _dumps_fast(message, receiver_pid, inline_limit, threshold)
 
 
-def encode_response_batch(messages: list[tuple[Any, ...]], inline_limit: int) -> bytes | None:
-    """One inline record carrying several response messages (from :func:`response_message`).
+def encode_response_batch(responses: list[ServiceResponse], inline_limit: int) -> bytes | None:
+    """One inline record carrying several responses.
 
     None when they do not fit one inline record (a buffer that travels out of
     band, or more than ``inline_limit`` bytes): send them one by one then.
     Raises what pickling raises.
     """
+    messages = [
+        (r.request_id, r.result) if _is_plain(r, OUT_OF_BAND_THRESHOLD) else response_message(r) for r in responses
+    ]
     try:
         data = _dumps_pickle(messages, _PROTOCOL, buffer_callback=_refuse_buffer)
     except _TooBig:

@@ -375,9 +375,7 @@ class MmapListener(Listener):
         if queue is None:
             return
         try:
-            record = codec.encode_response_batch(
-                [codec.response_message(response.for_wire()) for _, response in replies], _inline_limit(queue)
-            )
+            record = codec.encode_response_batch([response for _, response in replies], _inline_limit(queue))
         except Exception:  # big or unpicklable results: each goes its own way
             record = None
         if record is None:

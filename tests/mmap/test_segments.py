@@ -104,12 +104,16 @@ def test_big_results_and_batches(qdir: Path) -> None:
     [message] = codec.decode_many(record)
     response = codec.response_from_message(message)
     assert response.success and response.result == [BIG, 1] and response.request_id == "r-9"
-    small = [codec.response_message(ServiceResponse(True, i, None, f"r-{i}")) for i in range(3)]
-    batch = codec.encode_response_batch(small, 1 << 18)
+    small = [ServiceResponse(True, i, None, f"r-{i}") for i in range(3)]
+    failed = ServiceResponse(False, None, "no", "r-3", "KeyError", "service", metadata={"x": 1})
+    batch = codec.encode_response_batch([*small, failed], 1 << 18)
     assert batch is not None
-    assert [codec.response_from_message(m).result for m in codec.decode_many(batch)] == [0, 1, 2]
+    decoded = [codec.response_from_message(m) for m in codec.decode_many(batch)]
+    assert [r.result for r in decoded[:3]] == [0, 1, 2] and [r.request_id for r in decoded[:3]] == ["r-0", "r-1", "r-2"]
+    assert not decoded[3].success and decoded[3].error_type == "KeyError" and decoded[3].metadata == {"x": 1}
     # a batch never carries a buffer that must travel out of band
-    assert codec.encode_response_batch([codec.response_message(ServiceResponse(True, BIG, None, "r"))], 1 << 30) is None
+    assert codec.encode_response_batch([ServiceResponse(True, BIG, None, "r")], 1 << 30) is None
+    assert codec.encode_response_batch([ServiceResponse(True, [1, BIG], None, "r")], 1 << 30) is None
 
 
 def test_a_lease_of_a_dead_receiver_is_taken_back(qdir: Path) -> None:
