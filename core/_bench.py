@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BenchResult", "BenchSettings", "Echo", "plot", "require_matplotlib", "results_table", "run", "select"]
 
+#: Least time each row warms up before it is measured (see _measure).
+WARMUP_SECONDS = 0.2
+
 #: every row ``kservice bench`` knows, in display order
 NAMES = ("inproc", "mmap", "ray", "threadpool", "mp-queue", "mp-pipe")
 
@@ -363,8 +366,14 @@ def select(names: Sequence[str] | None) -> list[str]:
 def _measure(
     subject: _Subject, settings: BenchSettings, payload: bytes, advance: Callable[[int], None]
 ) -> tuple[list[float], float]:
-    for _ in range(settings.warmup):
+    # Warm up by count and for at least WARMUP_SECONDS: right after a child process starts, the
+    # kernel may run it on the caller's CPU for a few tens of milliseconds, and two processes
+    # handing messages back and forth on one CPU are about three times slower than on two.
+    warm_until = time.perf_counter() + WARMUP_SECONDS
+    warmed = 0
+    while warmed < settings.warmup or time.perf_counter() < warm_until:
         subject.round_trip(payload)
+        warmed += 1
     advance(settings.warmup)
     latencies: list[float] = []
     clock = time.perf_counter_ns
