@@ -342,9 +342,7 @@ class ServiceManager:
         ``service_call.default_timeout``; it bounds the whole call, retries
         included. Raises the errors listed on the class.
         """
-        route = self._routes.get(service_name)
-        if route is None or self._closed:
-            route = self._route(service_name)
+        route = self._route(service_name)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
@@ -417,9 +415,7 @@ class ServiceManager:
         Cancelling it before completion drops the response when it arrives.
         Resolution errors (unknown service) are raised here, not in the future.
         """
-        route = self._routes.get(service_name)
-        if route is None or self._closed:
-            route = self._route(service_name)
+        route = self._route(service_name)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)

@@ -445,13 +445,7 @@ def request_from_message(message: tuple[Any, ...]) -> ServiceRequest:
 
 def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     """(kind, request) of a request record; DecodeError (carrying the request id when readable) otherwise."""
-    try:
-        # An inline record (most are) is loaded here; _load knows the other kinds and words the errors.
-        message = _loads(record) if record[:1] == b"\x80" else _load(record)
-    except DecodeError:
-        raise
-    except Exception:
-        message = _load(record)  # raises the worded DecodeError
+    message = _load(record)
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
         what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
         raise DecodeError(f"{what} record arrived on a request queue")
@@ -827,8 +821,7 @@ def decode_many(record: bytes) -> list[tuple[Any, ...]]:
     message = _load(record)
     if type(message) is list:
         for m in message:
-            if type(m) is not tuple or (len(m) != 2 and len(m) != 9):
-                _check(m)  # raises
+            _check(m)
         return message
     return [_check(message)]
 

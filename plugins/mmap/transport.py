@@ -593,12 +593,7 @@ class _ClientRings:
                         continue  # its caller already gave up
                     forget(request_id, None)
                     try:
-                        # A plain success (two fields) built here: most responses are one.
-                        reply(
-                            ServiceResponse(True, message[1], None, request_id)
-                            if len(message) == 2
-                            else response_from_message(message)
-                        )
+                        reply(response_from_message(message))
                     except Exception:  # a failing callback must not stop the dispatcher
                         log.exception("mmap async responses: completing %s failed", request_id)
             now = time.monotonic()
@@ -712,24 +707,18 @@ class MmapConnection(Connection):
         )
 
     def _put(self, ring: ShmQueue, request: ServiceRequest, record: bytes, segment: str | None) -> ServiceResponse | None:
-        """Queue one record; a failed response when it could not be queued (its segment unlinked)."""
-        wait = self._queue_wait(request)
+        """Queue one record, waiting for room up to the queue timeout (never past the deadline).
+
+        Returns a failed response when it could not be queued (its segment unlinked then).
+        """
+        deadline = request.deadline
+        wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline - _time())
+        wait = wait if wait > 0 else 0
         try:
             ring.put(record, wait)
             return None
-        except BaseException as exc:
-            return self._not_queued(request, segment, exc, wait)
-
-    def _queue_wait(self, request: ServiceRequest) -> float:
-        """How long a put may wait for room: the service's queue timeout, never past the deadline."""
-        deadline = request.deadline
-        wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline - _time())
-        return wait if wait > 0 else 0
-
-    def _not_queued(self, request: ServiceRequest, segment: str | None, exc: BaseException, wait: float) -> ServiceResponse:
-        """The failed response of a put that raised ``exc`` (re-raised when it is not the queue's refusal)."""
-        codec.unlink_segment(segment)
-        if isinstance(exc, QueueFull):
+        except QueueFull:
+            codec.unlink_segment(segment)
             return _runtime_error(
                 request.request_id,
                 ServiceOverloadedError(
@@ -737,9 +726,12 @@ class MmapConnection(Connection):
                     f"{wait:.3f}s (service.local.queue_timeout={self._queue_timeout})"
                 ),
             )
-        if isinstance(exc, QueueClosed):
+        except QueueClosed:
+            codec.unlink_segment(segment)
             return self._unavailable(request, "it is stopping or its host is gone")
-        raise exc
+        except BaseException:
+            codec.unlink_segment(segment)
+            raise
 
     def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
         try:
@@ -808,8 +800,6 @@ class MmapConnection(Connection):
                 continue
             for message in messages:
                 if message[0] == request_id:
-                    if len(message) == 2:  # a plain success
-                        return ServiceResponse(True, message[1], None, request_id)
                     return codec.response_from_message(message)
             # Late responses of earlier calls of this thread that timed out: dropped.
 
@@ -832,13 +822,14 @@ class MmapConnection(Connection):
         put = ring.compiled_put
         if put is not None and not put(record):
             return
-        wait = self._queue_wait(request)
         try:
-            ring.put(record, wait)
-        except BaseException as exc:
+            failed = self._put(ring, request, record, segment)
+        except BaseException:
+            self.cancel(request)
+            raise
+        if failed is not None and _client.pending.pop(request_id, None) is not None:
             _client.senders.pop(request_id, None)
-            if _client.pending.pop(request_id, None) is not None:
-                reply(self._not_queued(request, segment, exc, wait))
+            reply(failed)
 
     def cancel(self, request: ServiceRequest) -> None:
         """The caller timed out: forget the request (a service never starts work past its deadline)."""
