@@ -13,7 +13,21 @@ from typing import Any
 import psutil
 import pytest
 
-SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}")
+# Every test session (and every process it starts, which inherits the environment) keeps its queues
+# and service registry in directories of its own, so the suite runs beside a user's own
+# `kservice serve` and beside another checkout's suite, and the leak guard sees only this session's
+# segments. Set before anything imports kservice.
+SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}-test-{os.getpid()}")
+REGISTRY_DIR = SHM_DIR.with_name(SHM_DIR.name + "-services")
+os.environ["KSERVICE_QUEUE_DIR"] = str(SHM_DIR)
+os.environ["KSERVICE_REGISTRY_DIR"] = str(REGISTRY_DIR)
+#: the variables every child process of the suite keeps (the session's runtime directories)
+SESSION_VARIABLES = ("KSERVICE_QUEUE_DIR", "KSERVICE_REGISTRY_DIR")
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without kservice settings, but with the session's runtime directories."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_") or k in SESSION_VARIABLES}
 RAY_TEST_DIR = Path(__file__).resolve().parent / "ray"
 #: small object stores and few CPUs: two nodes fit beside the rest of the suite
 RAY_NODE_ARGS: dict[str, Any] = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
@@ -107,8 +121,8 @@ def ray_cluster() -> Iterator[Any]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove the per-user queue and registry directories when the suite left them empty."""
-    for directory in (SHM_DIR, SHM_DIR.with_name(SHM_DIR.name + "-services")):
+    """Remove the session's queue and registry directories when the suite left them empty."""
+    for directory in (SHM_DIR, REGISTRY_DIR):
         try:
             directory.rmdir()
         except OSError:

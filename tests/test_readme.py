@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import clean_environ
 from tests.readme_blocks import block_containing, write_kvstore
 
 VENV_BIN = Path(sys.executable).parent
 
 
 def _run(code: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    env = clean_environ()
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -31,7 +31,7 @@ def test_readme_python_block_runs(marker: str, tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_readme_serve_then_call_from_another_process(tmp_path: Path) -> None:
     write_kvstore(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    env = clean_environ()
     host = subprocess.Popen(
         [str(VENV_BIN / "kservice"), "serve", "kv=kvstore:KeyValue"],
         cwd=tmp_path,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.conftest import clean_environ
+
 HERE = Path(__file__).resolve().parent
 KSERVICE = str(Path(sys.executable).with_name("kservice"))
 
@@ -29,7 +31,7 @@ class Result:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a CLI subprocess: sample services importable, no inherited kservice settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    env = clean_environ()
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(extra)
     return env

@@ -12,6 +12,7 @@ from pathlib import Path
 import kservice
 import pytest
 
+from tests.conftest import clean_environ
 from tests.core.services import KeyValue
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def make_distribution(root: Path, name: str, entry_points: dict[str, dict[str, s
 
 def run_python(code: str, *, site: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager), with ``site`` on its path."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    environ = clean_environ()
     paths = [str(REPO)] + ([str(site)] if site else [])
     environ["PYTHONPATH"] = os.pathsep.join([*paths, environ.get("PYTHONPATH", "")])
     environ.update(env or {})

@@ -121,12 +121,16 @@ def test_finished_calls_keep_one_object_for_the_garbage_collector_each() -> None
     with ServiceEnvironment("future-gc-test") as environment:
         environment.register_service("echo", Echo)
         manager = environment.manager()
-        manager.call_service_sync("echo", "echo", (0,))
-        gc.collect()
-        before = len(gc.get_objects())
         futures = [manager.call_service_async("echo", "echo", ("x",)) for _ in range(2000)]
         assert all(f.result(10) == "x" for f in futures)
-        gc.collect()
-        held = len(gc.get_objects()) - before
-        # Each future is one tracked object; its request, arguments and metadata are gone.
-        assert 2000 <= held < 2000 + 100, held
+        # Counted per future, not as a heap delta (other threads allocate meanwhile): what each
+        # finished future still references and the collector tracks is shared by all of them
+        # (the manager, the route), never a request, its arguments or its metadata.
+        per_call = {
+            id(referent)
+            for future in futures
+            for referent in gc.get_referents(future)
+            if gc.is_tracked(referent)
+        }
+        assert len(per_call) < 20, len(per_call)
+        assert all(gc.is_tracked(future) for future in futures[:10])

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import kservice
 import pytest
 
+from tests.conftest import clean_environ
+
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -32,7 +34,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 5.0, what: str = "cond
 
 def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager) from the repository root."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    environ = clean_environ()
     environ["PYTHONPATH"] = os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")])
     environ.update(env or {})
     return subprocess.run(

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import clean_environ
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
 EXAMPLE_DIST = "kservice-example-policies"
@@ -46,7 +48,7 @@ def chain_of(manager: Any, service_name: str) -> tuple[Any, ...]:
 
 def run_script(code: str, *, env: dict[str, str] | None = None, timeout: float = 90) -> Any:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager); returns the JSON it prints last."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    environ = clean_environ()
     environ["PYTHONPATH"] = os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")])
     environ.update(env or {})
     done = subprocess.run(

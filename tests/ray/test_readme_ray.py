@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 from ray.cluster_utils import Cluster
 
+from tests.conftest import clean_environ
 from tests.readme_blocks import block_containing, write_kvstore
 
 
@@ -22,7 +22,7 @@ def test_readme_ray_block_runs(ray_cluster: Cluster, tmp_path: Path) -> None:
         f"ray.init(address={ray_cluster.address!r}, runtime_env={{'env_vars': {{'PYTHONPATH': {str(tmp_path)!r}}}}},"
         " log_to_driver=False)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_")}
+    env = clean_environ()
     result = subprocess.run(
         [sys.executable, "-c", prelude + block_containing('kind="ray"')],
         cwd=tmp_path,
