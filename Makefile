@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean soak
 
 $(VENV)/.installed: pyproject.toml setup.py plugins/mmap/_ringfast.c
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The fault suite as a longer soak (SECONDS per transport), printing its figures.
+SECONDS ?= 120
+soak: setup
+	KSERVICE_FAULT_SOAK=$(SECONDS) $(PY) -m pytest -q -s tests/faults tests/ray/test_ray_fault_suite.py
