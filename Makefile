@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml setup.py plugins/mmap/_ringfast.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
-	$(PY) -m pip install -q -e '.[ray,dev,plot]'
+	$(PY) -m pip install -q -e '.[ray,dev,plot,dashboard,reload]'
 	touch $@
 
 setup: $(VENV)/.installed
