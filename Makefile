@@ -20,6 +20,7 @@ demo: setup
 
 test: setup
 	bash scripts/lint.sh
+	bash scripts/browser.sh
 	$(PY) -m pytest -q
 
 bench: setup
