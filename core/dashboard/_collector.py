@@ -75,11 +75,16 @@ class Collector:
     def _run(self) -> None:
         from .._manager import ServiceManager
 
-        with ServiceManager(config=self.config) as manager:
-            while not self._stop.is_set():
-                began = time.monotonic()
-                self.sample(manager)
-                self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+        try:
+            with ServiceManager(config=self.config) as manager:
+                while not self._stop.is_set():
+                    began = time.monotonic()
+                    self.sample(manager)
+                    self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+        except Exception as exc:  # noqa: BLE001 - the page says why it no longer updates
+            with self._lock:
+                self._snapshot = dict(self._snapshot, time=time.time(), collector_error=f"sampling stopped: {type(exc).__name__}: {exc}")
+                self._version += 1
 
     # ------------------------------------------------------------ reading
 

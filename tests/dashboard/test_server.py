@@ -106,3 +106,40 @@ def test_import_kservice_does_not_load_the_web_stack() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_collector_samples_rows_history_and_errors_of_a_published_service() -> None:
+    import uuid
+
+    import kservice
+    from kservice.dashboard import Collector
+    from kservice.dashboard._collector import _finite
+
+    name = f"dash-local-{uuid.uuid4().hex[:8]}"
+    with kservice.ServiceEnvironment("dash", {"health": {"enabled": False}}) as env:
+        env.register_service(name, kservice.ServiceFactory(name, _Failing), transports=["mmap"])
+        collector = Collector(kservice.Config.load(None), interval=0.1)
+        with kservice.ServiceManager(env) as manager:
+            assert manager.call_service_sync(name, "ok", ()) == 1
+            with pytest.raises(ZeroDivisionError):
+                manager.call_service_sync(name, "fail", ())
+            collector.sample(manager)
+            collector.sample(manager)
+        version, snapshot = collector.latest()
+    assert version == 2
+    (row,) = [r for r in snapshot["services"] if r["service"] == name]
+    assert row["requests_total"] == 2 and row["errors_total"] == 1 and row["transport"] == "mmap"
+    (error,) = [e for e in snapshot["errors"] if e["service"] == name]
+    assert error["error_type"] == "ZeroDivisionError" and "1 / 0" in error["traceback"]
+    assert len(collector.history()[name]) == 2
+    json.dumps(snapshot, allow_nan=False)  # what the page parses: no NaN
+    assert _finite({"a": [float("nan"), float("inf"), 1.5]}) == {"a": [None, None, 1.5]}
+
+
+class _Failing:
+    def ok(self) -> int:
+        return 1
+
+    def fail(self) -> float:
+        return 1 / 0
