@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml setup.py plugins/mmap/_ringfast.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
-	$(PY) -m pip install -q -e '.[ray,dev,plot]'
+	$(PY) -m pip install -q -e '.[ray,dev,plot,dashboard,reload]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -20,6 +20,7 @@ demo: setup
 
 test: setup
 	bash scripts/lint.sh
+	bash scripts/browser.sh
 	$(PY) -m pytest -q
 
 bench: setup

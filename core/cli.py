@@ -395,7 +395,7 @@ def _details(extra: dict[str, Any]) -> dict[str, Any]:
     """What a plugin added that has no column of its own, kept short: scalars as they are, a few summaries."""
     shown: dict[str, Any] = {}
     for key, value in extra.items():
-        if key in ("replicas", "breaker", "circuit_breaker", "load", "latency"):
+        if key in ("replicas", "breaker", "circuit_breaker", "load", "latency", "recent_errors"):
             continue
         if key == "health" and isinstance(value, dict):
             if value.get("monitored"):
@@ -610,6 +610,41 @@ def status_command(
                     refreshes += 1
         except KeyboardInterrupt:
             pass  # Ctrl-C is how a watch ends: not an error
+
+
+# --------------------------------------------------------------------------
+# dashboard
+# --------------------------------------------------------------------------
+
+
+@cli.command("dashboard")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default lets only this host in).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8321, show_default=True, help="TCP port (0: any free port).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between samples of the services.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
+def dashboard_command(host: str, port: int, interval: float, config_path: str | None) -> None:
+    """Serve a live web page of every running service, its load and latency, recent errors and plugins.
+
+    The page lists what 'kservice status' lists (services hosted on this
+    host, and Ray services where Ray is connected), updates itself every
+    INTERVAL seconds and charts calls/s and p50/p99 latency of the last five
+    minutes. It needs no network access. Stop with Ctrl-C.
+
+    \b
+    Example:
+      kservice dashboard                  # then open http://127.0.0.1:8321/
+      kservice dashboard --port 9000 -c services.yaml
+    """
+    try:
+        from . import dashboard
+    except ImportError as exc:
+        _fail(f"the dashboard needs its extra: pip install 'kservice[dashboard]' ({exc})")
+    config = Config.load(config_path)
+    try:
+        sock = dashboard.bind(host, port)
+    except OSError as exc:
+        _fail(f"cannot listen on {host} port {port}: {exc.strerror or exc} (choose another with --port)")
+    sys.exit(dashboard.run(sock, config, interval=interval))
 
 
 # --------------------------------------------------------------------------

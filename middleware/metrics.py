@@ -18,7 +18,9 @@ Exposed as:
   ``CollectorRegistry`` so the application's global registry is left alone;
 - ``status.extra["load"]`` of every task served in this process: in-flight
   calls, queue depth, calls/s and p50/p90/p99 latency per service and method
-  over the last ``metrics.load_window`` seconds.
+  over the last ``metrics.load_window`` seconds;
+- ``status.extra["recent_errors"]``: the service's last failed calls with
+  their tracebacks (recorded only when a call fails), shown by ``kservice dashboard``.
 
 Why not prometheus-client's own Counter and Histogram on the call path: a
 labelled ``Histogram.observe`` plus ``Counter.inc`` costs about 2 µs per call
@@ -77,6 +79,11 @@ _NBUCKETS = len(BUCKET_BOUNDS) + 1
 _FAST_BUCKET: list[int] = [bisect_right(BUCKET_BOUNDS, step / 1e8) for step in range(10_000)]
 #: Marks per load window: rates and percentiles slide in steps of window / _MARKS.
 _MARKS = 6
+#: Failed calls each service keeps for ``status.extra["recent_errors"]`` (server side), newest last.
+RECENT_ERRORS = 20
+#: Characters kept of a recent error's message and of its traceback (the end, where the raise is).
+_ERROR_CHARS = 2000
+_TRACEBACK_CHARS = 8000
 
 SIDES = ("client", "server")
 
@@ -203,6 +210,10 @@ class ServiceRecorder:
         self._step = window / _MARKS
         self._marks: deque[tuple[float, _Shard]] = deque()
         self.next_mark = 0.0
+        # The server side remembers its last failed calls (appended only on failure: no cost on success).
+        self.recent_errors: deque[tuple[float, str, str, str, str]] | None = (
+            deque(maxlen=RECENT_ERRORS) if side == "server" else None
+        )
         self._mark(clock())
 
     def shard(self) -> _Shard:
@@ -279,7 +290,30 @@ class ServiceRecorder:
                 shard.clear()
             self._retired.clear()
             self._marks.clear()
+            if self.recent_errors is not None:
+                self.recent_errors.clear()
             self._mark(self.clock())
+
+    def errors(self) -> list[dict[str, Any]]:
+        """The last failed calls (at most ``RECENT_ERRORS``), newest first, each a JSON-ready dict.
+
+        Keys: ``time`` (epoch seconds), ``service``, ``method``, ``error_type``,
+        ``error`` and ``traceback`` (the service's formatted traceback; empty for
+        an error kservice raised, such as an unknown method), both cut to their end.
+        """
+        if self.recent_errors is None:
+            return []
+        return [
+            {
+                "time": when,
+                "service": self.service_name,
+                "method": method,
+                "error_type": error_type,
+                "error": error[-_ERROR_CHARS:],
+                "traceback": traceback[-_TRACEBACK_CHARS:],
+            }
+            for when, method, error_type, error, traceback in reversed(list(self.recent_errors))
+        ]
 
     def summary(self) -> dict[str, Any]:
         """Cumulative totals of the service and of each method (see :func:`snapshot`)."""
@@ -346,6 +380,7 @@ class _Timed(ServiceMiddleware):
         self.recorder = recorder
         self._clock = recorder.clock
         self._tls = recorder.tls
+        self._recent = recorder.recent_errors
 
     def _record(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
         # ServiceRecorder.record, inlined: this is the per-call path.
@@ -366,6 +401,11 @@ class _Timed(ServiceMiddleware):
             if not response.success:
                 # A shard's errors is a defaultdict: one += per failed call (an open breaker's flood).
                 stats.errors[response.error_type or "unknown"] += 1
+                recent = self._recent
+                if recent is not None:
+                    recent.append(
+                        (time.time(), request.method_name, response.error_type, response.error or "", response.remote_traceback)
+                    )
             if response.degraded:
                 stats.degraded += 1
         now = self._clock()
@@ -563,6 +603,9 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
     section = (getattr(task, "options", None) or {}).get("metrics") or {}
     recorded_here = section.get("enabled", True) and section.get("server", True)
     found = load(task.service_name) if recorded_here else None
+    recorder = _recorders.get(("server", task.service_name)) if recorded_here else None
+    if recorder is not None and recorder.recent_errors:
+        status.extra["recent_errors"] = recorder.errors()
     if found is None and "load" in status.extra:
         return
     entry: dict[str, Any] = {"in_flight": status.in_flight, "queue_depth": status.queue_depth}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import selectors
@@ -107,17 +108,28 @@ def serve(
     out: IO[str] | None = None,
     stop: threading.Event | None = None,
     drain_timeout: float = DRAIN_TIMEOUT,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     """Host services until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status.
 
+    Prints one ``serving NAME on mmap queue Q (pid P)`` line per service once
+    all are ready, and ``stopped serving NAME, ... (pid P)`` once they have
+    drained. With ``metrics_port`` the process's Prometheus metrics are served
+    at ``http://metrics_host:port/metrics`` (port 0: a free one) from before the
+    services start until they have stopped.
+
     Raises ConfigError for an unknown service or a bad config, ServiceError
-    (ServiceNameTaken) when another live host serves one of the names.
+    (ServiceNameTaken) when another live host serves one of the names,
+    MetricsPortError when the metrics port cannot be bound (nothing is served then).
     """
     out = out or sys.stdout
     reclaim()
     loaded = Config.load(config)
     raw = loaded.as_dict()
     raw["services"] = _service_entries(loaded, services)
+    # Bound before anything is served: a port in use is an error, not a host without metrics.
+    exposition = _start_metrics(metrics_host, metrics_port) if metrics_port is not None else None
     environment = ServiceEnvironment("serve", raw)
     stop = stop or threading.Event()
     restore = _install_signal_handlers(stop, environment)
@@ -126,11 +138,48 @@ def serve(
         for task in environment:
             queue = next((a.target for a in task.addresses if a.transport == "mmap"), "?")
             print(f"serving {task.service_name} on mmap queue {queue} (pid {os.getpid()})", file=out, flush=True)
+        if exposition is not None:
+            host, port = exposition.server_address[:2]
+            print(f"metrics on http://{host}:{port}/metrics", file=out, flush=True)
         stop.wait()
     finally:
+        names = ", ".join(environment.service_names())
         environment.stop(drain_timeout)
         restore()
+        if exposition is not None:
+            exposition.shutdown()
+            exposition.server_close()
+    print(f"stopped serving {names} (pid {os.getpid()})", file=out, flush=True)
     return 0
+
+
+class MetricsPortError(ConfigError):
+    """The ``--metrics-port`` of ``kservice serve`` could not be bound (in use, or not allowed)."""
+
+
+def _start_metrics(host: str, port: int) -> Any:
+    """prometheus-client's HTTP exposition of this process's kservice metrics, in a daemon thread."""
+    try:
+        from kservice.middleware.metrics import registry
+        from prometheus_client import start_http_server
+    except ImportError as exc:
+        raise ConfigError(f"--metrics-port needs prometheus-client: pip install 'kservice[metrics]' ({exc})") from None
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry())
+    except OSError as exc:
+        raise MetricsPortError(
+            f"cannot serve metrics on {host} port {port}: {exc.strerror or exc} (choose another --metrics-port)"
+        ) from None
+    return server
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(level: str) -> None:
+    """Send this process's log records (the call log's ``kservice.calls`` among them) to stderr at ``level``."""
+    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
 
 
 def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironment) -> Any:
@@ -161,8 +210,43 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
 @click.command("serve")
 @click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
 @click.option("--drain-timeout", type=float, default=DRAIN_TIMEOUT, show_default=True, help="Seconds calls in flight get on stop.")
+@click.option(
+    "--log-level",
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    default="WARNING",
+    show_default=True,
+    help="Log records at or above this level go to stderr (the call log's, call_log.enabled, are INFO).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve this host's Prometheus metrics at http://HOST:PORT/metrics (0: any free port; needs kservice[metrics]).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics endpoint listens on.")
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Development: restart the host (draining calls) when a watched file changes; needs kservice[reload].",
+)
+@click.option(
+    "--reload-dir",
+    "reload_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory to watch with --reload (repeatable; default: the working directory).",
+)
 @click.argument("services", nargs=-1)
-def serve_command(config_path: str | None, drain_timeout: float, services: tuple[str, ...]) -> None:
+def serve_command(
+    config_path: str | None,
+    drain_timeout: float,
+    log_level: str,
+    metrics_port: int | None,
+    metrics_host: str,
+    reload: bool,
+    reload_dirs: tuple[str, ...],
+    services: tuple[str, ...],
+) -> None:
     """Host services so any process of this user on this host can call them by name.
 
     SERVICE is a name declared under 'services:' in the config, a name in the
@@ -170,12 +254,23 @@ def serve_command(config_path: str | None, drain_timeout: float, services: tuple
     [NAME=]package.module:Class. With no SERVICE, every configured service is
     hosted. Stop with Ctrl-C or SIGTERM (calls in flight finish first).
 
+    With --reload the host runs in a child process that is replaced when a
+    .py file under the watched directories (or the config file) changes: the
+    new code is imported in a fresh interpreter first, and when that fails
+    the old host keeps serving and the error is printed.
+
     \b
     Example:
       kservice serve kv=myapp.services:KeyValue
-      kservice serve -c services.yaml
+      kservice serve -c services.yaml --log-level INFO --metrics-port 9464
+      kservice serve kv=myapp.services:KeyValue --reload
     """
-    sys.exit(serve(config_path, services, drain_timeout=drain_timeout))
+    if reload:
+        from ._reload import serve_with_reload
+
+        sys.exit(serve_with_reload(click.get_current_context(), config_path, services, reload_dirs or (os.getcwd(),)))
+    _configure_logging(log_level)
+    sys.exit(serve(config_path, services, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host))
 
 
 @click.command("cleanup")

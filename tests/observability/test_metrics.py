@@ -244,3 +244,26 @@ def test_server_middleware_that_raises_gives_a_typed_error_and_service_keeps_ser
         assert manager.call_service_sync("echo", "echo", (2,)) == 2
         got = methods("server", "echo")["echo"]
         assert got["calls"] == 3 and got["errors_by_type"] == {"KeyError": 1, "LookupError": 1}
+
+
+@pytest.mark.timeout(30)
+def test_status_lists_the_last_failed_calls_with_their_tracebacks() -> None:
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        task = env.register_service("echo", Echo)
+        manager = env.manager()
+        manager.call_service_sync("echo", "echo", (1,))
+        assert "recent_errors" not in task.get_service_status().extra  # success adds nothing
+        for i in range(metrics.RECENT_ERRORS + 5):
+            with pytest.raises(ValueError):
+                manager.call_service_sync("echo", "fail", (f"failure {i}",))
+        with pytest.raises(kservice.MethodNotFoundError):
+            manager.call_service_sync("echo", "nope")
+        errors = task.get_service_status().extra["recent_errors"]
+        assert len(errors) == metrics.RECENT_ERRORS  # bounded: the oldest are dropped
+        newest, previous = errors[0], errors[1]
+        assert (newest["method"], newest["error_type"], newest["traceback"]) == ("nope", "MethodNotFoundError", "")
+        assert previous["service"] == "echo" and previous["method"] == "fail"
+        assert previous["error_type"] == "ValueError" and previous["error"] == f"failure {metrics.RECENT_ERRORS + 4}"
+        assert "Traceback (most recent call last)" in previous["traceback"] and "ValueError" in previous["traceback"]
+        assert previous["time"] >= errors[-1]["time"]
+        assert manager.call_service_sync("echo", "echo", (2,)) == 2  # and it keeps serving
