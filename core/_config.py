@@ -248,13 +248,19 @@ def _validate_section(
     problems: list[str],
     *,
     disabled: frozenset[str] = frozenset(),
+    disabled_schema: Schema | None = None,
     fill_defaults: bool = True,
     also_valid: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Validate ``data`` against ``schema``, appending each problem to ``problems``.
 
-    With ``fill_defaults`` unset keys (and keys with a problem) take their defaults.
+    With ``fill_defaults`` unset keys (and keys with a problem) take their
+    defaults. An unknown key that a disabled plugin declares (in
+    ``disabled_schema``) is ignored with a warning; so is any unknown key while
+    ``disabled`` names plugins whose keys cannot be known (blocked before they
+    were imported). Any other unknown key is a problem.
     """
+    disabled_schema = disabled_schema or {}
     out = defaults_of(schema) if fill_defaults else {}
     if not isinstance(data, Mapping):
         problems.append(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} ({data!r})")
@@ -262,6 +268,11 @@ def _validate_section(
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in schema:
+            if key in disabled_schema:
+                warnings.warn(
+                    f"config key {path!r} belongs to a disabled plugin and is ignored", RuntimeWarning, stacklevel=4
+                )
+                continue
             if disabled:
                 # A disabled plugin's keys are unknown only because it is not loaded: keep the file valid.
                 warnings.warn(
@@ -283,8 +294,15 @@ def _validate_section(
             except ConfigError as exc:
                 problems.append(str(exc))
         else:
+            inner = disabled_schema.get(key)
             out[key] = _validate_section(
-                path, spec, value if value is not None else {}, problems, disabled=disabled, fill_defaults=fill_defaults
+                path,
+                spec,
+                value if value is not None else {},
+                problems,
+                disabled=disabled,
+                disabled_schema=inner if isinstance(inner, dict) else None,
+                fill_defaults=fill_defaults,
             )
     return out
 
@@ -470,7 +488,7 @@ class Config:
     @staticmethod
     def _validate(raw: Any, origin: str, problems: list[str]) -> tuple[dict[str, Any], Schema, list[str], list[str]]:
         """(validated data, schema used, plugins to disable, plugins required); problems appended."""
-        from ._plugins import config_schema, disabled_plugin_names
+        from ._plugins import config_schema, disabled_plugin_names, schema_of
 
         if not isinstance(raw, Mapping):
             problems.append(f"config {origin}: the top level must be a mapping, got {_type_name(raw)}")
@@ -482,11 +500,21 @@ class Config:
         require = [str(name) for name in plugin_options["require"]]
         for name in sorted(set(disable) & set(require)):
             problems.append(f"plugins.require: plugin {name!r} is also listed under plugins.disable; keep it in one of them")
-        disabled = frozenset(disabled_plugin_names() | set(disable))
+        disabled_names = disabled_plugin_names() | set(disable)
+        # Keys of disabled plugins whose schema is known are ignored (with a warning); other unknown keys are
+        # errors, unless some disabled plugin was never imported (its keys cannot be known).
+        disabled_schema, unknowable = schema_of(disabled_names)
+        disabled = frozenset(unknowable)
         schema = config_schema(without=frozenset(disable))
         services_raw = raw.pop("services", None) or {}
         data = _validate_section(
-            "", {k: v for k, v in schema.items() if k != "services"}, raw, problems, disabled=disabled, also_valid=("services",)
+            "",
+            {k: v for k, v in schema.items() if k != "services"},
+            raw,
+            problems,
+            disabled=disabled,
+            disabled_schema=disabled_schema,
+            also_valid=("services",),
         )
         services: dict[str, Any] = {}
         if not isinstance(services_raw, Mapping):
@@ -494,6 +522,7 @@ class Config:
             services_raw = {}
         entry_schema = service_entry_schema()
         overridable = _overridable_sections(schema)
+        disabled_overridable = _overridable_sections(disabled_schema)
         for name, entry in services_raw.items():
             if entry is None:
                 entry = {}
@@ -504,13 +533,21 @@ class Config:
                 problems.append(f"{prefix}: expected an import path or a mapping of options, got {_type_name(entry)}")
                 continue
             own = {k: v for k, v in entry.items() if k not in overridable}
-            validated = _validate_section(prefix, {**entry_schema, **overridable}, own, problems, disabled=disabled)
+            validated = _validate_section(
+                prefix, {**entry_schema, **overridable}, own, problems, disabled=disabled, disabled_schema=disabled_overridable
+            )
             for key in overridable:
                 validated.pop(key, None)
             # Section overrides keep only what the user wrote, so globals show through.
             for key in set(entry) & set(overridable):
                 validated[key] = _validate_section(
-                    f"{prefix}.{key}", overridable[key], entry[key] or {}, problems, disabled=disabled, fill_defaults=False
+                    f"{prefix}.{key}",
+                    overridable[key],
+                    entry[key] or {},
+                    problems,
+                    disabled=disabled,
+                    disabled_schema=disabled_overridable.get(key),
+                    fill_defaults=False,
                 )
             services[str(name)] = validated
         data["services"] = services

@@ -14,6 +14,7 @@ unregistered, through :func:`on_plugins_changed`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import threading
@@ -97,6 +98,8 @@ class KservicePluginManager(pluggy.PluginManager):
         self.disabled: dict[str, str] = {}
         #: plugin name -> the config that requires it
         self.required: dict[str, str] = {}
+        #: plugin name -> the config keys it declared, kept when a configuration disables it
+        self.disabled_schemas: dict[str, Schema] = {}
         self._listeners: list[weakref.ReferenceType[Any] | Callable[[], None]] = []
         self._derived: dict[str, Any] = {}
         self._lock = threading.RLock()
@@ -254,6 +257,7 @@ def apply_plugin_config(disable: list[str], require: list[str], origin: str) -> 
     for name in disable:
         if name in pm.disabled:
             continue
+        pm.disabled_schemas[name] = schema_of({name})[0]
         pm.disabled[name] = f"plugins.disable in {origin}"
         pm.set_blocked(name)  # unregisters it if loaded; tells subscribers the plugin set changed
     missing = []
@@ -398,6 +402,30 @@ def config_schema(without: frozenset[str] = frozenset()) -> Schema:
     if without:
         return compute()
     return get_plugin_manager().derived("schema", compute)
+
+
+def schema_of(names: set[str]) -> tuple[Schema, set[str]]:
+    """(the config keys the named plugins declare, the names whose keys cannot be known).
+
+    Keys are known for plugins that are registered, or were registered when a
+    configuration disabled them; not for plugins blocked before they were imported.
+    """
+    pm = get_plugin_manager()
+    schema: Schema = {}
+    unknowable: set[str] = set()
+    wanted = set(names)
+    for name in names:
+        if name in pm.disabled_schemas:
+            merge_schema(schema, "", copy.deepcopy(pm.disabled_schemas[name]))
+            wanted.discard(name)
+        elif pm.get_plugin(name) is None:
+            unknowable.add(name)
+            wanted.discard(name)
+    if wanted:
+        for plugin_name, (path, addition) in _collect_registrations("kservice_config_schema"):
+            if plugin_name in wanted:
+                merge_schema(schema, path, copy.deepcopy(addition))
+    return schema, unknowable
 
 
 def check_settings(owner: str, path: str, addition: Schema) -> None:
