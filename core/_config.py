@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
+import stat
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import yaml
@@ -27,10 +28,27 @@ __all__ = ["Config", "Setting", "core_schema"]
 
 CONFIG_ENV_VAR = "KSERVICE_CONFIG"
 
+#: Largest config file read (bytes); a bigger one is refused before it is parsed.
+MAX_CONFIG_BYTES = 1 << 20
+#: Deepest nesting of mappings and lists accepted in a config file.
+MAX_YAML_DEPTH = 64
+#: Most worker threads one task may start (they are all started with the task).
+MAX_WORKERS = 1024
+#: Most requests one task may queue beyond those running.
+MAX_REQUEST_QUEUE_SIZE = 1_000_000
+#: Longest integer literal accepted in a config file (digits); every count kservice reads is far shorter.
+MAX_INT_DIGITS = 30
+
 
 @dataclass(frozen=True)
 class Setting:
-    """One configuration key: its type, default and meaning."""
+    """One configuration key: its type, default and meaning.
+
+    A setting that may be None is declared ``nullable=True`` (``Setting((str,),
+    None, "...", nullable=True)``); ``type(None)`` among ``types`` means the
+    same and is folded into ``nullable``. Floats must be finite (NaN and the
+    infinities are refused); ``minimum`` and ``maximum`` bound numbers.
+    """
 
     #: accepted Python types (``float`` also accepts ``int``)
     types: tuple[type, ...]
@@ -40,6 +58,17 @@ class Setting:
     choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
     nullable: bool = False
     minimum: float | None = None
+    maximum: float | None = None
+
+    def __post_init__(self) -> None:
+        types: Any = self.types
+        if not isinstance(types, tuple):
+            types = (types,)
+        if type(None) in types:
+            # One meaning for both spellings: ``(str, type(None))`` is ``(str,)`` with nullable=True.
+            types = tuple(t for t in types if t is not type(None))
+            object.__setattr__(self, "nullable", True)
+        object.__setattr__(self, "types", types)
 
     def allowed(self) -> tuple[Any, ...] | None:
         return self.choices() if callable(self.choices) else self.choices
@@ -63,7 +92,9 @@ def core_schema() -> Schema:
     return {
         "service": {
             "local": {
-                "max_workers": _setting(int, 10, "Worker threads per service task.", minimum=1),
+                "max_workers": _setting(
+                    int, 10, "Worker threads per service task (each is started with the task).", minimum=1, maximum=MAX_WORKERS
+                ),
                 "queue_timeout": _setting(
                     float,
                     30.0,
@@ -71,7 +102,11 @@ def core_schema() -> Schema:
                     minimum=0,
                 ),
                 "request_queue_size": _setting(
-                    int, 10000, "Requests a task accepts beyond those running before it is overloaded.", minimum=1
+                    int,
+                    10000,
+                    "Requests a task accepts beyond those running before it is overloaded.",
+                    minimum=1,
+                    maximum=MAX_REQUEST_QUEUE_SIZE,
                 ),
                 "inline_limit": _setting(
                     float,
@@ -101,7 +136,16 @@ def core_schema() -> Schema:
             ),
         },
         "plugins": {
-            "disable": _setting(list, [], "Plugin names not to load (as KSERVICE_DISABLE_PLUGINS)."),
+            "disable": _setting(
+                list,
+                [],
+                "Plugin names not to use, as KSERVICE_DISABLE_PLUGINS (process-wide, from when this config is loaded).",
+            ),
+            "require": _setting(
+                list,
+                [],
+                "Plugin names that must be loaded: one missing, broken or disabled is a PluginError and nothing starts.",
+            ),
         },
     }
 
@@ -163,6 +207,8 @@ def _check_value(path: str, setting: Setting, value: Any) -> Any:
         raise ConfigError(f"{path}: expected {setting.type_names()}, got a boolean ({value!r})")
     if not isinstance(value, setting.types):
         raise ConfigError(f"{path}: expected {setting.type_names()}, got {type(value).__name__} ({value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
     allowed = setting.allowed()
     if allowed is not None and value not in allowed:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
@@ -170,44 +216,95 @@ def _check_value(path: str, setting: Setting, value: Any) -> Any:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
     # isinstance() against a tuple of types narrows value to object; it is a number here.
     if setting.minimum is not None and cast(Any, value) < setting.minimum:
-        raise ConfigError(f"{path}: {value!r} is below the minimum {setting.minimum}")
+        raise ConfigError(f"{path}: {value!r} is below the minimum {setting.minimum:g}")
+    if setting.maximum is not None and cast(Any, value) > setting.maximum:
+        raise ConfigError(f"{path}: {value!r} is above the maximum {setting.maximum:g}")
     return value
 
 
-def _validate_section(prefix: str, schema: Schema, data: Any, *, fill_defaults: bool = True) -> dict[str, Any]:
-    """Validate ``data`` against ``schema``; with ``fill_defaults`` unset keys take their defaults."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} ({data!r})")
+class ConfigProblems(ConfigError):
+    """Every problem found in one configuration, in file order.
+
+    ``str()`` is the first problem (plus how many more), one line; ``problems``
+    holds each one, for ``kservice config check`` to print them all.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        more = len(problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''}; 'kservice config check FILE' lists them all)" if more else ""
+        super().__init__(problems[0] + suffix)
+
+
+def _closest(word: str, candidates: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return close[0] if close else None
+
+
+def _validate_section(
+    prefix: str,
+    schema: Schema,
+    data: Any,
+    problems: list[str],
+    *,
+    disabled: frozenset[str] = frozenset(),
+    disabled_schema: Schema | None = None,
+    fill_defaults: bool = True,
+    also_valid: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Validate ``data`` against ``schema``, appending each problem to ``problems``.
+
+    With ``fill_defaults`` unset keys (and keys with a problem) take their
+    defaults. An unknown key that a disabled plugin declares (in
+    ``disabled_schema``) is ignored with a warning; so is any unknown key while
+    ``disabled`` names plugins whose keys cannot be known (blocked before they
+    were imported). Any other unknown key is a problem.
+    """
+    disabled_schema = disabled_schema or {}
     out = defaults_of(schema) if fill_defaults else {}
+    if not isinstance(data, Mapping):
+        problems.append(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} ({data!r})")
+        return out
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in schema:
-            disabled = _disabled_plugins()
+            if key in disabled_schema:
+                warnings.warn(
+                    f"config key {path!r} belongs to a disabled plugin and is ignored", RuntimeWarning, stacklevel=4
+                )
+                continue
             if disabled:
                 # A disabled plugin's keys are unknown only because it is not loaded: keep the file valid.
                 warnings.warn(
                     f"config key {path!r} is not known to any loaded plugin and is ignored "
                     f"(disabled plugins that may own it: {', '.join(sorted(disabled))})",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
                 continue
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"; did you mean {((prefix + '.') if prefix else '') + close[0]!r}?" if close else ""
-            valid = ", ".join(sorted(schema))
-            raise ConfigError(f"unknown config key {path!r}{hint} (valid keys here: {valid})")
+            valid = sorted([*schema, *also_valid])
+            close = _closest(str(key), valid)
+            hint = f"; did you mean {((prefix + '.') if prefix else '') + close!r}?" if close else ""
+            problems.append(f"unknown config key {path!r}{hint} (valid keys here: {', '.join(valid)})")
+            continue
         spec = schema[key]
         if isinstance(spec, Setting):
-            out[key] = _check_value(path, spec, value)
+            try:
+                out[key] = _check_value(path, spec, value)
+            except ConfigError as exc:
+                problems.append(str(exc))
         else:
-            out[key] = _validate_section(path, spec, value if value is not None else {}, fill_defaults=fill_defaults)
+            inner = disabled_schema.get(key)
+            out[key] = _validate_section(
+                path,
+                spec,
+                value if value is not None else {},
+                problems,
+                disabled=disabled,
+                disabled_schema=inner if isinstance(inner, dict) else None,
+                fill_defaults=fill_defaults,
+            )
     return out
-
-
-def _disabled_plugins() -> set[str]:
-    from ._plugins import disabled_plugin_names
-
-    return disabled_plugin_names()
 
 
 def _overridable_sections(schema: Schema) -> Schema:
@@ -223,12 +320,150 @@ def _overridable_sections(schema: Schema) -> Schema:
     return sections
 
 
+def _type_name(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys, deep nesting and absurdly long integers.
+
+    Each refusal is a ``yaml.MarkedYAMLError`` carrying the line and column, so
+    it reads like any other YAML error.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges may repeat keys on purpose: the mapping's own value wins
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it below
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first at line {first.line + 1}); remove one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        digits = sum(ch.isdigit() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)", node.start_mark
+            )
+        return super().construct_yaml_int(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def read_config_file(path: str | os.PathLike[str], origin: str | None = None) -> Any:
+    """The parsed YAML of a config file; ConfigError (one line) for anything but a readable, valid file.
+
+    Refused without hanging or a traceback: a path that is not a regular file
+    (a FIFO, a directory, a device), a file over ``MAX_CONFIG_BYTES``, text that
+    is not UTF-8, YAML nested deeper than ``MAX_YAML_DEPTH``, an integer longer
+    than ``MAX_INT_DIGITS`` digits, and a mapping with a duplicate key.
+    """
+    origin = origin or str(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {origin}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            what = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+            raise ConfigError(f"cannot read config file {origin}: it is {what}; give the path of a YAML file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {origin} is too large ({info.st_size} bytes; at most {MAX_CONFIG_BYTES} are read)"
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {origin}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {origin} is too large (more than {MAX_CONFIG_BYTES} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {origin} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8"
+        ) from None
+    try:
+        loader = _ConfigLoader(text)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {origin} is not valid YAML{where}: {problem}") from None
+    except (RecursionError, ValueError) as exc:  # a last resort: the loader's own limits come first
+        raise ConfigError(f"config file {origin} cannot be read: {type(exc).__name__}: {exc}") from None
+    return raw if raw is not None else {}
+
+
+def _read_source(source: Any) -> tuple[Any, str]:
+    """(raw configuration, where it came from) for what ``Config.load`` accepts."""
+    if source is None:
+        env_path = os.environ.get(CONFIG_ENV_VAR)
+        if not env_path:
+            return {}, "<defaults>"
+        origin = f"{env_path} (from {CONFIG_ENV_VAR})"
+        return read_config_file(env_path, origin), origin
+    if isinstance(source, Mapping):
+        return source, "<dict>"
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            f"config must be a YAML file path, a mapping or a Config, got {type(source).__name__}: "
+            "the top level must be a mapping"
+        )
+    return read_config_file(source, str(source)), str(source)
+
+
 class Config:
     """A validated configuration tree with every default filled in.
 
     ``Config.load`` accepts a YAML path, a mapping, or None (then the file
     named by ``KSERVICE_CONFIG``, if set). Errors raise :class:`ConfigError`
-    naming the full key path and, for unknown keys, the closest valid one.
+    naming the full key path and, for unknown keys, the closest valid one;
+    a file with several problems raises one ConfigError naming the first and
+    how many more there are (``ConfigProblems.problems`` holds every one).
+
+    Loading applies the ``plugins`` section to the process's plugin manager
+    (``plugins.disable`` unregisters and blocks, ``plugins.require`` raises
+    :class:`PluginError` for a plugin that is not loaded), after the whole
+    file validated: an invalid file changes nothing.
     """
 
     def __init__(self, data: Mapping[str, Any], schema: Schema, source: str = "<defaults>") -> None:
@@ -240,53 +475,54 @@ class Config:
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> Config:
         if isinstance(source, Config):
             return source
-        from ._plugins import config_schema
+        raw, origin = _read_source(source)
+        problems: list[str] = []
+        data, schema, disable, require = cls._validate(raw, origin, problems)
+        if problems:
+            raise ConfigProblems(problems)
+        from ._plugins import apply_plugin_config
 
-        schema = config_schema()
-        origin = "<dict>"
-        raw: Any
-        if source is None:
-            env_path = os.environ.get(CONFIG_ENV_VAR)
-            if not env_path:
-                return cls(cls._validate(schema, {}, "<defaults>"), schema, "<defaults>")
-            source = env_path
-            origin = f"{env_path} (from {CONFIG_ENV_VAR})"
-        if isinstance(source, Mapping):
-            raw = source
-        elif not isinstance(source, (str, os.PathLike)):
-            raise ConfigError(
-                f"config must be a YAML file path, a mapping or a Config, got {type(source).__name__}: "
-                "the top level must be a mapping"
-            )
-        else:
-            path = Path(source)
-            origin = origin if origin != "<dict>" else str(path)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot read config file {origin}: {exc.strerror or exc}") from None
-            try:
-                raw = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-                problem = getattr(exc, "problem", None) or str(exc)
-                raise ConfigError(f"config file {origin} is not valid YAML{where}: {problem}") from None
-            raw = raw or {}
-        return cls(cls._validate(schema, raw, origin), schema, origin)
+        apply_plugin_config(disable, require, origin)
+        return cls(data, schema, origin)
 
     @staticmethod
-    def _validate(schema: Schema, raw: Any, origin: str) -> dict[str, Any]:
+    def _validate(raw: Any, origin: str, problems: list[str]) -> tuple[dict[str, Any], Schema, list[str], list[str]]:
+        """(validated data, schema used, plugins to disable, plugins required); problems appended."""
+        from ._plugins import config_schema, disabled_plugin_names, schema_of
+
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"config {origin}: the top level must be a mapping, got {type(raw).__name__}")
+            problems.append(f"config {origin}: the top level must be a mapping, got {_type_name(raw)}")
+            raw = {}
         raw = dict(raw)
+        # The plugins section first: the schema to check the rest against leaves out disabled plugins.
+        plugin_options = _validate_section("plugins", core_schema()["plugins"], raw.get("plugins") or {}, problems)
+        disable = [str(name) for name in plugin_options["disable"]]
+        require = [str(name) for name in plugin_options["require"]]
+        for name in sorted(set(disable) & set(require)):
+            problems.append(f"plugins.require: plugin {name!r} is also listed under plugins.disable; keep it in one of them")
+        disabled_names = disabled_plugin_names() | set(disable)
+        # Keys of disabled plugins whose schema is known are ignored (with a warning); other unknown keys are
+        # errors, unless some disabled plugin was never imported (its keys cannot be known).
+        disabled_schema, unknowable = schema_of(disabled_names)
+        disabled = frozenset(unknowable)
+        schema = config_schema(without=frozenset(disable))
         services_raw = raw.pop("services", None) or {}
-        data = _validate_section("", {k: v for k, v in schema.items() if k != "services"}, raw)
+        data = _validate_section(
+            "",
+            {k: v for k, v in schema.items() if k != "services"},
+            raw,
+            problems,
+            disabled=disabled,
+            disabled_schema=disabled_schema,
+            also_valid=("services",),
+        )
+        services: dict[str, Any] = {}
         if not isinstance(services_raw, Mapping):
-            raise ConfigError(f"services: expected a mapping of service name to options, got {type(services_raw).__name__}")
+            problems.append(f"services: expected a mapping of service name to options, got {_type_name(services_raw)}")
+            services_raw = {}
         entry_schema = service_entry_schema()
         overridable = _overridable_sections(schema)
-        services: dict[str, Any] = {}
+        disabled_overridable = _overridable_sections(disabled_schema)
         for name, entry in services_raw.items():
             if entry is None:
                 entry = {}
@@ -294,19 +530,28 @@ class Config:
                 entry = {"class": entry}
             prefix = f"services.{name}"
             if not isinstance(entry, Mapping):
-                raise ConfigError(f"{prefix}: expected an import path or a mapping of options, got {type(entry).__name__}")
+                problems.append(f"{prefix}: expected an import path or a mapping of options, got {_type_name(entry)}")
+                continue
             own = {k: v for k, v in entry.items() if k not in overridable}
-            validated = _validate_section(prefix, {**entry_schema, **overridable}, own)
+            validated = _validate_section(
+                prefix, {**entry_schema, **overridable}, own, problems, disabled=disabled, disabled_schema=disabled_overridable
+            )
             for key in overridable:
                 validated.pop(key, None)
             # Section overrides keep only what the user wrote, so globals show through.
             for key in set(entry) & set(overridable):
                 validated[key] = _validate_section(
-                    f"{prefix}.{key}", overridable[key], entry[key] or {}, fill_defaults=False
+                    f"{prefix}.{key}",
+                    overridable[key],
+                    entry[key] or {},
+                    problems,
+                    disabled=disabled,
+                    disabled_schema=disabled_overridable.get(key),
+                    fill_defaults=False,
                 )
             services[str(name)] = validated
         data["services"] = services
-        return data
+        return data, schema, disable, require
 
     def get(self, dotted: str, default: Any = None) -> Any:
         """The value at a dotted path such as ``service.local.max_workers``."""
@@ -346,3 +591,198 @@ class Config:
             else:
                 effective[key] = copy.deepcopy(value)
         return effective
+
+
+# --------------------------------------------------------------------------- checking what would fail at start
+
+
+def check_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None, *, import_modules: bool = False
+) -> tuple[Config, list[str], list[str]]:
+    """Everything in a configuration that would fail when it is loaded or its services start.
+
+    Returns (the config, problems, notes), each problem one line beginning with
+    its key path. Nothing is started and the process's plugin set is left as
+    it is. Class paths are resolved without running the service's code: the
+    module is found with importlib's finders and the attribute looked up in its
+    source (``ast``); where that cannot tell (an extension module, a star
+    import, a module ``__getattr__``) a note says so, and ``import_modules``
+    imports the module instead. A file that cannot be read at all raises
+    ConfigError (one line).
+    """
+    raw, origin = _read_source(source)
+    problems: list[str] = []
+    data, schema, disable, require = Config._validate(raw, origin, problems)
+    config = Config(data, schema, origin)
+    from ._plugins import get_plugin_manager, not_loaded_reason
+
+    pm = get_plugin_manager()
+    for name in require:
+        if name in disable:
+            continue  # already reported
+        why = not_loaded_reason(pm, name)
+        if why is not None:
+            problems.append(f"plugins.require: plugin {name!r} {why}")
+    notes: list[str] = []
+    for name in config.service_names():
+        entry = config.service_entry(name) or {}
+        if entry.get("enabled", True):
+            _check_service(name, entry, problems, notes, import_modules)
+    return config, problems, notes
+
+
+def _check_service(name: str, entry: dict[str, Any], problems: list[str], notes: list[str], import_modules: bool) -> None:
+    from ._plugins import registered_services, service_entry_points, task_kinds, transports
+
+    prefix = f"services.{name}"
+    kinds = sorted(task_kinds())
+    kind = entry.get("kind", "local")
+    if kind not in kinds:
+        problems.append(f"{prefix}.kind: no task kind {kind!r} is registered{_did_you_mean(kind, kinds)} (registered: {', '.join(kinds) or 'none'})")
+    known_transports = sorted(transports())
+    for index, transport in enumerate(entry.get("transports") or []):
+        if transport not in known_transports:
+            problems.append(
+                f"{prefix}.transports[{index}]: no transport {transport!r} is registered"
+                f"{_did_you_mean(str(transport), known_transports)} (registered: {', '.join(known_transports) or 'none'})"
+            )
+    if entry.get("class"):
+        problem, note = _check_class_path(str(entry["class"]), import_modules)
+        if problem:
+            problems.append(f"{prefix}.class: {problem}")
+        if note:
+            notes.append(f"{prefix}.class: {note}")
+        return
+    key = "entry_point" if entry.get("entry_point") else None
+    wanted = str(entry.get("entry_point") or name)
+    installed = sorted({*service_entry_points(), *registered_services()})
+    if wanted not in installed:
+        where = f"{prefix}.entry_point" if key else prefix
+        problems.append(
+            f"{where}: no installed service named {wanted!r} (entry-point group 'kservice.services'){_did_you_mean(wanted, installed)} "
+            f"(installed: {', '.join(installed) or 'none'}); give 'class: package.module:Class' instead"
+        )
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    close = _closest(word, candidates)
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def _find_module_spec(module_name: str) -> Any:
+    """The module's spec, found without running any of its code (or its packages'); None if there is none."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    if module_name in sys.modules:
+        return getattr(sys.modules[module_name], "__spec__", None) or True
+    parts = module_name.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])  # a top-level name imports nothing
+    except (ImportError, ValueError):
+        return None
+    for depth in range(1, len(parts)):
+        locations = getattr(spec, "submodule_search_locations", None)
+        if spec is None or locations is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: depth + 1]), list(locations))
+    return spec
+
+
+def _module_candidates(module_name: str) -> list[str]:
+    """Names next to ``module_name`` (its siblings), for a suggestion."""
+    import pkgutil
+
+    parent, _, _ = module_name.rpartition(".")
+    if not parent:
+        return [m.name for m in pkgutil.iter_modules()]
+    spec = _find_module_spec(parent)
+    locations = getattr(spec, "submodule_search_locations", None)
+    return [f"{parent}.{m.name}" for m in pkgutil.iter_modules(list(locations))] if locations else []
+
+
+def _check_class_path(path: str, import_modules: bool) -> tuple[str | None, str | None]:
+    """(problem, note) for one 'package.module:Class' path."""
+    import ast
+    import sys
+
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        return f"{path!r} is not an import path like 'package.module:Class'", None
+    if import_modules:
+        from ._task import import_service_class
+
+        try:
+            import_service_class(path)
+        except ConfigError as exc:
+            return str(exc), None
+        return None, None
+    spec = _find_module_spec(module_name)
+    if spec is None:
+        return f"no module named {module_name!r} on the path{_did_you_mean(module_name, _module_candidates(module_name))}", None
+    first = attr.split(".")[0]
+    if module_name in sys.modules:
+        names = set(dir(sys.modules[module_name]))
+        if first in names:
+            return None, None
+        return f"module {module_name!r} has no attribute {first!r}{_did_you_mean(first, names)}", None
+    origin = getattr(spec, "origin", None)
+    if not origin or not str(origin).endswith(".py"):
+        return None, f"{path}: {module_name!r} has no Python source to read; run 'kservice config check --import' to import it"
+    try:
+        with open(origin, encoding="utf-8") as source_file:
+            tree = ast.parse(source_file.read(), filename=origin)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"cannot read module {module_name!r} ({origin}): {exc}", None
+    names, opaque = _top_level_names(tree)
+    if first in names:
+        return None, None
+    if opaque:
+        return None, f"{path}: {module_name!r} may define {first!r} at import time ({opaque}); run 'kservice config check --import' to import it"
+    return f"module {module_name!r} ({origin}) defines no {first!r}{_did_you_mean(first, names)}", None
+
+
+def _top_level_names(tree: Any) -> tuple[set[str], str]:
+    """Names a module binds at top level, and why that list may be incomplete ('' when it is complete)."""
+    import ast
+
+    names: set[str] = set()
+    opaque = ""
+
+    def bind(target: Any) -> None:
+        if isinstance(target, ast.Name):
+            names.add(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for element in target.elts:
+                bind(element)
+
+    def visit(body: list[Any]) -> None:
+        nonlocal opaque
+        for node in body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+                if node.name == "__getattr__":
+                    opaque = "a module __getattr__"
+            elif isinstance(node, ast.Assign):
+                for target in node.targets:
+                    bind(target)
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                bind(node.target)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    if alias.name == "*":
+                        opaque = "a star import"
+                    else:
+                        names.add(alias.asname or alias.name.split(".")[0])
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []) or [])
+                for handler in getattr(node, "handlers", []) or []:
+                    visit(handler.body)
+    visit(tree.body)
+    if not opaque and any(isinstance(node, ast.Name) and node.id in ("globals", "vars") for node in ast.walk(tree)):
+        opaque = "globals() written at import"
+    return names, opaque

@@ -32,6 +32,17 @@ __all__ = ["ServiceManager", "ServiceProxy"]
 
 _time = time.time
 _monotonic = time.monotonic
+_TIMEOUT_MAX = threading.TIMEOUT_MAX
+
+
+def _checked_timeout(timeout: Any) -> float:
+    """``timeout`` if it is a finite number of seconds a wait can take; ValueError (TypeError) naming it otherwise."""
+    try:
+        if -_TIMEOUT_MAX <= timeout <= _TIMEOUT_MAX:  # False for NaN, which compares false with everything
+            return float(timeout)
+    except TypeError:
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__} ({timeout!r})") from None
+    raise ValueError(f"timeout must be a finite number of seconds (at most {_TIMEOUT_MAX:g}) or None, got {timeout!r}")
 
 
 class _Timer:
@@ -340,8 +351,11 @@ class ServiceManager:
         ``kwargs`` reach the method verbatim (a parameter may be called
         ``timeout`` or ``method``). ``timeout`` (seconds) defaults to
         ``service_call.default_timeout``; it bounds the whole call, retries
-        included. Raises the errors listed on the class.
+        included. Raises the errors listed on the class, and ValueError at once
+        for a timeout that is NaN or infinite.
         """
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
         route = self._route(service_name)
         admit = route.admit
         if admit is not None:
@@ -413,8 +427,11 @@ class ServiceManager:
         The future is completed by the transport's response path (or with
         ServiceTimeoutError at the deadline by the manager's timer thread).
         Cancelling it before completion drops the response when it arrives.
-        Resolution errors (unknown service) are raised here, not in the future.
+        Resolution errors (unknown service) are raised here, not in the future,
+        and so is ValueError for a timeout that is NaN or infinite.
         """
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
         route = self._route(service_name)
         admit = route.admit
         if admit is not None:
@@ -437,14 +454,14 @@ class ServiceManager:
         timeout: float | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
-        """``await`` form of :meth:`call_service_async` for asyncio code."""
+        """``await`` form of :meth:`call_service_async` for asyncio code (a bad timeout raises before the first await)."""
         return await asyncio.wrap_future(
             self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
         )
 
     def proxy(self, service_name: str, *, timeout: float | None = None) -> ServiceProxy:
-        """An object whose attribute calls are sync calls: ``proxy.get("k")``."""
-        return ServiceProxy(self, service_name, timeout)
+        """An object whose attribute calls are sync calls: ``proxy.get("k")``; ValueError at once for a NaN or infinite timeout."""
+        return ServiceProxy(self, service_name, None if timeout is None else _checked_timeout(timeout))
 
     def timer(self) -> _Timer:
         timer = self._timer

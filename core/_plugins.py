@@ -2,15 +2,20 @@
 
 Plugins are found in the ``kservice`` entry-point group and loaded one by one:
 a plugin that fails to import is a warning naming it and the others still load
-(``KSERVICE_STRICT_PLUGINS=1`` makes it a :class:`PluginError`).
+(``KSERVICE_STRICT_PLUGINS=1`` makes it a :class:`PluginError`; so does naming
+it under ``plugins.require`` in the configuration).
 ``KSERVICE_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name, built-in
-ones included. Everything derived from the plugin set (transports, task kinds,
+ones included, before they are imported; ``plugins.disable`` in the file named
+by ``KSERVICE_CONFIG`` does the same, and in any other configuration it
+unregisters and blocks them when that configuration is loaded. Everything derived from the plugin set (transports, task kinds,
 schema, compiled call chains) is rebuilt when a plugin is registered or
 unregistered, through :func:`on_plugins_changed`.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
 import threading
 import warnings
@@ -34,12 +39,15 @@ from importlib.metadata import EntryPoint, entry_points  # entry_points(group=..
 __all__ = [
     "PLUGIN_GROUP",
     "SERVICE_GROUP",
+    "PluginState",
+    "apply_plugin_config",
     "config_schema",
     "get_plugin_manager",
     "get_transport",
     "hookimpl",
     "on_plugins_changed",
     "plugin_infos",
+    "plugin_states",
     "registered_services",
     "task_kinds",
     "transports",
@@ -64,6 +72,18 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class PluginState:
+    """One plugin as ``kservice plugins`` lists it: loaded, disabled or failed, and why."""
+
+    name: str
+    state: str  # "loaded", "disabled" or "failed"
+    origin: str
+    hooks: tuple[str, ...] = ()
+    reason: str = ""
+    required: bool = False
+
+
 class KservicePluginManager(pluggy.PluginManager):
     """A PluginManager that tells subscribers whenever the plugin set changes."""
 
@@ -72,6 +92,14 @@ class KservicePluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.generation = 0
         self.origins: dict[str, str] = {}
+        #: plugin name -> why it failed to load (import error, hook validation error)
+        self.failures: dict[str, str] = {}
+        #: plugin name -> what disabled it (the environment variable, or a config's plugins.disable)
+        self.disabled: dict[str, str] = {}
+        #: plugin name -> the config that requires it
+        self.required: dict[str, str] = {}
+        #: plugin name -> the config keys it declared, kept when a configuration disables it
+        self.disabled_schemas: dict[str, Schema] = {}
         self._listeners: list[weakref.ReferenceType[Any] | Callable[[], None]] = []
         self._derived: dict[str, Any] = {}
         self._lock = threading.RLock()
@@ -122,9 +150,38 @@ _manager: KservicePluginManager | None = None
 _manager_lock = threading.Lock()
 
 
-def disabled_plugin_names() -> set[str]:
-    """Plugins blocked by ``KSERVICE_DISABLE_PLUGINS``."""
+def _env_disabled_names() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()}
+
+
+def disabled_plugin_names() -> set[str]:
+    """Plugins blocked by ``KSERVICE_DISABLE_PLUGINS`` or by a loaded configuration's ``plugins.disable``."""
+    names = _env_disabled_names()
+    if _manager is not None:
+        names |= set(_manager.disabled)
+    return names
+
+
+def _env_config_disabled_names() -> dict[str, str]:
+    """``plugins.disable`` of the file named by KSERVICE_CONFIG, read before any plugin is imported.
+
+    A file that cannot be read or parsed disables nothing here: loading the
+    configuration reports the problem.
+    """
+    from ._config import CONFIG_ENV_VAR, read_config_file
+
+    path = os.environ.get(CONFIG_ENV_VAR)
+    if not path:
+        return {}
+    try:
+        raw = read_config_file(path)
+    except Exception:  # noqa: BLE001 - reported (as one line) when the configuration is loaded
+        return {}
+    section = raw.get("plugins") if isinstance(raw, dict) else None
+    names = section.get("disable") if isinstance(section, dict) else None
+    if not isinstance(names, list):
+        return {}
+    return {str(n): f"plugins.disable in {path} (from {CONFIG_ENV_VAR})" for n in names if isinstance(n, str) and n}
 
 
 def _strict() -> bool:
@@ -141,6 +198,8 @@ def _load_entry_point(pm: KservicePluginManager, ep: EntryPoint) -> None:
         pm.register(plugin, name=ep.name)
     except Exception as exc:
         message = f"kservice plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+        pm.failures[ep.name] = f"{type(exc).__name__}: {exc}"
+        pm.origins.setdefault(ep.name, origin)
         if _strict():
             raise PluginError(message) from exc
         warnings.warn(message + f" (skipped; set {STRICT_ENV_VAR}=1 to make this an error)", RuntimeWarning, stacklevel=3)
@@ -160,18 +219,97 @@ def get_plugin_manager() -> KservicePluginManager:
     with _manager_lock:
         if _manager is None:
             pm = KservicePluginManager()
-            for name in disabled_plugin_names():
+            for name in _env_disabled_names():
                 pm.set_blocked(name)
+                pm.disabled[name] = DISABLE_ENV_VAR
+            for name, why in _env_config_disabled_names().items():
+                if not pm.is_blocked(name):
+                    pm.set_blocked(name)
+                    pm.disabled[name] = why
             for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
                 _load_entry_point(pm, ep)
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError as exc:
+                culprit = pm.get_name(exc.plugin) if exc.plugin is not None else None
+                if culprit is not None:
+                    pm.failures[culprit] = f"PluginValidationError: {exc}"
                 if _strict():
                     raise PluginError(str(exc)) from exc
                 warnings.warn(f"kservice plugin problem: {exc}", RuntimeWarning, stacklevel=2)
             _manager = pm
     return _manager
+
+
+def apply_plugin_config(disable: list[str], require: list[str], origin: str) -> None:
+    """Apply a configuration's ``plugins`` section to the process's plugin manager.
+
+    Each name in ``disable`` is unregistered (if loaded) and blocked for the
+    rest of the process, as ``KSERVICE_DISABLE_PLUGINS`` does. Then every name
+    in ``require`` must be loaded: otherwise PluginError naming each missing
+    plugin and why (failed to load, disabled, not installed); nothing is
+    changed by a require that fails after the disables, so callers should not
+    go on.
+    """
+    if not disable and not require:
+        return
+    pm = get_plugin_manager()
+    for name in disable:
+        if name in pm.disabled:
+            continue
+        pm.disabled_schemas[name] = schema_of({name})[0]
+        pm.disabled[name] = f"plugins.disable in {origin}"
+        pm.set_blocked(name)  # unregisters it if loaded; tells subscribers the plugin set changed
+    missing = []
+    for name in require:
+        pm.required.setdefault(name, origin)
+        why = not_loaded_reason(pm, name)
+        if why is not None:
+            missing.append(f"required plugin {name!r} {why}")
+    if missing:
+        raise PluginError("; ".join(missing) + f" (plugins.require in {origin})")
+
+
+def _installed_plugin_names() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
+
+
+def not_loaded_reason(pm: KservicePluginManager, name: str) -> str | None:
+    """Why plugin ``name`` is not loaded, or None when it is."""
+    if name in pm.disabled:
+        return f"is disabled by {pm.disabled[name]}"
+    if name in pm.failures:
+        return f"failed to load: {pm.failures[name]}"
+    if pm.has_plugin(name) and pm.get_plugin(name) is not None:
+        return None
+    installed = sorted({*_installed_plugin_names(), *(n for n, p in pm.list_name_plugin() if p is not None)})
+    close = difflib.get_close_matches(name, installed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"is not installed (no entry point {name!r} in group {PLUGIN_GROUP!r}){hint}"
+
+
+def plugin_states() -> list[PluginState]:
+    """Every plugin this process knows of, loaded or not, sorted by name.
+
+    Loaded plugins carry their hooks; disabled ones say what disabled them;
+    failed ones say why they failed; a required plugin that is not installed
+    is listed as failed too.
+    """
+    pm = get_plugin_manager()
+    states: dict[str, PluginState] = {}
+    for info in plugin_infos():
+        states[info.name] = PluginState(info.name, "loaded", info.origin, info.hooks, required=info.name in pm.required)
+    known_origins = {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+    for name, why in pm.disabled.items():
+        origin = "entry point" if name in known_origins else "not installed"
+        states[name] = PluginState(name, "disabled", pm.origins.get(name, origin), reason=f"disabled by {why}", required=name in pm.required)
+    for name, why in pm.failures.items():
+        if name not in states:
+            states[name] = PluginState(name, "failed", pm.origins.get(name, "entry point"), reason=why, required=name in pm.required)
+    for name in pm.required:
+        if name not in states:
+            states[name] = PluginState(name, "failed", "not installed", reason=not_loaded_reason(pm, name) or "", required=True)
+    return [states[name] for name in sorted(states)]
 
 
 def plugin_infos() -> list[PluginInfo]:
@@ -245,16 +383,74 @@ def registered_services() -> dict[str, type]:
     )
 
 
-def config_schema() -> Schema:
-    """The core's configuration schema with every plugin's keys merged in."""
+def config_schema(without: frozenset[str] = frozenset()) -> Schema:
+    """The core's configuration schema with every plugin's keys merged in (except those of plugins in ``without``).
+
+    Raises PluginError naming the plugin and key when a plugin registers a
+    setting whose default fails its own type, bounds or choices.
+    """
 
     def compute() -> Schema:
         schema = core_schema()
-        for _, (path, addition) in _collect_registrations("kservice_config_schema"):
+        for plugin_name, (path, addition) in _collect_registrations("kservice_config_schema"):
+            if plugin_name in without:
+                continue
+            check_settings(plugin_name, path, addition)
             merge_schema(schema, path, addition)
         return schema
 
+    if without:
+        return compute()
     return get_plugin_manager().derived("schema", compute)
+
+
+def schema_of(names: set[str]) -> tuple[Schema, set[str]]:
+    """(the config keys the named plugins declare, the names whose keys cannot be known).
+
+    Keys are known for plugins that are registered, or were registered when a
+    configuration disabled them; not for plugins blocked before they were imported.
+    """
+    pm = get_plugin_manager()
+    schema: Schema = {}
+    unknowable: set[str] = set()
+    wanted = set(names)
+    for name in names:
+        if name in pm.disabled_schemas:
+            merge_schema(schema, "", copy.deepcopy(pm.disabled_schemas[name]))
+            wanted.discard(name)
+        elif pm.get_plugin(name) is None:
+            unknowable.add(name)
+            wanted.discard(name)
+    if wanted:
+        for plugin_name, (path, addition) in _collect_registrations("kservice_config_schema"):
+            if plugin_name in wanted:
+                merge_schema(schema, path, copy.deepcopy(addition))
+    return schema, unknowable
+
+
+def check_settings(owner: str, path: str, addition: Schema) -> None:
+    """PluginError unless every Setting in ``addition`` is well formed and its default passes its own checks."""
+    from ._config import Setting, _check_value
+
+    prefix = ".".join(p for p in path.split(".") if p)
+    for key, value in addition.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            check_settings(owner, dotted, value)
+            continue
+        if not isinstance(value, Setting):
+            raise PluginError(
+                f"plugin {owner!r} registers config key {dotted!r} as {type(value).__name__}; expected a Setting or a section (dict)"
+            )
+        if not value.types or not all(isinstance(t, type) for t in value.types):
+            raise PluginError(f"plugin {owner!r} registers config setting {dotted!r} with types {value.types!r}; expected Python types")
+        try:
+            _check_value(dotted, value, value.default)
+        except Exception as exc:  # noqa: BLE001 - any failure of the check is the plugin's error
+            hint = " (declare a setting that may be None with nullable=True)" if value.default is None else ""
+            raise PluginError(
+                f"plugin {owner!r} registers config setting {dotted!r} whose default {value.default!r} fails its own check: {exc}{hint}"
+            ) from None
 
 
 def on_plugins_changed(callback: Callable[[], None]) -> None:

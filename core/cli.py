@@ -22,7 +22,7 @@ import click
 
 from ._config import Config
 from ._errors import ServiceError
-from ._plugins import get_plugin_manager, plugin_infos
+from ._plugins import get_plugin_manager
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ._manager import ServiceManager
 
 __all__ = [
+    "FiniteFloatRange",
     "cli",
     "config_reference",
     "main",
@@ -40,6 +41,18 @@ __all__ = [
 ]
 
 _CONFIG_OPTION_HELP = "YAML config file (default: the file named by KSERVICE_CONFIG, else built-in defaults)."
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses NaN and the infinities (a usage error naming the option)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        converted = super().convert(value, param, ctx)
+        if not math.isfinite(converted):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return converted
 
 
 class _Group(click.Group):
@@ -81,21 +94,53 @@ def cli() -> None:
 
 
 @cli.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of tab-separated lines.")
-def plugins_command(as_json: bool) -> None:
-    """List loaded plugins: name, where each came from, the hooks it implements.
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
+def plugins_command(as_json: bool, config_path: str | None) -> None:
+    """List plugins: loaded, disabled and failed ones, where each came from, its hooks or why it is not loaded.
+
+    The config's plugins.disable and plugins.require apply (KSERVICE_CONFIG,
+    or -c FILE). Exits 1 when a required plugin is not loaded, after listing.
 
     \b
     Example:
       kservice plugins
+      kservice plugins --json -c services.yaml
       KSERVICE_DISABLE_PLUGINS=mmap kservice plugins
     """
-    infos = plugin_infos()
+    from ._errors import PluginError
+    from ._plugins import plugin_states
+
+    required_error: PluginError | None = None
+    try:
+        Config.load(config_path)
+    except PluginError as exc:  # listed first, then the error: the table shows why
+        required_error = exc
+    states = plugin_states()
     if as_json:
-        click.echo(json.dumps([{"name": i.name, "origin": i.origin, "hooks": list(i.hooks)} for i in infos], indent=2))
-        return
-    for info in infos:
-        click.echo(f"{info.name}\t{info.origin}\t{', '.join(info.hooks)}")
+        click.echo(
+            json.dumps(
+                [
+                    {"name": st.name, "state": st.state, "origin": st.origin, "hooks": list(st.hooks), "reason": st.reason, "required": st.required}
+                    for st in states
+                ],
+                indent=2,
+            )
+        )
+    else:
+        from rich.table import Table
+
+        table = Table(title="kservice plugins", title_justify="left")
+        for column in ("plugin", "state", "origin", "hooks / reason"):
+            table.add_column(column, overflow="fold")
+        styles = {"loaded": "green", "disabled": "yellow", "failed": "red"}
+        for st in states:
+            detail = st.reason if st.state != "loaded" else ", ".join(h.removeprefix("kservice_") for h in st.hooks)
+            state = f"[{styles[st.state]}]{st.state}[/]" + (" (required)" if st.required else "")
+            table.add_row(st.name, state, st.origin, detail)
+        _console().print(table)
+    if required_error is not None:
+        _fail(str(required_error))
 
 
 def running_services() -> list[dict[str, Any]]:
@@ -218,7 +263,7 @@ def _json_result(result: Any) -> str:
 @click.argument("method")
 @click.argument("args_json", required=False, default="[]")
 @click.option("--kwargs", "kwargs_json", default="{}", help="JSON object of keyword arguments.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds before ServiceTimeoutError (default: service_call.default_timeout).")
+@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=None, help="Seconds before ServiceTimeoutError (default: service_call.default_timeout).")
 @click.option(
     "--async",
     "concurrency",
@@ -549,7 +594,7 @@ def _collect_statuses(manager: ServiceManager, names: Sequence[str], explicit: b
 @cli.command("status")
 @click.argument("services", nargs=-1)
 @click.option("--watch", is_flag=True, help="Keep the table on screen and refresh it until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option("--interval", type=FiniteFloatRange(min=0.05), default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch, stop after this many refreshes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array of rows instead of a table.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
@@ -713,17 +758,37 @@ def config_group() -> None:
 
 @config_group.command("check")
 @click.argument("path", type=click.Path(dir_okay=False))
-def config_check_command(path: str) -> None:
-    """Validate PATH against the schema of the core and every installed plugin.
+@click.option(
+    "--import",
+    "import_modules",
+    is_flag=True,
+    help="Import each service's module to check its class (runs the module's top-level code); "
+    "without it, modules are only found and read.",
+)
+def config_check_command(path: str, import_modules: bool) -> None:
+    """Find everything in PATH that would fail when its services start.
 
-    Prints 'ok' and the services it declares; an invalid file is one error
-    line naming the key path (and the closest valid key) with exit status 1.
+    Checks the schema of the core and every installed plugin, task kinds and
+    transports against the registered ones, class paths (the module is found
+    and its source read, without running it; --import imports it instead),
+    service entry points and plugins.require. Prints 'ok' and the services it
+    declares; otherwise one line per problem, each naming its key path and the
+    closest valid key or name, and exit status 1.
 
     \b
     Example:
       kservice config check services.yaml
+      kservice config check --import services.yaml
     """
-    config = Config.load(path)
+    from ._config import check_config
+
+    config, problems, notes = check_config(path, import_modules=import_modules)
+    for note in notes:
+        click.echo(f"note: {_one_line(note)}", err=True)
+    if problems:
+        for problem in problems:
+            click.echo(f"error: {_one_line(problem)}", err=True)
+        sys.exit(1)
     names = config.service_names()
     described = ", ".join(f"{n} ({(config.service_entry(n) or {}).get('kind', 'local')})" for n in names) or "none"
     click.echo(f"ok: {path} is valid; services: {described}")
@@ -783,6 +848,8 @@ def _setting_rows(schema: dict[str, Any], prefix: str) -> list[str]:
             notes.append("one of " + ", ".join(f"`{_yaml_inline(c)}`" for c in choices))
         if value.minimum is not None:
             notes.append(f"at least {value.minimum:g}")
+        if value.maximum is not None:
+            notes.append(f"at most {value.maximum:g}")
         doc = value.doc.rstrip(".") + (f" ({'; '.join(notes)})." if notes else ".")
         doc = doc.replace("|", r"\|")
         lines.append(f"| `{prefix}{key}` | {value.type_names()} | `{_yaml_inline(value.default)}` | {doc} |")
@@ -845,6 +912,42 @@ def config_reference(builtin_only: bool = False) -> str:
         "takes the default below. An unknown key or a value of the wrong type is a `ConfigError` naming",
         "the full key path and the closest valid key. Check a file with `kservice config check FILE`",
         "and print the effective configuration with `kservice config show -c FILE`.",
+        "",
+        "## Where settings come from",
+        "",
+        "When the same thing is set in several places, the row higher in this table wins; a value that",
+        "is wrong in any of them is an error, never silently replaced by one from a lower row.",
+        "",
+        "| source | what it sets | notes |",
+        "|---|---|---|",
+        "| arguments: `timeout=` of `call_service_sync` / `call_service_async` / `acall` / `proxy`, `kservice call --timeout` | that call's timeout | NaN and the infinities raise `ValueError` at once (a usage error, exit status 2, on the command line) |",
+        "| arguments: `register_service(name, factory, kind=..., local={...})` | that service's options | merged over its `services.<name>` entry |",
+        "| `services.<name>.<section>` in the configuration | one service's options | keys not given keep the global value |",
+        "| the configuration: `config=` of `ServiceEnvironment` / `ServiceManager`, else `-c FILE`, else the file named by `KSERVICE_CONFIG` | everything on this page | exactly one file (or mapping) is read; they are not merged |",
+        "| `KSERVICE_DISABLE_PLUGINS=a,b` | plugins not used | added to (never replaced by) `plugins.disable`; blocks the plugins before they are imported |",
+        "| `plugins.disable` in the file named by `KSERVICE_CONFIG` | plugins not used | read before plugins are imported, like the variable |",
+        "| `plugins.disable` in a `-c FILE` or `config=` | plugins not used | applied when that configuration is loaded: the plugins are unregistered and blocked for the rest of the process (they were imported, so an import error still warns) |",
+        "| `plugins.require` (any configuration) | plugins that must be loaded | one that is not installed, failed to load or is disabled is a `PluginError` when the configuration is loaded: nothing starts |",
+        "| `KSERVICE_STRICT_PLUGINS=1` | every plugin is required | any plugin that fails to load is a `PluginError` |",
+        "| the defaults below | everything | |",
+        "",
+        "`kservice plugins` lists loaded, disabled and failed plugins and why (`-c FILE` applies a file's",
+        "`plugins` section). `kservice config check FILE` reports every problem in the file at once, one",
+        "line each with its key path and the closest valid key: unknown keys and wrong types, unknown task",
+        "kinds and transports, class paths whose module or class does not exist (found and read without",
+        "running the module; `--import` imports it), service entry points that are not installed, and",
+        "required plugins that are not loaded.",
+        "",
+        "A config file is read only if it is a regular file of at most 1 MiB of UTF-8 YAML, nested at",
+        "most 64 levels deep, with no integer longer than 30 digits and no key given twice in one",
+        "mapping; anything else is a one-line `ConfigError` (from `kservice config check`, `config show`,",
+        "`serve -c`, `status -c`...), never a traceback or a wait. Floats must be finite (`.nan` and",
+        "`.inf` are refused). Settings that allocate have upper bounds, given in their rows below.",
+        "",
+        "`kservice serve -c FILE` hosts each declared service as one instance in its own process. A",
+        "service declared with another kind (`process`, `ray`) or `replicas` above 1 is refused with an",
+        "error naming it, before anything starts; `kservice serve --host-locally` hosts one local instance",
+        "of such a service instead and prints a note saying so.",
         "",
         "Plugins add their own sections and keys. This page lists those of the plugins shipped with",
         "kservice; `kservice config reference` prints the same page for whatever is installed. Every",

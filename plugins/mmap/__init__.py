@@ -51,7 +51,11 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
         "mmap",
         {
             "request_queue_capacity": Setting(
-                (int,), 4 << 20, "Bytes of a service's request ring (mmap transport).", minimum=4096
+                (int,),
+                4 << 20,
+                "Bytes of a service's request ring (mmap transport; allocated in shared memory when the task starts).",
+                minimum=4096,
+                maximum=1 << 30,
             ),
             "inline_limit": Setting(
                 (float,),

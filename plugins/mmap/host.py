@@ -48,6 +48,7 @@ from kservice import (
     TaskContext,
 )
 from kservice import Listener as _Listener
+from kservice.cli import FiniteFloatRange
 
 from . import codec, registry
 from .ring import reclaim_stale_queues
@@ -79,13 +80,53 @@ def _with_mmap(entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def _service_entries(config: Config, services: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The ``services:`` entries to host: the named ones (config names, entry points, import paths) or all."""
+def _hosted_as_declared(name: str, entry: dict[str, Any], host_locally: bool, notes: list[str]) -> dict[str, Any]:
+    """The entry ``kservice serve`` hosts for a declared service: one local instance over mmap, or ConfigError.
+
+    ``serve`` hosts each service as one instance in its own process. A service
+    declared with another kind or more than one replica is refused (naming it
+    and what to do) unless ``host_locally`` is set; then a note saying what is
+    hosted instead is added to ``notes``. An unknown kind is always refused.
+    """
+    from kservice._plugins import task_kinds
+
+    kind = entry.get("kind", "local")
+    replicas = entry.get("replicas", 1)
+    if kind == "local" and replicas == 1:
+        return _with_mmap(entry)
+    kinds = sorted(task_kinds())
+    if kind not in kinds:
+        import difflib
+
+        close = difflib.get_close_matches(str(kind), kinds, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"services.{name}.kind: no task kind {kind!r} is registered{hint} (registered: {', '.join(kinds)}); nothing was started"
+        )
+    declared = f"kind: {kind}" + (f", replicas: {replicas}" if replicas != 1 else "")
+    if not host_locally:
+        raise ConfigError(
+            f"services.{name} is declared {declared}, but 'kservice serve' hosts each service as one instance in its own "
+            f"process; set kind: local and replicas: 1 for it, start it from a program with ServiceEnvironment, or pass "
+            f"--host-locally to host one local instance instead; nothing was started"
+        )
+    notes.append(f"note: {name} is declared {declared}; hosting one local instance in this process instead (--host-locally)")
+    return _with_mmap(entry)
+
+
+def _service_entries(
+    config: Config, services: Sequence[str], host_locally: bool = False, notes: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The ``services:`` entries to host: the named ones (config names, entry points, import paths) or all.
+
+    Raises ConfigError for a declared service that cannot be hosted as declared (see _hosted_as_declared).
+    """
+    notes = notes if notes is not None else []
     declared = {name: config.service_entry(name) or {} for name in config.service_names()}
     if not services:
         if not declared:
             raise ConfigError("nothing to serve: name services on the command line or declare them under 'services:'")
-        return {name: _with_mmap(entry) for name, entry in declared.items()}
+        return {name: _hosted_as_declared(name, entry, host_locally, notes) for name, entry in declared.items()}
     chosen: dict[str, dict[str, Any]] = {}
     for spec in services:
         name, sep, path = spec.partition("=")
@@ -94,7 +135,7 @@ def _service_entries(config: Config, services: Sequence[str]) -> dict[str, dict[
         if ":" in path:
             chosen[name or path.rpartition(":")[2]] = _with_mmap({"class": path})
         elif path in declared:
-            chosen[name or path] = _with_mmap(declared[path])
+            chosen[name or path] = _hosted_as_declared(path, declared[path], host_locally, notes)
         else:
             ServiceEnvironment.load_entry_point_service(path)  # ConfigError naming the known ones
             chosen[name or path] = _with_mmap({"entry_point": path})
@@ -110,6 +151,7 @@ def serve(
     drain_timeout: float = DRAIN_TIMEOUT,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    host_locally: bool = False,
 ) -> int:
     """Host services until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status.
 
@@ -119,15 +161,21 @@ def serve(
     at ``http://metrics_host:port/metrics`` (port 0: a free one) from before the
     services start until they have stopped.
 
-    Raises ConfigError for an unknown service or a bad config, ServiceError
-    (ServiceNameTaken) when another live host serves one of the names,
-    MetricsPortError when the metrics port cannot be bound (nothing is served then).
+    Raises ConfigError for an unknown service or a bad config, and for a
+    declared service it cannot host as declared (another kind, replicas > 1)
+    unless ``host_locally`` (then a note on stderr says what is hosted
+    instead); ServiceError (ServiceNameTaken) when another live host serves one
+    of the names; MetricsPortError when the metrics port cannot be bound.
+    Nothing is served before these checks pass.
     """
     out = out or sys.stdout
     reclaim()
     loaded = Config.load(config)
     raw = loaded.as_dict()
-    raw["services"] = _service_entries(loaded, services)
+    notes: list[str] = []
+    raw["services"] = _service_entries(loaded, services, host_locally, notes)
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
     # Bound before anything is served: a port in use is an error, not a host without metrics.
     exposition = _start_metrics(metrics_host, metrics_port) if metrics_port is not None else None
     environment = ServiceEnvironment("serve", raw)
@@ -209,7 +257,15 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
 
 @click.command("serve")
 @click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
-@click.option("--drain-timeout", type=float, default=DRAIN_TIMEOUT, show_default=True, help="Seconds calls in flight get on stop.")
+@click.option(
+    "--drain-timeout", type=FiniteFloatRange(min=0), default=DRAIN_TIMEOUT, show_default=True, help="Seconds calls in flight get on stop."
+)
+@click.option(
+    "--host-locally",
+    is_flag=True,
+    help="Host a service declared with another kind (process, ray) or replicas > 1 as one local instance in this "
+    "process, with a note saying so, instead of refusing it.",
+)
 @click.option(
     "--log-level",
     type=click.Choice(_LOG_LEVELS, case_sensitive=False),
@@ -240,6 +296,7 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
 def serve_command(
     config_path: str | None,
     drain_timeout: float,
+    host_locally: bool,
     log_level: str,
     metrics_port: int | None,
     metrics_host: str,
@@ -252,7 +309,10 @@ def serve_command(
     SERVICE is a name declared under 'services:' in the config, a name in the
     'kservice.services' entry-point group, or an import path
     [NAME=]package.module:Class. With no SERVICE, every configured service is
-    hosted. Stop with Ctrl-C or SIGTERM (calls in flight finish first).
+    hosted, each as one instance in this process: a service declared with
+    another kind or replicas > 1 is refused (or, with --host-locally, hosted as
+    one local instance with a note saying so). Stop with Ctrl-C or SIGTERM
+    (calls in flight finish first).
 
     With --reload the host runs in a child process that is replaced when a
     .py file under the watched directories (or the config file) changes: the
@@ -270,7 +330,16 @@ def serve_command(
 
         sys.exit(serve_with_reload(click.get_current_context(), config_path, services, reload_dirs or (os.getcwd(),)))
     _configure_logging(log_level)
-    sys.exit(serve(config_path, services, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host))
+    sys.exit(
+        serve(
+            config_path,
+            services,
+            drain_timeout=drain_timeout,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            host_locally=host_locally,
+        )
+    )
 
 
 @click.command("cleanup")

@@ -44,13 +44,18 @@ def test_every_command_has_help_with_an_example() -> None:
 @pytest.mark.timeout(60)
 def test_plugins_lists_built_in_plugins_and_honours_disable() -> None:
     listed, as_json = run_many([["plugins"], ["plugins", "--json"]])
-    disabled = run_cli("plugins", env=cli_env(KSERVICE_DISABLE_PLUGINS="mmap"))
-    names = {line.split("\t")[0] for line in listed.stdout.splitlines()}
-    assert {"inproc", "mmap"} <= names
-    assert "kservice_register_transports" in listed.stdout
-    assert {p["name"] for p in json.loads(as_json.stdout)} == names
-    assert "mmap" not in {line.split("\t")[0] for line in disabled.stdout.splitlines()}
-    assert "inproc" in disabled.stdout
+    disabled = run_cli("plugins", "--json", env=cli_env(KSERVICE_DISABLE_PLUGINS="mmap"))
+    rows = {p["name"]: p for p in json.loads(as_json.stdout)}
+    assert {"inproc", "mmap"} <= set(rows)
+    assert "kservice_register_transports" in rows["inproc"]["hooks"]
+    assert rows["inproc"]["state"] == "loaded"
+    header = next(line for line in listed.stdout.splitlines() if "plugin" in line and "state" in line)
+    assert "origin" in header and "hooks / reason" in header
+    assert all(name in listed.stdout for name in rows)
+    states = {p["name"]: p for p in json.loads(disabled.stdout)}
+    assert states["mmap"]["state"] == "disabled" and states["mmap"]["hooks"] == []
+    assert "KSERVICE_DISABLE_PLUGINS" in states["mmap"]["reason"]
+    assert states["inproc"]["state"] == "loaded"
 
 
 # --------------------------------------------------------------------------- config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -43,8 +44,10 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(180)
 def test_installed_transport_is_loaded_and_carries_calls(installed: None) -> None:
-    listed = run_cli("plugins")
-    assert re.search(rf"^loopback\tentry point of {DISTRIBUTION} 1.0\t.*kservice_register_transports", listed.stdout, re.M), listed.stdout
+    listed = run_cli("plugins", "--json")
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["loopback"]["origin"] == f"entry point of {DISTRIBUTION} 1.0", listed.stdout
+    assert rows["loopback"]["state"] == "loaded" and "kservice_register_transports" in rows["loopback"]["hooks"]
 
     result = _python(
         """
