@@ -112,6 +112,21 @@ def _runtime_error(request_id: str, error: BaseException) -> ServiceResponse:
     return ServiceResponse.from_exception(request_id, error, origin="runtime").for_wire()
 
 
+#: Response metadata key the retry policy reads: False means re-sending cannot help.
+RETRYABLE = "kservice.retryable"
+
+
+def _undecodable_response(request_id: str, call: str, exc: codec.DecodeError) -> ServiceResponse:
+    """The failure a caller gets for a response it received but cannot decode: the call ran."""
+    error = TypeError(
+        f"the result of {call} could not be decoded in the caller (pid {os.getpid()}): {exc}; the call ran in the "
+        "service, its result is lost here. The result's class must be importable by the caller under the same module name"
+    )
+    response = ServiceResponse.from_exception(request_id, error, origin="service", with_traceback=False)
+    response.metadata = {RETRYABLE: False}
+    return response
+
+
 def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
     error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s")
     return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
@@ -252,12 +267,7 @@ class MmapListener(Listener):
         try:
             kind, request = codec.decode_request(record)
         except codec.DecodeError as exc:
-            log.warning(
-                "mmap listener of %r: skipped an undecodable request (request id %s): %s",
-                self._task.service_name,
-                exc.request_id or "unknown",
-                exc,
-            )
+            self._undecodable_request(exc)
             return
         if kind == codec.KIND_STATUS:
             self._reply_status(request)
@@ -309,10 +319,40 @@ class MmapListener(Listener):
             response = _runtime_error(request.request_id, ServiceUnavailableError(f"status failed: {exc}"))
         self._reply(request, response)
 
+    def _undecodable_request(self, exc: codec.DecodeError) -> None:
+        """Answer a request the host cannot decode at once, when its id and reply address could be read.
+
+        The method did not run. The answer is a ServiceCallError that is also a
+        TypeError, marked not retryable (the same bytes would fail the same way).
+        A record without a readable reply address (garbage) is logged and dropped.
+        """
+        service = self._task.service_name
+        if exc.request_id is None or not exc.response_queue:
+            log.warning("mmap listener of %r: skipped an undecodable record (no request id or reply address): %s", service, exc)
+            return
+        method = exc.method_name if exc.method_name is not None else "?"
+        log.warning(
+            "mmap listener of %r: answered an undecodable request %s (%s) with an error: %s", service, exc.request_id, method, exc
+        )
+        error = TypeError(
+            f"could not decode the arguments of {service}.{method} on the host (pid {os.getpid()}): {exc}; "
+            "the method did not run. Every argument's class must be importable by the host under the same "
+            "module name (a class defined in the caller's __main__ is not)"
+        )
+        response = ServiceResponse.from_exception(exc.request_id, error, origin="service", with_traceback=False)
+        response.exception = None
+        response.metadata = {RETRYABLE: False}
+        request = ServiceRequest(exc.request_id, service, method, response_queue_name=exc.response_queue)
+        self._reply(request, response)
+
     def _refuse(self, record: bytes, why: str) -> None:
         try:
             _, request = codec.decode_request(record)
-        except Exception:  # undecodable: decode() already unlinked its segment
+        except codec.DecodeError as exc:  # its segment is released already; answer when the caller can be told
+            if exc.request_id is None or not exc.response_queue:
+                return
+            request = ServiceRequest(exc.request_id, self._task.service_name, "", response_queue_name=exc.response_queue)
+        except Exception:  # noqa: BLE001 - nothing readable to answer
             return
         error = ServiceUnavailableError(f"service {self._task.service_name!r} is unavailable: {why}")
         self._reply(request, _runtime_error(request.request_id, error))
@@ -584,8 +624,8 @@ class _ClientRings:
                 try:
                     messages = decode_many(record)
                 except codec.DecodeError as exc:
-                    log.warning("mmap async responses: skipped an undecodable response: %s", exc)
-                    continue
+                    messages = exc.messages
+                    self._fail_undecodable(exc)
                 for message in messages:
                     request_id = message[0]
                     reply = pop(request_id, None)
@@ -600,6 +640,22 @@ class _ClientRings:
             if now >= next_check:
                 next_check = now + LIVENESS_INTERVAL
                 self._check_pending()
+
+    def _fail_undecodable(self, exc: codec.DecodeError) -> None:
+        """Fail, at once, the async calls whose responses arrived but cannot be decoded."""
+        if not exc.request_ids:
+            log.warning("mmap async responses: skipped an undecodable response (no request id readable): %s", exc)
+        for request_id in exc.request_ids:
+            conn = self.senders.pop(request_id, None)
+            reply = self.pending.pop(request_id, None)
+            if reply is None:
+                continue  # its caller already gave up
+            call = f"a call to {conn._service_name!r}" if conn is not None else "an async call"
+            log.warning("mmap async responses: the response to %s (%s) cannot be decoded: %s", request_id, call, exc)
+            try:
+                reply(_undecodable_response(request_id, call, exc))
+            except Exception:  # a failing callback must not stop the dispatcher
+                log.exception("mmap async responses: completing %s failed", request_id)
 
     def _check_pending(self) -> None:
         """Answer requests whose host died (those whose caller timed out were dropped by ``forget``)."""
@@ -796,8 +852,12 @@ class MmapConnection(Connection):
             try:
                 messages = codec.decode_many(record)
             except codec.DecodeError as exc:
-                log.warning("mmap response queue %s: skipped an undecodable response: %s", queue.name, exc)
-                continue
+                if request_id in exc.request_ids:
+                    call = f"{request.service_name}.{request.method_name}"
+                    return _undecodable_response(request_id, call, exc)
+                if not exc.messages:
+                    log.warning("mmap response queue %s: skipped an undecodable response: %s", queue.name, exc)
+                messages = exc.messages
             for message in messages:
                 if message[0] == request_id:
                     return codec.response_from_message(message)
