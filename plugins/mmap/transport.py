@@ -40,6 +40,7 @@ its request id when known and skipped.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import itertools
 import logging
@@ -750,6 +751,11 @@ class MmapConnection(Connection):
         self._owner_pid = ring.owner_pid
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
+        # Async requests that met a full ring (or a busy lock), oldest first, with the monotonic
+        # time at which each gives up; sent by the connection's sender thread (see send).
+        self._backlog: collections.deque[tuple[ServiceRequest, bytes, str | None, float, float]] = collections.deque()
+        self._backlog_lock = threading.Lock()
+        self._sender: threading.Thread | None = None
         _client.connection_opened()
         _pool_user(1)
 
@@ -775,19 +781,22 @@ class MmapConnection(Connection):
             return None
         except QueueFull:
             codec.unlink_segment(segment)
-            return _runtime_error(
-                request.request_id,
-                ServiceOverloadedError(
-                    f"service {self._service_name!r} is overloaded: its request queue stayed full for "
-                    f"{wait:.3f}s (service.local.queue_timeout={self._queue_timeout})"
-                ),
-            )
+            return self._overloaded(request, wait)
         except QueueClosed:
             codec.unlink_segment(segment)
             return self._unavailable(request, "it is stopping or its host is gone")
         except BaseException:
             codec.unlink_segment(segment)
             raise
+
+    def _overloaded(self, request: ServiceRequest, waited: float) -> ServiceResponse:
+        return _runtime_error(
+            request.request_id,
+            ServiceOverloadedError(
+                f"service {self._service_name!r} is overloaded: its request queue stayed full for "
+                f"{waited:.3f}s (service.local.queue_timeout={self._queue_timeout}); the request was never sent"
+            ),
+        )
 
     def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
         try:
@@ -878,18 +887,89 @@ class MmapConnection(Connection):
         request_id = request.request_id
         _client.pending[request_id] = reply
         _client.senders[request_id] = self
-        # Every pipelined call takes this path: the compiled put first, which needs no timeout.
-        put = ring.compiled_put
-        if put is not None and not put(record):
-            return
-        try:
-            failed = self._put(ring, request, record, segment)
-        except BaseException:
-            self.cancel(request)
-            raise
-        if failed is not None and _client.pending.pop(request_id, None) is not None:
+        if not self._backlog:  # nothing of this connection waits for room: the request may go first
+            # Every pipelined call takes this path: the compiled put first, which needs no timeout.
+            put = ring.compiled_put
+            if put is not None and not put(record):
+                return
+            try:
+                ring.put(record, 0)  # never waits: a full ring (or a busy lock) raises QueueFull at once
+                return
+            except QueueFull:
+                pass
+            except QueueClosed:
+                codec.unlink_segment(segment)
+                self._fail_unsent(request_id, self._unavailable(request, "it is stopping or its host is gone"))
+                return
+            except BaseException:
+                codec.unlink_segment(segment)
+                self.cancel(request)
+                raise
+        self._defer(request, record, segment)
+
+    def _defer(self, request: ServiceRequest, record: bytes, segment: str | None) -> None:
+        """Queue an async request that met a full ring; the sender thread puts it (the caller never waits).
+
+        It waits there up to the service's queue timeout from now (never past
+        its deadline), in order behind this connection's earlier deferred
+        requests, then fails with ServiceOverloadedError: it was never sent.
+        A request whose caller gave up meanwhile (timeout, cancel) is dropped
+        unsent.
+        """
+        deadline = request.deadline
+        wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline - _time())
+        wait = wait if wait > 0 else 0.0
+        with self._backlog_lock:
+            self._backlog.append((request, record, segment, time.monotonic() + wait, wait))
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_backlog, name=f"kservice-mmap-sender-{self._service_name}", daemon=True
+                )
+                self._sender.start()
+
+    def _send_backlog(self) -> None:
+        backlog = self._backlog
+        while True:
+            with self._backlog_lock:
+                if not backlog:
+                    self._sender = None
+                    return
+                request, record, segment, give_up_at, allowed = backlog[0]
+            request_id = request.request_id
+            failed: ServiceResponse | None = None
+            ring = self._ring
+            if request_id not in _client.pending:
+                codec.unlink_segment(segment)  # its caller gave up: never sent
+            elif ring is None:
+                codec.unlink_segment(segment)
+                failed = self._unavailable(request, "the connection was closed before the request was sent")
+            else:
+                wait = give_up_at - time.monotonic()
+                try:
+                    ring.put(record, wait if wait > 0 else 0)
+                except QueueFull:
+                    codec.unlink_segment(segment)
+                    failed = self._overloaded(request, allowed)
+                except QueueClosed:
+                    codec.unlink_segment(segment)
+                    failed = self._unavailable(request, "it is stopping or its host is gone")
+                except Exception as exc:  # noqa: BLE001 - fails this request, the sender goes on
+                    codec.unlink_segment(segment)
+                    failed = _runtime_error(request_id, ServiceUnavailableError(f"cannot send the request: {exc}"))
+            with self._backlog_lock:
+                backlog.popleft()
+            if failed is not None:
+                self._fail_unsent(request_id, failed)
+
+    @staticmethod
+    def _fail_unsent(request_id: str, failed: ServiceResponse) -> None:
+        reply = _client.pending.pop(request_id, None)
+        if reply is not None:
             _client.senders.pop(request_id, None)
-            reply(failed)
+            try:
+                reply(failed)
+            except Exception:  # a failing callback must not stop the sender
+                log.exception("mmap: completing %s failed", request_id)
 
     def cancel(self, request: ServiceRequest) -> None:
         """The caller timed out: forget the request (a service never starts work past its deadline)."""

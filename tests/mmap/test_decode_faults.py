@@ -21,7 +21,7 @@ from .services import KV, unique
 
 pytestmark = pytest.mark.timeout(90)
 
-NO_RETRIES = {"service_call": {"max_retries": 0}}
+NO_RETRIES = {"service_call": {"max_retries": 0}, "breaker": {"enabled": False}}
 #: What the bug cost: the caller's full timeout. The answer must come far sooner.
 TIMEOUT = 30.0
 PROMPT = 8.0
