@@ -80,7 +80,7 @@ from typing import Any
 
 from kservice import ServiceRequest, ServiceResponse
 
-from .ring import _pid_alive, queue_directory
+from .ring import _pid_alive, queue_directory, reserve
 
 __all__ = [
     "KIND_CALL",
@@ -398,9 +398,12 @@ def _out_of_band(
 
 def _write_segment(views: list[memoryview], receiver_pid: int) -> str:
     name = f"oob-{os.getpid()}-{receiver_pid}-{secrets.token_hex(8)}.seg"
-    path = os.path.join(queue_directory(), name)
+    directory = queue_directory()
+    path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        # The reader maps whole aligned slots: reserve them all, so no page of the mapping is a hole.
+        reserve(fd, sum((v.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN for v in views), directory, "an out-of-band segment")
         offset = 0
         for view in views:
             length = view.nbytes
@@ -408,7 +411,6 @@ def _write_segment(views: list[memoryview], receiver_pid: int) -> str:
             while written < length:
                 written += os.pwrite(fd, view[written:], offset + written)
             offset += (length + _ALIGN - 1) // _ALIGN * _ALIGN
-        os.ftruncate(fd, offset)  # the reader maps whole aligned slots
     except BaseException:
         os.close(fd)
         unlink_segment(name)
@@ -622,11 +624,13 @@ class _PoolSegment:
 
     def __init__(self, capacity: int) -> None:
         self.name = f"pool-{os.getpid()}-{secrets.token_hex(8)}.seg"
-        self.path = os.path.join(queue_directory(), self.name)
+        directory = queue_directory()
+        self.path = os.path.join(directory, self.name)
         self.capacity = capacity
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, _SEG_DATA + capacity)
+            # Allocated now: written through the mapping, a sparse file on a full tmpfs means SIGBUS.
+            reserve(fd, _SEG_DATA + capacity, directory, "a pooled segment")
             self.mm = mmap.mmap(fd, _SEG_DATA + capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -73,6 +73,8 @@ from .ring import (
     QueueError,
     QueueFull,
     QueueLayoutError,
+    QueueWedged,
+    SharedMemoryFull,
     ShmQueue,
     attach_queue,
     create_queue,
@@ -231,7 +233,14 @@ class MmapListener(Listener):
             except QueueClosed:
                 return
             except QueueError as exc:  # QueueCorrupted: the ring dropped bad bytes and carries on
-                log.warning("mmap listener of %r: %s", self._task.service_name, exc)
+                if isinstance(exc, QueueWedged):
+                    log.error(
+                        "mmap listener of %r: its request ring %s cannot be used: %s", self._task.service_name, self.queue.name, exc
+                    )
+                else:
+                    log.warning("mmap listener of %r: %s", self._task.service_name, exc)
+                if not self._accepting:
+                    return  # stopping: a damaged ring must not keep the host from it
                 continue
             except Exception:  # keep serving whatever happens
                 log.exception("mmap listener of %r: receiving failed", self._task.service_name)
@@ -388,6 +397,8 @@ class MmapListener(Listener):
             response = response.for_wire()
         try:
             record, segment = codec.encode_response(response, queue.owner_pid, _inline_limit(queue))
+        except SharedMemoryFull as exc:  # no room for its out-of-band segment: the caller learns why
+            record, segment = codec.encode_response(_unsendable_result(request, exc), queue.owner_pid, 1 << 30)
         except Exception as exc:  # the result (or error) cannot be pickled
             record, segment = codec.encode_response(_unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30)
         put = queue.compiled_put
@@ -436,6 +447,15 @@ class MmapListener(Listener):
                 name,
                 exc,
             )
+
+
+def _unsendable_result(request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
+    error = ServiceUnavailableError(
+        f"the response of {request.service_name}.{request.method_name} could not be sent back: {exc}; the call ran"
+    )
+    failed = _runtime_error(request.request_id, error)
+    failed.metadata = {RETRYABLE: False}  # it ran: re-sending would run it again
+    return failed
 
 
 def _unpicklable_result(request: ServiceRequest, response: ServiceResponse, exc: BaseException) -> ServiceResponse:
@@ -801,8 +821,13 @@ class MmapConnection(Connection):
     def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
         try:
             return codec.encode_request(request, response_queue, self._owner_pid, self._inline_limit)
+        except SharedMemoryFull as exc:
+            return self._no_room(request, exc)
         except Exception as exc:  # whatever pickling raises
             return self._not_picklable(request, exc)
+
+    def _no_room(self, request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
+        return self._unavailable(request, f"{exc}; nothing was sent")
 
     @staticmethod
     def _not_picklable(request: ServiceRequest, exc: Exception) -> ServiceResponse:
@@ -824,7 +849,10 @@ class MmapConnection(Connection):
         ring = self._ring
         if ring is None:
             return self._unavailable(request, "the connection is closed")
-        holder = _client.acquire()
+        try:
+            holder = _client.acquire()
+        except SharedMemoryFull as exc:  # no room for this thread's response ring
+            return self._no_room(request, exc)
         try:
             queue = holder.queue
             encoded = self._encode(request, queue.name)
@@ -878,9 +906,12 @@ class MmapConnection(Connection):
         if ring is None:
             reply(self._unavailable(request, "the connection is closed"))
             return
-        queue = _client._async_queue or _client.async_queue()
         try:
+            queue = _client._async_queue or _client.async_queue()
             record, segment = codec.encode_request(request, queue.name, self._owner_pid, self._inline_limit)
+        except SharedMemoryFull as exc:  # no room for the async response ring or an out-of-band segment
+            reply(self._no_room(request, exc))
+            return
         except Exception as exc:  # whatever pickling raises
             reply(self._not_picklable(request, exc))
             return
