@@ -31,10 +31,17 @@ second, not a hang until the timeout.
 
 Errors: an argument that cannot be pickled is a ``TypeError`` raised to the
 caller (nothing is sent); a result that cannot be pickled reaches the caller
-as a ServiceCallError naming the problem; a full request ring makes the caller
-wait up to the service's ``local.queue_timeout`` (never past the deadline),
-then ServiceOverloadedError; a record that cannot be decoded is logged with
-its request id when known and skipped.
+as a ServiceCallError naming the problem; a full request ring makes a sync
+caller wait up to the service's ``local.queue_timeout`` (never past the
+deadline), then ServiceOverloadedError, and an async caller not at all (the
+connection's sender thread waits for it, see :meth:`MmapConnection.send`). A
+request the host cannot decode is answered at once with a ServiceCallError that
+is also a TypeError ("could not decode the arguments ... on the host"; the
+method did not run); a response the caller cannot decode fails that call at
+once the same way ("could not be decoded in the caller"; the call ran). Both
+are marked not retryable. A record whose request id or reply address cannot be
+read is logged and skipped. No room in the shared-memory filesystem is a
+ServiceUnavailableError naming the directory and the size.
 """
 
 from __future__ import annotations
@@ -901,7 +908,13 @@ class MmapConnection(Connection):
             # Late responses of earlier calls of this thread that timed out: dropped.
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
-        """Queue ``request``; the dispatcher thread calls ``reply`` exactly once."""
+        """Queue ``request`` without ever waiting; the dispatcher (or sender) thread calls ``reply`` exactly once.
+
+        A full request ring does not block the caller: the request waits in the
+        connection's sender thread (see :meth:`_defer`), and fails with
+        ServiceOverloadedError, never sent, when no room came within the
+        service's queue timeout.
+        """
         ring = self._ring
         if ring is None:
             reply(self._unavailable(request, "the connection is closed"))
