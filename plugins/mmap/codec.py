@@ -47,6 +47,16 @@ segments are unlinked when their process exits (or stops serving calls: see
 :func:`release_pool`), and by the janitor when their owner died. Anything that
 cannot be decoded raises :class:`DecodeError`, which carries the request id
 whenever it could be read, and never leaves a segment leased.
+
+Undecodable payloads: a pickle that names a class the receiver cannot import
+(one defined in the sender's ``__main__``, or a module only the sender has) or
+whose reconstruction raises is decoded a second time, on that failure path only,
+by a lenient unpickler that puts a placeholder in place of every object it
+cannot rebuild. What that recovers, the *envelope* (request id, reply address,
+service and method names; the request ids of a response record, and the
+messages of a batch that did decode), travels on the :class:`DecodeError`, so
+the receiver can answer the sender at once instead of dropping the record. The
+success path never pays for it.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import io
 import itertools
 import mmap
 import os
@@ -69,7 +80,7 @@ from typing import Any
 
 from kservice import ServiceRequest, ServiceResponse
 
-from .ring import _pid_alive, queue_directory
+from .ring import _pid_alive, queue_directory, reserve
 
 __all__ = [
     "KIND_CALL",
@@ -137,11 +148,116 @@ _NO_METADATA: dict[str, Any] = {}
 
 
 class DecodeError(ValueError):
-    """A record could not be decoded; ``request_id`` is set when it could be read."""
+    """A record could not be decoded.
+
+    What could still be read travels with it, so the receiver can answer:
+
+    ``request_id``, ``response_queue``, ``service_name``, ``method_name``
+        of an undecodable *request* (None when unreadable; answer it only when
+        both the id and the reply address were read);
+    ``request_ids``
+        the requests whose *responses* in the record could not be decoded;
+    ``messages``
+        the messages of a batch response record that did decode (deliver them).
+    """
 
     def __init__(self, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.request_id = request_id
+        self.response_queue: str | None = None
+        self.service_name: str | None = None
+        self.method_name: str | None = None
+        self.request_ids: list[str] = []
+        self.messages: list[tuple[Any, ...]] = []
+        #: The message (or batch) as the lenient unpickler rebuilt it, None when even that failed;
+        #: ``exact`` says whether it holds the real objects wherever they could be rebuilt.
+        self.envelope: Any = None
+        self.exact = False
+
+
+class _Placeholder:
+    """What the lenient unpickler builds for an object it cannot rebuild (see the module docstring).
+
+    It accepts whatever the pickle does to it, and refuses to be pickled again,
+    which is how :func:`_holds_placeholder` finds it inside a decoded value.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise _PlaceholderFound
+
+
+class _PlaceholderFound(Exception):
+    pass
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    """Rebuilds what it can; every class or function it cannot (or, with ``exact`` off, need not) import is a placeholder."""
+
+    exact = True
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self.exact:
+            try:
+                return super().find_class(module, name)
+            except Exception:  # noqa: BLE001 - anything unimportable becomes a placeholder
+                pass
+        return _Placeholder
+
+
+def _lenient_loads(data: Any, buffers: list[Any] | None = None) -> tuple[Any, bool]:
+    """(message, exact) rebuilt leniently from a pickle the strict decoding refused; (None, False) if even that fails.
+
+    ``exact``: the real objects were rebuilt wherever they could be, placeholders
+    stand only where they could not; otherwise everything but the plain
+    containers and strings is a placeholder (the envelope fields are still right).
+    """
+    for exact in (True, False):
+        unpickler = _LenientUnpickler(io.BytesIO(data), buffers=buffers)
+        unpickler.exact = exact
+        try:
+            return unpickler.load(), exact
+        except Exception:  # noqa: BLE001 - reconstruction raised: try again without real classes
+            continue
+    return None, False
+
+
+def _holds_placeholder(value: Any) -> bool:
+    """Whether a leniently decoded value holds a placeholder anywhere (it is pickled again to look)."""
+    try:
+        _dumps_pickle(value, _PROTOCOL, buffer_callback=_keep_out_of_band)
+    except _PlaceholderFound:
+        return True
+    except Exception:  # noqa: BLE001 - not picklable here for another reason: its data arrived whole
+        return False
+    return False
+
+
+def _keep_out_of_band(buffer: pickle.PickleBuffer) -> bool:
+    return False  # never copied: only walked
+
+
+def _undecodable(what: str, exc: Exception, data: Any, buffers: list[Any] | None = None) -> DecodeError:
+    error = DecodeError(f"{what}: {type(exc).__name__}: {exc}")
+    error.envelope, error.exact = _lenient_loads(data, buffers)
+    return error
 
 
 class _BigBytes:
@@ -282,9 +398,12 @@ def _out_of_band(
 
 def _write_segment(views: list[memoryview], receiver_pid: int) -> str:
     name = f"oob-{os.getpid()}-{receiver_pid}-{secrets.token_hex(8)}.seg"
-    path = os.path.join(queue_directory(), name)
+    directory = queue_directory()
+    path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        # The reader maps whole aligned slots: reserve them all, so no page of the mapping is a hole.
+        reserve(fd, sum((v.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN for v in views), directory, "an out-of-band segment")
         offset = 0
         for view in views:
             length = view.nbytes
@@ -292,7 +411,6 @@ def _write_segment(views: list[memoryview], receiver_pid: int) -> str:
             while written < length:
                 written += os.pwrite(fd, view[written:], offset + written)
             offset += (length + _ALIGN - 1) // _ALIGN * _ALIGN
-        os.ftruncate(fd, offset)  # the reader maps whole aligned slots
     except BaseException:
         os.close(fd)
         unlink_segment(name)
@@ -435,17 +553,55 @@ def request_from_message(message: tuple[Any, ...]) -> ServiceRequest:
         or type(response_queue) is not str
         or (deadline is not None and type(deadline) is not float)
         or type(metadata) is not dict
+        or type(service_name) is not str
     ):
-        raise DecodeError(
-            "request record has fields of the wrong types",
-            request_id if type(request_id) is str else None,
-        )
+        wrong = [
+            f"{field} is a {type(value).__name__}"
+            for field, value, ok in (
+                ("the request id", request_id, type(request_id) is str),
+                ("the service name", service_name, type(service_name) is str),
+                ("the method name", method_name, type(method_name) is str),
+                ("args", args, type(args) is tuple),
+                ("kwargs", kwargs, type(kwargs) is dict),
+                ("the reply address", response_queue, type(response_queue) is str),
+                ("the deadline", deadline, deadline is None or type(deadline) is float),
+                ("metadata", metadata, type(metadata) is dict),
+            )
+            if not ok
+        ]
+        error = DecodeError(f"request record has fields of the wrong types: {', '.join(wrong)}")
+        _set_envelope(error, message)
+        raise error
     return ServiceRequest(request_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata)
 
 
+def _set_envelope(error: DecodeError, message: Any) -> None:
+    """Copy the readable envelope fields of a request tuple onto ``error``."""
+    if type(message) is not tuple or len(message) != 9:
+        return
+    _, request_id, service_name, method_name, _, _, response_queue, _, _ = message
+    if type(request_id) is str:
+        error.request_id = request_id
+    if type(response_queue) is str:
+        error.response_queue = response_queue
+    if type(service_name) is str:
+        error.service_name = service_name
+    if type(method_name) is str:
+        error.method_name = method_name
+
+
 def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
-    """(kind, request) of a request record; DecodeError (carrying the request id when readable) otherwise."""
-    message = _load(record)
+    """(kind, request) of a request record; DecodeError otherwise.
+
+    The DecodeError carries the request id and reply address whenever they
+    could be read (an argument whose class the host cannot import leaves them
+    readable), so the host can answer the caller.
+    """
+    try:
+        message = _load(record)
+    except DecodeError as exc:
+        _set_envelope(exc, exc.envelope)
+        raise
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
         what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
         raise DecodeError(f"{what} record arrived on a request queue")
@@ -468,11 +624,13 @@ class _PoolSegment:
 
     def __init__(self, capacity: int) -> None:
         self.name = f"pool-{os.getpid()}-{secrets.token_hex(8)}.seg"
-        self.path = os.path.join(queue_directory(), self.name)
+        directory = queue_directory()
+        self.path = os.path.join(directory, self.name)
         self.capacity = capacity
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, _SEG_DATA + capacity)
+            # Allocated now: written through the mapping, a sparse file on a full tmpfs means SIGBUS.
+            reserve(fd, _SEG_DATA + capacity, directory, "a pooled segment")
             self.mm = mmap.mmap(fd, _SEG_DATA + capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -764,7 +922,7 @@ def _loads_out_of_band(data: Any, buffers: list[Any], name: str) -> Any:
     try:
         return _loads(data, buffers=buffers)
     except Exception as exc:
-        raise DecodeError(f"undecodable out-of-band record ({name}): {type(exc).__name__}: {exc}") from None
+        raise _undecodable(f"undecodable out-of-band record ({name})", exc, data, buffers) from None
 
 
 def _decode_one_shot(record: bytes) -> Any:
@@ -794,7 +952,7 @@ def _load(record: bytes) -> Any:
         try:
             return _loads(record)
         except Exception as exc:
-            raise DecodeError(f"undecodable record of {len(record)} bytes: {type(exc).__name__}: {exc}") from None
+            raise _undecodable(f"undecodable record of {len(record)} bytes", exc, record) from None
     if tag == b"P":
         return _decode_pooled(record)
     if tag == b"O":
@@ -817,13 +975,35 @@ def decode(record: bytes) -> tuple[Any, ...]:
 
 
 def decode_many(record: bytes) -> list[tuple[Any, ...]]:
-    """The message tuples of one record (a batch record holds several); raises DecodeError."""
-    message = _load(record)
+    """The message tuples of one response record (a batch record holds several); raises DecodeError.
+
+    The DecodeError of a record whose results could not all be decoded names
+    their request ids (``request_ids``) and carries the batch's other messages
+    (``messages``), so each caller gets its own answer.
+    """
+    try:
+        message = _load(record)
+    except DecodeError as exc:
+        _attribute_responses(exc)
+        raise
     if type(message) is list:
         for m in message:
             _check(m)
         return message
     return [_check(message)]
+
+
+def _attribute_responses(error: DecodeError) -> None:
+    """Fill in ``request_ids`` and ``messages`` of a response record's DecodeError from its envelope."""
+    envelope = error.envelope
+    batch = envelope if type(envelope) is list else [envelope]
+    for message in batch:
+        if type(message) is not tuple or len(message) not in (2, 9) or type(message[0]) is not str:
+            continue
+        if error.exact and type(envelope) is list and not _holds_placeholder(message):
+            error.messages.append(message)
+        else:
+            error.request_ids.append(message[0])
 
 
 def discard(record: bytes) -> None:

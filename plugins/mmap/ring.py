@@ -124,6 +124,22 @@ received normally.  Payload bytes are not checksummed; decoding failures of a
 payload are reported by the layer that decodes it.  A header with the wrong
 magic, version, size or geometry raises :class:`QueueLayoutError` on attach.
 
+A lock that stays held is treated as corruption too: a producer holds it for
+microseconds, so one that cannot be taken for :data:`LOCK_STUCK` seconds (its
+word overwritten, or its holder stopped) raises :class:`QueueWedged` naming the
+queue and the thread the lock word names, instead of waiting for ever. Closing
+(:meth:`ShmQueue.mark_closed`) sets the closed flag and wakes every waiter even
+when the lock cannot be taken, and a consumer sees the closed flag without
+taking the lock, so the owner of a damaged queue can always stop.
+
+Reserved space
+--------------
+Queue files are allocated in full when they are created (``posix_fallocate``),
+not sized sparse: on a full tmpfs a write through the mapping to a page that
+was never allocated kills the process with SIGBUS. Creating a queue on a full
+tmpfs raises :class:`SharedMemoryFull` (an ``OSError`` with ``errno.ENOSPC``)
+naming the directory and the size instead.
+
 Compiled fast path
 ------------------
 ``put`` and the consumer's pop run compiled code when the optional C extension
@@ -183,12 +199,15 @@ __all__ = [
     "QueueError",
     "QueueFull",
     "QueueLayoutError",
+    "QueueWedged",
     "RecordTooLarge",
+    "SharedMemoryFull",
     "ShmQueue",
     "attach_queue",
     "create_queue",
     "queue_directory",
     "reclaim_stale_queues",
+    "reserve",
 ]
 
 
@@ -223,6 +242,41 @@ class QueueCorrupted(QueueError):
     """The consumer met an undecodable frame; committed data was dropped, the queue still works."""
 
 
+class QueueWedged(QueueError):
+    """The queue's lock could not be taken for :data:`LOCK_STUCK` seconds, or is unusable: its header is damaged."""
+
+
+class SharedMemoryFull(OSError):
+    """No room in the queue directory's filesystem for a new queue or segment (``errno.ENOSPC``)."""
+
+
+def reserve(fd: int, size: int, directory: Path | str, what: str) -> None:
+    """Give the file at ``fd`` ``size`` bytes, every block allocated now (never a sparse file).
+
+    Raises :class:`SharedMemoryFull` naming ``directory``, ``what`` and the
+    size when the filesystem has no room: writing through a mapping of a sparse
+    file on a full tmpfs would kill the process with SIGBUS instead.
+    """
+    if size <= 0:
+        os.ftruncate(fd, 0)
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise
+        try:
+            st = os.statvfs(directory)
+            free = f"{st.f_bavail * st.f_frsize} of {st.f_blocks * st.f_frsize} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise SharedMemoryFull(
+            errno.ENOSPC,
+            f"no room in {directory} for {what} of {size} bytes ({free}): the shared-memory filesystem is full; "
+            "free space there (kservice cleanup removes what dead processes left) or make it larger",
+        ) from exc
+
+
 # --------------------------------------------------------------------------- layout
 
 MAGIC = b"KSVRING\x00"
@@ -246,6 +300,8 @@ _OFF_HEAD = 192  # u64
 _OFF_SPACE_SEQ = 208  # u32 futex word
 _OFF_SPACE_WAITERS = 212  # u32 flag
 _OFF_MUTEX = 256
+#: Seconds a lock may stay held before the queue is taken to be damaged (holders keep it for microseconds).
+LOCK_STUCK = 5.0
 
 # Indices of the shared words in the handle's u64 / u32 views of the mapping.
 _TAIL = _OFF_TAIL >> 3
@@ -617,15 +673,19 @@ class ShmQueue:
     # -- locking --------------------------------------------------------------
 
     def _lock(self, deadline: float | None) -> None:
+        """Take the producers' lock; ``deadline`` None waits at most :data:`LOCK_STUCK` (then QueueWedged)."""
         rc = _trylock(self._lock_arg)
         if rc:
             self._lock_slow(rc, deadline)
 
     def _lock_slow(self, rc: int, deadline: float | None) -> None:
         if rc == errno.EBUSY:
-            rc = _futex.mutex_lock(self._lock_addr, deadline)
+            stuck = deadline is None
+            rc = _futex.mutex_lock(self._lock_addr, time.monotonic() + LOCK_STUCK if stuck else deadline)
             if rc == 0:
                 return
+            if rc == errno.ETIMEDOUT and stuck:
+                raise QueueWedged(f"queue {self.name!r}: {self._lock_state()}")
         if rc == errno.EOWNERDEAD:
             # The previous holder died inside its critical section.  Nothing it
             # did there is visible before its final tail store, so the ring is
@@ -636,8 +696,21 @@ class ShmQueue:
         if rc == errno.ETIMEDOUT:
             raise QueueFull(f"queue {self.name!r}: timed out waiting for the producers' lock")
         if rc == errno.ENOTRECOVERABLE:
-            raise QueueError(f"queue {self.name!r}: its lock is unrecoverable; recreate the queue")
-        raise OSError(rc, f"queue {self.name!r}: locking failed: {os.strerror(rc)}")
+            raise QueueWedged(f"queue {self.name!r}: its lock is unrecoverable; recreate the queue")
+        raise QueueWedged(
+            f"queue {self.name!r}: its lock is unusable ({os.strerror(rc)}): the queue's header is damaged; recreate the queue"
+        )
+
+    def _lock_state(self) -> str:
+        """Why the lock could not be taken, for QueueWedged (names the thread the lock word holds)."""
+        owner = self._w32[_OFF_MUTEX >> 2] & 0x3FFFFFFF
+        holder = "no thread" if not owner else f"thread {owner}"
+        if owner and not os.path.exists(f"/proc/{owner}"):
+            holder += ", which does not exist"
+        return (
+            f"its producers' lock stayed held for {LOCK_STUCK:.0f} s (the lock word names {holder}): the queue's "
+            "header is damaged, or a process holding the lock is stopped; recreate the queue (restart its owner)"
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -825,7 +898,12 @@ class ShmQueue:
 
     def _wake_producers(self) -> None:
         w32 = self._w32
-        self._lock(None)
+        try:
+            self._lock(None)
+        except QueueWedged:
+            # Producers cannot take a wedged lock to put anyway; the records just popped stay ours.
+            _futex_wake(self._space_seq_addr)
+            return
         try:
             w32[_SPACE_WAITERS] = 0
             w32[_SPACE_SEQ] = (w32[_SPACE_SEQ] + 1) & _M32
@@ -939,6 +1017,8 @@ class ShmQueue:
             with rlock:
                 got = self._pop(max_items)
                 if got is _EMPTY:
+                    if w32[_CLOSED] and w64[_TAIL] == w64[_HEAD]:  # without the lock: closing is final
+                        raise QueueClosed(f"queue {self.name!r} is closed")
                     self._lock(None)
                     try:
                         if w64[_TAIL] != w64[_HEAD]:
@@ -1052,7 +1132,13 @@ class ShmQueue:
         """Stop serving: later puts raise QueueClosed; every blocked waiter wakes up."""
         self._check_open()
         w32 = self._w32
-        self._lock(None)
+        try:
+            self._lock(time.monotonic() + 1.0)
+            locked = True
+        except QueueError:
+            # A damaged lock must not keep the owner from stopping: close without it (every
+            # waiter re-reads the flag after its wake-up or its wait slice).
+            locked = False
         try:
             w32[_CLOSED] = 1
             w32[_ASLEEP] = 0
@@ -1060,7 +1146,8 @@ class ShmQueue:
             w32[_SPACE_WAITERS] = 0
             w32[_SPACE_SEQ] = (w32[_SPACE_SEQ] + 1) & _M32
         finally:
-            _unlock(self._lock_arg)
+            if locked:
+                _unlock(self._lock_arg)
         _futex_wake(self._data_seq_addr)
         _futex_wake(self._space_seq_addr)
 
@@ -1155,7 +1242,7 @@ def create_queue(
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            os.ftruncate(fd, HEADER_SIZE + capacity)
+            reserve(fd, HEADER_SIZE + capacity, d, f"queue {name!r}")
             mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             try:
                 _STATIC.pack_into(

@@ -31,15 +31,23 @@ second, not a hang until the timeout.
 
 Errors: an argument that cannot be pickled is a ``TypeError`` raised to the
 caller (nothing is sent); a result that cannot be pickled reaches the caller
-as a ServiceCallError naming the problem; a full request ring makes the caller
-wait up to the service's ``local.queue_timeout`` (never past the deadline),
-then ServiceOverloadedError; a record that cannot be decoded is logged with
-its request id when known and skipped.
+as a ServiceCallError naming the problem; a full request ring makes a sync
+caller wait up to the service's ``local.queue_timeout`` (never past the
+deadline), then ServiceOverloadedError, and an async caller not at all (the
+connection's sender thread waits for it, see :meth:`MmapConnection.send`). A
+request the host cannot decode is answered at once with a ServiceCallError that
+is also a TypeError ("could not decode the arguments ... on the host"; the
+method did not run); a response the caller cannot decode fails that call at
+once the same way ("could not be decoded in the caller"; the call ran). Both
+are marked not retryable. A record whose request id or reply address cannot be
+read is logged and skipped. No room in the shared-memory filesystem is a
+ServiceUnavailableError naming the directory and the size.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import itertools
 import logging
@@ -72,6 +80,8 @@ from .ring import (
     QueueError,
     QueueFull,
     QueueLayoutError,
+    QueueWedged,
+    SharedMemoryFull,
     ShmQueue,
     attach_queue,
     create_queue,
@@ -110,6 +120,21 @@ def _inline_limit(queue: ShmQueue) -> int:
 
 def _runtime_error(request_id: str, error: BaseException) -> ServiceResponse:
     return ServiceResponse.from_exception(request_id, error, origin="runtime").for_wire()
+
+
+#: Response metadata key the retry policy reads: False means re-sending cannot help.
+RETRYABLE = "kservice.retryable"
+
+
+def _undecodable_response(request_id: str, call: str, exc: codec.DecodeError) -> ServiceResponse:
+    """The failure a caller gets for a response it received but cannot decode: the call ran."""
+    error = TypeError(
+        f"the result of {call} could not be decoded in the caller (pid {os.getpid()}): {exc}; the call ran in the "
+        "service, its result is lost here. The result's class must be importable by the caller under the same module name"
+    )
+    response = ServiceResponse.from_exception(request_id, error, origin="service", with_traceback=False)
+    response.metadata = {RETRYABLE: False}
+    return response
 
 
 def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
@@ -215,7 +240,14 @@ class MmapListener(Listener):
             except QueueClosed:
                 return
             except QueueError as exc:  # QueueCorrupted: the ring dropped bad bytes and carries on
-                log.warning("mmap listener of %r: %s", self._task.service_name, exc)
+                if isinstance(exc, QueueWedged):
+                    log.error(
+                        "mmap listener of %r: its request ring %s cannot be used: %s", self._task.service_name, self.queue.name, exc
+                    )
+                else:
+                    log.warning("mmap listener of %r: %s", self._task.service_name, exc)
+                if not self._accepting:
+                    return  # stopping: a damaged ring must not keep the host from it
                 continue
             except Exception:  # keep serving whatever happens
                 log.exception("mmap listener of %r: receiving failed", self._task.service_name)
@@ -252,12 +284,7 @@ class MmapListener(Listener):
         try:
             kind, request = codec.decode_request(record)
         except codec.DecodeError as exc:
-            log.warning(
-                "mmap listener of %r: skipped an undecodable request (request id %s): %s",
-                self._task.service_name,
-                exc.request_id or "unknown",
-                exc,
-            )
+            self._undecodable_request(exc)
             return
         if kind == codec.KIND_STATUS:
             self._reply_status(request)
@@ -309,10 +336,40 @@ class MmapListener(Listener):
             response = _runtime_error(request.request_id, ServiceUnavailableError(f"status failed: {exc}"))
         self._reply(request, response)
 
+    def _undecodable_request(self, exc: codec.DecodeError) -> None:
+        """Answer a request the host cannot decode at once, when its id and reply address could be read.
+
+        The method did not run. The answer is a ServiceCallError that is also a
+        TypeError, marked not retryable (the same bytes would fail the same way).
+        A record without a readable reply address (garbage) is logged and dropped.
+        """
+        service = self._task.service_name
+        if exc.request_id is None or not exc.response_queue:
+            log.warning("mmap listener of %r: skipped an undecodable record (no request id or reply address): %s", service, exc)
+            return
+        method = exc.method_name if exc.method_name is not None else "?"
+        log.warning(
+            "mmap listener of %r: answered an undecodable request %s (%s) with an error: %s", service, exc.request_id, method, exc
+        )
+        error = TypeError(
+            f"could not decode the arguments of {service}.{method} on the host (pid {os.getpid()}): {exc}; "
+            "the method did not run. Every argument's class must be importable by the host under the same "
+            "module name (a class defined in the caller's __main__ is not)"
+        )
+        response = ServiceResponse.from_exception(exc.request_id, error, origin="service", with_traceback=False)
+        response.exception = None
+        response.metadata = {RETRYABLE: False}
+        request = ServiceRequest(exc.request_id, service, method, response_queue_name=exc.response_queue)
+        self._reply(request, response)
+
     def _refuse(self, record: bytes, why: str) -> None:
         try:
             _, request = codec.decode_request(record)
-        except Exception:  # undecodable: decode() already unlinked its segment
+        except codec.DecodeError as exc:  # its segment is released already; answer when the caller can be told
+            if exc.request_id is None or not exc.response_queue:
+                return
+            request = ServiceRequest(exc.request_id, self._task.service_name, "", response_queue_name=exc.response_queue)
+        except Exception:  # noqa: BLE001 - nothing readable to answer
             return
         error = ServiceUnavailableError(f"service {self._task.service_name!r} is unavailable: {why}")
         self._reply(request, _runtime_error(request.request_id, error))
@@ -347,6 +404,8 @@ class MmapListener(Listener):
             response = response.for_wire()
         try:
             record, segment = codec.encode_response(response, queue.owner_pid, _inline_limit(queue))
+        except SharedMemoryFull as exc:  # no room for its out-of-band segment: the caller learns why
+            record, segment = codec.encode_response(_unsendable_result(request, exc), queue.owner_pid, 1 << 30)
         except Exception as exc:  # the result (or error) cannot be pickled
             record, segment = codec.encode_response(_unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30)
         put = queue.compiled_put
@@ -395,6 +454,15 @@ class MmapListener(Listener):
                 name,
                 exc,
             )
+
+
+def _unsendable_result(request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
+    error = ServiceUnavailableError(
+        f"the response of {request.service_name}.{request.method_name} could not be sent back: {exc}; the call ran"
+    )
+    failed = _runtime_error(request.request_id, error)
+    failed.metadata = {RETRYABLE: False}  # it ran: re-sending would run it again
+    return failed
 
 
 def _unpicklable_result(request: ServiceRequest, response: ServiceResponse, exc: BaseException) -> ServiceResponse:
@@ -584,8 +652,8 @@ class _ClientRings:
                 try:
                     messages = decode_many(record)
                 except codec.DecodeError as exc:
-                    log.warning("mmap async responses: skipped an undecodable response: %s", exc)
-                    continue
+                    messages = exc.messages
+                    self._fail_undecodable(exc)
                 for message in messages:
                     request_id = message[0]
                     reply = pop(request_id, None)
@@ -600,6 +668,22 @@ class _ClientRings:
             if now >= next_check:
                 next_check = now + LIVENESS_INTERVAL
                 self._check_pending()
+
+    def _fail_undecodable(self, exc: codec.DecodeError) -> None:
+        """Fail, at once, the async calls whose responses arrived but cannot be decoded."""
+        if not exc.request_ids:
+            log.warning("mmap async responses: skipped an undecodable response (no request id readable): %s", exc)
+        for request_id in exc.request_ids:
+            conn = self.senders.pop(request_id, None)
+            reply = self.pending.pop(request_id, None)
+            if reply is None:
+                continue  # its caller already gave up
+            call = f"a call to {conn._service_name!r}" if conn is not None else "an async call"
+            log.warning("mmap async responses: the response to %s (%s) cannot be decoded: %s", request_id, call, exc)
+            try:
+                reply(_undecodable_response(request_id, call, exc))
+            except Exception:  # a failing callback must not stop the dispatcher
+                log.exception("mmap async responses: completing %s failed", request_id)
 
     def _check_pending(self) -> None:
         """Answer requests whose host died (those whose caller timed out were dropped by ``forget``)."""
@@ -694,6 +778,11 @@ class MmapConnection(Connection):
         self._owner_pid = ring.owner_pid
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
+        # Async requests that met a full ring (or a busy lock), oldest first, with the monotonic
+        # time at which each gives up; sent by the connection's sender thread (see send).
+        self._backlog: collections.deque[tuple[ServiceRequest, bytes, str | None, float, float]] = collections.deque()
+        self._backlog_lock = threading.Lock()
+        self._sender: threading.Thread | None = None
         _client.connection_opened()
         _pool_user(1)
 
@@ -719,13 +808,7 @@ class MmapConnection(Connection):
             return None
         except QueueFull:
             codec.unlink_segment(segment)
-            return _runtime_error(
-                request.request_id,
-                ServiceOverloadedError(
-                    f"service {self._service_name!r} is overloaded: its request queue stayed full for "
-                    f"{wait:.3f}s (service.local.queue_timeout={self._queue_timeout})"
-                ),
-            )
+            return self._overloaded(request, wait)
         except QueueClosed:
             codec.unlink_segment(segment)
             return self._unavailable(request, "it is stopping or its host is gone")
@@ -733,11 +816,25 @@ class MmapConnection(Connection):
             codec.unlink_segment(segment)
             raise
 
+    def _overloaded(self, request: ServiceRequest, waited: float) -> ServiceResponse:
+        return _runtime_error(
+            request.request_id,
+            ServiceOverloadedError(
+                f"service {self._service_name!r} is overloaded: its request queue stayed full for "
+                f"{waited:.3f}s (service.local.queue_timeout={self._queue_timeout}); the request was never sent"
+            ),
+        )
+
     def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
         try:
             return codec.encode_request(request, response_queue, self._owner_pid, self._inline_limit)
+        except SharedMemoryFull as exc:
+            return self._no_room(request, exc)
         except Exception as exc:  # whatever pickling raises
             return self._not_picklable(request, exc)
+
+    def _no_room(self, request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
+        return self._unavailable(request, f"{exc}; nothing was sent")
 
     @staticmethod
     def _not_picklable(request: ServiceRequest, exc: Exception) -> ServiceResponse:
@@ -759,7 +856,10 @@ class MmapConnection(Connection):
         ring = self._ring
         if ring is None:
             return self._unavailable(request, "the connection is closed")
-        holder = _client.acquire()
+        try:
+            holder = _client.acquire()
+        except SharedMemoryFull as exc:  # no room for this thread's response ring
+            return self._no_room(request, exc)
         try:
             queue = holder.queue
             encoded = self._encode(request, queue.name)
@@ -796,40 +896,124 @@ class MmapConnection(Connection):
             try:
                 messages = codec.decode_many(record)
             except codec.DecodeError as exc:
-                log.warning("mmap response queue %s: skipped an undecodable response: %s", queue.name, exc)
-                continue
+                if request_id in exc.request_ids:
+                    call = f"{request.service_name}.{request.method_name}"
+                    return _undecodable_response(request_id, call, exc)
+                if not exc.messages:
+                    log.warning("mmap response queue %s: skipped an undecodable response: %s", queue.name, exc)
+                messages = exc.messages
             for message in messages:
                 if message[0] == request_id:
                     return codec.response_from_message(message)
             # Late responses of earlier calls of this thread that timed out: dropped.
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
-        """Queue ``request``; the dispatcher thread calls ``reply`` exactly once."""
+        """Queue ``request`` without ever waiting; the dispatcher (or sender) thread calls ``reply`` exactly once.
+
+        A full request ring does not block the caller: the request waits in the
+        connection's sender thread (see :meth:`_defer`), and fails with
+        ServiceOverloadedError, never sent, when no room came within the
+        service's queue timeout.
+        """
         ring = self._ring
         if ring is None:
             reply(self._unavailable(request, "the connection is closed"))
             return
-        queue = _client._async_queue or _client.async_queue()
         try:
+            queue = _client._async_queue or _client.async_queue()
             record, segment = codec.encode_request(request, queue.name, self._owner_pid, self._inline_limit)
+        except SharedMemoryFull as exc:  # no room for the async response ring or an out-of-band segment
+            reply(self._no_room(request, exc))
+            return
         except Exception as exc:  # whatever pickling raises
             reply(self._not_picklable(request, exc))
             return
         request_id = request.request_id
         _client.pending[request_id] = reply
         _client.senders[request_id] = self
-        # Every pipelined call takes this path: the compiled put first, which needs no timeout.
-        put = ring.compiled_put
-        if put is not None and not put(record):
-            return
-        try:
-            failed = self._put(ring, request, record, segment)
-        except BaseException:
-            self.cancel(request)
-            raise
-        if failed is not None and _client.pending.pop(request_id, None) is not None:
+        if not self._backlog:  # nothing of this connection waits for room: the request may go first
+            # Every pipelined call takes this path: the compiled put first, which needs no timeout.
+            put = ring.compiled_put
+            if put is not None and not put(record):
+                return
+            try:
+                ring.put(record, 0)  # never waits: a full ring (or a busy lock) raises QueueFull at once
+                return
+            except QueueFull:
+                pass
+            except QueueClosed:
+                codec.unlink_segment(segment)
+                self._fail_unsent(request_id, self._unavailable(request, "it is stopping or its host is gone"))
+                return
+            except BaseException:
+                codec.unlink_segment(segment)
+                self.cancel(request)
+                raise
+        self._defer(request, record, segment)
+
+    def _defer(self, request: ServiceRequest, record: bytes, segment: str | None) -> None:
+        """Queue an async request that met a full ring; the sender thread puts it (the caller never waits).
+
+        It waits there up to the service's queue timeout from now (never past
+        its deadline), in order behind this connection's earlier deferred
+        requests, then fails with ServiceOverloadedError: it was never sent.
+        A request whose caller gave up meanwhile (timeout, cancel) is dropped
+        unsent.
+        """
+        deadline = request.deadline
+        wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline - _time())
+        wait = wait if wait > 0 else 0.0
+        with self._backlog_lock:
+            self._backlog.append((request, record, segment, time.monotonic() + wait, wait))
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_backlog, name=f"kservice-mmap-sender-{self._service_name}", daemon=True
+                )
+                self._sender.start()
+
+    def _send_backlog(self) -> None:
+        backlog = self._backlog
+        while True:
+            with self._backlog_lock:
+                if not backlog:
+                    self._sender = None
+                    return
+                request, record, segment, give_up_at, allowed = backlog[0]
+            request_id = request.request_id
+            failed: ServiceResponse | None = None
+            ring = self._ring
+            if request_id not in _client.pending:
+                codec.unlink_segment(segment)  # its caller gave up: never sent
+            elif ring is None:
+                codec.unlink_segment(segment)
+                failed = self._unavailable(request, "the connection was closed before the request was sent")
+            else:
+                wait = give_up_at - time.monotonic()
+                try:
+                    ring.put(record, wait if wait > 0 else 0)
+                except QueueFull:
+                    codec.unlink_segment(segment)
+                    failed = self._overloaded(request, allowed)
+                except QueueClosed:
+                    codec.unlink_segment(segment)
+                    failed = self._unavailable(request, "it is stopping or its host is gone")
+                except Exception as exc:  # noqa: BLE001 - fails this request, the sender goes on
+                    codec.unlink_segment(segment)
+                    failed = _runtime_error(request_id, ServiceUnavailableError(f"cannot send the request: {exc}"))
+            with self._backlog_lock:
+                backlog.popleft()
+            if failed is not None:
+                self._fail_unsent(request_id, failed)
+
+    @staticmethod
+    def _fail_unsent(request_id: str, failed: ServiceResponse) -> None:
+        reply = _client.pending.pop(request_id, None)
+        if reply is not None:
             _client.senders.pop(request_id, None)
-            reply(failed)
+            try:
+                reply(failed)
+            except Exception:  # a failing callback must not stop the sender
+                log.exception("mmap: completing %s failed", request_id)
 
     def cancel(self, request: ServiceRequest) -> None:
         """The caller timed out: forget the request (a service never starts work past its deadline)."""

@@ -54,6 +54,17 @@ class KV:
     def unpicklable(self) -> Any:
         return threading.Lock()
 
+    def host_only(self, value: Any = None) -> Any:
+        """An object of a class only this process can import (a module it made up): callers cannot unpickle it."""
+        import types
+
+        module = sys.modules.get("kservice_host_only")
+        if module is None:
+            module = types.ModuleType("kservice_host_only")
+            exec("class HostOnly:\n    def __init__(self, value):\n        self.value = value\n", module.__dict__)
+            sys.modules["kservice_host_only"] = module
+        return module.HostOnly(value)
+
     def make_bytes(self, n: int) -> bytes:
         return b"\x07" * n
 

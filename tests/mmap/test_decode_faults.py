@@ -1,0 +1,157 @@
+"""Values the other side cannot decode get an immediate, typed answer naming what and where (mmap transport).
+
+Before, the receiver logged and dropped such a record and the caller waited
+its whole timeout for a ServiceTimeoutError. Each test uses a 30 s timeout (the
+default) and asserts the answer came within a few seconds, that it is typed,
+and that the service serves the next call.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager, ServiceRequest
+from kservice.plugins.mmap import codec
+from kservice.plugins.mmap.ring import QueueEmpty, attach_queue, create_queue
+
+from .services import KV, unique
+
+pytestmark = pytest.mark.timeout(90)
+
+NO_RETRIES = {"service_call": {"max_retries": 0}, "breaker": {"enabled": False}}
+#: What the bug cost: the caller's full timeout. The answer must come far sooner.
+TIMEOUT = 30.0
+PROMPT = 8.0
+
+
+@pytest.fixture
+def kv() -> Iterator[tuple[ServiceEnvironment, ServiceManager, str]]:
+    name = unique("kv")
+    env = ServiceEnvironment("decode-faults", NO_RETRIES)
+    env.register_service(name, ServiceFactory(name, KV), kind="process")
+    with env:
+        yield env, env.manager(), name
+
+
+def _main_only_class(monkeypatch: pytest.MonkeyPatch) -> type:
+    """A class living in this process's ``__main__``, as in a script: another process cannot unpickle it."""
+
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    Point.__module__ = "__main__"
+    Point.__qualname__ = Point.__name__ = "PointOnlyInTheCaller"
+    monkeypatch.setattr(sys.modules["__main__"], "PointOnlyInTheCaller", Point, raising=False)
+    return Point
+
+
+def test_an_argument_the_host_cannot_decode_fails_the_call_at_once_and_the_host_keeps_serving(
+    kv: tuple[ServiceEnvironment, ServiceManager, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, manager, name = kv
+    point = _main_only_class(monkeypatch)
+    for attempt in ("sync", "async"):
+        started = time.monotonic()
+        with pytest.raises(ServiceCallError) as caught:
+            if attempt == "sync":
+                manager.call_service_sync(name, "echo", (point(1),), timeout=TIMEOUT)
+            else:
+                manager.call_service_async(name, "echo", (point(1),), timeout=TIMEOUT).result(TIMEOUT + 5)
+        assert time.monotonic() - started < PROMPT, attempt
+        error = caught.value
+        assert isinstance(error, TypeError)
+        message = str(error)
+        assert "could not decode the arguments" in message and "on the host" in message, message
+        assert "PointOnlyInTheCaller" in message and f"{name}.echo" in message, message
+        assert "did not run" in message
+        assert manager.call_service_sync(name, "echo", (attempt,)) == attempt
+
+
+def test_a_result_the_caller_cannot_decode_fails_that_call_at_once_and_says_it_ran(
+    kv: tuple[ServiceEnvironment, ServiceManager, str],
+) -> None:
+    _, manager, name = kv
+    for attempt in ("sync", "async", "sync"):  # the second sync call: the method now runs inline
+        started = time.monotonic()
+        with pytest.raises(ServiceCallError) as caught:
+            if attempt == "sync":
+                manager.call_service_sync(name, "host_only", (1,), timeout=TIMEOUT)
+            else:
+                manager.call_service_async(name, "host_only", (1,), timeout=TIMEOUT).result(TIMEOUT + 5)
+        assert time.monotonic() - started < PROMPT, attempt
+        assert isinstance(caught.value, TypeError)
+        message = str(caught.value)
+        assert "could not be decoded in the caller" in message and "kservice_host_only" in message, message
+        assert "the call ran" in message
+        assert manager.call_service_sync(name, "echo", (attempt,)) == attempt
+
+
+def test_in_a_batch_of_responses_only_the_undecodable_ones_fail(kv: tuple[ServiceEnvironment, ServiceManager, str]) -> None:
+    _, manager, name = kv
+    for method in ("echo", "host_only"):  # measured fast: from now on both run inline, answered in batches
+        for _ in range(3):
+            try:
+                manager.call_service_sync(name, method, (0,), timeout=TIMEOUT)
+            except ServiceCallError:
+                pass
+    started = time.monotonic()
+    futures = [
+        manager.call_service_async(name, "host_only" if i % 3 == 0 else "echo", (i,), timeout=TIMEOUT) for i in range(300)
+    ]
+    for i, future in enumerate(futures):
+        if i % 3 == 0:
+            error = future.exception(TIMEOUT + 5)
+            assert isinstance(error, ServiceCallError) and isinstance(error, TypeError), error
+            assert "could not be decoded in the caller" in str(error)
+        else:
+            assert future.result(TIMEOUT + 5) == i
+    assert time.monotonic() - started < PROMPT
+    assert manager.call_service_sync(name, "echo", ("after",)) == "after"
+
+
+def test_a_request_with_fields_of_the_wrong_type_is_answered_naming_them(
+    kv: tuple[ServiceEnvironment, ServiceManager, str],
+) -> None:
+    _, manager, name = kv
+    target = manager.get_service_queue(name).queue_name  # type: ignore[attr-defined]
+    ring = attach_queue(target)
+    replies = create_queue(unique("rsp.test"), 1 << 16)
+    try:
+        request = ServiceRequest("bad-1", name, 12345, ("x",), {}, deadline=time.time() + TIMEOUT)  # type: ignore[arg-type]
+        record, _ = codec.encode_request(request, replies.name, ring.owner_pid, 1 << 16)
+        ring.put(record, 5)
+        try:
+            reply = replies.get(PROMPT)
+        except QueueEmpty:
+            pytest.fail("the host did not answer a request whose method name is not a str")
+        [message] = codec.decode_many(reply)
+        response = codec.response_from_message(message)
+        assert response.request_id == "bad-1" and not response.success
+        assert response.error_type == "TypeError"
+        assert "the method name is a int" in (response.error or "")
+        assert response.metadata.get("kservice.retryable") is False
+    finally:
+        ring.close()
+        replies.close()
+        replies.unlink()
+    assert manager.call_service_sync(name, "echo", (1,)) == 1
+
+
+def test_lenient_decoding_recovers_the_envelope_of_a_request_only_its_sender_can_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    point = _main_only_class(monkeypatch)
+    request = ServiceRequest("rid-7", "svc", "echo", (point(1),), {}, deadline=time.time() + 5)
+    record, _ = codec.encode_request(request, "rsp.somewhere", 0, 1 << 16)
+    monkeypatch.delattr(sys.modules["__main__"], "PointOnlyInTheCaller")  # as in the host: the class is not there
+    with pytest.raises(codec.DecodeError, match="PointOnlyInTheCaller") as caught:
+        codec.decode_request(record)
+    error = caught.value
+    assert (error.request_id, error.response_queue, error.service_name, error.method_name) == (
+        "rid-7",
+        "rsp.somewhere",
+        "svc",
+        "echo",
+    )
