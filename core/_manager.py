@@ -173,7 +173,8 @@ class _Route:
         known = self.idempotent.get(method_name)
         if known is None:
             known = is_idempotent(self.service_class, method_name, self.options.get("idempotent", ()))
-            self.idempotent[method_name] = known
+            if len(self.idempotent) < 1024:  # bounded: callers may try any number of (unknown) names
+                self.idempotent[method_name] = known
         return known
 
 
@@ -340,8 +341,12 @@ class ServiceManager:
         ``kwargs`` reach the method verbatim (a parameter may be called
         ``timeout`` or ``method``). ``timeout`` (seconds) defaults to
         ``service_call.default_timeout``; it bounds the whole call, retries
-        included. Raises the errors listed on the class.
+        included. Raises the errors listed on the class, and TypeError or
+        ValueError at once (nothing sent) for a ``method`` that is not a
+        non-empty str.
         """
+        if type(method) is not str or not method:
+            method = _checked_method_name(method)
         route = self._route(service_name)
         admit = route.admit
         if admit is not None:
@@ -413,8 +418,12 @@ class ServiceManager:
         The future is completed by the transport's response path (or with
         ServiceTimeoutError at the deadline by the manager's timer thread).
         Cancelling it before completion drops the response when it arrives.
-        Resolution errors (unknown service) are raised here, not in the future.
+        Resolution errors (unknown service) are raised here, not in the future,
+        and so are TypeError or ValueError for a ``method`` that is not a
+        non-empty str (nothing is sent).
         """
+        if type(method) is not str or not method:
+            method = _checked_method_name(method)
         route = self._route(service_name)
         admit = route.admit
         if admit is not None:
@@ -661,3 +670,24 @@ class ServiceProxy:
 
     def __repr__(self) -> str:
         return f"<ServiceProxy {self._service_name!r}>"
+
+
+def _checked_method_name(method: Any) -> str:
+    """``method`` as a plain str, for a name that failed the call's fast check; raises naming what is wrong.
+
+    A str subclass (an enum member, say) is accepted as its plain string value.
+    """
+    if isinstance(method, str):
+        if method:
+            return str.__str__(method)
+        raise ValueError("a method name must be a non-empty str, got '' (pass the name of a public method of the service)")
+    try:
+        shown = repr(method)
+    except Exception:  # noqa: BLE001 - a __repr__ that raises
+        shown = f"a {type(method).__name__} object"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise TypeError(
+        f"a method name must be a non-empty str, not {type(method).__name__} {shown} "
+        "(pass the name of a public method of the service)"
+    )
