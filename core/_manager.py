@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._context import _current_request, is_idempotent
-from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
+from ._errors import MethodNotFoundError, ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
 from ._future import CallFuture, future_lock
 from ._messages import NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
@@ -341,9 +341,9 @@ class ServiceManager:
         ``kwargs`` reach the method verbatim (a parameter may be called
         ``timeout`` or ``method``). ``timeout`` (seconds) defaults to
         ``service_call.default_timeout``; it bounds the whole call, retries
-        included. Raises the errors listed on the class, and TypeError or
-        ValueError at once (nothing sent) for a ``method`` that is not a
-        non-empty str.
+        included. Raises the errors listed on the class; a ``method`` that is
+        not a str is a TypeError, the empty name MethodNotFoundError, both
+        raised at once with nothing sent.
         """
         if type(method) is not str or not method:
             method = _checked_method_name(method)
@@ -419,8 +419,8 @@ class ServiceManager:
         ServiceTimeoutError at the deadline by the manager's timer thread).
         Cancelling it before completion drops the response when it arrives.
         Resolution errors (unknown service) are raised here, not in the future,
-        and so are TypeError or ValueError for a ``method`` that is not a
-        non-empty str (nothing is sent).
+        and so are TypeError for a ``method`` that is not a str and
+        MethodNotFoundError for the empty name (nothing is sent).
         """
         if type(method) is not str or not method:
             method = _checked_method_name(method)
@@ -675,12 +675,16 @@ class ServiceProxy:
 def _checked_method_name(method: Any) -> str:
     """``method`` as a plain str, for a name that failed the call's fast check; raises naming what is wrong.
 
-    A str subclass (an enum member, say) is accepted as its plain string value.
+    A str subclass (an enum member, say) is accepted as its plain string value;
+    the empty name is MethodNotFoundError, any other value TypeError.
     """
     if isinstance(method, str):
         if method:
             return str.__str__(method)
-        raise ValueError("a method name must be a non-empty str, got '' (pass the name of a public method of the service)")
+        # MethodNotFoundError, as the service itself would answer, but raised before anything is sent.
+        raise MethodNotFoundError(
+            "a method name must be a non-empty str, got '' (pass the name of a public method of the service)"
+        )
     try:
         shown = repr(method)
     except Exception:  # noqa: BLE001 - a __repr__ that raises

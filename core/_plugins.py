@@ -235,11 +235,25 @@ def _collect_registrations(hook_name: str) -> list[tuple[str, tuple[Any, ...]]]:
     pm = get_plugin_manager()
     collected: list[tuple[str, tuple[Any, ...]]] = []
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
-        def register(*args: Any, _plugin: str = impl.plugin_name) -> None:
-            collected.append((_plugin, args))
+        registered: list[tuple[str, tuple[Any, ...]]] = []
+
+        def register(*args: Any, _plugin: str = impl.plugin_name, _into: list[Any] = registered) -> None:
+            _into.append((_plugin, args))
 
         # Called per implementation (not through pm.hook) to know which plugin registered what.
-        impl.function(*[register for _ in impl.argnames])
+        try:
+            impl.function(*[register for _ in impl.argnames])
+        except Exception as exc:
+            message = f"kservice plugin {impl.plugin_name!r}: its {hook_name} raised {_describe_failure(exc)}"
+            if _strict():
+                raise PluginError(message) from exc
+            warnings.warn(
+                message + f" (its contributions are skipped; set {STRICT_ENV_VAR}=1 to make this an error)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        collected.extend(registered)
     return collected
 
 
