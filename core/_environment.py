@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -216,24 +217,32 @@ class ServiceEnvironment:
                     task.stop_service()
                 raise
             self._started = True
-        from ._plugins import get_plugin_manager
+        from ._plugins import announce
 
-        get_plugin_manager().hook.kservice_environment_started(environment=self)
+        announce("kservice_environment_started", environment=self)
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Close managers bound to this environment, then stop every task in reverse order. Idempotent."""
+        """Close managers bound to this environment, then stop every task in reverse order. Idempotent.
+
+        Always completes: a task whose stop raises is reported (a RuntimeWarning)
+        and the others still stop; a plugin's ``kservice_environment_stopped``
+        that raises is reported the same way.
+        """
         with self._lock:
             was_started, self._started = self._started, False
             tasks = list(self._tasks.values())
         for manager in list(self._managers):
             manager.close()
         for task in reversed(tasks):
-            task.stop_service(timeout)
+            try:
+                task.stop_service(timeout)
+            except Exception as exc:  # noqa: BLE001 - one task must not keep the others running
+                warnings.warn(f"stopping service {task.service_name!r} raised {type(exc).__name__}; the others still stop", RuntimeWarning, stacklevel=2)
         if was_started:
-            from ._plugins import get_plugin_manager
+            from ._plugins import announce
 
-            get_plugin_manager().hook.kservice_environment_stopped(environment=self)
+            announce("kservice_environment_stopped", environment=self)
 
     def manager(self) -> ServiceManager:
         """A new ServiceManager bound to this environment (closed by ``stop()``)."""

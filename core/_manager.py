@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._context import _current_request, is_idempotent
-from ._errors import ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
+from ._errors import MethodNotFoundError, ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
 from ._future import CallFuture, future_lock
 from ._messages import NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
@@ -184,7 +184,8 @@ class _Route:
         known = self.idempotent.get(method_name)
         if known is None:
             known = is_idempotent(self.service_class, method_name, self.options.get("idempotent", ()))
-            self.idempotent[method_name] = known
+            if len(self.idempotent) < 1024:  # bounded: callers may try any number of (unknown) names
+                self.idempotent[method_name] = known
         return known
 
 
@@ -351,11 +352,15 @@ class ServiceManager:
         ``kwargs`` reach the method verbatim (a parameter may be called
         ``timeout`` or ``method``). ``timeout`` (seconds) defaults to
         ``service_call.default_timeout``; it bounds the whole call, retries
-        included. Raises the errors listed on the class, and ValueError at once
-        for a timeout that is NaN or infinite.
+        included. Raises the errors listed on the class, and at once, with
+        nothing sent: ValueError for a timeout that is NaN or infinite,
+        TypeError for a ``method`` that is not a str, MethodNotFoundError for
+        the empty name.
         """
         if timeout is not None:
             timeout = _checked_timeout(timeout)
+        if type(method) is not str or not method:
+            method = _checked_method_name(method)
         route = self._route(service_name)
         admit = route.admit
         if admit is not None:
@@ -428,10 +433,14 @@ class ServiceManager:
         ServiceTimeoutError at the deadline by the manager's timer thread).
         Cancelling it before completion drops the response when it arrives.
         Resolution errors (unknown service) are raised here, not in the future,
-        and so is ValueError for a timeout that is NaN or infinite.
+        and so are ValueError for a timeout that is NaN or infinite, TypeError
+        for a ``method`` that is not a str and MethodNotFoundError for the
+        empty name (nothing is sent).
         """
         if timeout is not None:
             timeout = _checked_timeout(timeout)
+        if type(method) is not str or not method:
+            method = _checked_method_name(method)
         route = self._route(service_name)
         admit = route.admit
         if admit is not None:
@@ -678,3 +687,28 @@ class ServiceProxy:
 
     def __repr__(self) -> str:
         return f"<ServiceProxy {self._service_name!r}>"
+
+
+def _checked_method_name(method: Any) -> str:
+    """``method`` as a plain str, for a name that failed the call's fast check; raises naming what is wrong.
+
+    A str subclass (an enum member, say) is accepted as its plain string value;
+    the empty name is MethodNotFoundError, any other value TypeError.
+    """
+    if isinstance(method, str):
+        if method:
+            return str.__str__(method)
+        # MethodNotFoundError, as the service itself would answer, but raised before anything is sent.
+        raise MethodNotFoundError(
+            "a method name must be a non-empty str, got '' (pass the name of a public method of the service)"
+        )
+    try:
+        shown = repr(method)
+    except Exception:  # noqa: BLE001 - a __repr__ that raises
+        shown = f"a {type(method).__name__} object"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise TypeError(
+        f"a method name must be a non-empty str, not {type(method).__name__} {shown} "
+        "(pass the name of a public method of the service)"
+    )

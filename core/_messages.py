@@ -39,6 +39,20 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _unprintable(type_name: str, what: str, failure: BaseException) -> str:
+    """The message of an exception that cannot describe itself (names only types: nothing here may raise)."""
+    return f"<{type_name or 'exception'} could not be formatted: its {what} raised {type(failure).__name__}>"
+
+
+def _bare_traceback(exc: BaseException, type_name: str, failure: BaseException) -> str:
+    """The frames of ``exc`` without any text of its own, for an exception whose formatting raises."""
+    try:
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+    except BaseException:  # noqa: BLE001
+        frames = ""
+    return f"Traceback (most recent call last):\n{frames}{_unprintable(type_name, 'formatting', failure)}\n"
+
+
 @dataclass(slots=True)
 class ServiceRequest:
     """One call of ``service_name.method_name(*args, **kwargs)``.
@@ -141,7 +155,12 @@ class ServiceResponse:
         origin: ErrorOrigin,
         with_traceback: bool = True,
     ) -> ServiceResponse:
-        """Describe ``exc`` so any caller, in any process, can rebuild a typed error."""
+        """Describe ``exc`` so any caller, in any process, can rebuild a typed error.
+
+        Never raises, whatever ``exc`` is: an exception whose ``__str__`` (or
+        ``__repr__``, or anything its traceback formatting calls) raises is
+        described by a message naming its type and what failed instead.
+        """
         exc_type = type(exc)
         if origin == "runtime" or isinstance(exc, ServiceCallError):
             type_name = exc_type.__name__ if origin == "runtime" else getattr(exc, "remote_type", "")
@@ -150,11 +169,18 @@ class ServiceResponse:
             type_name = exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
         tb = ""
         if with_traceback and origin == "service":
-            tb = "".join(traceback.format_exception(exc))
+            try:
+                tb = "".join(traceback.format_exception(exc))
+            except BaseException as failure:  # noqa: BLE001 - a description must not fail the call
+                tb = _bare_traceback(exc, type_name, failure)
+        try:
+            message = str(exc)
+        except BaseException as failure:  # noqa: BLE001 - e.g. a __str__ that raises
+            message = _unprintable(type_name, "__str__", failure)
         return cls(
             False,
             None,
-            str(exc),
+            message,
             request_id,
             error_type=type_name,
             error_origin=origin,

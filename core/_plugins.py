@@ -40,6 +40,7 @@ __all__ = [
     "PLUGIN_GROUP",
     "SERVICE_GROUP",
     "PluginState",
+    "announce",
     "apply_plugin_config",
     "config_schema",
     "get_plugin_manager",
@@ -324,16 +325,73 @@ def plugin_infos() -> list[PluginInfo]:
     return infos
 
 
+def _describe_failure(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``; never raises (the message of an exception may)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - a __str__ that raises
+        return f"{type(exc).__name__} (its message could not be formatted)"
+
+
+def announce(hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of the announcement hook ``hook_name``; never raises an Exception.
+
+    An implementation that raises is reported (a RuntimeWarning naming the
+    plugin, the hook and the error) and the other implementations still run,
+    in pluggy's order. Used for the lifecycle announcements, whose callers
+    (starting, stopping, failing tasks and environments) must finish whatever
+    a plugin does. A hook wrapper among the implementations makes the call go
+    through pluggy as a whole instead (a wrapper must see every call): then a
+    raise stops the implementations after it, and is reported the same way.
+    """
+    pm = get_plugin_manager()
+    caller = getattr(pm.hook, hook_name)
+    impls = caller.get_hookimpls()
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        try:
+            caller(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported, never stops the lifecycle
+            _warn_hook_failed("a plugin", hook_name, exc)
+        return
+    for impl in reversed(impls):
+        try:
+            impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception as exc:  # noqa: BLE001 - reported, never stops the lifecycle
+            _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc)
+
+
+def _warn_hook_failed(who: str, hook_name: str, exc: BaseException) -> None:
+    warnings.warn(
+        f"kservice {who}: its {hook_name} raised {_describe_failure(exc)} (reported and ignored: the lifecycle goes on)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _collect_registrations(hook_name: str) -> list[tuple[str, tuple[Any, ...]]]:
     """Call a register-callback hook; returns (plugin name, registered args) in call order."""
     pm = get_plugin_manager()
     collected: list[tuple[str, tuple[Any, ...]]] = []
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
-        def register(*args: Any, _plugin: str = impl.plugin_name) -> None:
-            collected.append((_plugin, args))
+        registered: list[tuple[str, tuple[Any, ...]]] = []
+
+        def register(*args: Any, _plugin: str = impl.plugin_name, _into: list[Any] = registered) -> None:
+            _into.append((_plugin, args))
 
         # Called per implementation (not through pm.hook) to know which plugin registered what.
-        impl.function(*[register for _ in impl.argnames])
+        try:
+            impl.function(*[register for _ in impl.argnames])
+        except Exception as exc:
+            message = f"kservice plugin {impl.plugin_name!r}: its {hook_name} raised {_describe_failure(exc)}"
+            if _strict():
+                raise PluginError(message) from exc
+            warnings.warn(
+                message + f" (its contributions are skipped; set {STRICT_ENV_VAR}=1 to make this an error)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        collected.extend(registered)
     return collected
 
 

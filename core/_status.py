@@ -12,7 +12,12 @@ TaskState = Literal["created", "starting", "running", "stopping", "stopped", "fa
 
 @dataclass
 class ServiceStatus:
-    """A snapshot of one task. ``extra`` holds what plugins add (breaker, load, health details)."""
+    """A snapshot of one task. ``extra`` holds what plugins add (breaker, load, health details).
+
+    ``healthy`` is False while the task is not running, a listener stopped
+    receiving, a worker thread is dead, or a health check failed
+    (``health_reason`` says which).
+    """
 
     service_name: str
     kind: str
@@ -29,6 +34,10 @@ class ServiceStatus:
     restarts: int = 0
     started_at: float | None = None
     addresses: list[str] = field(default_factory=list)
+    #: worker threads alive now (None: the task kind runs no pool in this process)
+    workers_alive: int | None = None
+    #: worker threads that died and were replaced since the task started
+    workers_replaced: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
+import heapq
 import importlib
 import inspect
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +22,7 @@ from ._context import _current_request
 from ._errors import (
     ConfigError,
     MethodNotFoundError,
+    ServiceError,
     ServiceOverloadedError,
     ServiceStoppedError,
     ServiceUnavailableError,
@@ -33,8 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext", "import_service_class"]
 
+log = logging.getLogger("kservice.task")
+
 #: Seconds ``stop_service()`` waits for in-flight calls when given no timeout.
 DEFAULT_STOP_TIMEOUT = 30.0
+#: Method names whose running time a task remembers (``method_cost``); names beyond it always go to the pool.
+MAX_TRACKED_METHODS = 1024
+#: A request waiting for room in a full queue is answered ServiceOverloadedError this long before its
+#: deadline, so the answer reaches the caller before the caller's own timer turns it into a timeout.
+OVERLOAD_ANSWER_MARGIN = 0.05
 
 
 def import_service_class(path: str) -> type:
@@ -123,52 +134,123 @@ def _call_lifecycle(instance: Any, names: Iterable[str]) -> None:
 
 
 class _WorkerPool:
-    """Fixed worker threads fed by a SimpleQueue.
+    """Fixed worker threads fed by a SimpleQueue; a thread that dies is replaced at once.
 
     Written here rather than using ThreadPoolExecutor because the task needs
     the queue depth, a drain on stop, and a per-call path lighter than
     ``executor.submit`` (no Future or work-item object per request).
+
+    A worker never dies of what a request does: ``execute`` turns every
+    exception a method raises into a response, and the worker answers a
+    request whose handling raised anyway (a subclass's ``execute``) with a
+    ServiceError, and survives a reply callback that raises. A worker that
+    dies all the same (an asynchronous exception, memory exhaustion) is
+    replaced by a new thread of the same name and counted in ``replaced``; a
+    request it had taken from the queue but not yet started is lost (its
+    caller gets ServiceTimeoutError at its deadline).
     """
 
     def __init__(self, task: BaseServiceTask, size: int) -> None:
         self._task = task
         self._queue: SimpleQueue[tuple[ServiceRequest, Reply] | None] = SimpleQueue()
         self.put = self._queue.put
-        self._threads = [
-            threading.Thread(target=self._work, name=f"kservice-{task.service_name}-{i}", daemon=True)
-            for i in range(size)
-        ]
+        self.size = size
+        #: worker threads that died and were replaced (by the pool itself or by recovery)
+        self.replaced = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._threads = [self._new_thread(i) for i in range(size)]
         for thread in self._threads:
             thread.start()
 
-    def _work(self) -> None:
+    def _new_thread(self, index: int) -> threading.Thread:
+        return threading.Thread(
+            target=self._work, args=(index,), name=f"kservice-{self._task.service_name}-{index}", daemon=True
+        )
+
+    def _work(self, index: int) -> None:
         get = self._queue.get
         task = self._task
+        dequeued = task._dequeued
+        execute = task.execute
+        observe_cost = task.observe_cost
         clock = time.perf_counter
-        while True:
-            item = get()
-            if item is None:
+        stopped = False
+        try:
+            while True:
+                item = get()
+                if item is None:
+                    stopped = True
+                    return
+                request, reply = item
+                try:
+                    dequeued()
+                    began = clock()
+                    response = execute(request)
+                    if response.success or response.error_type != "MethodNotFoundError":
+                        # Learned before the reply: the caller's next call must find this run's cost.
+                        # Unknown names are not remembered (see MAX_TRACKED_METHODS).
+                        observe_cost(request.method_name, clock() - began)
+                except BaseException as exc:  # noqa: BLE001 - execute never raises; an override might
+                    response = task._handling_failed(request, exc)
+                try:
+                    reply(response)
+                except BaseException:  # noqa: BLE001 - a failing reply must not take the worker down
+                    log.exception("service %r: replying to request %s failed", task.service_name, request.request_id)
+        finally:
+            if not stopped:
+                self._replace(index)
+
+    def _replace(self, index: int) -> None:
+        """Called by worker ``index`` as it dies: start its replacement (unless the pool is stopping)."""
+        with self._lock:
+            if self._stopping:
                 return
-            request, reply = item
-            began = clock()
-            response = task.execute(request, from_queue=True)
-            # Learned before the reply: the caller's next call must find this run's cost.
-            task.observe_cost(request.method_name, clock() - began)
-            reply(response)
+            log.error("service %r: worker thread %d died; starting a replacement", self._task.service_name, index)
+            self._start_replacement(index)
+
+    def _start_replacement(self, index: int) -> bool:
+        """Holding the lock: a new thread in slot ``index``; False when it could not be started."""
+        thread = self._new_thread(index)
+        self._threads[index] = thread
+        try:
+            thread.start()
+        except BaseException:  # noqa: BLE001 - e.g. no more threads: health recovery tries again
+            log.exception("service %r: could not start a replacement worker thread", self._task.service_name)
+            return False
+        self.replaced += 1
+        return True
+
+    def replace_dead(self) -> int:
+        """Start a new thread for every dead worker; returns how many were started."""
+        with self._lock:
+            if self._stopping:
+                return 0
+            dead = [index for index, thread in enumerate(self._threads) if not thread.is_alive()]
+            return sum(self._start_replacement(index) for index in dead)
+
+    @property
+    def alive(self) -> int:
+        """Worker threads alive now."""
+        return sum(thread.is_alive() for thread in self._threads)
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
-        for _ in self._threads:
+        with self._lock:
+            self._stopping = True
+            threads = list(self._threads)
+        for _ in threads:
             self._queue.put(None)
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
         leftovers = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None:
                 leftovers.append(item)
         # Draining took the stop markers too: workers still busy need theirs back to exit.
-        for thread in self._threads:
+        for thread in threads:
             if thread.is_alive():
                 self._queue.put(None)
         return leftovers
@@ -176,6 +258,18 @@ class _WorkerPool:
     @property
     def threads(self) -> list[threading.Thread]:
         return self._threads
+
+
+class _Parked:
+    """A request that met a full queue, waiting (in no thread) for room or for its wait to end."""
+
+    __slots__ = ("done", "reply", "request", "until")
+
+    def __init__(self, request: ServiceRequest, reply: Reply, until: float) -> None:
+        self.request: ServiceRequest | None = request
+        self.reply: Reply | None = reply
+        self.until = until
+        self.done = False
 
 
 def _count(counter: itertools.count[int]) -> int:
@@ -197,9 +291,20 @@ class BaseServiceTask:
       and never looked up;
     - a call to a task that is not running is answered at once with
       ServiceUnavailableError;
+    - whatever a method raises, ``BaseException`` included (SystemExit,
+      KeyboardInterrupt, GeneratorExit, an exception whose ``__str__``
+      raises), its caller gets an error response: the method's outcome,
+      never the death of the thread running it. A worker thread that dies
+      anyway is replaced at once and counted (``status.workers_replaced``);
+    - ``submit`` never blocks its caller: a request meeting a full queue waits,
+      in no thread, for room (admitted in arrival order) for up to
+      ``service.local.queue_timeout`` (never past its deadline), then is
+      answered ServiceOverloadedError; such a request never ran;
     - ``stop_service`` stops accepting, lets queued and running calls finish
       up to its timeout, answers what is left with ServiceUnavailableError,
-      then calls the service's ``cleanup()``/``close()``. It is idempotent.
+      then calls the service's ``cleanup()``/``close()``. It is idempotent
+      and always completes: a lifecycle hook that raises is reported and the
+      teardown goes on.
     """
 
     #: the task kind this class implements (config ``services.<name>.kind``)
@@ -217,7 +322,8 @@ class BaseServiceTask:
         self.queue_limit: int = self.options["local"]["request_queue_size"]
         self.queue_timeout: float = self.options["local"]["queue_timeout"]
         self.inline_limit: float = self.options["local"]["inline_limit"]
-        # Running time of each method as last observed (smoothed; pessimistic after a slow run).
+        # Running time of each method as last observed (smoothed; pessimistic after a slow run);
+        # at most MAX_TRACKED_METHODS names.
         self._method_cost: dict[str, float] = {}
         self.transport_names: tuple[str, ...] = tuple(
             dict.fromkeys([*self.default_transports, *self.options.get("transports", ())])
@@ -235,13 +341,21 @@ class BaseServiceTask:
         self._methods: dict[str, Callable[..., Any]] = {}
         self._server_chain: MiddlewareChain | None = None
         self._serial_lock = threading.Lock() if self.max_workers == 1 else None
-        # The queue depth is guarded by a lock (room waiters sleep on it). Per-call
-        # counters are itertools.count objects instead: next() is one atomic C
-        # call (~40 ns), where each lock pair costs ~150 ns on the per-call path.
+        # The queue depth and the parked requests are guarded by a lock (the overflow
+        # thread sleeps on it). Per-call counters are itertools.count objects instead:
+        # next() is one atomic C call (~40 ns), where each lock pair costs ~150 ns.
         self._counter_lock = threading.Lock()
         self._room = threading.Condition(self._counter_lock)
-        self._room_waiters = 0
         self._queued = 0
+        # Requests that met a full queue: in arrival order (admitted from the left as room
+        # frees), and by the time their wait ends (answered overloaded by the overflow thread).
+        # Invariant: a live parked request exists only while the queue is full.
+        self._parked: collections.deque[_Parked] = collections.deque()
+        self._parked_by_time: list[tuple[float, int, _Parked]] = []
+        self._parked_live = 0
+        self._parked_seq = itertools.count()
+        self._overflow_thread: threading.Thread | None = None
+        self._stop_done = threading.Event()
         self._started = itertools.count()
         self._finished = itertools.count()
         self._failed = itertools.count()
@@ -279,9 +393,10 @@ class BaseServiceTask:
         return [listener.address for listener in self.listeners]
 
     def _announce(self, hook: str, **kwargs: Any) -> None:
-        from ._plugins import get_plugin_manager
+        """Tell plugins about a lifecycle step; an implementation that raises is a warning naming it."""
+        from ._plugins import announce
 
-        getattr(get_plugin_manager().hook, hook)(**kwargs)
+        announce(hook, **kwargs)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -296,6 +411,7 @@ class BaseServiceTask:
             if self._state in ("running", "starting"):
                 return
             self._state = "starting"
+            self._stop_done.clear()
             try:
                 self._start_serving()
             except Exception as exc:
@@ -334,31 +450,55 @@ class BaseServiceTask:
         self._server_chain = chain if chain else None
 
     def stop_service(self, timeout: float | None = None) -> None:
-        """Stop accepting calls, drain them (up to ``timeout`` seconds), release everything. Idempotent."""
+        """Stop accepting calls, drain them (up to ``timeout`` seconds), release everything.
+
+        Idempotent, and always completes: the task ends ``stopped`` with its
+        workers, listeners and instance released whatever a plugin's
+        ``kservice_task_stopping``/``kservice_task_stopped`` raises (reported as
+        a RuntimeWarning naming the plugin) or the service's cleanup raises.
+        A call while another stop is in progress waits for that stop to finish
+        (up to ``timeout``). Requests waiting for room in a full queue are
+        answered ServiceUnavailableError at once (they never ran).
+        """
+        deadline = time.monotonic() + (DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
         with self._state_lock:
-            if self._state in ("stopped", "stopping"):
+            if self._state == "stopping":
+                in_progress = True
+            elif self._state == "stopped":
                 return
-            if self._state in ("created", "failed"):
+            elif self._state in ("created", "failed"):
                 self._state = "stopped"
                 return
-            self._state = "stopping"
-        self._announce("kservice_task_stopping", task=self)
-        deadline = time.monotonic() + (DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
-        self._release(deadline)
-        with self._state_lock:
-            self._state = "stopped"
+            else:
+                in_progress = False
+                self._state = "stopping"
+        if in_progress:
+            self._stop_done.wait(max(0.0, deadline - time.monotonic()))
+            return
+        try:
+            self._announce("kservice_task_stopping", task=self)
+        finally:
+            try:
+                self._refuse_parked("stopped before the request could run")
+                self._release(deadline)
+            finally:
+                with self._state_lock:
+                    self._state = "stopped"
+                self._stop_done.set()
         self._announce("kservice_task_stopped", task=self)
 
     def _release(self, deadline: float) -> None:
         """Drain and release workers, listeners and the instance (never raises)."""
+        self._refuse_parked("stopped before the request could run")
         if self._pool is not None:
             leftovers = self._pool.shutdown(deadline)
             self._pool = None
             for request, reply in leftovers:
                 self._dequeued()
                 reply(self._unavailable(request, "stopped before the request could run"))
-        with self._room:
-            self._room.notify_all()
+        overflow = self._overflow_thread
+        if overflow is not None and overflow is not threading.current_thread():
+            overflow.join(1.0)  # it exits as soon as nothing is parked
         for listener in self.listeners:
             try:
                 listener.close()
@@ -382,6 +522,17 @@ class BaseServiceTask:
         self.restarts += restarted
         return restarted
 
+    @property
+    def dead_workers(self) -> int:
+        """Worker threads of this task's pool that are not alive (0 without a pool in this process)."""
+        pool = self._pool
+        return 0 if pool is None else pool.size - pool.alive
+
+    def replace_dead_workers(self) -> int:
+        """Start a new thread for every dead worker of the pool; returns how many (health recovery)."""
+        pool = self._pool
+        return 0 if pool is None else pool.replace_dead()
+
     def rebuild_service(self) -> None:
         """Replace the instance with a new one (health recovery); calls already running finish on the old one."""
         old = self._service
@@ -399,9 +550,11 @@ class BaseServiceTask:
     def recover(self, reason: str) -> str:
         """Bring an unhealthy task back; returns what was done (health recovery calls this).
 
-        The default restarts listeners that stopped receiving and, when every
-        listener was alive, replaces the service instance. Each restart is
-        counted in ``restarts``. A task that is not running is left alone.
+        The default restarts listeners that stopped receiving and replaces
+        dead worker threads (the instance and its state are kept); only when
+        every listener and worker was alive does it replace the service
+        instance. Each listener restart and rebuild is counted in
+        ``restarts``, each replaced worker in ``status.workers_replaced``. A task that is not running is left alone.
         Raises what the listener restart or the new instance's construction
         raised; the task then keeps its current instance. Task kinds that host
         the instance elsewhere override this (a process task respawns its
@@ -414,23 +567,37 @@ class BaseServiceTask:
             if self._state != "running":
                 return f"nothing: task is {self._state}"
             restarted = self.restart_listeners()
-            if restarted:
-                return f"restarted {restarted} listener(s)"
+            dead = self.dead_workers
+            replaced = self.replace_dead_workers() if dead else 0
+            if dead and not replaced:
+                # The threads are the problem: a new instance would not bring them back.
+                return f"could not replace {dead} dead worker thread(s); will try again"
+            if restarted or replaced:
+                done = [f"restarted {restarted} listener(s)"] if restarted else []
+                done += [f"replaced {replaced} dead worker thread(s)"] if replaced else []
+                return "; ".join(done)
             self.rebuild_service()
             return "rebuilt the service instance"
 
     # ------------------------------------------------------------- the calls
 
     def submit(self, request: ServiceRequest, reply: Reply) -> None:
-        """Queue ``request`` for a worker; ``reply`` gets the response exactly once.
+        """Queue ``request`` for a worker; ``reply`` gets the response exactly once. Never blocks.
 
-        ``reply`` runs in the worker thread once the request ran, or in the
-        calling thread when the request is refused. The time the request ran
-        (its wait in the queue excluded) feeds :meth:`method_cost`.
+        ``reply`` runs in the worker thread once the request ran, in the calling
+        thread when the request is refused at once, or in the task's overflow
+        thread (``kservice-<name>-overflow``) for a request that waited for room.
+        The time the request ran (its wait in the queue excluded) feeds
+        :meth:`method_cost`.
 
-        A task that is not running answers at once with ServiceUnavailableError;
-        a full queue waits up to ``service.local.queue_timeout`` (and never past
-        the request's deadline) for room, then answers ServiceOverloadedError.
+        A task that is not running answers at once with ServiceUnavailableError
+        (ServiceStoppedError once stopped). A request meeting a full queue
+        (``service.local.request_queue_size``) is parked, holding no thread:
+        parked requests enter the queue in arrival order as room frees, and one
+        still parked after ``service.local.queue_timeout`` seconds (or
+        ``OVERLOAD_ANSWER_MARGIN`` before its deadline, whichever comes first)
+        is answered ServiceOverloadedError. An overloaded request never ran,
+        so retry policies may send it again.
         """
         pool = self._pool
         if self._state != "running" or pool is None:
@@ -447,20 +614,93 @@ class BaseServiceTask:
                 reply(self._unavailable(request, f"service is {self._state}"))
             return
         with self._counter_lock:
-            if self._queued >= self.queue_limit and not self._wait_for_room(request):
-                reply(
-                    ServiceResponse.from_exception(
-                        request.request_id,
-                        ServiceOverloadedError(
-                            f"service {self.service_name!r} is overloaded: {self._queued} requests queued "
-                            f"(service.local.request_queue_size={self.queue_limit})"
-                        ),
-                        origin="runtime",
-                    )
-                )
-                return
-            self._queued += 1
+            full = self._queued >= self.queue_limit
+            if full:
+                refusal = self._park(request, reply)
+            else:
+                self._queued += 1
+        if full:
+            if refusal is not None:
+                reply(refusal)
+            return
         pool.put((request, reply))
+
+    def _overloaded(self, request: ServiceRequest) -> ServiceResponse:
+        return ServiceResponse.from_exception(
+            request.request_id,
+            ServiceOverloadedError(
+                f"service {self.service_name!r} is overloaded: {self._queued} requests queued "
+                f"(service.local.request_queue_size={self.queue_limit}) and no room within "
+                f"service.local.queue_timeout={self.queue_timeout:g}s"
+            ),
+            origin="runtime",
+        )
+
+    def _park(self, request: ServiceRequest, reply: Reply) -> ServiceResponse | None:
+        """Holding the counter lock, the queue full: park ``request``; the refusal to send when it cannot wait."""
+        now = time.time()
+        until = now + self.queue_timeout
+        if request.deadline is not None:
+            until = min(until, request.deadline - OVERLOAD_ANSWER_MARGIN)
+        if until <= now:
+            return self._overloaded(request)
+        entry = _Parked(request, reply, until)
+        self._parked.append(entry)
+        self._parked_live += 1
+        heapq.heappush(self._parked_by_time, (until, next(self._parked_seq), entry))
+        if self._overflow_thread is None:
+            self._overflow_thread = threading.Thread(
+                target=self._answer_overflow, name=f"kservice-{self.service_name}-overflow", daemon=True
+            )
+            self._overflow_thread.start()
+        elif self._parked_by_time[0][2] is entry:
+            self._room.notify()  # the overflow thread sleeps until a later time
+        return None
+
+    def _answer_overflow(self) -> None:
+        """The overflow thread: answers parked requests whose wait ended; exits when none is parked."""
+        by_time = self._parked_by_time
+        while True:
+            due: list[_Parked] = []
+            with self._room:
+                now = time.time()
+                while by_time and by_time[0][0] <= now:
+                    entry = heapq.heappop(by_time)[2]
+                    if not entry.done:
+                        entry.done = True
+                        self._parked_live -= 1
+                        due.append(entry)
+                parked = self._parked
+                while parked and parked[0].done:
+                    parked.popleft()
+                if not due:
+                    if not by_time:
+                        self._overflow_thread = None
+                        return
+                    self._room.wait(by_time[0][0] - now)
+                    continue
+            for entry in due:
+                self._answer(entry, self._overloaded(entry.request))  # type: ignore[arg-type]
+
+    def _answer(self, entry: _Parked, response: ServiceResponse) -> None:
+        reply, entry.reply, entry.request = entry.reply, None, None
+        try:
+            reply(response)  # type: ignore[misc]
+        except BaseException:  # noqa: BLE001 - one failing reply must not stop the others
+            log.exception("service %r: answering a parked request failed", self.service_name)
+
+    def _refuse_parked(self, why: str) -> None:
+        """Answer every parked request ServiceUnavailableError (the task is stopping); they never ran."""
+        with self._room:
+            refused = [entry for entry in self._parked if not entry.done]
+            for entry in refused:
+                entry.done = True
+            self._parked.clear()
+            self._parked_by_time.clear()
+            self._parked_live = 0
+            self._room.notify()
+        for entry in refused:
+            self._answer(entry, self._unavailable(entry.request, why))  # type: ignore[arg-type]
 
     def run_inline(self, request: ServiceRequest) -> ServiceResponse | None:
         """Run ``request`` in the calling thread when that is safe and cheap; None: use :meth:`submit`.
@@ -480,7 +720,10 @@ class BaseServiceTask:
         if self._serial_lock is not None or self._pool is None or self._queued or self._state != "running":
             return None
         name = request.method_name
-        cost = self._method_cost.get(name)
+        try:
+            cost = self._method_cost.get(name)
+        except TypeError:  # an unhashable name: execute() answers it, from the pool
+            return None
         if cost is None or cost >= self.inline_limit:
             return None
         began = time.perf_counter()
@@ -503,35 +746,49 @@ class BaseServiceTask:
         return self._method_cost.get(name)
 
     def observe_cost(self, name: str, seconds: float) -> None:
-        """Record that method ``name`` just ran for ``seconds`` (see :meth:`method_cost`)."""
+        """Record that method ``name`` just ran for ``seconds`` (see :meth:`method_cost`).
+
+        At most ``MAX_TRACKED_METHODS`` names are remembered: a name beyond
+        them, or one that is not a str, is not recorded (its calls keep going
+        to the pool), so callers cannot grow this state without bound.
+        """
         previous = self._method_cost.get(name)
+        if previous is None and (len(self._method_cost) >= MAX_TRACKED_METHODS or type(name) is not str):
+            return
         if previous is None or seconds > self.inline_limit:
             # Pessimistic on a slow run: the next calls go to the pool at once.
             self._method_cost[name] = seconds if previous is None else max(seconds, previous)
         else:
             self._method_cost[name] = previous * 0.75 + seconds * 0.25
 
-    def _wait_for_room(self, request: ServiceRequest) -> bool:
-        """Called holding the counter lock with the queue full; True once there is room."""
-        wait_until = time.time() + self.queue_timeout
-        if request.deadline is not None:
-            wait_until = min(wait_until, request.deadline)
-        self._room_waiters += 1
-        try:
-            while self._queued >= self.queue_limit and self._state == "running":
-                remaining = wait_until - time.time()
-                if remaining <= 0:
-                    return False
-                self._room.wait(remaining)
-            return self._state == "running"
-        finally:
-            self._room_waiters -= 1
-
     def _dequeued(self) -> None:
+        """A worker took a request from the queue: the first parked request takes its place."""
         with self._counter_lock:
             self._queued -= 1
-            if self._room_waiters:
-                self._room.notify()
+            if not self._parked:
+                return
+            admitted = None
+            parked = self._parked
+            while parked:
+                entry = parked.popleft()
+                if not entry.done:
+                    entry.done = True
+                    self._parked_live -= 1
+                    self._queued += 1
+                    admitted = (entry.request, entry.reply)
+                    entry.request = entry.reply = None
+                    break
+        if admitted is None:
+            return
+        pool = self._pool
+        if pool is not None:
+            pool.put(admitted)  # type: ignore[arg-type]
+            return
+        # The pool is gone (stopped meanwhile): answered like the rest of the queue.
+        with self._counter_lock:
+            self._queued -= 1
+        request, reply = admitted
+        reply(self._unavailable(request, "stopped before the request could run"))  # type: ignore[misc, arg-type]
 
     def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
         return ServiceResponse.from_exception(
@@ -545,13 +802,25 @@ class BaseServiceTask:
 
         Listeners of transports that can run a request where it arrives call
         this directly; the worker pool calls it for queued requests
-        (``from_queue``, so the queue depth is updated under the same lock).
+        (``from_queue``: the queue depth is updated first).
+
+        Every exception the method or a server middleware raises becomes an
+        error response, ``BaseException`` included: SystemExit,
+        KeyboardInterrupt and GeneratorExit raised by a method are its
+        outcome (the caller gets ServiceCallError with ``remote_type``
+        naming them), never the end of the thread that ran it. A
+        KeyboardInterrupt from a real Ctrl-C that lands while a method runs in
+        the main thread (an in-process call run inline) is therefore reported
+        the same way, as a ServiceCallError. A method name that is not a
+        ``str`` is answered MethodNotFoundError before any middleware sees it.
         """
         if from_queue:
             self._dequeued()
         if request.deadline is not None and time.time() > request.deadline:
             next(self._expired)
             return timeout_response(request, 0.0)
+        if type(request.method_name) is not str:
+            return self._refuse_method_name(request)
         next(self._started)
         serial = self._serial_lock
         if serial is not None:
@@ -577,18 +846,45 @@ class BaseServiceTask:
         except MiddlewareError as exc:
             request, limit = exc.request, exc.index
             response = ServiceResponse.from_exception(request.request_id, exc.error, origin="service")
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the method's outcome, not the worker's end
             response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
         finally:
             _current_request.reset(token)
             if serial is not None:
                 serial.release()
         if chain is not None:
-            response = chain.run_after(request, response, limit, began)
+            try:
+                response = chain.run_after(request, response, limit, began)
+            except BaseException as exc:  # noqa: BLE001 - an after-hook that raises past the chain's own guard
+                response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
         next(self._finished)
         if not response.success:
             next(self._failed)
         return response
+
+    def _refuse_method_name(self, request: ServiceRequest) -> ServiceResponse:
+        """The answer to a request whose method name is not a str (counted as a failed request)."""
+        next(self._started)
+        next(self._finished)
+        next(self._failed)
+        name = request.method_name
+        error = MethodNotFoundError(
+            f"service {self.service_name!r}: a method name must be a non-empty str, "
+            f"not {type(name).__name__} {_short_repr(name)}"
+        )
+        return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+
+    def _handling_failed(self, request: ServiceRequest, exc: BaseException) -> ServiceResponse:
+        """The answer to a request whose handling raised past :meth:`execute` (a subclass's override)."""
+        log.error("service %r: handling request %s raised past execute()", self.service_name, request.request_id, exc_info=exc)
+        return ServiceResponse.from_exception(
+            request.request_id,
+            ServiceError(
+                f"service {self.service_name!r}: handling the request failed inside the runtime "
+                f"({type(exc).__name__}); the call may or may not have run"
+            ),
+            origin="runtime",
+        )
 
     def handle_request(self, request: ServiceRequest) -> Any:
         """Turn a request into a result: call the named public method. Subclasses may override.
@@ -635,13 +931,25 @@ class BaseServiceTask:
     # ----------------------------------------------------------------- status
 
     def get_service_status(self) -> ServiceStatus:
-        """A snapshot of state, health and load; plugins add to ``extra``."""
+        """A snapshot of state, health and load; plugins add to ``extra``.
+
+        Never healthy while a listener or a worker thread is dead: a pool
+        that lost threads says so in ``health_reason`` and ``workers_alive``.
+        A plugin whose ``kservice_task_status`` raises is reported (a
+        RuntimeWarning naming it) and the status is returned without its part.
+        ``queue_depth`` counts queued requests and those waiting for room.
+        """
         # Finished before started: a call between the two reads shows as in flight, never as negative.
         finished, failed, expired = _count(self._finished), _count(self._failed), _count(self._expired)
         started = _count(self._started)
-        counts = (finished + expired, failed + expired, expired, started - finished, self._queued)
+        counts = (finished + expired, failed + expired, expired, started - finished, self._queued + self._parked_live)
         listeners_alive = all(listener.alive for listener in self.listeners)
+        pool = self._pool
+        workers_alive = None if pool is None else pool.alive
         reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
+        if pool is not None and workers_alive is not None and workers_alive < pool.size:
+            dead = f"{pool.size - workers_alive} of {pool.size} worker thread(s) are dead"
+            reason = f"{reason}; {dead}" if reason else dead
         status = ServiceStatus(
             service_name=self.service_name,
             kind=self.kind,
@@ -658,10 +966,10 @@ class BaseServiceTask:
             restarts=self.restarts,
             started_at=self.started_at,
             addresses=[f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses],
+            workers_alive=workers_alive,
+            workers_replaced=0 if pool is None else pool.replaced,
         )
-        from ._plugins import get_plugin_manager
-
-        get_plugin_manager().hook.kservice_task_status(task=self, status=status)
+        self._announce("kservice_task_status", task=self, status=status)
         return status
 
     def __repr__(self) -> str:
@@ -677,6 +985,15 @@ class LocalServiceTask(BaseServiceTask):
 
     kind: ClassVar[str] = "local"
     default_transports: ClassVar[tuple[str, ...]] = ("inproc",)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; never raises."""
+    try:
+        text = repr(value)
+    except BaseException:  # noqa: BLE001 - a __repr__ that raises
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _flatten(results: Iterable[Any]) -> list[Any]:

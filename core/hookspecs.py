@@ -11,6 +11,21 @@ registered or unregistered.
 Hooks whose docstring says *first result* stop at the first implementation
 returning something other than None; the others collect every non-None result,
 last-registered plugin first (pluggy's order; ``tryfirst``/``trylast`` adjust).
+
+Every hook says what happens when an implementation raises (*If it raises*).
+There are three behaviours, one per kind of hook:
+
+- *contributions* (group 1, except ``kservice_register_commands``): a
+  RuntimeWarning names the plugin, the hook and the error, and that plugin's
+  contributions to that hook are skipped; the others' are kept.
+  ``KSERVICE_STRICT_PLUGINS=1`` makes it a PluginError instead.
+- *announcements* (groups 4 and ``kservice_task_status``): a RuntimeWarning
+  names the plugin, the hook and the error, the other implementations still
+  run, and what was announced goes on: a task still starts, stops (its
+  workers, listeners and instance released) or reports its status.
+- *decisions* (resolving, chains, retry policy, commands, health checks): the
+  error propagates to the operation that asked, which fails with it, as
+  described on each hook; nothing is left half-done.
 """
 
 from __future__ import annotations
@@ -44,6 +59,8 @@ def kservice_register_transports(register: Callable[[Transport], None]) -> None:
     A transport carries requests from callers to a task and responses back
     (``inproc``, ``mmap``, ``ray``). Registering two transports with one name
     is a PluginError naming both plugins.
+
+    If it raises: a warning naming the plugin; its transports are skipped.
     """
 
 
@@ -56,6 +73,8 @@ def kservice_register_task_kinds(
     ``make_task(factory, ctx)`` returns an unstarted BaseServiceTask; the
     environment picks the kind from the service's ``kind`` option
     (``local``, ``process``, ``ray``, ...).
+
+    If it raises: a warning naming the plugin; its task kinds are skipped.
     """
 
 
@@ -66,6 +85,8 @@ def kservice_register_services(register: Callable[[str, type], None]) -> None:
     The ``kservice.services`` entry-point group is the usual way for a
     distribution to advertise services; this hook is for plugins that compute
     them.
+
+    If it raises: a warning naming the plugin; its services are skipped.
     """
 
 
@@ -76,12 +97,18 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
     Keys join validation, ``kservice config show`` and the configuration
     reference. A section at the top level (not ``service`` or ``services``)
     can also be overridden per service under ``services.<name>.<section>``.
+
+    If it raises: a warning naming the plugin; its keys are skipped (a config
+    that uses them is then refused as having unknown keys).
     """
 
 
 @hookspec
 def kservice_register_commands(cli: click.Group) -> None:
-    """Add sub-commands to the ``kservice`` command-line tool."""
+    """Add sub-commands to the ``kservice`` command-line tool.
+
+    If it raises: the error propagates and the command-line tool does not start.
+    """
 
 
 # --------------------------------------------------------------------------
@@ -96,12 +123,19 @@ def kservice_resolve_service(service_name: str, manager: ServiceManager) -> list
 
     Called only after the environment was consulted. Return None when this
     plugin does not know the name; an empty list is not allowed.
+
+    If it raises: the error propagates to the call that resolved the name,
+    before anything is sent.
     """
 
 
 @hookspec
 def kservice_known_services() -> list[str]:
-    """Names of services this plugin can resolve (for listings and "did you mean" hints)."""
+    """Names of services this plugin can resolve (for listings and "did you mean" hints).
+
+    If it raises: the error propagates to the listing, or to the call whose
+    unknown name was being explained.
+    """
 
 
 @hookspec
@@ -114,6 +148,9 @@ def kservice_running_services() -> list[dict[str, Any]]:
     services --running`` lists them and ``kservice status`` asks each for its
     status. Return an empty list when nothing runs; records of dead hosts must
     not be returned.
+
+    If it raises: the error propagates to the listing (``kservice services
+    --running``, ``kservice status``), which fails with it.
     """
 
 
@@ -131,6 +168,11 @@ def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMi
     around the method (server chain). ``options`` is the service's effective
     configuration (``Config.for_service``). Return None to stay out of this
     service's chain.
+
+    If it raises: on the caller's side the error propagates to the call that
+    compiled the route (nothing is sent); on the service's side to
+    ``start_service`` (the task fails to start) or, when plugins change while
+    it runs, to the registration that changed them.
     """
 
 
@@ -144,6 +186,9 @@ def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> Any | N
     request without changing it (a request made without kwargs or metadata may
     share read-only empty dicts; changing them raises TypeError). Return None
     from the hook for no retries.
+
+    If it raises: the error propagates to the call that compiled the route
+    (nothing is sent).
     """
 
 
@@ -154,32 +199,52 @@ def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> Any | N
 
 @hookspec
 def kservice_task_started(task: BaseServiceTask) -> None:
-    """A task has started and serves calls."""
+    """A task has started and serves calls.
+
+    If it raises: a warning naming the plugin; the task stays started.
+    """
 
 
 @hookspec
 def kservice_task_stopping(task: BaseServiceTask) -> None:
-    """A task is about to stop: it no longer accepts calls and drains those in flight."""
+    """A task is about to stop: it no longer accepts calls and drains those in flight.
+
+    If it raises: a warning naming the plugin; the task still drains, releases
+    its workers, listeners and instance, and ends ``stopped``.
+    """
 
 
 @hookspec
 def kservice_task_stopped(task: BaseServiceTask) -> None:
-    """A task has stopped; its resources are released."""
+    """A task has stopped; its resources are released.
+
+    If it raises: a warning naming the plugin; nothing else changes.
+    """
 
 
 @hookspec
 def kservice_task_failed(task: BaseServiceTask, error: BaseException) -> None:
-    """A task failed to start, or its service or listener died while running."""
+    """A task failed to start, or its service or listener died while running.
+
+    If it raises: a warning naming the plugin; the start still fails with its
+    own error, and what was started is released.
+    """
 
 
 @hookspec
 def kservice_environment_started(environment: ServiceEnvironment) -> None:
-    """An environment has started every task it holds."""
+    """An environment has started every task it holds.
+
+    If it raises: a warning naming the plugin; the environment stays started.
+    """
 
 
 @hookspec
 def kservice_environment_stopped(environment: ServiceEnvironment) -> None:
-    """An environment has stopped every task it holds."""
+    """An environment has stopped every task it holds.
+
+    If it raises: a warning naming the plugin; nothing else changes.
+    """
 
 
 # --------------------------------------------------------------------------
@@ -193,9 +258,16 @@ def kservice_health_checks(task: BaseServiceTask) -> list[Callable[[BaseServiceT
 
     The health plugin runs them with the built-in checks on its schedule; a
     check that raises or exceeds the configured timeout counts as a failure.
+
+    If it raises: that check round fails ("health checks could not run",
+    naming the error), like a failing check.
     """
 
 
 @hookspec
 def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
-    """Add plugin state to a task's status (``status.extra``): breaker state, load, health."""
+    """Add plugin state to a task's status (``status.extra``): breaker state, load, health.
+
+    If it raises: a warning naming the plugin; the status is returned without
+    that plugin's part (a local task's status; other kinds may let it propagate).
+    """

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKET_BOUNDS",
+    "MAX_TRACKED_METHODS",
+    "OTHER_METHODS",
     "ClientMetrics",
     "ServerMetrics",
     "ServiceRecorder",
@@ -86,6 +88,14 @@ _ERROR_CHARS = 2000
 _TRACEBACK_CHARS = 8000
 
 SIDES = ("client", "server")
+
+#: Distinct method names one service and side counts on their own; calls of further names count
+#: under OTHER_METHODS, so the state (and the Prometheus label set) stays bounded whatever names
+#: callers try.
+MAX_TRACKED_METHODS = 256
+#: The shared entry of calls whose method does not exist (MethodNotFoundError, on either side) and
+#: of names beyond MAX_TRACKED_METHODS.
+OTHER_METHODS = "(other)"
 
 
 def _schema() -> dict[str, Setting]:
@@ -207,6 +217,7 @@ class ServiceRecorder:
         self.lock = threading.Lock()  # guards the shard list, the retired totals and the marks
         self._shards: list[tuple[weakref.ref[threading.Thread], _Shard]] = []
         self._retired: _Shard = {}
+        self._names: set[str] = set()  # names counted on their own (at most MAX_TRACKED_METHODS)
         self._step = window / _MARKS
         self._marks: deque[tuple[float, _Shard]] = deque()
         self.next_mark = 0.0
@@ -227,12 +238,29 @@ class ServiceRecorder:
             self.tls.shard = shard
             return shard
 
+    def stats_for(self, shard: _Shard, method: Any, unknown: bool = False) -> _MethodStats:
+        """Where a call of ``method`` counts when ``shard`` has no entry for it yet (the slow path).
+
+        ``unknown`` (the method does not exist), a name that is not a str, and
+        names beyond ``MAX_TRACKED_METHODS`` count under ``OTHER_METHODS``.
+        """
+        key = OTHER_METHODS
+        if not unknown and type(method) is str:
+            with self.lock:
+                if method in self._names or len(self._names) < MAX_TRACKED_METHODS:
+                    self._names.add(method)
+                    key = method
+        stats = shard.get(key)
+        if stats is None:
+            stats = shard[key] = _MethodStats()
+        return stats
+
     def record(self, method: str, seconds: float, error_type: str = "", degraded: bool = False, now: float | None = None) -> None:
         """Count one call of ``method`` that took ``seconds`` (and ended at clock time ``now``)."""
         shard = self.shard()
         stats = shard.get(method)
         if stats is None:
-            stats = shard[method] = _MethodStats()
+            stats = self.stats_for(shard, method, error_type == "MethodNotFoundError")
         stats.seconds += seconds
         stats.buckets[bisect_right(BUCKET_BOUNDS, seconds)] += 1
         if error_type:
@@ -289,6 +317,7 @@ class ServiceRecorder:
             for _, shard in self._shards:
                 shard.clear()
             self._retired.clear()
+            self._names.clear()
             self._marks.clear()
             if self.recent_errors is not None:
                 self.recent_errors.clear()
@@ -390,7 +419,9 @@ class _Timed(ServiceMiddleware):
             shard = self.recorder.shard()
         stats = shard.get(request.method_name)
         if stats is None:
-            stats = shard[request.method_name] = _MethodStats()
+            stats = self.recorder.stats_for(
+                shard, request.method_name, not response.success and response.error_type == "MethodNotFoundError"
+            )
         stats.seconds += seconds
         try:
             bucket = _FAST_BUCKET[int(seconds * 1e8)]  # durations are never negative (a monotonic clock)
@@ -430,7 +461,7 @@ class ClientMetrics(_Timed):
             shard = self.recorder.shard()
         stats = shard.get(method_name)
         if stats is None:
-            stats = shard[method_name] = _MethodStats()
+            stats = self.recorder.stats_for(shard, method_name)
         stats.buckets[_REFUSED_BUCKET] += 1
         stats.errors[type(error).__name__] += 1
         now = self._clock()

@@ -10,6 +10,8 @@ scheduler: it is abandoned after ``health.timeout`` and counted as a failure.
 A check round reports the task unhealthy when any of these fails:
 
 - every listener is ``alive`` (``Listener.alive``);
+- every worker thread of the pool is alive (``task.dead_workers``; a pool
+  replaces a dead worker by itself, so this fails only when it could not);
 - the worker pool makes progress: calls in flight and none completed for
   longer than ``health.stuck_after`` (read from ``task.get_service_status()``);
 - the queue depth is at most ``health.max_queue_depth`` (when set);
@@ -22,7 +24,8 @@ A check round reports the task unhealthy when any of these fails:
 
 After ``health.failure_threshold`` consecutive failed rounds the task is
 recovered with ``task.recover(reason)`` (a local task restarts dead listeners
-or rebuilds its instance; other task kinds respawn their process or replace a
+and replaces dead worker threads, keeping its instance and its state, and
+rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process or replace a
 replica), at most ``health.max_restarts`` times. When the limit is reached the
 task is reported unhealthy with state ``failed`` and left alone: no more
 checks, no more recovery. The result shows in ``task.get_service_status()``
@@ -346,6 +349,9 @@ class _Monitor:
         settings = mon.settings
         status = task.get_service_status()
         reasons = []
+        dead = getattr(task, "dead_workers", 0)
+        if dead:
+            reasons.append(f"{dead} worker thread(s) are dead")
         if settings.max_queue_depth is not None and status.queue_depth > settings.max_queue_depth:
             reasons.append(f"queue depth {status.queue_depth} is over health.max_queue_depth={settings.max_queue_depth}")
         now = self.clock()

@@ -1,0 +1,62 @@
+"""Services that misbehave on purpose (importable by path from child processes: ``tests.core.faulty``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+
+class UnprintableError(Exception):
+    """An exception whose ``__str__`` and ``__repr__`` raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ exploded")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ exploded")
+
+
+class UnprintableExit(SystemExit):
+    """A SystemExit whose ``__str__`` raises a BaseException of its own."""
+
+    def __str__(self) -> str:
+        raise KeyboardInterrupt("even the message interrupts")
+
+
+class Counter:
+    """A counter with state to lose, and methods that raise what kills threads."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int = 1) -> int:
+        with self._lock:
+            self.count += n
+            return self.count
+
+    def value(self) -> int:
+        return self.count
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def raise_system_exit(self) -> None:
+        raise SystemExit(3)
+
+    def raise_keyboard_interrupt(self) -> None:
+        raise KeyboardInterrupt("pressed inside the method")
+
+    def raise_generator_exit(self) -> None:
+        raise GeneratorExit
+
+    def raise_unprintable(self) -> None:
+        raise UnprintableError
+
+    def raise_unprintable_exit(self) -> None:
+        raise UnprintableExit(1)

@@ -1,0 +1,106 @@
+"""Overload over mmap is an answer, not a stall; what a method raises never kills the host's workers.
+
+The host is a real child process (``kind="process"``) reached over shared memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kservice import (
+    ServiceCallError,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceOverloadedError,
+)
+
+from tests.core.faulty import Counter
+
+pytestmark = pytest.mark.timeout(90)
+
+QUIET: dict[str, Any] = {
+    "service_call": {"max_retries": 0},  # overload must reach the caller, not be retried away
+    "breaker": {"enabled": False},  # nor open a breaker
+    "health": {"enabled": False},
+}
+
+
+@pytest.fixture
+def busy_host() -> Iterator[tuple[ServiceEnvironment, ServiceManager]]:
+    env = ServiceEnvironment("overload", QUIET)
+    env.register_service(
+        "busy",
+        ServiceFactory("busy", Counter),
+        kind="process",
+        local={"max_workers": 2, "request_queue_size": 4, "queue_timeout": 1.0},
+    )
+    with env:
+        yield env, env.manager()
+
+
+def test_a_full_pool_answers_overloaded_and_never_stalls_the_listener(busy_host: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    _, manager = busy_host
+    for i in range(3):
+        assert manager.call_service_sync("busy", "echo", (i,)) == i  # known fast: runs in the listener
+    assert manager.call_service_sync("busy", "add", (10,)) == 10
+    sent = time.monotonic()
+    flood = [manager.call_service_async("busy", "sleep", (0.2,), timeout=20) for _ in range(60)]
+    # Another caller's fast calls while the pool is full. Before, the listener waited in
+    # task.submit for room for every overflowing request, and these waited behind it all.
+    echo_times = []
+    for i in range(10):
+        started = time.monotonic()
+        assert manager.call_service_sync("busy", "echo", (i,), timeout=5) == i
+        echo_times.append(time.monotonic() - started)
+    assert max(echo_times) < 1.0, f"a fast call waited {max(echo_times):.2f}s behind the full pool"
+    ran = overloaded = 0
+    answered_at = []
+    for future in flood:
+        try:
+            assert future.result(30) == 0.2
+            ran += 1
+        except ServiceOverloadedError as exc:
+            assert "queue_timeout=1" in str(exc)
+            overloaded += 1
+            answered_at.append(time.monotonic() - sent)
+    assert ran + overloaded == 60, "every call got its own answer: a result or overloaded (no timeouts)"
+    assert overloaded >= 20 and ran >= 6, (ran, overloaded)
+    # queue_timeout is 1 s: each overloaded answer came about then, not at the caller's deadline.
+    assert max(answered_at) < 8.0
+    assert manager.call_service_sync("busy", "add", (1,)) == 11, "the service kept its state"
+
+
+@pytest.mark.parametrize(
+    ("method", "remote_type"),
+    [("raise_system_exit", "SystemExit"), ("raise_keyboard_interrupt", "KeyboardInterrupt"), ("raise_unprintable", "tests.core.faulty.UnprintableError")],
+)
+def test_what_a_method_raises_never_kills_the_hosts_workers_or_listener(
+    busy_host: tuple[ServiceEnvironment, ServiceManager], method: str, remote_type: str
+) -> None:
+    env, manager = busy_host
+    assert manager.call_service_sync("busy", "add", (5,)) == 5
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            manager.call_service_sync("busy", method, timeout=5)
+        except BaseException as exc:  # noqa: BLE001 - what the caller gets is the subject
+            errors.append(exc)
+
+    started = time.monotonic()
+    callers = [threading.Thread(target=call) for _ in range(6)]  # pooled, and inline once known fast
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(10)
+    assert time.monotonic() - started < 4.0
+    assert len(errors) == 6
+    assert all(isinstance(e, ServiceCallError) and e.remote_type == remote_type for e in errors), errors
+    status = env.get_task("busy").get_service_status()  # type: ignore[union-attr]
+    assert (status.healthy, status.workers_alive, status.in_flight) == (True, 2, 0), status
+    assert manager.call_service_sync("busy", "add", (1,)) == 6
