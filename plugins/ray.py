@@ -835,8 +835,13 @@ class _ReplicaSet:
                         replica.slots += 1
                         replica.in_flight += 1
                         return replica
+                if entry.reply is None and entry.grant is None:
+                    # A sync caller waits on this; made here, under the lock the granting thread takes too.
+                    entry.grant = _allocate_lock()
+                    entry.grant.acquire()
                 self.waiting.append(entry)
                 self.queued[entry.request.request_id] = entry
+                _backlogged.add(self)
                 return None
             if entry.idempotent:
                 # Ray holds calls retried across restarts until a restarting actor is back.
@@ -857,6 +862,7 @@ class _ReplicaSet:
                 refused = False
                 self.waiting.appendleft(entry)
                 self.queued[entry.request.request_id] = entry
+                _backlogged.add(self)
                 handouts = self._dispatch()
         if refused:
             self._answer(entry, self.no_replica(entry.request))
@@ -1332,7 +1338,13 @@ class _RefCompleter:
     def _complete_some(self, pending: dict[Any, Callable[[Any, BaseException | None], None]]) -> None:
         ray = self._ray
         window = list(itertools.islice(pending, self._window))
-        ready, _ = ray.wait(window, num_returns=len(window), timeout=self.BATCH_WAIT, fetch_local=False)
+        if _calls_waiting():
+            # Calls wait in this process for the slots these refs hold: hand each slot on as soon as it frees.
+            ready, _ = ray.wait(window, num_returns=1, timeout=self.BATCH_WAIT, fetch_local=False)
+            if ready and len(window) > 1:
+                ready, _ = ray.wait(window, num_returns=len(window), timeout=0, fetch_local=False)
+        else:
+            ready, _ = ray.wait(window, num_returns=len(window), timeout=self.BATCH_WAIT, fetch_local=False)
         # Ask about twice what finished this time: enough to catch a batch, no more (ray.wait's cost grows
         # with it); after a round where nothing finished, about as many as allowed, to look past slow calls.
         self._window = min(self.WINDOW, max(self.MIN_WINDOW, 2 * len(ready))) if ready else self.WINDOW
@@ -1353,6 +1365,21 @@ class _RefCompleter:
                     outcomes.append((None, exc))
         for ref, (value, error) in zip(ready, outcomes, strict=True):
             _run_callback(pending.pop(ref), value, error)
+
+
+#: replica sets that have had calls waiting for a slot since the completer last looked (see _calls_waiting)
+_backlogged: set[Any] = set()
+
+
+def _calls_waiting() -> bool:
+    """Whether calls of this process wait in the caller for a replica slot (forgets sets whose queue emptied)."""
+    if not _backlogged:
+        return False
+    for replicas in list(_backlogged):
+        if replicas.queued:
+            return True
+        _backlogged.discard(replicas)
+    return False
 
 
 def _run_callback(callback: Callable[[Any, BaseException | None], None], value: Any, error: BaseException | None) -> None:
@@ -1484,9 +1511,6 @@ class RayConnection(Connection):
         replicas = self.replicas
         idempotent = request.method_name in replicas.idempotent
         entry = _Waiting(request, None, _to_wire(request), idempotent, False)
-        # Made before the entry can be queued: a thread that frees a slot releases it at once.
-        entry.grant = grant = _allocate_lock()
-        grant.acquire()
         give_up_at = time.monotonic() + max(timeout, 0.0)
         while True:
             admitted = replicas.admit(entry)

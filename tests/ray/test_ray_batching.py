@@ -164,6 +164,7 @@ def test_killing_the_replica_fails_its_batch_in_flight_and_refuses_the_waiting_c
                 ok.append(token)
             except ServiceUnavailableError as error:
                 (may_have_run if "may or may not have run" in str(error) else never_sent).append(token)
+        assert busy.result(20) == "busy"
         assert time.monotonic() - started < 15
         runs = _runs(path)
         # One batch was in the replica (max_concurrency 1): only its calls may have run; the waiting ones never left.

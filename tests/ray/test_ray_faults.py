@@ -307,3 +307,50 @@ def test_default_retries_never_resend_a_call_that_may_have_run_but_resend_calls_
         assert not failed, {token: repr(error) for token, error in failed.items()}
         runs = assert_at_most_once(path, ok | {"running"}, failed)
         assert runs["running"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_cancelled_call_of_a_batch_in_flight_is_skipped_by_the_replica(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    # Calls of 50 ms count as fast here: twenty of them leave as one batch that runs for a second.
+    config = ledger_config("skips", path, replicas=1, concurrency=1, batch_cost_limit=1.0, batch_max=20)
+    with ServiceEnvironment("ray-skip", config) as env, env.manager() as manager:
+        connection = _connection(manager, "skips")
+        manager.call_service_sync("skips", "record", ("warm", 0.05))
+        replies = _Replies()
+        busy = _request("skips", "busy", 0.3)
+        connection.send(busy, replies)
+        batch = [_request("skips", f"k{i}", 0.05) for i in range(20)]
+        for request in batch:
+            connection.send(request, replies)
+        wait_until(lambda: connection.replicas.batched_calls >= 20 and ledger(path)["k0"] == 1, 20, "the batch to start")
+        for request in batch[10:]:
+            connection.cancel(request)
+        wait_until(lambda: replies.count() == 21, 20, "every call to be answered")
+        runs = ledger(path)
+        assert all(runs[r.args[0]] == 1 for r in batch[:10]), runs
+        assert all(runs[r.args[0]] == 0 for r in batch[10:]), runs
+        for request in batch[10:]:
+            answer = replies.answers[request.request_id][0]
+            assert not answer.success and "cancelled before it started" in (answer.error or "")
+        assert manager.call_service_sync("skips", "record", ("next", 0.0)) == "next"
+
+
+@pytest.mark.timeout(90)
+def test_sync_calls_wait_in_the_caller_for_a_slot_and_time_out_there_unrun(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-sync-wait", ledger_config("syncwait", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+        connection = _connection(manager, "syncwait")
+        busy = manager.call_service_async("syncwait", "record", ("busy", 1.0))
+        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        started = time.monotonic()
+        with pytest.raises(ServiceTimeoutError):
+            manager.call_service_sync("syncwait", "record", ("late", 0.0), timeout=0.3)
+        assert time.monotonic() - started < 0.9
+        assert connection.replicas.waiting_count() == 0
+        # A sync call with time to spare waits for the slot and runs once.
+        assert manager.call_service_sync("syncwait", "record", ("patient", 0.0), timeout=20) == "patient"
+        assert busy.result(20) == "busy"
+        runs = ledger(path)
+        assert runs["late"] == 0 and runs["patient"] == 1
+        assert all(replica.slots == 0 and replica.in_flight == 0 for replica in connection.replicas.snapshot())
