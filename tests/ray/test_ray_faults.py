@@ -354,3 +354,35 @@ def test_sync_calls_wait_in_the_caller_for_a_slot_and_time_out_there_unrun(tmp_p
         runs = ledger(path)
         assert runs["late"] == 0 and runs["patient"] == 1
         assert all(replica.slots == 0 and replica.in_flight == 0 for replica in connection.replicas.snapshot())
+
+
+@pytest.mark.timeout(120)
+def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_elsewhere(tmp_path: Path) -> None:
+    from kservice.plugins import ray as ray_plugin
+
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-remote-shrink", ledger_config("remote", path, replicas=3, concurrency=2)) as env, env.manager() as manager:
+        task = _task(env, "remote")
+        # A connection as another driver makes it: found by name, membership re-read only every 5 s.
+        addresses = ray_plugin.kservice_resolve_service("remote", manager)
+        assert addresses
+        remote = ray_plugin._transport.connect(addresses[0])
+        assert isinstance(remote, RayConnection) and remote.replicas is not task.replica_set
+        try:
+            replies = _Replies()
+            requests = [_request("remote", f"r{i}", 0.02) for i in range(150)]
+            for request in requests:
+                remote.send(request, replies)
+            wait_until(lambda: replies.count() >= 10, 30, "10 calls to finish")
+            task.scale(1)
+            wait_until(lambda: replies.count() == 150, 60, "every call to be answered")
+            failed = {r.args[0]: replies.answers[r.request_id][0].error for r in requests if not replies.answers[r.request_id][0].success}
+            ok = {r.args[0] for r in requests if replies.answers[r.request_id][0].success}
+            runs = assert_at_most_once(path, ok, {token: RuntimeError(error) for token, error in failed.items()})
+            # Calls sent to a replica that was already stopping were refused unrun and went to the survivor.
+            assert all("may or may not have run" in (error or "") for error in failed.values()), failed
+            assert len(failed) <= 2 * CONCURRENCY, failed
+            assert sum(runs[token] for token in ok) == len(ok)
+            assert any(r.leaving for r in remote.replicas.snapshot())
+        finally:
+            remote.close()
