@@ -24,6 +24,7 @@ ConfigError naming the extra, ``pip install 'kservice[ray]'``.
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import os
@@ -35,6 +36,7 @@ import struct
 import sys
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -228,6 +230,8 @@ class _ReplicaHost:
     ) -> None:
         self.actor_name = actor_name
         self.failure: ServiceResponse | None = None
+        #: request ids of calls their callers cancelled before the replica reached them (see ``skip``)
+        self.skipped: dict[str, bool] = {}
         self.task: _HostedTask | None = None
         try:
             ctx = TaskContext(environment_name, Config.load(config_data), middlewares)
@@ -255,14 +259,23 @@ class _ReplicaHost:
                 return response.for_wire()
         request_id, method_name, args, kwargs, deadline, metadata = envelope  # type: ignore[misc]
         service_name = task.service_name if task is not None else ""
-        request = ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
         if task is None or not task.running:
+            # Refused without running: the caller sends the call to another replica (see _REFUSED_KEY).
             state = "failed" if task is None else task.state
-            return ServiceResponse.from_exception(
+            refused = ServiceResponse.from_exception(
                 request_id,
                 ServiceUnavailableError(f"replica {self.actor_name} of service {service_name!r} is {state}"),
                 origin="runtime",
-            ).for_wire()
+            )
+            refused.metadata = {_REFUSED_KEY: True}
+            return refused.for_wire()
+        if self.skipped and self.skipped.pop(request_id, False):
+            skipped = ServiceResponse.from_exception(
+                request_id, ServiceUnavailableError(f"call {service_name}.{method_name} was cancelled before it started"), origin="runtime"
+            )
+            skipped.metadata = {RETRYABLE_KEY: False}
+            return skipped.for_wire()
+        request = ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
         began = time.perf_counter()
         response = task.execute(request)
         if response.success and not response.metadata and not response.degraded:
@@ -296,6 +309,19 @@ class _ReplicaHost:
                     answer = failed.for_wire()
             answers.append(answer)
         return answers
+
+    def skip(self, request_ids: list[str]) -> None:
+        """Calls whose callers cancelled them: not started if they have not been (a control call).
+
+        For calls sent in a batch, which Ray cannot cancel one by one. Ids of
+        calls that already ran are forgotten oldest first beyond
+        ``_SKIPPED_KEPT``, so the set stays bounded.
+        """
+        skipped = self.skipped
+        for request_id in request_ids:
+            skipped[request_id] = True
+        while len(skipped) > _SKIPPED_KEPT:
+            skipped.pop(next(iter(skipped)), None)
 
     def ready(self) -> ServiceResponse:
         if self.failure is not None:
@@ -350,6 +376,8 @@ class _ReplicaHost:
             time.sleep(0.01)
 
 
+#: most cancelled request ids a replica remembers (see ``_ReplicaHost.skip``)
+_SKIPPED_KEPT = 4096
 #: the run time (seconds, little-endian double) after the pickle of a plain result
 _COST = struct.Struct("<d")
 #: what a replica speaks, in its ready/describe answers: 2 adds the run-time trailer and ``handle_batch``
@@ -548,13 +576,20 @@ class _Replica:
     send_retrying: Any = None
     #: the bound ``handle_batch`` method (at most once, like ``send_once``)
     send_batch: Any = None
+    #: the control method that makes the replica skip calls of a batch it has not started (None: older replica)
+    send_skip: Any = None
+    #: calls this process has sent to the replica and not yet seen answered (each call of a batch counts)
     in_flight: int = 0
-    #: async calls waiting to leave together in one batch: (request, reply, envelope)
-    outbox: list[tuple[ServiceRequest, Callable[[ServiceResponse], None], bytes]] = field(default_factory=list)
+    #: actor calls (one call or one batch) this process has sent to the replica and not yet seen answered;
+    #: kept at or below the set's ``capacity`` (the replica's max_concurrency), so none of them queues in the actor
+    slots: int = 0
     #: False after a Ray failure until a readiness probe succeeds
     up: bool = True
     #: True once Ray reports the actor dead for good (restarts exhausted, killed)
     dead: bool = False
+    #: taken out of rotation on purpose (scale-down, stop, or it answered that it is stopping): it
+    #: finishes the calls it has and gets no new ones
+    leaving: bool = False
     last_error: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     probing: bool = False
@@ -564,6 +599,11 @@ class _Replica:
 RETRYABLE_KEY = "kservice.retryable"
 #: response metadata key naming a replica taken out of rotation while other replicas still serve
 REPLICA_DOWN_KEY = "kservice.replica_down"
+#: response metadata key set on a failure after which the call may have run (never re-sent by kservice)
+MAY_HAVE_RUN_KEY = "kservice.may_have_run"
+#: response metadata key a replica sets when it refused a call without running it (it is stopping or failed
+#: to build): the caller sends the call to another replica
+_REFUSED_KEY = "kservice.replica_refused"
 
 
 def _unavailable(request: ServiceRequest, message: str, *, retryable: bool = True) -> ServiceResponse:
@@ -573,9 +613,23 @@ def _unavailable(request: ServiceRequest, message: str, *, retryable: bool = Tru
     return response
 
 
+def _may_have_run(request: ServiceRequest, message: str, *, retryable: bool) -> ServiceResponse:
+    """ServiceUnavailableError for a call that reached a replica and may have run (retryable only if idempotent)."""
+    response = ServiceResponse.from_exception(request.request_id, ServiceUnavailableError(message), origin="runtime")
+    response.metadata = {MAY_HAVE_RUN_KEY: True} if retryable else {MAY_HAVE_RUN_KEY: True, RETRYABLE_KEY: False}
+    return response
+
+
 def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
     error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s")
     return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+
+
+def _cancelled(request: ServiceRequest) -> ServiceResponse:
+    """The answer to a call cancelled while it waited in the caller: it never reached a replica."""
+    return _unavailable(
+        request, f"call {request.service_name}.{request.method_name} was cancelled before it was sent to a replica", retryable=False
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -583,14 +637,58 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+class _Waiting:
+    """One call on its way to a replica: waiting in the caller for a free slot, or about to be sent.
+
+    ``reply`` is None for a sync call: its own thread waits on ``grant`` and
+    sends the call itself once a replica slot is reserved for it
+    (``granted`` is then the replica) or reads its answer (``granted`` is a
+    response: the call was refused without being sent).
+    """
+
+    __slots__ = ("batchable", "cancelled", "envelope", "failovers", "grant", "granted", "idempotent", "reply", "request")
+
+    def __init__(
+        self,
+        request: ServiceRequest,
+        reply: Callable[[ServiceResponse], None] | None,
+        envelope: bytes | WireRequest,
+        idempotent: bool,
+        batchable: bool,
+    ) -> None:
+        self.request = request
+        self.reply = reply
+        self.envelope = envelope
+        self.idempotent = idempotent
+        self.batchable = batchable
+        self.failovers = 0
+        self.cancelled = False
+        self.grant: Any = None
+        self.granted: _Replica | ServiceResponse | None = None
+
+
+#: Replicas and the calls to send them: (replica, calls) with one slot of the replica reserved per entry.
+_Handouts: TypeAlias = "list[tuple[_Replica, list[_Waiting]]]"
+
+
 class _ReplicaSet:
-    """The replicas of one deployment, the balancer over them, and failure tracking.
+    """The replicas of one deployment, the balancer over them, the calls waiting for them, and failure tracking.
+
+    Admission: this process sends each replica at most ``capacity`` actor
+    calls at a time (its ``max_concurrency``; a batch is one actor call).
+    A call that finds every live replica full waits here, in ``waiting``,
+    and is handed to the first replica that frees a slot; several waiting
+    calls of a fast method leave together as one batch. So nothing this
+    process sends queues inside a replica: a replica that dies fails at most
+    the actor calls it was running, and a waiting call, which provably never
+    left, goes to another replica instead.
 
     ``live`` is rebuilt (copy on write) whenever a replica goes down, comes
-    back, or the set changes, so the per-call path reads it without a lock.
-    A replica that fails a call with a Ray actor error leaves ``live`` and is
-    probed with a readiness call that Ray holds until the actor has restarted:
-    success brings it back, a final "actor died" marks it dead.
+    back, leaves or the set changes. A replica that fails a call with a Ray
+    actor error leaves ``live`` and is probed with a readiness call that Ray
+    holds until the actor has restarted: success brings it back, a final
+    "actor died" marks it dead. Every state change happens under ``_lock``;
+    actor calls are sent outside it.
     """
 
     def __init__(
@@ -608,25 +706,33 @@ class _ReplicaSet:
         self.balancer = balancer
         self.max_task_retries = max_task_retries
         self.idempotent = idempotent
-        #: async calls to a replica with at least this many of ours in flight may be batched
-        self.batch_after = 8
+        #: actor calls this process keeps in flight per replica (the replicas' max_concurrency)
+        self.capacity = 8
         #: most calls in one batch (0: no batching), and the run time under which a method may be batched
         self.batch_max = 64
         self.batch_cost_limit = 0.001
         #: each method's run time in the replica (smoothed; one slow run counts at once), from its answers
         self.method_cost: dict[str, float] = {}
         self.replicas: dict[int, _Replica] = {}
-        #: guards every replica's ``outbox``
-        self.outbox_lock = threading.Lock()
         #: the replicas' wire version (see WIRE_VERSION); below 2 nothing is observed or batched
         self.wire = 1
-        #: ``handle_batch`` calls this process sent, and the calls they carried (under ``outbox_lock``)
+        #: ``handle_batch`` calls this process sent, and the calls they carried (under ``_lock``)
         self.batches_sent = 0
         self.batched_calls = 0
         self.live: tuple[_Replica, ...] = ()
-        #: set when the owner stopped the service: every call is answered with it
+        #: set when the owner stopped the service: new calls are answered with it
         self.closed_reason = ""
+        #: calls waiting for a free slot, oldest first (cancelled ones stay until popped), and the
+        #: not-cancelled ones by request id
+        self.waiting: collections.deque[_Waiting] = collections.deque()
+        self.queued: dict[str, _Waiting] = {}
+        #: ObjectRefs of single async calls not answered yet, and the replica of batched ones (for ``cancel``)
+        self.refs: dict[str, Any] = {}
+        self.batched_to: dict[str, _Replica] = {}
         self._lock = threading.Lock()
+        #: notified when slots free up while someone drains (``drain``)
+        self._changed = threading.Condition(self._lock)
+        self._draining = 0
         #: called (without the lock) when membership should be re-read (remote callers)
         self.on_all_down: Callable[[], None] | None = None
 
@@ -637,52 +743,368 @@ class _ReplicaSet:
         replica.send_once = handle.handle
         # None on a replica of an older version (no such method; see WIRE_VERSION).
         replica.send_batch = getattr(handle, "handle_batch", None)
+        skip = getattr(handle, "skip", None)
+        replica.send_skip = skip.options(concurrency_group=_CONTROL_GROUP) if skip is not None else None
         # Ray re-runs these on the restarted actor; only idempotent methods use them.
         replica.send_retrying = handle.handle.options(max_task_retries=self.max_task_retries)
         with self._lock:
             self.replicas[index] = replica
             self._rebuild()
+            handouts = self._dispatch()
+        self._launch_all(handouts)
         return replica
 
     def remove(self, index: int) -> _Replica | None:
+        """Forget a replica (gone from the cluster); calls already sent to it are still answered."""
         with self._lock:
             replica = self.replicas.pop(index, None)
             self._rebuild()
+            stranded = self._strand()
+        self._refuse_all(stranded)
         return replica
 
+    def retire(self, leaving: Sequence[_Replica]) -> None:
+        """Take ``leaving`` out of rotation for good: they get no new call and finish the ones they have."""
+        with self._lock:
+            for replica in leaving:
+                replica.leaving = True
+                if self.replicas.get(replica.index) is replica:
+                    del self.replicas[replica.index]
+            self._rebuild()
+            stranded = self._strand()
+        self._refuse_all(stranded)
+
+    def drain(self, replicas: Sequence[_Replica], deadline: float, *, queue: bool = False) -> bool:
+        """Wait until this process has no call in flight to ``replicas`` (and, with ``queue``, none waiting).
+
+        Returns False when ``deadline`` (monotonic) passed first.
+        """
+        with self._lock:
+            self._draining += 1
+            try:
+                while any(r.slots for r in replicas) or (queue and self.queued):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._changed.wait(min(remaining, 0.1))
+                return True
+            finally:
+                self._draining -= 1
+
     def _rebuild(self) -> None:
-        self.live = tuple(r for _, r in sorted(self.replicas.items()) if r.up and not r.dead)
+        self.live = tuple(r for _, r in sorted(self.replicas.items()) if r.up and not r.dead and not r.leaving)
 
     def close(self, reason: str) -> None:
+        """Refuse new calls with ServiceStoppedError(``reason``); calls already waiting are still sent."""
         with self._lock:
             self.closed_reason = reason
-            self.live = ()
+
+    def waiting_count(self) -> int:
+        """Calls of this process waiting for a free replica slot."""
+        return len(self.queued)
 
     # the per-call path ---------------------------------------------------
 
-    def pick(self, idempotent: bool) -> _Replica | None:
-        live = self.live
-        if live:
-            return self.balancer.pick(live)  # type: ignore[no-any-return]
-        if idempotent and not self.closed_reason:
-            # Ray holds retried calls until a restarting actor is back.
-            restarting = [r for r in self.replicas.values() if not r.dead]
-            if restarting:
-                return restarting[0]
-        return None
+    def _free(self, live: tuple[_Replica, ...]) -> _Replica | None:
+        """A live replica with a free slot, chosen by the balancer (holding the lock)."""
+        capacity = self.capacity
+        if len(live) == 1:
+            only = live[0]
+            return only if only.slots < capacity else None
+        free = [r for r in live if r.slots < capacity]
+        if not free:
+            return None
+        return self.balancer.pick(free) if len(free) > 1 else free[0]  # type: ignore[no-any-return]
 
-    def no_replica(self, request: ServiceRequest) -> ServiceResponse:
+    def admit(self, entry: _Waiting) -> _Replica | ServiceResponse | None:
+        """Reserve a replica slot for ``entry``, or queue it (None), or refuse it (the response to give).
+
+        A sync entry that is queued is granted its slot later through
+        ``entry.grant``; an async one is sent by whoever frees the slot.
+        """
+        with self._lock:
+            if self.closed_reason:
+                return self._stopped(entry.request)
+            live = self.live
+            if live:
+                if not self.queued:
+                    if self.waiting:
+                        self.waiting.clear()  # only cancelled leftovers
+                    replica = self._free(live)
+                    if replica is not None:
+                        replica.slots += 1
+                        replica.in_flight += 1
+                        return replica
+                if entry.reply is None and entry.grant is None:
+                    # A sync caller waits on this; made here, under the lock the granting thread takes too.
+                    entry.grant = _allocate_lock()
+                    entry.grant.acquire()
+                self.waiting.append(entry)
+                self.queued[entry.request.request_id] = entry
+                _backlogged.add(self)
+                return None
+            if entry.idempotent:
+                # Ray holds calls retried across restarts until a restarting actor is back.
+                restarting = [r for _, r in sorted(self.replicas.items()) if not r.dead and not r.leaving]
+                if restarting:
+                    replica = restarting[0]
+                    replica.slots += 1
+                    replica.in_flight += 1
+                    return replica
+        return self.no_replica(entry.request)
+
+    def requeue(self, entry: _Waiting) -> None:
+        """Send ``entry`` again (it provably did not run): first in line, to another replica."""
+        with self._lock:
+            if not self.live:
+                refused = True
+            else:
+                refused = False
+                self.waiting.appendleft(entry)
+                self.queued[entry.request.request_id] = entry
+                _backlogged.add(self)
+                handouts = self._dispatch()
+        if refused:
+            self._answer(entry, self.no_replica(entry.request))
+            return
+        self._launch_all(handouts)
+
+    def withdraw(self, entry: _Waiting) -> bool:
+        """Take a queued entry out (its caller gave up); False when it was already handed a slot or answered."""
+        with self._lock:
+            if self.queued.pop(entry.request.request_id, None) is entry:
+                entry.cancelled = True
+                return True
+            return False
+
+    def release(self, replica: _Replica, calls: int = 1) -> None:
+        """An actor call to ``replica`` carrying ``calls`` calls was answered: free its slot, hand it on."""
+        with self._lock:
+            replica.slots -= 1
+            replica.in_flight -= calls
+            if self._draining:
+                self._changed.notify_all()
+            if not self.queued:
+                return
+            handouts = self._dispatch()
+        self._launch_all(handouts)
+
+    def _dispatch(self) -> _Handouts:
+        """Hand waiting calls to live replicas with a free slot (holding the lock); send them with ``_launch_all``."""
+        handouts: _Handouts = []
+        waiting, queued = self.waiting, self.queued
+        while queued:
+            replica = self._free(self.live) if self.live else None
+            if replica is None:
+                break
+            entry = waiting.popleft()
+            if entry.cancelled:
+                continue
+            del queued[entry.request.request_id]
+            group = [entry]
+            if entry.batchable and replica.send_batch is not None:
+                while waiting and len(group) < self.batch_max:
+                    following = waiting[0]
+                    if following.cancelled:
+                        waiting.popleft()
+                        continue
+                    if not following.batchable:
+                        break
+                    waiting.popleft()
+                    del queued[following.request.request_id]
+                    group.append(following)
+                if len(group) > 1:
+                    self.batches_sent += 1
+                    self.batched_calls += len(group)
+            replica.slots += 1
+            replica.in_flight += len(group)
+            handouts.append((replica, group))
+        if self._draining:
+            self._changed.notify_all()
+        return handouts
+
+    def _strand(self) -> list[_Waiting]:
+        """With no live replica left, take every waiting call out (holding the lock); refuse them with ``_refuse_all``."""
+        if self.live or not self.queued:
+            return []
+        stranded = list(self.queued.values())
+        self.queued.clear()
+        self.waiting.clear()
+        if self._draining:
+            self._changed.notify_all()
+        return stranded
+
+    def _refuse_all(self, stranded: list[_Waiting]) -> None:
+        if not stranded:
+            return
+        if self.on_all_down is not None:
+            self.on_all_down()
+        for entry in stranded:
+            self._answer(entry, self.no_replica(entry.request, refresh=False))
+
+    def _answer(self, entry: _Waiting, response: ServiceResponse) -> None:
+        """Give ``entry`` its final response without sending it (a sync caller reads it from ``granted``)."""
+        if entry.reply is not None:
+            entry.reply(response)
+        else:
+            entry.granted = response
+            entry.grant.release()
+
+    def _launch_all(self, handouts: _Handouts) -> None:
+        for replica, group in handouts:
+            entry = group[0]
+            if len(group) > 1:
+                self._launch_batch(replica, group)
+            elif entry.reply is None:
+                entry.granted = replica
+                entry.grant.release()
+            else:
+                self._launch(replica, entry)
+
+    def _launch(self, replica: _Replica, entry: _Waiting) -> None:
+        """Send one async call to ``replica`` (its slot is reserved); ``entry.reply`` gets its outcome."""
+        request = entry.request
+        try:
+            ref = (replica.send_retrying if entry.idempotent else replica.send_once).remote(entry.envelope)
+        except Exception as exc:
+            entry.reply(_send_failure(request, exc))  # type: ignore[misc]
+            self.release(replica)
+            return
+        request_id = request.request_id
+        self.refs[request_id] = ref
+
+        def done(answer: Any, error: BaseException | None) -> None:
+            self.refs.pop(request_id, None)
+            if error is None:
+                self.observe(request.method_name, answer)
+                response = _from_wire(request, answer)
+                if response.metadata and response.metadata.get(_REFUSED_KEY):
+                    self.release(replica)
+                    self.refused(replica, entry)
+                    return
+                entry.reply(response)  # type: ignore[misc]
+                self.release(replica)
+                return
+            response = self.translate(request, replica, error)
+            self.release(replica)
+            if self.should_fail_over(entry):
+                entry.failovers += 1
+                self.submit(entry)
+                return
+            entry.reply(response)  # type: ignore[misc]
+
+        _completer().add(ref, done)
+
+    def _launch_batch(self, replica: _Replica, batch: list[_Waiting]) -> None:
+        """Send ``batch`` as one ``handle_batch`` call; each caller gets its own answer (at most once, like ``send_once``)."""
+        try:
+            ref = replica.send_batch.remote([entry.envelope for entry in batch])
+        except Exception as exc:  # noqa: BLE001 - every call of the batch gets it
+            for entry in batch:
+                entry.reply(_unavailable(entry.request, f"Ray could not send a batch of calls to replica {replica.name}: {_first_line(exc)}"))  # type: ignore[misc]
+            self.release(replica, len(batch))
+            return
+        batched_to = self.batched_to
+        for entry in batch:
+            batched_to[entry.request.request_id] = replica
+
+        def done(answers: Any, error: BaseException | None) -> None:
+            refused: list[_Waiting] = []
+            for index, entry in enumerate(batch):
+                request = entry.request
+                batched_to.pop(request.request_id, None)
+                if error is not None:
+                    entry.reply(self.translate(request, replica, error))  # type: ignore[misc]
+                    continue
+                answer = answers[index]
+                if type(answer) is _Stored:
+                    try:
+                        answer = (sys.modules["ray"].get(answer.ref),)
+                    except Exception as exc:  # noqa: BLE001 - this call's result only
+                        entry.reply(self.translate(request, replica, exc))  # type: ignore[misc]
+                        continue
+                self.observe(request.method_name, answer)
+                response = _from_wire(request, answer)
+                if response.metadata and response.metadata.get(_REFUSED_KEY):
+                    refused.append(entry)
+                    continue
+                entry.reply(response)  # type: ignore[misc]
+            self.release(replica, len(batch))
+            for entry in refused:
+                self.refused(replica, entry)
+
+        _completer().add(ref, done)
+
+    def submit(self, entry: _Waiting) -> None:
+        """Send an async call now, or queue it for the next free slot, or answer it at once when it cannot be served."""
+        admitted = self.admit(entry)
+        if admitted is None:
+            return
+        if type(admitted) is _Replica:
+            self._launch(admitted, entry)
+        else:
+            entry.reply(admitted)  # type: ignore[misc, arg-type]
+
+    def refused(self, replica: _Replica, entry: _Waiting) -> None:
+        """``replica`` answered that it is stopping without running ``entry``: it leaves the rotation, the call goes elsewhere."""
+        self.mark_leaving(replica)
+        self.requeue(entry)
+
+    def mark_leaving(self, replica: _Replica) -> None:
+        """Take a replica that said it is stopping out of rotation (it finishes what it has)."""
+        with self._lock:
+            if not replica.leaving:
+                replica.leaving = True
+                replica.last_error = "stopping"
+                self._rebuild()
+
+    def cancel(self, request: ServiceRequest) -> None:
+        """Stop ``request`` if it has not started: out of the queue if waiting, ``ray.cancel`` if sent alone.
+
+        Never blocks. A waiting call is answered at once (cancelled, never
+        sent); a single call already sent is cancelled in Ray (dropped if the
+        replica has not started it; a running method is not interrupted); a
+        call sent in a batch is skipped by the replica if it has not reached
+        it yet.
+        """
+        request_id = request.request_id
+        with self._lock:
+            entry = self.queued.pop(request_id, None)
+            if entry is not None:
+                entry.cancelled = True
+        if entry is not None:
+            self._answer(entry, _cancelled(request))
+            return
+        ref = self.refs.pop(request_id, None)
+        if ref is not None:
+            sys.modules["ray"].cancel(ref)
+            return
+        replica = self.batched_to.get(request_id)
+        if replica is not None and replica.send_skip is not None:
+            try:
+                replica.send_skip.remote([request_id])
+            except Exception:  # noqa: BLE001 - best effort: the call then runs and its answer is dropped
+                pass
+
+    def _stopped(self, request: ServiceRequest) -> ServiceResponse:
+        return ServiceResponse.from_exception(
+            request.request_id, ServiceStoppedError(f"service {self.service_name!r} is unavailable: {self.closed_reason}"), origin="runtime"
+        )
+
+    def no_replica(self, request: ServiceRequest, *, refresh: bool = True) -> ServiceResponse:
+        """The answer to a call no replica can take (it was never sent: retrying it later is safe).
+
+        ``refresh``: let a remote caller re-read the membership first (``on_all_down``).
+        """
         if self.closed_reason:
-            return ServiceResponse.from_exception(
-                request.request_id, ServiceStoppedError(f"service {self.service_name!r} is unavailable: {self.closed_reason}"), origin="runtime"
-            )
+            return self._stopped(request)
         states = ", ".join(
             f"{r.name} {'dead' if r.dead else 'restarting'}" + (f" ({r.last_error})" if r.last_error else "")
             for _, r in sorted(self.replicas.items())
         )
-        if self.on_all_down is not None:
+        if refresh and self.on_all_down is not None:
             self.on_all_down()
-        restarting = any(not r.dead for r in self.replicas.values())
+        restarting = any(not r.dead and not r.leaving for r in self.replicas.values())
         # Dead for good (restarts used up): an immediate retry cannot help; health recovery replaces them.
         return _unavailable(
             request,
@@ -690,10 +1112,6 @@ class _ReplicaSet:
             + ("; retry later" if restarting else ""),
             retryable=restarting,
         )
-
-    def started(self, replica: _Replica) -> None:
-        with self._lock:
-            replica.in_flight += 1
 
     def observe(self, method_name: str, answer: Any) -> None:
         """Learn ``method_name``'s run time from a plain answer (the trailer :meth:`_ReplicaHost.handle` adds)."""
@@ -706,16 +1124,19 @@ class _ReplicaSet:
         else:
             self.method_cost[method_name] = previous * 0.75 + seconds * 0.25
 
-    def batchable(self, replica: _Replica, method_name: str) -> bool:
-        """Whether an async call of ``method_name`` to ``replica`` should wait in its outbox (see RayConnection)."""
-        if self.batch_max <= 0 or replica.in_flight < self.batch_after or replica.send_batch is None:
+    def batchable(self, method_name: str) -> bool:
+        """Whether an async call of ``method_name`` that has to wait may leave in a batch with others (see RayConnection)."""
+        if self.batch_max <= 1 or self.wire < 2:
             return False
         cost = self.method_cost.get(method_name)
         return cost is not None and cost < self.batch_cost_limit
 
-    def finished(self, replica: _Replica) -> None:
-        with self._lock:
-            replica.in_flight -= 1
+    def should_fail_over(self, entry: _Waiting) -> bool:
+        """Whether a failed call of an idempotent method goes to another replica (Ray already retried it on its own)."""
+        if not entry.idempotent or entry.failovers >= len(self.replicas) or not self.live:
+            return False
+        remaining = entry.request.remaining()
+        return remaining is None or remaining > 0
 
     # failures ------------------------------------------------------------
 
@@ -727,27 +1148,29 @@ class _ReplicaSet:
         if isinstance(exc, exceptions.GetTimeoutError):
             return _timed_out(request, 0.0)
         if isinstance(exc, exceptions.TaskCancelledError):
+            # Only a cancelled call gets here, and its caller already has its answer; it may have been running.
             remaining = request.remaining()
             if remaining is not None and remaining <= 0:
                 return _timed_out(request, 0.0)
-            return _unavailable(request, f"call {what} was cancelled on replica {replica.name}")
+            return _may_have_run(request, f"call {what} was cancelled on replica {replica.name}", retryable=False)
         if isinstance(exc, exceptions.RayActorError):
             self.mark_down(replica, exc)
             idempotent = request.method_name in self.idempotent
             # The call may have run: only an idempotent method may be sent again, by anyone.
-            response = _unavailable(
+            response = _may_have_run(
                 request,
-                f"replica {replica.name} of service {self.service_name!r} failed during call {what} "
-                f"({_first_line(exc)}); the call may or may not have run"
+                f"replica {replica.name} of service {self.service_name!r} "
+                + ("was stopped" if replica.leaving else "failed")
+                + f" during call {what} ({_first_line(exc)}); the call may or may not have run"
                 + ("" if idempotent else " (declare the method idempotent to have it retried on a restarted replica)"),
                 retryable=idempotent,
             )
             with self._lock:
-                others_up = any(r.up and r is not replica for r in self.replicas.values())
-            if others_up:
-                # This replica is out of rotation already (a per-replica breaker, in effect): a
-                # service-wide circuit breaker must not open on it while others serve.
-                response.metadata = {**response.metadata, REPLICA_DOWN_KEY: replica.name}
+                others_up = any(r.up and not r.dead and r is not replica for r in self.replicas.values())
+            if others_up or replica.leaving:
+                # This replica is out of rotation already (a per-replica breaker, in effect), or leaving on
+                # purpose: a service-wide circuit breaker must not open on it while others serve.
+                response.metadata[REPLICA_DOWN_KEY] = replica.name
             return response
         if isinstance(exc, exceptions.RayTaskError):
             # The replica's handler never raises, so this is Ray failing to store or read the result.
@@ -755,7 +1178,7 @@ class _ReplicaSet:
             response = ServiceResponse.from_exception(request.request_id, cause, origin="service")
             response.error = f"the result of {what} could not be returned through Ray: {_first_line(cause)}"
             return response.for_wire()
-        return _unavailable(request, f"call {what} to replica {replica.name} failed in Ray: {_first_line(exc)}")
+        return _may_have_run(request, f"call {what} to replica {replica.name} failed in Ray: {_first_line(exc)}", retryable=False)
 
     def mark_down(self, replica: _Replica, exc: BaseException) -> None:
         """Take ``replica`` out of rotation and probe it until it is back or known dead."""
@@ -763,15 +1186,19 @@ class _ReplicaSet:
             replica.last_error = _first_line(exc)
             replica.up = False
             self._rebuild()
-            if replica.probing or replica.dead or self.closed_reason:
-                return
-            replica.probing = True
+            stranded = self._strand()
+            probe = not (replica.probing or replica.dead or replica.leaving or self.closed_reason)
+            if probe:
+                replica.probing = True
+        self._refuse_all(stranded)
+        if not probe:
+            return
         try:
-            probe = replica.handle.ready.options(max_task_retries=-1, concurrency_group=_CONTROL_GROUP).remote()
+            ready = replica.handle.ready.options(max_task_retries=-1, concurrency_group=_CONTROL_GROUP).remote()
         except Exception as probe_error:
             self._probed(replica, probe_error)
             return
-        probe.future().add_done_callback(lambda done: self._probed(replica, _probe_error(done)))
+        ready.future().add_done_callback(lambda done: self._probed(replica, _probe_error(done)))
 
     def _probed(self, replica: _Replica, error: BaseException | None) -> None:
         """A probe answered: ``error`` None brings the replica back, anything else marks it dead."""
@@ -786,6 +1213,10 @@ class _ReplicaSet:
                 replica.dead = True
                 replica.last_error = _first_line(error)
             self._rebuild()
+            handouts = self._dispatch()
+            stranded = self._strand()
+        self._launch_all(handouts)
+        self._refuse_all(stranded)
 
     def snapshot(self) -> list[_Replica]:
         with self._lock:
@@ -907,7 +1338,13 @@ class _RefCompleter:
     def _complete_some(self, pending: dict[Any, Callable[[Any, BaseException | None], None]]) -> None:
         ray = self._ray
         window = list(itertools.islice(pending, self._window))
-        ready, _ = ray.wait(window, num_returns=len(window), timeout=self.BATCH_WAIT, fetch_local=False)
+        if _calls_waiting():
+            # Calls wait in this process for the slots these refs hold: hand each slot on as soon as it frees.
+            ready, _ = ray.wait(window, num_returns=1, timeout=self.BATCH_WAIT, fetch_local=False)
+            if ready and len(window) > 1:
+                ready, _ = ray.wait(window, num_returns=len(window), timeout=0, fetch_local=False)
+        else:
+            ready, _ = ray.wait(window, num_returns=len(window), timeout=self.BATCH_WAIT, fetch_local=False)
         # Ask about twice what finished this time: enough to catch a batch, no more (ray.wait's cost grows
         # with it); after a round where nothing finished, about as many as allowed, to look past slow calls.
         self._window = min(self.WINDOW, max(self.MIN_WINDOW, 2 * len(ready))) if ready else self.WINDOW
@@ -928,6 +1365,21 @@ class _RefCompleter:
                     outcomes.append((None, exc))
         for ref, (value, error) in zip(ready, outcomes, strict=True):
             _run_callback(pending.pop(ref), value, error)
+
+
+#: replica sets that have had calls waiting for a slot since the completer last looked (see _calls_waiting)
+_backlogged: set[Any] = set()
+
+
+def _calls_waiting() -> bool:
+    """Whether calls of this process wait in the caller for a replica slot (forgets sets whose queue emptied)."""
+    if not _backlogged:
+        return False
+    for replicas in list(_backlogged):
+        if replicas.queued:
+            return True
+        _backlogged.discard(replicas)
+    return False
 
 
 def _run_callback(callback: Callable[[Any, BaseException | None], None], value: Any, error: BaseException | None) -> None:
@@ -975,34 +1427,47 @@ class _DeploymentRef:
 class RayConnection(Connection):
     """Calls one ray service's replicas through Ray's actor calls.
 
+    Admission: this process keeps at most ``max_concurrency`` actor calls in
+    flight per replica. A call that finds every live replica full waits in
+    the caller (in the :class:`_ReplicaSet` shared by every connection of
+    this process to the service) and goes to the first replica that frees a
+    slot, like Ray Serve's router bounding ``max_ongoing_requests``. So a
+    replica that dies fails at most the calls it was running; calls still
+    waiting go to the other replicas, and with no live replica left they
+    fail at once with ServiceUnavailableError (never sent, so retrying them
+    is safe).
+
     ``send`` submits ``replica.handle(envelope)`` and hands the ObjectRef to
     the process's :class:`_RefCompleter`, which calls ``reply`` (no thread per
     call; up to ``_RefCompleter.BATCH_WAIT`` after the result arrives while
-    other async calls are in flight). ``call`` waits
-    with ``ray.get(ref, timeout=...)`` and cancels the remote task on timeout;
-    an async call whose deadline passes is cancelled through ``cancel`` (Ray
-    drops a task still queued; a running method is not interrupted).
-    Ray failures become ServiceUnavailableError (replica died, node lost) or
-    ServiceTimeoutError; idempotent methods are re-run by Ray on a restarted
-    replica and, if their replica is dead for good, sent once to another live
-    replica. ``reply`` is called exactly once per ``send``.
+    other async calls are in flight). ``call`` waits with
+    ``ray.get(ref, timeout=...)`` in the caller's thread. ``reply`` is called
+    exactly once per ``send``. Ray failures become ServiceUnavailableError
+    (replica died, node lost; marked "may have run", not retryable unless the
+    method is idempotent) or ServiceTimeoutError; idempotent methods are
+    re-run by Ray on a restarted replica and, if their replica is dead for
+    good, sent once to another live replica. A replica that answers that it
+    is stopping (a scale-down seen late by a caller in another driver) ran
+    nothing: the call goes to another replica.
+
+    Cancellation (``cancel``, called for a call whose caller timed out or
+    cancelled it): a waiting call leaves the queue and never starts; a call
+    sent alone is cancelled with ``ray.cancel`` (dropped if the replica has
+    not started it; a running method is not interrupted and runs to its
+    end); a call sent in a batch is skipped by the replica if it has not
+    reached it yet.
 
     Batching: a Ray actor call costs a few hundred µs of CPU across the
-    caller, the raylet and the actor whatever it carries, so pipelined calls
-    of a fast method would spend their time there. An async call of a
+    caller, the raylet and the actor whatever it carries. Async calls of a
     non-idempotent method that the replica reports running in under
-    ``service.ray.batch_cost_limit`` s (every plain answer carries its run time), sent to a
-    replica that already has ``max_concurrency`` of this process's calls in
-    flight (more would queue in the actor anyway), waits in that replica's
-    outbox instead. The outbox leaves as one ``handle_batch`` call when it
-    holds ``service.ray.batch_max`` calls or at the completer's next turn (at most
-    ``_RefCompleter.BATCH_WAIT`` s); the replica runs the calls in order and
-    answers each, so every caller still gets exactly its own outcome, at most
-    once. Sync calls, idempotent methods (Ray retries those per call), slow or
-    not yet observed methods and calls whose arguments only Ray can serialize
-    always travel alone. A batched call whose caller times out is taken out
-    of the outbox if it has not left yet; once sent it runs (Ray cannot
-    cancel one call of a batch) and its answer is dropped.
+    ``service.ray.batch_cost_limit`` s (every plain answer carries its run
+    time) that had to wait for a slot leave together: a freed slot takes up
+    to ``service.ray.batch_max`` consecutive such calls as one
+    ``handle_batch`` call. The replica runs them in order and answers each,
+    so every caller still gets exactly its own outcome, at most once. Sync
+    calls, idempotent methods (Ray retries those per call), slow or not yet
+    observed methods and calls whose arguments only Ray can serialize always
+    travel alone.
     """
 
     def __init__(self, replicas: _ReplicaSet, *, refresh: Callable[[], None] | None = None, refresh_every: float = 0.0) -> None:
@@ -1013,8 +1478,6 @@ class RayConnection(Connection):
         self._refresh_every = refresh_every
         self._refresh_at = time.monotonic() + refresh_every if refresh is not None and refresh_every > 0 else float("inf")
         self._closed = False
-        #: ObjectRefs of async calls not answered yet, by request id (for ``cancel``)
-        self._in_flight: dict[str, Any] = {}
 
     def _maybe_refresh(self) -> None:
         # Remote callers re-read membership now and then so a scale change by the owner reaches them.
@@ -1026,175 +1489,86 @@ class RayConnection(Connection):
                 pass
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
-        self._send(request, reply, 0)
-
-    def _send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None], failovers: int) -> None:
         if self._closed:
             reply(_unavailable(request, "the connection to this service was closed"))
             return
         self._maybe_refresh()
         replicas = self.replicas
         idempotent = request.method_name in replicas.idempotent
-        replica = replicas.pick(idempotent)
-        if replica is None:
-            reply(replicas.no_replica(request))
-            return
         envelope = _to_wire(request)
-        if not idempotent and type(envelope) is bytes and replicas.batchable(replica, request.method_name):
-            replicas.started(replica)
-            self._enqueue(replica, request, reply, envelope)
-            return
-        try:
-            ref = (replica.send_retrying if idempotent else replica.send_once).remote(envelope)
-        except Exception as exc:
-            reply(_send_failure(request, exc))
-            return
-        replicas.started(replica)
-        self._in_flight[request.request_id] = ref
-
-        def done(answer: Any, error: BaseException | None) -> None:
-            self._in_flight.pop(request.request_id, None)
-            replicas.finished(replica)
-            if error is None:
-                replicas.observe(request.method_name, answer)
-                response = _from_wire(request, answer)
-            else:
-                response = replicas.translate(request, replica, error)
-                if self._should_fail_over(request, replica, idempotent, failovers):
-                    self._send(request, reply, failovers + 1)
-                    return
-            reply(response)
-
-        _completer().add(ref, done)
-
-    # batches ---------------------------------------------------------------
-
-    def _enqueue(self, replica: _Replica, request: ServiceRequest, reply: Callable[[ServiceResponse], None], envelope: bytes) -> None:
-        """Put an async call in ``replica``'s outbox; it leaves with the others when full or at the completer's next turn."""
-        with self.replicas.outbox_lock:
-            outbox = replica.outbox
-            outbox.append((request, reply, envelope))
-            full = len(outbox) >= self.replicas.batch_max
-            if full:
-                replica.outbox = []
-            first = len(outbox) == 1
-        if full:
-            self._send_batch(replica, outbox)
-        elif first:
-            _completer().call_soon(lambda: self._flush(replica))
-
-    def _flush(self, replica: _Replica) -> None:
-        with self.replicas.outbox_lock:
-            batch, replica.outbox = replica.outbox, []
-        if batch:
-            self._send_batch(replica, batch)
-
-    def _send_batch(self, replica: _Replica, batch: list[tuple[ServiceRequest, Callable[[ServiceResponse], None], bytes]]) -> None:
-        """Send ``batch`` as one ``handle_batch`` call; each caller gets its own answer (at most once, like ``send_once``)."""
-        replicas = self.replicas
-        why = "the connection to this service was closed" if self._closed else ""
-        if not why:
-            try:
-                ref = replica.send_batch.remote([envelope for _, _, envelope in batch])
-            except Exception as exc:  # noqa: BLE001 - every call of the batch gets it
-                why = f"Ray could not send a batch of calls to replica {replica.name}: {_first_line(exc)}"
-        if why:
-            for request, reply, _ in batch:
-                replicas.finished(replica)
-                reply(_unavailable(request, why))
-            return
-        with replicas.outbox_lock:
-            replicas.batches_sent += 1
-            replicas.batched_calls += len(batch)
-
-        def done(answers: Any, error: BaseException | None) -> None:
-            for index, (request, reply, _) in enumerate(batch):
-                replicas.finished(replica)
-                if error is not None:
-                    reply(replicas.translate(request, replica, error))
-                    continue
-                answer = answers[index]
-                if type(answer) is _Stored:
-                    try:
-                        answer = (self._ray.get(answer.ref),)
-                    except Exception as exc:  # noqa: BLE001 - this call's result only
-                        reply(replicas.translate(request, replica, exc))
-                        continue
-                replicas.observe(request.method_name, answer)
-                reply(_from_wire(request, answer))
-
-        _completer().add(ref, done)
+        batchable = not idempotent and type(envelope) is bytes and replicas.batchable(request.method_name)
+        replicas.submit(_Waiting(request, reply, envelope, idempotent, batchable))
 
     def cancel(self, request: ServiceRequest) -> None:
-        """Cancel the remote task of an async call whose caller timed out (``ray.cancel``, best effort).
-
-        A call still waiting in an outbox is taken out and never sent; one
-        already sent in a batch runs (its answer is dropped).
-        """
-        ref = self._in_flight.pop(request.request_id, None)
-        if ref is not None:
-            self._ray.cancel(ref)
-            return
-        replicas = self.replicas
-        with replicas.outbox_lock:
-            for replica in replicas.replicas.values():
-                kept = [item for item in replica.outbox if item[0] is not request]
-                if len(kept) < len(replica.outbox):
-                    replica.outbox = kept
-                    break
-            else:
-                return
-        replicas.finished(replica)
-
-    def _should_fail_over(self, request: ServiceRequest, replica: _Replica, idempotent: bool, failovers: int) -> bool:
-        remaining = request.remaining()
-        # Ray already re-ran it on the restarted replica as often as allowed; another replica may still serve.
-        return (
-            idempotent
-            and failovers < len(self.replicas.replicas)
-            and (remaining is None or remaining > 0)
-            and bool(self.replicas.live)
-        )
+        """Stop ``request`` if it has not started (see the class docstring); never blocks."""
+        self.replicas.cancel(request)
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         ray = self._ray
-        failovers = 0
+        if self._closed:
+            return _unavailable(request, "the connection to this service was closed")
+        self._maybe_refresh()
+        replicas = self.replicas
+        idempotent = request.method_name in replicas.idempotent
+        entry = _Waiting(request, None, _to_wire(request), idempotent, False)
+        give_up_at = time.monotonic() + max(timeout, 0.0)
         while True:
-            if self._closed:
-                return _unavailable(request, "the connection to this service was closed")
-            self._maybe_refresh()
-            replicas = self.replicas
-            idempotent = request.method_name in replicas.idempotent
-            replica = replicas.pick(idempotent)
-            if replica is None:
-                return replicas.no_replica(request)
+            admitted = replicas.admit(entry)
+            if admitted is None:
+                admitted = self._wait_for_slot(entry, give_up_at)
+                if admitted is None:
+                    return _timed_out(request, timeout)
+            if type(admitted) is not _Replica:
+                return admitted  # type: ignore[return-value]
+            replica: _Replica = admitted  # type: ignore[assignment]
             try:
-                ref = (replica.send_retrying if idempotent else replica.send_once).remote(_to_wire(request))
+                ref = (replica.send_retrying if idempotent else replica.send_once).remote(entry.envelope)
             except Exception as exc:
+                replicas.release(replica)
                 return _send_failure(request, exc)
-            replicas.started(replica)
             try:
-                answer = ray.get(ref, timeout=max(timeout, 0.0))
-                replicas.observe(request.method_name, answer)
-                return _from_wire(request, answer)
+                answer = ray.get(ref, timeout=max(give_up_at - time.monotonic(), 0.0))
             except ray.exceptions.GetTimeoutError:
-                # Drops the task if it is still queued on the replica; Ray does not interrupt a running one.
+                # Drops the task if it is still queued on the replica; Ray does not interrupt a running one,
+                # so the slot is freed when the replica is done with it.
                 ray.cancel(ref)
+                _completer().add(ref, lambda _answer, _error, sent_to=replica: replicas.release(sent_to))
                 return _timed_out(request, timeout)
             except Exception as exc:
                 response = replicas.translate(request, replica, exc)
-                if not self._should_fail_over(request, replica, idempotent, failovers):
+                replicas.release(replica)
+                if not replicas.should_fail_over(entry):
                     return response
-                failovers += 1
-                timeout = request.remaining() or 0.0
-            finally:
-                replicas.finished(replica)
+                entry.failovers += 1
+                continue
+            replicas.observe(request.method_name, answer)
+            response = _from_wire(request, answer)
+            replicas.release(replica)
+            if response.metadata and response.metadata.get(_REFUSED_KEY):
+                replicas.mark_leaving(replica)
+                continue
+            return response
+
+    def _wait_for_slot(self, entry: _Waiting, give_up_at: float) -> _Replica | ServiceResponse | None:
+        """Wait (until ``give_up_at``) for the queued sync ``entry`` to be granted a slot; None on timeout."""
+        grant = entry.grant
+        if not grant.acquire(True, max(give_up_at - time.monotonic(), 0.0)):
+            if self.replicas.withdraw(entry):
+                return None
+            grant.acquire()  # granted or answered meanwhile: the releasing thread is about to release it
+        granted = entry.granted
+        entry.granted = None
+        if type(granted) is _Replica and time.monotonic() >= give_up_at:
+            self.replicas.release(granted, 1)
+            return None
+        return granted
 
     def remote_status(self) -> dict[str, Any]:
         """The service's status as its replicas report it (for callers outside the owning environment)."""
         return _aggregate_status(self.replicas, "running" if self.replicas.live else "failed", "ray").to_dict()
 
     def close(self) -> None:
+        """Refuse new calls through this connection; calls already sent or waiting are still answered."""
         self._closed = True
 
 
@@ -1286,7 +1660,7 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
         except Exception:
             continue
     replicas.idempotent = frozenset(described.get("idempotent", ()))
-    replicas.batch_after = int(described.get("max_concurrency", replicas.batch_after))
+    replicas.capacity = int(described.get("max_concurrency", replicas.capacity))
     replicas.wire = int(described.get("wire", 1))
     connection = RayConnection(replicas, refresh=refresh, refresh_every=ref.membership_refresh)
     replicas.on_all_down = refresh
@@ -1390,7 +1764,7 @@ class RayServiceTask(BaseServiceTask):
             int(self.ray_options["max_task_retries"]),
             frozenset(_idempotent_methods(klass, self.options)),
         )
-        self.replica_set.batch_after = self.max_workers
+        self.replica_set.capacity = self.max_workers
         self.replica_set.wire = WIRE_VERSION  # replicas of this very code
         self.replica_set.batch_max = int(self.ray_options["batch_max"])
         self.replica_set.batch_cost_limit = float(self.ray_options["batch_cost_limit"])
@@ -1518,7 +1892,7 @@ class RayServiceTask(BaseServiceTask):
         described = ray.get(task.replica_set.snapshot()[0].handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30)
         task.replica_set.idempotent = frozenset(described.get("idempotent", ()))
         task.replica_set.wire = int(described.get("wire", 1))
-        task.replica_set.batch_after = int(described.get("max_concurrency", task.replica_set.batch_after))
+        task.replica_set.capacity = int(described.get("max_concurrency", task.replica_set.capacity))
         task.replica_set.batch_max = int(task.ray_options["batch_max"])
         task.replica_set.batch_cost_limit = float(task.ray_options["batch_cost_limit"])
         task._state = "running"
@@ -1532,10 +1906,15 @@ class RayServiceTask(BaseServiceTask):
         """Run ``replicas`` replicas from now on (at least 1).
 
         Growing waits until the new replicas are ready (ServiceUnavailableError
-        and no change if they fail). Shrinking takes the highest-numbered
-        replicas out of rotation at once, lets their running calls finish (up
-        to ``timeout`` seconds, default ``service.ray.start_timeout``) and
-        kills them.
+        and no change if they fail). Shrinking fails no call: the
+        highest-numbered replicas leave the rotation at once (calls waiting
+        in this process go to the others), finish the calls they were sent
+        (up to ``timeout`` seconds, default ``service.ray.start_timeout``;
+        after that they are killed and those calls fail as "may have run"),
+        then stop and are killed. Callers in other drivers see the change
+        within ``service.ray.membership_refresh`` seconds; a call one of them
+        sends to a leaving replica meanwhile is refused unrun and goes to
+        another replica.
         """
         if replicas < 1:
             raise ValueError(f"a ray service needs at least 1 replica, got {replicas}")
@@ -1547,23 +1926,31 @@ class RayServiceTask(BaseServiceTask):
                 self._add_replicas(replicas - len(current))
             elif replicas < len(current):
                 leaving = current[replicas:]
-                for replica in leaving:
-                    self.replica_set.remove(replica.index)
+                self.replica_set.retire(leaving)
                 self._retire(leaving, self.ray_options["start_timeout"] if timeout is None else timeout)
             self.replica_count = replicas
 
     set_replicas = scale
 
     def _retire(self, leaving: Sequence[_Replica], timeout: float) -> None:
-        """Drain (up to ``timeout`` seconds) and kill replicas already out of rotation."""
+        """Drain (up to ``timeout`` seconds) and kill replicas already out of rotation.
+
+        First this process's calls to them are let finish (none waits in the
+        actors, see _ReplicaSet), then each replica stops its task (refusing,
+        unrun, what other drivers still send) and waits for what it runs.
+        """
         if not leaving:
             return
         ray = _ray()
+        deadline = time.monotonic() + timeout
+        if self.replica_set is not None:
+            self.replica_set.drain(leaving, deadline)
+        remaining = max(0.0, deadline - time.monotonic())
         drains = [
-            r.handle.shutdown.options(concurrency_group=_CONTROL_GROUP).remote(timeout) for r in leaving if not r.dead
+            r.handle.shutdown.options(concurrency_group=_CONTROL_GROUP).remote(remaining) for r in leaving if not r.dead
         ]
         if drains:
-            ray.wait(drains, num_returns=len(drains), timeout=timeout + 1.0)
+            ray.wait(drains, num_returns=len(drains), timeout=remaining + 1.0)
         _kill_and_wait(ray, [(replica.name, replica.handle) for replica in leaving], self.namespace)
 
     # -------------------------------------------------------------- health
@@ -1607,8 +1994,7 @@ class RayServiceTask(BaseServiceTask):
                 broken = [replica for replica, _ in self._unhealthy_replicas()]
                 if not broken:
                     return "nothing: every replica serves"
-                for replica in broken:
-                    self.replica_set.remove(replica.index)
+                self.replica_set.retire(broken)
                 self._retire(broken, 0.0)
                 self.restarts += len(broken)
                 self._add_replicas(len(broken))
@@ -1617,12 +2003,21 @@ class RayServiceTask(BaseServiceTask):
     # -------------------------------------------------------------- stopping
 
     def _release(self, deadline: float) -> None:
+        """Refuse new calls, let every call already accepted in this process finish (until ``deadline``), then kill.
+
+        Calls still waiting in this process at ``deadline`` never reached a
+        replica: they fail with ServiceStoppedError.
+        """
         replicas = self.replica_set
         if replicas is not None:
             replicas.close(f"service {self.service_name!r} is stopped")
+            members = replicas.snapshot()
             ray = sys.modules.get("ray")
             if ray is not None and ray.is_initialized():
-                self._retire(replicas.snapshot(), max(0.0, deadline - time.monotonic()))
+                replicas.drain(members, deadline, queue=True)
+            replicas.retire(members)  # what still waits is answered ServiceStoppedError
+            if ray is not None and ray.is_initialized():
+                self._retire(members, max(0.0, deadline - time.monotonic()))
         super()._release(deadline)
 
     # ---------------------------------------------------------------- status
@@ -1691,6 +2086,7 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
     status.healthy = state == "running" and not reasons and bool(members)
     status.health_reason = "; ".join(reasons) if state == "running" else f"task is {state}"
     status.addresses = [f"ray:{replicas.namespace}/{r.name}" for r in members]
+    status.extra["waiting_in_caller"] = replicas.waiting_count()
     status.extra["batching"] = {
         "batch_max": replicas.batch_max,
         "batches_sent": replicas.batches_sent,

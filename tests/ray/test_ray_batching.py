@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,25 +134,49 @@ def test_a_batched_call_past_its_deadline_times_out_and_is_not_left_counted(mana
 
 
 @pytest.mark.timeout(90)
-def test_killing_the_replica_fails_every_batched_call_quickly(ray_cluster: Any) -> None:
-    config = quiet_config({"doomed": {**SERVICE, "ray": {"max_concurrency": 1, "max_restarts": 0}, **without_breaker()}})
+def test_killing_the_replica_fails_its_batch_in_flight_and_refuses_the_waiting_calls_unrun(ray_cluster: Any, tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    # Calls of 20 ms count as fast here, so a batch takes long enough to be killed in the middle.
+    doomed = {
+        "class": "ray_services:LedgerService",
+        "args": [str(path)],
+        "kind": "ray",
+        "ray": {"max_concurrency": 1, "max_restarts": 0, "batch_cost_limit": 1.0, "batch_max": 20},
+        **without_breaker(),
+    }
+    config = quiet_config({"doomed": doomed})
     config["service_call"] = {"max_retries": 0}
     with ServiceEnvironment("ray-batch-kill", config) as environment, ServiceManager(environment) as manager:
         connection = _connection(manager, "doomed")
-        _known_fast(manager, "doomed", "echo", 0)
-        busy = manager.call_service_async("doomed", "sleep", (30.0,))
-        futures = [manager.call_service_async("doomed", "echo", (i,)) for i in range(100)]
+        _known_fast(manager, "doomed", "record", "warm", 0.02)
+        busy = manager.call_service_async("doomed", "record", ("busy", 0.3))
+        futures = {f"b{i}": manager.call_service_async("doomed", "record", (f"b{i}", 0.02)) for i in range(100)}
         deadline = time.monotonic() + 10
-        while connection.replicas.batched_calls < 90 and time.monotonic() < deadline:
+        while sum(token.startswith("b") for token in _runs(path)) < 25 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert connection.replicas.batched_calls >= 90
+        assert connection.replicas.batched_calls >= 20
         ray.kill(connection.replicas.snapshot()[0].handle, no_restart=True)
         started = time.monotonic()
-        for future in [busy, *futures]:
-            with pytest.raises(ServiceUnavailableError):
-                future.result(20)
+        may_have_run, never_sent, ok = [], [], []
+        for token, future in futures.items():
+            try:
+                assert future.result(20) == token
+                ok.append(token)
+            except ServiceUnavailableError as error:
+                (may_have_run if "may or may not have run" in str(error) else never_sent).append(token)
+        assert busy.result(20) == "busy"
         assert time.monotonic() - started < 15
+        runs = _runs(path)
+        # One batch was in the replica (max_concurrency 1): only its calls may have run; the waiting ones never left.
+        assert len(may_have_run) <= 20, may_have_run
+        assert never_sent and all(runs[token] == 0 for token in never_sent)
+        assert all(runs[token] == 1 for token in ok) and all(runs[token] <= 1 for token in may_have_run)
+        assert len(ok) + len(may_have_run) + len(never_sent) == 100
         assert _settled(connection) == 0
+
+
+def _runs(path: Path) -> collections.Counter[str]:
+    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,388 @@
+"""Faults of the ray transport: replica kills, planned scale-downs and stops, cancellation, at most once.
+
+Every test counts executions with a ledger the service itself writes
+(:class:`ray_services.LedgerService`, one line per run), so "ran exactly once"
+and "never ran" are facts, not inferences from what the caller saw.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future, wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from kservice import (
+    ServiceEnvironment,
+    ServiceManager,
+    ServiceRequest,
+    ServiceResponse,
+    ServiceStoppedError,
+    ServiceTimeoutError,
+    ServiceUnavailableError,
+)
+from kservice.plugins.ray import RayConnection, RayServiceTask
+from ray_services import without_breaker
+
+#: calls one replica runs at once in these tests
+CONCURRENCY = 4
+
+
+def ledger_config(
+    name: str,
+    path: Path,
+    *,
+    replicas: int,
+    max_restarts: int = 0,
+    concurrency: int = CONCURRENCY,
+    breaker: bool = False,
+    max_retries: int | None = 0,
+    **ray_options: Any,
+) -> dict[str, Any]:
+    """An environment with one LedgerService of kind ray (``max_retries`` None: the default retry policy's settings)."""
+    service = {
+        "class": "ray_services:LedgerService",
+        "args": [str(path)],
+        "kind": "ray",
+        "replicas": replicas,
+        "ray": {"max_restarts": max_restarts, "max_concurrency": concurrency, **ray_options},
+        **({} if breaker else without_breaker()),
+    }
+    config: dict[str, Any] = {"services": {name: service}, "health": {"enabled": False}}
+    if max_retries is not None:
+        config["service_call"] = {"max_retries": max_retries}
+    return config
+
+
+def ledger(path: Path) -> collections.Counter[str]:
+    """How many times each token really ran on the service side."""
+    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
+
+
+def settle(futures: dict[str, Future[Any]], timeout: float = 60) -> tuple[set[str], dict[str, BaseException]]:
+    """(tokens answered with their own result, errors by token); every call must be answered."""
+    _, not_done = wait(futures.values(), timeout=timeout)
+    assert not not_done, f"{len(not_done)} calls never answered"
+    ok: set[str] = set()
+    failed: dict[str, BaseException] = {}
+    for token, future in futures.items():
+        error = future.exception()
+        if error is None:
+            assert future.result() == token
+            ok.add(token)
+        else:
+            failed[token] = error
+    return ok, failed
+
+
+def assert_at_most_once(path: Path, ok: set[str], failed: dict[str, BaseException]) -> collections.Counter[str]:
+    runs = ledger(path)
+    assert not [token for token, count in runs.items() if count > 1], f"ran twice: {runs.most_common(3)}"
+    assert all(runs[token] == 1 for token in ok), "a call answered with its result did not run exactly once"
+    assert set(runs) <= ok | set(failed), "the ledger holds a call nobody made"
+    return runs
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _task(env: ServiceEnvironment, name: str) -> RayServiceTask:
+    task = env.get_task(name)
+    assert isinstance(task, RayServiceTask) and task.replica_set is not None
+    return task
+
+
+def _connection(manager: ServiceManager, name: str) -> RayConnection:
+    connection = manager.get_service_queue(name)
+    assert isinstance(connection, RayConnection)
+    return connection
+
+
+# ---------------------------------------------------------------------------
+# A replica killed under load fails only the calls running in it
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_killing_one_of_two_replicas_fails_only_the_calls_running_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-kill-bound", ledger_config("bound", path, replicas=2)) as env, env.manager() as manager:
+        task = _task(env, "bound")
+        futures = {f"c{i}": manager.call_service_async("bound", "record", (f"c{i}", 0.005), timeout=60) for i in range(300)}
+        wait_until(lambda: sum(f.done() for f in futures.values()) >= 100, 30, "100 calls to finish")
+        victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
+        ray.kill(victim.handle, no_restart=True)
+        ok, failed = settle(futures)
+        runs = assert_at_most_once(path, ok, failed)
+        # Only calls handed to the killed replica may fail: at most the CONCURRENCY running in it.
+        assert len(failed) <= CONCURRENCY, f"{len(failed)} calls failed: {sorted(failed)[:10]}"
+        for token, error in failed.items():
+            assert isinstance(error, ServiceUnavailableError) and "may or may not have run" in str(error), (token, error)
+        assert len(ok) == 300 - len(failed)
+        assert sum(runs.values()) >= len(ok)
+        # The survivor serves on; the dead replica is out of rotation.
+        assert manager.call_service_sync("bound", "where")["actor"] != victim.name
+
+
+@pytest.mark.timeout(120)
+def test_calls_beyond_max_concurrency_wait_in_the_caller(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-wait", ledger_config("waits", path, replicas=2, concurrency=2)) as env, env.manager() as manager:
+        connection = _connection(manager, "waits")
+        futures = {f"w{i}": manager.call_service_async("waits", "record", (f"w{i}", 0.2), timeout=60) for i in range(20)}
+        time.sleep(0.1)
+        sent = {replica.name: replica.in_flight for replica in connection.replicas.snapshot()}
+        # Two replicas, two slots each: four calls in the replicas, sixteen waiting here.
+        assert all(count <= 2 for count in sent.values()), sent
+        assert connection.replicas.waiting_count() == 20 - sum(sent.values())
+        ok, failed = settle(futures)
+        assert not failed and len(ok) == 20
+        assert connection.replicas.waiting_count() == 0
+        assert all(replica.in_flight == 0 for replica in connection.replicas.snapshot())
+
+
+# ---------------------------------------------------------------------------
+# Planned changes fail nothing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_scale_down_under_load_fails_nothing_and_keeps_the_breaker_closed(tmp_path: Path) -> None:
+    from kservice.plugins.breaker import breaker_state
+
+    path = tmp_path / "ledger.txt"
+    config = ledger_config("shrink", path, replicas=3, concurrency=2, breaker=True)
+    with ServiceEnvironment("ray-shrink", config) as env, env.manager() as manager:
+        task = _task(env, "shrink")
+        names = [replica.name for replica in task.replica_set.snapshot()]  # type: ignore[union-attr]
+        futures = {f"s{i}": manager.call_service_async("shrink", "record", (f"s{i}", 0.05), timeout=60) for i in range(100)}
+        wait_until(lambda: sum(f.done() for f in futures.values()) >= 10, 30, "10 calls to finish")
+        task.scale(1)
+        ok, failed = settle(futures)
+        assert not failed, {token: repr(error) for token, error in list(failed.items())[:5]}
+        assert_at_most_once(path, ok, failed)
+        assert breaker_state("shrink") in (None, "closed")
+        for gone in names[1:]:
+            with pytest.raises(ValueError):
+                ray.get_actor(gone, namespace="kservice")
+        assert manager.call_service_sync("shrink", "record", ("after", 0.0)) == "after"
+
+
+@pytest.mark.timeout(120)
+def test_stop_under_load_finishes_every_accepted_call_then_refuses_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-stop-drain", ledger_config("drain", path, replicas=2, concurrency=2)) as env, env.manager() as manager:
+        task = _task(env, "drain")
+        futures = {f"d{i}": manager.call_service_async("drain", "record", (f"d{i}", 0.05), timeout=60) for i in range(60)}
+        wait_until(lambda: sum(f.done() for f in futures.values()) >= 5, 30, "5 calls to finish")
+        task.stop_service(timeout=60)
+        ok, failed = settle(futures, timeout=5)
+        assert not failed, {token: repr(error) for token, error in list(failed.items())[:5]}
+        assert_at_most_once(path, ok, failed)
+        with pytest.raises(ServiceStoppedError):
+            manager.call_service_sync("drain", "record", ("late", 0.0))
+        assert "late" not in ledger(path)
+
+
+# ---------------------------------------------------------------------------
+# Cancellation
+# ---------------------------------------------------------------------------
+
+
+def _request(name: str, token: str, seconds: float, timeout: float = 60) -> ServiceRequest:
+    return ServiceRequest(f"req-{token}", name, "record", (token, seconds), {}, "", time.time() + timeout, {})
+
+
+class _Replies:
+    """Collects ``reply`` calls, counting them per request id."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.answers: dict[str, list[ServiceResponse]] = collections.defaultdict(list)
+
+    def __call__(self, response: ServiceResponse) -> None:
+        with self.lock:
+            self.answers[response.request_id].append(response)
+
+    def count(self) -> int:
+        with self.lock:
+            return sum(len(answers) for answers in self.answers.values())
+
+
+@pytest.mark.timeout(90)
+def test_a_cancelled_call_still_waiting_in_the_caller_never_starts(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-cancel", ledger_config("cancel", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+        connection = _connection(manager, "cancel")
+        replies = _Replies()
+        busy = _request("cancel", "busy", 1.0)
+        connection.send(busy, replies)
+        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        queued = [_request("cancel", f"q{i}", 0.0) for i in range(6)]
+        for request in queued:
+            connection.send(request, replies)
+        for request in queued[::2]:
+            connection.cancel(request)
+        wait_until(lambda: replies.count() == 7, 20, "every call to be answered")
+        runs = ledger(path)
+        assert all(runs[r.args[0]] == 0 for r in queued[::2]), runs
+        assert all(runs[r.args[0]] == 1 for r in queued[1::2]), runs
+        # Every send got exactly one reply; the cancelled ones say so without claiming they may have run.
+        assert all(len(replies.answers[r.request_id]) == 1 for r in [busy, *queued])
+        for request in queued[::2]:
+            answer = replies.answers[request.request_id][0]
+            assert not answer.success and "cancelled" in (answer.error or "")
+        assert all(replies.answers[r.request_id][0].success for r in [busy, *queued[1::2]])
+        assert manager.call_service_sync("cancel", "record", ("next", 0.0)) == "next"
+
+
+@pytest.mark.timeout(90)
+def test_an_async_call_that_times_out_while_waiting_in_the_caller_never_runs(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-late", ledger_config("late", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+        connection = _connection(manager, "late")
+        busy = manager.call_service_async("late", "record", ("busy", 1.0))
+        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        started = time.monotonic()
+        late = manager.call_service_async("late", "record", ("late", 0.0), timeout=0.3)
+        with pytest.raises(ServiceTimeoutError):
+            late.result(10)
+        assert time.monotonic() - started < 0.9
+        assert connection.replicas.waiting_count() == 0  # taken out at its deadline, not when a slot freed
+        assert busy.result(20) == "busy"
+        assert manager.call_service_sync("late", "record", ("after", 0.0)) == "after"
+        assert ledger(path)["late"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_cancelling_a_running_call_lets_it_finish_and_answers_its_caller_once(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-running", ledger_config("running", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+        connection = _connection(manager, "running")
+        replies = _Replies()
+        running = _request("running", "r1", 0.5)
+        connection.send(running, replies)
+        wait_until(lambda: ledger(path)["r1"] == 1, 20, "the call to start")
+        connection.cancel(running)
+        wait_until(lambda: replies.count() == 1, 20, "the cancelled call to be answered")
+        time.sleep(0.2)
+        assert replies.count() == 1
+        assert ledger(path)["r1"] == 1  # Ray does not interrupt a running method of a threaded actor
+        # Its slot is free again: the next call runs at once.
+        assert manager.call_service_sync("running", "record", ("next", 0.0), timeout=5) == "next"
+
+
+# ---------------------------------------------------------------------------
+# At most once under the default retry policy
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_default_retries_never_resend_a_call_that_may_have_run_but_resend_calls_that_never_left(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    # The default policy (3 retries), with a short first interval so the test does not wait for seconds.
+    config = ledger_config("retried", path, replicas=1, concurrency=1, max_restarts=1, max_retries=None)
+    config["service_call"] = {"retry_interval": 0.5}
+    with ServiceEnvironment("ray-retries", config) as env, env.manager() as manager:
+        task = _task(env, "retried")
+        running = manager.call_service_async("retried", "record", ("running", 5.0), timeout=60)
+        wait_until(lambda: ledger(path)["running"] == 1, 20, "the first call to start")
+        waiting = {f"w{i}": manager.call_service_async("retried", "record", (f"w{i}", 0.0), timeout=60) for i in range(4)}
+        time.sleep(0.1)
+        assert ledger(path).keys() == {"running"}  # the others wait in the caller
+        ray.kill(task.replica_set.snapshot()[0].handle, no_restart=False)  # type: ignore[union-attr]
+        with pytest.raises(ServiceUnavailableError, match="may or may not have run") as caught:
+            running.result(30)
+        assert getattr(caught.value, "attempts", 1) == 1  # never re-sent
+        ok, failed = settle(waiting)
+        # The waiting calls never reached the replica: re-sending them after its restart is safe, and they succeed.
+        assert not failed, {token: repr(error) for token, error in failed.items()}
+        runs = assert_at_most_once(path, ok | {"running"}, failed)
+        assert runs["running"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_cancelled_call_of_a_batch_in_flight_is_skipped_by_the_replica(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    # Calls of 50 ms count as fast here: twenty of them leave as one batch that runs for a second.
+    config = ledger_config("skips", path, replicas=1, concurrency=1, batch_cost_limit=1.0, batch_max=20)
+    with ServiceEnvironment("ray-skip", config) as env, env.manager() as manager:
+        connection = _connection(manager, "skips")
+        manager.call_service_sync("skips", "record", ("warm", 0.05))
+        replies = _Replies()
+        busy = _request("skips", "busy", 0.3)
+        connection.send(busy, replies)
+        batch = [_request("skips", f"k{i}", 0.05) for i in range(20)]
+        for request in batch:
+            connection.send(request, replies)
+        wait_until(lambda: connection.replicas.batched_calls >= 20 and ledger(path)["k0"] == 1, 20, "the batch to start")
+        for request in batch[10:]:
+            connection.cancel(request)
+        wait_until(lambda: replies.count() == 21, 20, "every call to be answered")
+        runs = ledger(path)
+        assert all(runs[r.args[0]] == 1 for r in batch[:10]), runs
+        assert all(runs[r.args[0]] == 0 for r in batch[10:]), runs
+        for request in batch[10:]:
+            answer = replies.answers[request.request_id][0]
+            assert not answer.success and "cancelled before it started" in (answer.error or "")
+        assert manager.call_service_sync("skips", "record", ("next", 0.0)) == "next"
+
+
+@pytest.mark.timeout(90)
+def test_sync_calls_wait_in_the_caller_for_a_slot_and_time_out_there_unrun(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-sync-wait", ledger_config("syncwait", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+        connection = _connection(manager, "syncwait")
+        busy = manager.call_service_async("syncwait", "record", ("busy", 1.0))
+        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        started = time.monotonic()
+        with pytest.raises(ServiceTimeoutError):
+            manager.call_service_sync("syncwait", "record", ("late", 0.0), timeout=0.3)
+        assert time.monotonic() - started < 0.9
+        assert connection.replicas.waiting_count() == 0
+        # A sync call with time to spare waits for the slot and runs once.
+        assert manager.call_service_sync("syncwait", "record", ("patient", 0.0), timeout=20) == "patient"
+        assert busy.result(20) == "busy"
+        runs = ledger(path)
+        assert runs["late"] == 0 and runs["patient"] == 1
+        assert all(replica.slots == 0 and replica.in_flight == 0 for replica in connection.replicas.snapshot())
+
+
+@pytest.mark.timeout(120)
+def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_elsewhere(tmp_path: Path) -> None:
+    from kservice.plugins import ray as ray_plugin
+
+    path = tmp_path / "ledger.txt"
+    with ServiceEnvironment("ray-remote-shrink", ledger_config("remote", path, replicas=3, concurrency=2)) as env, env.manager() as manager:
+        task = _task(env, "remote")
+        # A connection as another driver makes it: found by name, membership re-read only every 5 s.
+        addresses = ray_plugin.kservice_resolve_service("remote", manager)
+        assert addresses
+        remote = ray_plugin._transport.connect(addresses[0])
+        assert isinstance(remote, RayConnection) and remote.replicas is not task.replica_set
+        try:
+            replies = _Replies()
+            requests = [_request("remote", f"r{i}", 0.02) for i in range(150)]
+            for request in requests:
+                remote.send(request, replies)
+            wait_until(lambda: replies.count() >= 10, 30, "10 calls to finish")
+            task.scale(1)
+            wait_until(lambda: replies.count() == 150, 60, "every call to be answered")
+            failed = {r.args[0]: replies.answers[r.request_id][0].error for r in requests if not replies.answers[r.request_id][0].success}
+            ok = {r.args[0] for r in requests if replies.answers[r.request_id][0].success}
+            runs = assert_at_most_once(path, ok, {token: RuntimeError(error) for token, error in failed.items()})
+            # Calls sent to a replica that was already stopping were refused unrun and went to the survivor.
+            assert all("may or may not have run" in (error or "") for error in failed.values()), failed
+            assert len(failed) <= 2 * CONCURRENCY, failed
+            assert sum(runs[token] for token in ok) == len(ok)
+            assert any(r.leaving for r in remote.replicas.snapshot())
+        finally:
+            remote.close()
