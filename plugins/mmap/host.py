@@ -52,7 +52,7 @@ from kservice import (
 from kservice import Listener as _Listener
 
 from . import codec, registry
-from .ring import reclaim_stale_queues
+from .ring import add_janitor, reclaim_stale_queues
 
 __all__ = ["ProcessServiceTask", "cleanup_command", "reclaim", "serve", "serve_command"]
 
@@ -92,6 +92,16 @@ def reclaim() -> dict[str, list[str]]:
         "records": registry.reclaim_records(),
         "segments": codec.reclaim_segments(registry.process_alive),
     }
+
+
+def _reclaim_records_and_segments() -> None:
+    registry.reclaim_records()
+    codec.reclaim_segments(registry.process_alive)
+
+
+# Any process that uses the mmap plugin, not only the CLI, reclaims what dead processes left when it
+# first uses a queue directory (the rings themselves are reclaimed by the ring module).
+add_janitor(_reclaim_records_and_segments)
 
 
 # =========================================================================== serving
