@@ -169,9 +169,15 @@ def withdraw(name: str, queue: str) -> None:
 
 
 def lookup(name: str) -> dict[str, Any] | None:
-    """The live record of ``name``, or None; a dead host's record is removed."""
+    """The live record of ``name``, or None; a dead host's record is removed.
+
+    Raises RuntimeDirectoryError when another user's path is in the way: no
+    name can be found there, and the caller learns why.
+    """
     try:
         directory = registry_directory()
+    except RuntimeDirectoryError:
+        raise
     except OSError:
         return None
     path = _path(directory, name)
@@ -195,9 +201,11 @@ def _remove_if_stale(directory: Path, path: Path) -> bool:
 
 
 def running_services() -> list[dict[str, Any]]:
-    """Records of every live service of this user on this host, by name."""
+    """Records of every live service of this user on this host, by name (RuntimeDirectoryError as :func:`lookup`)."""
     try:
         directory = registry_directory()
+    except RuntimeDirectoryError:
+        raise
     except OSError:
         return []
     found = []

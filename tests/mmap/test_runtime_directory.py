@@ -150,7 +150,7 @@ def test_a_squatted_directory_is_one_line_naming_it_and_what_to_do(which: str, k
         user.run(how)
         try:
             env = cli_env(**{which: path})
-            for argv in (("serve", "kv=sample_services:KV"), ("cleanup",)):
+            for argv in (("serve", "kv=sample_services:KV"), ("cleanup",), ("status",), ("call", "kv", "get", "[1]")):
                 result = run_cli(*argv, env=env, timeout=30)
                 assert_user_error(result, path, f"uid {user.uid}", "KSERVICE_QUEUE_DIR", status=1)
                 assert result.stdout == ""
