@@ -20,12 +20,23 @@ waiter can look at it under the condition, and the waiter returns at once) or
 the condition exists and the completion takes the standard path, which
 notifies waiters and runs callbacks. Callbacks and waiters are only ever
 registered under the condition, so the lock-free path has none to run.
+
+This relies on CPython's private ``Future`` internals: the six attributes
+``Future.__init__`` sets and the state constants of ``concurrent.futures._base``.
+:func:`check_future_internals` runs when this module is imported and raises
+ImportError naming what changed if a Python release sets other attributes,
+or if the standard ``Future`` methods or ``wait()``/``as_completed()`` use a
+private name this class does not provide: kservice then fails at import
+rather than corrupting futures at run time (``tests/core/test_future.py``
+covers the check).
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, InvalidStateError
+import types
+from collections.abc import Iterator
+from concurrent.futures import Future, InvalidStateError, _base
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import Any, TypeVar
 
@@ -38,6 +49,62 @@ _condition_creation = threading.Lock()
 #: may hold it to decide something and complete in one step (:meth:`CallFuture._finish_locked`).
 future_lock = _condition_creation
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+
+#: The attributes ``Future.__init__`` sets, which :class:`CallFuture` provides lazily or itself.
+FUTURE_ATTRIBUTES = frozenset(("_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"))
+#: Private names the standard ``Future`` methods and ``wait()``/``as_completed()`` may use.
+FUTURE_PRIVATE_NAMES = FUTURE_ATTRIBUTES | {"_invoke_callbacks", "_Future__get_result"}
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _code_objects(constant)
+
+
+def check_future_internals(future_class: type[Any] = Future, base_module: Any = _base) -> None:
+    """Raise ImportError naming what differs if ``future_class`` is not the Future this module was written for.
+
+    Checks the attributes a new future gets, the private names used by the
+    class's own methods and by the module's ``wait``/``as_completed`` helpers
+    (module-level names excepted), and the four state constants.
+    """
+    found = set(vars(future_class()))
+    if found != FUTURE_ATTRIBUTES:
+        raise ImportError(
+            f"kservice's CallFuture does not support this Python's concurrent.futures.Future: it sets "
+            f"{sorted(found)}, expected {sorted(FUTURE_ATTRIBUTES)} (see kservice/_future.py)"
+        )
+    # (function, names it may use that are not the future's: its own class's attributes)
+    functions: list[tuple[types.FunctionType, set[str]]] = [
+        (f, set()) for f in vars(future_class).values() if isinstance(f, types.FunctionType)
+    ]
+    for value in vars(base_module).values():
+        if isinstance(value, types.FunctionType):
+            functions.append((value, set()))
+        elif isinstance(value, type) and value.__module__ == base_module.__name__ and value is not future_class:
+            functions += [(f, set(dir(value))) for f in vars(value).values() if isinstance(f, types.FunctionType)]
+    module_names = set(vars(base_module))
+    used = {
+        name
+        for function, own in functions
+        for code in _code_objects(function.__code__)
+        for name in code.co_names
+        if name.startswith("_") and not name.startswith("__") and name not in module_names and name not in own
+    }
+    unknown = used - FUTURE_PRIVATE_NAMES
+    if unknown:
+        raise ImportError(
+            f"kservice's CallFuture does not support this Python's concurrent.futures: it uses private names "
+            f"{sorted(unknown)} that CallFuture does not provide (see kservice/_future.py)"
+        )
+    states = (base_module.PENDING, base_module.CANCELLED, base_module.CANCELLED_AND_NOTIFIED, base_module.FINISHED)
+    if states != ("PENDING", "CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"):
+        raise ImportError(f"kservice's CallFuture does not support this Python's Future states {states}")
+
+
+check_future_internals()
 
 
 class CallFuture(Future[T]):

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._task import BaseServiceTask, ServiceFactory, TaskContext
     from ._transport import Transport
 
-from importlib.metadata import EntryPoint, entry_points  # entry_points(group=...) needs Python >= 3.10
+from importlib.metadata import EntryPoint, entry_points
 
 __all__ = [
     "PLUGIN_GROUP",

@@ -9,6 +9,8 @@ import importlib
 import inspect
 import itertools
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +50,20 @@ MAX_TRACKED_METHODS = 1024
 OVERLOAD_ANSWER_MARGIN = 0.05
 
 
+def _working_directory_hint(module_name: str) -> str:
+    """What to do when the module is in the working directory, which is deliberately not searched."""
+    top = module_name.partition(".")[0]
+    cwd = os.getcwd()
+    if "" in sys.path or cwd in sys.path:
+        return ""
+    if not (os.path.isfile(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))):
+        return ""
+    return (
+        f" ({top!r} is in the working directory, which kservice does not search: "
+        "pass '--app-dir .' to 'kservice serve' or set PYTHONPATH)"
+    )
+
+
 def import_service_class(path: str) -> type:
     """The class named by ``'package.module:Class'`` (or ``'package.module.Class'``).
 
@@ -61,7 +77,8 @@ def import_service_class(path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError(f"cannot import module {module_name!r} for service class {path!r}: {exc}") from exc
+        hint = _working_directory_hint(module_name) if isinstance(exc, ModuleNotFoundError) else ""
+        raise ConfigError(f"cannot import module {module_name!r} for service class {path!r}: {exc}{hint}") from exc
     found: Any = module
     for part in attr.split("."):
         found = getattr(found, part, None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -1029,9 +1028,9 @@ def main(argv: list[str] | None = None) -> None:
     Exit status: 0 on success, 1 for a failed call or an invalid config or
     service, 2 for a usage error, 130 when interrupted.
     """
-    # Like other application servers, resolve 'module:Class' paths from the working directory too.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # The working directory is not put on sys.path: in a directory another user can write, their
+    # 'tenacity.py' would run as this user. 'kservice serve --app-dir DIR' (or PYTHONPATH) says where
+    # 'module:Class' paths are found.
     try:
         get_plugin_manager().hook.kservice_register_commands(cli=cli)
     except ServiceError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import threading
 import time
@@ -17,7 +18,8 @@ import pytest
 # and service registry in directories of its own, so the suite runs beside a user's own
 # `kservice serve` and beside another checkout's suite, and the leak guard sees only this session's
 # segments. Set before anything imports kservice.
-SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}-test-{os.getpid()}")
+# (a random part: another local user cannot create them first and make the run fail)
+SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}-test-{os.getpid()}-{secrets.token_hex(6)}")
 REGISTRY_DIR = SHM_DIR.with_name(SHM_DIR.name + "-services")
 os.environ["KSERVICE_QUEUE_DIR"] = str(SHM_DIR)
 os.environ["KSERVICE_REGISTRY_DIR"] = str(REGISTRY_DIR)

@@ -12,6 +12,12 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def serve_command() -> list[str]:
+    """The README's one ``kservice serve`` command line, split into words."""
+    (line,) = re.findall(r"```bash\n(kservice serve [^\n]*)\n```", README.read_text())
+    return line.split()
+
+
 def block_containing(marker: str) -> str:
     """The one python block containing ``marker``."""
     matches = [block for block in python_blocks() if marker in block]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import clean_environ
-from tests.readme_blocks import block_containing, write_kvstore
+from tests.readme_blocks import block_containing, serve_command, write_kvstore
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -33,7 +33,7 @@ def test_readme_serve_then_call_from_another_process(tmp_path: Path) -> None:
     write_kvstore(tmp_path)
     env = clean_environ()
     host = subprocess.Popen(
-        [str(VENV_BIN / "kservice"), "serve", "kv=kvstore:KeyValue"],
+        [str(VENV_BIN / "kservice"), *serve_command()[1:]],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

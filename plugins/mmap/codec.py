@@ -1044,7 +1044,7 @@ def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = 600.0
     """
     removed = []
     now = time.time()
-    directory = queue_directory()
+    directory = queue_directory(sweep=False)  # the first-use sweep would run this and take its result
     for entry in os.scandir(directory):
         match = _SEGMENT_RE.match(entry.name)
         if match is None:

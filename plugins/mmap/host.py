@@ -11,7 +11,10 @@ The ``process`` task kind starts a fresh ``python`` running :func:`main` (a
 fresh interpreter, never a fork) hosting one service; the task's start returns
 once the child serves, or raises ServiceUnavailableError with the tail of the
 child's stderr. Its stop sends SIGTERM, waits for the drain, then kills. The
-child also stops when its parent dies (it watches its stdin for EOF).
+child also stops when its parent dies (it watches its stdin for EOF). The
+child is an isolated interpreter (``python -I``) whose ``sys.path`` is the
+parent's, passed explicitly (:func:`_child_sys_path`): nothing is imported
+from the child's working directory.
 """
 
 from __future__ import annotations
@@ -51,14 +54,37 @@ from kservice import Listener as _Listener
 from kservice.cli import FiniteFloatRange
 
 from . import codec, registry
-from .ring import reclaim_stale_queues
+from .ring import add_janitor, reclaim_stale_queues
 
 __all__ = ["ProcessServiceTask", "cleanup_command", "reclaim", "serve", "serve_command"]
 
 #: Seconds a stopping host gives calls in flight before answering the rest unavailable.
 DRAIN_TIMEOUT = 30.0
 _LENGTH = struct.Struct("<Q")
-_CHILD_COMMAND = "import sys; from kservice.plugins.mmap.host import main; sys.exit(main())"
+# Run with ``python -I``: neither the working directory nor PYTHON* variables add to sys.path, which is
+# set from argv[1] (the parent's, see _child_sys_path) before kservice is imported.
+_CHILD_COMMAND = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
+    "from kservice.plugins.mmap.host import main; sys.exit(main())"
+)
+
+
+def _child_sys_path() -> list[str]:
+    """The sys.path a process task's child gets: this process's, with relative entries made absolute and moved last.
+
+    A relative entry (the ``''`` that ``python -c`` or an interactive
+    interpreter puts first) means "the working directory": made absolute and
+    searched last, a module this process imported from there (the service's
+    own) still imports in the child, but a file there never shadows the
+    standard library or an installed package. Absolute entries (the script's
+    directory, PYTHONPATH, site-packages) keep their order.
+    """
+    absolute = [entry for entry in sys.path if os.path.isabs(entry)]
+    try:
+        relative = [os.path.abspath(entry) for entry in sys.path if not os.path.isabs(entry)]
+    except OSError:  # the working directory was removed: nothing to resolve against
+        relative = []
+    return list(dict.fromkeys([*absolute, *relative]))
 
 
 def reclaim() -> dict[str, list[str]]:
@@ -68,6 +94,16 @@ def reclaim() -> dict[str, list[str]]:
         "records": registry.reclaim_records(),
         "segments": codec.reclaim_segments(registry.process_alive),
     }
+
+
+def _reclaim_records_and_segments() -> None:
+    registry.reclaim_records()
+    codec.reclaim_segments(registry.process_alive)
+
+
+# Any process that uses the mmap plugin, not only the CLI, reclaims what dead processes left when it
+# first uses a queue directory (the rings themselves are reclaimed by the ring module).
+add_janitor(_reclaim_records_and_segments)
 
 
 # =========================================================================== serving
@@ -261,6 +297,12 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
     "--drain-timeout", type=FiniteFloatRange(min=0), default=DRAIN_TIMEOUT, show_default=True, help="Seconds calls in flight get on stop."
 )
 @click.option(
+    "--app-dir",
+    type=click.Path(exists=True, file_okay=False, resolve_path=True),
+    default=None,
+    help="Look for services' modules in this directory first (the working directory is not searched unless named, e.g. '--app-dir .').",
+)
+@click.option(
     "--host-locally",
     is_flag=True,
     help="Host a service declared with another kind (process, ray) or replicas > 1 as one local instance in this "
@@ -296,6 +338,7 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
 def serve_command(
     config_path: str | None,
     drain_timeout: float,
+    app_dir: str | None,
     host_locally: bool,
     log_level: str,
     metrics_port: int | None,
@@ -308,7 +351,8 @@ def serve_command(
 
     SERVICE is a name declared under 'services:' in the config, a name in the
     'kservice.services' entry-point group, or an import path
-    [NAME=]package.module:Class. With no SERVICE, every configured service is
+    [NAME=]package.module:Class, found on PYTHONPATH, among installed
+    packages, or in --app-dir. With no SERVICE, every configured service is
     hosted, each as one instance in this process: a service declared with
     another kind or replicas > 1 is refused (or, with --host-locally, hosted as
     one local instance with a note saying so). Stop with Ctrl-C or SIGTERM
@@ -321,10 +365,13 @@ def serve_command(
 
     \b
     Example:
+      kservice serve --app-dir . kv=kvstore:KeyValue
       kservice serve kv=myapp.services:KeyValue
       kservice serve -c services.yaml --log-level INFO --metrics-port 9464
       kservice serve kv=myapp.services:KeyValue --reload
     """
+    if app_dir is not None:
+        sys.path.insert(0, app_dir)  # asked for by name: an absolute path, never the changing working directory
     if reload:
         from ._reload import serve_with_reload
 
@@ -379,7 +426,8 @@ class ProcessServiceTask(BaseServiceTask):
 
     Status comes from the child. The service class, its constructor
     arguments and the configuration must be picklable, and the class
-    importable in the child (the parent's ``sys.path`` is passed on).
+    importable in the child (the parent's ``sys.path`` is passed on, see
+    :func:`_child_sys_path`; the child's working directory is not searched).
     """
 
     kind: ClassVar[str] = "process"
@@ -410,8 +458,6 @@ class ProcessServiceTask(BaseServiceTask):
         return raw
 
     def _start_serving(self) -> None:
-        # sys.path first, on its own: unpickling the factory imports the service class.
-        path = json.dumps(list(sys.path)).encode()
         payload = pickle.dumps(
             {
                 "factory": self.service_factory,
@@ -421,14 +467,15 @@ class ProcessServiceTask(BaseServiceTask):
             },
             protocol=5,
         )
-        spec = _LENGTH.pack(len(path)) + path + _LENGTH.pack(len(payload)) + payload
+        spec = _LENGTH.pack(len(payload)) + payload
         timeout = float((self.options.get("mmap") or {}).get("start_timeout", 60.0))
         self._stderr = tempfile.TemporaryFile(prefix="kservice-host-")
         passed = os.dup(sys.stderr.fileno()) if _has_fileno(sys.stderr) else os.open(os.devnull, os.O_WRONLY)
         try:
             self._process = subprocess.Popen(
                 # -c rather than -m: the package imports this module, and runpy would run a second copy.
-                [sys.executable, "-c", _CHILD_COMMAND, "--child", str(passed)],
+                # -I: an isolated interpreter, whose sys.path is exactly the one passed (no working directory).
+                [sys.executable, "-I", "-c", _CHILD_COMMAND, json.dumps(_child_sys_path()), "--child", str(passed)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
@@ -610,9 +657,6 @@ def _child_main(output_fd: int) -> int:
     stdin = sys.stdin.buffer
     stop = threading.Event()
     try:
-        for entry in json.loads(_read_blob(stdin)):
-            if entry not in sys.path:
-                sys.path.append(entry)
         loaded = pickle.loads(_read_blob(stdin))
         factory: ServiceFactory = loaded["factory"]
         config = Config.load(loaded["config"])

@@ -1,7 +1,8 @@
 """Discovery: which services run on this host, and at which request queue.
 
 One JSON record per served name in a per-user directory beside the queue
-directory (``/dev/shm/kservice-<uid>-services/``, mode 0700; the variable
+directory (``<queue directory>-services``, mode 0700, see
+:func:`~kservice.plugins.mmap.ring.default_queue_directory`; the variable
 ``KSERVICE_REGISTRY_DIR`` overrides it). Record files are 0600 and hold the
 service name, request-queue name, host pid and the pid's start time (so a
 recycled pid is not mistaken for the host), transport, start time, host name
@@ -28,7 +29,7 @@ from urllib.parse import quote, unquote
 import psutil
 from kservice import ServiceError
 
-from .ring import locked, locked_directory, private_directory, queue_directory
+from .ring import RuntimeDirectoryError, locked, locked_directory, private_directory, queue_directory
 
 __all__ = [
     "ServiceNameTaken",
@@ -72,13 +73,19 @@ def process_alive(pid: int, start_time: float = 0.0) -> bool:
         return True  # exists but not inspectable: assume alive rather than steal its name
 
 
-def registry_directory() -> Path:
-    """The per-user registry directory (see :func:`~kservice.plugins.mmap.ring.private_directory`)."""
+def registry_directory(*, sweep: bool = True) -> Path:
+    """The per-user registry directory (see :func:`~kservice.plugins.mmap.ring.private_directory`).
+
+    Like :func:`~kservice.plugins.mmap.ring.queue_directory`, runs the janitors
+    the first time this process uses the directories, unless ``sweep`` is false.
+    """
+    queues = queue_directory(sweep=sweep)
     override = os.environ.get("KSERVICE_REGISTRY_DIR")
     if override:
         return private_directory(Path(override), "service registry")
-    queues = queue_directory()
-    return private_directory(queues.with_name(queues.name + "-services"), "service registry")
+    # Beside a default queue directory it is kept too: its name must never be free for another user to take.
+    keep = not os.environ.get("KSERVICE_QUEUE_DIR")
+    return private_directory(queues.with_name(queues.name + "-services"), "service registry", keep=keep)
 
 
 def _path(directory: Path, name: str) -> Path:
@@ -162,9 +169,15 @@ def withdraw(name: str, queue: str) -> None:
 
 
 def lookup(name: str) -> dict[str, Any] | None:
-    """The live record of ``name``, or None; a dead host's record is removed."""
+    """The live record of ``name``, or None; a dead host's record is removed.
+
+    Raises RuntimeDirectoryError when another user's path is in the way: no
+    name can be found there, and the caller learns why.
+    """
     try:
         directory = registry_directory()
+    except RuntimeDirectoryError:
+        raise
     except OSError:
         return None
     path = _path(directory, name)
@@ -188,9 +201,11 @@ def _remove_if_stale(directory: Path, path: Path) -> bool:
 
 
 def running_services() -> list[dict[str, Any]]:
-    """Records of every live service of this user on this host, by name."""
+    """Records of every live service of this user on this host, by name (RuntimeDirectoryError as :func:`lookup`)."""
     try:
         directory = registry_directory()
+    except RuntimeDirectoryError:
+        raise
     except OSError:
         return []
     found = []
@@ -211,7 +226,9 @@ def reclaim_records() -> list[str]:
     """Remove records of dead hosts and temporary files of dead writers; returns the names removed."""
     removed: list[str] = []
     try:
-        directory = registry_directory()
+        directory = registry_directory(sweep=False)  # the first-use sweep would run this and take its result
+    except RuntimeDirectoryError:
+        raise  # another user's path in the way: say so (kservice cleanup, serve)
     except OSError:
         return removed
     for entry in os.scandir(directory):

@@ -8,9 +8,15 @@ producers killed at any instruction.
 Where queues live
 -----------------
 Each queue is one file ``<name>.q`` in the per-user directory
-:func:`queue_directory` (``/dev/shm/kservice-<uid>/``, mode 0700, owner checked on
-every use; the environment variable ``KSERVICE_QUEUE_DIR`` overrides the path,
-which tests use for isolation).  Files are created 0600 and a file owned by
+:func:`queue_directory` (mode 0700, owner checked on every use), which no other
+user can create first: ``$XDG_RUNTIME_DIR/kservice`` (or ``/run/user/<uid>/kservice``),
+else ``/dev/shm/kservice-<uid>-<digest>`` whose digest derives from a key kept
+in the user's home and the boot id (see :func:`default_queue_directory`); the
+environment variable ``KSERVICE_QUEUE_DIR`` overrides the path, which tests
+use for isolation.  A path in the way (another user's, a symlink, a file) is
+a :class:`RuntimeDirectoryError` naming it and what to do.  The first time a
+process uses a directory it removes what dead processes left there
+(:func:`add_janitor`).  Files are created 0600 and a file owned by
 another user, or readable by group/others, is refused with ``PermissionError``
 before it is mapped.  Names are letters, digits and ``._-`` (not starting with a
 dot), at most 200 characters.
@@ -176,8 +182,11 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import functools
+import hashlib
 import mmap
 import os
+import pwd
 import re
 import secrets
 import stat
@@ -188,6 +197,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from kservice import ServiceError
 
 from . import _futex
 
@@ -201,10 +212,13 @@ __all__ = [
     "QueueLayoutError",
     "QueueWedged",
     "RecordTooLarge",
+    "RuntimeDirectoryError",
     "SharedMemoryFull",
     "ShmQueue",
+    "add_janitor",
     "attach_queue",
     "create_queue",
+    "default_queue_directory",
     "queue_directory",
     "reclaim_stale_queues",
     "reserve",
@@ -216,6 +230,14 @@ __all__ = [
 
 class QueueError(Exception):
     """Base class of every error the ring raises."""
+
+
+class RuntimeDirectoryError(ServiceError, PermissionError):
+    """A per-user directory kservice needs is unusable (another user's, a symlink, a file, loose permissions).
+
+    A ServiceError (the ``kservice`` command prints it as one line) and a
+    PermissionError. Nothing is written through the path.
+    """
 
 
 class QueueFull(QueueError):
@@ -420,42 +442,199 @@ def _start_time(pid: int) -> int:
 # --------------------------------------------------------------------------- directory
 
 
-def private_directory(d: Path, what: str) -> Path:
+_WHAT_TO_DO = (
+    "remove it (as its owner or root) or set KSERVICE_QUEUE_DIR and KSERVICE_REGISTRY_DIR "
+    "(or XDG_RUNTIME_DIR) to directories only you can write"
+)
+
+
+def private_directory(d: Path, what: str, *, keep: bool = False) -> Path:
     """``d``, created 0700 if missing and checked private to this user; returns it.
 
-    Raises ``PermissionError`` when it exists but is not a real directory owned
-    by this user with mode 0700. Every directory used this way is removed when
-    this process exits if it is empty then (see :func:`_remove_emptied_directories`).
+    Raises :class:`RuntimeDirectoryError`, naming the path and what to do, when
+    it exists but is not a real directory owned by this user with mode 0700
+    (nothing is created through it). Unless ``keep``, the directory is removed
+    when this process exits if it is empty then (see
+    :func:`_remove_emptied_directories`); the default directories are kept, so
+    their names are never free for another user to take.
     """
     uid = os.getuid()
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
         pass
+    except OSError as exc:
+        raise RuntimeDirectoryError(f"cannot create {what} {d}: {exc.strerror}; {_WHAT_TO_DO}") from None
     else:
         os.chmod(d, 0o700)  # whatever the umask
-    _used_directories.add(d)
-    st = os.lstat(d)
+    try:
+        st = os.lstat(d)
+    except OSError as exc:
+        raise RuntimeDirectoryError(f"cannot use {what} {d}: {exc.strerror}; {_WHAT_TO_DO}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise PermissionError(f"{what} {d} is not a directory (a symlink or file is in the way); refusing it")
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a file"
+        raise RuntimeDirectoryError(
+            f"{what} {d} is {kind} (uid {st.st_uid}), not a directory; refusing it: {_WHAT_TO_DO}"
+        )
     if st.st_uid != uid:
-        raise PermissionError(f"{what} {d} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it")
+        raise RuntimeDirectoryError(
+            f"{what} {d} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it: {_WHAT_TO_DO}"
+        )
     if stat.S_IMODE(st.st_mode) != 0o700:
-        raise PermissionError(f"{what} {d} has mode {stat.S_IMODE(st.st_mode):04o}; expected 0700; refusing it")
+        raise RuntimeDirectoryError(
+            f"{what} {d} has mode {stat.S_IMODE(st.st_mode):04o}; expected 0700; refusing it: "
+            f"chmod 700 it if it is yours, else {_WHAT_TO_DO}"
+        )
+    if not keep:
+        _used_directories.add(d)  # only once checked: never remove a directory that is not ours
     return d
 
 
-def queue_directory() -> Path:
-    """The per-user directory holding queue segments (see :func:`private_directory`)."""
+def _private_runtime_directory(path: str) -> bool:
+    """Whether ``path`` is an absolute, real directory of this user's that no one else can write (XDG rules)."""
+    if not os.path.isabs(path):
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+#: Where the key naming the /dev/shm fallback directory is kept, relative to the home directory.
+RUNTIME_KEY = Path(".local/state/kservice/runtime-key")
+
+
+def _home() -> Path:
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)  # the same for every process of the user, whatever $HOME says
+    except KeyError:
+        return Path.home()
+
+
+def _runtime_key() -> str | None:
+    """The user's random key (kept 0600 in the home directory, made on first use), or None where it cannot be kept."""
+    path = _home() / RUNTIME_KEY
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
+                f.write(secrets.token_hex(16))
+            try:
+                os.link(tmp, path)  # the first process of the user to get here sets the key; the others read it
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None  # no writable home: fall back to the predictable name
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        key = os.read(fd, 256).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or len(key) < 32:
+        raise RuntimeDirectoryError(
+            f"the key naming kservice's runtime directory, {path}, is not a private file of this user's "
+            "(mode 0600, 32 or more characters); delete it to have a new one made"
+        )
+    return key
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:  # pragma: no cover - not Linux
+        return ""
+
+
+@functools.lru_cache(maxsize=8)
+def _default_directory(xdg_runtime_dir: str, uid: int) -> tuple[Path, bool]:
+    for candidate in (xdg_runtime_dir, f"/run/user/{uid}"):
+        if candidate and _private_runtime_directory(candidate):
+            return Path(candidate) / "kservice", True
+    root = Path("/dev/shm")
+    if not root.is_dir():  # pragma: no cover - no tmpfs
+        root = Path(tempfile.gettempdir())
+    key = _runtime_key()
+    if key is None:
+        return root / f"kservice-{uid}", False
+    digest = hashlib.sha256(f"{key}:{_boot_id()}".encode()).hexdigest()[:24]
+    return root / f"kservice-{uid}-{digest}", True
+
+
+def default_queue_directory() -> tuple[Path, bool]:
+    """Where queues live without ``KSERVICE_QUEUE_DIR``, and whether another user cannot take the path first.
+
+    1. ``$XDG_RUNTIME_DIR/kservice`` when that variable names a private
+       directory of this user's (mode 0700, the login manager's tmpfs);
+    2. else ``/run/user/<uid>/kservice`` when that directory exists and is
+       private (so a process started without the variable, from cron or ssh,
+       finds the same directory);
+    3. else ``/dev/shm/kservice-<uid>-<digest>``: the digest hashes a random
+       key kept in ``~/.local/state/kservice/runtime-key`` (mode 0600, made by
+       the first process that needs it) with the boot id, so another user can
+       neither predict the name nor reuse one seen before a reboot, and the
+       directory is never removed while the machine runs;
+    4. else (no writable home) ``/dev/shm/kservice-<uid>``, which another user
+       could create first: then every command fails with a line naming it.
+
+    Every process of the user resolves the same path (the home directory comes
+    from the password database, not ``$HOME``). The choice is made once per
+    process and value of ``XDG_RUNTIME_DIR``.
+    """
+    return _default_directory(os.environ.get("XDG_RUNTIME_DIR", ""), os.getuid())
+
+
+def queue_directory(*, sweep: bool = True) -> Path:
+    """The per-user directory holding queue segments (see :func:`private_directory` and :func:`default_queue_directory`).
+
+    The first time this process uses a directory, the janitors run there
+    (:func:`add_janitor`), unless ``sweep`` is false (a janitor locating it).
+    """
     override = os.environ.get("KSERVICE_QUEUE_DIR")
     if override:
-        d = Path(override)
+        d = private_directory(Path(override), "queue directory")
     else:
-        root = Path("/dev/shm")
-        if not root.is_dir():  # pragma: no cover - no tmpfs
-            root = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-        d = root / f"kservice-{os.getuid()}"
-    return private_directory(d, "queue directory")
+        default, _ = default_queue_directory()
+        d = private_directory(default, "queue directory", keep=True)
+    if sweep and d not in _swept:
+        _sweep(d)
+    return d
+
+
+#: Queue directories whose janitors ran in this process.
+_swept: set[Path] = set()
+_sweep_lock = threading.Lock()
+_janitors: list[Callable[[], object]] = []
+
+
+def add_janitor(janitor: Callable[[], object]) -> None:
+    """Run ``janitor()`` (besides :func:`reclaim_stale_queues`) the first time this process uses a queue directory.
+
+    So a program that only uses the library reclaims what killed processes
+    left (rings, segments, records) as a ``kservice`` command does. A janitor
+    failing is ignored: the directory's real use reports the problem.
+    """
+    if janitor not in _janitors:
+        _janitors.append(janitor)
+
+
+def _sweep(d: Path) -> None:
+    with _sweep_lock:
+        if d in _swept:
+            return
+        _swept.add(d)  # before running: the janitors use the directory themselves
+    for janitor in (reclaim_stale_queues, *_janitors):
+        with contextlib.suppress(Exception):
+            janitor()
 
 
 @contextlib.contextmanager
@@ -1287,7 +1466,8 @@ def reclaim_stale_queues() -> list[str]:
     queue.  Files that are not queues, or belong to other users, are left alone.
     """
     removed: list[str] = []
-    with locked_directory(queue_directory) as d:
+    # sweep=False: the first-use sweep would run this very janitor and take what it reports.
+    with locked_directory(lambda: queue_directory(sweep=False)) as d:
         for entry in os.scandir(d):
             fname = entry.name
             if fname.startswith(_TMP_PREFIX):

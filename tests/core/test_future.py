@@ -134,3 +134,45 @@ def test_finished_calls_keep_one_object_for_the_garbage_collector_each() -> None
         }
         assert len(per_call) < 20, len(per_call)
         assert all(gc.is_tracked(future) for future in futures[:10])
+
+
+# --------------------------------------------------------------------------- the CPython internals it relies on
+
+
+def test_this_pythons_future_has_the_internals_call_future_relies_on() -> None:
+    from concurrent.futures import Future, _base
+
+    from kservice._future import check_future_internals
+
+    check_future_internals(Future, _base)  # also run when kservice is imported
+
+
+def test_a_future_with_another_attribute_fails_the_check_loudly() -> None:
+    from concurrent.futures import Future, _base
+
+    from kservice._future import check_future_internals
+
+    class NewerFuture(Future):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            super().__init__()
+            self._cancel_message = None  # what a future Python release might add
+
+    with pytest.raises(ImportError, match=r"CallFuture does not support.*_cancel_message"):
+        check_future_internals(NewerFuture, _base)
+
+
+def test_a_wait_helper_using_another_private_name_fails_the_check_loudly() -> None:
+    import types
+    from concurrent.futures import Future, _base
+
+    from kservice._future import check_future_internals
+
+    newer_base = types.ModuleType(_base.__name__)
+    newer_base.__dict__.update(vars(_base))
+
+    def wait(fs, timeout=None):  # type: ignore[no-untyped-def]
+        return [f._loop for f in fs]  # a private attribute CallFuture does not have
+
+    newer_base.wait = wait  # type: ignore[attr-defined]
+    with pytest.raises(ImportError, match=r"private names \['_loop'\]"):
+        check_future_internals(Future, newer_base)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cli.helpers import cli_env, marked_processes
+from tests.conftest import REGISTRY_DIR, SHM_DIR
 
 
 def _segments_naming(pid: int) -> list[str]:
+    """Files of ``pid`` in the session's directories (which the demo inherits through cli_env)."""
     found = []
-    for directory in Path("/dev/shm").glob(f"kservice-{os.getuid()}*"):
+    for directory in (SHM_DIR, REGISTRY_DIR):
         if directory.is_dir():
             found += [p.name for p in directory.iterdir() if f".{pid}." in p.name or f"-{pid}-" in p.name]
     return found
