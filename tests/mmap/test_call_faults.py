@@ -124,6 +124,28 @@ def test_an_idempotent_call_cut_off_by_a_host_kill_is_retried_on_the_new_host(ho
         assert tags(path) == ["again", "again"]
 
 
+def test_a_request_the_killed_host_never_read_is_reported_as_never_run(hosts: Hosts) -> None:
+    name = unique("frozen")
+    host = hosts.start(f"{name}=tests.mmap.services:KV")
+    with ServiceManager(config={"service_call": {"max_retries": 0}}) as manager:
+        manager.call_service_sync(name, "put", ("k", "v"), timeout=30)
+        host.process.send_signal(signal.SIGSTOP)  # it reads nothing more
+        try:
+            unread = manager.call_service_async(name, "put", ("k", "w"), timeout=30)
+            time.sleep(0.2)
+        finally:
+            host.process.kill()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError, match="never ran") as failed:
+            unread.result(10)
+        assert time.monotonic() - started < 5
+        assert failed.value.may_have_run is False  # so any retry policy may send it again
+        # The connection knows its host is gone: the next call is refused before anything is written.
+        with pytest.raises((ServiceUnavailableError, ServiceNotFoundError)) as refused:
+            manager.call_service_sync(name, "put", ("k", "x"), timeout=10)
+        assert getattr(refused.value, "may_have_run", False) is not True
+
+
 # ------------------------------------------------------------ no answer lost
 
 
