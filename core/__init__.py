@@ -22,7 +22,7 @@ from ._errors import (
     ServiceUnavailableError,
 )
 from ._manager import ServiceManager, ServiceProxy
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import ServiceMiddleware
 from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
@@ -32,6 +32,7 @@ from ._transport import Connection, Listener, ServiceAddress, Transport
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAY_HAVE_RUN",
     "BaseServiceTask",
     "Config",
     "ConfigError",

@@ -64,9 +64,16 @@ class ServiceTimeoutError(ServiceError, TimeoutError):
 class ServiceUnavailableError(ServiceError):
     """The service exists but cannot take the call now (stopped, failed, host gone, breaker open).
 
-    The request provably did not run, or its outcome is unknown because the
-    service died; callers may retry when the method is idempotent.
+    ``may_have_run`` says which of two cases it is: ``False``, the request
+    provably never reached the service (any method may be sent again);
+    ``True``, it may have run (its host died or the connection was lost
+    after it was sent: only an idempotent method may be sent again, and retry
+    policies never re-send any other); ``None``, the transport did not say,
+    which retry policies treat as ``True``.
     """
+
+    #: whether the request may have reached the service (see the class docstring)
+    may_have_run: bool | None = None
 
 
 class ServiceStoppedError(ServiceUnavailableError):

@@ -17,7 +17,7 @@ from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import MethodNotFoundError, ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
 from ._future import CallFuture, future_lock
-from ._messages import NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import get_transport
@@ -118,14 +118,20 @@ class _Timer:
                 except Exception:  # noqa: BLE001 - a failing callback must not stop the timer
                     pass
 
-    def close(self) -> None:
+    def close(self) -> list[_AsyncCall]:
+        """Stop the thread; returns the calls whose deadline it was still watching (unfinished ones)."""
         with self._cond:
             self._closed = True
+            watched = [call for fifo in self._fifos.values() for call in fifo]
+            # Calls with an inherited deadline wait in the heap as their bound ``_expire``.
+            watched.extend(getattr(entry[2], "__self__", None) for entry in self._delayed)  # type: ignore[misc]
             self._fifos.clear()
             self._delayed.clear()
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        unfinished = (call for call in watched if isinstance(call, _AsyncCall) and not call._finished())
+        return list(dict.fromkeys(unfinished))
 
 
 class _Route:
@@ -237,11 +243,24 @@ class ServiceManager:
             route.connection.close()
 
     def forget(self, service_name: str) -> None:
-        """Drop the compiled route of one service; the next call resolves it again."""
+        """Drop the compiled route of one service; the next call resolves it again.
+
+        Closing its connection fails no call: calls already sent on it still
+        get their answers (see ``Connection.close``).
+        """
         with self._route_lock:
             route = self._routes.pop(service_name, None)
         if route is not None:
             route.connection.close()
+
+    def _drop_route(self, route: _Route) -> bool:
+        """Drop ``route`` if it is still the service's current one (not a newer one another thread built)."""
+        with self._route_lock:
+            if self._routes.get(route.service_name) is not route:
+                return False
+            del self._routes[route.service_name]
+        route.connection.close()
+        return True
 
     def _resolve(self, service_name: str) -> tuple[list[ServiceAddress], type | None]:
         env = self.environment
@@ -267,7 +286,7 @@ class ServiceManager:
 
     def _route(self, service_name: str) -> _Route:
         if self._closed:
-            raise ServiceUnavailableError("this ServiceManager is closed")
+            raise ServiceStoppedError("this ServiceManager is closed; make a new one to call services")
         route = self._routes.get(service_name)
         if route is not None:
             return route
@@ -408,9 +427,13 @@ class ServiceManager:
         return chain.run_after(sent, response, limit, began)
 
     def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
-        """After an unavailable service, resolve again: it may have moved or restarted."""
+        """After an unavailable service, resolve again: it may have moved or restarted.
+
+        Only ``route`` is dropped (and its connection closed, which fails no call in flight);
+        a newer route another thread built meanwhile is kept.
+        """
         if not response.success and response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
-            self.forget(route.service_name)
+            self._drop_route(route)
             try:
                 return self._route(route.service_name)
             except Exception:  # noqa: BLE001 - the next attempt reports it
@@ -431,11 +454,18 @@ class ServiceManager:
 
         The future is completed by the transport's response path (or with
         ServiceTimeoutError at the deadline by the manager's timer thread).
-        Cancelling it before completion drops the response when it arrives.
         Resolution errors (unknown service) are raised here, not in the future,
         and so are ValueError for a timeout that is NaN or infinite, TypeError
         for a ``method`` that is not a str and MethodNotFoundError for the
         empty name (nothing is sent).
+
+        ``future.cancel()`` (also what cancelling an asyncio task awaiting
+        :meth:`acall` does) completes the future as cancelled at once and asks
+        the transport to drop the request (``Connection.cancel``): a call that
+        has not started never starts. One already running cannot be
+        interrupted (a thread runs to the end); its result is dropped, and its
+        deadline is moved to the past, so calls it makes from then on fail
+        with ServiceTimeoutError at once.
         """
         if timeout is not None:
             timeout = _checked_timeout(timeout)
@@ -484,15 +514,25 @@ class ServiceManager:
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close connections and the timer thread; idempotent. Later calls raise ServiceUnavailableError."""
+        """Close connections and the timer thread; idempotent.
+
+        Every async call of this manager still in flight fails at once with
+        ServiceStoppedError (``may_have_run`` True: it may have started) and
+        is cancelled at its transport, so one still queued never starts. A
+        sync call in flight in another thread ends by its own deadline, as it
+        would have. Later calls raise ServiceStoppedError. No call of this
+        manager completes past its deadline or after ``close`` returned,
+        except a sync call whose deadline is still ahead.
+        """
         if self._closed:
             return
         self._closed = True
-        self._invalidate_routes()
         with self._timer_lock:
             timer, self._timer = self._timer, None
         if timer is not None:
-            timer.close()
+            for call in timer.close():
+                call._abandon()
+        self._invalidate_routes()
         if self.environment is not None:
             self.environment._managers.discard(self)
 
@@ -579,15 +619,51 @@ class _AsyncCall(CallFuture[Any]):
         """Whether the caller has its outcome (or gave up): no further reply matters."""
         return self._state != "PENDING"  # read without the future's lock: a stale answer only delays a prune
 
+    def cancel(self) -> bool:
+        """Cancel the call: the future is cancelled at once, and the transport is asked to drop the request.
+
+        Returns False when the call had finished already. No reply or deadline
+        settles the call afterwards. A request that has not started never
+        starts; one already running runs to its end, and its answer is dropped
+        (see :meth:`ServiceManager.call_service_async`).
+        """
+        if not Future.cancel(self):
+            return False
+        with _claiming:
+            self._open_attempt = -1
+        self._cancel_sent(self._sent)
+        return True
+
+    def _cancel_sent(self, sent: ServiceRequest) -> None:
+        """Ask the transport to drop ``sent`` (best effort, never raises)."""
+        if sent is _RELEASED:
+            return
+        try:
+            self._route.connection.cancel(sent)
+        except Exception:  # noqa: BLE001 - cancelling is best effort; the caller has its answer
+            pass
+
+    def _abandon(self) -> None:
+        """Fail the call with ServiceStoppedError now (its manager closed) and cancel it at the transport."""
+        if not self._claim(self._attempt):
+            return  # a response is being settled right now: it completes the call (no retry once closed)
+        request = self._request
+        error = ServiceStoppedError(
+            f"call {request.service_name}.{request.method_name} was abandoned: its ServiceManager was closed "
+            "while the call was in flight (it may have run)"
+        )
+        response = ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+        response.metadata[MAY_HAVE_RUN] = True
+        sent = self._sent
+        self._complete(self._after(response))
+        self._cancel_sent(sent)
+
     def _expire(self) -> None:
         """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
         if self._claim(self._attempt):
             sent = self._sent
             self._complete(self._after(timeout_response(self._request, self._timeout)))
-            try:
-                self._route.connection.cancel(sent)
-            except Exception:  # noqa: BLE001 - cancelling is best effort; the caller has its answer
-                pass
+            self._cancel_sent(sent)
         elif not self._finished():
             # A response is being settled right now and may yet schedule a retry: look again shortly.
             self._manager.timer().call_later(0.005, self._expire)
@@ -625,12 +701,17 @@ class _AsyncCall(CallFuture[Any]):
             return  # cancelled by the caller
         response = self._after(response)
         if not response.success:
-            delay = self._route.retry_delay(self._request, response, self._attempt)
-            if delay is not None:
-                self._attempt += 1
-                self._open_attempt = self._attempt
-                self._manager.timer().call_later(delay, lambda: self._retry(response))
-                return
+            manager = self._manager
+            if not manager._closed:
+                delay = self._route.retry_delay(self._request, response, self._attempt)
+                if delay is not None:
+                    self._attempt += 1
+                    self._open_attempt = self._attempt
+                    manager.timer().call_later(delay, lambda: self._retry(response))
+                    return
+            if response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
+                # As a sync call does: the next call resolves the service again (it may have moved).
+                manager._drop_route(self._route)
         self._complete(response)
 
     def _retry(self, failed: ServiceResponse) -> None:
@@ -638,6 +719,8 @@ class _AsyncCall(CallFuture[Any]):
             return
         self._route = self._manager._refresh_route(self._route, failed)
         self._send()
+        if self.cancelled():
+            self._cancel_sent(self._sent)  # cancelled while this attempt was being sent
 
     def _complete(self, response: ServiceResponse) -> None:
         try:

@@ -16,7 +16,15 @@ from ._errors import (
     make_call_error,
 )
 
-__all__ = ["ServiceRequest", "ServiceResponse", "new_request_id"]
+__all__ = ["MAY_HAVE_RUN", "ServiceRequest", "ServiceResponse", "new_request_id"]
+
+#: Response metadata key: whether a request that failed in the runtime may have reached the service.
+#: ``False``: it provably never did (refused before it was written, its queue full or closed, the
+#: task not running, a breaker open), so any retry policy may send it again, idempotent method or not.
+#: ``True``: it may have run (its host died or the connection was lost after it was sent); only an
+#: idempotent method may be sent again. Absent: unknown, which retry policies treat as ``True``.
+#: The caller's exception carries it as ``may_have_run`` (see :meth:`ServiceResponse.to_exception`).
+MAY_HAVE_RUN = "kservice.may_have_run"
 
 _request_counter = itertools.count(1)
 _request_prefix = f"{os.getpid():x}-{time.time_ns() & 0xFFFFFF:x}-"
@@ -129,6 +137,8 @@ class ServiceResponse:
     never sent across processes. ``degraded`` marks a response produced by a
     fallback instead of the service. ``"client"`` marks an error raised by
     caller-side middleware, which the caller gets exactly as raised.
+    ``metadata[MAY_HAVE_RUN]`` says whether a runtime error's request may have
+    reached the service (see :data:`MAY_HAVE_RUN`).
     """
 
     success: bool
@@ -195,9 +205,13 @@ class ServiceResponse:
         if self.error_origin == "runtime":
             runtime_cls = RUNTIME_ERRORS.get(self.error_type, ServiceError)
             if isinstance(self.exception, runtime_cls):
-                return self.exception
-            error = runtime_cls.__new__(runtime_cls)
-            Exception.__init__(error, self.error or self.error_type)
+                error = self.exception
+            else:
+                error = runtime_cls.__new__(runtime_cls)
+                Exception.__init__(error, self.error or self.error_type)
+            may_have_run = self.metadata.get(MAY_HAVE_RUN) if self.metadata else None
+            if may_have_run is not None:
+                error.may_have_run = may_have_run  # type: ignore[attr-defined]
             return error
         original = type(self.exception) if self.exception is not None else None
         if isinstance(self.exception, ServiceCallError):

@@ -29,7 +29,7 @@ from ._errors import (
     ServiceStoppedError,
     ServiceUnavailableError,
 )
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
 from ._transport import Listener, Reply, timeout_response
@@ -808,11 +808,14 @@ class BaseServiceTask:
         reply(self._unavailable(request, "stopped before the request could run"))  # type: ignore[misc, arg-type]
 
     def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
-        return ServiceResponse.from_exception(
+        """A refusal of a request that never started (so any retry policy may send it again)."""
+        response = ServiceResponse.from_exception(
             request.request_id,
             ServiceUnavailableError(f"service {self.service_name!r} is unavailable: {why}"),
             origin="runtime",
         )
+        response.metadata[MAY_HAVE_RUN] = False
+        return response
 
     def execute(self, request: ServiceRequest, *, from_queue: bool = False) -> ServiceResponse:
         """Run one request in the calling thread and return its response (never raises).

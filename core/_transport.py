@@ -45,9 +45,15 @@ class Connection(ABC):
     """A caller's channel to one service.
 
     ``send`` guarantees ``reply`` is called exactly once per request, from any
-    thread, unless the connection is closed first (then pending requests are
-    answered with ServiceUnavailableError). A reply that arrives after the
-    caller gave up is dropped by the caller.
+    thread (unless the request is cancelled: then its reply may never come).
+    A reply that arrives after the caller gave up is dropped by the caller.
+
+    A failed response made by the runtime says in ``metadata[MAY_HAVE_RUN]``
+    whether the request may have reached the service: ``False`` only when it
+    provably did not (refused before it was written, its queue full or
+    closed, the task not running), ``True`` when it may have (the host died or
+    the link was lost after it was sent). Retry policies re-send a method not
+    declared idempotent only on ``False``; leaving the key out counts as ``True``.
     """
 
     #: the name of the queue requests go to, when the transport has one
@@ -73,16 +79,26 @@ class Connection(ABC):
         return response
 
     def cancel(self, request: ServiceRequest) -> None:
-        """Best effort: stop work on ``request``, whose caller timed out (the default does nothing).
+        """Drop ``request``, whose caller gave up (timed out, cancelled its future, or closed its manager).
 
-        Called after the caller already has its ServiceTimeoutError, from the
-        manager's timer thread; must not block. A service never starts a
-        request past its deadline whatever this does; transports that can
-        interrupt work already sent (Ray's ``ray.cancel``) override it.
+        Called after the caller already has its outcome, from any thread; must
+        not block and should not raise. A request that has not started must
+        never start; one already running may run to its end (a thread cannot be
+        interrupted), and its reply, if it comes, is dropped. A service never
+        starts a request past its deadline, so the default (nothing) is enough
+        for a timeout; transports that can do better override it (in-process:
+        the request's deadline is moved to the past; ``mmap``: the host is told;
+        Ray: ``ray.cancel``).
         """
 
     def close(self) -> None:
-        """Release the connection; idempotent."""
+        """Release the connection; idempotent.
+
+        Closing never fails a request already sent: its reply still comes (a
+        draining service's answers reach their callers), or the transport fails
+        it when the service itself is found gone. Later sends are answered with
+        ServiceUnavailableError (``MAY_HAVE_RUN`` False).
+        """
 
 
 class _ReplyWaiter:

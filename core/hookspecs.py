@@ -187,6 +187,12 @@ def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> Any | N
     share read-only empty dicts; changing them raises TypeError). Return None
     from the hook for no retries.
 
+    At most once: a policy must not re-send a method not declared idempotent
+    (``idempotent`` False) after a failure that may have reached the service.
+    A runtime ServiceUnavailableError proves it did not only when
+    ``response.metadata[kservice.MAY_HAVE_RUN] is False``; True or absent
+    means it may have run. The manager sends no retry once it is closed.
+
     If it raises: the error propagates to the call that compiled the route
     (nothing is sent).
     """

@@ -43,6 +43,16 @@ class InprocConnection(Connection):
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:  # pragma: no cover
         self._task.submit(request, reply)
 
+    def cancel(self, request: ServiceRequest) -> None:
+        """Move the request's deadline to the past: queued, it is never started (``task.execute``).
+
+        The task holds the caller's own request object, so no message is needed.
+        One already running runs to its end; calls it makes from then on
+        inherit the past deadline and fail at once. A request dropped this way
+        counts as expired in the task's status.
+        """
+        request.deadline = 0.0
+
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         """A method known to be fast runs in this thread (``task.run_inline``); others through the pool."""
         response = self._task.run_inline(request)

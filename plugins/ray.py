@@ -43,6 +43,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeAlias
 
 from kservice import (
+    MAY_HAVE_RUN,
     BaseServiceTask,
     Config,
     ConfigError,
@@ -599,17 +600,18 @@ class _Replica:
 RETRYABLE_KEY = "kservice.retryable"
 #: response metadata key naming a replica taken out of rotation while other replicas still serve
 REPLICA_DOWN_KEY = "kservice.replica_down"
-#: response metadata key set on a failure after which the call may have run (never re-sent by kservice)
-MAY_HAVE_RUN_KEY = "kservice.may_have_run"
+#: response metadata key saying whether the call may have run (kservice.MAY_HAVE_RUN; True: never re-sent
+#: for a method not declared idempotent)
+MAY_HAVE_RUN_KEY = MAY_HAVE_RUN
 #: response metadata key a replica sets when it refused a call without running it (it is stopping or failed
 #: to build): the caller sends the call to another replica
 _REFUSED_KEY = "kservice.replica_refused"
 
 
 def _unavailable(request: ServiceRequest, message: str, *, retryable: bool = True) -> ServiceResponse:
+    """ServiceUnavailableError for a call that never reached a replica (safe to re-send, unless not ``retryable``)."""
     response = ServiceResponse.from_exception(request.request_id, ServiceUnavailableError(message), origin="runtime")
-    if not retryable:
-        response.metadata = {RETRYABLE_KEY: False}
+    response.metadata = {MAY_HAVE_RUN_KEY: False} if retryable else {MAY_HAVE_RUN_KEY: False, RETRYABLE_KEY: False}
     return response
 
 

@@ -3,14 +3,23 @@
 A call is retried only when that is safe:
 
 - the request provably never ran: the runtime answered ServiceUnavailableError
-  (dead, restarting or moved service), ServiceNotFoundError (a resolver lost
-  the name between attempts) or, with ``service_call.retry_overloaded: true``,
-  ServiceOverloadedError (the queue did not accept it; off by default because
-  the runtime has already waited ``service.local.queue_timeout`` for room,
-  and retrying at a second layer adds load when the service asks for less), or
+  whose response the transport marked ``metadata[kservice.MAY_HAVE_RUN] =
+  False`` (refused before it was written, its queue closed, the task not
+  running: a stopping, restarting or moved service), ServiceNotFoundError (a
+  resolver lost the name between attempts) or, with
+  ``service_call.retry_overloaded: true``, ServiceOverloadedError (the queue
+  did not accept it; off by default because the runtime has already waited
+  ``service.local.queue_timeout`` for room, and retrying at a second layer
+  adds load when the service asks for less), or
 - the method is declared idempotent (``@kservice.idempotent``, the class's
   ``idempotent_methods`` or the service's ``idempotent:`` config list): then
   any failure is retried, a method's own exception included.
+
+A ServiceUnavailableError that may have reached the service (its host died
+during the call, the connection was lost after the request was sent:
+``MAY_HAVE_RUN`` is True, or absent because the transport did not say) is
+retried only for an idempotent method, so a method not declared idempotent
+runs at most once per call whatever dies or restarts.
 
 Never retried: ServiceStoppedError (a service stopped on purpose will not come
 back by itself, so the call fails at once), a response a middleware marked ``metadata["kservice.retryable"]
@@ -45,7 +54,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import tenacity
-from kservice import ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+from kservice import MAY_HAVE_RUN, ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
 
 __all__ = [
     "DefaultRetryPolicy",
@@ -57,8 +66,9 @@ __all__ = [
     "retry_policy_names",
 ]
 
-#: Runtime errors that prove the request never ran, so any method may be re-sent.
-SAFE_RUNTIME_ERRORS = frozenset({"ServiceUnavailableError", "ServiceOverloadedError", "ServiceNotFoundError"})
+#: Runtime errors that prove the request never ran, so any method may be re-sent. (A plain
+#: ServiceUnavailableError proves it only when its response says ``MAY_HAVE_RUN: False``.)
+SAFE_RUNTIME_ERRORS = frozenset({"ServiceOverloadedError", "ServiceNotFoundError"})
 #: Runtime errors no retry can fix (the caller asked for something that does not exist).
 NEVER_RETRIED = frozenset({"MethodNotFoundError", "ConfigError", "ServiceStoppedError"})
 
@@ -175,7 +185,9 @@ class DefaultRetryPolicy:
                 return True
             if response.error_type in NEVER_RETRIED:
                 return False
-            return idempotent
+            # The transport's word that the request never reached the service; without it the
+            # call may have run (a host killed mid-call), and only an idempotent method goes again.
+            return idempotent or response.metadata.get(MAY_HAVE_RUN) is False
         if origin == "service":
             return idempotent
         # "client": a caller-side middleware rejected the call; re-sending cannot change its mind.

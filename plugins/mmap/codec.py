@@ -84,6 +84,7 @@ from .ring import _pid_alive, queue_directory, reserve
 
 __all__ = [
     "KIND_CALL",
+    "KIND_CANCEL",
     "KIND_STATUS",
     "OUT_OF_BAND_THRESHOLD",
     "POOL_LEASE_LOST",
@@ -94,12 +95,14 @@ __all__ = [
     "decode_many",
     "decode_request",
     "discard",
+    "encode_cancel_request",
     "encode_request",
     "encode_response",
     "encode_response_batch",
     "reclaim_segments",
     "release_pool",
     "request_from_message",
+    "request_id_marker",
     "response_from_message",
     "unlink_segment",
 ]
@@ -117,6 +120,8 @@ POOL_LEASE_LOST = 600.0
 #: Message kinds (first field of a request tuple).
 KIND_CALL = 1
 KIND_STATUS = 2
+#: The caller gave up on the request named by the record's request id: never start it.
+KIND_CANCEL = 3
 
 _PROTOCOL = 5
 _OOB_TAG = 0x4F  # "O": one-shot segment
@@ -466,6 +471,23 @@ def encode_request(
 def encode_status_request(request_id: str, service_name: str, response_queue: str, deadline: float) -> bytes:
     """A record asking the listener for its task's status (never reaches the service)."""
     return pickle.dumps((KIND_STATUS, request_id, service_name, "", (), {}, response_queue, deadline, {}), _PROTOCOL)
+
+
+def request_id_marker(request_id: str) -> bytes:
+    """Bytes every request record of ``request_id`` written inline contains (see :func:`encode_request`).
+
+    The id as pickled, with its length prefix, so one id never matches a
+    longer one. Records carried in a segment do not contain it.
+    """
+    data = request_id.encode("utf-8", "surrogatepass")
+    if len(data) < 256:
+        return b"\x8c" + bytes((len(data),)) + data  # SHORT_BINUNICODE
+    return b"X" + len(data).to_bytes(4, "little") + data  # BINUNICODE
+
+
+def encode_cancel_request(request_id: str, service_name: str) -> bytes:
+    """A record telling a listener its caller gave up on ``request_id`` (no response is sent for it)."""
+    return pickle.dumps((KIND_CANCEL, request_id, service_name, "", (), {}, "", None, {}), _PROTOCOL)
 
 
 def _is_plain(response: ServiceResponse, threshold: int) -> bool:

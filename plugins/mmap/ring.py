@@ -1290,6 +1290,38 @@ class ShmQueue:
     def empty(self) -> bool:
         return self.qsize() == 0
 
+    def unread(self) -> list[bytes]:
+        """Copies of the records not consumed yet, oldest first, without consuming them.
+
+        For a producer whose consumer died: a record still here was never read.
+        A frame that does not check out ends the list (never raises for bad
+        bytes; the records before it are returned).
+        """
+        self._check_open()
+        w64 = self._w64
+        cap = self.capacity
+        mm = self._mm
+        limit = HEADER_SIZE + cap
+        head = w64[_HEAD]
+        tail = w64[_TAIL]
+        records: list[bytes] = []
+        if not 0 <= tail - head <= cap:
+            return records
+        while head < tail:
+            pos = head % cap
+            word = w64[_DATA_WORD64 + (pos >> 3)]
+            n = word & _M32
+            size = FRAME + ((n + 7) & -8)
+            if word >> 32 != (n ^ _CHECK_KEY ^ (head >> 3)) & _M32 or size > tail - head:
+                break
+            p = pos + (HEADER_SIZE + FRAME)
+            if p >= limit:
+                p -= cap
+            end = p + n
+            records.append(mm[p:end] if end <= limit else mm[p:limit] + mm[HEADER_SIZE : HEADER_SIZE + end - limit])
+            head += size
+        return records
+
     @property
     def closed(self) -> bool:
         """Whether the queue was marked closed (by its owner)."""

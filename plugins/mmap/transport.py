@@ -61,6 +61,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kservice import (
+    MAY_HAVE_RUN,
     BaseServiceTask,
     Connection,
     Listener,
@@ -102,6 +103,8 @@ ASYNC_SPIN = 0.0
 IDLE_RING_SECONDS = 60.0
 #: Longest a server waits for room in a caller's response ring before dropping the response.
 RESPONSE_PUT_TIMEOUT = 2.0
+#: Cancel notices a listener remembers for requests it has not seen (older ones are forgotten).
+CANCELLED_EARLY_LIMIT = 4096
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "request_queue_capacity": 4 << 20,
@@ -118,8 +121,11 @@ def _inline_limit(queue: ShmQueue) -> int:
     return queue.max_record // 4  # type: ignore[no-any-return]
 
 
-def _runtime_error(request_id: str, error: BaseException) -> ServiceResponse:
-    return ServiceResponse.from_exception(request_id, error, origin="runtime").for_wire()
+def _runtime_error(request_id: str, error: BaseException, may_have_run: bool | None = None) -> ServiceResponse:
+    response = ServiceResponse.from_exception(request_id, error, origin="runtime").for_wire()
+    if may_have_run is not None:
+        response.metadata = {MAY_HAVE_RUN: may_have_run}
+    return response
 
 
 #: Response metadata key the retry policy reads: False means re-sending cannot help.
@@ -179,6 +185,10 @@ class MmapListener(Listener):
         self._outstanding_lock = threading.Lock()
         self._responders: dict[str, ShmQueue] = {}
         self._responders_lock = threading.Lock()
+        #: requests handed to the task's pool and not answered yet (a cancel notice finds them here)
+        self._pooled: dict[str, ServiceRequest] = {}
+        #: cancel notices of requests not seen yet (see _cancel)
+        self._cancelled_early: set[str] = set()
         self._closed = False
         self._accepting = True
         _pool_user(1)
@@ -286,9 +296,15 @@ class MmapListener(Listener):
         except codec.DecodeError as exc:
             self._undecodable_request(exc)
             return
-        if kind == codec.KIND_STATUS:
-            self._reply_status(request)
+        if kind != codec.KIND_CALL:
+            if kind == codec.KIND_STATUS:
+                self._reply_status(request)
+            elif kind == codec.KIND_CANCEL:
+                self._cancel(request.request_id)
             return
+        if self._cancelled_early and request.request_id in self._cancelled_early:
+            self._cancelled_early.discard(request.request_id)
+            return  # its caller gave up before it arrived: never started, never answered
         task = self._task
         name = request.method_name
         if name[:1] == "_" or not name:
@@ -318,14 +334,37 @@ class MmapListener(Listener):
             return
         with self._outstanding_lock:
             self._outstanding += 1
+        pooled = self._pooled
+        request_id = request.request_id
+        pooled[request_id] = request
 
         def reply(response: ServiceResponse) -> None:
             # The pool feeds task.method_cost with the run alone, not the wait in its queue.
+            pooled.pop(request_id, None)
             with self._outstanding_lock:
                 self._outstanding -= 1
             self._reply(request, response)
 
         task.submit(request, reply)
+
+    def _cancel(self, request_id: str) -> None:
+        """Its caller gave up on ``request_id``: a request still queued for the pool never starts.
+
+        Its deadline moves to the past, so the worker that takes it answers
+        ServiceTimeoutError without running it (the caller drops that answer);
+        it counts as expired in the task's status. A request already running
+        runs to its end (a thread cannot be interrupted), and calls it makes
+        from then on fail at once. A notice that arrives before its request
+        (a caller whose send waited for room in the ring) is remembered, boundedly.
+        """
+        request = self._pooled.get(request_id)
+        if request is not None:
+            request.deadline = 0.0
+            return
+        early = self._cancelled_early
+        if len(early) >= CANCELLED_EARLY_LIMIT:
+            early.clear()  # notices of requests answered before their notice came: forget them
+        early.add(request_id)
 
     def _reply_status(self, request: ServiceRequest) -> None:
         try:
@@ -372,7 +411,7 @@ class MmapListener(Listener):
         except Exception:  # noqa: BLE001 - nothing readable to answer
             return
         error = ServiceUnavailableError(f"service {self._task.service_name!r} is unavailable: {why}")
-        self._reply(request, _runtime_error(request.request_id, error))
+        self._reply(request, _runtime_error(request.request_id, error, may_have_run=False))
 
     # -------------------------------------------------------------- replying
 
@@ -592,14 +631,17 @@ class _ClientRings:
             self._connections += 1
 
     def connection_closed(self) -> None:
+        """One connection closed. With the last one, the rings go; the async ring once no call awaits an answer."""
         with self._lock:
             self._connections -= 1
             last = self._connections <= 0
             if last:
                 self._connections = 0
                 self._sweep_locked(idle_only=False)
-        if last:
+        if last and not self.pending:
             self.stop_dispatcher()
+        # Otherwise the dispatcher keeps delivering the answers of calls already sent (a draining
+        # host's included) and retires by itself once none is awaited (see _retire_if_idle).
 
     # ------------------------------------------------------------- async ring
 
@@ -618,6 +660,7 @@ class _ClientRings:
             return self._async_queue
 
     def stop_dispatcher(self) -> None:
+        """Stop the dispatcher and remove the async ring; calls still awaiting an answer fail (may have run)."""
         with self._lock:
             queue, thread = self._async_queue, self._dispatcher
             self._async_queue = self._dispatcher = None
@@ -627,16 +670,25 @@ class _ClientRings:
             queue.mark_closed()
         if thread is not threading.current_thread():
             thread.join(5.0)
-        self._fail_pending(lambda p: True, "the connection was closed before the response arrived")
+        self._fail_pending(lambda p: True, "this process stopped receiving responses")
         with contextlib.suppress(Exception):
             queue.unlink()
             queue.close()
 
+    def _retire_if_idle(self, queue: ShmQueue) -> bool:
+        """In the dispatcher: stop (True) when no connection is open and no call awaits an answer."""
+        with self._lock:
+            if self._connections or self.pending or self._async_queue is not queue:
+                return False
+            self._async_queue = self._dispatcher = None
+        with contextlib.suppress(Exception):
+            queue.mark_closed()
+            queue.unlink()
+            queue.close()
+        return True
+
     def _dispatch(self, queue: ShmQueue) -> None:
-        pop = self.pending.pop
-        forget = self.senders.pop
-        decode_many = codec.decode_many
-        response_from_message = codec.response_from_message
+        deliver = self._deliver
         next_check = time.monotonic() + LIVENESS_INTERVAL
         while True:
             try:
@@ -648,26 +700,14 @@ class _ClientRings:
             except QueueError as exc:
                 log.warning("mmap async responses: %s", exc)
                 records = []
-            for record in records:
-                try:
-                    messages = decode_many(record)
-                except codec.DecodeError as exc:
-                    messages = exc.messages
-                    self._fail_undecodable(exc)
-                for message in messages:
-                    request_id = message[0]
-                    reply = pop(request_id, None)
-                    if reply is None:
-                        continue  # its caller already gave up
-                    forget(request_id, None)
-                    try:
-                        reply(response_from_message(message))
-                    except Exception:  # a failing callback must not stop the dispatcher
-                        log.exception("mmap async responses: completing %s failed", request_id)
+            if records:
+                deliver(records)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + LIVENESS_INTERVAL
-                self._check_pending()
+                self._check_pending(queue)
+                if self._retire_if_idle(queue):
+                    return
 
     def _fail_undecodable(self, exc: codec.DecodeError) -> None:
         """Fail, at once, the async calls whose responses arrived but cannot be decoded."""
@@ -685,29 +725,73 @@ class _ClientRings:
             except Exception:  # a failing callback must not stop the dispatcher
                 log.exception("mmap async responses: completing %s failed", request_id)
 
-    def _check_pending(self) -> None:
-        """Answer requests whose host died (those whose caller timed out were dropped by ``forget``)."""
+    def _deliver(self, records: list[bytes]) -> None:
+        """Complete the calls these response records answer (the dispatcher's work)."""
+        pop = self.pending.pop
+        forget = self.senders.pop
+        response_from_message = codec.response_from_message
+        for record in records:
+            try:
+                messages = codec.decode_many(record)
+            except codec.DecodeError as exc:
+                messages = exc.messages  # the readable ones of a batch are delivered
+                self._fail_undecodable(exc)
+            for message in messages:
+                request_id = message[0]
+                reply = pop(request_id, None)
+                if reply is None:
+                    continue  # its caller already gave up
+                forget(request_id, None)
+                try:
+                    reply(response_from_message(message))
+                except Exception:  # a failing callback must not stop the dispatcher
+                    log.exception("mmap async responses: completing %s failed", request_id)
+
+    def _check_pending(self, queue: ShmQueue) -> None:
+        """Fail the requests whose host died, and only those (a caller that gave up dropped its own)."""
         if not self.senders:
             return
         connections = {id(conn): conn for conn in list(self.senders.values())}
-        dead = {key for key, conn in connections.items() if not conn.host_alive()}
-        if dead:
-            self._fail_pending(lambda conn: id(conn) in dead, "its host process died")
+        dead = {key: conn for key, conn in connections.items() if not conn.host_alive()}
+        if not dead:
+            return
+        # A host may answer and then exit between two looks: what it wrote is in the ring now.
+        with contextlib.suppress(QueueError):
+            while True:
+                self._deliver(queue.get_many(256, 0))
+        never_read: set[str] = set()
+        for conn in dead.values():
+            conn.host_died()
+            never_read |= conn.unread_requests([rid for rid, sender in list(self.senders.items()) if sender is conn])
+        self._fail_pending(lambda conn: id(conn) in dead, "its host process died", never_read)
 
-    def _fail_pending(self, which: Callable[[MmapConnection], bool], why: str) -> None:
+    def _fail_pending(self, which: Callable[[MmapConnection], bool], why: str, never_read: set[str] | frozenset[str] = frozenset()) -> None:
+        """Fail the async requests sent on the connections ``which`` selects.
+
+        They were written, so they may have run, except those in ``never_read``
+        (still unread in the ring of a host that died: they never ran).
+        """
         for request_id, conn in list(self.senders.items()):
             if not which(conn):
                 continue
             self.senders.pop(request_id, None)
             reply = self.pending.pop(request_id, None)
             if reply is not None:
+                may_have_run = request_id not in never_read
+                outcome = "during the call; the call may have run" if may_have_run else "before it read the request; it never ran"
+                message = f"service {conn.service_name!r} is unavailable: {why} {outcome}"
                 with contextlib.suppress(Exception):
-                    reply(_runtime_error(request_id, ServiceUnavailableError(f"service unavailable: {why}")))
+                    reply(_runtime_error(request_id, ServiceUnavailableError(message), may_have_run))
 
-    def forget(self, request_id: str) -> None:
-        """Drop an async request whose caller gave up; its response, if it comes, is ignored."""
-        if self.pending.pop(request_id, None) is not None:
-            self.senders.pop(request_id, None)
+    def forget(self, request_id: str) -> bool:
+        """Drop an async request whose caller gave up; its response, if it comes, is ignored.
+
+        Returns whether it was still awaiting its response.
+        """
+        if self.pending.pop(request_id, None) is None:
+            return False
+        self.senders.pop(request_id, None)
+        return True
 
     # -------------------------------------------------------------- process
 
@@ -774,7 +858,12 @@ class MmapConnection(Connection):
             raise ServiceUnavailableError(
                 f"service {address.service_name!r} is not reachable: its host (pid {ring.owner_pid}) is gone"
             )
+        #: where requests go; None once the connection is closed or its host is known dead (``_refusal`` says which)
         self._ring: ShmQueue | None = ring
+        #: the same ring, kept after close: answers of requests already sent are still awaited, and cancelled
+        self._host = ring
+        self._refusal = ""
+        self._closed = False
         self._owner_pid = ring.owner_pid
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
@@ -786,13 +875,43 @@ class MmapConnection(Connection):
         _client.connection_opened()
         _pool_user(1)
 
-    def host_alive(self) -> bool:
-        ring = self._ring
-        return ring is not None and ring.owner_alive  # type: ignore[no-any-return]
+    @property
+    def service_name(self) -> str:
+        return self._service_name
 
-    def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
+    def host_alive(self) -> bool:
+        return self._host.owner_alive  # type: ignore[no-any-return]
+
+    def unread_requests(self, request_ids: list[str]) -> set[str]:
+        """Those of ``request_ids`` still unread in the host's ring: a dead host never ran them.
+
+        Only records written inline are recognised; a request carried in a
+        segment counts as read (so as possibly run).
+        """
+        if not request_ids:
+            return set()
+        try:
+            unread = b"\0".join(self._host.unread())
+        except Exception:  # noqa: BLE001 - a ring that cannot be read proves nothing
+            return set()
+        if not unread:
+            return set()
+        marker = codec.request_id_marker
+        return {request_id for request_id in request_ids if marker(request_id) in unread}
+
+    def host_died(self) -> None:
+        """The host is gone: later calls are refused before anything is written (so they may be retried)."""
+        self._refusal = self._refusal or f"its host process (pid {self._owner_pid}) is gone"
+        self._ring = None
+
+    def _refused(self, request: ServiceRequest) -> ServiceResponse:
+        return self._unavailable(request, f"{self._refusal}; nothing was sent", may_have_run=False)
+
+    def _unavailable(self, request: ServiceRequest, why: str, *, may_have_run: bool) -> ServiceResponse:
         return _runtime_error(
-            request.request_id, ServiceUnavailableError(f"service {self._service_name!r} is unavailable: {why}")
+            request.request_id,
+            ServiceUnavailableError(f"service {self._service_name!r} is unavailable: {why}"),
+            may_have_run,
         )
 
     def _put(self, ring: ShmQueue, request: ServiceRequest, record: bytes, segment: str | None) -> ServiceResponse | None:
@@ -811,7 +930,7 @@ class MmapConnection(Connection):
             return self._overloaded(request, wait)
         except QueueClosed:
             codec.unlink_segment(segment)
-            return self._unavailable(request, "it is stopping or its host is gone")
+            return self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False)
         except BaseException:
             codec.unlink_segment(segment)
             raise
@@ -823,6 +942,7 @@ class MmapConnection(Connection):
                 f"service {self._service_name!r} is overloaded: its request queue stayed full for "
                 f"{waited:.3f}s (service.local.queue_timeout={self._queue_timeout}); the request was never sent"
             ),
+            may_have_run=False,
         )
 
     def _encode(self, request: ServiceRequest, response_queue: str) -> tuple[bytes, str | None] | ServiceResponse:
@@ -834,7 +954,7 @@ class MmapConnection(Connection):
             return self._not_picklable(request, exc)
 
     def _no_room(self, request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
-        return self._unavailable(request, f"{exc}; nothing was sent")
+        return self._unavailable(request, f"{exc}; nothing was sent", may_have_run=False)
 
     @staticmethod
     def _not_picklable(request: ServiceRequest, exc: Exception) -> ServiceResponse:
@@ -855,7 +975,7 @@ class MmapConnection(Connection):
         """
         ring = self._ring
         if ring is None:
-            return self._unavailable(request, "the connection is closed")
+            return self._refused(request)
         try:
             holder = _client.acquire()
         except SharedMemoryFull as exc:  # no room for this thread's response ring
@@ -880,15 +1000,23 @@ class MmapConnection(Connection):
         end = monotonic() + timeout
         request_id = request.request_id
         get = queue.get
+        host_gone = False
         while True:
             remaining = end - monotonic()
             if remaining <= 0:
                 return _timed_out(request, timeout)
             try:
-                record = get(remaining if remaining < LIVENESS_INTERVAL else LIVENESS_INTERVAL)
+                # Once the host is gone, one last look without waiting: it may have answered just before.
+                record = get(0 if host_gone else remaining if remaining < LIVENESS_INTERVAL else LIVENESS_INTERVAL)
             except QueueEmpty:
-                if not ring.owner_alive:
-                    return self._unavailable(request, f"its host process (pid {ring.owner_pid}) died during the call")
+                if host_gone:
+                    self.host_died()
+                    if self.unread_requests([request_id]):
+                        why = f"its host process (pid {ring.owner_pid}) died before it read the request; it never ran"
+                        return self._unavailable(request, why, may_have_run=False)
+                    why = f"its host process (pid {ring.owner_pid}) died during the call; the call may have run"
+                    return self._unavailable(request, why, may_have_run=True)
+                host_gone = not ring.owner_alive
                 continue
             except QueueError as exc:  # corrupted response ring: it dropped the bad bytes
                 log.warning("mmap response queue %s: %s", queue.name, exc)
@@ -917,7 +1045,7 @@ class MmapConnection(Connection):
         """
         ring = self._ring
         if ring is None:
-            reply(self._unavailable(request, "the connection is closed"))
+            reply(self._refused(request))
             return
         try:
             queue = _client._async_queue or _client.async_queue()
@@ -943,7 +1071,9 @@ class MmapConnection(Connection):
                 pass
             except QueueClosed:
                 codec.unlink_segment(segment)
-                self._fail_unsent(request_id, self._unavailable(request, "it is stopping or its host is gone"))
+                self._fail_unsent(
+                    request_id, self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False)
+                )
                 return
             except BaseException:
                 codec.unlink_segment(segment)
@@ -986,7 +1116,7 @@ class MmapConnection(Connection):
                 codec.unlink_segment(segment)  # its caller gave up: never sent
             elif ring is None:
                 codec.unlink_segment(segment)
-                failed = self._unavailable(request, "the connection was closed before the request was sent")
+                failed = self._unavailable(request, "the connection was closed before the request was sent", may_have_run=False)
             else:
                 wait = give_up_at - time.monotonic()
                 try:
@@ -996,10 +1126,12 @@ class MmapConnection(Connection):
                     failed = self._overloaded(request, allowed)
                 except QueueClosed:
                     codec.unlink_segment(segment)
-                    failed = self._unavailable(request, "it is stopping or its host is gone")
+                    failed = self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False)
                 except Exception as exc:  # noqa: BLE001 - fails this request, the sender goes on
                     codec.unlink_segment(segment)
-                    failed = _runtime_error(request_id, ServiceUnavailableError(f"cannot send the request: {exc}"))
+                    failed = _runtime_error(
+                        request_id, ServiceUnavailableError(f"cannot send the request: {exc}; nothing was sent"), may_have_run=False
+                    )
             with self._backlog_lock:
                 backlog.popleft()
             if failed is not None:
@@ -1016,8 +1148,15 @@ class MmapConnection(Connection):
                 log.exception("mmap: completing %s failed", request_id)
 
     def cancel(self, request: ServiceRequest) -> None:
-        """The caller timed out: forget the request (a service never starts work past its deadline)."""
-        _client.forget(request.request_id)
+        """The caller gave up: forget the request, and tell the host, which never starts it if it has not yet.
+
+        Never blocks: when the host's ring is full or closed the notice is
+        dropped (the request still never starts past its deadline).
+        """
+        if not _client.forget(request.request_id):
+            return  # answered already, or not an async request of this process
+        with contextlib.suppress(QueueError, ValueError):
+            self._host.put(codec.encode_cancel_request(request.request_id, self._service_name), 0)
 
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
@@ -1026,7 +1165,7 @@ class MmapConnection(Connection):
         """
         ring = self._ring
         if ring is None:
-            raise ServiceUnavailableError(f"the connection to {self._service_name!r} is closed")
+            raise ServiceUnavailableError(f"cannot get the status of {self._service_name!r}: {self._refusal}")
         request_id = f"{os.getpid():x}-status-{next(_status_ids)}"
         request = ServiceRequest(request_id, self._service_name, "", deadline=time.time() + timeout)
         holder = _client.acquire()
@@ -1041,9 +1180,16 @@ class MmapConnection(Connection):
         return response.result  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """Release the connection; idempotent. The ring handle is unmapped once no call uses it."""
-        if self._ring is None:
+        """Release the connection; idempotent. The ring handle is unmapped once no call uses it.
+
+        Fails no call: async calls already sent still get their answers (the
+        dispatcher runs until none is awaited), and are failed only if the
+        host dies. Later calls are refused (ServiceUnavailableError, nothing sent).
+        """
+        if self._closed:
             return
+        self._closed = True
+        self._refusal = "the connection is closed"
         # Dropped, not closed: a thread still inside call() holds its own reference.
         self._ring = None
         _client.connection_closed()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kservice import current_request, service
+from kservice import current_request, idempotent, service
 
 
 class KV:
@@ -76,6 +76,28 @@ class KV:
         metadata = current_request().metadata
         metadata[key] = True
         return sorted(metadata)
+
+
+class Ledger:
+    """Each run appends ``tag pid`` to a file before sleeping: the file counts how often a call ran."""
+
+    def record(self, path: str, tag: str, seconds: float) -> int:
+        with open(path, "a") as ledger:
+            ledger.write(f"{tag} {os.getpid()}\n")
+        time.sleep(seconds)
+        return os.getpid()
+
+    @idempotent
+    def record_idempotent(self, path: str, tag: str, seconds: float) -> int:
+        return self.record(path, tag, seconds)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@service(thread_safe=False)
+class SerialLedger(Ledger):
+    """A Ledger that runs one request at a time: a second call waits in the queue behind the first."""
 
 
 class Broken:

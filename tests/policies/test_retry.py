@@ -27,8 +27,9 @@ def request(deadline_in: float | None = 10.0) -> ServiceRequest:
     return ServiceRequest("r1", "svc", "m", deadline=None if deadline_in is None else time.time() + deadline_in)
 
 
-def runtime_failure(kind: str) -> ServiceResponse:
-    return ServiceResponse(False, None, "x", "r1", error_type=kind, error_origin="runtime")
+def runtime_failure(kind: str, may_have_run: bool | None = None) -> ServiceResponse:
+    metadata = {} if may_have_run is None else {kservice.MAY_HAVE_RUN: may_have_run}
+    return ServiceResponse(False, None, "x", "r1", error_type=kind, error_origin="runtime", metadata=metadata)
 
 
 SERVICE_FAILURE = ServiceResponse(False, None, "boom", "r1", error_type="ConnectionError", error_origin="service")
@@ -40,7 +41,13 @@ SERVICE_FAILURE = ServiceResponse(False, None, "boom", "r1", error_type="Connect
 @pytest.mark.timeout(10)
 def test_only_safe_failures_are_retried() -> None:
     policy = DefaultRetryPolicy(settings())
-    assert policy.should_retry(request(), runtime_failure("ServiceUnavailableError"), 0, False) is not None
+    # Unavailable, and the transport says the request never reached the service: any method goes again.
+    never_ran = runtime_failure("ServiceUnavailableError", may_have_run=False)
+    assert policy.should_retry(request(), never_ran, 0, False) is not None
+    # It may have run (a host killed mid-call), or the transport did not say: idempotent methods only.
+    for unknown in (runtime_failure("ServiceUnavailableError", may_have_run=True), runtime_failure("ServiceUnavailableError")):
+        assert policy.should_retry(request(), unknown, 0, False) is None
+        assert policy.should_retry(request(), unknown, 0, True) is not None
     assert policy.should_retry(request(), runtime_failure("ServiceNotFoundError"), 0, False) is not None
     # A method's own exception means the request reached it: only idempotent methods go again.
     assert policy.should_retry(request(), SERVICE_FAILURE, 0, False) is None
@@ -64,7 +71,7 @@ def test_only_safe_failures_are_retried() -> None:
 @pytest.mark.timeout(10)
 def test_backoff_grows_to_the_cap_and_stops_at_max_retries_and_the_deadline() -> None:
     policy = DefaultRetryPolicy(settings(retry_interval=0.1, retry_backoff=2.0, retry_max_interval=0.3, max_retries=4))
-    failure = runtime_failure("ServiceUnavailableError")
+    failure = runtime_failure("ServiceUnavailableError", may_have_run=False)
     assert [policy.should_retry(request(), failure, n, False) for n in range(5)] == [0.1, 0.2, 0.3, 0.3, None]
     jittery = DefaultRetryPolicy(settings(retry_interval=0.1, retry_jitter=0.05))
     delays = {jittery.should_retry(request(), failure, 0, False) for _ in range(20)}

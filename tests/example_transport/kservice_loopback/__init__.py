@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from kservice import (
+    MAY_HAVE_RUN,
     BaseServiceTask,
     Connection,
     Listener,
@@ -61,7 +62,9 @@ class LoopbackConnection(Connection):
         task = self._transport.tasks.get(self._key)
         if task is None:
             error = ServiceUnavailableError(f"service {request.service_name!r} is no longer listening")
-            reply(ServiceResponse.from_exception(request.request_id, error, origin="runtime"))
+            refused = ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+            refused.metadata[MAY_HAVE_RUN] = False  # nothing was sent: any retry policy may send it again
+            reply(refused)
             return
 
         def reply_copied(response: ServiceResponse) -> None:

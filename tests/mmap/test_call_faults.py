@@ -1,0 +1,211 @@
+"""Calls to ``kservice serve`` hosts under faults, with the default retry settings.
+
+A host killed during a call: the call ran at most once and the caller is told it
+may have run. A host draining on SIGTERM: every call it accepted gets its answer,
+whatever else the calling process does meanwhile. A cancelled call that has not
+started never starts. Closing the manager fails its calls in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kservice import (
+    ServiceManager,
+    ServiceNotFoundError,
+    ServiceStoppedError,
+    ServiceUnavailableError,
+)
+from kservice.plugins.mmap import reclaim, registry
+
+from .services import Host, unique
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def tags(path: Path) -> list[str]:
+    """The tags of the runs the ledger file recorded, in order."""
+    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+class Hosts:
+    """The hosts a test started (each stopped at the end)."""
+
+    def __init__(self) -> None:
+        self.started: list[Host] = []
+
+    def start(self, spec: str) -> Host:
+        host = Host(spec)
+        self.started.append(host)
+        host.wait_ready()
+        return host
+
+    def kill_then_restart(self, host: Host, spec: str, when: Callable[[], bool]) -> threading.Thread:
+        """In a thread: once ``when()``, ``kill -9`` the host, and 0.3 s later start a new one under the same name."""
+
+        def run() -> None:
+            wait_for(when)
+            host.process.kill()
+            host.process.wait()
+            time.sleep(0.3)
+            self.start(spec)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    started = Hosts()
+    try:
+        yield started
+    finally:
+        for host in started.started:
+            host.stop()
+        reclaim()
+
+
+# ------------------------------------------------------------------ at most once
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_call_cut_off_by_a_host_kill_is_not_retried_and_says_it_may_have_run(
+    hosts: Hosts, tmp_path: Path, mode: str
+) -> None:
+    name = unique("ledger")
+    spec = f"{name}=tests.mmap.services:Ledger"
+    path = tmp_path / "ledger.txt"
+    first = hosts.start(spec)
+    with ServiceManager() as manager:  # the default retry settings
+        assert manager.call_service_sync(name, "pid", timeout=30) == first.pid
+        killer = hosts.kill_then_restart(first, spec, lambda: tags(path) == ["once"])
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError, match="may have run") as failed:
+            if mode == "sync":
+                manager.call_service_sync(name, "record", (str(path), "once", 3.0), timeout=30)
+            else:
+                manager.call_service_async(name, "record", (str(path), "once", 3.0), timeout=30).result(30)
+        assert time.monotonic() - started < 5  # the kill is seen in about a second, not at the timeout
+        assert failed.value.may_have_run is True
+        killer.join(30)
+        assert tags(path) == ["once"]  # it ran once, and was not re-sent to the new host
+        # The new host serves the next call through the same manager.
+        second = hosts.started[-1]
+        assert manager.call_service_sync(name, "record", (str(path), "next", 0.0), timeout=30) == second.pid
+        assert tags(path) == ["once", "next"]
+
+
+def test_an_idempotent_call_cut_off_by_a_host_kill_is_retried_on_the_new_host(hosts: Hosts, tmp_path: Path) -> None:
+    name = unique("ledger")
+    spec = f"{name}=tests.mmap.services:Ledger"
+    path = tmp_path / "ledger.txt"
+    first = hosts.start(spec)
+    # The caller learns what is idempotent from its own config: the host's class is not imported here.
+    with ServiceManager(config={"services": {name: {"idempotent": ["record_idempotent"]}}}) as manager:
+        assert manager.call_service_sync(name, "pid", timeout=30) == first.pid
+        killer = hosts.kill_then_restart(first, spec, lambda: tags(path) == ["again"])
+        future = manager.call_service_async(name, "record_idempotent", (str(path), "again", 1.0), timeout=30)
+        assert future.result(30) == hosts.started[-1].pid != first.pid
+        killer.join(30)
+        assert tags(path) == ["again", "again"]
+
+
+def test_a_request_the_killed_host_never_read_is_reported_as_never_run(hosts: Hosts) -> None:
+    name = unique("frozen")
+    host = hosts.start(f"{name}=tests.mmap.services:KV")
+    with ServiceManager(config={"service_call": {"max_retries": 0}}) as manager:
+        manager.call_service_sync(name, "put", ("k", "v"), timeout=30)
+        host.process.send_signal(signal.SIGSTOP)  # it reads nothing more
+        try:
+            unread = manager.call_service_async(name, "put", ("k", "w"), timeout=30)
+            time.sleep(0.2)
+        finally:
+            host.process.kill()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError, match="never ran") as failed:
+            unread.result(10)
+        assert time.monotonic() - started < 5
+        assert failed.value.may_have_run is False  # so any retry policy may send it again
+        # The connection knows its host is gone: the next call is refused before anything is written.
+        with pytest.raises((ServiceUnavailableError, ServiceNotFoundError)) as refused:
+            manager.call_service_sync(name, "put", ("k", "x"), timeout=10)
+        assert getattr(refused.value, "may_have_run", False) is not True
+
+
+# ------------------------------------------------------------ no answer lost
+
+
+def test_a_draining_host_answers_every_call_in_flight_whatever_the_process_does_meanwhile(hosts: Hosts) -> None:
+    name = unique("drain")
+    host = hosts.start(f"{name}=tests.mmap.services:KV")
+    with ServiceManager() as manager:  # the default retry settings
+        manager.call_service_sync(name, "echo", (0,), timeout=30)
+        in_flight = [manager.call_service_async(name, "sleep", (1.5,), timeout=30) for _ in range(16)]
+        time.sleep(0.3)
+        host.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: registry.lookup(name) is None)  # it stopped accepting
+        # A new call is refused; its route is refreshed (and the old connection closed) ...
+        with pytest.raises((ServiceUnavailableError, ServiceNotFoundError)):
+            manager.call_service_sync(name, "echo", (1,), timeout=10)
+        # ... and every call the host accepted still gets its own answer.
+        assert [future.result(30) for future in in_flight] == [1.5] * 16
+        assert host.process.wait(30) == 0
+
+
+# --------------------------------------------------------------- cancellation
+
+
+def test_cancelling_a_queued_call_keeps_it_from_ever_running_in_the_host(hosts: Hosts, tmp_path: Path) -> None:
+    name = unique("serial")
+    hosts.start(f"{name}=tests.mmap.services:SerialLedger")
+    path = tmp_path / "ledger.txt"
+    with ServiceManager() as manager:
+        busy = manager.call_service_async(name, "record", (str(path), "busy", 1.0), timeout=30)
+        wait_for(lambda: tags(path) == ["busy"])
+        queued = manager.call_service_async(name, "record", (str(path), "queued", 0.0), timeout=30)
+        time.sleep(0.1)  # it reached the host's queue, behind the busy call
+        assert queued.cancel()
+
+        async def wait_for_cancelled() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(manager.acall(name, "record", (str(path), "wait_for", 0.0), timeout=30), 0.1)
+
+        asyncio.run(wait_for_cancelled())
+        busy.result(10)
+        assert manager.call_service_sync(name, "record", (str(path), "next", 0.0), timeout=10) > 0
+        time.sleep(0.1)
+        assert tags(path) == ["busy", "next"]
+
+
+# -------------------------------------------------------------------- close
+
+
+def test_close_fails_async_calls_in_flight_at_once(hosts: Hosts) -> None:
+    name = unique("closing")
+    hosts.start(f"{name}=tests.mmap.services:KV")
+    manager = ServiceManager()
+    manager.call_service_sync(name, "put", ("k", "v"), timeout=30)
+    in_flight = [manager.call_service_async(name, "sleep", (1.5,), timeout=t) for t in (0.3, 30)]
+    time.sleep(0.1)
+    started = time.monotonic()
+    manager.close()
+    for future in in_flight:
+        with pytest.raises(ServiceStoppedError, match="closed"):
+            future.result(5)
+    assert time.monotonic() - started < 1.0
+    with ServiceManager() as other:
+        assert other.call_service_sync(name, "get", ("k",), timeout=10) == "v"
