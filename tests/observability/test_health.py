@@ -117,7 +117,7 @@ def test_hanging_check_is_abandoned_after_timeout_and_counted_as_failure() -> No
     # Rounds of 'hung' start 0.3 s apart, so its timeout report stays readable for 0.2 s.
     config = {
         "health": {"period": 0.3, "timeout": 0.1, "failure_threshold": 3, "max_restarts": 0},
-        "services": {"other": {"class": "tests.observability.services:Echo", "health": {"period": 0.02}}},
+        "services": {"other": {"class": "tests.observability.services:Echo", "health": {"period": 0.02, "timeout": 5.0}}},
     }
     try:
         with kservice.ServiceEnvironment("h", config) as env:
