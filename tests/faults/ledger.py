@@ -63,8 +63,16 @@ def outcome(call_id: str, began: float, timeout: float, value: Any = None, error
 
 
 def never_ran(error: BaseException) -> bool:
-    """Whether the error claims the call provably never reached the service (the runtime's own claim)."""
-    return type(error).__name__ in ("ServiceNotFoundError", "ServiceOverloadedError", "ServiceStoppedError", "CircuitOpenError")
+    """Whether the error claims the call provably never reached the service (the runtime's own claim).
+
+    An error says so with ``may_have_run`` False (``kservice.MAY_HAVE_RUN``); an unknown name, an
+    overloaded queue and an open breaker are documented as never sent.
+    """
+    from kservice import ServiceNotFoundError, ServiceOverloadedError
+
+    if getattr(error, "may_have_run", None) is False:
+        return True
+    return isinstance(error, (ServiceNotFoundError, ServiceOverloadedError)) or type(error).__name__ == "CircuitOpenError"
 
 
 @dataclass

@@ -44,7 +44,11 @@ class _Fleet:
         self.name = f"ledger-{uuid.uuid4().hex[:8]}"
         self.ledger = tmp_path / "ledger.txt"
         self.tmp_path = tmp_path
-        self.env = {**child_env(), LEDGER_VARIABLE: str(self.ledger)}
+        # A short breaker cooldown: with the default 5 s, callers would spend most of a run refused
+        # by the breaker after each kill, and the run would check few calls that reached a host.
+        config = tmp_path / "callers.yaml"
+        config.write_text("breaker:\n  cooldown: 0.2\n")
+        self.env = {**child_env(), LEDGER_VARIABLE: str(self.ledger), "KSERVICE_CONFIG": str(config)}
         self.host: subprocess.Popen[str] | None = None
         self.callers: list[subprocess.Popen[bytes]] = []
         self.outcomes: list[Path] = []
