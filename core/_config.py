@@ -128,6 +128,12 @@ def core_schema() -> Schema:
             "default_timeout": _setting(float, 30.0, "Timeout in seconds of a call that gives none.", minimum=0),
             "max_retries": _setting(int, 3, "Retries after the first attempt, for failures that are safe to retry.", minimum=0),
             "retry_interval": _setting(float, 1.0, "Seconds before the first retry.", minimum=0),
+            "transports": _setting(
+                list,
+                [],
+                "Transports callers prefer, in order (e.g. [mmap, ray]); a service offering none of them is "
+                "reached through its cheapest transport (each declares a cost: inproc, then mmap, then ray).",
+            ),
             "async_pool_size": _setting(
                 int,
                 20,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 import weakref
@@ -98,6 +99,9 @@ class ServiceEnvironment:
         - ``register_service(name, ServiceClass, *args, **kwargs)``: the
           arguments go to the class's constructor verbatim, whatever their
           names; the task kind comes from the config (default ``local``).
+          A keyword the constructor does not take and that is a
+          registration option (``kind``, ``replicas``, ``transports``,
+          ``local``...) is a TypeError showing the ServiceFactory form.
         - ``register_service(name, ServiceFactory(...), kind=..., **options)``:
           keyword arguments are options of this service (``kind``,
           ``transports``, ``replicas``, ``local={...}``...), as in config.
@@ -117,6 +121,7 @@ class ServiceEnvironment:
                 service = ServiceFactory(name, service.service_class, service.args, service.kwargs)
             task = self._make_task(service, kwargs)
         elif isinstance(service, type):
+            _refuse_registration_options(name, service, args, kwargs)
             task = self._make_task(ServiceFactory(name, service, args, kwargs), {})
         else:
             raise TypeError(
@@ -142,10 +147,7 @@ class ServiceEnvironment:
             entry.pop("entry_point", None)
             raw = config.as_dict()
             raw["services"] = {**raw.get("services", {}), factory.service_name: entry}
-            # The environment's config gains the options, so its managers see them too (breaker, retry...).
-            config = self.config = Config.load(raw)
-            for manager in list(self._managers):
-                manager.forget(factory.service_name)
+            config = Config.load(raw)
         kind = config.for_service(factory.service_name)["kind"]
         kinds = task_kinds()
         if kind not in kinds:
@@ -154,7 +156,14 @@ class ServiceEnvironment:
                 f"(registered: {', '.join(sorted(kinds)) or 'none'}); is its plugin installed (e.g. pip install kservice[ray])?"
             )
         ctx = TaskContext(self.name, config, (), self)
-        return kinds[kind](factory, ctx)
+        task = kinds[kind](factory, ctx)
+        if config is not self.config:
+            # The environment's config gains the options (only once the task exists: a refused
+            # registration changes nothing), so its managers see them too (breaker, retry...).
+            self.config = config
+            for manager in list(self._managers):
+                manager.forget(factory.service_name)
+        return task
 
     def unregister_service(self, name: str, timeout: float | None = None) -> None:
         """Stop and remove a service; managers forget their route to it."""
@@ -258,3 +267,48 @@ class ServiceEnvironment:
 
     def __repr__(self) -> str:
         return f"<ServiceEnvironment {self.name!r} services={list(self._tasks)}>"
+
+
+def _registration_option_names() -> set[str]:
+    """Keywords ``register_service(name, factory, **options)`` takes: service entry keys and overridable sections."""
+    from ._config import service_entry_schema
+    from ._plugins import config_schema
+
+    names = set(service_entry_schema()) | {"local", "ray"}
+    names.update(key for key, value in config_schema().items() if isinstance(value, dict) and key not in ("service", "services", "plugins"))
+    return names
+
+
+def _refuse_registration_options(name: str, service_class: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """TypeError when a keyword meant as a registration option would reach a constructor that does not take it.
+
+    Keywords the constructor names, or takes through ``**kwargs``, are its
+    own and pass verbatim; so does everything when its signature cannot be read.
+    """
+    if not kwargs:
+        return
+    options = _registration_option_names()
+    suspects = [key for key in kwargs if key in options]
+    if not suspects:
+        return
+    try:
+        parameters = inspect.signature(service_class).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    takes = {key for key, p in parameters.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    rejected = [key for key in suspects if key not in takes]
+    if not rejected:
+        return
+    own = {key: value for key, value in kwargs.items() if key not in rejected}
+    cls = service_class.__name__
+    factory = f"ServiceFactory({name!r}, {cls}, {args!r}" + (f", {own!r})" if own else ")")
+    written = ", ".join(f"{key}={kwargs[key]!r}" for key in rejected)
+    plural = "s" if len(rejected) > 1 else ""
+    raise TypeError(
+        f"register_service({name!r}, {cls}, ...): {cls}() takes no keyword argument{plural} "
+        f"{', '.join(repr(k) for k in rejected)}, which {'are registration options' if plural else 'is a registration option'}; "
+        f"arguments after a class go to its constructor verbatim. Give options with a ServiceFactory: "
+        f"register_service({name!r}, {factory}, {written})"
+    )

@@ -201,8 +201,14 @@ def make_call_error(
     service_name: str = "",
     method_name: str = "",
     original_class: type[BaseException] | None = None,
+    note: bool = True,
 ) -> ServiceCallError:
-    """Build the ServiceCallError a caller sees for an exception raised by a service method."""
+    """Build the ServiceCallError a caller sees for an exception raised by a service method.
+
+    With ``note`` (the default) the remote traceback is attached as a note, so
+    an uncaught error prints it; pass ``note=False`` when the original
+    exception is chained as ``__cause__`` instead (it prints the same traceback).
+    """
     if original_class is None and remote_type:
         original_class = _import_exception_class(remote_type)
     cls: type[ServiceCallError] = ServiceCallError
@@ -221,7 +227,7 @@ def make_call_error(
         service_name=service_name,
         method_name=method_name,
     )
-    if remote_traceback:
+    if remote_traceback and note:
         error.add_note(f"remote traceback (service {service_name!r}, method {method_name!r}):\n{remote_traceback}")
     return error
 

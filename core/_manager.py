@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -15,12 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._context import _current_request, is_idempotent
-from ._errors import MethodNotFoundError, ServiceNotFoundError, ServiceStoppedError, ServiceUnavailableError
+from ._errors import (
+    ConfigError,
+    MethodNotFoundError,
+    ServiceError,
+    ServiceNotFoundError,
+    ServiceStoppedError,
+    ServiceUnavailableError,
+)
 from ._future import CallFuture, future_lock
 from ._messages import MAY_HAVE_RUN, NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
-from ._plugins import get_transport
+from ._plugins import get_transport, transports
 from ._task import _flatten
 from ._transport import Connection, ServiceAddress, timeout_response
 
@@ -200,7 +209,11 @@ class ServiceManager:
 
     Names resolve first in the manager's environment, then through the
     ``kservice_resolve_service`` hook (the ``mmap`` plugin finds services hosted
-    by other processes on this host). Resolution, the middleware chain and the
+    by other processes on this host; every resolver is asked). A service
+    reachable through several transports is called through the first of
+    :meth:`service_addresses`: its ``service_call.transports`` preference,
+    else the cheapest transport (``Transport.cost``); an address that cannot
+    be connected to is skipped for the next. Resolution, the middleware chain and the
     retry policy are compiled once per service name and rebuilt when plugins
     change or the service is found gone.
 
@@ -272,10 +285,43 @@ class ServiceManager:
                     error = ServiceStoppedError if task.state in ("created", "stopped", "failed") else ServiceUnavailableError
                     raise error(f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first")
                 return addresses, task.service_factory.service_class
-        found = self._pm.hook.kservice_resolve_service(service_name=service_name, manager=self)
+        # Every resolver is asked: which plugin answers first must not decide the transport.
+        found = [address for answer in self._pm.hook.kservice_resolve_service(service_name=service_name, manager=self) for address in answer or ()]
         if found:
-            return list(found), None
+            return found, None
         raise ServiceNotFoundError(service_name, self.known_services())
+
+    def service_addresses(self, service_name: str) -> list[ServiceAddress]:
+        """Every address ``service_name`` is reachable at, in the order calls try them.
+
+        First those whose transport the service's ``service_call.transports``
+        lists (in its order), then by ``Transport.cost`` (cheapest first; a
+        transport declaring none last), then by transport name: plugin
+        registration order never matters. Raises ServiceNotFoundError (and
+        what resolving raises), and ConfigError for a preferred transport that
+        no plugin registers.
+        """
+        return self._ranked(service_name, self._resolve(service_name)[0])
+
+    def _ranked(self, service_name: str, addresses: list[ServiceAddress]) -> list[ServiceAddress]:
+        registered = transports()
+        preferred: list[str] = list(self.config.for_service(service_name)["service_call"]["transports"])
+        for name in preferred:
+            if name not in registered:
+                close = difflib.get_close_matches(str(name), list(registered), n=1)
+                raise ConfigError(
+                    f"service_call.transports (service {service_name!r}): no transport named {name!r} is registered"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (registered: {', '.join(sorted(registered)) or 'none'})"
+                )
+        rank = {name: index for index, name in enumerate(preferred)}
+
+        def key(address: ServiceAddress) -> tuple[int, float, str]:
+            transport = registered.get(address.transport)
+            cost = math.inf if transport is None else float(transport.cost)
+            return (rank.get(address.transport, len(rank)), cost, address.transport)
+
+        return sorted(addresses, key=key)  # stable: one transport's addresses keep their order
 
     def known_services(self) -> list[str]:
         """Every service name this manager can see: its environment's and the resolvers'."""
@@ -291,9 +337,16 @@ class ServiceManager:
         if route is not None:
             return route
         addresses, service_class = self._resolve(service_name)
-        address = addresses[0]
-        transport = get_transport(address.transport)
-        connection = transport.connect(address)
+        failures: list[ServiceError] = []
+        for address in self._ranked(service_name, addresses):
+            try:
+                transport = get_transport(address.transport)
+                connection = transport.connect(address)
+                break
+            except ServiceError as exc:  # this address is gone or its plugin missing: the next may answer
+                failures.append(exc)
+        else:
+            raise failures[0]
         options = self.config.for_service(service_name)
         contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options)
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]

@@ -223,6 +223,8 @@ class ServiceResponse:
             service_name=service_name,
             method_name=method_name,
             original_class=original,
+            # The live exception (same process) is chained below and prints the traceback itself.
+            note=self.exception is None,
         )
         if self.exception is not None:
             call_error.__cause__ = self.exception

@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from time import perf_counter
@@ -95,8 +95,11 @@ class ServiceFactory:
 
     ``service_class`` may also be given as an import path
     (``'package.module:Class'``), imported here. Arguments are forwarded
-    verbatim, whatever their names. Raises ConfigError at construction for a
-    path that does not import or a ``service_class`` that cannot be called.
+    verbatim, whatever their names: ``args`` is a tuple (a list is taken as
+    one) and ``kwargs`` a mapping (copied into a dict). Raises ConfigError at
+    construction for a path that does not import or a ``service_class`` that
+    cannot be called, and TypeError for ``args`` or ``kwargs`` of another type
+    (a dict given as ``args`` is the usual slip: the message shows both fixes).
     """
 
     service_name: str
@@ -105,6 +108,26 @@ class ServiceFactory:
     kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        args: Any = self.args
+        if isinstance(args, list):
+            self.args = tuple(args)
+        elif not isinstance(args, tuple):
+            fixes = f"args=({args!r},) for one positional argument"
+            if isinstance(args, Mapping):
+                fixes += f", or kwargs={args!r} for keyword arguments"
+            raise TypeError(
+                f"ServiceFactory({self.service_name!r}, ...): args must be a tuple or list of positional arguments, "
+                f"got {type(args).__name__} {args!r}; write {fixes}"
+            )
+        kwargs: Any = self.kwargs
+        if kwargs is not None:
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(
+                    f"ServiceFactory({self.service_name!r}, ...): kwargs must be a mapping of keyword arguments "
+                    f"(e.g. kwargs={{'initial': {{}}}}), got {type(kwargs).__name__} {kwargs!r}"
+                )
+            if type(kwargs) is not dict:
+                self.kwargs = dict(kwargs)
         if isinstance(self.service_class, str):
             self.service_class = import_service_class(self.service_class)
         elif not callable(self.service_class):

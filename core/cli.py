@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ._config import Config
-from ._errors import ServiceError
+from ._errors import ConfigError, ServiceCallError, ServiceError, ServiceNotFoundError
 from ._plugins import get_plugin_manager
 
 if TYPE_CHECKING:
@@ -173,60 +174,151 @@ def _age(started_at: Any) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-@cli.command("services")
-@click.option("--running", is_flag=True, help="List services running on this host instead of installed ones.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of tab-separated lines.")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
-def services_command(running: bool, as_json: bool, config_path: str | None) -> None:
-    """List services: installed and configured ones, or with --running those live on this host.
+def _caller_transports(manager: ServiceManager, name: str) -> list[str]:
+    """The transports a caller of ``name`` would try, in order (empty when it does not resolve now)."""
+    try:
+        return list(dict.fromkeys(address.transport for address in manager.service_addresses(name)))
+    except ConfigError:
+        raise
+    except ServiceError:
+        return []
 
-    Without --running each line is NAME, CLASS and where it is declared (an
-    installed distribution's entry point, or the config file). With --running
-    each line is NAME, TRANSPORT, PID, ADDRESS and uptime.
+
+def service_listing(config: Config, manager: ServiceManager) -> list[dict[str, Any]]:
+    """Installed, configured and running services together, one dict per name, sorted by name.
+
+    Each row says which it is (``installed``, ``configured``, ``running``
+    booleans, and ``state``: ``running``, else ``configured``, else
+    ``installed``) and, for a running service, the ``transport`` a caller in
+    this process would use (see ``ServiceManager.service_addresses``) and the
+    others it offers (``transports``). Numbers are numbers; what is unknown is None.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(name: str) -> dict[str, Any]:
+        return rows.setdefault(
+            name,
+            {
+                "name": name,
+                "state": "",
+                "running": False,
+                "configured": False,
+                "installed": False,
+                "transport": None,
+                "transports": [],
+                "class": None,
+                "kind": None,
+                "pid": None,
+                "address": None,
+                "uptime_s": None,
+                "source": None,
+            },
+        )
+
+    from ._environment import ServiceEnvironment
+
+    for name, path in ServiceEnvironment.available_services().items():
+        found = row(name)
+        found.update(installed=True, source="entry point")
+        found["class"] = path
+    for name in config.service_names():
+        entry = config.service_entry(name) or {}
+        found = row(name)
+        found.update(configured=True, kind=entry.get("kind", "local"), source=f"config {config.source}")
+        found["class"] = str(entry.get("class") or entry.get("entry_point") or found["class"] or name)
+    for record in running_services():
+        found = row(str(record["name"]))
+        started = record.get("started_at")
+        found.update(
+            running=True,
+            pid=record.get("pid"),
+            address=record.get("address") or record.get("queue"),
+            uptime_s=round(max(0.0, time.time() - float(started)), 1) if isinstance(started, (int, float)) and started > 0 else None,
+        )
+        found["kind"] = found["kind"] or record.get("kind")
+        found["class"] = found["class"] or record.get("class") or None
+        offered = _caller_transports(manager, found["name"])
+        found["transports"] = offered
+        found["transport"] = offered[0] if offered else record.get("transport")
+        found["source"] = found["source"] or "running"
+    for found in rows.values():
+        found["state"] = "running" if found["running"] else "configured" if found["configured"] else "installed"
+    return [rows[name] for name in sorted(rows)]
+
+
+def _serve_hint(name: str, config: Config, config_path: str | None) -> str:
+    """The command that hosts ``name``: with ``-c FILE`` when FILE declares it."""
+    if config_path and name in config.service_names():
+        return f"kservice serve -c {config_path} {name}"
+    return f"kservice serve {name}"
+
+
+def _uptime(seconds: Any) -> str:
+    return "-" if seconds is None else _age(time.time() - float(seconds))
+
+
+def _narrow(console: Console) -> bool:
+    """Whether a table should keep to its essential columns (the terminal is narrower than the full table)."""
+    return console.width < 140
+
+
+@cli.command("services")
+@click.option("--running", is_flag=True, help="Only services running on this host.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column, however wide the terminal.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
+def services_command(running: bool, as_json: bool, wide: bool, config_path: str | None) -> None:
+    """List services installed (entry points), configured (-c FILE) and running on this host, together.
+
+    STATE says which: running, configured or installed. For a running
+    service, TRANSPORT is the one a caller here would use (the
+    service_call.transports preference, else the fastest the service
+    offers). A service installed or configured but not running gets a hint
+    to start it with 'kservice serve NAME'. --wide adds the address, the
+    kind and where each is declared.
 
     \b
     Example:
       kservice services -c services.yaml
-      kservice services --running
+      kservice services --running --json
     """
-    if running:
-        records = running_services()
-        if as_json:
-            click.echo(json.dumps(records, indent=2, default=repr))
-            return
-        if not records:
-            click.echo("no running services (start one with: kservice serve NAME=package.module:Class)", err=True)
-            return
-        for record in records:
-            fields = (
-                record["name"],
-                record.get("transport", "?"),
-                record.get("pid", "-"),
-                record.get("address") or record.get("queue") or "-",
-                _age(record.get("started_at")),
-            )
-            click.echo("\t".join(str(f) for f in fields))
-        return
-
-    from ._environment import ServiceEnvironment
+    from ._manager import ServiceManager
 
     config = Config.load(config_path)
-    rows: list[dict[str, str]] = [
-        {"name": name, "class": path, "source": "entry point"} for name, path in ServiceEnvironment.available_services().items()
-    ]
-    for name in config.service_names():
-        entry = config.service_entry(name) or {}
-        target = entry.get("class") or entry.get("entry_point") or name
-        rows.append({"name": name, "class": str(target), "source": f"config {config.source}", "kind": entry.get("kind", "local")})
+    with ServiceManager(config=config) as manager:
+        rows = service_listing(config, manager)
+    if running:
+        rows = [r for r in rows if r["running"]]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, default=repr))
         return
     if not rows:
         click.echo(
-            "no services installed ('kservice.services' entry points) or configured (-c FILE or KSERVICE_CONFIG)", err=True
+            "no running services (start one with: kservice serve NAME=package.module:Class)"
+            if running
+            else "no services installed ('kservice.services' entry points), configured (-c FILE or KSERVICE_CONFIG) or running",
+            err=True,
         )
-    for row in rows:
-        click.echo(f"{row['name']}\t{row['class']}\t{row['source']}")
+        return
+    from rich.table import Table
+
+    console = _console()
+    wide = wide or not _narrow(console)
+    table = Table(header_style="bold", box=_box(), show_edge=False, pad_edge=False, collapse_padding=True)
+    columns = ["name", "state", "transport", "class", "pid", "uptime"] + (["address", "kind", "source"] if wide else [])
+    for column in columns:
+        table.add_column(column, overflow="fold", no_wrap=column == "name", justify="right" if column in ("pid", "uptime") else "left")
+    for r in rows:
+        state = {"running": "[green]running[/]"}.get(r["state"], r["state"])
+        cells = [r["name"], state, r["transport"] or "-", r["class"] or "-", str(r["pid"] or "-"), _uptime(r["uptime_s"])]
+        if wide:
+            cells += [r["address"] or "-", r["kind"] or "-", r["source"] or "-"]
+        table.add_row(*cells)
+    console.print(table)
+    idle = [r["name"] for r in rows if not r["running"]]
+    if idle:
+        hints = "; ".join(_serve_hint(name, config, config_path) for name in idle[:3]) + ("; ..." if len(idle) > 3 else "")
+        click.echo(f"not running: {', '.join(idle)} (start with: {hints})", err=True)
 
 
 # --------------------------------------------------------------------------
@@ -298,12 +390,39 @@ def call_command(
 
     args = _parse_json(args_json, "ARGS_JSON", list)
     kwargs = _parse_json(kwargs_json, "--kwargs", dict)
-    with ServiceManager(config=Config.load(config_path)) as manager:
-        if concurrency is None:
-            result = manager.call_service_sync(service, method, tuple(args), kwargs, timeout=timeout)
-            click.echo(_json_result(result))
-            return
-        _call_concurrently(manager, service, method, tuple(args), kwargs, timeout, concurrency)
+    config = Config.load(config_path)
+    with ServiceManager(config=config) as manager:
+        try:
+            if concurrency is None:
+                result = manager.call_service_sync(service, method, tuple(args), kwargs, timeout=timeout)
+                click.echo(_json_result(result))
+                return
+            _call_concurrently(manager, service, method, tuple(args), kwargs, timeout, concurrency)
+        except ServiceNotFoundError as exc:
+            _fail(_not_running_hint(exc, config, config_path) or f"{type(exc).__name__}: {exc}")
+        except ServiceError as exc:
+            _fail(f"{_error_type(exc)}: {exc}")
+
+
+def _error_type(exc: BaseException) -> str:
+    """The name a user knows an error by: the service's own exception class for a remote error."""
+    if isinstance(exc, ServiceCallError) and exc.remote_type:
+        return exc.remote_type.rpartition(".")[2]
+    return type(exc).__name__
+
+
+def _not_running_hint(exc: ServiceNotFoundError, config: Config, config_path: str | None) -> str | None:
+    """For a service installed or configured here but not running: the error, saying how to start it."""
+    from ._environment import ServiceEnvironment
+
+    name = exc.service_name
+    if name in config.service_names():
+        where = f"configured in {config.source}"
+    elif name in ServiceEnvironment.available_services():
+        where = "installed ('kservice.services' entry point)"
+    else:
+        return None
+    return f"service {name!r} is {where} but not running; start it with: {_serve_hint(name, config, config_path)}"
 
 
 def _call_concurrently(
@@ -344,7 +463,7 @@ def _call_concurrently(
             ok += 1
         else:
             first_error = first_error or error
-            failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
+            failures[_error_type(error)] = failures.get(_error_type(error), 0) + 1
     done = sorted(x for x in latencies if not math.isnan(x))
     click.echo(
         f"{count} calls to {service}.{method}, all started at once: {ok} ok, {count - ok} failed "
@@ -358,7 +477,8 @@ def _call_concurrently(
         click.echo(f"first result: {_json_result(first_result)}")
     if failures:
         click.echo("failures: " + ", ".join(f"{n} {name}" for name, n in sorted(failures.items())))
-        _fail(f"{count - ok} of {count} calls failed; first: {type(first_error).__name__}: {first_error}")
+        assert first_error is not None
+        _fail(f"{count - ok} of {count} calls failed; first: {_error_type(first_error)}: {first_error}")
 
 
 # --------------------------------------------------------------------------
@@ -376,15 +496,17 @@ def _status_dict(status: Any) -> dict[str, Any]:
     return {"error": f"the service answered the status request with {type(status).__name__} {status!r}"}
 
 
-def _replicas(extra: dict[str, Any]) -> str:
-    """``alive/total`` from a per-replica list (the ray plugin), the count as given, else 1."""
+def _replicas(extra: dict[str, Any]) -> tuple[int, int]:
+    """``(alive, total)`` replicas: from a per-replica list or a dict (the ray plugin), a count as given, else 1."""
     value = extra.get("replicas")
     if value is None:
-        return "1"
+        return 1, 1
     if isinstance(value, dict):
         alive = value.get("alive", value.get("running"))
         total = value.get("total", value.get("desired"))
-        return f"{alive}/{total}" if alive is not None and total is not None else str(len(value))
+        if isinstance(alive, int) and isinstance(total, int):
+            return alive, total
+        return len(value), len(value)
     if isinstance(value, (list, tuple)):
 
         def up(replica: Any) -> bool:
@@ -394,8 +516,12 @@ def _replicas(extra: dict[str, Any]) -> str:
                 return bool(replica["healthy"])
             return replica.get("state", "running") in ("running", "alive")
 
-        return f"{sum(1 for r in value if up(r))}/{len(value)}"
-    return str(value)
+        return sum(1 for r in value if up(r)), len(value)
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        return 1, 1
+    return count, count
 
 
 def _number(container: Any, *keys: str) -> float | None:
@@ -483,13 +609,15 @@ def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] 
         if previous is not None:
             previous[name] = (now_mono, total)
         healthy = bool(data.get("healthy"))
+        alive, replicas = _replicas(extra)
         rows.append(
             {
                 "service": name,
                 "kind": data.get("kind", "?"),
                 "state": data.get("state", "?"),
                 "health": "ok" if healthy else (data.get("health_reason") or "unhealthy"),
-                "replicas": _replicas(extra),
+                "replicas": replicas,
+                "replicas_alive": alive,
                 "in_flight": int(data.get("in_flight") or 0),
                 "queue_depth": int(data.get("queue_depth") or 0),
                 "requests_total": total,
@@ -517,60 +645,104 @@ def _fmt_extra(extra: dict[str, Any]) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def status_table(rows: Iterable[dict[str, Any]], title: str | None = None) -> Table:
-    """A rich Table of :func:`status_rows` rows: one line per service."""
+#: the columns of ``kservice status``; those marked essential are the ones a narrow terminal keeps
+_STATUS_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("service", "left", True),
+    ("kind", "left", False),
+    ("state", "left", True),
+    ("health", "left", True),
+    ("replicas", "right", True),
+    ("in-flight", "right", False),
+    ("queue", "right", False),
+    ("calls", "right", False),
+    ("errors", "right", True),
+    ("calls/s", "right", True),
+    ("p50 ms", "right", True),
+    ("p99 ms", "right", True),
+    ("breaker", "left", False),
+    ("details", "left", False),
+)
+
+#: the note under a table listing a service with several replicas
+REPLICAS_NOTE = (
+    "replicas do not share state: each replica is its own instance of the service, and calls are spread "
+    "across them (keep shared state in a store the replicas call)"
+)
+
+
+def status_table(rows: Iterable[dict[str, Any]], title: str | None = None, wide: bool = True) -> Table:
+    """A rich Table of :func:`status_rows` rows: one line per service.
+
+    With ``wide`` False only the essential columns are shown (what fits 80
+    columns). When a row has more than one replica the table's caption warns
+    that replicas do not share state.
+    """
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column, justify in (
-        ("service", "left"),
-        ("kind", "left"),
-        ("state", "left"),
-        ("health", "left"),
-        ("replicas", "right"),
-        ("in-flight", "right"),
-        ("queue", "right"),
-        ("calls", "right"),
-        ("errors", "right"),
-        ("calls/s", "right"),
-        ("p50 ms", "right"),
-        ("p99 ms", "right"),
-        ("breaker", "left"),
-        ("details", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    rows = list(rows)
+    replicated = any(int(row.get("replicas") or 1) > 1 for row in rows)
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        box=_box(),
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        caption=REPLICAS_NOTE if replicated else None,
+        caption_justify="left",
+    )
+    shown = [(name, justify) for name, justify, essential in _STATUS_COLUMNS if wide or essential]
+    for column, justify in shown:
+        # Names stay whole (they are what one copies); other cells fold when the terminal is narrow.
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column == "service")  # type: ignore[arg-type]
     for row in rows:
+        cells: dict[str, str]
         if row["state"] == "unreachable":
-            table.add_row(row["service"], str(row["kind"]), "[red]unreachable[/]", _one_line(str(row["health"]))[:60], *["-"] * 10)
-            continue
-        state_style = {"running": "green", "failed": "red", "stopping": "yellow", "starting": "yellow"}.get(str(row["state"]), "")
-        health_style = "green" if row["health"] == "ok" else "red"
-        breaker_style = {"closed": "green", "open": "red", "half_open": "yellow", "half-open": "yellow"}.get(row["breaker"], "")
-        table.add_row(
-            row["service"],
-            str(row["kind"]),
-            f"[{state_style}]{row['state']}[/]" if state_style else str(row["state"]),
-            f"[{health_style}]{_one_line(str(row['health']))[:60]}[/]",
-            row["replicas"],
-            str(row["in_flight"]),
-            str(row["queue_depth"]),
-            f"{row['requests_total']:,}",
-            f"{row['errors_total']:,}",
-            _fmt_number(row["calls_per_second"]),
-            _fmt_number(row["p50_ms"], 3),
-            _fmt_number(row["p99_ms"], 3),
-            f"[{breaker_style}]{row['breaker']}[/]" if breaker_style else row["breaker"],
-            _fmt_extra(row["extra"]),
-        )
+            cells = {"service": row["service"], "kind": str(row["kind"]), "state": "[red]unreachable[/]", "health": _one_line(str(row["health"]))[:60]}
+        else:
+            state_style = {"running": "green", "failed": "red", "stopping": "yellow", "starting": "yellow"}.get(str(row["state"]), "")
+            health_style = "green" if row["health"] == "ok" else "red"
+            breaker_style = {"closed": "green", "open": "red", "half_open": "yellow", "half-open": "yellow"}.get(row["breaker"], "")
+            alive, total = row.get("replicas_alive", row["replicas"]), row["replicas"]
+            cells = {
+                "service": row["service"],
+                "kind": str(row["kind"]),
+                "state": f"[{state_style}]{row['state']}[/]" if state_style else str(row["state"]),
+                "health": f"[{health_style}]{_one_line(str(row['health']))[:60]}[/]",
+                "replicas": str(total) if alive == total else f"[red]{alive}[/]/{total}",
+                "in-flight": str(row["in_flight"]),
+                "queue": str(row["queue_depth"]),
+                "calls": f"{row['requests_total']:,}",
+                "errors": f"{row['errors_total']:,}",
+                "calls/s": _fmt_number(row["calls_per_second"]),
+                "p50 ms": _fmt_number(row["p50_ms"], 3),
+                "p99 ms": _fmt_number(row["p99_ms"], 3),
+                "breaker": f"[{breaker_style}]{row['breaker']}[/]" if breaker_style else row["breaker"],
+                "details": _fmt_extra(row["extra"]),
+            }
+        table.add_row(*(cells.get(column, "-") for column, _ in shown))
     return table
 
 
 def _console(stderr: bool = False) -> Console:
+    """A rich console on stdout (or stderr): the terminal's width, else ``COLUMNS``, else 220 for a pipe."""
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    # A pipe gets a wide fixed width so tables are not squeezed into 80 columns.
-    return Console(file=stream, width=None if stream.isatty() else 220, soft_wrap=False)
+    width: int | None = None
+    if not stream.isatty():
+        # A pipe gets a wide fixed width so tables are not squeezed, unless COLUMNS says otherwise.
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else 220
+    return Console(file=stream, width=width, soft_wrap=False)
+
+
+def _box() -> Any:
+    """The table border of every listing: a header rule, no vertical lines (narrow terminals keep more text)."""
+    from rich import box
+
+    return box.SIMPLE_HEAD
 
 
 def _collect_statuses(manager: ServiceManager, names: Sequence[str], explicit: bool) -> list[Any]:
@@ -595,10 +767,11 @@ def _collect_statuses(manager: ServiceManager, names: Sequence[str], explicit: b
 @click.option("--watch", is_flag=True, help="Keep the table on screen and refresh it until Ctrl-C.")
 @click.option("--interval", type=FiniteFloatRange(min=0.05), default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch, stop after this many refreshes.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of rows instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of rows instead of a table ([] when nothing runs).")
+@click.option("--wide", is_flag=True, help="Every column, however wide the terminal.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
 def status_command(
-    services: tuple[str, ...], watch: bool, interval: float, count: int | None, as_json: bool, config_path: str | None
+    services: tuple[str, ...], watch: bool, interval: float, count: int | None, as_json: bool, wide: bool, config_path: str | None
 ) -> None:
     """Show state, health, replicas, load, calls/s, latency and breaker state of running services.
 
@@ -606,7 +779,9 @@ def status_command(
     'kservice services --running'). Columns a plugin does not provide show
     '-'; other plugin fields appear under 'details'. Without --watch, calls/s
     is averaged since each service started; with --watch it is the rate over
-    the last interval.
+    the last interval. A terminal narrower than the table gets its essential
+    columns only; --wide shows them all. A service with several replicas gets
+    a note: replicas do not share state.
 
     \b
     Example:
@@ -625,16 +800,20 @@ def status_command(
             return list(services) if explicit else [r["name"] for r in running_services()]
 
         previous: dict[str, tuple[float, int]] = {}
+        console = _console()
+        wide = wide or not _narrow(console)
         if not watch:
             listed = names()
             if not listed:
+                if as_json:
+                    click.echo("[]")  # still valid JSON: json.load sees no services
                 click.echo("no running services (start one with: kservice serve NAME=package.module:Class)", err=True)
                 return
             rows = status_rows(_collect_statuses(manager, listed, explicit))
             if as_json:
                 click.echo(json.dumps(rows, indent=2, default=repr))
             else:
-                _console().print(status_table(rows))
+                console.print(status_table(rows, wide=wide))
             return
 
         from rich.live import Live
@@ -642,11 +821,11 @@ def status_command(
         def render() -> Table:
             rows = status_rows(_collect_statuses(manager, names(), explicit), previous)
             stamp = time.strftime("%H:%M:%S")
-            return status_table(rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)")
+            return status_table(rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)", wide=wide)
 
         refreshes = 0
         try:
-            with Live(render(), console=_console(), auto_refresh=False, transient=False) as live:
+            with Live(render(), console=console, auto_refresh=False, transient=False) as live:
                 refreshes = 1
                 while count is None or refreshes < count:
                     time.sleep(interval)
@@ -756,7 +935,8 @@ def config_group() -> None:
 
 
 @config_group.command("check")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="The file to check (as PATH).")
 @click.option(
     "--import",
     "import_modules",
@@ -764,21 +944,28 @@ def config_group() -> None:
     help="Import each service's module to check its class (runs the module's top-level code); "
     "without it, modules are only found and read.",
 )
-def config_check_command(path: str, import_modules: bool) -> None:
-    """Find everything in PATH that would fail when its services start.
+def config_check_command(path: str | None, config_path: str | None, import_modules: bool) -> None:
+    """Find everything in PATH (or -c FILE, like every other command) that would fail when its services start.
 
     Checks the schema of the core and every installed plugin, task kinds and
     transports against the registered ones, class paths (the module is found
     and its source read, without running it; --import imports it instead),
     service entry points and plugins.require. Prints 'ok' and the services it
     declares; otherwise one line per problem, each naming its key path and the
-    closest valid key or name, and exit status 1.
+    closest valid key or name, and exit status 1. With neither PATH nor -c, the
+    file named by KSERVICE_CONFIG is checked.
 
     \b
     Example:
+      kservice config check -c services.yaml
       kservice config check services.yaml
       kservice config check --import services.yaml
     """
+    if path is not None and config_path is not None and path != config_path:
+        raise click.UsageError(f"two files given ({path} and -c {config_path}): check one at a time")
+    path = path or config_path or os.environ.get("KSERVICE_CONFIG")
+    if not path:
+        raise click.UsageError("no file to check: give one with -c FILE (or as PATH, or in KSERVICE_CONFIG)")
     from ._config import check_config
 
     config, problems, notes = check_config(path, import_modules=import_modules)

@@ -117,12 +117,16 @@ def kservice_register_commands(cli: click.Group) -> None:
 # --------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec
 def kservice_resolve_service(service_name: str, manager: ServiceManager) -> list[ServiceAddress] | None:
-    """Addresses of a running service the manager's own environment does not hold. First result.
+    """Addresses of a running service the manager's own environment does not hold.
 
-    Called only after the environment was consulted. Return None when this
-    plugin does not know the name; an empty list is not allowed.
+    Called only after the environment was consulted. Every resolver is asked
+    and the manager pools their addresses: it does not matter which plugin
+    answers first. Calls use the address whose transport comes first in the
+    service's ``service_call.transports``, then the cheapest one
+    (``Transport.cost``), then by transport name. Return None when this
+    plugin does not know the name.
 
     If it raises: the error propagates to the call that resolved the name,
     before anything is sent.

@@ -63,6 +63,8 @@ class InprocConnection(Connection):
 
 class InprocTransport(Transport):
     name = "inproc"
+    # a method call in the caller's thread or a hand-off to the pool: a few microseconds
+    cost = 2.0
     crosses_processes = False
 
     def listen(self, task: BaseServiceTask) -> Listener:

@@ -47,7 +47,9 @@ def test_readme_serve_then_call_from_another_process(tmp_path: Path) -> None:
         result = _run(block_containing("with ServiceManager() as manager"), tmp_path)
         assert result.returncode == 0, result.stderr
         listing = subprocess.run([str(VENV_BIN / "kservice"), "services", "--running"], capture_output=True, text=True, timeout=60)
-        assert listing.stdout.split()[0] == "kv"
+        rows = [line.split() for line in listing.stdout.splitlines()]
+        assert rows[0][:3] == ["name", "state", "transport"], listing.stdout
+        assert ["kv", "running", "mmap"] in [row[:3] for row in rows], listing.stdout
     finally:
         host.send_signal(signal.SIGINT)
         try:

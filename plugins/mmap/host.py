@@ -421,6 +421,23 @@ class _ChildListener(_Listener):
         pass
 
 
+def _check_importable(factory: ServiceFactory) -> None:
+    """ConfigError when the child process could not import the service class (it is sent by reference)."""
+    cls = factory.service_class
+    module, qualname = getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")
+    if module == "__main__":
+        where = "__main__ (the script being run)"
+    elif "<locals>" in qualname:
+        where = f"a function ({qualname})"
+    else:
+        return
+    raise ConfigError(
+        f"service {factory.service_name!r}: class {cls.__name__} is defined in {where}, which the process "
+        f"hosting a kind='process' service cannot import; move it into a module "
+        f"(e.g. {cls.__name__.lower()}.py) and import it from there, or use kind='local'"
+    )
+
+
 class ProcessServiceTask(BaseServiceTask):
     """A service hosted in a child process (a fresh interpreter) and reached over ``mmap``.
 
@@ -434,6 +451,7 @@ class ProcessServiceTask(BaseServiceTask):
     default_transports: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:
+        _check_importable(service_factory)
         super().__init__(service_factory, ctx)
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Any = None

@@ -24,3 +24,21 @@ class KV:
 
     def boom(self) -> None:
         raise ValueError("the boom method always fails")
+
+
+class OutOfStock(Exception):
+    """A service's own exception class."""
+
+
+class Inventory:
+    """Stock that runs out."""
+
+    def __init__(self) -> None:
+        self.stock = {"apple": 3}
+
+    def take(self, item: str, count: int) -> int:
+        left = self.stock.get(item, 0)
+        if count > left:
+            raise OutOfStock(f"only {left} {item} left")
+        self.stock[item] = left - count
+        return left - count

@@ -29,7 +29,7 @@ def test_plugin_fields_fill_their_columns() -> None:
             )
         ]
     )
-    assert row["replicas"] == "1/2"
+    assert (row["replicas"], row["replicas_alive"]) == (2, 1)  # numbers, not "1/2"
     assert row["calls_per_second"] == 12.5
     assert (row["p50_ms"], row["p99_ms"]) == (1.5, 9.0)
     assert row["breaker"] == "open"
@@ -40,7 +40,7 @@ def test_plugin_fields_fill_their_columns() -> None:
 def test_missing_fields_show_a_dash_and_rates_come_from_samples() -> None:
     bare = ServiceStatus("kv", "local", "running", True, requests_total=10, started_at=time.time() - 10)
     (row,) = status_rows([bare])
-    assert row["replicas"] == "1" and row["breaker"] == "-" and row["p50_ms"] is None
+    assert row["replicas"] == 1 and row["replicas_alive"] == 1 and row["breaker"] == "-" and row["p50_ms"] is None
     assert 0.5 < row["calls_per_second"] < 1.5  # averaged since start: 10 calls in 10 s
 
     previous: dict[str, tuple[float, int]] = {}
