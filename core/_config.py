@@ -526,6 +526,19 @@ class _ConfigLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, LookupError, TypeError):
+            # An explicit tag on text it cannot read ('!!int ""', '!!bool "maybe"', often from a ${VAR}):
+            # a YAML error at the value's line, not a bare IndexError.
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            tag = "!!" + str(node.tag).rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {tag} value", node.start_mark
+            ) from None
+
     def construct_yaml_int(self, node: Any) -> Any:
         digits = sum(ch.isdigit() for ch in str(node.value))
         if digits > MAX_INT_DIGITS:
@@ -596,6 +609,12 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None, pr
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if mark is not None and _dollar_before(text, mark.line, mark.column):
+            # YAML ends an unquoted value at '{' inside {...} or [...]: the reference must be quoted there.
+            problem += (
+                "; a ${...} inside {...} or [...] must be quoted: '\"${VAR}\"' for a string, "
+                "'!!int \"${VAR}\"' (or !!float, !!bool) for a typed value, or write that mapping in block style"
+            )
         raise ConfigError(f"config file {origin} is not valid YAML{where}: {problem}") from None
     except (RecursionError, ValueError) as exc:  # a last resort: the loader's own limits come first
         raise ConfigError(f"config file {origin} cannot be read: {type(exc).__name__}: {exc}") from None
@@ -604,6 +623,14 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None, pr
             raise ConfigProblems(loader.problems)
         problems.extend(loader.problems)
     return raw if raw is not None else {}
+
+
+def _dollar_before(text: str, line: int, column: int) -> bool:
+    """Whether the character before (0-based) ``line``:``column`` of ``text`` is a '$'."""
+    lines = text.splitlines()
+    if line >= len(lines) or not 0 < column <= len(lines[line]):
+        return False
+    return lines[line][column - 1] == "$"
 
 
 def _read_source(source: Any, problems: list[str] | None = None) -> tuple[Any, str]:

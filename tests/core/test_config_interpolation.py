@@ -211,3 +211,50 @@ def test_a_misspelt_choice_suggests_the_declared_spelling_whatever_its_case() ->
         Config.load({"call_log": {"level": "inf"}})
     with pytest.raises(ConfigError, match=r"service.ray.lifetime: 'DETACHD' is not one of .*; did you mean 'detached'\?"):
         Config.load({"service": {"ray": {"lifetime": "DETACHD"}}})
+
+
+def test_inside_a_flow_mapping_a_tagged_quoted_reference_is_typed(tmp_path: Path, env_vars: None) -> None:
+    path = _yaml(
+        tmp_path / "flow.yaml",
+        """
+        service:
+          local: {max_workers: !!int "${KS_WORKERS}", queue_timeout: !!float "${KS_QUEUE_TIMEOUT:-4}"}
+        services:
+          kv: {class: tests.core.services:KeyValue, args: [!!str "${KS_PORT}"]}
+        """,
+    )
+    config = Config.load(path)
+    assert config.get("service.local.max_workers") == 7
+    assert config.get("service.local.queue_timeout") == 4.0
+    assert config.service_entry("kv")["args"] == ["5432"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        # YAML ends an unquoted value at '{' inside {...}: the error says to quote it.
+        ("service:\n  local: {max_workers: ${KS_WORKERS}}\n", "must be quoted: '\"${VAR}\"' for a string, '!!int \"${VAR}\"'"),
+        ("service:\n  local:\n    max_workers: !!int \"${KS_UNSET_ONE:-}\"\n", "line 3, column 18: '' is not a valid !!int value"),
+        ("service:\n  local:\n    max_workers: !!bool \"${KS_UNSET_ONE:-maybe}\"\n", "'maybe' is not a valid !!bool value"),
+    ],
+)
+def test_a_reference_yaml_cannot_read_is_one_line_naming_the_line(
+    tmp_path: Path, env_vars: None, text: str, fragment: str
+) -> None:
+    path = _yaml(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        Config.load(path)
+    assert "\n" not in str(caught.value) and fragment in str(caught.value), str(caught.value)
+
+
+def test_an_anchored_reference_is_expanded_once(tmp_path: Path, env_vars: None) -> None:
+    path = _yaml(
+        tmp_path / "alias.yaml",
+        """
+        services:
+          kv:
+            class: tests.core.services:KeyValue
+            args: [&host "${KS_HOST} $${KS_HOST}", *host]
+        """,
+    )
+    assert Config.load(path).service_entry("kv")["args"] == ["db.internal ${KS_HOST}"] * 2  # type: ignore[index]
