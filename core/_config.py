@@ -660,7 +660,10 @@ class Config:
     """A validated configuration tree with every default filled in.
 
     ``Config.load`` accepts a YAML path, a mapping, or None (then the file
-    named by ``KSERVICE_CONFIG``, if set). Errors raise :class:`ConfigError`
+    named by ``KSERVICE_CONFIG``, if set). A file's ``${VAR}`` and
+    ``${VAR:-default}`` references are expanded from the environment (see
+    :func:`read_config_file`); a mapping is used as written. A choice is
+    accepted in any case and kept in its declared spelling. Errors raise :class:`ConfigError`
     naming the full key path and, for unknown keys, the closest valid one;
     a file with several problems raises one ConfigError naming the first and
     how many more there are (``ConfigProblems.problems`` holds every one).
