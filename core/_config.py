@@ -14,6 +14,7 @@ import copy
 import difflib
 import math
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -217,15 +218,32 @@ def _check_value(path: str, setting: Setting, value: Any) -> Any:
         raise ConfigError(f"{path}: expected a finite number, got {value!r}")
     allowed = setting.allowed()
     if allowed is not None and value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
+        value = _declared_spelling(path, value, allowed)
     # isinstance() against a tuple of types narrows value to object; it is a number here.
     if setting.minimum is not None and cast(Any, value) < setting.minimum:
         raise ConfigError(f"{path}: {value!r} is below the minimum {setting.minimum:g}")
     if setting.maximum is not None and cast(Any, value) > setting.maximum:
         raise ConfigError(f"{path}: {value!r} is above the maximum {setting.maximum:g}")
     return value
+
+
+def _declared_spelling(path: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    """The one allowed choice that ``value`` spells in another case (``info`` -> ``INFO``), else ConfigError.
+
+    Choices differing only in case are told apart by their exact spelling only.
+    The error suggests the closest choice whatever the case of either.
+    """
+    if isinstance(value, str):
+        folded = value.casefold()
+        same = [a for a in allowed if isinstance(a, str) and a.casefold() == folded]
+        if len(same) == 1:
+            return same[0]
+    by_folded: dict[str, str] = {}
+    for choice in allowed:
+        by_folded.setdefault(str(choice).casefold(), str(choice))
+    close = difflib.get_close_matches(str(value).casefold(), list(by_folded), n=1)
+    hint = f"; did you mean {by_folded[close[0]]!r}?" if close else ""
+    raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
 
 
 class ConfigProblems(ConfigError):
@@ -330,6 +348,86 @@ def _type_name(value: Any) -> str:
     return {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
 
 
+# --------------------------------------------------------------------------- ${VAR} interpolation
+
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REFERENCE_FORMS = "write ${VAR} or ${VAR:-default}; a literal '${' is written '$${'"
+
+
+class _BadReference(Exception):
+    """A ``${...}`` that cannot be expanded; the message says which and what to write."""
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """``text`` with each ``${VAR}`` / ``${VAR:-default}`` replaced from ``environ`` and ``$${`` made ``${``.
+
+    As in the shell, ``${VAR:-default}`` takes the default when VAR is unset or
+    empty, and the default may itself hold references (expanded only when it is
+    used). Any other ``$`` is kept as written. Raises :class:`_BadReference` for
+    a variable that is unset with no default, and for a ``${`` that is not one of
+    the two forms (including nameko's ``${VAR:default}``, which suggests ``:-``).
+    """
+    expanded, _ = _expand(text, 0, environ, evaluate=True, nested=False)
+    return expanded
+
+
+def _expand(text: str, start: int, environ: Mapping[str, str], *, evaluate: bool, nested: bool) -> tuple[str, int]:
+    """Expand ``text[start:]``; when ``nested``, stop at the ``}`` closing a default (returns its index)."""
+    out: list[str] = []
+    index = start
+    while index < len(text):
+        if text.startswith("$${", index):
+            out.append("${")
+            index += 3
+        elif text.startswith("${", index):
+            value, index = _reference(text, index, environ, evaluate=evaluate)
+            out.append(value)
+        elif nested and text[index] == "}":
+            return "".join(out), index
+        else:
+            out.append(text[index])
+            index += 1
+    if nested:
+        raise _BadReference(f"{text!r} has no closing '}}' for a default; {_REFERENCE_FORMS}")
+    return "".join(out), index
+
+
+def _reference(text: str, start: int, environ: Mapping[str, str], *, evaluate: bool) -> tuple[str, int]:
+    """(value, index after) of the reference ``${...}`` at ``text[start]``."""
+    name_match = _VARIABLE_NAME.match(text, start + 2)
+    after = name_match.end() if name_match else start + 2
+    close = text.find("}", start)
+    written = text[start : close + 1] if close >= 0 else text[start:]
+    if name_match is None:
+        if close < 0:
+            raise _BadReference(f"{written!r} has no closing '}}'; {_REFERENCE_FORMS}")
+        raise _BadReference(f"{written!r} does not name a variable (letters, digits and '_'); {_REFERENCE_FORMS}")
+    name = name_match.group()
+    if text.startswith("}", after):
+        value = environ.get(name) if evaluate else ""
+        if value is None:
+            raise _BadReference(
+                f"environment variable {name} is not set and has no default; set it, or write '${{{name}:-default}}'"
+            )
+        return value, after + 1
+    if text.startswith(":-", after):
+        current = environ.get(name) if evaluate else None
+        # The default is expanded only when it is used, as in the shell: its own variables may be unset.
+        default, closing = _expand(text, after + 2, environ, evaluate=evaluate and not current, nested=True)
+        return (current or default), closing + 1
+    if close < 0:
+        raise _BadReference(f"{written!r} has no closing '}}'; {_REFERENCE_FORMS}")
+    hint = f" (did you mean '${{{name}:-{text[after + 1 : close]}}}'?)" if text.startswith(":", after) else ""
+    raise _BadReference(f"{written!r} is not a reference{hint}; {_REFERENCE_FORMS}")
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+class _InKey:
+    """Marks, in the loader's key path, a mapping key being composed (keys are not interpolated)."""
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """A safe YAML loader that refuses duplicate keys, deep nesting and absurdly long integers.
 
@@ -337,12 +435,27 @@ class _ConfigLoader(yaml.SafeLoader):
     it reads like any other YAML error.
     """
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str, origin: str = "<string>", environ: Mapping[str, str] | None = None) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._origin = origin
+        self._environ = os.environ if environ is None else environ
+        #: where the node being composed sits: key names, sequence indexes, _InKey while composing a key
+        self._path: list[Any] = []
+        #: one line per ${...} that could not be expanded, in file order
+        self.problems: list[str] = []
+        # Nodes whose ${...} failed: left out of their mapping or list so the key keeps its default
+        # (one problem per mistake, not a second "wrong type" for the same key). Held, so ids stay unique.
+        self._failed: list[Any] = []
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
+        if isinstance(parent, yaml.MappingNode):
+            self._path.append(_InKey if index is None else getattr(index, "value", "?"))
+        elif isinstance(parent, yaml.SequenceNode):
+            self._path.append(index)
+        else:
+            self._path.append(None)
         try:
             if self._depth > MAX_YAML_DEPTH:
                 raise yaml.composer.ComposerError(
@@ -350,7 +463,48 @@ class _ConfigLoader(yaml.SafeLoader):
                 )
             return super().compose_node(parent, index)
         finally:
+            self._path.pop()
             self._depth -= 1
+
+    def _dotted_path(self) -> str:
+        out = ""
+        for part in self._path:
+            if part is None:
+                continue
+            if isinstance(part, int):
+                out += f"[{part}]"
+            else:
+                out += f".{part}" if out else str(part)
+        return out or "config"
+
+    def compose_scalar_node(self, anchor: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        plain = event.tag is None and event.implicit[0]
+        node = super().compose_scalar_node(anchor)
+        if "${" not in node.value or _InKey in self._path:
+            return node
+        try:
+            node.value = interpolate(node.value, self._environ)
+        except _BadReference as exc:
+            self.problems.append(f"{self._dotted_path()}: {exc} (config file {self._origin})")
+            self._failed.append(node)
+            return node
+        if plain:
+            # Typed as if the text had been written there: 8080 an int, true a bool, empty or null a null.
+            node.tag = self.resolve(yaml.ScalarNode, node.value, (True, False))  # type: ignore[no-untyped-call]
+        return node
+
+    def compose_sequence_node(self, anchor: Any) -> Any:
+        node = super().compose_sequence_node(anchor)
+        if self._failed:
+            node.value = [item for item in node.value if not any(item is bad for bad in self._failed)]
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        if self._failed:
+            node.value = [(key, value) for key, value in node.value if not any(value is bad for bad in self._failed)]
+        return node
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, Any] = {}
@@ -372,6 +526,19 @@ class _ConfigLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, LookupError, TypeError):
+            # An explicit tag on text it cannot read ('!!int ""', '!!bool "maybe"', often from a ${VAR}):
+            # a YAML error at the value's line, not a bare IndexError.
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            tag = "!!" + str(node.tag).rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {tag} value", node.start_mark
+            ) from None
+
     def construct_yaml_int(self, node: Any) -> Any:
         digits = sum(ch.isdigit() for ch in str(node.value))
         if digits > MAX_INT_DIGITS:
@@ -384,13 +551,22 @@ class _ConfigLoader(yaml.SafeLoader):
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
-def read_config_file(path: str | os.PathLike[str], origin: str | None = None) -> Any:
-    """The parsed YAML of a config file; ConfigError (one line) for anything but a readable, valid file.
+def read_config_file(path: str | os.PathLike[str], origin: str | None = None, problems: list[str] | None = None) -> Any:
+    """The parsed YAML of a config file, ``${VAR}`` references expanded; ConfigError (one line) for anything but a readable, valid file.
 
     Refused without hanging or a traceback: a path that is not a regular file
     (a FIFO, a directory, a device), a file over ``MAX_CONFIG_BYTES``, text that
     is not UTF-8, YAML nested deeper than ``MAX_YAML_DEPTH``, an integer longer
     than ``MAX_INT_DIGITS`` digits, and a mapping with a duplicate key.
+
+    Every ``${VAR}`` / ``${VAR:-default}`` in a value (not in a key) is
+    replaced from the environment, and ``$${`` becomes ``${``; a plain
+    (unquoted, untagged) value is then typed by YAML as if its text had been
+    written there, a quoted one stays a string. A reference that cannot be
+    expanded (an unset variable with no default, a malformed ``${``) is one
+    line naming its key path, the variable and the file: with ``problems``
+    given, each is appended there and its key left out (so it keeps its
+    default); without, they raise :class:`ConfigProblems`.
     """
     origin = origin or str(path)
     try:
@@ -424,7 +600,7 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None) ->
             f"config file {origin} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8"
         ) from None
     try:
-        loader = _ConfigLoader(text)
+        loader = _ConfigLoader(text, origin)
         try:
             raw = loader.get_single_data()
         finally:
@@ -433,20 +609,43 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None) ->
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if mark is not None and _dollar_before(text, mark.line, mark.column):
+            # YAML ends an unquoted value at '{' inside {...} or [...]: the reference must be quoted there.
+            problem += (
+                "; a ${...} inside {...} or [...] must be quoted: '\"${VAR}\"' for a string, "
+                "'!!int \"${VAR}\"' (or !!float, !!bool) for a typed value, or write that mapping in block style"
+            )
         raise ConfigError(f"config file {origin} is not valid YAML{where}: {problem}") from None
     except (RecursionError, ValueError) as exc:  # a last resort: the loader's own limits come first
         raise ConfigError(f"config file {origin} cannot be read: {type(exc).__name__}: {exc}") from None
+    if loader.problems:
+        if problems is None:
+            raise ConfigProblems(loader.problems)
+        problems.extend(loader.problems)
     return raw if raw is not None else {}
 
 
-def _read_source(source: Any) -> tuple[Any, str]:
-    """(raw configuration, where it came from) for what ``Config.load`` accepts."""
+def _dollar_before(text: str, line: int, column: int) -> bool:
+    """Whether the character before (0-based) ``line``:``column`` of ``text`` is a '$'."""
+    lines = text.splitlines()
+    if line >= len(lines) or not 0 < column <= len(lines[line]):
+        return False
+    return lines[line][column - 1] == "$"
+
+
+def _read_source(source: Any, problems: list[str] | None = None) -> tuple[Any, str]:
+    """(raw configuration, where it came from) for what ``Config.load`` accepts.
+
+    Files are interpolated (see :func:`read_config_file`); a mapping is taken
+    as given: Python code reads the environment itself, and a Config's own
+    ``as_dict()`` (what child hosts receive) must not be expanded twice.
+    """
     if source is None:
         env_path = os.environ.get(CONFIG_ENV_VAR)
         if not env_path:
             return {}, "<defaults>"
         origin = f"{env_path} (from {CONFIG_ENV_VAR})"
-        return read_config_file(env_path, origin), origin
+        return read_config_file(env_path, origin, problems), origin
     if isinstance(source, Mapping):
         return source, "<dict>"
     if not isinstance(source, (str, os.PathLike)):
@@ -454,14 +653,17 @@ def _read_source(source: Any) -> tuple[Any, str]:
             f"config must be a YAML file path, a mapping or a Config, got {type(source).__name__}: "
             "the top level must be a mapping"
         )
-    return read_config_file(source, str(source)), str(source)
+    return read_config_file(source, str(source), problems), str(source)
 
 
 class Config:
     """A validated configuration tree with every default filled in.
 
     ``Config.load`` accepts a YAML path, a mapping, or None (then the file
-    named by ``KSERVICE_CONFIG``, if set). Errors raise :class:`ConfigError`
+    named by ``KSERVICE_CONFIG``, if set). A file's ``${VAR}`` and
+    ``${VAR:-default}`` references are expanded from the environment (see
+    :func:`read_config_file`); a mapping is used as written. A choice is
+    accepted in any case and kept in its declared spelling. Errors raise :class:`ConfigError`
     naming the full key path and, for unknown keys, the closest valid one;
     a file with several problems raises one ConfigError naming the first and
     how many more there are (``ConfigProblems.problems`` holds every one).
@@ -481,8 +683,8 @@ class Config:
     def load(cls, source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None) -> Config:
         if isinstance(source, Config):
             return source
-        raw, origin = _read_source(source)
         problems: list[str] = []
+        raw, origin = _read_source(source, problems)
         data, schema, disable, require = cls._validate(raw, origin, problems)
         if problems:
             raise ConfigProblems(problems)
@@ -616,8 +818,8 @@ def check_config(
     imports the module instead. A file that cannot be read at all raises
     ConfigError (one line).
     """
-    raw, origin = _read_source(source)
     problems: list[str] = []
+    raw, origin = _read_source(source, problems)
     data, schema, disable, require = Config._validate(raw, origin, problems)
     config = Config(data, schema, origin)
     from ._plugins import get_plugin_manager, not_loaded_reason

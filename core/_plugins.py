@@ -503,7 +503,9 @@ def check_settings(owner: str, path: str, addition: Schema) -> None:
         if not value.types or not all(isinstance(t, type) for t in value.types):
             raise PluginError(f"plugin {owner!r} registers config setting {dotted!r} with types {value.types!r}; expected Python types")
         try:
-            _check_value(dotted, value, value.default)
+            if _check_value(dotted, value, value.default) != value.default and isinstance(value.default, str):
+                # A default is used as declared, never normalised: it must be spelt as one of the choices.
+                raise ValueError(f"it is spelt {_check_value(dotted, value, value.default)!r} among the choices")
         except Exception as exc:  # noqa: BLE001 - any failure of the check is the plugin's error
             hint = " (declare a setting that may be None with nullable=True)" if value.default is None else ""
             raise PluginError(

@@ -165,6 +165,7 @@ def test_none_in_the_types_means_nullable_and_round_trips(register_schema: Any) 
         (Setting((int,), 0, "Below its minimum.", minimum=1), "below the minimum 1"),
         (Setting((float,), math.nan, "NaN."), "finite"),
         (Setting((str,), "loud", "Not a choice.", choices=("quiet",)), "is not one of"),
+        (Setting((str,), "Quiet", "A choice in another case.", choices=("quiet",)), "it is spelt 'quiet' among the choices"),
     ],
 )
 def test_a_default_that_fails_its_own_check_is_a_plugin_error(register_schema: Any, setting: Setting, fragment: str) -> None:
