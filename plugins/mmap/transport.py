@@ -118,7 +118,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 def _inline_limit(queue: ShmQueue) -> int:
     """Records larger than this travel through a segment, so one record never hogs a ring."""
-    return queue.max_record // 4  # type: ignore[no-any-return]
+    return queue.max_record // 4
 
 
 def _runtime_error(request_id: str, error: BaseException, may_have_run: bool | None = None) -> ServiceResponse:
@@ -880,7 +880,7 @@ class MmapConnection(Connection):
         return self._service_name
 
     def host_alive(self) -> bool:
-        return self._host.owner_alive  # type: ignore[no-any-return]
+        return self._host.owner_alive
 
     def unread_requests(self, request_ids: list[str]) -> set[str]:
         """Those of ``request_ids`` still unread in the host's ring: a dead host never ran them.
