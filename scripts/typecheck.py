@@ -35,8 +35,8 @@ def package_dirs() -> dict[str, Path]:
     return {package: ROOT / source for package, source in mapping.items()}
 
 
-def wanted_links(mapping: dict[str, Path]) -> tuple[dict[Path, Path], set[Path]]:
-    """Each link of the tree and the source it points at, and the tree's real directories.
+def wanted_links(mapping: dict[str, Path], tree: Path = TREE) -> tuple[dict[Path, Path], set[Path]]:
+    """Each link of the tree under ``tree`` and the source it points at, and the tree's real directories.
 
     A package with no mapped subpackage is one link to its source directory; a
     package with mapped subpackages becomes a real directory holding a link per
@@ -45,15 +45,15 @@ def wanted_links(mapping: dict[str, Path]) -> tuple[dict[Path, Path], set[Path]]
     links: dict[Path, Path] = {}
     directories: set[Path] = set()
     for package, source in mapping.items():
-        place = TREE.joinpath(*package.split("."))
+        place = tree.joinpath(*package.split("."))
         children = {name.rpartition(".")[2] for name in mapping if name.rpartition(".")[0] == package}
         if not children:
             links[place] = source
             continue
         directories.add(place)
         for entry in source.iterdir():
-            if entry.name in children:
-                raise SystemExit(f"{entry} hides the mapped package {package}.{entry.name}; rename one of them")
+            if entry.name in children or (entry.suffix in (".py", ".pyi") and entry.stem in children):
+                raise SystemExit(f"{entry} hides the mapped package {package}.{entry.stem}; rename one of them")
             if entry.name not in SKIP:
                 links[place / entry.name] = entry
     return links, directories
@@ -81,8 +81,10 @@ def main(argv: list[str]) -> int:
     build_tree(*wanted_links(mapping))
     # longest prefix first, so kservice/plugins/ maps to plugins/ and not to core/plugins/
     prefixes = sorted(
-        ((os.path.relpath(TREE.joinpath(*package.split(".")), ROOT) + os.sep, os.path.relpath(source, ROOT) + os.sep)
-         for package, source in mapping.items()),
+        (
+            (os.path.relpath(TREE.joinpath(*package.split(".")), ROOT) + os.sep, os.path.relpath(source, ROOT) + os.sep)
+            for package, source in mapping.items()
+        ),
         key=lambda pair: len(pair[0]),
         reverse=True,
     )
