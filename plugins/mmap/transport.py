@@ -1167,10 +1167,11 @@ class MmapConnection(Connection):
         if ring is None:
             raise ServiceUnavailableError(f"cannot get the status of {self._service_name!r}: {self._refusal}")
         request_id = f"{os.getpid():x}-status-{next(_status_ids)}"
-        request = ServiceRequest(request_id, self._service_name, "", deadline=time.time() + timeout)
+        deadline = time.time() + timeout
+        request = ServiceRequest(request_id, self._service_name, "", deadline=deadline)
         holder = _client.acquire()
         try:
-            record = codec.encode_status_request(request.request_id, self._service_name, holder.queue.name, request.deadline)  # type: ignore[arg-type]
+            record = codec.encode_status_request(request.request_id, self._service_name, holder.queue.name, deadline)
             failed = self._put(ring, request, record, None)
             response = failed or self._wait(ring, holder.queue, request, timeout)
         finally:
