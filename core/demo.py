@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append("the Ray replica kill was not survived cleanly")
 
         _step("status of every service")
-        console.print(status_table(status_rows(environment.get_task(n).get_service_status() for n in environment.service_names())))  # type: ignore[union-attr]
+        console.print(status_table(status_rows(task.get_service_status() for task in environment)))
     finally:
         # Stop first, print after: an interrupted or closed terminal must not leave processes behind.
         environment.stop()

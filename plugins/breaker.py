@@ -151,7 +151,7 @@ class CircuitBreaker(ServiceMiddleware):
 
     # ------------------------------------------------------------ middleware
 
-    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:  # type: ignore[override]
+    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:
         state = self.state
         if state is _CLOSED:
             return None
@@ -171,7 +171,7 @@ class CircuitBreaker(ServiceMiddleware):
     def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
         """A refusal is not an outcome of the service: nothing to record."""
 
-    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
         if self._fast and response.success and self.state is _CLOSED:
             # The common case: one attribute store, no lock.
             self._consecutive = 0

@@ -84,7 +84,7 @@ class ResultCache(ServiceMiddleware):
             return None  # unhashable arguments: bypass, never fail the call
         return key
 
-    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:  # type: ignore[override]
+    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:
         key = self._key(request)
         if key is None:
             return None
@@ -96,7 +96,7 @@ class ResultCache(ServiceMiddleware):
         self.hits += 1
         return ServiceResponse(True, result[0], None, request.request_id, metadata={"kservice.cache": "hit"})
 
-    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
         if not response.success or response.degraded:
             return
         key = self._key(request)

@@ -218,7 +218,7 @@ class FallbackMiddleware(ServiceMiddleware):
             return None
         return reason if reason in self.reasons else None
 
-    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> ServiceResponse | None:  # type: ignore[override]
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> ServiceResponse | None:
         if response.success:
             return None
         method = request.method_name

@@ -40,7 +40,7 @@ from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, ClassVar, Protocol, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias, cast
 
 from kservice import (
     MAY_HAVE_RUN,
@@ -258,7 +258,7 @@ class _ReplicaHost:
                 response = ServiceResponse.from_exception("", exc, origin="service")
                 response.error = f"the arguments of the call could not be unpickled in replica {self.actor_name}: {_first_line(exc)}"
                 return response.for_wire()
-        request_id, method_name, args, kwargs, deadline, metadata = envelope  # type: ignore[misc]
+        request_id, method_name, args, kwargs, deadline, metadata = cast(WireRequest, envelope)
         service_name = task.service_name if task is not None else ""
         if task is None or not task.running:
             # Refused without running: the caller sends the call to another replica (see _REFUSED_KEY).
@@ -300,7 +300,7 @@ class _ReplicaHost:
 
         answers: list[WireResponse | _Stored] = []
         for envelope in envelopes:
-            answer = self.handle(envelope)
+            answer: WireResponse | _Stored = self.handle(envelope)
             if type(answer) is tuple:
                 try:
                     answer = _Stored(ray.put(answer[0]))
@@ -483,7 +483,7 @@ def _pack(value: Any) -> bytes | None:
     """``value`` pickled by :class:`_EnvelopePickler`, or None when Ray must serialize it (never raises)."""
     # One pickler per thread, reused (half the cost of a new one); taken out while in use, so a
     # __reduce__ that itself makes a call through this transport gets a fresh one.
-    pair = _picklers.__dict__.pop("pair", None)
+    pair: tuple[io.BytesIO, _EnvelopePickler] | None = _picklers.__dict__.pop("pair", None)
     if pair is None:
         buffer = io.BytesIO()
         pair = (buffer, _EnvelopePickler(buffer, 5, buffer_callback=_refuse_buffer))
@@ -816,7 +816,7 @@ class _ReplicaSet:
         free = [r for r in live if r.slots < capacity]
         if not free:
             return None
-        return self.balancer.pick(free) if len(free) > 1 else free[0]  # type: ignore[no-any-return]
+        return self.balancer.pick(free) if len(free) > 1 else free[0]
 
     def admit(self, entry: _Waiting) -> _Replica | ServiceResponse | None:
         """Reserve a replica slot for ``entry``, or queue it (None), or refuse it (the response to give).
@@ -1522,7 +1522,7 @@ class RayConnection(Connection):
                     return _timed_out(request, timeout)
             if type(admitted) is not _Replica:
                 return admitted  # type: ignore[return-value]
-            replica: _Replica = admitted  # type: ignore[assignment]
+            replica: _Replica = admitted
             try:
                 ref = (replica.send_retrying if idempotent else replica.send_once).remote(entry.envelope)
             except Exception as exc:
@@ -1534,7 +1534,7 @@ class RayConnection(Connection):
                 # Drops the task if it is still queued on the replica; Ray does not interrupt a running one,
                 # so the slot is freed when the replica is done with it.
                 ray.cancel(ref)
-                _completer().add(ref, lambda _answer, _error, sent_to=replica: replicas.release(sent_to))
+                _completer().add(ref, lambda _answer, _error: replicas.release(replica))  # noqa: B023 - the loop ends: returns below
                 return _timed_out(request, timeout)
             except Exception as exc:
                 response = replicas.translate(request, replica, exc)

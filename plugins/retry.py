@@ -303,7 +303,7 @@ class RetryBudgetCounter(ServiceMiddleware):
     def __init__(self, budget: RetryBudget) -> None:
         self.budget = budget
 
-    def before_call(self, request: ServiceRequest) -> None:  # type: ignore[override]
+    def before_call(self, request: ServiceRequest) -> None:
         self.budget.calls += 1
 
 

@@ -28,6 +28,10 @@ import os
 import platform
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr  # the class of every foreign function ctypes loads
 
 __all__ = [
     "FENCE_ARG",
@@ -89,6 +93,7 @@ try:
 except AttributeError as exc:  # pragma: no cover - non-glibc libc
     raise NativeUnavailable(f"the shared-memory ring needs glibc's robust pthread mutexes: {exc}") from exc
 
+_mutex_clocklock: CFuncPtr | None
 try:
     _mutex_clocklock = _libc.pthread_mutex_clocklock  # glibc >= 2.30: monotonic deadline
 except AttributeError:  # pragma: no cover - older glibc
@@ -142,7 +147,7 @@ _fence_word = ctypes.c_int(1)
 FENCE_ARG = ctypes.c_void_p(ctypes.addressof(_fence_word))
 
 
-def full_barrier(_f=fast_spin_trylock, _a=FENCE_ARG) -> None:
+def full_barrier(_f: CFuncPtr = fast_spin_trylock, _a: ctypes.c_void_p = FENCE_ARG) -> None:
     """Order all earlier stores before all later loads (x86 ``lock`` prefix)."""
     _f(_a)
 
@@ -174,7 +179,8 @@ def membarrier_register() -> bool:
 
 def membarrier_global() -> bool:
     """Run a full memory barrier on every thread of every registered process; False if unavailable."""
-    return _syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0, None, None, 0) == 0
+    r: int = _syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0, None, None, 0)
+    return r == 0
 
 
 def futex_wait(addr: int, expected: int, timeout: float) -> int:
@@ -199,9 +205,9 @@ def futex_wait(addr: int, expected: int, timeout: float) -> int:
     raise OSError(err, f"futex wait failed: {os.strerror(err)}")
 
 
-def futex_wake(addr: int, count: int = _INT_MAX, _sys=_syscall) -> int:
+def futex_wake(addr: int, count: int = _INT_MAX, _sys: CFuncPtr = _syscall) -> int:
     """Wake up to ``count`` waiters of the futex word at ``addr``; returns how many woke."""
-    r = _sys(SYS_futex, addr, FUTEX_WAKE, count, None, None, 0)
+    r: int = _sys(SYS_futex, addr, FUTEX_WAKE, count, None, None, 0)
     if r < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"futex wake failed: {os.strerror(err)}")
@@ -237,6 +243,7 @@ def mutex_lock(addr: int, deadline: float | None) -> int:
     ``errno.ENOTRECOVERABLE``.  Waits are sliced so that pending signals
     (Ctrl-C) are handled at least every half second.
     """
+    rc: int
     while True:
         now = time.monotonic()
         end = now + 0.5 if deadline is None else min(deadline, now + 0.5)

@@ -143,7 +143,7 @@ _RECEIVER = 2
 
 _loads = pickle.loads
 _dumps_pickle = pickle.dumps
-_tuple = tuple
+_tuple: type[tuple[Any, ...]] = tuple
 _bytes = bytes
 _bytearray = bytearray
 #: What an empty kwargs / metadata travels as: two plain dicts, never changed, only pickled
@@ -630,7 +630,7 @@ def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     return message[0], request_from_message(message)
 
 
-def response_from_message(message: tuple[Any, ...], _response: Any = ServiceResponse) -> ServiceResponse:
+def response_from_message(message: tuple[Any, ...], _response: type[ServiceResponse] = ServiceResponse) -> ServiceResponse:
     """The ServiceResponse of a decoded response tuple."""
     if len(message) == 2:
         return _response(True, message[1], None, message[0])

@@ -1039,7 +1039,7 @@ class ShmQueue:
         used = tail - head
         if used < 0 or used > cap or used % FRAME:
             self._reset(head, f"counters out of range (head {head}, tail {tail}, capacity {cap})")
-        out = [] if max_items else None
+        out: list[bytes] | None = [] if max_items else None
         got = 0
         limit = HEADER_SIZE + cap
         while True:
@@ -1122,12 +1122,13 @@ class ShmQueue:
         rlock = self._rlock
         rlock.acquire()
         try:
-            rec = self._pop(0)
+            rec: bytes = self._pop(0)  # a record, or _EMPTY
         finally:
             rlock.release()
         if rec is not _EMPTY:
             return rec
-        return self._wait_and_pop(0, timeout)
+        rec = self._wait_and_pop(0, timeout)
+        return rec
 
     def get_nowait(self) -> bytes:
         """``get(timeout=0)``."""
@@ -1140,10 +1141,11 @@ class ShmQueue:
         if self._closed:
             self._check_open()
         with self._rlock:
-            recs = self._pop(max_items)
+            recs: list[bytes] = self._pop(max_items)  # records, or _EMPTY
         if recs is not _EMPTY:
             return recs
-        return self._wait_and_pop(max_items, timeout)
+        recs = self._wait_and_pop(max_items, timeout)
+        return recs
 
     def _wait_and_pop(self, max_items: int, timeout: float | None) -> Any:
         w64 = self._w64
@@ -1221,6 +1223,7 @@ class ShmQueue:
             if got is not _EMPTY:
                 self._adapt(monotonic() - start)
                 return got
+            assert seq is not None  # read under the lock whenever the ring was found empty
             try:
                 if deadline is None:
                     _futex.futex_wait(self._data_seq_addr, seq, 1.0)
@@ -1379,7 +1382,7 @@ class ShmQueue:
             return
         self._closed = True
         self._release_views()
-        mm, self._mm = self._mm, None
+        mm = self.__dict__.pop("_mm", None)
         if mm is not None:
             mm.close()
 

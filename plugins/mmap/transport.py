@@ -118,7 +118,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 def _inline_limit(queue: ShmQueue) -> int:
     """Records larger than this travel through a segment, so one record never hogs a ring."""
-    return queue.max_record // 4  # type: ignore[no-any-return]
+    return queue.max_record // 4
 
 
 def _runtime_error(request_id: str, error: BaseException, may_have_run: bool | None = None) -> ServiceResponse:
@@ -880,7 +880,7 @@ class MmapConnection(Connection):
         return self._service_name
 
     def host_alive(self) -> bool:
-        return self._host.owner_alive  # type: ignore[no-any-return]
+        return self._host.owner_alive
 
     def unread_requests(self, request_ids: list[str]) -> set[str]:
         """Those of ``request_ids`` still unread in the host's ring: a dead host never ran them.
@@ -1167,10 +1167,11 @@ class MmapConnection(Connection):
         if ring is None:
             raise ServiceUnavailableError(f"cannot get the status of {self._service_name!r}: {self._refusal}")
         request_id = f"{os.getpid():x}-status-{next(_status_ids)}"
-        request = ServiceRequest(request_id, self._service_name, "", deadline=time.time() + timeout)
+        deadline = time.time() + timeout
+        request = ServiceRequest(request_id, self._service_name, "", deadline=deadline)
         holder = _client.acquire()
         try:
-            record = codec.encode_status_request(request.request_id, self._service_name, holder.queue.name, request.deadline)  # type: ignore[arg-type]
+            record = codec.encode_status_request(request.request_id, self._service_name, holder.queue.name, deadline)
             failed = self._put(ring, request, record, None)
             response = failed or self._wait(ring, holder.queue, request, timeout)
         finally:

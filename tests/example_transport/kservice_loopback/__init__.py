@@ -123,5 +123,9 @@ def kservice_register_task_kinds(register: Callable[..., None]) -> None:
 def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> None:
     register(
         "loopback",
-        {"protocol": Setting((int,), pickle.HIGHEST_PROTOCOL, "Pickle protocol of the loopback-pickle transport.", minimum=2)},
+        {
+            "protocol": Setting(
+                (int,), pickle.HIGHEST_PROTOCOL, "Pickle protocol of the loopback-pickle transport.", minimum=2
+            )
+        },
     )
