@@ -101,6 +101,14 @@ class _Chunk:
         index = self.open.pop(response.request_id, None)
         if index is None:
             return  # late (the deadline settled it), cancelled, or not ours
+        if response.success and self.limits is None and self.batch.route.chain is None:
+            # The common case in one step (settle, inline): no after-hooks, no retry to consider.
+            outcomes = self.outcomes
+            outcomes[index] = response
+            if self.counted() == len(outcomes):
+                self._state = "FINISHED"
+                self.batch.chunk_done(self)
+            return
         self._after(index, response)
 
     def _after(self, index: int, response: ServiceResponse) -> None:
