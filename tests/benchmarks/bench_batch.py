@@ -36,13 +36,6 @@ from _timing import print_table  # noqa: E402
 SMALL = b"x" * 90
 
 
-class BenchEcho:
-    """The service (also the bare Ray actor's class)."""
-
-    def echo(self, value: Any) -> Any:
-        return value
-
-
 def run_mmap(quick: bool) -> list[dict[str, Any]]:
     """This process's rows (its plugin set comes from KSERVICE_DISABLE_PLUGINS)."""
     from bench_mmap import _Baseline
@@ -142,18 +135,20 @@ def ray_rows(quick: bool) -> list[dict[str, Any]]:
     except ImportError:
         print("ray rows skipped: Ray is not installed (pip install 'kservice[ray]')")
         return []
+    from bench_ray import BenchEcho as RayEcho  # Ray's workers import it by this name (this script is __main__)
     from kservice import ServiceEnvironment
 
     calls = 5_000 if quick else 20_000
     bare_calls = 1_000 if quick else 4_000
     rounds = 3
     concurrency = 8
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A Ray of this process only, even when another cluster runs on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        bare = ray.remote(BenchEcho).options(max_concurrency=concurrency).remote()
+        bare = ray.remote(RayEcho).options(max_concurrency=concurrency).remote()
         ray.get(bare.echo.remote(SMALL))
         config = {
-            "services": {"echo": {"class": f"{__name__}:BenchEcho", "kind": "ray", "ray": {"max_concurrency": concurrency}}},
+            "services": {"echo": {"class": "bench_ray:BenchEcho", "kind": "ray", "ray": {"max_concurrency": concurrency}}},
         }
         with ServiceEnvironment("bench-batch-ray", config) as env, env.manager() as manager:
             items = [SMALL] * calls
@@ -187,10 +182,10 @@ def main() -> None:
 
         print(json.dumps(run_mmap(quick)))
         return
-    rows = mmap_rows(quick)
+    title = "ServiceManager.map (batch calls) beside its baselines, same run (ratio: ours / baseline)"
+    print_table(title, mmap_rows(quick))
     if "--no-ray" not in sys.argv:
-        rows += ray_rows(quick)
-    print_table("ServiceManager.map (batch calls) beside its baselines, same run (ratio: ours / baseline)", rows)
+        print_table(title.replace("ServiceManager.map", "ServiceManager.map on Ray"), ray_rows(quick))
 
 
 if __name__ == "__main__":
