@@ -6,6 +6,7 @@ modules is private.
 
 from __future__ import annotations
 
+from ._batch import AsyncCallMap, CallMap
 from ._config import Config, Setting
 from ._context import current_request, idempotent, remaining_time, service
 from ._environment import ServiceEnvironment
@@ -33,7 +34,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAY_HAVE_RUN",
+    "AsyncCallMap",
     "BaseServiceTask",
+    "CallMap",
     "Config",
     "ConfigError",
     "Connection",

@@ -10,10 +10,10 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._config import Config
 from ._context import _current_request, is_idempotent
@@ -34,6 +34,7 @@ from ._task import _flatten
 from ._transport import Connection, ServiceAddress, timeout_response
 
 if TYPE_CHECKING:
+    from ._batch import AsyncCallMap, CallMap
     from ._environment import ServiceEnvironment
     from ._status import ServiceStatus
 
@@ -54,6 +55,19 @@ def _checked_timeout(timeout: Any) -> float:
     raise ValueError(f"timeout must be a finite number of seconds (at most {_TIMEOUT_MAX:g}) or None, got {timeout!r}")
 
 
+class _Expiring(Protocol):
+    """What the timer watches: an async call, or a chunk of a batch (``kservice._batch``)."""
+
+    _expires_at: float
+    _state: str
+
+    def _expire(self) -> None: ...
+
+    def _finished(self) -> bool: ...
+
+    def _abandon(self) -> None: ...
+
+
 class _Timer:
     """One thread per manager that fires async-call deadlines and retry delays.
 
@@ -67,7 +81,7 @@ class _Timer:
     TICK = 0.05
 
     def __init__(self, name: str) -> None:
-        self._fifos: dict[float, deque[_AsyncCall]] = {}
+        self._fifos: dict[float, deque[_Expiring]] = {}
         self._delayed: list[tuple[float, int, Callable[[], None]]] = []
         self._cond = threading.Condition(threading.Lock())
         self._seq = itertools.count()
@@ -75,7 +89,7 @@ class _Timer:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def expire_at(self, timeout: float, call: _AsyncCall) -> None:
+    def expire_at(self, timeout: float, call: _Expiring) -> None:
         """Call ``call._expire()`` at monotonic ``call._expires_at`` unless the call has finished by then."""
         fifo = self._fifos.get(timeout)
         if fifo is None:
@@ -127,7 +141,7 @@ class _Timer:
                 except Exception:  # noqa: BLE001 - a failing callback must not stop the timer
                     pass
 
-    def close(self) -> list[_AsyncCall]:
+    def close(self) -> list[Any]:
         """Stop the thread; returns the calls whose deadline it was still watching (unfinished ones)."""
         with self._cond:
             self._closed = True
@@ -139,7 +153,8 @@ class _Timer:
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        unfinished = (call for call in watched if isinstance(call, _AsyncCall) and not call._finished())
+        # Async calls, and the chunks of ``ServiceManager.map`` (which abandon their calls the same way).
+        unfinished = (call for call in watched if hasattr(call, "_abandon") and not call._finished())
         return list(dict.fromkeys(unfinished))
 
 
@@ -551,6 +566,94 @@ class ServiceManager:
             self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
         )
 
+    def map(
+        self,
+        service_name: str,
+        method: str,
+        iterable: Iterable[Any],
+        *,
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        metadata: dict[str, Any] | None = None,
+        chunk_size: int = 256,
+        max_in_flight: int = 2048,
+    ) -> CallMap:
+        """Call ``service_name.method`` once per item of ``iterable``; an iterator of the results.
+
+        Each item is the positional arguments of one call: a tuple is spread
+        (``(1, 2)`` calls ``method(1, 2)``), anything else is the one argument
+        (wrap a tuple meant as one argument: ``((1, 2),)``). ``kwargs`` and
+        ``metadata`` go with every call. Calls leave in chunks of
+        ``chunk_size`` (one ``Connection.send_many`` each: one ring record over
+        ``mmap``, a few actor calls on Ray); the iterable is read a chunk at a
+        time and at most ``max_in_flight`` calls (whole chunks) are in flight,
+        so memory stays bounded however long it is. The first chunks are sent
+        before ``map`` returns, like ``Executor.map``.
+
+        Every item is its own call, with its own outcome. With ``ordered``
+        results come in item order; without, a chunk at a time in the order
+        chunks finish (item order within a chunk). A failed item raises its
+        typed error when it is reached (as from a single call, with a note
+        naming the item), which ends the map and cancels the calls not
+        finished, like ``Executor.map``; with ``return_exceptions`` the error
+        is yielded in its place instead and the map goes on, like
+        ``asyncio.gather``.
+
+        ``timeout`` (default ``service_call.default_timeout``) bounds each call
+        from the moment its chunk is sent (not from ``map``): waiting for room
+        in the window does not count. Retries follow the route's retry policy
+        per item, within that item's deadline, under the same at-most-once rules
+        as a single call. Client middleware sees every call (``before_call``,
+        ``after_call``, ``observe_call``, ``admit``).
+
+        Closing the iterator (``close()``, leaving its ``with`` block, or
+        dropping it) cancels every call not finished: one not started never
+        starts; one running runs to its end and its answer is dropped. An
+        iterable that raises ends the map the same way and the error
+        propagates. Raised at once, nothing sent: what ``call_service_async``
+        raises for the service, method and timeout; TypeError for an
+        ``iterable`` that is not iterable or ``kwargs`` that is not a dict;
+        ValueError for a ``chunk_size`` or ``max_in_flight`` below 1.
+        """
+        from ._batch import CallMap, _Batch
+
+        batch = _Batch(
+            self, service_name, method, iterable, kwargs, timeout, metadata, ordered, return_exceptions, chunk_size, max_in_flight, None
+        )
+        batch.fill()
+        return CallMap(batch)
+
+    def amap(
+        self,
+        service_name: str,
+        method: str,
+        iterable: Iterable[Any],
+        *,
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        metadata: dict[str, Any] | None = None,
+        chunk_size: int = 256,
+        max_in_flight: int = 2048,
+    ) -> AsyncCallMap:
+        """:meth:`map` for asyncio code: an async iterator (``async for result in manager.amap(...)``).
+
+        Call it from a coroutine (it needs the running loop). The same rules as
+        :meth:`map`; cancelling the task that iterates, or ``aclose()``, cancels
+        every call not finished. The iterable is read in the loop's thread.
+        """
+        from ._batch import AsyncCallMap, _Batch
+
+        loop = asyncio.get_running_loop()
+        batch = _Batch(
+            self, service_name, method, iterable, kwargs, timeout, metadata, ordered, return_exceptions, chunk_size, max_in_flight, loop
+        )
+        batch.fill()
+        return AsyncCallMap(batch)
+
     def proxy(self, service_name: str, *, timeout: float | None = None) -> ServiceProxy:
         """An object whose attribute calls are sync calls: ``proxy.get("k")``; ValueError at once for a NaN or infinite timeout."""
         return ServiceProxy(self, service_name, None if timeout is None else _checked_timeout(timeout))
@@ -619,14 +722,19 @@ class _AsyncCall(CallFuture[Any]):
     :class:`_AttemptReply`. A finished call drops its request.
     """
 
-    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, nominal_timeout: float) -> None:
-        """Arm the deadline and send the first attempt; ``nominal_timeout`` is the caller's (or the default) timeout."""
+    def __init__(
+        self, manager: ServiceManager, route: _Route, request: ServiceRequest, nominal_timeout: float, attempt: int = 0
+    ) -> None:
+        """Arm the deadline and send attempt ``attempt`` (a retry of a batched call starts at 1).
+
+        ``nominal_timeout`` is the caller's (or the default) timeout.
+        """
         CallFuture.__init__(self)
         self._manager = manager
         self._route = route
         self._request = request
-        self._attempt = 0
-        self._open_attempt = 0
+        self._attempt = attempt
+        self._open_attempt = attempt
         self._sent = request
         self._limit = 0
         self._began = 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from _thread import allocate_lock as _allocate_lock
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,32 @@ class Connection(ABC):
     @abstractmethod
     def send(self, request: ServiceRequest, reply: Reply) -> None:
         """Hand ``request`` to the service; never blocks longer than the request's deadline."""
+
+    def send_many(self, requests: Sequence[ServiceRequest], reply: Reply) -> None:
+        """Hand several requests to the service at once (``ServiceManager.map``); never blocks.
+
+        ``reply`` is called exactly once per request (unless it is cancelled),
+        from any thread, with a response whose ``request_id`` names its
+        request: one callback serves the whole batch. Each request keeps its
+        own outcome: one that fails (cannot be encoded, refused) fails alone.
+        The default sends them one by one; transports that can carry several
+        calls per message (``mmap``: one ring record, Ray: one actor call)
+        override it.
+        """
+        send = self.send
+        for request in requests:
+            try:
+                send(request, reply)
+            except Exception as exc:  # noqa: BLE001 - one request failing to send fails that request only
+                reply(ServiceResponse.from_exception(request.request_id, exc, origin="client"))
+
+    def cancel_many(self, requests: Sequence[ServiceRequest]) -> None:
+        """:meth:`cancel` for several requests at once (the default cancels them one by one); never raises."""
+        for request in requests:
+            try:
+                self.cancel(request)
+            except Exception:  # noqa: BLE001 - cancelling is best effort
+                pass
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         """Send and wait for the response in this thread.

@@ -325,6 +325,18 @@ def main(argv: list[str] | None = None) -> int:
             if ok != 500:
                 problems.append(f"{500 - ok} async calls to {name} failed")
 
+        _step("batch calls: manager.map ships many calls per message, one outcome each")
+        words = [f"Item {i} of the batch" for i in range(2000)]
+        for name in targets:
+            began = time.perf_counter()
+            counts = list(manager.map(name, "word_count", words, timeout=30))
+            seconds = time.perf_counter() - began
+            console.print(f"  {name:<9} map of 2,000 word_count calls in {seconds * 1e3:7.1f} ms ({2000 / seconds:>9,.0f} calls/s)")
+            if counts != [dict(Counter(re.findall(r"[a-z']+", word.lower())).most_common(3)) for word in words]:
+                problems.append(f"map over {name} gave wrong or misordered results")
+        outcomes = list(manager.map("kv", "get", ["greeting", ("missing", "default")], return_exceptions=True))
+        console.print(f"  kv map over get with return_exceptions -> {outcomes}")
+
         _step("the middleware chain")
         console.print(f"  middleware of 'text', outermost first: {' -> '.join(_chain_names(environment, 'text'))}")
         console.print("  (the environment's own first, then what installed plugins contribute; each runs its caller-side")

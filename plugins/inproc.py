@@ -10,7 +10,7 @@ the caller expects it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kservice import (
     BaseServiceTask,
@@ -42,6 +42,19 @@ class InprocConnection(Connection):
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:  # pragma: no cover
         self._task.submit(request, reply)
+
+    def send_many(self, requests: Sequence[ServiceRequest], reply: Callable[[ServiceResponse], None]) -> None:
+        """What is cheapest in one process: a method known to be fast runs right here, in order
+        (``task.run_inline``, as a sync call's does); the others go to the pool one by one."""
+        task = self._task
+        run_inline = task.run_inline
+        submit = task.submit
+        for request in requests:
+            response = run_inline(request)
+            if response is None:
+                submit(request, reply)
+            else:
+                reply(response)
 
     def cancel(self, request: ServiceRequest) -> None:
         """Move the request's deadline to the past: queued, it is never started (``task.execute``).

@@ -75,7 +75,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kservice import ServiceRequest, ServiceResponse
@@ -83,6 +83,7 @@ from kservice import ServiceRequest, ServiceResponse
 from .ring import _pid_alive, queue_directory, reserve
 
 __all__ = [
+    "KIND_BATCH",
     "KIND_CALL",
     "KIND_CANCEL",
     "KIND_STATUS",
@@ -94,9 +95,11 @@ __all__ = [
     "decode",
     "decode_many",
     "decode_request",
+    "decode_request_batch",
     "discard",
     "encode_cancel_request",
     "encode_request",
+    "encode_request_batch",
     "encode_response",
     "encode_response_batch",
     "reclaim_segments",
@@ -122,6 +125,9 @@ KIND_CALL = 1
 KIND_STATUS = 2
 #: The caller gave up on the request named by the record's request id: never start it.
 KIND_CANCEL = 3
+#: What :func:`decode_request` answers for a *request batch* record: a list of call messages
+#: (``ServiceManager.map`` ships a chunk of calls as one record, see :func:`encode_request_batch`).
+KIND_BATCH = 4
 
 _PROTOCOL = 5
 _OOB_TAG = 0x4F  # "O": one-shot segment
@@ -468,6 +474,88 @@ def encode_request(
     return _dumps(message, receiver_pid, inline_limit, threshold, _trusted(wrapped_args, wrapped_kwargs))
 
 
+def encode_request_batch(requests: Sequence[ServiceRequest], response_queue: str, inline_limit: int) -> bytes | None:
+    """One inline record carrying several call requests (a list of request messages).
+
+    None when they do not fit one inline record (a buffer that would travel out
+    of band, or more than ``inline_limit`` bytes): send them one by one then.
+    Raises what pickling raises (an argument that cannot be pickled: send them
+    one by one, so only that call fails).
+    """
+    messages = []
+    append = messages.append
+    for request in requests:
+        kwargs = request.kwargs
+        metadata = request.metadata
+        if type(kwargs) is not dict:
+            kwargs = dict(kwargs) if kwargs else _NO_KWARGS
+        if type(metadata) is not dict:
+            metadata = dict(metadata) if metadata else _NO_METADATA
+        append(
+            (
+                KIND_CALL,
+                request.request_id,
+                request.service_name,
+                request.method_name,
+                request.args,
+                kwargs,
+                response_queue,
+                request.deadline,
+                metadata,
+            )
+        )
+    try:
+        data = _dumps_pickle(messages, _PROTOCOL, buffer_callback=_refuse_buffer)
+    except _TooBig:
+        return None
+    return data if len(data) <= inline_limit else None
+
+
+def decode_request_batch(messages: list[Any]) -> list[ServiceRequest]:
+    """The requests of a decoded request batch (what :func:`decode_request` returns with KIND_BATCH).
+
+    DecodeError when a message is not a call request; it carries that
+    message's envelope, and the requests decoded before it in ``requests``.
+    """
+    requests: list[ServiceRequest] = []
+    for message in messages:
+        if type(message) is not tuple or len(message) != 9 or message[0] != KIND_CALL:
+            error = DecodeError("a request batch record holds something that is not a call request")
+            error.requests = requests  # type: ignore[attr-defined]
+            _set_envelope(error, message)
+            raise error
+        try:
+            requests.append(request_from_message(message))
+        except DecodeError as error:
+            error.requests = requests  # type: ignore[attr-defined]
+            raise
+    return requests
+
+
+def batch_envelope_calls(error: DecodeError) -> list[tuple[ServiceRequest | None, DecodeError | None]]:
+    """For an undecodable request batch: each call as a request to run, or as the DecodeError to answer it with.
+
+    A call whose arguments were all rebuilt exactly runs; one holding an object
+    the host cannot rebuild is answered with its own DecodeError. When even the
+    lenient decoding could not rebuild real objects, every call gets the error.
+    """
+    calls: list[tuple[ServiceRequest | None, DecodeError | None]] = []
+    for message in error.envelope if type(error.envelope) is list else ():
+        if type(message) is not tuple or len(message) != 9:
+            continue
+        if error.exact and not _holds_placeholder(message):
+            try:
+                calls.append((request_from_message(message), None))
+                continue
+            except DecodeError as exc:
+                calls.append((None, exc))
+                continue
+        own = DecodeError(str(error))
+        _set_envelope(own, message)
+        calls.append((None, own))
+    return calls
+
+
 def encode_status_request(request_id: str, service_name: str, response_queue: str, deadline: float) -> bytes:
     """A record asking the listener for its task's status (never reaches the service)."""
     return pickle.dumps((KIND_STATUS, request_id, service_name, "", (), {}, response_queue, deadline, {}), _PROTOCOL)
@@ -624,6 +712,8 @@ def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     except DecodeError as exc:
         _set_envelope(exc, exc.envelope)
         raise
+    if type(message) is list:
+        return KIND_BATCH, message  # type: ignore[return-value]  # decode each with decode_request_batch
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
         what = "a response" if type(message) in (tuple, list) else f"a {type(message).__name__}"
         raise DecodeError(f"{what} record arrived on a request queue")

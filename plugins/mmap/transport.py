@@ -57,7 +57,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kservice import (
@@ -289,19 +289,32 @@ class MmapListener(Listener):
                 except Exception:
                     log.exception("mmap listener of %r: replying failed", self._task.service_name)
 
-    def _handle(self, record: bytes, answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] | None) -> None:
-        """Run or queue one request. Inline responses go to ``answered``, or straight back when it is None."""
-        try:
-            kind, request = codec.decode_request(record)
-        except codec.DecodeError as exc:
-            self._undecodable_request(exc)
-            return
-        if kind != codec.KIND_CALL:
-            if kind == codec.KIND_STATUS:
-                self._reply_status(request)
-            elif kind == codec.KIND_CANCEL:
-                self._cancel(request.request_id)
-            return
+    def _handle(
+        self,
+        record: bytes,
+        answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] | None,
+        decoded: ServiceRequest | None = None,
+    ) -> None:
+        """Run or queue one request (``decoded``: one call of a request batch, already decoded).
+
+        Inline responses go to ``answered``, or straight back when it is None.
+        """
+        if decoded is None:
+            try:
+                kind, request = codec.decode_request(record)
+            except codec.DecodeError as exc:
+                self._undecodable_request(exc)
+                return
+            if kind != codec.KIND_CALL:
+                if kind == codec.KIND_STATUS:
+                    self._reply_status(request)
+                elif kind == codec.KIND_CANCEL:
+                    self._cancel(request.request_id)
+                elif kind == codec.KIND_BATCH:
+                    self._handle_batch(request, answered)  # type: ignore[arg-type]
+                return
+        else:
+            request = decoded
         if self._cancelled_early and request.request_id in self._cancelled_early:
             self._cancelled_early.discard(request.request_id)
             return  # its caller gave up before it arrived: never started, never answered
@@ -347,6 +360,39 @@ class MmapListener(Listener):
 
         task.submit(request, reply)
 
+    def _handle_batch(
+        self, messages: list[Any], answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] | None
+    ) -> None:
+        """Run or queue each call of a request batch record (``ServiceManager.map``), each as if it came alone.
+
+        The answers of those run inline leave together, one record per caller.
+        A call the host cannot decode is answered with its own error; the
+        others run.
+        """
+        try:
+            requests = codec.decode_request_batch(messages)
+            bad: codec.DecodeError | None = None
+        except codec.DecodeError as exc:
+            requests, bad = exc.requests, exc  # type: ignore[attr-defined]
+        own: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] = {} if answered is None else answered
+        handle = self._handle
+        for request in requests:
+            handle(b"", own, request)
+        if bad is not None:
+            self._undecodable_request(bad)
+        if answered is None:
+            self._reply_all(own)
+
+    def _reply_all(self, answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]]) -> None:
+        for replies in answered.values():
+            try:
+                if len(replies) == 1:
+                    self._reply(*replies[0])
+                else:
+                    self._reply_batch(replies)
+            except Exception:
+                log.exception("mmap listener of %r: replying failed", self._task.service_name)
+
     def _cancel(self, request_id: str) -> None:
         """Its caller gave up on ``request_id``: a request still queued for the pool never starts.
 
@@ -383,6 +429,15 @@ class MmapListener(Listener):
         A record without a readable reply address (garbage) is logged and dropped.
         """
         service = self._task.service_name
+        if type(exc.envelope) is list:  # a request batch: each call is run or answered on its own
+            answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] = {}
+            for request, error in codec.batch_envelope_calls(exc):
+                if request is not None:
+                    self._handle(b"", answered, request)
+                elif error is not None:
+                    self._undecodable_request(error)
+            self._reply_all(answered)
+            return
         if exc.request_id is None or not exc.response_queue:
             log.warning("mmap listener of %r: skipped an undecodable record (no request id or reply address): %s", service, exc)
             return
@@ -403,13 +458,21 @@ class MmapListener(Listener):
 
     def _refuse(self, record: bytes, why: str) -> None:
         try:
-            _, request = codec.decode_request(record)
+            kind, request = codec.decode_request(record)
+            if kind == codec.KIND_BATCH:
+                for message in request:  # type: ignore[attr-defined]
+                    with contextlib.suppress(Exception):
+                        self._refuse_request(codec.request_from_message(message), why)
+                return
         except codec.DecodeError as exc:  # its segment is released already; answer when the caller can be told
             if exc.request_id is None or not exc.response_queue:
                 return
             request = ServiceRequest(exc.request_id, self._task.service_name, "", response_queue_name=exc.response_queue)
         except Exception:  # noqa: BLE001 - nothing readable to answer
             return
+        self._refuse_request(request, why)
+
+    def _refuse_request(self, request: ServiceRequest, why: str) -> None:
         error = ServiceUnavailableError(f"service {self._task.service_name!r} is unavailable: {why}")
         self._reply(request, _runtime_error(request.request_id, error, may_have_run=False))
 
@@ -1080,6 +1143,61 @@ class MmapConnection(Connection):
                 self.cancel(request)
                 raise
         self._defer(request, record, segment)
+
+    def send_many(self, requests: Sequence[ServiceRequest], reply: Callable[[ServiceResponse], None]) -> None:
+        """Queue several requests as one ring record (a request batch, see ``codec.encode_request_batch``).
+
+        Never waits. Requests that do not fit one inline record together (large
+        or out-of-band arguments), or that cannot all be pickled, or that meet
+        a full ring, go one by one through :meth:`send`, so each still gets its
+        own outcome (an argument that cannot be pickled fails its call only).
+        """
+        ring = self._ring
+        if ring is None or len(requests) < 2 or self._backlog:
+            for request in requests:
+                self.send(request, reply)
+            return
+        try:
+            queue = _client._async_queue or _client.async_queue()
+            record = codec.encode_request_batch(requests, queue.name, self._inline_limit)
+        except Exception:  # noqa: BLE001 - an argument that cannot be pickled (or no room): one by one says which
+            record = None
+        if record is None:
+            for request in requests:
+                self.send(request, reply)
+            return
+        pending, senders = _client.pending, _client.senders
+        for request in requests:
+            pending[request.request_id] = reply
+            senders[request.request_id] = self
+        put = ring.compiled_put
+        if put is not None and not put(record):
+            return
+        try:
+            ring.put(record, 0)
+            return
+        except QueueFull:
+            pass
+        except QueueClosed:
+            for request in requests:
+                self._fail_unsent(
+                    request.request_id,
+                    self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False),
+                )
+            return
+        except BaseException:
+            self.cancel_many(requests)
+            raise
+        # A full ring: one by one, behind each other in the sender thread (see _defer).
+        for request in requests:
+            if pending.pop(request.request_id, None) is not None:
+                senders.pop(request.request_id, None)
+                self.send(request, reply)
+
+    def cancel_many(self, requests: Sequence[ServiceRequest]) -> None:
+        """:meth:`cancel` for several requests: one notice record per request still awaited (never blocks)."""
+        for request in requests:
+            self.cancel(request)
 
     def _defer(self, request: ServiceRequest, record: bytes, segment: str | None) -> None:
         """Queue an async request that met a full ring; the sender thread puts it (the caller never waits).

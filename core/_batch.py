@@ -1,0 +1,544 @@
+"""Batch calls: ``ServiceManager.map`` and ``ServiceManager.amap``.
+
+A map makes one call per item of an iterable, like ``concurrent.futures.Executor.map``,
+but ships them in *chunks*: the items of a chunk are built together, share one
+deadline check on the manager's timer, and go to the transport in one
+``Connection.send_many`` (the ``mmap`` transport writes a chunk as one ring record,
+Ray as a few ``handle_batch`` actor calls; in-process, fast methods run in the
+caller's thread). Each item is still its own call: its own request, its own
+outcome, its own retries.
+
+Memory is bounded: the iterable is read one chunk at a time, and at most
+``max_in_flight`` calls (rounded up to whole chunks) are sent and not yet
+consumed, whatever the iterable's length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from ._context import _current_request
+from ._errors import ServiceStoppedError
+from ._messages import MAY_HAVE_RUN, NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
+from ._messages import new_request_id as _new_request_id
+from ._middleware import MiddlewareError
+from ._transport import timeout_response
+
+if TYPE_CHECKING:
+    from ._manager import ServiceManager, _Route
+
+__all__ = ["AsyncCallMap", "CallMap"]
+
+#: Items per chunk, and calls in flight, unless the caller says otherwise.
+DEFAULT_CHUNK_SIZE = 256
+DEFAULT_MAX_IN_FLIGHT = 2048
+
+_time = time.time
+_monotonic = time.monotonic
+
+
+def _checked_count(name: str, value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class _Chunk:
+    """Up to ``chunk_size`` calls sent together; their outcomes, in item order.
+
+    ``open`` maps the request id of every call not settled yet to its index:
+    popping it is the claim (a reply, the deadline, a cancel: exactly one wins,
+    ``dict.pop`` being atomic). A claimed call is settled once its after-hooks
+    and retries are done; ``settle`` counts it, and the last one completes the
+    chunk. The manager's timer watches the chunk's one deadline (``_expire``).
+    """
+
+    __slots__ = (
+        "_expires_at",
+        "_state",
+        "batch",
+        "began",
+        "counted",
+        "first",
+        "limits",
+        "open",
+        "outcomes",
+        "requests",
+        "retrying",
+        "sent",
+        "timeout",
+        "waiter",
+    )
+
+    def __init__(self, batch: _Batch, first: int, requests: list[ServiceRequest], timeout: float) -> None:
+        self.batch = batch
+        self.first = first
+        self.requests = requests
+        self.sent = requests
+        self.limits: list[int] | None = None
+        self.began = 0.0
+        self.timeout = timeout
+        self.outcomes: list[Any] = [None] * len(requests)
+        self.open: dict[str, int] = {request.request_id: index for index, request in enumerate(requests)}
+        self.counted = itertools.count(1).__next__
+        self.retrying: dict[int, Any] = {}
+        self._expires_at = 0.0
+        self._state = "PENDING"
+        #: the consumer's wake-up: a held lock (sync, ordered), None (sync, unordered), an asyncio future
+        self.waiter: Any = None
+
+    # ---------------------------------------------------------------- replies
+
+    def __call__(self, response: ServiceResponse) -> None:
+        """The transport's reply callback for every call of the chunk."""
+        index = self.open.pop(response.request_id, None)
+        if index is None:
+            return  # late (the deadline settled it), cancelled, or not ours
+        if response.success and self.limits is None and self.batch.route.chain is None:
+            # The common case in one step (settle, inline): no after-hooks, no retry to consider.
+            outcomes = self.outcomes
+            outcomes[index] = response
+            if self.counted() == len(outcomes):
+                self._state = "FINISHED"
+                self.batch.chunk_done(self)
+            return
+        self._after(index, response)
+
+    def _after(self, index: int, response: ServiceResponse) -> None:
+        batch = self.batch
+        route = batch.route
+        chain = route.chain
+        if chain is not None:
+            assert self.limits is not None
+            response = chain.run_after(self.sent[index], response, self.limits[index], self.began)
+        if not response.success and route.retry is not None and batch.state == "running" and not batch.manager._closed:
+            delay = route.retry_delay(self.requests[index], response, 0)
+            if delay is not None:
+                self.retrying[index] = None
+                batch.manager.timer().call_later(delay, lambda: self._retry(index, response))
+                return
+        self.settle(index, response)
+
+    def _retry(self, index: int, failed: ServiceResponse) -> None:
+        """Send a failed call again as an ordinary async call (attempt 1 on): it follows the single-call rules."""
+        from ._manager import _AsyncCall
+
+        batch = self.batch
+        if batch.state != "running" or index not in self.retrying:
+            return
+        manager = batch.manager
+        route = manager._refresh_route(batch.route, failed)
+        request = self.requests[index]
+        call = _AsyncCall(manager, route, request, self.timeout, attempt=1)
+        self.retrying[index] = call
+        call.add_done_callback(lambda future: self._retried(index, future))
+        if batch.state != "running":
+            call.cancel()
+
+    def _retried(self, index: int, future: Any) -> None:
+        if self.retrying.pop(index, False) is False:
+            return  # cancelled with the batch
+        if future.cancelled():
+            return
+        error = future.exception()
+        self.settle(index, error if error is not None else ServiceResponse(True, future.result()))
+
+    def settle(self, index: int, outcome: ServiceResponse | BaseException) -> None:
+        """Record one call's final outcome; the last one completes the chunk."""
+        self.outcomes[index] = outcome
+        if self.counted() == len(self.outcomes):
+            self._state = "FINISHED"
+            self.batch.chunk_done(self)
+
+    # ------------------------------------------------------- deadline, cancel
+
+    def _finished(self) -> bool:
+        return self._state != "PENDING"
+
+    def _claim_open(self) -> list[tuple[int, ServiceRequest]]:
+        """Claim every call not settled yet (those a reply is settling right now are left to it)."""
+        claimed = []
+        pop = self.open.pop
+        for request_id in list(self.open):
+            index = pop(request_id, None)
+            if index is not None:
+                claimed.append((index, self.sent[index]))
+        return claimed
+
+    def _expire(self) -> None:
+        """The chunk's deadline passed: its unanswered calls fail with ServiceTimeoutError and are cancelled."""
+        claimed = self._claim_open()
+        if not claimed:
+            return
+        self._cancel_sent([sent for _, sent in claimed])
+        for index, sent in claimed:
+            self._after(index, timeout_response(sent, self.timeout))
+
+    def _abandon(self) -> None:
+        """The manager closed: unanswered calls fail with ServiceStoppedError (they may have run) and are cancelled."""
+        claimed = self._claim_open()
+        self._cancel_sent([sent for _, sent in claimed])
+        for index, sent in claimed:
+            error = ServiceStoppedError(
+                f"call {sent.service_name}.{sent.method_name} (item {self.first + index} of a map) was abandoned: "
+                "its ServiceManager was closed while the call was in flight (it may have run)"
+            )
+            response = ServiceResponse.from_exception(sent.request_id, error, origin="runtime")
+            response.metadata[MAY_HAVE_RUN] = True
+            self.settle(index, response)
+
+    def cancel(self) -> None:
+        """Drop every call not finished: not started, it never starts; running, its answer is dropped."""
+        claimed = self._claim_open()
+        self._state = "CANCELLED"
+        self._cancel_sent([sent for _, sent in claimed])
+        retrying, self.retrying = self.retrying, {}
+        for call in retrying.values():
+            if call is not None:
+                call.cancel()
+
+    def _cancel_sent(self, sent: list[ServiceRequest]) -> None:
+        if not sent:
+            return
+        try:
+            self.batch.route.connection.cancel_many(sent)
+        except Exception:  # noqa: BLE001 - cancelling is best effort; the caller has its answer
+            pass
+
+
+class _Batch:
+    """The state of one map: its route, its source, and the chunks in flight."""
+
+    def __init__(
+        self,
+        manager: ServiceManager,
+        service_name: str,
+        method: str,
+        iterable: Iterable[Any],
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        metadata: dict[str, Any] | None,
+        ordered: bool,
+        return_exceptions: bool,
+        chunk_size: int,
+        max_in_flight: int,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        from ._manager import _checked_method_name, _checked_timeout
+
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
+        if type(method) is not str or not method:
+            method = _checked_method_name(method)
+        self.chunk_size = _checked_count("chunk_size", chunk_size)
+        self.window = max(1, -(-_checked_count("max_in_flight", max_in_flight) // self.chunk_size))
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}")
+        self.source = iter(iterable)  # TypeError at once for something that is not iterable
+        self.manager = manager
+        self.service_name = service_name
+        self.method = method
+        self.route: _Route = manager._route(service_name)
+        self.kwargs = kwargs
+        self.nominal = self.route.default_timeout if timeout is None else timeout
+        self.ordered = ordered
+        self.return_exceptions = return_exceptions
+        self.loop = loop
+        # Calls made while serving a request inherit its deadline and metadata (as single calls do).
+        parent = _current_request.get()
+        self.parent_deadline = parent.deadline if parent is not None else None
+        if parent is not None and parent.metadata:
+            metadata = {**parent.metadata, **(metadata or {})}
+        self.metadata = metadata
+        self.state = "running"
+        self.next_index = 0
+        self.exhausted = False
+        #: chunks sent and not yet handed to the consumer, in the order they were sent
+        self.in_flight: deque[_Chunk] = deque()
+        #: finished chunks, in completion order (unordered maps)
+        self.finished: Any = None
+        if not ordered:
+            self.finished = asyncio.Queue() if loop is not None else _SimpleQueue()
+        self.lock = threading.Lock()
+
+    # ---------------------------------------------------------------- sending
+
+    def fill(self) -> None:
+        """Send chunks until the window is full or the source is exhausted; a source error cancels the map and is raised."""
+        while not self.exhausted and len(self.in_flight) < self.window and self.state == "running":
+            try:
+                items = list(itertools.islice(self.source, self.chunk_size))
+            except BaseException:
+                self.cancel()
+                raise
+            if len(items) < self.chunk_size:
+                self.exhausted = True
+            if items:
+                self._send_chunk(items)
+
+    def _send_chunk(self, items: list[Any]) -> None:
+        route = self.route
+        manager = self.manager
+        nominal = self.nominal
+        now = _time()
+        deadline = now + nominal
+        inherited = self.parent_deadline is not None and self.parent_deadline < deadline
+        if inherited:
+            deadline = self.parent_deadline  # type: ignore[assignment]
+        service_name, method = self.service_name, self.method
+        kwargs, metadata = self.kwargs, self.metadata
+        chain = route.chain
+        shares = route.shares_empty
+        if chain is None:
+            shared_kwargs = kwargs if kwargs is not None else NO_KWARGS if shares else None
+            shared_metadata = metadata if metadata is not None else NO_METADATA if shares else None
+        else:  # middleware may change a request: each gets its own dicts
+            shared_kwargs = shared_metadata = None
+        new_id = _new_request_id
+        requests = [
+            ServiceRequest(
+                new_id(),
+                service_name,
+                method,
+                item if type(item) is tuple else (item,),
+                shared_kwargs if shared_kwargs is not None else dict(kwargs) if kwargs else {},
+                "",
+                deadline,
+                shared_metadata if shared_metadata is not None else dict(metadata) if metadata else {},
+            )
+            for item in items
+        ]
+        first = self.next_index
+        self.next_index += len(requests)
+        chunk = _Chunk(self, first, requests, deadline - now)
+        if self.ordered:
+            if self.loop is not None:
+                chunk.waiter = self.loop.create_future()
+            else:
+                chunk.waiter = threading.Lock()
+                chunk.waiter.acquire()
+        self.in_flight.append(chunk)
+        # The deadline is armed before anything is sent, so no reply can come unwatched.
+        timer = manager._timer or manager.timer()
+        if inherited:
+            timer.call_later(deadline - now, chunk._expire)
+        else:
+            chunk._expires_at = _monotonic() + nominal
+            timer.expire_at(nominal, chunk)
+        to_send = requests
+        refused: list[tuple[int, BaseException]] = []
+        answered: list[tuple[int, ServiceResponse]] = []
+        admit = route.admit
+        if admit is not None or chain is not None:
+            to_send = []
+            sent = list(requests)
+            limits = [0] * len(requests)
+            chunk.sent, chunk.limits = sent, limits
+            chunk.began = perf_counter()
+            for index, request in enumerate(requests):
+                if admit is not None:
+                    refusal = admit(service_name, method)
+                    if refusal is not None:
+                        refused.append((index, refusal))
+                        continue
+                if chain is not None:
+                    limits[index] = chain.size
+                    try:
+                        sent[index], response, limits[index] = chain.run_before(request)
+                    except MiddlewareError as exc:
+                        sent[index], limits[index] = exc.request, exc.index
+                        response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
+                    if response is not None:
+                        answered.append((index, response))
+                        continue
+                    if sent[index].request_id != request.request_id:  # a middleware that renamed the request
+                        chunk.open[sent[index].request_id] = chunk.open.pop(request.request_id)
+                to_send.append(sent[index])
+        for index, refusal in refused:  # refused before it was built, as a single call is: no middleware saw it
+            if chunk.open.pop(requests[index].request_id, None) is not None:
+                chunk.settle(index, refusal)
+        for index, response in answered:  # answered by a middleware: its after-hooks still run
+            if chunk.open.pop(chunk.sent[index].request_id, None) is not None:
+                chunk._after(index, response)
+        if to_send:
+            try:
+                route.connection.send_many(to_send, chunk)
+            except Exception as exc:  # noqa: BLE001 - a transport failing to send fails these calls only
+                for request in to_send:
+                    chunk(ServiceResponse.from_exception(request.request_id, exc, origin="client"))
+
+    # ------------------------------------------------------------- consuming
+
+    def chunk_done(self, chunk: _Chunk) -> None:
+        """Wake the consumer (called by whichever thread settles a chunk's last call)."""
+        loop = self.loop
+        if self.ordered:
+            if loop is None:
+                chunk.waiter.release()
+            else:
+                self._call_soon(self._resolve, chunk.waiter)
+        elif loop is None:
+            self.finished.put(chunk)
+        else:
+            self._call_soon(self.finished.put_nowait, chunk)
+
+    def _call_soon(self, function: Any, argument: Any) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.call_soon_threadsafe(function, argument)
+        except RuntimeError:  # the loop closed: nobody consumes any more
+            pass
+
+    @staticmethod
+    def _resolve(future: asyncio.Future[None]) -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def outcomes(self, chunk: _Chunk) -> Iterator[Any]:
+        """The results of a finished chunk in item order; a failure raises (or is yielded, with return_exceptions)."""
+        return_exceptions = self.return_exceptions
+        for index, outcome in enumerate(chunk.outcomes):
+            if type(outcome) is ServiceResponse:
+                if outcome.success:
+                    yield outcome.result
+                    continue
+                outcome = outcome.to_exception(self.service_name, self.method)
+            outcome.add_note(f"(item {chunk.first + index} of map over {self.service_name}.{self.method})")
+            if return_exceptions:
+                yield outcome
+                continue
+            self.cancel()
+            raise outcome
+
+    def cancel(self) -> None:
+        """End the map: calls not finished are cancelled at their transport (not started, they never start)."""
+        with self.lock:
+            if self.state != "running":
+                return
+            self.state = "closed"
+        while self.in_flight:
+            self.in_flight.popleft().cancel()
+
+
+class _SimpleQueue:
+    """A bare FIFO a consumer thread blocks on (``queue.SimpleQueue`` without its import cost)."""
+
+    def __init__(self) -> None:
+        from queue import SimpleQueue
+
+        self._queue: SimpleQueue[_Chunk] = SimpleQueue()
+        self.put = self._queue.put
+        self.get = self._queue.get
+
+
+class CallMap(Iterator[Any]):
+    """The iterator :meth:`ServiceManager.map` returns; close it (or leave its ``with`` block) to cancel what is left."""
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
+        self._next = self._results().__next__
+
+    def _results(self) -> Iterator[Any]:
+        batch = self._batch
+        try:
+            while True:
+                batch.fill()
+                if not batch.in_flight:
+                    return
+                if batch.ordered:
+                    chunk = batch.in_flight[0]
+                    chunk.waiter.acquire()
+                    batch.in_flight.popleft()
+                else:
+                    chunk = batch.finished.get()
+                    batch.in_flight.remove(chunk)
+                batch.fill()  # keep the window full while the consumer reads this chunk
+                yield from batch.outcomes(chunk)
+        finally:
+            batch.cancel()
+
+    def __iter__(self) -> CallMap:
+        return self
+
+    def __next__(self) -> Any:
+        return self._next()
+
+    def close(self) -> None:
+        """Stop: every call not finished is cancelled (one not started never starts); idempotent."""
+        self._batch.cancel()
+        self._next = iter(()).__next__
+
+    def __enter__(self) -> CallMap:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            batch.cancel()
+
+
+class AsyncCallMap(AsyncIterator[Any]):
+    """The async iterator :meth:`ServiceManager.amap` returns; ``aclose()`` or cancelling its consumer cancels what is left."""
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
+        self._current: Iterator[Any] = iter(())
+
+    def __aiter__(self) -> AsyncCallMap:
+        return self
+
+    async def __anext__(self) -> Any:
+        batch = self._batch
+        try:
+            while True:
+                for result in self._current:
+                    return result
+                batch.fill()
+                if not batch.in_flight or batch.state != "running":
+                    batch.cancel()
+                    raise StopAsyncIteration
+                if batch.ordered:
+                    chunk = batch.in_flight[0]
+                    await chunk.waiter
+                    batch.in_flight.popleft()
+                else:
+                    chunk = await batch.finished.get()
+                    batch.in_flight.remove(chunk)
+                batch.fill()
+                self._current = batch.outcomes(chunk)
+        except StopAsyncIteration:
+            raise
+        except BaseException:  # a failed item (raised), a source error, or the consumer cancelled
+            batch.cancel()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop: every call not finished is cancelled (one not started never starts); idempotent."""
+        self._batch.cancel()
+        self._current = iter(())
+
+    def close(self) -> None:
+        """:meth:`aclose` without awaiting."""
+        self._batch.cancel()
+        self._current = iter(())
+
+    async def __aenter__(self) -> AsyncCallMap:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            batch.cancel()
