@@ -482,7 +482,7 @@ def encode_request_batch(requests: Sequence[ServiceRequest], response_queue: str
     Raises what pickling raises (an argument that cannot be pickled: send them
     one by one, so only that call fails).
     """
-    messages = []
+    messages: list[tuple[Any, ...]] = []
     append = messages.append
     for request in requests:
         kwargs = request.kwargs

@@ -431,11 +431,11 @@ class MmapListener(Listener):
         service = self._task.service_name
         if type(exc.envelope) is list:  # a request batch: each call is run or answered on its own
             answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] = {}
-            for request, error in codec.batch_envelope_calls(exc):
+            for request, undecodable in codec.batch_envelope_calls(exc):
                 if request is not None:
                     self._handle(b"", answered, request)
-                elif error is not None:
-                    self._undecodable_request(error)
+                elif undecodable is not None:
+                    self._undecodable_request(undecodable)
             self._reply_all(answered)
             return
         if exc.request_id is None or not exc.response_queue:
