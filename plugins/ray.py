@@ -2167,6 +2167,11 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
         "service.ray",
         {
             "namespace": Setting((str,), "kservice", "Ray namespace of the replica actors (and of ray.init when kservice connects)."),
+            "resources": Setting((dict,), {}, "Ray resources each replica actor asks for, e.g. {CPU: 2}."),
+            "lifetime": Setting(
+                (str,), "non_detached", "Actor lifetime: 'detached' outlives the driver.", choices=("detached", "non_detached")
+            ),
+            "max_restarts": Setting((int,), 3, "Times Ray restarts a dead replica actor.", minimum=-1),
             "address": Setting(
                 (str,),
                 None,
