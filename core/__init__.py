@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ._batch import AsyncCallMap, CallMap
 from ._config import Config, Setting
-from ._context import current_request, idempotent, remaining_time, service
+from ._context import current_request, idempotent, idempotent_methods, is_idempotent, remaining_time, service
 from ._environment import ServiceEnvironment
 from ._errors import (
     ConfigError,
@@ -27,8 +27,9 @@ from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import ServiceMiddleware
 from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
-from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext
-from ._transport import Connection, Listener, ServiceAddress, Transport
+from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext, next_cost_estimate
+from ._transport import Connection, Listener, ServiceAddress, Transport, timeout_response
+from .hookspecs import RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "LocalServiceTask",
     "MethodNotFoundError",
     "PluginError",
+    "RetryPolicy",
     "ServiceAddress",
     "ServiceCallError",
     "ServiceEnvironment",
@@ -68,6 +70,10 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "idempotent",
+    "idempotent_methods",
+    "is_idempotent",
+    "next_cost_estimate",
     "remaining_time",
     "service",
+    "timeout_response",
 ]

@@ -117,13 +117,6 @@ def core_schema() -> Schema:
                     minimum=0,
                 ),
             },
-            "ray": {
-                "resources": _setting(dict, {}, "Ray resources each replica actor asks for, e.g. {CPU: 2}."),
-                "lifetime": _setting(
-                    str, "non_detached", "Actor lifetime: 'detached' outlives the driver.", choices=("detached", "non_detached")
-                ),
-                "max_restarts": _setting(int, 3, "Times Ray restarts a dead replica actor.", minimum=-1),
-            },
         },
         "service_call": {
             "default_timeout": _setting(float, 30.0, "Timeout in seconds of a call that gives none.", minimum=0),
@@ -332,7 +325,7 @@ def _validate_section(
 
 
 def _overridable_sections(schema: Schema) -> Schema:
-    """Sections a service entry may override: ``service.local``, ``service.ray``, ``service_call`` and plugin sections."""
+    """Sections a service entry may override: ``service.local``, plugins' ``service.<kind>``, ``service_call`` and plugin sections."""
     sections: Schema = {}
     for key, value in schema.items():
         if key in ("services", "plugins") or isinstance(value, Setting):

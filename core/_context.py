@@ -71,7 +71,11 @@ def service(
 
 
 def is_idempotent(service_class: type | None, method_name: str, configured: Iterable[str] = ()) -> bool:
-    """Whether ``method_name`` was declared idempotent by decorator, class options or config."""
+    """Whether ``method_name`` was declared safe to run twice: listed in ``configured`` (the service's
+    ``idempotent`` option), in ``@service(idempotent_methods=...)``, or decorated ``@idempotent``.
+
+    ``service_class`` None (a caller that does not know the class) leaves only ``configured``.
+    """
     if method_name in configured:
         return True
     if service_class is None:
@@ -79,3 +83,15 @@ def is_idempotent(service_class: type | None, method_name: str, configured: Iter
     if method_name in getattr(service_class, "__kservice_options__", {}).get("idempotent_methods", ()):
         return True
     return bool(getattr(getattr(service_class, method_name, None), "__kservice_idempotent__", False))
+
+
+def idempotent_methods(service_class: type | None, configured: Iterable[str] = ()) -> set[str]:
+    """Every public method name :func:`is_idempotent` accepts for ``service_class`` (plus ``configured``)."""
+    names = set(configured)
+    if service_class is None:
+        return names
+    names.update(getattr(service_class, "__kservice_options__", {}).get("idempotent_methods", ()))
+    for name in dir(service_class):
+        if not name.startswith("_") and getattr(getattr(service_class, name, None), "__kservice_idempotent__", False):
+            names.add(name)
+    return names

@@ -274,8 +274,9 @@ def _registration_option_names() -> set[str]:
     from ._config import service_entry_schema
     from ._plugins import config_schema
 
-    names = set(service_entry_schema()) | {"local", "ray"}
-    names.update(key for key, value in config_schema().items() if isinstance(value, dict) and key not in ("service", "services", "plugins"))
+    schema = config_schema()
+    names = set(service_entry_schema()) | set(schema.get("service", {}))  # local, and each task kind's section
+    names.update(key for key, value in schema.items() if isinstance(value, dict) and key not in ("service", "services", "plugins"))
     return names
 
 

@@ -301,7 +301,10 @@ class ServiceManager:
                     raise error(f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first")
                 return addresses, task.service_factory.service_class
         # Every resolver is asked: which plugin answers first must not decide the transport.
-        found = [address for answer in self._pm.hook.kservice_resolve_service(service_name=service_name, manager=self) for address in answer or ()]
+        answers = self._pm.hook.kservice_resolve_service(
+            service_name=service_name, options=self.config.for_service(service_name), manager=self
+        )
+        found = [address for answer in answers for address in answer or ()]
         if found:
             return found, None
         raise ServiceNotFoundError(service_name, self.known_services())
@@ -363,7 +366,7 @@ class ServiceManager:
         else:
             raise failures[0]
         options = self.config.for_service(service_name)
-        contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options)
+        contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options, service_class=service_class)
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
@@ -376,6 +379,18 @@ class ServiceManager:
                 return existing
             self._routes[service_name] = route
         return route
+
+    def client_middlewares(self, service_name: str) -> tuple[Any, ...]:
+        """The middleware compiled into the client chain of calls to ``service_name``, outermost first.
+
+        The environment's middleware, then what plugins contribute
+        (``kservice_middleware``); empty when none of them overrides a
+        client-side hook (the call then skips the chain). Compiles the
+        service's route if no call did yet (so raises what resolving the name
+        raises, e.g. ServiceNotFoundError).
+        """
+        chain = self._route(service_name).chain
+        return () if chain is None else chain.middlewares
 
     def get_service_queue(self, service_name: str) -> Connection:
         """The connection calls to ``service_name`` use (its ``queue_name`` names the request queue)."""

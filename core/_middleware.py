@@ -21,7 +21,9 @@ caller's own thread for a fast method).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import linecache
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
@@ -94,6 +96,21 @@ class ServiceMiddleware:
     def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
         """Told, instead of ``after_call``/``observe_call``, about a call an :meth:`admit` refused (count it, log it)."""
         return None
+
+
+def _register_source(source: str, side: str) -> str:
+    """A file name for generated ``source``, its text registered in ``linecache`` (attrs' technique).
+
+    Tracebacks, ``pdb`` and ``inspect.getsource`` then show the generated
+    lines of a chain instead of blanks. The name is derived from the text, so
+    chains of one shape (the source names hooks by position only) share one
+    entry, and the cache stays bounded however often routes are recompiled.
+    An entry whose modification time is None is kept by ``linecache.checkcache``.
+    """
+    digest = hashlib.blake2s(source.encode(), digest_size=6).hexdigest()
+    filename = f"<kservice middleware chain {side} {digest}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return filename
 
 
 def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
@@ -275,8 +292,8 @@ class MiddlewareChain:
                 "            pass",
             ]
         after.append("    return response")
-        source = "\n".join(before + after + admit)
-        exec(compile(source, f"<kservice middleware chain {self._error_origin}>", "exec"), names)
+        source = "\n".join(before + after + admit) + "\n"
+        exec(compile(source, _register_source(source, self._error_origin), "exec"), names)
         self.run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]] = names["run_before"]
         self.run_after: Callable[[ServiceRequest, ServiceResponse, int, float], ServiceResponse] = names["run_after"]
         if admits:

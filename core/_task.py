@@ -37,7 +37,7 @@ from ._transport import Listener, Reply, timeout_response
 if TYPE_CHECKING:
     from ._environment import ServiceEnvironment
 
-__all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext", "import_service_class"]
+__all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext", "import_service_class", "next_cost_estimate"]
 
 log = logging.getLogger("kservice.task")
 
@@ -164,6 +164,22 @@ class TaskContext:
         if self.config is None:
             self.config = Config.load(None)
         return self.config
+
+
+def next_cost_estimate(previous: float | None, seconds: float, slow: float) -> float:
+    """A method's running-time estimate after a run of ``seconds`` (``previous``: the estimate before, None at first).
+
+    The first run is taken as is; a run slower than ``slow`` raises the
+    estimate at once (pessimistic: the next calls take the cautious path,
+    the pool or a lone send); otherwise it moves a quarter of the way to the
+    new run. Used by tasks (:meth:`BaseServiceTask.observe_cost`) and by
+    transports that keep their own estimate of the methods they send.
+    """
+    if previous is None:
+        return seconds
+    if seconds > slow:
+        return seconds if seconds > previous else previous
+    return previous * 0.75 + seconds * 0.25
 
 
 def _call_lifecycle(instance: Any, names: Iterable[str]) -> None:
@@ -441,11 +457,12 @@ class BaseServiceTask:
     # -------------------------------------------------------------- lifecycle
 
     def start_service(self) -> None:
-        """Create the instance, call its ``setup()``, start workers and listeners.
+        """Host the instance (:meth:`host_instance`), mark the task running, open its listeners.
 
         Idempotent while running. On failure the task is ``failed``, anything
-        started is released, and ServiceUnavailableError is raised with the
-        cause chained.
+        started is released (:meth:`release_instance`, then every listener
+        opened is closed), ``kservice_task_failed`` is announced, and
+        ServiceUnavailableError is raised with the cause chained.
         """
         with self._state_lock:
             if self._state in ("running", "starting"):
@@ -453,10 +470,13 @@ class BaseServiceTask:
             self._state = "starting"
             self._stop_done.clear()
             try:
-                self._start_serving()
+                self.host_instance()
+                # Running before the listeners open: a request arriving through one is served, not refused.
+                self._state = "running"
+                self.listeners = list(self.open_listeners())
             except Exception as exc:
                 self._state = "failed"
-                self._release(time.monotonic())
+                self._teardown(time.monotonic())
                 self._announce("kservice_task_failed", task=self, error=exc)
                 raise ServiceUnavailableError(
                     f"service {self.service_name!r} failed to start: {type(exc).__name__}: {exc}"
@@ -464,18 +484,156 @@ class BaseServiceTask:
             self.started_at = time.time()
         self._announce("kservice_task_started", task=self)
 
-    def _start_serving(self) -> None:
-        """Bring the instance, workers and listeners up (subclasses that host elsewhere override)."""
-        from ._plugins import get_transport
+    # ------------------------------------------------ what a task kind implements
+    #
+    # A task kind (``services.<name>.kind``) subclasses BaseServiceTask and overrides
+    # these public steps; the base class sequences them, owns ``state``, and announces
+    # each lifecycle step to plugins. docs/guide-task-kind.md walks through one.
 
+    def host_instance(self) -> None:
+        """Bring the service instance up where this kind hosts it (the task is ``starting``).
+
+        The default builds the instance in this process, calls its ``setup()``
+        and starts the worker pool. A kind that hosts elsewhere (a child
+        process, Ray actors) starts that host here and waits until it serves.
+        Raise to fail the start: :meth:`release_instance` is then called to
+        undo whatever was started, so it must cope with a partial start.
+        Called with the task's state lock held; never sets ``state``.
+        """
         self._service = self.service_factory.create()
         _call_lifecycle(self._service, ("setup",))
         self._methods = {}
         self._compile_server_chain()
         self._pool = _WorkerPool(self, self.max_workers)
-        self._state = "running"
-        for name in self.transport_names:
-            self.listeners.append(get_transport(name).listen(self))
+
+    def open_listeners(self) -> list[Listener]:
+        """The listeners callers reach this task through, opened now (the task is already ``running``).
+
+        The default opens one per name in ``transport_names`` (the kind's
+        ``default_transports`` then the configured ``transports``). A kind whose
+        host listens by itself returns listeners describing those addresses.
+        A listener opened before a later one raises is closed by the failed start.
+        """
+        from ._plugins import get_transport
+
+        listeners: list[Listener] = []
+        try:
+            for name in self.transport_names:
+                listeners.append(get_transport(name).listen(self))
+        except BaseException:
+            self.listeners = listeners  # closed by the failed start's teardown
+            raise
+        return listeners
+
+    def release_instance(self, deadline: float) -> None:
+        """Stop hosting: let accepted calls finish until ``deadline`` (monotonic), then release the instance.
+
+        Called once by :meth:`stop_service` (the task is ``stopping``, new calls
+        are refused) and by a failed :meth:`start_service` (after a partial
+        :meth:`host_instance`). The default drains the worker pool, answers what
+        is still queued at ``deadline`` with ServiceUnavailableError (it never
+        ran), closes the listeners and calls the service's ``cleanup()``/``close()``.
+        It should not raise; if it does, the base class still closes every
+        listener and ends the task ``stopped`` (the error is reported).
+        """
+        if self._pool is not None:
+            leftovers = self._pool.shutdown(deadline)
+            self._pool = None
+            for request, reply in leftovers:
+                self._dequeued()
+                reply(self._unavailable(request, "stopped before the request could run"))
+        overflow = self._overflow_thread
+        if overflow is not None and overflow is not threading.current_thread():
+            overflow.join(1.0)  # it exits as soon as nothing is parked
+        # Before the instance's cleanup: no listener can run a request on a cleaned-up instance.
+        self.close_listeners()
+        if self._service is not None:
+            try:
+                _call_lifecycle(self._service, ("cleanup", "close"))
+            except Exception:  # noqa: BLE001 - the task stops whatever the service's cleanup does
+                pass
+            self._service = None
+
+    def report_status(self) -> ServiceStatus:
+        """This kind's snapshot of state, health and load, before plugins add theirs.
+
+        :meth:`get_service_status` calls it and then announces
+        ``kservice_task_status`` once; a kind that hosts elsewhere asks its
+        host here (and falls back to ``super().report_status()`` with
+        ``healthy=False`` when the host cannot answer). Must not raise.
+        """
+        # Finished before started: a call between the two reads shows as in flight, never as negative.
+        finished, failed, expired = _count(self._finished), _count(self._failed), _count(self._expired)
+        started = _count(self._started)
+        counts = (finished + expired, failed + expired, expired, started - finished, self._queued + self._parked_live)
+        listeners_alive = all(listener.alive for listener in self.listeners)
+        pool = self._pool
+        workers_alive = None if pool is None else pool.alive
+        reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
+        if pool is not None and workers_alive is not None and workers_alive < pool.size:
+            dead = f"{pool.size - workers_alive} of {pool.size} worker thread(s) are dead"
+            reason = f"{reason}; {dead}" if reason else dead
+        return ServiceStatus(
+            service_name=self.service_name,
+            kind=self.kind,
+            state=self._state,
+            healthy=self._state == "running" and not reason,
+            health_reason=reason if self._state == "running" else f"task is {self._state}",
+            last_health_check=self.last_health_check,
+            requests_total=counts[0],
+            errors_total=counts[1],
+            expired_total=counts[2],
+            in_flight=counts[3],
+            queue_depth=counts[4],
+            max_workers=self.max_workers,
+            restarts=self.restarts,
+            started_at=self.started_at,
+            addresses=[f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses],
+            workers_alive=workers_alive,
+            workers_replaced=0 if pool is None else pool.replaced,
+        )
+
+    def adopt_running(self) -> None:
+        """Mark this task running around a host that already serves, started elsewhere (e.g. by another driver).
+
+        For kinds whose host outlives its starter (Ray's ``RayServiceTask.attach``):
+        the caller has found the host; this opens the listeners
+        (:meth:`open_listeners`) and marks the task ``running`` without calling
+        :meth:`host_instance` or announcing ``kservice_task_started`` (this
+        process did not start it). :meth:`stop_service` then stops the host as
+        usual. Raises ServiceUnavailableError, the task unchanged, unless it is
+        ``created``.
+        """
+        with self._state_lock:
+            if self._state != "created":
+                raise ServiceUnavailableError(f"service {self.service_name!r} is {self._state}: only a new task can adopt a host")
+            self._state = "running"
+            try:
+                self.listeners = list(self.open_listeners())
+            except BaseException:
+                self._state = "created"
+                self.close_listeners()
+                raise
+            self.started_at = time.time()
+
+    def close_listeners(self) -> None:
+        """Close every listener of this task (one that raises does not stop the others); idempotent."""
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            try:
+                listener.close()
+            except Exception:  # noqa: BLE001 - a failing listener must not stop the others closing
+                pass
+
+    def _teardown(self, deadline: float) -> None:
+        """Release the instance and close the listeners whatever either raises (never raises)."""
+        try:
+            self._refuse_parked("stopped before the request could run")
+            self.release_instance(deadline)
+        except Exception:  # noqa: BLE001 - teardown always completes; the error is reported
+            log.exception("service %r: release_instance raised; the task stops anyway", self.service_name)
+        finally:
+            self.close_listeners()
 
     def _plugins_changed(self) -> None:
         """Recompile the server chain of a running task (plugins or environment middleware changed)."""
@@ -485,7 +643,9 @@ class BaseServiceTask:
     def _compile_server_chain(self) -> None:
         from ._plugins import get_plugin_manager
 
-        contributed = get_plugin_manager().hook.kservice_middleware(service_name=self.service_name, options=self.options)
+        contributed = get_plugin_manager().hook.kservice_middleware(
+            service_name=self.service_name, options=self.options, service_class=self.service_factory.service_class
+        )
         chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
         self._server_chain = chain if chain else None
 
@@ -519,38 +679,12 @@ class BaseServiceTask:
             self._announce("kservice_task_stopping", task=self)
         finally:
             try:
-                self._refuse_parked("stopped before the request could run")
-                self._release(deadline)
+                self._teardown(deadline)
             finally:
                 with self._state_lock:
                     self._state = "stopped"
                 self._stop_done.set()
         self._announce("kservice_task_stopped", task=self)
-
-    def _release(self, deadline: float) -> None:
-        """Drain and release workers, listeners and the instance (never raises)."""
-        self._refuse_parked("stopped before the request could run")
-        if self._pool is not None:
-            leftovers = self._pool.shutdown(deadline)
-            self._pool = None
-            for request, reply in leftovers:
-                self._dequeued()
-                reply(self._unavailable(request, "stopped before the request could run"))
-        overflow = self._overflow_thread
-        if overflow is not None and overflow is not threading.current_thread():
-            overflow.join(1.0)  # it exits as soon as nothing is parked
-        for listener in self.listeners:
-            try:
-                listener.close()
-            except Exception:  # noqa: BLE001 - a failing listener must not stop the others closing
-                pass
-        self.listeners = []
-        if self._service is not None:
-            try:
-                _call_lifecycle(self._service, ("cleanup", "close"))
-            except Exception:  # noqa: BLE001 - the task stops whatever the service's cleanup does
-                pass
-            self._service = None
 
     def restart_listeners(self) -> int:
         """Restart listeners that stopped receiving; returns how many (health recovery)."""
@@ -795,9 +929,11 @@ class BaseServiceTask:
         previous = self._method_cost.get(name)
         if previous is None and (len(self._method_cost) >= MAX_TRACKED_METHODS or type(name) is not str):
             return
+        # next_cost_estimate(previous, seconds, self.inline_limit), inlined: this runs on every call, and the
+        # function call would cost ~45 ns of a ~3 µs in-process call (tests/core/test_inline.py pins them equal).
+        # Pessimistic on a slow run (over inline_limit): the next calls go to the pool at once.
         if previous is None or seconds > self.inline_limit:
-            # Pessimistic on a slow run: the next calls go to the pool at once.
-            self._method_cost[name] = seconds if previous is None else max(seconds, previous)
+            self._method_cost[name] = seconds if previous is None or seconds > previous else previous
         else:
             self._method_cost[name] = previous * 0.75 + seconds * 0.25
 
@@ -982,36 +1118,7 @@ class BaseServiceTask:
         RuntimeWarning naming it) and the status is returned without its part.
         ``queue_depth`` counts queued requests and those waiting for room.
         """
-        # Finished before started: a call between the two reads shows as in flight, never as negative.
-        finished, failed, expired = _count(self._finished), _count(self._failed), _count(self._expired)
-        started = _count(self._started)
-        counts = (finished + expired, failed + expired, expired, started - finished, self._queued + self._parked_live)
-        listeners_alive = all(listener.alive for listener in self.listeners)
-        pool = self._pool
-        workers_alive = None if pool is None else pool.alive
-        reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
-        if pool is not None and workers_alive is not None and workers_alive < pool.size:
-            dead = f"{pool.size - workers_alive} of {pool.size} worker thread(s) are dead"
-            reason = f"{reason}; {dead}" if reason else dead
-        status = ServiceStatus(
-            service_name=self.service_name,
-            kind=self.kind,
-            state=self._state,
-            healthy=self._state == "running" and not reason,
-            health_reason=reason if self._state == "running" else f"task is {self._state}",
-            last_health_check=self.last_health_check,
-            requests_total=counts[0],
-            errors_total=counts[1],
-            expired_total=counts[2],
-            in_flight=counts[3],
-            queue_depth=counts[4],
-            max_workers=self.max_workers,
-            restarts=self.restarts,
-            started_at=self.started_at,
-            addresses=[f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses],
-            workers_alive=workers_alive,
-            workers_replaced=0 if pool is None else pool.replaced,
-        )
+        status = self.report_status()
         self._announce("kservice_task_status", task=self, status=status)
         return status
 

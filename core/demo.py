@@ -234,8 +234,11 @@ def _chain_names(environment: ServiceEnvironment, service_name: str) -> list[str
     """Class names of a service's middleware, in chain order, as its managers compile it."""
     from . import get_plugin_manager
 
+    task = environment.get_task(service_name)
     contributed = get_plugin_manager().hook.kservice_middleware(
-        service_name=service_name, options=environment.config.for_service(service_name)
+        service_name=service_name,
+        options=environment.config.for_service(service_name),
+        service_class=None if task is None else task.service_factory.service_class,
     )
     chain: list[Any] = list(environment.middlewares)
     for item in contributed:

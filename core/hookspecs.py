@@ -31,7 +31,7 @@ There are three behaviours, one per kind of hook:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pluggy
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from ._environment import ServiceEnvironment
     from ._manager import ServiceManager
+    from ._messages import ServiceRequest, ServiceResponse
     from ._middleware import ServiceMiddleware
     from ._status import ServiceStatus
     from ._task import BaseServiceTask, ServiceFactory, TaskContext
@@ -118,9 +119,15 @@ def kservice_register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def kservice_resolve_service(service_name: str, manager: ServiceManager) -> list[ServiceAddress] | None:
+def kservice_resolve_service(
+    service_name: str, options: dict[str, Any], manager: ServiceManager
+) -> list[ServiceAddress] | None:
     """Addresses of a running service the manager's own environment does not hold.
 
+    ``options`` is the service's effective configuration as the manager sees
+    it (``manager.config.for_service(service_name)``): what a resolver needs
+    (a namespace, a refresh period). ``manager`` is still passed for
+    resolvers written before ``options`` was; new ones should not need it.
     Called only after the environment was consulted. Every resolver is asked
     and the manager pools their addresses: it does not matter which plugin
     answers first. Calls use the address whose transport comes first in the
@@ -164,14 +171,20 @@ def kservice_running_services() -> list[dict[str, Any]]:
 
 
 @hookspec
-def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | list[ServiceMiddleware] | None:
+def kservice_middleware(
+    service_name: str, options: dict[str, Any], service_class: type | None
+) -> ServiceMiddleware | list[ServiceMiddleware] | None:
     """Middleware for one service, used on both sides of a call.
 
     Its ``before_call``/``after_call`` run in the caller's process (client
     chain); its ``before_handle``/``after_handle`` run in the service's process
     around the method (server chain). ``options`` is the service's effective
-    configuration (``Config.for_service``). Return None to stay out of this
-    service's chain.
+    configuration (``Config.for_service``). ``service_class`` is the service's
+    class where it is known: always on the service's side; on the caller's
+    side when the manager's environment holds the service, else None (a
+    service reached through a resolver, in another process). Declarations on
+    the class (``@kservice.idempotent``, a fallback) are read from it. Return
+    None to stay out of this service's chain.
 
     If it raises: on the caller's side the error propagates to the call that
     compiled the route (nothing is sent); on the service's side to
@@ -180,9 +193,25 @@ def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMi
     """
 
 
+@runtime_checkable
+class RetryPolicy(Protocol):
+    """What the manager asks after a failed attempt; ``kservice_retry_policy`` returns one per service."""
+
+    def should_retry(
+        self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up. ``attempt`` counts retries so far.
+
+        Called on the call's own path (the caller's thread for a sync call, the
+        thread delivering the response for an async one): it should decide
+        without blocking. A delay that would pass the call's deadline means no retry.
+        """
+        ...
+
+
 @hookspec(firstresult=True)
-def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> Any | None:
-    """The retry policy of one service's calls. First result.
+def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> RetryPolicy | None:
+    """The retry policy of one service's calls (a :class:`RetryPolicy`). First result.
 
     The policy is an object with ``should_retry(request, response, attempt,
     idempotent) -> float | None``: the delay in seconds before the next attempt,

@@ -34,6 +34,12 @@ Fixtures (function scope unless noted):
     Makes sure Ray runs for the session (started once, stopped at the end if
     this fixture started it). Requested automatically for ``kind="ray"``.
 
+And one function, for tests that wait for something to happen (a call to
+land, a status to change, a process to exit) rather than sleeping a guessed
+time::
+
+    wait_for(lambda: task.get_service_status().healthy, timeout=10, what="the service to be healthy")
+
 Guarantees: a service that fails to start fails the test with the service's
 own error; teardown stops every service the test started even when the test
 fails, and the environment's child processes are gone when teardown returns.
@@ -44,8 +50,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -54,16 +61,52 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ServiceStarter",
+    "WaitTimeoutError",
     "kservice_config",
     "kservice_environment",
     "kservice_manager",
     "kservice_ray",
     "kservice_service",
+    "wait_for",
 ]
+
+T = TypeVar("T")
 
 RAY_MISSING = "Ray is not installed (pip install 'kservice[ray]'); kind='ray' services cannot run"
 
 _environment_numbers = itertools.count(1)
+
+
+class WaitTimeoutError(AssertionError, TimeoutError):
+    """What :func:`wait_for` raises when its condition did not come true in time.
+
+    An AssertionError, so pytest reports it as a test failure with its message,
+    and a TimeoutError, for code outside tests that catches that.
+    """
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition", interval: float = 0.01) -> T:
+    """Call ``predicate()`` until it returns something truthy, and return that value.
+
+    Polls every ``interval`` seconds (the first call is immediate) for up to
+    ``timeout`` seconds, then raises :class:`WaitTimeoutError` saying
+    ``timed out after <timeout>s waiting for <what>`` and the last value seen.
+    An exception ``predicate`` raises propagates at once (a broken check is
+    not a slow one). Use it instead of ``time.sleep(guess)`` wherever a test
+    waits for a state: it returns as soon as the state is reached and fails
+    with a message naming what never happened.
+    """
+    if timeout < 0 or interval <= 0:
+        raise ValueError(f"wait_for needs timeout >= 0 and interval > 0, got timeout={timeout!r}, interval={interval!r}")
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeoutError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
+        time.sleep(min(interval, remaining))
 
 
 @pytest.fixture

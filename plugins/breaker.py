@@ -49,6 +49,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
+from kservice.keys import CIRCUIT_OPEN, REPLICA_DOWN, RETRYABLE
 
 __all__ = [
     "CircuitBreaker",
@@ -183,7 +184,7 @@ class CircuitBreaker(ServiceMiddleware):
     def _is_failure(self, response: ServiceResponse) -> bool:
         if response.success:
             return False
-        if response.metadata.get("kservice.replica_down"):
+        if response.metadata.get(REPLICA_DOWN):
             # A transport with replicas (ray) took the failing replica out of rotation and
             # others serve: isolating it is per-replica breaking; the service is not failing.
             return False
@@ -231,7 +232,7 @@ class CircuitBreaker(ServiceMiddleware):
             "CircuitOpenError",
             "runtime",
             "",
-            {"kservice.retryable": False, "kservice.circuit_open": True},
+            {RETRYABLE: False, CIRCUIT_OPEN: True},
             False,
             _circuit_open_error(message, self._probe_at),
         )

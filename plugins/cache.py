@@ -7,7 +7,7 @@ Off by default (``cache.enabled: false``); turn it on globally or per service
   that list is empty,
 - the methods declared idempotent: the service's ``idempotent:`` config list,
   and ``@kservice.idempotent`` / ``idempotent_methods`` on the class when the
-  class is known in the caller's process (the service's task runs here).
+  caller's environment holds the service (its class is then known here).
 
 Methods in ``cache.exclude`` are never cached. The key is ``(method, args,
 kwargs)`` with argument types (so ``f(1)`` and ``f(True)`` do not share an
@@ -32,7 +32,15 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import cachetools
-from kservice import BaseServiceTask, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+from kservice import (
+    ServiceMiddleware,
+    ServiceRequest,
+    ServiceResponse,
+    Setting,
+    hookimpl,
+    is_idempotent,
+)
+from kservice.keys import CACHE
 
 __all__ = ["ResultCache", "cache_info", "clear_cache"]
 
@@ -94,7 +102,7 @@ class ResultCache(ServiceMiddleware):
             self.misses += 1
             return None
         self.hits += 1
-        return ServiceResponse(True, result[0], None, request.request_id, metadata={"kservice.cache": "hit"})
+        return ServiceResponse(True, result[0], None, request.request_id, metadata={CACHE: "hit"})
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
         if not response.success or response.degraded:
@@ -121,7 +129,6 @@ _MISS = object()
 # --------------------------------------------------------------- registries
 
 _caches: weakref.WeakValueDictionary[str, ResultCache] = weakref.WeakValueDictionary()
-_classes: weakref.WeakValueDictionary[str, type] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 
@@ -139,25 +146,18 @@ def cache_info(service_name: str) -> dict[str, Any] | None:
     return None if cache is None else cache.info()
 
 
-def _cacheable_methods(service_name: str, options: dict[str, Any]) -> Callable[[str], bool]:
+def _cacheable_methods(options: dict[str, Any], service_class: type | None) -> Callable[[str], bool]:
     settings = options["cache"]
     listed = frozenset(settings["methods"])
     excluded = frozenset(settings["exclude"])
     configured_idempotent = frozenset(options.get("idempotent", ()))
-    service_class = _classes.get(service_name)
 
     def cacheable(method: str) -> bool:
         if method in excluded:
             return False
         if listed:
             return method in listed
-        if method in configured_idempotent:
-            return True
-        if service_class is None:
-            return False
-        if method in getattr(service_class, "__kservice_options__", {}).get("idempotent_methods", ()):
-            return True
-        return bool(getattr(getattr(service_class, method, None), "__kservice_idempotent__", False))
+        return is_idempotent(service_class, method, configured_idempotent)
 
     return cacheable
 
@@ -179,23 +179,17 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
     )
 
 
-@hookimpl
-def kservice_task_started(task: BaseServiceTask) -> None:
-    # Callers in the hosting process learn the class, and so its @kservice.idempotent methods.
-    _classes[task.service_name] = task.service_factory.service_class
-
-
 @hookimpl(tryfirst=True)
-def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | None:
+def kservice_middleware(service_name: str, options: dict[str, Any], service_class: type | None) -> ServiceMiddleware | None:
     # tryfirst: outside the breaker (trylast), so hits skip it and never act as probes.
     settings = options.get("cache")
     if not settings or not settings["enabled"]:
         return None
-    identity = (sorted(settings.items(), key=repr), sorted(options.get("idempotent", ())), _classes.get(service_name))
+    identity = (sorted(settings.items(), key=repr), sorted(options.get("idempotent", ())), service_class)
     with _lock:
         cache = _caches.get(service_name)
         if cache is None or cache.identity != identity:
-            cache = ResultCache(service_name, settings, _cacheable_methods(service_name, options))
+            cache = ResultCache(service_name, settings, _cacheable_methods(options, service_class))
             cache.identity = identity
             _caches[service_name] = cache
     return cache

@@ -20,8 +20,9 @@ Declared three ways (the first found wins, in this order):
 1. by a caller: :func:`register_fallback` ``(service, method, value=... | handler=...)``;
 2. by config: ``services.<name>.fallback.methods.<method>.value``;
 3. by the service class: ``@fallback(value=...)`` or ``@fallback(handler=...)`` on
-   the method (seen by callers in the process that hosts the service, or that
-   imported the class and called :func:`declare_service_class`).
+   the method (seen by callers whose environment holds the service, and by the
+   service's own side; callers of a service hosted elsewhere import the class and
+   call :func:`declare_service_class`).
 
 Ordering: this middleware is registered ``tryfirst``, so it is the outermost
 call policy: its ``after_call`` runs after the breaker's (``trylast``) and sees
@@ -44,7 +45,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kservice import (
-    BaseServiceTask,
     ConfigError,
     ServiceMiddleware,
     ServiceRequest,
@@ -52,6 +52,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
+from kservice.keys import DEGRADED, FALLBACK
 
 __all__ = [
     "Fallback",
@@ -121,7 +122,7 @@ def fallback(value: Any = _MISSING, *, handler: Callable[[ServiceRequest, BaseEx
 # --------------------------------------------------------------- registries
 
 _caller_fallbacks: dict[tuple[str, str], Fallback] = {}
-#: service name -> class, for services whose class this process knows (tasks started here).
+#: service name -> class, for services hosted elsewhere whose class a caller declared (declare_service_class).
 _classes: weakref.WeakValueDictionary[str, type] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 _degraded: Counter[tuple[str, str]] = Counter()
@@ -250,7 +251,7 @@ class FallbackMiddleware(ServiceMiddleware):
             "",
             "",
             "",
-            {**response.metadata, "kservice.degraded": True, "kservice.fallback": reason},
+            {**response.metadata, DEGRADED: True, FALLBACK: reason},
             True,
             None,
         )
@@ -275,14 +276,8 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
     )
 
 
-@hookimpl
-def kservice_task_started(task: BaseServiceTask) -> None:
-    # Callers in the hosting process learn the class, and so its @fallback declarations.
-    _classes[task.service_name] = task.service_factory.service_class
-
-
 @hookimpl(tryfirst=True)
-def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | None:
+def kservice_middleware(service_name: str, options: dict[str, Any], service_class: type | None) -> ServiceMiddleware | None:
     # tryfirst: outermost, so after_call sees the breaker's (trylast) rejection.
     settings = options.get("fallback")
     if not settings or not settings["enabled"]:
@@ -290,7 +285,9 @@ def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMi
     unknown = [r for r in settings["on"] if r not in REASONS]
     if unknown:
         raise ConfigError(f"services.{service_name}.fallback.on: unknown reason(s) {unknown} (known: {', '.join(REASONS)})")
-    declared = {**_class_fallbacks(_classes.get(service_name)), **_config_fallbacks(service_name, settings["methods"])}
+    if service_class is None:  # a service reached through a resolver: the class a caller declared, if any
+        service_class = _classes.get(service_name)
+    declared = {**_class_fallbacks(service_class), **_config_fallbacks(service_name, settings["methods"])}
     with _lock:
         has_caller = any(name == service_name for name, _ in _caller_fallbacks)
     if not declared and not has_caller:

@@ -43,7 +43,6 @@ from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeAlias, cast
 
 from kservice import (
-    MAY_HAVE_RUN,
     BaseServiceTask,
     Config,
     ConfigError,
@@ -56,13 +55,15 @@ from kservice import (
     ServiceResponse,
     ServiceStatus,
     ServiceStoppedError,
-    ServiceTimeoutError,
     ServiceUnavailableError,
     Setting,
     TaskContext,
     Transport,
-    get_plugin_manager,
     hookimpl,
+    idempotent_methods,
+    keys,
+    next_cost_estimate,
+    timeout_response,
 )
 
 __all__ = [
@@ -204,11 +205,11 @@ class _HostedTask(BaseServiceTask):
         super().__init__(service_factory, ctx)
         self.transport_names = ()
 
-    def _start_serving(self) -> None:
+    def host_instance(self) -> None:
         workers: int = self.max_workers
         self.max_workers = 1
         try:
-            super()._start_serving()
+            super().host_instance()
         finally:
             self.max_workers = workers
 
@@ -550,14 +551,7 @@ def _actor_class() -> Any:
 
 def _idempotent_methods(service_class: type | None, options: dict[str, Any]) -> set[str]:
     """Methods declared safe to run twice: ``idempotent:`` config, ``@service(idempotent_methods=)``, ``@idempotent``."""
-    names = set(options.get("idempotent", ()))
-    if service_class is None:
-        return names
-    names.update(getattr(service_class, "__kservice_options__", {}).get("idempotent_methods", ()))
-    for name in dir(service_class):
-        if not name.startswith("_") and getattr(getattr(service_class, name, None), "__kservice_idempotent__", False):
-            names.add(name)
-    return names
+    return idempotent_methods(service_class, options.get("idempotent", ()))
 
 
 # ---------------------------------------------------------------------------
@@ -596,16 +590,11 @@ class _Replica:
     probing: bool = False
 
 
-#: response metadata key retry policies read: False means re-sending cannot help or is unsafe
-RETRYABLE_KEY = "kservice.retryable"
-#: response metadata key naming a replica taken out of rotation while other replicas still serve
-REPLICA_DOWN_KEY = "kservice.replica_down"
-#: response metadata key saying whether the call may have run (kservice.MAY_HAVE_RUN; True: never re-sent
-#: for a method not declared idempotent)
-MAY_HAVE_RUN_KEY = MAY_HAVE_RUN
-#: response metadata key a replica sets when it refused a call without running it (it is stopping or failed
-#: to build): the caller sends the call to another replica
-_REFUSED_KEY = "kservice.replica_refused"
+# Response metadata keys this transport sets (their contracts: kservice.keys).
+RETRYABLE_KEY = keys.RETRYABLE
+REPLICA_DOWN_KEY = keys.REPLICA_DOWN
+MAY_HAVE_RUN_KEY = keys.MAY_HAVE_RUN
+_REFUSED_KEY = keys.REPLICA_REFUSED
 
 
 def _unavailable(request: ServiceRequest, message: str, *, retryable: bool = True) -> ServiceResponse:
@@ -622,9 +611,7 @@ def _may_have_run(request: ServiceRequest, message: str, *, retryable: bool) -> 
     return response
 
 
-def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
-    error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s")
-    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+_timed_out = timeout_response
 
 
 def _cancelled(request: ServiceRequest) -> ServiceResponse:
@@ -1174,11 +1161,7 @@ class _ReplicaSet:
         if type(answer) is not bytes or len(answer) <= _COST.size or self.wire < 2:
             return
         seconds = _COST.unpack_from(answer, len(answer) - _COST.size)[0]
-        previous = self.method_cost.get(method_name)
-        if previous is None or seconds > self.batch_cost_limit:
-            self.method_cost[method_name] = seconds if previous is None else max(seconds, previous)
-        else:
-            self.method_cost[method_name] = previous * 0.75 + seconds * 0.25
+        self.method_cost[method_name] = next_cost_estimate(self.method_cost.get(method_name), seconds, self.batch_cost_limit)
 
     def batchable(self, method_name: str) -> bool:
         """Whether an async call of ``method_name`` that has to wait may leave in a batch with others (see RayConnection)."""
@@ -1837,7 +1820,8 @@ class RayServiceTask(BaseServiceTask):
 
     # -------------------------------------------------------------- starting
 
-    def _start_serving(self) -> None:
+    def host_instance(self) -> None:
+        """Connect to Ray, refuse a name already deployed, create the replicas and wait until each is built."""
         ray = _ray()
         _ensure_ray(ray, self.ray_options)
         existing = _deployments(ray, self.namespace).get(self.service_name)
@@ -1864,8 +1848,10 @@ class RayServiceTask(BaseServiceTask):
         self.replica_set.batch_max = int(self.ray_options["batch_max"])
         self.replica_set.batch_cost_limit = float(self.ray_options["batch_cost_limit"])
         self._add_replicas(self.replica_count)
-        self._state = "running"
-        self.listeners.append(_transport.listen(self))
+
+    def open_listeners(self) -> list[Listener]:
+        """The ``ray`` address of the replica set (its actors listen by themselves)."""
+        return [_transport.listen(self)]
 
     def _actor_options(self, name: str) -> dict[str, Any]:
         opts = self.ray_options
@@ -1990,9 +1976,7 @@ class RayServiceTask(BaseServiceTask):
         task.replica_set.capacity = int(described.get("max_concurrency", task.replica_set.capacity))
         task.replica_set.batch_max = int(task.ray_options["batch_max"])
         task.replica_set.batch_cost_limit = float(task.ray_options["batch_cost_limit"])
-        task._state = "running"
-        task.started_at = time.time()
-        task.listeners.append(_transport.listen(task))
+        task.adopt_running()
         return task
 
     # -------------------------------------------------------------- scaling
@@ -2083,8 +2067,8 @@ class RayServiceTask(BaseServiceTask):
         (the broken ones are then already gone and the service runs with fewer).
         """
         with self._state_lock:
-            if self._state != "running" or self.replica_set is None:
-                return f"nothing: task is {self._state}"
+            if self.state != "running" or self.replica_set is None:
+                return f"nothing: task is {self.state}"
             with self._scale_lock:
                 broken = [replica for replica, _ in self._unhealthy_replicas()]
                 if not broken:
@@ -2097,7 +2081,7 @@ class RayServiceTask(BaseServiceTask):
 
     # -------------------------------------------------------------- stopping
 
-    def _release(self, deadline: float) -> None:
+    def release_instance(self, deadline: float) -> None:
         """Refuse new calls, let every call already accepted in this process finish (until ``deadline``), then kill.
 
         Calls still waiting in this process at ``deadline`` never reached a
@@ -2113,11 +2097,11 @@ class RayServiceTask(BaseServiceTask):
             replicas.retire(members)  # what still waits is answered ServiceStoppedError
             if ray is not None and ray.is_initialized():
                 self._retire(members, max(0.0, deadline - time.monotonic()))
-        super()._release(deadline)
+        super().release_instance(deadline)
 
     # ---------------------------------------------------------------- status
 
-    def get_service_status(self) -> ServiceStatus:
+    def report_status(self) -> ServiceStatus:
         """State, load and health summed over replicas; ``extra['replicas']`` has one entry per replica.
 
         Replicas are asked with a control call answered even when every request
@@ -2138,7 +2122,6 @@ class RayServiceTask(BaseServiceTask):
             "balancer": self.ray_options["balancer"],
             "replicas": self.replica_count,
         }
-        get_plugin_manager().hook.kservice_task_status(task=self, status=status)
         return status
 
 
@@ -2275,6 +2258,11 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
         "service.ray",
         {
             "namespace": Setting((str,), "kservice", "Ray namespace of the replica actors (and of ray.init when kservice connects)."),
+            "resources": Setting((dict,), {}, "Ray resources each replica actor asks for, e.g. {CPU: 2}."),
+            "lifetime": Setting(
+                (str,), "non_detached", "Actor lifetime: 'detached' outlives the driver.", choices=("detached", "non_detached")
+            ),
+            "max_restarts": Setting((int,), 3, "Times Ray restarts a dead replica actor.", minimum=-1),
             "address": Setting(
                 (str,),
                 None,
@@ -2319,11 +2307,11 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 
 
 @hookimpl
-def kservice_resolve_service(service_name: str, manager: Any) -> list[ServiceAddress] | None:
+def kservice_resolve_service(service_name: str, options: dict[str, Any]) -> list[ServiceAddress] | None:
     ray = _ray_if_running()
     if ray is None:
         return None
-    options = manager.config.for_service(service_name)["ray"]
+    options = options["ray"]
     namespace = options["namespace"]
     deployments = _deployments(ray, namespace).get(service_name)
     if not deployments:

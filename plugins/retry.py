@@ -51,10 +51,20 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import tenacity
-from kservice import MAY_HAVE_RUN, ConfigError, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+from kservice import (
+    MAY_HAVE_RUN,
+    ConfigError,
+    RetryPolicy,
+    ServiceMiddleware,
+    ServiceRequest,
+    ServiceResponse,
+    Setting,
+    hookimpl,
+)
+from kservice.keys import RETRYABLE
 
 __all__ = [
     "DefaultRetryPolicy",
@@ -71,16 +81,6 @@ __all__ = [
 SAFE_RUNTIME_ERRORS = frozenset({"ServiceOverloadedError", "ServiceNotFoundError"})
 #: Runtime errors no retry can fix (the caller asked for something that does not exist).
 NEVER_RETRIED = frozenset({"MethodNotFoundError", "ConfigError", "ServiceStoppedError"})
-
-
-class RetryPolicy(Protocol):
-    """What the core asks after a failed attempt (see ``kservice_retry_policy``)."""
-
-    def should_retry(
-        self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
-    ) -> float | None:
-        """Seconds to wait before the next attempt, or None to give up. ``attempt`` counts retries so far."""
-        ...
 
 
 class RetryBudget:
@@ -173,7 +173,7 @@ class DefaultRetryPolicy:
 
     def retryable(self, response: ServiceResponse, idempotent: bool) -> bool:
         """Whether this failure may be re-sent at all (before counting attempts, time and budget)."""
-        if response.metadata.get("kservice.retryable") is False:
+        if response.metadata.get(RETRYABLE) is False:
             return False
         origin = response.error_origin
         if origin == "runtime":
@@ -200,7 +200,7 @@ class DefaultRetryPolicy:
     def should_retry(
         self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
     ) -> float | None:
-        if response.metadata.get("kservice.retryable") is False:
+        if response.metadata.get(RETRYABLE) is False:
             # A middleware's final word (every rejection of an open breaker): nothing to weigh.
             if attempt:
                 give_up(request, response, attempt, "the error is not safe to retry")

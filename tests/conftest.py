@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,13 +61,18 @@ def _segments() -> set[str]:
 
 
 def _settle(check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    """Poll ``check()`` until it returns an empty collection or ``timeout`` passes; returns the last value."""
-    end = time.monotonic() + timeout
-    while True:
-        value = check()
-        if not value or time.monotonic() > end:
-            return value
-        time.sleep(0.05)
+    """Poll ``check()`` until it returns an empty collection or ``timeout`` passes; returns the last value (the leak)."""
+    from kservice.testing import WaitTimeoutError, wait_for  # here: the environment above is set first
+
+    seen = [None]
+
+    def settled() -> bool:
+        seen[0] = check()
+        return not seen[0]
+
+    with contextlib.suppress(WaitTimeoutError):
+        wait_for(settled, timeout=timeout, what="leftovers to go", interval=0.05)
+    return seen[0]
 
 
 @pytest.fixture(autouse=True)

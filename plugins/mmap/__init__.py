@@ -20,7 +20,6 @@ from .transport import MmapConnection, MmapListener, MmapTransport
 
 if TYPE_CHECKING:
     import click
-    from kservice import ServiceManager
 
 __all__ = [
     "MmapConnection",
@@ -79,7 +78,7 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 
 
 @hookimpl
-def kservice_resolve_service(service_name: str, manager: ServiceManager) -> list[ServiceAddress] | None:
+def kservice_resolve_service(service_name: str) -> list[ServiceAddress] | None:
     record = lookup(service_name)
     if record is None:
         return None

@@ -80,7 +80,7 @@ from typing import Any
 
 from kservice import ServiceRequest, ServiceResponse
 
-from .ring import _pid_alive, queue_directory, reserve
+from .ring import _pid_alive, is_private_file, queue_directory, reserve
 
 __all__ = [
     "KIND_BATCH",
@@ -918,7 +918,7 @@ def _open_owned(name: str, what: str, mode: int, gone: str) -> int:
     except FileNotFoundError:
         raise DecodeError(f"{what} {name} is gone ({gone})") from None
     st = os.fstat(fd)
-    if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+    if not is_private_file(st):
         os.close(fd)
         raise DecodeError(
             f"{what} {name} belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; refusing to read it"

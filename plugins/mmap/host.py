@@ -456,6 +456,7 @@ class ProcessServiceTask(BaseServiceTask):
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Any = None
         self._stderr: IO[bytes] | None = None
+        self._address: ServiceAddress | None = None
 
     @property
     def pid(self) -> int | None:
@@ -475,7 +476,8 @@ class ProcessServiceTask(BaseServiceTask):
         raw["services"] = {self.service_name: entry}
         return raw
 
-    def _start_serving(self) -> None:
+    def host_instance(self) -> None:
+        """Spawn the hosting process and wait (``mmap.start_timeout``) until it serves; raise what it reported."""
         payload = pickle.dumps(
             {
                 "factory": self.service_factory,
@@ -511,15 +513,18 @@ class ProcessServiceTask(BaseServiceTask):
             pass  # the child died at once: reported below with its stderr
         ready = self._wait_ready(process, timeout)
         process.stdout.close()
-        address = ServiceAddress(
+        self._address = ServiceAddress(
             "mmap",
             self.service_name,
             ready["queue"],
             instance=ready["queue"],
             info={"pid": process.pid, "queue_timeout": ready["queue_timeout"]},
         )
-        self.listeners = [_ChildListener(address, process)]
-        self._state = "running"
+
+    def open_listeners(self) -> list[_Listener]:
+        """The child's own mmap listener, as seen from here (alive while the child runs)."""
+        assert self._address is not None and self._process is not None
+        return [_ChildListener(self._address, self._process)]
 
     def _portable_middlewares(self) -> tuple[Any, ...]:
         """The environment's middleware the child can run its service-side hooks with.
@@ -584,7 +589,9 @@ class ProcessServiceTask(BaseServiceTask):
                 return f"; its stderr ends with:\n{text}"
         return ""
 
-    def _release(self, deadline: float) -> None:
+    def release_instance(self, deadline: float) -> None:
+        """Ask the child to stop (SIGTERM), kill it at ``deadline``, reclaim what a child that died left."""
+        self._address = None
         process, self._process = self._process, None
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -607,13 +614,13 @@ class ProcessServiceTask(BaseServiceTask):
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        self.listeners = []
+        self.close_listeners()
 
     def recover(self, reason: str) -> str:
         """Health recovery: replace the hosting process (dead, or alive but failing its checks)."""
         with self._state_lock:
-            if self._state != "running":
-                return f"nothing: task is {self._state}"
+            if self.state != "running":
+                return f"nothing: task is {self.state}"
             old_pid = self.pid
             self.rebuild_service()
             return f"respawned the hosting process (pid {old_pid} -> {self.pid})"
@@ -621,13 +628,14 @@ class ProcessServiceTask(BaseServiceTask):
     def rebuild_service(self) -> None:
         """Replace the child process with a new one (health recovery)."""
         with self._state_lock:
-            self._release(time.monotonic() + 5.0)
-            self._start_serving()
+            self.release_instance(time.monotonic() + 5.0)
+            self.host_instance()
+            self.listeners = self.open_listeners()
             self.restarts += 1
 
-    def get_service_status(self) -> ServiceStatus:
+    def report_status(self) -> ServiceStatus:
         """The child's own status (kind ``process``, its pid in ``extra``); the local view if it cannot answer."""
-        if self._state == "running" and self.listeners:
+        if self.state == "running" and self.listeners:
             try:
                 if self._connection is None:
                     from .transport import MmapConnection
@@ -635,7 +643,7 @@ class ProcessServiceTask(BaseServiceTask):
                     self._connection = MmapConnection(self.listeners[0].address)
                 remote = self._connection.remote_status(5.0)
             except ServiceUnavailableError as exc:
-                status = super().get_service_status()
+                status = super().report_status()
                 status.healthy = False
                 status.health_reason = str(exc)
                 return status
@@ -644,11 +652,8 @@ class ProcessServiceTask(BaseServiceTask):
             status.kind = self.kind
             status.restarts += self.restarts
             status.extra["pid"] = remote.get("pid")
-            from kservice import get_plugin_manager
-
-            get_plugin_manager().hook.kservice_task_status(task=self, status=status)
             return status
-        return super().get_service_status()
+        return super().report_status()
 
 
 def _has_fileno(stream: Any) -> bool:

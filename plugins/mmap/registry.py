@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import socket
-import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from urllib.parse import quote, unquote
 import psutil
 from kservice import ServiceError
 
-from .ring import RuntimeDirectoryError, locked, locked_directory, private_directory, queue_directory
+from .ring import RuntimeDirectoryError, is_private_file, locked, locked_directory, private_directory, queue_directory
 
 __all__ = [
     "ServiceNameTaken",
@@ -100,7 +99,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        if not is_private_file(st):
             return None
         with os.fdopen(os.dup(fd), "rb") as f:
             record = json.loads(f.read(1 << 16))

@@ -219,6 +219,7 @@ __all__ = [
     "attach_queue",
     "create_queue",
     "default_queue_directory",
+    "is_private_file",
     "queue_directory",
     "reclaim_stale_queues",
     "reserve",
@@ -490,6 +491,13 @@ def private_directory(d: Path, what: str, *, keep: bool = False) -> Path:
     return d
 
 
+def is_private_file(st: os.stat_result) -> bool:
+    """Whether ``st`` (of a descriptor opened with ``O_NOFOLLOW``) is a regular file of this user's
+    that no other user can read or write: the test every file kservice reads trust from must pass
+    (segments, registry records, the runtime directory's key)."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
 def _private_runtime_directory(path: str) -> bool:
     """Whether ``path`` is an absolute, real directory of this user's that no one else can write (XDG rules)."""
     if not os.path.isabs(path):
@@ -539,7 +547,7 @@ def _runtime_key() -> str | None:
         key = os.read(fd, 256).decode("ascii", "replace").strip()
     finally:
         os.close(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or len(key) < 32:
+    if not is_private_file(st) or len(key) < 32:
         raise RuntimeDirectoryError(
             f"the key naming kservice's runtime directory, {path}, is not a private file of this user's "
             "(mode 0600, 32 or more characters); delete it to have a new one made"

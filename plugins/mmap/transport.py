@@ -69,10 +69,11 @@ from kservice import (
     ServiceOverloadedError,
     ServiceRequest,
     ServiceResponse,
-    ServiceTimeoutError,
     ServiceUnavailableError,
     Transport,
+    timeout_response,
 )
+from kservice.keys import RETRYABLE
 
 from . import codec, registry
 from .ring import (
@@ -129,7 +130,6 @@ def _runtime_error(request_id: str, error: BaseException, may_have_run: bool | N
 
 
 #: Response metadata key the retry policy reads: False means re-sending cannot help.
-RETRYABLE = "kservice.retryable"
 
 
 def _undecodable_response(request_id: str, call: str, exc: codec.DecodeError) -> ServiceResponse:
@@ -143,9 +143,7 @@ def _undecodable_response(request_id: str, call: str, exc: codec.DecodeError) ->
     return response
 
 
-def _timed_out(request: ServiceRequest, timeout: float) -> ServiceResponse:
-    error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s")
-    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+_timed_out = timeout_response
 
 
 _status_ids = itertools.count(1)

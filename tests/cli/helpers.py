@@ -58,16 +58,6 @@ def assert_user_error(result: Result, *fragments: str, status: int | None = None
         assert fragment in line, (fragment, line)
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    """Poll ``predicate()`` until it returns something truthy; returns it (or the last falsy value)."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(interval)
-
-
 def run_many(commands: Sequence[Sequence[str]], env: dict[str, str] | None = None, timeout: float = 60) -> list[Result]:
     """Run several CLI invocations concurrently (they are independent); results in order."""
     processes = [

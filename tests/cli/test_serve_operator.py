@@ -12,8 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from kservice.testing import WaitTimeoutError, wait_for
 
-from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, wait_for
+from .helpers import KSERVICE, assert_user_error, cli_env, run_cli
 
 
 class Host:
@@ -38,8 +39,9 @@ class Host:
             lines.append(line.rstrip("\n"))
 
     def wait_line(self, lines: list[str], fragment: str, timeout: float = 20.0) -> str:
-        found = wait_for(lambda: next((line for line in lines if fragment in line), None), timeout=timeout)
-        if found is None:
+        try:
+            found: str = wait_for(lambda: next((line for line in lines if fragment in line), None), timeout=timeout)
+        except WaitTimeoutError:
             pytest.fail(f"no line with {fragment!r} within {timeout}s; stdout {self.out}, stderr {self.err}")
         return found  # type: ignore[no-any-return]
 
@@ -164,7 +166,7 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
         assert _call(name, "hello", env, tmp_path) == '"v1"'
 
         _module(tmp_path, "reloadsvc", _greeter("v2"))
-        assert wait_for(lambda: _call(name, "hello", env, tmp_path) == '"v2"', timeout=30, interval=0.3), host.err
+        wait_for(lambda: _call(name, "hello", env, tmp_path) == '"v2"', timeout=30, what="the reloaded v2 to answer", interval=0.3)
 
         # A syntax error: the error is shown, the old host keeps serving the old code.
         _module(tmp_path, "reloadsvc", _greeter("v3").replace("def hello(self):", "def hello(self)"))
@@ -174,7 +176,7 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
 
         # The next good save reloads.
         _module(tmp_path, "reloadsvc", _greeter("v4"))
-        assert wait_for(lambda: _call(name, "hello", env, tmp_path) == '"v4"', timeout=30, interval=0.3), host.err
+        wait_for(lambda: _call(name, "hello", env, tmp_path) == '"v4"', timeout=30, what="the reloaded v4 to answer", interval=0.3)
         # Each replaced host drained and said so.
         assert len([line for line in host.out if line.startswith(f"stopped serving {name}")]) == 2
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from kservice import ServiceEnvironment, ServiceManager, ServiceStoppedError, ServiceTimeoutError
+from kservice.testing import wait_for
 
 from tests.core.services import KeyValue
 from tests.mmap.services import SerialLedger
@@ -19,13 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 def tags(path: Path) -> list[str]:
     """The tags of the runs the ledger file recorded, in order."""
     return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -40,7 +34,7 @@ def test_cancelling_a_queued_future_means_the_call_never_runs(ledger_env: Servic
     path = tmp_path / "ledger.txt"
     with ledger_env.manager() as manager:
         busy = manager.call_service_async("ledger", "record", (str(path), "busy", 1.0), timeout=30)
-        wait_for(lambda: tags(path) == ["busy"])
+        wait_for(lambda: tags(path) == ["busy"], what="the busy call to start")
         queued = manager.call_service_async("ledger", "record", (str(path), "queued", 0.0), timeout=30)
         started = time.monotonic()
         assert queued.cancel()
@@ -57,7 +51,7 @@ def test_cancelling_a_running_call_lets_it_finish_and_drops_its_result(ledger_en
     path = tmp_path / "ledger.txt"
     with ledger_env.manager() as manager:
         running = manager.call_service_async("ledger", "record", (str(path), "running", 0.5), timeout=30)
-        wait_for(lambda: tags(path) == ["running"])
+        wait_for(lambda: tags(path) == ["running"], what="the call to start")
         assert running.cancel()
         # A thread cannot be interrupted: it runs to the end, then the service takes the next call.
         assert manager.call_service_sync("ledger", "record", (str(path), "next", 0.0), timeout=10) > 0
@@ -106,7 +100,9 @@ def test_close_fails_async_calls_in_flight_at_once() -> None:
         manager = env.manager()
         short = manager.call_service_async("kv", "sleep", (1.5,), timeout=0.3)
         long = manager.call_service_async("kv", "sleep", (1.5,), timeout=30)
-        time.sleep(0.05)
+        task = env.get_task("kv")
+        assert task is not None
+        wait_for(lambda: task.get_service_status().in_flight == 2, what="both calls to run")
         started = time.monotonic()
         manager.close()
         for future in (short, long):
@@ -136,7 +132,9 @@ def test_a_sync_call_in_flight_at_close_ends_by_its_deadline() -> None:
         caller = threading.Thread(target=call)
         started = time.monotonic()
         caller.start()
-        time.sleep(0.05)
+        task = env.get_task("kv")
+        assert task is not None
+        wait_for(lambda: task.get_service_status().in_flight == 1, what="the sync call to run")
         manager.close()
         caller.join(5)
         assert isinstance(outcome[0], ServiceTimeoutError)

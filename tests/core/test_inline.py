@@ -8,6 +8,8 @@ from typing import Any
 
 import kservice
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from kservice import ServiceEnvironment, ServiceTimeoutError
 
 
@@ -70,3 +72,14 @@ def test_a_method_that_turns_slow_times_out_once_then_goes_to_the_pool() -> None
         assert time.monotonic() - began >= 0.2  # it ran here: the caller waited for it, this once
         instance.delay = 0.0
         assert manager.call_service_sync("where", "thread").startswith("kservice-where-")  # now pooled
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=0.01), min_size=1, max_size=20))
+def test_a_tasks_cost_estimate_follows_next_cost_estimate(runs: list[float]) -> None:
+    """The task's inlined estimate (observe_cost) and the exported rule transports use agree on every run."""
+    task = kservice.LocalServiceTask(kservice.ServiceFactory("estimate", object))
+    expected: float | None = None
+    for seconds in runs:
+        task.observe_cost("m", seconds)
+        expected = kservice.next_cost_estimate(expected, seconds, task.inline_limit)
+        assert task.method_cost("m") == expected

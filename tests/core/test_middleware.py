@@ -324,3 +324,25 @@ def test_the_compiled_chain_behaves_as_specified(script: list[tuple[str | None, 
         expected.error_type,
     )
     assert log == expected_log
+
+
+class ExplodingBefore(ServiceMiddleware):
+    def before_call(self, request: ServiceRequest) -> None:
+        raise LookupError("raised inside the chain")
+
+
+def test_a_traceback_through_a_compiled_chain_shows_the_generated_source() -> None:
+    """The generated chain's code is in linecache: tracebacks (and debuggers) show its lines, not blanks."""
+    import traceback
+
+    from kservice._middleware import MiddlewareChain, MiddlewareError
+
+    chain = MiddlewareChain([ServiceMiddleware(), ExplodingBefore()], "client")
+    with pytest.raises(MiddlewareError) as caught:
+        chain.run_before(ServiceRequest("r-1", "svc", "get"))
+    shown = "".join(traceback.format_exception(caught.value.error))
+    assert "outcome = before_1(request)" in shown, shown
+    assert "<kservice middleware chain" in shown and "in run_before" in shown
+    # Chains of the same shape share one generated source (linecache does not grow per route).
+    again = MiddlewareChain([ServiceMiddleware(), ExplodingBefore()], "client")
+    assert again.run_before.__code__.co_filename == chain.run_before.__code__.co_filename

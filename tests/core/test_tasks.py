@@ -17,6 +17,7 @@ from kservice import (
     ServiceStatus,
     ServiceUnavailableError,
 )
+from kservice.testing import wait_for
 
 from tests.core.services import ClosesOnStop, FailsToStart, KeyValue, NotThreadSafe, Recorder
 
@@ -96,7 +97,7 @@ def test_stop_drains_in_flight_and_queued_calls() -> None:
     env.start()
     manager = ServiceManager(env)
     futures = [manager.call_service_async("rec", "work", (str(i), 0.1)) for i in range(3)]
-    time.sleep(0.05)
+    wait_for(lambda: task.get_service_status().in_flight == 1, what="the first call to run, two queued")
     task.stop_service(timeout=5)
     assert [f.result(timeout=1) for f in futures] == ["0", "1", "2"]
     env.stop()

@@ -75,6 +75,29 @@ def test_migration_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.timeout(60)
+def test_task_kind_guide_example_runs(tmp_path: Path) -> None:
+    """The guide's kind warms its service before serving, and a warm-up that raises fails the start."""
+    example = python_blocks("guide-task-kind.md")[0]
+    result = run_python(example, tmp_path)
+    assert result.returncode == 0, result.stderr
+    served, reported, failed = result.stdout.splitlines()
+    assert served == "2"  # the table warm_up() filled was there for the first call
+    assert reported == "True"  # report_status() added its part to get_service_status()
+    assert failed.startswith("failed - ") and "RuntimeError: the table is missing" in failed
+
+
+def test_task_kind_guide_names_the_seam() -> None:
+    """Every step the guide's table documents is a public method of BaseServiceTask."""
+    from kservice import BaseServiceTask
+
+    text = (DOCS / "guide-task-kind.md").read_text(encoding="utf-8")
+    steps = re.findall(r"^\| `(\w+)\(", text, re.M)
+    assert steps == ["host_instance", "open_listeners", "release_instance", "report_status"]
+    for step in [*steps, "adopt_running", "close_listeners"]:
+        assert callable(getattr(BaseServiceTask, step)) and BaseServiceTask.__dict__[step].__doc__, step
+
+
 def _resolve(dotted: str) -> object:
     parts = dotted.split(".")
     for split in range(len(parts), 0, -1):
@@ -105,7 +128,17 @@ def test_concepts_name_every_hook() -> None:
     assert not missing, f"docs/concepts.md does not mention hooks {missing}"
 
 
-GUIDES = ("index.md", "quickstart.md", "concepts.md", "configuration.md", "guide-transport.md", "guide-middleware.md", "migration.md")
+GUIDES = (
+    "index.md",
+    "quickstart.md",
+    "concepts.md",
+    "configuration.md",
+    "guide-transport.md",
+    "guide-middleware.md",
+    "guide-task-kind.md",
+    "life-of-a-call.md",
+    "migration.md",
+)
 
 
 def test_doc_links_resolve() -> None:

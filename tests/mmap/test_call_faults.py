@@ -23,6 +23,7 @@ from kservice import (
     ServiceUnavailableError,
 )
 from kservice.plugins.mmap import reclaim, registry
+from kservice.testing import wait_for
 
 from .services import Host, unique
 
@@ -32,13 +33,6 @@ pytestmark = pytest.mark.timeout(90)
 def tags(path: Path) -> list[str]:
     """The tags of the runs the ledger file recorded, in order."""
     return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.01)
 
 
 class Hosts:
@@ -57,7 +51,7 @@ class Hosts:
         """In a thread: once ``when()``, ``kill -9`` the host, and 0.3 s later start a new one under the same name."""
 
         def run() -> None:
-            wait_for(when)
+            wait_for(when, timeout=20, what="the fault's moment")
             host.process.kill()
             host.process.wait()
             time.sleep(0.3)
@@ -157,7 +151,7 @@ def test_a_draining_host_answers_every_call_in_flight_whatever_the_process_does_
         in_flight = [manager.call_service_async(name, "sleep", (1.5,), timeout=30) for _ in range(16)]
         time.sleep(0.3)
         host.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: registry.lookup(name) is None)  # it stopped accepting
+        wait_for(lambda: registry.lookup(name) is None, timeout=20, what="the host to stop accepting")
         # A new call is refused; its route is refreshed (and the old connection closed) ...
         with pytest.raises((ServiceUnavailableError, ServiceNotFoundError)):
             manager.call_service_sync(name, "echo", (1,), timeout=10)
@@ -175,7 +169,7 @@ def test_cancelling_a_queued_call_keeps_it_from_ever_running_in_the_host(hosts: 
     path = tmp_path / "ledger.txt"
     with ServiceManager() as manager:
         busy = manager.call_service_async(name, "record", (str(path), "busy", 1.0), timeout=30)
-        wait_for(lambda: tags(path) == ["busy"])
+        wait_for(lambda: tags(path) == ["busy"], timeout=20, what="the busy call to start")
         queued = manager.call_service_async(name, "record", (str(path), "queued", 0.0), timeout=30)
         time.sleep(0.1)  # it reached the host's queue, behind the busy call
         assert queued.cancel()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager
+from kservice.testing import wait_for
 
 from tests.core.services import KeyValue
 
@@ -22,10 +22,12 @@ def test_killed_host_process_is_respawned_and_serves_again() -> None:
             first_pid = task.pid
             assert first_pid is not None
             os.kill(first_pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and (task.pid in (None, first_pid) or task.restarts < 1):
-                time.sleep(0.1)
-            assert task.restarts >= 1 and task.pid not in (None, first_pid)
+            wait_for(
+                lambda: task.restarts >= 1 and task.pid not in (None, first_pid),
+                timeout=30,
+                what="health recovery to respawn the killed host",
+                interval=0.1,
+            )
             # The new instance starts from its constructor arguments; callers find it without help.
             assert manager.call_service_sync("kv", "get", ("a",), timeout=10) == 1
             status = manager.get_service_status("kv")

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,18 +17,6 @@ from tests.conftest import clean_environ
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll ``predicate()`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -66,5 +53,4 @@ def server_chain(task: kservice.BaseServiceTask) -> tuple[Any, ...]:
 
 def client_chain(manager: kservice.ServiceManager, service_name: str) -> tuple[Any, ...]:
     """The middleware compiled into a manager's client chain for one service."""
-    chain = manager._route(service_name).chain
-    return () if chain is None else tuple(chain.middlewares)
+    return manager.client_middlewares(service_name)

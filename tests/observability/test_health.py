@@ -11,8 +11,8 @@ import kservice
 import pytest
 from kservice import BaseServiceTask, Listener, ServiceAddress, Transport, hookimpl
 from kservice.plugins import health
+from kservice.testing import wait_for
 
-from tests.observability.conftest import wait_for
 from tests.observability.services import AlwaysSick, Echo, HangingCheck, Poisonable
 
 FAST = {"period": 0.02, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 3}

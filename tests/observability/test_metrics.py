@@ -11,10 +11,11 @@ import pytest
 from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, hookimpl
 from kservice.middleware import metrics
 from kservice.middleware.metrics import ClientMetrics, ServerMetrics, ServiceRecorder
+from kservice.testing import wait_for
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.observability.conftest import client_chain, server_chain, wait_for
+from tests.observability.conftest import client_chain, server_chain
 from tests.observability.services import Echo
 
 NO_HEALTH = {"health": {"enabled": False}}

@@ -43,7 +43,7 @@ with kservice.ServiceEnvironment("probe", config) as env:
     while task.restarts == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     status = task.get_service_status()
-    names = [type(m).__name__ for m in (manager._route("p").chain.middlewares if manager._route("p").chain else ())]
+    names = [type(m).__name__ for m in manager.client_middlewares("p")]
 try:
     from kservice.middleware import metrics
     calls = metrics.snapshot()["server"].get("p", {}).get("calls", 0)
@@ -136,7 +136,7 @@ with warnings.catch_warnings(record=True) as quiet:
         env.register_service("echo", Echo)
         manager = env.manager()
         assert manager.call_service_sync("echo", "echo", (1,)) == 1
-        names = [type(m).__name__ for m in (manager._route("echo").chain.middlewares if manager._route("echo").chain else ())]
+        names = [type(m).__name__ for m in manager.client_middlewares("echo")]
         assert not any("Tracing" in n for n in names), names
         assert "ClientMetrics" in names
 assert not [w for w in quiet if "tracing" in str(w.message)], "no warning unless tracing is asked for"
@@ -166,7 +166,7 @@ exporter = InMemorySpanExporter()
 with kservice.ServiceEnvironment("auto", {"health": {"enabled": False}}) as env:
     env.register_service("echo", Echo)
     manager = env.manager()
-    names = [type(m).__name__ for m in (manager._route("echo").chain.middlewares if manager._route("echo").chain else ())]
+    names = [type(m).__name__ for m in manager.client_middlewares("echo")]
     assert not any("Tracing" in n for n in names), "auto mode without a provider: not in the chain"
 with kservice.ServiceEnvironment("x", {"health": {"enabled": False}, "tracing": {"enabled": True}}) as env:
     env.register_service("echo", Echo)

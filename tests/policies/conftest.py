@@ -42,8 +42,7 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def chain_of(manager: Any, service_name: str) -> tuple[Any, ...]:
     """The client middlewares a manager compiled for a service (none: the route has no chain)."""
-    chain = manager._route(service_name).chain
-    return tuple(chain.middlewares) if chain else ()
+    return tuple(manager.client_middlewares(service_name))
 
 
 def run_script(code: str, *, env: dict[str, str] | None = None, timeout: float = 90) -> Any:

@@ -328,7 +328,7 @@ def test_an_open_breaker_refuses_before_the_request_is_built() -> None:
             _open(manager, "gated")
             route = manager._route("gated")
             assert route.admit is not None
-            counter = next(m for m in route.chain.middlewares if type(m).__name__ == "RetryBudgetCounter")  # type: ignore[union-attr]
+            counter = next(m for m in manager.client_middlewares("gated") if type(m).__name__ == "RetryBudgetCounter")
             attempts_before = counter.budget.calls
             for _ in range(4):
                 with pytest.raises(CircuitOpenError):

@@ -12,6 +12,7 @@ import pytest
 import ray
 from kservice import ServiceCallError, ServiceEnvironment, ServiceManager, ServiceTimeoutError, ServiceUnavailableError
 from kservice.plugins.ray import RayConnection
+from kservice.testing import wait_for
 from ray_services import quiet_config, without_breaker
 
 # One request slot: a call in flight makes the replica busy, so the next async calls of a fast method batch.
@@ -47,13 +48,12 @@ def _known_fast(manager: ServiceManager, name: str, method: str, *args: Any) -> 
 
 def _settled(connection: RayConnection) -> int:
     """Calls the connection still counts in flight, once the completer caught up (0 when nothing leaked)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        in_flight = sum(replica.in_flight for replica in connection.replicas.snapshot())
-        if in_flight == 0:
-            return 0
-        time.sleep(0.05)
-    return in_flight
+    wait_for(
+        lambda: sum(replica.in_flight for replica in connection.replicas.snapshot()) == 0,
+        timeout=10,
+        what="the connection to count no call in flight",
+    )
+    return 0
 
 
 @pytest.mark.timeout(60)

@@ -26,6 +26,7 @@ from kservice import (
     ServiceUnavailableError,
 )
 from kservice.plugins.ray import RayConnection, RayServiceTask
+from kservice.testing import wait_for
 from ray_services import without_breaker
 
 #: calls one replica runs at once in these tests
@@ -87,12 +88,6 @@ def assert_at_most_once(path: Path, ok: set[str], failed: dict[str, BaseExceptio
     return runs
 
 
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
 
 def _task(env: ServiceEnvironment, name: str) -> RayServiceTask:
     task = env.get_task(name)
@@ -117,7 +112,7 @@ def test_killing_one_of_two_replicas_fails_only_the_calls_running_in_it(tmp_path
     with ServiceEnvironment("ray-kill-bound", ledger_config("bound", path, replicas=2)) as env, env.manager() as manager:
         task = _task(env, "bound")
         futures = {f"c{i}": manager.call_service_async("bound", "record", (f"c{i}", 0.005), timeout=60) for i in range(300)}
-        wait_until(lambda: sum(f.done() for f in futures.values()) >= 100, 30, "100 calls to finish")
+        wait_for(lambda: sum(f.done() for f in futures.values()) >= 100, timeout=30, what="100 calls to finish")
         victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
         ray.kill(victim.handle, no_restart=True)
         ok, failed = settle(futures)
@@ -164,7 +159,7 @@ def test_scale_down_under_load_fails_nothing_and_keeps_the_breaker_closed(tmp_pa
         task = _task(env, "shrink")
         names = [replica.name for replica in task.replica_set.snapshot()]  # type: ignore[union-attr]
         futures = {f"s{i}": manager.call_service_async("shrink", "record", (f"s{i}", 0.05), timeout=60) for i in range(100)}
-        wait_until(lambda: sum(f.done() for f in futures.values()) >= 10, 30, "10 calls to finish")
+        wait_for(lambda: sum(f.done() for f in futures.values()) >= 10, timeout=30, what="10 calls to finish")
         task.scale(1)
         ok, failed = settle(futures)
         assert not failed, {token: repr(error) for token, error in list(failed.items())[:5]}
@@ -182,7 +177,7 @@ def test_stop_under_load_finishes_every_accepted_call_then_refuses_new_ones(tmp_
     with ServiceEnvironment("ray-stop-drain", ledger_config("drain", path, replicas=2, concurrency=2)) as env, env.manager() as manager:
         task = _task(env, "drain")
         futures = {f"d{i}": manager.call_service_async("drain", "record", (f"d{i}", 0.05), timeout=60) for i in range(60)}
-        wait_until(lambda: sum(f.done() for f in futures.values()) >= 5, 30, "5 calls to finish")
+        wait_for(lambda: sum(f.done() for f in futures.values()) >= 5, timeout=30, what="5 calls to finish")
         task.stop_service(timeout=60)
         ok, failed = settle(futures, timeout=5)
         assert not failed, {token: repr(error) for token, error in list(failed.items())[:5]}
@@ -225,13 +220,13 @@ def test_a_cancelled_call_still_waiting_in_the_caller_never_starts(tmp_path: Pat
         replies = _Replies()
         busy = _request("cancel", "busy", 1.0)
         connection.send(busy, replies)
-        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        wait_for(lambda: ledger(path)["busy"] == 1, timeout=20, what="the busy call to start")
         queued = [_request("cancel", f"q{i}", 0.0) for i in range(6)]
         for request in queued:
             connection.send(request, replies)
         for request in queued[::2]:
             connection.cancel(request)
-        wait_until(lambda: replies.count() == 7, 20, "every call to be answered")
+        wait_for(lambda: replies.count() == 7, timeout=20, what="every call to be answered")
         runs = ledger(path)
         assert all(runs[r.args[0]] == 0 for r in queued[::2]), runs
         assert all(runs[r.args[0]] == 1 for r in queued[1::2]), runs
@@ -250,7 +245,7 @@ def test_an_async_call_that_times_out_while_waiting_in_the_caller_never_runs(tmp
     with ServiceEnvironment("ray-late", ledger_config("late", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
         connection = _connection(manager, "late")
         busy = manager.call_service_async("late", "record", ("busy", 1.0))
-        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        wait_for(lambda: ledger(path)["busy"] == 1, timeout=20, what="the busy call to start")
         started = time.monotonic()
         late = manager.call_service_async("late", "record", ("late", 0.0), timeout=0.3)
         with pytest.raises(ServiceTimeoutError):
@@ -270,9 +265,9 @@ def test_cancelling_a_running_call_lets_it_finish_and_answers_its_caller_once(tm
         replies = _Replies()
         running = _request("running", "r1", 0.5)
         connection.send(running, replies)
-        wait_until(lambda: ledger(path)["r1"] == 1, 20, "the call to start")
+        wait_for(lambda: ledger(path)["r1"] == 1, timeout=20, what="the call to start")
         connection.cancel(running)
-        wait_until(lambda: replies.count() == 1, 20, "the cancelled call to be answered")
+        wait_for(lambda: replies.count() == 1, timeout=20, what="the cancelled call to be answered")
         time.sleep(0.2)
         assert replies.count() == 1
         assert ledger(path)["r1"] == 1  # Ray does not interrupt a running method of a threaded actor
@@ -294,7 +289,7 @@ def test_default_retries_never_resend_a_call_that_may_have_run_but_resend_calls_
     with ServiceEnvironment("ray-retries", config) as env, env.manager() as manager:
         task = _task(env, "retried")
         running = manager.call_service_async("retried", "record", ("running", 5.0), timeout=60)
-        wait_until(lambda: ledger(path)["running"] == 1, 20, "the first call to start")
+        wait_for(lambda: ledger(path)["running"] == 1, timeout=20, what="the first call to start")
         waiting = {f"w{i}": manager.call_service_async("retried", "record", (f"w{i}", 0.0), timeout=60) for i in range(4)}
         time.sleep(0.1)
         assert ledger(path).keys() == {"running"}  # the others wait in the caller
@@ -323,10 +318,10 @@ def test_a_cancelled_call_of_a_batch_in_flight_is_skipped_by_the_replica(tmp_pat
         batch = [_request("skips", f"k{i}", 0.05) for i in range(20)]
         for request in batch:
             connection.send(request, replies)
-        wait_until(lambda: connection.replicas.batched_calls >= 20 and ledger(path)["k0"] == 1, 20, "the batch to start")
+        wait_for(lambda: connection.replicas.batched_calls >= 20 and ledger(path)["k0"] == 1, timeout=20, what="the batch to start")
         for request in batch[10:]:
             connection.cancel(request)
-        wait_until(lambda: replies.count() == 21, 20, "every call to be answered")
+        wait_for(lambda: replies.count() == 21, timeout=20, what="every call to be answered")
         runs = ledger(path)
         assert all(runs[r.args[0]] == 1 for r in batch[:10]), runs
         assert all(runs[r.args[0]] == 0 for r in batch[10:]), runs
@@ -342,7 +337,7 @@ def test_sync_calls_wait_in_the_caller_for_a_slot_and_time_out_there_unrun(tmp_p
     with ServiceEnvironment("ray-sync-wait", ledger_config("syncwait", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
         connection = _connection(manager, "syncwait")
         busy = manager.call_service_async("syncwait", "record", ("busy", 1.0))
-        wait_until(lambda: ledger(path)["busy"] == 1, 20, "the busy call to start")
+        wait_for(lambda: ledger(path)["busy"] == 1, timeout=20, what="the busy call to start")
         started = time.monotonic()
         with pytest.raises(ServiceTimeoutError):
             manager.call_service_sync("syncwait", "record", ("late", 0.0), timeout=0.3)
@@ -373,9 +368,9 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
             requests = [_request("remote", f"r{i}", 0.02) for i in range(150)]
             for request in requests:
                 remote.send(request, replies)
-            wait_until(lambda: replies.count() >= 10, 30, "10 calls to finish")
+            wait_for(lambda: replies.count() >= 10, timeout=30, what="10 calls to finish")
             task.scale(1)
-            wait_until(lambda: replies.count() == 150, 60, "every call to be answered")
+            wait_for(lambda: replies.count() == 150, timeout=60, what="every call to be answered")
             failed = {r.args[0]: replies.answers[r.request_id][0].error for r in requests if not replies.answers[r.request_id][0].success}
             ok = {r.args[0] for r in requests if replies.answers[r.request_id][0].success}
             runs = assert_at_most_once(path, ok, {token: RuntimeError(error) for token, error in failed.items()})

@@ -13,6 +13,7 @@ import pytest
 import ray
 from kservice import ServiceEnvironment, ServiceFactory, ServiceTimeoutError, ServiceUnavailableError
 from kservice.plugins.ray import RayServiceTask
+from kservice.testing import wait_for
 from ray_services import EchoService, without_breaker
 
 
@@ -46,12 +47,6 @@ def outcomes(futures: dict[str, Future[Any]]) -> tuple[set[str], set[str]]:
             unavailable.add(token)
     return ok, unavailable
 
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.timeout(90)
@@ -117,7 +112,7 @@ def test_killing_one_of_two_replicas_under_load_loses_no_call_and_runs_none_twic
             assert set(runs) <= set(futures)
             assert len(ok) >= 60, f"only {len(ok)} of 120 calls succeeded"
             # The restarted replica rejoins and serves again.
-            wait_until(lambda: victim.up, 30, "the killed replica to rejoin")
+            wait_for(lambda: victim.up, timeout=30, what="the killed replica to rejoin")
             actors = {manager.call_service_sync("ledger", "where")["actor"] for _ in range(20)}
             assert victim.name in actors and len(actors) == 2
             status = task.get_service_status()
@@ -156,7 +151,7 @@ def test_idempotent_call_completes_through_the_replica_restart(tmp_path: Path) -
         with env.manager() as manager:
             retried = manager.call_service_async("idem", "record_idempotent", ("i1", 1.0), timeout=60)
             once = manager.call_service_async("idem", "record", ("n1", 1.0), timeout=60)
-            wait_until(lambda: ledger(path)["i1"] == 1 and ledger(path)["n1"] == 1, 20, "both calls to start")
+            wait_for(lambda: ledger(path)["i1"] == 1 and ledger(path)["n1"] == 1, timeout=20, what="both calls to start")
             ray.kill(task.replica_set.snapshot()[0].handle, no_restart=False)  # type: ignore[union-attr]
             assert retried.result(60) == "i1"
             with pytest.raises(ServiceUnavailableError):

@@ -1,0 +1,79 @@
+"""Named keys plugins use to pass contracts to each other: response metadata and status sections.
+
+A plugin that sets or reads one of these imports the name from here instead of
+spelling the string, so a reader can find every party to a contract with one
+search, and a typo is an ImportError rather than a silently ignored key.
+
+Response metadata (``ServiceResponse.metadata``) keys start with ``kservice.``;
+status sections (``ServiceStatus.extra``) are plain words. Values are part of
+the public API: a third-party plugin may set and read them with the meaning
+given here.
+"""
+
+from __future__ import annotations
+
+from ._messages import MAY_HAVE_RUN
+
+__all__ = [
+    "CACHE",
+    "CIRCUIT_OPEN",
+    "DEGRADED",
+    "FALLBACK",
+    "MAY_HAVE_RUN",
+    "REPLICA_DOWN",
+    "REPLICA_REFUSED",
+    "RETRYABLE",
+    "STATUS_BATCHING",
+    "STATUS_BREAKER",
+    "STATUS_HEALTH",
+    "STATUS_LOAD",
+    "STATUS_PID",
+    "STATUS_RAY",
+    "STATUS_RECENT_ERRORS",
+    "STATUS_REPLICAS",
+    "STATUS_WAITING_IN_CALLER",
+]
+
+# ------------------------------------------------------------------ response metadata
+
+# MAY_HAVE_RUN ("kservice.may_have_run"), defined beside ServiceResponse: whether a request that failed
+# in the runtime may have reached the service (False: it provably never did, so any retry may re-send it).
+
+#: ``False``: re-sending cannot help or is unsafe, whatever the error (an open breaker, a replica set with
+#: no live replica). Retry policies give up at once; absent or True: the policy decides as usual.
+RETRYABLE = "kservice.retryable"
+#: True on a failure that took one replica out of rotation while others still serve: the service is not
+#: down, so a circuit breaker does not count it against the service.
+REPLICA_DOWN = "kservice.replica_down"
+#: True when a replica refused a call without running it (it is stopping or failed to build): the caller
+#: sends the call to another replica (internal to the ``ray`` transport, named here so nothing else reuses it).
+REPLICA_REFUSED = "kservice.replica_refused"
+#: True when the breaker refused the call because its circuit is open (the call was never sent).
+CIRCUIT_OPEN = "kservice.circuit_open"
+#: True on a response a fallback produced instead of the service's own answer.
+DEGRADED = "kservice.degraded"
+#: Why a fallback answered (one of the fallback plugin's reasons: ``error``, ``timeout``, ``unavailable``...).
+FALLBACK = "kservice.fallback"
+#: ``"hit"`` on a response the result cache answered without calling the service.
+CACHE = "kservice.cache"
+
+# ------------------------------------------------------------------ status sections (ServiceStatus.extra)
+
+#: the breaker plugin's state of the service's circuit, in this process
+STATUS_BREAKER = "breaker"
+#: the health plugin's view: last check, failures, recoveries
+STATUS_HEALTH = "health"
+#: the metrics plugin's load: in-flight and queued calls, the recent window's rates and latencies
+STATUS_LOAD = "load"
+#: the calllog plugin's most recent failed calls
+STATUS_RECENT_ERRORS = "recent_errors"
+#: the pid of the process hosting the service (``process`` tasks)
+STATUS_PID = "pid"
+#: the ``ray`` task's deployment: namespace, deployment id, lifetime, balancer, replica count
+STATUS_RAY = "ray"
+#: one entry per replica (``ray`` tasks)
+STATUS_REPLICAS = "replicas"
+#: calls waiting in this process for a free replica slot (``ray`` tasks)
+STATUS_WAITING_IN_CALLER = "waiting_in_caller"
+#: the ``ray`` connection's batching counters
+STATUS_BATCHING = "batching"
