@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 import os
 import stat
@@ -19,8 +20,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
-
-import yaml
 
 from ._errors import ConfigError
 
@@ -330,58 +329,63 @@ def _type_name(value: Any) -> str:
     return {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys, deep nesting and absurdly long integers.
+@functools.cache
+def _config_loader() -> Any:
+    """The YAML loader class of config files, built on first use (PyYAML is imported only when a file is read)."""
+    import yaml
 
-    Each refusal is a ``yaml.MarkedYAMLError`` carrying the line and column, so
-    it reads like any other YAML error.
-    """
+    class _ConfigLoader(yaml.SafeLoader):
+        """A safe YAML loader that refuses duplicate keys, deep nesting and absurdly long integers.
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
+        Each refusal is a ``yaml.MarkedYAMLError`` carrying the line and column, so
+        it reads like any other YAML error.
+        """
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark  # type: ignore[no-untyped-call]
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._depth = 0
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # '<<' merges may repeat keys on purpose: the mapping's own value wins
-            key = self.construct_object(key_node, deep=True)
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self._depth += 1
             try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: SafeLoader reports it below
-            if first is not None:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges may repeat keys on purpose: the mapping's own value wins
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it below
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"duplicate key {key!r} (first at line {first.line + 1}); remove one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep)
+
+        def construct_yaml_int(self, node: Any) -> Any:
+            digits = sum(ch.isdigit() for ch in str(node.value))
+            if digits > MAX_INT_DIGITS:
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r} (first at line {first.line + 1}); remove one of them",
-                    key_node.start_mark,
+                    None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)", node.start_mark
                 )
-            seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep)
+            return super().construct_yaml_int(node)
 
-    def construct_yaml_int(self, node: Any) -> Any:
-        digits = sum(ch.isdigit() for ch in str(node.value))
-        if digits > MAX_INT_DIGITS:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)", node.start_mark
-            )
-        return super().construct_yaml_int(node)
-
-
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+    _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+    return _ConfigLoader
 
 
 def read_config_file(path: str | os.PathLike[str], origin: str | None = None) -> Any:
@@ -423,8 +427,10 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None) ->
         raise ConfigError(
             f"config file {origin} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8"
         ) from None
+    import yaml
+
     try:
-        loader = _ConfigLoader(text)
+        loader = _config_loader()(text)
         try:
             raw = loader.get_single_data()
         finally:

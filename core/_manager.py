@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import heapq
 import itertools
@@ -547,6 +546,8 @@ class ServiceManager:
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """``await`` form of :meth:`call_service_async` for asyncio code (a bad timeout raises before the first await)."""
+        import asyncio  # already imported by the awaiting code; not at import time, for processes that never await
+
         return await asyncio.wrap_future(
             self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
         )
