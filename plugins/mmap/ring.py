@@ -397,6 +397,8 @@ def _usable_cpus() -> int:
 
 #: Seconds between two looks at the machine's run queue (see :func:`spinning_pays`).
 CONTENTION_CHECK_INTERVAL = 0.02
+#: A consumer that stopped spinning on a busy machine spins again once per this many waits.
+SPIN_PROBE_EVERY = 64
 #: ``KSERVICE_RING_SPIN_WHEN_BUSY=1``: spin even when no CPU is idle (for measuring what :func:`spinning_pays` saves).
 _SPIN_WHEN_BUSY = os.environ.get("KSERVICE_RING_SPIN_WHEN_BUSY", "") == "1"
 # [time of the next look, whether spinning pays]: written by whichever waiter looks (a race only repeats a look).
@@ -854,6 +856,8 @@ class ShmQueue:
         self._spin_max = 50e-6 if ncpu >= 2 else 20e-6
         self._spin = self._spin_max
         self._spin_checks = 16 if ncpu >= 2 else 1
+        self._spin_misses = 0  # spin phases in a row that ended without a record (see _spin_wanted)
+        self._waits = 0
 
     @classmethod
     def _attach(cls, name: str) -> ShmQueue:
@@ -1211,7 +1215,7 @@ class ShmQueue:
         # Phase 1: spin for the adaptive budget, yielding the CPU (and the GIL)
         # every few checks.
         budget = self._spin
-        if budget > 0 and spinning_pays():
+        if budget > 0 and self._spin_wanted():
             spin_end = start + budget
             if deadline is not None and deadline < spin_end:
                 spin_end = deadline
@@ -1238,8 +1242,10 @@ class ShmQueue:
                 with rlock:
                     got = self._pop(max_items)
                 if got is not _EMPTY:
+                    self._spin_misses = 0
                     return got
                 head = w64[_HEAD]
+            self._spin_misses += 1
 
         # Phase 2: announce sleep under the lock, then futex-wait on data_seq.
         lock_arg = self._lock_arg
@@ -1297,6 +1303,19 @@ class ShmQueue:
                 if timeout is not None and timeout > _IDLE_WAIT_FACTOR * self._spin_max:
                     self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
                 raise QueueEmpty(f"queue {self.name!r} is still empty after {timeout} s")
+
+    def _spin_wanted(self) -> bool:
+        """Whether this wait spins first: unless no CPU is idle and this handle's last spins found nothing.
+
+        While spins keep finding records the partner is running, whatever the
+        machine's load; once two in a row ran out on a machine with no idle CPU
+        (:func:`spinning_pays`), waits sleep at once, with one spin every
+        :data:`SPIN_PROBE_EVERY` waits to notice when spinning pays again.
+        """
+        if self._spin_misses < 2:
+            return True
+        self._waits += 1
+        return self._waits % SPIN_PROBE_EVERY == 0 or spinning_pays()
 
     def set_spin_limit(self, seconds: float) -> None:
         """Bound the consumer's spin phase (0: sleep at once). For consumers in busy processes:

@@ -49,8 +49,17 @@ class _CountingSpin:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("pays", [True, False])
-def test_a_consumer_sleeps_without_spinning_when_no_cpu_is_idle(monkeypatch: pytest.MonkeyPatch, pays: bool) -> None:
+@pytest.mark.parametrize(
+    ("pays", "misses", "spins"),
+    [
+        (True, 5, True),  # an idle CPU: spin, whatever the last spins did
+        (False, 0, True),  # a busy machine, but the last spin found its record: the partner runs
+        (False, 2, False),  # a busy machine and two spins in a row ran out: sleep at once
+    ],
+)
+def test_a_consumer_sleeps_without_spinning_when_no_cpu_is_idle(
+    monkeypatch: pytest.MonkeyPatch, pays: bool, misses: int, spins: bool
+) -> None:
     q = ring.create_queue("contention", 1 << 16)
     try:
         if q._fast is None:
@@ -58,11 +67,13 @@ def test_a_consumer_sleeps_without_spinning_when_no_cpu_is_idle(monkeypatch: pyt
         counting = _CountingSpin(q._fast)
         q._fast = counting
         monkeypatch.setattr(ring, "_contention", [float("inf"), pays])  # the last look, valid for ever
+        q._spin_misses = misses
         started = time.monotonic()
         with pytest.raises(ring.QueueEmpty):
             q.get(timeout=0.05)
         assert time.monotonic() - started < 5
-        assert (counting.spins > 0) is pays
+        assert (counting.spins > 0) is spins
+        assert q._spin_misses == (misses + 1 if spins else misses)  # the spin ran out: counted
         q.put(b"after")  # the queue keeps working
         assert q.get(timeout=5) == b"after"
     finally:
