@@ -15,7 +15,6 @@ consumed, whatever the iterable's length.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -32,6 +31,8 @@ from ._middleware import MiddlewareError
 from ._transport import timeout_response
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._manager import ServiceManager, _Route
 
 __all__ = ["AsyncCallMap", "CallMap"]
@@ -265,7 +266,12 @@ class _Batch:
         #: finished chunks, in completion order (unordered maps)
         self.finished: Any = None
         if not ordered:
-            self.finished = asyncio.Queue() if loop is not None else _SimpleQueue()
+            if loop is not None:
+                import asyncio  # only an amap needs it: not at import time, for processes that never await
+
+                self.finished = asyncio.Queue()
+            else:
+                self.finished = _SimpleQueue()
         self.lock = threading.Lock()
 
     # ---------------------------------------------------------------- sending

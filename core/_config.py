@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 import os
 import re
@@ -20,8 +21,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
-
-import yaml
 
 from ._errors import ConfigError
 
@@ -421,127 +420,133 @@ class _InKey:
     """Marks, in the loader's key path, a mapping key being composed (keys are not interpolated)."""
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys, deep nesting and absurdly long integers.
+@functools.cache
+def _config_loader() -> Any:
+    """The YAML loader class of config files, built on first use (PyYAML is imported only when a file is read)."""
+    import yaml
 
-    Each refusal is a ``yaml.MarkedYAMLError`` carrying the line and column, so
-    it reads like any other YAML error.
-    """
+    class _ConfigLoader(yaml.SafeLoader):
+        """A safe YAML loader that refuses duplicate keys, deep nesting and absurdly long integers.
 
-    def __init__(self, stream: str, origin: str = "<string>", environ: Mapping[str, str] | None = None) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._origin = origin
-        self._environ = os.environ if environ is None else environ
-        #: where the node being composed sits: key names, sequence indexes, _InKey while composing a key
-        self._path: list[Any] = []
-        #: one line per ${...} that could not be expanded, in file order
-        self.problems: list[str] = []
-        # Nodes whose ${...} failed: left out of their mapping or list so the key keeps its default
-        # (one problem per mistake, not a second "wrong type" for the same key). Held, so ids stay unique.
-        self._failed: list[Any] = []
+        Each refusal is a ``yaml.MarkedYAMLError`` carrying the line and column, so
+        it reads like any other YAML error.
+        """
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        if isinstance(parent, yaml.MappingNode):
-            self._path.append(_InKey if index is None else getattr(index, "value", "?"))
-        elif isinstance(parent, yaml.SequenceNode):
-            self._path.append(index)
-        else:
-            self._path.append(None)
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark  # type: ignore[no-untyped-call]
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._path.pop()
-            self._depth -= 1
+        def __init__(self, stream: str, origin: str = "<string>", environ: Mapping[str, str] | None = None) -> None:
+            super().__init__(stream)
+            self._depth = 0
+            self._origin = origin
+            self._environ = os.environ if environ is None else environ
+            #: where the node being composed sits: key names, sequence indexes, _InKey while composing a key
+            self._path: list[Any] = []
+            #: one line per ${...} that could not be expanded, in file order
+            self.problems: list[str] = []
+            # Nodes whose ${...} failed: left out of their mapping or list so the key keeps its default
+            # (one problem per mistake, not a second "wrong type" for the same key). Held, so ids stay unique.
+            self._failed: list[Any] = []
 
-    def _dotted_path(self) -> str:
-        out = ""
-        for part in self._path:
-            if part is None:
-                continue
-            if isinstance(part, int):
-                out += f"[{part}]"
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self._depth += 1
+            if isinstance(parent, yaml.MappingNode):
+                self._path.append(_InKey if index is None else getattr(index, "value", "?"))
+            elif isinstance(parent, yaml.SequenceNode):
+                self._path.append(index)
             else:
-                out += f".{part}" if out else str(part)
-        return out or "config"
-
-    def compose_scalar_node(self, anchor: Any) -> Any:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
-        plain = event.tag is None and event.implicit[0]
-        node = super().compose_scalar_node(anchor)
-        if "${" not in node.value or _InKey in self._path:
-            return node
-        try:
-            node.value = interpolate(node.value, self._environ)
-        except _BadReference as exc:
-            self.problems.append(f"{self._dotted_path()}: {exc} (config file {self._origin})")
-            self._failed.append(node)
-            return node
-        if plain:
-            # Typed as if the text had been written there: 8080 an int, true a bool, empty or null a null.
-            node.tag = self.resolve(yaml.ScalarNode, node.value, (True, False))  # type: ignore[no-untyped-call]
-        return node
-
-    def compose_sequence_node(self, anchor: Any) -> Any:
-        node = super().compose_sequence_node(anchor)
-        if self._failed:
-            node.value = [item for item in node.value if not any(item is bad for bad in self._failed)]
-        return node
-
-    def compose_mapping_node(self, anchor: Any) -> Any:
-        node = super().compose_mapping_node(anchor)
-        if self._failed:
-            node.value = [(key, value) for key, value in node.value if not any(value is bad for bad in self._failed)]
-        return node
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # '<<' merges may repeat keys on purpose: the mapping's own value wins
-            key = self.construct_object(key_node, deep=True)
+                self._path.append(None)
             try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: SafeLoader reports it below
-            if first is not None:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self._path.pop()
+                self._depth -= 1
+
+        def _dotted_path(self) -> str:
+            out = ""
+            for part in self._path:
+                if part is None:
+                    continue
+                if isinstance(part, int):
+                    out += f"[{part}]"
+                else:
+                    out += f".{part}" if out else str(part)
+            return out or "config"
+
+        def compose_scalar_node(self, anchor: Any) -> Any:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            plain = event.tag is None and event.implicit[0]
+            node = super().compose_scalar_node(anchor)
+            if "${" not in node.value or _InKey in self._path:
+                return node
+            try:
+                node.value = interpolate(node.value, self._environ)
+            except _BadReference as exc:
+                self.problems.append(f"{self._dotted_path()}: {exc} (config file {self._origin})")
+                self._failed.append(node)
+                return node
+            if plain:
+                # Typed as if the text had been written there: 8080 an int, true a bool, empty or null a null.
+                node.tag = self.resolve(yaml.ScalarNode, node.value, (True, False))  # type: ignore[no-untyped-call]
+            return node
+
+        def compose_sequence_node(self, anchor: Any) -> Any:
+            node = super().compose_sequence_node(anchor)
+            if self._failed:
+                node.value = [item for item in node.value if not any(item is bad for bad in self._failed)]
+            return node
+
+        def compose_mapping_node(self, anchor: Any) -> Any:
+            node = super().compose_mapping_node(anchor)
+            if self._failed:
+                node.value = [(key, value) for key, value in node.value if not any(value is bad for bad in self._failed)]
+            return node
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<' merges may repeat keys on purpose: the mapping's own value wins
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it below
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"duplicate key {key!r} (first at line {first.line + 1}); remove one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep)
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, LookupError, TypeError):
+                # An explicit tag on text it cannot read ('!!int ""', '!!bool "maybe"', often from a ${VAR}):
+                # a YAML error at the value's line, not a bare IndexError.
+                if not isinstance(node, yaml.ScalarNode):
+                    raise
+                tag = "!!" + str(node.tag).rsplit(":", 1)[-1]
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r} (first at line {first.line + 1}); remove one of them",
-                    key_node.start_mark,
+                    None, None, f"{node.value!r} is not a valid {tag} value", node.start_mark
+                ) from None
+
+        def construct_yaml_int(self, node: Any) -> Any:
+            digits = sum(ch.isdigit() for ch in str(node.value))
+            if digits > MAX_INT_DIGITS:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)", node.start_mark
                 )
-            seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep)
-
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, LookupError, TypeError):
-            # An explicit tag on text it cannot read ('!!int ""', '!!bool "maybe"', often from a ${VAR}):
-            # a YAML error at the value's line, not a bare IndexError.
-            if not isinstance(node, yaml.ScalarNode):
-                raise
-            tag = "!!" + str(node.tag).rsplit(":", 1)[-1]
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{node.value!r} is not a valid {tag} value", node.start_mark
-            ) from None
-
-    def construct_yaml_int(self, node: Any) -> Any:
-        digits = sum(ch.isdigit() for ch in str(node.value))
-        if digits > MAX_INT_DIGITS:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)", node.start_mark
-            )
-        return super().construct_yaml_int(node)
+            return super().construct_yaml_int(node)
 
 
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+    _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+    return _ConfigLoader
 
 
 def read_config_file(path: str | os.PathLike[str], origin: str | None = None, problems: list[str] | None = None) -> Any:
@@ -592,8 +597,10 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None, pr
         raise ConfigError(
             f"config file {origin} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8"
         ) from None
+    import yaml
+
     try:
-        loader = _ConfigLoader(text, origin)
+        loader = _config_loader()(text, origin)
         try:
             raw = loader.get_single_data()
         finally:

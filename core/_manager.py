@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import heapq
 import itertools
@@ -577,6 +576,8 @@ class ServiceManager:
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """``await`` form of :meth:`call_service_async` for asyncio code (a bad timeout raises before the first await)."""
+        import asyncio  # already imported by the awaiting code; not at import time, for processes that never await
+
         return await asyncio.wrap_future(
             self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
         )
@@ -660,6 +661,8 @@ class ServiceManager:
         :meth:`map`; cancelling the task that iterates, or ``aclose()``, cancels
         every call not finished. The iterable is read in the loop's thread.
         """
+        import asyncio  # not at import time, for processes that never await
+
         from ._batch import AsyncCallMap, _Batch
 
         loop = asyncio.get_running_loop()

@@ -92,7 +92,7 @@ class KservicePluginManager(pluggy.PluginManager):
         super().__init__("kservice")
         self.add_hookspecs(hookspecs)
         self.generation = 0
-        self.origins: dict[str, str] = {}
+        self.origins: dict[str, str] = _Origins()
         #: plugin name -> why it failed to load (import error, hook validation error)
         self.failures: dict[str, str] = {}
         #: plugin name -> what disabled it (the environment variable, or a config's plugins.disable)
@@ -189,18 +189,38 @@ def _strict() -> bool:
     return os.environ.get(STRICT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+class _Origins(dict[str, str]):
+    """Plugin name -> where it came from, as :attr:`KservicePluginManager.origins` reads.
+
+    An entry point's origin names its distribution and version, read from the
+    distribution's metadata (about a millisecond per plugin): it is stored as a
+    function and formatted when first read, so building the plugin manager does
+    not parse every installed plugin's metadata.
+    """
+
+    def __getitem__(self, name: str) -> str:
+        value: Any = super().__getitem__(name)
+        if callable(value):
+            value = value()
+            self[name] = value
+        return str(value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
 def _load_entry_point(pm: KservicePluginManager, ep: EntryPoint) -> None:
     if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
         return
     dist = getattr(ep, "dist", None)
-    origin = f"entry point of {dist.name} {dist.version}" if dist is not None else "entry point"
+    origin: Any = (lambda: f"entry point of {dist.name} {dist.version}") if dist is not None else "entry point"
     try:
         plugin = ep.load()
         pm.register(plugin, name=ep.name)
     except Exception as exc:
         message = f"kservice plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
         pm.failures[ep.name] = f"{type(exc).__name__}: {exc}"
-        pm.origins.setdefault(ep.name, origin)
+        pm.origins.setdefault(ep.name, origin() if callable(origin) else origin)
         if _strict():
             raise PluginError(message) from exc
         warnings.warn(message + f" (skipped; set {STRICT_ENV_VAR}=1 to make this an error)", RuntimeWarning, stacklevel=3)

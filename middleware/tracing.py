@@ -34,6 +34,8 @@ plugin stays out of every chain (``enabled: true`` then warns once).
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 import warnings
@@ -42,12 +44,47 @@ from typing import Any
 
 from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, __version__, hookimpl
 
-try:
-    from opentelemetry import context as otel_context
-    from opentelemetry import propagate, trace
-    from opentelemetry.trace import SpanKind, Status, StatusCode
-except ImportError:  # the plugin then contributes no middleware
-    trace = None  # type: ignore[assignment]
+# The OpenTelemetry API, imported by _load_api() when a chain may trace (it costs ~20 ms to import, so a
+# process that configured no tracer provider never loads it). None until then, and without the API.
+trace: Any = None
+otel_context: Any = None
+propagate: Any = None
+SpanKind: Any = None
+Status: Any = None
+StatusCode: Any = None
+_api_missing = False
+
+
+def _load_api() -> bool:
+    """Import the OpenTelemetry API into this module's names once; False when it is not installed."""
+    global trace, otel_context, propagate, SpanKind, Status, StatusCode, _api_missing
+    if trace is not None:
+        return True
+    if _api_missing:
+        return False
+    try:
+        from opentelemetry import context as _context
+        from opentelemetry import propagate as _propagate
+        from opentelemetry import trace as _trace
+        from opentelemetry.trace import SpanKind as _SpanKind
+        from opentelemetry.trace import Status as _Status
+        from opentelemetry.trace import StatusCode as _StatusCode
+    except ImportError:  # the plugin then contributes no middleware
+        _api_missing = True
+        return False
+    otel_context, propagate, SpanKind, Status, StatusCode = _context, _propagate, _SpanKind, _Status, _StatusCode
+    trace = _trace
+    return True
+
+
+def _provider_possible() -> bool:
+    """Whether a tracer provider can be configured in this process without importing the API here.
+
+    An application sets its provider through ``opentelemetry.trace`` (so the
+    module is imported already) or names one in ``OTEL_PYTHON_TRACER_PROVIDER``;
+    with neither, auto mode has nothing to find and the API stays unimported.
+    """
+    return "opentelemetry.trace" in sys.modules or bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
 
 __all__ = ["ClientTracing", "ServerTracing", "available", "refresh"]
 
@@ -58,8 +95,8 @@ _STALE_START = 3600.0
 
 
 def available() -> bool:
-    """Whether the OpenTelemetry API can be imported in this process."""
-    return trace is not None
+    """Whether the OpenTelemetry API can be imported in this process (imports it)."""
+    return _load_api()
 
 
 def _schema() -> dict[str, Setting]:
@@ -109,7 +146,7 @@ def refresh() -> bool:
     (without it, within a second). Chains built in auto mode before the
     provider was set stay untraced until they are rebuilt.
     """
-    if trace is None:
+    if not _load_api():
         return False
     _tracer.next_check = 0.0
     return _tracer.get() is not None
@@ -217,7 +254,9 @@ def kservice_middleware(service_name: str, options: dict[str, Any]) -> list[Serv
     enabled = section.get("enabled")
     if enabled is False:
         return None
-    if trace is None:
+    if enabled is None and not _provider_possible():
+        return None  # auto, and no provider can have been configured: stay out without importing the API
+    if not _load_api():
         if enabled and not _warned:
             _warned = True
             warnings.warn(

@@ -51,9 +51,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tenacity
 from kservice import (
     MAY_HAVE_RUN,
     ConfigError,
@@ -65,6 +64,9 @@ from kservice import (
     hookimpl,
 )
 from kservice.keys import RETRYABLE
+
+if TYPE_CHECKING:
+    import tenacity
 
 __all__ = [
     "DefaultRetryPolicy",
@@ -161,14 +163,13 @@ class DefaultRetryPolicy:
     def __init__(self, settings: dict[str, Any], budget: RetryBudget | None = None) -> None:
         self.max_retries: int = settings["max_retries"]
         self.retry_overloaded: bool = settings.get("retry_overloaded", False)
-        self._wait: tenacity.wait.wait_base = tenacity.wait_exponential(
-            multiplier=settings["retry_interval"],
-            exp_base=settings["retry_backoff"],
-            max=settings["retry_max_interval"],
-        )
-        jitter: float = settings["retry_jitter"]
-        if jitter > 0:
-            self._wait = self._wait + tenacity.wait_random(0, jitter)
+        self._interval: float = settings["retry_interval"]
+        self._backoff: float = settings["retry_backoff"]
+        self._max_interval: float = settings["retry_max_interval"]
+        self._jitter: float = settings["retry_jitter"]
+        # tenacity's wait strategy, built by the first delay(): only a failed call needs it, so a
+        # process whose calls succeed never imports tenacity.
+        self._wait: tenacity.wait.wait_base | None = None
         self.budget = budget
 
     def retryable(self, response: ServiceResponse, idempotent: bool) -> bool:
@@ -195,7 +196,15 @@ class DefaultRetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
-        return float(self._wait(_State(attempt + 1)))  # type: ignore[arg-type]
+        wait = self._wait
+        if wait is None:
+            import tenacity
+
+            wait = tenacity.wait_exponential(multiplier=self._interval, exp_base=self._backoff, max=self._max_interval)
+            if self._jitter > 0:
+                wait = wait + tenacity.wait_random(0, self._jitter)
+            self._wait = wait
+        return float(wait(_State(attempt + 1)))  # type: ignore[arg-type]
 
     def should_retry(
         self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool

@@ -118,7 +118,7 @@ def kservice_task_stopping(task: BaseServiceTask) -> None:
 
 @hookimpl
 def kservice_register_commands(cli: click.Group) -> None:
-    from .host import cleanup_command, serve_command
+    from .commands import cleanup_command, serve_command
 
     cli.add_command(serve_command)
     cli.add_command(cleanup_command)

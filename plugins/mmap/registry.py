@@ -17,6 +17,7 @@ dead hosts. Records and directories owned by another user are never read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -25,10 +26,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-import psutil
 from kservice import ServiceError
 
-from .ring import RuntimeDirectoryError, is_private_file, locked, locked_directory, private_directory, queue_directory
+from .ring import (
+    RuntimeDirectoryError,
+    _proc_stat,
+    is_private_file,
+    locked,
+    locked_directory,
+    private_directory,
+    queue_directory,
+)
 
 __all__ = [
     "ServiceNameTaken",
@@ -43,14 +51,41 @@ __all__ = [
 ]
 
 _SUFFIX = ".json"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class ServiceNameTaken(ServiceError):
     """Another live process on this host already serves that name."""
 
 
+@functools.cache
+def _boot_time() -> float | None:
+    """The system's boot time in epoch seconds (``btime`` of ``/proc/stat``), None without procfs."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def process_start_time(pid: int) -> float:
-    """The start time of ``pid`` (0.0 when it does not exist)."""
+    """The start time of ``pid`` in epoch seconds (0.0 when it does not exist).
+
+    Read from procfs as psutil computes ``create_time()`` on Linux (boot time plus
+    the start tick), without importing psutil on a caller's first lookup; psutil
+    where there is no procfs.
+    """
+    boot = _boot_time()
+    if boot is not None:
+        info = _proc_stat(pid) if pid > 0 else None
+        if info is None or not info[1]:
+            return 0.0
+        return boot + info[1] / _CLOCK_TICKS
+    import psutil
+
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.Error, OSError):
@@ -61,6 +96,19 @@ def process_alive(pid: int, start_time: float = 0.0) -> bool:
     """Whether ``pid`` runs (not a zombie) and, when ``start_time`` is given, is the same process."""
     if pid <= 0:
         return False
+    boot = _boot_time()
+    if boot is not None:
+        info = _proc_stat(pid)
+        if info is None:
+            return False
+        state, ticks = info
+        if state in ("Z", "X", "x"):
+            return False
+        if not start_time or not ticks:
+            return True  # exists (perhaps not inspectable): assume alive rather than steal its name
+        return abs(boot + ticks / _CLOCK_TICKS - start_time) < 0.5
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
