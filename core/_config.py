@@ -64,6 +64,13 @@ def core_schema() -> Schema:
         "service": {
             "local": {
                 "max_workers": _setting(int, 10, "Worker threads per service task.", minimum=1),
+                "max_concurrency": _setting(
+                    int,
+                    100,
+                    "Coroutine (async def) calls one service task awaits at once on its event loop; more wait their turn "
+                    "(1 for a service declared not thread-safe).",
+                    minimum=1,
+                ),
                 "queue_timeout": _setting(
                     float,
                     30.0,

@@ -14,6 +14,7 @@ from queue import SimpleQueue
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._aio import TaskLoop, call_lifecycle, method_kinds
 from ._config import Config
 from ._context import _current_request
 from ._errors import (
@@ -235,6 +236,12 @@ class BaseServiceTask:
         self._methods: dict[str, Callable[..., Any]] = {}
         self._server_chain: MiddlewareChain | None = None
         self._serial_lock = threading.Lock() if self.max_workers == 1 else None
+        # Coroutine methods (``async def``) are awaited on the task's own event loop, at most
+        # max_concurrency at once (one at a time for a service declared not thread-safe).
+        self.max_concurrency: int = 1 if self.max_workers == 1 else int(self.options["local"]["max_concurrency"])
+        self._aio: TaskLoop | None = None
+        self._async_methods: dict[str, Callable[..., Any]] = {}
+        self._stream_methods: frozenset[str] = frozenset()
         # The queue depth is guarded by a lock (room waiters sleep on it). Per-call
         # counters are itertools.count objects instead: next() is one atomic C
         # call (~40 ns), where each lock pair costs ~150 ns on the per-call path.
@@ -313,13 +320,27 @@ class BaseServiceTask:
         from ._plugins import get_transport
 
         self._service = self.service_factory.create()
-        _call_lifecycle(self._service, ("setup",))
+        kinds = method_kinds(type(self._service))
+        if kinds.needs_loop:
+            self._aio = TaskLoop(self.service_name, self.max_concurrency)
+        call_lifecycle(self._service, ("setup",), self._aio)
         self._methods = {}
+        self._bind_method_kinds(self._service)
         self._compile_server_chain()
         self._pool = _WorkerPool(self, self.max_workers)
         self._state = "running"
         for name in self.transport_names:
             self.listeners.append(get_transport(name).listen(self))
+
+    def _bind_method_kinds(self, instance: Any) -> None:
+        kinds = method_kinds(type(instance))
+        self._async_methods = {name: getattr(instance, name) for name in kinds.coroutines}
+        self._stream_methods = kinds.streaming
+
+    @property
+    def event_loop(self) -> TaskLoop | None:
+        """The task's event loop (its coroutine methods run there), None when its service has none."""
+        return self._aio
 
     def _plugins_changed(self) -> None:
         """Recompile the server chain of a running task (plugins or environment middleware changed)."""
@@ -359,12 +380,20 @@ class BaseServiceTask:
                 reply(self._unavailable(request, "stopped before the request could run"))
         with self._room:
             self._room.notify_all()
+        if self._aio is not None:
+            self._aio.drain(deadline)
         for listener in self.listeners:
             try:
                 listener.close()
             except Exception:  # noqa: BLE001 - a failing listener must not stop the others closing
                 pass
         self.listeners = []
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            # Coroutine calls drain (up to the deadline) before an async cleanup runs on the same loop.
+            instance = self._service
+            aio.stop(deadline, (lambda: _lifecycle_coroutine(instance, ("cleanup", "close"))) if instance is not None else None)
+            self._service = None
         if self._service is not None:
             try:
                 _call_lifecycle(self._service, ("cleanup", "close"))
@@ -386,13 +415,14 @@ class BaseServiceTask:
         """Replace the instance with a new one (health recovery); calls already running finish on the old one."""
         old = self._service
         new = self.service_factory.create()
-        _call_lifecycle(new, ("setup",))
+        call_lifecycle(new, ("setup",), self._aio)
         self._service = new
         self._methods = {}
+        self._bind_method_kinds(new)
         self.restarts += 1
         if old is not None:
             try:
-                _call_lifecycle(old, ("cleanup", "close"))
+                call_lifecycle(old, ("cleanup", "close"), self._aio)
             except Exception:  # noqa: BLE001
                 pass
 
@@ -446,6 +476,11 @@ class BaseServiceTask:
             else:
                 reply(self._unavailable(request, f"service is {self._state}"))
             return
+        if self._async_methods:
+            coroutine_method = self._async_methods.get(request.method_name)
+            if coroutine_method is not None and self._aio is not None:
+                self._aio.submit(self, request, coroutine_method, reply)
+                return
         with self._counter_lock:
             if self._queued >= self.queue_limit and not self._wait_for_room(request):
                 reply(
@@ -461,6 +496,17 @@ class BaseServiceTask:
                 return
             self._queued += 1
         pool.put((request, reply))
+
+    def cancel_request(self, request_id: str) -> None:
+        """Best effort, never blocks: the caller of ``request_id`` gave up.
+
+        A coroutine method still running for it is cancelled
+        (``asyncio.CancelledError`` inside the method); a sync method cannot be
+        interrupted and runs to its end (a request not started yet never starts
+        past its deadline).
+        """
+        if self._aio is not None:
+            self._aio.cancel(request_id)
 
     def run_inline(self, request: ServiceRequest) -> ServiceResponse | None:
         """Run ``request`` in the calling thread when that is safe and cheap; None: use :meth:`submit`.
@@ -607,8 +653,13 @@ class BaseServiceTask:
         method = getattr(self._service, name, None)
         if method is None or not callable(method):
             raise self._method_not_found(name)
+        if name in self._stream_methods:
+            method = _refuse_stream(self.service_name, name)
+        elif name in self._async_methods and self._aio is not None:
+            # Run where the request arrived (a transport calling execute directly): awaited on the loop.
+            method = self._aio.blocking(method)
         self._methods[name] = method
-        return method  # type: ignore[no-any-return]
+        return method
 
     def public_methods(self) -> list[str]:
         """Names of the callable public methods of the service."""
@@ -677,6 +728,28 @@ class LocalServiceTask(BaseServiceTask):
 
     kind: ClassVar[str] = "local"
     default_transports: ClassVar[tuple[str, ...]] = ("inproc",)
+
+
+async def _lifecycle_coroutine(instance: Any, names: Iterable[str]) -> None:
+    """Call each of ``instance``'s lifecycle methods in turn on the running loop, awaiting ``async def`` ones."""
+    for name in names:
+        method = getattr(instance, name, None)
+        if callable(method):
+            outcome = method()
+            if inspect.isawaitable(outcome):
+                await outcome
+
+
+def _refuse_stream(service_name: str, method_name: str) -> Callable[..., Any]:
+    """What a plain call of a streaming (generator) method runs: a TypeError saying to stream it."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"{service_name}.{method_name} is a streaming method (a generator): a plain call cannot return its items; "
+            f"iterate manager.stream({service_name!r}, {method_name!r}, ...) or proxy.{method_name}.stream(...) instead"
+        )
+
+    return refuse
 
 
 def _flatten(results: Iterable[Any]) -> list[Any]:

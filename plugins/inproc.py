@@ -50,6 +50,10 @@ class InprocConnection(Connection):
             return response
         return super().call(request, timeout)
 
+    def cancel(self, request: ServiceRequest) -> None:
+        """The caller gave up: a coroutine method still running for ``request`` is cancelled (CancelledError inside it)."""
+        self._task.cancel_request(request.request_id)
+
 
 class InprocTransport(Transport):
     name = "inproc"

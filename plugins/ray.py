@@ -24,6 +24,7 @@ ConfigError naming the extra, ``pip install 'kservice[ray]'``.
 
 from __future__ import annotations
 
+import inspect
 import io
 import itertools
 import os
@@ -197,11 +198,16 @@ class _HostedTask(BaseServiceTask):
     kind: ClassVar[str] = "ray-replica"
     default_transports: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext) -> None:
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext, *, pooled: bool = False) -> None:
         super().__init__(service_factory, ctx)
         self.transport_names = ()
+        #: whether sync methods run in the task's own worker pool (an async replica) rather than Ray's threads
+        self.pooled = pooled
 
     def _start_serving(self) -> None:
+        if self.pooled:
+            super()._start_serving()
+            return
         workers: int = self.max_workers
         self.max_workers = 1
         try:
@@ -218,6 +224,9 @@ class _ReplicaHost:
     instead of Ray's "actor died" message.
     """
 
+    #: whether the hosted task runs sync methods in its own pool (see _AsyncReplicaHost)
+    pooled: ClassVar[bool] = False
+
     def __init__(
         self,
         factory: ServiceFactory,
@@ -231,7 +240,7 @@ class _ReplicaHost:
         self.task: _HostedTask | None = None
         try:
             ctx = TaskContext(environment_name, Config.load(config_data), middlewares)
-            task = _HostedTask(factory, ctx)
+            task = _HostedTask(factory, ctx, pooled=self.pooled)
             task.start_service()
             self.task = task
         except Exception as exc:
@@ -244,6 +253,14 @@ class _ReplicaHost:
         Never raises: every outcome, arguments that do not unpickle here
         included, is an answer the caller decodes.
         """
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            return request
+        began = time.perf_counter()
+        return self._answer(self.task.execute(request), began)  # type: ignore[union-attr]
+
+    def _request(self, envelope: bytes | WireRequest) -> ServiceRequest | ServiceResponse:
+        """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running)."""
         task = self.task
         if type(envelope) is bytes:
             try:
@@ -263,8 +280,11 @@ class _ReplicaHost:
                 ServiceUnavailableError(f"replica {self.actor_name} of service {service_name!r} is {state}"),
                 origin="runtime",
             ).for_wire()
-        began = time.perf_counter()
-        response = task.execute(request)
+        return request
+
+    @staticmethod
+    def _answer(response: ServiceResponse, began: float) -> WireResponse:
+        """What travels back for ``response`` (see WireResponse)."""
         if response.success and not response.metadata and not response.degraded:
             packed = _pack(response.result)
             if packed is None:
@@ -348,6 +368,71 @@ class _ReplicaHost:
         # Requests run in Ray's threads, not in the task's pool: wait for them here.
         while task.get_service_status().in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+class _AsyncReplicaHost(_ReplicaHost):
+    """The body of a replica of a service with ``async def`` methods: a Ray async actor.
+
+    Ray runs every method of such an actor on its event loop, so no call
+    holds one of Ray's threads while it waits: a coroutine method is awaited
+    on the hosted task's event loop (where its ``async def setup()`` ran too),
+    a sync method runs in the task's worker pool, and the actor's handler
+    awaits either. Ray cancelling the call (``ray.cancel`` of a caller that
+    gave up) cancels the coroutine. Up to ``max_concurrency`` calls are in
+    flight per replica, as for threaded replicas.
+    """
+
+    pooled: ClassVar[bool] = True
+
+    async def handle(self, envelope: bytes | WireRequest) -> WireResponse:  # type: ignore[override]
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            return request
+        began = time.perf_counter()
+        return self._answer(await self._submit(request), began)
+
+    async def _submit(self, request: ServiceRequest) -> ServiceResponse:
+        import asyncio
+
+        task = self.task
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[ServiceResponse] = loop.create_future()
+
+        def reply(response: ServiceResponse) -> None:
+            loop.call_soon_threadsafe(_settle_future, answered, response)
+
+        task.submit(request, reply)
+        try:
+            return await answered
+        except asyncio.CancelledError:
+            task.cancel_request(request.request_id)
+            raise
+
+    async def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:  # type: ignore[override]
+        import asyncio
+
+        answers = await asyncio.gather(*(self.handle(envelope) for envelope in envelopes))
+        return [_stored_if_needed(answer) for answer in answers]
+
+
+def _settle_future(future: Any, response: ServiceResponse) -> None:
+    if not future.done():
+        future.set_result(response)
+
+
+def _stored_if_needed(answer: WireResponse) -> WireResponse | _Stored:
+    """A batched answer as it travels: a result only Ray can serialize is stored on its own (``ray.put``)."""
+    if type(answer) is not tuple:
+        return answer
+    import ray
+
+    try:
+        return _Stored(ray.put(answer[0]))
+    except Exception as exc:
+        failed = ServiceResponse.from_exception("", exc, origin="service")
+        failed.error = f"the result could not be returned through Ray: {_first_line(exc)}"
+        return failed.for_wire()
 
 
 #: the run time (seconds, little-endian double) after the pickle of a plain result
@@ -504,13 +589,32 @@ def _from_wire(request: ServiceRequest, answer: WireResponse) -> ServiceResponse
     return ServiceResponse(True, answer[0], None, request.request_id)
 
 
+def _has_async_methods(cls: type) -> bool:
+    """Whether ``cls`` has ``async def`` methods or async generators (its replicas are Ray async actors)."""
+    return any(
+        inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member) for _, member in inspect.getmembers(cls)
+    )
+
+
 _actor_class_cache: Any = None
+_async_actor_class_cache: Any = None
 _actor_class_lock = threading.Lock()
 
 
-def _actor_class() -> Any:
-    """``ray.remote`` of :class:`_ReplicaHost`, built once per process."""
-    global _actor_class_cache
+def _actor_class(service_class: type | None = None) -> Any:
+    """``ray.remote`` of the replica body for ``service_class``, built once per process.
+
+    A service with coroutine methods (or async generators, or ``async def``
+    setup/cleanup) gets :class:`_AsyncReplicaHost`, a Ray async actor; the
+    others :class:`_ReplicaHost`, a threaded actor.
+    """
+    global _actor_class_cache, _async_actor_class_cache
+    if service_class is not None and _has_async_methods(service_class):
+        if _async_actor_class_cache is None:
+            with _actor_class_lock:
+                if _async_actor_class_cache is None:
+                    _async_actor_class_cache = _ray().remote(concurrency_groups={_CONTROL_GROUP: 2})(_AsyncReplicaHost)
+        return _async_actor_class_cache
     if _actor_class_cache is None:
         with _actor_class_lock:
             if _actor_class_cache is None:
@@ -1428,7 +1532,7 @@ class RayServiceTask(BaseServiceTask):
         ray = _ray()
         replicas = self.replica_set
         assert replicas is not None
-        actor_class = _actor_class()
+        actor_class = _actor_class(self.service_factory.service_class)
         # The validated Config itself, not its data: revalidating in the replica would reject values that
         # only the caller's process knows (a balancer registered there, a plugin the replica lacks).
         config_data = self.ctx.resolved_config()

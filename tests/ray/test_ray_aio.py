@@ -1,0 +1,55 @@
+"""``async def`` methods and streams of services hosted in Ray replicas."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kservice import ServiceEnvironment, ServiceManager, ServiceTimeoutError
+from ray_services import quiet_config
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
+    config = quiet_config(
+        {
+            "areplica": {"class": "aio_ray_services:AsyncReplica", "kind": "ray", "ray": {"max_concurrency": 8}},
+            "sreplica": {"class": "aio_ray_services:StreamReplica", "kind": "ray", "ray": {"max_concurrency": 4}},
+        }
+    )
+    config["service_call"] = {"max_retries": 0}
+    environment = ServiceEnvironment("ray-aio", config)
+    environment.start()
+    try:
+        yield environment
+    finally:
+        environment.stop()
+
+
+@pytest.mark.timeout(120)
+def test_coroutine_methods_are_awaited_in_an_async_replica(manager: ServiceManager) -> None:
+    assert manager.call_service_sync("areplica", "hello", (21,)) == "hello 42"
+    assert manager.call_service_sync("areplica", "plain", (1,)) == 2
+    where = manager.call_service_sync("areplica", "where", timeout=10)
+    assert where["setup_done"] and 0 < where["remaining"] <= 10
+    assert where["thread"] == "kservice-areplica-loop"
+    # 16 naps of 0.3 s on a replica running 8 at once: about two rounds, no Ray thread held per call.
+    began = time.monotonic()
+    futures = [manager.call_service_async("areplica", "nap", (0.3, str(i))) for i in range(16)]
+    assert sorted(f.result(30) for f in futures) == sorted(str(i) for i in range(16))
+    assert time.monotonic() - began < 4.0
+    with pytest.raises(ValueError, match="nope"):
+        manager.call_service_sync("areplica", "fail", ("nope",))
+
+
+@pytest.mark.timeout(120)
+def test_the_deadline_cancels_a_coroutine_in_a_replica(manager: ServiceManager) -> None:
+    with pytest.raises(ServiceTimeoutError):
+        manager.call_service_sync("areplica", "nap", (10.0, "late-ray"), timeout=0.5)
+    deadline = time.monotonic() + 10
+    while "late-ray" not in manager.call_service_sync("areplica", "report"):
+        assert time.monotonic() < deadline, "the coroutine was not cancelled"
+        time.sleep(0.1)
+    assert manager.call_service_sync("areplica", "hello", (1,)) == "hello 2"
