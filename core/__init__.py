@@ -26,6 +26,7 @@ from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import ServiceMiddleware
 from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
+from ._stream import ItemStream, LocalStream, StreamSink, StreamSource
 from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext
 from ._transport import Connection, Listener, ServiceAddress, Transport
 
@@ -36,8 +37,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "Connection",
+    "ItemStream",
     "Listener",
     "LocalServiceTask",
+    "LocalStream",
     "MethodNotFoundError",
     "PluginError",
     "ServiceAddress",
@@ -57,6 +60,8 @@ __all__ = [
     "ServiceTimeoutError",
     "ServiceUnavailableError",
     "Setting",
+    "StreamSink",
+    "StreamSource",
     "TaskContext",
     "Transport",
     "__version__",

@@ -191,6 +191,22 @@ class TaskLoop:
             self._running.pop(request.request_id, None)
         reply(response)
 
+    def spawn(self, request_id: str, coroutine: Coroutine[Any, Any, Any], refused: Callable[[], None]) -> None:
+        """Run ``coroutine`` on the loop as the work of ``request_id`` (drained and cancelled like calls).
+
+        ``refused()`` runs instead when the loop is already closed.
+        """
+
+        def start() -> None:
+            self._running[request_id] = running = self.loop.create_task(coroutine)
+            running.add_done_callback(lambda _: self._running.pop(request_id, None))
+
+        try:
+            self.loop.call_soon_threadsafe(start)
+        except RuntimeError:
+            coroutine.close()
+            refused()
+
     def cancel(self, request_id: str) -> None:
         """Cancel the coroutine serving ``request_id``, if it still runs (its caller gave up); never blocks."""
         if request_id in self._running:

@@ -100,6 +100,12 @@ def core_schema() -> Schema:
             "default_timeout": _setting(float, 30.0, "Timeout in seconds of a call that gives none.", minimum=0),
             "max_retries": _setting(int, 3, "Retries after the first attempt, for failures that are safe to retry.", minimum=0),
             "retry_interval": _setting(float, 1.0, "Seconds before the first retry.", minimum=0),
+            "stream_window": _setting(
+                int,
+                64,
+                "Items a streaming method may have sent ahead of its consumer before it waits (back-pressure).",
+                minimum=1,
+            ),
             "async_pool_size": _setting(
                 int,
                 20,

@@ -27,6 +27,7 @@ from ._errors import (
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
+from ._stream import StreamSink, open_on_task, shutdown_stream_threads
 from ._transport import Listener, Reply, timeout_response
 
 if TYPE_CHECKING:
@@ -372,6 +373,7 @@ class BaseServiceTask:
 
     def _release(self, deadline: float) -> None:
         """Drain and release workers, listeners and the instance (never raises)."""
+        shutdown_stream_threads(self, deadline)
         if self._pool is not None:
             leftovers = self._pool.shutdown(deadline)
             self._pool = None
@@ -496,6 +498,18 @@ class BaseServiceTask:
                 return
             self._queued += 1
         pool.put((request, reply))
+
+    def open_stream(self, request: ServiceRequest, sink: StreamSink) -> None:
+        """Serve streaming call ``request`` (a generator or async generator method) into ``sink``; returns at once.
+
+        Transports call this with their :class:`StreamSink`. ``sink.end`` is
+        called exactly once: after the last item, with the method's error, or
+        with the refusal (task not running, unknown method, not a generator).
+        A generator runs in the task's stream threads (at most ``max_workers``
+        at once), an async generator on the task's event loop; the deadline,
+        a consumer that cancels, and the task stopping all close the generator.
+        """
+        open_on_task(self, request, sink)
 
     def cancel_request(self, request_id: str) -> None:
         """Best effort, never blocks: the caller of ``request_id`` gave up.

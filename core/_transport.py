@@ -18,6 +18,7 @@ from ._errors import ServiceTimeoutError
 from ._messages import ServiceRequest, ServiceResponse
 
 if TYPE_CHECKING:
+    from ._stream import StreamSource
     from ._task import BaseServiceTask
 
 __all__ = ["Connection", "Listener", "ServiceAddress", "Transport"]
@@ -80,6 +81,17 @@ class Connection(ABC):
         request past its deadline whatever this does; transports that can
         interrupt work already sent (Ray's ``ray.cancel``) override it.
         """
+
+    def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:
+        """Start streaming call ``request``: the consumer's end, fed as the service's generator yields.
+
+        At most ``window`` items are in flight (sent and not yet received);
+        the producer waits for room. Transports that can stream override this;
+        the default raises ServiceError naming the transport.
+        """
+        from ._errors import ServiceError
+
+        raise ServiceError(f"the {type(self).__name__} transport cannot stream calls (use a transport that can: inproc, mmap, ray)")
 
     def close(self) -> None:
         """Release the connection; idempotent."""

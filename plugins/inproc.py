@@ -17,6 +17,7 @@ from kservice import (
     Connection,
     Listener,
     LocalServiceTask,
+    LocalStream,
     ServiceAddress,
     ServiceRequest,
     ServiceResponse,
@@ -49,6 +50,12 @@ class InprocConnection(Connection):
         if response is not None:
             return response
         return super().call(request, timeout)
+
+    def open_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+        """The generator runs in the task (its stream threads, or its event loop); items pass through a bounded deque."""
+        stream = LocalStream(window)
+        self._task.open_stream(request, stream)
+        return stream
 
     def cancel(self, request: ServiceRequest) -> None:
         """The caller gave up: a coroutine method still running for ``request`` is cancelled (CancelledError inside it)."""

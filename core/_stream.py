@@ -1,0 +1,725 @@
+"""Streams: a generator method's items delivered to the caller as they are produced.
+
+Three parts, each transport-neutral:
+
+- :class:`StreamSink`, the producer's end, which a transport subclasses to
+  carry items (``_emit``) and the end of the stream (``_finish``). It owns the
+  *window*: at most ``window`` items sent and not yet taken by the consumer;
+  the producer waits for room (never past the deadline), and a consumer that
+  gave up (``cancel``) stops it.
+- the runners, which serve one stream request on a task: a generator in one
+  of the task's stream threads, an async generator on the task's event loop.
+  The generator is always closed (its ``finally`` runs) however the stream
+  ends: exhausted, failed, consumer gone, deadline.
+- :class:`ItemStream`, the caller's iterator (sync and async), which a
+  transport feeds through a :class:`StreamSource`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from ._aio import _within
+from ._context import _current_request
+from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
+from ._messages import ServiceRequest, ServiceResponse
+from ._middleware import MiddlewareError
+from ._transport import timeout_response
+
+if TYPE_CHECKING:
+    from ._manager import ServiceManager, _Route
+    from ._task import BaseServiceTask
+
+__all__ = ["ItemStream", "StreamSink", "StreamSource"]
+
+#: Items a producer may have sent and the consumer not yet taken, when the caller names no window.
+DEFAULT_WINDOW = 64
+#: The response metadata key carrying how many items a stream delivered (middleware observers read it).
+ITEMS_KEY = "kservice.stream.items"
+#: The response metadata key marking a stream its consumer closed before the end.
+CLOSED_KEY = "kservice.stream.closed"
+
+
+def _ended_early(request: ServiceRequest, why: str) -> ServiceResponse:
+    return ServiceResponse(True, None, None, request.request_id, metadata={CLOSED_KEY: why})
+
+
+# =========================================================================== producer side
+
+
+class StreamSink(ABC):
+    """The producer's end of one stream; a transport subclasses it (see the module docstring).
+
+    ``send`` and ``asend`` return False when the stream must stop: the
+    consumer cancelled, or the deadline passed while waiting for room. ``end``
+    is called exactly once, last.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = max(1, window)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._unacknowledged = 0
+        self.cancelled = False
+        self.stop_reason: ServiceResponse | None = None
+        self._async_room: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    # ---- what the transport implements
+
+    @abstractmethod
+    def _emit(self, item: Any) -> None:
+        """Carry one item to the consumer (raises when it cannot: the stream then ends with that error)."""
+
+    @abstractmethod
+    def _finish(self, response: ServiceResponse) -> None:
+        """Carry the end of the stream (a success without result, or the error)."""
+
+    # ---- what the transport calls
+
+    def acknowledge(self, count: int) -> None:
+        """The consumer took ``count`` more items: room for as many."""
+        with self._lock:
+            self._unacknowledged -= count
+            self._room.notify()
+            self._wake_async()
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        """The consumer gave up (or, with ``reason``, the service stops): the producer stops at its next item.
+
+        Its generator is closed. ``reason`` is the end the consumer gets
+        instead of a normal end (the service stopping mid-stream).
+        """
+        with self._lock:
+            self.cancelled = True
+            if reason is not None:
+                self.stop_reason = reason
+            self._room.notify_all()
+            self._wake_async()
+
+    def _wake_async(self) -> None:
+        waiting = self._async_room
+        if waiting is not None:
+            self._async_room = None
+            loop, future = waiting
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass  # the loop closed: its producer is gone
+
+    # ---- what the runners call
+
+    def send(self, item: Any, deadline: float | None) -> bool:
+        """Send ``item`` once there is room in the window; False: stop (consumer gone, or deadline passed)."""
+        with self._lock:
+            while self._unacknowledged >= self.window and not self.cancelled:
+                wait = None if deadline is None else deadline - time.time()
+                if wait is not None and wait <= 0:
+                    return False
+                self._room.wait(wait)
+            if self.cancelled:
+                return False
+            self._unacknowledged += 1
+        self._emit(item)
+        return True
+
+    async def asend(self, item: Any) -> bool:
+        """:meth:`send` for a producer on an event loop (the deadline is the caller's ``asyncio.timeout``)."""
+        while True:
+            with self._lock:
+                if self.cancelled:
+                    return False
+                if self._unacknowledged < self.window:
+                    self._unacknowledged += 1
+                    break
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[None] = loop.create_future()
+                self._async_room = (loop, future)
+            await future
+        self._emit(item)
+        return True
+
+    def end(self, response: ServiceResponse) -> None:
+        try:
+            self._finish(response)
+        except Exception:  # noqa: BLE001 - a consumer gone meanwhile cannot be told
+            pass
+
+
+async def _wait(future: asyncio.Future[None]) -> None:
+    await future
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Callable[..., Any], bool]:
+    """The generator method ``request`` names and whether it is an async generator.
+
+    Raises MethodNotFoundError for unknown or private names, TypeError for a
+    method that is not a generator (call it with call_service_sync instead).
+    """
+    name = request.method_name
+    if name[:1] in ("_", "") or task.service is None:
+        raise task._method_not_found(name)
+    method = getattr(task.service, name, None)
+    if method is None or not callable(method):
+        raise task._method_not_found(name)
+    function = inspect.unwrap(method)
+    if inspect.isasyncgenfunction(function):
+        return method, True
+    if inspect.isgeneratorfunction(function):
+        return method, False
+    raise TypeError(
+        f"{task.service_name}.{name} is not a streaming method (it returns one result, it is not a generator): "
+        f"call it with call_service_sync/call_service_async instead of stream"
+    )
+
+
+def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSink) -> None:
+    """Start serving stream ``request`` on ``task`` into ``sink`` (returns at once; ``sink.end`` is called once).
+
+    A generator runs in one of the task's stream threads (at most
+    ``max_workers`` at once; more wait for one), an async generator on the
+    task's event loop. A task that is not running, an unknown method or one
+    that is not a generator ends the stream at once with the error.
+    """
+    if task.state != "running" or task.service is None:
+        sink.end(task._unavailable(request, f"service is {task.state}"))
+        return
+    try:
+        method, is_async = stream_method(task, request)
+    except MethodNotFoundError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="runtime"))
+        return
+    except TypeError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="service", with_traceback=False))
+        return
+    if is_async:
+        loop = task.event_loop
+        assert loop is not None  # a service with async generators always has one
+        loop.spawn(request.request_id, serve_async_stream(task, request, method, sink), lambda: sink.end(task._unavailable(request, "it stopped")))
+        return
+    try:
+        _stream_threads(task).submit(serve_sync_stream, task, request, method, sink)
+    except RuntimeError:
+        sink.end(task._unavailable(request, "it stopped"))
+
+
+_executors_lock = threading.Lock()
+
+
+def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:
+    """The task's threads for generator streams, created on its first stream and shut down with the task."""
+    executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
+    if executor is None:
+        with _executors_lock:
+            executor = getattr(task, "_stream_executor", None)
+            if executor is None:
+                executor = ThreadPoolExecutor(task.max_workers, thread_name_prefix=f"kservice-{task.service_name}-stream")
+                task._stream_executor = executor  # type: ignore[attr-defined]
+    return executor
+
+
+def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
+    """Cancel the task's streams (their consumers get ServiceUnavailableError) and join its stream threads."""
+    executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
+    sinks: set[StreamSink] = getattr(task, "_open_streams", set())
+    for sink in list(sinks):
+        sink.cancel(unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), "the service stopped"))
+    if executor is not None:
+        task._stream_executor = None  # type: ignore[attr-defined]
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _track(task: BaseServiceTask, sink: StreamSink, add: bool) -> None:
+    sinks: set[StreamSink] | None = getattr(task, "_open_streams", None)
+    if sinks is None:
+        sinks = task._open_streams = set()  # type: ignore[attr-defined]
+    if add:
+        sinks.add(sink)
+    else:
+        sinks.discard(sink)
+
+
+def _begin(task: BaseServiceTask, request: ServiceRequest) -> tuple[ServiceRequest, ServiceResponse | None, int, float]:
+    """Deadline check and the server chain's before-hooks: (request, refusal or None, after-hook limit, start time)."""
+    if request.deadline is not None and time.time() > request.deadline:
+        next(task._expired)
+        return request, timeout_response(request, 0.0), -1, 0.0
+    next(task._started)
+    chain = task._server_chain
+    began = perf_counter()
+    if chain is None:
+        return request, None, 0, began
+    if chain.has_before:
+        try:
+            request, response, limit = chain.run_before(request)
+        except MiddlewareError as exc:
+            return exc.request, ServiceResponse.from_exception(request.request_id, exc.error, origin="service"), exc.index, began
+        return request, response, limit, began
+    return request, None, chain.size, began
+
+
+def _conclude(
+    task: BaseServiceTask, request: ServiceRequest, response: ServiceResponse, limit: int, began: float, count: int
+) -> ServiceResponse:
+    """Record the item count, run the server chain's after-hooks and observers (they see the whole stream)."""
+    if limit < 0:
+        return response  # expired before it started: never counted as started
+    response.metadata = {**response.metadata, ITEMS_KEY: count}
+    chain = task._server_chain
+    if chain is not None:
+        response = chain.run_after(request, response, limit, began)
+    next(task._finished)
+    if not response.success:
+        next(task._failed)
+    return response
+
+
+def _stopped_response(request: ServiceRequest, sink: StreamSink) -> ServiceResponse:
+    if sink.stop_reason is not None:
+        return sink.stop_reason
+    if sink.cancelled:
+        return _ended_early(request, "the consumer closed the stream")
+    return timeout_response(request, 0.0)
+
+
+def serve_sync_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+    """Run generator ``method`` for ``request``, sending each item into ``sink``; always ends the sink."""
+    _track(task, sink, True)
+    count = 0
+    request, response, limit, began = _begin(task, request)
+    token = _current_request.set(request)
+    serial = task._serial_lock
+    deadline = request.deadline
+    try:
+        if response is None:
+            generator: Any = None
+            try:
+                generator = method(*request.args, **request.kwargs)
+                while True:
+                    if serial is not None:
+                        serial.acquire()
+                    try:
+                        item = next(generator)
+                    except StopIteration:
+                        response = ServiceResponse(True, None, None, request.request_id)
+                        break
+                    finally:
+                        if serial is not None:
+                            serial.release()
+                    if not sink.send(item, deadline):
+                        response = _stopped_response(request, sink)
+                        break
+                    count += 1
+                    if deadline is not None and time.time() > deadline and not sink.cancelled:
+                        response = timeout_response(request, 0.0)
+                        break
+            except Exception as exc:
+                response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+            finally:
+                if generator is not None:
+                    try:
+                        generator.close()  # its finally runs, here, now
+                    except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+                        pass
+    finally:
+        _current_request.reset(token)
+        _track(task, sink, False)
+    sink.end(_conclude(task, request, response, limit, began, count))
+
+
+async def serve_async_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+    """Run async generator ``method`` for ``request`` on the running loop; always ends the sink.
+
+    The deadline cancels the generator (``CancelledError`` inside it, then
+    ``aclose()``); the caller gets ServiceTimeoutError after the items sent.
+    """
+    _track(task, sink, True)
+    count = 0
+    request, response, limit, began = _begin(task, request)
+    _current_request.set(request)
+    deadline = request.deadline
+    try:
+        if response is None:
+            generator: Any = None
+
+            async def pump() -> ServiceResponse:
+                nonlocal count, generator
+                generator = method(*request.args, **request.kwargs)
+                async for item in generator:
+                    if not await sink.asend(item):
+                        return _stopped_response(request, sink)
+                    count += 1
+                return ServiceResponse(True, None, None, request.request_id)
+
+            try:
+                if deadline is None:
+                    response = await pump()
+                else:
+                    response = await _within(pump(), max(0.0, deadline - time.time()))
+            except TimeoutError:
+                response = timeout_response(request, 0.0)
+            except asyncio.CancelledError:
+                response = _stopped_response(request, sink)
+                sink.end(_conclude(task, request, response, limit, began, count))
+                raise
+            except Exception as exc:
+                response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+            finally:
+                if generator is not None:
+                    try:
+                        await generator.aclose()
+                    except BaseException:  # noqa: BLE001 - the stream's outcome is decided already
+                        pass
+    finally:
+        _track(task, sink, False)
+    sink.end(_conclude(task, request, response, limit, began, count))
+
+
+# =========================================================================== consumer side
+
+
+class StreamSource(ABC):
+    """A transport's consumer end of one open stream."""
+
+    @abstractmethod
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        """Items that arrived (waiting up to ``timeout`` for at least one) and the end response once it came.
+
+        Returns ``([], None)`` when ``timeout`` passed with nothing new. Items
+        returned still count against the window until :meth:`consumed`.
+        """
+
+    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        """:meth:`receive` for asyncio code (the default waits in a thread; transports may do better)."""
+        loop = asyncio.get_running_loop()
+        step = 0.25 if timeout is None else min(timeout, 0.25)
+        return await loop.run_in_executor(None, self.receive, step)
+
+    @abstractmethod
+    def consumed(self, count: int) -> None:
+        """The consumer has handed ``count`` more received items to its caller: the producer gets room for them."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """The consumer gives up: stop the producer, release what the stream holds; idempotent, never blocks long."""
+
+
+class LocalStream(StreamSink, StreamSource):
+    """Both ends of a stream within one process: a bounded deque between producer and consumer."""
+
+    def __init__(self, window: int) -> None:
+        StreamSink.__init__(self, window)
+        self._items: collections.deque[Any] = collections.deque()
+        self._arrived = threading.Condition(self._lock)
+        self._response: ServiceResponse | None = None
+        self._async_arrival: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def _emit(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._arrived.notify()
+            self._wake_consumer()
+
+    def _finish(self, response: ServiceResponse) -> None:
+        with self._lock:
+            self._response = response
+            self._arrived.notify_all()
+            self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        waiting = self._async_arrival
+        if waiting is not None:
+            self._async_arrival = None
+            loop, future = waiting
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass
+
+    def _take(self) -> tuple[list[Any], ServiceResponse | None]:
+        items = list(self._items)
+        self._items.clear()
+        return items, self._response
+
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        with self._lock:
+            if not self._items and self._response is None:
+                self._arrived.wait(timeout)
+            return self._take()
+
+    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        with self._lock:
+            ready = bool(self._items) or self._response is not None
+        if ready:
+            # Yield to the loop once per batch: a fast producer must not starve the consumer's other tasks.
+            await asyncio.sleep(0)
+        with self._lock:
+            if self._items or self._response is not None:
+                return self._take()
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+            self._async_arrival = (loop, future)
+        try:
+            if timeout is None:
+                await future
+            else:
+                await _within(_wait(future), timeout)  # not wait_for: on 3.11 it can swallow a cancellation
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._async_arrival = None
+        with self._lock:
+            return self._take()
+
+    def consumed(self, count: int) -> None:
+        self.acknowledge(count)
+
+    def close(self) -> None:
+        self.cancel()
+
+
+class ItemStream(Iterator[Any], AsyncIterator[Any]):
+    """The items of one streamed call, in order: ``for item in stream`` or ``async for item in stream``.
+
+    Guarantees: items arrive in the order the method yielded them, each
+    once. The stream ends after the last item, or raises the method's
+    exception (typed, as for calls) after the items yielded before it;
+    ServiceTimeoutError when the deadline (``timeout`` of the whole stream)
+    passes; ServiceUnavailableError when the host or replica dies mid-stream.
+    A failure before the first item may be retried by the retry policy; a
+    stream that delivered anything never is.
+
+    ``close()`` (also ``break`` out of a ``with`` block, ``aclose()``, or
+    the stream being garbage-collected) stops the generator in the service:
+    its ``finally`` runs and what the stream held is released. Client
+    middleware sees the stream once: ``before_call`` when it opens,
+    ``after_call``/``observe_call`` when it ends, with the item count in
+    ``response.metadata["kservice.stream.items"]`` and the whole stream's
+    duration.
+    """
+
+    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int) -> None:
+        self._manager = manager
+        self._route = route
+        self._request = request
+        self._window = window
+        self._items: collections.deque[Any] = collections.deque()
+        self._unacknowledged = 0
+        self._delivered = 0
+        self._attempt = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._source: StreamSource | None = None
+        self._sent = request
+        self._limit = 0
+        self._began = 0.0
+        # Retries wait with time.sleep: only sync consumers retry (an event loop must not block).
+        self._async = False
+        self._open()
+
+    @property
+    def request(self) -> ServiceRequest:
+        return self._request
+
+    @property
+    def delivered(self) -> int:
+        """Items handed to the consumer so far."""
+        return self._delivered
+
+    # ---------------------------------------------------------------- opening
+
+    def _open(self) -> None:
+        route = self._route
+        chain = route.chain
+        self._sent = self._request
+        if chain is not None:
+            self._began = perf_counter()
+            try:
+                self._sent, refusal, self._limit = chain.run_before(self._request)
+            except MiddlewareError as exc:
+                self._sent, self._limit = exc.request, exc.index
+                refusal = ServiceResponse.from_exception(self._request.request_id, exc.error, origin="client")
+            if refusal is not None:
+                self._end(refusal)
+                return
+        try:
+            self._source = route.connection.open_stream(self._sent, self._window)
+        except ServiceError as exc:
+            self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="runtime"))
+        except Exception as exc:  # noqa: BLE001 - the transport failed to send: this attempt fails
+            self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="client"))
+
+    def _end(self, response: ServiceResponse) -> bool:
+        """The stream ended with ``response``; True when a retry reopened it instead."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+        if not response.success and self._delivered == 0 and not self._items and not self._async:
+            delay = self._route.retry_delay(self._request, response, self._attempt)
+            if delay is not None:
+                self._after(response)
+                self._attempt += 1
+                time.sleep(delay)
+                self._route = self._manager._refresh_route(self._route, response)
+                self._open()
+                return True
+        self._done = True
+        response = self._after(response)
+        if not response.success:
+            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+        return False
+
+    def _after(self, response: ServiceResponse) -> ServiceResponse:
+        if not response.success or CLOSED_KEY in response.metadata or ITEMS_KEY not in response.metadata:
+            response.metadata = {**response.metadata, ITEMS_KEY: self._delivered + len(self._items)}
+        chain = self._route.chain
+        return response if chain is None else chain.run_after(self._sent, response, self._limit, self._began)
+
+    def _remaining(self) -> float | None:
+        deadline = self._request.deadline
+        return None if deadline is None else deadline - time.time()
+
+    def _end_without_retry(self, response: ServiceResponse) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+        self._done = True
+        response = self._after(response)
+        if not response.success:
+            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+
+    def _accept(self, items: list[Any], end: ServiceResponse | None) -> None:
+        self._items.extend(items)
+        self._unacknowledged += len(items)
+        if end is not None:
+            self._source = None  # ended by the producer: nothing to cancel
+            self._end(end)
+
+    # ---------------------------------------------------------------- sync
+
+    def __iter__(self) -> ItemStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self._items:
+                self._delivered += 1
+                return self._items.popleft()
+            if self._done:
+                self._raise_end()
+            source = self._source
+            if source is None:
+                self._raise_end()
+            if self._unacknowledged:
+                # Every received item is with the caller now: the producer gets room for them.
+                source.consumed(self._unacknowledged)  # type: ignore[union-attr]
+                self._unacknowledged = 0
+            remaining = self._remaining()
+            if remaining is not None and remaining <= 0:
+                self._expire()
+                continue
+            items, end = source.receive(remaining)  # type: ignore[union-attr]
+            self._accept(items, end)
+
+    def _expire(self) -> None:
+        self._end_without_retry(
+            ServiceResponse.from_exception(
+                self._request.request_id,
+                ServiceTimeoutError(
+                    f"stream {self._request.service_name}.{self._request.method_name} passed its deadline "
+                    f"after {self._delivered + len(self._items)} item(s)"
+                ),
+                origin="runtime",
+            )
+        )
+
+    def _raise_end(self) -> Any:
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the stream: the generator in the service is closed (its ``finally`` runs); idempotent."""
+        if self._done:
+            return
+        self._items.clear()
+        self._end_without_retry(_ended_early(self._request, "the consumer closed the stream"))
+        self._error = None
+
+    def __enter__(self) -> ItemStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._done and self._source is not None:
+                self._source.close()
+        except Exception:  # noqa: BLE001 - best effort at garbage collection
+            pass
+
+    # ---------------------------------------------------------------- async
+
+    def __aiter__(self) -> ItemStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        self._async = True
+        while True:
+            if self._items:
+                self._delivered += 1
+                return self._items.popleft()
+            if self._done or self._source is None:
+                break
+            if self._unacknowledged:
+                self._source.consumed(self._unacknowledged)
+                self._unacknowledged = 0
+            remaining = self._remaining()
+            if remaining is not None and remaining <= 0:
+                self._expire()
+                continue
+            try:
+                items, end = await self._source.areceive(remaining)
+            except asyncio.CancelledError:
+                self.close()  # the consuming task was cancelled: the producer stops too
+                raise
+            self._accept(items, end)
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """:meth:`close` for ``async`` code."""
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "open"
+        return f"<ItemStream {self._request.service_name}.{self._request.method_name} {state} delivered={self._delivered}>"
+
+
+def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:
+    """The end a consumer gets when the producer's host or replica died mid-stream (never retried once items came)."""
+    return ServiceResponse.from_exception(
+        request.request_id,
+        ServiceUnavailableError(f"stream {request.service_name}.{request.method_name} broke: {why}"),
+        origin="runtime",
+    )
