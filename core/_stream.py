@@ -83,6 +83,13 @@ class StreamSink(ABC):
     def _finish(self, response: ServiceResponse) -> None:
         """Carry the end of the stream (a success without result, or the error)."""
 
+    #: seconds between :meth:`consumer_alive` checks while the producer waits for room (None: never checked)
+    liveness_interval: float | None = None
+
+    def consumer_alive(self) -> bool:
+        """Whether the consumer can still read (transports whose consumer may die override it)."""
+        return True
+
     # ---- what the transport calls
 
     def acknowledge(self, count: int) -> None:
@@ -120,11 +127,15 @@ class StreamSink(ABC):
     def send(self, item: Any, deadline: float | None) -> bool:
         """Send ``item`` once there is room in the window; False: stop (consumer gone, or deadline passed)."""
         with self._lock:
+            interval = self.liveness_interval
             while self._unacknowledged >= self.window and not self.cancelled:
                 wait = None if deadline is None else deadline - time.time()
                 if wait is not None and wait <= 0:
                     return False
-                self._room.wait(wait)
+                if interval is not None:
+                    wait = interval if wait is None else min(wait, interval)
+                if not self._room.wait(wait) and interval is not None and not self.consumer_alive():
+                    self.cancelled = True  # the consumer died: nobody will take the rest
             if self.cancelled:
                 return False
             self._unacknowledged += 1
@@ -143,7 +154,13 @@ class StreamSink(ABC):
                 loop = asyncio.get_running_loop()
                 future: asyncio.Future[None] = loop.create_future()
                 self._async_room = (loop, future)
-            await future
+            interval = self.liveness_interval
+            if interval is None:
+                await future
+            else:
+                await asyncio.wait([future], timeout=interval)
+                if not future.done() and not self.consumer_alive():
+                    self.cancel()
         self._emit(item)
         return True
 

@@ -65,7 +65,7 @@ from kservice import (
     Transport,
 )
 
-from . import codec, registry
+from . import codec, registry, streams
 from .ring import (
     QueueClosed,
     QueueEmpty,
@@ -259,8 +259,14 @@ class MmapListener(Listener):
                 exc,
             )
             return
-        if kind == codec.KIND_STATUS:
-            self._reply_status(request)
+        if kind != codec.KIND_CALL:
+            if kind == codec.KIND_STATUS:
+                self._reply_status(request)
+            else:
+                streams.control(self, kind, request)
+            return
+        if request.metadata and streams.STREAM_KEY in request.metadata:
+            streams.open_stream(self, request)
             return
         task = self._task
         name = request.method_name
@@ -695,6 +701,7 @@ class MmapConnection(Connection):
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
         _client.connection_opened()
+        streams.pool.connection_opened()
         _pool_user(1)
 
     def host_alive(self) -> bool:
@@ -835,6 +842,13 @@ class MmapConnection(Connection):
         """The caller timed out: forget the request (a service never starts work past its deadline)."""
         _client.forget(request.request_id)
 
+    def open_stream(self, request: ServiceRequest, window: int) -> streams.MmapStreamSource:
+        """Stream ``request``'s items through a stream ring of this process (see ``kservice.plugins.mmap.streams``)."""
+        ring = self._ring
+        if ring is None:
+            raise ServiceUnavailableError(f"service {self._service_name!r} is unavailable: the connection is closed")
+        return streams.MmapStreamSource(self, ring, request, window)
+
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
 
@@ -863,6 +877,7 @@ class MmapConnection(Connection):
         # Dropped, not closed: a thread still inside call() holds its own reference.
         self._ring = None
         _client.connection_closed()
+        streams.pool.connection_closed()
         _pool_user(-1)
 
 
