@@ -36,7 +36,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeAlias
@@ -47,6 +47,7 @@ from kservice import (
     ConfigError,
     Connection,
     Listener,
+    LocalStream,
     ServiceAddress,
     ServiceError,
     ServiceFactory,
@@ -57,6 +58,7 @@ from kservice import (
     ServiceTimeoutError,
     ServiceUnavailableError,
     Setting,
+    StreamSource,
     TaskContext,
     Transport,
     get_plugin_manager,
@@ -236,6 +238,8 @@ class _ReplicaHost:
         actor_name: str,
     ) -> None:
         self.actor_name = actor_name
+        #: streams this replica serves, by request id (so a caller's cancel reaches them)
+        self.streams: dict[str, LocalStream] = {}
         self.failure: ServiceResponse | None = None
         self.task: _HostedTask | None = None
         try:
@@ -316,6 +320,47 @@ class _ReplicaHost:
                     answer = failed.for_wire()
             answers.append(answer)
         return answers
+
+    def handle_stream(self, envelope: bytes | WireRequest, window: int) -> Iterator[Any]:
+        """Serve one stream (called with ``num_returns="streaming"``): its items, then one :class:`_StreamEnd`.
+
+        The service's generator runs in the hosted task (its stream threads);
+        items pass through a window of ``window`` items to this Ray generator,
+        which Ray's own back-pressure bounds towards the caller. Never raises.
+        """
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            yield _StreamEnd(request)
+            return
+        local = self._open_local_stream(request, window)
+        try:
+            while True:
+                items, end = local.receive(_STREAM_POLL)
+                for item in items:  # noqa: UP028 - not "yield from": Ray resumes its generators with send()
+                    yield item
+                if items:
+                    local.consumed(len(items))
+                if end is not None:
+                    yield _stream_end(request, end)
+                    return
+        finally:
+            self._close_local_stream(request.request_id, local)
+
+    def _open_local_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+        local = LocalStream(window)
+        self.streams[request.request_id] = local
+        self.task.open_stream(request, local)  # type: ignore[union-attr]
+        return local
+
+    def _close_local_stream(self, request_id: str, local: LocalStream) -> None:
+        local.close()  # the service's generator stops (its finally runs) if it had not ended
+        self.streams.pop(request_id, None)
+
+    def cancel_stream(self, request_id: str) -> None:
+        """The caller closed stream ``request_id`` early: stop the service's generator (control group)."""
+        local = self.streams.get(request_id)
+        if local is not None:
+            local.close()
 
     def ready(self) -> ServiceResponse:
         if self.failure is not None:
@@ -409,11 +454,52 @@ class _AsyncReplicaHost(_ReplicaHost):
             task.cancel_request(request.request_id)
             raise
 
+    async def handle_stream(self, envelope: bytes | WireRequest, window: int) -> AsyncIterator[Any]:  # type: ignore[override]
+        """:meth:`_ReplicaHost.handle_stream` on the actor's event loop (Ray cancelling it closes the stream)."""
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            yield _StreamEnd(request)
+            return
+        local = self._open_local_stream(request, window)
+        try:
+            while True:
+                items, end = await local.areceive(_STREAM_POLL)
+                for item in items:
+                    yield item
+                if items:
+                    local.consumed(len(items))
+                if end is not None:
+                    yield _stream_end(request, end)
+                    return
+        finally:
+            self._close_local_stream(request.request_id, local)
+
     async def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:  # type: ignore[override]
         import asyncio
 
         answers = await asyncio.gather(*(self.handle(envelope) for envelope in envelopes))
         return [_stored_if_needed(answer) for answer in answers]
+
+
+#: seconds a replica's stream generator waits for the service's next item before looking again
+_STREAM_POLL = 0.5
+
+
+class _StreamEnd:
+    """The last object of a replica's stream: how it ended (a success carrying the item count, or the error)."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: ServiceResponse) -> None:
+        self.response = response
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_StreamEnd, (self.response,))
+
+
+def _stream_end(request: ServiceRequest, end: ServiceResponse) -> _StreamEnd:
+    end.request_id = request.request_id
+    return _StreamEnd(end.for_wire())
 
 
 def _settle_future(future: Any, response: ServiceResponse) -> None:
@@ -1250,6 +1336,22 @@ class RayConnection(Connection):
                 return
         replicas.finished(replica)
 
+    def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:
+        """Stream ``request`` from one replica through a Ray streaming generator (``ObjectRefGenerator``).
+
+        Ray's generator back-pressure holds the replica to ``window`` items
+        the caller has not taken. A stream is never failed over to another
+        replica once sent (it may have started).
+        """
+        if self._closed:
+            raise ServiceUnavailableError(f"service {request.service_name!r} is unavailable: the connection was closed")
+        self._maybe_refresh()
+        replicas = self.replicas
+        replica = replicas.pick(False)
+        if replica is None:
+            return _RayStreamSource.failed(replicas.no_replica(request))
+        return _RayStreamSource(self._ray, replica, request, window)
+
     def _should_fail_over(self, request: ServiceRequest, replica: _Replica, idempotent: bool, failovers: int) -> bool:
         remaining = request.remaining()
         # Ray already re-ran it on the restarted replica as often as allowed; another replica may still serve.
@@ -1300,6 +1402,88 @@ class RayConnection(Connection):
 
     def close(self) -> None:
         self._closed = True
+
+
+class _RayStreamSource(StreamSource):
+    """The caller's end of one stream from a replica (see :meth:`RayConnection.open_stream`)."""
+
+    #: items taken from Ray per receive at most, when several are ready
+    BATCH = 256
+
+    def __init__(self, ray: ModuleType | None, replica: _Replica | None, request: ServiceRequest, window: int) -> None:
+        self._ray = ray
+        self._replica = replica
+        self._request = request
+        self._failed: ServiceResponse | None = None
+        self._generator: Any = None
+        if replica is None:
+            return
+        try:
+            self._generator = replica.handle.handle_stream.options(
+                num_returns="streaming", _generator_backpressure_num_objects=window
+            ).remote(_to_wire(request), window)
+        except Exception as exc:
+            self._failed = _send_failure(request, exc)
+
+    @classmethod
+    def failed(cls, response: ServiceResponse) -> _RayStreamSource:
+        source = cls(None, None, ServiceRequest(response.request_id, "", ""), 1)
+        source._failed = response
+        return source
+
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            return [], failed
+        generator = self._generator
+        if generator is None:
+            return [], None
+        ray = self._ray
+        assert ray is not None
+        items: list[Any] = []
+        wait = _STREAM_POLL if timeout is None else max(0.0, min(timeout, _STREAM_POLL))
+        while len(items) < self.BATCH:
+            try:
+                ref = generator._next_sync(timeout_s=wait if not items else 0)
+            except StopIteration:
+                return items, self._broken("the replica's stream ended without its last record")
+            if ref.is_nil():
+                break
+            try:
+                value = ray.get(ref)
+            except Exception as exc:
+                return items, self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
+            if type(value) is _StreamEnd:
+                self._generator = None
+                return items, value.response
+            items.append(value)
+        return items, None
+
+    def _broken(self, why: str) -> ServiceResponse:
+        self._generator = None
+        replica = self._replica
+        where = f" (replica {replica.name})" if replica is not None else ""
+        response = ServiceResponse.from_exception(
+            self._request.request_id,
+            ServiceUnavailableError(f"stream {self._request.service_name}.{self._request.method_name} broke{where}: {why}"),
+            origin="runtime",
+        )
+        response.metadata = {RETRYABLE_KEY: False}  # it may have run
+        return response
+
+    def consumed(self, count: int) -> None:
+        pass  # Ray counts what the caller took from the generator
+
+    def close(self) -> None:
+        generator, self._generator = self._generator, None
+        replica = self._replica
+        if generator is None or replica is None:
+            return
+        try:
+            replica.handle.cancel_stream.options(concurrency_group=_CONTROL_GROUP).remote(self._request.request_id)
+        except Exception:  # noqa: BLE001 - the replica is gone: nothing runs there any more
+            pass
+        del generator  # Ray drops what the stream still held
 
 
 def _send_failure(request: ServiceRequest, exc: BaseException) -> ServiceResponse:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kservice import ServiceEnvironment, ServiceManager, ServiceTimeoutError
+from kservice import ServiceEnvironment, ServiceManager, ServiceTimeoutError, ServiceUnavailableError
 from ray_services import quiet_config
 
 
@@ -17,6 +17,7 @@ def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
         {
             "areplica": {"class": "aio_ray_services:AsyncReplica", "kind": "ray", "ray": {"max_concurrency": 8}},
             "sreplica": {"class": "aio_ray_services:StreamReplica", "kind": "ray", "ray": {"max_concurrency": 4}},
+            "dier": {"class": "aio_ray_services:StreamReplica", "kind": "ray"},
         }
     )
     config["service_call"] = {"max_retries": 0}
@@ -53,3 +54,46 @@ def test_the_deadline_cancels_a_coroutine_in_a_replica(manager: ServiceManager) 
         assert time.monotonic() < deadline, "the coroutine was not cancelled"
         time.sleep(0.1)
     assert manager.call_service_sync("areplica", "hello", (1,)) == "hello 2"
+
+
+@pytest.mark.timeout(120)
+def test_generators_stream_from_replicas_in_order(manager: ServiceManager) -> None:
+    assert list(manager.stream("sreplica", "count", (2000,))) == list(range(2000))
+    assert list(manager.stream("areplica", "acount", (300,))) == list(range(300))
+    assert [len(b) for b in manager.stream("sreplica", "items", (5, 200_000))] == [200_000] * 5
+    got: list[int] = []
+    with pytest.raises(ValueError, match="broke after 3"):
+        for item in manager.stream("sreplica", "broken", (3,)):
+            got.append(item)
+    assert got == [0, 1, 2]
+    with pytest.raises(TypeError, match="stream"):
+        manager.call_service_sync("sreplica", "count", (3,))
+
+
+@pytest.mark.timeout(120)
+def test_closing_a_ray_stream_stops_the_generator_in_the_replica(manager: ServiceManager) -> None:
+    with manager.stream("sreplica", "slow", (100_000, 0.001, "ray-close"), window=4) as stream:
+        assert [next(stream) for _ in range(5)] == list(range(5))
+    deadline = time.monotonic() + 10
+    while "ray-close" not in manager.call_service_sync("sreplica", "report"):
+        assert time.monotonic() < deadline, "the replica's generator kept running"
+        time.sleep(0.1)
+    got: list[int] = []
+    with pytest.raises(ServiceTimeoutError):
+        for item in manager.stream("sreplica", "slow", (100_000, 0.05, "ray-deadline"), timeout=1.0):
+            got.append(item)
+    assert got and got == list(range(len(got)))
+    while "ray-deadline" not in manager.call_service_sync("sreplica", "report"):
+        assert time.monotonic() < deadline + 10, "the deadline did not stop the replica's generator"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_dying_mid_stream_ends_it_unavailable(manager: ServiceManager) -> None:
+    got: list[int] = []
+    began = time.monotonic()
+    with pytest.raises(ServiceUnavailableError, match="broke"):
+        for item in manager.stream("dier", "die_after", (5,), timeout=60):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    assert time.monotonic() - began < 30
