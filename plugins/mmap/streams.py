@@ -212,11 +212,13 @@ class MmapStreamSource(StreamSource):
     def _broken(self, why: str) -> ServiceResponse:
         self._ended = True
         self._release(reuse=False)
-        return ServiceResponse.from_exception(
+        response = ServiceResponse.from_exception(
             self._request.request_id,
             ServiceUnavailableError(f"stream {self._request.service_name}.{self._request.method_name} broke: {why}"),
             origin="runtime",
-        ).for_wire()
+        )
+        response.metadata = {"kservice.retryable": False}  # the generator may have run: never re-sent
+        return response.for_wire()
 
     def consumed(self, count: int) -> None:
         self._owed += count

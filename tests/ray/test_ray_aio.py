@@ -97,3 +97,19 @@ def test_a_replica_dying_mid_stream_ends_it_unavailable(manager: ServiceManager)
             got.append(item)
     assert got == [0, 1, 2, 3, 4]
     assert time.monotonic() - began < 30
+
+
+@pytest.mark.timeout(180)
+def test_the_guides_ray_example_runs(ray_cluster: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_environ
+    from tests.docs.test_guides import python_blocks
+
+    block = python_blocks("async-and-streaming.md")[3]
+    prelude = f"import ray\nray.init(address={ray_cluster.address!r}, log_to_driver=False)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + block], cwd=tmp_path, capture_output=True, text=True, timeout=150, env=clean_environ()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
