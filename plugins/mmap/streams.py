@@ -8,8 +8,7 @@ The host runs the generator (``task.open_stream``) and puts each item into
 that ring as a response record ``(request_id, item)``, large items out of
 band as results are; the end of the stream is one full response record (a
 success carrying the item count, or the error). Items travel as they come,
-one record each, or several in one record when the producer has more ready
-(the ring reader takes up to 256 records per wake-up).
+one record each (the ring reader takes up to 256 records per wake-up).
 
 Flow control: the host sends at most ``window`` items the caller has not
 consumed; the caller returns credit (a :data:`KIND_CREDIT` record on the
@@ -57,8 +56,10 @@ STREAM_RING_CAPACITY = 1 << 20
 POOLED_RINGS = 8
 #: seconds between liveness checks of the other side while waiting
 LIVENESS_INTERVAL = 0.5
-#: items the host packs into one record at most, when it has several ready
-BATCH_ITEMS = 64
+#: str/bytes items shorter than this take the direct path (pickled in place, always inline)
+_SMALL_ITEM = 4096
+_dumps = pickle.dumps
+_loads = pickle.loads
 
 
 # =========================================================================== caller side
@@ -191,6 +192,16 @@ class MmapStreamSource(StreamSource):
             if end is not None:
                 codec.discard(record)
                 continue
+            if record[:1] == b"\x80":
+                # An inline record: most often one item, read here without the general decoder.
+                try:
+                    message = _loads(record)
+                except Exception:  # noqa: BLE001 - the general decoder reports it below
+                    message = None
+                if type(message) is tuple and len(message) == 2:
+                    if message[0] == request_id:
+                        items.append(message[1])
+                    continue
             try:
                 messages = codec.decode_many(record)
             except codec.DecodeError as exc:
@@ -269,6 +280,16 @@ class MmapStreamSink(StreamSink):
         return bool(self._ring.owner_alive)
 
     def _emit(self, item: Any) -> None:
+        kind = type(item)
+        if kind is str or kind is bytes or kind is int or kind is float or kind is bool or item is None:
+            # The common token or chunk: pickled here at once (what codec.encode_response does for it).
+            if kind is not str and kind is not bytes or len(item) < _SMALL_ITEM:
+                record = _dumps((self._request.request_id, item), 5)
+                put = self._ring.compiled_put
+                if put is not None and not put(record):
+                    return
+                self._put(record, None)
+                return
         response = ServiceResponse(True, item, None, self._request.request_id)
         try:
             record, segment = codec.encode_response(response, self._ring.owner_pid, self._inline_limit)
