@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
+import functools
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ._aio import _within
+from ._aio import _within, method_kinds
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse
@@ -192,10 +192,10 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
     method = getattr(task.service, name, None)
     if method is None or not callable(method):
         raise task._method_not_found(name)
-    function = inspect.unwrap(method)
-    if inspect.isasyncgenfunction(function):
+    kinds = method_kinds(type(task.service))
+    if name in kinds.async_generators:
         return method, True
-    if inspect.isgeneratorfunction(function):
+    if name in kinds.generators:
         return method, False
     raise TypeError(
         f"{task.service_name}.{name} is not a streaming method (it returns one result, it is not a generator): "
@@ -227,10 +227,39 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
         assert loop is not None  # a service with async generators always has one
         loop.spawn(request.request_id, serve_async_stream(task, request, method, sink), lambda: sink.end(task._unavailable(request, "it stopped")))
         return
+    run = SyncStreamRun(task, request, method, sink)
+    if run.ended:
+        return
+    cost_key = "stream:" + request.method_name
+    first_cost = task.method_cost(cost_key)
+    if task._serial_lock is None and first_cost is not None and first_cost < task.inline_limit:
+        # Its first item has been quick to make: made here, it reaches the caller without a thread
+        # hand-off (first-item latency). Items keep being made here while they come fast and fit
+        # the window (so this thread never waits for the consumer): a short stream ends here
+        # entirely; the rest of a long one is made in a stream thread.
+        began = perf_counter()
+        ended = run.pump(1)
+        task.observe_cost(cost_key, perf_counter() - began)
+        if not ended:
+            ended = run.pump(sink.window - 1, task.inline_limit)
+        if ended:
+            return
+        submitted: Callable[[], Any] = run.pump
+    else:
+        submitted = functools.partial(_pump_timed, run, cost_key)
     try:
-        _stream_threads(task).submit(serve_sync_stream, task, request, method, sink)
+        _stream_threads(task).submit(submitted)
     except RuntimeError:
-        sink.end(task._unavailable(request, "it stopped"))
+        run.abandon(task._unavailable(request, "it stopped"))
+
+
+def _pump_timed(run: SyncStreamRun, cost_key: str) -> None:
+    """Run a stream in a stream thread, timing its first item (for :func:`open_on_task`'s choice)."""
+    began = perf_counter()
+    if run.pump(1):
+        return
+    run.task.observe_cost(cost_key, perf_counter() - began)
+    run.pump()
 
 
 _executors_lock = threading.Lock()
@@ -312,49 +341,99 @@ def _stopped_response(request: ServiceRequest, sink: StreamSink) -> ServiceRespo
     return timeout_response(request, 0.0)
 
 
+class SyncStreamRun:
+    """One generator stream on a task, resumable from any thread (one thread at a time).
+
+    :meth:`pump` steps the generator and sends its items into the sink until
+    the stream ends (or ``limit`` items were sent); the generator is closed
+    and the sink ended exactly once, by whichever call sees the end.
+    """
+
+    __slots__ = ("began", "count", "generator", "limit", "method", "request", "response", "sink", "task")
+
+    def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+        self.task = task
+        self.method = method
+        self.sink = sink
+        self.count = 0
+        self.generator: Any = None
+        _track(task, sink, True)
+        self.request, self.response, self.limit, self.began = _begin(task, request)
+        if self.response is not None:
+            self._end()
+
+    @property
+    def ended(self) -> bool:
+        return self.response is not None
+
+    def pump(self, limit: int | None = None, budget: float | None = None) -> bool:
+        """Send items until the stream ends (True), or ``limit`` items were sent, or ``budget`` seconds passed (False)."""
+        if self.response is not None:
+            return True
+        request, sink, task = self.request, self.sink, self.task
+        token = _current_request.set(request)
+        serial = task._serial_lock
+        deadline = request.deadline
+        sent = 0
+        stop_at = None if budget is None else perf_counter() + budget
+        try:
+            if self.generator is None:
+                self.generator = self.method(*request.args, **request.kwargs)
+            generator = self.generator
+            while limit is None or sent < limit:
+                if serial is not None:
+                    serial.acquire()
+                try:
+                    item = next(generator)
+                except StopIteration:
+                    self.response = ServiceResponse(True, None, None, request.request_id)
+                    break
+                finally:
+                    if serial is not None:
+                        serial.release()
+                if not sink.send(item, deadline):
+                    self.response = _stopped_response(request, sink)
+                    break
+                self.count += 1
+                sent += 1
+                if deadline is not None and time.time() > deadline and not sink.cancelled:
+                    self.response = timeout_response(request, 0.0)
+                    break
+                if stop_at is not None and perf_counter() > stop_at:
+                    break
+        except Exception as exc:
+            self.response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        finally:
+            _current_request.reset(token)
+        if self.response is None:
+            return False
+        self._end()
+        return True
+
+    def abandon(self, response: ServiceResponse) -> None:
+        """End the stream with ``response`` without stepping it again (its generator is closed)."""
+        if self.response is None:
+            self.response = response
+            self._end()
+
+    def _end(self) -> None:
+        generator, self.generator = self.generator, None
+        if generator is not None:
+            token = _current_request.set(self.request)
+            try:
+                generator.close()  # its finally runs, here, now
+            except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+                pass
+            finally:
+                _current_request.reset(token)
+        _track(self.task, self.sink, False)
+        assert self.response is not None
+        self.sink.end(_conclude(self.task, self.request, self.response, self.limit, self.began, self.count))
+
+
 def serve_sync_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
     """Run generator ``method`` for ``request``, sending each item into ``sink``; always ends the sink."""
-    _track(task, sink, True)
-    count = 0
-    request, response, limit, began = _begin(task, request)
-    token = _current_request.set(request)
-    serial = task._serial_lock
-    deadline = request.deadline
-    try:
-        if response is None:
-            generator: Any = None
-            try:
-                generator = method(*request.args, **request.kwargs)
-                while True:
-                    if serial is not None:
-                        serial.acquire()
-                    try:
-                        item = next(generator)
-                    except StopIteration:
-                        response = ServiceResponse(True, None, None, request.request_id)
-                        break
-                    finally:
-                        if serial is not None:
-                            serial.release()
-                    if not sink.send(item, deadline):
-                        response = _stopped_response(request, sink)
-                        break
-                    count += 1
-                    if deadline is not None and time.time() > deadline and not sink.cancelled:
-                        response = timeout_response(request, 0.0)
-                        break
-            except Exception as exc:
-                response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
-            finally:
-                if generator is not None:
-                    try:
-                        generator.close()  # its finally runs, here, now
-                    except Exception:  # noqa: BLE001 - the stream's outcome is decided already
-                        pass
-    finally:
-        _current_request.reset(token)
-        _track(task, sink, False)
-    sink.end(_conclude(task, request, response, limit, began, count))
+    SyncStreamRun(task, request, method, sink).pump()
 
 
 async def serve_async_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:

@@ -283,7 +283,7 @@ class MmapStreamSink(StreamSink):
         kind = type(item)
         if kind is str or kind is bytes or kind is int or kind is float or kind is bool or item is None:
             # The common token or chunk: pickled here at once (what codec.encode_response does for it).
-            if kind is not str and kind is not bytes or len(item) < _SMALL_ITEM:
+            if (kind is not str and kind is not bytes) or len(item) < _SMALL_ITEM:
                 record = _dumps((self._request.request_id, item), 5)
                 put = self._ring.compiled_put
                 if put is not None and not put(record):
