@@ -203,6 +203,26 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
     )
 
 
+def run_here(task: BaseServiceTask, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
+    """A stream ``request`` whose generator the caller steps (``pump``) in its own thread; see ``task.run_stream_here``."""
+    if task.state != "running" or task.service is None:
+        sink.end(task._unavailable(request, f"service is {task.state}"))
+        return None
+    try:
+        method, is_async = stream_method(task, request)
+    except MethodNotFoundError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="runtime"))
+        return None
+    except TypeError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="service", with_traceback=False))
+        return None
+    if is_async:
+        open_on_task(task, request, sink)
+        return None
+    run = SyncStreamRun(task, request, method, sink)
+    return None if run.ended else run
+
+
 def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSink) -> None:
     """Start serving stream ``request`` on ``task`` into ``sink`` (returns at once; ``sink.end`` is called once).
 

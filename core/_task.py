@@ -27,7 +27,7 @@ from ._errors import (
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
-from ._stream import StreamSink, open_on_task, shutdown_stream_threads
+from ._stream import StreamSink, SyncStreamRun, open_on_task, run_here, shutdown_stream_threads
 from ._transport import Listener, Reply, timeout_response
 
 if TYPE_CHECKING:
@@ -510,6 +510,19 @@ class BaseServiceTask:
         a consumer that cancels, and the task stopping all close the generator.
         """
         open_on_task(self, request, sink)
+
+    def run_stream_here(self, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
+        """Serve streaming call ``request`` with its generator stepped in the caller's thread.
+
+        For transports whose own thread drives a stream (a Ray replica's
+        generator method): each ``run.pump(limit)`` makes up to ``limit`` items
+        into ``sink`` and returns True once the stream ended (``sink.end`` was
+        called); ``run.abandon(response)`` ends it early, closing the
+        generator. Returns None when there is nothing to step: the stream was
+        refused (``sink.end`` was called), or the method is an async generator,
+        which runs on the task's event loop as with :meth:`open_stream`.
+        """
+        return run_here(self, request, sink)
 
     def cancel_request(self, request_id: str) -> None:
         """Best effort, never blocks: the caller of ``request_id`` gave up.

@@ -58,6 +58,7 @@ from kservice import (
     ServiceTimeoutError,
     ServiceUnavailableError,
     Setting,
+    StreamSink,
     StreamSource,
     TaskContext,
     Transport,
@@ -239,7 +240,7 @@ class _ReplicaHost:
     ) -> None:
         self.actor_name = actor_name
         #: streams this replica serves, by request id (so a caller's cancel reaches them)
-        self.streams: dict[str, LocalStream] = {}
+        self.streams: dict[str, StreamSink] = {}
         self.failure: ServiceResponse | None = None
         self.task: _HostedTask | None = None
         try:
@@ -332,19 +333,28 @@ class _ReplicaHost:
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
             return
-        local = self._open_local_stream(request, window)
+        # The service's generator is stepped right here, in this Ray thread: no hand-off per item.
+        collected = _CollectedItems()
+        self.streams[request.request_id] = collected
+        run = self.task.run_stream_here(request, collected)  # type: ignore[union-attr]
         try:
             while True:
-                items, end = local.receive(_STREAM_POLL)
+                if run is not None:
+                    run.pump(1)
+                items = collected.take()
                 for item in items:  # noqa: UP028 - not "yield from": Ray resumes its generators with send()
                     yield item
-                if items:
-                    local.consumed(len(items))
-                if end is not None:
-                    yield _stream_end(request, end)
+                if collected.response is not None:
+                    yield _stream_end(request, collected.response)
                     return
+                if run is None:
+                    collected.wait(_STREAM_POLL)  # an async generator: made on the task's event loop
         finally:
-            self._close_local_stream(request.request_id, local)
+            if run is not None:
+                # Ray cancelled it (the caller closed the stream) or the stream ended: the generator is closed.
+                run.abandon(ServiceResponse(True, None, None, request.request_id, metadata={"kservice.stream.closed": "cancelled"}))
+            collected.cancel()
+            self.streams.pop(request.request_id, None)
 
     def _open_local_stream(self, request: ServiceRequest, window: int) -> LocalStream:
         local = LocalStream(window)
@@ -358,9 +368,9 @@ class _ReplicaHost:
 
     def cancel_stream(self, request_id: str) -> None:
         """The caller closed stream ``request_id`` early: stop the service's generator (control group)."""
-        local = self.streams.get(request_id)
-        if local is not None:
-            local.close()
+        sink = self.streams.get(request_id)
+        if sink is not None:
+            sink.cancel()
 
     def ready(self) -> ServiceResponse:
         if self.failure is not None:
@@ -483,6 +493,33 @@ class _AsyncReplicaHost(_ReplicaHost):
 
 #: seconds a replica's stream generator waits for the service's next item before looking again
 _STREAM_POLL = 0.5
+
+
+class _CollectedItems(LocalStream):
+    """A threaded replica's sink: items wait here for the Ray generator that steps the service's generator.
+
+    Its window never fills (Ray's generator back-pressure is what bounds the
+    stream); :meth:`take` hands over what was made.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(1 << 30)
+
+    @property
+    def response(self) -> ServiceResponse | None:
+        return self._response
+
+    def take(self) -> list[Any]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._unacknowledged -= len(items)
+        return items
+
+    def wait(self, timeout: float) -> None:
+        with self._lock:
+            if not self._items and self._response is None:
+                self._arrived.wait(timeout)
 
 
 class _StreamEnd:
@@ -1407,9 +1444,6 @@ class RayConnection(Connection):
 class _RayStreamSource(StreamSource):
     """The caller's end of one stream from a replica (see :meth:`RayConnection.open_stream`)."""
 
-    #: items taken from Ray per receive at most, when several are ready
-    BATCH = 256
-
     def __init__(self, ray: ModuleType | None, replica: _Replica | None, request: ServiceRequest, window: int) -> None:
         self._ray = ray
         self._replica = replica
@@ -1440,24 +1474,22 @@ class _RayStreamSource(StreamSource):
             return [], None
         ray = self._ray
         assert ray is not None
-        items: list[Any] = []
+        # One item per receive: asking Ray whether more are ready costs as much as waiting for one.
         wait = _STREAM_POLL if timeout is None else max(0.0, min(timeout, _STREAM_POLL))
-        while len(items) < self.BATCH:
-            try:
-                ref = generator._next_sync(timeout_s=wait if not items else 0)
-            except StopIteration:
-                return items, self._broken("the replica's stream ended without its last record")
-            if ref.is_nil():
-                break
-            try:
-                value = ray.get(ref)
-            except Exception as exc:
-                return items, self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
-            if type(value) is _StreamEnd:
-                self._generator = None
-                return items, value.response
-            items.append(value)
-        return items, None
+        try:
+            ref = generator._next_sync(timeout_s=wait)
+        except StopIteration:
+            return [], self._broken("the replica's stream ended without its last record")
+        if ref.is_nil():
+            return [], None
+        try:
+            value = ray.get(ref)
+        except Exception as exc:
+            return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
+        if type(value) is _StreamEnd:
+            self._generator = None
+            return [], value.response
+        return [value], None
 
     def _broken(self, why: str) -> ServiceResponse:
         self._generator = None
@@ -1480,6 +1512,9 @@ class _RayStreamSource(StreamSource):
         if generator is None or replica is None:
             return
         try:
+            # Stops the replica's generator even while it waits on Ray's back-pressure (its finally runs);
+            # the cancel record stops a service generator running elsewhere in the replica.
+            self._ray.cancel(generator)  # type: ignore[union-attr]
             replica.handle.cancel_stream.options(concurrency_group=_CONTROL_GROUP).remote(self._request.request_id)
         except Exception:  # noqa: BLE001 - the replica is gone: nothing runs there any more
             pass

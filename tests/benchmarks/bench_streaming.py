@@ -63,7 +63,7 @@ class Streamer:
 
 
 class BareStreamer:
-    """The Ray baseline: a plain actor with a generator method."""
+    """The Ray rows' class: a bare Ray actor of it is the baseline, a kservice replica of it the subject."""
 
     def items(self, n: int) -> Iterator[bytes]:
         item = ITEM
@@ -179,12 +179,13 @@ def run_ray(quick: bool) -> list[dict[str, Any]]:
     n_items = 5_000 if quick else 30_000
     repeats = 2 if quick else 3
     concurrency = 4
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         bare = ray.remote(BareStreamer).options(max_concurrency=concurrency).remote()
         config = {
             "services": {
-                "stream": {"class": f"{__name__}:Streamer", "kind": "ray", "ray": {"max_concurrency": concurrency}},
+                # The same generator class as the bare actor (no coroutine methods: a threaded replica).
+                "stream": {"class": f"{__name__}:BareStreamer", "kind": "ray", "ray": {"max_concurrency": concurrency}},
             }
         }
         with ServiceEnvironment("bench-streaming-ray", config) as env, env.manager() as manager:
