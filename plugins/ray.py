@@ -1484,6 +1484,14 @@ class _RayStreamSource(StreamSource):
             return [], None
         try:
             value = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            # The replica's stream generator raises nothing of its own: Ray failed to serialize an item.
+            self._generator = None
+            error = TypeError(
+                f"an item of stream {self._request.service_name}.{self._request.method_name} cannot be sent to the "
+                f"caller: Ray could not serialize it ({type(exc.cause).__name__}: {_first_line(exc.cause)}); the stream ends here"
+            )
+            return [], ServiceResponse.from_exception(self._request.request_id, error, origin="service", with_traceback=False)
         except Exception as exc:
             return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
         if type(value) is _StreamEnd:

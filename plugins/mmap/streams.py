@@ -247,8 +247,14 @@ class MmapStreamSource(StreamSource):
         if self._ring is None:
             return
         if not self._ended:
-            self._ended = True
-            self._control(KIND_CANCEL)
+            # The end may be in the ring already (a short stream): then the host has nothing to stop.
+            try:
+                _, end = self.receive(0)
+            except Exception:  # noqa: BLE001 - undecidable here: tell the host to stop
+                end = None
+            if end is None and self._ring is not None:
+                self._ended = True
+                self._control(KIND_CANCEL)
         self._release()
 
     def _release(self, reuse: bool = True) -> None:

@@ -92,6 +92,10 @@ class StreamReplica:
         time.sleep(0.3)
         os._exit(3)
 
+    def unpicklable(self) -> Iterator[Any]:
+        yield 1
+        yield threading.Lock()
+
     def report(self) -> list[str]:
         return list(self.closed)
 

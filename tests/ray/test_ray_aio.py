@@ -68,6 +68,12 @@ def test_generators_stream_from_replicas_in_order(manager: ServiceManager) -> No
     assert got == [0, 1, 2]
     with pytest.raises(TypeError, match="stream"):
         manager.call_service_sync("sreplica", "count", (3,))
+    got_any: list[Any] = []
+    with pytest.raises(TypeError, match=r"cannot be sent.*serialize"):
+        for item in manager.stream("sreplica", "unpicklable"):
+            got_any.append(item)
+    assert got_any == [1]
+    assert list(manager.stream("sreplica", "count", (3,))) == [0, 1, 2]  # the replica keeps serving
 
 
 @pytest.mark.timeout(120)
@@ -113,3 +119,26 @@ def test_the_guides_ray_example_runs(ray_cluster: Any, tmp_path: Any) -> None:
         [sys.executable, "-c", prelude + block], cwd=tmp_path, capture_output=True, text=True, timeout=150, env=clean_environ()
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_thousand_abandoned_ray_streams_leave_nothing_running(manager: ServiceManager) -> None:
+    import gc
+
+    before = len(manager.call_service_sync("sreplica", "report"))
+    for i in range(1000):
+        stream = manager.stream("sreplica", "count", (10**9, f"r{i}"), window=2)
+        next(stream)
+        if i % 2:
+            stream.close()
+        del stream
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while len(manager.call_service_sync("sreplica", "report")) < before + 1000:
+        assert time.monotonic() < deadline, "abandoned streams kept running in the replica"
+        time.sleep(0.2)
+    # Every stream ended in the replica too (a stream counts as in flight from its start to its end).
+    while manager.get_service_status("sreplica").in_flight:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "abandoned streams are still in flight in the replica"
+        time.sleep(0.2)
+    assert list(manager.stream("sreplica", "count", (3,))) == [0, 1, 2]

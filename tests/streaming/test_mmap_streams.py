@@ -123,3 +123,41 @@ def test_a_thousand_abandoned_streams_leak_nothing(manager: kservice.ServiceMana
     rings = [p.name for p in SHM_DIR.iterdir() if p.name.startswith("str.")]
     assert len(rings) <= 8, rings  # the pool, not one ring per stream
     assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]
+
+
+def test_a_consumer_dying_mid_stream_stops_the_hosts_generator() -> None:
+    import subprocess
+    import sys
+
+    from tests.mmap.services import child_env
+
+    name = unique("model")
+    with hosting(f"{name}=tests.streaming.services:TokenModel"), kservice.ServiceManager() as manager:
+        consumer = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, kservice\n"
+                "m = kservice.ServiceManager()\n"
+                f"s = m.stream({name!r}, 'count', (10**9, 'orphan'), window=4, timeout=120)\n"
+                "next(s); print('reading', flush=True); sys.stdin.read()\n",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        try:
+            assert consumer.stdout is not None and consumer.stdout.readline().strip() == "reading"
+            consumer.kill()
+            consumer.wait(10)
+            deadline = time.monotonic() + 10
+            while "orphan" not in manager.call_service_sync(name, "report")["closed"]:
+                assert time.monotonic() < deadline, "the host kept producing for a dead consumer"
+                time.sleep(0.1)
+            assert manager.call_service_sync(name, "report")["produced"]["orphan"] <= 4 + 2
+        finally:
+            if consumer.poll() is None:
+                consumer.kill()
+                consumer.wait()
+    reclaim()  # the killed consumer's rings
