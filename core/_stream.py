@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import threading
 import time
@@ -369,7 +370,7 @@ class SyncStreamRun:
     and the sink ended exactly once, by whichever call sees the end.
     """
 
-    __slots__ = ("began", "count", "generator", "limit", "method", "request", "response", "sink", "task")
+    __slots__ = ("began", "context", "count", "generator", "limit", "method", "request", "response", "sink", "task")
 
     def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
         self.task = task
@@ -377,8 +378,12 @@ class SyncStreamRun:
         self.sink = sink
         self.count = 0
         self.generator: Any = None
+        # The stream's own context, entered by every step whatever thread makes it: what the server
+        # middleware's before-hook makes current (a tracing span) stays current for the generator and
+        # never leaks into the thread that opened the stream; the after-hook finds it there too.
+        self.context = contextvars.copy_context()
         _track(task, sink, True)
-        self.request, self.response, self.limit, self.began = _begin(task, request)
+        self.request, self.response, self.limit, self.began = self.context.run(_begin, task, request)
         if self.response is not None:
             self._end()
 
@@ -390,6 +395,9 @@ class SyncStreamRun:
         """Send items until the stream ends (True), or ``limit`` items were sent, or ``budget`` seconds passed (False)."""
         if self.response is not None:
             return True
+        return self.context.run(self._pump, limit, budget)
+
+    def _pump(self, limit: int | None, budget: float | None) -> bool:
         request, sink, task = self.request, self.sink, self.task
         token = _current_request.set(request)
         serial = task._serial_lock
@@ -427,7 +435,7 @@ class SyncStreamRun:
             _current_request.reset(token)
         if self.response is None:
             return False
-        self._end()
+        self._finish()  # in this stream's context already
         return True
 
     def abandon(self, response: ServiceResponse) -> None:
@@ -437,6 +445,9 @@ class SyncStreamRun:
             self._end()
 
     def _end(self) -> None:
+        self.context.run(self._finish)
+
+    def _finish(self) -> None:
         generator, self.generator = self.generator, None
         if generator is not None:
             token = _current_request.set(self.request)
