@@ -796,9 +796,11 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         self.close()
 
     def __del__(self) -> None:
+        # A stream dropped unfinished (a ``break`` without ``with``) is closed when collected: the
+        # generator in the service stops, and client middleware sees its end, as for close().
         try:
-            if not self._done and self._source is not None:
-                self._source.close()
+            if not self._done:
+                self.close()
         except Exception:  # noqa: BLE001 - best effort at garbage collection
             pass
 

@@ -226,3 +226,16 @@ def test_metrics_count_streams_and_items() -> None:
         assert summary["methods"]["count"]["streams"] == 3
         assert summary["methods"]["count"]["stream_items"] == 21
         assert summary["methods"]["echo"]["streams"] == 0
+
+
+def test_a_stream_dropped_unfinished_is_seen_ending_by_client_middleware() -> None:
+    observer = StreamObserver()
+    environment = kservice.ServiceEnvironment("streams-dropped")
+    environment.add_middleware(observer)
+    environment.register_service("model", TokenModel)
+    with environment, kservice.ServiceManager(environment) as manager:
+        for item in manager.stream("model", "count", (1000,), window=4):
+            if item == 2:
+                break
+        gc.collect()
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [("count", True, 3)]
