@@ -299,14 +299,21 @@ def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:
 
 
 def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
-    """Cancel the task's streams (their consumers get ServiceUnavailableError) and join its stream threads."""
+    """Cancel the task's streams (their consumers get ServiceUnavailableError) and join its stream threads.
+
+    ``deadline`` is a ``time.monotonic()`` time; a thread still inside a
+    generator's step then is left to finish on its own (it is a daemon).
+    """
     executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
     sinks: set[StreamSink] = getattr(task, "_open_streams", set())
     for sink in list(sinks):
         sink.cancel(unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), "the service stopped"))
     if executor is not None:
         task._stream_executor = None  # type: ignore[attr-defined]
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=False, cancel_futures=True)
+        # A generator stuck inside a step cannot be interrupted: wait for it up to the stop deadline only.
+        for thread in list(getattr(executor, "_threads", ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _track(task: BaseServiceTask, sink: StreamSink, add: bool) -> None:
