@@ -52,11 +52,15 @@ class AsyncReplica:
     def report(self) -> list[str]:
         return list(self.cancelled)
 
-    async def acount(self, n: int, delay: float = 0.0) -> AsyncIterator[int]:
-        for i in range(n):
-            if delay:
-                await asyncio.sleep(delay)
-            yield i
+    async def acount(self, n: int, delay: float = 0.0, tag: str = "") -> AsyncIterator[int]:
+        try:
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                yield i
+        finally:
+            if tag:
+                self.cancelled.append(tag)
 
 
 class StreamReplica:

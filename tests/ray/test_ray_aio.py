@@ -84,6 +84,11 @@ def test_closing_a_ray_stream_stops_the_generator_in_the_replica(manager: Servic
     while "ray-close" not in manager.call_service_sync("sreplica", "report"):
         assert time.monotonic() < deadline, "the replica's generator kept running"
         time.sleep(0.1)
+    with manager.stream("areplica", "acount", (100_000, 0.001, "ray-async-close"), window=4) as stream:
+        assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    while "ray-async-close" not in manager.call_service_sync("areplica", "report"):
+        assert time.monotonic() < deadline, "the async replica's generator kept running"
+        time.sleep(0.1)
     got: list[int] = []
     with pytest.raises(ServiceTimeoutError):
         for item in manager.stream("sreplica", "slow", (100_000, 0.05, "ray-deadline"), timeout=1.0):
