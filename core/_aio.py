@@ -310,7 +310,10 @@ async def execute_coroutine(
         return timeout_response(request, 0.0)
     if limit is not None and limit.locked():
         try:
-            await asyncio.wait_for(limit.acquire(), None if deadline is None else max(0.0, deadline - time.time()))
+            if deadline is None:
+                await limit.acquire()
+            else:
+                await _within(limit.acquire(), max(0.0, deadline - time.time()))
         except TimeoutError:
             next(task._expired)
             return timeout_response(request, 0.0)
