@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ._aio import _within, method_kinds
+from ._aio import _acquire_thread_lock, _within, method_kinds
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse
@@ -489,14 +489,26 @@ async def serve_async_stream(task: BaseServiceTask, request: ServiceRequest, met
         if response is None:
             generator: Any = None
 
+            serial = task._serial_lock
+
             async def pump() -> ServiceResponse:
                 nonlocal count, generator
                 generator = method(*request.args, **request.kwargs)
-                async for item in generator:
+                step = generator.__anext__
+                while True:
+                    # A service declared not thread-safe: each step holds its serial lock, as its calls do.
+                    if serial is not None and not await _acquire_thread_lock(serial, deadline):
+                        return timeout_response(request, 0.0)
+                    try:
+                        item = await step()
+                    except StopAsyncIteration:
+                        return ServiceResponse(True, None, None, request.request_id)
+                    finally:
+                        if serial is not None:
+                            serial.release()
                     if not await sink.asend(item):
                         return _stopped_response(request, sink)
                     count += 1
-                return ServiceResponse(True, None, None, request.request_id)
 
             try:
                 if deadline is None:

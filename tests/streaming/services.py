@@ -86,6 +86,15 @@ class SerialAsync:
         self.inside -= 1
         return self.overlaps
 
+    async def steps(self, n: int, seconds: float) -> AsyncIterator[int]:
+        for _ in range(n):
+            self.inside += 1
+            if self.inside > 1:
+                self.overlaps += 1
+            await asyncio.sleep(seconds)
+            self.inside -= 1
+            yield self.overlaps
+
     def sync_step(self, seconds: float) -> int:
         self.inside += 1
         if self.inside > 1:

@@ -139,6 +139,10 @@ def test_a_not_thread_safe_service_runs_its_coroutines_and_sync_calls_one_at_a_t
     futures += [manager.call_service_async("serial", "sync_step", (0.05,)) for _ in range(4)]
     assert max(f.result(10) for f in futures) == 0  # no two calls were ever inside at once
     assert manager.call_service_sync("serial", "step", (0.0,)) == 0
+    # An async generator's steps too, beside sync calls.
+    stream = manager.stream("serial", "steps", (6, 0.03))
+    calls = [manager.call_service_async("serial", "sync_step", (0.03,)) for _ in range(4)]
+    assert max(stream) == 0 and max(f.result(10) for f in calls) == 0
 
 
 def test_max_concurrency_is_in_the_config_schema() -> None:

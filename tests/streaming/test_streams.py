@@ -130,6 +130,16 @@ def test_the_deadline_ends_a_stream_mid_way_and_closes_the_generator(manager: ks
     _wait_for(lambda: "deadline" in model.closed)
 
 
+def test_the_deadline_cancels_an_async_generator_mid_stream(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+    got: list[int] = []
+    with pytest.raises(kservice.ServiceTimeoutError):
+        for item in manager.stream("model", "acount", (10**6, "adeadline", 0.05), timeout=0.5):
+            got.append(item)
+    assert 2 <= len(got) < 20 and got == list(range(len(got)))
+    _wait_for(lambda: "adeadline" in model.closed)
+
+
 def test_a_consumer_that_never_reads_bounds_the_producer_until_the_deadline(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
     model = _model(env)
     stream = manager.stream("model", "count", (1_000_000, "idle"), timeout=0.5, window=5)
