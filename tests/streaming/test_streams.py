@@ -205,7 +205,9 @@ def test_a_thousand_abandoned_streams_leave_nothing_behind(manager: kservice.Ser
     task = env.get_task("model")
     assert task is not None
     _wait_for(lambda: not getattr(task, "_open_streams", set()))
-    assert task.event_loop is not None and task.event_loop.in_flight == 0
+    loop = task.event_loop
+    assert loop is not None
+    _wait_for(lambda: loop.in_flight == 0)
     assert threading.active_count() <= threads_before + task.max_workers
     assert manager.call_service_sync("model", "echo", (1,)) == 1
 
