@@ -26,7 +26,7 @@ from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import ServiceMiddleware
 from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
-from ._stream import ItemStream, LocalStream, StreamSink, StreamSource
+from ._stream import ItemStream, LocalStream, SinkBusy, StreamSink, StreamSource
 from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext
 from ._transport import Connection, Listener, ServiceAddress, Transport
 
@@ -60,6 +60,7 @@ __all__ = [
     "ServiceTimeoutError",
     "ServiceUnavailableError",
     "Setting",
+    "SinkBusy",
     "StreamSink",
     "StreamSource",
     "TaskContext",

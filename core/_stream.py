@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ._manager import ServiceManager, _Route
     from ._task import BaseServiceTask
 
-__all__ = ["ItemStream", "StreamSink", "StreamSource"]
+__all__ = ["ItemStream", "SinkBusy", "StreamSink", "StreamSource"]
 
 #: Items a producer may have sent and the consumer not yet taken, when the caller names no window.
 DEFAULT_WINDOW = 64
@@ -55,6 +55,17 @@ def _ended_early(request: ServiceRequest, why: str) -> ServiceResponse:
 
 
 # =========================================================================== producer side
+
+
+class SinkBusy(Exception):
+    """Raised by a sink's ``_emit`` in place (``sink.in_place``) when the item cannot leave without waiting.
+
+    The item was not sent; the stream goes on in a stream thread, which sends
+    it first.
+    """
+
+
+_NOTHING: Any = object()
 
 
 class StreamSink(ABC):
@@ -86,6 +97,8 @@ class StreamSink(ABC):
 
     #: seconds between :meth:`consumer_alive` checks while the producer waits for room (None: never checked)
     liveness_interval: float | None = None
+    #: True while the stream is made in a thread that must not wait (a listener's): ``_emit`` may raise SinkBusy
+    in_place = False
 
     def consumer_alive(self) -> bool:
         """Whether the consumer can still read (transports whose consumer may die override it)."""
@@ -140,7 +153,12 @@ class StreamSink(ABC):
             if self.cancelled:
                 return False
             self._unacknowledged += 1
-        self._emit(item)
+        try:
+            self._emit(item)
+        except SinkBusy:
+            with self._lock:
+                self._unacknowledged -= 1
+            raise
         return True
 
     async def asend(self, item: Any) -> bool:
@@ -259,10 +277,14 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
         # the window (so this thread never waits for the consumer): a short stream ends here
         # entirely; the rest of a long one is made in a stream thread.
         began = perf_counter()
-        ended = run.pump(1)
-        task.observe_cost(cost_key, perf_counter() - began)
-        if not ended:
-            ended = run.pump(sink.window - 1, task.inline_limit)
+        sink.in_place = True
+        try:
+            ended = run.pump(1)
+            task.observe_cost(cost_key, perf_counter() - began)
+            if not ended and run.pending is _NOTHING:
+                ended = run.pump(sink.window - 1, task.inline_limit)
+        finally:
+            sink.in_place = False
         if ended:
             return
         submitted: Callable[[], Any] = run.pump
@@ -377,7 +399,7 @@ class SyncStreamRun:
     and the sink ended exactly once, by whichever call sees the end.
     """
 
-    __slots__ = ("began", "context", "count", "generator", "limit", "method", "request", "response", "sink", "task")
+    __slots__ = ("began", "context", "count", "generator", "limit", "method", "pending", "request", "response", "sink", "task")
 
     def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
         self.task = task
@@ -385,6 +407,8 @@ class SyncStreamRun:
         self.sink = sink
         self.count = 0
         self.generator: Any = None
+        #: an item made in place that could not leave without waiting (sent first by the next pump)
+        self.pending: Any = _NOTHING
         # The stream's own context, entered by every step whatever thread makes it: what the server
         # middleware's before-hook makes current (a tracing span) stays current for the generator and
         # never leaks into the thread that opened the stream; the after-hook finds it there too.
@@ -416,18 +440,26 @@ class SyncStreamRun:
                 self.generator = self.method(*request.args, **request.kwargs)
             generator = self.generator
             while limit is None or sent < limit:
-                if serial is not None:
-                    serial.acquire()
-                try:
-                    item = next(generator)
-                except StopIteration:
-                    self.response = ServiceResponse(True, None, None, request.request_id)
-                    break
-                finally:
+                item = self.pending
+                if item is _NOTHING:
                     if serial is not None:
-                        serial.release()
-                if not sink.send(item, deadline):
-                    self.response = _stopped_response(request, sink)
+                        serial.acquire()
+                    try:
+                        item = next(generator)
+                    except StopIteration:
+                        self.response = ServiceResponse(True, None, None, request.request_id)
+                        break
+                    finally:
+                        if serial is not None:
+                            serial.release()
+                else:
+                    self.pending = _NOTHING
+                try:
+                    if not sink.send(item, deadline):
+                        self.response = _stopped_response(request, sink)
+                        break
+                except SinkBusy:
+                    self.pending = item  # made in place, it could not leave without waiting: a thread sends it
                     break
                 self.count += 1
                 sent += 1

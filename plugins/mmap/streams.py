@@ -35,10 +35,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from kservice import ServiceRequest, ServiceResponse, ServiceUnavailableError, StreamSink, StreamSource
+from kservice import ServiceRequest, ServiceResponse, ServiceUnavailableError, SinkBusy, StreamSink, StreamSource
 
 from . import codec
-from .ring import QueueClosed, QueueEmpty, QueueError, ShmQueue, create_queue
+from .ring import QueueClosed, QueueEmpty, QueueError, QueueFull, ShmQueue, create_queue
 
 if TYPE_CHECKING:
     from .transport import MmapConnection, MmapListener
@@ -308,6 +308,16 @@ class MmapStreamSink(StreamSink):
         self._put(record, segment)
 
     def _put(self, record: bytes, segment: str | None) -> None:
+        if self.in_place:
+            # Made in the listener thread, which must never wait for a caller: a full ring defers it.
+            try:
+                self._ring.put(record, 0)
+                return
+            except QueueFull:
+                codec.unlink_segment(segment)
+                raise SinkBusy from None
+            except (QueueError, ValueError):
+                pass  # closed or gone: the waiting path below reports it
         deadline = self._request.deadline
         while True:
             wait = LIVENESS_INTERVAL if deadline is None else min(LIVENESS_INTERVAL, deadline - time.time())
@@ -334,6 +344,19 @@ class MmapStreamSink(StreamSink):
         if not response.metadata:
             response.metadata = {"kservice.stream.end": True}  # an end always travels as a full response
         record, segment = codec.encode_response(response, self._ring.owner_pid, self._inline_limit)
+        if self.in_place:
+            try:
+                self._ring.put(record, 0)
+                return
+            except (QueueError, ValueError):
+                # The end of a stream made in the listener thread, with the ring full: sent from a thread
+                # of its own, which may wait (rare: a caller not reading a short stream of big items).
+                self.in_place = False
+                threading.Thread(target=self._put_quietly, args=(record, segment), name="stream-end", daemon=True).start()
+                return
+        self._put_quietly(record, segment)
+
+    def _put_quietly(self, record: bytes, segment: str | None) -> None:
         try:
             self._put(record, segment)
         except ConnectionError:

@@ -161,3 +161,16 @@ def test_a_consumer_dying_mid_stream_stops_the_hosts_generator() -> None:
                 consumer.kill()
                 consumer.wait()
     reclaim()  # the killed consumer's rings
+
+
+@pytest.mark.allow_leaks
+def test_a_consumer_that_never_reads_big_items_never_stalls_the_hosts_listener(manager: kservice.ServiceManager) -> None:
+    # Items of 200 kB travel inline: five fill the stream ring. Streamed once, the method is known fast.
+    assert len(list(manager.stream("model", "blobs", (3, 200_000)))) == 3
+    idle = manager.stream("model", "blobs", (1000, 200_000), timeout=20)
+    time.sleep(0.3)  # the host has filled the ring by now and waits for room
+    began = time.monotonic()
+    assert manager.call_service_sync("model", "echo", ("still serving",), timeout=10) == "still serving"
+    assert time.monotonic() - began < 2.0
+    assert len(next(idle)) == 200_000
+    idle.close()

@@ -251,3 +251,28 @@ def test_a_stream_dropped_unfinished_is_seen_ending_by_client_middleware() -> No
                 break
         gc.collect()
     assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [("count", True, 3)]
+
+
+def test_an_item_that_cannot_leave_in_place_is_sent_first_by_the_stream_thread(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    task = env.get_task("model")
+    assert task is not None
+    assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # now known quick: later streams start in place
+    in_place: list[bool] = []
+
+    class BusyInPlace(kservice.LocalStream):
+        def _emit(self, item: Any) -> None:
+            in_place.append(self.in_place)
+            if self.in_place and item == 1:
+                raise kservice.SinkBusy  # as the mmap sink does when the caller's ring is full
+            super()._emit(item)
+
+    sink = BusyInPlace(64)
+    task.open_stream(kservice.ServiceRequest("busy-1", "model", "count", (10,), {}, "", time.time() + 10, {}), sink)
+    received: list[int] = []
+    end = None
+    while end is None:
+        items, end = sink.receive(5)
+        received += items
+        sink.consumed(len(items))
+    assert received == list(range(10)) and end.success
+    assert in_place[:2] == [True, True] and not any(in_place[2:])  # item 1 left from the stream thread
