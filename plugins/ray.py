@@ -325,9 +325,13 @@ class _ReplicaHost:
     def handle_stream(self, envelope: bytes | WireRequest, window: int) -> Iterator[Any]:
         """Serve one stream (called with ``num_returns="streaming"``): its items, then one :class:`_StreamEnd`.
 
-        The service's generator runs in the hosted task (its stream threads);
-        items pass through a window of ``window`` items to this Ray generator,
-        which Ray's own back-pressure bounds towards the caller. Never raises.
+        A sync generator is stepped here, item by item, as Ray asks for the
+        next (Ray's back-pressure, set to ``window`` by the caller, bounds how
+        far ahead it runs); an async generator (an async replica) runs on the
+        task's event loop. Ray cancelling this generator (the caller closed the
+        stream) closes the service's generator: its ``finally`` runs. Never
+        raises of its own; an item Ray cannot serialize fails this Ray task,
+        which the caller reports as a TypeError.
         """
         request = self._request(envelope)
         if isinstance(request, ServiceResponse):
