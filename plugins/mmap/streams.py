@@ -145,6 +145,11 @@ class MmapStreamSource(StreamSource):
         self._connection = connection
         self._service_ring = service_ring
         self._request = request
+        # A ring goes back to the pool only once no thread reads it any more: an async consumer's
+        # receive runs in an executor thread, which may still be waiting on it when the stream closes.
+        self._guard = threading.Lock()
+        self._readers = 0
+        self._parked: tuple[ShmQueue, bool] | None = None
         self._ring: ShmQueue | None = pool.acquire()
         self._credit_every = max(1, window // 2)
         self._owed = 0
@@ -168,13 +173,27 @@ class MmapStreamSource(StreamSource):
             self._failed = None
 
     def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
-        if self._failed is not None:
-            failed, self._failed = self._failed, None
-            self._ended = True
-            return [], failed
-        ring = self._ring
-        if ring is None:
-            return [], None
+        with self._guard:
+            if self._failed is not None:
+                failed, self._failed = self._failed, None
+                self._ended = True
+                return [], failed
+            ring = self._ring
+            if ring is None:
+                return [], None
+            self._readers += 1
+        try:
+            return self._receive(ring, timeout)
+        finally:
+            with self._guard:
+                self._readers -= 1
+                parked = self._parked if not self._readers else None
+                if parked is not None:
+                    self._parked = None
+            if parked is not None:
+                _give_back(*parked)
+
+    def _receive(self, ring: ShmQueue, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         wait = LIVENESS_INTERVAL if timeout is None else min(timeout, LIVENESS_INTERVAL)
         try:
             records = ring.get_many(256, max(wait, 0.0))
@@ -258,13 +277,21 @@ class MmapStreamSource(StreamSource):
         self._release()
 
     def _release(self, reuse: bool = True) -> None:
-        ring, self._ring = self._ring, None
-        if ring is None:
-            return
-        if reuse:
-            pool.release(ring)  # late records of this stream are dropped by the ring's next stream
-        else:
-            _remove(ring)
+        with self._guard:
+            ring, self._ring = self._ring, None
+            if ring is None:
+                return
+            if self._readers:
+                self._parked = (ring, reuse)  # the last reader gives it back when it returns
+                return
+        _give_back(ring, reuse)
+
+
+def _give_back(ring: ShmQueue, reuse: bool) -> None:
+    if reuse:
+        pool.release(ring)  # late records of this stream are dropped by the ring's next stream
+    else:
+        _remove(ring)
 
 
 # =========================================================================== host side

@@ -174,3 +174,26 @@ def test_a_consumer_that_never_reads_big_items_never_stalls_the_hosts_listener(m
     assert time.monotonic() - began < 2.0
     assert len(next(idle)) == 200_000
     idle.close()
+
+
+@pytest.mark.allow_leaks
+def test_async_consumers_and_cancelled_ones_never_lose_the_next_streams_items(manager: kservice.ServiceManager) -> None:
+    import asyncio
+
+    async def consume_then_cancel() -> None:
+        async def slow_reader() -> None:
+            async for _ in manager.astream("model", "slow", (1000, 0.01, "acancel")):
+                pass
+
+        for _ in range(10):
+            reader = asyncio.ensure_future(slow_reader())
+            await asyncio.sleep(0.05)
+            reader.cancel()  # its receive may still wait on the stream ring in a thread
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            # The next stream, at once: it must get every item (a pooled ring is never shared).
+            assert [i async for i in manager.astream("model", "count", (300,))] == list(range(300))
+            assert list(manager.stream("model", "count", (300,))) == list(range(300))
+
+    asyncio.run(consume_then_cancel())
+    _closed(manager, "acancel")
