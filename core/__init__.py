@@ -27,6 +27,7 @@ from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import ServiceMiddleware
 from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
+from ._stream import ItemStream, LocalStream, SinkBusy, StreamSink, StreamSource
 from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext, next_cost_estimate
 from ._transport import Connection, Listener, ServiceAddress, Transport, timeout_response
 from .hookspecs import RetryPolicy
@@ -41,8 +42,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "Connection",
+    "ItemStream",
     "Listener",
     "LocalServiceTask",
+    "LocalStream",
     "MethodNotFoundError",
     "PluginError",
     "RetryPolicy",
@@ -63,6 +66,9 @@ __all__ = [
     "ServiceTimeoutError",
     "ServiceUnavailableError",
     "Setting",
+    "SinkBusy",
+    "StreamSink",
+    "StreamSource",
     "TaskContext",
     "Transport",
     "__version__",

@@ -95,6 +95,13 @@ def core_schema() -> Schema:
                 "max_workers": _setting(
                     int, 10, "Worker threads per service task (each is started with the task).", minimum=1, maximum=MAX_WORKERS
                 ),
+                "max_concurrency": _setting(
+                    int,
+                    100,
+                    "Coroutine (async def) calls one service task awaits at once on its event loop; more wait their turn "
+                    "(1 for a service declared not thread-safe).",
+                    minimum=1,
+                ),
                 "queue_timeout": _setting(
                     float,
                     30.0,
@@ -121,6 +128,12 @@ def core_schema() -> Schema:
             "default_timeout": _setting(float, 30.0, "Timeout in seconds of a call that gives none.", minimum=0),
             "max_retries": _setting(int, 3, "Retries after the first attempt, for failures that are safe to retry.", minimum=0),
             "retry_interval": _setting(float, 1.0, "Seconds before the first retry.", minimum=0),
+            "stream_window": _setting(
+                int,
+                64,
+                "Items a streaming method may have sent ahead of its consumer before it waits (back-pressure).",
+                minimum=1,
+            ),
             "transports": _setting(
                 list,
                 [],

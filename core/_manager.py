@@ -29,6 +29,7 @@ from ._messages import MAY_HAVE_RUN, NO_KWARGS, NO_METADATA, ServiceRequest, Ser
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import get_transport, transports
+from ._stream import ItemStream
 from ._task import _flatten
 from ._transport import Connection, ServiceAddress, timeout_response
 
@@ -672,6 +673,66 @@ class ServiceManager:
         batch.fill()
         return AsyncCallMap(batch)
 
+    def stream(
+        self,
+        service_name: str,
+        method: str,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        window: int | None = None,
+    ) -> ItemStream:
+        """Call generator method ``service_name.method(*args, **kwargs)`` and iterate its items as they come.
+
+        ``for item in manager.stream(...)``; the same object also supports
+        ``async for`` (see :meth:`astream`). ``timeout`` (seconds, default
+        ``service_call.default_timeout``) bounds the whole stream; ``window``
+        (default ``service_call.stream_window``) is how many items the
+        producer may have sent ahead of the consumer before it waits.
+        Breaking out of the loop, ``close()``, leaving a ``with`` block or
+        dropping the iterator stops the generator in the service (its
+        ``finally`` runs). Errors: those of calls, raised by the iteration
+        (after the items yielded before the failure); resolution errors are
+        raised here, and so are the ValueError and TypeError of a bad timeout
+        or method name (nothing is sent). See :class:`ItemStream` for the
+        guarantees.
+        """
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
+        if type(method) is not str or not method:
+            method = _checked_method_name(method)
+        route = self._route(service_name)
+        admit = route.admit
+        if admit is not None:
+            refusal = admit(service_name, method)
+            if refusal is not None:
+                raise refusal
+        request = self._request(
+            service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata, route.shares_empty
+        )
+        return ItemStream(self, route, request, window or route.options["service_call"]["stream_window"])
+
+    def astream(
+        self,
+        service_name: str,
+        method: str,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        window: int | None = None,
+    ) -> ItemStream:
+        """:meth:`stream` for asyncio code: ``async for item in manager.astream(...)``.
+
+        Cancelling the consuming task closes the stream (the generator in the
+        service is stopped). A failure before the first item is not retried
+        here (retries would block the event loop).
+        """
+        return self.stream(service_name, method, args, kwargs, timeout=timeout, metadata=metadata, window=window)
+
     def proxy(self, service_name: str, *, timeout: float | None = None) -> ServiceProxy:
         """An object whose attribute calls are sync calls: ``proxy.get("k")``; ValueError at once for a NaN or infinite timeout."""
         return ServiceProxy(self, service_name, None if timeout is None else _checked_timeout(timeout))
@@ -936,16 +997,10 @@ class ServiceProxy:
         self._service_name = service_name
         self._timeout = timeout
 
-    def __getattr__(self, method: str) -> Callable[..., Any]:
+    def __getattr__(self, method: str) -> _ProxyMethod:
         if method.startswith("_"):
             raise AttributeError(method)
-        manager, name, timeout = self._manager, self._service_name, self._timeout
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return manager.call_service_sync(name, method, args, kwargs, timeout=timeout)
-
-        call.__name__ = method
-        return call
+        return _ProxyMethod(self._manager, self._service_name, method, self._timeout)
 
     def __repr__(self) -> str:
         return f"<ServiceProxy {self._service_name!r}>"
@@ -974,3 +1029,27 @@ def _checked_method_name(method: Any) -> str:
         f"a method name must be a non-empty str, not {type(method).__name__} {shown} "
         "(pass the name of a public method of the service)"
     )
+
+
+class _ProxyMethod:
+    """``proxy.method(...)`` is a sync call; ``proxy.method.stream(...)``/``.astream(...)`` iterate a generator's items."""
+
+    __slots__ = ("__name__", "_manager", "_service_name", "_timeout")
+
+    def __init__(self, manager: ServiceManager, service_name: str, method: str, timeout: float | None) -> None:
+        self._manager = manager
+        self._service_name = service_name
+        self.__name__ = method
+        self._timeout = timeout
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._manager.call_service_sync(self._service_name, self.__name__, args, kwargs, timeout=self._timeout)
+
+    def stream(self, *args: Any, **kwargs: Any) -> ItemStream:
+        return self._manager.stream(self._service_name, self.__name__, args, kwargs, timeout=self._timeout)
+
+    def astream(self, *args: Any, **kwargs: Any) -> ItemStream:
+        return self._manager.astream(self._service_name, self.__name__, args, kwargs, timeout=self._timeout)
+
+    def __repr__(self) -> str:
+        return f"<proxy method {self._service_name}.{self.__name__}>"

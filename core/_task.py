@@ -19,6 +19,7 @@ from queue import SimpleQueue
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._aio import TaskLoop, call_lifecycle, method_kinds
 from ._config import Config
 from ._context import _current_request
 from ._errors import (
@@ -32,6 +33,7 @@ from ._errors import (
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
+from ._stream import StreamSink, SyncStreamRun, open_on_task, run_here, shutdown_stream_threads
 from ._transport import Listener, Reply, timeout_response
 
 if TYPE_CHECKING:
@@ -397,6 +399,12 @@ class BaseServiceTask:
         self._methods: dict[str, Callable[..., Any]] = {}
         self._server_chain: MiddlewareChain | None = None
         self._serial_lock = threading.Lock() if self.max_workers == 1 else None
+        # Coroutine methods (``async def``) are awaited on the task's own event loop, at most
+        # max_concurrency at once (one at a time for a service declared not thread-safe).
+        self.max_concurrency: int = 1 if self.max_workers == 1 else int(self.options["local"]["max_concurrency"])
+        self._aio: TaskLoop | None = None
+        self._async_methods: dict[str, Callable[..., Any]] = {}
+        self._stream_methods: frozenset[str] = frozenset()
         # The queue depth and the parked requests are guarded by a lock (the overflow
         # thread sleeps on it). Per-call counters are itertools.count objects instead:
         # next() is one atomic C call (~40 ns), where each lock pair costs ~150 ns.
@@ -501,8 +509,12 @@ class BaseServiceTask:
         Called with the task's state lock held; never sets ``state``.
         """
         self._service = self.service_factory.create()
-        _call_lifecycle(self._service, ("setup",))
+        kinds = method_kinds(type(self._service))
+        if kinds.needs_loop:
+            self._aio = TaskLoop(self.service_name, self.max_concurrency)
+        call_lifecycle(self._service, ("setup",), self._aio)
         self._methods = {}
+        self._bind_method_kinds(self._service)
         self._compile_server_chain()
         self._pool = _WorkerPool(self, self.max_workers)
 
@@ -536,6 +548,7 @@ class BaseServiceTask:
         It should not raise; if it does, the base class still closes every
         listener and ends the task ``stopped`` (the error is reported).
         """
+        shutdown_stream_threads(self, deadline)
         if self._pool is not None:
             leftovers = self._pool.shutdown(deadline)
             self._pool = None
@@ -545,8 +558,16 @@ class BaseServiceTask:
         overflow = self._overflow_thread
         if overflow is not None and overflow is not threading.current_thread():
             overflow.join(1.0)  # it exits as soon as nothing is parked
+        if self._aio is not None:
+            self._aio.drain(deadline)
         # Before the instance's cleanup: no listener can run a request on a cleaned-up instance.
         self.close_listeners()
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            # Coroutine calls drain (up to the deadline) before an async cleanup runs on the same loop.
+            instance = self._service
+            aio.stop(deadline, (lambda: _lifecycle_coroutine(instance, ("cleanup", "close"))) if instance is not None else None)
+            self._service = None
         if self._service is not None:
             try:
                 _call_lifecycle(self._service, ("cleanup", "close"))
@@ -635,6 +656,16 @@ class BaseServiceTask:
         finally:
             self.close_listeners()
 
+    def _bind_method_kinds(self, instance: Any) -> None:
+        kinds = method_kinds(type(instance))
+        self._async_methods = {name: getattr(instance, name) for name in kinds.coroutines}
+        self._stream_methods = kinds.streaming
+
+    @property
+    def event_loop(self) -> TaskLoop | None:
+        """The task's event loop (its coroutine methods run there), None when its service has none."""
+        return self._aio
+
     def _plugins_changed(self) -> None:
         """Recompile the server chain of a running task (plugins or environment middleware changed)."""
         if self._state in ("starting", "running"):
@@ -711,13 +742,14 @@ class BaseServiceTask:
         """Replace the instance with a new one (health recovery); calls already running finish on the old one."""
         old = self._service
         new = self.service_factory.create()
-        _call_lifecycle(new, ("setup",))
+        call_lifecycle(new, ("setup",), self._aio)
         self._service = new
         self._methods = {}
+        self._bind_method_kinds(new)
         self.restarts += 1
         if old is not None:
             try:
-                _call_lifecycle(old, ("cleanup", "close"))
+                call_lifecycle(old, ("cleanup", "close"), self._aio)
             except Exception:  # noqa: BLE001
                 pass
 
@@ -787,6 +819,11 @@ class BaseServiceTask:
             else:
                 reply(self._unavailable(request, f"service is {self._state}"))
             return
+        if self._async_methods:
+            coroutine_method = self._async_methods.get(request.method_name)
+            if coroutine_method is not None and self._aio is not None:
+                self._aio.submit(self, request, coroutine_method, reply)
+                return
         with self._counter_lock:
             full = self._queued >= self.queue_limit
             if full:
@@ -875,6 +912,42 @@ class BaseServiceTask:
             self._room.notify()
         for entry in refused:
             self._answer(entry, self._unavailable(entry.request, why))  # type: ignore[arg-type]
+
+    def open_stream(self, request: ServiceRequest, sink: StreamSink) -> None:
+        """Serve streaming call ``request`` (a generator or async generator method) into ``sink``; returns at once.
+
+        Transports call this with their :class:`StreamSink`. ``sink.end`` is
+        called exactly once: after the last item, with the method's error, or
+        with the refusal (task not running, unknown method, not a generator).
+        A generator runs in the task's stream threads (at most ``max_workers``
+        at once), an async generator on the task's event loop; the deadline,
+        a consumer that cancels, and the task stopping all close the generator.
+        """
+        open_on_task(self, request, sink)
+
+    def run_stream_here(self, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
+        """Serve streaming call ``request`` with its generator stepped in the caller's thread.
+
+        For transports whose own thread drives a stream (a Ray replica's
+        generator method): each ``run.pump(limit)`` makes up to ``limit`` items
+        into ``sink`` and returns True once the stream ended (``sink.end`` was
+        called); ``run.abandon(response)`` ends it early, closing the
+        generator. Returns None when there is nothing to step: the stream was
+        refused (``sink.end`` was called), or the method is an async generator,
+        which runs on the task's event loop as with :meth:`open_stream`.
+        """
+        return run_here(self, request, sink)
+
+    def cancel_request(self, request_id: str) -> None:
+        """Best effort, never blocks: the caller of ``request_id`` gave up.
+
+        A coroutine method still running for it is cancelled
+        (``asyncio.CancelledError`` inside the method); a sync method cannot be
+        interrupted and runs to its end (a request not started yet never starts
+        past its deadline).
+        """
+        if self._aio is not None:
+            self._aio.cancel(request_id)
 
     def run_inline(self, request: ServiceRequest) -> ServiceResponse | None:
         """Run ``request`` in the calling thread when that is safe and cheap; None: use :meth:`submit`.
@@ -1082,8 +1155,13 @@ class BaseServiceTask:
         method = getattr(self._service, name, None)
         if method is None or not callable(method):
             raise self._method_not_found(name)
+        if name in self._stream_methods:
+            method = _refuse_stream(self.service_name, name)
+        elif name in self._async_methods and self._aio is not None:
+            # Run where the request arrived (a transport calling execute directly): awaited on the loop.
+            method = self._aio.blocking(method)
         self._methods[name] = method
-        return method  # type: ignore[no-any-return]
+        return method
 
     def public_methods(self) -> list[str]:
         """Names of the callable public methods of the service."""
@@ -1144,6 +1222,28 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     except BaseException:  # noqa: BLE001 - a __repr__ that raises
         return f"<{type(value).__name__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _lifecycle_coroutine(instance: Any, names: Iterable[str]) -> None:
+    """Call each of ``instance``'s lifecycle methods in turn on the running loop, awaiting ``async def`` ones."""
+    for name in names:
+        method = getattr(instance, name, None)
+        if callable(method):
+            outcome = method()
+            if inspect.isawaitable(outcome):
+                await outcome
+
+
+def _refuse_stream(service_name: str, method_name: str) -> Callable[..., Any]:
+    """What a plain call of a streaming (generator) method runs: a TypeError saying to stream it."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"{service_name}.{method_name} is a streaming method (a generator): a plain call cannot return its items; "
+            f"iterate manager.stream({service_name!r}, {method_name!r}, ...) or proxy.{method_name}.stream(...) instead"
+        )
+
+    return refuse
 
 
 def _flatten(results: Iterable[Any]) -> list[Any]:

@@ -19,6 +19,7 @@ from ._errors import ServiceTimeoutError
 from ._messages import ServiceRequest, ServiceResponse
 
 if TYPE_CHECKING:
+    from ._stream import StreamSource
     from ._task import BaseServiceTask
 
 __all__ = ["Connection", "Listener", "ServiceAddress", "Transport"]
@@ -117,6 +118,17 @@ class Connection(ABC):
         the request's deadline is moved to the past; ``mmap``: the host is told;
         Ray: ``ray.cancel``).
         """
+
+    def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:
+        """Start streaming call ``request``: the consumer's end, fed as the service's generator yields.
+
+        At most ``window`` items are in flight (sent and not yet received);
+        the producer waits for room. Transports that can stream override this;
+        the default raises ServiceError naming the transport.
+        """
+        from ._errors import ServiceError
+
+        raise ServiceError(f"the {type(self).__name__} transport cannot stream calls (use a transport that can: inproc, mmap, ray)")
 
     def close(self) -> None:
         """Release the connection; idempotent.

@@ -363,6 +363,8 @@ def _json_result(result: Any) -> str:
     metavar="N",
     help="Make N concurrent asynchronous calls and print a summary (count, failures, calls/s, latency percentiles).",
 )
+@click.option("--stream", "streamed", is_flag=True, help="Stream a generator method: print each item as it arrives, one per line.")
+@click.option("--json", "as_json", is_flag=True, help="With --stream: print each item as one line of JSON (JSON lines).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
 def call_command(
     service: str,
@@ -371,6 +373,8 @@ def call_command(
     kwargs_json: str,
     timeout: float | None,
     concurrency: int | None,
+    streamed: bool,
+    as_json: bool,
     config_path: str | None,
 ) -> None:
     """Call SERVICE.METHOD with a JSON array of arguments and print the JSON result.
@@ -385,14 +389,25 @@ def call_command(
       kservice call kv get '["greeting"]' --timeout 2
       kservice call kv get --kwargs '{"key": "greeting"}'
       kservice call kv get '["greeting"]' --async 1000
+      kservice call --stream model generate '["once upon a time"]' --json
     """
     from ._manager import ServiceManager
 
+    if streamed and concurrency is not None:
+        raise click.UsageError("--stream and --async cannot be combined: stream one call at a time")
+    if as_json and not streamed:
+        raise click.UsageError("--json goes with --stream (a plain call prints its result as JSON already)")
     args = _parse_json(args_json, "ARGS_JSON", list)
     kwargs = _parse_json(kwargs_json, "--kwargs", dict)
     config = Config.load(config_path)
     with ServiceManager(config=config) as manager:
         try:
+            if streamed:
+                with manager.stream(service, method, tuple(args), kwargs, timeout=timeout) as items:
+                    for item in items:
+                        click.echo(_json_result(item) if as_json else str(item))
+                        sys.stdout.flush()
+                return
             if concurrency is None:
                 result = manager.call_service_sync(service, method, tuple(args), kwargs, timeout=timeout)
                 click.echo(_json_result(result))

@@ -4,7 +4,10 @@ Two services, a key-value store and a text processor, hosted three ways:
 
 - ``kv``: a ``local`` task in this process (the ``inproc`` transport);
 - ``text``: a ``process`` task in a child process (the ``mmap`` transport);
-- ``text-ray``: a ``ray`` task with two replica actors (the ``ray`` transport).
+- ``text-ray``: a ``ray`` task with two replica actors (the ``ray`` transport);
+- ``model``: a stand-in language model written with ``async def`` methods, in
+  this process. It and both text services stream an answer word by word
+  (generator methods), so a stream is shown on each transport.
 
 The demo calls them synchronously and asynchronously through one
 ServiceManager, runs a middleware chain around every call (metadata set by the
@@ -17,6 +20,7 @@ segment. Without Ray installed it says so and runs the rest.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -24,7 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,7 @@ from . import (
     idempotent,
 )
 
-__all__ = ["KeyValueStore", "TextService", "main"]
+__all__ = ["KeyValueStore", "TextService", "TokenModel", "main"]
 
 # A pipe or a log file gets a wide fixed width so the status table is not squeezed into 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -100,6 +104,31 @@ class TextService:
     def slow_upper(self, text: str, seconds: float = 0.02) -> str:
         time.sleep(seconds)
         return text.upper()
+
+    def generate(self, prompt: str, delay: float = 0.01) -> Iterator[str]:
+        """A stand-in for a model streaming its answer: one word at a time (a generator method streams)."""
+        for word in _answer(prompt):
+            time.sleep(delay)
+            yield word
+
+
+class TokenModel:
+    """A stand-in language model written with asyncio: ``async def`` methods run on the task's event loop."""
+
+    async def complete(self, prompt: str) -> str:
+        """The whole answer at once (an ``async def`` method is awaited on the task's event loop)."""
+        await asyncio.sleep(0.01)
+        return " ".join(_answer(prompt))
+
+    async def generate(self, prompt: str, delay: float = 0.01) -> AsyncIterator[str]:
+        """The answer one word at a time (an async generator method streams)."""
+        for word in _answer(prompt):
+            await asyncio.sleep(delay)
+            yield word
+
+
+def _answer(prompt: str) -> list[str]:
+    return f"{prompt.strip().rstrip('?')}: services stream their answers word by word".split()
 
 
 # --------------------------------------------------------------------------
@@ -294,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _step("registering and starting the services")
         environment.register_service("kv", ServiceFactory("kv", KeyValueStore), kind="local")
+        environment.register_service("model", ServiceFactory("model", TokenModel), kind="local")
         environment.register_service("text", ServiceFactory("text", TextService), kind="process")
         if ray is not None:
             environment.register_service("text-ray", ServiceFactory("text-ray", TextService), kind="ray", replicas=2)
@@ -329,16 +359,44 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append(f"{500 - ok} async calls to {name} failed")
 
         _step("batch calls: manager.map ships many calls per message, one outcome each")
-        words = [f"Item {i} of the batch" for i in range(2000)]
+        phrases = [f"Item {i} of the batch" for i in range(2000)]
         for name in targets:
             began = time.perf_counter()
-            counts = list(manager.map(name, "word_count", words, timeout=30))
+            counts = list(manager.map(name, "word_count", phrases, timeout=30))
             seconds = time.perf_counter() - began
             console.print(f"  {name:<9} map of 2,000 word_count calls in {seconds * 1e3:7.1f} ms ({2000 / seconds:>9,.0f} calls/s)")
-            if counts != [dict(Counter(re.findall(r"[a-z']+", word.lower())).most_common(3)) for word in words]:
+            if counts != [dict(Counter(re.findall(r"[a-z']+", phrase.lower())).most_common(3)) for phrase in phrases]:
                 problems.append(f"map over {name} gave wrong or misordered results")
         outcomes = list(manager.map("kv", "get", ["greeting", ("missing", "default")], return_exceptions=True))
         console.print(f"  kv map over get with return_exceptions -> {outcomes}")
+
+        _step("async def methods and streamed answers: items arrive as they are made")
+        answer = manager.call_service_sync("model", "complete", ("why stream",))
+        console.print(f"  model.complete(...) (async def) -> {answer!r}")
+        for name in ["model", *targets]:
+            began = time.perf_counter()
+            words: list[str] = []
+            first_at = 0.0
+            for word in manager.stream(name, "generate", ("why stream",)):
+                if not words:
+                    first_at = time.perf_counter() - began
+                words.append(word)
+            total = time.perf_counter() - began
+            console.print(
+                f"  {name}.generate(...)".ljust(32)
+                + f"-> {len(words)} words, first after {first_at * 1e3:5.1f} ms, all after {total * 1e3:6.1f} ms: {' '.join(words[:4])} ..."
+            )
+            if " ".join(words) != answer:
+                problems.append(f"{name} streamed {words!r}, not the answer")
+            elif first_at >= total * 0.8:
+                problems.append(f"{name}'s first word came only at the end of its stream")
+        with manager.stream("text", "generate", ("stop early",)) as stream:
+            first_word = next(stream)
+        text_task = environment.get_task("text")
+        stopped = _wait_until(lambda: text_task is not None and text_task.get_service_status().in_flight == 0, 5.0)
+        console.print(f"  a stream closed after its first word ({first_word!r}) stops the generator in the service: {stopped}")
+        if not stopped:
+            problems.append("closing a stream did not stop the generator in the service")
 
         _step("the middleware chain")
         console.print(f"  middleware of 'text', outermost first: {' -> '.join(_chain_names(environment, 'text'))}")

@@ -117,10 +117,13 @@ class _MethodStats:
     counting a failed call is one ``+= 1`` (copies and sums are plain dicts).
     """
 
-    __slots__ = ("buckets", "degraded", "errors", "seconds")
+    __slots__ = ("buckets", "degraded", "errors", "items", "seconds", "streams")
 
     def __init__(self) -> None:
         self.degraded = 0
+        #: streamed calls among the calls, and the items they delivered
+        self.streams = 0
+        self.items = 0
         self.seconds = 0.0
         self.errors: dict[str, int] = defaultdict(int)
         self.buckets = [0] * _NBUCKETS
@@ -132,6 +135,7 @@ class _MethodStats:
     def copy(self) -> _MethodStats:
         other = _MethodStats()
         other.degraded, other.seconds = self.degraded, self.seconds
+        other.streams, other.items = self.streams, self.items
         other.errors = dict(self.errors)
         other.buckets = list(self.buckets)
         return other
@@ -139,6 +143,8 @@ class _MethodStats:
     def add(self, part: _MethodStats) -> None:
         self.degraded += part.degraded
         self.seconds += part.seconds
+        self.streams += part.streams
+        self.items += part.items
         for key, value in list(part.errors.items()):
             self.errors[key] = self.errors.get(key, 0) + value
         self.buckets = [a + b for a, b in zip(self.buckets, part.buckets, strict=True)]
@@ -168,6 +174,8 @@ def _summary(stats: _MethodStats) -> dict[str, Any]:
         "errors": sum(stats.errors.values()),
         "errors_by_type": dict(stats.errors),
         "degraded": stats.degraded,
+        "streams": stats.streams,
+        "stream_items": stats.items,
         "latency_sum_s": stats.seconds,
         "latency_p50_ms": _percentile(stats.buckets, calls, 0.50) * 1e3,
         "latency_p90_ms": _percentile(stats.buckets, calls, 0.90) * 1e3,
@@ -187,6 +195,8 @@ def _minus(now: _MethodStats, then: _MethodStats | None) -> _MethodStats:
         return now
     delta = _MethodStats()
     delta.degraded = now.degraded - then.degraded
+    delta.streams = now.streams - then.streams
+    delta.items = now.items - then.items
     delta.seconds = now.seconds - then.seconds
     delta.errors = {k: v - then.errors.get(k, 0) for k, v in now.errors.items() if v - then.errors.get(k, 0)}
     delta.buckets = [a - b for a, b in zip(now.buckets, then.buckets, strict=True)]
@@ -428,6 +438,12 @@ class _Timed(ServiceMiddleware):
         except IndexError:
             bucket = bisect_right(BUCKET_BOUNDS, seconds)
         stats.buckets[bucket] += 1
+        if response.metadata:
+            items = response.metadata.get("kservice.stream.items")
+            if items is not None:
+                # A stream is one call lasting the whole stream; its items are counted beside it.
+                stats.streams += 1
+                stats.items += items
         if not response.success or response.degraded:
             if not response.success:
                 # A shard's errors is a defaultdict: one += per failed call (an open breaker's flood).
@@ -482,6 +498,7 @@ def snapshot() -> dict[str, dict[str, dict[str, Any]]]:
     """Every recorded service in this process: ``{side: {service: summary}}``.
 
     A summary has ``calls``, ``errors``, ``errors_by_type``, ``degraded``,
+    ``streams`` and ``stream_items`` (streamed calls among the calls, and their items),
     ``latency_sum_s``, ``latency_p50_ms``/``p90``/``p99`` (since the process
     started recording) and the same per method under ``methods``. Sides with
     nothing recorded are present and empty.
@@ -526,6 +543,8 @@ class _Collector:
             "kservice_degraded_responses", "Calls answered by a fallback (response.degraded).", labels=labels
         )
         latency = HistogramMetricFamily("kservice_call_duration_seconds", "Call latency in seconds.", labels=labels)
+        streams = CounterMetricFamily("kservice_streams", "Streamed calls completed (also counted in kservice_calls).", labels=labels)
+        items = CounterMetricFamily("kservice_stream_items", "Items delivered by streamed calls.", labels=labels)
         with _recorders_lock:
             recorders = list(_recorders.values())
         for recorder in recorders:
@@ -533,6 +552,8 @@ class _Collector:
                 values = [recorder.side, recorder.service_name, method]
                 calls.add_metric(values, stats.calls)
                 degraded.add_metric(values, stats.degraded)
+                streams.add_metric(values, stats.streams)
+                items.add_metric(values, stats.items)
                 for error_type, count in sorted(stats.errors.items()):
                     errors.add_metric([*values, error_type], count)
                 buckets: list[tuple[str, float]] = []
@@ -544,7 +565,7 @@ class _Collector:
                     buckets.append((repr(BUCKET_BOUNDS[index]), running))
                 buckets.append(("+Inf", running + sum(stats.buckets[cursor:])))
                 latency.add_metric(values, buckets, stats.seconds)
-        yield from (calls, errors, degraded, latency)
+        yield from (calls, errors, degraded, latency, streams, items)
         in_flight = GaugeMetricFamily("kservice_in_flight", "Calls running in a task of this process.", labels=["service"])
         queued = GaugeMetricFamily("kservice_queue_depth", "Calls queued for a worker in a task of this process.", labels=["service"])
         for task in list(_tasks):

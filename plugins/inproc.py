@@ -17,6 +17,7 @@ from kservice import (
     Connection,
     Listener,
     LocalServiceTask,
+    LocalStream,
     ServiceAddress,
     ServiceRequest,
     ServiceResponse,
@@ -62,9 +63,11 @@ class InprocConnection(Connection):
         The task holds the caller's own request object, so no message is needed.
         One already running runs to its end; calls it makes from then on
         inherit the past deadline and fail at once. A request dropped this way
-        counts as expired in the task's status.
+        counts as expired in the task's status. A coroutine method still
+        running for it is cancelled (``asyncio.CancelledError`` inside it).
         """
         request.deadline = 0.0
+        self._task.cancel_request(request.request_id)
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         """A method known to be fast runs in this thread (``task.run_inline``); others through the pool."""
@@ -72,6 +75,12 @@ class InprocConnection(Connection):
         if response is not None:
             return response
         return super().call(request, timeout)
+
+    def open_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+        """The generator runs in the task (its stream threads, or its event loop); items pass through a bounded deque."""
+        stream = LocalStream(window)
+        self._task.open_stream(request, stream)
+        return stream
 
 
 class InprocTransport(Transport):

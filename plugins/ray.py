@@ -25,6 +25,7 @@ ConfigError naming the extra, ``pip install 'kservice[ray]'``.
 from __future__ import annotations
 
 import collections
+import inspect
 import io
 import itertools
 import os
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeAlias, cast
@@ -48,6 +49,7 @@ from kservice import (
     ConfigError,
     Connection,
     Listener,
+    LocalStream,
     ServiceAddress,
     ServiceError,
     ServiceFactory,
@@ -57,6 +59,8 @@ from kservice import (
     ServiceStoppedError,
     ServiceUnavailableError,
     Setting,
+    StreamSink,
+    StreamSource,
     TaskContext,
     Transport,
     hookimpl,
@@ -201,11 +205,16 @@ class _HostedTask(BaseServiceTask):
     kind: ClassVar[str] = "ray-replica"
     default_transports: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext) -> None:
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext, *, pooled: bool = False) -> None:
         super().__init__(service_factory, ctx)
         self.transport_names = ()
+        #: whether sync methods run in the task's own worker pool (an async replica) rather than Ray's threads
+        self.pooled = pooled
 
     def host_instance(self) -> None:
+        if self.pooled:
+            super().host_instance()
+            return
         workers: int = self.max_workers
         self.max_workers = 1
         try:
@@ -222,6 +231,9 @@ class _ReplicaHost:
     instead of Ray's "actor died" message.
     """
 
+    #: whether the hosted task runs sync methods in its own pool (see _AsyncReplicaHost)
+    pooled: ClassVar[bool] = False
+
     def __init__(
         self,
         factory: ServiceFactory,
@@ -231,13 +243,15 @@ class _ReplicaHost:
         actor_name: str,
     ) -> None:
         self.actor_name = actor_name
+        #: streams this replica serves, by request id (so a caller's cancel reaches them)
+        self.streams: dict[str, StreamSink] = {}
         self.failure: ServiceResponse | None = None
         #: request ids of calls their callers cancelled before the replica reached them (see ``skip``)
         self.skipped: dict[str, bool] = {}
         self.task: _HostedTask | None = None
         try:
             ctx = TaskContext(environment_name, Config.load(config_data), middlewares)
-            task = _HostedTask(factory, ctx)
+            task = _HostedTask(factory, ctx, pooled=self.pooled)
             task.start_service()
             self.task = task
         except Exception as exc:
@@ -250,6 +264,14 @@ class _ReplicaHost:
         Never raises: every outcome, arguments that do not unpickle here
         included, is an answer the caller decodes.
         """
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            return request
+        began = time.perf_counter()
+        return self._answer(self.task.execute(request), began)  # type: ignore[union-attr]
+
+    def _request(self, envelope: bytes | WireRequest) -> ServiceRequest | ServiceResponse:
+        """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running)."""
         task = self.task
         if type(envelope) is bytes:
             try:
@@ -277,9 +299,11 @@ class _ReplicaHost:
             )
             skipped.metadata = {RETRYABLE_KEY: False}
             return skipped.for_wire()
-        request = ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
-        began = time.perf_counter()
-        response = task.execute(request)
+        return ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
+
+    @staticmethod
+    def _answer(response: ServiceResponse, began: float) -> WireResponse:
+        """What travels back for ``response`` (see WireResponse)."""
         if response.success and not response.metadata and not response.degraded:
             packed = _pack(response.result)
             if packed is None:
@@ -324,6 +348,60 @@ class _ReplicaHost:
             skipped[request_id] = True
         while len(skipped) > _SKIPPED_KEPT:
             skipped.pop(next(iter(skipped)), None)
+
+    def handle_stream(self, envelope: bytes | WireRequest, window: int) -> Iterator[Any]:
+        """Serve one stream (called with ``num_returns="streaming"``): its items, then one :class:`_StreamEnd`.
+
+        A sync generator is stepped here, item by item, as Ray asks for the
+        next (Ray's back-pressure, set to ``window`` by the caller, bounds how
+        far ahead it runs); an async generator (an async replica) runs on the
+        task's event loop. Ray cancelling this generator (the caller closed the
+        stream) closes the service's generator: its ``finally`` runs. Never
+        raises of its own; an item Ray cannot serialize fails this Ray task,
+        which the caller reports as a TypeError.
+        """
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            yield _StreamEnd(request)
+            return
+        # The service's generator is stepped right here, in this Ray thread: no hand-off per item.
+        collected = _CollectedItems()
+        self.streams[request.request_id] = collected
+        run = self.task.run_stream_here(request, collected)  # type: ignore[union-attr]
+        try:
+            while True:
+                if run is not None:
+                    run.pump(1)
+                items = collected.take()
+                for item in items:  # noqa: UP028 - not "yield from": Ray resumes its generators with send()
+                    yield item
+                if collected.response is not None:
+                    yield _stream_end(request, collected.response)
+                    return
+                if run is None:
+                    collected.wait(_STREAM_POLL)  # an async generator: made on the task's event loop
+        finally:
+            if run is not None:
+                # Ray cancelled it (the caller closed the stream) or the stream ended: the generator is closed.
+                run.abandon(ServiceResponse(True, None, None, request.request_id, metadata={"kservice.stream.closed": "cancelled"}))
+            collected.cancel()
+            self.streams.pop(request.request_id, None)
+
+    def _open_local_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+        local = LocalStream(window)
+        self.streams[request.request_id] = local
+        self.task.open_stream(request, local)  # type: ignore[union-attr]
+        return local
+
+    def _close_local_stream(self, request_id: str, local: LocalStream) -> None:
+        local.close()  # the service's generator stops (its finally runs) if it had not ended
+        self.streams.pop(request_id, None)
+
+    def cancel_stream(self, request_id: str) -> None:
+        """The caller closed stream ``request_id`` early: stop the service's generator (control group)."""
+        sink = self.streams.get(request_id)
+        if sink is not None:
+            sink.cancel()
 
     def ready(self) -> ServiceResponse:
         if self.failure is not None:
@@ -380,6 +458,141 @@ class _ReplicaHost:
 
 #: most cancelled request ids a replica remembers (see ``_ReplicaHost.skip``)
 _SKIPPED_KEPT = 4096
+
+
+class _AsyncReplicaHost(_ReplicaHost):
+    """The body of a replica of a service with ``async def`` methods: a Ray async actor.
+
+    Ray runs every method of such an actor on its event loop, so no call
+    holds one of Ray's threads while it waits: a coroutine method is awaited
+    on the hosted task's event loop (where its ``async def setup()`` ran too),
+    a sync method runs in the task's worker pool, and the actor's handler
+    awaits either. Ray cancelling the call (``ray.cancel`` of a caller that
+    gave up) cancels the coroutine. Up to ``max_concurrency`` calls are in
+    flight per replica, as for threaded replicas.
+    """
+
+    pooled: ClassVar[bool] = True
+
+    async def handle(self, envelope: bytes | WireRequest) -> WireResponse:  # type: ignore[override]
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            return request
+        began = time.perf_counter()
+        return self._answer(await self._submit(request), began)
+
+    async def _submit(self, request: ServiceRequest) -> ServiceResponse:
+        import asyncio
+
+        task = self.task
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[ServiceResponse] = loop.create_future()
+
+        def reply(response: ServiceResponse) -> None:
+            loop.call_soon_threadsafe(_settle_future, answered, response)
+
+        task.submit(request, reply)
+        try:
+            return await answered
+        except asyncio.CancelledError:
+            task.cancel_request(request.request_id)
+            raise
+
+    async def handle_stream(self, envelope: bytes | WireRequest, window: int) -> AsyncIterator[Any]:  # type: ignore[override]
+        """:meth:`_ReplicaHost.handle_stream` on the actor's event loop (Ray cancelling it closes the stream)."""
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            yield _StreamEnd(request)
+            return
+        local = self._open_local_stream(request, window)
+        try:
+            while True:
+                items, end = await local.areceive(_STREAM_POLL)
+                for item in items:
+                    yield item
+                if items:
+                    local.consumed(len(items))
+                if end is not None:
+                    yield _stream_end(request, end)
+                    return
+        finally:
+            self._close_local_stream(request.request_id, local)
+
+    async def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:  # type: ignore[override]
+        import asyncio
+
+        answers = await asyncio.gather(*(self.handle(envelope) for envelope in envelopes))
+        return [_stored_if_needed(answer) for answer in answers]
+
+
+#: seconds a replica's stream generator waits for the service's next item before looking again
+_STREAM_POLL = 0.5
+
+
+class _CollectedItems(LocalStream):
+    """A threaded replica's sink: items wait here for the Ray generator that steps the service's generator.
+
+    Its window never fills (Ray's generator back-pressure is what bounds the
+    stream); :meth:`take` hands over what was made.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(1 << 30)
+
+    @property
+    def response(self) -> ServiceResponse | None:
+        return self._response
+
+    def take(self) -> list[Any]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._unacknowledged -= len(items)
+        return items
+
+    def wait(self, timeout: float) -> None:
+        with self._lock:
+            if not self._items and self._response is None:
+                self._arrived.wait(timeout)
+
+
+class _StreamEnd:
+    """The last object of a replica's stream: how it ended (a success carrying the item count, or the error)."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: ServiceResponse) -> None:
+        self.response = response
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_StreamEnd, (self.response,))
+
+
+def _stream_end(request: ServiceRequest, end: ServiceResponse) -> _StreamEnd:
+    end.request_id = request.request_id
+    return _StreamEnd(end.for_wire())
+
+
+def _settle_future(future: Any, response: ServiceResponse) -> None:
+    if not future.done():
+        future.set_result(response)
+
+
+def _stored_if_needed(answer: WireResponse) -> WireResponse | _Stored:
+    """A batched answer as it travels: a result only Ray can serialize is stored on its own (``ray.put``)."""
+    if type(answer) is not tuple:
+        return answer
+    import ray
+
+    try:
+        return _Stored(ray.put(answer[0]))
+    except Exception as exc:
+        failed = ServiceResponse.from_exception("", exc, origin="service")
+        failed.error = f"the result could not be returned through Ray: {_first_line(exc)}"
+        return failed.for_wire()
+
+
 #: the run time (seconds, little-endian double) after the pickle of a plain result
 _COST = struct.Struct("<d")
 #: what a replica speaks, in its ready/describe answers: 2 adds the run-time trailer and ``handle_batch``
@@ -534,13 +747,32 @@ def _from_wire(request: ServiceRequest, answer: WireResponse) -> ServiceResponse
     return ServiceResponse(True, answer[0], None, request.request_id)
 
 
+def _has_async_methods(cls: type) -> bool:
+    """Whether ``cls`` has ``async def`` methods or async generators (its replicas are Ray async actors)."""
+    return any(
+        inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member) for _, member in inspect.getmembers(cls)
+    )
+
+
 _actor_class_cache: Any = None
+_async_actor_class_cache: Any = None
 _actor_class_lock = threading.Lock()
 
 
-def _actor_class() -> Any:
-    """``ray.remote`` of :class:`_ReplicaHost`, built once per process."""
-    global _actor_class_cache
+def _actor_class(service_class: type | None = None) -> Any:
+    """``ray.remote`` of the replica body for ``service_class``, built once per process.
+
+    A service with coroutine methods (or async generators, or ``async def``
+    setup/cleanup) gets :class:`_AsyncReplicaHost`, a Ray async actor; the
+    others :class:`_ReplicaHost`, a threaded actor.
+    """
+    global _actor_class_cache, _async_actor_class_cache
+    if service_class is not None and _has_async_methods(service_class):
+        if _async_actor_class_cache is None:
+            with _actor_class_lock:
+                if _async_actor_class_cache is None:
+                    _async_actor_class_cache = _ray().remote(concurrency_groups={_CONTROL_GROUP: 2})(_AsyncReplicaHost)
+        return _async_actor_class_cache
     if _actor_class_cache is None:
         with _actor_class_lock:
             if _actor_class_cache is None:
@@ -798,6 +1030,18 @@ class _ReplicaSet:
         return len(self.queued)
 
     # the per-call path ---------------------------------------------------
+
+    def pick_for_stream(self) -> _Replica | None:
+        """A live replica for a stream, chosen by the balancer, None when none is live.
+
+        A stream takes no call slot: it may last long, and Ray's generator
+        back-pressure (the stream's window) is what bounds it.
+        """
+        with self._lock:
+            live = self.live
+            if not live:
+                return None
+            return self.balancer.pick(live) if len(live) > 1 else live[0]
 
     def _free(self, live: tuple[_Replica, ...]) -> _Replica | None:
         """A live replica with a free slot, chosen by the balancer (holding the lock)."""
@@ -1579,6 +1823,22 @@ class RayConnection(Connection):
         """:meth:`cancel` for several calls (batched ones are skipped with one control call per replica)."""
         self.replicas.cancel_many(requests)
 
+    def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:
+        """Stream ``request`` from one replica through a Ray streaming generator (``ObjectRefGenerator``).
+
+        Ray's generator back-pressure holds the replica to ``window`` items
+        the caller has not taken. A stream is never failed over to another
+        replica once sent (it may have started).
+        """
+        if self._closed:
+            raise ServiceUnavailableError(f"service {request.service_name!r} is unavailable: the connection was closed")
+        self._maybe_refresh()
+        replicas = self.replicas
+        replica = replicas.pick_for_stream()
+        if replica is None:
+            return _RayStreamSource.failed(replicas.no_replica(request))
+        return _RayStreamSource(self._ray, replica, request, window)
+
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         ray = self._ray
         if self._closed:
@@ -1646,6 +1906,94 @@ class RayConnection(Connection):
     def close(self) -> None:
         """Refuse new calls through this connection; calls already sent or waiting are still answered."""
         self._closed = True
+
+
+class _RayStreamSource(StreamSource):
+    """The caller's end of one stream from a replica (see :meth:`RayConnection.open_stream`)."""
+
+    def __init__(self, ray: ModuleType | None, replica: _Replica | None, request: ServiceRequest, window: int) -> None:
+        self._ray = ray
+        self._replica = replica
+        self._request = request
+        self._failed: ServiceResponse | None = None
+        self._generator: Any = None
+        if replica is None:
+            return
+        try:
+            self._generator = replica.handle.handle_stream.options(
+                num_returns="streaming", _generator_backpressure_num_objects=window
+            ).remote(_to_wire(request), window)
+        except Exception as exc:
+            self._failed = _send_failure(request, exc)
+
+    @classmethod
+    def failed(cls, response: ServiceResponse) -> _RayStreamSource:
+        source = cls(None, None, ServiceRequest(response.request_id, "", ""), 1)
+        source._failed = response
+        return source
+
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            return [], failed
+        generator = self._generator
+        if generator is None:
+            return [], None
+        ray = self._ray
+        assert ray is not None
+        # One item per receive: asking Ray whether more are ready costs as much as waiting for one.
+        wait = _STREAM_POLL if timeout is None else max(0.0, min(timeout, _STREAM_POLL))
+        try:
+            ref = generator._next_sync(timeout_s=wait)
+        except StopIteration:
+            return [], self._broken("the replica's stream ended without its last record")
+        if ref.is_nil():
+            return [], None
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            # The replica's stream generator raises nothing of its own: Ray failed to serialize an item.
+            self._generator = None
+            error = TypeError(
+                f"an item of stream {self._request.service_name}.{self._request.method_name} cannot be sent to the "
+                f"caller: Ray could not serialize it ({type(exc.cause).__name__}: {_first_line(exc.cause)}); the stream ends here"
+            )
+            return [], ServiceResponse.from_exception(self._request.request_id, error, origin="service", with_traceback=False)
+        except Exception as exc:
+            return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
+        if type(value) is _StreamEnd:
+            self._generator = None
+            return [], value.response
+        return [value], None
+
+    def _broken(self, why: str) -> ServiceResponse:
+        self._generator = None
+        replica = self._replica
+        where = f" (replica {replica.name})" if replica is not None else ""
+        response = ServiceResponse.from_exception(
+            self._request.request_id,
+            ServiceUnavailableError(f"stream {self._request.service_name}.{self._request.method_name} broke{where}: {why}"),
+            origin="runtime",
+        )
+        response.metadata = {RETRYABLE_KEY: False}  # it may have run
+        return response
+
+    def consumed(self, count: int) -> None:
+        pass  # Ray counts what the caller took from the generator
+
+    def close(self) -> None:
+        generator, self._generator = self._generator, None
+        replica = self._replica
+        if generator is None or replica is None:
+            return
+        try:
+            # Stops the replica's generator even while it waits on Ray's back-pressure (its finally runs);
+            # the cancel record stops a service generator running elsewhere in the replica.
+            self._ray.cancel(generator)  # type: ignore[union-attr]
+            replica.handle.cancel_stream.options(concurrency_group=_CONTROL_GROUP).remote(self._request.request_id)
+        except Exception:  # noqa: BLE001 - the replica is gone: nothing runs there any more
+            pass
+        del generator  # Ray drops what the stream still held
 
 
 def _send_failure(request: ServiceRequest, exc: BaseException) -> ServiceResponse:
@@ -1883,7 +2231,7 @@ class RayServiceTask(BaseServiceTask):
         ray = _ray()
         replicas = self.replica_set
         assert replicas is not None
-        actor_class = _actor_class()
+        actor_class = _actor_class(self.service_factory.service_class)
         # The validated Config itself, not its data: revalidating in the replica would reject values that
         # only the caller's process knows (a balancer registered there, a plugin the replica lacks).
         config_data = self.ctx.resolved_config()

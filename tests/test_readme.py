@@ -21,7 +21,7 @@ def _run(code: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("marker", ["manager.proxy(\"kv\")", 'kind="process"', "class Audit"])
+@pytest.mark.parametrize("marker", ["manager.proxy(\"kv\")", 'kind="process"', "class Audit", "class Model"])
 def test_readme_python_block_runs(marker: str, tmp_path: Path) -> None:
     write_kvstore(tmp_path)
     result = _run(block_containing(marker), tmp_path)

@@ -87,6 +87,8 @@ __all__ = [
     "KIND_CALL",
     "KIND_CANCEL",
     "KIND_STATUS",
+    "KIND_STREAM_CANCEL",
+    "KIND_STREAM_CREDIT",
     "OUT_OF_BAND_THRESHOLD",
     "POOL_LEASE_LOST",
     "POOL_MAX_SEGMENT",
@@ -128,6 +130,10 @@ KIND_CANCEL = 3
 #: What :func:`decode_request` answers for a *request batch* record: a list of call messages
 #: (``ServiceManager.map`` ships a chunk of calls as one record, see :func:`encode_request_batch`).
 KIND_BATCH = 4
+#: Stream control records (:mod:`kservice.plugins.mmap.streams`): credit the caller returns to a
+#: stream's producer, and a stream the caller closed.
+KIND_STREAM_CREDIT = 5
+KIND_STREAM_CANCEL = 6
 
 _PROTOCOL = 5
 _OOB_TAG = 0x4F  # "O": one-shot segment

@@ -75,7 +75,7 @@ from kservice import (
 )
 from kservice.keys import RETRYABLE
 
-from . import codec, registry
+from . import codec, registry, streams
 from .ring import (
     QueueClosed,
     QueueEmpty,
@@ -310,6 +310,11 @@ class MmapListener(Listener):
                     self._cancel(request.request_id)
                 elif kind == codec.KIND_BATCH:
                     self._handle_batch(request, answered)  # type: ignore[arg-type]
+                else:
+                    streams.control(self, kind, request)
+                return
+            if request.metadata and streams.STREAM_KEY in request.metadata:
+                streams.open_stream(self, request)
                 return
         else:
             request = decoded
@@ -934,6 +939,7 @@ class MmapConnection(Connection):
         self._backlog_lock = threading.Lock()
         self._sender: threading.Thread | None = None
         _client.connection_opened()
+        streams.pool.connection_opened()
         _pool_user(1)
 
     @property
@@ -1274,6 +1280,13 @@ class MmapConnection(Connection):
         with contextlib.suppress(QueueError, ValueError):
             self._host.put(codec.encode_cancel_request(request.request_id, self._service_name), 0)
 
+    def open_stream(self, request: ServiceRequest, window: int) -> streams.MmapStreamSource:
+        """Stream ``request``'s items through a stream ring of this process (see ``kservice.plugins.mmap.streams``)."""
+        ring = self._ring
+        if ring is None:
+            raise ServiceUnavailableError(f"service {self._service_name!r} is unavailable: the connection is closed")
+        return streams.MmapStreamSource(self, ring, request, window)
+
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
 
@@ -1310,6 +1323,7 @@ class MmapConnection(Connection):
         # Dropped, not closed: a thread still inside call() holds its own reference.
         self._ring = None
         _client.connection_closed()
+        streams.pool.connection_closed()
         _pool_user(-1)
 
 

@@ -39,6 +39,10 @@ def test_demo_exits_0_and_leaves_nothing_behind(ray_cluster: Any) -> None:
     # Each step of the tour really happened.
     assert "text.where()" in out and "tenant 'acme'" in out
     assert "500 ok" in out
+    assert "model.complete(...) (async def)" in out
+    for name in ("model", "text", "text-ray"):
+        assert f"{name}.generate(...)" in out  # streamed in-process, over mmap and on Ray
+    assert "stops the generator in the service: True" in out
     assert "calls during the kill:" in out and " 0 failed" in out
     assert "replicas healthy again: 2/2" in out
     assert "child processes left: 0; shared-memory segments left: 0" in out

@@ -1,0 +1,905 @@
+"""Streams: a generator method's items delivered to the caller as they are produced.
+
+Three parts, each transport-neutral:
+
+- :class:`StreamSink`, the producer's end, which a transport subclasses to
+  carry items (``_emit``) and the end of the stream (``_finish``). It owns the
+  *window*: at most ``window`` items sent and not yet taken by the consumer;
+  the producer waits for room (never past the deadline), and a consumer that
+  gave up (``cancel``) stops it.
+- the runners, which serve one stream request on a task: a generator in one
+  of the task's stream threads, an async generator on the task's event loop.
+  The generator is always closed (its ``finally`` runs) however the stream
+  ends: exhausted, failed, consumer gone, deadline.
+- :class:`ItemStream`, the caller's iterator (sync and async), which a
+  transport feeds through a :class:`StreamSource`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import functools
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from ._aio import _acquire_thread_lock, _within, method_kinds
+from ._context import _current_request
+from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
+from ._messages import ServiceRequest, ServiceResponse
+from ._middleware import MiddlewareError
+from ._transport import timeout_response
+
+if TYPE_CHECKING:
+    from ._manager import ServiceManager, _Route
+    from ._task import BaseServiceTask
+
+__all__ = ["ItemStream", "SinkBusy", "StreamSink", "StreamSource"]
+
+#: Items a producer may have sent and the consumer not yet taken, when the caller names no window.
+DEFAULT_WINDOW = 64
+#: The response metadata key carrying how many items a stream delivered (middleware observers read it).
+ITEMS_KEY = "kservice.stream.items"
+#: The response metadata key marking a stream its consumer closed before the end.
+CLOSED_KEY = "kservice.stream.closed"
+
+
+def _ended_early(request: ServiceRequest, why: str) -> ServiceResponse:
+    return ServiceResponse(True, None, None, request.request_id, metadata={CLOSED_KEY: why})
+
+
+# =========================================================================== producer side
+
+
+class SinkBusy(Exception):
+    """Raised by a sink's ``_emit`` in place (``sink.in_place``) when the item cannot leave without waiting.
+
+    The item was not sent; the stream goes on in a stream thread, which sends
+    it first.
+    """
+
+
+_NOTHING: Any = object()
+
+
+class StreamSink(ABC):
+    """The producer's end of one stream; a transport subclasses it (see the module docstring).
+
+    ``send`` and ``asend`` return False when the stream must stop: the
+    consumer cancelled, or the deadline passed while waiting for room. ``end``
+    is called exactly once, last.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = max(1, window)
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._unacknowledged = 0
+        self.cancelled = False
+        self.stop_reason: ServiceResponse | None = None
+        self._async_room: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    # ---- what the transport implements
+
+    @abstractmethod
+    def _emit(self, item: Any) -> None:
+        """Carry one item to the consumer (raises when it cannot: the stream then ends with that error)."""
+
+    @abstractmethod
+    def _finish(self, response: ServiceResponse) -> None:
+        """Carry the end of the stream (a success without result, or the error)."""
+
+    #: seconds between :meth:`consumer_alive` checks while the producer waits for room (None: never checked)
+    liveness_interval: float | None = None
+    #: True while the stream is made in a thread that must not wait (a listener's): ``_emit`` may raise SinkBusy
+    in_place = False
+
+    def consumer_alive(self) -> bool:
+        """Whether the consumer can still read (transports whose consumer may die override it)."""
+        return True
+
+    # ---- what the transport calls
+
+    def acknowledge(self, count: int) -> None:
+        """The consumer took ``count`` more items: room for as many."""
+        with self._lock:
+            self._unacknowledged -= count
+            self._room.notify()
+            self._wake_async()
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        """The consumer gave up (or, with ``reason``, the service stops): the producer stops at its next item.
+
+        Its generator is closed. ``reason`` is the end the consumer gets
+        instead of a normal end (the service stopping mid-stream).
+        """
+        with self._lock:
+            self.cancelled = True
+            if reason is not None:
+                self.stop_reason = reason
+            self._room.notify_all()
+            self._wake_async()
+
+    def _wake_async(self) -> None:
+        waiting = self._async_room
+        if waiting is not None:
+            self._async_room = None
+            loop, future = waiting
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass  # the loop closed: its producer is gone
+
+    # ---- what the runners call
+
+    def send(self, item: Any, deadline: float | None) -> bool:
+        """Send ``item`` once there is room in the window; False: stop (consumer gone, or deadline passed)."""
+        with self._lock:
+            interval = self.liveness_interval
+            while self._unacknowledged >= self.window and not self.cancelled:
+                wait = None if deadline is None else deadline - time.time()
+                if wait is not None and wait <= 0:
+                    return False
+                if interval is not None:
+                    wait = interval if wait is None else min(wait, interval)
+                if not self._room.wait(wait) and interval is not None and not self.consumer_alive():
+                    self.cancelled = True  # the consumer died: nobody will take the rest
+            if self.cancelled:
+                return False
+            self._unacknowledged += 1
+        try:
+            self._emit(item)
+        except SinkBusy:
+            with self._lock:
+                self._unacknowledged -= 1
+            raise
+        return True
+
+    async def asend(self, item: Any) -> bool:
+        """:meth:`send` for a producer on an event loop (the deadline is the caller's ``asyncio.timeout``)."""
+        while True:
+            with self._lock:
+                if self.cancelled:
+                    return False
+                if self._unacknowledged < self.window:
+                    self._unacknowledged += 1
+                    break
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[None] = loop.create_future()
+                self._async_room = (loop, future)
+            interval = self.liveness_interval
+            if interval is None:
+                await future
+            else:
+                await asyncio.wait([future], timeout=interval)
+                if not future.done() and not self.consumer_alive():
+                    self.cancel()
+        self._emit(item)
+        return True
+
+    def end(self, response: ServiceResponse) -> None:
+        try:
+            self._finish(response)
+        except Exception:  # noqa: BLE001 - a consumer gone meanwhile cannot be told
+            pass
+
+
+async def _wait(future: asyncio.Future[None]) -> None:
+    await future
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Callable[..., Any], bool]:
+    """The generator method ``request`` names and whether it is an async generator.
+
+    Raises MethodNotFoundError for unknown or private names, TypeError for a
+    method that is not a generator (call it with call_service_sync instead).
+    """
+    name = request.method_name
+    if name[:1] in ("_", "") or task.service is None:
+        raise task._method_not_found(name)
+    method = getattr(task.service, name, None)
+    if method is None or not callable(method):
+        raise task._method_not_found(name)
+    kinds = method_kinds(type(task.service))
+    if name in kinds.async_generators:
+        return method, True
+    if name in kinds.generators:
+        return method, False
+    raise TypeError(
+        f"{task.service_name}.{name} is not a streaming method (it returns one result, it is not a generator): "
+        f"call it with call_service_sync/call_service_async instead of stream"
+    )
+
+
+def run_here(task: BaseServiceTask, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
+    """A stream ``request`` whose generator the caller steps (``pump``) in its own thread; see ``task.run_stream_here``."""
+    if task.state != "running" or task.service is None:
+        sink.end(task._unavailable(request, f"service is {task.state}"))
+        return None
+    try:
+        method, is_async = stream_method(task, request)
+    except MethodNotFoundError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="runtime"))
+        return None
+    except TypeError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="service", with_traceback=False))
+        return None
+    if is_async:
+        open_on_task(task, request, sink)
+        return None
+    run = SyncStreamRun(task, request, method, sink)
+    return None if run.ended else run
+
+
+def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSink) -> None:
+    """Start serving stream ``request`` on ``task`` into ``sink`` (returns at once; ``sink.end`` is called once).
+
+    A generator runs in one of the task's stream threads (at most
+    ``max_workers`` at once; more wait for one), an async generator on the
+    task's event loop. A task that is not running, an unknown method or one
+    that is not a generator ends the stream at once with the error.
+    """
+    if task.state != "running" or task.service is None:
+        sink.end(task._unavailable(request, f"service is {task.state}"))
+        return
+    try:
+        method, is_async = stream_method(task, request)
+    except MethodNotFoundError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="runtime"))
+        return
+    except TypeError as exc:
+        sink.end(ServiceResponse.from_exception(request.request_id, exc, origin="service", with_traceback=False))
+        return
+    if is_async:
+        loop = task.event_loop
+        assert loop is not None  # a service with async generators always has one
+        loop.spawn(request.request_id, serve_async_stream(task, request, method, sink), lambda: sink.end(task._unavailable(request, "it stopped")))
+        return
+    run = SyncStreamRun(task, request, method, sink)
+    if run.ended:
+        return
+    cost_key = "stream:" + request.method_name
+    first_cost = task.method_cost(cost_key)
+    if task._serial_lock is None and first_cost is not None and first_cost < task.inline_limit:
+        # Its first item has been quick to make: made here, it reaches the caller without a thread
+        # hand-off (first-item latency). Items keep being made here while they come fast and fit
+        # the window (so this thread never waits for the consumer): a short stream ends here
+        # entirely; the rest of a long one is made in a stream thread.
+        began = perf_counter()
+        sink.in_place = True
+        try:
+            ended = run.pump(1)
+            task.observe_cost(cost_key, perf_counter() - began)
+            if not ended and run.pending is _NOTHING:
+                ended = run.pump(sink.window - 1, task.inline_limit)
+        finally:
+            sink.in_place = False
+        if ended:
+            return
+        submitted: Callable[[], Any] = run.pump
+    else:
+        submitted = functools.partial(_pump_timed, run, cost_key)
+    try:
+        _stream_threads(task).submit(submitted)
+    except RuntimeError:
+        run.abandon(task._unavailable(request, "it stopped"))
+
+
+def _pump_timed(run: SyncStreamRun, cost_key: str) -> None:
+    """Run a stream in a stream thread, timing its first item (for :func:`open_on_task`'s choice)."""
+    began = perf_counter()
+    if run.pump(1):
+        return
+    run.task.observe_cost(cost_key, perf_counter() - began)
+    run.pump()
+
+
+_executors_lock = threading.Lock()
+
+
+def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:
+    """The task's threads for generator streams, created on its first stream and shut down with the task."""
+    executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
+    if executor is None:
+        with _executors_lock:
+            executor = getattr(task, "_stream_executor", None)
+            if executor is None:
+                executor = ThreadPoolExecutor(task.max_workers, thread_name_prefix=f"kservice-{task.service_name}-stream")
+                task._stream_executor = executor  # type: ignore[attr-defined]
+    return executor
+
+
+def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
+    """Cancel the task's streams (their consumers get ServiceUnavailableError) and join its stream threads.
+
+    ``deadline`` is a ``time.monotonic()`` time; a thread still inside a
+    generator's step then is left to finish on its own (it is a daemon).
+    """
+    executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
+    sinks: set[StreamSink] = getattr(task, "_open_streams", set())
+    for sink in list(sinks):
+        sink.cancel(unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), "the service stopped"))
+    if executor is not None:
+        task._stream_executor = None  # type: ignore[attr-defined]
+        executor.shutdown(wait=False, cancel_futures=True)
+        # A generator stuck inside a step cannot be interrupted: wait for it up to the stop deadline only.
+        for thread in list(getattr(executor, "_threads", ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _track(task: BaseServiceTask, sink: StreamSink, add: bool) -> None:
+    sinks: set[StreamSink] | None = getattr(task, "_open_streams", None)
+    if sinks is None:
+        sinks = task._open_streams = set()  # type: ignore[attr-defined]
+    if add:
+        sinks.add(sink)
+    else:
+        sinks.discard(sink)
+
+
+def _begin(task: BaseServiceTask, request: ServiceRequest) -> tuple[ServiceRequest, ServiceResponse | None, int, float]:
+    """Deadline check and the server chain's before-hooks: (request, refusal or None, after-hook limit, start time)."""
+    if request.deadline is not None and time.time() > request.deadline:
+        next(task._expired)
+        return request, timeout_response(request, 0.0), -1, 0.0
+    next(task._started)
+    chain = task._server_chain
+    began = perf_counter()
+    if chain is None:
+        return request, None, 0, began
+    if chain.has_before:
+        try:
+            request, response, limit = chain.run_before(request)
+        except MiddlewareError as exc:
+            return exc.request, ServiceResponse.from_exception(request.request_id, exc.error, origin="service"), exc.index, began
+        return request, response, limit, began
+    return request, None, chain.size, began
+
+
+def _conclude(
+    task: BaseServiceTask, request: ServiceRequest, response: ServiceResponse, limit: int, began: float, count: int
+) -> ServiceResponse:
+    """Record the item count, run the server chain's after-hooks and observers (they see the whole stream)."""
+    if limit < 0:
+        return response  # expired before it started: never counted as started
+    response.metadata = {**response.metadata, ITEMS_KEY: count}
+    chain = task._server_chain
+    if chain is not None:
+        response = chain.run_after(request, response, limit, began)
+    next(task._finished)
+    if not response.success:
+        next(task._failed)
+    return response
+
+
+def _stopped_response(request: ServiceRequest, sink: StreamSink) -> ServiceResponse:
+    if sink.stop_reason is not None:
+        return sink.stop_reason
+    if sink.cancelled:
+        return _ended_early(request, "the consumer closed the stream")
+    return timeout_response(request, 0.0)
+
+
+class SyncStreamRun:
+    """One generator stream on a task, resumable from any thread (one thread at a time).
+
+    :meth:`pump` steps the generator and sends its items into the sink until
+    the stream ends (or ``limit`` items were sent); the generator is closed
+    and the sink ended exactly once, by whichever call sees the end.
+    """
+
+    __slots__ = ("began", "context", "count", "generator", "limit", "method", "pending", "request", "response", "sink", "task")
+
+    def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+        self.task = task
+        self.method = method
+        self.sink = sink
+        self.count = 0
+        self.generator: Any = None
+        #: an item made in place that could not leave without waiting (sent first by the next pump)
+        self.pending: Any = _NOTHING
+        # The stream's own context, entered by every step whatever thread makes it: what the server
+        # middleware's before-hook makes current (a tracing span) stays current for the generator and
+        # never leaks into the thread that opened the stream; the after-hook finds it there too.
+        self.context = contextvars.copy_context()
+        _track(task, sink, True)
+        self.request, self.response, self.limit, self.began = self.context.run(_begin, task, request)
+        if self.response is not None:
+            self._end()
+
+    @property
+    def ended(self) -> bool:
+        return self.response is not None
+
+    def pump(self, limit: int | None = None, budget: float | None = None) -> bool:
+        """Send items until the stream ends (True), or ``limit`` items were sent, or ``budget`` seconds passed (False)."""
+        if self.response is not None:
+            return True
+        return self.context.run(self._pump, limit, budget)
+
+    def _pump(self, limit: int | None, budget: float | None) -> bool:
+        request, sink, task = self.request, self.sink, self.task
+        token = _current_request.set(request)
+        serial = task._serial_lock
+        deadline = request.deadline
+        sent = 0
+        stop_at = None if budget is None else perf_counter() + budget
+        try:
+            if self.generator is None:
+                self.generator = self.method(*request.args, **request.kwargs)
+            generator = self.generator
+            while limit is None or sent < limit:
+                item = self.pending
+                if item is _NOTHING:
+                    if serial is not None:
+                        serial.acquire()
+                    try:
+                        item = next(generator)
+                    except StopIteration:
+                        self.response = ServiceResponse(True, None, None, request.request_id)
+                        break
+                    finally:
+                        if serial is not None:
+                            serial.release()
+                else:
+                    self.pending = _NOTHING
+                try:
+                    if not sink.send(item, deadline):
+                        self.response = _stopped_response(request, sink)
+                        break
+                except SinkBusy:
+                    self.pending = item  # made in place, it could not leave without waiting: a thread sends it
+                    break
+                self.count += 1
+                sent += 1
+                if deadline is not None and time.time() > deadline and not sink.cancelled:
+                    self.response = timeout_response(request, 0.0)
+                    break
+                if stop_at is not None and perf_counter() > stop_at:
+                    break
+        except Exception as exc:
+            self.response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        finally:
+            _current_request.reset(token)
+        if self.response is None:
+            return False
+        self._finish()  # in this stream's context already
+        return True
+
+    def abandon(self, response: ServiceResponse) -> None:
+        """End the stream with ``response`` without stepping it again (its generator is closed)."""
+        if self.response is None:
+            self.response = response
+            self._end()
+
+    def _end(self) -> None:
+        self.context.run(self._finish)
+
+    def _finish(self) -> None:
+        generator, self.generator = self.generator, None
+        if generator is not None:
+            token = _current_request.set(self.request)
+            try:
+                generator.close()  # its finally runs, here, now
+            except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+                pass
+            finally:
+                _current_request.reset(token)
+        _track(self.task, self.sink, False)
+        assert self.response is not None
+        self.sink.end(_conclude(self.task, self.request, self.response, self.limit, self.began, self.count))
+
+
+def serve_sync_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+    """Run generator ``method`` for ``request``, sending each item into ``sink``; always ends the sink."""
+    SyncStreamRun(task, request, method, sink).pump()
+
+
+async def serve_async_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+    """Run async generator ``method`` for ``request`` on the running loop; always ends the sink.
+
+    The deadline cancels the generator (``CancelledError`` inside it, then
+    ``aclose()``); the caller gets ServiceTimeoutError after the items sent.
+    """
+    _track(task, sink, True)
+    count = 0
+    request, response, limit, began = _begin(task, request)
+    _current_request.set(request)
+    deadline = request.deadline
+    try:
+        if response is None:
+            generator: Any = None
+
+            serial = task._serial_lock
+
+            async def pump() -> ServiceResponse:
+                nonlocal count, generator
+                generator = method(*request.args, **request.kwargs)
+                step = generator.__anext__
+                while True:
+                    # A service declared not thread-safe: each step holds its serial lock, as its calls do.
+                    if serial is not None and not await _acquire_thread_lock(serial, deadline):
+                        return timeout_response(request, 0.0)
+                    try:
+                        item = await step()
+                    except StopAsyncIteration:
+                        return ServiceResponse(True, None, None, request.request_id)
+                    finally:
+                        if serial is not None:
+                            serial.release()
+                    if not await sink.asend(item):
+                        return _stopped_response(request, sink)
+                    count += 1
+
+            try:
+                if deadline is None:
+                    response = await pump()
+                else:
+                    response = await _within(pump(), max(0.0, deadline - time.time()))
+            except TimeoutError:
+                response = timeout_response(request, 0.0)
+            except asyncio.CancelledError:
+                response = _stopped_response(request, sink)
+                sink.end(_conclude(task, request, response, limit, began, count))
+                raise
+            except Exception as exc:
+                response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+            finally:
+                if generator is not None:
+                    try:
+                        await generator.aclose()
+                    except BaseException:  # noqa: BLE001 - the stream's outcome is decided already
+                        pass
+    finally:
+        _track(task, sink, False)
+    sink.end(_conclude(task, request, response, limit, began, count))
+
+
+# =========================================================================== consumer side
+
+
+class StreamSource(ABC):
+    """A transport's consumer end of one open stream."""
+
+    @abstractmethod
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        """Items that arrived (waiting up to ``timeout`` for at least one) and the end response once it came.
+
+        Returns ``([], None)`` when ``timeout`` passed with nothing new. Items
+        returned still count against the window until :meth:`consumed`.
+        """
+
+    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        """:meth:`receive` for asyncio code (the default waits in a thread; transports may do better)."""
+        loop = asyncio.get_running_loop()
+        step = 0.25 if timeout is None else min(timeout, 0.25)
+        return await loop.run_in_executor(None, self.receive, step)
+
+    @abstractmethod
+    def consumed(self, count: int) -> None:
+        """The consumer has handed ``count`` more received items to its caller: the producer gets room for them."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """The consumer gives up: stop the producer, release what the stream holds; idempotent, never blocks long."""
+
+
+class LocalStream(StreamSink, StreamSource):
+    """Both ends of a stream within one process: a bounded deque between producer and consumer."""
+
+    def __init__(self, window: int) -> None:
+        StreamSink.__init__(self, window)
+        self._items: collections.deque[Any] = collections.deque()
+        self._arrived = threading.Condition(self._lock)
+        self._response: ServiceResponse | None = None
+        self._async_arrival: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def _emit(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._arrived.notify()
+            self._wake_consumer()
+
+    def _finish(self, response: ServiceResponse) -> None:
+        with self._lock:
+            self._response = response
+            self._arrived.notify_all()
+            self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        waiting = self._async_arrival
+        if waiting is not None:
+            self._async_arrival = None
+            loop, future = waiting
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass
+
+    def _take(self) -> tuple[list[Any], ServiceResponse | None]:
+        items = list(self._items)
+        self._items.clear()
+        return items, self._response
+
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        with self._lock:
+            if not self._items and self._response is None:
+                self._arrived.wait(timeout)
+            return self._take()
+
+    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        with self._lock:
+            ready = bool(self._items) or self._response is not None
+        if ready:
+            # Yield to the loop once per batch: a fast producer must not starve the consumer's other tasks.
+            await asyncio.sleep(0)
+        with self._lock:
+            if self._items or self._response is not None:
+                return self._take()
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+            self._async_arrival = (loop, future)
+        try:
+            if timeout is None:
+                await future
+            else:
+                await _within(_wait(future), timeout)  # not wait_for: on 3.11 it can swallow a cancellation
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._async_arrival = None
+        with self._lock:
+            return self._take()
+
+    def consumed(self, count: int) -> None:
+        self.acknowledge(count)
+
+    def close(self) -> None:
+        self.cancel()
+
+
+class ItemStream(Iterator[Any], AsyncIterator[Any]):
+    """The items of one streamed call, in order: ``for item in stream`` or ``async for item in stream``.
+
+    Guarantees: items arrive in the order the method yielded them, each
+    once. The stream ends after the last item, or raises the method's
+    exception (typed, as for calls) after the items yielded before it;
+    ServiceTimeoutError when the deadline (``timeout`` of the whole stream)
+    passes; ServiceUnavailableError when the host or replica dies mid-stream.
+    A failure before the first item may be retried by the retry policy; a
+    stream that delivered anything never is.
+
+    ``close()`` (also ``break`` out of a ``with`` block, ``aclose()``, or
+    the stream being garbage-collected) stops the generator in the service:
+    its ``finally`` runs and what the stream held is released. Client
+    middleware sees the stream once: ``before_call`` when it opens,
+    ``after_call``/``observe_call`` when it ends, with the item count in
+    ``response.metadata["kservice.stream.items"]`` and the whole stream's
+    duration.
+    """
+
+    def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int) -> None:
+        self._manager = manager
+        self._route = route
+        self._request = request
+        self._window = window
+        self._items: collections.deque[Any] = collections.deque()
+        self._unacknowledged = 0
+        self._delivered = 0
+        self._attempt = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._source: StreamSource | None = None
+        self._sent = request
+        self._limit = 0
+        self._began = 0.0
+        # Retries wait with time.sleep: only sync consumers retry (an event loop must not block).
+        self._async = False
+        self._open()
+
+    @property
+    def request(self) -> ServiceRequest:
+        return self._request
+
+    @property
+    def delivered(self) -> int:
+        """Items handed to the consumer so far."""
+        return self._delivered
+
+    # ---------------------------------------------------------------- opening
+
+    def _open(self) -> None:
+        route = self._route
+        chain = route.chain
+        self._sent = self._request
+        if chain is not None:
+            self._began = perf_counter()
+            try:
+                self._sent, refusal, self._limit = chain.run_before(self._request)
+            except MiddlewareError as exc:
+                self._sent, self._limit = exc.request, exc.index
+                refusal = ServiceResponse.from_exception(self._request.request_id, exc.error, origin="client")
+            if refusal is not None:
+                self._end(refusal)
+                return
+        try:
+            self._source = route.connection.open_stream(self._sent, self._window)
+        except ServiceError as exc:
+            self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="runtime"))
+        except Exception as exc:  # noqa: BLE001 - the transport failed to send: this attempt fails
+            self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="client"))
+
+    def _end(self, response: ServiceResponse) -> bool:
+        """The stream ended with ``response``; True when a retry reopened it instead."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+        if not response.success and self._delivered == 0 and not self._items and not self._async:
+            delay = self._route.retry_delay(self._request, response, self._attempt)
+            if delay is not None:
+                self._after(response)
+                self._attempt += 1
+                time.sleep(delay)
+                self._route = self._manager._refresh_route(self._route, response)
+                self._open()
+                return True
+        self._done = True
+        response = self._after(response)
+        if not response.success:
+            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+        return False
+
+    def _after(self, response: ServiceResponse) -> ServiceResponse:
+        if not response.success or CLOSED_KEY in response.metadata or ITEMS_KEY not in response.metadata:
+            response.metadata = {**response.metadata, ITEMS_KEY: self._delivered + len(self._items)}
+        chain = self._route.chain
+        return response if chain is None else chain.run_after(self._sent, response, self._limit, self._began)
+
+    def _remaining(self) -> float | None:
+        deadline = self._request.deadline
+        return None if deadline is None else deadline - time.time()
+
+    def _end_without_retry(self, response: ServiceResponse) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+        self._done = True
+        response = self._after(response)
+        if not response.success:
+            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+
+    def _accept(self, items: list[Any], end: ServiceResponse | None) -> None:
+        self._items.extend(items)
+        self._unacknowledged += len(items)
+        if end is not None:
+            self._source = None  # ended by the producer: nothing to cancel
+            self._end(end)
+
+    # ---------------------------------------------------------------- sync
+
+    def __iter__(self) -> ItemStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self._items:
+                self._delivered += 1
+                return self._items.popleft()
+            if self._done:
+                self._raise_end()
+            source = self._source
+            if source is None:
+                self._raise_end()
+            if self._unacknowledged:
+                # Every received item is with the caller now: the producer gets room for them.
+                source.consumed(self._unacknowledged)  # type: ignore[union-attr]
+                self._unacknowledged = 0
+            remaining = self._remaining()
+            if remaining is not None and remaining <= 0:
+                self._expire()
+                continue
+            items, end = source.receive(remaining)  # type: ignore[union-attr]
+            self._accept(items, end)
+
+    def _expire(self) -> None:
+        self._end_without_retry(
+            ServiceResponse.from_exception(
+                self._request.request_id,
+                ServiceTimeoutError(
+                    f"stream {self._request.service_name}.{self._request.method_name} passed its deadline "
+                    f"after {self._delivered + len(self._items)} item(s)"
+                ),
+                origin="runtime",
+            )
+        )
+
+    def _raise_end(self) -> Any:
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the stream: the generator in the service is closed (its ``finally`` runs); idempotent."""
+        if self._done:
+            return
+        self._items.clear()
+        self._end_without_retry(_ended_early(self._request, "the consumer closed the stream"))
+        self._error = None
+
+    def __enter__(self) -> ItemStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A stream dropped unfinished (a ``break`` without ``with``) is closed when collected: the
+        # generator in the service stops, and client middleware sees its end, as for close().
+        try:
+            if not self._done:
+                self.close()
+        except Exception:  # noqa: BLE001 - best effort at garbage collection
+            pass
+
+    # ---------------------------------------------------------------- async
+
+    def __aiter__(self) -> ItemStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        self._async = True
+        while True:
+            if self._items:
+                self._delivered += 1
+                return self._items.popleft()
+            if self._done or self._source is None:
+                break
+            if self._unacknowledged:
+                self._source.consumed(self._unacknowledged)
+                self._unacknowledged = 0
+            remaining = self._remaining()
+            if remaining is not None and remaining <= 0:
+                self._expire()
+                continue
+            try:
+                items, end = await self._source.areceive(remaining)
+            except asyncio.CancelledError:
+                self.close()  # the consuming task was cancelled: the producer stops too
+                raise
+            self._accept(items, end)
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """:meth:`close` for ``async`` code."""
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "open"
+        return f"<ItemStream {self._request.service_name}.{self._request.method_name} {state} delivered={self._delivered}>"
+
+
+def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:
+    """The end a consumer gets when the producer's host or replica died mid-stream (never retried once items came)."""
+    return ServiceResponse.from_exception(
+        request.request_id,
+        ServiceUnavailableError(f"stream {request.service_name}.{request.method_name} broke: {why}"),
+        origin="runtime",
+    )

@@ -1,0 +1,278 @@
+"""Streaming generator methods in-process: order, back-pressure, early exit, errors, middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kservice
+import pytest
+
+from tests.streaming.services import TokenModel
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class StreamObserver(kservice.ServiceMiddleware):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, Any, float]] = []
+        self.handles: list[tuple[str, bool, Any, float]] = []
+
+    def observe_call(self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float) -> None:
+        self.calls.append((request.method_name, response.success, response.metadata.get("kservice.stream.items"), seconds))
+
+    def observe_handle(self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float) -> None:
+        self.handles.append((request.method_name, response.success, response.metadata.get("kservice.stream.items"), seconds))
+
+
+@pytest.fixture
+def env() -> Iterator[kservice.ServiceEnvironment]:
+    environment = kservice.ServiceEnvironment(
+        "streams",
+        {
+            "services": {"model": {"class": "tests.streaming.services:TokenModel", "idempotent": ["broken"]}},
+            "service_call": {"retry_interval": 0.01},
+        },
+    )
+    with environment:
+        yield environment
+
+
+@pytest.fixture
+def manager(env: kservice.ServiceEnvironment) -> Iterator[kservice.ServiceManager]:
+    with kservice.ServiceManager(env) as m:
+        yield m
+
+
+def _model(env: kservice.ServiceEnvironment) -> TokenModel:
+    task = env.get_task("model")
+    assert task is not None
+    return task.service  # type: ignore[no-any-return]
+
+
+def _wait_for(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_items_arrive_in_order_complete_and_once(manager: kservice.ServiceManager) -> None:
+    assert list(manager.stream("model", "count", (5000,))) == list(range(5000))
+    assert list(manager.proxy("model").count.stream(3)) == [0, 1, 2]
+    assert list(manager.stream("model", "acount", (300,))) == list(range(300))
+
+
+def test_async_for_over_generators_and_async_generators(manager: kservice.ServiceManager) -> None:
+    async def consume() -> tuple[list[int], list[int]]:
+        sync_items = [i async for i in manager.astream("model", "count", (200,))]
+        async_items = [i async for i in manager.proxy("model").acount.astream(50, delay=0.001)]
+        return sync_items, async_items
+
+    assert asyncio.run(consume()) == (list(range(200)), list(range(50)))
+
+
+def test_a_plain_call_of_a_streaming_method_names_stream_and_the_service_keeps_serving(manager: kservice.ServiceManager) -> None:
+    with pytest.raises(TypeError, match=r"streaming method.*manager\.stream"):
+        manager.call_service_sync("model", "count", (3,))
+    with pytest.raises(TypeError, match=r"streaming method.*stream"):
+        manager.call_service_sync("model", "acount", (3,))
+    with pytest.raises(TypeError, match="stream"):
+        manager.call_service_async("model", "acount", (3,)).result(5)
+    assert manager.call_service_sync("model", "echo", (7,)) == 7
+
+
+def test_streaming_a_plain_method_names_call_service_sync(manager: kservice.ServiceManager) -> None:
+    with pytest.raises(TypeError, match="call_service_sync"):
+        list(manager.stream("model", "echo", (1,)))
+    with pytest.raises(kservice.MethodNotFoundError):
+        list(manager.stream("model", "nothing_here"))
+    assert list(manager.stream("model", "count", (2,))) == [0, 1]
+
+
+def test_back_pressure_bounds_what_the_producer_runs_ahead(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+    stream = manager.stream("model", "count", (10_000, "bp"), window=4)
+    first = [next(stream) for _ in range(3)]
+    time.sleep(0.3)  # a slow consumer: the producer must be waiting, not running ahead
+    produced = model.produced["bp"]
+    assert produced <= 3 + 4 + 1, produced
+    assert first == [0, 1, 2]
+    assert list(stream) == list(range(3, 10_000))
+
+
+@pytest.mark.parametrize("method", ["count", "acount"])
+def test_breaking_out_closes_the_generator_in_the_service(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment, method: str) -> None:
+    model = _model(env)
+    for item in manager.stream("model", method, (1_000_000, f"break-{method}"), window=8):
+        if item == 10:
+            break
+    gc.collect()  # the abandoned iterator closes when collected
+    _wait_for(lambda: f"break-{method}" in model.closed)
+    with manager.stream("model", method, (1_000_000, f"with-{method}")) as stream:
+        assert next(stream) == 0
+    _wait_for(lambda: f"with-{method}" in model.closed)
+    assert model.produced[f"with-{method}"] < 1000
+    assert manager.call_service_sync("model", "echo", ("still serving",)) == "still serving"
+
+
+def test_the_deadline_ends_a_stream_mid_way_and_closes_the_generator(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+    got: list[int] = []
+    with pytest.raises(kservice.ServiceTimeoutError):
+        for item in manager.stream("model", "slow", (1000, 0.05, "deadline"), timeout=0.5):
+            got.append(item)
+    assert 2 <= len(got) < 20 and got == list(range(len(got)))
+    _wait_for(lambda: "deadline" in model.closed)
+
+
+def test_the_deadline_cancels_an_async_generator_mid_stream(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+    got: list[int] = []
+    with pytest.raises(kservice.ServiceTimeoutError):
+        for item in manager.stream("model", "acount", (10**6, "adeadline", 0.05), timeout=0.5):
+            got.append(item)
+    assert 2 <= len(got) < 20 and got == list(range(len(got)))
+    _wait_for(lambda: "adeadline" in model.closed)
+
+
+def test_a_consumer_that_never_reads_bounds_the_producer_until_the_deadline(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+    stream = manager.stream("model", "count", (1_000_000, "idle"), timeout=0.5, window=5)
+    time.sleep(0.2)
+    assert model.produced["idle"] <= 6
+    _wait_for(lambda: "idle" in model.closed, timeout=3)  # the producer gave up at the deadline
+    with pytest.raises(kservice.ServiceTimeoutError):
+        list(stream)
+
+
+def test_an_error_mid_stream_arrives_after_the_items_typed_and_is_not_retried(manager: kservice.ServiceManager) -> None:
+    got: list[int] = []
+    with pytest.raises(ValueError, match="broke after 3") as caught:
+        for item in manager.stream("model", "broken", (3,)):
+            got.append(item)
+    assert got == [0, 1, 2]  # once each: the idempotent method was not re-run after yielding
+    assert isinstance(caught.value, kservice.ServiceCallError)
+
+
+def test_cancelling_an_async_consumer_closes_the_generator(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+
+    async def consume() -> None:
+        async for _ in manager.astream("model", "acount", (1_000_000, "cancelled", 0.001)):
+            pass
+
+    async def main() -> None:
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    _wait_for(lambda: "cancelled" in model.closed)
+
+
+def test_middleware_sees_a_stream_once_with_its_item_count_and_duration() -> None:
+    observer = StreamObserver()
+    environment = kservice.ServiceEnvironment("streams-mw")
+    environment.add_middleware(observer)
+    environment.register_service("model", TokenModel)
+    with environment, kservice.ServiceManager(environment) as manager:
+        assert len(list(manager.stream("model", "slow", (5, 0.02)))) == 5
+        with pytest.raises(ValueError):
+            list(manager.stream("model", "broken", (2,)))
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [("slow", True, 5), ("broken", False, 2)]
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("slow", True, 5), ("broken", False, 2)]
+    assert observer.calls[0][3] >= 0.09 and observer.handles[0][3] >= 0.09  # the whole stream's duration
+
+
+def test_a_thousand_abandoned_streams_leave_nothing_behind(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    model = _model(env)
+    threads_before = threading.active_count()
+    for i in range(1000):
+        stream = manager.stream("model", "count" if i % 2 else "acount", (1_000_000, f"a{i}"), window=2)
+        next(stream)
+        if i % 3 == 0:
+            stream.close()
+        del stream
+    gc.collect()
+    _wait_for(lambda: len(model.closed) >= 1000, timeout=20)
+    task = env.get_task("model")
+    assert task is not None
+    _wait_for(lambda: not getattr(task, "_open_streams", set()))
+    loop = task.event_loop
+    assert loop is not None
+    _wait_for(lambda: loop.in_flight == 0)
+    assert threading.active_count() <= threads_before + task.max_workers
+    assert manager.call_service_sync("model", "echo", (1,)) == 1
+
+
+def test_stopping_the_service_mid_stream_ends_it_unavailable() -> None:
+    environment = kservice.ServiceEnvironment("streams-stop")
+    environment.register_service("model", TokenModel)
+    environment.start()
+    with kservice.ServiceManager(environment) as manager:
+        stream = manager.stream("model", "slow", (1000, 0.02, "stopped"), timeout=30)
+        assert next(stream) == 0
+        environment.stop(timeout=1.0)
+        with pytest.raises(kservice.ServiceUnavailableError):
+            list(stream)
+
+
+def test_metrics_count_streams_and_items() -> None:
+    from kservice.middleware import metrics
+
+    environment = kservice.ServiceEnvironment("streams-metrics")
+    environment.register_service("model-metrics", TokenModel)
+    with environment, kservice.ServiceManager(environment) as manager:
+        for _ in range(3):
+            assert len(list(manager.stream("model-metrics", "count", (7,)))) == 7
+        manager.call_service_sync("model-metrics", "echo", (1,))
+    for side in ("client", "server"):
+        summary = metrics.snapshot()[side]["model-metrics"]
+        assert summary["methods"]["count"]["streams"] == 3
+        assert summary["methods"]["count"]["stream_items"] == 21
+        assert summary["methods"]["echo"]["streams"] == 0
+
+
+def test_a_stream_dropped_unfinished_is_seen_ending_by_client_middleware() -> None:
+    observer = StreamObserver()
+    environment = kservice.ServiceEnvironment("streams-dropped")
+    environment.add_middleware(observer)
+    environment.register_service("model", TokenModel)
+    with environment, kservice.ServiceManager(environment) as manager:
+        for item in manager.stream("model", "count", (1000,), window=4):
+            if item == 2:
+                break
+        gc.collect()
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [("count", True, 3)]
+
+
+def test_an_item_that_cannot_leave_in_place_is_sent_first_by_the_stream_thread(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    task = env.get_task("model")
+    assert task is not None
+    assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # now known quick: later streams start in place
+    in_place: list[bool] = []
+
+    class BusyInPlace(kservice.LocalStream):
+        def _emit(self, item: Any) -> None:
+            in_place.append(self.in_place)
+            if self.in_place and item == 1:
+                raise kservice.SinkBusy  # as the mmap sink does when the caller's ring is full
+            super()._emit(item)
+
+    sink = BusyInPlace(64)
+    task.open_stream(kservice.ServiceRequest("busy-1", "model", "count", (10,), {}, "", time.time() + 10, {}), sink)
+    received: list[int] = []
+    end = None
+    while end is None:
+        items, end = sink.receive(5)
+        received += items
+        sink.consumed(len(items))
+    assert received == list(range(10)) and end.success
+    assert in_place[:2] == [True, True] and not any(in_place[2:])  # item 1 left from the stream thread
