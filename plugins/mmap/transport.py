@@ -403,12 +403,15 @@ class MmapListener(Listener):
         ServiceTimeoutError without running it (the caller drops that answer);
         it counts as expired in the task's status. A request already running
         runs to its end (a thread cannot be interrupted), and calls it makes
-        from then on fail at once. A notice that arrives before its request
-        (a caller whose send waited for room in the ring) is remembered, boundedly.
+        from then on fail at once; a coroutine method (``async def``) is
+        cancelled (``asyncio.CancelledError`` inside it). A notice that arrives
+        before its request (a caller whose send waited for room in the ring) is
+        remembered, boundedly.
         """
         request = self._pooled.get(request_id)
         if request is not None:
             request.deadline = 0.0
+            self._task.cancel_request(request_id)
             return
         early = self._cancelled_early
         if len(early) >= CANCELLED_EARLY_LIMIT:
