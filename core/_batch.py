@@ -40,6 +40,8 @@ __all__ = ["AsyncCallMap", "CallMap"]
 #: Items per chunk, and calls in flight, unless the caller says otherwise.
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_MAX_IN_FLIGHT = 2048
+#: Seconds past a compact chunk's deadline its caller waits for the host's answer (which leaves at the deadline).
+CHUNK_ANSWER_GRACE = 0.25
 
 _time = time.time
 _monotonic = time.monotonic
@@ -234,7 +236,9 @@ class _FastChunk(_Chunk):
 
     __slots__ = ("args", "chunk_id", "deadline", "failures", "left")
 
-    def __init__(self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float) -> None:
+    def __init__(
+        self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float
+    ) -> None:
         self.batch = batch
         self.first = first
         self.args = args
@@ -334,7 +338,9 @@ class _FastChunk(_Chunk):
         if not self._claim():
             return
         batch = self.batch
-        error = ServiceTimeoutError(f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s")
+        error = ServiceTimeoutError(
+            f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s"
+        )
         response = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime").for_wire()
         self.outcomes = [None] * len(self.args)
         self._fail(dict.fromkeys(range(len(self.args)), response))
@@ -392,7 +398,9 @@ class _Batch:
         self.chunk_size = _checked_count("chunk_size", chunk_size)
         self.window = max(1, -(-_checked_count("max_in_flight", max_in_flight) // self.chunk_size))
         if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}")
+            raise TypeError(
+                f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}"
+            )
         self.source = iter(iterable)  # TypeError at once for something that is not iterable
         self.manager = manager
         self.service_name = service_name
@@ -540,17 +548,21 @@ class _Batch:
             else:
                 chunk.waiter = threading.Lock()
                 chunk.waiter.acquire()
-        if not self.send_fast(chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk):
+        if not self.send_fast(
+            chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk
+        ):
             return False
         self.next_index += len(args)
         self.in_flight.append(chunk)
-        # Armed once sent (a chunk answered already is dropped by the timer at once).
+        # Armed once sent (a chunk answered already is dropped by the timer at once). The host answers a
+        # chunk at its deadline with the outcomes it has (see the mmap transport), so the caller gives that
+        # answer a moment to arrive before failing the whole chunk itself (a host that stalls).
         timer = self.manager._timer or self.manager.timer()
         if inherited:
-            timer.call_later(deadline - now, chunk._expire)
+            timer.call_later(deadline - now + CHUNK_ANSWER_GRACE, chunk._expire)
         else:
-            chunk._expires_at = _monotonic() + self.nominal
-            timer.expire_at(self.nominal, chunk)
+            chunk._expires_at = _monotonic() + self.nominal + CHUNK_ANSWER_GRACE
+            timer.expire_at(self.nominal + CHUNK_ANSWER_GRACE, chunk)
         return True
 
     # ------------------------------------------------------------- consuming
