@@ -485,9 +485,7 @@ class BaseServiceTask:
     def _compile_server_chain(self) -> None:
         from ._plugins import get_plugin_manager
 
-        contributed = get_plugin_manager().hook.kservice_middleware(
-            service_name=self.service_name, options=self.options
-        )
+        contributed = get_plugin_manager().hook.kservice_middleware(service_name=self.service_name, options=self.options)
         chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
         self._server_chain = chain if chain else None
 
@@ -932,11 +930,7 @@ class BaseServiceTask:
         hands the rest elsewhere). An unknown method fails every item with
         MethodNotFoundError, none run. Never raises.
         """
-        if (
-            self._state != "running"
-            or self._server_chain is not None
-            or type(self).handle_request is not _handle_request
-        ):
+        if self._state != "running" or self._server_chain is not None or type(self).handle_request is not _handle_request:
             return None
         results: list[Any] = []
         failures: dict[int, ServiceResponse] = {}
@@ -984,12 +978,7 @@ class BaseServiceTask:
             _current_request.reset(token)
         ran = len(results)
         # The statistics in bulk (started before finished: a status read between shows none in flight).
-        for counter, count in (
-            (self._started, ran),
-            (self._finished, ran),
-            (self._failed, len(failures)),
-            (self._expired, expired),
-        ):
+        for counter, count in ((self._started, ran), (self._finished, ran), (self._failed, len(failures)), (self._expired, expired)):
             if count:
                 collections.deque(itertools.islice(counter, count), maxlen=0)
         return results, failures
@@ -1008,9 +997,7 @@ class BaseServiceTask:
 
     def _handling_failed(self, request: ServiceRequest, exc: BaseException) -> ServiceResponse:
         """The answer to a request whose handling raised past :meth:`execute` (a subclass's override)."""
-        log.error(
-            "service %r: handling request %s raised past execute()", self.service_name, request.request_id, exc_info=exc
-        )
+        log.error("service %r: handling request %s raised past execute()", self.service_name, request.request_id, exc_info=exc)
         return ServiceResponse.from_exception(
             request.request_id,
             ServiceError(
@@ -1099,9 +1086,7 @@ class BaseServiceTask:
             max_workers=self.max_workers,
             restarts=self.restarts,
             started_at=self.started_at,
-            addresses=[
-                f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses
-            ],
+            addresses=[f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses],
             workers_alive=workers_alive,
             workers_replaced=0 if pool is None else pool.replaced,
         )
