@@ -221,3 +221,28 @@ def test_a_host_killed_mid_chunk_says_which_may_have_run_and_runs_none_twice(tmp
         assert type(result).__name__ == "ServiceUnavailableError", (index, result)
         if str(index) in started:  # it ran: its caller must not be told it never did
             assert not never_ran(result), (index, result)
+
+
+def test_a_host_that_does_not_say_it_runs_chunks_gets_each_call_on_its_own(
+    host: tuple[ServiceEnvironment, ServiceManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older host drops a record kind it does not know: the caller asks first, and goes per call on no."""
+    _, manager = host
+    asked: list[int] = []
+    status = MmapConnection.remote_status
+
+    def older_host(self: MmapConnection, timeout: float = 10.0) -> dict[str, Any]:
+        asked.append(1)
+        answer = status(self, timeout)
+        answer.pop("chunk_records", None)  # what a host of an earlier version answers
+        return answer
+
+    monkeypatch.setattr(MmapConnection, "remote_status", older_host)
+    monkeypatch.setattr(codec, "encode_chunk", lambda *args: pytest.fail("a chunk record went to a host that cannot run it"))
+    connection = manager.get_service_queue("kv")
+    assert isinstance(connection, MmapConnection)
+    connection._chunks = None  # as a fresh connection to a `process` host: its address does not say
+    started = time.monotonic()
+    assert list(manager.map("kv", "add", [(i, 1) for i in range(500)], chunk_size=100)) == [i + 1 for i in range(500)]
+    assert time.monotonic() - started < 5  # nothing waited for an answer that would never come
+    assert asked == ([1] if _fast(manager, "kv") else [])  # asked once, only when the compact form was possible
