@@ -950,16 +950,17 @@ class BaseServiceTask:
         deadline = request.deadline
         serial = self._serial_lock
         append = results.append
-        now = time.time
         clock = perf_counter
+        # One clock read per call serves both checks: the deadline, moved to perf_counter's scale once.
+        began = clock()
+        end = began + (deadline - time.time()) if deadline is not None else float("inf")
         expired = 0
         token = _current_request.set(request)  # calls the method makes inherit the chunk's deadline and metadata
         try:
             for index, args in enumerate(args_list):
-                if deadline is not None and now() > deadline:
+                if began > end:
                     expired = len(args_list) - index
                     break
-                began = clock()
                 if serial is not None:
                     serial.acquire()
                 try:
@@ -972,8 +973,10 @@ class BaseServiceTask:
                 finally:
                     if serial is not None:
                         serial.release()
-                if clock() - began > budget:
+                finished = clock()
+                if finished - began > budget:
                     break
+                began = finished
         finally:
             _current_request.reset(token)
         ran = len(results)
