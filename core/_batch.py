@@ -15,6 +15,7 @@ consumed, whatever the iterable's length.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -24,7 +25,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ._context import _current_request
-from ._errors import ServiceStoppedError
+from ._errors import ServiceStoppedError, ServiceTimeoutError
 from ._messages import MAY_HAVE_RUN, NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareError
@@ -40,6 +41,8 @@ __all__ = ["AsyncCallMap", "CallMap"]
 #: Items per chunk, and calls in flight, unless the caller says otherwise.
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_MAX_IN_FLIGHT = 2048
+#: Seconds past a compact chunk's deadline its caller waits for the host's answer (which leaves at the deadline).
+CHUNK_ANSWER_GRACE = 0.25
 
 _time = time.time
 _monotonic = time.monotonic
@@ -214,6 +217,157 @@ class _Chunk:
             pass
 
 
+#: In a fast chunk's outcomes: this item's result is in ``chunk.outcomes``.
+_RESULT: Any = object()
+
+
+class _FastChunk(_Chunk):
+    """A chunk sent as one compact record: no request, response or claim per call on the success path.
+
+    Used when the route has no client middleware (nothing needs a request per
+    call) and the transport offers ``send_chunk`` (mmap). The host answers with
+    one record of per-call outcomes; ``outcomes`` becomes its list of results
+    and ``failures`` maps the index of each failed call to its outcome (a
+    ServiceResponse, or after a retry its final one). The claim is the chunk's
+    one id: the answer, the deadline, a cancel or the manager closing, whichever
+    pops it first, decides every call of the chunk at once. A failed call is
+    retried under the route's policy like any call (a ServiceRequest is built
+    for it then).
+    """
+
+    __slots__ = ("args", "chunk_id", "deadline", "failures", "left")
+
+    def __init__(self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float) -> None:
+        self.batch = batch
+        self.first = first
+        self.args = args
+        self.deadline = deadline
+        self.timeout = timeout
+        self.chunk_id = _new_request_id()
+        self.open = {self.chunk_id: 0}
+        self.outcomes = []
+        self.failures: dict[int, Any] = {}
+        self.requests: Any = {}  # index -> the ServiceRequest of a call being retried (built on demand)
+        self.sent = self.requests  # type: ignore[assignment]
+        self.limits = None
+        self.began = 0.0
+        self.retrying = {}
+        self.counted = itertools.count(1).__next__
+        self.left = 0
+        self._expires_at = 0.0
+        self._state = "PENDING"
+        self.waiter = None
+
+    def __call__(self, answer: Any) -> None:
+        """The transport's one callback: the host's answer tuple, or one failed response for every call."""
+        if self.open.pop(self.chunk_id, None) is None:
+            return  # late (the deadline settled it), or cancelled
+        if type(answer) is tuple:
+            _, results, errors = answer
+            self.outcomes = results
+            if not errors:
+                self._state = "FINISHED"
+                self.batch.chunk_done(self)
+                return
+            chunk_id = self.chunk_id
+            failed = {
+                index: ServiceResponse(False, None, error[0], chunk_id, error[1], error[2], error[3], error[4])
+                for index, error in errors.items()
+            }
+        else:  # the host died, or its answer cannot be decoded: the same outcome for every call
+            self.outcomes = [None] * len(self.args)
+            failed = dict.fromkeys(range(len(self.args)), answer.for_wire())
+        self._fail(failed)
+
+    def _request(self, index: int) -> ServiceRequest:
+        request: ServiceRequest | None = self.requests.get(index)
+        if request is None:
+            batch = self.batch
+            request = self.requests[index] = ServiceRequest(
+                _new_request_id(),
+                batch.service_name,
+                batch.method,
+                self.args[index],
+                dict(batch.kwargs) if batch.kwargs else {},
+                "",
+                self.deadline,
+                dict(batch.metadata) if batch.metadata else {},
+            )
+        return request
+
+    def _fail(self, failed: dict[int, ServiceResponse]) -> None:
+        """Record failed calls; those the route's retry policy sends again complete the chunk later."""
+        batch = self.batch
+        route = batch.route
+        retries = []
+        if route.retry is not None and batch.state == "running" and not batch.manager._closed:
+            for index, response in failed.items():
+                delay = route.retry_delay(self._request(index), response, 0)
+                if delay is not None:
+                    retries.append((index, response, delay))
+        for index, response in failed.items():
+            self.failures[index] = response
+        if not retries:
+            self._state = "FINISHED"
+            batch.chunk_done(self)
+            return
+        self.left = len(retries)
+        timer = batch.manager.timer()
+        for index, _response, _delay in retries:
+            self.retrying[index] = None
+        for index, response, delay in retries:
+            timer.call_later(delay, lambda index=index, response=response: self._retry(index, response))  # type: ignore[misc]
+
+    def settle(self, index: int, outcome: ServiceResponse | BaseException) -> None:
+        """A retried call's final outcome; the last one completes the chunk."""
+        self.failures[index] = outcome
+        if self.counted() == self.left:
+            self._state = "FINISHED"
+            self.batch.chunk_done(self)
+
+    def _claim(self) -> bool:
+        if self.open.pop(self.chunk_id, None) is None:
+            return False
+        with contextlib.suppress(Exception):  # best effort: the caller has its answer
+            self.batch.route.connection.cancel_chunk(self.chunk_id)  # type: ignore[attr-defined]  # it has send_chunk
+        return True
+
+    def _expire(self) -> None:
+        """The deadline passed before the answer: every call fails with ServiceTimeoutError; those not started never start."""
+        if not self._claim():
+            return
+        batch = self.batch
+        error = ServiceTimeoutError(f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s")
+        response = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime").for_wire()
+        self.outcomes = [None] * len(self.args)
+        self._fail(dict.fromkeys(range(len(self.args)), response))
+
+    def _abandon(self) -> None:
+        """The manager closed: every call fails with ServiceStoppedError (they may have run)."""
+        if not self._claim():
+            return
+        batch = self.batch
+        error = ServiceStoppedError(
+            f"call {batch.service_name}.{batch.method} (items {self.first} to {self.first + len(self.args) - 1} of a map) "
+            "was abandoned: its ServiceManager was closed while the call was in flight (it may have run)"
+        )
+        response = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime").for_wire()
+        response.metadata[MAY_HAVE_RUN] = True
+        self.outcomes = [None] * len(self.args)
+        self.failures = dict.fromkeys(range(len(self.args)), response)
+        self._state = "FINISHED"
+        batch.chunk_done(self)
+
+    def cancel(self) -> None:
+        """Drop the chunk: calls the host has not started never start; a running one's answer is dropped."""
+        self._claim()
+        self._state = "CANCELLED"
+        retrying, self.retrying = self.retrying, {}
+        for call in retrying.values():
+            if call is not None:
+                call.cancel()
+
+
 class _Batch:
     """The state of one map: its route, its source, and the chunks in flight."""
 
@@ -247,6 +401,8 @@ class _Batch:
         self.service_name = service_name
         self.method = method
         self.route: _Route = manager._route(service_name)
+        #: the transport's compact chunk sender (see _FastChunk), when no client middleware needs a request per call
+        self.send_fast: Any = getattr(self.route.connection, "send_chunk", None) if self.route.chain is None else None
         self.kwargs = kwargs
         self.nominal = self.route.default_timeout if timeout is None else timeout
         self.ordered = ordered
@@ -298,6 +454,8 @@ class _Batch:
         inherited = self.parent_deadline is not None and self.parent_deadline < deadline
         if inherited:
             deadline = self.parent_deadline  # type: ignore[assignment]
+        if self.send_fast is not None and self._send_fast(items, deadline, now, inherited):
+            return
         service_name, method = self.service_name, self.method
         kwargs, metadata = self.kwargs, self.metadata
         chain = route.chain
@@ -380,6 +538,32 @@ class _Batch:
                 for request in to_send:
                     chunk(ServiceResponse.from_exception(request.request_id, exc, origin="client"))
 
+    def _send_fast(self, items: list[Any], deadline: float, now: float, inherited: bool) -> bool:
+        """Send a chunk as one compact record (:class:`_FastChunk`); False when the transport cannot (nothing sent)."""
+        args = tuple([item if type(item) is tuple else (item,) for item in items])
+        chunk = _FastChunk(self, self.next_index, args, deadline, deadline - now)
+        if self.ordered:
+            if self.loop is not None:
+                chunk.waiter = self.loop.create_future()
+            else:
+                chunk.waiter = threading.Lock()
+                chunk.waiter.acquire()
+        if not self.send_fast(chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk):
+            return False
+        self.next_index += len(args)
+        self.in_flight.append(chunk)
+        # Armed once sent (a chunk answered already is dropped by the timer at once). The host answers a
+        # chunk at its deadline with the outcomes it has (see the mmap transport), so the caller gives that
+        # answer a moment to arrive before failing the whole chunk itself (a host that stalls).
+        timer = self.manager._timer or self.manager.timer()
+        if inherited:
+            timer.call_later(deadline - now + CHUNK_ANSWER_GRACE, chunk._expire)
+        else:
+            chunk._expires_at = _monotonic() + self.nominal + CHUNK_ANSWER_GRACE
+            timer.expire_at(self.nominal + CHUNK_ANSWER_GRACE, chunk)
+        return True
+
+    # ------------------------------------------------------------- consuming
     # ------------------------------------------------------------- consuming
 
     def chunk_done(self, chunk: _Chunk) -> None:
@@ -410,7 +594,18 @@ class _Batch:
     def outcomes(self, chunk: _Chunk) -> Iterator[Any]:
         """The results of a finished chunk in item order; a failure raises (or is yielded, with return_exceptions)."""
         return_exceptions = self.return_exceptions
-        for index, outcome in enumerate(chunk.outcomes):
+        if type(chunk) is _FastChunk:
+            failures = chunk.failures
+            if not failures:  # the common case: every call succeeded
+                yield from chunk.outcomes
+                return
+            outcomes: Iterable[Any] = (failures.get(index, _RESULT) for index in range(len(chunk.outcomes)))
+        else:
+            outcomes = chunk.outcomes
+        for index, outcome in enumerate(outcomes):
+            if outcome is _RESULT:
+                yield chunk.outcomes[index]
+                continue
             if type(outcome) is ServiceResponse:
                 if outcome.success:
                     yield outcome.result

@@ -1114,6 +1114,87 @@ class BaseServiceTask:
             next(self._failed)
         return response
 
+    def run_many(
+        self, request: ServiceRequest, args_list: tuple[Any, ...], budget: float
+    ) -> tuple[list[Any], dict[int, ServiceResponse]] | None:
+        """Run ``request``'s method once per argument tuple of ``args_list``, in the calling thread, in order.
+
+        The batch counterpart of :meth:`execute` for transports that carry many
+        calls of one method together (``ServiceManager.map``): ``request``
+        gives the method, the shared ``kwargs``, ``metadata`` and deadline (its
+        ``args`` are ignored); its id names every failure. Returns None, having
+        run nothing, when this cannot keep :meth:`execute`'s guarantees cheaply:
+        the task is not running, a server middleware chain is installed (it
+        must see each call), or a subclass overrides :meth:`handle_request`;
+        the caller then runs the calls one by one.
+
+        Otherwise returns ``(results, failures)``: the first ``len(results)``
+        items were run (``results[i]`` is the result of item ``i``, None when it
+        failed), ``failures`` maps the index of each failed item to its error
+        response, built as :meth:`execute` builds it (every ``BaseException``
+        the method raises is that item's outcome; an argument entry that is not
+        a tuple fails its item with TypeError, not run). The remaining items
+        were not started: the deadline had passed before their turn, or the
+        last item run took longer than ``budget`` seconds (the caller then
+        hands the rest elsewhere). An unknown method fails every item with
+        MethodNotFoundError, none run. Never raises.
+        """
+        if self._state != "running" or self._server_chain is not None or type(self).handle_request is not _handle_request:
+            return None
+        results: list[Any] = []
+        failures: dict[int, ServiceResponse] = {}
+        request_id = request.request_id
+        name = request.method_name
+        try:
+            if type(name) is not str or name[:1] in ("_", ""):
+                raise self._method_not_found(str(name))
+            method = self._methods.get(name) or self._resolve_method(name)
+        except MethodNotFoundError as exc:
+            refusal = ServiceResponse.from_exception(request_id, exc, origin="runtime")
+            for index in range(len(args_list)):
+                failures[index] = refusal
+                results.append(None)
+            return results, failures
+        kwargs = request.kwargs
+        deadline = request.deadline
+        serial = self._serial_lock
+        append = results.append
+        clock = perf_counter
+        # One clock read per call serves both checks: the deadline, moved to perf_counter's scale once.
+        began = clock()
+        end = began + (deadline - time.time()) if deadline is not None else float("inf")
+        expired = 0
+        token = _current_request.set(request)  # calls the method makes inherit the chunk's deadline and metadata
+        try:
+            for index, args in enumerate(args_list):
+                if began > end:
+                    expired = len(args_list) - index
+                    break
+                if serial is not None:
+                    serial.acquire()
+                try:
+                    if type(args) is not tuple:
+                        raise TypeError(f"item {index} of a chunk carries {type(args).__name__} arguments, not a tuple")
+                    append(method(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
+                    append(None)
+                    failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")
+                finally:
+                    if serial is not None:
+                        serial.release()
+                finished = clock()
+                if finished - began > budget:
+                    break
+                began = finished
+        finally:
+            _current_request.reset(token)
+        ran = len(results)
+        # The statistics in bulk (started before finished: a status read between shows none in flight).
+        for counter, count in ((self._started, ran), (self._finished, ran), (self._failed, len(failures)), (self._expired, expired)):
+            if count:
+                collections.deque(itertools.islice(counter, count), maxlen=0)
+        return results, failures
+
     def _refuse_method_name(self, request: ServiceRequest) -> ServiceResponse:
         """The answer to a request whose method name is not a str (counted as a failed request)."""
         next(self._started)
@@ -1202,6 +1283,10 @@ class BaseServiceTask:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.service_name!r} {self._state}>"
+
+
+#: The base implementation: :meth:`BaseServiceTask.run_many` calls methods directly only when a task keeps it.
+_handle_request = BaseServiceTask.handle_request
 
 
 class LocalServiceTask(BaseServiceTask):

@@ -86,6 +86,7 @@ __all__ = [
     "KIND_BATCH",
     "KIND_CALL",
     "KIND_CANCEL",
+    "KIND_CHUNK",
     "KIND_STATUS",
     "KIND_STREAM_CANCEL",
     "KIND_STREAM_CREDIT",
@@ -100,10 +101,13 @@ __all__ = [
     "decode_request_batch",
     "discard",
     "encode_cancel_request",
+    "encode_chunk",
+    "encode_chunk_answer",
     "encode_request",
     "encode_request_batch",
     "encode_response",
     "encode_response_batch",
+    "holds_placeholder",
     "reclaim_segments",
     "release_pool",
     "request_from_message",
@@ -134,6 +138,8 @@ KIND_BATCH = 4
 #: stream's producer, and a stream the caller closed.
 KIND_STREAM_CREDIT = 5
 KIND_STREAM_CANCEL = 6
+#: A *chunk*: many calls of one method in one compact request tuple (see :func:`encode_chunk`).
+KIND_CHUNK = 7
 
 _PROTOCOL = 5
 _OOB_TAG = 0x4F  # "O": one-shot segment
@@ -265,6 +271,11 @@ def _holds_placeholder(value: Any) -> bool:
     except Exception:  # noqa: BLE001 - not picklable here for another reason: its data arrived whole
         return False
     return False
+
+
+def holds_placeholder(value: Any) -> bool:
+    """Whether part of a leniently decoded value (a DecodeError's ``envelope``) could not be rebuilt."""
+    return _holds_placeholder(value)
 
 
 def _keep_out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -560,6 +571,60 @@ def batch_envelope_calls(error: DecodeError) -> list[tuple[ServiceRequest | None
         _set_envelope(own, message)
         calls.append((None, own))
     return calls
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def encode_chunk(
+    chunk_id: str,
+    service_name: str,
+    method_name: str,
+    args: tuple[tuple[Any, ...], ...],
+    kwargs: dict[str, Any],
+    response_queue: str,
+    deadline: float | None,
+    metadata: dict[str, Any],
+    inline_limit: int,
+) -> bytes | None:
+    """One inline record carrying a *chunk*: many calls of one method, without a request per call.
+
+    The layout is a request tuple whose kind is :data:`KIND_CHUNK`, whose id is
+    the chunk's and whose ``args`` is a tuple of per-call argument tuples
+    (``kwargs``, ``metadata`` and the deadline are shared by every call), so
+    :func:`decode_request` checks it like any request. None when it does not
+    fit one inline record (a buffer that would travel out of band, or more
+    than ``inline_limit`` bytes): send the calls the per-call way then. Raises
+    what pickling raises.
+    """
+    if type(kwargs) is not dict:
+        kwargs = dict(kwargs) if kwargs else _NO_KWARGS
+    if type(metadata) is not dict:
+        metadata = dict(metadata) if metadata else _NO_METADATA
+    message = (KIND_CHUNK, chunk_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata)
+    try:
+        data = _dumps_pickle(message, _PROTOCOL, buffer_callback=_refuse_buffer)
+    except _TooBig:
+        return None
+    return data if len(data) <= inline_limit else None
+
+
+def encode_chunk_answer(
+    chunk_id: str,
+    results: list[Any],
+    errors: dict[int, tuple[Any, ...]] | None,
+    receiver_pid: int,
+    inline_limit: int,
+) -> tuple[bytes, str | None]:
+    """The one record answering a chunk: ``(chunk_id, results, errors)``.
+
+    ``results`` holds every call's result in item order (None for a failed
+    call); ``errors`` maps the index of each failed call to ``(error,
+    error_type, error_origin, remote_traceback, metadata)``, as a response
+    carries them, or is None when none failed. Large results travel out of
+    band like any response's. Raises what pickling raises.
+    """
+    return _dumps_fast((chunk_id, results, errors or None), receiver_pid, inline_limit, OUT_OF_BAND_THRESHOLD)
 
 
 def encode_status_request(request_id: str, service_name: str, response_queue: str, deadline: float) -> bytes:
@@ -1079,7 +1144,7 @@ def _load(record: bytes) -> Any:
 
 
 def _check(message: Any) -> tuple[Any, ...]:
-    if type(message) is not tuple or (len(message) != 9 and len(message) != 2):
+    if type(message) is not tuple or (len(message) != 9 and len(message) != 2 and len(message) != 3):
         raise DecodeError(f"record decoded to {type(message).__name__}, not a kservice message")
     return message
 

@@ -106,6 +106,9 @@ IDLE_RING_SECONDS = 60.0
 RESPONSE_PUT_TIMEOUT = 2.0
 #: Cancel notices a listener remembers for requests it has not seen (older ones are forgotten).
 CANCELLED_EARLY_LIMIT = 4096
+#: Key of an address's info (and of a host's status) saying its listener runs chunk records (``codec.KIND_CHUNK``).
+#: A host without it would drop such a record unanswered, so callers send it only to hosts that say so.
+CHUNK_RECORDS = "chunk_records"
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "request_queue_capacity": 4 << 20,
@@ -170,11 +173,14 @@ class MmapListener(Listener):
             "queue_timeout": task.queue_timeout,
             "started_at": time.time(),
             "class": task.service_factory.class_path,
+            CHUNK_RECORDS: 1,
         }
         self.address = ServiceAddress("mmap", task.service_name, name, instance=name, info=info)
         try:
             if self._published:
-                registry.publish(task.service_name, name, queue_timeout=task.queue_timeout, instance=name, cls=info["class"])
+                registry.publish(
+                    task.service_name, name, queue_timeout=task.queue_timeout, instance=name, cls=info["class"], **{CHUNK_RECORDS: 1}
+                )
         except BaseException:
             self.queue.close()
             self.queue.unlink()
@@ -185,6 +191,8 @@ class MmapListener(Listener):
         self._responders_lock = threading.Lock()
         #: requests handed to the task's pool and not answered yet (a cancel notice finds them here)
         self._pooled: dict[str, ServiceRequest] = {}
+        #: the calls of each chunk handed to the pool, by chunk id (a cancel notice for the chunk finds them here)
+        self._pooled_chunks: dict[str, list[ServiceRequest]] = {}
         #: cancel notices of requests not seen yet (see _cancel)
         self._cancelled_early: set[str] = set()
         self._closed = False
@@ -310,6 +318,8 @@ class MmapListener(Listener):
                     self._cancel(request.request_id)
                 elif kind == codec.KIND_BATCH:
                     self._handle_batch(request, answered)  # type: ignore[arg-type]
+                elif kind == codec.KIND_CHUNK:
+                    self._handle_chunk(request)
                 else:
                     streams.control(self, kind, request)
                 return
@@ -386,6 +396,174 @@ class MmapListener(Listener):
         if answered is None:
             self._reply_all(own)
 
+    def _handle_chunk(self, request: ServiceRequest, undecodable: dict[int, tuple[Any, ...]] | None = None) -> None:
+        """Run a chunk record (``ServiceManager.map``'s compact form) and answer it with one record.
+
+        ``request.args`` holds one argument tuple per call. When the method is
+        known to be fast and the task has no server middleware, the listener
+        runs the calls in a tight loop (``task.run_many``), checking the
+        deadline before each: calls not started by then are answered timed
+        out and never start. Otherwise (method slow or not known yet, server
+        middleware present, the loop stopped because a call overran the inline
+        limit) the calls not run yet go to the task's pool, each as its own
+        request through ``task.execute`` (server middleware sees each), and the
+        answer leaves when the last is done; a cancel notice for the chunk
+        keeps those not started from starting. ``undecodable``: calls already
+        answered (arguments the host could not decode), not run.
+        """
+        if self._cancelled_early and request.request_id in self._cancelled_early:
+            self._cancelled_early.discard(request.request_id)
+            return  # its caller gave up before it arrived: none started, none answered
+        calls = request.args
+        count = len(calls)
+        results: list[Any] = [None] * count
+        errors: dict[int, tuple[Any, ...]] = dict(undecodable) if undecodable else {}
+        task = self._task
+        name = request.method_name
+        start = 0
+        cost = task.method_cost(name) if not undecodable else None
+        if cost is not None and cost < self._limit and task._state == "running" and (self._concurrent or not self._outstanding):
+            began = _perf_counter()
+            ran = task.run_many(request, calls, self._limit)
+            if ran is not None:
+                done, failures = ran
+                start = len(done)
+                if start:
+                    results[:start] = done
+                    task.observe_cost(name, (_perf_counter() - began) / start)
+                for index, failure in failures.items():
+                    errors[index] = _error_fields(failure)
+        if start < count and request.deadline is not None and _time() > request.deadline:
+            for index in range(start, count):  # never started: the caller may send them again
+                errors.setdefault(index, _NOT_STARTED_IN_TIME)
+            start = count
+        if start < count and any(index not in errors for index in range(start, count)):
+            self._pool_chunk(request, results, errors, start)
+            return
+        self._reply_chunk(request, results, errors)
+
+    def _pool_chunk(self, request: ServiceRequest, results: list[Any], errors: dict[int, tuple[Any, ...]], start: int) -> None:
+        """Hand the calls of a chunk from ``start`` on (those not answered yet) to the pool; the last one done answers."""
+        chunk_id = request.request_id
+        calls = [
+            ServiceRequest(
+                f"{chunk_id}#{index}",
+                request.service_name,
+                request.method_name,
+                args if type(args) is tuple else (args,),
+                request.kwargs,
+                request.response_queue_name,
+                request.deadline,
+                request.metadata,
+            )
+            for index, args in enumerate(request.args)
+            if index >= start and index not in errors
+        ]
+        left = [len(calls)]
+        lock = threading.Lock()
+        answered = [False]
+        finished: set[int] = set()
+        self._pooled_chunks[chunk_id] = calls
+
+        def answer() -> None:
+            self._pooled_chunks.pop(chunk_id, None)
+            self._reply_chunk(request, results, errors)
+
+        def done(index: int, response: ServiceResponse) -> None:
+            with self._outstanding_lock:
+                self._outstanding -= 1
+            with lock:
+                if answered[0]:
+                    return  # answered at the deadline already: this late outcome is dropped
+                if response.success:
+                    results[index] = response.result
+                else:
+                    fields = _error_fields(response)
+                    if response.error_type == "ServiceTimeoutError" and response.error_origin == "runtime":
+                        fields = (*fields[:4], {**fields[4], MAY_HAVE_RUN: False})  # execute() never started it
+                    errors[index] = fields
+                finished.add(index)
+                left[0] -= 1
+                if left[0]:
+                    return
+                answered[0] = True
+            if deadline_timer is not None:
+                deadline_timer.cancel()
+            answer()
+
+        def at_deadline() -> None:
+            # The deadline passed with calls unfinished: the caller gets the outcomes there are now; calls
+            # still queued never start (their deadline passed), running ones are answered timed out.
+            with lock:
+                if answered[0]:
+                    return
+                answered[0] = True
+                for call in calls:
+                    index = int(call.request_id.rpartition("#")[2])
+                    if index not in finished:
+                        errors[index] = _ran_past_deadline(request)
+            answer()
+
+        deadline_timer: threading.Timer | None = None
+        if request.deadline is not None and calls:
+            deadline_timer = threading.Timer(max(0.0, request.deadline - _time()), at_deadline)
+            deadline_timer.daemon = True
+            deadline_timer.start()
+
+        submit = self._task.submit
+        for call in calls:
+            index = int(call.request_id.rpartition("#")[2])
+            with self._outstanding_lock:
+                self._outstanding += 1
+            submit(call, lambda response, index=index: done(index, response))  # type: ignore[misc]
+
+    def _reply_chunk(self, request: ServiceRequest, results: list[Any], errors: dict[int, tuple[Any, ...]]) -> None:
+        """Send a chunk's one answer record to its caller; a gone or stuck caller loses it (logged)."""
+        name = request.response_queue_name
+        queue = self._responders.get(name) or (self._responder(name) if name else None)
+        if queue is None:
+            return
+        try:
+            record, segment = codec.encode_chunk_answer(request.request_id, results, errors, queue.owner_pid, _inline_limit(queue))
+        except SharedMemoryFull as exc:  # no room for its out-of-band segment: every call ran, none can be told its result
+            failed = _error_fields(_unsendable_result(request, exc))
+            errors = {index: errors.get(index, failed) for index in range(len(results))}
+            record, segment = codec.encode_chunk_answer(request.request_id, [None] * len(results), errors, queue.owner_pid, 1 << 30)
+        except Exception:  # some result (or error) cannot be pickled: those calls say so, the others keep theirs
+            record, segment = self._encode_chunk_answer_apart(request, results, errors, queue)
+        try:
+            queue.put(record, RESPONSE_PUT_TIMEOUT)
+        except (QueueError, ValueError) as exc:
+            codec.unlink_segment(segment)
+            with self._responders_lock:
+                if self._responders.get(name) is queue:
+                    del self._responders[name]
+            log.info(
+                "mmap listener of %r: dropped the answer to chunk %s (caller's queue %s: %s)",
+                self._task.service_name,
+                request.request_id,
+                name,
+                exc,
+            )
+
+    @staticmethod
+    def _encode_chunk_answer_apart(
+        request: ServiceRequest, results: list[Any], errors: dict[int, tuple[Any, ...]], queue: ShmQueue
+    ) -> tuple[bytes, str | None]:
+        """The answer of a chunk some of whose outcomes cannot be pickled: each of those fails alone (TypeError)."""
+        import pickle
+
+        results = list(results)
+        errors = dict(errors)
+        for index in range(len(results)):
+            try:
+                pickle.dumps((results[index], errors.get(index)), 5)
+            except Exception as exc:  # noqa: BLE001 - whatever pickling raises
+                outcome = ServiceResponse(index not in errors, results[index])
+                errors[index] = _error_fields(_unpicklable_result(request, outcome, exc))
+                results[index] = None
+        return codec.encode_chunk_answer(request.request_id, results, errors, queue.owner_pid, 1 << 30)
+
     def _reply_all(self, answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]]) -> None:
         for replies in answered.values():
             try:
@@ -413,6 +591,11 @@ class MmapListener(Listener):
             request.deadline = 0.0
             self._task.cancel_request(request_id)
             return
+        calls = self._pooled_chunks.get(request_id)
+        if calls is not None:  # a chunk: its calls not started yet never start
+            for call in calls:
+                call.deadline = 0.0
+            return
         early = self._cancelled_early
         if len(early) >= CANCELLED_EARLY_LIMIT:
             early.clear()  # notices of requests answered before their notice came: forget them
@@ -422,6 +605,7 @@ class MmapListener(Listener):
         try:
             status = self._task.get_service_status().to_dict()
             status["pid"] = os.getpid()
+            status[CHUNK_RECORDS] = 1
             response = ServiceResponse.ok(request.request_id, status)
         except Exception as exc:  # the caller gets the error instead
             response = _runtime_error(request.request_id, ServiceUnavailableError(f"status failed: {exc}"))
@@ -435,6 +619,10 @@ class MmapListener(Listener):
         A record without a readable reply address (garbage) is logged and dropped.
         """
         service = self._task.service_name
+        envelope = exc.envelope
+        if type(envelope) is tuple and len(envelope) == 9 and envelope[0] == codec.KIND_CHUNK and exc.response_queue:
+            self._undecodable_chunk(exc)
+            return
         if type(exc.envelope) is list:  # a request batch: each call is run or answered on its own
             answered: dict[str, list[tuple[ServiceRequest, ServiceResponse]]] = {}
             for request, undecodable in codec.batch_envelope_calls(exc):
@@ -461,6 +649,34 @@ class MmapListener(Listener):
         response.metadata = {RETRYABLE: False}
         request = ServiceRequest(exc.request_id, service, method, response_queue_name=exc.response_queue)
         self._reply(request, response)
+
+    def _undecodable_chunk(self, exc: codec.DecodeError) -> None:
+        """A chunk record the host cannot decode whole: the calls whose arguments it could rebuild run, the others fail alone."""
+        envelope = exc.envelope
+        service, method = self._task.service_name, exc.method_name if exc.method_name is not None else "?"
+        error = TypeError(
+            f"could not decode the arguments of {service}.{method} on the host (pid {os.getpid()}): {exc}; "
+            "the method did not run. Every argument's class must be importable by the host under the same "
+            "module name (a class defined in the caller's __main__ is not)"
+        )
+        failed = ServiceResponse.from_exception(exc.request_id or "", error, origin="service", with_traceback=False)
+        fields = _error_fields(failed)
+        fields = (*fields[:4], {RETRYABLE: False})
+        calls = envelope[4] if type(envelope[4]) is tuple else ()
+        shared_ok = exc.exact and not codec.holds_placeholder((envelope[5], envelope[8]))
+        undecodable = {
+            index: fields for index, args in enumerate(calls) if not shared_ok or codec.holds_placeholder(args)
+        }
+        log.warning(
+            "mmap listener of %r: %d call(s) of chunk %s (%s) cannot be decoded, answered with an error: %s",
+            service, len(undecodable), exc.request_id, method, exc,
+        )
+        try:
+            request = codec.request_from_message(envelope)
+        except codec.DecodeError:
+            request = ServiceRequest(exc.request_id or "", service, method, calls, response_queue_name=exc.response_queue or "")
+            undecodable = dict.fromkeys(range(len(calls)), fields)
+        self._handle_chunk(request, undecodable or None)
 
     def _refuse(self, record: bytes, why: str) -> None:
         try:
@@ -562,6 +778,32 @@ class MmapListener(Listener):
                 name,
                 exc,
             )
+
+
+def _error_fields(response: ServiceResponse) -> tuple[Any, ...]:
+    """What a chunk answer carries for one failed call (see ``codec.encode_chunk_answer``)."""
+    return (response.error, response.error_type, response.error_origin, response.remote_traceback, response.metadata or {})
+
+
+def _ran_past_deadline(request: ServiceRequest) -> tuple[Any, ...]:
+    """What a chunk answer carries for a call still running at the chunk's deadline (it may have run)."""
+    return (
+        f"call {request.service_name}.{request.method_name} timed out: still running at its deadline",
+        "ServiceTimeoutError",
+        "runtime",
+        "",
+        {},
+    )
+
+
+#: A chunk's call whose turn came after the deadline: answered timed out, never started.
+_NOT_STARTED_IN_TIME = (
+    "the call's deadline passed before its turn in its chunk; it never started",
+    "ServiceTimeoutError",
+    "runtime",
+    "",
+    {MAY_HAVE_RUN: False},
+)
 
 
 def _unsendable_result(request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
@@ -812,7 +1054,8 @@ class _ClientRings:
                     continue  # its caller already gave up
                 forget(request_id, None)
                 try:
-                    reply(response_from_message(message))
+                    # A chunk's answer (see MmapConnection.send_chunk) goes to its callback as it came.
+                    reply(message if len(message) == 3 else response_from_message(message))  # type: ignore[arg-type]
                 except Exception:  # a failing callback must not stop the dispatcher
                     log.exception("mmap async responses: completing %s failed", request_id)
 
@@ -936,6 +1179,8 @@ class MmapConnection(Connection):
         self._owner_pid = ring.owner_pid
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
+        #: whether the host runs chunk records: from the address when it says, else asked once (see send_chunk)
+        self._chunks: bool | None = True if address.info.get(CHUNK_RECORDS) else None
         # Async requests that met a full ring (or a busy lock), oldest first, with the monotonic
         # time at which each gives up; sent by the connection's sender thread (see send).
         self._backlog: collections.deque[tuple[ServiceRequest, bytes, str | None, float, float]] = collections.deque()
@@ -1200,6 +1445,82 @@ class MmapConnection(Connection):
             if pending.pop(request.request_id, None) is not None:
                 senders.pop(request.request_id, None)
                 self.send(request, reply)
+
+    def send_chunk(
+        self,
+        chunk_id: str,
+        method_name: str,
+        args: tuple[tuple[Any, ...], ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        metadata: dict[str, Any],
+        reply: Callable[[Any], None],
+    ) -> bool:
+        """Send many calls of one method as one compact chunk record (``codec.encode_chunk``); never waits.
+
+        Returns False, having sent nothing, when the chunk cannot go this way:
+        the host does not run chunk records (an older kservice: it would drop
+        the record unanswered), the chunk does not fit one inline record (large
+        or out-of-band arguments), an argument cannot be pickled, the ring is
+        full or requests of this connection wait for room, or the connection is
+        closed. The caller then sends the calls one by one (``send_many``).
+
+        Once True, ``reply`` is called exactly once (possibly before this
+        returns, in the dispatcher thread), with the host's answer tuple
+        ``(chunk_id, results, errors)`` (see ``codec.encode_chunk_answer``), or
+        with one failed ServiceResponse that stands for every call of the
+        chunk: the host died (``MAY_HAVE_RUN`` False only when it never read
+        the record), or its answer could not be decoded. Not if the caller
+        gives up first (:meth:`cancel_chunk`). The first chunk sent to a host
+        whose address does not say whether it runs chunks asks it once (a
+        status round trip of at most a second).
+        """
+        ring = self._ring
+        if ring is None or self._backlog or not (self._chunks or (self._chunks is None and self._ask_chunks())):
+            return False
+        try:
+            queue = _client._async_queue or _client.async_queue()
+            record = codec.encode_chunk(
+                chunk_id, self._service_name, method_name, args, kwargs, queue.name, deadline, metadata, self._inline_limit
+            )
+        except Exception:  # noqa: BLE001 - an argument that cannot be pickled (or no room): call by call says which
+            return False
+        if record is None:
+            return False
+        _client.pending[chunk_id] = reply
+        _client.senders[chunk_id] = self
+        put = ring.compiled_put
+        if put is not None and not put(record):
+            return True
+        try:
+            ring.put(record, 0)
+            return True
+        except (QueueFull, QueueClosed):
+            pass
+        except BaseException:
+            _client.forget(chunk_id)
+            raise
+        _client.forget(chunk_id)
+        return False
+
+    def _ask_chunks(self) -> bool:
+        """Ask the host once whether it runs chunk records (its status says so); a host that does not answer is taken as no."""
+        try:
+            self._chunks = bool(self.remote_status(timeout=1.0).get(CHUNK_RECORDS))
+        except Exception:  # noqa: BLE001 - no answer: the per-call path works with any host
+            self._chunks = False
+        return self._chunks
+
+    def cancel_chunk(self, chunk_id: str) -> None:
+        """The caller gave up on a chunk: forget it and tell the host, which starts none of its calls not started yet.
+
+        Never blocks: when the host's ring is full or closed the notice is
+        dropped (the calls still never start past their deadline).
+        """
+        if not _client.forget(chunk_id):
+            return
+        with contextlib.suppress(QueueError, ValueError):
+            self._host.put(codec.encode_cancel_request(chunk_id, self._service_name), 0)
 
     def cancel_many(self, requests: Sequence[ServiceRequest]) -> None:
         """:meth:`cancel` for several requests: one notice record per request still awaited (never blocks)."""

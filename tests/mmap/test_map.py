@@ -26,9 +26,14 @@ pytestmark = pytest.mark.timeout(120)
 QUIET: dict[str, Any] = {"service_call": {"max_retries": 0}, "breaker": {"enabled": False}, "health": {"enabled": False}}
 
 
-@pytest.fixture
-def host() -> Iterator[tuple[ServiceEnvironment, ServiceManager]]:
-    env = ServiceEnvironment("map-mmap", QUIET)
+#: Without client middleware a chunk travels as one compact record (the fast path); metrics on adds
+#: client middleware, so each call gets its own request (the per-call path). Both must behave alike.
+PATHS = {"fast": {**QUIET, "metrics": {"enabled": False}}, "per-call": QUIET}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def host(request: pytest.FixtureRequest) -> Iterator[tuple[ServiceEnvironment, ServiceManager]]:
+    env = ServiceEnvironment("map-mmap", PATHS[request.param])
     env.register_service("kv", ServiceFactory("kv", KV), kind="process")
     env.register_service("one", ServiceFactory("one", Counter), kind="process", local={"max_workers": 1})
     env.register_service("ledger", ServiceFactory("ledger", SerialLedger), kind="process")
@@ -43,15 +48,24 @@ def test_a_chunk_leaves_as_one_record_and_every_call_gets_its_own_answer(
     _, manager = host
     assert manager.call_service_sync("kv", "pid") != os.getpid()
     records: list[int] = []
-    encode = codec.encode_request_batch
+    chunks: list[int] = []
+    encode, encode_chunk = codec.encode_request_batch, codec.encode_chunk
 
     def counting(requests: Any, *args: Any) -> bytes | None:
         records.append(len(requests))
         return encode(requests, *args)
 
+    def counting_chunks(chunk_id: str, service: str, method: str, args: Any, *rest: Any) -> bytes | None:
+        chunks.append(len(args))
+        return encode_chunk(chunk_id, service, method, args, *rest)
+
     monkeypatch.setattr(codec, "encode_request_batch", counting)
+    monkeypatch.setattr(codec, "encode_chunk", counting_chunks)
     assert list(manager.map("kv", "add", [(i, 1) for i in range(1000)], chunk_size=100)) == [i + 1 for i in range(1000)]
-    assert records == [100] * 10  # ten records carried the thousand calls
+    if _fast(manager, "kv"):
+        assert (chunks, records) == ([100] * 10, [])  # ten compact records carried the thousand calls
+    else:
+        assert (chunks, records) == ([], [100] * 10)  # ten request batches: client middleware sees each call
     assert sorted(manager.map("kv", "echo", range(3000), ordered=False)) == list(range(3000))
 
 
@@ -111,3 +125,124 @@ def test_a_slow_item_times_out_on_its_own_and_is_never_started_late(host: tuple[
     connection = manager.get_service_queue("one")
     assert isinstance(connection, MmapConnection)
     assert manager.call_service_sync("one", "echo", (1,), timeout=10) == 1
+
+
+def _fast(manager: ServiceManager, service: str) -> bool:
+    """Whether maps over ``service`` take the compact chunk path (no client middleware on its route)."""
+    return manager._route(service).chain is None
+
+
+def test_each_item_fails_alone_with_its_own_typed_error(host: tuple[ServiceEnvironment, ServiceManager]) -> None:
+    _, manager = host
+    manager.call_service_sync("kv", "put", ("a", 1))
+    for _ in range(
+        2
+    ):  # the first map runs on the pool (the method's cost is not known yet), the second in the listener's loop
+        results = list(manager.map("kv", "get", ["a", "missing", "a", "gone"], return_exceptions=True))
+        assert results[0] == 1 and results[2] == 1
+        for index in (1, 3):
+            error = results[index]
+            assert isinstance(error, ServiceCallError) and isinstance(error, KeyError), results
+            assert error.remote_type == "KeyError" and ("missing" in str(error) or "gone" in str(error))
+            assert "Traceback" in (error.remote_traceback or "")  # built as a single call's error is
+            assert f"item {index} of map over kv.get" in " ".join(error.__notes__)
+    with pytest.raises(KeyError):
+        list(manager.map("kv", "get", ["a", "missing"]))
+    assert manager.call_service_sync("kv", "get", ("a",)) == 1
+
+
+def test_items_past_the_deadline_mid_chunk_never_start(
+    host: tuple[ServiceEnvironment, ServiceManager], tmp_path: Any
+) -> None:
+    _, manager = host
+    ledger = tmp_path / "ledger"
+    manager.call_service_sync(
+        "ledger", "record", (str(tmp_path / "warm"), "w", 0.0)
+    )  # known fast: run in the listener's loop
+    count = 3000
+    results = list(
+        manager.map(
+            "ledger",
+            "record",
+            [(str(ledger), str(i), 0.0) for i in range(count)],
+            chunk_size=count,
+            timeout=0.05,
+            return_exceptions=True,
+        )
+    )
+    from tests.faults.ledger import never_ran, runs
+
+    timed_out = [i for i, r in enumerate(results) if type(r).__name__ == "ServiceTimeoutError"]
+    assert timed_out and all(isinstance(r, int) for i, r in enumerate(results) if i not in timed_out), results[:3]
+    time.sleep(0.5)
+    ran = runs(ledger)
+    time.sleep(0.5)
+    # 3000 file appends take far longer than 50 ms on this machine: those whose turn came late never started.
+    assert runs(ledger) == ran and len(ran) < count, (len(ran), count)
+    for index, result in enumerate(results):
+        if isinstance(result, int):
+            assert ran[str(index)] == 1, index  # an answer in time: it ran, once
+        elif never_ran(result):
+            assert str(index) not in ran, index  # "never started" is true
+    assert manager.call_service_sync("ledger", "pid") > 0
+
+
+@pytest.mark.parametrize("retries", [0, 3])
+def test_a_host_killed_mid_chunk_says_which_may_have_run_and_runs_none_twice(tmp_path: Any, retries: int) -> None:
+    import signal
+
+    from tests.faults.ledger import never_ran, runs
+
+    # Without retries the chunks travel compact; the retry policy's client middleware takes the per-call path.
+    config = {**PATHS["fast"], "service_call": {"max_retries": retries}}
+    env = ServiceEnvironment("map-mmap-kill", config)
+    env.register_service("ledger", ServiceFactory("ledger", SerialLedger), kind="process")
+    ledger = tmp_path / "ledger"
+    with env:
+        manager = env.manager()
+        pid = manager.call_service_sync("ledger", "pid")
+        assert _fast(manager, "ledger") == (retries == 0)
+        killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        try:
+            items = [(str(ledger), str(i), 0.02) for i in range(100)]
+            results = list(manager.map("ledger", "record", items, chunk_size=50, timeout=30, return_exceptions=True))
+        finally:
+            killer.join()
+    started = runs(ledger)
+    assert started and len(started) < 100, len(started)
+    assert max(started.values()) == 1, started.most_common(
+        3
+    )  # not idempotent: nothing that may have run was sent again
+    for index, result in enumerate(results):
+        if isinstance(result, int):
+            assert started[str(index)] == 1, index  # answered before the kill: it ran, once
+            continue
+        assert type(result).__name__ == "ServiceUnavailableError", (index, result)
+        if str(index) in started:  # it ran: its caller must not be told it never did
+            assert not never_ran(result), (index, result)
+
+
+def test_a_host_that_does_not_say_it_runs_chunks_gets_each_call_on_its_own(
+    host: tuple[ServiceEnvironment, ServiceManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older host drops a record kind it does not know: the caller asks first, and goes per call on no."""
+    _, manager = host
+    asked: list[int] = []
+    status = MmapConnection.remote_status
+
+    def older_host(self: MmapConnection, timeout: float = 10.0) -> dict[str, Any]:
+        asked.append(1)
+        answer = status(self, timeout)
+        answer.pop("chunk_records", None)  # what a host of an earlier version answers
+        return answer
+
+    monkeypatch.setattr(MmapConnection, "remote_status", older_host)
+    monkeypatch.setattr(codec, "encode_chunk", lambda *args: pytest.fail("a chunk record went to a host that cannot run it"))
+    connection = manager.get_service_queue("kv")
+    assert isinstance(connection, MmapConnection)
+    connection._chunks = None  # as a fresh connection to a `process` host: its address does not say
+    started = time.monotonic()
+    assert list(manager.map("kv", "add", [(i, 1) for i in range(500)], chunk_size=100)) == [i + 1 for i in range(500)]
+    assert time.monotonic() - started < 5  # nothing waited for an answer that would never come
+    assert asked == ([1] if _fast(manager, "kv") else [])  # asked once, only when the compact form was possible
