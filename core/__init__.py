@@ -29,7 +29,7 @@ from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
 from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext, next_cost_estimate
 from ._transport import Connection, Listener, ServiceAddress, Transport, timeout_response
-from .hookspecs import RetryPolicy
+from .hookspecs import KindRuntime, RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Connection",
+    "KindRuntime",
     "Listener",
     "LocalServiceTask",
     "MethodNotFoundError",
