@@ -12,7 +12,7 @@ Rows:
 - ``shared empty dicts``: requests made without kwargs or metadata carry the
   read-only ``NO_KWARGS``/``NO_METADATA`` (``_Route.shares_empty``) instead of
   two new dicts; a ``process`` service called synchronously.
-- ``compiled put``: the mmap connection's ``ShmQueue.compiled_put`` before
+- ``compiled put``: the mmap connection's ``ShmQueue._compiled_put`` before
   ``ShmQueue.put`` (one put plus one get of a 90-byte record, one process).
 - ``inline run``: ``BaseServiceTask.run_inline`` runs a fast method in the
   caller's thread instead of handing it to the pool (``service.local.inline_limit``,
@@ -77,14 +77,14 @@ def shared_empties(n: int) -> dict[str, Any]:
     return _row("shared empty dicts (process, sync call)", measured)
 
 
-def compiled_put(number: int, repeat: int) -> dict[str, Any]:
+def _compiled_put(number: int, repeat: int) -> dict[str, Any]:
     from kservice.plugins.mmap import ring
 
     q = ring.create_queue(f"bench-tunings-{uuid.uuid4().hex[:8]}", 1 << 20)
     try:
-        if q.compiled_put is None:
+        if q._compiled_put is None:
             return {"tuning": "compiled put", "verdict": "not applied here (no compiled extension)"}
-        record, get, plain_put, fast_put = b"c" * 90, q.get, q.put, q.compiled_put
+        record, get, plain_put, fast_put = b"c" * 90, q.get, q.put, q._compiled_put
 
         def with_it() -> None:
             # What MmapConnection.send does: the compiled put, the full put only when it declines.
@@ -147,7 +147,7 @@ def plain_reply(number: int, repeat: int) -> dict[str, Any]:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     n = 3000 if quick else 20000
     number, repeat = (5000, 5) if quick else (20000, 9)
-    return [shared_empties(n), compiled_put(number, repeat), inline_run(n), plain_reply(number, repeat)]
+    return [shared_empties(n), _compiled_put(number, repeat), inline_run(n), plain_reply(number, repeat)]
 
 
 if __name__ == "__main__":
