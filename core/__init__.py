@@ -30,7 +30,7 @@ from ._status import ServiceStatus
 from ._stream import ItemStream, LocalStream, SinkBusy, StreamSink, StreamSource
 from ._task import BaseServiceTask, LocalServiceTask, ServiceFactory, TaskContext, next_cost_estimate
 from ._transport import Connection, Listener, ServiceAddress, Transport, timeout_response
-from .hookspecs import RetryPolicy
+from .hookspecs import KindRuntime, RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "ItemStream",
+    "KindRuntime",
     "Listener",
     "LocalServiceTask",
     "LocalStream",

@@ -16,7 +16,6 @@ Two figures per row:
 
 from __future__ import annotations
 
-import logging
 import math
 import multiprocessing
 import statistics
@@ -35,6 +34,8 @@ if TYPE_CHECKING:
 
     from rich.console import Console
     from rich.table import Table
+
+    from .hookspecs import KindRuntime
 
 __all__ = ["BenchResult", "BenchSettings", "Echo", "plot", "require_matplotlib", "results_table", "run", "select"]
 
@@ -177,27 +178,32 @@ class _KserviceSubject(_Subject):
             self.environment = None
 
 
-class _RaySubject(_KserviceSubject):
-    def __init__(self) -> None:
-        super().__init__("ray")
-        self.ray: Any = None
+class _RuntimeSubject(_KserviceSubject):
+    """A row of a task kind that needs a runtime (Ray for ``ray``): its plugin's KindRuntime brings it up and down."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.runtime: KindRuntime | None = None
 
     def start(self) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise _Skip("Ray is not installed (pip install 'kservice[ray]')") from None
-        if not ray.is_initialized():
-            # A private local instance: the row measures this machine, not whatever cluster it can reach.
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-            self.ray = ray
+        from ._plugins import get_plugin_manager
+
+        runtime = get_plugin_manager().hook.kservice_kind_runtime(kind=self.kind)
+        if runtime is not None:
+            reason = runtime.unavailable()
+            if reason is not None:
+                raise _Skip(reason)
+            # Joins a runtime this process is already connected to; else a private local one
+            # (the row measures this machine, not whatever cluster it can reach).
+            runtime.start()
+            self.runtime = runtime
         super().start()
 
     def close(self) -> None:
         super().close()
-        if self.ray is not None:
-            self.ray.shutdown()
-            self.ray = None
+        if self.runtime is not None:
+            self.runtime.stop()
+            self.runtime = None
 
 
 def _echo(value: bytes) -> bytes:
@@ -331,7 +337,7 @@ def _make_subject(name: str, settings: BenchSettings) -> _Subject:
     if name == "mmap":
         return _KserviceSubject("process")
     if name == "ray":
-        return _RaySubject()
+        return _RuntimeSubject("ray")
     if name == "threadpool":
         return _ThreadPoolSubject()
     if name == "mp-queue":

@@ -380,9 +380,29 @@ def announce(hook_name: str, **kwargs: Any) -> None:
             _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc)
 
 
-def _warn_hook_failed(who: str, hook_name: str, exc: BaseException) -> None:
+def collect(hook_name: str, **kwargs: Any) -> list[Any]:
+    """Every non-None result of the hook ``hook_name``, in pluggy's order; never raises an Exception.
+
+    Like :func:`announce`, an implementation that raises is reported (a
+    RuntimeWarning naming the plugin, the hook and the error) and skipped; the
+    others' results are kept. For hooks whose callers show what plugins
+    contribute (``kservice_status_columns``) and must show the rest when one fails.
+    """
+    results: list[Any] = []
+    for impl in reversed(getattr(get_plugin_manager().hook, hook_name).get_hookimpls()):
+        try:
+            result = impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception as exc:  # noqa: BLE001 - reported; the other plugins' contributions are kept
+            _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc, "its part is left out")
+            continue
+        if result is not None:
+            results.append(result)
+    return results
+
+
+def _warn_hook_failed(who: str, hook_name: str, exc: BaseException, outcome: str = "the lifecycle goes on") -> None:
     warnings.warn(
-        f"kservice {who}: its {hook_name} raised {_describe_failure(exc)} (reported and ignored: the lifecycle goes on)",
+        f"kservice {who}: its {hook_name} raised {_describe_failure(exc)} (reported and ignored: {outcome})",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -22,7 +22,7 @@ import click
 
 from ._config import Config
 from ._errors import ConfigError, ServiceCallError, ServiceError, ServiceNotFoundError
-from ._plugins import get_plugin_manager
+from ._plugins import collect, get_plugin_manager
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -511,86 +511,33 @@ def _status_dict(status: Any) -> dict[str, Any]:
     return {"error": f"the service answered the status request with {type(status).__name__} {status!r}"}
 
 
-def _replicas(extra: dict[str, Any]) -> tuple[int, int]:
-    """``(alive, total)`` replicas: from a per-replica list or a dict (the ray plugin), a count as given, else 1."""
-    value = extra.get("replicas")
-    if value is None:
-        return 1, 1
-    if isinstance(value, dict):
-        alive = value.get("alive", value.get("running"))
-        total = value.get("total", value.get("desired"))
-        if isinstance(alive, int) and isinstance(total, int):
-            return alive, total
-        return len(value), len(value)
-    if isinstance(value, (list, tuple)):
-
-        def up(replica: Any) -> bool:
-            if not isinstance(replica, dict):
-                return True
-            if "healthy" in replica:
-                return bool(replica["healthy"])
-            return replica.get("state", "running") in ("running", "alive")
-
-        return sum(1 for r in value if up(r)), len(value)
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        return 1, 1
-    return count, count
+#: what a row shows in the columns plugins fill (``kservice_status_columns``) when none fills them
+_PLUGIN_COLUMN_DEFAULTS: dict[str, Any] = {
+    "replicas": 1,
+    "replicas_alive": None,
+    "calls_per_second": None,
+    "p50_ms": None,
+    "p99_ms": None,
+    "breaker": "-",
+}
 
 
-def _number(container: Any, *keys: str) -> float | None:
-    """The first of ``keys`` holding a number in ``container`` (a dict), else None."""
-    if not isinstance(container, dict):
-        return None
-    for key in keys:
-        value = container.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+def _plugin_cells(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(columns, details)`` of one status: each plugin renders its own sections of ``extra``.
 
-
-def _latency_ms(extra: dict[str, Any], quantile: str) -> float | None:
-    """A latency percentile in milliseconds: ``extra['load']`` (the metrics plugin) or top-level keys."""
-    load = extra.get("load")
-    if isinstance(load, dict) and load.get("calls") == 0:
-        return None  # no call in the metrics window: a percentile would be a made-up 0
-    for container in (load, extra.get("latency"), extra):
-        found = _number(container, f"{quantile}_ms", f"latency_{quantile}_ms")
-        if found is not None:
-            return found
-    return None
-
-
-def _calls_per_second(extra: dict[str, Any]) -> float | None:
-    found = _number(extra.get("load"), "calls_per_s", "calls_per_second")
-    return found if found is not None else _number(extra, "calls_per_s", "calls_per_second")
-
-
-def _breaker(extra: dict[str, Any]) -> str:
-    value = extra.get("breaker", extra.get("circuit_breaker"))
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        return str(value.get("state", "?"))
-    return str(value)
-
-
-def _details(extra: dict[str, Any]) -> dict[str, Any]:
-    """What a plugin added that has no column of its own, kept short: scalars as they are, a few summaries."""
-    shown: dict[str, Any] = {}
-    for key, value in extra.items():
-        if key in ("replicas", "breaker", "circuit_breaker", "load", "latency", "recent_errors"):
-            continue
-        if key == "health" and isinstance(value, dict):
-            if value.get("monitored"):
-                shown["monitor"] = value.get("state", "?")
-            continue
-        if key == "ray" and isinstance(value, dict):
-            shown["namespace"] = value.get("namespace")
-            continue
-        shown[key] = value
-    return shown
+    Columns come from ``kservice_status_columns``; the sections of ``extra``
+    no plugin took are kept as they are, under details, beside what plugins
+    returned for columns the table does not have.
+    """
+    extra = dict(data.get("extra") or {})
+    columns = dict(_PLUGIN_COLUMN_DEFAULTS)
+    details: dict[str, Any] = {}
+    for cells in collect("kservice_status_columns", status=data, extra=extra):
+        for key, value in dict(cells).items():
+            (columns if key in _PLUGIN_COLUMN_DEFAULTS else details)[key] = value
+    if columns["replicas_alive"] is None:
+        columns["replicas_alive"] = columns["replicas"]
+    return columns, {**details, **extra}
 
 
 def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] | None = None) -> list[dict[str, Any]]:
@@ -598,50 +545,52 @@ def status_rows(statuses: Iterable[Any], previous: dict[str, tuple[float, int]] 
 
     ``previous`` maps a service name to ``(time.monotonic(), requests_total)``
     of the last sample; it is updated in place and gives ``calls_per_second``
-    over the interval since. Without a previous sample the rate is the
-    metrics plugin's (``extra['load']``), else the average since the task started.
-    Status dicts carrying an ``error`` key become rows that show it.
+    over the interval since. Without a previous sample the rate is a
+    plugin's (``kservice_status_columns``), else the average since the task
+    started. Replicas, latency and breaker columns are what plugins render
+    from their sections of ``extra``; the sections none renders go to
+    ``extra`` (the details column). Status dicts carrying an ``error`` key
+    become rows that show it.
     """
     now_mono, now_wall = time.monotonic(), time.time()
     rows: list[dict[str, Any]] = []
     for status in statuses:
         data = _status_dict(status)
         name = str(data.get("service_name", data.get("name", "?")))
-        extra = dict(data.get("extra") or {})
         if "error" in data:
             rows.append({"service": name, "kind": data.get("kind", "?"), "state": "unreachable", "health": data["error"], "extra": {}})
             continue
         total = int(data.get("requests_total") or 0)
-        # Watching: the rate over the last interval. Otherwise the metrics plugin's window, else since start.
+        columns, details = _plugin_cells(data)
+        # Watching: the rate over the last interval. Otherwise a plugin's (a metrics window), else since start.
         rate: float | None = None
         if previous is not None and name in previous and total >= previous[name][1]:
             then, before = previous[name]
             rate = (total - before) / max(now_mono - then, 1e-6)
         if rate is None:
-            rate = _calls_per_second(extra)
+            rate = columns["calls_per_second"]
         if rate is None and data.get("started_at"):
             rate = total / max(now_wall - float(data["started_at"]), 1e-6)
         if previous is not None:
             previous[name] = (now_mono, total)
         healthy = bool(data.get("healthy"))
-        alive, replicas = _replicas(extra)
         rows.append(
             {
                 "service": name,
                 "kind": data.get("kind", "?"),
                 "state": data.get("state", "?"),
                 "health": "ok" if healthy else (data.get("health_reason") or "unhealthy"),
-                "replicas": replicas,
-                "replicas_alive": alive,
+                "replicas": columns["replicas"],
+                "replicas_alive": columns["replicas_alive"],
                 "in_flight": int(data.get("in_flight") or 0),
                 "queue_depth": int(data.get("queue_depth") or 0),
                 "requests_total": total,
                 "errors_total": int(data.get("errors_total") or 0),
                 "calls_per_second": rate,
-                "p50_ms": _latency_ms(extra, "p50"),
-                "p99_ms": _latency_ms(extra, "p99"),
-                "breaker": _breaker(extra),
-                "extra": _details(extra),
+                "p50_ms": columns["p50_ms"],
+                "p99_ms": columns["p99_ms"],
+                "breaker": columns["breaker"],
+                "extra": details,
             }
         )
     return rows

@@ -21,7 +21,6 @@ segment. Without Ray installed it says so and runs the rest.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import sys
@@ -37,6 +36,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from . import (
+    KindRuntime,
     ServiceEnvironment,
     ServiceFactory,
     ServiceManager,
@@ -180,12 +180,15 @@ def _step(title: str) -> None:
     console.print(Rule(f"[bold]{title}", align="left"))
 
 
-def _ray_module() -> Any | None:
-    try:
-        import ray
-    except ImportError:
-        return None
-    return ray
+def _ray_runtime() -> tuple[KindRuntime | None, str | None]:
+    """The ``ray`` kind's runtime from the plugin hosting it, or None and why the Ray part cannot run."""
+    from . import get_plugin_manager
+
+    runtime = get_plugin_manager().hook.kservice_kind_runtime(kind="ray")
+    if runtime is None:
+        return None, "no installed plugin hosts the 'ray' kind"
+    reason = runtime.unavailable()
+    return (None, reason) if reason is not None else (runtime, None)
 
 
 def _shm_segments_of(pid: int) -> list[str]:
@@ -205,12 +208,10 @@ def _async_burst(manager: ServiceManager, service: str, method: str, args: tuple
     return sum(1 for f in futures if f.exception() is None), time.perf_counter() - started
 
 
-def _kill_a_replica_under_load(ray: Any, manager: ServiceManager, environment: ServiceEnvironment) -> bool:
+def _kill_a_replica_under_load(runtime: KindRuntime, manager: ServiceManager, environment: ServiceEnvironment) -> bool:
     """Kill one Ray replica while callers keep calling; True when no call failed and both replicas are back."""
     task = environment.get_task("text-ray")
     assert task is not None
-    replicas = task.get_service_status().extra.get("replicas", [])
-    victim = replicas[0]["actor"]
     results: Counter[str] = Counter()
     stop = threading.Event()
     lock = threading.Lock()
@@ -231,12 +232,11 @@ def _kill_a_replica_under_load(ray: Any, manager: ServiceManager, environment: S
     caller = threading.Thread(target=load, name="demo-load")
     caller.start()
     try:
-        time.sleep(1.0)
-        namespace = task.get_service_status().extra.get("ray", {}).get("namespace", "kservice")
-        console.print(f"  killing replica [bold]{victim}[/] with ray.kill (Ray restarts it: service.ray.max_restarts)")
+        time.sleep(1.0)  # deliberate: calls flow for a while before the kill
         killed_at = time.monotonic()
-        ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=False)
-        time.sleep(2.0)
+        victim = runtime.kill_replica(task, 0)
+        console.print(f"  killed replica [bold]{victim}[/] (Ray restarts it: service.ray.max_restarts)")
+        time.sleep(2.0)  # deliberate: calls keep flowing while the replica is down and restarting
     finally:
         stop.set()
         caller.join()
@@ -253,10 +253,13 @@ def _kill_a_replica_under_load(ray: Any, manager: ServiceManager, environment: S
 
 
 def _replicas_up(environment: ServiceEnvironment) -> int:
+    """Replicas of text-ray alive, as ``kservice status`` shows them (the Ray plugin renders the column)."""
+    from .cli import status_rows
+
     task = environment.get_task("text-ray")
     if task is None:
         return 0
-    return sum(1 for r in task.get_service_status().extra.get("replicas", []) if r.get("healthy"))
+    return int(status_rows([task.get_service_status()])[0].get("replicas_alive") or 0)
 
 
 def _chain_names(environment: ServiceEnvironment, service_name: str) -> list[str]:
@@ -300,20 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     started = time.monotonic()
-    ray = None if options.no_ray else _ray_module()
+    ray_runtime, ray_missing = (None, "--no-ray") if options.no_ray else _ray_runtime()
     problems: list[str] = []
     me = psutil.Process()
     console.print("[bold]kservice demo[/]: a key-value store and a text service, in-process, in a child process and on Ray")
     if options.no_ray:
         console.print("[yellow]--no-ray: the Ray part is skipped.[/]")
-    elif ray is None:
-        console.print("[yellow]Ray is not installed (pip install 'kservice[ray]'): the Ray part is skipped.[/]")
+    elif ray_runtime is None:
+        console.print(f"[yellow]{ray_missing}: the Ray part is skipped.[/]")
     else:
         _step("starting Ray (once per driver: it takes a few seconds)")
         # A private local instance unless RAY_ADDRESS names a cluster: never attach to whatever runs nearby.
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, namespace="kservice")
-        console.print(f"  a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+        console.print(f"  {ray_runtime.start()}")
 
     # Explicit config rather than the user's KSERVICE_CONFIG: the demo shows the defaults.
     environment = ServiceEnvironment("demo", {"service_call": {"default_timeout": 30}})
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         environment.register_service("kv", ServiceFactory("kv", KeyValueStore), kind="local")
         environment.register_service("model", ServiceFactory("model", TokenModel), kind="local")
         environment.register_service("text", ServiceFactory("text", TextService), kind="process")
-        if ray is not None:
+        if ray_runtime is not None:
             environment.register_service("text-ray", ServiceFactory("text-ray", TextService), kind="ray", replicas=2)
         t0 = time.perf_counter()
         environment.start()
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         manager.call_service_sync("kv", "put", ("greeting", "hello, services"))
         text = manager.call_service_sync("kv", "get", ("greeting",))
         console.print(f"  kv.get('greeting')            -> {text!r}")
-        targets = ["text", "text-ray"] if ray is not None else ["text"]
+        targets = ["text", "text-ray"] if ray_runtime is not None else ["text"]
         for name in targets:
             proxy = manager.proxy(name)
             console.print(f"  {name}.slugify(...)".ljust(32) + f"-> {proxy.slugify(text)!r}")
@@ -404,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print("  hooks in this process and its service-side hooks where the service runs)")
         console.print(f"  CallCounter saw: {dict(counter.calls)}; failures: {dict(counter.failures) or 'none'}")
 
-        if ray is not None:
+        if ray_runtime is not None:
             _step("a Ray replica killed under load, and recovered")
-            if not _kill_a_replica_under_load(ray, manager, environment):
+            if not _kill_a_replica_under_load(ray_runtime, manager, environment):
                 problems.append("the Ray replica kill was not survived cleanly")
 
         _step("status of every service")
@@ -414,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Stop first, print after: an interrupted or closed terminal must not leave processes behind.
         environment.stop()
-        if ray is not None:
-            ray.shutdown()
+        if ray_runtime is not None:
+            ray_runtime.stop()
         _step("stopped")
     children = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     deadline = time.monotonic() + 10

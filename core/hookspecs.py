@@ -310,3 +310,78 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
     If it raises: a warning naming the plugin; the status is returned without
     that plugin's part (a local task's status; other kinds may let it propagate).
     """
+
+
+@hookspec
+def kservice_status_columns(status: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any] | None:
+    """This plugin's cells of one service's row in ``kservice status`` and the dashboard.
+
+    Called in the process that shows the table (not the service's), once per
+    row, for every status that is not an error row. ``status`` is the
+    service's status as a dict (``ServiceStatus.to_dict()``, possibly read
+    from another process); ``extra`` is a copy of its ``extra`` shared by
+    every plugin asked for this row. Take (``extra.pop``) the sections of
+    ``extra`` you render: what no plugin takes is shown in the ``details``
+    column as ``key=value``. Return None when this status has nothing of yours.
+
+    The returned keys fill the table's columns that are not the core's own:
+    ``replicas`` and ``replicas_alive`` (ints), ``calls_per_second``,
+    ``p50_ms`` and ``p99_ms`` (numbers, None for "no figure") and
+    ``breaker`` (a word: ``closed``, ``open``, ``half_open``). Any other key
+    is shown under ``details``. Values are str, int, float, bool or None.
+    Columns no plugin fills show ``-`` (replicas: ``1``); a rate measured by
+    the table itself (``kservice status --watch``) wins over a plugin's.
+
+    If it raises: a warning naming the plugin; the row is shown without that
+    plugin's cells, and the sections it had not taken are shown under details.
+    """
+
+
+@runtime_checkable
+class KindRuntime(Protocol):
+    """What services of one task kind need running in the caller's process (Ray for ``ray``).
+
+    ``kservice_kind_runtime`` returns one. The pytest fixtures
+    (:mod:`kservice.testing`), ``kservice bench`` and ``python -m
+    kservice.demo`` use it to bring the runtime up before they host services
+    of the kind, and down again after, without knowing what it is.
+    """
+
+    def unavailable(self) -> str | None:
+        """Why services of this kind cannot run in this process (what to install), or None. Starts nothing."""
+        ...
+
+    def start(self) -> str:
+        """Join the runtime this process is connected to, else start one; a line saying which.
+
+        A runtime started here is private to this process unless the
+        environment names a shared one (``RAY_ADDRESS`` for Ray). Calling it
+        again while started changes nothing. If it raises, nothing it started
+        is left running.
+        """
+        ...
+
+    def stop(self) -> None:
+        """Stop what :meth:`start` started, and nothing else (a runtime it joined keeps running). Idempotent."""
+        ...
+
+    def kill_replica(self, task: BaseServiceTask, index: int) -> str:
+        """Kill replica ``index`` of a running ``task`` of this kind the way a crash would; returns the replica's name.
+
+        For fault drills (the demo kills one under load). The runtime restarts
+        it as the service's options say. IndexError when there is no such replica.
+        """
+        ...
+
+
+@hookspec(firstresult=True)
+def kservice_kind_runtime(kind: str) -> KindRuntime | None:
+    """The :class:`KindRuntime` services of ``kind`` need, from the plugin that registered the kind. First result.
+
+    Return None for kinds this plugin does not host, and for kinds that need
+    nothing started (``local``, ``process``). Called rarely (a test session's
+    first service of the kind, a benchmark row, the demo), never per call.
+
+    If it raises: the error propagates to the tool that asked (the test
+    errors, the benchmark row fails naming it, the demo fails).
+    """

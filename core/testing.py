@@ -28,11 +28,13 @@ Fixtures (function scope unless noted):
     the class's constructor; ``options`` are the service's options as in
     config (``replicas=2``, ``local={"max_workers": 1}``...). ``kind`` is
     ``"local"`` (this process), ``"process"`` (a child process over shared
-    memory) or ``"ray"`` (Ray actors; the test is skipped, saying why, when Ray
-    is not installed).
-``kservice_ray`` (session scope)
-    Makes sure Ray runs for the session (started once, stopped at the end if
-    this fixture started it). Requested automatically for ``kind="ray"``.
+    memory) or any kind a plugin adds, such as ``"ray"`` (Ray actors). A kind
+    whose runtime cannot run here (Ray not installed) skips the test, saying why.
+``kservice_runtimes`` (session scope)
+    Brings up, once per session, the runtime a kind's services need (its
+    plugin's :class:`kservice.KindRuntime`: Ray for ``ray``) and stops at the
+    end of the session what it started. ``kservice_service`` asks it for
+    every kind; ``kservice_runtimes.start("ray")`` in a fixture does it yourself.
 
 And one function, for tests that wait for something to happen (a call to
 land, a status to change, a process to exit) rather than sleeping a guessed
@@ -48,7 +50,6 @@ fails, and the environment's child processes are gone when teardown returns.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -57,22 +58,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 if TYPE_CHECKING:
-    from . import ServiceEnvironment, ServiceManager, ServiceProxy
+    from . import KindRuntime, ServiceEnvironment, ServiceManager, ServiceProxy
 
 __all__ = [
+    "KindRuntimes",
     "ServiceStarter",
     "WaitTimeoutError",
     "kservice_config",
     "kservice_environment",
     "kservice_manager",
-    "kservice_ray",
+    "kservice_runtimes",
     "kservice_service",
     "wait_for",
 ]
 
 T = TypeVar("T")
-
-RAY_MISSING = "Ray is not installed (pip install 'kservice[ray]'); kind='ray' services cannot run"
 
 _environment_numbers = itertools.count(1)
 
@@ -140,29 +140,46 @@ def kservice_manager(kservice_environment: ServiceEnvironment) -> Iterator[Servi
         manager.close()
 
 
-@pytest.fixture(scope="session")
-def kservice_ray() -> Iterator[Any]:
-    """The ``ray`` module with Ray running for this session; skips the test when Ray is not installed.
+class KindRuntimes:
+    """The session's runtimes of task kinds (what ``kservice_runtimes`` yields)."""
 
-    Ray is started once (``ray.init`` takes seconds): a private local instance,
-    or the cluster named by ``RAY_ADDRESS``. It is shut down at the end of the
-    session only if this fixture started it.
-    """
+    def __init__(self) -> None:
+        self._started: dict[str, KindRuntime] = {}
+
+    def start(self, kind: str) -> None:
+        """Make the runtime ``kind`` needs run for the rest of the session; skips the test when it cannot run here.
+
+        Does nothing for kinds that need no runtime (``local``, ``process``)
+        and for one already started. An error starting it fails the test.
+        """
+        if kind in self._started:
+            return
+        from ._plugins import get_plugin_manager
+
+        runtime = get_plugin_manager().hook.kservice_kind_runtime(kind=kind)
+        if runtime is None:
+            return
+        reason = runtime.unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+        runtime.start()
+        self._started[kind] = runtime
+
+    def stop(self) -> None:
+        """Stop what :meth:`start` started, last started first."""
+        while self._started:
+            _, runtime = self._started.popitem()
+            runtime.stop()
+
+
+@pytest.fixture(scope="session")
+def kservice_runtimes() -> Iterator[KindRuntimes]:
+    """The runtimes task kinds need (Ray for ``ray``), started on first use and stopped at the end of the session."""
+    runtimes = KindRuntimes()
     try:
-        import ray
-    except ImportError:
-        pytest.skip(RAY_MISSING)
-    started = False
-    if not ray.is_initialized():
-        # A private local Ray unless RAY_ADDRESS names a cluster: tests must not land on whatever runs nearby.
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        started = True
-    try:
-        yield ray
+        yield runtimes
     finally:
-        if started:
-            ray.shutdown()
+        runtimes.stop()
 
 
 class ServiceStarter:
@@ -192,8 +209,8 @@ class ServiceStarter:
         """
         from . import ServiceFactory
 
-        if kind == "ray":
-            self._request.getfixturevalue("kservice_ray")  # skips when Ray is not installed
+        # The kind's runtime (Ray for "ray") for the session; skips, saying why, when it cannot run here.
+        self._request.getfixturevalue("kservice_runtimes").start(kind)
         service_name = name or self._free_name(service_class.__name__)
         factory = ServiceFactory(service_name, service_class, tuple(args), dict(kwargs or {}))
         self.environment.register_service(service_name, factory, kind=kind, **options)

@@ -666,3 +666,25 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
     else:
         entry.update(found)
     status.extra["load"] = entry
+
+
+def _number(container: dict[str, Any], key: str) -> float | None:
+    value = container.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@hookimpl
+def kservice_status_columns(status: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any] | None:
+    """Calls/s and latency percentiles of ``extra["load"]``; ``recent_errors`` is shown by ``kservice errors``, not the table."""
+    extra.pop("recent_errors", None)
+    section = extra.pop("load", None)
+    if not isinstance(section, dict):
+        return None
+    if section.get("calls") == 0:
+        # No call in the metrics window: a percentile (or a rate) would be a made-up 0.
+        return {"calls_per_second": _number(section, "calls_per_s")}
+    return {
+        "calls_per_second": _number(section, "calls_per_s"),
+        "p50_ms": _number(section, "p50_ms"),
+        "p99_ms": _number(section, "p99_ms"),
+    }

@@ -418,3 +418,12 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
     breaker = _breakers.get((task.service_name, ""))
     if breaker is not None:
         status.extra["breaker"] = breaker.snapshot()
+
+
+@hookimpl
+def kservice_status_columns(status: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``breaker`` column: the state word of ``extra["breaker"]``."""
+    section = extra.pop("breaker", None)
+    if section is None:
+        return None
+    return {"breaker": str(section.get("state", "?")) if isinstance(section, dict) else str(section)}

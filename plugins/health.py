@@ -553,3 +553,12 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
         status.extra["health"] = mon.as_dict()
     elif "health" not in status.extra:
         status.extra["health"] = {"monitored": False}
+
+
+@hookimpl
+def kservice_status_columns(status: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any] | None:
+    """``monitor=<state>`` under details when a process monitors the service (the health column is the core's)."""
+    section = extra.pop("health", None)
+    if isinstance(section, dict) and section.get("monitored"):
+        return {"monitor": section.get("state", "?")}
+    return None

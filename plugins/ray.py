@@ -2690,3 +2690,79 @@ def kservice_known_services() -> list[str]:
         return sorted(_deployments(ray, None))
     except Exception:
         return []
+
+
+# ---------------------------------------------------------------------------
+# What tools outside this plugin need from Ray (status columns, the runtime)
+# ---------------------------------------------------------------------------
+
+
+@hookimpl
+def kservice_status_columns(status: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any] | None:
+    """Replicas alive of ``extra["replicas"]`` (one entry per replica actor) and the namespace of ``extra["ray"]``."""
+    cells: dict[str, Any] = {}
+    section = extra.pop("ray", None)
+    if isinstance(section, dict):
+        cells["namespace"] = section.get("namespace")
+    replicas = extra.pop("replicas", None)
+    if isinstance(replicas, list):
+
+        def up(replica: Any) -> bool:
+            if not isinstance(replica, dict):
+                return True
+            if "healthy" in replica:
+                return bool(replica["healthy"])
+            return replica.get("state", "running") in ("running", "alive")
+
+        cells.update(replicas=len(replicas), replicas_alive=sum(1 for r in replicas if up(r)))
+    elif replicas is not None:
+        extra["replicas"] = replicas  # not this plugin's shape: left for details
+    return cells or None
+
+
+class RayRuntime:
+    """The :class:`kservice.KindRuntime` of the ``ray`` kind: a Ray for the tools that host ray services."""
+
+    def __init__(self) -> None:
+        self._started: ModuleType | None = None
+
+    def unavailable(self) -> str | None:
+        try:
+            import ray  # noqa: F401 - importing is the test: a broken install counts as missing
+        except ImportError:
+            return f"Ray is not installed ({RAY_EXTRA_HINT}); kind='ray' services cannot run"
+        return None
+
+    def start(self) -> str:
+        ray = _ray()
+        if ray.is_initialized():
+            return f"the Ray this process is connected to ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+        # A private local Ray unless RAY_ADDRESS names a cluster: never land on whatever runs nearby.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        import logging
+
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        self._started = ray
+        where = "a local Ray" if address == "local" else f"the Ray at {address}"
+        return f"{where} with {int(ray.cluster_resources().get('CPU', 0))} CPUs"
+
+    def stop(self) -> None:
+        ray, self._started = self._started, None
+        if ray is not None:
+            ray.shutdown()
+
+    def kill_replica(self, task: BaseServiceTask, index: int) -> str:
+        ray = _ray()
+        extra = task.get_service_status().extra
+        name = str(extra.get("replicas", [])[index]["actor"])
+        namespace = extra.get("ray", {}).get("namespace", "kservice")
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
+        return name
+
+
+_runtime = RayRuntime()
+
+
+@hookimpl
+def kservice_kind_runtime(kind: str) -> RayRuntime | None:
+    return _runtime if kind == "ray" else None

@@ -650,7 +650,12 @@ def encode_cancel_request(request_id: str, service_name: str) -> bytes:
 
 
 def _is_plain(response: ServiceResponse, threshold: int) -> bool:
-    """Whether ``response`` is a success that travels as (request id, result), with nothing to wrap."""
+    """Whether ``response`` is a success that travels as (request id, result), with nothing to wrap.
+
+    A hot-path tuning: the common reply skips building the full response tuple,
+    ~0.2 µs of a ~0.9 µs encode (the "plain reply" row of
+    tests/benchmarks/bench_tunings.py).
+    """
     result = response.result
     t = type(result)
     return (

@@ -318,7 +318,7 @@ class MmapStreamSink(StreamSink):
             # The common token or chunk: pickled here at once (what codec.encode_response does for it).
             if (kind is not str and kind is not bytes) or len(item) < _SMALL_ITEM:
                 record = _dumps((self._request.request_id, item), 5)
-                put = self._ring.compiled_put
+                put = self._ring._compiled_put
                 if put is not None and not put(record):
                     return
                 self._put(record, None)

@@ -732,7 +732,7 @@ class MmapListener(Listener):
             record, segment = codec.encode_response(_unsendable_result(request, exc), queue.owner_pid, 1 << 30)
         except Exception as exc:  # the result (or error) cannot be pickled
             record, segment = codec.encode_response(_unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30)
-        put = queue.compiled_put
+        put = queue._compiled_put
         if put is not None and not put(record):
             return
         try:
@@ -1300,7 +1300,7 @@ class MmapConnection(Connection):
             encoded = self._encode(request, queue.name)
             if type(encoded) is not tuple:
                 return encoded  # type: ignore[return-value]
-            put = ring.compiled_put  # as in send: the compiled put first, which needs no timeout
+            put = ring._compiled_put  # as in send: the compiled put first, which needs no timeout
             if put is None or put(encoded[0]):
                 failed = self._put(ring, request, *encoded)
                 if failed is not None:
@@ -1376,7 +1376,7 @@ class MmapConnection(Connection):
         _client.senders[request_id] = self
         if not self._backlog:  # nothing of this connection waits for room: the request may go first
             # Every pipelined call takes this path: the compiled put first, which needs no timeout.
-            put = ring.compiled_put
+            put = ring._compiled_put
             if put is not None and not put(record):
                 return
             try:
@@ -1422,7 +1422,7 @@ class MmapConnection(Connection):
         for request in requests:
             pending[request.request_id] = reply
             senders[request.request_id] = self
-        put = ring.compiled_put
+        put = ring._compiled_put
         if put is not None and not put(record):
             return
         try:
@@ -1489,7 +1489,7 @@ class MmapConnection(Connection):
             return False
         _client.pending[chunk_id] = reply
         _client.senders[chunk_id] = self
-        put = ring.compiled_put
+        put = ring._compiled_put
         if put is not None and not put(record):
             return True
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import time
 
+import kservice
+import pytest
 from kservice import ServiceStatus
 from kservice.cli import status_rows, status_table
 from rich.console import Console
@@ -68,3 +70,46 @@ def test_table_renders_every_row() -> None:
     Console(file=out, width=220).print(status_table(rows, title="now"))
     text = out.getvalue()
     assert "svc" in text and "gone" in text and "unreachable" in text and "closed" in text
+
+
+class _QuotaPlugin:
+    """A third-party plugin rendering its own status section."""
+
+    @kservice.hookimpl
+    def kservice_status_columns(self, status: dict[str, object], extra: dict[str, object]) -> dict[str, object] | None:
+        section = extra.pop("quota", None)
+        if not isinstance(section, dict):
+            return None
+        return {"quota": f"{section['used']}/{section['limit']}", "p99_ms": 42.0}
+
+
+class _BrokenColumnsPlugin:
+    @kservice.hookimpl
+    def kservice_status_columns(self, status: dict[str, object], extra: dict[str, object]) -> dict[str, object] | None:
+        raise RuntimeError("renderer broke")
+
+
+def test_a_plugin_renders_its_own_section() -> None:
+    pm = kservice.get_plugin_manager()
+    plugin = _QuotaPlugin()
+    raw = _status(quota={"used": 3, "limit": 10}, pid=7)
+    assert status_rows([raw])[0]["extra"]["quota"] == {"used": 3, "limit": 10}  # no plugin renders it: shown as it is
+    pm.register(plugin, name="test-quota-columns")
+    try:
+        (row,) = status_rows([raw])
+    finally:
+        pm.unregister(plugin)
+    assert row["extra"] == {"quota": "3/10", "pid": 7}  # its section taken, its cell under details
+    assert row["p99_ms"] == 42.0  # a column the table has
+
+
+def test_a_plugin_whose_columns_raise_is_left_out_with_a_warning() -> None:
+    pm = kservice.get_plugin_manager()
+    plugin = _BrokenColumnsPlugin()
+    pm.register(plugin, name="test-broken-columns")
+    try:
+        with pytest.warns(RuntimeWarning, match="test-broken-columns.*kservice_status_columns.*renderer broke"):
+            (row,) = status_rows([_status(breaker={"state": "open"}, pid=7)])
+    finally:
+        pm.unregister(plugin)
+    assert row["breaker"] == "open" and row["extra"] == {"pid": 7}  # the other plugins' cells are kept

@@ -43,7 +43,7 @@ def test_cancelling_a_queued_future_means_the_call_never_runs(ledger_env: Servic
         busy.result(10)
         # The service serves the next call; the cancelled one never started, before it or after.
         assert manager.call_service_sync("ledger", "record", (str(path), "next", 0.0), timeout=10) > 0
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberate: room for the cancelled call to run late, which it must not
         assert tags(path) == ["busy", "next"]
 
 
@@ -89,7 +89,7 @@ def test_cancelling_the_task_awaiting_acall_means_the_call_never_runs(ledger_env
 
     with ledger_env.manager() as manager:
         asyncio.run(scenario(manager))
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberate: room for the cancelled call to run late, which it must not
         assert tags(path) == ["busy", "next"]
 
 

@@ -161,7 +161,7 @@ def test_default_timeout_comes_from_config() -> None:
 def test_cancelled_future_drops_the_response(manager: ServiceManager) -> None:
     future = manager.call_service_async("kv", "sleep", (0.2,))
     assert future.cancel()
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberate: the method finishes and its response arrives; it must not un-cancel the future
     assert future.cancelled()
 
 

@@ -22,6 +22,7 @@ from kservice import (
     ServiceTimeoutError,
     ServiceUnavailableError,
 )
+from kservice.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,7 +137,7 @@ def test_an_iterable_that_raises_fails_the_map_and_leaves_no_call_queued(env: Se
         list(manager.map("serial", "slow", items(), chunk_size=8, max_in_flight=64))
     # 40 calls were sent to a one-worker pool taking 50 ms each: most were still queued. They never start.
     ran = len(serial.ran)
-    time.sleep(0.5)
+    time.sleep(0.5)  # deliberate: ten 50 ms calls' time for a call that should not start to start
     assert len(serial.ran) <= ran + 1, (ran, len(serial.ran))  # at most the one running when it broke
     assert len(serial.ran) < 40
     assert manager.call_service_sync("serial", "square", (3,)) == 9
@@ -164,7 +165,7 @@ def test_ten_million_items_stream_through_a_bounded_window(manager: ServiceManag
     # Never more than the window plus the chunk being read ahead of the consumer.
     assert worst <= window + chunk, worst
     stopped_at = produced
-    time.sleep(0.1)
+    time.sleep(0.1)  # deliberate: time for a read-ahead that must not happen
     assert produced == stopped_at  # closed: the generator is not read any further
 
 
@@ -174,7 +175,7 @@ def test_closing_early_cancels_the_calls_not_started(env: ServiceEnvironment, ma
     assert next(results) == 0
     results.close()
     ran = len(serial.ran)
-    time.sleep(0.5)
+    time.sleep(0.5)  # deliberate: ten 50 ms calls' time for a call that should not start to start
     assert len(serial.ran) <= ran + 1, (ran, len(serial.ran))
     assert len(serial.ran) < 64
     with pytest.raises(StopIteration):
@@ -244,8 +245,9 @@ def test_retries_follow_the_single_call_rules_per_item(may_have_run: bool) -> No
 
 def test_closing_the_manager_abandons_a_map_in_flight(env: ServiceEnvironment) -> None:
     manager = ServiceManager(env)
+    serial = _instance(env, "serial")
     results = manager.map("serial", "slow", [(x, 0.2) for x in range(8)], chunk_size=8, return_exceptions=True)
-    time.sleep(0.05)
+    wait_for(lambda: serial.ran, timeout=5, what="the map's first call to run")
     manager.close()
     outcomes = list(results)
     assert len(outcomes) == 8
@@ -279,7 +281,7 @@ def test_amap_yields_results_and_cancelling_its_consumer_cancels_the_calls(env: 
 
     asyncio.run(consume_then_cancel())
     ran = len(serial.ran)
-    time.sleep(0.5)
+    time.sleep(0.5)  # deliberate: ten 50 ms calls' time for a call that should not start to start
     assert len(serial.ran) <= ran + 1, (ran, len(serial.ran))
     assert len(serial.ran) < 64
 

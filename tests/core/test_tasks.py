@@ -110,7 +110,7 @@ def test_stop_timeout_answers_leftover_calls_with_unavailable() -> None:
     manager = ServiceManager(env)
     running = manager.call_service_async("rec", "work", ("running", 0.5))
     queued = manager.call_service_async("rec", "work", ("queued", 0.5))
-    time.sleep(0.05)
+    wait_for(lambda: task.get_service_status().queue_depth == 1, timeout=5, what="one call running, one queued")
     task.stop_service(timeout=0.1)
     with pytest.raises(ServiceUnavailableError):
         queued.result(timeout=2)
@@ -124,10 +124,10 @@ def test_full_request_queue_is_overloaded_after_queue_timeout() -> None:
         "service_call": {"max_retries": 0},  # an overloaded call would otherwise be retried
     }
     with ServiceEnvironment("t", config) as env:
-        env.register_service("rec", Recorder)
+        task = env.register_service("rec", Recorder)
         with ServiceManager(env) as manager:
             running = manager.call_service_async("rec", "work", ("r", 1.0))
-            time.sleep(0.05)
+            wait_for(lambda: task.get_service_status().in_flight == 1, timeout=5, what="the first call to run")
             queued = [manager.call_service_async("rec", "work", (f"q{i}", 0.0)) for i in range(2)]
             started = time.monotonic()
             overloaded = manager.call_service_async("rec", "work", ("x",))
@@ -148,7 +148,7 @@ def test_status_counts_requests_errors_in_flight_and_queue_depth() -> None:
                 manager.call_service_sync("kv", "fail", ("x",))
             slow = manager.call_service_async("kv", "sleep", (0.3,))
             queued = manager.call_service_async("kv", "get", ("a",))
-            time.sleep(0.1)
+            wait_for(lambda: task.get_service_status().queue_depth == 1, timeout=5, what="the second call to be queued")
             status = task.get_service_status()
             assert (status.in_flight, status.queue_depth) == (1, 1)
             slow.result(timeout=5), queued.result(timeout=5)

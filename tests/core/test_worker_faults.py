@@ -27,6 +27,7 @@ from kservice import (
     ServiceTimeoutError,
     _task,
 )
+from kservice.testing import wait_for
 
 from tests.core.faulty import Counter
 
@@ -141,9 +142,7 @@ def test_a_worker_that_dies_anyway_is_replaced_and_counted() -> None:
             except ServiceTimeoutError:
                 pass
         assert answered >= 4
-        deadline = time.monotonic() + 5
-        while task.get_service_status().workers_replaced < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: task.get_service_status().workers_replaced >= 2, timeout=5, what="both dead workers to be replaced")
         status = task.get_service_status()
         assert (status.workers_replaced, status.workers_alive, status.healthy) == (2, 2, True), status
         assert manager.call_service_sync("counter", "add", (1,)) == 8
@@ -287,7 +286,7 @@ def test_submit_never_blocks_a_full_queue_answers_overloaded_after_queue_timeout
         task = env.register_service("counter", Counter)
         manager = env.manager()
         running = manager.call_service_async("counter", "sleep", (1.0,))
-        time.sleep(0.05)
+        wait_for(lambda: task.get_service_status().in_flight == 1, timeout=5, what="the first call to run")
         queued = [manager.call_service_async("counter", "add", (1,)) for _ in range(2)]
         started = time.monotonic()
         # Before: each of these blocked the submitting thread for queue_timeout (an "async" call).
@@ -306,10 +305,10 @@ def test_submit_never_blocks_a_full_queue_answers_overloaded_after_queue_timeout
 def test_requests_waiting_for_room_enter_in_arrival_order_when_room_frees() -> None:
     config = {**CONFIG, "service": {"local": {"max_workers": 1, "request_queue_size": 1, "queue_timeout": 5.0}}}
     with ServiceEnvironment("full", config) as env:
-        env.register_service("counter", Counter)
+        task = env.register_service("counter", Counter)
         manager = env.manager()
         running = manager.call_service_async("counter", "sleep", (0.3,))
-        time.sleep(0.05)
+        wait_for(lambda: task.get_service_status().in_flight == 1, timeout=5, what="the first call to run")
         futures = [manager.call_service_async("counter", "echo", (i,)) for i in range(5)]
         assert [f.result(5) for f in futures] == list(range(5))
         assert running.result(5) == 0.3
@@ -323,7 +322,7 @@ def test_stopping_answers_requests_waiting_for_room_at_once() -> None:
     manager = ServiceManager(env)
     try:
         running = manager.call_service_async("counter", "sleep", (0.5,))
-        time.sleep(0.05)
+        wait_for(lambda: task.get_service_status().in_flight == 1, timeout=5, what="the first call to run")
         manager.call_service_async("counter", "echo", (0,))
         waiting = manager.call_service_async("counter", "echo", (1,))
         started = time.monotonic()

@@ -47,10 +47,13 @@ def _state(url: str) -> dict[str, object]:
 def test_api_state_lists_the_running_service(served: tuple[str, Running], dashboard: tuple[str, Running]) -> None:
     name, host = served
     url, _ = dashboard
-    from tests.cli.helpers import wait_for
+    from kservice.testing import wait_for
 
-    state = wait_for(lambda: [s for s in _state(url)["services"] if s["service"] == name], timeout=15)  # type: ignore[index, union-attr]
-    assert state, "the served service never appeared in /api/state"
+    state = wait_for(
+        lambda: [s for s in _state(url)["services"] if s["service"] == name],  # type: ignore[index, union-attr]
+        timeout=15,
+        what="the served service to appear in /api/state",
+    )
     (row,) = state
     assert row["pid"] == host.process.pid and row["transport"] == "mmap" and row["state"] == "running"
     assert isinstance(row["requests_total"], int)

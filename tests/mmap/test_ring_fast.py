@@ -227,20 +227,20 @@ def test_compiled_put_declines_without_writing() -> None:
 
 
 @needs_fast
-def test_compiled_put_is_public_only_while_the_compiled_path_can_take_it() -> None:
-    """``ShmQueue.compiled_put``: the compiled put of a live handle, None for a pure one or once closed."""
+def test_compiled_put_is_set_only_while_the_compiled_path_can_take_it() -> None:
+    """``ShmQueue._compiled_put``: the compiled put of a live handle, None for a pure one or once closed."""
     q = _create("public-put", 4096, pure=False)
     pure = _attach(q.name, pure=True)
     try:
-        assert pure.compiled_put is None
-        assert q.compiled_put is not None and q.compiled_put(b"published") == fast.PUT_OK
+        assert pure._compiled_put is None
+        assert q._compiled_put is not None and q._compiled_put(b"published") == fast.PUT_OK
         assert pure.get(0) == b"published"
-        assert q.compiled_put(b"x" * 4089) == fast.PUT_TOO_LARGE  # declined, nothing written
+        assert q._compiled_put(b"x" * 4089) == fast.PUT_TOO_LARGE  # declined, nothing written
         assert pure.qsize() == 0
     finally:
         _drop(q)
         pure.close()
-    assert q.compiled_put is None
+    assert q._compiled_put is None
 
 
 @needs_fast
