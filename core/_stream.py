@@ -17,7 +17,6 @@ Three parts, each transport-neutral:
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextvars
 import functools
@@ -29,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ._aio import _acquire_thread_lock, _within, method_kinds
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse
@@ -37,6 +35,8 @@ from ._middleware import MiddlewareError
 from ._transport import timeout_response
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._manager import ServiceManager, _Route
     from ._task import BaseServiceTask
 
@@ -163,6 +163,7 @@ class StreamSink(ABC):
 
     async def asend(self, item: Any) -> bool:
         """:meth:`send` for a producer on an event loop (the deadline is the caller's ``asyncio.timeout``)."""
+        import asyncio
         while True:
             with self._lock:
                 if self.cancelled:
@@ -211,6 +212,8 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
     method = getattr(task.service, name, None)
     if method is None or not callable(method):
         raise task._method_not_found(name)
+    from ._aio import method_kinds  # host side only: a caller's process need not load asyncio
+
     kinds = method_kinds(type(task.service))
     if name in kinds.async_generators:
         return method, True
@@ -512,6 +515,10 @@ async def serve_async_stream(task: BaseServiceTask, request: ServiceRequest, met
     The deadline cancels the generator (``CancelledError`` inside it, then
     ``aclose()``); the caller gets ServiceTimeoutError after the items sent.
     """
+    import asyncio
+
+    from ._aio import _acquire_thread_lock, _within
+
     _track(task, sink, True)
     count = 0
     request, response, limit, began = _begin(task, request)
@@ -582,6 +589,7 @@ class StreamSource(ABC):
 
     async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         """:meth:`receive` for asyncio code (the default waits in a thread; transports may do better)."""
+        import asyncio
         loop = asyncio.get_running_loop()
         step = 0.25 if timeout is None else min(timeout, 0.25)
         return await loop.run_in_executor(None, self.receive, step)
@@ -639,6 +647,10 @@ class LocalStream(StreamSink, StreamSource):
             return self._take()
 
     async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        import asyncio  # not at import time: a process that never awaits need not load it
+
+        from ._aio import _within
+
         with self._lock:
             ready = bool(self._items) or self._response is not None
         if ready:
@@ -861,6 +873,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
+        import asyncio
         self._async = True
         while True:
             if self._items:

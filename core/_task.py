@@ -19,7 +19,6 @@ from queue import SimpleQueue
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._aio import TaskLoop, call_lifecycle, method_kinds
 from ._config import Config
 from ._context import _current_request
 from ._errors import (
@@ -37,6 +36,7 @@ from ._stream import StreamSink, SyncStreamRun, open_on_task, run_here, shutdown
 from ._transport import Listener, Reply, timeout_response
 
 if TYPE_CHECKING:
+    from ._aio import TaskLoop
     from ._environment import ServiceEnvironment
 
 __all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext", "import_service_class", "next_cost_estimate"]
@@ -509,6 +509,8 @@ class BaseServiceTask:
         Called with the task's state lock held; never sets ``state``.
         """
         self._service = self.service_factory.create()
+        from ._aio import TaskLoop, call_lifecycle, method_kinds  # asyncio only where a service is hosted
+
         kinds = method_kinds(type(self._service))
         if kinds.needs_loop:
             self._aio = TaskLoop(self.service_name, self.max_concurrency)
@@ -657,6 +659,8 @@ class BaseServiceTask:
             self.close_listeners()
 
     def _bind_method_kinds(self, instance: Any) -> None:
+        from ._aio import method_kinds
+
         kinds = method_kinds(type(instance))
         self._async_methods = {name: getattr(instance, name) for name in kinds.coroutines}
         self._stream_methods = kinds.streaming
@@ -740,6 +744,8 @@ class BaseServiceTask:
 
     def rebuild_service(self) -> None:
         """Replace the instance with a new one (health recovery); calls already running finish on the old one."""
+        from ._aio import call_lifecycle
+
         old = self._service
         new = self.service_factory.create()
         call_lifecycle(new, ("setup",), self._aio)

@@ -37,7 +37,7 @@ def _env(name: str, cls: type, **local: Any) -> ServiceEnvironment:
 
 
 def test_a_fast_method_runs_in_the_callers_thread_after_its_first_call() -> None:
-    with _env("where", Where) as environment, environment.manager() as manager:
+    with _env("where", Where, inline_limit=0.05) as environment, environment.manager() as manager:
         first = manager.call_service_sync("where", "thread")
         assert first.startswith("kservice-where-")  # unknown cost: the worker pool
         assert manager.call_service_sync("where", "thread") == threading.current_thread().name
@@ -61,7 +61,7 @@ def test_inline_limit_zero_sends_every_call_to_the_pool() -> None:
 
 
 def test_a_method_that_turns_slow_times_out_once_then_goes_to_the_pool() -> None:
-    with _env("where", Where) as environment, environment.manager() as manager:
+    with _env("where", Where, inline_limit=0.05) as environment, environment.manager() as manager:
         manager.call_service_sync("where", "thread")
         assert manager.call_service_sync("where", "thread") == threading.current_thread().name
         instance = environment.get_task("where")._service  # type: ignore[union-attr]
