@@ -359,7 +359,7 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
     with ServiceEnvironment("ray-remote-shrink", ledger_config("remote", path, replicas=3, concurrency=2)) as env, env.manager() as manager:
         task = _task(env, "remote")
         # A connection as another driver makes it: found by name, membership re-read only every 5 s.
-        addresses = ray_plugin.kservice_resolve_service("remote", manager)
+        addresses = ray_plugin.kservice_resolve_service("remote", manager.config.for_service("remote"))
         assert addresses
         remote = ray_plugin._transport.connect(addresses[0])
         assert isinstance(remote, RayConnection) and remote.replicas is not task.replica_set
