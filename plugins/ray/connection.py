@@ -415,9 +415,14 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
     """A connection to a deployment another driver started, membership re-read every ``membership_refresh`` s."""
     ray = _ray()
     replicas = _ReplicaSet(
-        ref.service_name, ref.namespace, ref.deployment, _make_balancer(ref.balancer), ref.max_task_retries, frozenset()
+        ref.service_name,
+        ref.namespace,
+        ref.deployment,
+        _make_balancer(ref.balancer),
+        ref.max_task_retries,
+        batch_max=ref.batch_max,
+        batch_cost_limit=ref.batch_cost_limit,
     )
-    replicas.batch_max, replicas.batch_cost_limit = ref.batch_max, ref.batch_cost_limit
 
     def refresh() -> None:
         names = _deployments(ray, ref.namespace).get(ref.service_name, {}).get(ref.deployment, {})
@@ -448,9 +453,7 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
             break
         except Exception:
             continue
-    replicas.idempotent = frozenset(described.get("idempotent", ()))
-    replicas.capacity = int(described.get("max_concurrency", replicas.capacity))
-    replicas.wire = int(described.get("wire", 1))
+    replicas.adopt_description(described)
     connection = RayConnection(replicas, refresh=refresh, refresh_every=ref.membership_refresh)
     replicas.on_all_down = refresh
     return connection

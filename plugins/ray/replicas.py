@@ -148,7 +148,10 @@ class _ReplicaSet:
         deployment: str,
         balancer: ReplicaBalancer,
         max_task_retries: int,
-        idempotent: frozenset[str],
+        idempotent: frozenset[str] = frozenset(),
+        *,
+        batch_max: int = 64,
+        batch_cost_limit: float = 0.001,
     ) -> None:
         self.service_name = service_name
         self.namespace = namespace
@@ -159,8 +162,8 @@ class _ReplicaSet:
         #: actor calls this process keeps in flight per replica (the replicas' max_concurrency)
         self.capacity = 8
         #: most calls in one batch (0: no batching), and the run time under which a method may be batched
-        self.batch_max = 64
-        self.batch_cost_limit = 0.001
+        self.batch_max = batch_max
+        self.batch_cost_limit = batch_cost_limit
         #: most calls of a map (``ServiceManager.map``) in one batch: its calls are all waiting at once,
         #: so larger batches cost no caller any wait and save actor calls (never fewer than ``batch_max``)
         self.map_batch_max = 256
@@ -190,6 +193,16 @@ class _ReplicaSet:
         self.on_all_down: Callable[[], None] | None = None
 
     # membership ----------------------------------------------------------
+
+    def adopt_description(self, described: dict[str, Any]) -> None:
+        """Take what a running replica's ``describe`` said: its idempotent methods, wire version and concurrency.
+
+        A replica that said nothing (``{}``: none answered) leaves no method
+        idempotent, wire version 1 (nothing batched) and the capacity as it was.
+        """
+        self.idempotent = frozenset(described.get("idempotent", ()))
+        self.wire = int(described.get("wire", 1))
+        self.capacity = int(described.get("max_concurrency", self.capacity))
 
     def add(self, index: int, name: str, handle: Any, info: dict[str, Any] | None = None) -> _Replica:
         replica = _Replica(index, name, handle, info=dict(info or {}))

@@ -80,6 +80,22 @@ class RayServiceTask(BaseServiceTask):
 
     # -------------------------------------------------------------- starting
 
+    def _new_replica_set(
+        self, service_name: str, deployment: str, idempotent: frozenset[str] = frozenset()
+    ) -> _ReplicaSet:
+        """An empty replica set for ``deployment``, with this task's balancer, retry and batching options."""
+        opts = self.ray_options
+        return _ReplicaSet(
+            service_name,
+            self.namespace,
+            deployment,
+            _make_balancer(opts["balancer"]),
+            int(opts["max_task_retries"]),
+            idempotent,
+            batch_max=int(opts["batch_max"]),
+            batch_cost_limit=float(opts["batch_cost_limit"]),
+        )
+
     def host_instance(self) -> None:
         """Connect to Ray, refuse a name already deployed, create the replicas and wait until each is built."""
         ray = _ray()
@@ -95,18 +111,11 @@ class RayServiceTask(BaseServiceTask):
             )
         self.deployment = _new_deployment_id()
         klass = self.service_factory.service_class
-        self.replica_set = _ReplicaSet(
-            self.service_name,
-            self.namespace,
-            self.deployment,
-            _make_balancer(self.ray_options["balancer"]),
-            int(self.ray_options["max_task_retries"]),
-            frozenset(_idempotent_methods(klass, self.options)),
+        self.replica_set = self._new_replica_set(
+            self.service_name, self.deployment, frozenset(_idempotent_methods(klass, self.options))
         )
         self.replica_set.capacity = self.max_workers
         self.replica_set.wire = WIRE_VERSION  # replicas of this very code
-        self.replica_set.batch_max = int(self.ray_options["batch_max"])
-        self.replica_set.batch_cost_limit = float(self.ray_options["batch_cost_limit"])
         self._add_replicas(self.replica_count)
 
     def open_listeners(self) -> list[Listener]:
@@ -226,14 +235,7 @@ class RayServiceTask(BaseServiceTask):
         deployment = _newest_deployment(existing)
         assert deployment is not None
         task.deployment = deployment
-        task.replica_set = _ReplicaSet(
-            service_name,
-            task.namespace,
-            deployment,
-            _make_balancer(task.ray_options["balancer"]),
-            int(task.ray_options["max_task_retries"]),
-            frozenset(),
-        )
+        task.replica_set = task._new_replica_set(service_name, deployment)
         for index, name in sorted(existing[deployment].items()):
             task.replica_set.add(index, name, ray.get_actor(name, namespace=task.namespace))
         task._next_index = max(existing[deployment]) + 1
@@ -242,11 +244,7 @@ class RayServiceTask(BaseServiceTask):
             task.replica_set.snapshot()[0].handle.describe.options(concurrency_group=_CONTROL_GROUP).remote(),
             timeout=30,
         )
-        task.replica_set.idempotent = frozenset(described.get("idempotent", ()))
-        task.replica_set.wire = int(described.get("wire", 1))
-        task.replica_set.capacity = int(described.get("max_concurrency", task.replica_set.capacity))
-        task.replica_set.batch_max = int(task.ray_options["batch_max"])
-        task.replica_set.batch_cost_limit = float(task.ray_options["batch_cost_limit"])
+        task.replica_set.adopt_description(described)
         task.adopt_running()
         return task
 
