@@ -143,8 +143,7 @@ _NO_METADATA: dict[str, Any] = {}
 
 
 def _to_wire(request: ServiceRequest) -> bytes | WireRequest:
-    # The service name is known to the replica. Empty dicts travel as plain ones: a request made
-    # without kwargs or metadata may hold kservice's shared read-only empties (dict subclasses).
+    # The service name is known to the replica. Empty dicts travel as these two plain ones.
     kwargs = request.kwargs if request.kwargs else _NO_KWARGS
     metadata = request.metadata if request.metadata else _NO_METADATA
     fields = (request.request_id, request.method_name, request.args, kwargs, request.deadline, metadata)
