@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import _current_request
 from ._errors import ServiceStoppedError, ServiceTimeoutError
-from ._messages import MAY_HAVE_RUN, NO_KWARGS, NO_METADATA, ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareError
 from ._transport import timeout_response
@@ -459,10 +459,8 @@ class _Batch:
         service_name, method = self.service_name, self.method
         kwargs, metadata = self.kwargs, self.metadata
         chain = route.chain
-        shares = route.shares_empty
         if chain is None:
-            shared_kwargs = kwargs if kwargs is not None else NO_KWARGS if shares else None
-            shared_metadata = metadata if metadata is not None else NO_METADATA if shares else None
+            shared_kwargs, shared_metadata = kwargs, metadata
         else:  # middleware may change a request: each gets its own dicts
             shared_kwargs = shared_metadata = None
         new_id = _new_request_id

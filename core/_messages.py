@@ -86,43 +86,6 @@ class ServiceRequest:
         return None if self.deadline is None else self.deadline - time.time()
 
 
-class _SharedEmpty(dict):  # type: ignore[type-arg]
-    """The kwargs or metadata of a request that has none, shared by such requests and read-only.
-
-    Used only where no code of the caller's process gets the request to change
-    it (a route with no client middleware, over a transport that copies the
-    request to another process), so a call allocates no dicts it never fills.
-    It is a dict for every reader; changing it raises TypeError, and it
-    pickles (and copies) as a plain empty dict.
-    """
-
-    __slots__ = ("_what",)
-
-    def __init__(self, what: str) -> None:
-        super().__init__()
-        self._what = what
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
-            f"request.{self._what} is a shared, read-only empty dict (the request was made without {self._what}); "
-            f"give the request its own dict (request.{self._what} = {{...}}) before changing it"
-        )
-
-    __setitem__ = __delitem__ = __ior__ = _refuse
-    clear = pop = popitem = setdefault = update = _refuse
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (dict, ())
-
-    def __repr__(self) -> str:
-        return "{}"
-
-
-#: What a request made without keyword arguments or metadata may carry (see :class:`_SharedEmpty`).
-NO_KWARGS: dict[str, Any] = _SharedEmpty("kwargs")
-NO_METADATA: dict[str, Any] = _SharedEmpty("metadata")
-
-
 ErrorOrigin = Literal["", "service", "runtime", "client"]
 
 

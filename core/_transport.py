@@ -207,8 +207,7 @@ class Transport(ABC):
     cost: float = math.inf
     #: whether callers in other processes can use it (listings prefer local ones in-process). Such a
     #: transport gives the service a copy of each request, never the caller's object, and does not
-    #: change the request it sends: requests to it made without kwargs or metadata may share
-    #: read-only empty dicts.
+    #: change the request it sends.
     crosses_processes: bool = True
 
     @abstractmethod

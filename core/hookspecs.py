@@ -216,9 +216,7 @@ def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> RetryPo
     The policy is an object with ``should_retry(request, response, attempt,
     idempotent) -> float | None``: the delay in seconds before the next attempt,
     or None to give up. It is asked only after a failed attempt, and reads the
-    request without changing it (a request made without kwargs or metadata may
-    share read-only empty dicts; changing them raises TypeError). Return None
-    from the hook for no retries.
+    request without changing it. Return None from the hook for no retries.
 
     At most once: a policy must not re-send a method not declared idempotent
     (``idempotent`` False) after a failure that may have reached the service.

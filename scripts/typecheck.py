@@ -9,7 +9,7 @@ plugin is unresolvable to it.  This script lays the mapping out as a tree of
 symlinks (``build/typecheck/kservice/...``, read from pyproject.toml on every run,
 so new files and packages are picked up), points mypy at it (``mypy_path`` in
 ``[tool.mypy]``) and checks ``-p kservice``, printing each error under the path
-of the source file it is in (``plugins/ray.py``, not the link).
+of the source file it is in (``plugins/ray/task.py``, not the link).
 
 Usage: ``python scripts/typecheck.py [extra mypy arguments]``; the exit status is
 mypy's.  Needs only the dependencies installed (the dev extra), not kservice itself.

@@ -458,8 +458,8 @@ def encode_request(
     args = request.args
     kwargs = request.kwargs
     metadata = request.metadata
-    # The wire carries plain dicts (the receiver checks): a request made without kwargs or
-    # metadata may hold kservice's shared read-only empty ones, which are dict subclasses.
+    # The wire carries plain dicts (the receiver checks): a caller or a middleware may have set
+    # a dict subclass.
     if type(kwargs) is not dict:
         kwargs = dict(kwargs) if kwargs else _NO_KWARGS
     if type(metadata) is not dict:

@@ -9,9 +9,6 @@ subject in the same run, so a difference below it is not a difference.
 
 Rows:
 
-- ``shared empty dicts``: requests made without kwargs or metadata carry the
-  read-only ``NO_KWARGS``/``NO_METADATA`` (``_Route.shares_empty``) instead of
-  two new dicts; a ``process`` service called synchronously.
 - ``compiled put``: the mmap connection's ``ShmQueue._compiled_put`` before
   ``ShmQueue.put`` (one put plus one get of a 90-byte record, one process).
 - ``inline run``: ``BaseServiceTask.run_inline`` runs a fast method in the
@@ -52,29 +49,6 @@ def _row(tuning: str, measured: dict[str, tuple[float, float]], unit: str = "µs
         "noise": round(noise, 3),
         "verdict": "keep" if saved > noise else "within noise",
     }
-
-
-def shared_empties(n: int) -> dict[str, Any]:
-    config = {"plugins": {"disable": ["metrics", "calllog", "tracing", "retry", "breaker", "fallback", "cache", "health"]}}
-    with ServiceEnvironment("bench-tunings-empties", config) as environment:
-        environment.register_service("echo", ServiceFactory("echo", Echo), kind="process")
-        with environment.manager() as manager:
-            call = manager.call_service_sync
-            call("echo", "echo", (1,))
-            route = manager._route("echo")  # the benchmark only: switch the tuning off on this route
-            if not route.shares_empty:
-                return {"tuning": "shared empty dicts", "verdict": "not applied here (a client chain is compiled)"}
-
-            def shared() -> None:
-                route.shares_empty = True
-                call("echo", "echo", (1,))
-
-            def own() -> None:
-                route.shares_empty = False
-                call("echo", "echo", (1,))
-
-            measured = interleaved({"with": shared, "without": own, "with (again)": shared}, n, rounds=5)
-    return _row("shared empty dicts (process, sync call)", measured)
 
 
 def _compiled_put(number: int, repeat: int) -> dict[str, Any]:
@@ -147,7 +121,7 @@ def plain_reply(number: int, repeat: int) -> dict[str, Any]:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     n = 3000 if quick else 20000
     number, repeat = (5000, 5) if quick else (20000, 9)
-    return [shared_empties(n), _compiled_put(number, repeat), inline_run(n), plain_reply(number, repeat)]
+    return [_compiled_put(number, repeat), inline_run(n), plain_reply(number, repeat)]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""``python -m kservice.cli``: the ``kservice`` console script."""
+
+from . import main
+
+main()

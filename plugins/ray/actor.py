@@ -1,0 +1,481 @@
+"""Inside the actor: the replica body (threaded and async) that hosts the service instance, and its Ray actor class."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar, cast
+
+from kservice import (
+    BaseServiceTask,
+    Config,
+    LocalStream,
+    ServiceFactory,
+    ServiceRequest,
+    ServiceResponse,
+    ServiceUnavailableError,
+    StreamSink,
+    TaskContext,
+    idempotent_methods,
+)
+
+from .common import _CONTROL_GROUP, _REFUSED_KEY, RETRYABLE_KEY, _first_line, _ray
+from .wire import _COST, WIRE_VERSION, WireRequest, WireResponse, _pack, _Stored
+
+# ---------------------------------------------------------------------------
+# Inside the actor
+# ---------------------------------------------------------------------------
+
+
+class _HostedTask(BaseServiceTask):
+    """The service inside one replica actor: the core's request handling, no listeners.
+
+    Requests run in the actor's own threads (Ray's ``max_concurrency``) by
+    calling :meth:`execute`, so the worker pool is reduced to one idle thread.
+    """
+
+    kind: ClassVar[str] = "ray-replica"
+    default_transports: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, service_factory: ServiceFactory, ctx: TaskContext, *, pooled: bool = False) -> None:
+        super().__init__(service_factory, ctx)
+        self.transport_names = ()
+        #: whether sync methods run in the task's own worker pool (an async replica) rather than Ray's threads
+        self.pooled = pooled
+
+    def host_instance(self) -> None:
+        if self.pooled:
+            super().host_instance()
+            return
+        workers: int = self.max_workers
+        self.max_workers = 1
+        try:
+            super().host_instance()
+        finally:
+            self.max_workers = workers
+
+
+class _ReplicaHost:
+    """The body of a replica actor (made a Ray actor class by :func:`_actor_class`).
+
+    The constructor never raises: a service constructor that fails is reported
+    by :meth:`ready`, so ``start_service`` can raise the original typed error
+    instead of Ray's "actor died" message.
+    """
+
+    #: whether the hosted task runs sync methods in its own pool (see _AsyncReplicaHost)
+    pooled: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        factory: ServiceFactory,
+        config_data: Config,
+        middlewares: tuple[Any, ...],
+        environment_name: str,
+        actor_name: str,
+    ) -> None:
+        self.actor_name = actor_name
+        #: streams this replica serves, by request id (so a caller's cancel reaches them)
+        self.streams: dict[str, StreamSink] = {}
+        self.failure: ServiceResponse | None = None
+        #: request ids of calls their callers cancelled before the replica reached them (see ``skip``)
+        self.skipped: dict[str, bool] = {}
+        self.task: _HostedTask | None = None
+        try:
+            ctx = TaskContext(environment_name, Config.load(config_data), middlewares)
+            task = _HostedTask(factory, ctx, pooled=self.pooled)
+            task.start_service()
+            self.task = task
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, ServiceUnavailableError) and exc.__cause__ is not None else exc
+            self.failure = ServiceResponse.from_exception("", cause, origin="service").for_wire()
+
+    def handle(self, envelope: bytes | WireRequest) -> WireResponse:
+        """Run one call; ``envelope`` and the answer use the forms of :func:`_to_wire` / :func:`_from_wire`.
+
+        Never raises: every outcome, arguments that do not unpickle here
+        included, is an answer the caller decodes.
+        """
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            return request
+        began = time.perf_counter()
+        return self._answer(self.task.execute(request), began)  # type: ignore[union-attr]
+
+    def _request(self, envelope: bytes | WireRequest) -> ServiceRequest | ServiceResponse:
+        """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running)."""
+        task = self.task
+        if type(envelope) is bytes:
+            try:
+                envelope = pickle.loads(envelope)
+            except Exception as exc:
+                # The request id is unknown here; the caller fills it in.
+                response = ServiceResponse.from_exception("", exc, origin="service")
+                response.error = (
+                    f"the arguments of the call could not be unpickled in replica {self.actor_name}: {_first_line(exc)}"
+                )
+                return response.for_wire()
+        request_id, method_name, args, kwargs, deadline, metadata = cast(WireRequest, envelope)
+        service_name = task.service_name if task is not None else ""
+        if task is None or not task.running:
+            # Refused without running: the caller sends the call to another replica (see _REFUSED_KEY).
+            state = "failed" if task is None else task.state
+            refused = ServiceResponse.from_exception(
+                request_id,
+                ServiceUnavailableError(f"replica {self.actor_name} of service {service_name!r} is {state}"),
+                origin="runtime",
+            )
+            refused.metadata = {_REFUSED_KEY: True}
+            return refused.for_wire()
+        if self.skipped and self.skipped.pop(request_id, False):
+            skipped = ServiceResponse.from_exception(
+                request_id,
+                ServiceUnavailableError(f"call {service_name}.{method_name} was cancelled before it started"),
+                origin="runtime",
+            )
+            skipped.metadata = {RETRYABLE_KEY: False}
+            return skipped.for_wire()
+        return ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
+
+    @staticmethod
+    def _answer(response: ServiceResponse, began: float) -> WireResponse:
+        """What travels back for ``response`` (see WireResponse)."""
+        if response.success and not response.metadata and not response.degraded:
+            packed = _pack(response.result)
+            if packed is None:
+                # A 1-tuple: Ray serializes the result itself (Ray handles, values needing cloudpickle, zero-copy buffers).
+                return (response.result,)
+            # The run time rides after the pickle (pickle.loads ignores what follows it): callers learn
+            # which methods are fast enough to batch (see RayConnection) at no extra message.
+            return packed + _COST.pack(time.perf_counter() - began)
+        return response.for_wire()
+
+    def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:
+        """Run several calls one after the other (a caller's batch, see RayConnection); one answer each, in order.
+
+        Never raises, and no call's outcome can fail another's: a result only
+        Ray can serialize is stored on its own (``ray.put``), so one that
+        cannot be stored at all fails its own call, not the whole batch's reply.
+        """
+        import ray
+
+        answers: list[WireResponse | _Stored] = []
+        for envelope in envelopes:
+            answer: WireResponse | _Stored = self.handle(envelope)
+            if type(answer) is tuple:
+                try:
+                    answer = _Stored(ray.put(answer[0]))
+                except Exception as exc:
+                    failed = ServiceResponse.from_exception("", exc, origin="service")
+                    failed.error = f"the result could not be returned through Ray: {_first_line(exc)}"
+                    answer = failed.for_wire()
+            answers.append(answer)
+        return answers
+
+    def skip(self, request_ids: list[str]) -> None:
+        """Calls whose callers cancelled them: not started if they have not been (a control call).
+
+        For calls sent in a batch, which Ray cannot cancel one by one. Ids of
+        calls that already ran are forgotten oldest first beyond
+        ``_SKIPPED_KEPT``, so the set stays bounded.
+        """
+        skipped = self.skipped
+        for request_id in request_ids:
+            skipped[request_id] = True
+        while len(skipped) > _SKIPPED_KEPT:
+            skipped.pop(next(iter(skipped)), None)
+
+    def handle_stream(self, envelope: bytes | WireRequest, window: int) -> Iterator[Any]:
+        """Serve one stream (called with ``num_returns="streaming"``): its items, then one :class:`_StreamEnd`.
+
+        A sync generator is stepped here, item by item, as Ray asks for the
+        next (Ray's back-pressure, set to ``window`` by the caller, bounds how
+        far ahead it runs); an async generator (an async replica) runs on the
+        task's event loop. Ray cancelling this generator (the caller closed the
+        stream) closes the service's generator: its ``finally`` runs. Never
+        raises of its own; an item Ray cannot serialize fails this Ray task,
+        which the caller reports as a TypeError.
+        """
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            yield _StreamEnd(request)
+            return
+        # The service's generator is stepped right here, in this Ray thread: no hand-off per item.
+        collected = _CollectedItems()
+        self.streams[request.request_id] = collected
+        run = self.task.run_stream_here(request, collected)  # type: ignore[union-attr]
+        try:
+            while True:
+                if run is not None:
+                    run.pump(1)
+                items = collected.take()
+                for item in items:  # noqa: UP028 - not "yield from": Ray resumes its generators with send()
+                    yield item
+                if collected.response is not None:
+                    yield _stream_end(request, collected.response)
+                    return
+                if run is None:
+                    collected.wait(_STREAM_POLL)  # an async generator: made on the task's event loop
+        finally:
+            if run is not None:
+                # Ray cancelled it (the caller closed the stream) or the stream ended: the generator is closed.
+                run.abandon(
+                    ServiceResponse(
+                        True, None, None, request.request_id, metadata={"kservice.stream.closed": "cancelled"}
+                    )
+                )
+            collected.cancel()
+            self.streams.pop(request.request_id, None)
+
+    def _open_local_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+        local = LocalStream(window)
+        self.streams[request.request_id] = local
+        self.task.open_stream(request, local)  # type: ignore[union-attr]
+        return local
+
+    def _close_local_stream(self, request_id: str, local: LocalStream) -> None:
+        local.close()  # the service's generator stops (its finally runs) if it had not ended
+        self.streams.pop(request_id, None)
+
+    def cancel_stream(self, request_id: str) -> None:
+        """The caller closed stream ``request_id`` early: stop the service's generator (control group)."""
+        sink = self.streams.get(request_id)
+        if sink is not None:
+            sink.cancel()
+
+    def ready(self) -> ServiceResponse:
+        if self.failure is not None:
+            return self.failure
+        return ServiceResponse.ok("", self._info())
+
+    def _info(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "wire": WIRE_VERSION,
+            "actor": self.actor_name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        task = self.task
+        if task is None:
+            return {"idempotent": [], "class": "", **self._info()}
+        return {
+            "idempotent": sorted(_idempotent_methods(task.service_factory.service_class, task.options)),
+            "class": task.service_factory.class_path,
+            "max_concurrency": task.max_workers,
+            **self._info(),
+        }
+
+    def check_health(self) -> Any:
+        """The service's own ``check_health()`` outcome (None when it defines none)."""
+        task = self.task
+        if task is None:
+            return f"the service failed to build: {self.failure.error if self.failure else 'unknown error'}"
+        method = getattr(task.service, "check_health", None)
+        return method() if callable(method) else None
+
+    def status(self) -> dict[str, Any]:
+        task = self.task
+        if task is None:
+            return {"state": "failed", "healthy": False, "health_reason": self.failure.error if self.failure else ""}
+        return task.get_service_status().to_dict()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the hosted task after the calls it is running finish (up to ``timeout`` seconds)."""
+        task = self.task
+        if task is None:
+            return
+        deadline = time.monotonic() + timeout
+        task.stop_service(timeout)
+        # Requests run in Ray's threads, not in the task's pool: wait for them here.
+        while task.get_service_status().in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+#: most cancelled request ids a replica remembers (see ``_ReplicaHost.skip``)
+_SKIPPED_KEPT = 4096
+
+
+class _AsyncReplicaHost(_ReplicaHost):
+    """The body of a replica of a service with ``async def`` methods: a Ray async actor.
+
+    Ray runs every method of such an actor on its event loop, so no call
+    holds one of Ray's threads while it waits: a coroutine method is awaited
+    on the hosted task's event loop (where its ``async def setup()`` ran too),
+    a sync method runs in the task's worker pool, and the actor's handler
+    awaits either. Ray cancelling the call (``ray.cancel`` of a caller that
+    gave up) cancels the coroutine. Up to ``max_concurrency`` calls are in
+    flight per replica, as for threaded replicas.
+    """
+
+    pooled: ClassVar[bool] = True
+
+    async def handle(self, envelope: bytes | WireRequest) -> WireResponse:  # type: ignore[override]
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            return request
+        began = time.perf_counter()
+        return self._answer(await self._submit(request), began)
+
+    async def _submit(self, request: ServiceRequest) -> ServiceResponse:
+        import asyncio
+
+        task = self.task
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[ServiceResponse] = loop.create_future()
+
+        def reply(response: ServiceResponse) -> None:
+            loop.call_soon_threadsafe(_settle_future, answered, response)
+
+        task.submit(request, reply)
+        try:
+            return await answered
+        except asyncio.CancelledError:
+            task.cancel_request(request.request_id)
+            raise
+
+    async def handle_stream(self, envelope: bytes | WireRequest, window: int) -> AsyncIterator[Any]:  # type: ignore[override]
+        """:meth:`_ReplicaHost.handle_stream` on the actor's event loop (Ray cancelling it closes the stream)."""
+        request = self._request(envelope)
+        if isinstance(request, ServiceResponse):
+            yield _StreamEnd(request)
+            return
+        local = self._open_local_stream(request, window)
+        try:
+            while True:
+                items, end = await local.areceive(_STREAM_POLL)
+                for item in items:
+                    yield item
+                if items:
+                    local.consumed(len(items))
+                if end is not None:
+                    yield _stream_end(request, end)
+                    return
+        finally:
+            self._close_local_stream(request.request_id, local)
+
+    async def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:  # type: ignore[override]
+        import asyncio
+
+        answers = await asyncio.gather(*(self.handle(envelope) for envelope in envelopes))
+        return [_stored_if_needed(answer) for answer in answers]
+
+
+#: seconds a replica's stream generator waits for the service's next item before looking again
+_STREAM_POLL = 0.5
+
+
+class _CollectedItems(LocalStream):
+    """A threaded replica's sink: items wait here for the Ray generator that steps the service's generator.
+
+    Its window never fills (Ray's generator back-pressure is what bounds the
+    stream); :meth:`take` hands over what was made.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(1 << 30)
+
+    @property
+    def response(self) -> ServiceResponse | None:
+        return self._response
+
+    def take(self) -> list[Any]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._unacknowledged -= len(items)
+        return items
+
+    def wait(self, timeout: float) -> None:
+        with self._lock:
+            if not self._items and self._response is None:
+                self._arrived.wait(timeout)
+
+
+class _StreamEnd:
+    """The last object of a replica's stream: how it ended (a success carrying the item count, or the error)."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: ServiceResponse) -> None:
+        self.response = response
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_StreamEnd, (self.response,))
+
+
+def _stream_end(request: ServiceRequest, end: ServiceResponse) -> _StreamEnd:
+    end.request_id = request.request_id
+    return _StreamEnd(end.for_wire())
+
+
+def _settle_future(future: Any, response: ServiceResponse) -> None:
+    if not future.done():
+        future.set_result(response)
+
+
+def _stored_if_needed(answer: WireResponse) -> WireResponse | _Stored:
+    """A batched answer as it travels: a result only Ray can serialize is stored on its own (``ray.put``)."""
+    if type(answer) is not tuple:
+        return answer
+    import ray
+
+    try:
+        return _Stored(ray.put(answer[0]))
+    except Exception as exc:
+        failed = ServiceResponse.from_exception("", exc, origin="service")
+        failed.error = f"the result could not be returned through Ray: {_first_line(exc)}"
+        return failed.for_wire()
+
+
+#: the run time (seconds, little-endian double) after the pickle of a plain result
+
+
+def _has_async_methods(cls: type) -> bool:
+    """Whether ``cls`` has ``async def`` methods or async generators (its replicas are Ray async actors)."""
+    return any(
+        inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
+        for _, member in inspect.getmembers(cls)
+    )
+
+
+_actor_class_cache: Any = None
+_async_actor_class_cache: Any = None
+_actor_class_lock = threading.Lock()
+
+
+def _actor_class(service_class: type | None = None) -> Any:
+    """``ray.remote`` of the replica body for ``service_class``, built once per process.
+
+    A service with coroutine methods (or async generators, or ``async def``
+    setup/cleanup) gets :class:`_AsyncReplicaHost`, a Ray async actor; the
+    others :class:`_ReplicaHost`, a threaded actor.
+    """
+    global _actor_class_cache, _async_actor_class_cache
+    if service_class is not None and _has_async_methods(service_class):
+        if _async_actor_class_cache is None:
+            with _actor_class_lock:
+                if _async_actor_class_cache is None:
+                    _async_actor_class_cache = _ray().remote(concurrency_groups={_CONTROL_GROUP: 2})(_AsyncReplicaHost)
+        return _async_actor_class_cache
+    if _actor_class_cache is None:
+        with _actor_class_lock:
+            if _actor_class_cache is None:
+                ray = _ray()
+                _actor_class_cache = ray.remote(concurrency_groups={_CONTROL_GROUP: 2})(_ReplicaHost)
+    return _actor_class_cache
+
+
+def _idempotent_methods(service_class: type | None, options: dict[str, Any]) -> set[str]:
+    """Methods declared safe to run twice: ``idempotent:`` config, ``@service(idempotent_methods=)``, ``@idempotent``."""
+    return idempotent_methods(service_class, options.get("idempotent", ()))
