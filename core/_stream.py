@@ -471,6 +471,7 @@ class SyncStreamRun:
                     try:
                         item = next(generator)
                     except StopIteration:
+                        self.generator = None  # exhausted: closing it would do nothing (and costs a context switch-in)
                         self.response = ServiceResponse(True, None, None, request.request_id)
                         break
                     finally:
