@@ -79,7 +79,9 @@ class StreamSink(ABC):
     def __init__(self, window: int) -> None:
         self.window = max(1, window)
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
+        # Made on the first wait only (under ``_lock``): most streams never wait for room, and a
+        # Condition costs microseconds to make (first-item latency).
+        self._room: threading.Condition | None = None
         self._unacknowledged = 0
         self.cancelled = False
         self.stop_reason: ServiceResponse | None = None
@@ -110,7 +112,8 @@ class StreamSink(ABC):
         """The consumer took ``count`` more items: room for as many."""
         with self._lock:
             self._unacknowledged -= count
-            self._room.notify()
+            if self._room is not None:
+                self._room.notify()
             self._wake_async()
 
     def cancel(self, reason: ServiceResponse | None = None) -> None:
@@ -123,7 +126,8 @@ class StreamSink(ABC):
             self.cancelled = True
             if reason is not None:
                 self.stop_reason = reason
-            self._room.notify_all()
+            if self._room is not None:
+                self._room.notify_all()
             self._wake_async()
 
     def _wake_async(self) -> None:
@@ -148,7 +152,10 @@ class StreamSink(ABC):
                     return False
                 if interval is not None:
                     wait = interval if wait is None else min(wait, interval)
-                if not self._room.wait(wait) and interval is not None and not self.consumer_alive():
+                room = self._room
+                if room is None:
+                    room = self._room = threading.Condition(self._lock)
+                if not room.wait(wait) and interval is not None and not self.consumer_alive():
                     self.cancelled = True  # the consumer died: nobody will take the rest
             if self.cancelled:
                 return False
@@ -200,6 +207,22 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+_kinds_of: Callable[[type], Any] | None = None
+
+
+def _method_kinds(cls: type) -> Any:
+    """``_aio.method_kinds``, imported on first use (host side only: a caller's process need not load asyncio).
+
+    Kept once imported: an import statement in a function costs about a microsecond per call.
+    """
+    global _kinds_of
+    if _kinds_of is None:
+        from ._aio import method_kinds
+
+        _kinds_of = method_kinds
+    return _kinds_of(cls)
+
+
 def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Callable[..., Any], bool]:
     """The generator method ``request`` names and whether it is an async generator.
 
@@ -212,9 +235,7 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
     method = getattr(task.service, name, None)
     if method is None or not callable(method):
         raise task._method_not_found(name)
-    from ._aio import method_kinds  # host side only: a caller's process need not load asyncio
-
-    kinds = method_kinds(type(task.service))
+    kinds = _method_kinds(type(task.service))
     if name in kinds.async_generators:
         return method, True
     if name in kinds.generators:
@@ -279,15 +300,15 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
         # hand-off (first-item latency). Items keep being made here while they come fast and fit
         # the window (so this thread never waits for the consumer): a short stream ends here
         # entirely; the rest of a long one is made in a stream thread.
+        # One pass (each pump costs a context switch-in): the cost observed is the pass's time per item,
+        # which is the first item's alone when that one took the whole budget.
         began = perf_counter()
         sink.in_place = True
         try:
-            ended = run.pump(1)
-            task.observe_cost(cost_key, perf_counter() - began)
-            if not ended and run.pending is _NOTHING:
-                ended = run.pump(sink.window - 1, task.inline_limit)
+            ended = run.pump(sink.window, task.inline_limit)
         finally:
             sink.in_place = False
+        task.observe_cost(cost_key, (perf_counter() - began) / max(1, run.count))
         if ended:
             return
         submitted: Callable[[], Any] = run.pump
@@ -450,6 +471,7 @@ class SyncStreamRun:
                     try:
                         item = next(generator)
                     except StopIteration:
+                        self.generator = None  # exhausted: closing it would do nothing (and costs a context switch-in)
                         self.response = ServiceResponse(True, None, None, request.request_id)
                         break
                     finally:
@@ -609,20 +631,22 @@ class LocalStream(StreamSink, StreamSource):
     def __init__(self, window: int) -> None:
         StreamSink.__init__(self, window)
         self._items: collections.deque[Any] = collections.deque()
-        self._arrived = threading.Condition(self._lock)
+        self._arrived: threading.Condition | None = None  # made on the consumer's first wait (see _room)
         self._response: ServiceResponse | None = None
         self._async_arrival: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
 
     def _emit(self, item: Any) -> None:
         with self._lock:
             self._items.append(item)
-            self._arrived.notify()
+            if self._arrived is not None:
+                self._arrived.notify()
             self._wake_consumer()
 
     def _finish(self, response: ServiceResponse) -> None:
         with self._lock:
             self._response = response
-            self._arrived.notify_all()
+            if self._arrived is not None:
+                self._arrived.notify_all()
             self._wake_consumer()
 
     def _wake_consumer(self) -> None:
@@ -643,8 +667,15 @@ class LocalStream(StreamSink, StreamSource):
     def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         with self._lock:
             if not self._items and self._response is None:
-                self._arrived.wait(timeout)
+                self._wait_arrival(timeout)
             return self._take()
+
+    def _wait_arrival(self, timeout: float | None) -> None:
+        """Wait (holding ``_lock``) up to ``timeout`` for an item or the end."""
+        arrived = self._arrived
+        if arrived is None:
+            arrived = self._arrived = threading.Condition(self._lock)
+        arrived.wait(timeout)
 
     async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         import asyncio  # not at import time: a process that never awaits need not load it
@@ -680,6 +711,103 @@ class LocalStream(StreamSink, StreamSource):
 
     def close(self) -> None:
         self.cancel()
+
+
+class PulledStream(LocalStream):
+    """A stream whose generator the consumer steps in its own thread, for a generator known to be quick.
+
+    The in-process counterpart of ``BaseServiceTask.run_inline``: no thread
+    hand-off, so the first item costs about what a call does. ``receive``
+    makes the next items (up to the window, for at most ``inline_limit``
+    seconds) and returns them; the generator never runs ahead of the window,
+    and a consumer that does not read leaves it paused. The stream moves to
+    one of the task's stream threads (and from then on behaves as a
+    :class:`LocalStream`) when a batch of items took longer than
+    ``inline_limit`` or when it is read with ``async for`` (an event loop must
+    not run a generator that may block). As with ``run_inline``, a step that
+    turns slow cannot be abandoned at the deadline: the consumer waits for
+    that one step, then gets ServiceTimeoutError. ``close()`` closes the
+    generator in the closing thread (its ``finally`` runs there, at once).
+    """
+
+    def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], window: int) -> None:
+        LocalStream.__init__(self, window)
+        self._pulling = True
+        self._task = task
+        self._cost_key = "stream:" + request.method_name
+        self._run = SyncStreamRun(task, request, method, self)
+
+    def send(self, item: Any, deadline: float | None) -> bool:
+        if not self._pulling:
+            return LocalStream.send(self, item, deadline)
+        if self.cancelled:
+            return False
+        self._unacknowledged += 1  # only the consumer's thread steps the generator while it pulls
+        self._items.append(item)
+        return True
+
+    def _pull(self) -> None:
+        """Make the next items in this thread (the consumer's): the first alone, then up to the window."""
+        run = self._run
+        if self.cancelled:
+            run.abandon(_stopped_response(run.request, self))
+            return
+        task = self._task
+        limit = task.inline_limit
+        first = run.count == 0
+        began = perf_counter()
+        ended = run.pump(1 if first else max(1, self.window - self._unacknowledged), limit)
+        took = perf_counter() - began
+        if first:
+            task.observe_cost(self._cost_key, took)
+        if not ended and took > limit:
+            self._to_thread()
+
+    def _to_thread(self) -> None:
+        """From now on the generator runs in one of the task's stream threads (see the class docstring)."""
+        self._pulling = False
+        try:
+            _stream_threads(self._task).submit(self._run.pump)
+        except RuntimeError:
+            self._run.abandon(self._task._unavailable(self._run.request, "it stopped"))
+
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        if self._pulling and not self._items and self._response is None:
+            self._pull()
+        return LocalStream.receive(self, timeout)
+
+    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        if self._pulling and self._response is None:
+            self._to_thread()
+        return await LocalStream.areceive(self, timeout)
+
+    def close(self) -> None:
+        if self._pulling:
+            self._run.abandon(_ended_early(self._run.request, "the consumer closed the stream"))
+        else:
+            self.cancel()
+
+
+def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> PulledStream | None:
+    """A :class:`PulledStream` for ``request`` when its generator may run in the consumer's thread; else None.
+
+    It may when the task is running, the service is thread-safe, the method
+    is a (sync) generator, and its first item has been observed to come in
+    under ``inline_limit`` seconds. None: use ``task.open_stream`` (which
+    also answers every refusal: unknown method, not a generator...).
+    """
+    if task._serial_lock is not None or task.state != "running" or task.service is None:
+        return None
+    cost = task.method_cost("stream:" + request.method_name)  # only ever recorded for generator methods
+    if cost is None or cost >= task.inline_limit:
+        return None
+    try:
+        method, is_async = stream_method(task, request)
+    except (MethodNotFoundError, TypeError):
+        return None
+    if is_async:
+        return None
+    return PulledStream(task, request, method, window)
 
 
 class ItemStream(Iterator[Any], AsyncIterator[Any]):

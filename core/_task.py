@@ -32,7 +32,15 @@ from ._errors import (
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
-from ._stream import StreamSink, SyncStreamRun, open_on_task, run_here, shutdown_stream_threads
+from ._stream import (
+    PulledStream,
+    StreamSink,
+    SyncStreamRun,
+    open_on_task,
+    pull_stream,
+    run_here,
+    shutdown_stream_threads,
+)
 from ._transport import Listener, Reply, timeout_response
 
 if TYPE_CHECKING:
@@ -930,6 +938,17 @@ class BaseServiceTask:
         a consumer that cancels, and the task stopping all close the generator.
         """
         open_on_task(self, request, sink)
+
+    def pull_stream(self, request: ServiceRequest, window: int) -> PulledStream | None:
+        """Streaming call ``request`` as a source whose generator the consumer steps in its own thread, or None.
+
+        For in-process transports: the stream's counterpart of
+        :meth:`run_inline` (a thread-safe service's generator whose first
+        item was observed quick runs where it is read, with no thread
+        hand-off; see :class:`PulledStream` for what changes, and when it
+        moves to a stream thread). None: use :meth:`open_stream`.
+        """
+        return pull_stream(self, request, window)
 
     def run_stream_here(self, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
         """Serve streaming call ``request`` with its generator stepped in the caller's thread.

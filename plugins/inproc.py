@@ -77,7 +77,12 @@ class InprocConnection(Connection):
         return super().call(request, timeout)
 
     def open_stream(self, request: ServiceRequest, window: int) -> LocalStream:
-        """The generator runs in the task (its stream threads, or its event loop); items pass through a bounded deque."""
+        """A generator known quick runs in the caller's thread as it reads (``task.pull_stream``, as a sync
+        call's method runs inline); otherwise in the task (its stream threads, or its event loop), the items
+        passing through a bounded deque."""
+        pulled = self._task.pull_stream(request, window)
+        if pulled is not None:
+            return pulled
         stream = LocalStream(window)
         self._task.open_stream(request, stream)
         return stream

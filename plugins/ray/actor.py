@@ -399,7 +399,7 @@ class _CollectedItems(LocalStream):
     def wait(self, timeout: float) -> None:
         with self._lock:
             if not self._items and self._response is None:
-                self._arrived.wait(timeout)
+                self._wait_arrival(timeout)
 
 
 class _StreamEnd:

@@ -15,7 +15,9 @@ Rows (ratio = kservice / baseline; the target says which way is better):
 - an ``async def`` method called synchronously in-process against the same
   method written plainly: target <= 1.5x (the plain method, once observed
   fast, runs in the caller's own thread; a coroutine must go to the task's
-  loop and back, so the plain method sent through the pool is shown too).
+  loop and back, so the plain method sent through the pool, and the same
+  coroutine awaited on a bare loop thread with ``run_coroutine_threadsafe``
+  (the floor of that design, no framework), are shown too).
 
 The core plugins only (``inproc``, ``mmap``, ``ray``): other plugins are
 blocked through ``KSERVICE_DISABLE_PLUGINS`` so the rows measure the
@@ -149,14 +151,19 @@ def run_local(quick: bool) -> list[dict[str, Any]]:
                  "ratio": measured["first"] / measured["call"], "target": "<= 1.5",
                  "holds": measured["first"] / measured["call"] <= 1.5}
             )
-        measured = _interleaved_latency(
-            {
-                "async": lambda: manager.call_service_sync("local", "coroutine", (1,)),
-                "plain": lambda: manager.call_service_sync("local", "plain", (1,)),
-                "pooled": lambda: manager.call_service_sync("pool", "plain", (1,)),
-            },
-            latency_count * 2,
-        )
+        bare_loop = _BareLoop()
+        try:
+            measured = _interleaved_latency(
+                {
+                    "async": lambda: manager.call_service_sync("local", "coroutine", (1,)),
+                    "plain": lambda: manager.call_service_sync("local", "plain", (1,)),
+                    "pooled": lambda: manager.call_service_sync("pool", "plain", (1,)),
+                    "bare": lambda: bare_loop.call(Streamer().coroutine, 1),
+                },
+                latency_count * 2,
+            )
+        finally:
+            bare_loop.close()
         rows.append(
             {"name": "inproc: async def method, sync call vs the same plain (median µs)",
              "kservice": measured["async"] * 1e6, "baseline": measured["plain"] * 1e6,
@@ -168,7 +175,33 @@ def run_local(quick: bool) -> list[dict[str, Any]]:
              "kservice": measured["async"] * 1e6, "baseline": measured["pooled"] * 1e6,
              "ratio": measured["async"] / measured["pooled"], "target": "info", "holds": None}
         )
+        rows.append(
+            {"name": "  same, vs the method awaited on a bare loop thread (median µs)",
+             "kservice": measured["async"] * 1e6, "baseline": measured["bare"] * 1e6,
+             "ratio": measured["async"] / measured["bare"], "target": "info", "holds": None}
+        )
     return rows
+
+
+class _BareLoop:
+    """The design's floor for a sync caller of a coroutine: an asyncio loop in its own thread, no framework."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        return self._asyncio.run_coroutine_threadsafe(method(*args), self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
 
 
 def run_ray(quick: bool) -> list[dict[str, Any]]:

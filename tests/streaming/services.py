@@ -156,6 +156,16 @@ class TokenModel:
                 time.sleep(delay)
             yield word
 
+    def threads(self, n: int, slow_from: int = -1, delay: float = 0.0, tag: str = "") -> Iterator[int]:
+        """The id of the thread that made each item; items from ``slow_from`` on take ``delay`` seconds."""
+        try:
+            for i in range(n):
+                if i == slow_from:
+                    time.sleep(delay)
+                yield threading.get_ident()
+        finally:
+            self.closed.append(tag)
+
     def report(self) -> dict[str, Any]:
         return {"closed": list(self.closed), "produced": dict(self.produced)}
 

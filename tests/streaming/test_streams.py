@@ -276,3 +276,82 @@ def test_an_item_that_cannot_leave_in_place_is_sent_first_by_the_stream_thread(m
         sink.consumed(len(items))
     assert received == list(range(10)) and end.success
     assert in_place[:2] == [True, True] and not any(in_place[2:])  # item 1 left from the stream thread
+
+
+# ---- a generator known quick runs in the consumer's thread (no thread hand-off: first-item latency)
+
+
+#: "quick" up to 50 ms here (0.2 ms by default): a loaded machine must not make these tests take the thread path
+QUICK = {"local": {"inline_limit": 0.05}}
+
+
+@pytest.fixture
+def quick_env() -> Iterator[kservice.ServiceEnvironment]:
+    environment = kservice.ServiceEnvironment("streams-quick")
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **QUICK)
+    with environment:
+        yield environment
+
+
+def _learn_quick(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+    assert len(list(manager.stream("model", "threads", (3,)))) == 3  # the first stream's first item is timed
+    task = env.get_task("model")
+    assert task is not None
+    cost = task.method_cost("stream:threads")
+    assert cost is not None and cost < task.inline_limit
+
+
+def test_a_quick_generator_is_stepped_in_the_consumers_thread_and_closed_there_at_once(
+    quick_env: kservice.ServiceEnvironment,
+) -> None:
+    env = quick_env
+    manager = env.manager()
+    _learn_quick(manager, env)
+    here = threading.get_ident()
+    assert set(manager.stream("model", "threads", (200,), window=8)) == {here}
+    stream = manager.stream("model", "threads", (1000,), {"tag": "early"})
+    assert next(stream) == here
+    stream.close()
+    assert "early" in _model(env).closed  # its finally ran in close(), not later in another thread
+    assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the service keeps serving
+
+
+def test_a_pulled_stream_that_turns_slow_moves_to_a_stream_thread(quick_env: kservice.ServiceEnvironment) -> None:
+    manager = quick_env.manager()
+    _learn_quick(manager, quick_env)
+    here = threading.get_ident()
+    made = list(manager.stream("model", "threads", (40,), {"slow_from": 5, "delay": 0.2}, window=4))
+    assert len(made) == 40
+    assert made[0] == here and made[-1] != here  # the slow batch moved the rest to a stream thread
+
+
+def test_async_for_over_a_quick_generator_does_not_step_it_on_the_event_loop(quick_env: kservice.ServiceEnvironment) -> None:
+    manager = quick_env.manager()
+    _learn_quick(manager, quick_env)
+
+    async def consume() -> tuple[int, list[int]]:
+        return threading.get_ident(), [i async for i in manager.astream("model", "threads", (50,))]
+
+    loop_thread, made = asyncio.run(consume())
+    assert len(made) == 50 and loop_thread not in made
+
+
+def _model_of(environment: kservice.ServiceEnvironment) -> TokenModel:
+    task = environment.get_task("model")
+    assert task is not None
+    return task.service  # type: ignore[no-any-return]
+
+
+def test_stopping_the_service_ends_a_pulled_stream_unavailable() -> None:
+    environment = kservice.ServiceEnvironment("streams-pulled-stop")
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **QUICK)
+    environment.start()
+    with kservice.ServiceManager(environment) as manager:
+        _learn_quick(manager, environment)
+        stream = manager.stream("model", "threads", (10_000,), {"tag": "stopped"}, window=4, timeout=30)
+        next(stream)
+        model = _model_of(environment)
+        environment.stop(timeout=1.0)
+        with pytest.raises(kservice.ServiceUnavailableError):
+            list(stream)
+        assert "stopped" in model.closed
