@@ -180,7 +180,9 @@ class TaskLoop:
         running = self.loop.create_task(self._serve(task, request, method, reply))
         self._running[request.request_id] = running
 
-    async def _serve(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], reply: Reply) -> None:
+    async def _serve(
+        self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], reply: Reply
+    ) -> None:
         response: ServiceResponse
         try:
             response = await execute_coroutine(task, request, method, self._limit)

@@ -237,7 +237,9 @@ class _FastChunk(_Chunk):
 
     __slots__ = ("args", "chunk_id", "deadline", "failures", "left")
 
-    def __init__(self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float) -> None:
+    def __init__(
+        self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float
+    ) -> None:
         self.batch = batch
         self.first = first
         self.args = args
@@ -337,7 +339,9 @@ class _FastChunk(_Chunk):
         if not self._claim():
             return
         batch = self.batch
-        error = ServiceTimeoutError(f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s")
+        error = ServiceTimeoutError(
+            f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s"
+        )
         response = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime").for_wire()
         self.outcomes = [None] * len(self.args)
         self._fail(dict.fromkeys(range(len(self.args)), response))
@@ -395,7 +399,9 @@ class _Batch:
         self.chunk_size = _checked_count("chunk_size", chunk_size)
         self.window = max(1, -(-_checked_count("max_in_flight", max_in_flight) // self.chunk_size))
         if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}")
+            raise TypeError(
+                f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}"
+            )
         self.source = iter(iterable)  # TypeError at once for something that is not iterable
         self.manager = manager
         self.service_name = service_name
@@ -546,7 +552,9 @@ class _Batch:
             else:
                 chunk.waiter = threading.Lock()
                 chunk.waiter.acquire()
-        if not self.send_fast(chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk):
+        if not self.send_fast(
+            chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk
+        ):
             return False
         self.next_index += len(args)
         self.in_flight.append(chunk)

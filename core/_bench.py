@@ -433,7 +433,10 @@ def run(names: Iterable[str], settings: BenchSettings, console: Console | None =
                 subject.start()
                 progress.update(row, description=name)
                 result.latencies_us, result.pipelined_calls_per_s = _measure(
-                    subject, settings, payload, lambda n, row=row: progress.advance(row, n)  # type: ignore[misc]
+                    subject,
+                    settings,
+                    payload,
+                    lambda n, row=row: progress.advance(row, n),  # type: ignore[misc]
                 )
             except _Skip as skip:
                 result.skipped = str(skip)

@@ -93,7 +93,11 @@ def core_schema() -> Schema:
         "service": {
             "local": {
                 "max_workers": _setting(
-                    int, 10, "Worker threads per service task (each is started with the task).", minimum=1, maximum=MAX_WORKERS
+                    int,
+                    10,
+                    "Worker threads per service task (each is started with the task).",
+                    minimum=1,
+                    maximum=MAX_WORKERS,
                 ),
                 "max_concurrency": _setting(
                     int,
@@ -126,7 +130,9 @@ def core_schema() -> Schema:
         },
         "service_call": {
             "default_timeout": _setting(float, 30.0, "Timeout in seconds of a call that gives none.", minimum=0),
-            "max_retries": _setting(int, 3, "Retries after the first attempt, for failures that are safe to retry.", minimum=0),
+            "max_retries": _setting(
+                int, 3, "Retries after the first attempt, for failures that are safe to retry.", minimum=0
+            ),
             "retry_interval": _setting(float, 1.0, "Seconds before the first retry.", minimum=0),
             "stream_window": _setting(
                 int,
@@ -170,7 +176,9 @@ def service_entry_schema() -> Schema:
         "args": _setting(list, [], "Positional constructor arguments."),
         "kwargs": _setting(dict, {}, "Keyword constructor arguments."),
         "kind": _setting(str, "local", "Where the task runs: 'local', 'process', 'ray' (or a plugin's kind)."),
-        "transports": _setting(list, [], "Extra transports the task listens on (e.g. [mmap]); 'local' tasks always serve in-process calls."),
+        "transports": _setting(
+            list, [], "Extra transports the task listens on (e.g. [mmap]); 'local' tasks always serve in-process calls."
+        ),
         "replicas": _setting(int, 1, "Replica count, for kinds that replicate (ray).", minimum=1),
         "idempotent": _setting(list, [], "Method names safe to run more than once per call."),
         "enabled": _setting(bool, True, "Whether the environment registers this service."),
@@ -261,7 +269,11 @@ class ConfigProblems(ConfigError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         more = len(problems) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''}; 'kservice config check FILE' lists them all)" if more else ""
+        suffix = (
+            f" (and {more} more problem{'s' if more > 1 else ''}; 'kservice config check FILE' lists them all)"
+            if more
+            else ""
+        )
         super().__init__(problems[0] + suffix)
 
 
@@ -350,7 +362,9 @@ def _overridable_sections(schema: Schema) -> Schema:
 
 
 def _type_name(value: Any) -> str:
-    return {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+    return {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
 
 
 # --------------------------------------------------------------------------- ${VAR} interpolation
@@ -469,7 +483,10 @@ def _config_loader() -> Any:
             try:
                 if self._depth > MAX_YAML_DEPTH:
                     raise yaml.composer.ComposerError(
-                        None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                        None,
+                        None,
+                        f"nested deeper than {MAX_YAML_DEPTH} levels",
+                        self.peek_event().start_mark,  # type: ignore[no-untyped-call]
                     )
                 return super().compose_node(parent, index)
             finally:
@@ -513,7 +530,9 @@ def _config_loader() -> Any:
         def compose_mapping_node(self, anchor: Any) -> Any:
             node = super().compose_mapping_node(anchor)
             if self._failed:
-                node.value = [(key, value) for key, value in node.value if not any(value is bad for bad in self._failed)]
+                node.value = [
+                    (key, value) for key, value in node.value if not any(value is bad for bad in self._failed)
+                ]
             return node
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -553,10 +572,12 @@ def _config_loader() -> Any:
             digits = sum(ch.isdigit() for ch in str(node.value))
             if digits > MAX_INT_DIGITS:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)", node.start_mark
+                    None,
+                    None,
+                    f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)",
+                    node.start_mark,
                 )
             return super().construct_yaml_int(node)
-
 
     _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
     return _ConfigLoader
@@ -588,7 +609,13 @@ def read_config_file(path: str | os.PathLike[str], origin: str | None = None, pr
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            what = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+            what = (
+                "a directory"
+                if stat.S_ISDIR(info.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(info.st_mode)
+                else "not a regular file"
+            )
             raise ConfigError(f"cannot read config file {origin}: it is {what}; give the path of a YAML file")
         if info.st_size > MAX_CONFIG_BYTES:
             raise ConfigError(
@@ -720,7 +747,9 @@ class Config:
         disable = [str(name) for name in plugin_options["disable"]]
         require = [str(name) for name in plugin_options["require"]]
         for name in sorted(set(disable) & set(require)):
-            problems.append(f"plugins.require: plugin {name!r} is also listed under plugins.disable; keep it in one of them")
+            problems.append(
+                f"plugins.require: plugin {name!r} is also listed under plugins.disable; keep it in one of them"
+            )
         disabled_names = disabled_plugin_names() | set(disable)
         # Keys of disabled plugins whose schema is known are ignored (with a warning); other unknown keys are
         # errors, unless some disabled plugin was never imported (its keys cannot be known).
@@ -755,7 +784,12 @@ class Config:
                 continue
             own = {k: v for k, v in entry.items() if k not in overridable}
             validated = _validate_section(
-                prefix, {**entry_schema, **overridable}, own, problems, disabled=disabled, disabled_schema=disabled_overridable
+                prefix,
+                {**entry_schema, **overridable},
+                own,
+                problems,
+                disabled=disabled,
+                disabled_schema=disabled_overridable,
             )
             for key in overridable:
                 validated.pop(key, None)
@@ -803,7 +837,11 @@ class Config:
         overridable = _overridable_sections(self.schema)
         effective: dict[str, Any] = {}
         for section in overridable:
-            source = self._data["service"][section] if section in self._data.get("service", {}) else self._data.get(section, {})
+            source = (
+                self._data["service"][section]
+                if section in self._data.get("service", {})
+                else self._data.get(section, {})
+            )
             effective[section] = copy.deepcopy(source)
         entry = self._data.get("services", {}).get(name) or defaults_of(service_entry_schema())
         for key, value in entry.items():
@@ -852,14 +890,18 @@ def check_config(
     return config, problems, notes
 
 
-def _check_service(name: str, entry: dict[str, Any], problems: list[str], notes: list[str], import_modules: bool) -> None:
+def _check_service(
+    name: str, entry: dict[str, Any], problems: list[str], notes: list[str], import_modules: bool
+) -> None:
     from ._plugins import registered_services, service_entry_points, task_kinds, transports
 
     prefix = f"services.{name}"
     kinds = sorted(task_kinds())
     kind = entry.get("kind", "local")
     if kind not in kinds:
-        problems.append(f"{prefix}.kind: no task kind {kind!r} is registered{_did_you_mean(kind, kinds)} (registered: {', '.join(kinds) or 'none'})")
+        problems.append(
+            f"{prefix}.kind: no task kind {kind!r} is registered{_did_you_mean(kind, kinds)} (registered: {', '.join(kinds) or 'none'})"
+        )
     known_transports = sorted(transports())
     for index, transport in enumerate(entry.get("transports") or []):
         if transport not in known_transports:
@@ -943,7 +985,10 @@ def _check_class_path(path: str, import_modules: bool) -> tuple[str | None, str 
         return None, None
     spec = _find_module_spec(module_name)
     if spec is None:
-        return f"no module named {module_name!r} on the path{_did_you_mean(module_name, _module_candidates(module_name))}", None
+        return (
+            f"no module named {module_name!r} on the path{_did_you_mean(module_name, _module_candidates(module_name))}",
+            None,
+        )
     first = attr.split(".")[0]
     if module_name in sys.modules:
         names = set(dir(sys.modules[module_name]))
@@ -952,7 +997,10 @@ def _check_class_path(path: str, import_modules: bool) -> tuple[str | None, str 
         return f"module {module_name!r} has no attribute {first!r}{_did_you_mean(first, names)}", None
     origin = getattr(spec, "origin", None)
     if not origin or not str(origin).endswith(".py"):
-        return None, f"{path}: {module_name!r} has no Python source to read; run 'kservice config check --import' to import it"
+        return (
+            None,
+            f"{path}: {module_name!r} has no Python source to read; run 'kservice config check --import' to import it",
+        )
     try:
         with open(origin, encoding="utf-8") as source_file:
             tree = ast.parse(source_file.read(), filename=origin)
@@ -962,7 +1010,10 @@ def _check_class_path(path: str, import_modules: bool) -> tuple[str | None, str 
     if first in names:
         return None, None
     if opaque:
-        return None, f"{path}: {module_name!r} may define {first!r} at import time ({opaque}); run 'kservice config check --import' to import it"
+        return (
+            None,
+            f"{path}: {module_name!r} may define {first!r} at import time ({opaque}); run 'kservice config check --import' to import it",
+        )
     return f"module {module_name!r} ({origin}) defines no {first!r}{_did_you_mean(first, names)}", None
 
 
@@ -1003,6 +1054,7 @@ def _top_level_names(tree: Any) -> tuple[set[str], str]:
                     visit(getattr(node, field, []) or [])
                 for handler in getattr(node, "handlers", []) or []:
                     visit(handler.body)
+
     visit(tree.body)
     if not opaque and any(isinstance(node, ast.Name) and node.id in ("globals", "vars") for node in ast.walk(tree)):
         opaque = "globals() written at import"

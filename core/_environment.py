@@ -57,7 +57,9 @@ class ServiceEnvironment:
             service_class = self.load_entry_point_service(entry["entry_point"])
         else:
             service_class = self.load_entry_point_service(service_name)
-        factory = ServiceFactory(service_name, service_class, tuple(entry.get("args", ())), dict(entry.get("kwargs", {})))
+        factory = ServiceFactory(
+            service_name, service_class, tuple(entry.get("args", ())), dict(entry.get("kwargs", {}))
+        )
         return self.register_service(service_name, factory)
 
     @staticmethod
@@ -247,7 +249,11 @@ class ServiceEnvironment:
             try:
                 task.stop_service(timeout)
             except Exception as exc:  # noqa: BLE001 - one task must not keep the others running
-                warnings.warn(f"stopping service {task.service_name!r} raised {type(exc).__name__}; the others still stop", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"stopping service {task.service_name!r} raised {type(exc).__name__}; the others still stop",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if was_started:
             from ._plugins import announce
 
@@ -276,7 +282,11 @@ def _registration_option_names() -> set[str]:
 
     schema = config_schema()
     names = set(service_entry_schema()) | set(schema.get("service", {}))  # local, and each task kind's section
-    names.update(key for key, value in schema.items() if isinstance(value, dict) and key not in ("service", "services", "plugins"))
+    names.update(
+        key
+        for key, value in schema.items()
+        if isinstance(value, dict) and key not in ("service", "services", "plugins")
+    )
     return names
 
 

@@ -51,7 +51,9 @@ def _checked_timeout(timeout: Any) -> float:
         if -_TIMEOUT_MAX <= timeout <= _TIMEOUT_MAX:  # False for NaN, which compares false with everything
             return float(timeout)
     except TypeError:
-        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__} ({timeout!r})") from None
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {type(timeout).__name__} ({timeout!r})"
+        ) from None
     raise ValueError(f"timeout must be a finite number of seconds (at most {_TIMEOUT_MAX:g}) or None, got {timeout!r}")
 
 
@@ -200,7 +202,9 @@ class _Route:
         """Seconds before retrying a failed attempt, or None: no policy, the policy gives up, or past the deadline."""
         if self.retry is None:
             return None
-        delay: float | None = self.retry.should_retry(request, response, attempt, self.is_idempotent(request.method_name))
+        delay: float | None = self.retry.should_retry(
+            request, response, attempt, self.is_idempotent(request.method_name)
+        )
         if delay is None or request.deadline is None or time.time() + delay >= request.deadline:
             return None
         return delay
@@ -292,7 +296,11 @@ class ServiceManager:
             if task is not None:
                 addresses = task.addresses
                 if not addresses:
-                    error = ServiceStoppedError if task.state in ("created", "stopped", "failed") else ServiceUnavailableError
+                    error = (
+                        ServiceStoppedError
+                        if task.state in ("created", "stopped", "failed")
+                        else ServiceUnavailableError
+                    )
                     raise error(f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first")
                 return addresses, task.service_factory.service_class
         # Every resolver is asked: which plugin answers first must not decide the transport.
@@ -361,7 +369,9 @@ class ServiceManager:
         else:
             raise failures[0]
         options = self.config.for_service(service_name)
-        contributed = self._pm.hook.kservice_middleware(service_name=service_name, options=options, service_class=service_class)
+        contributed = self._pm.hook.kservice_middleware(
+            service_name=service_name, options=options, service_class=service_class
+        )
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
@@ -508,7 +518,11 @@ class ServiceManager:
         Only ``route`` is dropped (and its connection closed, which fails no call in flight);
         a newer route another thread built meanwhile is kept.
         """
-        if not response.success and response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
+        if (
+            not response.success
+            and response.error_type == "ServiceUnavailableError"
+            and response.error_origin == "runtime"
+        ):
             self._drop_route(route)
             try:
                 return self._route(route.service_name)
@@ -630,7 +644,18 @@ class ServiceManager:
         from ._batch import CallMap, _Batch
 
         batch = _Batch(
-            self, service_name, method, iterable, kwargs, timeout, metadata, ordered, return_exceptions, chunk_size, max_in_flight, None
+            self,
+            service_name,
+            method,
+            iterable,
+            kwargs,
+            timeout,
+            metadata,
+            ordered,
+            return_exceptions,
+            chunk_size,
+            max_in_flight,
+            None,
         )
         batch.fill()
         return CallMap(batch)
@@ -661,7 +686,18 @@ class ServiceManager:
 
         loop = asyncio.get_running_loop()
         batch = _Batch(
-            self, service_name, method, iterable, kwargs, timeout, metadata, ordered, return_exceptions, chunk_size, max_in_flight, loop
+            self,
+            service_name,
+            method,
+            iterable,
+            kwargs,
+            timeout,
+            metadata,
+            ordered,
+            return_exceptions,
+            chunk_size,
+            max_in_flight,
+            loop,
         )
         batch.fill()
         return AsyncCallMap(batch)

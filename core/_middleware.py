@@ -174,7 +174,9 @@ class MiddlewareChain:
 
     def __init__(self, middlewares: Iterable[Any], side: str) -> None:
         before_name, after_name, observe_name = (
-            ("before_call", "after_call", "observe_call") if side == "client" else ("before_handle", "after_handle", "observe_handle")
+            ("before_call", "after_call", "observe_call")
+            if side == "client"
+            else ("before_handle", "after_handle", "observe_handle")
         )
         # A client hook's error reaches the caller as raised; a server hook's travels like the method's.
         self._error_origin: Any = "client" if side == "client" else "service"
@@ -199,7 +201,9 @@ class MiddlewareChain:
         # Fast refusal (client side): only when every middleware that sees outcomes hears of refusals too.
         admits = [m.admit for m in self.middlewares if _overridden(m, "admit") is not None]
         refused = [m.on_refused for m in self.middlewares if _overridden(m, "on_refused") is not None]
-        hears = all(_overridden(self.middlewares[index], "on_refused") is not None for index, _ in (*afters, *observers))
+        hears = all(
+            _overridden(self.middlewares[index], "on_refused") is not None for index, _ in (*afters, *observers)
+        )
         self._refused = tuple(refused)
         #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
         self.admit: Callable[[str, str], BaseException | None] | None = None
@@ -294,7 +298,9 @@ class MiddlewareChain:
         after.append("    return response")
         source = "\n".join(before + after + admit) + "\n"
         exec(compile(source, _register_source(source, self._error_origin), "exec"), names)
-        self.run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]] = names["run_before"]
+        self.run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]] = names[
+            "run_before"
+        ]
         self.run_after: Callable[[ServiceRequest, ServiceResponse, int, float], ServiceResponse] = names["run_after"]
         if admits:
             self.admit = names["admit"]

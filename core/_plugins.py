@@ -223,7 +223,9 @@ def _load_entry_point(pm: KservicePluginManager, ep: EntryPoint) -> None:
         pm.origins.setdefault(ep.name, origin() if callable(origin) else origin)
         if _strict():
             raise PluginError(message) from exc
-        warnings.warn(message + f" (skipped; set {STRICT_ENV_VAR}=1 to make this an error)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            message + f" (skipped; set {STRICT_ENV_VAR}=1 to make this an error)", RuntimeWarning, stacklevel=3
+        )
         return
     pm.origins[ep.name] = origin
 
@@ -323,13 +325,19 @@ def plugin_states() -> list[PluginState]:
     known_origins = {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
     for name, why in pm.disabled.items():
         origin = "entry point" if name in known_origins else "not installed"
-        states[name] = PluginState(name, "disabled", pm.origins.get(name, origin), reason=f"disabled by {why}", required=name in pm.required)
+        states[name] = PluginState(
+            name, "disabled", pm.origins.get(name, origin), reason=f"disabled by {why}", required=name in pm.required
+        )
     for name, why in pm.failures.items():
         if name not in states:
-            states[name] = PluginState(name, "failed", pm.origins.get(name, "entry point"), reason=why, required=name in pm.required)
+            states[name] = PluginState(
+                name, "failed", pm.origins.get(name, "entry point"), reason=why, required=name in pm.required
+            )
     for name in pm.required:
         if name not in states:
-            states[name] = PluginState(name, "failed", "not installed", reason=not_loaded_reason(pm, name) or "", required=True)
+            states[name] = PluginState(
+                name, "failed", "not installed", reason=not_loaded_reason(pm, name) or "", required=True
+            )
     return [states[name] for name in sorted(states)]
 
 
@@ -440,7 +448,9 @@ def _unique_by_name(hook_name: str, what: str) -> dict[str, tuple[str, tuple[Any
     for plugin_name, args in _collect_registrations(hook_name):
         key = args[0] if isinstance(args[0], str) else args[0].name
         if key in table and table[key][0] != plugin_name:
-            raise PluginError(f"{what} {key!r} is registered by both plugin {table[key][0]!r} and plugin {plugin_name!r}")
+            raise PluginError(
+                f"{what} {key!r} is registered by both plugin {table[key][0]!r} and plugin {plugin_name!r}"
+            )
         table[key] = (plugin_name, args)
     return table
 
@@ -449,7 +459,10 @@ def transports() -> dict[str, Transport]:
     """Every registered transport by name."""
     pm = get_plugin_manager()
     return pm.derived(
-        "transports", lambda: {name: args[0] for name, (_, args) in _unique_by_name("kservice_register_transports", "transport").items()}
+        "transports",
+        lambda: {
+            name: args[0] for name, (_, args) in _unique_by_name("kservice_register_transports", "transport").items()
+        },
     )
 
 
@@ -469,7 +482,10 @@ def task_kinds() -> dict[str, Callable[[ServiceFactory, TaskContext], BaseServic
     """Every registered task kind and the callable that makes its tasks."""
     pm = get_plugin_manager()
     return pm.derived(
-        "task_kinds", lambda: {name: args[1] for name, (_, args) in _unique_by_name("kservice_register_task_kinds", "task kind").items()}
+        "task_kinds",
+        lambda: {
+            name: args[1] for name, (_, args) in _unique_by_name("kservice_register_task_kinds", "task kind").items()
+        },
     )
 
 
@@ -477,7 +493,8 @@ def registered_services() -> dict[str, type]:
     """Service classes contributed by plugins through ``kservice_register_services``."""
     pm = get_plugin_manager()
     return pm.derived(
-        "services", lambda: {name: args[1] for name, (_, args) in _unique_by_name("kservice_register_services", "service").items()}
+        "services",
+        lambda: {name: args[1] for name, (_, args) in _unique_by_name("kservice_register_services", "service").items()},
     )
 
 
@@ -541,7 +558,9 @@ def check_settings(owner: str, path: str, addition: Schema) -> None:
                 f"plugin {owner!r} registers config key {dotted!r} as {type(value).__name__}; expected a Setting or a section (dict)"
             )
         if not value.types or not all(isinstance(t, type) for t in value.types):
-            raise PluginError(f"plugin {owner!r} registers config setting {dotted!r} with types {value.types!r}; expected Python types")
+            raise PluginError(
+                f"plugin {owner!r} registers config setting {dotted!r} with types {value.types!r}; expected Python types"
+            )
         try:
             if _check_value(dotted, value, value.default) != value.default and isinstance(value.default, str):
                 # A default is used as declared, never normalised: it must be spelt as one of the choices.

@@ -171,6 +171,7 @@ class StreamSink(ABC):
     async def asend(self, item: Any) -> bool:
         """:meth:`send` for a producer on an event loop (the deadline is the caller's ``asyncio.timeout``)."""
         import asyncio
+
         while True:
             with self._lock:
                 if self.cancelled:
@@ -288,7 +289,11 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
     if is_async:
         loop = task.event_loop
         assert loop is not None  # a service with async generators always has one
-        loop.spawn(request.request_id, serve_async_stream(task, request, method, sink), lambda: sink.end(task._unavailable(request, "it stopped")))
+        loop.spawn(
+            request.request_id,
+            serve_async_stream(task, request, method, sink),
+            lambda: sink.end(task._unavailable(request, "it stopped")),
+        )
         return
     run = SyncStreamRun(task, request, method, sink)
     if run.ended:
@@ -339,7 +344,9 @@ def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:
         with _executors_lock:
             executor = getattr(task, "_stream_executor", None)
             if executor is None:
-                executor = ThreadPoolExecutor(task.max_workers, thread_name_prefix=f"kservice-{task.service_name}-stream")
+                executor = ThreadPoolExecutor(
+                    task.max_workers, thread_name_prefix=f"kservice-{task.service_name}-stream"
+                )
                 task._stream_executor = executor  # type: ignore[attr-defined]
     return executor
 
@@ -386,7 +393,12 @@ def _begin(task: BaseServiceTask, request: ServiceRequest) -> tuple[ServiceReque
         try:
             request, response, limit = chain.run_before(request)
         except MiddlewareError as exc:
-            return exc.request, ServiceResponse.from_exception(request.request_id, exc.error, origin="service"), exc.index, began
+            return (
+                exc.request,
+                ServiceResponse.from_exception(request.request_id, exc.error, origin="service"),
+                exc.index,
+                began,
+            )
         return request, response, limit, began
     return request, None, chain.size, began
 
@@ -423,9 +435,23 @@ class SyncStreamRun:
     and the sink ended exactly once, by whichever call sees the end.
     """
 
-    __slots__ = ("began", "context", "count", "generator", "limit", "method", "pending", "request", "response", "sink", "task")
+    __slots__ = (
+        "began",
+        "context",
+        "count",
+        "generator",
+        "limit",
+        "method",
+        "pending",
+        "request",
+        "response",
+        "sink",
+        "task",
+    )
 
-    def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+    def __init__(
+        self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink
+    ) -> None:
         self.task = task
         self.method = method
         self.sink = sink
@@ -526,12 +552,16 @@ class SyncStreamRun:
         self.sink.end(_conclude(self.task, self.request, self.response, self.limit, self.began, self.count))
 
 
-def serve_sync_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+def serve_sync_stream(
+    task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink
+) -> None:
     """Run generator ``method`` for ``request``, sending each item into ``sink``; always ends the sink."""
     SyncStreamRun(task, request, method, sink).pump()
 
 
-async def serve_async_stream(task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink) -> None:
+async def serve_async_stream(
+    task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], sink: StreamSink
+) -> None:
     """Run async generator ``method`` for ``request`` on the running loop; always ends the sink.
 
     The deadline cancels the generator (``CancelledError`` inside it, then
@@ -612,6 +642,7 @@ class StreamSource(ABC):
     async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         """:meth:`receive` for asyncio code (the default waits in a thread; transports may do better)."""
         import asyncio
+
         loop = asyncio.get_running_loop()
         step = 0.25 if timeout is None else min(timeout, 0.25)
         return await loop.run_in_executor(None, self.receive, step)
@@ -1002,6 +1033,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
 
     async def __anext__(self) -> Any:
         import asyncio
+
         self._async = True
         while True:
             if self._items:
@@ -1034,7 +1066,9 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
 
     def __repr__(self) -> str:
         state = "done" if self._done else "open"
-        return f"<ItemStream {self._request.service_name}.{self._request.method_name} {state} delivered={self._delivered}>"
+        return (
+            f"<ItemStream {self._request.service_name}.{self._request.method_name} {state} delivered={self._delivered}>"
+        )
 
 
 def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:

@@ -47,7 +47,14 @@ if TYPE_CHECKING:
     from ._aio import TaskLoop
     from ._environment import ServiceEnvironment
 
-__all__ = ["BaseServiceTask", "LocalServiceTask", "ServiceFactory", "TaskContext", "import_service_class", "next_cost_estimate"]
+__all__ = [
+    "BaseServiceTask",
+    "LocalServiceTask",
+    "ServiceFactory",
+    "TaskContext",
+    "import_service_class",
+    "next_cost_estimate",
+]
 
 log = logging.getLogger("kservice.task")
 
@@ -576,7 +583,10 @@ class BaseServiceTask:
         if aio is not None:
             # Coroutine calls drain (up to the deadline) before an async cleanup runs on the same loop.
             instance = self._service
-            aio.stop(deadline, (lambda: _lifecycle_coroutine(instance, ("cleanup", "close"))) if instance is not None else None)
+            aio.stop(
+                deadline,
+                (lambda: _lifecycle_coroutine(instance, ("cleanup", "close"))) if instance is not None else None,
+            )
             self._service = None
         if self._service is not None:
             try:
@@ -619,7 +629,9 @@ class BaseServiceTask:
             max_workers=self.max_workers,
             restarts=self.restarts,
             started_at=self.started_at,
-            addresses=[f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses],
+            addresses=[
+                f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses
+            ],
             workers_alive=workers_alive,
             workers_replaced=0 if pool is None else pool.replaced,
         )
@@ -637,7 +649,9 @@ class BaseServiceTask:
         """
         with self._state_lock:
             if self._state != "created":
-                raise ServiceUnavailableError(f"service {self.service_name!r} is {self._state}: only a new task can adopt a host")
+                raise ServiceUnavailableError(
+                    f"service {self.service_name!r} is {self._state}: only a new task can adopt a host"
+                )
             self._state = "running"
             try:
                 self.listeners = list(self.open_listeners())
@@ -1164,7 +1178,11 @@ class BaseServiceTask:
         hands the rest elsewhere). An unknown method fails every item with
         MethodNotFoundError, none run. Never raises.
         """
-        if self._state != "running" or self._server_chain is not None or type(self).handle_request is not _handle_request:
+        if (
+            self._state != "running"
+            or self._server_chain is not None
+            or type(self).handle_request is not _handle_request
+        ):
             return None
         results: list[Any] = []
         failures: dict[int, ServiceResponse] = {}
@@ -1215,7 +1233,12 @@ class BaseServiceTask:
             _current_request.reset(token)
         ran = len(results)
         # The statistics in bulk (started before finished: a status read between shows none in flight).
-        for counter, count in ((self._started, ran), (self._finished, ran), (self._failed, len(failures)), (self._expired, expired)):
+        for counter, count in (
+            (self._started, ran),
+            (self._finished, ran),
+            (self._failed, len(failures)),
+            (self._expired, expired),
+        ):
             if count:
                 collections.deque(itertools.islice(counter, count), maxlen=0)
         return results, failures
@@ -1234,7 +1257,9 @@ class BaseServiceTask:
 
     def _handling_failed(self, request: ServiceRequest, exc: BaseException) -> ServiceResponse:
         """The answer to a request whose handling raised past :meth:`execute` (a subclass's override)."""
-        log.error("service %r: handling request %s raised past execute()", self.service_name, request.request_id, exc_info=exc)
+        log.error(
+            "service %r: handling request %s raised past execute()", self.service_name, request.request_id, exc_info=exc
+        )
         return ServiceResponse.from_exception(
             request.request_id,
             ServiceError(

@@ -128,7 +128,9 @@ class Connection(ABC):
         """
         from ._errors import ServiceError
 
-        raise ServiceError(f"the {type(self).__name__} transport cannot stream calls (use a transport that can: inproc, mmap, ray)")
+        raise ServiceError(
+            f"the {type(self).__name__} transport cannot stream calls (use a transport that can: inproc, mmap, ray)"
+        )
 
     def close(self) -> None:
         """Release the connection; idempotent.

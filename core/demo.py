@@ -200,7 +200,9 @@ def _shm_segments_of(pid: int) -> list[str]:
     return found
 
 
-def _async_burst(manager: ServiceManager, service: str, method: str, args: tuple[Any, ...], count: int) -> tuple[int, float]:
+def _async_burst(
+    manager: ServiceManager, service: str, method: str, args: tuple[Any, ...], count: int
+) -> tuple[int, float]:
     """``count`` asynchronous calls all in flight at once; returns (successes, seconds)."""
     started = time.perf_counter()
     futures = [manager.call_service_async(service, method, args, timeout=30) for _ in range(count)]
@@ -306,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     ray_runtime, ray_missing = (None, "--no-ray") if options.no_ray else _ray_runtime()
     problems: list[str] = []
     me = psutil.Process()
-    console.print("[bold]kservice demo[/]: a key-value store and a text service, in-process, in a child process and on Ray")
+    console.print(
+        "[bold]kservice demo[/]: a key-value store and a text service, in-process, in a child process and on Ray"
+    )
     if options.no_ray:
         console.print("[yellow]--no-ray: the Ray part is skipped.[/]")
     elif ray_runtime is None:
@@ -332,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         environment.start()
         console.print(f"  started {', '.join(environment.service_names())} in {time.perf_counter() - t0:.1f}s")
         for task in environment:
-            console.print(f"  [bold]{task.service_name:<9}[/] kind {task.kind:<8} reachable at {', '.join(a.transport for a in task.addresses)}")
+            console.print(
+                f"  [bold]{task.service_name:<9}[/] kind {task.kind:<8} reachable at {', '.join(a.transport for a in task.addresses)}"
+            )
         manager = environment.manager()
 
         _step("synchronous calls: the same API whatever the transport")
@@ -346,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             counted = proxy.word_count("the cat and the hat and the bat")
             console.print(f"  {name}.word_count(...)".ljust(32) + f"-> {counted}")
             where = proxy.where()
-            console.print(f"  {name}.where()".ljust(32) + f"-> pid {where['pid']} (this is {os.getpid()}), tenant {where['tenant']!r}")
+            console.print(
+                f"  {name}.where()".ljust(32)
+                + f"-> pid {where['pid']} (this is {os.getpid()}), tenant {where['tenant']!r}"
+            )
             if where["pid"] == os.getpid():
                 problems.append(f"{name} ran in this process")
             if where["tenant"] != "acme":
@@ -355,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         _step("asynchronous calls: 500 in flight at once, no thread per call")
         for name, method, args in [("kv", "get", ("greeting",)), *[(t, "slugify", ("A B C",)) for t in targets]]:
             ok, seconds = _async_burst(manager, name, method, args, 500)
-            console.print(f"  {name:<9} 500 calls of {method:<8} {ok} ok in {seconds * 1e3:7.1f} ms ({500 / seconds:>9,.0f} calls/s)")
+            console.print(
+                f"  {name:<9} 500 calls of {method:<8} {ok} ok in {seconds * 1e3:7.1f} ms ({500 / seconds:>9,.0f} calls/s)"
+            )
             if ok != 500:
                 problems.append(f"{500 - ok} async calls to {name} failed")
 
@@ -365,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             counts = list(manager.map(name, "word_count", phrases, timeout=30))
             seconds = time.perf_counter() - began
-            console.print(f"  {name:<9} map of 2,000 word_count calls in {seconds * 1e3:7.1f} ms ({2000 / seconds:>9,.0f} calls/s)")
+            console.print(
+                f"  {name:<9} map of 2,000 word_count calls in {seconds * 1e3:7.1f} ms ({2000 / seconds:>9,.0f} calls/s)"
+            )
             if counts != [dict(Counter(re.findall(r"[a-z']+", phrase.lower())).most_common(3)) for phrase in phrases]:
                 problems.append(f"map over {name} gave wrong or misordered results")
         outcomes = list(manager.map("kv", "get", ["greeting", ("missing", "default")], return_exceptions=True))
@@ -395,13 +408,17 @@ def main(argv: list[str] | None = None) -> int:
             first_word = next(stream)
         text_task = environment.get_task("text")
         stopped = _wait_until(lambda: text_task is not None and text_task.get_service_status().in_flight == 0, 5.0)
-        console.print(f"  a stream closed after its first word ({first_word!r}) stops the generator in the service: {stopped}")
+        console.print(
+            f"  a stream closed after its first word ({first_word!r}) stops the generator in the service: {stopped}"
+        )
         if not stopped:
             problems.append("closing a stream did not stop the generator in the service")
 
         _step("the middleware chain")
         console.print(f"  middleware of 'text', outermost first: {' -> '.join(_chain_names(environment, 'text'))}")
-        console.print("  (the environment's own first, then what installed plugins contribute; each runs its caller-side")
+        console.print(
+            "  (the environment's own first, then what installed plugins contribute; each runs its caller-side"
+        )
         console.print("  hooks in this process and its service-side hooks where the service runs)")
         console.print(f"  CallCounter saw: {dict(counter.calls)}; failures: {dict(counter.failures) or 'none'}")
 

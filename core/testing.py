@@ -85,7 +85,9 @@ class WaitTimeoutError(AssertionError, TimeoutError):
     """
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition", interval: float = 0.01) -> T:
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition", interval: float = 0.01
+) -> T:
     """Call ``predicate()`` until it returns something truthy, and return that value.
 
     Polls every ``interval`` seconds (the first call is immediate) for up to
@@ -97,7 +99,9 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "the
     with a message naming what never happened.
     """
     if timeout < 0 or interval <= 0:
-        raise ValueError(f"wait_for needs timeout >= 0 and interval > 0, got timeout={timeout!r}, interval={interval!r}")
+        raise ValueError(
+            f"wait_for needs timeout >= 0 and interval > 0, got timeout={timeout!r}, interval={interval!r}"
+        )
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -185,7 +189,9 @@ def kservice_runtimes() -> Iterator[KindRuntimes]:
 class ServiceStarter:
     """The callable the ``kservice_service`` fixture returns."""
 
-    def __init__(self, environment: ServiceEnvironment, manager: ServiceManager, request: pytest.FixtureRequest) -> None:
+    def __init__(
+        self, environment: ServiceEnvironment, manager: ServiceManager, request: pytest.FixtureRequest
+    ) -> None:
         self.environment = environment
         self.manager = manager
         self._request = request

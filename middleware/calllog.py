@@ -44,7 +44,9 @@ def _schema() -> dict[str, Setting]:
         "level": Setting((str,), "INFO", "Level of records for calls that succeeded.", choices=_LEVELS),
         "error_level": Setting((str,), "WARNING", "Level of records for calls that failed.", choices=_LEVELS),
         "log_arguments": Setting(
-            (bool,), False, "Add the call's argument values (repr, truncated) as call_args/call_kwargs. May log secrets."
+            (bool,),
+            False,
+            "Add the call's argument values (repr, truncated) as call_args/call_kwargs. May log secrets.",
         ),
         "max_argument_chars": Setting((int,), 200, "Longest repr kept of each argument value.", minimum=8),
     }
@@ -111,7 +113,15 @@ class CallLogMiddleware(ServiceMiddleware):
             extra["call_kwargs"] = {k: _short(v, limit) for k, v in request.kwargs.items()}
         try:
             if response.success or not self.log_arguments:
-                logger.log(level, "%s.%s %s in %.3f ms", request.service_name, request.method_name, outcome, duration_ms, extra=extra)
+                logger.log(
+                    level,
+                    "%s.%s %s in %.3f ms",
+                    request.service_name,
+                    request.method_name,
+                    outcome,
+                    duration_ms,
+                    extra=extra,
+                )
             else:
                 # Error messages often quote argument values: shown only when those may be logged.
                 logger.log(

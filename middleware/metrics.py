@@ -101,10 +101,15 @@ OTHER_METHODS = "(other)"
 def _schema() -> dict[str, Setting]:
     return {
         "enabled": Setting((bool,), True, "Record call metrics for this service (both sides unless turned off below)."),
-        "client": Setting((bool,), True, "Record the caller's view: each attempt, client middleware and transport included."),
+        "client": Setting(
+            (bool,), True, "Record the caller's view: each attempt, client middleware and transport included."
+        ),
         "server": Setting((bool,), True, "Record the service's view and its load: the method and server middleware."),
         "load_window": Setting(
-            (float,), 60.0, "Seconds over which status.extra['load'] computes calls/s and latency percentiles.", minimum=1.0
+            (float,),
+            60.0,
+            "Seconds over which status.extra['load'] computes calls/s and latency percentiles.",
+            minimum=1.0,
         ),
     }
 
@@ -218,7 +223,9 @@ class ServiceRecorder:
     pass their own to drive the load window.
     """
 
-    def __init__(self, side: str, service_name: str, *, window: float = 60.0, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, side: str, service_name: str, *, window: float = 60.0, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.side = side
         self.service_name = service_name
         self.window = window
@@ -265,7 +272,9 @@ class ServiceRecorder:
             stats = shard[key] = _MethodStats()
         return stats
 
-    def record(self, method: str, seconds: float, error_type: str = "", degraded: bool = False, now: float | None = None) -> None:
+    def record(
+        self, method: str, seconds: float, error_type: str = "", degraded: bool = False, now: float | None = None
+    ) -> None:
         """Count one call of ``method`` that took ``seconds`` (and ended at clock time ``now``)."""
         shard = self.shard()
         stats = shard.get(method)
@@ -451,7 +460,13 @@ class _Timed(ServiceMiddleware):
                 recent = self._recent
                 if recent is not None:
                     recent.append(
-                        (time.time(), request.method_name, response.error_type, response.error or "", response.remote_traceback)
+                        (
+                            time.time(),
+                            request.method_name,
+                            response.error_type,
+                            response.error or "",
+                            response.remote_traceback,
+                        )
                     )
             if response.degraded:
                 stats.degraded += 1
@@ -543,7 +558,9 @@ class _Collector:
             "kservice_degraded_responses", "Calls answered by a fallback (response.degraded).", labels=labels
         )
         latency = HistogramMetricFamily("kservice_call_duration_seconds", "Call latency in seconds.", labels=labels)
-        streams = CounterMetricFamily("kservice_streams", "Streamed calls completed (also counted in kservice_calls).", labels=labels)
+        streams = CounterMetricFamily(
+            "kservice_streams", "Streamed calls completed (also counted in kservice_calls).", labels=labels
+        )
         items = CounterMetricFamily("kservice_stream_items", "Items delivered by streamed calls.", labels=labels)
         with _recorders_lock:
             recorders = list(_recorders.values())
@@ -566,8 +583,12 @@ class _Collector:
                 buckets.append(("+Inf", running + sum(stats.buckets[cursor:])))
                 latency.add_metric(values, buckets, stats.seconds)
         yield from (calls, errors, degraded, latency, streams, items)
-        in_flight = GaugeMetricFamily("kservice_in_flight", "Calls running in a task of this process.", labels=["service"])
-        queued = GaugeMetricFamily("kservice_queue_depth", "Calls queued for a worker in a task of this process.", labels=["service"])
+        in_flight = GaugeMetricFamily(
+            "kservice_in_flight", "Calls running in a task of this process.", labels=["service"]
+        )
+        queued = GaugeMetricFamily(
+            "kservice_queue_depth", "Calls queued for a worker in a task of this process.", labels=["service"]
+        )
         for task in list(_tasks):
             try:
                 status = task.get_service_status()

@@ -86,6 +86,7 @@ def _provider_possible() -> bool:
     """
     return "opentelemetry.trace" in sys.modules or bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
 
+
 __all__ = ["ClientTracing", "ServerTracing", "available", "refresh"]
 
 #: Seconds between looks for a tracer provider while none is configured.

@@ -390,14 +390,24 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
             "enabled": Setting((bool,), True, "Whether calls to the service go through a circuit breaker."),
             "failure_threshold": Setting((int,), 5, "Consecutive failures that open the breaker.", minimum=1),
             "failure_rate": Setting(
-                (float,), None, "Open when this fraction of calls in the window failed (null: off).", nullable=True, minimum=0
+                (float,),
+                None,
+                "Open when this fraction of calls in the window failed (null: off).",
+                nullable=True,
+                minimum=0,
             ),
             "minimum_calls": Setting((int,), 20, "Calls the window needs before failure_rate applies.", minimum=1),
             "window": Setting((float,), 10.0, "Seconds of history failure_rate looks at.", minimum=0.001),
-            "cooldown": Setting((float,), 5.0, "Seconds an open breaker fails fast before letting probes through.", minimum=0),
-            "half_open_probes": Setting((int,), 1, "Probe calls that must all succeed to close the breaker.", minimum=1),
+            "cooldown": Setting(
+                (float,), 5.0, "Seconds an open breaker fails fast before letting probes through.", minimum=0
+            ),
+            "half_open_probes": Setting(
+                (int,), 1, "Probe calls that must all succeed to close the breaker.", minimum=1
+            ),
             "count_service_errors": Setting(
-                (bool,), False, "Count exceptions raised by the method itself as failures (default: only runtime failures)."
+                (bool,),
+                False,
+                "Count exceptions raised by the method itself as failures (default: only runtime failures).",
             ),
         },
     )

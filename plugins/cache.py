@@ -44,6 +44,7 @@ from kservice.keys import CACHE
 
 __all__ = ["ResultCache", "cache_info", "clear_cache"]
 
+
 class ResultCache(ServiceMiddleware):
     """The result cache of one service and the middleware that uses it.
 
@@ -172,7 +173,9 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
         {
             "enabled": Setting((bool,), False, "Whether results of the service's cacheable methods are cached."),
             "ttl": Setting((float,), 60.0, "Seconds a cached result is served.", minimum=0.000001),
-            "maxsize": Setting((int,), 1024, "Cached results kept per service (least recently used evicted).", minimum=1),
+            "maxsize": Setting(
+                (int,), 1024, "Cached results kept per service (least recently used evicted).", minimum=1
+            ),
             "methods": Setting((list,), [], "Methods to cache; empty: the methods declared idempotent."),
             "exclude": Setting((list,), [], "Methods never cached."),
         },
@@ -180,7 +183,9 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 
 
 @hookimpl(tryfirst=True)
-def kservice_middleware(service_name: str, options: dict[str, Any], service_class: type | None) -> ServiceMiddleware | None:
+def kservice_middleware(
+    service_name: str, options: dict[str, Any], service_class: type | None
+) -> ServiceMiddleware | None:
     # tryfirst: outside the breaker (trylast), so hits skip it and never act as probes.
     settings = options.get("cache")
     if not settings or not settings["enabled"]:

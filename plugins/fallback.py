@@ -87,7 +87,9 @@ class Fallback:
 
     __slots__ = ("handler", "shared", "value")
 
-    def __init__(self, value: Any = _MISSING, handler: Callable[[ServiceRequest, BaseException], Any] | None = None) -> None:
+    def __init__(
+        self, value: Any = _MISSING, handler: Callable[[ServiceRequest, BaseException], Any] | None = None
+    ) -> None:
         if (value is _MISSING) == (handler is None):
             raise TypeError("a fallback takes exactly one of value=... or handler=...")
         if handler is not None and not callable(handler):
@@ -105,7 +107,9 @@ class Fallback:
         return copy.deepcopy(self.value)
 
 
-def fallback(value: Any = _MISSING, *, handler: Callable[[ServiceRequest, BaseException], Any] | None = None) -> Callable[[F], F]:
+def fallback(
+    value: Any = _MISSING, *, handler: Callable[[ServiceRequest, BaseException], Any] | None = None
+) -> Callable[[F], F]:
     """Declare on a service method what callers get when the service cannot answer.
 
     ``@fallback(value=[])`` or ``@fallback(handler=lambda request, error: ...)``.
@@ -179,7 +183,9 @@ def _class_fallbacks(service_class: type | None) -> dict[str, Fallback]:
 def _config_fallbacks(service_name: str, methods: Any) -> dict[str, Fallback]:
     prefix = f"services.{service_name}.fallback.methods"
     if not isinstance(methods, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of method name to {{value: ...}}, got {type(methods).__name__}")
+        raise ConfigError(
+            f"{prefix}: expected a mapping of method name to {{value: ...}}, got {type(methods).__name__}"
+        )
     found = {}
     for method, entry in methods.items():
         if not isinstance(entry, dict) or set(entry) != {"value"}:
@@ -277,14 +283,18 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 
 
 @hookimpl(tryfirst=True)
-def kservice_middleware(service_name: str, options: dict[str, Any], service_class: type | None) -> ServiceMiddleware | None:
+def kservice_middleware(
+    service_name: str, options: dict[str, Any], service_class: type | None
+) -> ServiceMiddleware | None:
     # tryfirst: outermost, so after_call sees the breaker's (trylast) rejection.
     settings = options.get("fallback")
     if not settings or not settings["enabled"]:
         return None
     unknown = [r for r in settings["on"] if r not in REASONS]
     if unknown:
-        raise ConfigError(f"services.{service_name}.fallback.on: unknown reason(s) {unknown} (known: {', '.join(REASONS)})")
+        raise ConfigError(
+            f"services.{service_name}.fallback.on: unknown reason(s) {unknown} (known: {', '.join(REASONS)})"
+        )
     if service_class is None:  # a service reached through a resolver: the class a caller declared, if any
         service_class = _classes.get(service_name)
     declared = {**_class_fallbacks(service_class), **_config_fallbacks(service_name, settings["methods"])}

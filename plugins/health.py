@@ -67,11 +67,17 @@ def _schema() -> dict[str, Setting]:
         "enabled": Setting((bool,), True, "Check this service's health periodically and recover it when unhealthy."),
         "period": Setting((float,), 5.0, "Seconds between the starts of two check rounds of one task.", minimum=0.001),
         "timeout": Setting(
-            (float,), 2.0, "Seconds a check round may take; a round still running then is abandoned and counts as a failure.", minimum=0.001
+            (float,),
+            2.0,
+            "Seconds a check round may take; a round still running then is abandoned and counts as a failure.",
+            minimum=0.001,
         ),
         "failure_threshold": Setting((int,), 3, "Consecutive failed rounds before the task is recovered.", minimum=1),
         "max_restarts": Setting(
-            (int,), 3, "Recoveries allowed; when used up the task is reported failed and left alone (0: never recover).", minimum=0
+            (int,),
+            3,
+            "Recoveries allowed; when used up the task is reported failed and left alone (0: never recover).",
+            minimum=0,
         ),
         "stuck_after": Setting(
             (float,),
@@ -81,7 +87,11 @@ def _schema() -> dict[str, Setting]:
             minimum=0.001,
         ),
         "max_queue_depth": Setting(
-            (int,), None, "Queued calls above which the task counts as unhealthy (null: no limit).", nullable=True, minimum=0
+            (int,),
+            None,
+            "Queued calls above which the task counts as unhealthy (null: no limit).",
+            nullable=True,
+            minimum=0,
         ),
     }
 
@@ -198,7 +208,9 @@ class _Pool:
                 self._idle -= 1  # that idle thread takes this item
             elif self._alive < self._cap:
                 self._alive += 1
-                threading.Thread(target=self._work, name=f"kservice-health-check-{next(self._names)}", daemon=True).start()
+                threading.Thread(
+                    target=self._work, name=f"kservice-health-check-{next(self._names)}", daemon=True
+                ).start()
             # else: it waits for a busy thread
         self._queue.put((fn, args))
 
@@ -353,7 +365,9 @@ class _Monitor:
         if dead:
             reasons.append(f"{dead} worker thread(s) are dead")
         if settings.max_queue_depth is not None and status.queue_depth > settings.max_queue_depth:
-            reasons.append(f"queue depth {status.queue_depth} is over health.max_queue_depth={settings.max_queue_depth}")
+            reasons.append(
+                f"queue depth {status.queue_depth} is over health.max_queue_depth={settings.max_queue_depth}"
+            )
         now = self.clock()
         if status.in_flight == 0 or status.requests_total != mon.seen_total:
             mon.seen_total = status.requests_total
@@ -415,7 +429,9 @@ class _Monitor:
             task.health_reason = (
                 f"{reason}; left alone after {mon.recoveries} restart(s) (health.max_restarts={settings.max_restarts})"
             )
-            log.error("service %r is unhealthy and will not be recovered again: %s", task.service_name, task.health_reason)
+            log.error(
+                "service %r is unhealthy and will not be recovered again: %s", task.service_name, task.health_reason
+            )
             return
         mon.state = "recovering"
         mon.recoveries += 1

@@ -112,5 +112,3 @@ def kservice_register_transports(register: Callable[[Transport], None]) -> None:
 @hookimpl
 def kservice_register_task_kinds(register: Callable[..., None]) -> None:
     register("local", LocalServiceTask)
-
-

@@ -330,9 +330,15 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
                 "Named retry policy: 'default' (safe failures, backoff, budget), 'never', or one a plugin registers.",
                 choices=retry_policy_names,
             ),
-            "retry_backoff": Setting((float,), 2.0, "Each retry waits this many times longer than the previous one.", minimum=1),
-            "retry_max_interval": Setting((float,), 30.0, "Cap in seconds on the delay between retries (before jitter).", minimum=0),
-            "retry_jitter": Setting((float,), 0.1, "Up to this many seconds of random delay added to each retry.", minimum=0),
+            "retry_backoff": Setting(
+                (float,), 2.0, "Each retry waits this many times longer than the previous one.", minimum=1
+            ),
+            "retry_max_interval": Setting(
+                (float,), 30.0, "Cap in seconds on the delay between retries (before jitter).", minimum=0
+            ),
+            "retry_jitter": Setting(
+                (float,), 0.1, "Up to this many seconds of random delay added to each retry.", minimum=0
+            ),
             "retry_overloaded": Setting(
                 (bool,),
                 False,
@@ -342,7 +348,10 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
                 (float,), 0.2, "Retries per service may add at most this fraction of its calls.", minimum=0
             ),
             "retry_budget_min_per_second": Setting(
-                (float,), 10.0, "Retries per second allowed whatever the call volume (so quiet services still retry).", minimum=0
+                (float,),
+                10.0,
+                "Retries per second allowed whatever the call volume (so quiet services still retry).",
+                minimum=0,
             ),
         },
     )
@@ -363,7 +372,9 @@ def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMi
     settings = _settings(options)
     if settings.get("retry_policy") == "never" or settings["max_retries"] == 0:
         return None
-    return RetryBudgetCounter(_budget_for(service_name, settings["retry_budget_ratio"], settings["retry_budget_min_per_second"]))
+    return RetryBudgetCounter(
+        _budget_for(service_name, settings["retry_budget_ratio"], settings["retry_budget_min_per_second"])
+    )
 
 
 @hookimpl

@@ -15,7 +15,5 @@ echo "mypy --strict -p kservice (core, plugins, middleware)"
 
 # `ruff format` (settings in pyproject.toml) is what formats the tree; fix a failure with
 # `.venv/bin/python -m ruff format core plugins middleware tests scripts`.
-if [ "${KSERVICE_LINT_FORMAT:-0}" = "1" ]; then
-    echo "ruff format --check ${PATHS[*]}"
-    "$PY" -m ruff format --check "${PATHS[@]}"
-fi
+echo "ruff format --check ${PATHS[*]}"
+"$PY" -m ruff format --check "${PATHS[@]}"

@@ -30,6 +30,8 @@ SESSION_VARIABLES = ("KSERVICE_QUEUE_DIR", "KSERVICE_REGISTRY_DIR")
 def clean_environ() -> dict[str, str]:
     """This process's environment without kservice settings, but with the session's runtime directories."""
     return {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_") or k in SESSION_VARIABLES}
+
+
 RAY_TEST_DIR = Path(__file__).resolve().parent / "ray"
 #: small object stores and few CPUs: two nodes fit beside the rest of the suite
 RAY_NODE_ARGS: dict[str, Any] = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
@@ -86,7 +88,13 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     segments_before = _segments()
     yield
     leaked_threads = _settle(lambda: _kservice_threads() - threads_before)
-    leaked_children = _settle(lambda: {pid for pid in _children() - children_before if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE})
+    leaked_children = _settle(
+        lambda: {
+            pid
+            for pid in _children() - children_before
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        }
+    )
     leaked_segments = _settle(lambda: _segments() - segments_before)
     assert not leaked_threads, f"test leaked threads: {sorted(leaked_threads)}"
     assert not leaked_children, f"test leaked child processes: {_describe(leaked_children)}"

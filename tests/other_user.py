@@ -23,7 +23,12 @@ class OtherUser:
     def run(self, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` as this user (``runuser``), checked, output captured."""
         return subprocess.run(
-            ["runuser", "-u", self.name, "--", *argv], check=True, capture_output=True, text=True, timeout=60, **kwargs  # type: ignore[arg-type]
+            ["runuser", "-u", self.name, "--", *argv],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **kwargs,  # type: ignore[arg-type]
         )
 
 
@@ -46,7 +51,9 @@ def other_user() -> Iterator[OtherUser]:
     if reason:
         pytest.skip(reason)
     name = f"ks{uuid.uuid4().hex[:10]}"
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True, timeout=60
+    )
     try:
         entry = pwd.getpwnam(name)
         yield OtherUser(name, entry.pw_uid, entry.pw_gid)

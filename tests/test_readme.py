@@ -17,11 +17,13 @@ VENV_BIN = Path(sys.executable).parent
 
 def _run(code: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = clean_environ()
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("marker", ["manager.proxy(\"kv\")", 'kind="process"', "class Audit", "class Model"])
+@pytest.mark.parametrize("marker", ['manager.proxy("kv")', 'kind="process"', "class Audit", "class Model"])
 def test_readme_python_block_runs(marker: str, tmp_path: Path) -> None:
     write_kvstore(tmp_path)
     result = _run(block_containing(marker), tmp_path)
@@ -43,10 +45,14 @@ def test_readme_serve_then_call_from_another_process(tmp_path: Path) -> None:
     try:
         assert host.stdout is not None
         line = host.stdout.readline()
-        assert line.startswith("serving kv"), line + (host.stderr.read() if host.poll() is not None and host.stderr else "")
+        assert line.startswith("serving kv"), line + (
+            host.stderr.read() if host.poll() is not None and host.stderr else ""
+        )
         result = _run(block_containing("with ServiceManager() as manager"), tmp_path)
         assert result.returncode == 0, result.stderr
-        listing = subprocess.run([str(VENV_BIN / "kservice"), "services", "--running"], capture_output=True, text=True, timeout=60)
+        listing = subprocess.run(
+            [str(VENV_BIN / "kservice"), "services", "--running"], capture_output=True, text=True, timeout=60
+        )
         rows = [line.split() for line in listing.stdout.splitlines()]
         assert rows[0][:3] == ["name", "state", "transport"], listing.stdout
         assert ["kv", "running", "mmap"] in [row[:3] for row in rows], listing.stdout

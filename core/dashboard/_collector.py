@@ -53,7 +53,13 @@ class Collector:
         self._points = max(2, int(history_seconds / interval))
         self._lock = threading.Lock()
         self._version = 0
-        self._snapshot: dict[str, Any] = {"time": time.time(), "services": [], "errors": [], "plugins": [], "collector_error": ""}
+        self._snapshot: dict[str, Any] = {
+            "time": time.time(),
+            "services": [],
+            "errors": [],
+            "plugins": [],
+            "collector_error": "",
+        }
         self._history: dict[str, deque[list[float | None]]] = {}
         self._previous: dict[str, tuple[float, int]] = {}
         self._stop = threading.Event()
@@ -83,7 +89,9 @@ class Collector:
                     self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
         except Exception as exc:  # noqa: BLE001 - the page says why it no longer updates
             with self._lock:
-                self._snapshot = dict(self._snapshot, time=time.time(), collector_error=f"sampling stopped: {type(exc).__name__}: {exc}")
+                self._snapshot = dict(
+                    self._snapshot, time=time.time(), collector_error=f"sampling stopped: {type(exc).__name__}: {exc}"
+                )
                 self._version += 1
 
     # ------------------------------------------------------------ reading

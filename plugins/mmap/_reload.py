@@ -90,7 +90,11 @@ def check_importable(config_path: str | None, services: Sequence[str], timeout: 
     spec = json.dumps({"config": config_path, "services": list(services)})
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _CHECK_COMMAND, spec], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            [sys.executable, "-c", _CHECK_COMMAND, spec],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         return f"importing the services took longer than {timeout:.0f}s"
@@ -179,7 +183,13 @@ def serve_with_reload(
         host.start()
         say(f"watching {', '.join(watched)} for changes (pid {os.getpid()})")
         for changes in watchfiles.watch(
-            *watched, watch_filter=wanted, stop_event=stop, rust_timeout=500, yield_on_timeout=True, debounce=300, raise_interrupt=False
+            *watched,
+            watch_filter=wanted,
+            stop_event=stop,
+            rust_timeout=500,
+            yield_on_timeout=True,
+            debounce=300,
+            raise_interrupt=False,
         ):
             status = host.exited()
             if status is not None and not host.reported_exit:

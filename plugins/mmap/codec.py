@@ -382,7 +382,9 @@ def _dumps(
     return _out_of_band(data, buffers, receiver_pid, inline_limit, trusted or set())
 
 
-def _dumps_fast(message: tuple[Any, ...], receiver_pid: int, inline_limit: int, threshold: int) -> tuple[bytes, str | None]:
+def _dumps_fast(
+    message: tuple[Any, ...], receiver_pid: int, inline_limit: int, threshold: int
+) -> tuple[bytes, str | None]:
     """:func:`_dumps` for a message with no wrapped buffer: the common small call, pickled once.
 
     Pickling stops at the first out-of-band candidate (a numpy array...) and
@@ -411,7 +413,9 @@ def _out_of_band(
         token = f"{name}@{seq}"
         head = [_POOL_HEAD.pack(_POOL_TAG, main_in_segment, len(views), len(data), seq)]
         # Our own bytes wrappers are copied by the unpickler itself; anything else gets a private copy.
-        head.extend(_LEN.pack(v.nbytes | (0 if id(b) in trusted else _COPY_BIT)) for b, v in zip(buffers, views, strict=False))
+        head.extend(
+            _LEN.pack(v.nbytes | (0 if id(b) in trusted else _COPY_BIT)) for b, v in zip(buffers, views, strict=False)
+        )
     else:
         name = token = _write_segment(parts, receiver_pid)
         head = [_OOB_HEAD.pack(_OOB_TAG, main_in_segment, len(views), len(data))]
@@ -796,7 +800,9 @@ def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     return message[0], request_from_message(message)
 
 
-def response_from_message(message: tuple[Any, ...], _response: type[ServiceResponse] = ServiceResponse) -> ServiceResponse:
+def response_from_message(
+    message: tuple[Any, ...], _response: type[ServiceResponse] = ServiceResponse
+) -> ServiceResponse:
     """The ServiceResponse of a decoded response tuple."""
     if len(message) == 2:
         return _response(True, message[1], None, message[0])

@@ -19,7 +19,11 @@ from .host import _LOG_LEVELS, DRAIN_TIMEOUT, _configure_logging, reclaim, serve
 @click.command("serve")
 @click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
 @click.option(
-    "--drain-timeout", type=FiniteFloatRange(min=0), default=DRAIN_TIMEOUT, show_default=True, help="Seconds calls in flight get on stop."
+    "--drain-timeout",
+    type=FiniteFloatRange(min=0),
+    default=DRAIN_TIMEOUT,
+    show_default=True,
+    help="Seconds calls in flight get on stop.",
 )
 @click.option(
     "--app-dir",

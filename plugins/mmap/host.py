@@ -154,7 +154,9 @@ def _hosted_as_declared(name: str, entry: dict[str, Any], host_locally: bool, no
             f"process; set kind: local and replicas: 1 for it, start it from a program with ServiceEnvironment, or pass "
             f"--host-locally to host one local instance instead; nothing was started"
         )
-    notes.append(f"note: {name} is declared {declared}; hosting one local instance in this process instead (--host-locally)")
+    notes.append(
+        f"note: {name} is declared {declared}; hosting one local instance in this process instead (--host-locally)"
+    )
     return _with_mmap(entry)
 
 
@@ -470,7 +472,9 @@ class ProcessServiceTask(BaseServiceTask):
         line = buffered.split(b"\n", 1)[0].decode(errors="replace")
         kind, _, payload = line.partition(" ")
         if kind != "ready":
-            raise ServiceUnavailableError(f"the process hosting {self.service_name!r} failed: {payload}{self._stderr_tail()}")
+            raise ServiceUnavailableError(
+                f"the process hosting {self.service_name!r} failed: {payload}{self._stderr_tail()}"
+            )
         return json.loads(payload)  # type: ignore[no-any-return]
 
     def _stderr_tail(self, limit: int = 4000) -> str:
@@ -579,7 +583,9 @@ def _child_main(output_fd: int) -> int:
         loaded = pickle.loads(_read_blob(stdin))
         factory: ServiceFactory = loaded["factory"]
         config = Config.load(loaded["config"])
-        task = LocalServiceTask(factory, TaskContext(loaded["environment"], config, tuple(loaded.get("middlewares", ()))))
+        task = LocalServiceTask(
+            factory, TaskContext(loaded["environment"], config, tuple(loaded.get("middlewares", ())))
+        )
         task.start_service()
     except BaseException as exc:  # reported to the parent, which raises it
         traceback.print_exc()
@@ -626,7 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--child":
         return _child_main(int(args[1]))
-    print("usage: python -m kservice.plugins.mmap.host --child FD (use 'kservice serve' to host services)", file=sys.stderr)
+    print(
+        "usage: python -m kservice.plugins.mmap.host --child FD (use 'kservice serve' to host services)",
+        file=sys.stderr,
+    )
     return 2
 
 

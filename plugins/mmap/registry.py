@@ -155,7 +155,11 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     finally:
         os.close(fd)
-    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or not isinstance(record.get("queue"), str):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("pid"), int)
+        or not isinstance(record.get("queue"), str)
+    ):
         return None
     return record
 
@@ -290,4 +294,3 @@ def reclaim_records() -> list[str]:
             if record is not None and _remove_if_stale(directory, Path(entry.path)):
                 removed.append(unquote(entry.name[: -len(_SUFFIX)]))
     return sorted(removed)
-

@@ -346,10 +346,19 @@ assert _STATIC.size == 56
 #: compiler is at hand), or None.  A build whose layout constants differ from the
 #: ones above (a stale build) is ignored, never trusted.
 _RINGFAST_LAYOUT = {
-    "LAYOUT_VERSION": LAYOUT_VERSION, "HEADER_SIZE": HEADER_SIZE, "FRAME": FRAME, "CHECK_KEY": _CHECK_KEY,
-    "OFF_CLOSED": _OFF_CLOSED, "OFF_RECOVERIES": _OFF_RECOVERIES, "OFF_TAIL": _OFF_TAIL,
-    "OFF_DATA_SEQ": _OFF_DATA_SEQ, "OFF_ASLEEP": _OFF_ASLEEP, "OFF_HEAD": _OFF_HEAD,
-    "OFF_SPACE_SEQ": _OFF_SPACE_SEQ, "OFF_SPACE_WAITERS": _OFF_SPACE_WAITERS, "OFF_MUTEX": _OFF_MUTEX,
+    "LAYOUT_VERSION": LAYOUT_VERSION,
+    "HEADER_SIZE": HEADER_SIZE,
+    "FRAME": FRAME,
+    "CHECK_KEY": _CHECK_KEY,
+    "OFF_CLOSED": _OFF_CLOSED,
+    "OFF_RECOVERIES": _OFF_RECOVERIES,
+    "OFF_TAIL": _OFF_TAIL,
+    "OFF_DATA_SEQ": _OFF_DATA_SEQ,
+    "OFF_ASLEEP": _OFF_ASLEEP,
+    "OFF_HEAD": _OFF_HEAD,
+    "OFF_SPACE_SEQ": _OFF_SPACE_SEQ,
+    "OFF_SPACE_WAITERS": _OFF_SPACE_WAITERS,
+    "OFF_MUTEX": _OFF_MUTEX,
 }
 
 
@@ -380,8 +389,7 @@ _EMPTY: Any = object()
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
         raise ValueError(
-            f"invalid queue name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', "
-            "not starting with '.'"
+            f"invalid queue name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.'"
         )
 
 
@@ -582,7 +590,9 @@ def _runtime_key() -> str | None:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
+            with open(
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w"
+            ) as f:
                 f.write(secrets.token_hex(16))
             try:
                 os.link(tmp, path)  # the first process of the user to get here sets the key; the others read it
@@ -763,7 +773,9 @@ def _check_file(fd: int, path: Path) -> os.stat_result:
     st = os.fstat(fd)
     uid = os.getuid()
     if st.st_uid != uid:
-        raise PermissionError(f"queue file {path} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it")
+        raise PermissionError(
+            f"queue file {path} belongs to uid {st.st_uid}, not to this user (uid {uid}); refusing it"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise QueueLayoutError(f"{path} is not a regular file; not a kservice queue")
     if st.st_mode & 0o077:
@@ -781,9 +793,7 @@ def _parse_static(buf: bytes | mmap.mmap, path: Path, size: int) -> tuple[int, i
     if magic != MAGIC:
         raise QueueLayoutError(f"{path} is not a kservice queue: magic {magic!r}, expected {MAGIC!r}")
     if version != LAYOUT_VERSION:
-        raise QueueLayoutError(
-            f"{path} has queue layout version {version}, this code reads version {LAYOUT_VERSION}"
-        )
+        raise QueueLayoutError(f"{path} has queue layout version {version}, this code reads version {LAYOUT_VERSION}")
     if hsize != HEADER_SIZE:
         raise QueueLayoutError(f"{path}: header size {hsize}, expected {HEADER_SIZE}")
     if cap < MIN_CAPACITY or cap % FRAME or cap > MAX_CAPACITY or max_record != cap - FRAME:
@@ -1115,9 +1125,7 @@ class ShmQueue:
             if word >> 32 != (n ^ _CHECK_KEY ^ (head >> 3)) & _M32 or size > tail - head:
                 if got:  # deliver the good records first; report on the next call
                     break
-                self._reset(
-                    head, f"undecodable frame at position {head} (length {n}, check word {word >> 32:#010x})"
-                )
+                self._reset(head, f"undecodable frame at position {head} (length {n}, check word {word >> 32:#010x})")
             p = pos + (HEADER_SIZE + FRAME)
             if p >= limit:
                 p -= cap
@@ -1500,9 +1508,7 @@ _POP_EMPTY = 2 if _ringfast is None else _ringfast.POP_EMPTY
 # --------------------------------------------------------------------------- module functions
 
 
-def create_queue(
-    name: str, capacity: int = 1 << 20, *, create: bool = True, owner_pid: int | None = None
-) -> ShmQueue:
+def create_queue(name: str, capacity: int = 1 << 20, *, create: bool = True, owner_pid: int | None = None) -> ShmQueue:
     """Create the named queue (``create=True``) or attach to it (``create=False``).
 
     ``capacity`` is the size of the ring's data area in bytes, rounded up to a
@@ -1525,7 +1531,9 @@ def create_queue(
             info = _peek_owner(path)
             if info is None:
                 raise FileExistsError(
-                    errno.EEXIST, f"{path} exists and is not a usable queue; remove it or choose another name", str(path)
+                    errno.EEXIST,
+                    f"{path} exists and is not a usable queue; remove it or choose another name",
+                    str(path),
                 )
             if _pid_alive(*info):
                 raise FileExistsError(
@@ -1540,8 +1548,16 @@ def create_queue(
             mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             try:
                 _STATIC.pack_into(
-                    mm, 0, MAGIC, LAYOUT_VERSION, HEADER_SIZE, capacity, capacity - FRAME,
-                    owner, _start_time(owner), time.time(),
+                    mm,
+                    0,
+                    MAGIC,
+                    LAYOUT_VERSION,
+                    HEADER_SIZE,
+                    capacity,
+                    capacity - FRAME,
+                    owner,
+                    _start_time(owner),
+                    time.time(),
                 )
                 anchor = _ctypes.c_char.from_buffer(mm)
                 try:

@@ -142,7 +142,9 @@ def _control_record(kind: int, request: ServiceRequest, count: int = 0) -> bytes
 class MmapStreamSource(StreamSource):
     """The caller's end of one stream over mmap (see the module docstring)."""
 
-    def __init__(self, connection: MmapConnection, service_ring: ShmQueue, request: ServiceRequest, window: int) -> None:
+    def __init__(
+        self, connection: MmapConnection, service_ring: ShmQueue, request: ServiceRequest, window: int
+    ) -> None:
         self._connection = connection
         self._service_ring = service_ring
         self._request = request
@@ -158,11 +160,19 @@ class MmapStreamSource(StreamSource):
         metadata = dict(request.metadata)
         metadata[STREAM_KEY] = window
         sent = ServiceRequest(
-            request.request_id, request.service_name, request.method_name, request.args, request.kwargs,
-            "", request.deadline, metadata,
+            request.request_id,
+            request.service_name,
+            request.method_name,
+            request.args,
+            request.kwargs,
+            "",
+            request.deadline,
+            metadata,
         )
         try:
-            record, segment = codec.encode_request(sent, self._ring.name, connection._owner_pid, connection._inline_limit)
+            record, segment = codec.encode_request(
+                sent, self._ring.name, connection._owner_pid, connection._inline_limit
+            )
         except Exception as exc:  # whatever pickling raises
             self._release()
             raise connection._not_picklable(request, exc).to_exception() from None
@@ -379,7 +389,9 @@ class MmapStreamSink(StreamSink):
                 # The end of a stream made in the listener thread, with the ring full: sent from a thread
                 # of its own, which may wait (rare: a caller not reading a short stream of big items).
                 self.in_place = False
-                threading.Thread(target=self._put_quietly, args=(record, segment), name="stream-end", daemon=True).start()
+                threading.Thread(
+                    target=self._put_quietly, args=(record, segment), name="stream-end", daemon=True
+                ).start()
                 return
         self._put_quietly(record, segment)
 

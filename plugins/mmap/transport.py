@@ -179,7 +179,12 @@ class MmapListener(Listener):
         try:
             if self._published:
                 registry.publish(
-                    task.service_name, name, queue_timeout=task.queue_timeout, instance=name, cls=info["class"], **{CHUNK_RECORDS: 1}
+                    task.service_name,
+                    name,
+                    queue_timeout=task.queue_timeout,
+                    instance=name,
+                    cls=info["class"],
+                    **{CHUNK_RECORDS: 1},
                 )
         except BaseException:
             self.queue.close()
@@ -258,7 +263,10 @@ class MmapListener(Listener):
             except QueueError as exc:  # QueueCorrupted: the ring dropped bad bytes and carries on
                 if isinstance(exc, QueueWedged):
                     log.error(
-                        "mmap listener of %r: its request ring %s cannot be used: %s", self._task.service_name, self.queue.name, exc
+                        "mmap listener of %r: its request ring %s cannot be used: %s",
+                        self._task.service_name,
+                        self.queue.name,
+                        exc,
                     )
                 else:
                     log.warning("mmap listener of %r: %s", self._task.service_name, exc)
@@ -422,7 +430,12 @@ class MmapListener(Listener):
         name = request.method_name
         start = 0
         cost = task.method_cost(name) if not undecodable else None
-        if cost is not None and cost < self._limit and task._state == "running" and (self._concurrent or not self._outstanding):
+        if (
+            cost is not None
+            and cost < self._limit
+            and task._state == "running"
+            and (self._concurrent or not self._outstanding)
+        ):
             began = _perf_counter()
             ran = task.run_many(request, calls, self._limit)
             if ran is not None:
@@ -442,7 +455,9 @@ class MmapListener(Listener):
             return
         self._reply_chunk(request, results, errors)
 
-    def _pool_chunk(self, request: ServiceRequest, results: list[Any], errors: dict[int, tuple[Any, ...]], start: int) -> None:
+    def _pool_chunk(
+        self, request: ServiceRequest, results: list[Any], errors: dict[int, tuple[Any, ...]], start: int
+    ) -> None:
         """Hand the calls of a chunk from ``start`` on (those not answered yet) to the pool; the last one done answers."""
         chunk_id = request.request_id
         calls = [
@@ -524,11 +539,17 @@ class MmapListener(Listener):
         if queue is None:
             return
         try:
-            record, segment = codec.encode_chunk_answer(request.request_id, results, errors, queue.owner_pid, _inline_limit(queue))
-        except SharedMemoryFull as exc:  # no room for its out-of-band segment: every call ran, none can be told its result
+            record, segment = codec.encode_chunk_answer(
+                request.request_id, results, errors, queue.owner_pid, _inline_limit(queue)
+            )
+        except (
+            SharedMemoryFull
+        ) as exc:  # no room for its out-of-band segment: every call ran, none can be told its result
             failed = _error_fields(_unsendable_result(request, exc))
             errors = {index: errors.get(index, failed) for index in range(len(results))}
-            record, segment = codec.encode_chunk_answer(request.request_id, [None] * len(results), errors, queue.owner_pid, 1 << 30)
+            record, segment = codec.encode_chunk_answer(
+                request.request_id, [None] * len(results), errors, queue.owner_pid, 1 << 30
+            )
         except Exception:  # some result (or error) cannot be pickled: those calls say so, the others keep theirs
             record, segment = self._encode_chunk_answer_apart(request, results, errors, queue)
         try:
@@ -633,11 +654,17 @@ class MmapListener(Listener):
             self._reply_all(answered)
             return
         if exc.request_id is None or not exc.response_queue:
-            log.warning("mmap listener of %r: skipped an undecodable record (no request id or reply address): %s", service, exc)
+            log.warning(
+                "mmap listener of %r: skipped an undecodable record (no request id or reply address): %s", service, exc
+            )
             return
         method = exc.method_name if exc.method_name is not None else "?"
         log.warning(
-            "mmap listener of %r: answered an undecodable request %s (%s) with an error: %s", service, exc.request_id, method, exc
+            "mmap listener of %r: answered an undecodable request %s (%s) with an error: %s",
+            service,
+            exc.request_id,
+            method,
+            exc,
         )
         error = TypeError(
             f"could not decode the arguments of {service}.{method} on the host (pid {os.getpid()}): {exc}; "
@@ -669,12 +696,18 @@ class MmapListener(Listener):
         }
         log.warning(
             "mmap listener of %r: %d call(s) of chunk %s (%s) cannot be decoded, answered with an error: %s",
-            service, len(undecodable), exc.request_id, method, exc,
+            service,
+            len(undecodable),
+            exc.request_id,
+            method,
+            exc,
         )
         try:
             request = codec.request_from_message(envelope)
         except codec.DecodeError:
-            request = ServiceRequest(exc.request_id or "", service, method, calls, response_queue_name=exc.response_queue or "")
+            request = ServiceRequest(
+                exc.request_id or "", service, method, calls, response_queue_name=exc.response_queue or ""
+            )
             undecodable = dict.fromkeys(range(len(calls)), fields)
         self._handle_chunk(request, undecodable or None)
 
@@ -689,7 +722,9 @@ class MmapListener(Listener):
         except codec.DecodeError as exc:  # its segment is released already; answer when the caller can be told
             if exc.request_id is None or not exc.response_queue:
                 return
-            request = ServiceRequest(exc.request_id, self._task.service_name, "", response_queue_name=exc.response_queue)
+            request = ServiceRequest(
+                exc.request_id, self._task.service_name, "", response_queue_name=exc.response_queue
+            )
         except Exception:  # noqa: BLE001 - nothing readable to answer
             return
         self._refuse_request(request, why)
@@ -710,7 +745,12 @@ class MmapListener(Listener):
                 try:
                     queue = attach_queue(name)
                 except (OSError, QueueError, ValueError) as exc:
-                    log.info("mmap listener of %r: caller's response queue %s is gone: %s", self._task.service_name, name, exc)
+                    log.info(
+                        "mmap listener of %r: caller's response queue %s is gone: %s",
+                        self._task.service_name,
+                        name,
+                        exc,
+                    )
                     return None
                 if len(self._responders) >= 1024:
                     # Handles are dropped, not closed: a worker may still be writing through one.
@@ -731,7 +771,9 @@ class MmapListener(Listener):
         except SharedMemoryFull as exc:  # no room for its out-of-band segment: the caller learns why
             record, segment = codec.encode_response(_unsendable_result(request, exc), queue.owner_pid, 1 << 30)
         except Exception as exc:  # the result (or error) cannot be pickled
-            record, segment = codec.encode_response(_unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30)
+            record, segment = codec.encode_response(
+                _unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30
+            )
         put = queue._compiled_put
         if put is not None and not put(record):
             return
@@ -749,7 +791,6 @@ class MmapListener(Listener):
                 name,
                 exc,
             )
-
 
     def _reply_batch(self, replies: list[tuple[ServiceRequest, ServiceResponse]]) -> None:
         """Answer several requests of one caller with one record (each alone when they do not fit one)."""
@@ -782,7 +823,13 @@ class MmapListener(Listener):
 
 def _error_fields(response: ServiceResponse) -> tuple[Any, ...]:
     """What a chunk answer carries for one failed call (see ``codec.encode_chunk_answer``)."""
-    return (response.error, response.error_type, response.error_origin, response.remote_traceback, response.metadata or {})
+    return (
+        response.error,
+        response.error_type,
+        response.error_origin,
+        response.remote_traceback,
+        response.metadata or {},
+    )
 
 
 def _ran_past_deadline(request: ServiceRequest) -> tuple[Any, ...]:
@@ -889,7 +936,9 @@ class _ClientRings:
                 if not ring.closed:
                     ring.busy = True
                     return ring
-        queue = create_queue(f"rsp.{os.getpid()}.{threading.get_ident() & 0xFFFFFFFF:x}.{secrets.token_hex(3)}", SYNC_RESPONSE_CAPACITY)
+        queue = create_queue(
+            f"rsp.{os.getpid()}.{threading.get_ident() & 0xFFFFFFFF:x}.{secrets.token_hex(3)}", SYNC_RESPONSE_CAPACITY
+        )
         ring = _ThreadRing(queue)
         ring.busy = True
         # The sentinel dies with the thread's locals, closing the ring when the thread exits.
@@ -965,7 +1014,9 @@ class _ClientRings:
                 queue = create_queue(f"rsp.{os.getpid()}.async.{secrets.token_hex(3)}", ASYNC_RESPONSE_CAPACITY)
                 # Sleep at once: spinning would hold the GIL the threads making the calls need.
                 queue.set_spin_limit(ASYNC_SPIN)
-                thread = threading.Thread(target=self._dispatch, args=(queue,), name="kservice-mmap-responses", daemon=True)
+                thread = threading.Thread(
+                    target=self._dispatch, args=(queue,), name="kservice-mmap-responses", daemon=True
+                )
                 self._async_queue, self._dispatcher = queue, thread
                 thread.start()
             return self._async_queue
@@ -1077,7 +1128,9 @@ class _ClientRings:
             never_read |= conn.unread_requests([rid for rid, sender in list(self.senders.items()) if sender is conn])
         self._fail_pending(lambda conn: id(conn) in dead, "its host process died", never_read)
 
-    def _fail_pending(self, which: Callable[[MmapConnection], bool], why: str, never_read: set[str] | frozenset[str] = frozenset()) -> None:
+    def _fail_pending(
+        self, which: Callable[[MmapConnection], bool], why: str, never_read: set[str] | frozenset[str] = frozenset()
+    ) -> None:
         """Fail the async requests sent on the connections ``which`` selects.
 
         They were written, so they may have run, except those in ``never_read``
@@ -1090,7 +1143,11 @@ class _ClientRings:
             reply = self.pending.pop(request_id, None)
             if reply is not None:
                 may_have_run = request_id not in never_read
-                outcome = "during the call; the call may have run" if may_have_run else "before it read the request; it never ran"
+                outcome = (
+                    "during the call; the call may have run"
+                    if may_have_run
+                    else "before it read the request; it never ran"
+                )
                 message = f"service {conn.service_name!r} is unavailable: {why} {outcome}"
                 with contextlib.suppress(Exception):
                     reply(_runtime_error(request_id, ServiceUnavailableError(message), may_have_run))
@@ -1229,7 +1286,9 @@ class MmapConnection(Connection):
             may_have_run,
         )
 
-    def _put(self, ring: ShmQueue, request: ServiceRequest, record: bytes, segment: str | None) -> ServiceResponse | None:
+    def _put(
+        self, ring: ShmQueue, request: ServiceRequest, record: bytes, segment: str | None
+    ) -> ServiceResponse | None:
         """Queue one record, waiting for room up to the queue timeout (never past the deadline).
 
         Returns a failed response when it could not be queued (its segment unlinked then).
@@ -1245,7 +1304,9 @@ class MmapConnection(Connection):
             return self._overloaded(request, wait)
         except QueueClosed:
             codec.unlink_segment(segment)
-            return self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False)
+            return self._unavailable(
+                request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
+            )
         except BaseException:
             codec.unlink_segment(segment)
             raise
@@ -1387,7 +1448,10 @@ class MmapConnection(Connection):
             except QueueClosed:
                 codec.unlink_segment(segment)
                 self._fail_unsent(
-                    request_id, self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False)
+                    request_id,
+                    self._unavailable(
+                        request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
+                    ),
                 )
                 return
             except BaseException:
@@ -1434,7 +1498,9 @@ class MmapConnection(Connection):
             for request in requests:
                 self._fail_unsent(
                     request.request_id,
-                    self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False),
+                    self._unavailable(
+                        request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
+                    ),
                 )
             return
         except BaseException:
@@ -1481,7 +1547,15 @@ class MmapConnection(Connection):
         try:
             queue = _client._async_queue or _client.async_queue()
             record = codec.encode_chunk(
-                chunk_id, self._service_name, method_name, args, kwargs, queue.name, deadline, metadata, self._inline_limit
+                chunk_id,
+                self._service_name,
+                method_name,
+                args,
+                kwargs,
+                queue.name,
+                deadline,
+                metadata,
+                self._inline_limit,
             )
         except Exception:  # noqa: BLE001 - an argument that cannot be pickled (or no room): call by call says which
             return False
@@ -1562,7 +1636,9 @@ class MmapConnection(Connection):
                 codec.unlink_segment(segment)  # its caller gave up: never sent
             elif ring is None:
                 codec.unlink_segment(segment)
-                failed = self._unavailable(request, "the connection was closed before the request was sent", may_have_run=False)
+                failed = self._unavailable(
+                    request, "the connection was closed before the request was sent", may_have_run=False
+                )
             else:
                 wait = give_up_at - time.monotonic()
                 try:
@@ -1572,11 +1648,15 @@ class MmapConnection(Connection):
                     failed = self._overloaded(request, allowed)
                 except QueueClosed:
                     codec.unlink_segment(segment)
-                    failed = self._unavailable(request, "it is stopping or its host is gone; nothing was sent", may_have_run=False)
+                    failed = self._unavailable(
+                        request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
+                    )
                 except Exception as exc:  # noqa: BLE001 - fails this request, the sender goes on
                     codec.unlink_segment(segment)
                     failed = _runtime_error(
-                        request_id, ServiceUnavailableError(f"cannot send the request: {exc}; nothing was sent"), may_have_run=False
+                        request_id,
+                        ServiceUnavailableError(f"cannot send the request: {exc}; nothing was sent"),
+                        may_have_run=False,
                     )
             with self._backlog_lock:
                 backlog.popleft()

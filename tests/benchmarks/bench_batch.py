@@ -108,12 +108,18 @@ def mmap_rows(quick: bool) -> list[dict[str, Any]]:
         measured = json.loads(out.strip().splitlines()[-1])[0]
         bare = measured["bare"]
         rows.append(_row(f"mmap map ({label})", measured["map"], "bare ring pipelined", bare, 0.8, 600_000))
-        rows.append(_row(f"mmap call_service_async ({label})", measured["async"], "bare ring pipelined", bare, None, None))
-        rows.append(_row(f"mmap map vs async ({label})", measured["map"], "call_service_async", measured["async"], None, None))
+        rows.append(
+            _row(f"mmap call_service_async ({label})", measured["async"], "bare ring pipelined", bare, None, None)
+        )
+        rows.append(
+            _row(f"mmap map vs async ({label})", measured["map"], "call_service_async", measured["async"], None, None)
+        )
     return rows
 
 
-def _row(name: str, ours: float, baseline_name: str, baseline: float, ratio_target: float | None, rate_target: float | None) -> dict[str, Any]:
+def _row(
+    name: str, ours: float, baseline_name: str, baseline: float, ratio_target: float | None, rate_target: float | None
+) -> dict[str, Any]:
     ratio = ours / baseline if baseline else None
     holds = None
     if ratio_target is not None and ratio is not None:
@@ -124,7 +130,8 @@ def _row(name: str, ours: float, baseline_name: str, baseline: float, ratio_targ
         "baseline": baseline_name,
         "baseline_calls_s": baseline,
         "ratio": ratio,
-        "target": (f">= {rate_target:,.0f}/s and " if rate_target else "") + (f">= {ratio_target}x" if ratio_target else "-"),
+        "target": (f">= {rate_target:,.0f}/s and " if rate_target else "")
+        + (f">= {ratio_target}x" if ratio_target else "-"),
         "holds": holds or "-",
     }
 
@@ -148,7 +155,9 @@ def ray_rows(quick: bool) -> list[dict[str, Any]]:
         bare = ray.remote(RayEcho).options(max_concurrency=concurrency).remote()
         ray.get(bare.echo.remote(SMALL))
         config = {
-            "services": {"echo": {"class": "bench_ray:BenchEcho", "kind": "ray", "ray": {"max_concurrency": concurrency}}},
+            "services": {
+                "echo": {"class": "bench_ray:BenchEcho", "kind": "ray", "ray": {"max_concurrency": concurrency}}
+            },
         }
         with ServiceEnvironment("bench-batch-ray", config) as env, env.manager() as manager:
             items = [SMALL] * calls
@@ -170,7 +179,16 @@ def ray_rows(quick: bool) -> list[dict[str, Any]]:
             for _ in range(rounds):
                 ours.append(mapped())
                 theirs.append(bare_get())
-        return [_row("ray map", statistics.median(ours), "ray.get([a.f.remote(x) ...])", statistics.median(theirs), 10.0, None)]
+        return [
+            _row(
+                "ray map",
+                statistics.median(ours),
+                "ray.get([a.f.remote(x) ...])",
+                statistics.median(theirs),
+                10.0,
+                None,
+            )
+        ]
     finally:
         ray.shutdown()
 

@@ -67,7 +67,9 @@ class PluginSet:
 
     def __enter__(self) -> None:
         pm = kservice.get_plugin_manager()
-        self.removed = [(name, plugin) for name, plugin in pm.list_name_plugin() if name not in CORE_PLUGINS and plugin is not None]
+        self.removed = [
+            (name, plugin) for name, plugin in pm.list_name_plugin() if name not in CORE_PLUGINS and plugin is not None
+        ]
         for name, _ in self.removed:
             pm.unregister(name=name)
 
@@ -107,13 +109,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 rounds,
             )
             base = timing["executor"]
-            rows.append(_row("sync call, core plugins only", timing["kservice"], "ThreadPoolExecutor(1)", base, "<= 1.15"))
+            rows.append(
+                _row("sync call, core plugins only", timing["kservice"], "ThreadPoolExecutor(1)", base, "<= 1.15")
+            )
             # The chain's own cost, without thread hand-off noise.
             chain = MiddlewareChain([NoOp(), NoOp(), NoOp()], "client")
             request = ServiceRequest("1", "echo", "echo", (PAYLOAD,))
             response = ServiceResponse(True, PAYLOAD)
             chain_cost = _per_call(
-                lambda: chain.run_after(request, response, chain.run_before(request)[2], time.perf_counter()), 200_000 if not quick else 50_000
+                lambda: chain.run_after(request, response, chain.run_before(request)[2], time.perf_counter()),
+                200_000 if not quick else 50_000,
             )
             rows.append(
                 {
@@ -146,9 +151,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             )
             # 0 vs 20 registered no-op plugins.
             pm = kservice.get_plugin_manager()
-            zero = interleaved({"p0": lambda: bare_manager.call_service_sync("echo", "echo", (PAYLOAD,))}, n_sync, rounds)["p0"]
+            zero = interleaved(
+                {"p0": lambda: bare_manager.call_service_sync("echo", "echo", (PAYLOAD,))}, n_sync, rounds
+            )["p0"]
             names = [pm.register(NoOpPlugin(), name=f"noop{i}") for i in range(20)]
-            twenty = interleaved({"p20": lambda: bare_manager.call_service_sync("echo", "echo", (PAYLOAD,))}, n_sync, rounds)["p20"]
+            twenty = interleaved(
+                {"p20": lambda: bare_manager.call_service_sync("echo", "echo", (PAYLOAD,))}, n_sync, rounds
+            )["p20"]
             for name in names:
                 pm.unregister(name=name)
             rows.append(
@@ -175,12 +184,24 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             n_sync,
             rounds,
         )
-        rows.append(_row("sync call, all installed plugins at defaults", timing["kservice"], "ThreadPoolExecutor(1)", timing["executor"], "-"))
+        rows.append(
+            _row(
+                "sync call, all installed plugins at defaults",
+                timing["kservice"],
+                "ThreadPoolExecutor(1)",
+                timing["executor"],
+                "-",
+            )
+        )
         pipe_full = best_of(
             rounds,
-            lambda: throughput(lambda: full_manager.call_service_async("echo", "echo", (PAYLOAD,)), lambda fs: _wait(fs), n_pipe),
+            lambda: throughput(
+                lambda: full_manager.call_service_async("echo", "echo", (PAYLOAD,)), lambda fs: _wait(fs), n_pipe
+            ),
         )
-        pipe_exec = best_of(rounds, lambda: throughput(lambda: executor.submit(echo, PAYLOAD), lambda fs: _wait(fs), n_pipe))
+        pipe_exec = best_of(
+            rounds, lambda: throughput(lambda: executor.submit(echo, PAYLOAD), lambda fs: _wait(fs), n_pipe)
+        )
         rows.append(
             {
                 "measure": "pipelined async calls/s, all installed plugins at defaults",
@@ -198,7 +219,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(measure: str, subject: tuple[float, float], baseline_name: str, baseline: tuple[float, float], target: str) -> dict[str, Any]:
+def _row(
+    measure: str, subject: tuple[float, float], baseline_name: str, baseline: tuple[float, float], target: str
+) -> dict[str, Any]:
     return {
         "measure": f"{measure} (median / p99 µs) vs {baseline_name}",
         "kservice": f"{subject[0]:.1f} / {subject[1]:.1f}",

@@ -93,7 +93,9 @@ class _Baseline:
             tag = f"{os.getpid()}.{time.monotonic_ns() % 10**9}"
             self.responses_ring = create_queue(f"bench.rsp.{tag}", 4 << 20)
             ready = ctx.Event()
-            self.process = ctx.Process(target=_ring_server, args=(f"bench.req.{tag}", self.responses_ring.name, ready), daemon=True)
+            self.process = ctx.Process(
+                target=_ring_server, args=(f"bench.req.{tag}", self.responses_ring.name, ready), daemon=True
+            )
         self.process.start()
         if kind == "bare ring":
             from kservice.plugins.mmap.ring import attach_queue
@@ -211,9 +213,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 row["pipelined_calls_s"] = pipelined[row["mechanism"]]
 
         big_rounds = 3 if quick else 7
-        for kind, round_trip in (("kservice mmap", lambda: call("kv", "echo", (BIG,))), *(
-            (k, (lambda b=b: b.round_trip(BIG))) for k, b in baselines.items() if k != "bare ring"
-        )):
+        for kind, round_trip in (
+            ("kservice mmap", lambda: call("kv", "echo", (BIG,))),
+            *((k, (lambda b=b: b.round_trip(BIG))) for k, b in baselines.items() if k != "bare ring"),
+        ):
             round_trip()
             times = []
             for _ in range(big_rounds):
@@ -221,10 +224,18 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 round_trip()
                 times.append(time.perf_counter() - start)
             seconds = statistics.median(times)
-            rows.append({"mechanism": kind, "payload": "16 MiB", "median_us": seconds * 1e6, "gb_s": len(BIG) / seconds / 1e9})
+            rows.append(
+                {"mechanism": kind, "payload": "16 MiB", "median_us": seconds * 1e6, "gb_s": len(BIG) / seconds / 1e9}
+            )
 
         child = environment.get_task("kv").pid  # type: ignore[union-attr]
-        rows.append({"mechanism": "kservice mmap", "payload": "idle host", "idle_cpu_pct": 100 * _idle_cpu(child, 1.0 if quick else 3.0)})
+        rows.append(
+            {
+                "mechanism": "kservice mmap",
+                "payload": "idle host",
+                "idle_cpu_pct": 100 * _idle_cpu(child, 1.0 if quick else 3.0),
+            }
+        )
     finally:
         for baseline in baselines.values():
             baseline.close()
@@ -240,12 +251,18 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         ours = by.get(("kservice mmap", payload))
         if ours is None:
             continue
-        for kind, key in (("mp.Queue pair", "x_vs_mp_queue"), ("mp.Pipe", "x_vs_mp_pipe"), ("bare ring", "x_vs_bare_ring")):
+        for kind, key in (
+            ("mp.Queue pair", "x_vs_mp_queue"),
+            ("mp.Pipe", "x_vs_mp_pipe"),
+            ("bare ring", "x_vs_bare_ring"),
+        ):
             other = by.get((kind, payload))
             if other is not None:
                 ours[key] = other["median_us"] / ours["median_us"]
         if payload == "90 B":
-            ours["pipelined_x_vs_mp_queue"] = ours["pipelined_calls_s"] / by[("mp.Queue pair", "90 B")]["pipelined_calls_s"]
+            ours["pipelined_x_vs_mp_queue"] = (
+                ours["pipelined_calls_s"] / by[("mp.Queue pair", "90 B")]["pipelined_calls_s"]
+            )
 
 
 #: Plugins that are part of the transport path itself; the "core" run blocks every other one.
@@ -283,8 +300,17 @@ def run_both(quick: bool = False) -> list[dict[str, Any]]:
 
 
 COLUMNS = [
-    "mechanism", "payload", "median_us", "p99_us", "pipelined_calls_s", "gb_s", "idle_cpu_pct",
-    "x_vs_mp_queue", "x_vs_mp_pipe", "x_vs_bare_ring", "pipelined_x_vs_mp_queue",
+    "mechanism",
+    "payload",
+    "median_us",
+    "p99_us",
+    "pipelined_calls_s",
+    "gb_s",
+    "idle_cpu_pct",
+    "x_vs_mp_queue",
+    "x_vs_mp_pipe",
+    "x_vs_bare_ring",
+    "pipelined_x_vs_mp_queue",
 ]
 
 

@@ -60,12 +60,36 @@ def hook_costs(quick: bool) -> list[tuple[str, float]]:
 
     rows = [
         ("empty function (loop overhead)", _best_ns(empty_pair, number, repeat)),
-        ("metrics client: observe_call", _best_ns(lambda: client.observe_call(request, response, 2e-6), number, repeat)),
-        ("metrics server: observe_handle", _best_ns(lambda: server.observe_handle(request, response, 2e-6), number, repeat)),
-        ("tracing client, enabled: true, no provider set", _best_ns(lambda: (client_span.before_call(request), client_span.after_call(response, request)), number, repeat)),
-        ("tracing server, enabled: true, no provider set", _best_ns(lambda: (server_span.before_handle(request), server_span.after_handle(response, request)), number, repeat)),
-        ("call log on, level filtered out", _best_ns(lambda: quiet_log.observe_handle(request, response, 2e-6), number, repeat)),
-        ("call log on, record to a NullHandler", _best_ns(lambda: loud_log.observe_handle(request, response, 2e-6), number // 4, repeat)),
+        (
+            "metrics client: observe_call",
+            _best_ns(lambda: client.observe_call(request, response, 2e-6), number, repeat),
+        ),
+        (
+            "metrics server: observe_handle",
+            _best_ns(lambda: server.observe_handle(request, response, 2e-6), number, repeat),
+        ),
+        (
+            "tracing client, enabled: true, no provider set",
+            _best_ns(
+                lambda: (client_span.before_call(request), client_span.after_call(response, request)), number, repeat
+            ),
+        ),
+        (
+            "tracing server, enabled: true, no provider set",
+            _best_ns(
+                lambda: (server_span.before_handle(request), server_span.after_handle(response, request)),
+                number,
+                repeat,
+            ),
+        ),
+        (
+            "call log on, level filtered out",
+            _best_ns(lambda: quiet_log.observe_handle(request, response, 2e-6), number, repeat),
+        ),
+        (
+            "call log on, record to a NullHandler",
+            _best_ns(lambda: loud_log.observe_handle(request, response, 2e-6), number // 4, repeat),
+        ),
     ]
     try:
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -79,7 +103,12 @@ def hook_costs(quick: bool) -> list[tuple[str, float]]:
             histogram.labels("svc", "echo").observe(time.perf_counter() - start)
             counter.labels("svc", "echo").inc()
 
-        rows.append(("(alternative) prometheus-client Histogram+Counter per call", _best_ns(prometheus_per_call, number, repeat)))
+        rows.append(
+            (
+                "(alternative) prometheus-client Histogram+Counter per call",
+                _best_ns(prometheus_per_call, number, repeat),
+            )
+        )
     except ImportError:
         pass
     return rows
@@ -130,7 +159,8 @@ def end_to_end(quick: bool) -> list[tuple[str, float, float]]:
             env.stop()
         pool.shutdown()
     return [
-        (label, statistics.median(m for m, _ in rows), statistics.median(p for _, p in rows)) for label, rows in results.items()
+        (label, statistics.median(m for m, _ in rows), statistics.median(p for _, p in rows))
+        for label, rows in results.items()
     ]
 
 

@@ -268,7 +268,7 @@ class PyroPeer(Peer):
         self.process = ctx.Process(target=_pyro_server, args=(f"{workdir}/pyro.sock", ready), daemon=True)
         self.process.start()
         if not ready.wait(30):
-            raise RuntimeError('the Pyro5 daemon did not start')
+            raise RuntimeError("the Pyro5 daemon did not start")
         self.proxy = Pyro5.api.Proxy(self.uri)
 
     def round_trip(self) -> Any:
@@ -422,7 +422,13 @@ def busy_machine() -> Any:
 
 def _run_child(quick: bool, disabled: str, with_peers: bool, **extra_env: str) -> list[dict[str, Any]]:
     env = {**os.environ, "KSERVICE_DISABLE_PLUGINS": disabled, **extra_env}
-    argv = [sys.executable, str(Path(__file__).resolve()), "--json", *(["--quick"] if quick else []), *(["--peers"] if with_peers else [])]
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--json",
+        *(["--quick"] if quick else []),
+        *(["--peers"] if with_peers else []),
+    ]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=1800).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -447,7 +453,11 @@ def table(quick: bool) -> list[dict[str, Any]]:
             rows.append({**row, "mechanism": "kservice mmap (core, spins when busy)"})
     rows += [r for r in core if r["mechanism"] != "kservice mmap"]
     by = {r["mechanism"]: r for r in rows}
-    for ours in ("kservice mmap (core plugins)", "kservice mmap (all plugins)", "kservice mmap (core, spins when busy)"):
+    for ours in (
+        "kservice mmap (core plugins)",
+        "kservice mmap (all plugins)",
+        "kservice mmap (core, spins when busy)",
+    ):
         row = by[ours]
         for other, key in (("multiprocessing.connection", "mpc"), ("faster-fifo queue pair", "fifo")):
             base = by.get(other, {})
@@ -532,13 +542,19 @@ def cold_start(quick: bool) -> list[dict[str, Any]]:
     try:
         serve = subprocess.Popen(
             [kservice_bin, "serve", "--app-dir", str(ROOT), "kv=tests.mmap.services:KV"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         servers.append(serve)
         if "serving kv" not in (serve.stdout.readline() if serve.stdout else ""):
             raise RuntimeError("kservice serve did not start")
         subjects: dict[str, tuple[list[str], Any]] = {
-            "python -c pass (the interpreter alone)": ([python, "-c", "print(__import__('time').time())"], _first_answer_ms),
+            "python -c pass (the interpreter alone)": (
+                [python, "-c", "print(__import__('time').time())"],
+                _first_answer_ms,
+            ),
             "kservice caller (ServiceManager, first call)": ([python, "-c", _KSERVICE_CALLER], _first_answer_ms),
             "kservice call kv echo (wall, until exit)": ([kservice_bin, "call", "kv", "echo", '["hi"]'], _wall_ms),
         }
@@ -565,7 +581,10 @@ def cold_start(quick: bool) -> list[dict[str, Any]]:
             process.start()
             servers.append(process)
             ready.wait(30)
-            subjects["Pyro5 Proxy"] = ([python, "-c", _PYRO_CALLER, f"PYRO:echo@./u:{workdir}/pyro.sock"], _first_answer_ms)
+            subjects["Pyro5 Proxy"] = (
+                [python, "-c", _PYRO_CALLER, f"PYRO:echo@./u:{workdir}/pyro.sock"],
+                _first_answer_ms,
+            )
         else:
             rows.append({"mechanism": "Pyro5 Proxy", "note": _missing("Pyro5")})
         samples: dict[str, list[float]] = {name: [] for name in subjects}
@@ -595,8 +614,17 @@ def cold_start(quick: bool) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- main
 
 COLUMNS = [
-    "mechanism", "median_us", "p99_us", "p99_x_median", "pipelined_calls_s", "median_x_mpc", "pipelined_x_mpc",
-    "median_x_fifo", "pipelined_x_fifo", "median_x_core", "note",
+    "mechanism",
+    "median_us",
+    "p99_us",
+    "p99_x_median",
+    "pipelined_calls_s",
+    "median_x_mpc",
+    "pipelined_x_mpc",
+    "median_x_fifo",
+    "pipelined_x_fifo",
+    "median_x_core",
+    "note",
 ]
 
 

@@ -134,7 +134,9 @@ def _parts_range(differences: list[float], parts: int = 5) -> tuple[float, float
     would see.
     """
     size = max(1, len(differences) // parts)
-    medians = [statistics.median(differences[i : i + size]) for i in range(0, size * parts, size) if differences[i : i + size]]
+    medians = [
+        statistics.median(differences[i : i + size]) for i in range(0, size * parts, size) if differences[i : i + size]
+    ]
     return min(medians), max(medians)
 
 
@@ -216,7 +218,9 @@ def _chain_names(manager: ServiceManager, name: str = SERVICE) -> str:
     return "+".join(type(m).__name__ for m in (chain.middlewares if chain else ())) or "empty"
 
 
-def _whole_call_rows(label: str, managers: dict[str, list[tuple[ServiceManager, str]]], block: int, rounds: int) -> list[dict[str, Any]]:
+def _whole_call_rows(
+    label: str, managers: dict[str, list[tuple[ServiceManager, str]]], block: int, rounds: int
+) -> list[dict[str, Any]]:
     """The policies row and its A/A control for one transport.
 
     ``managers`` maps the arms ``none``, ``policies`` and ``none again`` to
@@ -232,10 +236,20 @@ def _whole_call_rows(label: str, managers: dict[str, list[tuple[ServiceManager, 
     replicas = len(managers["none"])
     full_m, full_name = managers["policies"][0]
     return [
-        _row(f"{label} ({_chain_names(full_m, full_name)})", timing["policies"], timing["none"],
-             timing["policies - none"], "<= +3 µs"),
-        _row(f"  A/A control: {label}, no policy ({replicas} more environments)", timing["none again"], timing["none"],
-             timing["none again - none"], "~ 0"),
+        _row(
+            f"{label} ({_chain_names(full_m, full_name)})",
+            timing["policies"],
+            timing["none"],
+            timing["policies - none"],
+            "<= +3 µs",
+        ),
+        _row(
+            f"  A/A control: {label}, no policy ({replicas} more environments)",
+            timing["none again"],
+            timing["none"],
+            timing["none again - none"],
+            "~ 0",
+        ),
     ]
 
 
@@ -306,8 +320,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         # The same chain split by owner: the call policies (retry budget counter + breaker) and metrics.
         from kservice._middleware import MiddlewareChain
 
-        mine = MiddlewareChain([m for m in chain.middlewares if type(m).__module__.startswith("kservice.plugins.")], "client")
-        others = MiddlewareChain([m for m in chain.middlewares if not type(m).__module__.startswith("kservice.plugins.")], "client")
+        mine = MiddlewareChain(
+            [m for m in chain.middlewares if type(m).__module__.startswith("kservice.plugins.")], "client"
+        )
+        others = MiddlewareChain(
+            [m for m in chain.middlewares if not type(m).__module__.startswith("kservice.plugins.")], "client"
+        )
         subjects = {"none": nothing, "all": through(chain)}
         if mine:
             subjects["policies"] = through(mine)
@@ -324,7 +342,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         if server_chain is not None:
             server = _loops({"none": nothing, "server": through(server_chain)}, n_loop * 5, loop_rounds)
             rows.append(
-                _row("server chain alone (metrics, server side)", server["server"], server["none"], server["server"] - server["none"])
+                _row(
+                    "server chain alone (metrics, server side)",
+                    server["server"],
+                    server["none"],
+                    server["server"] - server["none"],
+                )
             )
 
     # 2. Open breaker: the fail-fast path, with and without a fallback answering.
@@ -356,11 +379,16 @@ class _Refuse(kservice.ServiceMiddleware):
 
 
 def _open_breaker_rows(n: int, rounds: int) -> list[dict[str, Any]]:
-    open_cfg = {**POLICIES, "breaker": {"enabled": True, "failure_threshold": 1, "cooldown": 3600.0, "count_service_errors": True}}
+    open_cfg = {
+        **POLICIES,
+        "breaker": {"enabled": True, "failure_threshold": 1, "cooldown": 3600.0, "count_service_errors": True},
+    }
     with_fallback = {
         **open_cfg,
         "fallback": {"enabled": True},
-        "services": {"fb_" + SERVICE: {"class": f"{_module()}:Echo", "fallback": {"methods": {"echo": {"value": "degraded"}}}}},
+        "services": {
+            "fb_" + SERVICE: {"class": f"{_module()}:Echo", "fallback": {"methods": {"echo": {"value": "degraded"}}}}
+        },
     }
     env = _env(open_cfg)
     fb_env = ServiceEnvironment("bench-fb", _known(with_fallback))
@@ -415,7 +443,9 @@ def _open_breaker_rows(n: int, rounds: int) -> list[dict[str, Any]]:
         env.stop()
     return [
         _row("open breaker: rejection in the client chain", loops["chain"], target="<= 2 µs"),
-        _row("open breaker: whole call, raise + catch", loops["flood"], loops["floor"], loops["flood"] - loops["floor"]),
+        _row(
+            "open breaker: whole call, raise + catch", loops["flood"], loops["floor"], loops["flood"] - loops["floor"]
+        ),
         _row("  core floor: no policy, a middleware answers a failure, raise + catch", loops["floor"]),
         _row("open breaker + fallback value: whole call", loops["degraded"]),
     ]
@@ -441,7 +471,9 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv
     load_before = os.getloadavg()[0]
     results = run(quick=quick)
-    print_table("Call-policy overhead (µs per call; whole calls: medians, chains: lowest rounds; see the docstring)", results)
+    print_table(
+        "Call-policy overhead (µs per call; whole calls: medians, chains: lowest rounds; see the docstring)", results
+    )
     # Whole calls hand off between threads (and processes): on a machine busier than its cores
     # they wait for a CPU, so the load is part of the result.
     print(f"\n{os.cpu_count()} CPUs; 1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")

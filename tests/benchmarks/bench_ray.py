@@ -224,7 +224,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'measurement':<58} {'kservice':>12} {'baseline':>12} {'ratio':>7}  target")
     for row in rows:
-        print(f"{row['name']:<58} {row['kservice']:>12,.0f} {row['baseline']:>12,.0f} {row['ratio']:>7.2f}  {row['target']}")
+        print(
+            f"{row['name']:<58} {row['kservice']:>12,.0f} {row['baseline']:>12,.0f} {row['ratio']:>7.2f}  {row['target']}"
+        )
         if "p99" in row:
             ours, theirs = row["p99"]
             print(f"{'  p99 µs':<58} {ours:>12,.0f} {theirs:>12,.0f} {ours / theirs:>7.2f}")

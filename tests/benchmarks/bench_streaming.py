@@ -133,9 +133,14 @@ def run_local(quick: bool) -> list[dict[str, Any]]:
         streamed = _best_rate(stream_batch, repeats)
         called = _best_rate(calls_batch, repeats)
         rows.append(
-            {"name": "mmap: 90 B items streamed (items/s) vs one sync call each (calls/s)",
-             "kservice": streamed, "baseline": called, "ratio": streamed / called, "target": ">= 5 (and >= 300k items/s)",
-             "holds": streamed >= 300_000 and streamed / called >= 5}
+            {
+                "name": "mmap: 90 B items streamed (items/s) vs one sync call each (calls/s)",
+                "kservice": streamed,
+                "baseline": called,
+                "ratio": streamed / called,
+                "target": ">= 5 (and >= 300k items/s)",
+                "holds": streamed >= 300_000 and streamed / called >= 5,
+            }
         )
         for transport, service in (("inproc", "local"), ("mmap", "proc")):
             measured = _interleaved_latency(
@@ -146,10 +151,14 @@ def run_local(quick: bool) -> list[dict[str, Any]]:
                 latency_count,
             )
             rows.append(
-                {"name": f"{transport}: first item of a stream vs a sync call (median µs)",
-                 "kservice": measured["first"] * 1e6, "baseline": measured["call"] * 1e6,
-                 "ratio": measured["first"] / measured["call"], "target": "<= 1.5",
-                 "holds": measured["first"] / measured["call"] <= 1.5}
+                {
+                    "name": f"{transport}: first item of a stream vs a sync call (median µs)",
+                    "kservice": measured["first"] * 1e6,
+                    "baseline": measured["call"] * 1e6,
+                    "ratio": measured["first"] / measured["call"],
+                    "target": "<= 1.5",
+                    "holds": measured["first"] / measured["call"] <= 1.5,
+                }
             )
         bare_loop = _BareLoop()
         try:
@@ -165,20 +174,34 @@ def run_local(quick: bool) -> list[dict[str, Any]]:
         finally:
             bare_loop.close()
         rows.append(
-            {"name": "inproc: async def method, sync call vs the same plain (median µs)",
-             "kservice": measured["async"] * 1e6, "baseline": measured["plain"] * 1e6,
-             "ratio": measured["async"] / measured["plain"], "target": "<= 1.5",
-             "holds": measured["async"] / measured["plain"] <= 1.5}
+            {
+                "name": "inproc: async def method, sync call vs the same plain (median µs)",
+                "kservice": measured["async"] * 1e6,
+                "baseline": measured["plain"] * 1e6,
+                "ratio": measured["async"] / measured["plain"],
+                "target": "<= 1.5",
+                "holds": measured["async"] / measured["plain"] <= 1.5,
+            }
         )
         rows.append(
-            {"name": "  same, vs the plain method run in the worker pool (median µs)",
-             "kservice": measured["async"] * 1e6, "baseline": measured["pooled"] * 1e6,
-             "ratio": measured["async"] / measured["pooled"], "target": "info", "holds": None}
+            {
+                "name": "  same, vs the plain method run in the worker pool (median µs)",
+                "kservice": measured["async"] * 1e6,
+                "baseline": measured["pooled"] * 1e6,
+                "ratio": measured["async"] / measured["pooled"],
+                "target": "info",
+                "holds": None,
+            }
         )
         rows.append(
-            {"name": "  same, vs the method awaited on a bare loop thread (median µs)",
-             "kservice": measured["async"] * 1e6, "baseline": measured["bare"] * 1e6,
-             "ratio": measured["async"] / measured["bare"], "target": "info", "holds": None}
+            {
+                "name": "  same, vs the method awaited on a bare loop thread (median µs)",
+                "kservice": measured["async"] * 1e6,
+                "baseline": measured["bare"] * 1e6,
+                "ratio": measured["async"] / measured["bare"],
+                "target": "info",
+                "holds": None,
+            }
         )
     return rows
 
@@ -247,9 +270,14 @@ def run_ray(quick: bool) -> list[dict[str, Any]]:
                 rates_theirs.append(_best_rate(theirs, 1))
             ratio = statistics.median(a / b for a, b in zip(rates_ours, rates_theirs, strict=True))
             return [
-                {"name": "ray: 90 B items streamed, kservice vs bare Ray streaming generator (items/s)",
-                 "kservice": statistics.median(rates_ours), "baseline": statistics.median(rates_theirs),
-                 "ratio": ratio, "target": ">= 0.9", "holds": ratio >= 0.9}
+                {
+                    "name": "ray: 90 B items streamed, kservice vs bare Ray streaming generator (items/s)",
+                    "kservice": statistics.median(rates_ours),
+                    "baseline": statistics.median(rates_theirs),
+                    "ratio": ratio,
+                    "target": ">= 0.9",
+                    "holds": ratio >= 0.9,
+                }
             ]
     finally:
         ray.shutdown()
@@ -284,7 +312,9 @@ if __name__ == "__main__":
 
         from kservice import get_plugin_manager
 
-        optional = sorted(name for name, _ in get_plugin_manager().list_name_plugin() if name not in ("inproc", "mmap", "ray"))
+        optional = sorted(
+            name for name, _ in get_plugin_manager().list_name_plugin() if name not in ("inproc", "mmap", "ray")
+        )
         env = {**os.environ, "KSERVICE_DISABLE_PLUGINS": ",".join(optional) or "none"}
         sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode)
     # Service classes are imported by module name in the hosting child and Ray's workers.

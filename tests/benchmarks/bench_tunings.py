@@ -71,7 +71,10 @@ def _compiled_put(number: int, repeat: int) -> dict[str, Any]:
             get()
 
         subjects: dict[str, Callable[[], None]] = {"with": with_it, "without": without, "with (again)": with_it}
-        measured = {name: (min(timeit.repeat(op, number=number, repeat=repeat)) / number * 1e6, 0.0) for name, op in subjects.items()}
+        measured = {
+            name: (min(timeit.repeat(op, number=number, repeat=repeat)) / number * 1e6, 0.0)
+            for name, op in subjects.items()
+        }
     finally:
         q.unlink()
         q.close()
@@ -127,4 +130,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     rows = run(quick="--quick" in sys.argv)
     keys = ["tuning", "unit", "with", "with (again)", "without", "saved", "noise", "verdict"]
-    print_table("hot-path tunings, with and without (µs per call; noise = |with - with again|)", [{k: r.get(k, "") for k in keys} for r in rows])
+    print_table(
+        "hot-path tunings, with and without (µs per call; noise = |with - with again|)",
+        [{k: r.get(k, "") for k in keys} for r in rows],
+    )

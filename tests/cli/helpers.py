@@ -37,7 +37,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: str | Path | None = None) -> Result:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: str | Path | None = None
+) -> Result:
     """Run ``kservice ARGS...`` (the installed console script) and capture its output."""
     done = subprocess.run(
         [KSERVICE, *args], capture_output=True, text=True, env=env or cli_env(), timeout=timeout, cwd=cwd
@@ -61,7 +63,9 @@ def assert_user_error(result: Result, *fragments: str, status: int | None = None
 def run_many(commands: Sequence[Sequence[str]], env: dict[str, str] | None = None, timeout: float = 60) -> list[Result]:
     """Run several CLI invocations concurrently (they are independent); results in order."""
     processes = [
-        subprocess.Popen([KSERVICE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env())
+        subprocess.Popen(
+            [KSERVICE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env()
+        )
         for cmd in commands
     ]
     results = []

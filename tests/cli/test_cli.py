@@ -137,7 +137,9 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
     # The same through the installed script, for one of them.
     assert run_cli(*cases[1]) == results[1]
     assert_user_error(results[0], "not valid YAML", "line 2", status=1)
-    assert_user_error(results[1], "service_call.default_timout", "did you mean 'service_call.default_timeout'", status=1)
+    assert_user_error(
+        results[1], "service_call.default_timout", "did you mean 'service_call.default_timeout'", status=1
+    )
     assert_user_error(results[2], "service.local.max_workers", "expected int", status=1)
     assert_user_error(results[3], "cannot read config file", status=1)
     assert_user_error(results[4], "no file to check: give one with -c FILE", "kservice config check --help", status=2)
@@ -207,7 +209,14 @@ def test_bench_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
 def test_bench_measures_transports_beside_baselines_and_plots(tmp_path: Path) -> None:
     picture = tmp_path / "latency.png"
     result = run_cli(
-        "bench", "--calls", "40", "--transports", "inproc,mmap,threadpool,mp-queue,mp-pipe", "--json", "--plot", str(picture)
+        "bench",
+        "--calls",
+        "40",
+        "--transports",
+        "inproc,mmap,threadpool,mp-queue,mp-pipe",
+        "--json",
+        "--plot",
+        str(picture),
     )
     assert result.returncode == 0, result
     rows = {row["name"]: row for row in json.loads(result.stdout)}
@@ -235,7 +244,9 @@ def test_bench_table() -> None:
 def test_services_running_lists_the_served_service(served: Served) -> None:
     listed, as_json = run_many([["services", "--running"], ["services", "--running", "--json"]])
     assert listed.returncode == 0
-    assert any(line.split()[:3] == [served.name, "running", "mmap"] for line in listed.stdout.splitlines()), listed.stdout
+    assert any(line.split()[:3] == [served.name, "running", "mmap"] for line in listed.stdout.splitlines()), (
+        listed.stdout
+    )
     # The record comes from the mmap plugin's registry through the kservice_running_services hook.
     (record,) = [r for r in json.loads(as_json.stdout) if r["name"] == served.name]
     assert record["transport"] == "mmap"
@@ -246,7 +257,9 @@ def test_services_running_lists_the_served_service(served: Served) -> None:
 def test_services_lists_configured_services(good_config: Path) -> None:
     result = run_cli("services", "-c", str(good_config))
     assert result.returncode == 0, result
-    assert any(line.split()[:4] == ["kv", "configured", "-", "sample_services:KV"] for line in result.stdout.splitlines()), result.stdout
+    assert any(
+        line.split()[:4] == ["kv", "configured", "-", "sample_services:KV"] for line in result.stdout.splitlines()
+    ), result.stdout
 
 
 @pytest.mark.timeout(60)
@@ -255,7 +268,10 @@ def test_call_round_trips_json(served: Served) -> None:
     assert put.returncode == 0, put
     assert put.stdout.strip() == "null"
     by_args, by_kwargs = run_many(
-        [["call", served.name, "get", '["greeting"]'], ["call", served.name, "get", "--kwargs", '{"key": "greeting"}', "--timeout", "5"]]
+        [
+            ["call", served.name, "get", '["greeting"]'],
+            ["call", served.name, "get", "--kwargs", '{"key": "greeting"}', "--timeout", "5"],
+        ]
     )
     assert json.loads(by_args.stdout) == {"text": "hello", "n": [1, 2]}
     assert json.loads(by_kwargs.stdout) == {"text": "hello", "n": [1, 2]}
@@ -314,7 +330,11 @@ def test_status_watch_refreshes_until_interrupted(served: Served) -> None:
     assert served.name in counted.stdout and "kservice status at" in counted.stdout
 
     watching = subprocess.Popen(
-        [KSERVICE, "status", "--watch", "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+        [KSERVICE, "status", "--watch", "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
     )
     try:
         # Let it refresh a few times, then Ctrl-C: the watch ends cleanly with status 0.

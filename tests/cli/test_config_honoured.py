@@ -29,7 +29,11 @@ def test_plugins_lists_disabled_and_failed_plugins_and_a_missing_required_one_ex
     assert table.returncode == 1 and as_json.returncode == 1
     rows = {row["name"]: row for row in json.loads(as_json.stdout)}
     assert rows["retry"]["state"] == "disabled" and "plugins.disable in" in rows["retry"]["reason"]
-    assert rows["apikey"]["state"] == "failed" and rows["apikey"]["required"] and "is not installed" in rows["apikey"]["reason"]
+    assert (
+        rows["apikey"]["state"] == "failed"
+        and rows["apikey"]["required"]
+        and "is not installed" in rows["apikey"]["reason"]
+    )
     assert rows["inproc"]["state"] == "loaded"
     assert "retry" in table.stdout and "disabled" in table.stdout and "apikey" in table.stdout
     assert_user_error(table, "required plugin 'apikey' is not installed", status=1)
@@ -102,10 +106,14 @@ def test_config_check_reads_class_paths_without_running_them_and_imports_with_a_
     (package / "starry.py").write_text("from side.plain import *\n")
     env = cli_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
-    good = _yaml(tmp_path / "good.yaml", "services:\n  s: {class: 'side.plain:Service'}\n  t: {class: 'side.plain:Servic'}\n")
+    good = _yaml(
+        tmp_path / "good.yaml", "services:\n  s: {class: 'side.plain:Service'}\n  t: {class: 'side.plain:Servic'}\n"
+    )
     result = run_cli("config", "check", str(good), env=env)
     assert result.returncode == 1 and not marker.exists(), result  # neither the package nor the module ran
-    assert result.stderr_lines == [f"error: services.t.class: module 'side.plain' ({package / 'plain.py'}) defines no 'Servic'; did you mean 'Service'?"]
+    assert result.stderr_lines == [
+        f"error: services.t.class: module 'side.plain' ({package / 'plain.py'}) defines no 'Servic'; did you mean 'Service'?"
+    ]
 
     starry = _yaml(tmp_path / "starry.yaml", "services:\n  s: {class: 'side.starry:Service'}\n")
     noted = run_cli("config", "check", str(starry), env=env)
@@ -123,13 +131,21 @@ def test_config_check_reads_class_paths_without_running_them_and_imports_with_a_
 @pytest.mark.parametrize(
     ("entry", "fragments"),
     [
-        ("{class: 'sample_services:KV', kind: ray, replicas: 3}", ("services.kv is declared kind: ray, replicas: 3", "--host-locally")),
+        (
+            "{class: 'sample_services:KV', kind: ray, replicas: 3}",
+            ("services.kv is declared kind: ray, replicas: 3", "--host-locally"),
+        ),
         ("{class: 'sample_services:KV', replicas: 2}", ("services.kv is declared kind: local, replicas: 2",)),
         ("{class: 'sample_services:KV', kind: process}", ("services.kv is declared kind: process",)),
-        ("{class: 'sample_services:KV', kind: porcess}", ("services.kv.kind: no task kind 'porcess'", "did you mean 'process'?")),
+        (
+            "{class: 'sample_services:KV', kind: porcess}",
+            ("services.kv.kind: no task kind 'porcess'", "did you mean 'process'?"),
+        ),
     ],
 )
-def test_serve_refuses_a_service_it_cannot_host_as_declared(tmp_path: Path, entry: str, fragments: tuple[str, ...]) -> None:
+def test_serve_refuses_a_service_it_cannot_host_as_declared(
+    tmp_path: Path, entry: str, fragments: tuple[str, ...]
+) -> None:
     config = _yaml(tmp_path / "s.yaml", f"services:\n  other: {{class: 'sample_services:KV'}}\n  kv: {entry}\n")
     result = run_cli("serve", "-c", str(config), timeout=30)
     assert_user_error(result, *fragments, "nothing was started", status=1)
@@ -141,7 +157,9 @@ def test_serve_refuses_a_service_it_cannot_host_as_declared(tmp_path: Path, entr
 @pytest.mark.timeout(60)
 def test_serve_host_locally_says_what_it_hosts_instead(tmp_path: Path) -> None:
     name = f"kv{os.getpid()}"
-    config = _yaml(tmp_path / "s.yaml", f"services:\n  {name}: {{class: 'sample_services:KV', kind: ray, replicas: 3}}\n")
+    config = _yaml(
+        tmp_path / "s.yaml", f"services:\n  {name}: {{class: 'sample_services:KV', kind: ray, replicas: 3}}\n"
+    )
     process = subprocess.Popen(
         [KSERVICE, "serve", "--host-locally", "-c", str(config)],
         stdout=subprocess.PIPE,
@@ -157,7 +175,10 @@ def test_serve_host_locally_says_what_it_hosts_instead(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
         note = process.stderr.read()
-        assert f"note: {name} is declared kind: ray, replicas: 3; hosting one local instance in this process instead" in note
+        assert (
+            f"note: {name} is declared kind: ray, replicas: 3; hosting one local instance in this process instead"
+            in note
+        )
     finally:
         if process.poll() is None:
             process.kill()
@@ -188,17 +209,28 @@ def test_every_config_read_error_is_one_line_from_every_command(tmp_path: Path) 
     bad = {
         "non_utf8": (tmp_path / "n.yaml", b"service_call: {default_timeout: 3} # \xff\n", "is not UTF-8 text"),
         "deep": (tmp_path / "d.yaml", b"x: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested deeper than 64 levels"),
-        "bigint": (tmp_path / "b.yaml", b"service_call: {max_retries: " + b"9" * 100_000 + b"}\n", "an integer of 100000 digits"),
+        "bigint": (
+            tmp_path / "b.yaml",
+            b"service_call: {max_retries: " + b"9" * 100_000 + b"}\n",
+            "an integer of 100000 digits",
+        ),
         "duplicate": (tmp_path / "u.yaml", b"services: {}\nservices: {}\n", "duplicate key 'services'"),
         "workers": (tmp_path / "w.yaml", b"service: {local: {max_workers: 100000000}}\n", "above the maximum 1024"),
     }
     for path, data, _ in bad.values():
         path.write_bytes(data)
     for path, _, fragment in bad.values():
-        for command in (["config", "check", str(path)], ["config", "show", "-c", str(path)], ["serve", "-c", str(path)], ["status", "-c", str(path)]):
+        for command in (
+            ["config", "check", str(path)],
+            ["config", "show", "-c", str(path)],
+            ["serve", "-c", str(path)],
+            ["status", "-c", str(path)],
+        ):
             assert_user_error(run_main(*command), fragment, status=1)
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
     # Through the installed script too: a FIFO hung every command before.
-    for result in run_many([["config", "check", str(fifo)], ["serve", "-c", str(fifo)], ["status", "-c", str(fifo)]], timeout=30):
+    for result in run_many(
+        [["config", "check", str(fifo)], ["serve", "-c", str(fifo)], ["status", "-c", str(fifo)]], timeout=30
+    ):
         assert_user_error(result, "it is a FIFO", status=1)

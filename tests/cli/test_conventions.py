@@ -48,7 +48,11 @@ def test_config_check_takes_c_file_like_every_other_command(tmp_path: Path) -> N
     other = tmp_path / "other.yaml"
     other.write_text("{}\n")
     with_c, positional, both_same = run_many(
-        [["config", "check", "-c", str(good)], ["config", "check", str(good)], ["config", "check", str(good), "-c", str(good)]]
+        [
+            ["config", "check", "-c", str(good)],
+            ["config", "check", str(good)],
+            ["config", "check", str(good), "-c", str(good)],
+        ]
     )
     assert with_c.returncode == 0, with_c
     assert with_c.stdout == positional.stdout == both_same.stdout == f"ok: {good} is valid; services: kv (local)\n"
@@ -61,7 +65,9 @@ def test_config_check_takes_c_file_like_every_other_command(tmp_path: Path) -> N
 def test_listings_print_valid_json_when_nothing_runs(tmp_path: Path) -> None:
     # A registry directory of its own: nothing runs there.
     empty = cli_env(KSERVICE_REGISTRY_DIR=str(tmp_path / "registry"), KSERVICE_QUEUE_DIR=str(tmp_path / "queues"))
-    status, running, services = run_many([["status", "--json"], ["services", "--running", "--json"], ["services", "--json"]], env=empty)
+    status, running, services = run_many(
+        [["status", "--json"], ["services", "--running", "--json"], ["services", "--json"]], env=empty
+    )
     for result in (status, running, services):
         assert result.returncode == 0, result
         assert isinstance(json.loads(result.stdout), list), result.stdout
@@ -112,7 +118,13 @@ def test_call_errors_name_the_exception_type(tmp_path: Path) -> None:
     from .helpers import KSERVICE
 
     name = f"inventory-{uuid.uuid4().hex[:6]}"
-    host = subprocess.Popen([KSERVICE, "serve", f"{name}=sample_services:Inventory"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    host = subprocess.Popen(
+        [KSERVICE, "serve", f"{name}=sample_services:Inventory"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
     try:
         assert host.stdout is not None and host.stdout.readline().startswith("serving")
         taken, timed_out, many = run_many(
@@ -136,7 +148,9 @@ def test_call_errors_name_the_exception_type(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_services_shows_installed_configured_and_running_together_with_hints(served: Served, tmp_path: Path) -> None:
-    site = make_distribution(tmp_path, "acme_stock", {"kservice.services": {"inventory": "sample_services:Inventory"}}, {})
+    site = make_distribution(
+        tmp_path, "acme_stock", {"kservice.services": {"inventory": "sample_services:Inventory"}}, {}
+    )
     config = tmp_path / "services.yaml"
     config.write_text("services:\n  ledger:\n    class: sample_services:KV\n")
     env = cli_env()
@@ -151,19 +165,34 @@ def test_services_shows_installed_configured_and_running_together_with_hints(ser
         env=env,
     )
     rows = {r["name"]: r for r in json.loads(as_json.stdout)}
-    assert (rows["inventory"]["state"], rows["inventory"]["installed"], rows["inventory"]["transport"]) == ("installed", True, None)
+    assert (rows["inventory"]["state"], rows["inventory"]["installed"], rows["inventory"]["transport"]) == (
+        "installed",
+        True,
+        None,
+    )
     assert (rows["ledger"]["state"], rows["ledger"]["configured"]) == ("configured", True)
     assert (rows[served.name]["state"], rows[served.name]["transport"]) == ("running", "mmap")
     states = {line.split()[0]: line.split()[1] for line in table.stdout.splitlines()[2:] if len(line.split()) > 1}
     assert states["inventory"] == "installed" and states["ledger"] == "configured" and states[served.name] == "running"
     assert f"kservice serve -c {config} ledger" in table.stderr and "kservice serve inventory" in table.stderr
     assert_user_error(installed_call, "'inventory' is installed", "start it with: kservice serve inventory", status=1)
-    assert_user_error(configured_call, f"'ledger' is configured in {config}", f"kservice serve -c {config} ledger", status=1)
-    assert_user_error(run_main("call", "no-such-service-anywhere", "get"), "ServiceNotFoundError: no service named", status=1)
+    assert_user_error(
+        configured_call, f"'ledger' is configured in {config}", f"kservice serve -c {config} ledger", status=1
+    )
+    assert_user_error(
+        run_main("call", "no-such-service-anywhere", "get"), "ServiceNotFoundError: no service named", status=1
+    )
 
 
 def test_status_warns_that_replicas_do_not_share_state() -> None:
-    replicated = ServiceStatus("kv", "ray", "running", True, started_at=time.time() - 5, extra={"replicas": [{"healthy": True}, {"healthy": True}]})
+    replicated = ServiceStatus(
+        "kv",
+        "ray",
+        "running",
+        True,
+        started_at=time.time() - 5,
+        extra={"replicas": [{"healthy": True}, {"healthy": True}]},
+    )
     single = ServiceStatus("one", "local", "running", True, started_at=time.time() - 5)
     out = io.StringIO()
     Console(file=out, width=80).print(status_table(status_rows([replicated, single]), wide=False))

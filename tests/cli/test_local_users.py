@@ -49,7 +49,9 @@ def test_a_command_run_in_another_users_directory_imports_nothing_from_it(shared
 
 
 @pytest.mark.timeout(120)
-def test_a_process_task_started_in_another_users_directory_imports_nothing_from_it(tmp_path: Path, shared: Path) -> None:
+def test_a_process_task_started_in_another_users_directory_imports_nothing_from_it(
+    tmp_path: Path, shared: Path
+) -> None:
     program = tmp_path / "program.py"
     program.write_text(
         "from kservice import ServiceEnvironment, ServiceFactory, ServiceManager\n"
@@ -64,7 +66,9 @@ def test_a_process_task_started_in_another_users_directory_imports_nothing_from_
         marker = _plant(user, shared, "json", "pickle", "selectors")
         env = cli_env()
         env["PYTHONPATH"] = str(REPO_ROOT)
-        done = subprocess.run([sys.executable, str(program)], cwd=shared, env=env, capture_output=True, text=True, timeout=90)
+        done = subprocess.run(
+            [sys.executable, str(program)], cwd=shared, env=env, capture_output=True, text=True, timeout=90
+        )
         assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
         assert not marker.exists(), marker.read_text()
 
@@ -77,7 +81,9 @@ def test_serve_looks_in_the_working_directory_only_when_asked(tmp_path: Path) ->
     assert result.stdout == ""  # nothing started
 
 
-def test_a_process_childs_path_searches_the_working_directory_last(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_process_childs_path_searches_the_working_directory_last(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from kservice.plugins.mmap.host import _child_sys_path
 
     monkeypatch.chdir(tmp_path)

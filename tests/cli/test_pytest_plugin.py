@@ -13,7 +13,7 @@ from .helpers import marked_processes
 
 pytest_plugins = ["pytester"]
 
-USER_TESTS = '''
+USER_TESTS = """
     import os
 
     import pytest
@@ -73,7 +73,7 @@ USER_TESTS = '''
     def test_config_override(kservice_service, kservice_environment):
         kservice_service(KV)
         assert kservice_environment.get_task("KV").max_workers == 3
-'''
+"""
 
 
 @pytest.fixture
@@ -100,7 +100,9 @@ def test_user_tests_run_on_every_kind_and_clean_up(
 
 
 @pytest.mark.timeout(60)
-def test_ray_tests_skip_with_a_reason_when_ray_is_missing(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_tests_skip_with_a_reason_when_ray_is_missing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytester.makepyfile(test_user_kv=textwrap.dedent(USER_TESTS))
     # A package that shadows ray and fails to import, as if Ray were not installed.
     shadow = pytester.mkdir("shadow")
@@ -116,7 +118,7 @@ def test_ray_tests_skip_with_a_reason_when_ray_is_missing(pytester: pytest.Pytes
 def test_a_service_that_fails_to_start_fails_the_test(pytester: pytest.Pytester, mark: str) -> None:
     pytester.makepyfile(
         test_broken=textwrap.dedent(
-            '''
+            """
             class Broken:
                 def __init__(self):
                     raise RuntimeError("no database")
@@ -124,7 +126,7 @@ def test_a_service_that_fails_to_start_fails_the_test(pytester: pytest.Pytester,
 
             def test_broken(kservice_service):
                 kservice_service(Broken, kind="process")
-            '''
+            """
         )
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")

@@ -148,7 +148,9 @@ def test_metrics_port_in_use_is_one_line_and_nothing_is_served(tmp_path: Path) -
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = run_cli("serve", f"{name}=opsvc:Greeter", "--metrics-port", str(port), env=env, cwd=tmp_path, timeout=30)
+        result = run_cli(
+            "serve", f"{name}=opsvc:Greeter", "--metrics-port", str(port), env=env, cwd=tmp_path, timeout=30
+        )
     assert_user_error(result, f"port {port}", "--metrics-port", status=1)
     assert result.stdout == ""
     assert _call(name, "hello", env, tmp_path).startswith("error ")  # never served
@@ -166,7 +168,12 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
         assert _call(name, "hello", env, tmp_path) == '"v1"'
 
         _module(tmp_path, "reloadsvc", _greeter("v2"))
-        wait_for(lambda: _call(name, "hello", env, tmp_path) == '"v2"', timeout=30, what="the reloaded v2 to answer", interval=0.3)
+        wait_for(
+            lambda: _call(name, "hello", env, tmp_path) == '"v2"',
+            timeout=30,
+            what="the reloaded v2 to answer",
+            interval=0.3,
+        )
 
         # A syntax error: the error is shown, the old host keeps serving the old code.
         _module(tmp_path, "reloadsvc", _greeter("v3").replace("def hello(self):", "def hello(self)"))
@@ -176,7 +183,12 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
 
         # The next good save reloads.
         _module(tmp_path, "reloadsvc", _greeter("v4"))
-        wait_for(lambda: _call(name, "hello", env, tmp_path) == '"v4"', timeout=30, what="the reloaded v4 to answer", interval=0.3)
+        wait_for(
+            lambda: _call(name, "hello", env, tmp_path) == '"v4"',
+            timeout=30,
+            what="the reloaded v4 to answer",
+            interval=0.3,
+        )
         # Each replaced host drained and said so.
         assert len([line for line in host.out if line.startswith(f"stopped serving {name}")]) == 2
     finally:

@@ -14,7 +14,15 @@ from rich.console import Console
 
 def _status(**extra: object) -> ServiceStatus:
     return ServiceStatus(
-        "svc", "ray", "running", True, requests_total=120, in_flight=3, queue_depth=2, started_at=time.time() - 60, extra=dict(extra)
+        "svc",
+        "ray",
+        "running",
+        True,
+        requests_total=120,
+        in_flight=3,
+        queue_depth=2,
+        started_at=time.time() - 60,
+        extra=dict(extra),
     )
 
 

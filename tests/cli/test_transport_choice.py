@@ -31,7 +31,18 @@ def relay_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     source, target = root / "source", root / "site"
     shutil.copytree(RELAY, source)  # pip builds in the source tree: keep tests/ clean
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "--target", str(target), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(source),
+        ],
         check=True,
         capture_output=True,
         timeout=120,
@@ -57,7 +68,11 @@ def _caller(name: str, site: Path, config: Path | None = None, **extra: str) -> 
             print(type(manager.get_service_queue({name!r})).__name__, kservice_relay.CALLS)
     """
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, env=_env(site, **extra)
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(site, **extra),
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()

@@ -49,7 +49,9 @@ def make_distribution(root: Path, name: str, entry_points: dict[str, dict[str, s
     return site
 
 
-def run_python(code: str, *, site: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_python(
+    code: str, *, site: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager), with ``site`` on its path."""
     environ = clean_environ()
     paths = [str(REPO)] + ([str(site)] if site else [])

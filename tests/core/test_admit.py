@@ -36,7 +36,12 @@ class Gate(kservice.ServiceMiddleware):
         pass
 
 
-NO_POLICIES = {"breaker": {"enabled": False}, "metrics": {"enabled": False}, "tracing": {"enabled": False}, "service_call": {"max_retries": 0}}
+NO_POLICIES = {
+    "breaker": {"enabled": False},
+    "metrics": {"enabled": False},
+    "tracing": {"enabled": False},
+    "service_call": {"max_retries": 0},
+}
 
 
 def test_admit_refuses_before_the_chain_and_tells_the_listeners() -> None:
@@ -82,6 +87,7 @@ class Watcher(kservice.ServiceMiddleware):
 @pytest.mark.parametrize("hears", [True, False])
 def test_an_observer_that_does_not_hear_refusals_keeps_every_call_on_the_chain(hears: bool) -> None:
     gate, watcher = Gate(), Watcher(hears)
+
     def refuse_in_chain(request: ServiceRequest) -> None:
         gate.before += 1
         if gate.closed:

@@ -47,7 +47,9 @@ def test_cancelling_a_queued_future_means_the_call_never_runs(ledger_env: Servic
         assert tags(path) == ["busy", "next"]
 
 
-def test_cancelling_a_running_call_lets_it_finish_and_drops_its_result(ledger_env: ServiceEnvironment, tmp_path: Path) -> None:
+def test_cancelling_a_running_call_lets_it_finish_and_drops_its_result(
+    ledger_env: ServiceEnvironment, tmp_path: Path
+) -> None:
     path = tmp_path / "ledger.txt"
     with ledger_env.manager() as manager:
         running = manager.call_service_async("ledger", "record", (str(path), "running", 0.5), timeout=30)
@@ -59,7 +61,9 @@ def test_cancelling_a_running_call_lets_it_finish_and_drops_its_result(ledger_en
         assert running.cancelled()
 
 
-def test_cancelling_the_task_awaiting_acall_means_the_call_never_runs(ledger_env: ServiceEnvironment, tmp_path: Path) -> None:
+def test_cancelling_the_task_awaiting_acall_means_the_call_never_runs(
+    ledger_env: ServiceEnvironment, tmp_path: Path
+) -> None:
     path = tmp_path / "ledger.txt"
 
     async def scenario(manager: ServiceManager) -> None:

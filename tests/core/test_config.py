@@ -56,14 +56,26 @@ services:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"service": {"local": {"max_worker": 3}}}, "unknown config key 'service.local.max_worker'; did you mean 'service.local.max_workers'?"),
+        (
+            {"service": {"local": {"max_worker": 3}}},
+            "unknown config key 'service.local.max_worker'; did you mean 'service.local.max_workers'?",
+        ),
         ({"servce": {}}, "unknown config key 'servce'; did you mean 'service'?"),
         ({"service": {"local": {"max_workers": "ten"}}}, "service.local.max_workers: expected int, got str ('ten')"),
         ({"service": {"local": {"max_workers": 0}}}, "service.local.max_workers: 0 is below the minimum 1"),
-        ({"service": {"ray": {"lifetime": "detachd"}}}, "service.ray.lifetime: 'detachd' is not one of 'detached', 'non_detached'; did you mean 'detached'?"),
+        (
+            {"service": {"ray": {"lifetime": "detachd"}}},
+            "service.ray.lifetime: 'detachd' is not one of 'detached', 'non_detached'; did you mean 'detached'?",
+        ),
         ({"service_call": {"default_timeout": True}}, "service_call.default_timeout: expected float, got a boolean"),
-        ({"services": {"kv": {"clas": "x:Y"}}}, "unknown config key 'services.kv.clas'; did you mean 'services.kv.class'?"),
-        ({"services": {"kv": {"local": {"max_workers": -1}}}}, "services.kv.local.max_workers: -1 is below the minimum 1"),
+        (
+            {"services": {"kv": {"clas": "x:Y"}}},
+            "unknown config key 'services.kv.clas'; did you mean 'services.kv.class'?",
+        ),
+        (
+            {"services": {"kv": {"local": {"max_workers": -1}}}},
+            "services.kv.local.max_workers: -1 is below the minimum 1",
+        ),
         ({"services": ["kv"]}, "services: expected a mapping"),
         ([1, 2], "the top level must be a mapping"),
     ],

@@ -148,7 +148,9 @@ def test_none_in_the_types_means_nullable_and_round_trips(register_schema: Any) 
     spelled = Setting((str, type(None)), None, "Where to log.")
     assert spelled.nullable and spelled.types == (str,)
     assert spelled == Setting((str,), None, "Where to log.", nullable=True)
-    register_schema("apikey", "apikey", {"log_path": spelled, "key_file": Setting((str,), None, "Key file.", nullable=True)})
+    register_schema(
+        "apikey", "apikey", {"log_path": spelled, "key_file": Setting((str,), None, "Key file.", nullable=True)}
+    )
     first = Config.load({})
     assert first.get("apikey.log_path") is None
     # What `kservice serve` does: the effective config loaded again (failed with "expected str or NoneType, got null").
@@ -165,10 +167,15 @@ def test_none_in_the_types_means_nullable_and_round_trips(register_schema: Any) 
         (Setting((int,), 0, "Below its minimum.", minimum=1), "below the minimum 1"),
         (Setting((float,), math.nan, "NaN."), "finite"),
         (Setting((str,), "loud", "Not a choice.", choices=("quiet",)), "is not one of"),
-        (Setting((str,), "Quiet", "A choice in another case.", choices=("quiet",)), "it is spelt 'quiet' among the choices"),
+        (
+            Setting((str,), "Quiet", "A choice in another case.", choices=("quiet",)),
+            "it is spelt 'quiet' among the choices",
+        ),
     ],
 )
-def test_a_default_that_fails_its_own_check_is_a_plugin_error(register_schema: Any, setting: Setting, fragment: str) -> None:
+def test_a_default_that_fails_its_own_check_is_a_plugin_error(
+    register_schema: Any, setting: Setting, fragment: str
+) -> None:
     register_schema("badplugin", "bad", {"key": setting})
     with pytest.raises(PluginError) as raised:
         Config.load({})
@@ -191,13 +198,31 @@ def test_every_builtin_setting_passes_its_own_check() -> None:
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        ({"service_call": {"default_timeout": math.nan}}, "service_call.default_timeout: expected a finite number, got nan"),
-        ({"service_call": {"retry_interval": math.inf}}, "service_call.retry_interval: expected a finite number, got inf"),
+        (
+            {"service_call": {"default_timeout": math.nan}},
+            "service_call.default_timeout: expected a finite number, got nan",
+        ),
+        (
+            {"service_call": {"retry_interval": math.inf}},
+            "service_call.retry_interval: expected a finite number, got inf",
+        ),
         ({"service": {"local": {"queue_timeout": -math.inf}}}, "service.local.queue_timeout: expected a finite number"),
-        ({"services": {"kv": {"service_call": {"default_timeout": math.nan}}}}, "services.kv.service_call.default_timeout: expected a finite"),
-        ({"service": {"local": {"max_workers": 100_000_000}}}, "service.local.max_workers: 100000000 is above the maximum 1024"),
-        ({"service": {"local": {"request_queue_size": 10**9}}}, "service.local.request_queue_size: 1000000000 is above the maximum"),
-        ({"mmap": {"request_queue_capacity": 1 << 40}}, "mmap.request_queue_capacity: 1099511627776 is above the maximum"),
+        (
+            {"services": {"kv": {"service_call": {"default_timeout": math.nan}}}},
+            "services.kv.service_call.default_timeout: expected a finite",
+        ),
+        (
+            {"service": {"local": {"max_workers": 100_000_000}}},
+            "service.local.max_workers: 100000000 is above the maximum 1024",
+        ),
+        (
+            {"service": {"local": {"request_queue_size": 10**9}}},
+            "service.local.request_queue_size: 1000000000 is above the maximum",
+        ),
+        (
+            {"mmap": {"request_queue_capacity": 1 << 40}},
+            "mmap.request_queue_capacity: 1099511627776 is above the maximum",
+        ),
     ],
 )
 def test_nan_infinities_and_oversized_counts_are_refused(data: dict[str, Any], fragment: str) -> None:
@@ -248,12 +273,28 @@ def _write(path: Path, data: bytes) -> Path:
 @pytest.mark.parametrize(
     ("name", "make", "fragment"),
     [
-        ("non_utf8", lambda p: _write(p, b"service_call:\n  default_timeout: 3 # \xff\xfe\n"), "is not UTF-8 text (byte 0xff at line 2)"),
+        (
+            "non_utf8",
+            lambda p: _write(p, b"service_call:\n  default_timeout: 3 # \xff\xfe\n"),
+            "is not UTF-8 text (byte 0xff at line 2)",
+        ),
         ("deep", lambda p: _write(p, b"x: " + b"[" * 5000 + b"]" * 5000 + b"\n"), "nested deeper than 64 levels"),
-        ("deep_block", lambda p: _write(p, "".join(f"{'  ' * i}k{i}:\n" for i in range(200)).encode()), "nested deeper than 64"),
-        ("bigint", lambda p: _write(p, b"service_call:\n  max_retries: " + b"9" * 100_000 + b"\n"), "an integer of 100000 digits"),
+        (
+            "deep_block",
+            lambda p: _write(p, "".join(f"{'  ' * i}k{i}:\n" for i in range(200)).encode()),
+            "nested deeper than 64",
+        ),
+        (
+            "bigint",
+            lambda p: _write(p, b"service_call:\n  max_retries: " + b"9" * 100_000 + b"\n"),
+            "an integer of 100000 digits",
+        ),
         ("too_large", lambda p: _write(p, b"# " + b"x" * (2 << 20) + b"\n"), "is too large"),
-        ("duplicate", lambda p: _write(p, b"service_call:\n  max_retries: 1\n  max_retries: 5\n"), "duplicate key 'max_retries' (first at line 2)"),
+        (
+            "duplicate",
+            lambda p: _write(p, b"service_call:\n  max_retries: 1\n  max_retries: 5\n"),
+            "duplicate key 'max_retries' (first at line 2)",
+        ),
         ("directory", lambda p: (p.mkdir(), p)[1], "it is a directory"),
         ("fifo", lambda p: (os.mkfifo(p), p)[1], "it is a FIFO"),
     ],
@@ -269,12 +310,15 @@ def test_every_config_read_error_is_one_line(tmp_path: Path, name: str, make: An
 
 def test_yaml_merge_keys_may_override_and_are_not_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "merge.yaml"
-    path.write_text("base: &base\n  default_timeout: 3\n  max_retries: 1\nservice_call:\n  <<: *base\n  max_retries: 2\n")
+    path.write_text(
+        "base: &base\n  default_timeout: 3\n  max_retries: 1\nservice_call:\n  <<: *base\n  max_retries: 2\n"
+    )
     with pytest.raises(ConfigError, match="unknown config key 'base'"):
         Config.load(path)
-    path.write_text("service_call: &base\n  default_timeout: 3\nservices:\n  kv:\n    class: a:B\n    service_call:\n      <<: *base\n      default_timeout: 4\n")
+    path.write_text(
+        "service_call: &base\n  default_timeout: 3\nservices:\n  kv:\n    class: a:B\n    service_call:\n      <<: *base\n      default_timeout: 4\n"
+    )
     assert Config.load(path).service_entry("kv")["service_call"] == {"default_timeout": 4.0}  # type: ignore[index]
-
 
 
 @pytest.mark.timeout(60)

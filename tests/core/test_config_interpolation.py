@@ -104,7 +104,7 @@ def test_service_environment_config_path_is_interpolated_and_serves(tmp_path: Pa
 
 
 def test_a_quoted_reference_stays_a_string_and_the_schema_says_so(tmp_path: Path, env_vars: None) -> None:
-    path = _yaml(tmp_path / "q.yaml", "service_call:\n  default_timeout: \"${KS_WORKERS}\"\n")
+    path = _yaml(tmp_path / "q.yaml", 'service_call:\n  default_timeout: "${KS_WORKERS}"\n')
     with pytest.raises(ConfigError, match=r"service_call.default_timeout: expected float, got str \('7'\)"):
         Config.load(path)
 
@@ -170,12 +170,17 @@ def test_every_unset_variable_is_listed_and_nothing_else_follows_from_them(tmp_p
 def test_a_dict_given_in_python_is_not_interpolated(env_vars: None) -> None:
     # Python code reads os.environ itself; and a Config's own as_dict() (which child hosts receive) must not be
     # expanded a second time, or an escaped '$${X}' would become X's value.
-    config = Config.load({"services": {"kv": {"class": "tests.core.services:KeyValue", "kwargs": {"prefix": "${KS_HOST}"}}}})
+    config = Config.load(
+        {"services": {"kv": {"class": "tests.core.services:KeyValue", "kwargs": {"prefix": "${KS_HOST}"}}}}
+    )
     assert config.service_entry("kv")["kwargs"] == {"prefix": "${KS_HOST}"}  # type: ignore[index]
 
 
 def test_an_escaped_reference_survives_a_round_trip_through_as_dict(tmp_path: Path, env_vars: None) -> None:
-    path = _yaml(tmp_path / "esc.yaml", "services:\n  kv:\n    class: tests.core.services:KeyValue\n    kwargs: {prefix: '$${KS_HOST}'}\n")
+    path = _yaml(
+        tmp_path / "esc.yaml",
+        "services:\n  kv:\n    class: tests.core.services:KeyValue\n    kwargs: {prefix: '$${KS_HOST}'}\n",
+    )
     first = Config.load(path)
     again = Config.load(first.as_dict())
     assert again.service_entry("kv")["kwargs"] == {"prefix": "${KS_HOST}"}  # type: ignore[index]
@@ -199,7 +204,9 @@ def test_a_choice_in_any_case_is_normalised_to_the_declared_spelling(data: dict,
 
 
 def test_a_choice_given_per_service_or_at_registration_is_normalised() -> None:
-    config = Config.load({"services": {"kv": {"class": "tests.core.services:KeyValue", "call_log": {"level": "debug"}}}})
+    config = Config.load(
+        {"services": {"kv": {"class": "tests.core.services:KeyValue", "call_log": {"level": "debug"}}}}
+    )
     assert config.for_service("kv")["call_log"]["level"] == "DEBUG"
     with ServiceEnvironment("choices", {}) as env:
         task = env.register_service("kv", ServiceFactory("kv", KeyValue), call_log={"level": "warning"})
@@ -209,7 +216,9 @@ def test_a_choice_given_per_service_or_at_registration_is_normalised() -> None:
 def test_a_misspelt_choice_suggests_the_declared_spelling_whatever_its_case() -> None:
     with pytest.raises(ConfigError, match=r"call_log.level: 'inf' is not one of .*; did you mean 'INFO'\?"):
         Config.load({"call_log": {"level": "inf"}})
-    with pytest.raises(ConfigError, match=r"service.ray.lifetime: 'DETACHD' is not one of .*; did you mean 'detached'\?"):
+    with pytest.raises(
+        ConfigError, match=r"service.ray.lifetime: 'DETACHD' is not one of .*; did you mean 'detached'\?"
+    ):
         Config.load({"service": {"ray": {"lifetime": "DETACHD"}}})
 
 
@@ -233,9 +242,18 @@ def test_inside_a_flow_mapping_a_tagged_quoted_reference_is_typed(tmp_path: Path
     ("text", "fragment"),
     [
         # YAML ends an unquoted value at '{' inside {...}: the error says to quote it.
-        ("service:\n  local: {max_workers: ${KS_WORKERS}}\n", "must be quoted: '\"${VAR}\"' for a string, '!!int \"${VAR}\"'"),
-        ("service:\n  local:\n    max_workers: !!int \"${KS_UNSET_ONE:-}\"\n", "line 3, column 18: '' is not a valid !!int value"),
-        ("service:\n  local:\n    max_workers: !!bool \"${KS_UNSET_ONE:-maybe}\"\n", "'maybe' is not a valid !!bool value"),
+        (
+            "service:\n  local: {max_workers: ${KS_WORKERS}}\n",
+            "must be quoted: '\"${VAR}\"' for a string, '!!int \"${VAR}\"'",
+        ),
+        (
+            'service:\n  local:\n    max_workers: !!int "${KS_UNSET_ONE:-}"\n',
+            "line 3, column 18: '' is not a valid !!int value",
+        ),
+        (
+            'service:\n  local:\n    max_workers: !!bool "${KS_UNSET_ONE:-maybe}"\n',
+            "'maybe' is not a valid !!bool value",
+        ),
     ],
 )
 def test_a_reference_yaml_cannot_read_is_one_line_naming_the_line(

@@ -131,10 +131,7 @@ def test_finished_calls_keep_one_object_for_the_garbage_collector_each() -> None
         # finished future still references and the collector tracks is shared by all of them
         # (the manager, the route), never a request, its arguments or its metadata.
         per_call = {
-            id(referent)
-            for future in futures
-            for referent in gc.get_referents(future)
-            if gc.is_tracked(referent)
+            id(referent) for future in futures for referent in gc.get_referents(future) if gc.is_tracked(referent)
         }
         assert len(per_call) < 20, len(per_call)
         assert all(gc.is_tracked(future) for future in futures[:10])

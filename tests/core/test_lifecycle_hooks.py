@@ -89,12 +89,16 @@ def _workers(service: str) -> list[threading.Thread]:
 
 
 @pytest.mark.parametrize("raising", LIFECYCLE_HOOKS)
-def test_a_raising_lifecycle_hook_is_a_warning_naming_the_plugin_and_the_task_stops_for_good(raising: str, plugins: Any) -> None:
+def test_a_raising_lifecycle_hook_is_a_warning_naming_the_plugin_and_the_task_stops_for_good(
+    raising: str, plugins: Any
+) -> None:
     witness = plugins(Witness(), "witness")
     plugin = plugins(RaisingPlugin(raising), "raising_plugin")
     env = ServiceEnvironment("hooks", {"health": {"enabled": False}})
     env.register_service("counter", Counter)
-    with pytest.warns(RuntimeWarning, match=rf"plugin 'raising_plugin': its {raising} raised RuntimeError: {raising} exploded"):
+    with pytest.warns(
+        RuntimeWarning, match=rf"plugin 'raising_plugin': its {raising} raised RuntimeError: {raising} exploded"
+    ):
         env.start()
         task = env.get_task("counter")
         assert task is not None and task.state == "running"
@@ -174,4 +178,7 @@ def test_an_installed_plugin_whose_stopping_hook_raises_cannot_keep_a_task_from_
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines == ["call 3", "stopped stopped True", "workers []", "again stopped"], result.stdout + result.stderr
-    assert "plugin 'acme_stopping': its kservice_task_stopping raised RuntimeError: stopping hook exploded" in result.stderr
+    assert (
+        "plugin 'acme_stopping': its kservice_task_stopping raised RuntimeError: stopping hook exploded"
+        in result.stderr
+    )

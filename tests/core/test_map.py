@@ -86,7 +86,9 @@ def test_results_come_in_item_order_with_tuples_spread_and_shared_kwargs(manager
     assert sorted(manager.map("work", "square", range(1000), ordered=False)) == sorted(x * x for x in range(1000))
 
 
-def test_an_empty_iterable_gives_an_empty_result_and_sends_nothing(env: ServiceEnvironment, manager: ServiceManager) -> None:
+def test_an_empty_iterable_gives_an_empty_result_and_sends_nothing(
+    env: ServiceEnvironment, manager: ServiceManager
+) -> None:
     assert list(manager.map("work", "square", [])) == []
     assert list(manager.map("work", "square", iter(()), ordered=False)) == []
     assert _instance(env, "work").ran == []
@@ -126,7 +128,9 @@ def test_a_failed_item_raises_when_reached_and_ends_the_map(manager: ServiceMana
     assert manager.call_service_sync("work", "square", (4,)) == 16  # the service keeps serving
 
 
-def test_an_iterable_that_raises_fails_the_map_and_leaves_no_call_queued(env: ServiceEnvironment, manager: ServiceManager) -> None:
+def test_an_iterable_that_raises_fails_the_map_and_leaves_no_call_queued(
+    env: ServiceEnvironment, manager: ServiceManager
+) -> None:
     def items() -> Iterator[tuple[int, float]]:
         for x in range(40):
             yield (x, 0.05)
@@ -185,7 +189,14 @@ def test_closing_early_cancels_the_calls_not_started(env: ServiceEnvironment, ma
 def test_each_item_has_its_own_deadline_from_when_it_was_sent(manager: ServiceManager) -> None:
     started = time.monotonic()
     results = list(
-        manager.map("work", "slow", [(x, 0.6 if x == 2 else 0.0) for x in range(4)], timeout=0.3, return_exceptions=True, chunk_size=1)
+        manager.map(
+            "work",
+            "slow",
+            [(x, 0.6 if x == 2 else 0.0) for x in range(4)],
+            timeout=0.3,
+            return_exceptions=True,
+            chunk_size=1,
+        )
     )
     assert results[:2] == [0, 1] and results[3] == 3
     assert isinstance(results[2], ServiceTimeoutError), results
@@ -201,7 +212,9 @@ def test_client_middleware_observes_every_call(env: ServiceEnvironment) -> None:
 
     env.add_middleware(Observer())
     with ServiceManager(env) as manager:
-        assert list(manager.map("work", "fail_on", [(x, 4) for x in range(1, 11)], return_exceptions=True))[3] is not None
+        assert (
+            list(manager.map("work", "fail_on", [(x, 4) for x in range(1, 11)], return_exceptions=True))[3] is not None
+        )
     assert len(seen) == 10
     assert [ok for _, ok in seen].count(False) == 2
 
@@ -254,7 +267,9 @@ def test_closing_the_manager_abandons_a_map_in_flight(env: ServiceEnvironment) -
     assert any(isinstance(o, ServiceStoppedError) and o.may_have_run for o in outcomes), outcomes  # type: ignore[attr-defined]
 
 
-def test_amap_yields_results_and_cancelling_its_consumer_cancels_the_calls(env: ServiceEnvironment, manager: ServiceManager) -> None:
+def test_amap_yields_results_and_cancelling_its_consumer_cancels_the_calls(
+    env: ServiceEnvironment, manager: ServiceManager
+) -> None:
     async def collect(ordered: bool) -> list[Any]:
         return [x async for x in manager.amap("work", "square", range(700), ordered=ordered, chunk_size=64)]
 
@@ -268,7 +283,9 @@ def test_amap_yields_results_and_cancelling_its_consumer_cancels_the_calls(env: 
 
         async def consume() -> None:
             nonlocal got
-            async for _ in manager.amap("serial", "slow", [(x, 0.05) for x in range(200)], chunk_size=16, max_in_flight=64):
+            async for _ in manager.amap(
+                "serial", "slow", [(x, 0.05) for x in range(200)], chunk_size=16, max_in_flight=64
+            ):
                 got += 1
 
         task = asyncio.create_task(consume())

@@ -239,7 +239,9 @@ class Scripted(ServiceMiddleware):
         if action == "answer":
             return ServiceResponse(True, f"answered by {self.index}", request_id=request.request_id)
         if action == "replace":
-            return ServiceRequest(request.request_id, request.service_name, request.method_name, (*request.args, self.index))
+            return ServiceRequest(
+                request.request_id, request.service_name, request.method_name, (*request.args, self.index)
+            )
         return None
 
     def _after(self, action: str, response: ServiceResponse, request: ServiceRequest) -> Any:

@@ -153,11 +153,19 @@ def test_core_names_no_plugin() -> None:
     """Beyond imports: no plugin's schema in the core's, no plugin's runtime imported by new core modules."""
     from kservice._config import core_schema
 
-    assert set(core_schema()["service"]) == {"local"}, "a task kind's settings belong to its plugin (kservice_config_schema)"
+    assert set(core_schema()["service"]) == {"local"}, (
+        "a task kind's settings belong to its plugin (kservice_config_schema)"
+    )
     importing_ray = set()
     for path in sorted((REPO / "core").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(name == "ray" or name.startswith("ray.") for name in names):
                 importing_ray.add(path.name)
     # What tools in the core need from Ray comes from the ray plugin (kservice_kind_runtime, kservice_status_columns).
@@ -175,7 +183,10 @@ def test_public_api_is_exported_at_the_root() -> None:
     assert Path(middleware_package.__file__).parent == REPO / "middleware"
 
 
-@pytest.mark.parametrize("name", ["ServiceNotFoundError", "MethodNotFoundError", "ServiceTimeoutError", "ServiceOverloadedError", "ConfigError"])
+@pytest.mark.parametrize(
+    "name",
+    ["ServiceNotFoundError", "MethodNotFoundError", "ServiceTimeoutError", "ServiceOverloadedError", "ConfigError"],
+)
 def test_error_hierarchy(name: str) -> None:
     cls = getattr(kservice, name)
     assert issubclass(cls, kservice.ServiceError)
@@ -248,7 +259,9 @@ def test_kservice_resolve_service_gets_the_services_options() -> None:
     pm = get_plugin_manager()
     pm.register(Resolver(), name="options-resolver")
     try:
-        manager = kservice.ServiceManager(config={"services": {"elsewhere": {"service_call": {"default_timeout": 7.0}}}})
+        manager = kservice.ServiceManager(
+            config={"services": {"elsewhere": {"service_call": {"default_timeout": 7.0}}}}
+        )
         with manager, pytest.raises(kservice.ServiceNotFoundError):
             manager.call_service_sync("elsewhere", "get")
     finally:

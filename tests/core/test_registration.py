@@ -21,7 +21,12 @@ class Plain:
 
 @pytest.mark.parametrize(
     ("options", "named"),
-    [({"kind": "process"}, "kind"), ({"replicas": 2}, "replicas"), ({"transports": ["mmap"]}, "transports"), ({"local": {"max_workers": 1}}, "local")],
+    [
+        ({"kind": "process"}, "kind"),
+        ({"replicas": 2}, "replicas"),
+        ({"transports": ["mmap"]}, "transports"),
+        ({"local": {"max_workers": 1}}, "local"),
+    ],
 )
 def test_a_registration_option_given_with_a_class_says_to_use_a_factory(options: dict[str, object], named: str) -> None:
     env = ServiceEnvironment("e")
@@ -70,7 +75,9 @@ def test_a_keyword_that_is_no_option_keeps_the_constructors_own_error() -> None:
 
 
 def test_a_factory_checks_its_arguments() -> None:
-    with pytest.raises(TypeError, match=r"args must be a tuple or list.*got dict.*args=\(\{'a': 1\},\).*kwargs=\{'a': 1\}"):
+    with pytest.raises(
+        TypeError, match=r"args must be a tuple or list.*got dict.*args=\(\{'a': 1\},\).*kwargs=\{'a': 1\}"
+    ):
         ServiceFactory("kv", KeyValue, {"a": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"args must be a tuple or list.*got str"):
         ServiceFactory("kv", KeyValue, "abc")  # type: ignore[arg-type]

@@ -78,7 +78,11 @@ def test_the_base_class_calls_each_step_in_its_state_and_marks_the_state() -> No
     assert task.state == "running" and task.started_at is not None
     assert [listener.address.target for listener in task.listeners] == ["first", "second"]
     task.stop_service(5)
-    assert task.steps == [("host_instance", "starting"), ("open_listeners", "running"), ("release_instance", "stopping")]
+    assert task.steps == [
+        ("host_instance", "starting"),
+        ("open_listeners", "running"),
+        ("release_instance", "stopping"),
+    ]
     assert task.state == "stopped"
     assert sorted(task.closed) == ["first", "second"] and task.listeners == []
 

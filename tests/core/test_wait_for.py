@@ -25,7 +25,9 @@ def test_returns_the_first_truthy_value_as_soon_as_it_comes() -> None:
 
 def test_times_out_with_a_message_naming_what_and_the_last_value() -> None:
     queue = [1]
-    with pytest.raises(WaitTimeoutError, match=r"timed out after 0.05s waiting for the queue to drain \(last value: False\)"):
+    with pytest.raises(
+        WaitTimeoutError, match=r"timed out after 0.05s waiting for the queue to drain \(last value: False\)"
+    ):
         wait_for(lambda: not queue, timeout=0.05, what="the queue to drain")
     # A test failure to pytest, a TimeoutError to code that catches that.
     assert issubclass(WaitTimeoutError, AssertionError) and issubclass(WaitTimeoutError, TimeoutError)

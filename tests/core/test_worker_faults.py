@@ -54,11 +54,17 @@ THREAD_KILLERS = [
 
 
 def _worker_threads(service: str) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(f"kservice-{service}-") and t.name[len(service) + 10 :].isdigit()]
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(f"kservice-{service}-") and t.name[len(service) + 10 :].isdigit()
+    ]
 
 
 @pytest.mark.parametrize(("method", "remote_type"), THREAD_KILLERS)
-def test_a_method_raising_what_kills_threads_is_an_error_response_and_the_pool_stays_whole(method: str, remote_type: str) -> None:
+def test_a_method_raising_what_kills_threads_is_an_error_response_and_the_pool_stays_whole(
+    method: str, remote_type: str
+) -> None:
     with ServiceEnvironment("faults", CONFIG) as env:
         task = env.register_service("counter", Counter)
         manager = env.manager()
@@ -142,7 +148,9 @@ def test_a_worker_that_dies_anyway_is_replaced_and_counted() -> None:
             except ServiceTimeoutError:
                 pass
         assert answered >= 4
-        wait_for(lambda: task.get_service_status().workers_replaced >= 2, timeout=5, what="both dead workers to be replaced")
+        wait_for(
+            lambda: task.get_service_status().workers_replaced >= 2, timeout=5, what="both dead workers to be replaced"
+        )
         status = task.get_service_status()
         assert (status.workers_replaced, status.workers_alive, status.healthy) == (2, 2, True), status
         assert manager.call_service_sync("counter", "add", (1,)) == 8
@@ -190,7 +198,9 @@ def test_dead_workers_make_the_task_unhealthy_and_recovery_replaces_them_keeping
 # ---------------------------------------------------------------- method names (issue item 5)
 
 
-@pytest.mark.parametrize(("bad", "error"), [(None, TypeError), (42, TypeError), (b"add", TypeError), ("", MethodNotFoundError)])
+@pytest.mark.parametrize(
+    ("bad", "error"), [(None, TypeError), (42, TypeError), (b"add", TypeError), ("", MethodNotFoundError)]
+)
 def test_method_names_are_checked_at_the_call_and_nothing_is_sent(bad: Any, error: type[Exception]) -> None:
     with ServiceEnvironment("names", CONFIG) as env:
         task = env.register_service("counter", Counter)
@@ -215,7 +225,9 @@ def test_a_request_with_a_bad_method_name_is_refused_by_the_task_and_its_status_
             answered: list[ServiceResponse] = []
             done = threading.Event()
 
-            def reply(response: ServiceResponse, answered: list[ServiceResponse] = answered, done: threading.Event = done) -> None:
+            def reply(
+                response: ServiceResponse, answered: list[ServiceResponse] = answered, done: threading.Event = done
+            ) -> None:
                 answered.append(response)
                 done.set()
 
@@ -281,7 +293,10 @@ def test_metrics_track_at_most_the_cap_of_distinct_names() -> None:
 
 
 def test_submit_never_blocks_a_full_queue_answers_overloaded_after_queue_timeout() -> None:
-    config = {**CONFIG, "service": {"local": {"max_workers": 1, "request_queue_size": 2, "queue_timeout": 0.3, "inline_limit": 0}}}
+    config = {
+        **CONFIG,
+        "service": {"local": {"max_workers": 1, "request_queue_size": 2, "queue_timeout": 0.3, "inline_limit": 0}},
+    }
     with ServiceEnvironment("full", config) as env:
         task = env.register_service("counter", Counter)
         manager = env.manager()

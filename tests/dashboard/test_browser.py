@@ -26,7 +26,9 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "dashboar
 def browser() -> Iterator[object]:
     """A headless chromium with a fresh profile; quit (with its processes) after the test."""
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: run 'make test' (as root it installs them) or bash scripts/browser.sh")
+        pytest.fail(
+            f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: run 'make test' (as root it installs them) or bash scripts/browser.sh"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -128,7 +130,10 @@ def test_the_page_lists_the_service_and_its_calls_rise(
         lambda: int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-version")) >= version + 2,  # type: ignore[attr-defined]
         what="two more updates",
     )
-    assert driver.find_element(By.CSS_SELECTOR, f'#errors li[data-service="{name}"] details').get_attribute("open") is not None  # type: ignore[attr-defined]
+    assert (
+        driver.find_element(By.CSS_SELECTOR, f'#errors li[data-service="{name}"] details').get_attribute("open")
+        is not None
+    )  # type: ignore[attr-defined]
 
     # A chart per service, with a line drawn from the history; the plugin list.
     chart = driver.find_element(By.CSS_SELECTOR, f'#charts [data-service="{name}"] svg.rate-chart')  # type: ignore[attr-defined]

@@ -20,7 +20,11 @@ def _rows() -> list[str]:
     """The fault rows of every table (the header, the rule and the 'May have run' legend left out)."""
     rows = []
     for line in FAULTS.read_text().splitlines():
-        if line.startswith("| ") and not line.startswith(("| fault ", "| value ", "|---")) and "`False`" not in line[:12]:
+        if (
+            line.startswith("| ")
+            and not line.startswith(("| fault ", "| value ", "|---"))
+            and "`False`" not in line[:12]
+        ):
             if not line.startswith(("| `True`", "| absent")):
                 rows.append(line)
     return rows

@@ -62,7 +62,11 @@ def test_middleware_guide_blocks_run(tmp_path: Path) -> None:
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_timing.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=90, env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout

@@ -15,7 +15,12 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 def test_no_page_installs_kservice_from_an_index() -> None:
     """kservice is not published on an index: pages install it from a checkout or a built wheel."""
     from_index = re.compile(r"pip install\s+(?:-\S+\s+)*['\"]?kservice(?:\[[\w,]+\])?['\"]?(?:\s|$|`)")
-    offenders = [f"{page.relative_to(REPO)}: {line.strip()}" for page in PAGES for line in page.read_text().splitlines() if from_index.search(line)]
+    offenders = [
+        f"{page.relative_to(REPO)}: {line.strip()}"
+        for page in PAGES
+        for line in page.read_text().splitlines()
+        if from_index.search(line)
+    ]
     assert offenders == []
     quickstart = (REPO / "docs" / "quickstart.md").read_text()
     assert "pip install -e '.[test]'" in quickstart  # from a checkout
@@ -46,7 +51,12 @@ class _FakeRay:
 
 @pytest.mark.parametrize(
     ("configured", "environment", "expected"),
-    [(None, None, "local"), (None, "ray://head:10001", "ray://head:10001"), ("auto", "ray://head:10001", "auto"), ("local", None, "local")],
+    [
+        (None, None, "local"),
+        (None, "ray://head:10001", "ray://head:10001"),
+        ("auto", "ray://head:10001", "auto"),
+        ("local", None, "local"),
+    ],
 )
 def test_a_null_ray_address_starts_a_private_local_ray(
     configured: str | None, environment: str | None, expected: str, monkeypatch: pytest.MonkeyPatch

@@ -99,7 +99,9 @@ def test_the_quickstart_runs_as_written(tmp_path: Path, private_registry: dict[s
         for command in commands:
             argv = argv_of(command.argv)
             if command.argv.startswith("kservice serve"):
-                host = subprocess.Popen(argv, cwd=tmp_path, env=private_registry, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                host = subprocess.Popen(
+                    argv, cwd=tmp_path, env=private_registry, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
                 assert host.stdout is not None
                 first = host.stdout.readline()
                 assert matches(command.expected, first), (command, first, host.stderr.read() if not first else "")

@@ -35,7 +35,9 @@ def main(service: str, tag: str, outcomes_path: str, seconds: float) -> None:
                 number += 1
                 began = time.monotonic()
                 try:
-                    value = manager.call_service_sync(service, "record", (call_id, rng.choice(WORK)), timeout=SYNC_TIMEOUT)
+                    value = manager.call_service_sync(
+                        service, "record", (call_id, rng.choice(WORK)), timeout=SYNC_TIMEOUT
+                    )
                 except Exception as exc:  # noqa: BLE001 - every typed error is an outcome to check
                     out.write(outcome(call_id, began, SYNC_TIMEOUT, error=exc) + "\n")
                     time.sleep(0.01)  # a host that is down answers at once: do not spin

@@ -72,7 +72,9 @@ def never_ran(error: BaseException) -> bool:
 
     if getattr(error, "may_have_run", None) is False:
         return True
-    return isinstance(error, (ServiceNotFoundError, ServiceOverloadedError)) or type(error).__name__ == "CircuitOpenError"
+    return (
+        isinstance(error, (ServiceNotFoundError, ServiceOverloadedError)) or type(error).__name__ == "CircuitOpenError"
+    )
 
 
 @dataclass
@@ -97,7 +99,9 @@ class Figures:
         if self.ran_twice:
             found.append(f"{len(self.ran_twice)} calls ran more than once: {self.ran_twice[:5]}")
         if self.success_not_run_once:
-            found.append(f"{len(self.success_not_run_once)} successes did not run exactly once: {self.success_not_run_once[:5]}")
+            found.append(
+                f"{len(self.success_not_run_once)} successes did not run exactly once: {self.success_not_run_once[:5]}"
+            )
         if self.claimed_never_ran_but_ran:
             found.append(
                 f"{len(self.claimed_never_ran_but_ran)} errors claimed the call never ran, but it did: "

@@ -117,7 +117,11 @@ class _Fleet:
 def _reclaim_leftovers(env: dict[str, str]) -> None:
     """What killed processes left in the session's directories is reclaimed by the next kservice process."""
     subprocess.run(
-        [sys.executable, "-m", "kservice.cli", "services", "--running"], env=env, capture_output=True, timeout=60, check=False
+        [sys.executable, "-m", "kservice.cli", "services", "--running"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
 
 

@@ -104,7 +104,9 @@ def test_async_submissions_on_a_full_ring_are_sent_in_order_when_room_comes_back
     assert [f.result(20) for f in futures] == list(range(20))
 
 
-def test_acall_on_a_full_ring_keeps_the_event_loop_ticking(small_ring: tuple[ServiceEnvironment, ServiceManager, str]) -> None:
+def test_acall_on_a_full_ring_keeps_the_event_loop_ticking(
+    small_ring: tuple[ServiceEnvironment, ServiceManager, str],
+) -> None:
     env, manager, name = small_ring
 
     async def scenario() -> tuple[float, BaseException | None]:

@@ -34,23 +34,53 @@ def test_a_nested_suite_passes_while_a_users_own_host_runs_in_the_default_direct
     env = default_environ()  # the user's own environment: no KSERVICE_QUEUE_DIR / KSERVICE_REGISTRY_DIR
     name = f"users-own-{uuid.uuid4().hex[:8]}"
     where = subprocess.run(
-        [sys.executable, "-c", "from kservice.plugins.mmap import ring, registry; print(ring.queue_directory(), registry.registry_directory())"],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-c",
+            "from kservice.plugins.mmap import ring, registry; print(ring.queue_directory(), registry.registry_directory())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     queues, records = map(Path, where.stdout.split())
     assert "-test-" not in queues.name  # really the default, not this session's
-    host = subprocess.Popen([KSERVICE, "serve", f"{name}=tests.mmap.services:KV"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    host = subprocess.Popen(
+        [KSERVICE, "serve", f"{name}=tests.mmap.services:KV"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert host.stdout is not None
         line = host.stdout.readline()
-        assert line.startswith(f"serving {name}"), line + (host.stderr.read() if host.stderr and host.poll() is not None else "")
+        assert line.startswith(f"serving {name}"), line + (
+            host.stderr.read() if host.stderr and host.poll() is not None else ""
+        )
         mine = {n: i for n, i in _files(queues).items() if f".{host.pid}." in n}
         assert mine, "the host's request ring is in the default queue directory"
         record = _files(records)[f"{name}.json"]
 
         nested = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mmap/test_hosting.py", "-k", SUBSET],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/mmap/test_hosting.py",
+                "-k",
+                SUBSET,
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert nested.returncode == 0, nested.stdout[-4000:] + nested.stderr[-2000:]
         assert re.search(r"\b6 passed", nested.stdout), nested.stdout[-2000:]

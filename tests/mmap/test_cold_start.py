@@ -40,9 +40,7 @@ print(json.dumps(heavy))
 def test_a_caller_loads_no_heavy_dependency() -> None:
     env = child_env()
     env.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
-    done = subprocess.run(
-        [sys.executable, "-c", _CALLER, *HEAVY], capture_output=True, text=True, env=env, timeout=100
-    )
+    done = subprocess.run([sys.executable, "-c", _CALLER, *HEAVY], capture_output=True, text=True, env=env, timeout=100)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 

@@ -90,7 +90,9 @@ def test_a_result_the_caller_cannot_decode_fails_that_call_at_once_and_says_it_r
         assert manager.call_service_sync(name, "echo", (attempt,)) == attempt
 
 
-def test_in_a_batch_of_responses_only_the_undecodable_ones_fail(kv: tuple[ServiceEnvironment, ServiceManager, str]) -> None:
+def test_in_a_batch_of_responses_only_the_undecodable_ones_fail(
+    kv: tuple[ServiceEnvironment, ServiceManager, str],
+) -> None:
     _, manager, name = kv
     for method in ("echo", "host_only"):  # measured fast: from now on both run inline, answered in batches
         for _ in range(3):
@@ -100,7 +102,8 @@ def test_in_a_batch_of_responses_only_the_undecodable_ones_fail(kv: tuple[Servic
                 pass
     started = time.monotonic()
     futures = [
-        manager.call_service_async(name, "host_only" if i % 3 == 0 else "echo", (i,), timeout=TIMEOUT) for i in range(300)
+        manager.call_service_async(name, "host_only" if i % 3 == 0 else "echo", (i,), timeout=TIMEOUT)
+        for i in range(300)
     ]
     for i, future in enumerate(futures):
         if i % 3 == 0:
@@ -141,7 +144,9 @@ def test_a_request_with_fields_of_the_wrong_type_is_answered_naming_them(
     assert manager.call_service_sync(name, "echo", (1,)) == 1
 
 
-def test_lenient_decoding_recovers_the_envelope_of_a_request_only_its_sender_can_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lenient_decoding_recovers_the_envelope_of_a_request_only_its_sender_can_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     point = _main_only_class(monkeypatch)
     request = ServiceRequest("rid-7", "svc", "echo", (point(1),), {}, deadline=time.time() + 5)
     record, _ = codec.encode_request(request, "rsp.somewhere", 0, 1 << 16)

@@ -62,7 +62,10 @@ def test_serve_is_found_by_name_from_another_process() -> None:
         assert any(r["name"] == name and r["pid"] == host.pid for r in running_services())
         # the CLI sees it too
         listed = subprocess.run(
-            [sys.executable, "-m", "kservice.cli", "call", name, "get", '["k"]'], capture_output=True, text=True, env=child_env()
+            [sys.executable, "-m", "kservice.cli", "call", name, "get", '["k"]'],
+            capture_output=True,
+            text=True,
+            env=child_env(),
         )
         assert listed.stdout.strip() == '"v"', listed.stderr
 
@@ -206,7 +209,9 @@ def test_process_task_child_stops_when_its_parent_dies() -> None:
         print(env.get_task("kv").pid, flush=True)
         time.sleep(60)
     """
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True, env=child_env())
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
     parent.kill()
@@ -232,12 +237,14 @@ def test_idle_host_with_20_services_uses_under_one_percent_of_a_core() -> None:
         assert used / 3.0 < 0.01, f"idle host used {used / 3.0:.2%} of a core"
 
 
-
 def test_cli_lists_running_hosted_services() -> None:
     name = unique("listed")
     with hosting(f"{name}=tests.mmap.services:KV") as host:
         listed = subprocess.run(
-            [sys.executable, "-m", "kservice.cli", "services", "--running", "--json"], capture_output=True, text=True, env=child_env()
+            [sys.executable, "-m", "kservice.cli", "services", "--running", "--json"],
+            capture_output=True,
+            text=True,
+            env=child_env(),
         )
         assert listed.returncode == 0, listed.stderr
         assert f'"{name}"' in listed.stdout and str(host.pid) in listed.stdout

@@ -23,7 +23,11 @@ from tests.mmap.services import KV, SerialLedger
 
 pytestmark = pytest.mark.timeout(120)
 
-QUIET: dict[str, Any] = {"service_call": {"max_retries": 0}, "breaker": {"enabled": False}, "health": {"enabled": False}}
+QUIET: dict[str, Any] = {
+    "service_call": {"max_retries": 0},
+    "breaker": {"enabled": False},
+    "health": {"enabled": False},
+}
 
 
 #: Without client middleware a chunk travels as one compact record (the fast path); metrics on adds
@@ -69,7 +73,9 @@ def test_a_chunk_leaves_as_one_record_and_every_call_gets_its_own_answer(
     assert sorted(manager.map("kv", "echo", range(3000), ordered=False)) == list(range(3000))
 
 
-def test_an_item_that_cannot_be_pickled_fails_alone_with_a_type_error_naming_it(host: tuple[ServiceEnvironment, ServiceManager]) -> None:
+def test_an_item_that_cannot_be_pickled_fails_alone_with_a_type_error_naming_it(
+    host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
     _, manager = host
     lock = threading.Lock()
     results = list(manager.map("kv", "echo", [1, lock, 3], return_exceptions=True))
@@ -83,7 +89,9 @@ def test_an_item_that_cannot_be_pickled_fails_alone_with_a_type_error_naming_it(
     assert manager.call_service_sync("kv", "echo", ("still serving",)) == "still serving"
 
 
-def test_an_item_the_host_cannot_decode_fails_alone_and_the_others_run(host: tuple[ServiceEnvironment, ServiceManager]) -> None:
+def test_an_item_the_host_cannot_decode_fails_alone_and_the_others_run(
+    host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
     _, manager = host
     module = types.ModuleType("kservice_test_only_in_the_caller")
     exec("class OnlyHere:\n    pass\n", module.__dict__)
@@ -103,7 +111,9 @@ def test_closing_early_cancels_the_calls_the_host_has_not_started(
 ) -> None:
     _, manager = host
     ledger = tmp_path / "ledger"
-    results = manager.map("ledger", "record", [(str(ledger), str(i), 0.05) for i in range(100)], chunk_size=10, max_in_flight=40)
+    results = manager.map(
+        "ledger", "record", [(str(ledger), str(i), 0.05) for i in range(100)], chunk_size=10, max_in_flight=40
+    )
     assert next(results) > 0
     results.close()
     ran = len(ledger.read_text().splitlines())
@@ -115,7 +125,9 @@ def test_closing_early_cancels_the_calls_the_host_has_not_started(
     assert manager.call_service_sync("ledger", "pid") > 0
 
 
-def test_a_slow_item_times_out_on_its_own_and_is_never_started_late(host: tuple[ServiceEnvironment, ServiceManager]) -> None:
+def test_a_slow_item_times_out_on_its_own_and_is_never_started_late(
+    host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
     _, manager = host
     started = time.monotonic()
     results = list(manager.map("one", "sleep", [0.0, 1.0, 0.0, 0.0], timeout=0.4, return_exceptions=True))
@@ -238,7 +250,9 @@ def test_a_host_that_does_not_say_it_runs_chunks_gets_each_call_on_its_own(
         return answer
 
     monkeypatch.setattr(MmapConnection, "remote_status", older_host)
-    monkeypatch.setattr(codec, "encode_chunk", lambda *args: pytest.fail("a chunk record went to a host that cannot run it"))
+    monkeypatch.setattr(
+        codec, "encode_chunk", lambda *args: pytest.fail("a chunk record went to a host that cannot run it")
+    )
     connection = manager.get_service_queue("kv")
     assert isinstance(connection, MmapConnection)
     connection._chunks = None  # as a fresh connection to a `process` host: its address does not say

@@ -43,7 +43,9 @@ def busy_host() -> Iterator[tuple[ServiceEnvironment, ServiceManager]]:
         yield env, env.manager()
 
 
-def test_a_full_pool_answers_overloaded_and_never_stalls_the_listener(busy_host: tuple[ServiceEnvironment, ServiceManager]) -> None:
+def test_a_full_pool_answers_overloaded_and_never_stalls_the_listener(
+    busy_host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
     _, manager = busy_host
     for i in range(3):
         assert manager.call_service_sync("busy", "echo", (i,)) == i  # known fast: runs in the listener
@@ -77,7 +79,11 @@ def test_a_full_pool_answers_overloaded_and_never_stalls_the_listener(busy_host:
 
 @pytest.mark.parametrize(
     ("method", "remote_type"),
-    [("raise_system_exit", "SystemExit"), ("raise_keyboard_interrupt", "KeyboardInterrupt"), ("raise_unprintable", "tests.core.faulty.UnprintableError")],
+    [
+        ("raise_system_exit", "SystemExit"),
+        ("raise_keyboard_interrupt", "KeyboardInterrupt"),
+        ("raise_unprintable", "tests.core.faulty.UnprintableError"),
+    ],
 )
 def test_what_a_method_raises_never_kills_the_hosts_workers_or_listener(
     busy_host: tuple[ServiceEnvironment, ServiceManager], method: str, remote_type: str

@@ -530,7 +530,9 @@ def test_garbage_magic_and_wrong_version_raise_layout_errors(qdir):
         ring.attach_queue("layout")
     _rewrite_header(path, 0, ring.MAGIC)
     _rewrite_header(path, 8, struct.pack("=I", ring.LAYOUT_VERSION + 1))
-    with pytest.raises(ring.QueueLayoutError, match=f"version {ring.LAYOUT_VERSION + 1}.*version {ring.LAYOUT_VERSION}"):
+    with pytest.raises(
+        ring.QueueLayoutError, match=f"version {ring.LAYOUT_VERSION + 1}.*version {ring.LAYOUT_VERSION}"
+    ):
         ring.attach_queue("layout")
     assert issubclass(ring.QueueLayoutError, ValueError)
     # a stale-looking but unreadable file is not silently replaced

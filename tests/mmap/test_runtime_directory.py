@@ -94,10 +94,14 @@ def test_a_key_file_that_is_not_private_is_refused_with_one_line(fresh_defaults:
 
 @pytest.mark.timeout(60)
 def test_every_process_of_the_user_finds_the_same_directories() -> None:
-    code = "from kservice.plugins.mmap import ring, registry; print(ring.queue_directory(), registry.registry_directory())"
+    code = (
+        "from kservice.plugins.mmap import ring, registry; print(ring.queue_directory(), registry.registry_directory())"
+    )
     seen = set()
     for extra in ({}, {"HOME": "/nonexistent"}, {"XDG_CACHE_HOME": "/tmp"}):
-        done = subprocess.run([sys.executable, "-c", code], env={**default_environ(), **extra}, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**default_environ(), **extra}, capture_output=True, text=True, timeout=30
+        )
         assert done.returncode == 0, done.stderr
         seen.add(done.stdout.strip())
     assert len(seen) == 1, seen
@@ -115,19 +119,28 @@ def test_another_user_cannot_stop_this_one_from_serving() -> None:
     uid = os.getuid()
     with other_user() as user:
         planted = []
-        for path, how in ((f"/dev/shm/kservice-{uid}", ["mkdir", "-m", "700"]), (f"/dev/shm/kservice-{uid}-services", ["ln", "-s", "/tmp"])):
+        for path, how in (
+            (f"/dev/shm/kservice-{uid}", ["mkdir", "-m", "700"]),
+            (f"/dev/shm/kservice-{uid}-services", ["ln", "-s", "/tmp"]),
+        ):
             if not os.path.lexists(path):
                 user.run([*how, path])
                 planted.append(path)
         try:
             env = default_environ()
             host = subprocess.Popen(
-                [KSERVICE, "serve", f"{name}=tests.mmap.services:KV"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                [KSERVICE, "serve", f"{name}=tests.mmap.services:KV"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             try:
                 assert host.stdout is not None
                 line = host.stdout.readline()
-                assert line.startswith(f"serving {name}"), line + (host.stderr.read() if host.stderr and host.poll() is not None else "")
+                assert line.startswith(f"serving {name}"), line + (
+                    host.stderr.read() if host.stderr and host.poll() is not None else ""
+                )
                 called = run_cli("call", name, "add", "[2, 3]", env=env)
                 assert called.returncode == 0 and called.stdout.strip() == "5", called
             finally:
@@ -146,7 +159,11 @@ def test_another_user_cannot_stop_this_one_from_serving() -> None:
 def test_a_squatted_directory_is_one_line_naming_it_and_what_to_do(which: str, kind: str) -> None:
     path = f"/dev/shm/kservice-squatted-{uuid.uuid4().hex[:8]}"
     with other_user() as user:
-        how = {"directory": ["mkdir", "-m", "700", path], "symlink": ["ln", "-s", "/tmp", path], "file": ["touch", path]}[kind]
+        how = {
+            "directory": ["mkdir", "-m", "700", path],
+            "symlink": ["ln", "-s", "/tmp", path],
+            "file": ["touch", path],
+        }[kind]
         user.run(how)
         try:
             env = cli_env(**{which: path})
@@ -166,7 +183,11 @@ def test_a_squatted_directory_is_one_line_naming_it_and_what_to_do(which: str, k
 def test_a_program_using_only_the_library_reclaims_what_a_killed_host_left() -> None:
     name = f"crashed-{uuid.uuid4().hex[:8]}"
     host = subprocess.Popen(
-        [KSERVICE, "serve", f"{name}=sample_services:KV"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [KSERVICE, "serve", f"{name}=sample_services:KV"],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert host.stdout is not None
     assert host.stdout.readline().startswith(f"serving {name}")

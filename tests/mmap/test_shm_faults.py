@@ -31,7 +31,9 @@ def _private_mounts_work() -> bool:
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _private_mounts_work(), reason="needs unshare(1) and user/mount namespaces to mount a small tmpfs")
+@pytest.mark.skipif(
+    not _private_mounts_work(), reason="needs unshare(1) and user/mount namespaces to mount a small tmpfs"
+)
 def test_a_full_tmpfs_is_an_error_naming_the_directory_and_the_size_never_a_sigbus() -> None:
     with tempfile.TemporaryDirectory() as mountpoint:
         child = subprocess.run(

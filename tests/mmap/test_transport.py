@@ -104,8 +104,21 @@ def test_unpicklable_result_is_a_service_call_error(kv_env: tuple[ServiceEnviron
 def test_every_record_size_up_to_beyond_the_ring_capacity(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
     _, manager = kv_env
     capacity = attach_queue(manager.get_service_queue("kv").queue_name).capacity
-    sizes = [0, 1, 7, 8, 4089, 65536, codec.OUT_OF_BAND_THRESHOLD - 1, codec.OUT_OF_BAND_THRESHOLD, capacity // 4 + 1,
-             capacity - 8, capacity, capacity + 1, 2 * capacity]
+    sizes = [
+        0,
+        1,
+        7,
+        8,
+        4089,
+        65536,
+        codec.OUT_OF_BAND_THRESHOLD - 1,
+        codec.OUT_OF_BAND_THRESHOLD,
+        capacity // 4 + 1,
+        capacity - 8,
+        capacity,
+        capacity + 1,
+        2 * capacity,
+    ]
     for size in sizes:
         payload = os.urandom(size)
         assert manager.call_service_sync("kv", "size", (payload,)) == size
@@ -162,7 +175,10 @@ def test_not_thread_safe_service_runs_one_request_at_a_time() -> None:
 def test_full_queue_is_overloaded_after_queue_timeout() -> None:
     env = ServiceEnvironment("full", NO_RETRIES)
     env.register_service(
-        "blocked", ServiceFactory("blocked", Serial), kind="process", local={"request_queue_size": 1, "queue_timeout": 0.3}
+        "blocked",
+        ServiceFactory("blocked", Serial),
+        kind="process",
+        local={"request_queue_size": 1, "queue_timeout": 0.3},
     )
     with env:
         manager = env.manager()
@@ -181,7 +197,11 @@ def test_full_request_ring_is_overloaded_after_queue_timeout() -> None:
     name = unique("ring")
     env = ServiceEnvironment("ring-full", NO_RETRIES)
     env.register_service(
-        name, ServiceFactory(name, KV), kind="process", local={"queue_timeout": 0.3}, mmap={"request_queue_capacity": 4096}
+        name,
+        ServiceFactory(name, KV),
+        kind="process",
+        local={"queue_timeout": 0.3},
+        mmap={"request_queue_capacity": 4096},
     )
     with env:
         manager = env.manager()
@@ -291,7 +311,10 @@ def test_disabling_the_plugin_leaves_the_rest_working() -> None:
         "    print('no process kind' if 'process' in str(exc) else exc)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**child_env(), "KSERVICE_DISABLE_PLUGINS": "mmap"}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**child_env(), "KSERVICE_DISABLE_PLUGINS": "mmap"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "no", "process", "kind"]
@@ -314,7 +337,9 @@ def test_a_fast_method_first_queued_behind_slow_work_still_runs_inline_afterward
         assert outsider.call_service_sync(name, "thread_name") == f"kservice-mmap-{name}"
 
 
-def test_an_async_call_that_times_out_is_forgotten_at_its_deadline(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
+def test_an_async_call_that_times_out_is_forgotten_at_its_deadline(
+    kv_env: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
     from kservice import ServiceTimeoutError
     from kservice.plugins.mmap.transport import _client
 

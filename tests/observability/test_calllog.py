@@ -68,7 +68,10 @@ def test_one_structured_record_per_call_without_argument_values(records: list[lo
 
 @pytest.mark.timeout(30)
 def test_log_arguments_adds_truncated_reprs(records: list[logging.LogRecord]) -> None:
-    config = {**NO_HEALTH, "call_log": {"enabled": True, "log_arguments": True, "max_argument_chars": 10, "side": "client"}}
+    config = {
+        **NO_HEALTH,
+        "call_log": {"enabled": True, "log_arguments": True, "max_argument_chars": 10, "side": "client"},
+    }
     with kservice.ServiceEnvironment("l", config) as env:
         env.register_service("echo", Echo)
         manager = env.manager()
@@ -98,7 +101,9 @@ def test_both_sides_and_per_service_override(records: list[logging.LogRecord]) -
 
 
 @pytest.mark.timeout(30)
-def test_a_failing_log_handler_does_not_fail_the_call(records: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_log_handler_does_not_fail_the_call(
+    records: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
     class Broken(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             raise OSError("log disk full")

@@ -66,7 +66,10 @@ def test_disabled_health_starts_no_thread_and_reports_unmonitored() -> None:
 
 @pytest.mark.timeout(30)
 def test_per_service_override_disables_one_service() -> None:
-    config = {"health": FAST, "services": {"quiet": {"class": "tests.observability.services:Echo", "health": {"enabled": False}}}}
+    config = {
+        "health": FAST,
+        "services": {"quiet": {"class": "tests.observability.services:Echo", "health": {"enabled": False}}},
+    }
     with kservice.ServiceEnvironment("h", config) as env:
         loud = env.register_service("loud", Echo)
         wait_for(lambda: extra(loud)["rounds"] >= 2, what="rounds of loud")
@@ -117,7 +120,9 @@ def test_hanging_check_is_abandoned_after_timeout_and_counted_as_failure() -> No
     # Rounds of 'hung' start 0.3 s apart, so its timeout report stays readable for 0.2 s.
     config = {
         "health": {"period": 0.3, "timeout": 0.1, "failure_threshold": 3, "max_restarts": 0},
-        "services": {"other": {"class": "tests.observability.services:Echo", "health": {"period": 0.02, "timeout": 5.0}}},
+        "services": {
+            "other": {"class": "tests.observability.services:Echo", "health": {"period": 0.02, "timeout": 5.0}}
+        },
     }
     try:
         with kservice.ServiceEnvironment("h", config) as env:
@@ -171,7 +176,9 @@ def test_queue_depth_over_limit_is_unhealthy_and_clears() -> None:
             assert task is not None
             manager = env.manager()
             futures = [manager.call_service_async("one", "wait", (release,)) for _ in range(4)]
-            wait_for(lambda: "queue depth 3 is over health.max_queue_depth=1" in task.health_reason, what="the queue report")
+            wait_for(
+                lambda: "queue depth 3 is over health.max_queue_depth=1" in task.health_reason, what="the queue report"
+            )
             release.set()
             for future in futures:
                 assert future.result(5) is True
@@ -225,7 +232,10 @@ def test_dead_listener_is_restarted(register_plugin: Callable[[Any, str], None])
             register(transport)
 
     register_plugin(Plugin(), "test-flaky-transport")
-    config = {"health": FAST, "services": {"echo": {"class": "tests.observability.services:Echo", "transports": ["flaky"]}}}
+    config = {
+        "health": FAST,
+        "services": {"echo": {"class": "tests.observability.services:Echo", "transports": ["flaky"]}},
+    }
     with kservice.ServiceEnvironment("h", config) as env:
         task = env.get_task("echo")
         assert task is not None

@@ -118,7 +118,9 @@ def test_status_reports_load_with_in_flight_calls() -> None:
             for i in range(10):
                 manager.call_service_sync("echo", "echo", (i,))
             blocked = manager.call_service_async("echo", "wait", (release,))
-            load = wait_for(lambda: (s := task.get_service_status().extra["load"])["in_flight"] == 1 and s, what="in flight")
+            load = wait_for(
+                lambda: (s := task.get_service_status().extra["load"])["in_flight"] == 1 and s, what="in flight"
+            )
             assert load["queue_depth"] == 0
             assert load["calls"] == 10 and load["calls_per_s"] > 0
             assert set(load["methods"]) == {"echo"}

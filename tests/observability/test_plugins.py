@@ -103,7 +103,9 @@ for name in {names!r}:
 
 @pytest.mark.timeout(60)
 def test_metrics_without_prometheus_client_still_counts() -> None:
-    code = BLOCK.format(names=["prometheus_client"]) + """
+    code = (
+        BLOCK.format(names=["prometheus_client"])
+        + """
 import kservice
 from kservice.middleware import metrics
 from tests.observability.services import Echo
@@ -116,6 +118,7 @@ try:
 except ImportError as exc:
     print("ImportError:", exc)
 """
+    )
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert "ImportError: Prometheus exposition needs prometheus-client: pip install 'kservice[metrics]'" in done.stdout
@@ -123,7 +126,9 @@ except ImportError as exc:
 
 @pytest.mark.timeout(60)
 def test_tracing_without_opentelemetry_is_not_in_the_chain() -> None:
-    code = BLOCK.format(names=["opentelemetry", "opentelemetry.trace", "opentelemetry.context", "opentelemetry.propagate"]) + """
+    code = (
+        BLOCK.format(names=["opentelemetry", "opentelemetry.trace", "opentelemetry.context", "opentelemetry.propagate"])
+        + """
 import warnings
 import kservice
 from kservice.middleware import tracing
@@ -147,6 +152,7 @@ with warnings.catch_warnings(record=True) as caught:
         assert env.manager().call_service_sync("echo", "echo", (2,)) == 2
 print("warned:", [str(w.message) for w in caught])
 """
+    )
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert "tracing.enabled is true but opentelemetry-api is not installed" in done.stdout
@@ -196,8 +202,14 @@ print(before, sorted(s.kind.name for s in exporter.get_finished_spans()))
         ({"call_log": {"side": "sideways"}}, "call_log.side"),
         ({"call_log": {"log_arguments": 1}}, "call_log.log_arguments"),
         ({"tracing": {"enabled": "auto"}}, "tracing.enabled"),
-        ({"services": {"s": {"class": "tests.observability.services:Echo", "health": {"timeout": [1]}}}}, "services.s.health.timeout"),
-        ({"services": {"s": {"class": "tests.observability.services:Echo", "metrics": {"clients": True}}}}, "services.s.metrics.clients"),
+        (
+            {"services": {"s": {"class": "tests.observability.services:Echo", "health": {"timeout": [1]}}}},
+            "services.s.health.timeout",
+        ),
+        (
+            {"services": {"s": {"class": "tests.observability.services:Echo", "metrics": {"clients": True}}}},
+            "services.s.metrics.clients",
+        ),
     ],
 )
 def test_wrong_config_names_the_key_path(config: dict, path: str) -> None:  # type: ignore[type-arg]

@@ -119,7 +119,10 @@ def test_caller_metadata_dict_is_not_modified(spans: InMemorySpanExporter) -> No
 
 @pytest.mark.timeout(30)
 def test_tracing_disabled_by_config_is_not_in_the_chain(spans: InMemorySpanExporter) -> None:
-    config = {**NO_HEALTH, "services": {"quiet": {"class": "tests.observability.services:Echo", "tracing": {"enabled": False}}}}
+    config = {
+        **NO_HEALTH,
+        "services": {"quiet": {"class": "tests.observability.services:Echo", "tracing": {"enabled": False}}},
+    }
     with kservice.ServiceEnvironment("t", config) as env:
         env.register_service("loud", Echo)
         manager = env.manager()
@@ -141,5 +144,16 @@ def test_tracing_is_outermost_then_metrics_then_call_log() -> None:
         manager.call_service_sync("echo", "echo", (1,))
         for chain in (client_chain(manager, "echo"), server_chain(task)):
             names = [type(m).__name__ for m in chain]
-            ours = [n for n in names if n in ("ClientTracing", "ServerTracing", "ClientMetrics", "ServerMetrics", "CallLogMiddleware")]
-            assert ours == ["ClientTracing", "ServerTracing", "ClientMetrics", "ServerMetrics", "CallLogMiddleware", "CallLogMiddleware"]
+            ours = [
+                n
+                for n in names
+                if n in ("ClientTracing", "ServerTracing", "ClientMetrics", "ServerMetrics", "CallLogMiddleware")
+            ]
+            assert ours == [
+                "ClientTracing",
+                "ServerTracing",
+                "ClientMetrics",
+                "ServerMetrics",
+                "CallLogMiddleware",
+                "CallLogMiddleware",
+            ]

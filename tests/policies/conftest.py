@@ -37,7 +37,9 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield EXAMPLE_DIST
     finally:
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", EXAMPLE_DIST], capture_output=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "uninstall", "-y", "-q", EXAMPLE_DIST], capture_output=True, timeout=300
+        )
 
 
 def chain_of(manager: Any, service_name: str) -> tuple[Any, ...]:

@@ -246,7 +246,10 @@ def test_rejections_are_counted_by_metrics_and_raised_with_their_own_traceback()
                 caught.append(raised.value)
             assert len({id(error) for error in caught}) == 5
             # A fresh exception per call: its traceback is this raise only, not every earlier one.
-            assert all(len(traceback.extract_tb(error.__traceback__)) == len(traceback.extract_tb(caught[0].__traceback__)) for error in caught)
+            assert all(
+                len(traceback.extract_tb(error.__traceback__)) == len(traceback.extract_tb(caught[0].__traceback__))
+                for error in caught
+            )
             assert not any(hasattr(error, "attempts") for error in caught)  # rejections are not retried
             client = metrics.snapshot()["client"]["rejecting"]["methods"]["ok"]
             assert client["calls"] == 5 and client["errors_by_type"] == {"CircuitOpenError": 5}
@@ -348,7 +351,11 @@ def test_a_middleware_that_does_not_hear_refusals_still_sees_every_rejected_call
         def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:  # type: ignore[override]
             seen.append(response.error_type)
 
-    config = {"service_call": {"max_retries": 0}, "breaker": {"failure_threshold": 1, "cooldown": 30}, "fallback": {"enabled": False}}
+    config = {
+        "service_call": {"max_retries": 0},
+        "breaker": {"failure_threshold": 1, "cooldown": 30},
+        "fallback": {"enabled": False},
+    }
     with ServiceEnvironment("t", config) as env:
         env.add_middleware(Audit())
         env.register_service("audited", Flaky)

@@ -52,7 +52,9 @@ def test_hits_skip_the_service_and_are_marked() -> None:
 
     env = ServiceEnvironment("t", config)
     env.add_middleware(Peek())
-    env.register_service("flaky", kservice.ServiceFactory("flaky", __import__("tests.policies.services", fromlist=["Flaky"]).Flaky))
+    env.register_service(
+        "flaky", kservice.ServiceFactory("flaky", __import__("tests.policies.services", fromlist=["Flaky"]).Flaky)
+    )
     with env, env.manager() as manager:
         flaky = env.get_task("flaky").service
         assert [manager.call_service_sync("flaky", "square", (3,)) for _ in range(5)] == [9] * 5
@@ -73,11 +75,16 @@ def test_hits_skip_the_service_and_are_marked() -> None:
 
 @pytest.mark.timeout(30)
 def test_unhashable_arguments_bypass_errors_are_not_cached_and_ttl_expires() -> None:
-    config = {"services": {"flaky": {"class": FLAKY, "cache": {"enabled": True, "ttl": 0.2, "methods": ["lookup", "fail"]}}}}
+    config = {
+        "services": {"flaky": {"class": FLAKY, "cache": {"enabled": True, "ttl": 0.2, "methods": ["lookup", "fail"]}}}
+    }
     with ServiceEnvironment("t", config) as env, env.manager() as manager:
         flaky = env.get_task("flaky").service
         for _ in range(2):
-            assert manager.call_service_sync("flaky", "lookup", ([1, 2],), {"k": {"a": 1}}) == [([1, 2],), {"k": {"a": 1}}]
+            assert manager.call_service_sync("flaky", "lookup", ([1, 2],), {"k": {"a": 1}}) == [
+                ([1, 2],),
+                {"k": {"a": 1}},
+            ]
         assert flaky.calls["lookup"] == 2  # unhashable: both ran, neither failed
         for _ in range(2):
             manager.call_service_sync("flaky", "lookup", (1,), {"b": 2, "a": 1})

@@ -128,7 +128,10 @@ def test_bad_fallback_config_is_a_clear_error_and_bad_declarations_are_refused()
     config = {"services": {"flaky": {"class": FLAKY, "fallback": {"methods": {"ok": "plain"}}}}}
     env = ServiceEnvironment("t", config)
     # Checked when the service's chains are compiled: the task refuses to start, naming the key.
-    with pytest.raises(kservice.ServiceUnavailableError, match=r"services.flaky.fallback.methods.ok: expected a mapping with exactly one key 'value'") as caught:
+    with pytest.raises(
+        kservice.ServiceUnavailableError,
+        match=r"services.flaky.fallback.methods.ok: expected a mapping with exactly one key 'value'",
+    ) as caught:
         env.start()
     assert isinstance(caught.value.__cause__, kservice.ConfigError)
     env.stop()

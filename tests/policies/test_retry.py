@@ -45,7 +45,10 @@ def test_only_safe_failures_are_retried() -> None:
     never_ran = runtime_failure("ServiceUnavailableError", may_have_run=False)
     assert policy.should_retry(request(), never_ran, 0, False) is not None
     # It may have run (a host killed mid-call), or the transport did not say: idempotent methods only.
-    for unknown in (runtime_failure("ServiceUnavailableError", may_have_run=True), runtime_failure("ServiceUnavailableError")):
+    for unknown in (
+        runtime_failure("ServiceUnavailableError", may_have_run=True),
+        runtime_failure("ServiceUnavailableError"),
+    ):
         assert policy.should_retry(request(), unknown, 0, False) is None
         assert policy.should_retry(request(), unknown, 0, True) is not None
     assert policy.should_retry(request(), runtime_failure("ServiceNotFoundError"), 0, False) is not None
@@ -118,7 +121,10 @@ def test_an_idempotent_method_is_retried_until_it_succeeds() -> None:
 
 @pytest.mark.timeout(20)
 def test_config_idempotent_list_makes_a_method_retryable() -> None:
-    config = {"service_call": {**FAST, "max_retries": 2}, "services": {"flaky": {"class": "tests.policies.services:Flaky", "idempotent": ["fail"]}}}
+    config = {
+        "service_call": {**FAST, "max_retries": 2},
+        "services": {"flaky": {"class": "tests.policies.services:Flaky", "idempotent": ["fail"]}},
+    }
     with ServiceEnvironment("t", config) as env, env.manager() as manager:
         with pytest.raises(ConnectionError):
             manager.call_service_sync("flaky", "fail")
@@ -133,7 +139,9 @@ def test_exhaustion_raises_the_last_error_with_the_attempts_recorded() -> None:
             with pytest.raises(ConnectionError, match="fail_idempotent #4") as caught:
                 manager.call_service_sync("flaky", "fail_idempotent")
             assert caught.value.attempts == 4  # type: ignore[attr-defined]
-            assert any("gave up after 4 attempts" in note and "max_retries=3" in note for note in caught.value.__notes__)
+            assert any(
+                "gave up after 4 attempts" in note and "max_retries=3" in note for note in caught.value.__notes__
+            )
             future = manager.call_service_async("flaky", "fail_idempotent")
             with pytest.raises(ConnectionError, match="fail_idempotent #8") as async_caught:
                 future.result(timeout=5)
@@ -219,7 +227,9 @@ def test_a_registered_named_policy_is_selected_by_config() -> None:
         def __init__(self, settings: dict[str, Any], budget: RetryBudget | None) -> None:
             self.asked = 0
 
-        def should_retry(self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool) -> float | None:
+        def should_retry(
+            self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
+        ) -> float | None:
             self.asked += 1
             return 0.0 if attempt < 2 else None
 
@@ -228,7 +238,9 @@ def test_a_registered_named_policy_is_selected_by_config() -> None:
         with pytest.raises(ValueError, match="already registered"):
             retry.register_retry_policy("twice", TwiceQuickly)
         assert "twice" in retry.retry_policy_names()
-        config = {"services": {"flaky": {"class": "tests.policies.services:Flaky", "service_call": {"retry_policy": "twice"}}}}
+        config = {
+            "services": {"flaky": {"class": "tests.policies.services:Flaky", "service_call": {"retry_policy": "twice"}}}
+        }
         with ServiceEnvironment("t", config) as env, env.manager() as manager:
             with pytest.raises(ConnectionError):
                 manager.call_service_sync("flaky", "fail")  # not idempotent, yet this policy retries it
@@ -239,7 +251,9 @@ def test_a_registered_named_policy_is_selected_by_config() -> None:
 
 @pytest.mark.timeout(20)
 def test_never_policy_and_zero_retries_leave_the_chain_empty() -> None:
-    config = {"services": {"flaky": {"class": "tests.policies.services:Flaky", "service_call": {"retry_policy": "never"}}}}
+    config = {
+        "services": {"flaky": {"class": "tests.policies.services:Flaky", "service_call": {"retry_policy": "never"}}}
+    }
     with ServiceEnvironment("t", config) as env, env.manager() as manager:
         with pytest.raises(ConnectionError):
             manager.call_service_sync("flaky", "fail_idempotent")

@@ -21,6 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if Path(str(item.fspath)).resolve().parent == HERE:

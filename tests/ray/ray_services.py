@@ -26,7 +26,11 @@ class EchoService:
     def where(self) -> dict[str, Any]:
         import ray
 
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "actor": ray.get_runtime_context().get_actor_name()}
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "actor": ray.get_runtime_context().get_actor_name(),
+        }
 
     def fail(self, message: str) -> None:
         raise ValueError(message)

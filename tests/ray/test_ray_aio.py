@@ -121,7 +121,12 @@ def test_the_guides_ray_example_runs(ray_cluster: Any, tmp_path: Any) -> None:
     block = python_blocks("async-and-streaming.md")[3]
     prelude = f"import ray\nray.init(address={ray_cluster.address!r}, log_to_driver=False)\n"
     result = subprocess.run(
-        [sys.executable, "-c", prelude + block], cwd=tmp_path, capture_output=True, text=True, timeout=150, env=clean_environ()
+        [sys.executable, "-c", prelude + block],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=clean_environ(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

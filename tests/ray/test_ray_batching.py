@@ -57,7 +57,9 @@ def _settled(connection: RayConnection) -> int:
 
 
 @pytest.mark.timeout(60)
-def test_pipelined_calls_of_a_fast_method_leave_in_batches_and_each_gets_its_own_answer(manager: ServiceManager) -> None:
+def test_pipelined_calls_of_a_fast_method_leave_in_batches_and_each_gets_its_own_answer(
+    manager: ServiceManager,
+) -> None:
     connection = _connection(manager)
     _known_fast(manager, "batched", "echo", -1)
     sent_before, calls_before = connection.replicas.batches_sent, connection.replicas.batched_calls
@@ -134,7 +136,9 @@ def test_a_batched_call_past_its_deadline_times_out_and_is_not_left_counted(mana
 
 
 @pytest.mark.timeout(90)
-def test_killing_the_replica_fails_its_batch_in_flight_and_refuses_the_waiting_calls_unrun(ray_cluster: Any, tmp_path: Path) -> None:
+def test_killing_the_replica_fails_its_batch_in_flight_and_refuses_the_waiting_calls_unrun(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
     path = tmp_path / "ledger.txt"
     # Calls of 20 ms count as fast here, so a batch takes long enough to be killed in the middle.
     doomed = {
@@ -190,7 +194,9 @@ def test_replicas_of_an_older_wire_version_are_never_batched(manager: ServiceMan
         manager.call_service_sync("unbatched", "echo", (0,))
         assert replicas.method_cost == {}  # the last bytes of an answer are not read as a run time
         busy = manager.call_service_async("unbatched", "sleep", (0.2,))
-        assert [f.result(30) for f in [manager.call_service_async("unbatched", "echo", (i,)) for i in range(50)]] == list(range(50))
+        assert [
+            f.result(30) for f in [manager.call_service_async("unbatched", "echo", (i,)) for i in range(50)]
+        ] == list(range(50))
         busy.result(30)
         assert connection.replicas.batched_calls == 0
     finally:

@@ -160,7 +160,9 @@ def test_async_timeout_is_a_service_timeout_error(manager: ServiceManager) -> No
 @pytest.mark.timeout(60)
 def test_register_service_with_a_factory_and_options(ray_cluster: Any) -> None:
     with ServiceEnvironment("ray-factory", quiet_config({})) as environment:
-        task = environment.register_service("prefixed", ServiceFactory("prefixed", EchoService, ("p-",)), kind="ray", replicas=2)
+        task = environment.register_service(
+            "prefixed", ServiceFactory("prefixed", EchoService, ("p-",)), kind="ray", replicas=2
+        )
         assert isinstance(task, RayServiceTask) and task.replica_count == 2
         with environment.manager() as manager:
             assert manager.call_service_sync("prefixed", "echo", ("x",)) == "p-x"

@@ -111,7 +111,9 @@ assert "ray" in {info.name for info in plugin_infos()}, "the plugin loads withou
         timeout=50,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ERROR services.r.kind: 'ray' needs Ray, which is not installed: pip install 'kservice[ray]'" in result.stdout
+    assert (
+        "ERROR services.r.kind: 'ray' needs Ray, which is not installed: pip install 'kservice[ray]'" in result.stdout
+    )
     assert "LOCAL ok" in result.stdout
 
 

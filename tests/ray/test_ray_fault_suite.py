@@ -45,7 +45,9 @@ def _caller(manager: Any, tag: str, out_path: Path, stop: threading.Event) -> No
             for _ in range(16):
                 call_id = f"{tag}-{number}"
                 number += 1
-                burst[call_id] = manager.call_service_async("ledger", "record", (call_id, rng.choice(WORK)), timeout=TIMEOUT)
+                burst[call_id] = manager.call_service_async(
+                    "ledger", "record", (call_id, rng.choice(WORK)), timeout=TIMEOUT
+                )
             failed = False
             for call_id, future in burst.items():
                 try:

@@ -88,7 +88,6 @@ def assert_at_most_once(path: Path, ok: set[str], failed: dict[str, BaseExceptio
     return runs
 
 
-
 def _task(env: ServiceEnvironment, name: str) -> RayServiceTask:
     task = env.get_task(name)
     assert isinstance(task, RayServiceTask) and task.replica_set is not None
@@ -109,9 +108,14 @@ def _connection(manager: ServiceManager, name: str) -> RayConnection:
 @pytest.mark.timeout(120)
 def test_killing_one_of_two_replicas_fails_only_the_calls_running_in_it(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-kill-bound", ledger_config("bound", path, replicas=2)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-kill-bound", ledger_config("bound", path, replicas=2)) as env,
+        env.manager() as manager,
+    ):
         task = _task(env, "bound")
-        futures = {f"c{i}": manager.call_service_async("bound", "record", (f"c{i}", 0.005), timeout=60) for i in range(300)}
+        futures = {
+            f"c{i}": manager.call_service_async("bound", "record", (f"c{i}", 0.005), timeout=60) for i in range(300)
+        }
         wait_for(lambda: sum(f.done() for f in futures.values()) >= 100, timeout=30, what="100 calls to finish")
         victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
         ray.kill(victim.handle, no_restart=True)
@@ -120,7 +124,10 @@ def test_killing_one_of_two_replicas_fails_only_the_calls_running_in_it(tmp_path
         # Only calls handed to the killed replica may fail: at most the CONCURRENCY running in it.
         assert len(failed) <= CONCURRENCY, f"{len(failed)} calls failed: {sorted(failed)[:10]}"
         for token, error in failed.items():
-            assert isinstance(error, ServiceUnavailableError) and "may or may not have run" in str(error), (token, error)
+            assert isinstance(error, ServiceUnavailableError) and "may or may not have run" in str(error), (
+                token,
+                error,
+            )
         assert len(ok) == 300 - len(failed)
         assert sum(runs.values()) >= len(ok)
         # The survivor serves on; the dead replica is out of rotation.
@@ -130,9 +137,14 @@ def test_killing_one_of_two_replicas_fails_only_the_calls_running_in_it(tmp_path
 @pytest.mark.timeout(120)
 def test_calls_beyond_max_concurrency_wait_in_the_caller(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-wait", ledger_config("waits", path, replicas=2, concurrency=2)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-wait", ledger_config("waits", path, replicas=2, concurrency=2)) as env,
+        env.manager() as manager,
+    ):
         connection = _connection(manager, "waits")
-        futures = {f"w{i}": manager.call_service_async("waits", "record", (f"w{i}", 0.2), timeout=60) for i in range(20)}
+        futures = {
+            f"w{i}": manager.call_service_async("waits", "record", (f"w{i}", 0.2), timeout=60) for i in range(20)
+        }
         time.sleep(0.1)
         sent = {replica.name: replica.in_flight for replica in connection.replicas.snapshot()}
         # Two replicas, two slots each: four calls in the replicas, sixteen waiting here.
@@ -158,7 +170,9 @@ def test_scale_down_under_load_fails_nothing_and_keeps_the_breaker_closed(tmp_pa
     with ServiceEnvironment("ray-shrink", config) as env, env.manager() as manager:
         task = _task(env, "shrink")
         names = [replica.name for replica in task.replica_set.snapshot()]  # type: ignore[union-attr]
-        futures = {f"s{i}": manager.call_service_async("shrink", "record", (f"s{i}", 0.05), timeout=60) for i in range(100)}
+        futures = {
+            f"s{i}": manager.call_service_async("shrink", "record", (f"s{i}", 0.05), timeout=60) for i in range(100)
+        }
         wait_for(lambda: sum(f.done() for f in futures.values()) >= 10, timeout=30, what="10 calls to finish")
         task.scale(1)
         ok, failed = settle(futures)
@@ -174,9 +188,14 @@ def test_scale_down_under_load_fails_nothing_and_keeps_the_breaker_closed(tmp_pa
 @pytest.mark.timeout(120)
 def test_stop_under_load_finishes_every_accepted_call_then_refuses_new_ones(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-stop-drain", ledger_config("drain", path, replicas=2, concurrency=2)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-stop-drain", ledger_config("drain", path, replicas=2, concurrency=2)) as env,
+        env.manager() as manager,
+    ):
         task = _task(env, "drain")
-        futures = {f"d{i}": manager.call_service_async("drain", "record", (f"d{i}", 0.05), timeout=60) for i in range(60)}
+        futures = {
+            f"d{i}": manager.call_service_async("drain", "record", (f"d{i}", 0.05), timeout=60) for i in range(60)
+        }
         wait_for(lambda: sum(f.done() for f in futures.values()) >= 5, timeout=30, what="5 calls to finish")
         task.stop_service(timeout=60)
         ok, failed = settle(futures, timeout=5)
@@ -215,7 +234,10 @@ class _Replies:
 @pytest.mark.timeout(90)
 def test_a_cancelled_call_still_waiting_in_the_caller_never_starts(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-cancel", ledger_config("cancel", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-cancel", ledger_config("cancel", path, replicas=1, concurrency=1)) as env,
+        env.manager() as manager,
+    ):
         connection = _connection(manager, "cancel")
         replies = _Replies()
         busy = _request("cancel", "busy", 1.0)
@@ -242,7 +264,10 @@ def test_a_cancelled_call_still_waiting_in_the_caller_never_starts(tmp_path: Pat
 @pytest.mark.timeout(90)
 def test_an_async_call_that_times_out_while_waiting_in_the_caller_never_runs(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-late", ledger_config("late", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-late", ledger_config("late", path, replicas=1, concurrency=1)) as env,
+        env.manager() as manager,
+    ):
         connection = _connection(manager, "late")
         busy = manager.call_service_async("late", "record", ("busy", 1.0))
         wait_for(lambda: ledger(path)["busy"] == 1, timeout=20, what="the busy call to start")
@@ -260,7 +285,10 @@ def test_an_async_call_that_times_out_while_waiting_in_the_caller_never_runs(tmp
 @pytest.mark.timeout(90)
 def test_cancelling_a_running_call_lets_it_finish_and_answers_its_caller_once(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-running", ledger_config("running", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-running", ledger_config("running", path, replicas=1, concurrency=1)) as env,
+        env.manager() as manager,
+    ):
         connection = _connection(manager, "running")
         replies = _Replies()
         running = _request("running", "r1", 0.5)
@@ -290,7 +318,9 @@ def test_default_retries_never_resend_a_call_that_may_have_run_but_resend_calls_
         task = _task(env, "retried")
         running = manager.call_service_async("retried", "record", ("running", 5.0), timeout=60)
         wait_for(lambda: ledger(path)["running"] == 1, timeout=20, what="the first call to start")
-        waiting = {f"w{i}": manager.call_service_async("retried", "record", (f"w{i}", 0.0), timeout=60) for i in range(4)}
+        waiting = {
+            f"w{i}": manager.call_service_async("retried", "record", (f"w{i}", 0.0), timeout=60) for i in range(4)
+        }
         time.sleep(0.1)
         assert ledger(path).keys() == {"running"}  # the others wait in the caller
         ray.kill(task.replica_set.snapshot()[0].handle, no_restart=False)  # type: ignore[union-attr]
@@ -318,7 +348,11 @@ def test_a_cancelled_call_of_a_batch_in_flight_is_skipped_by_the_replica(tmp_pat
         batch = [_request("skips", f"k{i}", 0.05) for i in range(20)]
         for request in batch:
             connection.send(request, replies)
-        wait_for(lambda: connection.replicas.batched_calls >= 20 and ledger(path)["k0"] == 1, timeout=20, what="the batch to start")
+        wait_for(
+            lambda: connection.replicas.batched_calls >= 20 and ledger(path)["k0"] == 1,
+            timeout=20,
+            what="the batch to start",
+        )
         for request in batch[10:]:
             connection.cancel(request)
         wait_for(lambda: replies.count() == 21, timeout=20, what="every call to be answered")
@@ -334,7 +368,10 @@ def test_a_cancelled_call_of_a_batch_in_flight_is_skipped_by_the_replica(tmp_pat
 @pytest.mark.timeout(90)
 def test_sync_calls_wait_in_the_caller_for_a_slot_and_time_out_there_unrun(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-sync-wait", ledger_config("syncwait", path, replicas=1, concurrency=1)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-sync-wait", ledger_config("syncwait", path, replicas=1, concurrency=1)) as env,
+        env.manager() as manager,
+    ):
         connection = _connection(manager, "syncwait")
         busy = manager.call_service_async("syncwait", "record", ("busy", 1.0))
         wait_for(lambda: ledger(path)["busy"] == 1, timeout=20, what="the busy call to start")
@@ -356,7 +393,10 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
     from kservice.plugins import ray as ray_plugin
 
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-remote-shrink", ledger_config("remote", path, replicas=3, concurrency=2)) as env, env.manager() as manager:
+    with (
+        ServiceEnvironment("ray-remote-shrink", ledger_config("remote", path, replicas=3, concurrency=2)) as env,
+        env.manager() as manager,
+    ):
         task = _task(env, "remote")
         # A connection as another driver makes it: found by name, membership re-read only every 5 s.
         addresses = ray_plugin.kservice_resolve_service("remote", manager.config.for_service("remote"))
@@ -371,7 +411,11 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
             wait_for(lambda: replies.count() >= 10, timeout=30, what="10 calls to finish")
             task.scale(1)
             wait_for(lambda: replies.count() == 150, timeout=60, what="every call to be answered")
-            failed = {r.args[0]: replies.answers[r.request_id][0].error for r in requests if not replies.answers[r.request_id][0].success}
+            failed = {
+                r.args[0]: replies.answers[r.request_id][0].error
+                for r in requests
+                if not replies.answers[r.request_id][0].success
+            }
             ok = {r.args[0] for r in requests if replies.answers[r.request_id][0].success}
             runs = assert_at_most_once(path, ok, {token: RuntimeError(error) for token, error in failed.items()})
             # Calls sent to a replica that was already stopping were refused unrun and went to the survivor.

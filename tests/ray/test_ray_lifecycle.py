@@ -22,7 +22,9 @@ def test_constructor_error_fails_start_service_with_the_original_error() -> None
     env = ServiceEnvironment("ray-broken")
     env.register_service("broken", ServiceFactory("broken", BrokenService), kind="ray", replicas=2)
     started = time.monotonic()
-    with pytest.raises(ServiceUnavailableError, match=r"failed to start: ValueError: .*missing setting 'dsn'") as caught:
+    with pytest.raises(
+        ServiceUnavailableError, match=r"failed to start: ValueError: .*missing setting 'dsn'"
+    ) as caught:
         env.start()
     assert time.monotonic() - started < 60
     assert isinstance(caught.value.__cause__, ValueError)
@@ -36,7 +38,11 @@ def test_constructor_error_fails_start_service_with_the_original_error() -> None
 def test_stop_service_kills_detached_replicas() -> None:
     with ServiceEnvironment("ray-detached") as env:
         task = env.register_service(
-            "detached-echo", ServiceFactory("detached-echo", EchoService), kind="ray", replicas=2, ray={"lifetime": "detached"}
+            "detached-echo",
+            ServiceFactory("detached-echo", EchoService),
+            kind="ray",
+            replicas=2,
+            ray={"lifetime": "detached"},
         )
         with env.manager() as manager:
             assert manager.call_service_sync("detached-echo", "echo", (1,)) == 1
@@ -56,7 +62,9 @@ def test_replica_pinned_by_custom_resource_runs_on_the_other_node(node_ids: dict
     driver_node = ray.get_runtime_context().get_node_id()
     assert driver_node == node_ids["node_a"]
     with ServiceEnvironment("ray-pinned") as env:
-        env.register_service("pinned", ServiceFactory("pinned", EchoService), kind="ray", ray={"resources": {"node_b": 1}})
+        env.register_service(
+            "pinned", ServiceFactory("pinned", EchoService), kind="ray", ray={"resources": {"node_b": 1}}
+        )
         with env.manager() as manager:
             where = manager.call_service_sync("pinned", "where")
             assert where["node_id"] == node_ids["node_b"] != driver_node
@@ -74,7 +82,9 @@ def test_a_name_already_running_in_the_namespace_is_refused() -> None:
         second.stop()
         # Another namespace is another name space.
         with ServiceEnvironment("ray-third") as third:
-            third.register_service("unique", ServiceFactory("unique", EchoService), kind="ray", ray={"namespace": "other"})
+            third.register_service(
+                "unique", ServiceFactory("unique", EchoService), kind="ray", ray={"namespace": "other"}
+            )
             with third.manager() as manager:
                 assert manager.call_service_sync("unique", "echo", (3,)) == 3
 
@@ -94,7 +104,9 @@ def test_a_registered_balancer_is_selectable_by_config() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_balancer("first_replica", lambda: FirstReplica())
     with ServiceEnvironment("ray-balancer") as env:
-        env.register_service("first", ServiceFactory("first", EchoService), kind="ray", replicas=2, ray={"balancer": "first_replica"})
+        env.register_service(
+            "first", ServiceFactory("first", EchoService), kind="ray", replicas=2, ray={"balancer": "first_replica"}
+        )
         with env.manager() as manager:
             actors = {manager.call_service_sync("first", "where")["actor"] for _ in range(10)}
     assert len(actors) == 1 and actors.pop().endswith(":0")
@@ -148,7 +160,9 @@ def test_a_service_class_the_workers_cannot_import_is_a_clear_start_error(tmp_pa
 
     env = ServiceEnvironment("ray-unimportable")
     env.register_service("driver-only", ServiceFactory("driver-only", driver_only_module.DriverOnly), kind="ray")
-    with pytest.raises(ServiceUnavailableError, match=r"driver_only_module:DriverOnly must be importable in Ray's workers"):
+    with pytest.raises(
+        ServiceUnavailableError, match=r"driver_only_module:DriverOnly must be importable in Ray's workers"
+    ):
         env.start()
     assert env.get_task("driver-only").state == "failed"
     assert actors_of("driver-only") == []
@@ -163,7 +177,9 @@ def test_a_task_built_directly_is_found_by_name_and_scale_reaches_remote_callers
     task.start_service()
     try:
         # No environment holds it: the manager resolves the name through the ray plugin, as another driver would.
-        with ServiceManager(config={"service": {"ray": {"membership_refresh": 0.2, "balancer": "round_robin"}}}) as manager:
+        with ServiceManager(
+            config={"service": {"ray": {"membership_refresh": 0.2, "balancer": "round_robin"}}}
+        ) as manager:
             assert manager.call_service_sync("direct", "echo", ("x",)) == "d-x"
             assert manager.get_service_queue("direct").queue_name.startswith("ray:kservice/kservice:direct:")
             task.scale(2)

@@ -48,11 +48,12 @@ def outcomes(futures: dict[str, Future[Any]]) -> tuple[set[str], set[str]]:
     return ok, unavailable
 
 
-
 @pytest.mark.timeout(90)
 def test_calls_spread_over_replicas_and_scale_changes_reach_callers() -> None:
     with ServiceEnvironment("ray-scale") as env:
-        task = env.register_service("spread", ServiceFactory("spread", EchoService), kind="ray", replicas=2, ray={"balancer": "round_robin"})
+        task = env.register_service(
+            "spread", ServiceFactory("spread", EchoService), kind="ray", replicas=2, ray={"balancer": "round_robin"}
+        )
         assert isinstance(task, RayServiceTask)
         with env.manager() as manager:
             seen = [manager.call_service_sync("spread", "where")["actor"] for _ in range(6)]
@@ -77,7 +78,9 @@ def test_calls_spread_over_replicas_and_scale_changes_reach_callers() -> None:
 @pytest.mark.timeout(90)
 def test_power_of_two_choices_prefers_the_idle_replica() -> None:
     with ServiceEnvironment("ray-p2c") as env:
-        env.register_service("p2c", ServiceFactory("p2c", EchoService), kind="ray", replicas=2, ray={"max_concurrency": 1})
+        env.register_service(
+            "p2c", ServiceFactory("p2c", EchoService), kind="ray", replicas=2, ray={"max_concurrency": 1}
+        )
         with env.manager() as manager:
             busy = manager.call_service_async("p2c", "sleep", (1.0,))
             time.sleep(0.2)
@@ -98,11 +101,18 @@ def test_killing_one_of_two_replicas_under_load_loses_no_call_and_runs_none_twic
         task = env.get_task("ledger")
         assert isinstance(task, RayServiceTask)
         with env.manager() as manager:
-            futures = {f"a{i}": manager.call_service_async("ledger", "record", (f"a{i}", 0.05), timeout=30) for i in range(60)}
+            futures = {
+                f"a{i}": manager.call_service_async("ledger", "record", (f"a{i}", 0.05), timeout=30) for i in range(60)
+            }
             time.sleep(0.4)
             victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
             ray.kill(victim.handle, no_restart=False)
-            futures.update({f"b{i}": manager.call_service_async("ledger", "record", (f"b{i}", 0.01), timeout=30) for i in range(60)})
+            futures.update(
+                {
+                    f"b{i}": manager.call_service_async("ledger", "record", (f"b{i}", 0.01), timeout=30)
+                    for i in range(60)
+                }
+            )
             ok, unavailable = outcomes(futures)
             runs = ledger(path)
             # Non-idempotent calls run at most once, and a call answered with its result ran exactly once.
@@ -145,13 +155,17 @@ def test_killing_the_only_replica_without_restarts_fails_calls_fast() -> None:
 @pytest.mark.timeout(90)
 def test_idempotent_call_completes_through_the_replica_restart(tmp_path: Path) -> None:
     path = tmp_path / "ledger.txt"
-    with ServiceEnvironment("ray-idem", fault_config("idem", "LedgerService", [str(path)], replicas=1, max_restarts=1)) as env:
+    with ServiceEnvironment(
+        "ray-idem", fault_config("idem", "LedgerService", [str(path)], replicas=1, max_restarts=1)
+    ) as env:
         task = env.get_task("idem")
         assert isinstance(task, RayServiceTask)
         with env.manager() as manager:
             retried = manager.call_service_async("idem", "record_idempotent", ("i1", 1.0), timeout=60)
             once = manager.call_service_async("idem", "record", ("n1", 1.0), timeout=60)
-            wait_for(lambda: ledger(path)["i1"] == 1 and ledger(path)["n1"] == 1, timeout=20, what="both calls to start")
+            wait_for(
+                lambda: ledger(path)["i1"] == 1 and ledger(path)["n1"] == 1, timeout=20, what="both calls to start"
+            )
             ray.kill(task.replica_set.snapshot()[0].handle, no_restart=False)  # type: ignore[union-attr]
             assert retried.result(60) == "i1"
             with pytest.raises(ServiceUnavailableError):

@@ -40,7 +40,9 @@ def test_a_coroutine_method_returns_its_result_not_a_coroutine(manager: kservice
         assert manager.proxy("greeter").hello(3) == "hello 6"
 
 
-def test_coroutines_run_on_the_tasks_loop_and_sync_methods_in_the_pool(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_coroutines_run_on_the_tasks_loop_and_sync_methods_in_the_pool(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     task = env.get_task("greeter")
     assert task is not None and task.event_loop is not None
     where = manager.call_service_sync("greeter", "where", timeout=5)
@@ -86,7 +88,9 @@ def test_the_deadline_cancels_the_coroutine_inside_the_method(manager: kservice.
     assert manager.call_service_sync("greeter", "hello", (5,)) == "hello 10"
 
 
-def test_cancelling_the_callers_future_cancels_the_coroutine(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_cancelling_the_callers_future_cancels_the_coroutine(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     future = manager.call_service_async("greeter", "nap", (5.0, "gave-up"), timeout=30)
     time.sleep(0.2)
     # The caller gives up: what its connection is told when a call is abandoned.
@@ -134,7 +138,9 @@ def test_stop_cancels_coroutines_still_running_at_the_drain_deadline() -> None:
     environment.stop()
 
 
-def test_a_not_thread_safe_service_runs_its_coroutines_and_sync_calls_one_at_a_time(manager: kservice.ServiceManager) -> None:
+def test_a_not_thread_safe_service_runs_its_coroutines_and_sync_calls_one_at_a_time(
+    manager: kservice.ServiceManager,
+) -> None:
     futures = [manager.call_service_async("serial", "step", (0.05,)) for _ in range(4)]
     futures += [manager.call_service_async("serial", "sync_step", (0.05,)) for _ in range(4)]
     assert max(f.result(10) for f in futures) == 0  # no two calls were ever inside at once

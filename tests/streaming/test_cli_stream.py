@@ -34,7 +34,10 @@ def test_call_stream_prints_items_as_they_arrive() -> None:
         assert ended_at - first_at > 0.8  # the first word was printed before the last one was made
         as_json = run_cli("call", "--stream", "--json", name, "blobs", "[2, 3]")
         assert as_json.returncode == 0, as_json
-        assert [json.loads(line) for line in as_json.stdout.splitlines()] == ["b'\\x00\\x00\\x00'", "b'\\x01\\x01\\x01'"]
+        assert [json.loads(line) for line in as_json.stdout.splitlines()] == [
+            "b'\\x00\\x00\\x00'",
+            "b'\\x01\\x01\\x01'",
+        ]
         counted = run_cli("call", "--stream", "--json", name, "count", "[3]")
         assert counted.stdout.splitlines() == ["0", "1", "2"]
         broken = run_cli("call", "--stream", name, "broken", "[2]")

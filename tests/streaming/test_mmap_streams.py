@@ -20,9 +20,10 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_a_host_dying_mid_stream_ends_it_unavailable() -> None:
     name = unique("model")
-    with hosting(f"{name}=tests.streaming.services:TokenModel"), kservice.ServiceManager(
-        config={"service_call": {"max_retries": 0}}
-    ) as manager:
+    with (
+        hosting(f"{name}=tests.streaming.services:TokenModel"),
+        kservice.ServiceManager(config={"service_call": {"max_retries": 0}}) as manager,
+    ):
         got: list[int] = []
         began = time.monotonic()
         with pytest.raises(kservice.ServiceUnavailableError):
@@ -164,7 +165,9 @@ def test_a_consumer_dying_mid_stream_stops_the_hosts_generator() -> None:
 
 
 @pytest.mark.allow_leaks
-def test_a_consumer_that_never_reads_big_items_never_stalls_the_hosts_listener(manager: kservice.ServiceManager) -> None:
+def test_a_consumer_that_never_reads_big_items_never_stalls_the_hosts_listener(
+    manager: kservice.ServiceManager,
+) -> None:
     # Items of 200 kB travel inline: five fill the stream ring. Streamed once, the method is known fast.
     assert len(list(manager.stream("model", "blobs", (3, 200_000)))) == 3
     idle = manager.stream("model", "blobs", (1000, 200_000), timeout=20)

@@ -45,6 +45,8 @@ def test_stream_spans_cover_the_whole_stream(spans: InMemorySpanExporter) -> Non
     assert server.parent is not None and server.parent.span_id == client.context.span_id
     assert set(seen) == {server.context.span_id}  # the server span is current while the generator runs
     assert (server.end_time - server.start_time) / 1e9 >= 0.09  # the whole stream, not its first item
-    assert (client.end_time - client.start_time) / 1e9 >= 0.09 and (client.end_time - client.start_time) / 1e9 <= took + 0.05
+    assert (client.end_time - client.start_time) / 1e9 >= 0.09 and (
+        client.end_time - client.start_time
+    ) / 1e9 <= took + 0.05
     for kind in (SpanKind.CLIENT, SpanKind.SERVER):
         assert got[("spanned/broken", kind)].status.status_code is StatusCode.ERROR

@@ -22,11 +22,19 @@ class StreamObserver(kservice.ServiceMiddleware):
         self.calls: list[tuple[str, bool, Any, float]] = []
         self.handles: list[tuple[str, bool, Any, float]] = []
 
-    def observe_call(self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float) -> None:
-        self.calls.append((request.method_name, response.success, response.metadata.get("kservice.stream.items"), seconds))
+    def observe_call(
+        self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float
+    ) -> None:
+        self.calls.append(
+            (request.method_name, response.success, response.metadata.get("kservice.stream.items"), seconds)
+        )
 
-    def observe_handle(self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float) -> None:
-        self.handles.append((request.method_name, response.success, response.metadata.get("kservice.stream.items"), seconds))
+    def observe_handle(
+        self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float
+    ) -> None:
+        self.handles.append(
+            (request.method_name, response.success, response.metadata.get("kservice.stream.items"), seconds)
+        )
 
 
 @pytest.fixture
@@ -76,7 +84,9 @@ def test_async_for_over_generators_and_async_generators(manager: kservice.Servic
     assert asyncio.run(consume()) == (list(range(200)), list(range(50)))
 
 
-def test_a_plain_call_of_a_streaming_method_names_stream_and_the_service_keeps_serving(manager: kservice.ServiceManager) -> None:
+def test_a_plain_call_of_a_streaming_method_names_stream_and_the_service_keeps_serving(
+    manager: kservice.ServiceManager,
+) -> None:
     with pytest.raises(TypeError, match=r"streaming method.*manager\.stream"):
         manager.call_service_sync("model", "count", (3,))
     with pytest.raises(TypeError, match=r"streaming method.*stream"):
@@ -94,7 +104,9 @@ def test_streaming_a_plain_method_names_call_service_sync(manager: kservice.Serv
     assert list(manager.stream("model", "count", (2,))) == [0, 1]
 
 
-def test_back_pressure_bounds_what_the_producer_runs_ahead(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_back_pressure_bounds_what_the_producer_runs_ahead(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     model = _model(env)
     stream = manager.stream("model", "count", (10_000, "bp"), window=4)
     first = [next(stream) for _ in range(3)]
@@ -106,7 +118,9 @@ def test_back_pressure_bounds_what_the_producer_runs_ahead(manager: kservice.Ser
 
 
 @pytest.mark.parametrize("method", ["count", "acount"])
-def test_breaking_out_closes_the_generator_in_the_service(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment, method: str) -> None:
+def test_breaking_out_closes_the_generator_in_the_service(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment, method: str
+) -> None:
     model = _model(env)
     for item in manager.stream("model", method, (1_000_000, f"break-{method}"), window=8):
         if item == 10:
@@ -120,7 +134,9 @@ def test_breaking_out_closes_the_generator_in_the_service(manager: kservice.Serv
     assert manager.call_service_sync("model", "echo", ("still serving",)) == "still serving"
 
 
-def test_the_deadline_ends_a_stream_mid_way_and_closes_the_generator(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_the_deadline_ends_a_stream_mid_way_and_closes_the_generator(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     model = _model(env)
     got: list[int] = []
     with pytest.raises(kservice.ServiceTimeoutError):
@@ -130,7 +146,9 @@ def test_the_deadline_ends_a_stream_mid_way_and_closes_the_generator(manager: ks
     _wait_for(lambda: "deadline" in model.closed)
 
 
-def test_the_deadline_cancels_an_async_generator_mid_stream(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_the_deadline_cancels_an_async_generator_mid_stream(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     model = _model(env)
     got: list[int] = []
     with pytest.raises(kservice.ServiceTimeoutError):
@@ -140,7 +158,9 @@ def test_the_deadline_cancels_an_async_generator_mid_stream(manager: kservice.Se
     _wait_for(lambda: "adeadline" in model.closed)
 
 
-def test_a_consumer_that_never_reads_bounds_the_producer_until_the_deadline(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_a_consumer_that_never_reads_bounds_the_producer_until_the_deadline(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     model = _model(env)
     stream = manager.stream("model", "count", (1_000_000, "idle"), timeout=0.5, window=5)
     time.sleep(0.2)
@@ -159,7 +179,9 @@ def test_an_error_mid_stream_arrives_after_the_items_typed_and_is_not_retried(ma
     assert isinstance(caught.value, kservice.ServiceCallError)
 
 
-def test_cancelling_an_async_consumer_closes_the_generator(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_cancelling_an_async_consumer_closes_the_generator(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     model = _model(env)
 
     async def consume() -> None:
@@ -191,7 +213,9 @@ def test_middleware_sees_a_stream_once_with_its_item_count_and_duration() -> Non
     assert observer.calls[0][3] >= 0.09 and observer.handles[0][3] >= 0.09  # the whole stream's duration
 
 
-def test_a_thousand_abandoned_streams_leave_nothing_behind(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_a_thousand_abandoned_streams_leave_nothing_behind(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     model = _model(env)
     threads_before = threading.active_count()
     for i in range(1000):
@@ -253,7 +277,9 @@ def test_a_stream_dropped_unfinished_is_seen_ending_by_client_middleware() -> No
     assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [("count", True, 3)]
 
 
-def test_an_item_that_cannot_leave_in_place_is_sent_first_by_the_stream_thread(manager: kservice.ServiceManager, env: kservice.ServiceEnvironment) -> None:
+def test_an_item_that_cannot_leave_in_place_is_sent_first_by_the_stream_thread(
+    manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
+) -> None:
     task = env.get_task("model")
     assert task is not None
     assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # now known quick: later streams start in place
@@ -325,7 +351,9 @@ def test_a_pulled_stream_that_turns_slow_moves_to_a_stream_thread(quick_env: kse
     assert made[0] == here and made[-1] != here  # the slow batch moved the rest to a stream thread
 
 
-def test_async_for_over_a_quick_generator_does_not_step_it_on_the_event_loop(quick_env: kservice.ServiceEnvironment) -> None:
+def test_async_for_over_a_quick_generator_does_not_step_it_on_the_event_loop(
+    quick_env: kservice.ServiceEnvironment,
+) -> None:
     manager = quick_env.manager()
     _learn_quick(manager, quick_env)
 
