@@ -20,6 +20,7 @@ import pytest
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceOverloadedError
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.ring import QueueFull, attach_queue
+from kservice.testing import wait_for
 
 from .services import KV, unique
 
@@ -53,8 +54,11 @@ def paused_with_a_full_ring(env: ServiceEnvironment, manager: ServiceManager, na
     try:
         for _ in range(50):
             os.kill(child, signal.SIGSTOP)
-            while psutil.Process(child).status() != psutil.STATUS_STOPPED:
-                time.sleep(0.001)
+            wait_for(
+                lambda: psutil.Process(child).status() == psutil.STATUS_STOPPED,
+                what="the host to stop",
+                interval=0.001,
+            )
             filled = 0
             while True:
                 try:
@@ -65,7 +69,7 @@ def paused_with_a_full_ring(env: ServiceEnvironment, manager: ServiceManager, na
             if filled and ring.qsize() >= filled:
                 break  # stopped while not holding the ring's lock: the ring is really full
             os.kill(child, signal.SIGCONT)  # stopped inside a lock section: let it go on, try again
-            time.sleep(0.01)
+            time.sleep(0.01)  # deliberate: let it leave the lock section before stopping it again
         yield child
     finally:
         ring.close()
@@ -98,7 +102,7 @@ def test_async_submissions_on_a_full_ring_are_sent_in_order_when_room_comes_back
         started = time.monotonic()
         futures = [manager.call_service_async(name, "echo", (i,), timeout=20) for i in range(20)]
         assert time.monotonic() - started < 0.5 * QUEUE_TIMEOUT
-        time.sleep(0.2)
+        time.sleep(0.2)  # deliberate: time for a deferred call to complete early, which it must not
         assert not any(f.done() for f in futures)
     # Resumed within the queue wait: every deferred request is sent and answered.
     assert [f.result(20) for f in futures] == list(range(20))

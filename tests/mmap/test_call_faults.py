@@ -54,7 +54,7 @@ class Hosts:
             wait_for(when, timeout=20, what="the fault's moment")
             host.process.kill()
             host.process.wait()
-            time.sleep(0.3)
+            time.sleep(0.3)  # deliberate: a gap in which no host serves the name
             self.start(spec)
 
         thread = threading.Thread(target=run)
@@ -71,6 +71,13 @@ def hosts() -> Iterator[Hosts]:
         for host in started.started:
             host.stop()
         reclaim()
+
+
+def accepted(manager: ServiceManager, name: str) -> int:
+    """How many calls the host of ``name`` has accepted and not finished (running or queued)."""
+    status = manager.get_service_status(name)
+    assert isinstance(status, dict)
+    return int(status["in_flight"]) + int(status["queue_depth"])
 
 
 # ------------------------------------------------------------------ at most once
@@ -126,7 +133,7 @@ def test_a_request_the_killed_host_never_read_is_reported_as_never_run(hosts: Ho
         host.process.send_signal(signal.SIGSTOP)  # it reads nothing more
         try:
             unread = manager.call_service_async(name, "put", ("k", "w"), timeout=30)
-            time.sleep(0.2)
+            time.sleep(0.2)  # time for the request to be written to the ring (a stopped host cannot report it)
         finally:
             host.process.kill()
         started = time.monotonic()
@@ -149,7 +156,7 @@ def test_a_draining_host_answers_every_call_in_flight_whatever_the_process_does_
     with ServiceManager() as manager:  # the default retry settings
         manager.call_service_sync(name, "echo", (0,), timeout=30)
         in_flight = [manager.call_service_async(name, "sleep", (1.5,), timeout=30) for _ in range(16)]
-        time.sleep(0.3)
+        wait_for(lambda: accepted(manager, name) >= 16, what="the host to accept all 16 calls")
         host.process.send_signal(signal.SIGTERM)
         wait_for(lambda: registry.lookup(name) is None, timeout=20, what="the host to stop accepting")
         # A new call is refused; its route is refreshed (and the old connection closed) ...
@@ -171,7 +178,7 @@ def test_cancelling_a_queued_call_keeps_it_from_ever_running_in_the_host(hosts: 
         busy = manager.call_service_async(name, "record", (str(path), "busy", 1.0), timeout=30)
         wait_for(lambda: tags(path) == ["busy"], timeout=20, what="the busy call to start")
         queued = manager.call_service_async(name, "record", (str(path), "queued", 0.0), timeout=30)
-        time.sleep(0.1)  # it reached the host's queue, behind the busy call
+        wait_for(lambda: accepted(manager, name) >= 2, what="the call to reach the host's queue, behind the busy call")
         assert queued.cancel()
 
         async def wait_for_cancelled() -> None:
@@ -181,7 +188,7 @@ def test_cancelling_a_queued_call_keeps_it_from_ever_running_in_the_host(hosts: 
         asyncio.run(wait_for_cancelled())
         busy.result(10)
         assert manager.call_service_sync(name, "record", (str(path), "next", 0.0), timeout=10) > 0
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberate: room for the cancelled call to run late, which it must not
         assert tags(path) == ["busy", "next"]
 
 
@@ -194,7 +201,7 @@ def test_close_fails_async_calls_in_flight_at_once(hosts: Hosts) -> None:
     manager = ServiceManager()
     manager.call_service_sync(name, "put", ("k", "v"), timeout=30)
     in_flight = [manager.call_service_async(name, "sleep", (1.5,), timeout=t) for t in (0.3, 30)]
-    time.sleep(0.1)
+    wait_for(lambda: accepted(manager, name) >= 2, what="both calls to reach the host")
     started = time.monotonic()
     manager.close()
     for future in in_flight:

@@ -16,6 +16,7 @@ import pytest
 from kservice import ServiceManager, ServiceNotFoundError, ServiceUnavailableError
 from kservice.plugins.mmap import reclaim, registry, running_services
 from kservice.plugins.mmap.ring import queue_directory
+from kservice.testing import wait_for
 
 from .services import Host, child_env, hosting, unique
 
@@ -142,7 +143,7 @@ def test_async_calls_to_a_killed_host_are_unavailable_fast() -> None:
         host.wait_ready()
         with ServiceManager(config=NO_RETRIES) as manager:
             futures = [manager.call_service_async(name, "sleep", (20,), timeout=30) for _ in range(3)]
-            time.sleep(0.3)
+            wait_for(lambda: manager.get_service_status(name)["in_flight"] >= 1, what="a call running in the host")
             host.process.kill()
             started = time.monotonic()
             for future in futures:
@@ -167,14 +168,15 @@ def test_client_killed_mid_call_leaves_the_service_serving() -> None:
         client = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "calling"
-        time.sleep(0.3)  # the call is running in the host
-        assert any(f".{client.pid}." in p.name for p in queue_directory().iterdir())  # its response ring
-        client.kill()
-        client.wait()
-        client.stdout.close()
         with ServiceManager() as manager:
+            wait_for(lambda: manager.get_service_status(name)["in_flight"] >= 1, what="the client's call to run")
+            assert any(f".{client.pid}." in p.name for p in queue_directory().iterdir())  # its response ring
+            client.kill()
+            client.wait()
+            client.stdout.close()
             assert manager.call_service_sync(name, "add", (2, 2)) == 4
-            time.sleep(1.0)  # the dead client's response has been dropped
+            # the dead client's call ends and its response is dropped
+            wait_for(lambda: manager.get_service_status(name)["in_flight"] == 0, what="the dead client's call to end")
             assert manager.call_service_sync(name, "add", (3, 3)) == 6
         reclaim()
         assert not _files_of(client.pid)
@@ -188,7 +190,7 @@ def test_sigterm_drains_in_flight_calls_then_exits_cleanly() -> None:
     with ServiceManager(config=NO_RETRIES) as manager:
         manager.call_service_sync(name, "echo", (1,))
         slow = manager.call_service_async(name, "sleep", (1.0,), timeout=10)
-        time.sleep(0.3)
+        wait_for(lambda: manager.get_service_status(name)["in_flight"] >= 1, what="the slow call to run")
         host.process.send_signal(signal.SIGTERM)
         assert slow.result(10) == 1.0
         assert host.process.wait(10) == 0
@@ -231,7 +233,7 @@ def test_idle_host_with_20_services_uses_under_one_percent_of_a_core() -> None:
         time.sleep(0.5)  # let spinning listeners settle into sleep
         process = psutil.Process(host.pid)
         before = process.cpu_times()
-        time.sleep(3.0)
+        time.sleep(3.0)  # deliberate: the window the idle CPU use is measured over
         after = process.cpu_times()
         used = (after.user + after.system) - (before.user + before.system)
         assert used / 3.0 < 0.01, f"idle host used {used / 3.0:.2%} of a core"

@@ -25,6 +25,7 @@ WORKER = HERE / "_ring_worker.py"
 
 
 from kservice.plugins.mmap import ring  # noqa: E402
+from kservice.testing import wait_for  # noqa: E402
 
 from .services import private_queue_dir  # noqa: E402
 
@@ -234,7 +235,7 @@ def test_timeouts_are_honoured(q):
 
 def test_blocking_get_is_woken_by_put_from_another_thread(q):
     def later():
-        time.sleep(0.2)
+        time.sleep(0.2)  # deliberate: the getter is blocked by then
         q.put(b"wake")
 
     t = threading.Thread(target=later)
@@ -259,7 +260,7 @@ def test_blocked_put_is_woken_by_get(q):
 
     t = threading.Thread(target=producer)
     t.start()
-    time.sleep(0.1)
+    time.sleep(0.1)  # deliberate: time for the put to finish early, which it must not
     assert not done
     t0 = time.monotonic()
     q.get()
@@ -321,7 +322,7 @@ def test_mark_closed_wakes_waiters_and_refuses_puts(q):
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.1)
+    time.sleep(0.1)  # time for the waiter to block in get (nothing public shows it)
     t0 = time.monotonic()
     q.mark_closed()
     t.join(5)
@@ -672,16 +673,13 @@ def test_killed_producers_never_corrupt_or_deadlock(q, procs):
     try:
         for i in range(20):
             victim = procs.start("producer", q.name, str(i), "-1", str(rng.randrange(0, 3000)), wait_ready=False)
-            time.sleep(rng.uniform(0.0, 0.08))
+            time.sleep(rng.uniform(0.0, 0.08))  # deliberate: kill it at a random point of its writes
             procs.kill(victim)
         n = len(received)
-        deadline = time.monotonic() + 10
-        while len(received) < n + 1000 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(received) >= n + 1000, "the surviving producer stalled"
+        wait_for(lambda: len(received) >= n + 1000, what="the surviving producer to go on writing")
     finally:
         procs.kill(survivor)
-        time.sleep(0.3)
+        time.sleep(0.3)  # deliberate: the consumer drains what is left before it stops
         stop.set()
         t.join(10)
     assert not failure, failure
@@ -705,7 +703,7 @@ def test_killed_producers_never_corrupt_or_deadlock(q, procs):
 def test_blocked_producer_gives_up_when_the_owner_dies(procs):
     owner = procs.start("owner", "orphan")
     blocked = procs.start("blocked_put", "orphan")
-    time.sleep(0.3)
+    time.sleep(0.3)  # time for it to block in put after saying ready (nothing public shows it)
     assert blocked.poll() is None
     t0 = time.monotonic()
     procs.kill(owner)
@@ -722,10 +720,7 @@ def test_owner_alive_tracks_pid_and_zombies(procs):
     try:
         assert q.owner_pid == p.pid and q.owner_alive
         p.send_signal(signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while q.owner_alive and time.monotonic() < deadline:  # zombie counts as dead
-            time.sleep(0.01)
-        assert not q.owner_alive
+        wait_for(lambda: not q.owner_alive, timeout=5, what="the killed owner to count as dead")  # a zombie does
         p.wait()
     finally:
         q.unlink()
@@ -769,7 +764,7 @@ def test_futex_wake_across_processes_and_idle_cpu(procs):
     try:
         time.sleep(0.2)  # past the spin phase
         c0, t0 = _cpu_ticks(p.pid), time.monotonic()
-        time.sleep(2.0)
+        time.sleep(2.0)  # deliberate: the window the idle CPU use is measured over
         used = (_cpu_ticks(p.pid) - c0) / os.sysconf("SC_CLK_TCK")
         elapsed = time.monotonic() - t0
         assert used / elapsed < 0.01, f"idle consumer used {used:.3f} s of CPU in {elapsed:.2f} s"

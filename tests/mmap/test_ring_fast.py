@@ -326,7 +326,7 @@ def test_closing_a_queue_releases_a_thread_spinning_on_it() -> None:
     result: list[bool] = []
     spinner = threading.Thread(target=lambda: result.append(ring_object.spin(head, 30.0, 256)))
     spinner.start()
-    time.sleep(0.05)
+    time.sleep(0.05)  # time for the thread to start spinning (nothing public shows it)
     q.unlink()
     q.close()  # waits for the spinner to leave the mapping before unmapping it
     spinner.join(5)

@@ -25,6 +25,7 @@ from kservice import (
 )
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.ring import LAYOUT_VERSION, QueueFull, attach_queue, create_queue, queue_directory
+from kservice.testing import wait_for
 
 from .services import KV, Broken, Serial, unique
 
@@ -32,6 +33,14 @@ pytestmark = pytest.mark.timeout(60)
 
 #: Overload must reach the caller, not be retried away by a retry plugin.
 NO_RETRIES = {"service_call": {"max_retries": 0}}
+
+
+def accepted(manager: ServiceManager, name: str) -> int:
+    """How many calls the host of ``name`` has accepted and not finished (running or queued)."""
+    status = manager.get_service_status(name)
+    if isinstance(status, dict):
+        return int(status["in_flight"]) + int(status["queue_depth"])
+    return status.in_flight + status.queue_depth
 
 
 @pytest.fixture
@@ -183,7 +192,7 @@ def test_full_queue_is_overloaded_after_queue_timeout() -> None:
     with env:
         manager = env.manager()
         running = [manager.call_service_async("blocked", "block", (1.5,)) for _ in range(2)]
-        time.sleep(0.2)  # one runs, one fills the task's queue
+        wait_for(lambda: accepted(manager, "blocked") >= 2, what="one call to run and one to fill the task's queue")
         started = time.monotonic()
         with pytest.raises(ServiceOverloadedError):
             manager.call_service_sync("blocked", "block", (0.0,), timeout=5)
@@ -213,8 +222,11 @@ def test_full_request_ring_is_overloaded_after_queue_timeout() -> None:
         try:
             for _ in range(50):
                 os.kill(child, 19)  # SIGSTOP
-                while psutil.Process(child).status() != psutil.STATUS_STOPPED:
-                    time.sleep(0.001)
+                wait_for(
+                    lambda: psutil.Process(child).status() == psutil.STATUS_STOPPED,
+                    what="the child to stop",
+                    interval=0.001,
+                )
                 filled = 0
                 while True:
                     try:
@@ -225,7 +237,7 @@ def test_full_request_ring_is_overloaded_after_queue_timeout() -> None:
                 if filled and ring.qsize() >= filled:
                     break  # stopped while not holding the ring's lock: the ring is really full
                 os.kill(child, 18)  # stopped inside a lock section: let it go on and try again
-                time.sleep(0.01)
+                time.sleep(0.01)  # deliberate: let it leave the lock section before stopping it again
             started = time.monotonic()
             with pytest.raises(ServiceOverloadedError, match=r"queue_timeout=0.3"):
                 manager.call_service_sync(name, "echo", (1,), timeout=5)
@@ -329,7 +341,7 @@ def test_a_fast_method_first_queued_behind_slow_work_still_runs_inline_afterward
     )
     with env, ServiceManager() as outsider:  # through the registry: the mmap listener, not in-process
         busy = [outsider.call_service_async(name, "sleep", (0.5,)) for _ in range(2)]  # every worker busy
-        time.sleep(0.2)
+        wait_for(lambda: accepted(outsider, name) >= 2, what="both workers to be busy")
         # Its first call runs in the pool, after waiting ~0.3 s behind the sleeps.
         assert outsider.call_service_sync(name, "thread_name").startswith(f"kservice-{name}-")
         assert [f.result(10) for f in busy] == [0.5, 0.5]
@@ -351,10 +363,11 @@ def test_an_async_call_that_times_out_is_forgotten_at_its_deadline(
     with pytest.raises(ServiceTimeoutError):
         late.result(5)
     # The service is still sleeping; the call's entry is gone already, not when the late answer comes.
-    deadline = time.monotonic() + 0.5
-    while (request_id in _client.pending or request_id in _client.senders) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert request_id not in _client.pending and request_id not in _client.senders
+    wait_for(
+        lambda: request_id not in _client.pending and request_id not in _client.senders,
+        timeout=0.5,
+        what="the timed-out call's entry to be dropped",
+    )
     assert manager.call_service_sync("kv", "sleep", (0.0,), timeout=5) == 0.0  # the late answer is ignored
 
 
@@ -371,7 +384,7 @@ def test_response_rings_are_swept_when_idle_but_never_while_a_call_waits_on_them
     waited: list[float] = []
     waiting = threading.Thread(target=lambda: waited.append(manager.call_service_sync("kv", "sleep", (0.5,))))
     waiting.start()
-    time.sleep(0.2)  # its call is in flight, its ring busy
+    wait_for(lambda: accepted(manager, "kv") >= 1, what="its call to be in flight, its ring busy")
 
     def first_call() -> None:  # a thread's first call makes its ring, and sweeps the idle ones
         assert manager.call_service_sync("kv", "echo", (2,)) == 2
