@@ -58,7 +58,7 @@ def test_healthy_task_reports_last_check_time() -> None:
 def test_disabled_health_starts_no_thread_and_reports_unmonitored() -> None:
     with kservice.ServiceEnvironment("h", {"health": {**FAST, "enabled": False}}) as env:
         task = env.register_service("echo", Echo)
-        time.sleep(0.1)
+        time.sleep(0.1)  # deliberate: time for a health thread to start, which it must not
         assert not health_threads()
         assert task.get_service_status().extra["health"] == {"monitored": False}
         assert task.last_health_check is None
@@ -107,7 +107,7 @@ def test_restart_limit_reached_leaves_the_task_failed_and_alone() -> None:
         assert "check_health() returned False" in status.health_reason
         assert "health.max_restarts=2" in status.health_reason
         rounds = status.extra["health"]["rounds"]
-        time.sleep(0.15)
+        time.sleep(0.15)  # deliberate: time for more checks to run, which they must not
         assert extra(task)["rounds"] == rounds, "no more checks once failed"
         assert task.restarts == 2, "no more recovery once failed"
         # Left alone, not stopped: it still serves calls.

@@ -98,7 +98,7 @@ def test_unhashable_arguments_bypass_errors_are_not_cached_and_ttl_expires() -> 
         manager.call_service_sync("flaky", "square", (2,))
         manager.call_service_sync("flaky", "square", (2,))
         assert flaky.calls["square"] == 2  # methods list given: only those are cached
-        time.sleep(0.25)
+        time.sleep(0.25)  # deliberate: let the cache's TTL expire
         manager.call_service_sync("flaky", "lookup", (1,), {"a": 1, "b": 2})
         assert flaky.calls["lookup"] == 4  # the real-time TTL passed
 

@@ -7,6 +7,7 @@ import time
 import kservice
 import pytest
 from kservice import ServiceEnvironment, ServiceTimeoutError
+from kservice.testing import wait_for
 
 from tests.policies.services import Flaky, Relay, Sleeper
 
@@ -32,14 +33,14 @@ def test_expired_work_is_never_started() -> None:
         env.register_service("flaky", Flaky)
         with env.manager() as manager:
             busy = manager.call_service_async("flaky", "sleep", (0.3,))
-            time.sleep(0.02)
+            task = env.get_task("flaky")
+            wait_for(lambda: task.get_service_status().in_flight >= 1, what="the busy call to run")
             started = time.monotonic()
             with pytest.raises(ServiceTimeoutError):
                 manager.call_service_sync("flaky", "ok", (1,), timeout=0.1)
             assert time.monotonic() - started < 0.25  # the caller got its timeout on time
             assert busy.result(timeout=2) == 0.3
-            time.sleep(0.05)
-            task = env.get_task("flaky")
+            wait_for(lambda: task.get_service_status().expired_total == 1, what="the queued call to expire")
             assert task.service.calls["ok"] == 0  # queued behind the sleep, expired before a worker got to it
             assert task.get_service_status().expired_total == 1
             assert manager.call_service_sync("flaky", "ok", (2,)) == 2
@@ -60,7 +61,7 @@ def test_a_nested_call_inherits_the_outer_deadline_and_times_out_with_it() -> No
                 outer = "timeout"
             assert outer == "timeout"
             assert time.monotonic() - started < 0.45
-            time.sleep(0.1)
+            wait_for(lambda: sleeper.remaining and relay.outcomes, what="B to start and A to record its outcome")
             assert sleeper.remaining and sleeper.remaining[0] is not None and sleeper.remaining[0] <= 0.3
             # A's own call to B failed with ServiceTimeoutError at A's deadline, not after B's 0.6 s.
             assert relay.outcomes[0]["outcome"] == "timeout"
