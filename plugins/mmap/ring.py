@@ -408,8 +408,10 @@ def _usable_cpus() -> int:
 CONTENTION_CHECK_INTERVAL = 0.02
 #: A consumer that stopped spinning on a busy machine spins again once per this many waits.
 SPIN_PROBE_EVERY = 64
-#: ``KSERVICE_RING_SPIN_WHEN_BUSY=1``: spin even when no CPU is idle (for measuring what :func:`spinning_pays` saves).
-_SPIN_WHEN_BUSY = os.environ.get("KSERVICE_RING_SPIN_WHEN_BUSY", "") == "1"
+#: Spin even when no CPU is idle: the default, because sleeping at once on a busy machine did not
+#: pay in ``tests/benchmarks/bench_peers.py``'s busy rows (measured slower than spinning in most runs).
+#: ``KSERVICE_RING_SPIN_WHEN_BUSY=0`` selects the rule of :func:`spinning_pays`, to measure it.
+_SPIN_WHEN_BUSY = os.environ.get("KSERVICE_RING_SPIN_WHEN_BUSY", "1") != "0"
 # [time of the next look, whether spinning pays]: written by whichever waiter looks (a race only repeats a look).
 _contention = [0.0, True]
 
@@ -426,6 +428,9 @@ def runnable_fits(loadavg: str, cpus: int) -> bool:
 
 def spinning_pays() -> bool:
     """Whether a waiting consumer should spin before it sleeps: False while no CPU is idle.
+
+    Only with ``KSERVICE_RING_SPIN_WHEN_BUSY=0``: by default a consumer spins
+    whatever the machine's load (see :data:`_SPIN_WHEN_BUSY`).
 
     Spinning wins when the partner process runs on another CPU at the same
     time, so the record arrives while we watch. When every CPU is wanted
