@@ -131,6 +131,8 @@ class _Tracer:
             return None
         with self._lock:
             self.next_check = now + _PROVIDER_RECHECK
+            if not _load_api():  # a middleware built directly, not through the hook, may come first
+                return None
             provider = trace.get_tracer_provider()
             if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
                 self.tracer = provider.get_tracer("kservice", __version__)
