@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import kservice
 import pytest
+from kservice.testing import wait_for
 
 from tests.streaming.services import AsyncGreeter, SerialAsync
 
@@ -80,10 +81,11 @@ def test_many_coroutines_wait_without_holding_worker_threads(env: kservice.Servi
 def test_the_deadline_cancels_the_coroutine_inside_the_method(manager: kservice.ServiceManager) -> None:
     with pytest.raises(kservice.ServiceTimeoutError):
         manager.call_service_sync("greeter", "nap", (5.0, "late"), timeout=0.3)
-    deadline = time.monotonic() + 5
-    while "late" not in manager.call_service_sync("greeter", "stats")["cancelled"]:
-        assert time.monotonic() < deadline, "the coroutine was not cancelled at its deadline"
-        time.sleep(0.02)
+    wait_for(
+        lambda: "late" in manager.call_service_sync("greeter", "stats")["cancelled"],
+        timeout=5,
+        what="the coroutine to be cancelled at its deadline",
+    )
     # The service keeps serving.
     assert manager.call_service_sync("greeter", "hello", (5,)) == "hello 10"
 
@@ -91,11 +93,12 @@ def test_the_deadline_cancels_the_coroutine_inside_the_method(manager: kservice.
 def test_cancelling_the_callers_future_cancels_the_coroutine(
     manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
 ) -> None:
-    future = manager.call_service_async("greeter", "nap", (5.0, "gave-up"), timeout=30)
-    time.sleep(0.2)
-    # The caller gives up: what its connection is told when a call is abandoned.
     task = env.get_task("greeter")
-    assert task is not None and task.event_loop is not None and task.event_loop.in_flight == 1
+    assert task is not None and task.event_loop is not None
+    loop = task.event_loop
+    future = manager.call_service_async("greeter", "nap", (5.0, "gave-up"), timeout=30)
+    wait_for(lambda: loop.in_flight == 1, timeout=5, what="the coroutine to be running")
+    # The caller gives up: what its connection is told when a call is abandoned.
     manager.get_service_queue("greeter").cancel(future._request)  # type: ignore[attr-defined]
     with pytest.raises(kservice.ServiceError):
         future.result(5)
@@ -130,7 +133,9 @@ def test_stop_cancels_coroutines_still_running_at_the_drain_deadline() -> None:
     instance = task.service
     with kservice.ServiceManager(environment) as manager:
         future = manager.call_service_async("greeter", "nap", (30.0, "stopped"), timeout=60)
-        time.sleep(0.2)
+        loop = task.event_loop
+        assert loop is not None
+        wait_for(lambda: loop.in_flight == 1, timeout=5, what="the coroutine to be running")
         task.stop_service(timeout=0.3)
         with pytest.raises(kservice.ServiceError):
             future.result(5)

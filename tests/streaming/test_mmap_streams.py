@@ -10,6 +10,7 @@ from typing import Any
 import kservice
 import pytest
 from kservice.plugins.mmap import reclaim
+from kservice.testing import wait_for
 
 from tests.conftest import SHM_DIR
 from tests.mmap.services import hosting, unique
@@ -49,10 +50,11 @@ def manager(env: kservice.ServiceEnvironment) -> Iterator[kservice.ServiceManage
 
 
 def _closed(manager: kservice.ServiceManager, tag: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while tag not in manager.call_service_sync("model", "report")["closed"]:
-        assert time.monotonic() < deadline, f"generator {tag!r} was not closed"
-        time.sleep(0.02)
+    wait_for(
+        lambda: tag in manager.call_service_sync("model", "report")["closed"],
+        timeout=timeout,
+        what=f"generator {tag!r} to close",
+    )
 
 
 @pytest.mark.allow_leaks  # the module's host process outlives each test
@@ -68,7 +70,7 @@ def test_items_cross_the_process_in_order_and_complete(manager: kservice.Service
 def test_flow_control_bounds_the_host_and_break_closes_its_generator(manager: kservice.ServiceManager) -> None:
     stream = manager.stream("model", "count", (1_000_000, "mmap-bp"), window=8)
     assert [next(stream) for _ in range(5)] == list(range(5))
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberate: room for the host to run ahead, if the window did not stop it
     produced = manager.call_service_sync("model", "report")["produced"]["mmap-bp"]
     assert produced <= 5 + 8 + 1, produced
     stream.close()
@@ -117,10 +119,11 @@ def test_a_thousand_abandoned_streams_leak_nothing(manager: kservice.ServiceMana
             stream.close()
         del stream
     gc.collect()
-    deadline = time.monotonic() + 20
-    while len(manager.call_service_sync("model", "report")["closed"]) < len(before["closed"]) + 1000:
-        assert time.monotonic() < deadline, "abandoned streams kept running in the host"
-        time.sleep(0.05)
+    wait_for(
+        lambda: len(manager.call_service_sync("model", "report")["closed"]) >= len(before["closed"]) + 1000,
+        timeout=20,
+        what="the host to close the 1,000 abandoned streams",
+    )
     rings = [p.name for p in SHM_DIR.iterdir() if p.name.startswith("str.")]
     assert len(rings) <= 8, rings  # the pool, not one ring per stream
     assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]
@@ -152,10 +155,11 @@ def test_a_consumer_dying_mid_stream_stops_the_hosts_generator() -> None:
             assert consumer.stdout is not None and consumer.stdout.readline().strip() == "reading"
             consumer.kill()
             consumer.wait(10)
-            deadline = time.monotonic() + 10
-            while "orphan" not in manager.call_service_sync(name, "report")["closed"]:
-                assert time.monotonic() < deadline, "the host kept producing for a dead consumer"
-                time.sleep(0.1)
+            wait_for(
+                lambda: "orphan" in manager.call_service_sync(name, "report")["closed"],
+                timeout=10,
+                what="the host to stop producing for a dead consumer",
+            )
             assert manager.call_service_sync(name, "report")["produced"]["orphan"] <= 4 + 2
         finally:
             if consumer.poll() is None:
