@@ -91,7 +91,7 @@ def marked_processes(mark: str, settle: float = 5.0) -> list[int]:
                 continue
         if not found or time.monotonic() > end:
             return found
-        time.sleep(0.1)
+        time.sleep(0.1)  # polls up to ``settle``: it returns what is left, so a timeout is an answer, not a failure
 
 
 def run_main(*args: str) -> Result:

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -195,5 +194,7 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
         status = host.stop()
     assert status == 0
     assert host.out[-1].startswith(f"stopped serving {name}")
-    time.sleep(0.2)
-    assert _call(name, "hello", env, tmp_path).startswith("error ")  # no host left behind
+    # No host left behind: the name stops answering (the supervisor stopped its child).
+    wait_for(
+        lambda: _call(name, "hello", env, tmp_path).startswith("error "), timeout=10, what="no host to serve the name"
+    )

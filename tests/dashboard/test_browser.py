@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from kservice import ServiceCallError, ServiceManager
+from kservice.testing import wait_for
 
 from .conftest import Running
 
@@ -70,14 +71,7 @@ def _cell(driver: object, service: str, field: str) -> str | None:
 
 
 def _wait(predicate, timeout: float = 15.0, what: str = ""):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    return wait_for(predicate, timeout=timeout, what=what or "the page", interval=0.1)
 
 
 @pytest.mark.timeout(90)
@@ -104,7 +98,7 @@ def test_the_page_lists_the_service_and_its_calls_rise(
             for i in range(40 + 30 * (burst % 4)):
                 manager.call_service_sync(name, "put", (f"k{i}", burst))
                 made += 1
-            time.sleep(0.5)
+            time.sleep(0.5)  # deliberate: bursts spread over seconds give the rate chart a shape
         with pytest.raises(ServiceCallError):
             manager.call_service_sync(name, "boom", ())
         assert manager.call_service_sync(name, "get", ("k1",)) == 11  # the service still serves
