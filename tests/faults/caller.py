@@ -40,7 +40,7 @@ def main(service: str, tag: str, outcomes_path: str, seconds: float) -> None:
                     )
                 except Exception as exc:  # noqa: BLE001 - every typed error is an outcome to check
                     out.write(outcome(call_id, began, SYNC_TIMEOUT, error=exc) + "\n")
-                    time.sleep(0.01)  # a host that is down answers at once: do not spin
+                    time.sleep(0.01)  # deliberate: a host that is down answers at once, so do not spin
                 else:
                     out.write(outcome(call_id, began, SYNC_TIMEOUT, value=value) + "\n")
                 continue

@@ -135,14 +135,14 @@ def test_no_call_runs_twice_no_answer_is_lost_no_caller_waits_past_its_deadline(
             fleet.start_caller(RUN_SECONDS)
         end = time.monotonic() + RUN_SECONDS
         while time.monotonic() < end - 1.0:
-            time.sleep(fleet.rng.uniform(0.4, 1.2))
+            time.sleep(fleet.rng.uniform(0.4, 1.2))  # deliberate: the next fault strikes at a random moment
             action = fleet.rng.choice(["host SIGKILL", "host SIGKILL", "host SIGTERM", "caller SIGKILL"])
             if action == "caller SIGKILL":
                 fleet.kill_a_caller(max(1.0, end - time.monotonic()))
                 continue
             fleet.stop_host(signal.SIGKILL if action == "host SIGKILL" else signal.SIGTERM)
             fleet.kills[action] += 1
-            time.sleep(fleet.rng.uniform(0.05, 0.4))
+            time.sleep(fleet.rng.uniform(0.05, 0.4))  # deliberate: a random gap in which no host serves the name
             fleet.start_host()
         for caller in fleet.callers:
             caller.wait(RUN_SECONDS + 30)
