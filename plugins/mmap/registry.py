@@ -31,6 +31,7 @@ from kservice import ServiceError
 from .ring import (
     RuntimeDirectoryError,
     _proc_stat,
+    default_private_directory,
     is_private_file,
     locked,
     locked_directory,
@@ -130,9 +131,9 @@ def registry_directory(*, sweep: bool = True) -> Path:
     override = os.environ.get("KSERVICE_REGISTRY_DIR")
     if override:
         return private_directory(Path(override), "service registry")
-    # Beside a default queue directory it is kept too: its name must never be free for another user to take.
-    keep = not os.environ.get("KSERVICE_QUEUE_DIR")
-    return private_directory(queues.with_name(queues.name + "-services"), "service registry", keep=keep)
+    if os.environ.get("KSERVICE_QUEUE_DIR"):
+        return private_directory(queues.with_name(queues.name + "-services"), "service registry")
+    return default_private_directory("-services", "service registry")
 
 
 def _path(directory: Path, name: str) -> Path:

@@ -218,6 +218,7 @@ __all__ = [
     "add_janitor",
     "attach_queue",
     "create_queue",
+    "default_private_directory",
     "default_queue_directory",
     "is_private_file",
     "queue_directory",
@@ -515,15 +516,14 @@ _WHAT_TO_DO = (
 )
 
 
-def private_directory(d: Path, what: str, *, keep: bool = False) -> Path:
+def private_directory(d: Path, what: str) -> Path:
     """``d``, created 0700 if missing and checked private to this user; returns it.
 
     Raises :class:`RuntimeDirectoryError`, naming the path and what to do, when
     it exists but is not a real directory owned by this user with mode 0700
-    (nothing is created through it). Unless ``keep``, the directory is removed
-    when this process exits if it is empty then (see
-    :func:`_remove_emptied_directories`); the default directories are kept, so
-    their names are never free for another user to take.
+    (nothing is created through it). The directory is removed when this
+    process exits if it is empty then (see :func:`_remove_emptied_directories`):
+    kservice leaves nothing behind in ``/dev/shm``.
     """
     uid = os.getuid()
     try:
@@ -552,8 +552,7 @@ def private_directory(d: Path, what: str, *, keep: bool = False) -> Path:
             f"{what} {d} has mode {stat.S_IMODE(st.st_mode):04o}; expected 0700; refusing it: "
             f"chmod 700 it if it is yours, else {_WHAT_TO_DO}"
         )
-    if not keep:
-        _used_directories.add(d)  # only once checked: never remove a directory that is not ours
+    _used_directories.add(d)  # only once checked: never remove a directory that is not ours
     return d
 
 
@@ -623,6 +622,56 @@ def _runtime_key() -> str | None:
     return key
 
 
+def _rotate_runtime_key(taken: Path) -> bool:
+    """Give the user a new runtime key when the directory its key names, ``taken``, belongs to someone else.
+
+    A default directory is removed once emptied, and ``/dev/shm`` can be
+    listed, so another user may create the name after seeing it. The key is
+    replaced (under a lock on its file, only while it still names ``taken``),
+    and every process of the user resolves the new name from then on. Returns
+    False when there is no key to replace (the predictable fallback name).
+    """
+    path = _home() / RUNTIME_KEY
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _default_directory.cache_clear()
+        current, keyed = default_queue_directory()
+        if not keyed or current.parent != taken.parent:
+            return False  # not the /dev/shm name: nothing a key changes
+        if taken in (current, current.with_name(current.name + "-services")):
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+            with open(
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w"
+            ) as f:
+                f.write(secrets.token_hex(16))
+            os.replace(tmp, path)
+            _default_directory.cache_clear()
+        return True  # rotated here, or by another process meanwhile
+    finally:
+        os.close(fd)
+
+
+def default_private_directory(suffix: str, what: str) -> Path:
+    """The default directory ``default_queue_directory() + suffix``, made private; a squatted name gets a new key.
+
+    Raises :class:`RuntimeDirectoryError` when the path is refused and no new
+    name can be had (see :func:`_rotate_runtime_key`).
+    """
+    for _ in range(3):
+        default, _keyed = default_queue_directory()
+        d = default.with_name(default.name + suffix)
+        try:
+            return private_directory(d, what)
+        except RuntimeDirectoryError:
+            if not _rotate_runtime_key(d):
+                raise
+    return private_directory(d, what)
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
@@ -657,8 +706,9 @@ def default_queue_directory() -> tuple[Path, bool]:
     3. else ``/dev/shm/kservice-<uid>-<digest>``: the digest hashes a random
        key kept in ``~/.local/state/kservice/runtime-key`` (mode 0600, made by
        the first process that needs it) with the boot id, so another user can
-       neither predict the name nor reuse one seen before a reboot, and the
-       directory is never removed while the machine runs;
+       neither predict the name nor reuse one seen before a reboot; the
+       directory is removed once emptied, and a name another user created
+       after seeing it gets the user a new key (:func:`_rotate_runtime_key`);
     4. else (no writable home) ``/dev/shm/kservice-<uid>``, which another user
        could create first: then every command fails with a line naming it.
 
@@ -679,8 +729,7 @@ def queue_directory(*, sweep: bool = True) -> Path:
     if override:
         d = private_directory(Path(override), "queue directory")
     else:
-        default, _ = default_queue_directory()
-        d = private_directory(default, "queue directory", keep=True)
+        d = default_private_directory("", "queue directory")
     if sweep and d not in _swept:
         _sweep(d)
     return d

@@ -5,6 +5,7 @@ The cross-user cases create a second Unix user (tests/other_user.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -212,3 +213,45 @@ def test_a_program_using_only_the_library_reclaims_what_a_killed_host_left() -> 
     left = [p.name for p in SHM_DIR.iterdir() if f".{host.pid}." in p.name] if SHM_DIR.exists() else []
     assert not left  # (the directory itself goes when the last process leaves it empty)
     assert not (REGISTRY_DIR / f"{name}.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_default_name_another_user_took_after_seeing_it_gets_the_user_a_new_key(fresh_defaults: Path) -> None:
+    """Default directories go once emptied; ``/dev/shm`` can be listed, so the name may be taken after that."""
+    from kservice.plugins.mmap import registry
+
+    seen, keyed = ring.default_queue_directory()
+    assert keyed and not seen.exists()
+    key_before = (fresh_defaults / ring.RUNTIME_KEY).read_text()
+    with other_user() as user:
+        user.run(["mkdir", "-m", "700", str(seen)])
+        try:
+            queues = ring.queue_directory(sweep=False)
+            records = registry.registry_directory(sweep=False)
+            assert queues != seen and queues.parent == seen.parent
+            assert records == queues.with_name(queues.name + "-services")
+            assert queues.stat().st_uid == os.getuid() and records.stat().st_uid == os.getuid()
+            assert (fresh_defaults / ring.RUNTIME_KEY).read_text() != key_before  # every process finds the new name
+            assert os.stat(seen).st_uid == user.uid  # the other user's directory is left alone
+        finally:
+            subprocess.run(["rm", "-rf", str(seen)], check=False)
+            now = ring.default_queue_directory()[0]
+            for directory in (now, now.with_name(now.name + "-services")):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_used_only_the_defaults_leaves_nothing_in_dev_shm(fresh_defaults: Path) -> None:
+    code = (
+        "from kservice.plugins.mmap import ring, registry\n"
+        f"ring._home = lambda: __import__('pathlib').Path({str(fresh_defaults)!r})\n"
+        "q = ring.create_queue('left-behind', 1 << 16); q.put(b'x'); q.unlink(); q.close()\n"
+        "print(ring.queue_directory(), registry.registry_directory())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=default_environ(), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    queues, records = map(Path, done.stdout.split())
+    assert str(queues).startswith("/dev/shm/") and not queues.exists() and not records.exists()
