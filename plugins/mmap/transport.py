@@ -552,20 +552,7 @@ class MmapListener(Listener):
             )
         except Exception:  # some result (or error) cannot be pickled: those calls say so, the others keep theirs
             record, segment = self._encode_chunk_answer_apart(request, results, errors, queue)
-        try:
-            queue.put(record, RESPONSE_PUT_TIMEOUT)
-        except (QueueError, ValueError) as exc:
-            codec.unlink_segment(segment)
-            with self._responders_lock:
-                if self._responders.get(name) is queue:
-                    del self._responders[name]
-            log.info(
-                "mmap listener of %r: dropped the answer to chunk %s (caller's queue %s: %s)",
-                self._task.service_name,
-                request.request_id,
-                name,
-                exc,
-            )
+        self._send_to_caller(queue, name, record, segment, "the answer to chunk", request.request_id)
 
     @staticmethod
     def _encode_chunk_answer_apart(
@@ -777,20 +764,7 @@ class MmapListener(Listener):
         put = queue._compiled_put
         if put is not None and not put(record):
             return
-        try:
-            queue.put(record, RESPONSE_PUT_TIMEOUT)
-        except (QueueError, ValueError) as exc:
-            codec.unlink_segment(segment)
-            with self._responders_lock:
-                if self._responders.get(name) is queue:
-                    del self._responders[name]
-            log.info(
-                "mmap listener of %r: dropped the response to %s (caller's queue %s: %s)",
-                self._task.service_name,
-                request.request_id,
-                name,
-                exc,
-            )
+        self._send_to_caller(queue, name, record, segment, "the response to", request.request_id)
 
     def _reply_batch(self, replies: list[tuple[ServiceRequest, ServiceResponse]]) -> None:
         """Answer several requests of one caller with one record (each alone when they do not fit one)."""
@@ -806,16 +780,30 @@ class MmapListener(Listener):
             for request, response in replies:
                 self._reply(request, response)
             return
+        self._send_to_caller(queue, name, record, None, "the batch of responses, count", len(replies))
+
+    def _send_to_caller(
+        self, queue: ShmQueue, name: str, record: bytes, segment: str | None, what: str, which: object
+    ) -> None:
+        """Put one answer record into caller queue ``name``; a caller gone or stuck loses it, and is forgotten.
+
+        The put waits up to ``RESPONSE_PUT_TIMEOUT`` for room. On failure the
+        record's out-of-band segment is unlinked, the cached handle of that
+        queue dropped (a later answer attaches anew or finds it gone), and the
+        loss logged (``what`` and ``which`` say which answer).
+        """
         try:
             queue.put(record, RESPONSE_PUT_TIMEOUT)
         except (QueueError, ValueError) as exc:
+            codec.unlink_segment(segment)
             with self._responders_lock:
                 if self._responders.get(name) is queue:
                     del self._responders[name]
             log.info(
-                "mmap listener of %r: dropped %d responses (caller's queue %s: %s)",
+                "mmap listener of %r: dropped %s %s (caller's queue %s: %s)",
                 self._task.service_name,
-                len(replies),
+                what,
+                which,
                 name,
                 exc,
             )

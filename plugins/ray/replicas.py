@@ -599,24 +599,7 @@ class _ReplicaSet:
         call sent in a batch is skipped by the replica if it has not reached
         it yet.
         """
-        request_id = request.request_id
-        with self._lock:
-            entry = self.queued.pop(request_id, None)
-            if entry is not None:
-                entry.cancelled = True
-        if entry is not None:
-            self._answer(entry, _cancelled(request))
-            return
-        ref = self.refs.pop(request_id, None)
-        if ref is not None:
-            sys.modules["ray"].cancel(ref)
-            return
-        replica = self.batched_to.get(request_id)
-        if replica is not None and replica.send_skip is not None:
-            try:
-                replica.send_skip.remote([request_id])
-            except Exception:  # noqa: BLE001 - best effort: the call then runs and its answer is dropped
-                pass
+        self.cancel_many((request,))
 
     def _stopped(self, request: ServiceRequest) -> ServiceResponse:
         return ServiceResponse.from_exception(
