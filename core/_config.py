@@ -11,7 +11,6 @@ plugins and every error must name the full key path and the closest valid key.
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import math
 import os
@@ -254,8 +253,8 @@ def _declared_spelling(path: str, value: Any, allowed: tuple[Any, ...]) -> Any:
     by_folded: dict[str, str] = {}
     for choice in allowed:
         by_folded.setdefault(str(choice).casefold(), str(choice))
-    close = difflib.get_close_matches(str(value).casefold(), list(by_folded), n=1)
-    hint = f"; did you mean {by_folded[close[0]]!r}?" if close else ""
+    close = _closest(str(value).casefold(), by_folded)
+    hint = f"; did you mean {by_folded[close]!r}?" if close else ""
     raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
 
 
@@ -278,7 +277,9 @@ class ConfigProblems(ConfigError):
 
 
 def _closest(word: str, candidates: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
+    from difflib import get_close_matches  # error paths only: a caller's start does not import it
+
+    close = get_close_matches(word, list(candidates), n=1)
     return close[0] if close else None
 
 

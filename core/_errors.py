@@ -8,7 +8,6 @@ TimeoutError`` or ``except LookupError`` without knowing kservice.
 from __future__ import annotations
 
 import builtins
-import difflib
 import importlib
 import threading
 from collections.abc import Iterable
@@ -40,7 +39,9 @@ class ServiceNotFoundError(ServiceError, LookupError):
         self.service_name = service_name
         self.known_services = known_names
         message = f"no service named {service_name!r}"
-        close = difflib.get_close_matches(service_name, known_names, n=1)
+        from difflib import get_close_matches  # error path only: a caller's start does not import it
+
+        close = get_close_matches(service_name, known_names, n=1)
         if close:
             message += f"; did you mean {close[0]!r}?"
         if known_names:

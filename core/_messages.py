@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,7 +54,9 @@ def _unprintable(type_name: str, what: str, failure: BaseException) -> str:
 def _bare_traceback(exc: BaseException, type_name: str, failure: BaseException) -> str:
     """The frames of ``exc`` without any text of its own, for an exception whose formatting raises."""
     try:
-        frames = "".join(traceback.format_tb(exc.__traceback__))
+        from traceback import format_tb
+
+        frames = "".join(format_tb(exc.__traceback__))
     except BaseException:  # noqa: BLE001
         frames = ""
     return f"Traceback (most recent call last):\n{frames}{_unprintable(type_name, 'formatting', failure)}\n"
@@ -143,7 +144,9 @@ class ServiceResponse:
         tb = ""
         if with_traceback and origin == "service":
             try:
-                tb = "".join(traceback.format_exception(exc))
+                from traceback import format_exception  # failure path only: a caller's start does not import it
+
+                tb = "".join(format_exception(exc))
             except BaseException as failure:  # noqa: BLE001 - a description must not fail the call
                 tb = _bare_traceback(exc, type_name, failure)
         try:

@@ -21,7 +21,6 @@ caller's own thread for a fast method).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import linecache
 from collections.abc import Callable, Iterable
@@ -107,7 +106,7 @@ def _register_source(source: str, side: str) -> str:
     entry, and the cache stays bounded however often routes are recompiled.
     An entry whose modification time is None is kept by ``linecache.checkcache``.
     """
-    digest = hashlib.blake2s(source.encode(), digest_size=6).hexdigest()
+    digest = f"{hash(source) & 0xFFFFFFFFFFFF:012x}"  # names stay within this process, as linecache does
     filename = f"<kservice middleware chain {side} {digest}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return filename

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import difflib
 import heapq
 import importlib
 import inspect
@@ -1310,7 +1309,9 @@ class BaseServiceTask:
         else:
             why = "no such public method"
         message = f"service {self.service_name!r} has no callable method {name!r} ({why})"
-        close = difflib.get_close_matches(name.lstrip("_"), public, n=1)
+        from difflib import get_close_matches  # error path only: a caller's start does not import it
+
+        close = get_close_matches(name.lstrip("_"), public, n=1)
         if close:
             message += f"; did you mean {close[0]!r}?"
         message += f" (public methods: {', '.join(public) or 'none'})"

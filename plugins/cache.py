@@ -31,7 +31,6 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import cachetools
 from kservice import (
     ServiceMiddleware,
     ServiceRequest,
@@ -66,6 +65,8 @@ class ResultCache(ServiceMiddleware):
         self.identity: Any = None
         self._cacheable = cacheable
         self._decided: dict[str, bool] = {}
+        import cachetools  # when a service first caches: a process that caches nothing does not import it
+
         self._cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
             maxsize=settings["maxsize"], ttl=settings["ttl"], timer=clock
         )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +25,11 @@ SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}-test-{os.getpid()}-{secrets.tok
 REGISTRY_DIR = SHM_DIR.with_name(SHM_DIR.name + "-services")
 os.environ["KSERVICE_QUEUE_DIR"] = str(SHM_DIR)
 os.environ["KSERVICE_REGISTRY_DIR"] = str(REGISTRY_DIR)
-#: the variables every child process of the suite keeps (the session's runtime directories)
-SESSION_VARIABLES = ("KSERVICE_QUEUE_DIR", "KSERVICE_REGISTRY_DIR")
+# The entry-point cache of the session's processes, so the suite writes nothing under the user's home.
+CACHE_DIR = Path(tempfile.mkdtemp(prefix="kservice-test-cache-"))
+os.environ["KSERVICE_CACHE_DIR"] = str(CACHE_DIR)
+#: the variables every child process of the suite keeps (the session's runtime and cache directories)
+SESSION_VARIABLES = ("KSERVICE_QUEUE_DIR", "KSERVICE_REGISTRY_DIR", "KSERVICE_CACHE_DIR")
 
 
 def clean_environ() -> dict[str, str]:
@@ -136,12 +141,13 @@ def ray_cluster() -> Iterator[Any]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove the session's queue and registry directories when the suite left them empty."""
+    """Remove the session's queue and registry directories when the suite left them empty, and its cache."""
     for directory in (SHM_DIR, REGISTRY_DIR):
         try:
             directory.rmdir()
         except OSError:
             pass  # absent, or in use by another kservice process of this user
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

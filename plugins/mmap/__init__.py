@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from kservice import BaseServiceTask, ServiceAddress, Setting, Transport, hookimpl
 
-from .host import ProcessServiceTask, reclaim
 from .registry import ServiceNameTaken, lookup, running_services
 from .transport import MmapConnection, MmapListener, MmapTransport
 
 if TYPE_CHECKING:
     import click
+    from kservice import ServiceFactory, TaskContext
+
+    from .host import ProcessServiceTask, reclaim
 
 __all__ = [
     "MmapConnection",
@@ -34,6 +36,22 @@ __all__ = [
 _transport = MmapTransport()
 
 
+def __getattr__(name: str) -> Any:
+    # The hosting side (pickle, json, signals, the worker pool) is imported when it is first
+    # used: a process that only calls services does not pay for it at start.
+    if name in ("ProcessServiceTask", "reclaim"):
+        from . import host
+
+        return getattr(host, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_process_task(factory: ServiceFactory, ctx: TaskContext) -> BaseServiceTask:
+    from .host import ProcessServiceTask
+
+    return ProcessServiceTask(factory, ctx)
+
+
 @hookimpl
 def kservice_register_transports(register: Callable[[Transport], None]) -> None:
     register(_transport)
@@ -41,7 +59,7 @@ def kservice_register_transports(register: Callable[[Transport], None]) -> None:
 
 @hookimpl
 def kservice_register_task_kinds(register: Callable[..., None]) -> None:
-    register("process", ProcessServiceTask)
+    register("process", _make_process_task)
 
 
 @hookimpl
@@ -119,6 +137,7 @@ def kservice_task_stopping(task: BaseServiceTask) -> None:
 @hookimpl
 def kservice_register_commands(cli: click.Group) -> None:
     from .commands import cleanup_command, serve_command
+    from .host import reclaim
 
     cli.add_command(serve_command)
     cli.add_command(cleanup_command)

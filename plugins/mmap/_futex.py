@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -58,9 +57,9 @@ class NativeUnavailable(OSError):
     """The platform lacks what the shared-memory ring needs (Linux, x86-64, glibc)."""
 
 
-if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "AMD64"):
     raise NativeUnavailable(
-        f"the shared-memory ring needs Linux on x86-64 (this is {sys.platform}/{platform.machine()})"
+        f"the shared-memory ring needs Linux on x86-64 (this is {sys.platform}/{os.uname().machine})"
     )
 
 SYS_futex = 202  # x86-64

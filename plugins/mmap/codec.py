@@ -70,7 +70,6 @@ import mmap
 import os
 import pickle
 import re
-import secrets
 import stat
 import struct
 import threading
@@ -429,7 +428,7 @@ def _out_of_band(
 
 
 def _write_segment(views: list[memoryview], receiver_pid: int) -> str:
-    name = f"oob-{os.getpid()}-{receiver_pid}-{secrets.token_hex(8)}.seg"
+    name = f"oob-{os.getpid()}-{receiver_pid}-{os.urandom(8).hex()}.seg"
     directory = queue_directory()
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -817,7 +816,7 @@ class _PoolSegment:
     __slots__ = ("busy_since", "capacity", "mm", "name", "path", "words")
 
     def __init__(self, capacity: int) -> None:
-        self.name = f"pool-{os.getpid()}-{secrets.token_hex(8)}.seg"
+        self.name = f"pool-{os.getpid()}-{os.urandom(8).hex()}.seg"
         directory = queue_directory()
         self.path = os.path.join(directory, self.name)
         self.capacity = capacity

@@ -20,7 +20,6 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -183,7 +182,7 @@ def publish(name: str, queue: str, **extra: Any) -> dict[str, Any]:
         "pid_start": process_start_time(pid),
         "transport": "mmap",
         "started_at": time.time(),
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,  # gethostname(), without importing socket at start
         **extra,
     }
     with locked_directory(registry_directory) as directory:

@@ -183,15 +183,12 @@ import contextlib
 import errno
 import fcntl
 import functools
-import hashlib
 import mmap
 import os
 import pwd
 import re
-import secrets
 import stat
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -365,7 +362,7 @@ _RINGFAST_LAYOUT = {
 
 def _load_ringfast() -> Any:
     try:
-        from . import _ringfast  # type: ignore[attr-defined]
+        from . import _ringfast
     except ImportError:
         return None
     if getattr(_ringfast, "LAYOUT", None) != _RINGFAST_LAYOUT:
@@ -593,11 +590,11 @@ def _runtime_key() -> str | None:
     except FileNotFoundError:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}")
             with open(
                 os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w"
             ) as f:
-                f.write(secrets.token_hex(16))
+                f.write(os.urandom(16).hex())
             try:
                 os.link(tmp, path)  # the first process of the user to get here sets the key; the others read it
             except FileExistsError:
@@ -643,11 +640,11 @@ def _rotate_runtime_key(taken: Path) -> bool:
         if not keyed or current.parent != taken.parent:
             return False  # not the /dev/shm name: nothing a key changes
         if taken in (current, current.with_name(current.name + "-services")):
-            tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}")
             with open(
                 os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w"
             ) as f:
-                f.write(secrets.token_hex(16))
+                f.write(os.urandom(16).hex())
             os.replace(tmp, path)
             _default_directory.cache_clear()
         return True  # rotated here, or by another process meanwhile
@@ -687,11 +684,15 @@ def _default_directory(xdg_runtime_dir: str, uid: int) -> tuple[Path, bool]:
             return Path(candidate) / "kservice", True
     root = Path("/dev/shm")
     if not root.is_dir():  # pragma: no cover - no tmpfs
-        root = Path(tempfile.gettempdir())
+        from tempfile import gettempdir
+
+        root = Path(gettempdir())
     key = _runtime_key()
     if key is None:
         return root / f"kservice-{uid}", False
-    digest = hashlib.sha256(f"{key}:{_boot_id()}".encode()).hexdigest()[:24]
+    from hashlib import sha256  # once per process, and only without KSERVICE_QUEUE_DIR
+
+    digest = sha256(f"{key}:{_boot_id()}".encode()).hexdigest()[:24]
     return root / f"kservice-{uid}-{digest}", True
 
 
@@ -1594,7 +1595,7 @@ def create_queue(name: str, capacity: int = 1 << 20, *, create: bool = True, own
                     errno.EEXIST, f"queue {name!r} already exists and its owner (pid {info[0]}) is alive", str(path)
                 )
             os.unlink(path)  # stale: its owner is gone
-        tmp = d / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = d / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import pickle
-import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -78,7 +77,7 @@ class _RingPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return create_queue(f"str.{os.getpid()}.{secrets.token_hex(4)}", STREAM_RING_CAPACITY)
+        return create_queue(f"str.{os.getpid()}.{os.urandom(4).hex()}", STREAM_RING_CAPACITY)
 
     def release(self, ring: ShmQueue) -> None:
         with self._lock:

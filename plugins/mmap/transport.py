@@ -53,7 +53,6 @@ import itertools
 import logging
 import os
 import re
-import secrets
 import threading
 import time
 import weakref
@@ -165,7 +164,7 @@ class MmapListener(Listener):
         options = {**DEFAULT_OPTIONS, **(task.options.get("mmap") or {})}
         self._limit = float(options["inline_limit"])
         self._concurrent = task.max_workers > 1
-        name = f"svc.{_SAFE.sub('_', task.service_name)[:80]}.{os.getpid()}.{secrets.token_hex(3)}"
+        name = f"svc.{_SAFE.sub('_', task.service_name)[:80]}.{os.getpid()}.{os.urandom(3).hex()}"
         self.queue = create_queue(name, int(options["request_queue_capacity"]))
         self._published = bool(options["publish"] is None or options["publish"])
         info = {
@@ -925,7 +924,7 @@ class _ClientRings:
                     ring.busy = True
                     return ring
         queue = create_queue(
-            f"rsp.{os.getpid()}.{threading.get_ident() & 0xFFFFFFFF:x}.{secrets.token_hex(3)}", SYNC_RESPONSE_CAPACITY
+            f"rsp.{os.getpid()}.{threading.get_ident() & 0xFFFFFFFF:x}.{os.urandom(3).hex()}", SYNC_RESPONSE_CAPACITY
         )
         ring = _ThreadRing(queue)
         ring.busy = True
@@ -999,7 +998,7 @@ class _ClientRings:
             return queue
         with self._lock:
             if self._async_queue is None:
-                queue = create_queue(f"rsp.{os.getpid()}.async.{secrets.token_hex(3)}", ASYNC_RESPONSE_CAPACITY)
+                queue = create_queue(f"rsp.{os.getpid()}.async.{os.urandom(3).hex()}", ASYNC_RESPONSE_CAPACITY)
                 # Sleep at once: spinning would hold the GIL the threads making the calls need.
                 queue.set_spin_limit(ASYNC_SPIN)
                 thread = threading.Thread(

@@ -29,13 +29,20 @@ The package, one module per role:
 - ``actor``: the replica body inside each actor (threaded and async) and its Ray actor class;
 - ``replicas``: the replica set, as callers in one process see it, and how calls are sent to it;
 - ``completion``: the thread that completes async calls in batches;
-- ``connection``: the ``ray`` transport, connections (batching, streams) and the listener;
+- ``transport``: the ``ray`` transport object (imports the connection machinery when first used);
+- ``connection``: connections (batching, streams) and the listener;
 - ``discovery``: finding deployments in the cluster by their actors' names;
 - ``task``: the ``ray`` task kind;
 - ``hooks``: the plugin's hooks (this package re-exports them, so pluggy finds them here).
+
+Loading the plugin imports only ``common``, ``balancers``, ``transport`` and
+``hooks``; the rest is imported when a ray service is first started, found or
+called (and the names re-exported from it here, when first read).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .balancers import (
     PowerOfTwoChoices as PowerOfTwoChoices,
@@ -61,15 +68,6 @@ from .common import (
 from .common import (
     RAY_EXTRA_HINT as RAY_EXTRA_HINT,
 )
-from .connection import (
-    RayConnection as RayConnection,
-)
-from .connection import (
-    RayTransport as RayTransport,
-)
-from .connection import (
-    _transport as _transport,
-)
 from .hooks import (
     RayRuntime as RayRuntime,
 )
@@ -94,18 +92,38 @@ from .hooks import (
 from .hooks import (
     kservice_status_columns as kservice_status_columns,
 )
-from .task import (
-    RayServiceTask as RayServiceTask,
+from .transport import (
+    RayTransport as RayTransport,
 )
-from .task import (
-    _ensure_ray as _ensure_ray,
+from .transport import (
+    _transport as _transport,
 )
-from .wire import (
-    _from_wire as _from_wire,
-)
-from .wire import (
-    _pack as _pack,
-)
+
+if TYPE_CHECKING:
+    from .connection import RayConnection as RayConnection
+    from .task import RayServiceTask as RayServiceTask
+    from .task import _ensure_ray as _ensure_ray
+    from .wire import _from_wire as _from_wire
+    from .wire import _pack as _pack
+
+#: name -> the module of this package it is imported from when first read
+_LAZY = {
+    "RayConnection": "connection",
+    "RayServiceTask": "task",
+    "_ensure_ray": "task",
+    "_from_wire": "wire",
+    "_pack": "wire",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "ACTOR_PREFIX",

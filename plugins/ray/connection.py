@@ -10,8 +10,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from kservice import (
-    BaseServiceTask,
-    ConfigError,
     Connection,
     Listener,
     ServiceAddress,
@@ -19,7 +17,6 @@ from kservice import (
     ServiceResponse,
     ServiceUnavailableError,
     StreamSource,
-    Transport,
 )
 
 from .actor import _STREAM_POLL, _StreamEnd
@@ -384,33 +381,6 @@ class _RayListener(Listener):
         pass
 
 
-class RayTransport(Transport):
-    """Connects callers to ray services: those this process owns, and those found by name in the cluster."""
-
-    name = "ray"
-    # an actor call through Ray: ~800 µs on one host (README, Performance)
-    cost = 800.0
-    crosses_processes = True
-
-    def listen(self, task: BaseServiceTask) -> Listener:
-        from .task import RayServiceTask  # the task module builds on this one
-
-        if not isinstance(task, RayServiceTask):
-            raise ConfigError(
-                f"service {task.service_name!r}: the 'ray' transport serves only tasks of kind 'ray' "
-                f"(this one is {task.kind!r}); set 'kind: ray' instead of listing 'ray' in transports"
-            )
-        return _RayListener(task)
-
-    def connect(self, address: ServiceAddress) -> Connection:
-        target = address.target
-        if isinstance(target, _ReplicaSet):
-            return RayConnection(target)
-        if isinstance(target, _DeploymentRef):
-            return _connect_deployment(target)
-        raise ServiceUnavailableError(f"not a ray service address: {address!r}")
-
-
 def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
     """A connection to a deployment another driver started, membership re-read every ``membership_refresh`` s."""
     ray = _ray()
@@ -457,6 +427,3 @@ def _connect_deployment(ref: _DeploymentRef) -> RayConnection:
     connection = RayConnection(replicas, refresh=refresh, refresh_every=ref.membership_refresh)
     replicas.on_all_down = refresh
     return connection
-
-
-_transport = RayTransport()

@@ -20,9 +20,10 @@ from kservice import (
 
 from .balancers import balancer_names
 from .common import RAY_EXTRA_HINT, _ray, _ray_if_running
-from .connection import _DeploymentRef, _transport
-from .discovery import _deployments, _newest_deployment
-from .task import RayServiceTask
+from .transport import _transport
+
+# The replica machinery (connection, discovery, the task kind) is imported by the hooks that use
+# it: a process that never touches a ray service does not pay for it when the plugin loads.
 
 # ---------------------------------------------------------------------------
 # Hooks
@@ -36,6 +37,8 @@ def _make_task(factory: ServiceFactory, ctx: TaskContext) -> BaseServiceTask:
         raise ConfigError(
             f"services.{factory.service_name}.kind: 'ray' needs Ray, which is not installed: {RAY_EXTRA_HINT}"
         ) from None
+    from .task import RayServiceTask
+
     return RayServiceTask(factory, ctx)
 
 
@@ -124,6 +127,9 @@ def kservice_resolve_service(service_name: str, options: dict[str, Any]) -> list
     ray = _ray_if_running()
     if ray is None:
         return None
+    from .connection import _DeploymentRef
+    from .discovery import _deployments, _newest_deployment
+
     options = options["ray"]
     namespace = options["namespace"]
     deployments = _deployments(ray, namespace).get(service_name)
@@ -155,6 +161,8 @@ def kservice_known_services() -> list[str]:
     ray = _ray_if_running()
     if ray is None:
         return []
+    from .discovery import _deployments
+
     try:
         return sorted(_deployments(ray, None))
     except Exception:

@@ -27,9 +27,9 @@ from kservice import (
 from .actor import _actor_class, _idempotent_methods
 from .balancers import _make_balancer
 from .common import _CONTROL_GROUP, ACTOR_PREFIX, _first_line, _ray
-from .connection import _transport
 from .discovery import _deployments, _new_deployment_id, _newest_deployment
 from .replicas import _aggregate_status, _Replica, _ReplicaSet
+from .transport import _transport
 from .wire import WIRE_VERSION
 
 # ---------------------------------------------------------------------------

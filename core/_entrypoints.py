@@ -1,0 +1,215 @@
+"""Entry points of the ``kservice`` groups, read once per installation and kept in a cache file.
+
+Reading entry points with :mod:`importlib.metadata` costs a process 20-50 ms
+before its first call: importing it loads ``email``, ``zipfile``, ``socket``,
+``datetime`` and more, then every distribution's metadata is parsed. A
+short-lived caller (``kservice call``, a worker) would pay that on every start
+although the installed set rarely changes. So what each ``sys.path``
+directory holds (its distributions' names, versions and entry points of the
+two groups) is kept in a JSON file under the user's cache directory
+(``$KSERVICE_CACHE_DIR``, else ``$XDG_CACHE_HOME/kservice``, else
+``~/.cache/kservice``), one file per interpreter prefix.
+
+What is guaranteed:
+
+- The result is what :func:`importlib.metadata.entry_points` returns for the
+  same ``sys.path``: directories in order, the first distribution of a
+  (normalised) name wins, and a directory is read afresh with
+  :mod:`importlib.metadata` whenever its modification time differs from the
+  cached one (installing or removing a distribution adds or removes a
+  ``*.dist-info`` directory in it). A directory holding no ``*.dist-info`` or
+  ``*.egg-info`` is known to declare nothing without importing anything.
+- A directory modified in the last :data:`_RACY_SECONDS` is not cached (its
+  timestamp may not yet show a change made in the same clock tick, the racy
+  case git's index also guards against): it is read afresh each time.
+- A cache that is missing, unreadable, not owned by this user, or of another
+  format or Python is ignored and rewritten; a cache directory that cannot be
+  written only costs the speed. ``KSERVICE_CACHE_DIR=off`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from stat import S_ISDIR
+from typing import Any
+
+__all__ = ["EntryPointRef", "entry_points"]
+
+#: The groups read together (a miss reads both, so one file serves both).
+GROUPS = ("kservice", "kservice.services")
+CACHE_ENV_VAR = "KSERVICE_CACHE_DIR"
+_FORMAT = 2
+#: Directories remembered before those not on the current sys.path are forgotten.
+_MAX_DIRECTORIES = 64
+#: A sys.path directory changed this recently may change again within its timestamp's granularity.
+_RACY_SECONDS = 2.0
+
+
+class _Distribution:
+    """The name and version of the distribution declaring an entry point (what origins show)."""
+
+    __slots__ = ("name", "version")
+
+    def __init__(self, name: str, version: str) -> None:
+        self.name = name
+        self.version = version
+
+
+class EntryPointRef:
+    """One entry point: ``name = value`` in ``group``, declared by ``dist``; ``load()`` imports it.
+
+    The same attributes and ``load()`` semantics as
+    :class:`importlib.metadata.EntryPoint` (``module:attr.attr``, extras
+    ignored), without importing :mod:`importlib.metadata`.
+    """
+
+    __slots__ = ("dist", "group", "name", "value")
+
+    def __init__(self, name: str, value: str, group: str, dist: _Distribution | None) -> None:
+        self.name = name
+        self.value = value
+        self.group = group
+        self.dist = dist
+
+    def load(self) -> Any:
+        """Import the module and return the object the entry point names (ImportError/AttributeError if absent)."""
+        from importlib import import_module
+
+        module_name, _, attrs = self.value.partition(":")
+        target: Any = import_module(module_name.strip())
+        for attr in attrs.split("[", 1)[0].strip().split("."):
+            if attr:
+                target = getattr(target, attr)
+        return target
+
+    def __repr__(self) -> str:
+        return f"EntryPointRef(name={self.name!r}, value={self.value!r}, group={self.group!r})"
+
+
+#: A distribution as cached: its normalised name, name, version, and ``{group: [[name, value], ...]}``.
+_Dist = list[Any]
+#: sys.path directory -> [its modification time, the distributions in it], as read this process.
+_known: dict[str, list[Any]] | None = None
+
+
+def entry_points(group: str) -> list[EntryPointRef]:
+    """The entry points of ``group`` (one of :data:`GROUPS`) visible on the current ``sys.path``.
+
+    As :func:`importlib.metadata.entry_points` finds them: directories in
+    ``sys.path`` order, the first distribution of a (normalised) name wins.
+    """
+    global _known
+    path = _cache_file()
+    if _known is None:
+        _known = _read_cache(path) if path is not None else {}
+    seen: set[str] = set()
+    found: list[EntryPointRef] = []
+    changed = False
+    for entry in sys.path:
+        dists, learned = _dists_in(entry, _known)
+        changed = changed or learned
+        for normalised, name, version, groups in dists:
+            if normalised in seen:
+                continue
+            seen.add(normalised)
+            for ep_name, value in groups.get(group, ()):
+                found.append(EntryPointRef(ep_name, value, group, _Distribution(name, version)))
+    if changed and path is not None:
+        _write_cache(path, _known)
+    return found
+
+
+def _dists_in(entry: str, known: dict[str, list[Any]]) -> tuple[list[_Dist], bool]:
+    """The distributions in sys.path ``entry``, and whether they were read afresh into ``known``."""
+    try:
+        stat = os.stat(entry or ".")
+    except (OSError, ValueError):
+        return [], False
+    if not S_ISDIR(stat.st_mode):
+        return _from_metadata(entry), False  # a zip or egg file: rare, read it every time
+    cached = known.get(entry)
+    if cached is not None and cached[0] == stat.st_mtime_ns:
+        return cached[1], False
+    try:
+        names = os.listdir(entry or ".")
+    except OSError:
+        return [], False
+    # What importlib.metadata looks for in a directory: without one, nothing to read (and no import).
+    dists = _from_metadata(entry) if any(n.endswith((".dist-info", ".egg-info")) for n in names) else []
+    if time.time_ns() - stat.st_mtime_ns <= _RACY_SECONDS * 1e9:
+        return dists, False  # changed moments ago: it may change again without its time showing it
+    known[entry] = [stat.st_mtime_ns, dists]
+    return dists, True
+
+
+def _from_metadata(entry: str) -> list[_Dist]:
+    from importlib import metadata
+
+    dists: list[_Dist] = []
+    for dist in metadata.distributions(path=[entry]):
+        name = dist.metadata["Name"] or ""
+        groups: dict[str, list[list[str]]] = {}
+        for ep in dist.entry_points:
+            if ep.group in GROUPS:
+                groups.setdefault(ep.group, []).append([ep.name, ep.value])
+        dists.append([re.sub(r"[-_.]+", "_", name).lower() or f"<unnamed {len(dists)}>", name, dist.version, groups])
+    return dists
+
+
+def _cache_file() -> str | None:
+    chosen = os.environ.get(CACHE_ENV_VAR, "").strip()
+    if chosen.lower() in ("0", "false", "no", "off"):
+        return None
+    if not chosen:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        chosen = os.path.join(base, "kservice")
+    if not os.path.isabs(chosen):
+        return None
+    from zlib import crc32
+
+    return os.path.join(chosen, f"entry-points-{crc32(sys.prefix.encode()):08x}.json")
+
+
+def _read_cache(path: str) -> dict[str, list[Any]]:
+    import json
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return {}
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return {}  # someone else's file: never trust what it says to import
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = json.loads(stream.read())
+        if isinstance(data, dict) and data.get("format") == _FORMAT and data.get("python") == sys.version:
+            directories = data["directories"]
+            if isinstance(directories, dict):
+                return directories
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    finally:
+        os.close(fd)
+    return {}
+
+
+def _write_cache(path: str, known: dict[str, list[Any]]) -> None:
+    import json
+
+    if len(known) > _MAX_DIRECTORIES:  # keep what this sys.path uses; forget the rest
+        for entry in [e for e in known if e not in sys.path]:
+            del known[entry]
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(temporary, "w", encoding="utf-8") as stream:
+            json.dump({"format": _FORMAT, "python": sys.version, "directories": known}, stream)
+        os.replace(temporary, path)  # readers see the old file or the new one, never half of one
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass

@@ -1,0 +1,139 @@
+"""Entry points come from a per-user cache while no ``sys.path`` directory changed, and the cache never lies.
+
+Each test runs real interpreters against a real installed distribution (a
+``.dist-info`` in a directory on ``sys.path``) and a cache directory of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.core.conftest import make_distribution, run_python
+
+PLUGIN = """
+import kservice
+
+@kservice.hookimpl
+def kservice_known_services():
+    return ["{name}-service"]
+"""
+
+#: Prints the plugins loaded, and whether importlib.metadata was imported to find them.
+PROBE = """
+import json, sys
+from kservice import ServiceManager
+from kservice._plugins import get_plugin_manager
+ServiceManager()
+names = sorted(name for name, plugin in get_plugin_manager().list_name_plugin() if plugin is not None)
+print(json.dumps({"plugins": names, "metadata_imported": "importlib.metadata" in sys.modules}))
+"""
+
+
+def _age(directory: Path, seconds: float = 60.0) -> None:
+    """Make ``directory`` look modified ``seconds`` ago (older than the racy window), as an install long done."""
+    then = time.time() - seconds
+    os.utime(directory, (then, then))
+
+
+def _probe(site: Path, cache: Path | str) -> dict[str, object]:
+    done = run_python(PROBE, site=site, env={"KSERVICE_CACHE_DIR": str(cache)})
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _site_with(tmp_path: Path, *names: str) -> Path:
+    site = tmp_path / "site"
+    for name in names:
+        site = make_distribution(
+            tmp_path, f"acme_{name}", {"kservice": {name: f"acme_{name}"}}, {f"acme_{name}": PLUGIN.format(name=name)}
+        )
+    return site
+
+
+@pytest.mark.timeout(120)
+def test_a_warm_start_reads_no_metadata_and_finds_the_same_plugins(tmp_path: Path) -> None:
+    site = _site_with(tmp_path, "alpha")
+    _age(site)
+    cache = tmp_path / "cache"
+    cold = _probe(site, cache)
+    assert "alpha" in cold["plugins"] and "mmap" in cold["plugins"]  # type: ignore[operator]
+    assert cold["metadata_imported"] is True  # the first start reads the metadata and writes the cache
+    assert list(cache.glob("entry-points-*.json"))
+    warm = _probe(site, cache)
+    assert warm["plugins"] == cold["plugins"]
+    assert warm["metadata_imported"] is False
+
+
+@pytest.mark.timeout(120)
+def test_installing_and_removing_a_distribution_is_seen_at_the_next_start(tmp_path: Path) -> None:
+    site = _site_with(tmp_path, "alpha")
+    _age(site)
+    cache = tmp_path / "cache"
+    assert "beta" not in _probe(site, cache)["plugins"]  # type: ignore[operator]
+    _site_with(tmp_path, "beta")  # installed into the same, cached directory
+    seen = _probe(site, cache)
+    assert "beta" in seen["plugins"] and "alpha" in seen["plugins"]  # type: ignore[operator]
+    _age(site)  # later: the new state is cached, and still right
+    assert "beta" in _probe(site, cache)["plugins"]  # type: ignore[operator]
+    assert _probe(site, cache)["metadata_imported"] is False
+    for info in site.glob("acme_beta-*.dist-info"):
+        for file in info.iterdir():
+            file.unlink()
+        info.rmdir()
+    after = _probe(site, cache)
+    assert "beta" not in after["plugins"] and "alpha" in after["plugins"]  # type: ignore[operator]
+
+
+@pytest.mark.timeout(120)
+def test_a_directory_changed_moments_ago_is_read_afresh_every_time(tmp_path: Path) -> None:
+    site = _site_with(tmp_path, "alpha")  # just written: within the racy window
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        probed = _probe(site, cache)
+        assert "alpha" in probed["plugins"]  # type: ignore[operator]
+        assert probed["metadata_imported"] is True
+
+
+@pytest.mark.timeout(120)
+def test_a_cache_of_another_user_or_garbage_is_ignored_and_off_writes_none(tmp_path: Path) -> None:
+    site = _site_with(tmp_path, "alpha")
+    _age(site)
+    cache = tmp_path / "cache"
+    _probe(site, cache)
+    (cache_file,) = cache.glob("entry-points-*.json")
+    # A cache that claims a plugin which is not installed must never be believed when it is not ours.
+    data = json.loads(cache_file.read_text())
+    directories = data["directories"]
+    entry = directories[str(site)]
+    entry[1].append(["planted", "planted", "1.0", {"kservice": [["planted", "os"]]}])
+    cache_file.write_text(json.dumps(data))
+    if os.getuid() == 0:
+        os.chown(cache_file, 4242, 4242)
+        assert "planted" not in _probe(site, cache)["plugins"]  # type: ignore[operator]
+        os.chown(cache_file, 0, 0)
+    cache_file.write_text("{not json")
+    assert "alpha" in _probe(site, cache)["plugins"]  # type: ignore[operator]
+    assert json.loads(cache_file.read_text())["format"]  # rewritten
+    off = tmp_path / "off"
+    assert "alpha" in _probe(site, "off")["plugins"]  # type: ignore[operator]
+    assert not off.exists()
+
+
+def test_the_cached_entry_points_are_what_importlib_metadata_finds() -> None:
+    from importlib.metadata import entry_points as metadata_entry_points
+
+    from kservice._entrypoints import GROUPS, entry_points
+
+    for group in GROUPS:
+        expected = sorted(
+            (ep.name, ep.value, ep.dist.name if ep.dist else None) for ep in metadata_entry_points(group=group)
+        )
+        found = sorted((ep.name, ep.value, ep.dist.name if ep.dist else None) for ep in entry_points(group))
+        assert found == expected, group
+    assert {"inproc", "mmap"} <= {ep.name for ep in entry_points("kservice")}
