@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from kservice import ServiceEnvironment, ServiceManager, ServiceTimeoutError, ServiceUnavailableError
+from kservice.testing import wait_for
 from ray_services import quiet_config
 
 
@@ -49,10 +50,12 @@ def test_coroutine_methods_are_awaited_in_an_async_replica(manager: ServiceManag
 def test_the_deadline_cancels_a_coroutine_in_a_replica(manager: ServiceManager) -> None:
     with pytest.raises(ServiceTimeoutError):
         manager.call_service_sync("areplica", "nap", (10.0, "late-ray"), timeout=0.5)
-    deadline = time.monotonic() + 10
-    while "late-ray" not in manager.call_service_sync("areplica", "report"):
-        assert time.monotonic() < deadline, "the coroutine was not cancelled"
-        time.sleep(0.1)
+    wait_for(
+        lambda: "late-ray" in manager.call_service_sync("areplica", "report"),
+        timeout=10,
+        what="the coroutine to be cancelled at its deadline",
+        interval=0.1,
+    )
     assert manager.call_service_sync("areplica", "hello", (1,)) == "hello 2"
 
 
@@ -80,23 +83,31 @@ def test_generators_stream_from_replicas_in_order(manager: ServiceManager) -> No
 def test_closing_a_ray_stream_stops_the_generator_in_the_replica(manager: ServiceManager) -> None:
     with manager.stream("sreplica", "slow", (100_000, 0.001, "ray-close"), window=4) as stream:
         assert [next(stream) for _ in range(5)] == list(range(5))
-    deadline = time.monotonic() + 10
-    while "ray-close" not in manager.call_service_sync("sreplica", "report"):
-        assert time.monotonic() < deadline, "the replica's generator kept running"
-        time.sleep(0.1)
+    wait_for(
+        lambda: "ray-close" in manager.call_service_sync("sreplica", "report"),
+        timeout=10,
+        what="the replica's generator to close",
+        interval=0.1,
+    )
     with manager.stream("areplica", "acount", (100_000, 0.001, "ray-async-close"), window=4) as stream:
         assert [next(stream) for _ in range(3)] == [0, 1, 2]
-    while "ray-async-close" not in manager.call_service_sync("areplica", "report"):
-        assert time.monotonic() < deadline, "the async replica's generator kept running"
-        time.sleep(0.1)
+    wait_for(
+        lambda: "ray-async-close" in manager.call_service_sync("areplica", "report"),
+        timeout=10,
+        what="the async replica's generator to close",
+        interval=0.1,
+    )
     got: list[int] = []
     with pytest.raises(ServiceTimeoutError):
         for item in manager.stream("sreplica", "slow", (100_000, 0.05, "ray-deadline"), timeout=1.0):
             got.append(item)
     assert got and got == list(range(len(got)))
-    while "ray-deadline" not in manager.call_service_sync("sreplica", "report"):
-        assert time.monotonic() < deadline + 10, "the deadline did not stop the replica's generator"
-        time.sleep(0.1)
+    wait_for(
+        lambda: "ray-deadline" in manager.call_service_sync("sreplica", "report"),
+        timeout=10,
+        what="the deadline to stop the replica's generator",
+        interval=0.1,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -143,12 +154,17 @@ def test_a_thousand_abandoned_ray_streams_leave_nothing_running(manager: Service
             stream.close()
         del stream
     gc.collect()
-    deadline = time.monotonic() + 60
-    while len(manager.call_service_sync("sreplica", "report")) < before + 1000:
-        assert time.monotonic() < deadline, "abandoned streams kept running in the replica"
-        time.sleep(0.2)
+    wait_for(
+        lambda: len(manager.call_service_sync("sreplica", "report")) >= before + 1000,
+        timeout=60,
+        what="the replica to close the 1,000 abandoned streams",
+        interval=0.2,
+    )
     # Every stream ended in the replica too (a stream counts as in flight from its start to its end).
-    while manager.get_service_status("sreplica").in_flight:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "abandoned streams are still in flight in the replica"
-        time.sleep(0.2)
+    wait_for(
+        lambda: not manager.get_service_status("sreplica").in_flight,  # type: ignore[union-attr]
+        timeout=60,
+        what="no abandoned stream in flight in the replica",
+        interval=0.2,
+    )
     assert list(manager.stream("sreplica", "count", (3,))) == [0, 1, 2]

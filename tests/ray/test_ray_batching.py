@@ -155,9 +155,11 @@ def test_killing_the_replica_fails_its_batch_in_flight_and_refuses_the_waiting_c
         _known_fast(manager, "doomed", "record", "warm", 0.02)
         busy = manager.call_service_async("doomed", "record", ("busy", 0.3))
         futures = {f"b{i}": manager.call_service_async("doomed", "record", (f"b{i}", 0.02)) for i in range(100)}
-        deadline = time.monotonic() + 10
-        while sum(token.startswith("b") for token in _runs(path)) < 25 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(
+            lambda: sum(token.startswith("b") for token in _runs(path)) >= 25,
+            timeout=10,
+            what="25 calls of the batches to run",
+        )
         assert connection.replicas.batched_calls >= 20
         ray.kill(connection.replicas.snapshot()[0].handle, no_restart=True)
         started = time.monotonic()

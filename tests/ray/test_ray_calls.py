@@ -19,6 +19,7 @@ from kservice import (
     ServiceTimeoutError,
 )
 from kservice.plugins.ray import RayServiceTask
+from kservice.testing import wait_for
 from ray_services import EchoService, ShoutMiddleware, quiet_config
 
 
@@ -119,7 +120,7 @@ def test_timeout_shorter_than_the_method_cancels_the_queued_remote_task(
     before = task.get_service_status()
     # The replica runs one call at a time: the second call waits in Ray's queue behind the first.
     first = manager.call_service_async("slow", "sleep", (1.5,), timeout=20)
-    time.sleep(0.2)
+    wait_for(lambda: task.get_service_status().in_flight == 1, timeout=10, what="the first call to run in the replica")
     started = time.monotonic()
     with pytest.raises(ServiceTimeoutError, match=r"timed out after 0\.300s"):
         manager.call_service_sync("slow", "sleep", (0.0,), timeout=0.3)
@@ -136,12 +137,12 @@ def test_async_timeout_cancels_the_queued_remote_task(env: ServiceEnvironment, m
     task = env.get_task("slow")
     before = task.get_service_status()
     first = manager.call_service_async("slow", "sleep", (1.5,), timeout=20)
-    time.sleep(0.2)
+    wait_for(lambda: task.get_service_status().in_flight == 1, timeout=10, what="the first call to run in the replica")
     queued = manager.call_service_async("slow", "sleep", (0.0,), timeout=0.3)
     with pytest.raises(ServiceTimeoutError):
         queued.result(20)
     assert first.result(20) == 1.5
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberate: room for the cancelled call to reach the replica, had the cancel not held
     after = task.get_service_status()
     # Cancelled in Ray's queue by the manager's timer: it never reached the service.
     assert after.requests_total == before.requests_total + 1

@@ -58,7 +58,7 @@ def _caller(manager: Any, tag: str, out_path: Path, stop: threading.Event) -> No
                 else:
                     out.write(outcome(call_id, began, TIMEOUT, value=value) + "\n")
             if failed:
-                time.sleep(0.01)  # an open breaker answers at once: do not spin
+                time.sleep(0.01)  # deliberate: an open breaker answers at once, so do not spin
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_replica_kills_and_scaling_lose_no_answer_and_run_nothing_twice(ray_clus
             try:
                 end = time.monotonic() + RUN_SECONDS
                 while time.monotonic() < end:
-                    time.sleep(rng.uniform(0.5, 1.5))
+                    time.sleep(rng.uniform(0.5, 1.5))  # deliberate: the next fault strikes at a random moment
                     action = rng.choice(["replica kill", "scale up", "scale down"])
                     live = task.replica_set.snapshot()
                     if action == "replica kill" and len(live) > 1:

@@ -145,9 +145,13 @@ def test_calls_beyond_max_concurrency_wait_in_the_caller(tmp_path: Path) -> None
         futures = {
             f"w{i}": manager.call_service_async("waits", "record", (f"w{i}", 0.2), timeout=60) for i in range(20)
         }
-        time.sleep(0.1)
-        sent = {replica.name: replica.in_flight for replica in connection.replicas.snapshot()}
+
+        def sent_to_replicas() -> dict[str, int] | None:
+            counts = {replica.name: replica.in_flight for replica in connection.replicas.snapshot()}
+            return counts if sum(counts.values()) >= 4 else None
+
         # Two replicas, two slots each: four calls in the replicas, sixteen waiting here.
+        sent = wait_for(sent_to_replicas, timeout=10, what="four calls to be sent to the replicas")
         assert all(count <= 2 for count in sent.values()), sent
         assert connection.replicas.waiting_count() == 20 - sum(sent.values())
         ok, failed = settle(futures)
@@ -296,11 +300,12 @@ def test_cancelling_a_running_call_lets_it_finish_and_answers_its_caller_once(tm
         wait_for(lambda: ledger(path)["r1"] == 1, timeout=20, what="the call to start")
         connection.cancel(running)
         wait_for(lambda: replies.count() == 1, timeout=20, what="the cancelled call to be answered")
-        time.sleep(0.2)
+        time.sleep(0.2)  # deliberate: room for a second answer to arrive, had the cancel and Ray's reply both answered
         assert replies.count() == 1
         assert ledger(path)["r1"] == 1  # Ray does not interrupt a running method of a threaded actor
         # Its slot is free again: the next call runs at once.
         assert manager.call_service_sync("running", "record", ("next", 0.0), timeout=5) == "next"
+        assert replies.count() == 1  # the cancelled method has finished now, and still answered no one twice
 
 
 # ---------------------------------------------------------------------------
@@ -321,8 +326,13 @@ def test_default_retries_never_resend_a_call_that_may_have_run_but_resend_calls_
         waiting = {
             f"w{i}": manager.call_service_async("retried", "record", (f"w{i}", 0.0), timeout=60) for i in range(4)
         }
-        time.sleep(0.1)
-        assert ledger(path).keys() == {"running"}  # the others wait in the caller
+        # The others wait in the caller, not in Ray's queue.
+        wait_for(
+            lambda: task.get_service_status().extra["waiting_in_caller"] == 4,
+            timeout=10,
+            what="the four calls to wait in the caller",
+        )
+        assert ledger(path).keys() == {"running"}
         ray.kill(task.replica_set.snapshot()[0].handle, no_restart=False)  # type: ignore[union-attr]
         with pytest.raises(ServiceUnavailableError, match="may or may not have run") as caught:
             running.result(30)
@@ -401,7 +411,7 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
         # A connection as another driver makes it: found by name, membership re-read only every 5 s.
         addresses = ray_plugin.kservice_resolve_service("remote", manager.config.for_service("remote"))
         assert addresses
-        remote = ray_plugin._transport.connect(addresses[0])
+        remote = ray_plugin.RayTransport().connect(addresses[0])
         assert isinstance(remote, RayConnection) and remote.replicas is not task.replica_set
         try:
             replies = _Replies()

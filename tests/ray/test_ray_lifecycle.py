@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import ray
 from kservice import ConfigError, ServiceEnvironment, ServiceError, ServiceFactory, ServiceUnavailableError
-from kservice.plugins.ray import ACTOR_PREFIX, RayServiceTask, balancer_names, register_balancer
+from kservice.plugins.ray import ACTOR_PREFIX, RayConnection, RayServiceTask, balancer_names, register_balancer
+from kservice.testing import wait_for
 from ray_services import BrokenService, EchoService, FirstReplica
 
 
@@ -122,14 +123,19 @@ def test_health_recovery_replaces_a_dead_replica() -> None:
         with env.manager() as manager:
             victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
             ray.kill(victim.handle, no_restart=True)
+
+            def health_reason() -> str | None:
+                reason = task.check_service_health()
+                if reason is None:
+                    try:
+                        manager.call_service_sync("recovered", "echo", (0,))
+                    except ServiceUnavailableError:
+                        pass  # a non-idempotent call that reached the dead replica is reported, not retried
+                return reason
+
             # Calls find out and avoid it; the health check names it.
-            deadline = time.monotonic() + 20
-            while (reason := task.check_service_health()) is None and time.monotonic() < deadline:
-                try:
-                    manager.call_service_sync("recovered", "echo", (0,))
-                except ServiceUnavailableError:
-                    pass  # a non-idempotent call that reached the dead replica is reported, not retried
-            assert reason is not None and victim.name in reason
+            reason = wait_for(health_reason, timeout=20, what="the health check to report the dead replica")
+            assert victim.name in reason
             assert task.recover("test") == f"replaced replica(s) {victim.name}"
             assert task.check_service_health() is None
             assert task.get_service_status().restarts == 1
@@ -183,7 +189,15 @@ def test_a_task_built_directly_is_found_by_name_and_scale_reaches_remote_callers
             assert manager.call_service_sync("direct", "echo", ("x",)) == "d-x"
             assert manager.get_service_queue("direct").queue_name.startswith("ray:kservice/kservice:direct:")
             task.scale(2)
-            time.sleep(0.3)
+            connection = manager.get_service_queue("direct")
+            assert isinstance(connection, RayConnection)
+
+            def sees_both() -> bool:
+                # A call re-reads the membership once it is older than membership_refresh.
+                manager.call_service_sync("direct", "echo", ("x",))
+                return len(connection.replicas.snapshot()) == 2
+
+            wait_for(sees_both, timeout=10, what="the caller to see the second replica")
             actors = {manager.call_service_sync("direct", "where")["actor"] for _ in range(6)}
             assert len(actors) == 2
     finally:

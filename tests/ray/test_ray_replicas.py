@@ -78,12 +78,12 @@ def test_calls_spread_over_replicas_and_scale_changes_reach_callers() -> None:
 @pytest.mark.timeout(90)
 def test_power_of_two_choices_prefers_the_idle_replica() -> None:
     with ServiceEnvironment("ray-p2c") as env:
-        env.register_service(
+        task = env.register_service(
             "p2c", ServiceFactory("p2c", EchoService), kind="ray", replicas=2, ray={"max_concurrency": 1}
         )
         with env.manager() as manager:
             busy = manager.call_service_async("p2c", "sleep", (1.0,))
-            time.sleep(0.2)
+            wait_for(lambda: task.get_service_status().in_flight == 1, timeout=10, what="the long call to run")
             # With one replica busy, every new call goes to the idle one (two replicas: both are always the choices).
             started = time.monotonic()
             for i in range(5):
@@ -104,7 +104,8 @@ def test_killing_one_of_two_replicas_under_load_loses_no_call_and_runs_none_twic
             futures = {
                 f"a{i}": manager.call_service_async("ledger", "record", (f"a{i}", 0.05), timeout=30) for i in range(60)
             }
-            time.sleep(0.4)
+            # The kill lands under load: once the first wave of calls is running in the replicas.
+            wait_for(lambda: sum(ledger(path).values()) >= 20, timeout=20, what="20 calls to start")
             victim = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
             ray.kill(victim.handle, no_restart=False)
             futures.update(
@@ -138,7 +139,7 @@ def test_killing_the_only_replica_without_restarts_fails_calls_fast() -> None:
         assert isinstance(task, RayServiceTask)
         with env.manager() as manager:
             in_flight = manager.call_service_async("only", "sleep", (20.0,), timeout=60)
-            time.sleep(0.3)
+            wait_for(lambda: task.get_service_status().in_flight == 1, timeout=10, what="the long call to run")
             ray.kill(task.replica_set.snapshot()[0].handle, no_restart=True)  # type: ignore[union-attr]
             started = time.monotonic()
             with pytest.raises(ServiceUnavailableError, match="may or may not have run"):

@@ -12,6 +12,7 @@ import pytest
 import ray
 from kservice import ServiceEnvironment, ServiceManager, ServiceRequest, ServiceResponse
 from kservice.plugins import ray as ray_plugin
+from kservice.testing import wait_for
 from ray_services import quiet_config
 
 
@@ -77,9 +78,12 @@ def test_many_async_calls_complete_each_once_with_their_own_result(manager: Serv
 
 
 @pytest.mark.timeout(60)
-def test_a_long_call_in_flight_does_not_hold_back_the_completion_of_quick_ones(manager: ServiceManager) -> None:
+def test_a_long_call_in_flight_does_not_hold_back_the_completion_of_quick_ones(
+    env: ServiceEnvironment, manager: ServiceManager
+) -> None:
     slow = [manager.call_service_async("wire", "sleep", (3.0,)) for _ in range(2)]
-    time.sleep(0.2)
+    task = env.get_task("wire")
+    wait_for(lambda: task.get_service_status().in_flight == 2, timeout=10, what="the two long calls to run")
     started = time.monotonic()
     assert manager.call_service_async("wire", "echo", ("quick",)).result(20) == "quick"
     assert time.monotonic() - started < 1.0
