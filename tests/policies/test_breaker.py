@@ -210,7 +210,7 @@ def test_a_flapping_service_opens_and_closes_the_breaker_as_specified() -> None:
             assert time.monotonic() - started < 0.19  # failed fast, well inside the cool-down
             assert flaky.calls["toggle"] == ran  # the service never saw them
             # Cool-down over, service still failing: the probe re-opens it.
-            time.sleep(0.25)
+            time.sleep(0.25)  # deliberate: the cool-down is a span of time; waiting it out is the point
             with pytest.raises(ConnectionError):
                 manager.call_service_sync("flaky", "toggle")
             assert breaker_state("flaky") == "open"
@@ -218,7 +218,7 @@ def test_a_flapping_service_opens_and_closes_the_breaker_as_specified() -> None:
                 manager.call_service_sync("flaky", "toggle")
             # Service recovers: after the cool-down the probe closes it.
             flaky.failing = False
-            time.sleep(0.25)
+            time.sleep(0.25)  # deliberate: the cool-down again
             assert manager.call_service_sync("flaky", "toggle") == "up"
             assert breaker_state("flaky") == "closed"
             assert manager.call_service_sync("flaky", "toggle") == "up"
