@@ -78,7 +78,31 @@ _NBUCKETS = len(BUCKET_BOUNDS) + 1
 #: bound below 100 µs is a whole number of steps, so ``_FAST_BUCKET[int(seconds * 1e8)]`` is
 #: ``bisect_right(BUCKET_BOUNDS, seconds)`` (but for the float rounding of a value one bit below a
 #: bound) at about half its cost; most calls are that fast.
-_FAST_BUCKET: list[int] = [bisect_right(BUCKET_BOUNDS, step / 1e8) for step in range(10_000)]
+_FAST_STEPS = 10_000
+
+
+def _fast_bucket_table() -> list[int]:
+    """``[bisect_right(BUCKET_BOUNDS, step / 1e8) for step in range(_FAST_STEPS)]``, built run by run.
+
+    The list is filled a run of equal indices at a time (one per bound below
+    100 µs) instead of by 10,000 bisections: that took 2.5 ms of every process
+    start that loads this plugin.
+    """
+    table: list[int] = []
+    for index, bound in enumerate(BUCKET_BOUNDS):
+        first = min(int(bound * 1e8), _FAST_STEPS)  # the first step at or above the bound: int() is within one
+        while first > 0 and (first - 1) / 1e8 >= bound:
+            first -= 1
+        while first < _FAST_STEPS and first / 1e8 < bound:
+            first += 1
+        table.extend([index] * (first - len(table)))
+        if first == _FAST_STEPS:
+            return table
+    table.extend([len(BUCKET_BOUNDS)] * (_FAST_STEPS - len(table)))
+    return table
+
+
+_FAST_BUCKET: list[int] = _fast_bucket_table()
 #: Marks per load window: rates and percentiles slide in steps of window / _MARKS.
 _MARKS = 6
 #: Failed calls each service keeps for ``status.extra["recent_errors"]`` (server side), newest last.

@@ -272,3 +272,10 @@ def test_status_lists_the_last_failed_calls_with_their_tracebacks() -> None:
         assert "Traceback (most recent call last)" in previous["traceback"] and "ValueError" in previous["traceback"]
         assert previous["time"] >= errors[-1]["time"]
         assert manager.call_service_sync("echo", "echo", (2,)) == 2  # and it keeps serving
+
+
+def test_the_fast_bucket_table_is_the_bisection_it_replaces() -> None:
+    from bisect import bisect_right
+
+    expected = [bisect_right(metrics.BUCKET_BOUNDS, step / 1e8) for step in range(10_000)]
+    assert metrics._fast_bucket_table() == expected
