@@ -239,6 +239,10 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
     method that is not a generator (call it with call_service_sync instead).
     """
     name = request.method_name
+    if type(name) is str:
+        bound = task._generator_methods.get(name)
+        if bound is not None:
+            return bound, False  # the common case, found in one lookup
     if name[:1] in ("_", "") or task.service is None:
         raise task._method_not_found(name)
     method = getattr(task.service, name, None)

@@ -7,8 +7,10 @@ per-process pool, so opening a stream creates no shared memory once warm).
 The host runs the generator (``task.open_stream``) and puts each item into
 that ring as a response record ``(request_id, item)``, large items out of
 band as results are; the end of the stream is one full response record (a
-success carrying the item count, or the error). Items travel as they come,
-one record each (the ring reader takes up to 256 records per wake-up).
+success, or the error). Items travel as they come, one record each (the ring
+reader takes up to 256 records per wake-up), except that a small item made in
+the listener thread goes with the next record: the last one and the end then
+travel as one batch record (see ``MmapStreamSink._send_held``).
 
 Flow control: the host sends at most ``window`` items the caller has not
 consumed; the caller returns credit (a :data:`KIND_CREDIT` record on the
@@ -436,9 +438,11 @@ class MmapStreamSink(StreamSink):
         if both is None:
             records.append(codec.encode_response(response, self._ring.owner_pid, self._inline_limit))
         if self.in_place:
+            put = self._ring._compiled_put  # as for items: the compiled put first (0: published)
             while records:
                 try:
-                    self._ring.put(records[0][0], 0)
+                    if put is None or put(records[0][0]):
+                        self._ring.put(records[0][0], 0)
                 except (QueueError, ValueError):
                     # The end of a stream made in the listener thread, with the ring full: sent from a thread
                     # of its own, which may wait (rare: a caller not reading a short stream of big items).
