@@ -106,6 +106,14 @@ class StreamSink(ABC):
         """Whether the consumer can still read (transports whose consumer may die override it)."""
         return True
 
+    def left_place(self) -> None:
+        """The pass made in place (``in_place``) is over and the stream goes on in a stream thread.
+
+        A transport that held back an item made in place (to send it with the
+        next item or with the end) sends it now, without waiting; one that
+        cannot leave at once goes first from the stream thread.
+        """
+
     # ---- what the transport calls
 
     def acknowledge(self, count: int) -> None:
@@ -231,6 +239,10 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
     method that is not a generator (call it with call_service_sync instead).
     """
     name = request.method_name
+    if type(name) is str:
+        bound = task._generator_methods.get(name)
+        if bound is not None:
+            return bound, False  # the common case, found in one lookup
     if name[:1] in ("_", "") or task.service is None:
         raise task._method_not_found(name)
     method = getattr(task.service, name, None)
@@ -313,6 +325,8 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
             ended = run.pump(sink.window, task.inline_limit)
         finally:
             sink.in_place = False
+        if not ended:
+            sink.left_place()
         task.observe_cost(cost_key, (perf_counter() - began) / max(1, run.count))
         if ended:
             return
@@ -358,8 +372,7 @@ def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
     generator's step then is left to finish on its own (it is a daemon).
     """
     executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
-    sinks: set[StreamSink] = getattr(task, "_open_streams", set())
-    for sink in list(sinks):
+    for sink in list(task._open_streams):
         sink.cancel(unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), "the service stopped"))
     if executor is not None:
         task._stream_executor = None  # type: ignore[attr-defined]
@@ -370,13 +383,10 @@ def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
 
 
 def _track(task: BaseServiceTask, sink: StreamSink, add: bool) -> None:
-    sinks: set[StreamSink] | None = getattr(task, "_open_streams", None)
-    if sinks is None:
-        sinks = task._open_streams = set()  # type: ignore[attr-defined]
     if add:
-        sinks.add(sink)
+        task._open_streams.add(sink)
     else:
-        sinks.discard(sink)
+        task._open_streams.discard(sink)
 
 
 def _begin(task: BaseServiceTask, request: ServiceRequest) -> tuple[ServiceRequest, ServiceResponse | None, int, float]:
@@ -409,9 +419,10 @@ def _conclude(
     """Record the item count, run the server chain's after-hooks and observers (they see the whole stream)."""
     if limit < 0:
         return response  # expired before it started: never counted as started
-    response.metadata = {**response.metadata, ITEMS_KEY: count}
     chain = task._server_chain
     if chain is not None:
+        # The count is for the chain's observers; a caller counts the items it received itself.
+        response.metadata = {**response.metadata, ITEMS_KEY: count}
         response = chain.run_after(request, response, limit, began)
     next(task._finished)
     if not response.success:
@@ -803,9 +814,21 @@ class PulledStream(LocalStream):
             self._run.abandon(self._task._unavailable(self._run.request, "it stopped"))
 
     def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
-        if self._pulling and not self._items and self._response is None:
-            self._pull()
+        if self._pulling:
+            if not self._items and self._response is None:
+                self._pull()
+            if self._pulling:
+                # Only this thread (the consumer's) makes items while it pulls: no lock to take.
+                items = list(self._items)
+                self._items.clear()
+                return items, self._response
         return LocalStream.receive(self, timeout)
+
+    def _finish(self, response: ServiceResponse) -> None:
+        if self._pulling:
+            self._response = response  # ended in the consumer's thread: nobody waits for it
+            return
+        LocalStream._finish(self, response)
 
     async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         if self._pulling and self._response is None:
@@ -827,16 +850,17 @@ def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> 
     under ``inline_limit`` seconds. None: use ``task.open_stream`` (which
     also answers every refusal: unknown method, not a generator...).
     """
-    if task._serial_lock is not None or task.state != "running" or task.service is None:
+    if task._serial_lock is not None or task._state != "running":
         return None
-    cost = task.method_cost("stream:" + request.method_name)  # only ever recorded for generator methods
-    if cost is None or cost >= task.inline_limit:
-        return None
+    name = request.method_name
     try:
-        method, is_async = stream_method(task, request)
-    except (MethodNotFoundError, TypeError):
+        method = task._generator_methods.get(name)
+    except TypeError:  # an unhashable name: open_stream answers it
         return None
-    if is_async:
+    if method is None:
+        return None
+    cost = task._method_cost.get("stream:" + name)
+    if cost is None or cost >= task.inline_limit:
         return None
     return PulledStream(task, request, method, window)
 
@@ -860,6 +884,24 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
     ``response.metadata["kservice.stream.items"]`` and the whole stream's
     duration.
     """
+
+    __slots__ = (
+        "_async",
+        "_attempt",
+        "_began",
+        "_delivered",
+        "_done",
+        "_error",
+        "_items",
+        "_limit",
+        "_manager",
+        "_request",
+        "_route",
+        "_sent",
+        "_source",
+        "_unacknowledged",
+        "_window",
+    )
 
     def __init__(self, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int) -> None:
         self._manager = manager
@@ -933,10 +975,12 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return False
 
     def _after(self, response: ServiceResponse) -> ServiceResponse:
+        chain = self._route.chain
+        if chain is None:
+            return response  # the item count is for middleware observers: none here
         if not response.success or CLOSED_KEY in response.metadata or ITEMS_KEY not in response.metadata:
             response.metadata = {**response.metadata, ITEMS_KEY: self._delivered + len(self._items)}
-        chain = self._route.chain
-        return response if chain is None else chain.run_after(self._sent, response, self._limit, self._began)
+        return chain.run_after(self._sent, response, self._limit, self._began)
 
     def _remaining(self) -> float | None:
         deadline = self._request.deadline
@@ -1008,6 +1052,13 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         if self._done:
             return
         self._items.clear()
+        if self._route.chain is None:
+            # No middleware to see the end: nothing to build for it (first-item latency of short streams).
+            self._done = True
+            source, self._source = self._source, None
+            if source is not None:
+                source.close()
+            return
         self._end_without_retry(_ended_early(self._request, "the consumer closed the stream"))
         self._error = None
 

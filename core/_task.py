@@ -32,7 +32,6 @@ from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
 from ._stream import (
-    PulledStream,
     StreamSink,
     SyncStreamRun,
     open_on_task,
@@ -419,6 +418,10 @@ class BaseServiceTask:
         self._aio: TaskLoop | None = None
         self._async_methods: dict[str, Callable[..., Any]] = {}
         self._stream_methods: frozenset[str] = frozenset()
+        # The service's generator methods, bound once (an in-process stream finds its method in one lookup).
+        self._generator_methods: dict[str, Callable[..., Any]] = {}
+        # The streams being produced (the task cancels them when it stops); see _stream.py.
+        self._open_streams: set[StreamSink] = set()
         # The queue depth and the parked requests are guarded by a lock (the overflow
         # thread sleeps on it). Per-call counters are itertools.count objects instead:
         # next() is one atomic C call (~40 ns), where each lock pair costs ~150 ns.
@@ -685,6 +688,7 @@ class BaseServiceTask:
         kinds = method_kinds(type(instance))
         self._async_methods = {name: getattr(instance, name) for name in kinds.coroutines}
         self._stream_methods = kinds.streaming
+        self._generator_methods = {name: getattr(instance, name) for name in kinds.generators}
 
     @property
     def event_loop(self) -> TaskLoop | None:
@@ -952,16 +956,13 @@ class BaseServiceTask:
         """
         open_on_task(self, request, sink)
 
-    def pull_stream(self, request: ServiceRequest, window: int) -> PulledStream | None:
-        """Streaming call ``request`` as a source whose generator the consumer steps in its own thread, or None.
-
-        For in-process transports: the stream's counterpart of
-        :meth:`run_inline` (a thread-safe service's generator whose first
-        item was observed quick runs where it is read, with no thread
-        hand-off; see :class:`PulledStream` for what changes, and when it
-        moves to a stream thread). None: use :meth:`open_stream`.
-        """
-        return pull_stream(self, request, window)
+    #: ``pull_stream(request, window)``: streaming call ``request`` as a source whose generator the consumer
+    #: steps in its own thread, or None (then use :meth:`open_stream`). For in-process transports: the
+    #: stream's counterpart of :meth:`run_inline` (a thread-safe service's generator whose first item was
+    #: observed quick runs where it is read, with no thread hand-off; see :class:`PulledStream` for what
+    #: changes, and when it moves to a stream thread). The function itself, not a method calling it: one
+    #: call fewer on an in-process stream's open (first-item latency).
+    pull_stream = pull_stream
 
     def run_stream_here(self, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
         """Serve streaming call ``request`` with its generator stepped in the caller's thread.

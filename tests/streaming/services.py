@@ -179,3 +179,16 @@ class TokenModel:
         yield from range(n)
         time.sleep(0.2)
         os._exit(3)
+
+
+class EndObserver(kservice.ServiceMiddleware):
+    """Client middleware counting the streams whose end the caller read (not those it closed early)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def observe_call(
+        self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float
+    ) -> None:
+        if "kservice.stream.closed" not in response.metadata:
+            self.ended += 1

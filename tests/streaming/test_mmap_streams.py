@@ -14,7 +14,7 @@ from kservice.testing import wait_for
 
 from tests.conftest import SHM_DIR
 from tests.mmap.services import hosting, unique
-from tests.streaming.services import TokenModel
+from tests.streaming.services import EndObserver, TokenModel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,3 +204,25 @@ def test_async_consumers_and_cancelled_ones_never_lose_the_next_streams_items(ma
 
     asyncio.run(consume_then_cancel())
     _closed(manager, "acancel")
+
+
+def test_a_short_streams_last_item_travels_with_its_end() -> None:
+    # A quick generator runs where its request arrives; its last item and its end leave in one record,
+    # so the read that brings the last item also ends the stream (the caller's close has nothing to
+    # tell the host). Sent apart, the end would often still be on its way when that read returns.
+    observer = EndObserver()
+    name = unique("model")
+    environment = kservice.ServiceEnvironment("streams-mmap-tail", {"service_call": {"max_retries": 0}})
+    environment.add_middleware(observer)
+    environment.register_service(name, kservice.ServiceFactory(name, TokenModel), kind="process")
+    with environment, kservice.ServiceManager(environment) as manager:
+        for _ in range(20):  # the first streams are timed in a stream thread; then they run in place
+            assert list(manager.stream(name, "count", (2,))) == [0, 1]
+        ended_with_the_item = 0
+        for _ in range(50):
+            before = observer.ended
+            with manager.stream(name, "count", (2,)) as stream:
+                assert [next(stream), next(stream)] == [0, 1]
+                ended_with_the_item += observer.ended == before + 1
+        assert ended_with_the_item == 50
+        assert manager.call_service_sync(name, "echo", ("still serving",)) == "still serving"
