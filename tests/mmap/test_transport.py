@@ -337,7 +337,17 @@ def test_a_fast_method_first_queued_behind_slow_work_still_runs_inline_afterward
     name = unique("backlog")
     env = ServiceEnvironment(
         "backlog",
-        {"services": {name: {"class": "tests.mmap.services:KV", "transports": ["mmap"], "local": {"max_workers": 2}}}},
+        {
+            "services": {
+                name: {
+                    "class": "tests.mmap.services:KV",
+                    "transports": ["mmap"],
+                    "local": {"max_workers": 2},
+                    # A limit far above a run of the method on a loaded machine, far below its wait (~0.3 s).
+                    "mmap": {"inline_limit": 0.05},
+                }
+            }
+        },
     )
     with env, ServiceManager() as outsider:  # through the registry: the mmap listener, not in-process
         busy = [outsider.call_service_async(name, "sleep", (0.5,)) for _ in range(2)]  # every worker busy
