@@ -867,22 +867,30 @@ class _AsyncCall(CallFuture[Any]):
 
     def __call__(self, response: ServiceResponse) -> None:
         """The first attempt's reply callback, called by the transport."""
-        if response.success and self._route.chain is None:
-            # The common case in one step: no after-hooks to run, no retry to consider.
-            with _claiming:
-                if self._open_attempt != 0:
-                    return  # late: the deadline settled the attempt already
-                self._open_attempt = -1
+        if not response.success:
+            self._settle(response, 0)
+            return
+        # A success, the common case, in one step: claimed here and its after-hooks run here
+        # (a retry is considered only if one of them turns it into a failure).
+        chain = self._route.chain
+        with _claiming:
+            if self._open_attempt != 0:
+                return  # late: the deadline settled the attempt already
+            self._open_attempt = -1
+            if chain is None:
                 try:
                     finished = self._finish_locked(response.result, None)
                 except InvalidStateError:
                     finished = True  # cancelled by the caller
+        if chain is None:
             if finished:
                 self._request = self._sent = _RELEASED
             else:
                 self._complete(response)  # something waits on the future: the standard path
             return
-        self._settle(response, 0)
+        if self._state != "PENDING":
+            return  # cancelled by the caller
+        self._conclude(chain.run_after(self._sent, response, self._limit, self._began))
 
     def _finished(self) -> bool:
         """Whether the caller has its outcome (or gave up): no further reply matters."""
@@ -968,7 +976,10 @@ class _AsyncCall(CallFuture[Any]):
             return  # late: the deadline settled this attempt already
         if self._state != "PENDING":
             return  # cancelled by the caller
-        response = self._after(response)
+        self._conclude(self._after(response))
+
+    def _conclude(self, response: ServiceResponse) -> None:
+        """A claimed attempt's final response (its after-hooks run): retry, or complete the call."""
         if not response.success:
             manager = self._manager
             if not manager._closed:

@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kservice import (
+    MAY_HAVE_RUN,
     ServiceEnvironment,
     ServiceManager,
     ServiceMiddleware,
     ServiceRequest,
     ServiceResponse,
+    ServiceUnavailableError,
 )
 
 from tests.core.services import KeyValue
@@ -147,6 +149,41 @@ def test_raising_after_hook_and_server_hook_give_typed_errors_and_keep_serving()
         with pytest.raises(LookupError, match="tenant unknown"):
             manager.call_service_sync("kv", "keys")
         assert manager.call_service_sync("kv", "get", ("a",)) == 1
+
+
+class FailFirstSuccess(ServiceMiddleware):
+    """Turns the first successful answer into a runtime failure that provably never ran (so it is retried)."""
+
+    def __init__(self) -> None:
+        self.turned = 0
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> ServiceResponse | None:
+        if response.success and not self.turned:
+            self.turned += 1
+            failed = ServiceResponse.from_exception(
+                request.request_id, ServiceUnavailableError("turned by middleware"), origin="runtime"
+            )
+            failed.metadata[MAY_HAVE_RUN] = False
+            return failed
+        return None
+
+
+@pytest.mark.timeout(30)
+def test_async_success_turned_into_a_failure_by_an_after_hook_fails_or_is_retried_as_sync() -> None:
+    # An async call's successful reply takes a shorter path through its after-hooks than a failed
+    # one: a hook that raises there still fails the future (outer middleware seeing the error), and
+    # a hook that turns the success into a retryable failure still gets the call retried.
+    log: list[str] = []
+    with _env(Trace("outer", log), BrokenAfter()) as env, ServiceManager(env) as manager:
+        with pytest.raises(RuntimeError, match="metrics backend down"):
+            manager.call_service_async("kv", "get", ("a",)).result(timeout=5)
+        assert log[-1] == "outer.after_call RuntimeError"
+    turning = FailFirstSuccess()
+    with _env(turning) as env, ServiceManager(env) as manager:
+        assert manager.call_service_async("kv", "get", ("a",), timeout=10).result(timeout=10) == 1
+        assert turning.turned == 1
+        assert env.get_task("kv").get_service_status().requests_total == 2  # sent again
+        assert manager.call_service_async("kv", "get", ("a",)).result(timeout=5) == 1
 
 
 def test_middleware_that_overrides_nothing_is_not_in_the_chain() -> None:

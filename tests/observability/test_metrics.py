@@ -279,3 +279,25 @@ def test_the_fast_bucket_table_is_the_bisection_it_replaces() -> None:
 
     expected = [bisect_right(metrics.BUCKET_BOUNDS, step / 1e8) for step in range(10_000)]
     assert metrics._fast_bucket_table() == expected
+
+
+def test_a_recorded_call_lands_in_the_bucket_bisection_gives_at_every_duration() -> None:
+    # The per-call record looks fast durations up in a table and bisects the rest (pipelined calls,
+    # queued behind thousands of others, take milliseconds): both must agree with the bisection,
+    # at the table's edge too, and a first call of a method (no entry yet) counts like the others.
+    from bisect import bisect_right
+
+    recorder = ServiceRecorder("client", "buckets", clock=lambda: 0.0)
+    observer = ClientMetrics(recorder)
+    request = ServiceRequest("r", "buckets", "m")
+    ok = ServiceResponse(True, None, request_id="r")
+    edge = metrics._FAST_SECONDS
+    durations = [0.0, 1e-6, 5e-6, 9.999e-5, edge, edge + 1e-12, 1e-4, 1.0001e-4, 1.3e-4, 5e-3, 0.07, 3.0, 250.0]
+    expected = [0] * len(recorder.cumulative().get("m", metrics._MethodStats()).buckets)
+    for seconds in durations:
+        observer.observe_call(request, ok, seconds)
+        expected[bisect_right(metrics.BUCKET_BOUNDS, seconds)] += 1
+    stats = recorder.cumulative()["m"]
+    assert stats.buckets == expected
+    assert stats.calls == len(durations) and not stats.errors
+    assert stats.seconds == pytest.approx(sum(durations))
