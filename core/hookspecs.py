@@ -108,6 +108,11 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 def kservice_register_commands(cli: click.Group) -> None:
     """Add sub-commands to the ``kservice`` command-line tool.
 
+    ``cli.add_command(command)`` adds one at once; to keep the tool's start
+    fast, name it instead in ``cli.lazy_commands`` (``{"name":
+    "package.module:attribute"}``): the module is imported, and the command
+    added, only when that command is run or listed.
+
     If it raises: the error propagates and the command-line tool does not start.
     """
 

@@ -9,31 +9,65 @@ Plugins add commands through the ``kservice_register_commands`` hook (the
 Layout: ``_group`` holds the command group and what its commands share; one
 module per command group adds its commands to it when imported (``services``:
 ``plugins`` and ``services``; ``call``; ``status``: ``status`` and
-``dashboard``; ``bench``; ``config``); this module imports them all and holds
-:func:`main`, the console script's entry point.
+``dashboard``; ``bench``; ``config``), which happens when one of its commands
+is run or listed (``_Group.lazy_commands``); this module holds :func:`main`,
+the console script's entry point.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .._errors import ServiceError
 from .._plugins import get_plugin_manager
-
-# Importing a command module adds its commands to the group (the others are imported below).
-from . import bench, call  # noqa: F401
 from ._group import FiniteFloatRange as FiniteFloatRange
 from ._group import _fail
 from ._group import cli as cli
-from .config import config_reference as config_reference
-from .services import running_services as running_services
-from .services import service_listing as service_listing
-from .status import REPLICAS_NOTE as REPLICAS_NOTE
-from .status import _collect_statuses as _collect_statuses
-from .status import status_rows as status_rows
-from .status import status_table as status_table
+
+if TYPE_CHECKING:
+    from .config import config_reference as config_reference
+    from .services import running_services as running_services
+    from .services import service_listing as service_listing
+    from .status import REPLICAS_NOTE as REPLICAS_NOTE
+    from .status import _collect_statuses as _collect_statuses
+    from .status import status_rows as status_rows
+    from .status import status_table as status_table
+
+#: command name -> the module of this package that defines it (imported when the command is used)
+cli.lazy_commands.update(
+    {
+        "bench": f"{__name__}.bench",
+        "call": f"{__name__}.call",
+        "config": f"{__name__}.config",
+        "dashboard": f"{__name__}.status",
+        "plugins": f"{__name__}.services",
+        "services": f"{__name__}.services",
+        "status": f"{__name__}.status",
+    }
+)
+#: name re-exported here -> the module of this package it is read from when first used
+_LAZY_NAMES = {
+    "config_reference": "config",
+    "running_services": "services",
+    "service_listing": "services",
+    "REPLICAS_NOTE": "status",
+    "_collect_statuses": "status",
+    "status_rows": "status",
+    "status_table": "status",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "FiniteFloatRange",

@@ -31,7 +31,32 @@ class FiniteFloatRange(click.FloatRange):
 
 
 class _Group(click.Group):
-    """Turns kservice errors raised by sub-commands into one line on stderr and exit status 1."""
+    """Turns kservice errors raised by sub-commands into one line on stderr and exit status 1.
+
+    ``lazy_commands`` maps a command's name to where it is defined: a module
+    that adds it to this group when imported, or ``"module:attribute"``, a
+    command added when first needed. The module is imported when the command
+    is run or listed, so ``kservice call`` imports neither the status table,
+    the dashboard, the benchmark, the config reference nor ``kservice serve``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = self.lazy_commands.get(cmd_name)
+        if cmd_name not in self.commands and where is not None:
+            from importlib import import_module
+
+            module_name, _, attribute = where.partition(":")
+            module = import_module(module_name)
+            if attribute:
+                self.add_command(getattr(module, attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

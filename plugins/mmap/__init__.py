@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from kservice import BaseServiceTask, ServiceAddress, Setting, Transport, hookimpl
 
-from .registry import ServiceNameTaken, lookup, running_services
+from .registry import ServiceNameTaken, lookup, reclaim, running_services
 from .transport import MmapConnection, MmapListener, MmapTransport
 
 if TYPE_CHECKING:
     import click
     from kservice import ServiceFactory, TaskContext
 
-    from .host import ProcessServiceTask, reclaim
+    from .host import ProcessServiceTask
 
 __all__ = [
     "MmapConnection",
@@ -39,7 +39,7 @@ _transport = MmapTransport()
 def __getattr__(name: str) -> Any:
     # The hosting side (pickle, json, signals, the worker pool) is imported when it is first
     # used: a process that only calls services does not pay for it at start.
-    if name in ("ProcessServiceTask", "reclaim"):
+    if name == "ProcessServiceTask":
         from . import host
 
         return getattr(host, name)
@@ -136,11 +136,14 @@ def kservice_task_stopping(task: BaseServiceTask) -> None:
 
 @hookimpl
 def kservice_register_commands(cli: click.Group) -> None:
-    from .commands import cleanup_command, serve_command
-    from .host import reclaim
+    lazy = getattr(cli, "lazy_commands", None)
+    if isinstance(lazy, dict):  # kservice's own group: the commands (and the host) load when used
+        lazy.update(serve=f"{__name__}.commands:serve_command", cleanup=f"{__name__}.commands:cleanup_command")
+    else:
+        from .commands import cleanup_command, serve_command
 
-    cli.add_command(serve_command)
-    cli.add_command(cleanup_command)
+        cli.add_command(serve_command)
+        cli.add_command(cleanup_command)
     # Every kservice command starts here: reclaim what dead processes left behind.
     with contextlib.suppress(Exception):
         reclaim()

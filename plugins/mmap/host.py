@@ -51,8 +51,7 @@ from kservice import (
 )
 from kservice import Listener as _Listener
 
-from . import codec, registry
-from .ring import add_janitor, reclaim_stale_queues
+from .registry import reclaim
 
 __all__ = ["ProcessServiceTask", "reclaim", "serve"]
 
@@ -93,25 +92,6 @@ def _child_sys_path() -> list[str]:
     except OSError:  # the working directory was removed: nothing to resolve against
         relative = []
     return list(dict.fromkeys([*absolute, *relative]))
-
-
-def reclaim() -> dict[str, list[str]]:
-    """Remove what dead processes left: request/response rings, registry records, out-of-band segments."""
-    return {
-        "queues": reclaim_stale_queues(),
-        "records": registry.reclaim_records(),
-        "segments": codec.reclaim_segments(registry.process_alive),
-    }
-
-
-def _reclaim_records_and_segments() -> None:
-    registry.reclaim_records()
-    codec.reclaim_segments(registry.process_alive)
-
-
-# Any process that uses the mmap plugin, not only the CLI, reclaims what dead processes left when it
-# first uses a queue directory (the rings themselves are reclaimed by the ring module).
-add_janitor(_reclaim_records_and_segments)
 
 
 # =========================================================================== serving

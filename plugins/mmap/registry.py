@@ -27,15 +27,18 @@ from urllib.parse import quote, unquote
 
 from kservice import ServiceError
 
+from . import codec
 from .ring import (
     RuntimeDirectoryError,
     _proc_stat,
+    add_janitor,
     default_private_directory,
     is_private_file,
     locked,
     locked_directory,
     private_directory,
     queue_directory,
+    reclaim_stale_queues,
 )
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "process_alive",
     "process_start_time",
     "publish",
+    "reclaim",
     "reclaim_records",
     "registry_directory",
     "running_services",
@@ -294,3 +298,23 @@ def reclaim_records() -> list[str]:
             if record is not None and _remove_if_stale(directory, Path(entry.path)):
                 removed.append(unquote(entry.name[: -len(_SUFFIX)]))
     return sorted(removed)
+
+
+def reclaim() -> dict[str, list[str]]:
+    """Remove what dead processes left: request/response rings, registry records, out-of-band segments."""
+    return {
+        "queues": reclaim_stale_queues(),
+        "records": reclaim_records(),
+        "segments": codec.reclaim_segments(process_alive),
+    }
+
+
+def _reclaim_records_and_segments() -> None:
+    reclaim_records()
+    codec.reclaim_segments(process_alive)
+
+
+# Any process that uses the mmap plugin (this module is loaded with it), not only the CLI and hosts,
+# reclaims what dead processes left when it first uses a queue directory (the rings themselves are
+# reclaimed by the ring module).
+add_janitor(_reclaim_records_and_segments)

@@ -192,12 +192,18 @@ def test_a_program_using_only_the_library_reclaims_what_a_killed_host_left() -> 
     )
     assert host.stdout is not None
     assert host.stdout.readline().startswith(f"serving {name}")
+    from kservice import ServiceManager
+
+    with ServiceManager() as manager:  # a large answer: the host writes it to a pooled segment of its own
+        manager.call_service_sync(name, "put", ("big", b"x" * (1 << 20)))
+        assert len(manager.call_service_sync(name, "get", ("big",))) == 1 << 20
     host.kill()
     host.wait()
     host.stdout.close()
     host.stderr.close()  # type: ignore[union-attr]
     left = [p.name for p in SHM_DIR.iterdir() if f".{host.pid}." in p.name]
     assert left, "the killed host left its request ring"
+    assert any(f"-{host.pid}-" in p.name for p in SHM_DIR.iterdir()), "the killed host left its segment"
     assert (REGISTRY_DIR / f"{name}.json").exists()
     # A program that never runs the CLI, calling some other service by name.
     code = (
@@ -210,7 +216,11 @@ def test_a_program_using_only_the_library_reclaims_what_a_killed_host_left() -> 
     )
     done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "not found", done.stderr
-    left = [p.name for p in SHM_DIR.iterdir() if f".{host.pid}." in p.name] if SHM_DIR.exists() else []
+    left = (
+        [p.name for p in SHM_DIR.iterdir() if f".{host.pid}." in p.name or f"-{host.pid}-" in p.name]
+        if SHM_DIR.exists()
+        else []
+    )
     assert not left  # (the directory itself goes when the last process leaves it empty)
     assert not (REGISTRY_DIR / f"{name}.json").exists()
 
