@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.mmap.services import child_env
+from tests.mmap.services import REPO_ROOT, child_env
 
 #: Imported by nothing a plain caller needs (each one is used by a command, a config file, a retry,
 #: a configured tracer provider or a metrics endpoint).
@@ -58,3 +59,55 @@ def test_process_liveness_from_procfs_matches_psutil() -> None:
     assert not registry.process_alive(child.pid)
     assert registry.process_start_time(child.pid) == 0.0
     assert not registry.process_alive(0) and not registry.process_alive(-1)
+
+
+#: What ``kservice call`` of a running service has no use for: the hosting side, the other commands,
+#: Ray's replica machinery, and (the entry points being cached) the distribution metadata reader.
+NOT_FOR_A_CALL = (
+    "kservice.plugins.mmap.host",
+    "kservice.plugins.mmap.commands",
+    "kservice.cli.status",
+    "kservice.cli.bench",
+    "kservice.cli.config",
+    "kservice.plugins.ray.connection",
+    "kservice.plugins.ray.task",
+    "importlib.metadata",
+    "rich",
+)
+
+_CLI_CALLER = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps(sorted(set(sys.modules) & set(sys.argv[1:]))), file=sys.stderr))
+from kservice.cli import main
+main(["call", "cold-kv", "echo", '["hi"]'])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_kservice_call_loads_only_what_a_call_needs(tmp_path: Path) -> None:
+    from tests.cli.helpers import KSERVICE, cli_env
+
+    env = cli_env(KSERVICE_CACHE_DIR=str(tmp_path / "cache"))
+    host = subprocess.Popen(
+        [KSERVICE, "serve", "--app-dir", str(REPO_ROOT), "cold-kv=tests.mmap.services:KV"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert host.stdout is not None and host.stdout.readline().startswith("serving cold-kv")
+        for attempt in ("writes the entry-point cache", "reads it"):
+            done = subprocess.run(
+                [sys.executable, "-c", _CLI_CALLER, *NOT_FOR_A_CALL],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            assert done.returncode == 0 and done.stdout.strip() == '"hi"', (attempt, done.stderr)
+        loaded = json.loads(done.stderr.strip().splitlines()[-1])
+        assert loaded == [], f"kservice call imported {loaded}"
+    finally:
+        host.terminate()
+        host.communicate(timeout=30)
