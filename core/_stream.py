@@ -101,6 +101,9 @@ class StreamSink(ABC):
     liveness_interval: float | None = None
     #: True while the stream is made in a thread that must not wait (a listener's): ``_emit`` may raise SinkBusy
     in_place = False
+    #: False for a sink whose only reader is the thread that opens the stream: its items would wait for
+    #: the whole pass made in place (a step that never returns would keep them), so none is made there
+    in_place_allowed = True
 
     def consumer_alive(self) -> bool:
         """Whether the consumer can still read (transports whose consumer may die override it)."""
@@ -312,7 +315,12 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
         return
     cost_key = "stream:" + request.method_name
     first_cost = task.method_cost(cost_key)
-    if task._serial_lock is None and first_cost is not None and first_cost < task.inline_limit:
+    if (
+        task._serial_lock is None
+        and first_cost is not None
+        and first_cost < task.inline_limit
+        and sink.in_place_allowed
+    ):
         # Its first item has been quick to make: made here, it reaches the caller without a thread
         # hand-off (first-item latency). Items keep being made here while they come fast and fit
         # the window (so this thread never waits for the consumer): a short stream ends here

@@ -25,7 +25,7 @@ from kservice import (
 )
 
 from .common import _CONTROL_GROUP, _REFUSED_KEY, RETRYABLE_KEY, _first_line, _ray
-from .wire import _COST, WIRE_VERSION, WireRequest, WireResponse, _pack, _Stored
+from .wire import _COST, WIRE_VERSION, WireRequest, WireResponse, _pack, _Stored, stream_shape
 
 # ---------------------------------------------------------------------------
 # Inside the actor
@@ -190,20 +190,26 @@ class _ReplicaHost:
         while len(skipped) > _SKIPPED_KEPT:
             skipped.pop(next(iter(skipped)), None)
 
-    def handle_stream(self, envelope: bytes | WireRequest, window: int) -> Iterator[Any]:
+    def handle_stream(self, envelope: bytes | WireRequest, window: int, batched: bool = False) -> Iterator[Any]:
         """Serve one stream (called with ``num_returns="streaming"``): its items, then one :class:`_StreamEnd`.
 
-        A sync generator is stepped here, item by item, as Ray asks for the
-        next (Ray's back-pressure, set to ``window`` by the caller, bounds how
-        far ahead it runs); an async generator (an async replica) runs on the
-        task's event loop. Ray cancelling this generator (the caller closed the
-        stream) closes the service's generator: its ``finally`` runs. Never
-        raises of its own; an item Ray cannot serialize fails this Ray task,
-        which the caller reports as a TypeError.
+        With ``batched`` (a caller of wire version 3), the items made while the
+        last object was on its way travel together, up to
+        ``stream_shape(window)[0]`` per Ray object (an :class:`_ItemBatch`; see
+        :meth:`_stream_batched`). Otherwise a sync generator is stepped here,
+        item by item, as Ray asks for the next (Ray's back-pressure, set by the
+        caller from ``window``, bounds how far ahead it runs); an async
+        generator (an async replica) runs on the task's event loop. Ray cancelling this generator (the caller
+        closed the stream) closes the service's generator: its ``finally``
+        runs. Never raises of its own; an item Ray cannot serialize fails this
+        Ray task, which the caller reports as a TypeError.
         """
         request = self._request(envelope)
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
+            return
+        if batched:
+            yield from self._stream_batched(request, stream_shape(window)[0])
             return
         # The service's generator is stepped right here, in this Ray thread: no hand-off per item.
         collected = _CollectedItems()
@@ -231,6 +237,32 @@ class _ReplicaHost:
                 )
             collected.cancel()
             self.streams.pop(request.request_id, None)
+
+    def _stream_batched(self, request: ServiceRequest, per_object: int) -> Iterator[Any]:
+        """The items of ``request``'s stream as Ray objects of up to ``per_object`` items (wire version 3).
+
+        The service's generator runs in one of the task's stream threads (an
+        async one on its event loop), at most ``per_object`` items ahead of this
+        Ray generator, which sends whatever was made each time Ray asks for the
+        next object: items made quickly share an object, and an item never
+        waits for a later step of the generator (one that never returns keeps
+        nothing the generator made before it).
+        """
+        local = _ReadElsewhere(per_object)
+        self.streams[request.request_id] = local
+        self.task.open_stream(request, local)  # type: ignore[union-attr]
+        try:
+            while True:
+                items, end = local.receive(_STREAM_POLL)
+                for part in _objects_of(items, per_object):  # noqa: UP028 - Ray resumes its generators with send()
+                    yield part
+                if items:
+                    local.consumed(len(items))
+                if end is not None:
+                    yield _stream_end(request, end)
+                    return
+        finally:
+            self._close_local_stream(request.request_id, local)
 
     def _open_local_stream(self, request: ServiceRequest, window: int) -> LocalStream:
         local = LocalStream(window)
@@ -344,18 +376,25 @@ class _AsyncReplicaHost(_ReplicaHost):
             task.cancel_request(request.request_id)
             raise
 
-    async def handle_stream(self, envelope: bytes | WireRequest, window: int) -> AsyncIterator[Any]:  # type: ignore[override]
-        """:meth:`_ReplicaHost.handle_stream` on the actor's event loop (Ray cancelling it closes the stream)."""
+    async def handle_stream(  # type: ignore[override]
+        self, envelope: bytes | WireRequest, window: int, batched: bool = False
+    ) -> AsyncIterator[Any]:
+        """:meth:`_ReplicaHost.handle_stream` on the actor's event loop (Ray cancelling it closes the stream).
+
+        Items the service's generator made while the last object was on its way
+        travel together (up to ``stream_shape(window)[0]`` per object, with ``batched``).
+        """
         request = self._request(envelope)
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
             return
+        per_object = stream_shape(window)[0] if batched else 1
         local = self._open_local_stream(request, window)
         try:
             while True:
                 items, end = await local.areceive(_STREAM_POLL)
-                for item in items:
-                    yield item
+                for part in _objects_of(items, per_object):
+                    yield part
                 if items:
                     local.consumed(len(items))
                 if end is not None:
@@ -373,6 +412,51 @@ class _AsyncReplicaHost(_ReplicaHost):
 
 #: seconds a replica's stream generator waits for the service's next item before looking again
 _STREAM_POLL = 0.5
+
+
+class _ItemBatch:
+    """Several items of a stream in one Ray object (wire version 3): Ray's cost per object, paid once.
+
+    ``packed`` is the list of items pickled as a call's result is (``wire._pack``).
+    """
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        self.packed = packed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ItemBatch, (self.packed,))
+
+    def items(self) -> list[Any]:
+        items: list[Any] = pickle.loads(self.packed)
+        return items
+
+
+def _objects_of(items: list[Any], per_object: int) -> Iterator[Any]:
+    """``items`` as the Ray objects that carry them: alone, or in :class:`_ItemBatch` es of ``per_object``.
+
+    Items that the standard pickler should not carry (see ``wire._pack``:
+    Ray handles, ``__main__`` classes, numpy buffers, or an item that cannot
+    be pickled at all) travel alone, through Ray's serializer, as without
+    batches: the items before an unserializable one still arrive.
+    """
+    if per_object == 1 or len(items) == 1:
+        yield from items
+        return
+    for start in range(0, len(items), per_object):
+        part = items[start : start + per_object]
+        packed = _pack(part) if len(part) > 1 else None
+        if packed is None:
+            yield from part
+        else:
+            yield _ItemBatch(packed)
+
+
+class _ReadElsewhere(LocalStream):
+    """A sink read by the Ray thread that opens the stream: its items are never made in that thread."""
+
+    in_place_allowed = False
 
 
 class _CollectedItems(LocalStream):

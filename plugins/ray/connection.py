@@ -19,7 +19,7 @@ from kservice import (
     StreamSource,
 )
 
-from .actor import _STREAM_POLL, _StreamEnd
+from .actor import _STREAM_POLL, _ItemBatch, _StreamEnd
 from .balancers import _make_balancer
 from .common import (
     _CONTROL_GROUP,
@@ -35,7 +35,7 @@ from .common import (
 from .completion import _completer
 from .discovery import _deployments
 from .replicas import _aggregate_status, _Replica, _ReplicaSet, _Waiting
-from .wire import _from_wire, _to_wire
+from .wire import _from_wire, _to_wire, stream_shape
 
 if TYPE_CHECKING:
     from .task import RayServiceTask
@@ -197,7 +197,7 @@ class RayConnection(Connection):
         replica = replicas.pick_for_stream()
         if replica is None:
             return _RayStreamSource.failed(replicas.no_replica(request))
-        return _RayStreamSource(self._ray, replica, request, window)
+        return _RayStreamSource(self._ray, replica, request, window, replicas.wire)
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         ray = self._ray
@@ -271,7 +271,9 @@ class RayConnection(Connection):
 class _RayStreamSource(StreamSource):
     """The caller's end of one stream from a replica (see :meth:`RayConnection.open_stream`)."""
 
-    def __init__(self, ray: ModuleType | None, replica: _Replica | None, request: ServiceRequest, window: int) -> None:
+    def __init__(
+        self, ray: ModuleType | None, replica: _Replica | None, request: ServiceRequest, window: int, wire: int
+    ) -> None:
         self._ray = ray
         self._replica = replica
         self._request = request
@@ -280,15 +282,20 @@ class _RayStreamSource(StreamSource):
         if replica is None:
             return
         try:
-            self._generator = replica.handle.handle_stream.options(
-                num_returns="streaming", _generator_backpressure_num_objects=window
-            ).remote(_to_wire(request), window)
+            if wire >= 3:  # several items per Ray object (a replica of an older version sends one each)
+                self._generator = replica.handle.handle_stream.options(
+                    num_returns="streaming", _generator_backpressure_num_objects=stream_shape(window)[1]
+                ).remote(_to_wire(request), window, True)
+            else:
+                self._generator = replica.handle.handle_stream.options(
+                    num_returns="streaming", _generator_backpressure_num_objects=window
+                ).remote(_to_wire(request), window)
         except Exception as exc:
             self._failed = _send_failure(request, exc)
 
     @classmethod
     def failed(cls, response: ServiceResponse) -> _RayStreamSource:
-        source = cls(None, None, ServiceRequest(response.request_id, "", ""), 1)
+        source = cls(None, None, ServiceRequest(response.request_id, "", ""), 1, 0)
         source._failed = response
         return source
 
@@ -323,6 +330,8 @@ class _RayStreamSource(StreamSource):
             )
         except Exception as exc:
             return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
+        if type(value) is _ItemBatch:
+            return value.items(), None
         if type(value) is _StreamEnd:
             self._generator = None
             return [], value.response

@@ -18,8 +18,26 @@ from .common import _first_line
 
 _COST = struct.Struct("<d")
 #: what a replica speaks, in its ready/describe answers: 2 adds the run-time trailer and ``handle_batch``
-#: (a deployment started by an older version answers without it, and its calls are never batched)
-WIRE_VERSION = 2
+#: (a deployment started by an older version answers without it, and its calls are never batched);
+#: 3 adds streams whose Ray objects carry several items (``handle_stream``'s ``per_object``)
+WIRE_VERSION = 3
+
+
+def stream_shape(window: int) -> tuple[int, int]:
+    """How a stream of ``window`` items travels: (items per Ray object at most, Ray objects ahead of the caller).
+
+    Ray's streaming generator costs the same per object whatever it carries
+    (hundreds of microseconds on one host), so a replica whose generator makes
+    items quickly sends several per object. What was made ahead of the
+    consumer stays within ``window`` items (one more when ``window`` < 8, as
+    with one item per object): the objects Ray holds, the batch the replica is
+    filling, and the one the caller is handing out.
+    """
+    per_object = max(1, min(64, window // 4))
+    if per_object == 1:
+        return 1, max(1, window)
+    return per_object, window // per_object - 2
+
 
 #: the fields of a request as they travel: (request_id, method_name, args, kwargs, deadline, metadata)
 WireRequest: TypeAlias = tuple[str, str, tuple[Any, ...], dict[str, Any], float | None, dict[str, Any]]

@@ -262,6 +262,10 @@ def run_ray(quick: bool) -> list[dict[str, Any]]:
                 assert count == n_items
                 return count
 
+            # One unmeasured stream of each first: the first stream through a replica imports what the
+            # stream path needs in the actor's worker, the bare actor has nothing to import.
+            ours()
+            theirs()
             # Alternating rounds; the ratio is the median of each round's pair (Ray's speed drifts a lot
             # on a shared machine, and a pair measured back to back sees the same drift).
             rates_ours, rates_theirs = [], []

@@ -68,12 +68,18 @@ class StreamReplica:
 
     def __init__(self) -> None:
         self.closed: list[str] = []
+        self.produced: dict[str, int] = {}
 
     def count(self, n: int, tag: str = "") -> Iterator[int]:
         try:
-            yield from range(n)
+            for i in range(n):
+                self.produced[tag] = i + 1
+                yield i
         finally:
             self.closed.append(tag)
+
+    def produced_by(self, tag: str) -> int:
+        return self.produced.get(tag, 0)
 
     def slow(self, n: int, delay: float, tag: str = "") -> Iterator[int]:
         try:

@@ -168,3 +168,34 @@ def test_a_thousand_abandoned_ray_streams_leave_nothing_running(manager: Service
         interval=0.2,
     )
     assert list(manager.stream("sreplica", "count", (3,))) == [0, 1, 2]
+
+
+@pytest.mark.timeout(120)
+def test_a_quick_generator_streams_several_items_per_ray_object_in_order_within_its_window(
+    manager: ServiceManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kservice.plugins.ray.connection import _RayStreamSource
+    from kservice.plugins.ray.wire import stream_shape
+
+    per_object: list[int] = []  # items carried by each Ray object the caller took
+    receive = _RayStreamSource.receive
+
+    def counted(self: _RayStreamSource, timeout: float | None) -> Any:
+        items, end = receive(self, timeout)
+        if items:
+            per_object.append(len(items))
+        return items, end
+
+    monkeypatch.setattr(_RayStreamSource, "receive", counted)
+    assert list(manager.stream("sreplica", "count", (5000, "batched"), window=64)) == list(range(5000))
+    assert len(per_object) < 5000 // 2 and max(per_object) <= stream_shape(64)[0]
+    # A slow consumer still holds the replica to the window, counted in items.
+    window = 16
+    with manager.stream("sreplica", "count", (10**6, "held"), window=window) as stream:
+        taken = [next(stream) for _ in range(3)]
+        wait_for(lambda: manager.call_service_sync("sreplica", "produced_by", ("held",)) >= 3, timeout=10)
+        time.sleep(0.5)  # deliberate: room for the replica to run ahead, were it not held
+        produced = manager.call_service_sync("sreplica", "produced_by", ("held",))
+        assert taken == [0, 1, 2]
+        assert produced <= len(taken) + window + 1, produced
+    wait_for(lambda: "held" in manager.call_service_sync("sreplica", "report"), timeout=10)
