@@ -45,10 +45,12 @@ class Items:
 
 
 class RaisingHandleBatch(kservice.ServiceMiddleware):
-    """Server middleware whose batch hook raises (and whose per-call hook raises alike)."""
+    """Server middleware whose hooks raise for ``check`` calls, the batch hook as the per-call one."""
 
     def after_handle(self, response: kservice.ServiceResponse, request: kservice.ServiceRequest) -> None:
-        raise RuntimeError("after_handle failed")
+        if request.method_name == "check":
+            raise RuntimeError("after_handle failed")
 
     def after_handle_batch(self, batch: kservice.CallBatch) -> None:
-        raise RuntimeError("after_handle failed")
+        if batch.method_name == "check":
+            raise RuntimeError("after_handle failed")

@@ -281,3 +281,133 @@ def test_a_host_that_does_not_say_it_runs_chunks_gets_each_call_on_its_own(
     assert list(manager.map("kv", "add", [(i, 1) for i in range(500)], chunk_size=100)) == [i + 1 for i in range(500)]
     assert time.monotonic() - started < 5  # nothing waited for an answer that would never come
     assert asked == ([1] if _fast(manager, "kv") else [])  # asked once, only when the compact form was possible
+
+
+# ------------------------------------------------------------------ batch hooks
+
+
+class _Seen(ServiceMiddleware):
+    """Counts what a third-party middleware is shown: calls one by one, or chunks (no lock: it is sent to hosts)."""
+
+    def __init__(self) -> None:
+        self.on = True
+        self.calls: list[int] = []  # list.append is atomic: calls complete in several threads
+        self.chunks: list[int] = []
+
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.calls.append(1)
+
+
+class _SeenInChunks(_Seen):
+    def observe_batch(self, batch: Any) -> None:
+        self.chunks.append(batch.count)
+
+
+def _host_with(middleware: ServiceMiddleware, server: ServiceMiddleware | None = None) -> ServiceEnvironment:
+    # Every other plugin at its defaults; a generous inline limit, so a loaded machine keeps chunks in the loop.
+    env = ServiceEnvironment("map-mmap-hooks", {"health": {"enabled": False}, "mmap": {"inline_limit": 0.05}})
+    env.add_middleware(middleware)
+    if server is not None:
+        env.add_middleware(server)
+    env.register_service("items", ServiceFactory("items", "tests.mmap.batch_services:Items"), kind="process")
+    return env
+
+
+def _loop_calls(manager: ServiceManager) -> int:
+    from kservice.plugins.mmap.transport import CHUNK_CALLS_IN_LOOP
+
+    return int(manager._route("items").connection.remote_status()[CHUNK_CALLS_IN_LOOP])  # type: ignore[attr-defined]
+
+
+def test_a_middleware_without_batch_hooks_keeps_the_per_call_path_and_sees_every_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = _Seen()
+    monkeypatch.setattr(codec, "encode_chunk", lambda *args: pytest.fail("a compact chunk skipped a per-call hook"))
+    with _host_with(seen) as env:
+        manager = env.manager()
+        manager.call_service_sync("items", "check", (1,))
+        assert not manager._route("items").chain.batch  # type: ignore[union-attr]
+        assert list(manager.map("items", "check", range(600), chunk_size=100)) == list(range(600))
+        assert len(seen.calls) == 1 + 600
+        assert _loop_calls(manager) == 0
+
+
+def test_a_middleware_with_batch_hooks_sees_each_chunk_once() -> None:
+    seen = _SeenInChunks()
+    with _host_with(seen) as env:
+        manager = env.manager()
+        manager.call_service_sync("items", "check", (1,))
+        assert list(manager.map("items", "check", range(600), chunk_size=100)) == list(range(600))
+        assert (len(seen.calls), seen.chunks) == (1, [100] * 6)
+        assert _loop_calls(manager) > 0
+
+
+class _RaisingAdmit(_SeenInChunks):
+    def before_call(self, request: ServiceRequest) -> None:
+        if self.on:
+            raise PermissionError("refused by policy")
+
+    def admit_batch(self, batch: Any) -> None:
+        if self.on:
+            raise PermissionError("refused by policy")
+
+
+class _RaisingAfter(_SeenInChunks):
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        if self.on:
+            raise PermissionError("answer withheld")
+
+    def after_batch(self, batch: Any) -> None:
+        if self.on:
+            raise PermissionError("answer withheld")
+
+
+class _RaisingObserver(_SeenInChunks):
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        raise PermissionError("observer bug")
+
+    def observe_batch(self, batch: Any) -> None:
+        raise PermissionError("observer bug")
+
+
+@pytest.mark.parametrize(
+    ("middleware", "runs", "fails"),
+    [(_RaisingAdmit, 0, True), (_RaisingAfter, 300, True), (_RaisingObserver, 300, False)],
+    ids=["admit_batch", "after_batch", "observe_batch"],
+)
+def test_a_raising_batch_hook_does_what_its_per_call_hook_does(middleware: type, runs: int, fails: bool) -> None:
+    hook = middleware()
+    with _host_with(hook) as env:
+        manager = env.manager()
+        try:
+            single: Any = manager.call_service_sync("items", "check", (1,))
+        except PermissionError as error:
+            single = error
+        results = list(manager.map("items", "check", range(300), chunk_size=100, return_exceptions=True))
+        hook.on = False
+        ran = manager.call_service_sync("items", "count")
+    if fails:
+        assert isinstance(single, PermissionError)
+        assert all(type(r) is PermissionError and str(r) == str(single) for r in results), results[:3]
+        assert len({id(r) for r in results}) == 300  # each item its own exception, with its own note
+        assert results[7].__notes__ == ["(item 7 of map over items.check)"]
+    else:
+        assert single == 1 and results == list(range(300))
+    # The service ran every call (after_batch, observe_batch) or none (admit_batch refused each chunk).
+    assert ran == (1 if single == 1 or middleware is _RaisingAfter else 0) + runs
+
+
+def test_a_raising_server_batch_hook_fails_each_call_as_its_per_call_hook_does() -> None:
+    from tests.mmap.batch_services import RaisingHandleBatch
+
+    with _host_with(_SeenInChunks(), server=RaisingHandleBatch()) as env:
+        manager = env.manager()
+        with pytest.raises(RuntimeError) as single:
+            manager.call_service_sync("items", "check", (1,))
+        for _ in range(2):  # the host learns the method's cost from the first, and runs the second in its loop
+            results = list(manager.map("items", "check", range(200), chunk_size=100, return_exceptions=True))
+            for result in results:
+                assert type(result) is type(single.value) and str(result) == str(single.value), result
+        assert _loop_calls(manager) > 0
+        assert manager.call_service_sync("items", "count") == 1 + 400  # every call ran once; the hook failed them
