@@ -107,6 +107,21 @@ def test_an_item_that_cannot_be_pickled_fails_alone_with_a_type_error_naming_it(
     assert manager.call_service_sync("kv", "echo", ("still serving",)) == "still serving"
 
 
+def test_a_chunk_sent_call_by_call_keeps_the_answers_in_time_and_times_out_the_others(
+    host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
+    """An unpicklable argument sends the chunk call by call (admitted whole when batch hooks are on)."""
+    _, manager = host
+    began = time.monotonic()
+    results = list(
+        manager.map("kv", "sleep", [threading.Lock(), 0.0, 3.0, 3.0], timeout=0.5, return_exceptions=True)
+    )
+    assert isinstance(results[0], TypeError) and results[1] == 0.0, results
+    assert all(type(r).__name__ == "ServiceTimeoutError" for r in results[2:]), results
+    assert time.monotonic() - began < 2.5  # answered at the deadline, not when the slow calls end
+    assert manager.call_service_sync("kv", "echo", ("still serving",), timeout=10) == "still serving"
+
+
 def test_an_item_the_host_cannot_decode_fails_alone_and_the_others_run(
     host: tuple[ServiceEnvironment, ServiceManager],
 ) -> None:
