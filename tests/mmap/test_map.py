@@ -35,6 +35,7 @@ QUIET: dict[str, Any] = {
     "service_call": {"max_retries": 0},
     "breaker": {"enabled": False},
     "health": {"enabled": False},
+    "tracing": {"enabled": False},  # as by default with no OpenTelemetry provider (other tests may configure one)
 }
 
 
@@ -318,7 +319,10 @@ class _SeenInChunks(_Seen):
 
 def _host_with(middleware: ServiceMiddleware, server: ServiceMiddleware | None = None) -> ServiceEnvironment:
     # Every other plugin at its defaults; a generous inline limit, so a loaded machine keeps chunks in the loop.
-    env = ServiceEnvironment("map-mmap-hooks", {"health": {"enabled": False}, "mmap": {"inline_limit": 0.05}})
+    # Tracing off, as by default in a process with no OpenTelemetry provider (other tests may configure one).
+    env = ServiceEnvironment(
+        "map-mmap-hooks", {"health": {"enabled": False}, "tracing": {"enabled": False}, "mmap": {"inline_limit": 0.05}}
+    )
     env.add_middleware(middleware)
     if server is not None:
         env.add_middleware(server)

@@ -25,7 +25,9 @@ def test_map_with_the_default_plugins_sends_compact_chunks_and_both_sides_count_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     name = "items-map-metrics"
-    env = ServiceEnvironment("map-metrics", {"health": {"enabled": False}})
+    # Tracing's default joins the chain only once an OpenTelemetry provider is configured (other tests
+    # of the session do): off here, as it is by default in a process that configures none.
+    env = ServiceEnvironment("map-metrics", {"health": {"enabled": False}, "tracing": {"enabled": False}})
     env.register_service(name, ServiceFactory(name, "tests.mmap.batch_services:Items"), kind="process")
     with env:
         manager = env.manager()

@@ -14,6 +14,9 @@ from kservice.plugins.mmap import codec
 pytestmark = pytest.mark.timeout(120)
 
 SERVICE = "tests.mmap.batch_services:Items"
+#: Every plugin at its defaults, stated for tracing: its default joins the chain only once an OpenTelemetry
+#: provider is configured, which other tests of the session do (tracing has no batch hooks).
+DEFAULTS: dict[str, Any] = {"health": {"enabled": False}, "tracing": {"enabled": False}}
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def _host(name: str, config: dict[str, Any]) -> Iterator[ServiceManager]:
-    env = ServiceEnvironment(name, {"health": {"enabled": False}, **config})
+    env = ServiceEnvironment(name, {**DEFAULTS, **config})
     env.register_service(name, ServiceFactory(name, SERVICE), kind="process")
     with env:
         manager = env.manager()
