@@ -24,7 +24,7 @@ from ._errors import (
 )
 from ._manager import ServiceManager, ServiceProxy
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
-from ._middleware import ServiceMiddleware
+from ._middleware import CallBatch, ServiceMiddleware
 from ._plugins import get_plugin_manager, hookimpl
 from ._status import ServiceStatus
 from ._stream import ItemStream, LocalStream, SinkBusy, StreamSink, StreamSource
@@ -38,6 +38,7 @@ __all__ = [
     "MAY_HAVE_RUN",
     "AsyncCallMap",
     "BaseServiceTask",
+    "CallBatch",
     "CallMap",
     "Config",
     "ConfigError",

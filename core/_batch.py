@@ -28,7 +28,7 @@ from ._context import _current_request
 from ._errors import ServiceStoppedError, ServiceTimeoutError
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
-from ._middleware import MiddlewareError
+from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
 from ._transport import timeout_response
 
 if TYPE_CHECKING:
@@ -224,8 +224,12 @@ _RESULT: Any = object()
 class _FastChunk(_Chunk):
     """A chunk sent as one compact record: no request, response or claim per call on the success path.
 
-    Used when the route has no client middleware (nothing needs a request per
-    call) and the transport offers ``send_chunk`` (mmap). The host answers with
+    Used when the transport offers ``send_chunk`` (mmap) and the route has no
+    client middleware, or only middleware that implements the batch hooks
+    (``MiddlewareChain.batch``): then ``calls`` is the chunk's CallBatch, asked
+    ``admit_batch`` before the chunk is sent and told its outcome once
+    (``after_batch``/``observe_batch``), when the answer, the deadline or the
+    host's death decides it, before any retry. The host answers with
     one record of per-call outcomes; ``outcomes`` becomes its list of results
     and ``failures`` maps the index of each failed call to its outcome (a
     ServiceResponse, or after a retry its final one). The claim is the chunk's
@@ -235,7 +239,7 @@ class _FastChunk(_Chunk):
     for it then).
     """
 
-    __slots__ = ("args", "chunk_id", "deadline", "failures", "left")
+    __slots__ = ("apart", "args", "calls", "chunk_id", "deadline", "failures", "left")
 
     def __init__(
         self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float
@@ -259,27 +263,52 @@ class _FastChunk(_Chunk):
         self._expires_at = 0.0
         self._state = "PENDING"
         self.waiter = None
+        #: the batch hooks' view of this chunk (None: the route has no client middleware)
+        self.calls: CallBatch | None = None
+        #: the per-call answers of an admitted chunk the transport could not send compact (see _Batch._send_apart)
+        self.apart: _ApartAnswer | None = None
 
     def __call__(self, answer: Any) -> None:
         """The transport's one callback: the host's answer tuple, or one failed response for every call."""
         if self.open.pop(self.chunk_id, None) is None:
             return  # late (the deadline settled it), or cancelled
+        self._answered(answer)
+
+    def _answered(self, answer: Any) -> None:
         if type(answer) is tuple:
             _, results, errors = answer
             self.outcomes = results
             if not errors:
-                self._state = "FINISHED"
-                self.batch.chunk_done(self)
-                return
-            chunk_id = self.chunk_id
-            failed = {
-                index: ServiceResponse(False, None, error[0], chunk_id, error[1], error[2], error[3], error[4])
-                for index, error in errors.items()
-            }
+                if self.calls is None or not self._report({}):
+                    self._state = "FINISHED"
+                    self.batch.chunk_done(self)
+                    return
+                failed = self.calls.failures
+            else:
+                chunk_id = self.chunk_id
+                failed = {
+                    index: error
+                    if type(error) is ServiceResponse
+                    else ServiceResponse(False, None, error[0], chunk_id, error[1], error[2], error[3], error[4])
+                    for index, error in errors.items()
+                }
         else:  # the host died, or its answer cannot be decoded: the same outcome for every call
             self.outcomes = [None] * len(self.args)
             failed = dict.fromkeys(range(len(self.args)), answer.for_wire())
+        if self.calls is not None:
+            self._report(failed)
+            failed = self.calls.failures
         self._fail(failed)
+
+    def _report(self, failed: dict[int, ServiceResponse]) -> bool:
+        """Tell the batch hooks the chunk's outcome; whether any call failed after them (a hook that raised fails every call)."""
+        calls = self.calls
+        assert calls is not None
+        calls.failures = failed
+        calls.seconds = perf_counter() - self.began
+        chain: MiddlewareChain = self.batch.route.chain  # type: ignore[assignment]  # calls exist only with a chain
+        chain.after_batch(calls)
+        return bool(calls.failures)
 
     def _request(self, index: int) -> ServiceRequest:
         request: ServiceRequest | None = self.requests.get(index)
@@ -331,20 +360,29 @@ class _FastChunk(_Chunk):
         if self.open.pop(self.chunk_id, None) is None:
             return False
         with contextlib.suppress(Exception):  # best effort: the caller has its answer
-            self.batch.route.connection.cancel_chunk(self.chunk_id)  # type: ignore[attr-defined]  # it has send_chunk
+            if self.apart is not None:
+                self.batch.route.connection.cancel_many(self.apart.unanswered())
+            else:
+                self.batch.route.connection.cancel_chunk(self.chunk_id)  # type: ignore[attr-defined]  # it has send_chunk
         return True
 
     def _expire(self) -> None:
-        """The deadline passed before the answer: every call fails with ServiceTimeoutError; those not started never start."""
+        """The deadline passed before the answer: every call fails with ServiceTimeoutError; those not started never start.
+
+        A chunk sent call by call (``apart``) keeps the outcomes that came in time; the others time out.
+        """
+        if self.apart is not None:
+            if not self._claim():
+                return
+            self._answered(self.apart.at_deadline(self.timeout))
+            return
         if not self._claim():
             return
         batch = self.batch
         error = ServiceTimeoutError(
             f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s"
         )
-        response = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime").for_wire()
-        self.outcomes = [None] * len(self.args)
-        self._fail(dict.fromkeys(range(len(self.args)), response))
+        self._answered(ServiceResponse.from_exception(self.chunk_id, error, origin="runtime"))
 
     def _abandon(self) -> None:
         """The manager closed: every call fails with ServiceStoppedError (they may have run)."""
@@ -370,6 +408,55 @@ class _FastChunk(_Chunk):
         for call in retrying.values():
             if call is not None:
                 call.cancel()
+
+
+class _ApartAnswer:
+    """The per-call answers of an admitted chunk sent call by call, gathered into the host's one-answer form.
+
+    A chunk that ``admit_batch`` let through must be reported to the batch
+    hooks as one chunk whatever way it travels (the per-call hooks did not run
+    for its calls); when the transport cannot send it compact (the ring full,
+    an argument too large for one record or not picklable), its calls go one
+    by one through ``send_many``, and this collects their answers into
+    ``(id, results, errors)`` for :class:`_FastChunk`, errors as responses.
+    """
+
+    __slots__ = ("chunk", "errors", "left", "lock", "pending", "requests", "results")
+
+    def __init__(self, chunk: _FastChunk, requests: list[ServiceRequest]) -> None:
+        self.chunk = chunk
+        self.requests = requests
+        self.pending = {request.request_id: index for index, request in enumerate(requests)}
+        self.results: list[Any] = [None] * len(requests)
+        self.errors: dict[int, ServiceResponse] = {}
+        self.left = len(requests)
+        self.lock = threading.Lock()
+
+    def __call__(self, response: ServiceResponse) -> None:
+        with self.lock:
+            index = self.pending.pop(response.request_id, None)
+            if index is None:
+                return  # late: the chunk's deadline settled it
+            if response.success:
+                self.results[index] = response.result
+            else:
+                self.errors[index] = response
+            self.left -= 1
+            if self.left:
+                return
+        self.chunk(("", self.results, self.errors))
+
+    def unanswered(self) -> list[ServiceRequest]:
+        with self.lock:
+            return [self.requests[index] for index in self.pending.values()]
+
+    def at_deadline(self, timeout: float) -> tuple[str, list[Any], dict[int, Any]]:
+        """The answer at the chunk's deadline: calls answered keep their outcome, the others time out (late answers are dropped)."""
+        with self.lock:
+            for index in self.pending.values():
+                self.errors[index] = timeout_response(self.requests[index], timeout)
+            self.pending.clear()
+        return "", self.results, self.errors
 
 
 class _Batch:
@@ -407,8 +494,13 @@ class _Batch:
         self.service_name = service_name
         self.method = method
         self.route: _Route = manager._route(service_name)
+        chain = self.route.chain
+        #: the route's chain when a chunk goes through its batch hooks (every middleware implements them)
+        self.batch_chain = chain if chain is not None and chain.batch else None
         #: the transport's compact chunk sender (see _FastChunk), when no client middleware needs a request per call
-        self.send_fast: Any = getattr(self.route.connection, "send_chunk", None) if self.route.chain is None else None
+        self.send_fast: Any = (
+            getattr(self.route.connection, "send_chunk", None) if chain is None or chain.batch else None
+        )
         self.kwargs = kwargs
         self.nominal = self.route.default_timeout if timeout is None else timeout
         self.ordered = ordered
@@ -552,7 +644,24 @@ class _Batch:
             else:
                 chunk.waiter = threading.Lock()
                 chunk.waiter.acquire()
-        if not self.send_fast(
+        chain = self.batch_chain
+        if chain is not None:
+            chunk.calls = calls = CallBatch(self.service_name, self.method, len(args), chunk.chunk_id, self.metadata)
+            chunk.began = perf_counter()
+            if chain.admit_batch(calls) is not None:  # refused: nothing sent, each call fails with the refusal
+                chunk.open.clear()
+                chunk.outcomes = [None] * len(args)
+                chunk.failures = calls.failures
+                chunk._state = "FINISHED"
+                self.next_index += len(args)
+                self.in_flight.append(chunk)
+                self.chunk_done(chunk)
+                return True
+            if not self.send_fast(
+                chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk
+            ):
+                self._send_apart(chunk)  # admitted as one chunk: reported as one, whatever way it travels
+        elif not self.send_fast(
             chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk
         ):
             return False
@@ -569,7 +678,21 @@ class _Batch:
             timer.expire_at(self.nominal + CHUNK_ANSWER_GRACE, chunk)
         return True
 
-    # ------------------------------------------------------------- consuming
+    def _send_apart(self, chunk: _FastChunk) -> None:
+        """Send an admitted chunk's calls one by one (``send_many``); their answers complete it as one (:class:`_ApartAnswer`)."""
+        kwargs, metadata = self.kwargs or {}, self.metadata or {}
+        new_id = _new_request_id
+        requests = [
+            ServiceRequest(new_id(), self.service_name, self.method, args, kwargs, "", chunk.deadline, metadata)
+            for args in chunk.args
+        ]
+        chunk.apart = apart = _ApartAnswer(chunk, requests)
+        try:
+            self.route.connection.send_many(requests, apart)
+        except Exception as exc:  # noqa: BLE001 - a transport failing to send fails these calls only
+            for request in requests:
+                apart(ServiceResponse.from_exception(request.request_id, exc, origin="client"))
+
     # ------------------------------------------------------------- consuming
 
     def chunk_done(self, chunk: _Chunk) -> None:

@@ -17,23 +17,96 @@ thread that completes the call (a transport's response thread, a worker, or
 the timer thread for timeouts). Server hooks run in the thread that runs the
 method, in the service's process (a worker, a listener, or an in-process
 caller's own thread for a fast method).
+
+Batch hooks (``admit_batch``, ``after_batch``, ``observe_batch`` on the
+caller's side, ``after_handle_batch`` and ``observe_handle_batch`` on the
+service's side) see a whole chunk of a map's calls at once (a
+:class:`CallBatch`). A chain runs a chunk through them only when every
+middleware of that side implements the batch form of each per-call hook it
+has (``batch`` is then True); otherwise each call of the chunk goes through
+the per-call hooks, as a single call does.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import linecache
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
 
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 
-__all__ = ["MiddlewareChain", "ServiceMiddleware"]
+__all__ = ["CallBatch", "MiddlewareChain", "ServiceMiddleware"]
 
 BeforeHook = Callable[[ServiceRequest], "ServiceRequest | ServiceResponse | None"]
 AfterHook = Callable[[ServiceResponse, ServiceRequest], "ServiceResponse | None"]
 ObserveHook = Callable[[ServiceRequest, ServiceResponse, float], None]
+
+
+class CallBatch:
+    """One chunk of a map's calls (``ServiceManager.map``), as the batch hooks see it.
+
+    Built once per chunk, before it is sent (caller's side) or after its calls
+    ran (service's side); the outcome fields are filled in before the
+    after/observe batch hooks run. Attributes:
+
+    - ``service_name``, ``method_name``: the calls' service and method.
+    - ``count``: how many calls the chunk holds (caller's side), or how many of
+      them ran here (service's side: calls not started before the deadline, or
+      handed to the worker pool after a slow one, are not counted here; the
+      pool runs each through the per-call hooks).
+    - ``batch_id``: the chunk's id, unique per chunk (a breaker remembers a
+      half-open probe by it).
+    - ``metadata``: the metadata every call of the chunk carries (read only).
+    - ``failures``: index (0-based, within the chunk) -> the failed call's
+      ServiceResponse (``error_type``, ``error_origin``, ``metadata`` with
+      ``kservice.MAY_HAVE_RUN``), exactly what a single call's after-hook would
+      see; the calls not in it succeeded.
+    - ``seconds``: caller's side, the chunk's round trip, from just before
+      the first ``admit_batch`` to its answer (every call of the chunk is
+      taken to have lasted that long); service's side, the time the calls
+      took to run, end to end.
+    - ``durations``: service's side, each call's own run time in seconds
+      (index -> seconds, measured by the loop that runs them); None on the
+      caller's side (the host answers a chunk in one record, so a call's own
+      round trip is not known).
+    - ``refused``: caller's side, the exception an ``admit_batch`` refused the
+      chunk with (nothing was sent; every call fails with it, ``may_have_run``
+      False); None otherwise.
+    """
+
+    __slots__ = (
+        "batch_id",
+        "count",
+        "durations",
+        "failures",
+        "metadata",
+        "method_name",
+        "refused",
+        "seconds",
+        "service_name",
+    )
+
+    def __init__(
+        self, service_name: str, method_name: str, count: int, batch_id: str, metadata: dict[str, Any] | None = None
+    ) -> None:
+        self.service_name = service_name
+        self.method_name = method_name
+        self.count = count
+        self.batch_id = batch_id
+        self.metadata: dict[str, Any] = metadata if metadata is not None else {}
+        self.failures: dict[int, ServiceResponse] = {}
+        self.seconds = 0.0
+        self.durations: list[float] | None = None
+        self.refused: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<CallBatch {self.service_name}.{self.method_name} x{self.count} failed={len(self.failures)}"
+            f"{' refused' if self.refused is not None else ''}>"
+        )
 
 
 class ServiceMiddleware:
@@ -95,6 +168,100 @@ class ServiceMiddleware:
     def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
         """Told, instead of ``after_call``/``observe_call``, about a call an :meth:`admit` refused (count it, log it)."""
         return None
+
+    # ----------------------------------------------------------- batch hooks
+    # The batch form of each per-call hook, for the chunks of ``ServiceManager.map``. A chunk takes
+    # the compact path (one record, no request per call) only when every middleware of the chain
+    # implements the batch form of each per-call hook it overrides on that side:
+    # before_call -> admit_batch, after_call -> after_batch, observe_call -> observe_batch,
+    # after_handle -> after_handle_batch, observe_handle -> observe_handle_batch (a server
+    # middleware with a before_handle keeps the per-call path). Otherwise every call of the chunk
+    # goes through the per-call hooks.
+
+    def admit_batch(self, batch: CallBatch) -> BaseException | None:
+        """Caller's process, once per chunk before it is sent: the batch form of ``before_call``.
+
+        Return None to let every call of the chunk go, or an exception to
+        refuse them all: nothing is sent, each call fails with (a copy of) it,
+        ``may_have_run`` False, and is not retried (as a call ``admit``
+        refused). Raising does the same with the raised exception (as a
+        ``before_call`` that raises fails its call). Hooks run in chain order;
+        after a refusal the later ones are not asked, and every batch hook of
+        the chain is told of the refused chunk (``batch.refused`` set, as
+        ``on_refused`` is told of a refused call). A chunk admitted here is
+        reported to :meth:`after_batch`/:meth:`observe_batch` once, with the
+        outcome of each call's first attempt (not if the map is cancelled or
+        its manager closed first, as per-call after-hooks are not); a call
+        retried after that is an ordinary call, through the per-call hooks.
+        """
+        return None
+
+    def after_batch(self, batch: CallBatch) -> None:
+        """Caller's process, once per chunk with its outcome: the batch form of ``after_call``.
+
+        Runs in the thread that completes the chunk (the transport's response
+        thread, or the manager's timer thread when the chunk timed out),
+        before the retry policy looks at the failed calls; after-batch hooks
+        run in reverse chain order. It cannot replace results; if it raises,
+        every call of the chunk fails with that error (as a raising
+        ``after_call`` turns its call's response into the error) and the later
+        hooks see those failures.
+        """
+        return None
+
+    def observe_batch(self, batch: CallBatch) -> None:
+        """Caller's process, after every :meth:`after_batch`: the batch form of ``observe_call`` (one that raises is ignored)."""
+        return None
+
+    def after_handle_batch(self, batch: CallBatch) -> None:
+        """Service's process, after the calls of a chunk ran in one loop: the batch form of ``after_handle``.
+
+        ``batch.count`` calls ran (the pool runs any others per call). If it
+        raises, every call counted in ``batch`` fails with that error (as a
+        raising ``after_handle`` turns its call's response into the error).
+        """
+        return None
+
+    def observe_handle_batch(self, batch: CallBatch) -> None:
+        """Service's process, after every :meth:`after_handle_batch`: the batch form of ``observe_handle`` (one that raises is ignored)."""
+        return None
+
+
+def _fail_every(
+    batch: CallBatch, error: BaseException, origin: Any, type_name: str | None, *, refused: bool = False
+) -> dict[int, ServiceResponse]:
+    """One failed response per call of ``batch``, each carrying its own copy of ``error``.
+
+    Each caller raises (and annotates) its own exception, as with single calls;
+    the description (message, type, traceback) is built once. ``refused``:
+    nothing was sent, so ``MAY_HAVE_RUN`` is False on the response and on the
+    exception when it has the attribute (a kservice error).
+    """
+    described = ServiceResponse.from_exception(batch.batch_id, error, origin=origin)
+    if refused and hasattr(error, "may_have_run"):
+        error.may_have_run = False
+    failures: dict[int, ServiceResponse] = {}
+    for index in range(batch.count):
+        try:
+            own = copy.copy(error)
+            notes = getattr(own, "__notes__", None)
+            if notes is not None:
+                own.__notes__ = list(notes)  # each caller's note names its own item
+        except Exception:  # noqa: BLE001 - an exception that cannot be copied is shared
+            own = error
+        failures[index] = ServiceResponse(
+            False,
+            None,
+            described.error,
+            batch.batch_id,
+            type_name or described.error_type,
+            origin,
+            described.remote_traceback,
+            {MAY_HAVE_RUN: False} if refused else {},
+            False,
+            own,
+        )
+    return failures
 
 
 def _register_source(source: str, side: str) -> str:
@@ -158,12 +325,16 @@ class MiddlewareChain:
     """
 
     __slots__ = (
+        "_admit_batches",
+        "_after_batches",
         "_afters",
         "_befores",
         "_error_origin",
+        "_observe_batches",
         "_observers",
         "_refused",
         "admit",
+        "batch",
         "has_before",
         "middlewares",
         "run_after",
@@ -204,11 +375,91 @@ class MiddlewareChain:
             _overridden(self.middlewares[index], "on_refused") is not None for index, _ in (*afters, *observers)
         )
         self._refused = tuple(refused)
+        self._compile_batch(side)
         #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
         self.admit: Callable[[str, str], BaseException | None] | None = None
         #: whether ``run_before`` has any hook to run (callers skip it otherwise)
         self.has_before = bool(befores)
         self._compile(tuple(admits) if side == "client" and admits and hears else ())
+
+    def _compile_batch(self, side: str) -> None:
+        """Collect the batch hooks, and decide once whether chunks of a map may take them (``batch``).
+
+        ``batch`` is True when every middleware implements the batch form of
+        each per-call hook it overrides on this side (see ServiceMiddleware's
+        batch hooks): then no middleware misses a call it expects to see. A
+        server middleware with a ``before_handle`` has no batch form, so it
+        keeps every chunk on the per-call path.
+        """
+        if side == "client":
+            needs = {
+                "before_call": ("admit_batch",),
+                "admit": ("admit_batch",),
+                "after_call": ("after_batch",),
+                "observe_call": ("observe_batch",),
+                "on_refused": ("after_batch", "observe_batch"),
+            }
+            admit_name, after_name, observe_name = "admit_batch", "after_batch", "observe_batch"
+        else:
+            needs = {
+                "before_handle": (),
+                "after_handle": ("after_handle_batch",),
+                "observe_handle": ("observe_handle_batch",),
+            }
+            admit_name, after_name, observe_name = "", "after_handle_batch", "observe_handle_batch"
+        capable = True
+        for middleware in self.middlewares:
+            for hook, forms in needs.items():
+                if _overridden(middleware, hook) is not None and not any(
+                    _overridden(middleware, form) is not None for form in forms
+                ):
+                    capable = False
+        admits = [m.admit_batch for m in self.middlewares if admit_name and _overridden(m, admit_name) is not None]
+        afters = [getattr(m, after_name) for m in self.middlewares if _overridden(m, after_name) is not None]
+        observers = [getattr(m, observe_name) for m in self.middlewares if _overridden(m, observe_name) is not None]
+        self._admit_batches: tuple[Callable[[CallBatch], BaseException | None], ...] = tuple(admits)
+        self._after_batches: tuple[Callable[[CallBatch], None], ...] = tuple(reversed(afters))
+        self._observe_batches: tuple[Callable[[CallBatch], None], ...] = tuple(observers)
+        #: whether a map's chunks go through the batch hooks (decided here, once per chain)
+        self.batch = capable
+
+    def admit_batch(self, batch: CallBatch) -> BaseException | None:
+        """Ask every ``admit_batch`` in chain order; the first refusal (returned or raised) refuses the chunk.
+
+        On a refusal, ``batch.refused`` is set, ``batch.failures`` holds one
+        failed response per call (each with its own copy of the exception,
+        ``MAY_HAVE_RUN`` False), every after/observe batch hook is told, and
+        the refusal is returned. None: the chunk may be sent.
+        """
+        for check in self._admit_batches:
+            try:
+                refusal = check(batch)
+            except Exception as exc:  # noqa: BLE001 - as a before_call that raises: the chunk fails with it
+                refusal = exc
+            if refusal is not None:
+                batch.refused = refusal
+                batch.failures = _fail_every(batch, refusal, "client", type(refusal).__name__, refused=True)
+                self.after_batch(batch)
+                return refusal
+        return None
+
+    def after_batch(self, batch: CallBatch) -> None:
+        """Run the after-batch hooks (reverse chain order), then the observers; never raises.
+
+        An after-batch hook that raises makes every call of ``batch`` fail with
+        that error (``batch.failures`` replaced; the caller reads it after this
+        returns); an observer that raises is ignored.
+        """
+        for hook in self._after_batches:
+            try:
+                hook(batch)
+            except Exception as exc:  # noqa: BLE001 - as a raising after-hook: the calls' outcome becomes the error
+                batch.failures = _fail_every(batch, exc, self._error_origin, None)
+        for observe in self._observe_batches:
+            try:
+                observe(batch)
+            except Exception:  # noqa: BLE001 - observers only watch
+                continue
 
     def _refuse(self, service_name: str, method_name: str, error: BaseException) -> BaseException:
         """Tell every ``on_refused`` listener about a fast refusal; returns ``error``."""

@@ -29,7 +29,7 @@ from ._errors import (
     ServiceUnavailableError,
 )
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
-from ._middleware import MiddlewareChain, MiddlewareError
+from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
 from ._stream import (
     StreamSink,
@@ -1163,9 +1163,18 @@ class BaseServiceTask:
         gives the method, the shared ``kwargs``, ``metadata`` and deadline (its
         ``args`` are ignored); its id names every failure. Returns None, having
         run nothing, when this cannot keep :meth:`execute`'s guarantees cheaply:
-        the task is not running, a server middleware chain is installed (it
-        must see each call), or a subclass overrides :meth:`handle_request`;
-        the caller then runs the calls one by one.
+        the task is not running, a server middleware of the task does not
+        implement the batch hooks (``MiddlewareChain.batch`` False: it must see
+        each call), or a subclass overrides :meth:`handle_request`; the caller
+        then runs the calls one by one.
+
+        With a server chain of batch hooks, the calls that ran are reported
+        to it once, as a :class:`CallBatch` (``after_handle_batch`` then
+        ``observe_handle_batch``) with each call's own run time; an after
+        batch hook that raises fails every one of them with its error (as a
+        raising ``after_handle`` does its call). An unknown method is reported
+        too (every call failed with MethodNotFoundError), as :meth:`execute`
+        reports it to the per-call hooks.
 
         Otherwise returns ``(results, failures)``: the first ``len(results)``
         items were run (``results[i]`` is the result of item ``i``, None when it
@@ -1178,9 +1187,10 @@ class BaseServiceTask:
         hands the rest elsewhere). An unknown method fails every item with
         MethodNotFoundError, none run. Never raises.
         """
+        chain = self._server_chain
         if (
             self._state != "running"
-            or self._server_chain is not None
+            or (chain is not None and not chain.batch)
             or type(self).handle_request is not _handle_request
         ):
             return None
@@ -1197,6 +1207,8 @@ class BaseServiceTask:
             for index in range(len(args_list)):
                 failures[index] = refusal
                 results.append(None)
+            if chain is not None:
+                self._report_batch(chain, request, len(results), failures, 0.0, [0.0] * len(results))
             return results, failures
         kwargs = request.kwargs
         deadline = request.deadline
@@ -1207,6 +1219,9 @@ class BaseServiceTask:
         began = clock()
         end = began + (deadline - time.time()) if deadline is not None else float("inf")
         expired = 0
+        # Each call's run time, for the batch hooks (only with a chain: one append per call).
+        durations: list[float] | None = [] if chain is not None else None
+        first = began
         token = _current_request.set(request)  # calls the method makes inherit the chunk's deadline and metadata
         try:
             for index, args in enumerate(args_list):
@@ -1226,12 +1241,18 @@ class BaseServiceTask:
                     if serial is not None:
                         serial.release()
                 finished = clock()
+                if durations is not None:
+                    durations.append(finished - began)
                 if finished - began > budget:
                     break
                 began = finished
         finally:
             _current_request.reset(token)
         ran = len(results)
+        if chain is not None and ran:
+            failures = self._report_batch(chain, request, ran, failures, clock() - first, durations)
+            for index in failures:
+                results[index] = None
         # The statistics in bulk (started before finished: a status read between shows none in flight).
         for counter, count in (
             (self._started, ran),
@@ -1242,6 +1263,28 @@ class BaseServiceTask:
             if count:
                 collections.deque(itertools.islice(counter, count), maxlen=0)
         return results, failures
+
+    def _report_batch(
+        self,
+        chain: MiddlewareChain,
+        request: ServiceRequest,
+        ran: int,
+        failures: dict[int, ServiceResponse],
+        seconds: float,
+        durations: list[float] | None,
+    ) -> dict[int, ServiceResponse]:
+        """Tell the server chain's batch hooks about ``ran`` calls of a chunk; the failures after them."""
+        batch = CallBatch(self.service_name, request.method_name, ran, request.request_id, request.metadata)
+        batch.failures = failures
+        batch.seconds = seconds
+        batch.durations = durations
+        try:
+            chain.after_batch(batch)
+        except BaseException as exc:  # noqa: BLE001 - never raises by contract; if it did, the calls fail with it
+            return {
+                index: ServiceResponse.from_exception(request.request_id, exc, origin="service") for index in range(ran)
+            }
+        return batch.failures
 
     def _refuse_method_name(self, request: ServiceRequest) -> ServiceResponse:
         """The answer to a request whose method name is not a str (counted as a failed request)."""

@@ -39,11 +39,11 @@ import threading
 import time
 import weakref
 from bisect import bisect_right
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, ServiceStatus, Setting, hookimpl
+from kservice import CallBatch, ServiceMiddleware, ServiceRequest, ServiceResponse, ServiceStatus, Setting, hookimpl
 
 if TYPE_CHECKING:
     from kservice import BaseServiceTask
@@ -106,6 +106,8 @@ _FAST_BUCKET: list[int] = _fast_bucket_table()
 #: Durations below this many seconds have their bucket in ``_FAST_BUCKET`` (one step short of its end,
 #: so that ``int(seconds * 1e8)`` cannot round up past the table).
 _FAST_SECONDS = (_FAST_STEPS - 1) / 1e8
+#: ``_FAST_BUCKET``'s steps per second (its index of a duration is ``int(seconds * 1e8)``).
+_STEPS_PER_SECOND = 1e8
 #: Marks per load window: rates and percentiles slide in steps of window / _MARKS.
 _MARKS = 6
 #: Failed calls each service keeps for ``status.extra["recent_errors"]`` (server side), newest last.
@@ -512,8 +514,69 @@ class _Timed(ServiceMiddleware):
         if response.degraded:
             stats.degraded += 1
 
+    def _record_batch(self, batch: CallBatch) -> None:
+        """Count a chunk of a map as ``batch.count`` calls: the same counts its calls would have made one by one.
+
+        Each call's latency is its own run time where the batch has it
+        (``durations``, the service's side), else the chunk's ``seconds`` (the
+        caller's side: the chunk's round trip). Errors are counted by type,
+        one per failed call; a refused chunk counts every call as refused
+        (latency 0, as :meth:`ClientMetrics.on_refused` counts one).
+        """
+        shard = self.recorder.shard()
+        method = batch.method_name
+        failures = batch.failures
+        count = batch.count
+        stats = shard.get(method)
+        if stats is None:
+            unknown = len(failures) == count and any(
+                response.error_type == "MethodNotFoundError" for response in failures.values()
+            )
+            stats = self.recorder.stats_for(shard, method, unknown)
+        buckets = stats.buckets
+        refused = batch.refused
+        if refused is not None:
+            buckets[_REFUSED_BUCKET] += count
+            stats.errors[type(refused).__name__] += count
+        else:
+            durations = batch.durations
+            if durations is None:
+                seconds = batch.seconds
+                stats.seconds += seconds * count
+                buckets[_bucket_of(seconds)] += count
+            else:
+                stats.seconds += sum(durations)
+                # Bucketing each duration in a Python loop costs ~170 ns a call, as much as a trivial call
+                # itself. When the shortest and the longest fall in one bucket (trivial calls: all below the
+                # first bound), the whole chunk is one update; otherwise durations are counted in steps of
+                # 10 ns in C, one bucket update per distinct step. Both give exactly the per-call buckets.
+                low, high = _bucket_of(min(durations)), _bucket_of(max(durations))
+                if low == high:
+                    buckets[low] += len(durations)
+                else:
+                    for step, calls in Counter(map(int, map(_STEPS_PER_SECOND.__mul__, durations))).items():
+                        buckets[
+                            _FAST_BUCKET[step] if step < _FAST_STEPS - 1 else bisect_right(BUCKET_BOUNDS, step / 1e8)
+                        ] += calls
+            if failures:
+                recent = self._recent
+                for response in failures.values():
+                    stats.errors[response.error_type or "unknown"] += 1
+                    if recent is not None:
+                        recent.append(
+                            (time.time(), method, response.error_type, response.error or "", response.remote_traceback)
+                        )
+        now = self._clock()
+        if now >= self.recorder.next_mark:
+            self.recorder.mark(now)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.recorder.service_name!r}>"
+
+
+def _bucket_of(seconds: float) -> int:
+    """The latency bucket of a call that took ``seconds``."""
+    return _FAST_BUCKET[int(seconds * 1e8)] if seconds < _FAST_SECONDS else bisect_right(BUCKET_BOUNDS, seconds)
 
 
 class ClientMetrics(_Timed):
@@ -521,6 +584,8 @@ class ClientMetrics(_Timed):
 
     # The hook is the shared body itself rather than a method calling it: one Python frame less per call.
     observe_call = _Timed._record
+    #: a chunk of a map (see :meth:`_Timed._record_batch`): every call latency is the chunk's round trip
+    observe_batch = _Timed._record_batch
 
     def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
         """A call a middleware refused before it was sent (an open breaker): one failed call, answered at once."""
@@ -542,6 +607,8 @@ class ServerMetrics(_Timed):
     """The service's side: from before the first ``before_handle`` to after the last ``after_handle``, method included."""
 
     observe_handle = _Timed._record
+    #: the calls of a chunk run in one loop (see :meth:`_Timed._record_batch`), each with its own run time
+    observe_handle_batch = _Timed._record_batch
 
 
 # --------------------------------------------------------------------- reading

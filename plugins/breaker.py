@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from kservice import (
     BaseServiceTask,
+    CallBatch,
     ServiceMiddleware,
     ServiceRequest,
     ServiceResponse,
@@ -179,6 +180,32 @@ class CircuitBreaker(ServiceMiddleware):
             return
         self.record(self._is_failure(response), request.request_id, response)
 
+    def admit_batch(self, batch: CallBatch) -> BaseException | None:
+        """A chunk of a map, as ``before_call`` admits one call: closed, it goes; open, every call is refused.
+
+        Half-open, the chunk is one probe when a probe slot is free (its
+        outcome, every call together, decides as a probe call's does), else
+        refused. A refused chunk counts ``batch.count`` rejections.
+        """
+        state = self.state
+        if state is _CLOSED:
+            return None
+        if state is _OPEN and self._clock() < self._probe_at:
+            self.rejected_total += batch.count  # approximate under races; status only
+            return _circuit_open_error(self._open_message, self._probe_at)
+        if self._let_through(batch.batch_id, batch.count):
+            return None
+        return _circuit_open_error(self._open_message, self._probe_at)
+
+    def after_batch(self, batch: CallBatch) -> None:
+        """A chunk's outcome, counted as its calls' outcomes in item order would be (see :meth:`record_batch`)."""
+        if batch.refused is not None:
+            return  # refused before it was sent: not an outcome of the service
+        if self._fast and not batch.failures and self.state is _CLOSED:
+            self._consecutive = 0
+            return
+        self.record_batch(batch)
+
     # ----------------------------------------------------------------- logic
 
     def _is_failure(self, response: ServiceResponse) -> bool:
@@ -195,6 +222,12 @@ class CircuitBreaker(ServiceMiddleware):
 
     def _admit(self, request: ServiceRequest) -> ServiceResponse | None:
         """Open or half-open: let a probe through, or answer with a fail-fast rejection."""
+        if self._let_through(request.request_id, 1):
+            return None
+        return self._rejection(request)
+
+    def _let_through(self, probe_id: str, count: int) -> bool:
+        """Open or half-open: whether ``probe_id`` goes as a probe (or the breaker closed meanwhile); else ``count`` rejections are counted."""
         with self._lock:
             now = self._clock()
             if self.state is _OPEN and now - self._opened_at >= self.cooldown:
@@ -208,12 +241,12 @@ class CircuitBreaker(ServiceMiddleware):
                     self._probes_out.clear()
                     self._probes_started_at = now
                 if len(self._probes_out) + self._probes_ok < self.half_open_probes:
-                    self._probes_out.add(request.request_id)
-                    return None
+                    self._probes_out.add(probe_id)
+                    return True
             elif self.state is _CLOSED:
-                return None
-            self.rejected_total += 1
-        return self._rejection(request)
+                return True
+            self.rejected_total += count
+        return False
 
     def _rejection(self, request: ServiceRequest) -> ServiceResponse:
         """A fresh fail-fast answer to ``request``.
@@ -267,6 +300,58 @@ class CircuitBreaker(ServiceMiddleware):
                     self._open(now)
             else:
                 self._consecutive = 0
+
+    def record_batch(self, batch: CallBatch) -> None:
+        """Count a chunk's outcomes as ``batch.count`` calls finishing in item order would be counted.
+
+        Closed: every call goes into the failure-rate window; consecutive
+        failures run on across the chunk (and from the calls before it), so
+        the breaker opens if any run of counted failures reaches
+        ``failure_threshold``; a counted success (or a failure the breaker does
+        not count) ends a run. Half-open, a chunk admitted as a probe is one
+        probe: any counted failure re-opens the breaker, none is one probe
+        passed. Open: late outcomes are ignored, as single calls' are.
+        """
+        is_failure = self._is_failure
+        counted = sorted(index for index, response in batch.failures.items() if is_failure(response))
+        with self._lock:
+            now = self._clock()
+            if counted:
+                last = batch.failures[counted[-1]]
+                self.last_failure = f"{last.error_type}: {last.error}"
+            if self.state is _HALF_OPEN:
+                if batch.batch_id not in self._probes_out:
+                    return  # a chunk admitted before the breaker opened: not a probe
+                self._probes_out.discard(batch.batch_id)
+                if counted:
+                    self._open(now)
+                else:
+                    self._probes_ok += 1
+                    if self._probes_ok >= self.half_open_probes:
+                        self._close()
+                return
+            if self.state is _OPEN:
+                return
+            if self.failure_rate is not None:
+                index, epoch = self._bucket(now)
+                if self._bucket_epoch[index] != epoch:
+                    self._bucket_epoch[index] = epoch
+                    self._calls[index] = 0
+                    self._fails[index] = 0
+                self._calls[index] += batch.count
+                self._fails[index] += len(counted)
+                if counted and self._rate_exceeded(now):
+                    self._open(now)
+                    return
+            run = self._consecutive
+            previous = -1
+            for index in counted:
+                run = run + 1 if index == previous + 1 else 1
+                previous = index
+                if run >= self.failure_threshold:
+                    self._open(now)
+                    return
+            self._consecutive = run if counted and previous == batch.count - 1 else 0
 
     def _bucket(self, now: float) -> tuple[int, int]:
         epoch = int(now / self._bucket_width)

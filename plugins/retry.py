@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from kservice import (
     MAY_HAVE_RUN,
+    CallBatch,
     ConfigError,
     RetryPolicy,
     ServiceMiddleware,
@@ -314,6 +315,10 @@ class RetryBudgetCounter(ServiceMiddleware):
 
     def before_call(self, request: ServiceRequest) -> None:
         self.budget.calls += 1
+
+    def admit_batch(self, batch: CallBatch) -> None:
+        """A chunk of a map: each of its calls is an attempt (a call retried later is counted by ``before_call``)."""
+        self.budget.calls += batch.count
 
 
 # --------------------------------------------------------------------- hooks

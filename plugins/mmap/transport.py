@@ -108,6 +108,8 @@ CANCELLED_EARLY_LIMIT = 4096
 #: Key of an address's info (and of a host's status) saying its listener runs chunk records (``codec.KIND_CHUNK``).
 #: A host without it would drop such a record unanswered, so callers send it only to hosts that say so.
 CHUNK_RECORDS = "chunk_records"
+#: Key of a host's status: how many calls of chunk records its listener ran in one loop (``task.run_many``).
+CHUNK_CALLS_IN_LOOP = "chunk_calls_in_loop"
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "request_queue_capacity": 4 << 20,
@@ -199,6 +201,8 @@ class MmapListener(Listener):
         self._pooled_chunks: dict[str, list[ServiceRequest]] = {}
         #: cancel notices of requests not seen yet (see _cancel)
         self._cancelled_early: set[str] = set()
+        #: calls of chunk records run in the listener's loop (the compact path end to end; in its status)
+        self._chunk_calls_in_loop = 0
         self._closed = False
         self._accepting = True
         _pool_user(1)
@@ -440,6 +444,7 @@ class MmapListener(Listener):
             if ran is not None:
                 done, failures = ran
                 start = len(done)
+                self._chunk_calls_in_loop += start
                 if start:
                     results[:start] = done
                     task.observe_cost(name, (_perf_counter() - began) / start)
@@ -613,6 +618,7 @@ class MmapListener(Listener):
             status = self._task.get_service_status().to_dict()
             status["pid"] = os.getpid()
             status[CHUNK_RECORDS] = 1
+            status[CHUNK_CALLS_IN_LOOP] = self._chunk_calls_in_loop
             response = ServiceResponse.ok(request.request_id, status)
         except Exception as exc:  # the caller gets the error instead
             response = _runtime_error(request.request_id, ServiceUnavailableError(f"status failed: {exc}"))

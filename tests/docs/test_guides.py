@@ -29,8 +29,8 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(120)
 def test_middleware_guide_blocks_run(tmp_path: Path) -> None:
     blocks = python_blocks("guide-middleware.md")
-    hooks, environment, rules, plugin, test_file = blocks
-    for block in (hooks, environment, rules):
+    hooks, environment, rules, batch, plugin, test_file = blocks
+    for block in (hooks, environment, rules, batch):
         result = run_python(block, tmp_path)
         assert result.returncode == 0, (block, result.stderr)
 

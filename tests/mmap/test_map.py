@@ -14,7 +14,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager
+from kservice import (
+    ServiceCallError,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceMiddleware,
+    ServiceRequest,
+    ServiceResponse,
+)
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.transport import MmapConnection
 
@@ -27,17 +35,28 @@ QUIET: dict[str, Any] = {
     "service_call": {"max_retries": 0},
     "breaker": {"enabled": False},
     "health": {"enabled": False},
+    "tracing": {"enabled": False},  # as by default with no OpenTelemetry provider (other tests may configure one)
 }
 
 
-#: Without client middleware a chunk travels as one compact record (the fast path); metrics on adds
-#: client middleware, so each call gets its own request (the per-call path). Both must behave alike.
-PATHS = {"fast": {**QUIET, "metrics": {"enabled": False}}, "per-call": QUIET}
+class PerCallObserver(ServiceMiddleware):
+    """Client middleware with a per-call hook and no batch form: it keeps a map on the per-call path."""
+
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        pass
+
+
+#: Without client middleware a chunk travels as one compact record (the fast path), and so it does with
+#: the default plugins, whose middleware implements the batch hooks ("batch hooks"); a middleware
+#: without them gives each call its own request (the per-call path). All must behave alike.
+PATHS = {"fast": {**QUIET, "metrics": {"enabled": False}}, "batch hooks": QUIET, "per-call": QUIET}
 
 
 @pytest.fixture(params=sorted(PATHS))
 def host(request: pytest.FixtureRequest) -> Iterator[tuple[ServiceEnvironment, ServiceManager]]:
     env = ServiceEnvironment("map-mmap", PATHS[request.param])
+    if request.param == "per-call":
+        env.add_middleware(PerCallObserver())
     env.register_service("kv", ServiceFactory("kv", KV), kind="process")
     env.register_service("one", ServiceFactory("one", Counter), kind="process", local={"max_workers": 1})
     env.register_service("ledger", ServiceFactory("ledger", SerialLedger), kind="process")
@@ -87,6 +106,19 @@ def test_an_item_that_cannot_be_pickled_fails_alone_with_a_type_error_naming_it(
     with pytest.raises(TypeError, match="not picklable"):
         list(manager.map("kv", "echo", [1, lock]))
     assert manager.call_service_sync("kv", "echo", ("still serving",)) == "still serving"
+
+
+def test_a_chunk_sent_call_by_call_keeps_the_answers_in_time_and_times_out_the_others(
+    host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
+    """An unpicklable argument sends the chunk call by call (admitted whole when batch hooks are on)."""
+    _, manager = host
+    began = time.monotonic()
+    results = list(manager.map("kv", "sleep", [threading.Lock(), 0.0, 3.0, 3.0], timeout=0.5, return_exceptions=True))
+    assert isinstance(results[0], TypeError) and results[1] == 0.0, results
+    assert all(type(r).__name__ == "ServiceTimeoutError" for r in results[2:]), results
+    assert time.monotonic() - began < 2.5  # answered at the deadline, not when the slow calls end
+    assert manager.call_service_sync("kv", "echo", ("still serving",), timeout=10) == "still serving"
 
 
 def test_an_item_the_host_cannot_decode_fails_alone_and_the_others_run(
@@ -140,8 +172,9 @@ def test_a_slow_item_times_out_on_its_own_and_is_never_started_late(
 
 
 def _fast(manager: ServiceManager, service: str) -> bool:
-    """Whether maps over ``service`` take the compact chunk path (no client middleware on its route)."""
-    return not manager.client_middlewares(service)
+    """Whether maps over ``service`` take the compact chunk path (no client middleware, or only batch hooks)."""
+    chain = manager._route(service).chain
+    return chain is None or chain.batch
 
 
 def test_each_item_fails_alone_with_its_own_typed_error(host: tuple[ServiceEnvironment, ServiceManager]) -> None:
@@ -205,7 +238,9 @@ def test_a_host_killed_mid_chunk_says_which_may_have_run_and_runs_none_twice(tmp
 
     from tests.faults.ledger import never_ran, runs
 
-    # Without retries the chunks travel compact; the retry policy's client middleware takes the per-call path.
+    # The chunks travel compact either way (the retry budget's middleware has the batch hook); with
+    # retries, the calls that failed are re-sent one by one under the retry policy, which must not
+    # re-send one that may have run.
     config = {**PATHS["fast"], "service_call": {"max_retries": retries}}
     env = ServiceEnvironment("map-mmap-kill", config)
     env.register_service("ledger", ServiceFactory("ledger", SerialLedger), kind="process")
@@ -213,7 +248,7 @@ def test_a_host_killed_mid_chunk_says_which_may_have_run_and_runs_none_twice(tmp
     with env:
         manager = env.manager()
         pid = manager.call_service_sync("ledger", "pid")
-        assert _fast(manager, "ledger") == (retries == 0)
+        assert _fast(manager, "ledger")
         killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
         killer.start()
         try:
@@ -260,3 +295,136 @@ def test_a_host_that_does_not_say_it_runs_chunks_gets_each_call_on_its_own(
     assert list(manager.map("kv", "add", [(i, 1) for i in range(500)], chunk_size=100)) == [i + 1 for i in range(500)]
     assert time.monotonic() - started < 5  # nothing waited for an answer that would never come
     assert asked == ([1] if _fast(manager, "kv") else [])  # asked once, only when the compact form was possible
+
+
+# ------------------------------------------------------------------ batch hooks
+
+
+class _Seen(ServiceMiddleware):
+    """Counts what a third-party middleware is shown: calls one by one, or chunks (no lock: it is sent to hosts)."""
+
+    def __init__(self) -> None:
+        self.on = True
+        self.calls: list[int] = []  # list.append is atomic: calls complete in several threads
+        self.chunks: list[int] = []
+
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.calls.append(1)
+
+
+class _SeenInChunks(_Seen):
+    def observe_batch(self, batch: Any) -> None:
+        self.chunks.append(batch.count)
+
+
+def _host_with(middleware: ServiceMiddleware, server: ServiceMiddleware | None = None) -> ServiceEnvironment:
+    # Every other plugin at its defaults; a generous inline limit, so a loaded machine keeps chunks in the loop.
+    # Tracing off, as by default in a process with no OpenTelemetry provider (other tests may configure one).
+    env = ServiceEnvironment(
+        "map-mmap-hooks", {"health": {"enabled": False}, "tracing": {"enabled": False}, "mmap": {"inline_limit": 0.05}}
+    )
+    env.add_middleware(middleware)
+    if server is not None:
+        env.add_middleware(server)
+    env.register_service("items", ServiceFactory("items", "tests.mmap.batch_services:Items"), kind="process")
+    return env
+
+
+def _loop_calls(manager: ServiceManager) -> int:
+    from kservice.plugins.mmap.transport import CHUNK_CALLS_IN_LOOP
+
+    return int(manager._route("items").connection.remote_status()[CHUNK_CALLS_IN_LOOP])  # type: ignore[attr-defined]
+
+
+def test_a_middleware_without_batch_hooks_keeps_the_per_call_path_and_sees_every_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = _Seen()
+    monkeypatch.setattr(codec, "encode_chunk", lambda *args: pytest.fail("a compact chunk skipped a per-call hook"))
+    with _host_with(seen) as env:
+        manager = env.manager()
+        manager.call_service_sync("items", "check", (1,))
+        assert not manager._route("items").chain.batch  # type: ignore[union-attr]
+        assert list(manager.map("items", "check", range(600), chunk_size=100)) == list(range(600))
+        assert len(seen.calls) == 1 + 600
+        assert _loop_calls(manager) == 0
+
+
+def test_a_middleware_with_batch_hooks_sees_each_chunk_once() -> None:
+    seen = _SeenInChunks()
+    with _host_with(seen) as env:
+        manager = env.manager()
+        manager.call_service_sync("items", "check", (1,))
+        assert list(manager.map("items", "check", range(600), chunk_size=100)) == list(range(600))
+        assert (len(seen.calls), seen.chunks) == (1, [100] * 6)
+        assert _loop_calls(manager) > 0
+
+
+class _RaisingAdmit(_SeenInChunks):
+    def before_call(self, request: ServiceRequest) -> None:
+        if self.on:
+            raise PermissionError("refused by policy")
+
+    def admit_batch(self, batch: Any) -> None:
+        if self.on:
+            raise PermissionError("refused by policy")
+
+
+class _RaisingAfter(_SeenInChunks):
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        if self.on:
+            raise PermissionError("answer withheld")
+
+    def after_batch(self, batch: Any) -> None:
+        if self.on:
+            raise PermissionError("answer withheld")
+
+
+class _RaisingObserver(_SeenInChunks):
+    def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        raise PermissionError("observer bug")
+
+    def observe_batch(self, batch: Any) -> None:
+        raise PermissionError("observer bug")
+
+
+@pytest.mark.parametrize(
+    ("middleware", "runs", "fails"),
+    [(_RaisingAdmit, 0, True), (_RaisingAfter, 300, True), (_RaisingObserver, 300, False)],
+    ids=["admit_batch", "after_batch", "observe_batch"],
+)
+def test_a_raising_batch_hook_does_what_its_per_call_hook_does(middleware: type, runs: int, fails: bool) -> None:
+    hook = middleware()
+    with _host_with(hook) as env:
+        manager = env.manager()
+        try:
+            single: Any = manager.call_service_sync("items", "check", (1,))
+        except PermissionError as error:
+            single = error
+        results = list(manager.map("items", "check", range(300), chunk_size=100, return_exceptions=True))
+        hook.on = False
+        ran = manager.call_service_sync("items", "count")
+    if fails:
+        assert isinstance(single, PermissionError)
+        assert all(type(r) is PermissionError and str(r) == str(single) for r in results), results[:3]
+        assert len({id(r) for r in results}) == 300  # each item its own exception, with its own note
+        assert results[7].__notes__ == ["(item 7 of map over items.check)"]
+    else:
+        assert single == 1 and results == list(range(300))
+    # The service ran every call (after_batch, observe_batch) or none (admit_batch refused each chunk).
+    assert ran == (1 if single == 1 or middleware is _RaisingAfter else 0) + runs
+
+
+def test_a_raising_server_batch_hook_fails_each_call_as_its_per_call_hook_does() -> None:
+    from tests.mmap.batch_services import RaisingHandleBatch
+
+    with _host_with(_SeenInChunks(), server=RaisingHandleBatch()) as env:
+        manager = env.manager()
+        with pytest.raises(RuntimeError) as single:
+            manager.call_service_sync("items", "check", (1,))
+        for _ in range(2):  # the host learns the method's cost from the first, and runs the second in its loop
+            results = list(manager.map("items", "check", range(200), chunk_size=100, return_exceptions=True))
+            for result in results:
+                assert type(result) is type(single.value) and str(result) == str(single.value), result
+        assert _loop_calls(manager) > 0
+        assert manager.call_service_sync("items", "count") == 1 + 400  # every call ran once; the hook failed them
