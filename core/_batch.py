@@ -773,7 +773,8 @@ class CallMap(Iterator[Any]):
 
     def __init__(self, batch: _Batch) -> None:
         self._batch = batch
-        self._next = self._results().__next__
+        self._generator = self._results()
+        self._next = self._generator.__next__
 
     def _results(self) -> Iterator[Any]:
         batch = self._batch
@@ -790,12 +791,18 @@ class CallMap(Iterator[Any]):
                     chunk = batch.finished.get()
                     batch.in_flight.remove(chunk)
                 batch.fill()  # keep the window full while the consumer reads this chunk
-                yield from batch.outcomes(chunk)
+                if type(chunk) is _FastChunk and not chunk.failures:
+                    yield from chunk.outcomes  # the common case, without a generator level per item
+                else:
+                    yield from batch.outcomes(chunk)
         finally:
             batch.cancel()
 
-    def __iter__(self) -> CallMap:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        # A ``for`` loop iterates the results generator itself: no Python frame of this class per
+        # item (a third of the caller's cost of a trivial call). ``next(map)`` and ``close()`` act
+        # on the same generator, so both ways of reading share one position.
+        return self._generator
 
     def __next__(self) -> Any:
         return self._next()
@@ -804,6 +811,10 @@ class CallMap(Iterator[Any]):
         """Stop: every call not finished is cancelled (one not started never starts); idempotent."""
         self._batch.cancel()
         self._next = iter(()).__next__
+        try:
+            self._generator.close()  # a ``for`` loop over this map ends too
+        except ValueError:
+            pass  # running in another thread: it ends at its next chunk (the batch is cancelled)
 
     def __enter__(self) -> CallMap:
         return self

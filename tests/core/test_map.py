@@ -186,6 +186,18 @@ def test_closing_early_cancels_the_calls_not_started(env: ServiceEnvironment, ma
         next(results)
 
 
+def test_closing_inside_a_for_loop_ends_the_loop(manager: ServiceManager) -> None:
+    got = []
+    results = manager.map("work", "square", [(x,) for x in range(1000)], chunk_size=100)
+    for item in results:
+        got.append(item)
+        if len(got) == 5:
+            results.close()
+    assert got == [0, 1, 4, 9, 16]  # not the rest of the chunk the loop was reading
+    with pytest.raises(StopIteration):
+        next(results)
+
+
 def test_each_item_has_its_own_deadline_from_when_it_was_sent(manager: ServiceManager) -> None:
     started = time.monotonic()
     results = list(
