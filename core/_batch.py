@@ -20,7 +20,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -773,10 +773,10 @@ class CallMap(Iterator[Any]):
 
     def __init__(self, batch: _Batch) -> None:
         self._batch = batch
-        self._generator = self._results()
+        self._generator: Generator[Any, None, None] = self._results()
         self._next = self._generator.__next__
 
-    def _results(self) -> Iterator[Any]:
+    def _results(self) -> Generator[Any, None, None]:
         batch = self._batch
         try:
             while True:
