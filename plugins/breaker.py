@@ -277,15 +277,7 @@ class CircuitBreaker(ServiceMiddleware):
             if failed and response is not None:
                 self.last_failure = f"{response.error_type}: {response.error}"
             if self.state is _HALF_OPEN:
-                if request_id not in self._probes_out:
-                    return  # a call admitted before the breaker opened: not a probe
-                self._probes_out.discard(request_id)
-                if failed:
-                    self._open(now)
-                else:
-                    self._probes_ok += 1
-                    if self._probes_ok >= self.half_open_probes:
-                        self._close()
+                self._probe_done(request_id, failed, now)
                 return
             if self.state is _OPEN:
                 return  # late outcomes of calls admitted before it opened
@@ -300,6 +292,18 @@ class CircuitBreaker(ServiceMiddleware):
                     self._open(now)
             else:
                 self._consecutive = 0
+
+    def _probe_done(self, probe: str, failed: bool, now: float) -> None:
+        """Half-open: the outcome of probe ``probe`` (a call's or a chunk's id); called under the lock."""
+        if probe not in self._probes_out:
+            return  # admitted before the breaker opened: not a probe
+        self._probes_out.discard(probe)
+        if failed:
+            self._open(now)
+        else:
+            self._probes_ok += 1
+            if self._probes_ok >= self.half_open_probes:
+                self._close()
 
     def record_batch(self, batch: CallBatch) -> None:
         """Count a chunk's outcomes as ``batch.count`` calls finishing in item order would be counted.
@@ -320,15 +324,7 @@ class CircuitBreaker(ServiceMiddleware):
                 last = batch.failures[counted[-1]]
                 self.last_failure = f"{last.error_type}: {last.error}"
             if self.state is _HALF_OPEN:
-                if batch.batch_id not in self._probes_out:
-                    return  # a chunk admitted before the breaker opened: not a probe
-                self._probes_out.discard(batch.batch_id)
-                if counted:
-                    self._open(now)
-                else:
-                    self._probes_ok += 1
-                    if self._probes_ok >= self.half_open_probes:
-                        self._close()
+                self._probe_done(batch.batch_id, bool(counted), now)
                 return
             if self.state is _OPEN:
                 return
