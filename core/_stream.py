@@ -479,6 +479,32 @@ class SyncStreamRun:
         if self.response is not None:
             self._end()
 
+    @classmethod
+    def resumed(
+        cls,
+        task: BaseServiceTask,
+        request: ServiceRequest,
+        method: Callable[..., Any],
+        sink: StreamSink,
+        context: contextvars.Context,
+        generator: Any,
+        count: int,
+        limit: int,
+        began: float,
+    ) -> SyncStreamRun:
+        """A run that goes on with a stream begun elsewhere (a :class:`PulledStream` moving to a thread).
+
+        ``generator`` (None: not made yet), ``count`` items sent, and the
+        begin's ``limit`` and ``began`` are taken over; nothing is begun again.
+        """
+        run = cls.__new__(cls)
+        run.task, run.method, run.sink, run.context = task, method, sink, context
+        run.request, run.generator, run.count, run.limit, run.began = request, generator, count, limit, began
+        run.pending = _NOTHING
+        run.response = None
+        _track(task, sink, True)
+        return run
+
     @property
     def ended(self) -> bool:
         return self.response is not None
@@ -755,7 +781,7 @@ class LocalStream(StreamSink, StreamSource):
         self.cancel()
 
 
-class PulledStream(LocalStream):
+class PulledStream(StreamSource):
     """A stream whose generator the consumer steps in its own thread, for a generator known to be quick.
 
     The in-process counterpart of ``BaseServiceTask.run_inline``: no thread
@@ -763,83 +789,229 @@ class PulledStream(LocalStream):
     makes the next items (up to the window, for at most ``inline_limit``
     seconds) and returns them; the generator never runs ahead of the window,
     and a consumer that does not read leaves it paused. The stream moves to
-    one of the task's stream threads (and from then on behaves as a
-    :class:`LocalStream`) when a batch of items took longer than
-    ``inline_limit`` or when it is read with ``async for`` (an event loop must
-    not run a generator that may block). As with ``run_inline``, a step that
-    turns slow cannot be abandoned at the deadline: the consumer waits for
-    that one step, then gets ServiceTimeoutError. ``close()`` closes the
-    generator in the closing thread (its ``finally`` runs there, at once).
+    one of the task's stream threads (and from then on is a
+    :class:`LocalStream` fed by a :class:`SyncStreamRun`) when a batch of
+    items took longer than ``inline_limit`` or when it is read with ``async
+    for`` (an event loop must not run a generator that may block). As with
+    ``run_inline``, a step that turns slow cannot be abandoned at the
+    deadline: the consumer waits for that one step, then gets
+    ServiceTimeoutError. ``close()`` closes the generator in the closing
+    thread (its ``finally`` runs there, at once).
+
+    While the consumer pulls, this one object is the stream's source, sink
+    and run (one object to make, no lock: only the consumer's thread steps
+    the generator). The task stopping cancels it (``cancel``) as it does a
+    sink: the next read ends the stream with ServiceUnavailableError.
     """
 
-    def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], window: int) -> None:
-        LocalStream.__init__(self, window)
-        self._pulling = True
+    __slots__ = (
+        "_began",
+        "_context",
+        "_cost_key",
+        "_count",
+        "_generator",
+        "_handoff",
+        "_limit",
+        "_method",
+        "_request",
+        "_response",
+        "_task",
+        "_unacknowledged",
+        "_window",
+        "cancelled",
+        "stop_reason",
+    )
+
+    def __init__(
+        self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], window: int, cost_key: str
+    ) -> None:
         self._task = task
-        self._cost_key = "stream:" + request.method_name
-        self._run = SyncStreamRun(task, request, method, self)
-
-    def send(self, item: Any, deadline: float | None) -> bool:
-        if not self._pulling:
-            return LocalStream.send(self, item, deadline)
-        if self.cancelled:
-            return False
-        self._unacknowledged += 1  # only the consumer's thread steps the generator while it pulls
-        self._items.append(item)
-        return True
-
-    def _pull(self) -> None:
-        """Make the next items in this thread (the consumer's): the first alone, then up to the window."""
-        run = self._run
-        if self.cancelled:
-            run.abandon(_stopped_response(run.request, self))
+        self._method = method
+        self._window = max(1, window)
+        self._cost_key = cost_key
+        self._count = 0
+        self._unacknowledged = 0
+        self._generator: Any = None
+        self._handoff: LocalStream | None = None
+        self.cancelled = False
+        self.stop_reason: ServiceResponse | None = None
+        # The stream's own context, as a SyncStreamRun's (see there): every step runs in it.
+        self._context = context = contextvars.copy_context()
+        task._open_streams.add(self)
+        if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+            # _begin without a chain to run: no before-hook can make anything current (no context.run).
+            next(task._started)
+            self._request, self._response, self._limit, self._began = request, None, 0, 0.0
             return
+        self._request, self._response, self._limit, self._began = context.run(_begin, task, request)
+        if self._response is not None:
+            context.run(self._finish_here)
+
+    # ---- the task's side (see StreamSink)
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        """The service stops (``reason``: what the consumer gets) or the stream is dropped: the next read ends it."""
+        self.cancelled = True
+        if reason is not None:
+            self.stop_reason = reason
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.cancel(reason)
+
+    # ---- the consumer's side
+
+    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        handoff = self._handoff
+        if handoff is not None:
+            return handoff.receive(timeout)
+        if self._response is not None:
+            return [], self._response
+        if self.cancelled:
+            self._abandon(self.stop_reason or _ended_early(self._request, "the consumer closed the stream"))
+            return [], self._response
+        return self._context.run(self._pull)
+
+    def _pull(self) -> tuple[list[Any], ServiceResponse | None]:
+        """Make the next items in this thread (the consumer's): the first alone, then up to the window."""
         task = self._task
-        limit = task.inline_limit
-        first = run.count == 0
+        request = self._request
+        inline_limit = task.inline_limit
+        first = self._count == 0
+        wanted = 1 if first else max(1, self._window - self._unacknowledged)
+        deadline = request.deadline
+        items: list[Any] = []
+        token = _current_request.set(request)
         began = perf_counter()
-        ended = run.pump(1 if first else max(1, self.window - self._unacknowledged), limit)
+        try:
+            generator = self._generator
+            if generator is None:
+                generator = self._generator = self._method(*request.args, **request.kwargs)
+            while True:
+                try:
+                    item = next(generator)
+                except StopIteration:
+                    self._generator = None  # exhausted: closing it would do nothing
+                    self._response = ServiceResponse(True, None, None, request.request_id)
+                    break
+                items.append(item)
+                if len(items) >= wanted:
+                    break
+                if deadline is not None and time.time() > deadline:
+                    break  # the deadline check below ends it, after these items
+                if perf_counter() - began > inline_limit:
+                    break
+        except Exception as exc:
+            self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        finally:
+            _current_request.reset(token)
         took = perf_counter() - began
+        self._count += len(items)
+        self._unacknowledged += len(items)
         if first:
             task.observe_cost(self._cost_key, took)
-        if not ended and took > limit:
+        if self._response is None:
+            if deadline is not None and time.time() > deadline:
+                self._response = timeout_response(request, 0.0)
+            elif took > inline_limit:
+                self._to_thread()
+                return items, None
+            else:
+                return items, None
+        self._finish_here()
+        return items, self._response
+
+    def consumed(self, count: int) -> None:
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.consumed(count)
+        else:
+            self._unacknowledged -= count
+
+    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
+        if self._handoff is None:
+            if self._response is not None:
+                return [], self._response
             self._to_thread()
+        handoff = self._handoff
+        assert handoff is not None
+        return await handoff.areceive(timeout)
+
+    def close(self) -> None:
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.close()
+        elif self._response is None:
+            deadline = self._request.deadline
+            if deadline is not None and time.time() > deadline:
+                # Closed by the consumer's deadline (ItemStream's expiry): the service side sees the timeout
+                # a stream thread's producer would have ended with.
+                self._abandon(timeout_response(self._request, 0.0))
+            elif self._task._server_chain is None:
+                # No after-hook to show the end to: close the generator, count the stream as ended.
+                self._response = _CLOSED_HERE
+                generator, self._generator = self._generator, None
+                if generator is not None:
+                    self._context.run(_close_generator, generator, self._request)
+                self._task._open_streams.discard(self)
+                next(self._task._finished)
+            else:
+                self._abandon(_ended_early(self._request, "the consumer closed the stream"))
+
+    # ---- ends
+
+    def _abandon(self, response: ServiceResponse) -> None:
+        self._response = response
+        self._context.run(self._finish_here)
+
+    def _finish_here(self) -> None:
+        """Close the generator (in this stream's context), run the server chain's end, count it."""
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            _close_generator(generator, self._request)
+        self._task._open_streams.discard(self)
+        assert self._response is not None
+        self._response = _conclude(self._task, self._request, self._response, self._limit, self._began, self._count)
 
     def _to_thread(self) -> None:
         """From now on the generator runs in one of the task's stream threads (see the class docstring)."""
-        self._pulling = False
+        task = self._task
+        local = LocalStream(self._window)
+        local._unacknowledged = self._unacknowledged
+        run = SyncStreamRun.resumed(
+            task,
+            self._request,
+            self._method,
+            local,
+            self._context,
+            self._generator,
+            self._count,
+            self._limit,
+            self._began,
+        )
+        self._generator = None
+        task._open_streams.discard(self)
+        self._handoff = local
+        if self.cancelled:
+            local.cancel(self.stop_reason)  # the task stopped meanwhile: the run ends at its first step
         try:
-            _stream_threads(self._task).submit(self._run.pump)
+            _stream_threads(task).submit(run.pump)
         except RuntimeError:
-            self._run.abandon(self._task._unavailable(self._run.request, "it stopped"))
+            run.abandon(task._unavailable(self._request, "it stopped"))
 
-    def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
-        if self._pulling:
-            if not self._items and self._response is None:
-                self._pull()
-            if self._pulling:
-                # Only this thread (the consumer's) makes items while it pulls: no lock to take.
-                items = list(self._items)
-                self._items.clear()
-                return items, self._response
-        return LocalStream.receive(self, timeout)
 
-    def _finish(self, response: ServiceResponse) -> None:
-        if self._pulling:
-            self._response = response  # ended in the consumer's thread: nobody waits for it
-            return
-        LocalStream._finish(self, response)
+#: What a pulled stream its consumer closed ends with when no server middleware is to see the end.
+_CLOSED_HERE = ServiceResponse(True, None, None, "")
 
-    async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
-        if self._pulling and self._response is None:
-            self._to_thread()
-        return await LocalStream.areceive(self, timeout)
 
-    def close(self) -> None:
-        if self._pulling:
-            self._run.abandon(_ended_early(self._run.request, "the consumer closed the stream"))
-        else:
-            self.cancel()
+def _close_generator(generator: Any, request: ServiceRequest) -> None:
+    """Close ``generator`` (its ``finally`` runs, here, now) with ``request`` current; never raises an Exception."""
+    token = _current_request.set(request)
+    try:
+        generator.close()
+    except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+        pass
+    finally:
+        _current_request.reset(token)
 
 
 def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> PulledStream | None:
@@ -859,10 +1031,11 @@ def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> 
         return None
     if method is None:
         return None
-    cost = task._method_cost.get("stream:" + name)
+    cost_key = "stream:" + name
+    cost = task._method_cost.get(cost_key)
     if cost is None or cost >= task.inline_limit:
         return None
-    return PulledStream(task, request, method, window)
+    return PulledStream(task, request, method, window, cost_key)
 
 
 class ItemStream(Iterator[Any], AsyncIterator[Any]):

@@ -32,6 +32,7 @@ from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
 from ._stream import (
+    PulledStream,
     StreamSink,
     SyncStreamRun,
     open_on_task,
@@ -421,7 +422,8 @@ class BaseServiceTask:
         # The service's generator methods, bound once (an in-process stream finds its method in one lookup).
         self._generator_methods: dict[str, Callable[..., Any]] = {}
         # The streams being produced (the task cancels them when it stops); see _stream.py.
-        self._open_streams: set[StreamSink] = set()
+        # Streams being served (a sink, or a stream the consumer pulls): the task's stop cancels each.
+        self._open_streams: set[StreamSink | PulledStream] = set()
         # The queue depth and the parked requests are guarded by a lock (the overflow
         # thread sleeps on it). Per-call counters are itertools.count objects instead:
         # next() is one atomic C call (~40 ns), where each lock pair costs ~150 ns.

@@ -21,6 +21,7 @@ from kservice import (
     ServiceAddress,
     ServiceRequest,
     ServiceResponse,
+    StreamSource,
     Transport,
     hookimpl,
 )
@@ -76,7 +77,7 @@ class InprocConnection(Connection):
             return response
         return super().call(request, timeout)
 
-    def open_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+    def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:
         """A generator known quick runs in the caller's thread as it reads (``task.pull_stream``, as a sync
         call's method runs inline); otherwise in the task (its stream threads, or its event loop), the items
         passing through a bounded deque."""

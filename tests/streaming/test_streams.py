@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import threading
 import time
@@ -381,3 +382,103 @@ def test_stopping_the_service_ends_a_pulled_stream_unavailable() -> None:
         with pytest.raises(kservice.ServiceUnavailableError):
             list(stream)
         assert "stopped" in model.closed
+
+
+#: What a server middleware makes current for a stream (as a tracing span would).
+HANDLING: contextvars.ContextVar[str] = contextvars.ContextVar("handling", default="")
+
+
+class HandlingObserver(StreamObserver):
+    def before_handle(self, request: kservice.ServiceRequest) -> None:
+        HANDLING.set(request.request_id)
+
+
+class ContextModel:
+    """Reports, per item, what the server middleware made current and the thread that made it."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def seen(self, n: int, tag: str = "", fail_at: int = -1) -> Iterator[tuple[str, int]]:
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise KeyError(f"failed at {i}")
+                yield HANDLING.get(), threading.get_ident()
+        finally:
+            self.closed.append(tag)
+
+
+@pytest.fixture
+def observed_quick() -> Iterator[tuple[kservice.ServiceManager, HandlingObserver, ContextModel]]:
+    observer = HandlingObserver()
+    environment = kservice.ServiceEnvironment("streams-pulled-observed")
+    environment.add_middleware(observer)
+    environment.register_service("ctx", kservice.ServiceFactory("ctx", ContextModel), **QUICK)
+    with environment, kservice.ServiceManager(environment) as manager:
+        assert len(list(manager.stream("ctx", "seen", (2,)))) == 2  # its first item is timed: quick
+        task = environment.get_task("ctx")
+        assert task is not None
+        service = task.service
+        assert isinstance(service, ContextModel)
+        observer.calls.clear()
+        observer.handles.clear()
+        yield manager, observer, service
+
+
+def test_server_middleware_sees_a_pulled_stream_and_what_it_makes_current_stays_with_the_stream(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+    here = threading.get_ident()
+    made = list(manager.stream("ctx", "seen", (5,), window=2))
+    assert [thread for _, thread in made] == [here] * 5  # pulled: stepped in this thread
+    assert len({handling for handling, _ in made}) == 1 and made[0][0] != ""  # the before-hook's value, every step
+    assert HANDLING.get() == ""  # and it never leaked into the consumer's context
+    stream = manager.stream("ctx", "seen", (1000,), {"tag": "early"})
+    assert next(stream)[1] == here
+    stream.close()
+    assert model.closed[-1] == "early"
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", True, 5), ("seen", True, 1)]
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [("seen", True, 5), ("seen", True, 1)]
+
+
+def test_a_pulled_stream_that_fails_ends_typed_after_its_items_and_middleware_sees_the_failure(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+    received = []
+    with pytest.raises(KeyError, match="failed at 3"):
+        for item in manager.stream("ctx", "seen", (10,), {"tag": "failed", "fail_at": 3}, window=2):
+            received.append(item)
+    assert len(received) == 3 and model.closed[-1] == "failed"
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", False, 3)]
+    assert len(list(manager.stream("ctx", "seen", (2,)))) == 2  # the service keeps serving
+
+
+def test_a_pulled_stream_past_its_deadline_ends_with_a_timeout_after_its_items(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+    stream = manager.stream("ctx", "seen", (10_000,), {"tag": "late"}, window=2, timeout=0.3)
+    received = [next(stream)]
+    time.sleep(0.4)
+    with pytest.raises(kservice.ServiceTimeoutError):
+        for item in stream:
+            received.append(item)
+    assert len(received) >= 1 and model.closed[-1] == "late"
+    assert observer.handles and observer.handles[-1][1] is False
+
+
+def test_a_pulled_stream_moved_to_a_thread_keeps_its_context_and_middleware_sees_one_end(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+
+    async def consume() -> list[tuple[str, int]]:
+        return [item async for item in manager.astream("ctx", "seen", (30,), window=4)]
+
+    made = asyncio.run(consume())
+    assert len(made) == 30 and threading.get_ident() not in {thread for _, thread in made}
+    assert len({handling for handling, _ in made}) == 1 and made[0][0] != ""
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", True, 30)]
