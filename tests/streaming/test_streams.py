@@ -473,7 +473,7 @@ def test_a_pulled_stream_past_its_deadline_ends_with_a_timeout_after_its_items(
 def test_a_pulled_stream_moved_to_a_thread_keeps_its_context_and_middleware_sees_one_end(
     observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
 ) -> None:
-    manager, observer, model = observed_quick
+    manager, observer, _ = observed_quick
 
     async def consume() -> list[tuple[str, int]]:
         return [item async for item in manager.astream("ctx", "seen", (30,), window=4)]
