@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
@@ -781,7 +781,168 @@ class LocalStream(StreamSink, StreamSource):
         self.cancel()
 
 
-class PulledStream(StreamSource):
+class _Cancellable(Protocol):
+    """What a task's stop cancels: a stream's sink, or a stream its consumer pulls."""
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None: ...
+
+
+class _PulledRun:
+    """The service side of a stream whose generator the consumer's thread steps (no thread, no lock).
+
+    Shared by :class:`PulledStream` (a source under an ItemStream) and
+    :class:`PulledItems` (the caller's iterator itself); each declares the
+    slots. The stream has its own context, entered by every step as a
+    :class:`SyncStreamRun`'s is; the task's stop cancels it (``cancel``):
+    the next read ends it with the stop's reason.
+
+    No ``__slots__`` here (each subclass declares the attributes below as
+    its slots; typecheckers would refuse an empty tuple's assignments).
+    """
+
+    _task: BaseServiceTask
+    _method: Callable[..., Any]
+    _cost_key: str
+    _context: contextvars.Context
+    _generator: Any
+    _count: int
+    _served: ServiceRequest
+    _response: ServiceResponse | None
+    _server_limit: int
+    _server_began: float
+    cancelled: bool
+    stop_reason: ServiceResponse | None
+
+    def _begin_run(self, task: BaseServiceTask, request: ServiceRequest) -> None:
+        """The service side's begin: statistics, the server chain's before-hooks; a refusal ends it at once."""
+        self._count = 0
+        self._generator = None
+        self.cancelled = False
+        self.stop_reason = None
+        self._context = context = contextvars.copy_context()
+        task._open_streams.add(self)
+        if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+            # _begin without a chain to run: no before-hook can make anything current (no context.run).
+            next(task._started)
+            self._served, self._response, self._server_limit, self._server_began = request, None, 0, 0.0
+            return
+        self._served, self._response, self._server_limit, self._server_began = context.run(_begin, task, request)
+        if self._response is not None:
+            context.run(self._finish_run)
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        """The service stops (``reason``: what the consumer gets): the next read ends the stream."""
+        self.cancelled = True
+        if reason is not None:
+            self.stop_reason = reason
+
+    def _stopped(self) -> ServiceResponse:
+        return self.stop_reason or _ended_early(self._served, "the consumer closed the stream")
+
+    def _make(self, wanted: int) -> tuple[list[Any], float]:
+        """Make up to ``wanted`` items (at least one) within ``inline_limit`` seconds, in this stream's context.
+
+        Sets ``_response`` when the stream ended (exhausted, failed, or the
+        deadline passed while making them) and then finishes it. Returns the
+        items made and the seconds they took.
+        """
+        task = self._task
+        request = self._served
+        items: list[Any] = []
+        token = _current_request.set(request)
+        began = perf_counter()
+        try:
+            generator = self._generator
+            if generator is None:
+                generator = self._generator = self._method(*request.args, **request.kwargs)
+            deadline = request.deadline
+            inline_limit = task.inline_limit
+            while True:
+                items.append(next(generator))
+                if len(items) >= wanted or perf_counter() - began > inline_limit:
+                    break
+                if deadline is not None and time.time() > deadline:
+                    self._response = timeout_response(request, 0.0)
+                    break
+        except StopIteration:
+            self._generator = None  # exhausted: closing it would do nothing
+            self._response = ServiceResponse(True, None, None, request.request_id)
+        except Exception as exc:
+            self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        finally:
+            _current_request.reset(token)
+        took = perf_counter() - began
+        self._count += len(items)
+        if self._response is not None:
+            self._finish_run()
+        return items, took
+
+    def _abandon(self, response: ServiceResponse) -> None:
+        """End the stream with ``response`` without stepping it again (its generator is closed)."""
+        self._response = response
+        self._context.run(self._finish_run)
+
+    def _finish_run(self) -> None:
+        """Close the generator (in this stream's context), run the server chain's end, count it."""
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            _close_generator(generator, self._served)
+        self._task._open_streams.discard(self)
+        assert self._response is not None
+        self._response = _conclude(
+            self._task, self._served, self._response, self._server_limit, self._server_began, self._count
+        )
+
+    def _close_run(self) -> None:
+        """The consumer closed the stream before its end: the generator is closed here, now."""
+        deadline = self._served.deadline
+        if deadline is not None and time.time() > deadline:
+            # Closed by the consumer's deadline: the service side sees the timeout a stream thread's
+            # producer would have ended with.
+            self._abandon(timeout_response(self._served, 0.0))
+        elif self._task._server_chain is None:
+            # No after-hook to show the end to: close the generator, count the stream as ended.
+            self._response = _CLOSED_HERE
+            generator, self._generator = self._generator, None
+            if generator is not None:
+                self._context.run(_close_generator, generator, self._served)
+            self._task._open_streams.discard(self)
+            next(self._task._finished)
+        else:
+            self._abandon(_ended_early(self._served, "the consumer closed the stream"))
+
+    def _hand_off(self, window: int, unacknowledged: int) -> LocalStream:
+        """Go on in one of the task's stream threads: the items from now on come through the LocalStream returned.
+
+        ``unacknowledged``: items made here the consumer has not taken yet
+        (they count against the window).
+        """
+        task = self._task
+        local = LocalStream(window)
+        local._unacknowledged = unacknowledged
+        run = SyncStreamRun.resumed(
+            task,
+            self._served,
+            self._method,
+            local,
+            self._context,
+            self._generator,
+            self._count,
+            self._server_limit,
+            self._server_began,
+        )
+        self._generator = None
+        task._open_streams.discard(self)
+        if self.cancelled:
+            local.cancel(self.stop_reason)  # the task stopped meanwhile: the run ends at its first step
+        try:
+            _stream_threads(task).submit(run.pump)
+        except RuntimeError:
+            run.abandon(task._unavailable(self._served, "it stopped"))
+        return local
+
+
+class PulledStream(_PulledRun, StreamSource):
     """A stream whose generator the consumer steps in its own thread, for a generator known to be quick.
 
     The in-process counterpart of ``BaseServiceTask.run_inline``: no thread
@@ -798,23 +959,21 @@ class PulledStream(StreamSource):
     ServiceTimeoutError. ``close()`` closes the generator in the closing
     thread (its ``finally`` runs there, at once).
 
-    While the consumer pulls, this one object is the stream's source, sink
-    and run (one object to make, no lock: only the consumer's thread steps
-    the generator). The task stopping cancels it (``cancel``) as it does a
-    sink: the next read ends the stream with ServiceUnavailableError.
+    The source an ItemStream reads when the call has client middleware or a
+    retry policy; without them the caller gets a :class:`PulledItems`.
     """
 
     __slots__ = (
-        "_began",
         "_context",
         "_cost_key",
         "_count",
         "_generator",
         "_handoff",
-        "_limit",
         "_method",
-        "_request",
         "_response",
+        "_served",
+        "_server_began",
+        "_server_limit",
         "_task",
         "_unacknowledged",
         "_window",
@@ -829,36 +988,15 @@ class PulledStream(StreamSource):
         self._method = method
         self._window = max(1, window)
         self._cost_key = cost_key
-        self._count = 0
         self._unacknowledged = 0
-        self._generator: Any = None
         self._handoff: LocalStream | None = None
-        self.cancelled = False
-        self.stop_reason: ServiceResponse | None = None
-        # The stream's own context, as a SyncStreamRun's (see there): every step runs in it.
-        self._context = context = contextvars.copy_context()
-        task._open_streams.add(self)
-        if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
-            # _begin without a chain to run: no before-hook can make anything current (no context.run).
-            next(task._started)
-            self._request, self._response, self._limit, self._began = request, None, 0, 0.0
-            return
-        self._request, self._response, self._limit, self._began = context.run(_begin, task, request)
-        if self._response is not None:
-            context.run(self._finish_here)
-
-    # ---- the task's side (see StreamSink)
+        self._begin_run(task, request)
 
     def cancel(self, reason: ServiceResponse | None = None) -> None:
-        """The service stops (``reason``: what the consumer gets) or the stream is dropped: the next read ends it."""
-        self.cancelled = True
-        if reason is not None:
-            self.stop_reason = reason
+        _PulledRun.cancel(self, reason)
         handoff = self._handoff
         if handoff is not None:
             handoff.cancel(reason)
-
-    # ---- the consumer's side
 
     def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         handoff = self._handoff
@@ -867,58 +1005,18 @@ class PulledStream(StreamSource):
         if self._response is not None:
             return [], self._response
         if self.cancelled:
-            self._abandon(self.stop_reason or _ended_early(self._request, "the consumer closed the stream"))
+            self._abandon(self._stopped())
             return [], self._response
-        return self._context.run(self._pull)
-
-    def _pull(self) -> tuple[list[Any], ServiceResponse | None]:
-        """Make the next items in this thread (the consumer's): the first alone, then up to the window."""
-        task = self._task
-        request = self._request
-        inline_limit = task.inline_limit
-        first = self._count == 0
-        wanted = 1 if first else max(1, self._window - self._unacknowledged)
-        deadline = request.deadline
-        items: list[Any] = []
-        token = _current_request.set(request)
-        began = perf_counter()
-        try:
-            generator = self._generator
-            if generator is None:
-                generator = self._generator = self._method(*request.args, **request.kwargs)
-            while True:
-                try:
-                    item = next(generator)
-                except StopIteration:
-                    self._generator = None  # exhausted: closing it would do nothing
-                    self._response = ServiceResponse(True, None, None, request.request_id)
-                    break
-                items.append(item)
-                if len(items) >= wanted:
-                    break
-                if deadline is not None and time.time() > deadline:
-                    break  # the deadline check below ends it, after these items
-                if perf_counter() - began > inline_limit:
-                    break
-        except Exception as exc:
-            self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
-        finally:
-            _current_request.reset(token)
-        took = perf_counter() - began
-        self._count += len(items)
-        self._unacknowledged += len(items)
+        first = self._generator is None
+        items, took = self._context.run(self._make, 1 if first else max(1, self._window - self._unacknowledged))
         if first:
-            task.observe_cost(self._cost_key, took)
-        if self._response is None:
-            if deadline is not None and time.time() > deadline:
-                self._response = timeout_response(request, 0.0)
-            elif took > inline_limit:
-                self._to_thread()
-                return items, None
-            else:
-                return items, None
-        self._finish_here()
-        return items, self._response
+            self._task.observe_cost(self._cost_key, took)
+        if self._response is not None:
+            return items, self._response
+        self._unacknowledged += len(items)
+        if took > self._task.inline_limit:
+            self._handoff = self._hand_off(self._window, self._unacknowledged)
+        return items, None
 
     def consumed(self, count: int) -> None:
         handoff = self._handoff
@@ -931,72 +1029,15 @@ class PulledStream(StreamSource):
         if self._handoff is None:
             if self._response is not None:
                 return [], self._response
-            self._to_thread()
-        handoff = self._handoff
-        assert handoff is not None
-        return await handoff.areceive(timeout)
+            self._handoff = self._hand_off(self._window, self._unacknowledged)
+        return await self._handoff.areceive(timeout)
 
     def close(self) -> None:
         handoff = self._handoff
         if handoff is not None:
             handoff.close()
         elif self._response is None:
-            deadline = self._request.deadline
-            if deadline is not None and time.time() > deadline:
-                # Closed by the consumer's deadline (ItemStream's expiry): the service side sees the timeout
-                # a stream thread's producer would have ended with.
-                self._abandon(timeout_response(self._request, 0.0))
-            elif self._task._server_chain is None:
-                # No after-hook to show the end to: close the generator, count the stream as ended.
-                self._response = _CLOSED_HERE
-                generator, self._generator = self._generator, None
-                if generator is not None:
-                    self._context.run(_close_generator, generator, self._request)
-                self._task._open_streams.discard(self)
-                next(self._task._finished)
-            else:
-                self._abandon(_ended_early(self._request, "the consumer closed the stream"))
-
-    # ---- ends
-
-    def _abandon(self, response: ServiceResponse) -> None:
-        self._response = response
-        self._context.run(self._finish_here)
-
-    def _finish_here(self) -> None:
-        """Close the generator (in this stream's context), run the server chain's end, count it."""
-        generator, self._generator = self._generator, None
-        if generator is not None:
-            _close_generator(generator, self._request)
-        self._task._open_streams.discard(self)
-        assert self._response is not None
-        self._response = _conclude(self._task, self._request, self._response, self._limit, self._began, self._count)
-
-    def _to_thread(self) -> None:
-        """From now on the generator runs in one of the task's stream threads (see the class docstring)."""
-        task = self._task
-        local = LocalStream(self._window)
-        local._unacknowledged = self._unacknowledged
-        run = SyncStreamRun.resumed(
-            task,
-            self._request,
-            self._method,
-            local,
-            self._context,
-            self._generator,
-            self._count,
-            self._limit,
-            self._began,
-        )
-        self._generator = None
-        task._open_streams.discard(self)
-        self._handoff = local
-        if self.cancelled:
-            local.cancel(self.stop_reason)  # the task stopped meanwhile: the run ends at its first step
-        try:
-            _stream_threads(task).submit(run.pump)
-        except RuntimeError:
-            run.abandon(task._unavailable(self._request, "it stopped"))
+            self._close_run()
 
 
 #: What a pulled stream its consumer closed ends with when no server middleware is to see the end.
@@ -1014,17 +1055,10 @@ def _close_generator(generator: Any, request: ServiceRequest) -> None:
         _current_request.reset(token)
 
 
-def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> PulledStream | None:
-    """A :class:`PulledStream` for ``request`` when its generator may run in the consumer's thread; else None.
-
-    It may when the task is running, the service is thread-safe, the method
-    is a (sync) generator, and its first item has been observed to come in
-    under ``inline_limit`` seconds. None: use ``task.open_stream`` (which
-    also answers every refusal: unknown method, not a generator...).
-    """
+def _pulled_method(task: BaseServiceTask, name: str) -> tuple[Callable[..., Any], str] | None:
+    """The generator method ``name`` and its cost key when a stream of it may be pulled (see :func:`pull_stream`)."""
     if task._serial_lock is not None or task._state != "running":
         return None
-    name = request.method_name
     try:
         method = task._generator_methods.get(name)
     except TypeError:  # an unhashable name: open_stream answers it
@@ -1035,7 +1069,21 @@ def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> 
     cost = task._method_cost.get(cost_key)
     if cost is None or cost >= task.inline_limit:
         return None
-    return PulledStream(task, request, method, window, cost_key)
+    return method, cost_key
+
+
+def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> PulledStream | None:
+    """A :class:`PulledStream` for ``request`` when its generator may run in the consumer's thread; else None.
+
+    It may when the task is running, the service is thread-safe, the method
+    is a (sync) generator, and its first item has been observed to come in
+    under ``inline_limit`` seconds. None: use ``task.open_stream`` (which
+    also answers every refusal: unknown method, not a generator...).
+    """
+    found = _pulled_method(task, request.method_name)
+    if found is None:
+        return None
+    return PulledStream(task, request, found[0], window, found[1])
 
 
 class ItemStream(Iterator[Any], AsyncIterator[Any]):
@@ -1093,7 +1141,14 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         self._began = 0.0
         # Retries wait with time.sleep: only sync consumers retry (an event loop must not block).
         self._async = False
-        self._open()
+        if route.chain is not None:
+            self._open()
+            return
+        # _open without a chain, inline (first-item latency): the transport opens the stream.
+        try:
+            self._source = route.connection.open_stream(request, window)
+        except Exception as exc:  # noqa: BLE001 - this attempt fails (see _open_failed)
+            self._open_failed(exc)
 
     @property
     def request(self) -> ServiceRequest:
@@ -1122,9 +1177,14 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
                 return
         try:
             self._source = route.connection.open_stream(self._sent, self._window)
-        except ServiceError as exc:
+        except Exception as exc:  # noqa: BLE001 - this attempt fails (see _open_failed)
+            self._open_failed(exc)
+
+    def _open_failed(self, exc: Exception) -> None:
+        """The transport could not open the stream: a runtime error (ServiceError) or a failure to send."""
+        if isinstance(exc, ServiceError):
             self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="runtime"))
-        except Exception as exc:  # noqa: BLE001 - the transport failed to send: this attempt fails
+        else:
             self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="client"))
 
     def _end(self, response: ServiceResponse) -> bool:
@@ -1181,25 +1241,30 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return self
 
     def __next__(self) -> Any:
+        items = self._items
         while True:
-            if self._items:
+            if items:
                 self._delivered += 1
-                return self._items.popleft()
-            if self._done:
-                self._raise_end()
+                return items.popleft()
             source = self._source
-            if source is None:
+            if source is None or self._done:
                 self._raise_end()
             if self._unacknowledged:
                 # Every received item is with the caller now: the producer gets room for them.
                 source.consumed(self._unacknowledged)  # type: ignore[union-attr]
                 self._unacknowledged = 0
-            remaining = self._remaining()
+            deadline = self._request.deadline  # _remaining(), inline (first-item latency)
+            remaining = None if deadline is None else deadline - time.time()
             if remaining is not None and remaining <= 0:
                 self._expire()
                 continue
-            items, end = source.receive(remaining)  # type: ignore[union-attr]
-            self._accept(items, end)
+            received, end = source.receive(remaining)  # type: ignore[union-attr]
+            if end is not None:
+                self._accept(received, end)
+                continue
+            if received:
+                self._unacknowledged += len(received)
+                items.extend(received)
 
     def _expire(self) -> None:
         self._end_without_retry(
@@ -1224,7 +1289,8 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         """Stop the stream: the generator in the service is closed (its ``finally`` runs); idempotent."""
         if self._done:
             return
-        self._items.clear()
+        if self._items:
+            self._items.clear()
         if self._route.chain is None:
             # No middleware to see the end: nothing to build for it (first-item latency of short streams).
             self._done = True
@@ -1293,6 +1359,165 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return (
             f"<ItemStream {self._request.service_name}.{self._request.method_name} {state} delivered={self._delivered}>"
         )
+
+
+class PulledItems(_PulledRun, ItemStream):
+    """The caller's iterator of a pulled stream with no client middleware and no retry policy: one object.
+
+    What an ItemStream over a :class:`PulledStream` does, without the layers
+    between them (first-item latency): ``next()`` steps the generator in the
+    caller's thread (the first item alone, then up to the window per read,
+    for at most ``inline_limit`` seconds), ``close()`` closes it there. The
+    same guarantees: order, the deadline (ServiceTimeoutError after the
+    items made in time), the method's error raised typed after the items
+    before it, the task's stop (ServiceUnavailableError), server middleware
+    seeing the whole stream. It goes on as a plain ItemStream over a
+    :class:`LocalStream` fed by a stream thread when a batch took longer than
+    ``inline_limit`` or when it is read with ``async for``.
+    """
+
+    __slots__ = (
+        "_context",
+        "_cost_key",
+        "_count",
+        "_generator",
+        "_method",
+        "_pulling",
+        "_response",
+        "_served",
+        "_server_began",
+        "_server_limit",
+        "_task",
+        "cancelled",
+        "stop_reason",
+    )
+
+    def __init__(
+        self,
+        manager: ServiceManager,
+        route: _Route,
+        request: ServiceRequest,
+        window: int,
+        task: BaseServiceTask,
+        method: Callable[..., Any],
+        cost_key: str,
+    ) -> None:
+        # ItemStream's state for a stream opened without middleware (the rest is set when it leaves: _leave).
+        self._manager = manager
+        self._route = route
+        self._request = request
+        self._window = max(1, window)
+        self._items: collections.deque[Any] = collections.deque()
+        self._delivered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._source: StreamSource | None = None
+        self._pulling = True
+        self._task = task
+        self._method = method
+        self._cost_key = cost_key
+        self._begin_run(task, request)
+
+    def __next__(self) -> Any:
+        items = self._items
+        if items:
+            self._delivered += 1
+            return items.popleft()
+        if not self._pulling:
+            return ItemStream.__next__(self)
+        if self._done:
+            self._raise_end()
+        if self._response is None:  # the service side goes on
+            if self.cancelled:
+                self._abandon(self._stopped())  # the task stopped: its reason is the end
+            else:
+                deadline = self._request.deadline
+                if deadline is not None and time.time() > deadline:
+                    self._pulled_expired()
+                    self._raise_end()
+                first = self._generator is None
+                made, took = self._context.run(self._make, 1 if first else self._window)
+                task = self._task
+                if first:
+                    task.observe_cost(self._cost_key, took)
+                if self._response is None:  # made at least one item, and more may come
+                    if took > task.inline_limit:
+                        self._leave(len(made))  # it turned slow: the rest is made in a stream thread
+                    self._delivered += 1
+                    if len(made) == 1:
+                        return made[0]
+                    items.extend(made)
+                    return items.popleft()
+                items.extend(made)
+        self._pulled_ended(self._response)  # type: ignore[arg-type]
+        return self.__next__()  # the items made before the end, then the end
+
+    def _pulled_ended(self, response: ServiceResponse) -> None:
+        """The service side ended (``response``, after its middleware): what the caller sees after the items."""
+        self._done = True
+        if not response.success:
+            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+
+    def _pulled_expired(self) -> None:
+        self._abandon(timeout_response(self._served, 0.0))
+        self._done = True
+        self._error = ServiceTimeoutError(
+            f"stream {self._request.service_name}.{self._request.method_name} passed its deadline "
+            f"after {self._delivered + len(self._items)} item(s)"
+        )
+
+    def _leave(self, pending: int) -> None:
+        """Go on as a plain ItemStream over a LocalStream a stream thread feeds (see the class docstring).
+
+        ``pending``: items made here the caller has not taken yet (they count against the window).
+        """
+        self._source = self._hand_off(self._window, pending)
+        self._unacknowledged = pending
+        self._attempt = 0
+        self._sent = self._request
+        self._limit = 0
+        self._began = 0.0
+        self._async = False
+        self._pulling = False
+
+    async def __anext__(self) -> Any:
+        if self._pulling:
+            if self._response is None and not self._done:
+                self._leave(len(self._items))  # an event loop must not step a generator that may block
+            else:
+                try:
+                    return self.__next__()  # nothing left to make: the items made, then the end
+                except StopIteration:
+                    raise StopAsyncIteration from None
+        return await ItemStream.__anext__(self)
+
+    def close(self) -> None:
+        """Stop the stream: the generator is closed here, now (its ``finally`` runs); idempotent."""
+        if not self._pulling:
+            ItemStream.close(self)
+            return
+        if self._done:
+            return
+        self._done = True
+        if self._items:
+            self._items.clear()
+        if self._response is None:
+            self._close_run()
+        self._error = None
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        _PulledRun.cancel(self, reason)
+
+
+def pull_items(
+    task: BaseServiceTask, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int
+) -> PulledItems | None:
+    """A :class:`PulledItems` for ``request`` when its generator may run in the caller's thread (as
+    :func:`pull_stream` decides); else None."""
+    found = _pulled_method(task, request.method_name)
+    if found is None:
+        return None
+    return PulledItems(manager, route, request, window, task, found[0], found[1])
 
 
 def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:
