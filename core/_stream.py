@@ -1416,7 +1416,21 @@ class PulledItems(_PulledRun, ItemStream):
         self._task = task
         self._method = method
         self._cost_key = cost_key
-        self._begin_run(task, request)
+        if task._server_chain is not None or (request.deadline is not None and time.time() > request.deadline):
+            self._begin_run(task, request)
+            return
+        # _begin_run's common case, inline (first-item latency): nothing to run, nothing made current.
+        self._count = 0
+        self._generator = None
+        self.cancelled = False
+        self.stop_reason = None
+        self._context = contextvars.copy_context()
+        self._served = request
+        self._response = None
+        self._server_limit = 0
+        self._server_began = 0.0
+        task._open_streams.add(self)
+        next(task._started)
 
     def __next__(self) -> Any:
         items = self._items
@@ -1435,22 +1449,50 @@ class PulledItems(_PulledRun, ItemStream):
                 if deadline is not None and time.time() > deadline:
                     self._pulled_expired()
                     self._raise_end()
-                first = self._generator is None
-                made, took = self._context.run(self._make, 1 if first else self._window)
                 task = self._task
-                if first:
+                if self._generator is None:  # the first read: the first item alone
+                    item, took = self._context.run(self._make_first)
                     task.observe_cost(self._cost_key, took)
-                if self._response is None:  # made at least one item, and more may come
-                    if took > task.inline_limit:
-                        self._leave(len(made))  # it turned slow: the rest is made in a stream thread
-                    self._delivered += 1
-                    if len(made) == 1:
-                        return made[0]
+                    if item is not _NOTHING:
+                        if took > task.inline_limit:
+                            self._leave(1)  # it was slow: the rest is made in a stream thread
+                        self._delivered = 1
+                        return item
+                else:
+                    made, took = self._context.run(self._make, self._window)
+                    if self._response is None:  # made at least one item, and more may come
+                        if took > task.inline_limit:
+                            self._leave(len(made))  # it turned slow: the rest is made in a stream thread
+                        self._delivered += 1
+                        if len(made) == 1:
+                            return made[0]
+                        items.extend(made)
+                        return items.popleft()
                     items.extend(made)
-                    return items.popleft()
-                items.extend(made)
         self._pulled_ended(self._response)  # type: ignore[arg-type]
         return self.__next__()  # the items made before the end, then the end
+
+    def _make_first(self) -> tuple[Any, float]:
+        """:meth:`_make` of the first item alone: (the item, or _NOTHING when the stream ended; seconds taken)."""
+        request = self._served
+        token = _current_request.set(request)
+        began = perf_counter()
+        try:
+            generator = self._generator = self._method(*request.args, **request.kwargs)
+            item = next(generator)
+        except StopIteration:
+            self._generator = None  # exhausted: closing it would do nothing
+            self._response = ServiceResponse(True, None, None, request.request_id)
+        except Exception as exc:
+            self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        else:
+            self._count = 1
+            return item, perf_counter() - began
+        finally:
+            _current_request.reset(token)
+        took = perf_counter() - began
+        self._finish_run()
+        return _NOTHING, took
 
     def _pulled_ended(self, response: ServiceResponse) -> None:
         """The service side ended (``response``, after its middleware): what the caller sees after the items."""
@@ -1501,9 +1543,21 @@ class PulledItems(_PulledRun, ItemStream):
         self._done = True
         if self._items:
             self._items.clear()
-        if self._response is None:
-            self._close_run()
         self._error = None
+        if self._response is not None:
+            return
+        task = self._task
+        deadline = self._served.deadline
+        if task._server_chain is None and (deadline is None or time.time() <= deadline):
+            # _close_run's common case, inline (first-item latency): close the generator, count the end.
+            self._response = _CLOSED_HERE
+            generator, self._generator = self._generator, None
+            if generator is not None:
+                self._context.run(_close_generator, generator, self._served)
+            task._open_streams.discard(self)
+            next(task._finished)
+            return
+        self._close_run()
 
     def cancel(self, reason: ServiceResponse | None = None) -> None:
         _PulledRun.cancel(self, reason)
@@ -1514,10 +1568,21 @@ def pull_items(
 ) -> PulledItems | None:
     """A :class:`PulledItems` for ``request`` when its generator may run in the caller's thread (as
     :func:`pull_stream` decides); else None."""
-    found = _pulled_method(task, request.method_name)
-    if found is None:
+    # _pulled_method, inline (first-item latency)
+    if task._serial_lock is not None or task._state != "running":
         return None
-    return PulledItems(manager, route, request, window, task, found[0], found[1])
+    name = request.method_name
+    try:
+        method = task._generator_methods.get(name)
+    except TypeError:  # an unhashable name: open_stream answers it
+        return None
+    if method is None:
+        return None
+    cost_key = "stream:" + name
+    cost = task._method_cost.get(cost_key)
+    if cost is None or cost >= task.inline_limit:
+        return None
+    return PulledItems(manager, route, request, window, task, method, cost_key)
 
 
 def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:
