@@ -1452,10 +1452,14 @@ class PulledItems(_PulledRun, ItemStream):
                 task = self._task
                 if self._generator is None:  # the first read: the first item alone
                     item, took = self._context.run(self._make_first)
-                    task.observe_cost(self._cost_key, took)
-                    if item is not _NOTHING:
-                        if took > task.inline_limit:
+                    if took > task.inline_limit:
+                        # Only a slow first item is recorded: the method's cost is already known under the
+                        # limit (else it would not be pulled), and a quick one keeps it there, so recording it
+                        # would change no decision (first-item latency).
+                        task.observe_cost(self._cost_key, took)
+                        if item is not _NOTHING:
                             self._leave(1)  # it was slow: the rest is made in a stream thread
+                    if item is not _NOTHING:
                         self._delivered = 1
                         return item
                 else:
@@ -1533,7 +1537,7 @@ class PulledItems(_PulledRun, ItemStream):
                     raise StopAsyncIteration from None
         return await ItemStream.__anext__(self)
 
-    def close(self) -> None:
+    def close(self, *_exc_info: object) -> None:
         """Stop the stream: the generator is closed here, now (its ``finally`` runs); idempotent."""
         if not self._pulling:
             ItemStream.close(self)
@@ -1558,6 +1562,9 @@ class PulledItems(_PulledRun, ItemStream):
             next(task._finished)
             return
         self._close_run()
+
+    #: leaving a ``with`` block closes the stream (close itself, one call fewer: first-item latency)
+    __exit__ = close
 
     def cancel(self, reason: ServiceResponse | None = None) -> None:
         _PulledRun.cancel(self, reason)

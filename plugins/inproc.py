@@ -43,6 +43,8 @@ class InprocConnection(Connection):
 
     def __init__(self, task: BaseServiceTask) -> None:
         self._task = task
+        # The task's own function, bound: one call fewer on the open of a pulled stream (first-item latency).
+        self.pull_items = task.pull_items  # type: ignore[method-assign]
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
         """Hand ``request`` (the caller's own object) to the task: :meth:`BaseServiceTask.submit`."""
