@@ -229,7 +229,7 @@ def test_a_short_streams_last_item_travels_with_its_end() -> None:
 
 
 #: a host with no server middleware for the service: its plain success ends have no metadata
-NO_SERVER_MIDDLEWARE = {"metrics": {"enabled": False}}
+NO_SERVER_MIDDLEWARE = {"metrics": {"enabled": False}, "tracing": {"enabled": False}}
 
 
 def test_a_short_streams_last_item_and_plain_end_travel_as_one_short_record() -> None:

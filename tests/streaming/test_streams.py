@@ -314,6 +314,7 @@ QUICK = {"local": {"inline_limit": 0.05}}
 #: ItemStream reading a PulledStream.
 BARE: dict[str, Any] = {
     "metrics": {"enabled": False},
+    "tracing": {"enabled": False},  # else on once another test configured an OpenTelemetry provider
     "breaker": {"enabled": False},
     "service_call": {"max_retries": 0},
 }
