@@ -166,26 +166,21 @@ class MmapStreamSource(StreamSource):
         self._credit_every = max(1, window // 2)
         self._owed = 0
         self._ended = False
-        metadata = dict(request.metadata)
-        metadata[STREAM_KEY] = window
-        sent = ServiceRequest(
-            request.request_id,
-            request.service_name,
-            request.method_name,
-            request.args,
-            request.kwargs,
-            "",
-            request.deadline,
-            metadata,
-        )
+        # The request travels with the window in its metadata: set for the encoding only (this stream's
+        # own request, read by no other thread meanwhile), so no copy of the request is made.
+        metadata = request.metadata
+        request.metadata = {**metadata, STREAM_KEY: window}
         try:
             record, segment = codec.encode_request(
-                sent, self._ring.name, connection._owner_pid, connection._inline_limit
+                request, self._ring.name, connection._owner_pid, connection._inline_limit
             )
         except Exception as exc:  # whatever pickling raises
             self._release()
             raise connection._not_picklable(request, exc).to_exception() from None
-        failed = connection._put(service_ring, request, record, segment)
+        finally:
+            request.metadata = metadata
+        put = service_ring._compiled_put  # as a call's: the compiled put first (0: queued)
+        failed = connection._put(service_ring, request, record, segment) if put is None or put(record) else None
         #: the refusal to give at the first receive (the request could not be queued), else None
         self._failed: ServiceResponse | None = failed
         if failed is not None:
