@@ -311,8 +311,9 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
     if run.ended:
         return
     cost_key = "stream:" + request.method_name
-    first_cost = task.method_cost(cost_key)
-    if task._serial_lock is None and first_cost is not None and first_cost < task.inline_limit:
+    first_cost = task._method_cost.get(cost_key)
+    inline_limit = task.inline_limit
+    if task._serial_lock is None and first_cost is not None and first_cost < inline_limit:
         # Its first item has been quick to make: made here, it reaches the caller without a thread
         # hand-off (first-item latency). Items keep being made here while they come fast and fit
         # the window (so this thread never waits for the consumer): a short stream ends here
@@ -322,12 +323,16 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
         began = perf_counter()
         sink.in_place = True
         try:
-            ended = run.pump(sink.window, task.inline_limit)
+            ended = run.pump(sink.window, inline_limit)
         finally:
             sink.in_place = False
         if not ended:
             sink.left_place()
-        task.observe_cost(cost_key, (perf_counter() - began) / max(1, run.count))
+        took = (perf_counter() - began) / max(1, run.count)
+        if took > inline_limit:
+            # Only a slow pass is recorded: the cost is known under the limit (else the stream would not
+            # be made here), and a quick pass keeps it there, so recording it would change no decision.
+            task.observe_cost(cost_key, took)
         if ended:
             return
         submitted: Callable[[], Any] = run.pump
@@ -473,9 +478,14 @@ class SyncStreamRun:
         # The stream's own context, entered by every step whatever thread makes it: what the server
         # middleware's before-hook makes current (a tracing span) stays current for the generator and
         # never leaks into the thread that opened the stream; the after-hook finds it there too.
-        self.context = contextvars.copy_context()
-        _track(task, sink, True)
-        self.request, self.response, self.limit, self.began = self.context.run(_begin, task, request)
+        self.context = context = contextvars.copy_context()
+        task._open_streams.add(sink)
+        if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+            # _begin without a chain to run, inline: no before-hook can make anything current.
+            next(task._started)
+            self.request, self.response, self.limit, self.began = request, None, 0, 0.0
+            return
+        self.request, self.response, self.limit, self.began = context.run(_begin, task, request)
         if self.response is not None:
             self._end()
 
@@ -584,7 +594,7 @@ class SyncStreamRun:
                 pass
             finally:
                 _current_request.reset(token)
-        _track(self.task, self.sink, False)
+        self.task._open_streams.discard(self.sink)
         assert self.response is not None
         self.sink.end(_conclude(self.task, self.request, self.response, self.limit, self.began, self.count))
 
