@@ -307,9 +307,6 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
             lambda: sink.end(task._unavailable(request, "it stopped")),
         )
         return
-    run = SyncStreamRun(task, request, method, sink)
-    if run.ended:
-        return
     cost_key = "stream:" + request.method_name
     first_cost = task._method_cost.get(cost_key)
     inline_limit = task.inline_limit
@@ -318,30 +315,121 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
         # hand-off (first-item latency). Items keep being made here while they come fast and fit
         # the window (so this thread never waits for the consumer): a short stream ends here
         # entirely; the rest of a long one is made in a stream thread.
-        # One pass (each pump costs a context switch-in): the cost observed is the pass's time per item,
-        # which is the first item's alone when that one took the whole budget.
-        began = perf_counter()
-        sink.in_place = True
-        try:
-            ended = run.pump(sink.window, inline_limit)
-        finally:
-            sink.in_place = False
-        if not ended:
-            sink.left_place()
-        took = (perf_counter() - began) / max(1, run.count)
-        if took > inline_limit:
-            # Only a slow pass is recorded: the cost is known under the limit (else the stream would not
-            # be made here), and a quick pass keeps it there, so recording it would change no decision.
-            task.observe_cost(cost_key, took)
-        if ended:
-            return
-        submitted: Callable[[], Any] = run.pump
-    else:
-        submitted = functools.partial(_pump_timed, run, cost_key)
+        _serve_in_place(task, request, method, sink, cost_key, inline_limit)
+        return
+    run = SyncStreamRun(task, request, method, sink)
+    if run.ended:
+        return
     try:
-        _stream_threads(task).submit(submitted)
+        _stream_threads(task).submit(functools.partial(_pump_timed, run, cost_key))
     except RuntimeError:
         run.abandon(task._unavailable(request, "it stopped"))
+
+
+def _serve_in_place(
+    task: BaseServiceTask,
+    request: ServiceRequest,
+    method: Callable[..., Any],
+    sink: StreamSink,
+    cost_key: str,
+    inline_limit: float,
+) -> None:
+    """:func:`open_on_task`'s pass in the calling thread: what ``SyncStreamRun.pump(sink.window, inline_limit)``
+    does (``sink.in_place`` set), with a SyncStreamRun made only when the stream goes on in a stream thread.
+
+    One pass (each costs a context entry): the cost observed is the pass's time per item, which is the
+    first item's alone when that one took the whole budget; only a slow pass is recorded (the cost is
+    known under the limit, else the stream would not be made here, and a quick pass keeps it there).
+    """
+    context = contextvars.copy_context()
+    task._open_streams.add(sink)
+    if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+        # _begin without a chain to run, inline: no before-hook can make anything current.
+        next(task._started)
+        served, limit, began = request, 0, 0.0
+    else:
+        served, refusal, limit, began = context.run(_begin, task, request)
+        if refusal is not None:
+            task._open_streams.discard(sink)
+            sink.end(context.run(_conclude, task, served, refusal, limit, began, 0))
+            return
+    started = perf_counter()
+    sink.in_place = True
+    try:
+        generator, count, pending, ended = context.run(
+            _pass_in_place, task, served, method, sink, limit, began, perf_counter() + inline_limit
+        )
+    finally:
+        sink.in_place = False
+    if not ended:
+        sink.left_place()
+    took = (perf_counter() - started) / max(1, count)
+    if took > inline_limit:
+        task.observe_cost(cost_key, took)
+    if ended:
+        return
+    run = SyncStreamRun.resumed(task, served, method, sink, context, generator, count, limit, began)
+    run.pending = pending
+    try:
+        _stream_threads(task).submit(run.pump)
+    except RuntimeError:
+        run.abandon(task._unavailable(served, "it stopped"))
+
+
+def _pass_in_place(
+    task: BaseServiceTask,
+    request: ServiceRequest,
+    method: Callable[..., Any],
+    sink: StreamSink,
+    limit: int,
+    began: float,
+    stop_at: float,
+) -> tuple[Any, int, Any, bool]:
+    """Make items into ``sink`` (in the stream's context) until the stream ends, the window is full or ``stop_at``.
+
+    Returns (generator, items sent, item that could not leave in place or _NOTHING, ended). An ended
+    stream is finished here: its generator closed, the server chain's end run, ``sink.end`` called.
+    """
+    token = _current_request.set(request)
+    deadline = request.deadline
+    window = sink.window
+    generator: Any = None
+    count = 0
+    pending: Any = _NOTHING
+    response: ServiceResponse | None = None
+    try:
+        generator = method(*request.args, **request.kwargs)
+        while count < window:
+            try:
+                item = next(generator)
+            except StopIteration:
+                generator = None  # exhausted: closing it would do nothing
+                response = ServiceResponse(True, None, None, request.request_id)
+                break
+            try:
+                if not sink.send(item, deadline):
+                    response = _stopped_response(request, sink)
+                    break
+            except SinkBusy:
+                pending = item  # made in place, it could not leave without waiting: the stream thread sends it
+                break
+            count += 1
+            if deadline is not None and time.time() > deadline and not sink.cancelled:
+                response = timeout_response(request, 0.0)
+                break
+            if perf_counter() > stop_at:
+                break
+    except Exception as exc:
+        response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+    finally:
+        _current_request.reset(token)
+    if response is None:
+        return generator, count, pending, False
+    if generator is not None:
+        _close_generator(generator, request)
+    task._open_streams.discard(sink)
+    sink.end(_conclude(task, request, response, limit, began, count))
+    return None, count, _NOTHING, True
 
 
 def _pump_timed(run: SyncStreamRun, cost_key: str) -> None:
