@@ -892,11 +892,16 @@ class _PulledRun:
     :class:`PulledItems` (the caller's iterator itself); each declares the
     slots. The stream has its own context, entered by every step as a
     :class:`SyncStreamRun`'s is; the task's stop cancels it (``cancel``):
-    the next read ends it with the stop's reason.
+    the next read ends it with the stop's reason (a :class:`PulledItems`,
+    which the task does not hold, looks at the task's state instead).
 
     No ``__slots__`` here (each subclass declares the attributes below as
     its slots; typecheckers would refuse an empty tuple's assignments).
     """
+
+    #: whether the task holds the stream in its open streams (its stop cancels it); one the caller's
+    #: code holds directly must not be (a stream dropped unclosed must be collectable, to be closed)
+    _tracked = True
 
     _task: BaseServiceTask
     _method: Callable[..., Any]
@@ -918,7 +923,8 @@ class _PulledRun:
         self.cancelled = False
         self.stop_reason = None
         self._context = context = contextvars.copy_context()
-        task._open_streams.add(self)
+        if self._tracked:
+            task._open_streams.add(self)
         if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
             # _begin without a chain to run: no before-hook can make anything current (no context.run).
             next(task._started)
@@ -1527,7 +1533,6 @@ class PulledItems(_PulledRun, ItemStream):
         self._response = None
         self._server_limit = 0
         self._server_began = 0.0
-        task._open_streams.add(self)
         next(task._started)
 
     def __next__(self) -> Any:
@@ -1540,8 +1545,8 @@ class PulledItems(_PulledRun, ItemStream):
         if self._done:
             self._raise_end()
         if self._response is None:  # the service side goes on
-            if self.cancelled:
-                self._abandon(self._stopped())  # the task stopped: its reason is the end
+            if self.cancelled or self._task._state != "running":
+                self._abandon(self._stopped())  # the task stopped (or is stopping): the stream ends unavailable
             else:
                 deadline = self._request.deadline
                 if deadline is not None and time.time() > deadline:
@@ -1656,13 +1661,21 @@ class PulledItems(_PulledRun, ItemStream):
             generator, self._generator = self._generator, None
             if generator is not None:
                 self._context.run(_close_generator, generator, self._served)
-            task._open_streams.discard(self)
-            next(task._finished)
+            next(task._finished)  # (never in the task's open streams: see _tracked)
             return
         self._close_run()
 
     #: leaving a ``with`` block closes the stream (close itself, one call fewer: first-item latency)
     __exit__ = close
+
+    #: not held by the task (a stream dropped unclosed is collected, and closed then): each read looks
+    #: at the task's state instead, so its stop still ends the stream with ServiceUnavailableError
+    _tracked = False
+
+    def _stopped(self) -> ServiceResponse:
+        if self.stop_reason is None and self._task._state != "running":
+            return unavailable_mid_stream(self._request, "the service stopped")
+        return _PulledRun._stopped(self)
 
     def cancel(self, reason: ServiceResponse | None = None) -> None:
         _PulledRun.cancel(self, reason)

@@ -512,3 +512,18 @@ def test_a_pulled_stream_moved_to_a_thread_keeps_its_context_and_middleware_sees
     assert len(made) == 30 and threading.get_ident() not in {thread for _, thread in made}
     assert len({handling for handling, _ in made}) == 1 and made[0][0] != ""
     assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", True, 30)]
+
+
+def test_a_pulled_stream_dropped_unfinished_closes_its_generator_and_leaves_nothing_open(
+    quick_env: kservice.ServiceEnvironment,
+) -> None:
+    manager = quick_env.manager()
+    _learn_quick(manager, quick_env)
+    stream = manager.stream("model", "threads", (1000,), {"tag": "dropped"})
+    assert next(stream) == threading.get_ident()  # pulled: made in this thread
+    del stream  # never closed
+    gc.collect()
+    assert "dropped" in _model(quick_env).closed  # its finally ran when the stream was collected
+    task = quick_env.get_task("model")
+    assert task is not None and not task._open_streams
+    assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the service keeps serving
