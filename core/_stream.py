@@ -1677,9 +1677,6 @@ class PulledItems(_PulledRun, ItemStream):
             return unavailable_mid_stream(self._request, "the service stopped")
         return _PulledRun._stopped(self)
 
-    def cancel(self, reason: ServiceResponse | None = None) -> None:
-        _PulledRun.cancel(self, reason)
-
 
 def pull_items(
     task: BaseServiceTask, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int

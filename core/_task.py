@@ -422,8 +422,8 @@ class BaseServiceTask:
         self._stream_methods: frozenset[str] = frozenset()
         # The service's generator methods, bound once (an in-process stream finds its method in one lookup).
         self._generator_methods: dict[str, Callable[..., Any]] = {}
-        # The streams being produced (the task cancels them when it stops); see _stream.py.
-        # Streams being served (a sink, or a stream the consumer pulls): the task's stop cancels each.
+        # The streams being produced (a sink, or a pulled source): the task cancels them when it stops;
+        # see _stream.py.
         self._open_streams: set[_Cancellable] = set()
         # The queue depth and the parked requests are guarded by a lock (the overflow
         # thread sleeps on it). Per-call counters are itertools.count objects instead:
