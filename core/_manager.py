@@ -171,9 +171,11 @@ class _Route:
         "default_timeout",
         "idempotent",
         "options",
+        "pull_items",
         "retry",
         "service_class",
         "service_name",
+        "stream_window",
     )
 
     def __init__(
@@ -195,6 +197,14 @@ class _Route:
         self.retry = retry
         self.options = options
         self.default_timeout: float = options["service_call"]["default_timeout"]
+        self.stream_window: int = options["service_call"]["stream_window"]
+        # A stream with no middleware and no retry policy over a transport that can pull: one object
+        # (first-item latency); see Connection.pull_items.
+        self.pull_items = (
+            connection.pull_items
+            if chain is None and retry is None and type(connection).pull_items is not Connection.pull_items
+            else None
+        )
         self.service_class = service_class
         self.idempotent: dict[str, bool] = {}
 
@@ -741,7 +751,13 @@ class ServiceManager:
         request = self._request(
             service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata
         )
-        return ItemStream(self, route, request, window or route.options["service_call"]["stream_window"])
+        window = window or route.stream_window
+        pull = route.pull_items
+        if pull is not None:
+            pulled = pull(self, route, request, window)
+            if pulled is not None:
+                return pulled
+        return ItemStream(self, route, request, window)
 
     def astream(
         self,

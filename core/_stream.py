@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
@@ -310,41 +310,129 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
             lambda: sink.end(task._unavailable(request, "it stopped")),
         )
         return
-    run = SyncStreamRun(task, request, method, sink)
-    if run.ended:
-        return
     cost_key = "stream:" + request.method_name
-    first_cost = task.method_cost(cost_key)
-    if (
-        task._serial_lock is None
-        and first_cost is not None
-        and first_cost < task.inline_limit
-        and sink.in_place_allowed
-    ):
+    first_cost = task._method_cost.get(cost_key)
+    inline_limit = task.inline_limit
+    if task._serial_lock is None and first_cost is not None and first_cost < inline_limit and sink.in_place_allowed:
         # Its first item has been quick to make: made here, it reaches the caller without a thread
         # hand-off (first-item latency). Items keep being made here while they come fast and fit
         # the window (so this thread never waits for the consumer): a short stream ends here
         # entirely; the rest of a long one is made in a stream thread.
-        # One pass (each pump costs a context switch-in): the cost observed is the pass's time per item,
-        # which is the first item's alone when that one took the whole budget.
-        began = perf_counter()
-        sink.in_place = True
-        try:
-            ended = run.pump(sink.window, task.inline_limit)
-        finally:
-            sink.in_place = False
-        if not ended:
-            sink.left_place()
-        task.observe_cost(cost_key, (perf_counter() - began) / max(1, run.count))
-        if ended:
-            return
-        submitted: Callable[[], Any] = run.pump
-    else:
-        submitted = functools.partial(_pump_timed, run, cost_key)
+        _serve_in_place(task, request, method, sink, cost_key, inline_limit)
+        return
+    run = SyncStreamRun(task, request, method, sink)
+    if run.ended:
+        return
     try:
-        _stream_threads(task).submit(submitted)
+        _stream_threads(task).submit(functools.partial(_pump_timed, run, cost_key))
     except RuntimeError:
         run.abandon(task._unavailable(request, "it stopped"))
+
+
+def _serve_in_place(
+    task: BaseServiceTask,
+    request: ServiceRequest,
+    method: Callable[..., Any],
+    sink: StreamSink,
+    cost_key: str,
+    inline_limit: float,
+) -> None:
+    """:func:`open_on_task`'s pass in the calling thread: what ``SyncStreamRun.pump(sink.window, inline_limit)``
+    does (``sink.in_place`` set), with a SyncStreamRun made only when the stream goes on in a stream thread.
+
+    One pass (each costs a context entry): the cost observed is the pass's time per item, which is the
+    first item's alone when that one took the whole budget; only a slow pass is recorded (the cost is
+    known under the limit, else the stream would not be made here, and a quick pass keeps it there).
+    """
+    context = contextvars.copy_context()
+    task._open_streams.add(sink)
+    if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+        # _begin without a chain to run, inline: no before-hook can make anything current.
+        next(task._started)
+        served, limit, began = request, 0, 0.0
+    else:
+        served, refusal, limit, began = context.run(_begin, task, request)
+        if refusal is not None:
+            task._open_streams.discard(sink)
+            sink.end(context.run(_conclude, task, served, refusal, limit, began, 0))
+            return
+    started = perf_counter()
+    sink.in_place = True
+    try:
+        generator, count, pending, ended = context.run(
+            _pass_in_place, task, served, method, sink, limit, began, perf_counter() + inline_limit
+        )
+    finally:
+        sink.in_place = False
+    if not ended:
+        sink.left_place()
+    took = (perf_counter() - started) / max(1, count)
+    if took > inline_limit:
+        task.observe_cost(cost_key, took)
+    if ended:
+        return
+    run = SyncStreamRun.resumed(task, served, method, sink, context, generator, count, limit, began)
+    run.pending = pending
+    try:
+        _stream_threads(task).submit(run.pump)
+    except RuntimeError:
+        run.abandon(task._unavailable(served, "it stopped"))
+
+
+def _pass_in_place(
+    task: BaseServiceTask,
+    request: ServiceRequest,
+    method: Callable[..., Any],
+    sink: StreamSink,
+    limit: int,
+    began: float,
+    stop_at: float,
+) -> tuple[Any, int, Any, bool]:
+    """Make items into ``sink`` (in the stream's context) until the stream ends, the window is full or ``stop_at``.
+
+    Returns (generator, items sent, item that could not leave in place or _NOTHING, ended). An ended
+    stream is finished here: its generator closed, the server chain's end run, ``sink.end`` called.
+    """
+    token = _current_request.set(request)
+    deadline = request.deadline
+    window = sink.window
+    generator: Any = None
+    count = 0
+    pending: Any = _NOTHING
+    response: ServiceResponse | None = None
+    try:
+        generator = method(*request.args, **request.kwargs)
+        while count < window:
+            try:
+                item = next(generator)
+            except StopIteration:
+                generator = None  # exhausted: closing it would do nothing
+                response = ServiceResponse(True, None, None, request.request_id)
+                break
+            try:
+                if not sink.send(item, deadline):
+                    response = _stopped_response(request, sink)
+                    break
+            except SinkBusy:
+                pending = item  # made in place, it could not leave without waiting: the stream thread sends it
+                break
+            count += 1
+            if deadline is not None and time.time() > deadline and not sink.cancelled:
+                response = timeout_response(request, 0.0)
+                break
+            if perf_counter() > stop_at:
+                break
+    except Exception as exc:
+        response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+    finally:
+        _current_request.reset(token)
+    if response is None:
+        return generator, count, pending, False
+    if generator is not None:
+        _close_generator(generator, request)
+    task._open_streams.discard(sink)
+    sink.end(_conclude(task, request, response, limit, began, count))
+    return None, count, _NOTHING, True
 
 
 def _pump_timed(run: SyncStreamRun, cost_key: str) -> None:
@@ -481,11 +569,42 @@ class SyncStreamRun:
         # The stream's own context, entered by every step whatever thread makes it: what the server
         # middleware's before-hook makes current (a tracing span) stays current for the generator and
         # never leaks into the thread that opened the stream; the after-hook finds it there too.
-        self.context = contextvars.copy_context()
-        _track(task, sink, True)
-        self.request, self.response, self.limit, self.began = self.context.run(_begin, task, request)
+        self.context = context = contextvars.copy_context()
+        task._open_streams.add(sink)
+        if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+            # _begin without a chain to run, inline: no before-hook can make anything current.
+            next(task._started)
+            self.request, self.response, self.limit, self.began = request, None, 0, 0.0
+            return
+        self.request, self.response, self.limit, self.began = context.run(_begin, task, request)
         if self.response is not None:
             self._end()
+
+    @classmethod
+    def resumed(
+        cls,
+        task: BaseServiceTask,
+        request: ServiceRequest,
+        method: Callable[..., Any],
+        sink: StreamSink,
+        context: contextvars.Context,
+        generator: Any,
+        count: int,
+        limit: int,
+        began: float,
+    ) -> SyncStreamRun:
+        """A run that goes on with a stream begun elsewhere (a :class:`PulledStream` moving to a thread).
+
+        ``generator`` (None: not made yet), ``count`` items sent, and the
+        begin's ``limit`` and ``began`` are taken over; nothing is begun again.
+        """
+        run = cls.__new__(cls)
+        run.task, run.method, run.sink, run.context = task, method, sink, context
+        run.request, run.generator, run.count, run.limit, run.began = request, generator, count, limit, began
+        run.pending = _NOTHING
+        run.response = None
+        _track(task, sink, True)
+        return run
 
     @property
     def ended(self) -> bool:
@@ -566,7 +685,7 @@ class SyncStreamRun:
                 pass
             finally:
                 _current_request.reset(token)
-        _track(self.task, self.sink, False)
+        self.task._open_streams.discard(self.sink)
         assert self.response is not None
         self.sink.end(_conclude(self.task, self.request, self.response, self.limit, self.began, self.count))
 
@@ -763,7 +882,174 @@ class LocalStream(StreamSink, StreamSource):
         self.cancel()
 
 
-class PulledStream(LocalStream):
+class _Cancellable(Protocol):
+    """What a task's stop cancels: a stream's sink, or a stream its consumer pulls."""
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None: ...
+
+
+class _PulledRun:
+    """The service side of a stream whose generator the consumer's thread steps (no thread, no lock).
+
+    Shared by :class:`PulledStream` (a source under an ItemStream) and
+    :class:`PulledItems` (the caller's iterator itself); each declares the
+    slots. The stream has its own context, entered by every step as a
+    :class:`SyncStreamRun`'s is; the task's stop cancels it (``cancel``):
+    the next read ends it with the stop's reason (a :class:`PulledItems`,
+    which the task does not hold, looks at the task's state instead).
+
+    No ``__slots__`` here (each subclass declares the attributes below as
+    its slots; typecheckers would refuse an empty tuple's assignments).
+    """
+
+    #: whether the task holds the stream in its open streams (its stop cancels it); one the caller's
+    #: code holds directly must not be (a stream dropped unclosed must be collectable, to be closed)
+    _tracked = True
+
+    _task: BaseServiceTask
+    _method: Callable[..., Any]
+    _cost_key: str
+    _context: contextvars.Context
+    _generator: Any
+    _count: int
+    _served: ServiceRequest
+    _response: ServiceResponse | None
+    _server_limit: int
+    _server_began: float
+    cancelled: bool
+    stop_reason: ServiceResponse | None
+
+    def _begin_run(self, task: BaseServiceTask, request: ServiceRequest) -> None:
+        """The service side's begin: statistics, the server chain's before-hooks; a refusal ends it at once."""
+        self._count = 0
+        self._generator = None
+        self.cancelled = False
+        self.stop_reason = None
+        self._context = context = contextvars.copy_context()
+        if self._tracked:
+            task._open_streams.add(self)
+        if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
+            # _begin without a chain to run: no before-hook can make anything current (no context.run).
+            next(task._started)
+            self._served, self._response, self._server_limit, self._server_began = request, None, 0, 0.0
+            return
+        self._served, self._response, self._server_limit, self._server_began = context.run(_begin, task, request)
+        if self._response is not None:
+            context.run(self._finish_run)
+
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        """The service stops (``reason``: what the consumer gets): the next read ends the stream."""
+        self.cancelled = True
+        if reason is not None:
+            self.stop_reason = reason
+
+    def _stopped(self) -> ServiceResponse:
+        return self.stop_reason or _ended_early(self._served, "the consumer closed the stream")
+
+    def _make(self, wanted: int) -> tuple[list[Any], float]:
+        """Make up to ``wanted`` items (at least one) within ``inline_limit`` seconds, in this stream's context.
+
+        Sets ``_response`` when the stream ended (exhausted, failed, or the
+        deadline passed while making them) and then finishes it. Returns the
+        items made and the seconds they took.
+        """
+        task = self._task
+        request = self._served
+        items: list[Any] = []
+        token = _current_request.set(request)
+        began = perf_counter()
+        try:
+            generator = self._generator
+            if generator is None:
+                generator = self._generator = self._method(*request.args, **request.kwargs)
+            deadline = request.deadline
+            inline_limit = task.inline_limit
+            while True:
+                items.append(next(generator))
+                if len(items) >= wanted or perf_counter() - began > inline_limit:
+                    break
+                if deadline is not None and time.time() > deadline:
+                    self._response = timeout_response(request, 0.0)
+                    break
+        except StopIteration:
+            self._generator = None  # exhausted: closing it would do nothing
+            self._response = ServiceResponse(True, None, None, request.request_id)
+        except Exception as exc:
+            self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        finally:
+            _current_request.reset(token)
+        took = perf_counter() - began
+        self._count += len(items)
+        if self._response is not None:
+            self._finish_run()
+        return items, took
+
+    def _abandon(self, response: ServiceResponse) -> None:
+        """End the stream with ``response`` without stepping it again (its generator is closed)."""
+        self._response = response
+        self._context.run(self._finish_run)
+
+    def _finish_run(self) -> None:
+        """Close the generator (in this stream's context), run the server chain's end, count it."""
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            _close_generator(generator, self._served)
+        self._task._open_streams.discard(self)
+        assert self._response is not None
+        self._response = _conclude(
+            self._task, self._served, self._response, self._server_limit, self._server_began, self._count
+        )
+
+    def _close_run(self) -> None:
+        """The consumer closed the stream before its end: the generator is closed here, now."""
+        deadline = self._served.deadline
+        if deadline is not None and time.time() > deadline:
+            # Closed by the consumer's deadline: the service side sees the timeout a stream thread's
+            # producer would have ended with.
+            self._abandon(timeout_response(self._served, 0.0))
+        elif self._task._server_chain is None:
+            # No after-hook to show the end to: close the generator, count the stream as ended.
+            self._response = _CLOSED_HERE
+            generator, self._generator = self._generator, None
+            if generator is not None:
+                self._context.run(_close_generator, generator, self._served)
+            self._task._open_streams.discard(self)
+            next(self._task._finished)
+        else:
+            self._abandon(_ended_early(self._served, "the consumer closed the stream"))
+
+    def _hand_off(self, window: int, unacknowledged: int) -> LocalStream:
+        """Go on in one of the task's stream threads: the items from now on come through the LocalStream returned.
+
+        ``unacknowledged``: items made here the consumer has not taken yet
+        (they count against the window).
+        """
+        task = self._task
+        local = LocalStream(window)
+        local._unacknowledged = unacknowledged
+        run = SyncStreamRun.resumed(
+            task,
+            self._served,
+            self._method,
+            local,
+            self._context,
+            self._generator,
+            self._count,
+            self._server_limit,
+            self._server_began,
+        )
+        self._generator = None
+        task._open_streams.discard(self)
+        if self.cancelled:
+            local.cancel(self.stop_reason)  # the task stopped meanwhile: the run ends at its first step
+        try:
+            _stream_threads(task).submit(run.pump)
+        except RuntimeError:
+            run.abandon(task._unavailable(self._served, "it stopped"))
+        return local
+
+
+class PulledStream(_PulledRun, StreamSource):
     """A stream whose generator the consumer steps in its own thread, for a generator known to be quick.
 
     The in-process counterpart of ``BaseServiceTask.run_inline``: no thread
@@ -771,83 +1057,126 @@ class PulledStream(LocalStream):
     makes the next items (up to the window, for at most ``inline_limit``
     seconds) and returns them; the generator never runs ahead of the window,
     and a consumer that does not read leaves it paused. The stream moves to
-    one of the task's stream threads (and from then on behaves as a
-    :class:`LocalStream`) when a batch of items took longer than
-    ``inline_limit`` or when it is read with ``async for`` (an event loop must
-    not run a generator that may block). As with ``run_inline``, a step that
-    turns slow cannot be abandoned at the deadline: the consumer waits for
-    that one step, then gets ServiceTimeoutError. ``close()`` closes the
-    generator in the closing thread (its ``finally`` runs there, at once).
+    one of the task's stream threads (and from then on is a
+    :class:`LocalStream` fed by a :class:`SyncStreamRun`) when a batch of
+    items took longer than ``inline_limit`` or when it is read with ``async
+    for`` (an event loop must not run a generator that may block). As with
+    ``run_inline``, a step that turns slow cannot be abandoned at the
+    deadline: the consumer waits for that one step, then gets
+    ServiceTimeoutError. ``close()`` closes the generator in the closing
+    thread (its ``finally`` runs there, at once).
+
+    The source an ItemStream reads when the call has client middleware or a
+    retry policy; without them the caller gets a :class:`PulledItems`.
     """
 
-    def __init__(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], window: int) -> None:
-        LocalStream.__init__(self, window)
-        self._pulling = True
+    __slots__ = (
+        "_context",
+        "_cost_key",
+        "_count",
+        "_generator",
+        "_handoff",
+        "_method",
+        "_response",
+        "_served",
+        "_server_began",
+        "_server_limit",
+        "_task",
+        "_unacknowledged",
+        "_window",
+        "cancelled",
+        "stop_reason",
+    )
+
+    def __init__(
+        self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], window: int, cost_key: str
+    ) -> None:
         self._task = task
-        self._cost_key = "stream:" + request.method_name
-        self._run = SyncStreamRun(task, request, method, self)
+        self._method = method
+        self._window = max(1, window)
+        self._cost_key = cost_key
+        self._unacknowledged = 0
+        self._handoff: LocalStream | None = None
+        self._begin_run(task, request)
 
-    def send(self, item: Any, deadline: float | None) -> bool:
-        if not self._pulling:
-            return LocalStream.send(self, item, deadline)
-        if self.cancelled:
-            return False
-        self._unacknowledged += 1  # only the consumer's thread steps the generator while it pulls
-        self._items.append(item)
-        return True
-
-    def _pull(self) -> None:
-        """Make the next items in this thread (the consumer's): the first alone, then up to the window."""
-        run = self._run
-        if self.cancelled:
-            run.abandon(_stopped_response(run.request, self))
-            return
-        task = self._task
-        limit = task.inline_limit
-        first = run.count == 0
-        began = perf_counter()
-        ended = run.pump(1 if first else max(1, self.window - self._unacknowledged), limit)
-        took = perf_counter() - began
-        if first:
-            task.observe_cost(self._cost_key, took)
-        if not ended and took > limit:
-            self._to_thread()
-
-    def _to_thread(self) -> None:
-        """From now on the generator runs in one of the task's stream threads (see the class docstring)."""
-        self._pulling = False
-        try:
-            _stream_threads(self._task).submit(self._run.pump)
-        except RuntimeError:
-            self._run.abandon(self._task._unavailable(self._run.request, "it stopped"))
+    def cancel(self, reason: ServiceResponse | None = None) -> None:
+        _PulledRun.cancel(self, reason)
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.cancel(reason)
 
     def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
-        if self._pulling:
-            if not self._items and self._response is None:
-                self._pull()
-            if self._pulling:
-                # Only this thread (the consumer's) makes items while it pulls: no lock to take.
-                items = list(self._items)
-                self._items.clear()
-                return items, self._response
-        return LocalStream.receive(self, timeout)
+        handoff = self._handoff
+        if handoff is not None:
+            return handoff.receive(timeout)
+        if self._response is not None:
+            return [], self._response
+        if self.cancelled:
+            self._abandon(self._stopped())
+            return [], self._response
+        first = self._generator is None
+        items, took = self._context.run(self._make, 1 if first else max(1, self._window - self._unacknowledged))
+        if first:
+            self._task.observe_cost(self._cost_key, took)
+        if self._response is not None:
+            return items, self._response
+        self._unacknowledged += len(items)
+        if took > self._task.inline_limit:
+            self._handoff = self._hand_off(self._window, self._unacknowledged)
+        return items, None
 
-    def _finish(self, response: ServiceResponse) -> None:
-        if self._pulling:
-            self._response = response  # ended in the consumer's thread: nobody waits for it
-            return
-        LocalStream._finish(self, response)
+    def consumed(self, count: int) -> None:
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.consumed(count)
+        else:
+            self._unacknowledged -= count
 
     async def areceive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
-        if self._pulling and self._response is None:
-            self._to_thread()
-        return await LocalStream.areceive(self, timeout)
+        if self._handoff is None:
+            if self._response is not None:
+                return [], self._response
+            self._handoff = self._hand_off(self._window, self._unacknowledged)
+        return await self._handoff.areceive(timeout)
 
     def close(self) -> None:
-        if self._pulling:
-            self._run.abandon(_ended_early(self._run.request, "the consumer closed the stream"))
-        else:
-            self.cancel()
+        handoff = self._handoff
+        if handoff is not None:
+            handoff.close()
+        elif self._response is None:
+            self._close_run()
+
+
+#: What a pulled stream its consumer closed ends with when no server middleware is to see the end.
+_CLOSED_HERE = ServiceResponse(True, None, None, "")
+
+
+def _close_generator(generator: Any, request: ServiceRequest) -> None:
+    """Close ``generator`` (its ``finally`` runs, here, now) with ``request`` current; never raises an Exception."""
+    token = _current_request.set(request)
+    try:
+        generator.close()
+    except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+        pass
+    finally:
+        _current_request.reset(token)
+
+
+def _pulled_method(task: BaseServiceTask, name: str) -> tuple[Callable[..., Any], str] | None:
+    """The generator method ``name`` and its cost key when a stream of it may be pulled (see :func:`pull_stream`)."""
+    if task._serial_lock is not None or task._state != "running":
+        return None
+    try:
+        method = task._generator_methods.get(name)
+    except TypeError:  # an unhashable name: open_stream answers it
+        return None
+    if method is None:
+        return None
+    cost_key = "stream:" + name
+    cost = task._method_cost.get(cost_key)
+    if cost is None or cost >= task.inline_limit:
+        return None
+    return method, cost_key
 
 
 def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> PulledStream | None:
@@ -858,19 +1187,10 @@ def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> 
     under ``inline_limit`` seconds. None: use ``task.open_stream`` (which
     also answers every refusal: unknown method, not a generator...).
     """
-    if task._serial_lock is not None or task._state != "running":
+    found = _pulled_method(task, request.method_name)
+    if found is None:
         return None
-    name = request.method_name
-    try:
-        method = task._generator_methods.get(name)
-    except TypeError:  # an unhashable name: open_stream answers it
-        return None
-    if method is None:
-        return None
-    cost = task._method_cost.get("stream:" + name)
-    if cost is None or cost >= task.inline_limit:
-        return None
-    return PulledStream(task, request, method, window)
+    return PulledStream(task, request, found[0], window, found[1])
 
 
 class ItemStream(Iterator[Any], AsyncIterator[Any]):
@@ -928,7 +1248,14 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         self._began = 0.0
         # Retries wait with time.sleep: only sync consumers retry (an event loop must not block).
         self._async = False
-        self._open()
+        if route.chain is not None:
+            self._open()
+            return
+        # _open without a chain, inline (first-item latency): the transport opens the stream.
+        try:
+            self._source = route.connection.open_stream(request, window)
+        except Exception as exc:  # noqa: BLE001 - this attempt fails (see _open_failed)
+            self._open_failed(exc)
 
     @property
     def request(self) -> ServiceRequest:
@@ -957,9 +1284,14 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
                 return
         try:
             self._source = route.connection.open_stream(self._sent, self._window)
-        except ServiceError as exc:
+        except Exception as exc:  # noqa: BLE001 - this attempt fails (see _open_failed)
+            self._open_failed(exc)
+
+    def _open_failed(self, exc: Exception) -> None:
+        """The transport could not open the stream: a runtime error (ServiceError) or a failure to send."""
+        if isinstance(exc, ServiceError):
             self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="runtime"))
-        except Exception as exc:  # noqa: BLE001 - the transport failed to send: this attempt fails
+        else:
             self._end(ServiceResponse.from_exception(self._request.request_id, exc, origin="client"))
 
     def _end(self, response: ServiceResponse) -> bool:
@@ -1016,25 +1348,30 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return self
 
     def __next__(self) -> Any:
+        items = self._items
         while True:
-            if self._items:
+            if items:
                 self._delivered += 1
-                return self._items.popleft()
-            if self._done:
-                self._raise_end()
+                return items.popleft()
             source = self._source
-            if source is None:
+            if source is None or self._done:
                 self._raise_end()
             if self._unacknowledged:
                 # Every received item is with the caller now: the producer gets room for them.
                 source.consumed(self._unacknowledged)  # type: ignore[union-attr]
                 self._unacknowledged = 0
-            remaining = self._remaining()
+            deadline = self._request.deadline  # _remaining(), inline (first-item latency)
+            remaining = None if deadline is None else deadline - time.time()
             if remaining is not None and remaining <= 0:
                 self._expire()
                 continue
-            items, end = source.receive(remaining)  # type: ignore[union-attr]
-            self._accept(items, end)
+            received, end = source.receive(remaining)  # type: ignore[union-attr]
+            if end is not None:
+                self._accept(received, end)
+                continue
+            if received:
+                self._unacknowledged += len(received)
+                items.extend(received)
 
     def _expire(self) -> None:
         self._end_without_retry(
@@ -1059,7 +1396,8 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         """Stop the stream: the generator in the service is closed (its ``finally`` runs); idempotent."""
         if self._done:
             return
-        self._items.clear()
+        if self._items:
+            self._items.clear()
         if self._route.chain is None:
             # No middleware to see the end: nothing to build for it (first-item latency of short streams).
             self._done = True
@@ -1128,6 +1466,241 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return (
             f"<ItemStream {self._request.service_name}.{self._request.method_name} {state} delivered={self._delivered}>"
         )
+
+
+class PulledItems(_PulledRun, ItemStream):
+    """The caller's iterator of a pulled stream with no client middleware and no retry policy: one object.
+
+    What an ItemStream over a :class:`PulledStream` does, without the layers
+    between them (first-item latency): ``next()`` steps the generator in the
+    caller's thread (the first item alone, then up to the window per read,
+    for at most ``inline_limit`` seconds), ``close()`` closes it there. The
+    same guarantees: order, the deadline (ServiceTimeoutError after the
+    items made in time), the method's error raised typed after the items
+    before it, the task's stop (ServiceUnavailableError), server middleware
+    seeing the whole stream. It goes on as a plain ItemStream over a
+    :class:`LocalStream` fed by a stream thread when a batch took longer than
+    ``inline_limit`` or when it is read with ``async for``.
+    """
+
+    __slots__ = (
+        "_context",
+        "_cost_key",
+        "_count",
+        "_generator",
+        "_method",
+        "_pulling",
+        "_response",
+        "_served",
+        "_server_began",
+        "_server_limit",
+        "_task",
+        "cancelled",
+        "stop_reason",
+    )
+
+    def __init__(
+        self,
+        manager: ServiceManager,
+        route: _Route,
+        request: ServiceRequest,
+        window: int,
+        task: BaseServiceTask,
+        method: Callable[..., Any],
+        cost_key: str,
+    ) -> None:
+        # ItemStream's state for a stream opened without middleware (the rest is set when it leaves: _leave).
+        self._manager = manager
+        self._route = route
+        self._request = request
+        self._window = max(1, window)
+        self._items: collections.deque[Any] = collections.deque()
+        self._delivered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._source: StreamSource | None = None
+        self._pulling = True
+        self._task = task
+        self._method = method
+        self._cost_key = cost_key
+        if task._server_chain is not None or (request.deadline is not None and time.time() > request.deadline):
+            self._begin_run(task, request)
+            return
+        # _begin_run's common case, inline (first-item latency): nothing to run, nothing made current.
+        self._count = 0
+        self._generator = None
+        self.cancelled = False
+        self.stop_reason = None
+        self._context = contextvars.copy_context()
+        self._served = request
+        self._response = None
+        self._server_limit = 0
+        self._server_began = 0.0
+        next(task._started)
+
+    def __next__(self) -> Any:
+        items = self._items
+        if items:
+            self._delivered += 1
+            return items.popleft()
+        if not self._pulling:
+            return ItemStream.__next__(self)
+        if self._done:
+            self._raise_end()
+        if self._response is None:  # the service side goes on
+            if self.cancelled or self._task._state != "running":
+                self._abandon(self._stopped())  # the task stopped (or is stopping): the stream ends unavailable
+            else:
+                deadline = self._request.deadline
+                if deadline is not None and time.time() > deadline:
+                    self._pulled_expired()
+                    self._raise_end()
+                task = self._task
+                if self._generator is None:  # the first read: the first item alone
+                    item, took = self._context.run(self._make_first)
+                    if took > task.inline_limit:
+                        # Only a slow first item is recorded: the method's cost is already known under the
+                        # limit (else it would not be pulled), and a quick one keeps it there, so recording it
+                        # would change no decision (first-item latency).
+                        task.observe_cost(self._cost_key, took)
+                        if item is not _NOTHING:
+                            self._leave(1)  # it was slow: the rest is made in a stream thread
+                    if item is not _NOTHING:
+                        self._delivered = 1
+                        return item
+                else:
+                    made, took = self._context.run(self._make, self._window)
+                    if self._response is None:  # made at least one item, and more may come
+                        if took > task.inline_limit:
+                            self._leave(len(made))  # it turned slow: the rest is made in a stream thread
+                        self._delivered += 1
+                        if len(made) == 1:
+                            return made[0]
+                        items.extend(made)
+                        return items.popleft()
+                    items.extend(made)
+        self._pulled_ended(self._response)  # type: ignore[arg-type]
+        return self.__next__()  # the items made before the end, then the end
+
+    def _make_first(self) -> tuple[Any, float]:
+        """:meth:`_make` of the first item alone: (the item, or _NOTHING when the stream ended; seconds taken)."""
+        request = self._served
+        token = _current_request.set(request)
+        began = perf_counter()
+        try:
+            generator = self._generator = self._method(*request.args, **request.kwargs)
+            item = next(generator)
+        except StopIteration:
+            self._generator = None  # exhausted: closing it would do nothing
+            self._response = ServiceResponse(True, None, None, request.request_id)
+        except Exception as exc:
+            self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
+        else:
+            self._count = 1
+            return item, perf_counter() - began
+        finally:
+            _current_request.reset(token)
+        took = perf_counter() - began
+        self._finish_run()
+        return _NOTHING, took
+
+    def _pulled_ended(self, response: ServiceResponse) -> None:
+        """The service side ended (``response``, after its middleware): what the caller sees after the items."""
+        self._done = True
+        if not response.success:
+            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+
+    def _pulled_expired(self) -> None:
+        self._abandon(timeout_response(self._served, 0.0))
+        self._done = True
+        self._error = ServiceTimeoutError(
+            f"stream {self._request.service_name}.{self._request.method_name} passed its deadline "
+            f"after {self._delivered + len(self._items)} item(s)"
+        )
+
+    def _leave(self, pending: int) -> None:
+        """Go on as a plain ItemStream over a LocalStream a stream thread feeds (see the class docstring).
+
+        ``pending``: items made here the caller has not taken yet (they count against the window).
+        """
+        self._source = self._hand_off(self._window, pending)
+        self._unacknowledged = pending
+        self._attempt = 0
+        self._sent = self._request
+        self._limit = 0
+        self._began = 0.0
+        self._async = False
+        self._pulling = False
+
+    async def __anext__(self) -> Any:
+        if self._pulling:
+            if self._response is None and not self._done:
+                self._leave(len(self._items))  # an event loop must not step a generator that may block
+            else:
+                try:
+                    return self.__next__()  # nothing left to make: the items made, then the end
+                except StopIteration:
+                    raise StopAsyncIteration from None
+        return await ItemStream.__anext__(self)
+
+    def close(self, *_exc_info: object) -> None:
+        """Stop the stream: the generator is closed here, now (its ``finally`` runs); idempotent."""
+        if not self._pulling:
+            ItemStream.close(self)
+            return
+        if self._done:
+            return
+        self._done = True
+        if self._items:
+            self._items.clear()
+        self._error = None
+        if self._response is not None:
+            return
+        task = self._task
+        deadline = self._served.deadline
+        if task._server_chain is None and (deadline is None or time.time() <= deadline):
+            # _close_run's common case, inline (first-item latency): close the generator, count the end.
+            self._response = _CLOSED_HERE
+            generator, self._generator = self._generator, None
+            if generator is not None:
+                self._context.run(_close_generator, generator, self._served)
+            next(task._finished)  # (never in the task's open streams: see _tracked)
+            return
+        self._close_run()
+
+    #: leaving a ``with`` block closes the stream (close itself, one call fewer: first-item latency)
+    __exit__ = close
+
+    #: not held by the task (a stream dropped unclosed is collected, and closed then): each read looks
+    #: at the task's state instead, so its stop still ends the stream with ServiceUnavailableError
+    _tracked = False
+
+    def _stopped(self) -> ServiceResponse:
+        if self.stop_reason is None and self._task._state != "running":
+            return unavailable_mid_stream(self._request, "the service stopped")
+        return _PulledRun._stopped(self)
+
+
+def pull_items(
+    task: BaseServiceTask, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int
+) -> PulledItems | None:
+    """A :class:`PulledItems` for ``request`` when its generator may run in the caller's thread (as
+    :func:`pull_stream` decides); else None."""
+    # _pulled_method, inline (first-item latency)
+    if task._serial_lock is not None or task._state != "running":
+        return None
+    name = request.method_name
+    try:
+        method = task._generator_methods.get(name)
+    except TypeError:  # an unhashable name: open_stream answers it
+        return None
+    if method is None:
+        return None
+    cost_key = "stream:" + name
+    cost = task._method_cost.get(cost_key)
+    if cost is None or cost >= task.inline_limit:
+        return None
+    return PulledItems(manager, route, request, window, task, method, cost_key)
 
 
 def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:

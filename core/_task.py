@@ -34,7 +34,9 @@ from ._status import ServiceStatus, TaskState
 from ._stream import (
     StreamSink,
     SyncStreamRun,
+    _Cancellable,
     open_on_task,
+    pull_items,
     pull_stream,
     run_here,
     shutdown_stream_threads,
@@ -420,8 +422,9 @@ class BaseServiceTask:
         self._stream_methods: frozenset[str] = frozenset()
         # The service's generator methods, bound once (an in-process stream finds its method in one lookup).
         self._generator_methods: dict[str, Callable[..., Any]] = {}
-        # The streams being produced (the task cancels them when it stops); see _stream.py.
-        self._open_streams: set[StreamSink] = set()
+        # The streams being produced (a sink, or a pulled source): the task cancels them when it stops;
+        # see _stream.py.
+        self._open_streams: set[_Cancellable] = set()
         # The queue depth and the parked requests are guarded by a lock (the overflow
         # thread sleeps on it). Per-call counters are itertools.count objects instead:
         # next() is one atomic C call (~40 ns), where each lock pair costs ~150 ns.
@@ -963,6 +966,9 @@ class BaseServiceTask:
     #: changes, and when it moves to a stream thread). The function itself, not a method calling it: one
     #: call fewer on an in-process stream's open (first-item latency).
     pull_stream = pull_stream
+    #: ``pull_items(manager, route, request, window)``: as :attr:`pull_stream`, the caller's iterator itself
+    #: (a :class:`~kservice._stream.PulledItems`), for streams with no client middleware and no retry policy.
+    pull_items = pull_items
 
     def run_stream_here(self, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
         """Serve streaming call ``request`` with its generator stepped in the caller's thread.

@@ -19,7 +19,8 @@ from ._errors import ServiceTimeoutError
 from ._messages import ServiceRequest, ServiceResponse
 
 if TYPE_CHECKING:
-    from ._stream import StreamSource
+    from ._manager import ServiceManager, _Route
+    from ._stream import ItemStream, StreamSource
     from ._task import BaseServiceTask
 
 __all__ = ["Connection", "Listener", "ServiceAddress", "Transport"]
@@ -131,6 +132,18 @@ class Connection(ABC):
         raise ServiceError(
             f"the {type(self).__name__} transport cannot stream calls (use a transport that can: inproc, mmap, ray)"
         )
+
+    def pull_items(
+        self, manager: ServiceManager, route: _Route, request: ServiceRequest, window: int
+    ) -> ItemStream | None:
+        """Streaming call ``request`` as the caller's iterator whose items the caller's own thread makes, or None.
+
+        For in-process transports: the manager asks (instead of
+        :meth:`open_stream`, under an ItemStream of its own) only for calls
+        with no client middleware and no retry policy, and only of transports
+        that override this. None: the manager uses :meth:`open_stream`.
+        """
+        return None
 
     def close(self) -> None:
         """Release the connection; idempotent.

@@ -11,16 +11,20 @@ the caller expects it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kservice import (
     BaseServiceTask,
     Connection,
+    ItemStream,
     Listener,
     LocalServiceTask,
     LocalStream,
     ServiceAddress,
+    ServiceManager,
     ServiceRequest,
     ServiceResponse,
+    StreamSource,
     Transport,
     hookimpl,
 )
@@ -39,6 +43,8 @@ class InprocConnection(Connection):
 
     def __init__(self, task: BaseServiceTask) -> None:
         self._task = task
+        # The task's own function, bound: one call fewer on the open of a pulled stream (first-item latency).
+        self.pull_items = task.pull_items  # type: ignore[method-assign]
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
         """Hand ``request`` (the caller's own object) to the task: :meth:`BaseServiceTask.submit`."""
@@ -76,7 +82,7 @@ class InprocConnection(Connection):
             return response
         return super().call(request, timeout)
 
-    def open_stream(self, request: ServiceRequest, window: int) -> LocalStream:
+    def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:
         """A generator known quick runs in the caller's thread as it reads (``task.pull_stream``, as a sync
         call's method runs inline); otherwise in the task (its stream threads, or its event loop), the items
         passing through a bounded deque."""
@@ -86,6 +92,13 @@ class InprocConnection(Connection):
         stream = LocalStream(window)
         self._task.open_stream(request, stream)
         return stream
+
+    def pull_items(
+        self, manager: ServiceManager, route: Any, request: ServiceRequest, window: int
+    ) -> ItemStream | None:
+        """A generator known quick, for a call with no client middleware and no retry policy: the caller's
+        iterator steps it directly (``task.pull_items``), one object for the whole stream."""
+        return self._task.pull_items(manager, route, request, window)
 
 
 class InprocTransport(Transport):

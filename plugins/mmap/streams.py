@@ -10,7 +10,9 @@ band as results are; the end of the stream is one full response record (a
 success, or the error). Items travel as they come, one record each (the ring
 reader takes up to 256 records per wake-up), except that a small item made in
 the listener thread goes with the next record: the last one and the end then
-travel as one batch record (see ``MmapStreamSink._send_held``).
+travel as one batch record (see ``MmapStreamSink._send_held``), or, when the
+end is a plain success (no metadata), as one record ``(request_id, item,
+LAST_ITEM)`` as short as a call's reply.
 
 Flow control: the host sends at most ``window`` items the caller has not
 consumed; the caller returns credit (a :data:`KIND_CREDIT` record on the
@@ -64,6 +66,10 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 #: no item held (see MmapStreamSink._send_held)
 _NOTHING: Any = object()
+#: third field of a stream record ``(request_id, item, LAST_ITEM)``: the stream's last item and its end,
+#: a success with nothing else to say (no metadata). A short stream made in place (a one-item stream's
+#: only item) ends with it: one record as short as a call's reply, read without the general decoder.
+LAST_ITEM = True
 
 
 # =========================================================================== caller side
@@ -160,26 +166,21 @@ class MmapStreamSource(StreamSource):
         self._credit_every = max(1, window // 2)
         self._owed = 0
         self._ended = False
-        metadata = dict(request.metadata)
-        metadata[STREAM_KEY] = window
-        sent = ServiceRequest(
-            request.request_id,
-            request.service_name,
-            request.method_name,
-            request.args,
-            request.kwargs,
-            "",
-            request.deadline,
-            metadata,
-        )
+        # The request travels with the window in its metadata: set for the encoding only (this stream's
+        # own request, read by no other thread meanwhile), so no copy of the request is made.
+        metadata = request.metadata
+        request.metadata = {**metadata, STREAM_KEY: window}
         try:
             record, segment = codec.encode_request(
-                sent, self._ring.name, connection._owner_pid, connection._inline_limit
+                request, self._ring.name, connection._owner_pid, connection._inline_limit
             )
         except Exception as exc:  # whatever pickling raises
             self._release()
             raise connection._not_picklable(request, exc).to_exception() from None
-        failed = connection._put(service_ring, request, record, segment)
+        finally:
+            request.metadata = metadata
+        put = service_ring._compiled_put  # as a call's: the compiled put first (0: queued)
+        failed = connection._put(service_ring, request, record, segment) if put is None or put(record) else None
         #: the refusal to give at the first receive (the request could not be queued), else None
         self._failed: ServiceResponse | None = failed
         if failed is not None:
@@ -233,6 +234,11 @@ class MmapStreamSource(StreamSource):
                 if type(message) is tuple and len(message) == 2:
                     if message[0] == request_id:
                         items.append(message[1])
+                    continue
+                if type(message) is tuple and len(message) == 3 and message[2] is LAST_ITEM:
+                    if message[0] == request_id:
+                        items.append(message[1])
+                        end = ServiceResponse(True, None, None, request_id)
                     continue
             else:
                 message = None
@@ -420,6 +426,18 @@ class MmapStreamSink(StreamSink):
             self._held = _NOTHING
             return  # the caller closed the stream: nobody reads its end
         response.request_id = self._request.request_id
+        held = self._held
+        if held is not _NOTHING and response.success and not response.metadata and self.in_place:
+            # The last item and a plain success end: one record as short as a call's reply (see LAST_ITEM).
+            self._held = _NOTHING
+            put = self._ring._compiled_put
+            record = _dumps((response.request_id, held, LAST_ITEM), 5)
+            try:
+                if put is None or put(record):
+                    self._ring.put(record, 0)
+                return
+            except (QueueError, ValueError):
+                self._held = held  # the ring is full: sent below as two records, from a thread of its own
         if response.exception is not None:
             response = response.for_wire()
         if not response.metadata:
@@ -475,9 +493,8 @@ def streams_of(listener: MmapListener) -> dict[str, MmapStreamSink]:
 
 def open_stream(listener: MmapListener, request: ServiceRequest) -> None:
     """Serve a stream request that arrived on ``listener``'s ring."""
-    metadata = dict(request.metadata)
-    window = int(metadata.pop(STREAM_KEY, 64) or 64)
-    request.metadata = metadata
+    # The request was decoded here: its metadata is its own (the window is taken out of it in place).
+    window = int(request.metadata.pop(STREAM_KEY, 64) or 64)
     ring = listener._responder(request.response_queue_name) if request.response_queue_name else None
     if ring is None:
         return  # the caller is gone already

@@ -192,3 +192,15 @@ class EndObserver(kservice.ServiceMiddleware):
     ) -> None:
         if "kservice.stream.closed" not in response.metadata:
             self.ended += 1
+
+
+class EndMetadata(kservice.ServiceMiddleware):
+    """Client middleware keeping the metadata of each stream's end (importable: a process host loads it too)."""
+
+    def __init__(self) -> None:
+        self.ends: list[dict[str, Any]] = []
+
+    def observe_call(
+        self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float
+    ) -> None:
+        self.ends.append(dict(response.metadata))

@@ -14,7 +14,7 @@ from kservice.testing import wait_for
 
 from tests.conftest import SHM_DIR
 from tests.mmap.services import hosting, unique
-from tests.streaming.services import EndObserver, TokenModel
+from tests.streaming.services import EndMetadata, EndObserver, TokenModel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,4 +225,35 @@ def test_a_short_streams_last_item_travels_with_its_end() -> None:
                 assert [next(stream), next(stream)] == [0, 1]
                 ended_with_the_item += observer.ended == before + 1
         assert ended_with_the_item == 50
+        assert manager.call_service_sync(name, "echo", ("still serving",)) == "still serving"
+
+
+#: a host with no server middleware for the service: its plain success ends have no metadata
+NO_SERVER_MIDDLEWARE = {"metrics": {"enabled": False}, "tracing": {"enabled": False}}
+
+
+def test_a_short_streams_last_item_and_plain_end_travel_as_one_short_record() -> None:
+    # Without server middleware the end of a short stream made in place is a plain success: it travels
+    # with the last item as (request_id, item, LAST_ITEM), a record as short as a call's reply; the
+    # caller makes the end itself (no "kservice.stream.end" marker: the full end record was not used).
+    observer = EndMetadata()
+    name = unique("model")
+    environment = kservice.ServiceEnvironment("streams-mmap-last", {"service_call": {"max_retries": 0}})
+    environment.add_middleware(observer)
+    environment.register_service(
+        name, kservice.ServiceFactory(name, TokenModel), kind="process", **NO_SERVER_MIDDLEWARE
+    )
+    with environment, kservice.ServiceManager(environment) as manager:
+        for _ in range(20):  # the first streams are timed in a stream thread; then they run in place
+            assert list(manager.stream(name, "count", (1,))) == [0]
+        observer.ends.clear()
+        for _ in range(20):
+            with manager.stream(name, "count", (1,)) as stream:
+                assert next(stream) == 0
+        assert len(observer.ends) == 20
+        assert all("kservice.stream.closed" not in end for end in observer.ends)  # each ended with its item
+        assert sum("kservice.stream.end" not in end for end in observer.ends) >= 15  # in one short record
+        with pytest.raises(ValueError, match="broke after 1"):
+            list(manager.stream(name, "broken", (1,)))  # an error end still travels in full
+        assert list(manager.stream(name, "count", (3,))) == [0, 1, 2]
         assert manager.call_service_sync(name, "echo", ("still serving",)) == "still serving"

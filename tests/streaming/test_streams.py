@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import threading
 import time
@@ -309,10 +310,21 @@ def test_an_item_that_cannot_leave_in_place_is_sent_first_by_the_stream_thread(
 QUICK = {"local": {"inline_limit": 0.05}}
 
 
-@pytest.fixture
-def quick_env() -> Iterator[kservice.ServiceEnvironment]:
+#: No client middleware and no retry policy: a pulled stream is then one object (PulledItems), not an
+#: ItemStream reading a PulledStream.
+BARE: dict[str, Any] = {
+    "metrics": {"enabled": False},
+    "tracing": {"enabled": False},  # else on once another test configured an OpenTelemetry provider
+    "breaker": {"enabled": False},
+    "service_call": {"max_retries": 0},
+}
+
+
+@pytest.fixture(params=["with-middleware", "bare"])
+def quick_env(request: pytest.FixtureRequest) -> Iterator[kservice.ServiceEnvironment]:
     environment = kservice.ServiceEnvironment("streams-quick")
-    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **QUICK)
+    options = QUICK if request.param == "with-middleware" else {**QUICK, **BARE}
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **options)
     with environment:
         yield environment
 
@@ -368,9 +380,10 @@ def _model_of(environment: kservice.ServiceEnvironment) -> TokenModel:
     return task.service  # type: ignore[no-any-return]
 
 
-def test_stopping_the_service_ends_a_pulled_stream_unavailable() -> None:
+@pytest.mark.parametrize("options", [QUICK, {**QUICK, **BARE}], ids=["with-middleware", "bare"])
+def test_stopping_the_service_ends_a_pulled_stream_unavailable(options: dict[str, Any]) -> None:
     environment = kservice.ServiceEnvironment("streams-pulled-stop")
-    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **QUICK)
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **options)
     environment.start()
     with kservice.ServiceManager(environment) as manager:
         _learn_quick(manager, environment)
@@ -381,3 +394,136 @@ def test_stopping_the_service_ends_a_pulled_stream_unavailable() -> None:
         with pytest.raises(kservice.ServiceUnavailableError):
             list(stream)
         assert "stopped" in model.closed
+
+
+#: What a server middleware makes current for a stream (as a tracing span would).
+HANDLING: contextvars.ContextVar[str] = contextvars.ContextVar("handling", default="")
+
+
+class HandlingObserver(StreamObserver):
+    def before_handle(self, request: kservice.ServiceRequest) -> None:
+        HANDLING.set(request.request_id)
+
+
+class ServerHandlingObserver(kservice.ServiceMiddleware):
+    """HandlingObserver's server side alone: the client has no middleware to run."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, Any, float]] = []
+        self.handles: list[tuple[str, bool, Any, float]] = []
+
+    def before_handle(self, request: kservice.ServiceRequest) -> None:
+        HANDLING.set(request.request_id)
+
+    observe_handle = StreamObserver.observe_handle
+
+
+class ContextModel:
+    """Reports, per item, what the server middleware made current and the thread that made it."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def seen(self, n: int, tag: str = "", fail_at: int = -1) -> Iterator[tuple[str, int]]:
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise KeyError(f"failed at {i}")
+                yield HANDLING.get(), threading.get_ident()
+        finally:
+            self.closed.append(tag)
+
+
+@pytest.fixture(params=["client-and-server", "server-only"])
+def observed_quick(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[kservice.ServiceManager, HandlingObserver, ContextModel]]:
+    # server-only: no client middleware nor retries, so the caller's stream is one pulled object
+    observer = HandlingObserver() if request.param == "client-and-server" else ServerHandlingObserver()
+    environment = kservice.ServiceEnvironment("streams-pulled-observed")
+    environment.add_middleware(observer)
+    options = QUICK if request.param == "client-and-server" else {**QUICK, **BARE}
+    environment.register_service("ctx", kservice.ServiceFactory("ctx", ContextModel), **options)
+    with environment, kservice.ServiceManager(environment) as manager:
+        assert len(list(manager.stream("ctx", "seen", (2,)))) == 2  # its first item is timed: quick
+        assert (type(manager.stream("ctx", "seen", (1,))).__name__ == "PulledItems") is (request.param == "server-only")
+        task = environment.get_task("ctx")
+        assert task is not None
+        service = task.service
+        assert isinstance(service, ContextModel)
+        observer.calls.clear()
+        observer.handles.clear()
+        yield manager, observer, service
+
+
+def test_server_middleware_sees_a_pulled_stream_and_what_it_makes_current_stays_with_the_stream(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+    here = threading.get_ident()
+    made = list(manager.stream("ctx", "seen", (5,), window=2))
+    assert [thread for _, thread in made] == [here] * 5  # pulled: stepped in this thread
+    assert len({handling for handling, _ in made}) == 1 and made[0][0] != ""  # the before-hook's value, every step
+    assert HANDLING.get() == ""  # and it never leaked into the consumer's context
+    stream = manager.stream("ctx", "seen", (1000,), {"tag": "early"})
+    assert next(stream)[1] == here
+    stream.close()
+    assert model.closed[-1] == "early"
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", True, 5), ("seen", True, 1)]
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] in ([], [("seen", True, 5), ("seen", True, 1)])
+
+
+def test_a_pulled_stream_that_fails_ends_typed_after_its_items_and_middleware_sees_the_failure(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+    received = []
+    with pytest.raises(KeyError, match="failed at 3"):
+        for item in manager.stream("ctx", "seen", (10,), {"tag": "failed", "fail_at": 3}, window=2):
+            received.append(item)
+    assert len(received) == 3 and model.closed[-1] == "failed"
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", False, 3)]
+    assert len(list(manager.stream("ctx", "seen", (2,)))) == 2  # the service keeps serving
+
+
+def test_a_pulled_stream_past_its_deadline_ends_with_a_timeout_after_its_items(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, model = observed_quick
+    stream = manager.stream("ctx", "seen", (10_000,), {"tag": "late"}, window=2, timeout=0.3)
+    received = [next(stream)]
+    time.sleep(0.4)
+    with pytest.raises(kservice.ServiceTimeoutError):
+        for item in stream:
+            received.append(item)
+    assert len(received) >= 1 and model.closed[-1] == "late"
+    assert observer.handles and observer.handles[-1][1] is False
+
+
+def test_a_pulled_stream_moved_to_a_thread_keeps_its_context_and_middleware_sees_one_end(
+    observed_quick: tuple[kservice.ServiceManager, HandlingObserver, ContextModel],
+) -> None:
+    manager, observer, _ = observed_quick
+
+    async def consume() -> list[tuple[str, int]]:
+        return [item async for item in manager.astream("ctx", "seen", (30,), window=4)]
+
+    made = asyncio.run(consume())
+    assert len(made) == 30 and threading.get_ident() not in {thread for _, thread in made}
+    assert len({handling for handling, _ in made}) == 1 and made[0][0] != ""
+    assert [(m, ok, n) for m, ok, n, _ in observer.handles] == [("seen", True, 30)]
+
+
+def test_a_pulled_stream_dropped_unfinished_closes_its_generator_and_leaves_nothing_open(
+    quick_env: kservice.ServiceEnvironment,
+) -> None:
+    manager = quick_env.manager()
+    _learn_quick(manager, quick_env)
+    stream = manager.stream("model", "threads", (1000,), {"tag": "dropped"})
+    assert next(stream) == threading.get_ident()  # pulled: made in this thread
+    del stream  # never closed
+    gc.collect()
+    assert "dropped" in _model(quick_env).closed  # its finally ran when the stream was collected
+    task = quick_env.get_task("model")
+    assert task is not None and not task._open_streams
+    assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the service keeps serving
