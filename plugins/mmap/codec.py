@@ -1159,11 +1159,6 @@ def _check(message: Any) -> tuple[Any, ...]:
     return message
 
 
-#: ``check_message(message)``: ``message`` (an element of a decoded batch record) when it is a kservice
-#: message tuple; raises DecodeError otherwise
-check_message = _check
-
-
 def decode(record: bytes) -> tuple[Any, ...]:
     """The message tuple of one record; raises DecodeError (its segment, if any, is released)."""
     message = _load(record)

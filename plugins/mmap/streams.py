@@ -8,11 +8,10 @@ The host runs the generator (``task.open_stream``) and puts each item into
 that ring as a response record ``(request_id, item)``, large items out of
 band as results are; the end of the stream is one full response record (a
 success, or the error). Items travel as they come, one record each (the ring
-reader takes up to 256 records per wake-up), except that a small item made in
-the listener thread goes with the next record: the last one and the end then
-travel as one batch record (see ``MmapStreamSink._send_held``), or, when the
-end is a plain success (no metadata), as one record ``(request_id, item,
-LAST_ITEM)`` as short as a call's reply.
+reader takes up to 256 records per wake-up): an item is never held back for a
+later step of the generator, so a host that dies in that step has sent every
+item made before it. A plain success end (no metadata) travels as the short
+record ``(request_id, None, PLAIN_END)``, as short as a call's reply.
 
 Flow control: the host sends at most ``window`` items the caller has not
 consumed; the caller returns credit (a :data:`KIND_CREDIT` record on the
@@ -64,12 +63,9 @@ LIVENESS_INTERVAL = 0.5
 _SMALL_ITEM = 4096
 _dumps = pickle.dumps
 _loads = pickle.loads
-#: no item held (see MmapStreamSink._send_held)
-_NOTHING: Any = object()
-#: third field of a stream record ``(request_id, item, LAST_ITEM)``: the stream's last item and its end,
-#: a success with nothing else to say (no metadata). A short stream made in place (a one-item stream's
-#: only item) ends with it: one record as short as a call's reply, read without the general decoder.
-LAST_ITEM = True
+#: third field of a stream record ``(request_id, None, PLAIN_END)``: the stream's end, a success with
+#: nothing else to say (no metadata), in a record as short as a call's reply, read without the general decoder
+PLAIN_END = True
 
 
 # =========================================================================== caller side
@@ -235,19 +231,12 @@ class MmapStreamSource(StreamSource):
                     if message[0] == request_id:
                         items.append(message[1])
                     continue
-                if type(message) is tuple and len(message) == 3 and message[2] is LAST_ITEM:
+                if type(message) is tuple and len(message) == 3 and message[2] is PLAIN_END:
                     if message[0] == request_id:
-                        items.append(message[1])
                         end = ServiceResponse(True, None, None, request_id)
                     continue
-            else:
-                message = None
             try:
-                if type(message) is list:
-                    # A stream's last item and its end, in one record (MmapStreamSink._send_held).
-                    messages = [codec.check_message(m) for m in message]
-                else:
-                    messages = codec.decode_many(record)
+                messages = codec.decode_many(record)
             except codec.DecodeError as exc:
                 log.warning("mmap stream ring %s: skipped an undecodable record: %s", ring.name, exc)
                 continue
@@ -333,22 +322,15 @@ class MmapStreamSink(StreamSink):
         self._request = request
         self._ring = ring
         self._inline_limit = ring.max_record // 4
-        #: a small item made in place, not sent yet (see _hold)
-        self._held: Any = _NOTHING
 
     def consumer_alive(self) -> bool:
         return bool(self._ring.owner_alive)
 
     def _emit(self, item: Any) -> None:
-        if self._held is not _NOTHING:
-            self._send_held()  # raises SinkBusy in place when it cannot leave: then this item waits too
         kind = type(item)
         if kind is str or kind is bytes or kind is int or kind is float or kind is bool or item is None:
             # The common token or chunk: pickled here at once (what codec.encode_response does for it).
             if (kind is not str and kind is not bytes) or len(item) < _SMALL_ITEM:
-                if self.in_place:
-                    self._held = item  # sent with the next item's record, or with the end (see _send_held)
-                    return
                 record = _dumps((self._request.request_id, item), 5)
                 put = self._ring._compiled_put
                 if put is not None and not put(record):
@@ -393,67 +375,21 @@ class MmapStreamSink(StreamSink):
                     self.cancel()
                     raise ConnectionError(f"the caller's stream ring stayed full or went away ({exc})") from None
 
-    def _send_held(self) -> None:
-        """Send the item held back in place (in order: before any later record); SinkBusy in place when the ring is full.
-
-        Why hold it: a short stream's last item made in place (a one-item
-        stream's only one) then travels in one record with the end, so the
-        caller's first read finds the end too and its close has nothing to
-        tell the host (first-item latency: one record, one wake-up, no
-        cancel record, instead of three). An item is held only in place, for
-        at most one step of a generator observed quick; ``left_place`` sends
-        it when the pass ends.
-        """
-        record = _dumps((self._request.request_id, self._held), 5)
-        self._put(record, None)
-        self._held = _NOTHING
-
-    def left_place(self) -> None:
-        if self._held is not _NOTHING:
-            self.in_place = True  # the listener's thread: never wait (a full ring leaves it to the stream thread)
-            try:
-                self._send_held()
-            except SinkBusy:
-                pass
-            except ConnectionError:
-                pass  # the caller is gone (the sink is cancelled): the stream thread ends the stream
-            finally:
-                self.in_place = False
-
     def _finish(self, response: ServiceResponse) -> None:
         self._listener_streams().pop(self._request.request_id, None)
         if self.cancelled and self.stop_reason is None:
-            self._held = _NOTHING
             return  # the caller closed the stream: nobody reads its end
         response.request_id = self._request.request_id
-        held = self._held
-        if held is not _NOTHING and response.success and not response.metadata and self.in_place:
-            # The last item and a plain success end: one record as short as a call's reply (see LAST_ITEM).
-            self._held = _NOTHING
-            put = self._ring._compiled_put
-            record = _dumps((response.request_id, held, LAST_ITEM), 5)
-            try:
-                if put is None or put(record):
-                    self._ring.put(record, 0)
-                return
-            except (QueueError, ValueError):
-                self._held = held  # the ring is full: sent below as two records, from a thread of its own
-        if response.exception is not None:
-            response = response.for_wire()
-        if not response.metadata:
-            response.metadata = {"kservice.stream.end": True}  # an end always travels as a full response
-        records: list[tuple[bytes, str | None]] = []
-        held, self._held = self._held, _NOTHING
-        both = None
-        if held is not _NOTHING:
-            # The last item and the end in one record (see _send_held); the item alone first when the end
-            # does not fit one inline record with it.
-            both = codec.encode_response_batch(
-                [ServiceResponse(True, held, None, response.request_id), response], self._inline_limit
-            )
-            records.append((both, None) if both is not None else (_dumps((response.request_id, held), 5), None))
-        if both is None:
-            records.append(codec.encode_response(response, self._ring.owner_pid, self._inline_limit))
+        records: list[tuple[bytes, str | None]]
+        if response.success and not response.metadata:
+            # A plain success end: one record as short as a call's reply (see PLAIN_END).
+            records = [(_dumps((response.request_id, None, PLAIN_END), 5), None)]
+        else:
+            if response.exception is not None:
+                response = response.for_wire()
+            if not response.metadata:
+                response.metadata = {"kservice.stream.end": True}  # an end always travels as a full response
+            records = [codec.encode_response(response, self._ring.owner_pid, self._inline_limit)]
         if self.in_place:
             put = self._ring._compiled_put  # as for items: the compiled put first (0: published)
             while records:

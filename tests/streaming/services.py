@@ -180,18 +180,12 @@ class TokenModel:
         time.sleep(0.2)
         os._exit(3)
 
-
-class EndObserver(kservice.ServiceMiddleware):
-    """Client middleware counting the streams whose end the caller read (not those it closed early)."""
-
-    def __init__(self) -> None:
-        self.ended = 0
-
-    def observe_call(
-        self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float
-    ) -> None:
-        if "kservice.stream.closed" not in response.metadata:
-            self.ended += 1
+    def quick_then_die(self, n: int, die: bool) -> Iterator[int]:
+        """Quick items (so the host learns it is quick), then, with ``die``, a pause and the process's end."""
+        yield from range(n)
+        if die:
+            time.sleep(0.2)
+            os._exit(3)
 
 
 class EndMetadata(kservice.ServiceMiddleware):

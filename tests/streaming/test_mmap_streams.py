@@ -14,7 +14,7 @@ from kservice.testing import wait_for
 
 from tests.conftest import SHM_DIR
 from tests.mmap.services import hosting, unique
-from tests.streaming.services import EndMetadata, EndObserver, TokenModel
+from tests.streaming.services import EndMetadata, TokenModel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,6 +32,23 @@ def test_a_host_dying_mid_stream_ends_it_unavailable() -> None:
                 got.append(item)
         assert got == [0, 1, 2, 3, 4]
         assert time.monotonic() - began < 10
+    reclaim()  # what the killed host left
+
+
+def test_a_host_dying_in_the_step_after_a_quick_item_still_delivers_that_item() -> None:
+    """Items made quickly may travel together; one made before a step that never returns is still sent."""
+    name = unique("model")
+    with (
+        hosting(f"{name}=tests.streaming.services:TokenModel"),
+        kservice.ServiceManager(config={"service_call": {"max_retries": 0}}) as manager,
+    ):
+        for _ in range(3):  # the host learns the generator is quick: its items are made in place
+            assert list(manager.stream(name, "quick_then_die", (5, False))) == [0, 1, 2, 3, 4]
+        got: list[int] = []
+        with pytest.raises(kservice.ServiceUnavailableError):
+            for item in manager.stream(name, "quick_then_die", (5, True), timeout=30):
+                got.append(item)
+        assert got == [0, 1, 2, 3, 4]
     reclaim()  # what the killed host left
 
 
@@ -206,36 +223,14 @@ def test_async_consumers_and_cancelled_ones_never_lose_the_next_streams_items(ma
     _closed(manager, "acancel")
 
 
-def test_a_short_streams_last_item_travels_with_its_end() -> None:
-    # A quick generator runs where its request arrives; its last item and its end leave in one record,
-    # so the read that brings the last item also ends the stream (the caller's close has nothing to
-    # tell the host). Sent apart, the end would often still be on its way when that read returns.
-    observer = EndObserver()
-    name = unique("model")
-    environment = kservice.ServiceEnvironment("streams-mmap-tail", {"service_call": {"max_retries": 0}})
-    environment.add_middleware(observer)
-    environment.register_service(name, kservice.ServiceFactory(name, TokenModel), kind="process")
-    with environment, kservice.ServiceManager(environment) as manager:
-        for _ in range(20):  # the first streams are timed in a stream thread; then they run in place
-            assert list(manager.stream(name, "count", (2,))) == [0, 1]
-        ended_with_the_item = 0
-        for _ in range(50):
-            before = observer.ended
-            with manager.stream(name, "count", (2,)) as stream:
-                assert [next(stream), next(stream)] == [0, 1]
-                ended_with_the_item += observer.ended == before + 1
-        assert ended_with_the_item == 50
-        assert manager.call_service_sync(name, "echo", ("still serving",)) == "still serving"
-
-
 #: a host with no server middleware for the service: its plain success ends have no metadata
 NO_SERVER_MIDDLEWARE = {"metrics": {"enabled": False}, "tracing": {"enabled": False}}
 
 
-def test_a_short_streams_last_item_and_plain_end_travel_as_one_short_record() -> None:
-    # Without server middleware the end of a short stream made in place is a plain success: it travels
-    # with the last item as (request_id, item, LAST_ITEM), a record as short as a call's reply; the
-    # caller makes the end itself (no "kservice.stream.end" marker: the full end record was not used).
+def test_a_plain_end_travels_as_one_short_record_and_an_error_end_in_full() -> None:
+    # Without server middleware the end of a stream is a plain success: it travels as
+    # (request_id, None, PLAIN_END), a record as short as a call's reply; the caller makes the end
+    # itself (no "kservice.stream.end" marker: the full end record was not used).
     observer = EndMetadata()
     name = unique("model")
     environment = kservice.ServiceEnvironment("streams-mmap-last", {"service_call": {"max_retries": 0}})
@@ -248,12 +243,11 @@ def test_a_short_streams_last_item_and_plain_end_travel_as_one_short_record() ->
             assert list(manager.stream(name, "count", (1,))) == [0]
         observer.ends.clear()
         for _ in range(20):
-            with manager.stream(name, "count", (1,)) as stream:
-                assert next(stream) == 0
+            assert list(manager.stream(name, "count", (2,))) == [0, 1]
         assert len(observer.ends) == 20
-        assert all("kservice.stream.closed" not in end for end in observer.ends)  # each ended with its item
-        assert sum("kservice.stream.end" not in end for end in observer.ends) >= 15  # in one short record
+        assert all("kservice.stream.end" not in end for end in observer.ends)  # each in one short record
         with pytest.raises(ValueError, match="broke after 1"):
             list(manager.stream(name, "broken", (1,)))  # an error end still travels in full
+        assert "kservice.stream.end" in observer.ends[-1]
         assert list(manager.stream(name, "count", (3,))) == [0, 1, 2]
         assert manager.call_service_sync(name, "echo", ("still serving",)) == "still serving"
