@@ -25,8 +25,14 @@ SHM_DIR = Path(f"/dev/shm/kservice-{os.getuid()}-test-{os.getpid()}-{secrets.tok
 REGISTRY_DIR = SHM_DIR.with_name(SHM_DIR.name + "-services")
 os.environ["KSERVICE_QUEUE_DIR"] = str(SHM_DIR)
 os.environ["KSERVICE_REGISTRY_DIR"] = str(REGISTRY_DIR)
-# The entry-point cache of the session's processes, so the suite writes nothing under the user's home.
-CACHE_DIR = Path(tempfile.mkdtemp(prefix="kservice-test-cache-"))
+# The entry-point cache of the session's processes, so the suite writes nothing under the user's home
+# (made when first written; a process started by the session keeps the session's).
+_INHERITED_CACHE = os.environ.get("KSERVICE_CACHE_DIR", "").startswith(tempfile.gettempdir())
+CACHE_DIR = (
+    Path(os.environ["KSERVICE_CACHE_DIR"])
+    if _INHERITED_CACHE
+    else Path(tempfile.gettempdir()) / f"kservice-test-cache-{os.getpid()}-{secrets.token_hex(6)}"
+)
 os.environ["KSERVICE_CACHE_DIR"] = str(CACHE_DIR)
 #: the variables every child process of the suite keeps (the session's runtime and cache directories)
 SESSION_VARIABLES = ("KSERVICE_QUEUE_DIR", "KSERVICE_REGISTRY_DIR", "KSERVICE_CACHE_DIR")
@@ -147,7 +153,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             directory.rmdir()
         except OSError:
             pass  # absent, or in use by another kservice process of this user
-    shutil.rmtree(CACHE_DIR, ignore_errors=True)
+    if not _INHERITED_CACHE:
+        shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

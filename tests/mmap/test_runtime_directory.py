@@ -26,6 +26,7 @@ from tests.other_user import other_user
 def default_environ() -> dict[str, str]:
     """An environment without the test session's directories: the user's own defaults."""
     env = {k: v for k, v in cli_env().items() if not k.startswith("KSERVICE_") and k != "XDG_RUNTIME_DIR"}
+    env["KSERVICE_CACHE_DIR"] = os.environ["KSERVICE_CACHE_DIR"]  # the session's: nothing written under the home
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
