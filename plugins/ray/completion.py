@@ -91,24 +91,31 @@ class _RefCompleter:
                         # No thread lingers in a process that stopped calling.
                         self._running = False
                         return
-                soon, self._soon = self._soon, []
-            for function in soon:
-                try:
-                    function()
-                except Exception:  # noqa: BLE001 - one failing function must not stop the completer
-                    pass
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
-            for ref, callback in incoming:
-                pending[ref] = callback
-            if not pending:
-                continue
+            # One round in a frame of its own: when this thread waits or ends, it holds no ObjectRef
+            # (one freed after ray.shutdown() makes Ray end the whole process).
+            self._round(pending)
+
+    def _round(self, pending: dict[Any, Callable[[Any, BaseException | None], None]]) -> None:
+        with self._lock:
+            soon, self._soon = self._soon, []
+        for function in soon:
             try:
-                self._complete_some(pending)
-            except Exception as exc:  # noqa: BLE001 - Ray itself failed: nothing pending can complete any more
-                failed, pending = pending, {}
-                for callback in failed.values():
-                    _run_callback(callback, None, exc)
+                function()
+            except Exception:  # noqa: BLE001 - one failing function must not stop the completer
+                pass
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for ref, callback in incoming:
+            pending[ref] = callback
+        if not pending:
+            return
+        try:
+            self._complete_some(pending)
+        except Exception as exc:  # noqa: BLE001 - Ray itself failed: nothing pending can complete any more
+            failed = dict(pending)
+            pending.clear()
+            for callback in failed.values():
+                _run_callback(callback, None, exc)
 
     def _complete_some(self, pending: dict[Any, Callable[[Any, BaseException | None], None]]) -> None:
         ray = self._ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -88,3 +89,38 @@ def test_a_long_call_in_flight_does_not_hold_back_the_completion_of_quick_ones(
     assert manager.call_service_async("wire", "echo", ("quick",)).result(20) == "quick"
     assert time.monotonic() - started < 1.0
     assert [f.result(20) for f in slow] == [3.0, 3.0]
+
+
+def _object_refs_in(value: Any, depth: int = 0) -> int:
+    if isinstance(value, ray.ObjectRef):
+        return 1
+    if depth > 3:
+        return 0
+    if isinstance(value, dict):
+        return sum(_object_refs_in(k, depth + 1) + _object_refs_in(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set)):
+        return sum(_object_refs_in(v, depth + 1) for v in value)
+    return 0
+
+
+@pytest.mark.timeout(60)
+def test_the_completer_holds_no_object_ref_while_it_waits(env: ServiceEnvironment) -> None:
+    """An ObjectRef freed after ``ray.shutdown()`` makes Ray end the process: an idle completer keeps none."""
+    with ServiceManager(env) as manager:
+        futures = [manager.call_service_async("wire", "echo", (i,)) for i in range(200)]
+        assert [f.result(30) for f in futures] == list(range(200))
+        assert list(manager.map("wire", "echo", range(500))) == list(range(500))
+
+        def completer_frames() -> list[Any] | None:
+            thread = next((t for t in threading.enumerate() if t.name == "kservice-ray-completer"), None)
+            frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
+            frames = []
+            while frame is not None:
+                frames.append(frame)
+                frame = frame.f_back
+            waiting = any(f.f_code.co_name == "wait" for f in frames)
+            return frames if waiting and any(f.f_code.co_name == "_run" for f in frames) else None
+
+        frames = wait_for(completer_frames, timeout=10, what="the completer to wait for work")
+        held = sum(_object_refs_in(list(f.f_locals.values())) for f in frames)
+        assert held == 0, f"the waiting completer thread holds {held} ObjectRef(s)"
