@@ -188,12 +188,38 @@ def _read_cache(path: str) -> dict[str, list[Any]]:
         if isinstance(data, dict) and data.get("format") == _FORMAT and data.get("python") == sys.version:
             directories = data["directories"]
             if isinstance(directories, dict):
-                return directories
+                # An entry of any other shape is dropped (and that directory read afresh): never an error.
+                return {entry: known for entry, known in directories.items() if _well_formed(known)}
     except (OSError, ValueError, KeyError, TypeError):
         pass
     finally:
         os.close(fd)
     return {}
+
+
+def _well_formed(known: Any) -> bool:
+    """Whether a cached directory entry is ``[mtime, [[normalised, name, version, {group: [[name, value]]}]]]``."""
+
+    def is_str(value: Any) -> bool:
+        return type(value) is str
+
+    def well_formed_dist(dist: Any) -> bool:
+        if type(dist) is not list or len(dist) != 4 or not all(map(is_str, dist[:3])) or type(dist[3]) is not dict:
+            return False
+        return all(
+            is_str(group)
+            and type(pairs) is list
+            and all(type(pair) is list and len(pair) == 2 and all(map(is_str, pair)) for pair in pairs)
+            for group, pairs in dist[3].items()
+        )
+
+    return (
+        type(known) is list
+        and len(known) == 2
+        and type(known[0]) is int
+        and type(known[1]) is list
+        and all(map(well_formed_dist, known[1]))
+    )
 
 
 def _write_cache(path: str, known: dict[str, list[Any]]) -> None:

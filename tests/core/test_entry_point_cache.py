@@ -120,6 +120,12 @@ def test_a_cache_of_another_user_or_garbage_is_ignored_and_off_writes_none(tmp_p
     cache_file.write_text("{not json")
     assert "alpha" in _probe(site, cache)["plugins"]  # type: ignore[operator]
     assert json.loads(cache_file.read_text())["format"]  # rewritten
+    # Well-formed JSON of the wrong shape inside: that entry is dropped and its directory read afresh.
+    data = json.loads(cache_file.read_text())
+    data["directories"][str(site)][1] = [["only", "three"]]  # its modification time kept: it would be used
+    data["directories"]["/elsewhere"] = "not an entry"
+    cache_file.write_text(json.dumps(data))
+    assert "alpha" in _probe(site, cache)["plugins"]  # type: ignore[operator]
     off = tmp_path / "off"
     assert "alpha" in _probe(site, "off")["plugins"]  # type: ignore[operator]
     assert not off.exists()
