@@ -82,7 +82,9 @@ def test_replica_kills_and_scaling_lose_no_answer_and_run_nothing_twice(ray_clus
                 caller.start()
             try:
                 end = time.monotonic() + RUN_SECONDS
-                while time.monotonic() < end:
+                # At least three faults, however slow the machine makes a scale (bounded: the timeout above).
+                latest = time.monotonic() + 2 * RUN_SECONDS
+                while time.monotonic() < end or (sum(kills.values()) < 3 and time.monotonic() < latest):
                     time.sleep(rng.uniform(0.5, 1.5))  # deliberate: the next fault strikes at a random moment
                     action = rng.choice(["replica kill", "scale up", "scale down"])
                     live = task.replica_set.snapshot()
