@@ -578,12 +578,7 @@ class _Batch:
         first = self.next_index
         self.next_index += len(requests)
         chunk = _Chunk(self, first, requests, deadline - now)
-        if self.ordered:
-            if self.loop is not None:
-                chunk.waiter = self.loop.create_future()
-            else:
-                chunk.waiter = threading.Lock()
-                chunk.waiter.acquire()
+        self._arm_waiter(chunk)
         self.in_flight.append(chunk)
         # The deadline is armed before anything is sent, so no reply can come unwatched.
         timer = manager._timer or manager.timer()
@@ -634,16 +629,20 @@ class _Batch:
                 for request in to_send:
                     chunk(ServiceResponse.from_exception(request.request_id, exc, origin="client"))
 
-    def _send_fast(self, items: list[Any], deadline: float, now: float, inherited: bool) -> bool:
-        """Send a chunk as one compact record (:class:`_FastChunk`); False when the transport cannot (nothing sent)."""
-        args = tuple([item if type(item) is tuple else (item,) for item in items])
-        chunk = _FastChunk(self, self.next_index, args, deadline, deadline - now)
+    def _arm_waiter(self, chunk: _Chunk) -> None:
+        """An ordered map's consumer waits on this for ``chunk``: a future of its loop, or a held lock."""
         if self.ordered:
             if self.loop is not None:
                 chunk.waiter = self.loop.create_future()
             else:
                 chunk.waiter = threading.Lock()
                 chunk.waiter.acquire()
+
+    def _send_fast(self, items: list[Any], deadline: float, now: float, inherited: bool) -> bool:
+        """Send a chunk as one compact record (:class:`_FastChunk`); False when the transport cannot (nothing sent)."""
+        args = tuple([item if type(item) is tuple else (item,) for item in items])
+        chunk = _FastChunk(self, self.next_index, args, deadline, deadline - now)
+        self._arm_waiter(chunk)
         chain = self.batch_chain
         if chain is not None:
             chunk.calls = calls = CallBatch(self.service_name, self.method, len(args), chunk.chunk_id, self.metadata)

@@ -1686,21 +1686,10 @@ def pull_items(
 ) -> PulledItems | None:
     """A :class:`PulledItems` for ``request`` when its generator may run in the caller's thread (as
     :func:`pull_stream` decides); else None."""
-    # _pulled_method, inline (first-item latency)
-    if task._serial_lock is not None or task._state != "running":
+    pulled = _pulled_method(task, request.method_name)
+    if pulled is None:
         return None
-    name = request.method_name
-    try:
-        method = task._generator_methods.get(name)
-    except TypeError:  # an unhashable name: open_stream answers it
-        return None
-    if method is None:
-        return None
-    cost_key = "stream:" + name
-    cost = task._method_cost.get(cost_key)
-    if cost is None or cost >= task.inline_limit:
-        return None
-    return PulledItems(manager, route, request, window, task, method, cost_key)
+    return PulledItems(manager, route, request, window, task, *pulled)
 
 
 def unavailable_mid_stream(request: ServiceRequest, why: str) -> ServiceResponse:

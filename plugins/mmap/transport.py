@@ -297,14 +297,7 @@ class MmapListener(Listener):
                     handle(record, answered)
                 except Exception:  # one bad request must not stop the listener
                     log.exception("mmap listener of %r: handling a request failed", self._task.service_name)
-            for replies in answered.values():
-                try:
-                    if len(replies) == 1:
-                        self._reply(*replies[0])
-                    else:
-                        self._reply_batch(replies)
-                except Exception:
-                    log.exception("mmap listener of %r: replying failed", self._task.service_name)
+            self._reply_all(answered)
 
     def _handle(
         self,
