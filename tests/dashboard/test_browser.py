@@ -60,14 +60,16 @@ def browser() -> Iterator[object]:
 
 
 def _cell(driver: object, service: str, field: str) -> str | None:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+    """The cell's ``data-value``, or None while the row is not on the page.
 
-    try:
-        cell = driver.find_element(By.CSS_SELECTOR, f'#services tr[data-service="{service}"] td[data-field="{field}"]')  # type: ignore[attr-defined]
-        return cell.get_attribute("data-value")  # type: ignore[no-any-return]
-    except (NoSuchElementException, StaleElementReferenceException):
-        return None
+    Read in one script run: the page replaces its rows on every update, so an element found
+    by one WebDriver command can be stale by the next.
+    """
+    return driver.execute_script(  # type: ignore[attr-defined,no-any-return]
+        "const cell = document.querySelector(arguments[0]);"
+        " return cell === null ? null : cell.getAttribute('data-value');",
+        f'#services tr[data-service="{service}"] td[data-field="{field}"]',
+    )
 
 
 def _wait(predicate, timeout: float = 15.0, what: str = ""):  # type: ignore[no-untyped-def]
@@ -85,8 +87,10 @@ def test_the_page_lists_the_service_and_its_calls_rise(
     driver = browser
     driver.get(url)  # type: ignore[attr-defined]
     # The service the test started appears, running and healthy, with its pid's transport.
-    _wait(lambda: _cell(driver, name, "state") == "running", what=f"{name} listed as running")
-    assert _cell(driver, name, "health") == "ok"
+    _wait(
+        lambda: _cell(driver, name, "state") == "running" and _cell(driver, name, "health") == "ok",
+        what=f"{name} listed as running and healthy",
+    )
     assert _cell(driver, name, "transport") == "mmap"
     before = int(_cell(driver, name, "requests_total") or 0)
 
@@ -130,9 +134,15 @@ def test_the_page_lists_the_service_and_its_calls_rise(
     )  # type: ignore[attr-defined]
 
     # A chart per service, with a line drawn from the history; the plugin list.
-    chart = driver.find_element(By.CSS_SELECTOR, f'#charts [data-service="{name}"] svg.rate-chart')  # type: ignore[attr-defined]
-    assert chart.find_elements(By.CSS_SELECTOR, "polyline.rate")
-    plugins = [row.get_attribute("data-plugin") for row in driver.find_elements(By.CSS_SELECTOR, "#plugins tbody tr")]  # type: ignore[attr-defined]
+    # (Each read is one script run: the page rebuilds charts and the plugin table on every update.)
+    lines = driver.execute_script(  # type: ignore[attr-defined]
+        "return document.querySelectorAll(arguments[0]).length;",
+        f'#charts [data-service="{name}"] svg.rate-chart polyline.rate',
+    )
+    assert lines >= 1
+    plugins = driver.execute_script(  # type: ignore[attr-defined]
+        "return [...document.querySelectorAll('#plugins tbody tr')].map((row) => row.dataset.plugin);"
+    )
     assert {"mmap", "metrics"} <= set(plugins)
     assert driver.find_element(By.ID, "connection").text == "live"  # type: ignore[attr-defined]
 
