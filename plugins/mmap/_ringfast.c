@@ -8,7 +8,8 @@
  * ring.py constant; ring.py compares them with LAYOUT before using the module,
  * so a stale build is ignored rather than misread.
  *
- * Only the two hot, never-blocking operations live here.  Whenever something is
+ * Only the hot operations live here: put and pop, which never block; the consumer's
+ * spin; and its sleep (announce, then doze on the futex), whose fast case only.  Whenever something is
  * unusual (lock busy, ring full, queue closed, a frame that does not check) the
  * functions return a status *without having changed anything*, and the Python
  * code redoes the whole operation on its own path, which raises, waits or
@@ -174,6 +175,18 @@ monotonic_ns(void)
     return (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec;
 }
 
+/* spin() results: a bit set. */
+enum {
+    SPIN_ARRIVED = 1,    /* tail moved off head */
+    SPIN_LOST_CPU = 2,   /* the spinner was off the CPU for LOST_CPU_NS or more: others want the CPUs */
+};
+
+/* Between two looks at the clock a spinner normally runs tens of microseconds at most
+ * (yield_every PAUSEs and a sched_yield() that finds nobody to run).  A gap this long means
+ * the scheduler ran another thread in its place: typically a sched_yield() that handed the
+ * CPU to a busy process for its whole time slice (milliseconds).  Mirrors ring.LOST_CPU. */
+#define LOST_CPU_NS 250000
+
 static PyObject *
 Ring_spin(RingObject *self, PyObject *args)
 {
@@ -186,30 +199,46 @@ Ring_spin(RingObject *self, PyObject *args)
         return NULL;
     const uint64_t *tail = U64(self, OFF_TAIL);
     if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head)
-        Py_RETURN_TRUE;
+        return PyLong_FromLong(SPIN_ARRIVED);
     if (yield_every == 0)
         yield_every = 1;
-    int arrived = 0;
+    int result = 0;
     __atomic_add_fetch(&self->spinners, 1, __ATOMIC_SEQ_CST);
     Py_BEGIN_ALLOW_THREADS
-    const int64_t end = monotonic_ns() + (int64_t)(seconds * 1e9);
+    int64_t last = monotonic_ns();
+    const int64_t end = last + (int64_t)(seconds * 1e9);
     for (unsigned int turn = 1;; turn++) {
         if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head) {
-            arrived = 1;
+            result |= SPIN_ARRIVED;
             break;
         }
         if (__atomic_load_n(&self->releasing, __ATOMIC_RELAXED))
             break;
         __builtin_ia32_pause();
         if (turn % yield_every == 0) {
-            if (monotonic_ns() >= end)
+            int64_t now = monotonic_ns();
+            if (now - last >= LOST_CPU_NS) {
+                /* Preempted or handed over: spinning on is what made us lose the CPU. */
+                result |= SPIN_LOST_CPU;
+                if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head)
+                    result |= SPIN_ARRIVED;
+                break;
+            }
+            if (now >= end)
                 break;
             sched_yield();  /* hand the core over when processes outnumber cores */
+            last = monotonic_ns();
+            if (last - now >= LOST_CPU_NS) {
+                result |= SPIN_LOST_CPU;
+                if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head)
+                    result |= SPIN_ARRIVED;
+                break;
+            }
         }
     }
     __atomic_sub_fetch(&self->spinners, 1, __ATOMIC_SEQ_CST);
     Py_END_ALLOW_THREADS
-    return PyBool_FromLong(arrived);
+    return PyLong_FromLong(result);
 }
 
 static int
@@ -291,6 +320,85 @@ publish(RingObject *self, const char *src, uint64_t n, int *wake)
     }
     pthread_mutex_unlock(mutex);
     return status;
+}
+
+/* announce() results below zero (zero and above: the data_seq value to wait on). */
+enum {
+    ANNOUNCE_ARRIVED = -1,   /* a record arrived meanwhile: pop it, do not sleep */
+    ANNOUNCE_DECLINED = -2,  /* nothing changed: the Python path announces (lock busy, queue closed, space waiters) */
+};
+
+/* Ring.announce() -> int: the consumer's step before it sleeps, as ShmQueue._announce_sleep:
+ * under the producers' lock, with the ring empty, read data_seq and set consumer_asleep. */
+static PyObject *
+Ring_announce(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_live(self) < 0)
+        return NULL;
+    pthread_mutex_t *mutex = MUTEX(self);
+    const int rc = pthread_mutex_trylock(mutex);
+    if (rc == EOWNERDEAD) {
+        /* As publish(): the dead holder left the ring consistent; take the lock over. */
+        pthread_mutex_consistent(mutex);
+        uint32_t *recoveries = U32(self, OFF_RECOVERIES);
+        store32(recoveries, load32(recoveries) + 1);
+    }
+    else if (rc != 0) {
+        return PyLong_FromLong(ANNOUNCE_DECLINED);
+    }
+    long result;
+    if (__atomic_load_n(U64(self, OFF_TAIL), __ATOMIC_ACQUIRE) != __atomic_load_n(U64(self, OFF_HEAD), __ATOMIC_RELAXED)) {
+        result = ANNOUNCE_ARRIVED;
+    }
+    else if (load32(U32(self, OFF_CLOSED)) || load32(U32(self, OFF_SPACE_WAITERS))) {
+        result = ANNOUNCE_DECLINED;
+    }
+    else {
+        result = (long)load32(U32(self, OFF_DATA_SEQ));
+        store32(U32(self, OFF_ASLEEP), 1);
+    }
+    pthread_mutex_unlock(mutex);
+    return PyLong_FromLong(result);
+}
+
+/* Ring.doze(seq, seconds) -> int: as _futex.futex_wait on data_seq, without the GIL. */
+static PyObject *
+Ring_doze(RingObject *self, PyObject *args)
+{
+    unsigned long seq;
+    double seconds;
+    if (!PyArg_ParseTuple(args, "kd", &seq, &seconds))
+        return NULL;
+    if (self->base == NULL)
+        return PyLong_FromLong(0); /* closed by another thread: the caller re-checks and raises QueueClosed */
+    if (seconds < 0)
+        seconds = 0;
+    struct timespec timeout;
+    timeout.tv_sec = (time_t)seconds;
+    timeout.tv_nsec = (long)((seconds - (double)timeout.tv_sec) * 1e9);
+    uint32_t *word = U32(self, OFF_DATA_SEQ);
+    long r;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* A shared futex (no FUTEX_PRIVATE_FLAG), as _futex.futex_wait. */
+    r = syscall(SYS_futex, word, FUTEX_WAIT, (uint32_t)seq, &timeout, NULL, 0);
+    if (r != 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (r == 0)
+        return PyLong_FromLong(0);
+    if (err == EAGAIN || err == ETIMEDOUT || err == EINTR)
+        return PyLong_FromLong(err);
+    if (err == EFAULT && self->base == NULL)
+        return PyLong_FromLong(0); /* unmapped while we went to sleep: as above */
+    char message[160];
+    snprintf(message, sizeof message, "futex wait failed: %s", strerror(err));
+    PyObject *exc_args = Py_BuildValue("(is)", err, message);
+    if (exc_args != NULL) {
+        PyErr_SetObject(PyExc_OSError, exc_args);
+        Py_DECREF(exc_args);
+    }
+    return NULL;
 }
 
 /* Ring.put(item) -> int: see ShmQueue.put. */
@@ -421,8 +529,15 @@ static PyMethodDef Ring_methods[] = {
     {"pop", (PyCFunction)Ring_pop, METH_O,
      "pop(max_items) -> (records, status): remove up to max_items records (0: one, unwrapped)."},
     {"spin", (PyCFunction)Ring_spin, METH_VARARGS,
-     "spin(head, seconds, yield_every) -> bool: wait, without the GIL, until tail moves off head "
-     "(True) or seconds pass (False); sched_yield() every yield_every turns."},
+     "spin(head, seconds, yield_every) -> int: wait, without the GIL, until tail moves off head "
+     "(bit 1 set), seconds pass, or the spinner loses the CPU for 250 us or more (bit 2 set: it stops "
+     "at once); sched_yield() every yield_every turns."},
+    {"announce", (PyCFunction)Ring_announce, METH_NOARGS,
+     "announce() -> int: before sleeping, under the producers' lock: data_seq to wait on, with the "
+     "asleep flag set (>= 0); -1: a record arrived; -2: nothing changed, use the Python path."},
+    {"doze", (PyCFunction)Ring_doze, METH_VARARGS,
+     "doze(seq, seconds) -> int: FUTEX_WAIT on data_seq while it equals seq, without the GIL: 0 "
+     "(woken), EAGAIN, ETIMEDOUT or EINTR; OSError otherwise."},
     {"release", (PyCFunction)Ring_release, METH_NOARGS,
      "release(): let go of the mapping (idempotent); later calls raise ValueError."},
     {NULL, NULL, 0, NULL},
@@ -477,6 +592,8 @@ PyInit__ringfast(void)
         || PyModule_AddIntConstant(m, "PUT_CLOSED", PUT_CLOSED) < 0
         || PyModule_AddIntConstant(m, "PUT_TOO_LARGE", PUT_TOO_LARGE) < 0
         || PyModule_AddIntConstant(m, "PUT_NOT_BUFFER", PUT_NOT_BUFFER) < 0
+        || PyModule_AddIntConstant(m, "ANNOUNCE_ARRIVED", ANNOUNCE_ARRIVED) < 0
+        || PyModule_AddIntConstant(m, "ANNOUNCE_DECLINED", ANNOUNCE_DECLINED) < 0
         || PyModule_AddIntConstant(m, "POP_OK", POP_OK) < 0
         || PyModule_AddIntConstant(m, "POP_WAKE", POP_WAKE) < 0
         || PyModule_AddIntConstant(m, "POP_EMPTY", POP_EMPTY) < 0

@@ -92,8 +92,13 @@ more usable CPUs, 20 µs with one), re-reading ``tail`` and calling
 other threads and hands the CPU to the producer when both share one core.  The
 budget doubles when a wait would have been served within the maximum spin and
 halves after a wait twenty times longer (the queue was idle), so an idle
-consumer soon spins only briefly while a busy pair stays awake.  Then it
-sleeps: under the mutex it re-checks for data, reads ``data_seq`` and sets
+consumer soon spins only briefly while a busy pair stays awake.  A spin that
+finds it was off its CPU for 250 µs or more (a ``sched_yield()`` that handed
+the CPU to another process for its time slice, or a preemption) stops at once,
+and the process's waits then sleep without spinning for 20 ms, doubling up to
+2 s while the first spin after a pause loses its CPU again
+(:func:`note_lost_cpu`): on a machine whose CPUs are all busy, spinning turned
+every wait into a lost time slice.  Then it sleeps: under the mutex it re-checks for data, reads ``data_seq`` and sets
 ``consumer_asleep``; it releases the mutex and waits (``FUTEX_WAIT``) on ``data_seq``
 with the remaining timeout (at most one second per wait, so liveness and
 signals are re-checked).  A producer reads ``consumer_asleep`` under the same
@@ -365,8 +370,8 @@ def _load_ringfast() -> Any:
         from . import _ringfast
     except ImportError:
         return None
-    if getattr(_ringfast, "LAYOUT", None) != _RINGFAST_LAYOUT:
-        return None
+    if getattr(_ringfast, "LAYOUT", None) != _RINGFAST_LAYOUT or not hasattr(_ringfast, "ANNOUNCE_DECLINED"):
+        return None  # a build of another layout, or an older build without the compiled sleep
     return _ringfast
 
 
@@ -382,6 +387,10 @@ def _use_ringfast() -> bool:
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
 
 _EMPTY: Any = object()
+# Bits of the compiled spin()'s result (SPIN_ARRIVED, SPIN_LOST_CPU in _ringfast.c).
+_SPIN_ARRIVED = 1
+_SPIN_LOST_CPU = 2
+_ANNOUNCE_ARRIVED = -1  # _ringfast.ANNOUNCE_ARRIVED
 
 
 def _check_name(name: str) -> None:
@@ -391,10 +400,6 @@ def _check_name(name: str) -> None:
         )
 
 
-#: CPUs of the machine: /proc/loadavg's runnable count covers them all (not only those this process may use).
-_ONLINE_CPUS = os.cpu_count() or 1
-
-
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -402,58 +407,48 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-#: Seconds between two looks at the machine's run queue (see :func:`spinning_pays`).
-CONTENTION_CHECK_INTERVAL = 0.02
-#: A consumer that stopped spinning on a busy machine spins again once per this many waits.
-SPIN_PROBE_EVERY = 64
-#: Spin even when no CPU is idle: the default, because sleeping at once on a busy machine did not
-#: pay in ``tests/benchmarks/bench_peers.py``'s busy rows (measured slower than spinning in most runs).
-#: ``KSERVICE_RING_SPIN_WHEN_BUSY=0`` selects the rule of :func:`spinning_pays`, to measure it.
-_SPIN_WHEN_BUSY = os.environ.get("KSERVICE_RING_SPIN_WHEN_BUSY", "1") != "0"
-# [time of the next look, whether spinning pays]: written by whichever waiter looks (a race only repeats a look).
-_contention = [0.0, True]
+#: Seconds a spinning consumer may be off its CPU before it counts as lost (mirrors ``LOST_CPU_NS``
+#: in ``_ringfast.c``). Between two looks at the clock a spinner runs for tens of µs at most; a
+#: longer gap means the scheduler ran another thread in its place, usually for a whole time slice.
+LOST_CPU = 250e-6
+#: Seconds a process's waits sleep without spinning after a spin lost its CPU; doubled, up to
+#: :data:`SPIN_PAUSE_MAX`, while the first spin after a pause loses its CPU again.
+SPIN_PAUSE_MIN = 0.02
+SPIN_PAUSE_MAX = 2.0
+#: ``KSERVICE_RING_SPIN_WHEN_BUSY=1``: spin before every sleep, whatever happened to earlier spins
+#: (the waits as they were before :func:`note_lost_cpu`), to measure the difference.
+_SPIN_WHEN_BUSY = os.environ.get("KSERVICE_RING_SPIN_WHEN_BUSY", "0") == "1"
+# [monotonic time this process's waits spin again, the length of the last pause]: process-wide,
+# since a CPU lost to other processes says the machine is busy, not that one queue is.
+_spin_pause = [0.0, SPIN_PAUSE_MIN]
 
 
-def runnable_fits(loadavg: str, cpus: int) -> bool:
-    """Whether the runnable count of a ``/proc/loadavg`` text (its fourth field, ``running/total``,
-    which counts the reader itself) leaves a CPU for the process a waiter waits for."""
-    try:
-        running = int(loadavg.split()[3].split("/")[0])
-    except (IndexError, ValueError):
-        return True  # unreadable: keep the idle machine's behaviour
-    return running <= cpus
+def note_lost_cpu(now: float) -> None:
+    """A consumer's spin lost its CPU: this process's waits sleep at once for a while.
 
+    Why: a spinning consumer calls ``sched_yield()`` every few µs so that a
+    partner sharing its CPU can run. When every CPU is busy with other
+    processes, that yield hands the CPU to one of them for its whole time
+    slice (about 4 ms here), and the record the consumer waits for arrives
+    while it is off the CPU: on a machine whose CPUs were all busy, calls took
+    4 ms each for seconds at a time (``tests/benchmarks/bench_peers.py``'s busy
+    rows). Sleeping on the futex instead lets the partner's wake-up preempt a
+    busy process, as a pipe's reader would.
 
-def spinning_pays() -> bool:
-    """Whether a waiting consumer should spin before it sleeps: False while no CPU is idle.
-
-    Only with ``KSERVICE_RING_SPIN_WHEN_BUSY=0``: by default a consumer spins
-    whatever the machine's load (see :data:`_SPIN_WHEN_BUSY`).
-
-    Spinning wins when the partner process runs on another CPU at the same
-    time, so the record arrives while we watch. When every CPU is wanted
-    (more runnable threads than CPUs, as ``/proc/loadavg`` counts them), the
-    partner is likely waiting for a CPU, spinning delays it (and costs this
-    process its scheduler credit, so it is woken later), and sleeping at once
-    on the futex is faster, as a pipe's reader would be. The run queue is read
-    at most every :data:`CONTENTION_CHECK_INTERVAL` seconds (about 10 µs per
-    look), so a waiter pays one clock read. Without ``/proc`` it always spins.
+    The pause is :data:`SPIN_PAUSE_MIN` and doubles (up to
+    :data:`SPIN_PAUSE_MAX`) each time the first spin after a pause loses its
+    CPU again, so a machine that stays busy pays one lost slice every two
+    seconds, and a machine that becomes idle again spins within a pause.
     """
-    now = time.monotonic()
-    state = _contention
-    if now < state[0]:
-        return state[1]  # type: ignore[return-value]
-    state[0] = now + CONTENTION_CHECK_INTERVAL
-    try:
-        with open("/proc/loadavg") as f:
-            text = f.read()
-    except OSError:
-        state[0] = float("inf")  # no procfs: never look again
-        state[1] = True
-        return True
-    pays = _SPIN_WHEN_BUSY or runnable_fits(text, _ONLINE_CPUS)
-    state[1] = pays
-    return pays
+    resume_at, pause = _spin_pause
+    pause = min(pause * 2, SPIN_PAUSE_MAX) if now - resume_at < pause else SPIN_PAUSE_MIN
+    _spin_pause[0] = now + pause
+    _spin_pause[1] = pause
+
+
+def spin_paused(now: float | None = None) -> bool:
+    """Whether this process's waits currently sleep without spinning (see :func:`note_lost_cpu`)."""
+    return not _SPIN_WHEN_BUSY and (time.monotonic() if now is None else now) < _spin_pause[0]
 
 
 # --------------------------------------------------------------------------- processes
@@ -931,8 +926,6 @@ class ShmQueue:
         self._spin_max = 50e-6 if ncpu >= 2 else 20e-6
         self._spin = self._spin_max
         self._spin_checks = 16 if ncpu >= 2 else 1
-        self._spin_misses = 0  # spin phases in a row that ended without a record (see _spin_wanted)
-        self._waits = 0
 
     @classmethod
     def _attach(cls, name: str) -> ShmQueue:
@@ -1290,7 +1283,7 @@ class ShmQueue:
         # Phase 1: spin for the adaptive budget, yielding the CPU (and the GIL)
         # every few checks.
         budget = self._spin
-        if budget > 0 and self._spin_wanted():
+        if budget > 0 and not spin_paused(start):
             spin_end = start + budget
             if deadline is not None and deadline < spin_end:
                 spin_end = deadline
@@ -1303,64 +1296,56 @@ class ShmQueue:
                 if fast is not None:
                     # The compiled spin: without the GIL, PAUSE between reads of tail.
                     left = spin_end - monotonic()
-                    if left <= 0 or not fast.spin(head, left, yield_every):
+                    if left <= 0:
+                        break
+                    spun = fast.spin(head, left, yield_every)
+                    if spun & _SPIN_LOST_CPU:
+                        note_lost_cpu(monotonic())
+                        if not spun & _SPIN_ARRIVED:
+                            break
+                    elif not spun:
                         break
                 else:
                     for _ in checks:
                         if w64[_TAIL] != head:
                             break
                     else:
-                        if monotonic() < spin_end:
+                        now = monotonic()
+                        if now < spin_end:
                             yield_()
+                            if monotonic() - now >= LOST_CPU:
+                                note_lost_cpu(monotonic())
+                                if w64[_TAIL] == head:
+                                    break
                             continue
                         break
                 with rlock:
                     got = self._pop(max_items)
                 if got is not _EMPTY:
-                    self._spin_misses = 0
                     return got
                 head = w64[_HEAD]
-            self._spin_misses += 1
 
         # Phase 2: announce sleep under the lock, then futex-wait on data_seq.
-        lock_arg = self._lock_arg
+        fast = self._fast
         while True:
             with rlock:
                 got = self._pop(max_items)
                 if got is _EMPTY:
-                    if w32[_CLOSED] and w64[_TAIL] == w64[_HEAD]:  # without the lock: closing is final
-                        raise QueueClosed(f"queue {self.name!r} is closed")
-                    self._lock(None)
-                    try:
-                        if w64[_TAIL] != w64[_HEAD]:
-                            seq = None  # arrived meanwhile: loop and pop it
-                        elif w32[_CLOSED]:
-                            raise QueueClosed(f"queue {self.name!r} is closed")
-                        else:
-                            seq = w32[_DATA_SEQ]
-                            w32[_ASLEEP] = 1
-                            self._sleepers += 1
-                            # Belt and braces for the space_waiters protocol:
-                            # whoever is registered gets woken under the lock's
-                            # ordering before we sleep.
-                            waiters = w32[_SPACE_WAITERS]
-                    finally:
-                        _unlock(lock_arg)
+                    seq = self._announce_sleep()
                     if seq is None:
-                        continue
-                    if waiters:
-                        self._wake_producers()
+                        continue  # arrived meanwhile: loop and pop it
+                    self._sleepers += 1
             if got is not _EMPTY:
                 self._adapt(monotonic() - start)
                 return got
-            assert seq is not None  # read under the lock whenever the ring was found empty
+            assert seq is not None  # announced whenever the ring was found empty
             try:
-                if deadline is None:
-                    _futex.futex_wait(self._data_seq_addr, seq, 1.0)
-                else:
-                    remaining = deadline - monotonic()
-                    if remaining > 0:
-                        _futex.futex_wait(self._data_seq_addr, seq, min(remaining, 1.0))
+                wait = 1.0 if deadline is None else min(deadline - monotonic(), 1.0)
+                if wait > 0:
+                    if fast is not None:
+                        fast.doze(seq, wait)
+                    else:
+                        _futex.futex_wait(self._data_seq_addr, seq, wait)
             finally:
                 with rlock:
                     self._sleepers -= 1
@@ -1380,18 +1365,42 @@ class ShmQueue:
                     self._spin = min(self._spin_max, max(self._spin * 0.5, 2e-6))
                 raise QueueEmpty(f"queue {self.name!r} is still empty after {timeout} s")
 
-    def _spin_wanted(self) -> bool:
-        """Whether this wait spins first: unless no CPU is idle and this handle's last spins found nothing.
+    def _announce_sleep(self) -> int | None:
+        """With the handle's lock held and the ring found empty: set ``consumer_asleep`` under the
+        producers' lock and return the ``data_seq`` to wait on, or None when a record arrived meanwhile.
 
-        While spins keep finding records the partner is running, whatever the
-        machine's load; once two in a row ran out on a machine with no idle CPU
-        (:func:`spinning_pays`), waits sleep at once, with one spin every
-        :data:`SPIN_PROBE_EVERY` waits to notice when spinning pays again.
+        Raises QueueClosed when the queue is closed and drained. The compiled
+        ``announce`` does the common case; whenever it declines (the lock busy or
+        its holder dead, the queue closed, producers waiting for space) it has
+        changed nothing and this does the whole step.
         """
-        if self._spin_misses < 2:
-            return True
-        self._waits += 1
-        return self._waits % SPIN_PROBE_EVERY == 0 or spinning_pays()
+        fast = self._fast
+        if fast is not None:
+            seq: int = fast.announce()
+            if seq >= 0:
+                return seq
+            if seq == _ANNOUNCE_ARRIVED:
+                return None
+        w32 = self._w32
+        w64 = self._w64
+        if w32[_CLOSED] and w64[_TAIL] == w64[_HEAD]:  # without the lock: closing is final
+            raise QueueClosed(f"queue {self.name!r} is closed")
+        self._lock(None)
+        try:
+            if w64[_TAIL] != w64[_HEAD]:
+                return None
+            if w32[_CLOSED]:
+                raise QueueClosed(f"queue {self.name!r} is closed")
+            seq = w32[_DATA_SEQ]
+            w32[_ASLEEP] = 1
+            # Belt and braces for the space_waiters protocol: whoever is registered
+            # gets woken under the lock's ordering before we sleep.
+            waiters = w32[_SPACE_WAITERS]
+        finally:
+            _unlock(self._lock_arg)
+        if waiters:
+            self._wake_producers()
+        return seq
 
     def set_spin_limit(self, seconds: float) -> None:
         """Bound the consumer's spin phase (0: sleep at once). For consumers in busy processes:

@@ -5,7 +5,9 @@ come back (sync round trip), then keeps a window of requests in flight
 (pipelined).  Payloads are raw bytes (no pickling on the ring and the Pipe;
 ``multiprocessing.Queue`` pickles them, as it always does).  The ring is
 measured twice: with its compiled put/pop (``_ringfast``, when built) and with
-the pure-Python code (``KSERVICE_RING_PURE=1``, client and server alike).  A
+the pure-Python code (``KSERVICE_RING_PURE=1``, client and server alike), then
+both again with every wait sleeping on the futex at once (no spin, as on a busy
+machine), which compares the compiled sleep with the Python one.  A
 second table gives the interpreter cost of one put plus one get in a single
 process (best of several repeats, the steadiest figure on a noisy machine).
 All mechanisms are measured in the same run, because this kind of machine is
@@ -53,8 +55,10 @@ def _ring_path(pure: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- servers (child processes)
 
 
-def ring_server(req_name: str, resp_name: str, ready) -> None:
+def ring_server(req_name: str, resp_name: str, ready, sleeping: bool = False) -> None:
     req = ring.create_queue(req_name, 1 << 22)
+    if sleeping:
+        req.set_spin_limit(0)
     resp = ring.attach_queue(resp_name)
     ready.set()
     try:
@@ -114,12 +118,15 @@ def _pipelined(send, recv_some, payload: bytes, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _bench_ring(ctx, n: int, n_pipe: int, label: str, pure: str) -> list[dict]:
+def _bench_ring(ctx, n: int, n_pipe: int, label: str, pure: str, sleeping: bool = False) -> list[dict]:
+    """The ring's rows; ``sleeping``: both sides sleep on the futex at every wait (no spin), 90 B only."""
     tag = uuid.uuid4().hex[:8]
     with _ring_path(pure):
         resp = ring.create_queue(f"bench-resp-{tag}", 1 << 22)
+        if sleeping:
+            resp.set_spin_limit(0)
         ready = ctx.Event()
-        server = ctx.Process(target=ring_server, args=(f"bench-req-{tag}", resp.name, ready), daemon=True)
+        server = ctx.Process(target=ring_server, args=(f"bench-req-{tag}", resp.name, ready, sleeping), daemon=True)
         server.start()
     rows = []
     try:
@@ -134,10 +141,11 @@ def _bench_ring(ctx, n: int, n_pipe: int, label: str, pure: str) -> list[dict]:
         resp.close()
         raise
     try:
-        for size in SIZES:
+        for size in SIZES[:1] if sleeping else SIZES:
             med, p99 = _sync(req.put, resp.get, b"r" * size, n)
-            row = {"mechanism": f"shm ring, {label}", "payload": size, "median_us": med, "p99_us": p99}
-            if size == SIZES[0]:
+            mechanism = f"shm ring, {label}" + (", sleeping waits" if sleeping else "")
+            row = {"mechanism": mechanism, "payload": size, "median_us": med, "p99_us": p99}
+            if size == SIZES[0] and not sleeping:
                 row["pipelined_per_s"] = _pipelined(req.put, lambda: len(resp.get_many(WINDOW)), b"r" * size, n_pipe)
             rows.append(row)
         req.put(b"stop")
@@ -218,6 +226,12 @@ def run(quick: bool = False) -> list[dict]:
         if pure == "0" and ring._ringfast is None:
             continue  # not built here: the pure-Python row stands alone
         rows += this._bench_ring(ctx, n, n_pipe, label, pure)
+    # The sleep itself (every wait a futex wait: a busy machine's regime): compiled announce/doze
+    # against the Python path, the tuning ShmQueue._announce_sleep and _ringfast's doze stand for.
+    for label, pure in RING_PATHS:
+        if pure == "0" and ring._ringfast is None:
+            continue
+        rows += this._bench_ring(ctx, n, n_pipe, label, pure, sleeping=True)
     rows += this._bench_pipe(ctx, n, n_pipe) + this._bench_queue(ctx, n, n_pipe)
     base = {r["payload"]: r["median_us"] for r in rows if r["mechanism"].startswith("multiprocessing.Queue")}
     for r in rows:

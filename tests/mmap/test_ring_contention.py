@@ -1,7 +1,14 @@
-"""A waiting consumer spins only while a CPU is idle (``ring.spinning_pays``); otherwise it sleeps at once."""
+"""A consumer whose spin loses its CPU to another process stops spinning for a while (``ring.note_lost_cpu``).
+
+The contention is real: a busy-loop process pinned to the CPU this test's thread
+is pinned to, so the spin's ``sched_yield()`` hands the CPU to it.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +26,27 @@ def qdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         yield d
 
 
-@pytest.mark.parametrize(
-    ("loadavg", "cpus", "fits"),
-    [
-        ("0.50 0.40 0.30 1/300 1234\n", 2, True),  # only the reader runs
-        ("0.50 0.40 0.30 2/300 1234\n", 2, True),  # the reader and its partner: each has a CPU
-        ("4.00 4.00 4.00 3/300 1234\n", 2, False),  # a runnable thread waits for a CPU
-        ("8.00 8.00 8.00 9/300 1234\n", 8, False),
-        ("garbage", 2, True),  # unreadable: behave as on an idle machine
-    ],
-)
-def test_runnable_count_decides(loadavg: str, cpus: int, fits: bool) -> None:
-    assert ring.runnable_fits(loadavg, cpus) is fits
+@pytest.fixture
+def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's spin state as at start-up (the test's own copy)."""
+    monkeypatch.setattr(ring, "_spin_pause", [0.0, ring.SPIN_PAUSE_MIN])
+    monkeypatch.setattr(ring, "_SPIN_WHEN_BUSY", False)
+
+
+@pytest.fixture
+def shared_cpu() -> Iterator[int]:
+    """This thread pinned to one CPU beside a busy-loop process pinned to the same CPU."""
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+        busy.kill()
+        busy.wait(10)
 
 
 class _CountingSpin:
@@ -48,35 +64,93 @@ class _CountingSpin:
         return getattr(self._inner, name)
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    ("pays", "misses", "spins"),
-    [
-        (True, 5, True),  # an idle CPU: spin, whatever the last spins did
-        (False, 0, True),  # a busy machine, but the last spin found its record: the partner runs
-        (False, 2, False),  # a busy machine and two spins in a row ran out: sleep at once
-    ],
-)
-def test_a_consumer_sleeps_without_spinning_when_no_cpu_is_idle(
-    monkeypatch: pytest.MonkeyPatch, pays: bool, misses: int, spins: bool
-) -> None:
-    q = ring.create_queue("contention", 1 << 16)
+def _queue(pure: bool) -> ring.ShmQueue:
+    os.environ[ring.PURE_ENV] = "1" if pure else "0"
     try:
-        if q._fast is None:
-            pytest.skip("the compiled ring is not built: the pure-Python spin has no hook to count")
-        counting = _CountingSpin(q._fast)
-        q._fast = counting
-        monkeypatch.setattr(ring, "_contention", [float("inf"), pays])  # the last look, valid for ever
-        q._spin_misses = misses
-        started = time.monotonic()
-        with pytest.raises(ring.QueueEmpty):
-            q.get(timeout=0.05)
-        assert time.monotonic() - started < 5
-        assert (counting.spins > 0) is spins
-        assert q._spin_misses == (misses + 1 if spins else misses)  # the spin ran out: counted
-        q.put(b"after")  # the queue keeps working
-        assert q.get(timeout=5) == b"after"
+        q = ring.create_queue(f"contention-{'pure' if pure else 'fast'}", 1 << 16)
     finally:
-        q._fast = getattr(q._fast, "_inner", q._fast)
+        del os.environ[ring.PURE_ENV]
+    if not pure and q._fast is None:
         q.unlink()
         q.close()
+        pytest.fail("the compiled ring is not built: run `make setup`")
+    return q
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure-python"])
+@pytest.mark.usefixtures("no_pause")
+def test_a_spin_that_loses_its_cpu_to_a_busy_process_pauses_the_spins_of_this_process(
+    shared_cpu: int, pure: bool
+) -> None:
+    q = _queue(pure)
+    try:
+        assert not ring.spin_paused()
+        deadline = time.monotonic() + 20
+        waits = 0
+        # Each empty wait spins first (up to 50 µs, yielding every few µs): the busy process on the
+        # same CPU takes it at a yield or a tick, and the spin notices it was away.
+        while not ring.spin_paused():
+            assert time.monotonic() < deadline, f"{waits} spins on a shared CPU never noticed losing it"
+            with pytest.raises(ring.QueueEmpty):
+                q.get(timeout=0.002)
+            waits += 1
+        # Paused: the next wait sleeps on the futex without spinning, and still gets its record.
+        if not pure:
+            counting = _CountingSpin(q._fast)
+            q._fast = counting
+            with pytest.raises(ring.QueueEmpty):
+                q.get(timeout=0.001)
+            assert counting.spins == 0
+            q._fast = counting._inner
+        q.put(b"after")
+        assert q.get(timeout=5) == b"after"
+    finally:
+        q.unlink()
+        q.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("no_pause")
+def test_once_the_pause_is_over_the_waits_spin_again() -> None:
+    q = _queue(pure=False)
+    counting = _CountingSpin(q._fast)
+    q._fast = counting
+    try:
+        now = time.monotonic()
+        ring.note_lost_cpu(now)
+        assert ring.spin_paused(now) and ring.spin_paused(now + ring.SPIN_PAUSE_MIN / 2)
+        assert not ring.spin_paused(now + ring.SPIN_PAUSE_MIN)
+        ring._spin_pause[0] = time.monotonic() - 1e-3  # the pause just ended
+        with pytest.raises(ring.QueueEmpty):
+            q.get(timeout=0.01)
+        assert counting.spins > 0
+    finally:
+        q._fast = counting._inner
+        q.unlink()
+        q.close()
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_the_pause_doubles_while_the_first_spin_after_it_loses_again_and_resets_later() -> None:
+    now = 1000.0
+    ring.note_lost_cpu(now)
+    assert ring._spin_pause == [now + ring.SPIN_PAUSE_MIN, ring.SPIN_PAUSE_MIN]
+    pause = ring.SPIN_PAUSE_MIN
+    for _ in range(12):  # each loss right after its pause ended: the machine stays busy
+        now = ring._spin_pause[0] + 1e-4
+        ring.note_lost_cpu(now)
+        pause = min(pause * 2, ring.SPIN_PAUSE_MAX)
+        assert ring._spin_pause == [now + pause, pause]
+    assert pause == ring.SPIN_PAUSE_MAX
+    # A loss long after the last pause ended: the machine was idle meanwhile, start short again.
+    now = ring._spin_pause[0] + 10 * ring.SPIN_PAUSE_MAX
+    ring.note_lost_cpu(now)
+    assert ring._spin_pause == [now + ring.SPIN_PAUSE_MIN, ring.SPIN_PAUSE_MIN]
+
+
+def test_spin_when_busy_keeps_spinning_whatever_happened(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ring, "_spin_pause", [0.0, ring.SPIN_PAUSE_MIN])
+    monkeypatch.setattr(ring, "_SPIN_WHEN_BUSY", True)  # KSERVICE_RING_SPIN_WHEN_BUSY=1, read at import
+    ring.note_lost_cpu(time.monotonic())
+    assert not ring.spin_paused()
