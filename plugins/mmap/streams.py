@@ -208,7 +208,9 @@ class MmapStreamSource(StreamSource):
         try:
             records = ring.get_many(256, max(wait, 0.0))
         except QueueEmpty:
-            if not self._service_ring.owner_alive:
+            # After a wait, look at the host (a poll, as close() makes, waited for nothing: the look costs
+            # a /proc read, several µs, and the next wait makes it).
+            if wait > 0 and not self._service_ring.owner_alive:
                 return [], self._broken(f"its host process (pid {self._service_ring.owner_pid}) died mid-stream")
             return [], None
         except QueueError as exc:  # a corrupted ring dropped the bad bytes
