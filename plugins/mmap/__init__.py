@@ -91,6 +91,13 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
             "start_timeout": Setting(
                 (float,), 60.0, "Seconds a 'process' task waits for its child to be ready.", minimum=0
             ),
+            "caller_ring_check": Setting(
+                (float,),
+                5.0,
+                "Seconds between a host's looks for callers gone: the response rings of callers that ended "
+                "(or removed them) are unmapped, so their shared memory is freed, at most this long after.",
+                minimum=0.01,
+            ),
         },
     )
 

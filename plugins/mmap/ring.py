@@ -1494,6 +1494,18 @@ class ShmQueue:
         """Is the owner (consumer) process alive, and still the same process?"""
         return _pid_alive(self.owner_pid, self._owner_start)
 
+    @property
+    def linked(self) -> bool:
+        """Whether the file this handle maps is still at the queue's path (not removed, not replaced).
+
+        One ``stat``; works on a closed handle too.
+        """
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
     def mark_closed(self) -> None:
         """Stop serving: later puts raise QueueClosed; every blocked waiter wakes up."""
         self._check_open()

@@ -101,6 +101,8 @@ ASYNC_RESPONSE_CAPACITY = 8 << 20
 ASYNC_SPIN = 0.0
 #: A thread ring unused this long is closed by the next sweep.
 IDLE_RING_SECONDS = 60.0
+#: Most caller rings a listener keeps mapped; past it, it drops them all (a later answer maps its ring anew).
+MAX_CALLER_RINGS = 1024
 #: Longest a server waits for room in a caller's response ring before dropping the response.
 RESPONSE_PUT_TIMEOUT = 2.0
 #: Cancel notices a listener remembers for requests it has not seen (older ones are forgotten).
@@ -116,6 +118,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "inline_limit": 0.0002,
     "publish": None,
     "start_timeout": 60.0,
+    "caller_ring_check": 5.0,
 }
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -195,6 +198,10 @@ class MmapListener(Listener):
         self._outstanding_lock = threading.Lock()
         self._responders: dict[str, ShmQueue] = {}
         self._responders_lock = threading.Lock()
+        self._caller_check = float(options["caller_ring_check"])
+        self._next_caller_check = time.monotonic() + self._caller_check
+        #: a caller ring was mapped since the last look for gone callers (the loop looks only then, or when idle)
+        self._callers_added = False
         #: requests handed to the task's pool and not answered yet (a cancel notice finds them here)
         self._pooled: dict[str, ServiceRequest] = {}
         #: the calls of each chunk handed to the pool, by chunk id (a cancel notice for the chunk finds them here)
@@ -258,11 +265,18 @@ class MmapListener(Listener):
     def _serve(self) -> None:
         get_many = self.queue.get_many
         handle = self._handle
+        check_every = self._caller_check
         while True:
+            if self._callers_added and time.monotonic() >= self._next_caller_check:
+                self._let_go_of_gone_callers()
             try:
-                records = get_many(64, None)
+                records = get_many(64, check_every)
             except QueueClosed:
                 return
+            except QueueEmpty:  # idle for a while: a moment to look for callers gone
+                if self._responders:
+                    self._let_go_of_gone_callers()
+                continue
             except QueueError as exc:  # QueueCorrupted: the ring dropped bad bytes and carries on
                 if isinstance(exc, QueueWedged):
                     log.error(
@@ -737,11 +751,41 @@ class MmapListener(Listener):
                         exc,
                     )
                     return None
-                if len(self._responders) >= 1024:
+                if len(self._responders) >= MAX_CALLER_RINGS:
                     # Handles are dropped, not closed: a worker may still be writing through one.
                     self._responders.clear()
                 self._responders[name] = queue
+                self._callers_added = True
         return queue
+
+    def _let_go_of_gone_callers(self) -> None:
+        """Unmap the rings of callers that are gone: the caller process ended, or its ring was removed.
+
+        Why: a caller removes its rings when its threads or its process end,
+        but the shared memory of a removed file lives on as long as a process
+        maps it, and this host maps the ring of every caller it answered (1 MiB
+        each; one per ``kservice call`` run). Runs in the listener thread, at
+        most every ``mmap.caller_ring_check`` seconds while rings were added and
+        whenever the ring stayed empty that long; a look costs a ``stat`` and a
+        ``/proc`` read per ring. A pool worker still answering through a ring
+        closed here loses that answer, logged, as for any caller gone.
+        """
+        self._next_caller_check = time.monotonic() + self._caller_check
+        self._callers_added = False
+        with self._responders_lock:
+            mapped = list(self._responders.items())
+        gone = [(name, queue) for name, queue in mapped if not (queue.linked and queue.owner_alive)]
+        if not gone:
+            return
+        with self._responders_lock:
+            for name, queue in gone:
+                if self._responders.get(name) is queue:
+                    del self._responders[name]
+        for _, queue in gone:
+            try:
+                queue.close()
+            except BufferError:  # a thread is inside a put through it: unmapped once that thread lets go
+                pass
 
     def _reply(self, request: ServiceRequest, response: ServiceResponse) -> None:
         """Send ``response`` to the caller's ring; a gone or stuck caller loses it (logged)."""
