@@ -371,7 +371,7 @@ class MmapStreamSink(StreamSink):
                 codec.unlink_segment(segment)
                 self.cancel()
                 raise ConnectionError("the caller's stream ring is closed") from None
-            except (QueueError, ValueError) as exc:
+            except (QueueError, ValueError, OSError) as exc:  # OSError: closed under a wait (caller gone)
                 if (deadline is not None and time.time() >= deadline) or not self._ring.owner_alive:
                     codec.unlink_segment(segment)
                     self.cancel()

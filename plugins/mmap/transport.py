@@ -836,7 +836,9 @@ class MmapListener(Listener):
         """
         try:
             queue.put(record, RESPONSE_PUT_TIMEOUT)
-        except (QueueError, ValueError) as exc:
+        except (QueueError, ValueError, OSError) as exc:
+            # (ValueError, OSError: the handle was closed under a put waiting for room, because its
+            # caller is gone; see _let_go_of_gone_callers.)
             codec.unlink_segment(segment)
             with self._responders_lock:
                 if self._responders.get(name) is queue:
