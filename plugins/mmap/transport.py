@@ -72,6 +72,7 @@ from kservice import (
     Transport,
     timeout_response,
 )
+from kservice import __version__ as kservice_version
 from kservice.keys import RETRYABLE
 
 from . import codec, registry, streams
@@ -338,8 +339,10 @@ class MmapListener(Listener):
                     self._handle_batch(request, answered)  # type: ignore[arg-type]
                 elif kind == codec.KIND_CHUNK:
                     self._handle_chunk(request)
-                else:
+                elif kind in (codec.KIND_STREAM_CREDIT, codec.KIND_STREAM_CANCEL):
                     streams.control(self, kind, request)
+                else:
+                    self._unknown_kind(kind, request)
                 return
             if request.metadata and streams.STREAM_KEY in request.metadata:
                 streams.open_stream(self, request)
@@ -674,6 +677,31 @@ class MmapListener(Listener):
         response.exception = None
         response.metadata = {RETRYABLE: False}
         request = ServiceRequest(exc.request_id, service, method, response_queue_name=exc.response_queue)
+        self._reply(request, response)
+
+    def _unknown_kind(self, kind: int, request: ServiceRequest) -> None:
+        """Answer a record of a kind this host does not know (sent by a newer kservice) instead of dropping it.
+
+        Its caller would otherwise wait for its whole timeout. The answer is a
+        ServiceCallError that is also a TypeError, not retryable (this host
+        would refuse it again); nothing ran.
+        """
+        service = self._task.service_name
+        log.warning(
+            "mmap listener of %r: answered a record of unknown kind %r (request %s) with an error",
+            service,
+            kind,
+            request.request_id,
+        )
+        if not request.response_queue_name:
+            return
+        error = TypeError(
+            f"the host of {service!r} (pid {os.getpid()}, kservice {kservice_version}) does not know record kind "
+            f"{kind!r} (request {request.request_id}, method {request.method_name!r}): the caller runs a kservice "
+            "the host does not understand; nothing ran. Run the same kservice version in both"
+        )
+        response = ServiceResponse.from_exception(request.request_id, error, origin="service", with_traceback=False)
+        response.metadata = {RETRYABLE: False}
         self._reply(request, response)
 
     def _undecodable_chunk(self, exc: codec.DecodeError) -> None:

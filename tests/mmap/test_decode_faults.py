@@ -144,6 +144,41 @@ def test_a_request_with_fields_of_the_wrong_type_is_answered_naming_them(
     assert manager.call_service_sync(name, "echo", (1,)) == 1
 
 
+def test_a_record_of_a_kind_the_host_does_not_know_is_answered_not_dropped(
+    kv: tuple[ServiceEnvironment, ServiceManager, str],
+) -> None:
+    """As a newer kservice might send: the host answers at once (nothing ran) and keeps serving."""
+    import pickle
+
+    _, manager, name = kv
+    target = manager.get_service_queue(name).queue_name  # type: ignore[attr-defined]
+    ring = attach_queue(target)
+    replies = create_queue(unique("rsp.test"), 1 << 16)
+    try:
+        request = ServiceRequest("newer-1", name, "put", ("k", 1), {}, deadline=time.time() + TIMEOUT)
+        record, _ = codec.encode_request(request, replies.name, ring.owner_pid, 1 << 16)
+        message = pickle.loads(record)
+        assert message[0] == codec.KIND_CALL
+        ring.put(pickle.dumps((99, *message[1:]), 5), 5)  # the same envelope, a kind no host knows
+        try:
+            reply = replies.get(PROMPT)
+        except QueueEmpty:
+            pytest.fail("the host dropped a record of an unknown kind: its caller would wait its whole timeout")
+        [answer] = codec.decode_many(reply)
+        response = codec.response_from_message(answer)
+        assert response.request_id == "newer-1" and not response.success
+        assert response.error_type == "TypeError"
+        assert "does not know record kind 99" in (response.error or "") and "nothing ran" in (response.error or "")
+        assert response.metadata.get("kservice.retryable") is False
+    finally:
+        ring.close()
+        replies.close()
+        replies.unlink()
+    with pytest.raises(KeyError):  # nothing ran: the put never stored its key
+        manager.call_service_sync(name, "get", ("k",))
+    assert manager.call_service_sync(name, "echo", (1,)) == 1
+
+
 def test_lenient_decoding_recovers_the_envelope_of_a_request_only_its_sender_can_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
