@@ -32,6 +32,7 @@ from ._plugins import get_transport, transports
 from ._stream import ItemStream
 from ._task import _flatten
 from ._transport import Connection, ServiceAddress, timeout_response
+from .keys import ADDRESS_IDEMPOTENT
 
 if TYPE_CHECKING:
     from ._batch import AsyncCallMap, CallMap
@@ -222,7 +223,13 @@ class _Route:
     def is_idempotent(self, method_name: str) -> bool:
         known = self.idempotent.get(method_name)
         if known is None:
-            known = is_idempotent(self.service_class, method_name, self.options.get("idempotent", ()))
+            configured = self.options.get("idempotent", ())
+            if self.service_class is None:
+                # A service resolved without its class: what its host declares, beside the caller's own config.
+                declared = self.address.info.get(ADDRESS_IDEMPOTENT) if self.address.info else None
+                if type(declared) is list:
+                    configured = [*configured, *(name for name in declared if type(name) is str)]
+            known = is_idempotent(self.service_class, method_name, configured)
             if len(self.idempotent) < 1024:  # bounded: callers may try any number of (unknown) names
                 self.idempotent[method_name] = known
         return known

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ._messages import MAY_HAVE_RUN
 
 __all__ = [
+    "ADDRESS_IDEMPOTENT",
     "CACHE",
     "CIRCUIT_OPEN",
     "DEGRADED",
@@ -77,3 +78,10 @@ STATUS_REPLICAS = "replicas"
 STATUS_WAITING_IN_CALLER = "waiting_in_caller"
 #: the ``ray`` connection's batching counters
 STATUS_BATCHING = "batching"
+
+# ------------------------------------------------------------------ address info (ServiceAddress.info)
+
+#: the service's methods declared safe to run more than once (``@idempotent``, ``@service(idempotent_methods=)``,
+#: its ``idempotent:`` config), as a list of names, for callers that resolve the service without its class
+#: (a ``kservice serve`` host found through the registry): their retry policy may re-send those after a fault
+ADDRESS_IDEMPOTENT = "idempotent"

@@ -70,10 +70,11 @@ from kservice import (
     ServiceResponse,
     ServiceUnavailableError,
     Transport,
+    idempotent_methods,
     timeout_response,
 )
 from kservice import __version__ as kservice_version
-from kservice.keys import RETRYABLE
+from kservice.keys import ADDRESS_IDEMPOTENT, RETRYABLE
 
 from . import codec, registry, streams
 from .ring import (
@@ -173,12 +174,16 @@ class MmapListener(Listener):
         name = f"svc.{_SAFE.sub('_', task.service_name)[:80]}.{os.getpid()}.{os.urandom(3).hex()}"
         self.queue = create_queue(name, int(options["request_queue_capacity"]))
         self._published = bool(options["publish"] is None or options["publish"])
+        # Callers that find the service through the registry do not import its class: they learn from here
+        # which methods their retry policy may re-send after a fault.
+        declared = sorted(idempotent_methods(task.service_factory.service_class, task.options.get("idempotent", ())))
         info = {
             "pid": os.getpid(),
             "queue_timeout": task.queue_timeout,
             "started_at": time.time(),
             "class": task.service_factory.class_path,
             CHUNK_RECORDS: 1,
+            ADDRESS_IDEMPOTENT: declared,
         }
         self.address = ServiceAddress("mmap", task.service_name, name, instance=name, info=info)
         try:
@@ -189,7 +194,7 @@ class MmapListener(Listener):
                     queue_timeout=task.queue_timeout,
                     instance=name,
                     cls=info["class"],
-                    **{CHUNK_RECORDS: 1},
+                    **{CHUNK_RECORDS: 1, ADDRESS_IDEMPOTENT: declared},
                 )
         except BaseException:
             self.queue.close()

@@ -125,6 +125,23 @@ def test_an_idempotent_call_cut_off_by_a_host_kill_is_retried_on_the_new_host(ho
         assert tags(path) == ["again", "again"]
 
 
+def test_a_caller_without_the_class_learns_from_the_host_which_calls_it_may_resend(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """No config in the caller: the host publishes its @idempotent methods, so the retry policy re-sends that one."""
+    name = unique("ledger")
+    spec = f"{name}=tests.mmap.services:Ledger"
+    path = tmp_path / "ledger.txt"
+    first = hosts.start(spec)
+    with ServiceManager() as manager:  # the default retry settings, and no idempotent list of its own
+        assert manager.call_service_sync(name, "pid", timeout=30) == first.pid
+        killer = hosts.kill_then_restart(first, spec, lambda: tags(path) == ["again"])
+        future = manager.call_service_async(name, "record_idempotent", (str(path), "again", 1.0), timeout=30)
+        assert future.result(30) == hosts.started[-1].pid != first.pid
+        killer.join(30)
+        assert tags(path) == ["again", "again"]
+
+
 def test_a_request_the_killed_host_never_read_is_reported_as_never_run(hosts: Hosts) -> None:
     name = unique("frozen")
     host = hosts.start(f"{name}=tests.mmap.services:KV")
