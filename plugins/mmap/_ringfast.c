@@ -259,6 +259,24 @@ futex_wake_all(uint32_t *word)
     return 0;
 }
 
+/* Take the producers' lock without waiting: 0 when held (a dead holder's lock taken over), else the
+ * pthread error (EBUSY, ENOTRECOVERABLE), for the Python path to wait or report. */
+static int
+try_lock(RingObject *self)
+{
+    pthread_mutex_t *mutex = MUTEX(self);
+    const int rc = pthread_mutex_trylock(mutex);
+    if (rc == EOWNERDEAD) {
+        /* As ShmQueue._lock_slow: the dead holder left the ring consistent
+         * (nothing it did is visible before its tail store); take the lock over. */
+        pthread_mutex_consistent(mutex);
+        uint32_t *recoveries = U32(self, OFF_RECOVERIES);
+        store32(recoveries, load32(recoveries) + 1);
+        return 0;
+    }
+    return rc;
+}
+
 /* Under nothing: take the producers' lock, append the record, publish it, unlock.
  * Returns PUT_OK, or the reason nothing was written (the lock is not held then).
  * *wake is set when the consumer sleeps and must be woken after the unlock. */
@@ -270,17 +288,8 @@ publish(RingObject *self, const char *src, uint64_t n, int *wake)
         return PUT_TOO_LARGE;
     const uint64_t need = FRAME + ((n + 7) & ~(uint64_t)7);
     pthread_mutex_t *mutex = MUTEX(self);
-    const int rc = pthread_mutex_trylock(mutex);
-    if (rc == EOWNERDEAD) {
-        /* As ShmQueue._lock_slow: the dead holder left the ring consistent
-         * (nothing it did is visible before its tail store); take the lock over. */
-        pthread_mutex_consistent(mutex);
-        uint32_t *recoveries = U32(self, OFF_RECOVERIES);
-        store32(recoveries, load32(recoveries) + 1);
-    }
-    else if (rc != 0) {
+    if (try_lock(self) != 0)
         return PUT_BUSY; /* EBUSY, or ENOTRECOVERABLE for the Python path to report */
-    }
     int status = PUT_OK;
     uint64_t *tail_word = U64(self, OFF_TAIL);
     const uint64_t tail = __atomic_load_n(tail_word, __ATOMIC_RELAXED);
@@ -336,16 +345,8 @@ Ring_announce(RingObject *self, PyObject *Py_UNUSED(ignored))
     if (check_live(self) < 0)
         return NULL;
     pthread_mutex_t *mutex = MUTEX(self);
-    const int rc = pthread_mutex_trylock(mutex);
-    if (rc == EOWNERDEAD) {
-        /* As publish(): the dead holder left the ring consistent; take the lock over. */
-        pthread_mutex_consistent(mutex);
-        uint32_t *recoveries = U32(self, OFF_RECOVERIES);
-        store32(recoveries, load32(recoveries) + 1);
-    }
-    else if (rc != 0) {
+    if (try_lock(self) != 0)
         return PyLong_FromLong(ANNOUNCE_DECLINED);
-    }
     long result;
     if (__atomic_load_n(U64(self, OFF_TAIL), __ATOMIC_ACQUIRE) != __atomic_load_n(U64(self, OFF_HEAD), __ATOMIC_RELAXED)) {
         result = ANNOUNCE_ARRIVED;

@@ -110,33 +110,31 @@ def test_a_call_cut_off_by_a_host_kill_is_not_retried_and_says_it_may_have_run(
         assert tags(path) == ["once", "next"]
 
 
-def test_an_idempotent_call_cut_off_by_a_host_kill_is_retried_on_the_new_host(hosts: Hosts, tmp_path: Path) -> None:
-    name = unique("ledger")
-    spec = f"{name}=tests.mmap.services:Ledger"
-    path = tmp_path / "ledger.txt"
-    first = hosts.start(spec)
-    # The caller learns what is idempotent from its own config: the host's class is not imported here.
-    with ServiceManager(config={"services": {name: {"idempotent": ["record_idempotent"]}}}) as manager:
-        assert manager.call_service_sync(name, "pid", timeout=30) == first.pid
-        killer = hosts.kill_then_restart(first, spec, lambda: tags(path) == ["again"])
-        future = manager.call_service_async(name, "record_idempotent", (str(path), "again", 1.0), timeout=30)
-        assert future.result(30) == hosts.started[-1].pid != first.pid
-        killer.join(30)
-        assert tags(path) == ["again", "again"]
-
-
-def test_a_caller_without_the_class_learns_from_the_host_which_calls_it_may_resend(
-    hosts: Hosts, tmp_path: Path
+@pytest.mark.parametrize(
+    "declared_by",
+    [
+        # The caller's own config says so, for a method the class does not declare (the host's class is
+        # not imported here).
+        "the caller's config",
+        # No config in the caller: the host publishes the class's @idempotent methods with its address.
+        "the class, through the host",
+    ],
+)
+def test_an_idempotent_call_cut_off_by_a_host_kill_is_retried_on_the_new_host(
+    hosts: Hosts, tmp_path: Path, declared_by: str
 ) -> None:
-    """No config in the caller: the host publishes its @idempotent methods, so the retry policy re-sends that one."""
     name = unique("ledger")
     spec = f"{name}=tests.mmap.services:Ledger"
     path = tmp_path / "ledger.txt"
     first = hosts.start(spec)
-    with ServiceManager() as manager:  # the default retry settings, and no idempotent list of its own
+    if declared_by == "the caller's config":
+        method, config = "record", {"services": {name: {"idempotent": ["record"]}}}
+    else:
+        method, config = "record_idempotent", {}
+    with ServiceManager(config=config) as manager:  # the default retry settings otherwise
         assert manager.call_service_sync(name, "pid", timeout=30) == first.pid
         killer = hosts.kill_then_restart(first, spec, lambda: tags(path) == ["again"])
-        future = manager.call_service_async(name, "record_idempotent", (str(path), "again", 1.0), timeout=30)
+        future = manager.call_service_async(name, method, (str(path), "again", 1.0), timeout=30)
         assert future.result(30) == hosts.started[-1].pid != first.pid
         killer.join(30)
         assert tags(path) == ["again", "again"]

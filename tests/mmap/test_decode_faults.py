@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager, ServiceRequest
@@ -116,31 +117,43 @@ def test_in_a_batch_of_responses_only_the_undecodable_ones_fail(
     assert manager.call_service_sync(name, "echo", ("after",)) == "after"
 
 
-def test_a_request_with_fields_of_the_wrong_type_is_answered_naming_them(
-    kv: tuple[ServiceEnvironment, ServiceManager, str],
-) -> None:
-    _, manager, name = kv
+def _answer_to(manager: ServiceManager, name: str, request: ServiceRequest, record_of: Any, missing: str) -> Any:
+    """The host's answer to a hand-made request record: ``record_of(encoded)`` turns the request's
+    ordinary encoding into what is sent; fails with ``missing`` when no answer comes promptly."""
     target = manager.get_service_queue(name).queue_name  # type: ignore[attr-defined]
     ring = attach_queue(target)
     replies = create_queue(unique("rsp.test"), 1 << 16)
     try:
-        request = ServiceRequest("bad-1", name, 12345, ("x",), {}, deadline=time.time() + TIMEOUT)  # type: ignore[arg-type]
         record, _ = codec.encode_request(request, replies.name, ring.owner_pid, 1 << 16)
-        ring.put(record, 5)
+        ring.put(record_of(record), 5)
         try:
             reply = replies.get(PROMPT)
         except QueueEmpty:
-            pytest.fail("the host did not answer a request whose method name is not a str")
+            pytest.fail(missing)
         [message] = codec.decode_many(reply)
-        response = codec.response_from_message(message)
-        assert response.request_id == "bad-1" and not response.success
-        assert response.error_type == "TypeError"
-        assert "the method name is a int" in (response.error or "")
-        assert response.metadata.get("kservice.retryable") is False
+        return codec.response_from_message(message)
     finally:
         ring.close()
         replies.close()
         replies.unlink()
+
+
+def test_a_request_with_fields_of_the_wrong_type_is_answered_naming_them(
+    kv: tuple[ServiceEnvironment, ServiceManager, str],
+) -> None:
+    _, manager, name = kv
+    request = ServiceRequest("bad-1", name, 12345, ("x",), {}, deadline=time.time() + TIMEOUT)  # type: ignore[arg-type]
+    response = _answer_to(
+        manager,
+        name,
+        request,
+        lambda record: record,
+        "the host did not answer a request whose method name is not a str",
+    )
+    assert response.request_id == "bad-1" and not response.success
+    assert response.error_type == "TypeError"
+    assert "the method name is a int" in (response.error or "")
+    assert response.metadata.get("kservice.retryable") is False
     assert manager.call_service_sync(name, "echo", (1,)) == 1
 
 
@@ -150,30 +163,24 @@ def test_a_record_of_a_kind_the_host_does_not_know_is_answered_not_dropped(
     """As a newer kservice might send: the host answers at once (nothing ran) and keeps serving."""
     import pickle
 
-    _, manager, name = kv
-    target = manager.get_service_queue(name).queue_name  # type: ignore[attr-defined]
-    ring = attach_queue(target)
-    replies = create_queue(unique("rsp.test"), 1 << 16)
-    try:
-        request = ServiceRequest("newer-1", name, "put", ("k", 1), {}, deadline=time.time() + TIMEOUT)
-        record, _ = codec.encode_request(request, replies.name, ring.owner_pid, 1 << 16)
+    def of_an_unknown_kind(record: bytes) -> bytes:
         message = pickle.loads(record)
         assert message[0] == codec.KIND_CALL
-        ring.put(pickle.dumps((99, *message[1:]), 5), 5)  # the same envelope, a kind no host knows
-        try:
-            reply = replies.get(PROMPT)
-        except QueueEmpty:
-            pytest.fail("the host dropped a record of an unknown kind: its caller would wait its whole timeout")
-        [answer] = codec.decode_many(reply)
-        response = codec.response_from_message(answer)
-        assert response.request_id == "newer-1" and not response.success
-        assert response.error_type == "TypeError"
-        assert "does not know record kind 99" in (response.error or "") and "nothing ran" in (response.error or "")
-        assert response.metadata.get("kservice.retryable") is False
-    finally:
-        ring.close()
-        replies.close()
-        replies.unlink()
+        return pickle.dumps((99, *message[1:]), 5)  # the same envelope, a kind no host knows
+
+    _, manager, name = kv
+    request = ServiceRequest("newer-1", name, "put", ("k", 1), {}, deadline=time.time() + TIMEOUT)
+    response = _answer_to(
+        manager,
+        name,
+        request,
+        of_an_unknown_kind,
+        "the host dropped a record of an unknown kind: its caller would wait its whole timeout",
+    )
+    assert response.request_id == "newer-1" and not response.success
+    assert response.error_type == "TypeError"
+    assert "does not know record kind 99" in (response.error or "") and "nothing ran" in (response.error or "")
+    assert response.metadata.get("kservice.retryable") is False
     with pytest.raises(KeyError):  # nothing ran: the put never stored its key
         manager.call_service_sync(name, "get", ("k",))
     assert manager.call_service_sync(name, "echo", (1,)) == 1

@@ -8,6 +8,7 @@ processes with the other path.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -243,9 +244,9 @@ def test_compiled_put_is_set_only_while_the_compiled_path_can_take_it() -> None:
     assert q._compiled_put is None
 
 
-@needs_fast
-def test_compiled_put_declines_while_another_thread_holds_the_lock() -> None:
-    q = _create("busy", 4096, pure=False)
+@contextlib.contextmanager
+def _lock_held_by_another_thread(q: ring.ShmQueue) -> Iterator[None]:
+    """The producers' lock of ``q``, held by another thread for the duration of the block."""
     holding, release = threading.Event(), threading.Event()
 
     def hold_lock() -> None:
@@ -258,12 +259,19 @@ def test_compiled_put_declines_while_another_thread_holds_the_lock() -> None:
     t.start()
     try:
         assert holding.wait(10)
-        before = _state(q)
-        assert q._fast.put(b"x") == fast.PUT_BUSY
-        assert _state(q) == before
+        yield
     finally:
         release.set()
         t.join(10)
+
+
+@needs_fast
+def test_compiled_put_declines_while_another_thread_holds_the_lock() -> None:
+    q = _create("busy", 4096, pure=False)
+    with _lock_held_by_another_thread(q):
+        before = _state(q)
+        assert q._fast.put(b"x") == fast.PUT_BUSY
+        assert _state(q) == before
     try:
         q.put(b"x")
         assert q.get() == b"x"
@@ -386,24 +394,12 @@ def test_compiled_announce_sets_the_asleep_flag_or_declines_without_changing_any
 @needs_fast
 def test_compiled_announce_declines_while_another_thread_holds_the_lock() -> None:
     q = _create("announce-busy", 4096, pure=False)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        q._lock(None)
-        holding.set()
-        release.wait(10)
-        ring._unlock(q._lock_arg)
-
-    t = threading.Thread(target=hold_lock)
-    t.start()
     try:
-        assert holding.wait(10)
-        before = _state(q)
-        assert q._fast.announce() == fast.ANNOUNCE_DECLINED
-        assert _state(q) == before
+        with _lock_held_by_another_thread(q):
+            before = _state(q)
+            assert q._fast.announce() == fast.ANNOUNCE_DECLINED
+            assert _state(q) == before
     finally:
-        release.set()
-        t.join(10)
         _drop(q)
 
 
