@@ -98,10 +98,11 @@ the CPU to another process for its time slice, or a preemption) stops at once,
 and the process's waits then sleep without spinning for 20 ms, doubling up to
 2 s while the first spin after a pause loses its CPU again
 (:func:`note_lost_cpu`): on a machine whose CPUs are all busy, spinning turned
-every wait into a lost time slice.  Then it sleeps: under the mutex it re-checks for data, reads ``data_seq`` and sets
-``consumer_asleep``; it releases the mutex and waits (``FUTEX_WAIT``) on ``data_seq``
-with the remaining timeout (at most one second per wait, so liveness and
-signals are re-checked).  A producer reads ``consumer_asleep`` under the same
+every wait into a lost time slice.  Then it sleeps (compiled, when built:
+``announce`` and ``doze``): under the mutex it re-checks for data, reads
+``data_seq`` and sets ``consumer_asleep``; it releases the mutex and waits
+(``FUTEX_WAIT``) on ``data_seq`` with the remaining timeout (at most one second
+per wait, so liveness and signals are re-checked).  A producer reads ``consumer_asleep`` under the same
 mutex right after publishing; only when it is set does it clear it, bump
 ``data_seq`` and, after unlocking, make the ``FUTEX_WAKE`` system call.  Because
 both sides touch the flag under the mutex and the consumer waits on the value
