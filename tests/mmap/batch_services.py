@@ -54,3 +54,19 @@ class RaisingHandleBatch(kservice.ServiceMiddleware):
     def after_handle_batch(self, batch: kservice.CallBatch) -> None:
         if batch.method_name == "check":
             raise RuntimeError("after_handle failed")
+
+
+def count_chunk_records(monkeypatch: Any) -> list[int]:
+    """The sizes of the compact chunk records this process sends from now on (the compact path's trace);
+    ``monkeypatch`` (pytest's) restores the encoder after the test."""
+    from kservice.plugins.mmap import codec
+
+    sent: list[int] = []
+    encode_chunk = codec.encode_chunk
+
+    def counting(chunk_id: str, service: str, method: str, args: Any, *rest: Any) -> bytes | None:
+        sent.append(len(args))
+        return encode_chunk(chunk_id, service, method, args, *rest)
+
+    monkeypatch.setattr(codec, "encode_chunk", counting)
+    return sent

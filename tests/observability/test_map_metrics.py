@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from kservice import ServiceEnvironment, ServiceFactory
 from kservice.middleware import metrics
-from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.transport import CHUNK_CALLS_IN_LOOP
+
+from tests.mmap.batch_services import count_chunk_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,14 +37,7 @@ def test_map_with_the_default_plugins_sends_compact_chunks_and_both_sides_count_
         kinds = {type(m).__name__ for m in manager.client_middlewares(name)}
         assert {"ClientMetrics", "CircuitBreaker", "RetryBudgetCounter"} <= kinds, kinds
         assert chain is not None and chain.batch  # every default middleware has the batch hooks
-        chunks: list[int] = []
-        encode_chunk = codec.encode_chunk
-
-        def counting(chunk_id: str, service: str, method: str, args: Any, *rest: Any) -> bytes | None:
-            chunks.append(len(args))
-            return encode_chunk(chunk_id, service, method, args, *rest)
-
-        monkeypatch.setattr(codec, "encode_chunk", counting)
+        chunks = count_chunk_records(monkeypatch)
         client_before = _method(metrics.snapshot()["client"].get(name, {}), "check")
         count = 1000
         results = list(

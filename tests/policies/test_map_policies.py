@@ -9,7 +9,8 @@ import pytest
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager
 from kservice.middleware import metrics
 from kservice.plugins.breaker import CircuitOpenError, breaker_state, reset_breaker
-from kservice.plugins.mmap import codec
+
+from tests.mmap.batch_services import count_chunk_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,15 +23,7 @@ DEFAULTS: dict[str, Any] = {"health": {"enabled": False}, "tracing": {"enabled":
 @pytest.fixture
 def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The sizes of the compact chunk records sent (the compact path's trace)."""
-    sent: list[int] = []
-    encode_chunk = codec.encode_chunk
-
-    def counting(chunk_id: str, service: str, method: str, args: Any, *rest: Any) -> bytes | None:
-        sent.append(len(args))
-        return encode_chunk(chunk_id, service, method, args, *rest)
-
-    monkeypatch.setattr(codec, "encode_chunk", counting)
-    return sent
+    return count_chunk_records(monkeypatch)
 
 
 def _host(name: str, config: dict[str, Any]) -> Iterator[ServiceManager]:
