@@ -254,12 +254,9 @@ class _ReplicaHost:
         try:
             while True:
                 items, end = local.receive(_STREAM_POLL)
-                for part in _objects_of(items, per_object):  # noqa: UP028 - Ray resumes its generators with send()
+                for part in _relayed(request, local, items, end, per_object):  # noqa: UP028 - Ray resumes with send()
                     yield part
-                if items:
-                    local.consumed(len(items))
                 if end is not None:
-                    yield _stream_end(request, end)
                     return
         finally:
             self._close_local_stream(request.request_id, local)
@@ -393,12 +390,9 @@ class _AsyncReplicaHost(_ReplicaHost):
         try:
             while True:
                 items, end = await local.areceive(_STREAM_POLL)
-                for part in _objects_of(items, per_object):
+                for part in _relayed(request, local, items, end, per_object):
                     yield part
-                if items:
-                    local.consumed(len(items))
                 if end is not None:
-                    yield _stream_end(request, end)
                     return
         finally:
             self._close_local_stream(request.request_id, local)
@@ -496,6 +490,19 @@ class _StreamEnd:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_StreamEnd, (self.response,))
+
+
+def _relayed(
+    request: ServiceRequest, local: LocalStream, items: list[Any], end: ServiceResponse | None, per_object: int
+) -> Iterator[Any]:
+    """One receive of a replica's local stream as what its Ray generator yields: the items' objects, then
+    the end if it came. Credit goes back once Ray took the objects (the window bounds what waits in Ray)."""
+    for part in _objects_of(items, per_object):  # noqa: UP028 - a plain loop, as where it is used
+        yield part
+    if items:
+        local.consumed(len(items))
+    if end is not None:
+        yield _stream_end(request, end)
 
 
 def _stream_end(request: ServiceRequest, end: ServiceResponse) -> _StreamEnd:
