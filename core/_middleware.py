@@ -321,7 +321,12 @@ class MiddlewareChain:
     MiddlewareError when a hook raises. ``run_after(request, response,
     limit, began)`` runs the after-hooks of middleware before ``limit``, last
     registered first, then their observers; ``began`` is the
-    ``time.perf_counter()`` read just before ``run_before``.
+    ``time.perf_counter()`` read just before ``run_before``. The same in two
+    steps, for a side that answers between them (``BaseServiceTask.execute``
+    with ``answer``): ``run_after_hooks(request, response, limit)`` (the
+    after-hooks; the final response) and ``run_observers(request, response,
+    limit, seconds)``; ``has_observers`` says whether the second has
+    anything to run.
     """
 
     __slots__ = (
@@ -336,9 +341,12 @@ class MiddlewareChain:
         "admit",
         "batch",
         "has_before",
+        "has_observers",
         "middlewares",
         "run_after",
+        "run_after_hooks",
         "run_before",
+        "run_observers",
         "size",
     )
 
@@ -380,6 +388,8 @@ class MiddlewareChain:
         self.admit: Callable[[str, str], BaseException | None] | None = None
         #: whether ``run_before`` has any hook to run (callers skip it otherwise)
         self.has_before = bool(befores)
+        #: whether ``run_observers`` has any observer to run
+        self.has_observers = bool(observers)
         self._compile(tuple(admits) if side == "client" and admits and hears else ())
 
     def _compile_batch(self, side: str) -> None:
@@ -521,10 +531,10 @@ class MiddlewareChain:
                 "        request = outcome",
             ]
         before.append(f"    return request, None, {self.size}")
-        after = ["def run_after(request, response, limit, began):"]
+        hooks: list[str] = []
         for index, after_hook in self._afters:
             names[f"after_{index}"] = after_hook
-            after += [
+            hooks += [
                 f"    if limit > {index}:",
                 "        try:",
                 f"            outcome = after_{index}(response, request)",
@@ -534,23 +544,36 @@ class MiddlewareChain:
                 "            if outcome is not None:",
                 "                response = outcome",
             ]
-        if self._observers:
-            after.append("    seconds = perf_counter() - began")
+        observing: list[str] = []
         for index, observer in self._observers:
             names[f"observe_{index}"] = observer
-            after += [
+            observing += [
                 f"    if limit > {index}:",
                 "        try:",
                 f"            observe_{index}(request, response, seconds)",
                 "        except Exception:",
                 "            pass",
             ]
-        after.append("    return response")
+        after = [
+            "def run_after(request, response, limit, began):",
+            *hooks,
+            *(["    seconds = perf_counter() - began", *observing] if observing else []),
+            "    return response",
+            "def run_after_hooks(request, response, limit):",
+            *hooks,
+            "    return response",
+            "def run_observers(request, response, limit, seconds):",
+            *(observing or ["    pass"]),
+        ]
         source = "\n".join(before + after + admit) + "\n"
         exec(compile(source, _register_source(source, self._error_origin), "exec"), names)
         self.run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]] = names[
             "run_before"
         ]
         self.run_after: Callable[[ServiceRequest, ServiceResponse, int, float], ServiceResponse] = names["run_after"]
+        self.run_after_hooks: Callable[[ServiceRequest, ServiceResponse, int], ServiceResponse] = names[
+            "run_after_hooks"
+        ]
+        self.run_observers: Callable[[ServiceRequest, ServiceResponse, int, float], None] = names["run_observers"]
         if admits:
             self.admit = names["admit"]

@@ -1094,12 +1094,25 @@ class BaseServiceTask:
         response.metadata[MAY_HAVE_RUN] = False
         return response
 
-    def execute(self, request: ServiceRequest, *, from_queue: bool = False) -> ServiceResponse:
+    def execute(
+        self,
+        request: ServiceRequest,
+        *,
+        from_queue: bool = False,
+        answer: Callable[[ServiceRequest, ServiceResponse], None] | None = None,
+    ) -> ServiceResponse:
         """Run one request in the calling thread and return its response (never raises).
 
         Listeners of transports that can run a request where it arrives call
         this directly; the worker pool calls it for queued requests
         (``from_queue``: the queue depth is updated first).
+
+        ``answer``, when given, is called once with ``request`` (as received)
+        and the final response, after the after-hooks and the task's counts
+        and before the server middleware's observers: a caller waiting for
+        the answer does not wait for them (the observers still get the same
+        response and duration, which excludes ``answer``). An exception
+        ``answer`` raises propagates from here, after the observers ran.
 
         Every exception the method or a server middleware raises becomes an
         error response, ``BaseException`` included: SystemExit,
@@ -1113,11 +1126,17 @@ class BaseServiceTask:
         """
         if from_queue:
             self._dequeued()
+        received = request
+        refusal = None
         if request.deadline is not None and time.time() > request.deadline:
             next(self._expired)
-            return timeout_response(request, 0.0)
-        if type(request.method_name) is not str:
-            return self._refuse_method_name(request)
+            refusal = timeout_response(request, 0.0)
+        elif type(request.method_name) is not str:
+            refusal = self._refuse_method_name(request)
+        if refusal is not None:
+            if answer is not None:
+                answer(received, refusal)
+            return refusal
         next(self._started)
         serial = self._serial_lock
         if serial is not None:
@@ -1149,14 +1168,32 @@ class BaseServiceTask:
             _current_request.reset(token)
             if serial is not None:
                 serial.release()
+        observe_later = False
         if chain is not None:
+            observe_later = answer is not None and chain.has_observers
             try:
-                response = chain.run_after(request, response, limit, began)
+                if observe_later:
+                    response = chain.run_after_hooks(request, response, limit)
+                else:
+                    response = chain.run_after(request, response, limit, began)
             except BaseException as exc:  # noqa: BLE001 - an after-hook that raises past the chain's own guard
                 response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
         next(self._finished)
         if not response.success:
             next(self._failed)
+        if answer is None:
+            return response
+        if not observe_later:
+            answer(received, response)
+            return response
+        seconds = perf_counter() - began
+        try:
+            answer(received, response)
+        finally:
+            try:
+                chain.run_observers(request, response, limit, seconds)  # type: ignore[union-attr]
+            except BaseException:  # noqa: BLE001 - observers only watch, past the chain's own guard too
+                pass
         return response
 
     def run_many(

@@ -234,6 +234,50 @@ def test_observers_see_the_final_response_and_the_attempt_duration_on_both_sides
     assert observer.handles[1][2] >= 0.05
 
 
+class Doubling(ServiceMiddleware):
+    """Server side: an after-hook that doubles the result, and an observer that logs what it sees."""
+
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    def after_handle(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        if response.success:
+            response.result *= 2
+
+    def observe_handle(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        self.log.append(("observed", response.result, response.error_type, seconds))
+
+
+@pytest.mark.timeout(30)
+def test_execute_answers_after_the_after_hooks_and_before_the_observers_even_when_answering_fails() -> None:
+    log: list[Any] = []
+
+    def answer(request: ServiceRequest, response: ServiceResponse) -> None:
+        log.append(("answered", request.request_id, response.result, response.error_type))
+        time.sleep(0.05)  # not counted in the observed duration
+        if request.args == ("boom",):
+            raise BrokenPipeError("the caller's ring is gone")
+
+    with _env(Doubling(log)) as env:
+        task = env.tasks()["kv"]
+        response = task.execute(ServiceRequest("r-1", "kv", "get", ("a",)), answer=answer)
+        assert response.result == 2
+        with pytest.raises(BrokenPipeError):
+            task.execute(ServiceRequest("r-2", "kv", "require", ("boom",)), answer=answer)
+        expired = ServiceRequest("r-3", "kv", "get", ("a",), deadline=time.time() - 1)
+        assert task.execute(expired, answer=answer).error_type == "ServiceTimeoutError"
+        # An unknown method reaches the chain: answered, then observed.
+        assert task.execute(ServiceRequest("r-4", "kv", "nope"), answer=answer).error_type == "MethodNotFoundError"
+    assert log[0] == ("answered", "r-1", 2, "")
+    assert log[1][:3] == ("observed", 2, "") and log[1][3] < 0.05
+    assert log[2] == ("answered", "r-2", None, "KeyError")
+    assert log[3][:3] == ("observed", None, "KeyError")  # observed although answering raised
+    assert log[4] == ("answered", "r-3", None, "ServiceTimeoutError")  # refused before any hook: answered, not observed
+    assert log[5] == ("answered", "r-4", None, "MethodNotFoundError")
+    assert log[6][:3] == ("observed", None, "MethodNotFoundError")
+    assert len(log) == 7
+
+
 class BrokenObserver(ServiceMiddleware):
     def observe_call(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
         raise RuntimeError("observer down")
@@ -332,10 +376,14 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
     st.lists(
         st.tuples(st.sampled_from((None, *_BEFORE_ACTIONS)), st.sampled_from((None, *_AFTER_ACTIONS)), st.booleans()),
         max_size=6,
-    )
+    ),
+    st.booleans(),
 )
 @settings(max_examples=300, deadline=None)
-def test_the_compiled_chain_behaves_as_specified(script: list[tuple[str | None, str | None, bool]]) -> None:
+def test_the_compiled_chain_behaves_as_specified(
+    script: list[tuple[str | None, str | None, bool]], in_two_steps: bool
+) -> None:
+    """``run_after``, or the same in two steps (``run_after_hooks``, then ``run_observers``), as specified."""
     from kservice._middleware import MiddlewareChain, MiddlewareError
 
     def build(log: list[Any]) -> list[Scripted]:
@@ -355,7 +403,12 @@ def test_the_compiled_chain_behaves_as_specified(script: list[tuple[str | None, 
         response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
     if response is None:
         response = ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
-    got = chain.run_after(sent, response, limit, began)
+    if in_two_steps:
+        got = chain.run_after_hooks(sent, response, limit)
+        assert chain.has_observers == any(observe for _, _, observe in script)
+        chain.run_observers(sent, got, limit, time.perf_counter() - began)
+    else:
+        got = chain.run_after(sent, response, limit, began)
     assert (got.success, got.result, got.error, got.error_type) == (
         expected.success,
         expected.result,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import pytest
 from kservice import (
@@ -35,3 +37,46 @@ def test_environment_middleware_runs_in_the_child() -> None:
             value, pid = manager.call_service_sync("kv", "get", ("a",))
         assert value == 1
         assert pid == task.pid and pid != os.getpid()
+
+
+#: What SlowObserver saw, in the host process (read back through Observed.observed).
+OBSERVED: list[tuple[Any, float]] = []
+OBSERVER_SECONDS = 2.0
+
+
+class SlowObserver(ServiceMiddleware):
+    """Server side: takes OBSERVER_SECONDS to observe a call whose argument is "slow" (an exporter that stalls)."""
+
+    def observe_handle(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
+        if request.args[:1] == ("slow",):
+            time.sleep(OBSERVER_SECONDS)
+        OBSERVED.append((request.args, seconds))
+
+
+class Observed:
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def observed(self) -> list[tuple[Any, float]]:
+        return list(OBSERVED)
+
+
+@pytest.mark.timeout(120)
+def test_a_call_run_on_the_listener_thread_is_answered_before_the_server_observers_run() -> None:
+    with ServiceEnvironment("mw-observe") as env:
+        env.add_middleware(SlowObserver())
+        env.register_service("obs", ServiceFactory("obs", Observed), kind="process")
+        with ServiceManager(env) as manager:
+            for _ in range(5):  # the host learns echo is fast: it runs on the listener thread from now on
+                assert manager.call_service_sync("obs", "echo", ("warm",)) == "warm"
+            began = time.monotonic()
+            assert manager.call_service_sync("obs", "echo", ("slow",)) == "slow"
+            answered = time.monotonic() - began
+            # The listener observes before it reads its next record: this call sees the slow one observed.
+            seen = manager.call_service_sync("obs", "observed", timeout=30)
+            waited = time.monotonic() - began
+    assert answered < OBSERVER_SECONDS / 2, f"the answer waited for the observer ({answered:.2f} s)"
+    assert waited >= OBSERVER_SECONDS
+    assert [args for args, _ in seen] == [("warm",)] * 5 + [("slow",)]
+    # The observed duration is the call's own (method and middleware), not the observer's.
+    assert seen[-1][1] < OBSERVER_SECONDS / 2
