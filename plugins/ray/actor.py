@@ -114,11 +114,16 @@ class _ReplicaHost:
             try:
                 envelope = pickle.loads(envelope)
             except Exception as exc:
-                # The request id is unknown here; the caller fills it in.
-                response = ServiceResponse.from_exception("", exc, origin="service")
-                response.error = (
-                    f"the arguments of the call could not be unpickled in replica {self.actor_name}: {_first_line(exc)}"
+                # As over mmap: a TypeError (what the caller sent is wrong), not retryable (the same bytes fail
+                # the same way on every replica), nothing ran. The request id and the method are in the
+                # envelope that did not unpickle: the caller fills them in (see wire._from_wire).
+                error = TypeError(
+                    f"could not decode the arguments of the call in replica {self.actor_name} (pid {os.getpid()}): "
+                    f"{_first_line(exc)}; the method did not run. Every argument's class must be importable by the "
+                    "replica's workers under the same module name (ship its module with the cluster's runtime_env)"
                 )
+                response = ServiceResponse.from_exception("", error, origin="service", with_traceback=False)
+                response.metadata = {RETRYABLE_KEY: False}
                 return response.for_wire()
         request_id, method_name, args, kwargs, deadline, metadata = cast(WireRequest, envelope)
         service_name = task.service_name if task is not None else ""

@@ -35,7 +35,7 @@ from .common import (
 from .completion import _completer
 from .discovery import _deployments
 from .replicas import _aggregate_status, _Replica, _ReplicaSet, _Waiting
-from .wire import _from_wire, _to_wire, stream_shape
+from .wire import _claimed, _from_wire, _to_wire, stream_shape
 
 if TYPE_CHECKING:
     from .task import RayServiceTask
@@ -334,7 +334,7 @@ class _RayStreamSource(StreamSource):
             return value.items(), None
         if type(value) is _StreamEnd:
             self._generator = None
-            return [], value.response
+            return [], _claimed(self._request, value.response)
         return [value], None
 
     def _broken(self, why: str) -> ServiceResponse:

@@ -169,6 +169,15 @@ def _to_wire(request: ServiceRequest) -> bytes | WireRequest:
     return fields if packed is None else packed
 
 
+def _claimed(request: ServiceRequest, answer: ServiceResponse) -> ServiceResponse:
+    """``answer`` as ``request``'s: a replica that could not read the envelope (see
+    ``_ReplicaHost._request``) answers without the call's id and name, filled in here."""
+    if not answer.request_id:
+        answer.request_id = request.request_id
+        answer.error = f"{request.service_name}.{request.method_name}: {answer.error}"
+    return answer
+
+
 def _from_wire(request: ServiceRequest, answer: WireResponse) -> ServiceResponse:
     """The response ``answer`` (from :meth:`_ReplicaHost.handle`) stands for; never raises."""
     if type(answer) is bytes:
@@ -180,7 +189,5 @@ def _from_wire(request: ServiceRequest, answer: WireResponse) -> ServiceResponse
             response.error = f"the result of {request.service_name}.{request.method_name} could not be unpickled here: {_first_line(exc)}"
             return response
     if isinstance(answer, ServiceResponse):
-        if not answer.request_id:
-            answer.request_id = request.request_id
-        return answer
+        return _claimed(request, answer)
     return ServiceResponse(True, answer[0], None, request.request_id)

@@ -91,6 +91,51 @@ def test_unpicklable_argument_is_a_clear_error_and_the_service_keeps_serving(man
     assert manager.call_service_sync("echo", "echo", ("next",)) == "next"
 
 
+@pytest.mark.timeout(90)
+def test_an_argument_the_replica_cannot_unpickle_fails_at_once_unretried_says_nothing_ran_and_the_service_keeps_serving(
+    ray_cluster: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kservice.middleware import metrics
+
+    # A module only this process can import (its directory is on this sys.path, not the workers'):
+    # the caller pickles its class by reference, the replica cannot find it.
+    (tmp_path / "caller_only_points.py").write_text("class Point:\n    def __init__(self, x):\n        self.x = x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from caller_only_points import Point  # type: ignore[import-not-found]
+
+    # Declared idempotent, with retries: the default policy would send it again if the answer allowed it.
+    config = quiet_config(
+        {
+            "undecodable": {"class": "ray_services:EchoService", "kind": "ray", "idempotent": ["echo"]},
+            "undecodable-stream": {"class": "aio_ray_services:StreamReplica", "kind": "ray"},
+        }
+    )
+    config["service_call"] = {"max_retries": 3, "retry_interval": 0.01}
+    with ServiceEnvironment("ray-undecodable", config) as env, ServiceManager(env) as manager:
+        for attempt in ("sync", "async"):
+            began = time.monotonic()
+            with pytest.raises(ServiceCallError) as caught:
+                if attempt == "sync":
+                    manager.call_service_sync("undecodable", "echo", (Point(1),), timeout=30)
+                else:
+                    manager.call_service_async("undecodable", "echo", (Point(1),), timeout=30).result(35)
+            assert time.monotonic() - began < 15, attempt
+            error = caught.value
+            assert isinstance(error, TypeError), type(error).__mro__  # as over mmap: what the caller sent is wrong
+            message = str(error)
+            assert "undecodable.echo" in message and "could not decode the arguments" in message, message
+            assert "caller_only_points" in message and "did not run" in message, message
+            assert manager.call_service_sync("undecodable", "echo", (attempt,)) == attempt
+        with pytest.raises(TypeError) as stream_caught:
+            list(manager.stream("undecodable-stream", "count", (Point(3),), timeout=30))
+        message = str(stream_caught.value)
+        assert "undecodable-stream.count" in message and "did not run" in message, message
+        assert list(manager.stream("undecodable-stream", "count", (2,))) == [0, 1]
+        # Each refused call was attempted once (client metrics count attempts), the good ones too.
+        attempts = metrics.snapshot()["client"]["undecodable"]["methods"]["echo"]
+        assert attempts["calls"] == 4 and attempts["errors_by_type"] == {"TypeError": 2}, attempts
+
+
 @pytest.mark.timeout(60)
 def test_server_middleware_runs_inside_the_replica(manager: ServiceManager) -> None:
     assert manager.call_service_sync("echo", "echo", ("quiet",)) == "quiet"
