@@ -9,7 +9,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
@@ -449,12 +449,18 @@ class ServiceManager:
                 deadline = parent.deadline
             if parent.metadata:
                 metadata = {**parent.metadata, **(metadata or {})}
+        if type(args) is not tuple:
+            args = _checked_args(args)
+        if kwargs is None:
+            kwargs = {}
+        elif type(kwargs) is not dict:
+            kwargs = _checked_kwargs(kwargs)
         return ServiceRequest(
             _new_request_id(),
             service_name,
             method,
-            args if type(args) is tuple else tuple(args),
-            kwargs if kwargs is not None else {},
+            args,
+            kwargs,
             "",
             deadline,
             metadata if metadata is not None else {},
@@ -478,7 +484,9 @@ class ServiceManager:
         included. Raises the errors listed on the class, and at once, with
         nothing sent: ValueError for a timeout that is NaN or infinite,
         TypeError for a ``method`` that is not a str, MethodNotFoundError for
-        the empty name.
+        the empty name, TypeError for ``args`` that are not a tuple or list
+        (a str, bytes, dict, set or single value: spread, it would be the
+        wrong call) and for ``kwargs`` that are not a mapping.
         """
         if timeout is not None:
             timeout = _checked_timeout(timeout)
@@ -1069,6 +1077,44 @@ class ServiceProxy:
         return f"<ServiceProxy {self._service_name!r}>"
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (and never raising)."""
+    try:
+        shown = repr(value)
+    except Exception:  # noqa: BLE001 - a __repr__ that raises
+        return f"a {type(value).__name__} object"
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _checked_args(args: Any) -> tuple[Any, ...]:
+    """A call's ``args`` that is not a tuple, as a tuple; TypeError naming it when it is not a sequence of arguments.
+
+    A list (any sequence) is its items. A str, bytes, dict, set or a single
+    value is refused: spread into arguments it would call the method with
+    its characters, bytes or keys (``"ab"`` as ``("a", "b")``), which can
+    run the wrong call without an error.
+    """
+    if type(args) is list:
+        return tuple(args)
+    if isinstance(args, Sequence) and not isinstance(args, (str, bytes, bytearray, memoryview)):
+        return tuple(args)
+    if isinstance(args, Mapping):
+        hint = "; to pass keyword arguments, use kwargs="
+    else:
+        hint = f"; to pass it as the only argument, wrap it: ({_shown(args, 40)},)"
+    raise TypeError(
+        f"args must be a tuple (or list) of the method's positional arguments, not {type(args).__name__} "
+        f"{_shown(args)}{hint}"
+    )
+
+
+def _checked_kwargs(kwargs: Any) -> dict[str, Any]:
+    """A call's ``kwargs`` that is not a dict, as a dict; TypeError naming it when it is not a mapping."""
+    if isinstance(kwargs, Mapping):
+        return dict(kwargs)
+    raise TypeError(f"kwargs must be a dict of keyword arguments or None, not {type(kwargs).__name__} {_shown(kwargs)}")
+
+
 def _checked_method_name(method: Any) -> str:
     """``method`` as a plain str, for a name that failed the call's fast check; raises naming what is wrong.
 
@@ -1082,14 +1128,8 @@ def _checked_method_name(method: Any) -> str:
         raise MethodNotFoundError(
             "a method name must be a non-empty str, got '' (pass the name of a public method of the service)"
         )
-    try:
-        shown = repr(method)
-    except Exception:  # noqa: BLE001 - a __repr__ that raises
-        shown = f"a {type(method).__name__} object"
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
     raise TypeError(
-        f"a method name must be a non-empty str, not {type(method).__name__} {shown} "
+        f"a method name must be a non-empty str, not {type(method).__name__} {_shown(method, 80)} "
         "(pass the name of a public method of the service)"
     )
 

@@ -217,6 +217,32 @@ def test_method_names_are_checked_at_the_call_and_nothing_is_sent(bad: Any, erro
         assert manager.call_service_sync("counter", "add", (1,)) == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "says"),
+    [
+        ("12", None, r"args must be a tuple .* not str '12'.*\('12',\)"),  # was add('1', '2')
+        (b"5", None, r"args must be a tuple .* not bytes"),
+        ({"n": 1}, None, r"args must be a tuple .* not dict.*kwargs="),
+        ({1, 2}, None, r"args must be a tuple .* not set"),
+        (5, None, r"args must be a tuple .* not int 5.*\(5,\)"),
+        ((1,), [("n", 1)], r"kwargs must be a dict .* not list"),
+    ],
+)
+def test_arguments_that_are_not_a_sequence_and_a_dict_are_refused_at_the_call_and_nothing_is_sent(
+    args: Any, kwargs: Any, says: str
+) -> None:
+    with ServiceEnvironment("arguments", CONFIG) as env:
+        task = env.register_service("counter", Counter)
+        manager = env.manager()
+        assert manager.call_service_sync("counter", "add", [2]) == 2  # a list is a sequence of arguments
+        before = task.get_service_status().requests_total
+        for call in (manager.call_service_sync, manager.call_service_async, manager.stream):
+            with pytest.raises(TypeError, match=says):
+                call("counter", "add", args, kwargs)
+        assert task.get_service_status().requests_total == before, "nothing was sent"
+        assert manager.call_service_sync("counter", "add", (1,)) == 3
+
+
 def test_a_request_with_a_bad_method_name_is_refused_by_the_task_and_its_status_stays_readable() -> None:
     task = LocalServiceTask(ServiceFactory("counter", Counter), _context())
     task.start_service()
