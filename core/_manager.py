@@ -307,6 +307,10 @@ class ServiceManager:
         return True
 
     def _resolve(self, service_name: str) -> tuple[list[ServiceAddress], type | None]:
+        if not isinstance(service_name, str):
+            raise TypeError(
+                f"a service name must be a non-empty str, not {type(service_name).__name__} {_shown(service_name)}"
+            )
         env = self.environment
         if env is not None:
             task = env.get_task(service_name)
@@ -449,12 +453,14 @@ class ServiceManager:
                 deadline = parent.deadline
             if parent.metadata:
                 metadata = {**parent.metadata, **(metadata or {})}
+        if metadata is not None and type(metadata) is not dict:
+            metadata = _checked_mapping("metadata", metadata)
         if type(args) is not tuple:
             args = _checked_args(args)
         if kwargs is None:
             kwargs = {}
         elif type(kwargs) is not dict:
-            kwargs = _checked_kwargs(kwargs)
+            kwargs = _checked_mapping("kwargs", kwargs)
         return ServiceRequest(
             _new_request_id(),
             service_name,
@@ -1108,11 +1114,11 @@ def _checked_args(args: Any) -> tuple[Any, ...]:
     )
 
 
-def _checked_kwargs(kwargs: Any) -> dict[str, Any]:
-    """A call's ``kwargs`` that is not a dict, as a dict; TypeError naming it when it is not a mapping."""
-    if isinstance(kwargs, Mapping):
-        return dict(kwargs)
-    raise TypeError(f"kwargs must be a dict of keyword arguments or None, not {type(kwargs).__name__} {_shown(kwargs)}")
+def _checked_mapping(what: str, value: Any) -> dict[str, Any]:
+    """A call's ``kwargs`` or ``metadata`` that is not a dict, as a dict; TypeError naming it when it is not a mapping."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{what} must be a dict or None, not {type(value).__name__} {_shown(value)}")
 
 
 def _checked_method_name(method: Any) -> str:

@@ -243,6 +243,21 @@ def test_arguments_that_are_not_a_sequence_and_a_dict_are_refused_at_the_call_an
         assert manager.call_service_sync("counter", "add", (1,)) == 3
 
 
+def test_a_service_name_that_is_not_a_str_and_metadata_that_is_not_a_dict_are_refused_at_the_call() -> None:
+    with ServiceEnvironment("names-and-metadata", CONFIG) as env:
+        task = env.register_service("counter", Counter)
+        manager = env.manager()
+        assert manager.call_service_sync("counter", "add", (1,)) == 1
+        before = task.get_service_status().requests_total
+        for call in (manager.call_service_sync, manager.call_service_async, manager.stream):
+            with pytest.raises(TypeError, match=r"service name must be a non-empty str, not int 5"):
+                call(5, "add", (1,))  # was "quote_from_bytes() expected bytes"
+            with pytest.raises(TypeError, match=r"metadata must be a dict .* not list \['x'\]"):
+                call("counter", "add", (1,), metadata=["x"])  # was sent in process, "not picklable" over mmap
+        assert task.get_service_status().requests_total == before, "nothing was sent"
+        assert manager.call_service_sync("counter", "add", (1,), metadata={"k": "v"}) == 2
+
+
 def test_a_request_with_a_bad_method_name_is_refused_by_the_task_and_its_status_stays_readable() -> None:
     task = LocalServiceTask(ServiceFactory("counter", Counter), _context())
     task.start_service()
