@@ -49,7 +49,10 @@ _monotonic = time.monotonic
 
 
 def _checked_count(name: str, value: Any) -> int:
-    if type(value) is not int or value < 1:
+    """``value`` when it is an int of at least 1; TypeError (not an int) or ValueError naming it otherwise."""
+    if type(value) is not int:
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
@@ -489,7 +492,12 @@ class _Batch:
             raise TypeError(
                 f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}"
             )
-        self.source = iter(iterable)  # TypeError at once for something that is not iterable
+        try:
+            self.source = iter(iterable)
+        except TypeError:
+            raise TypeError(
+                f"map's items must be an iterable of the calls' arguments, not {type(iterable).__name__} {iterable!r:.60}"
+            ) from None
         self.manager = manager
         self.service_name = service_name
         self.method = method

@@ -14,6 +14,7 @@ from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._batch import _checked_count
 from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import (
@@ -749,8 +750,9 @@ class ServiceManager:
         ``for item in manager.stream(...)``; the same object also supports
         ``async for`` (see :meth:`astream`). ``timeout`` (seconds, default
         ``service_call.default_timeout``) bounds the whole stream; ``window``
-        (default ``service_call.stream_window``) is how many items the
-        producer may have sent ahead of the consumer before it waits.
+        (default ``service_call.stream_window``; a positive int, else
+        TypeError or ValueError at once) is how many items the producer may
+        have sent ahead of the consumer before it waits.
         Breaking out of the loop, ``close()``, leaving a ``with`` block or
         dropping the iterator stops the generator in the service (its
         ``finally`` runs). Errors: those of calls, raised by the iteration
@@ -772,7 +774,7 @@ class ServiceManager:
         request = self._request(
             service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata
         )
-        window = window or route.stream_window
+        window = route.stream_window if window is None else _checked_count("window", window)
         pull = route.pull_items
         if pull is not None:
             pulled = pull(self, route, request, window)

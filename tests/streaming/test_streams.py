@@ -103,6 +103,25 @@ def test_streaming_a_plain_method_names_call_service_sync(manager: kservice.Serv
     assert list(manager.stream("model", "count", (2,))) == [0, 1]
 
 
+@pytest.mark.parametrize(
+    ("window", "error", "says"),
+    [
+        (0, ValueError, "window must be a positive int, got 0"),  # was the default window, silently
+        (-1, ValueError, "got -1"),  # was sent to the producer as is
+        (1.5, TypeError, "got float 1.5"),
+        ("a", TypeError, "got str 'a'"),  # was "unsupported operand type(s) for //"
+    ],
+)
+def test_a_window_that_is_not_a_positive_int_is_refused_when_the_stream_opens(
+    manager: kservice.ServiceManager, window: Any, error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        manager.stream("model", "count", (3,), window=window)
+    with pytest.raises(TypeError, match=r"items must be an iterable .* not int 5"):
+        manager.map("model", "echo", 5)  # type: ignore[arg-type]
+    assert list(manager.stream("model", "count", (3,), window=1)) == [0, 1, 2]
+
+
 def test_back_pressure_bounds_what_the_producer_runs_ahead(
     manager: kservice.ServiceManager, env: kservice.ServiceEnvironment
 ) -> None:
