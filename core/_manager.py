@@ -31,7 +31,7 @@ from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import get_transport, transports
 from ._stream import ItemStream
-from ._task import _flatten
+from ._task import _flatten, _short_repr
 from ._transport import Connection, ServiceAddress, timeout_response
 from .keys import ADDRESS_IDEMPOTENT
 
@@ -310,7 +310,7 @@ class ServiceManager:
     def _resolve(self, service_name: str) -> tuple[list[ServiceAddress], type | None]:
         if not isinstance(service_name, str):
             raise TypeError(
-                f"a service name must be a non-empty str, not {type(service_name).__name__} {_shown(service_name)}"
+                f"a service name must be a non-empty str, not {type(service_name).__name__} {_short_repr(service_name)}"
             )
         env = self.environment
         if env is not None:
@@ -1085,15 +1085,6 @@ class ServiceProxy:
         return f"<ServiceProxy {self._service_name!r}>"
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters (and never raising)."""
-    try:
-        shown = repr(value)
-    except Exception:  # noqa: BLE001 - a __repr__ that raises
-        return f"a {type(value).__name__} object"
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
 def _checked_args(args: Any) -> tuple[Any, ...]:
     """A call's ``args`` that is not a tuple, as a tuple; TypeError naming it when it is not a sequence of arguments.
 
@@ -1109,10 +1100,10 @@ def _checked_args(args: Any) -> tuple[Any, ...]:
     if isinstance(args, Mapping):
         hint = "; to pass keyword arguments, use kwargs="
     else:
-        hint = f"; to pass it as the only argument, wrap it: ({_shown(args, 40)},)"
+        hint = f"; to pass it as the only argument, wrap it: ({_short_repr(args, 40)},)"
     raise TypeError(
         f"args must be a tuple (or list) of the method's positional arguments, not {type(args).__name__} "
-        f"{_shown(args)}{hint}"
+        f"{_short_repr(args)}{hint}"
     )
 
 
@@ -1120,7 +1111,7 @@ def _checked_mapping(what: str, value: Any) -> dict[str, Any]:
     """A call's ``kwargs`` or ``metadata`` that is not a dict, as a dict; TypeError naming it when it is not a mapping."""
     if isinstance(value, Mapping):
         return dict(value)
-    raise TypeError(f"{what} must be a dict or None, not {type(value).__name__} {_shown(value)}")
+    raise TypeError(f"{what} must be a dict or None, not {type(value).__name__} {_short_repr(value)}")
 
 
 def _checked_method_name(method: Any) -> str:
@@ -1137,7 +1128,7 @@ def _checked_method_name(method: Any) -> str:
             "a method name must be a non-empty str, got '' (pass the name of a public method of the service)"
         )
     raise TypeError(
-        f"a method name must be a non-empty str, not {type(method).__name__} {_shown(method, 80)} "
+        f"a method name must be a non-empty str, not {type(method).__name__} {_short_repr(method, 80)} "
         "(pass the name of a public method of the service)"
     )
 
