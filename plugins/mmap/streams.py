@@ -195,13 +195,17 @@ class MmapStreamSource(StreamSource):
         try:
             return self._receive(ring, timeout)
         finally:
-            with self._guard:
-                self._readers -= 1
-                parked = self._parked if not self._readers else None
-                if parked is not None:
-                    self._parked = None
+            self._read_done()
+
+    def _read_done(self) -> None:
+        """A read of the ring ended: the last reader gives back a ring the stream released meanwhile."""
+        with self._guard:
+            self._readers -= 1
+            parked = self._parked if not self._readers else None
             if parked is not None:
-                _give_back(*parked)
+                self._parked = None
+        if parked is not None:
+            _give_back(*parked)
 
     def _receive(self, ring: ShmQueue, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         wait = LIVENESS_INTERVAL if timeout is None else min(timeout, LIVENESS_INTERVAL)
@@ -216,44 +220,15 @@ class MmapStreamSource(StreamSource):
         except QueueError as exc:  # a corrupted ring dropped the bad bytes
             log.warning("mmap stream ring %s: %s", ring.name, exc)
             return [], None
-        items: list[Any] = []
-        end: ServiceResponse | None = None
         request_id = self._request.request_id
-        for record in records:
-            if end is not None:
-                codec.discard(record)
-                continue
-            if record[:1] == b"\x80":
-                # An inline record: most often one item, read here without the general decoder.
-                try:
-                    message = _loads(record)
-                except Exception:  # noqa: BLE001 - the general decoder reports it below
-                    message = None
-                if type(message) is tuple and len(message) == 2:
-                    if message[0] == request_id:
-                        items.append(message[1])
-                    continue
-                if type(message) is tuple and len(message) == 3 and message[2] is PLAIN_END:
-                    if message[0] == request_id:
-                        end = ServiceResponse(True, None, None, request_id)
-                    continue
-            try:
-                messages = codec.decode_many(record)
-            except codec.DecodeError as exc:
-                log.warning("mmap stream ring %s: skipped an undecodable record: %s", ring.name, exc)
-                continue
-            for message in messages:
-                if message[0] != request_id:
-                    continue  # a late record of an earlier stream that used this ring
-                if len(message) == 2:
-                    items.append(message[1])
-                else:
-                    end = codec.response_from_message(message)
-                    break
-        if end is not None:
-            self._ended = True
-            self._release()
-        return items, end
+        items, ended = _parse(records, request_id)
+        if ended is None:
+            return items, None
+        self._ended = True
+        self._release()
+        if ended is PLAIN_END:
+            return items, ServiceResponse(True, None, None, request_id)
+        return items, codec.response_from_message(ended)
 
     def _broken(self, why: str) -> ServiceResponse:
         self._ended = True
@@ -281,16 +256,31 @@ class MmapStreamSource(StreamSource):
     def close(self) -> None:
         if self._ring is None:
             return
-        if not self._ended:
-            # The end may be in the ring already (a short stream): then the host has nothing to stop.
-            try:
-                _, end = self.receive(0)
-            except Exception:  # noqa: BLE001 - undecidable here: tell the host to stop
-                end = None
-            if end is None and self._ring is not None:
-                self._ended = True
-                self._control(KIND_CANCEL)
+        if not self._ended and not self._end_arrived():
+            self._ended = True
+            self._control(KIND_CANCEL)
         self._release()
+
+    def _end_arrived(self) -> bool:
+        """Whether this stream's end is in its ring already (a short stream): one look, no wait.
+
+        What the look takes out is dropped (the stream is closing), and no
+        response is built for the end. False when another thread is reading
+        the ring (an async consumer's receive) or the ring cannot be read:
+        the caller then cancels, which a host that ended the stream ignores.
+        """
+        with self._guard:
+            ring = self._ring
+            if ring is None or self._readers:
+                return False
+            self._readers = 1
+        try:
+            records = ring.get_many(256, 0)
+        except Exception:  # noqa: BLE001 - empty, closed or corrupt: undecided
+            records = []
+        finally:
+            self._read_done()
+        return _parse(records, self._request.request_id)[1] is not None
 
     def _release(self, reuse: bool = True) -> None:
         with self._guard:
@@ -301,6 +291,48 @@ class MmapStreamSource(StreamSource):
                 self._parked = (ring, reuse)  # the last reader gives it back when it returns
                 return
         _give_back(ring, reuse)
+
+
+def _parse(records: list[bytes], request_id: str) -> tuple[list[Any], Any]:
+    """The items of stream ``request_id`` in ``records``, and its end if there: None, :data:`PLAIN_END`, or the
+    end's message (for ``codec.response_from_message``). Records of earlier streams of the ring and those after
+    the end are dropped (their out-of-band segments released); an undecodable record is logged and skipped."""
+    items: list[Any] = []
+    for index, record in enumerate(records):
+        if record[:1] == b"\x80":
+            # An inline record: most often one item, read here without the general decoder.
+            try:
+                message = _loads(record)
+            except Exception:  # noqa: BLE001 - the general decoder reports it below
+                message = None
+            if type(message) is tuple and len(message) == 2:
+                if message[0] == request_id:
+                    items.append(message[1])
+                continue
+            if type(message) is tuple and len(message) == 3 and message[2] is PLAIN_END:
+                if message[0] == request_id:
+                    _drop(records, index + 1)
+                    return items, PLAIN_END
+                continue
+        try:
+            messages = codec.decode_many(record)
+        except codec.DecodeError as exc:
+            log.warning("mmap stream %s: skipped an undecodable record: %s", request_id, exc)
+            continue
+        for message in messages:
+            if message[0] != request_id:
+                continue  # a late record of an earlier stream that used this ring
+            if len(message) == 2:
+                items.append(message[1])
+            else:
+                _drop(records, index + 1)
+                return items, message
+    return items, None
+
+
+def _drop(records: list[bytes], start: int) -> None:
+    for record in records[start:]:
+        codec.discard(record)
 
 
 def _give_back(ring: ShmQueue, reuse: bool) -> None:
