@@ -63,7 +63,8 @@ class Observed:
 
 @pytest.mark.timeout(120)
 def test_a_call_run_on_the_listener_thread_is_answered_before_the_server_observers_run() -> None:
-    with ServiceEnvironment("mw-observe") as env:
+    # A generous inline limit: a warm-up call preempted on a busy machine must not send echo to the pool.
+    with ServiceEnvironment("mw-observe", {"mmap": {"inline_limit": 0.1}}) as env:
         env.add_middleware(SlowObserver())
         env.register_service("obs", ServiceFactory("obs", Observed), kind="process")
         with ServiceManager(env) as manager:
