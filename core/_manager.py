@@ -29,7 +29,7 @@ from ._future import CallFuture, future_lock
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
-from ._plugins import get_transport, transports
+from ._plugins import call_hook, get_transport, transports
 from ._stream import ItemStream
 from ._task import _flatten, _short_repr
 from ._transport import Connection, ServiceAddress, timeout_response
@@ -261,7 +261,7 @@ class ServiceManager:
 
         self.environment = environment
         self._config = None if environment is not None else Config.load(config)
-        self._pm = get_plugin_manager()
+        get_plugin_manager()  # plugins load here: one that fails to load is reported now, not at the first call
         self._routes: dict[str, _Route] = {}
         self._route_lock = threading.Lock()
         self._timer: _Timer | None = None
@@ -326,8 +326,11 @@ class ServiceManager:
                     raise error(f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first")
                 return addresses, task.service_factory.service_class
         # Every resolver is asked: which plugin answers first must not decide the transport.
-        answers = self._pm.hook.kservice_resolve_service(
-            service_name=service_name, options=self.config.for_service(service_name), manager=self
+        answers = call_hook(
+            "kservice_resolve_service",
+            service_name=service_name,
+            options=self.config.for_service(service_name),
+            manager=self,
         )
         found = [address for answer in answers for address in answer or ()]
         if found:
@@ -369,7 +372,7 @@ class ServiceManager:
     def known_services(self) -> list[str]:
         """Every service name this manager can see: its environment's and the resolvers'."""
         names = set(self.environment.service_names()) if self.environment is not None else set()
-        for contributed in self._pm.hook.kservice_known_services():
+        for contributed in call_hook("kservice_known_services"):
             names.update(contributed or ())
         return sorted(names)
 
@@ -391,13 +394,13 @@ class ServiceManager:
         else:
             raise failures[0]
         options = self.config.for_service(service_name)
-        contributed = self._pm.hook.kservice_middleware(
-            service_name=service_name, options=options, service_class=service_class
+        contributed = call_hook(
+            "kservice_middleware", service_name=service_name, options=options, service_class=service_class
         )
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
-        retry = self._pm.hook.kservice_retry_policy(service_name=service_name, options=options)
+        retry = call_hook("kservice_retry_policy", service_name=service_name, options=options)
         route = _Route(service_name, address, connection, chain, retry, options, service_class)
         with self._route_lock:
             existing = self._routes.get(service_name)

@@ -28,7 +28,7 @@ import pluggy
 
 from . import hookspecs
 from ._config import Schema, core_schema, merge_schema
-from ._errors import PluginError
+from ._errors import PluginError, ServiceError
 
 if TYPE_CHECKING:
     from ._task import BaseServiceTask, ServiceFactory, TaskContext
@@ -42,6 +42,7 @@ __all__ = [
     "PluginState",
     "announce",
     "apply_plugin_config",
+    "call_hook",
     "config_schema",
     "get_plugin_manager",
     "get_transport",
@@ -351,6 +352,43 @@ def _describe_failure(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
     except Exception:  # noqa: BLE001 - a __str__ that raises
         return f"{type(exc).__name__} (its message could not be formatted)"
+
+
+def call_hook(hook_name: str, **kwargs: Any) -> Any:
+    """``get_plugin_manager().hook.<hook_name>(**kwargs)`` for a hook whose answer the caller needs.
+
+    Pluggy's call, unchanged (order, wrappers, first-result hooks), except
+    that an implementation raising something other than a ServiceError (a
+    typed answer, passed on as raised) becomes a PluginError naming the
+    plugin and the hook, the error chained: a bare KeyError from a call or a
+    start says nothing of where it came from.
+    """
+    caller = getattr(get_plugin_manager().hook, hook_name)
+    try:
+        return caller(**kwargs)
+    except ServiceError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"kservice {_raised_in(caller, exc)}: its {hook_name} raised {_describe_failure(exc)}"
+        ) from exc
+
+
+def _raised_in(caller: Any, exc: BaseException) -> str:
+    """Which implementation of the hook ``caller`` raised ``exc``: 'plugin NAME', from the frames it passed."""
+    codes = {}
+    for impl in caller.get_hookimpls():
+        function = getattr(impl.function, "__func__", impl.function)
+        code = getattr(function, "__code__", None)
+        if code is not None:
+            codes[code] = impl.plugin_name
+    traceback = exc.__traceback__
+    while traceback is not None:
+        name = codes.get(traceback.tb_frame.f_code)
+        if name is not None:
+            return f"plugin {name!r}"
+        traceback = traceback.tb_next
+    return "a plugin"
 
 
 def announce(hook_name: str, **kwargs: Any) -> None:

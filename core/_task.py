@@ -704,10 +704,13 @@ class BaseServiceTask:
             self._compile_server_chain()
 
     def _compile_server_chain(self) -> None:
-        from ._plugins import get_plugin_manager
+        from ._plugins import call_hook
 
-        contributed = get_plugin_manager().hook.kservice_middleware(
-            service_name=self.service_name, options=self.options, service_class=self.service_factory.service_class
+        contributed = call_hook(
+            "kservice_middleware",
+            service_name=self.service_name,
+            options=self.options,
+            service_class=self.service_factory.service_class,
         )
         chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
         self._server_chain = chain if chain else None

@@ -25,7 +25,12 @@ There are three behaviours, one per kind of hook:
   workers, listeners and instance released) or reports its status.
 - *decisions* (resolving, chains, retry policy, commands, health checks): the
   error propagates to the operation that asked, which fails with it, as
-  described on each hook; nothing is left half-done.
+  described on each hook; nothing is left half-done. For the resolving and
+  chain hooks (``kservice_resolve_service``, ``kservice_known_services``,
+  ``kservice_middleware``, ``kservice_retry_policy``) the error arrives as a
+  PluginError naming the plugin and the hook, the original chained; a
+  ServiceError (a typed answer, such as ServiceUnavailableError from a
+  resolver) arrives as raised.
 """
 
 from __future__ import annotations

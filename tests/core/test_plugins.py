@@ -60,6 +60,62 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error(tmp_path: Path) -> None
     assert "PluginError" in result.stderr and "acme_broken" in result.stderr
 
 
+RAISING_PLUGIN = """
+import kservice
+
+ARMED = False  # set by the script once the services it calls have started
+
+@kservice.hookimpl
+def kservice_middleware(service_name, options):
+    if ARMED and service_name.startswith("guarded"):
+        raise KeyError("the auth table has no entry for " + service_name)
+    return None
+
+@kservice.hookimpl
+def kservice_resolve_service(service_name, options, manager):
+    if service_name == "elsewhere":
+        raise ConnectionError("the directory service is down")
+    return None
+"""
+
+RAISING_CALLS = """
+import acme_raising
+import kservice
+env = kservice.ServiceEnvironment("p")
+env.register_service("open", dict)
+env.register_service("guarded", dict)
+with env, kservice.ServiceManager(env) as m:
+    acme_raising.ARMED = True
+    try:
+        kservice.ServiceEnvironment("g").register_service("guarded-too", dict).start_service()
+    except kservice.ServiceUnavailableError as exc:
+        print("start:", exc)
+    print("open:", m.call_service_sync("open", "get", ("x", 1)))
+    for name in ("guarded", "elsewhere"):
+        try:
+            m.call_service_sync(name, "get", ("x", 1))
+        except kservice.PluginError as exc:
+            print(f"{name}:", type(exc).__name__, exc, "| cause:", type(exc.__cause__).__name__)
+"""
+
+
+def test_a_plugin_hook_that_raises_is_a_plugin_error_naming_the_plugin_and_the_hook(tmp_path: Path) -> None:
+    site = make_distribution(
+        tmp_path, "acme_raising", {"kservice": {"acme_raising": "acme_raising"}}, {"acme_raising": RAISING_PLUGIN}
+    )
+    result = run_python(RAISING_CALLS, site=site)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.strip().splitlines())
+    # Was the bare KeyError / ConnectionError, naming neither the plugin nor what it was asked.
+    assert "plugin 'acme_raising'" in lines["start"] and "kservice_middleware" in lines["start"], lines
+    assert "KeyError" in lines["start"] and "auth table" in lines["start"]
+    assert lines["open"].strip() == "1"  # the plugin's other answers stand: the rest of the services work
+    assert "PluginError" in lines["guarded"] and "plugin 'acme_raising'" in lines["guarded"], lines
+    assert "kservice_middleware" in lines["guarded"] and "cause: KeyError" in lines["guarded"]
+    assert "kservice_resolve_service" in lines["elsewhere"] and "directory service is down" in lines["elsewhere"]
+    assert "cause: ConnectionError" in lines["elsewhere"]
+
+
 def test_disabled_plugins_are_not_loaded(tmp_path: Path) -> None:
     result = run_python(CALL, site=_site(tmp_path), env={"KSERVICE_DISABLE_PLUGINS": "acme_good, acme_broken"})
     assert result.returncode == 0, result.stderr
