@@ -80,10 +80,12 @@ class _RingPool:
         self._connections = 0
 
     def acquire(self) -> ShmQueue:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return create_queue(f"str.{os.getpid()}.{os.urandom(4).hex()}", STREAM_RING_CAPACITY)
+        # Without the lock: list.pop is atomic, and the drains below pop too, so each idle ring goes to
+        # exactly one taker (a stream, or its removal). One lock less per stream (first-item latency).
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return create_queue(f"str.{os.getpid()}.{os.urandom(4).hex()}", STREAM_RING_CAPACITY)
 
     def release(self, ring: ShmQueue) -> None:
         with self._lock:
@@ -101,14 +103,18 @@ class _RingPool:
             self._connections = max(0, self._connections - 1)
             if self._connections:
                 return
-            idle, self._idle = self._idle, []
-        for ring in idle:
-            _remove(ring)
+        self._drain()
 
     def shutdown(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for ring in idle:
+        self._drain()
+
+    def _drain(self) -> None:
+        """Remove every idle ring, one pop at a time (as ``acquire`` takes them: never one ring twice)."""
+        while True:
+            try:
+                ring = self._idle.pop()
+            except IndexError:
+                return
             _remove(ring)
 
     def forget_after_fork(self) -> None:
@@ -254,33 +260,21 @@ class MmapStreamSource(StreamSource):
             log.info("mmap stream %s: could not reach the host (%s)", self._request.request_id, exc)
 
     def close(self) -> None:
-        if self._ring is None:
-            return
-        if not self._ended and not self._end_arrived():
-            self._ended = True
-            self._control(KIND_CANCEL)
-        self._release()
-
-    def _end_arrived(self) -> bool:
-        """Whether this stream's end is in its ring already (a short stream): one look, no wait.
-
-        What the look takes out is dropped (the stream is closing), and no
-        response is built for the end. False when another thread is reading
-        the ring (an async consumer's receive) or the ring cannot be read:
-        the caller then cancels, which a host that ended the stream ignores.
-        """
         with self._guard:
-            ring = self._ring
-            if ring is None or self._readers:
-                return False
-            self._readers = 1
-        try:
-            records = ring.get_many(256, 0)
-        except Exception:  # noqa: BLE001 - empty, closed or corrupt: undecided
-            records = []
-        finally:
-            self._read_done()
-        return _parse(records, self._request.request_id)[1] is not None
+            ring, self._ring = self._ring, None
+            if ring is None:
+                return
+            shared = self._readers > 0
+            if shared:
+                self._parked = (ring, True)  # the reader still in it gives the ring back
+        if not self._ended:
+            self._ended = True
+            # One look for an end already sent (a short stream): then the host has nothing to stop. Not while
+            # another thread reads the ring (an async consumer's receive): that read may be taking the end.
+            if shared or not _end_in(ring, self._request.request_id):
+                self._control(KIND_CANCEL)  # a host that ended the stream meanwhile ignores it
+        if not shared:
+            _give_back(ring, True)
 
     def _release(self, reuse: bool = True) -> None:
         with self._guard:
@@ -328,6 +322,15 @@ def _parse(records: list[bytes], request_id: str) -> tuple[list[Any], Any]:
                 _drop(records, index + 1)
                 return items, message
     return items, None
+
+
+def _end_in(ring: ShmQueue, request_id: str) -> bool:
+    """Whether stream ``request_id``'s end is in ``ring`` (one look, no wait); what the look takes out is dropped."""
+    try:
+        records = ring.get_many(256, 0)
+    except Exception:  # noqa: BLE001 - empty, closed or corrupt: undecided
+        return False
+    return _parse(records, request_id)[1] is not None
 
 
 def _drop(records: list[bytes], start: int) -> None:
