@@ -26,7 +26,7 @@ from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceTimeoutError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareError
-from ._transport import Reply, timeout_response
+from ._transport import Reply, deadline_response
 
 if TYPE_CHECKING:
     from ._task import BaseServiceTask
@@ -309,7 +309,7 @@ async def execute_coroutine(
     deadline = request.deadline
     if deadline is not None and time.time() > deadline:
         next(task._expired)
-        return timeout_response(request, 0.0)
+        return deadline_response(request, started=False)
     if limit is not None and limit.locked():
         try:
             if deadline is None:
@@ -318,7 +318,7 @@ async def execute_coroutine(
                 await _within(limit.acquire(), max(0.0, deadline - time.time()))
         except TimeoutError:
             next(task._expired)
-            return timeout_response(request, 0.0)
+            return deadline_response(request, started=False)
     elif limit is not None:
         await limit.acquire()
     try:
@@ -334,7 +334,7 @@ async def _run_method(task: BaseServiceTask, request: ServiceRequest, method: Ca
     if serial is not None and not await _acquire_thread_lock(serial, request.deadline):
         next(task._finished)
         next(task._failed)
-        return timeout_response(request, 0.0)
+        return deadline_response(request, started=False)
     _current_request.set(request)  # this asyncio task's own context: other calls never see it
     chain = task._server_chain
     limit = 0
@@ -358,7 +358,7 @@ async def _run_method(task: BaseServiceTask, request: ServiceRequest, method: Ca
                 except TimeoutError:
                     if time.time() < deadline:
                         raise  # the method's own TimeoutError, not the deadline
-                    response = timeout_response(request, deadline - time.time())
+                    response = deadline_response(request, started=True)
                     result = None
             if response is None:
                 response = ServiceResponse(True, result, None, request.request_id)

@@ -32,7 +32,7 @@ from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareError
-from ._transport import timeout_response
+from ._transport import deadline_response
 
 if TYPE_CHECKING:
     import asyncio
@@ -418,7 +418,7 @@ def _pass_in_place(
                 break
             count += 1
             if deadline is not None and time.time() > deadline and not sink.cancelled:
-                response = timeout_response(request, 0.0)
+                response = deadline_response(request, started=True)
                 break
             if perf_counter() > stop_at:
                 break
@@ -489,7 +489,7 @@ def _begin(task: BaseServiceTask, request: ServiceRequest) -> tuple[ServiceReque
     """Deadline check and the server chain's before-hooks: (request, refusal or None, after-hook limit, start time)."""
     if request.deadline is not None and time.time() > request.deadline:
         next(task._expired)
-        return request, timeout_response(request, 0.0), -1, 0.0
+        return request, deadline_response(request, started=False), -1, 0.0
     next(task._started)
     chain = task._server_chain
     began = perf_counter()
@@ -531,7 +531,7 @@ def _stopped_response(request: ServiceRequest, sink: StreamSink) -> ServiceRespo
         return sink.stop_reason
     if sink.cancelled:
         return _ended_early(request, "the consumer closed the stream")
-    return timeout_response(request, 0.0)
+    return deadline_response(request, started=True)
 
 
 class SyncStreamRun:
@@ -653,7 +653,7 @@ class SyncStreamRun:
                 self.count += 1
                 sent += 1
                 if deadline is not None and time.time() > deadline and not sink.cancelled:
-                    self.response = timeout_response(request, 0.0)
+                    self.response = deadline_response(request, started=True)
                     break
                 if stop_at is not None and perf_counter() > stop_at:
                     break
@@ -727,7 +727,7 @@ async def serve_async_stream(
                 while True:
                     # A service declared not thread-safe: each step holds its serial lock, as its calls do.
                     if serial is not None and not await _acquire_thread_lock(serial, deadline):
-                        return timeout_response(request, 0.0)
+                        return deadline_response(request, started=True)
                     try:
                         item = await step()
                     except StopAsyncIteration:
@@ -745,7 +745,7 @@ async def serve_async_stream(
                 else:
                     response = await _within(pump(), max(0.0, deadline - time.time()))
             except TimeoutError:
-                response = timeout_response(request, 0.0)
+                response = deadline_response(request, started=True)
             except asyncio.CancelledError:
                 response = _stopped_response(request, sink)
                 sink.end(_conclude(task, request, response, limit, began, count))
@@ -969,7 +969,7 @@ class _PulledRun:
                 if len(items) >= wanted or perf_counter() - began > inline_limit:
                     break
                 if deadline is not None and time.time() > deadline:
-                    self._response = timeout_response(request, 0.0)
+                    self._response = deadline_response(request, started=True)
                     break
         except StopIteration:
             self._generator = None  # exhausted: closing it would do nothing
@@ -1006,7 +1006,7 @@ class _PulledRun:
         if deadline is not None and time.time() > deadline:
             # Closed by the consumer's deadline: the service side sees the timeout a stream thread's
             # producer would have ended with.
-            self._abandon(timeout_response(self._served, 0.0))
+            self._abandon(deadline_response(self._served, started=True))
         elif self._task._server_chain is None:
             # No after-hook to show the end to: close the generator, count the stream as ended.
             self._response = _CLOSED_HERE
@@ -1611,7 +1611,7 @@ class PulledItems(_PulledRun, ItemStream):
             self._error = response.to_exception(self._request.service_name, self._request.method_name)
 
     def _pulled_expired(self) -> None:
-        self._abandon(timeout_response(self._served, 0.0))
+        self._abandon(deadline_response(self._served, started=True))
         self._done = True
         self._error = ServiceTimeoutError(
             f"stream {self._request.service_name}.{self._request.method_name} passed its deadline "

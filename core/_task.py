@@ -41,7 +41,7 @@ from ._stream import (
     run_here,
     shutdown_stream_threads,
 )
-from ._transport import Listener, Reply, timeout_response
+from ._transport import Listener, Reply, deadline_response, timeout_response
 
 if TYPE_CHECKING:
     from ._aio import TaskLoop
@@ -1133,7 +1133,7 @@ class BaseServiceTask:
         refusal = None
         if request.deadline is not None and time.time() > request.deadline:
             next(self._expired)
-            refusal = timeout_response(request, 0.0)
+            refusal = deadline_response(request, started=False)
         elif type(request.method_name) is not str:
             refusal = self._refuse_method_name(request)
         if refusal is not None:

@@ -9,6 +9,7 @@ names a concrete transport; transports arrive through the
 from __future__ import annotations
 
 import math
+import time
 from _thread import allocate_lock as _allocate_lock
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -188,6 +189,19 @@ def timeout_response(request: ServiceRequest, timeout: float) -> ServiceResponse
     error = ServiceTimeoutError(
         f"call {request.service_name}.{request.method_name} timed out after {max(timeout, 0):.3f}s"
     )
+    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+
+
+def deadline_response(request: ServiceRequest, *, started: bool) -> ServiceResponse:
+    """The failed response of ``request`` when the service's side finds its deadline passed.
+
+    ``started``: whether the method had begun (a stream mid-way, a coroutine
+    being awaited) or not (the request waited past its deadline: it never
+    runs). The message says which and how late, never a timeout of 0 s.
+    """
+    late = "" if request.deadline is None else f" ({max(0.0, time.time() - request.deadline):.3f}s ago)"
+    when = "while it ran" if started else "before it started; it did not run"
+    error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} passed its deadline{late} {when}")
     return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
 
 

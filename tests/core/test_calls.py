@@ -15,6 +15,7 @@ from kservice import (
     ServiceEnvironment,
     ServiceManager,
     ServiceNotFoundError,
+    ServiceRequest,
     ServiceTimeoutError,
     ServiceUnavailableError,
 )
@@ -140,6 +141,17 @@ def test_timed_out_request_that_has_not_started_never_runs() -> None:
             assert manager.call_service_sync("rec", "work", ("after",)) == "after"
         assert "start queued" not in task.service.events
         assert task.get_service_status().expired_total == 1
+
+
+def test_a_deadline_found_passed_by_the_service_is_reported_as_such_not_as_a_zero_timeout() -> None:
+    with ServiceEnvironment("t") as env:
+        task = env.register_service("rec", Recorder)
+        late = ServiceRequest("r-late", "rec", "work", ("late",), deadline=time.time() - 2.5)
+        error = task.execute(late).error or ""
+        # Was "call rec.work timed out after 0.000s": the call had its whole timeout, and more.
+        assert "0.000s" not in error
+        assert "rec.work passed its deadline" in error and "before it started" in error, error
+        assert "start late" not in task.service.events
 
 
 def test_late_response_is_dropped_and_leaks_nothing(manager: ServiceManager) -> None:
