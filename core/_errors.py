@@ -117,12 +117,17 @@ class ServiceCallError(ServiceError):
         method_name: str = "",
     ) -> None:
         Exception.__init__(self, message)
+        self._message = message
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
         self.service_name = service_name
         self.method_name = method_name
 
     def __str__(self) -> str:
+        # The original's message, also once ``args`` are the original's arguments (see restore_state).
+        message = self.__dict__.get("_message")
+        if message is not None:
+            return str(message)
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -231,6 +236,28 @@ def make_call_error(
     if remote_traceback and note:
         error.add_note(f"remote traceback (service {service_name!r}, method {method_name!r}):\n{remote_traceback}")
     return error
+
+
+#: A call error's own attributes: the original exception's state never replaces them.
+_OWN_ATTRIBUTES = ("_message", "remote_type", "remote_traceback", "service_name", "method_name", "__notes__")
+
+
+def exception_state(exc: BaseException) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``exc``'s arguments and attributes, as :func:`restore_state` gives them to the caller's error."""
+    try:
+        attributes = {k: v for k, v in vars(exc).items() if k not in _OWN_ATTRIBUTES}
+    except TypeError:  # an exception class with __slots__ only
+        attributes = {}
+    return exc.args, attributes
+
+
+def restore_state(error: ServiceCallError, args: tuple[Any, ...], attributes: dict[str, Any]) -> None:
+    """Give ``error`` the original exception's ``args`` and attributes (``e.args[0]``, ``e.code`` work as on
+    the original); its message, remote type and traceback, service and method stay its own."""
+    error.args = args
+    for name, value in attributes.items():
+        if name not in _OWN_ATTRIBUTES:
+            error.__dict__[name] = value
 
 
 #: Errors the runtime itself raises on the service side, rebuilt by name on the caller side.

@@ -12,7 +12,9 @@ from ._errors import (
     RUNTIME_ERRORS,
     ServiceCallError,
     ServiceError,
+    exception_state,
     make_call_error,
+    restore_state,
 )
 
 __all__ = ["MAY_HAVE_RUN", "ServiceRequest", "ServiceResponse", "new_request_id"]
@@ -24,6 +26,40 @@ __all__ = ["MAY_HAVE_RUN", "ServiceRequest", "ServiceResponse", "new_request_id"
 #: idempotent method may be sent again. Absent: unknown, which retry policies treat as ``True``.
 #: The caller's exception carries it as ``may_have_run`` (see :meth:`ServiceResponse.to_exception`).
 MAY_HAVE_RUN = "kservice.may_have_run"
+#: Response metadata of a method's error that crossed a process: its exception's ``(args, attributes)``,
+#: pickled (see ServiceResponse.for_wire); the caller's error gets them back.
+ERROR_STATE = "kservice.error_state"
+#: Largest pickled state an error carries (a bigger one travels as the message alone).
+_ERROR_STATE_LIMIT = 64 << 10
+
+
+def _portable_state(exc: BaseException) -> bytes | None:
+    """``exc``'s arguments and attributes pickled; its arguments alone when the attributes do not pickle."""
+    import pickle  # error path only: a caller's start does not import it for this
+
+    args, attributes = exception_state(exc)
+    for state in ((args, attributes), (args, {})):
+        try:
+            blob = pickle.dumps(state, protocol=5)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: try less, or carry nothing
+            continue
+        if len(blob) <= _ERROR_STATE_LIMIT:
+            return blob
+    return None
+
+
+def _loaded_state(blob: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """What :func:`_portable_state` made, or None when it cannot be read here (a class this process lacks)."""
+    import pickle
+
+    try:
+        args, attributes = pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - the error still has its type and message
+        return None
+    if type(args) is not tuple or type(attributes) is not dict:
+        return None
+    return args, attributes
+
 
 _request_counter = itertools.count(1)
 _request_prefix = f"{os.getpid():x}-{time.time_ns() & 0xFFFFFF:x}-"
@@ -194,6 +230,11 @@ class ServiceResponse:
         )
         if self.exception is not None:
             call_error.__cause__ = self.exception
+            restore_state(call_error, *exception_state(self.exception))
+        elif self.metadata and ERROR_STATE in self.metadata:
+            state = _loaded_state(self.metadata[ERROR_STATE])
+            if state is not None:
+                restore_state(call_error, *state)
         return call_error
 
     def unwrap(self, service_name: str = "", method_name: str = "") -> Any:
@@ -203,9 +244,20 @@ class ServiceResponse:
         raise self.to_exception(service_name, method_name)
 
     def for_wire(self) -> ServiceResponse:
-        """A copy without the live exception object, safe to pickle to another process."""
+        """A copy without the live exception object, safe to pickle to another process.
+
+        A method's exception leaves its arguments and attributes behind in
+        ``metadata[ERROR_STATE]`` (pickled, when they pickle and take at most
+        64 KiB; else its arguments alone, else nothing), from which the
+        caller's error gets them (``e.args``, ``e.code``).
+        """
         if self.exception is None:
             return self
+        metadata = self.metadata
+        if self.error_origin == "service":
+            state = _portable_state(self.exception)
+            if state is not None:
+                metadata = {**metadata, ERROR_STATE: state}
         return ServiceResponse(
             self.success,
             self.result,
@@ -214,6 +266,6 @@ class ServiceResponse:
             self.error_type,
             self.error_origin,
             self.remote_traceback,
-            self.metadata,
+            metadata,
             self.degraded,
         )

@@ -12,13 +12,14 @@ given here.
 
 from __future__ import annotations
 
-from ._messages import MAY_HAVE_RUN
+from ._messages import ERROR_STATE, MAY_HAVE_RUN
 
 __all__ = [
     "ADDRESS_IDEMPOTENT",
     "CACHE",
     "CIRCUIT_OPEN",
     "DEGRADED",
+    "ERROR_STATE",
     "FALLBACK",
     "MAY_HAVE_RUN",
     "REPLICA_DOWN",
@@ -39,6 +40,8 @@ __all__ = [
 
 # MAY_HAVE_RUN ("kservice.may_have_run"), defined beside ServiceResponse: whether a request that failed
 # in the runtime may have reached the service (False: it provably never did, so any retry may re-send it).
+# ERROR_STATE ("kservice.error_state"), defined beside ServiceResponse too: on a method's error that crossed a
+# process, its exception's arguments and attributes, pickled; the caller's error gets them back.
 
 #: ``False``: re-sending cannot help or is unsafe, whatever the error (an open breaker, a replica set with
 #: no live replica). Retry policies give up at once; absent or True: the policy decides as usual.

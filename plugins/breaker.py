@@ -76,8 +76,9 @@ class CircuitOpenError(ServiceUnavailableError):
     """The service's circuit breaker is open: the call was refused without reaching the service.
 
     ``probe_at`` is the breaker clock's time (``time.monotonic()`` by default)
-    from which a probe call is let through; 0.0 when unknown (a rejection that
-    reached this caller from another process, rebuilt by type name).
+    from which a probe call is let through, in the process whose breaker
+    refused (a rejection a service relays carries it, like any exception's
+    attributes); 0.0 when unknown.
     """
 
     #: the class default covers instances built without ``__init__`` (the core's error rebuilding)

@@ -899,6 +899,7 @@ class MmapListener(Listener):
 
 def _error_fields(response: ServiceResponse) -> tuple[Any, ...]:
     """What a chunk answer carries for one failed call (see ``codec.encode_chunk_answer``)."""
+    response = response.for_wire()  # a method's exception leaves its arguments and attributes in the metadata
     return (
         response.error,
         response.error_type,

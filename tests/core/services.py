@@ -101,3 +101,36 @@ class ClosesOnStop:
 
     def ping(self) -> str:
         return "pong"
+
+
+class CodedError(Exception):
+    """An exception whose constructor takes two arguments and keeps them as attributes (as HTTP errors do)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+class LockedError(Exception):
+    """An exception holding something that cannot be pickled."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class Raiser:
+    """Raises what it is asked to, for the typed-error tests."""
+
+    def coded(self, code: int, detail: str) -> None:
+        raise CodedError(code, detail)
+
+    def missing(self, key: str) -> None:
+        raise KeyError(key)
+
+    def locked(self, message: str) -> None:
+        raise LockedError(message)

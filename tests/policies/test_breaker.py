@@ -88,10 +88,12 @@ def test_each_rejection_is_a_complete_circuit_open_error_of_its_own() -> None:
     restored = pickle.loads(pickle.dumps(error))
     assert type(restored) is CircuitOpenError and restored.args == error.args and restored.probe_at == error.probe_at
     assert CircuitOpenError("built by hand", 3.0).probe_at == 3.0 and CircuitOpenError("m").probe_at == 0.0
-    # Raised in a service that called through its own open breaker, it reaches that service's caller rebuilt by name.
-    relayed = ServiceResponse.from_exception("r", error, origin="service").to_exception("svc", "m")
-    assert isinstance(relayed, CircuitOpenError) and isinstance(relayed, kservice.ServiceCallError)
-    assert relayed.probe_at == 0.0
+    # Raised in a service that called through its own open breaker, it reaches that service's caller rebuilt by
+    # name, with its attributes (in process, and from another process through the response's metadata).
+    response = ServiceResponse.from_exception("r", error, origin="service")
+    for relayed in (response.to_exception("svc", "m"), response.for_wire().to_exception("svc", "m")):
+        assert isinstance(relayed, CircuitOpenError) and isinstance(relayed, kservice.ServiceCallError)
+        assert relayed.probe_at == pytest.approx(105.0) and relayed.args == error.args
     assert breaker.snapshot()["rejected_total"] == 2
 
 

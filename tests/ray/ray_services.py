@@ -10,6 +10,14 @@ from typing import Any
 import kservice
 
 
+class CodedError(Exception):
+    """An exception whose constructor takes two arguments and keeps them as attributes."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+
+
 class EchoService:
     """Echoes, reports where it runs, raises on request, and sleeps on request."""
 
@@ -34,6 +42,9 @@ class EchoService:
 
     def fail(self, message: str) -> None:
         raise ValueError(message)
+
+    def coded(self, code: int, detail: str) -> None:
+        raise CodedError(code, detail)
 
     def sleep(self, seconds: float) -> float:
         time.sleep(seconds)

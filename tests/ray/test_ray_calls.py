@@ -137,6 +137,20 @@ def test_an_argument_the_replica_cannot_unpickle_fails_at_once_unretried_says_no
 
 
 @pytest.mark.timeout(60)
+def test_a_replicas_exception_keeps_its_arguments_and_attributes(manager: ServiceManager) -> None:
+    from ray_services import CodedError
+
+    with pytest.raises(CodedError) as coded:
+        manager.call_service_sync("echo", "coded", (404, "missing"))
+    assert (coded.value.code, coded.value.args) == (404, (404, "missing"))
+    (failed,) = list(manager.map("echo", "coded", [(500, "in a map")], return_exceptions=True))
+    assert isinstance(failed, CodedError) and (failed.code, failed.args) == (500, (500, "in a map"))
+    with pytest.raises(ValueError) as plain:
+        manager.call_service_async("echo", "fail", ("plain",)).result(20)
+    assert plain.value.args == ("plain",) and str(plain.value) == "plain"
+
+
+@pytest.mark.timeout(60)
 def test_server_middleware_runs_inside_the_replica(manager: ServiceManager) -> None:
     assert manager.call_service_sync("echo", "echo", ("quiet",)) == "quiet"
     assert manager.call_service_sync("echo", "echo", ("loud",), metadata={"shout": True}) == "LOUD"

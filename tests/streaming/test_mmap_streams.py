@@ -248,6 +248,7 @@ def test_a_plain_end_travels_as_one_short_record_and_an_error_end_in_full() -> N
         assert all("kservice.stream.end" not in end for end in observer.ends)  # each in one short record
         with pytest.raises(ValueError, match="broke after 1"):
             list(manager.stream(name, "broken", (1,)))  # an error end still travels in full
-        assert "kservice.stream.end" in observer.ends[-1]
+        # In full: with the metadata a short end record cannot carry (the error's arguments, for the caller).
+        assert "kservice.error_state" in observer.ends[-1]
         assert list(manager.stream(name, "count", (3,))) == [0, 1, 2]
         assert manager.call_service_sync(name, "echo", ("still serving",)) == "still serving"

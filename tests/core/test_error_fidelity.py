@@ -1,0 +1,50 @@
+"""A method's exception reaches the caller with its arguments and attributes, on every transport.
+
+``except KeyError as e: e.args[0]`` and ``except HTTPError as e: e.code`` work as
+they would around a local call; before, only the type and the message crossed
+a process (``e.args[0]`` was the message, ``"'k'"`` for ``KeyError('k')``, and
+attributes were missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager
+
+from tests.core.services import CodedError, LockedError, Raiser
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(params=["local", "process"])
+def manager(request: pytest.FixtureRequest) -> Iterator[ServiceManager]:
+    env = ServiceEnvironment("errors", {"service_call": {"max_retries": 0}})
+    env.register_service("raiser", ServiceFactory("raiser", Raiser), kind=request.param)
+    with env, ServiceManager(env) as manager:
+        yield manager
+
+
+def test_a_methods_exception_keeps_its_arguments_and_attributes(manager: ServiceManager) -> None:
+    with pytest.raises(CodedError) as coded:
+        manager.call_service_sync("raiser", "coded", (404, "missing"))
+    error = coded.value
+    assert isinstance(error, ServiceCallError)
+    assert (error.code, error.detail, error.args) == (404, "missing", (404, "missing"))
+    assert str(error) == "404: missing"
+    assert (error.service_name, error.method_name) == ("raiser", "coded")
+
+    with pytest.raises(KeyError) as missing:
+        manager.call_service_async("raiser", "missing", ("k",)).result(30)
+    assert missing.value.args == ("k",) and str(missing.value) == "'k'"
+
+
+def test_an_exception_whose_state_cannot_travel_still_arrives_typed_with_its_message(manager: ServiceManager) -> None:
+    with pytest.raises(LockedError, match="held a lock") as locked:
+        manager.call_service_sync("raiser", "locked", ("held a lock",))
+    assert locked.value.args == ("held a lock",)
+    (failed,) = list(manager.map("raiser", "coded", [(500, "in a map")], return_exceptions=True))
+    assert isinstance(failed, CodedError) and failed.code == 500 and failed.args == (500, "in a map")
+    with pytest.raises(KeyError):
+        manager.call_service_sync("raiser", "missing", ("next",))  # the service keeps serving
