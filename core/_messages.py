@@ -26,39 +26,56 @@ __all__ = ["MAY_HAVE_RUN", "ServiceRequest", "ServiceResponse", "new_request_id"
 #: idempotent method may be sent again. Absent: unknown, which retry policies treat as ``True``.
 #: The caller's exception carries it as ``may_have_run`` (see :meth:`ServiceResponse.to_exception`).
 MAY_HAVE_RUN = "kservice.may_have_run"
-#: Response metadata of a method's error that crossed a process: its exception's ``(args, attributes)``,
-#: pickled (see ServiceResponse.for_wire); the caller's error gets them back.
+#: Response metadata of a method's error that crossed a process: its exception's arguments and attributes,
+#: each pickled (``(args, attributes or None)`` as bytes; see ServiceResponse.for_wire); the caller's error gets
+#: back what loads there.
 ERROR_STATE = "kservice.error_state"
 #: Largest pickled state an error carries (a bigger one travels as the message alone).
 _ERROR_STATE_LIMIT = 64 << 10
 
 
-def _portable_state(exc: BaseException) -> bytes | None:
-    """``exc``'s arguments and attributes pickled; its arguments alone when the attributes do not pickle."""
+def _portable_state(exc: BaseException) -> tuple[bytes, bytes | None] | None:
+    """``exc``'s arguments and attributes, pickled apart (so a caller that cannot load the attributes still gets
+    the arguments); None when the arguments do not pickle, no attributes when they do not, or exceed the limit."""
     import pickle  # error path only: a caller's start does not import it for this
 
     args, attributes = exception_state(exc)
-    for state in ((args, attributes), (args, {})):
+    try:
+        packed_args = pickle.dumps(args, protocol=5)
+    except Exception:  # noqa: BLE001 - whatever pickling raises: the error travels as its message
+        return None
+    if len(packed_args) > _ERROR_STATE_LIMIT:
+        return None
+    packed_attributes: bytes | None = None
+    if attributes:
         try:
-            blob = pickle.dumps(state, protocol=5)
-        except Exception:  # noqa: BLE001 - whatever pickling raises: try less, or carry nothing
-            continue
-        if len(blob) <= _ERROR_STATE_LIMIT:
-            return blob
-    return None
+            packed_attributes = pickle.dumps(attributes, protocol=5)
+        except Exception:  # noqa: BLE001 - the arguments still travel
+            packed_attributes = None
+        if packed_attributes is not None and len(packed_args) + len(packed_attributes) > _ERROR_STATE_LIMIT:
+            packed_attributes = None
+    return packed_args, packed_attributes
 
 
-def _loaded_state(blob: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """What :func:`_portable_state` made, or None when it cannot be read here (a class this process lacks)."""
+def _loaded_state(state: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """What :func:`_portable_state` made, as far as it loads here (a class this process lacks leaves out what
+    holds it: the attributes, or everything when the arguments do not load)."""
     import pickle
 
     try:
-        args, attributes = pickle.loads(blob)
+        packed_args, packed_attributes = state
+        args = pickle.loads(packed_args)
     except Exception:  # noqa: BLE001 - the error still has its type and message
         return None
-    if type(args) is not tuple or type(attributes) is not dict:
+    if type(args) is not tuple:
         return None
-    return args, attributes
+    attributes: Any = {}
+    if packed_attributes is not None:
+        try:
+            attributes = pickle.loads(packed_attributes)
+        except Exception:  # noqa: BLE001 - the arguments still hold
+            attributes = {}
+    return args, attributes if type(attributes) is dict else {}
 
 
 _request_counter = itertools.count(1)

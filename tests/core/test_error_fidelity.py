@@ -8,10 +8,12 @@ attributes were missing).
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator
 
 import pytest
-from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager
+from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager, ServiceResponse
 
 from tests.core.services import CodedError, LockedError, Raiser
 
@@ -48,3 +50,17 @@ def test_an_exception_whose_state_cannot_travel_still_arrives_typed_with_its_mes
     assert isinstance(failed, CodedError) and failed.code == 500 and failed.args == (500, "in a map")
     with pytest.raises(KeyError):
         manager.call_service_sync("raiser", "missing", ("next",))  # the service keeps serving
+
+
+def test_attributes_the_caller_cannot_unpickle_leave_the_arguments_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A class only the service's process has: its instances, pickled there, do not load here.
+    module = types.ModuleType("only_in_the_service")
+    exec("class Detail:\n    pass\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, "only_in_the_service", module)
+    error = CodedError(409, "conflict")
+    error.detail = module.Detail()  # type: ignore[assignment]
+    wire = ServiceResponse.from_exception("r-1", error, origin="service").for_wire()
+    monkeypatch.delitem(sys.modules, "only_in_the_service")
+    rebuilt = wire.to_exception("raiser", "coded")
+    assert isinstance(rebuilt, CodedError) and rebuilt.args == (409, "conflict")
+    assert not hasattr(rebuilt, "detail")  # the attributes that did not load are left out, not the arguments
