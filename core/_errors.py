@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import threading
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -242,22 +243,54 @@ def make_call_error(
 _OWN_ATTRIBUTES = ("_message", "remote_type", "remote_traceback", "service_name", "method_name", "__notes__")
 
 
+_builtin_fields_of: dict[type, tuple[str, ...]] = {}
+
+
+def _builtin_fields(cls: type) -> tuple[str, ...]:
+    """The fields ``cls``'s built-in exception bases keep outside ``__dict__`` (``OSError.errno``, ``.filename``,
+    ``UnicodeDecodeError.start``, ``ImportError.name``...): not all of them are in ``args``. Cached per class."""
+    found = _builtin_fields_of.get(cls)
+    if found is not None:
+        return found
+    names: list[str] = []
+    for base in cls.__mro__:
+        if base.__module__ == "builtins" and base is not BaseException and issubclass(base, BaseException):
+            names += [
+                name
+                for name, member in vars(base).items()
+                if isinstance(member, (types.MemberDescriptorType, types.GetSetDescriptorType))
+            ]
+    found = _builtin_fields_of[cls] = tuple(dict.fromkeys(names))
+    return found
+
+
 def exception_state(exc: BaseException) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``exc``'s arguments and attributes, as :func:`restore_state` gives them to the caller's error."""
+    """``exc``'s arguments and attributes (its built-in fields too), as :func:`restore_state` gives them back."""
     try:
         attributes = {k: v for k, v in vars(exc).items() if k not in _OWN_ATTRIBUTES}
     except TypeError:  # an exception class with __slots__ only
         attributes = {}
+    for name in _builtin_fields(type(exc)):
+        try:
+            value = getattr(exc, name)
+        except AttributeError:  # OSError.characters_written, when not set
+            continue
+        if value is not None:
+            attributes[name] = value
     return exc.args, attributes
 
 
 def restore_state(error: ServiceCallError, args: tuple[Any, ...], attributes: dict[str, Any]) -> None:
-    """Give ``error`` the original exception's ``args`` and attributes (``e.args[0]``, ``e.code`` work as on
-    the original); its message, remote type and traceback, service and method stay its own."""
+    """Give ``error`` the original exception's ``args`` and attributes (``e.args[0]``, ``e.code``,
+    ``e.filename`` work as on the original); its message, remote type and traceback, service and method stay
+    its own. An attribute the error's class will not take (a read-only property) is left out."""
     error.args = args
     for name, value in attributes.items():
         if name not in _OWN_ATTRIBUTES:
-            error.__dict__[name] = value
+            try:
+                setattr(error, name, value)
+            except Exception:  # noqa: BLE001 - a property without a setter, a field of another type
+                continue
 
 
 #: Errors the runtime itself raises on the service side, rebuilt by name on the caller side.

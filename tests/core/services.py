@@ -134,3 +134,10 @@ class Raiser:
 
     def locked(self, message: str) -> None:
         raise LockedError(message)
+
+    def open_missing(self, path: str) -> None:
+        with open(path):
+            pass
+
+    def decode(self, data: bytes) -> str:
+        return data.decode("utf-8")

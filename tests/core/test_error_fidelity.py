@@ -42,6 +42,20 @@ def test_a_methods_exception_keeps_its_arguments_and_attributes(manager: Service
     assert missing.value.args == ("k",) and str(missing.value) == "'k'"
 
 
+def test_built_in_exceptions_keep_the_fields_they_keep_outside_their_arguments(manager: ServiceManager) -> None:
+    missing = "/nonexistent/kservice-test/file"
+    with pytest.raises(FileNotFoundError) as opened:
+        manager.call_service_sync("raiser", "open_missing", (missing,))
+    error = opened.value
+    assert (error.errno, error.strerror, error.filename) == (2, "No such file or directory", missing)
+    assert str(error) == f"[Errno 2] No such file or directory: '{missing}'"
+    with pytest.raises(UnicodeDecodeError) as decoding:
+        manager.call_service_sync("raiser", "decode", (b"ok\xff",))
+    bad = decoding.value
+    assert (bad.encoding, bad.object, bad.start, bad.end) == ("utf-8", b"ok\xff", 2, 3)
+    assert bad.reason == "invalid start byte"
+
+
 def test_an_exception_whose_state_cannot_travel_still_arrives_typed_with_its_message(manager: ServiceManager) -> None:
     with pytest.raises(LockedError, match="held a lock") as locked:
         manager.call_service_sync("raiser", "locked", ("held a lock",))
