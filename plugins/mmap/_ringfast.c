@@ -241,19 +241,25 @@ Ring_spin(RingObject *self, PyObject *args)
     return PyLong_FromLong(result);
 }
 
+/* Set the OSError _futex raises for a failed futex call (``what``: "wake", "wait"), errno ``err``. */
+static void
+set_futex_error(const char *what, int err)
+{
+    char message[160];
+    snprintf(message, sizeof message, "futex %s failed: %s", what, strerror(err));
+    PyObject *args = Py_BuildValue("(is)", err, message);
+    if (args != NULL) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+}
+
 static int
 futex_wake_all(uint32_t *word)
 {
     /* A shared futex (no FUTEX_PRIVATE_FLAG), as _futex.futex_wake; the same OSError on failure. */
     if (syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0) < 0) {
-        const int err = errno;
-        char message[160];
-        snprintf(message, sizeof message, "futex wake failed: %s", strerror(err));
-        PyObject *args = Py_BuildValue("(is)", err, message);
-        if (args != NULL) {
-            PyErr_SetObject(PyExc_OSError, args);
-            Py_DECREF(args);
-        }
+        set_futex_error("wake", errno);
         return -1;
     }
     return 0;
@@ -392,13 +398,7 @@ Ring_doze(RingObject *self, PyObject *args)
         return PyLong_FromLong(err);
     if (err == EFAULT && self->base == NULL)
         return PyLong_FromLong(0); /* unmapped while we went to sleep: as above */
-    char message[160];
-    snprintf(message, sizeof message, "futex wait failed: %s", strerror(err));
-    PyObject *exc_args = Py_BuildValue("(is)", err, message);
-    if (exc_args != NULL) {
-        PyErr_SetObject(PyExc_OSError, exc_args);
-        Py_DECREF(exc_args);
-    }
+    set_futex_error("wait", err);
     return NULL;
 }
 
