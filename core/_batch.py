@@ -480,7 +480,8 @@ class _Batch:
         max_in_flight: int,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
-        from ._manager import _checked_method_name, _checked_timeout
+        from ._manager import _checked_mapping, _checked_method_name, _checked_timeout
+        from ._task import _short_repr
 
         if timeout is not None:
             timeout = _checked_timeout(timeout)
@@ -488,15 +489,17 @@ class _Batch:
             method = _checked_method_name(method)
         self.chunk_size = _checked_count("chunk_size", chunk_size)
         self.window = max(1, -(-_checked_count("max_in_flight", max_in_flight) // self.chunk_size))
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(
-                f"kwargs must be a dict of keyword arguments for every call, or None, got {type(kwargs).__name__}"
-            )
+        # As a single call's (ServiceManager._request): a mapping is taken as a dict, anything else refused.
+        if kwargs is not None and type(kwargs) is not dict:
+            kwargs = _checked_mapping("kwargs", kwargs)
+        if metadata is not None and type(metadata) is not dict:
+            metadata = _checked_mapping("metadata", metadata)
         try:
             self.source = iter(iterable)
         except TypeError:
             raise TypeError(
-                f"map's items must be an iterable of the calls' arguments, not {type(iterable).__name__} {iterable!r:.60}"
+                f"map's items must be an iterable of the calls' arguments, not {type(iterable).__name__} "
+                f"{_short_repr(iterable)}"
             ) from None
         self.manager = manager
         self.service_name = service_name

@@ -449,6 +449,8 @@ class ServiceManager:
         timeout: float,
         metadata: dict[str, Any] | None,
     ) -> ServiceRequest:
+        if metadata is not None and type(metadata) is not dict:
+            metadata = _checked_mapping("metadata", metadata)  # before the merge below, which needs a mapping
         deadline = _time() + timeout
         parent = _current_request.get()
         if parent is not None:
@@ -457,8 +459,6 @@ class ServiceManager:
                 deadline = parent.deadline
             if parent.metadata:
                 metadata = {**parent.metadata, **(metadata or {})}
-        if metadata is not None and type(metadata) is not dict:
-            metadata = _checked_mapping("metadata", metadata)
         if type(args) is not tuple:
             args = _checked_args(args)
         if kwargs is None:
@@ -1111,7 +1111,8 @@ def _checked_args(args: Any) -> tuple[Any, ...]:
 
 
 def _checked_mapping(what: str, value: Any) -> dict[str, Any]:
-    """A call's ``kwargs`` or ``metadata`` that is not a dict, as a dict; TypeError naming it when it is not a mapping."""
+    """A call's (or a map's) ``kwargs`` or ``metadata`` that is not a dict, as a dict; TypeError naming it when it
+    is not a mapping."""
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"{what} must be a dict or None, not {type(value).__name__} {_short_repr(value)}")

@@ -27,6 +27,7 @@ from kservice import (
     ServiceTimeoutError,
     _task,
 )
+from kservice._context import _current_request
 from kservice.testing import wait_for
 
 from tests.core.faulty import Counter
@@ -254,6 +255,15 @@ def test_a_service_name_that_is_not_a_str_and_metadata_that_is_not_a_dict_are_re
                 call(5, "add", (1,))  # was "quote_from_bytes() expected bytes"
             with pytest.raises(TypeError, match=r"metadata must be a dict .* not list \['x'\]"):
                 call("counter", "add", (1,), metadata=["x"])  # was sent in process, "not picklable" over mmap
+        # Made while serving a request with metadata (which a call inherits): refused the same way.
+        token = _current_request.set(ServiceRequest("parent", "counter", "add", metadata={"trace": "t"}))
+        try:
+            with pytest.raises(TypeError, match=r"metadata must be a dict .* not list"):
+                manager.call_service_sync("counter", "add", (1,), metadata=["x"])
+        finally:
+            _current_request.reset(token)
+        with pytest.raises(TypeError, match=r"metadata must be a dict .* not list"):
+            manager.map("counter", "add", [1], metadata=["x"])  # type: ignore[arg-type]
         assert task.get_service_status().requests_total == before, "nothing was sent"
         assert manager.call_service_sync("counter", "add", (1,), metadata={"k": "v"}) == 2
 
