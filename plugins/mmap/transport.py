@@ -689,10 +689,14 @@ class MmapListener(Listener):
             "the method did not run. Every argument's class must be importable by the host under the same "
             "module name (a class defined in the caller's __main__ is not)"
         )
-        response = ServiceResponse.from_exception(exc.request_id, error, origin="service", with_traceback=False)
-        response.exception = None
+        self._answer_unrun(
+            ServiceRequest(exc.request_id, service, method, response_queue_name=exc.response_queue), error
+        )
+
+    def _answer_unrun(self, request: ServiceRequest, error: TypeError) -> None:
+        """Answer ``request``, which nothing ran, with ``error``: not retryable (this host would refuse it again)."""
+        response = ServiceResponse.from_exception(request.request_id, error, origin="service", with_traceback=False)
         response.metadata = {RETRYABLE: False}
-        request = ServiceRequest(exc.request_id, service, method, response_queue_name=exc.response_queue)
         self._reply(request, response)
 
     def _unknown_kind(self, kind: int, request: ServiceRequest) -> None:
@@ -716,9 +720,7 @@ class MmapListener(Listener):
             f"{kind!r} (request {request.request_id}, method {request.method_name!r}): the caller runs a kservice "
             "the host does not understand; nothing ran. Run the same kservice version in both"
         )
-        response = ServiceResponse.from_exception(request.request_id, error, origin="service", with_traceback=False)
-        response.metadata = {RETRYABLE: False}
-        self._reply(request, response)
+        self._answer_unrun(request, error)
 
     def _undecodable_chunk(self, exc: codec.DecodeError) -> None:
         """A chunk record the host cannot decode whole: the calls whose arguments it could rebuild run, the others fail alone."""
