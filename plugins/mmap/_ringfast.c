@@ -216,19 +216,17 @@ Ring_spin(RingObject *self, PyObject *args)
             break;
         __builtin_ia32_pause();
         if (turn % yield_every == 0) {
-            int64_t now = monotonic_ns();
-            if (now - last >= LOST_CPU_NS) {
-                /* Preempted or handed over: spinning on is what made us lose the CPU. */
-                result |= SPIN_LOST_CPU;
-                if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head)
-                    result |= SPIN_ARRIVED;
-                break;
+            /* Preempted since the last look, or handed over by the yield: spinning on is what loses the CPU. */
+            const int64_t now = monotonic_ns();
+            int lost = now - last >= LOST_CPU_NS;
+            if (!lost) {
+                if (now >= end)
+                    break;
+                sched_yield();  /* hand the core over when processes outnumber cores */
+                last = monotonic_ns();
+                lost = last - now >= LOST_CPU_NS;
             }
-            if (now >= end)
-                break;
-            sched_yield();  /* hand the core over when processes outnumber cores */
-            last = monotonic_ns();
-            if (last - now >= LOST_CPU_NS) {
+            if (lost) {
                 result |= SPIN_LOST_CPU;
                 if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != head)
                     result |= SPIN_ARRIVED;
