@@ -45,11 +45,14 @@ OBSERVER_SECONDS = 2.0
 
 
 class SlowObserver(ServiceMiddleware):
-    """Server side: takes OBSERVER_SECONDS to observe a call whose argument is "slow" (an exporter that stalls)."""
+    """Server side: takes OBSERVER_SECONDS to observe a call whose argument is "slow" (an exporter that stalls),
+    and raises observing one whose argument is "boom" (an exporter that fails)."""
 
     def observe_handle(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
         if request.args[:1] == ("slow",):
             time.sleep(OBSERVER_SECONDS)
+        if request.args[:1] == ("boom",):
+            raise RuntimeError("the exporter is down")
         OBSERVED.append((request.args, seconds))
 
 
@@ -76,6 +79,10 @@ def test_a_call_run_on_the_listener_thread_is_answered_before_the_server_observe
             # The listener observes before it reads its next record: this call sees the slow one observed.
             seen = manager.call_service_sync("obs", "observed", timeout=30)
             waited = time.monotonic() - began
+            # An observer that raises after the answer left changes nothing: the answer, the next call.
+            assert manager.call_service_sync("obs", "echo", ("boom",)) == "boom"
+            assert manager.call_service_sync("obs", "echo", ("after",)) == "after"
+            assert manager.call_service_sync("obs", "observed")[-1][0] == ("after",)
     assert answered < OBSERVER_SECONDS / 2, f"the answer waited for the observer ({answered:.2f} s)"
     assert waited >= OBSERVER_SECONDS
     assert [args for args, _ in seen] == [("warm",)] * 5 + [("slow",)]
