@@ -132,6 +132,8 @@ class ServiceCallError(ServiceError):
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled again (returned as a value, put on a queue, relayed by Ray): the original's arguments and
+        # attributes go with it as they crossed the first time (what pickles of them).
         return (
             _rebuild_call_error,
             (
@@ -140,20 +142,30 @@ class ServiceCallError(ServiceError):
                 self.remote_traceback,
                 self.service_name,
                 self.method_name,
+                portable_state(self),
             ),
         )
 
 
 def _rebuild_call_error(
-    message: str, remote_type: str, remote_traceback: str, service_name: str, method_name: str
+    message: str,
+    remote_type: str,
+    remote_traceback: str,
+    service_name: str,
+    method_name: str,
+    state: tuple[bytes, bytes | None] | None = None,
 ) -> ServiceCallError:
-    return make_call_error(
+    error = make_call_error(
         message,
         remote_type=remote_type,
         remote_traceback=remote_traceback,
         service_name=service_name,
         method_name=method_name,
     )
+    loaded = None if state is None else loaded_state(state)
+    if loaded is not None:
+        restore_state(error, *loaded)
+    return error
 
 
 _call_error_classes: dict[type[BaseException], type[ServiceCallError]] = {}
@@ -291,6 +303,69 @@ def restore_state(error: ServiceCallError, args: tuple[Any, ...], attributes: di
                 setattr(error, name, value)
             except Exception:  # noqa: BLE001 - a property without a setter, a field of another type
                 continue
+
+
+#: Largest pickled state an error carries (a bigger one travels as the message alone).
+_ERROR_STATE_LIMIT = 64 << 10
+
+
+def portable_state(exc: BaseException) -> tuple[bytes, bytes | None] | None:
+    """``exc``'s arguments and attributes, pickled apart (so a caller that cannot load the attributes still gets
+    the arguments); None when the arguments do not pickle; an attribute that does not pickle is left out, and all
+    of them when they exceed the limit."""
+    import pickle  # error path only: a caller's start does not import it for this
+
+    args, attributes = exception_state(exc)
+    try:
+        packed_args = pickle.dumps(args, protocol=5)
+    except Exception:  # noqa: BLE001 - whatever pickling raises: the error travels as its message
+        return None
+    if len(packed_args) > _ERROR_STATE_LIMIT:
+        return None
+    packed_attributes: bytes | None = None
+    if attributes:
+        try:
+            packed_attributes = pickle.dumps(attributes, protocol=5)
+        except Exception:  # noqa: BLE001 - the arguments still travel, and the attributes that pickle
+            packed_attributes = _picklable_attributes(attributes)
+        if packed_attributes is not None and len(packed_args) + len(packed_attributes) > _ERROR_STATE_LIMIT:
+            packed_attributes = None
+    return packed_args, packed_attributes
+
+
+def loaded_state(state: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """What :func:`portable_state` made, as far as it loads here (a class this process lacks leaves out what
+    holds it: the attributes, or everything when the arguments do not load)."""
+    import pickle
+
+    try:
+        packed_args, packed_attributes = state
+        args = pickle.loads(packed_args)
+    except Exception:  # noqa: BLE001 - the error still has its type and message
+        return None
+    if type(args) is not tuple:
+        return None
+    attributes: Any = {}
+    if packed_attributes is not None:
+        try:
+            attributes = pickle.loads(packed_attributes)
+        except Exception:  # noqa: BLE001 - the arguments still hold
+            attributes = {}
+    return args, attributes if type(attributes) is dict else {}
+
+
+def _picklable_attributes(attributes: dict[str, Any]) -> bytes | None:
+    """The attributes that pickle, pickled (None when none does): one that does not (a lock) is left out."""
+    import pickle
+
+    kept: dict[str, Any] = {}
+    for name, value in attributes.items():
+        try:
+            pickle.dumps(value, protocol=5)
+        except Exception:  # noqa: BLE001 - whatever pickling raises
+            continue
+        kept[name] = value
+    return pickle.dumps(kept, protocol=5) if kept else None
 
 
 #: Errors the runtime itself raises on the service side, rebuilt by name on the caller side.

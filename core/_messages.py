@@ -13,7 +13,9 @@ from ._errors import (
     ServiceCallError,
     ServiceError,
     exception_state,
+    loaded_state,
     make_call_error,
+    portable_state,
     restore_state,
 )
 
@@ -30,52 +32,6 @@ MAY_HAVE_RUN = "kservice.may_have_run"
 #: each pickled (``(args, attributes or None)`` as bytes; see ServiceResponse.for_wire); the caller's error gets
 #: back what loads there.
 ERROR_STATE = "kservice.error_state"
-#: Largest pickled state an error carries (a bigger one travels as the message alone).
-_ERROR_STATE_LIMIT = 64 << 10
-
-
-def _portable_state(exc: BaseException) -> tuple[bytes, bytes | None] | None:
-    """``exc``'s arguments and attributes, pickled apart (so a caller that cannot load the attributes still gets
-    the arguments); None when the arguments do not pickle, no attributes when they do not, or exceed the limit."""
-    import pickle  # error path only: a caller's start does not import it for this
-
-    args, attributes = exception_state(exc)
-    try:
-        packed_args = pickle.dumps(args, protocol=5)
-    except Exception:  # noqa: BLE001 - whatever pickling raises: the error travels as its message
-        return None
-    if len(packed_args) > _ERROR_STATE_LIMIT:
-        return None
-    packed_attributes: bytes | None = None
-    if attributes:
-        try:
-            packed_attributes = pickle.dumps(attributes, protocol=5)
-        except Exception:  # noqa: BLE001 - the arguments still travel
-            packed_attributes = None
-        if packed_attributes is not None and len(packed_args) + len(packed_attributes) > _ERROR_STATE_LIMIT:
-            packed_attributes = None
-    return packed_args, packed_attributes
-
-
-def _loaded_state(state: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """What :func:`_portable_state` made, as far as it loads here (a class this process lacks leaves out what
-    holds it: the attributes, or everything when the arguments do not load)."""
-    import pickle
-
-    try:
-        packed_args, packed_attributes = state
-        args = pickle.loads(packed_args)
-    except Exception:  # noqa: BLE001 - the error still has its type and message
-        return None
-    if type(args) is not tuple:
-        return None
-    attributes: Any = {}
-    if packed_attributes is not None:
-        try:
-            attributes = pickle.loads(packed_attributes)
-        except Exception:  # noqa: BLE001 - the arguments still hold
-            attributes = {}
-    return args, attributes if type(attributes) is dict else {}
 
 
 _request_counter = itertools.count(1)
@@ -249,7 +205,7 @@ class ServiceResponse:
             call_error.__cause__ = self.exception
             restore_state(call_error, *exception_state(self.exception))
         elif self.metadata and ERROR_STATE in self.metadata:
-            state = _loaded_state(self.metadata[ERROR_STATE])
+            state = loaded_state(self.metadata[ERROR_STATE])
             if state is not None:
                 restore_state(call_error, *state)
         return call_error
@@ -264,15 +220,16 @@ class ServiceResponse:
         """A copy without the live exception object, safe to pickle to another process.
 
         A method's exception leaves its arguments and attributes behind in
-        ``metadata[ERROR_STATE]`` (pickled, when they pickle and take at most
-        64 KiB; else its arguments alone, else nothing), from which the
+        ``metadata[ERROR_STATE]`` (pickled, at most 64 KiB, else its
+        arguments alone; an attribute that does not pickle is left out, and
+        nothing travels when the arguments do not pickle), from which the
         caller's error gets them (``e.args``, ``e.code``).
         """
         if self.exception is None:
             return self
         metadata = self.metadata
         if self.error_origin == "service":
-            state = _portable_state(self.exception)
+            state = portable_state(self.exception)
             if state is not None:
                 metadata = {**metadata, ERROR_STATE: state}
         return ServiceResponse(

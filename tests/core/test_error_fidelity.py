@@ -8,7 +8,9 @@ attributes were missing).
 
 from __future__ import annotations
 
+import pickle
 import sys
+import threading
 import types
 from collections.abc import Iterator
 
@@ -78,3 +80,23 @@ def test_attributes_the_caller_cannot_unpickle_leave_the_arguments_restored(monk
     rebuilt = wire.to_exception("raiser", "coded")
     assert isinstance(rebuilt, CodedError) and rebuilt.args == (409, "conflict")
     assert not hasattr(rebuilt, "detail")  # the attributes that did not load are left out, not the arguments
+
+
+def test_a_caught_error_pickled_again_keeps_its_arguments_and_attributes(manager: ServiceManager) -> None:
+    # A caught error returned as a value, put on a queue or relayed by Ray is pickled a second time:
+    # what it was given back (the original's args and attributes) goes with it.
+    with pytest.raises(CodedError) as coded:
+        manager.call_service_sync("raiser", "coded", (404, "missing"))
+    caught = coded.value
+    caught.held = threading.Lock()  # type: ignore[attr-defined]  # an attribute that cannot be pickled
+    again = pickle.loads(pickle.dumps(caught))
+    assert isinstance(again, CodedError) and isinstance(again, ServiceCallError)
+    assert (again.code, again.detail, again.args) == (404, "missing", (404, "missing"))
+    assert str(again) == "404: missing"
+    assert (again.remote_type, again.service_name, again.method_name) == (
+        caught.remote_type,
+        "raiser",
+        "coded",
+    )
+    assert again.remote_traceback == caught.remote_traceback
+    assert not hasattr(again, "held")  # left out, not a pickling error
