@@ -98,11 +98,19 @@ class Connection(ABC):
 
         Returns a failed response carrying ServiceTimeoutError when ``timeout``
         passes first; the service will not start a request past its deadline.
-        Transports override this when they can answer without a thread hand-off.
+        A wait interrupted by an exception (``KeyboardInterrupt`` at Ctrl-C)
+        cancels the request as :meth:`cancel` does, then lets the exception
+        go on: a request not started yet never starts. Transports override
+        this when they can answer without a thread hand-off (and cancel the
+        same way).
         """
         waiter = _ReplyWaiter()
         self.send(request, waiter)
-        response = waiter.wait(timeout)
+        try:
+            response = waiter.wait(timeout)
+        except BaseException:
+            self.cancel(request)  # the caller gave up (Ctrl-C): a request still queued must not run after
+            raise
         if response is None:
             self.cancel(request)
             return timeout_response(request, timeout)

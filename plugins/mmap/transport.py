@@ -1445,7 +1445,12 @@ class MmapConnection(Connection):
                 failed = self._put(ring, request, *encoded)
                 if failed is not None:
                     return failed
-            return self._wait(ring, queue, request, timeout)
+            try:
+                return self._wait(ring, queue, request, timeout)
+            except BaseException:
+                # The caller gave up (Ctrl-C): a request still queued must not run after it.
+                self._tell_host_cancelled(request.request_id)
+                raise
         finally:
             holder.last_used = time.monotonic()
             holder.busy = False
@@ -1672,8 +1677,7 @@ class MmapConnection(Connection):
         """
         if not _client.forget(chunk_id):
             return
-        with contextlib.suppress(QueueError, ValueError):
-            self._host.put(codec.encode_cancel_request(chunk_id, self._service_name), 0)
+        self._tell_host_cancelled(chunk_id)
 
     def cancel_many(self, requests: Sequence[ServiceRequest]) -> None:
         """:meth:`cancel` for several requests: one notice record per request still awaited (never blocks)."""
@@ -1760,8 +1764,12 @@ class MmapConnection(Connection):
         """
         if not _client.forget(request.request_id):
             return  # answered already, or not an async request of this process
+        self._tell_host_cancelled(request.request_id)
+
+    def _tell_host_cancelled(self, request_id: str) -> None:
+        """Send the host the cancel notice of ``request_id`` (never blocks: dropped when its ring is full or closed)."""
         with contextlib.suppress(QueueError, ValueError):
-            self._host.put(codec.encode_cancel_request(request.request_id, self._service_name), 0)
+            self._host.put(codec.encode_cancel_request(request_id, self._service_name), 0)
 
     def open_stream(self, request: ServiceRequest, window: int) -> streams.MmapStreamSource:
         """Stream ``request``'s items through a stream ring of this process (see ``kservice.plugins.mmap.streams``)."""

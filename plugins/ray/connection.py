@@ -225,10 +225,7 @@ class RayConnection(Connection):
             try:
                 answer = ray.get(ref, timeout=max(give_up_at - time.monotonic(), 0.0))
             except ray.exceptions.GetTimeoutError:
-                # Drops the task if it is still queued on the replica; Ray does not interrupt a running one,
-                # so the slot is freed when the replica is done with it.
-                ray.cancel(ref)
-                _completer().add(ref, lambda _answer, _error: replicas.release(replica))  # noqa: B023 - the loop ends: returns below
+                self._give_up(ref, replica)
                 return _timed_out(request, timeout)
             except Exception as exc:
                 response = replicas.translate(request, replica, exc)
@@ -237,6 +234,9 @@ class RayConnection(Connection):
                     return response
                 entry.failovers += 1
                 continue
+            except BaseException:
+                self._give_up(ref, replica)  # the caller gave up (Ctrl-C): a task still queued must not run after
+                raise
             replicas.observe(request.method_name, answer)
             response = _from_wire(request, answer)
             replicas.release(replica)
@@ -245,10 +245,30 @@ class RayConnection(Connection):
                 continue
             return response
 
+    def _give_up(self, ref: Any, replica: _Replica) -> None:
+        """The caller stopped waiting for ``ref``: Ray drops the task if it is still queued on the replica; it
+        does not interrupt a running one, so the slot is freed when the replica is done with it."""
+        self._ray.cancel(ref)
+        _completer().add(ref, lambda _answer, _error: self.replicas.release(replica))
+
     def _wait_for_slot(self, entry: _Waiting, give_up_at: float) -> _Replica | ServiceResponse | None:
-        """Wait (until ``give_up_at``) for the queued sync ``entry`` to be granted a slot; None on timeout."""
+        """Wait (until ``give_up_at``) for the queued sync ``entry`` to be granted a slot; None on timeout.
+
+        A wait interrupted by an exception (Ctrl-C) withdraws the entry, or gives back the slot granted
+        meanwhile, before the exception goes on: no slot is left to a caller that is gone.
+        """
         grant = entry.grant
-        if not grant.acquire(True, max(give_up_at - time.monotonic(), 0.0)):
+        try:
+            acquired = grant.acquire(True, max(give_up_at - time.monotonic(), 0.0))
+        except BaseException:
+            if not self.replicas.withdraw(entry):
+                # Granted or answered meanwhile: the granting thread sets ``granted``, then releases the grant,
+                # which this thread may hold already (the exception came just after the acquire): a bounded wait.
+                grant.acquire(True, 1.0)
+                if type(entry.granted) is _Replica:
+                    self.replicas.release(entry.granted, 1)
+            raise
+        if not acquired:
             if self.replicas.withdraw(entry):
                 return None
             grant.acquire()  # granted or answered meanwhile: the releasing thread is about to release it

@@ -82,6 +82,11 @@ class Recorder:
             self.events.append(f"end {tag}")
         return tag
 
+    def ran(self) -> list[str]:
+        """What ran so far."""
+        with self.lock:
+            return list(self.events)
+
 
 @kservice.service(thread_safe=False)
 class NotThreadSafe(Recorder):

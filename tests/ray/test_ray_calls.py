@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import threading
 import time
@@ -189,6 +190,31 @@ def test_timeout_shorter_than_the_method_cancels_the_queued_remote_task(
     # Cancelled in Ray's queue: it never reached the service (not even to be refused as expired).
     assert after.requests_total == before.requests_total + 1
     assert after.expired_total == before.expired_total
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_call_interrupted_while_it_waits_never_reaches_the_replica_and_frees_its_place(
+    env: ServiceEnvironment, manager: ServiceManager
+) -> None:
+    # Ctrl-C (KeyboardInterrupt) while a sync call waits behind a running one: before, the call went on
+    # to run after its caller had given up, or its place in the replica was never given back.
+    task = env.get_task("slow")
+    before = task.get_service_status()
+    first = manager.call_service_async("slow", "sleep", (1.5,), timeout=20)
+    wait_for(lambda: task.get_service_status().in_flight == 1, timeout=10, what="the first call to run in the replica")
+    interrupter = threading.Timer(0.4, _thread.interrupt_main)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.call_service_sync("slow", "sleep", (0.0,), timeout=20)
+    finally:
+        interrupter.cancel()
+    assert first.result(20) == 1.5
+    time.sleep(0.3)  # deliberate: room for the interrupted call to reach the replica, had it not been dropped
+    after = task.get_service_status()
+    assert after.requests_total == before.requests_total + 1  # only the first call reached the service
+    # Its place was given back: the next call runs at once.
+    assert manager.call_service_sync("slow", "sleep", (0.0,), timeout=5) == 0.0
 
 
 @pytest.mark.timeout(60)
