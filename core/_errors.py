@@ -155,14 +155,15 @@ def _rebuild_call_error(
     method_name: str,
     state: tuple[bytes, bytes | None] | None = None,
 ) -> ServiceCallError:
+    loaded = None if state is None else loaded_state(state)
     error = make_call_error(
         message,
         remote_type=remote_type,
         remote_traceback=remote_traceback,
         service_name=service_name,
         method_name=method_name,
+        original_args=None if loaded is None else loaded[0],
     )
-    loaded = None if state is None else loaded_state(state)
     if loaded is not None:
         restore_state(error, *loaded)
     return error
@@ -221,12 +222,17 @@ def make_call_error(
     method_name: str = "",
     original_class: type[BaseException] | None = None,
     note: bool = True,
+    original_args: tuple[Any, ...] | None = None,
 ) -> ServiceCallError:
     """Build the ServiceCallError a caller sees for an exception raised by a service method.
 
     With ``note`` (the default) the remote traceback is attached as a note, so
     an uncaught error prints it; pass ``note=False`` when the original
     exception is chained as ``__cause__`` instead (it prints the same traceback).
+    ``original_args`` (the original's arguments, when known) make an instance
+    of a class whose ``__new__`` takes them (``ExceptionGroup``: its message
+    and exceptions); without them such a class gives a plain ServiceCallError.
+    Never raises for the original's class.
     """
     if original_class is None and remote_type:
         original_class = _import_exception_class(remote_type)
@@ -237,7 +243,7 @@ def make_call_error(
         and not issubclass(original_class, ServiceCallError)
     ):
         cls = _call_error_class_for(original_class)
-    error = cls.__new__(cls)
+    error = _new_call_error(cls, original_args)
     ServiceCallError.__init__(
         error,
         message,
@@ -249,6 +255,20 @@ def make_call_error(
     if remote_traceback and note:
         error.add_note(f"remote traceback (service {service_name!r}, method {method_name!r}):\n{remote_traceback}")
     return error
+
+
+def _new_call_error(cls: type[ServiceCallError], original_args: tuple[Any, ...] | None) -> ServiceCallError:
+    """An uninitialised instance of ``cls``; a plain ServiceCallError when ``cls``'s ``__new__`` refuses."""
+    try:
+        return cls.__new__(cls)
+    except Exception:  # noqa: BLE001 - a __new__ that wants the original's arguments (BaseExceptionGroup's)
+        pass
+    if original_args is not None:
+        try:
+            return cls.__new__(cls, *original_args)
+        except Exception:  # noqa: BLE001 - arguments it will not take: the plain error below
+            pass
+    return ServiceCallError.__new__(ServiceCallError)
 
 
 #: A call error's own attributes: the original exception's state never replaces them.

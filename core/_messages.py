@@ -174,7 +174,8 @@ class ServiceResponse:
         )
 
     def to_exception(self, service_name: str = "", method_name: str = "") -> BaseException:
-        """The typed error a caller raises for this failed response."""
+        """The typed error a caller raises for this failed response; never raises itself (an error that cannot
+        be rebuilt as its type is a ServiceCallError saying so)."""
         if self.error_origin == "client" and self.exception is not None:
             return self.exception
         if self.error_origin == "runtime":
@@ -188,9 +189,27 @@ class ServiceResponse:
             if may_have_run is not None:
                 error.may_have_run = may_have_run  # type: ignore[attr-defined]
             return error
-        original = type(self.exception) if self.exception is not None else None
         if isinstance(self.exception, ServiceCallError):
             return self.exception
+        try:
+            return self._call_error(service_name, method_name)
+        except Exception as failure:  # noqa: BLE001 - the caller must get its answer: the error as its message
+            return make_call_error(
+                f"{self.error or ''} (the {self.error_type} could not be rebuilt here: {failure!r})",
+                remote_type=self.error_type,
+                remote_traceback=self.remote_traceback,
+                service_name=service_name,
+                method_name=method_name,
+            )
+
+    def _call_error(self, service_name: str, method_name: str) -> ServiceCallError:
+        """The typed ServiceCallError of a method's exception (see :func:`make_call_error`)."""
+        original = type(self.exception) if self.exception is not None else None
+        state: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        if self.exception is not None:
+            state = exception_state(self.exception)
+        elif self.metadata and ERROR_STATE in self.metadata:
+            state = loaded_state(self.metadata[ERROR_STATE])
         call_error = make_call_error(
             self.error or "",
             remote_type=self.error_type,
@@ -200,14 +219,12 @@ class ServiceResponse:
             original_class=original,
             # The live exception (same process) is chained below and prints the traceback itself.
             note=self.exception is None,
+            original_args=None if state is None else state[0],
         )
         if self.exception is not None:
             call_error.__cause__ = self.exception
-            restore_state(call_error, *exception_state(self.exception))
-        elif self.metadata and ERROR_STATE in self.metadata:
-            state = loaded_state(self.metadata[ERROR_STATE])
-            if state is not None:
-                restore_state(call_error, *state)
+        if state is not None:
+            restore_state(call_error, *state)
         return call_error
 
     def unwrap(self, service_name: str = "", method_name: str = "") -> Any:

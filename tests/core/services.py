@@ -128,8 +128,26 @@ class LockedError(Exception):
         self.lock = threading.Lock()
 
 
+class NeedsArguments(Exception):
+    """An exception whose ``__new__`` takes its arguments (as ``ExceptionGroup``'s does)."""
+
+    def __new__(cls, code: int, reason: str) -> NeedsArguments:
+        error = super().__new__(cls, code, reason)
+        error.code = code
+        return error
+
+
 class Raiser:
     """Raises what it is asked to, for the typed-error tests."""
+
+    def group(self, message: str) -> None:
+        raise ExceptionGroup(message, [ValueError("bad value"), KeyError("k")])
+
+    def unpicklable_group(self, message: str) -> None:
+        raise ExceptionGroup(message, [LockedError("held")])
+
+    def needs_arguments(self, code: int) -> None:
+        raise NeedsArguments(code, "refused")
 
     def coded(self, code: int, detail: str) -> None:
         raise CodedError(code, detail)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, ServiceManager, ServiceResponse
 
-from tests.core.services import CodedError, LockedError, Raiser
+from tests.core.services import CodedError, LockedError, NeedsArguments, Raiser
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -100,3 +100,41 @@ def test_a_caught_error_pickled_again_keeps_its_arguments_and_attributes(manager
     )
     assert again.remote_traceback == caught.remote_traceback
     assert not hasattr(again, "held")  # left out, not a pickling error
+
+
+@pytest.mark.timeout(60)
+def test_an_exception_group_arrives_as_a_group_and_an_async_call_of_it_completes(manager: ServiceManager) -> None:
+    # ExceptionGroup's __new__ takes its message and exceptions: building the caller's error without them
+    # raised TypeError in the reply path, so a sync call failed with that and an async call never completed.
+    with pytest.raises(ExceptionGroup) as grouped:
+        manager.call_service_sync("raiser", "group", ("two failed",))
+    group = grouped.value
+    assert isinstance(group, ServiceCallError) and str(group) == "two failed (2 sub-exceptions)"
+    assert [type(e) for e in group.exceptions] == [ValueError, KeyError]
+    assert group.message == "two failed" and group.args[0] == "two failed"
+    try:
+        raise group
+    except* ValueError as values:  # except* splits the group as it would the original
+        assert [str(e) for e in values.exceptions] == ["bad value"]
+    except* KeyError:
+        pass
+    again = pickle.loads(pickle.dumps(group))
+    assert isinstance(again, ExceptionGroup) and [type(e) for e in again.exceptions] == [ValueError, KeyError]
+    future = manager.call_service_async("raiser", "group", ("async",), timeout=5)
+    with pytest.raises(ExceptionGroup):
+        future.result(10)  # completed with the error, well before this wait ends
+
+
+@pytest.mark.timeout(60)
+def test_an_exception_that_cannot_be_rebuilt_as_its_type_still_completes_the_call_with_its_message(
+    manager: ServiceManager,
+) -> None:
+    # A group whose members cannot travel, across a process, cannot be rebuilt as a group: a ServiceCallError.
+    future = manager.call_service_async("raiser", "unpicklable_group", ("held a lock",), timeout=5)
+    with pytest.raises(ServiceCallError, match="held a lock") as caught:
+        future.result(10)
+    assert caught.value.remote_type == "ExceptionGroup"
+    with pytest.raises(NeedsArguments) as needs:
+        manager.call_service_sync("raiser", "needs_arguments", (7,))
+    assert needs.value.code == 7 and needs.value.args == (7, "refused")
+    assert manager.call_service_sync("raiser", "decode", (b"ok",)) == "ok"  # the service keeps serving
