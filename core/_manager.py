@@ -49,6 +49,8 @@ _TIMEOUT_MAX = threading.TIMEOUT_MAX
 
 def _checked_timeout(timeout: Any) -> float:
     """``timeout`` if it is a finite number of seconds a wait can take; ValueError (TypeError) naming it otherwise."""
+    if type(timeout) is bool:  # an int to Python, but True is no number of seconds (a stream's window refuses it too)
+        raise TypeError(f"timeout must be a number of seconds or None, got bool ({timeout!r})")
     try:
         if -_TIMEOUT_MAX <= timeout <= _TIMEOUT_MAX:  # False for NaN, which compares false with everything
             return float(timeout)

@@ -259,6 +259,15 @@ def test_api_timeouts_that_are_not_finite_raise_value_error_at_once_and_the_serv
                 manager.proxy("kv", timeout=bad)
         with pytest.raises(TypeError, match="timeout must be a number"):
             manager.call_service_sync("kv", "get", ("a",), timeout="5")  # type: ignore[arg-type]
+        # True is an int to Python, not a number of seconds: refused (it was taken as one second)
+        with pytest.raises(TypeError, match=r"timeout must be a number of seconds or None, got bool \(True\)"):
+            manager.call_service_sync("kv", "get", ("a",), timeout=True)
+        with pytest.raises(TypeError, match="got bool"):
+            manager.call_service_async("kv", "get", ("a",), timeout=False)
+        with pytest.raises(TypeError, match="got bool"):
+            manager.map("kv", "get", [("a",)], timeout=True)
+        with pytest.raises(TypeError, match="got bool"):
+            manager.stream("kv", "keys", timeout=True)
         assert manager.call_service_sync("kv", "get", ("a",), timeout=5) == 1
         assert manager.call_service_async("kv", "get", ("a",), timeout=5).result(5) == 1
         assert manager.proxy("kv", timeout=5).get("a") == 1
