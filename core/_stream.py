@@ -461,21 +461,77 @@ def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:
     return executor
 
 
-def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
-    """Cancel the task's streams (their consumers get ServiceUnavailableError) and join its stream threads.
+#: seconds a stream may stay unread while a stop drains it (its producer waiting for room, or a stream its
+#: consumer steps not stepped) before the stop stops waiting for it
+DRAIN_UNREAD = 1.0
+#: why a stream the stop did not wait for ended (its consumer's ServiceUnavailableError says it)
+_STOPPED_WHY = "the service stopped"
 
-    ``deadline`` is a ``time.monotonic()`` time; a thread still inside a
-    generator's step then is left to finish on its own (it is a daemon).
+
+def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
+    """Let the task's streams finish (until ``deadline``) while their consumers read them, cancel the rest
+    (their consumers get ServiceUnavailableError after the items sent), and join its stream threads.
+
+    ``deadline`` is a ``time.monotonic()`` time, the stop's drain deadline; a
+    stream whose consumer does not read for :data:`DRAIN_UNREAD` seconds is
+    not waited for. A thread still inside a generator's step at ``deadline``
+    is left to finish on its own (it is a daemon).
     """
+    _drain_streams(task, deadline)
     executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
+    stopped = unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), _STOPPED_WHY)
     for sink in list(task._open_streams):
-        sink.cancel(unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), "the service stopped"))
+        sink.cancel(stopped)  # named for each stream where its end is made (_named)
     if executor is not None:
         task._stream_executor = None  # type: ignore[attr-defined]
         executor.shutdown(wait=False, cancel_futures=True)
         # A generator stuck inside a step cannot be interrupted: wait for it up to the stop deadline only.
         for thread in list(getattr(executor, "_threads", ())):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _drain_streams(task: BaseServiceTask, deadline: float) -> None:
+    """Wait until the task's open streams have ended, or ``deadline``, or every one left is unread.
+
+    Unread: a producer waiting for room in its window (the consumer is not
+    taking items), or a stream its consumer steps (:class:`_PulledRun`) not
+    stepped, for :data:`DRAIN_UNREAD` seconds. A producer inside a long step
+    is waited for (until ``deadline``). Polled: a stop is rare, and streams
+    end in many places.
+    """
+    unread_since: dict[int, tuple[Any, float]] = {}
+    while True:
+        now = time.monotonic()
+        streams = list(task._open_streams)
+        if not streams or now >= deadline:
+            return
+        waiting = False
+        for stream in streams:
+            if isinstance(stream, StreamSink):
+                unread = stream._unacknowledged >= stream.window  # the producer waits for the consumer
+                mark: Any = stream._unacknowledged if unread else None
+            else:
+                unread, mark = True, getattr(stream, "_count", None)
+            if not unread:
+                waiting = True
+                unread_since.pop(id(stream), None)
+                continue
+            seen = unread_since.get(id(stream))
+            if seen is None or seen[0] != mark:
+                unread_since[id(stream)] = (mark, now)
+                waiting = True
+            elif now - seen[1] < DRAIN_UNREAD:
+                waiting = True
+        if not waiting:
+            return
+        time.sleep(min(0.01, max(0.0, deadline - now)))
+
+
+def _named(reason: ServiceResponse, request: ServiceRequest) -> ServiceResponse:
+    """A stop's reason made for every stream of a task (request id ""), named for stream ``request``."""
+    if reason.request_id:
+        return reason
+    return unavailable_mid_stream(request, _STOPPED_WHY)
 
 
 def _track(task: BaseServiceTask, sink: StreamSink, add: bool) -> None:
@@ -528,7 +584,7 @@ def _conclude(
 
 def _stopped_response(request: ServiceRequest, sink: StreamSink) -> ServiceResponse:
     if sink.stop_reason is not None:
-        return sink.stop_reason
+        return _named(sink.stop_reason, request)
     if sink.cancelled:
         return _ended_early(request, "the consumer closed the stream")
     return deadline_response(request, started=True)
@@ -944,7 +1000,9 @@ class _PulledRun:
             self.stop_reason = reason
 
     def _stopped(self) -> ServiceResponse:
-        return self.stop_reason or _ended_early(self._served, "the consumer closed the stream")
+        if self.stop_reason is not None:
+            return _named(self.stop_reason, self._served)
+        return _ended_early(self._served, "the consumer closed the stream")
 
     def _make(self, wanted: int) -> tuple[list[Any], float]:
         """Make up to ``wanted`` items (at least one) within ``inline_limit`` seconds, in this stream's context.

@@ -262,8 +262,29 @@ def test_stopping_the_service_mid_stream_ends_it_unavailable() -> None:
         stream = manager.stream("model", "slow", (1000, 0.02, "stopped"), timeout=30)
         assert next(stream) == 0
         environment.stop(timeout=1.0)
-        with pytest.raises(kservice.ServiceUnavailableError):
+        with pytest.raises(kservice.ServiceUnavailableError, match=r"stream model\.slow broke: the service stopped"):
             list(stream)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_stream_in_flight_when_the_service_stops_finishes_within_the_drain(kind: str) -> None:
+    # A stop lets calls in flight finish until its timeout: streams too (they were cut at once).
+    environment = kservice.ServiceEnvironment("streams-drain")
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), kind=kind)
+    environment.start()
+    with kservice.ServiceManager(environment) as manager:
+        stream = manager.stream("model", "slow", (15, 0.05, "drained"), timeout=30)
+        assert next(stream) == 0
+        stopping = threading.Thread(target=environment.stop, kwargs={"timeout": 20.0})
+        began = time.monotonic()
+        stopping.start()
+        try:
+            assert list(stream) == list(range(1, 15))  # every item, then the stream's own end
+        finally:
+            stopping.join(30)
+        assert not stopping.is_alive()
+        assert time.monotonic() - began < 10  # the stop waited for the stream, not for its whole timeout
 
 
 def test_metrics_count_streams_and_items() -> None:
