@@ -258,7 +258,7 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
         return method, False
     raise TypeError(
         f"{task.service_name}.{name} is not a streaming method (it returns one result, it is not a generator): "
-        f"call it with call_service_sync/call_service_async instead of stream"
+        f"call it with call_service_sync/call_service_async instead of stream (from a shell: kservice call without --stream)"
     )
 
 

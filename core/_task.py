@@ -1466,7 +1466,8 @@ def _refuse_stream(service_name: str, method_name: str) -> Callable[..., Any]:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             f"{service_name}.{method_name} is a streaming method (a generator): a plain call cannot return its items; "
-            f"iterate manager.stream({service_name!r}, {method_name!r}, ...) or proxy.{method_name}.stream(...) instead"
+            f"iterate manager.stream({service_name!r}, {method_name!r}, ...) or proxy.{method_name}.stream(...) instead "
+            f"(from a shell: kservice call --stream {service_name} {method_name} ...)"
         )
 
     return refuse

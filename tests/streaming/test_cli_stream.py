@@ -44,6 +44,8 @@ def test_call_stream_prints_items_as_they_arrive() -> None:
         assert broken.stdout.splitlines() == ["0", "1"]
         assert_user_error(broken, "broke after 2", status=1)
         plain = run_cli("call", name, "count", "[2]")
-        assert_user_error(plain, "stream", status=1)
+        assert_user_error(plain, f"kservice call --stream {name} count", status=1)
+        not_streaming = run_cli("call", "--stream", name, "pid", "[]")
+        assert_user_error(not_streaming, "kservice call without --stream", status=1)
         misuse = run_cli("call", "--stream", name, "count", "[2]", "--async", "3")
         assert misuse.returncode == 2 and "--stream and --async" in misuse.stderr
