@@ -361,7 +361,7 @@ def status_command(
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=1.0,
     show_default=True,
     help="Seconds between samples of the services.",

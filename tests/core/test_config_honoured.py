@@ -212,6 +212,18 @@ def test_every_builtin_setting_passes_its_own_check() -> None:
             "services.kv.service_call.default_timeout: expected a finite",
         ),
         (
+            {"health": {"period": 1e12}},
+            "health.period: 1000000000000.0 is above the maximum 9.2e+09 (seconds a wait can take)",
+        ),
+        (
+            {"services": {"kv": {"service_call": {"default_timeout": 1e300}}}},
+            "services.kv.service_call.default_timeout: 1e+300 is above the maximum 9.2e+09",
+        ),
+        (
+            {"service_call": {"retry_interval": 10**400}},
+            "service_call.retry_interval: an integer too large for a float is above the maximum 9.2e+09",
+        ),
+        (
             {"service": {"local": {"max_workers": 100_000_000}}},
             "service.local.max_workers: 100000000 is above the maximum 1024",
         ),
