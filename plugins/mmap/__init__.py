@@ -94,8 +94,8 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
             "caller_ring_check": Setting(
                 (float,),
                 5.0,
-                "Seconds between a host's looks for callers gone: the response rings of callers that ended "
-                "(or removed them) are unmapped, so their shared memory is freed, at most this long after.",
+                "Seconds between a host's looks for callers gone: the response rings and pooled segments of "
+                "callers that ended (or removed them) are unmapped, so their shared memory is freed, at most this long after.",
                 minimum=0.01,
             ),
         },
