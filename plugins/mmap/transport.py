@@ -1784,7 +1784,10 @@ class MmapConnection(Connection):
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
 
-        Raises ServiceUnavailableError when the host does not answer within ``timeout``.
+        Returns or raises within about ``timeout`` seconds. Raises
+        ServiceUnavailableError when the host does not answer within
+        ``timeout`` (its message names the host's pid, the timeout and what to
+        do), when it died, or when the connection is closed.
         """
         ring = self._ring
         if ring is None:
@@ -1800,6 +1803,12 @@ class MmapConnection(Connection):
         finally:
             holder.busy = False
         if not response.success:
+            if response.error_type == "ServiceTimeoutError":
+                raise ServiceUnavailableError(
+                    f"service {self._service_name!r} did not answer a status request within {timeout:g}s "
+                    f"(host pid {ring.owner_pid}): the host is alive but paused, overloaded or hung; "
+                    "try again with a longer --timeout, or look at that process"
+                )
             raise ServiceUnavailableError(f"cannot get the status of {self._service_name!r}: {response.error}")
         return response.result  # type: ignore[no-any-return]
 

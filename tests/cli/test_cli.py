@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import textwrap
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 from .conftest import Served
-from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
+from .helpers import HERE, KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
 
 COMMANDS = [
     ("plugins",),
@@ -187,6 +191,59 @@ def test_unreachable_service_is_one_line() -> None:
     assert_user_error(status, "no service named 'no-such-service-here'", status=1)
     assert_user_error(many, "no service named 'no-such-service-here'", status=1)
     assert_user_error(served, "no-such-entry-point", status=1)
+
+
+@pytest.mark.timeout(120)
+def test_status_asks_unanswering_hosts_at_once_and_says_which_did_not_answer_within_its_timeout() -> None:
+    # A runtime of its own: the table lists only this test's four services.
+    shm = Path(f"/dev/shm/kservice-{os.getuid()}-status-{uuid.uuid4().hex[:8]}")
+    env = cli_env(KSERVICE_QUEUE_DIR=str(shm), KSERVICE_REGISTRY_DIR=f"{shm}-services")
+    names = [f"s{i}" for i in range(1, 5)]
+    host = subprocess.Popen(
+        [KSERVICE, "serve", "--app-dir", str(HERE), *(f"{n}=sample_services:KV" for n in names)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert host.stdout is not None
+        for _ in names:
+            line = host.stdout.readline()
+            assert line.startswith("serving"), (line, host.stderr.read() if host.poll() is not None else "")
+        host.send_signal(signal.SIGSTOP)  # alive, listed, and answering nothing
+        started = time.monotonic()
+        result = run_cli("status", "--json", "--timeout", "5", env=env)
+        took = time.monotonic() - started
+        assert result.returncode == 0, result
+        rows = {row["service"]: row for row in json.loads(result.stdout)}
+        assert sorted(rows) == names
+        for row in rows.values():
+            assert row["state"] == "unreachable"
+            assert f"did not answer a status request within 5s (host pid {host.pid})" in row["health"], row
+            assert "--timeout" in row["health"], row
+        # Asked one after another, four hosts took at least 4 x 5 s; asked at once, about 5 s.
+        assert took < 15, took
+        host.send_signal(signal.SIGCONT)
+        answered = run_cli("status", "--json", "--timeout", "30", env=env)
+        assert answered.returncode == 0, answered
+        assert {row["service"]: row["state"] for row in json.loads(answered.stdout)} == dict.fromkeys(names, "running")
+        assert run_cli("call", "s1", "put", '["k", "still"]', env=env).returncode == 0
+        assert run_cli("call", "s1", "get", '["k"]', env=env).stdout.strip() == '"still"'
+    finally:
+        host.send_signal(signal.SIGCONT)
+        host.send_signal(signal.SIGINT)
+        try:
+            host.wait(30)
+        finally:
+            if host.poll() is None:
+                host.kill()
+                host.wait()
+            for stream in (host.stdout, host.stderr):
+                if stream is not None:
+                    stream.close()
+            shutil.rmtree(shm, ignore_errors=True)
+            shutil.rmtree(f"{shm}-services", ignore_errors=True)
 
 
 @pytest.mark.timeout(60)
