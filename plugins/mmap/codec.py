@@ -89,6 +89,7 @@ __all__ = [
     "KIND_STATUS",
     "KIND_STREAM_CANCEL",
     "KIND_STREAM_CREDIT",
+    "ORPHAN_SEGMENT_GRACE",
     "OUT_OF_BAND_THRESHOLD",
     "POOL_LEASE_LOST",
     "POOL_MAX_SEGMENT",
@@ -126,6 +127,9 @@ POOL_MAX_SEGMENT = 64 << 20
 POOL_MIN_SEGMENT = 1 << 20
 #: A lease this old (seconds) is taken to be lost with its record: the segment is dropped, not reused.
 POOL_LEASE_LOST = 600.0
+#: Seconds the janitor keeps a one-shot segment whose sender died while its receiver lives (the
+#: record naming it may still be queued for that receiver); older ones are removed.
+ORPHAN_SEGMENT_GRACE = 600.0
 
 #: Message kinds (first field of a request tuple).
 KIND_CALL = 1
@@ -1275,7 +1279,7 @@ def unlink_segment(name: str | None) -> None:
 # --------------------------------------------------------------------------- janitor
 
 
-def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = 600.0) -> list[str]:
+def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = ORPHAN_SEGMENT_GRACE) -> list[str]:
     """Remove segments no live process will read; returns their names.
 
     A one-shot segment is removed when its receiver is gone, or when its sender

@@ -406,6 +406,36 @@ def test_status_watch_refreshes_until_interrupted(served: Served) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_cleanup_help_says_what_it_removes_and_when_and_it_does_so() -> None:
+    from kservice.plugins.mmap import codec
+    from kservice.plugins.mmap.ring import queue_directory
+
+    shown = " ".join(run_main("cleanup", "--help").stdout.split())
+    grace = codec.ORPHAN_SEGMENT_GRACE
+    assert f"older than {grace / 60:g} minutes" in shown, shown
+    for what in ("rings", "registry records", "pooled segments", "one-shot segments", "receiver", "live process"):
+        assert what in shown, (what, shown)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    me, gone = os.getpid(), ended.pid
+    directory = queue_directory()
+    young = f"oob-{gone}-{me}-{uuid.uuid4().hex[:12]}.seg"  # its record may still reach this live receiver
+    old = f"oob-{gone}-{me}-{uuid.uuid4().hex[:12]}.seg"
+    unread = f"oob-{me}-{gone}-{uuid.uuid4().hex[:12]}.seg"  # its receiver is gone: nobody will read it
+    for name in (young, old, unread):
+        (directory / name).write_bytes(b"x")
+    os.utime(directory / old, (time.time() - grace - 60,) * 2)
+    try:
+        result = run_cli("cleanup")
+        assert result.returncode == 0, result
+        assert f"removed segment {old}" in result.stdout and f"removed segment {unread}" in result.stdout, result
+        assert young not in result.stdout and (directory / young).exists()
+    finally:
+        for name in (young, old, unread):
+            (directory / name).unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(60)
 def test_cleanup_runs(served: Served) -> None:
     result = run_cli("cleanup")
     assert result.returncode == 0, result
