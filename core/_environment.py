@@ -244,8 +244,8 @@ class ServiceEnvironment:
         Always completes: a task whose stop raises is reported (a RuntimeWarning)
         and the others still stop; a plugin's ``kservice_environment_stopped``
         that raises is reported the same way. ``timeout`` is each task's drain
-        (see ``BaseServiceTask.stop_service``: longer than ``STOP_TIMEOUT_MAX``
-        or infinite drains without limit); one that is no number (NaN, a bool,
+        (see ``BaseServiceTask.stop_service``: one of more than about 146
+        years, or infinity, drains without limit); one that is no number (NaN, a bool,
         a string) raises ValueError or TypeError before anything stops.
         """
         stop_timeout(timeout)  # refuse a bad timeout while everything still runs

@@ -754,7 +754,7 @@ class BaseServiceTask:
         answered ServiceUnavailableError at once (they never ran).
 
         ``timeout`` (seconds; None for ``DEFAULT_STOP_TIMEOUT``) longer than
-        ``STOP_TIMEOUT_MAX``, or infinite, drains without limit; one that is no
+        ``STOP_TIMEOUT_MAX`` (about 146 years), or infinite, drains without limit; one that is no
         number (NaN, a bool, a string) raises ValueError or TypeError before
         anything stops, and the task keeps serving.
         """

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -243,16 +245,30 @@ STATUS_TIMEOUT = 3.0
 _STATUS_THREADS = 32
 
 
+def _status_pool() -> ThreadPoolExecutor:
+    """Threads that ask services for their status at once; one pool for a whole ``--watch`` or dashboard.
+
+    Why one pool: each thread that calls over mmap gets a response ring, which
+    a pool made per refresh would create and remove again every time.
+    """
+    return ThreadPoolExecutor(_STATUS_THREADS, thread_name_prefix="kservice-status")
+
+
 def _collect_statuses(
-    manager: ServiceManager, names: Sequence[str], explicit: bool, timeout: float = STATUS_TIMEOUT
+    manager: ServiceManager,
+    names: Sequence[str],
+    explicit: bool,
+    timeout: float = STATUS_TIMEOUT,
+    pool: ThreadPoolExecutor | None = None,
 ) -> list[Any]:
     """Each named service's status, in order; unreachable ones become ``{"error": ...}`` (or raise when named explicitly).
 
-    The services are asked at once (up to ``_STATUS_THREADS`` at a time), each
-    for at most ``timeout`` seconds where its transport takes a timeout
-    (mmap), so a listing of up to that many services that do not answer takes
-    about ``timeout``, not ``timeout`` per service. Named explicitly, the first
-    failure in ``names`` order is raised, once every service was asked.
+    The services are asked at once (up to ``_STATUS_THREADS`` at a time, in
+    ``pool`` or in threads made for this call), each for at most ``timeout``
+    seconds where its transport takes a timeout (mmap), so a listing of up to
+    that many services that do not answer takes about ``timeout``, not
+    ``timeout`` per service. Named explicitly, the first failure in ``names``
+    order is raised, once every service was asked.
     """
 
     def one(name: str) -> dict[str, Any]:
@@ -267,12 +283,12 @@ def _collect_statuses(
         status.setdefault("service_name", name)
         return status
 
+    if pool is not None:
+        return list(pool.map(one, names))
     if len(names) <= 1:
         return [one(name) for name in names]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(len(names), _STATUS_THREADS), thread_name_prefix="kservice-status") as pool:
-        return list(pool.map(one, names))
+    with _status_pool() as own:
+        return list(own.map(one, names))
 
 
 @cli.command("status")
@@ -331,7 +347,7 @@ def status_command(
 
     if as_json and watch:
         raise click.UsageError("--json and --watch cannot be combined")
-    with ServiceManager(config=Config.load(config_path)) as manager:
+    with ServiceManager(config=Config.load(config_path)) as manager, contextlib.ExitStack() as stack:
         explicit = bool(services)
 
         def names() -> list[str]:
@@ -356,8 +372,10 @@ def status_command(
 
         from rich.live import Live
 
+        pool = stack.enter_context(_status_pool())
+
         def render() -> Table:
-            rows = status_rows(_collect_statuses(manager, names(), explicit, timeout), previous)
+            rows = status_rows(_collect_statuses(manager, names(), explicit, timeout, pool), previous)
             stamp = time.strftime("%H:%M:%S")
             return status_table(
                 rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)", wide=wide
