@@ -269,6 +269,8 @@ def test_api_timeouts_that_are_not_finite_raise_value_error_at_once_and_the_serv
                 asyncio.run(manager.acall("kv", "get", ("a",), timeout=bad))
             with pytest.raises(ValueError, match="timeout"):
                 manager.proxy("kv", timeout=bad)
+            with pytest.raises(ValueError, match="timeout"):
+                manager.get_service_status("kv", timeout=bad)
         with pytest.raises(TypeError, match="timeout must be a number"):
             manager.call_service_sync("kv", "get", ("a",), timeout="5")  # type: ignore[arg-type]
         # True is an int to Python, not a number of seconds: refused (it was taken as one second)
