@@ -16,6 +16,7 @@ import math
 import os
 import re
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ class Setting:
     A setting that may be None is declared ``nullable=True`` (``Setting((str,),
     None, "...", nullable=True)``); ``type(None)`` among ``types`` means the
     same and is folded into ``nullable``. Floats must be finite (NaN and the
-    infinities are refused); ``minimum`` and ``maximum`` bound numbers.
+    infinities are refused); ``minimum`` and ``maximum`` bound numbers, and a
+    float without a ``maximum`` is at most ``threading.TIMEOUT_MAX`` (about
+    9.2e9, the longest wait Python's locks take).
     """
 
     #: accepted Python types (``float`` also accepts ``int``)
@@ -80,6 +83,10 @@ class Setting:
 
 
 Schema = dict[str, Any]  # nested: section name -> Schema | Setting
+
+#: The largest float setting without a ``maximum`` of its own: most are seconds, and a longer wait
+#: makes Python's locks, joins and sleeps raise OverflowError in whatever thread waits on it.
+_FLOAT_MAX = threading.TIMEOUT_MAX
 
 
 def _setting(types: type | tuple[type, ...], default: Any, doc: str, **extra: Any) -> Setting:
@@ -221,7 +228,12 @@ def _check_value(path: str, setting: Setting, value: Any) -> Any:
             return None
         raise ConfigError(f"{path}: expected {setting.type_names()}, got null")
     if float in setting.types and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(
+                f"{path}: an integer too large for a float is above the maximum {_FLOAT_MAX:.2g}"
+            ) from None
     if isinstance(value, bool) and bool not in setting.types:
         raise ConfigError(f"{path}: expected {setting.type_names()}, got a boolean ({value!r})")
     if not isinstance(value, setting.types):
@@ -236,6 +248,8 @@ def _check_value(path: str, setting: Setting, value: Any) -> Any:
         raise ConfigError(f"{path}: {value!r} is below the minimum {setting.minimum:g}")
     if setting.maximum is not None and cast(Any, value) > setting.maximum:
         raise ConfigError(f"{path}: {value!r} is above the maximum {setting.maximum:g}")
+    if setting.maximum is None and isinstance(value, float) and value > _FLOAT_MAX:
+        raise ConfigError(f"{path}: {value!r} is above the maximum {_FLOAT_MAX:.2g} (seconds a wait can take)")
     return value
 
 

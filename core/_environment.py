@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._errors import ConfigError, ServiceError
-from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class
+from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class, stop_timeout
 
 if TYPE_CHECKING:
     import os
@@ -168,7 +168,12 @@ class ServiceEnvironment:
         return task
 
     def unregister_service(self, name: str, timeout: float | None = None) -> None:
-        """Stop and remove a service; managers forget their route to it."""
+        """Stop and remove a service; managers forget their route to it.
+
+        ``timeout`` is the drain, as for ``BaseServiceTask.stop_service``; one
+        that is no number raises before the service is touched.
+        """
+        stop_timeout(timeout)  # refuse a bad timeout while the service is still registered and serving
         with self._lock:
             task = self._tasks.pop(name, None)
         if task is not None:
@@ -238,8 +243,12 @@ class ServiceEnvironment:
 
         Always completes: a task whose stop raises is reported (a RuntimeWarning)
         and the others still stop; a plugin's ``kservice_environment_stopped``
-        that raises is reported the same way.
+        that raises is reported the same way. ``timeout`` is each task's drain
+        (see ``BaseServiceTask.stop_service``: one of more than about 146
+        years, or infinity, drains without limit); one that is no number (NaN, a bool,
+        a string) raises ValueError or TypeError before anything stops.
         """
+        stop_timeout(timeout)  # refuse a bad timeout while everything still runs
         with self._lock:
             was_started, self._started = self._started, False
             tasks = list(self._tasks.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import heapq
+import inspect
 import itertools
 import math
 import threading
@@ -59,6 +60,14 @@ def _checked_timeout(timeout: Any) -> float:
             f"timeout must be a number of seconds or None, got {type(timeout).__name__} ({timeout!r})"
         ) from None
     raise ValueError(f"timeout must be a finite number of seconds (at most {_TIMEOUT_MAX:g}) or None, got {timeout!r}")
+
+
+def _takes_timeout(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` takes a ``timeout`` keyword (a transport's optional ``remote_status`` may not)."""
+    try:
+        return "timeout" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 class _Expiring(Protocol):
@@ -428,8 +437,17 @@ class ServiceManager:
         """The connection calls to ``service_name`` use (its ``queue_name`` names the request queue)."""
         return self._route(service_name).connection
 
-    def get_service_status(self, service_name: str) -> ServiceStatus | dict[str, Any]:
-        """Status of a service in this manager's environment, or as its transport reports it."""
+    def get_service_status(self, service_name: str, *, timeout: float | None = None) -> ServiceStatus | dict[str, Any]:
+        """Status of a service in this manager's environment, or as its transport reports it.
+
+        ``timeout`` (seconds) bounds the wait for a transport whose
+        ``remote_status`` takes a ``timeout`` (mmap: ServiceUnavailableError
+        saying the host did not answer within it); other transports keep their
+        own bound, as they do when ``timeout`` is None. A timeout that is no
+        finite number of seconds raises ValueError or TypeError at once.
+        """
+        if timeout is not None:
+            timeout = _checked_timeout(timeout)
         if self.environment is not None:
             task = self.environment.get_task(service_name)
             if task is not None:
@@ -438,6 +456,8 @@ class ServiceManager:
         status = getattr(connection, "remote_status", None)
         if status is None:
             raise ServiceUnavailableError(f"the transport of {service_name!r} cannot report its status")
+        if timeout is not None and _takes_timeout(status):
+            return status(timeout=timeout)  # type: ignore[no-any-return]
         return status()  # type: ignore[no-any-return]
 
     # ---------------------------------------------------------------- calls

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -60,6 +61,32 @@ log = logging.getLogger("kservice.task")
 
 #: Seconds ``stop_service()`` waits for in-flight calls when given no timeout.
 DEFAULT_STOP_TIMEOUT = 30.0
+#: The longest drain a stop waits for: a longer ``timeout`` (or infinity) means "without limit" in practice
+#: (about 146 years). Half of ``threading.TIMEOUT_MAX``, so that a deadline computed from it still gives a
+#: wait every lock and join accepts (past that they raise OverflowError).
+STOP_TIMEOUT_MAX = threading.TIMEOUT_MAX / 2
+
+
+def stop_timeout(timeout: object) -> float:
+    """The seconds a stop drains for: ``timeout``, DEFAULT_STOP_TIMEOUT for None, at most STOP_TIMEOUT_MAX.
+
+    A timeout longer than STOP_TIMEOUT_MAX, infinity included, waits without
+    limit (it is clamped). Raises TypeError for a bool or a non-number and
+    ValueError for NaN, naming the value, before anything is stopped.
+    """
+    if timeout is None:
+        return DEFAULT_STOP_TIMEOUT
+    if type(timeout) is bool or not isinstance(timeout, (int, float)):
+        raise TypeError(f"stop timeout must be a number of seconds or None, got {type(timeout).__name__} ({timeout!r})")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int too large for a float: longer than any wait
+        return STOP_TIMEOUT_MAX if timeout > 0 else 0.0
+    if math.isnan(seconds):
+        raise ValueError("stop timeout must be a number of seconds or None, got nan")
+    return min(seconds, STOP_TIMEOUT_MAX)
+
+
 #: Method names whose running time a task remembers (``method_cost``); names beyond it always go to the pool.
 MAX_TRACKED_METHODS = 1024
 #: A request waiting for room in a full queue is answered ServiceOverloadedError this long before its
@@ -725,8 +752,13 @@ class BaseServiceTask:
         A call while another stop is in progress waits for that stop to finish
         (up to ``timeout``). Requests waiting for room in a full queue are
         answered ServiceUnavailableError at once (they never ran).
+
+        ``timeout`` (seconds; None for ``DEFAULT_STOP_TIMEOUT``) longer than
+        ``STOP_TIMEOUT_MAX`` (about 146 years), or infinite, drains without limit; one that is no
+        number (NaN, a bool, a string) raises ValueError or TypeError before
+        anything stops, and the task keeps serving.
         """
-        deadline = time.monotonic() + (DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
+        deadline = time.monotonic() + stop_timeout(timeout)
         with self._state_lock:
             if self._state == "stopping":
                 in_progress = True

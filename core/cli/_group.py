@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -19,7 +20,11 @@ _CONFIG_OPTION_HELP = "YAML config file (default: the file named by KSERVICE_CON
 
 
 class FiniteFloatRange(click.FloatRange):
-    """A FloatRange that also refuses NaN and the infinities (a usage error naming the option)."""
+    """A FloatRange of seconds that also refuses NaN, the infinities and more than ``threading.TIMEOUT_MAX``.
+
+    Each is a usage error naming the option: a longer wait makes Python's
+    locks, joins and sleeps raise OverflowError.
+    """
 
     name = "float"
 
@@ -27,6 +32,10 @@ class FiniteFloatRange(click.FloatRange):
         converted = super().convert(value, param, ctx)
         if not math.isfinite(converted):
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if converted > threading.TIMEOUT_MAX:
+            self.fail(
+                f"{value!r} is longer than a wait can take: at most {threading.TIMEOUT_MAX:.2g} seconds", param, ctx
+            )
         return converted
 
 

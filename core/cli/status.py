@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -237,21 +239,56 @@ def status_table(rows: Iterable[dict[str, Any]], title: str | None = None, wide:
     return table
 
 
-def _collect_statuses(manager: ServiceManager, names: Sequence[str], explicit: bool) -> list[Any]:
-    """Each named service's status; unreachable ones become ``{"error": ...}`` (or raise when named explicitly)."""
-    statuses: list[Any] = []
-    for name in names:
+#: Seconds ``kservice status`` (and the dashboard) waits for each service's status by default.
+STATUS_TIMEOUT = 3.0
+#: Services asked for their status at once; more wait for a free thread.
+_STATUS_THREADS = 32
+
+
+def _status_pool() -> ThreadPoolExecutor:
+    """Threads that ask services for their status at once; one pool for a whole ``--watch`` or dashboard.
+
+    Why one pool: each thread that calls over mmap gets a response ring, which
+    a pool made per refresh would create and remove again every time.
+    """
+    return ThreadPoolExecutor(_STATUS_THREADS, thread_name_prefix="kservice-status")
+
+
+def _collect_statuses(
+    manager: ServiceManager,
+    names: Sequence[str],
+    explicit: bool,
+    timeout: float = STATUS_TIMEOUT,
+    pool: ThreadPoolExecutor | None = None,
+) -> list[Any]:
+    """Each named service's status, in order; unreachable ones become ``{"error": ...}`` (or raise when named explicitly).
+
+    The services are asked at once (up to ``_STATUS_THREADS`` at a time, in
+    ``pool`` or in threads made for this call), each for at most ``timeout``
+    seconds where its transport takes a timeout (mmap), so a listing of up to
+    that many services that do not answer takes about ``timeout``, not
+    ``timeout`` per service. Named explicitly, the first failure in ``names``
+    order is raised, once every service was asked.
+    """
+
+    def one(name: str) -> dict[str, Any]:
         try:
-            status = _status_dict(manager.get_service_status(name))
-            status.setdefault("service_name", name)
-            statuses.append(status)
+            status = _status_dict(manager.get_service_status(name, timeout=timeout))
         except ServiceError as exc:
             if explicit:
                 raise
             # A host that just stopped may still be listed: show why instead of failing the listing.
             manager.forget(name)
-            statuses.append({"service_name": name, "kind": "?", "error": f"{type(exc).__name__}: {exc}"})
-    return statuses
+            return {"service_name": name, "kind": "?", "error": f"{type(exc).__name__}: {exc}"}
+        status.setdefault("service_name", name)
+        return status
+
+    if pool is not None:
+        return list(pool.map(one, names))
+    if len(names) <= 1:
+        return [one(name) for name in names]
+    with _status_pool() as own:
+        return list(own.map(one, names))
 
 
 @cli.command("status")
@@ -266,6 +303,14 @@ def _collect_statuses(manager: ServiceManager, names: Sequence[str], explicit: b
 )
 @click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch, stop after this many refreshes.")
 @click.option(
+    "--timeout",
+    type=FiniteFloatRange(min=0, min_open=True),
+    default=STATUS_TIMEOUT,
+    show_default=True,
+    help="Seconds each service gets to answer; services are asked at once, and one that does not answer "
+    "is shown unreachable, saying so.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON array of rows instead of a table ([] when nothing runs)."
 )
 @click.option("--wide", is_flag=True, help="Every column, however wide the terminal.")
@@ -275,6 +320,7 @@ def status_command(
     watch: bool,
     interval: float,
     count: int | None,
+    timeout: float,
     as_json: bool,
     wide: bool,
     config_path: str | None,
@@ -287,19 +333,21 @@ def status_command(
     is averaged since each service started; with --watch it is the rate over
     the last interval. A terminal narrower than the table gets its essential
     columns only; --wide shows them all. A service with several replicas gets
-    a note: replicas do not share state.
+    a note: replicas do not share state. Services are asked at once; one that
+    does not answer within --timeout seconds is shown unreachable.
 
     \b
     Example:
       kservice status
       kservice status kv --json
+      kservice status --timeout 10
       kservice status --watch --interval 0.5
     """
     from .._manager import ServiceManager
 
     if as_json and watch:
         raise click.UsageError("--json and --watch cannot be combined")
-    with ServiceManager(config=Config.load(config_path)) as manager:
+    with ServiceManager(config=Config.load(config_path)) as manager, contextlib.ExitStack() as stack:
         explicit = bool(services)
 
         def names() -> list[str]:
@@ -315,7 +363,7 @@ def status_command(
                     click.echo("[]")  # still valid JSON: json.load sees no services
                 click.echo("no running services (start one with: kservice serve NAME=package.module:Class)", err=True)
                 return
-            rows = status_rows(_collect_statuses(manager, listed, explicit))
+            rows = status_rows(_collect_statuses(manager, listed, explicit, timeout))
             if as_json:
                 click.echo(json.dumps(rows, indent=2, default=repr))
             else:
@@ -324,8 +372,10 @@ def status_command(
 
         from rich.live import Live
 
+        pool = stack.enter_context(_status_pool())
+
         def render() -> Table:
-            rows = status_rows(_collect_statuses(manager, names(), explicit), previous)
+            rows = status_rows(_collect_statuses(manager, names(), explicit, timeout, pool), previous)
             stamp = time.strftime("%H:%M:%S")
             return status_table(
                 rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)", wide=wide
@@ -361,7 +411,7 @@ def status_command(
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=1.0,
     show_default=True,
     help="Seconds between samples of the services.",

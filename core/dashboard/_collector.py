@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .._config import Config
@@ -80,12 +81,13 @@ class Collector:
 
     def _run(self) -> None:
         from .._manager import ServiceManager
+        from ..cli.status import _status_pool
 
         try:
-            with ServiceManager(config=self.config) as manager:
+            with ServiceManager(config=self.config) as manager, _status_pool() as pool:
                 while not self._stop.is_set():
                     began = time.monotonic()
-                    self.sample(manager)
+                    self.sample(manager, pool)
                     self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
         except Exception as exc:  # noqa: BLE001 - the page says why it no longer updates
             with self._lock:
@@ -108,14 +110,14 @@ class Collector:
 
     # ------------------------------------------------------------ sampling
 
-    def sample(self, manager: Any) -> None:
-        """Take one snapshot with ``manager`` and publish it."""
+    def sample(self, manager: Any, pool: ThreadPoolExecutor | None = None) -> None:
+        """Take one snapshot with ``manager`` and publish it (services asked at once, in ``pool`` if given)."""
         from ..cli import _collect_statuses, running_services, status_rows
 
         now = time.time()
         try:
             records = {str(r["name"]): r for r in running_services()}
-            statuses = _collect_statuses(manager, list(records), explicit=False)
+            statuses = _collect_statuses(manager, list(records), explicit=False, pool=pool)
             rows = status_rows(statuses, self._previous)
             plugins = [{"name": i.name, "origin": i.origin, "hooks": list(i.hooks)} for i in plugin_infos()]
         except Exception as exc:  # noqa: BLE001 - shown on the page; the next sample tries again

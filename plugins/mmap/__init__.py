@@ -30,6 +30,7 @@ __all__ = [
     "ProcessServiceTask",
     "ServiceNameTaken",
     "reclaim",
+    "reclaimed_at_start",
     "running_services",
 ]
 
@@ -94,8 +95,8 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
             "caller_ring_check": Setting(
                 (float,),
                 5.0,
-                "Seconds between a host's looks for callers gone: the response rings of callers that ended "
-                "(or removed them) are unmapped, so their shared memory is freed, at most this long after.",
+                "Seconds between a host's looks for callers gone: the response rings and pooled segments of "
+                "callers that ended (or removed them) are unmapped, so their shared memory is freed, at most this long after.",
                 minimum=0.01,
             ),
         },
@@ -151,6 +152,16 @@ def kservice_register_commands(cli: click.Group) -> None:
 
         cli.add_command(serve_command)
         cli.add_command(cleanup_command)
-    # Every kservice command starts here: reclaim what dead processes left behind.
+    # Every kservice command starts here: reclaim what dead processes left behind (kept, so that
+    # `kservice cleanup` reports what this sweep removed too, not only what was left after it).
     with contextlib.suppress(Exception):
-        reclaim()
+        _reclaimed_at_start.append(reclaim())
+
+
+#: What the sweep at the start of this ``kservice`` command removed (see ``kservice_register_commands``).
+_reclaimed_at_start: list[dict[str, list[str]]] = []
+
+
+def reclaimed_at_start() -> list[dict[str, list[str]]]:
+    """What the sweep at the start of this ``kservice`` command removed, as :func:`reclaim` returned it."""
+    return list(_reclaimed_at_start)

@@ -89,6 +89,7 @@ __all__ = [
     "KIND_STATUS",
     "KIND_STREAM_CANCEL",
     "KIND_STREAM_CREDIT",
+    "ORPHAN_SEGMENT_GRACE",
     "OUT_OF_BAND_THRESHOLD",
     "POOL_LEASE_LOST",
     "POOL_MAX_SEGMENT",
@@ -107,12 +108,14 @@ __all__ = [
     "encode_response",
     "encode_response_batch",
     "holds_placeholder",
+    "mapped_segments",
     "reclaim_segments",
     "release_pool",
     "request_from_message",
     "request_id_marker",
     "response_from_message",
     "unlink_segment",
+    "unmap_gone_senders",
 ]
 
 #: Buffers of at least this many bytes travel out of band.
@@ -124,6 +127,9 @@ POOL_MAX_SEGMENT = 64 << 20
 POOL_MIN_SEGMENT = 1 << 20
 #: A lease this old (seconds) is taken to be lost with its record: the segment is dropped, not reused.
 POOL_LEASE_LOST = 600.0
+#: Seconds the janitor keeps a one-shot segment whose sender died while its receiver lives (the
+#: record naming it may still be queued for that receiver); older ones are removed.
+ORPHAN_SEGMENT_GRACE = 600.0
 
 #: Message kinds (first field of a request tuple).
 KIND_CALL = 1
@@ -987,6 +993,34 @@ class _SegmentPool:
                     old_mm.close()
         return entry
 
+    def mapped_count(self) -> int:
+        """How many of other processes' pooled segments are mapped here."""
+        return len(self._mapped)
+
+    def unmap_gone(self) -> int:
+        """Forget the mappings of pooled segments whose sender ended or removed them; returns how many.
+
+        Why: a removed segment's memory lives as long as a process maps it, so a
+        host would keep up to :attr:`MAPPED` segments of every caller that ended.
+        The mappings are dropped, not closed: a worker thread may be reading a
+        record through one (a record its sender queued just before it ended),
+        and the mapping is unmapped as soon as the last such reference goes.
+        """
+        with self._lock:
+            names = list(self._mapped)
+        directory = queue_directory(sweep=False)
+        gone = []
+        for name in names:
+            match = _POOL_RE.match(name)
+            sender = int(match.group(1)) if match is not None else 0
+            if not _pid_alive(sender) or not os.path.exists(os.path.join(directory, name)):
+                gone.append(name)
+        if gone:
+            with self._lock:
+                for name in gone:
+                    self._mapped.pop(name, None)
+        return len(gone)
+
 
 def _open_owned(name: str, what: str, mode: int, gone: str) -> int:
     """A descriptor of segment ``name`` if it is a regular file of ours that nobody else can read or write.
@@ -1027,6 +1061,23 @@ def _map_pooled(name: str, size: int) -> tuple[mmap.mmap, memoryview]:
 _pool = _SegmentPool()
 atexit.register(_pool.clear)
 os.register_at_fork(after_in_child=_pool.forget_after_fork)
+
+
+def mapped_segments() -> int:
+    """How many of other processes' pooled segments this process keeps mapped (at most ``_SegmentPool.MAPPED``)."""
+    return _pool.mapped_count()
+
+
+def unmap_gone_senders() -> int:
+    """Unmap the pooled segments of senders that ended or removed them; returns how many (never raises).
+
+    A receiver keeps the pooled segments it read from mapped for reuse; this lets
+    go of those nobody can write to again, so their memory is freed.
+    """
+    try:
+        return _pool.unmap_gone()
+    except OSError:
+        return 0
 
 
 def release_pool(wait: float = 1.0) -> None:
@@ -1228,7 +1279,7 @@ def unlink_segment(name: str | None) -> None:
 # --------------------------------------------------------------------------- janitor
 
 
-def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = 600.0) -> list[str]:
+def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = ORPHAN_SEGMENT_GRACE) -> list[str]:
     """Remove segments no live process will read; returns their names.
 
     A one-shot segment is removed when its receiver is gone, or when its sender

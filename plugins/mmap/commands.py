@@ -13,6 +13,7 @@ import sys
 import click
 from kservice.cli import FiniteFloatRange
 
+from .codec import ORPHAN_SEGMENT_GRACE
 from .host import _LOG_LEVELS, DRAIN_TIMEOUT, _configure_logging, reclaim, serve
 
 
@@ -118,15 +119,32 @@ def serve_command(
     )
 
 
-@click.command("cleanup")
-def cleanup_command() -> None:
-    """Remove queues, registry records and segments left by dead processes (it also runs on every command).
+_CLEANUP_HELP = f"""Remove what processes that ended left in this user's queue and registry directories.
 
-    \b
-    Example:
-      kservice cleanup
-    """
-    removed = reclaim()
-    for kind, names in removed.items():
-        for name in names:
-            click.echo(f"removed {kind[:-1]} {name}")
+Removed at once: request and response rings whose owner process is dead;
+registry records of hosts that are dead; pooled segments (pool-PID-*.seg) whose
+owner is dead; one-shot segments (oob-SENDER-RECEIVER-*.seg) whose receiver is
+dead; temporary files of processes killed while writing them.
+
+Removed only once older than {ORPHAN_SEGMENT_GRACE / 60:g} minutes: one-shot segments whose sender
+is dead but whose receiver lives (the record naming one may still be queued
+for that receiver). Run it again after that to remove them.
+
+Nothing of a live process is removed. Each removal is printed. The same sweep runs the first time any process
+uses the directories (every kservice command, every host start, every program
+using the library).
+
+\b
+Example:
+  kservice cleanup
+"""
+
+
+@click.command("cleanup", help=_CLEANUP_HELP)
+def cleanup_command() -> None:
+    from . import reclaimed_at_start
+
+    for removed in (*reclaimed_at_start(), reclaim()):
+        for kind, names in removed.items():
+            for name in names:
+                click.echo(f"removed {kind[:-1]} {name}")

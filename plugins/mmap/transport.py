@@ -276,14 +276,14 @@ class MmapListener(Listener):
         handle = self._handle
         check_every = self._caller_check
         while True:
-            if self._callers_added and time.monotonic() >= self._next_caller_check:
+            if (self._callers_added or codec.mapped_segments()) and time.monotonic() >= self._next_caller_check:
                 self._let_go_of_gone_callers()
             try:
                 records = get_many(64, check_every)
             except QueueClosed:
                 return
             except QueueEmpty:  # idle for a while: a moment to look for callers gone
-                if self._responders:
+                if self._responders or codec.mapped_segments():
                     self._let_go_of_gone_callers()
                 continue
             except QueueError as exc:  # QueueCorrupted: the ring dropped bad bytes and carries on
@@ -805,19 +805,22 @@ class MmapListener(Listener):
         return queue
 
     def _let_go_of_gone_callers(self) -> None:
-        """Unmap the rings of callers that are gone: the caller process ended, or its ring was removed.
+        """Unmap the rings and pooled segments of callers that are gone: the caller process ended, or removed them.
 
-        Why: a caller removes its rings when its threads or its process end,
-        but the shared memory of a removed file lives on as long as a process
-        maps it, and this host maps the ring of every caller it answered (1 MiB
-        each; one per ``kservice call`` run). Runs in the listener thread, at
-        most every ``mmap.caller_ring_check`` seconds while rings were added and
-        whenever the ring stayed empty that long; a look costs a ``stat`` and a
-        ``/proc`` read per ring. A pool worker still answering through a ring
-        closed here loses that answer, logged, as for any caller gone.
+        Why: a caller removes its rings and pooled segments when its threads or
+        its process end, but the shared memory of a removed file lives on as
+        long as a process maps it, and this host maps the ring of every caller
+        it answered (1 MiB each; one per ``kservice call`` run) and keeps up to
+        8 of the segments that carried large arguments (up to 64 MiB each).
+        Runs in the listener thread, at most every ``mmap.caller_ring_check``
+        seconds while rings were added or segments are mapped, and whenever the
+        ring stayed empty that long; a look costs a ``stat`` and a ``/proc``
+        read per ring and per segment. A pool worker still answering through a
+        ring closed here loses that answer, logged, as for any caller gone.
         """
         self._next_caller_check = time.monotonic() + self._caller_check
         self._callers_added = False
+        codec.unmap_gone_senders()
         with self._responders_lock:
             mapped = list(self._responders.items())
         gone = [(name, queue) for name, queue in mapped if not (queue.linked and queue.owner_alive)]
@@ -1781,7 +1784,10 @@ class MmapConnection(Connection):
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
 
-        Raises ServiceUnavailableError when the host does not answer within ``timeout``.
+        Returns or raises within about ``timeout`` seconds. Raises
+        ServiceUnavailableError when the host does not answer within
+        ``timeout`` (its message names the host's pid, the timeout and what to
+        do), when it died, or when the connection is closed.
         """
         ring = self._ring
         if ring is None:
@@ -1797,6 +1803,12 @@ class MmapConnection(Connection):
         finally:
             holder.busy = False
         if not response.success:
+            if response.error_type == "ServiceTimeoutError":
+                raise ServiceUnavailableError(
+                    f"service {self._service_name!r} did not answer a status request within {timeout:g}s "
+                    f"(host pid {ring.owner_pid}): the host is alive but paused, overloaded or hung; "
+                    "try again with a longer --timeout, or look at that process"
+                )
             raise ServiceUnavailableError(f"cannot get the status of {self._service_name!r}: {response.error}")
         return response.result  # type: ignore[no-any-return]
 

@@ -23,6 +23,7 @@ from kservice import (
     ServiceUnavailableError,
     TaskContext,
 )
+from kservice._task import stop_timeout
 
 from .actor import _actor_class, _idempotent_methods
 from .balancers import _make_balancer
@@ -258,12 +259,18 @@ class RayServiceTask(BaseServiceTask):
         highest-numbered replicas leave the rotation at once (calls waiting
         in this process go to the others), finish the calls they were sent
         (up to ``timeout`` seconds, default ``service.ray.start_timeout``;
-        after that they are killed and those calls fail as "may have run"),
+        after that they are killed and those calls fail as "may have run";
+        one of more than about 146 years, or infinity, waits without limit,
+        and one that is no number, NaN included, raises TypeError or
+        ValueError before anything changes),
         then stop and are killed. Callers in other drivers see the change
         within ``service.ray.membership_refresh`` seconds; a call one of them
         sends to a leaving replica meanwhile is refused unrun and goes to
         another replica.
         """
+        if timeout is not None:
+            # Checked before anything changes. One longer than a wait can take drains without limit.
+            timeout = stop_timeout(timeout)
         if replicas < 1:
             raise ValueError(f"a ray service needs at least 1 replica, got {replicas}")
         if not self.running or self.replica_set is None:

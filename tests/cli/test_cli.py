@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import textwrap
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 from .conftest import Served
-from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
+from .helpers import HERE, KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
 
 COMMANDS = [
     ("plugins",),
@@ -189,6 +193,59 @@ def test_unreachable_service_is_one_line() -> None:
     assert_user_error(served, "no-such-entry-point", status=1)
 
 
+@pytest.mark.timeout(120)
+def test_status_asks_unanswering_hosts_at_once_and_says_which_did_not_answer_within_its_timeout() -> None:
+    # A runtime of its own: the table lists only this test's four services.
+    shm = Path(f"/dev/shm/kservice-{os.getuid()}-status-{uuid.uuid4().hex[:8]}")
+    env = cli_env(KSERVICE_QUEUE_DIR=str(shm), KSERVICE_REGISTRY_DIR=f"{shm}-services")
+    names = [f"s{i}" for i in range(1, 5)]
+    host = subprocess.Popen(
+        [KSERVICE, "serve", "--app-dir", str(HERE), *(f"{n}=sample_services:KV" for n in names)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert host.stdout is not None
+        for _ in names:
+            line = host.stdout.readline()
+            assert line.startswith("serving"), (line, host.stderr.read() if host.poll() is not None else "")
+        host.send_signal(signal.SIGSTOP)  # alive, listed, and answering nothing
+        started = time.monotonic()
+        result = run_cli("status", "--json", "--timeout", "5", env=env)
+        took = time.monotonic() - started
+        assert result.returncode == 0, result
+        rows = {row["service"]: row for row in json.loads(result.stdout)}
+        assert sorted(rows) == names
+        for row in rows.values():
+            assert row["state"] == "unreachable"
+            assert f"did not answer a status request within 5s (host pid {host.pid})" in row["health"], row
+            assert "--timeout" in row["health"], row
+        # Asked one after another, four hosts took at least 4 x 5 s; asked at once, about 5 s.
+        assert took < 15, took
+        host.send_signal(signal.SIGCONT)
+        answered = run_cli("status", "--json", "--timeout", "30", env=env)
+        assert answered.returncode == 0, answered
+        assert {row["service"]: row["state"] for row in json.loads(answered.stdout)} == dict.fromkeys(names, "running")
+        assert run_cli("call", "s1", "put", '["k", "still"]', env=env).returncode == 0
+        assert run_cli("call", "s1", "get", '["k"]', env=env).stdout.strip() == '"still"'
+    finally:
+        host.send_signal(signal.SIGCONT)
+        host.send_signal(signal.SIGINT)
+        try:
+            host.wait(30)
+        finally:
+            if host.poll() is None:
+                host.kill()
+                host.wait()
+            for stream in (host.stdout, host.stderr):
+                if stream is not None:
+                    stream.close()
+            shutil.rmtree(shm, ignore_errors=True)
+            shutil.rmtree(f"{shm}-services", ignore_errors=True)
+
+
 @pytest.mark.timeout(60)
 def test_bench_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     # A package that shadows matplotlib and fails to import, as if it were not installed.
@@ -346,6 +403,36 @@ def test_status_watch_refreshes_until_interrupted(served: Served) -> None:
     assert watching.returncode == 0, (out, err)
     assert "Traceback" not in err
     assert served.name in out
+
+
+@pytest.mark.timeout(60)
+def test_cleanup_help_says_what_it_removes_and_when_and_it_does_so() -> None:
+    from kservice.plugins.mmap import codec
+    from kservice.plugins.mmap.ring import queue_directory
+
+    shown = " ".join(run_main("cleanup", "--help").stdout.split())
+    grace = codec.ORPHAN_SEGMENT_GRACE
+    assert f"older than {grace / 60:g} minutes" in shown, shown
+    for what in ("rings", "registry records", "pooled segments", "one-shot segments", "receiver", "live process"):
+        assert what in shown, (what, shown)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    me, gone = os.getpid(), ended.pid
+    directory = queue_directory()
+    young = f"oob-{gone}-{me}-{uuid.uuid4().hex[:12]}.seg"  # its record may still reach this live receiver
+    old = f"oob-{gone}-{me}-{uuid.uuid4().hex[:12]}.seg"
+    unread = f"oob-{me}-{gone}-{uuid.uuid4().hex[:12]}.seg"  # its receiver is gone: nobody will read it
+    for name in (young, old, unread):
+        (directory / name).write_bytes(b"x")
+    os.utime(directory / old, (time.time() - grace - 60,) * 2)
+    try:
+        result = run_cli("cleanup")
+        assert result.returncode == 0, result
+        assert f"removed segment {old}" in result.stdout and f"removed segment {unread}" in result.stdout, result
+        assert young not in result.stdout and (directory / young).exists()
+    finally:
+        for name in (young, old, unread):
+            (directory / name).unlink(missing_ok=True)
 
 
 @pytest.mark.timeout(60)

@@ -204,6 +204,20 @@ def test_non_finite_durations_on_the_command_line_are_usage_errors() -> None:
     assert run_cli("call", "kv", "get", "--timeout", "nan").returncode == 2
 
 
+@pytest.mark.timeout(60)
+def test_durations_longer_than_a_wait_can_take_on_the_command_line_are_usage_errors() -> None:
+    results = [
+        run_main("call", "kv", "get", "--timeout", "1e10"),
+        run_main("status", "--watch", "--interval", "1e300"),
+        run_main("dashboard", "--interval", "1e300"),
+        run_main("serve", "--drain-timeout", "1e300", "kv=sample_services:KV"),
+    ]
+    for result, option in zip(results, ["--timeout", "--interval", "--interval", "--drain-timeout"], strict=True):
+        assert_user_error(result, f"Invalid value for '{option}'", "at most 9.2e+09 seconds", status=2)
+    result = run_cli("call", "kv", "get", "--timeout", "1e10")
+    assert_user_error(result, "Invalid value for '--timeout'", status=2)
+
+
 @pytest.mark.timeout(120)
 def test_every_config_read_error_is_one_line_from_every_command(tmp_path: Path) -> None:
     bad = {

@@ -212,6 +212,18 @@ def test_every_builtin_setting_passes_its_own_check() -> None:
             "services.kv.service_call.default_timeout: expected a finite",
         ),
         (
+            {"health": {"period": 1e12}},
+            "health.period: 1000000000000.0 is above the maximum 9.2e+09 (seconds a wait can take)",
+        ),
+        (
+            {"services": {"kv": {"service_call": {"default_timeout": 1e300}}}},
+            "services.kv.service_call.default_timeout: 1e+300 is above the maximum 9.2e+09",
+        ),
+        (
+            {"service_call": {"retry_interval": 10**400}},
+            "service_call.retry_interval: an integer too large for a float is above the maximum 9.2e+09",
+        ),
+        (
             {"service": {"local": {"max_workers": 100_000_000}}},
             "service.local.max_workers: 100000000 is above the maximum 1024",
         ),
@@ -257,6 +269,8 @@ def test_api_timeouts_that_are_not_finite_raise_value_error_at_once_and_the_serv
                 asyncio.run(manager.acall("kv", "get", ("a",), timeout=bad))
             with pytest.raises(ValueError, match="timeout"):
                 manager.proxy("kv", timeout=bad)
+            with pytest.raises(ValueError, match="timeout"):
+                manager.get_service_status("kv", timeout=bad)
         with pytest.raises(TypeError, match="timeout must be a number"):
             manager.call_service_sync("kv", "get", ("a",), timeout="5")  # type: ignore[arg-type]
         # True is an int to Python, not a number of seconds: refused (it was taken as one second)

@@ -103,6 +103,37 @@ def test_stop_drains_in_flight_and_queued_calls() -> None:
     env.stop()
 
 
+@pytest.mark.parametrize("timeout", [1e10, float("inf")])
+def test_stop_with_a_timeout_longer_than_a_wait_can_take_drains_without_limit(
+    timeout: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = ServiceEnvironment("t", {"service": {"local": {"max_workers": 1}}})
+    task = env.register_service("rec", Recorder)
+    env.start()
+    manager = ServiceManager(env)
+    futures = [manager.call_service_async("rec", "work", (str(i), 0.1)) for i in range(3)]
+    wait_for(lambda: task.get_service_status().in_flight == 1, what="the first call to run, two queued")
+    task.stop_service(timeout=timeout)
+    assert [f.result(timeout=1) for f in futures] == ["0", "1", "2"]
+    assert task.get_service_status().state == "stopped"
+    assert "raised" not in caplog.text  # the drain ran to its end, nothing was cut short by an error
+    env.stop(timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), True, "5"])
+def test_stop_refuses_a_timeout_that_is_no_number_of_seconds_and_keeps_serving(timeout: object) -> None:
+    with ServiceEnvironment("t") as env:
+        task = env.register_service("rec", Recorder)
+        manager = ServiceManager(env)
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            task.stop_service(timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            env.stop(timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            env.unregister_service("rec", timeout=timeout)  # type: ignore[arg-type]
+        assert manager.call_service_sync("rec", "work", ("still",)) == "still"
+
+
 def test_stop_timeout_answers_leftover_calls_with_unavailable() -> None:
     env = ServiceEnvironment("t", {"service": {"local": {"max_workers": 1}}})
     task = env.register_service("rec", Recorder)

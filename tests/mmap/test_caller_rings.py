@@ -104,3 +104,58 @@ def test_linked_tells_a_removed_or_replaced_queue_file() -> None:
         other.close()
         queue.close()
     assert not queue.linked  # a closed handle can still be asked
+
+
+BIG_CALLER = """
+import sys
+from kservice import ServiceManager
+with ServiceManager() as manager:
+    assert manager.call_service_sync(sys.argv[1], "size", (b"x" * (4 << 20),)) == 4 << 20
+"""
+
+
+def _pooled_segments(host_pid: int) -> dict[int, set[str]]:
+    """Other processes' pooled segments ``host_pid`` maps, by the pid of the process that made each."""
+    directory = str(queue_directory(sweep=False))
+    segments: dict[int, set[str]] = {}
+    with open(f"/proc/{host_pid}/maps") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[-1].strip() if line.count(" ") >= 5 else ""
+            name = os.path.basename(path.removesuffix(" (deleted)"))
+            if path.startswith(directory) and name.startswith("pool-"):
+                sender = int(name.split("-")[1])
+                if sender != host_pid:
+                    segments.setdefault(sender, set()).add(name)
+    return segments
+
+
+def test_a_host_unmaps_the_pooled_segments_of_callers_that_ended_and_keeps_serving(
+    host: tuple[str, ServiceManager, int],
+) -> None:
+    name, manager, host_pid = host
+    # This process sends a large argument too and stays alive: its segment may stay mapped.
+    assert manager.call_service_sync(name, "size", (b"y" * (4 << 20),)) == 4 << 20
+    callers = []
+    for _ in range(3):
+        caller = subprocess.run(
+            [sys.executable, "-c", BIG_CALLER, name], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert caller.returncode == 0, caller.stderr
+        callers.append(caller)
+    wait_for(
+        lambda: set(_pooled_segments(host_pid)) <= {os.getpid()},
+        timeout=20,
+        what="the host to unmap the pooled segments of the three callers that ended",
+    )
+    assert os.getpid() in _pooled_segments(host_pid)
+    # The host keeps serving large arguments, from this caller and from a new one.
+    assert manager.call_service_sync(name, "size", (b"z" * (4 << 20),)) == 4 << 20
+    caller = subprocess.run(
+        [sys.executable, "-c", BIG_CALLER, name], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert caller.returncode == 0, caller.stderr
+    wait_for(
+        lambda: set(_pooled_segments(host_pid)) <= {os.getpid()},
+        timeout=20,
+        what="the new caller's pooled segment let go",
+    )

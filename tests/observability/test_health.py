@@ -329,3 +329,19 @@ def test_unregistering_the_plugin_stops_the_scheduler() -> None:
             assert "health" not in task.get_service_status().extra
         finally:
             pm.register(health, name="health")
+
+
+@pytest.mark.timeout(30)
+def test_a_period_longer_than_a_wait_can_take_is_refused_at_registration_and_checks_go_on() -> None:
+    from kservice import ConfigError
+
+    with kservice.ServiceEnvironment("h", {"health": FAST}) as env:
+        task = env.register_service("echo", Echo)
+        with pytest.raises(ConfigError, match=r"health\.period: 1000000000000\.0 is above the maximum"):
+            env.register_service("slow", kservice.ServiceFactory("slow", Echo), health={"period": 1e12})
+        # The scheduler thread lives on: the running task's checks go on, and it keeps serving.
+        rounds = extra(task)["rounds"]
+        wait_for(lambda: extra(task)["rounds"] > rounds, what="more rounds after the refused registration")
+        assert health_threads() == {"kservice-health"}
+        with kservice.ServiceManager(env) as manager:
+            assert manager.call_service_sync("echo", "echo", ("still",)) == "still"

@@ -76,6 +76,24 @@ def test_calls_spread_over_replicas_and_scale_changes_reach_callers() -> None:
                 task.scale(0)
 
 
+@pytest.mark.timeout(120)
+def test_scale_refuses_a_timeout_that_is_no_number_and_drains_without_limit_for_an_infinite_one() -> None:
+    with ServiceEnvironment("ray-scale-timeout") as env:
+        task = env.register_service("stretch", ServiceFactory("stretch", EchoService), kind="ray", replicas=3)
+        assert isinstance(task, RayServiceTask)
+        with env.manager() as manager:
+            for bad in (float("nan"), "5", True):
+                with pytest.raises((TypeError, ValueError), match="timeout"):
+                    task.scale(1, timeout=bad)  # type: ignore[arg-type]
+                # Refused before anything changed: every replica is still in rotation.
+                assert task.replica_count == 3 and len(task.replica_set.snapshot()) == 3  # type: ignore[union-attr]
+            assert len({manager.call_service_sync("stretch", "where")["actor"] for _ in range(9)}) >= 2
+            task.scale(2, timeout=float("inf"))
+            task.scale(1, timeout=1e10)
+            assert task.replica_count == 1 and len(task.replica_set.snapshot()) == 1  # type: ignore[union-attr]
+            assert manager.call_service_sync("stretch", "echo", ("still",)) == "still"
+
+
 @pytest.mark.timeout(90)
 def test_power_of_two_choices_prefers_the_idle_replica() -> None:
     with ServiceEnvironment("ray-p2c") as env:
