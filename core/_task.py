@@ -846,13 +846,13 @@ class BaseServiceTask:
         if self._state != "running" or pool is None:
             if self._state in ("stopped", "failed", "created"):
                 # A deliberate state: the caller learns at once, and retry policies leave it alone.
-                reply(
-                    ServiceResponse.from_exception(
-                        request.request_id,
-                        ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
-                        origin="runtime",
-                    )
+                stopped = ServiceResponse.from_exception(
+                    request.request_id,
+                    ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
+                    origin="runtime",
                 )
+                stopped.metadata[MAY_HAVE_RUN] = False  # refused before anything ran
+                reply(stopped)
             else:
                 reply(self._unavailable(request, f"service is {self._state}"))
             return
@@ -874,7 +874,8 @@ class BaseServiceTask:
         pool.put((request, reply))
 
     def _overloaded(self, request: ServiceRequest) -> ServiceResponse:
-        return ServiceResponse.from_exception(
+        """The refusal of a request the queue never took: it did not run (``MAY_HAVE_RUN`` False)."""
+        response = ServiceResponse.from_exception(
             request.request_id,
             ServiceOverloadedError(
                 f"service {self.service_name!r} is overloaded: {self._queued} requests queued "
@@ -883,6 +884,8 @@ class BaseServiceTask:
             ),
             origin="runtime",
         )
+        response.metadata[MAY_HAVE_RUN] = False
+        return response
 
     def _park(self, request: ServiceRequest, reply: Reply) -> ServiceResponse | None:
         """Holding the counter lock, the queue full: park ``request``; the refusal to send when it cannot wait."""
