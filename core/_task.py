@@ -42,6 +42,7 @@ from ._stream import (
     shutdown_stream_threads,
 )
 from ._transport import Listener, Reply, deadline_response, timeout_response
+from .keys import AT_CAPACITY
 
 if TYPE_CHECKING:
     from ._aio import TaskLoop
@@ -874,7 +875,8 @@ class BaseServiceTask:
         pool.put((request, reply))
 
     def _overloaded(self, request: ServiceRequest) -> ServiceResponse:
-        """The refusal of a request the queue never took: it did not run (``MAY_HAVE_RUN`` False)."""
+        """The refusal of a request the queue never took: it did not run (``MAY_HAVE_RUN`` False), and the
+        service refused it at its admission limit (``AT_CAPACITY``)."""
         response = ServiceResponse.from_exception(
             request.request_id,
             ServiceOverloadedError(
@@ -885,6 +887,7 @@ class BaseServiceTask:
             origin="runtime",
         )
         response.metadata[MAY_HAVE_RUN] = False
+        response.metadata[AT_CAPACITY] = True  # the service answered: it is busy, not broken
         return response
 
     def _park(self, request: ServiceRequest, reply: Reply) -> ServiceResponse | None:
