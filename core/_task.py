@@ -385,6 +385,11 @@ class BaseServiceTask:
     kind: ClassVar[str] = "base"
     #: transports every task of this class listens on, before configured ones
     default_transports: ClassVar[tuple[str, ...]] = ()
+    #: Whether the instance, its methods and its server-side middleware run in this process. A kind
+    #: that hosts them elsewhere (a child process, Ray actors) sets False: what the service's side
+    #: records (the metrics plugin's load window, its recent errors) is then its host's, which the
+    #: kind's ``report_status`` brings in ``status.extra``, never this process's empty record.
+    hosted_here: ClassVar[bool] = True
 
     def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:
         self.service_factory = service_factory

@@ -326,6 +326,7 @@ class ProcessServiceTask(BaseServiceTask):
     """
 
     kind: ClassVar[str] = "process"
+    hosted_here: ClassVar[bool] = False  # its child runs the instance (and reports its load)
     default_transports: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:

@@ -18,6 +18,7 @@ from kservice import (
     ServiceStoppedError,
     next_cost_estimate,
 )
+from kservice.keys import STATUS_LOAD
 
 from .balancers import ReplicaBalancer
 from .common import (
@@ -790,6 +791,9 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
             requests_total=remote.get("requests_total", 0),
             in_flight=remote.get("in_flight", 0),
         )
+        replica_load = (remote.get("extra") or {}).get(STATUS_LOAD)
+        if isinstance(replica_load, dict):
+            entry[STATUS_LOAD] = replica_load  # the replica's own window (the metrics plugin sums them)
         if not entry["healthy"]:
             reasons.append(f"{replica.name}: {entry['health_reason'] or 'down'}")
         for key in ("requests_total", "errors_total", "expired_total", "in_flight", "queue_depth", "restarts"):
