@@ -60,7 +60,16 @@ class MethodNotFoundError(ServiceError, AttributeError):
 
 
 class ServiceTimeoutError(ServiceError, TimeoutError):
-    """The call did not complete before its deadline."""
+    """The call did not complete before its deadline.
+
+    ``may_have_run`` is ``False`` when the service found the deadline passed
+    before the method started (it did not run), ``True`` when it passed while
+    the method ran, and ``None`` when the caller stopped waiting without an
+    answer (the call may have run, or may still run until its deadline).
+    """
+
+    #: whether the request may have reached the method (see the class docstring)
+    may_have_run: bool | None = None
 
 
 class ServiceUnavailableError(ServiceError):

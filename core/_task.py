@@ -43,6 +43,7 @@ from ._stream import (
     shutdown_stream_threads,
 )
 from ._transport import Listener, Reply, deadline_response, timeout_response
+from .keys import AT_CAPACITY
 
 if TYPE_CHECKING:
     from ._aio import TaskLoop
@@ -411,6 +412,11 @@ class BaseServiceTask:
     kind: ClassVar[str] = "base"
     #: transports every task of this class listens on, before configured ones
     default_transports: ClassVar[tuple[str, ...]] = ()
+    #: Whether the instance, its methods and its server-side middleware run in this process. A kind
+    #: that hosts them elsewhere (a child process, Ray actors) sets False: what the service's side
+    #: records (the metrics plugin's load window, its recent errors) is then its host's, which the
+    #: kind's ``report_status`` brings in ``status.extra``, never this process's empty record.
+    hosted_here: ClassVar[bool] = True
 
     def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:
         self.service_factory = service_factory
@@ -878,13 +884,13 @@ class BaseServiceTask:
         if self._state != "running" or pool is None:
             if self._state in ("stopped", "failed", "created"):
                 # A deliberate state: the caller learns at once, and retry policies leave it alone.
-                reply(
-                    ServiceResponse.from_exception(
-                        request.request_id,
-                        ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
-                        origin="runtime",
-                    )
+                stopped = ServiceResponse.from_exception(
+                    request.request_id,
+                    ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
+                    origin="runtime",
                 )
+                stopped.metadata[MAY_HAVE_RUN] = False  # refused before anything ran
+                reply(stopped)
             else:
                 reply(self._unavailable(request, f"service is {self._state}"))
             return
@@ -906,7 +912,9 @@ class BaseServiceTask:
         pool.put((request, reply))
 
     def _overloaded(self, request: ServiceRequest) -> ServiceResponse:
-        return ServiceResponse.from_exception(
+        """The refusal of a request the queue never took: it did not run (``MAY_HAVE_RUN`` False), and the
+        service refused it at its admission limit (``AT_CAPACITY``)."""
+        response = ServiceResponse.from_exception(
             request.request_id,
             ServiceOverloadedError(
                 f"service {self.service_name!r} is overloaded: {self._queued} requests queued "
@@ -915,6 +923,9 @@ class BaseServiceTask:
             ),
             origin="runtime",
         )
+        response.metadata[MAY_HAVE_RUN] = False
+        response.metadata[AT_CAPACITY] = True  # the service answered: it is busy, not broken
+        return response
 
     def _park(self, request: ServiceRequest, reply: Reply) -> ServiceResponse | None:
         """Holding the counter lock, the queue full: park ``request``; the refusal to send when it cannot wait."""

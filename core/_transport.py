@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ServiceTimeoutError
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 
 if TYPE_CHECKING:
     from ._manager import ServiceManager, _Route
@@ -205,12 +205,15 @@ def deadline_response(request: ServiceRequest, *, started: bool) -> ServiceRespo
 
     ``started``: whether the method had begun (a stream mid-way, a coroutine
     being awaited) or not (the request waited past its deadline: it never
-    runs). The message says which and how late, never a timeout of 0 s.
+    runs). The message says which and how late, never a timeout of 0 s, and
+    ``metadata[MAY_HAVE_RUN]`` says it too (False: it never ran).
     """
     late = "" if request.deadline is None else f" ({max(0.0, time.time() - request.deadline):.3f}s ago)"
     when = "while it ran" if started else "before it started; it did not run"
     error = ServiceTimeoutError(f"call {request.service_name}.{request.method_name} passed its deadline{late} {when}")
-    return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+    response = ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+    response.metadata[MAY_HAVE_RUN] = started
+    return response
 
 
 class Listener(ABC):

@@ -16,6 +16,7 @@ from ._messages import ERROR_STATE, MAY_HAVE_RUN
 
 __all__ = [
     "ADDRESS_IDEMPOTENT",
+    "AT_CAPACITY",
     "CACHE",
     "CIRCUIT_OPEN",
     "DEGRADED",
@@ -52,6 +53,10 @@ REPLICA_DOWN = "kservice.replica_down"
 #: True when a replica refused a call without running it (it is stopping or failed to build): the caller
 #: sends the call to another replica (internal to the ``ray`` transport, named here so nothing else reuses it).
 REPLICA_REFUSED = "kservice.replica_refused"
+#: True on a ServiceOverloadedError the service's task gave at its admission limit (its request queue
+#: stayed full for ``service.local.queue_timeout``): the service is up and serving at capacity, and the
+#: call never ran. A circuit breaker does not count it (neither a failure nor a success).
+AT_CAPACITY = "kservice.at_capacity"
 #: True when the breaker refused the call because its circuit is open (the call was never sent).
 CIRCUIT_OPEN = "kservice.circuit_open"
 #: True on a response a fallback produced instead of the service's own answer.

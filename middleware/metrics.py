@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from kservice import CallBatch, ServiceMiddleware, ServiceRequest, ServiceResponse, ServiceStatus, Setting, hookimpl
+from kservice.keys import STATUS_LOAD, STATUS_REPLICAS
 
 if TYPE_CHECKING:
     from kservice import BaseServiceTask
@@ -771,13 +772,72 @@ def kservice_task_stopped(task: BaseServiceTask) -> None:
     _tasks.discard(task)
 
 
+_UNKNOWN_WINDOW: dict[str, Any] = {"calls_per_s": None, "p50_ms": None, "p90_ms": None, "p99_ms": None}
+_RATES = ("calls", "calls_per_s", "errors_per_s")
+_PERCENTILES = ("p50_ms", "p90_ms", "p99_ms")
+
+
+def _merged_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One window from the windows of several hosts (replicas): counts and rates summed, each percentile
+    the highest any host with calls reported (an upper bound: histograms of other processes are not here)."""
+    merged: dict[str, Any] = {key: sum(_number(w, key) or 0 for w in windows) for key in _RATES}
+    merged["calls"] = int(merged["calls"])
+    busy = [w for w in windows if w.get("calls")]
+    for key in _PERCENTILES:
+        merged[key] = max((_number(w, key) or 0.0 for w in busy), default=0.0)
+    return merged
+
+
+def _merged_load(loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``load`` window of a service hosted by several processes, from each one's own ``load``."""
+    merged = _merged_window(loads)
+    merged["window_s"] = max((_number(load, "window_s") or 0.0 for load in loads), default=0.0)
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for load in loads:
+        methods = load.get("methods")
+        if isinstance(methods, dict):
+            for name, window in methods.items():
+                if isinstance(window, dict):
+                    by_method[name].append(window)
+    merged["methods"] = {name: _merged_window(windows) for name, windows in sorted(by_method.items())}
+    return merged
+
+
+def _hosted_elsewhere(status: ServiceStatus) -> None:
+    """``status.extra["load"]`` of a task whose service runs in other processes: its hosts' windows.
+
+    A host that reports one ``load`` (a ``process`` task's child) brings it in
+    ``extra`` as it is; replicas (``ray``) each bring theirs in their
+    ``extra["replicas"]`` entry, summed here. With none, the window is unknown
+    (None), never this process's empty one.
+    """
+    if isinstance(status.extra.get(STATUS_LOAD), dict):
+        return
+    replicas = status.extra.get(STATUS_REPLICAS)
+    loads = [
+        entry[STATUS_LOAD]
+        for entry in (replicas if isinstance(replicas, list) else [])
+        if isinstance(entry, dict) and isinstance(entry.get(STATUS_LOAD), dict)
+    ]
+    entry: dict[str, Any] = {"in_flight": status.in_flight, "queue_depth": status.queue_depth}
+    entry.update(_merged_load(loads) if loads else {**_UNKNOWN_WINDOW, "methods": {}})
+    status.extra[STATUS_LOAD] = entry
+
+
 @hookimpl
 def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
-    """``status.extra["load"]``: in-flight and queued calls, and the server-side window when recorded here.
+    """``status.extra["load"]``: in-flight and queued calls, and the server-side window.
 
-    A task hosted elsewhere brings its host's ``load`` in its status; it is
-    kept unless this process itself records the service's server side.
+    For a task whose service runs in this process (``task.hosted_here``) the
+    window is this process's record. A task hosted elsewhere brings its
+    host's ``load`` in its status (a ``process`` task), or each replica's (a
+    ``ray`` task: summed, each percentile the highest a replica reported);
+    this process's own server-side record of such a service is empty and is
+    never reported in their place.
     """
+    if not getattr(task, "hosted_here", True):
+        _hosted_elsewhere(status)
+        return
     section = (getattr(task, "options", None) or {}).get("metrics") or {}
     recorded_here = section.get("enabled", True) and section.get("server", True)
     found = load(task.service_name) if recorded_here else None
@@ -788,7 +848,7 @@ def kservice_task_status(task: BaseServiceTask, status: ServiceStatus) -> None:
         return
     entry: dict[str, Any] = {"in_flight": status.in_flight, "queue_depth": status.queue_depth}
     if found is None:
-        entry.update(calls_per_s=None, p50_ms=None, p90_ms=None, p99_ms=None, methods={})
+        entry.update(_UNKNOWN_WINDOW, methods={})
     else:
         entry.update(found)
     status.extra["load"] = entry

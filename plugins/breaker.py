@@ -17,9 +17,18 @@ States:
   cancelled async call) is given up after another ``cooldown``.
 
 What counts as a failure: runtime unavailability (ServiceUnavailableError,
-ServiceOverloadedError) and timeouts (ServiceTimeoutError). ServiceStoppedError
-does not: a service stopped on purpose already answers at once, and counting
-it would keep the breaker open for a cool-down after the service is restarted. An exception
+ServiceOverloadedError) and timeouts (ServiceTimeoutError), whether or not the
+call ran: a call whose deadline passed while it waited in the service's queue
+is one the service could not serve in time, and the caller waited for it. One
+kind of refusal is not an outcome of the service at all: a ServiceOverloadedError
+the service's own task gave at its admission limit (``kservice.keys.AT_CAPACITY``:
+its request queue stayed full for ``service.local.queue_timeout``; the service
+answered and is serving at capacity). It counts neither as a failure nor as a
+success, and a half-open probe refused so frees its probe slot. (An overload
+the caller's transport saw, a request ring its host did not drain, still counts:
+the host is not reading.) ServiceStoppedError does not count: a service stopped on purpose
+already answers at once, and counting it would keep the breaker open for a
+cool-down after the service is restarted. An exception
 raised by the method itself (a KeyError) means the service answered: it counts
 as a success unless ``count_service_errors`` is true. MethodNotFoundError and
 errors raised by caller-side middleware never count.
@@ -50,7 +59,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
-from kservice.keys import CIRCUIT_OPEN, REPLICA_DOWN, RETRYABLE
+from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, REPLICA_DOWN, RETRYABLE
 
 __all__ = [
     "CircuitBreaker",
@@ -179,6 +188,9 @@ class CircuitBreaker(ServiceMiddleware):
             # The common case: one attribute store, no lock.
             self._consecutive = 0
             return
+        if not response.success and response.metadata.get(AT_CAPACITY):
+            self._not_an_outcome(request.request_id)
+            return
         self.record(self._is_failure(response), request.request_id, response)
 
     def admit_batch(self, batch: CallBatch) -> BaseException | None:
@@ -220,6 +232,12 @@ class CircuitBreaker(ServiceMiddleware):
         if origin == "runtime":
             return response.error_type in FAILURE_TYPES
         return origin == "service" and self.count_service_errors
+
+    def _not_an_outcome(self, probe_id: str) -> None:
+        """A call the service refused at its admission limit: nothing is counted; a probe's slot is freed."""
+        if self.state is _HALF_OPEN:
+            with self._lock:
+                self._probes_out.discard(probe_id)
 
     def _admit(self, request: ServiceRequest) -> ServiceResponse | None:
         """Open or half-open: let a probe through, or answer with a fail-fast rejection."""
@@ -318,14 +336,20 @@ class CircuitBreaker(ServiceMiddleware):
         passed. Open: late outcomes are ignored, as single calls' are.
         """
         is_failure = self._is_failure
-        counted = sorted(index for index, response in batch.failures.items() if is_failure(response))
+        failures = batch.failures
+        # Refusals at the service's admission limit are not outcomes (see the module docstring): skipped.
+        skipped = {index for index, response in failures.items() if response.metadata.get(AT_CAPACITY)}
+        counted = sorted(index for index, response in failures.items() if index not in skipped and is_failure(response))
         with self._lock:
             now = self._clock()
             if counted:
-                last = batch.failures[counted[-1]]
+                last = failures[counted[-1]]
                 self.last_failure = f"{last.error_type}: {last.error}"
             if self.state is _HALF_OPEN:
-                self._probe_done(batch.batch_id, bool(counted), now)
+                if not counted and len(skipped) == batch.count:
+                    self._probes_out.discard(batch.batch_id)  # nothing was served: no verdict
+                else:
+                    self._probe_done(batch.batch_id, bool(counted), now)
                 return
             if self.state is _OPEN:
                 return
@@ -335,20 +359,30 @@ class CircuitBreaker(ServiceMiddleware):
                     self._bucket_epoch[index] = epoch
                     self._calls[index] = 0
                     self._fails[index] = 0
-                self._calls[index] += batch.count
+                self._calls[index] += batch.count - len(skipped)
                 self._fails[index] += len(counted)
                 if counted and self._rate_exceeded(now):
                     self._open(now)
                     return
             run = self._consecutive
-            previous = -1
-            for index in counted:
-                run = run + 1 if index == previous + 1 else 1
-                previous = index
+            counted_set = set(counted)
+            following = 0  # the index that continues the run (skipped calls neither extend nor end it)
+            for index in sorted(failures):
+                if index in skipped:
+                    if index == following:
+                        following += 1
+                    continue
+                if index != following:
+                    run = 0  # a success came between
+                following = index + 1
+                if index not in counted_set:
+                    run = 0  # a failure the breaker does not count ends a run, as a success does
+                    continue
+                run += 1
                 if run >= self.failure_threshold:
                     self._open(now)
                     return
-            self._consecutive = run if counted and previous == batch.count - 1 else 0
+            self._consecutive = run if following == batch.count else 0
 
     def _bucket(self, now: float) -> tuple[int, int]:
         epoch = int(now / self._bucket_width)

@@ -45,6 +45,7 @@ from kservice import (
     ServiceAddress,
     ServiceEnvironment,
     ServiceFactory,
+    ServiceMiddleware,
     ServiceStatus,
     ServiceUnavailableError,
     TaskContext,
@@ -316,6 +317,45 @@ def _check_importable(factory: ServiceFactory) -> None:
     )
 
 
+#: The hooks a middleware runs in the service's process (see ServiceMiddleware); one with none of them
+#: overridden is caller-side only and is never sent to the host.
+_SERVICE_SIDE_HOOKS = ("before_handle", "after_handle", "observe_handle", "after_handle_batch", "observe_handle_batch")
+
+
+def _service_side_hooks(middleware: Any) -> list[str]:
+    """The service-side hooks ``middleware``'s class defines (overrides of ServiceMiddleware's, or its own)."""
+    cls = type(middleware)
+    return [
+        name
+        for name in _SERVICE_SIDE_HOOKS
+        if getattr(cls, name, None) is not None and getattr(cls, name) is not getattr(ServiceMiddleware, name, None)
+    ]
+
+
+def _class_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
+
+
+def _check_middleware_importable(middleware: Any, service_name: str) -> None:
+    """ConfigError when the child could not import the class of a middleware it must run (it is sent by reference)."""
+    cls = type(middleware)
+    module, qualname = getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")
+    if module == "__main__":
+        where = "__main__ (the script being run)"
+    elif "<locals>" in qualname:
+        where = f"a function ({qualname})"
+    else:
+        return
+    raise ConfigError(
+        f"service {service_name!r}: middleware {cls.__name__} has service-side hooks "
+        f"({', '.join(_service_side_hooks(middleware))}) that must run in the process hosting this "
+        f"kind='process' service, but it is defined in {where}, which that process cannot import; move the "
+        f"class into an importable module (e.g. {cls.__name__.lower()}.py) and import it from there, or use "
+        "kind='local'"
+    )
+
+
 class ProcessServiceTask(BaseServiceTask):
     """A service hosted in a child process (a fresh interpreter) and reached over ``mmap``.
 
@@ -326,6 +366,7 @@ class ProcessServiceTask(BaseServiceTask):
     """
 
     kind: ClassVar[str] = "process"
+    hosted_here: ClassVar[bool] = False  # its child runs the instance (and reports its load)
     default_transports: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, service_factory: ServiceFactory, ctx: TaskContext | None = None) -> None:
@@ -404,16 +445,25 @@ class ProcessServiceTask(BaseServiceTask):
         assert self._address is not None and self._process is not None
         return [_ChildListener(self._address, self._process)]
 
-    def _portable_middlewares(self) -> tuple[Any, ...]:
-        """The environment's middleware the child can run its service-side hooks with.
+    def _portable_middlewares(self) -> list[tuple[str, bytes]]:
+        """The environment's middleware with service-side hooks, pickled one by one for the child.
 
-        Middleware that cannot be pickled stays in the parent (its caller-side
-        hooks still run there); a warning names it.
+        Middleware with caller-side hooks only is not sent: it runs here, and
+        the child need not import it. Middleware with service-side hooks whose
+        class the child cannot import (defined in ``__main__`` or in a
+        function) fails the start with ConfigError naming the class: its hooks
+        would silently not run in the host. Middleware that cannot be pickled
+        stays in the parent (its caller-side hooks still run there); a warning
+        names it. Each travels as ``(class name, pickle)`` so the child can
+        name the one it fails to load.
         """
         portable = []
         for middleware in self.ctx.current_middlewares():
+            if not _service_side_hooks(middleware):
+                continue
+            _check_middleware_importable(middleware, self.service_name)
             try:
-                pickle.dumps(middleware, protocol=5)
+                pickled = pickle.dumps(middleware, protocol=5)
             except Exception as exc:  # noqa: BLE001 - any pickling failure means "stays here"
                 warnings.warn(
                     f"middleware {type(middleware).__qualname__} cannot be sent to the process hosting "
@@ -423,8 +473,8 @@ class ProcessServiceTask(BaseServiceTask):
                     stacklevel=3,
                 )
                 continue
-            portable.append(middleware)
-        return tuple(portable)
+            portable.append((_class_name(middleware), pickled))
+        return portable
 
     def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
         assert process.stdout is not None
@@ -555,6 +605,21 @@ def _read_blob(stream: IO[bytes]) -> bytes:
     return stream.read(length)
 
 
+def _load_middlewares(sent: Sequence[tuple[str, bytes]]) -> tuple[Any, ...]:
+    """The parent's service-side middleware, each unpickled on its own so a failure names its class."""
+    loaded = []
+    for name, pickled in sent:
+        try:
+            loaded.append(pickle.loads(pickled))
+        except Exception as exc:
+            raise ConfigError(
+                f"middleware {name} could not be loaded in the process hosting the service "
+                f"({type(exc).__name__}: {exc}); its class must be importable there under the same module name: "
+                "move it into an importable module on sys.path"
+            ) from exc
+    return tuple(loaded)
+
+
 def _child_main(output_fd: int) -> int:
     """Host one service for a ProcessServiceTask; the spec arrives on stdin."""
     stdin = sys.stdin.buffer
@@ -564,7 +629,7 @@ def _child_main(output_fd: int) -> int:
         factory: ServiceFactory = loaded["factory"]
         config = Config.load(loaded["config"])
         task = LocalServiceTask(
-            factory, TaskContext(loaded["environment"], config, tuple(loaded.get("middlewares", ())))
+            factory, TaskContext(loaded["environment"], config, _load_middlewares(loaded.get("middlewares", ())))
         )
         task.start_service()
     except BaseException as exc:  # reported to the parent, which raises it

@@ -24,7 +24,7 @@ from kservice import (
     idempotent_methods,
 )
 
-from .common import _CONTROL_GROUP, _REFUSED_KEY, RETRYABLE_KEY, _first_line, _ray
+from .common import _CONTROL_GROUP, _REFUSED_KEY, MAY_HAVE_RUN_KEY, RETRYABLE_KEY, _first_line, _ray
 from .wire import _COST, WIRE_VERSION, WireRequest, WireResponse, _pack, _Stored, stream_shape
 
 # ---------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class _ReplicaHost:
                 ServiceUnavailableError(f"call {service_name}.{method_name} was cancelled before it started"),
                 origin="runtime",
             )
-            skipped.metadata = {RETRYABLE_KEY: False}
+            skipped.metadata = {RETRYABLE_KEY: False, MAY_HAVE_RUN_KEY: False}
             return skipped.for_wire()
         return ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
 

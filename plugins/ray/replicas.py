@@ -18,11 +18,13 @@ from kservice import (
     ServiceStoppedError,
     next_cost_estimate,
 )
+from kservice.keys import STATUS_LOAD
 
 from .balancers import ReplicaBalancer
 from .common import (
     _CONTROL_GROUP,
     _REFUSED_KEY,
+    MAY_HAVE_RUN_KEY,
     REPLICA_DOWN_KEY,
     _cancelled,
     _first_line,
@@ -602,11 +604,14 @@ class _ReplicaSet:
         self.cancel_many((request,))
 
     def _stopped(self, request: ServiceRequest) -> ServiceResponse:
-        return ServiceResponse.from_exception(
+        """The refusal of a call the stopped service never sent to a replica (``MAY_HAVE_RUN`` False)."""
+        response = ServiceResponse.from_exception(
             request.request_id,
             ServiceStoppedError(f"service {self.service_name!r} is unavailable: {self.closed_reason}"),
             origin="runtime",
         )
+        response.metadata[MAY_HAVE_RUN_KEY] = False
+        return response
 
     def no_replica(self, request: ServiceRequest, *, refresh: bool = True) -> ServiceResponse:
         """The answer to a call no replica can take (it was never sent: retrying it later is safe).
@@ -786,6 +791,9 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
             requests_total=remote.get("requests_total", 0),
             in_flight=remote.get("in_flight", 0),
         )
+        replica_load = (remote.get("extra") or {}).get(STATUS_LOAD)
+        if isinstance(replica_load, dict):
+            entry[STATUS_LOAD] = replica_load  # the replica's own window (the metrics plugin sums them)
         if not entry["healthy"]:
             reasons.append(f"{replica.name}: {entry['health_reason'] or 'down'}")
         for key in ("requests_total", "errors_total", "expired_total", "in_flight", "queue_depth", "restarts"):

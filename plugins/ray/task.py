@@ -57,6 +57,7 @@ class RayServiceTask(BaseServiceTask):
     """
 
     kind: ClassVar[str] = "ray"
+    hosted_here: ClassVar[bool] = False  # its replica actors run the instance (each reports its load)
     default_transports: ClassVar[tuple[str, ...]] = ("ray",)
 
     def __init__(

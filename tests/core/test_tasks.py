@@ -7,6 +7,7 @@ import time
 
 import pytest
 from kservice import (
+    MAY_HAVE_RUN,
     BaseServiceTask,
     LocalServiceTask,
     ServiceEnvironment,
@@ -14,7 +15,10 @@ from kservice import (
     ServiceManager,
     ServiceOverloadedError,
     ServiceRequest,
+    ServiceResponse,
     ServiceStatus,
+    ServiceStoppedError,
+    ServiceTimeoutError,
     ServiceUnavailableError,
 )
 from kservice.testing import wait_for
@@ -162,12 +166,34 @@ def test_full_request_queue_is_overloaded_after_queue_timeout() -> None:
             queued = [manager.call_service_async("rec", "work", (f"q{i}", 0.0)) for i in range(2)]
             started = time.monotonic()
             overloaded = manager.call_service_async("rec", "work", ("x",))
-            with pytest.raises(ServiceOverloadedError, match="request_queue_size=2"):
+            with pytest.raises(ServiceOverloadedError, match="request_queue_size=2") as refused:
                 overloaded.result(timeout=5)
             assert 0.15 < time.monotonic() - started < 0.9
+            assert refused.value.may_have_run is False  # it never ran: any retry policy may send it again
             assert running.result(timeout=5) == "r"
             assert [f.result(timeout=5) for f in queued] == ["q0", "q1"]
             assert manager.call_service_sync("rec", "work", ("next",)) == "next"
+
+
+def test_refusals_before_the_method_starts_say_it_did_not_run() -> None:
+    """A stopped task's refusal and a request found past its deadline before it started: ``may_have_run`` False."""
+    with ServiceEnvironment("t", {"service_call": {"max_retries": 0}}) as env:
+        task = env.register_service("rec", Recorder)
+        expired = ServiceRequest("late-1", "rec", "work", ("late",), deadline=time.time() - 1.0)
+        response = task.execute(expired)
+        assert response.metadata[MAY_HAVE_RUN] is False, response
+        error = response.to_exception("rec", "work")
+        assert isinstance(error, ServiceTimeoutError) and error.may_have_run is False
+        assert "did not run" in str(error)
+        assert task.service.events == [], "the late request did not run"
+        with ServiceManager(env) as manager:
+            assert manager.call_service_sync("rec", "work", ("next",)) == "next", "the task kept serving"
+            task.stop_service()
+            answers: list[ServiceResponse] = []
+            task.submit(ServiceRequest("stopped-1", "rec", "work", ("x",)), answers.append)
+            assert answers[0].metadata[MAY_HAVE_RUN] is False, answers
+            stopped = answers[0].to_exception("rec", "work")
+            assert isinstance(stopped, ServiceStoppedError) and stopped.may_have_run is False
 
 
 def test_status_counts_requests_errors_in_flight_and_queue_depth() -> None:

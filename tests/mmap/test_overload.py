@@ -8,18 +8,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kservice import (
+    MAY_HAVE_RUN,
     ServiceCallError,
     ServiceEnvironment,
     ServiceFactory,
     ServiceManager,
     ServiceOverloadedError,
+    ServiceRequest,
+    ServiceResponse,
+    get_plugin_manager,
+    hookimpl,
 )
 
 from tests.core.faulty import Counter
+from tests.mmap.services import Ledger
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -110,3 +117,83 @@ def test_what_a_method_raises_never_kills_the_hosts_workers_or_listener(
     status = env.get_task("busy").get_service_status()  # type: ignore[union-attr]
     assert (status.healthy, status.workers_alive, status.in_flight) == (True, 2, 0), status
     assert manager.call_service_sync("busy", "add", (1,)) == 6
+
+
+class RetriesWhatNeverRan:
+    """A retry policy that relies on the may-have-run signal alone (as a user's policy may)."""
+
+    def __init__(self) -> None:
+        self.retried: list[str] = []
+
+    def should_retry(
+        self, request: ServiceRequest, response: ServiceResponse, attempt: int, idempotent: bool
+    ) -> float | None:
+        if response.metadata.get(MAY_HAVE_RUN) is False and attempt < 50:
+            self.retried.append(response.error_type)
+            return 0.05
+        return None
+
+
+class OnlyForLedger:
+    """A plugin giving the ``ledger`` service, in this (the caller's) process only, the policy above."""
+
+    def __init__(self, policy: RetriesWhatNeverRan) -> None:
+        self.policy = policy
+
+    @hookimpl(tryfirst=True)
+    def kservice_retry_policy(self, service_name: str, options: dict[str, Any]) -> RetriesWhatNeverRan | None:
+        return self.policy if service_name == "ledger" else None
+
+
+def ledger_host(name: str) -> ServiceEnvironment:
+    env = ServiceEnvironment(name, QUIET)
+    env.register_service(
+        "ledger",
+        ServiceFactory("ledger", Ledger),
+        kind="process",
+        local={"max_workers": 1, "request_queue_size": 1, "queue_timeout": 0.2},
+    )
+    return env
+
+
+def runs(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_an_overloaded_hosts_refusal_reaches_the_caller_saying_the_call_did_not_run(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with ledger_host("overload-flag") as env, env.manager() as manager:
+        flood = [
+            manager.call_service_async("ledger", "record", (str(path), f"c{i}", 0.4), timeout=20) for i in range(6)
+        ]
+        ran, refused = [], []
+        for future in flood:
+            try:
+                ran.append(future.result(30))
+            except ServiceOverloadedError as exc:
+                refused.append(exc)
+        assert refused and ran, (ran, refused)
+        assert all(exc.may_have_run is False for exc in refused), [exc.may_have_run for exc in refused]
+        assert len(runs(path)) // 2 == len(ran), "a refused call did not run"
+        assert manager.call_service_sync("ledger", "pid", timeout=10) == ran[0], "the host kept serving"
+
+
+def test_a_non_idempotent_call_refused_by_an_overloaded_host_is_retried_by_a_policy_that_relies_on_the_signal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.txt"
+    policy = RetriesWhatNeverRan()
+    plugins = get_plugin_manager()
+    plugins.register(OnlyForLedger(policy), name="test-retries-what-never-ran")
+    try:
+        with ledger_host("overload-retry") as env, env.manager() as manager:
+            flood = [
+                manager.call_service_async("ledger", "record", (str(path), f"c{i}", 0.2), timeout=30) for i in range(6)
+            ]
+            pids = {future.result(40) for future in flood}
+            assert len(pids) == 1
+            assert "ServiceOverloadedError" in policy.retried, policy.retried
+            tags = runs(path)[::2]
+            assert sorted(tags) == [f"c{i}" for i in range(6)], "every call ran, and exactly once"
+    finally:
+        plugins.unregister(name="test-retries-what-never-ran")

@@ -88,3 +88,106 @@ def test_a_call_run_on_the_listener_thread_is_answered_before_the_server_observe
     assert [args for args, _ in seen] == [("warm",)] * 5 + [("slow",)]
     # The observed duration is the call's own (method and middleware), not the observer's.
     assert seen[-1][1] < OBSERVER_SECONDS / 2
+
+
+#: A main script (run as ``python script.py``) whose middleware classes live in ``__main__``.
+MAIN_SCRIPT = """
+import json, os, sys
+from kservice import ConfigError, ServiceEnvironment, ServiceFactory, ServiceMiddleware, ServiceUnavailableError
+from tests.mmap.services import KV
+
+
+class MarkCaller(ServiceMiddleware):
+    # Caller's side only: nothing of it needs to reach the host.
+    def before_call(self, request):
+        request.metadata["from-main"] = True
+        return None
+
+
+class StampHost(ServiceMiddleware):
+    # Service's side: it would have to run in the host, which cannot import __main__.
+    def after_handle(self, response, request):
+        return response
+
+
+out = {}
+with ServiceEnvironment("main-mw") as env:
+    env.add_middleware(MarkCaller())
+    env.register_service("kv", ServiceFactory("kv", KV), kind="process")
+    manager = env.manager()
+    out["tags"] = manager.call_service_sync("kv", "tag", ("x",), timeout=30)
+    out["host_pid"] = env.get_task("kv").pid
+    env.add_middleware(StampHost())
+    try:
+        env.register_service("kv2", ServiceFactory("kv2", KV), kind="process")
+    except (ConfigError, ServiceUnavailableError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__
+        out["cause"] = "" if cause is None else type(cause).__name__
+    out["kv2_state"] = env.get_task("kv2").state if env.get_task("kv2") is not None else None
+    out["still_serving"] = manager.call_service_sync("kv", "echo", (7,), timeout=30)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_middleware_defined_in_the_main_script_client_only_stays_here_service_side_is_a_clear_start_error(
+    tmp_path: Any,
+) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import clean_environ
+
+    repo = Path(__file__).resolve().parents[2]
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT)
+    environ = clean_environ()
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=100
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # The caller-side middleware ran here and the host started without it.
+    assert "from-main" in out["tags"] and "x" in out["tags"], out
+    assert out["host_pid"] and out["host_pid"] != done.returncode
+    # The service-side one: a start error naming the class, where it is and what to do.
+    error = out.get("error", "")
+    assert "StampHost" in error and "__main__" in error and "importable module" in error, out
+    assert "Can't get attribute" not in error, out
+    assert out["kv2_state"] in (None, "failed"), out
+    assert out["still_serving"] == 7, "the environment's other service kept serving"
+
+
+@pytest.mark.timeout(120)
+def test_a_service_side_middleware_whose_module_the_host_cannot_import_fails_the_start_naming_it() -> None:
+    import sys
+    import types
+
+    from kservice import ServiceUnavailableError
+
+    # A module that exists only in this process (built at run time, as a notebook's or a plugin loader's are).
+    module = types.ModuleType("kservice_test_ghost_middleware")
+    exec(
+        "from kservice import ServiceMiddleware\n"
+        "class Ghost(ServiceMiddleware):\n"
+        "    def after_handle(self, response, request):\n"
+        "        return response\n",
+        module.__dict__,
+    )
+    sys.modules[module.__name__] = module
+    try:
+        with ServiceEnvironment("ghost-mw") as env:
+            env.add_middleware(module.Ghost())
+            with pytest.raises(ServiceUnavailableError) as failed:
+                env.register_service("kv", ServiceFactory("kv", KeyValue, ({"a": 1},)), kind="process")
+            message = str(failed.value)
+            assert "kservice_test_ghost_middleware.Ghost" in message and "importable module" in message, message
+            env.register_service("local-kv", ServiceFactory("local-kv", KeyValue, ({"a": 2},)))
+            with ServiceManager(env) as manager:
+                assert manager.call_service_sync("local-kv", "get", ("a",)) == 2, "the environment keeps serving"
+    finally:
+        del sys.modules[module.__name__]

@@ -301,3 +301,28 @@ def test_a_recorded_call_lands_in_the_bucket_bisection_gives_at_every_duration()
     assert stats.buckets == expected
     assert stats.calls == len(durations) and not stats.errors
     assert stats.seconds == pytest.approx(sum(durations))
+
+
+@pytest.mark.timeout(90)
+def test_the_status_of_a_process_task_reports_its_hosts_load() -> None:
+    from tests.core.faulty import Counter
+
+    with kservice.ServiceEnvironment("m", NO_HEALTH) as env:
+        task = env.register_service("hosted", kservice.ServiceFactory("hosted", Counter), kind="process")
+        manager = env.manager()
+        for i in range(10):
+            assert manager.call_service_sync("hosted", "echo", (i,)) == i
+        slow = [manager.call_service_async("hosted", "sleep", (2.0,), timeout=30) for _ in range(2)]
+        load = wait_for(
+            lambda: (s := task.get_service_status().extra["load"])["in_flight"] == 2 and s,
+            timeout=20,
+            what="two calls in flight in the host",
+        )
+        # The host's window: before, this process's own (empty) window replaced it with 0 calls and 0 ms.
+        assert load["calls"] >= 10 and load["calls_per_s"] > 0, load
+        assert load["methods"]["echo"]["calls"] >= 10, load
+        assert manager.get_service_status("hosted").extra["load"]["calls"] >= 10  # type: ignore[union-attr]
+        families = {f.name: f for f in text_string_to_metric_families(metrics.prometheus_text())}
+        in_flight = {s.labels["service"]: s.value for s in families["kservice_in_flight"].samples}
+        assert in_flight["hosted"] == 2
+        assert [s.result(30) for s in slow] == [2.0, 2.0]

@@ -9,7 +9,8 @@ from typing import Any
 
 import kservice
 import pytest
-from kservice import ServiceEnvironment, ServiceRequest, ServiceResponse
+from kservice import CallBatch, ServiceEnvironment, ServiceRequest, ServiceResponse
+from kservice.keys import AT_CAPACITY
 from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
 
 from tests.policies.conftest import chain_of
@@ -122,6 +123,64 @@ def test_half_open_probe_closes_on_success_and_reopens_on_failure() -> None:
     assert breaker.state == "open"
     assert breaker.snapshot()["retry_after"] == pytest.approx(5.0)  # the cool-down starts again
     assert breaker.snapshot()["opened_total"] == 3
+
+
+AT_CAPACITY_REFUSAL = ServiceResponse(
+    False,
+    None,
+    "full",
+    error_type="ServiceOverloadedError",
+    error_origin="runtime",
+    metadata={kservice.MAY_HAVE_RUN: False, AT_CAPACITY: True},
+)
+RING_FULL = ServiceResponse(False, None, "never sent", error_type="ServiceOverloadedError", error_origin="runtime")
+
+
+@pytest.mark.timeout(10)
+def test_refusals_at_the_admission_limit_count_neither_way_and_free_a_probe_slot() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", settings(failure_threshold=2, cooldown=1.0), clock=clock)
+    for outcome in (DOWN, AT_CAPACITY_REFUSAL, AT_CAPACITY_REFUSAL, AT_CAPACITY_REFUSAL):
+        call(breaker, outcome)
+    assert breaker.state == "closed"  # no failure: the service answered at capacity
+    call(breaker, DOWN)
+    assert breaker.state == "open"  # nor a success: the run of failures went on
+    clock.now += 1.0
+    probe = req()
+    assert breaker.before_call(probe) is None
+    assert breaker.before_call(req()) is not None  # one probe at a time
+    breaker.after_call(AT_CAPACITY_REFUSAL, probe)
+    assert breaker.state == "half_open"  # no verdict
+    second = req()
+    assert breaker.before_call(second) is None, "the refused probe's slot was freed at once"
+    breaker.after_call(OK, second)
+    assert breaker.state == "closed"
+    call(breaker, RING_FULL)
+    call(breaker, RING_FULL)
+    assert breaker.state == "open", "an overload the caller's transport saw (the host not reading) still counts"
+
+
+@pytest.mark.timeout(10)
+def test_a_chunk_of_a_map_counts_refusals_at_the_admission_limit_neither_way() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("svc", settings(failure_threshold=3, cooldown=1.0), clock=clock)
+    batch = CallBatch("svc", "m", 5, "b1")
+    batch.failures = {0: DOWN, 1: AT_CAPACITY_REFUSAL, 2: DOWN, 3: AT_CAPACITY_REFUSAL}
+    breaker.after_batch(batch)  # DOWN, -, DOWN, -, OK: the success at the end ends the run
+    assert breaker.state == "closed" and breaker.snapshot()["consecutive_failures"] == 0
+    batch = CallBatch("svc", "m", 4, "b2")
+    batch.failures = {0: DOWN, 1: AT_CAPACITY_REFUSAL, 2: DOWN, 3: AT_CAPACITY_REFUSAL}
+    breaker.after_batch(batch)  # two failures in a row, refusals between and after
+    assert breaker.state == "closed" and breaker.snapshot()["consecutive_failures"] == 2
+    call(breaker, DOWN)
+    assert breaker.state == "open"
+    clock.now += 1.0
+    probe = CallBatch("svc", "m", 2, "b3")
+    assert breaker.admit_batch(probe) is None
+    probe.failures = {0: AT_CAPACITY_REFUSAL, 1: AT_CAPACITY_REFUSAL}
+    breaker.after_batch(probe)
+    assert breaker.state == "half_open"
+    assert breaker.admit_batch(CallBatch("svc", "m", 1, "b4")) is None, "the refused chunk's probe slot was freed"
 
 
 @pytest.mark.timeout(10)
@@ -367,3 +426,47 @@ def test_a_middleware_that_does_not_hear_refusals_still_sees_every_rejected_call
                 manager.call_service_sync("audited", "ok", (1,))
             # Audit has no on_refused, so the chain has no fast refusal: its after_call still sees the call.
             assert seen[-1] == "CircuitOpenError"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_service_refusing_calls_at_its_admission_limit_does_not_open_the_breaker_but_calls_expiring_in_its_queue_do(
+    kind: str,
+) -> None:
+    config = {
+        "service_call": {"max_retries": 0},
+        "breaker": {"failure_threshold": 2, "cooldown": 30},
+        "health": {"enabled": False},
+    }
+    name = f"admission-{kind}"
+    reset_breaker(name)
+    with ServiceEnvironment("t", config) as env:
+        env.register_service(
+            name,
+            kservice.ServiceFactory(name, Flaky),
+            kind=kind,
+            local={"max_workers": 1, "request_queue_size": 3, "queue_timeout": 0.2},
+        )
+        with env.manager() as manager:
+            flood = [manager.call_service_async(name, "sleep", (0.3,), timeout=30) for _ in range(10)]
+            refused = []
+            for future in flood:
+                try:
+                    future.result(30)
+                except kservice.ServiceOverloadedError as exc:
+                    refused.append(exc)
+            assert len(refused) >= 2, "the flood met the admission limit"
+            # The service answered every call at once, ran what it admitted and refused the rest unrun:
+            # it is serving at capacity, not broken.
+            assert breaker_state(name) == "closed", breaker_status(name)
+            assert manager.call_service_sync(name, "ok", (1,), timeout=10) == 1
+            # Calls whose deadline passes while they wait behind a slow one: the service could not serve them
+            # in time, which the breaker counts (the caller waited their whole timeout).
+            busy = manager.call_service_async(name, "sleep", (1.5,), timeout=30)
+            time.sleep(0.2)
+            for _ in range(2):
+                with pytest.raises(kservice.ServiceTimeoutError):
+                    manager.call_service_sync(name, "ok", (2,), timeout=0.3)
+            assert breaker_state(name) == "open", breaker_status(name)
+            assert busy.result(30) == 1.5
+            assert reset_breaker(name) and manager.call_service_sync(name, "ok", (3,), timeout=10) == 3

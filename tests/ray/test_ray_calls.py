@@ -257,3 +257,25 @@ def test_register_service_with_a_factory_and_options(ray_cluster: Any) -> None:
     for name in names:
         with pytest.raises(ValueError):
             ray.get_actor(name, namespace="kservice")
+
+
+@pytest.mark.timeout(120)
+def test_the_status_read_by_the_caller_reports_the_replicas_load() -> None:
+    config = quiet_config({"loaded": {"class": "ray_services:EchoService", "kind": "ray", "replicas": 2}})
+    with ServiceEnvironment("ray-load", config) as environment, environment.manager() as manager:
+        for i in range(10):
+            assert manager.call_service_sync("loaded", "echo", (i,)) == i
+        slow = [manager.call_service_async("loaded", "sleep", (2.0,), timeout=60) for _ in range(3)]
+        task = environment.get_task("loaded")
+        assert task is not None
+        load = wait_for(
+            lambda: (s := task.get_service_status().extra["load"])["in_flight"] == 3 and s,
+            timeout=30,
+            what="three calls in flight in the replicas",
+        )
+        # The replicas' own windows, summed: before, this process's empty window (0 calls, 0 ms) replaced them.
+        assert load["calls"] >= 10 and load["calls_per_s"] > 0, load
+        assert load["methods"]["echo"]["calls"] >= 10, load
+        assert load["p50_ms"] is not None, load
+        assert [s.result(30) for s in slow] == [2.0, 2.0, 2.0]
+        assert task.get_service_status().extra["load"]["in_flight"] == 0

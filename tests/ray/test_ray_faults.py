@@ -210,6 +210,31 @@ def test_stop_under_load_finishes_every_accepted_call_then_refuses_new_ones(tmp_
         assert "late" not in ledger(path)
 
 
+@pytest.mark.timeout(120)
+def test_calls_a_stop_leaves_waiting_are_refused_saying_they_did_not_run(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with (
+        ServiceEnvironment("ray-stop-refuse", ledger_config("refuse", path, replicas=1, concurrency=1)) as env,
+        env.manager() as manager,
+    ):
+        task = _task(env, "refuse")
+        futures = {
+            f"w{i}": manager.call_service_async("refuse", "record", (f"w{i}", 1.0), timeout=60) for i in range(4)
+        }
+        wait_for(lambda: ledger(path), timeout=30, what="the first call to run")
+        task.stop_service(timeout=0.5)  # the call running finishes; those waiting here are refused
+        ok, failed = settle(futures, timeout=30)
+        runs = assert_at_most_once(path, ok, failed)
+        never_ran = {token: error for token, error in failed.items() if token not in runs}
+        assert never_ran, "the stop left calls waiting"
+        # (The call running when the stop's 0.5 s ran out was cut off: it may have run, and says so.)
+        assert all(isinstance(error, ServiceStoppedError) for error in never_ran.values()), never_ran
+        assert all(error.may_have_run is False for error in never_ran.values()), {  # type: ignore[attr-defined]
+            token: error.may_have_run  # type: ignore[attr-defined]
+            for token, error in never_ran.items()
+        }
+
+
 # ---------------------------------------------------------------------------
 # Cancellation
 # ---------------------------------------------------------------------------
