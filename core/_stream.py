@@ -18,6 +18,7 @@ Three parts, each transport-neutral:
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextvars
 import functools
 import threading
@@ -1338,7 +1339,11 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
                 self._sent, self._limit = exc.request, exc.index
                 refusal = ServiceResponse.from_exception(self._request.request_id, exc.error, origin="client")
             if refusal is not None:
-                self._end(refusal)
+                if refusal.success:
+                    # A middleware answered the stream (a stub, a cache): its result is the items.
+                    self._end_without_retry(self._answer(refusal, "a before_call"))
+                else:
+                    self._end(refusal)
                 return
         try:
             self._source = route.connection.open_stream(self._sent, self._window)
@@ -1357,28 +1362,77 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         source, self._source = self._source, None
         if source is not None:
             source.close()
-        if not response.success and self._delivered == 0 and not self._items and not self._async:
-            delay = self._route.retry_delay(self._request, response, self._attempt)
+        # As for calls, the retry policy sees the response the after-hooks made (a fallback's answer is final).
+        final = self._after(response)
+        if not final.success and self._delivered == 0 and not self._items and not self._async:
+            delay = self._route.retry_delay(self._request, final, self._attempt)
             if delay is not None:
-                self._after(response)
                 self._attempt += 1
                 time.sleep(delay)
                 self._route = self._manager._refresh_route(self._route, response)
                 self._open()
                 return True
         self._done = True
-        response = self._after(response)
-        if not response.success:
-            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+        if not final.success:
+            self._error = final.to_exception(self._request.service_name, self._request.method_name)
         return False
 
     def _after(self, response: ServiceResponse) -> ServiceResponse:
+        """Run the after-hooks and observers on the stream's end; the end the caller gets.
+
+        An after-hook that turns a failed end into a success answers the
+        stream only if no item reached the caller yet (its result is then the
+        items, see :meth:`_answer`): a stream that delivered items and failed
+        ends with its error, never as a success that would look complete.
+        """
         chain = self._route.chain
         if chain is None:
             return response  # the item count is for middleware observers: none here
         if not response.success or CLOSED_KEY in response.metadata or ITEMS_KEY not in response.metadata:
             response.metadata = {**response.metadata, ITEMS_KEY: self._delivered + len(self._items)}
-        return chain.run_after(self._sent, response, self._limit, self._began)
+        final = chain.run_after_hooks(self._sent, response, self._limit)
+        if final.success and not response.success:
+            if self._delivered or self._items:
+                final = response
+            else:
+                final = self._answer(final, "an after_call")
+                final.metadata = {**final.metadata, ITEMS_KEY: len(self._items)}
+        if chain.has_observers:
+            chain.run_observers(self._sent, final, self._limit, perf_counter() - self._began)
+        return final
+
+    def _answer(self, response: ServiceResponse, hook: str) -> ServiceResponse:
+        """Take the items of a middleware's successful answer to this stream (its result: an iterable).
+
+        Returns ``response`` with its items queued for the consumer, or a
+        failed response (TypeError naming the stream and the result's type)
+        when the result is not a collection of items: None, a ``str``, bytes
+        or a mapping (their items are not what an answer means), or anything
+        not iterable.
+        """
+        result = response.result
+        request = self._request
+        if result is None or isinstance(result, (str, bytes, bytearray, memoryview, collections.abc.Mapping)):
+            items = None
+        else:
+            try:
+                iterator = iter(result)
+            except TypeError:
+                items = None
+            else:
+                try:
+                    items = list(iterator)
+                except Exception as exc:  # noqa: BLE001 - the answer's own iteration failed: the stream fails with it
+                    return ServiceResponse.from_exception(request.request_id, exc, origin="client")
+        if items is None:
+            error = TypeError(
+                f"{hook} answered stream {request.service_name}.{request.method_name} with "
+                f"{type(result).__name__}, not a list of its items: answer a stream with an iterable "
+                "of its items (a list; [] for none), or let it reach the service"
+            )
+            return ServiceResponse.from_exception(request.request_id, error, origin="client")
+        self._items.extend(items)
+        return response
 
     def _remaining(self) -> float | None:
         deadline = self._request.deadline
