@@ -646,3 +646,39 @@ def test_an_after_call_cannot_end_a_stream_that_yielded_items_as_a_success_but_m
         ("broken", True, 1),
         ("count", True, 2),
     ]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["local-pulled", "local-pulled-bare", "process"])
+def test_a_consumer_idle_past_the_deadline_sees_the_same_end_in_process_and_over_mmap(where: str) -> None:
+    # In-process, a generator stepped in the consumer's thread stayed paused past the deadline (its
+    # ``finally`` ran only at the next read); over mmap the host closed it at the deadline.
+    kind = "process" if where == "process" else "local"
+    options: dict[str, Any] = {"kind": kind}
+    if kind == "local":
+        options.update(QUICK if where == "local-pulled" else {**QUICK, **BARE})
+    environment = kservice.ServiceEnvironment("streams-idle", {"service_call": {"max_retries": 0}})
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **options)
+    with environment, kservice.ServiceManager(environment) as manager:
+        assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the first stream's first item is timed
+        stream = manager.stream("model", "count", (1_000_000, "idle"), timeout=1.0, window=1)
+        if where == "local-pulled-bare":
+            assert type(stream).__name__ == "PulledItems"  # the generator is stepped in this thread
+        elif where == "local-pulled":
+            assert type(stream._source).__name__ == "PulledStream"
+        assert next(stream) == 0
+        began = time.monotonic()
+        assert "idle" not in manager.call_service_sync("model", "report")["closed"]  # paused, not closed, before it
+        wait_for(  # the generator is closed at the deadline while nobody reads
+            lambda: "idle" in manager.call_service_sync("model", "report")["closed"], timeout=10, what="its finally"
+        )
+        assert time.monotonic() - began < 5
+        assert manager.call_service_sync("model", "report")["produced"]["idle"] <= 2  # held to the window
+        with pytest.raises(
+            kservice.ServiceTimeoutError, match=r"^stream model\.count passed its deadline after 1 item\(s\)$"
+        ):
+            next(stream)  # the next read: the timeout, at once
+        with pytest.raises(StopIteration):
+            next(stream)
+        stream.close()
+        assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the service keeps serving
