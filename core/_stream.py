@@ -18,10 +18,12 @@ Three parts, each transport-neutral:
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextvars
 import functools
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -461,6 +463,88 @@ def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:
     return executor
 
 
+class _StreamDeadlines:
+    """A task's thread that ends, at their deadline, the streams its consumers step (:class:`_PulledRun`).
+
+    A pulled stream's generator runs only while its consumer reads; one
+    whose consumer stops reading would stay paused past the deadline (its
+    ``finally`` run only at the next read), where a stream thread's or a
+    host's producer is closed at the deadline. Each pulled stream is
+    watched here (a weak reference: one dropped unclosed is still collected,
+    and closed then); every :data:`TICK` seconds while any is watched, the
+    thread ends those past their deadline and forgets those that ended.
+    Started with the task's first pulled stream, stopped with the task.
+
+    ``lock`` orders the ends made past the deadline (here, or by the
+    consumer). The consumer's steps before the deadline take no lock: a
+    consumer sets ``_stepping`` before it reads the clock, and this thread
+    reads the clock before it looks at ``_stepping``, so whenever it sees a
+    consumer not stepping, that consumer's next look at the clock finds the
+    deadline passed too, and it ends the stream under ``lock`` instead of
+    stepping it.
+    """
+
+    #: seconds between two looks at the watched streams: the latest a paused stream ends after its deadline
+    TICK = 0.05
+
+    def __init__(self, name: str) -> None:
+        self.entries: collections.deque[weakref.ref[_PulledRun]] = collections.deque()
+        # Reentrant: a stream collected (closed) inside another's end, in the same thread, takes it again.
+        self.lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def watch(self, run: _PulledRun) -> None:
+        entries = self.entries
+        entries.append(weakref.ref(run))
+        if len(entries) == 1:
+            self._wake.set()
+
+    def _run(self) -> None:
+        entries = self.entries
+        while not self._stop.is_set():
+            if not entries:
+                self._wake.clear()
+                if not entries:  # looked at again after the clear: a stream watched meanwhile set it
+                    self._wake.wait()
+                continue
+            if self._stop.wait(self.TICK):
+                return
+            now = time.time()  # before any look at a stream's _stepping (see the class docstring)
+            for _ in range(len(entries)):
+                ref = entries.popleft()
+                run = ref()
+                if run is None or run._response is not None or run._handed_off():
+                    continue
+                try:
+                    ended = run._deadline_passed(now, self.lock)
+                except Exception:  # noqa: BLE001 - one stream's failing end must not stop the others'
+                    ended = True
+                if not ended:
+                    entries.append(ref)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _stream_deadlines(task: BaseServiceTask) -> _StreamDeadlines | None:
+    """The task's :class:`_StreamDeadlines`, started on first use; None once the task is not running."""
+    deadlines = task._stream_deadlines
+    if deadlines is None:
+        with _executors_lock:
+            deadlines = task._stream_deadlines
+            if deadlines is None:
+                if task._state != "running":
+                    return None
+                deadlines = task._stream_deadlines = _StreamDeadlines(f"kservice-{task.service_name}-stream-deadlines")
+    return deadlines
+
+
 #: seconds a stream may stay unread while a stop drains it (its producer waiting for room, or a stream its
 #: consumer steps not stepped) before the stop stops waiting for it
 DRAIN_UNREAD = 1.0
@@ -478,6 +562,10 @@ def shutdown_stream_threads(task: BaseServiceTask, deadline: float) -> None:
     is left to finish on its own (it is a daemon).
     """
     _drain_streams(task, deadline)
+    with _executors_lock:
+        deadlines, task._stream_deadlines = task._stream_deadlines, None
+    if deadlines is not None:
+        deadlines.close()  # a stream still paused ends at its next read: the stop cancelled it
     executor: ThreadPoolExecutor | None = getattr(task, "_stream_executor", None)
     stopped = unavailable_mid_stream(ServiceRequest("", task.service_name, "?"), _STOPPED_WHY)
     for sink in list(task._open_streams):
@@ -945,7 +1033,12 @@ class _Cancellable(Protocol):
 
 
 class _PulledRun:
-    """The service side of a stream whose generator the consumer's thread steps (no thread, no lock).
+    """The service side of a stream whose generator the consumer's thread steps (no thread hand-off).
+
+    A consumer that stops reading leaves the generator paused; at the
+    deadline the task's :class:`_StreamDeadlines` ends it (its generator is
+    closed, its ``finally`` runs there), as a producer thread waiting for
+    room would be: the consumer's next read raises ServiceTimeoutError.
 
     Shared by :class:`PulledStream` (a source under an ItemStream) and
     :class:`PulledItems` (the caller's iterator itself); each declares the
@@ -974,11 +1067,20 @@ class _PulledRun:
     _server_began: float
     cancelled: bool
     stop_reason: ServiceResponse | None
+    #: whether the consumer is inside a step or a close (set before it reads the clock; see _StreamDeadlines)
+    _stepping: bool
+    #: whether the task's _StreamDeadlines ended the stream at its deadline
+    _fired: bool
+    #: the _StreamDeadlines watching the stream (None: not watched)
+    _deadlines: _StreamDeadlines | None
 
     def _begin_run(self, task: BaseServiceTask, request: ServiceRequest) -> None:
         """The service side's begin: statistics, the server chain's before-hooks; a refusal ends it at once."""
         self._count = 0
         self._generator = None
+        self._stepping = False
+        self._fired = False
+        self._deadlines = None
         self.cancelled = False
         self.stop_reason = None
         self._context = context = contextvars.copy_context()
@@ -998,6 +1100,54 @@ class _PulledRun:
         self.cancelled = True
         if reason is not None:
             self.stop_reason = reason
+
+    def _handed_off(self) -> bool:
+        """Whether a stream thread makes the items now (it closes the generator at the deadline itself)."""
+        raise NotImplementedError
+
+    def _watch_deadline(self) -> None:
+        """Have the task's :class:`_StreamDeadlines` end the stream at its deadline if it is paused then."""
+        if self._served.deadline is None or self._response is not None:
+            return
+        deadlines = self._task._stream_deadlines
+        if deadlines is None:
+            deadlines = _stream_deadlines(self._task)
+            if deadlines is None:
+                return  # the task stops: its stop ends the stream at the next read
+        self._deadlines = deadlines
+        deadlines.watch(self)
+
+    def _deadline_passed(self, now: float, lock: threading.RLock) -> bool:
+        """In the deadline thread, at time ``now``: end the stream if its deadline passed while it is paused.
+
+        True when the stream needs no more watching (ended here or already).
+        """
+        deadline = self._served.deadline
+        if deadline is None:
+            return True
+        if now <= deadline:
+            return False
+        if not lock.acquire(blocking=False):
+            return False  # another stream's end is under way: next tick
+        try:
+            if self._stepping:
+                return False  # its consumer is in a step or a close: it sees the deadline after it
+            if self._response is None and not self._handed_off():
+                self._fired = True
+                self._abandon(deadline_response(self._served, started=True))
+            return True
+        finally:
+            lock.release()
+
+    def _end_once(self, response: ServiceResponse) -> None:
+        """End the stream with ``response`` (as :meth:`_abandon`) unless the deadline thread ended it first."""
+        deadlines = self._deadlines
+        if deadlines is None:
+            self._abandon(response)
+            return
+        with deadlines.lock:
+            if self._response is None:
+                self._abandon(response)
 
     def _stopped(self) -> ServiceResponse:
         if self.stop_reason is not None:
@@ -1059,12 +1209,15 @@ class _PulledRun:
         )
 
     def _close_run(self) -> None:
-        """The consumer closed the stream before its end: the generator is closed here, now."""
+        """The consumer closed the stream before its end: the generator is closed here, now.
+
+        The caller sets ``_stepping`` first (see :class:`_StreamDeadlines`).
+        """
         deadline = self._served.deadline
         if deadline is not None and time.time() > deadline:
             # Closed by the consumer's deadline: the service side sees the timeout a stream thread's
             # producer would have ended with.
-            self._abandon(deadline_response(self._served, started=True))
+            self._end_once(deadline_response(self._served, started=True))
         elif self._task._server_chain is None:
             # No after-hook to show the end to: close the generator, count the stream as ended.
             self._response = _CLOSED_HERE
@@ -1132,6 +1285,8 @@ class PulledStream(_PulledRun, StreamSource):
         "_context",
         "_cost_key",
         "_count",
+        "_deadlines",
+        "_fired",
         "_generator",
         "_handoff",
         "_method",
@@ -1139,6 +1294,7 @@ class PulledStream(_PulledRun, StreamSource):
         "_served",
         "_server_began",
         "_server_limit",
+        "_stepping",
         "_task",
         "_unacknowledged",
         "_window",
@@ -1156,6 +1312,7 @@ class PulledStream(_PulledRun, StreamSource):
         self._unacknowledged = 0
         self._handoff: LocalStream | None = None
         self._begin_run(task, request)
+        self._watch_deadline()
 
     def cancel(self, reason: ServiceResponse | None = None) -> None:
         _PulledRun.cancel(self, reason)
@@ -1163,14 +1320,28 @@ class PulledStream(_PulledRun, StreamSource):
         if handoff is not None:
             handoff.cancel(reason)
 
+    def _handed_off(self) -> bool:
+        return self._handoff is not None
+
     def receive(self, timeout: float | None) -> tuple[list[Any], ServiceResponse | None]:
         handoff = self._handoff
         if handoff is not None:
             return handoff.receive(timeout)
         if self._response is not None:
             return [], self._response
+        self._stepping = True  # before the clock is read: see _StreamDeadlines
+        try:
+            return self._receive()
+        finally:
+            self._stepping = False
+
+    def _receive(self) -> tuple[list[Any], ServiceResponse | None]:
         if self.cancelled:
-            self._abandon(self._stopped())
+            self._end_once(self._stopped())
+            return [], self._response
+        deadline = self._served.deadline
+        if deadline is not None and time.time() > deadline:
+            self._end_once(deadline_response(self._served, started=True))
             return [], self._response
         first = self._generator is None
         items, took = self._context.run(self._make, 1 if first else max(1, self._window - self._unacknowledged))
@@ -1194,7 +1365,15 @@ class PulledStream(_PulledRun, StreamSource):
         if self._handoff is None:
             if self._response is not None:
                 return [], self._response
-            self._handoff = self._hand_off(self._window, self._unacknowledged)
+            self._stepping = True  # before the clock is read: see _StreamDeadlines
+            try:
+                deadline = self._served.deadline
+                if deadline is not None and time.time() > deadline:
+                    self._end_once(deadline_response(self._served, started=True))
+                    return [], self._response
+                self._handoff = self._hand_off(self._window, self._unacknowledged)
+            finally:
+                self._stepping = False
         return await self._handoff.areceive(timeout)
 
     def close(self) -> None:
@@ -1202,7 +1381,11 @@ class PulledStream(_PulledRun, StreamSource):
         if handoff is not None:
             handoff.close()
         elif self._response is None:
-            self._close_run()
+            self._stepping = True  # before the clock is read: see _StreamDeadlines
+            try:
+                self._close_run()
+            finally:
+                self._stepping = False
 
 
 #: What a pulled stream its consumer closed ends with when no server middleware is to see the end.
@@ -1338,7 +1521,11 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
                 self._sent, self._limit = exc.request, exc.index
                 refusal = ServiceResponse.from_exception(self._request.request_id, exc.error, origin="client")
             if refusal is not None:
-                self._end(refusal)
+                if refusal.success:
+                    # A middleware answered the stream (a stub, a cache): its result is the items.
+                    self._end_without_retry(self._answer(refusal, "a before_call"))
+                else:
+                    self._end(refusal)
                 return
         try:
             self._source = route.connection.open_stream(self._sent, self._window)
@@ -1357,28 +1544,77 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         source, self._source = self._source, None
         if source is not None:
             source.close()
-        if not response.success and self._delivered == 0 and not self._items and not self._async:
-            delay = self._route.retry_delay(self._request, response, self._attempt)
+        # As for calls, the retry policy sees the response the after-hooks made (a fallback's answer is final).
+        final = self._after(response)
+        if not final.success and self._delivered == 0 and not self._items and not self._async:
+            delay = self._route.retry_delay(self._request, final, self._attempt)
             if delay is not None:
-                self._after(response)
                 self._attempt += 1
                 time.sleep(delay)
                 self._route = self._manager._refresh_route(self._route, response)
                 self._open()
                 return True
         self._done = True
-        response = self._after(response)
-        if not response.success:
-            self._error = response.to_exception(self._request.service_name, self._request.method_name)
+        if not final.success:
+            self._error = final.to_exception(self._request.service_name, self._request.method_name)
         return False
 
     def _after(self, response: ServiceResponse) -> ServiceResponse:
+        """Run the after-hooks and observers on the stream's end; the end the caller gets.
+
+        An after-hook that turns a failed end into a success answers the
+        stream only if no item reached the caller yet (its result is then the
+        items, see :meth:`_answer`): a stream that delivered items and failed
+        ends with its error, never as a success that would look complete.
+        """
         chain = self._route.chain
         if chain is None:
             return response  # the item count is for middleware observers: none here
         if not response.success or CLOSED_KEY in response.metadata or ITEMS_KEY not in response.metadata:
             response.metadata = {**response.metadata, ITEMS_KEY: self._delivered + len(self._items)}
-        return chain.run_after(self._sent, response, self._limit, self._began)
+        final = chain.run_after_hooks(self._sent, response, self._limit)
+        if final.success and not response.success:
+            if self._delivered or self._items:
+                final = response
+            else:
+                final = self._answer(final, "an after_call")
+                final.metadata = {**final.metadata, ITEMS_KEY: len(self._items)}
+        if chain.has_observers:
+            chain.run_observers(self._sent, final, self._limit, perf_counter() - self._began)
+        return final
+
+    def _answer(self, response: ServiceResponse, hook: str) -> ServiceResponse:
+        """Take the items of a middleware's successful answer to this stream (its result: an iterable).
+
+        Returns ``response`` with its items queued for the consumer, or a
+        failed response (TypeError naming the stream and the result's type)
+        when the result is not a collection of items: None, a ``str``, bytes
+        or a mapping (their items are not what an answer means), or anything
+        not iterable.
+        """
+        result = response.result
+        request = self._request
+        if result is None or isinstance(result, (str, bytes, bytearray, memoryview, collections.abc.Mapping)):
+            items = None
+        else:
+            try:
+                iterator = iter(result)
+            except TypeError:
+                items = None
+            else:
+                try:
+                    items = list(iterator)
+                except Exception as exc:  # noqa: BLE001 - the answer's own iteration failed: the stream fails with it
+                    return ServiceResponse.from_exception(request.request_id, exc, origin="client")
+        if items is None:
+            error = TypeError(
+                f"{hook} answered stream {request.service_name}.{request.method_name} with "
+                f"{type(result).__name__}, not a list of its items: answer a stream with an iterable "
+                "of its items (a list; [] for none), or let it reach the service"
+            )
+            return ServiceResponse.from_exception(request.request_id, error, origin="client")
+        self._items.extend(items)
+        return response
 
     def _remaining(self) -> float | None:
         deadline = self._request.deadline
@@ -1545,6 +1781,8 @@ class PulledItems(_PulledRun, ItemStream):
         "_context",
         "_cost_key",
         "_count",
+        "_deadlines",
+        "_fired",
         "_generator",
         "_method",
         "_pulling",
@@ -1552,6 +1790,7 @@ class PulledItems(_PulledRun, ItemStream):
         "_served",
         "_server_began",
         "_server_limit",
+        "_stepping",
         "_task",
         "cancelled",
         "stop_reason",
@@ -1583,10 +1822,13 @@ class PulledItems(_PulledRun, ItemStream):
         self._cost_key = cost_key
         if task._server_chain is not None or (request.deadline is not None and time.time() > request.deadline):
             self._begin_run(task, request)
+            self._watch_deadline()
             return
         # _begin_run's common case, inline (first-item latency): nothing to run, nothing made current.
         self._count = 0
         self._generator = None
+        self._stepping = False
+        self._fired = False
         self.cancelled = False
         self.stop_reason = None
         self._context = contextvars.copy_context()
@@ -1595,6 +1837,13 @@ class PulledItems(_PulledRun, ItemStream):
         self._server_limit = 0
         self._server_began = 0.0
         next(task._started)
+        # _watch_deadline and _StreamDeadlines.watch, inline (first-item latency); a deadline is set here.
+        deadlines = self._deadlines = task._stream_deadlines or _stream_deadlines(task)
+        if deadlines is not None:
+            entries = deadlines.entries
+            entries.append(weakref.ref(self))
+            if len(entries) == 1:
+                deadlines._wake.set()
 
     def __next__(self) -> Any:
         items = self._items
@@ -1606,37 +1855,45 @@ class PulledItems(_PulledRun, ItemStream):
         if self._done:
             self._raise_end()
         if self._response is None:  # the service side goes on
-            if self.cancelled or self._task._state != "running":
-                self._abandon(self._stopped())  # the task stopped (or is stopping): the stream ends unavailable
-            else:
-                deadline = self._request.deadline
-                if deadline is not None and time.time() > deadline:
-                    self._pulled_expired()
-                    self._raise_end()
-                task = self._task
-                if self._generator is None:  # the first read: the first item alone
-                    item, took = self._context.run(self._make_first)
-                    if took > task.inline_limit:
-                        # Only a slow first item is recorded: the method's cost is already known under the
-                        # limit (else it would not be pulled), and a quick one keeps it there, so recording it
-                        # would change no decision (first-item latency).
-                        task.observe_cost(self._cost_key, took)
-                        if item is not _NOTHING:
-                            self._leave(1)  # it was slow: the rest is made in a stream thread
-                    if item is not _NOTHING:
-                        self._delivered = 1
-                        return item
+            self._stepping = True  # before the clock is read: see _StreamDeadlines
+            try:
+                if self.cancelled or self._task._state != "running":
+                    self._end_once(self._stopped())  # the task stopped (or is stopping): the stream ends unavailable
                 else:
-                    made, took = self._context.run(self._make, self._window)
-                    if self._response is None:  # made at least one item, and more may come
+                    deadline = self._request.deadline
+                    if deadline is not None and time.time() > deadline:
+                        self._pulled_expired()
+                        self._raise_end()
+                    task = self._task
+                    if self._generator is None:  # the first read: the first item alone
+                        item, took = self._context.run(self._make_first)
                         if took > task.inline_limit:
-                            self._leave(len(made))  # it turned slow: the rest is made in a stream thread
-                        self._delivered += 1
-                        if len(made) == 1:
-                            return made[0]
+                            # Only a slow first item is recorded: the method's cost is already known under the
+                            # limit (else it would not be pulled), and a quick one keeps it there, so recording
+                            # it would change no decision (first-item latency).
+                            task.observe_cost(self._cost_key, took)
+                            if item is not _NOTHING:
+                                self._leave(1)  # it was slow: the rest is made in a stream thread
+                        if item is not _NOTHING:
+                            self._delivered = 1
+                            return item
+                    else:
+                        made, took = self._context.run(self._make, self._window)
+                        if self._response is None:  # made at least one item, and more may come
+                            if took > task.inline_limit:
+                                self._leave(len(made))  # it turned slow: the rest is made in a stream thread
+                            self._delivered += 1
+                            if len(made) == 1:
+                                return made[0]
+                            items.extend(made)
+                            return items.popleft()
                         items.extend(made)
-                        return items.popleft()
-                    items.extend(made)
+            finally:
+                self._stepping = False
+        if self._fired:
+            # Ended at its deadline by the task's deadline thread while nobody read: the timeout, as if read then.
+            self._pulled_expired()
+            self._raise_end()
         self._pulled_ended(self._response)  # type: ignore[arg-type]
         return self.__next__()  # the items made before the end, then the end
 
@@ -1669,7 +1926,8 @@ class PulledItems(_PulledRun, ItemStream):
             self._error = response.to_exception(self._request.service_name, self._request.method_name)
 
     def _pulled_expired(self) -> None:
-        self._abandon(deadline_response(self._served, started=True))
+        if self._response is None:  # else the task's deadline thread ended it already
+            self._end_once(deadline_response(self._served, started=True))
         self._done = True
         self._error = ServiceTimeoutError(
             f"stream {self._request.service_name}.{self._request.method_name} passed its deadline "
@@ -1692,9 +1950,19 @@ class PulledItems(_PulledRun, ItemStream):
 
     async def __anext__(self) -> Any:
         if self._pulling:
-            if self._response is None and not self._done:
-                self._leave(len(self._items))  # an event loop must not step a generator that may block
-            else:
+            deadline = self._request.deadline
+            self._stepping = True  # before the clock is read: see _StreamDeadlines
+            try:
+                leave = (
+                    self._response is None
+                    and not self._done
+                    and (deadline is None or time.time() <= deadline)  # past it: __next__ raises the timeout
+                )
+                if leave:
+                    self._leave(len(self._items))  # an event loop must not step a generator that may block
+            finally:
+                self._stepping = False
+            if not leave:
                 try:
                     return self.__next__()  # nothing left to make: the items made, then the end
                 except StopIteration:
@@ -1716,15 +1984,20 @@ class PulledItems(_PulledRun, ItemStream):
             return
         task = self._task
         deadline = self._served.deadline
+        self._stepping = True  # before the clock is read: see _StreamDeadlines
         if task._server_chain is None and (deadline is None or time.time() <= deadline):
             # _close_run's common case, inline (first-item latency): close the generator, count the end.
             self._response = _CLOSED_HERE
             generator, self._generator = self._generator, None
+            self._stepping = False  # ended: the deadline thread lets it be
             if generator is not None:
                 self._context.run(_close_generator, generator, self._served)
             next(task._finished)  # (never in the task's open streams: see _tracked)
             return
-        self._close_run()
+        try:
+            self._close_run()
+        finally:
+            self._stepping = False
 
     #: leaving a ``with`` block closes the stream (close itself, one call fewer: first-item latency)
     __exit__ = close
@@ -1732,6 +2005,9 @@ class PulledItems(_PulledRun, ItemStream):
     #: not held by the task (a stream dropped unclosed is collected, and closed then): each read looks
     #: at the task's state instead, so its stop still ends the stream with ServiceUnavailableError
     _tracked = False
+
+    def _handed_off(self) -> bool:
+        return not self._pulling
 
     def _stopped(self) -> ServiceResponse:
         if self.stop_reason is None and self._task._state != "running":

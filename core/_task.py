@@ -36,6 +36,7 @@ from ._stream import (
     StreamSink,
     SyncStreamRun,
     _Cancellable,
+    _StreamDeadlines,
     open_on_task,
     pull_items,
     pull_stream,
@@ -458,6 +459,9 @@ class BaseServiceTask:
         # The streams being produced (a sink, or a pulled source): the task cancels them when it stops;
         # see _stream.py.
         self._open_streams: set[_Cancellable] = set()
+        # What ends the streams a consumer steps (pulled) at their deadline when left paused: started with
+        # the first such stream, stopped with the task (see _stream.py).
+        self._stream_deadlines: _StreamDeadlines | None = None
         # The queue depth and the parked requests are guarded by a lock (the overflow
         # thread sleeps on it). Per-call counters are itertools.count objects instead:
         # next() is one atomic C call (~40 ns), where each lock pair costs ~150 ns.

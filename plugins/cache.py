@@ -9,7 +9,9 @@ Off by default (``cache.enabled: false``); turn it on globally or per service
   and ``@kservice.idempotent`` / ``idempotent_methods`` on the class when the
   caller's environment holds the service (its class is then known here).
 
-Methods in ``cache.exclude`` are never cached. The key is ``(method, args,
+Methods in ``cache.exclude`` are never cached, and neither are streams
+(``manager.stream``): every stream reaches the service and yields its own
+items; a method seen streamed is not looked up again. The key is ``(method, args,
 kwargs)`` with argument types (so ``f(1)`` and ``f(True)`` do not share an
 entry); a call whose arguments are unhashable bypasses the cache. Only
 successful, non-degraded responses are stored; errors never are. A hit is a
@@ -39,7 +41,7 @@ from kservice import (
     hookimpl,
     is_idempotent,
 )
-from kservice.keys import CACHE
+from kservice.keys import CACHE, STREAM_ITEMS
 
 __all__ = ["ResultCache", "cache_info", "clear_cache"]
 
@@ -107,6 +109,12 @@ class ResultCache(ServiceMiddleware):
         return ServiceResponse(True, result[0], None, request.request_id, metadata={CACHE: "hit"})
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        if STREAM_ITEMS in response.metadata:
+            # A stream's end: its items went to the caller, its result is None. Stored, it would answer the
+            # next stream of these arguments with no items; the method is a generator, so never cache it.
+            if response.success:
+                self._decided[request.method_name] = False
+            return
         if not response.success or response.degraded:
             return
         key = self._key(request)

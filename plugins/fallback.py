@@ -30,6 +30,11 @@ its rejection. Each attempt of a call passes through it, so a covered failure
 is answered by the fallback at once rather than retried: declare a fallback
 where a degraded answer now beats a real one later.
 
+Streams (``manager.stream``): a fallback answers a stream that failed before
+its first item, and its value (an iterable, e.g. a list) is the items the
+caller gets; a stream that already yielded items and then failed ends with
+its error (never cut short into a success that looks complete).
+
 If the handler raises, the caller gets the original error with a note naming
 the handler's error. ServiceNotFoundError (a name that does not resolve) is
 raised before any middleware runs and is never covered.
@@ -52,7 +57,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
-from kservice.keys import DEGRADED, FALLBACK
+from kservice.keys import DEGRADED, FALLBACK, STREAM_ITEMS
 
 __all__ = [
     "Fallback",
@@ -226,7 +231,9 @@ class FallbackMiddleware(ServiceMiddleware):
         return reason if reason in self.reasons else None
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> ServiceResponse | None:
-        if response.success:
+        if response.success or response.metadata.get(STREAM_ITEMS):
+            # A stream that already gave the caller items ends with its error: a stand-in now would
+            # make the items so far look like the whole stream.
             return None
         method = request.method_name
         declared = _caller_fallbacks.get((self.service_name, method)) or self.declared.get(method)

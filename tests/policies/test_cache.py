@@ -128,3 +128,31 @@ def test_a_cache_hit_is_served_while_the_breaker_is_open_and_is_not_a_probe() ->
         assert breaker_state("flaky") == "open"
         assert manager.call_service_sync("flaky", "square", (4,)) == 16
         assert breaker_state("flaky") == "open"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_streams_are_never_cached_and_every_stream_yields_its_items(kind: str) -> None:
+    # A stream's end is a success with no result: stored, it answered the next stream with nothing.
+    from tests.streaming.services import TokenModel
+
+    name = f"cached-tokens-{kind}"
+    env = ServiceEnvironment("cache-streams", {"service_call": {"max_retries": 0}})
+    env.register_service(
+        name,
+        kservice.ServiceFactory(name, TokenModel),
+        kind=kind,
+        idempotent=["count", "echo"],
+        cache={"enabled": True},
+    )
+    with env, env.manager() as manager:
+        for _ in range(3):
+            assert list(manager.stream(name, "count", (3, "cached"))) == [0, 1, 2]
+        assert manager.call_service_sync(name, "report")["closed"].count("cached") == 3  # the generator ran each time
+        info = cache_info(name)
+        assert info is not None and info["size"] == 0 and info["hits"] == 0
+        # Plain calls of the same service are still cached, and the service keeps serving.
+        assert [manager.call_service_sync(name, "echo", (5,)) for _ in range(2)] == [5, 5]
+        info = cache_info(name)
+        assert info is not None and info["size"] == 1 and info["hits"] == 1
+        assert list(manager.stream(name, "count", (2,))) == [0, 1]

@@ -151,3 +151,39 @@ def test_values_are_copied_per_call_unless_nothing_in_them_can_change() -> None:
         assert fb.Fallback(value).answer(request, error) is value
     nested = fb.Fallback(("a", ["mutable"]))  # a tuple holding a list is copied
     assert nested.answer(request, error) is not nested.value
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_fallback_replaces_a_stream_that_failed_before_its_first_item_never_one_that_yielded(kind: str) -> None:
+    # A stream cut mid-way and "rescued" looked complete: the caller saw a truncated stream end as a success.
+    from tests.streaming.services import TokenModel
+
+    name = f"fallback-tokens-{kind}"
+    fb.register_fallback(name, "broken", value=["stand-in", "items"])
+    fb.register_fallback(name, "slow", value=["late"])
+    try:
+        env = ServiceEnvironment("fallback-streams", {"service_call": {"max_retries": 0}})
+        env.register_service(
+            name, kservice.ServiceFactory(name, TokenModel), kind=kind, fallback={"on": ["error", "timeout"]}
+        )
+        with env, env.manager() as manager:
+            before = fb.degraded_counts().get((name, "broken"), 0)
+            got: list[Any] = []
+            with pytest.raises(ValueError, match="broke after 2"):
+                for item in manager.stream(name, "broken", (2,)):
+                    got.append(item)
+            assert got == [0, 1]  # the items, then the method's own error
+            got = []
+            with pytest.raises(kservice.ServiceTimeoutError):
+                for item in manager.stream(name, "slow", (1000, 0.05), timeout=0.5):
+                    got.append(item)
+            assert 1 <= len(got) < 20 and got == list(range(len(got)))
+            assert fb.degraded_counts().get((name, "broken"), 0) == before  # neither counted as degraded
+            # Failed before its first item: the fallback's value is the stream's items.
+            assert list(manager.stream(name, "broken", (0,))) == ["stand-in", "items"]
+            assert fb.degraded_counts()[(name, "broken")] == before + 1
+            assert list(manager.stream(name, "count", (3,))) == [0, 1, 2]  # the service keeps serving
+    finally:
+        fb.unregister_fallback(name, "broken")
+        fb.unregister_fallback(name, "slow")

@@ -567,3 +567,118 @@ def test_a_pulled_stream_dropped_unfinished_closes_its_generator_and_leaves_noth
     task = quick_env.get_task("model")
     assert task is not None and not task._open_streams
     assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the service keeps serving
+
+
+class AnswersCount(kservice.ServiceMiddleware):
+    """Answers ``count`` in ``before_call`` with ``answer`` (a stub); ``None``: lets it through."""
+
+    def __init__(self) -> None:
+        self.answer: Any = None
+        self.answering = False
+
+    def before_call(self, request: kservice.ServiceRequest) -> kservice.ServiceResponse | None:
+        if self.answering and request.method_name == "count":
+            return kservice.ServiceResponse.ok(request.request_id, self.answer)
+        return None
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_before_call_answer_to_a_stream_is_its_items_and_one_that_is_not_items_is_a_clear_error(kind: str) -> None:
+    # The answer was dropped: the stream ended at once as a success with no items.
+    observer = StreamObserver()
+    stub = AnswersCount()
+    environment = kservice.ServiceEnvironment("streams-answered", {"service_call": {"max_retries": 0}})
+    environment.add_middleware(observer)  # outermost: sees what the caller gets
+    environment.add_middleware(stub)
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), kind=kind)
+    with environment, kservice.ServiceManager(environment) as manager:
+        stub.answering = True
+        stub.answer = [7, 8, 9]
+        assert list(manager.stream("model", "count", (3, "answered"))) == [7, 8, 9]
+        stub.answer = (x * 2 for x in range(2))  # any iterable
+        assert list(manager.stream("model", "count", (3, "answered"))) == [0, 2]
+        stub.answer = []
+        assert list(manager.stream("model", "count", (3, "answered"))) == []
+        for wrong, named in ((None, "NoneType"), (5, "int"), ("abc", "str"), ({"a": 1}, "dict")):
+            stub.answer = wrong
+            with pytest.raises(TypeError, match=rf"answered stream model\.count with {named}.*list of its items"):
+                list(manager.stream("model", "count", (3, "answered")))
+        assert "answered" not in manager.call_service_sync("model", "report")["produced"]  # never reached it
+        stub.answering = False
+        assert list(manager.stream("model", "count", (3, "served"))) == [0, 1, 2]  # the service keeps serving
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [
+        ("count", True, 3),
+        ("count", True, 2),
+        ("count", True, 0),
+        *[("count", False, 0)] * 4,
+        ("report", True, None),
+        ("count", True, 3),
+    ]
+
+
+class RescuesFailures(kservice.ServiceMiddleware):
+    """Turns every failed end into a success answering ``["rescued"]`` (as a fallback would)."""
+
+    def after_call(
+        self, response: kservice.ServiceResponse, request: kservice.ServiceRequest
+    ) -> kservice.ServiceResponse | None:
+        return None if response.success else kservice.ServiceResponse.ok(request.request_id, ["rescued"])
+
+
+def test_an_after_call_cannot_end_a_stream_that_yielded_items_as_a_success_but_may_answer_one_that_had_none() -> None:
+    # A stream cut mid-way and answered by an after-hook ended quietly: the items so far looked like all of it.
+    observer = StreamObserver()
+    environment = kservice.ServiceEnvironment("streams-rescued", {"service_call": {"max_retries": 0}})
+    environment.add_middleware(observer)
+    environment.add_middleware(RescuesFailures())
+    environment.register_service("model", TokenModel)
+    with environment, kservice.ServiceManager(environment) as manager:
+        got: list[Any] = []
+        with pytest.raises(ValueError, match="broke after 2"):
+            for item in manager.stream("model", "broken", (2,)):
+                got.append(item)
+        assert got == [0, 1]
+        assert list(manager.stream("model", "broken", (0,))) == ["rescued"]
+        assert list(manager.stream("model", "count", (2,))) == [0, 1]
+    assert [(m, ok, n) for m, ok, n, _ in observer.calls] == [
+        ("broken", False, 2),
+        ("broken", True, 1),
+        ("count", True, 2),
+    ]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["local-pulled", "local-pulled-bare", "process"])
+def test_a_consumer_idle_past_the_deadline_sees_the_same_end_in_process_and_over_mmap(where: str) -> None:
+    # In-process, a generator stepped in the consumer's thread stayed paused past the deadline (its
+    # ``finally`` ran only at the next read); over mmap the host closed it at the deadline.
+    kind = "process" if where == "process" else "local"
+    options: dict[str, Any] = {"kind": kind}
+    if kind == "local":
+        options.update(QUICK if where == "local-pulled" else {**QUICK, **BARE})
+    environment = kservice.ServiceEnvironment("streams-idle", {"service_call": {"max_retries": 0}})
+    environment.register_service("model", kservice.ServiceFactory("model", TokenModel), **options)
+    with environment, kservice.ServiceManager(environment) as manager:
+        assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the first stream's first item is timed
+        stream = manager.stream("model", "count", (1_000_000, "idle"), timeout=1.0, window=1)
+        if where == "local-pulled-bare":
+            assert type(stream).__name__ == "PulledItems"  # the generator is stepped in this thread
+        elif where == "local-pulled":
+            assert type(stream._source).__name__ == "PulledStream"
+        assert next(stream) == 0
+        began = time.monotonic()
+        assert "idle" not in manager.call_service_sync("model", "report")["closed"]  # paused, not closed, before it
+        wait_for(  # the generator is closed at the deadline while nobody reads
+            lambda: "idle" in manager.call_service_sync("model", "report")["closed"], timeout=10, what="its finally"
+        )
+        assert time.monotonic() - began < 5
+        assert manager.call_service_sync("model", "report")["produced"]["idle"] <= 2  # held to the window
+        with pytest.raises(
+            kservice.ServiceTimeoutError, match=r"^stream model\.count passed its deadline after 1 item\(s\)$"
+        ):
+            next(stream)  # the next read: the timeout, at once
+        with pytest.raises(StopIteration):
+            next(stream)
+        stream.close()
+        assert list(manager.stream("model", "count", (3,))) == [0, 1, 2]  # the service keeps serving
