@@ -176,6 +176,11 @@ class ServiceEnvironment:
             for manager in list(self._managers):
                 manager.forget(name)
 
+    def _addresses_changed(self, name: str) -> None:
+        """A task of this environment started, stopped or moved: managers drop their route to it."""
+        for manager in list(self._managers):
+            manager.forget(name)
+
     def add_middleware(self, middleware: Any) -> None:
         """Add a ServiceMiddleware for every service of this environment, after those added before.
 

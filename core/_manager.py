@@ -238,6 +238,30 @@ class _Route:
         return known
 
 
+class _StoppedConnection(Connection):
+    """The connection of a service found stopped while a call was being retried.
+
+    Every request is answered at once with ServiceStoppedError (``may_have_run``
+    False: nothing is sent), which retry policies never retry.
+    """
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def _error(self) -> ServiceStoppedError:
+        error = ServiceStoppedError(self._why)
+        error.may_have_run = False
+        return error
+
+    def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
+        response = ServiceResponse.from_exception(request.request_id, self._error(), origin="runtime")
+        response.metadata[MAY_HAVE_RUN] = False
+        reply(response)
+
+    def open_stream(self, request: ServiceRequest, window: int) -> Any:
+        raise self._error()
+
+
 class ServiceManager:
     """Calls services by name.
 
@@ -550,10 +574,16 @@ class ServiceManager:
         return chain.run_after(sent, response, limit, began)
 
     def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
-        """After an unavailable service, resolve again: it may have moved or restarted.
+        """The route a retry of a call that failed on ``route`` with ``response`` is sent on.
 
-        Only ``route`` is dropped (and its connection closed, which fails no call in flight);
-        a newer route another thread built meanwhile is kept.
+        After an unavailable service, the service is resolved again: it may
+        have moved, restarted or stopped. Only ``route`` is dropped (and its
+        connection closed, which fails no call in flight); a newer route
+        another thread built meanwhile is kept. A service now stopped gives a
+        route that answers every request with that ServiceStoppedError at once
+        (never retried), so the call ends with it, naming the service, instead
+        of retrying on a closed connection. Any other resolution error leaves
+        ``route``: the next attempt reports the failure.
         """
         if (
             not response.success
@@ -563,6 +593,16 @@ class ServiceManager:
             self._drop_route(route)
             try:
                 return self._route(route.service_name)
+            except ServiceStoppedError as exc:
+                return _Route(
+                    route.service_name,
+                    route.address,
+                    _StoppedConnection(str(exc)),
+                    route.chain,
+                    route.retry,
+                    route.options,
+                    route.service_class,
+                )
             except Exception:  # noqa: BLE001 - the next attempt reports it
                 return route
         return route

@@ -510,6 +510,7 @@ class BaseServiceTask:
                     f"service {self.service_name!r} failed to start: {type(exc).__name__}: {exc}"
                 ) from exc
             self.started_at = time.time()
+        self.addresses_changed()
         self._announce("kservice_task_started", task=self)
 
     # ------------------------------------------------ what a task kind implements
@@ -750,7 +751,27 @@ class BaseServiceTask:
                 with self._state_lock:
                     self._state = "stopped"
                 self._stop_done.set()
+                self.addresses_changed()
         self._announce("kservice_task_stopped", task=self)
+
+    def addresses_changed(self) -> None:
+        """Tell the managers of this task's environment that its :attr:`addresses` changed; never raises.
+
+        Each drops its route to the service (calls already sent on it still
+        get their answers), so its next call resolves the service again: after
+        a restart it reaches the new host at once, and while the task is
+        stopped it fails at once with ServiceStoppedError. The base class calls
+        it when the task starts and when it stops; a kind that moves its host
+        while running (a respawned child process) calls it once the new
+        listeners are in place.
+        """
+        environment = self.ctx.environment
+        if environment is None:
+            return
+        try:
+            environment._addresses_changed(self.service_name)
+        except Exception:  # noqa: BLE001 - a manager's stale route is refreshed by its next failed call anyway
+            log.exception("service %r: telling managers its addresses changed failed", self.service_name)
 
     def restart_listeners(self) -> int:
         """Restart listeners that stopped receiving; returns how many (health recovery)."""
@@ -844,17 +865,7 @@ class BaseServiceTask:
         """
         pool = self._pool
         if self._state != "running" or pool is None:
-            if self._state in ("stopped", "failed", "created"):
-                # A deliberate state: the caller learns at once, and retry policies leave it alone.
-                reply(
-                    ServiceResponse.from_exception(
-                        request.request_id,
-                        ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
-                        origin="runtime",
-                    )
-                )
-            else:
-                reply(self._unavailable(request, f"service is {self._state}"))
+            reply(self._not_running(request))
             return
         if self._async_methods:
             coroutine_method = self._async_methods.get(request.method_name)
@@ -1086,6 +1097,24 @@ class BaseServiceTask:
             self._queued -= 1
         request, reply = admitted
         reply(self._unavailable(request, "stopped before the request could run"))  # type: ignore[misc, arg-type]
+
+    def _not_running(self, request: ServiceRequest) -> ServiceResponse:
+        """The refusal of a request that reached this task while it is not running (it never started).
+
+        ServiceStoppedError when the task is stopped, failed or not started (a
+        deliberate state: the caller learns at once, and retry policies leave
+        it alone); ServiceUnavailableError while it is starting or stopping.
+        """
+        state = self._state
+        if state in ("stopped", "failed", "created"):
+            response = ServiceResponse.from_exception(
+                request.request_id,
+                ServiceStoppedError(f"service {self.service_name!r} is {state}; start it to call it"),
+                origin="runtime",
+            )
+            response.metadata[MAY_HAVE_RUN] = False
+            return response
+        return self._unavailable(request, f"service is {state}")
 
     def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
         """A refusal of a request that never started (so any retry policy may send it again)."""

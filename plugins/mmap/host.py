@@ -512,6 +512,7 @@ class ProcessServiceTask(BaseServiceTask):
             self.host_instance()
             self.listeners = self.open_listeners()
             self.restarts += 1
+        self.addresses_changed()  # the new child has a new request queue
 
     def report_status(self) -> ServiceStatus:
         """The child's own status (kind ``process``, its pid in ``extra``); the local view if it cannot answer."""
