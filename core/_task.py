@@ -529,6 +529,10 @@ class BaseServiceTask:
         undo whatever was started, so it must cope with a partial start.
         Called with the task's state lock held; never sets ``state``.
         """
+        if self._serial_lock is not None:
+            # One at a time per instance: a call the last stop left running on the old instance
+            # (a thread cannot be interrupted) holds the old lock, not this instance's.
+            self._serial_lock = threading.Lock()
         self._service = self.service_factory.create()
         from ._aio import TaskLoop, call_lifecycle, method_kinds  # asyncio only where a service is hosted
 
