@@ -283,8 +283,31 @@ class ServiceManager:
     """
 
     def __init__(self, environment: ServiceEnvironment | None = None, *, config: Any = None) -> None:
+        """Call the services of ``environment`` (following its configuration), or, without one, those ``config`` configures.
+
+        ``config`` is what :meth:`Config.load` takes (a YAML path, a mapping,
+        a Config, None for the defaults). Raises TypeError, before anything is
+        set up, for both an environment and a config (the manager follows its
+        environment's configuration; the second one would be ignored) and for
+        an ``environment`` that is not a ServiceEnvironment (a config passed
+        in its place); ConfigError for a config that does not load.
+        """
+        from ._environment import ServiceEnvironment
         from ._plugins import get_plugin_manager, on_plugins_changed
 
+        if environment is not None and not isinstance(environment, ServiceEnvironment):
+            raise TypeError(
+                f"ServiceManager's first argument is a ServiceEnvironment or None, not {type(environment).__name__} "
+                f"{_short_repr(environment)}; to call services with a configuration of its own, pass "
+                "ServiceManager(config=...)"
+            )
+        if environment is not None and config is not None:
+            raise TypeError(
+                f"ServiceManager got both an environment ({environment.name!r}) and a config: a manager follows "
+                "its environment's configuration, so this config would be ignored; put the config on the "
+                "ServiceEnvironment (ServiceEnvironment(name, config)), or pass only config=... for a manager "
+                "without an environment"
+            )
         self.environment = environment
         self._config = None if environment is not None else Config.load(config)
         get_plugin_manager()  # plugins load here: one that fails to load is reported now, not at the first call
