@@ -431,7 +431,21 @@ class ServiceManager:
         route = self._routes.get(service_name)
         if route is not None:
             return route
-        addresses, service_class = self._resolve(service_name)
+        try:
+            addresses, service_class = self._resolve(service_name)
+        except ServiceStoppedError as exc:
+            task = self.environment.get_task(service_name) if self.environment is not None else None
+            if task is None:
+                raise
+            # A task of the environment that is not running: its calls go through the client chain
+            # (a fallback, metrics and the caller's middleware see them) and end with this error at
+            # once. Not kept: the call after the task starts resolves it again.
+            return self._compile(
+                service_name,
+                ServiceAddress("", service_name, None),
+                _StoppedConnection(str(exc)),
+                task.service_factory.service_class,
+            )
         failures: list[ServiceError] = []
         for address in self._ranked(service_name, addresses):
             try:
@@ -442,6 +456,19 @@ class ServiceManager:
                 failures.append(exc)
         else:
             raise failures[0]
+        route = self._compile(service_name, address, connection, service_class)
+        with self._route_lock:
+            existing = self._routes.get(service_name)
+            if existing is not None:
+                connection.close()
+                return existing
+            self._routes[service_name] = route
+        return route
+
+    def _compile(
+        self, service_name: str, address: ServiceAddress, connection: Connection, service_class: type | None
+    ) -> _Route:
+        """The route of calls to ``service_name`` over ``connection``: its client chain and retry policy."""
         options = self.config.for_service(service_name)
         contributed = call_hook(
             "kservice_middleware", service_name=service_name, options=options, service_class=service_class
@@ -450,14 +477,7 @@ class ServiceManager:
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
         retry = call_hook("kservice_retry_policy", service_name=service_name, options=options)
-        route = _Route(service_name, address, connection, chain, retry, options, service_class)
-        with self._route_lock:
-            existing = self._routes.get(service_name)
-            if existing is not None:
-                connection.close()
-                return existing
-            self._routes[service_name] = route
-        return route
+        return _Route(service_name, address, connection, chain, retry, options, service_class)
 
     def client_middlewares(self, service_name: str) -> tuple[Any, ...]:
         """The middleware compiled into the client chain of calls to ``service_name``, outermost first.
@@ -616,15 +636,9 @@ class ServiceManager:
             self._drop_route(route)
             try:
                 return self._route(route.service_name)
-            except ServiceStoppedError as exc:
-                return _Route(
-                    route.service_name,
-                    route.address,
-                    _StoppedConnection(str(exc)),
-                    route.chain,
-                    route.retry,
-                    route.options,
-                    route.service_class,
+            except ServiceStoppedError as exc:  # a resolver's service stopped on purpose
+                return self._compile(
+                    route.service_name, route.address, _StoppedConnection(str(exc)), route.service_class
                 )
             except Exception:  # noqa: BLE001 - the next attempt reports it
                 return route
