@@ -596,8 +596,7 @@ class ServiceManager:
             delay = route.retry_delay(request, response, attempt)
             if delay is not None:
                 attempt += 1
-                time.sleep(delay)
-                route = self._refresh_route(route, response)
+                route = self._retry_route(route, response, delay)
                 continue
             self._refresh_route(route, response)
             raise response.to_exception(service_name, method)
@@ -638,11 +637,38 @@ class ServiceManager:
                 return self._route(route.service_name)
             except ServiceStoppedError as exc:  # a resolver's service stopped on purpose
                 return self._compile(
-                    route.service_name, route.address, _StoppedConnection(str(exc)), route.service_class
+                    route.service_name,
+                    ServiceAddress("", route.service_name, None),
+                    _StoppedConnection(str(exc)),
+                    route.service_class,
                 )
             except Exception:  # noqa: BLE001 - the next attempt reports it
                 return route
         return route
+
+    def _moved(self, route: _Route, response: ServiceResponse) -> _Route | None:
+        """The service's route resolved again after ``response`` failed on ``route``, if it now leads elsewhere.
+
+        Elsewhere: another address (a restarted or moved host) or a service
+        now stopped. None when it leads to the same place (or does not resolve).
+        """
+        fresh = self._refresh_route(route, response)
+        if fresh is route or fresh.address == route.address:
+            return None
+        return fresh
+
+    def _retry_route(self, route: _Route, response: ServiceResponse, delay: float) -> _Route:
+        """The route a sync retry goes on, after the policy's ``delay`` unless the service has moved.
+
+        A retry the policy allows after a runtime refusal is re-sent at once when the
+        name now resolves elsewhere (the refusal was the old host's); otherwise it
+        waits ``delay`` and resolves again (the service may come back meanwhile).
+        """
+        moved = self._moved(route, response)
+        if moved is not None:
+            return moved
+        time.sleep(delay)
+        return self._refresh_route(route, response)
 
     def call_service_async(
         self,
@@ -1108,17 +1134,32 @@ class _AsyncCall(CallFuture[Any]):
                 if delay is not None:
                     self._attempt += 1
                     self._open_attempt = self._attempt
-                    manager.timer().call_later(delay, lambda: self._retry(response))
+                    # In the timer thread, not this reply thread: resolving may connect.
+                    manager.timer().call_later(0.0, lambda: self._retry_moved(response, delay))
                     return
             if response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
                 # As a sync call does: the next call resolves the service again (it may have moved).
                 manager._drop_route(self._route)
         self._complete(response)
 
+    def _retry_moved(self, failed: ServiceResponse, delay: float) -> None:
+        """Send the retry now if the service now resolves elsewhere, else after ``delay`` (see ``_retry_route``)."""
+        if self._finished():
+            return
+        moved = self._manager._moved(self._route, failed)
+        if moved is None:
+            self._manager.timer().call_later(delay, lambda: self._retry(failed))
+            return
+        self._route = moved
+        self._resend()
+
     def _retry(self, failed: ServiceResponse) -> None:
         if self._finished():
             return
         self._route = self._manager._refresh_route(self._route, failed)
+        self._resend()
+
+    def _resend(self) -> None:
         self._send()
         if self.cancelled():
             self._cancel_sent(self._sent)  # cancelled while this attempt was being sent

@@ -1362,8 +1362,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
             if delay is not None:
                 self._after(response)
                 self._attempt += 1
-                time.sleep(delay)
-                self._route = self._manager._refresh_route(self._route, response)
+                self._route = self._manager._retry_route(self._route, response, delay)
                 self._open()
                 return True
         self._done = True

@@ -17,7 +17,7 @@ import pytest
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceStoppedError
 from kservice.testing import wait_for
 
-from tests.mmap.services import KV
+from tests.mmap.services import KV, hosting, unique
 from tests.streaming.services import TokenModel
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,3 +120,29 @@ def test_a_call_retried_across_a_stop_ends_with_the_stop(how: str) -> None:
             assert slow.result(60) == 3.0  # the call running at the stop finished within the drain
             task.start_service()
             assert manager.call_service_sync("kv", "echo", ("y",), timeout=30) == "y"
+
+
+@pytest.mark.parametrize("how", ["sync", "async", "stream"])
+def test_a_caller_without_the_environment_reaches_a_restarted_host_without_the_retry_pause(how: str) -> None:
+    """A `kservice serve` host restarted under the same name: the refused attempt is re-sent to the new host
+    at once (it never ran, and the name now resolves elsewhere), not after the retry policy's pause."""
+    name = unique("model")
+    spec = f"{name}=tests.streaming.services:TokenModel"
+    config = {"service_call": {"max_retries": 1, "retry_interval": 10.0}}
+
+    def call(manager: ServiceManager) -> Any:
+        if how == "sync":
+            return manager.call_service_sync(name, "pid", timeout=30)
+        if how == "async":
+            return manager.call_service_async(name, "pid", timeout=30).result(60)
+        return list(manager.stream(name, "count", (2,), timeout=30))
+
+    with ServiceManager(config=config) as manager:
+        with hosting(spec) as first:
+            assert call(manager)
+        with hosting(spec) as second:
+            began = time.monotonic()
+            assert call(manager) in (second.pid, [0, 1])
+            took = time.monotonic() - began
+            assert took < 5.0, f"the call waited {took:.1f}s (retry_interval is 10 s)"
+            assert first.pid != second.pid
