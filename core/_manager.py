@@ -646,16 +646,14 @@ class ServiceManager:
                 return route
         return route
 
-    def _moved(self, route: _Route, response: ServiceResponse) -> _Route | None:
-        """The service's route resolved again after ``response`` failed on ``route``, if it now leads elsewhere.
+    def _reresolve(self, route: _Route, response: ServiceResponse) -> tuple[_Route, bool]:
+        """:meth:`_refresh_route`, and whether the route now leads elsewhere.
 
         Elsewhere: another address (a restarted or moved host) or a service
-        now stopped. None when it leads to the same place (or does not resolve).
+        now stopped; not when it leads to the same place or does not resolve.
         """
         fresh = self._refresh_route(route, response)
-        if fresh is route or fresh.address == route.address:
-            return None
-        return fresh
+        return fresh, fresh is not route and fresh.address != route.address
 
     def _retry_route(self, route: _Route, response: ServiceResponse, delay: float) -> _Route:
         """The route a sync retry goes on, after the policy's ``delay`` unless the service has moved.
@@ -664,11 +662,11 @@ class ServiceManager:
         name now resolves elsewhere (the refusal was the old host's); otherwise it
         waits ``delay`` and resolves again (the service may come back meanwhile).
         """
-        moved = self._moved(route, response)
-        if moved is not None:
-            return moved
+        fresh, moved = self._reresolve(route, response)
+        if moved:
+            return fresh
         time.sleep(delay)
-        return self._refresh_route(route, response)
+        return self._refresh_route(fresh, response)
 
     def call_service_async(
         self,
@@ -1146,11 +1144,10 @@ class _AsyncCall(CallFuture[Any]):
         """Send the retry now if the service now resolves elsewhere, else after ``delay`` (see ``_retry_route``)."""
         if self._finished():
             return
-        moved = self._manager._moved(self._route, failed)
-        if moved is None:
+        self._route, moved = self._manager._reresolve(self._route, failed)
+        if not moved:
             self._manager.timer().call_later(delay, lambda: self._retry(failed))
             return
-        self._route = moved
         self._resend()
 
     def _retry(self, failed: ServiceResponse) -> None:
