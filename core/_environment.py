@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._errors import ConfigError, ServiceError
-from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class, stop_timeout
+from ._task import BaseServiceTask, ServiceFactory, TaskContext, _short_repr, import_service_class, stop_timeout
 
 if TYPE_CHECKING:
     import os
@@ -25,7 +25,8 @@ class ServiceEnvironment:
     """Holds a configuration and the service tasks registered in it.
 
     ``config`` is a YAML path, a mapping, a Config, or None (the file named by
-    ``KSERVICE_CONFIG``, else defaults). Services declared under ``services:``
+    ``KSERVICE_CONFIG``, else defaults); a ``name`` that is not a str (a
+    config passed first) is a TypeError. Services declared under ``services:``
     are registered at construction. ``start()`` starts every task (tasks
     registered later into a started environment start at once); ``stop()``
     stops them in reverse order. Use it as a context manager.
@@ -36,6 +37,12 @@ class ServiceEnvironment:
         name: str = "default",
         config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
     ) -> None:
+        if not isinstance(name, str):
+            # ServiceEnvironment(config): the config would land in ``name`` and the defaults be used.
+            raise TypeError(
+                f"ServiceEnvironment's name must be a str, not {type(name).__name__} {_short_repr(name)}; "
+                "a configuration goes second: ServiceEnvironment(name, config)"
+            )
         self.name = name
         self.config = Config.load(config)
         self._tasks: dict[str, BaseServiceTask] = {}
@@ -180,6 +187,11 @@ class ServiceEnvironment:
             task.stop_service(timeout)
             for manager in list(self._managers):
                 manager.forget(name)
+
+    def _addresses_changed(self, name: str) -> None:
+        """A task of this environment started, stopped or moved: managers drop their route to it."""
+        for manager in list(self._managers):
+            manager.forget(name)
 
     def add_middleware(self, middleware: Any) -> None:
         """Add a ServiceMiddleware for every service of this environment, after those added before.

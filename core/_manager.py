@@ -247,6 +247,30 @@ class _Route:
         return known
 
 
+class _StoppedConnection(Connection):
+    """The connection of a service found stopped while a call was being retried.
+
+    Every request is answered at once with ServiceStoppedError (``may_have_run``
+    False: nothing is sent), which retry policies never retry.
+    """
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def _error(self) -> ServiceStoppedError:
+        error = ServiceStoppedError(self._why)
+        error.may_have_run = False
+        return error
+
+    def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
+        response = ServiceResponse.from_exception(request.request_id, self._error(), origin="runtime")
+        response.metadata[MAY_HAVE_RUN] = False
+        reply(response)
+
+    def open_stream(self, request: ServiceRequest, window: int) -> Any:
+        raise self._error()
+
+
 class ServiceManager:
     """Calls services by name.
 
@@ -268,8 +292,31 @@ class ServiceManager:
     """
 
     def __init__(self, environment: ServiceEnvironment | None = None, *, config: Any = None) -> None:
+        """Call the services of ``environment`` (following its configuration), or, without one, those ``config`` configures.
+
+        ``config`` is what :meth:`Config.load` takes (a YAML path, a mapping,
+        a Config, None for the defaults). Raises TypeError, before anything is
+        set up, for both an environment and a config (the manager follows its
+        environment's configuration; the second one would be ignored) and for
+        an ``environment`` that is not a ServiceEnvironment (a config passed
+        in its place); ConfigError for a config that does not load.
+        """
+        from ._environment import ServiceEnvironment
         from ._plugins import get_plugin_manager, on_plugins_changed
 
+        if environment is not None and not isinstance(environment, ServiceEnvironment):
+            raise TypeError(
+                f"ServiceManager's first argument is a ServiceEnvironment or None, not {type(environment).__name__} "
+                f"{_short_repr(environment)}; to call services with a configuration of its own, pass "
+                "ServiceManager(config=...)"
+            )
+        if environment is not None and config is not None:
+            raise TypeError(
+                f"ServiceManager got both an environment ({environment.name!r}) and a config: a manager follows "
+                "its environment's configuration, so this config would be ignored; put the config on the "
+                "ServiceEnvironment (ServiceEnvironment(name, config)), or pass only config=... for a manager "
+                "without an environment"
+            )
         self.environment = environment
         self._config = None if environment is not None else Config.load(config)
         get_plugin_manager()  # plugins load here: one that fails to load is reported now, not at the first call
@@ -393,7 +440,21 @@ class ServiceManager:
         route = self._routes.get(service_name)
         if route is not None:
             return route
-        addresses, service_class = self._resolve(service_name)
+        try:
+            addresses, service_class = self._resolve(service_name)
+        except ServiceStoppedError as exc:
+            task = self.environment.get_task(service_name) if self.environment is not None else None
+            if task is None:
+                raise
+            # A task of the environment that is not running: its calls go through the client chain
+            # (a fallback, metrics and the caller's middleware see them) and end with this error at
+            # once. Not kept: the call after the task starts resolves it again.
+            return self._compile(
+                service_name,
+                ServiceAddress("", service_name, None),
+                _StoppedConnection(str(exc)),
+                task.service_factory.service_class,
+            )
         failures: list[ServiceError] = []
         for address in self._ranked(service_name, addresses):
             try:
@@ -404,6 +465,19 @@ class ServiceManager:
                 failures.append(exc)
         else:
             raise failures[0]
+        route = self._compile(service_name, address, connection, service_class)
+        with self._route_lock:
+            existing = self._routes.get(service_name)
+            if existing is not None:
+                connection.close()
+                return existing
+            self._routes[service_name] = route
+        return route
+
+    def _compile(
+        self, service_name: str, address: ServiceAddress, connection: Connection, service_class: type | None
+    ) -> _Route:
+        """The route of calls to ``service_name`` over ``connection``: its client chain and retry policy."""
         options = self.config.for_service(service_name)
         contributed = call_hook(
             "kservice_middleware", service_name=service_name, options=options, service_class=service_class
@@ -412,14 +486,7 @@ class ServiceManager:
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
         retry = call_hook("kservice_retry_policy", service_name=service_name, options=options)
-        route = _Route(service_name, address, connection, chain, retry, options, service_class)
-        with self._route_lock:
-            existing = self._routes.get(service_name)
-            if existing is not None:
-                connection.close()
-                return existing
-            self._routes[service_name] = route
-        return route
+        return _Route(service_name, address, connection, chain, retry, options, service_class)
 
     def client_middlewares(self, service_name: str) -> tuple[Any, ...]:
         """The middleware compiled into the client chain of calls to ``service_name``, outermost first.
@@ -549,8 +616,7 @@ class ServiceManager:
             delay = route.retry_delay(request, response, attempt)
             if delay is not None:
                 attempt += 1
-                time.sleep(delay)
-                route = self._refresh_route(route, response)
+                route = self._retry_route(route, response, delay)
                 continue
             self._refresh_route(route, response)
             raise response.to_exception(service_name, method)
@@ -570,10 +636,16 @@ class ServiceManager:
         return chain.run_after(sent, response, limit, began)
 
     def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
-        """After an unavailable service, resolve again: it may have moved or restarted.
+        """The route a retry of a call that failed on ``route`` with ``response`` is sent on.
 
-        Only ``route`` is dropped (and its connection closed, which fails no call in flight);
-        a newer route another thread built meanwhile is kept.
+        After an unavailable service, the service is resolved again: it may
+        have moved, restarted or stopped. Only ``route`` is dropped (and its
+        connection closed, which fails no call in flight); a newer route
+        another thread built meanwhile is kept. A service now stopped gives a
+        route that answers every request with that ServiceStoppedError at once
+        (never retried), so the call ends with it, naming the service, instead
+        of retrying on a closed connection. Any other resolution error leaves
+        ``route``: the next attempt reports the failure.
         """
         if (
             not response.success
@@ -583,9 +655,38 @@ class ServiceManager:
             self._drop_route(route)
             try:
                 return self._route(route.service_name)
+            except ServiceStoppedError as exc:  # a resolver's service stopped on purpose
+                return self._compile(
+                    route.service_name,
+                    ServiceAddress("", route.service_name, None),
+                    _StoppedConnection(str(exc)),
+                    route.service_class,
+                )
             except Exception:  # noqa: BLE001 - the next attempt reports it
                 return route
         return route
+
+    def _reresolve(self, route: _Route, response: ServiceResponse) -> tuple[_Route, bool]:
+        """:meth:`_refresh_route`, and whether the route now leads elsewhere.
+
+        Elsewhere: another address (a restarted or moved host) or a service
+        now stopped; not when it leads to the same place or does not resolve.
+        """
+        fresh = self._refresh_route(route, response)
+        return fresh, fresh is not route and fresh.address != route.address
+
+    def _retry_route(self, route: _Route, response: ServiceResponse, delay: float) -> _Route:
+        """The route a sync retry goes on, after the policy's ``delay`` unless the service has moved.
+
+        A retry the policy allows after a runtime refusal is re-sent at once when the
+        name now resolves elsewhere (the refusal was the old host's); otherwise it
+        waits ``delay`` and resolves again (the service may come back meanwhile).
+        """
+        fresh, moved = self._reresolve(route, response)
+        if moved:
+            return fresh
+        time.sleep(delay)
+        return self._refresh_route(fresh, response)
 
     def call_service_async(
         self,
@@ -1051,17 +1152,31 @@ class _AsyncCall(CallFuture[Any]):
                 if delay is not None:
                     self._attempt += 1
                     self._open_attempt = self._attempt
-                    manager.timer().call_later(delay, lambda: self._retry(response))
+                    # In the timer thread, not this reply thread: resolving may connect.
+                    manager.timer().call_later(0.0, lambda: self._retry_moved(response, delay))
                     return
             if response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
                 # As a sync call does: the next call resolves the service again (it may have moved).
                 manager._drop_route(self._route)
         self._complete(response)
 
+    def _retry_moved(self, failed: ServiceResponse, delay: float) -> None:
+        """Send the retry now if the service now resolves elsewhere, else after ``delay`` (see ``_retry_route``)."""
+        if self._finished():
+            return
+        self._route, moved = self._manager._reresolve(self._route, failed)
+        if not moved:
+            self._manager.timer().call_later(delay, lambda: self._retry(failed))
+            return
+        self._resend()
+
     def _retry(self, failed: ServiceResponse) -> None:
         if self._finished():
             return
         self._route = self._manager._refresh_route(self._route, failed)
+        self._resend()
+
+    def _resend(self) -> None:
         self._send()
         if self.cancelled():
             self._cancel_sent(self._sent)  # cancelled while this attempt was being sent

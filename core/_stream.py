@@ -267,7 +267,7 @@ def stream_method(task: BaseServiceTask, request: ServiceRequest) -> tuple[Calla
 def run_here(task: BaseServiceTask, request: ServiceRequest, sink: StreamSink) -> SyncStreamRun | None:
     """A stream ``request`` whose generator the caller steps (``pump``) in its own thread; see ``task.run_stream_here``."""
     if task.state != "running" or task.service is None:
-        sink.end(task._unavailable(request, f"service is {task.state}"))
+        sink.end(task._not_running(request))
         return None
     try:
         method, is_async = stream_method(task, request)
@@ -293,7 +293,7 @@ def open_on_task(task: BaseServiceTask, request: ServiceRequest, sink: StreamSin
     that is not a generator ends the stream at once with the error.
     """
     if task.state != "running" or task.service is None:
-        sink.end(task._unavailable(request, f"service is {task.state}"))
+        sink.end(task._not_running(request))
         return
     try:
         method, is_async = stream_method(task, request)
@@ -1550,8 +1550,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
             delay = self._route.retry_delay(self._request, final, self._attempt)
             if delay is not None:
                 self._attempt += 1
-                time.sleep(delay)
-                self._route = self._manager._refresh_route(self._route, response)
+                self._route = self._manager._retry_route(self._route, response, delay)
                 self._open()
                 return True
         self._done = True

@@ -547,6 +547,7 @@ class BaseServiceTask:
                     f"service {self.service_name!r} failed to start: {type(exc).__name__}: {exc}"
                 ) from exc
             self.started_at = time.time()
+        self.addresses_changed()
         self._announce("kservice_task_started", task=self)
 
     # ------------------------------------------------ what a task kind implements
@@ -565,6 +566,10 @@ class BaseServiceTask:
         undo whatever was started, so it must cope with a partial start.
         Called with the task's state lock held; never sets ``state``.
         """
+        if self._serial_lock is not None:
+            # One at a time per instance: a call the last stop left running on the old instance
+            # (a thread cannot be interrupted) holds the old lock, not this instance's.
+            self._serial_lock = threading.Lock()
         self._service = self.service_factory.create()
         from ._aio import TaskLoop, call_lifecycle, method_kinds  # asyncio only where a service is hosted
 
@@ -792,7 +797,27 @@ class BaseServiceTask:
                 with self._state_lock:
                     self._state = "stopped"
                 self._stop_done.set()
+                self.addresses_changed()
         self._announce("kservice_task_stopped", task=self)
+
+    def addresses_changed(self) -> None:
+        """Tell the managers of this task's environment that its :attr:`addresses` changed; never raises.
+
+        Each drops its route to the service (calls already sent on it still
+        get their answers), so its next call resolves the service again: after
+        a restart it reaches the new host at once, and while the task is
+        stopped it fails at once with ServiceStoppedError. The base class calls
+        it when the task starts and when it stops; a kind that moves its host
+        while running (a respawned child process) calls it once the new
+        listeners are in place.
+        """
+        environment = self.ctx.environment
+        if environment is None:
+            return
+        try:
+            environment._addresses_changed(self.service_name)
+        except Exception:  # noqa: BLE001 - a manager's stale route is refreshed by its next failed call anyway
+            log.exception("service %r: telling managers its addresses changed failed", self.service_name)
 
     def restart_listeners(self) -> int:
         """Restart listeners that stopped receiving; returns how many (health recovery)."""
@@ -886,17 +911,7 @@ class BaseServiceTask:
         """
         pool = self._pool
         if self._state != "running" or pool is None:
-            if self._state in ("stopped", "failed", "created"):
-                # A deliberate state: the caller learns at once, and retry policies leave it alone.
-                stopped = ServiceResponse.from_exception(
-                    request.request_id,
-                    ServiceStoppedError(f"service {self.service_name!r} is {self._state}; start it to call it"),
-                    origin="runtime",
-                )
-                stopped.metadata[MAY_HAVE_RUN] = False  # refused before anything ran
-                reply(stopped)
-            else:
-                reply(self._unavailable(request, f"service is {self._state}"))
+            reply(self._not_running(request))
             return
         if self._async_methods:
             coroutine_method = self._async_methods.get(request.method_name)
@@ -1133,6 +1148,24 @@ class BaseServiceTask:
             self._queued -= 1
         request, reply = admitted
         reply(self._unavailable(request, "stopped before the request could run"))  # type: ignore[misc, arg-type]
+
+    def _not_running(self, request: ServiceRequest) -> ServiceResponse:
+        """The refusal of a request that reached this task while it is not running (it never started).
+
+        ServiceStoppedError when the task is stopped, failed or not started (a
+        deliberate state: the caller learns at once, and retry policies leave
+        it alone); ServiceUnavailableError while it is starting or stopping.
+        """
+        state = self._state
+        if state in ("stopped", "failed", "created"):
+            response = ServiceResponse.from_exception(
+                request.request_id,
+                ServiceStoppedError(f"service {self.service_name!r} is {state}; start it to call it"),
+                origin="runtime",
+            )
+            response.metadata[MAY_HAVE_RUN] = False
+            return response
+        return self._unavailable(request, f"service is {state}")
 
     def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
         """A refusal of a request that never started (so any retry policy may send it again)."""

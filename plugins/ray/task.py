@@ -215,9 +215,18 @@ class RayServiceTask(BaseServiceTask):
     ) -> RayServiceTask:
         """A running task controlling a deployment another driver started (``stop_service`` kills it).
 
-        Raises ServiceNotFoundError-like ServiceUnavailableError when no
-        replica of ``service_name`` runs in the namespace.
+        ``config`` (what :meth:`Config.load` takes) configures the task when no
+        ``ctx`` is given; with a ``ctx``, the task follows the context's config.
+        Raises TypeError for both (the config would be ignored), before Ray is
+        asked; ServiceUnavailableError when no replica of ``service_name``
+        runs in the namespace.
         """
+        if ctx is not None and config is not None:
+            raise TypeError(
+                "RayServiceTask.attach got both a ctx and a config: the task follows its context's configuration, "
+                "so this config would be ignored; put the config on the TaskContext (TaskContext(config=...)), "
+                "or pass only config=..."
+            )
         ray = _ray()
         if not ray.is_initialized():
             raise ServiceUnavailableError(

@@ -87,6 +87,10 @@ class Recorder:
         with self.lock:
             return list(self.events)
 
+    def wait_for(self, event: threading.Event, seconds: float) -> bool:
+        """Runs until ``event`` is set (an in-process caller passes it) or ``seconds`` pass."""
+        return event.wait(seconds)
+
 
 @kservice.service(thread_safe=False)
 class NotThreadSafe(Recorder):

@@ -287,6 +287,53 @@ def test_api_timeouts_that_are_not_finite_raise_value_error_at_once_and_the_serv
         assert manager.proxy("kv", timeout=5).get("a") == 1
 
 
+@pytest.mark.timeout(30)
+def test_a_manager_given_an_environment_and_a_config_refuses_both_and_the_service_keeps_serving() -> None:
+    """The manager follows its environment's config: a second one was silently ignored."""
+    env = ServiceEnvironment("t")
+    env.register_service("kv", KeyValue, {"a": 1})
+    with env:
+        for config in ({"service_call": {"default_timeout": 1.0}}, Config.load(None), "kservice.yaml"):
+            with pytest.raises(TypeError, match=r"both an environment \('t'\) and a config") as raised:
+                ServiceManager(env, config=config)
+            assert "put the config on the ServiceEnvironment" in str(raised.value)
+        # An environment where a config belongs (a path or a mapping passed first) names what was passed.
+        for not_environment in ("kservice.yaml", {"service_call": {}}):
+            with pytest.raises(
+                TypeError, match=r"is a ServiceEnvironment or None, not (str|dict) .*ServiceManager\(config="
+            ):
+                ServiceManager(not_environment)  # type: ignore[arg-type]
+        with ServiceManager(env) as manager:
+            assert manager.call_service_sync("kv", "get", ("a",), timeout=5) == 1
+        with ServiceManager(config={"service_call": {"default_timeout": 5.0}}) as alone:
+            assert alone.config.for_service("kv")["service_call"]["default_timeout"] == 5.0
+
+
+@pytest.mark.parametrize(
+    "misplaced",
+    [{"services": {"kv": {"class": "tests.core.services:KeyValue"}}}, Config.load(None), Path("kservice.yaml"), None],
+)
+def test_an_environment_whose_name_is_a_config_is_refused(misplaced: Any) -> None:
+    """``ServiceEnvironment(config)``: the config landed in ``name`` and the environment ran on the defaults."""
+    with pytest.raises(TypeError, match=r"ServiceEnvironment's name must be a str.*ServiceEnvironment\(name, config\)"):
+        ServiceEnvironment(misplaced)
+    with ServiceEnvironment("named", {"services": {"kv": {"class": "tests.core.services:KeyValue"}}}) as env:
+        assert env.service_names() == ["kv"]
+
+
+def test_attaching_to_a_ray_deployment_with_both_a_context_and_a_config_is_refused() -> None:
+    """The task follows its context's configuration: a second one was silently ignored (checked before Ray is asked)."""
+    import sys
+
+    from kservice import TaskContext
+    from kservice.plugins.ray import RayServiceTask
+
+    imported = "ray" in sys.modules
+    with pytest.raises(TypeError, match=r"both a ctx and a config.*put the config on the TaskContext"):
+        RayServiceTask.attach("shared", config={"service_call": {}}, ctx=TaskContext())
+    assert ("ray" in sys.modules) == imported, "refused before Ray was imported"
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -153,6 +153,23 @@ def test_stop_timeout_answers_leftover_calls_with_unavailable() -> None:
     env.stop()
 
 
+def test_a_restarted_one_at_a_time_service_does_not_wait_for_a_call_its_old_instance_still_runs() -> None:
+    """One at a time is per instance: the new instance is not held by the call the stop left running."""
+    with ServiceEnvironment("t", {"service_call": {"max_retries": 0}}) as env:
+        task = env.register_service("rec", NotThreadSafe)
+        with ServiceManager(env) as manager:
+            release = threading.Event()
+            left_running = manager.call_service_async("rec", "wait_for", (release, 60.0), timeout=90)
+            wait_for(lambda: task.get_service_status().in_flight == 1, what="the call to run")
+            task.stop_service(timeout=0.1)
+            task.start_service()
+            try:
+                assert manager.call_service_sync("rec", "work", ("new", 0.0), timeout=5) == "new"
+            finally:
+                release.set()
+            assert left_running.result(timeout=10) is True
+
+
 def test_full_request_queue_is_overloaded_after_queue_timeout() -> None:
     config = {
         "service": {"local": {"max_workers": 1, "request_queue_size": 2, "queue_timeout": 0.2}},

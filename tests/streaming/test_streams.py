@@ -254,6 +254,29 @@ def test_a_thousand_abandoned_streams_leave_nothing_behind(
     assert manager.call_service_sync("model", "echo", (1,)) == 1
 
 
+@pytest.mark.parametrize("stepped_here", [False, True])
+def test_a_stream_reaching_a_stopped_task_ends_stopped_at_once_and_never_ran(stepped_here: bool) -> None:
+    """As a call reaching it does: ServiceStoppedError (never retried), not "unavailable" (retried for seconds)."""
+    environment = kservice.ServiceEnvironment("stopped-stream")
+    task = environment.register_service("model", kservice.ServiceFactory("model", TokenModel))
+    with environment:
+        task.stop_service()
+        request = kservice.ServiceRequest("r-1", "model", "count", (2,), {}, "", time.time() + 10, {})
+        ended: list[kservice.ServiceResponse] = []
+        sink: Any = type("Sink", (), {"end": lambda self, response: ended.append(response)})()
+        if stepped_here:
+            assert task.run_stream_here(request, sink) is None
+        else:
+            task.open_stream(request, sink)
+        [response] = ended
+        assert response.error_type == "ServiceStoppedError", response.error
+        assert "'model' is stopped" in str(response.error)
+        assert response.metadata[kservice.MAY_HAVE_RUN] is False
+        task.start_service()
+        with kservice.ServiceManager(environment) as manager:
+            assert list(manager.stream("model", "count", (2,))) == [0, 1]
+
+
 def test_stopping_the_service_mid_stream_ends_it_unavailable() -> None:
     environment = kservice.ServiceEnvironment("streams-stop")
     environment.register_service("model", TokenModel)
