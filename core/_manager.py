@@ -263,9 +263,7 @@ class _StoppedConnection(Connection):
         return error
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
-        response = ServiceResponse.from_exception(request.request_id, self._error(), origin="runtime")
-        response.metadata[MAY_HAVE_RUN] = False
-        reply(response)
+        reply(ServiceResponse.refusal(request.request_id, self._error()))
 
     def open_stream(self, request: ServiceRequest, window: int) -> Any:
         raise self._error()

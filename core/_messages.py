@@ -130,6 +130,14 @@ class ServiceResponse:
         return cls(True, result, None, request_id)
 
     @classmethod
+    def refusal(cls, request_id: str, exc: BaseException) -> ServiceResponse:
+        """The runtime's answer to a request refused before it started: ``exc`` described, ``MAY_HAVE_RUN``
+        False (it never ran, so any retry policy may send it again)."""
+        response = cls.from_exception(request_id, exc, origin="runtime")
+        response.metadata[MAY_HAVE_RUN] = False
+        return response
+
+    @classmethod
     def from_exception(
         cls,
         request_id: str,

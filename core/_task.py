@@ -29,7 +29,7 @@ from ._errors import (
     ServiceStoppedError,
     ServiceUnavailableError,
 )
-from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
+from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
 from ._status import ServiceStatus, TaskState
 from ._stream import (
@@ -933,16 +933,14 @@ class BaseServiceTask:
     def _overloaded(self, request: ServiceRequest) -> ServiceResponse:
         """The refusal of a request the queue never took: it did not run (``MAY_HAVE_RUN`` False), and the
         service refused it at its admission limit (``AT_CAPACITY``)."""
-        response = ServiceResponse.from_exception(
+        response = ServiceResponse.refusal(
             request.request_id,
             ServiceOverloadedError(
                 f"service {self.service_name!r} is overloaded: {self._queued} requests queued "
                 f"(service.local.request_queue_size={self.queue_limit}) and no room within "
                 f"service.local.queue_timeout={self.queue_timeout:g}s"
             ),
-            origin="runtime",
         )
-        response.metadata[MAY_HAVE_RUN] = False
         response.metadata[AT_CAPACITY] = True  # the service answered: it is busy, not broken
         return response
 
@@ -1158,24 +1156,17 @@ class BaseServiceTask:
         """
         state = self._state
         if state in ("stopped", "failed", "created"):
-            response = ServiceResponse.from_exception(
+            return ServiceResponse.refusal(
                 request.request_id,
                 ServiceStoppedError(f"service {self.service_name!r} is {state}; start it to call it"),
-                origin="runtime",
             )
-            response.metadata[MAY_HAVE_RUN] = False
-            return response
         return self._unavailable(request, f"service is {state}")
 
     def _unavailable(self, request: ServiceRequest, why: str) -> ServiceResponse:
         """A refusal of a request that never started (so any retry policy may send it again)."""
-        response = ServiceResponse.from_exception(
-            request.request_id,
-            ServiceUnavailableError(f"service {self.service_name!r} is unavailable: {why}"),
-            origin="runtime",
+        return ServiceResponse.refusal(
+            request.request_id, ServiceUnavailableError(f"service {self.service_name!r} is unavailable: {why}")
         )
-        response.metadata[MAY_HAVE_RUN] = False
-        return response
 
     def execute(
         self,

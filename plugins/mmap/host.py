@@ -302,15 +302,21 @@ class _ChildListener(_Listener):
         pass
 
 
+def _unimportable_place(cls: type) -> str | None:
+    """Where ``cls`` is defined when another process could not import it by reference (else None)."""
+    module, qualname = getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")
+    if module == "__main__":
+        return "__main__ (the script being run)"
+    if "<locals>" in qualname:
+        return f"a function ({qualname})"
+    return None
+
+
 def _check_importable(factory: ServiceFactory) -> None:
     """ConfigError when the child process could not import the service class (it is sent by reference)."""
     cls = factory.service_class
-    module, qualname = getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")
-    if module == "__main__":
-        where = "__main__ (the script being run)"
-    elif "<locals>" in qualname:
-        where = f"a function ({qualname})"
-    else:
+    where = _unimportable_place(cls)
+    if where is None:
         return
     raise ConfigError(
         f"service {factory.service_name!r}: class {cls.__name__} is defined in {where}, which the process "
@@ -342,12 +348,8 @@ def _class_name(obj: Any) -> str:
 def _check_middleware_importable(middleware: Any, service_name: str) -> None:
     """ConfigError when the child could not import the class of a middleware it must run (it is sent by reference)."""
     cls = type(middleware)
-    module, qualname = getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")
-    if module == "__main__":
-        where = "__main__ (the script being run)"
-    elif "<locals>" in qualname:
-        where = f"a function ({qualname})"
-    else:
+    where = _unimportable_place(cls)
+    if where is None:
         return
     raise ConfigError(
         f"service {service_name!r}: middleware {cls.__name__} has service-side hooks "

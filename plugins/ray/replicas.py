@@ -24,7 +24,6 @@ from .balancers import ReplicaBalancer
 from .common import (
     _CONTROL_GROUP,
     _REFUSED_KEY,
-    MAY_HAVE_RUN_KEY,
     REPLICA_DOWN_KEY,
     _cancelled,
     _first_line,
@@ -605,13 +604,10 @@ class _ReplicaSet:
 
     def _stopped(self, request: ServiceRequest) -> ServiceResponse:
         """The refusal of a call the stopped service never sent to a replica (``MAY_HAVE_RUN`` False)."""
-        response = ServiceResponse.from_exception(
+        return ServiceResponse.refusal(
             request.request_id,
             ServiceStoppedError(f"service {self.service_name!r} is unavailable: {self.closed_reason}"),
-            origin="runtime",
         )
-        response.metadata[MAY_HAVE_RUN_KEY] = False
-        return response
 
     def no_replica(self, request: ServiceRequest, *, refresh: bool = True) -> ServiceResponse:
         """The answer to a call no replica can take (it was never sent: retrying it later is safe).
