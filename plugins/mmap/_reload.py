@@ -65,13 +65,16 @@ def _child_argv(ctx: click.Context) -> list[str]:
 
 
 def check_main(spec: str) -> int:
-    """Import every service to serve (``spec``: JSON of config path and services); 0, or 1 and the error on stderr."""
+    """Import every service to serve (``spec``: JSON of config path, services and app dir); 0, or 1 and the error on stderr."""
     from kservice import Config, ServiceEnvironment
     from kservice._task import import_service_class
 
     from .host import _service_entries
 
     loaded = json.loads(spec)
+    if loaded.get("app_dir"):
+        # Searched first, as the host searches it: a module found only there must import here too.
+        sys.path.insert(0, loaded["app_dir"])
     try:
         config = Config.load(loaded["config"])
         for entry in _service_entries(config, loaded["services"]).values():
@@ -85,9 +88,11 @@ def check_main(spec: str) -> int:
     return 0
 
 
-def check_importable(config_path: str | None, services: Sequence[str], timeout: float = 60.0) -> str:
-    """Import the services in a fresh interpreter; the error as one line, or "" when they import."""
-    spec = json.dumps({"config": config_path, "services": list(services)})
+def check_importable(
+    config_path: str | None, services: Sequence[str], timeout: float = 60.0, app_dir: str | None = None
+) -> str:
+    """Import the services in a fresh interpreter (``app_dir`` searched first, as ``--app-dir``); the error as one line, or "" when they import."""
+    spec = json.dumps({"config": config_path, "services": list(services), "app_dir": app_dir})
     try:
         done = subprocess.run(
             [sys.executable, "-c", _CHECK_COMMAND, spec],
@@ -199,7 +204,7 @@ def serve_with_reload(
                 continue
             paths = sorted({os.path.relpath(path) for _, path in changes})
             say(f"{', '.join(paths[:3])}{' and more' if len(paths) > 3 else ''} changed; checking the new code")
-            error = check_importable(config_path, services)
+            error = check_importable(config_path, services, app_dir=ctx.params.get("app_dir"))
             if error:
                 keeping = "the old host keeps serving" if host.exited() is None else "no host is running"
                 say(f"not restarting, {keeping}: {error}")

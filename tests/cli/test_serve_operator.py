@@ -198,3 +198,35 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
     wait_for(
         lambda: _call(name, "hello", env, tmp_path).startswith("error "), timeout=10, what="no host to serve the name"
     )
+
+
+@pytest.mark.timeout(120)
+def test_reload_with_app_dir_restarts_on_change(tmp_path: Path) -> None:
+    # The service's module is found only through --app-dir: not on PYTHONPATH, not in the working directory.
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    app, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    app.mkdir()
+    elsewhere.mkdir()
+    _module(app, "appdirsvc", _greeter("v1"))
+    env = cli_env()
+    host = Host(
+        "--app-dir", str(app), "--reload", "--reload-dir", str(app), f"{name}=appdirsvc:Greeter", cwd=elsewhere, env=env
+    )
+    try:
+        host.wait_line(host.err, "reload: watching")
+        host.wait_line(host.out, f"serving {name}")
+        assert _call(name, "hello", env, elsewhere) == '"v1"'
+
+        _module(app, "appdirsvc", _greeter("v2"))
+        host.wait_line(host.err, "checking the new code")
+        wait_for(
+            lambda: _call(name, "hello", env, elsewhere) == '"v2"' or any("not restarting" in e for e in host.err),
+            timeout=30,
+            what="the reloaded v2 to answer",
+            interval=0.3,
+        )
+        assert not [line for line in host.err if "not restarting" in line], host.err
+        assert _call(name, "hello", env, elsewhere) == '"v2"'
+    finally:
+        status = host.stop()
+    assert status == 0
