@@ -122,6 +122,8 @@ class _Host:
         self.argv = argv
         self.drain_timeout = drain_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        #: the process :meth:`stop` is waiting for, so a second signal can reach it
+        self.stopping: subprocess.Popen[bytes] | None = None
         self.reported_exit = False
 
     def start(self) -> None:
@@ -139,12 +141,23 @@ class _Host:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        self.stopping = process
         try:
-            process.wait(self.drain_timeout + 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(self.drain_timeout + 15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        finally:
+            self.stopping = None
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the running or stopping host: its second one makes it exit at once (status 130)."""
+        process = self.process or self.stopping
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -158,7 +171,11 @@ def serve_with_reload(
     *,
     err: IO[str] | None = None,
 ) -> int:
-    """Run ``kservice serve`` in a child and replace it whenever watched code changes; returns 0 on SIGINT/SIGTERM."""
+    """Run ``kservice serve`` in a child and replace it whenever watched code changes.
+
+    Returns 0 once a SIGINT/SIGTERM has drained and stopped the host; a second signal stops the host at once
+    (calls in flight then fail as when a host dies) and returns 130.
+    """
     try:
         import watchfiles
     except ImportError as exc:
@@ -178,12 +195,20 @@ def serve_with_reload(
         print(f"reload: {message}", file=err, flush=True)
 
     stop = threading.Event()
+    interrupted = False
+    host = _Host(_child_argv(ctx), float(ctx.params.get("drain_timeout") or 30.0))
 
     def on_signal(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if stop.is_set():
+            # A second signal: as `kservice serve` without --reload, stop now, not after the drain. The host
+            # is in its own session (the terminal's signal never reaches it), so pass it on: with the SIGTERM
+            # that stop() sends, that is the host's second signal, and it exits at once.
+            interrupted = True
+            host.terminate()
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    host = _Host(_child_argv(ctx), float(ctx.params.get("drain_timeout") or 30.0))
     try:
         host.start()
         say(f"watching {', '.join(watched)} for changes (pid {os.getpid()})")
@@ -216,4 +241,4 @@ def serve_with_reload(
         host.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 130 if interrupted else 0
