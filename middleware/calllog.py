@@ -21,7 +21,7 @@ finally produced, timed by the chain.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
@@ -52,9 +52,68 @@ def _schema() -> dict[str, Setting]:
     }
 
 
+_BRACKETS: dict[type, tuple[str, str]] = {
+    list: ("[", "]"),
+    tuple: ("(", ")"),
+    set: ("{", "}"),
+    frozenset: ("frozenset({", "})"),
+    dict: ("{", "}"),
+}
+
+
+def _pieces(container: Any) -> Iterator[tuple[Any, bool]]:
+    """What the repr of a builtin container is made of, in order: (value, True) or (separator, False)."""
+    for index, item in enumerate(container.items() if type(container) is dict else container):
+        if index:
+            yield ", ", False
+        if type(container) is dict:
+            yield item[0], True
+            yield ": ", False
+            yield item[1], True
+        else:
+            yield item, True
+
+
+def _repr_prefix(value: Any, budget: int, outer: frozenset[int] = frozenset()) -> str:
+    """``repr(value)``, or, when that is longer, at least ``budget`` characters of how it begins.
+
+    Builtin containers, ``str``, ``bytes`` and ``bytearray`` are read only as far as ``budget`` needs,
+    so a huge argument costs what is kept, not its size (a cut string is the repr of its first
+    characters, whose quotes may differ from the whole one's). Any other value is its own ``repr()``,
+    whatever it costs. Raises what that ``repr()`` raises (``RecursionError`` for nesting too deep).
+    """
+    kind = type(value)
+    if budget <= 0:
+        return ""
+    if kind is str or kind is bytes or kind is bytearray:
+        # Every character takes at least one in the repr: the first `budget` are enough.
+        return repr(value[:budget] if len(value) > budget else value)
+    brackets = _BRACKETS.get(kind)
+    if brackets is None or not value:
+        return repr(value)
+    opening, closing = brackets
+    if id(value) in outer:  # a list or dict inside itself, written as repr writes it
+        return f"{opening}...{closing}"
+    inside = outer | {id(value)}
+    parts = [opening]
+    used = len(opening)
+    for piece, is_value in _pieces(value):
+        if used >= budget:
+            return "".join(parts)
+        text = _repr_prefix(piece, budget - used, inside) if is_value else piece
+        parts.append(text)
+        used += len(text)
+    if used >= budget:
+        return "".join(parts)
+    if kind is tuple and len(value) == 1:
+        parts.append(",")
+    parts.append(closing)
+    return "".join(parts)
+
+
 def _short(value: Any, limit: int) -> str:
     try:
-        text = repr(value)
+        text = _repr_prefix(value, limit + 1)
     except Exception as exc:  # a broken __repr__ must not fail the call
         text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -65,13 +65,16 @@ def _child_argv(ctx: click.Context) -> list[str]:
 
 
 def check_main(spec: str) -> int:
-    """Import every service to serve (``spec``: JSON of config path and services); 0, or 1 and the error on stderr."""
+    """Import every service to serve (``spec``: JSON of config path, services and app dir); 0, or 1 and the error on stderr."""
     from kservice import Config, ServiceEnvironment
     from kservice._task import import_service_class
 
     from .host import _service_entries
 
     loaded = json.loads(spec)
+    if loaded.get("app_dir"):
+        # Searched first, as the host searches it: a module found only there must import here too.
+        sys.path.insert(0, loaded["app_dir"])
     try:
         config = Config.load(loaded["config"])
         for entry in _service_entries(config, loaded["services"]).values():
@@ -85,9 +88,11 @@ def check_main(spec: str) -> int:
     return 0
 
 
-def check_importable(config_path: str | None, services: Sequence[str], timeout: float = 60.0) -> str:
-    """Import the services in a fresh interpreter; the error as one line, or "" when they import."""
-    spec = json.dumps({"config": config_path, "services": list(services)})
+def check_importable(
+    config_path: str | None, services: Sequence[str], timeout: float = 60.0, app_dir: str | None = None
+) -> str:
+    """Import the services in a fresh interpreter (``app_dir`` searched first, as ``--app-dir``); the error as one line, or "" when they import."""
+    spec = json.dumps({"config": config_path, "services": list(services), "app_dir": app_dir})
     try:
         done = subprocess.run(
             [sys.executable, "-c", _CHECK_COMMAND, spec],
@@ -117,6 +122,8 @@ class _Host:
         self.argv = argv
         self.drain_timeout = drain_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        #: the process :meth:`stop` is waiting for, so a second signal can reach it
+        self.stopping: subprocess.Popen[bytes] | None = None
         self.reported_exit = False
 
     def start(self) -> None:
@@ -134,12 +141,23 @@ class _Host:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        self.stopping = process
         try:
-            process.wait(self.drain_timeout + 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(self.drain_timeout + 15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        finally:
+            self.stopping = None
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the running or stopping host: its second one makes it exit at once (status 130)."""
+        process = self.process or self.stopping
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -153,7 +171,11 @@ def serve_with_reload(
     *,
     err: IO[str] | None = None,
 ) -> int:
-    """Run ``kservice serve`` in a child and replace it whenever watched code changes; returns 0 on SIGINT/SIGTERM."""
+    """Run ``kservice serve`` in a child and replace it whenever watched code changes.
+
+    Returns 0 once a SIGINT/SIGTERM has drained and stopped the host; a second signal stops the host at once
+    (calls in flight then fail as when a host dies) and returns 130.
+    """
     try:
         import watchfiles
     except ImportError as exc:
@@ -173,12 +195,20 @@ def serve_with_reload(
         print(f"reload: {message}", file=err, flush=True)
 
     stop = threading.Event()
+    interrupted = False
+    host = _Host(_child_argv(ctx), float(ctx.params.get("drain_timeout") or 30.0))
 
     def on_signal(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if stop.is_set():
+            # A second signal: as `kservice serve` without --reload, stop now, not after the drain. The host
+            # is in its own session (the terminal's signal never reaches it), so pass it on: with the SIGTERM
+            # that stop() sends, that is the host's second signal, and it exits at once.
+            interrupted = True
+            host.terminate()
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    host = _Host(_child_argv(ctx), float(ctx.params.get("drain_timeout") or 30.0))
     try:
         host.start()
         say(f"watching {', '.join(watched)} for changes (pid {os.getpid()})")
@@ -199,7 +229,7 @@ def serve_with_reload(
                 continue
             paths = sorted({os.path.relpath(path) for _, path in changes})
             say(f"{', '.join(paths[:3])}{' and more' if len(paths) > 3 else ''} changed; checking the new code")
-            error = check_importable(config_path, services)
+            error = check_importable(config_path, services, app_dir=ctx.params.get("app_dir"))
             if error:
                 keeping = "the old host keeps serving" if host.exited() is None else "no host is running"
                 say(f"not restarting, {keeping}: {error}")
@@ -211,4 +241,4 @@ def serve_with_reload(
         host.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 130 if interrupted else 0

@@ -10,6 +10,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 from kservice.testing import WaitTimeoutError, wait_for
 
@@ -198,3 +199,97 @@ def test_reload_restarts_on_change_and_keeps_the_old_host_on_a_syntax_error(tmp_
     wait_for(
         lambda: _call(name, "hello", env, tmp_path).startswith("error "), timeout=10, what="no host to serve the name"
     )
+
+
+@pytest.mark.timeout(120)
+def test_reload_with_app_dir_restarts_on_change(tmp_path: Path) -> None:
+    # The service's module is found only through --app-dir: not on PYTHONPATH, not in the working directory.
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    app, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    app.mkdir()
+    elsewhere.mkdir()
+    _module(app, "appdirsvc", _greeter("v1"))
+    env = cli_env()
+    host = Host(
+        "--app-dir", str(app), "--reload", "--reload-dir", str(app), f"{name}=appdirsvc:Greeter", cwd=elsewhere, env=env
+    )
+    try:
+        host.wait_line(host.err, "reload: watching")
+        host.wait_line(host.out, f"serving {name}")
+        assert _call(name, "hello", env, elsewhere) == '"v1"'
+
+        _module(app, "appdirsvc", _greeter("v2"))
+        host.wait_line(host.err, "checking the new code")
+        wait_for(
+            lambda: _call(name, "hello", env, elsewhere) == '"v2"' or any("not restarting" in e for e in host.err),
+            timeout=30,
+            what="the reloaded v2 to answer",
+            interval=0.3,
+        )
+        assert not [line for line in host.err if "not restarting" in line], host.err
+        assert _call(name, "hello", env, elsewhere) == '"v2"'
+    finally:
+        status = host.stop()
+    assert status == 0
+
+
+_SLEEPER = """import pathlib, time
+
+
+class Sleeper:
+    def hello(self):
+        return "hi"
+
+    def sleep(self, marker, seconds):
+        pathlib.Path(marker).write_text("started")
+        time.sleep(seconds)
+        return seconds
+"""
+
+
+@pytest.mark.timeout(120)
+def test_reload_second_signal_exits_at_once_with_status_130(tmp_path: Path) -> None:
+    # As without --reload: the first Ctrl-C drains, a second one stops the host at once (status 130).
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    _module(tmp_path, "sleepersvc", _SLEEPER)
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    host = Host(f"{name}=sleepersvc:Sleeper", "--reload", "--drain-timeout", "90", cwd=tmp_path, env=env)
+    caller = None
+    try:
+        host.wait_line(host.err, "reload: watching")
+        served = host.wait_line(host.out, f"serving {name}")
+        child = int(served.rsplit("(pid ", 1)[1].rstrip(")"))
+        marker = tmp_path / "started"
+        caller = subprocess.Popen(
+            [KSERVICE, "call", name, "sleep", f'["{marker}", 100]', "--timeout", "110"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        wait_for(marker.exists, timeout=30, what="the long call to start")
+
+        host.process.send_signal(signal.SIGINT)
+        # The host drains: it no longer takes calls, the long one still runs.
+        wait_for(
+            lambda: _call(name, "hello", env, tmp_path).startswith("error "),
+            timeout=30,
+            what="the host to stop taking calls",
+            interval=0.3,
+        )
+        assert caller.poll() is None
+        host.process.send_signal(signal.SIGINT)
+        try:
+            status = host.process.wait(30)  # the drain would take 90 s
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a second SIGINT did not stop kservice serve --reload; stderr {host.err}")
+        assert status == 130
+        wait_for(lambda: not psutil.pid_exists(child), timeout=10, what="the host process to exit")
+        _, error = caller.communicate(timeout=30)
+        assert "ServiceUnavailableError" in error and "may have run" in error, error
+    finally:
+        if caller is not None and caller.poll() is None:
+            caller.kill()
+            caller.wait()
+        host.stop()

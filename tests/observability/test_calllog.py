@@ -121,3 +121,41 @@ def test_a_failing_log_handler_does_not_fail_the_call(
             assert log_middleware.dropped == 2
     finally:
         logger.removeHandler(broken)
+
+
+class Counted:
+    """An argument element that counts how often its repr is taken."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        Counted.reprs += 1
+        return "<c>"
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_argument_costs_only_the_repr_kept(records: list[logging.LogRecord]) -> None:
+    # A 200-character record must not build the repr of a whole argument (seconds and gigabytes for a
+    # large one): builtin containers, str and bytes are walked only as far as the kept prefix needs.
+    config = {
+        **NO_HEALTH,
+        "call_log": {"enabled": True, "log_arguments": True, "max_argument_chars": 40, "side": "both"},
+    }
+    many = [Counted() for _ in range(20_000)]
+    nested = {"key": ("x" * 1_000_000, [b"\x00" * 1_000_000])}
+    with kservice.ServiceEnvironment("l", config) as env:
+        env.register_service("echo", Echo)
+        manager = env.manager()
+        Counted.reprs = 0
+        assert manager.call_service_sync("echo", "echo", (many,), kwargs={}, timeout=30) is not None
+        taken = Counted.reprs
+        manager.call_service_sync("echo", "echo", kwargs={"value": nested}, timeout=30)
+        assert manager.call_service_sync("echo", "echo", ([Counted(), 1],), timeout=30)  # and it keeps serving
+    assert taken <= 2 * 40, taken  # two sides, at most one repr per kept character (it was 2 x 20,000)
+    assert len(records) == 6
+    many_args = [r.call_args for r in records[:2]]  # type: ignore[attr-defined]
+    assert many_args == [[repr(many)[:37] + "..."]] * 2
+    nested_kwargs = [r.call_kwargs for r in records[2:4]]  # type: ignore[attr-defined]
+    assert nested_kwargs == [{"value": repr(nested)[:37] + "..."}] * 2
+    small = [r.call_args for r in records[4:]]  # type: ignore[attr-defined]
+    assert small == [["[<c>, 1]"]] * 2
