@@ -81,6 +81,9 @@ def _repr_prefix(value: Any, budget: int, outer: frozenset[int] = frozenset()) -
     so a huge argument costs what is kept, not its size (a cut string is the repr of its first
     characters, whose quotes may differ from the whole one's). Any other value is its own ``repr()``,
     whatever it costs. Raises what that ``repr()`` raises (``RecursionError`` for nesting too deep).
+
+    Not :mod:`reprlib`: it cuts by item count, not characters (the text kept would no longer be
+    how the repr begins), and it sorts a dict's or a set's keys whole before it cuts.
     """
     kind = type(value)
     if budget <= 0:
