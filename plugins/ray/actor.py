@@ -314,7 +314,9 @@ class _ReplicaHost:
         return {
             "idempotent": sorted(_idempotent_methods(task.service_factory.service_class, task.options)),
             "class": task.service_factory.class_path,
-            "max_concurrency": task.max_workers,
+            # Calls Ray runs at once in this actor (what its creator asked of Ray, service.ray.max_concurrency),
+            # which callers in other drivers keep in flight at most; the hosted task's own pool size may differ.
+            "max_concurrency": int((self._spawn["actor_options"] or {}).get("max_concurrency") or task.max_workers),
             **self._info(),
         }
 
