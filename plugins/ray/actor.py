@@ -78,8 +78,17 @@ class _ReplicaHost:
         middlewares: tuple[Any, ...],
         environment_name: str,
         actor_name: str,
+        actor_options: dict[str, Any] | None = None,
     ) -> None:
         self.actor_name = actor_name
+        #: what this replica was built from (see ``spawn_args``)
+        self._spawn: dict[str, Any] = {
+            "factory": factory,
+            "config": config_data,
+            "middlewares": middlewares,
+            "environment_name": environment_name,
+            "actor_options": actor_options,
+        }
         #: streams this replica serves, by request id (so a caller's cancel reaches them)
         self.streams: dict[str, StreamSink] = {}
         self.failure: ServiceResponse | None = None
@@ -305,9 +314,17 @@ class _ReplicaHost:
         return {
             "idempotent": sorted(_idempotent_methods(task.service_factory.service_class, task.options)),
             "class": task.service_factory.class_path,
-            "max_concurrency": task.max_workers,
+            # Calls Ray runs at once in this actor (what its creator asked of Ray, service.ray.max_concurrency),
+            # which callers in other drivers keep in flight at most; the hosted task's own pool size may differ.
+            "max_concurrency": int((self._spawn["actor_options"] or {}).get("max_concurrency") or task.max_workers),
             **self._info(),
         }
+
+    def spawn_args(self) -> dict[str, Any]:
+        """What this replica was built from: its service factory, config, middleware, environment name and the
+        Ray actor options it was created with (None when its creator did not say), so that a driver that attached
+        to the deployment (``RayServiceTask.attach``) adds replicas like it."""
+        return self._spawn
 
     def check_health(self) -> Any:
         """The service's own ``check_health()`` outcome (None when it defines none)."""

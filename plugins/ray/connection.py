@@ -25,6 +25,7 @@ from .common import (
     _CONTROL_GROUP,
     _REFUSED_KEY,
     ACTOR_PREFIX,
+    MAY_HAVE_RUN_KEY,
     RETRYABLE_KEY,
     _first_line,
     _ray,
@@ -197,7 +198,7 @@ class RayConnection(Connection):
         replica = replicas.pick_for_stream()
         if replica is None:
             return _RayStreamSource.failed(replicas.no_replica(request))
-        return _RayStreamSource(self._ray, replica, request, window, replicas.wire)
+        return _RayStreamSource(self._ray, replica, request, window, replicas.wire, replicas)
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         ray = self._ray
@@ -292,10 +293,18 @@ class _RayStreamSource(StreamSource):
     """The caller's end of one stream from a replica (see :meth:`RayConnection.open_stream`)."""
 
     def __init__(
-        self, ray: ModuleType | None, replica: _Replica | None, request: ServiceRequest, window: int, wire: int
+        self,
+        ray: ModuleType | None,
+        replica: _Replica | None,
+        request: ServiceRequest,
+        window: int,
+        wire: int,
+        replicas: _ReplicaSet | None = None,
     ) -> None:
         self._ray = ray
         self._replica = replica
+        #: told when the replica fails the stream (Ray says the actor is gone), so it leaves the rotation
+        self._replicas = replicas
         self._request = request
         self._failed: ServiceResponse | None = None
         self._generator: Any = None
@@ -334,6 +343,8 @@ class _RayStreamSource(StreamSource):
             ref = generator._next_sync(timeout_s=wait)
         except StopIteration:
             return [], self._broken("the replica's stream ended without its last record")
+        except Exception as exc:
+            return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}", exc)
         if ref.is_nil():
             return [], None
         try:
@@ -349,7 +360,7 @@ class _RayStreamSource(StreamSource):
                 self._request.request_id, error, origin="service", with_traceback=False
             )
         except Exception as exc:
-            return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}")
+            return [], self._broken(f"{type(exc).__name__}: {_first_line(exc)}", exc)
         if type(value) is _ItemBatch:
             return value.items(), None
         if type(value) is _StreamEnd:
@@ -357,9 +368,21 @@ class _RayStreamSource(StreamSource):
             return [], _claimed(self._request, value.response)
         return [value], None
 
-    def _broken(self, why: str) -> ServiceResponse:
+    def _broken(self, why: str, error: BaseException | None = None) -> ServiceResponse:
+        """The stream's end when the replica fails it; one Ray reports gone leaves the rotation as a call's would."""
         self._generator = None
         replica = self._replica
+        ray = self._ray
+        if (
+            error is not None
+            and replica is not None
+            and self._replicas is not None
+            and ray is not None
+            and isinstance(error, ray.exceptions.RayActorError)
+        ):
+            # Down (probed until it restarts) or dead for good: without this, a caller that only streams
+            # would keep choosing a dead replica, and every stream it got would fail.
+            self._replicas.mark_down(replica, error)
         where = f" (replica {replica.name})" if replica is not None else ""
         response = ServiceResponse.from_exception(
             self._request.request_id,
@@ -368,7 +391,7 @@ class _RayStreamSource(StreamSource):
             ),
             origin="runtime",
         )
-        response.metadata = {RETRYABLE_KEY: False}  # it may have run
+        response.metadata = {RETRYABLE_KEY: False, MAY_HAVE_RUN_KEY: True}  # it may have run
         return response
 
     def consumed(self, count: int) -> None:

@@ -79,6 +79,10 @@ class RayServiceTask(BaseServiceTask):
         self.replica_set: _ReplicaSet | None = None
         self._next_index = 0
         self._scale_lock = threading.Lock()
+        #: for a task attached to another driver's deployment: what its replicas were built from (read from a
+        #: replica when the first one is added; see ``_spawn_args``), else None
+        self._attached = False
+        self._spawn: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- starting
 
@@ -154,19 +158,34 @@ class RayServiceTask(BaseServiceTask):
         ray = _ray()
         replicas = self.replica_set
         assert replicas is not None
-        actor_class = _actor_class(self.service_factory.service_class)
-        # The validated Config itself, not its data: revalidating in the replica would reject values that
-        # only the caller's process knows (a balancer registered there, a plugin the replica lacks).
-        config_data = self.ctx.resolved_config()
-        middlewares = self._middlewares()
+        if self._attached:
+            # Another driver's deployment: new replicas are built as its replicas were (this task's own
+            # factory is a placeholder and its config may differ), never from this driver's settings.
+            spawn = self._spawn_args()
+            factory: ServiceFactory = spawn["factory"]
+            config_data: Any = spawn["config"]
+            middlewares: tuple[Any, ...] = spawn["middlewares"]
+            environment_name: str = spawn["environment_name"]
+            # None: a replica built without its options recorded; this driver's service.ray options stand in.
+            template: dict[str, Any] | None = spawn["actor_options"]
+        else:
+            factory = self.service_factory
+            # The validated Config itself, not its data: revalidating in the replica would reject values that
+            # only the caller's process knows (a balancer registered there, a plugin the replica lacks).
+            config_data = self.ctx.resolved_config()
+            middlewares = self._middlewares()
+            environment_name = self.ctx.environment_name
+            template = None
+        actor_class = _actor_class(factory.service_class)
         created: list[tuple[int, str, Any]] = []
         try:
             for _ in range(count):
                 index = self._next_index
                 self._next_index += 1
                 name = f"{ACTOR_PREFIX}{self.service_name}:{self.deployment}:{index}"
-                handle = actor_class.options(**self._actor_options(name)).remote(
-                    self.service_factory, config_data, middlewares, self.ctx.environment_name, name
+                options = self._actor_options(name) if template is None else {**template, "name": name}
+                handle = actor_class.options(**options).remote(
+                    factory, config_data, middlewares, environment_name, name, _without_name(options)
                 )
                 created.append((index, name, handle))
             readiness = [h.ready.options(concurrency_group=_CONTROL_GROUP).remote() for _, _, h in created]
@@ -204,6 +223,33 @@ class RayServiceTask(BaseServiceTask):
             raise
         for (index, name, handle), answer in zip(created, answers, strict=True):
             replicas.add(index, name, handle, answer.result)
+
+    def _spawn_args(self) -> dict[str, Any]:
+        """What the attached deployment's replicas were built from, asked of a live replica once.
+
+        Raises ServiceUnavailableError when no replica can tell (none live, an older kservice, or the service
+        class does not unpickle in this driver): adding replicas built otherwise would serve another class.
+        """
+        if self._spawn is not None:
+            return self._spawn
+        ray = _ray()
+        assert self.replica_set is not None
+        why = "no replica is live"
+        for replica in self.replica_set.live:
+            try:
+                spawn: dict[str, Any] = ray.get(
+                    replica.handle.spawn_args.options(concurrency_group=_CONTROL_GROUP).remote(), timeout=30
+                )
+            except Exception as exc:  # noqa: BLE001 - said in the error below if no replica can tell
+                why = f"{replica.name} could not tell ({type(exc).__name__}: {_first_line(exc)})"
+                continue
+            self._spawn = spawn
+            return spawn
+        raise ServiceUnavailableError(
+            f"cannot add replicas to ray service {self.service_name!r} (deployment {self.deployment}, attached): "
+            f"what its replicas were built from is unknown: {why}; scale it from the driver that started it, "
+            "or from one that can import the service class"
+        )
 
     def _middlewares(self) -> tuple[Any, ...]:
         """The environment's middleware as of now (added before this start), after the context's own."""
@@ -256,6 +302,8 @@ class RayServiceTask(BaseServiceTask):
             timeout=30,
         )
         task.replica_set.adopt_description(described)
+        task.max_workers = task.replica_set.capacity  # the deployment's, not this driver's config
+        task._attached = True
         task.adopt_running()
         return task
 
@@ -413,6 +461,11 @@ class RayServiceTask(BaseServiceTask):
             "replicas": self.replica_count,
         }
         return status
+
+
+def _without_name(options: dict[str, Any]) -> dict[str, Any]:
+    """Actor options as a template for more replicas of the deployment (each gets its own name)."""
+    return {key: value for key, value in options.items() if key != "name"}
 
 
 def _kill_and_wait(ray: ModuleType, actors: Sequence[tuple[str, Any]], namespace: str, timeout: float = 10.0) -> None:

@@ -199,3 +199,29 @@ def test_a_quick_generator_streams_several_items_per_ray_object_in_order_within_
         assert taken == [0, 1, 2]
         assert produced <= len(taken) + window + 1, produced
     wait_for(lambda: "held" in manager.call_service_sync("sreplica", "report"), timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_dead_for_good_leaves_the_rotation_of_streams_at_its_first_failure(ray_cluster: Any) -> None:
+    import ray
+
+    config = quiet_config({"streamers": {"class": "aio_ray_services:StreamReplica", "kind": "ray", "replicas": 2}})
+    config["service_call"] = {"max_retries": 0}
+    with ServiceEnvironment("ray-stream-dead", config) as environment, ServiceManager(environment) as manager:
+        task = environment.get_task("streamers")
+        assert list(manager.stream("streamers", "count", (3,))) == [0, 1, 2]
+        victim = task.replica_set.snapshot()[0]  # type: ignore[attr-defined]
+        ray.kill(victim.handle, no_restart=True)
+        failed: list[ServiceUnavailableError] = []
+        for _ in range(12):
+            # Only streams: no plain call tells the caller the replica died.
+            try:
+                assert list(manager.stream("streamers", "count", (3,), timeout=30)) == [0, 1, 2]
+            except ServiceUnavailableError as exc:
+                failed.append(exc)
+        # Before: the dead replica stayed in rotation and about half of every later stream failed.
+        assert len(failed) <= 1, failed
+        for exc in failed:
+            assert victim.name in str(exc) and exc.may_have_run is True
+        assert victim not in task.replica_set.live  # type: ignore[attr-defined]
+        assert manager.call_service_sync("streamers", "produced_by", ("",)) >= 0

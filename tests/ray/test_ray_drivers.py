@@ -157,3 +157,36 @@ print("INITIALIZED", ray.is_initialized())
     assert "ray start --head" in result.stdout
     assert "INITIALIZED False" in result.stdout
     assert time.monotonic() - started < 45
+
+
+@pytest.mark.timeout(120)
+def test_a_caller_in_another_driver_keeps_no_more_calls_in_a_replica_than_it_runs_at_once(tmp_path: Any) -> None:
+    from kservice import Config, ServiceFactory, TaskContext
+    from kservice.testing import wait_for
+    from ray_services import LedgerService, without_breaker
+
+    ledger = tmp_path / "ledger"
+    ledger.write_text("")
+    # Two calls at once in the replica (Ray's max_concurrency); the hosted task's own pool keeps its default (10).
+    config = Config.load({"services": {"narrow": {"ray": {"max_concurrency": 2}, **without_breaker()}}})
+    task = RayServiceTask(ServiceFactory("narrow", LedgerService, (str(ledger),)), TaskContext(config=config))
+    task.start_service()
+    try:
+        assert RayServiceTask.attach("narrow").max_workers == 2
+        # No environment holds the task here: the manager reaches it as a caller in another driver does.
+        with ServiceManager(config={"services": {"narrow": without_breaker()}}) as manager:
+            futures = [manager.call_service_async("narrow", "record", (f"t{i}", 3.0), timeout=60) for i in range(6)]
+            wait_for(lambda: len(ledger.read_text().split()) >= 2, timeout=30, what="two calls to start")
+            time.sleep(0.3)  # a third call sent to the replica would have started by now if it could
+            ray.kill(task.replica_set.snapshot()[0].handle, no_restart=False)  # type: ignore[union-attr]
+            may_have_run = []
+            for future in futures:
+                try:
+                    future.result(60)
+                except ServiceUnavailableError as exc:
+                    assert exc.may_have_run, exc  # a call refused unrun is re-sent once the replica is back
+                    may_have_run.append(exc)
+        # Only the two calls running in the replica were lost (before: all six had been sent to it and failed).
+        assert len(may_have_run) == 2, may_have_run
+    finally:
+        task.stop_service()

@@ -203,3 +203,31 @@ def test_a_task_built_directly_is_found_by_name_and_scale_reaches_remote_callers
     finally:
         task.stop_service()
     assert actors_of("direct") == []
+
+
+@pytest.mark.timeout(120)
+def test_an_attached_task_grows_the_deployment_with_replicas_built_like_its_own() -> None:
+    from kservice import Config, ServiceManager, TaskContext
+
+    config = Config.load({"services": {"grown": {"ray": {"max_concurrency": 3}}}})
+    task = RayServiceTask(ServiceFactory("grown", EchoService, ("g-",)), TaskContext(config=config), replicas=1)
+    task.start_service()
+    attached: RayServiceTask | None = None
+    try:
+        # This driver's config says nothing of the service: what the new replica is comes from the deployment.
+        attached = RayServiceTask.attach("grown")
+        attached.scale(2)
+        members = attached.replica_set.snapshot()  # type: ignore[union-attr]
+        assert len(members) == 2
+        described = ray.get(members[1].handle.describe.remote(), timeout=30)
+        assert described["class"].endswith("EchoService")
+        with ServiceManager(config={"service": {"ray": {"membership_refresh": 0.2}}}) as manager:
+            # Every call succeeds, the new replica's included (before: it hosted a bare object, no method).
+            answers = {manager.call_service_sync("grown", "echo", (i,)) for i in range(12)}
+            assert answers == {f"g-{i}" for i in range(12)}
+            actors = {manager.call_service_sync("grown", "where")["actor"] for _ in range(12)}
+            assert members[1].name in actors
+    finally:
+        (attached or task).stop_service()
+        task.stop_service()
+    assert actors_of("grown") == []
