@@ -107,7 +107,10 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
                 (float,), 120.0, "Seconds start_service and scale wait for replicas to be placed and built.", minimum=0
             ),
             "membership_refresh": Setting(
-                (float,), 5.0, "Seconds between re-reads of the replica list by callers in other drivers.", minimum=0
+                (float,),
+                5.0,
+                "Seconds between re-reads of the replica list by callers in other drivers.",
+                minimum=0.1,  # 0 read as "never" (the connection's rule for no refresh), not "always"
             ),
             "batch_max": Setting(
                 (int,),

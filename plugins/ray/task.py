@@ -310,7 +310,7 @@ class RayServiceTask(BaseServiceTask):
     # -------------------------------------------------------------- scaling
 
     def scale(self, replicas: int, timeout: float | None = None) -> None:
-        """Run ``replicas`` replicas from now on (at least 1).
+        """Run ``replicas`` replicas from now on (an int, at least 1: anything else raises before anything changes).
 
         Growing waits until the new replicas are ready (ServiceUnavailableError
         and no change if they fail). Shrinking fails no call: the
@@ -329,6 +329,10 @@ class RayServiceTask(BaseServiceTask):
         if timeout is not None:
             # Checked before anything changes. One longer than a wait can take drains without limit.
             timeout = stop_timeout(timeout)
+        if type(replicas) is bool or not isinstance(replicas, int):
+            raise TypeError(
+                f"scale takes a number of replicas, an int of at least 1, got {type(replicas).__name__} {replicas!r}"
+            )
         if replicas < 1:
             raise ValueError(f"a ray service needs at least 1 replica, got {replicas}")
         if not self.running or self.replica_set is None:

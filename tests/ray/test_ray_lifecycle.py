@@ -96,6 +96,9 @@ def test_unknown_balancer_is_a_config_error_listing_the_known_ones() -> None:
         env.register_service("b", ServiceFactory("b", EchoService), kind="ray", ray={"balancer": "nearest"})
     with pytest.raises(ConfigError, match="replicas"):
         env.register_service("c", ServiceFactory("c", EchoService), kind="ray", replicas=0)
+    # 0 would mean "never re-read" to the connection, not "always": refused, naming the key.
+    with pytest.raises(ConfigError, match="membership_refresh"):
+        env.register_service("d", ServiceFactory("d", EchoService), kind="ray", ray={"membership_refresh": 0})
     assert "round_robin" in balancer_names()
 
 

@@ -77,7 +77,7 @@ def test_calls_spread_over_replicas_and_scale_changes_reach_callers() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_scale_refuses_a_timeout_that_is_no_number_and_drains_without_limit_for_an_infinite_one() -> None:
+def test_scale_refuses_a_count_or_timeout_that_is_no_number_and_drains_without_limit_for_an_infinite_one() -> None:
     with ServiceEnvironment("ray-scale-timeout") as env:
         task = env.register_service("stretch", ServiceFactory("stretch", EchoService), kind="ray", replicas=3)
         assert isinstance(task, RayServiceTask)
@@ -86,6 +86,10 @@ def test_scale_refuses_a_timeout_that_is_no_number_and_drains_without_limit_for_
                 with pytest.raises((TypeError, ValueError), match="timeout"):
                     task.scale(1, timeout=bad)  # type: ignore[arg-type]
                 # Refused before anything changed: every replica is still in rotation.
+                assert task.replica_count == 3 and len(task.replica_set.snapshot()) == 3  # type: ignore[union-attr]
+            for count in ("2", None, 2.5, True):
+                with pytest.raises(TypeError, match="scale takes a number of replicas, an int of at least 1"):
+                    task.scale(count)  # type: ignore[arg-type]
                 assert task.replica_count == 3 and len(task.replica_set.snapshot()) == 3  # type: ignore[union-attr]
             assert len({manager.call_service_sync("stretch", "where")["actor"] for _ in range(9)}) >= 2
             task.scale(2, timeout=float("inf"))
