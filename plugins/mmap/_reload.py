@@ -173,8 +173,8 @@ def serve_with_reload(
 ) -> int:
     """Run ``kservice serve`` in a child and replace it whenever watched code changes.
 
-    Returns 0 once a SIGINT/SIGTERM has drained and stopped the host; a second signal stops the host at once
-    (calls in flight then fail as when a host dies) and returns 130.
+    Returns 0 once a SIGINT/SIGTERM/SIGHUP has drained and stopped the host; a second SIGINT or SIGTERM stops
+    the host at once (calls in flight then fail as when a host dies) and returns 130.
     """
     try:
         import watchfiles
@@ -192,7 +192,8 @@ def serve_with_reload(
         return path == config_file or python_files(change, path)
 
     def say(message: str) -> None:
-        print(f"reload: {message}", file=err, flush=True)
+        with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): the host must still be stopped
+            print(f"reload: {message}", file=err, flush=True)
 
     stop = threading.Event()
     interrupted = False
@@ -200,7 +201,7 @@ def serve_with_reload(
 
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal interrupted
-        if stop.is_set():
+        if stop.is_set() and signum != signal.SIGHUP:  # a second hangup still lets the host drain
             # A second signal: as `kservice serve` without --reload, stop now, not after the drain. The host
             # is in its own session (the terminal's signal never reaches it), so pass it on: with the SIGTERM
             # that stop() sends, that is the host's second signal, and it exits at once.
@@ -208,7 +209,8 @@ def serve_with_reload(
             host.terminate()
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too (the terminal closed): it would end the supervisor at once, and the host with it.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         host.start()
         say(f"watching {', '.join(watched)} for changes (pid {os.getpid()})")

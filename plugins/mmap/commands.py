@@ -85,8 +85,10 @@ def serve_command(
     packages, or in --app-dir. With no SERVICE, every configured service is
     hosted, each as one instance in this process: a service declared with
     another kind or replicas > 1 is refused (or, with --host-locally, hosted as
-    one local instance with a note saying so). Stop with Ctrl-C or SIGTERM
-    (calls in flight finish first).
+    one local instance with a note saying so). Stop with Ctrl-C, SIGTERM or
+    SIGHUP (the terminal or ssh session closed): calls in flight finish first,
+    then the queues and registry records are removed. A second Ctrl-C or
+    SIGTERM stops at once; a second SIGHUP does not.
 
     With --reload the host runs in a child process that is replaced when a
     .py file under the watched directories (or the config file) changes: the

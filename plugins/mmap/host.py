@@ -4,8 +4,9 @@
 process, each a LocalServiceTask listening on ``inproc`` and ``mmap`` and
 published by name in the per-user registry, and prints one line per service
 when it is ready (``serving kv on mmap queue svc.kv.1234.ab12cd (pid 1234)``).
-SIGTERM or SIGINT stops accepting calls, lets those in flight finish, unlinks
-the queues and exits 0; a second SIGINT/SIGTERM exits at once (status 130).
+SIGTERM, SIGINT or SIGHUP stops accepting calls, lets those in flight finish,
+unlinks the queues and exits 0; a second SIGINT/SIGTERM exits at once (status
+130), a second SIGHUP changes nothing.
 
 The ``process`` task kind starts a fresh ``python`` running :func:`main` (a
 fresh interpreter, never a fork) hosting one service; the task's start returns
@@ -182,7 +183,7 @@ def serve(
     metrics_host: str = "127.0.0.1",
     host_locally: bool = False,
 ) -> int:
-    """Host services until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status.
+    """Host services until SIGTERM/SIGINT/SIGHUP (or ``stop`` is set); returns the exit status.
 
     Prints one ``serving NAME on mmap queue Q (pid P)`` line per service once
     all are ready, and ``stopped serving NAME, ... (pid P)`` once they have
@@ -226,7 +227,9 @@ def serve(
         if exposition is not None:
             exposition.shutdown()
             exposition.server_close()
-    print(f"stopped serving {names} (pid {os.getpid()})", file=out, flush=True)
+    # The terminal may be gone (a hangup stopped us): every write to it fails, and the drain already succeeded.
+    with contextlib.suppress(OSError):
+        print(f"stopped serving {names} (pid {os.getpid()})", file=out, flush=True)
     return 0
 
 
@@ -265,6 +268,10 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
 
     def on_signal(signum: int, frame: Any) -> None:
         if stop.is_set():
+            if signum == signal.SIGHUP:
+                # A hangup is never "stop now": one terminal closing can deliver two (the shell passes its
+                # own on, the kernel sends another once the shell exits), and the drain must still finish.
+                return
             # Second signal: leave now, removing at least the request queues.
             for task in environment:
                 for listener in task.listeners:
@@ -275,7 +282,9 @@ def _install_signal_handlers(stop: threading.Event, environment: ServiceEnvironm
             os._exit(130)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP (the terminal or ssh session closed) drains as SIGTERM does: its default would end the
+    # process at once, failing the calls in flight and leaving the queues and the registry record behind.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
     def restore() -> None:
         for sig, handler in previous.items():
