@@ -2,9 +2,10 @@
 
 The supervisor imports no service code. It runs ``kservice serve`` with the
 same arguments (less the reload options) in a child process and watches
-directories with watchfiles. On a change to a ``.py`` file (or the config
-file) it first imports the services in a fresh interpreter; if that fails the
-error is printed and the old host keeps serving. Otherwise the old host is
+directories with watchfiles. As without ``--reload``, the child (and the check
+below) searches the working directory only when ``--app-dir`` names it. On a
+change to a ``.py`` file (or the config file) it first imports the services in
+a fresh interpreter; if that fails the error is printed and the old host keeps serving. Otherwise the old host is
 stopped with SIGTERM (it stops accepting calls, lets those in flight finish
 within ``--drain-timeout``) and a new one is started. The host's names are
 free again only once the old host has stopped, so the two never serve at once.
@@ -31,6 +32,10 @@ import click
 
 __all__ = ["check_importable", "serve_with_reload"]
 
+# Both run as `python -P -c`: plain `-c` would put the working directory first on sys.path, so the host
+# (and the check) would import a service module, or a json.py, from it, which `kservice serve` never does
+# unless told to with --app-dir.
+_SAFE_PATH = "-P"
 _SERVE_COMMAND = "import sys; from kservice.cli import main; main()"
 _CHECK_COMMAND = "import sys; from kservice.plugins.mmap._reload import check_main; sys.exit(check_main(sys.argv[1]))"
 _PR_SET_PDEATHSIG = 1
@@ -95,7 +100,7 @@ def check_importable(
     spec = json.dumps({"config": config_path, "services": list(services), "app_dir": app_dir})
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _CHECK_COMMAND, spec],
+            [sys.executable, _SAFE_PATH, "-c", _CHECK_COMMAND, spec],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -128,7 +133,7 @@ class _Host:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _SERVE_COMMAND, *self.argv],
+            [sys.executable, _SAFE_PATH, "-c", _SERVE_COMMAND, *self.argv],
             stdin=subprocess.DEVNULL,
             # Its own session: a terminal's Ctrl-C reaches only the supervisor, which stops the host once
             # (a second signal would make the host exit without draining).
