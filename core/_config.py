@@ -888,7 +888,7 @@ def check_config(
     raw, origin = _read_source(source, problems)
     data, schema, disable, require = Config._validate(raw, origin, problems)
     config = Config(data, schema, origin)
-    from ._plugins import get_plugin_manager, not_loaded_reason
+    from ._plugins import get_plugin_manager, installed_plugin_names, not_loaded_reason
 
     pm = get_plugin_manager()
     for name in require:
@@ -898,11 +898,31 @@ def check_config(
         if why is not None:
             problems.append(f"plugins.require: plugin {name!r} {why}")
     notes: list[str] = []
+    _check_disabled_names(disable, installed_plugin_names(pm), problems, notes)
     for name in config.service_names():
         entry = config.service_entry(name) or {}
         if entry.get("enabled", True):
             _check_service(name, entry, problems, notes, import_modules)
     return config, problems, notes
+
+
+def _check_disabled_names(disable: list[str], installed: list[str], problems: list[str], notes: list[str]) -> None:
+    """A ``plugins.disable`` name no plugin is installed under disables nothing: say so.
+
+    A name close to an installed plugin's is taken for a misspelling (a problem: the plugin meant stays
+    enabled); any other is a note, as it may name a plugin installed where the file is also used.
+    """
+    for index, name in enumerate(disable):
+        if name in installed:
+            continue
+        close = _closest(name, installed)
+        if close:
+            problems.append(
+                f"plugins.disable[{index}]: no plugin {name!r} is installed; did you mean {close!r}? "
+                "(as written it disables nothing)"
+            )
+        else:
+            notes.append(f"plugins.disable[{index}]: no plugin {name!r} is installed here, so this disables nothing")
 
 
 def _check_service(

@@ -288,6 +288,12 @@ def _installed_plugin_names() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
 
 
+def installed_plugin_names(pm: KservicePluginManager | None = None) -> list[str]:
+    """Every plugin name this process could load: the entry points of the group and the plugins registered now."""
+    pm = pm or get_plugin_manager()
+    return sorted({*_installed_plugin_names(), *(n for n, p in pm.list_name_plugin() if p is not None)})
+
+
 def not_loaded_reason(pm: KservicePluginManager, name: str) -> str | None:
     """Why plugin ``name`` is not loaded, or None when it is."""
     if name in pm.disabled:
@@ -296,7 +302,7 @@ def not_loaded_reason(pm: KservicePluginManager, name: str) -> str | None:
         return f"failed to load: {pm.failures[name]}"
     if pm.has_plugin(name) and pm.get_plugin(name) is not None:
         return None
-    installed = sorted({*_installed_plugin_names(), *(n for n, p in pm.list_name_plugin() if p is not None)})
+    installed = installed_plugin_names(pm)
     from difflib import get_close_matches  # only on this error path: a caller's start does not pay for it
 
     close = get_close_matches(name, installed, n=1)
@@ -553,18 +559,25 @@ def schema_of(names: set[str]) -> tuple[Schema, set[str]]:
     """(the config keys the named plugins declare, the names whose keys cannot be known).
 
     Keys are known for plugins that are registered, or were registered when a
-    configuration disabled them; not for plugins blocked before they were imported.
+    configuration disabled them; not for installed plugins blocked before they
+    were imported. A name no plugin is installed under declares no keys.
     """
     pm = get_plugin_manager()
     schema: Schema = {}
     unknowable: set[str] = set()
     wanted = set(names)
+    entry_point_names: set[str] | None = None
     for name in names:
         if name in pm.disabled_schemas:
             merge_schema(schema, "", copy.deepcopy(pm.disabled_schemas[name]))
             wanted.discard(name)
         elif pm.get_plugin(name) is None:
-            unknowable.add(name)
+            if entry_point_names is None:
+                entry_point_names = set(_installed_plugin_names())
+            # Only an installed plugin may own keys: a misspelled name must not make every unknown key
+            # a mere warning.
+            if name in entry_point_names:
+                unknowable.add(name)
             wanted.discard(name)
     if wanted:
         for plugin_name, (path, addition) in _collect_registrations("kservice_config_schema"):

@@ -51,7 +51,9 @@ def config_check_command(path: str | None, config_path: str | None, import_modul
     Checks the schema of the core and every installed plugin, task kinds and
     transports against the registered ones, class paths (the module is found
     and its source read, without running it; --import imports it instead),
-    service entry points and plugins.require. Prints 'ok' and the services it
+    service entry points, plugins.require, and plugins.disable (a name close
+    to an installed plugin's is an error; a name of no installed plugin, a
+    note). Prints 'ok' and the services it
     declares; otherwise one line per problem, each naming its key path and the
     closest valid key or name, and exit status 1. With neither PATH nor -c, the
     file named by KSERVICE_CONFIG is checked.
@@ -238,8 +240,11 @@ def config_reference(builtin_only: bool = False) -> str:
         "`plugins` section). `kservice config check FILE` reports every problem in the file at once, one",
         "line each with its key path and the closest valid key: unknown keys and wrong types, unknown task",
         "kinds and transports, class paths whose module or class does not exist (found and read without",
-        "running the module; `--import` imports it), service entry points that are not installed, and",
-        "required plugins that are not loaded.",
+        "running the module; `--import` imports it), service entry points that are not installed,",
+        "required plugins that are not loaded, and `plugins.disable` names no installed plugin has (an",
+        "error when the name is close to an installed plugin's, as `metrcs` to `metrics`: the plugin meant",
+        "stays enabled; otherwise a note, since it may name a plugin installed where the file is also used).",
+        "A name no installed plugin has owns no config keys, so it never lets an unknown key pass.",
         "",
         "A config file is read only if it is a regular file of at most 1 MiB of UTF-8 YAML, nested at",
         "most 64 levels deep, with no integer longer than 30 digits and no key given twice in one",

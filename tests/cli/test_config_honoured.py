@@ -124,6 +124,31 @@ def test_config_check_reads_class_paths_without_running_them_and_imports_with_a_
     assert imported.stderr == ""
 
 
+@pytest.mark.timeout(60)
+def test_config_check_names_a_misspelled_plugin_under_disable(tmp_path: Path) -> None:
+    # Before, each was "ok": the metrics plugin stayed enabled, and the unknown name let 'bogus' pass as a key
+    # that plugin might own.
+    misspelled = _yaml(tmp_path / "typo.yaml", "plugins:\n  disable: [tracing, metrcs]\nbogus: 1\n")
+    absent = _yaml(tmp_path / "absent.yaml", "plugins:\n  disable: [acme_audit]\n")
+    real = _yaml(tmp_path / "real.yaml", "plugins:\n  disable: [metrics]\n")
+    typo, elsewhere, good = run_many([["config", "check", str(c)] for c in (misspelled, absent, real)])
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr, typo
+    assert len(typo.stderr_lines) == 2, typo.stderr
+    assert typo.stderr_lines[0].startswith("error: unknown config key 'bogus'")
+    assert typo.stderr_lines[1] == (
+        "error: plugins.disable[1]: no plugin 'metrcs' is installed; did you mean 'metrics'? "
+        "(as written it disables nothing)"
+    )
+    assert typo.stdout == ""
+    # A name like no installed plugin's may be one installed elsewhere: a note, not an error.
+    assert elsewhere.returncode == 0, elsewhere
+    assert elsewhere.stdout.startswith("ok: ")
+    assert elsewhere.stderr_lines == [
+        "note: plugins.disable[0]: no plugin 'acme_audit' is installed here, so this disables nothing"
+    ], elsewhere.stderr
+    assert good.returncode == 0 and good.stderr == "" and good.stdout.startswith("ok: "), good
+
+
 # --------------------------------------------------------------------------- 3. kservice serve -c
 
 
