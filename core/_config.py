@@ -928,7 +928,14 @@ def _check_disabled_names(disable: list[str], installed: list[str], problems: li
 def _check_service(
     name: str, entry: dict[str, Any], problems: list[str], notes: list[str], import_modules: bool
 ) -> None:
-    from ._plugins import registered_services, service_entry_points, task_kinds, transports
+    from ._plugins import (
+        describe_service_entry_point_clash,
+        registered_services,
+        service_entry_point_clashes,
+        service_entry_points,
+        task_kinds,
+        transports,
+    )
 
     prefix = f"services.{name}"
     kinds = sorted(task_kinds())
@@ -959,6 +966,11 @@ def _check_service(
         problems.append(
             f"{where}: no installed service named {wanted!r} (entry-point group 'kservice.services'){_did_you_mean(wanted, installed)} "
             f"(installed: {', '.join(installed) or 'none'}); give 'class: package.module:Class' instead"
+        )
+    clash = service_entry_point_clashes().get(wanted)
+    if clash is not None:
+        problems.append(
+            f"{f'{prefix}.entry_point' if key else prefix}: {describe_service_entry_point_clash(wanted, clash)}"
         )
 
 

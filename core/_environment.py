@@ -72,18 +72,33 @@ class ServiceEnvironment:
     @staticmethod
     def available_services() -> dict[str, str]:
         """Services advertised by installed distributions (``kservice.services``) and plugins: name -> class path."""
-        from ._plugins import registered_services, service_entry_points
+        from ._plugins import registered_services, service_entry_point_clashes, service_entry_points
 
         found = {name: ep.value for name, ep in service_entry_points().items()}
+        for name, eps in service_entry_point_clashes().items():
+            found[name] = "ambiguous: " + " or ".join(ep.value for ep in eps)
         for name, cls in registered_services().items():
             found.setdefault(name, f"{cls.__module__}:{cls.__qualname__}")
         return dict(sorted(found.items()))
 
     @staticmethod
     def load_entry_point_service(name: str) -> type:
-        """The class a distribution advertises as service ``name``; ConfigError if none does."""
-        from ._plugins import registered_services, service_entry_points
+        """The class a distribution advertises as service ``name``.
 
+        ConfigError if none does, if it fails to import or is not a class, and
+        if several distributions advertise ``name`` with different classes
+        (naming each: which one the user meant cannot be guessed).
+        """
+        from ._plugins import (
+            describe_service_entry_point_clash,
+            registered_services,
+            service_entry_point_clashes,
+            service_entry_points,
+        )
+
+        clash = service_entry_point_clashes().get(name)
+        if clash is not None:
+            raise ConfigError(describe_service_entry_point_clash(name, clash))
         eps = service_entry_points()
         if name in eps:
             try:

@@ -621,5 +621,36 @@ def on_plugins_changed(callback: Callable[[], None]) -> None:
 
 
 def service_entry_points() -> dict[str, EntryPointRef]:
-    """Services advertised under the ``kservice.services`` entry-point group, by name."""
-    return {ep.name: ep for ep in entry_points(group=SERVICE_GROUP)}
+    """Services advertised under the ``kservice.services`` entry-point group, by name.
+
+    A name several distributions advertise maps to the first on ``sys.path``
+    (as ``importlib.metadata.entry_points(...)[name]`` does); see
+    :func:`service_entry_point_clashes` for the names that are ambiguous.
+    """
+    found: dict[str, EntryPointRef] = {}
+    for ep in entry_points(group=SERVICE_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def service_entry_point_clashes() -> dict[str, list[EntryPointRef]]:
+    """Service names advertised by more than one installed distribution with different targets, each with them all.
+
+    The same target declared twice is no clash: either would host the same class.
+    """
+    by_name: dict[str, list[EntryPointRef]] = {}
+    for ep in entry_points(group=SERVICE_GROUP):
+        by_name.setdefault(ep.name, []).append(ep)
+    return {name: eps for name, eps in by_name.items() if len({ep.value for ep in eps}) > 1}
+
+
+def describe_service_entry_point_clash(name: str, eps: list[EntryPointRef]) -> str:
+    """Why service ``name`` cannot be loaded by name, and what to do instead (the text of the ConfigError)."""
+    origins = ", ".join(
+        f"{ep.dist.name} {ep.dist.version} ({ep.value})" if ep.dist is not None else f"({ep.value})" for ep in eps
+    )
+    return (
+        f"service entry point {name!r} is advertised by {len(eps)} installed distributions: {origins}; "
+        f"kservice does not guess which class to host: uninstall all but one, or name the class "
+        f"(kservice serve {name}={eps[0].value}, or 'class: {eps[0].value}' under services.{name} in the config)"
+    )

@@ -118,6 +118,45 @@ def test_services_from_entry_points_are_listed_and_registered_by_name(tmp_path: 
     assert "no installed service named 'nope'" in lines[2] and "greeter" in lines[2]
 
 
+def test_a_service_name_two_distributions_advertise_is_refused_naming_both(tmp_path: Path) -> None:
+    # Two installed distributions both advertise 'kv'. Was: the one read last silently won (the opposite of
+    # Python's first-on-sys.path rule, and within one directory an accident of its listing order).
+    for dist, module in (("acme_alpha", "alpha_kv"), ("acme_beta", "beta_kv")):
+        site = make_distribution(
+            tmp_path,
+            dist,
+            {"kservice.services": {"kv": f"{module}:KV", f"only_{module}": f"{module}:KV"}},
+            {module: f"class KV:\n    def who(self):\n        return {module!r}\n"},
+        )
+    result = run_python(
+        """
+        import kservice
+        from kservice._config import check_config
+        listed = kservice.ServiceEnvironment.available_services()
+        print("listed:", listed["kv"])
+        print("check:", check_config({"services": {"kv": {}, "only_alpha_kv": {}}})[1])
+        for name in ("kv", "only_beta_kv"):
+            try:
+                env = kservice.ServiceEnvironment("e", {"services": {name: {}}})
+                with env, kservice.ServiceManager(env) as m:
+                    print(name + ":", m.call_service_sync(name, "who"))
+            except kservice.ConfigError as e:
+                print(name + ": ConfigError", e)
+        """,
+        site=site,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    refused = lines["kv"]
+    assert "ConfigError" in refused and "2 installed distributions" in refused, refused
+    assert "acme_alpha 1.0 (alpha_kv:KV)" in refused and "acme_beta 1.0 (beta_kv:KV)" in refused
+    assert "kservice serve kv=alpha_kv:KV" in refused or "kservice serve kv=beta_kv:KV" in refused  # name the class
+    assert "alpha_kv:KV" in lines["listed"] and "beta_kv:KV" in lines["listed"] and "ambiguous" in lines["listed"]
+    assert "services.kv: service entry point 'kv' is advertised by 2" in lines["check"]  # config check says so too
+    assert "only_alpha_kv" not in lines["check"]
+    assert lines["only_beta_kv"].strip() == "beta_kv"  # every other installed service still loads
+
+
 def test_options_given_at_registration_reach_the_managers() -> None:
     from kservice import ServiceTimeoutError
 
