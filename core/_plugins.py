@@ -221,6 +221,24 @@ def _load_entry_point(pm: KservicePluginManager, ep: EntryPointRef) -> None:
     pm.origins[ep.name] = origin
 
 
+def _report_plugin_name_clash(name: str, eps: list[EntryPointRef]) -> None:
+    """Warn (PluginError in strict mode) that several distributions declare plugin ``name``; the first loads.
+
+    Without it the others were skipped without a word: a plugin that never
+    ran, or a built-in one (``metrics``) replaced by another of the same name.
+    """
+    origins = ", ".join(
+        f"{ep.dist.name} {ep.dist.version} ({ep.value})" if ep.dist is not None else f"({ep.value})" for ep in eps
+    )
+    message = (
+        f"kservice plugin name {name!r} is declared by {len(eps)} installed distributions: {origins}; "
+        f"only the first on sys.path is loaded ({eps[0].value}): rename one entry point or uninstall one"
+    )
+    if _strict():
+        raise PluginError(message)
+    warnings.warn(message + f" (set {STRICT_ENV_VAR}=1 to make this an error)", RuntimeWarning, stacklevel=4)
+
+
 def get_plugin_manager() -> KservicePluginManager:
     """The process-wide plugin manager, with every enabled entry-point plugin loaded.
 
@@ -240,8 +258,15 @@ def get_plugin_manager() -> KservicePluginManager:
                 if not pm.is_blocked(name):
                     pm.set_blocked(name)
                     pm.disabled[name] = why
-            for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
-                _load_entry_point(pm, ep)
+            declared: dict[str, list[EntryPointRef]] = {}
+            for ep in entry_points(group=PLUGIN_GROUP):
+                declared.setdefault(ep.name, []).append(ep)
+            for name in sorted(declared):
+                eps = declared[name]
+                if len({ep.value for ep in eps}) > 1 and not pm.is_blocked(name):
+                    _report_plugin_name_clash(name, eps)
+                # Only the first on sys.path loads (as a module earlier on sys.path shadows a later one).
+                _load_entry_point(pm, eps[0])
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError as exc:

@@ -116,6 +116,52 @@ def test_a_plugin_hook_that_raises_is_a_plugin_error_naming_the_plugin_and_the_h
     assert "cause: ConnectionError" in lines["elsewhere"]
 
 
+def _audit(tag: str) -> str:
+    return f"""
+import kservice
+
+class Tag(kservice.ServiceMiddleware):
+    def after_call(self, response, request):
+        if response.success:
+            response.result = ({tag!r}, response.result)
+
+@kservice.hookimpl
+def kservice_middleware(service_name, options):
+    return Tag()
+"""
+
+
+def _clashing_site(tmp_path: Path) -> Path:
+    """Two distributions declaring plugin 'audit', and one declaring a plugin named like the built-in 'metrics'."""
+    make_distribution(tmp_path, "acme_one", {"kservice": {"audit": "one_audit"}}, {"one_audit": _audit("one")})
+    make_distribution(tmp_path, "acme_two", {"kservice": {"audit": "two_audit"}}, {"two_audit": _audit("two")})
+    return make_distribution(
+        tmp_path, "acme_three", {"kservice": {"metrics": "three_metrics"}}, {"three_metrics": _audit("three")}
+    )
+
+
+def test_a_plugin_name_two_distributions_declare_is_a_warning_naming_both_and_one_loads(tmp_path: Path) -> None:
+    # Was: the second 'audit' was skipped without a word, and an installed plugin named 'metrics' ahead of
+    # kservice on sys.path silently replaced the built-in metrics.
+    site = _clashing_site(tmp_path)
+    result = run_python(CALL, site=site)
+    assert result.returncode == 0, result.stderr
+    err = " ".join(result.stderr.split())
+    assert "kservice plugin name 'audit' is declared by 2 installed distributions" in err, err
+    assert "acme_one 1.0 (one_audit)" in err and "acme_two 1.0 (two_audit)" in err
+    assert "kservice plugin name 'metrics' is declared by 2 installed distributions" in err
+    assert "acme_three 1.0 (three_metrics)" in err and "(kservice.middleware.metrics)" in err
+    # Exactly one 'audit' runs (the first on sys.path), and the service keeps serving.
+    out = result.stdout.strip()
+    assert out.count("'one'") + out.count("'two'") == 1, out
+
+
+def test_strict_mode_refuses_a_plugin_name_two_distributions_declare(tmp_path: Path) -> None:
+    result = run_python(CALL, site=_clashing_site(tmp_path), env={"KSERVICE_STRICT_PLUGINS": "1"})
+    assert result.returncode != 0
+    assert "PluginError" in result.stderr and "plugin name 'audit' is declared by 2" in result.stderr
+
+
 def test_disabled_plugins_are_not_loaded(tmp_path: Path) -> None:
     result = run_python(CALL, site=_site(tmp_path), env={"KSERVICE_DISABLE_PLUGINS": "acme_good, acme_broken"})
     assert result.returncode == 0, result.stderr
