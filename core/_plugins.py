@@ -477,14 +477,63 @@ def _warn_hook_failed(who: str, hook_name: str, exc: BaseException, outcome: str
     )
 
 
+def _describe_value(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _registration_problem(hook_name: str, args: tuple[Any, ...]) -> str | None:
+    """What is wrong with ``register(*args)`` in ``hook_name`` (None when nothing is).
+
+    Checked when the plugin calls ``register``, so that its hook raises where
+    the mistake is and only that plugin's contributions are skipped: a wrong
+    registration kept until later broke every lookup of its kind for every
+    plugin (an IndexError listing services), or was hosted as a service.
+    """
+    if hook_name == "kservice_register_services":
+        usage = "register(name, service_class)"
+        if len(args) != 2 or not isinstance(args[0], str) or not args[0]:
+            return f"{usage} takes a non-empty service name and a class, got {len(args)} argument(s)"
+        if not isinstance(args[1], type):
+            return f"{usage}: service {args[0]!r} must be a class, not {_describe_value(args[1])}"
+    elif hook_name == "kservice_register_task_kinds":
+        usage = "register(kind, make_task)"
+        if len(args) != 2 or not isinstance(args[0], str) or not args[0]:
+            return f"{usage} takes a non-empty kind name and a callable, got {len(args)} argument(s)"
+        if not callable(args[1]):
+            return f"{usage}: make_task of kind {args[0]!r} must be callable, not {_describe_value(args[1])}"
+    elif hook_name == "kservice_register_transports":
+        from ._transport import Transport
+
+        usage = "register(transport)"
+        if len(args) != 1 or not isinstance(args[0], Transport):
+            got = _describe_value(args[0]) if len(args) == 1 else f"{len(args)} arguments"
+            return f"{usage} takes one kservice.Transport instance, got {got}"
+        if not isinstance(args[0].name, str) or not args[0].name:
+            return f"{usage}: the transport's name must be a non-empty str, not {_describe_value(args[0].name)}"
+    elif hook_name == "kservice_config_schema":
+        usage = "register(section_path, {key: Setting})"
+        if len(args) != 2 or not isinstance(args[0], str) or not isinstance(args[1], dict):
+            return f"{usage} takes a section path (str) and a dict of settings, got {len(args)} argument(s)"
+    return None
+
+
 def _collect_registrations(hook_name: str) -> list[tuple[str, tuple[Any, ...]]]:
-    """Call a register-callback hook; returns (plugin name, registered args) in call order."""
+    """Call a register-callback hook; returns (plugin name, registered args) in call order.
+
+    A ``register`` call with the wrong arguments raises TypeError in the
+    plugin's hook: a warning naming the plugin (PluginError in strict mode),
+    and that plugin's contributions to the hook are skipped.
+    """
     pm = get_plugin_manager()
     collected: list[tuple[str, tuple[Any, ...]]] = []
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
         registered: list[tuple[str, tuple[Any, ...]]] = []
 
         def register(*args: Any, _plugin: str = impl.plugin_name, _into: list[Any] = registered) -> None:
+            problem = _registration_problem(hook_name, args)
+            if problem is not None:
+                raise TypeError(problem)
             _into.append((_plugin, args))
 
         # Called per implementation (not through pm.hook) to know which plugin registered what.

@@ -66,6 +66,8 @@ def kservice_register_transports(register: Callable[[Transport], None]) -> None:
     (``inproc``, ``mmap``, ``ray``). Registering two transports with one name
     is a PluginError naming both plugins.
 
+    ``register(transport)`` with anything but one Transport instance raises TypeError in the hook, naming what was wrong.
+
     If it raises: a warning naming the plugin; its transports are skipped.
     """
 
@@ -80,6 +82,8 @@ def kservice_register_task_kinds(
     environment picks the kind from the service's ``kind`` option
     (``local``, ``process``, ``ray``, ...).
 
+    ``register(kind, make_task)`` without a kind name and a callable raises TypeError in the hook, naming what was wrong.
+
     If it raises: a warning naming the plugin; its task kinds are skipped.
     """
 
@@ -92,6 +96,8 @@ def kservice_register_services(register: Callable[[str, type], None]) -> None:
     distribution to advertise services; this hook is for plugins that compute
     them.
 
+    ``register(name, service_class)`` without a name and a class raises TypeError in the hook, naming what was wrong.
+
     If it raises: a warning naming the plugin; its services are skipped.
     """
 
@@ -103,6 +109,8 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
     Keys join validation, ``kservice config show`` and the configuration
     reference. A section at the top level (not ``service`` or ``services``)
     can also be overridden per service under ``services.<name>.<section>``.
+
+    ``register`` without a section path (str) and a dict raises TypeError in the hook.
 
     If it raises: a warning naming the plugin; its keys are skipped (a config
     that uses them is then refused as having unknown keys).

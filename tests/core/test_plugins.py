@@ -162,6 +162,90 @@ def test_strict_mode_refuses_a_plugin_name_two_distributions_declare(tmp_path: P
     assert "PluginError" in result.stderr and "plugin name 'audit' is declared by 2" in result.stderr
 
 
+BAD_REGISTRATIONS = {
+    "acme_good_services": """
+import kservice
+
+class Good:
+    def hi(self):
+        return "hi"
+
+@kservice.hookimpl
+def kservice_register_services(register):
+    register("good", Good)
+""",
+    "acme_no_class": """
+import kservice
+
+@kservice.hookimpl
+def kservice_register_services(register):
+    register("noclass")
+""",
+    "acme_not_a_class": """
+import kservice
+
+@kservice.hookimpl
+def kservice_register_services(register):
+    register("notaclass", 42)
+""",
+    "acme_bad_transport": """
+import kservice
+
+@kservice.hookimpl
+def kservice_register_transports(register):
+    register("fast")
+""",
+    "acme_bad_kind": """
+import kservice
+
+@kservice.hookimpl
+def kservice_register_task_kinds(register):
+    register("gpu")
+""",
+}
+
+BAD_REGISTRATION_CALLS = """
+import warnings
+warnings.simplefilter("always")
+import kservice
+print("available:", sorted(kservice.ServiceEnvironment.available_services()))
+env = kservice.ServiceEnvironment("p", {"services": {"good": {}}})
+env.register_service("kv", dict)
+with env, kservice.ServiceManager(env) as m:
+    print("good:", m.call_service_sync("good", "hi"), m.call_service_sync("kv", "get", ("x", 1)))
+for name in ("notaclass", "noclass"):
+    try:
+        kservice.ServiceEnvironment("q", {"services": {name: {}}})
+    except kservice.ConfigError as exc:
+        print(name + ":", type(exc).__name__, exc)
+"""
+
+
+def test_a_plugin_registering_the_wrong_things_is_a_warning_naming_it_and_the_rest_keep_working(tmp_path: Path) -> None:
+    # Was: register("noclass") made every service lookup (kservice services, any services: entry) an IndexError,
+    # register("notaclass", 42) was hosted as a service, and a bad transport or task kind was a bare IndexError
+    # or AttributeError at the first registration.
+    site = make_distribution(
+        tmp_path, "acme_registrations", {"kservice": {name: name for name in BAD_REGISTRATIONS}}, BAD_REGISTRATIONS
+    )
+    result = run_python(BAD_REGISTRATION_CALLS, site=site)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert lines["available"].strip() == "['good']", lines
+    assert lines["good"].strip() == "hi 1"
+    for name in ("notaclass", "noclass"):
+        assert f"ConfigError no installed service named {name!r}" in lines[name], lines
+    err = " ".join(result.stderr.split())
+    for plugin, hook, what in (
+        ("acme_no_class", "kservice_register_services", "register(name, service_class)"),
+        ("acme_not_a_class", "kservice_register_services", "not int 42"),
+        ("acme_bad_transport", "kservice_register_transports", "register(transport)"),
+        ("acme_bad_kind", "kservice_register_task_kinds", "register(kind, make_task)"),
+    ):
+        assert f"kservice plugin {plugin!r}: its {hook} raised TypeError" in err, (plugin, err)
+        assert what in err, (what, err)
+
+
 def test_disabled_plugins_are_not_loaded(tmp_path: Path) -> None:
     result = run_python(CALL, site=_site(tmp_path), env={"KSERVICE_DISABLE_PLUGINS": "acme_good, acme_broken"})
     assert result.returncode == 0, result.stderr
