@@ -1057,6 +1057,22 @@ class BaseServiceTask:
         if self._aio is not None:
             self._aio.cancel(request_id)
 
+    def refuse_waiting_on_own_loop(self, request: ServiceRequest) -> ServiceResponse | None:
+        """The refusal of a sync call that would wait forever, or None: a blocking call made on this task's
+        own event loop thread to one of its coroutine methods (which that loop must run, and the wait blocks).
+
+        A client-side ``RuntimeError`` naming the call and saying to await it instead; nothing is sent.
+        """
+        aio = self._aio
+        if aio is None or not aio.in_loop_thread or request.method_name not in self._async_methods:
+            return None
+        name, method = self.service_name, request.method_name
+        error = RuntimeError(
+            f"a sync call to {name}.{method} from a coroutine of {name} would wait forever: {method} runs on "
+            f"{name}'s own event loop, which this call blocks; await manager.acall({name!r}, {method!r}, ...) instead"
+        )
+        return ServiceResponse.from_exception(request.request_id, error, origin="client")
+
     def run_inline(self, request: ServiceRequest) -> ServiceResponse | None:
         """Run ``request`` in the calling thread when that is safe and cheap; None: use :meth:`submit`.
 

@@ -76,10 +76,18 @@ class InprocConnection(Connection):
         self._task.cancel_request(request.request_id)
 
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
-        """A method known to be fast runs in this thread (``task.run_inline``); others through the pool."""
-        response = self._task.run_inline(request)
+        """A method known to be fast runs in this thread (``task.run_inline``); others through the pool.
+
+        A call from the task's own event loop to one of its coroutine methods is refused at once
+        (``task.refuse_waiting_on_own_loop``): it would wait for the loop it blocks.
+        """
+        task = self._task
+        response = task.run_inline(request)
         if response is not None:
             return response
+        refused = task.refuse_waiting_on_own_loop(request)
+        if refused is not None:
+            return refused
         return super().call(request, timeout)
 
     def open_stream(self, request: ServiceRequest, window: int) -> StreamSource:

@@ -198,3 +198,20 @@ class EndMetadata(kservice.ServiceMiddleware):
         self, request: kservice.ServiceRequest, response: kservice.ServiceResponse, seconds: float
     ) -> None:
         self.ends.append(dict(response.metadata))
+
+
+class SelfCaller:
+    """A coroutine method that calls another coroutine method of its own service, synchronously or awaited."""
+
+    def __init__(self, environment: kservice.ServiceEnvironment, name: str) -> None:
+        self.manager = environment.manager()
+        self.name = name
+
+    async def outer(self, awaited: bool) -> str:
+        if awaited:
+            return str(await self.manager.acall(self.name, "inner", timeout=10))
+        return str(self.manager.call_service_sync(self.name, "inner", timeout=10))
+
+    async def inner(self) -> str:
+        await asyncio.sleep(0.01)
+        return "inner"

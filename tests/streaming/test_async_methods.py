@@ -12,7 +12,7 @@ import kservice
 import pytest
 from kservice.testing import wait_for
 
-from tests.streaming.services import AsyncGreeter, SerialAsync
+from tests.streaming.services import AsyncGreeter, SelfCaller, SerialAsync
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,3 +161,18 @@ def test_max_concurrency_is_in_the_config_schema() -> None:
     assert config.for_service("x")["local"]["max_concurrency"] == 7
     with pytest.raises(kservice.ConfigError, match="max_concurrency"):
         kservice.Config.load({"service": {"local": {"max_concurrency": 0}}})
+
+
+def test_a_sync_call_from_a_coroutine_to_its_own_service_coroutine_is_refused_at_once() -> None:
+    """It would wait for the event loop it blocks (until its deadline): a RuntimeError saying to await it."""
+    with kservice.ServiceEnvironment("aio-self") as environment:
+        environment.register_service(
+            "selfcall", kservice.ServiceFactory("selfcall", SelfCaller, (environment, "selfcall"))
+        )
+        with kservice.ServiceManager(environment) as manager:
+            began = time.monotonic()
+            with pytest.raises(RuntimeError, match=r"would wait forever.*await manager\.acall\('selfcall', 'inner'"):
+                manager.call_service_sync("selfcall", "outer", (False,), timeout=30)
+            assert time.monotonic() - began < 10  # refused, not waited out until the deadline
+            assert manager.call_service_sync("selfcall", "outer", (True,), timeout=30) == "inner"
+            assert manager.call_service_sync("selfcall", "inner", timeout=30) == "inner"
