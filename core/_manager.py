@@ -269,6 +269,15 @@ class _StoppedConnection(Connection):
         raise self._error()
 
 
+def _not_portable(what: str, service_name: str | None) -> TypeError:
+    """The error of pickling or deep-copying a manager or a proxy: what to pass to another process instead."""
+    name = repr(service_name) if service_name is not None else "'SERVICE'"
+    return TypeError(
+        f"a {what} cannot be pickled or deep-copied: it holds this process's connections, threads and locks; "
+        f"pass the service name ({name}) and build one where it is needed: ServiceManager().proxy({name})"
+    )
+
+
 class ServiceManager:
     """Calls services by name.
 
@@ -326,6 +335,9 @@ class ServiceManager:
         on_plugins_changed(self._invalidate_routes)
         if environment is not None:
             environment._managers.add(self)
+
+    def __reduce__(self) -> Any:
+        raise _not_portable("ServiceManager", None)
 
     @property
     def config(self) -> Config:
@@ -1222,6 +1234,12 @@ class ServiceProxy:
     def __repr__(self) -> str:
         return f"<ServiceProxy {self._service_name!r}>"
 
+    def __reduce__(self) -> Any:
+        raise _not_portable(f"proxy of service {self._service_name!r}", self._service_name)
+
+    def __copy__(self) -> ServiceProxy:
+        return self  # a handle: nothing in it changes
+
 
 def _checked_args(args: Any) -> tuple[Any, ...]:
     """A call's ``args`` that is not a tuple, as a tuple; TypeError naming it when it is not a sequence of arguments.
@@ -1294,3 +1312,9 @@ class _ProxyMethod:
 
     def __repr__(self) -> str:
         return f"<proxy method {self._service_name}.{self.__name__}>"
+
+    def __reduce__(self) -> Any:
+        raise _not_portable(f"proxy of service {self._service_name!r}", self._service_name)
+
+    def __copy__(self) -> _ProxyMethod:
+        return self  # a handle: nothing in it changes

@@ -68,6 +68,26 @@ def test_proxy_turns_attribute_calls_into_sync_calls(manager: ServiceManager) ->
     assert kv.get("missing", default="d") == "d"
 
 
+def test_pickling_a_manager_or_a_proxy_says_what_to_pass_instead_and_copying_a_proxy_keeps_it(
+    manager: ServiceManager,
+) -> None:
+    import copy
+    import pickle
+
+    kv = manager.proxy("kv")
+    for handle, named in (
+        (manager, "ServiceManager"),
+        (kv, "proxy of service 'kv'"),
+        (kv.get, "proxy of service 'kv'"),
+    ):
+        for dump in (pickle.dumps, copy.deepcopy):
+            with pytest.raises(TypeError, match=f"{named}.*cannot be pickled or deep-copied.*pass the service name"):
+                dump(handle)
+    copied = copy.copy(kv)
+    copied.put("c", 1)
+    assert copy.copy(kv.get)("c") == 1
+
+
 def test_remote_exception_is_a_service_call_error_and_the_original_class(manager: ServiceManager) -> None:
     with pytest.raises(KeyError) as caught:
         manager.call_service_sync("kv", "require", ("nope",))
