@@ -590,13 +590,16 @@ class ProcessServiceTask(BaseServiceTask):
             return f"respawned the hosting process (pid {old_pid} -> {self.pid})"
 
     def rebuild_service(self) -> None:
-        """Replace the child process with a new one (health recovery)."""
-        with self._state_lock:
+        """Replace the child process with a new one (health recovery).
+
+        Meanwhile calls are refused "being restarted" with nothing sent, and
+        retries wait for the new child (see BaseServiceTask.host_replacement).
+        """
+        with self._state_lock, self.host_replacement():
             self.release_instance(time.monotonic() + 5.0)
             self.host_instance()
             self.listeners = self.open_listeners()
             self.restarts += 1
-        self.addresses_changed()  # the new child has a new request queue
 
     def report_status(self) -> ServiceStatus:
         """The child's own status (kind ``process``, its pid in ``extra``); the local view if it cannot answer."""

@@ -1,0 +1,74 @@
+"""Calls made while health recovery replaces a hung `process` host.
+
+The host is a real child process, really stopped with SIGSTOP: its health checks
+time out, recovery drains it (it cannot answer), kills it and spawns a new one. A
+call made in that window is refused "being restarted" with nothing sent, and a
+retry waits for the new host instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceUnavailableError
+from kservice.plugins.mmap.host import ProcessServiceTask
+from kservice.testing import wait_for
+
+from tests.mmap.services import KV
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _config(**service_call: Any) -> dict[str, Any]:
+    return {
+        "health": {"period": 0.3, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 1},
+        "service_call": service_call,
+    }
+
+
+@contextlib.contextmanager
+def _replacing(config: dict[str, Any]) -> Iterator[tuple[ServiceManager, ProcessServiceTask, int]]:
+    """A process task whose host was SIGSTOPped, yielded once recovery is replacing it."""
+    with ServiceEnvironment("recovery-window", config) as env:
+        task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
+        assert isinstance(task, ProcessServiceTask)
+        with ServiceManager(env) as manager:
+            old_pid = manager.call_service_sync("kv", "pid", timeout=30)
+            assert old_pid == task.pid
+            os.kill(old_pid, signal.SIGSTOP)
+            try:
+                wait_for(lambda: not task.listeners, timeout=30, what="recovery to start replacing the host")
+                yield manager, task, old_pid
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old_pid, signal.SIGCONT)
+
+
+def test_without_retries_a_call_during_replacement_is_refused_saying_so() -> None:
+    with _replacing(_config(max_retries=0)) as (manager, task, old_pid):
+        with pytest.raises(ServiceUnavailableError, match="being restarted") as caught:
+            manager.call_service_sync("kv", "pid", timeout=30)
+        assert "nothing was sent" in str(caught.value)
+        assert "start it first" not in str(caught.value)
+        assert caught.value.may_have_run is False  # type: ignore[attr-defined]
+        with pytest.raises(ServiceUnavailableError, match="being restarted"):
+            manager.call_service_async("kv", "pid", timeout=30).result(60)
+        # The refusal is not kept as the route: once the new host is up, the next call reaches it.
+        wait_for(lambda: task.listeners, timeout=60, what="the new host")
+        new_pid = manager.call_service_sync("kv", "pid", timeout=30)
+        assert new_pid == task.pid and new_pid != old_pid
+
+
+def test_a_retried_call_during_replacement_reaches_the_new_host() -> None:
+    # One retry, with a delay far shorter than the replacement: the retry waits for the new host.
+    with _replacing(_config(max_retries=1, retry_interval=0.01)) as (manager, task, old_pid):
+        pending = manager.call_service_async("kv", "pid", timeout=60)
+        new_pid = manager.call_service_sync("kv", "pid", timeout=60)
+        assert new_pid == task.pid and new_pid != old_pid
+        assert pending.result(60) == new_pid
+        assert task.listeners
