@@ -25,8 +25,8 @@ A check round reports the task unhealthy when any of these fails:
 After ``health.failure_threshold`` consecutive failed rounds the task is
 recovered with ``task.recover(reason)`` (a local task restarts dead listeners
 and replaces dead worker threads, keeping its instance and its state, and
-rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process or replace a
-replica), at most ``health.max_restarts`` times. When the limit is reached the
+rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process, after
+draining it for ``health.drain_timeout``, or replace a replica), at most ``health.max_restarts`` times. When the limit is reached the
 task is reported unhealthy with state ``failed`` and left alone: no more
 checks, no more recovery. The result shows in ``task.get_service_status()``
 (``healthy``, ``health_reason``, ``last_health_check``, ``restarts``) and in
@@ -51,6 +51,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from kservice import BaseServiceTask, ServiceStatus, Setting, get_plugin_manager, hookimpl
+from kservice._task import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["HealthSettings", "check_task", "monitored_tasks"]
 
@@ -86,6 +87,13 @@ def _schema() -> dict[str, Setting]:
             nullable=True,
             minimum=0.001,
         ),
+        "drain_timeout": Setting(
+            (float,),
+            DEFAULT_STOP_TIMEOUT,
+            "Seconds recovery lets the calls running in a host it replaces (a process task's child) finish "
+            "before killing it; the default is a stop's.",
+            minimum=0,
+        ),
         "max_queue_depth": Setting(
             (int,),
             None,
@@ -106,6 +114,7 @@ class HealthSettings:
     failure_threshold: int = 3
     max_restarts: int = 3
     stuck_after: float | None = 60.0
+    drain_timeout: float = DEFAULT_STOP_TIMEOUT
     max_queue_depth: int | None = None
 
     @classmethod

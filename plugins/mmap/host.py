@@ -51,6 +51,7 @@ from kservice import (
     TaskContext,
 )
 from kservice import Listener as _Listener
+from kservice._task import stop_timeout
 
 from .registry import reclaim
 
@@ -592,11 +593,18 @@ class ProcessServiceTask(BaseServiceTask):
     def rebuild_service(self) -> None:
         """Replace the child process with a new one (health recovery).
 
-        Meanwhile calls are refused "being restarted" with nothing sent, and
-        retries wait for the new child (see BaseServiceTask.host_replacement).
+        The old child drains first, as for a stop: calls running in it may
+        finish for ``health.drain_timeout`` seconds (a stop's default drain,
+        30 s, when unset), calls it queued but never started are answered
+        "stopped before the request could run", and it is killed at the end of
+        the drain (a call still running then: "died during the call"). A
+        child that is already dead is replaced at once. Meanwhile calls are
+        refused "being restarted" with nothing sent, and retries wait for the
+        new child (see BaseServiceTask.host_replacement).
         """
+        drain = stop_timeout((self.options.get("health") or {}).get("drain_timeout"))
         with self._state_lock, self.host_replacement():
-            self.release_instance(time.monotonic() + 5.0)
+            self.release_instance(time.monotonic() + drain)
             self.host_instance()
             self.listeners = self.open_listeners()
             self.restarts += 1

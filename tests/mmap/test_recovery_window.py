@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(180)
 
 def _config(**service_call: Any) -> dict[str, Any]:
     return {
-        "health": {"period": 0.3, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 1},
+        # The stopped host cannot drain: recovery kills it after drain_timeout.
+        "health": {"period": 0.3, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 1, "drain_timeout": 4.0},
         "service_call": service_call,
     }
 
@@ -42,7 +43,7 @@ def _replacing(config: dict[str, Any]) -> Iterator[tuple[ServiceManager, Process
             assert old_pid == task.pid
             os.kill(old_pid, signal.SIGSTOP)
             try:
-                wait_for(lambda: not task.listeners, timeout=30, what="recovery to start replacing the host")
+                wait_for(lambda: task.replacing_host, timeout=30, what="recovery to start replacing the host")
                 yield manager, task, old_pid
             finally:
                 with contextlib.suppress(ProcessLookupError):
@@ -59,7 +60,7 @@ def test_without_retries_a_call_during_replacement_is_refused_saying_so() -> Non
         with pytest.raises(ServiceUnavailableError, match="being restarted"):
             manager.call_service_async("kv", "pid", timeout=30).result(60)
         # The refusal is not kept as the route: once the new host is up, the next call reaches it.
-        wait_for(lambda: task.listeners, timeout=60, what="the new host")
+        wait_for(lambda: not task.replacing_host, timeout=60, what="the new host")
         new_pid = manager.call_service_sync("kv", "pid", timeout=30)
         assert new_pid == task.pid and new_pid != old_pid
 
@@ -71,4 +72,31 @@ def test_a_retried_call_during_replacement_reaches_the_new_host() -> None:
         new_pid = manager.call_service_sync("kv", "pid", timeout=60)
         assert new_pid == task.pid and new_pid != old_pid
         assert pending.result(60) == new_pid
-        assert task.listeners
+        assert not task.replacing_host
+
+
+def test_recovery_lets_a_running_call_finish_within_health_drain_timeout() -> None:
+    # A call running longer than stuck_after makes the host count as stuck, and recovery replaces it. It
+    # used to kill the old host 5 s after it began, whatever was configured: this call was cut.
+    config = {
+        "health": {
+            "period": 0.3,
+            "timeout": 2.0,
+            "failure_threshold": 1,
+            "max_restarts": 1,
+            "stuck_after": 1.0,
+            "drain_timeout": 30.0,
+        },
+        "service_call": {"max_retries": 0},
+    }
+    with ServiceEnvironment("recovery-drain", config) as env:
+        task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
+        assert isinstance(task, ProcessServiceTask)
+        with ServiceManager(env) as manager:
+            old_pid = manager.call_service_sync("kv", "pid", timeout=30)
+            running = manager.call_service_async("kv", "sleep", (8.0,), timeout=60)
+            wait_for(lambda: task.replacing_host, timeout=30, what="recovery to start replacing the host")
+            assert running.result(60) == 8.0
+            wait_for(lambda: not task.replacing_host, timeout=60, what="the new host")
+            new_pid = manager.call_service_sync("kv", "pid", timeout=30)
+            assert new_pid == task.pid and new_pid != old_pid
