@@ -31,10 +31,10 @@ from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import call_hook, get_transport, transports
-from ._stream import ItemStream
+from ._stream import ItemStream, LocalStream
 from ._task import _flatten, _short_repr
 from ._transport import Connection, ServiceAddress, timeout_response
-from .keys import ADDRESS_IDEMPOTENT
+from .keys import ADDRESS_IDEMPOTENT, HOST_REPLACING
 
 if TYPE_CHECKING:
     from ._batch import AsyncCallMap, CallMap
@@ -260,9 +260,12 @@ class _RefusingConnection(Connection):
     they may retry the ServiceUnavailableError of a host being replaced.
     """
 
-    def __init__(self, why: str, error_class: type[ServiceError] = ServiceStoppedError) -> None:
+    def __init__(
+        self, why: str, error_class: type[ServiceError] = ServiceStoppedError, metadata: dict[str, Any] | None = None
+    ) -> None:
         self._why = why
         self._error_class = error_class
+        self._metadata = metadata or {}
 
     def _error(self) -> ServiceError:
         error = self._error_class(self._why)
@@ -270,10 +273,20 @@ class _RefusingConnection(Connection):
         return error
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
-        reply(ServiceResponse.refusal(request.request_id, self._error()))
+        response = ServiceResponse.refusal(request.request_id, self._error())
+        response.metadata.update(self._metadata)
+        reply(response)
 
     def open_stream(self, request: ServiceRequest, window: int) -> Any:
-        raise self._error()
+        if not self._metadata:
+            raise self._error()
+        # A stream that ends at once with the refusal, so its metadata (the retry policy's and the
+        # breaker's signals) reaches them as a call's does.
+        ended = LocalStream(window)
+        response = ServiceResponse.refusal(request.request_id, self._error())
+        response.metadata.update(self._metadata)
+        ended.end(response)
+        return ended
 
 
 class ServiceManager:
@@ -477,7 +490,7 @@ class ServiceManager:
             route = self._compile(
                 service_name,
                 ServiceAddress("", service_name, None),
-                _RefusingConnection(str(exc), ServiceUnavailableError),
+                _RefusingConnection(str(exc), ServiceUnavailableError, {HOST_REPLACING: True}),
                 task.service_factory.service_class,
             )
             route.awaiting_host = task

@@ -8,10 +8,12 @@ retry waits for the new host instead of failing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from kservice.plugins.mmap.host import ProcessServiceTask
 from kservice.testing import wait_for
 
 from tests.mmap.services import KV
+from tests.streaming.services import TokenModel
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,10 +36,12 @@ def _config(**service_call: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _replacing(config: dict[str, Any]) -> Iterator[tuple[ServiceManager, ProcessServiceTask, int]]:
+def _replacing(
+    config: dict[str, Any], service_class: type = KV
+) -> Iterator[tuple[ServiceManager, ProcessServiceTask, int]]:
     """A process task whose host was SIGSTOPped, yielded once recovery is replacing it."""
     with ServiceEnvironment("recovery-window", config) as env:
-        task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
+        task = env.register_service("kv", ServiceFactory("kv", service_class, ()), kind="process")
         assert isinstance(task, ProcessServiceTask)
         with ServiceManager(env) as manager:
             old_pid = manager.call_service_sync("kv", "pid", timeout=30)
@@ -73,6 +78,26 @@ def test_a_retried_call_during_replacement_reaches_the_new_host() -> None:
         assert new_pid == task.pid and new_pid != old_pid
         assert pending.result(60) == new_pid
         assert not task.replacing_host
+
+
+CALLS: dict[str, Callable[[ServiceManager], Any]] = {
+    "sync": lambda m: m.call_service_sync("kv", "echo", ("x",), timeout=60),
+    "async": lambda m: m.call_service_async("kv", "echo", ("x",), timeout=60).result(90),
+    "acall": lambda m: asyncio.run(m.acall("kv", "echo", ("x",), timeout=60)),
+    "stream": lambda m: list(m.stream("kv", "count", (2,), timeout=60)),
+    "map": lambda m: list(m.map("kv", "echo", ["x", "y"], timeout=60)),
+}
+
+
+def test_every_call_form_made_during_replacement_is_served_by_the_new_host() -> None:
+    with (
+        _replacing(_config(max_retries=1, retry_interval=0.01), TokenModel) as (manager, task, old_pid),
+        ThreadPoolExecutor(len(CALLS)) as pool,
+    ):
+        pending = {how: pool.submit(call, manager) for how, call in CALLS.items()}
+        results = {how: future.result(120) for how, future in pending.items()}
+        assert results == {"sync": "x", "async": "x", "acall": "x", "stream": [0, 1], "map": ["x", "y"]}
+        assert task.pid not in (None, old_pid)
 
 
 def test_recovery_lets_a_running_call_finish_within_health_drain_timeout() -> None:
