@@ -401,6 +401,11 @@ class ServiceManager:
                         )
                         replacing.may_have_run = False
                         raise replacing
+                    if task.state == "running":
+                        raise ServiceUnavailableError(
+                            f"service {service_name!r} is running in environment {env.name!r} but has no address "
+                            "to call it at (its host could not be restarted: its status says why); nothing was sent"
+                        )
                     error = (
                         ServiceStoppedError
                         if task.state in ("created", "stopped", "failed")

@@ -381,6 +381,8 @@ class ProcessServiceTask(BaseServiceTask):
         self._connection: Any = None
         self._stderr: IO[bytes] | None = None
         self._address: ServiceAddress | None = None
+        #: why the last respawn failed ("" when the child runs)
+        self._host_failure = ""
 
     @property
     def pid(self) -> int | None:
@@ -605,9 +607,27 @@ class ProcessServiceTask(BaseServiceTask):
         drain = stop_timeout((self.options.get("health") or {}).get("drain_timeout"))
         with self._state_lock, self.host_replacement():
             self.release_instance(time.monotonic() + drain)
-            self.host_instance()
+            try:
+                self.host_instance()
+            except BaseException as exc:
+                # Running without a host: check_service_health says so, so recovery tries again.
+                self._host_failure = f"{type(exc).__name__}: {exc}"
+                self.release_instance(time.monotonic())  # reap the child that failed, close its stderr
+                raise
+            self._host_failure = ""
             self.listeners = self.open_listeners()
             self.restarts += 1
+
+    def check_service_health(self) -> str | None:
+        """Health: a reason when the task runs without a hosting process (its respawn failed), else None.
+
+        The service's own ``check_health()`` runs in the child, whose health
+        monitor rebuilds an unhealthy instance there; this reports only what
+        the parent alone can see.
+        """
+        if self.state == "running" and not self.listeners:
+            return f"no process hosts the service: its restart failed ({self._host_failure or 'unknown cause'})"
+        return None
 
     def report_status(self) -> ServiceStatus:
         """The child's own status (kind ``process``, its pid in ``extra``); the local view if it cannot answer."""

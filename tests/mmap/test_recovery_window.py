@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, Service
 from kservice.plugins.mmap.host import ProcessServiceTask
 from kservice.testing import wait_for
 
-from tests.mmap.services import KV
+from tests.mmap.services import KV, FailsToStartWhile
 from tests.streaming.services import TokenModel
 
 pytestmark = pytest.mark.timeout(180)
@@ -125,3 +126,29 @@ def test_recovery_lets_a_running_call_finish_within_health_drain_timeout() -> No
             wait_for(lambda: not task.replacing_host, timeout=60, what="the new host")
             new_pid = manager.call_service_sync("kv", "pid", timeout=30)
             assert new_pid == task.pid and new_pid != old_pid
+
+
+def test_a_host_that_cannot_be_restarted_is_unhealthy_named_to_callers_and_restarted_later(tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    config = {"health": {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "max_restarts": 3}}
+    with ServiceEnvironment("recovery-fails", config) as env:
+        task = env.register_service("kv", ServiceFactory("kv", FailsToStartWhile, (str(flag),)), kind="process")
+        assert isinstance(task, ProcessServiceTask)
+        with ServiceManager(env) as manager:
+            old_pid = manager.call_service_sync("kv", "pid", timeout=30)
+            flag.touch()
+            os.kill(old_pid, signal.SIGKILL)
+            wait_for(
+                lambda: "told to fail" in task.get_service_status().extra["health"]["last_recovery"],
+                timeout=60,
+                what="a failed respawn",
+            )
+            status = task.get_service_status()
+            assert status.state == "running" and not status.healthy, status
+            with pytest.raises(ServiceUnavailableError, match="no address") as caught:
+                manager.call_service_sync("kv", "pid", timeout=30)
+            assert "start it first" not in str(caught.value)
+            # The failed respawn keeps the task unhealthy, so recovery tries again; once the host can start, it serves.
+            flag.unlink()
+            wait_for(lambda: bool(task.addresses), timeout=60, what="a later respawn")
+            assert manager.call_service_sync("kv", "pid", timeout=30) == task.pid != old_pid
