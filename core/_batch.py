@@ -135,6 +135,22 @@ class _Chunk:
 
     def _retry(self, index: int, failed: ServiceResponse) -> None:
         """Send a failed call again as an ordinary async call (attempt 1 on): it follows the single-call rules."""
+        batch = self.batch
+        if batch.state != "running" or index not in self.retrying:
+            return
+        manager = batch.manager
+        route = manager._refresh_route(batch.route, failed)
+        task = route.awaiting_host
+        if task is not None:
+            # The service's host is being replaced: send the retry once the new one is in place (the
+            # callback only schedules: it may run in the thread replacing the host).
+            timer = manager.timer()
+            task.call_when_host_ready(lambda: timer.call_later(0.0, lambda: self._resend(index, failed)))
+            return
+        self._resend(index, failed)
+
+    def _resend(self, index: int, failed: ServiceResponse) -> None:
+        """Send the retry of call ``index`` on the service's current route."""
         from ._manager import _AsyncCall
 
         batch = self.batch

@@ -31,15 +31,16 @@ from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
 from ._plugins import call_hook, get_transport, transports
-from ._stream import ItemStream
+from ._stream import ItemStream, LocalStream
 from ._task import _flatten, _short_repr
 from ._transport import Connection, ServiceAddress, timeout_response
-from .keys import ADDRESS_IDEMPOTENT
+from .keys import ADDRESS_IDEMPOTENT, HOST_REPLACING
 
 if TYPE_CHECKING:
     from ._batch import AsyncCallMap, CallMap
     from ._environment import ServiceEnvironment
     from ._status import ServiceStatus
+    from ._task import BaseServiceTask
 
 __all__ = ["ServiceManager", "ServiceProxy"]
 
@@ -179,6 +180,7 @@ class _Route:
     __slots__ = (
         "address",
         "admit",
+        "awaiting_host",
         "chain",
         "connection",
         "default_timeout",
@@ -220,6 +222,9 @@ class _Route:
         )
         self.service_class = service_class
         self.idempotent: dict[str, bool] = {}
+        # The task whose host is being replaced, on the refusing route of a call made meanwhile: its
+        # retries wait for the new host (see BaseServiceTask.host_replacement).
+        self.awaiting_host: BaseServiceTask | None = None
 
     def retry_delay(self, request: ServiceRequest, response: ServiceResponse, attempt: int) -> float | None:
         """Seconds before retrying a failed attempt, or None: no policy, the policy gives up, or past the deadline."""
@@ -247,26 +252,41 @@ class _Route:
         return known
 
 
-class _StoppedConnection(Connection):
-    """The connection of a service found stopped while a call was being retried.
+class _RefusingConnection(Connection):
+    """The connection of a service that cannot take calls right now: stopped, or its host being replaced.
 
-    Every request is answered at once with ServiceStoppedError (``may_have_run``
-    False: nothing is sent), which retry policies never retry.
+    Every request is answered at once with ``error_class(why)`` (``may_have_run``
+    False: nothing is sent). Retry policies never retry ServiceStoppedError;
+    they may retry the ServiceUnavailableError of a host being replaced.
     """
 
-    def __init__(self, why: str) -> None:
+    def __init__(
+        self, why: str, error_class: type[ServiceError] = ServiceStoppedError, metadata: dict[str, Any] | None = None
+    ) -> None:
         self._why = why
+        self._error_class = error_class
+        self._metadata = metadata or {}
 
-    def _error(self) -> ServiceStoppedError:
-        error = ServiceStoppedError(self._why)
-        error.may_have_run = False
+    def _error(self) -> ServiceError:
+        error = self._error_class(self._why)
+        error.may_have_run = False  # type: ignore[attr-defined]
         return error
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
-        reply(ServiceResponse.refusal(request.request_id, self._error()))
+        response = ServiceResponse.refusal(request.request_id, self._error())
+        response.metadata.update(self._metadata)
+        reply(response)
 
     def open_stream(self, request: ServiceRequest, window: int) -> Any:
-        raise self._error()
+        if not self._metadata:
+            raise self._error()
+        # A stream that ends at once with the refusal, so its metadata (the retry policy's and the
+        # breaker's signals) reaches them as a call's does.
+        ended = LocalStream(window)
+        response = ServiceResponse.refusal(request.request_id, self._error())
+        response.metadata.update(self._metadata)
+        ended.end(response)
+        return ended
 
 
 def _not_portable(what: str, service_name: str | None) -> TypeError:
@@ -386,6 +406,18 @@ class ServiceManager:
             if task is not None:
                 addresses = task.addresses
                 if not addresses:
+                    if task.replacing_host:
+                        replacing = ServiceUnavailableError(
+                            f"service {service_name!r} is being restarted in environment {env.name!r} (its host "
+                            "is being replaced); nothing was sent"
+                        )
+                        replacing.may_have_run = False
+                        raise replacing
+                    if task.state == "running":
+                        raise ServiceUnavailableError(
+                            f"service {service_name!r} is running in environment {env.name!r} but has no address "
+                            "to call it at (its host could not be restarted: its status says why); nothing was sent"
+                        )
                     error = (
                         ServiceStoppedError
                         if task.state in ("created", "stopped", "failed")
@@ -462,9 +494,24 @@ class ServiceManager:
             return self._compile(
                 service_name,
                 ServiceAddress("", service_name, None),
-                _StoppedConnection(str(exc)),
+                _RefusingConnection(str(exc)),
                 task.service_factory.service_class,
             )
+        except ServiceUnavailableError as exc:
+            task = self.environment.get_task(service_name) if self.environment is not None else None
+            if task is None or getattr(exc, "may_have_run", None) is not False:
+                raise
+            # Its host is being replaced: the call is refused through the client chain (a fallback,
+            # metrics and the caller's middleware see it) and its retries wait for the new host. Not
+            # kept: the next call resolves the new host.
+            route = self._compile(
+                service_name,
+                ServiceAddress("", service_name, None),
+                _RefusingConnection(str(exc), ServiceUnavailableError, {HOST_REPLACING: True}),
+                task.service_factory.service_class,
+            )
+            route.awaiting_host = task
+            return route
         failures: list[ServiceError] = []
         for address in self._ranked(service_name, addresses):
             try:
@@ -626,7 +673,7 @@ class ServiceManager:
             delay = route.retry_delay(request, response, attempt)
             if delay is not None:
                 attempt += 1
-                route = self._retry_route(route, response, delay)
+                route = self._retry_route(route, response, delay, request.deadline)
                 continue
             self._refresh_route(route, response)
             raise response.to_exception(service_name, method)
@@ -669,7 +716,7 @@ class ServiceManager:
                 return self._compile(
                     route.service_name,
                     ServiceAddress("", route.service_name, None),
-                    _StoppedConnection(str(exc)),
+                    _RefusingConnection(str(exc)),
                     route.service_class,
                 )
             except Exception:  # noqa: BLE001 - the next attempt reports it
@@ -685,14 +732,20 @@ class ServiceManager:
         fresh = self._refresh_route(route, response)
         return fresh, fresh is not route and fresh.address != route.address
 
-    def _retry_route(self, route: _Route, response: ServiceResponse, delay: float) -> _Route:
+    def _retry_route(self, route: _Route, response: ServiceResponse, delay: float, deadline: float | None) -> _Route:
         """The route a sync retry goes on, after the policy's ``delay`` unless the service has moved.
 
         A retry the policy allows after a runtime refusal is re-sent at once when the
         name now resolves elsewhere (the refusal was the old host's); otherwise it
         waits ``delay`` and resolves again (the service may come back meanwhile).
+        While the service's host is being replaced it waits, instead, until the new
+        host is in place or ``deadline`` (epoch seconds) passes, and resolves again.
         """
         fresh, moved = self._reresolve(route, response)
+        task = fresh.awaiting_host
+        if task is not None:
+            task.wait_host_ready(_TIMEOUT_MAX if deadline is None else min(_TIMEOUT_MAX, deadline - _time()))
+            return self._refresh_route(fresh, response)
         if moved:
             return fresh
         time.sleep(delay)
@@ -1175,6 +1228,14 @@ class _AsyncCall(CallFuture[Any]):
         if self._finished():
             return
         self._route, moved = self._manager._reresolve(self._route, failed)
+        task = self._route.awaiting_host
+        if task is not None:
+            # Its host is being replaced: retry once the new one is in place (the deadline timer still
+            # ends the call if that comes too late). The callback only schedules: it may run in the
+            # thread replacing the host.
+            timer = self._manager.timer()
+            task.call_when_host_ready(lambda: timer.call_later(0.0, lambda: self._retry(failed)))
+            return
         if not moved:
             self._manager.timer().call_later(delay, lambda: self._retry(failed))
             return

@@ -1550,7 +1550,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
             delay = self._route.retry_delay(self._request, final, self._attempt)
             if delay is not None:
                 self._attempt += 1
-                self._route = self._manager._retry_route(self._route, response, delay)
+                self._route = self._manager._retry_route(self._route, response, delay, self._request.deadline)
                 self._open()
                 return True
         self._done = True

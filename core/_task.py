@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import importlib
 import inspect
@@ -13,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from time import perf_counter
@@ -477,6 +478,11 @@ class BaseServiceTask:
         self._parked_seq = itertools.count()
         self._overflow_thread: threading.Thread | None = None
         self._stop_done = threading.Event()
+        # Clear while the host is being replaced (see host_replacement); callbacks waiting for the new one.
+        self._host_ready = threading.Event()
+        self._host_ready.set()
+        self._host_lock = threading.Lock()
+        self._when_host_ready: list[Callable[[], None]] = []
         self._started = itertools.count()
         self._finished = itertools.count()
         self._failed = itertools.count()
@@ -510,8 +516,58 @@ class BaseServiceTask:
 
     @property
     def addresses(self) -> list[Any]:
-        """Where callers reach this task, one address per transport, best first."""
+        """Where callers reach this task, one address per transport, best first (none while its host is replaced)."""
+        if not self._host_ready.is_set():
+            return []
         return [listener.address for listener in self.listeners]
+
+    @property
+    def replacing_host(self) -> bool:
+        """Whether the task's host is being replaced right now (see :meth:`host_replacement`)."""
+        return not self._host_ready.is_set()
+
+    @contextlib.contextmanager
+    def host_replacement(self) -> Iterator[None]:
+        """Mark the task's host as being replaced while the body replaces it (a respawned child process).
+
+        Meanwhile the task has no :attr:`addresses`: managers drop their route
+        to the old host at once (calls already sent on it still get their
+        answers) and a new call is refused with ServiceUnavailableError "being
+        restarted" (``may_have_run`` False: nothing is sent), which a retry
+        policy may retry; such a retry waits for the new host (up to its
+        call's deadline) instead of its usual delay. When the body ends,
+        whether it raised or not, the task has addresses again, managers are
+        told (:meth:`addresses_changed`), and the waiting retries go ahead.
+        """
+        self._host_ready.clear()
+        self.addresses_changed()
+        try:
+            yield
+        finally:
+            with self._host_lock:
+                self._host_ready.set()
+                waiting, self._when_host_ready = self._when_host_ready, []
+            self.addresses_changed()
+            for callback in waiting:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - one caller's failure must not stop the others
+                    log.exception("service %r: a call waiting for its new host failed", self.service_name)
+
+    def wait_host_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds while the host is being replaced; True when it is not (any more)."""
+        return self._host_ready.wait(max(0.0, timeout))
+
+    def call_when_host_ready(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the host is not being replaced: now, in this thread, or in the replacing thread.
+
+        ``callback`` must not block (it runs in the thread that replaced the host).
+        """
+        with self._host_lock:
+            if not self._host_ready.is_set():
+                self._when_host_ready.append(callback)
+                return
+        callback()
 
     def _announce(self, hook: str, **kwargs: Any) -> None:
         """Tell plugins about a lifecycle step; an implementation that raises is a warning naming it."""

@@ -23,6 +23,7 @@ __all__ = [
     "DEGRADED",
     "ERROR_STATE",
     "FALLBACK",
+    "HOST_REPLACING",
     "MAY_HAVE_RUN",
     "REPLICA_DOWN",
     "REPLICA_REFUSED",
@@ -59,6 +60,10 @@ REPLICA_REFUSED = "kservice.replica_refused"
 #: stayed full for ``service.local.queue_timeout``): the service is up and serving at capacity, and the
 #: call never ran. A circuit breaker does not count it (neither a failure nor a success).
 AT_CAPACITY = "kservice.at_capacity"
+#: True on the ServiceUnavailableError of a call made while its service's host was being replaced (health
+#: recovery respawning a ``process`` host): nothing was sent, and a retry waits for the new host. A circuit
+#: breaker does not count it (neither a failure nor a success): the service is already being brought back.
+HOST_REPLACING = "kservice.host_replacing"
 #: True when the breaker refused the call because its circuit is open (the call was never sent).
 CIRCUIT_OPEN = "kservice.circuit_open"
 #: True on a response a fallback produced instead of the service's own answer.

@@ -26,7 +26,10 @@ its request queue stayed full for ``service.local.queue_timeout``; the service
 answered and is serving at capacity). It counts neither as a failure nor as a
 success, and a half-open probe refused so frees its probe slot. (An overload
 the caller's transport saw, a request ring its host did not drain, still counts:
-the host is not reading.) ServiceStoppedError does not count: a service stopped on purpose
+the host is not reading.) Nor does the ServiceUnavailableError of a call made while
+health recovery replaces the service's host (``kservice.keys.HOST_REPLACING``:
+nothing was sent, and its retry waits for the new host; counting it would cut
+callers off for a cool-down after the new host serves). ServiceStoppedError does not count: a service stopped on purpose
 already answers at once, and counting it would keep the breaker open for a
 cool-down after the service is restarted. An exception
 raised by the method itself (a KeyError) means the service answered: it counts
@@ -59,7 +62,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
-from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, REPLICA_DOWN, RETRYABLE
+from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, HOST_REPLACING, REPLICA_DOWN, RETRYABLE
 
 __all__ = [
     "CircuitBreaker",
@@ -100,6 +103,12 @@ class CircuitOpenError(ServiceUnavailableError):
 
 #: ``CircuitOpenError.__new__``: exceptions inherit BaseException's, which sets ``args``.
 _new_exception = BaseException.__new__
+
+
+def _not_an_outcome(response: ServiceResponse) -> bool:
+    """A refusal that says nothing of how the service serves: at its admission limit, or while its host is replaced."""
+    metadata = response.metadata
+    return bool(metadata.get(AT_CAPACITY) or metadata.get(HOST_REPLACING))
 
 
 def _circuit_open_error(message: str, probe_at: float) -> CircuitOpenError:
@@ -188,7 +197,7 @@ class CircuitBreaker(ServiceMiddleware):
             # The common case: one attribute store, no lock.
             self._consecutive = 0
             return
-        if not response.success and response.metadata.get(AT_CAPACITY):
+        if not response.success and _not_an_outcome(response):
             self._not_an_outcome(request.request_id)
             return
         self.record(self._is_failure(response), request.request_id, response)
@@ -338,7 +347,7 @@ class CircuitBreaker(ServiceMiddleware):
         is_failure = self._is_failure
         failures = batch.failures
         # Refusals at the service's admission limit are not outcomes (see the module docstring): skipped.
-        skipped = {index for index, response in failures.items() if response.metadata.get(AT_CAPACITY)}
+        skipped = {index for index, response in failures.items() if _not_an_outcome(response)}
         counted = sorted(index for index, response in failures.items() if index not in skipped and is_failure(response))
         with self._lock:
             now = self._clock()

@@ -13,7 +13,10 @@ A check round reports the task unhealthy when any of these fails:
 - every worker thread of the pool is alive (``task.dead_workers``; a pool
   replaces a dead worker by itself, so this fails only when it could not);
 - the worker pool makes progress: calls in flight and none completed for
-  longer than ``health.stuck_after`` (read from ``task.get_service_status()``);
+  longer than ``health.stuck_after`` (read from ``task.get_service_status()``).
+  Recovery runs once per stuck episode: while no call has completed since,
+  the task is still reported unhealthy, but those rounds do not count towards
+  another recovery (a rebuilt instance cannot end a running call);
 - the queue depth is at most ``health.max_queue_depth`` (when set);
 - the service's own ``check_health()``, when it defines one: None or a truthy
   value is healthy; False, a falsy value or a string (the reason) is
@@ -25,8 +28,8 @@ A check round reports the task unhealthy when any of these fails:
 After ``health.failure_threshold`` consecutive failed rounds the task is
 recovered with ``task.recover(reason)`` (a local task restarts dead listeners
 and replaces dead worker threads, keeping its instance and its state, and
-rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process or replace a
-replica), at most ``health.max_restarts`` times. When the limit is reached the
+rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process, after
+draining it for ``health.drain_timeout``, or replace a replica), at most ``health.max_restarts`` times. When the limit is reached the
 task is reported unhealthy with state ``failed`` and left alone: no more
 checks, no more recovery. The result shows in ``task.get_service_status()``
 (``healthy``, ``health_reason``, ``last_health_check``, ``restarts``) and in
@@ -51,6 +54,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from kservice import BaseServiceTask, ServiceStatus, Setting, get_plugin_manager, hookimpl
+from kservice._task import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["HealthSettings", "check_task", "monitored_tasks"]
 
@@ -86,6 +90,13 @@ def _schema() -> dict[str, Setting]:
             nullable=True,
             minimum=0.001,
         ),
+        "drain_timeout": Setting(
+            (float,),
+            DEFAULT_STOP_TIMEOUT,
+            "Seconds recovery lets the calls running in a host it replaces (a process task's child) finish "
+            "before killing it; the default is a stop's.",
+            minimum=0,
+        ),
         "max_queue_depth": Setting(
             (int,),
             None,
@@ -106,6 +117,7 @@ class HealthSettings:
     failure_threshold: int = 3
     max_restarts: int = 3
     stuck_after: float | None = 60.0
+    drain_timeout: float = DEFAULT_STOP_TIMEOUT
     max_queue_depth: int | None = None
 
     @classmethod
@@ -165,6 +177,13 @@ class _Monitored:
         # Progress of the worker pool, for the stuck check.
         self.seen_total = -1
         self.progress_at = 0.0
+        # requests_total when the last round found the pool stuck (None: it was not), and when a recovery
+        # started for that stuck episode: until a call completes (or none is in flight) the same episode
+        # is reported, but not recovered again.
+        self.stuck_total: int | None = None
+        self.recovered_stuck_total: int | None = None
+        # The report of a round whose only failure is an episode already recovered (see _check_workers).
+        self.held_reason = ""
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
@@ -372,17 +391,28 @@ class _Monitor:
         if status.in_flight == 0 or status.requests_total != mon.seen_total:
             mon.seen_total = status.requests_total
             mon.progress_at = now
+            mon.stuck_total = None
+            if status.in_flight == 0 or status.requests_total != mon.recovered_stuck_total:
+                mon.recovered_stuck_total = None  # a call completed: the stuck episode is over
         elif settings.stuck_after is not None and now - mon.progress_at > settings.stuck_after:
-            reasons.append(
+            stuck = (
                 f"worker pool stuck: {status.in_flight} call(s) in flight and none completed for "
                 f"{now - mon.progress_at:.3f}s (health.stuck_after={settings.stuck_after:g})"
             )
+            if status.requests_total == mon.recovered_stuck_total:
+                # Recovery already ran for this episode and cannot end a running call: another one
+                # would only discard the instance again. Reported, not counted towards recovery.
+                mon.held_reason = f"{stuck}; recovered once for these calls, not recovering again until one completes"
+            else:
+                mon.stuck_total = status.requests_total
+                reasons.append(stuck)
         return "; ".join(reasons) or None
 
     def _round(self, mon: _Monitored, job: int) -> None:
         """One check round, in a pool thread."""
         task = mon.task
         reasons: list[str] = []
+        mon.held_reason = ""
         try:
             checks = mon.checks
             if checks is None:
@@ -404,7 +434,21 @@ class _Monitor:
             if mon.job != job or mon.removed:
                 return
             mon.job = None
+            if not reasons and mon.held_reason:
+                self._hold(mon, mon.held_reason)
+                return
+            if reasons and mon.held_reason:
+                reasons.append(mon.held_reason)  # other checks failed too: those count, this is said
             self._apply(mon, "; ".join(reasons) or None)
+
+    def _hold(self, mon: _Monitored, reason: str) -> None:
+        """Report a round whose only failure was already recovered for: unhealthy, not counted (holding the lock)."""
+        mon.rounds += 1
+        mon.task.last_health_check = time.time()
+        mon.failures += 1
+        mon.last_failure = reason
+        mon.state = "unhealthy"
+        mon.task.health_reason = reason
 
     def _apply(self, mon: _Monitored, reason: str | None) -> None:
         """Count one round's result and start recovery when due (holding the lock)."""
@@ -436,6 +480,8 @@ class _Monitor:
         mon.state = "recovering"
         mon.recoveries += 1
         mon.consecutive = 0
+        # A recovery over stuck calls counts for that episode only once (see _check_workers).
+        mon.recovered_stuck_total = mon.stuck_total
         self._pool.submit(self._recover, mon, reason)
 
     def _recover(self, mon: _Monitored, reason: str) -> None:

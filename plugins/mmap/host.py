@@ -52,6 +52,7 @@ from kservice import (
     TaskContext,
 )
 from kservice import Listener as _Listener
+from kservice._task import stop_timeout
 
 from .registry import reclaim
 
@@ -389,6 +390,8 @@ class ProcessServiceTask(BaseServiceTask):
         self._connection: Any = None
         self._stderr: IO[bytes] | None = None
         self._address: ServiceAddress | None = None
+        #: why the last respawn failed ("" when the child runs)
+        self._host_failure = ""
 
     @property
     def pid(self) -> int | None:
@@ -599,13 +602,41 @@ class ProcessServiceTask(BaseServiceTask):
             return f"respawned the hosting process (pid {old_pid} -> {self.pid})"
 
     def rebuild_service(self) -> None:
-        """Replace the child process with a new one (health recovery)."""
-        with self._state_lock:
-            self.release_instance(time.monotonic() + 5.0)
-            self.host_instance()
+        """Replace the child process with a new one (health recovery).
+
+        The old child drains first, as for a stop: calls running in it may
+        finish for ``health.drain_timeout`` seconds (a stop's default drain,
+        30 s, when unset), calls it queued but never started are answered
+        "stopped before the request could run", and it is killed at the end of
+        the drain (a call still running then: "died during the call"). A
+        child that is already dead is replaced at once. Meanwhile calls are
+        refused "being restarted" with nothing sent, and retries wait for the
+        new child (see BaseServiceTask.host_replacement).
+        """
+        drain = stop_timeout((self.options.get("health") or {}).get("drain_timeout"))
+        with self._state_lock, self.host_replacement():
+            self.release_instance(time.monotonic() + drain)
+            try:
+                self.host_instance()
+            except BaseException as exc:
+                # Running without a host: check_service_health says so, so recovery tries again.
+                self._host_failure = f"{type(exc).__name__}: {exc}"
+                self.release_instance(time.monotonic())  # reap the child that failed, close its stderr
+                raise
+            self._host_failure = ""
             self.listeners = self.open_listeners()
             self.restarts += 1
-        self.addresses_changed()  # the new child has a new request queue
+
+    def check_service_health(self) -> str | None:
+        """Health: a reason when the task runs without a hosting process (its respawn failed), else None.
+
+        The service's own ``check_health()`` runs in the child, whose health
+        monitor rebuilds an unhealthy instance there; this reports only what
+        the parent alone can see.
+        """
+        if self.state == "running" and not self.listeners:
+            return f"no process hosts the service: its restart failed ({self._host_failure or 'unknown cause'})"
+        return None
 
     def report_status(self) -> ServiceStatus:
         """The child's own status (kind ``process``, its pid in ``extra``); the local view if it cannot answer."""

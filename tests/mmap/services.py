@@ -220,3 +220,14 @@ def hosting(*specs: str, ready: int = 1) -> Iterator[Host]:
         yield host
     finally:
         host.stop()
+
+
+class FailsToStartWhile:
+    """Its constructor raises while the file ``flag`` exists (a host that cannot be restarted for a while)."""
+
+    def __init__(self, flag: str) -> None:
+        if os.path.exists(flag):
+            raise RuntimeError(f"told to fail by {flag}")
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -163,6 +163,40 @@ def test_stuck_worker_pool_is_unhealthy() -> None:
         release.set()
 
 
+@pytest.mark.timeout(60)
+def test_one_stuck_call_is_recovered_once_and_a_later_one_again() -> None:
+    config = {"health": {**FAST, "stuck_after": 0.1, "max_restarts": 3, "failure_threshold": 1}}
+    releases: list[threading.Event] = []
+    try:
+        with kservice.ServiceEnvironment("h", config) as env:
+            task = env.register_service("echo", Echo)
+            manager = env.manager()
+            for episode in (1, 2):
+                release = threading.Event()
+                releases.append(release)
+                future = manager.call_service_async("echo", "wait", (release, 30.0))
+                wait_for(lambda e=episode: extra(task)["recoveries"] >= e, what=f"recovery of stuck episode {episode}")
+                # Many stuck_after windows pass while the same call is still the one in flight.
+                rounds = extra(task)["rounds"]
+                wait_for(
+                    lambda r=rounds: extra(task)["rounds"] >= r + 50 or extra(task)["state"] == "failed",
+                    what="50 more check rounds",
+                    timeout=30,
+                )
+                health_view = extra(task)
+                assert health_view["recoveries"] == episode, health_view
+                assert health_view["state"] == "unhealthy", health_view
+                assert "worker pool stuck" in task.health_reason
+                assert "not recovering again" in task.health_reason
+                release.set()
+                assert future.result(10) is True
+                wait_for(lambda: extra(task)["state"] == "healthy", what="a healthy round after the call ended")
+            assert manager.call_service_sync("echo", "echo", ("x",)) == "x"
+    finally:
+        for release in releases:
+            release.set()
+
+
 @pytest.mark.timeout(30)
 def test_queue_depth_over_limit_is_unhealthy_and_clears() -> None:
     release = threading.Event()
