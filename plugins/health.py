@@ -54,7 +54,6 @@ from queue import SimpleQueue
 from typing import Any
 
 from kservice import BaseServiceTask, ServiceStatus, Setting, get_plugin_manager, hookimpl
-from kservice._task import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["HealthSettings", "check_task", "monitored_tasks"]
 
@@ -62,6 +61,9 @@ log = logging.getLogger("kservice.health")
 
 #: Most threads the check pool grows to (threads held by hung checks included).
 POOL_CAP = 32
+#: Default seconds recovery drains a host it replaces: shorter than a stop's 30, since the host being
+#: replaced is most often hung (it cannot drain, and the service is down until it is killed).
+RECOVERY_DRAIN_TIMEOUT = 5.0
 
 HealthCheck = Callable[[BaseServiceTask], "str | None"]
 
@@ -92,9 +94,9 @@ def _schema() -> dict[str, Setting]:
         ),
         "drain_timeout": Setting(
             (float,),
-            DEFAULT_STOP_TIMEOUT,
+            RECOVERY_DRAIN_TIMEOUT,
             "Seconds recovery lets the calls running in a host it replaces (a process task's child) finish "
-            "before killing it; the default is a stop's.",
+            "before killing it.",
             minimum=0,
         ),
         "max_queue_depth": Setting(
@@ -117,7 +119,7 @@ class HealthSettings:
     failure_threshold: int = 3
     max_restarts: int = 3
     stuck_after: float | None = 60.0
-    drain_timeout: float = DEFAULT_STOP_TIMEOUT
+    drain_timeout: float = RECOVERY_DRAIN_TIMEOUT
     max_queue_depth: int | None = None
 
     @classmethod
