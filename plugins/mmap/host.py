@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Sequence
 from typing import IO, Any, ClassVar
 
@@ -468,10 +467,9 @@ class ProcessServiceTask(BaseServiceTask):
         the child need not import it. Middleware with service-side hooks whose
         class the child cannot import (defined in ``__main__`` or in a
         function) fails the start with ConfigError naming the class: its hooks
-        would silently not run in the host. Middleware that cannot be pickled
-        stays in the parent (its caller-side hooks still run there); a warning
-        names it. Each travels as ``(class name, pickle)`` so the child can
-        name the one it fails to load.
+        would silently not run in the host. So does one that cannot be pickled
+        (a guard must never be skipped without a word). Each travels as
+        ``(class name, pickle)`` so the child can name the one it fails to load.
         """
         portable = []
         for middleware in self.ctx.current_middlewares():
@@ -480,15 +478,14 @@ class ProcessServiceTask(BaseServiceTask):
             _check_middleware_importable(middleware, self.service_name)
             try:
                 pickled = pickle.dumps(middleware, protocol=5)
-            except Exception as exc:  # noqa: BLE001 - any pickling failure means "stays here"
-                warnings.warn(
-                    f"middleware {type(middleware).__qualname__} cannot be sent to the process hosting "
-                    f"{self.service_name!r} ({type(exc).__name__}: {exc}); its before_handle/after_handle "
-                    "will not run there",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                continue
+            except Exception as exc:  # noqa: BLE001 - any pickling failure: it cannot reach the host
+                raise ConfigError(
+                    f"service {self.service_name!r}: middleware {type(middleware).__qualname__} has service-side "
+                    f"hooks ({', '.join(_service_side_hooks(middleware))}) that must run in the process hosting "
+                    f"this kind='process' service, but it cannot be pickled ({type(exc).__name__}: {exc}); "
+                    "give it a __getstate__/__reduce__ that leaves out what cannot cross (locks, connections) "
+                    "and rebuilds it there, or use kind='local'"
+                ) from exc
             portable.append((_class_name(middleware), pickled))
         return portable
 

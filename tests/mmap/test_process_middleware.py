@@ -191,3 +191,35 @@ def test_a_service_side_middleware_whose_module_the_host_cannot_import_fails_the
                 assert manager.call_service_sync("local-kv", "get", ("a",)) == 2, "the environment keeps serving"
     finally:
         del sys.modules[module.__name__]
+
+
+class LockedGuard(ServiceMiddleware):
+    """A service-side guard holding a lock: it cannot be pickled, so it cannot reach the host."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+
+    def before_handle(self, request: Any) -> Any:
+        return None
+
+
+@pytest.mark.timeout(120)
+def test_a_service_side_middleware_that_cannot_be_pickled_fails_the_start_naming_it() -> None:
+    """Its hooks would silently not run in the host (a guard skipped): a start error, not a warning."""
+    import warnings
+
+    from kservice import ConfigError, ServiceUnavailableError
+
+    with ServiceEnvironment("locked-mw") as env:
+        env.add_middleware(LockedGuard())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # before: a RuntimeWarning, and the host started without the guard
+            with pytest.raises((ConfigError, ServiceUnavailableError)) as failed:
+                env.register_service("kv", ServiceFactory("kv", KeyValue, ({"a": 1},)), kind="process")
+        message = str(failed.value)
+        assert "LockedGuard" in message and "cannot be pickled" in message and "before_handle" in message, message
+        env.register_service("local-kv", ServiceFactory("local-kv", KeyValue, ({"a": 2},)))
+        with ServiceManager(env) as manager:
+            assert manager.call_service_sync("local-kv", "get", ("a",)) == 2, "the environment keeps serving"
