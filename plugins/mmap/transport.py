@@ -276,7 +276,8 @@ class MmapListener(Listener):
         handle = self._handle
         check_every = self._caller_check
         while True:
-            if (self._callers_added or codec.mapped_segments()) and time.monotonic() >= self._next_caller_check:
+            # Per record batch: the clock first (one C call); the codec is asked only once a look is due.
+            if time.monotonic() >= self._next_caller_check and (self._callers_added or codec.mapped_segments()):
                 self._let_go_of_gone_callers()
             try:
                 records = get_many(64, check_every)
