@@ -6,10 +6,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kservice.testing import wait_for
 
 from .helpers import cli_env, run_cli
-from .test_serve_operator import Host, _call, _greeter, _module
+from .test_serve_operator import Host, _await_reload, _call, _greeter, _module
 
 #: A module named like one of the standard library's that the host imports, planted in the working directory:
 #: imported, it leaves a marker file.
@@ -74,13 +73,7 @@ def test_serve_takes_a_module_of_the_working_directory_with_app_dir_dot(tmp_path
         assert _call(name, "hello", env, app) == '"here"'
         if reload:
             _module(app, "cwdsvc", _greeter("changed"))
-            wait_for(
-                lambda: _call(name, "hello", env, app) == '"changed"' or any("not restarting" in e for e in host.err),
-                timeout=30,
-                what="the reloaded module to answer",
-                interval=0.3,
-            )
-            assert not [line for line in host.err if "not restarting" in line], host.err
+            _await_reload(host, name, '"changed"', env, app)
     finally:
         status = host.stop()
     assert status == 0, host.err

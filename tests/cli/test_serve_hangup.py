@@ -12,10 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kservice.testing import wait_for
 
 from .helpers import KSERVICE, cli_env, run_cli
-from .test_serve_operator import _SLEEPER, Host, _call, _module
+from .test_serve_operator import _SLEEPER, Host, _call, _module, _start_call
 
 
 def _fresh_env(tmp_path: Path) -> dict[str, str]:
@@ -29,19 +28,6 @@ def _fresh_env(tmp_path: Path) -> dict[str, str]:
 
 def _left(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-
-
-def _start_call(name: str, marker: Path, seconds: float, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    caller = subprocess.Popen(
-        [KSERVICE, "call", name, "sleep", f'["{marker}", {seconds}]', "--timeout", "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-    wait_for(marker.exists, timeout=30, what="the call to start")
-    return caller
 
 
 @pytest.mark.timeout(120)

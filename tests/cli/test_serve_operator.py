@@ -220,13 +220,7 @@ def test_reload_with_app_dir_restarts_on_change(tmp_path: Path) -> None:
 
         _module(app, "appdirsvc", _greeter("v2"))
         host.wait_line(host.err, "checking the new code")
-        wait_for(
-            lambda: _call(name, "hello", env, elsewhere) == '"v2"' or any("not restarting" in e for e in host.err),
-            timeout=30,
-            what="the reloaded v2 to answer",
-            interval=0.3,
-        )
-        assert not [line for line in host.err if "not restarting" in line], host.err
+        _await_reload(host, name, '"v2"', env, elsewhere)
         assert _call(name, "hello", env, elsewhere) == '"v2"'
     finally:
         status = host.stop()
@@ -247,6 +241,31 @@ class Sleeper:
 """
 
 
+def _start_call(name: str, marker: Path, seconds: float, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """``kservice call NAME sleep`` in a subprocess, returned once the call runs in the host (``marker`` written)."""
+    caller = subprocess.Popen(
+        [KSERVICE, "call", name, "sleep", f'["{marker}", {seconds}]', "--timeout", str(max(60, seconds + 10))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    wait_for(marker.exists, timeout=30, what="the call to start")
+    return caller
+
+
+def _await_reload(host: Host, name: str, answer: str, env: dict[str, str], cwd: Path) -> None:
+    """Wait until the reloaded service answers ``hello`` with ``answer``; fails if the supervisor refused the new code."""
+    wait_for(
+        lambda: _call(name, "hello", env, cwd) == answer or any("not restarting" in e for e in host.err),
+        timeout=30,
+        what="the reloaded code to answer",
+        interval=0.3,
+    )
+    assert not [line for line in host.err if "not restarting" in line], host.err
+
+
 @pytest.mark.timeout(120)
 def test_reload_second_signal_exits_at_once_with_status_130(tmp_path: Path) -> None:
     # As without --reload: the first Ctrl-C drains, a second one stops the host at once (status 130).
@@ -259,16 +278,7 @@ def test_reload_second_signal_exits_at_once_with_status_130(tmp_path: Path) -> N
         host.wait_line(host.err, "reload: watching")
         served = host.wait_line(host.out, f"serving {name}")
         child = int(served.rsplit("(pid ", 1)[1].rstrip(")"))
-        marker = tmp_path / "started"
-        caller = subprocess.Popen(
-            [KSERVICE, "call", name, "sleep", f'["{marker}", 100]', "--timeout", "110"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-        wait_for(marker.exists, timeout=30, what="the long call to start")
+        caller = _start_call(name, tmp_path / "started", 100, env, tmp_path)
 
         host.process.send_signal(signal.SIGINT)
         # The host drains: it no longer takes calls, the long one still runs.
