@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .helpers import KSERVICE, cli_env
+from .helpers import KSERVICE, cli_env, stop_host
 
 
 @dataclass
@@ -40,14 +39,5 @@ def served() -> Iterator[Served]:
     try:
         yield Served(name, process, line)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            for stream in (process.stdout, process.stderr):
-                if stream is not None:
-                    stream.close()
-        assert process.returncode == 0, f"kservice serve exited with {process.returncode}"
+        status = stop_host(process, timeout=20)
+        assert status == 0, f"kservice serve exited with {status}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,21 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(extra)
     return env
+
+
+def stop_host(process: subprocess.Popen[str], timeout: float = 30) -> int:
+    """Ctrl-C a ``kservice serve`` subprocess and reap it (killed if it outlives ``timeout``); its exit status."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+    return process.returncode
 
 
 def run_cli(

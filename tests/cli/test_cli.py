@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from .conftest import Served
-from .helpers import HERE, KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
+from .helpers import HERE, KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many, stop_host
 
 COMMANDS = [
     ("plugins",),
@@ -232,16 +232,9 @@ def test_status_asks_unanswering_hosts_at_once_and_says_which_did_not_answer_wit
         assert run_cli("call", "s1", "get", '["k"]', env=env).stdout.strip() == '"still"'
     finally:
         host.send_signal(signal.SIGCONT)
-        host.send_signal(signal.SIGINT)
         try:
-            host.wait(30)
+            stop_host(host)
         finally:
-            if host.poll() is None:
-                host.kill()
-                host.wait()
-            for stream in (host.stdout, host.stderr):
-                if stream is not None:
-                    stream.close()
             shutil.rmtree(shm, ignore_errors=True)
             shutil.rmtree(f"{shm}-services", ignore_errors=True)
 
