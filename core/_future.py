@@ -107,6 +107,21 @@ def check_future_internals(future_class: type[Any] = Future, base_module: Any = 
 check_future_internals()
 
 
+def wait_seconds(timeout: object) -> float | None:
+    """How long a wait for a call takes: ``timeout`` in seconds, None (no limit) when it is longer than a wait can be.
+
+    A timeout beyond ``threading.TIMEOUT_MAX`` (about 292 years), infinity
+    included, waits without limit, as None does (the standard Future raises
+    OverflowError from inside the wait). NaN raises ValueError and a bool or a
+    non-number TypeError, naming the value, whether or not the call is done.
+    """
+    if type(timeout) is bool or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__} ({timeout!r})")
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    return None if timeout > threading.TIMEOUT_MAX else float(timeout)
+
+
 class CallFuture(Future[T]):
     """A ``concurrent.futures.Future`` whose condition and lists are created on first need."""
 
@@ -177,10 +192,17 @@ class CallFuture(Future[T]):
         return self._state in _DONE
 
     def result(self, timeout: float | None = None) -> T:
+        """The call's result; as the standard Future's, with the timeouts of :func:`wait_seconds`."""
+        if timeout is not None:
+            timeout = wait_seconds(timeout)
         if self._state == FINISHED and self._exception is None:
             return self._result  # type: ignore[no-any-return]
         # Failures take the standard path, which also breaks the traceback's reference cycle.
         return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The call's exception; as the standard Future's, with the timeouts of :func:`wait_seconds`."""
+        return super().exception(None if timeout is None else wait_seconds(timeout))
 
     def __repr__(self) -> str:
         return f"<CallFuture at {id(self):#x} state={self._state.lower()}>"

@@ -177,3 +177,34 @@ def test_a_wait_helper_using_another_private_name_fails_the_check_loudly() -> No
     newer_base.wait = wait  # type: ignore[attr-defined]
     with pytest.raises(ImportError, match=r"private names \['_loop'\]"):
         check_future_internals(Future, newer_base)
+
+
+@pytest.mark.parametrize("timeout", [1e10, 1e300, float("inf")])
+@pytest.mark.parametrize("wait", ["result", "exception"])
+def test_a_wait_longer_than_a_wait_can_take_waits_without_limit(timeout: float, wait: str) -> None:
+    """An oversized timeout (``threading.TIMEOUT_MAX`` is about 292 years) means "no limit", as None does;
+    the standard Future raises OverflowError from inside the wait instead."""
+    future: CallFuture[str] = CallFuture()
+    timer = threading.Timer(0.05, future.set_result, ("late",))
+    timer.start()
+    answer = getattr(future, wait)(timeout)
+    timer.join()
+    assert answer == ("late" if wait == "result" else None)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "named"),
+    [(float("nan"), ValueError, "nan"), (True, TypeError, "bool"), ("1", TypeError, "str")],
+)
+@pytest.mark.parametrize("done", [False, True])
+def test_a_wait_given_no_number_of_seconds_is_refused_naming_it(
+    timeout: object, error: type[Exception], named: str, done: bool
+) -> None:
+    """NaN used to time out at once, True waited a second and a str was ignored once the call was done."""
+    future: CallFuture[int] = CallFuture()
+    if done:
+        future.set_result(1)
+    for read in (future.result, future.exception):
+        with pytest.raises(error, match=named):
+            read(timeout)  # type: ignore[arg-type]
+    assert not done or future.result() == 1
