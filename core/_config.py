@@ -898,7 +898,12 @@ def check_config(
         if why is not None:
             problems.append(f"plugins.require: plugin {name!r} {why}")
     notes: list[str] = []
-    _check_disabled_names(disable, installed_plugin_names(pm), problems, notes)
+    installed = installed_plugin_names(pm)
+    _check_disabled_names([f"plugins.disable[{i}]" for i in range(len(disable))], disable, installed, problems, notes)
+    from ._plugins import DISABLE_ENV_VAR, env_disabled_names
+
+    env_names = sorted(env_disabled_names())
+    _check_disabled_names([DISABLE_ENV_VAR] * len(env_names), env_names, installed, problems, notes)
     for name in config.service_names():
         entry = config.service_entry(name) or {}
         if entry.get("enabled", True):
@@ -906,23 +911,25 @@ def check_config(
     return config, problems, notes
 
 
-def _check_disabled_names(disable: list[str], installed: list[str], problems: list[str], notes: list[str]) -> None:
-    """A ``plugins.disable`` name no plugin is installed under disables nothing: say so.
+def _check_disabled_names(
+    where: list[str], disable: list[str], installed: list[str], problems: list[str], notes: list[str]
+) -> None:
+    """A name to disable (``plugins.disable``, ``KSERVICE_DISABLE_PLUGINS``) no plugin is installed under disables nothing.
 
     A name close to an installed plugin's is taken for a misspelling (a problem: the plugin meant stays
     enabled); any other is a note, as it may name a plugin installed where the file is also used.
+    ``where[i]`` names where ``disable[i]`` was written.
     """
-    for index, name in enumerate(disable):
+    for label, name in zip(where, disable, strict=True):
         if name in installed:
             continue
         close = _closest(name, installed)
         if close:
             problems.append(
-                f"plugins.disable[{index}]: no plugin {name!r} is installed; did you mean {close!r}? "
-                "(as written it disables nothing)"
+                f"{label}: no plugin {name!r} is installed; did you mean {close!r}? (as written it disables nothing)"
             )
         else:
-            notes.append(f"plugins.disable[{index}]: no plugin {name!r} is installed here, so this disables nothing")
+            notes.append(f"{label}: no plugin {name!r} is installed here, so this disables nothing")
 
 
 def _check_service(

@@ -19,7 +19,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FunctionType, MethodType, ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -163,13 +163,14 @@ _manager: KservicePluginManager | None = None
 _manager_lock = threading.Lock()
 
 
-def _env_disabled_names() -> set[str]:
+def env_disabled_names() -> set[str]:
+    """The plugin names ``KSERVICE_DISABLE_PLUGINS`` blocks."""
     return {n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()}
 
 
 def disabled_plugin_names() -> set[str]:
     """Plugins blocked by ``KSERVICE_DISABLE_PLUGINS`` or by a loaded configuration's ``plugins.disable``."""
-    names = _env_disabled_names()
+    names = env_disabled_names()
     if _manager is not None:
         names |= set(_manager.disabled)
     return names
@@ -239,6 +240,30 @@ def _report_plugin_name_clash(name: str, eps: list[EntryPointRef]) -> None:
     warnings.warn(message + f" (set {STRICT_ENV_VAR}=1 to make this an error)", RuntimeWarning, stacklevel=4)
 
 
+def _warn_of_misspelt_disabled_names(installed: Iterable[str]) -> None:
+    """Warn that a ``KSERVICE_DISABLE_PLUGINS`` name close to an installed plugin's disables nothing.
+
+    Without it ``KSERVICE_DISABLE_PLUGINS=metric`` left ``metrics`` running
+    without a word. A name like no installed plugin's is not warned of: it may
+    name a plugin installed where the same environment is also used
+    (``kservice config check`` notes it).
+    """
+    names = env_disabled_names().difference(installed)
+    if not names:
+        return
+    from difflib import get_close_matches  # only when a name is unknown: a caller's start does not pay for it
+
+    for name in sorted(names):
+        close = get_close_matches(name, sorted(installed), n=1)
+        if close:
+            warnings.warn(
+                f"{DISABLE_ENV_VAR} names {name!r}, which no installed kservice plugin is called: "
+                f"did you mean {close[0]!r}? (as written it disables nothing)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 def get_plugin_manager() -> KservicePluginManager:
     """The process-wide plugin manager, with every enabled entry-point plugin loaded.
 
@@ -251,7 +276,7 @@ def get_plugin_manager() -> KservicePluginManager:
     with _manager_lock:
         if _manager is None:
             pm = KservicePluginManager()
-            for name in _env_disabled_names():
+            for name in env_disabled_names():
                 pm.set_blocked(name)
                 pm.disabled[name] = DISABLE_ENV_VAR
             for name, why in _env_config_disabled_names().items():
@@ -267,6 +292,7 @@ def get_plugin_manager() -> KservicePluginManager:
                     _report_plugin_name_clash(name, eps)
                 # Only the first on sys.path loads (as a module earlier on sys.path shadows a later one).
                 _load_entry_point(pm, eps[0])
+            _warn_of_misspelt_disabled_names(declared)
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError as exc:

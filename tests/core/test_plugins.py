@@ -12,6 +12,7 @@ import pytest
 from kservice import ServiceEnvironment, ServiceManager, ServiceMiddleware, ServiceRequest, hookimpl, hookspecs
 from kservice._plugins import get_plugin_manager, plugin_infos
 
+from tests.cli.helpers import cli_env, run_cli
 from tests.core.conftest import REPO, make_distribution, run_python
 from tests.core.services import KeyValue
 
@@ -251,6 +252,30 @@ def test_disabled_plugins_are_not_loaded(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1"
     assert "acme_broken" not in result.stderr
+
+
+def test_a_misspelt_plugin_in_the_disable_variable_is_a_warning_and_the_call_goes_on(tmp_path: Path) -> None:
+    """``KSERVICE_DISABLE_PLUGINS=metric`` left ``metrics`` running without a word."""
+    check = (
+        CALL + "print('metrics' in {n for n, p in kservice._plugins.get_plugin_manager().list_name_plugin() if p})\n"
+    )
+    result = run_python(check, env={"KSERVICE_DISABLE_PLUGINS": "metric, somewhere_else_only"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "True"]  # served, and metrics (not disabled) is loaded
+    assert "KSERVICE_DISABLE_PLUGINS names 'metric'" in result.stderr, result.stderr
+    assert "did you mean 'metrics'?" in result.stderr and "disables nothing" in result.stderr
+    # A name like no installed plugin's may name one installed elsewhere: no warning for it.
+    assert "somewhere_else_only" not in result.stderr
+
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    checked = run_cli(
+        "config", "check", str(config), env=cli_env(KSERVICE_DISABLE_PLUGINS="metric,somewhere_else_only")
+    )
+    assert checked.returncode != 0
+    output = checked.stdout + checked.stderr
+    assert "KSERVICE_DISABLE_PLUGINS: no plugin 'metric' is installed; did you mean 'metrics'?" in output
+    assert "KSERVICE_DISABLE_PLUGINS: no plugin 'somewhere_else_only' is installed here" in output
 
 
 def test_disabling_the_inproc_transport_gives_a_clear_error() -> None:
