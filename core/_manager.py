@@ -537,7 +537,11 @@ class ServiceManager:
         """The route of calls to ``service_name`` over ``connection``: its client chain and retry policy."""
         options = self.config.for_service(service_name)
         contributed = call_hook(
-            "kservice_middleware", service_name=service_name, options=options, service_class=service_class
+            "kservice_middleware",
+            service_name=service_name,
+            options=options,
+            service_class=service_class,
+            address=address if address.transport else None,  # "": a route refusing every call (_RefusingConnection)
         )
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")

@@ -809,6 +809,7 @@ class BaseServiceTask:
             service_name=self.service_name,
             options=self.options,
             service_class=self.service_factory.service_class,
+            address=None,
         )
         chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
         self._server_chain = chain if chain else None

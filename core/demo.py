@@ -273,6 +273,7 @@ def _chain_names(environment: ServiceEnvironment, service_name: str) -> list[str
         service_name=service_name,
         options=environment.config.for_service(service_name),
         service_class=None if task is None else task.service_factory.service_class,
+        address=None,
     )
     chain: list[Any] = list(environment.middlewares)
     for item in contributed:

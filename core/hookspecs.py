@@ -190,7 +190,7 @@ def kservice_running_services() -> list[dict[str, Any]]:
 
 @hookspec
 def kservice_middleware(
-    service_name: str, options: dict[str, Any], service_class: type | None
+    service_name: str, options: dict[str, Any], service_class: type | None, address: ServiceAddress | None
 ) -> ServiceMiddleware | list[ServiceMiddleware] | None:
     """Middleware for one service, used on both sides of a call.
 
@@ -201,8 +201,14 @@ def kservice_middleware(
     class where it is known: always on the service's side; on the caller's
     side when the manager's environment holds the service, else None (a
     service reached through a resolver, in another process). Declarations on
-    the class (``@kservice.idempotent``, a fallback) are read from it. Return
-    None to stay out of this service's chain.
+    the class (``@kservice.idempotent``, a fallback) are read from it.
+    ``address`` is where the caller's calls now go (a new address when the
+    service's host changed: a restarted ``kservice serve``, a moved service);
+    None on the service's side and for a caller's route that refuses every
+    call without sending it (a stopped task, a host being replaced). The hook
+    is called each time a caller compiles a route, so state kept per service
+    (a circuit breaker) learns of a new host here. Return None to stay out of
+    this service's chain.
 
     If it raises: on the caller's side the error propagates to the call that
     compiled the route (nothing is sent); on the service's side to

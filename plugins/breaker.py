@@ -29,7 +29,12 @@ the caller's transport saw, a request ring its host did not drain, still counts:
 the host is not reading.) Nor does the ServiceUnavailableError of a call made while
 health recovery replaces the service's host (``kservice.keys.HOST_REPLACING``:
 nothing was sent, and its retry waits for the new host; counting it would cut
-callers off for a cool-down after the new host serves). ServiceStoppedError does not count: a service stopped on purpose
+callers off for a cool-down after the new host serves). And when the service
+resolves to another address while the breaker is open (its host died or was
+drained and a new one serves under the name: a supervisor's restart, a
+redeploy), the next call is a half-open probe at once: the failures were the
+old host's (``kservice_middleware`` tells the breaker where each route a
+caller compiles leads). ServiceStoppedError does not count: a service stopped on purpose
 already answers at once, and counting it would keep the breaker open for a
 cool-down after the service is restarted. An exception
 raised by the method itself (a KeyError) means the service answered: it counts
@@ -54,6 +59,7 @@ from typing import Any, Literal
 from kservice import (
     BaseServiceTask,
     CallBatch,
+    ServiceAddress,
     ServiceMiddleware,
     ServiceRequest,
     ServiceResponse,
@@ -156,6 +162,9 @@ class CircuitBreaker(ServiceMiddleware):
         self._opened_at = 0.0
         self._probe_at = 0.0
         self._open_message = ""
+        #: where callers' calls go (the last route compiled), and where they went when the breaker opened
+        self._address: ServiceAddress | None = None
+        self._opened_on: ServiceAddress | None = None
         #: closed-state successes need no bookkeeping unless a failure-rate window is kept
         self._fast = self.failure_rate is None
         self._probes_out: set[str] = set()
@@ -420,7 +429,25 @@ class CircuitBreaker(ServiceMiddleware):
         calls, fails = self._window_counts(now)
         return calls >= self.minimum_calls and fails >= self.failure_rate * calls  # type: ignore[operator]
 
+    def routed_to(self, address: ServiceAddress) -> None:
+        """Callers now reach the service at ``address``: an open breaker whose failures were another address's probes at once.
+
+        The failures that opened it said the old host could not serve (it
+        died, or was stopping); a new host (a restarted ``kservice serve``, a
+        service that moved) has not failed yet, and its first call is a
+        half-open probe instead of waiting out the cool-down: before, every
+        call failed fast for the whole cool-down although the new host served.
+        A probe that fails re-opens the breaker as usual.
+        """
+        with self._lock:
+            self._address = address
+            if self.state is _OPEN and self._opened_on is not None and address != self._opened_on:
+                now = self._clock()
+                self._opened_at = now - self.cooldown
+                self._probe_at = now
+
     def _open(self, now: float) -> None:
+        self._opened_on = self._address
         self._opened_at = now
         self._probe_at = now + self.cooldown
         self._open_message = (
@@ -539,13 +566,18 @@ def kservice_config_schema(register: Callable[[str, dict[str, Any]], None]) -> N
 
 
 @hookimpl(trylast=True)
-def kservice_middleware(service_name: str, options: dict[str, Any]) -> ServiceMiddleware | None:
+def kservice_middleware(
+    service_name: str, options: dict[str, Any], address: ServiceAddress | None
+) -> ServiceMiddleware | None:
     # trylast: the breaker is the innermost policy, so fallback and cache (tryfirst) wrap it:
     # the fallback's after_call sees the breaker's rejection, and cache hits never count as probes.
     settings = options.get("breaker")
     if not settings or not settings["enabled"]:
         return None
-    return _breaker_for(service_name, settings)
+    breaker = _breaker_for(service_name, settings)
+    if address is not None:
+        breaker.routed_to(address)
+    return breaker
 
 
 @hookimpl

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
 import time
 import traceback
 from typing import Any
@@ -13,6 +15,8 @@ from kservice import CallBatch, ServiceEnvironment, ServiceRequest, ServiceRespo
 from kservice.keys import AT_CAPACITY
 from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
 
+from tests.cli.helpers import KSERVICE
+from tests.core.conftest import REPO
 from tests.policies.conftest import chain_of
 from tests.policies.services import Flaky
 
@@ -470,3 +474,53 @@ def test_a_service_refusing_calls_at_its_admission_limit_does_not_open_the_break
             assert breaker_state(name) == "open", breaker_status(name)
             assert busy.result(30) == 1.5
             assert reset_breaker(name) and manager.call_service_sync(name, "ok", (3,), timeout=10) == 3
+
+
+def _serve(name: str) -> subprocess.Popen[str]:
+    """``kservice serve`` hosting ``name`` (this session's directories); returns once it serves."""
+    host = subprocess.Popen(
+        [KSERVICE, "serve", f"{name}=tests.mmap.services:KV"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert host.stdout is not None
+    line = host.stdout.readline()
+    assert line.startswith(f"serving {name}"), line + (host.stderr.read() if host.stderr else "")
+    return host
+
+
+@pytest.mark.timeout(120)
+def test_a_breaker_opened_by_a_host_that_died_probes_the_new_host_at_once() -> None:
+    """A host killed and started again (a crash restarted by a supervisor, a redeploy): before, every call
+    failed fast with CircuitOpenError for the whole cool-down although the new host served."""
+    name = f"brk{os.getpid()}"
+    config = kservice.Config.load({"breaker": {"failure_threshold": 2, "cooldown": 300}})
+    hosts = [_serve(name)]
+    try:
+        with kservice.ServiceManager(config=config) as manager:
+            assert manager.call_service_sync(name, "echo", ("a",)) == "a"
+            hosts[0].kill()
+            hosts[0].wait(30)
+            opened = False
+            for _ in range(20):  # the calls after the crash fail and open the breaker
+                try:
+                    manager.call_service_sync(name, "echo", ("b",), timeout=5)
+                except CircuitOpenError:
+                    opened = True
+                    break
+                except kservice.ServiceError:
+                    continue
+            assert opened and breaker_state(name) == "open"
+            hosts.append(_serve(name))
+            # The first call after the new host serves is a probe; it succeeds and closes the breaker.
+            assert manager.call_service_sync(name, "echo", ("c",), timeout=10) == "c"
+            assert breaker_state(name) == "closed"
+            assert manager.call_service_sync(name, "add", (2, 3)) == 5
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.terminate()
+            host.communicate(timeout=30)
+        reset_breaker(name)
