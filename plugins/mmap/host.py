@@ -12,7 +12,9 @@ The ``process`` task kind starts a fresh ``python`` running :func:`main` (a
 fresh interpreter, never a fork) hosting one service; the task's start returns
 once the child serves, or raises ServiceUnavailableError with the tail of the
 child's stderr. Its stop sends SIGTERM, waits for the drain, then kills. The
-child also stops when its parent dies (it watches its stdin for EOF). The
+child also stops when its parent dies (it watches its stdin for EOF); it
+ignores SIGINT and SIGHUP, which a terminal sends to the whole process group
+(the parent decides what a Ctrl-C means). The
 child is an isolated interpreter (``python -I``) whose ``sys.path`` is the
 parent's, passed explicitly (:func:`_child_sys_path`): nothing is imported
 from the child's working directory.
@@ -756,12 +758,26 @@ def _stop_budget(line: bytes) -> float | None:
 
 
 def _child_signals(stop: threading.Event) -> Any:
+    """A process task's child: SIGTERM drains (a second one exits at once); SIGINT and SIGHUP are ignored.
+
+    Why ignored: a terminal sends Ctrl-C (SIGINT) and its hang-up (SIGHUP)
+    to the whole foreground process group, the child included. The parent
+    decides what they mean (a REPL's Ctrl-C interrupts one call and goes on;
+    before, it also stopped every process service of the caller). The child
+    stops when the parent stops the task (its stop line, then SIGTERM) or dies
+    (its stdin closes).
+    """
+
     def on_signal(signum: int, frame: Any) -> None:
         if stop.is_set():
             os._exit(130)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_signal),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    }
     return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 
