@@ -2,7 +2,8 @@
 
 A ``kservice serve`` host of a non-idempotent service is killed (SIGKILL),
 drained (SIGTERM) and restarted under the same name while caller processes
-make sync calls and bursts of async calls with the default retry policy;
+make sync calls and bursts of async calls with the default configuration
+(retry policy and circuit breaker included);
 callers are killed and replaced too. Afterwards every call is checked:
 
 - no call ran twice (every method here is non-idempotent);
@@ -44,11 +45,9 @@ class _Fleet:
         self.name = f"ledger-{uuid.uuid4().hex[:8]}"
         self.ledger = tmp_path / "ledger.txt"
         self.tmp_path = tmp_path
-        # A short breaker cooldown: with the default 5 s, callers would spend most of a run refused
-        # by the breaker after each kill, and the run would check few calls that reached a host.
-        config = tmp_path / "callers.yaml"
-        config.write_text("breaker:\n  cooldown: 0.2\n")
-        self.env = {**child_env(), LEDGER_VARIABLE: str(self.ledger), "KSERVICE_CONFIG": str(config)}
+        # Callers run with the default configuration, breaker included: its cool-down does not keep them
+        # off a restarted host (an open breaker probes a new host at once), so most calls reach a host.
+        self.env = {**child_env(), LEDGER_VARIABLE: str(self.ledger)}
         self.host: subprocess.Popen[str] | None = None
         self.callers: list[subprocess.Popen[bytes]] = []
         self.outcomes: list[Path] = []
