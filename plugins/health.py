@@ -28,8 +28,8 @@ A check round reports the task unhealthy when any of these fails:
 After ``health.failure_threshold`` consecutive failed rounds the task is
 recovered with ``task.recover(reason)`` (a local task restarts dead listeners
 and replaces dead worker threads, keeping its instance and its state, and
-rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process, after
-draining it for ``health.drain_timeout``, or replace a replica), at most ``health.max_restarts`` times. When the limit is reached the
+rebuilds its instance only when every listener and worker was alive; other task kinds respawn their process, or
+replace a broken replica, after draining it for ``health.drain_timeout``), at most ``health.max_restarts`` times. When the limit is reached the
 task is reported unhealthy with state ``failed`` and left alone: no more
 checks, no more recovery. The result shows in ``task.get_service_status()``
 (``healthy``, ``health_reason``, ``last_health_check``, ``restarts``) and in
@@ -95,8 +95,8 @@ def _schema() -> dict[str, Setting]:
         "drain_timeout": Setting(
             (float,),
             RECOVERY_DRAIN_TIMEOUT,
-            "Seconds recovery lets the calls running in a host it replaces (a process task's child) finish "
-            "before killing it.",
+            "Seconds recovery lets the calls running in a host it replaces (a process task's child, a Ray "
+            "replica) finish before killing it.",
             minimum=0,
         ),
         "max_queue_depth": Setting(

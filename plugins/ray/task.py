@@ -403,9 +403,16 @@ class RayServiceTask(BaseServiceTask):
     def recover(self, reason: str) -> str:
         """Replace the replicas that are dead, down or failing their health check with new ones.
 
-        Returns what was done. Raises what creating the new replicas raised
-        (the broken ones are then already gone and the service runs with fewer).
+        The broken replicas leave the rotation at once and their replacements
+        are built; then the calls already running in them are let finish for
+        ``health.drain_timeout`` seconds (a replica failing its check may
+        still serve them; a dead one has none), as a ``process`` host being
+        replaced is drained, and they are killed (a call still running then
+        fails "may have run"). Returns what was done. Raises what creating
+        the new replicas raised (the broken ones are then gone all the same
+        and the service runs with fewer).
         """
+        drain = stop_timeout((self.options.get("health") or {}).get("drain_timeout"))
         with self._state_lock:
             if self.state != "running" or self.replica_set is None:
                 return f"nothing: task is {self.state}"
@@ -414,9 +421,11 @@ class RayServiceTask(BaseServiceTask):
                 if not broken:
                     return "nothing: every replica serves"
                 self.replica_set.retire(broken)
-                self._retire(broken, 0.0)
                 self.restarts += len(broken)
-                self._add_replicas(len(broken))
+                try:
+                    self._add_replicas(len(broken))  # first: the service keeps its capacity during the drain
+                finally:
+                    self._retire(broken, drain)
                 return f"replaced replica(s) {', '.join(r.name for r in broken)}"
 
     # -------------------------------------------------------------- stopping

@@ -82,6 +82,20 @@ class EchoService:
         return ray.get_runtime_context().current_actor
 
 
+class SicklyService(EchoService):
+    """An EchoService whose ``check_health()`` fails once told to (it still serves its calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sick = False
+
+    def sicken(self) -> None:
+        self.sick = True
+
+    def check_health(self) -> str | None:
+        return "told to be sick" if self.sick else None
+
+
 class BrokenService:
     """A service whose constructor raises."""
 

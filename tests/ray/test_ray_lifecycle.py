@@ -10,7 +10,7 @@ import ray
 from kservice import ConfigError, ServiceEnvironment, ServiceError, ServiceFactory, ServiceUnavailableError
 from kservice.plugins.ray import ACTOR_PREFIX, RayConnection, RayServiceTask, balancer_names, register_balancer
 from kservice.testing import wait_for
-from ray_services import BrokenService, EchoService, FirstReplica
+from ray_services import BrokenService, EchoService, FirstReplica, SicklyService
 
 
 def actors_of(service_name: str) -> list[str]:
@@ -144,6 +144,38 @@ def test_health_recovery_replaces_a_dead_replica() -> None:
             assert task.get_service_status().restarts == 1
             actors = {manager.call_service_sync("recovered", "where")["actor"] for _ in range(20)}
             assert victim.name not in actors and len(actors) == 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("drain_timeout", [30.0, 0.5])
+def test_recovery_lets_the_calls_of_a_replica_it_replaces_finish_within_health_drain_timeout(
+    drain_timeout: float,
+) -> None:
+    """A replica failing its service's check_health() but still serving: its running call gets its own result
+    when it ends within ``health.drain_timeout`` (before: the replica was killed at once, the call cut as
+    "may have run"); one running past it is cut, as over mmap."""
+    config = {"health": {"enabled": False, "drain_timeout": drain_timeout}, "service_call": {"max_retries": 0}}
+    with ServiceEnvironment("ray-recover-drain", config) as env:
+        task = env.register_service("sickly", ServiceFactory("sickly", SicklyService), kind="ray", replicas=1)
+        assert isinstance(task, RayServiceTask)
+        with env.manager() as manager:
+            old = task.replica_set.snapshot()[0]  # type: ignore[union-attr]
+            manager.call_service_sync("sickly", "sicken")
+            assert "told to be sick" in (task.check_service_health() or "")
+            running = manager.call_service_async("sickly", "sleep", (2.0,), timeout=60)
+            time.sleep(0.5)  # the call runs in the replica
+            began = time.monotonic()
+            assert task.recover("test") == f"replaced replica(s) {old.name}"
+            if drain_timeout > 2.0:
+                assert running.result(30) == 2.0
+            else:
+                with pytest.raises(ServiceUnavailableError) as cut:
+                    running.result(30)
+                assert cut.value.may_have_run is not False
+                assert time.monotonic() - began < drain_timeout + 15  # killed after the window, not after the call
+            assert task.check_service_health() is None
+            assert manager.call_service_sync("sickly", "echo", ("after",)) == "after"
+            assert old.name not in {manager.call_service_sync("sickly", "where")["actor"] for _ in range(5)}
 
 
 def test_ray_task_class_is_exported_and_registered_as_kind_ray() -> None:
