@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import _current_request
 from ._errors import ServiceStoppedError, ServiceTimeoutError
-from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
+from ._messages import CONNECTION_CLOSED, MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
 from ._transport import timeout_response
@@ -125,13 +125,41 @@ class _Chunk:
         if chain is not None:
             assert self.limits is not None
             response = chain.run_after(self.sent[index], response, self.limits[index], self.began)
-        if not response.success and route.retry is not None and batch.state == "running" and not batch.manager._closed:
-            delay = route.retry_delay(self.requests[index], response, 0)
-            if delay is not None:
+        if not response.success and batch.state == "running" and not batch.manager._closed:
+            if response.metadata.get(CONNECTION_CLOSED):
                 self.retrying[index] = None
-                batch.manager.timer().call_later(delay, lambda: self._retry(index, response))
+                batch.manager.timer().call_later(0.0, lambda: self._reroute(index, response))
                 return
+            if route.retry is not None:
+                delay = route.retry_delay(self.requests[index], response, 0)
+                if delay is not None:
+                    self.retrying[index] = None
+                    batch.manager.timer().call_later(delay, lambda: self._retry(index, response))
+                    return
         self.settle(index, response)
+
+    def _request(self, index: int) -> ServiceRequest:
+        return self.requests[index]
+
+    def _reroute(self, index: int, refused: ServiceResponse) -> None:
+        """A call a closed connection refused (nothing was sent): delivered on the name's new route at once.
+
+        When the name leads nowhere new, the route's retry policy decides as
+        for any failure (see ``ServiceManager._rerouted``).
+        """
+        batch = self.batch
+        if batch.state != "running" or index not in self.retrying:
+            return
+        route = batch.route
+        if batch.manager._rerouted(route, refused) is not None:
+            self._resend(index, refused, rerouted=True)
+            return
+        delay = None if route.retry is None else route.retry_delay(self._request(index), refused, 0)
+        if delay is None:
+            if self.retrying.pop(index, False) is not False:
+                self.settle(index, refused)
+            return
+        batch.manager.timer().call_later(delay, lambda: self._retry(index, refused))
 
     def _retry(self, index: int, failed: ServiceResponse) -> None:
         """Send a failed call again as an ordinary async call (attempt 1 on): it follows the single-call rules."""
@@ -149,8 +177,8 @@ class _Chunk:
             return
         self._resend(index, failed)
 
-    def _resend(self, index: int, failed: ServiceResponse) -> None:
-        """Send the retry of call ``index`` on the service's current route."""
+    def _resend(self, index: int, failed: ServiceResponse, *, rerouted: bool = False) -> None:
+        """Send the retry (or, ``rerouted``, the delivery) of call ``index`` on the service's current route."""
         from ._manager import _AsyncCall
 
         batch = self.batch
@@ -158,8 +186,8 @@ class _Chunk:
             return
         manager = batch.manager
         route = manager._refresh_route(batch.route, failed)
-        request = self.requests[index]
-        call = _AsyncCall(manager, route, request, self.timeout, attempt=1)
+        request = self._request(index)
+        call = _AsyncCall(manager, route, request, self.timeout, attempt=1, rerouted=rerouted)
         self.retrying[index] = call
         call.add_done_callback(lambda future: self._retried(index, future))
         if batch.state != "running":
@@ -349,12 +377,15 @@ class _FastChunk(_Chunk):
         """Record failed calls; those the route's retry policy sends again complete the chunk later."""
         batch = self.batch
         route = batch.route
-        retries = []
-        if route.retry is not None and batch.state == "running" and not batch.manager._closed:
+        retries: list[tuple[int, ServiceResponse, float | None]] = []  # delay None: a re-route, at once
+        if batch.state == "running" and not batch.manager._closed:
             for index, response in failed.items():
-                delay = route.retry_delay(self._request(index), response, 0)
-                if delay is not None:
-                    retries.append((index, response, delay))
+                if response.metadata.get(CONNECTION_CLOSED):
+                    retries.append((index, response, None))
+                elif route.retry is not None:
+                    delay = route.retry_delay(self._request(index), response, 0)
+                    if delay is not None:
+                        retries.append((index, response, delay))
         for index, response in failed.items():
             self.failures[index] = response
         if not retries:
@@ -366,7 +397,10 @@ class _FastChunk(_Chunk):
         for index, _response, _delay in retries:
             self.retrying[index] = None
         for index, response, delay in retries:
-            timer.call_later(delay, lambda index=index, response=response: self._retry(index, response))  # type: ignore[misc]
+            if delay is None:
+                timer.call_later(0.0, lambda index=index, response=response: self._reroute(index, response))  # type: ignore[misc]
+            else:
+                timer.call_later(delay, lambda index=index, response=response: self._retry(index, response))  # type: ignore[misc]
 
     def settle(self, index: int, outcome: ServiceResponse | BaseException) -> None:
         """A retried call's final outcome; the last one completes the chunk."""

@@ -34,7 +34,7 @@ from ._plugins import call_hook, get_transport, transports
 from ._stream import ItemStream, LocalStream
 from ._task import _flatten, _short_repr
 from ._transport import Connection, ServiceAddress, timeout_response
-from .keys import ADDRESS_IDEMPOTENT, HOST_REPLACING
+from .keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, HOST_REPLACING
 
 if TYPE_CHECKING:
     from ._batch import AsyncCallMap, CallMap
@@ -667,6 +667,7 @@ class ServiceManager:
             metadata,
         )
         attempt = 0
+        rerouted = False
         while True:
             if route.chain is None:  # _attempt_sync's first line, inline: the common call
                 response = route.connection.call(request, request.deadline - _time())  # type: ignore[operator]
@@ -674,6 +675,12 @@ class ServiceManager:
                 response = self._attempt_sync(route, request)
             if response.success:
                 return response.result
+            if not rerouted and response.metadata.get(CONNECTION_CLOSED):
+                rerouted = True
+                fresh = self._rerouted(route, response)
+                if fresh is not None:
+                    route = fresh
+                    continue
             delay = route.retry_delay(request, response, attempt)
             if delay is not None:
                 attempt += 1
@@ -735,6 +742,24 @@ class ServiceManager:
         """
         fresh = self._refresh_route(route, response)
         return fresh, fresh is not route and fresh.address != route.address
+
+    def _rerouted(self, route: _Route, refused: ServiceResponse) -> _Route | None:
+        """Where a request ``route``'s closed connection refused (``CONNECTION_CLOSED``) goes now, or None.
+
+        The route to the name's new address when the name now resolves to
+        another one (a host restarted or moved under it); None when it leads
+        to the same place, does not resolve, or refuses every call (a stopped
+        task, a host being replaced): the retry policy then decides as for
+        any failure. Nothing was sent on ``route``, so sending the request on
+        the new route is delivery, not a retry: callers do it once per call,
+        without asking the retry policy (or spending its budget).
+        """
+        if self._closed:
+            return None
+        fresh, moved = self._reresolve(route, refused)
+        if moved and fresh.address.transport and fresh.awaiting_host is None:
+            return fresh
+        return None
 
     def _retry_route(self, route: _Route, response: ServiceResponse, delay: float, deadline: float | None) -> _Route:
         """The route a sync retry goes on, after the policy's ``delay`` unless the service has moved.
@@ -1062,14 +1087,26 @@ class _AsyncCall(CallFuture[Any]):
     :class:`_AttemptReply`. A finished call drops its request.
     """
 
+    #: whether the call was re-routed once already (set on the instance when it is: most calls never are)
+    _rerouted = False
+
     def __init__(
-        self, manager: ServiceManager, route: _Route, request: ServiceRequest, nominal_timeout: float, attempt: int = 0
+        self,
+        manager: ServiceManager,
+        route: _Route,
+        request: ServiceRequest,
+        nominal_timeout: float,
+        attempt: int = 0,
+        rerouted: bool = False,
     ) -> None:
         """Arm the deadline and send attempt ``attempt`` (a retry of a batched call starts at 1).
 
-        ``nominal_timeout`` is the caller's (or the default) timeout.
+        ``nominal_timeout`` is the caller's (or the default) timeout. ``rerouted``:
+        the call is a batched call's delivery on a new route (not a retry; no second re-route).
         """
         CallFuture.__init__(self)
+        if rerouted:
+            self._rerouted = True
         self._manager = manager
         self._route = route
         self._request = request
@@ -1211,11 +1248,19 @@ class _AsyncCall(CallFuture[Any]):
         self._conclude(self._after(response))
 
     def _conclude(self, response: ServiceResponse) -> None:
-        """A claimed attempt's final response (its after-hooks run): retry, or complete the call."""
+        """A claimed attempt's final response (its after-hooks run): re-route, retry, or complete the call."""
         if not response.success:
             manager = self._manager
             if not manager._closed:
-                delay = self._route.retry_delay(self._request, response, self._attempt)
+                if not self._rerouted and response.metadata.get(CONNECTION_CLOSED):
+                    # Nothing was sent: resolve the name again (in the timer thread: it may connect).
+                    self._rerouted = True
+                    self._attempt += 1
+                    self._open_attempt = self._attempt
+                    manager.timer().call_later(0.0, lambda: self._reroute(response))
+                    return
+                # A re-route is no retry: the policy counts the attempts after it.
+                delay = self._route.retry_delay(self._request, response, self._attempt - self._rerouted)
                 if delay is not None:
                     self._attempt += 1
                     self._open_attempt = self._attempt
@@ -1226,6 +1271,18 @@ class _AsyncCall(CallFuture[Any]):
                 # As a sync call does: the next call resolves the service again (it may have moved).
                 manager._drop_route(self._route)
         self._complete(response)
+
+    def _reroute(self, refused: ServiceResponse) -> None:
+        """Send the request refused by a closed connection on the name's new route, or decide as for any failure."""
+        if self._finished():
+            return
+        fresh = self._manager._rerouted(self._route, refused)
+        if fresh is None:
+            if self._claim(self._attempt):  # the attempt opened for the re-route, never sent
+                self._conclude(refused)
+            return
+        self._route = fresh
+        self._resend()
 
     def _retry_moved(self, failed: ServiceResponse, delay: float) -> None:
         """Send the retry now if the service now resolves elsewhere, else after ``delay`` (see ``_retry_route``)."""

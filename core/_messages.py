@@ -28,6 +28,13 @@ __all__ = ["MAY_HAVE_RUN", "ServiceRequest", "ServiceResponse", "new_request_id"
 #: idempotent method may be sent again. Absent: unknown, which retry policies treat as ``True``.
 #: The caller's exception carries it as ``may_have_run`` (see :meth:`ServiceResponse.to_exception`).
 MAY_HAVE_RUN = "kservice.may_have_run"
+#: True on a ServiceUnavailableError a transport gave a request it could not send because its connection is
+#: closed for good (the host's request queue closed: the host stopped, is stopping or died): nothing was
+#: sent (``MAY_HAVE_RUN`` is False). The manager resolves the name again and, when it now leads to another
+#: address (a host restarted or moved under the name), sends the request there at once, once per call,
+#: as delivery rather than a retry (the retry policy and its budget are not asked). A circuit breaker does
+#: not count it (neither a failure nor a success): it says where the service is not, not how it serves.
+CONNECTION_CLOSED = "kservice.connection_closed"
 #: Response metadata of a method's error that crossed a process: its exception's arguments and attributes,
 #: each pickled (``(args, attributes or None)`` as bytes; see ServiceResponse.for_wire); the caller's error gets
 #: back what loads there.

@@ -12,7 +12,7 @@ given here.
 
 from __future__ import annotations
 
-from ._messages import ERROR_STATE, MAY_HAVE_RUN
+from ._messages import CONNECTION_CLOSED, ERROR_STATE, MAY_HAVE_RUN
 from ._stream import ITEMS_KEY as STREAM_ITEMS
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "AT_CAPACITY",
     "CACHE",
     "CIRCUIT_OPEN",
+    "CONNECTION_CLOSED",
     "DEGRADED",
     "ERROR_STATE",
     "FALLBACK",
@@ -44,6 +45,9 @@ __all__ = [
 
 # MAY_HAVE_RUN ("kservice.may_have_run"), defined beside ServiceResponse: whether a request that failed
 # in the runtime may have reached the service (False: it provably never did, so any retry may re-send it).
+# CONNECTION_CLOSED ("kservice.connection_closed"), defined beside ServiceResponse too: True on the refusal
+# of a request a transport could not send because its connection is closed for good (nothing was sent);
+# the manager delivers it on the name's new route, if any, and a circuit breaker does not count it.
 # ERROR_STATE ("kservice.error_state"), defined beside ServiceResponse too: on a method's error that crossed a
 # process, its exception's arguments and attributes, pickled; the caller's error gets them back.
 

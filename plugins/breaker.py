@@ -29,7 +29,12 @@ the caller's transport saw, a request ring its host did not drain, still counts:
 the host is not reading.) Nor does the ServiceUnavailableError of a call made while
 health recovery replaces the service's host (``kservice.keys.HOST_REPLACING``:
 nothing was sent, and its retry waits for the new host; counting it would cut
-callers off for a cool-down after the new host serves). And when the service
+callers off for a cool-down after the new host serves). Nor does the refusal of a
+request a transport could not send because its connection is closed for good
+(``kservice.keys.CONNECTION_CLOSED``: the host's queue closed; nothing was
+sent, and the manager resolves the name again: a new host gets the call at
+once, and a name that no longer resolves fails later calls before they are
+sent). And when the service
 resolves to another address while the breaker is open (its host died or was
 drained and a new one serves under the name: a supervisor's restart, a
 redeploy), the next call is a half-open probe at once: the failures were the
@@ -68,7 +73,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
-from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, HOST_REPLACING, REPLICA_DOWN, RETRYABLE
+from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, CONNECTION_CLOSED, HOST_REPLACING, REPLICA_DOWN, RETRYABLE
 
 __all__ = [
     "CircuitBreaker",
@@ -112,9 +117,10 @@ _new_exception = BaseException.__new__
 
 
 def _not_an_outcome(response: ServiceResponse) -> bool:
-    """A refusal that says nothing of how the service serves: at its admission limit, or while its host is replaced."""
+    """A refusal that says nothing of how the service serves: at its admission limit, while its host is
+    replaced, or by a connection closed for good (it says where the service is not)."""
     metadata = response.metadata
-    return bool(metadata.get(AT_CAPACITY) or metadata.get(HOST_REPLACING))
+    return bool(metadata.get(AT_CAPACITY) or metadata.get(HOST_REPLACING) or metadata.get(CONNECTION_CLOSED))
 
 
 def _circuit_open_error(message: str, probe_at: float) -> CircuitOpenError:

@@ -74,7 +74,7 @@ from kservice import (
     timeout_response,
 )
 from kservice import __version__ as kservice_version
-from kservice.keys import ADDRESS_IDEMPOTENT, RETRYABLE
+from kservice.keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, RETRYABLE
 
 from . import codec, registry, streams
 from .ring import (
@@ -1232,8 +1232,11 @@ class _ClientRings:
                     else "before it read the request; it never ran"
                 )
                 message = f"service {conn.service_name!r} is unavailable: {why} {outcome}"
+                response = _runtime_error(request_id, ServiceUnavailableError(message), may_have_run)
+                if not may_have_run:
+                    response.metadata[CONNECTION_CLOSED] = True  # the dead host's ring will never be read
                 with contextlib.suppress(Exception):
-                    reply(_runtime_error(request_id, ServiceUnavailableError(message), may_have_run))
+                    reply(response)
 
     def forget(self, request_id: str) -> bool:
         """Drop an async request whose caller gave up; its response, if it comes, is ignored.
@@ -1360,7 +1363,13 @@ class MmapConnection(Connection):
         self._ring = None
 
     def _refused(self, request: ServiceRequest) -> ServiceResponse:
-        return self._unavailable(request, f"{self._refusal}; nothing was sent", may_have_run=False)
+        return self._closed_refusal(request, self._refusal)
+
+    def _closed_refusal(self, request: ServiceRequest, why: str) -> ServiceResponse:
+        """The refusal of a request this connection cannot send, ever: ``CONNECTION_CLOSED``, nothing was sent."""
+        response = self._unavailable(request, f"{why}; nothing was sent", may_have_run=False)
+        response.metadata[CONNECTION_CLOSED] = True
+        return response
 
     def _unavailable(self, request: ServiceRequest, why: str, *, may_have_run: bool) -> ServiceResponse:
         return _runtime_error(
@@ -1387,9 +1396,7 @@ class MmapConnection(Connection):
             return self._overloaded(request, wait)
         except QueueClosed:
             codec.unlink_segment(segment)
-            return self._unavailable(
-                request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
-            )
+            return self._closed_refusal(request, "it is stopping or its host is gone")
         except BaseException:
             codec.unlink_segment(segment)
             raise
@@ -1477,7 +1484,9 @@ class MmapConnection(Connection):
                     self.host_died()
                     if self.unread_requests([request_id]):
                         why = f"its host process (pid {ring.owner_pid}) died before it read the request; it never ran"
-                        return self._unavailable(request, why, may_have_run=False)
+                        refused = self._unavailable(request, why, may_have_run=False)
+                        refused.metadata[CONNECTION_CLOSED] = True  # the dead host's ring will never be read
+                        return refused
                     why = f"its host process (pid {ring.owner_pid}) died during the call; the call may have run"
                     return self._unavailable(request, why, may_have_run=True)
                 host_gone = not ring.owner_alive
@@ -1537,9 +1546,7 @@ class MmapConnection(Connection):
                 codec.unlink_segment(segment)
                 self._fail_unsent(
                     request_id,
-                    self._unavailable(
-                        request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
-                    ),
+                    self._closed_refusal(request, "it is stopping or its host is gone"),
                 )
                 return
             except BaseException:
@@ -1586,9 +1593,7 @@ class MmapConnection(Connection):
             for request in requests:
                 self._fail_unsent(
                     request.request_id,
-                    self._unavailable(
-                        request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
-                    ),
+                    self._closed_refusal(request, "it is stopping or its host is gone"),
                 )
             return
         except BaseException:
@@ -1735,9 +1740,7 @@ class MmapConnection(Connection):
                     failed = self._overloaded(request, allowed)
                 except QueueClosed:
                     codec.unlink_segment(segment)
-                    failed = self._unavailable(
-                        request, "it is stopping or its host is gone; nothing was sent", may_have_run=False
-                    )
+                    failed = self._closed_refusal(request, "it is stopping or its host is gone")
                 except Exception as exc:  # noqa: BLE001 - fails this request, the sender goes on
                     codec.unlink_segment(segment)
                     failed = _runtime_error(

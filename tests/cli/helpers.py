@@ -38,6 +38,24 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_host(name: str, target: str = "tests.mmap.services:KV") -> subprocess.Popen[str]:
+    """``kservice serve NAME=TARGET`` in this session's directories; returns once it serves (its first line read)."""
+    host = subprocess.Popen(
+        [KSERVICE, "serve", f"{name}={target}"],
+        env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert host.stdout is not None
+    line = host.stdout.readline()
+    if not line.startswith(f"serving {name}"):
+        host.kill()
+        _, err = host.communicate()
+        raise AssertionError(f"kservice serve did not start: {line!r} {err}")
+    return host
+
+
 def stop_host(process: subprocess.Popen[str], timeout: float = 30) -> int:
     """Ctrl-C a ``kservice serve`` subprocess and reap it (killed if it outlives ``timeout``); its exit status."""
     process.send_signal(signal.SIGINT)

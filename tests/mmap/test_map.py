@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from kservice import (
+    Config,
     ServiceCallError,
     ServiceEnvironment,
     ServiceFactory,
@@ -26,6 +27,7 @@ from kservice import (
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.transport import MmapConnection
 
+from tests.cli.helpers import start_host, stop_host
 from tests.core.faulty import Counter
 from tests.mmap.services import KV, SerialLedger
 
@@ -428,3 +430,41 @@ def test_a_raising_server_batch_hook_fails_each_call_as_its_per_call_hook_does()
                 assert type(result) is type(single.value) and str(result) == str(single.value), result
         assert _loop_calls(manager) > 0
         assert manager.call_service_sync("items", "count") == 1 + 400  # every call ran once; the hook failed them
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("form", ["sync", "async", "map"])
+@pytest.mark.parametrize("retries", ["off", "default"])
+def test_calls_refused_by_a_host_that_was_replaced_are_delivered_to_the_new_host_at_once(
+    form: str, retries: str
+) -> None:
+    """A caller outside the host's environment keeps its route to a ``kservice serve`` host until a call fails
+    on it. Calls sent there after the host was restarted are refused by the old queue ("nothing was sent"):
+    they are delivered to the new host at once, once each, retries off or not, without spending the retry
+    budget. Before, each waited the policy's pause (or failed with retries off), and a burst or a map of
+    200 calls mostly failed on the budget although the new host served."""
+    name = f"moved{form}{retries}{os.getpid()}"
+    settings = {"max_retries": 0} if retries == "off" else {"retry_interval": 60.0}
+    config = Config.load({"service_call": settings})
+    first = start_host(name)
+    second = None
+    try:
+        with ServiceManager(config=config) as manager:
+            assert manager.call_service_sync(name, "echo", ("route",)) == "route"  # the route is kept
+            stop_host(first)
+            second = start_host(name)
+            began = time.monotonic()
+            items = [(i, 1) for i in range(200)]
+            if form == "sync":
+                results = [manager.call_service_sync(name, "add", item, timeout=120) for item in items]
+            elif form == "async":
+                futures = [manager.call_service_async(name, "add", item, timeout=120) for item in items]
+                results = [future.result(120) for future in futures]
+            else:
+                results = list(manager.map(name, "add", items, timeout=120))
+            assert results == list(range(1, 201))
+            assert time.monotonic() - began < 30  # well under the 60 s pause a retry waits
+    finally:
+        for host in (first, second):
+            if host is not None and host.poll() is None:
+                stop_host(host)

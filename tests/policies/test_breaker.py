@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import time
 import traceback
 from typing import Any
@@ -15,8 +14,7 @@ from kservice import CallBatch, ServiceEnvironment, ServiceRequest, ServiceRespo
 from kservice.keys import AT_CAPACITY
 from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
 
-from tests.cli.helpers import KSERVICE
-from tests.core.conftest import REPO
+from tests.cli.helpers import start_host
 from tests.policies.conftest import chain_of
 from tests.policies.services import Flaky
 
@@ -476,48 +474,62 @@ def test_a_service_refusing_calls_at_its_admission_limit_does_not_open_the_break
             assert reset_breaker(name) and manager.call_service_sync(name, "ok", (3,), timeout=10) == 3
 
 
-def _serve(name: str) -> subprocess.Popen[str]:
-    """``kservice serve`` hosting ``name`` (this session's directories); returns once it serves."""
-    host = subprocess.Popen(
-        [KSERVICE, "serve", f"{name}=tests.mmap.services:KV"],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+@pytest.mark.timeout(120)
+def test_a_breaker_opened_by_a_host_that_died_probes_the_new_host_at_once() -> None:
+    """Calls cut in flight by a host's death open the caller's breaker; a supervisor starts a new host
+    under the name. Before, every call failed fast with CircuitOpenError for the whole cool-down although
+    the new host served; now the first call after it serves is a probe, and closes the breaker."""
+    name = f"brk{os.getpid()}"
+    config = kservice.Config.load(
+        {"breaker": {"failure_threshold": 2, "cooldown": 300}, "service_call": {"max_retries": 0}}
     )
-    assert host.stdout is not None
-    line = host.stdout.readline()
-    assert line.startswith(f"serving {name}"), line + (host.stderr.read() if host.stderr else "")
-    return host
+    hosts = [start_host(name)]
+    try:
+        with kservice.ServiceManager(config=config) as manager:
+            assert manager.call_service_sync(name, "echo", ("a",)) == "a"
+            running = [manager.call_service_async(name, "sleep", (30.0,), timeout=60) for _ in range(3)]
+            time.sleep(0.5)  # they run in the host
+            hosts[0].kill()
+            hosts[0].wait(30)
+            for future in running:  # "died during the call": each counts
+                with pytest.raises(kservice.ServiceUnavailableError, match="died during the call"):
+                    future.result(30)
+            assert breaker_state(name) == "open"
+            hosts.append(start_host(name))
+            # The first call after the new host serves is a probe; it succeeds and closes the breaker.
+            assert manager.call_service_sync(name, "echo", ("c",), timeout=10) == "c"
+            assert breaker_state(name) == "closed"
+            assert manager.call_service_sync(name, "add", (2, 3)) == 5
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.terminate()
+            host.communicate(timeout=30)
+        reset_breaker(name)
 
 
 @pytest.mark.timeout(120)
-def test_a_breaker_opened_by_a_host_that_died_probes_the_new_host_at_once() -> None:
-    """A host killed and started again (a crash restarted by a supervisor, a redeploy): before, every call
-    failed fast with CircuitOpenError for the whole cool-down although the new host served."""
-    name = f"brk{os.getpid()}"
-    config = kservice.Config.load({"breaker": {"failure_threshold": 2, "cooldown": 300}})
-    hosts = [_serve(name)]
+def test_refusals_by_a_closed_connection_do_not_open_the_breaker() -> None:
+    """A host that stopped or died refuses what is sent to its closed queue ("nothing was sent"): that says
+    where the service is not, not how it serves. With no new host the calls fail at once by name; the
+    breaker stays closed, so a host started later serves the next call."""
+    name = f"brkclosed{os.getpid()}"
+    config = kservice.Config.load({"breaker": {"failure_threshold": 1, "cooldown": 300}})
+    hosts = [start_host(name)]
     try:
         with kservice.ServiceManager(config=config) as manager:
             assert manager.call_service_sync(name, "echo", ("a",)) == "a"
             hosts[0].kill()
             hosts[0].wait(30)
-            opened = False
-            for _ in range(20):  # the calls after the crash fail and open the breaker
-                try:
-                    manager.call_service_sync(name, "echo", ("b",), timeout=5)
-                except CircuitOpenError:
-                    opened = True
-                    break
-                except kservice.ServiceError:
-                    continue
-            assert opened and breaker_state(name) == "open"
-            hosts.append(_serve(name))
-            # The first call after the new host serves is a probe; it succeeds and closes the breaker.
-            assert manager.call_service_sync(name, "echo", ("c",), timeout=10) == "c"
+            futures = [manager.call_service_async(name, "echo", (i,), timeout=10) for i in range(20)]
+            for future in futures:
+                with pytest.raises(kservice.ServiceError) as refused:
+                    future.result(30)
+                assert not isinstance(refused.value, CircuitOpenError)
+                assert refused.value.may_have_run is False
             assert breaker_state(name) == "closed"
-            assert manager.call_service_sync(name, "add", (2, 3)) == 5
+            hosts.append(start_host(name))
+            assert manager.call_service_sync(name, "echo", ("b",), timeout=10) == "b"
     finally:
         for host in hosts:
             if host.poll() is None:
