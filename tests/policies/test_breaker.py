@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import kservice
@@ -14,7 +17,7 @@ from kservice import CallBatch, ServiceEnvironment, ServiceRequest, ServiceRespo
 from kservice.keys import AT_CAPACITY
 from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
 
-from tests.cli.helpers import start_host
+from tests.cli.helpers import start_host, stop_host
 from tests.policies.conftest import chain_of
 from tests.policies.services import Flaky
 
@@ -474,6 +477,18 @@ def test_a_service_refusing_calls_at_its_admission_limit_does_not_open_the_break
             assert reset_breaker(name) and manager.call_service_sync(name, "ok", (3,), timeout=10) == 3
 
 
+@contextlib.contextmanager
+def _hosts_of(name: str) -> Iterator[list[subprocess.Popen[str]]]:
+    """The ``kservice serve`` hosts of ``name`` a test runs, the first started here; stopped, and the breaker reset, after."""
+    hosts = [start_host(name)]
+    try:
+        yield hosts
+    finally:
+        for host in hosts:
+            stop_host(host)
+        reset_breaker(name)
+
+
 @pytest.mark.timeout(120)
 def test_a_breaker_opened_by_a_host_that_died_probes_the_new_host_at_once() -> None:
     """Calls cut in flight by a host's death open the caller's breaker; a supervisor starts a new host
@@ -483,29 +498,21 @@ def test_a_breaker_opened_by_a_host_that_died_probes_the_new_host_at_once() -> N
     config = kservice.Config.load(
         {"breaker": {"failure_threshold": 2, "cooldown": 300}, "service_call": {"max_retries": 0}}
     )
-    hosts = [start_host(name)]
-    try:
-        with kservice.ServiceManager(config=config) as manager:
-            assert manager.call_service_sync(name, "echo", ("a",)) == "a"
-            running = [manager.call_service_async(name, "sleep", (30.0,), timeout=60) for _ in range(3)]
-            time.sleep(0.5)  # they run in the host
-            hosts[0].kill()
-            hosts[0].wait(30)
-            for future in running:  # "died during the call": each counts
-                with pytest.raises(kservice.ServiceUnavailableError, match="died during the call"):
-                    future.result(30)
-            assert breaker_state(name) == "open"
-            hosts.append(start_host(name))
-            # The first call after the new host serves is a probe; it succeeds and closes the breaker.
-            assert manager.call_service_sync(name, "echo", ("c",), timeout=10) == "c"
-            assert breaker_state(name) == "closed"
-            assert manager.call_service_sync(name, "add", (2, 3)) == 5
-    finally:
-        for host in hosts:
-            if host.poll() is None:
-                host.terminate()
-            host.communicate(timeout=30)
-        reset_breaker(name)
+    with _hosts_of(name) as hosts, kservice.ServiceManager(config=config) as manager:
+        assert manager.call_service_sync(name, "echo", ("a",)) == "a"
+        running = [manager.call_service_async(name, "sleep", (30.0,), timeout=60) for _ in range(3)]
+        time.sleep(0.5)  # they run in the host
+        hosts[0].kill()
+        hosts[0].wait(30)
+        for future in running:  # "died during the call": each counts
+            with pytest.raises(kservice.ServiceUnavailableError, match="died during the call"):
+                future.result(30)
+        assert breaker_state(name) == "open"
+        hosts.append(start_host(name))
+        # The first call after the new host serves is a probe; it succeeds and closes the breaker.
+        assert manager.call_service_sync(name, "echo", ("c",), timeout=10) == "c"
+        assert breaker_state(name) == "closed"
+        assert manager.call_service_sync(name, "add", (2, 3)) == 5
 
 
 @pytest.mark.timeout(120)
@@ -515,24 +522,16 @@ def test_refusals_by_a_closed_connection_do_not_open_the_breaker() -> None:
     breaker stays closed, so a host started later serves the next call."""
     name = f"brkclosed{os.getpid()}"
     config = kservice.Config.load({"breaker": {"failure_threshold": 1, "cooldown": 300}})
-    hosts = [start_host(name)]
-    try:
-        with kservice.ServiceManager(config=config) as manager:
-            assert manager.call_service_sync(name, "echo", ("a",)) == "a"
-            hosts[0].kill()
-            hosts[0].wait(30)
-            futures = [manager.call_service_async(name, "echo", (i,), timeout=10) for i in range(20)]
-            for future in futures:
-                with pytest.raises(kservice.ServiceError) as refused:
-                    future.result(30)
-                assert not isinstance(refused.value, CircuitOpenError)
-                assert refused.value.may_have_run is False
-            assert breaker_state(name) == "closed"
-            hosts.append(start_host(name))
-            assert manager.call_service_sync(name, "echo", ("b",), timeout=10) == "b"
-    finally:
-        for host in hosts:
-            if host.poll() is None:
-                host.terminate()
-            host.communicate(timeout=30)
-        reset_breaker(name)
+    with _hosts_of(name) as hosts, kservice.ServiceManager(config=config) as manager:
+        assert manager.call_service_sync(name, "echo", ("a",)) == "a"
+        hosts[0].kill()
+        hosts[0].wait(30)
+        futures = [manager.call_service_async(name, "echo", (i,), timeout=10) for i in range(20)]
+        for future in futures:
+            with pytest.raises(kservice.ServiceError) as refused:
+                future.result(30)
+            assert not isinstance(refused.value, CircuitOpenError)
+            assert refused.value.may_have_run is False
+        assert breaker_state(name) == "closed"
+        hosts.append(start_host(name))
+        assert manager.call_service_sync(name, "echo", ("b",), timeout=10) == "b"
