@@ -208,6 +208,9 @@ class MmapListener(Listener):
         self._next_caller_check = time.monotonic() + self._caller_check
         #: a caller ring was mapped since the last look for gone callers (the loop looks only then, or when idle)
         self._callers_added = False
+        #: caller rings that stayed full for RESPONSE_PUT_TIMEOUT: answers to them are not waited for until
+        #: one fits again (see _send_to_caller)
+        self._full_callers: set[str] = set()
         #: requests handed to the task's pool and not answered yet (a cancel notice finds them here)
         self._pooled: dict[str, ServiceRequest] = {}
         #: the calls of each chunk handed to the pool, by chunk id (a cancel notice for the chunk finds them here)
@@ -829,6 +832,7 @@ class MmapListener(Listener):
             return
         with self._responders_lock:
             for name, queue in gone:
+                self._full_callers.discard(name)
                 if self._responders.get(name) is queue:
                     del self._responders[name]
         for _, queue in gone:
@@ -855,6 +859,8 @@ class MmapListener(Listener):
             )
         put = queue._compiled_put
         if put is not None and not put(record):
+            if self._full_callers:
+                self._full_callers.discard(name)  # it reads again
             return
         self._send_to_caller(queue, name, record, segment, "the response to", request.request_id)
 
@@ -879,13 +885,21 @@ class MmapListener(Listener):
     ) -> None:
         """Put one answer record into caller queue ``name``; a caller gone or stuck loses it, and is forgotten.
 
-        The put waits up to ``RESPONSE_PUT_TIMEOUT`` for room. On failure the
-        record's out-of-band segment is unlinked, the cached handle of that
-        queue dropped (a later answer attaches anew or finds it gone), and the
-        loss logged (``what`` and ``which`` say which answer).
+        The put waits up to ``RESPONSE_PUT_TIMEOUT`` for room, once: a ring that
+        stays full that long is marked, and answers to it are put without
+        waiting (dropped when they do not fit) until one fits again. Why: a
+        caller that stopped reading (Ctrl-Z, a debugger, a paused container)
+        with many answers due made every answer wait 2 s in turn, holding the
+        pool's workers and, behind them, every other caller. Its calls end at
+        their deadlines instead; a caller that reads again gets answers again.
+        On failure the record's out-of-band segment is unlinked, the cached
+        handle of that queue dropped (a later answer attaches anew or finds it
+        gone), and the loss logged (``what`` and ``which`` say which answer;
+        the answers dropped while a ring is marked at debug level).
         """
+        marked = name in self._full_callers
         try:
-            queue.put(record, RESPONSE_PUT_TIMEOUT)
+            queue.put(record, 0 if marked else RESPONSE_PUT_TIMEOUT)
         except (QueueError, ValueError, OSError) as exc:
             # (ValueError, OSError: the handle was closed under a put waiting for room, because its
             # caller is gone; see _let_go_of_gone_callers.)
@@ -893,14 +907,23 @@ class MmapListener(Listener):
             with self._responders_lock:
                 if self._responders.get(name) is queue:
                     del self._responders[name]
-            log.info(
+            if isinstance(exc, QueueFull) and not marked:
+                self._full_callers.add(name)
+                why = f"it stayed full for {RESPONSE_PUT_TIMEOUT:g} s; answers to it are dropped until one fits"
+            else:
+                why = str(exc)
+            log.log(
+                logging.DEBUG if marked else logging.INFO,
                 "mmap listener of %r: dropped %s %s (caller's queue %s: %s)",
                 self._task.service_name,
                 what,
                 which,
                 name,
-                exc,
+                why,
             )
+            return
+        if marked:
+            self._full_callers.discard(name)
 
 
 def _error_fields(response: ServiceResponse) -> tuple[Any, ...]:

@@ -48,6 +48,11 @@ class KV:
         time.sleep(seconds)
         return seconds
 
+    def slow_bytes(self, size: int, seconds: float) -> bytes:
+        """``size`` bytes, after ``seconds``."""
+        time.sleep(seconds)
+        return b"x" * size
+
     def thread_name(self) -> str:
         return threading.current_thread().name
 

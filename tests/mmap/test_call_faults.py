@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +27,9 @@ from kservice import (
 from kservice.plugins.mmap import reclaim, registry
 from kservice.testing import wait_for
 
-from .services import Host, unique
+from tests.cli.helpers import start_host, stop_host
+
+from .services import Host, child_env, unique
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -225,3 +229,49 @@ def test_close_fails_async_calls_in_flight_at_once(hosts: Hosts) -> None:
     assert time.monotonic() - started < 1.0
     with ServiceManager() as other:
         assert other.call_service_sync(name, "get", ("k",), timeout=10) == "v"
+
+
+STOPPED_CALLER = """
+import os, signal, sys
+from kservice import ServiceManager
+manager = ServiceManager()
+manager.call_service_sync(sys.argv[1], "echo", (1,))
+# Many answers of 50 kB: more than its response ring holds, and they come once it is stopped.
+futures = [manager.call_service_async(sys.argv[1], "slow_bytes", (50_000, 0.02), timeout=60) for _ in range(400)]
+print("sent", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)  # Ctrl-Z, a debugger, a paused container
+print("resumed", manager.call_service_sync(sys.argv[1], "add", (2, 2), timeout=30), flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_stopped_caller_whose_ring_is_full_does_not_hold_up_other_callers(tmp_path: Path) -> None:
+    """A caller stopped with many answers due (its response ring full): the host waited 2 s for room for
+    each answer in turn, so its workers and then every other caller waited behind them (a sync call of
+    another caller timed out after 30 s). Answers to a caller whose ring stays full are dropped at once
+    after the first wait: the other callers are served; the stopped caller's calls end at their deadline,
+    and once it reads again it is answered again."""
+    name = unique("stuckcaller")
+    host = start_host(name)
+    stopped = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_CALLER, name], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    try:
+        assert stopped.stdout is not None and stopped.stdout.readline().strip() == "sent"
+        with ServiceManager() as manager:
+            end = time.monotonic() + 10
+            slowest = 0.0
+            while time.monotonic() < end:  # another caller, all along
+                began = time.monotonic()
+                assert manager.call_service_sync(name, "add", (1, 2), timeout=20) == 3
+                slowest = max(slowest, time.monotonic() - began)
+                time.sleep(0.01)
+            assert slowest < 5.0, f"another caller waited {slowest:.1f} s behind the stopped one"
+        stopped.send_signal(signal.SIGCONT)  # it reads again: it is answered again
+        assert stopped.stdout.readline().strip() == "resumed 4"
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+        stopped.kill()
+        stopped.wait(30)
+        stop_host(host)
+        reclaim()  # the killed caller's rings
