@@ -385,7 +385,8 @@ def _use_ringfast() -> bool:
     return _ringfast is not None and os.environ.get(PURE_ENV, "") in ("", "0")
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
+#: A pattern, compiled (and cached by re) on its first use, not at import.
+_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z"
 
 _EMPTY: Any = object()
 # Bits of the compiled spin()'s result (SPIN_ARRIVED, SPIN_LOST_CPU in _ringfast.c).
@@ -395,7 +396,7 @@ _ANNOUNCE_ARRIVED = -1  # _ringfast.ANNOUNCE_ARRIVED
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not re.match(_NAME_RE, name):
         raise ValueError(
             f"invalid queue name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.'"
         )

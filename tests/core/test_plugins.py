@@ -369,6 +369,37 @@ def test_public_api_is_exported_at_the_root() -> None:
     assert Path(middleware_package.__file__).parent == REPO / "middleware"
 
 
+def test_every_public_name_is_listed_once_and_resolves_to_its_module() -> None:
+    """The root imports each name on first use (PEP 562): ``__all__``, ``dir()`` and the type checker's view agree."""
+    exports = kservice._EXPORTS
+    assert sorted(kservice.__all__) == sorted([*exports, "__version__"])
+    assert set(kservice.__all__) <= set(dir(kservice))
+    for name, module in exports.items():
+        assert getattr(kservice, name) is getattr(importlib.import_module(f"kservice.{module}"), name), name
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        kservice.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
+    # What type checkers read: every public name imported under TYPE_CHECKING, from the module it comes from.
+    tree = ast.parse((REPO / "core" / "__init__.py").read_text())
+    checked = {
+        alias.asname or alias.name: (node.module or "").lstrip(".")
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert checked == exports
+
+
+def test_importing_the_package_imports_no_submodule() -> None:
+    done = run_python(
+        "import json, sys, kservice; from kservice import ServiceError\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('kservice.'))))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == '["kservice._errors"]'
+
+
 @pytest.mark.parametrize(
     "name",
     ["ServiceNotFoundError", "MethodNotFoundError", "ServiceTimeoutError", "ServiceOverloadedError", "ConfigError"],
