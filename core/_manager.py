@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import inspect
 import itertools
 import math
@@ -117,11 +116,15 @@ class _Timer:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         """Run ``callback()`` in the timer thread after ``delay`` seconds."""
+        import heapq  # with the first delayed callback (a retry's back-off), not with every caller
+
         with self._cond:
             heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), callback))
             self._cond.notify()
 
     def _run(self) -> None:
+        import heapq  # in the timer's thread, once
+
         while True:
             due: list[Callable[[], None]] = []
             with self._cond:

@@ -106,10 +106,16 @@ class KservicePluginManager(pluggy.PluginManager):
         # names over the installed plugins, a fifth of building the first manager). A module's
         # name that is no function or method wrapper cannot be a hook to pluggy either, and a
         # module's attribute is a plain entry of its __dict__: skip those without the lookup.
-        if type(plugin) is ModuleType and not isinstance(
-            plugin.__dict__.get(name), (FunctionType, MethodType, staticmethod, classmethod)
-        ):
-            return None
+        if type(plugin) is ModuleType:
+            value = plugin.__dict__.get(name)
+            if type(value) is FunctionType:
+                # What pluggy's static look-up finds for a module's function is the function itself;
+                # read its marker as pluggy does, without the look-up (most of a module's functions
+                # are no hooks: helpers, and the plugin's own API).
+                opts = getattr(value, self.project_name + "_impl", None)
+                return cast("pluggy.HookimplOpts | None", opts if isinstance(opts, dict) else None)
+            if not isinstance(value, (MethodType, staticmethod, classmethod)):
+                return None
         return super().parse_hookimpl_opts(plugin, name)
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:

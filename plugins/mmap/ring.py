@@ -901,8 +901,7 @@ class ShmQueue:
         # refuses while they exist.
         self._w64 = memoryview(mm).cast("Q")
         self._w32 = memoryview(mm).cast("I")
-        self._anchor = ctypes_c_char.from_buffer(mm)
-        base = ctypes_addressof(self._anchor)
+        base = _futex.buffer_address(mm)  # the views above keep the mapping where it is
         self._lock_addr = base + _OFF_MUTEX
         self._lock_arg = _futex.pointer_arg(self._lock_addr)
         self._data_seq_addr = base + _OFF_DATA_SEQ
@@ -1540,7 +1539,6 @@ class ShmQueue:
             view = self.__dict__.pop(attr, None)
             if view is not None:
                 view.release()
-        self.__dict__.pop("_anchor", None)
 
     def close(self) -> None:
         """Unmap this handle (idempotent).  The queue itself lives on until unlinked."""
@@ -1568,10 +1566,6 @@ class ShmQueue:
 
 
 # Hot-path bindings.
-import ctypes as _ctypes  # noqa: E402
-
-ctypes_c_char = _ctypes.c_char
-ctypes_addressof = _ctypes.addressof
 _trylock = _futex.fast_trylock
 _unlock = _futex.fast_unlock
 _spin_trylock = _futex.fast_spin_trylock
@@ -1637,11 +1631,7 @@ def create_queue(name: str, capacity: int = 1 << 20, *, create: bool = True, own
                     _start_time(owner),
                     time.time(),
                 )
-                anchor = _ctypes.c_char.from_buffer(mm)
-                try:
-                    _futex.mutex_init(_ctypes.addressof(anchor) + _OFF_MUTEX)
-                finally:
-                    del anchor
+                _futex.mutex_init(_futex.buffer_address(mm) + _OFF_MUTEX)
                 st = os.fstat(fd)
                 os.rename(tmp, path)
             except BaseException:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from kservice.plugins.mmap import _futex
 
 from tests.mmap.services import REPO_ROOT, child_env
 
@@ -145,7 +146,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
 
 #: What a process that calls a service hosted elsewhere has no use for on its first call: the task
 #: machinery and what only it uses, streams, batches, status records, the health monitor, the mmap
-#: plugin's streams, the records ``kservice plugins`` lists, random (Ray's balancer) and the error paths.
+#: plugin's streams, the records ``kservice plugins`` lists, the timer's heap, random (Ray's balancer), the
+#: error paths and ctypes (the compiled ring has the native calls).
 NOT_FOR_A_CALLER = (
     "kservice._task",
     "kservice._environment",
@@ -160,8 +162,11 @@ NOT_FOR_A_CALLER = (
     "kservice.plugins.ray.connection",
     "kservice.plugins.ray.task",
     "queue",
+    "heapq",
     "random",
     "difflib",
+    # the futex and mutex calls come from the compiled extension when it is built
+    *(("ctypes",) if _futex.NATIVE else ()),
 )
 
 _PLAIN_CALLER = """
