@@ -484,3 +484,41 @@ def test_kservice_resolve_service_gets_the_services_options() -> None:
     finally:
         pm.unregister(name="options-resolver")
     assert got and got[0]["service_call"]["default_timeout"] == 7.0
+
+
+def test_a_module_plugins_hooks_are_found_by_their_markers_whatever_their_names() -> None:
+    """A module's functions are read without pluggy's static look-up: its markers and options still decide."""
+    import types
+
+    module = types.ModuleType("acme_marked")
+    exec(  # a real module object, as an entry point's import makes one
+        "import kservice\n"
+        "@kservice.hookimpl(specname='kservice_known_services')\n"
+        "def services_under_another_name():\n"
+        "    return ['marked-by-specname']\n"
+        "@kservice.hookimpl(tryfirst=True)\n"
+        "def kservice_known_services():\n"
+        "    return ['marked-by-name']\n"
+        "def kservice_resolve_service(service_name):  # no marker: not a hook, whatever its name\n"
+        "    raise AssertionError('an unmarked function was called as a hook')\n"
+        "def helper():\n"
+        "    return 'not a hook'\n"
+        "class NotAHook:\n"
+        "    def kservice_known_services(self):\n"
+        "        return ['a class attribute is no hook of the module']\n",
+        module.__dict__,
+    )
+    pm = get_plugin_manager()
+    pm.register(module, name="acme-marked")
+    try:
+        impls = {impl.function.__name__: impl for impl in pm.hook.kservice_known_services.get_hookimpls()}
+        assert {"services_under_another_name", "kservice_known_services"} <= set(impls)
+        assert impls["kservice_known_services"].tryfirst and impls["kservice_known_services"].plugin is module
+        assert all(impl.plugin is not module for impl in pm.hook.kservice_resolve_service.get_hookimpls())
+        found = [name for names in pm.hook.kservice_known_services() for name in names]
+        assert "marked-by-specname" in found and "marked-by-name" in found
+        assert "a class attribute is no hook of the module" not in found
+        with pytest.raises(kservice.ServiceNotFoundError):
+            ServiceManager(config={}).call_service_sync("nowhere-to-be-found", "m")
+    finally:
+        pm.unregister(name="acme-marked")
