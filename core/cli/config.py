@@ -231,7 +231,7 @@ def config_reference(builtin_only: bool = False) -> str:
         "process does not import `importlib.metadata` and parse every installed distribution's metadata",
         "on each start (20-50 ms). A directory is read afresh whenever its modification time differs from",
         "the cached one (installing or removing a distribution changes it), a directory changed in the",
-        "last two seconds is never cached (the working directory, `\"\"` on `sys.path`, is cached under its",
+        'last two seconds is never cached (the working directory, `""` on `sys.path`, is cached under its',
         "own path, so commands run from different directories share the cache), and a cache file that is",
         "unreadable, of another format or not owned by the user is ignored and rewritten: the plugins",
         "found are always those",
