@@ -530,8 +530,8 @@ class _Batch:
         max_in_flight: int,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
+        from ._errors import _short_repr
         from ._manager import _checked_mapping, _checked_method_name, _checked_timeout
-        from ._task import _short_repr
 
         if timeout is not None:
             timeout = _checked_timeout(timeout)

@@ -384,7 +384,8 @@ def _type_name(value: Any) -> str:
 
 # --------------------------------------------------------------------------- ${VAR} interpolation
 
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A pattern, compiled (and cached by re) on its first use, not at import.
+_VARIABLE_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _REFERENCE_FORMS = "write ${VAR} or ${VAR:-default}; a literal '${' is written '$${'"
 
 
@@ -428,7 +429,7 @@ def _expand(text: str, start: int, environ: Mapping[str, str], *, evaluate: bool
 
 def _reference(text: str, start: int, environ: Mapping[str, str], *, evaluate: bool) -> tuple[str, int]:
     """(value, index after) of the reference ``${...}`` at ``text[start]``."""
-    name_match = _VARIABLE_NAME.match(text, start + 2)
+    name_match = re.compile(_VARIABLE_NAME).match(text, start + 2)
     after = name_match.end() if name_match else start + 2
     close = text.find("}", start)
     written = text[start : close + 1] if close >= 0 else text[start:]

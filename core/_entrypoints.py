@@ -109,7 +109,7 @@ def entry_points(group: str) -> list[EntryPointRef]:
     found: list[EntryPointRef] = []
     changed = False
     for entry in sys.path:
-        dists, learned = _dists_in(entry, _known)
+        dists, learned = _dists_in(_absolute(entry), _known)
         changed = changed or learned
         for normalised, name, version, groups in dists:
             if normalised in seen:
@@ -120,6 +120,20 @@ def entry_points(group: str) -> list[EntryPointRef]:
     if changed and path is not None:
         _write_cache(path, _known)
     return found
+
+
+def _absolute(entry: str) -> str:
+    """``entry`` as an absolute path: ``""`` (the working directory) is cached as the directory it is now.
+
+    Cached under ``""`` it would be one entry for every directory a command runs from, read afresh
+    (and the cache rewritten) whenever the directory differs from the last one's.
+    """
+    if os.path.isabs(entry):
+        return entry
+    try:
+        return os.path.abspath(entry)
+    except OSError:  # the working directory is gone
+        return entry
 
 
 def _dists_in(entry: str, known: dict[str, list[Any]]) -> tuple[list[_Dist], bool]:
@@ -226,7 +240,8 @@ def _write_cache(path: str, known: dict[str, list[Any]]) -> None:
     import json
 
     if len(known) > _MAX_DIRECTORIES:  # keep what this sys.path uses; forget the rest
-        for entry in [e for e in known if e not in sys.path]:
+        in_use = {_absolute(e) for e in sys.path}
+        for entry in [e for e in known if e not in in_use]:
             del known[entry]
     temporary = f"{path}.{os.getpid()}.tmp"
     try:

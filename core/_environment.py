@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._config import Config
-from ._errors import ConfigError, ServiceError
-from ._task import BaseServiceTask, ServiceFactory, TaskContext, _short_repr, import_service_class, stop_timeout
+from ._errors import ConfigError, ServiceError, _short_repr
+from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class, stop_timeout
 
 if TYPE_CHECKING:
     import os

@@ -28,6 +28,15 @@ __all__ = [
 ]
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; never raises."""
+    try:
+        text = repr(value)
+    except BaseException:  # noqa: BLE001 - a __repr__ that raises
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ServiceError(Exception):
     """Base class of every error kservice raises on a call."""
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import heapq
 import inspect
 import itertools
 import math
@@ -15,7 +13,6 @@ from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._batch import _checked_count
 from ._config import Config
 from ._context import _current_request, is_idempotent
 from ._errors import (
@@ -25,14 +22,13 @@ from ._errors import (
     ServiceNotFoundError,
     ServiceStoppedError,
     ServiceUnavailableError,
+    _short_repr,
 )
 from ._future import CallFuture, future_lock
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, MiddlewareError
-from ._plugins import call_hook, get_transport, transports
-from ._stream import ItemStream, LocalStream
-from ._task import _flatten, _short_repr
+from ._plugins import _flatten, call_hook, get_transport, transports
 from ._transport import Connection, ServiceAddress, timeout_response
 from .keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, HOST_REPLACING
 
@@ -40,6 +36,7 @@ if TYPE_CHECKING:
     from ._batch import AsyncCallMap, CallMap
     from ._environment import ServiceEnvironment
     from ._status import ServiceStatus
+    from ._stream import ItemStream
     from ._task import BaseServiceTask
 
 __all__ = ["ServiceManager", "ServiceProxy"]
@@ -119,11 +116,15 @@ class _Timer:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         """Run ``callback()`` in the timer thread after ``delay`` seconds."""
+        import heapq  # with the first delayed callback (a retry's back-off), not with every caller
+
         with self._cond:
             heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), callback))
             self._cond.notify()
 
     def _run(self) -> None:
+        import heapq  # in the timer's thread, once
+
         while True:
             due: list[Callable[[], None]] = []
             with self._cond:
@@ -280,6 +281,8 @@ class _RefusingConnection(Connection):
     def open_stream(self, request: ServiceRequest, window: int) -> Any:
         if not self._metadata:
             raise self._error()
+        from ._stream import LocalStream
+
         # A stream that ends at once with the refusal, so its metadata (the retry policy's and the
         # breaker's signals) reaches them as a call's does.
         ended = LocalStream(window)
@@ -287,6 +290,13 @@ class _RefusingConnection(Connection):
         response.metadata.update(self._metadata)
         ended.end(response)
         return ended
+
+
+def _is_environment(value: object) -> bool:
+    # A caller without an environment never imports the environment (and with it the task machinery).
+    from ._environment import ServiceEnvironment
+
+    return isinstance(value, ServiceEnvironment)
 
 
 def _not_portable(what: str, service_name: str | None) -> TypeError:
@@ -328,10 +338,9 @@ class ServiceManager:
         an ``environment`` that is not a ServiceEnvironment (a config passed
         in its place); ConfigError for a config that does not load.
         """
-        from ._environment import ServiceEnvironment
         from ._plugins import get_plugin_manager, on_plugins_changed
 
-        if environment is not None and not isinstance(environment, ServiceEnvironment):
+        if environment is not None and not _is_environment(environment):
             raise TypeError(
                 f"ServiceManager's first argument is a ServiceEnvironment or None, not {type(environment).__name__} "
                 f"{_short_repr(environment)}; to call services with a configuration of its own, pass "
@@ -454,6 +463,8 @@ class ServiceManager:
         preferred: list[str] = list(self.config.for_service(service_name)["service_call"]["transports"])
         for name in preferred:
             if name not in registered:
+                import difflib  # error path only
+
                 close = difflib.get_close_matches(str(name), list(registered), n=1)
                 raise ConfigError(
                     f"service_call.transports (service {service_name!r}): no transport named {name!r} is registered"
@@ -992,6 +1003,9 @@ class ServiceManager:
         request = self._request(
             service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata
         )
+        from ._batch import _checked_count
+        from ._stream import ItemStream  # streams' machinery loads with the first stream, not with every caller
+
         window = route.stream_window if window is None else _checked_count("window", window)
         pull = route.pull_items
         if pull is not None:

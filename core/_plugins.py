@@ -20,7 +20,6 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from types import FunctionType, MethodType, ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -31,6 +30,7 @@ from ._config import Schema, core_schema, merge_schema
 from ._errors import PluginError, ServiceError
 
 if TYPE_CHECKING:
+    from ._plugininfo import PluginInfo, PluginState
     from ._task import BaseServiceTask, ServiceFactory, TaskContext
     from ._transport import Transport
 
@@ -65,25 +65,13 @@ hookimpl = pluggy.HookimplMarker("kservice")
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class PluginInfo:
-    """What ``kservice plugins`` shows for one plugin."""
+def __getattr__(name: str) -> Any:
+    # The records ``kservice plugins`` lists are built only there: a caller does not pay for their classes.
+    if name in ("PluginInfo", "PluginState"):
+        from . import _plugininfo
 
-    name: str
-    origin: str  # "entry point <dist> <version>", or "registered at run time"
-    hooks: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PluginState:
-    """One plugin as ``kservice plugins`` lists it: loaded, disabled or failed, and why."""
-
-    name: str
-    state: str  # "loaded", "disabled" or "failed"
-    origin: str
-    hooks: tuple[str, ...] = ()
-    reason: str = ""
-    required: bool = False
+        return getattr(_plugininfo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class KservicePluginManager(pluggy.PluginManager):
@@ -118,10 +106,16 @@ class KservicePluginManager(pluggy.PluginManager):
         # names over the installed plugins, a fifth of building the first manager). A module's
         # name that is no function or method wrapper cannot be a hook to pluggy either, and a
         # module's attribute is a plain entry of its __dict__: skip those without the lookup.
-        if type(plugin) is ModuleType and not isinstance(
-            plugin.__dict__.get(name), (FunctionType, MethodType, staticmethod, classmethod)
-        ):
-            return None
+        if type(plugin) is ModuleType:
+            value = plugin.__dict__.get(name)
+            if type(value) is FunctionType:
+                # What pluggy's static look-up finds for a module's function is the function itself;
+                # read its marker as pluggy does, without the look-up (most of a module's functions
+                # are no hooks: helpers, and the plugin's own API).
+                opts = getattr(value, self.project_name + "_impl", None)
+                return cast("pluggy.HookimplOpts | None", opts if isinstance(opts, dict) else None)
+            if not isinstance(value, (MethodType, staticmethod, classmethod)):
+                return None
         return super().parse_hookimpl_opts(plugin, name)
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
@@ -157,6 +151,19 @@ class KservicePluginManager(pluggy.PluginManager):
         if dead:
             with self._lock:
                 self._listeners = [r for r in self._listeners if r not in dead]
+
+
+def _flatten(results: Iterable[Any]) -> list[Any]:
+    """Hook results as one list: lists and tuples spliced in, Nones dropped."""
+    flat: list[Any] = []
+    for item in results:
+        if item is None:
+            continue
+        if isinstance(item, (list, tuple)):
+            flat.extend(x for x in item if x is not None)
+        else:
+            flat.append(item)
+    return flat
 
 
 _manager: KservicePluginManager | None = None
@@ -368,6 +375,8 @@ def plugin_states() -> list[PluginState]:
     failed ones say why they failed; a required plugin that is not installed
     is listed as failed too.
     """
+    from ._plugininfo import PluginState
+
     pm = get_plugin_manager()
     states: dict[str, PluginState] = {}
     for info in plugin_infos():
@@ -393,6 +402,8 @@ def plugin_states() -> list[PluginState]:
 
 def plugin_infos() -> list[PluginInfo]:
     """Every registered plugin: name, where it came from and the hooks it implements."""
+    from ._plugininfo import PluginInfo
+
     pm = get_plugin_manager()
     infos = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):

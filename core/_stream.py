@@ -35,6 +35,7 @@ from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, Ser
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareError
 from ._transport import deadline_response
+from .keys import STREAM_ITEMS
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,7 +48,7 @@ __all__ = ["ItemStream", "SinkBusy", "StreamSink", "StreamSource"]
 #: Items a producer may have sent and the consumer not yet taken, when the caller names no window.
 DEFAULT_WINDOW = 64
 #: The response metadata key carrying how many items a stream delivered (middleware observers read it).
-ITEMS_KEY = "kservice.stream.items"
+ITEMS_KEY = STREAM_ITEMS
 #: The response metadata key marking a stream its consumer closed before the end.
 CLOSED_KEY = "kservice.stream.closed"
 

@@ -29,9 +29,11 @@ from ._errors import (
     ServiceOverloadedError,
     ServiceStoppedError,
     ServiceUnavailableError,
+    _short_repr,
 )
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
+from ._plugins import _flatten
 from ._status import ServiceStatus, TaskState
 from ._stream import (
     StreamSink,
@@ -1585,15 +1587,6 @@ class LocalServiceTask(BaseServiceTask):
     default_transports: ClassVar[tuple[str, ...]] = ("inproc",)
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters; never raises."""
-    try:
-        text = repr(value)
-    except BaseException:  # noqa: BLE001 - a __repr__ that raises
-        return f"<{type(value).__name__} object>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 async def _lifecycle_coroutine(instance: Any, names: Iterable[str]) -> None:
     """Call each of ``instance``'s lifecycle methods in turn on the running loop, awaiting ``async def`` ones."""
     for name in names:
@@ -1615,15 +1608,3 @@ def _refuse_stream(service_name: str, method_name: str) -> Callable[..., Any]:
         )
 
     return refuse
-
-
-def _flatten(results: Iterable[Any]) -> list[Any]:
-    flat: list[Any] = []
-    for item in results:
-        if item is None:
-            continue
-        if isinstance(item, (list, tuple)):
-            flat.extend(x for x in item if x is not None)
-        else:
-            flat.append(item)
-    return flat

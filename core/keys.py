@@ -13,7 +13,6 @@ given here.
 from __future__ import annotations
 
 from ._messages import CONNECTION_CLOSED, ERROR_STATE, MAY_HAVE_RUN
-from ._stream import ITEMS_KEY as STREAM_ITEMS
 
 __all__ = [
     "ADDRESS_IDEMPOTENT",
@@ -76,9 +75,10 @@ DEGRADED = "kservice.degraded"
 FALLBACK = "kservice.fallback"
 #: ``"hit"`` on a response the result cache answered without calling the service.
 CACHE = "kservice.cache"
-# STREAM_ITEMS ("kservice.stream.items"), defined beside the stream: on the end of a stream (its response as
-# client after-hooks and observers see it), how many items the caller got or was given. Present on every
-# stream's end and on no call's response, so a client middleware tells a stream's end from a call's answer.
+#: On the end of a stream (its response as client after-hooks and observers see it), how many items the
+#: caller got or was given. Present on every stream's end and on no call's response, so a client
+#: middleware tells a stream's end from a call's answer.
+STREAM_ITEMS = "kservice.stream.items"
 
 # ------------------------------------------------------------------ status sections (ServiceStatus.extra)
 

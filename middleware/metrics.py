@@ -43,11 +43,11 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from kservice import CallBatch, ServiceMiddleware, ServiceRequest, ServiceResponse, ServiceStatus, Setting, hookimpl
+from kservice import CallBatch, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
 from kservice.keys import STATUS_LOAD, STATUS_REPLICAS
 
 if TYPE_CHECKING:
-    from kservice import BaseServiceTask
+    from kservice import BaseServiceTask, ServiceStatus
 
 __all__ = [
     "BUCKET_BOUNDS",

@@ -59,21 +59,22 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from kservice import (
-    BaseServiceTask,
     CallBatch,
     ServiceAddress,
     ServiceMiddleware,
     ServiceRequest,
     ServiceResponse,
-    ServiceStatus,
     ServiceUnavailableError,
     Setting,
     hookimpl,
 )
 from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, CONNECTION_CLOSED, HOST_REPLACING, REPLICA_DOWN, RETRYABLE
+
+if TYPE_CHECKING:
+    from kservice import BaseServiceTask, ServiceStatus
 
 __all__ = [
     "CircuitBreaker",

@@ -11,23 +11,20 @@ the caller expects it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kservice import (
-    BaseServiceTask,
     Connection,
-    ItemStream,
     Listener,
-    LocalServiceTask,
-    LocalStream,
     ServiceAddress,
-    ServiceManager,
     ServiceRequest,
     ServiceResponse,
-    StreamSource,
     Transport,
     hookimpl,
 )
+
+if TYPE_CHECKING:  # the task and stream machinery load with the first local task or stream, not with every caller
+    from kservice import BaseServiceTask, ItemStream, ServiceFactory, ServiceManager, StreamSource, TaskContext
 
 
 class InprocListener(Listener):
@@ -97,6 +94,8 @@ class InprocConnection(Connection):
         pulled = self._task.pull_stream(request, window)
         if pulled is not None:
             return pulled
+        from kservice._stream import LocalStream
+
         stream = LocalStream(window)
         self._task.open_stream(request, stream)
         return stream
@@ -132,4 +131,10 @@ def kservice_register_transports(register: Callable[[Transport], None]) -> None:
 
 @hookimpl
 def kservice_register_task_kinds(register: Callable[..., None]) -> None:
-    register("local", LocalServiceTask)
+    register("local", _make_local_task)
+
+
+def _make_local_task(factory: ServiceFactory, ctx: TaskContext) -> BaseServiceTask:
+    from kservice._task import LocalServiceTask
+
+    return LocalServiceTask(factory, ctx)

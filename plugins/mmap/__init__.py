@@ -12,14 +12,14 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kservice import BaseServiceTask, ServiceAddress, Setting, Transport, hookimpl
+from kservice import ServiceAddress, Setting, Transport, hookimpl
 
 from .registry import ServiceNameTaken, lookup, reclaim, running_services
 from .transport import MmapConnection, MmapListener, MmapTransport
 
 if TYPE_CHECKING:
     import click
-    from kservice import ServiceFactory, TaskContext
+    from kservice import BaseServiceTask, ServiceFactory, TaskContext
 
     from .host import ProcessServiceTask
 

@@ -542,6 +542,198 @@ static PyMethodDef Ring_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* ------------------------------------------------------------------------------------------------
+ * The native primitives of _futex.py, as module functions: the same system calls and glibc functions
+ * _futex_ctypes.py reaches through ctypes, with the same arguments, results and errors, so a process
+ * that has this extension never imports ctypes (about a millisecond of every cold start). Calls that
+ * can block (futex_wait, mutex_clocklock, membarrier) release the GIL, as ctypes' CDLL does; the
+ * others keep it, as its PyDLL does for the ring's hot path. Addresses are Python ints.
+ */
+
+/* A private word for full_barrier(): "locked" from the start, so every pthread_spin_trylock on it is
+ * a failed but still locked (hence fencing) cmpxchg, as _futex_ctypes.FENCE_ARG's word. */
+static int fence_word = 1;
+
+static int
+address_arg(PyObject *arg, void **address)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLong(arg);
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *address = (void *)(uintptr_t)value;
+    return 0;
+}
+
+/* buffer_address(buffer) -> int: where a writable buffer (an mmap) starts in this process. */
+static PyObject *
+native_buffer_address(PyObject *Py_UNUSED(module), PyObject *buffer)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    uintptr_t address = (uintptr_t)view.buf;
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong((unsigned long long)address);
+}
+
+/* futex_wait(address, expected, seconds) -> 0, EAGAIN, ETIMEDOUT or EINTR; OSError otherwise. */
+static PyObject *
+native_futex_wait(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *where;
+    unsigned long long expected;
+    double seconds;
+    void *address;
+    if (!PyArg_ParseTuple(args, "OKd", &where, &expected, &seconds) || address_arg(where, &address) < 0)
+        return NULL;
+    if (seconds < 0)
+        seconds = 0;
+    struct timespec timeout;
+    timeout.tv_sec = (time_t)seconds;
+    timeout.tv_nsec = (long)((seconds - (double)timeout.tv_sec) * 1e9);
+    long r;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    r = syscall(SYS_futex, address, FUTEX_WAIT, (uint32_t)expected, &timeout, NULL, 0);
+    if (r != 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (r == 0)
+        return PyLong_FromLong(0);
+    if (err == EAGAIN || err == ETIMEDOUT || err == EINTR)
+        return PyLong_FromLong(err);
+    set_futex_error("wait", err);
+    return NULL;
+}
+
+/* futex_wake(address, count=INT_MAX) -> how many woke; OSError on failure. */
+static PyObject *
+native_futex_wake(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *where;
+    int count = INT_MAX;
+    void *address;
+    if (!PyArg_ParseTuple(args, "O|i", &where, &count) || address_arg(where, &address) < 0)
+        return NULL;
+    long r = syscall(SYS_futex, address, FUTEX_WAKE, count, NULL, NULL, 0);
+    if (r < 0) {
+        set_futex_error("wake", errno);
+        return NULL;
+    }
+    return PyLong_FromLong(r);
+}
+
+/* mutex_init(address): a process-shared robust mutex at address (fresh, zeroed memory); OSError. */
+static PyObject *
+native_mutex_init(PyObject *Py_UNUSED(module), PyObject *where)
+{
+    void *address;
+    if (address_arg(where, &address) < 0)
+        return NULL;
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0)
+        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0)
+        rc = pthread_mutex_init((pthread_mutex_t *)address, &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc != 0) {
+        char message[160];
+        snprintf(message, sizeof message, "cannot initialise the queue's robust mutex: %s", strerror(rc));
+        PyObject *error = Py_BuildValue("(is)", rc, message);
+        if (error != NULL) {
+            PyErr_SetObject(PyExc_OSError, error);
+            Py_DECREF(error);
+        }
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+#define HAVE_CLOCKLOCK 1
+/* mutex_clocklock(address, deadline) -> 0 or the pthread error: lock, waiting at most until deadline
+ * (time.monotonic() seconds), without the GIL. */
+static PyObject *
+native_mutex_clocklock(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *where;
+    double deadline;
+    void *address;
+    if (!PyArg_ParseTuple(args, "Od", &where, &deadline) || address_arg(where, &address) < 0)
+        return NULL;
+    if (deadline < 0)
+        deadline = 0;
+    struct timespec end;
+    end.tv_sec = (time_t)deadline;
+    end.tv_nsec = (long)((deadline - (double)end.tv_sec) * 1e9);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pthread_mutex_clocklock((pthread_mutex_t *)address, CLOCK_MONOTONIC, &end);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+#endif
+
+#define NATIVE_LOCK_FUNCTION(name, call)                                  \
+    static PyObject *name(PyObject *Py_UNUSED(module), PyObject *where)   \
+    {                                                                     \
+        void *address;                                                    \
+        if (address_arg(where, &address) < 0)                             \
+            return NULL;                                                  \
+        return PyLong_FromLong(call);                                     \
+    }
+
+/* mutex_trylock/mutex_unlock/mutex_consistent(address), spin_trylock(address) -> 0 or the pthread error. */
+NATIVE_LOCK_FUNCTION(native_mutex_trylock, pthread_mutex_trylock((pthread_mutex_t *)address))
+NATIVE_LOCK_FUNCTION(native_mutex_unlock, pthread_mutex_unlock((pthread_mutex_t *)address))
+NATIVE_LOCK_FUNCTION(native_mutex_consistent, pthread_mutex_consistent((pthread_mutex_t *)address))
+NATIVE_LOCK_FUNCTION(native_spin_trylock, pthread_spin_trylock((pthread_spinlock_t *)address))
+
+#ifndef SYS_membarrier
+#define SYS_membarrier 324 /* x86-64 */
+#endif
+
+/* membarrier(command) -> the system call's result (-1 on failure), without the GIL. */
+static PyObject *
+native_membarrier(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int command = (int)PyLong_AsLong(arg);
+    if (command == -1 && PyErr_Occurred())
+        return NULL;
+    long r;
+    Py_BEGIN_ALLOW_THREADS
+    r = syscall(SYS_membarrier, command, 0, 0);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(r);
+}
+
+static PyMethodDef module_methods[] = {
+    {"buffer_address", native_buffer_address, METH_O,
+     "buffer_address(buffer) -> int: the address of a writable buffer's first byte."},
+    {"futex_wait", native_futex_wait, METH_VARARGS,
+     "futex_wait(address, expected, seconds) -> 0, EAGAIN, ETIMEDOUT or EINTR (shared futex, without "
+     "the GIL); OSError otherwise."},
+    {"futex_wake", native_futex_wake, METH_VARARGS,
+     "futex_wake(address, count=INT_MAX) -> how many waiters woke (shared futex); OSError on failure."},
+    {"mutex_init", native_mutex_init, METH_O,
+     "mutex_init(address): initialise a process-shared robust mutex there; OSError on failure."},
+#ifdef HAVE_CLOCKLOCK
+    {"mutex_clocklock", native_mutex_clocklock, METH_VARARGS,
+     "mutex_clocklock(address, deadline) -> 0 or the pthread error: wait (without the GIL) at most "
+     "until deadline, a time.monotonic() value."},
+#endif
+    {"mutex_trylock", native_mutex_trylock, METH_O, "mutex_trylock(address) -> 0 or the pthread error."},
+    {"mutex_unlock", native_mutex_unlock, METH_O, "mutex_unlock(address) -> 0 or the pthread error."},
+    {"mutex_consistent", native_mutex_consistent, METH_O, "mutex_consistent(address) -> 0 or the pthread error."},
+    {"spin_trylock", native_spin_trylock, METH_O, "spin_trylock(address) -> 0 or EBUSY."},
+    {"membarrier", native_membarrier, METH_O,
+     "membarrier(command) -> the membarrier(2) system call's result (-1 on failure), without the GIL."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject RingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kservice.plugins.mmap._ringfast.Ring",
@@ -557,8 +749,10 @@ static PyTypeObject RingType = {
 static struct PyModuleDef ringfast_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_ringfast",
-    .m_doc = "Compiled put/pop of kservice's shared-memory ring (same protocol as ring.py).",
+    .m_doc = "Compiled put/pop of kservice's shared-memory ring (same protocol as ring.py), and the "
+             "native primitives of _futex.py.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
@@ -596,7 +790,8 @@ PyInit__ringfast(void)
         || PyModule_AddIntConstant(m, "POP_OK", POP_OK) < 0
         || PyModule_AddIntConstant(m, "POP_WAKE", POP_WAKE) < 0
         || PyModule_AddIntConstant(m, "POP_EMPTY", POP_EMPTY) < 0
-        || PyModule_AddIntConstant(m, "POP_CORRUPT", POP_CORRUPT) < 0) {
+        || PyModule_AddIntConstant(m, "POP_CORRUPT", POP_CORRUPT) < 0
+        || PyModule_AddObject(m, "FENCE_ADDRESS", PyLong_FromUnsignedLongLong((uintptr_t)&fence_word)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

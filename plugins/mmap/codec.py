@@ -94,6 +94,7 @@ __all__ = [
     "POOL_LEASE_LOST",
     "POOL_MAX_SEGMENT",
     "POOL_SEGMENTS",
+    "STREAM_KEY",
     "DecodeError",
     "decode",
     "decode_many",
@@ -143,6 +144,8 @@ KIND_BATCH = 4
 #: stream's producer, and a stream the caller closed.
 KIND_STREAM_CREDIT = 5
 KIND_STREAM_CANCEL = 6
+#: Request metadata key marking a call as a stream's opening (its value: the window).
+STREAM_KEY = "kservice.stream.window"
 #: A *chunk*: many calls of one method in one compact request tuple (see :func:`encode_chunk`).
 KIND_CHUNK = 7
 
@@ -156,8 +159,10 @@ _NAME_LEN = struct.Struct("<H")
 _ALIGN = 64
 #: Bit 63 of a buffer length in a pooled record: the receiver builds a private copy of it.
 _COPY_BIT = 1 << 63
-_SEGMENT_RE = re.compile(r"oob-(\d+)-(\d+)-[0-9a-f]+\.seg\Z")
-_POOL_RE = re.compile(r"pool-(\d+)-[0-9a-f]+\.seg\Z")
+# Patterns, not compiled objects: re compiles (and caches) each on its first use, so importing the
+# codec compiles none (a caller's cold start).
+_SEGMENT_RE = r"oob-(\d+)-(\d+)-[0-9a-f]+\.seg\Z"
+_POOL_RE = r"pool-(\d+)-[0-9a-f]+\.seg\Z"
 # Pooled segment header (u64 words): magic, lease, receiver pid; data starts at _SEG_DATA.
 _SEG_MAGIC = int.from_bytes(b"KSVPOOL1", "little")
 _SEG_DATA = 64
@@ -1011,7 +1016,7 @@ class _SegmentPool:
         directory = queue_directory(sweep=False)
         gone = []
         for name in names:
-            match = _POOL_RE.match(name)
+            match = re.match(_POOL_RE, name)
             sender = int(match.group(1)) if match is not None else 0
             if not _pid_alive(sender) or not os.path.exists(os.path.join(directory, name)):
                 gone.append(name)
@@ -1111,7 +1116,7 @@ def _parse_oob_header(record: bytes) -> tuple[bool, list[int], int, str, int, in
         name = bytes(record[pos : pos + name_len]).decode()
     except (struct.error, UnicodeDecodeError) as exc:
         raise DecodeError(f"malformed out-of-band record header: {exc}") from None
-    if not (_POOL_RE if pooled else _SEGMENT_RE).match(name):
+    if not re.match(_POOL_RE if pooled else _SEGMENT_RE, name):
         raise DecodeError(f"out-of-band record names an invalid segment {name!r}")
     return bool(main_in_segment), lengths, main_len, name, pos + name_len, seq
 
@@ -1290,9 +1295,9 @@ def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = ORPHA
     now = time.time()
     directory = queue_directory(sweep=False)  # the first-use sweep would run this and take its result
     for entry in os.scandir(directory):
-        match = _SEGMENT_RE.match(entry.name)
+        match = re.match(_SEGMENT_RE, entry.name)
         if match is None:
-            pooled = _POOL_RE.match(entry.name)
+            pooled = re.match(_POOL_RE, entry.name)
             if pooled is not None and not pid_alive(int(pooled.group(1))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)

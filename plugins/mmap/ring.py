@@ -385,7 +385,8 @@ def _use_ringfast() -> bool:
     return _ringfast is not None and os.environ.get(PURE_ENV, "") in ("", "0")
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
+#: A pattern, compiled (and cached by re) on its first use, not at import.
+_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z"
 
 _EMPTY: Any = object()
 # Bits of the compiled spin()'s result (SPIN_ARRIVED, SPIN_LOST_CPU in _ringfast.c).
@@ -395,7 +396,7 @@ _ANNOUNCE_ARRIVED = -1  # _ringfast.ANNOUNCE_ARRIVED
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not re.match(_NAME_RE, name):
         raise ValueError(
             f"invalid queue name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.'"
         )
@@ -900,8 +901,7 @@ class ShmQueue:
         # refuses while they exist.
         self._w64 = memoryview(mm).cast("Q")
         self._w32 = memoryview(mm).cast("I")
-        self._anchor = ctypes_c_char.from_buffer(mm)
-        base = ctypes_addressof(self._anchor)
+        base = _futex.buffer_address(mm)  # the views above keep the mapping where it is
         self._lock_addr = base + _OFF_MUTEX
         self._lock_arg = _futex.pointer_arg(self._lock_addr)
         self._data_seq_addr = base + _OFF_DATA_SEQ
@@ -1539,7 +1539,6 @@ class ShmQueue:
             view = self.__dict__.pop(attr, None)
             if view is not None:
                 view.release()
-        self.__dict__.pop("_anchor", None)
 
     def close(self) -> None:
         """Unmap this handle (idempotent).  The queue itself lives on until unlinked."""
@@ -1567,10 +1566,6 @@ class ShmQueue:
 
 
 # Hot-path bindings.
-import ctypes as _ctypes  # noqa: E402
-
-ctypes_c_char = _ctypes.c_char
-ctypes_addressof = _ctypes.addressof
 _trylock = _futex.fast_trylock
 _unlock = _futex.fast_unlock
 _spin_trylock = _futex.fast_spin_trylock
@@ -1636,11 +1631,7 @@ def create_queue(name: str, capacity: int = 1 << 20, *, create: bool = True, own
                     _start_time(owner),
                     time.time(),
                 )
-                anchor = _ctypes.c_char.from_buffer(mm)
-                try:
-                    _futex.mutex_init(_ctypes.addressof(anchor) + _OFF_MUTEX)
-                finally:
-                    del anchor
+                _futex.mutex_init(_futex.buffer_address(mm) + _OFF_MUTEX)
                 st = os.fstat(fd)
                 os.rename(tmp, path)
             except BaseException:

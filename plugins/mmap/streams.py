@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from kservice import ServiceRequest, ServiceResponse, ServiceUnavailableError, SinkBusy, StreamSink, StreamSource
 
-from . import codec
+from . import codec, transport
 from .ring import QueueClosed, QueueEmpty, QueueError, QueueFull, ShmQueue, create_queue
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kservice.mmap")
 
 #: request metadata key marking a call as a stream (its value: the window)
-STREAM_KEY = "kservice.stream.window"
+STREAM_KEY = codec.STREAM_KEY
 #: control records on a service's request ring: credit for a stream, and a stream's cancellation (one
 #: numbering of record kinds for the whole wire, in the codec)
 KIND_CREDIT = codec.KIND_STREAM_CREDIT
@@ -77,7 +77,6 @@ class _RingPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[ShmQueue] = []
-        self._connections = 0
 
     def acquire(self) -> ShmQueue:
         # Without the lock: list.pop is atomic, and the drains below pop too, so each idle ring goes to
@@ -89,21 +88,11 @@ class _RingPool:
 
     def release(self, ring: ShmQueue) -> None:
         with self._lock:
-            if self._connections > 0 and len(self._idle) < POOLED_RINGS:
+            # The transport counts the connections (it imports this module with the first stream only).
+            if transport._client.open_connections > 0 and len(self._idle) < POOLED_RINGS:
                 self._idle.append(ring)
                 return
         _remove(ring)
-
-    def connection_opened(self) -> None:
-        with self._lock:
-            self._connections += 1
-
-    def connection_closed(self) -> None:
-        with self._lock:
-            self._connections = max(0, self._connections - 1)
-            if self._connections:
-                return
-        self._drain()
 
     def shutdown(self) -> None:
         self._drain()
@@ -120,7 +109,6 @@ class _RingPool:
     def forget_after_fork(self) -> None:
         self._lock = threading.Lock()
         self._idle = []
-        self._connections = 0
 
 
 def _remove(ring: ShmQueue) -> None:

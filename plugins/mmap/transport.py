@@ -53,15 +53,15 @@ import itertools
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kservice import (
     MAY_HAVE_RUN,
-    BaseServiceTask,
     Connection,
     Listener,
     ServiceAddress,
@@ -76,7 +76,7 @@ from kservice import (
 from kservice import __version__ as kservice_version
 from kservice.keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, RETRYABLE
 
-from . import codec, registry, streams
+from . import codec, registry
 from .ring import (
     QueueClosed,
     QueueEmpty,
@@ -89,6 +89,13 @@ from .ring import (
     attach_queue,
     create_queue,
 )
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from kservice import BaseServiceTask
+
+    from .streams import MmapStreamSource
 
 __all__ = ["MmapConnection", "MmapListener", "MmapTransport"]
 
@@ -123,7 +130,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "caller_ring_check": 5.0,
 }
 
-_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+#: A pattern, compiled (and cached by re) on its first use, not at import.
+_SAFE = r"[^A-Za-z0-9_-]"
 
 
 def _inline_limit(queue: ShmQueue) -> int:
@@ -171,7 +179,7 @@ class MmapListener(Listener):
         options = {**DEFAULT_OPTIONS, **(task.options.get("mmap") or {})}
         self._limit = float(options["inline_limit"])
         self._concurrent = task.max_workers > 1
-        name = f"svc.{_SAFE.sub('_', task.service_name)[:80]}.{os.getpid()}.{os.urandom(3).hex()}"
+        name = f"svc.{re.sub(_SAFE, '_', task.service_name)[:80]}.{os.getpid()}.{os.urandom(3).hex()}"
         self.queue = create_queue(name, int(options["request_queue_capacity"]))
         self._published = bool(options["publish"] is None or options["publish"])
         # Callers that find the service through the registry do not import its class: they learn from here
@@ -352,12 +360,12 @@ class MmapListener(Listener):
                 elif kind == codec.KIND_CHUNK:
                     self._handle_chunk(request)
                 elif kind in (codec.KIND_STREAM_CREDIT, codec.KIND_STREAM_CANCEL):
-                    streams.control(self, kind, request)
+                    _streams().control(self, kind, request)
                 else:
                     self._unknown_kind(kind, request)
                 return
-            if request.metadata and streams.STREAM_KEY in request.metadata:
-                streams.open_stream(self, request)
+            if request.metadata and codec.STREAM_KEY in request.metadata:
+                _streams().open_stream(self, request)
                 return
         else:
             request = decoded
@@ -985,6 +993,21 @@ _users_lock = threading.Lock()
 _users = 0
 
 
+def _streams() -> ModuleType:
+    """The stream machinery (``streams.py``), imported with a process's first stream: plain calls never load it."""
+    from . import streams
+
+    return streams
+
+
+def _stream_rings_unused() -> None:
+    """This process's last mmap connection closed: its idle stream rings go, if it ever opened a stream."""
+    streams = sys.modules.get(f"{__package__}.streams")
+    pool = getattr(streams, "pool", None)
+    if pool is not None:
+        pool.shutdown()
+
+
 def _pool_user(delta: int) -> None:
     """Count this process's connections and listeners; the last one out releases the segment pool."""
     global _users
@@ -1091,6 +1114,11 @@ class _ClientRings:
         self._rings = keep
 
     # ------------------------------------------------------------ connections
+
+    @property
+    def open_connections(self) -> int:
+        """How many mmap connections of this process are open."""
+        return self._connections
 
     def connection_opened(self) -> None:
         with self._lock:
@@ -1353,7 +1381,6 @@ class MmapConnection(Connection):
         self._backlog_lock = threading.Lock()
         self._sender: threading.Thread | None = None
         _client.connection_opened()
-        streams.pool.connection_opened()
         _pool_user(1)
 
     @property
@@ -1801,12 +1828,14 @@ class MmapConnection(Connection):
         with contextlib.suppress(QueueError, ValueError):
             self._host.put(codec.encode_cancel_request(request_id, self._service_name), 0)
 
-    def open_stream(self, request: ServiceRequest, window: int) -> streams.MmapStreamSource:
+    def open_stream(self, request: ServiceRequest, window: int) -> MmapStreamSource:
         """Stream ``request``'s items through a stream ring of this process (see ``kservice.plugins.mmap.streams``)."""
         ring = self._ring
         if ring is None:
             raise ServiceUnavailableError(f"service {self._service_name!r} is unavailable: the connection is closed")
-        return streams.MmapStreamSource(self, ring, request, window)
+        from .streams import MmapStreamSource
+
+        return MmapStreamSource(self, ring, request, window)
 
     def remote_status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The service's status as its host reports it (a dict of ServiceStatus fields plus ``pid``).
@@ -1853,7 +1882,8 @@ class MmapConnection(Connection):
         # Dropped, not closed: a thread still inside call() holds its own reference.
         self._ring = None
         _client.connection_closed()
-        streams.pool.connection_closed()
+        if not _client.open_connections:
+            _stream_rings_unused()
         _pool_user(-1)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -39,12 +38,19 @@ class ReplicaBalancer(Protocol):
 class PowerOfTwoChoices:
     """Two live replicas at random, the one with fewer calls in flight from this process wins."""
 
+    def __init__(self) -> None:
+        # random (and its hashlib seeding) loads with the first balancer, not with the plugin: a
+        # process that calls no ray service never imports it.
+        import random
+
+        self._randrange = random.randrange
+
     def pick(self, live: Sequence[Any]) -> Any:
         count = len(live)
         if count == 1:
             return live[0]
-        first = random.randrange(count)
-        second = random.randrange(count - 1)
+        first = self._randrange(count)
+        second = self._randrange(count - 1)
         if second >= first:
             second += 1
         a, b = live[first], live[second]

@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kservice import (
-    BaseServiceTask,
     ConfigError,
     ServiceAddress,
-    ServiceFactory,
     Setting,
-    TaskContext,
     Transport,
     hookimpl,
 )
@@ -22,8 +19,12 @@ from .balancers import balancer_names
 from .common import RAY_EXTRA_HINT, _ray, _ray_if_running
 from .transport import _transport
 
+if TYPE_CHECKING:
+    from kservice import BaseServiceTask, ServiceFactory, TaskContext
+
 # The replica machinery (connection, discovery, the task kind) is imported by the hooks that use
 # it: a process that never touches a ray service does not pay for it when the plugin loads.
+
 
 # ---------------------------------------------------------------------------
 # Hooks

@@ -7,8 +7,9 @@ process that never calls a ray service does not pay for it at start.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kservice import (
-    BaseServiceTask,
     ConfigError,
     Connection,
     Listener,
@@ -16,6 +17,9 @@ from kservice import (
     ServiceUnavailableError,
     Transport,
 )
+
+if TYPE_CHECKING:
+    from kservice import BaseServiceTask
 
 __all__ = ["RayTransport"]
 

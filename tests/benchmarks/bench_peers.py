@@ -1,6 +1,8 @@
 """kservice beside the tools a user would pick instead, measured in the same run.
 
-``python tests/benchmarks/bench_peers.py [--quick] [--no-busy] [--no-cold]``
+``python tests/benchmarks/bench_peers.py [--quick] [--no-busy] [--no-cold] [--cold-only]``
+
+(``--cold-only``: only the cold-start table.)
 
 A 90-byte echo to another process on this host, for every mechanism:
 
@@ -655,6 +657,12 @@ def main() -> None:
     quick = "--quick" in sys.argv
     if "--json" in sys.argv:
         print(json.dumps(measure(quick, "--peers" in sys.argv)))
+        return
+    if "--cold-only" in sys.argv:
+        print_table(
+            "cold start: a new process to its first answer, ms (median; best)",
+            [{c: row.get(c) for c in ("mechanism", "cold_start_ms", "best_ms", "note")} for row in cold_start(quick)],
+        )
         return
     rows = table(quick)
     print_table(

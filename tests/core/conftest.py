@@ -50,7 +50,12 @@ def make_distribution(root: Path, name: str, entry_points: dict[str, dict[str, s
 
 
 def run_python(
-    code: str, *, site: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+    code: str,
+    *,
+    site: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager), with ``site`` on its path."""
     environ = clean_environ()
@@ -58,5 +63,10 @@ def run_python(
     environ["PYTHONPATH"] = os.pathsep.join([*paths, environ.get("PYTHONPATH", "")])
     environ.update(env or {})
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environ, timeout=timeout
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout,
+        cwd=cwd,
     )

@@ -40,8 +40,8 @@ def _age(directory: Path, seconds: float = 60.0) -> None:
     os.utime(directory, (then, then))
 
 
-def _probe(site: Path, cache: Path | str) -> dict[str, object]:
-    done = run_python(PROBE, site=site, env={"KSERVICE_CACHE_DIR": str(cache)})
+def _probe(site: Path, cache: Path | str, cwd: Path | None = None) -> dict[str, object]:
+    done = run_python(PROBE, site=site, env={"KSERVICE_CACHE_DIR": str(cache)}, cwd=cwd)
     assert done.returncode == 0, done.stderr
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -68,6 +68,27 @@ def test_a_warm_start_reads_no_metadata_and_finds_the_same_plugins(tmp_path: Pat
     warm = _probe(site, cache)
     assert warm["plugins"] == cold["plugins"]
     assert warm["metadata_imported"] is False
+
+
+@pytest.mark.timeout(120)
+def test_a_warm_start_from_another_working_directory_reads_and_rewrites_nothing(tmp_path: Path) -> None:
+    """The working directory (``""`` on sys.path) is cached as the directory it is, not as one shared entry."""
+    site = _site_with(tmp_path, "alpha")
+    here, there = tmp_path / "here", tmp_path / "there"
+    for directory in (here, there):
+        directory.mkdir()
+        _age(directory)
+    _age(site)
+    cache = tmp_path / "cache"
+    for directory in (here, there):  # each becomes known
+        assert "alpha" in _probe(site, cache, cwd=directory)["plugins"]  # type: ignore[operator]
+    (cache_file,) = cache.glob("entry-points-*.json")
+    written = cache_file.stat()
+    for directory in (here, there, here):
+        probed = _probe(site, cache, cwd=directory)
+        assert "alpha" in probed["plugins"] and probed["metadata_imported"] is False  # type: ignore[operator]
+    now = cache_file.stat()
+    assert (now.st_ino, now.st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "the cache was rewritten"
 
 
 @pytest.mark.timeout(120)

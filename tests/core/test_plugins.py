@@ -394,6 +394,37 @@ def test_public_api_is_exported_at_the_root() -> None:
     assert Path(middleware_package.__file__).parent == REPO / "middleware"
 
 
+def test_every_public_name_is_listed_once_and_resolves_to_its_module() -> None:
+    """The root imports each name on first use (PEP 562): ``__all__``, ``dir()`` and the type checker's view agree."""
+    exports = kservice._EXPORTS
+    assert sorted(kservice.__all__) == sorted([*exports, "__version__"])
+    assert set(kservice.__all__) <= set(dir(kservice))
+    for name, module in exports.items():
+        assert getattr(kservice, name) is getattr(importlib.import_module(f"kservice.{module}"), name), name
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        kservice.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
+    # What type checkers read: every public name imported under TYPE_CHECKING, from the module it comes from.
+    tree = ast.parse((REPO / "core" / "__init__.py").read_text())
+    checked = {
+        alias.asname or alias.name: (node.module or "").lstrip(".")
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert checked == exports
+
+
+def test_importing_the_package_imports_no_submodule() -> None:
+    done = run_python(
+        "import json, sys, kservice; from kservice import ServiceError\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('kservice.'))))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == '["kservice._errors"]'
+
+
 @pytest.mark.parametrize(
     "name",
     ["ServiceNotFoundError", "MethodNotFoundError", "ServiceTimeoutError", "ServiceOverloadedError", "ConfigError"],
@@ -478,3 +509,41 @@ def test_kservice_resolve_service_gets_the_services_options() -> None:
     finally:
         pm.unregister(name="options-resolver")
     assert got and got[0]["service_call"]["default_timeout"] == 7.0
+
+
+def test_a_module_plugins_hooks_are_found_by_their_markers_whatever_their_names() -> None:
+    """A module's functions are read without pluggy's static look-up: its markers and options still decide."""
+    import types
+
+    module = types.ModuleType("acme_marked")
+    exec(  # a real module object, as an entry point's import makes one
+        "import kservice\n"
+        "@kservice.hookimpl(specname='kservice_known_services')\n"
+        "def services_under_another_name():\n"
+        "    return ['marked-by-specname']\n"
+        "@kservice.hookimpl(tryfirst=True)\n"
+        "def kservice_known_services():\n"
+        "    return ['marked-by-name']\n"
+        "def kservice_resolve_service(service_name):  # no marker: not a hook, whatever its name\n"
+        "    raise AssertionError('an unmarked function was called as a hook')\n"
+        "def helper():\n"
+        "    return 'not a hook'\n"
+        "class NotAHook:\n"
+        "    def kservice_known_services(self):\n"
+        "        return ['a class attribute is no hook of the module']\n",
+        module.__dict__,
+    )
+    pm = get_plugin_manager()
+    pm.register(module, name="acme-marked")
+    try:
+        impls = {impl.function.__name__: impl for impl in pm.hook.kservice_known_services.get_hookimpls()}
+        assert {"services_under_another_name", "kservice_known_services"} <= set(impls)
+        assert impls["kservice_known_services"].tryfirst and impls["kservice_known_services"].plugin is module
+        assert all(impl.plugin is not module for impl in pm.hook.kservice_resolve_service.get_hookimpls())
+        found = [name for names in pm.hook.kservice_known_services() for name in names]
+        assert "marked-by-specname" in found and "marked-by-name" in found
+        assert "a class attribute is no hook of the module" not in found
+        with pytest.raises(kservice.ServiceNotFoundError):
+            ServiceManager(config={}).call_service_sync("nowhere-to-be-found", "m")
+    finally:
+        pm.unregister(name="acme-marked")

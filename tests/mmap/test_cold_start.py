@@ -12,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from kservice.plugins.mmap import _futex
 
 from tests.mmap.services import REPO_ROOT, child_env
 
@@ -111,3 +113,116 @@ def test_kservice_call_loads_only_what_a_call_needs(tmp_path: Path) -> None:
     finally:
         host.terminate()
         host.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A ``kservice serve`` host of ``cold-kv`` (KV) and ``cold-model`` (TokenModel); the environment to call it."""
+    from tests.cli.helpers import KSERVICE, cli_env, stop_host
+
+    env = cli_env(KSERVICE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+    host = subprocess.Popen(
+        [
+            KSERVICE,
+            "serve",
+            "--app-dir",
+            str(REPO_ROOT),
+            "cold-kv=tests.mmap.services:KV",
+            "cold-model=tests.streaming.services:TokenModel",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert host.stdout is not None
+        assert host.stdout.readline().startswith("serving cold-kv"), host.stderr and host.stderr.read()
+        assert host.stdout.readline().startswith("serving cold-model")
+        yield env
+    finally:
+        stop_host(host)
+
+
+#: What a process that calls a service hosted elsewhere has no use for on its first call: the task
+#: machinery and what only it uses, streams, batches, status records, the health monitor, the mmap
+#: plugin's streams, the records ``kservice plugins`` lists, the timer's heap, random (Ray's balancer), the
+#: error paths and ctypes (the compiled ring has the native calls).
+NOT_FOR_A_CALLER = (
+    "kservice._task",
+    "kservice._environment",
+    "kservice._stream",
+    "kservice._batch",
+    "kservice._status",
+    "kservice._aio",
+    "kservice._plugininfo",
+    "kservice.plugins._health_monitor",
+    "kservice.plugins.mmap.streams",
+    "kservice.plugins.mmap.host",
+    "kservice.plugins.ray.connection",
+    "kservice.plugins.ray.task",
+    "queue",
+    "heapq",
+    "random",
+    "difflib",
+    # the futex and mutex calls come from the compiled extension when it is built
+    *(("ctypes",) if _futex.NATIVE else ()),
+)
+
+_PLAIN_CALLER = """
+import json, sys
+from kservice import ServiceManager
+assert ServiceManager().call_service_sync("cold-kv", "echo", ("hi",)) == "hi"
+print(json.dumps(sorted(set(sys.modules) & set(sys.argv[1:]))))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_callers_first_call_loads_only_the_calling_side(served: dict[str, str]) -> None:
+    for attempt in ("writes the entry-point cache", "reads it"):
+        done = subprocess.run(
+            [sys.executable, "-c", _PLAIN_CALLER, *NOT_FOR_A_CALLER],
+            capture_output=True,
+            text=True,
+            env=served,
+            timeout=60,
+        )
+        assert done.returncode == 0, (attempt, done.stderr)
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"a caller's first call imported {loaded}"
+
+
+_STREAMS_AFTER_CALLS = """
+import json, os, sys
+from kservice import ServiceManager
+from kservice.plugins.mmap.ring import queue_directory
+
+def stream_rings():
+    return sorted(n for n in os.listdir(queue_directory()) if n.startswith(f"str.{os.getpid()}."))
+
+manager = ServiceManager()
+assert manager.call_service_sync("cold-kv", "echo", ("hi",)) == "hi"
+assert "kservice.plugins.mmap.streams" not in sys.modules  # plain calls load no stream machinery
+for _ in range(20):
+    assert list(manager.stream("cold-model", "count", (3,))) == [0, 1, 2]
+during = stream_rings()
+with manager.stream("cold-model", "count", (3,)) as first:
+    assert next(iter(first)) == 0
+    assert list(manager.stream("cold-model", "count", (2,))) == [0, 1]  # a second ring while the first is held
+manager.close()
+print(json.dumps({"during": during, "after": stream_rings()}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_streams_after_plain_calls_reuse_pooled_rings_and_the_last_connection_removes_them(
+    served: dict[str, str],
+) -> None:
+    """The stream machinery loads with the first stream, and still counts the connections opened before it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STREAMS_AFTER_CALLS], capture_output=True, text=True, env=served, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    rings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rings["during"]) == 1, rings  # one pooled ring served 20 streams one after another
+    assert rings["after"] == [], rings  # the manager's close (its last connection) removed the idle ones

@@ -454,3 +454,63 @@ def test_a_sleeping_consumer_is_woken_by_a_producer_of_the_other_path(consumer_p
     finally:
         producer.close()
         _drop(owner)
+
+
+@needs_fast
+@pytest.mark.timeout(60)
+def test_the_compiled_primitives_answer_as_the_ctypes_ones() -> None:
+    """With the extension, _futex takes its primitives from it (no ctypes); they behave as the ctypes ones do.
+
+    Both implementations work on one mutex and one futex word here, so each sees what the other did.
+    """
+    import errno
+    import mmap
+
+    from kservice.plugins.mmap import _futex, _futex_ctypes, _futex_native
+
+    assert _futex.NATIVE and _futex.futex_wait is _futex_native.futex_wait
+    region = mmap.mmap(-1, 4096)  # MAP_SHARED and anonymous: shared with a forked child
+    try:
+        native, by_ctypes = _futex_native, _futex_ctypes
+        base = native.buffer_address(region)
+        assert base == by_ctypes.buffer_address(region) and base % 4096 == 0
+        word, mutex = base, base + 256
+        region[0:4] = (7).to_bytes(4, "little")
+        for impl in (native, by_ctypes):
+            assert impl.futex_wait(word, 8, 1.0) == errno.EAGAIN  # the word differs
+            began = time.monotonic()
+            assert impl.futex_wait(word, 7, 0.02) == errno.ETIMEDOUT
+            assert time.monotonic() - began >= 0.015
+            assert impl.futex_wake(word) == 0  # nobody waits
+            impl.full_barrier()
+        assert native.membarrier_register() == by_ctypes.membarrier_register()
+        # A sleeper of one implementation is woken by the other's wake.
+        woke: list[int] = []
+        sleeper = threading.Thread(target=lambda: woke.append(native.futex_wait(word, 7, 10.0)))
+        sleeper.start()
+        deadline = time.monotonic() + 10
+        while not by_ctypes.futex_wake(word) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        sleeper.join(10)
+        assert woke == [0]
+
+        native.mutex_init(mutex)
+        assert native.fast_trylock(native.pointer_arg(mutex)) == 0
+        assert by_ctypes.mutex_trylock(mutex) == errno.EBUSY  # held: the other implementation sees it
+        assert by_ctypes.mutex_lock(mutex, time.monotonic() + 0.05) == errno.ETIMEDOUT
+        assert native.fast_unlock(native.pointer_arg(mutex)) == 0
+        assert by_ctypes.mutex_lock(mutex, None) == 0
+        assert native.mutex_lock(mutex, time.monotonic() + 0.05) == errno.ETIMEDOUT
+        assert by_ctypes.mutex_unlock(mutex) == 0
+        # A holder that dies: the next locker of either implementation is told, and repairs the lock.
+        for impl in (native, by_ctypes):
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child only takes the lock and dies holding it
+                os._exit(native.mutex_trylock(mutex))
+            assert os.waitpid(child, 0)[1] == 0
+            assert impl.mutex_lock(mutex, time.monotonic() + 5) == errno.EOWNERDEAD
+            assert impl.mutex_consistent(mutex) == 0
+            assert impl.mutex_unlock(mutex) == 0
+        assert native.mutex_trylock(mutex) == 0 and native.mutex_unlock(mutex) == 0
+    finally:
+        region.close()
