@@ -264,6 +264,8 @@ class _WorkerPool:
         self.replaced = 0
         self._lock = threading.Lock()
         self._stopping = False
+        #: the request each worker runs now (None: none), for :meth:`running_until`
+        self._running: list[ServiceRequest | None] = [None] * size
         self._threads = [self._new_thread(i) for i in range(size)]
         for thread in self._threads:
             thread.start()
@@ -280,6 +282,7 @@ class _WorkerPool:
         execute = task.execute
         observe_cost = task.observe_cost
         clock = time.perf_counter
+        running = self._running
         stopped = False
         try:
             while True:
@@ -288,6 +291,7 @@ class _WorkerPool:
                     stopped = True
                     return
                 request, reply = item
+                running[index] = request
                 try:
                     dequeued()
                     began = clock()
@@ -298,6 +302,7 @@ class _WorkerPool:
                         observe_cost(request.method_name, clock() - began)
                 except BaseException as exc:  # noqa: BLE001 - execute never raises; an override might
                     response = task._handling_failed(request, exc)
+                running[index] = None
                 try:
                     reply(response)
                 except BaseException:  # noqa: BLE001 - a failing reply must not take the worker down
@@ -338,6 +343,13 @@ class _WorkerPool:
     def alive(self) -> int:
         """Worker threads alive now."""
         return sum(thread.is_alive() for thread in self._threads)
+
+    def running_until(self) -> float | None:
+        """The latest deadline (epoch seconds) of the requests the workers run now; None when they run none or one has none."""
+        deadlines = [request.deadline for request in list(self._running) if request is not None]
+        if not deadlines or None in deadlines:
+            return None
+        return max(deadlines)  # type: ignore[type-var]  # no None left
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
@@ -715,6 +727,7 @@ class BaseServiceTask:
         listeners_alive = all(listener.alive for listener in self.listeners)
         pool = self._pool
         workers_alive = None if pool is None else pool.alive
+        running_until = None if pool is None else pool.running_until()
         reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
         if pool is not None and workers_alive is not None and workers_alive < pool.size:
             dead = f"{pool.size - workers_alive} of {pool.size} worker thread(s) are dead"
@@ -738,6 +751,7 @@ class BaseServiceTask:
                 f"{a.transport}:{a.target if isinstance(a.target, str) else a.service_name}" for a in self.addresses
             ],
             workers_alive=workers_alive,
+            running_until=running_until,
             workers_replaced=0 if pool is None else pool.replaced,
         )
 

@@ -21,7 +21,7 @@ from kservice import get_plugin_manager
 from .health import RECOVERY_DRAIN_TIMEOUT
 
 if TYPE_CHECKING:
-    from kservice import BaseServiceTask
+    from kservice import BaseServiceTask, ServiceStatus
 
 __all__ = ["HealthSettings"]
 
@@ -31,6 +31,18 @@ log = logging.getLogger("kservice.health")
 POOL_CAP = 32
 
 HealthCheck = Callable[["BaseServiceTask"], "str | None"]
+
+
+def _callers_still_wait(status: ServiceStatus) -> bool:
+    """Whether the calls the pool runs are all within their deadlines: it is busy, not stuck.
+
+    A call running longer than ``stuck_after`` whose caller still waits for it
+    (a batch job, a model run given a long timeout) is work, and recovering the
+    task would cut it ("may have run"). Once the latest deadline has passed,
+    every caller gave up and the workers are held for nothing.
+    """
+    until = status.running_until
+    return until is not None and time.time() <= until
 
 
 @dataclass(frozen=True)
@@ -320,7 +332,11 @@ class _Monitor:
             mon.stuck_total = None
             if status.in_flight == 0 or status.requests_total != mon.recovered_stuck_total:
                 mon.recovered_stuck_total = None  # a call completed: the stuck episode is over
-        elif settings.stuck_after is not None and now - mon.progress_at > settings.stuck_after:
+        elif (
+            settings.stuck_after is not None
+            and now - mon.progress_at > settings.stuck_after
+            and not _callers_still_wait(status)
+        ):
             stuck = (
                 f"worker pool stuck: {status.in_flight} call(s) in flight and none completed for "
                 f"{now - mon.progress_at:.3f}s (health.stuck_after={settings.stuck_after:g})"

@@ -13,8 +13,10 @@ A check round reports the task unhealthy when any of these fails:
 - every worker thread of the pool is alive (``task.dead_workers``; a pool
   replaces a dead worker by itself, so this fails only when it could not);
 - the worker pool makes progress: calls in flight and none completed for
-  longer than ``health.stuck_after`` (read from ``task.get_service_status()``).
-  Recovery runs once per stuck episode: while no call has completed since,
+  longer than ``health.stuck_after`` (read from ``task.get_service_status()``),
+  unless every call the pool runs is still within its deadline
+  (``ServiceStatus.running_until``): a long call its caller waits for is
+  work, not a hang, and recovery would cut it. Recovery runs once per stuck episode: while no call has completed since,
   the task is still reported unhealthy, but those rounds do not count towards
   another recovery (a rebuilt instance cannot end a running call);
 - the queue depth is at most ``health.max_queue_depth`` (when set);
@@ -92,7 +94,9 @@ def _schema() -> dict[str, Setting]:
         "stuck_after": Setting(
             (float,),
             60.0,
-            "Seconds with calls in flight and none completing before the worker pool counts as stuck (null: never).",
+            "Seconds with calls in flight and none completing before the worker pool counts as stuck, once the "
+            "deadlines of the calls it runs have passed (a long call its caller still waits for is not stuck; "
+            "null: never).",
             nullable=True,
             minimum=0.001,
         ),

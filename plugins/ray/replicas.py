@@ -764,6 +764,8 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
             asks.append(None)
     status = ServiceStatus(replicas.service_name, kind, state, True)
     reasons = []
+    #: the running replicas' latest deadlines (None: one of them cannot say): see ServiceStatus.running_until
+    running_until: list[float | None] = []
     for replica, ask in zip(members, asks, strict=True):
         entry: dict[str, Any] = {
             "index": replica.index,
@@ -794,9 +796,14 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
             reasons.append(f"{replica.name}: {entry['health_reason'] or 'down'}")
         for key in ("requests_total", "errors_total", "expired_total", "in_flight", "queue_depth", "restarts"):
             setattr(status, key, getattr(status, key) + int(remote.get(key, 0) or 0))
+        if remote.get("in_flight"):
+            until = remote.get("running_until")
+            running_until.append(float(until) if isinstance(until, int | float) else None)
         status.max_workers = max(status.max_workers, int(remote.get("max_workers", 0) or 0))
         status.extra.setdefault("replicas", []).append(entry)
     status.extra.setdefault("replicas", [])
+    if running_until and None not in running_until:
+        status.running_until = max(until for until in running_until if until is not None)
     status.healthy = state == "running" and not reasons and bool(members)
     status.health_reason = "; ".join(reasons) if state == "running" else f"task is {state}"
     status.addresses = [f"ray:{replicas.namespace}/{r.name}" for r in members]

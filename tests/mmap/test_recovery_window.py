@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceUnavailableError
+from kservice import ServiceEnvironment, ServiceError, ServiceFactory, ServiceManager, ServiceUnavailableError
 from kservice.plugins.mmap.host import ProcessServiceTask
 from kservice.testing import wait_for
 
@@ -102,27 +102,20 @@ def test_every_call_form_made_during_replacement_is_served_by_the_new_host() -> 
 
 
 def test_recovery_lets_a_running_call_finish_within_health_drain_timeout() -> None:
-    # A call running longer than stuck_after makes the host count as stuck, and recovery replaces it. It
-    # used to kill the old host 5 s after it began, whatever was configured: this call was cut.
-    config = {
-        "health": {
-            "period": 0.3,
-            "timeout": 2.0,
-            "failure_threshold": 1,
-            "max_restarts": 1,
-            "stuck_after": 1.0,
-            "drain_timeout": 30.0,
-        },
-        "service_call": {"max_retries": 0},
-    }
+    # Recovery (as the health plugin runs it) replacing a host while a call runs there. It used to kill the
+    # old host 5 s after it began, whatever was configured: this call was cut.
+    config = {"health": {"enabled": False, "drain_timeout": 30.0}, "service_call": {"max_retries": 0}}
     with ServiceEnvironment("recovery-drain", config) as env:
         task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
         assert isinstance(task, ProcessServiceTask)
-        with ServiceManager(env) as manager:
+        with ServiceManager(env) as manager, ThreadPoolExecutor(1) as pool:
             old_pid = manager.call_service_sync("kv", "pid", timeout=30)
             running = manager.call_service_async("kv", "sleep", (8.0,), timeout=60)
+            wait_for(lambda: task.get_service_status().in_flight == 1, timeout=30, what="the call to run")
+            recovery = pool.submit(task.recover, "test")
             wait_for(lambda: task.replacing_host, timeout=30, what="recovery to start replacing the host")
             assert running.result(60) == 8.0
+            recovery.result(60)
             wait_for(lambda: not task.replacing_host, timeout=60, what="the new host")
             new_pid = manager.call_service_sync("kv", "pid", timeout=30)
             assert new_pid == task.pid and new_pid != old_pid
@@ -152,3 +145,43 @@ def test_a_host_that_cannot_be_restarted_is_unhealthy_named_to_callers_and_resta
             flag.unlink()
             wait_for(lambda: bool(task.addresses), timeout=60, what="a later respawn")
             assert manager.call_service_sync("kv", "pid", timeout=30) == task.pid != old_pid
+
+
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_call_running_longer_than_stuck_after_within_its_deadline_is_not_a_stuck_pool(kind: str) -> None:
+    """A long call its caller still waits for (a batch job, a model run): the pool is busy, not stuck.
+    Before, after ``health.stuck_after`` without a completed call, recovery replaced the host (or rebuilt
+    the instance) and cut the call "may have run", although its caller had given it 30 s."""
+    config = {
+        "health": {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2},
+        "service_call": {"max_retries": 0},
+    }
+    with ServiceEnvironment("busy-not-stuck", config) as env:
+        task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind=kind)
+        with ServiceManager(env) as manager:
+            host = manager.call_service_sync("kv", "pid", timeout=30)
+            assert manager.call_service_sync("kv", "sleep", (3.0,), timeout=30) == 3.0
+            assert manager.call_service_sync("kv", "pid", timeout=30) == host
+            status = task.get_service_status()
+            assert status.restarts == 0 and status.healthy, status
+
+
+def test_a_call_still_running_past_its_deadline_is_a_stuck_pool_and_recovered() -> None:
+    """Its caller gave up: the worker is held for nothing, and recovery replaces the host as before."""
+    config = {
+        "health": {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2},
+        "service_call": {"max_retries": 0},
+    }
+    with ServiceEnvironment("stuck-past-deadline", config) as env:
+        task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
+        assert isinstance(task, ProcessServiceTask)
+        with ServiceManager(env) as manager:
+            old_pid = manager.call_service_sync("kv", "pid", timeout=30)
+            with pytest.raises(ServiceError):  # the caller's own deadline
+                manager.call_service_sync("kv", "sleep", (60.0,), timeout=1.0)
+            wait_for(
+                lambda: task.pid not in (None, old_pid) and not task.replacing_host,
+                timeout=60,
+                what="recovery to replace the host",
+            )
+            assert manager.call_service_sync("kv", "pid", timeout=30) == task.pid

@@ -154,11 +154,13 @@ def test_stuck_worker_pool_is_unhealthy() -> None:
         with kservice.ServiceEnvironment("h", config) as env:
             task = env.register_service("echo", Echo)
             manager = env.manager()
-            future = manager.call_service_async("echo", "wait", (release,))
+            # A call still running after its caller gave up (its deadline passed): the worker is held for nothing.
+            future = manager.call_service_async("echo", "wait", (release,), timeout=0.2)
             wait_for(lambda: "worker pool stuck" in task.get_service_status().health_reason, what="the stuck report")
             assert "1 call(s) in flight" in task.get_service_status().health_reason
+            with pytest.raises(kservice.ServiceTimeoutError):
+                future.result(5)
             release.set()
-            assert future.result(5) is True
     finally:
         release.set()
 
@@ -174,7 +176,8 @@ def test_one_stuck_call_is_recovered_once_and_a_later_one_again() -> None:
             for episode in (1, 2):
                 release = threading.Event()
                 releases.append(release)
-                future = manager.call_service_async("echo", "wait", (release, 30.0))
+                # Still running after its caller gave up (its deadline passed): the pool is stuck on it.
+                future = manager.call_service_async("echo", "wait", (release, 30.0), timeout=0.2)
                 wait_for(lambda e=episode: extra(task)["recoveries"] >= e, what=f"recovery of stuck episode {episode}")
                 # Many stuck_after windows pass while the same call is still the one in flight.
                 rounds = extra(task)["rounds"]
@@ -188,8 +191,9 @@ def test_one_stuck_call_is_recovered_once_and_a_later_one_again() -> None:
                 assert health_view["state"] == "unhealthy", health_view
                 assert "worker pool stuck" in task.health_reason
                 assert "not recovering again" in task.health_reason
+                with pytest.raises(kservice.ServiceTimeoutError):
+                    future.result(10)
                 release.set()
-                assert future.result(10) is True
                 wait_for(lambda: extra(task)["state"] == "healthy", what="a healthy round after the call ended")
             assert manager.call_service_sync("echo", "echo", ("x",)) == "x"
     finally:
