@@ -1118,7 +1118,20 @@ class _AsyncCall(CallFuture[Any]):
             return
         if self._state != "PENDING":
             return  # cancelled by the caller
-        self._conclude(chain.run_after(self._sent, response, self._limit, self._began))
+        response = chain.run_after(self._sent, response, self._limit, self._began)
+        if not response.success:
+            self._conclude(response)  # an after-hook turned it into a failure: the retry policy decides
+            return
+        # Still a success: no retry to consider, so the future is completed here, as _complete does
+        # (two frames less per call with middleware).
+        try:
+            with _claiming:
+                finished = self._finish_locked(response.result, None)
+            if not finished:
+                Future.set_result(self, response.result)  # something waits on the future: the standard path
+        except InvalidStateError:
+            pass  # cancelled by the caller meanwhile
+        self._request = self._sent = _RELEASED
 
     def _finished(self) -> bool:
         """Whether the caller has its outcome (or gave up): no further reply matters."""
