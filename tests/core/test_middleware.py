@@ -304,8 +304,12 @@ _AFTER_ACTIONS = ("none", "replace", "raise")
 class Scripted(ServiceMiddleware):
     """A middleware whose hooks act as scripted, recording what they saw."""
 
-    def __init__(self, index: int, before: str | None, after: str | None, observe: bool, log: list[Any]) -> None:
+    def __init__(
+        self, index: int, before: str | None, after: str | None, observe: bool, log: list[Any], idle: bool | None = None
+    ) -> None:
         self.index, self.log = index, log
+        if idle is not None:
+            self.idle = idle  # declares ServiceMiddleware.idle: the client chain reads it
         if before is not None:
             self.before_call = lambda request: self._before(before, request)  # type: ignore[method-assign]
         if after is not None:
@@ -342,7 +346,7 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
     limit = len(middlewares)
     response = None
     for index, middleware in enumerate(middlewares):
-        if "before_call" not in vars(middleware):
+        if "before_call" not in vars(middleware) or middleware.idle:
             continue
         try:
             outcome = middleware.before_call(request)
@@ -359,7 +363,7 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
         response = ServiceResponse(True, f"served {request.args}", request_id=request.request_id)
     for index in reversed(range(limit)):
         middleware = middlewares[index]
-        if "after_call" in vars(middleware):
+        if "after_call" in vars(middleware) and (not response.success or not middleware.idle):
             try:
                 outcome = middleware.after_call(response, request)
             except Exception as exc:
@@ -374,20 +378,30 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
 
 @given(
     st.lists(
-        st.tuples(st.sampled_from((None, *_BEFORE_ACTIONS)), st.sampled_from((None, *_AFTER_ACTIONS)), st.booleans()),
+        st.tuples(
+            st.sampled_from((None, *_BEFORE_ACTIONS)),
+            st.sampled_from((None, *_AFTER_ACTIONS)),
+            st.booleans(),
+            st.sampled_from((None, False, True)),
+        ),
         max_size=6,
     ),
     st.booleans(),
 )
 @settings(max_examples=300, deadline=None)
 def test_the_compiled_chain_behaves_as_specified(
-    script: list[tuple[str | None, str | None, bool]], in_two_steps: bool
+    script: list[tuple[str | None, str | None, bool, bool | None]], in_two_steps: bool
 ) -> None:
-    """``run_after``, or the same in two steps (``run_after_hooks``, then ``run_observers``), as specified."""
+    """``run_after``, or the same in two steps (``run_after_hooks``, then ``run_observers``), as specified.
+
+    A middleware that is ``idle`` has its before-hook skipped and its after-hook run for failures only.
+    """
     from kservice._middleware import MiddlewareChain, MiddlewareError
 
     def build(log: list[Any]) -> list[Scripted]:
-        return [Scripted(i, before, after, observe, log) for i, (before, after, observe) in enumerate(script)]
+        return [
+            Scripted(i, before, after, observe, log, idle) for i, (before, after, observe, idle) in enumerate(script)
+        ]
 
     request = ServiceRequest("r-1", "svc", "m", ("arg",))
     expected_log: list[Any] = []
@@ -405,7 +419,7 @@ def test_the_compiled_chain_behaves_as_specified(
         response = ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
     if in_two_steps:
         got = chain.run_after_hooks(sent, response, limit)
-        assert chain.has_observers == any(observe for _, _, observe in script)
+        assert chain.has_observers == any(observe for _, _, observe, _ in script)
         chain.run_observers(sent, got, limit, time.perf_counter() - began)
     else:
         got = chain.run_after(sent, response, limit, began)
