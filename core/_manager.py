@@ -664,10 +664,11 @@ class ServiceManager:
         )
         attempt = 0
         while True:
-            if route.chain is None:  # _attempt_sync's first line, inline: the common call
+            chain = route.chain
+            if chain is None:  # the common call
                 response = route.connection.call(request, request.deadline - _time())  # type: ignore[operator]
             else:
-                response = self._attempt_sync(route, request)
+                response = chain.run_sync(request, route.connection)
             if response.success:
                 return response.result
             delay = route.retry_delay(request, response, attempt)
@@ -677,20 +678,6 @@ class ServiceManager:
                 continue
             self._refresh_route(route, response)
             raise response.to_exception(service_name, method)
-
-    def _attempt_sync(self, route: _Route, request: ServiceRequest) -> ServiceResponse:
-        chain = route.chain
-        if chain is None:
-            return route.connection.call(request, request.deadline - time.time())  # type: ignore[operator]
-        began = perf_counter()
-        try:
-            sent, response, limit = chain.run_before(request)
-        except MiddlewareError as exc:
-            response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
-            return chain.run_after(exc.request, response, exc.index, began)
-        if response is None:
-            response = route.connection.call(sent, sent.deadline - time.time())  # type: ignore[operator]
-        return chain.run_after(sent, response, limit, began)
 
     def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
         """The route a retry of a call that failed on ``route`` with ``response`` is sent on.

@@ -33,7 +33,7 @@ import copy
 import inspect
 import linecache
 from collections.abc import Callable, Iterable
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
@@ -346,7 +346,11 @@ class MiddlewareChain:
     with ``answer``): ``run_after_hooks(request, response, limit)`` (the
     after-hooks; the final response) and ``run_observers(request, response,
     limit, seconds)``; ``has_observers`` says whether the second has
-    anything to run.
+    anything to run. ``run_sync(request, connection)`` is a sync call's
+    whole attempt in one frame: ``run_before``, ``connection.call(request,
+    seconds left before its deadline)`` unless a hook answered or raised,
+    then ``run_after`` (a raising before-hook's error answers the call, as
+    the manager turns a MiddlewareError into a response).
     """
 
     __slots__ = (
@@ -367,6 +371,7 @@ class MiddlewareChain:
         "run_after_hooks",
         "run_before",
         "run_observers",
+        "run_sync",
         "size",
     )
 
@@ -524,6 +529,7 @@ class MiddlewareChain:
             "ServiceResponse": ServiceResponse,
             "from_exception": ServiceResponse.from_exception,
             "perf_counter": perf_counter,
+            "time": time,
             "origin": self._error_origin,
             "refuse": self._refuse,
         }
@@ -568,6 +574,41 @@ class MiddlewareChain:
                 lines = [f"    if not idle_{index}.idle:", *("    " + line for line in lines)]
             before += lines
         before.append(f"    return request, None, {self.size}")
+        # run_sync: run_before, the transport's call and run_after in one frame (a sync call's whole
+        # attempt). A before-hook that raises or answers ends the before-hooks (``break``); its
+        # after-hooks and those of the middleware registered before it still run.
+        sync = [
+            "def run_sync(request, connection):",
+            "    began = perf_counter()",
+            "    request_id = request.request_id",
+            f"    limit = {self.size}",
+            "    response = None",
+        ]
+        if self._befores:
+            sync.append("    while True:")
+            for index, _ in self._befores:
+                lines = [
+                    "try:",
+                    f"    outcome = before_{index}(request)",
+                    "except Exception as exc:",
+                    "    response = from_exception(request_id, exc, origin=origin)",
+                    f"    limit = {index}",
+                    "    break",
+                    "if outcome is not None:",
+                    "    if isinstance(outcome, ServiceResponse):",
+                    "        response = outcome",
+                    f"        limit = {index}",
+                    "        break",
+                    "    request = outcome",
+                ]
+                if index in idle:
+                    lines = [f"if not idle_{index}.idle:", *("    " + line for line in lines)]
+                sync += ["        " + line for line in lines]
+            sync.append("        break")
+        sync += [
+            "    if response is None:",
+            "        response = connection.call(request, request.deadline - time())",
+        ]
         hooks: list[str] = []
         for index, after_hook in self._afters:
             names[f"after_{index}"] = after_hook
@@ -593,7 +634,13 @@ class MiddlewareChain:
                 "        except Exception:",
                 "            pass",
             ]
+        sync += [
+            *hooks,
+            *(["    seconds = perf_counter() - began", *observing] if observing else []),
+            "    return response",
+        ]
         after = [
+            *sync,
             "def run_after(request, response, limit, began):",
             *hooks,
             *(["    seconds = perf_counter() - began", *observing] if observing else []),
@@ -614,5 +661,9 @@ class MiddlewareChain:
             "run_after_hooks"
         ]
         self.run_observers: Callable[[ServiceRequest, ServiceResponse, int, float], None] = names["run_observers"]
+        #: ``run_sync(request, connection)``: one attempt of a sync call through the chain and
+        #: ``connection.call`` (the request must have a deadline); the final response, never raises
+        #: what a hook raises
+        self.run_sync: Callable[[ServiceRequest, Any], ServiceResponse] = names["run_sync"]
         if admits:
             self.admit = names["admit"]

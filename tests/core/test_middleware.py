@@ -325,7 +325,11 @@ class Scripted(ServiceMiddleware):
             return ServiceResponse(True, f"answered by {self.index}", request_id=request.request_id)
         if action == "replace":
             return ServiceRequest(
-                request.request_id, request.service_name, request.method_name, (*request.args, self.index)
+                request.request_id,
+                request.service_name,
+                request.method_name,
+                (*request.args, self.index),
+                deadline=request.deadline,
             )
         return None
 
@@ -386,13 +390,14 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
         ),
         max_size=6,
     ),
-    st.booleans(),
+    st.sampled_from(("run_after", "two steps", "run_sync")),
 )
 @settings(max_examples=300, deadline=None)
 def test_the_compiled_chain_behaves_as_specified(
-    script: list[tuple[str | None, str | None, bool, bool | None]], in_two_steps: bool
+    script: list[tuple[str | None, str | None, bool, bool | None]], mode: str
 ) -> None:
-    """``run_after``, or the same in two steps (``run_after_hooks``, then ``run_observers``), as specified.
+    """``run_after``, the same in two steps (``run_after_hooks``, then ``run_observers``), or a sync
+    call's whole attempt (``run_sync``, the transport's call included), as specified.
 
     A middleware that is ``idle`` has its before-hook skipped and its after-hook run for failures only.
     """
@@ -409,6 +414,23 @@ def test_the_compiled_chain_behaves_as_specified(
 
     log: list[Any] = []
     chain = MiddlewareChain(build(log), "client")
+    if mode == "run_sync":
+
+        class Connection:
+            def call(self, sent: ServiceRequest, timeout: float) -> ServiceResponse:
+                assert 0 < timeout <= 60
+                return ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
+
+        timed = ServiceRequest("r-1", "svc", "m", ("arg",), deadline=time.time() + 60)
+        got = chain.run_sync(timed, Connection())
+        assert (got.success, got.result, got.error, got.error_type) == (
+            expected.success,
+            expected.result,
+            expected.error,
+            expected.error_type,
+        )
+        assert log == expected_log
+        return
     began = time.perf_counter()
     try:
         sent, response, limit = chain.run_before(request)
@@ -417,7 +439,7 @@ def test_the_compiled_chain_behaves_as_specified(
         response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
     if response is None:
         response = ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
-    if in_two_steps:
+    if mode == "two steps":
         got = chain.run_after_hooks(sent, response, limit)
         assert chain.has_observers == any(observe for _, _, observe, _ in script)
         chain.run_observers(sent, got, limit, time.perf_counter() - began)
