@@ -488,10 +488,13 @@ def _recorder(side: str, service_name: str, window: float) -> ServiceRecorder:
 
 
 #: Durations an observer keeps per method and thread before it buckets them (:meth:`_Timed._fold_pending`):
-#: bucketing a batch costs a fraction of bucketing each call, and the load window's marks are
-#: checked once per batch. Readers count pending durations too; only a load mark may be taken up to
-#: this many calls late (or at the next read of the load, which takes one when due).
+#: bucketing a batch costs a fraction of bucketing each call. Readers count pending durations too.
 _PENDING_LIMIT = 128
+#: An observer reads the clock (a load mark may be due) once every this many calls of a method in a
+#: thread, not on every call: a mark is taken at most _TICK - 1 calls late (a read of the load takes
+#: one when due). _PENDING_LIMIT is a multiple of it.
+_TICK = 16
+_TICK_MASK = _TICK - 1
 
 #: The latency bucket of a refused call (no time at all).
 _REFUSED_BUCKET = bisect_right(BUCKET_BOUNDS, 0.0)
@@ -509,8 +512,8 @@ class _Timed(ServiceMiddleware):
     def _record(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
         # The per-call path: a lookup, an append and one test. The duration waits in the stats'
         # ``pending`` list and is bucketed with the others of its batch (_fold_pending), so a call
-        # pays no bucket search, no float sum and no clock read of its own. Failures, degraded
-        # answers and streams (whose responses carry metadata) take _record_rare.
+        # pays no bucket search and no float sum, and one call in _TICK reads the clock (_tick).
+        # Failures, degraded answers and streams (whose responses carry metadata) take _record_rare.
         try:
             stats = self._tls.shard[request.method_name]
         except (AttributeError, KeyError):
@@ -519,17 +522,22 @@ class _Timed(ServiceMiddleware):
         pending.append(seconds)
         if response.metadata or not response.success or response.degraded:
             self._record_rare(stats, request, response)
-        if len(pending) >= _PENDING_LIMIT:
-            self._fold_pending(stats)
+        if not len(pending) & _TICK_MASK:
+            self._tick(stats)
 
-    def _fold_pending(self, stats: _MethodStats) -> None:
-        """Count this thread's pending durations of ``stats`` into its buckets; take a load mark when one is due."""
-        pending = stats.pending
-        stats.pending = []  # detached before it is counted: a reader may miss these calls for a moment, never count them twice
-        _count_durations(stats, pending)
+    def _tick(self, stats: _MethodStats) -> None:
+        """Every _TICK calls of a method in a thread: take a load mark when one is due; fold a full batch."""
+        if len(stats.pending) >= _PENDING_LIMIT:
+            self._fold_pending(stats)
         now = self._clock()
         if now >= self.recorder.next_mark:
             self.recorder.mark(now)
+
+    def _fold_pending(self, stats: _MethodStats) -> None:
+        """Count this thread's pending durations of ``stats`` into its buckets."""
+        pending = stats.pending
+        stats.pending = []  # detached before it is counted: a reader may miss these calls for a moment, never count them twice
+        _count_durations(stats, pending)
 
     def _stats_of(self, request: ServiceRequest, response: ServiceResponse) -> _MethodStats:
         """Where a call counts when this thread has no shard yet or its shard no entry for the method."""
