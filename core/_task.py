@@ -380,6 +380,48 @@ def _count(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
+def _run_items(
+    method: Callable[..., Any],
+    args_list: tuple[Any, ...],
+    results: list[Any],
+    failures: dict[int, ServiceResponse],
+    request_id: str,
+    began: float,
+    end: float,
+    budget: float,
+    durations: list[float] | None,
+) -> int:
+    """:meth:`BaseServiceTask.run_many`'s loop for the common chunk: no serial lock, no keyword arguments.
+
+    The same outcomes as the general loop, with less work per call (no
+    ``**kwargs`` unpacking, no lock checks, one subtraction): a chunk of
+    trivial calls spends most of its host time here. Returns how many items
+    were not started because the deadline (``end``, on ``perf_counter``'s
+    scale) had passed.
+    """
+    append = results.append
+    clock = perf_counter
+    keep = durations.append if durations is not None else None
+    for index, args in enumerate(args_list):
+        if began > end:
+            return len(args_list) - index
+        try:
+            if type(args) is not tuple:
+                raise TypeError(f"item {index} of a chunk carries {type(args).__name__} arguments, not a tuple")
+            append(method(*args))
+        except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
+            append(None)
+            failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")
+        finished = clock()
+        spent = finished - began
+        if keep is not None:
+            keep(spent)
+        if spent > budget:
+            break
+        began = finished
+    return 0
+
+
 class BaseServiceTask:
     """One service instance and everything that serves its calls.
 
@@ -1413,6 +1455,9 @@ class BaseServiceTask:
         first = began
         token = _current_request.set(request)  # calls the method makes inherit the chunk's deadline and metadata
         try:
+            if serial is None and not kwargs:
+                expired = _run_items(method, args_list, results, failures, request_id, began, end, budget, durations)
+                args_list = ()  # run: the general loop below has nothing left to do
             for index, args in enumerate(args_list):
                 if began > end:
                     expired = len(args_list) - index
