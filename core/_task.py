@@ -390,6 +390,7 @@ def _run_items(
     end: float,
     budget: float,
     durations: list[float] | None,
+    single: bool,
 ) -> int:
     """:meth:`BaseServiceTask.run_many`'s loop for the common chunk: no serial lock, no keyword arguments.
 
@@ -397,11 +398,28 @@ def _run_items(
     ``**kwargs`` unpacking, no lock checks, one subtraction): a chunk of
     trivial calls spends most of its host time here. Returns how many items
     were not started because the deadline (``end``, on ``perf_counter``'s
-    scale) had passed.
+    scale) had passed. ``single``: each entry is a call's one argument.
     """
     append = results.append
     clock = perf_counter
     keep = durations.append if durations is not None else None
+    if single:
+        for index, arg in enumerate(args_list):
+            if began > end:
+                return len(args_list) - index
+            try:
+                append(method(arg))
+            except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
+                append(None)
+                failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")
+            finished = clock()
+            spent = finished - began
+            if keep is not None:
+                keep(spent)
+            if spent > budget:
+                break
+            began = finished
+        return 0
     for index, args in enumerate(args_list):
         if began > end:
             return len(args_list) - index
@@ -1385,7 +1403,7 @@ class BaseServiceTask:
         return response
 
     def run_many(
-        self, request: ServiceRequest, args_list: tuple[Any, ...], budget: float
+        self, request: ServiceRequest, args_list: tuple[Any, ...], budget: float, *, single: bool = False
     ) -> tuple[list[Any], dict[int, ServiceResponse]] | None:
         """Run ``request``'s method once per argument tuple of ``args_list``, in the calling thread, in order.
 
@@ -1412,7 +1430,8 @@ class BaseServiceTask:
         failed), ``failures`` maps the index of each failed item to its error
         response, built as :meth:`execute` builds it (every ``BaseException``
         the method raises is that item's outcome; an argument entry that is not
-        a tuple fails its item with TypeError, not run). The remaining items
+        a tuple fails its item with TypeError, not run; with ``single``, each
+        entry is the call's one positional argument). The remaining items
         were not started: the deadline had passed before their turn, or the
         last item run took longer than ``budget`` seconds (the caller then
         hands the rest elsewhere). An unknown method fails every item with
@@ -1456,7 +1475,9 @@ class BaseServiceTask:
         token = _current_request.set(request)  # calls the method makes inherit the chunk's deadline and metadata
         try:
             if serial is None and not kwargs:
-                expired = _run_items(method, args_list, results, failures, request_id, began, end, budget, durations)
+                expired = _run_items(
+                    method, args_list, results, failures, request_id, began, end, budget, durations, single
+                )
                 args_list = ()  # run: the general loop below has nothing left to do
             for index, args in enumerate(args_list):
                 if began > end:
@@ -1465,9 +1486,12 @@ class BaseServiceTask:
                 if serial is not None:
                     serial.acquire()
                 try:
-                    if type(args) is not tuple:
+                    if single:
+                        append(method(args, **kwargs))
+                    elif type(args) is not tuple:
                         raise TypeError(f"item {index} of a chunk carries {type(args).__name__} arguments, not a tuple")
-                    append(method(*args, **kwargs))
+                    else:
+                        append(method(*args, **kwargs))
                 except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
                     append(None)
                     failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")

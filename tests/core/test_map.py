@@ -345,3 +345,17 @@ def test_a_chunk_runs_with_the_same_outcomes_on_the_plain_loop_and_the_general_o
     assert run({"scale": 1}, time.time() + 30) == plain  # the general loop: the same outcomes
     # Past its deadline nothing starts, on either loop.
     assert run({}, time.time() - 1) == ([], {}) == run({"scale": 1}, time.time() - 1)
+
+
+def test_a_chunk_of_single_arguments_runs_each_argument_whole_on_either_loop(env: ServiceEnvironment) -> None:
+    # ``single``: each entry is a call's one argument (a list or a tuple-like value stays whole); the
+    # serial task takes the general loop, the other the plain one, with the same outcomes.
+    for name in ("work", "serial"):
+        task = env.get_task(name)
+        assert task is not None
+        request = ServiceRequest("chunk-1", name, "square", (), {}, "", time.time() + 30, {})
+        outcome = task.run_many(request, (2, "x", 3), 1.0, single=True)
+        assert outcome is not None
+        results, failures = outcome
+        assert results == [4, None, 9] and list(failures) == [1], name
+        assert failures[1].error_type == "TypeError", name
