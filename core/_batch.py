@@ -286,14 +286,22 @@ class _FastChunk(_Chunk):
     for it then).
     """
 
-    __slots__ = ("apart", "args", "calls", "chunk_id", "deadline", "failures", "left")
+    __slots__ = ("apart", "args", "calls", "chunk_id", "deadline", "failures", "left", "single")
 
     def __init__(
-        self, batch: _Batch, first: int, args: tuple[tuple[Any, ...], ...], deadline: float, timeout: float
+        self,
+        batch: _Batch,
+        first: int,
+        args: tuple[Any, ...],
+        deadline: float,
+        timeout: float,
+        single: bool = False,
     ) -> None:
         self.batch = batch
         self.first = first
+        #: each call's argument tuple, or with ``single`` each call's one argument (see call_args)
         self.args = args
+        self.single = single
         self.deadline = deadline
         self.timeout = timeout
         self.chunk_id = _new_request_id()
@@ -365,13 +373,17 @@ class _FastChunk(_Chunk):
                 _new_request_id(),
                 batch.service_name,
                 batch.method,
-                self.args[index],
+                self.call_args(index),
                 dict(batch.kwargs) if batch.kwargs else {},
                 "",
                 self.deadline,
                 dict(batch.metadata) if batch.metadata else {},
             )
         return request
+
+    def call_args(self, index: int) -> tuple[Any, ...]:
+        """The argument tuple of call ``index``."""
+        return (self.args[index],) if self.single else self.args[index]
 
     def _fail(self, failed: dict[int, ServiceResponse]) -> None:
         """Record failed calls; those the route's retry policy sends again complete the chunk later."""
@@ -562,6 +574,10 @@ class _Batch:
         self.send_fast: Any = (
             getattr(self.route.connection, "send_chunk", None) if chain is None or chain.batch else None
         )
+        #: the same for a chunk of single arguments (the arguments themselves, not a tuple each), if offered
+        self.send_single: Any = (
+            getattr(self.route.connection, "send_chunk_single", None) if self.send_fast is not None else None
+        )
         self.kwargs = kwargs
         self.nominal = self.route.default_timeout if timeout is None else timeout
         self.ordered = ordered
@@ -701,8 +717,16 @@ class _Batch:
 
     def _send_fast(self, items: list[Any], deadline: float, now: float, inherited: bool) -> bool:
         """Send a chunk as one compact record (:class:`_FastChunk`); False when the transport cannot (nothing sent)."""
-        args = tuple([item if type(item) is tuple else (item,) for item in items])
-        chunk = _FastChunk(self, self.next_index, args, deadline, deadline - now)
+        # A chunk whose items are single arguments (no item is a tuple) travels as the items themselves
+        # where the transport can (send_single): no tuple per call to build, pickle and unpickle.
+        send = self.send_fast
+        single = False
+        if self.send_single is not None and tuple not in map(type, items):
+            args: tuple[Any, ...] = tuple(items)
+            send, single = self.send_single, True
+        else:
+            args = tuple([item if type(item) is tuple else (item,) for item in items])
+        chunk = _FastChunk(self, self.next_index, args, deadline, deadline - now, single)
         self._arm_waiter(chunk)
         chain = self.batch_chain
         if chain is not None:
@@ -717,13 +741,9 @@ class _Batch:
                 self.in_flight.append(chunk)
                 self.chunk_done(chunk)
                 return True
-            if not self.send_fast(
-                chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk
-            ):
+            if not send(chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk):
                 self._send_apart(chunk)  # admitted as one chunk: reported as one, whatever way it travels
-        elif not self.send_fast(
-            chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk
-        ):
+        elif not send(chunk.chunk_id, self.method, args, self.kwargs or {}, deadline, self.metadata or {}, chunk):
             return False
         self.next_index += len(args)
         self.in_flight.append(chunk)
@@ -744,7 +764,7 @@ class _Batch:
         new_id = _new_request_id
         requests = [
             ServiceRequest(new_id(), self.service_name, self.method, args, kwargs, "", chunk.deadline, metadata)
-            for args in chunk.args
+            for args in (tuple(zip(chunk.args)) if chunk.single else chunk.args)
         ]
         chunk.apart = apart = _ApartAnswer(chunk, requests)
         try:

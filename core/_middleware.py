@@ -33,7 +33,7 @@ import copy
 import inspect
 import linecache
 from collections.abc import Callable, Iterable
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
@@ -118,6 +118,16 @@ class ServiceMiddleware:
     ``(response, request)``. Observers only watch (the final response and the
     duration); ``admit``/``on_refused`` refuse a call before it is built.
     """
+
+    #: True while this middleware has nothing to do for a call that succeeds: its ``admit`` and
+    #: ``before_call`` would return None and change nothing, and so would its ``after_call`` given
+    #: a successful response. A middleware whose class sets it (a breaker that is closed and has
+    #: counted no failure) keeps it up to date as its state changes, without a lock; the client
+    #: chain then reads it instead of calling those hooks (one attribute read instead of three
+    #: calls), and still calls ``after_call`` with every failed response. Observers, ``on_refused``
+    #: and the batch hooks are not affected. A call racing with a change may take either path, as
+    #: if it had finished just before or just after it.
+    idle: bool = False
 
     def before_call(self, request: ServiceRequest) -> ServiceRequest | ServiceResponse | None:
         """Inspect or replace the request before it is sent; raise to reject the call."""
@@ -289,6 +299,16 @@ def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
     return method  # type: ignore[no-any-return]
 
 
+def _declares_idle(middleware: Any) -> bool:
+    """Whether ``middleware`` maintains :attr:`ServiceMiddleware.idle` (its class, or the instance, sets it).
+
+    Only those get the flag read per call; for the others it would be a read that is always False.
+    """
+    if "idle" in getattr(middleware, "__dict__", ()):
+        return True
+    return any("idle" in vars(cls) for cls in type(middleware).__mro__ if cls is not ServiceMiddleware)
+
+
 def _as_after_hook(method: Callable[..., Any]) -> AfterHook:
     try:
         params = [
@@ -326,7 +346,11 @@ class MiddlewareChain:
     with ``answer``): ``run_after_hooks(request, response, limit)`` (the
     after-hooks; the final response) and ``run_observers(request, response,
     limit, seconds)``; ``has_observers`` says whether the second has
-    anything to run.
+    anything to run. ``run_sync(request, connection)`` is a sync call's
+    whole attempt in one frame: ``run_before``, ``connection.call(request,
+    seconds left before its deadline)`` unless a hook answered or raised,
+    then ``run_after`` (a raising before-hook's error answers the call, as
+    the manager turns a MiddlewareError into a response).
     """
 
     __slots__ = (
@@ -347,6 +371,7 @@ class MiddlewareChain:
         "run_after_hooks",
         "run_before",
         "run_observers",
+        "run_sync",
         "size",
     )
 
@@ -377,7 +402,7 @@ class MiddlewareChain:
         self._afters = tuple(reversed(afters))
         self._observers = tuple(observers)
         # Fast refusal (client side): only when every middleware that sees outcomes hears of refusals too.
-        admits = [m.admit for m in self.middlewares if _overridden(m, "admit") is not None]
+        admits = [(m.admit, index) for index, m in enumerate(self.middlewares) if _overridden(m, "admit") is not None]
         refused = [m.on_refused for m in self.middlewares if _overridden(m, "on_refused") is not None]
         hears = all(
             _overridden(self.middlewares[index], "on_refused") is not None for index, _ in (*afters, *observers)
@@ -390,7 +415,7 @@ class MiddlewareChain:
         self.has_before = bool(befores)
         #: whether ``run_observers`` has any observer to run
         self.has_observers = bool(observers)
-        self._compile(tuple(admits) if side == "client" and admits and hears else ())
+        self._compile(tuple(admits) if side == "client" and admits and hears else (), side)
 
     def _compile_batch(self, side: str) -> None:
         """Collect the batch hooks, and decide once whether chunks of a map may take them (``batch``).
@@ -483,15 +508,17 @@ class MiddlewareChain:
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
 
-    def _compile(self, admits: tuple[Callable[[str, str], BaseException | None], ...]) -> None:
+    def _compile(self, admits: tuple[tuple[Callable[[str, str], BaseException | None], int], ...], side: str) -> None:
         """Build :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.
 
         Generic loops cost ~40 ns per hook and a call's worth of tuple
         unpacking on every call; a chain is built once per route and task and
         then runs on every call, so its functions are generated once with one
         statement per hook (the technique of ``dataclasses``), each hook a
-        name bound in the generated code's namespace. ``admit`` (the checks of
-        ``admits``, in order; the first refusal is told to every
+        name bound in the generated code's namespace. On the client side, the
+        hooks of a middleware that keeps :attr:`ServiceMiddleware.idle` are
+        guarded by a read of that flag. ``admit`` (the checks of ``admits``,
+        each with its middleware's index, in order; the first refusal is told to every
         ``on_refused`` and returned; a check that raises admits the call) is
         generated only when given checks. The behaviour is the one the class
         and module docstrings state; ``tests/core/test_middleware.py`` pins it
@@ -502,25 +529,38 @@ class MiddlewareChain:
             "ServiceResponse": ServiceResponse,
             "from_exception": ServiceResponse.from_exception,
             "perf_counter": perf_counter,
+            "time": time,
             "origin": self._error_origin,
             "refuse": self._refuse,
         }
+        # Client middleware that keeps ServiceMiddleware.idle: its admit, before_call and after_call
+        # of a success are skipped while it is idle (``idle_<index>`` is the middleware itself).
+        idle: set[int] = set()
+        if side == "client":
+            for index, middleware in enumerate(self.middlewares):
+                if _declares_idle(middleware):
+                    idle.add(index)
+                    names[f"idle_{index}"] = middleware
         admit = ["def admit(service_name, method_name):"]
-        for index, check in enumerate(admits):
+        for index, (check, position) in enumerate(admits):
             names[f"check_{index}"] = check
+            indent = "    "
+            if position in idle:
+                admit.append(f"    if not idle_{position}.idle:")
+                indent = "        "
             admit += [
-                "    try:",
-                f"        error = check_{index}(service_name, method_name)",
-                "    except Exception:",  # a failing check decides nothing: the chain handles the call
-                "        return None",
-                "    if error is not None:",
-                "        return refuse(service_name, method_name, error)",
+                f"{indent}try:",
+                f"{indent}    error = check_{index}(service_name, method_name)",
+                f"{indent}except Exception:",  # a failing check decides nothing: the chain handles the call
+                f"{indent}    return None",
+                f"{indent}if error is not None:",
+                f"{indent}    return refuse(service_name, method_name, error)",
             ]
         admit.append("    return None")
         before = ["def run_before(request):"]
         for index, before_hook in self._befores:
             names[f"before_{index}"] = before_hook
-            before += [
+            lines = [
                 "    try:",
                 f"        outcome = before_{index}(request)",
                 "    except Exception as exc:",
@@ -530,12 +570,52 @@ class MiddlewareChain:
                 f"            return request, outcome, {index}",
                 "        request = outcome",
             ]
+            if index in idle:
+                lines = [f"    if not idle_{index}.idle:", *("    " + line for line in lines)]
+            before += lines
         before.append(f"    return request, None, {self.size}")
+        # run_sync: run_before, the transport's call and run_after in one frame (a sync call's whole
+        # attempt). A before-hook that raises or answers ends the before-hooks (``break``); its
+        # after-hooks and those of the middleware registered before it still run.
+        sync = [
+            "def run_sync(request, connection):",
+            "    began = perf_counter()",
+            "    request_id = request.request_id",
+            f"    limit = {self.size}",
+            "    response = None",
+        ]
+        if self._befores:
+            sync.append("    while True:")
+            for index, _ in self._befores:
+                lines = [
+                    "try:",
+                    f"    outcome = before_{index}(request)",
+                    "except Exception as exc:",
+                    "    response = from_exception(request_id, exc, origin=origin)",
+                    f"    limit = {index}",
+                    "    break",
+                    "if outcome is not None:",
+                    "    if isinstance(outcome, ServiceResponse):",
+                    "        response = outcome",
+                    f"        limit = {index}",
+                    "        break",
+                    "    request = outcome",
+                ]
+                if index in idle:
+                    lines = [f"if not idle_{index}.idle:", *("    " + line for line in lines)]
+                sync += ["        " + line for line in lines]
+            sync.append("        break")
+        sync += [
+            "    if response is None:",
+            "        response = connection.call(request, request.deadline - time())",
+        ]
         hooks: list[str] = []
         for index, after_hook in self._afters:
             names[f"after_{index}"] = after_hook
             hooks += [
-                f"    if limit > {index}:",
+                f"    if limit > {index} and (not response.success or not idle_{index}.idle):"
+                if index in idle
+                else f"    if limit > {index}:",
                 "        try:",
                 f"            outcome = after_{index}(response, request)",
                 "        except Exception as exc:",
@@ -554,7 +634,13 @@ class MiddlewareChain:
                 "        except Exception:",
                 "            pass",
             ]
+        sync += [
+            *hooks,
+            *(["    seconds = perf_counter() - began", *observing] if observing else []),
+            "    return response",
+        ]
         after = [
+            *sync,
             "def run_after(request, response, limit, began):",
             *hooks,
             *(["    seconds = perf_counter() - began", *observing] if observing else []),
@@ -575,5 +661,9 @@ class MiddlewareChain:
             "run_after_hooks"
         ]
         self.run_observers: Callable[[ServiceRequest, ServiceResponse, int, float], None] = names["run_observers"]
+        #: ``run_sync(request, connection)``: one attempt of a sync call through the chain and
+        #: ``connection.call`` (the request must have a deadline); the final response, never raises
+        #: what a hook raises
+        self.run_sync: Callable[[ServiceRequest, Any], ServiceResponse] = names["run_sync"]
         if admits:
             self.admit = names["admit"]

@@ -394,6 +394,66 @@ def _count(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
+def _run_items(
+    method: Callable[..., Any],
+    args_list: tuple[Any, ...],
+    results: list[Any],
+    failures: dict[int, ServiceResponse],
+    request_id: str,
+    began: float,
+    end: float,
+    budget: float,
+    durations: list[float] | None,
+    single: bool,
+) -> int:
+    """:meth:`BaseServiceTask.run_many`'s loop for the common chunk: no serial lock, no keyword arguments.
+
+    The same outcomes as the general loop, with less work per call (no
+    ``**kwargs`` unpacking, no lock checks, one subtraction): a chunk of
+    trivial calls spends most of its host time here. Returns how many items
+    were not started because the deadline (``end``, on ``perf_counter``'s
+    scale) had passed. ``single``: each entry is a call's one argument.
+    """
+    append = results.append
+    clock = perf_counter
+    keep = durations.append if durations is not None else None
+    if single:
+        for index, arg in enumerate(args_list):
+            if began > end:
+                return len(args_list) - index
+            try:
+                append(method(arg))
+            except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
+                append(None)
+                failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")
+            finished = clock()
+            spent = finished - began
+            if keep is not None:
+                keep(spent)
+            if spent > budget:
+                break
+            began = finished
+        return 0
+    for index, args in enumerate(args_list):
+        if began > end:
+            return len(args_list) - index
+        try:
+            if type(args) is not tuple:
+                raise TypeError(f"item {index} of a chunk carries {type(args).__name__} arguments, not a tuple")
+            append(method(*args))
+        except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
+            append(None)
+            failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")
+        finished = clock()
+        spent = finished - began
+        if keep is not None:
+            keep(spent)
+        if spent > budget:
+            break
+        began = finished
+    return 0
+
+
 class BaseServiceTask:
     """One service instance and everything that serves its calls.
 
@@ -1360,7 +1420,7 @@ class BaseServiceTask:
         return response
 
     def run_many(
-        self, request: ServiceRequest, args_list: tuple[Any, ...], budget: float
+        self, request: ServiceRequest, args_list: tuple[Any, ...], budget: float, *, single: bool = False
     ) -> tuple[list[Any], dict[int, ServiceResponse]] | None:
         """Run ``request``'s method once per argument tuple of ``args_list``, in the calling thread, in order.
 
@@ -1387,7 +1447,8 @@ class BaseServiceTask:
         failed), ``failures`` maps the index of each failed item to its error
         response, built as :meth:`execute` builds it (every ``BaseException``
         the method raises is that item's outcome; an argument entry that is not
-        a tuple fails its item with TypeError, not run). The remaining items
+        a tuple fails its item with TypeError, not run; with ``single``, each
+        entry is the call's one positional argument). The remaining items
         were not started: the deadline had passed before their turn, or the
         last item run took longer than ``budget`` seconds (the caller then
         hands the rest elsewhere). An unknown method fails every item with
@@ -1430,6 +1491,11 @@ class BaseServiceTask:
         first = began
         token = _current_request.set(request)  # calls the method makes inherit the chunk's deadline and metadata
         try:
+            if serial is None and not kwargs:
+                expired = _run_items(
+                    method, args_list, results, failures, request_id, began, end, budget, durations, single
+                )
+                args_list = ()  # run: the general loop below has nothing left to do
             for index, args in enumerate(args_list):
                 if began > end:
                     expired = len(args_list) - index
@@ -1437,9 +1503,12 @@ class BaseServiceTask:
                 if serial is not None:
                     serial.acquire()
                 try:
-                    if type(args) is not tuple:
+                    if single:
+                        append(method(args, **kwargs))
+                    elif type(args) is not tuple:
                         raise TypeError(f"item {index} of a chunk carries {type(args).__name__} arguments, not a tuple")
-                    append(method(*args, **kwargs))
+                    else:
+                        append(method(*args, **kwargs))
                 except BaseException as exc:  # noqa: BLE001 - as in execute(): the item's outcome, not the thread's end
                     append(None)
                     failures[index] = ServiceResponse.from_exception(request_id, exc, origin="service")

@@ -38,8 +38,8 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from bisect import bisect_right
-from collections import Counter, defaultdict, deque
+from bisect import bisect_left, bisect_right
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -107,8 +107,6 @@ _FAST_BUCKET: list[int] = _fast_bucket_table()
 #: Durations below this many seconds have their bucket in ``_FAST_BUCKET`` (one step short of its end,
 #: so that ``int(seconds * 1e8)`` cannot round up past the table).
 _FAST_SECONDS = (_FAST_STEPS - 1) / 1e8
-#: ``_FAST_BUCKET``'s steps per second (its index of a duration is ``int(seconds * 1e8)``).
-_STEPS_PER_SECOND = 1e8
 #: Marks per load window: rates and percentiles slide in steps of window / _MARKS.
 _MARKS = 6
 #: Failed calls each service keeps for ``status.extra["recent_errors"]`` (server side), newest last.
@@ -150,9 +148,13 @@ class _MethodStats:
     The call count is the sum of the buckets, so a call costs one increment less.
     ``errors`` counts by error type; in a shard it is a ``defaultdict(int)``, so
     counting a failed call is one ``+= 1`` (copies and sums are plain dicts).
+    ``pending`` holds the durations of successful calls recorded by an observer
+    and not yet counted into ``buckets`` and ``seconds`` (see
+    :func:`_fold_pending`): readers count them through :meth:`copy` and
+    :meth:`add`, so a reader never sees the difference.
     """
 
-    __slots__ = ("buckets", "degraded", "errors", "items", "seconds", "streams")
+    __slots__ = ("buckets", "degraded", "errors", "items", "pending", "seconds", "streams")
 
     def __init__(self) -> None:
         self.degraded = 0
@@ -162,17 +164,22 @@ class _MethodStats:
         self.seconds = 0.0
         self.errors: dict[str, int] = defaultdict(int)
         self.buckets = [0] * _NBUCKETS
+        self.pending: list[float] = []
 
     @property
     def calls(self) -> int:
-        return sum(self.buckets)
+        return sum(self.buckets) + len(self.pending)
 
     def copy(self) -> _MethodStats:
+        """A folded copy (nothing pending), safe to take while the owning thread records."""
         other = _MethodStats()
         other.degraded, other.seconds = self.degraded, self.seconds
         other.streams, other.items = self.streams, self.items
         other.errors = dict(self.errors)
+        # Buckets before pending: the writer detaches its pending list before folding it in (see
+        # _fold_pending), so a copy may miss a fold in progress but never counts a call twice.
         other.buckets = list(self.buckets)
+        _count_durations(other, list(self.pending))
         return other
 
     def add(self, part: _MethodStats) -> None:
@@ -183,6 +190,39 @@ class _MethodStats:
         for key, value in list(part.errors.items()):
             self.errors[key] = self.errors.get(key, 0) + value
         self.buckets = [a + b for a, b in zip(self.buckets, part.buckets, strict=True)]
+        _count_durations(self, list(part.pending))
+
+
+def _count_durations(stats: _MethodStats, durations: list[float]) -> None:
+    """Count calls that took ``durations`` seconds into ``stats`` (exactly the per-call buckets).
+
+    One C-speed pass finds the calls in the bucket of the fastest (most of
+    them, for calls of one method close in time); only the others are
+    bucketed one by one, and a wide spread of them is sorted and split by
+    bisection, one bucket at a time.
+    """
+    if not durations:
+        return
+    stats.seconds += sum(durations)
+    buckets = stats.buckets
+    low = bisect_right(BUCKET_BOUNDS, min(durations))
+    if low >= len(BUCKET_BOUNDS):
+        buckets[low] += len(durations)
+        return
+    bound = BUCKET_BOUNDS[low]
+    slower = [seconds for seconds in durations if seconds >= bound]
+    buckets[low] += len(durations) - len(slower)
+    if len(slower) < 16:
+        for seconds in slower:
+            buckets[bisect_right(BUCKET_BOUNDS, seconds)] += 1
+        return
+    slower.sort()
+    start = 0
+    while start < len(slower):
+        index = bisect_right(BUCKET_BOUNDS, slower[start])
+        end = len(slower) if index >= len(BUCKET_BOUNDS) else bisect_left(slower, BUCKET_BOUNDS[index], start)
+        buckets[index] += end - start
+        start = end
 
 
 def _percentile(buckets: list[int], total: int, q: float) -> float:
@@ -447,6 +487,15 @@ def _recorder(side: str, service_name: str, window: float) -> ServiceRecorder:
     return found
 
 
+#: Durations an observer keeps per method and thread before it buckets them (:meth:`_Timed._fold_pending`):
+#: bucketing a batch costs a fraction of bucketing each call. Readers count pending durations too.
+_PENDING_LIMIT = 128
+#: An observer reads the clock (a load mark may be due) once every this many calls of a method in a
+#: thread, not on every call: a mark is taken at most _TICK - 1 calls late (a read of the load takes
+#: one when due). _PENDING_LIMIT is a multiple of it.
+_TICK = 16
+_TICK_MASK = _TICK - 1
+
 #: The latency bucket of a refused call (no time at all).
 _REFUSED_BUCKET = bisect_right(BUCKET_BOUNDS, 0.0)
 
@@ -461,24 +510,34 @@ class _Timed(ServiceMiddleware):
         self._recent = recorder.recent_errors
 
     def _record(self, request: ServiceRequest, response: ServiceResponse, seconds: float) -> None:
-        # ServiceRecorder.record, inlined: this is the per-call path. A plain successful call costs
-        # one lookup, two increments and one test; failures, degraded answers and streams (whose
-        # responses carry metadata) take _record_rare.
+        # The per-call path: a lookup, an append and one test. The duration waits in the stats'
+        # ``pending`` list and is bucketed with the others of its batch (_fold_pending), so a call
+        # pays no bucket search and no float sum, and one call in _TICK reads the clock (_tick).
+        # Failures, degraded answers and streams (whose responses carry metadata) take _record_rare.
         try:
             stats = self._tls.shard[request.method_name]
         except (AttributeError, KeyError):
             stats = self._stats_of(request, response)
-        stats.seconds += seconds
-        # A test, not try/except IndexError: a raised exception costs ~0.5 µs, and every pipelined
-        # call (queued behind thousands of others) takes longer than the table covers.
-        stats.buckets[
-            _FAST_BUCKET[int(seconds * 1e8)] if seconds < _FAST_SECONDS else bisect_right(BUCKET_BOUNDS, seconds)
-        ] += 1
+        pending = stats.pending
+        pending.append(seconds)
         if response.metadata or not response.success or response.degraded:
             self._record_rare(stats, request, response)
+        if not len(pending) & _TICK_MASK:
+            self._tick(stats)
+
+    def _tick(self, stats: _MethodStats) -> None:
+        """Every _TICK calls of a method in a thread: take a load mark when one is due; fold a full batch."""
+        if len(stats.pending) >= _PENDING_LIMIT:
+            self._fold_pending(stats)
         now = self._clock()
         if now >= self.recorder.next_mark:
             self.recorder.mark(now)
+
+    def _fold_pending(self, stats: _MethodStats) -> None:
+        """Count this thread's pending durations of ``stats`` into its buckets."""
+        pending = stats.pending
+        stats.pending = []  # detached before it is counted: a reader may miss these calls for a moment, never count them twice
+        _count_durations(stats, pending)
 
     def _stats_of(self, request: ServiceRequest, response: ServiceResponse) -> _MethodStats:
         """Where a call counts when this thread has no shard yet or its shard no entry for the method."""
@@ -546,19 +605,9 @@ class _Timed(ServiceMiddleware):
                 stats.seconds += seconds * count
                 buckets[_bucket_of(seconds)] += count
             else:
-                stats.seconds += sum(durations)
                 # Bucketing each duration in a Python loop costs ~170 ns a call, as much as a trivial call
-                # itself. When the shortest and the longest fall in one bucket (trivial calls: all below the
-                # first bound), the whole chunk is one update; otherwise durations are counted in steps of
-                # 10 ns in C, one bucket update per distinct step. Both give exactly the per-call buckets.
-                low, high = _bucket_of(min(durations)), _bucket_of(max(durations))
-                if low == high:
-                    buckets[low] += len(durations)
-                else:
-                    for step, calls in Counter(map(int, map(_STEPS_PER_SECOND.__mul__, durations))).items():
-                        buckets[
-                            _FAST_BUCKET[step] if step < _FAST_STEPS - 1 else bisect_right(BUCKET_BOUNDS, step / 1e8)
-                        ] += calls
+                # itself: the chunk's durations are counted together, exactly as one by one.
+                _count_durations(stats, durations)
             if failures:
                 recent = self._recent
                 for response in failures.values():

@@ -174,6 +174,9 @@ class CircuitBreaker(ServiceMiddleware):
         self._opened_on: ServiceAddress | None = None
         #: closed-state successes need no bookkeeping unless a failure-rate window is kept
         self._fast = self.failure_rate is None
+        # ServiceMiddleware.idle: closed, no failure counted, no window to count successes into. The
+        # chain then skips admit/before_call and the after_call of successes (kept by _settle_idle).
+        self.idle = self._fast
         self._probes_out: set[str] = set()
         self._probes_ok = 0
         self._probes_started_at = 0.0
@@ -210,8 +213,8 @@ class CircuitBreaker(ServiceMiddleware):
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
         if self._fast and response.success and self.state is _CLOSED:
-            # The common case: one attribute store, no lock.
-            self._consecutive = 0
+            if self._consecutive:
+                self._end_run()
             return
         if not response.success and _not_an_outcome(response):
             self._not_an_outcome(request.request_id)
@@ -240,11 +243,26 @@ class CircuitBreaker(ServiceMiddleware):
         if batch.refused is not None:
             return  # refused before it was sent: not an outcome of the service
         if self._fast and not batch.failures and self.state is _CLOSED:
-            self._consecutive = 0
+            if self._consecutive:
+                self._end_run()
             return
         self.record_batch(batch)
 
     # ----------------------------------------------------------------- logic
+
+    def _end_run(self) -> None:
+        """A success after counted failures ends their run; the breaker is idle again.
+
+        Under the lock, unlike the rest of the closed-state success path: the
+        chain stops calling ``after_call`` for successes once ``idle`` is set,
+        so ``idle`` must never be set beside a failure counted meanwhile.
+        While idle the chain does not call this, so it runs once per run of
+        failures.
+        """
+        with self._lock:
+            if self.state is _CLOSED:
+                self._consecutive = 0
+                self._settle_idle()
 
     def _is_failure(self, response: ServiceResponse) -> bool:
         if response.success:
@@ -332,10 +350,12 @@ class CircuitBreaker(ServiceMiddleware):
                     return
             if failed:
                 self._consecutive += 1
+                self.idle = False  # the next success must end the run
                 if self._consecutive >= self.failure_threshold:
                     self._open(now)
             else:
                 self._consecutive = 0
+                self._settle_idle()
 
     def _probe_done(self, probe: str, failed: bool, now: float) -> None:
         """Half-open: the outcome of probe ``probe`` (a call's or a chunk's id); called under the lock."""
@@ -408,6 +428,7 @@ class CircuitBreaker(ServiceMiddleware):
                     self._open(now)
                     return
             self._consecutive = run if following == batch.count else 0
+            self._settle_idle()
 
     def _bucket(self, now: float) -> tuple[int, int]:
         epoch = int(now / self._bucket_width)
@@ -462,6 +483,7 @@ class CircuitBreaker(ServiceMiddleware):
             f"failing fast without calling it (a probe call goes through {self.cooldown:g}s after it opened)"
         )
         self.state = _OPEN
+        self.idle = False
         self._probes_out.clear()
         self._probes_ok = 0
         self.opened_total += 1
@@ -472,6 +494,11 @@ class CircuitBreaker(ServiceMiddleware):
         self._calls = [0] * _BUCKETS
         self._fails = [0] * _BUCKETS
         self._bucket_epoch = [0] * _BUCKETS
+        self._settle_idle()
+
+    def _settle_idle(self) -> None:
+        """Set ``idle`` from the state: closed, no failure counted, no failure-rate window (under the lock)."""
+        self.idle = self._fast and self.state is _CLOSED and self._consecutive == 0
 
     def reset(self) -> None:
         """Close the breaker and forget every count (operators' override)."""

@@ -86,6 +86,7 @@ __all__ = [
     "KIND_CALL",
     "KIND_CANCEL",
     "KIND_CHUNK",
+    "KIND_CHUNK_SINGLE",
     "KIND_STATUS",
     "KIND_STREAM_CANCEL",
     "KIND_STREAM_CREDIT",
@@ -148,6 +149,10 @@ KIND_STREAM_CANCEL = 6
 STREAM_KEY = "kservice.stream.window"
 #: A *chunk*: many calls of one method in one compact request tuple (see :func:`encode_chunk`).
 KIND_CHUNK = 7
+#: A chunk whose calls each take one positional argument: ``args`` holds the arguments themselves,
+#: not a 1-tuple per call (no tuple per call to build, pickle and unpickle). Sent only to hosts whose
+#: ``chunk_records`` is 2 or more.
+KIND_CHUNK_SINGLE = 8
 
 _PROTOCOL = 5
 _OOB_TAG = 0x4F  # "O": one-shot segment
@@ -600,6 +605,7 @@ def encode_chunk(
     deadline: float | None,
     metadata: dict[str, Any],
     inline_limit: int,
+    kind: int = KIND_CHUNK,
 ) -> bytes | None:
     """One inline record carrying a *chunk*: many calls of one method, without a request per call.
 
@@ -609,13 +615,14 @@ def encode_chunk(
     :func:`decode_request` checks it like any request. None when it does not
     fit one inline record (a buffer that would travel out of band, or more
     than ``inline_limit`` bytes): send the calls the per-call way then. Raises
-    what pickling raises.
+    what pickling raises. With ``kind`` :data:`KIND_CHUNK_SINGLE`, ``args``
+    holds each call's one positional argument instead of its argument tuple.
     """
     if type(kwargs) is not dict:
         kwargs = dict(kwargs) if kwargs else _NO_KWARGS
     if type(metadata) is not dict:
         metadata = dict(metadata) if metadata else _NO_METADATA
-    message = (KIND_CHUNK, chunk_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata)
+    message = (kind, chunk_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata)
     try:
         data = _dumps_pickle(message, _PROTOCOL, buffer_callback=_refuse_buffer)
     except _TooBig:

@@ -118,9 +118,20 @@ RESPONSE_PUT_TIMEOUT = 2.0
 CANCELLED_EARLY_LIMIT = 4096
 #: Key of an address's info (and of a host's status) saying its listener runs chunk records (``codec.KIND_CHUNK``).
 #: A host without it would drop such a record unanswered, so callers send it only to hosts that say so.
+#: Its value is the chunk records the host runs: 1, ``KIND_CHUNK``; 2, ``KIND_CHUNK_SINGLE`` too.
 CHUNK_RECORDS = "chunk_records"
+#: The ``CHUNK_RECORDS`` this listener announces.
+CHUNK_RECORDS_VERSION = 2
 #: Key of a host's status: how many calls of chunk records its listener ran in one loop (``task.run_many``).
 CHUNK_CALLS_IN_LOOP = "chunk_calls_in_loop"
+
+
+def _chunk_records(value: Any) -> int:
+    """A host's ``CHUNK_RECORDS`` as a version (0: none): an older host says True or 1, a garbled one nothing."""
+    if value is True:
+        return 1
+    return value if type(value) is int and value > 0 else 0
+
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "request_queue_capacity": 4 << 20,
@@ -190,7 +201,7 @@ class MmapListener(Listener):
             "queue_timeout": task.queue_timeout,
             "started_at": time.time(),
             "class": task.service_factory.class_path,
-            CHUNK_RECORDS: 1,
+            CHUNK_RECORDS: CHUNK_RECORDS_VERSION,
             ADDRESS_IDEMPOTENT: declared,
         }
         self.address = ServiceAddress("mmap", task.service_name, name, instance=name, info=info)
@@ -202,7 +213,7 @@ class MmapListener(Listener):
                     queue_timeout=task.queue_timeout,
                     instance=name,
                     cls=info["class"],
-                    **{CHUNK_RECORDS: 1, ADDRESS_IDEMPOTENT: declared},
+                    **{CHUNK_RECORDS: CHUNK_RECORDS_VERSION, ADDRESS_IDEMPOTENT: declared},
                 )
         except BaseException:
             self.queue.close()
@@ -359,6 +370,8 @@ class MmapListener(Listener):
                     self._handle_batch(request, answered)  # type: ignore[arg-type]
                 elif kind == codec.KIND_CHUNK:
                     self._handle_chunk(request)
+                elif kind == codec.KIND_CHUNK_SINGLE:
+                    self._handle_chunk(request, single=True)
                 elif kind in (codec.KIND_STREAM_CREDIT, codec.KIND_STREAM_CANCEL):
                     _streams().control(self, kind, request)
                 else:
@@ -445,7 +458,9 @@ class MmapListener(Listener):
         if answered is None:
             self._reply_all(own)
 
-    def _handle_chunk(self, request: ServiceRequest, undecodable: dict[int, tuple[Any, ...]] | None = None) -> None:
+    def _handle_chunk(
+        self, request: ServiceRequest, undecodable: dict[int, tuple[Any, ...]] | None = None, *, single: bool = False
+    ) -> None:
         """Run a chunk record (``ServiceManager.map``'s compact form) and answer it with one record.
 
         ``request.args`` holds one argument tuple per call. When the method is
@@ -458,7 +473,9 @@ class MmapListener(Listener):
         request through ``task.execute`` (server middleware sees each), and the
         answer leaves when the last is done; a cancel notice for the chunk
         keeps those not started from starting. ``undecodable``: calls already
-        answered (arguments the host could not decode), not run.
+        answered (arguments the host could not decode), not run. ``single``: a
+        ``KIND_CHUNK_SINGLE`` record, ``request.args`` holds each call's one
+        positional argument.
         """
         if self._cancelled_early and request.request_id in self._cancelled_early:
             self._cancelled_early.discard(request.request_id)
@@ -478,7 +495,7 @@ class MmapListener(Listener):
             and (self._concurrent or not self._outstanding)
         ):
             began = _perf_counter()
-            ran = task.run_many(request, calls, self._limit)
+            ran = task.run_many(request, calls, self._limit, single=single)
             if ran is not None:
                 done, failures = ran
                 start = len(done)
@@ -493,21 +510,29 @@ class MmapListener(Listener):
                 errors.setdefault(index, _NOT_STARTED_IN_TIME)
             start = count
         if start < count and any(index not in errors for index in range(start, count)):
-            self._pool_chunk(request, results, errors, start)
+            self._pool_chunk(request, results, errors, start, single)
             return
         self._reply_chunk(request, results, errors)
 
     def _pool_chunk(
-        self, request: ServiceRequest, results: list[Any], errors: dict[int, tuple[Any, ...]], start: int
+        self,
+        request: ServiceRequest,
+        results: list[Any],
+        errors: dict[int, tuple[Any, ...]],
+        start: int,
+        single: bool = False,
     ) -> None:
-        """Hand the calls of a chunk from ``start`` on (those not answered yet) to the pool; the last one done answers."""
+        """Hand the calls of a chunk from ``start`` on (those not answered yet) to the pool; the last one done answers.
+
+        ``single``: each entry of ``request.args`` is a call's one argument.
+        """
         chunk_id = request.request_id
         calls = [
             ServiceRequest(
                 f"{chunk_id}#{index}",
                 request.service_name,
                 request.method_name,
-                args if type(args) is tuple else (args,),
+                args if type(args) is tuple and not single else (args,),
                 request.kwargs,
                 request.response_queue_name,
                 request.deadline,
@@ -655,7 +680,7 @@ class MmapListener(Listener):
         try:
             status = self._task.get_service_status().to_dict()
             status["pid"] = os.getpid()
-            status[CHUNK_RECORDS] = 1
+            status[CHUNK_RECORDS] = CHUNK_RECORDS_VERSION
             status[CHUNK_CALLS_IN_LOOP] = self._chunk_calls_in_loop
             response = ServiceResponse.ok(request.request_id, status)
         except Exception as exc:  # the caller gets the error instead
@@ -671,7 +696,12 @@ class MmapListener(Listener):
         """
         service = self._task.service_name
         envelope = exc.envelope
-        if type(envelope) is tuple and len(envelope) == 9 and envelope[0] == codec.KIND_CHUNK and exc.response_queue:
+        if (
+            type(envelope) is tuple
+            and len(envelope) == 9
+            and envelope[0] in (codec.KIND_CHUNK, codec.KIND_CHUNK_SINGLE)
+            and exc.response_queue
+        ):
             self._undecodable_chunk(exc)
             return
         if type(exc.envelope) is list:  # a request batch: each call is run or answered on its own
@@ -766,7 +796,7 @@ class MmapListener(Listener):
                 exc.request_id or "", service, method, calls, response_queue_name=exc.response_queue or ""
             )
             undecodable = dict.fromkeys(range(len(calls)), fields)
-        self._handle_chunk(request, undecodable or None)
+        self._handle_chunk(request, undecodable or None, single=envelope[0] == codec.KIND_CHUNK_SINGLE)
 
     def _refuse(self, record: bytes, why: str) -> None:
         try:
@@ -1373,8 +1403,9 @@ class MmapConnection(Connection):
         self._owner_pid = ring.owner_pid
         self._inline_limit = _inline_limit(ring)
         self._queue_timeout = float(address.info.get("queue_timeout", 30.0))
-        #: whether the host runs chunk records: from the address when it says, else asked once (see send_chunk)
-        self._chunks: bool | None = True if address.info.get(CHUNK_RECORDS) else None
+        #: the chunk records the host runs (CHUNK_RECORDS; 0: none): from the address when it says, else
+        #: asked once (see send_chunk)
+        self._chunks: int | None = _chunk_records(address.info.get(CHUNK_RECORDS)) or None
         # Async requests that met a full ring (or a busy lock), oldest first, with the monotonic
         # time at which each gives up; sent by the connection's sender thread (see send).
         self._backlog: collections.deque[tuple[ServiceRequest, bytes, str | None, float, float]] = collections.deque()
@@ -1684,9 +1715,46 @@ class MmapConnection(Connection):
         whose address does not say whether it runs chunks asks it once (a
         status round trip of at most a second).
         """
+        return self._send_chunk_record(chunk_id, method_name, args, kwargs, deadline, metadata, reply, False)
+
+    def send_chunk_single(
+        self,
+        chunk_id: str,
+        method_name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        metadata: dict[str, Any],
+        reply: Callable[[Any], None],
+    ) -> bool:
+        """:meth:`send_chunk` for calls that each take one positional argument: ``args`` holds the arguments.
+
+        The record carries them as they are (``codec.KIND_CHUNK_SINGLE``: no
+        tuple per call to build, pickle and unpickle), to a host that runs such
+        records; an older host gets the usual chunk record.
+        """
+        return self._send_chunk_record(chunk_id, method_name, args, kwargs, deadline, metadata, reply, True)
+
+    def _send_chunk_record(
+        self,
+        chunk_id: str,
+        method_name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        metadata: dict[str, Any],
+        reply: Callable[[Any], None],
+        single: bool,
+    ) -> bool:
         ring = self._ring
         if ring is None or self._backlog or not (self._chunks or (self._chunks is None and self._ask_chunks())):
             return False
+        kind = codec.KIND_CHUNK
+        if single:
+            if self._chunks >= 2:  # type: ignore[operator]  # set by the test above
+                kind = codec.KIND_CHUNK_SINGLE
+            else:
+                args = tuple(zip(args))  # an older host: one argument tuple per call
         try:
             queue = _client._async_queue or _client.async_queue()
             record = codec.encode_chunk(
@@ -1699,6 +1767,7 @@ class MmapConnection(Connection):
                 deadline,
                 metadata,
                 self._inline_limit,
+                kind,
             )
         except Exception:  # noqa: BLE001 - an argument that cannot be pickled (or no room): call by call says which
             return False
@@ -1720,12 +1789,12 @@ class MmapConnection(Connection):
         _client.forget(chunk_id)
         return False
 
-    def _ask_chunks(self) -> bool:
-        """Ask the host once whether it runs chunk records (its status says so); a host that does not answer is taken as no."""
+    def _ask_chunks(self) -> int:
+        """Ask the host once which chunk records it runs (its status says; 0: none); a host that does not answer is taken as none."""
         try:
-            self._chunks = bool(self.remote_status(timeout=1.0).get(CHUNK_RECORDS))
+            self._chunks = _chunk_records(self.remote_status(timeout=1.0).get(CHUNK_RECORDS))
         except Exception:  # noqa: BLE001 - no answer: the per-call path works with any host
-            self._chunks = False
+            self._chunks = 0
         return self._chunks
 
     def cancel_chunk(self, chunk_id: str) -> None:

@@ -320,3 +320,42 @@ def test_amap_yields_results_and_cancelling_its_consumer_cancels_the_calls(
 
     with pytest.raises(ValueError, match="item 2 is bad"):
         asyncio.run(failing())
+
+
+def test_a_chunk_runs_with_the_same_outcomes_on_the_plain_loop_and_the_general_one(env: ServiceEnvironment) -> None:
+    # run_many takes a shorter loop for the common chunk (no keyword arguments, no serial lock); it
+    # must give exactly the outcomes of the general loop: results, each failure typed, a non-tuple
+    # entry failing its item only, the items past the deadline not started.
+    task = env.get_task("work")
+    assert task is not None
+    chunk = ((1, 2), (3, "x"), [4, 5], (5, 6))
+
+    def run(kwargs: dict[str, Any], deadline: float) -> tuple[list[Any], dict[int, str]]:
+        request = ServiceRequest("chunk-1", "work", "add", (), kwargs, "", deadline, {})
+        outcome = task.run_many(request, chunk, 1.0)  # type: ignore[arg-type]
+        assert outcome is not None
+        results, failures = outcome
+        return results, {index: f"{r.error_type}: {r.error}" for index, r in failures.items()}
+
+    plain = run({}, time.time() + 30)
+    assert plain[0] == [3, None, None, 11]
+    assert plain[1][1].startswith("TypeError: unsupported operand")
+    assert plain[1][2] == "TypeError: item 2 of a chunk carries list arguments, not a tuple"
+    assert set(plain[1]) == {1, 2}
+    assert run({"scale": 1}, time.time() + 30) == plain  # the general loop: the same outcomes
+    # Past its deadline nothing starts, on either loop.
+    assert run({}, time.time() - 1) == ([], {}) == run({"scale": 1}, time.time() - 1)
+
+
+def test_a_chunk_of_single_arguments_runs_each_argument_whole_on_either_loop(env: ServiceEnvironment) -> None:
+    # ``single``: each entry is a call's one argument (a list or a tuple-like value stays whole); the
+    # serial task takes the general loop, the other the plain one, with the same outcomes.
+    for name in ("work", "serial"):
+        task = env.get_task(name)
+        assert task is not None
+        request = ServiceRequest("chunk-1", name, "square", (), {}, "", time.time() + 30, {})
+        outcome = task.run_many(request, (2, "x", 3), 1.0, single=True)
+        assert outcome is not None
+        results, failures = outcome
+        assert results == [4, None, 9] and list(failures) == [1], name
+        assert failures[1].error_type == "TypeError", name

@@ -304,8 +304,12 @@ _AFTER_ACTIONS = ("none", "replace", "raise")
 class Scripted(ServiceMiddleware):
     """A middleware whose hooks act as scripted, recording what they saw."""
 
-    def __init__(self, index: int, before: str | None, after: str | None, observe: bool, log: list[Any]) -> None:
+    def __init__(
+        self, index: int, before: str | None, after: str | None, observe: bool, log: list[Any], idle: bool | None = None
+    ) -> None:
         self.index, self.log = index, log
+        if idle is not None:
+            self.idle = idle  # declares ServiceMiddleware.idle: the client chain reads it
         if before is not None:
             self.before_call = lambda request: self._before(before, request)  # type: ignore[method-assign]
         if after is not None:
@@ -321,7 +325,11 @@ class Scripted(ServiceMiddleware):
             return ServiceResponse(True, f"answered by {self.index}", request_id=request.request_id)
         if action == "replace":
             return ServiceRequest(
-                request.request_id, request.service_name, request.method_name, (*request.args, self.index)
+                request.request_id,
+                request.service_name,
+                request.method_name,
+                (*request.args, self.index),
+                deadline=request.deadline,
             )
         return None
 
@@ -342,7 +350,7 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
     limit = len(middlewares)
     response = None
     for index, middleware in enumerate(middlewares):
-        if "before_call" not in vars(middleware):
+        if "before_call" not in vars(middleware) or middleware.idle:
             continue
         try:
             outcome = middleware.before_call(request)
@@ -359,7 +367,7 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
         response = ServiceResponse(True, f"served {request.args}", request_id=request.request_id)
     for index in reversed(range(limit)):
         middleware = middlewares[index]
-        if "after_call" in vars(middleware):
+        if "after_call" in vars(middleware) and (not response.success or not middleware.idle):
             try:
                 outcome = middleware.after_call(response, request)
             except Exception as exc:
@@ -374,20 +382,31 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
 
 @given(
     st.lists(
-        st.tuples(st.sampled_from((None, *_BEFORE_ACTIONS)), st.sampled_from((None, *_AFTER_ACTIONS)), st.booleans()),
+        st.tuples(
+            st.sampled_from((None, *_BEFORE_ACTIONS)),
+            st.sampled_from((None, *_AFTER_ACTIONS)),
+            st.booleans(),
+            st.sampled_from((None, False, True)),
+        ),
         max_size=6,
     ),
-    st.booleans(),
+    st.sampled_from(("run_after", "two steps", "run_sync")),
 )
 @settings(max_examples=300, deadline=None)
 def test_the_compiled_chain_behaves_as_specified(
-    script: list[tuple[str | None, str | None, bool]], in_two_steps: bool
+    script: list[tuple[str | None, str | None, bool, bool | None]], mode: str
 ) -> None:
-    """``run_after``, or the same in two steps (``run_after_hooks``, then ``run_observers``), as specified."""
+    """``run_after``, the same in two steps (``run_after_hooks``, then ``run_observers``), or a sync
+    call's whole attempt (``run_sync``, the transport's call included), as specified.
+
+    A middleware that is ``idle`` has its before-hook skipped and its after-hook run for failures only.
+    """
     from kservice._middleware import MiddlewareChain, MiddlewareError
 
     def build(log: list[Any]) -> list[Scripted]:
-        return [Scripted(i, before, after, observe, log) for i, (before, after, observe) in enumerate(script)]
+        return [
+            Scripted(i, before, after, observe, log, idle) for i, (before, after, observe, idle) in enumerate(script)
+        ]
 
     request = ServiceRequest("r-1", "svc", "m", ("arg",))
     expected_log: list[Any] = []
@@ -395,6 +414,23 @@ def test_the_compiled_chain_behaves_as_specified(
 
     log: list[Any] = []
     chain = MiddlewareChain(build(log), "client")
+    if mode == "run_sync":
+
+        class Connection:
+            def call(self, sent: ServiceRequest, timeout: float) -> ServiceResponse:
+                assert 0 < timeout <= 60
+                return ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
+
+        timed = ServiceRequest("r-1", "svc", "m", ("arg",), deadline=time.time() + 60)
+        got = chain.run_sync(timed, Connection())
+        assert (got.success, got.result, got.error, got.error_type) == (
+            expected.success,
+            expected.result,
+            expected.error,
+            expected.error_type,
+        )
+        assert log == expected_log
+        return
     began = time.perf_counter()
     try:
         sent, response, limit = chain.run_before(request)
@@ -403,9 +439,9 @@ def test_the_compiled_chain_behaves_as_specified(
         response = ServiceResponse.from_exception(request.request_id, exc.error, origin="client")
     if response is None:
         response = ServiceResponse(True, f"served {sent.args}", request_id=sent.request_id)
-    if in_two_steps:
+    if mode == "two steps":
         got = chain.run_after_hooks(sent, response, limit)
-        assert chain.has_observers == any(observe for _, _, observe in script)
+        assert chain.has_observers == any(observe for _, _, observe, _ in script)
         chain.run_observers(sent, got, limit, time.perf_counter() - began)
     else:
         got = chain.run_after(sent, response, limit, began)

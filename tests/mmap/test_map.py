@@ -299,6 +299,51 @@ def test_a_host_that_does_not_say_it_runs_chunks_gets_each_call_on_its_own(
     assert asked == ([1] if _fast(manager, "kv") else [])  # asked once, only when the compact form was possible
 
 
+def test_a_chunk_of_single_arguments_travels_without_a_tuple_per_call(
+    host: tuple[ServiceEnvironment, ServiceManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items that are not tuples go as they are (``KIND_CHUNK_SINGLE``); an older host gets a tuple per call."""
+    _, manager = host
+    sent: list[tuple[int, Any]] = []
+    encode_chunk = codec.encode_chunk
+
+    def recording(chunk_id: str, service: str, method: str, args: Any, *rest: Any) -> bytes | None:
+        sent.append((rest[-1] if len(rest) == 6 else codec.KIND_CHUNK, args[0]))
+        return encode_chunk(chunk_id, service, method, args, *rest)
+
+    monkeypatch.setattr(codec, "encode_chunk", recording)
+    items: list[Any] = [1, "two", b"three", None, [4], {"five": 5}]
+    assert list(manager.map("kv", "echo", items, chunk_size=3)) == items
+    # Each item still fails alone, with its own typed error; the others are answered.
+    results = list(manager.map("kv", "size", [b"ab", 3, "xyz"], return_exceptions=True))
+    assert results[0] == 2 and results[2] == 3 and isinstance(results[1], ServiceCallError), results
+    assert isinstance(results[1], TypeError)
+    if not _fast(manager, "kv"):
+        assert sent == []  # the per-call path: a request per call, as before
+        return
+    assert sent[:2] == [(codec.KIND_CHUNK_SINGLE, 1), (codec.KIND_CHUNK_SINGLE, None)]  # before: (1,) in a KIND_CHUNK
+    # A tuple item is a call's argument tuple: such a chunk keeps the tuple form.
+    sent.clear()
+    assert list(manager.map("kv", "add", [(1, 2), (3, 4)])) == [3, 7]
+    assert sent == [(codec.KIND_CHUNK, (1, 2))]
+    # A host of an earlier version (chunk records, not this kind) gets one argument tuple per call.
+    connection = manager.get_service_queue("kv")
+    assert isinstance(connection, MmapConnection)
+    monkeypatch.setattr(connection, "_chunks", 1)
+    sent.clear()
+    assert list(manager.map("kv", "echo", [7, 8])) == [7, 8]
+    assert sent == [(codec.KIND_CHUNK, (7,))]
+
+
+def test_a_single_argument_chunk_the_pool_runs_keeps_each_argument_whole(
+    host: tuple[ServiceEnvironment, ServiceManager],
+) -> None:
+    """A chunk's calls that leave the listener's loop (a method not known to be fast) run each on the pool."""
+    _, manager = host
+    assert list(manager.map("kv", "sleep", [0.0] * 3, chunk_size=3)) == [0.0, 0.0, 0.0]
+    assert list(manager.map("kv", "echo", [[1, 2], "ab", b""], chunk_size=3)) == [[1, 2], "ab", b""]
+
+
 # ------------------------------------------------------------------ batch hooks
 
 

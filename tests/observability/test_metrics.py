@@ -326,3 +326,80 @@ def test_the_status_of_a_process_task_reports_its_hosts_load() -> None:
         in_flight = {s.labels["service"]: s.value for s in families["kservice_in_flight"].samples}
         assert in_flight["hosted"] == 2
         assert [s.result(30) for s in slow] == [2.0, 2.0]
+
+
+def test_an_observer_reads_no_clock_per_call_and_every_call_is_counted_at_once() -> None:
+    # The per-call record only appends the duration; durations are bucketed a batch at a time, and the
+    # load window's clock is read once per batch. Readers still see every call at once, with its
+    # bucket, before its batch is folded and after.
+    from bisect import bisect_right
+
+    reads = [0]
+
+    def clock() -> float:
+        reads[0] += 1
+        return 0.0
+
+    recorder = ServiceRecorder("client", "lazy", clock=clock)
+    observer = ClientMetrics(recorder)
+    request = ServiceRequest("r", "lazy", "m")
+    ok = ServiceResponse(True, None, request_id="r")
+    reads[0] = 0
+    durations = [i * 1e-5 for i in range(metrics._PENDING_LIMIT - 1)]
+    for seconds in durations:
+        observer.observe_call(request, ok, seconds)
+    assert reads[0] == len(durations) // metrics._TICK  # before: one clock read per call
+    reads[0] = 0
+    expected = [0] * metrics._NBUCKETS
+    for seconds in durations:
+        expected[bisect_right(metrics.BUCKET_BOUNDS, seconds)] += 1
+    stats = recorder.cumulative()["m"]
+    assert stats.buckets == expected and stats.calls == len(durations)
+    assert stats.seconds == pytest.approx(sum(durations))
+    more = [0.5, 0.0001, 3.0]
+    for seconds in more:  # the batch fills and is folded: the same counts, one clock read
+        observer.observe_call(request, ok, seconds)
+        expected[bisect_right(metrics.BUCKET_BOUNDS, seconds)] += 1
+    assert reads[0] <= 1  # the fold's batch: one tick
+    assert recorder.summary()["methods"]["m"]["calls"] == len(durations) + len(more)
+    assert recorder.cumulative()["m"].buckets == expected
+
+
+@pytest.mark.parametrize("spread", ["one bucket", "a few slow", "wide", "edges"])
+def test_durations_counted_together_land_where_bisection_puts_each(spread: str) -> None:
+    # A map chunk's durations (the service's side) and an observer's pending batch are counted
+    # together: the counts must be exactly those of bucketing each call alone.
+    import random
+    from bisect import bisect_right
+
+    rng = random.Random(spread)
+    bounds = metrics.BUCKET_BOUNDS
+    durations = {
+        "one bucket": [rng.uniform(1e-7, 9e-7) for _ in range(500)],
+        "a few slow": [rng.uniform(1e-7, 9e-7) for _ in range(500)] + [3e-6, 0.2, 7.0],
+        "wide": [10 ** rng.uniform(-7, 2.5) for _ in range(500)],
+        "edges": [*bounds, *(b * (1 - 1e-15) for b in bounds), 0.0, 1e9] * 2,
+    }[spread]
+    stats = metrics._MethodStats()
+    metrics._count_durations(stats, durations)
+    expected = [0] * metrics._NBUCKETS
+    for seconds in durations:
+        expected[bisect_right(bounds, seconds)] += 1
+    assert stats.buckets == expected
+    assert stats.seconds == pytest.approx(sum(durations))
+
+
+def test_an_observer_takes_load_marks_while_calls_come_without_a_read() -> None:
+    # Load marks (the window's steps) are taken while calls are recorded, a tick at most
+    # metrics._TICK calls late, not only when the load is read or a batch is folded.
+    now = [0.0]
+    recorder = ServiceRecorder("client", "marks", window=60.0, clock=lambda: now[0])
+    observer = ClientMetrics(recorder)
+    request = ServiceRequest("r", "marks", "m")
+    ok = ServiceResponse(True, None, request_id="r")
+    for step in range(1, 4):
+        now[0] = 30.0 * step
+        for _ in range(metrics._TICK):
+            observer.observe_call(request, ok, 0.001)
+    assert [when for when, _ in recorder._marks] == [30.0, 60.0, 90.0]  # the one at 0 is more than a window old
+    assert recorder.load()["calls"] == metrics._TICK * 2  # the window's baseline: the mark at 30

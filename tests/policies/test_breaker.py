@@ -535,3 +535,58 @@ def test_refusals_by_a_closed_connection_do_not_open_the_breaker() -> None:
         assert breaker_state(name) == "closed"
         hosts.append(start_host(name))
         assert manager.call_service_sync(name, "echo", ("b",), timeout=10) == "b"
+
+
+class _Counted(CircuitBreaker):
+    """A breaker that counts how often the chain calls its per-call hooks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hook_calls = 0
+
+    def admit(self, service_name: str, method_name: str) -> BaseException | None:
+        self.hook_calls += 1
+        return super().admit(service_name, method_name)
+
+    def before_call(self, request: ServiceRequest) -> ServiceResponse | None:
+        self.hook_calls += 1
+        return super().before_call(request)
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        self.hook_calls += 1
+        super().after_call(response, request)
+
+
+@pytest.mark.timeout(10)
+def test_a_closed_breaker_costs_a_success_no_hook_call_and_still_counts_runs_of_failures() -> None:
+    from kservice._middleware import MiddlewareChain
+
+    breaker = _Counted("svc", settings(failure_threshold=3), clock=Clock())
+    chain = MiddlewareChain([breaker], "client")
+    assert chain.admit is not None
+
+    def through_chain(outcome: ServiceResponse) -> ServiceResponse:
+        refusal = chain.admit("svc", "m")
+        if refusal is not None:
+            return ServiceResponse.from_exception("r", refusal, origin="runtime")
+        began = time.perf_counter()
+        sent, answered, limit = chain.run_before(req())
+        return chain.run_after(sent, answered or outcome, limit, began)
+
+    assert breaker.idle
+    for _ in range(100):
+        through_chain(OK)
+    assert breaker.hook_calls == 0  # before: admit, before_call and after_call for every success
+    for outcome in (DOWN, DOWN, OK, DOWN, DOWN, OK):  # a success still ends a run of failures
+        through_chain(outcome)
+    assert breaker.state == "closed" and breaker.idle
+    # Idle, a failure reaches after_call only (1); then every hook runs (3 each) until a success ends the run.
+    assert breaker.hook_calls == (1 + 3 + 3) * 2
+    for outcome in (DOWN, DOWN, TIMEOUT):
+        through_chain(outcome)
+    assert breaker.state == "open" and not breaker.idle
+    assert through_chain(OK).error_type == "CircuitOpenError"  # open: the hooks run again and refuse
+    breaker.reset()
+    assert breaker.idle and through_chain(OK).success
+    # A failure-rate window counts every success: such a breaker is never idle.
+    assert not CircuitBreaker("svc", settings(failure_rate=0.5), clock=Clock()).idle
