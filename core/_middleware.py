@@ -127,7 +127,7 @@ class ServiceMiddleware:
     #: calls), and still calls ``after_call`` with every failed response. Observers, ``on_refused``
     #: and the batch hooks are not affected. A call racing with a change may take either path, as
     #: if it had finished just before or just after it.
-    idle: bool = False
+    hooks_idle: bool = False
 
     def before_call(self, request: ServiceRequest) -> ServiceRequest | ServiceResponse | None:
         """Inspect or replace the request before it is sent; raise to reject the call."""
@@ -300,13 +300,13 @@ def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
 
 
 def _declares_idle(middleware: Any) -> bool:
-    """Whether ``middleware`` maintains :attr:`ServiceMiddleware.idle` (its class, or the instance, sets it).
+    """Whether ``middleware`` maintains :attr:`ServiceMiddleware.hooks_idle` (its class, or the instance, sets it).
 
     Only those get the flag read per call; for the others it would be a read that is always False.
     """
-    if "idle" in getattr(middleware, "__dict__", ()):
+    if "hooks_idle" in getattr(middleware, "__dict__", ()):
         return True
-    return any("idle" in vars(cls) for cls in type(middleware).__mro__ if cls is not ServiceMiddleware)
+    return any("hooks_idle" in vars(cls) for cls in type(middleware).__mro__ if cls is not ServiceMiddleware)
 
 
 def _as_after_hook(method: Callable[..., Any]) -> AfterHook:
@@ -516,7 +516,7 @@ class MiddlewareChain:
         then runs on every call, so its functions are generated once with one
         statement per hook (the technique of ``dataclasses``), each hook a
         name bound in the generated code's namespace. On the client side, the
-        hooks of a middleware that keeps :attr:`ServiceMiddleware.idle` are
+        hooks of a middleware that keeps :attr:`ServiceMiddleware.hooks_idle` are
         guarded by a read of that flag. ``admit`` (the checks of ``admits``,
         each with its middleware's index, in order; the first refusal is told to every
         ``on_refused`` and returned; a check that raises admits the call) is
@@ -533,7 +533,7 @@ class MiddlewareChain:
             "origin": self._error_origin,
             "refuse": self._refuse,
         }
-        # Client middleware that keeps ServiceMiddleware.idle: its admit, before_call and after_call
+        # Client middleware that keeps ServiceMiddleware.hooks_idle: its admit, before_call and after_call
         # of a success are skipped while it is idle (``idle_<index>`` is the middleware itself).
         idle: set[int] = set()
         if side == "client":
@@ -546,7 +546,7 @@ class MiddlewareChain:
             names[f"check_{index}"] = check
             indent = "    "
             if position in idle:
-                admit.append(f"    if not idle_{position}.idle:")
+                admit.append(f"    if not idle_{position}.hooks_idle:")
                 indent = "        "
             admit += [
                 f"{indent}try:",
@@ -571,7 +571,7 @@ class MiddlewareChain:
                 "        request = outcome",
             ]
             if index in idle:
-                lines = [f"    if not idle_{index}.idle:", *("    " + line for line in lines)]
+                lines = [f"    if not idle_{index}.hooks_idle:", *("    " + line for line in lines)]
             before += lines
         before.append(f"    return request, None, {self.size}")
         # run_sync: run_before, the transport's call and run_after in one frame (a sync call's whole
@@ -602,7 +602,7 @@ class MiddlewareChain:
                     "    request = outcome",
                 ]
                 if index in idle:
-                    lines = [f"if not idle_{index}.idle:", *("    " + line for line in lines)]
+                    lines = [f"if not idle_{index}.hooks_idle:", *("    " + line for line in lines)]
                 sync += ["        " + line for line in lines]
             sync.append("        break")
         sync += [
@@ -613,7 +613,7 @@ class MiddlewareChain:
         for index, after_hook in self._afters:
             names[f"after_{index}"] = after_hook
             hooks += [
-                f"    if limit > {index} and (not response.success or not idle_{index}.idle):"
+                f"    if limit > {index} and (not response.success or not idle_{index}.hooks_idle):"
                 if index in idle
                 else f"    if limit > {index}:",
                 "        try:",

@@ -174,9 +174,9 @@ class CircuitBreaker(ServiceMiddleware):
         self._opened_on: ServiceAddress | None = None
         #: closed-state successes need no bookkeeping unless a failure-rate window is kept
         self._fast = self.failure_rate is None
-        # ServiceMiddleware.idle: closed, no failure counted, no window to count successes into. The
+        # ServiceMiddleware.hooks_idle: closed, no failure counted, no window to count successes into. The
         # chain then skips admit/before_call and the after_call of successes (kept by _settle_idle).
-        self.idle = self._fast
+        self.hooks_idle = self._fast
         self._probes_out: set[str] = set()
         self._probes_ok = 0
         self._probes_started_at = 0.0
@@ -254,8 +254,8 @@ class CircuitBreaker(ServiceMiddleware):
         """A success after counted failures ends their run; the breaker is idle again.
 
         Under the lock, unlike the rest of the closed-state success path: the
-        chain stops calling ``after_call`` for successes once ``idle`` is set,
-        so ``idle`` must never be set beside a failure counted meanwhile.
+        chain stops calling ``after_call`` for successes once ``hooks_idle`` is set,
+        so ``hooks_idle`` must never be set beside a failure counted meanwhile.
         While idle the chain does not call this, so it runs once per run of
         failures.
         """
@@ -350,7 +350,7 @@ class CircuitBreaker(ServiceMiddleware):
                     return
             if failed:
                 self._consecutive += 1
-                self.idle = False  # the next success must end the run
+                self.hooks_idle = False  # the next success must end the run
                 if self._consecutive >= self.failure_threshold:
                     self._open(now)
             else:
@@ -483,7 +483,7 @@ class CircuitBreaker(ServiceMiddleware):
             f"failing fast without calling it (a probe call goes through {self.cooldown:g}s after it opened)"
         )
         self.state = _OPEN
-        self.idle = False
+        self.hooks_idle = False
         self._probes_out.clear()
         self._probes_ok = 0
         self.opened_total += 1
@@ -497,8 +497,8 @@ class CircuitBreaker(ServiceMiddleware):
         self._settle_idle()
 
     def _settle_idle(self) -> None:
-        """Set ``idle`` from the state: closed, no failure counted, no failure-rate window (under the lock)."""
-        self.idle = self._fast and self.state is _CLOSED and self._consecutive == 0
+        """Set ``hooks_idle`` from the state: closed, no failure counted, no failure-rate window (under the lock)."""
+        self.hooks_idle = self._fast and self.state is _CLOSED and self._consecutive == 0
 
     def reset(self) -> None:
         """Close the breaker and forget every count (operators' override)."""

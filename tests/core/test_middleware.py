@@ -309,7 +309,7 @@ class Scripted(ServiceMiddleware):
     ) -> None:
         self.index, self.log = index, log
         if idle is not None:
-            self.idle = idle  # declares ServiceMiddleware.idle: the client chain reads it
+            self.hooks_idle = idle  # declares ServiceMiddleware.hooks_idle: the client chain reads it
         if before is not None:
             self.before_call = lambda request: self._before(before, request)  # type: ignore[method-assign]
         if after is not None:
@@ -350,7 +350,7 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
     limit = len(middlewares)
     response = None
     for index, middleware in enumerate(middlewares):
-        if "before_call" not in vars(middleware) or middleware.idle:
+        if "before_call" not in vars(middleware) or middleware.hooks_idle:
             continue
         try:
             outcome = middleware.before_call(request)
@@ -367,7 +367,7 @@ def _specified(middlewares: list[Scripted], request: ServiceRequest, log: list[A
         response = ServiceResponse(True, f"served {request.args}", request_id=request.request_id)
     for index in reversed(range(limit)):
         middleware = middlewares[index]
-        if "after_call" in vars(middleware) and (not response.success or not middleware.idle):
+        if "after_call" in vars(middleware) and (not response.success or not middleware.hooks_idle):
             try:
                 outcome = middleware.after_call(response, request)
             except Exception as exc:
@@ -399,7 +399,7 @@ def test_the_compiled_chain_behaves_as_specified(
     """``run_after``, the same in two steps (``run_after_hooks``, then ``run_observers``), or a sync
     call's whole attempt (``run_sync``, the transport's call included), as specified.
 
-    A middleware that is ``idle`` has its before-hook skipped and its after-hook run for failures only.
+    A middleware that is ``hooks_idle`` has its before-hook skipped and its after-hook run for failures only.
     """
     from kservice._middleware import MiddlewareChain, MiddlewareError
 

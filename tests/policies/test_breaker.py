@@ -573,20 +573,20 @@ def test_a_closed_breaker_costs_a_success_no_hook_call_and_still_counts_runs_of_
         sent, answered, limit = chain.run_before(req())
         return chain.run_after(sent, answered or outcome, limit, began)
 
-    assert breaker.idle
+    assert breaker.hooks_idle
     for _ in range(100):
         through_chain(OK)
     assert breaker.hook_calls == 0  # before: admit, before_call and after_call for every success
     for outcome in (DOWN, DOWN, OK, DOWN, DOWN, OK):  # a success still ends a run of failures
         through_chain(outcome)
-    assert breaker.state == "closed" and breaker.idle
+    assert breaker.state == "closed" and breaker.hooks_idle
     # Idle, a failure reaches after_call only (1); then every hook runs (3 each) until a success ends the run.
     assert breaker.hook_calls == (1 + 3 + 3) * 2
     for outcome in (DOWN, DOWN, TIMEOUT):
         through_chain(outcome)
-    assert breaker.state == "open" and not breaker.idle
+    assert breaker.state == "open" and not breaker.hooks_idle
     assert through_chain(OK).error_type == "CircuitOpenError"  # open: the hooks run again and refuse
     breaker.reset()
-    assert breaker.idle and through_chain(OK).success
+    assert breaker.hooks_idle and through_chain(OK).success
     # A failure-rate window counts every success: such a breaker is never idle.
-    assert not CircuitBreaker("svc", settings(failure_rate=0.5), clock=Clock()).idle
+    assert not CircuitBreaker("svc", settings(failure_rate=0.5), clock=Clock()).hooks_idle
