@@ -414,12 +414,9 @@ def _usable_cpus() -> int:
 #: longer gap means the scheduler ran another thread in its place, usually for a whole time slice.
 LOST_CPU = 250e-6
 #: Seconds a process's waits sleep without spinning after a spin lost its CPU; doubled, up to
-#: :data:`SPIN_PAUSE_MAX`, while spins keep losing their CPU (see :data:`SPIN_BUSY_MEMORY`).
+#: :data:`SPIN_PAUSE_MAX`, while the first spin after a pause loses its CPU again.
 SPIN_PAUSE_MIN = 0.02
 SPIN_PAUSE_MAX = 2.0
-#: Seconds after a pause ends during which a lost CPU counts as the same busy spell (the pause doubles)
-#: rather than a new one (it starts at :data:`SPIN_PAUSE_MIN` again).
-SPIN_BUSY_MEMORY = 10.0
 #: ``KSERVICE_RING_SPIN_WHEN_BUSY=1``: spin before every sleep, whatever happened to earlier spins
 #: (the waits as they were before :func:`note_lost_cpu`), to measure the difference.
 _SPIN_WHEN_BUSY = os.environ.get("KSERVICE_RING_SPIN_WHEN_BUSY", "0") == "1"
@@ -441,16 +438,12 @@ def note_lost_cpu(now: float) -> None:
     busy process, as a pipe's reader would.
 
     The pause is :data:`SPIN_PAUSE_MIN` and doubles (up to
-    :data:`SPIN_PAUSE_MAX`) each time a spin loses its CPU again within
-    :data:`SPIN_BUSY_MEMORY` of the last pause's end, so a machine that stays
-    busy pays one lost slice every two seconds, and a machine that becomes
-    idle again spins within a pause. Why a memory rather than "right after
-    the pause": a caller that calls in bursts spins first at each burst, a
-    while after the last pause ended; counting that as a new spell restarted
-    the pause at its shortest and cost every burst a lost slice.
+    :data:`SPIN_PAUSE_MAX`) each time the first spin after a pause loses its
+    CPU again, so a machine that stays busy pays one lost slice every two
+    seconds, and a machine that becomes idle again spins within a pause.
     """
     resume_at, pause = _spin_pause
-    pause = min(pause * 2, SPIN_PAUSE_MAX) if now - resume_at < SPIN_BUSY_MEMORY else SPIN_PAUSE_MIN
+    pause = min(pause * 2, SPIN_PAUSE_MAX) if now - resume_at < pause else SPIN_PAUSE_MIN
     _spin_pause[0] = now + pause
     _spin_pause[1] = pause
 

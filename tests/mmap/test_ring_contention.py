@@ -154,24 +154,3 @@ def test_spin_when_busy_keeps_spinning_whatever_happened(monkeypatch: pytest.Mon
     monkeypatch.setattr(ring, "_SPIN_WHEN_BUSY", True)  # KSERVICE_RING_SPIN_WHEN_BUSY=1, read at import
     ring.note_lost_cpu(time.monotonic())
     assert not ring.spin_paused()
-
-
-@pytest.mark.usefixtures("no_pause")
-def test_a_caller_calling_in_bursts_on_a_busy_machine_keeps_its_pause_growing() -> None:
-    """Bursts of calls with gaps between them on a busy machine: each burst's first spin lost its CPU a
-    while after the last pause had ended, and the pause started again at its shortest, so every burst
-    paid a lost slice (milliseconds: the busy p99 of a caller interleaved with others). A loss within
-    ``SPIN_BUSY_MEMORY`` of the last pause is the same busy spell: the pause keeps doubling."""
-    now = 1000.0
-    ring.note_lost_cpu(now)
-    pause = ring.SPIN_PAUSE_MIN
-    for _ in range(12):
-        now = ring._spin_pause[0] + 0.1  # the next burst, 100 ms after the pause ended
-        ring.note_lost_cpu(now)
-        pause = min(pause * 2, ring.SPIN_PAUSE_MAX)
-        assert ring._spin_pause == [now + pause, pause]
-    assert pause == ring.SPIN_PAUSE_MAX
-    # Quiet for longer than the memory: a new spell starts short.
-    now = ring._spin_pause[0] + ring.SPIN_BUSY_MEMORY + 1.0
-    ring.note_lost_cpu(now)
-    assert ring._spin_pause == [now + ring.SPIN_PAUSE_MIN, ring.SPIN_PAUSE_MIN]
