@@ -38,21 +38,30 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_host(name: str, target: str = "tests.mmap.services:KV") -> subprocess.Popen[str]:
-    """``kservice serve NAME=TARGET`` in this session's directories; returns once it serves (its first line read)."""
+#: The sample key-value service the host tests serve (``NAME=`` then this).
+KV_TARGET = "tests.mmap.services:KV"
+
+
+def start_host(*services: str, env: dict[str, str] | None = None, app_dir: Path | None = None) -> subprocess.Popen[str]:
+    """``kservice serve [--app-dir APP_DIR] NAME=TARGET...``; returns once it printed a serving line per service.
+
+    ``env`` defaults to this session's (its directories), with the repository on the path. A host that
+    does not start is killed and its stderr raised in an AssertionError.
+    """
     host = subprocess.Popen(
-        [KSERVICE, "serve", f"{name}={target}"],
-        env={**os.environ, "PYTHONPATH": str(HERE.parents[1])},
+        [KSERVICE, "serve", *(["--app-dir", str(app_dir)] if app_dir is not None else []), *services],
+        env=env if env is not None else {**os.environ, "PYTHONPATH": str(HERE.parents[1])},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     assert host.stdout is not None
-    line = host.stdout.readline()
-    if not line.startswith(f"serving {name}"):
-        host.kill()
-        _, err = host.communicate()
-        raise AssertionError(f"kservice serve did not start: {line!r} {err}")
+    for service in services:
+        line = host.stdout.readline()
+        if not line.startswith(f"serving {service.partition('=')[0]}"):
+            host.kill()
+            _, err = host.communicate()
+            raise AssertionError(f"kservice serve did not start: {line!r} {err}")
     return host
 
 

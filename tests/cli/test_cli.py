@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from .conftest import Served
-from .helpers import HERE, KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many, stop_host
+from .helpers import HERE, KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many, start_host, stop_host
 
 COMMANDS = [
     ("plugins",),
@@ -199,18 +199,8 @@ def test_status_asks_unanswering_hosts_at_once_and_says_which_did_not_answer_wit
     shm = Path(f"/dev/shm/kservice-{os.getuid()}-status-{uuid.uuid4().hex[:8]}")
     env = cli_env(KSERVICE_QUEUE_DIR=str(shm), KSERVICE_REGISTRY_DIR=f"{shm}-services")
     names = [f"s{i}" for i in range(1, 5)]
-    host = subprocess.Popen(
-        [KSERVICE, "serve", "--app-dir", str(HERE), *(f"{n}=sample_services:KV" for n in names)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    host = start_host(*(f"{n}=sample_services:KV" for n in names), env=env, app_dir=HERE)
     try:
-        assert host.stdout is not None
-        for _ in names:
-            line = host.stdout.readline()
-            assert line.startswith("serving"), (line, host.stderr.read() if host.poll() is not None else "")
         host.send_signal(signal.SIGSTOP)  # alive, listed, and answering nothing
         started = time.monotonic()
         result = run_cli("status", "--json", "--timeout", "5", env=env)

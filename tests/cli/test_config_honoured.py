@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many
+from .helpers import KSERVICE, assert_user_error, cli_env, run_cli, run_main, run_many, stop_host
 
 
 def _yaml(path: Path, text: str) -> Path:
@@ -205,12 +205,7 @@ def test_serve_host_locally_says_what_it_hosts_instead(tmp_path: Path) -> None:
             in note
         )
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        stop_host(process)
 
 
 # --------------------------------------------------------------------------- 5. numbers and unreadable files

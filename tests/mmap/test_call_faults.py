@@ -27,7 +27,7 @@ from kservice import (
 from kservice.plugins.mmap import reclaim, registry
 from kservice.testing import wait_for
 
-from tests.cli.helpers import start_host, stop_host
+from tests.cli.helpers import KV_TARGET, start_host, stop_host
 
 from .services import Host, child_env, unique
 
@@ -252,7 +252,7 @@ def test_a_stopped_caller_whose_ring_is_full_does_not_hold_up_other_callers(tmp_
     after the first wait: the other callers are served; the stopped caller's calls end at their deadline,
     and once it reads again it is answered again."""
     name = unique("stuckcaller")
-    host = start_host(name)
+    host = start_host(f"{name}={KV_TARGET}")
     stopped = subprocess.Popen(
         [sys.executable, "-c", STOPPED_CALLER, name], stdout=subprocess.PIPE, text=True, env=child_env()
     )

@@ -118,27 +118,13 @@ def test_kservice_call_loads_only_what_a_call_needs(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A ``kservice serve`` host of ``cold-kv`` (KV) and ``cold-model`` (TokenModel); the environment to call it."""
-    from tests.cli.helpers import KSERVICE, cli_env, stop_host
+    from tests.cli.helpers import KV_TARGET, cli_env, start_host, stop_host
 
     env = cli_env(KSERVICE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
-    host = subprocess.Popen(
-        [
-            KSERVICE,
-            "serve",
-            "--app-dir",
-            str(REPO_ROOT),
-            "cold-kv=tests.mmap.services:KV",
-            "cold-model=tests.streaming.services:TokenModel",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    host = start_host(
+        f"cold-kv={KV_TARGET}", "cold-model=tests.streaming.services:TokenModel", env=env, app_dir=REPO_ROOT
     )
     try:
-        assert host.stdout is not None
-        assert host.stdout.readline().startswith("serving cold-kv"), host.stderr and host.stderr.read()
-        assert host.stdout.readline().startswith("serving cold-model")
         yield env
     finally:
         stop_host(host)

@@ -27,7 +27,7 @@ from kservice import (
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.transport import MmapConnection
 
-from tests.cli.helpers import start_host, stop_host
+from tests.cli.helpers import KV_TARGET, start_host, stop_host
 from tests.core.faulty import Counter
 from tests.mmap.services import KV, SerialLedger
 
@@ -491,13 +491,13 @@ def test_calls_refused_by_a_host_that_was_replaced_are_delivered_to_the_new_host
     name = f"moved{form}{retries}{os.getpid()}"
     settings = {"max_retries": 0} if retries == "off" else {"retry_interval": 60.0}
     config = Config.load({"service_call": settings})
-    first = start_host(name)
+    first = start_host(f"{name}={KV_TARGET}")
     second = None
     try:
         with ServiceManager(config=config) as manager:
             assert manager.call_service_sync(name, "echo", ("route",)) == "route"  # the route is kept
             stop_host(first)
-            second = start_host(name)
+            second = start_host(f"{name}={KV_TARGET}")
             began = time.monotonic()
             items = [(i, 1) for i in range(200)]
             if form == "sync":

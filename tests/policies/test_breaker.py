@@ -17,7 +17,7 @@ from kservice import CallBatch, ServiceEnvironment, ServiceRequest, ServiceRespo
 from kservice.keys import AT_CAPACITY
 from kservice.plugins.breaker import CircuitBreaker, CircuitOpenError, breaker_state, breaker_status, reset_breaker
 
-from tests.cli.helpers import start_host, stop_host
+from tests.cli.helpers import KV_TARGET, start_host, stop_host
 from tests.policies.conftest import chain_of
 from tests.policies.services import Flaky
 
@@ -480,7 +480,7 @@ def test_a_service_refusing_calls_at_its_admission_limit_does_not_open_the_break
 @contextlib.contextmanager
 def _hosts_of(name: str) -> Iterator[list[subprocess.Popen[str]]]:
     """The ``kservice serve`` hosts of ``name`` a test runs, the first started here; stopped, and the breaker reset, after."""
-    hosts = [start_host(name)]
+    hosts = [start_host(f"{name}={KV_TARGET}")]
     try:
         yield hosts
     finally:
@@ -508,7 +508,7 @@ def test_a_breaker_opened_by_a_host_that_died_probes_the_new_host_at_once() -> N
             with pytest.raises(kservice.ServiceUnavailableError, match="died during the call"):
                 future.result(30)
         assert breaker_state(name) == "open"
-        hosts.append(start_host(name))
+        hosts.append(start_host(f"{name}={KV_TARGET}"))
         # The first call after the new host serves is a probe; it succeeds and closes the breaker.
         assert manager.call_service_sync(name, "echo", ("c",), timeout=10) == "c"
         assert breaker_state(name) == "closed"
@@ -533,7 +533,7 @@ def test_refusals_by_a_closed_connection_do_not_open_the_breaker() -> None:
             assert not isinstance(refused.value, CircuitOpenError)
             assert refused.value.may_have_run is False
         assert breaker_state(name) == "closed"
-        hosts.append(start_host(name))
+        hosts.append(start_host(f"{name}={KV_TARGET}"))
         assert manager.call_service_sync(name, "echo", ("b",), timeout=10) == "b"
 
 
