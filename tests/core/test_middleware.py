@@ -423,12 +423,7 @@ def test_the_compiled_chain_behaves_as_specified(
 
         timed = ServiceRequest("r-1", "svc", "m", ("arg",), deadline=time.time() + 60)
         got = chain.run_sync(timed, Connection())
-        assert (got.success, got.result, got.error, got.error_type) == (
-            expected.success,
-            expected.result,
-            expected.error,
-            expected.error_type,
-        )
+        assert _outcome(got) == _outcome(expected)
         assert log == expected_log
         return
     began = time.perf_counter()
@@ -445,13 +440,13 @@ def test_the_compiled_chain_behaves_as_specified(
         chain.run_observers(sent, got, limit, time.perf_counter() - began)
     else:
         got = chain.run_after(sent, response, limit, began)
-    assert (got.success, got.result, got.error, got.error_type) == (
-        expected.success,
-        expected.result,
-        expected.error,
-        expected.error_type,
-    )
+    assert _outcome(got) == _outcome(expected)
     assert log == expected_log
+
+
+def _outcome(response: ServiceResponse) -> tuple[Any, ...]:
+    """What a caller sees of a response: success, result, error and its type."""
+    return response.success, response.result, response.error, response.error_type
 
 
 class ExplodingBefore(ServiceMiddleware):
