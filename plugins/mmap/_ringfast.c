@@ -366,6 +366,26 @@ Ring_announce(RingObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(result);
 }
 
+/* FUTEX_WAIT on a shared word (no FUTEX_PRIVATE_FLAG, as _futex.futex_wait) for at most ``seconds``,
+ * without the GIL: 0 when woken, else the errno (EAGAIN, ETIMEDOUT, EINTR, or a real error). */
+static int
+futex_wait_unlocked(void *word, uint32_t expected, double seconds)
+{
+    if (seconds < 0)
+        seconds = 0;
+    struct timespec timeout;
+    timeout.tv_sec = (time_t)seconds;
+    timeout.tv_nsec = (long)((seconds - (double)timeout.tv_sec) * 1e9);
+    long r;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    r = syscall(SYS_futex, word, FUTEX_WAIT, expected, &timeout, NULL, 0);
+    if (r != 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return err;
+}
+
 /* Ring.doze(seq, seconds) -> int: as _futex.futex_wait on data_seq, without the GIL. */
 static PyObject *
 Ring_doze(RingObject *self, PyObject *args)
@@ -376,21 +396,8 @@ Ring_doze(RingObject *self, PyObject *args)
         return NULL;
     if (self->base == NULL)
         return PyLong_FromLong(0); /* closed by another thread: the caller re-checks and raises QueueClosed */
-    if (seconds < 0)
-        seconds = 0;
-    struct timespec timeout;
-    timeout.tv_sec = (time_t)seconds;
-    timeout.tv_nsec = (long)((seconds - (double)timeout.tv_sec) * 1e9);
-    uint32_t *word = U32(self, OFF_DATA_SEQ);
-    long r;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    /* A shared futex (no FUTEX_PRIVATE_FLAG), as _futex.futex_wait. */
-    r = syscall(SYS_futex, word, FUTEX_WAIT, (uint32_t)seq, &timeout, NULL, 0);
-    if (r != 0)
-        err = errno;
-    Py_END_ALLOW_THREADS
-    if (r == 0)
+    int err = futex_wait_unlocked(U32(self, OFF_DATA_SEQ), (uint32_t)seq, seconds);
+    if (err == 0)
         return PyLong_FromLong(0);
     if (err == EAGAIN || err == ETIMEDOUT || err == EINTR)
         return PyLong_FromLong(err);
@@ -586,19 +593,8 @@ native_futex_wait(PyObject *Py_UNUSED(module), PyObject *args)
     void *address;
     if (!PyArg_ParseTuple(args, "OKd", &where, &expected, &seconds) || address_arg(where, &address) < 0)
         return NULL;
-    if (seconds < 0)
-        seconds = 0;
-    struct timespec timeout;
-    timeout.tv_sec = (time_t)seconds;
-    timeout.tv_nsec = (long)((seconds - (double)timeout.tv_sec) * 1e9);
-    long r;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_futex, address, FUTEX_WAIT, (uint32_t)expected, &timeout, NULL, 0);
-    if (r != 0)
-        err = errno;
-    Py_END_ALLOW_THREADS
-    if (r == 0)
+    int err = futex_wait_unlocked(address, (uint32_t)expected, seconds);
+    if (err == 0)
         return PyLong_FromLong(0);
     if (err == EAGAIN || err == ETIMEDOUT || err == EINTR)
         return PyLong_FromLong(err);
