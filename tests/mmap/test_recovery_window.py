@@ -104,7 +104,7 @@ def test_every_call_form_made_during_replacement_is_served_by_the_new_host() -> 
 def test_recovery_lets_a_running_call_finish_within_health_drain_timeout() -> None:
     # Recovery (as the health plugin runs it) replacing a host while a call runs there. It used to kill the
     # old host 5 s after it began, whatever was configured: this call was cut.
-    config = {"health": {"enabled": False, "drain_timeout": 30.0}, "service_call": {"max_retries": 0}}
+    config = {"health": {"enabled": False, "drain_timeout": 30.0}}  # retries at their defaults
     with ServiceEnvironment("recovery-drain", config) as env:
         task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
         assert isinstance(task, ProcessServiceTask)
@@ -153,8 +153,8 @@ def test_a_call_running_longer_than_stuck_after_within_its_deadline_is_not_a_stu
     Before, after ``health.stuck_after`` without a completed call, recovery replaced the host (or rebuilt
     the instance) and cut the call "may have run", although its caller had given it 30 s."""
     config = {
+        # The default retry policy: a call cut "may have run" is not re-sent, so it cannot run twice.
         "health": {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2},
-        "service_call": {"max_retries": 0},
     }
     with ServiceEnvironment("busy-not-stuck", config) as env:
         task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind=kind)
@@ -169,8 +169,8 @@ def test_a_call_running_longer_than_stuck_after_within_its_deadline_is_not_a_stu
 def test_a_call_still_running_past_its_deadline_is_a_stuck_pool_and_recovered() -> None:
     """Its caller gave up: the worker is held for nothing, and recovery replaces the host as before."""
     config = {
+        # The default retry policy: a call cut "may have run" is not re-sent, so it cannot run twice.
         "health": {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2},
-        "service_call": {"max_retries": 0},
     }
     with ServiceEnvironment("stuck-past-deadline", config) as env:
         task = env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")

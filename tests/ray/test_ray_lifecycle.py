@@ -154,7 +154,7 @@ def test_recovery_lets_the_calls_of_a_replica_it_replaces_finish_within_health_d
     """A replica failing its service's check_health() but still serving: its running call gets its own result
     when it ends within ``health.drain_timeout`` (before: the replica was killed at once, the call cut as
     "may have run"); one running past it is cut, as over mmap."""
-    config = {"health": {"enabled": False, "drain_timeout": drain_timeout}, "service_call": {"max_retries": 0}}
+    config = {"health": {"enabled": False, "drain_timeout": drain_timeout}}  # retries at their defaults
     with ServiceEnvironment("ray-recover-drain", config) as env:
         task = env.register_service("sickly", ServiceFactory("sickly", SicklyService), kind="ray", replicas=1)
         assert isinstance(task, RayServiceTask)
