@@ -128,13 +128,13 @@ class _Chunk:
         if not response.success and batch.state == "running" and not batch.manager._closed:
             if response.metadata.get(CONNECTION_CLOSED):
                 self.retrying[index] = None
-                batch.manager.timer().call_later(0.0, lambda: self._reroute(index, response))
+                batch.manager.timer().call_later(0.0, lambda: self._reroute(index, response), may_block=True)
                 return
             if route.retry is not None:
                 delay = route.retry_delay(self.requests[index], response, 0)
                 if delay is not None:
                     self.retrying[index] = None
-                    batch.manager.timer().call_later(delay, lambda: self._retry(index, response))
+                    batch.manager.timer().call_later(delay, lambda: self._retry(index, response), may_block=True)
                     return
         self.settle(index, response)
 
@@ -151,7 +151,7 @@ class _Chunk:
         if batch.state != "running" or index not in self.retrying:
             return
         route = batch.route
-        if batch.manager._rerouted(route, refused) is not None:
+        if batch.manager._rerouted(route, refused, self._request(index).deadline) is not None:
             self._resend(index, refused, rerouted=True)
             return
         delay = None if route.retry is None else route.retry_delay(self._request(index), refused, 0)
@@ -159,7 +159,7 @@ class _Chunk:
             if self.retrying.pop(index, False) is not False:
                 self.settle(index, refused)
             return
-        batch.manager.timer().call_later(delay, lambda: self._retry(index, refused))
+        batch.manager.timer().call_later(delay, lambda: self._retry(index, refused), may_block=True)
 
     def _retry(self, index: int, failed: ServiceResponse) -> None:
         """Send a failed call again as an ordinary async call (attempt 1 on): it follows the single-call rules."""
@@ -167,13 +167,15 @@ class _Chunk:
         if batch.state != "running" or index not in self.retrying:
             return
         manager = batch.manager
-        route = manager._refresh_route(batch.route, failed)
+        route = manager._refresh_route(batch.route, failed, self._request(index).deadline)
         task = route.awaiting_host
         if task is not None:
             # The service's host is being replaced: send the retry once the new one is in place (the
             # callback only schedules: it may run in the thread replacing the host).
             timer = manager.timer()
-            task.call_when_host_ready(lambda: timer.call_later(0.0, lambda: self._resend(index, failed)))
+            task.call_when_host_ready(
+                lambda: timer.call_later(0.0, lambda: self._resend(index, failed), may_block=True)
+            )
             return
         self._resend(index, failed)
 
@@ -185,8 +187,8 @@ class _Chunk:
         if batch.state != "running" or index not in self.retrying:
             return
         manager = batch.manager
-        route = manager._refresh_route(batch.route, failed)
         request = self._request(index)
+        route = manager._refresh_route(batch.route, failed, request.deadline)
         call = _AsyncCall(manager, route, request, self.timeout, attempt=1, rerouted=rerouted)
         self.retrying[index] = call
         call.add_done_callback(lambda future: self._retried(index, future))
@@ -410,9 +412,17 @@ class _FastChunk(_Chunk):
             self.retrying[index] = None
         for index, response, delay in retries:
             if delay is None:
-                timer.call_later(0.0, lambda index=index, response=response: self._reroute(index, response))  # type: ignore[misc]
+                timer.call_later(
+                    0.0,
+                    lambda index=index, response=response: self._reroute(index, response),  # type: ignore[misc]
+                    may_block=True,
+                )
             else:
-                timer.call_later(delay, lambda index=index, response=response: self._retry(index, response))  # type: ignore[misc]
+                timer.call_later(
+                    delay,
+                    lambda index=index, response=response: self._retry(index, response),  # type: ignore[misc]
+                    may_block=True,
+                )
 
     def settle(self, index: int, outcome: ServiceResponse | BaseException) -> None:
         """A retried call's final outcome; the last one completes the chunk."""
@@ -566,7 +576,7 @@ class _Batch:
         self.manager = manager
         self.service_name = service_name
         self.method = method
-        self.route: _Route = manager._route(service_name)
+        self.route: _Route = manager._found(service_name, timeout)[0]  # finding it waits at most the timeout
         chain = self.route.chain
         #: the route's chain when a chunk goes through its batch hooks (every middleware implements them)
         self.batch_chain = chain if chain is not None and chain.batch else None

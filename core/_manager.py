@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -21,6 +23,7 @@ from ._errors import (
     ServiceError,
     ServiceNotFoundError,
     ServiceStoppedError,
+    ServiceTimeoutError,
     ServiceUnavailableError,
     _short_repr,
 )
@@ -99,6 +102,8 @@ class _Timer:
         self._cond = threading.Condition(threading.Lock())
         self._seq = itertools.count()
         self._closed = False
+        #: the workers of callbacks that may block (see call_later), started with the first
+        self._workers: Any = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -114,13 +119,30 @@ class _Timer:
             with self._cond:
                 self._cond.notify()
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        """Run ``callback()`` in the timer thread after ``delay`` seconds."""
+    def call_later(self, delay: float, callback: Callable[[], None], *, may_block: bool = False) -> None:
+        """Run ``callback()`` after ``delay`` seconds: in the timer thread, or, ``may_block``, in a worker of its own.
+
+        A callback that may block (a retry or re-route: it resolves the service
+        again, which asks plugins and may connect) runs in one of a few worker
+        threads, so that however long it takes, the timer thread ends every
+        other call at its deadline on time.
+        """
         import heapq  # with the first delayed callback (a retry's back-off), not with every caller
 
+        if may_block:
+            callback = functools.partial(self._hand_over, callback)
         with self._cond:
             heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), callback))
             self._cond.notify()
+
+    def _hand_over(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in a worker thread (started with the first; see :meth:`call_later`)."""
+        workers = self._workers
+        if workers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            workers = self._workers = ThreadPoolExecutor(4, thread_name_prefix=f"{self._thread.name}-worker")
+        workers.submit(_quietly, callback)
 
     def _run(self) -> None:
         import heapq  # in the timer's thread, once
@@ -153,10 +175,7 @@ class _Timer:
                     self._cond.wait(None if next_wake is None else max(0.0, next_wake - now))
                     continue
             for callback in due:
-                try:
-                    callback()
-                except Exception:  # noqa: BLE001 - a failing callback must not stop the timer
-                    pass
+                _quietly(callback)
 
     def close(self) -> list[Any]:
         """Stop the thread; returns the calls whose deadline it was still watching (unfinished ones)."""
@@ -170,9 +189,18 @@ class _Timer:
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)  # a worker ends with its callback's deadline
         # Async calls, and the chunks of ``ServiceManager.map`` (which abandon their calls the same way).
         unfinished = (call for call in watched if hasattr(call, "_abandon") and not call._finished())
         return list(dict.fromkeys(unfinished))
+
+
+def _quietly(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - a failing callback must not stop the timer or its workers
+        pass
 
 
 class _Route:
@@ -251,6 +279,72 @@ class _Route:
             if len(self.idempotent) < 1024:  # bounded: callers may try any number of (unknown) names
                 self.idempotent[method_name] = known
         return known
+
+
+class _RouteBuild:
+    """The building of one service's route, in a thread of its own, shared by every caller waiting for it.
+
+    Resolving a name asks plugins (a directory service, a Ray cluster),
+    connecting may wait on a transport, and compiling asks plugins again:
+    any of them may hang. The thread is a daemon and holds nothing a caller
+    needs, so a caller stops waiting at its deadline and the process can exit.
+    """
+
+    __slots__ = ("future", "service_name", "step", "thread")
+
+    def __init__(self, manager: ServiceManager, service_name: str) -> None:
+        import contextvars  # with the first route built, not with every caller's start
+
+        self.service_name = service_name
+        #: what the thread is doing, for the error of a caller that stops waiting
+        self.step = "resolving its name"
+        self.future: Future[_Route] = Future()
+        # In the caller's context: a resolver may read the caller's context variables (a tenant, a trace).
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(
+            target=context.run, args=(self._run, manager), name=f"kservice-route-{service_name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, manager: ServiceManager) -> None:
+        try:
+            route = manager._build_route(self.service_name, self)
+        except BaseException as exc:  # noqa: BLE001 - every waiter gets what building raised
+            self._end(manager)
+            self.future.set_exception(exc)
+        else:
+            self._end(manager)
+            self.future.set_result(route)
+
+    def _end(self, manager: ServiceManager) -> None:
+        # Before the outcome is set: a caller that comes after it builds anew (a failure is not kept).
+        with manager._route_lock:
+            if manager._building.get(self.service_name) is self:
+                del manager._building[self.service_name]
+
+    def wait(self, within: float | None) -> _Route:
+        """The route, or what building raised; ServiceTimeoutError once ``within`` seconds pass first."""
+        try:
+            error = self.future.exception(None if within is None else max(0.0, within))
+        except TimeoutError:
+            assert within is not None  # no limit: the wait above does not time out
+            raise self._timed_out(within) from None
+        if error is not None:
+            raise error
+        return self.future.result()
+
+    def _timed_out(self, within: float) -> ServiceTimeoutError:
+        from ._plugins import hook_running
+
+        running = hook_running(sys._current_frames().get(self.thread.ident or -1))
+        where = f" (plugin {running[0]!r} is still in its {running[1]})" if running else ""
+        error = ServiceTimeoutError(
+            f"service {self.service_name!r} could not be reached within {within:g} s: {self.step} had not "
+            f"finished{where}; nothing was sent. The route is still being built and is kept for later calls "
+            "when it is done"
+        )
+        error.may_have_run = False
+        return error
 
 
 class _RefusingConnection(Connection):
@@ -357,6 +451,8 @@ class ServiceManager:
         self._config = None if environment is not None else Config.load(config)
         get_plugin_manager()  # plugins load here: one that fails to load is reported now, not at the first call
         self._routes: dict[str, _Route] = {}
+        #: routes being built, by service name (see _route)
+        self._building: dict[str, _RouteBuild] = {}
         self._route_lock = threading.Lock()
         self._timer: _Timer | None = None
         self._timer_lock = threading.Lock()
@@ -487,12 +583,48 @@ class ServiceManager:
             names.update(contributed or ())
         return sorted(names)
 
-    def _route(self, service_name: str) -> _Route:
+    def _route(self, service_name: str, within: float | None = None) -> _Route:
+        """The compiled route of ``service_name``; building one waits at most ``within`` seconds (None: no limit).
+
+        A route not built yet is built in a thread of its own, shared by every
+        caller that needs it meanwhile (see :class:`_RouteBuild`): a plugin's
+        resolver, a transport's connect or a middleware hook that hangs holds
+        no caller past ``within``, which then gets ServiceTimeoutError naming
+        the service, the step and the plugin still running (``may_have_run``
+        False: nothing was sent). The build goes on, and a route it ends
+        with is kept for the next call. What building raises is raised to
+        every caller waiting for it.
+        """
         if self._closed:
             raise ServiceStoppedError("this ServiceManager is closed; make a new one to call services")
         route = self._routes.get(service_name)
         if route is not None:
             return route
+        with self._route_lock:
+            build = self._building.get(service_name)
+            if build is None:
+                build = self._building[service_name] = _RouteBuild(self, service_name)
+        return build.wait(within)
+
+    def _found(self, service_name: str, timeout: float | None) -> tuple[_Route, float]:
+        """A call's route, and what is left of its ``timeout`` (None: the service's default) once it is found.
+
+        Finding the service is part of the call: it waits at most the call's
+        timeout, and the time it took is taken from it.
+        """
+        route = self._routes.get(service_name)
+        if route is not None and not self._closed:
+            return route, route.default_timeout if timeout is None else timeout
+        began = _monotonic()
+        within = (
+            self.config.for_service(service_name)["service_call"]["default_timeout"] if timeout is None else timeout
+        )
+        route = self._route(service_name, within)
+        left = (route.default_timeout if timeout is None else timeout) - (_monotonic() - began)
+        return route, left
+
+    def _build_route(self, service_name: str, build: _RouteBuild) -> _Route:
+        """Resolve, connect and compile the route of ``service_name`` (in ``build``'s thread; see :meth:`_route`)."""
         try:
             addresses, service_class = self._resolve(service_name)
         except ServiceStoppedError as exc:
@@ -525,6 +657,7 @@ class ServiceManager:
             return route
         failures: list[ServiceError] = []
         for address in self._ranked(service_name, addresses):
+            build.step = f"connecting to it over {address.transport}"
             try:
                 transport = get_transport(address.transport)
                 connection = transport.connect(address)
@@ -533,6 +666,7 @@ class ServiceManager:
                 failures.append(exc)
         else:
             raise failures[0]
+        build.step = "compiling its middleware and retry policy"
         route = self._compile(service_name, address, connection, service_class)
         with self._route_lock:
             existing = self._routes.get(service_name)
@@ -663,20 +797,13 @@ class ServiceManager:
             timeout = _checked_timeout(timeout)
         if type(method) is not str or not method:
             method = _checked_method_name(method)
-        route = self._route(service_name)
+        route, left = self._found(service_name, timeout)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
             if refusal is not None:
                 raise refusal
-        request = self._request(
-            service_name,
-            method,
-            args,
-            kwargs,
-            route.default_timeout if timeout is None else timeout,
-            metadata,
-        )
+        request = self._request(service_name, method, args, kwargs, left, metadata)
         attempt = 0
         rerouted = False
         while True:
@@ -689,7 +816,7 @@ class ServiceManager:
                 return response.result
             if not rerouted and response.metadata.get(CONNECTION_CLOSED):
                 rerouted = True
-                fresh = self._rerouted(route, response)
+                fresh = self._rerouted(route, response, request.deadline)
                 if fresh is not None:
                     route = fresh
                     continue
@@ -698,10 +825,10 @@ class ServiceManager:
                 attempt += 1
                 route = self._retry_route(route, response, delay, request.deadline)
                 continue
-            self._refresh_route(route, response)
+            self._refresh_route(route, response, request.deadline)
             raise response.to_exception(service_name, method)
 
-    def _refresh_route(self, route: _Route, response: ServiceResponse) -> _Route:
+    def _refresh_route(self, route: _Route, response: ServiceResponse, deadline: float | None) -> _Route:
         """The route a retry of a call that failed on ``route`` with ``response`` is sent on.
 
         After an unavailable service, the service is resolved again: it may
@@ -711,7 +838,9 @@ class ServiceManager:
         route that answers every request with that ServiceStoppedError at once
         (never retried), so the call ends with it, naming the service, instead
         of retrying on a closed connection. Any other resolution error leaves
-        ``route``: the next attempt reports the failure.
+        ``route``: the next attempt reports the failure. Resolving waits at
+        most until the call's ``deadline`` (epoch seconds; None: no limit),
+        and leaves ``route`` when it has not ended by then.
         """
         if (
             not response.success
@@ -720,7 +849,7 @@ class ServiceManager:
         ):
             self._drop_route(route)
             try:
-                return self._route(route.service_name)
+                return self._route(route.service_name, None if deadline is None else deadline - _time())
             except ServiceStoppedError as exc:  # a resolver's service stopped on purpose
                 return self._compile(
                     route.service_name,
@@ -732,16 +861,16 @@ class ServiceManager:
                 return route
         return route
 
-    def _reresolve(self, route: _Route, response: ServiceResponse) -> tuple[_Route, bool]:
+    def _reresolve(self, route: _Route, response: ServiceResponse, deadline: float | None) -> tuple[_Route, bool]:
         """:meth:`_refresh_route`, and whether the route now leads elsewhere.
 
         Elsewhere: another address (a restarted or moved host) or a service
         now stopped; not when it leads to the same place or does not resolve.
         """
-        fresh = self._refresh_route(route, response)
+        fresh = self._refresh_route(route, response, deadline)
         return fresh, fresh is not route and fresh.address != route.address
 
-    def _rerouted(self, route: _Route, refused: ServiceResponse) -> _Route | None:
+    def _rerouted(self, route: _Route, refused: ServiceResponse, deadline: float | None) -> _Route | None:
         """Where a request ``route``'s closed connection refused (``CONNECTION_CLOSED``) goes now, or None.
 
         The route to the name's new address when the name now resolves to
@@ -754,7 +883,7 @@ class ServiceManager:
         """
         if self._closed:
             return None
-        fresh, moved = self._reresolve(route, refused)
+        fresh, moved = self._reresolve(route, refused, deadline)
         if moved and fresh.address.transport and fresh.awaiting_host is None:
             return fresh
         return None
@@ -768,15 +897,15 @@ class ServiceManager:
         While the service's host is being replaced it waits, instead, until the new
         host is in place or ``deadline`` (epoch seconds) passes, and resolves again.
         """
-        fresh, moved = self._reresolve(route, response)
+        fresh, moved = self._reresolve(route, response, deadline)
         task = fresh.awaiting_host
         if task is not None:
             task.wait_host_ready(_TIMEOUT_MAX if deadline is None else min(_TIMEOUT_MAX, deadline - _time()))
-            return self._refresh_route(fresh, response)
+            return self._refresh_route(fresh, response, deadline)
         if moved:
             return fresh
         time.sleep(delay)
-        return self._refresh_route(fresh, response)
+        return self._refresh_route(fresh, response, deadline)
 
     def call_service_async(
         self,
@@ -809,7 +938,7 @@ class ServiceManager:
             timeout = _checked_timeout(timeout)
         if type(method) is not str or not method:
             method = _checked_method_name(method)
-        route = self._route(service_name)
+        route, left = self._found(service_name, timeout)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
@@ -817,9 +946,8 @@ class ServiceManager:
                 refused: Future[Any] = CallFuture()
                 refused.set_exception(refusal)
                 return refused
-        nominal = route.default_timeout if timeout is None else timeout
-        request = self._request(service_name, method, args, kwargs, nominal, metadata)
-        return _AsyncCall(self, route, request, nominal)
+        request = self._request(service_name, method, args, kwargs, left, metadata)
+        return _AsyncCall(self, route, request, route.default_timeout if timeout is None else timeout)
 
     async def acall(
         self,
@@ -834,6 +962,12 @@ class ServiceManager:
         """``await`` form of :meth:`call_service_async` for asyncio code (a bad timeout raises before the first await)."""
         import asyncio  # already imported by the awaiting code; not at import time, for processes that never await
 
+        if service_name not in self._routes and not self._closed and type(service_name) is str:
+            # Finding the service (resolvers, connecting) may take until the timeout: the loop goes on meanwhile.
+            if timeout is not None:
+                timeout = _checked_timeout(timeout)
+            found = self._found
+            timeout = (await asyncio.get_running_loop().run_in_executor(None, found, service_name, timeout))[1]
         return await asyncio.wrap_future(
             self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
         )
@@ -981,15 +1115,13 @@ class ServiceManager:
             timeout = _checked_timeout(timeout)
         if type(method) is not str or not method:
             method = _checked_method_name(method)
-        route = self._route(service_name)
+        route, left = self._found(service_name, timeout)
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
             if refusal is not None:
                 raise refusal
-        request = self._request(
-            service_name, method, args, kwargs, route.default_timeout if timeout is None else timeout, metadata
-        )
+        request = self._request(service_name, method, args, kwargs, left, metadata)
         from ._batch import _checked_count
         from ._stream import ItemStream  # streams' machinery loads with the first stream, not with every caller
 
@@ -1271,7 +1403,7 @@ class _AsyncCall(CallFuture[Any]):
                     self._rerouted = True
                     self._attempt += 1
                     self._open_attempt = self._attempt
-                    manager.timer().call_later(0.0, lambda: self._reroute(response))
+                    manager.timer().call_later(0.0, lambda: self._reroute(response), may_block=True)
                     return
                 # A re-route is no retry: the policy counts the attempts after it.
                 delay = self._route.retry_delay(self._request, response, self._attempt - self._rerouted)
@@ -1279,7 +1411,7 @@ class _AsyncCall(CallFuture[Any]):
                     self._attempt += 1
                     self._open_attempt = self._attempt
                     # In the timer thread, not this reply thread: resolving may connect.
-                    manager.timer().call_later(0.0, lambda: self._retry_moved(response, delay))
+                    manager.timer().call_later(0.0, lambda: self._retry_moved(response, delay), may_block=True)
                     return
             if response.error_type == "ServiceUnavailableError" and response.error_origin == "runtime":
                 # As a sync call does: the next call resolves the service again (it may have moved).
@@ -1290,7 +1422,7 @@ class _AsyncCall(CallFuture[Any]):
         """Send the request refused by a closed connection on the name's new route, or decide as for any failure."""
         if self._finished():
             return
-        fresh = self._manager._rerouted(self._route, refused)
+        fresh = self._manager._rerouted(self._route, refused, self._request.deadline)
         if fresh is None:
             if self._claim(self._attempt):  # the attempt opened for the re-route, never sent
                 self._conclude(refused)
@@ -1302,24 +1434,24 @@ class _AsyncCall(CallFuture[Any]):
         """Send the retry now if the service now resolves elsewhere, else after ``delay`` (see ``_retry_route``)."""
         if self._finished():
             return
-        self._route, moved = self._manager._reresolve(self._route, failed)
+        self._route, moved = self._manager._reresolve(self._route, failed, self._request.deadline)
         task = self._route.awaiting_host
         if task is not None:
             # Its host is being replaced: retry once the new one is in place (the deadline timer still
             # ends the call if that comes too late). The callback only schedules: it may run in the
             # thread replacing the host.
             timer = self._manager.timer()
-            task.call_when_host_ready(lambda: timer.call_later(0.0, lambda: self._retry(failed)))
+            task.call_when_host_ready(lambda: timer.call_later(0.0, lambda: self._retry(failed), may_block=True))
             return
         if not moved:
-            self._manager.timer().call_later(delay, lambda: self._retry(failed))
+            self._manager.timer().call_later(delay, lambda: self._retry(failed), may_block=True)
             return
         self._resend()
 
     def _retry(self, failed: ServiceResponse) -> None:
         if self._finished():
             return
-        self._route = self._manager._refresh_route(self._route, failed)
+        self._route = self._manager._refresh_route(self._route, failed, self._request.deadline)
         self._resend()
 
     def _resend(self) -> None:

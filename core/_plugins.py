@@ -20,7 +20,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from types import FunctionType, MethodType, ModuleType
+from types import FrameType, FunctionType, MethodType, ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pluggy
@@ -442,14 +442,38 @@ def call_hook(hook_name: str, **kwargs: Any) -> Any:
         ) from exc
 
 
-def _raised_in(caller: Any, exc: BaseException) -> str:
-    """Which implementation of the hook ``caller`` raised ``exc``: 'plugin NAME', from the frames it passed."""
+def _implementation_codes(caller: Any) -> dict[Any, str]:
+    """The code object of each implementation of the hook ``caller``, with its plugin's name."""
     codes = {}
     for impl in caller.get_hookimpls():
         function = getattr(impl.function, "__func__", impl.function)
         code = getattr(function, "__code__", None)
         if code is not None:
             codes[code] = impl.plugin_name
+    return codes
+
+
+def hook_running(frame: FrameType | None) -> tuple[str, str] | None:
+    """(plugin name, hook name) of the innermost hook implementation ``frame`` (a thread's current frame) is in.
+
+    None when no plugin's hook is on that stack (or ``frame`` is None). For
+    saying which plugin holds up a thread that waits too long.
+    """
+    codes: dict[Any, tuple[str, str]] = {}
+    for hook_name, caller in vars(get_plugin_manager().hook).items():
+        for code, plugin_name in _implementation_codes(caller).items():
+            codes[code] = (plugin_name, hook_name)
+    while frame is not None:
+        found = codes.get(frame.f_code)
+        if found is not None:
+            return found
+        frame = frame.f_back
+    return None
+
+
+def _raised_in(caller: Any, exc: BaseException) -> str:
+    """Which implementation of the hook ``caller`` raised ``exc``: 'plugin NAME', from the frames it passed."""
+    codes = _implementation_codes(caller)
     traceback = exc.__traceback__
     while traceback is not None:
         name = codes.get(traceback.tb_frame.f_code)

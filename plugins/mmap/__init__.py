@@ -37,6 +37,27 @@ __all__ = [
 _transport = MmapTransport()
 
 
+def _register_membarrier_early() -> None:
+    """Register for ``membarrier(2)`` now if this process has one thread (see ``ring``'s fences).
+
+    Registering is a quick system call in a process of one thread, and takes
+    the kernel several milliseconds (an RCU grace period) in one of several.
+    A caller's rings are opened where its calls find their route, in a thread
+    of their own (``ServiceManager``'s route builds), so it is done here,
+    while the plugin loads, typically before any other thread runs. A process
+    already running threads registers with its first ring, as before.
+    """
+    import threading
+
+    if threading.active_count() == 1:
+        from ._futex import membarrier_register
+
+        membarrier_register()
+
+
+_register_membarrier_early()
+
+
 def __getattr__(name: str) -> Any:
     # The hosting side (pickle, json, signals, the worker pool) is imported when it is first
     # used: a process that only calls services does not pay for it at start.

@@ -212,3 +212,19 @@ def test_streams_after_plain_calls_reuse_pooled_rings_and_the_last_connection_re
     rings = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(rings["during"]) == 1, rings  # one pooled ring served 20 streams one after another
     assert rings["after"] == [], rings  # the manager's close (its last connection) removed the idle ones
+
+
+def test_a_caller_of_one_thread_registers_for_membarrier_when_the_plugin_loads() -> None:
+    # A caller's rings open in the thread that builds its route; registering then, with two threads,
+    # would cost the kernel an RCU grace period (~5 ms here) on every first call.
+    code = (
+        "import threading, kservice\n"
+        "kservice.ServiceManager()\n"
+        "from kservice.plugins.mmap import _futex\n"
+        "print(threading.active_count(), _futex._impl._membarrier_state)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    threads, registered = result.stdout.split()
+    assert threads == "1"
+    assert registered != "None"  # asked the kernel already (True where it offers membarrier), no ring opened yet
