@@ -670,8 +670,10 @@ class ServiceManager:
         route = self._compile(service_name, address, connection, service_class)
         with self._route_lock:
             existing = self._routes.get(service_name)
-            if existing is not None:
+            if existing is not None or self._closed:  # closed meanwhile: nothing may keep the connection
                 connection.close()
+                if existing is None:
+                    raise ServiceStoppedError("this ServiceManager is closed; make a new one to call services")
                 return existing
             self._routes[service_name] = route
         return route
@@ -786,6 +788,7 @@ class ServiceManager:
         ``kwargs`` reach the method verbatim (a parameter may be called
         ``timeout`` or ``method``). ``timeout`` (seconds) defaults to
         ``service_call.default_timeout``; it bounds the whole call, retries
+        and finding the service (resolving, connecting: see ``_route``)
         included. Raises the errors listed on the class, and at once, with
         nothing sent: ValueError for a timeout that is NaN or infinite,
         TypeError for a ``method`` that is not a str, MethodNotFoundError for
@@ -921,6 +924,9 @@ class ServiceManager:
 
         The future is completed by the transport's response path (or with
         ServiceTimeoutError at the deadline by the manager's timer thread).
+        Finding the service (a first call's resolving and connecting) happens
+        before this returns and takes at most ``timeout``: ServiceTimeoutError
+        here when a plugin holds it up longer (nothing was sent).
         Resolution errors (unknown service) are raised here, not in the future,
         and so are ValueError for a timeout that is NaN or infinite, TypeError
         for a ``method`` that is not a str and MethodNotFoundError for the
@@ -959,7 +965,10 @@ class ServiceManager:
         timeout: float | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
-        """``await`` form of :meth:`call_service_async` for asyncio code (a bad timeout raises before the first await)."""
+        """``await`` form of :meth:`call_service_async` for asyncio code (a bad timeout raises before the first await).
+
+        Finding a service not called yet runs in a thread, so the event loop goes on meanwhile.
+        """
         import asyncio  # already imported by the awaiting code; not at import time, for processes that never await
 
         if service_name not in self._routes and not self._closed and type(service_name) is str:

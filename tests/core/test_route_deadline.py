@@ -191,3 +191,20 @@ def test_a_resolver_hanging_on_an_async_calls_reroute_does_not_hold_the_deadline
             with pytest.raises(ServiceTimeoutError):
                 future.result(timeout=5)  # before: TimeoutError of the wait, the timer stood in the resolver
         assert time.monotonic() - began < 3.0
+
+
+def test_a_search_that_ends_after_its_manager_closed_keeps_no_route_or_connection(directory: _Directory) -> None:
+    remote = ServiceEnvironment("remote")
+    remote.register_service("kv", KeyValue, {"a": 1})
+    with remote:
+        manager = ServiceManager()
+        directory.answers["directory-down"] = remote.get_task("kv").addresses
+        with pytest.raises(ServiceTimeoutError):
+            manager.call_service_sync("directory-down", "get", ("a",), timeout=0.2)
+        manager.close()
+        directory.up.set()  # the search ends now, with an address
+        deadline = time.monotonic() + 10
+        while any(t.name == "kservice-route-directory-down" for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert manager._routes == {}  # its connection was closed, not kept by a closed manager
