@@ -703,14 +703,18 @@ class ServiceManager:
         (``kservice_middleware``); empty when none of them overrides a
         client-side hook (the call then skips the chain). Compiles the
         service's route if no call did yet (so raises what resolving the name
-        raises, e.g. ServiceNotFoundError).
+        raises, e.g. ServiceNotFoundError; ServiceTimeoutError when that takes
+        longer than the service's ``default_timeout``).
         """
-        chain = self._route(service_name).chain
+        chain = self._found(service_name, None)[0].chain
         return () if chain is None else chain.middlewares
 
     def get_service_queue(self, service_name: str) -> Connection:
-        """The connection calls to ``service_name`` use (its ``queue_name`` names the request queue)."""
-        return self._route(service_name).connection
+        """The connection calls to ``service_name`` use (its ``queue_name`` names the request queue).
+
+        Finding the service waits at most its ``default_timeout``, as a call's would.
+        """
+        return self._found(service_name, None)[0].connection
 
     def get_service_status(self, service_name: str, *, timeout: float | None = None) -> ServiceStatus | dict[str, Any]:
         """Status of a service in this manager's environment, or as its transport reports it.
@@ -718,8 +722,10 @@ class ServiceManager:
         ``timeout`` (seconds) bounds the wait for a transport whose
         ``remote_status`` takes a ``timeout`` (mmap: ServiceUnavailableError
         saying the host did not answer within it); other transports keep their
-        own bound, as they do when ``timeout`` is None. A timeout that is no
-        finite number of seconds raises ValueError or TypeError at once.
+        own bound, as they do when ``timeout`` is None. Finding a service not
+        called yet waits at most ``timeout`` (the service's ``default_timeout``
+        when None). A timeout that is no finite number of seconds raises
+        ValueError or TypeError at once.
         """
         if timeout is not None:
             timeout = _checked_timeout(timeout)
@@ -727,7 +733,7 @@ class ServiceManager:
             task = self.environment.get_task(service_name)
             if task is not None:
                 return task.get_service_status()
-        connection = self._route(service_name).connection
+        connection = self._found(service_name, timeout)[0].connection
         status = getattr(connection, "remote_status", None)
         if status is None:
             raise ServiceUnavailableError(f"the transport of {service_name!r} cannot report its status")

@@ -149,6 +149,10 @@ def test_an_async_call_and_acall_are_bounded_by_their_timeout_and_the_event_loop
         assert isinstance(error, ServiceTimeoutError), error
         assert time.monotonic() - began < 2.5
         assert ticks >= 10, ticks  # before: the loop stood still while the resolver hung
+        began = time.monotonic()
+        with pytest.raises(ServiceTimeoutError):
+            manager.get_service_status("directory-down", timeout=0.3)
+        assert time.monotonic() - began < 2.0
         # Every waiter shares the one resolution in flight: the hung resolver was asked once.
         assert directory.asked == 1
 
