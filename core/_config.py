@@ -155,7 +155,9 @@ def core_schema() -> Schema:
             "async_pool_size": _setting(
                 int,
                 20,
-                "Kept for compatibility with the seed's configuration; async calls hold no thread, so it sets nothing.",
+                "Kept so the seed's configuration files load; async calls hold no thread, so it sets nothing: a "
+                "value other than 20 is a RuntimeWarning when the config loads, and `kservice config check` notes "
+                "the key.",
                 minimum=1,
             ),
         },
@@ -744,6 +746,13 @@ class Config:
         data, schema, disable, require = cls._validate(raw, origin, problems)
         if problems:
             raise ConfigProblems(problems)
+        for path, value, is_default in _keys_that_set_nothing(raw):
+            if not is_default:
+                warnings.warn(
+                    f"config key {path} = {value!r} ({origin}) sets nothing: {_sets_nothing_why(path)}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         from ._plugins import apply_plugin_config
 
         apply_plugin_config(disable, require, origin)
@@ -871,6 +880,49 @@ class Config:
 # --------------------------------------------------------------------------- checking what would fail at start
 
 
+#: Keys of the seed's configuration that are accepted (its files load) but set nothing here, and why.
+_SETS_NOTHING: dict[tuple[str, str], str] = {
+    ("service_call", "async_pool_size"): (
+        "async calls hold no thread, so there is no pool to size, and calls in flight are not bounded by it; "
+        "remove the key (ServiceManager.map bounds its calls in flight with max_in_flight)"
+    ),
+}
+
+
+def _keys_that_set_nothing(raw: Any) -> list[tuple[str, Any, bool]]:
+    """(key path, value, whether it is the default) of each key in ``raw`` that sets nothing (``_SETS_NOTHING``).
+
+    Looked for at the top level and in each ``services`` entry. A file
+    kept from the seed carries them at their defaults, meaning nothing by
+    it: only another value says that its author expected an effect.
+    """
+    if not isinstance(raw, Mapping):
+        return []
+    places: list[tuple[str, Any]] = [("", raw)]
+    services = raw.get("services")
+    if isinstance(services, Mapping):
+        places.extend((f"services.{name}.", entry) for name, entry in services.items())
+    found = []
+    defaults = core_schema()
+    for prefix, place in places:
+        if not isinstance(place, Mapping):
+            continue
+        for (section, key), _why in _SETS_NOTHING.items():
+            options = place.get(section)
+            if isinstance(options, Mapping) and key in options:
+                setting = defaults[section][key]
+                value = options[key]
+                found.append(
+                    (f"{prefix}{section}.{key}", value, isinstance(setting, Setting) and value == setting.default)
+                )
+    return found
+
+
+def _sets_nothing_why(path: str) -> str:
+    section, key = path.split(".")[-2:]
+    return _SETS_NOTHING[(section, key)]
+
+
 def check_config(
     source: str | os.PathLike[str] | Mapping[str, Any] | None, *, import_modules: bool = False
 ) -> tuple[Config, list[str], list[str]]:
@@ -909,6 +961,8 @@ def check_config(
         entry = config.service_entry(name) or {}
         if entry.get("enabled", True):
             _check_service(name, entry, problems, notes, import_modules)
+    for path, value, _is_default in _keys_that_set_nothing(raw):
+        notes.append(f"{path} ({value!r}) sets nothing: {_sets_nothing_why(path)}")
     return config, problems, notes
 
 

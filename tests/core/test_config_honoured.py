@@ -419,3 +419,29 @@ def test_keys_of_a_plugin_disabled_in_the_config_are_ignored_and_typos_still_ref
     lines = result.stdout.splitlines()
     assert lines[0] == "2"
     assert lines[1].startswith("refused: unknown config key 'service_cal'; did you mean 'service_call'?")
+
+
+# --------------------------------------------------------------------------- keys kept for the seed's files
+
+
+def test_a_key_that_sets_nothing_is_a_warning_when_given_a_value_and_a_note_in_config_check(tmp_path: Path) -> None:
+    from tests.cli.helpers import run_cli
+
+    # Before: accepted without a word, though nothing bounds async calls by it.
+    with pytest.warns(RuntimeWarning, match=r"service_call\.async_pool_size .*sets nothing.*no thread"):
+        manager = ServiceManager(config={"service_call": {"async_pool_size": 5}})
+    manager.close()
+    with pytest.warns(RuntimeWarning, match=r"services\.kv\.service_call\.async_pool_size"):
+        ServiceEnvironment(
+            "t", {"services": {"kv": {"class": "tests.core.services:KeyValue", "service_call": {"async_pool_size": 4}}}}
+        )
+    seed_file = tmp_path / "seed.yaml"
+    seed_file.write_text("service_call:\n  async_pool_size: 20\n")  # the seed's own default: nothing meant by it
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ServiceManager(config=str(seed_file)).close()
+    checked = run_cli("config", "check", "-c", str(seed_file))
+    assert checked.returncode == 0, checked.stderr
+    assert "note: service_call.async_pool_size" in checked.stderr and "sets nothing" in checked.stderr
