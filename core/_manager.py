@@ -103,7 +103,7 @@ class _Timer:
         self._seq = itertools.count()
         self._closed = False
         #: the workers of callbacks that may block (see call_later), started with the first
-        self._workers: Any = None
+        self._workers: _Workers | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -139,10 +139,8 @@ class _Timer:
         """Run ``callback`` in a worker thread (started with the first; see :meth:`call_later`)."""
         workers = self._workers
         if workers is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            workers = self._workers = ThreadPoolExecutor(4, thread_name_prefix=f"{self._thread.name}-worker")
-        workers.submit(_quietly, callback)
+            workers = self._workers = _Workers(f"{self._thread.name}-worker")
+        workers.submit(callback)
 
     def _run(self) -> None:
         import heapq  # in the timer's thread, once
@@ -190,10 +188,62 @@ class _Timer:
         if self._thread is not threading.current_thread():
             self._thread.join()
         if self._workers is not None:
-            self._workers.shutdown(wait=False, cancel_futures=True)  # a worker ends with its callback's deadline
+            self._workers.close()
         # Async calls, and the chunks of ``ServiceManager.map`` (which abandon their calls the same way).
         unfinished = (call for call in watched if hasattr(call, "_abandon") and not call._finished())
         return list(dict.fromkeys(unfinished))
+
+
+class _Workers:
+    """At most ``size`` daemon threads running callbacks in turn, started as callbacks come.
+
+    Not a ``ThreadPoolExecutor``: its threads are joined when the interpreter
+    exits, and a worker here may be waiting on a plugin that hangs (until its
+    call's deadline), which must not hold up the exit of the program.
+    """
+
+    def __init__(self, name: str, size: int = 4) -> None:
+        from queue import SimpleQueue
+
+        self._name = name
+        self._size = size
+        self._queue: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in a worker (a new one while fewer than ``size`` run and none is idle)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._queue.put(callback)
+            if self._idle or self._threads >= self._size:
+                return
+            self._threads += 1
+            index = self._threads
+        threading.Thread(target=self._run, name=f"{self._name}-{index}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            callback = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            if callback is None:
+                return
+            _quietly(callback)
+
+    def close(self) -> None:
+        """End every worker once the callbacks queued before have run (a closed manager's calls are finished,
+        so theirs return at once); later submissions are dropped."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(None)
 
 
 def _quietly(callback: Callable[[], None]) -> None:

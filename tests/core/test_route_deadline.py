@@ -212,3 +212,60 @@ def test_a_search_that_ends_after_its_manager_closed_keeps_no_route_or_connectio
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert manager._routes == {}  # its connection was closed, not kept by a closed manager
+
+
+FLAKY_DIRECTORY = """
+import time
+import kservice
+
+answers = {}
+asked = []
+
+@kservice.hookimpl
+def kservice_resolve_service(service_name, options, manager):
+    if service_name not in answers:
+        return None
+    asked.append(service_name)
+    if len(asked) > 1:
+        time.sleep(30)  # the directory stops answering after its first answer
+    return answers[service_name]
+"""
+
+EXITS = """
+import os, signal, time
+import kservice
+from kservice import ServiceFactory
+import acme_flaky
+from tests.core.services import KeyValue
+
+remote = kservice.ServiceEnvironment("remote", {"health": {"enabled": False}})
+remote.register_service("kv", ServiceFactory("kv", KeyValue, ({"a": 1},)), kind="process")
+remote.start()
+acme_flaky.answers["far-kv"] = remote.get_task("kv").addresses
+manager = kservice.ServiceManager()
+assert manager.call_service_sync("far-kv", "get", ("a",), timeout=10) == 1
+os.kill(remote.get_task("kv").pid, signal.SIGKILL)
+time.sleep(0.3)
+future = manager.call_service_async("far-kv", "get", ("a",), timeout=20)
+try:
+    future.result(1)
+except TimeoutError:
+    print("still waiting", flush=True)  # the program gives up on the call and ends
+remote.stop()
+print("exiting", time.monotonic(), flush=True)
+"""
+
+
+def test_a_retry_waiting_on_a_hung_plugin_does_not_hold_up_the_programs_exit(tmp_path: Path) -> None:
+    site = make_distribution(
+        tmp_path, "acme_flaky", {"kservice": {"acme_flaky": "acme_flaky"}}, {"acme_flaky": FLAKY_DIRECTORY}
+    )
+    result = run_python(EXITS, site=site)
+    ended = time.monotonic()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "still waiting", lines
+    exiting = float(lines[1].split()[1])
+    # The call's re-route waits on the directory in a worker thread, up to the call's 20 s deadline;
+    # the interpreter's exit waits for no such thread.
+    assert ended - exiting < 5.0
