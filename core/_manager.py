@@ -383,6 +383,30 @@ class _RouteBuild:
             raise error
         return self.future.result()
 
+    async def wait_async(self, within: float) -> _Route:
+        """:meth:`wait` for asyncio code: the event loop goes on meanwhile, and no thread waits for it."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def end() -> None:
+            if not ended.done():  # the waiter may have given up (cancelled) first
+                ended.set_result(None)
+
+        def wake(_: Future[_Route]) -> None:
+            try:
+                loop.call_soon_threadsafe(end)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+                pass
+
+        self.future.add_done_callback(wake)
+        try:
+            await asyncio.wait_for(ended, max(0.0, within))
+        except TimeoutError:
+            raise self._timed_out(within) from None
+        return self.wait(0.0)
+
     def _timed_out(self, within: float) -> ServiceTimeoutError:
         from ._plugins import hook_running
 
@@ -650,11 +674,15 @@ class ServiceManager:
         route = self._routes.get(service_name)
         if route is not None:
             return route
+        return self._route_build(service_name).wait(within)
+
+    def _route_build(self, service_name: str) -> _RouteBuild:
+        """The building of ``service_name``'s route in flight, started if none is."""
         with self._route_lock:
             build = self._building.get(service_name)
             if build is None:
                 build = self._building[service_name] = _RouteBuild(self, service_name)
-        return build.wait(within)
+        return build
 
     def _found(self, service_name: str, timeout: float | None) -> tuple[_Route, float]:
         """A call's route, and what is left of its ``timeout`` (None: the service's default) once it is found.
@@ -1031,8 +1059,12 @@ class ServiceManager:
             # Finding the service (resolvers, connecting) may take until the timeout: the loop goes on meanwhile.
             if timeout is not None:
                 timeout = _checked_timeout(timeout)
-            found = self._found
-            timeout = (await asyncio.get_running_loop().run_in_executor(None, found, service_name, timeout))[1]
+            within = (
+                self.config.for_service(service_name)["service_call"]["default_timeout"] if timeout is None else timeout
+            )
+            began = _monotonic()
+            route = await self._route_build(service_name).wait_async(within)
+            timeout = (route.default_timeout if timeout is None else timeout) - (_monotonic() - began)
         return await asyncio.wrap_future(
             self.call_service_async(service_name, method, args, kwargs, timeout=timeout, metadata=metadata)
         )

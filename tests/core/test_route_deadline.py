@@ -269,3 +269,17 @@ def test_a_retry_waiting_on_a_hung_plugin_does_not_hold_up_the_programs_exit(tmp
     # The call's re-route waits on the directory in a worker thread, up to the call's 20 s deadline;
     # the interpreter's exit waits for no such thread.
     assert ended - exiting < 5.0
+
+
+def test_an_acall_given_up_while_the_service_is_found_leaves_nothing_for_the_loop_to_wait_for(
+    directory: _Directory,
+) -> None:
+    with ServiceManager() as manager:
+
+        async def main() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(manager.acall("directory-down", "get", ("x",), timeout=20), 0.3)
+
+        began = time.monotonic()
+        asyncio.run(main())  # closing the loop waits for no thread still searching (it would, 20 s)
+        assert time.monotonic() - began < 3.0
