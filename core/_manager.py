@@ -30,8 +30,8 @@ from ._errors import (
 from ._future import CallFuture, future_lock
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
-from ._middleware import MiddlewareChain, MiddlewareError
-from ._plugins import _flatten, call_hook, get_transport, transports
+from ._middleware import MIDDLEWARE_EXPECTED, MiddlewareChain, MiddlewareError, is_middleware_answer
+from ._plugins import _flatten, call_hook, check_answers, get_transport, transports
 from ._transport import Connection, ServiceAddress, timeout_response
 from .keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, HOST_REPLACING
 
@@ -246,6 +246,14 @@ class _Workers:
             self._queue.put(None)
 
 
+def _is_retry_policy(answer: Any) -> bool:
+    return callable(getattr(answer, "should_retry", None))
+
+
+def _is_address_list(answer: Any) -> bool:
+    return isinstance(answer, (list, tuple)) and all(isinstance(address, ServiceAddress) for address in answer)
+
+
 def _quietly(callback: Callable[[], None]) -> None:
     try:
         callback()
@@ -309,12 +317,30 @@ class _Route:
         """Seconds before retrying a failed attempt, or None: no policy, the policy gives up, or past the deadline."""
         if self.retry is None:
             return None
-        delay: float | None = self.retry.should_retry(
-            request, response, attempt, self.is_idempotent(request.method_name)
-        )
-        if delay is None or request.deadline is None or time.time() + delay >= request.deadline:
+        try:
+            delay: Any = self.retry.should_retry(request, response, attempt, self.is_idempotent(request.method_name))
+        except Exception as exc:  # noqa: BLE001 - a bug in the policy: the call keeps its own outcome
+            self._policy_failed(f"raised {type(exc).__name__}: {exc}")
             return None
-        return delay
+        if delay is None:
+            return None
+        if type(delay) not in (float, int) or not delay >= 0:  # a bool, a str, NaN, a negative delay
+            self._policy_failed(f"answered {delay!r}, which is no delay in seconds (a number of at least 0, or None)")
+            return None
+        if request.deadline is None or time.time() + delay >= request.deadline:
+            return None
+        return float(delay)
+
+    def _policy_failed(self, what: str) -> None:
+        import warnings
+
+        policy = type(self.retry)
+        warnings.warn(
+            f"kservice retry policy {policy.__module__}.{policy.__qualname__} of service {self.service_name!r} {what}; "
+            "the call was not retried and ends with its own outcome",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def is_idempotent(self, method_name: str) -> bool:
         known = self.idempotent.get(method_name)
@@ -611,7 +637,17 @@ class ServiceManager:
             options=self.config.for_service(service_name),
             manager=self,
         )
-        found = [address for answer in answers for address in answer or ()]
+        check_answers(
+            "kservice_resolve_service",
+            answers,
+            _is_address_list,
+            "a resolver returns None or a list of kservice.ServiceAddress",
+            f"for service {service_name!r}",
+            service_name=service_name,
+            options=self.config.for_service(service_name),
+            manager=self,
+        )
+        found = [address for answer in answers for address in answer]
         if found:
             return found, None
         raise ServiceNotFoundError(service_name, self.known_services())
@@ -761,17 +797,36 @@ class ServiceManager:
     ) -> _Route:
         """The route of calls to ``service_name`` over ``connection``: its client chain and retry policy."""
         options = self.config.for_service(service_name)
-        contributed = call_hook(
+        asked = {
+            "service_name": service_name,
+            "options": options,
+            "service_class": service_class,
+            "address": address if address.transport else None,  # "": a route refusing every call (_RefusingConnection)
+        }
+        contributed = call_hook("kservice_middleware", **asked)
+        check_answers(
             "kservice_middleware",
-            service_name=service_name,
-            options=options,
-            service_class=service_class,
-            address=address if address.transport else None,  # "": a route refusing every call (_RefusingConnection)
+            contributed,
+            is_middleware_answer,
+            MIDDLEWARE_EXPECTED,
+            f"for service {service_name!r}",
+            **asked,
         )
         middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
         retry = call_hook("kservice_retry_policy", service_name=service_name, options=options)
+        if retry is not None:
+            check_answers(
+                "kservice_retry_policy",
+                [retry],
+                _is_retry_policy,
+                "a retry policy has a should_retry(request, response, attempt, idempotent) method "
+                "(kservice.hookspecs.RetryPolicy), or the hook returns None",
+                f"for service {service_name!r}",
+                service_name=service_name,
+                options=options,
+            )
         return _Route(service_name, address, connection, chain, retry, options, service_class)
 
     def client_middlewares(self, service_name: str) -> tuple[Any, ...]:
@@ -1491,7 +1546,16 @@ class _AsyncCall(CallFuture[Any]):
         self._conclude(self._after(response))
 
     def _conclude(self, response: ServiceResponse) -> None:
-        """A claimed attempt's final response (its after-hooks run): re-route, retry, or complete the call."""
+        """A claimed attempt's final response (its after-hooks run): re-route, retry, or complete the call.
+
+        Never leaves the call pending: what deciding raises completes the call with that error.
+        """
+        try:
+            self._decide(response)
+        except Exception as exc:  # noqa: BLE001 - a bug on this path must not leave the caller's future pending
+            self._complete(ServiceResponse.from_exception(self._request.request_id, exc, origin="client"))
+
+    def _decide(self, response: ServiceResponse) -> None:
         if not response.success:
             manager = self._manager
             if not manager._closed:

@@ -289,6 +289,28 @@ def _register_source(source: str, side: str) -> str:
     return filename
 
 
+#: What ``kservice_middleware`` returns (for the error naming a plugin whose answer is something else).
+MIDDLEWARE_EXPECTED = (
+    "the hook returns None, a kservice.ServiceMiddleware (or an object with its hook methods) or a list of them"
+)
+
+
+def _is_middleware(value: Any) -> bool:
+    if isinstance(value, ServiceMiddleware):
+        return True
+    return any(
+        callable(getattr(value, name, None))
+        for name in ("before_call", "after_call", "observe_call", "before_handle", "after_handle", "observe_handle")
+    )
+
+
+def is_middleware_answer(answer: Any) -> bool:
+    """Whether ``answer`` (one plugin's ``kservice_middleware`` answer, not None) is middleware or a list of it."""
+    if isinstance(answer, (list, tuple)):
+        return all(item is None or _is_middleware(item) for item in answer)
+    return _is_middleware(answer)
+
+
 def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
     method = getattr(middleware, name, None)
     if method is None:

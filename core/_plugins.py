@@ -483,6 +483,36 @@ def _raised_in(caller: Any, exc: BaseException) -> str:
     return "a plugin"
 
 
+def check_answers(
+    hook_name: str, answers: list[Any], valid: Callable[[Any], bool], expected: str, about: str, **kwargs: Any
+) -> None:
+    """PluginError naming the plugin when one of ``answers`` (the hook's answers, None left out) is not ``valid``.
+
+    ``expected`` says what the hook returns, ``about`` what it was asked. The
+    plugin is found by asking each implementation again with ``kwargs``, the
+    hook's arguments (only on this error path: hooks whose answers are
+    checked are queries and factories).
+    """
+    bad = next((answer for answer in answers if not valid(answer)), _UNSET)
+    if bad is _UNSET:
+        return
+    names = []
+    for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        try:
+            answer = impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception:  # noqa: BLE001 - asked again only to name the plugin
+            continue
+        if answer is not None and not valid(answer):
+            names.append(repr(impl.plugin_name))
+    who = f"plugin {names[0]}" if len(names) == 1 else f"plugins {', '.join(names)}" if names else "a plugin"
+    raise PluginError(f"kservice {who}: its {hook_name} answered {_describe_value(bad)} {about}; {expected}")
+
+
+_UNSET = object()
+
+
 def announce(hook_name: str, **kwargs: Any) -> None:
     """Call every implementation of the announcement hook ``hook_name``; never raises an Exception.
 

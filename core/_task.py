@@ -878,14 +878,23 @@ class BaseServiceTask:
             self._compile_server_chain()
 
     def _compile_server_chain(self) -> None:
-        from ._plugins import call_hook
+        from ._middleware import MIDDLEWARE_EXPECTED, is_middleware_answer
+        from ._plugins import call_hook, check_answers
 
-        contributed = call_hook(
+        asked = {
+            "service_name": self.service_name,
+            "options": self.options,
+            "service_class": self.service_factory.service_class,
+            "address": None,
+        }
+        contributed = call_hook("kservice_middleware", **asked)
+        check_answers(
             "kservice_middleware",
-            service_name=self.service_name,
-            options=self.options,
-            service_class=self.service_factory.service_class,
-            address=None,
+            contributed,
+            is_middleware_answer,
+            MIDDLEWARE_EXPECTED,
+            f"for service {self.service_name!r}",
+            **asked,
         )
         chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
         self._server_chain = chain if chain else None

@@ -1,0 +1,146 @@
+"""What plugins answer the manager: a retry policy that raises, and hook answers that are not what the hook returns.
+
+A policy or a hook answer is plugin code the manager runs on every call's
+path. A bug there must end each call with its own outcome by its deadline
+(never a future that stays pending), and a wrong answer must be an error
+naming the hook, not a call that silently runs without the plugin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kservice
+import pytest
+from kservice import PluginError, ServiceCallError, ServiceEnvironment, ServiceManager, hookimpl
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class BuggyPolicy:
+    def should_retry(self, request: Any, response: Any, attempt: int, idempotent: bool) -> float | None:
+        raise ValueError("a bug in the policy")
+
+
+class Answers:
+    """A plugin answering the manager's hooks with whatever a test sets."""
+
+    def __init__(self) -> None:
+        self.policy: Any = None
+        self.middleware: Any = None
+        self.addresses: Any = None
+
+    @hookimpl(tryfirst=True)
+    def kservice_retry_policy(self, service_name: str, options: Any) -> Any:
+        return self.policy if service_name == "kv" else None
+
+    @hookimpl
+    def kservice_middleware(self, service_name: str, options: Any) -> Any:
+        return self.middleware if service_name == "kv" else None
+
+    @hookimpl
+    def kservice_resolve_service(self, service_name: str, options: Any, manager: Any) -> Any:
+        return self.addresses if service_name == "elsewhere" else None
+
+
+@pytest.fixture
+def answers() -> Iterator[Answers]:
+    plugin = Answers()
+    pm = kservice.get_plugin_manager()
+    pm.register(plugin, name="test-answers")
+    try:
+        yield plugin
+    finally:
+        pm.unregister(name="test-answers")
+
+
+@pytest.fixture
+def env() -> Iterator[ServiceEnvironment]:
+    environment = ServiceEnvironment("answers")
+    environment.register_service("kv", dict)
+    environment.register_service("other", dict)
+    with environment:
+        yield environment
+
+
+def test_a_retry_policy_that_raises_leaves_each_call_its_own_outcome_by_its_deadline(
+    answers: Answers, env: ServiceEnvironment
+) -> None:
+    answers.policy = BuggyPolicy()
+    with ServiceManager(env) as manager:
+        # Before: the sync call raised the policy's bare ValueError instead of its own KeyError.
+        with pytest.warns(RuntimeWarning, match=r"retry policy .*BuggyPolicy.* raised ValueError: a bug in the policy"):
+            with pytest.raises(ServiceCallError) as raised:
+                manager.call_service_sync("kv", "pop", ("missing",), timeout=5)
+        assert isinstance(raised.value, KeyError)
+        # Before: the async call's future never completed (its deadline passed, the timer polled it forever).
+        began = time.monotonic()
+        future = manager.call_service_async("kv", "pop", ("missing",), timeout=1)
+        with pytest.warns(RuntimeWarning, match="BuggyPolicy"):
+            error = future.exception(timeout=10)
+        assert isinstance(error, KeyError), error
+        assert time.monotonic() - began < 5
+        manager.call_service_sync("kv", "update", ({"a": 1},))
+        assert manager.call_service_sync("kv", "get", ("a",)) == 1  # the service keeps serving
+
+
+@pytest.mark.parametrize(
+    ("hook", "answer", "fragment"),
+    [
+        ("kservice_retry_policy", 5, "should_retry"),
+        ("kservice_retry_policy", "retry please", "should_retry"),
+        ("kservice_middleware", 5, "ServiceMiddleware"),
+        ("kservice_middleware", ["not middleware"], "ServiceMiddleware"),
+    ],
+)
+def test_a_hook_answer_that_is_no_policy_or_middleware_is_a_plugin_error_naming_the_hook(
+    answers: Answers, env: ServiceEnvironment, hook: str, answer: Any, fragment: str
+) -> None:
+    if hook == "kservice_retry_policy":
+        answers.policy = answer
+    else:
+        answers.middleware = answer
+    with ServiceManager(env) as manager:
+        # Before: accepted; the call ran without the plugin (middleware), or crashed at its first failure (policy).
+        with pytest.raises(PluginError) as raised:
+            manager.call_service_sync("kv", "get", ("a",))
+        message = str(raised.value)
+        assert hook in message and fragment in message and "test-answers" in message, message
+        assert manager.call_service_sync("other", "get", ("a", 2)) == 2  # the other services are unaffected
+
+
+@pytest.mark.parametrize("answer", [5, "mmap://kv", [None], ["kv"]])
+def test_a_resolver_answer_that_is_no_list_of_addresses_is_a_plugin_error_naming_the_hook(
+    answers: Answers, answer: Any
+) -> None:
+    answers.addresses = answer
+    with ServiceManager() as manager:
+        # Before: a bare TypeError or AttributeError ('int' object is not iterable, ... has no attribute 'transport').
+        with pytest.raises(PluginError) as raised:
+            manager.call_service_sync("elsewhere", "get", ("a",), timeout=5)
+        message = str(raised.value)
+        assert "kservice_resolve_service" in message and "ServiceAddress" in message, message
+        assert "test-answers" in message, message
+
+
+def test_a_middleware_answer_that_is_no_middleware_fails_the_services_start_naming_the_plugin(
+    answers: Answers,
+) -> None:
+    environment = ServiceEnvironment("answers-start")
+    environment.register_service("kv", dict)
+    environment.register_service("other", dict)
+    with environment:
+        task = environment.get_task("kv")
+        assert task is not None
+        task.stop_service()
+        answers.middleware = 5
+        # Before: the task started and served without the plugin's middleware, without a word.
+        with pytest.raises(
+            kservice.ServiceUnavailableError,
+            match=r"failed to start: PluginError: kservice plugin 'test-answers': its kservice_middleware answered int 5",
+        ):
+            task.start_service()
+        with ServiceManager(environment) as manager:
+            assert manager.call_service_sync("other", "get", ("a", 3)) == 3
