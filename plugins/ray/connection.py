@@ -248,9 +248,12 @@ class RayConnection(Connection):
 
     def _give_up(self, ref: Any, replica: _Replica) -> None:
         """The caller stopped waiting for ``ref``: Ray drops the task if it is still queued on the replica; it
-        does not interrupt a running one, so the slot is freed when the replica is done with it."""
+        does not interrupt a running one, so the slot is freed when the replica is done with it. The replica
+        leaves the rotation if Ray cannot reach it (``_ReplicaSet.check``: a lost node is otherwise not told to
+        callers of idempotent methods)."""
         self._ray.cancel(ref)
         _completer().add(ref, lambda _answer, _error: self.replicas.release(replica))
+        self.replicas.check(replica)
 
     def _wait_for_slot(self, entry: _Waiting, give_up_at: float) -> _Replica | ServiceResponse | None:
         """Wait (until ``give_up_at``) for the queued sync ``entry`` to be granted a slot; None on timeout.

@@ -256,3 +256,38 @@ def test_a_lost_node_fails_only_the_calls_running_there_at_most_once_and_calls_m
             assert_recovers_and_cleans_up(env, task, manager, lost_node)
     finally:
         env.stop()
+
+
+@pytest.mark.timeout(150)
+def test_idempotent_calls_leave_a_replica_on_a_lost_node_once_one_times_out_there(
+    ray_cluster: Cluster, node_c: Any, tmp_path: Path
+) -> None:
+    """Ray holds an idempotent call for the lost replica's restart and reports nothing, which never comes when the
+    replica was pinned to the lost node: the calls held there end at their deadline, and the replica leaves the
+    rotation, so later calls all go to the live replica."""
+    path = tmp_path / "ledger.txt"
+    lost_node = node_of("node_c")
+    env, task = start_across_nodes(path, max_restarts=3)
+    try:
+        manager = env.manager()
+        with manager:
+            with Load(manager, "record_idempotent", 3.0, streams=False) as load:
+                wait_for(lambda: len(load.outcomes) >= 10, timeout=20, what="calls to run before the loss")
+                removed_at = time.monotonic()
+                ray_cluster.remove_node(node_c, allow_graceful=False)
+                # The first calls held there time out after 3 s; the replica must be out soon after.
+                left_at = out_of_rotation_at(task, 1, removed_at, within=3.0 + 6.0)
+                time.sleep(4.0)
+            outcomes = load.outcomes
+            assert_ended_by_deadline(outcomes)
+            for o in outcomes:
+                if o.error is not None:
+                    assert isinstance(o.error, ServiceUnavailableError | ServiceTimeoutError), (o.kind, repr(o.error))
+                    assert o.started < left_at + 0.5, (
+                        f"{o.kind} {o.token} sent after the replica left failed: {o.error!r}"
+                    )
+            after = [o for o in outcomes if o.started > left_at + 0.5]
+            assert after and all(o.error is None for o in after)
+            assert_recovers_and_cleans_up(env, task, manager, lost_node)
+    finally:
+        env.stop()
