@@ -231,7 +231,7 @@ class RayConnection(Connection):
             except Exception as exc:
                 response = replicas.translate(request, replica, exc)
                 replicas.release(replica)
-                if not replicas.should_fail_over(entry):
+                if not replicas.should_fail_over(entry, exc):
                     return response
                 entry.failovers += 1
                 continue

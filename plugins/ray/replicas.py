@@ -470,7 +470,7 @@ class _ReplicaSet:
                 return
             response = self.translate(request, replica, error)
             self.release(replica)
-            if self.should_fail_over(entry):
+            if self.should_fail_over(entry, error):
                 entry.failovers += 1
                 self.submit(entry)
                 return
@@ -651,9 +651,15 @@ class _ReplicaSet:
         cost = self.method_cost.get(method_name)
         return cost is not None and cost < self.batch_cost_limit
 
-    def should_fail_over(self, entry: _Waiting) -> bool:
-        """Whether a failed call of an idempotent method goes to another replica (Ray already retried it on its own)."""
+    def should_fail_over(self, entry: _Waiting, error: BaseException) -> bool:
+        """Whether a failed call of an idempotent method goes to another replica (Ray already retried it on its own).
+
+        Never a call its caller cancelled (``error`` is Ray's TaskCancelledError): it may be running still, and
+        the caller gave it up.
+        """
         if not entry.idempotent or entry.failovers >= len(self.replicas) or not self.live:
+            return False
+        if isinstance(error, sys.modules["ray"].exceptions.TaskCancelledError):
             return False
         remaining = entry.request.remaining()
         return remaining is None or remaining > 0
