@@ -83,7 +83,11 @@ class RayConnection(Connection):
     (replica died, node lost; marked "may have run", not retryable unless the
     method is idempotent) or ServiceTimeoutError; idempotent methods are
     re-run by Ray on a restarted replica and, if their replica is dead for
-    good, sent once to another live replica. A replica that answers that it
+    good, sent once to another live replica. A call that times out or is
+    cancelled after it was sent makes the caller check its replica with a
+    call Ray does not retry: one Ray cannot reach (its node lost) leaves the
+    rotation, which Ray would not otherwise tell a caller whose calls it
+    holds for a restart. A replica that answers that it
     is stopping (a scale-down seen late by a caller in another driver) ran
     nothing: the call goes to another replica.
 

@@ -126,7 +126,9 @@ def node_c(ray_cluster: Cluster) -> Iterator[Any]:
         assert {"node_a", "node_b"} <= alive, "the session's own nodes must survive"
 
 
-def start_across_nodes(path: Path, *, max_restarts: int) -> tuple[ServiceEnvironment, RayServiceTask]:
+def start_across_nodes(
+    path: Path, *, max_restarts: int, health: dict[str, Any] | None = None
+) -> tuple[ServiceEnvironment, RayServiceTask]:
     """A started two-replica ledger service: replica 0 on node_b, replica 1 on node_c.
 
     Replicas of one service share their Ray options, so replica 1 is pinned to
@@ -144,7 +146,8 @@ def start_across_nodes(path: Path, *, max_restarts: int) -> tuple[ServiceEnviron
                 **without_breaker(),
             }
         },
-        "health": {"enabled": False},  # recovery is run by the test, when it asks
+        # Recovery is run by the test, when it asks, unless ``health`` says otherwise.
+        "health": health or {"enabled": False},
         "service_call": {"max_retries": 0},  # what the transport itself does, no retry policy on top
     }
     env = ServiceEnvironment("ray-node-loss", config)
@@ -173,7 +176,7 @@ def out_of_rotation_at(task: RayServiceTask, index: int, removed_at: float, with
     replica = next(r for r in task.replica_set.snapshot() if r.index == index)  # type: ignore[union-attr]
 
     def gone() -> float | None:
-        return time.monotonic() if not replica.up or replica.dead else None
+        return time.monotonic() if not replica.up or replica.dead or replica.leaving else None
 
     return wait_for(
         gone,
@@ -189,10 +192,21 @@ def assert_ended_by_deadline(outcomes: list[Outcome]) -> None:
 
 
 def assert_recovers_and_cleans_up(
-    env: ServiceEnvironment, task: RayServiceTask, manager: ServiceManager, lost_node: str
+    env: ServiceEnvironment, task: RayServiceTask, manager: ServiceManager, lost_node: str, *, by_health: bool = False
 ) -> None:
-    """Recovery replaces the lost replica on a live node; scale and stop work; nothing is left in the cluster."""
-    assert "replaced replica(s)" in task.recover("node lost")
+    """Recovery replaces the lost replica on a live node; scale and stop work; nothing is left in the cluster.
+
+    ``by_health``: the health plugin recovers the service on its own (else the test calls ``recover``).
+    """
+    if by_health:
+
+        def replaced() -> list[Any]:
+            members = task.replica_set.snapshot()  # type: ignore[union-attr]
+            return members if [r.index for r in members] == [0, 2] and all(r.up for r in members) else []
+
+        wait_for(replaced, timeout=30, what="health recovery to replace the lost replica", interval=0.1)
+    else:
+        assert "replaced replica(s)" in task.recover("node lost")
     members = task.replica_set.snapshot()  # type: ignore[union-attr]
     assert len(members) == 2 and all(r.up and not r.dead for r in members)
     assert all(r.info["node_id"] != lost_node for r in members)
@@ -216,7 +230,9 @@ def test_a_lost_node_fails_only_the_calls_running_there_at_most_once_and_calls_m
 ) -> None:
     path = tmp_path / "ledger.txt"
     lost_node = node_of("node_c")
-    env, task = start_across_nodes(path, max_restarts=3)
+    # The health plugin recovers the service itself, soon: a round every 0.5 s, two failed rounds in a row.
+    health = {"enabled": True, "period": 0.5, "failure_threshold": 2, "drain_timeout": 1.0}
+    env, task = start_across_nodes(path, max_restarts=3, health=health)
     try:
         manager = env.manager()
         with manager:
@@ -253,7 +269,7 @@ def test_a_lost_node_fails_only_the_calls_running_there_at_most_once_and_calls_m
             assert not [token for token, count in runs.items() if count > 1], runs.most_common(3)
             answered = {o.token for o in outcomes if o.error is None and o.kind != "stream"}
             assert all(runs[token] == 1 for token in answered)
-            assert_recovers_and_cleans_up(env, task, manager, lost_node)
+            assert_recovers_and_cleans_up(env, task, manager, lost_node, by_health=True)
     finally:
         env.stop()
 
