@@ -83,7 +83,11 @@ class RayConnection(Connection):
     (replica died, node lost; marked "may have run", not retryable unless the
     method is idempotent) or ServiceTimeoutError; idempotent methods are
     re-run by Ray on a restarted replica and, if their replica is dead for
-    good, sent once to another live replica. A replica that answers that it
+    good, sent once to another live replica. A call that times out or is
+    cancelled after it was sent makes the caller check its replica with a
+    call Ray does not retry: one Ray cannot reach (its node lost) leaves the
+    rotation, which Ray would not otherwise tell a caller whose calls it
+    holds for a restart. A replica that answers that it
     is stopping (a scale-down seen late by a caller in another driver) ran
     nothing: the call goes to another replica.
 
@@ -231,7 +235,7 @@ class RayConnection(Connection):
             except Exception as exc:
                 response = replicas.translate(request, replica, exc)
                 replicas.release(replica)
-                if not replicas.should_fail_over(entry):
+                if not replicas.should_fail_over(entry, exc):
                     return response
                 entry.failovers += 1
                 continue
@@ -248,9 +252,12 @@ class RayConnection(Connection):
 
     def _give_up(self, ref: Any, replica: _Replica) -> None:
         """The caller stopped waiting for ``ref``: Ray drops the task if it is still queued on the replica; it
-        does not interrupt a running one, so the slot is freed when the replica is done with it."""
+        does not interrupt a running one, so the slot is freed when the replica is done with it. The replica
+        leaves the rotation if Ray cannot reach it (``_ReplicaSet.check``: a lost node is otherwise not told to
+        callers of idempotent methods)."""
         self._ray.cancel(ref)
         _completer().add(ref, lambda _answer, _error: self.replicas.release(replica))
+        self.replicas.check(replica)
 
     def _wait_for_slot(self, entry: _Waiting, give_up_at: float) -> _Replica | ServiceResponse | None:
         """Wait (until ``give_up_at``) for the queued sync ``entry`` to be granted a slot; None on timeout.

@@ -70,6 +70,8 @@ class _Replica:
     last_error: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     probing: bool = False
+    #: a reachability check (``_ReplicaSet.check``) is on its way
+    checking: bool = False
 
 
 # Response metadata keys this transport sets (their contracts: kservice.keys).
@@ -183,8 +185,9 @@ class _ReplicaSet:
         #: not-cancelled ones by request id
         self.waiting: collections.deque[_Waiting] = collections.deque()
         self.queued: dict[str, _Waiting] = {}
-        #: ObjectRefs of single async calls not answered yet, and the replica of batched ones (for ``cancel``)
-        self.refs: dict[str, Any] = {}
+        #: ObjectRefs of single async calls not answered yet with their replica, and the replica of batched ones
+        #: (for ``cancel``)
+        self.refs: dict[str, tuple[Any, _Replica]] = {}
         self.batched_to: dict[str, _Replica] = {}
         self._lock = threading.Lock()
         #: notified when slots free up while someone drains (``drain``)
@@ -451,7 +454,7 @@ class _ReplicaSet:
             self.release(replica)
             return
         request_id = request.request_id
-        self.refs[request_id] = ref
+        self.refs[request_id] = (ref, replica)
 
         def done(answer: Any, error: BaseException | None) -> None:
             self.refs.pop(request_id, None)
@@ -467,7 +470,7 @@ class _ReplicaSet:
                 return
             response = self.translate(request, replica, error)
             self.release(replica)
-            if self.should_fail_over(entry):
+            if self.should_fail_over(entry, error):
                 entry.failovers += 1
                 self.submit(entry)
                 return
@@ -565,9 +568,10 @@ class _ReplicaSet:
             if entry is not None:
                 self._answer(entry, _cancelled(request))
                 continue
-            ref = self.refs.pop(request_id, None)
-            if ref is not None:
-                sys.modules["ray"].cancel(ref)
+            sent = self.refs.pop(request_id, None)
+            if sent is not None:
+                sys.modules["ray"].cancel(sent[0])
+                self.check(sent[1])
                 continue
             replica = self.batched_to.get(request_id)
             if replica is not None and replica.send_skip is not None:
@@ -647,9 +651,15 @@ class _ReplicaSet:
         cost = self.method_cost.get(method_name)
         return cost is not None and cost < self.batch_cost_limit
 
-    def should_fail_over(self, entry: _Waiting) -> bool:
-        """Whether a failed call of an idempotent method goes to another replica (Ray already retried it on its own)."""
+    def should_fail_over(self, entry: _Waiting, error: BaseException) -> bool:
+        """Whether a failed call of an idempotent method goes to another replica (Ray already retried it on its own).
+
+        Never a call its caller cancelled (``error`` is Ray's TaskCancelledError): it may be running still, and
+        the caller gave it up.
+        """
         if not entry.idempotent or entry.failovers >= len(self.replicas) or not self.live:
+            return False
+        if isinstance(error, sys.modules["ray"].exceptions.TaskCancelledError):
             return False
         remaining = entry.request.remaining()
         return remaining is None or remaining > 0
@@ -717,6 +727,39 @@ class _ReplicaSet:
             self._probed(replica, probe_error)
             return
         ready.future().add_done_callback(lambda done: self._probed(replica, _probe_error(done)))
+
+    def check(self, replica: _Replica) -> None:
+        """A call sent to ``replica`` went unanswered (timed out, cancelled): take it out of rotation if Ray cannot reach it.
+
+        Never blocks. Ray re-sends a call of an idempotent method
+        (``send_retrying``) to a restarting actor without telling the caller
+        and holds it until the actor is back, which never happens when the
+        replica's node is lost and its resources exist nowhere else: the
+        caller only sees its deadline pass, and the replica would stay in the
+        rotation, every call sent there timing out. So a control call that
+        Ray does not retry asks the replica: Ray fails it at once for an
+        actor it cannot reach (restarting, its node gone, dead), and the
+        replica then goes down as after a failed call (:meth:`mark_down`:
+        probed until it serves again). A replica that answers stays; one check
+        per replica at a time.
+        """
+        with self._lock:
+            if replica.checking or not replica.up or replica.dead or replica.leaving or self.closed_reason:
+                return
+            replica.checking = True
+        try:
+            ask = replica.handle.ready.options(max_task_retries=0, concurrency_group=_CONTROL_GROUP).remote()
+        except Exception:  # noqa: BLE001 - best effort: the replica stays as it was
+            replica.checking = False
+            return
+        ask.future().add_done_callback(lambda done: self._checked(replica, done.exception()))
+
+    def _checked(self, replica: _Replica, error: BaseException | None) -> None:
+        """A reachability check answered: a Ray actor error takes the replica down (anything else: it answers)."""
+        with self._lock:
+            replica.checking = False
+        if error is not None and isinstance(error, sys.modules["ray"].exceptions.RayActorError):
+            self.mark_down(replica, error)
 
     def _probed(self, replica: _Replica, error: BaseException | None) -> None:
         """A probe answered: ``error`` None brings the replica back, anything else marks it dead."""

@@ -123,6 +123,14 @@ class LedgerService:
     def record_idempotent(self, token: str, seconds: float = 0.0) -> str:
         return self.record(token, seconds)
 
+    def record_stream(self, token: str, count: int, seconds: float = 0.0) -> Any:
+        """Records ``token`` once, then yields ``count`` items, ``seconds`` apart."""
+        self.record(token)
+        for item in range(count):
+            if seconds:
+                time.sleep(seconds)
+            yield item
+
     def where(self) -> dict[str, Any]:
         import ray
 

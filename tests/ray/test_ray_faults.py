@@ -333,6 +333,24 @@ def test_cancelling_a_running_call_lets_it_finish_and_answers_its_caller_once(tm
         assert replies.count() == 1  # the cancelled method has finished now, and still answered no one twice
 
 
+@pytest.mark.timeout(120)
+def test_cancelling_a_running_call_of_an_idempotent_method_never_sends_it_to_another_replica(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.txt"
+    with (
+        ServiceEnvironment("ray-cancel-idem", ledger_config("cidem", path, replicas=2, concurrency=1)) as env,
+        env.manager() as manager,
+    ):
+        future = manager.call_service_async("cidem", "record_idempotent", ("c1", 1.0), timeout=60)
+        wait_for(lambda: ledger(path)["c1"] == 1, timeout=20, what="the call to start")
+        assert future.cancel()
+        # The cancelled method runs to its end in its replica; nothing else may run it.
+        time.sleep(2.0)  # deliberate: room for a re-sent copy to run, had the cancel sent it elsewhere
+        assert ledger(path)["c1"] == 1
+        # Both replicas serve on.
+        tokens = [f"n{i}" for i in range(4)]
+        assert [manager.call_service_sync("cidem", "record_idempotent", (t, 0.0), timeout=10) for t in tokens] == tokens
+
+
 # ---------------------------------------------------------------------------
 # At most once under the default retry policy
 # ---------------------------------------------------------------------------
