@@ -527,6 +527,21 @@ class MiddlewareChain:
                 pass
         return error
 
+    def _wrong_answer(self, index: int, hook: str, outcome: Any) -> TypeError:
+        """The error of a hook that answered something it does not return (the call fails with it)."""
+        from ._plugins import _describe_value
+
+        owner = type(self.middlewares[index])
+        returns = (
+            "None, the ServiceRequest to go on with, or a ServiceResponse to answer with"
+            if hook.startswith("before")
+            else "None or the ServiceResponse to go on with"
+        )
+        return TypeError(
+            f"middleware {owner.__module__}.{owner.__qualname__}.{hook} returned {_describe_value(outcome)}; "
+            f"it returns {returns}"
+        )
+
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
 
@@ -554,7 +569,12 @@ class MiddlewareChain:
             "time": time,
             "origin": self._error_origin,
             "refuse": self._refuse,
+            "ServiceRequest": ServiceRequest,
+            "wrong": self._wrong_answer,
         }
+        before_name, after_name = (
+            ("before_call", "after_call") if side == "client" else ("before_handle", "after_handle")
+        )
         # Client middleware that keeps ServiceMiddleware.hooks_idle: its admit, before_call and after_call
         # of a success are skipped while it is idle (``idle_<index>`` is the middleware itself).
         idle: set[int] = set()
@@ -590,6 +610,8 @@ class MiddlewareChain:
                 "    if outcome is not None:",
                 "        if isinstance(outcome, ServiceResponse):",
                 f"            return request, outcome, {index}",
+                "        if not isinstance(outcome, ServiceRequest):",
+                f"            raise MiddlewareError({index}, wrong({index}, '{before_name}', outcome), request)",
                 "        request = outcome",
             ]
             if index in idle:
@@ -621,6 +643,10 @@ class MiddlewareChain:
                     "        response = outcome",
                     f"        limit = {index}",
                     "        break",
+                    "    if not isinstance(outcome, ServiceRequest):",
+                    f"        response = from_exception(request_id, wrong({index}, '{before_name}', outcome), origin=origin)",
+                    f"        limit = {index}",
+                    "        break",
                     "    request = outcome",
                 ]
                 if index in idle:
@@ -644,7 +670,10 @@ class MiddlewareChain:
                 "            response = from_exception(request.request_id, exc, origin=origin)",
                 "        else:",
                 "            if outcome is not None:",
-                "                response = outcome",
+                "                if isinstance(outcome, ServiceResponse):",
+                "                    response = outcome",
+                "                else:",
+                f"                    response = from_exception(request.request_id, wrong({index}, '{after_name}', outcome), origin=origin)",
             ]
         observing: list[str] = []
         for index, observer in self._observers:

@@ -1,0 +1,68 @@
+"""A middleware hook that returns something it does not return: the call fails with a TypeError naming it, by its deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kservice
+import pytest
+from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceMiddleware
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class WrongBeforeCall(ServiceMiddleware):
+    def before_call(self, request: Any) -> Any:
+        return 5
+
+
+class WrongAfterCall(ServiceMiddleware):
+    def after_call(self, response: Any, request: Any) -> Any:
+        return "done"
+
+
+class WrongBeforeHandle(ServiceMiddleware):
+    def before_handle(self, request: Any) -> Any:
+        return 5
+
+
+class WrongAfterHandle(ServiceMiddleware):
+    def after_handle(self, response: Any, request: Any) -> Any:
+        return {"result": 1}
+
+
+CASES = [
+    (WrongBeforeCall, "before_call returned int 5"),
+    (WrongAfterCall, "after_call returned str 'done'"),
+    (WrongBeforeHandle, "before_handle returned int 5"),
+    (WrongAfterHandle, "after_handle returned dict"),
+]
+
+
+@pytest.fixture(params=["local", "process"])
+def kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield request.param
+
+
+@pytest.mark.parametrize(("middleware", "fragment"), CASES, ids=[case[0].__name__ for case in CASES])
+def test_a_hook_answering_something_it_does_not_return_fails_the_call_naming_it_and_the_service_keeps_serving(
+    middleware: type, fragment: str, kind: str
+) -> None:
+    environment = ServiceEnvironment("wrong-answers")
+    environment.register_service("kv", ServiceFactory("kv", dict, ({"a": 1},)), kind=kind)
+    environment.add_middleware(middleware())
+    with environment, ServiceManager(environment) as manager:
+        # Before: a bare AttributeError ('int' object has no attribute 'deadline' ...) for a sync
+        # call, and for an async one a future that never completed (its worker thread died).
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is asserted below
+            manager.call_service_sync("kv", "get", ("a",), timeout=5)
+        assert fragment in str(raised.value), raised.value
+        assert f"{middleware.__qualname__}" in str(raised.value)
+        began = time.monotonic()
+        error = manager.call_service_async("kv", "get", ("a",), timeout=5).exception(timeout=10)
+        assert error is not None and fragment in str(error), error
+        assert time.monotonic() - began < 5
+        task = environment.get_task("kv")
+        assert task is not None and task.state == "running"  # the service itself keeps serving
