@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import kservice
 import pytest
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceMiddleware
 
@@ -56,7 +55,7 @@ def test_a_hook_answering_something_it_does_not_return_fails_the_call_naming_it_
     with environment, ServiceManager(environment) as manager:
         # Before: a bare AttributeError ('int' object has no attribute 'deadline' ...) for a sync
         # call, and for an async one a future that never completed (its worker thread died).
-        with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is asserted below
+        with pytest.raises(Exception) as raised:
             manager.call_service_sync("kv", "get", ("a",), timeout=5)
         assert fragment in str(raised.value), raised.value
         assert f"{middleware.__qualname__}" in str(raised.value)
