@@ -518,8 +518,14 @@ class MiddlewareChain:
             except Exception:  # noqa: BLE001 - observers only watch
                 continue
 
-    def _refuse(self, service_name: str, method_name: str, error: BaseException) -> BaseException:
-        """Tell every ``on_refused`` listener about a fast refusal; returns ``error``."""
+    def _refuse(self, service_name: str, method_name: str, error: Any, index: int) -> BaseException:
+        """Tell every ``on_refused`` listener about a fast refusal by middleware ``index``; returns the error raised.
+
+        That is ``error``, or, when the ``admit`` answered something that is no
+        exception, a TypeError naming it.
+        """
+        if not isinstance(error, BaseException):
+            error = self._wrong_answer(index, "admit", error)
         for tell in self._refused:
             try:
                 tell(service_name, method_name, error)
@@ -535,6 +541,8 @@ class MiddlewareChain:
         returns = (
             "None, the ServiceRequest to go on with, or a ServiceResponse to answer with"
             if hook.startswith("before")
+            else "None, or the exception to refuse the call with"
+            if hook == "admit"
             else "None or the ServiceResponse to go on with"
         )
         return TypeError(
@@ -596,7 +604,7 @@ class MiddlewareChain:
                 f"{indent}except Exception:",  # a failing check decides nothing: the chain handles the call
                 f"{indent}    return None",
                 f"{indent}if error is not None:",
-                f"{indent}    return refuse(service_name, method_name, error)",
+                f"{indent}    return refuse(service_name, method_name, error, {position})",
             ]
         admit.append("    return None")
         before = ["def run_before(request):"]

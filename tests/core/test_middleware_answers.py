@@ -65,3 +65,22 @@ def test_a_hook_answering_something_it_does_not_return_fails_the_call_naming_it_
         assert time.monotonic() - began < 5
         task = environment.get_task("kv")
         assert task is not None and task.state == "running"  # the service itself keeps serving
+
+
+class WrongAdmit(ServiceMiddleware):
+    def admit(self, service_name: str, method_name: str) -> Any:
+        return "closed"
+
+
+def test_an_admit_answering_something_that_is_no_exception_refuses_with_a_type_error_naming_it() -> None:
+    environment = ServiceEnvironment("wrong-admit")
+    environment.register_service("kv", ServiceFactory("kv", dict, ({"a": 1},)))
+    environment.add_middleware(WrongAdmit())
+    with environment, ServiceManager(environment) as manager:
+        # Before: "TypeError: exceptions must derive from BaseException", naming nothing.
+        with pytest.raises(
+            TypeError, match=r"WrongAdmit\.admit returned str 'closed'; it returns None, or the exception"
+        ):
+            manager.call_service_sync("kv", "get", ("a",), timeout=5)
+        error = manager.call_service_async("kv", "get", ("a",), timeout=5).exception(timeout=10)
+        assert isinstance(error, TypeError) and "WrongAdmit.admit" in str(error), error
