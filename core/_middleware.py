@@ -518,14 +518,13 @@ class MiddlewareChain:
             except Exception:  # noqa: BLE001 - observers only watch
                 continue
 
-    def _refuse(self, service_name: str, method_name: str, error: Any, index: int) -> BaseException:
+    def _refuse(self, service_name: str, method_name: str, answer: Any, index: int) -> BaseException:
         """Tell every ``on_refused`` listener about a fast refusal by middleware ``index``; returns the error raised.
 
-        That is ``error``, or, when the ``admit`` answered something that is no
+        That is ``answer``, or, when the ``admit`` answered something that is no
         exception, a TypeError naming it.
         """
-        if not isinstance(error, BaseException):
-            error = self._wrong_answer(index, "admit", error)
+        error = answer if isinstance(answer, BaseException) else self._wrong_answer(index, "admit", answer)
         for tell in self._refused:
             try:
                 tell(service_name, method_name, error)
