@@ -6,7 +6,8 @@ modules is private.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# Not typing's: importing typing here would make its objects before the first import below pauses the collector.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use (below)
     from ._batch import AsyncCallMap, CallMap
@@ -92,13 +93,16 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f"{__name__}.{module}"), name)
+    from ._startup import collector_paused
+
+    with collector_paused():  # a first import loads most of kservice: objects that live as long as the process
+        value = getattr(import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # later look-ups are plain module attributes
     return value
 

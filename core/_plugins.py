@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._transport import Transport
 
 from ._entrypoints import EntryPointRef, entry_points
+from ._startup import collector_paused
 
 __all__ = [
     "PLUGIN_GROUP",
@@ -280,7 +281,7 @@ def get_plugin_manager() -> KservicePluginManager:
     global _manager
     if _manager is not None:
         return _manager
-    with _manager_lock:
+    with _manager_lock, collector_paused():
         if _manager is None:
             pm = KservicePluginManager()
             for name in env_disabled_names():

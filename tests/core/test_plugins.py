@@ -422,7 +422,54 @@ def test_importing_the_package_imports_no_submodule() -> None:
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('kservice.'))))"
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == '["kservice._errors"]'
+    assert done.stdout.strip().splitlines()[-1] == '["kservice._errors", "kservice._startup"]'
+
+
+def test_loading_kservice_and_its_plugins_runs_no_garbage_collection() -> None:
+    # The objects a start creates live as long as the process: the collector does not scan them
+    # while they are made (about twenty passes otherwise), nor all at once after.
+    done = run_python(
+        """
+        import gc, json
+        gc.collect()  # from an empty young generation: a pass now would be for the objects made before
+        passes = []
+        gc.callbacks.append(lambda phase, info: phase == "start" and passes.append(info["generation"]))
+        from kservice import ServiceManager
+        ServiceManager()
+        during = list(passes)
+        enabled = gc.isenabled()
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle made after the start is collected as ever
+        del garbage
+        freed = gc.collect()
+        print(json.dumps([during, enabled, gc.get_freeze_count(), freed > 0]))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[[], true, 0, true]"
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "gc.disable()",  # a program that runs without the collector keeps it off
+        "gc.freeze()",  # a program that froze its objects before forking keeps them frozen
+    ],
+)
+def test_loading_kservice_keeps_the_collector_as_the_program_set_it(program: str) -> None:
+    done = run_python(
+        f"""
+        import gc, json
+        {program}
+        before = (gc.isenabled(), gc.get_freeze_count())
+        from kservice import ServiceManager
+        ServiceManager()
+        after = (gc.isenabled(), gc.get_freeze_count())
+        print(json.dumps([before[0] == after[0], before[1] == 0 or after[1] > 0, before[0] or not after[0]]))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[true, true, true]"
 
 
 @pytest.mark.parametrize(
