@@ -20,6 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from reprlib import recursive_repr
 from typing import Any, cast
 
 from ._errors import ConfigError
@@ -40,7 +41,7 @@ MAX_REQUEST_QUEUE_SIZE = 1_000_000
 MAX_INT_DIGITS = 30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)  # the methods written out: see _messages.FACTORY
 class Setting:
     """One configuration key: its type, default and meaning.
 
@@ -61,6 +62,50 @@ class Setting:
     nullable: bool = False
     minimum: float | None = None
     maximum: float | None = None
+
+    def __init__(
+        self,
+        types: tuple[type, ...],
+        default: Any,
+        doc: str,
+        choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None,
+        nullable: bool = False,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> None:
+        setattr = object.__setattr__  # frozen: the field is set past __setattr__, as dataclass's __init__ does
+        setattr(self, "types", types)
+        setattr(self, "default", default)
+        setattr(self, "doc", doc)
+        setattr(self, "choices", choices)
+        setattr(self, "nullable", nullable)
+        setattr(self, "minimum", minimum)
+        setattr(self, "maximum", maximum)
+        self.__post_init__()
+
+    @recursive_repr()
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__qualname__}(types={self.types!r}, default={self.default!r}, doc={self.doc!r}, "
+            f"choices={self.choices!r}, nullable={self.nullable!r}, minimum={self.minimum!r}, "
+            f"maximum={self.maximum!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return (self.types, self.default, self.doc, self.choices, self.nullable, self.minimum, self.maximum) == (
+                other.types,
+                other.default,
+                other.doc,
+                other.choices,
+                other.nullable,
+                other.minimum,
+                other.maximum,
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.types, self.default, self.doc, self.choices, self.nullable, self.minimum, self.maximum))
 
     def __post_init__(self) -> None:
         types: Any = self.types

@@ -14,10 +14,11 @@ from _thread import allocate_lock as _allocate_lock
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from reprlib import recursive_repr
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ServiceTimeoutError
-from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
+from ._messages import FACTORY, MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 
 if TYPE_CHECKING:
     from ._manager import ServiceManager, _Route
@@ -29,7 +30,7 @@ __all__ = ["Connection", "Listener", "ServiceAddress", "Transport"]
 Reply = Callable[[ServiceResponse], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False, eq=False)  # the methods written out: see _messages.FACTORY
 class ServiceAddress:
     """Where one service instance can be reached through one transport.
 
@@ -43,6 +44,36 @@ class ServiceAddress:
     target: Any
     instance: str = ""
     info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __init__(
+        self, transport: str, service_name: str, target: Any, instance: str = "", info: dict[str, Any] = FACTORY
+    ) -> None:
+        setattr = object.__setattr__  # frozen: the field is set past __setattr__, as dataclass's __init__ does
+        setattr(self, "transport", transport)
+        setattr(self, "service_name", service_name)
+        setattr(self, "target", target)
+        setattr(self, "instance", instance)
+        setattr(self, "info", {} if info is FACTORY else info)
+
+    @recursive_repr()
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__qualname__}(transport={self.transport!r}, service_name={self.service_name!r}, "
+            f"target={self.target!r}, instance={self.instance!r}, info={self.info!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return (self.transport, self.service_name, self.target, self.instance) == (
+                other.transport,
+                other.service_name,
+                other.target,
+                other.instance,
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.transport, self.service_name, self.target, self.instance))
 
 
 class Connection(ABC):
