@@ -373,6 +373,11 @@ class MiddlewareChain:
     seconds left before its deadline)`` unless a hook answered or raised,
     then ``run_after`` (a raising before-hook's error answers the call, as
     the manager turns a MiddlewareError into a response).
+
+    Each of these functions is compiled the first time it is read, not with
+    the chain: a caller's sync calls use ``run_sync`` (and ``admit``) only,
+    a host's ``run_before`` and the after-hooks, and compiling the ones a
+    process never calls was a third of a caller's first call.
     """
 
     __slots__ = (
@@ -381,9 +386,11 @@ class MiddlewareChain:
         "_afters",
         "_befores",
         "_error_origin",
+        "_names",
         "_observe_batches",
         "_observers",
         "_refused",
+        "_sources",
         "admit",
         "batch",
         "has_before",
@@ -431,13 +438,33 @@ class MiddlewareChain:
         )
         self._refused = tuple(refused)
         self._compile_batch(side)
-        #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
-        self.admit: Callable[[str, str], BaseException | None] | None = None
         #: whether ``run_before`` has any hook to run (callers skip it otherwise)
         self.has_before = bool(befores)
         #: whether ``run_observers`` has any observer to run
         self.has_observers = bool(observers)
-        self._compile(tuple(admits) if side == "client" and admits and hears else (), side)
+        self._generate(tuple(admits) if side == "client" and admits and hears else (), side)
+
+    #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
+    admit: Callable[[str, str], BaseException | None] | None
+    run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]]
+    run_after: Callable[[ServiceRequest, ServiceResponse, int, float], ServiceResponse]
+    run_after_hooks: Callable[[ServiceRequest, ServiceResponse, int], ServiceResponse]
+    run_observers: Callable[[ServiceRequest, ServiceResponse, int, float], None]
+    #: ``run_sync(request, connection)``: one attempt of a sync call through the chain and
+    #: ``connection.call`` (the request must have a deadline); the final response, never raises
+    #: what a hook raises
+    run_sync: Callable[[ServiceRequest, Any], ServiceResponse]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for a generated function not read before (then it is a plain slot read): compile it.
+        source = None if name.startswith("_") else self._sources.get(name)  # "_": no recursion before _generate
+        if source is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        names = self._names
+        exec(compile(source, _register_source(source, self._error_origin), "exec"), names)
+        function = names[name]
+        setattr(self, name, function)
+        return function
 
     def _compile_batch(self, side: str) -> None:
         """Collect the batch hooks, and decide once whether chunks of a map may take them (``batch``).
@@ -552,8 +579,8 @@ class MiddlewareChain:
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
 
-    def _compile(self, admits: tuple[tuple[Callable[[str, str], BaseException | None], int], ...], side: str) -> None:
-        """Build :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.
+    def _generate(self, admits: tuple[tuple[Callable[[str, str], BaseException | None], int], ...], side: str) -> None:
+        """Write :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.
 
         Generic loops cost ~40 ns per hook and a call's worth of tuple
         unpacking on every call; a chain is built once per route and task and
@@ -697,31 +724,30 @@ class MiddlewareChain:
             *(["    seconds = perf_counter() - began", *observing] if observing else []),
             "    return response",
         ]
-        after = [
-            *sync,
-            "def run_after(request, response, limit, began):",
-            *hooks,
-            *(["    seconds = perf_counter() - began", *observing] if observing else []),
-            "    return response",
-            "def run_after_hooks(request, response, limit):",
-            *hooks,
-            "    return response",
-            "def run_observers(request, response, limit, seconds):",
-            *(observing or ["    pass"]),
-        ]
-        source = "\n".join(before + after + admit) + "\n"
-        exec(compile(source, _register_source(source, self._error_origin), "exec"), names)
-        self.run_before: Callable[[ServiceRequest], tuple[ServiceRequest, ServiceResponse | None, int]] = names[
-            "run_before"
-        ]
-        self.run_after: Callable[[ServiceRequest, ServiceResponse, int, float], ServiceResponse] = names["run_after"]
-        self.run_after_hooks: Callable[[ServiceRequest, ServiceResponse, int], ServiceResponse] = names[
-            "run_after_hooks"
-        ]
-        self.run_observers: Callable[[ServiceRequest, ServiceResponse, int, float], None] = names["run_observers"]
-        #: ``run_sync(request, connection)``: one attempt of a sync call through the chain and
-        #: ``connection.call`` (the request must have a deadline); the final response, never raises
-        #: what a hook raises
-        self.run_sync: Callable[[ServiceRequest, Any], ServiceResponse] = names["run_sync"]
+        # Each function's text on its own, compiled when first read (see __getattr__).
+        self._names = names
+        self._sources = {
+            "run_before": "\n".join(before) + "\n",
+            "run_sync": "\n".join(sync) + "\n",
+            "run_after": "\n".join(
+                [
+                    "def run_after(request, response, limit, began):",
+                    *hooks,
+                    *(["    seconds = perf_counter() - began", *observing] if observing else []),
+                    "    return response",
+                ]
+            )
+            + "\n",
+            "run_after_hooks": "\n".join(
+                ["def run_after_hooks(request, response, limit):", *hooks, "    return response"]
+            )
+            + "\n",
+            "run_observers": "\n".join(
+                ["def run_observers(request, response, limit, seconds):", *(observing or ["    pass"])]
+            )
+            + "\n",
+        }
         if admits:
-            self.admit = names["admit"]
+            self._sources["admit"] = "\n".join(admit) + "\n"
+        else:
+            self.admit = None

@@ -469,3 +469,43 @@ def test_a_traceback_through_a_compiled_chain_shows_the_generated_source() -> No
     # Chains of the same shape share one generated source (linecache does not grow per route).
     again = MiddlewareChain([ServiceMiddleware(), ExplodingBefore()], "client")
     assert again.run_before.__code__.co_filename == chain.run_before.__code__.co_filename
+
+
+_GENERATED = ("admit", "run_before", "run_sync", "run_after", "run_after_hooks", "run_observers")
+
+
+def _compiled(chain: Any) -> set[str]:
+    """The generated functions ``chain`` has compiled (read through the slots: reading compiles none)."""
+    from kservice._middleware import MiddlewareChain
+
+    found = set()
+    for name in _GENERATED:
+        try:
+            getattr(MiddlewareChain, name).__get__(chain)
+        except AttributeError:
+            continue
+        found.add(name)
+    return found
+
+
+class Admitting(Trace):
+    def admit(self, service_name: str, method_name: str) -> BaseException | None:
+        return None
+
+    def on_refused(self, service_name: str, method_name: str, error: BaseException) -> None:
+        pass
+
+
+def test_a_chain_compiles_each_function_when_first_read() -> None:
+    """A sync caller compiles its route's ``admit`` and ``run_sync`` only; the rest when something reads them."""
+    log: list[str] = []
+    with _env(Admitting("m", log)) as env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("kv", "get", ("a",)) == 1
+        chain = manager._routes["kv"].chain
+        assert chain is not None
+        assert _compiled(chain) == {"admit", "run_sync"}
+        assert manager.call_service_async("kv", "get", ("a",)).result(timeout=10) == 1
+        assert _compiled(chain) == {"admit", "run_sync", "run_before", "run_after"}
+    assert [line for line in log if "_call" in line] == ["m.before_call get", "m.after_call ok"] * 2
+    with pytest.raises(AttributeError, match="no attribute 'run_nothing'"):
+        chain.run_nothing  # noqa: B018
