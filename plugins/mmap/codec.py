@@ -1308,6 +1308,8 @@ def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = ORPHA
     now = time.time()
     directory = queue_directory(sweep=False)  # the first-use sweep would run this and take its result
     for entry in os.scandir(directory):
+        if not entry.name.startswith(("oob-", "pool-")):
+            continue  # a ring (most entries): no pattern to compile and match
         match = re.match(_SEGMENT_RE, entry.name)
         if match is None:
             pooled = re.match(_POOL_RE, entry.name)

@@ -295,7 +295,8 @@ def reclaim_records() -> list[str]:
             continue
         if entry.name.endswith(_SUFFIX):
             record = _read(Path(entry.path))
-            if record is not None and _remove_if_stale(directory, Path(entry.path)):
+            # A live host's record (most of them) is left without taking the lock to read it again.
+            if record is not None and not _alive(record) and _remove_if_stale(directory, Path(entry.path)):
                 removed.append(unquote(entry.name[: -len(_SUFFIX)]))
     return sorted(removed)
 
