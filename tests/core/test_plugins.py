@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 from pathlib import Path
+from typing import Any
 
 import kservice
 import pluggy
@@ -594,3 +595,34 @@ def test_a_module_plugins_hooks_are_found_by_their_markers_whatever_their_names(
             ServiceManager(config={}).call_service_sync("nowhere-to-be-found", "m")
     finally:
         pm.unregister(name="acme-marked")
+
+
+def test_the_hook_specs_are_read_as_pluggy_reads_them_without_its_static_look_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import inspect
+
+    from kservice._plugins import KservicePluginManager
+
+    looked_up: list[str] = []
+    static = inspect.getattr_static
+
+    def counting(obj: Any, name: str, *default: Any) -> Any:
+        looked_up.append(name)
+        return static(obj, name, *default)
+
+    monkeypatch.setattr(inspect, "getattr_static", counting)
+    ours = KservicePluginManager()
+    monkeypatch.undo()
+    assert looked_up == []  # each spec is a plain function of the module: its marker is read directly
+    plain = pluggy.PluginManager("kservice")
+    plain.add_hookspecs(hookspecs)
+
+    def specs(pm: pluggy.PluginManager) -> dict[str, Any]:
+        return {
+            name: (caller.spec.opts, caller.spec.argnames, caller.spec.kwargnames)
+            for name, caller in vars(pm.hook).items()
+            if isinstance(caller, pluggy.HookCaller) and caller.spec is not None
+        }
+
+    assert specs(ours) == specs(plain) and len(specs(ours)) >= 20
