@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._context import _current_request, is_idempotent
@@ -36,6 +36,8 @@ from ._transport import Connection, ServiceAddress, timeout_response
 from .keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, HOST_REPLACING
 
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from ._batch import AsyncCallMap, CallMap
     from ._environment import ServiceEnvironment
     from ._status import ServiceStatus
@@ -71,17 +73,19 @@ def _takes_timeout(function: Callable[..., Any]) -> bool:
         return False
 
 
-class _Expiring(Protocol):
-    """What the timer watches: an async call, or a chunk of a batch (``kservice._batch``)."""
+if TYPE_CHECKING:  # a Protocol class costs a caller's start 0.1 ms to build, for the type checker alone
 
-    _expires_at: float
-    _state: str
+    class _Expiring(Protocol):
+        """What the timer watches: an async call, or a chunk of a batch (``kservice._batch``)."""
 
-    def _expire(self) -> None: ...
+        _expires_at: float
+        _state: str
 
-    def _finished(self) -> bool: ...
+        def _expire(self) -> None: ...
 
-    def _abandon(self) -> None: ...
+        def _finished(self) -> bool: ...
+
+        def _abandon(self) -> None: ...
 
 
 class _Timer:
