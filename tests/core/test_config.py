@@ -51,6 +51,16 @@ services:
     assert kv["service_call"]["default_timeout"] == 12.0
     other = config.for_service("other")
     assert other["local"]["max_workers"] == 4
+    # Each answer is the caller's own: changing one (nested lists and dicts too) changes no other.
+    for options in (kv, other):
+        options["local"]["max_workers"] = 99
+        options["ray"]["resources"]["CPU"] = 99
+        options["kwargs"]["prefix"] = "changed"
+        options["transports"].append("changed")
+    assert config.for_service("kv") == Config.load(path).for_service("kv")
+    assert config.for_service("other") == Config.load(path).for_service("other")
+    assert config.get("service.ray.resources") == {"CPU": 2}
+    assert config.for_service("other")["transports"] == [] and config.for_service("other")["kwargs"] == {}
 
 
 @pytest.mark.parametrize(
