@@ -374,10 +374,11 @@ class MiddlewareChain:
     then ``run_after`` (a raising before-hook's error answers the call, as
     the manager turns a MiddlewareError into a response).
 
-    Each of these functions is compiled the first time it is read, not with
-    the chain: a caller's sync calls use ``run_sync`` (and ``admit``) only,
-    a host's ``run_before`` and the after-hooks, and compiling the ones a
-    process never calls was a third of a caller's first call.
+    A client chain compiles each of these functions the first time it is
+    read: a caller's sync calls use ``run_sync`` (and ``admit``) only, and
+    compiling the ones it never calls was a third of its first call. A
+    server chain (built when its task starts) compiles the ones a task runs
+    at once, so that a host does not compile while it answers its first call.
     """
 
     __slots__ = (
@@ -443,6 +444,9 @@ class MiddlewareChain:
         #: whether ``run_observers`` has any observer to run
         self.has_observers = bool(observers)
         self._generate(tuple(admits) if side == "client" and admits and hears else (), side)
+        if side != "client":
+            for name in ("run_before", "run_after", "run_after_hooks", "run_observers"):
+                getattr(self, name)  # compiled now: the task starts, no call waits
 
     #: ``admit(service_name, method_name)``: the refusal to raise, or None (None: no fast refusal here).
     admit: Callable[[str, str], BaseException | None] | None

@@ -509,3 +509,8 @@ def test_a_chain_compiles_each_function_when_first_read() -> None:
     assert [line for line in log if "_call" in line] == ["m.before_call get", "m.after_call ok"] * 2
     with pytest.raises(AttributeError, match="no attribute 'run_nothing'"):
         chain.run_nothing  # noqa: B018
+    # A task's server chain is built when the task starts: what the task runs is compiled then.
+    from kservice._middleware import MiddlewareChain
+
+    server = MiddlewareChain([Admitting("m", log)], "server")
+    assert _compiled(server) == {"admit", "run_before", "run_after", "run_after_hooks", "run_observers"}
