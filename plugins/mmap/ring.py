@@ -192,7 +192,6 @@ import functools
 import mmap
 import os
 import pwd
-import re
 import stat
 import struct
 import threading
@@ -385,8 +384,9 @@ def _use_ringfast() -> bool:
     return _ringfast is not None and os.environ.get(PURE_ENV, "") in ("", "0")
 
 
-#: A pattern, compiled (and cached by re) on its first use, not at import.
-_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z"
+#: The characters of a queue name (ASCII letters, digits, ".", "_", "-"; not "." first). Checked with
+#: str.strip rather than a pattern: compiling one was 0.1 ms of a caller's first call.
+_NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 
 _EMPTY: Any = object()
 # Bits of the compiled spin()'s result (SPIN_ARRIVED, SPIN_LOST_CPU in _ringfast.c).
@@ -396,7 +396,7 @@ _ANNOUNCE_ARRIVED = -1  # _ringfast.ANNOUNCE_ARRIVED
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not re.match(_NAME_RE, name):
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or name[0] == "." or name.strip(_NAME_CHARS):
         raise ValueError(
             f"invalid queue name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.'"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import signal
 import statistics
 import struct
@@ -309,6 +310,18 @@ def test_names_are_validated(bad):
         ring.create_queue(bad)
     with pytest.raises(ValueError, match="invalid queue name"):
         ring.attach_queue(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=0x17F), max_size=12) | st.sampled_from(["a\n", "-", "_x.", "a..b"]))
+def test_a_name_is_valid_exactly_when_the_documented_pattern_matches_it(name):
+    valid = len(name) <= ring.MAX_NAME and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) is not None
+    try:
+        ring._check_name(name)
+    except ValueError:
+        assert not valid, name
+    else:
+        assert valid, name
 
 
 def test_mark_closed_wakes_waiters_and_refuses_puts(q):
