@@ -84,7 +84,8 @@ def check_future_internals(future_class: type[Any] = Future, base_module: Any = 
         if isinstance(value, types.FunctionType):
             functions.append((value, set()))
         elif isinstance(value, type) and value.__module__ == base_module.__name__ and value is not future_class:
-            functions += [(f, set(dir(value))) for f in vars(value).values() if isinstance(f, types.FunctionType)]
+            own = set(dir(value))  # once per class (dir() walks its MRO): this check runs in every process
+            functions += [(f, own) for f in vars(value).values() if isinstance(f, types.FunctionType)]
     module_names = set(vars(base_module))
     used = {
         name
