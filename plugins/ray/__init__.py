@@ -35,9 +35,9 @@ The package, one module per role:
 - ``task``: the ``ray`` task kind;
 - ``hooks``: the plugin's hooks (this package re-exports them, so pluggy finds them here).
 
-Loading the plugin imports only ``common``, ``balancers``, ``transport`` and
-``hooks``; the rest is imported when a ray service is first started, found or
-called (and the names re-exported from it here, when first read).
+Loading the plugin imports only ``balancers``, ``transport`` and ``hooks``;
+the rest is imported when a ray service is first started, found or called
+(and the names re-exported from it here, when first read).
 """
 
 from __future__ import annotations
@@ -61,12 +61,6 @@ from .balancers import (
 )
 from .balancers import (
     register_balancer as register_balancer,
-)
-from .common import (
-    ACTOR_PREFIX as ACTOR_PREFIX,
-)
-from .common import (
-    RAY_EXTRA_HINT as RAY_EXTRA_HINT,
 )
 from .hooks import (
     RayRuntime as RayRuntime,
@@ -100,6 +94,8 @@ from .transport import (
 )
 
 if TYPE_CHECKING:
+    from .common import ACTOR_PREFIX as ACTOR_PREFIX
+    from .common import RAY_EXTRA_HINT as RAY_EXTRA_HINT
     from .connection import RayConnection as RayConnection
     from .task import RayServiceTask as RayServiceTask
     from .task import _ensure_ray as _ensure_ray
@@ -108,6 +104,8 @@ if TYPE_CHECKING:
 
 #: name -> the module of this package it is imported from when first read
 _LAZY = {
+    "ACTOR_PREFIX": "common",
+    "RAY_EXTRA_HINT": "common",
     "RayConnection": "connection",
     "RayServiceTask": "task",
     "_ensure_ray": "task",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -16,14 +17,29 @@ from kservice import (
 )
 
 from .balancers import balancer_names
-from .common import RAY_EXTRA_HINT, _ray, _ray_if_running
 from .transport import _transport
 
 if TYPE_CHECKING:
     from kservice import BaseServiceTask, ServiceFactory, TaskContext
 
-# The replica machinery (connection, discovery, the task kind) is imported by the hooks that use
-# it: a process that never touches a ray service does not pay for it when the plugin loads.
+# The replica machinery (connection, discovery, the task kind) and ``common`` are imported by the
+# hooks that use them: a process that never touches a ray service does not pay for them when the
+# plugin loads, nor when its calls ask every resolver.
+
+
+def _ray_if_running() -> ModuleType | None:
+    """The ``ray`` module when this process is connected to a cluster, else None (never imports Ray)."""
+    if "ray" not in sys.modules:  # not even imported: connected to no cluster
+        return None
+    from .common import _ray_if_running
+
+    return _ray_if_running()
+
+
+def _ray() -> ModuleType:
+    from .common import _ray
+
+    return _ray()
 
 
 # ---------------------------------------------------------------------------
@@ -35,6 +51,8 @@ def _make_task(factory: ServiceFactory, ctx: TaskContext) -> BaseServiceTask:
     try:
         import ray  # noqa: F401
     except ImportError:
+        from .common import RAY_EXTRA_HINT
+
         raise ConfigError(
             f"services.{factory.service_name}.kind: 'ray' needs Ray, which is not installed: {RAY_EXTRA_HINT}"
         ) from None
@@ -211,6 +229,8 @@ class RayRuntime:
         try:
             import ray  # noqa: F401 - importing is the test: a broken install counts as missing
         except ImportError:
+            from .common import RAY_EXTRA_HINT
+
             return f"Ray is not installed ({RAY_EXTRA_HINT}); kind='ray' services cannot run"
         return None
 

@@ -147,6 +147,7 @@ NOT_FOR_A_CALLER = (
     "kservice.plugins.mmap.host",
     "kservice.plugins.ray.connection",
     "kservice.plugins.ray.task",
+    "kservice.plugins.ray.common",  # asked to resolve a name, the Ray plugin first sees Ray is not imported
     "queue",
     "heapq",
     "random",
