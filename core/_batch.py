@@ -181,7 +181,7 @@ class _Chunk:
 
     def _resend(self, index: int, failed: ServiceResponse, *, rerouted: bool = False) -> None:
         """Send the retry (or, ``rerouted``, the delivery) of call ``index`` on the service's current route."""
-        from ._manager import _AsyncCall
+        from ._asynccall import _AsyncCall
 
         batch = self.batch
         if batch.state != "running" or index not in self.retrying:

@@ -50,7 +50,6 @@ import atexit
 import collections
 import contextlib
 import itertools
-import logging
 import os
 import re
 import sys
@@ -91,6 +90,7 @@ from .ring import (
 )
 
 if TYPE_CHECKING:
+    import logging
     from types import ModuleType
 
     from kservice import BaseServiceTask
@@ -99,7 +99,24 @@ if TYPE_CHECKING:
 
 __all__ = ["MmapConnection", "MmapListener", "MmapTransport"]
 
-log = logging.getLogger("kservice.mmap")
+
+class _Log:
+    """The ``kservice.mmap`` logger, looked up at its first message: a caller's start need not import logging.
+
+    The first attribute read replaces this module's ``log`` with the logger itself.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        global log
+        log = logging.getLogger("kservice.mmap")
+        return getattr(log, name)
+
+
+log: logging.Logger = _Log()  # type: ignore[assignment]
 
 #: Seconds between liveness checks of the host while a caller waits.
 LIVENESS_INTERVAL = 0.5
@@ -950,6 +967,8 @@ class MmapListener(Listener):
                 why = f"it stayed full for {RESPONSE_PUT_TIMEOUT:g} s; answers to it are dropped until one fits"
             else:
                 why = str(exc)
+            import logging  # a host's rare path: a caller's start does not import it
+
             log.log(
                 logging.DEBUG if marked else logging.INFO,
                 "mmap listener of %r: dropped %s %s (caller's queue %s: %s)",

@@ -133,7 +133,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
 #: What a process that calls a service hosted elsewhere has no use for on its first call: the task
 #: machinery and what only it uses, streams, batches, status records, the health monitor, the mmap
 #: plugin's streams, the records ``kservice plugins`` lists, the timer's heap, random (Ray's balancer), the
-#: error paths, pickle.py, zlib and ctypes (the compiled ring has the native calls).
+#: error paths, pickle.py, zlib, async calls' futures (and logging) and ctypes (the compiled ring has the
+#: native calls).
 NOT_FOR_A_CALLER = (
     "kservice._task",
     "kservice._environment",
@@ -154,6 +155,12 @@ NOT_FOR_A_CALLER = (
     "difflib",
     "pickle",  # the codec uses the C pickler (_pickle) itself, not pickle.py's pure-Python one
     "zlib",  # the entry-point cache's file name hashes the interpreter's prefix without it
+    # async calls' futures, imported with the first async call (the mmap transport and the call log
+    # look their loggers up at their first message)
+    "kservice._asynccall",
+    "kservice._future",
+    "concurrent.futures",
+    "logging",
     # the futex and mutex calls come from the compiled extension when it is built
     *(("ctypes",) if _futex.NATIVE else ()),
 )
