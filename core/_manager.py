@@ -253,6 +253,10 @@ def _is_retry_policy(answer: Any) -> bool:
     return callable(getattr(answer, "should_retry", None))
 
 
+def _is_name_list(answer: Any) -> bool:
+    return isinstance(answer, (list, tuple, set, frozenset)) and all(type(name) is str for name in answer)
+
+
 def _is_address_list(answer: Any) -> bool:
     return isinstance(answer, (list, tuple)) and all(isinstance(address, ServiceAddress) for address in answer)
 
@@ -744,8 +748,10 @@ class ServiceManager:
     def known_services(self) -> list[str]:
         """Every service name this manager can see: its environment's and the resolvers'."""
         names = set(self.environment.service_names()) if self.environment is not None else set()
-        for contributed in call_hook("kservice_known_services"):
-            names.update(contributed or ())
+        answers = call_hook("kservice_known_services")
+        check_answers("kservice_known_services", answers, _is_name_list, "it returns a list of service names (str)", "")
+        for contributed in answers:
+            names.update(contributed)
         return sorted(names)
 
     def _route(self, service_name: str, within: float | None = None) -> _Route:

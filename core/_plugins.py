@@ -520,7 +520,8 @@ def check_answers(
         if answer is not None and not valid(answer):
             names.append(repr(impl.plugin_name))
     who = f"plugin {names[0]}" if len(names) == 1 else f"plugins {', '.join(names)}" if names else "a plugin"
-    raise PluginError(f"kservice {who}: its {hook_name} answered {_describe_value(bad)} {about}; {expected}")
+    about = f" {about}" if about else ""
+    raise PluginError(f"kservice {who}: its {hook_name} answered {_describe_value(bad)}{about}; {expected}")
 
 
 _UNSET = object()

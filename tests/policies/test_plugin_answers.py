@@ -31,6 +31,7 @@ class Answers:
         self.policy: Any = None
         self.middleware: Any = None
         self.addresses: Any = None
+        self.known: Any = None
 
     @hookimpl(tryfirst=True)
     def kservice_retry_policy(self, service_name: str, options: Any) -> Any:
@@ -43,6 +44,10 @@ class Answers:
     @hookimpl
     def kservice_resolve_service(self, service_name: str, options: Any, manager: Any) -> Any:
         return self.addresses if service_name == "elsewhere" else None
+
+    @hookimpl
+    def kservice_known_services(self) -> Any:
+        return self.known
 
 
 @pytest.fixture
@@ -144,3 +149,14 @@ def test_a_middleware_answer_that_is_no_middleware_fails_the_services_start_nami
             task.start_service()
         with ServiceManager(environment) as manager:
             assert manager.call_service_sync("other", "get", ("a", 3)) == 3
+
+
+def test_a_known_services_answer_that_is_no_list_of_names_is_a_plugin_error_naming_the_hook(answers: Answers) -> None:
+    answers.known = 5
+    with ServiceManager() as manager:
+        # Before: the call to an unknown name raised a bare TypeError ('int' object is not iterable).
+        with pytest.raises(PluginError, match=r"plugin 'test-answers': its kservice_known_services answered int 5"):
+            manager.call_service_sync("nowhere", "get", timeout=5)
+        answers.known = ["billing"]
+        with pytest.raises(kservice.ServiceNotFoundError, match="billing"):
+            manager.call_service_sync("nowhere", "get", timeout=5)
