@@ -37,6 +37,6 @@ def test_the_page_covers_both_call_kinds_and_the_service_side() -> None:
         "kservice._manager:ServiceManager.call_service_async",
         "kservice._task:BaseServiceTask.execute",
         "kservice._task:BaseServiceTask.submit",
-        "kservice._middleware:MiddlewareChain._compile",
+        "kservice._middleware:MiddlewareChain._generate",
     ):
         assert needed in names, needed

@@ -182,7 +182,8 @@ def test_timeout_shorter_than_the_method_cancels_the_queued_remote_task(
     first = manager.call_service_async("slow", "sleep", (1.5,), timeout=20)
     wait_for(lambda: task.get_service_status().in_flight == 1, timeout=10, what="the first call to run in the replica")
     started = time.monotonic()
-    with pytest.raises(ServiceTimeoutError, match=r"timed out after 0\.300s"):
+    # The message gives what was left of the 0.3 s when the call was sent (finding the service took some).
+    with pytest.raises(ServiceTimeoutError, match=r"timed out after 0\.[0-3]\d\ds"):
         manager.call_service_sync("slow", "sleep", (0.0,), timeout=0.3)
     assert time.monotonic() - started < 1.0
     assert first.result(20) == 1.5
