@@ -108,27 +108,18 @@ class KservicePluginManager(pluggy.PluginManager):
         # name that is no function or method wrapper cannot be a hook to pluggy either, and a
         # module's attribute is a plain entry of its __dict__: skip those without the lookup.
         if type(plugin) is ModuleType:
-            value = plugin.__dict__.get(name)
-            if type(value) is FunctionType:
-                # What pluggy's static look-up finds for a module's function is the function itself;
-                # read its marker as pluggy does, without the look-up (most of a module's functions
-                # are no hooks: helpers, and the plugin's own API).
-                opts = getattr(value, self.project_name + "_impl", None)
-                return cast("pluggy.HookimplOpts | None", opts if isinstance(opts, dict) else None)
-            if not isinstance(value, (MethodType, staticmethod, classmethod)):
-                return None
+            found = _module_marker(plugin, name, self.project_name + "_impl")
+            if found is not _ASK_PLUGGY:
+                return cast("pluggy.HookimplOpts | None", found)
         return super().parse_hookimpl_opts(plugin, name)
 
     def parse_hookspec_opts(self, module_or_class: Any, name: str) -> pluggy.HookspecOpts | None:
         # As parse_hookimpl_opts: the specs module's names read from its __dict__, without pluggy's
         # static look-up of each (a sixth of building the process's plugin manager).
         if type(module_or_class) is ModuleType:
-            value = module_or_class.__dict__.get(name)
-            if type(value) is FunctionType:
-                opts = getattr(value, self.project_name + "_spec", None)
-                return cast("pluggy.HookspecOpts | None", opts if isinstance(opts, dict) else None)
-            if not isinstance(value, (MethodType, staticmethod, classmethod)):
-                return None
+            found = _module_marker(module_or_class, name, self.project_name + "_spec")
+            if found is not _ASK_PLUGGY:
+                return cast("pluggy.HookspecOpts | None", found)
         return super().parse_hookspec_opts(module_or_class, name)
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
@@ -164,6 +155,28 @@ class KservicePluginManager(pluggy.PluginManager):
         if dead:
             with self._lock:
                 self._listeners = [r for r in self._listeners if r not in dead]
+
+
+#: :func:`_module_marker`'s answer for a name only pluggy's own look-up can decide
+_ASK_PLUGGY: Any = object()
+
+
+def _module_marker(module: ModuleType, name: str, attribute: str) -> Any:
+    """The hook marker (``attribute``: pluggy's ``<project>_impl`` or ``_spec`` dict) of ``module``'s name ``name``.
+
+    What pluggy's static look-up finds for a module's function is the
+    function itself, so its marker is read as pluggy reads it (None: no
+    hook; most of a module's functions are helpers or its own API). A name
+    that is no function or method wrapper cannot be a hook either (None);
+    for a method wrapper, ``_ASK_PLUGGY``: pluggy decides.
+    """
+    value = module.__dict__.get(name)
+    if type(value) is FunctionType:
+        marker = getattr(value, attribute, None)
+        return marker if isinstance(marker, dict) else None
+    if isinstance(value, (MethodType, staticmethod, classmethod)):
+        return _ASK_PLUGGY
+    return None
 
 
 def _flatten(results: Iterable[Any]) -> list[Any]:
