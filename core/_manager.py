@@ -6,9 +6,11 @@ import functools
 import inspect
 import itertools
 import math
+import os
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -247,6 +249,18 @@ class _Workers:
             threads = self._threads
         for _ in range(threads):
             self._queue.put(None)
+
+
+#: Every manager of this process, for :meth:`ServiceManager._forked` in a forked child.
+_managers: weakref.WeakSet[ServiceManager] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for manager in list(_managers):
+        manager._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _is_retry_policy(answer: Any) -> bool:
@@ -619,9 +633,24 @@ class ServiceManager:
         on_plugins_changed(self._invalidate_routes)
         if environment is not None:
             environment._managers.add(self)
+        _managers.add(self)
 
     def __reduce__(self) -> Any:
         raise _not_portable("ServiceManager", None)
+
+    def _forked(self) -> None:
+        """In a child forked from this process: its timer, the timer's workers and route builds did not come along.
+
+        A new timer starts with the child's first async call (its deadlines
+        fire again), routes being built are built again by whoever needs
+        them, and the locks are new (another thread may have held them at the
+        fork). The routes themselves are kept: their transports reset what a
+        child must not share (the mmap client's rings, for one).
+        """
+        self._timer = None
+        self._timer_lock = threading.Lock()
+        self._route_lock = threading.Lock()
+        self._building = {}
 
     @property
     def config(self) -> Config:
