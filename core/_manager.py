@@ -719,21 +719,15 @@ class ServiceManager:
                     raise error(f"service {service_name!r} is {task.state} in environment {env.name!r}; start it first")
                 return addresses, task.service_factory.service_class
         # Every resolver is asked: which plugin answers first must not decide the transport.
-        answers = call_hook(
-            "kservice_resolve_service",
-            service_name=service_name,
-            options=self.config.for_service(service_name),
-            manager=self,
-        )
+        asked = {"service_name": service_name, "options": self.config.for_service(service_name), "manager": self}
+        answers = call_hook("kservice_resolve_service", **asked)
         check_answers(
             "kservice_resolve_service",
             answers,
             _is_address_list,
             "a resolver returns None or a list of kservice.ServiceAddress",
             f"for service {service_name!r}",
-            service_name=service_name,
-            options=self.config.for_service(service_name),
-            manager=self,
+            **asked,
         )
         found = [address for answer in answers for address in answer]
         if found:
