@@ -29,8 +29,8 @@ from ._errors import (
 )
 from ._messages import ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
-from ._middleware import MIDDLEWARE_EXPECTED, MiddlewareChain, is_middleware_answer
-from ._plugins import _flatten, call_hook, check_answers, get_transport, transports
+from ._middleware import MiddlewareChain, contributed_middleware
+from ._plugins import call_hook, check_answers, get_transport, transports
 from ._transport import Connection, ServiceAddress
 from .keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, HOST_REPLACING
 
@@ -881,22 +881,13 @@ class ServiceManager:
     ) -> _Route:
         """The route of calls to ``service_name`` over ``connection``: its client chain and retry policy."""
         options = self.config.for_service(service_name)
-        asked = {
-            "service_name": service_name,
-            "options": options,
-            "service_class": service_class,
-            "address": address if address.transport else None,  # "": a route refusing every call (_RefusingConnection)
-        }
-        contributed = call_hook("kservice_middleware", **asked)
-        check_answers(
-            "kservice_middleware",
-            contributed,
-            is_middleware_answer,
-            MIDDLEWARE_EXPECTED,
-            f"for service {service_name!r}",
-            **asked,
+        contributed = contributed_middleware(
+            service_name,
+            options,
+            service_class,
+            address if address.transport else None,  # "": a route refusing every call (_RefusingConnection)
         )
-        middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *_flatten(contributed)]
+        middlewares = [*(self.environment.middlewares if self.environment is not None else ()), *contributed]
         compiled = MiddlewareChain(middlewares, "client")
         chain = compiled if compiled else None  # None: the per-call path skips the chain with one test
         retry = call_hook("kservice_retry_policy", service_name=service_name, options=options)

@@ -289,10 +289,28 @@ def _register_source(source: str, side: str) -> str:
     return filename
 
 
-#: What ``kservice_middleware`` returns (for the error naming a plugin whose answer is something else).
-MIDDLEWARE_EXPECTED = (
-    "the hook returns None, a kservice.ServiceMiddleware (or an object with its hook methods) or a list of them"
-)
+def contributed_middleware(
+    service_name: str, options: dict[str, Any], service_class: type | None, address: Any
+) -> list[Any]:
+    """What plugins contribute to ``service_name``'s chain (``kservice_middleware``), as one list.
+
+    ``address`` is the caller's route's address (None on the service's side).
+    Raises what ``call_hook`` raises, and PluginError naming the plugin whose
+    answer is no middleware (``_plugins.check_answers``).
+    """
+    from ._plugins import _flatten, call_hook, check_answers
+
+    asked = {"service_name": service_name, "options": options, "service_class": service_class, "address": address}
+    contributed = call_hook("kservice_middleware", **asked)
+    check_answers(
+        "kservice_middleware",
+        contributed,
+        _is_middleware_answer,
+        "the hook returns None, a kservice.ServiceMiddleware (or an object with its hook methods) or a list of them",
+        f"for service {service_name!r}",
+        **asked,
+    )
+    return _flatten(contributed)
 
 
 def _is_middleware(value: Any) -> bool:
@@ -304,7 +322,7 @@ def _is_middleware(value: Any) -> bool:
     )
 
 
-def is_middleware_answer(answer: Any) -> bool:
+def _is_middleware_answer(answer: Any) -> bool:
     """Whether ``answer`` (one plugin's ``kservice_middleware`` answer, not None) is middleware or a list of it."""
     if isinstance(answer, (list, tuple)):
         return all(item is None or _is_middleware(item) for item in answer)

@@ -32,8 +32,7 @@ from ._errors import (
     _short_repr,
 )
 from ._messages import ServiceRequest, ServiceResponse
-from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
-from ._plugins import _flatten
+from ._middleware import CallBatch, MiddlewareChain, MiddlewareError, contributed_middleware
 from ._status import ServiceStatus, TaskState
 from ._stream import (
     StreamSink,
@@ -878,25 +877,8 @@ class BaseServiceTask:
             self._compile_server_chain()
 
     def _compile_server_chain(self) -> None:
-        from ._middleware import MIDDLEWARE_EXPECTED, is_middleware_answer
-        from ._plugins import call_hook, check_answers
-
-        asked = {
-            "service_name": self.service_name,
-            "options": self.options,
-            "service_class": self.service_factory.service_class,
-            "address": None,
-        }
-        contributed = call_hook("kservice_middleware", **asked)
-        check_answers(
-            "kservice_middleware",
-            contributed,
-            is_middleware_answer,
-            MIDDLEWARE_EXPECTED,
-            f"for service {self.service_name!r}",
-            **asked,
-        )
-        chain = MiddlewareChain([*self.ctx.current_middlewares(), *_flatten(contributed)], "server")
+        contributed = contributed_middleware(self.service_name, self.options, self.service_factory.service_class, None)
+        chain = MiddlewareChain([*self.ctx.current_middlewares(), *contributed], "server")
         self._server_chain = chain if chain else None
 
     def stop_service(self, timeout: float | None = None) -> None:
