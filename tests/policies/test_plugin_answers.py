@@ -16,6 +16,8 @@ import kservice
 import pytest
 from kservice import PluginError, ServiceCallError, ServiceEnvironment, ServiceManager, hookimpl
 
+from tests.policies.services import Flaky
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -35,7 +37,7 @@ class Answers:
 
     @hookimpl(tryfirst=True)
     def kservice_retry_policy(self, service_name: str, options: Any) -> Any:
-        return self.policy if service_name == "kv" else None
+        return self.policy if service_name in ("kv", "flaky") else None
 
     @hookimpl
     def kservice_middleware(self, service_name: str, options: Any) -> Any:
@@ -89,6 +91,23 @@ def test_a_retry_policy_that_raises_leaves_each_call_its_own_outcome_by_its_dead
         assert time.monotonic() - began < 5
         manager.call_service_sync("kv", "update", ({"a": 1},))
         assert manager.call_service_sync("kv", "get", ("a",)) == 1  # the service keeps serving
+
+
+def test_a_retry_policy_that_raises_runs_an_idempotent_call_once_by_its_deadline(answers: Answers) -> None:
+    answers.policy = BuggyPolicy()
+    flaky = Flaky()
+    environment = ServiceEnvironment("answers-flaky")
+    environment.register_service("flaky", kservice.ServiceFactory("flaky", lambda: flaky), kind="local")
+    with environment, ServiceManager(environment) as manager:
+        # A method a working policy would retry (idempotent, a ConnectionError): the policy's bug means no retry.
+        with pytest.warns(RuntimeWarning, match="BuggyPolicy"), pytest.raises(ConnectionError):
+            manager.call_service_sync("flaky", "fail_idempotent", timeout=5)
+        began = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="BuggyPolicy"):
+            error = manager.call_service_async("flaky", "fail_idempotent", timeout=2).exception(timeout=10)
+        assert isinstance(error, ConnectionError), error
+        assert time.monotonic() - began < 2.5
+        assert flaky.calls["fail_idempotent"] == 2  # one run per call
 
 
 @pytest.mark.parametrize(
