@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +10,7 @@ from typing import Any, TypeVar
 import kservice
 import pytest
 
-from tests.conftest import clean_environ
+from tests.core.conftest import run_python as run_python_in
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -23,17 +20,7 @@ def run_python(
     code: str, *, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (a fresh plugin manager) from the repository root."""
-    environ = clean_environ()
-    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), environ.get("PYTHONPATH", "")])
-    environ.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=timeout,
-        cwd=REPO,
-    )
+    return run_python_in(code, env=env, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture
