@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -453,6 +454,18 @@ def _run_items(
     return 0
 
 
+#: Every task of this process, for :meth:`BaseServiceTask._forked` in a forked child.
+_tasks: weakref.WeakSet[BaseServiceTask] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for task in list(_tasks):
+        task._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class BaseServiceTask:
     """One service instance and everything that serves its calls.
 
@@ -560,6 +573,11 @@ class BaseServiceTask:
         self._finished = itertools.count()
         self._failed = itertools.count()
         self._expired = itertools.count()
+        # The process the task was started in, and, in a process forked from it while it ran, that
+        # process's pid: the service runs there, not in this copy (see _forked).
+        self._started_in = 0
+        self._inherited_from: int | None = None
+        _tasks.add(self)
         from ._plugins import on_plugins_changed
 
         on_plugins_changed(self._plugins_changed)
@@ -676,6 +694,8 @@ class BaseServiceTask:
                     f"service {self.service_name!r} failed to start: {type(exc).__name__}: {exc}"
                 ) from exc
             self.started_at = time.time()
+            self._started_in = os.getpid()
+            self._inherited_from = None
         self.addresses_changed()
         self._announce("kservice_task_started", task=self)
 
@@ -896,8 +916,15 @@ class BaseServiceTask:
         ``STOP_TIMEOUT_MAX`` (about 146 years), or infinite, drains without limit; one that is no
         number (NaN, a bool, a string) raises ValueError or TypeError before
         anything stops, and the task keeps serving.
+
+        In a process forked from the one that started the task, it only lets go
+        of the service there: the service goes on serving where it runs, and
+        its copy here is not cleaned up (see ``_forked``).
         """
         deadline = time.monotonic() + stop_timeout(timeout)
+        if self._inherited_from is not None:
+            self._let_go()
+            return
         with self._state_lock:
             if self._state == "stopping":
                 in_progress = True
@@ -923,6 +950,53 @@ class BaseServiceTask:
                 self._stop_done.set()
                 self.addresses_changed()
         self._announce("kservice_task_stopped", task=self)
+
+    def _forked(self) -> None:
+        """In a child forked from this process: the service stays the parent's; the child has a copy of it.
+
+        Its locks are new (another thread may have held them at the fork). A
+        task running at the fork is *inherited*: the service runs in the
+        process that started it, so stopping it here only lets go of it
+        (:meth:`_let_go`). One whose instance ran in that process (``local``)
+        stops serving here at once, its worker threads being there: calls
+        from the child are refused naming that process (``_not_running``),
+        never run on the child's copy of the instance nor left to wait for
+        threads that did not come along. One hosted elsewhere (``process``)
+        is still called at its host, which serves every process.
+        """
+        self._state_lock = threading.RLock()
+        self._counter_lock = threading.Lock()
+        self._room = threading.Condition(self._counter_lock)
+        self._host_lock = threading.Lock()
+        if self._inherited_from is None and self._state in ("starting", "running", "stopping"):
+            self._inherited_from = self._started_in
+        if self._inherited_from is None or not self.hosted_here or self._state == "stopped":
+            return
+        # What served here were threads of the parent: none of them exists in this process.
+        self._state = "stopped"
+        self._pool = None
+        self._aio = None
+        self._stream_deadlines = None
+        self._overflow_thread = None
+        self._parked.clear()
+        self._parked_by_time.clear()
+        self._parked_live = 0
+        self._queued = 0
+        self._stop_done = threading.Event()
+        self._stop_done.set()
+
+    def _let_go(self) -> None:
+        """:meth:`stop_service` of an inherited task (see :meth:`_forked`): stopped here, left running where it runs.
+
+        Nothing of the service is touched: no drain, no ``cleanup()`` of the
+        copy of the instance, no stop hooks (the service did not stop), and
+        its host is not told to stop. This process's callers find it stopped;
+        :meth:`start_service` starts this process's own.
+        """
+        with self._state_lock:
+            self._state = "stopped"
+            self.listeners = []
+        self.addresses_changed()
 
     def addresses_changed(self) -> None:
         """Tell the managers of this task's environment that its :attr:`addresses` changed; never raises.
@@ -1295,6 +1369,18 @@ class BaseServiceTask:
         it alone); ServiceUnavailableError while it is starting or stopping.
         """
         state = self._state
+        if self._inherited_from is not None and state == "stopped":
+            parent = self._inherited_from
+            return ServiceResponse.refusal(
+                request.request_id,
+                ServiceStoppedError(
+                    f"service {self.service_name!r} runs in process {parent}, which this process ({os.getpid()}) "
+                    "was forked from: a forked process has a copy of the instance but none of the threads that "
+                    f"serve it. Call it from process {parent}, start it in this process (start_service, or the "
+                    "environment's start: an instance of this process's own), or host it with kind 'process' so "
+                    "that every process calls the same instance; nothing was sent"
+                ),
+            )
         if state in ("stopped", "failed", "created"):
             return ServiceResponse.refusal(
                 request.request_id,

@@ -48,3 +48,60 @@ def test_async_calls_in_a_forked_child_end_at_their_deadline() -> None:
     assert lines[0].startswith("deadline"), lines
     assert float(lines[0].split()[1]) < 3.0
     assert lines[1:] == ["sync 1", "async 1"]
+
+
+INHERITED = """
+import os, sys, time
+import kservice
+from kservice import ServiceFactory, ServiceStoppedError
+from tests.core.services import KeyValue
+
+env = kservice.ServiceEnvironment("inherited")
+env.register_service("kv", ServiceFactory("kv", KeyValue, ({"a": 1},)), kind="process")
+env.register_service("loc", ServiceFactory("loc", KeyValue, ({"a": 2},)), kind="local")
+env.start()
+manager = env.manager()
+host = env.get_task("kv").pid
+for _ in range(3):  # get is then known fast: a sync call would run inline
+    assert manager.call_service_sync("loc", "get", ("a",)) == 2
+pid = os.fork()
+if pid == 0:
+    for method, args in (("get", ("a",)), ("put", ("a", 3))):
+        began = time.monotonic()
+        try:
+            print("child", method, manager.call_service_sync("loc", method, args, timeout=5))
+        except ServiceStoppedError as exc:
+            print("child", method, "refused", round(time.monotonic() - began, 1), exc.may_have_run, str(exc))
+    try:
+        manager.call_service_async("loc", "get", ("a",), timeout=5).result(10)
+    except ServiceStoppedError:
+        print("child async refused")
+    print("child kv", manager.call_service_sync("kv", "get", ("a",), timeout=10))
+    env.get_task("loc").start_service()  # the child's own instance, from the factory
+    own = env.manager()
+    own.call_service_sync("loc", "put", ("a", 30))
+    print("child own", own.call_service_sync("loc", "get", ("a",)))
+    env.stop()  # a pre-forked worker's shutdown: lets go of the parent's services, stops its own
+    sys.stdout.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent loc", manager.call_service_sync("loc", "get", ("a",), timeout=10))
+print("parent kv", manager.call_service_sync("kv", "get", ("a",), timeout=10), env.get_task("kv").pid == host)
+print("parent pid", os.getpid())
+env.stop()
+"""
+
+
+def test_a_forked_child_lets_go_of_the_parents_services_and_is_refused_the_in_process_ones() -> None:
+    result = run_python(INHERITED)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    # Before: get ran inline on the child's copy of the instance and put waited in a pool with no
+    # threads until its timeout; env.stop() in the child stopped the parent's process host.
+    for method, line in zip(("get", "put"), lines[:2], strict=True):
+        words = line.split(maxsplit=5)
+        assert words[:3] == ["child", method, "refused"], lines
+        assert float(words[3]) < 2.0 and words[4] == "False", lines
+        assert f"process {lines[-1].split()[-1]}," in words[5] and "forked" in words[5], lines
+    assert lines[2:5] == ["child async refused", "child kv 1", "child own 30"], lines
+    assert lines[5:7] == ["parent loc 2", "parent kv 1 True"], lines
