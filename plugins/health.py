@@ -45,6 +45,7 @@ recovery stops waiting for it; the pool is capped at 32 threads.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,19 @@ def _schema() -> dict[str, Setting]:
 _monitor: _Monitor | None = None
 _monitor_lock = threading.Lock()
 _subscribed = False
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's scheduler thread did not come along, and its tasks are the parent's to check.
+
+    The child's first monitored task starts a scheduler of its own.
+    """
+    global _monitor, _monitor_lock
+    _monitor = None
+    _monitor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _on_plugins_changed() -> None:

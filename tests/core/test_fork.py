@@ -105,3 +105,39 @@ def test_a_forked_child_lets_go_of_the_parents_services_and_is_refused_the_in_pr
         assert f"process {lines[-1].split()[-1]}," in words[5] and "forked" in words[5], lines
     assert lines[2:5] == ["child async refused", "child kv 1", "child own 30"], lines
     assert lines[5:7] == ["parent loc 2", "parent kv 1 True"], lines
+
+
+MONITORED = """
+import os, time
+import kservice
+from tests.observability.services import Poisonable
+
+FAST = {"health": {"period": 0.02, "timeout": 1.0, "failure_threshold": 2}}
+parent = kservice.ServiceEnvironment("parent", FAST)
+parent.register_service("p", Poisonable)
+parent.start()  # the parent's health scheduler runs
+pid = os.fork()
+if pid == 0:
+    with kservice.ServiceEnvironment("child", FAST) as env:
+        task = env.register_service("q", Poisonable)
+        env.manager().call_service_sync("q", "poison")
+        deadline = time.monotonic() + 10
+        while task.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("child restarts", task.restarts, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+parent.manager().call_service_sync("p", "poison")
+deadline = time.monotonic() + 10
+while parent.get_task("p").restarts == 0 and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("parent restarts", parent.get_task("p").restarts)
+parent.stop()
+"""
+
+
+def test_a_forked_child_checks_the_health_of_the_services_it_starts() -> None:
+    result = run_python(MONITORED)
+    assert result.returncode == 0, result.stderr
+    # Before: the child added its task to the parent's health scheduler, whose thread did not come along.
+    assert result.stdout.split() == ["child", "restarts", "1", "parent", "restarts", "1"], result.stdout
