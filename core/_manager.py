@@ -30,7 +30,15 @@ from ._errors import (
 from ._messages import ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, contributed_middleware
-from ._plugins import call_hook, check_answers, get_transport, transports
+from ._plugins import (
+    PLUGIN_ANSWER_TIMEOUT,
+    ask_each_plugin,
+    call_hook,
+    check_answers,
+    get_transport,
+    transports,
+    wrong_answer,
+)
 from ._transport import Connection, ServiceAddress
 from .keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, HOST_REPLACING
 
@@ -768,12 +776,26 @@ class ServiceManager:
 
         return sorted(addresses, key=key)  # stable: one transport's addresses keep their order
 
-    def known_services(self) -> list[str]:
-        """Every service name this manager can see: its environment's and the resolvers'."""
+    def known_services(self, notes: list[str] | None = None) -> list[str]:
+        """Every service name this manager can see: its environment's and the plugins' (``kservice_known_services``).
+
+        Takes at most about ``PLUGIN_ANSWER_TIMEOUT`` seconds: a plugin that
+        raises or has not answered by then is left out, with a line naming it
+        in ``notes``; one that answers something other than a list of names is
+        a PluginError naming it.
+        """
         names = set(self.environment.service_names()) if self.environment is not None else set()
-        answers = call_hook("kservice_known_services")
-        check_answers("kservice_known_services", answers, _is_name_list, "it returns a list of service names (str)", "")
-        for contributed in answers:
+        asked = ask_each_plugin(("kservice_known_services",), PLUGIN_ANSWER_TIMEOUT, [] if notes is None else notes)
+        for plugin, contributed in asked["kservice_known_services"]:
+            if contributed is None:
+                continue
+            if not _is_name_list(contributed):
+                raise wrong_answer(
+                    f"plugin {plugin!r}",
+                    "kservice_known_services",
+                    contributed,
+                    "it returns a list of service names (str)",
+                )
             names.update(contributed)
         return sorted(names)
 

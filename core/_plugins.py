@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -509,6 +510,87 @@ def _raised_in(caller: Any, exc: BaseException) -> str:
     return "a plugin"
 
 
+#: Seconds a question to every plugin (which services run, which names are known) waits for their answers.
+PLUGIN_ANSWER_TIMEOUT = 5.0
+
+# Each plugin's question still unanswered, by (hook, plugin): the thread asking it and when it began. A
+# plugin that hangs is not asked again until it answers (a dashboard asks every second: one thread, not one
+# per round).
+_unanswered: dict[tuple[str, str], tuple[threading.Thread, float]] = {}
+_unanswered_lock = threading.Lock()
+
+
+def _forget_questions_after_fork() -> None:
+    global _unanswered, _unanswered_lock
+    _unanswered = {}  # the threads asking them did not come along: a child asks again
+    _unanswered_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_questions_after_fork)
+
+
+def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]) -> dict[str, list[Any]]:
+    """The answers of each implementation of ``hook_names`` (hooks taking no arguments), by hook, asked all at once.
+
+    Each implementation runs in a daemon thread of its own, so one that
+    hangs holds the others up for at most ``within`` seconds in all. An
+    implementation that raises, or has not answered by then, is left out,
+    with a note in ``notes`` naming the plugin, the hook and what happened;
+    one still answering an earlier question is not asked again meanwhile,
+    nor waited for.
+    """
+    answers: dict[tuple[str, str], Any] = {}
+    failures: dict[tuple[str, str], str] = {}
+    asked: list[tuple[str, str, threading.Thread]] = []
+    started: list[threading.Thread] = []
+
+    def ask(key: tuple[str, str], function: Any) -> None:
+        try:
+            answers[key] = function()
+        except Exception as exc:  # noqa: BLE001 - one plugin's failure is a note; the others are listed
+            failures[key] = f"raised {type(exc).__name__}: {exc}"
+        finally:
+            with _unanswered_lock:
+                _unanswered.pop(key, None)
+
+    now = time.monotonic()
+    hook = get_plugin_manager().hook
+    for hook_name in hook_names:
+        for impl in reversed(getattr(hook, hook_name).get_hookimpls()):  # pluggy's order: the last registered first
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            key = (hook_name, impl.plugin_name)
+            with _unanswered_lock:
+                pending = _unanswered.get(key)
+                if pending is None:
+                    thread = threading.Thread(
+                        target=ask, args=(key, impl.function), name=f"kservice-ask-{key[1]}", daemon=True
+                    )
+                    _unanswered[key] = (thread, now)
+                    thread.start()
+                    started.append(thread)
+                else:
+                    thread = pending[0]
+            asked.append((*key, thread))
+    deadline = now + within
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    found: dict[str, list[Any]] = {hook_name: [] for hook_name in hook_names}
+    for hook_name, plugin, thread in asked:
+        key = (hook_name, plugin)
+        if key in answers:
+            found[hook_name].append((plugin, answers[key]))
+            continue
+        if key in failures:
+            what = failures[key]
+        else:
+            with _unanswered_lock:
+                began = _unanswered.get(key, (thread, now))[1]
+            what = f"has not answered for {time.monotonic() - began:.1f} s"
+        notes.append(f"plugin {plugin!r}: its {hook_name} {what}; what it knows is not listed")
+    return found
+
+
 def check_answers(
     hook_name: str, answers: list[Any], valid: Callable[[Any], bool], expected: str, about: str, **kwargs: Any
 ) -> None:
@@ -533,8 +615,13 @@ def check_answers(
         if answer is not None and not valid(answer):
             names.append(repr(impl.plugin_name))
     who = f"plugin {names[0]}" if len(names) == 1 else f"plugins {', '.join(names)}" if names else "a plugin"
+    raise wrong_answer(who, hook_name, bad, expected, about)
+
+
+def wrong_answer(who: str, hook_name: str, bad: Any, expected: str, about: str = "") -> PluginError:
+    """The PluginError of plugin(s) ``who`` ("plugin 'x'") answering ``bad`` to ``hook_name``; ``expected`` as in :func:`check_answers`."""
     about = f" {about}" if about else ""
-    raise PluginError(f"kservice {who}: its {hook_name} answered {_describe_value(bad)}{about}; {expected}")
+    return PluginError(f"kservice {who}: its {hook_name} answered {_describe_value(bad)}{about}; {expected}")
 
 
 _UNSET = object()

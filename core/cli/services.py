@@ -10,7 +10,7 @@ import click
 
 from .._config import Config
 from .._errors import ConfigError, ServiceError
-from .._plugins import get_plugin_manager
+from .._plugins import PLUGIN_ANSWER_TIMEOUT, ask_each_plugin
 
 if TYPE_CHECKING:
     from .._manager import ServiceManager
@@ -79,22 +79,38 @@ def plugins_command(as_json: bool, config_path: str | None) -> None:
         _fail(str(required_error))
 
 
-def running_services() -> list[dict[str, Any]]:
+def _answer_items(plugin: str, hook_name: str, answer: Any, notes: list[str]) -> list[Any]:
+    """The items of a plugin's list answer; a note naming the plugin when it is no list."""
+    if answer is None:
+        return []
+    if isinstance(answer, (list, tuple)):
+        return list(answer)
+    notes.append(f"plugin {plugin!r}: its {hook_name} returned {type(answer).__name__}, not a list; left out")
+    return []
+
+
+def running_services(notes: list[str] | None = None, within: float = PLUGIN_ANSWER_TIMEOUT) -> list[dict[str, Any]]:
     """Every service a plugin reports as running on this host, one dict per name, sorted by name.
 
     Comes from the ``kservice_running_services`` hook; plugins that only
     implement ``kservice_known_services`` contribute their names with
     ``transport`` set to ``"?"``. A name reported twice keeps the first report.
+    Takes at most about ``within`` seconds: a plugin that raises, has not
+    answered by then, or answers something that is not a list of records
+    (of names) is left out, and a line naming it and what happened is
+    appended to ``notes``.
     """
-    hook = get_plugin_manager().hook
+    notes = [] if notes is None else notes
+    hooks = ("kservice_running_services", "kservice_known_services")
+    answers = ask_each_plugin(hooks, within, notes)
     found: dict[str, dict[str, Any]] = {}
-    for contributed in hook.kservice_running_services():
-        for record in contributed or ():
-            name = str(record.get("name", ""))
+    for plugin, answer in answers["kservice_running_services"]:
+        for record in _answer_items(plugin, "kservice_running_services", answer, notes):
+            name = str(record.get("name", "")) if isinstance(record, dict) else ""
             if name and name not in found:
                 found[name] = dict(record)
-    for names in hook.kservice_known_services():
-        for name in names or ():
+    for plugin, answer in answers["kservice_known_services"]:
+        for name in _answer_items(plugin, "kservice_known_services", answer, notes):
             found.setdefault(str(name), {"name": str(name), "transport": "?"})
     return [found[name] for name in sorted(found)]
 
@@ -120,7 +136,7 @@ def _caller_transports(manager: ServiceManager, name: str) -> list[str]:
         return []
 
 
-def service_listing(config: Config, manager: ServiceManager) -> list[dict[str, Any]]:
+def service_listing(config: Config, manager: ServiceManager, notes: list[str] | None = None) -> list[dict[str, Any]]:
     """Installed, configured and running services together, one dict per name, sorted by name.
 
     Each row says which it is (``installed``, ``configured``, ``running``
@@ -128,6 +144,7 @@ def service_listing(config: Config, manager: ServiceManager) -> list[dict[str, A
     ``installed``) and, for a running service, the ``transport`` a caller in
     this process would use (see ``ServiceManager.service_addresses``) and the
     others it offers (``transports``). Numbers are numbers; what is unknown is None.
+    A plugin that could not say what runs is named in ``notes`` (see :func:`running_services`).
     """
     rows: dict[str, dict[str, Any]] = {}
 
@@ -162,7 +179,7 @@ def service_listing(config: Config, manager: ServiceManager) -> list[dict[str, A
         found = row(name)
         found.update(configured=True, kind=entry.get("kind", "local"), source=f"config {config.source}")
         found["class"] = str(entry.get("class") or entry.get("entry_point") or found["class"] or name)
-    for record in running_services():
+    for record in running_services(notes):
         found = row(str(record["name"]))
         started = record.get("started_at")
         found.update(
@@ -218,8 +235,11 @@ def services_command(running: bool, as_json: bool, wide: bool, config_path: str 
     from .._manager import ServiceManager
 
     config = Config.load(config_path)
+    notes: list[str] = []
     with ServiceManager(config=config) as manager:
-        rows = service_listing(config, manager)
+        rows = service_listing(config, manager, notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     if running:
         rows = [r for r in rows if r["running"]]
     if as_json:

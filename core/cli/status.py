@@ -175,17 +175,21 @@ REPLICAS_NOTE = (
 )
 
 
-def status_table(rows: Iterable[dict[str, Any]], title: str | None = None, wide: bool = True) -> Table:
+def status_table(
+    rows: Iterable[dict[str, Any]], title: str | None = None, wide: bool = True, notes: Iterable[str] = ()
+) -> Table:
     """A rich Table of :func:`status_rows` rows: one line per service.
 
     With ``wide`` False only the essential columns are shown (what fits 80
     columns). When a row has more than one replica the table's caption warns
-    that replicas do not share state.
+    that replicas do not share state; ``notes`` (plugins that did not answer)
+    follow in the caption.
     """
     from rich.table import Table
 
     rows = list(rows)
     replicated = any(int(row.get("replicas") or 1) > 1 for row in rows)
+    caption = "\n".join([*([REPLICAS_NOTE] if replicated else []), *(f"note: {note}" for note in notes)])
     table = Table(
         title=title,
         title_justify="left",
@@ -194,7 +198,7 @@ def status_table(rows: Iterable[dict[str, Any]], title: str | None = None, wide:
         show_edge=False,
         pad_edge=False,
         collapse_padding=True,
-        caption=REPLICAS_NOTE if replicated else None,
+        caption=caption or None,
         caption_justify="left",
     )
     shown = [(name, justify) for name, justify, essential in _STATUS_COLUMNS if wide or essential]
@@ -350,14 +354,17 @@ def status_command(
     with ServiceManager(config=Config.load(config_path)) as manager, contextlib.ExitStack() as stack:
         explicit = bool(services)
 
-        def names() -> list[str]:
-            return list(services) if explicit else [r["name"] for r in running_services()]
+        def names(notes: list[str]) -> list[str]:
+            return list(services) if explicit else [r["name"] for r in running_services(notes, within=timeout)]
 
         previous: dict[str, tuple[float, int]] = {}
         console = _console()
         wide = wide or not _narrow(console)
         if not watch:
-            listed = names()
+            notes: list[str] = []
+            listed = names(notes)
+            for note in notes:
+                click.echo(f"note: {note}", err=True)
             if not listed:
                 if as_json:
                     click.echo("[]")  # still valid JSON: json.load sees no services
@@ -375,10 +382,11 @@ def status_command(
         pool = stack.enter_context(_status_pool())
 
         def render() -> Table:
-            rows = status_rows(_collect_statuses(manager, names(), explicit, timeout, pool), previous)
+            notes: list[str] = []
+            rows = status_rows(_collect_statuses(manager, names(notes), explicit, timeout, pool), previous)
             stamp = time.strftime("%H:%M:%S")
             return status_table(
-                rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)", wide=wide
+                rows, title=f"kservice status at {stamp} (every {interval:g}s, Ctrl-C to stop)", wide=wide, notes=notes
             )
 
         refreshes = 0

@@ -115,8 +115,9 @@ class Collector:
         from ..cli import _collect_statuses, running_services, status_rows
 
         now = time.time()
+        notes: list[str] = []
         try:
-            records = {str(r["name"]): r for r in running_services()}
+            records = {str(r["name"]): r for r in running_services(notes)}
             statuses = _collect_statuses(manager, list(records), explicit=False, pool=pool)
             rows = status_rows(statuses, self._previous)
             plugins = [{"name": i.name, "origin": i.origin, "hooks": list(i.hooks)} for i in plugin_infos()]
@@ -139,7 +140,13 @@ class Collector:
             row["recent_errors"] = len(found)
         errors.sort(key=lambda e: e.get("time") or 0, reverse=True)
         snapshot = _finite(
-            {"time": now, "services": rows, "errors": errors[:MAX_ERRORS], "plugins": plugins, "collector_error": ""}
+            {
+                "time": now,
+                "services": rows,
+                "errors": errors[:MAX_ERRORS],
+                "plugins": plugins,
+                "collector_error": "; ".join(notes),
+            }
         )
         with self._lock:
             for row in snapshot["services"]:
