@@ -529,8 +529,8 @@ def _forget_questions_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_questions_after_fork)
 
 
-def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]) -> dict[str, list[Any]]:
-    """The answers of each implementation of ``hook_names`` (hooks taking no arguments), by hook, asked all at once.
+def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]) -> dict[str, list[tuple[str, Any]]]:
+    """(plugin name, answer) of each implementation of ``hook_names`` (hooks taking no arguments), by hook; asked at once.
 
     Each implementation runs in a daemon thread of its own, so one that
     hangs holds the others up for at most ``within`` seconds in all. An
@@ -575,7 +575,7 @@ def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]
     deadline = now + within
     for thread in started:
         thread.join(max(0.0, deadline - time.monotonic()))
-    found: dict[str, list[Any]] = {hook_name: [] for hook_name in hook_names}
+    found: dict[str, list[tuple[str, Any]]] = {hook_name: [] for hook_name in hook_names}
     for hook_name, plugin, thread in asked:
         key = (hook_name, plugin)
         if key in answers:
