@@ -537,16 +537,22 @@ def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]
     implementation that raises, or has not answered by then, is left out,
     with a note in ``notes`` naming the plugin, the hook and what happened;
     one still answering an earlier question is not asked again meanwhile,
-    nor waited for.
+    nor waited for. A ServiceError an implementation raises (a typed answer,
+    such as a refused runtime directory) is raised here once every
+    implementation has answered or the time is up, as :func:`call_hook` does.
     """
     answers: dict[tuple[str, str], Any] = {}
     failures: dict[tuple[str, str], str] = {}
+    typed: list[ServiceError] = []
     asked: list[tuple[str, str, threading.Thread]] = []
     started: list[threading.Thread] = []
 
     def ask(key: tuple[str, str], function: Any) -> None:
         try:
             answers[key] = function()
+        except ServiceError as exc:
+            typed.append(exc)
+            failures[key] = "raised"
         except Exception as exc:  # noqa: BLE001 - one plugin's failure is a note; the others are listed
             failures[key] = f"raised {type(exc).__name__}: {exc}"
         finally:
@@ -575,6 +581,8 @@ def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]
     deadline = now + within
     for thread in started:
         thread.join(max(0.0, deadline - time.monotonic()))
+    if typed:
+        raise typed[0]
     found: dict[str, list[tuple[str, Any]]] = {hook_name: [] for hook_name in hook_names}
     for hook_name, plugin, thread in asked:
         key = (hook_name, plugin)

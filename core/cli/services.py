@@ -15,7 +15,7 @@ from .._plugins import PLUGIN_ANSWER_TIMEOUT, ask_each_plugin
 if TYPE_CHECKING:
     from .._manager import ServiceManager
 
-from ._group import _CONFIG_OPTION_HELP, _box, _console, _fail, _narrow, cli
+from ._group import _CONFIG_OPTION_HELP, FiniteFloatRange, _box, _console, _fail, _narrow, cli
 
 # --------------------------------------------------------------------------
 # plugins, services
@@ -136,7 +136,9 @@ def _caller_transports(manager: ServiceManager, name: str) -> list[str]:
         return []
 
 
-def service_listing(config: Config, manager: ServiceManager, notes: list[str] | None = None) -> list[dict[str, Any]]:
+def service_listing(
+    config: Config, manager: ServiceManager, notes: list[str] | None = None, within: float = PLUGIN_ANSWER_TIMEOUT
+) -> list[dict[str, Any]]:
     """Installed, configured and running services together, one dict per name, sorted by name.
 
     Each row says which it is (``installed``, ``configured``, ``running``
@@ -144,7 +146,8 @@ def service_listing(config: Config, manager: ServiceManager, notes: list[str] | 
     ``installed``) and, for a running service, the ``transport`` a caller in
     this process would use (see ``ServiceManager.service_addresses``) and the
     others it offers (``transports``). Numbers are numbers; what is unknown is None.
-    A plugin that could not say what runs is named in ``notes`` (see :func:`running_services`).
+    A plugin that could not say what runs within ``within`` seconds is named in ``notes`` (see
+    :func:`running_services`).
     """
     rows: dict[str, dict[str, Any]] = {}
 
@@ -179,7 +182,7 @@ def service_listing(config: Config, manager: ServiceManager, notes: list[str] | 
         found = row(name)
         found.update(configured=True, kind=entry.get("kind", "local"), source=f"config {config.source}")
         found["class"] = str(entry.get("class") or entry.get("entry_point") or found["class"] or name)
-    for record in running_services(notes):
+    for record in running_services(notes, within):
         found = row(str(record["name"]))
         started = record.get("started_at")
         found.update(
@@ -216,8 +219,15 @@ def _uptime(seconds: Any) -> str:
 @click.option("--running", is_flag=True, help="Only services running on this host.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @click.option("--wide", is_flag=True, help="Every column, however wide the terminal.")
+@click.option(
+    "--timeout",
+    type=FiniteFloatRange(min=0, min_open=True),
+    default=PLUGIN_ANSWER_TIMEOUT,
+    show_default=True,
+    help="Seconds the plugins get to say what runs; one that does not answer is named in a note.",
+)
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=_CONFIG_OPTION_HELP)
-def services_command(running: bool, as_json: bool, wide: bool, config_path: str | None) -> None:
+def services_command(running: bool, as_json: bool, wide: bool, timeout: float, config_path: str | None) -> None:
     """List services installed (entry points), configured (-c FILE) and running on this host, together.
 
     STATE says which: running, configured or installed. For a running
@@ -237,7 +247,7 @@ def services_command(running: bool, as_json: bool, wide: bool, config_path: str 
     config = Config.load(config_path)
     notes: list[str] = []
     with ServiceManager(config=config) as manager:
-        rows = service_listing(config, manager, notes)
+        rows = service_listing(config, manager, notes, timeout)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     if running:

@@ -50,7 +50,9 @@ def test_status_and_services_name_a_plugin_that_hangs_or_raises_and_list_the_oth
     env = cli_env()
     env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
     began = time.monotonic()
-    services, status = run_many([["services", "--running", "--json"], ["status", "--timeout", "1"]], env=env)
+    services, status = run_many(
+        [["services", "--running", "--json", "--timeout", "1"], ["status", "--timeout", "1"]], env=env
+    )
     # Before: both waited for the hung plugin (60 s), and a plugin that raised ended them with a traceback.
     assert time.monotonic() - began < 30
     for result in (services, status):
