@@ -1155,10 +1155,19 @@ class ServiceManager:
         with ServiceTimeoutError at once.
         """
         if timeout is not None:
-            timeout = _checked_timeout(timeout)
+            # A plain number checked here (every pipelined call passes one); anything else by the helper.
+            kind = type(timeout)
+            if (kind is float or kind is int) and -_TIMEOUT_MAX <= timeout <= _TIMEOUT_MAX:
+                timeout = float(timeout)
+            else:
+                timeout = _checked_timeout(timeout)
         if type(method) is not str or not method:
             method = _checked_method_name(method)
-        route, left = self._found(service_name, timeout)
+        route = self._routes.get(service_name)
+        if route is None or self._closed:
+            route, left = self._found(service_name, timeout)
+        else:  # a service called before: what _found answers, without its frame
+            left = route.default_timeout if timeout is None else timeout
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
