@@ -89,7 +89,13 @@ class _AsyncCall(CallFuture[Any]):
             timer.call_later(timeout, self._expire)
         else:
             self._expires_at = _monotonic() + timeout
-            timer.expire_at(nominal_timeout, self)
+            # Timer.expire_at's common case without its frame: its timeout's FIFO holds earlier calls,
+            # so the timer thread knows of it already (a new or empty FIFO takes expire_at, which wakes it).
+            fifo = timer._fifos.get(nominal_timeout)
+            if fifo:
+                fifo.append(self)
+            else:
+                timer.expire_at(nominal_timeout, self)
         self._send()
 
     def _claim(self, attempt: int) -> bool:

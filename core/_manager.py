@@ -1177,7 +1177,11 @@ class ServiceManager:
                 refused: Future[Any] = CallFuture()
                 refused.set_exception(refusal)
                 return refused
-        request = self._request(service_name, method, args, kwargs, left, metadata)
+        if kwargs is None and metadata is None and type(args) is tuple and _current_request.get() is None:
+            # _request's common case without its frame: nothing to check, merge or inherit.
+            request = ServiceRequest(_new_request_id(), service_name, method, args, {}, "", _time() + left, {})
+        else:
+            request = self._request(service_name, method, args, kwargs, left, metadata)
         return (_async_call_class or async_call_class())(
             self, route, request, route.default_timeout if timeout is None else timeout
         )

@@ -818,10 +818,33 @@ def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     readable), so the host can answer the caller.
     """
     try:
-        message = _load(record)
+        if record[:1] == b"\x80":  # an inline record, every small call: _load's first case without its frame
+            try:
+                message = _loads(record)
+            except Exception as exc:
+                raise _undecodable(f"undecodable record of {len(record)} bytes", exc, record) from None
+        else:
+            message = _load(record)
     except DecodeError as exc:
         _set_envelope(exc, exc.envelope)
         raise
+    if type(message) is tuple and len(message) == 9:
+        # request_from_message's common case without its frame: a call whose fields have their types.
+        kind, request_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata = message
+        if (
+            type(kind) is int
+            and type(request_id) is str
+            and type(method_name) is str
+            and type(args) is tuple
+            and type(kwargs) is dict
+            and type(response_queue) is str
+            and type(deadline) is float
+            and type(metadata) is dict
+            and type(service_name) is str
+        ):
+            return kind, ServiceRequest(
+                request_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata
+            )
     if type(message) is list:
         return KIND_BATCH, message  # type: ignore[return-value]  # decode each with decode_request_batch
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
