@@ -750,9 +750,22 @@ def encode_response_batch(responses: list[ServiceResponse], inline_limit: int) -
     band, or more than ``inline_limit`` bytes): send them one by one then.
     Raises what pickling raises.
     """
-    messages = [
-        (r.request_id, r.result) if _is_plain(r, OUT_OF_BAND_THRESHOLD) else response_message(r) for r in responses
-    ]
+    messages = []
+    for r in responses:
+        # _is_plain's test inline (one per answer): a success with nothing to wrap travels as 2 fields.
+        result = r.result
+        t = type(result)
+        if (
+            r.success
+            and not r.metadata
+            and not r.degraded
+            and t is not tuple
+            and t is not list
+            and ((t is not _bytes and t is not _bytearray) or len(result) < OUT_OF_BAND_THRESHOLD)
+        ):
+            messages.append((r.request_id, result))
+        else:
+            messages.append(response_message(r))
     try:
         data = _dumps_pickle(messages, _PROTOCOL, buffer_callback=_refuse_buffer)
     except _TooBig:
