@@ -50,6 +50,12 @@ class _AsyncCall(CallFuture[Any]):
 
     #: whether the call was re-routed once already (set on the instance when it is: most calls never are)
     _rerouted = False
+    #: the attempt being made, and the one not settled yet (-1: none); set on the instance from the first change
+    _attempt = 0
+    _open_attempt = 0
+    #: the after-hooks' limit and the chain's clock at the attempt's start (set by _send when a chain runs)
+    _limit = 0
+    _began = 0.0
 
     def __init__(
         self,
@@ -65,17 +71,16 @@ class _AsyncCall(CallFuture[Any]):
         ``nominal_timeout`` is the caller's (or the default) timeout. ``rerouted``:
         the call is a batched call's delivery on a new route (not a retry; no second re-route).
         """
-        CallFuture.__init__(self)
+        # CallFuture's state starts as its class attributes, and so do the attempt counters and the
+        # chain's limit and clock: a new call stores only what differs from them.
         if rerouted:
             self._rerouted = True
         self._manager = manager
         self._route = route
         self._request = request
-        self._attempt = attempt
-        self._open_attempt = attempt
+        if attempt:
+            self._attempt = self._open_attempt = attempt
         self._sent = request
-        self._limit = 0
-        self._began = 0.0
         self._timeout = timeout = request.deadline - _time()  # type: ignore[operator]
         timer = manager._timer or manager.timer()
         if timeout < nominal_timeout - 0.001:
@@ -84,7 +89,13 @@ class _AsyncCall(CallFuture[Any]):
             timer.call_later(timeout, self._expire)
         else:
             self._expires_at = _monotonic() + timeout
-            timer.expire_at(nominal_timeout, self)
+            # Timer.expire_at's common case without its frame: its timeout's FIFO holds earlier calls,
+            # so the timer thread knows of it already (a new or empty FIFO takes expire_at, which wakes it).
+            fifo = timer._fifos.get(nominal_timeout)
+            if fifo:
+                fifo.append(self)
+            else:
+                timer.expire_at(nominal_timeout, self)
         self._send()
 
     def _claim(self, attempt: int) -> bool:

@@ -126,14 +126,19 @@ def wait_seconds(timeout: object) -> float | None:
 class CallFuture(Future[T]):
     """A ``concurrent.futures.Future`` whose condition and lists are created on first need."""
 
+    # A new future's state is these class attributes: an instance gets its own only once it is
+    # set (completing, or a waiter's condition), so creating one stores nothing. A subclass's
+    # __init__ need not call this class's.
+    _lazy_condition: threading.Condition | None = None
+    _lazy_waiters: list[Any] | None = None
+    _lazy_callbacks: list[Any] | None = None
+    _state = PENDING
+    _result: Any = None
+    _exception: BaseException | None = None
+
     # Future.__init__ is deliberately not called: it would build the condition eagerly.
     def __init__(self) -> None:  # pylint: disable=super-init-not-called
-        self._lazy_condition: threading.Condition | None = None
-        self._lazy_waiters: list[Any] | None = None
-        self._lazy_callbacks: list[Any] | None = None
-        self._state = PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
+        pass
 
     # The attributes the base class (and concurrent.futures.wait) use, built on first access.
 

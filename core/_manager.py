@@ -1177,10 +1177,19 @@ class ServiceManager:
         with ServiceTimeoutError at once.
         """
         if timeout is not None:
-            timeout = _checked_timeout(timeout)
+            # A plain number checked here (every pipelined call passes one); anything else by the helper.
+            kind = type(timeout)
+            if (kind is float or kind is int) and -_TIMEOUT_MAX <= timeout <= _TIMEOUT_MAX:
+                timeout = float(timeout)
+            else:
+                timeout = _checked_timeout(timeout)
         if type(method) is not str or not method:
             method = _checked_method_name(method)
-        route, left = self._found(service_name, timeout)
+        route = self._routes.get(service_name)
+        if route is None or self._closed:
+            route, left = self._found(service_name, timeout)
+        else:  # a service called before: what _found answers, without its frame
+            left = route.default_timeout if timeout is None else timeout
         admit = route.admit
         if admit is not None:
             refusal = admit(service_name, method)
@@ -1190,7 +1199,11 @@ class ServiceManager:
                 refused: Future[Any] = CallFuture()
                 refused.set_exception(refusal)
                 return refused
-        request = self._request(service_name, method, args, kwargs, left, metadata)
+        if kwargs is None and metadata is None and type(args) is tuple and _current_request.get() is None:
+            # _request's common case without its frame: nothing to check, merge or inherit.
+            request = ServiceRequest(_new_request_id(), service_name, method, args, {}, "", _time() + left, {})
+        else:
+            request = self._request(service_name, method, args, kwargs, left, metadata)
         return (_async_call_class or async_call_class())(
             self, route, request, route.default_timeout if timeout is None else timeout
         )

@@ -1673,7 +1673,8 @@ class BaseServiceTask:
         method = self._methods.get(request.method_name)
         if method is None:
             method = self._resolve_method(request.method_name)
-        return method(*request.args, **request.kwargs)
+        kwargs = request.kwargs
+        return method(*request.args, **kwargs) if kwargs else method(*request.args)
 
     def _resolve_method(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):

@@ -1275,6 +1275,7 @@ class _ClientRings:
         pop = self.pending.pop
         forget = self.senders.pop
         response_from_message = codec.response_from_message
+        response = ServiceResponse
         for record in records:
             try:
                 messages = codec.decode_many(record)
@@ -1288,8 +1289,11 @@ class _ClientRings:
                     continue  # its caller already gave up
                 forget(request_id, None)
                 try:
-                    # A chunk's answer (see MmapConnection.send_chunk) goes to its callback as it came.
-                    reply(message if len(message) == 3 else response_from_message(message))  # type: ignore[arg-type]
+                    if len(message) == 2:  # a plain success, most answers: codec.response_from_message inline
+                        reply(response(True, message[1], None, request_id))
+                    else:
+                        # A chunk's answer (see MmapConnection.send_chunk) goes to its callback as it came.
+                        reply(message if len(message) == 3 else response_from_message(message))  # type: ignore[arg-type]
                 except Exception:  # a failing callback must not stop the dispatcher
                     log.exception("mmap async responses: completing %s failed", request_id)
 

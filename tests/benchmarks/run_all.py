@@ -1,7 +1,7 @@
 """Run every benchmark, each in its own interpreter (a clean plugin set and no leftover threads).
 
 Usage: ``python tests/benchmarks/run_all.py [--quick] [NAME ...]`` where NAME is
-``core``, ``ring``, ``mmap``, ``batch``, ``peers``, ``ray``, ``policies``, ``observability``, ``streaming`` or ``tunings``.
+``core``, ``ring``, ``mmap``, ``batch``, ``peers``, ``pipelined_cpu``, ``ray``, ``policies``, ``observability``, ``streaming`` or ``tunings``.
 Every table prints the project beside its baseline, measured in the same run.
 """
 
@@ -12,7 +12,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["core", "ring", "mmap", "batch", "peers", "policies", "observability", "streaming", "tunings", "ray"]
+ORDER = [
+    "core",
+    "ring",
+    "mmap",
+    "batch",
+    "peers",
+    "pipelined_cpu",
+    "policies",
+    "observability",
+    "streaming",
+    "tunings",
+    "ray",
+]
 
 
 def main(argv: list[str]) -> int:
