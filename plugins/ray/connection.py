@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -19,6 +21,7 @@ from kservice import (
     StreamSource,
 )
 
+from . import hooks
 from .actor import _STREAM_POLL, _ItemBatch, _StreamEnd
 from .balancers import _make_balancer
 from .common import (
@@ -123,6 +126,20 @@ class RayConnection(Connection):
             time.monotonic() + refresh_every if refresh is not None and refresh_every > 0 else float("inf")
         )
         self._closed = False
+        #: why calls are refused once closed: (message, whether another attempt may succeed)
+        self._closed_because = ("the connection to this service was closed", True)
+        _connections.add(self)
+        if hooks.forked_from_driver is not None:
+            self._forked()
+
+    def _forked(self) -> None:
+        """In a process forked from the driver: refuse every call at once (Ray's connection is the driver's)."""
+        self._closed = True
+        self._closed_because = (hooks.forked_driver_refusal(self.replicas.service_name), False)
+
+    def _refused(self, request: ServiceRequest) -> ServiceResponse:
+        message, retryable = self._closed_because
+        return _unavailable(request, message, retryable=retryable)
 
     def _maybe_refresh(self) -> None:
         # Remote callers re-read membership now and then so a scale change by the owner reaches them.
@@ -135,7 +152,7 @@ class RayConnection(Connection):
 
     def send(self, request: ServiceRequest, reply: Callable[[ServiceResponse], None]) -> None:
         if self._closed:
-            reply(_unavailable(request, "the connection to this service was closed"))
+            reply(self._refused(request))
             return
         self._maybe_refresh()
         replicas = self.replicas
@@ -162,7 +179,7 @@ class RayConnection(Connection):
         """
         if self._closed:
             for request in requests:
-                reply(_unavailable(request, "the connection to this service was closed"))
+                reply(self._refused(request))
             return
         self._maybe_refresh()
         replicas = self.replicas
@@ -196,7 +213,7 @@ class RayConnection(Connection):
         replica once sent (it may have started).
         """
         if self._closed:
-            raise ServiceUnavailableError(f"service {request.service_name!r} is unavailable: the connection was closed")
+            raise self._refused(request).to_exception()
         self._maybe_refresh()
         replicas = self.replicas
         replica = replicas.pick_for_stream()
@@ -207,7 +224,7 @@ class RayConnection(Connection):
     def call(self, request: ServiceRequest, timeout: float) -> ServiceResponse:
         ray = self._ray
         if self._closed:
-            return _unavailable(request, "the connection to this service was closed")
+            return self._refused(request)
         self._maybe_refresh()
         replicas = self.replicas
         idempotent = request.method_name in replicas.idempotent
@@ -294,6 +311,19 @@ class RayConnection(Connection):
     def close(self) -> None:
         """Refuse new calls through this connection; calls already sent or waiting are still answered."""
         self._closed = True
+
+
+#: Every connection of this process, for a process forked from it (see ``_after_fork_in_child``).
+_connections: weakref.WeakSet[RayConnection] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    if hooks.forked_from_driver is not None:
+        for connection in list(_connections):
+            connection._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _RayStreamSource(StreamSource):

@@ -27,9 +27,37 @@ if TYPE_CHECKING:
 # plugin loads, nor when its calls ask every resolver.
 
 
+#: In a process forked from a Ray driver, the driver's pid: Ray's connection to its cluster (its
+#: threads, its sockets) stays with the driver, so nothing here may use it. None otherwise.
+forked_from_driver: int | None = None
+
+
+def _after_fork_in_child() -> None:
+    global forked_from_driver
+    ray = sys.modules.get("ray")
+    if forked_from_driver is None and ray is not None and getattr(ray, "is_initialized", bool)():
+        forked_from_driver = os.getppid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_driver_refusal(service_name: str) -> str:
+    """Why a process forked from a Ray driver cannot call ``service_name`` (see :data:`forked_from_driver`)."""
+    return (
+        f"service {service_name!r} runs on Ray, and this process was forked from a Ray driver (pid "
+        f"{forked_from_driver}): Ray's connection to its cluster does not survive a fork, so no call can be sent "
+        f"from here. Call it from pid {forked_from_driver}, or from a process that starts a new interpreter "
+        "(multiprocessing's 'spawn' or 'forkserver') and connects with ray.init; nothing was sent"
+    )
+
+
 def _ray_if_running() -> ModuleType | None:
-    """The ``ray`` module when this process is connected to a cluster, else None (never imports Ray)."""
-    if "ray" not in sys.modules:  # not even imported: connected to no cluster
+    """The ``ray`` module when this process is connected to a cluster, else None (never imports Ray).
+
+    None in a process forked from a driver: the connection it inherited is the driver's.
+    """
+    if "ray" not in sys.modules or forked_from_driver is not None:  # not imported: connected to no cluster
         return None
     from .common import _ray_if_running
 
