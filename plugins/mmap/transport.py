@@ -1363,7 +1363,16 @@ class _ClientRings:
             self._rings = []
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the parent's rings belong to the parent; start afresh."""
+        """In a forked child: the parent's rings belong to the parent; start afresh.
+
+        They are marked closed in the child's copy first, so that the
+        finalizers of the parent's thread rings, which the child inherits
+        (they run when the child drops the parent's thread-local records, and
+        at its exit), find nothing to remove: removing them would take the
+        parent's sync calls' rings from under it.
+        """
+        for ring in self._rings:
+            ring.closed = True
         self._lock = threading.Lock()
         self._local = threading.local()
         self._rings = []
@@ -1390,6 +1399,17 @@ def _reset_users_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_users_after_fork)
+
+#: Every connection of this process, for a child forked from it (see ``MmapConnection._forget_backlog``).
+_connections: weakref.WeakSet[MmapConnection] = weakref.WeakSet()
+
+
+def _forget_backlogs_after_fork() -> None:
+    for connection in list(_connections):
+        connection._forget_backlog()
+
+
+os.register_at_fork(after_in_child=_forget_backlogs_after_fork)
 
 
 class MmapConnection(Connection):
@@ -1434,6 +1454,7 @@ class MmapConnection(Connection):
         self._backlog: collections.deque[tuple[ServiceRequest, bytes, str | None, float, float]] = collections.deque()
         self._backlog_lock = threading.Lock()
         self._sender: threading.Thread | None = None
+        _connections.add(self)
         _client.connection_opened()
         _pool_user(1)
 
@@ -1854,6 +1875,12 @@ class MmapConnection(Connection):
                     target=self._send_backlog, name=f"kservice-mmap-sender-{self._service_name}", daemon=True
                 )
                 self._sender.start()
+
+    def _forget_backlog(self) -> None:
+        """In a forked child: the requests waiting for room are the parent's (its sender thread puts them)."""
+        self._backlog = collections.deque()
+        self._backlog_lock = threading.Lock()
+        self._sender = None
 
     def _send_backlog(self) -> None:
         backlog = self._backlog

@@ -141,3 +141,79 @@ def test_a_forked_child_checks_the_health_of_the_services_it_starts() -> None:
     assert result.returncode == 0, result.stderr
     # Before: the child added its task to the parent's health scheduler, whose thread did not come along.
     assert result.stdout.split() == ["child", "restarts", "1", "parent", "restarts", "1"], result.stdout
+
+
+BACKLOGGED = """
+import gc, os, signal, sys, time
+import kservice
+
+service = {"class": "tests.core.services:Recorder", "kind": "process", "mmap": {"request_queue_capacity": 4096}}
+env = kservice.ServiceEnvironment("backlogged", {"services": {"rec": service}})
+env.start()
+manager = env.manager()
+manager.call_service_sync("rec", "work", ("warm",))
+host = env.get_task("rec").pid
+os.kill(host, signal.SIGSTOP)  # its ring fills: later async calls wait in the connection's backlog
+futures = [manager.call_service_async("rec", "work", (f"p{i}",), timeout=30) for i in range(200)]
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child", manager.call_service_async("rec", "work", ("child",), timeout=10).result(15), flush=True)
+    except Exception as exc:
+        print("child", type(exc).__name__, exc, flush=True)
+    del manager
+    gc.collect()
+    sys.exit(0)  # a normal exit: the exit handlers and finalizers the child inherited run
+time.sleep(0.5)  # the child's call meets the full ring too
+os.kill(host, signal.SIGCONT)
+print("parent", sum(f.result(30) == f"p{i}" for i, f in enumerate(futures)), flush=True)
+os.waitpid(pid, 0)
+ran = [event.split()[1] for event in manager.call_service_sync("rec", "ran", timeout=10) if event.startswith("start")]
+print("runs", len(ran), len(set(ran)), "child" in ran)
+env.stop()
+"""
+
+
+def test_a_child_forked_while_calls_wait_for_room_sends_its_own_and_never_the_parents() -> None:
+    result = run_python(BACKLOGGED)
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.strip().splitlines())
+    # Before: the child's call waited behind the parent's sender thread, which did not come along, and
+    # timed out (sending the backlog it inherited would have run the parent's 200 calls twice); and the
+    # child removed the parent's sync response ring, so the parent's next sync call ("ran") timed out.
+    assert lines == ["child child", "parent 200", "runs 202 202 True"], lines
+
+
+FORK_POOL = """
+import multiprocessing, time
+import kservice
+
+# The host looks for callers' rings gone every 0.05 s (5 s by default): a ring removed is soon unmapped.
+kv = {"class": "tests.core.services:KeyValue", "kind": "process", "mmap": {"caller_ring_check": 0.05}}
+env = kservice.ServiceEnvironment("pool", {"services": {"kv": kv}})
+env.start()
+manager = env.manager()
+manager.call_service_sync("kv", "put", ("parent", 0))  # this thread's response ring exists before the fork
+
+
+def work(i):
+    manager.call_service_sync("kv", "put", (f"w{i}", i))
+    return manager.call_service_sync("kv", "get", (f"w{i}",))
+
+
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    print("workers", sum(pool.map(work, range(20))))
+time.sleep(0.5)
+print("parent", len(manager.call_service_sync("kv", "keys", timeout=10)))
+env.stop()
+from kservice.plugins.mmap import reclaim
+reclaim()  # fork workers end with os._exit: their own response rings are left to reclaim
+"""
+
+
+def test_fork_pool_workers_calling_the_parents_services_leave_the_parents_calls_working() -> None:
+    result = run_python(FORK_POOL)
+    assert result.returncode == 0, result.stderr
+    # Before: a worker dropping the parent's thread-local ring records removed the parent's response ring,
+    # and the parent's next sync call timed out.
+    assert result.stdout.split() == ["workers", "190", "parent", "21"], result.stdout
