@@ -7,6 +7,7 @@ that only makes sync calls does not load ``concurrent.futures`` (nor the
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,16 @@ _RELEASED = ServiceRequest("", "", "")
 #: bytecodes, rather than an object per call that the garbage collector would have to count. It is
 #: the futures' own lock, so a first reply can claim its attempt and complete the future at once.
 _claiming = future_lock
+
+
+def _new_lock_after_fork() -> None:
+    global _claiming
+    from . import _future
+
+    _claiming = _future.future_lock  # made anew in a forked child (registered before this module's handler)
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class _AsyncCall(CallFuture[Any]):

@@ -35,6 +35,7 @@ memory is fixed whatever the traffic, and Prometheus gets a coarser subset
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -474,6 +475,18 @@ class ServiceRecorder:
 
 _recorders: dict[tuple[str, str], ServiceRecorder] = {}
 _recorders_lock = threading.Lock()
+
+
+def _new_locks_after_fork() -> None:
+    """In a forked child: another thread of the parent may have held these locks at the fork."""
+    global _recorders_lock, _registry_lock
+    _recorders_lock = threading.Lock()
+    _registry_lock = threading.Lock()
+    for recorder in list(_recorders.values()):
+        recorder.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _recorder(side: str, service_name: str, window: float) -> ServiceRecorder:

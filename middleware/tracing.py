@@ -142,6 +142,13 @@ class _Tracer:
 _tracer = _Tracer()
 
 
+def _new_lock_after_fork() -> None:
+    _tracer._lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def refresh() -> bool:
     """Look for the application's tracer provider now; True when one is set.
 

@@ -55,6 +55,7 @@ with the same settings. Their state is in :func:`breaker_status` and in the
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -529,6 +530,17 @@ class CircuitBreaker(ServiceMiddleware):
 # ------------------------------------------------------------------ registry
 
 _breakers: weakref.WeakValueDictionary[tuple[str, str], CircuitBreaker] = weakref.WeakValueDictionary()
+
+
+def _new_locks_after_fork() -> None:
+    """In a forked child: another thread of the parent may have held these locks at the fork."""
+    global _breakers_lock
+    _breakers_lock = threading.Lock()
+    for found in list(_breakers.values()):
+        found._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 _breakers_lock = threading.Lock()
 
 

@@ -27,6 +27,7 @@ as a breaker probe.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -140,6 +141,17 @@ _MISS = object()
 
 _caches: weakref.WeakValueDictionary[str, ResultCache] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
+
+
+def _new_locks_after_fork() -> None:
+    """In a forked child: another thread of the parent may have held these locks at the fork."""
+    global _lock
+    _lock = threading.Lock()
+    for found in list(_caches.values()):
+        found._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def clear_cache(service_name: str | None = None) -> None:

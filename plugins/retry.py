@@ -47,6 +47,7 @@ plugin can replace it (``tryfirst=True``), or register a named policy with
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -292,6 +293,18 @@ def retry_policy_names() -> tuple[str, ...]:
 
 _budgets: weakref.WeakValueDictionary[tuple[Any, ...], RetryBudget] = weakref.WeakValueDictionary()
 _budgets_lock = threading.Lock()
+
+
+def _new_locks_after_fork() -> None:
+    """In a forked child: another thread of the parent may have held these locks at the fork."""
+    global _budgets_lock, _policies_lock
+    _budgets_lock = threading.Lock()
+    _policies_lock = threading.Lock()
+    for budget in list(_budgets.values()):
+        budget._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _budget_for(service_name: str, ratio: float, min_per_second: float) -> RetryBudget:

@@ -217,3 +217,67 @@ def test_fork_pool_workers_calling_the_parents_services_leave_the_parents_calls_
     # Before: a worker dropping the parent's thread-local ring records removed the parent's response ring,
     # and the parent's next sync call timed out.
     assert result.stdout.split() == ["workers", "190", "parent", "21"], result.stdout
+
+
+LOCKS_HELD = """
+import os, signal, threading, time
+import kservice
+from kservice import _future
+from kservice.middleware import metrics
+from kservice.plugins import breaker, cache, fallback, retry
+
+env = kservice.ServiceEnvironment("locks", {"services": {"kv": {"class": "tests.core.services:KeyValue", "kind": "process"}}})
+env.start()
+manager = env.manager()
+manager.call_service_async("kv", "get", ("a",)).result(10)
+locks = [_future.future_lock, metrics._recorders_lock, retry._budgets_lock, retry._policies_lock,
+         breaker._breakers_lock, cache._lock, fallback._lock]
+locks += [recorder.lock for recorder in metrics._recorders.values()]
+locks += [budget._lock for budget in retry._budgets.values()] + [b._lock for b in breaker._breakers.values()]
+held, release = threading.Event(), threading.Event()
+
+def hold():  # another thread of the parent, inside kservice's locks at the instant of the fork
+    for lock in locks:
+        lock.acquire()
+    held.set()
+    release.wait()
+    for lock in locks:
+        lock.release()
+
+holder = threading.Thread(target=hold)
+holder.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    try:
+        print("async", manager.call_service_async("kv", "get", ("a", 1), timeout=5).result(5), flush=True)
+        print("sync", manager.call_service_sync("kv", "get", ("a", 2), timeout=5), flush=True)
+        other = threading.Thread(target=lambda: print("thread", manager.call_service_sync("kv", "get", ("a", 3)), flush=True))
+        other.start()
+        other.join()
+    except BaseException as exc:
+        print("child failed:", type(exc).__name__, exc, flush=True)
+    finally:
+        os._exit(0)
+release.set()
+holder.join()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+    time.sleep(0.05)
+else:
+    if time.monotonic() >= deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("child hung", flush=True)
+print("parent", manager.call_service_sync("kv", "get", ("a", 4)))
+env.stop()
+from kservice.plugins.mmap import reclaim
+reclaim()  # the child ended with os._exit (or was killed): its response rings are left to reclaim
+"""
+
+
+def test_a_child_forked_while_another_thread_holds_kservices_locks_makes_its_calls() -> None:
+    result = run_python(LOCKS_HELD)
+    assert result.returncode == 0, result.stderr
+    # Before: the child waited for ever on a lock whose holder (a thread of the parent) did not come along.
+    assert result.stdout.split("\n")[:4] == ["async 1", "sync 2", "thread 3", "parent 4"], result.stdout
