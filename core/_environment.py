@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import warnings
 import weakref
@@ -19,6 +20,19 @@ if TYPE_CHECKING:
     from ._manager import ServiceManager
 
 __all__ = ["ServiceEnvironment", "import_service_class"]
+
+
+#: Every environment of this process: a forked child makes their locks anew (``start`` holds one while
+#: hosts start, for seconds; that thread does not come along).
+_environments: weakref.WeakSet[ServiceEnvironment] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    for environment in list(_environments):
+        environment._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class ServiceEnvironment:
@@ -50,6 +64,7 @@ class ServiceEnvironment:
         self._lock = threading.RLock()
         self._started = False
         self._managers: weakref.WeakSet[ServiceManager] = weakref.WeakSet()
+        _environments.add(self)
         for service_name in self.config.service_names():
             entry = self.config.service_entry(service_name) or {}
             if entry.get("enabled", True):

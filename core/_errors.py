@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import os
 import threading
 import types
 from collections.abc import Iterable
@@ -189,6 +190,14 @@ def _rebuild_call_error(
 
 _call_error_classes: dict[type[BaseException], type[ServiceCallError]] = {}
 _call_error_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _call_error_lock
+    _call_error_lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def _import_exception_class(qualified_name: str) -> type[BaseException] | None:

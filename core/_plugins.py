@@ -197,6 +197,17 @@ _manager: KservicePluginManager | None = None
 _manager_lock = threading.Lock()
 
 
+def _new_locks_after_fork() -> None:
+    """In a forked child: another thread of the parent may have held these locks at the fork."""
+    global _manager_lock
+    _manager_lock = threading.Lock()
+    if _manager is not None:
+        _manager._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
+
+
 def env_disabled_names() -> set[str]:
     """The plugin names ``KSERVICE_DISABLE_PLUGINS`` blocks."""
     return {n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()}

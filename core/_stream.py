@@ -21,6 +21,7 @@ import collections
 import collections.abc
 import contextvars
 import functools
+import os
 import threading
 import time
 import weakref
@@ -448,6 +449,14 @@ def _pump_timed(run: SyncStreamRun, cost_key: str) -> None:
 
 
 _executors_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _executors_lock
+    _executors_lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:

@@ -736,6 +736,14 @@ def queue_directory(*, sweep: bool = True) -> Path:
 #: Queue directories whose janitors ran in this process.
 _swept: set[Path] = set()
 _sweep_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _sweep_lock
+    _sweep_lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 _janitors: list[Callable[[], object]] = []
 
 

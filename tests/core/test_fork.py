@@ -222,16 +222,18 @@ def test_fork_pool_workers_calling_the_parents_services_leave_the_parents_calls_
 LOCKS_HELD = """
 import os, signal, threading, time
 import kservice
-from kservice import _future
+from kservice import _errors, _future, _plugins, _stream
 from kservice.middleware import metrics
 from kservice.plugins import breaker, cache, fallback, retry
+from kservice.plugins.mmap import ring
 
 env = kservice.ServiceEnvironment("locks", {"services": {"kv": {"class": "tests.core.services:KeyValue", "kind": "process"}}})
 env.start()
 manager = env.manager()
 manager.call_service_async("kv", "get", ("a",)).result(10)
 locks = [_future.future_lock, metrics._recorders_lock, retry._budgets_lock, retry._policies_lock,
-         breaker._breakers_lock, cache._lock, fallback._lock]
+         breaker._breakers_lock, cache._lock, fallback._lock, _errors._call_error_lock, _plugins._manager_lock,
+         _plugins.get_plugin_manager()._lock, _stream._executors_lock, ring._sweep_lock, env._lock]
 locks += [recorder.lock for recorder in metrics._recorders.values()]
 locks += [budget._lock for budget in retry._budgets.values()] + [b._lock for b in breaker._breakers.values()]
 held, release = threading.Event(), threading.Event()
@@ -255,6 +257,12 @@ if pid == 0:
         other = threading.Thread(target=lambda: print("thread", manager.call_service_sync("kv", "get", ("a", 3)), flush=True))
         other.start()
         other.join()
+        try:
+            manager.call_service_sync("kv", "fail", ("on purpose",), timeout=5)
+        except Exception as exc:
+            print("failed", type(exc).__name__, exc.may_have_run if hasattr(exc, "may_have_run") else "", flush=True)
+        env.stop()
+        print("stopped", flush=True)
     except BaseException as exc:
         print("child failed:", type(exc).__name__, exc, flush=True)
     finally:
@@ -280,4 +288,6 @@ def test_a_child_forked_while_another_thread_holds_kservices_locks_makes_its_cal
     result = run_python(LOCKS_HELD)
     assert result.returncode == 0, result.stderr
     # Before: the child waited for ever on a lock whose holder (a thread of the parent) did not come along.
-    assert result.stdout.split("\n")[:4] == ["async 1", "sync 2", "thread 3", "parent 4"], result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["async 1", "sync 2", "thread 3"], result.stdout
+    assert lines[3].startswith("failed ") and lines[4:] == ["stopped", "parent 4"], result.stdout
