@@ -7,12 +7,13 @@ that only makes sync calls does not load ``concurrent.futures`` (nor the
 
 from __future__ import annotations
 
-import os
+import sys
 from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ServiceStoppedError
+from ._fork import renew_after_fork
 from ._future import CallFuture, future_lock
 from ._manager import _monotonic, _time
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
@@ -32,16 +33,7 @@ _RELEASED = ServiceRequest("", "", "")
 #: bytecodes, rather than an object per call that the garbage collector would have to count. It is
 #: the futures' own lock, so a first reply can claim its attempt and complete the future at once.
 _claiming = future_lock
-
-
-def _new_lock_after_fork() -> None:
-    global _claiming
-    from . import _future
-
-    _claiming = _future.future_lock  # made anew in a forked child (registered before this module's handler)
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+renew_after_fork(sys.modules[__name__], "_claiming")  # the same new lock as future_lock's in a forked child
 
 
 class _AsyncCall(CallFuture[Any]):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config
 from ._errors import ConfigError, ServiceError, _short_repr
+from ._fork import renew_after_fork
 from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class, stop_timeout
 
 if TYPE_CHECKING:
@@ -20,19 +21,6 @@ if TYPE_CHECKING:
     from ._manager import ServiceManager
 
 __all__ = ["ServiceEnvironment", "import_service_class"]
-
-
-#: Every environment of this process: a forked child makes their locks anew (``start`` holds one while
-#: hosts start, for seconds; that thread does not come along).
-_environments: weakref.WeakSet[ServiceEnvironment] = weakref.WeakSet()
-
-
-def _new_locks_after_fork() -> None:
-    for environment in list(_environments):
-        environment._lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class ServiceEnvironment:
@@ -64,7 +52,7 @@ class ServiceEnvironment:
         self._lock = threading.RLock()
         self._started = False
         self._managers: weakref.WeakSet[ServiceManager] = weakref.WeakSet()
-        _environments.add(self)
+        renew_after_fork(self, "_lock")  # start() holds it for seconds while hosts start
         for service_name in self.config.service_names():
             entry = self.config.service_entry(service_name) or {}
             if entry.get("enabled", True):

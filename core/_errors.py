@@ -193,8 +193,9 @@ _call_error_lock = threading.Lock()
 
 
 def _new_lock_after_fork() -> None:
+    # As ``_fork.renew_after_fork`` does, written here: ``import kservice`` loads this module alone.
     global _call_error_lock
-    _call_error_lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _call_error_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)

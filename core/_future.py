@@ -33,13 +33,15 @@ covers the check).
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import types
 from collections.abc import Iterator
 from concurrent.futures import Future, InvalidStateError, _base
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import Any, TypeVar
+
+from ._fork import renew_after_fork
 
 __all__ = ["CallFuture"]
 
@@ -48,17 +50,9 @@ T = TypeVar("T")
 _condition_creation = threading.Lock()
 #: The lock under which conditions are created and unobserved futures completed; a subclass
 #: may hold it to decide something and complete in one step (:meth:`CallFuture._finish_locked`).
-#: A module that binds it under a name of its own binds it again after a fork (see below).
+#: A module that binds it under a name of its own registers that name with ``renew_after_fork`` too.
 future_lock = _condition_creation
-
-
-def _new_lock_after_fork() -> None:
-    # Another thread of the parent may have held it at the fork; that thread does not exist here.
-    global _condition_creation, future_lock
-    _condition_creation = future_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+renew_after_fork(sys.modules[__name__], "_condition_creation", "future_lock")
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 #: The attributes ``Future.__init__`` sets, which :class:`CallFuture` provides lazily or itself.

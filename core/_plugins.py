@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import threading
 import time
 import warnings
@@ -29,6 +30,7 @@ import pluggy
 from . import hookspecs
 from ._config import Schema, core_schema, merge_schema
 from ._errors import PluginError, ServiceError
+from ._fork import renew_after_fork
 
 if TYPE_CHECKING:
     from ._plugininfo import PluginInfo, PluginState
@@ -95,6 +97,7 @@ class KservicePluginManager(pluggy.PluginManager):
         self._listeners: list[weakref.ReferenceType[Any] | Callable[[], None]] = []
         self._derived: dict[str, Any] = {}
         self._lock = threading.RLock()
+        renew_after_fork(self, "_lock")
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         registered = super().register(plugin, name)
@@ -195,17 +198,7 @@ def _flatten(results: Iterable[Any]) -> list[Any]:
 
 _manager: KservicePluginManager | None = None
 _manager_lock = threading.Lock()
-
-
-def _new_locks_after_fork() -> None:
-    """In a forked child: another thread of the parent may have held these locks at the fork."""
-    global _manager_lock
-    _manager_lock = threading.Lock()
-    if _manager is not None:
-        _manager._lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_new_locks_after_fork)
+renew_after_fork(sys.modules[__name__], "_manager_lock")
 
 
 def env_disabled_names() -> set[str]:

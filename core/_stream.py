@@ -21,7 +21,7 @@ import collections
 import collections.abc
 import contextvars
 import functools
-import os
+import sys
 import threading
 import time
 import weakref
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
+from ._fork import renew_after_fork
 from ._messages import ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareError
 from ._transport import deadline_response
@@ -449,14 +450,7 @@ def _pump_timed(run: SyncStreamRun, cost_key: str) -> None:
 
 
 _executors_lock = threading.Lock()
-
-
-def _new_lock_after_fork() -> None:
-    global _executors_lock
-    _executors_lock = threading.Lock()  # another thread of the parent may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+renew_after_fork(sys.modules[__name__], "_executors_lock")
 
 
 def _stream_threads(task: BaseServiceTask) -> ThreadPoolExecutor:

@@ -35,7 +35,7 @@ memory is fixed whatever the traffic, and Prometheus gets a coarser subset
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import time
 import weakref
@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from kservice import CallBatch, ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, hookimpl
+from kservice._fork import renew_after_fork
 from kservice.keys import STATUS_LOAD, STATUS_REPLICAS
 
 if TYPE_CHECKING:
@@ -303,6 +304,7 @@ class ServiceRecorder:
         self.clock = clock
         self.tls = threading.local()
         self.lock = threading.Lock()  # guards the shard list, the retired totals and the marks
+        renew_after_fork(self, "lock")
         self._shards: list[tuple[weakref.ref[threading.Thread], _Shard]] = []
         self._retired: _Shard = {}
         self._names: set[str] = set()  # names counted on their own (at most MAX_TRACKED_METHODS)
@@ -475,18 +477,6 @@ class ServiceRecorder:
 
 _recorders: dict[tuple[str, str], ServiceRecorder] = {}
 _recorders_lock = threading.Lock()
-
-
-def _new_locks_after_fork() -> None:
-    """In a forked child: another thread of the parent may have held these locks at the fork."""
-    global _recorders_lock, _registry_lock
-    _recorders_lock = threading.Lock()
-    _registry_lock = threading.Lock()
-    for recorder in list(_recorders.values()):
-        recorder.lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _recorder(side: str, service_name: str, window: float) -> ServiceRecorder:
@@ -769,6 +759,7 @@ class _Collector:
 
 _registry: Any = None
 _registry_lock = threading.Lock()
+renew_after_fork(sys.modules[__name__], "_recorders_lock", "_registry_lock")
 
 
 def registry() -> Any:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kservice import ServiceMiddleware, ServiceRequest, ServiceResponse, Setting, __version__, hookimpl
+from kservice._fork import renew_after_fork
 
 # The OpenTelemetry API, imported by _load_api() when a chain may trace (it costs ~20 ms to import, so a
 # process that configured no tracer provider never loads it). None until then, and without the API.
@@ -140,13 +141,7 @@ class _Tracer:
 
 
 _tracer = _Tracer()
-
-
-def _new_lock_after_fork() -> None:
-    _tracer._lock = threading.Lock()  # another thread of the parent may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+renew_after_fork(_tracer, "_lock")
 
 
 def refresh() -> bool:

@@ -55,7 +55,7 @@ with the same settings. Their state is in :func:`breaker_status` and in the
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import time
 import weakref
@@ -72,6 +72,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
+from kservice._fork import renew_after_fork
 from kservice.keys import AT_CAPACITY, CIRCUIT_OPEN, CONNECTION_CLOSED, HOST_REPLACING, REPLICA_DOWN, RETRYABLE
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ class CircuitBreaker(ServiceMiddleware):
         self.count_service_errors: bool = settings["count_service_errors"]
         self._clock = clock
         self._lock = threading.Lock()
+        renew_after_fork(self, "_lock")
         self.state: BreakerState = _CLOSED
         self._consecutive = 0
         self._opened_at = 0.0
@@ -530,18 +532,8 @@ class CircuitBreaker(ServiceMiddleware):
 # ------------------------------------------------------------------ registry
 
 _breakers: weakref.WeakValueDictionary[tuple[str, str], CircuitBreaker] = weakref.WeakValueDictionary()
-
-
-def _new_locks_after_fork() -> None:
-    """In a forked child: another thread of the parent may have held these locks at the fork."""
-    global _breakers_lock
-    _breakers_lock = threading.Lock()
-    for found in list(_breakers.values()):
-        found._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_locks_after_fork)
 _breakers_lock = threading.Lock()
+renew_after_fork(sys.modules[__name__], "_breakers_lock")
 
 
 def _breaker_for(service_name: str, settings: dict[str, Any], instance: str = "") -> CircuitBreaker:

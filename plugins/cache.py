@@ -27,7 +27,7 @@ as a breaker probe.
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import time
 import weakref
@@ -42,6 +42,7 @@ from kservice import (
     hookimpl,
     is_idempotent,
 )
+from kservice._fork import renew_after_fork
 from kservice.keys import CACHE, STREAM_ITEMS
 
 __all__ = ["ResultCache", "cache_info", "clear_cache"]
@@ -74,6 +75,7 @@ class ResultCache(ServiceMiddleware):
             maxsize=settings["maxsize"], ttl=settings["ttl"], timer=clock
         )
         self._lock = threading.Lock()
+        renew_after_fork(self, "_lock")
         self.hits = 0
         self.misses = 0
 
@@ -141,17 +143,7 @@ _MISS = object()
 
 _caches: weakref.WeakValueDictionary[str, ResultCache] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
-
-
-def _new_locks_after_fork() -> None:
-    """In a forked child: another thread of the parent may have held these locks at the fork."""
-    global _lock
-    _lock = threading.Lock()
-    for found in list(_caches.values()):
-        found._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_locks_after_fork)
+renew_after_fork(sys.modules[__name__], "_lock")
 
 
 def clear_cache(service_name: str | None = None) -> None:

@@ -43,7 +43,7 @@ raised before any middleware runs and is never covered.
 from __future__ import annotations
 
 import copy
-import os
+import sys
 import threading
 import weakref
 from collections import Counter
@@ -58,6 +58,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
+from kservice._fork import renew_after_fork
 from kservice.keys import DEGRADED, FALLBACK, STREAM_ITEMS
 
 __all__ = [
@@ -136,14 +137,7 @@ _caller_fallbacks: dict[tuple[str, str], Fallback] = {}
 _classes: weakref.WeakValueDictionary[str, type] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 _degraded: Counter[tuple[str, str]] = Counter()
-
-
-def _new_lock_after_fork() -> None:
-    global _lock
-    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+renew_after_fork(sys.modules[__name__], "_lock")
 
 
 def register_fallback(

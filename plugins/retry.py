@@ -47,7 +47,7 @@ plugin can replace it (``tryfirst=True``), or register a named policy with
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import time
 import weakref
@@ -65,6 +65,7 @@ from kservice import (
     Setting,
     hookimpl,
 )
+from kservice._fork import renew_after_fork
 from kservice.keys import RETRYABLE
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class RetryBudget:
         self._clock = clock
         self.calls = 0
         self._lock = threading.Lock()
+        renew_after_fork(self, "_lock")
         self._seen_calls = 0
         self._tokens = min(self.capacity, min_per_second)
         self._updated = clock()
@@ -293,18 +295,7 @@ def retry_policy_names() -> tuple[str, ...]:
 
 _budgets: weakref.WeakValueDictionary[tuple[Any, ...], RetryBudget] = weakref.WeakValueDictionary()
 _budgets_lock = threading.Lock()
-
-
-def _new_locks_after_fork() -> None:
-    """In a forked child: another thread of the parent may have held these locks at the fork."""
-    global _budgets_lock, _policies_lock
-    _budgets_lock = threading.Lock()
-    _policies_lock = threading.Lock()
-    for budget in list(_budgets.values()):
-        budget._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_locks_after_fork)
+renew_after_fork(sys.modules[__name__], "_budgets_lock", "_policies_lock")
 
 
 def _budget_for(service_name: str, ratio: float, min_per_second: float) -> RetryBudget:

@@ -194,6 +194,7 @@ import os
 import pwd
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -201,6 +202,7 @@ from pathlib import Path
 from typing import Any
 
 from kservice import ServiceError
+from kservice._fork import renew_after_fork
 
 from . import _futex
 
@@ -736,14 +738,7 @@ def queue_directory(*, sweep: bool = True) -> Path:
 #: Queue directories whose janitors ran in this process.
 _swept: set[Path] = set()
 _sweep_lock = threading.Lock()
-
-
-def _new_lock_after_fork() -> None:
-    global _sweep_lock
-    _sweep_lock = threading.Lock()  # another thread of the parent may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+renew_after_fork(sys.modules[__name__], "_sweep_lock")
 _janitors: list[Callable[[], object]] = []
 
 
