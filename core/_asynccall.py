@@ -12,7 +12,7 @@ from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ServiceStoppedError
+from ._errors import ServiceStoppedError, ServiceTimeoutError
 from ._fork import renew_after_fork
 from ._future import CallFuture, future_lock
 from ._manager import _monotonic, _time
@@ -24,7 +24,13 @@ from .keys import CONNECTION_CLOSED
 if TYPE_CHECKING:
     from ._manager import ServiceManager, _Route
 
-__all__ = ["_AsyncCall"]
+__all__ = ["HOOK_GRACE", "_AsyncCall"]
+
+#: Seconds past its deadline that an async call's future waits for its middleware (the after-hooks
+#: of its answer or of its timeout) and its retry policy; then it ends with ServiceTimeoutError
+#: without them. Hooks take microseconds: only one that blocks (a log shipper whose endpoint
+#: stopped answering) reaches it.
+HOOK_GRACE = 0.25
 
 
 #: What a finished call holds instead of its request (see ``_AsyncCall._complete``).
@@ -193,14 +199,56 @@ class _AsyncCall(CallFuture[Any]):
         self._cancel_sent(sent)
 
     def _expire(self) -> None:
-        """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first."""
+        """The deadline passed: settle the current attempt with ServiceTimeoutError, unless its response got there first.
+
+        Called in the manager's timer thread, which must end every other call
+        on time as well. So the timeout's after-hooks (the application's code,
+        which may block) run in one of the timer's workers, and a call whose
+        answer or timeout is still in its middleware or retry policy
+        :data:`HOOK_GRACE` after its deadline ends without them (:meth:`_hooks_hung`).
+        """
         if self._claim(self._attempt):
             sent = self._sent
-            self._complete(self._after(timeout_response(self._request, self._timeout)))
+            response = timeout_response(self._request, self._timeout)
+            if self._route.chain is None:
+                self._complete(response)
+            else:
+                timer = self._manager.timer()
+                timer.hand_over(lambda: self._complete(self._after(response)))
+                timer.call_later(HOOK_GRACE, self._expire)
             self._cancel_sent(sent)
         elif not self._finished():
-            # A response is being settled right now and may yet schedule a retry: look again shortly.
-            self._manager.timer().call_later(0.005, self._expire)
+            # A response is being settled right now and may yet schedule a retry: look again shortly,
+            # and end the call if a hook or the policy still holds it once the grace has passed.
+            deadline = self._request.deadline
+            if deadline is not None and _time() >= deadline + HOOK_GRACE:
+                self._hooks_hung()
+            else:
+                self._manager.timer().call_later(0.005, self._expire)
+
+    def _hooks_hung(self) -> None:
+        """End the call with ServiceTimeoutError: its middleware or retry policy has held it past its deadline and grace.
+
+        The hook goes on in its thread; what it returns is dropped (the
+        future is complete). The error names the hooks found running for
+        this call, and a warning on ``kservice.calls`` says the same, since
+        the calls answered after it in that thread wait for it too.
+        """
+        request, sent = self._request, self._sent
+        chain = self._route.chain
+        running = chain.running_hooks(sent) if chain is not None else []
+        what = ", ".join(running) if running else "its client middleware or retry policy"
+        error = ServiceTimeoutError(
+            f"call {request.service_name}.{request.method_name} timed out: its answer or its timeout was still in "
+            f"{what} {HOOK_GRACE} s after its deadline (the call may have run; a hook that blocks also holds up "
+            "the calls answered after it in the same thread)"
+        )
+        response = ServiceResponse.from_exception(request.request_id, error, origin="runtime")
+        response.metadata[MAY_HAVE_RUN] = True
+        import logging  # a rare path: not with every process's first async call
+
+        logging.getLogger("kservice.calls").warning("%s", error)
+        self._complete(response)
 
     def _send(self) -> None:
         route = self._route

@@ -20,7 +20,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -231,8 +231,25 @@ class _Chunk:
         if not claimed:
             return
         self._cancel_sent([sent for _, sent in claimed])
-        for index, sent in claimed:
-            self._after(index, timeout_response(sent, self.timeout))
+
+        def settle() -> None:
+            for index, sent in claimed:
+                self._after(index, timeout_response(sent, self.timeout))
+
+        self._off_the_timer(settle)
+
+    def _off_the_timer(self, settle: Callable[[], None]) -> None:
+        """Run ``settle`` (it runs the route's middleware or retry policy, if any) where it may block.
+
+        The deadline is the manager's timer thread's, which ends every other
+        call on time as well: the application's hooks and policy, which may
+        block, run in one of the timer's workers instead (see ``_Timer.hand_over``).
+        """
+        route = self.batch.route
+        if route.chain is None and route.retry is None:
+            settle()
+        else:
+            self.batch.manager.timer().hand_over(settle)
 
     def _abandon(self) -> None:
         """The manager closed: unanswered calls fail with ServiceStoppedError (they may have run) and are cancelled."""
@@ -449,15 +466,16 @@ class _FastChunk(_Chunk):
         if self.apart is not None:
             if not self._claim():
                 return
-            self._answered(self.apart.at_deadline(self.timeout))
-            return
-        if not self._claim():
-            return
-        batch = self.batch
-        error = ServiceTimeoutError(
-            f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s"
-        )
-        self._answered(ServiceResponse.from_exception(self.chunk_id, error, origin="runtime"))
+            answer: Any = self.apart.at_deadline(self.timeout)
+        else:
+            if not self._claim():
+                return
+            batch = self.batch
+            error = ServiceTimeoutError(
+                f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s"
+            )
+            answer = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime")
+        self._off_the_timer(lambda: self._answered(answer))
 
     def _abandon(self) -> None:
         """The manager closed: every call fails with ServiceStoppedError (they may have run)."""

@@ -143,13 +143,17 @@ class _Timer:
         import heapq  # with the first delayed callback (a retry's back-off), not with every caller
 
         if may_block:
-            callback = functools.partial(self._hand_over, callback)
+            callback = functools.partial(self.hand_over, callback)
         with self._cond:
             heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), callback))
             self._cond.notify()
 
-    def _hand_over(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` in a worker thread (started with the first; see :meth:`call_later`)."""
+    def hand_over(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in a worker thread (started with the first), not in the timer's.
+
+        For what may block: the application's code (middleware, retry
+        policies) and plugins resolving a service. See :meth:`call_later`.
+        """
         workers = self._workers
         if workers is None:
             workers = self._workers = _Workers(f"{self._thread.name}-worker")

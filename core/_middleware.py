@@ -329,6 +329,19 @@ def _is_middleware_answer(answer: Any) -> bool:
     return _is_middleware(answer)
 
 
+#: Every per-call hook a middleware may have, on both sides (see :meth:`MiddlewareChain.running_hooks`).
+_HOOK_NAMES = (
+    "admit",
+    "before_call",
+    "after_call",
+    "observe_call",
+    "on_refused",
+    "before_handle",
+    "after_handle",
+    "observe_handle",
+)
+
+
 def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
     method = getattr(middleware, name, None)
     if method is None:
@@ -600,6 +613,40 @@ class MiddlewareChain:
 
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
+
+    def running_hooks(self, request: ServiceRequest) -> list[str]:
+        """The hooks of this chain running for ``request`` now, as "Class.hook (in thread 'name')".
+
+        A diagnosis for a call held past its deadline, never on a call's
+        path: it reads every thread's stack (``sys._current_frames``) and
+        finds the frames of this chain's middleware methods below a frame
+        that was given ``request`` (the chain's own ``run_after``, say).
+        """
+        import sys
+        import threading
+        from types import FrameType
+
+        labels: dict[Any, str] = {}
+        for middleware in self.middlewares:
+            for name in _HOOK_NAMES:
+                method = _overridden(middleware, name)
+                code = getattr(getattr(method, "__func__", method), "__code__", None)
+                if code is not None:
+                    labels.setdefault(code, f"{type(middleware).__qualname__}.{name}")
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        found = []
+        for ident, innermost in sys._current_frames().items():
+            hook = None
+            frame: FrameType | None = innermost
+            while frame is not None:
+                label = labels.get(frame.f_code)
+                if label is not None:
+                    hook = label  # the outermost of the hooks' frames so far
+                elif hook is not None and frame.f_locals.get("request") is request:
+                    found.append(f"{hook} (in thread {names.get(ident, ident)!r})")
+                    break
+                frame = frame.f_back
+        return found
 
     def _generate(self, admits: tuple[tuple[Callable[[str, str], BaseException | None], int], ...], side: str) -> None:
         """Write :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.

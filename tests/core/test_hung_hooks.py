@@ -1,0 +1,135 @@
+"""A client middleware hook that hangs (a log shipper whose endpoint stopped answering): async calls still end by their deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceMiddleware, ServiceTimeoutError
+
+from tests.core.services import KeyValue, Recorder
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class HangsOn(ServiceMiddleware):
+    """``after_call`` blocks, for the calls of ``method``, until the test lets it go (a hook waiting on a dead endpoint)."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def after_call(self, response: Any, request: Any) -> Any:
+        if request.method_name == self.method:
+            self.entered.set()
+            self.release.wait(30)
+        return None
+
+
+@pytest.fixture(params=["local", "process"])
+def kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield request.param
+
+
+def _ended_within(future: Any, seconds: float) -> BaseException | None:
+    began = time.monotonic()
+    error = future.exception(timeout=seconds + 5)
+    assert time.monotonic() - began < seconds, f"the future ended {time.monotonic() - began:.2f} s after it was asked"
+    return error  # type: ignore[no-any-return]
+
+
+def test_an_after_hook_hanging_on_an_answer_leaves_the_call_its_timeout_error_at_its_deadline(kind: str) -> None:
+    hook = HangsOn("get")
+    environment = ServiceEnvironment("hung-hooks")
+    environment.register_service("kv", ServiceFactory("kv", dict, ({"a": 1},)), kind=kind)
+    environment.add_middleware(hook)
+    try:
+        with environment, ServiceManager(environment) as manager:
+            # Before: the answer's after-hook held the call's claim, and the manager's timer looked at it
+            # every 5 ms for good: the future never completed.
+            began = time.monotonic()
+            hung = manager.call_service_async("kv", "get", ("a",), timeout=1.0)
+            assert hook.entered.wait(5)
+            error = _ended_within(hung, 4)
+            assert isinstance(error, ServiceTimeoutError), error
+            assert time.monotonic() - began >= 1.0
+            assert "HangsOn.after_call" in str(error), error
+            assert error.may_have_run is True
+            # An async call answered after it: in process, by another worker thread, so its result; over
+            # mmap its answer waits behind the hook in the one response thread, so its timeout at its
+            # deadline (the warning says so). Either way, no later than its deadline.
+            behind = manager.call_service_async("kv", "copy", timeout=1.0)
+            if kind == "local":
+                assert behind.result(timeout=3) == {"a": 1}
+            else:
+                assert isinstance(_ended_within(behind, 3), ServiceTimeoutError)
+            # The service keeps serving: a sync call, whose answer its own thread takes.
+            assert manager.call_service_sync("kv", "copy", timeout=5) == {"a": 1}
+            hook.release.set()
+    finally:
+        hook.release.set()
+
+
+def test_after_hooks_hanging_on_timeouts_do_not_stop_the_other_calls_deadlines() -> None:
+    hook = HangsOn("sleepy")
+
+    class Slow:
+        def sleepy(self) -> None:
+            time.sleep(3)
+
+        def quick(self) -> int:
+            return 1
+
+    environment = ServiceEnvironment("hung-timeouts")
+    environment.register_service("slow", Slow)
+    environment.add_middleware(hook)
+    try:
+        with environment, ServiceManager(environment) as manager:
+            # The first call times out; its after-hook, run for the timeout, hangs. Before: in the
+            # manager's timer thread, so no other call ended at its deadline any more.
+            first = manager.call_service_async("slow", "sleepy", timeout=0.3)
+            assert hook.entered.wait(5)
+            second = manager.call_service_async("slow", "sleepy", timeout=0.5)
+            assert isinstance(_ended_within(second, 3), ServiceTimeoutError)
+            assert isinstance(_ended_within(first, 3), ServiceTimeoutError)
+            assert manager.call_service_sync("slow", "quick", timeout=5) == 1
+            hook.release.set()
+    finally:
+        hook.release.set()
+
+
+def test_a_maps_timeouts_meeting_a_hung_hook_do_not_stop_the_other_calls_deadlines(kind: str) -> None:
+    hook = HangsOn("sleep")
+    environment = ServiceEnvironment("hung-map")
+    environment.register_service("kv", ServiceFactory("kv", KeyValue, ()), kind=kind)
+    environment.register_service("rec", ServiceFactory("rec", Recorder, ()), kind=kind)
+    environment.add_middleware(hook)
+    try:
+        with environment, ServiceManager(environment) as manager:
+            # A map whose calls time out: their after-hooks, run for the timeouts, hang. Before: in
+            # the manager's timer thread, so no later call of the manager ended at its deadline.
+            results = manager.map("kv", "sleep", [(3.0,)] * 2, timeout=0.3)
+            outcome: list[BaseException] = []
+
+            def consume() -> None:
+                try:
+                    list(results)
+                except ServiceTimeoutError as exc:
+                    outcome.append(exc)
+
+            consumer = threading.Thread(target=consume, daemon=True)
+            consumer.start()
+            assert hook.entered.wait(5)
+            late = manager.call_service_async("rec", "work", ("late", 3.0), timeout=0.3)
+            assert isinstance(_ended_within(late, 3), ServiceTimeoutError)
+            assert manager.call_service_sync("kv", "get", ("a",), timeout=5) is None
+            hook.release.set()
+            consumer.join(10)
+            assert not consumer.is_alive()
+            assert len(outcome) == 1  # the map's own calls: their timeouts, once the hook let them go
+    finally:
+        hook.release.set()
