@@ -639,16 +639,25 @@ def wrong_answer(who: str, hook_name: str, bad: Any, expected: str, about: str =
 _UNSET = object()
 
 
-def announce(hook_name: str, **kwargs: Any) -> None:
+def announce(hook_name: str, within: float | None = None, **kwargs: Any) -> bool:
     """Call every implementation of the announcement hook ``hook_name``; never raises an Exception.
 
     An implementation that raises is reported (a RuntimeWarning naming the
     plugin, the hook and the error) and the other implementations still run,
     in pluggy's order. Used for the lifecycle announcements, whose callers
     (starting, stopping, failing tasks and environments) must finish whatever
-    a plugin does. A hook wrapper among the implementations makes the call go
-    through pluggy as a whole instead (a wrapper must see every call): then a
-    raise stops the implementations after it, and is reported the same way.
+    a plugin does.
+
+    So an implementation that is not kservice's own runs in a daemon thread
+    and is waited for at most ``within`` seconds (None: ``PLUGIN_ANSWER_TIMEOUT``);
+    one that has not returned by then is reported the same way and left
+    running, and while it runs it is not called again (each later
+    announcement of that hook reports it skipped). Returns False when an
+    implementation was left running or skipped: it may still act on the
+    arguments. A hook wrapper among the implementations makes the call go
+    through pluggy as a whole, in this thread (a wrapper must see every
+    call): then a raise stops the implementations after it, and is reported
+    the same way.
     """
     pm = get_plugin_manager()
     caller = getattr(pm.hook, hook_name)
@@ -658,12 +667,67 @@ def announce(hook_name: str, **kwargs: Any) -> None:
             caller(**kwargs)
         except Exception as exc:  # noqa: BLE001 - reported, never stops the lifecycle
             _warn_hook_failed("a plugin", hook_name, exc)
-        return
+        return True
+    finished = True
+    deadline = None
     for impl in reversed(impls):
+        args = [kwargs[name] for name in impl.argnames]
+        if impl.function.__module__.startswith("kservice."):
+            # kservice's own: known not to block, and some must run in this thread (the health
+            # plugin's stopping hook joins its scheduler, which may be the thread stopping the task).
+            try:
+                impl.function(*args)
+            except Exception as exc:  # noqa: BLE001 - reported, never stops the lifecycle
+                _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc)
+            continue
+        if deadline is None:
+            deadline = time.monotonic() + (PLUGIN_ANSWER_TIMEOUT if within is None else within)
+        finished = _announce_bounded(hook_name, impl, args, deadline) and finished
+    return finished
+
+
+def _announce_bounded(hook_name: str, impl: Any, args: list[Any], deadline: float) -> bool:
+    """Run one plugin's implementation in a daemon thread, waiting for it until ``deadline``; whether it returned."""
+    key = (hook_name, impl.plugin_name)
+    failed: list[BaseException] = []
+
+    def run() -> None:
         try:
-            impl.function(*[kwargs[name] for name in impl.argnames])
-        except Exception as exc:  # noqa: BLE001 - reported, never stops the lifecycle
-            _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc)
+            impl.function(*args)
+        except Exception as exc:  # noqa: BLE001 - reported by the announcer, never stops the lifecycle
+            failed.append(exc)
+        finally:
+            with _unanswered_lock:
+                _unanswered.pop(key, None)
+
+    began = time.monotonic()
+    with _unanswered_lock:
+        running = _unanswered.get(key)
+        if running is None:
+            thread = threading.Thread(target=run, name=f"kservice-announce-{impl.plugin_name}", daemon=True)
+            _unanswered[key] = (thread, began)
+            thread.start()
+    if running is not None:
+        warnings.warn(
+            f"kservice plugin {impl.plugin_name!r}: its {hook_name} was not called: it has not returned from an "
+            f"earlier call for {time.monotonic() - running[1]:.1f} s (the lifecycle goes on without it)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if failed:
+        _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, failed[0])
+    if not thread.is_alive():
+        return True
+    warnings.warn(
+        f"kservice plugin {impl.plugin_name!r}: its {hook_name} has not returned "
+        f"within {max(0.0, deadline - began):.1f} s (left running; "
+        "the lifecycle goes on without it)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return False
 
 
 def collect(hook_name: str, **kwargs: Any) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import heapq
 import importlib
 import inspect
@@ -91,6 +92,10 @@ def stop_timeout(timeout: object) -> float:
         raise ValueError("stop timeout must be a number of seconds or None, got nan")
     return min(seconds, STOP_TIMEOUT_MAX)
 
+
+#: Seconds a status waits for each plugin's ``kservice_task_status`` (not kservice's own): a status
+#: is asked for often (the dashboard, every second) and its callers have timeouts of their own.
+STATUS_HOOK_TIMEOUT = 1.0
 
 #: Method names whose running time a task remembers (``method_cost``); names beyond it always go to the pool.
 MAX_TRACKED_METHODS = 1024
@@ -660,11 +665,15 @@ class BaseServiceTask:
                 return
         callback()
 
-    def _announce(self, hook: str, **kwargs: Any) -> None:
-        """Tell plugins about a lifecycle step; an implementation that raises is a warning naming it."""
+    def _announce(self, hook: str, within: float | None = None, **kwargs: Any) -> bool:
+        """Tell plugins about a lifecycle step (see :func:`kservice._plugins.announce`): whether every plugin returned.
+
+        An implementation that raises, or that has not returned within
+        ``within`` seconds (None: the plugins' default), is a warning naming it.
+        """
         from ._plugins import announce
 
-        announce(hook, **kwargs)
+        return announce(hook, within, **kwargs)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -908,6 +917,10 @@ class BaseServiceTask:
         workers, listeners and instance released whatever a plugin's
         ``kservice_task_stopping``/``kservice_task_stopped`` raises (reported as
         a RuntimeWarning naming the plugin) or the service's cleanup raises.
+        Within ``timeout`` too when a plugin's hook hangs: the hooks' time counts
+        against it (``kservice_task_stopping`` gets half of it at most, the drain
+        the rest), and one still running then is left running (reported the
+        same way).
         A call while another stop is in progress waits for that stop to finish
         (up to ``timeout``). Requests waiting for room in a full queue are
         answered ServiceUnavailableError at once (they never ran).
@@ -940,7 +953,9 @@ class BaseServiceTask:
             self._stop_done.wait(max(0.0, deadline - time.monotonic()))
             return
         try:
-            self._announce("kservice_task_stopping", task=self)
+            # A plugin's hook counts against the stop's timeout, and gets half of it at most: one that
+            # hangs is left running, and the drain still has the other half.
+            self._announce("kservice_task_stopping", max(0.0, deadline - time.monotonic()) / 2, task=self)
         finally:
             try:
                 self._teardown(deadline)
@@ -949,7 +964,7 @@ class BaseServiceTask:
                     self._state = "stopped"
                 self._stop_done.set()
                 self.addresses_changed()
-        self._announce("kservice_task_stopped", task=self)
+        self._announce("kservice_task_stopped", max(0.0, deadline - time.monotonic()), task=self)
 
     def _forked(self) -> None:
         """In a child forked from this process: the service stays the parent's; the child has a copy of it.
@@ -1721,12 +1736,16 @@ class BaseServiceTask:
 
         Never healthy while a listener or a worker thread is dead: a pool
         that lost threads says so in ``health_reason`` and ``workers_alive``.
-        A plugin whose ``kservice_task_status`` raises is reported (a
-        RuntimeWarning naming it) and the status is returned without its part.
-        ``queue_depth`` counts queued requests and those waiting for room.
+        A plugin whose ``kservice_task_status`` raises, or has not returned
+        within ``STATUS_HOOK_TIMEOUT`` seconds, is reported (a RuntimeWarning
+        naming it) and the status is returned without its part (a copy, which
+        the hook left running cannot change). ``queue_depth`` counts queued requests and those waiting for room.
         """
         status = self.report_status()
-        self._announce("kservice_task_status", task=self, status=status)
+        if not self._announce("kservice_task_status", STATUS_HOOK_TIMEOUT, task=self, status=status):
+            # A plugin's hook left running may still write into it: the caller gets a copy.
+            status = copy.copy(status)
+            status.extra = dict(status.extra)
         return status
 
     def __repr__(self) -> str:

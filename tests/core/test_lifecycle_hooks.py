@@ -182,3 +182,71 @@ def test_an_installed_plugin_whose_stopping_hook_raises_cannot_keep_a_task_from_
         "plugin 'acme_stopping': its kservice_task_stopping raised RuntimeError: stopping hook exploded"
         in result.stderr
     )
+
+
+HANGING_PLUGIN = """
+import time
+import kservice
+
+@kservice.hookimpl
+def kservice_task_started(task):
+    time.sleep(120)  # a plugin waiting on an endpoint that stopped answering
+
+@kservice.hookimpl
+def kservice_task_stopping(task):
+    time.sleep(120)
+
+@kservice.hookimpl
+def kservice_task_status(task, status):
+    time.sleep(120)
+"""
+
+HANG_SCRIPT = """
+import threading, time, warnings
+import kservice
+import kservice._plugins
+from tests.core.faulty import Counter
+warnings.simplefilter("always")
+kservice._plugins.PLUGIN_ANSWER_TIMEOUT = 0.5  # the bound of an announcement given none (5 s)
+env = kservice.ServiceEnvironment("p", {"health": {"enabled": False}})
+task = env.register_service("counter", Counter)
+began = time.monotonic()
+env.start()
+print("started", task.state, time.monotonic() - began < 3)
+print("call", env.manager().call_service_sync("counter", "add", (3,)))
+began = time.monotonic()
+status = task.get_service_status()
+print("status", status.state, time.monotonic() - began < 3)
+began = time.monotonic()
+task.get_service_status()
+print("status again at once", time.monotonic() - began < 0.5)
+began = time.monotonic()
+task.stop_service(1.0)
+print("stopped", task.state, time.monotonic() - began < 2.5)
+print("workers", sorted(t.name for t in threading.enumerate() if t.name.startswith("kservice-counter")))
+env.stop()
+"""
+
+
+def test_an_installed_plugin_whose_lifecycle_hooks_hang_cannot_keep_a_task_from_starting_reporting_or_stopping_on_time(
+    tmp_path: Path,
+) -> None:
+    site = make_distribution(
+        tmp_path, "acme_hanging", {"kservice": {"acme_hanging": "acme_hanging"}}, {"acme_hanging": HANGING_PLUGIN}
+    )
+    # Before: env.start() waited for the plugin's hook as long as it hung, and so did every status
+    # and stop_service(1.0), which promises to return within its timeout.
+    result = run_python(HANG_SCRIPT, site=site, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        "started running True",
+        "call 3",
+        "status running True",
+        "status again at once True",
+        "stopped stopped True",
+        "workers []",
+    ], result.stdout + result.stderr
+    for hook in ("kservice_task_started", "kservice_task_status", "kservice_task_stopping"):
+        assert f"plugin 'acme_hanging': its {hook} has not returned within" in result.stderr, result.stderr
+    assert "plugin 'acme_hanging': its kservice_task_status was not called: it has not returned" in result.stderr
