@@ -682,19 +682,27 @@ def announce(hook_name: str, within: float | None = None, **kwargs: Any) -> bool
             continue
         if deadline is None:
             deadline = time.monotonic() + (PLUGIN_ANSWER_TIMEOUT if within is None else within)
-        finished = _announce_bounded(hook_name, impl, args, deadline) and finished
+        finished = _call_bounded(hook_name, impl, args, deadline)[0] and finished
     return finished
 
 
-def _announce_bounded(hook_name: str, impl: Any, args: list[Any], deadline: float) -> bool:
-    """Run one plugin's implementation in a daemon thread, waiting for it until ``deadline``; whether it returned."""
+def _call_bounded(
+    hook_name: str, impl: Any, args: list[Any], deadline: float, outcome: str = "the lifecycle goes on without it"
+) -> tuple[bool, Any]:
+    """Run one plugin's implementation in a daemon thread, waiting for it until ``deadline``.
+
+    ``(whether it returned, what it returned)``. One that raises, has not
+    returned by then, or is still running from an earlier call (then it is
+    not called) is a RuntimeWarning naming the plugin, the hook and ``outcome``.
+    """
     key = (hook_name, impl.plugin_name)
     failed: list[BaseException] = []
+    answer: list[Any] = []
 
     def run() -> None:
         try:
-            impl.function(*args)
-        except Exception as exc:  # noqa: BLE001 - reported by the announcer, never stops the lifecycle
+            answer.append(impl.function(*args))
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, never stops it
             failed.append(exc)
         finally:
             with _unanswered_lock:
@@ -704,47 +712,56 @@ def _announce_bounded(hook_name: str, impl: Any, args: list[Any], deadline: floa
     with _unanswered_lock:
         running = _unanswered.get(key)
         if running is None:
-            thread = threading.Thread(target=run, name=f"kservice-announce-{impl.plugin_name}", daemon=True)
+            thread = threading.Thread(target=run, name=f"kservice-hook-{impl.plugin_name}", daemon=True)
             _unanswered[key] = (thread, began)
             thread.start()
     if running is not None:
         warnings.warn(
             f"kservice plugin {impl.plugin_name!r}: its {hook_name} was not called: it has not returned from an "
-            f"earlier call for {time.monotonic() - running[1]:.1f} s (the lifecycle goes on without it)",
+            f"earlier call for {began - running[1]:.1f} s ({outcome})",
             RuntimeWarning,
             stacklevel=4,
         )
-        return False
+        return False, None
     thread.join(max(0.0, deadline - time.monotonic()))
     if failed:
-        _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, failed[0])
-    if not thread.is_alive():
-        return True
+        _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, failed[0], outcome.removesuffix(" without it"))
+        return True, None
+    if answer:
+        return True, answer[0]
     warnings.warn(
-        f"kservice plugin {impl.plugin_name!r}: its {hook_name} has not returned "
-        f"within {max(0.0, deadline - began):.1f} s (left running; "
-        "the lifecycle goes on without it)",
+        f"kservice plugin {impl.plugin_name!r}: its {hook_name} has not returned within "
+        f"{max(0.0, deadline - began):.1f} s (left running; {outcome})",
         RuntimeWarning,
         stacklevel=4,
     )
-    return False
+    return False, None
 
 
-def collect(hook_name: str, **kwargs: Any) -> list[Any]:
+def collect(hook_name: str, within: float | None = None, **kwargs: Any) -> list[Any]:
     """Every non-None result of the hook ``hook_name``, in pluggy's order; never raises an Exception.
 
-    Like :func:`announce`, an implementation that raises is reported (a
-    RuntimeWarning naming the plugin, the hook and the error) and skipped; the
-    others' results are kept. For hooks whose callers show what plugins
-    contribute (``kservice_status_columns``) and must show the rest when one fails.
+    Like :func:`announce`, an implementation that raises, or (not kservice's
+    own) has not returned within ``within`` seconds (None: ``PLUGIN_ANSWER_TIMEOUT``),
+    is reported (a RuntimeWarning naming the plugin, the hook and what
+    happened) and left out; the others' results are kept. For hooks whose
+    callers show what plugins contribute (``kservice_status_columns``) and
+    must show the rest when one fails or hangs.
     """
     results: list[Any] = []
+    deadline = None
     for impl in reversed(getattr(get_plugin_manager().hook, hook_name).get_hookimpls()):
-        try:
-            result = impl.function(*[kwargs[name] for name in impl.argnames])
-        except Exception as exc:  # noqa: BLE001 - reported; the other plugins' contributions are kept
-            _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc, "its part is left out")
-            continue
+        args = [kwargs[name] for name in impl.argnames]
+        if impl.function.__module__.startswith("kservice."):
+            try:
+                result = impl.function(*args)
+            except Exception as exc:  # noqa: BLE001 - reported; the other plugins' contributions are kept
+                _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc, "its part is left out")
+                continue
+        else:
+            if deadline is None:
+                deadline = time.monotonic() + (PLUGIN_ANSWER_TIMEOUT if within is None else within)
+            result = _call_bounded(hook_name, impl, args, deadline, "its part is left out")[1]
         if result is not None:
             results.append(result)
     return results

@@ -368,6 +368,8 @@ def kservice_status_columns(status: dict[str, Any], extra: dict[str, Any]) -> di
 
     If it raises: a warning naming the plugin; the row is shown without that
     plugin's cells, and the sections it had not taken are shown under details.
+    If it has not returned within 1 s (it runs in a daemon thread): the same,
+    and it is not called again until it returns.
     """
 
 

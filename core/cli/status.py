@@ -61,7 +61,8 @@ def _plugin_cells(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     extra = dict(data.get("extra") or {})
     columns = dict(_PLUGIN_COLUMN_DEFAULTS)
     details: dict[str, Any] = {}
-    for cells in collect("kservice_status_columns", status=data, extra=extra):
+    # 1 s for a plugin's cells (not kservice's own): the table refreshes every second or so.
+    for cells in collect("kservice_status_columns", 1.0, status=data, extra=extra):
         for key, value in dict(cells).items():
             (columns if key in _PLUGIN_COLUMN_DEFAULTS else details)[key] = value
     if columns["replicas_alive"] is None:

@@ -250,3 +250,44 @@ def test_an_installed_plugin_whose_lifecycle_hooks_hang_cannot_keep_a_task_from_
     for hook in ("kservice_task_started", "kservice_task_status", "kservice_task_stopping"):
         assert f"plugin 'acme_hanging': its {hook} has not returned within" in result.stderr, result.stderr
     assert "plugin 'acme_hanging': its kservice_task_status was not called: it has not returned" in result.stderr
+
+
+COLUMNS_PLUGIN = """
+import time
+import kservice
+
+@kservice.hookimpl
+def kservice_status_columns(status, extra):
+    time.sleep(120)  # a plugin asking a monitoring endpoint that stopped answering
+    return {"gpu": "n/a"}
+"""
+
+COLUMNS_SCRIPT = """
+import time, warnings
+import kservice
+from kservice.cli.status import status_rows
+from tests.core.faulty import Counter
+warnings.simplefilter("always")
+env = kservice.ServiceEnvironment("p", {"health": {"enabled": False}})
+task = env.register_service("counter", Counter)
+with env:
+    status = task.get_service_status()
+    for attempt in ("first", "again"):
+        began = time.monotonic()
+        rows = status_rows([status])
+        print(attempt, rows[0]["service"], rows[0]["state"], round(time.monotonic() - began, 1) <= 2.0)
+"""
+
+
+def test_a_plugins_status_columns_that_hang_leave_the_table_its_other_cells_within_a_second(tmp_path: Path) -> None:
+    site = make_distribution(
+        tmp_path, "acme_columns", {"kservice": {"acme_columns": "acme_columns"}}, {"acme_columns": COLUMNS_PLUGIN}
+    )
+    # Before: every row of `kservice status` and of the dashboard waited for the plugin as long as it hung.
+    result = run_python(COLUMNS_SCRIPT, site=site, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["first counter running True", "again counter running True"], (
+        result.stdout + result.stderr
+    )
+    assert "plugin 'acme_columns': its kservice_status_columns has not returned within 1.0 s" in result.stderr
+    assert "its kservice_status_columns was not called: it has not returned from an earlier call" in result.stderr
