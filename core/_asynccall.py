@@ -12,25 +12,19 @@ from concurrent.futures import Future, InvalidStateError
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ServiceStoppedError, ServiceTimeoutError
+from ._errors import ServiceStoppedError
 from ._fork import renew_after_fork
 from ._future import CallFuture, future_lock
 from ._manager import _monotonic, _time
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._middleware import MiddlewareError
-from ._transport import timeout_response
+from ._transport import HOOK_GRACE, held_response, timeout_response
 from .keys import CONNECTION_CLOSED
 
 if TYPE_CHECKING:
     from ._manager import ServiceManager, _Route
 
-__all__ = ["HOOK_GRACE", "_AsyncCall"]
-
-#: Seconds past its deadline that an async call's future waits for its middleware (the after-hooks
-#: of its answer or of its timeout) and its retry policy; then it ends with ServiceTimeoutError
-#: without them. Hooks take microseconds: only one that blocks (a log shipper whose endpoint
-#: stopped answering) reaches it.
-HOOK_GRACE = 0.25
+__all__ = ["_AsyncCall"]
 
 
 #: What a finished call holds instead of its request (see ``_AsyncCall._complete``).
@@ -231,24 +225,12 @@ class _AsyncCall(CallFuture[Any]):
 
         The hook goes on in its thread; what it returns is dropped (the
         future is complete). The error names the hooks found running for
-        this call, and a warning on ``kservice.calls`` says the same, since
-        the calls answered after it in that thread wait for it too.
+        this call (see :func:`held_response`).
         """
-        request, sent = self._request, self._sent
+        request = self._request
         chain = self._route.chain
-        running = chain.running_hooks(sent) if chain is not None else []
-        what = ", ".join(running) if running else "its client middleware or retry policy"
-        error = ServiceTimeoutError(
-            f"call {request.service_name}.{request.method_name} timed out: its answer or its timeout was still in "
-            f"{what} {HOOK_GRACE} s after its deadline (the call may have run; a hook that blocks also holds up "
-            "the calls answered after it in the same thread)"
-        )
-        response = ServiceResponse.from_exception(request.request_id, error, origin="runtime")
-        response.metadata[MAY_HAVE_RUN] = True
-        import logging  # a rare path: not with every process's first async call
-
-        logging.getLogger("kservice.calls").warning("%s", error)
-        self._complete(response)
+        running = chain.running_hooks(self) if chain is not None else []
+        self._complete(held_response(request.request_id, f"{request.service_name}.{request.method_name}", running))
 
     def _send(self) -> None:
         route = self._route

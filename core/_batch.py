@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -26,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import _current_request
 from ._errors import ServiceStoppedError, ServiceTimeoutError
+from ._fork import renew_after_fork
 from ._messages import CONNECTION_CLOSED, MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
 from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
-from ._transport import timeout_response
+from ._transport import HOOK_GRACE, held_response, timeout_response
 
 if TYPE_CHECKING:
     import asyncio
@@ -41,6 +43,10 @@ __all__ = ["AsyncCallMap", "CallMap"]
 #: Items per chunk, and calls in flight, unless the caller says otherwise.
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_MAX_IN_FLIGHT = 2048
+#: Guards ``_Chunk._woken`` (see :meth:`_Batch.chunk_done`): held for two bytecodes once per chunk.
+_waking = threading.Lock()
+renew_after_fork(sys.modules[__name__], "_waking")
+
 #: Seconds past a compact chunk's deadline its caller waits for the host's answer (which leaves at the deadline).
 CHUNK_ANSWER_GRACE = 0.25
 
@@ -70,6 +76,7 @@ class _Chunk:
     __slots__ = (
         "_expires_at",
         "_state",
+        "_woken",
         "batch",
         "began",
         "counted",
@@ -98,6 +105,7 @@ class _Chunk:
         self.retrying: dict[int, Any] = {}
         self._expires_at = 0.0
         self._state = "PENDING"
+        self._woken = False  # whether chunk_done ran for it (once only: see _end_if_held)
         #: the consumer's wake-up: a held lock (sync, ordered), None (sync, unordered), an asyncio future
         self.waiter: Any = None
 
@@ -228,15 +236,15 @@ class _Chunk:
     def _expire(self) -> None:
         """The chunk's deadline passed: its unanswered calls fail with ServiceTimeoutError and are cancelled."""
         claimed = self._claim_open()
-        if not claimed:
-            return
-        self._cancel_sent([sent for _, sent in claimed])
+        if claimed:
+            self._cancel_sent([sent for _, sent in claimed])
 
-        def settle() -> None:
-            for index, sent in claimed:
-                self._after(index, timeout_response(sent, self.timeout))
+            def settle() -> None:
+                for index, sent in claimed:
+                    self._after(index, timeout_response(sent, self.timeout))
 
-        self._off_the_timer(settle)
+            self._off_the_timer(settle)
+        self._watch_hooks()
 
     def _off_the_timer(self, settle: Callable[[], None]) -> None:
         """Run ``settle`` (it runs the route's middleware or retry policy, if any) where it may block.
@@ -250,6 +258,40 @@ class _Chunk:
             settle()
         else:
             self.batch.manager.timer().hand_over(settle)
+
+    def _watch_hooks(self) -> None:
+        """At the deadline, with middleware or a retry policy: end the chunk :data:`HOOK_GRACE` later if they still hold it."""
+        route = self.batch.route
+        if self._state == "PENDING" and (route.chain is not None or route.retry is not None):
+            self.batch.manager.timer().call_later(HOOK_GRACE, self._end_if_held)
+
+    def _end_if_held(self) -> None:
+        """The chunk's hooks or policy hold it past its deadline and grace: its calls not settled end without them.
+
+        In the timer thread (it runs no hook). Each such call fails with the
+        ServiceTimeoutError of :func:`held_response`; what the hooks return
+        afterwards is dropped (the consumer has the chunk: ``chunk_done`` runs once).
+        """
+        if self._state != "PENDING":
+            return
+        outcomes = self.outcomes
+        held = self._held(len(outcomes))
+        for index, outcome in enumerate(outcomes):
+            if outcome is None:
+                outcomes[index] = held
+        self._state = "FINISHED"
+        self.batch.chunk_done(self)
+
+    def _held(self, count: int) -> ServiceResponse:
+        """The failed outcome of this chunk's ``count`` calls held by its hooks (see :func:`held_response`)."""
+        batch = self.batch
+        chain = batch.route.chain
+        last = self.first + count - 1
+        return held_response(
+            "",
+            f"{batch.service_name}.{batch.method} (items {self.first} to {last} of a map)",
+            chain.running_hooks(self) if chain is not None else [],
+        )
 
     def _abandon(self) -> None:
         """The manager closed: unanswered calls fail with ServiceStoppedError (they may have run) and are cancelled."""
@@ -336,6 +378,7 @@ class _FastChunk(_Chunk):
         self.left = 0
         self._expires_at = 0.0
         self._state = "PENDING"
+        self._woken = False
         self.waiter = None
         #: the batch hooks' view of this chunk (None: the route has no client middleware)
         self.calls: CallBatch | None = None
@@ -463,19 +506,31 @@ class _FastChunk(_Chunk):
 
         A chunk sent call by call (``apart``) keeps the outcomes that came in time; the others time out.
         """
+        if not self._claim():
+            self._watch_hooks()  # the answer came, and is being settled right now
+            return
         if self.apart is not None:
-            if not self._claim():
-                return
             answer: Any = self.apart.at_deadline(self.timeout)
         else:
-            if not self._claim():
-                return
             batch = self.batch
             error = ServiceTimeoutError(
                 f"call {batch.service_name}.{batch.method} timed out after {max(self.timeout, 0):.3f}s"
             )
             answer = ServiceResponse.from_exception(self.chunk_id, error, origin="runtime")
         self._off_the_timer(lambda: self._answered(answer))
+        self._watch_hooks()
+
+    def _end_if_held(self) -> None:
+        """As :meth:`_Chunk._end_if_held`: every call of the chunk fails (its one answer is what the hooks hold)."""
+        if self._state != "PENDING":
+            return
+        count = len(self.args)
+        held = self._held(count)
+        self.open.pop(self.chunk_id, None)
+        self.outcomes = [None] * count
+        self.failures = dict.fromkeys(range(count), held)
+        self._state = "FINISHED"
+        self.batch.chunk_done(self)
 
     def _abandon(self) -> None:
         """The manager closed: every call fails with ServiceStoppedError (they may have run)."""
@@ -804,7 +859,15 @@ class _Batch:
     # ------------------------------------------------------------- consuming
 
     def chunk_done(self, chunk: _Chunk) -> None:
-        """Wake the consumer (called by whichever thread settles a chunk's last call)."""
+        """Wake the consumer (called by whichever thread settles a chunk's last call); once per chunk.
+
+        Twice only when hooks held the chunk past its deadline and grace
+        (``_Chunk._end_if_held``) and then returned: the second is dropped.
+        """
+        with _waking:
+            if chunk._woken:
+                return
+            chunk._woken = True
         loop = self.loop
         if self.ordered:
             if loop is None:

@@ -336,9 +336,14 @@ _HOOK_NAMES = (
     "after_call",
     "observe_call",
     "on_refused",
+    "admit_batch",
+    "after_batch",
+    "observe_batch",
     "before_handle",
     "after_handle",
     "observe_handle",
+    "after_handle_batch",
+    "observe_handle_batch",
 )
 
 
@@ -614,13 +619,13 @@ class MiddlewareChain:
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
 
-    def running_hooks(self, request: ServiceRequest) -> list[str]:
-        """The hooks of this chain running for ``request`` now, as "Class.hook (in thread 'name')".
+    def running_hooks(self, holder: object) -> list[str]:
+        """The hooks of this chain running for ``holder`` now, as "Class.hook (in thread 'name')".
 
         A diagnosis for a call held past its deadline, never on a call's
         path: it reads every thread's stack (``sys._current_frames``) and
         finds the frames of this chain's middleware methods below a frame
-        that was given ``request`` (the chain's own ``run_after``, say).
+        holding ``holder`` (the async call or map chunk settling itself).
         """
         import sys
         import threading
@@ -642,7 +647,7 @@ class MiddlewareChain:
                 label = labels.get(frame.f_code)
                 if label is not None:
                     hook = label  # the outermost of the hooks' frames so far
-                elif hook is not None and frame.f_locals.get("request") is request:
+                elif hook is not None and any(value is holder for value in frame.f_locals.values()):
                     found.append(f"{hook} (in thread {names.get(ident, ident)!r})")
                     break
                 frame = frame.f_back

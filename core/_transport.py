@@ -231,6 +231,35 @@ def timeout_response(request: ServiceRequest, timeout: float) -> ServiceResponse
     return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
 
 
+#: Seconds past its deadline that a call (an async call, a map's chunk) waits for its middleware (the
+#: after-hooks of its answer or of its timeout) and its retry policy; then it ends with
+#: ServiceTimeoutError without them (:func:`held_response`). Hooks take microseconds: only one that
+#: blocks (a log shipper whose endpoint stopped answering) reaches it.
+HOOK_GRACE = 0.25
+
+
+def held_response(request_id: str, call: str, running: list[str]) -> ServiceResponse:
+    """The failed response of ``call`` ("S.m", "S.m (items 0 to 9 of a map)") held past its deadline and grace.
+
+    ``running``: the hooks found running for it (see ``MiddlewareChain.running_hooks``).
+    The error says the call may have run (``metadata[MAY_HAVE_RUN]`` True); a
+    warning on ``kservice.calls`` says the same, since the calls completed
+    after it in that hook's thread wait for it too.
+    """
+    what = ", ".join(running) if running else "its client middleware or retry policy"
+    error = ServiceTimeoutError(
+        f"call {call} timed out: its answer or its timeout was still in {what} {HOOK_GRACE} s after its "
+        "deadline (the call may have run; a hook that blocks also holds up the calls answered after it in "
+        "the same thread)"
+    )
+    response = ServiceResponse.from_exception(request_id, error, origin="runtime")
+    response.metadata[MAY_HAVE_RUN] = True
+    import logging  # a rare path: not with every process's start
+
+    logging.getLogger("kservice.calls").warning("%s", error)
+    return response
+
+
 def deadline_response(request: ServiceRequest, *, started: bool) -> ServiceResponse:
     """The failed response of ``request`` when the service's side finds its deadline passed.
 

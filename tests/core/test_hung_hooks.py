@@ -127,9 +127,43 @@ def test_a_maps_timeouts_meeting_a_hung_hook_do_not_stop_the_other_calls_deadlin
             late = manager.call_service_async("rec", "work", ("late", 3.0), timeout=0.3)
             assert isinstance(_ended_within(late, 3), ServiceTimeoutError)
             assert manager.call_service_sync("kv", "get", ("a",), timeout=5) is None
-            hook.release.set()
-            consumer.join(10)
+            # The map's own consumer: its calls' timeouts, by the deadline and the hooks' grace, the
+            # hook still running (before: it waited for the hook as long as it hung).
+            consumer.join(3)
             assert not consumer.is_alive()
-            assert len(outcome) == 1  # the map's own calls: their timeouts, once the hook let them go
+            assert len(outcome) == 1 and "HangsOn.after_call" in str(outcome[0]), outcome
+            assert "of a map" in str(outcome[0])
+            hook.release.set()
+    finally:
+        hook.release.set()
+
+
+class HangsOnBatches(ServiceMiddleware):
+    """A batch-aware observer (the map's chunks travel compact) whose ``after_batch`` blocks until let go."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def after_batch(self, batch: Any) -> None:
+        self.entered.set()
+        self.release.wait(30)
+
+
+def test_a_map_whose_batch_hook_hangs_on_its_answer_ends_by_its_deadline() -> None:
+    hook = HangsOnBatches()
+    environment = ServiceEnvironment("hung-batch")
+    environment.register_service("kv", ServiceFactory("kv", KeyValue, ()), kind="process")
+    environment.add_middleware(hook)
+    try:
+        with environment, ServiceManager(environment) as manager:
+            began = time.monotonic()
+            # The chunk is answered at once; its after_batch, in the response thread, hangs.
+            with pytest.raises(ServiceTimeoutError, match=r"HangsOnBatches\.after_batch") as raised:
+                list(manager.map("kv", "get", [("a",)] * 4, timeout=0.5))
+            assert time.monotonic() - began < 3
+            assert raised.value.may_have_run is True
+            assert hook.entered.is_set()
+            hook.release.set()
     finally:
         hook.release.set()
