@@ -79,7 +79,7 @@ def test_after_hooks_hanging_on_timeouts_do_not_stop_the_other_calls_deadlines()
 
     class Slow:
         def sleepy(self) -> None:
-            time.sleep(3)
+            time.sleep(1.2)
 
         def quick(self) -> int:
             return 1
@@ -112,7 +112,7 @@ def test_a_maps_timeouts_meeting_a_hung_hook_do_not_stop_the_other_calls_deadlin
         with environment, ServiceManager(environment) as manager:
             # A map whose calls time out: their after-hooks, run for the timeouts, hang. Before: in
             # the manager's timer thread, so no later call of the manager ended at its deadline.
-            results = manager.map("kv", "sleep", [(3.0,)] * 2, timeout=0.3)
+            results = manager.map("kv", "sleep", [(1.2,)] * 2, timeout=0.3)
             outcome: list[BaseException] = []
 
             def consume() -> None:
@@ -124,7 +124,7 @@ def test_a_maps_timeouts_meeting_a_hung_hook_do_not_stop_the_other_calls_deadlin
             consumer = threading.Thread(target=consume, daemon=True)
             consumer.start()
             assert hook.entered.wait(5)
-            late = manager.call_service_async("rec", "work", ("late", 3.0), timeout=0.3)
+            late = manager.call_service_async("rec", "work", ("late", 1.2), timeout=0.3)
             assert isinstance(_ended_within(late, 3), ServiceTimeoutError)
             assert manager.call_service_sync("kv", "get", ("a",), timeout=5) is None
             # The map's own consumer: its calls' timeouts, by the deadline and the hooks' grace, the
