@@ -17,7 +17,7 @@ from ._fork import renew_after_fork
 from ._future import CallFuture, future_lock
 from ._manager import _monotonic, _time
 from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
-from ._middleware import MiddlewareError
+from ._middleware import MiddlewareError, running_hooks
 from ._transport import HOOK_GRACE, held_response, timeout_response
 from .keys import CONNECTION_CLOSED
 
@@ -228,8 +228,7 @@ class _AsyncCall(CallFuture[Any]):
         this call (see :func:`held_response`).
         """
         request = self._request
-        chain = self._route.chain
-        running = chain.running_hooks(self) if chain is not None else []
+        running = running_hooks(self, self._route.hook_methods())
         self._complete(held_response(request.request_id, f"{request.service_name}.{request.method_name}", running))
 
     def _send(self) -> None:

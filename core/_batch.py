@@ -30,7 +30,7 @@ from ._errors import ServiceStoppedError, ServiceTimeoutError
 from ._fork import renew_after_fork
 from ._messages import CONNECTION_CLOSED, MAY_HAVE_RUN, ServiceRequest, ServiceResponse
 from ._messages import new_request_id as _new_request_id
-from ._middleware import CallBatch, MiddlewareChain, MiddlewareError
+from ._middleware import CallBatch, MiddlewareChain, MiddlewareError, running_hooks
 from ._transport import HOOK_GRACE, held_response, timeout_response
 
 if TYPE_CHECKING:
@@ -285,12 +285,11 @@ class _Chunk:
     def _held(self, count: int) -> ServiceResponse:
         """The failed outcome of this chunk's ``count`` calls held by its hooks (see :func:`held_response`)."""
         batch = self.batch
-        chain = batch.route.chain
         last = self.first + count - 1
         return held_response(
             "",
             f"{batch.service_name}.{batch.method} (items {self.first} to {last} of a map)",
-            chain.running_hooks(self) if chain is not None else [],
+            running_hooks(self, batch.route.hook_methods()),
         )
 
     def _abandon(self) -> None:

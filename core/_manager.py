@@ -375,6 +375,13 @@ class _Route:
             stacklevel=2,
         )
 
+    def hook_methods(self) -> list[tuple[str, Callable[..., Any]]]:
+        """("Class.hook", function) of the application's code a call on this route runs: its middleware and policy."""
+        hooks = self.chain.hook_methods() if self.chain is not None else []
+        if self.retry is not None:
+            hooks.append((f"{type(self.retry).__qualname__}.should_retry", self.retry.should_retry))
+        return hooks
+
     def is_idempotent(self, method_name: str) -> bool:
         known = self.idempotent.get(method_name)
         if known is None:

@@ -381,6 +381,39 @@ def _as_after_hook(method: Callable[..., Any]) -> AfterHook:
     return method
 
 
+def running_hooks(holder: object, hooks: Iterable[tuple[str, Callable[..., Any]]]) -> list[str]:
+    """Which of ``hooks`` ("Class.hook", function) are running for ``holder`` now, as "Class.hook (in thread 'name')".
+
+    A diagnosis for a call held past its deadline, never on a call's path: it
+    reads every thread's stack (``sys._current_frames``) and finds the frames
+    of those functions below a frame holding ``holder`` (the async call or the
+    map chunk settling itself).
+    """
+    import sys
+    import threading
+    from types import FrameType
+
+    labels: dict[Any, str] = {}
+    for name, function in hooks:
+        code = getattr(getattr(function, "__func__", function), "__code__", None)
+        if code is not None:
+            labels.setdefault(code, name)
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    found: list[str] = []
+    for ident, innermost in sys._current_frames().items():
+        hook: str | None = None
+        frame: FrameType | None = innermost
+        while frame is not None:
+            label = labels.get(frame.f_code)
+            if label is not None:
+                hook = label  # the outermost of the hooks' frames so far
+            elif hook is not None and any(value is holder for value in frame.f_locals.values()):
+                found.append(f"{hook} (in thread {names.get(ident, ident)!r})")
+                break
+            frame = frame.f_back
+    return found
+
+
 class MiddlewareError(Exception):
     """Carries the index of the middleware whose before-hook raised, and the request it was given (internal)."""
 
@@ -619,39 +652,14 @@ class MiddlewareChain:
     def __bool__(self) -> bool:
         return bool(self._befores or self._afters or self._observers)
 
-    def running_hooks(self, holder: object) -> list[str]:
-        """The hooks of this chain running for ``holder`` now, as "Class.hook (in thread 'name')".
-
-        A diagnosis for a call held past its deadline, never on a call's
-        path: it reads every thread's stack (``sys._current_frames``) and
-        finds the frames of this chain's middleware methods below a frame
-        holding ``holder`` (the async call or map chunk settling itself).
-        """
-        import sys
-        import threading
-        from types import FrameType
-
-        labels: dict[Any, str] = {}
-        for middleware in self.middlewares:
-            for name in _HOOK_NAMES:
-                method = _overridden(middleware, name)
-                code = getattr(getattr(method, "__func__", method), "__code__", None)
-                if code is not None:
-                    labels.setdefault(code, f"{type(middleware).__qualname__}.{name}")
-        names = {thread.ident: thread.name for thread in threading.enumerate()}
-        found = []
-        for ident, innermost in sys._current_frames().items():
-            hook = None
-            frame: FrameType | None = innermost
-            while frame is not None:
-                label = labels.get(frame.f_code)
-                if label is not None:
-                    hook = label  # the outermost of the hooks' frames so far
-                elif hook is not None and any(value is holder for value in frame.f_locals.values()):
-                    found.append(f"{hook} (in thread {names.get(ident, ident)!r})")
-                    break
-                frame = frame.f_back
-        return found
+    def hook_methods(self) -> list[tuple[str, Callable[..., Any]]]:
+        """("Class.hook", bound method) of every per-call and batch hook this chain's middleware overrides."""
+        return [
+            (f"{type(middleware).__qualname__}.{name}", method)
+            for middleware in self.middlewares
+            for name in _HOOK_NAMES
+            if (method := _overridden(middleware, name)) is not None
+        ]
 
     def _generate(self, admits: tuple[tuple[Callable[[str, str], BaseException | None], int], ...], side: str) -> None:
         """Write :meth:`run_before`, :meth:`run_after` and ``admit`` as straight-line code for this chain's hooks.

@@ -179,3 +179,37 @@ def test_a_known_services_answer_that_is_no_list_of_names_is_a_plugin_error_nami
         answers.known = ["billing"]
         with pytest.raises(kservice.ServiceNotFoundError, match="billing"):
             manager.call_service_sync("nowhere", "get", timeout=5)
+
+
+class HangingPolicy:
+    """A policy that blocks on its first question (it asks a rate limiter that stopped answering)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.asked = threading.Event()
+
+    def should_retry(self, request: Any, response: Any, attempt: int, idempotent: bool) -> float | None:
+        self.asked.set()
+        self.release.wait(30)
+        return None
+
+
+def test_a_retry_policy_that_hangs_leaves_an_async_call_its_timeout_by_its_deadline(
+    answers: Answers, env: ServiceEnvironment
+) -> None:
+    policy = answers.policy = HangingPolicy()
+    try:
+        with ServiceManager(env) as manager:
+            began = time.monotonic()
+            # Before: the policy held the call's claim, and its future never completed.
+            future = manager.call_service_async("kv", "pop", ("missing",), timeout=1)
+            assert policy.asked.wait(5)
+            error = future.exception(timeout=10)
+            assert time.monotonic() - began < 3
+            assert isinstance(error, kservice.ServiceTimeoutError), error
+            assert "HangingPolicy.should_retry" in str(error), error
+            assert error.may_have_run is True
+    finally:
+        policy.release.set()
