@@ -12,7 +12,9 @@ The ``process`` task kind starts a fresh ``python`` running :func:`main` (a
 fresh interpreter, never a fork) hosting one service; the task's start returns
 once the child serves, or raises ServiceUnavailableError with the tail of the
 child's stderr. Its stop sends SIGTERM, waits for the drain, then kills. The
-child also stops when its parent dies (it watches its stdin for EOF); it
+child also stops when its parent dies (it watches its stdin for EOF, and
+whether its parent changed, since a process the parent forked keeps the pipe
+open); it
 ignores SIGINT and SIGHUP, which a terminal sends to the whole process group
 (the parent decides what a Ctrl-C means). The
 child is an isolated interpreter (``python -I``) whose ``sys.path`` is the
@@ -71,6 +73,8 @@ def __getattr__(name: str) -> Any:
 
 #: Seconds a stopping host gives calls in flight before answering the rest unavailable.
 DRAIN_TIMEOUT = 30.0
+#: Seconds between a host's looks at whether its parent died while a child of the parent keeps its stdin open.
+PARENT_CHECK = 1.0
 _LENGTH = struct.Struct("<Q")
 #: What a stopping parent writes on the child's stdin: ``stop <seconds>\n``, the child's drain budget.
 _STOP_LINE = b"stop %.6f\n"
@@ -420,6 +424,7 @@ class ProcessServiceTask(BaseServiceTask):
                 "config": self._child_config(),
                 "environment": self.ctx.environment_name,
                 "middlewares": self._portable_middlewares(),
+                "parent": os.getpid(),
             },
             protocol=5,
         )
@@ -723,11 +728,24 @@ def _child_main(output_fd: int) -> int:
     #: the drain budget: DRAIN_TIMEOUT, or what the parent's stop line gives (its stop_service timeout)
     drain = [DRAIN_TIMEOUT]
 
+    parent = loaded.get("parent", os.getppid())
+
     def watch_parent() -> None:
         # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader aborts interpreter exit.
+        # The pipe's EOF alone does not say the parent died: a child it forked (a fork pool's worker)
+        # holds the pipe's write end as long as it lives. So every PARENT_CHECK seconds without input,
+        # whether this process was handed to another parent (the parent died) is looked at too.
         buffered = b""
-        with contextlib.suppress(OSError):
-            while chunk := os.read(0, 65536):
+        with contextlib.suppress(OSError), selectors.DefaultSelector() as selector:
+            selector.register(0, selectors.EVENT_READ)
+            while True:
+                if not selector.select(PARENT_CHECK):
+                    if os.getppid() != parent:
+                        break
+                    continue
+                chunk = os.read(0, 65536)
+                if not chunk:
+                    break
                 buffered += chunk
                 *lines, buffered = buffered.split(b"\n")
                 budget = next((b for b in map(_stop_budget, lines) if b is not None), None)

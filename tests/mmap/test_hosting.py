@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -221,6 +222,41 @@ def test_process_task_child_stops_when_its_parent_dies() -> None:
     parent.stdout.close()
     psutil.Process(child).wait(10)  # it noticed EOF on its stdin and drained
     assert not _files_of(child)
+    reclaim()
+
+
+def test_process_task_child_stops_when_its_parent_dies_while_a_forked_child_of_the_parent_lives() -> None:
+    script = """
+        import os, sys, time
+        from kservice import ServiceEnvironment, ServiceFactory
+        from tests.mmap.services import KV
+        env = ServiceEnvironment("orphan")
+        env.register_service("kv", ServiceFactory("kv", KV), kind="process")
+        env.start()
+        worker = os.fork()  # a fork pool's worker: it inherits the write end of the host's stdin pipe
+        if worker == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(env.get_task("kv").pid, worker, flush=True)
+        time.sleep(60)
+    """
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    assert parent.stdout is not None
+    child, worker = map(int, parent.stdout.readline().split())
+    try:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        # Before: the worker held the pipe open, so the host saw no EOF and outlived its parent as long
+        # as the worker lived.
+        psutil.Process(child).wait(10)
+        assert not _files_of(child)
+        assert psutil.pid_exists(worker)  # the worker itself is the application's: left alone
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
     reclaim()
 
 
