@@ -167,3 +167,32 @@ def test_a_map_whose_batch_hook_hangs_on_its_answer_ends_by_its_deadline() -> No
             hook.release.set()
     finally:
         hook.release.set()
+
+
+def test_an_amap_and_an_acall_held_by_a_hung_hook_end_by_their_deadline() -> None:
+    import asyncio
+
+    hook = HangsOn("get")
+    environment = ServiceEnvironment("hung-async")
+    environment.register_service("kv", ServiceFactory("kv", KeyValue, ()), kind="process")
+    environment.add_middleware(hook)
+
+    async def main(manager: ServiceManager) -> tuple[BaseException, BaseException]:
+        with pytest.raises(ServiceTimeoutError) as by_acall:
+            await manager.acall("kv", "get", ("a",), timeout=0.5)
+        with pytest.raises(ServiceTimeoutError) as by_amap:
+            async for _ in manager.amap("kv", "get", [("a",)] * 3, timeout=0.5):
+                pass
+        return by_acall.value, by_amap.value
+
+    try:
+        with environment, ServiceManager(environment) as manager:
+            began = time.monotonic()
+            # The event loop is never blocked, and each call form ends at its deadline and grace.
+            acall_error, amap_error = asyncio.run(asyncio.wait_for(main(manager), 10))
+            assert time.monotonic() - began < 4
+            assert "HangsOn.after_call" in str(acall_error), acall_error
+            assert "HangsOn.after_call" in str(amap_error) and "of a map" in str(amap_error), amap_error
+            hook.release.set()
+    finally:
+        hook.release.set()
