@@ -329,7 +329,7 @@ def _is_middleware_answer(answer: Any) -> bool:
     return _is_middleware(answer)
 
 
-#: Every per-call hook a middleware may have, on both sides (see :meth:`MiddlewareChain.running_hooks`).
+#: Every per-call and batch hook a middleware may have, on both sides (see :meth:`MiddlewareChain.hook_methods`).
 _HOOK_NAMES = (
     "admit",
     "before_call",

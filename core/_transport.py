@@ -241,10 +241,11 @@ HOOK_GRACE = 0.25
 def held_response(request_id: str, call: str, running: list[str]) -> ServiceResponse:
     """The failed response of ``call`` ("S.m", "S.m (items 0 to 9 of a map)") held past its deadline and grace.
 
-    ``running``: the hooks found running for it (see ``MiddlewareChain.running_hooks``).
+    ``running``: the hooks found running for it (see ``_middleware.running_hooks``).
     The error says the call may have run (``metadata[MAY_HAVE_RUN]`` True); a
-    warning on ``kservice.calls`` says the same, since the calls completed
-    after it in that hook's thread wait for it too.
+    warning on ``kservice.calls`` says the same (one a second at most, counting
+    the others), since the calls completed after it in that hook's thread wait
+    for it too.
     """
     what = ", ".join(running) if running else "its client middleware or retry policy"
     error = ServiceTimeoutError(
@@ -254,10 +255,21 @@ def held_response(request_id: str, call: str, running: list[str]) -> ServiceResp
     )
     response = ServiceResponse.from_exception(request_id, error, origin="runtime")
     response.metadata[MAY_HAVE_RUN] = True
-    import logging  # a rare path: not with every process's start
+    # One warning a second at most: a hook that blocks on every call holds thousands of them at once.
+    now = time.monotonic()
+    if now >= _held_warned[0] + 1.0:
+        import logging  # a rare path: not with every process's start
 
-    logging.getLogger("kservice.calls").warning("%s", error)
+        more = f" ({_held_warned[1]} more calls held so since the last warning)" if _held_warned[1] else ""
+        logging.getLogger("kservice.calls").warning("%s%s", error, more)
+        _held_warned[:] = [now, 0]
+    else:
+        _held_warned[1] += 1
     return response
+
+
+#: When :func:`held_response` last warned, and how many held calls it has not warned of since.
+_held_warned: list[float] = [float("-inf"), 0]
 
 
 def deadline_response(request: ServiceRequest, *, started: bool) -> ServiceResponse:
