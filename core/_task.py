@@ -93,6 +93,16 @@ def stop_timeout(timeout: object) -> float:
     return min(seconds, STOP_TIMEOUT_MAX)
 
 
+#: The least a stop gives a plugin's ``kservice_task_stopping``/``_stopped`` (not kservice's own), even
+#: when its timeout has passed: a hook that takes a millisecond is not reported as hanging.
+MIN_HOOK_ALLOWANCE = 0.1
+
+
+def _hook_allowance(deadline: float, share: float) -> float:
+    """Seconds a stop lets plugins' lifecycle hooks take: ``share`` of what is left before ``deadline``, at least ``MIN_HOOK_ALLOWANCE``."""
+    return max(MIN_HOOK_ALLOWANCE, (deadline - time.monotonic()) * share)
+
+
 #: Seconds a status waits for each plugin's ``kservice_task_status`` (not kservice's own): a status
 #: is asked for often (the dashboard, every second) and its callers have timeouts of their own.
 STATUS_HOOK_TIMEOUT = 1.0
@@ -919,8 +929,9 @@ class BaseServiceTask:
         a RuntimeWarning naming the plugin) or the service's cleanup raises.
         Within ``timeout`` too when a plugin's hook hangs: the hooks' time counts
         against it (``kservice_task_stopping`` gets half of it at most, the drain
-        the rest), and one still running then is left running (reported the
-        same way).
+        the rest, ``kservice_task_stopped`` what is left; each at least
+        ``MIN_HOOK_ALLOWANCE``), and one still running then is left running
+        (reported the same way).
         A call while another stop is in progress waits for that stop to finish
         (up to ``timeout``). Requests waiting for room in a full queue are
         answered ServiceUnavailableError at once (they never ran).
@@ -955,7 +966,7 @@ class BaseServiceTask:
         try:
             # A plugin's hook counts against the stop's timeout, and gets half of it at most: one that
             # hangs is left running, and the drain still has the other half.
-            self._announce("kservice_task_stopping", max(0.0, deadline - time.monotonic()) / 2, task=self)
+            self._announce("kservice_task_stopping", _hook_allowance(deadline, 0.5), task=self)
         finally:
             try:
                 self._teardown(deadline)
@@ -964,7 +975,7 @@ class BaseServiceTask:
                     self._state = "stopped"
                 self._stop_done.set()
                 self.addresses_changed()
-        self._announce("kservice_task_stopped", max(0.0, deadline - time.monotonic()), task=self)
+        self._announce("kservice_task_stopped", _hook_allowance(deadline, 1.0), task=self)
 
     def _forked(self) -> None:
         """In a child forked from this process: the service stays the parent's; the child has a copy of it.
@@ -1739,7 +1750,8 @@ class BaseServiceTask:
         A plugin whose ``kservice_task_status`` raises, or has not returned
         within ``STATUS_HOOK_TIMEOUT`` seconds, is reported (a RuntimeWarning
         naming it) and the status is returned without its part (a copy, which
-        the hook left running cannot change). ``queue_depth`` counts queued requests and those waiting for room.
+        the hook left running cannot change). ``queue_depth`` counts queued
+        requests and those waiting for room.
         """
         status = self.report_status()
         if not self._announce("kservice_task_status", STATUS_HOOK_TIMEOUT, task=self, status=status):
