@@ -261,9 +261,10 @@ def kservice_retry_policy(service_name: str, options: dict[str, Any]) -> RetryPo
 #
 # A plugin's implementation (one not of kservice itself) runs in a daemon
 # thread, and the step waits for it at most 5 s (``kservice_task_stopping``:
-# half of the stop's timeout; ``kservice_task_status``: 1 s). One that has not
-# returned by then is a warning naming the plugin, is left running, and is not
-# called again for that hook until it returns (those calls are warnings too):
+# half of the stop's timeout, at least 0.1 s; ``kservice_task_status``: 1 s).
+# One that has not returned by then is a warning naming the plugin, is left
+# running, and is not called again for that hook until it returns (those
+# calls are warnings too):
 # a plugin waiting on an endpoint that stopped answering cannot keep a task
 # from starting, reporting or stopping on time. It runs in its own thread: a
 # plugin must not rely on the thread that starts or stops the task.
