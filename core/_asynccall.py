@@ -202,7 +202,9 @@ class _AsyncCall(CallFuture[Any]):
         :data:`HOOK_GRACE` after its deadline ends without them (:meth:`_hooks_hung`).
         """
         if self._claim(self._attempt):
-            sent = self._sent
+            # Withdrawn at the transport first: once the caller sees the timeout, the request is out of
+            # any queue of the transport (one not started never starts).
+            self._cancel_sent(self._sent)
             response = timeout_response(self._request, self._timeout)
             if self._route.chain is None:
                 self._complete(response)
@@ -210,7 +212,6 @@ class _AsyncCall(CallFuture[Any]):
                 timer = self._manager.timer()
                 timer.hand_over(lambda: self._complete(self._after(response)))
                 timer.call_later(HOOK_GRACE, self._expire)
-            self._cancel_sent(sent)
         elif not self._finished():
             # A response is being settled right now and may yet schedule a retry: look again shortly,
             # and end the call if a hook or the policy still holds it once the grace has passed.
