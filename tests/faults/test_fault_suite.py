@@ -34,7 +34,7 @@ from tests.faults.ledger import LEDGER_VARIABLE, check
 from tests.mmap.services import child_env
 
 SOAK_SECONDS = float(os.environ.get("KSERVICE_FAULT_SOAK", "0") or 0)
-RUN_SECONDS = SOAK_SECONDS or 14.0
+RUN_SECONDS = SOAK_SECONDS or 10.0
 CALLERS = 2
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(180)
 def _config(**service_call: Any) -> dict[str, Any]:
     return {
         # The stopped host cannot drain: recovery kills it after drain_timeout.
-        "health": {"period": 0.3, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 1, "drain_timeout": 4.0},
+        "health": {"period": 0.3, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 1, "drain_timeout": 2.0},
         "service_call": service_call,
     }
 

@@ -521,7 +521,11 @@ def test_refusals_by_a_closed_connection_do_not_open_the_breaker() -> None:
     where the service is not, not how it serves. With no new host the calls fail at once by name; the
     breaker stays closed, so a host started later serves the next call."""
     name = f"brkclosed{os.getpid()}"
-    config = kservice.Config.load({"breaker": {"failure_threshold": 1, "cooldown": 300}})
+    # No retries: the refusals themselves are what the breaker must not count (a retry policy waiting
+    # for a new host under the name would only add its back-off, about 8 s, to each call).
+    config = kservice.Config.load(
+        {"breaker": {"failure_threshold": 1, "cooldown": 300}, "service_call": {"max_retries": 0}}
+    )
     with _hosts_of(name) as hosts, kservice.ServiceManager(config=config) as manager:
         assert manager.call_service_sync(name, "echo", ("a",)) == "a"
         hosts[0].kill()

@@ -29,7 +29,7 @@ from test_ray_replicas import fault_config
 from tests.faults.ledger import check, outcome
 
 SOAK_SECONDS = float(os.environ.get("KSERVICE_FAULT_SOAK", "0") or 0)
-RUN_SECONDS = SOAK_SECONDS or 10.0
+RUN_SECONDS = SOAK_SECONDS or 8.0
 TIMEOUT = 3.0
 WORK = (0.0, 0.001, 0.005, 0.02)
 
