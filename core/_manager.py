@@ -163,6 +163,8 @@ class _Timer:
         import heapq  # in the timer's thread, once
 
         while True:
+            if self._workers is not None:
+                self._workers.top_up()  # callbacks waiting behind stuck workers get another one
             due: list[Callable[[], None]] = []
             with self._cond:
                 if self._closed:
@@ -212,12 +214,22 @@ class _Timer:
 
 
 class _Workers:
-    """At most ``size`` daemon threads running callbacks in turn, started as callbacks come.
+    """``size`` daemon threads running callbacks in turn, started as callbacks come, and more beside stuck ones.
 
     Not a ``ThreadPoolExecutor``: its threads are joined when the interpreter
     exits, and a worker here may be waiting on a plugin that hangs (until its
     call's deadline), which must not hold up the exit of the program.
+
+    A worker whose callback has run longer than ``STUCK_AFTER`` seconds (the
+    application's hook that blocks, a plugin that hangs) does not count
+    against ``size``: while callbacks wait, another worker starts beside it,
+    up to ``MAX_THREADS`` in all (see :meth:`top_up`), so that one blocking
+    hook does not hold up every other call's retry or timeout. A worker
+    beyond ``size`` ends once it finds nothing to do.
     """
+
+    STUCK_AFTER = 1.0
+    MAX_THREADS = 32
 
     def __init__(self, name: str, size: int = 4) -> None:
         from queue import SimpleQueue
@@ -228,30 +240,57 @@ class _Workers:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        self._started = 0
+        #: when each busy worker's callback began, by worker
+        self._busy_since: dict[int, float] = {}
         self._closed = False
 
     def submit(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` in a worker (a new one while fewer than ``size`` run and none is idle)."""
+        """Run ``callback`` in a worker (a new one while fewer than ``size`` run unstuck and none is idle)."""
         with self._lock:
             if self._closed:
                 return
             self._queue.put(callback)
-            if self._idle or self._threads >= self._size:
-                return
-            self._threads += 1
-            index = self._threads
-        threading.Thread(target=self._run, name=f"{self._name}-{index}", daemon=True).start()
+        self.top_up()
 
-    def _run(self) -> None:
+    def top_up(self) -> None:
+        """Start a worker if callbacks wait, none is idle and fewer than ``size`` are not stuck (cheap when not)."""
+        with self._lock:
+            if self._closed or self._idle or self._queue.empty() or self._threads >= self.MAX_THREADS:
+                return
+            if self._threads >= self._size:
+                stuck_since = time.monotonic() - self.STUCK_AFTER
+                stuck = sum(1 for began in self._busy_since.values() if began < stuck_since)
+                if self._threads - stuck >= self._size:
+                    return
+            self._threads += 1
+            self._started += 1
+            index = self._started
+        threading.Thread(target=self._run, args=(index,), name=f"{self._name}-{index}", daemon=True).start()
+
+    def _run(self, index: int) -> None:
+        from queue import Empty
+
         while True:
             with self._lock:
                 self._idle += 1
-            callback = self._queue.get()
+                extra = self._threads > self._size
+            try:
+                # A worker beyond ``size`` (started beside stuck ones) ends once it finds nothing to do.
+                callback = self._queue.get(timeout=self.STUCK_AFTER) if extra else self._queue.get()
+            except Empty:
+                callback = None
             with self._lock:
                 self._idle -= 1
-            if callback is None:
-                return
-            _quietly(callback)
+                if callback is None:
+                    self._threads -= 1
+                    return
+                self._busy_since[index] = time.monotonic()
+            try:
+                _quietly(callback)
+            finally:
+                with self._lock:
+                    self._busy_since.pop(index, None)
 
     def close(self) -> None:
         """End every worker once the callbacks queued before have run (a closed manager's calls are finished,

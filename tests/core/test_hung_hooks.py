@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import kservice
 import pytest
 from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceMiddleware, ServiceTimeoutError
 
@@ -196,3 +197,50 @@ def test_an_amap_and_an_acall_held_by_a_hung_hook_end_by_their_deadline() -> Non
             hook.release.set()
     finally:
         hook.release.set()
+
+
+class RetryOnce:
+    """A plugin whose policy retries every failure once, at once (the retry runs in one of the timer's workers)."""
+
+    def should_retry(self, request: Any, response: Any, attempt: int, idempotent: bool) -> float | None:
+        return 0.01 if attempt == 0 and request.service_name == "flaky" else None
+
+    @kservice.hookimpl
+    def kservice_retry_policy(self, service_name: str, options: Any) -> Any:
+        return self if service_name == "flaky" else None
+
+
+def test_hooks_hung_on_more_timeouts_than_the_timers_workers_do_not_hold_up_another_calls_retry() -> None:
+    from tests.policies.services import Flaky
+
+    hook = HangsOn("sleepy")
+
+    class Slow:
+        def sleepy(self) -> None:
+            time.sleep(1.2)
+
+    flaky = Flaky()
+    environment = ServiceEnvironment("hung-workers")
+    environment.register_service("slow", Slow)
+    environment.register_service("flaky", ServiceFactory("flaky", lambda: flaky))
+    environment.add_middleware(hook)
+    plugins = kservice.get_plugin_manager()
+    plugins.register(RetryOnce(), name="test-retry-once")
+    try:
+        with environment, ServiceManager(environment) as manager:
+            # Six timeouts whose after-hooks hang: more than the timer's four workers.
+            held = [manager.call_service_async("slow", "sleepy", timeout=0.2) for _ in range(6)]
+            assert hook.entered.wait(5)
+            time.sleep(1.5)  # the workers have been stuck longer than _Workers.STUCK_AFTER
+            # A retry runs in a worker too. Before: it waited behind the stuck ones to its deadline.
+            began = time.monotonic()
+            error = manager.call_service_async("flaky", "fail", timeout=3).exception(timeout=10)
+            assert isinstance(error, ConnectionError), error
+            assert flaky.calls["fail"] == 2, flaky.calls  # retried once, in time
+            assert time.monotonic() - began < 2.5
+            for future in held:
+                assert isinstance(_ended_within(future, 3), ServiceTimeoutError)
+            hook.release.set()
+    finally:
+        hook.release.set()
+        plugins.unregister(name="test-retry-once")
