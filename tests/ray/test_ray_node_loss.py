@@ -247,8 +247,8 @@ def test_a_lost_node_fails_only_the_calls_running_there_at_most_once_and_calls_m
                 map_results = list(mapped)
                 map_ended = time.monotonic()
                 left_at = out_of_rotation_at(task, 1, removed_at, within=12.0)
-                # Calls keep coming after the replica left; the live one serves them.
-                time.sleep(3.0)
+                # Calls keep coming after the replica left; the live one serves them (a dozen or more).
+                time.sleep(1.5)
             outcomes = load.outcomes
             assert_ended_by_deadline(outcomes)
             assert map_ended - removed_at <= 6.0 + SLACK
@@ -293,7 +293,7 @@ def test_idempotent_calls_leave_a_replica_on_a_lost_node_once_one_times_out_ther
                 ray_cluster.remove_node(node_c, allow_graceful=False)
                 # The first calls held there time out after 3 s; the replica must be out soon after.
                 left_at = out_of_rotation_at(task, 1, removed_at, within=3.0 + 6.0)
-                time.sleep(4.0)
+                time.sleep(2.0)  # calls keep coming after it left: the live replica serves them
             outcomes = load.outcomes
             assert_ended_by_deadline(outcomes)
             for o in outcomes:
