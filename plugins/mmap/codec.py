@@ -507,14 +507,7 @@ def encode_request(
             break
     else:
         if not kwargs:
-            # _dumps_fast without its frame: every pipelined call comes this way.
-            try:
-                data = _dumps_pickle(message, _PROTOCOL, buffer_callback=_refuse_buffer)
-            except _TooBig:
-                return _dumps(message, receiver_pid, inline_limit, threshold)
-            if len(data) <= inline_limit:
-                return data, None
-            return _dumps(message, receiver_pid, inline_limit, threshold)
+            return _dumps_fast(message, receiver_pid, inline_limit, threshold)
     wrapped_args = _wrap_args(args, threshold)
     wrapped_kwargs = _wrap_kwargs(kwargs, threshold) if kwargs else kwargs
     if wrapped_args is args and wrapped_kwargs is kwargs:
