@@ -743,22 +743,9 @@ def encode_response_batch(responses: list[ServiceResponse], inline_limit: int) -
     band, or more than ``inline_limit`` bytes): send them one by one then.
     Raises what pickling raises.
     """
-    messages = []
-    for r in responses:
-        # _is_plain's test inline (one per answer): a success with nothing to wrap travels as 2 fields.
-        result = r.result
-        t = type(result)
-        if (
-            r.success
-            and not r.metadata
-            and not r.degraded
-            and t is not tuple
-            and t is not list
-            and ((t is not _bytes and t is not _bytearray) or len(result) < OUT_OF_BAND_THRESHOLD)
-        ):
-            messages.append((r.request_id, result))
-        else:
-            messages.append(response_message(r))
+    messages = [
+        (r.request_id, r.result) if _is_plain(r, OUT_OF_BAND_THRESHOLD) else response_message(r) for r in responses
+    ]
     try:
         data = _dumps_pickle(messages, _PROTOCOL, buffer_callback=_refuse_buffer)
     except _TooBig:
@@ -824,33 +811,10 @@ def decode_request(record: bytes) -> tuple[int, ServiceRequest]:
     readable), so the host can answer the caller.
     """
     try:
-        if record[:1] == b"\x80":  # an inline record, every small call: _load's first case without its frame
-            try:
-                message = _loads(record)
-            except Exception as exc:
-                raise _undecodable(f"undecodable record of {len(record)} bytes", exc, record) from None
-        else:
-            message = _load(record)
+        message = _load(record)
     except DecodeError as exc:
         _set_envelope(exc, exc.envelope)
         raise
-    if type(message) is tuple and len(message) == 9:
-        # request_from_message's common case without its frame: a call whose fields have their types.
-        kind, request_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata = message
-        if (
-            type(kind) is int
-            and type(request_id) is str
-            and type(method_name) is str
-            and type(args) is tuple
-            and type(kwargs) is dict
-            and type(response_queue) is str
-            and type(deadline) is float
-            and type(metadata) is dict
-            and type(service_name) is str
-        ):
-            return kind, ServiceRequest(
-                request_id, service_name, method_name, args, kwargs, response_queue, deadline, metadata
-            )
     if type(message) is list:
         return KIND_BATCH, message  # type: ignore[return-value]  # decode each with decode_request_batch
     if type(message) is not tuple or len(message) != 9 or type(message[0]) is not int:
@@ -1286,9 +1250,7 @@ def decode_many(record: bytes) -> list[tuple[Any, ...]]:
         raise
     if type(message) is list:
         for m in message:
-            # _check's test inline (one per answer of a batch record); _check raises for the odd one.
-            if type(m) is not tuple or (len(m) != 2 and len(m) != 9 and len(m) != 3):
-                _check(m)
+            _check(m)
         return message
     return [_check(message)]
 
