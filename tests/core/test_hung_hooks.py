@@ -9,7 +9,16 @@ from typing import Any
 
 import kservice
 import pytest
-from kservice import ServiceEnvironment, ServiceFactory, ServiceManager, ServiceMiddleware, ServiceTimeoutError
+from kservice import (
+    MAY_HAVE_RUN,
+    ServiceEnvironment,
+    ServiceFactory,
+    ServiceManager,
+    ServiceMiddleware,
+    ServiceResponse,
+    ServiceTimeoutError,
+    ServiceUnavailableError,
+)
 
 from tests.core.services import KeyValue, Recorder
 
@@ -244,3 +253,47 @@ def test_hooks_hung_on_more_timeouts_than_the_timers_workers_do_not_hold_up_anot
     finally:
         hook.release.set()
         plugins.unregister(name="test-retry-once")
+
+
+class HangsThenRefuses(ServiceMiddleware):
+    """``after_call`` of ``work`` blocks until let go, then turns the answer into a refusal that says the call
+    never ran: what the default retry policy re-sends, if the call were still waiting for it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def after_call(self, response: Any, request: Any) -> Any:
+        if request.method_name != "work":
+            return None
+        self.entered.set()
+        self.release.wait(30)
+        refused = ServiceResponse.from_exception(
+            request.request_id, ServiceUnavailableError("refused on purpose; nothing was sent"), origin="runtime"
+        )
+        refused.metadata[MAY_HAVE_RUN] = False
+        return refused
+
+
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_call_held_by_a_hook_with_retries_on_ends_by_its_deadline_and_runs_once(kind: str) -> None:
+    hook = HangsThenRefuses()
+    environment = ServiceEnvironment("hung-once")  # the default configuration: retries on
+    environment.register_service("rec", ServiceFactory("rec", Recorder, ()), kind=kind)
+    environment.add_middleware(hook)
+    try:
+        with environment, ServiceManager(environment) as manager:
+            began = time.monotonic()
+            held = manager.call_service_async("rec", "work", ("once",), timeout=0.5)
+            assert hook.entered.wait(5)
+            error = _ended_within(held, 3)
+            assert isinstance(error, ServiceTimeoutError) and error.may_have_run is True, error
+            assert time.monotonic() - began < 0.5 + 1.0  # its deadline, the hooks' grace and some slack
+            # The hook returns now, with an answer the retry policy would re-send: the call is over, so
+            # nothing is sent again.
+            hook.release.set()
+            time.sleep(0.5)
+            ran = manager.call_service_sync("rec", "ran", timeout=5)
+            assert ran.count("start once") == 1, ran
+    finally:
+        hook.release.set()
