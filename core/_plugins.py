@@ -15,6 +15,7 @@ unregistered, through :func:`on_plugins_changed`.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import threading
@@ -533,6 +534,33 @@ def _forget_questions_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_questions_after_fork)
 
 
+def _ask_unless_asked(
+    key: tuple[str, str], function: Callable[[], None], now: float
+) -> tuple[threading.Thread, float, bool]:
+    """Run ``function`` in a daemon thread as the question ``key`` (hook, plugin), unless it is still being answered.
+
+    ``(the thread answering it, when it began, whether it began now)``. The
+    question is forgotten when ``function`` returns or raises, so a plugin
+    that hangs is asked once, not once per caller.
+    """
+
+    def answer() -> None:
+        try:
+            function()
+        finally:
+            with _unanswered_lock:
+                _unanswered.pop(key, None)
+
+    with _unanswered_lock:
+        running = _unanswered.get(key)
+        if running is not None:
+            return running[0], running[1], False
+        thread = threading.Thread(target=answer, name=f"kservice-ask-{key[1]}", daemon=True)
+        _unanswered[key] = (thread, now)
+        thread.start()
+    return thread, now, True
+
+
 def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]) -> dict[str, list[tuple[str, Any]]]:
     """(plugin name, answer) of each implementation of ``hook_names`` (hooks taking no arguments), by hook; asked at once.
 
@@ -559,9 +587,6 @@ def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]
             failures[key] = "raised"
         except Exception as exc:  # noqa: BLE001 - one plugin's failure is a note; the others are listed
             failures[key] = f"raised {type(exc).__name__}: {exc}"
-        finally:
-            with _unanswered_lock:
-                _unanswered.pop(key, None)
 
     now = time.monotonic()
     hook = get_plugin_manager().hook
@@ -570,17 +595,9 @@ def ask_each_plugin(hook_names: tuple[str, ...], within: float, notes: list[str]
             if impl.hookwrapper or impl.wrapper:
                 continue
             key = (hook_name, impl.plugin_name)
-            with _unanswered_lock:
-                pending = _unanswered.get(key)
-                if pending is None:
-                    thread = threading.Thread(
-                        target=ask, args=(key, impl.function), name=f"kservice-ask-{key[1]}", daemon=True
-                    )
-                    _unanswered[key] = (thread, now)
-                    thread.start()
-                    started.append(thread)
-                else:
-                    thread = pending[0]
+            thread, _, began_now = _ask_unless_asked(key, functools.partial(ask, key, impl.function), now)
+            if began_now:
+                started.append(thread)
             asked.append((*key, thread))
     deadline = now + within
     for thread in started:
@@ -695,7 +712,6 @@ def _call_bounded(
     returned by then, or is still running from an earlier call (then it is
     not called) is a RuntimeWarning naming the plugin, the hook and ``outcome``.
     """
-    key = (hook_name, impl.plugin_name)
     failed: list[BaseException] = []
     answer: list[Any] = []
 
@@ -704,21 +720,13 @@ def _call_bounded(
             answer.append(impl.function(*args))
         except Exception as exc:  # noqa: BLE001 - reported by the caller, never stops it
             failed.append(exc)
-        finally:
-            with _unanswered_lock:
-                _unanswered.pop(key, None)
 
-    began = time.monotonic()
-    with _unanswered_lock:
-        running = _unanswered.get(key)
-        if running is None:
-            thread = threading.Thread(target=run, name=f"kservice-hook-{impl.plugin_name}", daemon=True)
-            _unanswered[key] = (thread, began)
-            thread.start()
-    if running is not None:
+    now = time.monotonic()
+    thread, began, began_now = _ask_unless_asked((hook_name, impl.plugin_name), run, now)
+    if not began_now:
         warnings.warn(
             f"kservice plugin {impl.plugin_name!r}: its {hook_name} was not called: it has not returned from an "
-            f"earlier call for {began - running[1]:.1f} s ({outcome})",
+            f"earlier call for {now - began:.1f} s ({outcome})",
             RuntimeWarning,
             stacklevel=4,
         )
