@@ -45,6 +45,17 @@ def kind(request: pytest.FixtureRequest) -> Iterator[str]:
     yield request.param
 
 
+def _environment(name: str, hook: ServiceMiddleware, kind: str, **services: Any) -> ServiceEnvironment:
+    """An environment (the default configuration: retries on) hosting ``services`` (name: class or factory) of
+    ``kind``, with ``hook`` as middleware."""
+    environment = ServiceEnvironment(name)
+    for service_name, target in services.items():
+        factory = target if isinstance(target, ServiceFactory) else ServiceFactory(service_name, target, ())
+        environment.register_service(service_name, factory, kind=kind)
+    environment.add_middleware(hook)
+    return environment
+
+
 def _ended_within(future: Any, seconds: float) -> BaseException | None:
     began = time.monotonic()
     error = future.exception(timeout=seconds + 5)
@@ -54,9 +65,7 @@ def _ended_within(future: Any, seconds: float) -> BaseException | None:
 
 def test_an_after_hook_hanging_on_an_answer_leaves_the_call_its_timeout_error_at_its_deadline(kind: str) -> None:
     hook = HangsOn("get")
-    environment = ServiceEnvironment("hung-hooks")
-    environment.register_service("kv", ServiceFactory("kv", dict, ({"a": 1},)), kind=kind)
-    environment.add_middleware(hook)
+    environment = _environment("hung-hooks", hook, kind, kv=ServiceFactory("kv", dict, ({"a": 1},)))
     try:
         with environment, ServiceManager(environment) as manager:
             # Before: the answer's after-hook held the call's claim, and the manager's timer looked at it
@@ -94,9 +103,7 @@ def test_after_hooks_hanging_on_timeouts_do_not_stop_the_other_calls_deadlines()
         def quick(self) -> int:
             return 1
 
-    environment = ServiceEnvironment("hung-timeouts")
-    environment.register_service("slow", Slow)
-    environment.add_middleware(hook)
+    environment = _environment("hung-timeouts", hook, "local", slow=Slow)
     try:
         with environment, ServiceManager(environment) as manager:
             # The first call times out; its after-hook, run for the timeout, hangs. Before: in the
@@ -114,10 +121,7 @@ def test_after_hooks_hanging_on_timeouts_do_not_stop_the_other_calls_deadlines()
 
 def test_a_maps_timeouts_meeting_a_hung_hook_do_not_stop_the_other_calls_deadlines(kind: str) -> None:
     hook = HangsOn("sleep")
-    environment = ServiceEnvironment("hung-map")
-    environment.register_service("kv", ServiceFactory("kv", KeyValue, ()), kind=kind)
-    environment.register_service("rec", ServiceFactory("rec", Recorder, ()), kind=kind)
-    environment.add_middleware(hook)
+    environment = _environment("hung-map", hook, kind, kv=KeyValue, rec=Recorder)
     try:
         with environment, ServiceManager(environment) as manager:
             # A map whose calls time out: their after-hooks, run for the timeouts, hang. Before: in
@@ -162,9 +166,7 @@ class HangsOnBatches(ServiceMiddleware):
 
 def test_a_map_whose_batch_hook_hangs_on_its_answer_ends_by_its_deadline() -> None:
     hook = HangsOnBatches()
-    environment = ServiceEnvironment("hung-batch")
-    environment.register_service("kv", ServiceFactory("kv", KeyValue, ()), kind="process")
-    environment.add_middleware(hook)
+    environment = _environment("hung-batch", hook, "process", kv=KeyValue)
     try:
         with environment, ServiceManager(environment) as manager:
             began = time.monotonic()
@@ -183,9 +185,7 @@ def test_an_amap_and_an_acall_held_by_a_hung_hook_end_by_their_deadline() -> Non
     import asyncio
 
     hook = HangsOn("get")
-    environment = ServiceEnvironment("hung-async")
-    environment.register_service("kv", ServiceFactory("kv", KeyValue, ()), kind="process")
-    environment.add_middleware(hook)
+    environment = _environment("hung-async", hook, "process", kv=KeyValue)
 
     async def main(manager: ServiceManager) -> tuple[BaseException, BaseException]:
         with pytest.raises(ServiceTimeoutError) as by_acall:
@@ -229,10 +229,7 @@ def test_hooks_hung_on_more_timeouts_than_the_timers_workers_do_not_hold_up_anot
             time.sleep(1.2)
 
     flaky = Flaky()
-    environment = ServiceEnvironment("hung-workers")
-    environment.register_service("slow", Slow)
-    environment.register_service("flaky", ServiceFactory("flaky", lambda: flaky))
-    environment.add_middleware(hook)
+    environment = _environment("hung-workers", hook, "local", slow=Slow, flaky=ServiceFactory("flaky", lambda: flaky))
     plugins = kservice.get_plugin_manager()
     plugins.register(RetryOnce(), name="test-retry-once")
     try:
@@ -278,9 +275,7 @@ class HangsThenRefuses(ServiceMiddleware):
 @pytest.mark.parametrize("kind", ["local", "process"])
 def test_a_call_held_by_a_hook_with_retries_on_ends_by_its_deadline_and_runs_once(kind: str) -> None:
     hook = HangsThenRefuses()
-    environment = ServiceEnvironment("hung-once")  # the default configuration: retries on
-    environment.register_service("rec", ServiceFactory("rec", Recorder, ()), kind=kind)
-    environment.add_middleware(hook)
+    environment = _environment("hung-once", hook, kind, rec=Recorder)  # the default configuration: retries on
     try:
         with environment, ServiceManager(environment) as manager:
             began = time.monotonic()
