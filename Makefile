@@ -18,10 +18,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m kservice.demo
 
+# The suite on TEST_WORKERS pytest-xdist workers; each worker is a test session of its own (its own
+# runtime directories), and every test that uses Ray runs on one of them (--dist loadgroup).
+TEST_WORKERS ?= 2
 test: setup
 	bash scripts/lint.sh
 	bash scripts/browser.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]' || echo "note: the bench extra did not install; its peers' rows say so"

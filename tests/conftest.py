@@ -38,9 +38,17 @@ os.environ["KSERVICE_CACHE_DIR"] = str(CACHE_DIR)
 SESSION_VARIABLES = ("KSERVICE_QUEUE_DIR", "KSERVICE_REGISTRY_DIR", "KSERVICE_CACHE_DIR")
 
 
+#: a terminal's size, which pytest-xdist's workers set (80x24): a subprocess writing to a pipe has none
+TERMINAL_SIZE_VARIABLES = ("COLUMNS", "LINES")
+
+
 def clean_environ() -> dict[str, str]:
-    """This process's environment without kservice settings, but with the session's runtime directories."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("KSERVICE_") or k in SESSION_VARIABLES}
+    """This process's environment without kservice settings or a terminal size, but with the session's runtime directories."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if (not k.startswith("KSERVICE_") or k in SESSION_VARIABLES) and k not in TERMINAL_SIZE_VARIABLES
+    }
 
 
 RAY_TEST_DIR = Path(__file__).resolve().parent / "ray"
@@ -159,3 +167,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_leaks: the test manages long-lived resources (session fixtures) itself")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs a group's tests on one worker")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses Ray is in one group: on several workers (``-n 2 --dist loadgroup``), one starts Ray.
+
+    Each worker is a session of its own (its own runtime directories, see above), so the rest needs no
+    grouping; Ray is the one thing a session starts once and keeps.
+    """
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()) or RAY_TEST_DIR in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("ray"))

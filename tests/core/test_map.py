@@ -250,7 +250,10 @@ class FailsFirstAttempt(ServiceMiddleware):
 
 @pytest.mark.parametrize("may_have_run", [False, True])
 def test_retries_follow_the_single_call_rules_per_item(may_have_run: bool) -> None:
-    config = {**QUIET, "service_call": {"max_retries": 2, "retry_interval": 0.01}}
+    # A retry budget of the test's own that cannot run out (the budget is the process's, per service and
+    # settings: with the default settings, the other tests' retries to "work" would spend it).
+    service_call = {"max_retries": 2, "retry_interval": 0.01, "retry_budget_min_per_second": 1000.0}
+    config = {**QUIET, "service_call": service_call}
     environment = ServiceEnvironment("map-retry", config)
     environment.register_service("work", Work)
     middleware = FailsFirstAttempt(may_have_run)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,31 +20,48 @@ GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide-transport.md"
 DISTRIBUTION = "kservice-loopback-transport"
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a process that has the distribution installed (by pip, into a directory of its own).
+
+    Not into this interpreter's environment: a suite run on several workers shares it, and the
+    plugin would join the other workers' tests.
+    """
     # Built from a copy: pip builds in the source tree and would leave build/ and *.egg-info behind.
-    source = tmp_path_factory.mktemp("example") / "example_transport"
+    root = tmp_path_factory.mktemp("example")
+    source, site = root / "example_transport", root / "site"
     shutil.copytree(EXAMPLE, source)
-    _pip("install", "--no-build-isolation", "--no-deps", "-q", str(source))
-    try:
-        yield
-    finally:
-        _pip("uninstall", "-y", "-q", DISTRIBUTION)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    env = cli_env()
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+    return env
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, env=cli_env()
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, env=env
     )
 
 
 @pytest.mark.timeout(180)
-def test_installed_transport_is_loaded_and_carries_calls(installed: None) -> None:
-    listed = run_cli("plugins", "--json")
+def test_installed_transport_is_loaded_and_carries_calls(installed: dict[str, str]) -> None:
+    listed = run_cli("plugins", "--json", env=installed)
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert rows["loopback"]["origin"] == f"entry point of {DISTRIBUTION} 1.0", listed.stdout
     assert rows["loopback"]["state"] == "loaded" and "kservice_register_transports" in rows["loopback"]["hooks"]
@@ -102,13 +119,14 @@ def test_installed_transport_is_loaded_and_carries_calls(installed: None) -> Non
             except KeyError as exc:                                       # error types survive the trip
                 assert exc.remote_type == "KeyError"
         print("ok")
-        """
+        """,
+        installed,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
     # The plugin's configuration key joins validation and `config show`.
-    shown = run_cli("config", "show")
+    shown = run_cli("config", "show", env=installed)
     assert "loopback:\n  protocol: 5" in shown.stdout
 
 

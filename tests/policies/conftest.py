@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +17,39 @@ from tests.conftest import clean_environ
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
-EXAMPLE_DIST = "kservice-example-policies"
 
 
 @pytest.fixture(scope="session")
-def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Pip-install the example plugin distribution into this interpreter's environment for the session."""
-    # Build from a copy so the source tree gets no build/ or *.egg-info litter.
-    source = tmp_path_factory.mktemp("example") / "example_plugin"
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example plugin distribution, installed by pip into a directory of its own: put it on ``PYTHONPATH``.
+
+    Not into this interpreter's environment: a suite run on several workers shares it, and the
+    plugin would replace the retry policy of the other workers' tests.
+    """
+    # Built from a copy so the source tree gets no build/ or *.egg-info litter.
+    root = tmp_path_factory.mktemp("example")
+    source, site = root / "example_plugin", root / "site"
     shutil.copytree(EXAMPLE, source)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(source),
+        ],
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    try:
-        yield EXAMPLE_DIST
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "uninstall", "-y", "-q", EXAMPLE_DIST], capture_output=True, timeout=300
-        )
+    assert any(site.glob("kservice_example_policies-*.dist-info"))
+    return site
 
 
 def chain_of(manager: Any, service_name: str) -> tuple[Any, ...]:

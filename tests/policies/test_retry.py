@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import kservice
@@ -262,8 +264,8 @@ def test_never_policy_and_zero_retries_leave_the_chain_empty() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_the_example_distribution_replaces_the_policy_and_adds_middleware(example_plugin: str) -> None:
-    from tests.policies.conftest import run_script
+def test_the_example_distribution_replaces_the_policy_and_adds_middleware(example_plugin: Path) -> None:
+    from tests.policies.conftest import REPO, run_script
 
     result = run_script(
         """
@@ -291,7 +293,8 @@ def test_the_example_distribution_replaces_the_policy_and_adds_middleware(exampl
             out["plain_stamp"] = manager.call_service_sync("plain", "request_metadata").get("example.stamp")
             out["seen"] = seen[-2:]
             print(json.dumps(out))
-        """
+        """,
+        env={"PYTHONPATH": os.pathsep.join([str(example_plugin), str(REPO)])},
     )
     assert "example_policies" in result["plugins"]
     assert result["plain"] == 1  # built-in policy: not idempotent, not retried
