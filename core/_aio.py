@@ -304,7 +304,9 @@ async def execute_coroutine(
     many run at once. The deadline cancels the method (CancelledError inside
     it) and answers ServiceTimeoutError. A service declared not thread-safe
     holds the task's serial lock while its coroutine runs, so its calls run one
-    at a time, sync or async.
+    at a time, sync or async. Whatever the method raises is its error
+    response, ``BaseException`` included (SystemExit, KeyboardInterrupt,
+    GeneratorExit), as for ``execute``: never the end of the loop.
     """
     deadline = request.deadline
     if deadline is not None and time.time() > deadline:
@@ -367,17 +369,22 @@ async def _run_method(task: BaseServiceTask, request: ServiceRequest, method: Ca
     except MiddlewareError as exc:
         request, limit = exc.request, exc.index
         response = ServiceResponse.from_exception(request.request_id, exc.error, origin="service")
-    except Exception as exc:
-        response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
     except asyncio.CancelledError:
         next(task._finished)
         next(task._failed)
         raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the method's outcome, not the loop's end
+        # (asyncio re-raises SystemExit and KeyboardInterrupt out of a task, which would end the loop's
+        # thread: every later coroutine call of the task would wait out its timeout.)
+        response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
     finally:
         if serial is not None:
             serial.release()
     if chain is not None:
-        response = chain.run_after(request, response, limit, began)
+        try:
+            response = chain.run_after(request, response, limit, began)
+        except BaseException as exc:  # noqa: BLE001 - an after-hook that raises past the chain's own guard
+            response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
     next(task._finished)
     if not response.success:
         next(task._failed)

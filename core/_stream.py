@@ -427,7 +427,7 @@ def _pass_in_place(
                 break
             if perf_counter() > stop_at:
                 break
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the generator's outcome, not the thread's end
         response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
     finally:
         _current_request.reset(token)
@@ -805,7 +805,7 @@ class SyncStreamRun:
                     break
                 if stop_at is not None and perf_counter() > stop_at:
                     break
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the generator's outcome, not the thread's end
             self.response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
         finally:
             _current_request.reset(token)
@@ -829,7 +829,7 @@ class SyncStreamRun:
             token = _current_request.set(self.request)
             try:
                 generator.close()  # its finally runs, here, now
-            except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+            except BaseException:  # noqa: BLE001 - the stream's outcome is decided already
                 pass
             finally:
                 _current_request.reset(token)
@@ -898,7 +898,7 @@ async def serve_async_stream(
                 response = _stopped_response(request, sink)
                 sink.end(_conclude(task, request, response, limit, began, count))
                 raise
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the generator's outcome, not the loop's end
                 response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
             finally:
                 if generator is not None:
@@ -1186,7 +1186,7 @@ class _PulledRun:
         except StopIteration:
             self._generator = None  # exhausted: closing it would do nothing
             self._response = ServiceResponse(True, None, None, request.request_id)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the generator's outcome, not the thread's end
             self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
         finally:
             _current_request.reset(token)
@@ -1401,7 +1401,7 @@ def _close_generator(generator: Any, request: ServiceRequest) -> None:
     token = _current_request.set(request)
     try:
         generator.close()
-    except Exception:  # noqa: BLE001 - the stream's outcome is decided already
+    except BaseException:  # noqa: BLE001 - the stream's outcome is decided already
         pass
     finally:
         _current_request.reset(token)
@@ -1911,7 +1911,7 @@ class PulledItems(_PulledRun, ItemStream):
         except StopIteration:
             self._generator = None  # exhausted: closing it would do nothing
             self._response = ServiceResponse(True, None, None, request.request_id)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - SystemExit & co. are the generator's outcome, not the thread's end
             self._response = ServiceResponse.from_exception(request.request_id, exc, origin="service")
         else:
             self._count = 1

@@ -60,3 +60,39 @@ class Counter:
 
     def raise_unprintable_exit(self) -> None:
         raise UnprintableExit(1)
+
+
+def _thread_killer(remote_type: str) -> BaseException:
+    """A new instance of the exception ``remote_type`` names (one of ``THREAD_KILLERS`` in test_worker_faults)."""
+    return {
+        "SystemExit": lambda: SystemExit(3),
+        "KeyboardInterrupt": lambda: KeyboardInterrupt("pressed inside the method"),
+        "GeneratorExit": GeneratorExit,
+        "tests.core.faulty.UnprintableError": UnprintableError,
+        "tests.core.faulty.UnprintableExit": lambda: UnprintableExit(1),
+    }[remote_type]()
+
+
+class Raisers:
+    """A coroutine method and generators (sync and async) that raise what kills threads and event loops.
+
+    ``remote_type`` names the exception, as the caller's error will.
+    """
+
+    async def araise(self, remote_type: str) -> None:
+        raise _thread_killer(remote_type)
+
+    def stream_raise(self, remote_type: str) -> Any:
+        yield "before"
+        raise _thread_killer(remote_type)
+
+    async def astream_raise(self, remote_type: str) -> Any:
+        yield "before"
+        raise _thread_killer(remote_type)
+
+    async def aecho(self, value: Any) -> Any:
+        return value
+
+    async def acount(self, n: int) -> Any:
+        for i in range(n):
+            yield i

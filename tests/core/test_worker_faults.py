@@ -30,7 +30,7 @@ from kservice import (
 from kservice._context import _current_request
 from kservice.testing import wait_for
 
-from tests.core.faulty import Counter
+from tests.core.faulty import Counter, Raisers
 
 #: the task's cap on remembered method names
 MAX_TRACKED_METHODS: int = getattr(_task, "MAX_TRACKED_METHODS", 1024)
@@ -101,6 +101,37 @@ def test_a_method_raising_what_kills_threads_is_an_error_response_and_the_pool_s
         assert task.service is instance
         assert manager.call_service_sync("counter", "add", (1,)) == 6
         assert [manager.call_service_sync("counter", "echo", (i,)) for i in range(8)] == list(range(8))
+
+
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_coroutine_method_or_a_generator_raising_what_kills_threads_is_an_error_and_the_task_serves_on(
+    kind: str,
+) -> None:
+    """The coroutine and generator twins of the test above, in-process and in a ``process`` host.
+
+    Before: an ``async def`` method or async generator raising SystemExit or KeyboardInterrupt ended
+    the task's event loop (asyncio re-raises both out of the loop), so that call and every later
+    coroutine call or async stream of the service waited out its timeout; a generator raising any
+    of them ended its stream with a timeout instead of the error.
+    """
+    with ServiceEnvironment("faults", CONFIG) as env:
+        env.register_service("raisers", ServiceFactory("raisers", Raisers), kind=kind)
+        manager = env.manager()
+        for _, remote_type in THREAD_KILLERS:
+            started = time.monotonic()
+            with pytest.raises(ServiceCallError) as raised:
+                manager.call_service_async("raisers", "araise", (remote_type,), timeout=5).result(10)
+            assert raised.value.remote_type == remote_type
+            for method in ("stream_raise", "astream_raise"):
+                stream = manager.stream("raisers", method, (remote_type,), timeout=5)
+                assert next(stream) == "before"
+                with pytest.raises(ServiceCallError) as raised:
+                    next(stream)
+                assert raised.value.remote_type == remote_type, method
+            assert time.monotonic() - started < 3.0, f"{remote_type}: a caller waited for its timeout"
+            # The event loop serves on: a coroutine call and an async stream right after.
+            assert manager.call_service_sync("raisers", "aecho", (remote_type,), timeout=5) == remote_type
+            assert list(manager.stream("raisers", "acount", (3,), timeout=5)) == [0, 1, 2]
 
 
 def test_an_unprintable_exception_is_described_by_its_type() -> None:

@@ -49,6 +49,9 @@ class AsyncReplica:
     async def fail(self, message: str) -> None:
         raise ValueError(message)
 
+    async def exit(self, code: int) -> None:
+        raise SystemExit(code)  # the method's outcome: not the end of the replica's event loop
+
     def report(self) -> list[str]:
         return list(self.cancelled)
 

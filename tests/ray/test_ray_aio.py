@@ -7,7 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kservice import ServiceEnvironment, ServiceManager, ServiceTimeoutError, ServiceUnavailableError
+from kservice import (
+    ServiceCallError,
+    ServiceEnvironment,
+    ServiceManager,
+    ServiceTimeoutError,
+    ServiceUnavailableError,
+)
 from kservice.testing import wait_for
 from ray_services import quiet_config
 
@@ -44,6 +50,20 @@ def test_coroutine_methods_are_awaited_in_an_async_replica(manager: ServiceManag
     assert time.monotonic() - began < 4.0
     with pytest.raises(ValueError, match="nope"):
         manager.call_service_sync("areplica", "fail", ("nope",))
+
+
+@pytest.mark.timeout(120)
+def test_a_coroutine_raising_system_exit_in_a_replica_is_its_error_and_the_replica_serves_on(
+    manager: ServiceManager,
+) -> None:
+    # Before: SystemExit ended the hosted task's event loop; this call and every later coroutine call
+    # of the replica waited out its timeout.
+    began = time.monotonic()
+    with pytest.raises(ServiceCallError) as raised:
+        manager.call_service_sync("areplica", "exit", (3,), timeout=10)
+    assert raised.value.remote_type == "SystemExit"
+    assert time.monotonic() - began < 5.0
+    assert manager.call_service_sync("areplica", "hello", (2,), timeout=10) == "hello 4"
 
 
 @pytest.mark.timeout(120)
