@@ -329,7 +329,7 @@ def _is_address_list(answer: Any) -> bool:
 def _quietly(callback: Callable[[], None]) -> None:
     try:
         callback()
-    except Exception:  # noqa: BLE001 - a failing callback must not stop the timer or its workers
+    except BaseException:  # noqa: BLE001 - a failing callback (SystemExit included) must not stop the timer or its workers
         pass
 
 

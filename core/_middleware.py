@@ -9,7 +9,11 @@ error. After-hooks see failures too, may return a replacement response, and
 finish before the caller gets its result; an after-hook that raises turns the
 response into that error and the remaining after-hooks still run. Observers
 (``observe_call``/``observe_handle``) run last, with the final response and
-the call's duration, and only for calls that reached their middleware.
+the call's duration, and only for calls that reached their middleware; what
+one raises is ignored. "Raises" means anything, ``BaseException`` included:
+a hook's SystemExit or KeyboardInterrupt is its call's outcome (on the
+caller's side, the caller gets that exception itself, as from a sync call),
+never the end of the thread that ran the hook.
 
 Threads: client hooks run in the calling thread for sync calls; for async
 calls ``before_call`` runs in the calling thread and ``after_call`` in the
@@ -591,7 +595,7 @@ class MiddlewareChain:
         for check in self._admit_batches:
             try:
                 refusal = check(batch)
-            except Exception as exc:  # noqa: BLE001 - as a before_call that raises: the chunk fails with it
+            except BaseException as exc:  # noqa: BLE001 - as a before_call that raises: the chunk fails with it
                 refusal = exc
             if refusal is not None:
                 batch.refused = refusal
@@ -610,12 +614,12 @@ class MiddlewareChain:
         for hook in self._after_batches:
             try:
                 hook(batch)
-            except Exception as exc:  # noqa: BLE001 - as a raising after-hook: the calls' outcome becomes the error
+            except BaseException as exc:  # noqa: BLE001 - as a raising after-hook: the calls' outcome becomes the error
                 batch.failures = _fail_every(batch, exc, self._error_origin, None)
         for observe in self._observe_batches:
             try:
                 observe(batch)
-            except Exception:  # noqa: BLE001 - observers only watch
+            except BaseException:  # noqa: BLE001 - observers only watch
                 continue
 
     def _refuse(self, service_name: str, method_name: str, answer: Any, index: int) -> BaseException:
@@ -709,7 +713,7 @@ class MiddlewareChain:
             admit += [
                 f"{indent}try:",
                 f"{indent}    error = check_{index}(service_name, method_name)",
-                f"{indent}except Exception:",  # a failing check decides nothing: the chain handles the call
+                f"{indent}except BaseException:",  # a failing check decides nothing: the chain handles the call
                 f"{indent}    return None",
                 f"{indent}if error is not None:",
                 f"{indent}    return refuse(service_name, method_name, error, {position})",
@@ -721,7 +725,7 @@ class MiddlewareChain:
             lines = [
                 "    try:",
                 f"        outcome = before_{index}(request)",
-                "    except Exception as exc:",
+                "    except BaseException as exc:",
                 f"        raise MiddlewareError({index}, exc, request) from exc",
                 "    if outcome is not None:",
                 "        if isinstance(outcome, ServiceResponse):",
@@ -750,7 +754,7 @@ class MiddlewareChain:
                 lines = [
                     "try:",
                     f"    outcome = before_{index}(request)",
-                    "except Exception as exc:",
+                    "except BaseException as exc:",
                     "    response = from_exception(request_id, exc, origin=origin)",
                     f"    limit = {index}",
                     "    break",
@@ -782,7 +786,7 @@ class MiddlewareChain:
                 else f"    if limit > {index}:",
                 "        try:",
                 f"            outcome = after_{index}(response, request)",
-                "        except Exception as exc:",
+                "        except BaseException as exc:",
                 "            response = from_exception(request.request_id, exc, origin=origin)",
                 "        else:",
                 "            if outcome is not None:",
@@ -798,7 +802,7 @@ class MiddlewareChain:
                 f"    if limit > {index}:",
                 "        try:",
                 f"            observe_{index}(request, response, seconds)",
-                "        except Exception:",
+                "        except BaseException:",
                 "            pass",
             ]
         sync += [

@@ -1267,7 +1267,7 @@ class _ClientRings:
             log.warning("mmap async responses: the response to %s (%s) cannot be decoded: %s", request_id, call, exc)
             try:
                 reply(_undecodable_response(request_id, call, exc))
-            except Exception:  # a failing callback must not stop the dispatcher
+            except BaseException:  # noqa: BLE001 - a failing callback (SystemExit included) must not stop the dispatcher
                 log.exception("mmap async responses: completing %s failed", request_id)
 
     def _deliver(self, records: list[bytes]) -> None:
@@ -1294,7 +1294,7 @@ class _ClientRings:
                     else:
                         # A chunk's answer (see MmapConnection.send_chunk) goes to its callback as it came.
                         reply(message if len(message) == 3 else response_from_message(message))  # type: ignore[arg-type]
-                except Exception:  # a failing callback must not stop the dispatcher
+                except BaseException:  # noqa: BLE001 - a failing callback (SystemExit included) must not stop the dispatcher
                     log.exception("mmap async responses: completing %s failed", request_id)
 
     def _check_pending(self, queue: ShmQueue) -> None:
@@ -1339,7 +1339,7 @@ class _ClientRings:
                 response = _runtime_error(request_id, ServiceUnavailableError(message), may_have_run)
                 if not may_have_run:
                     response.metadata[CONNECTION_CLOSED] = True  # the dead host's ring will never be read
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(BaseException):  # a failing callback must not stop the dispatcher
                     reply(response)
 
     def forget(self, request_id: str) -> bool:
@@ -1929,7 +1929,7 @@ class MmapConnection(Connection):
             _client.senders.pop(request_id, None)
             try:
                 reply(failed)
-            except Exception:  # a failing callback must not stop the sender
+            except BaseException:  # noqa: BLE001 - a failing callback (SystemExit included) must not stop the sender
                 log.exception("mmap: completing %s failed", request_id)
 
     def cancel(self, request: ServiceRequest) -> None:

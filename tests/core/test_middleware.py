@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kservice import (
     MAY_HAVE_RUN,
     ServiceEnvironment,
+    ServiceFactory,
     ServiceManager,
     ServiceMiddleware,
     ServiceRequest,
@@ -19,6 +20,7 @@ from kservice import (
     ServiceUnavailableError,
 )
 
+from tests.core.faulty import Counter
 from tests.core.services import KeyValue
 
 
@@ -103,6 +105,42 @@ class Rewrite(ServiceMiddleware):
         if response.success and isinstance(response.result, int):
             return ServiceResponse(True, response.result * 10, request_id=response.request_id)
         return response
+
+
+class ExitsInHooks(ServiceMiddleware):
+    """Client hooks that raise what ends threads: SystemExit after ``add``'s answer, KeyboardInterrupt before ``value``."""
+
+    def before_call(self, request: ServiceRequest) -> None:
+        if request.method_name == "value":
+            raise KeyboardInterrupt("pressed in a before-hook")
+
+    def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
+        if request.method_name == "add":
+            raise SystemExit(9)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_client_hook_raising_system_exit_is_its_calls_outcome_and_async_calls_go_on(kind: str) -> None:
+    """Before: over mmap, the after-hook ran in the connection's response thread and SystemExit ended it,
+    so this call and every later async call of the process waited out its timeout; in-process, the call
+    waited out its deadline and was then reported as held by the hook."""
+    environment = ServiceEnvironment("hook-exits", {"service_call": {"max_retries": 0}})
+    environment.register_service("counter", ServiceFactory("counter", Counter), kind=kind)
+    environment.add_middleware(ExitsInHooks())
+    with environment, ServiceManager(environment) as manager:
+        for _ in range(2):
+            began = time.monotonic()
+            with pytest.raises(SystemExit):  # as from a sync call, whose hooks run in the caller's thread
+                manager.call_service_async("counter", "add", (1,), timeout=5).result(10)
+            with pytest.raises(KeyboardInterrupt, match="before-hook"):
+                manager.call_service_async("counter", "value", timeout=5).result(10)
+            assert time.monotonic() - began < 2.5, "a call waited for its timeout"
+            futures = [manager.call_service_async("counter", "echo", (i,), timeout=5) for i in range(20)]
+            assert [future.result(10) for future in futures] == list(range(20))
+        with pytest.raises(SystemExit):
+            manager.call_service_sync("counter", "add", (1,), timeout=5)
+        assert manager.call_service_sync("counter", "echo", ("still serving",), timeout=5) == "still serving"
 
 
 def test_hooks_may_replace_request_and_response() -> None:
