@@ -391,7 +391,7 @@ class _Route:
             return None
         try:
             delay: Any = self.retry.should_retry(request, response, attempt, self.is_idempotent(request.method_name))
-        except Exception as exc:  # noqa: BLE001 - a bug in the policy: the call keeps its own outcome
+        except BaseException as exc:  # noqa: BLE001 - a bug in the policy (SystemExit included): the call keeps its own outcome
             self._policy_failed(f"raised {type(exc).__name__}: {exc}")
             return None
         if delay is None:

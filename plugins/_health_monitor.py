@@ -178,7 +178,7 @@ class _Pool:
                 fn, args = item
                 try:
                     fn(*args)
-                except Exception:  # a failing job must not kill the pool thread
+                except BaseException:  # noqa: BLE001 - a failing job (SystemExit included) must not kill the pool thread
                     log.exception("kservice health job failed")
             with self._lock:
                 if item is None or self._closed:
@@ -363,11 +363,11 @@ class _Monitor:
                 mon.current_check = name
                 try:
                     reason = check(task)
-                except Exception as exc:  # a raising check is a failed check
+                except BaseException as exc:  # noqa: BLE001 - a raising check is a failed check, whatever it raises
                     reason = f"health check {name!r} raised {type(exc).__name__}: {exc}"
                 if reason:
                     reasons.append(str(reason))
-        except Exception as exc:  # e.g. a broken kservice_health_checks hook
+        except BaseException as exc:  # noqa: BLE001 - e.g. a broken kservice_health_checks hook
             reasons.append(f"health checks could not run: {type(exc).__name__}: {exc}")
         with self._cond:
             if mon.abandoned == job:
@@ -432,7 +432,7 @@ class _Monitor:
         log.warning("recovering service %r (%s)", task.service_name, reason)
         try:
             action = task.recover(reason)
-        except Exception as exc:  # a failed recovery counts as used and is reported
+        except BaseException as exc:  # noqa: BLE001 - a failed recovery counts as used and is reported
             action = f"recovery failed: {type(exc).__name__}: {exc}"
             log.error("recovering service %r failed: %s", task.service_name, action)
         with self._cond:

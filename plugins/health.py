@@ -175,7 +175,7 @@ def check_task(task: BaseServiceTask) -> str | None:
     for name, check in (("listeners", _check_listeners), ("check_health", _check_service)):
         try:
             reason = check(task)
-        except Exception as exc:  # diagnostics report a raising check as its reason
+        except BaseException as exc:  # noqa: BLE001 - diagnostics report a raising check as its reason
             reason = f"health check {name!r} raised {type(exc).__name__}: {exc}"
         if reason:
             reasons.append(reason)

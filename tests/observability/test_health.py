@@ -318,15 +318,23 @@ def test_checks_from_the_hook_run_and_a_raising_one_is_a_failure(register_plugin
 
 
 @pytest.mark.timeout(30)
-def test_raising_check_health_is_a_failure_with_the_error_named() -> None:
+@pytest.mark.parametrize(
+    ("error", "named"),
+    [
+        (RuntimeError("database unreachable"), "RuntimeError: database unreachable"),
+        # Before: it ended the health pool's thread, and the round was reported as a check still hung.
+        (SystemExit("pool thread gone"), "SystemExit: pool thread gone"),
+    ],
+)
+def test_raising_check_health_is_a_failure_with_the_error_named(error: BaseException, named: str) -> None:
     class Raising(Echo):
         def check_health(self) -> None:
-            raise RuntimeError("database unreachable")
+            raise error
 
     with kservice.ServiceEnvironment("h", {"health": {**FAST, "max_restarts": 0, "failure_threshold": 100}}) as env:
         task = env.register_service("r", Raising)
         wait_for(lambda: task.health_reason, what="a failed round")
-        assert "health check 'check_health' raised RuntimeError: database unreachable" in task.health_reason
+        assert f"health check 'check_health' raised {named}" in task.health_reason
         assert not task.get_service_status().healthy
 
 

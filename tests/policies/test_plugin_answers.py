@@ -22,8 +22,11 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class BuggyPolicy:
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error or ValueError("a bug in the policy")
+
     def should_retry(self, request: Any, response: Any, attempt: int, idempotent: bool) -> float | None:
-        raise ValueError("a bug in the policy")
+        raise self.error
 
 
 class Answers:
@@ -72,13 +75,22 @@ def env() -> Iterator[ServiceEnvironment]:
         yield environment
 
 
+@pytest.mark.parametrize(
+    ("error", "named"),
+    [
+        (ValueError("a bug in the policy"), "ValueError: a bug in the policy"),
+        # Before: SystemExit went through the policy's guard (in the connection's response thread, for
+        # an async call: the call then waited out its deadline and was reported held by the policy).
+        (SystemExit("policy exits"), "SystemExit: policy exits"),
+    ],
+)
 def test_a_retry_policy_that_raises_leaves_each_call_its_own_outcome_by_its_deadline(
-    answers: Answers, env: ServiceEnvironment
+    answers: Answers, env: ServiceEnvironment, error: BaseException, named: str
 ) -> None:
-    answers.policy = BuggyPolicy()
+    answers.policy = BuggyPolicy(error)
     with ServiceManager(env) as manager:
         # Before: the sync call raised the policy's bare ValueError instead of its own KeyError.
-        with pytest.warns(RuntimeWarning, match=r"retry policy .*BuggyPolicy.* raised ValueError: a bug in the policy"):
+        with pytest.warns(RuntimeWarning, match=rf"retry policy .*BuggyPolicy.* raised {named}"):
             with pytest.raises(ServiceCallError) as raised:
                 manager.call_service_sync("kv", "pop", ("missing",), timeout=5)
         assert isinstance(raised.value, KeyError)
