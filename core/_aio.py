@@ -121,7 +121,15 @@ class TaskLoop:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        while True:
+            try:
+                self.loop.run_forever()
+                return  # stopped by stop()
+            except BaseException:  # noqa: BLE001 - the service's SystemExit or KeyboardInterrupt, not the loop's end
+                # asyncio re-raises both out of the loop when a coroutine of the service raises them (an
+                # ``async def setup()`` or ``cleanup()``, a coroutine awaited for a transport): the task that
+                # raised has its exception already, which reaches whoever awaits it once the loop runs on.
+                continue
 
     @property
     def thread(self) -> threading.Thread:

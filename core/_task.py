@@ -705,10 +705,12 @@ class BaseServiceTask:
                 # Running before the listeners open: a request arriving through one is served, not refused.
                 self._state = "running"
                 self.listeners = list(self.open_listeners())
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - the service's SystemExit too: the start failed, the task is not left starting
                 self._state = "failed"
                 self._teardown(time.monotonic())
                 self._announce("kservice_task_failed", task=self, error=exc)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise  # a Ctrl-C while starting stops the program, as anywhere else
                 raise ServiceUnavailableError(
                     f"service {self.service_name!r} failed to start: {type(exc).__name__}: {exc}"
                 ) from exc
@@ -806,7 +808,7 @@ class BaseServiceTask:
         if self._service is not None:
             try:
                 _call_lifecycle(self._service, ("cleanup", "close"))
-            except Exception:  # noqa: BLE001 - the task stops whatever the service's cleanup does
+            except BaseException:  # noqa: BLE001 - the task stops whatever the service's cleanup does (SystemExit too)
                 pass
             self._service = None
 

@@ -96,3 +96,31 @@ class Raisers:
     async def acount(self, n: int) -> Any:
         for i in range(n):
             yield i
+
+
+class ExitsInSetup:
+    """A ``setup()`` that raises SystemExit (``async``: on the task's event loop)."""
+
+    def setup(self) -> None:
+        raise SystemExit("setup gave up")
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+
+class ExitsInAsyncSetup:
+    async def setup(self) -> None:
+        raise SystemExit("async setup gave up")
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+
+class InterruptedInAsyncCleanup:
+    """An ``async def cleanup()`` that raises KeyboardInterrupt (on the task's event loop)."""
+
+    async def cleanup(self) -> None:
+        raise KeyboardInterrupt("pressed in cleanup")
+
+    async def echo(self, value: Any) -> Any:
+        return value

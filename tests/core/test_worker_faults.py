@@ -25,12 +25,13 @@ from kservice import (
     ServiceRequest,
     ServiceResponse,
     ServiceTimeoutError,
+    ServiceUnavailableError,
     _task,
 )
 from kservice._context import _current_request
 from kservice.testing import wait_for
 
-from tests.core.faulty import Counter, Raisers
+from tests.core.faulty import Counter, ExitsInAsyncSetup, ExitsInSetup, InterruptedInAsyncCleanup, Raisers
 
 #: the task's cap on remembered method names
 MAX_TRACKED_METHODS: int = getattr(_task, "MAX_TRACKED_METHODS", 1024)
@@ -132,6 +133,31 @@ def test_a_coroutine_method_or_a_generator_raising_what_kills_threads_is_an_erro
             # The event loop serves on: a coroutine call and an async stream right after.
             assert manager.call_service_sync("raisers", "aecho", (remote_type,), timeout=5) == remote_type
             assert list(manager.stream("raisers", "acount", (3,), timeout=5)) == [0, 1, 2]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_setup_or_cleanup_raising_what_ends_threads_fails_the_start_or_ends_the_stop_at_once(kind: str) -> None:
+    """Before: an ``async def setup()`` raising SystemExit ended the task's event loop, and the start
+    waited for it for good in-process (60 s, ``mmap.start_timeout``, in a host); a plain ``setup()``
+    raising it escaped ``start()`` and left the task ``starting`` for good; an ``async def cleanup()``
+    raising KeyboardInterrupt held the stop 30 s."""
+    for cls in (ExitsInSetup, ExitsInAsyncSetup):
+        environment = ServiceEnvironment("faults", CONFIG)
+        task = environment.register_service("x", ServiceFactory("x", cls), kind=kind)
+        began = time.monotonic()
+        with pytest.raises(ServiceUnavailableError, match=r"failed to start: .*SystemExit: .*setup gave up"):
+            environment.start()
+        assert time.monotonic() - began < 10, f"{cls.__name__}: the start took {time.monotonic() - began:.1f} s"
+        assert task.state == "failed", cls
+        environment.stop()
+    environment = ServiceEnvironment("faults", CONFIG)
+    environment.register_service("x", ServiceFactory("x", InterruptedInAsyncCleanup), kind=kind)
+    with environment:
+        with ServiceManager(environment) as manager:
+            assert manager.call_service_sync("x", "echo", ("up",)) == "up"
+        began = time.monotonic()
+    assert time.monotonic() - began < 10, f"the stop took {time.monotonic() - began:.1f} s"
 
 
 def test_an_unprintable_exception_is_described_by_its_type() -> None:
