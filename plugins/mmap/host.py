@@ -703,14 +703,22 @@ def _child_main(output_fd: int) -> int:
     """Host one service for a ProcessServiceTask; the spec arrives on stdin."""
     stdin = sys.stdin.buffer
     stop = threading.Event()
+    started = threading.Event()
     try:
         loaded = pickle.loads(_read_blob(stdin))
+        threading.Thread(
+            target=_exit_if_orphaned_before,
+            args=(started, loaded.get("parent", os.getppid())),
+            name="parent-watch-start",
+            daemon=True,
+        ).start()
         factory: ServiceFactory = loaded["factory"]
         config = Config.load(loaded["config"])
         task = LocalServiceTask(
             factory, TaskContext(loaded["environment"], config, _load_middlewares(loaded.get("middlewares", ())))
         )
         task.start_service()
+        started.set()
     except BaseException as exc:  # reported to the parent, which raises it
         traceback.print_exc()
         sys.stderr.flush()
@@ -761,6 +769,19 @@ def _child_main(output_fd: int) -> int:
         task.stop_service(drain[0])
         restore()
     return 0
+
+
+def _exit_if_orphaned_before(started: threading.Event, parent: int) -> None:
+    """Exit the host at once if its parent dies before the service has started (``started`` set).
+
+    A ``setup()`` that never returns (a download that stalled) would otherwise
+    keep an orphaned host for good: the parent's ``mmap.start_timeout``, which
+    kills it, died with the parent. Nothing is served yet, so nothing drains;
+    what the host created is reclaimed by the next kservice process.
+    """
+    while not started.wait(PARENT_CHECK):
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _stop_budget(line: bytes) -> float | None:

@@ -236,3 +236,14 @@ class FailsToStartWhile:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class SlowSetup:
+    """A ``setup()`` that writes its process id to ``$KSERVICE_TEST_SETUP_PID`` and then takes a minute."""
+
+    def setup(self) -> None:
+        Path(os.environ["KSERVICE_TEST_SETUP_PID"]).write_text(str(os.getpid()))
+        time.sleep(60)
+
+    def echo(self, value: object) -> object:
+        return value

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -222,6 +223,34 @@ def test_process_task_child_stops_when_its_parent_dies() -> None:
     parent.stdout.close()
     psutil.Process(child).wait(10)  # it noticed EOF on its stdin and drained
     assert not _files_of(child)
+    reclaim()
+
+
+def test_process_task_child_exits_when_its_parent_dies_while_the_services_setup_runs(tmp_path: Path) -> None:
+    # Before: the host watched its parent only once serving; a setup that did not return kept it for good.
+    script = """
+        from kservice import ServiceEnvironment, ServiceFactory
+        from tests.mmap.services import SlowSetup
+        env = ServiceEnvironment("orphan-starting")
+        env.register_service("slow", ServiceFactory("slow", SlowSetup), kind="process")
+        env.start()
+    """
+    pid_file = tmp_path / "setup.pid"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], env={**child_env(), "KSERVICE_TEST_SETUP_PID": str(pid_file)}
+    )
+    try:
+        wait_for(pid_file.exists, timeout=30, what="the host to run the service's setup")
+        wait_for(lambda: pid_file.read_text().strip().isdigit(), timeout=5, what="the host's pid")
+        child = int(pid_file.read_text())
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        psutil.Process(child).wait(10)
+    except psutil.TimeoutExpired:
+        psutil.Process(child).kill()
+        raise AssertionError("the host outlived its parent while the service's setup ran") from None
     reclaim()
 
 
