@@ -261,7 +261,7 @@ class _LenientUnpickler(pickle.Unpickler):
         if self.exact:
             try:
                 return super().find_class(module, name)
-            except Exception:  # noqa: BLE001 - anything unimportable becomes a placeholder
+            except BaseException:  # noqa: BLE001 - anything unimportable becomes a placeholder
                 pass
         return _Placeholder
 
@@ -278,7 +278,7 @@ def _lenient_loads(data: Any, buffers: list[Any] | None = None) -> tuple[Any, bo
         unpickler.exact = exact
         try:
             return unpickler.load(), exact
-        except Exception:  # noqa: BLE001 - reconstruction raised: try again without real classes
+        except BaseException:  # noqa: BLE001 - reconstruction raised (anything): try again without real classes
             continue
     return None, False
 
@@ -289,7 +289,7 @@ def _holds_placeholder(value: Any) -> bool:
         _dumps_pickle(value, _PROTOCOL, buffer_callback=_keep_out_of_band)
     except _PlaceholderFound:
         return True
-    except Exception:  # noqa: BLE001 - not picklable here for another reason: its data arrived whole
+    except BaseException:  # noqa: BLE001 - not picklable here for another reason: its data arrived whole
         return False
     return False
 
@@ -1183,7 +1183,7 @@ def _decode_pooled(record: bytes) -> Any:
 def _loads_out_of_band(data: Any, buffers: list[Any], name: str) -> Any:
     try:
         return _loads(data, buffers=buffers)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - the data's own code may raise anything, SystemExit too
         raise _undecodable(f"undecodable out-of-band record ({name})", exc, data, buffers) from None
 
 
@@ -1213,7 +1213,7 @@ def _load(record: bytes) -> Any:
     if tag == b"\x80":
         try:
             return _loads(record)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - the data's own code may raise anything, SystemExit too
             raise _undecodable(f"undecodable record of {len(record)} bytes", exc, record) from None
     if tag == b"P":
         return _decode_pooled(record)

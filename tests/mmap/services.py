@@ -247,3 +247,30 @@ class SlowSetup:
 
     def echo(self, value: object) -> object:
         return value
+
+
+def _load_bomb(kind: str, made_in: int) -> str:
+    """Unpickled anywhere but in process ``made_in``, raise what ends threads (``kind``: exit or interrupt)."""
+    if os.getpid() != made_in:
+        raise SystemExit(12) if kind == "exit" else KeyboardInterrupt("raised while unpickling")
+    return "loaded where it was made"
+
+
+class LoadBomb:
+    """A value whose unpickling raises SystemExit or KeyboardInterrupt in any process but the one that made it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_bomb, (self.kind, os.getpid()))
+
+
+class Bombs:
+    """Answers a LoadBomb (made in the host: it goes off in the caller), or echoes one (made in the caller)."""
+
+    def bomb(self, kind: str) -> LoadBomb:
+        return LoadBomb(kind)
+
+    def echo(self, value: object) -> object:
+        return value

@@ -18,7 +18,7 @@ from kservice import ServiceCallError, ServiceEnvironment, ServiceFactory, Servi
 from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.ring import QueueEmpty, attach_queue, create_queue
 
-from .services import KV, unique
+from .services import KV, Bombs, LoadBomb, unique
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -89,6 +89,34 @@ def test_a_result_the_caller_cannot_decode_fails_that_call_at_once_and_says_it_r
         assert "could not be decoded in the caller" in message and "kservice_host_only" in message, message
         assert "the call ran" in message
         assert manager.call_service_sync(name, "echo", (attempt,)) == attempt
+
+
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_a_value_whose_unpickling_raises_system_exit_fails_its_call_at_once_and_both_sides_go_on(kind: str) -> None:
+    """Before: the receiving thread ended (a SystemExit or KeyboardInterrupt from unpickling passed the
+    decoder's guard): an answer's ended the caller's response thread, so that call and every later async
+    call of the process waited out its timeout; an argument's ended the host's listener."""
+    name = unique("bombs")
+    environment = ServiceEnvironment("decode-faults", NO_RETRIES)
+    environment.register_service(name, ServiceFactory(name, Bombs), kind="process")
+    with environment, ServiceManager(environment) as manager:
+        for attempt in ("sync", "async", "async"):
+            started = time.monotonic()
+            with pytest.raises(ServiceCallError) as caught:  # an answer that goes off in the caller
+                if attempt == "sync":
+                    manager.call_service_sync(name, "bomb", (kind,), timeout=TIMEOUT)
+                else:
+                    manager.call_service_async(name, "bomb", (kind,), timeout=TIMEOUT).result(TIMEOUT + 5)
+            assert "could not be decoded in the caller" in str(caught.value), caught.value
+            with pytest.raises(ServiceCallError) as caught:  # an argument that goes off in the host
+                if attempt == "sync":
+                    manager.call_service_sync(name, "echo", (LoadBomb(kind),), timeout=TIMEOUT)
+                else:
+                    manager.call_service_async(name, "echo", (LoadBomb(kind),), timeout=TIMEOUT).result(TIMEOUT + 5)
+            assert "could not decode the arguments" in str(caught.value), caught.value
+            assert time.monotonic() - started < PROMPT, attempt
+            assert manager.call_service_async(name, "echo", (attempt,), timeout=TIMEOUT).result(TIMEOUT) == attempt
+            assert manager.call_service_sync(name, "echo", (attempt,), timeout=TIMEOUT) == attempt
 
 
 def test_in_a_batch_of_responses_only_the_undecodable_ones_fail(
