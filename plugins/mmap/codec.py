@@ -303,7 +303,7 @@ def _keep_out_of_band(buffer: pickle.PickleBuffer) -> bool:
     return False  # never copied: only walked
 
 
-def _undecodable(what: str, exc: Exception, data: Any, buffers: list[Any] | None = None) -> DecodeError:
+def _undecodable(what: str, exc: BaseException, data: Any, buffers: list[Any] | None = None) -> DecodeError:
     error = DecodeError(f"{what}: {type(exc).__name__}: {exc}")
     error.envelope, error.exact = _lenient_loads(data, buffers)
     return error
