@@ -6,6 +6,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +50,36 @@ def clean_environ() -> dict[str, str]:
         for k, v in os.environ.items()
         if (not k.startswith("KSERVICE_") or k in SESSION_VARIABLES) and k not in TERMINAL_SIZE_VARIABLES
     }
+
+
+def install_distribution(project: Path, root: Path) -> Path:
+    """``pip install`` the distribution whose source is ``project`` into ``root/site``; returns that directory.
+
+    Put it on ``PYTHONPATH`` (or ``sys.path``) to have the distribution installed, discovered through its
+    entry points. Never into this interpreter's environment: the suite's workers share it, and the
+    plugin would join their other tests. Built from a copy under ``root``: pip builds in the source
+    tree and would leave build/ and *.egg-info there.
+    """
+    source, site = root / project.name, root / "site"
+    shutil.copytree(project, source)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return site
 
 
 RAY_TEST_DIR = Path(__file__).resolve().parent / "ray"

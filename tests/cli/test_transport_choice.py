@@ -9,7 +9,6 @@ pluggy asks its resolver first: before transports were ranked, its answer won.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import install_distribution
 
 from .conftest import Served
 from .helpers import assert_user_error, cli_env, run_cli
@@ -27,26 +28,7 @@ RELAY = Path(__file__).resolve().parents[1] / "relay_transport"
 @pytest.fixture(scope="module")
 def relay_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The relay distribution installed by pip into a directory of its own (put on PYTHONPATH to enable it)."""
-    root = tmp_path_factory.mktemp("relay")
-    source, target = root / "source", root / "site"
-    shutil.copytree(RELAY, source)  # pip builds in the source tree: keep tests/ clean
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-build-isolation",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    target = install_distribution(RELAY, tmp_path_factory.mktemp("relay"))
     assert any(target.glob("kservice_relay_transport-1.0.dist-info"))
     yield target
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.helpers import cli_env, run_cli
+from tests.conftest import install_distribution
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "example_transport"
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide-transport.md"
@@ -22,32 +22,8 @@ DISTRIBUTION = "kservice-loopback-transport"
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment of a process that has the distribution installed (by pip, into a directory of its own).
-
-    Not into this interpreter's environment: a suite run on several workers shares it, and the
-    plugin would join the other workers' tests.
-    """
-    # Built from a copy: pip builds in the source tree and would leave build/ and *.egg-info behind.
-    root = tmp_path_factory.mktemp("example")
-    source, site = root / "example_transport", root / "site"
-    shutil.copytree(EXAMPLE, source)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-build-isolation",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(site),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    """The environment of a process that has the distribution installed (see ``install_distribution``)."""
+    site = install_distribution(EXAMPLE, tmp_path_factory.mktemp("example"))
     env = cli_env()
     env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
     return env

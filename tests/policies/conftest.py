@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import clean_environ
+from tests.conftest import clean_environ, install_distribution
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
@@ -21,33 +20,8 @@ EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
 
 @pytest.fixture(scope="session")
 def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example plugin distribution, installed by pip into a directory of its own: put it on ``PYTHONPATH``.
-
-    Not into this interpreter's environment: a suite run on several workers shares it, and the
-    plugin would replace the retry policy of the other workers' tests.
-    """
-    # Built from a copy so the source tree gets no build/ or *.egg-info litter.
-    root = tmp_path_factory.mktemp("example")
-    source, site = root / "example_plugin", root / "site"
-    shutil.copytree(EXAMPLE, source)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-build-isolation",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(site),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """The example plugin distribution, installed into a directory of its own (see ``install_distribution``)."""
+    site = install_distribution(EXAMPLE, tmp_path_factory.mktemp("example"))
     assert any(site.glob("kservice_example_policies-*.dist-info"))
     return site
 
