@@ -129,7 +129,8 @@ class TaskLoop:
                 # asyncio re-raises both out of the loop when a coroutine of the service raises them (an
                 # ``async def setup()`` or ``cleanup()``, a coroutine awaited for a transport): the task that
                 # raised has its exception already, which reaches whoever awaits it once the loop runs on.
-                continue
+                if self.loop.is_closed():
+                    return
 
     @property
     def thread(self) -> threading.Thread:

@@ -718,7 +718,7 @@ def _call_bounded(
     def run() -> None:
         try:
             answer.append(impl.function(*args))
-        except Exception as exc:  # noqa: BLE001 - reported by the caller, never stops it
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller (SystemExit too), never stops it
             failed.append(exc)
 
     now = time.monotonic()

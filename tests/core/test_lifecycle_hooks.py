@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kservice import ServiceEnvironment, get_plugin_manager, hookimpl
+from kservice import ServiceEnvironment, ServiceManager, get_plugin_manager, hookimpl
 
 from tests.core.conftest import make_distribution, run_python
 from tests.core.faulty import Counter
@@ -26,10 +26,13 @@ class RaisingPlugin:
         self.raising = raising
         self.calls: dict[str, int] = {}
 
+    #: what the hook raises (a subclass may raise SystemExit)
+    error: type[BaseException] = RuntimeError
+
     def _seen(self, hook: str) -> None:
         self.calls[hook] = self.calls.get(hook, 0) + 1
         if hook == self.raising:
-            raise RuntimeError(f"{hook} exploded on purpose")
+            raise self.error(f"{hook} exploded on purpose")
 
     @hookimpl
     def kservice_task_started(self, task: Any) -> None:
@@ -86,6 +89,24 @@ def plugins() -> Iterator[Any]:
 
 def _workers(service: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(f"kservice-{service}-") and t.is_alive()]
+
+
+class ExitingPlugin(RaisingPlugin):
+    error = SystemExit
+
+
+def test_a_lifecycle_hook_raising_system_exit_is_a_warning_naming_the_plugin_like_any_error(plugins: Any) -> None:
+    # Before: SystemExit ended the hook's thread silently: no warning named the plugin.
+    plugins(ExitingPlugin("kservice_task_started"), "exiting_plugin")
+    env = ServiceEnvironment("hooks", {"health": {"enabled": False}})
+    env.register_service("counter", Counter)
+    with pytest.warns(RuntimeWarning, match=r"plugin 'exiting_plugin': its kservice_task_started raised SystemExit"):
+        env.start()
+    try:
+        with ServiceManager(env) as manager:
+            assert manager.call_service_sync("counter", "add", (2,)) == 2
+    finally:
+        env.stop()
 
 
 @pytest.mark.parametrize("raising", LIFECYCLE_HOOKS)
