@@ -485,7 +485,7 @@ class ProcessServiceTask(BaseServiceTask):
             _check_middleware_importable(middleware, self.service_name)
             try:
                 pickled = pickle.dumps(middleware, protocol=5)
-            except Exception as exc:  # noqa: BLE001 - any pickling failure: it cannot reach the host
+            except BaseException as exc:  # noqa: BLE001 - any pickling failure: it cannot reach the host
                 raise ConfigError(
                     f"service {self.service_name!r}: middleware {type(middleware).__qualname__} has service-side "
                     f"hooks ({', '.join(_service_side_hooks(middleware))}) that must run in the process hosting "

@@ -164,7 +164,7 @@ class MmapStreamSource(StreamSource):
             record, segment = codec.encode_request(
                 request, self._ring.name, connection._owner_pid, connection._inline_limit
             )
-        except Exception as exc:  # whatever pickling raises
+        except BaseException as exc:  # noqa: BLE001 - whatever pickling raises
             self._release()
             raise connection._not_picklable(request, exc).to_exception() from None
         finally:
@@ -285,7 +285,7 @@ def _parse(records: list[bytes], request_id: str) -> tuple[list[Any], Any]:
             # An inline record: most often one item, read here without the general decoder.
             try:
                 message = _loads(record)
-            except Exception:  # noqa: BLE001 - the general decoder reports it below
+            except BaseException:  # noqa: BLE001 - the general decoder reports it below
                 message = None
             if type(message) is tuple and len(message) == 2:
                 if message[0] == request_id:
@@ -365,7 +365,7 @@ class MmapStreamSink(StreamSink):
         response = ServiceResponse(True, item, None, self._request.request_id)
         try:
             record, segment = codec.encode_response(response, self._ring.owner_pid, self._inline_limit)
-        except Exception as exc:  # whatever pickling raises
+        except BaseException as exc:  # noqa: BLE001 - whatever pickling raises
             raise TypeError(
                 f"an item of stream {self._request.service_name}.{self._request.method_name} cannot be sent to the "
                 f"caller: its type {type(item).__module__}.{type(item).__qualname__} is not picklable "

@@ -634,7 +634,7 @@ class MmapListener(Listener):
             record, segment = codec.encode_chunk_answer(
                 request.request_id, [None] * len(results), errors, queue.owner_pid, 1 << 30
             )
-        except Exception:  # some result (or error) cannot be pickled: those calls say so, the others keep theirs
+        except BaseException:  # noqa: BLE001 - some result (or error) cannot be pickled: those calls say so, the others keep theirs
             record, segment = self._encode_chunk_answer_apart(request, results, errors, queue)
         self._send_to_caller(queue, name, record, segment, "the answer to chunk", request.request_id)
 
@@ -650,7 +650,7 @@ class MmapListener(Listener):
         for index in range(len(results)):
             try:
                 pickle.dumps((results[index], errors.get(index)), 5)
-            except Exception as exc:  # noqa: BLE001 - whatever pickling raises
+            except BaseException as exc:  # noqa: BLE001 - whatever pickling raises
                 outcome = ServiceResponse(index not in errors, results[index])
                 errors[index] = _error_fields(_unpicklable_result(request, outcome, exc))
                 results[index] = None
@@ -908,7 +908,7 @@ class MmapListener(Listener):
             record, segment = codec.encode_response(response, queue.owner_pid, _inline_limit(queue))
         except SharedMemoryFull as exc:  # no room for its out-of-band segment: the caller learns why
             record, segment = codec.encode_response(_unsendable_result(request, exc), queue.owner_pid, 1 << 30)
-        except Exception as exc:  # the result (or error) cannot be pickled
+        except BaseException as exc:  # noqa: BLE001 - the result (or error) cannot be pickled
             record, segment = codec.encode_response(
                 _unpicklable_result(request, response, exc), queue.owner_pid, 1 << 30
             )
@@ -927,7 +927,7 @@ class MmapListener(Listener):
             return
         try:
             record = codec.encode_response_batch([response for _, response in replies], _inline_limit(queue))
-        except Exception:  # big or unpicklable results: each goes its own way
+        except BaseException:  # noqa: BLE001 - big or unpicklable results: each goes its own way
             record = None
         if record is None:
             for request, response in replies:
@@ -1541,14 +1541,14 @@ class MmapConnection(Connection):
             return codec.encode_request(request, response_queue, self._owner_pid, self._inline_limit)
         except SharedMemoryFull as exc:
             return self._no_room(request, exc)
-        except Exception as exc:  # whatever pickling raises
+        except BaseException as exc:  # noqa: BLE001 - whatever pickling raises
             return self._not_picklable(request, exc)
 
     def _no_room(self, request: ServiceRequest, exc: SharedMemoryFull) -> ServiceResponse:
         return self._unavailable(request, f"{exc}; nothing was sent", may_have_run=False)
 
     @staticmethod
-    def _not_picklable(request: ServiceRequest, exc: Exception) -> ServiceResponse:
+    def _not_picklable(request: ServiceRequest, exc: BaseException) -> ServiceResponse:
         error = TypeError(
             f"cannot call {request.service_name}.{request.method_name} in another process: its arguments "
             f"are not picklable ({type(exc).__name__}: {exc}); nothing was sent"
@@ -1651,7 +1651,7 @@ class MmapConnection(Connection):
         except SharedMemoryFull as exc:  # no room for the async response ring or an out-of-band segment
             reply(self._no_room(request, exc))
             return
-        except Exception as exc:  # whatever pickling raises
+        except BaseException as exc:  # noqa: BLE001 - whatever pickling raises
             reply(self._not_picklable(request, exc))
             return
         request_id = request.request_id
@@ -1696,7 +1696,7 @@ class MmapConnection(Connection):
         try:
             queue = _client._async_queue or _client.async_queue()
             record = codec.encode_request_batch(requests, queue.name, self._inline_limit)
-        except Exception:  # noqa: BLE001 - an argument that cannot be pickled (or no room): one by one says which
+        except BaseException:  # noqa: BLE001 - an argument that cannot be pickled (or no room): one by one says which
             record = None
         if record is None:
             for request in requests:
@@ -1813,7 +1813,7 @@ class MmapConnection(Connection):
                 self._inline_limit,
                 kind,
             )
-        except Exception:  # noqa: BLE001 - an argument that cannot be pickled (or no room): call by call says which
+        except BaseException:  # noqa: BLE001 - an argument that cannot be pickled (or no room): call by call says which
             return False
         if record is None:
             return False
@@ -1910,7 +1910,7 @@ class MmapConnection(Connection):
                 except QueueClosed:
                     codec.unlink_segment(segment)
                     failed = self._closed_refusal(request, "it is stopping or its host is gone")
-                except Exception as exc:  # noqa: BLE001 - fails this request, the sender goes on
+                except BaseException as exc:  # noqa: BLE001 - fails this request, the sender goes on
                     codec.unlink_segment(segment)
                     failed = _runtime_error(
                         request_id,

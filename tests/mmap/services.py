@@ -274,3 +274,27 @@ class Bombs:
 
     def echo(self, value: object) -> object:
         return value
+
+
+class PickleBomb:
+    """A value whose pickling raises SystemExit or KeyboardInterrupt (``kind``: exit or interrupt)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(13) if self.kind == "exit" else KeyboardInterrupt("raised while pickling")
+
+
+class PickleBombs:
+    """Answers, streams and takes values whose pickling raises what ends threads."""
+
+    def bomb(self, kind: str) -> PickleBomb:
+        return PickleBomb(kind)
+
+    def stream_bomb(self, kind: str) -> Iterator[object]:
+        yield "before"
+        yield PickleBomb(kind)
+
+    def echo(self, value: object) -> object:
+        return value

@@ -27,7 +27,7 @@ from kservice.plugins.mmap import codec
 from kservice.plugins.mmap.ring import LAYOUT_VERSION, QueueFull, attach_queue, create_queue, queue_directory
 from kservice.testing import wait_for
 
-from .services import KV, Broken, Serial, unique
+from .services import KV, Broken, PickleBomb, PickleBombs, Serial, unique
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,6 +108,36 @@ def test_unpicklable_result_is_a_service_call_error(kv_env: tuple[ServiceEnviron
     with pytest.raises(ServiceCallError, match=r"cannot be sent back.*not picklable"):
         manager.call_service_sync("kv", "unpicklable")
     assert manager.call_service_sync("kv", "echo", (1,)) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_a_value_whose_pickling_raises_system_exit_is_unpicklable_like_any_other(kind: str) -> None:
+    """Before: the SystemExit or KeyboardInterrupt passed the pickling guards and ended the thread encoding
+    it: the host's answer was never sent (the call waited out its timeout) and later async calls to the
+    host timed out too."""
+    name = unique("bombs")
+    config = {"service_call": {"max_retries": 0}, "breaker": {"enabled": False}}
+    environment = ServiceEnvironment("pickle-bombs", config)
+    environment.register_service(name, ServiceFactory(name, PickleBombs), kind="process")
+    with environment, ServiceManager(environment) as manager:
+        started = time.monotonic()
+        for _ in range(2):
+            with pytest.raises(ServiceCallError, match=r"cannot be sent back.*not picklable"):
+                manager.call_service_sync(name, "bomb", (kind,), timeout=10)
+            with pytest.raises(ServiceCallError, match=r"cannot be sent back.*not picklable"):
+                manager.call_service_async(name, "bomb", (kind,), timeout=10).result(15)
+            answers = list(manager.map(name, "bomb", [(kind,)] * 3, timeout=10, return_exceptions=True))
+            assert all(isinstance(answer, TypeError) and "not picklable" in str(answer) for answer in answers), answers
+            stream = manager.stream(name, "stream_bomb", (kind,), timeout=10)
+            assert next(stream) == "before"
+            with pytest.raises(TypeError, match="not picklable"):
+                next(stream)
+            for send in (manager.call_service_sync, lambda *a, **k: manager.call_service_async(*a, **k).result(15)):
+                with pytest.raises(TypeError, match=r"not picklable.*nothing was sent"):
+                    send(name, "echo", (PickleBomb(kind),), timeout=10)
+        assert time.monotonic() - started < 8.0, "a call waited for its timeout"
+        assert manager.call_service_async(name, "echo", ("still",), timeout=10).result(15) == "still"
 
 
 def test_every_record_size_up_to_beyond_the_ring_capacity(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
