@@ -25,7 +25,7 @@ from kservice import (
 )
 
 from .common import _CONTROL_GROUP, _REFUSED_KEY, MAY_HAVE_RUN_KEY, RETRYABLE_KEY, _first_line, _ray
-from .wire import _COST, WIRE_VERSION, WireRequest, WireResponse, _pack, _Stored, stream_shape
+from .wire import _COST, WIRE_VERSION, Unpicklable, WireRequest, WireResponse, _pack, _Stored, stream_shape
 
 # ---------------------------------------------------------------------------
 # Inside the actor
@@ -122,7 +122,7 @@ class _ReplicaHost:
         if type(envelope) is bytes:
             try:
                 envelope = pickle.loads(envelope)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - the arguments' own code may raise SystemExit & co.
                 # As over mmap: a TypeError (what the caller sent is wrong), not retryable (the same bytes fail
                 # the same way on every replica), nothing ran. The request id and the method are in the
                 # envelope that did not unpickle: the caller fills them in (see wire._from_wire).
@@ -160,7 +160,12 @@ class _ReplicaHost:
     def _answer(response: ServiceResponse, began: float) -> WireResponse:
         """What travels back for ``response`` (see WireResponse)."""
         if response.success and not response.metadata and not response.degraded:
-            packed = _pack(response.result)
+            try:
+                packed = _pack(response.result)
+            except Unpicklable as exc:
+                # Not handed to Ray: its serializer would raise the same SystemExit and end this replica.
+                error = TypeError(f"the result cannot be sent back to the caller: {exc}")
+                return ServiceResponse.from_exception("", error, origin="service", with_traceback=False).for_wire()
             if packed is None:
                 # A 1-tuple: Ray serializes the result itself (Ray handles, values needing cloudpickle, zero-copy buffers).
                 return (response.result,)

@@ -133,8 +133,20 @@ _picklers = threading.local()
 _by_value_modules: set[str] = set()
 
 
+class Unpicklable(TypeError):
+    """A value whose pickling raised SystemExit, KeyboardInterrupt or another exception that is no ``Exception``.
+
+    Ray's serializer would run the same code and raise it too, which ends a
+    replica's actor: such a value cannot travel at all.
+    """
+
+
 def _pack(value: Any) -> bytes | None:
-    """``value`` pickled by :class:`_EnvelopePickler`, or None when Ray must serialize it (never raises)."""
+    """``value`` pickled by :class:`_EnvelopePickler`, or None when Ray must serialize it.
+
+    Raises only :class:`Unpicklable`: when pickling raised what no serializer
+    gets past (SystemExit, KeyboardInterrupt, ...).
+    """
     # One pickler per thread, reused (half the cost of a new one); taken out while in use, so a
     # __reduce__ that itself makes a call through this transport gets a fresh one.
     pair: tuple[io.BytesIO, _EnvelopePickler] | None = _picklers.__dict__.pop("pair", None)
@@ -148,6 +160,8 @@ def _pack(value: Any) -> bytes | None:
     except Exception:
         # Not picklable here (or refused): Ray's serializer decides, and reports what it cannot handle.
         return None
+    except BaseException as exc:  # noqa: BLE001 - the value's own code raised SystemExit & co.
+        raise Unpicklable(f"it is not picklable ({type(exc).__name__}: {exc})") from None
     finally:
         buffer.seek(0)
         buffer.truncate()

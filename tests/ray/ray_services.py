@@ -173,3 +173,37 @@ def quiet_config(services: dict[str, Any]) -> dict[str, Any]:
     if "health" in Config.load(None).schema:
         config["health"] = {"enabled": False}
     return config
+
+
+def _load_bomb(made_in: int) -> str:
+    """Unpickled anywhere but in process ``made_in``: SystemExit, as ``sys.exit()`` in a class's ``__setstate__``."""
+    if os.getpid() != made_in:
+        raise SystemExit(12)
+    return "loaded where it was made"
+
+
+class LoadBomb:
+    """A value whose unpickling raises SystemExit in any process but the one that made it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_bomb, (os.getpid(),))
+
+
+class PickleBomb:
+    """A value whose pickling raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(13)
+
+
+class Bombs:
+    """Answers a value whose pickling raises SystemExit; reports the replica's process."""
+
+    def bomb(self) -> PickleBomb:
+        return PickleBomb()
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -21,7 +21,7 @@ from kservice import (
 )
 from kservice.plugins.ray import RayServiceTask
 from kservice.testing import wait_for
-from ray_services import EchoService, ShoutMiddleware, quiet_config
+from ray_services import EchoService, LoadBomb, ShoutMiddleware, quiet_config
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,29 @@ def test_unpicklable_argument_is_a_clear_error_and_the_service_keeps_serving(man
     with pytest.raises(TypeError, match="cannot be serialized"):
         future.result(20)
     assert manager.call_service_sync("echo", "echo", ("next",)) == "next"
+
+
+@pytest.mark.timeout(90)
+def test_a_value_whose_pickling_or_unpickling_raises_system_exit_fails_its_call_and_the_replica_lives(
+    ray_cluster: Any,
+) -> None:
+    # Before: Ray ran the same code serializing the result (or reading the arguments) and the SystemExit
+    # ended the replica's actor: the call failed as a lost replica and the service waited for a restart.
+    config = quiet_config({"bombs": {"class": "ray_services:Bombs", "kind": "ray"}})
+    config["service_call"] = {"max_retries": 0}
+    with ServiceEnvironment("ray-bombs", config) as env, ServiceManager(env) as manager:
+        replica = manager.call_service_sync("bombs", "pid", timeout=30)
+        for attempt in ("sync", "async"):
+            with pytest.raises(
+                TypeError, match=r"bombs\.bomb.*cannot be sent back to the caller.*not picklable.*SystemExit"
+            ):
+                if attempt == "sync":
+                    manager.call_service_sync("bombs", "bomb", timeout=30)
+                else:
+                    manager.call_service_async("bombs", "bomb", timeout=30).result(35)
+            with pytest.raises(TypeError, match=r"could not decode the arguments.*SystemExit"):
+                manager.call_service_sync("bombs", "echo", (LoadBomb(),), timeout=30)
+            assert manager.call_service_sync("bombs", "pid", timeout=30) == replica, "the replica's process changed"
 
 
 @pytest.mark.timeout(90)
