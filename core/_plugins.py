@@ -248,7 +248,7 @@ def _load_entry_point(pm: KservicePluginManager, ep: EntryPointRef) -> None:
     try:
         plugin = ep.load()
         pm.register(plugin, name=ep.name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin module that exits when imported must not end the program
         message = f"kservice plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
         pm.failures[ep.name] = f"{type(exc).__name__}: {exc}"
         pm.origins.setdefault(ep.name, origin)

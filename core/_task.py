@@ -131,7 +131,8 @@ def _working_directory_hint(module_name: str) -> str:
 def import_service_class(path: str) -> type:
     """The class named by ``'package.module:Class'`` (or ``'package.module.Class'``).
 
-    Raises ConfigError naming the path and what failed.
+    Raises ConfigError naming the path and what failed, a module that exits
+    when imported (SystemExit) included.
     """
     module_name, sep, attr = path.partition(":")
     if not sep:
@@ -140,6 +141,14 @@ def import_service_class(path: str) -> type:
         raise ConfigError(f"service class {path!r} is not an import path like 'package.module:Class'")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        # A script's module-level code (argparse, sys.exit()): left alone, the program importing it would exit
+        # with the script's own usage line, as if kservice needed the script's options.
+        raise ConfigError(
+            f"importing module {module_name!r} for service class {path!r} exited (SystemExit: {exc.code}): the "
+            "module runs a program when imported (command-line parsing, sys.exit()); move that code under "
+            "\"if __name__ == '__main__':\" so the module can be imported"
+        ) from exc
     except Exception as exc:
         hint = _working_directory_hint(module_name) if isinstance(exc, ModuleNotFoundError) else ""
         raise ConfigError(f"cannot import module {module_name!r} for service class {path!r}: {exc}{hint}") from exc

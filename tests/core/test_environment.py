@@ -43,6 +43,28 @@ def test_a_factory_takes_an_import_path_and_refuses_what_cannot_build_a_service(
         ServiceFactory("kv", 42)  # type: ignore[arg-type]
 
 
+def test_a_service_module_that_exits_when_imported_is_a_config_error_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A script's module-level command-line parsing: argparse exits (SystemExit 2) when another program imports it.
+    # Before: the SystemExit went through, and `kservice serve app=cli_script:App` exited 2 printing only the
+    # script's usage line, as if kservice needed its --port.
+    (tmp_path / "cli_script.py").write_text(
+        "import argparse\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--port', type=int, required=True)\n"
+        "args = parser.parse_args([])\n"
+        "class App:\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as raised:
+        ServiceFactory("app", "cli_script:App")  # type: ignore[arg-type]
+    message = str(raised.value)
+    assert "importing module 'cli_script' for service class 'cli_script:App' exited (SystemExit: 2)" in message
+    assert "if __name__ == '__main__':" in message
+
+
 def test_register_factory_with_options_and_ready_task() -> None:
     env = ServiceEnvironment("e")
     task = env.register_service("kv", ServiceFactory("kv", KeyValue), local={"max_workers": 2})

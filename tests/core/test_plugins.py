@@ -35,8 +35,13 @@ def _site(tmp_path: Path) -> Path:
     return make_distribution(
         tmp_path,
         "acme_plugins",
-        {"kservice": {"acme_good": "acme_good", "acme_broken": "acme_broken"}},
-        {"acme_good": GOOD_PLUGIN, "acme_broken": "raise ImportError('needs libfoo')\n"},
+        {"kservice": {"acme_good": "acme_good", "acme_broken": "acme_broken", "acme_exits": "acme_exits"}},
+        {
+            "acme_good": GOOD_PLUGIN,
+            "acme_broken": "raise ImportError('needs libfoo')\n",
+            # Before: a plugin module that exits when imported ended the program building a manager.
+            "acme_exits": "import sys\nsys.exit('acme_exits wants a config file')\n",
+        },
     )
 
 
@@ -54,6 +59,9 @@ def test_broken_plugin_warns_by_name_and_the_rest_load(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "('tagged', 1)" in result.stdout
     assert "kservice plugin 'acme_broken' (acme_broken) failed to load: ImportError: needs libfoo" in result.stderr
+    assert "kservice plugin 'acme_exits' (acme_exits) failed to load: SystemExit: acme_exits wants a config" in (
+        result.stderr
+    )
 
 
 def test_strict_mode_turns_a_broken_plugin_into_an_error(tmp_path: Path) -> None:
