@@ -692,6 +692,13 @@ class _Batch:
     def fill(self) -> None:
         """Send chunks until the window is full or the source is exhausted; a source error cancels the map and is raised."""
         while not self.exhausted and len(self.in_flight) < self.window and self.state == "running":
+            if self.manager._closed:
+                # Nothing more goes through a closed manager (nor starts a timer thread for it again).
+                self.cancel()
+                raise ServiceStoppedError(
+                    f"map {self.service_name}.{self.method} ended: its ServiceManager was closed "
+                    f"(items from {self.next_index} on were not sent)"
+                )
             try:
                 items = list(itertools.islice(self.source, self.chunk_size))
             except BaseException:

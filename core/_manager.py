@@ -109,16 +109,18 @@ class _Timer:
     #: while calls are pending the thread wakes at least this often to drop finished ones
     TICK = 0.05
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, running: bool = True) -> None:
+        """``running`` False: a timer already closed, with no thread, that runs nothing it is given."""
         self._fifos: dict[float, deque[_Expiring]] = {}
         self._delayed: list[tuple[float, int, Callable[[], None]]] = []
         self._cond = threading.Condition(threading.Lock())
         self._seq = itertools.count()
-        self._closed = False
+        self._closed = not running
         #: the workers of callbacks that may block (see call_later), started with the first
         self._workers: _Workers | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        if running:
+            self._thread.start()
 
     def expire_at(self, timeout: float, call: _Expiring) -> None:
         """Call ``call._expire()`` at monotonic ``call._expires_at`` unless the call has finished by then."""
@@ -154,6 +156,8 @@ class _Timer:
         For what may block: the application's code (middleware, retry
         policies) and plugins resolving a service. See :meth:`call_later`.
         """
+        if self._closed:
+            return  # its manager is closed: no worker is started for a call it abandoned
         workers = self._workers
         if workers is None:
             workers = self._workers = _Workers(f"{self._thread.name}-worker")
@@ -204,8 +208,8 @@ class _Timer:
             self._fifos.clear()
             self._delayed.clear()
             self._cond.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join()  # (a timer made closed never started its thread)
         if self._workers is not None:
             self._workers.close()
         # Async calls, and the chunks of ``ServiceManager.map`` (which abandon their calls the same way).
@@ -1473,10 +1477,18 @@ class ServiceManager:
         return ServiceProxy(self, service_name, None if timeout is None else _checked_timeout(timeout))
 
     def timer(self) -> _Timer:
+        """The manager's timer, started with its first use; once the manager is closed, one that runs nothing.
+
+        Every call in flight was abandoned by :meth:`close`: what a late answer
+        or a late caller schedules afterwards has nothing left to do, and must
+        not start a thread that nothing would stop.
+        """
         timer = self._timer
         if timer is None:
             with self._timer_lock:
                 if self._timer is None:
+                    if self._closed:
+                        return _Timer(f"kservice-manager-timer-{id(self):x}-closed", running=False)
                     self._timer = _Timer(f"kservice-manager-timer-{id(self):x}")
                 timer = self._timer
         return timer

@@ -362,3 +362,38 @@ def test_a_chunk_of_single_arguments_runs_each_argument_whole_on_either_loop(env
         results, failures = outcome
         assert results == [4, None, 9] and list(failures) == [1], name
         assert failures[1].error_type == "TypeError", name
+
+
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_closing_the_manager_under_a_map_ends_it_sends_nothing_more_and_leaves_no_thread(kind: str) -> None:
+    """Before: the map's consumer, filling its window, sent the next chunk through the closed manager,
+    which started a new timer thread for it that nothing ever stopped (a thread, and the manager, per
+    map closed under way); the chunk's calls ran."""
+    environment = ServiceEnvironment("map-close", QUIET)
+    environment.register_service("work", ServiceFactory("work", Work), kind=kind)
+    with environment:
+        manager = ServiceManager(environment)
+        outcome: list[BaseException] = []
+        started = threading.Event()
+
+        def consume() -> None:
+            try:
+                for _ in manager.map("work", "slow", ((i, 0.002) for i in range(1_000_000)), timeout=30):
+                    started.set()
+            except BaseException as exc:  # noqa: BLE001 - what the consumer gets is the subject
+                outcome.append(exc)
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        assert started.wait(10)
+        time.sleep(0.2)  # deliberate: the map under way, chunks in flight
+        manager.close()
+        consumer.join(10)
+        assert not consumer.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], ServiceStoppedError), outcome
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("kservice-manager-timer")]
+        # Nothing is sent after the close: what ran settles and stays.
+        with ServiceManager(environment) as other:
+            ran = other.call_service_sync("work", "count")
+            time.sleep(0.3)  # deliberate: a chunk sent after the close would run meanwhile
+            assert other.call_service_sync("work", "count") == ran
