@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType, FunctionType, MethodType, ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -686,21 +686,37 @@ def announce(hook_name: str, within: float | None = None, **kwargs: Any) -> bool
             _warn_hook_failed("a plugin", hook_name, exc)
         return True
     finished = True
+    for returned, _ in _answers(hook_name, impls, kwargs, within, "the lifecycle goes on without it"):
+        finished = returned and finished
+    return finished
+
+
+def _answers(
+    hook_name: str, impls: list[Any], kwargs: dict[str, Any], within: float | None, outcome: str
+) -> Iterator[tuple[bool, Any]]:
+    """``(whether it returned, what it returned)`` of each implementation of ``hook_name``, in pluggy's order.
+
+    kservice's own run in this thread: known not to block, and some must (the
+    health plugin's stopping hook joins its scheduler, which may be the thread
+    stopping the task). A plugin's run bounded by one deadline for them all,
+    ``within`` seconds from the first (None: ``PLUGIN_ANSWER_TIMEOUT``; see
+    :func:`_call_bounded`). One that raises is reported with ``outcome`` and
+    answers None.
+    """
     deadline = None
     for impl in reversed(impls):
         args = [kwargs[name] for name in impl.argnames]
         if impl.function.__module__.startswith("kservice."):
-            # kservice's own: known not to block, and some must run in this thread (the health
-            # plugin's stopping hook joins its scheduler, which may be the thread stopping the task).
             try:
-                impl.function(*args)
-            except Exception as exc:  # noqa: BLE001 - reported, never stops the lifecycle
-                _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc)
+                result = impl.function(*args)
+            except Exception as exc:  # noqa: BLE001 - reported, never stops the caller
+                _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc, outcome.removesuffix(" without it"))
+                result = None
+            yield True, result
             continue
         if deadline is None:
             deadline = time.monotonic() + (PLUGIN_ANSWER_TIMEOUT if within is None else within)
-        finished = _call_bounded(hook_name, impl, args, deadline)[0] and finished
-    return finished
+        yield _call_bounded(hook_name, impl, args, deadline, outcome)
 
 
 def _call_bounded(
@@ -756,23 +772,9 @@ def collect(hook_name: str, within: float | None = None, **kwargs: Any) -> list[
     callers show what plugins contribute (``kservice_status_columns``) and
     must show the rest when one fails or hangs.
     """
-    results: list[Any] = []
-    deadline = None
-    for impl in reversed(getattr(get_plugin_manager().hook, hook_name).get_hookimpls()):
-        args = [kwargs[name] for name in impl.argnames]
-        if impl.function.__module__.startswith("kservice."):
-            try:
-                result = impl.function(*args)
-            except Exception as exc:  # noqa: BLE001 - reported; the other plugins' contributions are kept
-                _warn_hook_failed(f"plugin {impl.plugin_name!r}", hook_name, exc, "its part is left out")
-                continue
-        else:
-            if deadline is None:
-                deadline = time.monotonic() + (PLUGIN_ANSWER_TIMEOUT if within is None else within)
-            result = _call_bounded(hook_name, impl, args, deadline, "its part is left out")[1]
-        if result is not None:
-            results.append(result)
-    return results
+    impls = getattr(get_plugin_manager().hook, hook_name).get_hookimpls()
+    answers = _answers(hook_name, impls, kwargs, within, "its part is left out")
+    return [result for _, result in answers if result is not None]
 
 
 def _warn_hook_failed(who: str, hook_name: str, exc: BaseException, outcome: str = "the lifecycle goes on") -> None:

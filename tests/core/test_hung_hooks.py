@@ -63,6 +63,12 @@ def _ended_within(future: Any, seconds: float) -> BaseException | None:
     return error  # type: ignore[no-any-return]
 
 
+def _held_then_ended_within(hook: Any, future: Any, seconds: float) -> BaseException | None:
+    """Wait for ``hook`` to hold ``future``'s call, then for the future to end within ``seconds``; its exception."""
+    assert hook.entered.wait(5)
+    return _ended_within(future, seconds)
+
+
 def test_an_after_hook_hanging_on_an_answer_leaves_the_call_its_timeout_error_at_its_deadline(kind: str) -> None:
     hook = HangsOn("get")
     environment = _environment("hung-hooks", hook, kind, kv=ServiceFactory("kv", dict, ({"a": 1},)))
@@ -72,8 +78,7 @@ def test_an_after_hook_hanging_on_an_answer_leaves_the_call_its_timeout_error_at
             # every 5 ms for good: the future never completed.
             began = time.monotonic()
             hung = manager.call_service_async("kv", "get", ("a",), timeout=1.0)
-            assert hook.entered.wait(5)
-            error = _ended_within(hung, 4)
+            error = _held_then_ended_within(hook, hung, 4)
             assert isinstance(error, ServiceTimeoutError), error
             assert time.monotonic() - began >= 1.0
             assert "HangsOn.after_call" in str(error), error
@@ -280,8 +285,7 @@ def test_a_call_held_by_a_hook_with_retries_on_ends_by_its_deadline_and_runs_onc
         with environment, ServiceManager(environment) as manager:
             began = time.monotonic()
             held = manager.call_service_async("rec", "work", ("once",), timeout=0.5)
-            assert hook.entered.wait(5)
-            error = _ended_within(held, 3)
+            error = _held_then_ended_within(hook, held, 3)
             assert isinstance(error, ServiceTimeoutError) and error.may_have_run is True, error
             assert time.monotonic() - began < 0.5 + 1.0  # its deadline, the hooks' grace and some slack
             # The hook returns now, with an answer the retry policy would re-send: the call is over, so
