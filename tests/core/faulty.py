@@ -79,8 +79,16 @@ class Raisers:
     ``remote_type`` names the exception, as the caller's error will.
     """
 
+    def __init__(self) -> None:
+        self.runs = 0
+
     async def araise(self, remote_type: str) -> None:
+        self.runs += 1
         raise _thread_killer(remote_type)
+
+    def ran(self) -> int:
+        """How many times ``araise`` ran."""
+        return self.runs
 
     def stream_raise(self, remote_type: str) -> Any:
         yield "before"

@@ -135,6 +135,22 @@ def test_a_coroutine_method_or_a_generator_raising_what_kills_threads_is_an_erro
             assert list(manager.stream("raisers", "acount", (3,), timeout=5)) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_with_the_default_configuration_a_coroutine_raising_system_exit_runs_once_and_ends_at_once(kind: str) -> None:
+    """Retries on (the default): the call's SystemExit is the method's own error, never re-sent, well before its
+    deadline. Before: the call waited out its deadline (ServiceTimeoutError), and so did the next one."""
+    with ServiceEnvironment("faults-default") as env:
+        env.register_service("raisers", ServiceFactory("raisers", Raisers), kind=kind)
+        with ServiceManager(env) as manager:
+            for attempt in range(2):
+                began = time.monotonic()
+                with pytest.raises(ServiceCallError) as raised:
+                    manager.call_service_async("raisers", "araise", ("SystemExit",), timeout=5).result(10)
+                assert raised.value.remote_type == "SystemExit"
+                assert time.monotonic() - began < 3.0, "the call waited for its deadline"
+                assert manager.call_service_sync("raisers", "ran", timeout=5) == attempt + 1, "it ran more than once"
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", ["local", "process"])
 def test_a_setup_or_cleanup_raising_what_ends_threads_fails_the_start_or_ends_the_stop_at_once(kind: str) -> None:

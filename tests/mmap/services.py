@@ -289,8 +289,15 @@ class PickleBomb:
 class PickleBombs:
     """Answers, streams and takes values whose pickling raises what ends threads."""
 
+    def __init__(self) -> None:
+        self.bombs = 0
+
     def bomb(self, kind: str) -> PickleBomb:
+        self.bombs += 1
         return PickleBomb(kind)
+
+    def bombs_made(self) -> int:
+        return self.bombs
 
     def stream_bomb(self, kind: str) -> Iterator[object]:
         yield "before"

@@ -140,6 +140,22 @@ def test_a_value_whose_pickling_raises_system_exit_is_unpicklable_like_any_other
         assert manager.call_service_async(name, "echo", ("still",), timeout=10).result(15) == "still"
 
 
+@pytest.mark.timeout(60)
+def test_with_the_default_configuration_a_result_whose_pickling_raises_system_exit_runs_once_and_ends_at_once() -> None:
+    """Retries on (the default): the result that cannot leave is the call's TypeError, never re-sent, well
+    before its deadline. Before: the host's thread ended, and the call waited out its deadline."""
+    name = unique("bombs")
+    with ServiceEnvironment("pickle-bombs-default") as environment:
+        environment.register_service(name, ServiceFactory(name, PickleBombs), kind="process")
+        with ServiceManager(environment) as manager:
+            for made in (1, 2):
+                began = time.monotonic()
+                with pytest.raises(ServiceCallError, match=r"cannot be sent back.*not picklable"):
+                    manager.call_service_async(name, "bomb", ("exit",), timeout=10).result(15)
+                assert time.monotonic() - began < 5.0, "the call waited for its deadline"
+                assert manager.call_service_sync(name, "bombs_made", timeout=10) == made, "it ran more than once"
+
+
 def test_every_record_size_up_to_beyond_the_ring_capacity(kv_env: tuple[ServiceEnvironment, ServiceManager]) -> None:
     _, manager = kv_env
     capacity = attach_queue(manager.get_service_queue("kv").queue_name).capacity
