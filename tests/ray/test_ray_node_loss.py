@@ -122,6 +122,14 @@ def node_c(ray_cluster: Cluster) -> Iterator[Any]:
     finally:
         if node in ray_cluster.worker_nodes:
             ray_cluster.remove_node(node, allow_graceful=False)
+        # Until Ray's health checks declare the killed node dead (about 16 s after its removal), the session's
+        # scheduler may still place actors there: a later test's replica restart would land on it and die.
+        wait_for(
+            lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == node.node_id),
+            timeout=60,
+            what="Ray to declare the removed node dead",
+            interval=0.2,
+        )
         alive = {resource for n in ray.nodes() if n["Alive"] for resource in n["Resources"]}
         assert {"node_a", "node_b"} <= alive, "the session's own nodes must survive"
 
