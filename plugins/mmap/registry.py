@@ -30,6 +30,8 @@ from kservice import ServiceError
 from . import codec
 from .ring import (
     RuntimeDirectoryError,
+    _boot_id,
+    _pid_alive,
     _proc_stat,
     add_janitor,
     default_private_directory,
@@ -169,6 +171,19 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _alive(record: dict[str, Any]) -> bool:
+    """Whether the host that wrote ``record`` still runs.
+
+    By its start in clock ticks since boot, when the record was written
+    during this boot: that never changes while the process lives, whereas
+    its start in wall-clock seconds moves with every step of the clock (NTP,
+    a virtual machine resumed), and a step of more than half a second would
+    make every live host look dead. Records without it (an older kservice)
+    are judged by the wall-clock start, as before.
+    """
+    ticks = record.get("pid_start_ticks")
+    boot = record.get("boot_id")
+    if type(ticks) is int and ticks > 0 and boot and boot == _boot_id():
+        return _pid_alive(record["pid"], ticks)
     return process_alive(record["pid"], float(record.get("pid_start") or 0.0))
 
 
@@ -179,11 +194,15 @@ def publish(name: str, queue: str, **extra: Any) -> dict[str, Any]:
     already serves ``name``. A dead host's record is replaced.
     """
     pid = os.getpid()
+    stat = _proc_stat(pid)
     record = {
         "name": name,
         "queue": queue,
         "pid": pid,
         "pid_start": process_start_time(pid),
+        # What says it is this process for as long as it lives, whatever the wall clock does (see _alive).
+        "pid_start_ticks": stat[1] if stat is not None else 0,
+        "boot_id": _boot_id(),
         "transport": "mmap",
         "started_at": time.time(),
         "host": os.uname().nodename,  # gethostname(), without importing socket at start

@@ -101,6 +101,28 @@ def test_stale_registry_record_is_ignored_and_removed() -> None:
         assert manager.call_service_sync(name, "pid") == host.pid
 
 
+@pytest.mark.parametrize("step", [3.0, -3.0])
+def test_a_live_hosts_record_survives_a_step_of_the_wall_clock(step: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a host's liveness was its start time in wall-clock seconds (the kernel's boot time plus its start
+    tick), so a step of the clock by more than half a second (NTP, a virtual machine resumed) made every
+    process judge every running host dead: looking a name up removed the live host's record, and calls by name
+    failed ServiceNotFoundError while the host ran. Seen beside a user's own ``kservice serve``."""
+    name = unique("clock")
+    with hosting(f"{name}=tests.mmap.services:KV") as host:
+        path = registry.registry_directory() / f"{name}.json"
+        assert path.exists()
+        # The kernel's boot time as this process reads it after the step (a boundary kservice does not own).
+        booted = registry._boot_time()
+        assert booted is not None
+        monkeypatch.setattr(registry, "_boot_time", lambda: booted + step)
+        assert registry.lookup(name) is not None, "the live host was taken for dead"
+        assert name in [record["name"] for record in registry.running_services()]
+        assert name not in reclaim()["records"]
+        assert path.exists()
+        with ServiceManager() as manager:
+            assert manager.call_service_sync(name, "pid") == host.pid
+
+
 def test_janitor_reclaims_what_a_killed_host_left() -> None:
     name = unique("killed")
     host = Host(f"{name}=tests.mmap.services:KV")
