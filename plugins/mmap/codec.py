@@ -85,7 +85,7 @@ try:
 except ImportError:  # pragma: no cover - an interpreter without it
     import pickle  # type: ignore[no-redef]
 
-from .ring import _pid_alive, is_private_file, queue_directory, reserve
+from .ring import _pid_alive, entries_of, is_private_file, queue_directory, reserve
 
 __all__ = [
     "KIND_BATCH",
@@ -1307,7 +1307,7 @@ def reclaim_segments(pid_alive: Callable[[int], bool], older_than: float = ORPHA
     removed = []
     now = time.time()
     directory = queue_directory(sweep=False)  # the first-use sweep would run this and take its result
-    for entry in os.scandir(directory):
+    for entry in entries_of(directory):
         if not entry.name.startswith(("oob-", "pool-")):
             continue  # a ring (most entries): no pattern to compile and match
         match = re.match(_SEGMENT_RE, entry.name)

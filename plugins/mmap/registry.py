@@ -35,6 +35,7 @@ from .ring import (
     _proc_stat,
     add_janitor,
     default_private_directory,
+    entries_of,
     is_private_file,
     locked,
     locked_directory,
@@ -283,7 +284,7 @@ def running_services() -> list[dict[str, Any]]:
     except OSError:
         return []
     found = []
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+    for entry in sorted(entries_of(directory), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.name.endswith(_SUFFIX):
             continue
         record = _read(Path(entry.path))
@@ -305,7 +306,7 @@ def reclaim_records() -> list[str]:
         raise  # another user's path in the way: say so (kservice cleanup, serve)
     except OSError:
         return removed
-    for entry in os.scandir(directory):
+    for entry in entries_of(directory):
         if entry.name.startswith(".tmp-"):
             pid = entry.name.split("-")[1]
             if pid.isdigit() and not process_alive(int(pid)):

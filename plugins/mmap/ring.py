@@ -803,6 +803,20 @@ def locked_directory(locate: Callable[[], Path]) -> Iterator[Path]:
         os.close(fd)
 
 
+def entries_of(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``directory``; none when it is gone.
+
+    Another process of the user removes a directory it emptied when it exits
+    (:func:`_remove_emptied_directories`), so one found a moment ago may be
+    gone when it is read: it then holds nothing to list or reclaim.
+    """
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
+
+
 #: Private directories this process used (queues, the service registry).
 _used_directories: set[Path] = set()
 

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -121,6 +122,34 @@ def test_a_live_hosts_record_survives_a_step_of_the_wall_clock(step: float, monk
         assert path.exists()
         with ServiceManager() as manager:
             assert manager.call_service_sync(name, "pid") == host.pid
+
+
+def test_the_janitor_and_the_listing_take_a_directory_removed_under_them_for_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process of the user removes a directory it emptied when it exits (see ring.locked_directory).
+
+    Before: one removed between finding the directory and reading it made ``reclaim()`` raise
+    FileNotFoundError, and ``kservice serve`` (which reclaims first) died with a traceback; seen when a
+    ``kservice config show`` exited beside a starting ``kservice serve``. Here the removal happens
+    exactly there: each directory is made, then removed, as it is found.
+    """
+    from kservice.plugins.mmap import codec
+
+    def found_then_removed(find: Any) -> Any:
+        def find_and_lose(*args: Any, **kwargs: Any) -> Path:
+            gone = tmp_path / f"gone-{find.__name__}"
+            gone.mkdir(mode=0o700)
+            gone.rmdir()
+            return gone
+
+        return find_and_lose
+
+    monkeypatch.setattr(codec, "queue_directory", found_then_removed(codec.queue_directory))
+    monkeypatch.setattr(registry, "registry_directory", found_then_removed(registry.registry_directory))
+    assert codec.reclaim_segments(lambda pid: True) == []
+    assert registry.reclaim_records() == []
+    assert registry.running_services() == []
 
 
 def test_janitor_reclaims_what_a_killed_host_left() -> None:
