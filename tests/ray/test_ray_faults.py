@@ -446,12 +446,15 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
     from kservice.plugins import ray as ray_plugin
 
     path = tmp_path / "ledger.txt"
+    # Membership re-read only every 120 s: what the other driver's caller knows of the leaving replica comes from
+    # its refusals alone, however slowly the machine runs the test (a re-read would drop the replica).
+    config = ledger_config("remote", path, replicas=3, concurrency=2, membership_refresh=120.0)
     with (
-        ServiceEnvironment("ray-remote-shrink", ledger_config("remote", path, replicas=3, concurrency=2)) as env,
+        ServiceEnvironment("ray-remote-shrink", config) as env,
         env.manager() as manager,
     ):
         task = _task(env, "remote")
-        # A connection as another driver makes it: found by name, membership re-read only every 5 s.
+        # A connection as another driver makes it: found by name.
         addresses = ray_plugin.kservice_resolve_service("remote", manager.config.for_service("remote"))
         assert addresses
         remote = ray_plugin.RayTransport().connect(addresses[0])
