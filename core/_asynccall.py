@@ -16,7 +16,7 @@ from ._errors import ServiceStoppedError
 from ._fork import renew_after_fork
 from ._future import CallFuture, future_lock
 from ._manager import _monotonic, _time
-from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse
+from ._messages import MAY_HAVE_RUN, ServiceRequest, ServiceResponse, _reanchor
 from ._middleware import MiddlewareError, running_hooks
 from ._transport import HOOK_GRACE, held_response, timeout_response
 from .keys import CONNECTION_CLOSED
@@ -59,6 +59,8 @@ class _AsyncCall(CallFuture[Any]):
     #: the after-hooks' limit and the chain's clock at the attempt's start (set by _send when a chain runs)
     _limit = 0
     _began = 0.0
+    #: the monotonic deadline of a call whose timeout is on the timer's heap (``_expires_at`` is 0.0 then)
+    _give_up_at = 0.0
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class _AsyncCall(CallFuture[Any]):
         if timeout < nominal_timeout - 0.001:
             # An inherited, earlier deadline breaks the FIFO order of its timeout: use the heap.
             self._expires_at = 0.0
+            self._give_up_at = _monotonic() + timeout
             timer.call_later(timeout, self._expire)
         else:
             self._expires_at = _monotonic() + timeout
@@ -279,6 +282,7 @@ class _AsyncCall(CallFuture[Any]):
         if not response.success:
             manager = self._manager
             if not manager._closed:
+                _reanchor(self._request, self._expires_at or self._give_up_at)
                 if not self._rerouted and response.metadata.get(CONNECTION_CLOSED):
                     # Nothing was sent: resolve the name again (in the timer thread: it may connect).
                     self._rerouted = True

@@ -27,7 +27,7 @@ from ._errors import (
     ServiceUnavailableError,
     _short_repr,
 )
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import ServiceRequest, ServiceResponse, _reanchor
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, contributed_middleware
 from ._plugins import (
@@ -1097,6 +1097,7 @@ class ServiceManager:
             if refusal is not None:
                 raise refusal
         request = self._request(service_name, method, args, kwargs, left, metadata)
+        give_up_at = _monotonic() + (request.deadline - _time())  # type: ignore[operator]
         attempt = 0
         rerouted = False
         while True:
@@ -1107,6 +1108,7 @@ class ServiceManager:
                 response = chain.run_sync(request, route.connection)
             if response.success:
                 return response.result
+            _reanchor(request, give_up_at)
             if not rerouted and response.metadata.get(CONNECTION_CLOSED):
                 rerouted = True
                 fresh = self._rerouted(route, response, request.deadline)

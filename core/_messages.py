@@ -106,7 +106,10 @@ class ServiceRequest:
     """One call of ``service_name.method_name(*args, **kwargs)``.
 
     ``deadline`` is an absolute ``time.time()`` after which the service must
-    not start the work (None: no deadline). ``metadata`` carries cross-cutting
+    not start the work (None: no deadline). The caller's own waits count by
+    the monotonic clock, and it sets ``deadline`` afresh from that clock
+    before each retry, so a step of the wall clock (NTP, a virtual machine
+    resumed) neither lengthens nor shortens a call (see :func:`_reanchor`). ``metadata`` carries cross-cutting
     context (trace ids, caller identity) and is never passed to the method.
     ``response_queue_name`` names where a queue-based transport sends the
     response; in-process calls leave it empty.
@@ -407,3 +410,16 @@ class ServiceResponse:
             metadata,
             self.degraded,
         )
+
+
+def _reanchor(request: ServiceRequest, give_up_at: float) -> None:
+    """Set ``request.deadline`` (wall clock) to ``give_up_at`` (monotonic), as the wall clock reads now.
+
+    A call's deadline travels as a wall-clock time, but the caller's own
+    waits count by the monotonic clock: after a step of the wall clock (NTP,
+    a virtual machine resumed) the wall-clock deadline no longer says how
+    long is left. Re-read before a call's next attempt is decided and sent,
+    the retry policy, the re-route and the service see the time truly left,
+    and no caller waits past its timeout or gives up before it.
+    """
+    request.deadline = time.time() + (give_up_at - time.monotonic())

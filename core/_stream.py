@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
 from ._fork import renew_after_fork
-from ._messages import ServiceRequest, ServiceResponse
+from ._messages import ServiceRequest, ServiceResponse, _reanchor
 from ._middleware import MiddlewareError
 from ._transport import deadline_response
 from .keys import STREAM_ITEMS
@@ -1438,6 +1438,13 @@ def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> 
     return PulledStream(task, request, found[0], window, found[1])
 
 
+def _monotonic_deadline(request: ServiceRequest) -> float | None:
+    """``request.deadline`` on the monotonic clock, which a consumer waits by: a step of the wall clock
+    (NTP, a virtual machine resumed) then moves neither end of its wait (see ``_messages._reanchor``)."""
+    deadline = request.deadline
+    return None if deadline is None else time.monotonic() + (deadline - time.time())
+
+
 class ItemStream(Iterator[Any], AsyncIterator[Any]):
     """The items of one streamed call, in order: ``for item in stream`` or ``async for item in stream``.
 
@@ -1465,6 +1472,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         "_delivered",
         "_done",
         "_error",
+        "_give_up_at",
         "_items",
         "_limit",
         "_manager",
@@ -1480,6 +1488,7 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         self._manager = manager
         self._route = route
         self._request = request
+        self._give_up_at = _monotonic_deadline(request)
         self._window = window
         self._items: collections.deque[Any] = collections.deque()
         self._unacknowledged = 0
@@ -1551,6 +1560,8 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         # As for calls, the retry policy sees the response the after-hooks made (a fallback's answer is final).
         final = self._after(response)
         if not final.success and self._delivered == 0 and not self._items and not self._async:
+            if self._give_up_at is not None:
+                _reanchor(self._request, self._give_up_at)
             delay = self._route.retry_delay(self._request, final, self._attempt)
             if delay is not None:
                 self._attempt += 1
@@ -1620,8 +1631,8 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
         return response
 
     def _remaining(self) -> float | None:
-        deadline = self._request.deadline
-        return None if deadline is None else deadline - time.time()
+        give_up_at = self._give_up_at
+        return None if give_up_at is None else give_up_at - time.monotonic()
 
     def _end_without_retry(self, response: ServiceResponse) -> None:
         source, self._source = self._source, None
@@ -1657,8 +1668,8 @@ class ItemStream(Iterator[Any], AsyncIterator[Any]):
                 # Every received item is with the caller now: the producer gets room for them.
                 source.consumed(self._unacknowledged)  # type: ignore[union-attr]
                 self._unacknowledged = 0
-            deadline = self._request.deadline  # _remaining(), inline (first-item latency)
-            remaining = None if deadline is None else deadline - time.time()
+            give_up_at = self._give_up_at  # _remaining(), inline (first-item latency)
+            remaining = None if give_up_at is None else give_up_at - time.monotonic()
             if remaining is not None and remaining <= 0:
                 self._expire()
                 continue
@@ -1814,6 +1825,7 @@ class PulledItems(_PulledRun, ItemStream):
         self._route = route
         self._request = request
         self._window = max(1, window)
+        self._give_up_at = _monotonic_deadline(request)
         self._items: collections.deque[Any] = collections.deque()
         self._delivered = 0
         self._done = False

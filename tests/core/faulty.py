@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
+
+from kservice import idempotent
 
 
 class UnprintableError(Exception):
@@ -132,3 +135,25 @@ class InterruptedInAsyncCleanup:
 
     async def echo(self, value: Any) -> Any:
         return value
+
+
+class SlowAfterAWhile:
+    """What a call or a stream does while the wall clock steps under it: first a while, then a long wait."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    @idempotent
+    def fails_then_hangs(self, fail_after: float, hang: float) -> str:
+        """The first attempt fails after ``fail_after`` s (a retry is due); the next one hangs ``hang`` s."""
+        self.attempts += 1
+        if self.attempts == 1:
+            time.sleep(fail_after)
+            raise RuntimeError("the first attempt fails")
+        time.sleep(hang)
+        return "answered"
+
+    def one_then_hangs(self, hang: float) -> Iterator[int]:
+        yield 1
+        time.sleep(hang)
+        yield 2
