@@ -25,7 +25,17 @@ from kservice import (
 )
 
 from .common import _CONTROL_GROUP, _REFUSED_KEY, MAY_HAVE_RUN_KEY, RETRYABLE_KEY, _first_line, _ray
-from .wire import _COST, WIRE_VERSION, Unpicklable, WireRequest, WireResponse, _pack, _Stored, stream_shape
+from .wire import (
+    _COST,
+    WIRE_VERSION,
+    Unpicklable,
+    WireRequest,
+    WireResponse,
+    _pack,
+    _Stored,
+    rebased,
+    stream_shape,
+)
 
 # ---------------------------------------------------------------------------
 # Inside the actor
@@ -104,19 +114,20 @@ class _ReplicaHost:
             cause = exc.__cause__ if isinstance(exc, ServiceUnavailableError) and exc.__cause__ is not None else exc
             self.failure = ServiceResponse.from_exception("", cause, origin="service").for_wire()
 
-    def handle(self, envelope: bytes | WireRequest) -> WireResponse:
+    def handle(self, envelope: bytes | WireRequest, sent_at: float | None = None) -> WireResponse:
         """Run one call; ``envelope`` and the answer use the forms of :func:`_to_wire` / :func:`_from_wire`.
 
-        Never raises: every outcome, arguments that do not unpickle here
-        included, is an answer the caller decodes.
+        ``sent_at``: the caller's wall clock when it sent the call (wire
+        version 4; see :func:`rebased`). Never raises: every outcome,
+        arguments that do not unpickle here included, is an answer the caller decodes.
         """
-        request = self._request(envelope)
+        request = self._request(envelope, sent_at)
         if isinstance(request, ServiceResponse):
             return request
         began = time.perf_counter()
         return self._answer(self.task.execute(request), began)  # type: ignore[union-attr]
 
-    def _request(self, envelope: bytes | WireRequest) -> ServiceRequest | ServiceResponse:
+    def _request(self, envelope: bytes | WireRequest, sent_at: float | None) -> ServiceRequest | ServiceResponse:
         """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running)."""
         task = self.task
         if type(envelope) is bytes:
@@ -154,7 +165,9 @@ class _ReplicaHost:
             )
             skipped.metadata = {RETRYABLE_KEY: False, MAY_HAVE_RUN_KEY: False}
             return skipped.for_wire()
-        return ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
+        return ServiceRequest(
+            request_id, service_name, method_name, args, kwargs, "", rebased(deadline, sent_at), metadata
+        )
 
     @staticmethod
     def _answer(response: ServiceResponse, began: float) -> WireResponse:
@@ -174,7 +187,7 @@ class _ReplicaHost:
             return packed + _COST.pack(time.perf_counter() - began)
         return response.for_wire()
 
-    def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:
+    def handle_batch(self, envelopes: list[bytes], sent_at: float | None = None) -> list[WireResponse | _Stored]:
         """Run several calls one after the other (a caller's batch, see RayConnection); one answer each, in order.
 
         Never raises, and no call's outcome can fail another's: a result only
@@ -185,7 +198,7 @@ class _ReplicaHost:
 
         answers: list[WireResponse | _Stored] = []
         for envelope in envelopes:
-            answer: WireResponse | _Stored = self.handle(envelope)
+            answer: WireResponse | _Stored = self.handle(envelope, sent_at)
             if type(answer) is tuple:
                 try:
                     answer = _Stored(ray.put(answer[0]))
@@ -209,7 +222,9 @@ class _ReplicaHost:
         while len(skipped) > _SKIPPED_KEPT:
             skipped.pop(next(iter(skipped)), None)
 
-    def handle_stream(self, envelope: bytes | WireRequest, window: int, batched: bool = False) -> Iterator[Any]:
+    def handle_stream(
+        self, envelope: bytes | WireRequest, window: int, batched: bool = False, sent_at: float | None = None
+    ) -> Iterator[Any]:
         """Serve one stream (called with ``num_returns="streaming"``): its items, then one :class:`_StreamEnd`.
 
         With ``batched`` (a caller of wire version 3), the items made while the
@@ -223,7 +238,7 @@ class _ReplicaHost:
         runs. Never raises of its own; an item Ray cannot serialize fails this
         Ray task, which the caller reports as a TypeError.
         """
-        request = self._request(envelope)
+        request = self._request(envelope, sent_at)
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
             return
@@ -340,10 +355,11 @@ class _ReplicaHost:
         return method() if callable(method) else None
 
     def status(self) -> dict[str, Any]:
+        """The hosted task's status as a dict, with ``clock``: this replica's wall clock (see ``running_until``)."""
         task = self.task
         if task is None:
             return {"state": "failed", "healthy": False, "health_reason": self.failure.error if self.failure else ""}
-        return task.get_service_status().to_dict()
+        return {**task.get_service_status().to_dict(), "clock": time.time()}
 
     def shutdown(self, timeout: float) -> None:
         """Stop the hosted task after the calls it is running finish (up to ``timeout`` seconds)."""
@@ -375,8 +391,10 @@ class _AsyncReplicaHost(_ReplicaHost):
 
     pooled: ClassVar[bool] = True
 
-    async def handle(self, envelope: bytes | WireRequest) -> WireResponse:  # type: ignore[override]
-        request = self._request(envelope)
+    async def handle(  # type: ignore[override]
+        self, envelope: bytes | WireRequest, sent_at: float | None = None
+    ) -> WireResponse:
+        request = self._request(envelope, sent_at)
         if isinstance(request, ServiceResponse):
             return request
         began = time.perf_counter()
@@ -401,14 +419,14 @@ class _AsyncReplicaHost(_ReplicaHost):
             raise
 
     async def handle_stream(  # type: ignore[override]
-        self, envelope: bytes | WireRequest, window: int, batched: bool = False
+        self, envelope: bytes | WireRequest, window: int, batched: bool = False, sent_at: float | None = None
     ) -> AsyncIterator[Any]:
         """:meth:`_ReplicaHost.handle_stream` on the actor's event loop (Ray cancelling it closes the stream).
 
         Items the service's generator made while the last object was on its way
         travel together (up to ``stream_shape(window)[0]`` per object, with ``batched``).
         """
-        request = self._request(envelope)
+        request = self._request(envelope, sent_at)
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
             return
@@ -424,10 +442,12 @@ class _AsyncReplicaHost(_ReplicaHost):
         finally:
             self._close_local_stream(request.request_id, local)
 
-    async def handle_batch(self, envelopes: list[bytes]) -> list[WireResponse | _Stored]:  # type: ignore[override]
+    async def handle_batch(  # type: ignore[override]
+        self, envelopes: list[bytes], sent_at: float | None = None
+    ) -> list[WireResponse | _Stored]:
         import asyncio
 
-        answers = await asyncio.gather(*(self.handle(envelope) for envelope in envelopes))
+        answers = await asyncio.gather(*(self.handle(envelope, sent_at) for envelope in envelopes))
         return [_stored_if_needed(answer) for answer in answers]
 
 

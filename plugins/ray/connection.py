@@ -240,7 +240,8 @@ class RayConnection(Connection):
                 return admitted  # type: ignore[return-value]
             replica: _Replica = admitted
             try:
-                ref = (replica.send_retrying if idempotent else replica.send_once).remote(entry.envelope)
+                send = replica.send_retrying if idempotent else replica.send_once
+                ref = send.remote(entry.envelope, time.time()) if replicas.wire >= 4 else send.remote(entry.envelope)
             except Exception as exc:
                 replicas.release(replica)
                 return _send_failure(request, exc)
@@ -349,9 +350,15 @@ class _RayStreamSource(StreamSource):
             return
         try:
             if wire >= 3:  # several items per Ray object (a replica of an older version sends one each)
-                self._generator = replica.handle.handle_stream.options(
+                handle_stream = replica.handle.handle_stream.options(
                     num_returns="streaming", _generator_backpressure_num_objects=stream_shape(window)[1]
-                ).remote(_to_wire(request), window, True)
+                )
+                # From wire version 4, with this process's clock: the replica reads the deadline on its own.
+                self._generator = (
+                    handle_stream.remote(_to_wire(request), window, True, time.time())
+                    if wire >= 4
+                    else handle_stream.remote(_to_wire(request), window, True)
+                )
             else:
                 self._generator = replica.handle.handle_stream.options(
                     num_returns="streaming", _generator_backpressure_num_objects=window

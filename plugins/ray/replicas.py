@@ -448,7 +448,8 @@ class _ReplicaSet:
         """Send one async call to ``replica`` (its slot is reserved); ``entry.reply`` gets its outcome."""
         request = entry.request
         try:
-            ref = (replica.send_retrying if entry.idempotent else replica.send_once).remote(entry.envelope)
+            send = replica.send_retrying if entry.idempotent else replica.send_once
+            ref = send.remote(entry.envelope, time.time()) if self.wire >= 4 else send.remote(entry.envelope)
         except Exception as exc:
             entry.reply(_send_failure(request, exc))  # type: ignore[misc]
             self.release(replica)
@@ -481,7 +482,12 @@ class _ReplicaSet:
     def _launch_batch(self, replica: _Replica, batch: list[_Waiting]) -> None:
         """Send ``batch`` as one ``handle_batch`` call; each caller gets its own answer (at most once, like ``send_once``)."""
         try:
-            ref = replica.send_batch.remote([entry.envelope for entry in batch])
+            envelopes = [entry.envelope for entry in batch]
+            ref = (
+                replica.send_batch.remote(envelopes, time.time())
+                if self.wire >= 4
+                else replica.send_batch.remote(envelopes)
+            )
         except Exception as exc:  # noqa: BLE001 - every call of the batch gets it
             for entry in batch:
                 entry.reply(
@@ -840,7 +846,9 @@ def _aggregate_status(replicas: _ReplicaSet, state: Any, kind: str) -> ServiceSt
         for key in ("requests_total", "errors_total", "expired_total", "in_flight", "queue_depth", "restarts"):
             setattr(status, key, getattr(status, key) + int(remote.get(key, 0) or 0))
         if remote.get("in_flight"):
-            until = remote.get("running_until")
+            until, clock = remote.get("running_until"), remote.get("clock")
+            if isinstance(until, int | float) and isinstance(clock, int | float):
+                until += time.time() - clock  # the replica's clock, read on this one's (deadlines were rebased there)
             running_until.append(float(until) if isinstance(until, int | float) else None)
         status.max_workers = max(status.max_workers, int(remote.get("max_workers", 0) or 0))
         status.extra.setdefault("replicas", []).append(entry)

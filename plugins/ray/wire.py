@@ -6,6 +6,7 @@ import io
 import pickle
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -19,8 +20,34 @@ from .common import _first_line
 _COST = struct.Struct("<d")
 #: what a replica speaks, in its ready/describe answers: 2 adds the run-time trailer and ``handle_batch``
 #: (a deployment started by an older version answers without it, and its calls are never batched);
-#: 3 adds streams whose Ray objects carry several items (``handle_stream``'s ``per_object``)
-WIRE_VERSION = 3
+#: 3 adds streams whose Ray objects carry several items (``handle_stream``'s ``per_object``); 4 adds the
+#: caller's wall clock when it sends (``sent_at``) to ``handle``, ``handle_batch`` and ``handle_stream``, by
+#: which the replica reads each deadline on its own clock (see :func:`rebased`)
+WIRE_VERSION = 4
+
+
+def rebased(deadline: float | None, sent_at: Any) -> float | None:
+    """A caller's ``deadline`` (its wall clock) on this process's wall clock, given the caller's clock ``sent_at``.
+
+    Deadlines are wall-clock times, and the clocks of a cluster's machines
+    disagree (by milliseconds under NTP, by seconds on a node whose sync
+    broke or a virtual machine resumed). Read as sent, a replica ahead of the
+    caller by more than the timeout refused every call as past its deadline
+    ("it did not run") and one behind let work run long after its caller gave
+    up. The replica instead gives the call the time the caller had left when
+    it sent it, counted from its arrival, as gRPC does with its timeout
+    header: the time the call spent travelling (Ray's scheduling, the
+    network) is not counted, so the replica may start a call up to that
+    much after its caller's deadline, never before it. A call Ray runs
+    again on a restarted replica (an idempotent method) carries the
+    ``sent_at`` of its first sending: it gets the time left then, from its
+    new start (its caller's own deadline still ends the caller's wait). Without
+    ``sent_at`` (a caller of wire version 3 or older) ``deadline`` is taken
+    as it is.
+    """
+    if deadline is None or type(sent_at) is not float:
+        return deadline
+    return deadline + (time.time() - sent_at)
 
 
 def stream_shape(window: int) -> tuple[int, int]:

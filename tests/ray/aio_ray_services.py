@@ -114,3 +114,16 @@ class StreamReplica:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class AsyncClocks:
+    """:class:`ray_services.Clocks` in a Ray async actor."""
+
+    async def remaining(self) -> float | None:
+        await asyncio.sleep(0)
+        return kservice.remaining_time()
+
+    async def remaining_items(self, count: int) -> AsyncIterator[float | None]:
+        for _ in range(count):
+            await asyncio.sleep(0)
+            yield kservice.remaining_time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import kservice
@@ -207,3 +208,14 @@ class Bombs:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class Clocks:
+    """What a replica's method sees of its call's deadline (``kservice.remaining_time()``)."""
+
+    def remaining(self) -> float | None:
+        return kservice.remaining_time()
+
+    def remaining_items(self, count: int) -> Iterator[float | None]:
+        for _ in range(count):
+            yield kservice.remaining_time()
