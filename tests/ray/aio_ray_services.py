@@ -127,3 +127,7 @@ class AsyncClocks:
         for _ in range(count):
             await asyncio.sleep(0)
             yield kservice.remaining_time()
+
+    def hold(self, seconds: float) -> None:
+        """A sync method: an async replica runs it in its task's pool, whose status says until when it is awaited."""
+        time.sleep(seconds)

@@ -29,6 +29,7 @@ SKEW = 30.0
 #: the second driver: calls each service's ``remaining`` in every form; prints what the methods saw, or the error
 _CALLER = """
 import json
+import time
 import ray
 from kservice import ServiceManager
 
@@ -47,6 +48,13 @@ with ServiceManager() as manager:
                 seen[f"{{name}} {{form}}"] = call()
             except Exception as exc:
                 seen[f"{{name}} {{form}}"] = f"{{type(exc).__name__}}: {{exc}}"
+    # The status says until when the replicas' running calls are awaited (the health monitor's "busy, not
+    # stuck"): read on this driver's clock, that is within the call's timeout from now.
+    held = manager.call_service_async("aclocks", "hold", (2.0,), timeout={timeout})
+    time.sleep(0.5)
+    until = manager.get_service_status("aclocks").get("running_until")
+    seen["status"] = [until - time.time()] if isinstance(until, float) else f"running_until: {{until!r}}"
+    held.result()
 print(json.dumps(seen))
 """
 
@@ -75,7 +83,9 @@ def test_a_replica_gives_each_call_its_callers_timeout_whatever_the_clocks_skew(
 ) -> None:
     """Before: with the caller's clock 30 s behind the replica's, every call, map and stream failed at once
     "passed its deadline (28 s ago) before it started; it did not run"; 30 s ahead, the method saw 35 s left
-    of a 5 s call (and a nested call inherited them). Sync and async replicas, every call form."""
+    of a 5 s call (and a nested call inherited them). Sync and async replicas, every call form; and the
+    deployment's status, read by that caller, says until when its running call is awaited on the caller's
+    clock."""
     clock = clock_file(tmp_path / "clock", skew)
     script = textwrap.dedent(_CALLER.format(address=ray_cluster.address, timeout=TIMEOUT))
     done = subprocess.run(
@@ -87,7 +97,7 @@ def test_a_replica_gives_each_call_its_callers_timeout_whatever_the_clocks_skew(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     seen: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(seen) == 8, seen
+    assert len(seen) == 9, seen
     for form, remaining in seen.items():
         assert isinstance(remaining, list), f"{form}: {remaining}"
-        assert all(0 < left <= TIMEOUT for left in remaining), f"{form}: the method saw {remaining} s left"
+        assert all(0 < left <= TIMEOUT for left in remaining), f"{form}: {remaining} s left of a {TIMEOUT} s call"
