@@ -8,7 +8,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar, cast
 
 from kservice import (
@@ -18,6 +18,7 @@ from kservice import (
     ServiceFactory,
     ServiceRequest,
     ServiceResponse,
+    ServiceStatus,
     ServiceUnavailableError,
     StreamSink,
     TaskContext,
@@ -57,17 +58,42 @@ class _HostedTask(BaseServiceTask):
         self.transport_names = ()
         #: whether sync methods run in the task's own worker pool (an async replica) rather than Ray's threads
         self.pooled = pooled
+        #: the calls Ray's threads run now, by request id (a threaded replica's pool runs none of them)
+        self._executing: dict[str, ServiceRequest] = {}
 
-    def host_instance(self) -> None:
+    def execute(
+        self,
+        request: ServiceRequest,
+        *,
+        from_queue: bool = False,
+        answer: Callable[[ServiceRequest, ServiceResponse], None] | None = None,
+    ) -> ServiceResponse:
+        """:meth:`BaseServiceTask.execute`, counted among the calls Ray's threads run (see :meth:`get_service_status`)."""
         if self.pooled:
-            super().host_instance()
-            return
-        workers: int = self.max_workers
-        self.max_workers = 1
+            return super().execute(request, from_queue=from_queue, answer=answer)
+        executing = self._executing
+        executing[request.request_id] = request
         try:
-            super().host_instance()
+            return super().execute(request, from_queue=from_queue, answer=answer)
         finally:
-            self.max_workers = workers
+            executing.pop(request.request_id, None)
+
+    def get_service_status(self) -> ServiceStatus:
+        """The task's status; in a threaded replica, ``running_until`` covers the calls Ray's threads run.
+
+        The health monitor reads it to tell a busy replica from a stuck one: a
+        call running past ``health.stuck_after`` whose caller still waits (a
+        batch job given a long timeout) is work, and rebuilding the instance
+        under it would lose its state. When something else is in flight too
+        (a stream), it stays None, as for a pool that cannot say.
+        """
+        status = super().get_service_status()
+        if self.pooled:
+            return status
+        deadlines = [request.deadline for request in list(self._executing.values())]
+        if deadlines and None not in deadlines and status.in_flight <= len(deadlines):
+            status.running_until = max(deadlines)  # type: ignore[type-var]  # no None left
+        return status
 
 
 class _ReplicaHost:

@@ -481,3 +481,35 @@ def test_a_caller_in_another_driver_sends_calls_refused_by_a_leaving_replica_els
             assert any(r.leaving for r in remote.replicas.snapshot())
         finally:
             remote.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_call_running_longer_than_stuck_after_within_its_deadline_is_not_a_stuck_replica() -> None:
+    """A long call its caller still waits for (a batch job, a model run): the replica is busy, not stuck.
+
+    Before, a threaded replica ran its calls in Ray's threads, outside the hosted task's pool, so its status
+    never said until when they were awaited: after ``health.stuck_after`` without a completed call, the
+    replica's monitor called it stuck and rebuilt the service's instance while the call ran (its state lost),
+    although its caller had given the call 30 s. As in-process and over mmap
+    (tests/mmap/test_recovery_window.py), only a call past its deadline makes a stuck pool."""
+    health = {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2}
+    config = {"services": {"slow": {"class": "ray_services:EchoService", "kind": "ray", "health": health}}}
+    with ServiceEnvironment("ray-busy-not-stuck", config) as env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("slow", "echo", ("warm",), timeout=60) == "warm"
+        assert manager.call_service_sync("slow", "sleep", (3.0,), timeout=30) == 3.0
+        status = _task(env, "slow").get_service_status()
+        assert status.restarts == 0 and status.healthy, status
+
+
+@pytest.mark.timeout(120)
+def test_a_call_still_running_past_its_deadline_is_a_stuck_replica_and_recovered() -> None:
+    """Its caller gave up (Ray does not interrupt a running method): the thread is held for nothing, and the
+    replica's monitor recovers it, as in-process and over mmap."""
+    health = {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2}
+    config = {"services": {"slow": {"class": "ray_services:EchoService", "kind": "ray", "health": health}}}
+    with ServiceEnvironment("ray-stuck-past-deadline", config) as env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("slow", "echo", ("warm",), timeout=60) == "warm"
+        with pytest.raises(ServiceTimeoutError):
+            manager.call_service_sync("slow", "sleep", (6.0,), timeout=1.0)
+        task = _task(env, "slow")
+        wait_for(lambda: task.get_service_status().restarts >= 1, timeout=30, what="the stuck replica's recovery")
