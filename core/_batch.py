@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ._context import _current_request
 from ._errors import ServiceStoppedError, ServiceTimeoutError
 from ._fork import renew_after_fork
-from ._messages import CONNECTION_CLOSED, MAY_HAVE_RUN, ServiceRequest, ServiceResponse
+from ._messages import CONNECTION_CLOSED, MAY_HAVE_RUN, ServiceRequest, ServiceResponse, _reanchor
 from ._messages import new_request_id as _new_request_id
 from ._middleware import CallBatch, MiddlewareChain, MiddlewareError, running_hooks
 from ._transport import HOOK_GRACE, held_response, timeout_response
@@ -81,6 +81,7 @@ class _Chunk:
         "began",
         "counted",
         "first",
+        "give_up_at",
         "limits",
         "open",
         "outcomes",
@@ -99,6 +100,7 @@ class _Chunk:
         self.limits: list[int] | None = None
         self.began = 0.0
         self.timeout = timeout
+        self.give_up_at = _monotonic() + timeout  # the calls' deadline, for their retries (see _for_retry)
         self.outcomes: list[Any] = [None] * len(requests)
         self.open: dict[str, int] = {request.request_id: index for index, request in enumerate(requests)}
         self.counted = itertools.count(1).__next__
@@ -139,7 +141,7 @@ class _Chunk:
                 batch.manager.timer().call_later(0.0, lambda: self._reroute(index, response), may_block=True)
                 return
             if route.retry is not None:
-                delay = route.retry_delay(self.requests[index], response, 0)
+                delay = route.retry_delay(self._for_retry(index), response, 0)
                 if delay is not None:
                     self.retrying[index] = None
                     batch.manager.timer().call_later(delay, lambda: self._retry(index, response), may_block=True)
@@ -148,6 +150,13 @@ class _Chunk:
 
     def _request(self, index: int) -> ServiceRequest:
         return self.requests[index]
+
+    def _for_retry(self, index: int) -> ServiceRequest:
+        """Call ``index``'s request, its deadline re-read from the monotonic clock before a retry is decided (see
+        ``_messages._reanchor``): a step of the wall clock neither gives up its retry nor sends it past the deadline."""
+        request = self._request(index)
+        _reanchor(request, self.give_up_at)
+        return request
 
     def _reroute(self, index: int, refused: ServiceResponse) -> None:
         """A call a closed connection refused (nothing was sent): delivered on the name's new route at once.
@@ -162,7 +171,7 @@ class _Chunk:
         if batch.manager._rerouted(route, refused, self._request(index).deadline) is not None:
             self._resend(index, refused, rerouted=True)
             return
-        delay = None if route.retry is None else route.retry_delay(self._request(index), refused, 0)
+        delay = None if route.retry is None else route.retry_delay(self._for_retry(index), refused, 0)
         if delay is None:
             if self.retrying.pop(index, False) is not False:
                 self.settle(index, refused)
@@ -195,7 +204,7 @@ class _Chunk:
         if batch.state != "running" or index not in self.retrying:
             return
         manager = batch.manager
-        request = self._request(index)
+        request = self._for_retry(index)
         route = manager._refresh_route(batch.route, failed, request.deadline)
         call = _AsyncCall(manager, route, request, self.timeout, attempt=1, rerouted=rerouted)
         self.retrying[index] = call
@@ -364,6 +373,7 @@ class _FastChunk(_Chunk):
         self.single = single
         self.deadline = deadline
         self.timeout = timeout
+        self.give_up_at = _monotonic() + timeout
         self.chunk_id = _new_request_id()
         self.open = {self.chunk_id: 0}
         self.outcomes = []
@@ -456,7 +466,7 @@ class _FastChunk(_Chunk):
                 if response.metadata.get(CONNECTION_CLOSED):
                     retries.append((index, response, None))
                 elif route.retry is not None:
-                    delay = route.retry_delay(self._request(index), response, 0)
+                    delay = route.retry_delay(self._for_retry(index), response, 0)
                     if delay is not None:
                         retries.append((index, response, delay))
         for index, response in failed.items():

@@ -11,7 +11,7 @@ call waits), and prints ``{"elapsed": monotonic seconds the call took,
 
 - ``retry``: a sync call whose first attempt fails after 0.3 s (its method
   is idempotent, so the default policy retries it) and whose retry hangs 4 s;
-- ``async-retry``: the same call made with ``call_service_async``;
+- ``async-retry``, ``map-retry``: the same call made with ``call_service_async``, and as a map's one item;
 - ``stream``: a stream whose first item comes at once and whose second hangs 4 s.
 """
 
@@ -60,6 +60,8 @@ def main(kind: str, case: str, offset: float, clock: Path) -> None:
                 manager.call_service_sync(name, "fails_then_hangs", (0.3, HANG), timeout=TIMEOUT)
             elif case == "async-retry":
                 manager.call_service_async(name, "fails_then_hangs", (0.3, HANG), timeout=TIMEOUT).result()
+            elif case == "map-retry":
+                list(manager.map(name, "fails_then_hangs", [(0.3, HANG)], timeout=TIMEOUT))
             else:
                 for _ in manager.stream(name, "one_then_hangs", (HANG,), timeout=TIMEOUT):
                     pass

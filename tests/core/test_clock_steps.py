@@ -40,7 +40,7 @@ def _call_across_a_step(kind: str, case: str, offset: float, tmp_path: Path) -> 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("offset", [-5.0, 5.0], ids=["back", "forward"])
-@pytest.mark.parametrize("case", ["retry", "async-retry", "stream"])
+@pytest.mark.parametrize("case", ["retry", "async-retry", "map-retry", "stream"])
 @pytest.mark.parametrize("kind", ["local", "serve"])
 def test_a_call_waiting_across_a_step_of_the_wall_clock_ends_at_its_own_timeout(
     kind: str, case: str, offset: float, tmp_path: Path
