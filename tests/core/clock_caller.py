@@ -70,6 +70,7 @@ def main(kind: str, case: str, offset: float, clock: Path) -> None:
         outcome["elapsed"] = time.monotonic() - began
         stepper.join()
         step(clock, 0.0)  # the stop waits by the clock as it reads now
+        manager.call_service_sync(name, "release", timeout=30)
     print(json.dumps(outcome))
 
 

@@ -142,6 +142,7 @@ class SlowAfterAWhile:
 
     def __init__(self) -> None:
         self.attempts = 0
+        self._released = threading.Event()
 
     @idempotent
     def fails_then_hangs(self, fail_after: float, hang: float) -> str:
@@ -150,10 +151,14 @@ class SlowAfterAWhile:
         if self.attempts == 1:
             time.sleep(fail_after)
             raise RuntimeError("the first attempt fails")
-        time.sleep(hang)
+        self._released.wait(hang)
         return "answered"
 
     def one_then_hangs(self, hang: float) -> Iterator[int]:
         yield 1
-        time.sleep(hang)
+        self._released.wait(hang)
         yield 2
+
+    def release(self) -> None:
+        """End every hang now (the test has measured what it waited for: the service stops at once)."""
+        self._released.set()
