@@ -34,7 +34,7 @@ from .wire import (
     WireResponse,
     _pack,
     _Stored,
-    rebased,
+    clock_offset,
     stream_shape,
 )
 
@@ -144,17 +144,23 @@ class _ReplicaHost:
         """Run one call; ``envelope`` and the answer use the forms of :func:`_to_wire` / :func:`_from_wire`.
 
         ``sent_at``: the caller's wall clock when it sent the call (wire
-        version 4; see :func:`rebased`). Never raises: every outcome,
+        version 4; see :func:`clock_offset`). Never raises: every outcome,
         arguments that do not unpickle here included, is an answer the caller decodes.
         """
-        request = self._request(envelope, sent_at)
+        return self._handle(envelope, clock_offset(sent_at))
+
+    def _handle(self, envelope: bytes | WireRequest, offset: float | None) -> WireResponse:
+        request = self._request(envelope, offset)
         if isinstance(request, ServiceResponse):
             return request
         began = time.perf_counter()
         return self._answer(self.task.execute(request), began)  # type: ignore[union-attr]
 
-    def _request(self, envelope: bytes | WireRequest, sent_at: float | None) -> ServiceRequest | ServiceResponse:
-        """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running)."""
+    def _request(self, envelope: bytes | WireRequest, offset: float | None) -> ServiceRequest | ServiceResponse:
+        """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running).
+
+        ``offset``: what to add to its deadline to read it on this replica's clock (see :func:`clock_offset`).
+        """
         task = self.task
         if type(envelope) is bytes:
             try:
@@ -191,9 +197,9 @@ class _ReplicaHost:
             )
             skipped.metadata = {RETRYABLE_KEY: False, MAY_HAVE_RUN_KEY: False}
             return skipped.for_wire()
-        return ServiceRequest(
-            request_id, service_name, method_name, args, kwargs, "", rebased(deadline, sent_at), metadata
-        )
+        if offset is not None and deadline is not None:
+            deadline += offset
+        return ServiceRequest(request_id, service_name, method_name, args, kwargs, "", deadline, metadata)
 
     @staticmethod
     def _answer(response: ServiceResponse, began: float) -> WireResponse:
@@ -223,8 +229,9 @@ class _ReplicaHost:
         import ray
 
         answers: list[WireResponse | _Stored] = []
+        offset = clock_offset(sent_at)  # on arrival: the calls after the first do not get the time it took
         for envelope in envelopes:
-            answer: WireResponse | _Stored = self.handle(envelope, sent_at)
+            answer: WireResponse | _Stored = self._handle(envelope, offset)
             if type(answer) is tuple:
                 try:
                     answer = _Stored(ray.put(answer[0]))
@@ -264,7 +271,7 @@ class _ReplicaHost:
         runs. Never raises of its own; an item Ray cannot serialize fails this
         Ray task, which the caller reports as a TypeError.
         """
-        request = self._request(envelope, sent_at)
+        request = self._request(envelope, clock_offset(sent_at))
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
             return
@@ -420,7 +427,10 @@ class _AsyncReplicaHost(_ReplicaHost):
     async def handle(  # type: ignore[override]
         self, envelope: bytes | WireRequest, sent_at: float | None = None
     ) -> WireResponse:
-        request = self._request(envelope, sent_at)
+        return await self._ahandle(envelope, clock_offset(sent_at))
+
+    async def _ahandle(self, envelope: bytes | WireRequest, offset: float | None) -> WireResponse:
+        request = self._request(envelope, offset)
         if isinstance(request, ServiceResponse):
             return request
         began = time.perf_counter()
@@ -452,7 +462,7 @@ class _AsyncReplicaHost(_ReplicaHost):
         Items the service's generator made while the last object was on its way
         travel together (up to ``stream_shape(window)[0]`` per object, with ``batched``).
         """
-        request = self._request(envelope, sent_at)
+        request = self._request(envelope, clock_offset(sent_at))
         if isinstance(request, ServiceResponse):
             yield _StreamEnd(request)
             return
@@ -473,7 +483,8 @@ class _AsyncReplicaHost(_ReplicaHost):
     ) -> list[WireResponse | _Stored]:
         import asyncio
 
-        answers = await asyncio.gather(*(self.handle(envelope, sent_at) for envelope in envelopes))
+        offset = clock_offset(sent_at)
+        answers = await asyncio.gather(*(self._ahandle(envelope, offset) for envelope in envelopes))
         return [_stored_if_needed(answer) for answer in answers]
 
 

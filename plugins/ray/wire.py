@@ -22,32 +22,31 @@ _COST = struct.Struct("<d")
 #: (a deployment started by an older version answers without it, and its calls are never batched);
 #: 3 adds streams whose Ray objects carry several items (``handle_stream``'s ``per_object``); 4 adds the
 #: caller's wall clock when it sends (``sent_at``) to ``handle``, ``handle_batch`` and ``handle_stream``, by
-#: which the replica reads each deadline on its own clock (see :func:`rebased`)
+#: which the replica reads each deadline on its own clock (see :func:`clock_offset`)
 WIRE_VERSION = 4
 
 
-def rebased(deadline: float | None, sent_at: Any) -> float | None:
-    """A caller's ``deadline`` (its wall clock) on this process's wall clock, given the caller's clock ``sent_at``.
+def clock_offset(sent_at: Any) -> float | None:
+    """Seconds to add to a caller's deadlines to read them on this process's wall clock, on a call's arrival.
 
-    Deadlines are wall-clock times, and the clocks of a cluster's machines
-    disagree (by milliseconds under NTP, by seconds on a node whose sync
-    broke or a virtual machine resumed). Read as sent, a replica ahead of the
-    caller by more than the timeout refused every call as past its deadline
-    ("it did not run") and one behind let work run long after its caller gave
-    up. The replica instead gives the call the time the caller had left when
-    it sent it, counted from its arrival, as gRPC does with its timeout
-    header: the time the call spent travelling (Ray's scheduling, the
-    network) is not counted, so the replica may start a call up to that
-    much after its caller's deadline, never before it. A call Ray runs
-    again on a restarted replica (an idempotent method) carries the
-    ``sent_at`` of its first sending: it gets the time left then, from its
-    new start (its caller's own deadline still ends the caller's wait). Without
-    ``sent_at`` (a caller of wire version 3 or older) ``deadline`` is taken
-    as it is.
+    ``sent_at`` is the caller's wall clock when it sent the call (wire version
+    4). Deadlines are wall-clock times, and the clocks of a cluster's
+    machines disagree (by milliseconds under NTP, by seconds on a node whose
+    sync broke or a virtual machine resumed). Read as sent, a replica ahead of
+    the caller by more than the timeout refused every call as past its
+    deadline ("it did not run") and one behind let work run long after its
+    caller gave up. The replica instead gives each call the time its caller
+    had left when it sent it, counted from the call's arrival, as gRPC does
+    with its timeout header; the calls of one batch arrive together and share
+    one offset. The time a call spent travelling (Ray's scheduling, the
+    network) is not counted, so the replica may start a call up to that much
+    after its caller's deadline, never before it. A call Ray runs again on a
+    restarted replica (an idempotent method) carries the ``sent_at`` of its
+    first sending: it gets the time left then, from its new arrival (its
+    caller's own deadline still ends the caller's wait). None (a caller of
+    wire version 3 or older): deadlines are read as sent.
     """
-    if deadline is None or type(sent_at) is not float:
-        return deadline
-    return deadline + (time.time() - sent_at)
+    return time.time() - sent_at if type(sent_at) is float else None
 
 
 def stream_shape(window: int) -> tuple[int, int]:

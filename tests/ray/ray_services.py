@@ -219,3 +219,11 @@ class Clocks:
     def remaining_items(self, count: int) -> Iterator[float | None]:
         for _ in range(count):
             yield kservice.remaining_time()
+
+
+class Napper:
+    """Naps, then says how long its call has left."""
+
+    def nap(self, seconds: float) -> float | None:
+        time.sleep(seconds)
+        return kservice.remaining_time()

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kservice import ServiceEnvironment
-from ray_services import quiet_config
+from kservice import ServiceEnvironment, ServiceManager
+from ray_services import quiet_config, without_breaker
 
 from tests.clockstep import clock_file, environ
 from tests.conftest import clean_environ
@@ -65,6 +65,13 @@ def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
         {
             "clocks": {"class": "ray_services:Clocks", "kind": "ray"},
             "aclocks": {"class": "aio_ray_services:AsyncClocks", "kind": "ray"},
+            # One call at a time: a map's chunk leaves as one batch, whose calls the replica runs in turn.
+            "napper": {
+                "class": "ray_services:Napper",
+                "kind": "ray",
+                "ray": {"max_concurrency": 1},
+                **without_breaker(),  # the timeouts are the point
+            },
         }
     )
     config["service_call"] = {"max_retries": 0}
@@ -101,3 +108,15 @@ def test_a_replica_gives_each_call_its_callers_timeout_whatever_the_clocks_skew(
     for form, remaining in seen.items():
         assert isinstance(remaining, list), f"{form}: {remaining}"
         assert all(0 < left <= TIMEOUT for left in remaining), f"{form}: {remaining} s left of a {TIMEOUT} s call"
+
+
+@pytest.mark.timeout(120)
+def test_the_calls_of_a_batch_share_one_deadline_on_the_replica(env: ServiceEnvironment) -> None:
+    """A map's calls travel to a replica as one batch and run there in turn, all by one deadline: each call
+    sees the time the calls before it took gone. (A deadline read on the replica's clock is read once, on the
+    batch's arrival: read as each call started, every call saw the whole timeout, and the replica would start
+    a call after its caller had given up.)"""
+    with ServiceManager(env) as manager:
+        left = list(manager.map("napper", "nap", [(0.3,)] * 4, timeout=10.0))
+    assert all(isinstance(seconds, float) for seconds in left), left
+    assert left == sorted(left, reverse=True) and left[0] - left[-1] > 0.6, f"left after each 0.3 s nap: {left}"
