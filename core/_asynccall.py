@@ -218,8 +218,7 @@ class _AsyncCall(CallFuture[Any]):
         elif not self._finished():
             # A response is being settled right now and may yet schedule a retry: look again shortly,
             # and end the call if a hook or the policy still holds it once the grace has passed.
-            deadline = self._request.deadline
-            if deadline is not None and _time() >= deadline + HOOK_GRACE:
+            if _monotonic() >= (self._expires_at or self._give_up_at) + HOOK_GRACE:  # not the wall clock: it steps
                 self._hooks_hung()
             else:
                 self._manager.timer().call_later(0.005, self._expire)
