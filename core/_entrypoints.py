@@ -21,7 +21,9 @@ What is guaranteed:
   ``*.egg-info`` is known to declare nothing without importing anything.
 - A directory modified in the last :data:`_RACY_SECONDS` is not cached (its
   timestamp may not yet show a change made in the same clock tick, the racy
-  case git's index also guards against): it is read afresh each time.
+  case git's index also guards against): it is read afresh each time. One
+  whose time is ahead of the clock (the clock stepped back after it changed)
+  is cached: a later change gives it a time unlike the cached one.
 - A cache that is missing, unreadable, not owned by this user, or of another
   format or Python is ignored and rewritten; a cache directory that cannot be
   written only costs the speed. ``KSERVICE_CACHE_DIR=off`` turns it off.
@@ -153,8 +155,10 @@ def _dists_in(entry: str, known: dict[str, list[Any]]) -> tuple[list[_Dist], boo
         return [], False
     # What importlib.metadata looks for in a directory: without one, nothing to read (and no import).
     dists = _from_metadata(entry) if any(n.endswith((".dist-info", ".egg-info")) for n in names) else []
-    if time.time_ns() - stat.st_mtime_ns <= _RACY_SECONDS * 1e9:
-        return dists, False  # changed moments ago: it may change again without its time showing it
+    if 0 <= time.time_ns() - stat.st_mtime_ns <= _RACY_SECONDS * 1e9:
+        # Changed moments ago: it may change again without its time showing it. A time ahead of the clock (the
+        # clock stepped back since) is cached: a later change gives the directory a time unlike this one.
+        return dists, False
     known[entry] = [stat.st_mtime_ns, dists]
     return dists, True
 

@@ -33,7 +33,11 @@ Cold start: from a new process to its first answer (the parent's clock from
 before the process is started to the child's report of the answer, median of
 several starts), for a kservice caller of a service hosted by ``kservice
 serve``, for ``kservice call`` (wall clock until it exits), for each peer's
-client, and for a bare ``python -c pass`` (the interpreter's own share).
+client, and for a bare ``python -c pass`` (the interpreter's own share); and
+the caller and the bare interpreter again with kservice installed from its
+wheel in a virtual environment of its own, as users install it (this
+checkout's editable install adds an import hook to every interpreter of its
+environment: see ``_installed_interpreter``).
 """
 
 from __future__ import annotations
@@ -552,6 +556,53 @@ def _wall_ms(argv: list[str], env: dict[str, str]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _installed_interpreter(workdir: str) -> tuple[str | None, str]:
+    """A Python whose kservice is installed from its wheel, as users install it: (its path, or None; a note).
+
+    This checkout's editable install answers every import through setuptools'
+    import hook (the package's directories are not those of its modules), and
+    every interpreter of its environment imports the hook at startup
+    (``pathlib``, ``urllib.parse``, ``importlib.util``: several ms). A virtual
+    environment of its own holds kservice built from this tree; its other
+    packages (pluggy, PyYAML, ...) come from this environment's site-packages
+    through a ``.pth`` path entry, which adds the directory without running
+    the ``.pth`` files in it (the editable hook among them).
+    """
+    venv = os.path.join(workdir, "venv")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, capture_output=True)
+        python = os.path.join(venv, "bin", "python")
+        site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                site,
+                str(ROOT),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, f"could not install kservice into a virtual environment: {exc}"
+    import sysconfig
+
+    Path(site, "kservice-bench-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, ""
+
+
 def cold_start(quick: bool) -> list[dict[str, Any]]:
     """Median milliseconds from a new process to its first answer, per mechanism."""
     starts = 5 if quick else 11
@@ -583,6 +634,18 @@ def cold_start(quick: bool) -> list[dict[str, Any]]:
             "kservice caller (ServiceManager, first call)": ([python, "-c", _KSERVICE_CALLER], _first_answer_ms),
             "kservice call kv echo (wall, until exit)": ([kservice_bin, "call", "kv", "echo", '["hi"]'], _wall_ms),
         }
+        installed, why = _installed_interpreter(workdir)
+        if installed is None:
+            rows.append({"mechanism": "kservice installed from its wheel", "note": why})
+        else:
+            subjects["python -c pass, kservice's wheel installed (no editable hook)"] = (
+                [installed, "-c", "print(__import__('time').time())"],
+                _first_answer_ms,
+            )
+            subjects["kservice caller, installed from its wheel (what users run)"] = (
+                [installed, "-c", _KSERVICE_CALLER],
+                _first_answer_ms,
+            )
         address = os.path.join(workdir, "mpc.sock")
         ready = ctx.Event()
         process = ctx.Process(target=_connection_server, args=(address, ready), daemon=True)

@@ -122,6 +122,24 @@ def test_a_directory_changed_moments_ago_is_read_afresh_every_time(tmp_path: Pat
 
 
 @pytest.mark.timeout(120)
+def test_a_directory_changed_in_the_clocks_future_is_cached_and_a_later_install_still_seen(tmp_path: Path) -> None:
+    """The wall clock stepped back (NTP, a virtual machine resumed) after an install: the directory's time is
+    ahead of the clock. Before, it counted as changed moments ago until the clock caught up (an hour here), so
+    every start read all metadata afresh (about 30 ms). Its time still identifies its state: a later install
+    changes it (to another time, earlier or not), and is seen at the next start."""
+    site = _site_with(tmp_path, "alpha")
+    _age(site, -3600.0)  # an hour ahead of the clock
+    cache = tmp_path / "cache"
+    assert _probe(site, cache)["metadata_imported"] is True
+    warm = _probe(site, cache)
+    assert "alpha" in warm["plugins"] and warm["metadata_imported"] is False  # type: ignore[operator]
+    _site_with(tmp_path, "beta")  # installed now: the directory's time moves back to the clock's
+    _age(site)
+    seen = _probe(site, cache)
+    assert "beta" in seen["plugins"] and "alpha" in seen["plugins"]  # type: ignore[operator]
+
+
+@pytest.mark.timeout(120)
 def test_a_cache_of_another_user_or_garbage_is_ignored_and_off_writes_none(tmp_path: Path) -> None:
     site = _site_with(tmp_path, "alpha")
     _age(site)
