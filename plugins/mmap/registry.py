@@ -164,8 +164,13 @@ def _read(path: Path) -> dict[str, Any] | None:
         os.close(fd)
     if (
         not isinstance(record, dict)
-        or not isinstance(record.get("pid"), int)
+        or type(record.get("pid")) is not int
         or not isinstance(record.get("queue"), str)
+        # The liveness fields, when present (a damaged file, one edited by hand or written by another program,
+        # is no record: read as one, it raised in every listing and janitor, and kservice serve could not start).
+        or type(record.get("pid_start", 0.0)) not in (int, float)
+        or type(record.get("pid_start_ticks", 0)) is not int
+        or type(record.get("boot_id", "")) is not str
     ):
         return None
     return record

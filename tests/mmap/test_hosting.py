@@ -102,6 +102,33 @@ def test_stale_registry_record_is_ignored_and_removed() -> None:
         assert manager.call_service_sync(name, "pid") == host.pid
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [{"pid_start": "yesterday"}, {"pid_start": [1]}, {"pid_start_ticks": "soon"}, {"pid": True}],
+)
+def test_a_damaged_registry_record_is_no_record_and_hides_no_other_service(damage: dict[str, Any]) -> None:
+    """A record whose fields are of the wrong type (damaged on disk, edited by hand, written by another
+    program). Before, reading its liveness raised: ``kservice serve`` of any name died at its start (its
+    janitor read every record), a call by that name failed PluginError naming the mmap plugin, and every
+    listing of running services (``kservice services --running``, ``status``, the dashboard) lost all of
+    them. Now it is no record: its name is not found, the others are served and listed."""
+    name, damaged = unique("kv"), unique("damaged")
+    path = registry.registry_directory() / f"{damaged}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"name": damaged, "queue": f"svc.{damaged}.1.000000", "pid": 1, "pid_start": 0.0, **damage}, f)
+    try:
+        with hosting(f"{name}=tests.mmap.services:KV") as host:
+            assert name in [record["name"] for record in running_services()]
+            with ServiceManager() as manager:
+                assert manager.call_service_sync(name, "pid") == host.pid
+                assert name in manager.known_services()
+                with pytest.raises(ServiceNotFoundError):
+                    manager.call_service_sync(damaged, "pid", timeout=5)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("step", [3.0, -3.0])
 def test_a_live_hosts_record_survives_a_step_of_the_wall_clock(step: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: a host's liveness was its start time in wall-clock seconds (the kernel's boot time plus its start
