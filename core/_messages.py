@@ -109,8 +109,9 @@ class ServiceRequest:
     not start the work (None: no deadline). The caller's own waits count by
     the monotonic clock, and it sets ``deadline`` afresh from that clock
     before each retry, so a step of the wall clock (NTP, a virtual machine
-    resumed) neither lengthens nor shortens a call (see :func:`_reanchor`). ``metadata`` carries cross-cutting
-    context (trace ids, caller identity) and is never passed to the method.
+    resumed) neither lengthens nor shortens a call. ``metadata`` carries
+    cross-cutting context (trace ids, caller identity) and is never passed
+    to the method.
     ``response_queue_name`` names where a queue-based transport sends the
     response; in-process calls leave it empty.
     """

@@ -39,7 +39,7 @@ from .common import (
 from .completion import _completer
 from .discovery import _deployments
 from .replicas import _aggregate_status, _Replica, _ReplicaSet, _Waiting
-from .wire import _claimed, _from_wire, _to_wire, stream_shape
+from .wire import _claimed, _from_wire, _to_wire, stream_shape, with_clock
 
 if TYPE_CHECKING:
     from .task import RayServiceTask
@@ -241,7 +241,7 @@ class RayConnection(Connection):
             replica: _Replica = admitted
             try:
                 send = replica.send_retrying if idempotent else replica.send_once
-                ref = send.remote(entry.envelope, time.time()) if replicas.wire >= 4 else send.remote(entry.envelope)
+                ref = send.remote(*with_clock(replicas.wire, entry.envelope))
             except Exception as exc:
                 replicas.release(replica)
                 return _send_failure(request, exc)
@@ -350,15 +350,9 @@ class _RayStreamSource(StreamSource):
             return
         try:
             if wire >= 3:  # several items per Ray object (a replica of an older version sends one each)
-                handle_stream = replica.handle.handle_stream.options(
+                self._generator = replica.handle.handle_stream.options(
                     num_returns="streaming", _generator_backpressure_num_objects=stream_shape(window)[1]
-                )
-                # From wire version 4, with this process's clock: the replica reads the deadline on its own.
-                self._generator = (
-                    handle_stream.remote(_to_wire(request), window, True, time.time())
-                    if wire >= 4
-                    else handle_stream.remote(_to_wire(request), window, True)
-                )
+                ).remote(*with_clock(wire, _to_wire(request), window, True))
             else:
                 self._generator = replica.handle.handle_stream.options(
                     num_returns="streaming", _generator_backpressure_num_objects=window

@@ -34,7 +34,7 @@ from .common import (
     _unavailable,
 )
 from .completion import _backlogged, _completer
-from .wire import _COST, WireRequest, _from_wire, _Stored
+from .wire import _COST, WireRequest, _from_wire, _Stored, with_clock
 
 # ---------------------------------------------------------------------------
 # Caller side: replicas, errors
@@ -449,7 +449,7 @@ class _ReplicaSet:
         request = entry.request
         try:
             send = replica.send_retrying if entry.idempotent else replica.send_once
-            ref = send.remote(entry.envelope, time.time()) if self.wire >= 4 else send.remote(entry.envelope)
+            ref = send.remote(*with_clock(self.wire, entry.envelope))
         except Exception as exc:
             entry.reply(_send_failure(request, exc))  # type: ignore[misc]
             self.release(replica)
@@ -482,12 +482,7 @@ class _ReplicaSet:
     def _launch_batch(self, replica: _Replica, batch: list[_Waiting]) -> None:
         """Send ``batch`` as one ``handle_batch`` call; each caller gets its own answer (at most once, like ``send_once``)."""
         try:
-            envelopes = [entry.envelope for entry in batch]
-            ref = (
-                replica.send_batch.remote(envelopes, time.time())
-                if self.wire >= 4
-                else replica.send_batch.remote(envelopes)
-            )
+            ref = replica.send_batch.remote(*with_clock(self.wire, [entry.envelope for entry in batch]))
         except Exception as exc:  # noqa: BLE001 - every call of the batch gets it
             for entry in batch:
                 entry.reply(

@@ -26,6 +26,12 @@ _COST = struct.Struct("<d")
 WIRE_VERSION = 4
 
 
+def with_clock(wire: int, *args: Any) -> tuple[Any, ...]:
+    """A call's arguments as a replica of wire version ``wire`` takes them: from 4, this process's wall clock
+    last (``sent_at``, read now, as the call leaves: see :func:`clock_offset`)."""
+    return (*args, time.time()) if wire >= 4 else args
+
+
 def clock_offset(sent_at: Any) -> float | None:
     """Seconds to add to a caller's deadlines to read them on this process's wall clock, on a call's arrival.
 
