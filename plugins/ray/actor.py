@@ -517,14 +517,25 @@ def _objects_of(items: list[Any], per_object: int) -> Iterator[Any]:
     Items that the standard pickler should not carry (see ``wire._pack``:
     Ray handles, ``__main__`` classes, numpy buffers, or an item that cannot
     be pickled at all) travel alone, through Ray's serializer, as without
-    batches: the items before an unserializable one still arrive.
+    batches: the items before an unserializable one still arrive. So do the
+    items before one whose pickling raises ``SystemExit`` (``Unpicklable``,
+    which then ends the generator). Such an item made alone still reaches
+    Ray's serializer, which ends the replica's worker.
     """
     if per_object == 1 or len(items) == 1:
         yield from items
         return
     for start in range(0, len(items), per_object):
         part = items[start : start + per_object]
-        packed = _pack(part) if len(part) > 1 else None
+        try:
+            packed = _pack(part) if len(part) > 1 else None
+        except Unpicklable:
+            # One of them raised SystemExit & co. while pickled: the items before it still go, one object
+            # each, and the one that raises again ends this generator with it, after them (as any stream's error).
+            for item in part:
+                one = _pack([item])
+                yield item if one is None else _ItemBatch(one)
+            continue
         if packed is None:
             yield from part
         else:

@@ -209,6 +209,14 @@ class Bombs:
     def pid(self) -> int:
         return os.getpid()
 
+    def bomb_items(self, alone: bool) -> Iterator[Any]:
+        """Two items, then one whose pickling raises SystemExit: ``alone``, after a pause (a Ray object of its own)."""
+        yield 1
+        yield 2
+        if alone:
+            time.sleep(0.5)
+        yield PickleBomb()
+
 
 class Clocks:
     """What a replica's method sees of its call's deadline (``kservice.remaining_time()``)."""
