@@ -471,7 +471,7 @@ class _AsyncReplicaHost(_ReplicaHost):
         try:
             while True:
                 items, end = await local.areceive(_STREAM_POLL)
-                for part in _relayed(request, local, items, end, per_object):
+                for part in _relayed(request, local, items, end, per_object, batched):
                     yield part
                 if end is not None:
                     return
@@ -511,30 +511,54 @@ class _ItemBatch:
         return items
 
 
-def _objects_of(items: list[Any], per_object: int) -> Iterator[Any]:
+#: item types whose pickling runs none of the item's own code: they travel alone as they are (see _alone)
+_PLAIN_ITEMS = frozenset({bytes, str, int, float, bool, type(None), bytearray})
+
+
+def _alone(item: Any) -> Any:
+    """``item`` as the Ray object that carries it alone (wire version 3: the caller reads an ``_ItemBatch``).
+
+    Pickled here first, unless its type runs no code of its own when
+    pickled: an item whose pickling raises ``SystemExit`` (its class's
+    ``__reduce__``) must raise it here, as :class:`Unpicklable`, and not in
+    Ray's serializer, which would end the replica's worker. The bytes travel
+    as a one-item ``_ItemBatch``, so nothing is pickled twice; an item only
+    Ray's serializer should carry (see ``wire._pack``) goes to it as it is.
+    """
+    if type(item) in _PLAIN_ITEMS:
+        return item
+    packed = _pack([item])
+    return item if packed is None else _ItemBatch(packed)
+
+
+def _objects_of(items: list[Any], per_object: int, batched: bool = True) -> Iterator[Any]:
     """``items`` as the Ray objects that carry them: alone, or in :class:`_ItemBatch` es of ``per_object``.
 
     Items that the standard pickler should not carry (see ``wire._pack``:
     Ray handles, ``__main__`` classes, numpy buffers, or an item that cannot
     be pickled at all) travel alone, through Ray's serializer, as without
     batches: the items before an unserializable one still arrive. So do the
-    items before one whose pickling raises ``SystemExit`` (``Unpicklable``,
-    which then ends the generator). Such an item made alone still reaches
-    Ray's serializer, which ends the replica's worker.
+    items before one whose pickling raises ``SystemExit``: that one raises
+    ``Unpicklable``, which ends the generator, and the caller gets its
+    TypeError after them. ``batched=False`` (a caller of wire version 2 or
+    older, which reads no ``_ItemBatch``): every item travels as it is.
     """
-    if per_object == 1 or len(items) == 1:
+    if not batched:
         yield from items
+        return
+    if per_object == 1 or len(items) == 1:
+        for item in items:
+            yield _alone(item)
         return
     for start in range(0, len(items), per_object):
         part = items[start : start + per_object]
         try:
             packed = _pack(part) if len(part) > 1 else None
         except Unpicklable:
-            # One of them raised SystemExit & co. while pickled: the items before it still go, one object
-            # each, and the one that raises again ends this generator with it, after them (as any stream's error).
+            # One of them raised SystemExit & co. while pickled: the items before it go alone, and the one that
+            # raises again ends this generator with it, after them (as any stream's error).
             for item in part:
-                one = _pack([item])
-                yield item if one is None else _ItemBatch(one)
+                yield _alone(item)
             continue
         if packed is None:
             yield from part
@@ -588,11 +612,16 @@ class _StreamEnd:
 
 
 def _relayed(
-    request: ServiceRequest, local: LocalStream, items: list[Any], end: ServiceResponse | None, per_object: int
+    request: ServiceRequest,
+    local: LocalStream,
+    items: list[Any],
+    end: ServiceResponse | None,
+    per_object: int,
+    batched: bool = True,
 ) -> Iterator[Any]:
     """One receive of a replica's local stream as what its Ray generator yields: the items' objects, then
     the end if it came. Credit goes back once Ray took the objects (the window bounds what waits in Ray)."""
-    for part in _objects_of(items, per_object):  # noqa: UP028 - a plain loop, as where it is used
+    for part in _objects_of(items, per_object, batched):  # noqa: UP028 - a plain loop, as where it is used
         yield part
     if items:
         local.consumed(len(items))
