@@ -534,34 +534,27 @@ def _alone(item: Any) -> Any:
 def _objects_of(items: list[Any], per_object: int, batched: bool = True) -> Iterator[Any]:
     """``items`` as the Ray objects that carry them: alone, or in :class:`_ItemBatch` es of ``per_object``.
 
-    Items that the standard pickler should not carry (see ``wire._pack``:
-    Ray handles, ``__main__`` classes, numpy buffers, or an item that cannot
-    be pickled at all) travel alone, through Ray's serializer, as without
-    batches: the items before an unserializable one still arrive. So do the
-    items before one whose pickling raises ``SystemExit``: that one raises
-    ``Unpicklable``, which ends the generator, and the caller gets its
-    TypeError after them. ``batched=False`` (a caller of wire version 2 or
-    older, which reads no ``_ItemBatch``): every item travels as it is.
+    Items that cannot be pickled together (see ``wire._pack``: one that Ray
+    handles, a ``__main__`` class, a numpy buffer, or one that cannot be
+    pickled at all) travel alone (:func:`_alone`), as without batches: the
+    items before an unserializable one still arrive. So do the items before
+    one whose pickling raises ``SystemExit``: that one raises ``Unpicklable``,
+    which ends the generator, and the caller gets its TypeError after them.
+    ``batched=False`` (a caller of wire version 2 or older, which reads no
+    ``_ItemBatch``): every item travels as it is.
     """
     if not batched:
         yield from items
-        return
-    if per_object == 1 or len(items) == 1:
-        for item in items:
-            yield _alone(item)
         return
     for start in range(0, len(items), per_object):
         part = items[start : start + per_object]
         try:
             packed = _pack(part) if len(part) > 1 else None
         except Unpicklable:
-            # One of them raised SystemExit & co. while pickled: the items before it go alone, and the one that
-            # raises again ends this generator with it, after them (as any stream's error).
+            packed = None  # one of them raised SystemExit & co.: alone, it raises again, after the items before it
+        if packed is None:
             for item in part:
                 yield _alone(item)
-            continue
-        if packed is None:
-            yield from part
         else:
             yield _ItemBatch(packed)
 

@@ -209,11 +209,18 @@ class Bombs:
     def pid(self) -> int:
         return os.getpid()
 
-    def bomb_items(self, alone: bool) -> Iterator[Any]:
-        """Two items, then one whose pickling raises SystemExit: ``alone``, after a pause (a Ray object of its own)."""
+    def bomb_items(self, how: str) -> Iterator[Any]:
+        """Two items, then one whose pickling raises SystemExit.
+
+        ``how``: ``"sharing-an-object"``, all three made at once; ``"alone"``, the last after a pause (a Ray
+        object of its own); ``"beside-a-ray-only-item"``, the second a numpy array, which only Ray's serializer
+        carries (its buffer travels out of band), so the three cannot be pickled together before the last.
+        """
+        import numpy
+
         yield 1
-        yield 2
-        if alone:
+        yield numpy.arange(3) if how == "beside-a-ray-only-item" else 2
+        if how == "alone":
             time.sleep(0.5)
         yield PickleBomb()
 
