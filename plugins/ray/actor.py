@@ -8,7 +8,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar, cast
 
 from kservice import (
@@ -58,25 +58,9 @@ class _HostedTask(BaseServiceTask):
         self.transport_names = ()
         #: whether sync methods run in the task's own worker pool (an async replica) rather than Ray's threads
         self.pooled = pooled
-        #: the calls Ray's threads run now, by request id (a threaded replica's pool runs none of them)
-        self._executing: dict[str, ServiceRequest] = {}
-
-    def execute(
-        self,
-        request: ServiceRequest,
-        *,
-        from_queue: bool = False,
-        answer: Callable[[ServiceRequest, ServiceResponse], None] | None = None,
-    ) -> ServiceResponse:
-        """:meth:`BaseServiceTask.execute`, counted among the calls Ray's threads run (see :meth:`get_service_status`)."""
-        if self.pooled:
-            return super().execute(request, from_queue=from_queue, answer=answer)
-        executing = self._executing
-        executing[request.request_id] = request
-        try:
-            return super().execute(request, from_queue=from_queue, answer=answer)
-        finally:
-            executing.pop(request.request_id, None)
+        #: the calls Ray's threads run now, by request id (set by the replica, see _ReplicaHost._handle: a
+        #: threaded replica's pool runs none of them)
+        self.executing: dict[str, ServiceRequest] = {}
 
     def get_service_status(self) -> ServiceStatus:
         """The task's status; in a threaded replica, ``running_until`` covers the calls Ray's threads run.
@@ -90,7 +74,7 @@ class _HostedTask(BaseServiceTask):
         status = super().get_service_status()
         if self.pooled:
             return status
-        deadlines = [request.deadline for request in list(self._executing.values())]
+        deadlines = [request.deadline for request in list(self.executing.values())]
         if deadlines and None not in deadlines and status.in_flight <= len(deadlines):
             status.running_until = max(deadlines)  # type: ignore[type-var]  # no None left
         return status
@@ -153,8 +137,14 @@ class _ReplicaHost:
         request = self._request(envelope, offset)
         if isinstance(request, ServiceResponse):
             return request
+        task: _HostedTask = self.task  # type: ignore[assignment]  # not None: _request refuses the call otherwise
         began = time.perf_counter()
-        return self._answer(self.task.execute(request), began)  # type: ignore[union-attr]
+        # Counted while it runs in this Ray thread, outside the task's pool: see _HostedTask.get_service_status.
+        task.executing[request.request_id] = request
+        try:
+            return self._answer(task.execute(request), began)
+        finally:
+            task.executing.pop(request.request_id, None)
 
     def _request(self, envelope: bytes | WireRequest, offset: float | None) -> ServiceRequest | ServiceResponse:
         """The request an envelope carries, or the wire answer refusing it (undecodable, replica not running).
