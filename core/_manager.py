@@ -27,7 +27,7 @@ from ._errors import (
     ServiceUnavailableError,
     _short_repr,
 )
-from ._messages import ServiceRequest, ServiceResponse, _reanchor
+from ._messages import ServiceRequest, ServiceResponse, _monotonic_deadline, _reanchor
 from ._messages import new_request_id as _new_request_id
 from ._middleware import MiddlewareChain, contributed_middleware
 from ._plugins import (
@@ -1097,7 +1097,7 @@ class ServiceManager:
             if refusal is not None:
                 raise refusal
         request = self._request(service_name, method, args, kwargs, left, metadata)
-        give_up_at = _monotonic() + (request.deadline - _time())  # type: ignore[operator]
+        give_up_at: float = _monotonic_deadline(request)  # type: ignore[assignment]  # _request sets a deadline
         attempt = 0
         rerouted = False
         while True:

@@ -413,6 +413,12 @@ class ServiceResponse:
         )
 
 
+def _monotonic_deadline(request: ServiceRequest) -> float | None:
+    """``request.deadline`` on the monotonic clock, which a caller waits by (see :func:`_reanchor`)."""
+    deadline = request.deadline
+    return None if deadline is None else time.monotonic() + (deadline - time.time())
+
+
 def _reanchor(request: ServiceRequest, give_up_at: float) -> None:
     """Set ``request.deadline`` (wall clock) to ``give_up_at`` (monotonic), as the wall clock reads now.
 

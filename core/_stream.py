@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._context import _current_request
 from ._errors import MethodNotFoundError, ServiceError, ServiceTimeoutError, ServiceUnavailableError
 from ._fork import renew_after_fork
-from ._messages import ServiceRequest, ServiceResponse, _reanchor
+from ._messages import ServiceRequest, ServiceResponse, _monotonic_deadline, _reanchor
 from ._middleware import MiddlewareError
 from ._transport import deadline_response
 from .keys import STREAM_ITEMS
@@ -1436,13 +1436,6 @@ def pull_stream(task: BaseServiceTask, request: ServiceRequest, window: int) -> 
     if found is None:
         return None
     return PulledStream(task, request, found[0], window, found[1])
-
-
-def _monotonic_deadline(request: ServiceRequest) -> float | None:
-    """``request.deadline`` on the monotonic clock, which a consumer waits by: a step of the wall clock
-    (NTP, a virtual machine resumed) then moves neither end of its wait (see ``_messages._reanchor``)."""
-    deadline = request.deadline
-    return None if deadline is None else time.monotonic() + (deadline - time.time())
 
 
 class ItemStream(Iterator[Any], AsyncIterator[Any]):
