@@ -186,9 +186,9 @@ def _alive(record: dict[str, Any]) -> bool:
     make every live host look dead. Records without it (an older kservice)
     are judged by the wall-clock start, as before.
     """
-    ticks = record.get("pid_start_ticks")
+    ticks = record.get("pid_start_ticks")  # its type, and boot_id's, checked by _read
     boot = record.get("boot_id")
-    if type(ticks) is int and ticks > 0 and boot and boot == _boot_id():
+    if ticks and boot and boot == _boot_id():
         return _pid_alive(record["pid"], ticks)
     return process_alive(record["pid"], float(record.get("pid_start") or 0.0))
 
