@@ -116,6 +116,8 @@ class TaskLoop:
         self._limit = asyncio.Semaphore(max_concurrency)
         #: coroutine calls in flight, by request id (for cancel and stop)
         self._running: dict[str, asyncio.Task[Any]] = {}
+        #: the deadlines of the calls in ``_running`` (their callers wait until then: see running_deadlines)
+        self._deadlines: dict[str, float | None] = {}
         self._thread = threading.Thread(target=self._run, name=f"kservice-{name}-loop", daemon=True)
         self._thread.start()
 
@@ -188,6 +190,7 @@ class TaskLoop:
     def _start(self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], reply: Reply) -> None:
         running = self.loop.create_task(self._serve(task, request, method, reply))
         self._running[request.request_id] = running
+        self._deadlines[request.request_id] = request.deadline
 
     async def _serve(
         self, task: BaseServiceTask, request: ServiceRequest, method: Callable[..., Any], reply: Reply
@@ -200,6 +203,7 @@ class TaskLoop:
             response = _stopped(request)
         finally:
             self._running.pop(request.request_id, None)
+            self._deadlines.pop(request.request_id, None)
         reply(response)
 
     def spawn(self, request_id: str, coroutine: Coroutine[Any, Any, Any], refused: Callable[[], None]) -> None:
@@ -231,6 +235,10 @@ class TaskLoop:
     @property
     def in_flight(self) -> int:
         return len(self._running)
+
+    def running_deadlines(self) -> list[float | None]:
+        """The deadlines (epoch seconds; None: none) of the coroutine calls running now (not ``spawn``'s work)."""
+        return list(self._deadlines.values())
 
     def drain(self, deadline: float) -> None:
         """Let running calls finish until ``deadline`` (monotonic), then cancel the rest; never raises.

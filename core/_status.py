@@ -38,9 +38,9 @@ class ServiceStatus:
     workers_alive: int | None = None
     #: worker threads that died and were replaced since the task started
     workers_replaced: int = 0
-    #: the latest deadline (epoch seconds) of the calls the worker pool runs now: until then their callers
-    #: still wait for them, so a pool that completes nothing meanwhile is busy, not stuck (the health
-    #: plugin's ``stuck_after``). None: it runs none, one has no deadline, or the kind runs no pool here.
+    #: the latest deadline (epoch seconds) of the calls, coroutines and streams the task runs now: until then
+    #: their callers still wait for them, so a task that completes nothing meanwhile is busy, not stuck (the
+    #: health plugin's ``stuck_after``). None: it runs none, one has no deadline, or the kind runs none here.
     running_until: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -350,7 +350,7 @@ def _serve_in_place(
     known under the limit, else the stream would not be made here, and a quick pass keeps it there).
     """
     context = contextvars.copy_context()
-    task._open_streams.add(sink)
+    task._open_streams[sink] = request.deadline
     if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
         # _begin without a chain to run, inline: no before-hook can make anything current.
         next(task._started)
@@ -358,7 +358,7 @@ def _serve_in_place(
     else:
         served, refusal, limit, began = context.run(_begin, task, request)
         if refusal is not None:
-            task._open_streams.discard(sink)
+            task._open_streams.pop(sink, None)
             sink.end(context.run(_conclude, task, served, refusal, limit, began, 0))
             return
     started = perf_counter()
@@ -435,7 +435,7 @@ def _pass_in_place(
         return generator, count, pending, False
     if generator is not None:
         _close_generator(generator, request)
-    task._open_streams.discard(sink)
+    task._open_streams.pop(sink, None)
     sink.end(_conclude(task, request, response, limit, began, count))
     return None, count, _NOTHING, True
 
@@ -626,11 +626,12 @@ def _named(reason: ServiceResponse, request: ServiceRequest) -> ServiceResponse:
     return unavailable_mid_stream(request, _STOPPED_WHY)
 
 
-def _track(task: BaseServiceTask, sink: StreamSink, add: bool) -> None:
-    if add:
-        task._open_streams.add(sink)
+def _track(task: BaseServiceTask, sink: StreamSink, request: ServiceRequest | None) -> None:
+    """Count ``sink`` among the task's open streams until its ``request``'s deadline (None: no longer open)."""
+    if request is not None:
+        task._open_streams[sink] = request.deadline
     else:
-        task._open_streams.discard(sink)
+        task._open_streams.pop(sink, None)
 
 
 def _begin(task: BaseServiceTask, request: ServiceRequest) -> tuple[ServiceRequest, ServiceResponse | None, int, float]:
@@ -718,7 +719,7 @@ class SyncStreamRun:
         # middleware's before-hook makes current (a tracing span) stays current for the generator and
         # never leaks into the thread that opened the stream; the after-hook finds it there too.
         self.context = context = contextvars.copy_context()
-        task._open_streams.add(sink)
+        task._open_streams[sink] = request.deadline
         if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
             # _begin without a chain to run, inline: no before-hook can make anything current.
             next(task._started)
@@ -751,7 +752,7 @@ class SyncStreamRun:
         run.request, run.generator, run.count, run.limit, run.began = request, generator, count, limit, began
         run.pending = _NOTHING
         run.response = None
-        _track(task, sink, True)
+        _track(task, sink, request)
         return run
 
     @property
@@ -833,7 +834,7 @@ class SyncStreamRun:
                 pass
             finally:
                 _current_request.reset(token)
-        self.task._open_streams.discard(self.sink)
+        self.task._open_streams.pop(self.sink, None)
         assert self.response is not None
         self.sink.end(_conclude(self.task, self.request, self.response, self.limit, self.began, self.count))
 
@@ -857,7 +858,7 @@ async def serve_async_stream(
 
     from ._aio import _acquire_thread_lock, _within
 
-    _track(task, sink, True)
+    _track(task, sink, request)
     count = 0
     request, response, limit, began = _begin(task, request)
     _current_request.set(request)
@@ -907,7 +908,7 @@ async def serve_async_stream(
                     except BaseException:  # noqa: BLE001 - the stream's outcome is decided already
                         pass
     finally:
-        _track(task, sink, False)
+        _track(task, sink, None)
     sink.end(_conclude(task, request, response, limit, began, count))
 
 
@@ -1089,7 +1090,7 @@ class _PulledRun:
         self.stop_reason = None
         self._context = context = contextvars.copy_context()
         if self._tracked:
-            task._open_streams.add(self)
+            task._open_streams[self] = request.deadline
         if task._server_chain is None and (request.deadline is None or time.time() <= request.deadline):
             # _begin without a chain to run: no before-hook can make anything current (no context.run).
             next(task._started)
@@ -1206,7 +1207,7 @@ class _PulledRun:
         generator, self._generator = self._generator, None
         if generator is not None:
             _close_generator(generator, self._served)
-        self._task._open_streams.discard(self)
+        self._task._open_streams.pop(self, None)
         assert self._response is not None
         self._response = _conclude(
             self._task, self._served, self._response, self._server_limit, self._server_began, self._count
@@ -1228,7 +1229,7 @@ class _PulledRun:
             generator, self._generator = self._generator, None
             if generator is not None:
                 self._context.run(_close_generator, generator, self._served)
-            self._task._open_streams.discard(self)
+            self._task._open_streams.pop(self, None)
             next(self._task._finished)
         else:
             self._abandon(_ended_early(self._served, "the consumer closed the stream"))
@@ -1254,7 +1255,7 @@ class _PulledRun:
             self._server_began,
         )
         self._generator = None
-        task._open_streams.discard(self)
+        task._open_streams.pop(self, None)
         if self.cancelled:
             local.cancel(self.stop_reason)  # the task stopped meanwhile: the run ends at its first step
         try:

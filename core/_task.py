@@ -288,7 +288,7 @@ class _WorkerPool:
         self.replaced = 0
         self._lock = threading.Lock()
         self._stopping = False
-        #: the request each worker runs now (None: none), for :meth:`running_until`
+        #: the request each worker runs now (None: none), for :meth:`running_deadlines`
         self._running: list[ServiceRequest | None] = [None] * size
         self._threads = [self._new_thread(i) for i in range(size)]
         for thread in self._threads:
@@ -368,12 +368,9 @@ class _WorkerPool:
         """Worker threads alive now."""
         return sum(thread.is_alive() for thread in self._threads)
 
-    def running_until(self) -> float | None:
-        """The latest deadline (epoch seconds) of the requests the workers run now; None when they run none or one has none."""
-        deadlines = [request.deadline for request in list(self._running) if request is not None]
-        if not deadlines or None in deadlines:
-            return None
-        return max(deadlines)  # type: ignore[type-var]  # no None left
+    def running_deadlines(self) -> list[float | None]:
+        """The deadlines (epoch seconds; None: none) of the requests the workers run now."""
+        return [request.deadline for request in list(self._running) if request is not None]
 
     def shutdown(self, deadline: float) -> list[tuple[ServiceRequest, Reply]]:
         """Stop the workers after the queued work; returns work still queued at ``deadline``."""
@@ -569,7 +566,8 @@ class BaseServiceTask:
         self._generator_methods: dict[str, Callable[..., Any]] = {}
         # The streams being produced (a sink, or a pulled source): the task cancels them when it stops;
         # see _stream.py.
-        self._open_streams: set[_Cancellable] = set()
+        # Each with its deadline (see _running_deadlines).
+        self._open_streams: dict[_Cancellable, float | None] = {}
         # What ends the streams a consumer steps (pulled) at their deadline when left paused: started with
         # the first such stream, stopped with the task (see _stream.py).
         self._stream_deadlines: _StreamDeadlines | None = None
@@ -836,7 +834,8 @@ class BaseServiceTask:
         listeners_alive = all(listener.alive for listener in self.listeners)
         pool = self._pool
         workers_alive = None if pool is None else pool.alive
-        running_until = None if pool is None else pool.running_until()
+        deadlines = self._running_deadlines()
+        running_until = max(deadlines) if deadlines and None not in deadlines else None  # type: ignore[type-var]
         reason = self.health_reason or ("" if listeners_alive else "a listener stopped receiving")
         if pool is not None and workers_alive is not None and workers_alive < pool.size:
             dead = f"{pool.size - workers_alive} of {pool.size} worker thread(s) are dead"
@@ -863,6 +862,22 @@ class BaseServiceTask:
             running_until=running_until,
             workers_replaced=0 if pool is None else pool.replaced,
         )
+
+    def _running_deadlines(self) -> list[float | None]:
+        """The deadlines of the work running here now: the pool's calls, the loop's coroutines, the open streams.
+
+        ``ServiceStatus.running_until`` is the latest: until then a caller
+        still waits, so a task that completes nothing meanwhile is busy, not
+        stuck (a stream of tokens, an ``async def`` call given a long
+        timeout run outside the pool). A kind that runs calls elsewhere in
+        this process adds theirs (a threaded Ray replica, in Ray's threads).
+        """
+        deadlines = list(self._open_streams.values())
+        if self._pool is not None:
+            deadlines += self._pool.running_deadlines()
+        if self._aio is not None:
+            deadlines += self._aio.running_deadlines()
+        return deadlines
 
     def adopt_running(self) -> None:
         """Mark this task running around a host that already serves, started elsewhere (e.g. by another driver).

@@ -14,9 +14,9 @@ A check round reports the task unhealthy when any of these fails:
   replaces a dead worker by itself, so this fails only when it could not);
 - the worker pool makes progress: calls in flight and none completed for
   longer than ``health.stuck_after`` (read from ``task.get_service_status()``),
-  unless every call the pool runs is still within its deadline
-  (``ServiceStatus.running_until``): a long call its caller waits for is
-  work, not a hang, and recovery would cut it. Recovery runs once per stuck episode: while no call has completed since,
+  unless the calls, coroutine calls and streams the task runs are still
+  within their deadlines (``ServiceStatus.running_until``): a long call or
+  stream its caller waits for is work, not a hang, and recovery would cut it. Recovery runs once per stuck episode: while no call has completed since,
   the task is still reported unhealthy, but those rounds do not count towards
   another recovery (a rebuilt instance cannot end a running call);
 - the queue depth is at most ``health.max_queue_depth`` (when set);
@@ -96,8 +96,8 @@ def _schema() -> dict[str, Setting]:
             (float,),
             60.0,
             "Seconds with calls in flight and none completing before the worker pool counts as stuck, once the "
-            "deadlines of the calls it runs have passed (a long call its caller still waits for is not stuck; "
-            "null: never).",
+            "deadlines of the calls, coroutines and streams it runs have passed (a long call or stream its "
+            "caller still waits for is not stuck; null: never).",
             nullable=True,
             minimum=0.001,
         ),

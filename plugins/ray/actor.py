@@ -18,7 +18,6 @@ from kservice import (
     ServiceFactory,
     ServiceRequest,
     ServiceResponse,
-    ServiceStatus,
     ServiceUnavailableError,
     StreamSink,
     TaskContext,
@@ -62,22 +61,15 @@ class _HostedTask(BaseServiceTask):
         #: threaded replica's pool runs none of them)
         self.executing: dict[str, ServiceRequest] = {}
 
-    def get_service_status(self) -> ServiceStatus:
-        """The task's status; in a threaded replica, ``running_until`` covers the calls Ray's threads run.
+    def _running_deadlines(self) -> list[float | None]:
+        """The core's (pool, loop, streams) and the calls Ray's threads run now (see ``ServiceStatus.running_until``).
 
-        The health monitor reads it to tell a busy replica from a stuck one: a
-        call running past ``health.stuck_after`` whose caller still waits (a
+        The health monitor reads them to tell a busy replica from a stuck one:
+        a call running past ``health.stuck_after`` whose caller still waits (a
         batch job given a long timeout) is work, and rebuilding the instance
-        under it would lose its state. When something else is in flight too
-        (a stream), it stays None, as for a pool that cannot say.
+        under it would lose its state.
         """
-        status = super().get_service_status()
-        if self.pooled:
-            return status
-        deadlines = [request.deadline for request in list(self.executing.values())]
-        if deadlines and None not in deadlines and status.in_flight <= len(deadlines):
-            status.running_until = max(deadlines)  # type: ignore[type-var]  # no None left
-        return status
+        return [*super()._running_deadlines(), *(request.deadline for request in list(self.executing.values()))]
 
 
 class _ReplicaHost:

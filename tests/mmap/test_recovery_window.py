@@ -23,7 +23,7 @@ from kservice.plugins.mmap.host import ProcessServiceTask
 from kservice.testing import wait_for
 
 from tests.mmap.services import KV, FailsToStartWhile
-from tests.streaming.services import TokenModel
+from tests.streaming.services import AsyncGreeter, TokenModel
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -162,6 +162,44 @@ def test_a_call_running_longer_than_stuck_after_within_its_deadline_is_not_a_stu
             host = manager.call_service_sync("kv", "pid", timeout=30)
             assert manager.call_service_sync("kv", "sleep", (3.0,), timeout=30) == 3.0
             assert manager.call_service_sync("kv", "pid", timeout=30) == host
+            status = task.get_service_status()
+            assert status.restarts == 0 and status.healthy, status
+
+
+#: Work that runs outside the worker pool, 3 s in all: (service class, what the caller does, what it gets).
+LONG_WORK: dict[str, tuple[type, Callable[[ServiceManager], Any], Any]] = {
+    "stream": (TokenModel, lambda manager: list(manager.stream("svc", "slow", (15, 0.2), timeout=30)), list(range(15))),
+    "async-generator-stream": (
+        TokenModel,
+        lambda manager: list(manager.stream("svc", "acount", (15, "", 0.2), timeout=30)),
+        list(range(15)),
+    ),
+    "async-method": (
+        AsyncGreeter,
+        lambda manager: manager.call_service_sync("svc", "nap", (3.0, "done"), timeout=30),
+        "done",
+    ),
+}
+
+
+@pytest.mark.parametrize("work", sorted(LONG_WORK))
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_stream_or_coroutine_running_longer_than_stuck_after_within_its_deadline_is_not_a_stuck_pool(
+    kind: str, work: str
+) -> None:
+    """A stream of tokens, a log tail or an ``async def`` call its caller still waits for: busy, not stuck.
+    Before, such work ran outside the worker pool, so the status never said until when it was awaited:
+    after ``health.stuck_after`` without a completed call, recovery rebuilt the instance under it (its state
+    lost) or replaced the host, breaking the stream "host died mid-stream" and cutting the call "may have run"."""
+    service_class, run, expected = LONG_WORK[work]
+    config = {
+        # The default retry policy: a call cut "may have run" is not re-sent, so it cannot run twice.
+        "health": {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2},
+    }
+    with ServiceEnvironment("busy-not-stuck", config) as env:
+        task = env.register_service("svc", ServiceFactory("svc", service_class, ()), kind=kind)
+        with ServiceManager(env) as manager:
+            assert run(manager) == expected
             status = task.get_service_status()
             assert status.restarts == 0 and status.healthy, status
 

@@ -501,6 +501,43 @@ def test_a_call_running_longer_than_stuck_after_within_its_deadline_is_not_a_stu
         assert status.restarts == 0 and status.healthy, status
 
 
+#: Work a call's answer does not bound, 3 s in all: (service class, what the caller does, what it gets).
+LONG_WORK: dict[str, tuple[str, Any, Any]] = {
+    "threaded-stream": (
+        "aio_ray_services:StreamReplica",
+        lambda manager: list(manager.stream("svc", "slow", (15, 0.2), timeout=30)),
+        list(range(15)),
+    ),
+    "async-generator-stream": (
+        "aio_ray_services:AsyncReplica",
+        lambda manager: list(manager.stream("svc", "acount", (15, 0.2), timeout=30)),
+        list(range(15)),
+    ),
+    "async-method": (
+        "aio_ray_services:AsyncReplica",
+        lambda manager: manager.call_service_sync("svc", "nap", (3.0, "done"), timeout=30),
+        "done",
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("work", sorted(LONG_WORK))
+def test_a_stream_or_coroutine_running_longer_than_stuck_after_within_its_deadline_is_not_a_stuck_replica(
+    work: str,
+) -> None:
+    """A stream (a threaded replica's, or an async generator's) or an ``async def`` call its caller still
+    waits for: the replica is busy, not stuck. Before, its status never said until when they were awaited,
+    and after ``health.stuck_after`` the replica's monitor rebuilt the service's instance under them."""
+    class_path, run, expected = LONG_WORK[work]
+    health = {"period": 0.2, "timeout": 2.0, "failure_threshold": 1, "stuck_after": 0.5, "drain_timeout": 0.2}
+    config = {"services": {"svc": {"class": class_path, "kind": "ray", "health": health}}}
+    with ServiceEnvironment("ray-busy-not-stuck", config) as env, ServiceManager(env) as manager:
+        assert run(manager) == expected
+        status = _task(env, "svc").get_service_status()
+        assert status.restarts == 0 and status.healthy, status
+
+
 @pytest.mark.timeout(120)
 def test_a_call_still_running_past_its_deadline_is_a_stuck_replica_and_recovered() -> None:
     """Its caller gave up (Ray does not interrupt a running method): the thread is held for nothing, and the
