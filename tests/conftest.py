@@ -127,15 +127,25 @@ def _settle(check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
     return seen[0]
 
 
+def _tracer_provider_set() -> bool:
+    """Whether an OpenTelemetry tracer provider is set in this process (without importing the API)."""
+    trace = sys.modules.get("opentelemetry.trace")
+    return trace is not None and getattr(trace, "_TRACER_PROVIDER", None) is not None
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """Fail a test that leaks threads, child processes or shared-memory segments."""
+    """Fail a test that leaks threads, child processes, shared-memory segments or a tracer provider.
+
+    A provider left set would put tracing in every later test's chains (auto mode) in this worker.
+    """
     if request.node.get_closest_marker("allow_leaks"):
         yield
         return
     threads_before = _kservice_threads()
     children_before = _children()
     segments_before = _segments()
+    provider_before = _tracer_provider_set()
     yield
     leaked_threads = _settle(lambda: _kservice_threads() - threads_before)
     leaked_children = _settle(
@@ -149,6 +159,10 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     assert not leaked_threads, f"test leaked threads: {sorted(leaked_threads)}"
     assert not leaked_children, f"test leaked child processes: {_describe(leaked_children)}"
     assert not leaked_segments, f"test leaked shared-memory segments in {SHM_DIR}: {sorted(leaked_segments)}"
+    assert provider_before or not _tracer_provider_set(), (
+        "test left an OpenTelemetry tracer provider set: withdraw it after the test "
+        "(see tests/observability/test_tracing.py::_withdraw_provider)"
+    )
 
 
 @pytest.fixture(scope="session")

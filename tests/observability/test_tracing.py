@@ -9,10 +9,11 @@ import pytest
 from kservice.middleware import tracing
 from kservice.middleware.tracing import ClientTracing, ServerTracing
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util._once import Once
 
 from tests.observability.conftest import client_chain, server_chain
 from tests.observability.services import Echo, Nested
@@ -20,40 +21,36 @@ from tests.observability.services import Echo, Nested
 NO_HEALTH = {"health": {"enabled": False}}
 
 
-class _Switch(SpanProcessor):
-    """Forwards spans only while a tracing test runs (the global provider can be set only once per process)."""
-
-    def __init__(self, inner: SpanProcessor) -> None:
-        self.inner = inner
-        self.active = False
-
-    def on_start(self, span, parent_context=None):  # type: ignore[no-untyped-def]
-        if self.active:
-            self.inner.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.active:
-            self.inner.on_end(span)
-
-
 _exporter = InMemorySpanExporter()
-_switch = _Switch(SimpleSpanProcessor(_exporter))
+
+
+def _withdraw_provider() -> None:
+    """Leave the process with no tracer provider, as before the test that set one.
+
+    Otherwise every later test of this worker (other modules' too) would build
+    its chains in auto mode with tracing in them: ``traceparent`` in their
+    calls' metadata, maps sent call by call. OpenTelemetry sets a provider once
+    per process; its own test utilities withdraw it the same way. The cached
+    tracer goes too, so ``tracing`` looks for a provider afresh.
+    """
+    trace._TRACER_PROVIDER = None
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    tracing._tracer.tracer = None
 
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(_switch)
-        trace.set_tracer_provider(provider)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_exporter))
+    trace.set_tracer_provider(provider)
     assert trace.get_tracer_provider() is provider, "another test set a different tracer provider"
     assert tracing.refresh()
     _exporter.clear()
-    _switch.active = True
-    yield _exporter
-    _switch.active = False
-    _exporter.clear()
+    try:
+        yield _exporter
+    finally:
+        _exporter.clear()
+        _withdraw_provider()
 
 
 def by_name_and_kind(finished: Sequence[ReadableSpan]) -> dict[tuple[str, SpanKind], ReadableSpan]:
@@ -136,7 +133,8 @@ def test_tracing_disabled_by_config_is_not_in_the_chain(spans: InMemorySpanExpor
 
 
 @pytest.mark.timeout(30)
-def test_tracing_is_outermost_then_metrics_then_call_log() -> None:
+def test_tracing_is_outermost_then_metrics_then_call_log(spans: InMemorySpanExporter) -> None:
+    # spans: a tracer provider is set, so auto mode puts tracing in the chains.
     config = {**NO_HEALTH, "call_log": {"enabled": True, "side": "both"}}
     with kservice.ServiceEnvironment("t", config) as env:
         task = env.register_service("echo", Echo)
