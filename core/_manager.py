@@ -1216,6 +1216,11 @@ class ServiceManager:
 
         The future is completed by the transport's response path (or with
         ServiceTimeoutError at the deadline by the manager's timer thread).
+        Its done callbacks run in the thread that completes it, as Python
+        runs a future's callbacks: over mmap or Ray, the one thread that
+        completes every async call of the process. Keep them quick and hand
+        slow work to an executor: one that blocks holds up the other calls'
+        answers, to their deadlines (the transport logs a warning naming it).
         Finding the service (a first call's resolving and connecting) happens
         before this returns and takes at most ``timeout``: ServiceTimeoutError
         here when a plugin holds it up longer (nothing was sent).

@@ -231,6 +231,26 @@ def timeout_response(request: ServiceRequest, timeout: float) -> ServiceResponse
     return ServiceResponse.from_exception(request.request_id, error, origin="runtime")
 
 
+#: Seconds completing one batch of answers may hold a transport's completing thread before it warns
+#: (see :func:`blocked_completion`).
+BLOCKED_COMPLETION = 1.0
+
+
+def blocked_completion(thread: str, count: int, seconds: float) -> str:
+    """The warning a transport logs when completing ``count`` calls held its completing ``thread`` ``seconds``.
+
+    A future's done callbacks (and a client middleware's after-hooks) run in
+    the thread that completes the call, as Python runs a future's callbacks:
+    one that blocks holds up the answers of every other async call that
+    thread completes, to their deadlines.
+    """
+    return (
+        f"completing {count} call(s) took {seconds:.1f}s: a done callback of a call's future (or a client "
+        f"middleware's after_call) blocked {thread}, and the answers of the process's other async calls waited "
+        "behind it (those past their deadline timed out). Keep done callbacks quick: hand slow work to an executor"
+    )
+
+
 #: Seconds past its deadline that a call (an async call, a map's chunk) waits for its middleware (the
 #: after-hooks of its answer or of its timeout) and its retry policy; then it ends with
 #: ServiceTimeoutError without them (:func:`held_response`). Hooks take microseconds: only one that

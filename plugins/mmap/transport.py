@@ -73,6 +73,7 @@ from kservice import (
     timeout_response,
 )
 from kservice import __version__ as kservice_version
+from kservice._transport import BLOCKED_COMPLETION, blocked_completion
 from kservice.keys import ADDRESS_IDEMPOTENT, CONNECTION_CLOSED, RETRYABLE
 
 from . import codec, registry
@@ -1246,8 +1247,14 @@ class _ClientRings:
                 log.warning("mmap async responses: %s", exc)
                 records = []
             if records:
+                began = time.monotonic()
                 deliver(records)
-            now = time.monotonic()
+                now = time.monotonic()
+                if now - began > BLOCKED_COMPLETION:
+                    thread = "this process's response thread"
+                    log.warning("mmap async responses: %s", blocked_completion(thread, len(records), now - began))
+            else:
+                now = time.monotonic()
             if now >= next_check:
                 next_check = now + LIVENESS_INTERVAL
                 self._check_pending(queue)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+from kservice._transport import BLOCKED_COMPLETION, blocked_completion
 
 from .common import _ray
 
@@ -145,8 +148,15 @@ class _RefCompleter:
                     outcomes.append((ray.get(ref), None))
                 except Exception as exc:  # noqa: BLE001 - delivered to the call's callback
                     outcomes.append((None, exc))
+        began = time.monotonic()
         for ref, (value, error) in zip(ready, outcomes, strict=True):
             _run_callback(pending.pop(ref), value, error)
+        took = time.monotonic() - began
+        if took > BLOCKED_COMPLETION:
+            import logging
+
+            thread = "this process's Ray completion thread"
+            logging.getLogger("kservice.ray").warning("ray: %s", blocked_completion(thread, len(ready), took))
 
 
 #: replica sets that have had calls waiting for a slot since the completer last looked (see _calls_waiting)

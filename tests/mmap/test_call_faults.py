@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 from kservice import (
+    ServiceEnvironment,
+    ServiceFactory,
     ServiceManager,
     ServiceNotFoundError,
     ServiceStoppedError,
+    ServiceTimeoutError,
     ServiceUnavailableError,
 )
 from kservice.plugins.mmap import reclaim, registry
@@ -29,7 +32,7 @@ from kservice.testing import wait_for
 
 from tests.cli.helpers import KV_TARGET, start_host, stop_host
 
-from .services import Host, child_env, unique
+from .services import KV, Host, child_env, unique
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -275,3 +278,28 @@ def test_a_stopped_caller_whose_ring_is_full_does_not_hold_up_other_callers(tmp_
         stopped.wait(30)
         stop_host(host)
         reclaim()  # the killed caller's rings
+
+
+def test_a_done_callback_that_blocks_the_response_thread_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Callbacks of an async call's future run in the process's response thread, as Python's futures run
+    them in the thread that completes them. One that blocks (a slow write, a lock) holds up the answers
+    of the process's other async calls: they end at their deadlines, never later, and the stall is now
+    named in a warning on ``kservice.mmap`` saying what to do (before: nothing said why a call whose
+    service answered in microseconds timed out)."""
+    release = threading.Event()
+    with ServiceEnvironment("blocking-callback") as env:
+        env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
+        with ServiceManager(env) as manager, caplog.at_level("WARNING", logger="kservice.mmap"):
+            assert manager.call_service_sync("kv", "echo", (0,), timeout=30) == 0
+            slow = manager.call_service_async("kv", "sleep", (0.2,), timeout=30)
+            slow.add_done_callback(lambda _: release.wait(1.5))  # added before the answer: the response thread runs it
+            time.sleep(0.5)  # the answer came: the callback blocks the response thread
+            began = time.monotonic()
+            with pytest.raises(ServiceTimeoutError):
+                manager.call_service_async("kv", "echo", (1,), timeout=0.5).result()
+            assert time.monotonic() - began < 1.5  # by its deadline, not after the callback
+            wait_for(lambda: "blocked this process's response thread" in caplog.text, timeout=10, what="the warning")
+            assert "done callback" in caplog.text and "executor" in caplog.text, caplog.text
+            assert manager.call_service_async("kv", "echo", (2,), timeout=30).result() == 2

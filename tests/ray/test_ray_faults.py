@@ -550,3 +550,29 @@ def test_a_call_still_running_past_its_deadline_is_a_stuck_replica_and_recovered
             manager.call_service_sync("slow", "sleep", (6.0,), timeout=1.0)
         task = _task(env, "slow")
         wait_for(lambda: task.get_service_status().restarts >= 1, timeout=30, what="the stuck replica's recovery")
+
+
+@pytest.mark.timeout(120)
+def test_a_done_callback_that_blocks_the_completion_thread_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As over mmap (tests/mmap/test_call_faults.py): a future's done callback runs in the thread completing
+    the call, here the process's Ray completion thread. One that blocks holds up the other async calls'
+    answers: they end at their deadlines, never later, and a warning on ``kservice.ray`` now names the stall."""
+    release = threading.Event()
+    config = {"services": {"svc": {"class": "ray_services:EchoService", "kind": "ray"}}}
+    with (
+        ServiceEnvironment("ray-blocking-callback", config) as env,
+        ServiceManager(env) as manager,
+        caplog.at_level("WARNING", logger="kservice.ray"),
+    ):
+        assert manager.call_service_sync("svc", "echo", ("warm",), timeout=60) == "warm"
+        slow = manager.call_service_async("svc", "sleep", (0.2,), timeout=30)
+        slow.add_done_callback(lambda _: release.wait(1.5))  # added before the answer: the completion thread runs it
+        time.sleep(0.6)  # the answer came: the callback blocks the completion thread
+        began = time.monotonic()
+        with pytest.raises(ServiceTimeoutError):
+            manager.call_service_async("svc", "echo", (1,), timeout=0.5).result()
+        assert time.monotonic() - began < 1.4  # by its deadline, not after the callback
+        wait_for(lambda: "blocked this process's Ray completion thread" in caplog.text, timeout=10, what="the warning")
+        assert manager.call_service_async("svc", "echo", (2,), timeout=30).result() == 2
