@@ -15,8 +15,13 @@ items; a method seen streamed is not looked up again. The key is ``(method, args
 kwargs)`` with argument types (so ``f(1)`` and ``f(True)`` do not share an
 entry); a call whose arguments are unhashable bypasses the cache. Only
 successful, non-degraded responses are stored; errors never are. A hit is a
-response with ``metadata["kservice.cache"] = "hit"``; the result object is
-shared between hits (as in-process calls share results: do not mutate it).
+response with ``metadata["kservice.cache"] = "hit"``. Every answer is the
+caller's own object, as a call over the wire gives: the cache keeps a pickle
+of a result a caller could change (a list, a dict, an object), made when it
+is stored, and each hit unpickles it, so a caller changing what it got
+changes nothing another caller gets. Numbers, strings, bytes, None and
+tuples of them are kept as they are; a result that cannot be pickled is
+not cached.
 
 One ``cachetools.TTLCache`` per service and process (``ttl`` seconds,
 ``maxsize`` entries, least recently used evicted first), guarded by a lock
@@ -109,7 +114,12 @@ class ResultCache(ServiceMiddleware):
             self.misses += 1
             return None
         self.hits += 1
-        return ServiceResponse(True, result[0], None, request.request_id, metadata={CACHE: "hit"})
+        value, pickled = result
+        if pickled:
+            from _pickle import loads  # the C pickler itself, as the mmap codec (pickle.py costs a start 0.6 ms)
+
+            value = loads(value)
+        return ServiceResponse(True, value, None, request.request_id, metadata={CACHE: "hit"})
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
         if STREAM_ITEMS in response.metadata:
@@ -123,9 +133,11 @@ class ResultCache(ServiceMiddleware):
         key = self._key(request)
         if key is None:
             return
+        entry = _snapshot(response.result)
+        if entry is None:
+            return  # it cannot be pickled: not cached, so no caller shares it with another
         with self._lock:
-            # Wrapped in a tuple so a cached None is told apart from a miss.
-            self._cache[key] = (response.result,)
+            self._cache[key] = entry
 
     def clear(self) -> None:
         with self._lock:
@@ -138,6 +150,26 @@ class ResultCache(ServiceMiddleware):
 
 
 _MISS = object()
+
+#: Types of results the cache keeps as they are: no caller can change them.
+_UNCHANGEABLE = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def _snapshot(result: Any) -> tuple[Any, bool] | None:
+    """What the cache keeps of ``result``: (the value, False) when no caller can change it, else (its pickle, True).
+
+    None: it cannot be pickled (an in-process object: a lock, a generator).
+    """
+    kind = type(result)
+    if kind in _UNCHANGEABLE or (kind is tuple and all(type(item) in _UNCHANGEABLE for item in result)):
+        return result, False
+    from _pickle import dumps
+
+    try:
+        return dumps(result, 5), True
+    except BaseException:  # noqa: BLE001 - whatever its pickling raises (SystemExit too): the answer stands, uncached
+        return None
+
 
 # --------------------------------------------------------------- registries
 

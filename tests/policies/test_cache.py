@@ -156,3 +156,29 @@ def test_streams_are_never_cached_and_every_stream_yields_its_items(kind: str) -
         info = cache_info(name)
         assert info is not None and info["size"] == 1 and info["hits"] == 1
         assert list(manager.stream(name, "count", (2,))) == [0, 1]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_a_cached_result_is_not_changed_by_a_caller_changing_the_one_it_got(kind: str) -> None:
+    """Every answer is the caller's own, as a call over the wire gives: a caller that appends to the list it
+    got changes neither the cached result nor what the next hit returns. Before, the first answer and
+    every hit were one shared object, so one caller's change reached every later caller of the service."""
+    from tests.policies.services import Flaky
+
+    name = f"cached-mutable-{kind}"
+    env = ServiceEnvironment("cache-mutable", {"service_call": {"max_retries": 0}})
+    env.register_service(
+        name, kservice.ServiceFactory(name, Flaky), kind=kind, idempotent=["lookup"], cache={"enabled": True}
+    )
+    with env, env.manager() as manager:
+        first = manager.call_service_sync(name, "lookup", ("books",))
+        assert first == [("books",), {}]
+        first.append("changed by the first caller")
+        hit = manager.call_service_sync(name, "lookup", ("books",))
+        assert hit == [("books",), {}]
+        hit[1]["page"] = "changed by the second caller"
+        again = manager.call_service_sync(name, "lookup", ("books",))
+        assert again == [("books",), {}] and again is not hit
+        info = cache_info(name)
+        assert info is not None and info["hits"] == 2 and info["misses"] == 1
