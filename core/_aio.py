@@ -98,6 +98,24 @@ def call_lifecycle(instance: Any, names: Iterable[str], loop: TaskLoop | None) -
                 asyncio.run(outcome)
 
 
+def awaited(outcome: Any, loop: TaskLoop | None, timeout: float, what: str) -> Any:
+    """``outcome`` of calling a service's hook (``check_health()``), an ``async def`` one's awaited first.
+
+    A coroutine is awaited on the task's event loop ``loop`` (on a private
+    one when there is none) and cancelled when it has not finished within
+    ``timeout`` seconds: TimeoutError naming ``what`` then. Raises what the
+    coroutine raises. Anything else is returned as it is.
+    """
+    if not inspect.iscoroutine(outcome):
+        return outcome
+    try:
+        if loop is not None:
+            return loop.run(outcome, timeout)
+        return asyncio.run(asyncio.wait_for(outcome, timeout))
+    except FutureTimeoutError:  # TimeoutError itself on Python 3.11
+        raise TimeoutError(f"{what} did not finish within {timeout:g}s; it was cancelled") from None
+
+
 class TaskLoop:
     """An asyncio event loop in its own thread, serving one task's coroutine methods.
 

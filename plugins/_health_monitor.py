@@ -7,6 +7,7 @@ a process that only calls services never loads it.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import threading
@@ -88,7 +89,13 @@ def _check_service(task: BaseServiceTask) -> str | None:
     method = getattr(task.service, "check_health", None)
     if not callable(method):
         return None
-    return _interpret(method(), "check_health()")
+    outcome = method()
+    if inspect.iscoroutine(outcome):
+        # An ``async def check_health()``: its coroutine is no answer; awaited on the task's event loop.
+        from kservice._aio import awaited
+
+        outcome = awaited(outcome, getattr(task, "_aio", None), HealthSettings.of(task).timeout, "check_health()")
+    return _interpret(outcome, "check_health()")
 
 
 class _Monitored:

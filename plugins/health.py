@@ -20,7 +20,8 @@ A check round reports the task unhealthy when any of these fails:
   the task is still reported unhealthy, but those rounds do not count towards
   another recovery (a rebuilt instance cannot end a running call);
 - the queue depth is at most ``health.max_queue_depth`` (when set);
-- the service's own ``check_health()``, when it defines one: None or a truthy
+- the service's own ``check_health()``, when it defines one (an ``async def``
+  one is awaited on the task's event loop, within ``timeout``): None or a truthy
   value is healthy; False, a falsy value or a string (the reason) is
   unhealthy; raising is unhealthy. A task kind whose instance lives in
   another process exposes ``task.check_service_health()`` to run it there;

@@ -23,8 +23,17 @@ from kservice import (
     TaskContext,
     idempotent_methods,
 )
+from kservice._aio import awaited
 
-from .common import _CONTROL_GROUP, _REFUSED_KEY, MAY_HAVE_RUN_KEY, RETRYABLE_KEY, _first_line, _ray
+from .common import (
+    _CONTROL_GROUP,
+    _REFUSED_KEY,
+    HEALTH_ANSWER_WAIT,
+    MAY_HAVE_RUN_KEY,
+    RETRYABLE_KEY,
+    _first_line,
+    _ray,
+)
 from .wire import (
     _COST,
     WIRE_VERSION,
@@ -367,7 +376,11 @@ class _ReplicaHost:
         if task is None:
             return f"the service failed to build: {self.failure.error if self.failure else 'unknown error'}"
         method = getattr(task.service, "check_health", None)
-        return method() if callable(method) else None
+        if not callable(method):
+            return None
+        # An ``async def check_health()`` is awaited on the task's event loop (its coroutine is no answer,
+        # and Ray could not carry it), for no longer than its caller waits for the answer.
+        return awaited(method(), task._aio, HEALTH_ANSWER_WAIT, "check_health()")
 
     def status(self) -> dict[str, Any]:
         """The hosted task's status as a dict, with ``clock``: this replica's wall clock (see ``running_until``)."""

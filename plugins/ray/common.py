@@ -20,6 +20,8 @@ ACTOR_PREFIX = "kservice:"
 #: Ray concurrency group for status, readiness and shutdown calls, so they are
 #: answered even when every request slot of the replica is busy
 _CONTROL_GROUP = "kservice-control"
+#: Seconds the health check waits for a replica's ``check_health()`` answer (an async one is cancelled then).
+HEALTH_ANSWER_WAIT = 5.0
 
 
 def _ray() -> ModuleType:

@@ -27,7 +27,7 @@ from kservice._task import stop_timeout
 
 from .actor import _actor_class, _idempotent_methods
 from .balancers import _make_balancer
-from .common import _CONTROL_GROUP, ACTOR_PREFIX, _first_line, _ray
+from .common import _CONTROL_GROUP, ACTOR_PREFIX, HEALTH_ANSWER_WAIT, _first_line, _ray
 from .discovery import _deployments, _new_deployment_id, _newest_deployment
 from .replicas import _aggregate_status, _Replica, _ReplicaSet
 from .transport import _transport
@@ -388,7 +388,7 @@ class RayServiceTask(BaseServiceTask):
                 asks.append((replica, replica.handle.check_health.options(concurrency_group=_CONTROL_GROUP).remote()))
         for replica, ask in asks:
             try:
-                outcome = ray.get(ask, timeout=5.0)
+                outcome = ray.get(ask, timeout=HEALTH_ANSWER_WAIT)
             except Exception as exc:
                 unhealthy.append((replica, f"{replica.name} did not answer its health check: {_first_line(exc)}"))
                 continue

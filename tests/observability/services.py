@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -42,6 +43,23 @@ class Poisonable:
         return self.poisoned
 
     def check_health(self) -> str | None:
+        return "poisoned by a test" if self.poisoned else None
+
+
+class AsyncPoisonable:
+    """:class:`Poisonable` whose ``check_health`` is ``async def`` (it awaits, as one asking a database would)."""
+
+    def __init__(self) -> None:
+        self.poisoned = False
+
+    def poison(self) -> None:
+        self.poisoned = True
+
+    def is_poisoned(self) -> bool:
+        return self.poisoned
+
+    async def check_health(self) -> str | None:
+        await asyncio.sleep(0.001)
         return "poisoned by a test" if self.poisoned else None
 
 

@@ -13,7 +13,7 @@ from kservice import BaseServiceTask, Listener, ServiceAddress, Transport, hooki
 from kservice.plugins import health
 from kservice.testing import wait_for
 
-from tests.observability.services import AlwaysSick, Echo, HangingCheck, Poisonable
+from tests.observability.services import AlwaysSick, AsyncPoisonable, Echo, HangingCheck, Poisonable
 
 FAST = {"period": 0.02, "timeout": 1.0, "failure_threshold": 2, "max_restarts": 3}
 
@@ -94,6 +94,24 @@ def test_failing_check_health_recovers_by_rebuilding_the_instance() -> None:
         assert info["recoveries"] == 1 and info["failures"] >= 2
         assert "poisoned by a test" in info["last_failure"]
         assert info["last_recovery"] == "rebuilt the service instance"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_an_async_check_health_is_awaited_and_its_answer_counts(kind: str) -> None:
+    """``async def check_health()`` (one asking a database) is awaited on the task's event loop. Before, it
+    was called and its coroutine, never awaited, read as a truthy answer: a sick service stayed healthy."""
+    with kservice.ServiceEnvironment("h", {"health": FAST}) as env:
+        task = env.register_service("p", kservice.ServiceFactory("p", AsyncPoisonable), kind=kind)
+        manager = env.manager()
+        wait_for(lambda: extra(task)["rounds"] >= 5, what="healthy rounds")
+        status = task.get_service_status()
+        assert status.healthy and status.restarts == 0, status
+        manager.call_service_sync("p", "poison")
+        wait_for(lambda: task.get_service_status().restarts == 1, what="a rebuild")
+        assert manager.call_service_sync("p", "is_poisoned") is False, "calls reach the new instance"
+        if kind == "local":  # a process task's instance is rebuilt by its host's own monitor, which keeps the reason
+            assert "poisoned by a test" in extra(task)["last_failure"]
 
 
 @pytest.mark.timeout(30)

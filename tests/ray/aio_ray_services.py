@@ -131,3 +131,20 @@ class AsyncClocks:
     def hold(self, seconds: float) -> None:
         """A sync method: an async replica runs it in its task's pool, whose status says until when it is awaited."""
         time.sleep(seconds)
+
+
+class AsyncChecked:
+    """An async replica whose ``check_health`` is ``async def``: healthy until ``poison()``."""
+
+    def __init__(self) -> None:
+        self.poisoned = False
+
+    def poison(self) -> None:
+        self.poisoned = True
+
+    async def is_poisoned(self) -> bool:
+        return self.poisoned
+
+    async def check_health(self) -> str | None:
+        await asyncio.sleep(0.001)
+        return "poisoned by a test" if self.poisoned else None

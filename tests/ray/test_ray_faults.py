@@ -576,3 +576,25 @@ def test_a_done_callback_that_blocks_the_completion_thread_is_named_in_a_warning
         assert time.monotonic() - began < 1.4  # by its deadline, not after the callback
         wait_for(lambda: "blocked this process's Ray completion thread" in caplog.text, timeout=10, what="the warning")
         assert manager.call_service_async("svc", "echo", (2,), timeout=30).result() == 2
+
+
+@pytest.mark.timeout(120)
+def test_an_async_check_health_of_a_replica_is_awaited_and_its_answer_counts() -> None:
+    """An async replica's ``async def check_health()`` is awaited on its event loop. Before, the replica
+    answered its health check with the coroutine, which Ray could not carry: every round failed with a
+    TypeError, so a healthy replica counted as sick and was restarted until ``max_restarts``."""
+    health = {"period": 0.2, "timeout": 2.0, "failure_threshold": 2, "max_restarts": 3}
+    config = {"services": {"svc": {"class": "aio_ray_services:AsyncChecked", "kind": "ray", "health": health}}}
+    with ServiceEnvironment("ray-async-check", config) as env, ServiceManager(env) as manager:
+        assert manager.call_service_sync("svc", "is_poisoned", timeout=60) is False
+        task = _task(env, "svc")
+        time.sleep(1.5)  # several rounds
+        status = task.get_service_status()
+        assert status.restarts == 0 and status.healthy, status
+        manager.call_service_sync("svc", "poison", timeout=30)
+        wait_for(lambda: task.get_service_status().restarts >= 1, timeout=60, what="the sick replica's recovery")
+        wait_for(
+            lambda: manager.call_service_sync("svc", "is_poisoned", timeout=30) is False,
+            timeout=60,
+            what="calls to reach a healthy instance",
+        )
