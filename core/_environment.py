@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import Config
 from ._errors import ConfigError, ServiceError, _short_repr
 from ._fork import renew_after_fork
+from ._middleware import check_plain_hooks
 from ._task import BaseServiceTask, ServiceFactory, TaskContext, import_service_class, stop_timeout
 
 if TYPE_CHECKING:
@@ -216,8 +217,10 @@ class ServiceEnvironment:
 
         It applies at once to the environment's managers and to its tasks
         running in this process; a task hosted elsewhere (a ``process`` child,
-        Ray replicas) gets it when it next starts.
+        Ray replicas) gets it when it next starts. TypeError (nothing added)
+        when one of its hooks is ``async def``: hooks are never awaited.
         """
+        check_plain_hooks(middleware)
         with self._lock:
             self._middlewares.append(middleware)
             tasks = list(self._tasks.values())

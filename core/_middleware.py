@@ -361,6 +361,23 @@ def _overridden(middleware: Any, name: str) -> Callable[..., Any] | None:
     return method  # type: ignore[no-any-return]
 
 
+def check_plain_hooks(middleware: Any) -> None:
+    """Raise TypeError naming a hook of ``middleware`` that is ``async def``: hooks run inside the call, unawaited.
+
+    Its coroutine would be its answer: a before- or after-hook's a TypeError
+    at every call, an observer's silently never run.
+    """
+    for name in _HOOK_NAMES:
+        method = _overridden(middleware, name)
+        if method is not None and inspect.iscoroutinefunction(method):
+            owner = type(middleware)
+            raise TypeError(
+                f"middleware {owner.__module__}.{owner.__qualname__}.{name} is async def: middleware hooks run "
+                "inside the call, in the thread making or serving it, and are never awaited; make it a plain "
+                "function (def), handing slow work to a thread or an event loop of your own"
+            )
+
+
 def _declares_idle(middleware: Any) -> bool:
     """Whether ``middleware`` maintains :attr:`ServiceMiddleware.hooks_idle` (its class, or the instance, sets it).
 
@@ -488,6 +505,8 @@ class MiddlewareChain:
         self._error_origin: Any = "client" if side == "client" else "service"
         self.middlewares = tuple(middlewares)
         self.size = len(self.middlewares)
+        for middleware in self.middlewares:
+            check_plain_hooks(middleware)
         befores: list[tuple[int, BeforeHook]] = []
         afters: list[tuple[int, AfterHook]] = []
         observers: list[tuple[int, ObserveHook]] = []

@@ -91,11 +91,19 @@ def _check_service(task: BaseServiceTask) -> str | None:
         return None
     outcome = method()
     if inspect.iscoroutine(outcome):
-        # An ``async def check_health()``: its coroutine is no answer; awaited on the task's event loop.
-        from kservice._aio import awaited
-
-        outcome = awaited(outcome, getattr(task, "_aio", None), HealthSettings.of(task).timeout, "check_health()")
+        outcome = _awaited(task, outcome, "check_health()")
     return _interpret(outcome, "check_health()")
+
+
+def _awaited(task: BaseServiceTask, outcome: Any, what: str) -> Any:
+    """An ``async def`` check's answer (its coroutine is none): awaited on the task's event loop, within ``timeout``.
+
+    A task without a loop awaits it on a private one. Raises what the check
+    raises, or TimeoutError naming ``what``: a failed check either way.
+    """
+    from kservice._aio import awaited  # with asyncio: only for a check that needs it
+
+    return awaited(outcome, getattr(task, "_aio", None), HealthSettings.of(task).timeout, what)
 
 
 class _Monitored:
@@ -370,6 +378,8 @@ class _Monitor:
                 mon.current_check = name
                 try:
                     reason = check(task)
+                    if inspect.iscoroutine(reason):  # an ``async def`` check from the hook
+                        reason = _awaited(task, reason, f"health check {name!r}")
                 except BaseException as exc:  # noqa: BLE001 - a raising check is a failed check, whatever it raises
                     reason = f"health check {name!r} raised {type(exc).__name__}: {exc}"
                 if reason:

@@ -43,6 +43,7 @@ raised before any middleware runs and is never covered.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import threading
 import weakref
@@ -101,14 +102,25 @@ class Fallback:
             raise TypeError("a fallback takes exactly one of value=... or handler=...")
         if handler is not None and not callable(handler):
             raise TypeError(f"fallback handler must be callable, got {type(handler).__name__}")
+        if handler is not None and inspect.iscoroutinefunction(handler):
+            name = getattr(handler, "__qualname__", repr(handler))
+            raise TypeError(
+                f"fallback handler {name} is async def: a handler runs in the caller's thread, inside the call, and "
+                "its return value is the caller's answer; make it a plain function (def) returning the value"
+            )
         self.value = value
         self.handler = handler
         #: the value itself is the answer: nothing in it can be mutated (deepcopy would cost 0.2-1.3 µs a call)
         self.shared = handler is None and _immutable(value)
 
     def answer(self, request: ServiceRequest, error: BaseException) -> Any:
+        """The stand-in value; raises what the handler raises, or TypeError when it returns a coroutine."""
         if self.handler is not None:
-            return self.handler(request, error)
+            value = self.handler(request, error)
+            if inspect.iscoroutine(value):
+                value.close()  # never awaited: closed, so no "never awaited" warning follows
+                raise TypeError("it returned a coroutine, not a value (a handler must be a plain function)")
+            return value
         if self.shared:
             return self.value
         return copy.deepcopy(self.value)

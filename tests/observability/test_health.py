@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -305,6 +306,33 @@ def test_dead_listener_is_restarted(register_plugin: Callable[[Any, str], None])
         assert "listener(s) stopped receiving: flaky" in info["last_failure"]
         assert task.restarts == 1
         assert task.service is instance, "a dead listener is restarted, the instance kept"
+
+
+@pytest.mark.timeout(30)
+def test_an_async_check_from_the_hook_is_awaited_and_its_answer_counts(
+    register_plugin: Callable[[Any, str], None],
+) -> None:
+    """A plugin's ``async def`` check (one probing an endpoint) is awaited. Before, its coroutine was taken
+    as the reason: the task was reported unhealthy ("<coroutine object ...>") whatever the check said."""
+    verdict: dict[str, Any] = {"reason": None}
+
+    async def endpoint_check(task: BaseServiceTask) -> str | None:
+        await asyncio.sleep(0.001)
+        return verdict["reason"]  # type: ignore[no-any-return]
+
+    class Plugin:
+        @hookimpl
+        def kservice_health_checks(self, task: BaseServiceTask) -> list[Callable[[BaseServiceTask], Any]]:
+            return [endpoint_check]
+
+    register_plugin(Plugin(), "test-async-check")
+    with kservice.ServiceEnvironment("h", {"health": {**FAST, "max_restarts": 0, "failure_threshold": 100}}) as env:
+        task = env.register_service("echo", Echo)
+        wait_for(lambda: extra(task)["rounds"] >= 3, what="rounds")
+        status = task.get_service_status()
+        assert status.healthy, status.health_reason
+        verdict["reason"] = "endpoint down"
+        wait_for(lambda: task.health_reason == "endpoint down", what="the awaited reason")
 
 
 @pytest.mark.timeout(30)

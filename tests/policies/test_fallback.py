@@ -187,3 +187,30 @@ def test_a_fallback_replaces_a_stream_that_failed_before_its_first_item_never_on
     finally:
         fb.unregister_fallback(name, "broken")
         fb.unregister_fallback(name, "slow")
+
+
+@pytest.mark.timeout(30)
+def test_an_async_handler_is_refused_when_declared_and_a_coroutine_answer_is_no_value() -> None:
+    """A fallback handler runs in the caller's thread, inside the call: its answer is the value the caller
+    gets. Before, an ``async def`` handler was called and its coroutine, never awaited, was the caller's
+    result: a "degraded" success holding a coroutine object."""
+
+    async def fetch_stale(request: ServiceRequest, error: BaseException) -> str:
+        return "stale"
+
+    with pytest.raises(TypeError, match=r"fallback handler \S*fetch_stale is async def.*plain function"):
+        fb.register_fallback("flaky", "ok", handler=fetch_stale)
+    with pytest.raises(TypeError, match=r"fallback handler \S*fetch_stale is async def"):
+        fb.fallback(handler=fetch_stale)
+    # A plain callable that hands back a coroutine all the same: the call's own error, with a note saying why.
+    fb.register_fallback("flaky", "sleep", handler=lambda request, error: fetch_stale(request, error))
+    try:
+        with ServiceEnvironment("t", {"service_call": {"max_retries": 0}}) as env:
+            env.register_service("flaky", Flaky)
+            with env.manager() as manager:
+                with pytest.raises(kservice.ServiceTimeoutError) as caught:
+                    manager.call_service_sync("flaky", "sleep", (0.2,), timeout=0.02)
+                assert any("returned a coroutine" in note for note in caught.value.__notes__), caught.value.__notes__
+                assert manager.call_service_sync("flaky", "ok", (1,)) == 1  # still serving
+    finally:
+        fb.unregister_fallback("flaky", "sleep")
