@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -112,11 +113,14 @@ class KservicePluginManager(pluggy.PluginManager):
         # names over the installed plugins, a fifth of building the first manager). A module's
         # name that is no function or method wrapper cannot be a hook to pluggy either, and a
         # module's attribute is a plain entry of its __dict__: skip those without the lookup.
+        opts: Any = _ASK_PLUGGY
         if type(plugin) is ModuleType:
-            found = _module_marker(plugin, name, self.project_name + "_impl")
-            if found is not _ASK_PLUGGY:
-                return cast("pluggy.HookimplOpts | None", found)
-        return super().parse_hookimpl_opts(plugin, name)
+            opts = _module_marker(plugin, name, self.project_name + "_impl")
+        if opts is _ASK_PLUGGY:
+            opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None:
+            _refuse_async_hook(plugin, name)  # pluggy validates every hook before it registers any
+        return cast("pluggy.HookimplOpts | None", opts)
 
     def parse_hookspec_opts(self, module_or_class: Any, name: str) -> pluggy.HookspecOpts | None:
         # As parse_hookimpl_opts: the specs module's names read from its __dict__, without pluggy's
@@ -164,6 +168,22 @@ class KservicePluginManager(pluggy.PluginManager):
 
 #: :func:`_module_marker`'s answer for a name only pluggy's own look-up can decide
 _ASK_PLUGGY: Any = object()
+
+
+def _refuse_async_hook(plugin: Any, name: str) -> None:
+    """PluginError when hook implementation ``name`` of ``plugin`` is ``async def``: hooks are called, never awaited.
+
+    Its coroutine would be its answer, and a lifecycle hook would silently
+    never run. Raised while pluggy validates the plugin, so nothing of it is
+    registered (an entry point's plugin is then skipped with a warning).
+    """
+    function = getattr(plugin, name, None)
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        label = plugin.__name__ if type(plugin) is ModuleType else type(plugin).__qualname__
+        raise PluginError(
+            f"hook {name} of plugin {label} is async def: kservice calls its hooks and never awaits them "
+            "(a coroutine would be the hook's answer); make it a plain function (def)"
+        )
 
 
 def _module_marker(module: ModuleType, name: str, attribute: str) -> Any:

@@ -70,6 +70,48 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error(tmp_path: Path) -> None
     assert "PluginError" in result.stderr and "acme_broken" in result.stderr
 
 
+ASYNC_HOOK_PLUGIN = """
+import kservice
+
+STARTED = []
+
+@kservice.hookimpl
+async def kservice_task_started(task):
+    STARTED.append(task.service_name)
+"""
+
+
+def test_a_plugin_with_an_async_def_hook_is_refused_naming_the_hook_and_the_rest_load(tmp_path: Path) -> None:
+    """kservice calls its hooks and never awaits them. Before, an ``async def`` hook was called, its coroutine
+    dropped ("never awaited"): a lifecycle hook silently never ran, an answering hook's answer was a coroutine.
+    Now the plugin is refused when it loads (a warning naming the hook, or PluginError in strict mode)."""
+    site = make_distribution(
+        tmp_path,
+        "acme_async",
+        {"kservice": {"acme_good": "acme_good", "acme_async": "acme_async"}},
+        {"acme_good": GOOD_PLUGIN, "acme_async": ASYNC_HOOK_PLUGIN},
+    )
+    result = run_python(CALL, site=site)
+    assert result.returncode == 0, result.stderr
+    assert "('tagged', 1)" in result.stdout  # the other plugin loaded and works
+    assert "kservice plugin 'acme_async' (acme_async) failed to load" in result.stderr, result.stderr
+    assert "hook kservice_task_started of plugin acme_async is async def" in result.stderr, result.stderr
+    assert "never awaited" not in result.stderr  # refused before anything called it
+    strict = run_python(CALL, site=site, env={"KSERVICE_STRICT_PLUGINS": "1"})
+    assert strict.returncode != 0 and "PluginError" in strict.stderr and "is async def" in strict.stderr
+    # Registered at run time: refused at once, and the manager is left as it was.
+
+    class AsyncAnswers:
+        @hookimpl
+        async def kservice_known_services(self) -> list[str]:
+            return ["ghost"]
+
+    manager = get_plugin_manager()
+    with pytest.raises(kservice.PluginError, match=r"kservice_known_services of plugin .*AsyncAnswers.* is async def"):
+        manager.register(AsyncAnswers(), name="test-async-answers")
+    assert not manager.has_plugin("test-async-answers")
+
+
 RAISING_PLUGIN = """
 import kservice
 
