@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -28,8 +29,11 @@ class ReplicaBalancer(Protocol):
     """Chooses the replica of each call among the live ones.
 
     ``pick`` runs on every call, in the caller's thread, and must be cheap;
-    ``live`` is never empty. One balancer object serves one service in one
-    process (it may keep state, e.g. a counter).
+    ``live`` is never empty, and ``pick`` returns one of its replicas (a call
+    fails with TypeError naming the balancer otherwise). It is a plain
+    function: an ``async def`` one is refused when the service is
+    configured. One balancer object serves one service in one process (it
+    may keep state, e.g. a counter).
     """
 
     def pick(self, live: Sequence[Any]) -> Any: ...
@@ -94,4 +98,20 @@ def _make_balancer(name: str) -> ReplicaBalancer:
     factory = _balancers.get(name)
     if factory is None:
         raise ConfigError(f"service.ray.balancer: {name!r} is not one of {', '.join(map(repr, balancer_names()))}")
-    return factory()
+    balancer = factory()
+    if inspect.iscoroutinefunction(getattr(balancer, "pick", None)):
+        raise ConfigError(
+            f"service.ray.balancer: {name!r}: {type(balancer).__qualname__}.pick is async def: it runs on every call "
+            "and is never awaited; make it a plain function returning one of the replicas it is given"
+        )
+    return balancer
+
+
+def wrong_pick(balancer: ReplicaBalancer, picked: Any) -> TypeError:
+    """The error of a call whose balancer's ``pick`` answered something that is none of the replicas it was given."""
+    from kservice._plugins import _describe_value
+
+    return TypeError(
+        f"replica balancer {type(balancer).__qualname__}.pick returned {_describe_value(picked)}; it returns one of "
+        "the replicas it is given (service.ray.balancer)"
+    )

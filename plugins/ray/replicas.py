@@ -20,7 +20,7 @@ from kservice import (
 )
 from kservice.keys import STATUS_LOAD
 
-from .balancers import ReplicaBalancer
+from .balancers import ReplicaBalancer, wrong_pick
 from .common import (
     _CONTROL_GROUP,
     _REFUSED_KEY,
@@ -285,7 +285,7 @@ class _ReplicaSet:
             live = self.live
             if not live:
                 return None
-            return self.balancer.pick(live) if len(live) > 1 else live[0]
+            return self._pick(live) if len(live) > 1 else live[0]
 
     def _free(self, live: tuple[_Replica, ...]) -> _Replica | None:
         """A live replica with a free slot, chosen by the balancer (holding the lock)."""
@@ -296,7 +296,15 @@ class _ReplicaSet:
         free = [r for r in live if r.slots < capacity]
         if not free:
             return None
-        return self.balancer.pick(free) if len(free) > 1 else free[0]
+        return self._pick(free) if len(free) > 1 else free[0]
+
+    def _pick(self, candidates: Sequence[_Replica]) -> _Replica:
+        """The balancer's choice among ``candidates``; TypeError naming it when it chose none of them."""
+        picked = self.balancer.pick(candidates)
+        for candidate in candidates:
+            if candidate is picked:
+                return picked
+        raise wrong_pick(self.balancer, picked)
 
     def admit(self, entry: _Waiting) -> _Replica | ServiceResponse | None:
         """Reserve a replica slot for ``entry``, or queue it (None), or refuse it (the response to give).

@@ -183,6 +183,20 @@ def _load_bomb(made_in: int) -> str:
     return "loaded where it was made"
 
 
+class IndexPicker:
+    """A balancer with a plausible mistake: it answers an index, not one of the replicas it is given."""
+
+    def pick(self, live: Any) -> Any:
+        return 0
+
+
+class AsyncPicker:
+    """A balancer whose ``pick`` is ``async def``."""
+
+    async def pick(self, live: Any) -> Any:
+        return live[0]
+
+
 class LoadBomb:
     """A value whose unpickling raises SystemExit in any process but the one that made it."""
 

@@ -10,7 +10,7 @@ import ray
 from kservice import ConfigError, ServiceEnvironment, ServiceError, ServiceFactory, ServiceUnavailableError
 from kservice.plugins.ray import ACTOR_PREFIX, RayConnection, RayServiceTask, balancer_names, register_balancer
 from kservice.testing import wait_for
-from ray_services import BrokenService, EchoService, FirstReplica, SicklyService
+from ray_services import AsyncPicker, BrokenService, EchoService, FirstReplica, IndexPicker, SicklyService
 
 
 def actors_of(service_name: str) -> list[str]:
@@ -114,6 +114,30 @@ def test_a_registered_balancer_is_selectable_by_config() -> None:
         with env.manager() as manager:
             actors = {manager.call_service_sync("first", "where")["actor"] for _ in range(10)}
     assert len(actors) == 1 and actors.pop().endswith(":0")
+
+
+@pytest.mark.timeout(90)
+def test_a_balancer_answering_no_replica_fails_the_call_naming_it_and_an_async_one_is_refused() -> None:
+    """Before: a bare ``AttributeError: 'int' object has no attribute 'slots'`` for every call, naming
+    neither the balancer nor what it should answer; an ``async def pick`` the same, with its coroutine."""
+    register_balancer("index_picker", IndexPicker)
+    register_balancer("async_picker", AsyncPicker)
+    with ServiceEnvironment("ray-wrong-balancer") as env:
+        with pytest.raises(ConfigError, match=r"AsyncPicker\.pick is async def.*plain function"):
+            env.register_service(
+                "a", ServiceFactory("a", EchoService), kind="ray", replicas=2, ray={"balancer": "async_picker"}
+            )
+        env.register_service(
+            "i", ServiceFactory("i", EchoService), kind="ray", replicas=2, ray={"balancer": "index_picker"}
+        )
+        with env.manager() as manager:
+            wrong = r"replica balancer IndexPicker\.pick returned int 0; it returns one of the replicas it is given"
+            with pytest.raises(TypeError, match=wrong):
+                manager.call_service_sync("i", "echo", (1,), timeout=10)
+            with pytest.raises(TypeError, match=wrong):
+                manager.call_service_async("i", "echo", (1,), timeout=10).result()
+            task = env.get_task("i")
+            assert task is not None and task.running
 
 
 @pytest.mark.timeout(90)
