@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from time import perf_counter
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._config import Config
@@ -413,6 +414,19 @@ class _Parked:
 def _count(counter: itertools.count[int]) -> int:
     """The next value of ``counter`` without advancing it (its repr is the only way to read one)."""
     return int(repr(counter)[6:-1])
+
+
+def _returned_coroutine(service_name: str, method_name: str, coroutine: Any) -> TypeError:
+    """The error of a plain method that returned a coroutine (its ``async def`` hidden by a decorator); closes it.
+
+    Closed, the coroutine never runs and leaves no "never awaited" warning.
+    """
+    coroutine.close()
+    return TypeError(
+        f"{service_name}.{method_name} returned a coroutine: it is an async def method behind a decorator that hides "
+        "it (a wrapper without functools.wraps), so it was called as a plain method and its body never ran; decorate "
+        "the wrapper with functools.wraps(function) and it is awaited like any async def method"
+    )
 
 
 def _run_items(
@@ -1653,6 +1667,12 @@ class BaseServiceTask:
         finally:
             _current_request.reset(token)
         ran = len(results)
+        if ran and type(results[0]) is CoroutineType:  # a method that returns coroutines returns them every time
+            for index, result in enumerate(results):
+                if type(result) is CoroutineType:
+                    error = _returned_coroutine(self.service_name, name, result)
+                    failures[index] = ServiceResponse.from_exception(request_id, error, origin="service")
+                    results[index] = None
         if chain is not None and ran:
             failures = self._report_batch(chain, request, ran, failures, clock() - first, durations)
             for index in failures:
@@ -1726,7 +1746,10 @@ class BaseServiceTask:
         if method is None:
             method = self._resolve_method(request.method_name)
         kwargs = request.kwargs
-        return method(*request.args, **kwargs) if kwargs else method(*request.args)
+        result = method(*request.args, **kwargs) if kwargs else method(*request.args)
+        if type(result) is CoroutineType:
+            raise _returned_coroutine(self.service_name, request.method_name, result)
+        return result
 
     def _resolve_method(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):

@@ -168,3 +168,27 @@ class Raiser:
 
     def decode(self, data: bytes) -> str:
         return data.decode("utf-8")
+
+
+def _logged(function: Any) -> Any:
+    """A decorator that hides what it wraps (no ``functools.wraps``): an ``async def`` looks like a plain method."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+class HiddenAsync:
+    """An ``async def`` method behind a decorator that hides it, beside a plain one."""
+
+    def __init__(self) -> None:
+        self.fetched = 0
+
+    @_logged
+    async def fetch(self, x: int) -> int:
+        self.fetched += 1
+        return x * 2
+
+    def times_fetched(self) -> int:
+        return self.fetched

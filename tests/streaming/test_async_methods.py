@@ -176,3 +176,25 @@ def test_a_sync_call_from_a_coroutine_to_its_own_service_coroutine_is_refused_at
             assert time.monotonic() - began < 10  # refused, not waited out until the deadline
             assert manager.call_service_sync("selfcall", "outer", (True,), timeout=30) == "inner"
             assert manager.call_service_sync("selfcall", "inner", timeout=30) == "inner"
+
+
+@pytest.mark.parametrize("kind", ["local", "process"])
+def test_an_async_method_behind_a_decorator_that_hides_it_is_a_clear_error_not_a_coroutine(kind: str) -> None:
+    """A decorator without ``functools.wraps`` makes an ``async def`` method look plain, so it is called and
+    not awaited. Before, an in-process caller got the coroutine object as its result (the method's body never
+    ran), and over mmap a TypeError about pickling a coroutine. Now every call form fails with a TypeError
+    saying what happened and how to fix it, and the service keeps serving."""
+    from tests.core.services import HiddenAsync
+
+    fix = r"svc\.fetch returned a coroutine: .*functools\.wraps"
+    with kservice.ServiceEnvironment("hidden-async", {"service_call": {"max_retries": 0}}) as env:
+        env.register_service("svc", kservice.ServiceFactory("svc", HiddenAsync), kind=kind)
+        with kservice.ServiceManager(env) as manager, warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the coroutine is closed, never left "never awaited"
+            with pytest.raises(TypeError, match=fix):
+                manager.call_service_sync("svc", "fetch", (21,), timeout=10)
+            with pytest.raises(TypeError, match=fix):
+                manager.call_service_async("svc", "fetch", (21,), timeout=10).result()
+            with pytest.raises(TypeError, match=fix):
+                list(manager.map("svc", "fetch", [1, 2, 3], timeout=10))
+            assert manager.call_service_sync("svc", "times_fetched", timeout=10) == 0  # its body never ran
