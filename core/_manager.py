@@ -319,7 +319,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _is_retry_policy(answer: Any) -> bool:
-    return callable(getattr(answer, "should_retry", None))
+    should_retry = getattr(answer, "should_retry", None)
+    # Called after a failed attempt, in the call's thread, and never awaited: an async one's coroutine is no delay.
+    return callable(should_retry) and not inspect.iscoroutinefunction(should_retry)
 
 
 def _is_name_list(answer: Any) -> bool:
@@ -972,8 +974,8 @@ class ServiceManager:
                 "kservice_retry_policy",
                 [retry],
                 _is_retry_policy,
-                "a retry policy has a should_retry(request, response, attempt, idempotent) method "
-                "(kservice.hookspecs.RetryPolicy), or the hook returns None",
+                "a retry policy has a should_retry(request, response, attempt, idempotent) method, a plain "
+                "function, not async def (kservice.hookspecs.RetryPolicy), or the hook returns None",
                 f"for service {service_name!r}",
                 service_name=service_name,
                 options=options,

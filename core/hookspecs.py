@@ -228,7 +228,9 @@ class RetryPolicy(Protocol):
 
         Called on the call's own path (the caller's thread for a sync call, the
         thread delivering the response for an async one): it should decide
-        without blocking. A delay that would pass the call's deadline means no retry.
+        without blocking, and it is a plain function (a policy whose
+        ``should_retry`` is ``async def`` is refused, a PluginError when the
+        route is compiled). A delay that would pass the call's deadline means no retry.
         A policy that raises, or answers anything but None or a number of
         seconds of at least 0, is reported (a RuntimeWarning naming it) and the
         call is not retried: it ends with its own outcome.

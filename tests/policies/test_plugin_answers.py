@@ -29,6 +29,11 @@ class BuggyPolicy:
         raise self.error
 
 
+class AsyncPolicy:
+    async def should_retry(self, request: Any, response: Any, attempt: int, idempotent: bool) -> float | None:
+        return 0.01
+
+
 class Answers:
     """A plugin answering the manager's hooks with whatever a test sets."""
 
@@ -127,6 +132,8 @@ def test_a_retry_policy_that_raises_runs_an_idempotent_call_once_by_its_deadline
     [
         ("kservice_retry_policy", 5, "should_retry"),
         ("kservice_retry_policy", "retry please", "should_retry"),
+        # Before: accepted; every failed attempt's warning named a coroutine as "no delay".
+        ("kservice_retry_policy", AsyncPolicy(), "not async def"),
         ("kservice_middleware", 5, "ServiceMiddleware"),
         ("kservice_middleware", ["not middleware"], "ServiceMiddleware"),
     ],
