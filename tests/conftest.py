@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,19 @@ def _settle(check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
     with contextlib.suppress(WaitTimeoutError):
         wait_for(settled, timeout=timeout, what="leftovers to go", interval=0.05)
     return seen[0]
+
+
+@pytest.fixture(autouse=True)
+def fresh_breakers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no circuit breaker, as a new process does.
+
+    Breakers are kept per service name in a process while anything uses them, and one with the
+    same settings is reused: a breaker another test left open (its objects not yet collected)
+    would refuse this test's first calls to a service of the same name.
+    """
+    module = sys.modules.get("kservice.plugins.breaker")
+    if module is not None:
+        monkeypatch.setattr(module, "_breakers", weakref.WeakValueDictionary())
 
 
 def _tracer_provider_set() -> bool:
