@@ -128,17 +128,27 @@ def _settle(check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
     return seen[0]
 
 
-@pytest.fixture(autouse=True)
-def fresh_breakers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with no circuit breaker, as a new process does.
+#: The call policies' per-process registries: (module, name). Each keeps a service's object (a breaker,
+#: a result cache, a retry budget) while anything uses it, and hands it to any later user with the same
+#: settings.
+_POLICY_REGISTRIES = (
+    ("kservice.plugins.breaker", "_breakers"),
+    ("kservice.plugins.cache", "_caches"),
+    ("kservice.plugins.retry", "_budgets"),
+)
 
-    Breakers are kept per service name in a process while anything uses them, and one with the
-    same settings is reused: a breaker another test left open (its objects not yet collected)
-    would refuse this test's first calls to a service of the same name.
+
+@pytest.fixture(autouse=True)
+def fresh_policy_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no circuit breaker, result cache or retry budget, as a new process does.
+
+    Otherwise a breaker another test left open (its objects not yet collected) refuses this test's
+    first calls to a service of the same name, a cache answers them, or a spent budget refuses retries.
     """
-    module = sys.modules.get("kservice.plugins.breaker")
-    if module is not None:
-        monkeypatch.setattr(module, "_breakers", weakref.WeakValueDictionary())
+    for module_name, registry in _POLICY_REGISTRIES:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            monkeypatch.setattr(module, registry, weakref.WeakValueDictionary())
 
 
 def _tracer_provider_set() -> bool:
