@@ -240,8 +240,7 @@ class RayConnection(Connection):
                 return admitted  # type: ignore[return-value]
             replica: _Replica = admitted
             try:
-                send = replica.send_retrying if idempotent else replica.send_once
-                ref = send.remote(*with_clock(replicas.wire, entry.envelope))
+                ref = replica.send(entry.envelope, idempotent, replicas.wire)
             except Exception as exc:
                 replicas.release(replica)
                 return _send_failure(request, exc)

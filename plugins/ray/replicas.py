@@ -73,6 +73,14 @@ class _Replica:
     #: a reachability check (``_ReplicaSet.check``) is on its way
     checking: bool = False
 
+    def send(self, envelope: Any, idempotent: bool, wire: int) -> Any:
+        """Send one call (its ObjectRef): Ray retries it across restarts only when ``idempotent``.
+
+        ``wire``: the replica's wire version, for what travels with the call (:func:`with_clock`).
+        """
+        send = self.send_retrying if idempotent else self.send_once
+        return send.remote(*with_clock(wire, envelope))
+
 
 # Response metadata keys this transport sets (their contracts: kservice.keys).
 
@@ -456,8 +464,7 @@ class _ReplicaSet:
         """Send one async call to ``replica`` (its slot is reserved); ``entry.reply`` gets its outcome."""
         request = entry.request
         try:
-            send = replica.send_retrying if entry.idempotent else replica.send_once
-            ref = send.remote(*with_clock(self.wire, entry.envelope))
+            ref = replica.send(entry.envelope, entry.idempotent, self.wire)
         except Exception as exc:
             entry.reply(_send_failure(request, exc))  # type: ignore[misc]
             self.release(replica)
