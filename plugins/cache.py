@@ -36,6 +36,8 @@ import sys
 import threading
 import time
 import weakref
+from _pickle import dumps as _dumps  # the C pickler itself, as the mmap codec; loaded by the core already
+from _pickle import loads as _loads
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -116,9 +118,7 @@ class ResultCache(ServiceMiddleware):
         self.hits += 1
         value, pickled = result
         if pickled:
-            from _pickle import loads  # the C pickler itself, as the mmap codec (pickle.py costs a start 0.6 ms)
-
-            value = loads(value)
+            value = _loads(value)
         return ServiceResponse(True, value, None, request.request_id, metadata={CACHE: "hit"})
 
     def after_call(self, response: ServiceResponse, request: ServiceRequest) -> None:
@@ -163,10 +163,8 @@ def _snapshot(result: Any) -> tuple[Any, bool] | None:
     kind = type(result)
     if kind in _UNCHANGEABLE or (kind is tuple and all(type(item) in _UNCHANGEABLE for item in result)):
         return result, False
-    from _pickle import dumps
-
     try:
-        return dumps(result, 5), True
+        return _dumps(result, 5), True
     except BaseException:  # noqa: BLE001 - whatever its pickling raises (SystemExit too): the answer stands, uncached
         return None
 
