@@ -36,11 +36,8 @@ def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
         ),
     )
     environment.add_middleware(ShoutMiddleware())
-    environment.start()
-    try:
+    with environment:  # started, and stopped after the module's tests
         yield environment
-    finally:
-        environment.stop()
 
 
 @pytest.mark.timeout(60)

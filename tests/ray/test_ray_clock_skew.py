@@ -76,11 +76,8 @@ def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
     )
     config["service_call"] = {"max_retries": 0}
     environment = ServiceEnvironment("ray-clock-skew", config)
-    environment.start()
-    try:
+    with environment:  # started, and stopped after the module's tests
         yield environment
-    finally:
-        environment.stop()
 
 
 @pytest.mark.timeout(180)

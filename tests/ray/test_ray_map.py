@@ -17,11 +17,8 @@ SERVICE = {"class": "ray_services:EchoService", "kind": "ray", "ray": {"max_conc
 @pytest.fixture(scope="module")
 def env(ray_cluster: Any) -> Iterator[ServiceEnvironment]:
     environment = ServiceEnvironment("ray-map", quiet_config({"echo": SERVICE}))
-    environment.start()
-    try:
+    with environment:  # started, and stopped after the module's tests
         yield environment
-    finally:
-        environment.stop()
 
 
 @pytest.mark.timeout(120)
