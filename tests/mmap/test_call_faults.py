@@ -24,12 +24,12 @@ from kservice import (
     ServiceManager,
     ServiceNotFoundError,
     ServiceStoppedError,
-    ServiceTimeoutError,
     ServiceUnavailableError,
 )
 from kservice.plugins.mmap import reclaim, registry
 from kservice.testing import wait_for
 
+from tests.blocking_callbacks import check_a_blocking_done_callback_is_named
 from tests.cli.helpers import KV_TARGET, start_host, stop_host
 
 from .services import KV, Host, child_env, unique
@@ -288,20 +288,8 @@ def test_a_done_callback_that_blocks_the_response_thread_is_named_in_a_warning(
     of the process's other async calls: they end at their deadlines, never later, and the stall is now
     named in a warning on ``kservice.mmap`` saying what to do (before: nothing said why a call whose
     service answered in microseconds timed out)."""
-    release, blocking = threading.Event(), threading.Event()
     with ServiceEnvironment("blocking-callback") as env:
         env.register_service("kv", ServiceFactory("kv", KV, ()), kind="process")
         with ServiceManager(env) as manager, caplog.at_level("WARNING", logger="kservice.mmap"):
             assert manager.call_service_sync("kv", "echo", (0,), timeout=30) == 0
-            slow = manager.call_service_async("kv", "sleep", (0.2,), timeout=30)
-            slow.add_done_callback(
-                lambda _: blocking.set() or release.wait(1.5)
-            )  # added before the answer: the response thread runs it
-            assert blocking.wait(10)  # the answer came: the callback blocks the response thread
-            began = time.monotonic()
-            with pytest.raises(ServiceTimeoutError):
-                manager.call_service_async("kv", "echo", (1,), timeout=0.5).result()
-            assert time.monotonic() - began < 1.5  # by its deadline, not after the callback
-            wait_for(lambda: "blocked this process's response thread" in caplog.text, timeout=10, what="the warning")
-            assert "done callback" in caplog.text and "executor" in caplog.text, caplog.text
-            assert manager.call_service_async("kv", "echo", (2,), timeout=30).result() == 2
+            check_a_blocking_done_callback_is_named(manager, "kv", caplog, "this process's response thread", 1.5)

@@ -29,6 +29,8 @@ from kservice.plugins.ray import RayConnection, RayServiceTask
 from kservice.testing import wait_for
 from ray_services import without_breaker
 
+from tests.blocking_callbacks import check_a_blocking_done_callback_is_named
+
 #: calls one replica runs at once in these tests
 CONCURRENCY = 4
 
@@ -559,7 +561,6 @@ def test_a_done_callback_that_blocks_the_completion_thread_is_named_in_a_warning
     """As over mmap (tests/mmap/test_call_faults.py): a future's done callback runs in the thread completing
     the call, here the process's Ray completion thread. One that blocks holds up the other async calls'
     answers: they end at their deadlines, never later, and a warning on ``kservice.ray`` now names the stall."""
-    release, blocking = threading.Event(), threading.Event()
     config = {"services": {"svc": {"class": "ray_services:EchoService", "kind": "ray"}}}
     with (
         ServiceEnvironment("ray-blocking-callback", config) as env,
@@ -567,17 +568,7 @@ def test_a_done_callback_that_blocks_the_completion_thread_is_named_in_a_warning
         caplog.at_level("WARNING", logger="kservice.ray"),
     ):
         assert manager.call_service_sync("svc", "echo", ("warm",), timeout=60) == "warm"
-        slow = manager.call_service_async("svc", "sleep", (0.2,), timeout=30)
-        slow.add_done_callback(
-            lambda _: blocking.set() or release.wait(1.5)
-        )  # added before the answer: the completion thread runs it
-        assert blocking.wait(10)  # the answer came: the callback blocks the completion thread
-        began = time.monotonic()
-        with pytest.raises(ServiceTimeoutError):
-            manager.call_service_async("svc", "echo", (1,), timeout=0.5).result()
-        assert time.monotonic() - began < 1.4  # by its deadline, not after the callback
-        wait_for(lambda: "blocked this process's Ray completion thread" in caplog.text, timeout=10, what="the warning")
-        assert manager.call_service_async("svc", "echo", (2,), timeout=30).result() == 2
+        check_a_blocking_done_callback_is_named(manager, "svc", caplog, "this process's Ray completion thread", 1.4)
 
 
 @pytest.mark.timeout(120)
